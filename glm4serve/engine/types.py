@@ -1,0 +1,88 @@
+"""The plain-data seams of the engine: what a request asks for and what it streams back.
+
+The API layer builds a `SamplingParams`, calls `engine.generate(prompt_ids, params)` and reads
+an async stream of `Output` items, one per choice per step in which that choice moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# finish reasons
+STOP = "stop"  # a stop token or stop string
+LENGTH = "length"  # max_tokens or the model's context
+ABORT = "abort"  # abort(request_id), client disconnect, timeout
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    min_tokens: int = 0
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off (multiplicative, over prompt + output tokens)
+    presence_penalty: float = 0.0  # additive, over output tokens
+    frequency_penalty: float = 0.0  # additive per occurrence, over output tokens
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # None = off; k >= 0: chosen token's logprob + k top alternatives
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None  # None: the model's own (GLM-4: its three)
+    ignore_eos: bool = False  # ignore the model's stop tokens (explicit stop_token_ids still stop)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class Output:
+    """What one choice of a request did in one engine step (a delta, never the whole text)."""
+
+    request_id: str
+    index: int  # choice index, 0..n-1
+    token_ids: list[int]  # new token ids of this step (stop tokens included, as generated)
+    text: str  # new text, valid UTF-8, stop strings and held-back prefixes excluded
+    logprobs: list[TokenLogprob] | None = None  # one per new token when asked for
+    finish_reason: str | None = None  # None until the choice's last Output: stop | length | abort
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # this choice's total so far
+
+
+class EngineError(RuntimeError):
+    """The engine failed this request (the loop keeps serving the others)."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and /health; counters are totals since start."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+    alive: bool = True
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0

@@ -1,0 +1,151 @@
+"""GLM-4 model configuration, read from a checkpoint's config.json in any of its three styles.
+
+- chatglm style (`model_type: chatglm`, THUDM glm-4-9b-chat and friends),
+- HF `glm` (glm-4-9b-chat-hf) and HF `glm4` (0414 / Z1), as transformers 4.x wrote them
+  (`rope_theta`, `partial_rotary_factor` at top level) or as 5.x writes them (`rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VARIANTS = ("glm", "glm4")  # glm4 = 0414 math: two extra norms per layer
+LAYOUTS = ("chatglm", "hf")  # weight naming of the checkpoint on disk
+
+
+class ConfigError(ValueError):
+    """config.json is missing, unreadable or describes something that is not GLM-4."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str  # "glm" | "glm4"
+    layout: str  # "chatglm" | "hf"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    partial_rotary_factor: float = 0.5
+    rms_norm_eps: float = 1.5625e-7
+    max_position_embeddings: int = 131072
+    attention_bias: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # dtype the checkpoint was saved in ("bfloat16", ...)
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown GLM-4 variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown checkpoint layout {self.layout!r}; expected one of {LAYOUTS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the rest pass through): 64 of 128 for GLM-4."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        model_type = d.get("model_type")
+        try:
+            if model_type == "chatglm":
+                return cls._from_chatglm(d)
+            if model_type in ("glm", "glm4"):
+                return cls._from_hf(d, model_type)
+        except KeyError as e:
+            raise ConfigError(f"config.json of model_type {model_type!r} lacks the key {e.args[0]!r}") from None
+        raise ConfigError(
+            f"unsupported model_type {model_type!r}: glm4serve serves GLM-4 checkpoints "
+            "(model_type 'chatglm', 'glm' or 'glm4')"
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        f = Path(path) / "config.json"
+        if not f.is_file():
+            raise ConfigError(f"no config.json in {path}")
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def _from_chatglm(cls, d: dict) -> "ModelConfig":
+        num_heads = d["num_attention_heads"]
+        head_dim = d.get("kv_channels") or d["hidden_size"] // num_heads
+        multi_query = d.get("multi_query_attention", True)
+        return cls(
+            variant="glm",
+            layout="chatglm",
+            vocab_size=d["padded_vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["ffn_hidden_size"],
+            num_layers=d["num_layers"],
+            num_heads=num_heads,
+            num_kv_heads=d["multi_query_group_num"] if multi_query else num_heads,
+            head_dim=head_dim,
+            # THUDM's RotaryEmbedding: base 10000 * rope_ratio over half of each head.
+            rope_theta=10000.0 * float(d.get("rope_ratio", 1)),
+            partial_rotary_factor=0.5,
+            rms_norm_eps=d.get("layernorm_epsilon", 1e-5),
+            max_position_embeddings=d.get("seq_length", 8192),
+            attention_bias=d.get("add_qkv_bias", True),
+            eos_token_ids=_as_tuple(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            extra=d,
+        )
+
+    @classmethod
+    def _from_hf(cls, d: dict, model_type: str) -> "ModelConfig":
+        num_heads = d["num_attention_heads"]
+        rope = d.get("rope_parameters") or {}  # transformers 5.x
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
+        rope_type = rope.get("rope_type") or (d.get("rope_scaling") or {}).get("rope_type") or "default"
+        if rope_type != "default":
+            raise ConfigError(f"rope type {rope_type!r} is not supported yet (only default RoPE)")
+        return cls(
+            variant=model_type,
+            layout="hf",
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            rope_theta=float(theta),
+            partial_rotary_factor=float(factor),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+            max_position_embeddings=d.get("max_position_embeddings", 131072),
+            attention_bias=d.get("attention_bias", True),
+            eos_token_ids=_as_tuple(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            extra=d,
+        )
+
+
+def _as_tuple(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
