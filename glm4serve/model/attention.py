@@ -1,0 +1,130 @@
+"""Attention over the paged KV cache.
+
+One forward carries a flat list of T new tokens: first the tokens of each *prefill span* (a chunk of
+one sequence's prompt, any length), then one token per *decode* sequence. Every new token's K/V is
+written into its cache slot first; then each query attends to its sequence's cached keys up to and
+including its own position.
+
+Working memory stays bounded for 128K contexts: a prefill span is processed in query tiles sized
+so that one tile's mask/scores never exceed `SCORE_BUDGET` elements, and only keys up to the tile's
+last position are read. Nothing of size (query length x key length) is ever built for a long span.
+Scores and softmax accumulate in fp32 inside SDPA (its CPU and CUDA kernels do for bf16/fp16 too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+SCORE_BUDGET = 1 << 24  # elements of one tile's (query x key) mask: 16M -> ~64 MB as float
+
+
+@dataclass
+class PrefillSpan:
+    """New tokens [token_start, token_start + num_tokens) of the flat batch belong to one sequence
+    whose cached context, these tokens included, is `context_len` long."""
+
+    token_start: int
+    num_tokens: int
+    context_len: int
+    block_table: torch.Tensor  # [num_blocks] long, covering context_len tokens
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [T] long: flat cache slot of each new token
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    num_prefill_tokens: int = 0  # decode tokens are [num_prefill_tokens, T)
+    decode_block_tables: torch.Tensor | None = None  # [B_dec, max_blocks] long, zero padded
+    decode_context_lens: torch.Tensor | None = None  # [B_dec] long, this token included
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+    """Store new keys/values [T, Hkv, D] at their flat slots of caches [blocks, block_size, Hkv, D]."""
+    num_blocks, block_size, hkv, d = k_cache.shape
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, k)
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached vectors of one sequence: [length, Hkv, D]."""
+    _, block_size, hkv, d = cache.shape
+    num_blocks = -(-length // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks])  # [nb, block_size, Hkv, D]
+    return blocks.view(num_blocks * block_size, hkv, d)[:length]
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan, scale: float
+) -> torch.Tensor:
+    """Causal attention of one span's queries q [n, Hq, D] over the sequence's cache -> [n, Hq, D]."""
+    n, hq, d = q.shape
+    past = span.context_len - n  # cached tokens before this span
+    k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)  # [Hkv, ctx, D]
+    v_all = gather_kv(v_cache, span.block_table, span.context_len).transpose(0, 1)
+    qh = q.transpose(0, 1)  # [Hq, n, D]
+    out = torch.empty_like(qh)
+    tile = max(1, min(n, SCORE_BUDGET // span.context_len))
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        kv_len = past + i1  # keys beyond the tile's last query are never needed
+        # query i (absolute position past + i) sees keys 0..past + i
+        q_pos = torch.arange(past + i0, past + i1, device=q.device)[:, None]  # [tile, 1]
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos  # [tile, kv_len]
+        out[:, i0:i1] = F.scaled_dot_product_attention(
+            qh[:, i0:i1], k_all[:, :kv_len], v_all[:, :kv_len], attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out.transpose(0, 1)  # [n, Hq, D]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over caches of different lengths -> [B, Hq, D]."""
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    max_blocks = -(-int(context_lens.max()) // block_size)
+    tables = block_tables[:, :max_blocks]
+    length = max_blocks * block_size
+    # [B, nb, block_size, Hkv, D] -> [B, L, Hkv, D] -> [B, Hkv, L, D]
+    k = k_cache[tables].view(b, length, hkv, d).transpose(1, 2)
+    v = v_cache[tables].view(b, length, hkv, d).transpose(1, 2)
+    # GQA without repeating K/V: fold each KV head's group of query heads into the query axis.
+    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    mask = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(b, hq, d)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Write the new k/v [T, Hkv, D] into the cache, then attend for all T queries q [T, Hq, D]."""
+    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    out = torch.empty_like(q)
+    for span in batch.prefills:
+        s = slice(span.token_start, span.token_start + span.num_tokens)
+        out[s] = prefill_attention(q[s], k_cache, v_cache, span, scale)
+    if batch.num_decodes:
+        s = slice(batch.num_prefill_tokens, batch.num_prefill_tokens + batch.num_decodes)
+        out[s] = decode_attention(
+            q[s], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale
+        )
+    return out

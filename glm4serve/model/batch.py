@@ -1,0 +1,76 @@
+"""Turn "these sequences get these new tokens" into the flat tensors one forward needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionBatch, PrefillSpan
+
+
+@dataclass
+class SeqChunk:
+    token_ids: list[int]  # the new tokens of this sequence in this forward
+    start: int  # position of token_ids[0] (= tokens already in the cache)
+    block_table: list[int]  # must cover start + len(token_ids) tokens
+    want_logits: bool = True  # next-token logits after the last new token
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionBatch
+    logits_indices: torch.Tensor  # [N]: one row per chunk with want_logits, in the chunks' order
+
+
+def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu") -> ForwardBatch:
+    """Multi-token chunks go first as prefill spans; single tokens are batched as decodes.
+
+    A one-token chunk is a decode whatever its origin (a prompt's last chunk may be one token):
+    attention only needs its position and block table.
+    """
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) == 1)  # stable
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    prefills: list[PrefillSpan] = []
+    dec_tables: list[list[int]] = []
+    dec_lens: list[int] = []
+    last_row: dict[int, int] = {}
+    for i in order:
+        c = chunks[i]
+        n, end = len(c.token_ids), c.start + len(c.token_ids)
+        if n == 0:
+            raise ValueError("a chunk with no tokens")
+        if len(c.block_table) * block_size < end:
+            raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {end} tokens")
+        if n > 1:
+            prefills.append(PrefillSpan(len(ids), n, end, torch.tensor(c.block_table, dtype=torch.long, device=device)))
+        else:
+            dec_tables.append(c.block_table)
+            dec_lens.append(end)
+        for p in range(c.start, end):
+            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
+        ids.extend(c.token_ids)
+        positions.extend(range(c.start, end))
+        last_row[i] = len(ids) - 1
+
+    attn = AttentionBatch(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        prefills=prefills,
+        num_prefill_tokens=sum(s.num_tokens for s in prefills),
+    )
+    if dec_tables:
+        width = max(len(t) for t in dec_tables)
+        padded = [t + [0] * (width - len(t)) for t in dec_tables]
+        attn.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+        attn.decode_context_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
+    rows = [last_row[i] for i in range(len(chunks)) if chunks[i].want_logits]
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        attn=attn,
+        logits_indices=torch.tensor(rows, dtype=torch.long, device=device),
+    )

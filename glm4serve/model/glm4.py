@@ -1,0 +1,134 @@
+"""GLM-4 in plain PyTorch, top to bottom: norm, rotary, attention, MLP, layer, model.
+
+Covers both math variants: `glm` (glm-4-9b-chat, chatglm and -hf checkpoints) and `glm4`
+(0414 / Z1: extra norms on the attention and MLP outputs). Inputs are a flat batch of new tokens
+of many sequences; K/V live in the paged cache (see attention.py). Parameter names are ours;
+loader.py holds the one table that maps checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBatch, paged_attention
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # variance in fp32 whatever the model dtype; cast back before the weight, as GLM-4 does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Partial, interleaved (GPT-J style) RoPE: only the first `rotary_dim` dims of each head rotate,
+    in pairs (x0, x1), (x2, x3), ...; the rest pass through."""
+
+    def __init__(self, rotary_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
+        self.rotary_dim = rotary_dim
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 angles: exact enough at position 131,071 (positions are integers below 2^24)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] -> same shape, rotated."""
+        t, h, d = x.shape
+        rot = x[..., : self.rotary_dim].float().view(t, h, self.rotary_dim // 2, 2)  # pairs
+        x0, x1 = rot[..., 0], rot[..., 1]  # [T, heads, rotary_dim / 2]
+        c, s = cos[:, None, :], sin[:, None, :]
+        rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).view(t, h, self.rotary_dim)
+        return torch.cat((rotated.to(x.dtype), x[..., self.rotary_dim :]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # one fused projection, rows [q | k | v] (chatglm's layout; HF's split q/k/v are stacked on load)
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, cos, sin, rotary: Rotary, k_cache, v_cache, batch: AttentionBatch):
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                     self.num_kv_heads * self.head_dim], dim=-1)
+        q = rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
+        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)  # [T, Hq, D]
+        return self.o(out.view(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU with one fused [gate | up] matrix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # checkpoints: post_attention_layernorm
+        self.mlp = MLP(cfg)
+        self.sandwich = cfg.variant == "glm4"
+        if self.sandwich:  # 0414: norm each branch's output before its residual add
+            self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, rotary, k_cache, v_cache, batch):
+        h = self.attn(self.input_norm(x), cos, sin, rotary, k_cache, v_cache, batch)
+        x = x + (self.post_attn_norm(h) if self.sandwich else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.post_mlp_norm(h) if self.sandwich else h)
+
+
+class GLM4Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] new tokens of all sequences, prefill spans first
+        positions: torch.Tensor,  # [T]
+        batch: AttentionBatch,
+        kv: KVCache,
+        logits_indices: torch.Tensor,  # [N] rows of T whose next-token logits are wanted
+    ) -> torch.Tensor:
+        x = self.embed(input_ids)  # [T, H]
+        cos, sin = self.rotary.cos_sin(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, self.rotary, kv.k[i], kv.v[i], batch)
+        x = self.norm(x.index_select(0, logits_indices))  # [N, H]: the norm is per row
+        return self.lm_head(x).float()  # [N, V]
