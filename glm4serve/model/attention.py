@@ -66,9 +66,10 @@ def prefill_attention(
     """Causal attention of one span's queries q [n, Hq, D] over the sequence's cache -> [n, Hq, D]."""
     n, hq, d = q.shape
     past = span.context_len - n  # cached tokens before this span
-    k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)  # [Hkv, ctx, D]
-    v_all = gather_kv(v_cache, span.block_table, span.context_len).transpose(0, 1)
-    qh = q.transpose(0, 1)  # [Hq, n, D]
+    # 4-D [1, heads, len, D]: with a batch axis SDPA's CPU kernel stays the tiled flash one
+    k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+    v_all = gather_kv(v_cache, span.block_table, span.context_len).transpose(0, 1)[None]
+    qh = q.transpose(0, 1)[None]  # [1, Hq, n, D]
     out = torch.empty_like(qh)
     tile = max(1, min(n, SCORE_BUDGET // span.context_len))
     for i0 in range(0, n, tile):
@@ -77,10 +78,10 @@ def prefill_attention(
         # query i (absolute position past + i) sees keys 0..past + i
         q_pos = torch.arange(past + i0, past + i1, device=q.device)[:, None]  # [tile, 1]
         mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos  # [tile, kv_len]
-        out[:, i0:i1] = F.scaled_dot_product_attention(
-            qh[:, i0:i1], k_all[:, :kv_len], v_all[:, :kv_len], attn_mask=mask, scale=scale, enable_gqa=True
+        out[:, :, i0:i1] = F.scaled_dot_product_attention(
+            qh[:, :, i0:i1], k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=mask, scale=scale, enable_gqa=True
         )
-    return out.transpose(0, 1)  # [n, Hq, D]
+    return out[0].transpose(0, 1)  # [n, Hq, D]
 
 
 def decode_attention(
