@@ -1,0 +1,84 @@
+"""Token ids -> text deltas that are safe to stream: whole characters only, no partial stop strings.
+
+Works on bytes: a token is `tokenizer.token_bytes(id)` (a special token: its text as UTF-8), and
+GLM-4's byte-level BPE splits Chinese characters and emoji across tokens. An incremental UTF-8
+decoder keeps the incomplete tail of a character until its last byte arrives; bytes that can
+never complete a character become U+FFFD as soon as that is certain (and, at `flush`, a tail
+left unfinished), so the concatenated deltas equal decoding all the bytes at once.
+
+Stop strings: after the decoded text we hold back the longest suffix that is a prefix of some stop
+string. Any stop string completed by a new token therefore starts inside `held + new text`, so
+each step searches only that: O(new text + longest stop string) per token, whatever the length
+of the text so far.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from .types import SamplingParams
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = params.skip_special_tokens
+        self.include_stop_str_in_output = params.include_stop_str_in_output
+        self.stop_strings = [s for s in params.stop if s]  # "" would match before any text
+        # every proper prefix of a stop string: what the end of the text may be on its way to
+        self._stop_prefixes = {s[:n] for s in self.stop_strings for n in range(1, len(s))}
+        self._longest_prefix = max((len(p) for p in self._stop_prefixes), default=0)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # decoded text not yet emitted: a suffix that could begin a stop string
+        self.stopped: str | None = None  # the stop string matched; later tokens are ignored
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        """Feed one generated token: (text safe to emit now, the stop string it completed or None)."""
+        if self.stopped is not None:
+            return "", None
+        if self.skip_special_tokens and self.tokenizer.is_special(token_id):
+            return "", None
+        new_text = self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        if not new_text:
+            return "", None
+        if not self.stop_strings:
+            return new_text, None
+        text = self._held + new_text
+        match = self._first_stop(text)
+        if match is not None:
+            start, stop = match
+            self.stopped, self._held = stop, ""
+            end = start + len(stop) if self.include_stop_str_in_output else start
+            return text[:end], stop
+        keep = self._held_back_length(text)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], None
+
+    def flush(self) -> str:
+        """The held-back text (and U+FFFD for an unfinished character), for a sequence that ends
+        for another reason than a stop string: a stop token, max_tokens, abort. Empty after a stop
+        string matched."""
+        if self.stopped is not None:
+            return ""
+        text = self._held + self._utf8.decode(b"", final=True)
+        self._held = ""
+        return text
+
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """(start, stop string) of the occurrence that ends first (then: starts first), i.e. the one
+        that char-by-char streaming would have completed first, whatever the token boundaries."""
+        best = None
+        for stop in self.stop_strings:
+            start = text.find(stop)
+            if start >= 0:
+                key = (start + len(stop), start)
+                if best is None or key < best[0]:
+                    best = (key, stop)
+        return None if best is None else (best[0][1], best[1])
+
+    def _held_back_length(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        for n in range(min(len(text), self._longest_prefix), 0, -1):
+            if text[-n:] in self._stop_prefixes:
+                return n
+        return 0

@@ -1,0 +1,294 @@
+import math
+
+import pytest
+import torch
+
+from glm4serve.engine.sampler import (
+    Sampled,
+    Sampler,
+    SampleRow,
+    apply_processors,
+    apply_truncation,
+    make_generator,
+)
+from glm4serve.engine.types import SamplingParams
+
+
+def row(prompt=(), output=(), generator=None, stop_ids=(), **params) -> SampleRow:
+    return SampleRow(
+        params=SamplingParams(**params),
+        prompt_token_ids=list(prompt),
+        output_token_ids=list(output),
+        generator=generator,
+        stop_token_ids=frozenset(stop_ids),
+    )
+
+
+def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def log_probs(*probs: float) -> torch.Tensor:
+    return torch.tensor([probs]).log()  # [1, V]
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits[0])).flatten().tolist())
+
+
+# --- greedy --------------------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax_and_leaves_logits_untouched():
+    logits = random_logits(6, 100, seed=0)
+    before = logits.clone()
+    out = Sampler()(logits, [row(temperature=0.0) for _ in range(6)])
+    assert [s.token_id for s in out] == logits.argmax(-1).tolist()
+    assert all(isinstance(s, Sampled) and s.logprob is None for s in out)
+    assert torch.equal(logits, before)
+
+
+def test_greedy_row_takes_argmax_of_processed_logits():
+    logits = torch.tensor([[1.0, 5.0, 2.0, 0.0]])
+    # bias pushes token 2 over token 1: argmax of the raw logits would be 1
+    out = Sampler()(logits, [row(temperature=0.0, logit_bias={2: 4.0})])
+    assert out[0].token_id == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_1_and_tiny_top_p_equal_greedy(seed):
+    logits = random_logits(4, 200, seed=seed)
+    greedy = logits.argmax(-1).tolist()
+    sampler = Sampler()
+    for params in ({"top_k": 1}, {"top_p": 1e-6}):
+        rows = [row(temperature=1.5, generator=make_generator(seed, i), **params) for i in range(4)]
+        for _ in range(10):
+            assert [s.token_id for s in sampler(logits, rows)] == greedy
+
+
+# --- truncation ------------------------------------------------------------------------------------
+
+
+def test_top_k_keeps_exactly_the_k_best():
+    logits = log_probs(0.1, 0.4, 0.2, 0.3)
+    assert kept(apply_truncation(logits, [SamplingParams(top_k=2)])) == {1, 3}
+    assert kept(apply_truncation(logits, [SamplingParams(top_k=0)])) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("top_p, expected", [(0.45, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
+    logits = log_probs(0.5, 0.3, 0.15, 0.05)
+    assert kept(apply_truncation(logits, [SamplingParams(top_p=top_p)])) == expected
+
+
+def test_top_p_applies_to_the_renormalized_top_k():
+    # top_k=2 leaves (0.4, 0.3) -> (4/7, 3/7); top_p=0.5 then keeps token 0 only. Over the
+    # unrenormalized probs token 1 would survive (mass before it 0.4 < 0.5).
+    logits = log_probs(0.4, 0.3, 0.2, 0.1)
+    assert kept(apply_truncation(logits, [SamplingParams(top_k=2, top_p=0.5)])) == {0}
+    assert kept(apply_truncation(logits, [SamplingParams(top_p=0.5)])) == {0, 1}
+
+
+@pytest.mark.parametrize("min_p, expected", [(0.0, {0, 1, 2, 3}), (0.25, {0, 1, 2}), (0.5, {0, 1}), (0.9, {0})])
+def test_min_p_keeps_tokens_above_fraction_of_best(min_p, expected):
+    logits = log_probs(0.5, 0.3, 0.15, 0.05)  # thresholds: min_p * 0.5
+    assert kept(apply_truncation(logits, [SamplingParams(min_p=min_p)])) == expected
+
+
+def test_min_p_sampling_never_draws_a_cut_token():
+    logits = log_probs(0.5, 0.3, 0.15, 0.05).repeat(400, 1)
+    g = make_generator(3, 0)
+    out = Sampler()(logits, [row(min_p=0.5, generator=g) for _ in range(400)])
+    assert {s.token_id for s in out} == {0, 1}
+
+
+def test_truncation_is_per_row():
+    logits = log_probs(0.5, 0.3, 0.15, 0.05).repeat(3, 1)
+    out = apply_truncation(logits, [SamplingParams(top_k=1), SamplingParams(), SamplingParams(min_p=0.5)])
+    assert [kept(out[i : i + 1]) for i in range(3)] == [{0}, {0, 1, 2, 3}, {0, 1}]
+
+
+# --- processors ------------------------------------------------------------------------------------
+
+
+def reference_processors(logits: list[float], r: SampleRow) -> list[float]:
+    """Element by element, straight from the definitions."""
+    p = r.params
+    out = []
+    for t, x in enumerate(logits):
+        count = r.output_token_ids.count(t)
+        if t in r.prompt_token_ids or count:
+            x = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+        x -= p.presence_penalty * (count > 0) + p.frequency_penalty * count
+        x += (p.logit_bias or {}).get(t, 0.0)
+        if t in r.stop_token_ids and len(r.output_token_ids) < p.min_tokens:
+            x = -math.inf
+        out.append(x if p.greedy else x / p.temperature)
+    return out
+
+
+def test_penalties_change_exactly_the_expected_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
+    r = row(prompt=[0, 4], output=[1, 1, 2], repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_processors(logits, [r])
+    # by hand: 0: prompt, 2/2 = 1. 1: -1*2 - 0.5 - 2*0.25 = -3. 2: 0.5/2 - 0.5 - 0.25 = -0.5.
+    # 4: prompt, -2*2 = -4. 3 and 5 untouched. Presence/frequency ignore prompt tokens.
+    assert out[0].tolist() == pytest.approx([1.0, -3.0, -0.5, 3.0, -4.0, 1.0])
+    assert out[0].tolist() == pytest.approx(reference_processors(logits[0].tolist(), r))
+
+
+def test_processors_match_reference_per_row_in_a_mixed_batch():
+    vocab = 40
+    logits = random_logits(5, vocab, seed=1)
+    rows = [
+        row(prompt=[1, 2, 3, 3], output=[3, 5, 5, 5], repetition_penalty=1.3, temperature=0.0),
+        row(output=[7, 8, 7], presence_penalty=0.7, frequency_penalty=-0.4, temperature=0.5),
+        row(prompt=[9], output=[10], logit_bias={0: 5.0, 39: -3.5, 999: 1.0}, temperature=2.0),  # 999: out of range
+        row(output=[11], stop_ids=[2, 4], min_tokens=3, repetition_penalty=0.8),
+        row(output=[1, 2], temperature=1.0),  # nothing to do
+    ]
+    before = logits.clone()
+    out = apply_processors(logits, rows)
+    assert torch.equal(logits, before)  # never in place
+    for i, r in enumerate(rows):
+        assert out[i].tolist() == pytest.approx(reference_processors(logits[i].tolist(), r), rel=1e-6), i
+    assert torch.equal(out[4], logits[4])
+
+
+def test_processors_without_work_return_the_input():
+    logits = random_logits(2, 10, seed=2)
+    assert apply_processors(logits, [row(), row(temperature=0.0, top_k=3, top_p=0.5)]) is logits
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    logits = random_logits(1, 50, seed=3).repeat(50, 1)
+    best = int(logits[0].argmax())
+    sampler = Sampler()
+    forced = sampler(logits, [row(logit_bias={7: 100.0}, generator=make_generator(i, 0)) for i in range(50)])
+    assert {s.token_id for s in forced} == {7}
+    banned = sampler(logits[:1], [row(temperature=0.0, logit_bias={best: -100.0})])
+    assert banned[0].token_id != best
+
+
+def test_min_tokens_blocks_stop_ids_until_reached():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0]])  # 3 (a stop id) is the clear favourite
+    sampler = Sampler()
+    assert sampler(logits, [row(output=[1], stop_ids=[3], min_tokens=2, temperature=0.0)])[0].token_id == 2
+    assert sampler(logits, [row(output=[1, 1], stop_ids=[3], min_tokens=2, temperature=0.0)])[0].token_id == 3
+    sampled = sampler(logits.repeat(200, 1), [row(output=[1], stop_ids=[3], min_tokens=2) for _ in range(200)])
+    assert 3 not in {s.token_id for s in sampled}
+
+
+def test_temperature_scales_sampled_rows_only():
+    logits = torch.tensor([[1.0, -2.0, 4.0]] * 2)
+    out = apply_processors(logits, [row(temperature=0.5), row(temperature=0.0, logit_bias={0: 0.0})])
+    assert out[0].tolist() == pytest.approx([2.0, -4.0, 8.0])
+    assert out[1].tolist() == pytest.approx([1.0, -2.0, 4.0])
+
+
+# --- seeds and distribution ------------------------------------------------------------------------
+
+
+def test_make_generator():
+    assert make_generator(None, 0) is None
+
+    def draws(seed, index):
+        return torch.rand(8, generator=make_generator(seed, index)).tolist()
+
+    assert draws(5, 0) == draws(5, 0)
+    assert draws(5, 0) != draws(5, 1)
+    assert draws(5, 1) != draws(6, 0)
+    assert draws(-1, 0) == draws(-1, 0)  # negative seeds are fine
+
+
+def run_seeded(seed: int, logits: torch.Tensor, others: list[SampleRow], position: int, steps: int = 30) -> list[int]:
+    """`steps` tokens of a seeded row (index 0 of a request) in a batch with `others`."""
+    target = row(generator=make_generator(seed, 0), temperature=0.9, top_p=0.95)
+    rows = others[:position] + [target] + others[position:]
+    batch = logits.repeat(len(rows), 1)
+    sampler = Sampler()
+    return [sampler(batch, rows)[position].token_id for _ in range(steps)]
+
+
+def test_seeded_row_is_reproducible_whatever_else_is_in_the_batch():
+    logits = random_logits(1, 64, seed=4) * 0.3  # flat enough to vary
+    alone = run_seeded(42, logits, [], 0)
+    with_unseeded = run_seeded(42, logits, [row(), row(temperature=0.0), row(top_k=5)], 2)
+    with_seeded = run_seeded(42, logits, [row(generator=make_generator(7, 0)), row(generator=make_generator(42, 1))], 1)
+    assert alone == with_unseeded == with_seeded
+    assert len(set(alone)) > 5  # really sampling
+    assert run_seeded(43, logits, [], 0) != alone
+
+
+def chi_square(counts: list[int], probs: list[float]) -> float:
+    n = sum(counts)
+    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs))
+
+
+def test_temperature_sampling_follows_softmax():
+    # Seeded, so deterministic; the bound is loose (chi-square, 4 dof: p = 1e-6 at ~33.4) and a
+    # sampler following the wrong temperature lands far above it.
+    raw = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.5]])
+    temperature, n = 0.7, 20000
+    generator = make_generator(1234, 0)
+    out = Sampler()(raw.repeat(n, 1), [row(temperature=temperature, generator=generator) for _ in range(n)])
+    counts = torch.bincount(torch.tensor([s.token_id for s in out]), minlength=5).tolist()
+    assert chi_square(counts, (raw[0] / temperature).softmax(-1).tolist()) < 33.4
+    assert chi_square(counts, raw[0].softmax(-1).tolist()) > 200
+
+
+def test_unseeded_rows_sample_from_the_global_rng():
+    logits = log_probs(0.25, 0.25, 0.25, 0.25).repeat(2000, 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        first = [s.token_id for s in Sampler()(logits, [row() for _ in range(2000)])]
+        torch.manual_seed(0)
+        again = [s.token_id for s in Sampler()(logits, [row() for _ in range(2000)])]
+    assert first == again
+    counts = torch.bincount(torch.tensor(first), minlength=4).tolist()
+    assert chi_square(counts, [0.25] * 4) < 30
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_logprobs_are_log_softmax_of_processed_logits(k):
+    vocab = 30
+    logits = random_logits(3, vocab, seed=5)
+    rows = [
+        row(output=[1, 1, 2], logprobs=k, temperature=0.0, presence_penalty=1.0),
+        row(logprobs=k, temperature=0.7, top_k=4, logit_bias={3: 2.0}, generator=make_generator(0, 0)),
+        row(temperature=0.0),  # no logprobs asked
+    ]
+    out = Sampler()(logits, rows)
+    expected = apply_processors(logits, rows).log_softmax(-1)
+    assert out[2].logprob is None
+    for i in range(2):
+        lp = out[i].logprob
+        assert lp.token_id == out[i].token_id
+        assert lp.logprob == pytest.approx(expected[i, lp.token_id].item(), abs=1e-5)
+        assert len(lp.top) == k
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert [t for t, _ in lp.top] == expected[i].topk(k).indices.tolist()
+        for t, v in lp.top:
+            assert v == pytest.approx(expected[i, t].item(), abs=1e-5)
+    # the greedy row chose the best token, so it heads its own top list
+    if k:
+        assert out[0].logprob.top[0][0] == out[0].token_id
+        assert out[0].logprob.top[0][1] == pytest.approx(out[0].logprob.logprob)
+
+
+def test_logprobs_are_before_truncation():
+    # top_k=1 makes the draw certain, but the reported logprob is that of the untruncated distribution
+    logits = log_probs(0.6, 0.3, 0.1)
+    out = Sampler()(logits, [row(top_k=1, logprobs=2, generator=make_generator(0, 0))])[0]
+    assert out.token_id == 0
+    assert out.logprob.logprob == pytest.approx(math.log(0.6), abs=1e-6)
+    assert out.logprob.top[1] == (1, pytest.approx(math.log(0.3), abs=1e-6))
+
+
+def test_row_count_mismatch_is_an_error():
+    with pytest.raises(ValueError):
+        Sampler()(torch.zeros(2, 5), [row()])
