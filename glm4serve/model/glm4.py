@@ -132,3 +132,28 @@ class GLM4Model(nn.Module):
             x = layer(x, cos, sin, self.rotary, kv.k[i], kv.v[i], batch)
         x = self.norm(x.index_select(0, logits_indices))  # [N, H]: the norm is per row
         return self.lm_head(x).float()  # [N, V]
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str | torch.device) -> torch.dtype:
+    """"auto": the checkpoint's own dtype on GPUs; float32 on CPU unless the weights are 16-bit
+    (a bf16 9B model in fp32 would not fit a CPU box's memory)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.torch_dtype or "", torch.float32)
+    return saved
+
+
+def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None) -> GLM4Model:
+    """Build the model without initializing it (meta device), then fill it from the checkpoint."""
+    from .loader import load_weights  # the one place that knows checkpoint names
+
+    cfg = ModelConfig.from_dir(path)
+    dtype = resolve_dtype(dtype, cfg, device)
+    with torch.device("meta"):
+        model = GLM4Model(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 buffer, not a weight
+    load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)
+    return model.eval()
