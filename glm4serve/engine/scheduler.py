@@ -1,0 +1,293 @@
+"""Continuous batching over a paged KV cache: which tokens of which sequences go into the next forward.
+
+Each step has a budget of `max_num_batched_tokens` query tokens, spent in this order:
+
+1. running sequences that decode (one token each), oldest first;
+2. running sequences part-way through a prefill continue with a chunk of it;
+3. waiting sequences are admitted first come first served, their prefill cut to what is left,
+   so a 100K prompt never stalls the others' decode: it takes the leftover budget each step.
+
+KV blocks for a step's tokens are allocated here, at schedule time. When a sequence needs a block
+and none is free, the NEWEST running sequence not yet scheduled this step is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed later as one prefill over
+its prompt and the tokens it has generated so far. Nothing is ever dropped.
+
+`n > 1`: only choice 0 prefills. Its siblings wait, unforked, and sample their first token from
+the logits row of its last prefill chunk; then they are forked: they take a reference on every
+prompt block. The last, partial prompt block is copied on write: whichever sequence first writes
+into a block it shares gets a fresh block, reported in `block_copies` for the model runner to copy
+before the forward.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..model.kv_cache import BlockPool
+from .sequence import Sequence, SeqStatus
+from .types import ABORT
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences holding a seat (running, or forks waiting on a running parent)
+    max_num_batched_tokens: int = 2048  # query tokens per forward
+    max_model_len: int = 8192  # prompt + output tokens of one sequence
+    block_size: int = 16
+
+    def __post_init__(self):
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:
+            raise ValueError(f"scheduler limits must be positive: {self}")
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # == seq.num_computed_tokens: first position of this step's tokens
+    num_tokens: int  # query tokens this step: seq.all_token_ids[start:start + num_tokens]
+    sample_for: list[Sequence]  # who samples from this row's logits; empty = no logits (mid-prefill)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids_between(self.start, self.start + self.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy before the forward
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return sum(1 for s in self.scheduled if s.sample_for)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: BlockPool):
+        if pool.block_size != cfg.block_size:
+            raise ValueError(f"pool block size {pool.block_size} != scheduler block size {cfg.block_size}")
+        # A lone sequence of max_model_len must fit, or preemption could never make room for it.
+        if pool.num_blocks * pool.block_size < cfg.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {pool.num_blocks * pool.block_size} tokens, less than "
+                f"max_model_len {cfg.max_model_len}: lower max_model_len or give the cache more memory"
+            )
+        self.cfg = cfg
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest admission first; preemption takes from the end
+        self._forks: dict[int, list[Sequence]] = {}  # parent seq_id -> its unforked siblings
+        self._requests: dict[str, list[Sequence]] = {}  # unfinished sequences of each request
+        self.num_preemptions = 0
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(s) for s in self._forks.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def seqs_of(self, request_id: str) -> list[Sequence]:
+        return list(self._requests.get(request_id, ()))
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue the n choices of one request (index 0 first); they share its prompt."""
+        if not seqs:
+            return
+        head = seqs[0]
+        if any(s.request_id != head.request_id or s.prompt_token_ids != head.prompt_token_ids for s in seqs):
+            raise ValueError("add() takes the choices of one request, with one prompt")
+        if head.request_id in self._requests:
+            raise ValueError(f"request {head.request_id!r} is already in the engine")
+        if not head.prompt_token_ids:
+            raise ValueError("empty prompt")
+        if head.num_prompt_tokens > self.cfg.max_model_len:
+            raise ValueError(
+                f"prompt of {head.num_prompt_tokens} tokens is longer than max_model_len {self.cfg.max_model_len}"
+            )
+        for s in seqs:
+            s.status = SeqStatus.WAITING
+        self._requests[head.request_id] = list(seqs)
+        self.waiting.append(head)
+        if len(seqs) > 1:
+            self._forks[head.seq_id] = list(seqs[1:])
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence wherever it is and free its blocks. Finishing twice is a no-op."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        orphans = self._forks.pop(seq.seq_id, [])
+        if orphans:  # the parent ends before its prefill did: its first sibling prefills for the rest
+            self.waiting.appendleft(orphans[0])
+            if orphans[1:]:
+                self._forks[orphans[0].seq_id] = orphans[1:]
+        for sibs in self._forks.values():
+            if seq in sibs:
+                sibs.remove(seq)
+        self._forks = {k: v for k, v in self._forks.items() if v}
+        self._free_blocks(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        left = [s for s in self._requests.get(seq.request_id, ()) if s is not seq]
+        if left:
+            self._requests[seq.request_id] = left
+        else:
+            self._requests.pop(seq.request_id, None)
+
+    def abort(self, request_id: str, reason: str = ABORT) -> list[Sequence]:
+        """Finish every unfinished sequence of a request, waiting or running; return them."""
+        seqs = self.seqs_of(request_id)
+        for s in reversed(seqs):  # siblings before their parent: no orphan promotion on the way
+            self.finish(s, reason)
+        return seqs
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        taken: set[int] = set()  # seq_ids scheduled this step: never preempted within it
+
+        # 1. decodes
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING or seq.is_prefilling:
+                continue
+            if not self._make_room(seq, 1, taken, out, allow_self=True):
+                continue
+            self._take(seq, 1, taken, out)
+            budget -= 1
+
+        # 2. prefills already under way: as much of the chunk as fits, making room from newer ones
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING or seq.seq_id in taken:
+                continue
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            self._make_room(seq, want, taken, out, allow_self=False)
+            n = min(want, self._capacity(seq))
+            if n > 0:
+                self._take(seq, n, taken, out)
+                budget -= n
+
+        # 3. admissions, first come first served; not in a step that had to preempt (it would thrash)
+        while budget > 0 and self.waiting and not out.preempted:
+            seq = self.waiting[0]
+            seats = 1 + len(self._forks.get(seq.seq_id, ()))
+            if self._seats_taken() + seats > self.cfg.max_num_seqs:
+                break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self.pool.blocks_needed(n) > self.pool.num_free:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            self._take(seq, n, taken, out)
+            budget -= n
+        return out
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """The runner has computed `out`: its tokens' K/V are in the cache. Call before finishing any of them."""
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            if seq.num_computed_tokens != s.start:
+                raise RuntimeError(f"{seq} advanced twice for one step")
+            seq.num_computed_tokens += s.num_tokens
+            if seq.num_computed_tokens == seq.num_tokens and seq.seq_id in self._forks:
+                self._fork(seq)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _seats_taken(self) -> int:
+        return len(self.running) + sum(len(self._forks.get(s.seq_id, ())) for s in self.running)
+
+    def _needs_copy(self, seq: Sequence) -> bool:
+        """Its next token lands in a partly filled block that another sequence also reads."""
+        start = seq.num_computed_tokens
+        return start % self.pool.block_size != 0 and self.pool.ref_count(seq.block_table[-1]) > 1
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        end = seq.num_computed_tokens + n
+        return max(0, self.pool.blocks_needed(end) - len(seq.block_table)) + self._needs_copy(seq)
+
+    def _capacity(self, seq: Sequence) -> int:
+        """How many new tokens fit in its own blocks plus the free ones."""
+        usable = len(seq.block_table) + self.pool.num_free - self._needs_copy(seq)
+        return max(0, usable * self.pool.block_size - seq.num_computed_tokens)
+
+    def _make_room(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput, allow_self: bool) -> bool:
+        """Preempt the newest unscheduled running sequences until `n` tokens of `seq` fit.
+
+        False when they do not fit: then `seq` was preempted itself (allow_self) or it was newest.
+        """
+        while self._blocks_needed(seq, n) > self.pool.num_free:
+            victim = next((s for s in reversed(self.running) if s.seq_id not in taken), None)
+            if victim is None or (victim is seq and not allow_self):
+                return False
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _take(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput) -> None:
+        """Give `seq` the blocks for its next `n` tokens (room is known to exist) and schedule them."""
+        if self._needs_copy(seq):
+            src = seq.block_table[-1]
+            (dst,) = self.pool.allocate(1)
+            out.block_copies.append((src, dst))
+            self.pool.free([src])  # drop our reference; the other readers keep theirs
+            seq.block_table[-1] = dst
+        start = seq.num_computed_tokens
+        more = self.pool.blocks_needed(start + n) - len(seq.block_table)
+        if more > 0:
+            seq.block_table.extend(self.pool.allocate(more))
+        done = start + n == seq.num_tokens
+        sample_for = [seq] + self._forks.get(seq.seq_id, []) if done else []
+        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for))
+        taken.add(seq.seq_id)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)  # victims go newest first, so the oldest ends up in front
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def _fork(self, parent: Sequence) -> None:
+        for sib in self._forks.pop(parent.seq_id):
+            sib.block_table = self.pool.share(parent.block_table)
+            sib.num_computed_tokens = parent.num_computed_tokens
+            sib.status = SeqStatus.RUNNING
+            self.running.append(sib)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.free(seq.block_table)
+            seq.block_table = []

@@ -1,0 +1,88 @@
+"""One choice of one request as the engine tracks it: its tokens, its KV blocks, its state.
+
+A request with `n` choices becomes `n` sequences with the same `request_id` and indices
+0..n-1. The scheduler moves a sequence WAITING -> RUNNING -> FINISHED (and RUNNING -> WAITING
+when it is preempted); the engine appends the tokens it samples.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .types import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holds the KV blocks of its first num_computed_tokens tokens
+    FINISHED = "finished"  # blocks freed; finish_reason says why
+
+
+@dataclass(eq=False)  # identity semantics: two sequences with equal tokens are still two sequences
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # choice index within the request
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # KV blocks of tokens 0.., in order
+    num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    # per-choice sampling state: it survives preemption, unlike the KV blocks
+    generator: torch.Generator | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    detokenizer: Any = None  # an IncrementalDetokenizer; Any keeps this module free of tokenizers
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without copying a long prompt every decode step."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the last token is still missing from the cache (a prompt, or a recompute)."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index} id={self.seq_id} {self.status.value} "
+            f"tokens={self.num_prompt_tokens}+{self.num_output_tokens} computed={self.num_computed_tokens} "
+            f"blocks={self.block_table})"
+        )

@@ -1,0 +1,123 @@
+"""Model-free stand-ins for the engine tests: a runner over a fake paged cache, a tiny tokenizer.
+
+FakeRunner keeps token ids (not K/V) in a flat slot array laid out like the real KV cache. It
+executes the block copies, writes every scheduled token into its slot, then reads each sampling
+sequence's whole context back *through its block table* and checks it against the sequence's
+tokens. The next token is a function of that context, so a paging, fork or copy-on-write bug
+either trips the check or changes the generated text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from glm4serve.engine.scheduler import Scheduler, SchedulerOutput
+from glm4serve.engine.sequence import Sequence
+
+VOCAB = 64
+FIRST_PLAIN = 10  # ids below are "special" in FakeTokenizer; the default model never emits them
+
+
+def next_token(context: list[int]) -> int:
+    """The fake model: a deterministic function of the whole context (position-weighted)."""
+    h = sum((i + 1) * t for i, t in enumerate(context)) + 7 * len(context)
+    return FIRST_PLAIN + h % (VOCAB - FIRST_PLAIN)
+
+
+def continuation(prompt: list[int], k: int, model: Callable[[list[int]], int] = next_token) -> list[int]:
+    ctx = list(prompt)
+    for _ in range(k):
+        ctx.append(model(ctx))
+    return ctx[len(prompt) :]
+
+
+class FakeRunner:
+    def __init__(self, num_blocks: int, block_size: int, model: Callable[[list[int]], int] = next_token):
+        self.block_size = block_size
+        self.slots: list[int | None] = [None] * (num_blocks * block_size)
+        self.model = model
+        self.steps: list[SchedulerOutput] = []
+        self.fail_next = False  # raise from the next execute(), as a broken forward would
+
+    def slot(self, table: list[int], pos: int) -> int:
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        self.steps.append(out)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected forward failure")
+        bs = self.block_size
+        for src, dst in out.block_copies:
+            self.slots[dst * bs : (dst + 1) * bs] = self.slots[src * bs : (src + 1) * bs]
+        for s in out.scheduled:  # all writes of the step land before any read, as in a forward
+            assert len(s.seq.block_table) * bs >= s.start + s.num_tokens, f"{s.seq} lacks blocks"
+            for i, t in enumerate(s.token_ids):
+                self.slots[self.slot(s.seq.block_table, s.start + i)] = t
+        rows = []
+        for s in out.scheduled:
+            if not s.sample_for:
+                continue
+            end = s.start + s.num_tokens
+            seen = [self.slots[self.slot(s.seq.block_table, p)] for p in range(end)]
+            assert seen == s.seq.token_ids_between(0, end), f"cache of {s.seq} holds {seen}"
+            rows.append(self.model(seen))
+        logits = torch.full((len(rows), VOCAB), -30.0)
+        for r, t in enumerate(rows):
+            logits[r, t] = 10.0
+        return logits
+
+
+def drive(sched: Scheduler, runner: FakeRunner, max_tokens: dict[int, int], max_steps: int = 10_000,
+          on_step: Callable[[int, SchedulerOutput], None] | None = None) -> int:
+    """A minimal engine loop over the scheduler alone: greedy argmax, finish at max_tokens[seq_id]."""
+    steps = 0
+    while sched.has_work:
+        assert steps < max_steps, "no progress"
+        out = sched.schedule()
+        logits = runner.execute(out)
+        sched.on_step_done(out)
+        if on_step:
+            on_step(steps, out)
+        rows = [s for s in out.scheduled if s.sample_for]
+        for s, row in zip(rows, logits):
+            for seq in s.sample_for:
+                seq.output_token_ids.append(int(row.argmax()))
+                if seq.num_output_tokens >= max_tokens[seq.seq_id]:
+                    sched.finish(seq, "length")
+        steps += 1
+    return steps
+
+
+class FakeTokenizer:
+    """Ids < FIRST_PLAIN are special ('<i>'); a plain id t is the byte of letter 'a' + t % 26."""
+
+    stop_token_ids = (1, 2, 3)
+
+    def __init__(self, fail_on: int | None = None):
+        self.fail_on = fail_on  # token_bytes() raises on this id: a request that fails mid-decode
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id < FIRST_PLAIN
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id == self.fail_on:
+            raise RuntimeError(f"injected detokenizer failure on token {token_id}")
+        if token_id < FIRST_PLAIN:
+            return f"<{token_id}>".encode()
+        return bytes([ord("a") + token_id % 26])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return b"".join(self.token_bytes(i) for i in ids if not (skip_special_tokens and self.is_special(i))).decode()
+
+
+def text_of(ids: list[int]) -> str:
+    return FakeTokenizer().decode(ids)
+
+
+def make_seq(seq_id: int, prompt: list[int], request_id: str | None = None, index: int = 0, **params) -> Sequence:
+    from glm4serve.engine.types import SamplingParams
+
+    return Sequence(seq_id, request_id or f"r{seq_id}", index, list(prompt), SamplingParams(**params))

@@ -1,0 +1,316 @@
+"""Scheduler: continuous batching, chunked prefill, preemption, n>1 forks, over a fake paged cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from glm4serve.engine.scheduler import Scheduler, SchedulerConfig
+from glm4serve.engine.sequence import SeqStatus
+from glm4serve.model.kv_cache import BlockPool
+from tests.engine_fakes import FakeRunner, continuation, drive, make_seq
+
+
+def setup(num_blocks=64, block_size=4, **cfg):
+    pool = BlockPool(num_blocks, block_size)
+    cfg.setdefault("max_model_len", num_blocks * block_size)
+    sched = Scheduler(SchedulerConfig(block_size=block_size, **cfg), pool)
+    return sched, pool, FakeRunner(num_blocks, block_size)
+
+
+def prompt_of(i: int, length: int) -> list[int]:
+    return [10 + (i * 7 + j * 3) % 50 for j in range(length)]
+
+
+def test_one_sequence_prefills_then_decodes():
+    sched, pool, runner = setup(max_num_batched_tokens=64)
+    seq = make_seq(0, prompt_of(0, 10))
+    sched.add([seq])
+    out = sched.schedule()
+    assert [(s.seq, s.start, s.num_tokens) for s in out.scheduled] == [(seq, 0, 10)]
+    assert out.scheduled[0].sample_for == [seq]
+    assert len(seq.block_table) == 3 and pool.num_used == 3  # 10 tokens in blocks of 4
+    drive(sched, runner, {0: 5})
+    assert seq.output_token_ids == continuation(seq.prompt_token_ids, 5)
+    assert seq.status is SeqStatus.FINISHED and pool.num_free == pool.num_blocks
+
+
+def test_new_requests_join_while_others_decode():
+    sched, pool, runner = setup(max_num_batched_tokens=64)
+    a = make_seq(0, prompt_of(0, 6))
+    sched.add([a])
+    for _ in range(3):
+        out = sched.schedule()
+        runner.execute(out)
+        sched.on_step_done(out)
+        a.output_token_ids.append(continuation(a.all_token_ids, 1)[0])
+    b = make_seq(1, prompt_of(1, 9))
+    sched.add([b])
+    out = sched.schedule()
+    assert [(s.seq, s.start, s.num_tokens) for s in out.scheduled] == [(a, 8, 1), (b, 0, 9)]
+    assert sched.num_running == 2 and sched.num_waiting == 0
+
+
+def test_long_prompt_is_chunked_and_never_stalls_decodes():
+    budget = 16
+    sched, pool, runner = setup(num_blocks=128, max_num_batched_tokens=budget)
+    short = [make_seq(i, prompt_of(i, 5)) for i in range(3)]
+    for s in short:
+        sched.add([s])
+    long = make_seq(9, prompt_of(9, 100))
+    steps_seen = []
+
+    def check(step, out):
+        assert out.num_tokens <= budget
+        if step == 1:
+            sched.add([long])
+        by_seq = {s.seq.seq_id: s for s in out.scheduled}
+        if long.seq_id in by_seq and by_seq[long.seq_id].start < 100:
+            # every decoder got its token this step; the long prompt took exactly the leftover
+            assert all(by_seq[s.seq_id].num_tokens == 1 for s in short if not s.is_finished)
+            chunk = by_seq[long.seq_id]
+            assert chunk.num_tokens == min(budget - (len(by_seq) - 1), 100 - chunk.start)
+            assert chunk.sample_for == ([long] if chunk.start + chunk.num_tokens == 100 else [])
+            steps_seen.append(chunk.num_tokens)
+
+    drive(sched, runner, {0: 30, 1: 30, 2: 30, 9: 3}, on_step=check)
+    assert sum(steps_seen) == 100 and len(steps_seen) == 8  # 13 tokens a step beside 3 decodes
+    assert long.output_token_ids == continuation(long.prompt_token_ids, 3)
+    for s in short:
+        assert s.output_token_ids == continuation(s.prompt_token_ids, 30)
+
+
+def test_budget_and_seat_limits_hold_under_random_load():
+    rng = random.Random(0)
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=24, max_num_seqs=5)
+    seqs = [make_seq(i, prompt_of(i, rng.randint(1, 40))) for i in range(20)]
+    limits = {s.seq_id: rng.randint(1, 12) for s in seqs}
+    for s in seqs:
+        sched.add([s])
+
+    def check(step, out):
+        assert out.num_tokens <= 24
+        assert len(out.scheduled) <= 5 and sched.num_running <= 5
+        assert len({id(s.seq) for s in out.scheduled}) == len(out.scheduled)
+
+    drive(sched, runner, limits, on_step=check)
+    for s in seqs:
+        assert s.output_token_ids == continuation(s.prompt_token_ids, limits[s.seq_id])
+    assert pool.num_free == pool.num_blocks
+
+
+def run_workload(num_blocks: int, block_size: int = 4, n_req: int = 10):
+    sched, pool, runner = setup(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=32,
+                                max_model_len=40)
+    seqs = [make_seq(i, prompt_of(i, 5 + i % 7)) for i in range(n_req)]
+    limits = {s.seq_id: 12 + (s.seq_id * 5) % 17 for s in seqs}
+    for s in seqs:
+        sched.add([s])
+    drive(sched, runner, limits)
+    return sched, pool, {s.seq_id: s.output_token_ids for s in seqs}
+
+
+def test_preemption_with_a_tiny_pool_gives_the_same_outputs():
+    big_sched, big_pool, big = run_workload(num_blocks=200)
+    assert big_sched.num_preemptions == 0
+    small_sched, small_pool, small = run_workload(num_blocks=10)  # 40 token slots for 10 requests
+    assert small_sched.num_preemptions > 0
+    assert small == big
+    assert small_pool.num_free == small_pool.num_blocks
+
+
+def test_preemption_takes_the_newest_and_requeues_it_in_front():
+    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24)
+    a, b = make_seq(0, prompt_of(0, 8)), make_seq(1, prompt_of(1, 8))  # 2 full blocks each
+    c = make_seq(2, prompt_of(2, 3))
+    for s in (a, b):
+        sched.add([s])
+    out = sched.schedule()
+    runner.execute(out)
+    sched.on_step_done(out)
+    for s in (a, b):
+        s.output_token_ids.append(11)
+    sched.add([c])  # waits: 2 free blocks left, but each decode needs one
+    out = sched.schedule()
+    assert out.preempted == [] and [s.seq for s in out.scheduled] == [a, b]
+    runner.execute(out)
+    sched.on_step_done(out)
+    for s in (a, b):
+        s.output_token_ids += [12, 13, 14, 15]  # fill their third block, as four decodes would
+        s.num_computed_tokens += 4
+    out = sched.schedule()  # both need a fourth block, none is free: b (newest) makes room for a
+    assert out.preempted == [b]
+    assert [s.seq for s in out.scheduled] == [a]
+    assert b.status is SeqStatus.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert list(sched.waiting) == [b, c]
+    assert sched.num_preemptions == 1
+
+
+def test_recompute_after_preemption_covers_prompt_and_outputs():
+    sched, pool, runner = setup(num_blocks=8, block_size=4, max_num_batched_tokens=64, max_model_len=32)
+    s = make_seq(0, prompt_of(0, 6))
+    sched.add([s])
+    drive_steps = 0
+    while s.num_output_tokens < 4:
+        out = sched.schedule()
+        logits = runner.execute(out)
+        sched.on_step_done(out)
+        s.output_token_ids.append(int(logits[0].argmax()))
+        drive_steps += 1
+    sched._preempt(s, type(out)())
+    out = sched.schedule()
+    (chunk,) = out.scheduled
+    assert (chunk.start, chunk.num_tokens, chunk.sample_for) == (0, 10, [s])
+    assert chunk.token_ids == s.all_token_ids
+    logits = runner.execute(out)
+    assert int(logits[0].argmax()) == continuation(s.prompt_token_ids, 5)[-1]
+
+
+def test_abort_half_of_sixteen_running_frees_their_blocks():
+    sched, pool, runner = setup(num_blocks=128, max_num_batched_tokens=256)
+    seqs = [make_seq(i, prompt_of(i, 9)) for i in range(16)]
+    for s in seqs:
+        sched.add([s])
+    for _ in range(3):
+        out = sched.schedule()
+        logits = runner.execute(out)
+        sched.on_step_done(out)
+        for chunk, row in zip(out.scheduled, logits):
+            chunk.seq.output_token_ids.append(int(row.argmax()))
+    assert sched.num_running == 16 and pool.num_used == 16 * 3
+    for s in seqs[::2]:
+        aborted = sched.abort(s.request_id)
+        assert aborted == [s] and s.finish_reason == "abort" and s.block_table == []
+    assert sched.num_running == 8
+    assert pool.num_used == sum(len(s.block_table) for s in seqs[1::2]) == 8 * 3
+    assert sched.abort("r0") == []  # twice: nothing left
+    out = sched.schedule()
+    assert [c.seq for c in out.scheduled] == seqs[1::2]
+    for s in seqs[1::2]:
+        sched.finish(s, "stop")
+    assert pool.num_free == pool.num_blocks and not sched.has_work
+
+
+def test_abort_of_waiting_request_and_of_unforked_choices():
+    sched, pool, runner = setup(num_blocks=16, max_num_batched_tokens=8, max_model_len=64)
+    a = make_seq(0, prompt_of(0, 20))
+    sibs = [make_seq(1 + i, prompt_of(0, 20), request_id="n", index=i) for i in range(3)]
+    sched.add([a])
+    sched.add(sibs)
+    assert sched.num_waiting == 4
+    out = sched.schedule()  # a takes the whole budget
+    assert [c.seq for c in out.scheduled] == [a]
+    assert sched.abort("n") == sibs and sched.num_waiting == 0
+    assert all(s.status is SeqStatus.FINISHED for s in sibs)
+    sched.abort("r0")
+    assert pool.num_free == pool.num_blocks and not sched.has_work
+
+
+def test_n_choices_share_prompt_blocks_and_copy_the_partial_one():
+    sched, pool, runner = setup(num_blocks=32, block_size=4, max_num_batched_tokens=64)
+    prompt = prompt_of(3, 10)  # blocks: 4 + 4 + 2 (partial)
+    seqs = [make_seq(i, prompt, request_id="req", index=i) for i in range(3)]
+    sched.add(seqs)
+    out = sched.schedule()
+    (chunk,) = out.scheduled
+    assert chunk.seq is seqs[0] and chunk.num_tokens == 10 and chunk.sample_for == seqs
+    assert seqs[1].block_table == [] and pool.num_used == 3  # only choice 0 prefills
+    runner.execute(out)
+    sched.on_step_done(out)
+    table = list(seqs[0].block_table)
+    for s in seqs:
+        assert s.block_table == table and s.num_computed_tokens == 10 and s.status is SeqStatus.RUNNING
+        s.output_token_ids.append(20 + s.index)  # each choice sampled its own first token
+    assert [pool.ref_count(b) for b in table] == [3, 3, 3] and pool.num_used == 3
+
+    out = sched.schedule()
+    # the first two writers of the shared partial block copy it; the last one owns it
+    assert [c.seq for c in out.scheduled] == seqs
+    assert out.block_copies == [(table[2], seqs[0].block_table[2]), (table[2], seqs[1].block_table[2])]
+    assert seqs[2].block_table[2] == table[2]
+    assert len({s.block_table[2] for s in seqs}) == 3
+    assert [pool.ref_count(b) for b in table[:2]] == [3, 3] and pool.ref_count(table[2]) == 1
+    assert all(s.block_table[:2] == table[:2] for s in seqs)
+    runner.execute(out)  # the fake cache checks each choice reads prompt + its own token
+    sched.on_step_done(out)
+
+    for s in seqs:
+        sched.finish(s, "stop")
+    assert pool.num_free == pool.num_blocks
+
+
+def test_n_choices_with_block_aligned_prompt_need_no_copy_and_match_n1():
+    sched, pool, runner = setup(num_blocks=64, block_size=4, max_num_batched_tokens=64)
+    prompt = prompt_of(5, 8)
+    seqs = [make_seq(i, prompt, request_id="req", index=i) for i in range(4)]
+    sched.add(seqs)
+    copies = []
+    drive(sched, runner, {s.seq_id: 6 for s in seqs}, on_step=lambda i, out: copies.extend(out.block_copies))
+    assert copies == []
+    for s in seqs:  # greedy fake model: every choice equals the single-choice answer
+        assert s.output_token_ids == continuation(prompt, 6)
+    assert pool.num_free == pool.num_blocks
+
+
+def test_n_choices_survive_preemption_in_a_tiny_pool():
+    prompt = prompt_of(1, 9)
+    results = {}
+    for num_blocks in (64, 9):
+        sched, pool, runner = setup(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=32,
+                                    max_model_len=36)
+        seqs = [make_seq(i, prompt, request_id="req", index=i) for i in range(4)]
+        other = make_seq(9, prompt_of(2, 7))
+        sched.add(seqs)
+        sched.add([other])
+        drive(sched, runner, {**{s.seq_id: 10 + s.index for s in seqs}, 9: 15})
+        results[num_blocks] = [s.output_token_ids for s in seqs + [other]], sched.num_preemptions
+        assert pool.num_free == pool.num_blocks
+    assert results[64][1] == 0 and results[9][1] > 0
+    assert results[9][0] == results[64][0]
+
+
+def test_admission_is_fifo_and_respects_max_num_seqs():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=3)
+    seqs = [make_seq(i, prompt_of(i, 4)) for i in range(5)]
+    for s in seqs:
+        sched.add([s])
+    out = sched.schedule()
+    assert [c.seq for c in out.scheduled] == seqs[:3]
+    assert list(sched.waiting) == seqs[3:]
+    runner.execute(out)
+    sched.on_step_done(out)
+    sched.finish(seqs[1], "stop")
+    for s in (seqs[0], seqs[2]):
+        s.output_token_ids.append(11)
+    out = sched.schedule()
+    assert [c.seq for c in out.scheduled] == [seqs[0], seqs[2], seqs[3]]
+
+
+def test_fork_seats_count_against_max_num_seqs():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=4)
+    a = make_seq(0, prompt_of(0, 4))
+    n3 = [make_seq(1 + i, prompt_of(1, 4), request_id="n3", index=i) for i in range(3)]
+    sched.add([a])
+    sched.add(n3)
+    out = sched.schedule()
+    assert [c.seq for c in out.scheduled] == [a, n3[0]]  # 1 + 3 seats = 4
+    b = make_seq(9, prompt_of(9, 4))
+    sched.add([b])
+    out2 = sched.schedule()
+    assert b not in [c.seq for c in out2.scheduled]
+
+
+def test_rejects_bad_requests_and_configs():
+    sched, pool, runner = setup(num_blocks=8, block_size=4, max_model_len=20)
+    with pytest.raises(ValueError, match="max_model_len"):
+        sched.add([make_seq(0, prompt_of(0, 21))])
+    with pytest.raises(ValueError, match="empty"):
+        sched.add([make_seq(1, [])])
+    sched.add([make_seq(2, prompt_of(0, 20))])  # exactly max_model_len is accepted
+    with pytest.raises(ValueError, match="already"):
+        sched.add([make_seq(3, prompt_of(0, 3), request_id="r2")])
+    with pytest.raises(ValueError, match="KV cache holds 32 tokens"):
+        Scheduler(SchedulerConfig(max_model_len=33, block_size=4), BlockPool(8, 4))
+    with pytest.raises(ValueError, match="block size"):
+        Scheduler(SchedulerConfig(max_model_len=16, block_size=8), BlockPool(8, 4))
