@@ -1,0 +1,271 @@
+"""Load GLM-4 safetensors checkpoints (chatglm or HF naming) into our GLM4Model, one tensor at a time.
+
+`WEIGHT_NAMES` below is the only place where checkpoint names are mapped to ours. Everything
+else (the expected set of names and shapes, the completeness check, the random checkpoints of
+`random_checkpoint.py`) is derived from it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Checkpoint tensors that exist in real files but carry nothing we need.
+IGNORED_TENSORS = frozenset({"transformer.rotary_pos_emb.inv_freq"})  # chatglm: recomputed from rope_ratio
+
+# (our name, chatglm name, HF glm/glm4 name, when present). "{i}" is the layer index. "{qkv}" in an
+# HF name stands for the three tensors q_proj, k_proj, v_proj, which are the row blocks q | k | v of
+# our fused qkv (chatglm stores them fused already, in the same order). A chatglm name of None:
+# that layout has no such tensor (glm4's extra norms exist in HF naming only).
+# when: None = always, "bias" = only if cfg.attention_bias, "glm4" = only for the glm4 variant.
+WEIGHT_NAMES: list[tuple[str, str | None, str, str | None]] = [
+    ("embed.weight", "transformer.embedding.word_embeddings.weight", "model.embed_tokens.weight", None),
+    ("layers.{i}.input_norm.weight",
+     "transformer.encoder.layers.{i}.input_layernorm.weight",
+     "model.layers.{i}.input_layernorm.weight", None),
+    ("layers.{i}.attn.qkv.weight",
+     "transformer.encoder.layers.{i}.self_attention.query_key_value.weight",
+     "model.layers.{i}.self_attn.{qkv}_proj.weight", None),
+    ("layers.{i}.attn.qkv.bias",
+     "transformer.encoder.layers.{i}.self_attention.query_key_value.bias",
+     "model.layers.{i}.self_attn.{qkv}_proj.bias", "bias"),
+    ("layers.{i}.attn.o.weight",
+     "transformer.encoder.layers.{i}.self_attention.dense.weight",
+     "model.layers.{i}.self_attn.o_proj.weight", None),
+    ("layers.{i}.post_attn_norm.weight", None, "model.layers.{i}.post_self_attn_layernorm.weight", "glm4"),
+    # post_attention_layernorm is the *pre-MLP* norm in both namings.
+    ("layers.{i}.mlp_norm.weight",
+     "transformer.encoder.layers.{i}.post_attention_layernorm.weight",
+     "model.layers.{i}.post_attention_layernorm.weight", None),
+    ("layers.{i}.mlp.gate_up.weight",
+     "transformer.encoder.layers.{i}.mlp.dense_h_to_4h.weight",
+     "model.layers.{i}.mlp.gate_up_proj.weight", None),
+    ("layers.{i}.mlp.down.weight",
+     "transformer.encoder.layers.{i}.mlp.dense_4h_to_h.weight",
+     "model.layers.{i}.mlp.down_proj.weight", None),
+    ("layers.{i}.post_mlp_norm.weight", None, "model.layers.{i}.post_mlp_layernorm.weight", "glm4"),
+    ("norm.weight", "transformer.encoder.final_layernorm.weight", "model.norm.weight", None),
+    ("lm_head.weight", "transformer.output_layer.weight", "lm_head.weight", None),
+]
+
+
+class CheckpointError(ValueError):
+    """The checkpoint files do not hold exactly the tensors the config describes."""
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One tensor as stored in the checkpoint, and where it goes in our model."""
+
+    name: str  # checkpoint name
+    target: str  # our parameter name
+    shape: tuple[int, ...]  # shape on disk
+    rows: tuple[int, int] | None = None  # row range of the target it fills; None = all of it
+
+
+def _shape_of(template: str, cfg: ModelConfig) -> tuple[int, ...]:
+    H, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    leaf = template.split(".", 2)[-1] if template.startswith("layers.") else template
+    shapes = {
+        "embed.weight": (V, H),
+        "input_norm.weight": (H,),
+        "attn.qkv.weight": (qkv, H),
+        "attn.qkv.bias": (qkv,),
+        "attn.o.weight": (H, cfg.q_size),
+        "post_attn_norm.weight": (H,),
+        "mlp_norm.weight": (H,),
+        "mlp.gate_up.weight": (2 * F, H),
+        "mlp.down.weight": (H, F),
+        "post_mlp_norm.weight": (H,),
+        "norm.weight": (H,),
+        "lm_head.weight": (V, H),
+    }
+    return shapes[leaf]
+
+
+def _present(when: str | None, cfg: ModelConfig) -> bool:
+    return when is None or (when == "bias" and cfg.attention_bias) or (when == "glm4" and cfg.variant == "glm4")
+
+
+def _layer_indices(template: str, cfg: ModelConfig) -> range:
+    return range(cfg.num_layers) if "{i}" in template else range(1)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes (the state dict of GLM4Model) for this config, in model order."""
+    out = {}
+    for i in range(cfg.num_layers):
+        for ours, _, _, when in WEIGHT_NAMES:
+            if "{i}" in ours and _present(when, cfg):
+                out[ours.format(i=i)] = _shape_of(ours, cfg)
+    for ours, _, _, when in WEIGHT_NAMES:
+        if "{i}" not in ours and _present(when, cfg):
+            out[ours] = _shape_of(ours, cfg)
+    order = ["embed.weight"] + [n for n in out if n.startswith("layers.")] + ["norm.weight", "lm_head.weight"]
+    return {n: out[n] for n in order}
+
+
+def checkpoint_tensors(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
+    """Every tensor a checkpoint of `cfg.layout` must hold (except IGNORED_TENSORS), by checkpoint name."""
+    if cfg.layout == "chatglm" and cfg.variant != "glm":
+        raise CheckpointError(f"the chatglm layout has no names for the {cfg.variant!r} variant's extra norms")
+    qkv_rows = {
+        "q": (0, cfg.q_size),
+        "k": (cfg.q_size, cfg.q_size + cfg.kv_size),
+        "v": (cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size),
+    }
+    out = {}
+    for ours, chatglm, hf, when in WEIGHT_NAMES:
+        if not _present(when, cfg):
+            continue
+        theirs = chatglm if cfg.layout == "chatglm" else hf
+        shape = _shape_of(ours, cfg)
+        for i in _layer_indices(ours, cfg):
+            target = ours.format(i=i)
+            if "{qkv}" not in theirs:
+                name = theirs.format(i=i)
+                out[name] = CheckpointTensor(name, target, shape)
+                continue
+            for part, (start, stop) in qkv_rows.items():
+                name = theirs.format(i=i, qkv=part)
+                out[name] = CheckpointTensor(name, target, (stop - start, *shape[1:]), (start, stop))
+    return out
+
+
+def checkpoint_files(path: str | Path) -> dict[str, str]:
+    """Map each tensor name to the file (name inside `path`) that holds it, per the index or the headers."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {e}") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise CheckpointError(f"index names shard {shard} which does not exist ({index})")
+        return dict(weight_map)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors files in {path}")
+    where: dict[str, str] = {}
+    for f in files:
+        with safe_open(path / f, framework="pt") as sf:
+            for name in sf.keys():
+                if name in where:
+                    raise CheckpointError(f"tensor {name} is in both {where[name]} and {f}")
+                where[name] = f
+    return where
+
+
+def _validate(path: Path, cfg: ModelConfig, where: dict[str, str], expected: dict[str, CheckpointTensor]):
+    """Names and shapes, from headers only: fail before any tensor data is read."""
+    from_index = (path / INDEX_FILE).is_file()
+    for name in expected:
+        if name not in where:
+            source = INDEX_FILE if from_index else ", ".join(sorted(set(where.values())))
+            raise CheckpointError(f"missing tensor {name} (not in {source})")
+    for name, f in where.items():
+        if name not in expected and name not in IGNORED_TENSORS:
+            raise CheckpointError(
+                f"unexpected tensor {name} in {f} (not part of a {cfg.layout}-layout {cfg.variant} checkpoint)"
+            )
+    for f in sorted(set(where.values())):
+        with safe_open(path / f, framework="pt") as sf:
+            present = set(sf.keys())
+            for name in (n for n, nf in where.items() if nf == f and n in expected):
+                if name not in present:
+                    raise CheckpointError(f"missing tensor {name} (expected in {f} per index)")
+                shape = tuple(sf.get_slice(name).get_shape())
+                if shape != expected[name].shape:
+                    raise CheckpointError(f"tensor {name} in {f} has shape {shape}, expected {expected[name].shape}")
+
+
+def load_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Fill every parameter of `model` (our naming) from the safetensors checkpoint in `path`.
+
+    Reads one tensor at a time and copies it (cast to `dtype`) into the parameter already
+    allocated on `device` (e.g. a model built on `meta`, then `to_empty(device=...)`), so the
+    weights never exist twice in full. dtype None = the parameters' own dtype; device None = where
+    the parameters are. progress None = a tqdm bar when stderr is a terminal.
+    """
+    path = Path(path)
+    expected = checkpoint_tensors(cfg)
+    where = checkpoint_files(path)
+    _validate(path, cfg, where, expected)
+    params = dict(model.named_parameters())
+    _check_model(params, cfg, dtype, device)
+
+    filled_rows = {name: 0 for name in params}
+    names_by_file: dict[str, list[str]] = {}
+    for name in expected:
+        names_by_file.setdefault(where[name], []).append(name)
+    bar = _progress_bar(len(expected), progress)
+    with torch.no_grad():
+        for f, names in sorted(names_by_file.items()):
+            with safe_open(path / f, framework="pt") as sf:
+                for name in names:
+                    spec = expected[name]
+                    param = params[spec.target]
+                    dest = param if spec.rows is None else param[spec.rows[0] : spec.rows[1]]
+                    dest.copy_(sf.get_tensor(name))  # copy_ casts dtype and moves device in one go
+                    filled_rows[spec.target] += dest.shape[0]
+                    bar.update(1)
+    bar.close()
+    unfilled = [n for n, rows in filled_rows.items() if rows != params[n].shape[0]]
+    if unfilled:  # cannot happen with a consistent WEIGHT_NAMES; guards garbage from to_empty()
+        raise CheckpointError(f"parameters left unfilled by the checkpoint: {unfilled}")
+
+
+def _check_model(params: dict[str, torch.nn.Parameter], cfg: ModelConfig, dtype, device) -> None:
+    shapes = param_shapes(cfg)
+    missing = [n for n in shapes if n not in params]
+    extra = [n for n in params if n not in shapes]
+    if missing or extra:
+        raise ValueError(f"model does not match the config: lacks parameters {missing}, has extra {extra}")
+    device = torch.device(device) if device is not None else None
+    for name, p in params.items():
+        if tuple(p.shape) != shapes[name]:
+            raise ValueError(f"model parameter {name} has shape {tuple(p.shape)}, config says {shapes[name]}")
+        if p.is_meta:
+            raise ValueError(f"model parameter {name} is on the meta device: call model.to_empty(device=...) first")
+        if dtype is not None and p.dtype != dtype:
+            raise ValueError(f"model parameter {name} is {p.dtype}, asked to load as {dtype}")
+        if device is not None and (p.device.type != device.type or (device.index is not None and p.device != device)):
+            raise ValueError(f"model parameter {name} is on {p.device}, asked to load onto {device}")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool | None):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="loading weights", unit="tensor")
