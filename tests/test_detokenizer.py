@@ -220,7 +220,10 @@ def test_real_glm4_tokens_of_chinese_and_emoji():
     vocab = TiktokenFile(path)
     encoding = tiktoken.Encoding(
         "glm4-test",
-        pat_str=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        pat_str=(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ),  # GLM4.md section 4
         mergeable_ranks=vocab.ranks,
         special_tokens={},
     )

@@ -106,6 +106,12 @@ def test_truncation_is_per_row():
     logits = log_probs(0.5, 0.3, 0.15, 0.05).repeat(3, 1)
     out = apply_truncation(logits, [SamplingParams(top_k=1), SamplingParams(), SamplingParams(min_p=0.5)])
     assert [kept(out[i : i + 1]) for i in range(3)] == [{0}, {0, 1, 2, 3}, {0, 1}]
+    # every row with a top_k (the partial-sort path), different k and top_p per row
+    logits = log_probs(0.05, 0.5, 0.15, 0.3).repeat(3, 1)
+    params = [SamplingParams(top_k=1), SamplingParams(top_k=3), SamplingParams(top_k=3, top_p=0.6)]
+    out = apply_truncation(logits, params)
+    assert [kept(out[i : i + 1]) for i in range(3)] == [{1}, {1, 2, 3}, {1, 3}]
+    assert out[1, 3].item() == logits[1, 3].item()  # kept logits keep their value
 
 
 # --- processors ------------------------------------------------------------------------------------

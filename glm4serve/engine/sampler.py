@@ -151,22 +151,27 @@ def apply_truncation(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     set of best tokens whose mass reaches p (the best token always stays); min-p keeps tokens with
     prob >= min_p * (best prob). Returns a new tensor, or `logits` when no row truncates.
     """
-    num_rows, vocab_size = logits.shape
+    vocab_size = logits.shape[1]
     device = logits.device
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     top_p = [p.top_p if p.top_p < 1.0 else math.inf for p in params]  # inf: never cut (no float-error tail loss)
     if any(k < vocab_size for k in top_k) or any(p != math.inf for p in top_p):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
-        rank = torch.arange(vocab_size, device=device)[None, :]  # [1, V]
+        if all(k < vocab_size for k in top_k):
+            # every row cuts to its k best: sorting only the widest k is far cheaper than all of V
+            sorted_logits, order = logits.topk(max(top_k), dim=-1)  # [B, K] each, best first
+        else:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, K = V] each
+        rank = torch.arange(sorted_logits.shape[1], device=device)[None, :]  # [1, K]
         k = torch.tensor(top_k, device=device)[:, None]  # [B, 1]
         sorted_logits = sorted_logits.masked_fill(rank >= k, -math.inf)
         if any(p != math.inf for p in top_p):
             probs = sorted_logits.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs  # [B, V]: mass of the strictly better tokens
+            mass_before = probs.cumsum(dim=-1) - probs  # [B, K]: mass of the strictly better tokens
             cut = mass_before >= torch.tensor(top_p, dtype=torch.float32, device=device)[:, None]
             cut[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(cut, -math.inf)
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        # tokens outside the sorted part (the topk path) are cut; with a full sort it covers all V
+        logits = torch.full_like(logits, -math.inf).scatter_(1, order, sorted_logits)
     min_p = [p.min_p for p in params]
     if any(m > 0.0 for m in min_p):
         # prob_i >= min_p * prob_max  <=>  logit_i >= logit_max + log(min_p); log(0) = -inf keeps all
