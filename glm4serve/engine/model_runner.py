@@ -11,10 +11,13 @@ from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: GLM4Model, kv: KVCache):
+    def __init__(self, model: GLM4Model, kv: KVCache, vocab_limit: int | None = None):
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
+        # The output layer has padding rows past the tokenizer's last id (151552 vs 151343 for
+        # glm-4-9b-chat): they can never be sampled, so they are cut off here.
+        self.vocab_limit = vocab_limit or model.cfg.vocab_size
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write of shared partial blocks (n > 1 forks), every layer, before the forward."""
@@ -30,7 +33,7 @@ class ModelRunner:
         """Logits [rows, V] float32, one row per scheduled item that samples, in scheduled order."""
         self.copy_blocks(out.block_copies)
         if not out.scheduled:
-            return torch.empty(0, self.model.cfg.vocab_size)
+            return torch.empty(0, self.vocab_limit)
         chunks = [
             SeqChunk(
                 token_ids=s.seq.all_token_ids[s.start : s.start + s.num_tokens],
@@ -41,9 +44,5 @@ class ModelRunner:
             for s in out.scheduled
         ]
         b = build_batch(chunks, self.kv.block_size, self.device)
-        if b.logits_indices.numel() == 0:
-            # mid-prefill chunks only: run the layers to fill the cache, skip the output layer
-            b.logits_indices = b.logits_indices.new_zeros(1)
-            self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
-            return torch.empty(0, self.model.cfg.vocab_size)
-        return self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices).cpu()
+        logits = self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
+        return logits[:, : self.vocab_limit].cpu()
