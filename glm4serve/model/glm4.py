@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import AttentionBatch, paged_attention
 from .config import ModelConfig
+from .cpu_linear import pack_linears
 from .kv_cache import KVCache
 
 
@@ -145,8 +146,11 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str | torc
     return saved
 
 
-def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None) -> GLM4Model:
-    """Build the model without initializing it (meta device), then fill it from the checkpoint."""
+def load_model(
+    path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None, pack: bool = True
+) -> GLM4Model:
+    """Build the model without initializing it (meta device), then fill it from the checkpoint.
+    pack: fp32 linears on CPU get oneDNN-packed weights (cpu_linear.py), 2-3x faster decode."""
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path)
@@ -156,4 +160,6 @@ def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.devi
     model = model.to_empty(device=device)
     model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 buffer, not a weight
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)
+    if pack:
+        pack_linears(model)
     return model.eval()
