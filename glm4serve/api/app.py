@@ -1,0 +1,122 @@
+"""The FastAPI app: OpenAI routes under /v1 (behind the optional API key) and the operations
+routes (/health, /ping, /metrics, /tokenize, /detokenize, /version) beside them."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from glm4serve import __version__
+from glm4serve.chat.template import TemplateError, render_prompt
+
+from .chat import chat_completions
+from .completions import prompt_prefix_ids, completions
+from .errors import APIError, install_error_handlers, invalid_request
+from .metrics import CONTENT_TYPE, Metrics
+from .responses import ModelCard, ModelList
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving import ServingContext
+from .settings import ServerSettings
+
+log = logging.getLogger("glm4serve.api")
+
+
+def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name: str,
+               max_model_len: int) -> FastAPI:
+    """`engine` may be None while the model loads (/health answers 503 until
+    `app.state.serving.engine` is set)."""
+    app = FastAPI(title="glm4serve", version=__version__)
+    ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
+                         max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx)))
+    app.state.serving = ctx
+    install_error_handlers(app)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(settings.api_key))])
+
+    @v1.post("/chat/completions")
+    async def _chat(body: ChatCompletionRequest, request: Request):
+        return await chat_completions(ctx, body, request)
+
+    @v1.post("/completions")
+    async def _completions(body: CompletionRequest, request: Request):
+        return await completions(ctx, body, request)
+
+    @v1.get("/models")
+    async def _models():
+        card = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def _health():
+        if ctx.engine is None or not ctx.engine.is_alive:
+            what = "loading model" if ctx.engine is None else "the engine loop has stopped"
+            return APIError(503, what, "service_unavailable_error").response()
+        return {"status": "ok"}
+
+    @app.get("/ping")
+    async def _ping():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def _metrics():
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def _version():
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def _tokenize(body: TokenizeRequest):
+        ctx.check_model(body.model)
+        if body.prompt is not None:
+            ids = await ctx.encode(body.prompt)
+            prefix = prompt_prefix_ids(ctx.tokenizer) if body.add_special_tokens else []
+            if prefix and ids[: len(prefix)] != prefix:
+                ids = prefix + ids
+        else:
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            try:
+                text = render_prompt([m.for_template() for m in body.messages], tools=tools,
+                                     chat_template=getattr(ctx.tokenizer, "chat_template", None),
+                                     add_generation_prompt=body.add_generation_prompt,
+                                     template_kwargs=body.chat_template_kwargs)
+            except TemplateError as e:
+                raise invalid_request(str(e), "messages") from e
+            ids = await ctx.encode(text)
+        return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def _detokenize(body: DetokenizeRequest):
+        ctx.check_model(body.model)
+        ctx.check_token_ids(body.tokens, "tokens")
+        return {"prompt": ctx.tokenizer.decode(body.tokens)}
+
+    return app
+
+
+def _stats(ctx: ServingContext):
+    if ctx.engine is None:
+        return None
+    try:
+        return ctx.engine.stats()
+    except Exception:  # a scrape must not fail because the engine is in trouble
+        log.exception("engine.stats() failed")
+        return None
+
+
+def _api_key_check(api_key: str | None):
+    async def check(request: Request) -> None:
+        if not api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
+                           "authentication_error", code="invalid_api_key")
+
+    return check

@@ -1,0 +1,280 @@
+"""POST /v1/chat/completions: messages -> GLM-4 prompt -> engine -> OpenAI reply, whole or streamed.
+
+With tools (and tool_choice != "none") the engine decodes with skip_special_tokens=False so the
+`<|assistant|>` separators between several calls reach the tool parser; other special-token text
+is removed before parsing. GLM-4 answers `<|assistant|>\\n{content}` (an empty metadata line),
+so one leading newline of a plain reply is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from glm4serve.chat.template import TemplateError, render_prompt
+from glm4serve.chat.tool_parser import (
+    CALL_SEPARATOR,
+    ContentDelta,
+    StreamingToolParser,
+    ToolArgsDelta,
+    ToolCallStart,
+    parse_tool_calls,
+)
+from glm4serve.engine.types import ABORT, LENGTH, EngineError, Output, SamplingParams
+
+from .errors import APIError, invalid_request, server_error
+from .logprobs import chat_logprob_entries
+from .responses import (
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    FunctionCallOut,
+    ToolCallOut,
+    Usage,
+    chat_choice_delta,
+    chat_chunk,
+    tool_args_delta,
+    tool_call_start_delta,
+)
+from .schemas import ChatCompletionRequest
+from .serving import ClientDisconnected, ServingContext, cancel_on_disconnect
+from .streaming import sse_data, sse_response
+from .tool_choice import choose_tool_name, spell_call_prefix
+
+
+@dataclass
+class ChatPlan:
+    """Everything decided before the engine runs."""
+
+    request_id: str
+    created: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    tool_names: set[str] | None  # None: no tool parsing
+    call_prefix: str  # "{name}\n" already in the prompt when a call is forced, else ""
+    echo: str  # vLLM's chat echo: the last assistant message, prepended to the reply
+    strip_newline: bool
+
+
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
+    ctx.check_ready()
+    ctx.check_model(req.model)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
+    try:
+        text = render_prompt([m.for_template() for m in req.messages], tools=tools,
+                             chat_template=getattr(ctx.tokenizer, "chat_template", None),
+                             add_generation_prompt=req.add_generation_prompt,
+                             template_kwargs=req.chat_template_kwargs)
+    except TemplateError as e:
+        raise invalid_request(str(e), "messages") from e
+    prompt_ids = await ctx.encode(text)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    call_prefix = ""
+    forced = req.forced_tool
+    if forced is not None:
+        prompt_ids += spell_call_prefix(ctx.tokenizer, forced)
+        call_prefix = forced + "\n"
+    max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
+    params = req.sampling_params(max_tokens, req.engine_logprobs)
+    ctx.check_params(params)
+    if req.tools_active:
+        params.skip_special_tokens = False
+        if req.parallel_tool_calls is False:
+            # Another `<|assistant|>` would start a second call: make it a stop token.
+            base = params.stop_token_ids if params.stop_token_ids is not None else (
+                [] if params.ignore_eos else list(ctx.tokenizer.stop_token_ids))
+            params.stop_token_ids = base + ctx.tokenizer.encode(CALL_SEPARATOR, allow_special=True)
+    if req.tool_choice == "required" and forced is None:
+        name, ids = await choose_tool_name(ctx, prompt_ids, req.tool_names, params, request_id)
+        prompt_ids += ids
+        call_prefix = name + "\n"
+        params.max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
+
+    last = req.messages[-1]
+    echo = (last.text() or "") if req.echo and last.role == "assistant" else ""
+    return ChatPlan(request_id, int(time.time()), prompt_ids, params,
+                    set(req.tool_names) if req.tools_active else None, call_prefix, echo,
+                    strip_newline=req.add_generation_prompt)
+
+
+def _special_text_pattern(tokenizer, keep: str | None) -> re.Pattern | None:
+    texts = [t for t in getattr(tokenizer, "special_tokens", {}) if t != keep]
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+class ChoiceStream:
+    """One choice's text deltas -> OpenAI delta dicts (content or tool-call fragments)."""
+
+    def __init__(self, plan: ChatPlan, tokenizer):
+        self.parser = StreamingToolParser(plan.tool_names) if plan.tool_names else None
+        self._prefix = plan.call_prefix
+        self._strip_newline = plan.strip_newline
+        self._specials = _special_text_pattern(tokenizer, CALL_SEPARATOR) if self.parser else None
+        self.num_tokens = 0
+
+    def feed(self, text: str) -> list[dict]:
+        if self.parser is None:
+            return self._content(text)
+        if self._specials is not None:
+            text = self._specials.sub("", text)
+        if self._prefix:
+            text, self._prefix = self._prefix + text, ""
+        return self._deltas(self.parser.feed(text))
+
+    def finish(self, reason: str) -> tuple[list[dict], str]:
+        """Deltas still held back, and the finish_reason to send."""
+        if self.parser is None:
+            return [], reason
+        deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
+        return deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
+
+    def _deltas(self, events) -> list[dict]:
+        out: list[dict] = []
+        for ev in events:
+            if isinstance(ev, ContentDelta):
+                out += self._content(ev.text.replace(CALL_SEPARATOR, ""))
+            elif isinstance(ev, ToolCallStart):
+                out.append(tool_call_start_delta(ev.index, ev.id, ev.name))
+            elif isinstance(ev, ToolArgsDelta):
+                out.append(tool_args_delta(ev.index, ev.text))
+        return out
+
+    def _content(self, text: str) -> list[dict]:
+        if self._strip_newline and text:
+            self._strip_newline = False
+            text = text.removeprefix("\n")
+        return [{"content": text}] if text else []
+
+
+def _check_finish(reason: str | None) -> None:
+    if reason == ABORT:  # not ours: we only abort requests whose client is gone
+        raise APIError(503, "the request was aborted by the server", "server_error")
+
+
+# ---- streamed -------------------------------------------------------------------------------
+
+
+async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionRequest,
+                       outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
+    n, usage_on = req.n, req.include_usage
+
+    def chunk(choices: list[dict], usage: Usage | None = None) -> bytes:
+        return sse_data(chat_chunk(plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
+
+    choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
+    pending_logprobs: list[list[dict]] = [[] for _ in range(n)]
+
+    def take_logprobs(i: int) -> dict | None:
+        if not pending_logprobs[i]:
+            return None
+        entries, pending_logprobs[i] = pending_logprobs[i], []
+        return {"content": entries}
+
+    for i in range(n):
+        yield chunk([chat_choice_delta(i, {"role": "assistant", "content": ""})])
+        if plan.echo:
+            yield chunk([chat_choice_delta(i, {"content": plan.echo})])
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            _check_finish(out.finish_reason)
+            i, state = out.index, choices[out.index]
+            state.num_tokens = out.num_output_tokens or state.num_tokens + len(out.token_ids)
+            if req.logprobs and out.logprobs:
+                pending_logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
+            deltas = state.feed(out.text) if out.text else []
+            if out.finish_reason is not None:
+                held, finish_reason = state.finish(out.finish_reason)
+                deltas += held
+            for delta in deltas:
+                yield chunk([chat_choice_delta(i, delta, take_logprobs(i))])
+            if out.finish_reason is not None:
+                yield chunk([chat_choice_delta(i, {}, take_logprobs(i), finish_reason)])
+            elif not deltas and pending_logprobs[i] and not state.parser:
+                # Tokens that produced no text yet (a split character) still report logprobs.
+                yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
+    if usage_on:
+        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices))
+        yield sse_data(chat_chunk(plan.request_id, plan.created, ctx.model_name, [], usage, True))
+
+
+# ---- whole ----------------------------------------------------------------------------------
+
+
+async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    n = req.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[dict]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    num_tokens = [0] * n
+    outputs = await ctx.open(plan.prompt_ids, plan.params, plan.request_id)
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            _check_finish(out.finish_reason)
+            i = out.index
+            texts[i].append(out.text)
+            num_tokens[i] = out.num_output_tokens or num_tokens[i] + len(out.token_ids)
+            if req.logprobs and out.logprobs:
+                logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
+            if out.finish_reason is not None:
+                reasons[i] = out.finish_reason
+    choices = []
+    for i in range(n):
+        message, reason = _whole_message(ctx, plan, "".join(texts[i]), reasons[i] or LENGTH)
+        choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
+                                  logprobs={"content": logprobs[i]} if req.logprobs else None))
+    return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
+                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens)))
+
+
+def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
+    if plan.tool_names is None:
+        return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text)), reason
+    specials = _special_text_pattern(ctx.tokenizer, CALL_SEPARATOR)
+    text = plan.call_prefix + (specials.sub("", text) if specials else text)
+    truncated = reason == LENGTH
+    calls = parse_tool_calls(text, plan.tool_names, truncated=truncated)
+    content = None
+    if calls is None and plan.call_prefix:
+        # A forced call stays a call even when the model broke the JSON: the lenient parser.
+        parser = StreamingToolParser(plan.tool_names)
+        events = parser.feed(text) + parser.finish(truncated=truncated)
+        calls = parser.calls
+        content = "".join(e.text for e in events if isinstance(e, ContentDelta)).replace(CALL_SEPARATOR, "") or None
+    if not calls:
+        return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text.replace(CALL_SEPARATOR, ""))), reason
+    tool_calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
+    return ChatMessageOut(content=content, tool_calls=tool_calls), (LENGTH if truncated else "tool_calls")
+
+
+def _strip_first_newline(plan: ChatPlan, text: str) -> str:
+    return text.removeprefix("\n") if plan.strip_newline else text
+
+
+# ---- route ----------------------------------------------------------------------------------
+
+
+async def chat_completions(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
+    try:
+        plan = await prepare_chat(ctx, req)
+    except EngineError as e:  # choosing a required tool's name runs the engine
+        raise server_error(f"the engine failed this request: {e}") from e
+    if req.stream:
+        outputs = await ctx.open(plan.prompt_ids, plan.params, plan.request_id)
+        return sse_response(_stream_chat(ctx, plan, req, outputs), ctx.settings)
+    try:
+        response = await cancel_on_disconnect(request, _collect_chat(ctx, plan, req))
+    except EngineError as e:
+        raise server_error(f"the engine failed this request: {e}") from e
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody is listening; the engine request is aborted
+    return JSONResponse(response.model_dump(mode="json"))

@@ -1,0 +1,96 @@
+"""OpenAI error envelope: `{"error": {"message", "type", "param", "code"}}` for every failure.
+
+Bad input must be a 4xx: the OpenAI SDK retries 5xx twice, so a 500 for a malformed request
+triples the load. FastAPI's own 422 for validation errors is turned into a 400 here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("glm4serve.api")
+
+_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                   405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                   503: "service_unavailable_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def server_error(message: str = "internal server error") -> APIError:
+    return APIError(500, message, "server_error", None, None)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """The first pydantic error, with the field path as `param` ("messages.0.role")."""
+    errors = exc.errors()
+    if not errors:
+        return invalid_request("invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return invalid_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    ctx = first.get("ctx") or {}
+    # Our cross-field checks (schemas._invalid) name the offending field in ctx["param"].
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Drop pydantic's union-branch labels ("str", "list[int]", "function-after[...]") from the path.
+    loc = [p for p in loc if not _is_union_tag(p)]
+    param = ctx.get("param") or (".".join(loc) if loc else None)
+    msg = first.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    if param and not ctx.get("param"):
+        msg = f"{param}: {msg}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return invalid_request(msg, param)
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in ("str", "int", "float", "bool") or "[" in part or part.startswith(("function-", "literal"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Last resort: route handlers already turn their own failures into APIError.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return server_error().response()

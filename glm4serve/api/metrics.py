@@ -1,0 +1,127 @@
+"""Prometheus metrics under the `glm4serve:` prefix, with vLLM's names so dashboards carry over.
+
+Each app owns its CollectorRegistry (several apps in one test process must not collide).
+Gauges and the engine's own counters are read from `engine.stats()` at scrape time; the
+request-level counters and histograms are fed by `RequestMetrics` as outputs stream by.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from glm4serve.engine.types import EngineStats, Output
+
+PREFIX = "glm4serve:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
+                  200000, 500000, 1000000)
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self._stats = stats
+
+    def describe(self):
+        # Registration asks for names only; the engine may not exist yet.
+        return self._families(EngineStats())
+
+    def collect(self):
+        return self._families(self._stats() or EngineStats(alive=False))
+
+    @staticmethod
+    def _families(s: EngineStats):
+        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch.",
+                                value=s.num_running)
+        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.",
+                                value=s.num_waiting)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
+                                value=s.kv_cache_usage)
+        yield CounterMetricFamily(PREFIX + "num_preemptions", "Preempted sequences since start.",
+                                  value=s.num_preemptions_total)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.prefix_cache_queries)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=s.prefix_cache_hits)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # prometheus_client appends `_total` to counters: these expose e.g. glm4serve:prompt_tokens_total.
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefilled prompt tokens.", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", registry=r)
+        self.request_success = Counter(PREFIX + "request_success", "Finished choices by finish reason.",
+                                       ["finished_reason"], registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Arrival to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between tokens of a choice.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        # Fed by the engine's timing once Output carries it; registered now so dashboards find it.
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time spent waiting to be scheduled.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram(PREFIX + "request_prompt_tokens", "Prompt length per request.",
+                                               buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram(PREFIX + "request_generation_tokens",
+                                                   "Generated tokens per request (all choices).",
+                                                   buckets=_TOKEN_BUCKETS, registry=r)
+        r.register(_EngineStatsCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def start_request(self) -> "RequestMetrics":
+        return RequestMetrics(self)
+
+
+class RequestMetrics:
+    """Timing of one engine request (all its choices), fed one Output at a time."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+        self.arrival = time.perf_counter()
+        self.first_token: float | None = None
+        self.last_token_by_choice: dict[int, float] = {}
+        self.num_prompt_tokens = 0
+        self.num_generated = 0
+        self._closed = False
+
+    def on_output(self, out: Output) -> None:
+        now = time.perf_counter()
+        n = len(out.token_ids)
+        if self.first_token is None:
+            self.first_token = now
+            self.m.ttft.observe(now - self.arrival)
+            self.num_prompt_tokens = out.num_prompt_tokens
+            self.m.prompt_tokens.inc(out.num_prompt_tokens)
+        last = self.last_token_by_choice.get(out.index)
+        if last is not None and n:
+            gap = (now - last) / n  # several tokens in one step share the step's time
+            for _ in range(n):
+                self.m.itl.observe(gap)
+        if n:
+            self.last_token_by_choice[out.index] = now
+        self.num_generated += n
+        self.m.generation_tokens.inc(n)
+        if out.finish_reason is not None:
+            self.m.request_success.labels(finished_reason=out.finish_reason).inc()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.first_token is None:
+            return  # failed or aborted before any output: no latency to report
+        self.m.e2e.observe(time.perf_counter() - self.arrival)
+        self.m.request_prompt_tokens.observe(self.num_prompt_tokens)
+        self.m.request_generation_tokens.observe(self.num_generated)

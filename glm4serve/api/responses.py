@@ -1,0 +1,126 @@
+"""Response bodies (non-streamed) and the chunk dicts of streamed replies.
+
+Stream chunks are plain dicts on purpose: which keys a delta carries *is* the wire format
+(`{}` on the finish chunk, `id`/`name` only on a tool call's first delta), and a dict says so
+more plainly than a model with exclusion rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON string, never an object
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glm4serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- stream chunks --------------------------------------------------------------------------
+
+
+def chat_chunk(request_id: str, created: int, model: str, choices: list[dict],
+               usage: Usage | None = None, with_usage_field: bool = False) -> dict:
+    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": choices}
+    if with_usage_field:  # OpenAI sends usage: null on every chunk when include_usage is on
+        chunk["usage"] = usage.model_dump() if usage is not None else None
+    return chunk
+
+
+def chat_choice_delta(index: int, delta: dict, logprobs: dict | None = None,
+                      finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_chunk(request_id: str, created: int, model: str, choices: list[dict],
+                     usage: Usage | None = None, with_usage_field: bool = False) -> dict:
+    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+             "choices": choices}
+    if with_usage_field:
+        chunk["usage"] = usage.model_dump() if usage is not None else None
+    return chunk
+
+
+def completion_choice_delta(index: int, text: str, logprobs: dict | None = None,
+                            finish_reason: str | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_call_start_delta(index: int, call_id: str, name: str) -> dict:
+    """First delta of a call: the only one with id, type and name (the SDK concatenates strings)."""
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def tool_args_delta(index: int, fragment: str) -> dict:
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}

@@ -1,0 +1,318 @@
+"""Request bodies of /v1/chat/completions and /v1/completions, their checks, and SamplingParams.
+
+Field ranges are pydantic constraints; rules that involve several fields are model validators
+that raise `_invalid(param, message)`, so the 400 names the offending field in `param`.
+Unknown fields are ignored (clients such as LangChain send extras like `store`, `metadata`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from glm4serve.engine.types import SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+def _invalid(param: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_request", message, {"param": param})
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# ---- messages -------------------------------------------------------------------------------
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+class ToolCallIn(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self):
+        if self.role == "assistant":
+            if self.content is None and not self.tool_calls:
+                raise _invalid("messages", "an assistant message needs content or tool_calls")
+        elif self.content is None:
+            raise _invalid("messages", f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise _invalid("messages", "only assistant messages may carry tool_calls")
+        return self
+
+    def text(self) -> str | None:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content
+
+    def for_template(self) -> dict:
+        """A plain dict for the chat template: text parts joined, developer treated as system."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text() or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [tc.model_dump() for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+# ---- tools ----------------------------------------------------------------------------------
+
+
+class FunctionDef(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+# ---- shared sampling fields -----------------------------------------------------------------
+
+
+class _SamplingBody(_Body):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="after")
+    def _common_rules(self):
+        if self.stream_options is not None and not self.stream:
+            raise _invalid("stream_options", "stream_options is only allowed when stream is true")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(s == "" for s in stops):
+            raise _invalid("stop", "stop strings must not be empty")
+        if self.logit_bias:
+            for key in self.logit_bias:
+                if not key.lstrip("-").isdigit() or int(key) < 0:
+                    raise _invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            n=self.n,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            seed=self.seed,
+            logprobs=logprobs,
+            stop=self.stop_list,
+            stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids is not None else None,
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------
+
+
+class ChatCompletionRequest(_SamplingBody):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM extensions
+    echo: bool = False
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+        if self.tools is not None and len(self.tools) == 0:
+            raise _invalid("tools", "tools must not be an empty list")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise _invalid("tool_choice", "tool_choice is only allowed when tools are given")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            wanted = self.tool_choice.function.name
+            if wanted not in self.tool_names:
+                raise _invalid("tool_choice", f"tool_choice names {wanted!r}, which is not in tools")
+        if self.tools:
+            names = self.tool_names
+            if len(set(names)) != len(names):
+                raise _invalid("tools", "tool names must be unique")
+        if self.response_format is not None and self.response_format.type != "text":
+            # No constrained decoding yet: answering prose to a JSON request would be a silent lie.
+            raise _invalid("response_format", f"response_format {self.response_format.type!r} is not supported")
+        if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
+            raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
+        return self
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """max_completion_tokens wins over the older max_tokens."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or []]
+
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The tool the reply must call: a named tool_choice, or `required` with a single tool."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        if self.tool_choice == "required" and len(self.tool_names) == 1:
+            return self.tool_names[0]
+        return None
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---- /v1/completions ------------------------------------------------------------------------
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingBody):
+    prompt: Prompt
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    # vLLM extension: prepend the model's prefix tokens ([gMASK]<sop> for GLM-4) to text prompts
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _completion_rules(self):
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise _invalid("prompt", "prompt must not be empty")
+        if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
+            raise _invalid("prompt", "a token-id prompt must not be empty")
+        if self.suffix:
+            raise _invalid("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _invalid("best_of", "best_of other than n is not supported")
+        if self.echo and self.logprobs is not None:
+            raise _invalid("echo", "echo with logprobs needs prompt logprobs, which are not supported")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+# ---- /tokenize, /detokenize (vLLM shapes) ---------------------------------------------------
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise _invalid("prompt", "give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise _invalid("messages", "messages must not be empty")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]

@@ -1,0 +1,206 @@
+"""What the chat and completion routes share: the server context, request checks, a metered
+engine stream that always aborts what it leaves unfinished, and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+import anyio
+from fastapi import Request
+
+from glm4serve.engine.types import EngineError, Output, SamplingParams
+
+from .errors import APIError, invalid_request, server_error
+from .metrics import Metrics
+from .settings import ServerSettings
+
+log = logging.getLogger("glm4serve.api")
+T = TypeVar("T")
+
+# Longer prompts are tokenized in a worker thread so other requests keep streaming meanwhile.
+_THREAD_TOKENIZE_CHARS = 16384
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass
+class ServingContext:
+    engine: Any  # AsyncEngine: generate(), abort(), stats(), is_alive; None while loading
+    tokenizer: Any
+    settings: ServerSettings
+    model_name: str
+    max_model_len: int
+    metrics: Metrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def check_ready(self) -> None:
+        if self.engine is None or not self.engine.is_alive:
+            raise APIError(503, "the model is not loaded or the engine has stopped", "service_unavailable_error",
+                           headers={"Retry-After": "5"})
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model",
+                           "model_not_found")
+
+    def fit_max_tokens(self, prompt_len: int, requested: int | None, param: str = "messages") -> int:
+        """The request's max_tokens, defaulting to the rest of the context; 400 when it cannot fit."""
+        limit = self.max_model_len
+        if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
+            wanted = prompt_len + (requested or 0)
+            raise invalid_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{wanted} tokens ({prompt_len} in the prompt, {requested or 0} for the completion). "
+                f"Please reduce the prompt or max_tokens.", param, "context_length_exceeded")
+        return requested if requested is not None else limit - prompt_len
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid_request(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param)
+
+    def check_params(self, params: SamplingParams) -> None:
+        if params.logit_bias:
+            self.check_token_ids(list(params.logit_bias), "logit_bias")
+        if params.stop_token_ids:
+            self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+
+    async def encode(self, text: str) -> list[int]:
+        if len(text) > _THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, text, allow_special=True)
+        return self.tokenizer.encode(text, allow_special=True)
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Output]:
+        """engine.generate with metrics. Whoever stops iterating early (client gone, error) must
+        aclose() this generator; its cleanup then aborts the request in the engine."""
+        timing = self.metrics.start_request()
+        stream = self.engine.generate(prompt_ids, params, request_id=request_id)
+        finished: set[int] = set()
+        try:
+            try:
+                async for out in stream:
+                    timing.on_output(out)
+                    if out.finish_reason is not None:
+                        finished.add(out.index)
+                    yield out
+            except ValueError as e:  # the engine refuses requests it can never serve
+                raise invalid_request(f"the engine refused this request: {e}") from e
+        finally:
+            timing.close()
+            if len(finished) < params.n:
+                # Shielded: this runs while the response task is being cancelled (disconnect).
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(Exception):
+                        await stream.aclose()
+                try:
+                    self.engine.abort(request_id)
+                except Exception:  # the engine may already have dropped it
+                    log.debug("abort(%s) failed", request_id, exc_info=True)
+
+    async def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Output]:
+        """`generate`, started: an engine refuses a request before its first await, so one loop
+        turn tells whether it did, while the HTTP status can still say 400 instead of a stream
+        that carries the error."""
+        stream = self.generate(prompt_ids, params, request_id)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        error = first.exception() if first.done() and not first.cancelled() else None
+        if isinstance(error, (APIError, EngineError)):
+            await stream.aclose()
+            if isinstance(error, EngineError):
+                raise server_error(f"the engine failed this request: {error}") from error
+            raise error
+        return _chain(first, stream)
+
+
+async def _chain(first: asyncio.Future, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        try:
+            item = await first
+        except StopAsyncIteration:
+            return
+        yield item
+        async for item in rest:
+            yield item
+    finally:
+        if not first.done():
+            first.cancel()  # throws into `rest`, whose cleanup aborts the request
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(BaseException):
+                await first
+            await rest.aclose()
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as items arrive: yields (which, item)."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream):
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((i, item, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+        finally:
+            queue.put_nowait((i, done, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` (a non-streamed generation) but cancel it if the client hangs up first, so
+    the engine stops spending compute on a reply nobody will read."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()

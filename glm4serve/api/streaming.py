@@ -1,0 +1,62 @@
+"""Server-sent events: `data: {json}\\n\\n` events, `: ping` keep-alive comments, `data: [DONE]`.
+
+Keep-alive must be an SSE comment: the OpenAI SDK json-parses every event that has data.
+An error after the stream started cannot change the status code any more, so it goes out as
+`data: {"error": {...}}` followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import AsyncIterator
+
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+
+from glm4serve.engine.types import EngineError
+
+from .errors import APIError, server_error
+from .settings import ServerSettings
+
+log = logging.getLogger("glm4serve.api")
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_data(obj: dict) -> bytes:
+    # json.dumps escapes newlines, so one event is always one `data:` line.
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(error: APIError) -> bytes:
+    return sse_data(error.body())
+
+
+async def _with_error_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        try:
+            async for event in events:
+                yield event
+        except APIError as e:
+            yield sse_error(e)
+        except EngineError as e:
+            yield sse_error(server_error(f"the engine failed this request: {e}"))
+        except Exception:
+            log.exception("stream failed")
+            yield sse_error(server_error())
+    yield DONE
+
+
+def sse_response(events: AsyncIterator[bytes], settings: ServerSettings) -> EventSourceResponse:
+    """Stream `events` (already-encoded SSE bytes), then [DONE]. Client disconnects cancel the
+    generator, whose cleanup aborts the request in the engine. On shutdown (SIGTERM) a stream
+    gets `graceful_shutdown_seconds` to finish before it is cut."""
+    return EventSourceResponse(
+        _with_error_events(events),
+        ping=settings.sse_ping_seconds,
+        sep="\n",
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+        shutdown_grace_period=settings.graceful_shutdown_seconds,
+    )

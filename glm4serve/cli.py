@@ -1,0 +1,88 @@
+"""`glm4serve serve ...` (the OpenAI-compatible server) and `glm4serve make-model ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from glm4serve import __version__
+
+# (flag, ServerSettings field, type, help); every flag defaults to "not given" so that env
+# variables and the YAML file still apply to what the command line leaves out.
+_SERVE_OPTIONS = [
+    ("--model", "model", str, "checkpoint folder or hub id (default: the built-in demo model)"),
+    ("--host", "host", str, "bind address (default 127.0.0.1)"),
+    ("--port", "port", int, "port (default 8000)"),
+    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+    ("--max-model-len", "max_model_len", int, "context length to serve (default: the model's)"),
+    ("--served-model-name", "served_model_name", str, "model id clients send and /v1/models lists"),
+    ("--api-key", "api_key", str, "require `Authorization: Bearer KEY` on /v1/*"),
+    ("--kv-cache-memory", "kv_cache_memory", str, "KV cache size, bytes or like 2GiB"),
+    ("--block-size", "block_size", int, "tokens per KV block"),
+    ("--max-num-seqs", "max_num_seqs", int, "most sequences in one batch"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "most tokens in one engine step"),
+    ("--sse-ping-seconds", "sse_ping_seconds", float, "keep-alive comment interval on streams (0 = off)"),
+    ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", float, "time in-flight requests get on SIGTERM"),
+    ("--config", "config", str, "YAML file with any of these settings (CLI > env > YAML > defaults)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm4serve", description="OpenAI-compatible server for GLM-4 models")
+    parser.add_argument("--version", action="version", version=f"glm4serve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    for flag, dest, type_, help_ in _SERVE_OPTIONS:
+        serve.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=help_)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Listed for --help only: main() hands its arguments to make_model_main untouched.
+    commands.add_parser("make-model", help="write a small random GLM-4 checkpoint (see make-model --help)",
+                        add_help=False)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace):
+    from glm4serve.api.settings import ServerSettings
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_OPTIONS if hasattr(args, dest)}
+    return ServerSettings(**given)
+
+
+def serve(settings, log_level: str = "info") -> None:
+    import uvicorn
+
+    from glm4serve.api.app import create_app
+    from glm4serve.server import build_engine  # lazy: loads torch and the model
+
+    engine, tokenizer, model_name, max_model_len = build_engine(settings)
+    app = create_app(engine, tokenizer, settings, model_name, max_model_len)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                    timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+    finally:
+        shutdown = getattr(engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "make-model":
+        from glm4serve.model.random_checkpoint import make_model_main
+
+        return make_model_main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError
+        parser.error(f"invalid settings: {e}")
+    serve(settings, args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
