@@ -9,6 +9,7 @@ either trips the check or changes the generated text.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -18,12 +19,13 @@ from glm4serve.engine.sequence import Sequence
 
 VOCAB = 64
 FIRST_PLAIN = 10  # ids below are "special" in FakeTokenizer; the default model never emits them
+NUM_MODEL_IDS = 50  # the default model emits ids 10..59; 60..63 are left for tests to script
 
 
 def next_token(context: list[int]) -> int:
     """The fake model: a deterministic function of the whole context (position-weighted)."""
     h = sum((i + 1) * t for i, t in enumerate(context)) + 7 * len(context)
-    return FIRST_PLAIN + h % (VOCAB - FIRST_PLAIN)
+    return FIRST_PLAIN + h % NUM_MODEL_IDS
 
 
 def continuation(prompt: list[int], k: int, model: Callable[[list[int]], int] = next_token) -> list[int]:
@@ -34,10 +36,13 @@ def continuation(prompt: list[int], k: int, model: Callable[[list[int]], int] = 
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int, block_size: int, model: Callable[[list[int]], int] = next_token):
+    def __init__(self, num_blocks: int, block_size: int, model: Callable[[list[int]], int] = next_token,
+                 peak: float = 40.0, delay: float = 0.0):
         self.block_size = block_size
         self.slots: list[int | None] = [None] * (num_blocks * block_size)
         self.model = model
+        self.peak = peak  # logit of the model's token over 0 for the rest: 40 = certain, 1 = a coin toss
+        self.delay = delay  # seconds per forward, to keep requests in flight in async tests
         self.steps: list[SchedulerOutput] = []
         self.fail_next = False  # raise from the next execute(), as a broken forward would
 
@@ -46,6 +51,8 @@ class FakeRunner:
 
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         self.steps.append(out)
+        if self.delay:
+            time.sleep(self.delay)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected forward failure")
@@ -64,9 +71,9 @@ class FakeRunner:
             seen = [self.slots[self.slot(s.seq.block_table, p)] for p in range(end)]
             assert seen == s.seq.token_ids_between(0, end), f"cache of {s.seq} holds {seen}"
             rows.append(self.model(seen))
-        logits = torch.full((len(rows), VOCAB), -30.0)
+        logits = torch.zeros(len(rows), VOCAB)
         for r, t in enumerate(rows):
-            logits[r, t] = 10.0
+            logits[r, t] = self.peak
         return logits
 
 

@@ -310,6 +310,8 @@ def test_rejects_bad_requests_and_configs():
     sched.add([make_seq(2, prompt_of(0, 20))])  # exactly max_model_len is accepted
     with pytest.raises(ValueError, match="already"):
         sched.add([make_seq(3, prompt_of(0, 3), request_id="r2")])
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        sched.add([make_seq(10 + i, prompt_of(0, 3), request_id="wide", index=i) for i in range(65)])
     with pytest.raises(ValueError, match="KV cache holds 32 tokens"):
         Scheduler(SchedulerConfig(max_model_len=33, block_size=4), BlockPool(8, 4))
     with pytest.raises(ValueError, match="block size"):

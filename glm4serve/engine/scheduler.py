@@ -100,6 +100,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests with an unfinished sequence."""
+        return len(self._requests)
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
 
@@ -117,6 +122,8 @@ class Scheduler:
             raise ValueError(f"request {head.request_id!r} is already in the engine")
         if not head.prompt_token_ids:
             raise ValueError("empty prompt")
+        if len(seqs) > self.cfg.max_num_seqs:
+            raise ValueError(f"n={len(seqs)} choices exceed max_num_seqs {self.cfg.max_num_seqs}")
         if head.num_prompt_tokens > self.cfg.max_model_len:
             raise ValueError(
                 f"prompt of {head.num_prompt_tokens} tokens is longer than max_model_len {self.cfg.max_model_len}"

@@ -1,0 +1,192 @@
+"""The engine loop on its own thread, with an asyncio face for the API.
+
+The loop thread owns the LLMEngine: nothing else touches it. Other threads hand it commands
+(add, abort) through a queue guarded by a condition variable, which the loop also sleeps on
+when it has no work. Each request's Outputs travel back to the event loop that asked for them,
+through loop.call_soon_threadsafe into that request's asyncio.Queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .engine import LLMEngine
+from .types import EngineError, EngineStats, Output, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_END = object()  # queued after a request's last Output
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # of Output, then _END; or one exception
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine  # owned by the loop thread once start() is called
+        self._cv = threading.Condition()
+        # guarded by _cv:
+        self._commands: deque[tuple] = deque()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._stats = engine.stats()
+        self._died: BaseException | None = None  # written under _cv by the loop thread
+        self._thread: threading.Thread | None = None
+
+    # --- any thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine loop was already started")
+        self._thread = threading.Thread(target=self._run, name="glm4serve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; requests still in flight end with EngineError."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._died is None and not self._stopping
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            snapshot = dataclasses.replace(self._stats)
+        snapshot.alive = self.is_alive
+        return snapshot
+
+    def abort(self, request_id: str) -> None:
+        """Takes effect before the next step: the request's blocks are freed, its stream ends with
+        finish_reason 'abort'. Unknown or finished requests are ignored."""
+        with self._cv:
+            self._commands.append(("abort", request_id))
+            self._cv.notify()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Output]:
+        """Stream the request's Outputs. Raises ValueError for a request the engine refuses,
+        EngineError when the engine fails it. Leaving early (break, aclose, cancellation) aborts it."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._cv:
+            # under the lock: a stream registered here is either served or failed by the loop's exit
+            if self._thread is None or self._died is not None or self._stopping:
+                raise EngineError("the engine loop is not running")
+            if request_id in self._streams:
+                raise ValueError(f"request {request_id!r} is already in the engine")
+            self._streams[request_id] = stream
+            self._commands.append(("add", request_id, list(prompt_ids), params))
+            self._cv.notify()
+        ended = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _END:
+                    ended = True
+                    return
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                yield item
+        finally:
+            if not ended:  # the consumer left: stop spending compute on it
+                with self._cv:
+                    self._streams.pop(request_id, None)
+                self.abort(request_id)
+
+    # --- the loop thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        reason = "the engine was shut down"
+        try:
+            while True:
+                with self._cv:
+                    while not (self._commands or self._stopping or self.engine.has_work):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command in commands:
+                    self._apply(command)
+                if self.engine.has_work:
+                    outputs = self.engine.step()
+                    self._deliver(outputs, self.engine.pop_errors())
+                stats = self.engine.stats()
+                with self._cv:
+                    self._stats = stats
+        except BaseException as e:
+            log.exception("the engine loop died")
+            with self._cv:
+                self._died = e
+            reason = f"the engine loop died: {e!r}"
+        finally:
+            with self._cv:
+                streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                self._put(stream, EngineError(reason))
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            request_id = command[1]
+            outputs = self.engine.abort(request_id)
+            self._deliver(outputs, [])
+            return
+        _, request_id, prompt_ids, params = command
+        with self._cv:
+            wanted = request_id in self._streams
+        if not wanted:  # its consumer left before the loop saw it
+            return
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except ValueError as e:
+            self._end(request_id, e)
+        except Exception as e:
+            log.exception("adding request %s failed", request_id)
+            self._end(request_id, EngineError(f"request {request_id} failed: {e!r}"))
+
+    def _deliver(self, outputs: list[Output], errors: list[tuple[str, EngineError]]) -> None:
+        for out in outputs:
+            with self._cv:
+                stream = self._streams.get(out.request_id)
+            if stream is not None and not self._put(stream, out):
+                self._drop(out.request_id)
+        for request_id in dict.fromkeys(o.request_id for o in outputs if o.finish_reason is not None):
+            if not self.engine.has_request(request_id):  # every choice is done
+                self._end(request_id, _END)
+        for request_id, error in errors:
+            self._end(request_id, error)
+
+    def _end(self, request_id: str, last) -> None:
+        with self._cv:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._put(stream, last)
+
+    def _drop(self, request_id: str) -> None:
+        """Its event loop is gone: nobody can read it any more."""
+        with self._cv:
+            self._streams.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    @staticmethod
+    def _put(stream: _Stream, item) -> bool:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the event loop is closed
+            return False

@@ -1,0 +1,218 @@
+"""The synchronous engine: one `step()` = schedule, one forward, sample, detokenize, stop checks.
+
+Not thread-safe: exactly one thread drives it (AsyncEngine's loop thread in the server, the
+test itself in tests). A failure is contained to the smallest unit it can be pinned on: an
+exception while handling one request's row fails that request only; an exception from the
+forward fails every request of that batch; either way their KV blocks are freed and the engine
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..model.kv_cache import BlockPool, KVCacheConfig
+from .detokenizer import IncrementalDetokenizer
+from .sampler import Sampled, Sampler, SampleRow, make_generator
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import Sequence
+from .types import LENGTH, STOP, EngineError, EngineStats, Output, SamplingParams
+
+log = logging.getLogger(__name__)
+
+ERROR = "error"  # finish reason of a sequence whose request failed; never sent in an Output
+
+
+class ModelRunner(Protocol):
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run out.block_copies, then the forward. Returns float32 logits [rows, V]: one row per
+        ScheduledSeq with a non-empty sample_for, in scheduled order."""
+        ...
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
+    block_size: int = 16
+    num_blocks: int | None = None  # None: as many as kv_cache_memory_bytes buys
+    kv_cache_memory_bytes: int = 1 << 30
+
+    def kv_cache_config(self) -> KVCacheConfig:
+        return KVCacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
+                             memory_bytes=self.kv_cache_memory_bytes)
+
+    def scheduler_config(self, model_max_len: int, num_blocks: int) -> SchedulerConfig:
+        max_len = self.max_model_len or min(model_max_len, num_blocks * self.block_size)
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_model_len=max_len, block_size=self.block_size)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer, sched_cfg: SchedulerConfig, pool: BlockPool,
+                 model_stop_ids, *, sampler: Sampler | None = None, vocab_size: int | None = None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(sched_cfg, pool)
+        self.pool = pool
+        self.sampler = sampler or Sampler()
+        self.model_stop_ids = frozenset(model_stop_ids)
+        self.vocab_size = vocab_size  # when given, prompts with ids outside it are refused at add
+        self._next_seq_id = 0
+        self._errors: list[tuple[str, EngineError]] = []
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.cfg.max_model_len
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.scheduler
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (nothing queued) when it cannot be served as asked."""
+        if params.n < 1:
+            raise ValueError(f"n must be at least 1, got {params.n}")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        stop_ids = self._stop_ids(params)
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(self._next_seq_id + index, request_id, index, list(prompt_ids), params)
+            seq.generator = make_generator(params.seed, index)
+            seq.stop_token_ids = stop_ids
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params)
+            seqs.append(seq)
+        self.scheduler.add(seqs)  # validates length and request id uniqueness
+        self._next_seq_id += params.n
+
+    def abort(self, request_id: str) -> list[Output]:
+        """Finish every choice of the request now (blocks freed); their last Outputs. [] if unknown."""
+        seqs = self.scheduler.abort(request_id)
+        return [self._output(s, [], s.detokenizer.flush(), None) for s in sorted(seqs, key=lambda s: s.index)]
+
+    def pop_errors(self) -> list[tuple[str, EngineError]]:
+        """Requests failed since the last call: (request_id, error). Their Outputs stop without a finish."""
+        errors, self._errors = self._errors, []
+        return errors
+
+    def stats(self) -> EngineStats:
+        running = len({s.request_id for s in self.scheduler.running})
+        return EngineStats(
+            num_running=running,
+            num_waiting=self.scheduler.num_requests - running,
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_used,
+            num_preemptions_total=self.scheduler.num_preemptions,
+        )
+
+    def step(self) -> list[Output]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        rows = [s for s in out.scheduled if s.sample_for]
+        try:
+            logits = self.runner.execute(out)
+            if logits.shape[0] != len(rows):
+                raise RuntimeError(f"the runner returned {logits.shape[0]} logit rows for {len(rows)}")
+        except Exception as e:
+            log.exception("forward failed; failing the %d sequences of this batch", len(out.scheduled))
+            for request_id in dict.fromkeys(q.request_id for s in out.scheduled for q in [s.seq, *s.sample_for]):
+                self._fail(request_id, e)
+            return []
+        self.scheduler.on_step_done(out)  # before any finish: n > 1 forks take their blocks here
+
+        # one sampling row per sequence: siblings of a fresh fork read the same logits row
+        targets = [q for s in rows for q in s.sample_for]
+        row_of = [r for r, s in enumerate(rows) for _ in s.sample_for]
+        sampled = self._sample(logits if len(row_of) == len(rows) else logits[row_of], targets)
+
+        failed_before = {rid for rid, _ in self._errors}
+        outputs = []
+        for seq, smp in zip(targets, sampled):
+            if smp is None or seq.is_finished:
+                continue
+            try:
+                outputs.append(self._append(seq, smp))
+            except Exception as e:
+                log.exception("request %s failed while handling its new token", seq.request_id)
+                self._fail(seq.request_id, e)
+        failed = {rid for rid, _ in self._errors} - failed_before
+        return [o for o in outputs if o.request_id not in failed]
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        if params.stop_token_ids is not None:
+            return frozenset(params.stop_token_ids)
+        return frozenset() if params.ignore_eos else self.model_stop_ids
+
+    def _sample(self, logits: torch.Tensor, targets: list[Sequence]) -> list[Sampled | None]:
+        """One Sampled per target; None where that row's request failed."""
+        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.stop_token_ids)
+                for s in targets]
+        logits = logits.float()
+        try:
+            return self.sampler(logits, rows)
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row to find the culprit")
+        result: list[Sampled | None] = []
+        for i, (seq, row) in enumerate(zip(targets, rows)):
+            if seq.is_finished:  # its request failed on an earlier row
+                result.append(None)
+                continue
+            try:
+                result.append(self.sampler(logits[i : i + 1], [row])[0])
+            except Exception as e:
+                self._fail(seq.request_id, e)
+                result.append(None)
+        return result
+
+    def _append(self, seq: Sequence, smp: Sampled) -> Output:
+        token = smp.token_id
+        seq.output_token_ids.append(token)
+        params = seq.params
+        finish = stop_reason = None
+        # stop ids count only once min_tokens are out (the sampler suppresses them until then)
+        if token in seq.stop_token_ids and seq.num_output_tokens > params.min_tokens:
+            text = seq.detokenizer.flush()  # a stop token is reported in token_ids, never as text
+            finish, stop_reason = STOP, token
+        else:
+            text, stop_string = seq.detokenizer.add(token)
+            if stop_string is not None:
+                finish, stop_reason = STOP, stop_string
+        if finish is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            text += seq.detokenizer.flush()
+            finish = LENGTH
+        if finish is not None:
+            self.scheduler.finish(seq, finish, stop_reason)
+        logprobs = [smp.logprob] if params.logprobs is not None and smp.logprob is not None else None
+        return self._output(seq, [token], text, logprobs)
+
+    def _output(self, seq: Sequence, token_ids: list[int], text: str, logprobs) -> Output:
+        return Output(
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=token_ids,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        if self.scheduler.abort(request_id, reason=ERROR):
+            self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))
+
