@@ -151,13 +151,11 @@ def test_recompute_after_preemption_covers_prompt_and_outputs():
     sched, pool, runner = setup(num_blocks=8, block_size=4, max_num_batched_tokens=64, max_model_len=32)
     s = make_seq(0, prompt_of(0, 6))
     sched.add([s])
-    drive_steps = 0
     while s.num_output_tokens < 4:
         out = sched.schedule()
         logits = runner.execute(out)
         sched.on_step_done(out)
         s.output_token_ids.append(int(logits[0].argmax()))
-        drive_steps += 1
     sched._preempt(s, type(out)())
     out = sched.schedule()
     (chunk,) = out.scheduled
