@@ -45,7 +45,7 @@ class FakeEngine:
     step_delay: float = 0.0  # seconds between steps
     fail_after_steps: int | None = None  # raise EngineError after this many steps
     # picks a token among the logit-biased ones (a biased request ignores the script)
-    choose_biased: Callable[[set[int]], int] = min
+    choose_biased: Callable[[set[int], "Call"], int] = lambda allowed, call: min(allowed)
     finish_reason_override: str | None = None  # e.g. "abort"
     refuse_with: Exception | None = None  # raised before the first await, like a refused request
     is_alive: bool = True
@@ -68,7 +68,7 @@ class FakeEngine:
         if call.params.logit_bias:
             top = max(call.params.logit_bias.values())
             allowed = {t for t, b in call.params.logit_bias.items() if b == top}
-            return [[self.choose_biased(allowed)] for _ in range(call.params.n)]
+            return [[self.choose_biased(allowed, call)] for _ in range(call.params.n)]
         return [self.tokenizer.encode(replies[i % len(replies)], allow_special=True) for i in range(call.params.n)]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):

@@ -52,7 +52,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return invalid_request("invalid request")
-    first = errors[0]
+    # With unions (content: str | list[parts]) every branch reports; the deepest error is the
+    # one that says what is actually wrong ("messages.0.content.0.type: Input should be 'text'").
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":
         return invalid_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     ctx = first.get("ctx") or {}

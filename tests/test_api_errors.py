@@ -1,0 +1,170 @@
+"""Bad requests get 4xx OpenAI error envelopes (never FastAPI's 422, never a 500), and the
+server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api_fakes import MODEL, FakeEngine, make_app, small_tokenizer
+
+HI = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_time"}}
+
+BAD_CHAT = [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    ({"messages": HI, "n": 0}, "n"),
+    ({"messages": HI, "temperature": -0.1}, "temperature"),
+    ({"messages": HI, "temperature": 2.5}, "temperature"),
+    ({"messages": HI, "top_p": 0}, "top_p"),
+    ({"messages": HI, "top_p": 1.5}, "top_p"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": HI, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": HI, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": HI, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"messages": HI, "tools": []}, "tools"),
+    ({"messages": HI, "tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+    ({"messages": HI, "tools": [TOOL, TOOL]}, "tools"),
+    ({"messages": HI, "max_tokens": -1}, "max_tokens"),
+    ({"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": HI, "max_tokens": "ten"}, "max_tokens"),
+    ({"messages": HI, "stop": [""]}, "stop"),
+    ({"messages": HI, "stop": 5}, "stop"),
+    ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": HI, "logit_bias": {"5": 200}}, "logit_bias.5"),
+    ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"messages": HI, "stop_token_ids": [999999]}, "stop_token_ids"),
+    ({"messages": HI, "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HI, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"messages": HI, "stream": "maybe"}, "stream"),
+]
+
+BAD_COMPLETIONS = [
+    ({}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [999999]}, "prompt"),
+    ({"prompt": {"text": "x"}}, "prompt"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "n": -2}, "n"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return FakeEngine(small_tokenizer(), replies=["\nok"])
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    return TestClient(make_app(engine, max_model_len=64))
+
+
+def assert_envelope(r, status: int, type_: str, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == type_ and isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+@pytest.mark.parametrize("body,param", BAD_CHAT, ids=[p + str(i) for i, (_, p) in enumerate(BAD_CHAT)])
+def test_bad_chat_request_is_400(client, engine, body, param):
+    before = len(engine.calls)
+    assert_envelope(client.post("/v1/chat/completions", json=body), 400, "invalid_request_error", param)
+    assert len(engine.calls) == before  # rejected before reaching the engine
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETIONS, ids=[p + str(i) for i, (_, p) in enumerate(BAD_COMPLETIONS)])
+def test_bad_completion_request_is_400(client, body, param):
+    assert_envelope(client.post("/v1/completions", json=body), 400, "invalid_request_error", param)
+
+
+@pytest.mark.parametrize("raw", [b'{"messages": [', b"[1, 2]", b"", b"null", b"\xff\xfe"])
+def test_malformed_json_is_400(client, raw):
+    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert_envelope(r, 400, "invalid_request_error")
+
+
+def test_server_still_healthy_after_bad_requests(client):
+    for body, _ in BAD_CHAT:
+        client.post("/v1/chat/completions", json=body)
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/chat/completions", json={"messages": HI})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
+
+
+def test_unknown_model_is_404(client):
+    err = assert_envelope(client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": HI}),
+                          404, "invalid_request_error", "model", "model_not_found")
+    assert "gpt-4" in err["message"]
+    assert_envelope(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404,
+                    "invalid_request_error", "model", "model_not_found")
+    assert client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI}).status_code == 200
+
+
+def test_context_length_exceeded(client, engine):
+    long = [{"role": "user", "content": "word " * 100}]
+    assert_envelope(client.post("/v1/chat/completions", json={"messages": long}), 400,
+                    "invalid_request_error", code="context_length_exceeded")
+    # fits alone, but not with the requested max_tokens (max_model_len is 64)
+    err = assert_envelope(client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 60}), 400,
+                          "invalid_request_error", code="context_length_exceeded")
+    assert "64" in err["message"]
+    assert_envelope(client.post("/v1/completions", json={"prompt": list(range(60)), "max_tokens": 10}), 400,
+                    "invalid_request_error", "prompt", "context_length_exceeded")
+    assert client.post("/v1/completions", json={"prompt": list(range(54)), "max_tokens": 10}).status_code == 200
+
+
+def test_unknown_route_and_wrong_method(client):
+    assert_envelope(client.get("/v1/nothing"), 404, "not_found_error")
+    assert_envelope(client.get("/v1/chat/completions"), 405, "invalid_request_error")
+
+
+def test_api_key_guards_v1_only(engine):
+    client = TestClient(make_app(engine, api_key="sekret"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+        assert_envelope(client.post("/v1/chat/completions", json={"messages": HI}, headers=headers), 401,
+                        "authentication_error")
+        assert_envelope(client.get("/v1/models", headers=headers), 401, "authentication_error")
+    # auth is checked before the body: a bad body without a key is still 401
+    assert client.post("/v1/chat/completions", json={}).status_code == 401
+    ok = {"Authorization": "Bearer sekret"}
+    assert client.post("/v1/chat/completions", json={"messages": HI}, headers=ok).status_code == 200
+    assert client.get("/v1/models", headers=ok).status_code == 200
+    for path in ("/health", "/ping", "/metrics"):
+        assert client.get(path).status_code == 200
+
+
+def test_unexpected_engine_exception_is_500_and_server_survives():
+    engine = FakeEngine(small_tokenizer(), refuse_with=RuntimeError("boom"))
+    client = TestClient(make_app(engine), raise_server_exceptions=False)
+    assert_envelope(client.post("/v1/chat/completions", json={"messages": HI}), 500, "server_error")
+    assert_envelope(client.post("/v1/completions", json={"prompt": "x"}), 500, "server_error")
+    engine.refuse_with = None
+    assert client.post("/v1/chat/completions", json={"messages": HI}).status_code == 200
+
+
+def test_engine_not_ready_is_503():
+    engine = FakeEngine(small_tokenizer(), is_alive=False)
+    r = TestClient(make_app(engine)).post("/v1/chat/completions", json={"messages": HI})
+    assert_envelope(r, 503, "service_unavailable_error")
+    assert r.headers["retry-after"]

@@ -1,0 +1,181 @@
+"""Operations routes (/v1/models, /health, /ping, /version, /tokenize, /detokenize, /metrics)
+and client disconnects aborting the engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+from fastapi.testclient import TestClient
+
+from tests.api_fakes import MODEL, FakeEngine, make_app, small_tokenizer
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_models_lists_the_served_model():
+    body = TestClient(make_app(FakeEngine(small_tokenizer()), max_model_len=1234)).get("/v1/models").json()
+    assert body["object"] == "list"
+    [card] = body["data"]
+    assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == 1234
+    assert isinstance(card["created"], int) and card["owned_by"]
+
+
+def test_health_follows_the_engine_and_ping_is_always_up():
+    engine = FakeEngine(small_tokenizer())
+    app = make_app(None, tokenizer=small_tokenizer())  # still loading
+    client = TestClient(app)
+    assert client.get("/health").status_code == 503
+    assert client.get("/ping").status_code == 200
+    app.state.serving.engine = engine  # loaded
+    assert client.get("/health").status_code == 200
+    engine.is_alive = False  # the engine loop died
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+    assert client.get("/ping").status_code == 200
+
+
+def test_version():
+    import glm4serve
+
+    assert TestClient(make_app(FakeEngine(small_tokenizer()))).get("/version").json() == {"version": glm4serve.__version__}
+
+
+def test_tokenize_and_detokenize():
+    tok = small_tokenizer()
+    client = TestClient(make_app(FakeEngine(tok), max_model_len=999))
+    body = client.post("/tokenize", json={"prompt": "hello world"}).json()
+    prefix = [tok.special_tokens["[gMASK]"], tok.special_tokens["<sop>"]]
+    assert body["tokens"] == prefix + tok.encode("hello world")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 999
+    plain = client.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+    assert plain["tokens"] == tok.encode("hello world")
+    chat = client.post("/tokenize", json={"messages": HI}).json()
+    assert tok.decode(chat["tokens"]) == "[gMASK]<sop><|user|>\nhi<|assistant|>"
+    assert client.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": "hello world"}
+    assert client.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert client.post("/tokenize", json={}).status_code == 400
+    assert client.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} missing"
+    return float(m.group(1))
+
+
+def test_metrics_names_and_movement():
+    engine = FakeEngine(small_tokenizer(), replies=["\nHello there!"])
+    client = TestClient(make_app(engine))
+    before = client.get("/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    text = before.text
+    # engine gauges and counters are read at scrape time
+    assert metric(text, "glm4serve:num_requests_running") == 3
+    assert metric(text, "glm4serve:num_requests_waiting") == 2
+    assert metric(text, "glm4serve:kv_cache_usage_perc") == 0.25
+    assert metric(text, "glm4serve:num_preemptions_total") == 4
+    assert metric(text, "glm4serve:prefix_cache_queries_total") == 50
+    assert metric(text, "glm4serve:prefix_cache_hits_total") == 20
+    for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens"):
+        assert f"# TYPE glm4serve:{h} histogram" in text
+    assert metric(text, "glm4serve:prompt_tokens_total") == 0
+    assert metric(text, "glm4serve:generation_tokens_total") == 0
+
+    client.post("/v1/chat/completions", json={"messages": HI})
+    client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, "stream": True})
+    engine.engine_stats.num_running = 7
+    text = client.get("/metrics").text
+    prompt_len = len(engine.calls[0].prompt_ids)
+    full = len(small_tokenizer().encode("\nHello there!")) + 1
+    assert metric(text, "glm4serve:prompt_tokens_total") == 2 * prompt_len
+    assert metric(text, "glm4serve:generation_tokens_total") == full + 2
+    assert metric(text, "glm4serve:request_success_total", '{finished_reason="stop"}') == 1
+    assert metric(text, "glm4serve:request_success_total", '{finished_reason="length"}') == 1
+    assert metric(text, "glm4serve:time_to_first_token_seconds_count") == 2
+    assert metric(text, "glm4serve:e2e_request_latency_seconds_count") == 2
+    assert metric(text, "glm4serve:inter_token_latency_seconds_count") == (full - 1) + 1
+    assert metric(text, "glm4serve:request_generation_tokens_sum") == full + 2
+    assert metric(text, "glm4serve:num_requests_running") == 7
+
+
+def test_two_apps_in_one_process_have_separate_metrics():
+    a, b = (TestClient(make_app(FakeEngine(small_tokenizer()))) for _ in range(2))
+    a.post("/v1/chat/completions", json={"messages": HI})
+    assert metric(a.get("/metrics").text, "glm4serve:e2e_request_latency_seconds_count") == 1
+    assert metric(b.get("/metrics").text, "glm4serve:e2e_request_latency_seconds_count") == 0
+
+
+# ---- disconnects ----------------------------------------------------------------------------
+
+
+async def call_then_disconnect(app, path: str, body: dict, hang_up_when) -> list[dict]:
+    """Drive the ASGI app directly: send `body`, report http.disconnect once
+    `hang_up_when(sent_messages)` is true; returns what the app sent."""
+    sent: list[dict] = []
+    gone = asyncio.Event()
+    incoming = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if hang_up_when(sent):
+            gone.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+             "client": ("127.0.0.1", 5), "server": ("test", 80)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return sent
+
+
+def data_events(sent) -> int:
+    return sum(m.get("body", b"").count(b"data: ") for m in sent if m["type"] == "http.response.body")
+
+
+async def test_stream_disconnect_aborts_the_engine_request():
+    engine = FakeEngine(small_tokenizer(), replies=["\n" + "word " * 200], step_delay=0.01)
+    app = make_app(engine)
+    sent = await call_then_disconnect(app, "/v1/chat/completions", {"messages": HI, "stream": True},
+                                      lambda s: data_events(s) >= 4)
+    assert data_events(sent) < 50  # stopped long before the 200-word reply was done
+    [call] = engine.calls
+    await asyncio.sleep(0.05)
+    assert engine.closed_early == [call.request_id]
+    assert call.request_id in engine.aborted
+
+
+async def test_whole_request_disconnect_message_cancels_generation():
+    engine = FakeEngine(small_tokenizer(), replies=["\n" + "word " * 200], step_delay=0.01,
+                        started=asyncio.Event())
+    app = make_app(engine)
+    sent: list[dict] = []
+    body = json.dumps({"messages": HI}).encode()
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await engine.started.wait()  # the client hangs up while the reply is being generated
+        await asyncio.sleep(0.03)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5), "server": ("test", 80)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    [call] = engine.calls
+    assert engine.closed_early == [call.request_id] and call.request_id in engine.aborted
+    assert sent[0]["status"] == 499

@@ -1,0 +1,184 @@
+"""Tool calls through /v1/chat/completions: parsed whole and streamed, forced by tool_choice."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+ASK = [{"role": "user", "content": "weather in Paris?"}]
+CALL = 'get_weather\n{"city": "Paris"}'
+
+
+def run(replies, stream=False, **body):
+    engine = FakeEngine(small_tokenizer(), replies=replies)
+    r = TestClient(make_app(engine)).post("/v1/chat/completions", json={
+        "messages": ASK, "tools": TOOLS, "stream": stream, **body})
+    assert r.status_code == 200, r.text
+    return engine, (sse_json(r.text) if stream else r.json())
+
+
+def calls_from_stream(chunks, index=0):
+    """Accumulate streamed tool calls the way the SDK's stream helper does."""
+    calls: dict[int, dict] = {}
+    content = None
+    for c in chunks:
+        for ch in c["choices"]:
+            if ch["index"] != index:
+                continue
+            delta = ch["delta"]
+            if delta.get("content"):
+                content = (content or "") + delta["content"]
+            for tc in delta.get("tool_calls", []):
+                slot = calls.setdefault(tc["index"], {"starts": 0, "name": "", "arguments": ""})
+                if "id" in tc:
+                    slot["starts"] += 1
+                    slot["id"] = tc["id"]
+                    assert tc["type"] == "function" and tc["function"]["arguments"] == ""
+                    slot["name"] += tc["function"]["name"]
+                else:
+                    assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+                    slot["arguments"] += tc["function"]["arguments"]
+    return [calls[k] for k in sorted(calls)], content
+
+
+def test_whole_tool_call():
+    engine, body = run([CALL])
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [tc] = choice["message"]["tool_calls"]
+    assert tc["type"] == "function" and tc["id"].startswith("call_")
+    assert tc["function"]["name"] == "get_weather" and json.loads(tc["function"]["arguments"]) == {"city": "Paris"}
+    params = engine.calls[0].params
+    assert params.skip_special_tokens is False  # the <|assistant|> separator must reach the parser
+    prompt = small_tokenizer().decode(engine.calls[0].prompt_ids)
+    assert prompt.startswith("[gMASK]<sop><|system|>\n") and "## get_weather" in prompt and "## get_time" in prompt
+
+
+def test_whole_two_calls_get_their_own_ids():
+    _, body = run([CALL + '<|assistant|>get_time\n{}'])
+    calls = body["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert calls[0]["id"] != calls[1]["id"]
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_stream_tool_call_sends_name_once_and_argument_fragments():
+    _, chunks = run([CALL + '<|assistant|>get_time\n{}'], stream=True)
+    calls, content = calls_from_stream(chunks)
+    assert content is None
+    assert [(c["starts"], c["name"]) for c in calls] == [(1, "get_weather"), (1, "get_time")]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris"} and json.loads(calls[1]["arguments"]) == {}
+    assert calls[0]["id"] != calls[1]["id"]
+    args_chunks = [c for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
+    assert len(args_chunks) > 3  # arguments really stream in fragments
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+
+
+def test_truncated_call_finishes_with_length():
+    n_tokens = len(small_tokenizer().encode(CALL)) - 2  # cut inside the arguments
+    _, body = run([CALL], max_tokens=n_tokens)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    [tc] = choice["message"]["tool_calls"]
+    tok = small_tokenizer()
+    partial_args = tok.decode(tok.encode(CALL)[:n_tokens]).partition("\n")[2].strip()
+    assert partial_args and partial_args != '{"city": "Paris"}'
+    assert tc["function"] == {"name": "get_weather", "arguments": partial_args}
+    _, chunks = run([CALL], stream=True, max_tokens=n_tokens)
+    calls, _ = calls_from_stream(chunks)
+    assert (calls[0]["name"], calls[0]["arguments"]) == ("get_weather", partial_args)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_plain_reply_with_tools_is_content_without_special_text():
+    _, body = run(["\nIt is<|assistant|> sunny."])
+    msg = body["choices"][0]["message"]
+    assert msg == {"role": "assistant", "content": "It is sunny.", "tool_calls": None}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    _, chunks = run(["\nIt is<|assistant|> sunny."], stream=True)
+    calls, content = calls_from_stream(chunks)
+    assert calls == [] and content == "It is sunny."
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_named_tool_choice_is_prefilled_into_the_prompt():
+    engine, body = run(['{"tz": "UTC"}'], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    tok = small_tokenizer()
+    prompt_ids = engine.calls[0].prompt_ids
+    assert tok.decode(prompt_ids).endswith("<|assistant|>get_time\n")
+    [tc] = body["choices"][0]["message"]["tool_calls"]
+    assert tc["function"]["name"] == "get_time" and json.loads(tc["function"]["arguments"]) == {"tz": "UTC"}
+    # streamed, the forced name is announced once too
+    _, chunks = run(['{"tz": "UTC"}'], stream=True, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls, content = calls_from_stream(chunks)
+    assert content is None and [(c["starts"], c["name"]) for c in calls] == [(1, "get_time")]
+    assert json.loads(calls[0]["arguments"]) == {"tz": "UTC"}
+
+
+def test_forced_call_with_broken_json_is_still_a_call():
+    _, body = run(["not json at all"], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "not json at all"}
+
+
+def test_required_with_several_tools_lets_the_model_pick_among_names_only():
+    tok = small_tokenizer()
+    for wanted in ("get_time", "get_weather"):
+        spelled = tok.encode(wanted + "\n", allow_special=False)
+
+        def prefer_wanted(allowed, call, spelled=spelled):
+            """The fake model continues spelling `wanted` after the part already in the prompt."""
+            k = max(j for j in range(len(spelled)) if j == 0 or call.prompt_ids[-j:] == spelled[:j])
+            return spelled[k] if spelled[k] in allowed else min(allowed)
+
+        engine = FakeEngine(tok, replies=['{"x": 1}'], choose_biased=prefer_wanted)
+        r = TestClient(make_app(engine)).post("/v1/chat/completions", json={
+            "messages": ASK, "tools": TOOLS, "tool_choice": "required"})
+        [tc] = r.json()["choices"][0]["message"]["tool_calls"]
+        assert tc["function"]["name"] == wanted
+        *name_steps, main = engine.calls
+        assert name_steps, "the name was chosen by the model, not by the server"
+        other = tok.encode(("get_weather" if wanted == "get_time" else "get_time") + "\n", allow_special=False)
+        base = len(main.prompt_ids) - len(spelled)
+        for step in name_steps:
+            k = len(step.prompt_ids) - base
+            # the biased tokens are exactly the continuations of the names still possible
+            expected = {s[k] for s in (spelled, other) if s[:k] == spelled[:k]}
+            assert set(step.params.logit_bias) == expected and step.params.max_tokens == 1
+        assert main.prompt_ids[-len(spelled):] == spelled and main.params.logit_bias is None
+
+
+def test_parallel_tool_calls_false_stops_at_a_second_call():
+    tok = small_tokenizer()
+    engine, body = run([CALL + '<|assistant|>get_time\n{}'], parallel_tool_calls=False)
+    params = engine.calls[0].params
+    assert tok.special_tokens["<|assistant|>"] in params.stop_token_ids
+    assert set(tok.stop_token_ids) <= set(params.stop_token_ids)
+    assert [c["function"]["name"] for c in body["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
+
+
+def test_tool_choice_none_keeps_tools_out():
+    engine, body = run([CALL], tool_choice="none")
+    assert engine.calls[0].params.skip_special_tokens is True
+    assert "get_weather" not in small_tokenizer().decode(engine.calls[0].prompt_ids)
+    assert body["choices"][0]["message"]["tool_calls"] is None
+    assert body["choices"][0]["message"]["content"] == CALL
+
+
+def test_history_with_tool_call_and_result_renders():
+    engine, _ = run(["\nSunny."], messages=ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'}])
+    prompt = small_tokenizer().decode(engine.calls[0].prompt_ids)
+    assert prompt.endswith('<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"sky": "clear"}<|assistant|>')
