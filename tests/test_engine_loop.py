@@ -211,6 +211,13 @@ def test_ignore_eos_and_explicit_stop_ids():
     assert own.token_ids == plain[:2] and own.stop_reason == plain[1] and own.text == text_of(plain[:1])
 
 
+def test_explicit_stop_ids_add_to_the_models_own():
+    engine, _, _ = make_engine(model=scripted(9, 2))
+    engine.add_request("both", prompt_of(0, 6), greedy(max_tokens=6, stop_token_ids=[61]))
+    got = run(engine)[("both", 0)]
+    assert (got.finish_reason, got.stop_reason) == ("stop", 2) and len(got.token_ids) == 4
+
+
 def test_min_tokens_holds_back_stop_ids():
     engine, _, _ = make_engine(model=lambda ctx: 2)  # a model that only wants to stop
     engine.add_request("m", prompt_of(0, 4), greedy(max_tokens=10, min_tokens=3))

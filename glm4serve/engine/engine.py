@@ -153,9 +153,9 @@ class LLMEngine:
     # --- internals ----------------------------------------------------------------------------
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        if params.stop_token_ids is not None:
-            return frozenset(params.stop_token_ids)
-        return frozenset() if params.ignore_eos else self.model_stop_ids
+        # as in vLLM: explicit stop_token_ids add to the model's own; ignore_eos drops only the latter
+        own = frozenset() if params.ignore_eos else self.model_stop_ids
+        return own | frozenset(params.stop_token_ids or ())
 
     def _sample(self, logits: torch.Tensor, targets: list[Sequence]) -> list[Sampled | None]:
         """One Sampled per target; None where that row's request failed."""

@@ -30,7 +30,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0: chosen token's logprob + k top alternatives
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None  # None: the model's own (GLM-4: its three)
+    stop_token_ids: list[int] | None = None  # extra stop ids, on top of the model's own (GLM-4: its three)
     ignore_eos: bool = False  # ignore the model's stop tokens (explicit stop_token_ids still stop)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
