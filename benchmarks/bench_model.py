@@ -30,7 +30,7 @@ def rss_mib() -> float:
 
 def bench_prefill(n: int, chunk: int):
     with tempfile.TemporaryDirectory() as d:
-        path = write_random_checkpoint(d, variant="glm", layout="hf", vocab_size=1024, hidden_size=128,
+        path = write_random_checkpoint(d, variant="glm", layout="hf", hidden_size=128,
                                        intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                                        head_dim=16, rope_theta=5e6, max_position_embeddings=131072)
         model = load_model(path, dtype=torch.float32)
@@ -42,7 +42,7 @@ def bench_prefill(n: int, chunk: int):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     base = rss_mib()
     table = list(range(nb))
-    ids = torch.randint(0, 1024, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
     for s in range(0, n, chunk):
         b = build_batch([SeqChunk(ids[s : s + chunk], s, table)], block)

@@ -36,7 +36,7 @@ class ModelRunner:
             return torch.empty(0, self.vocab_limit)
         chunks = [
             SeqChunk(
-                token_ids=s.seq.all_token_ids[s.start : s.start + s.num_tokens],
+                token_ids=s.token_ids,
                 start=s.start,
                 block_table=s.seq.block_table,
                 want_logits=bool(s.sample_for),
