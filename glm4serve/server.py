@@ -72,14 +72,33 @@ def kv_budget(settings: ServerSettings, device: str) -> int:
     return DEFAULT_CPU_KV_BYTES
 
 
+def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu") -> LLMEngine:
+    """The synchronous engine over a checkpoint directory (benchmarks and tests use it directly)."""
+    model = load_model(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(path)
+    cfg = model.cfg
+    dtype = next(model.parameters()).dtype
+    num_blocks = num_blocks_for(cfg, engine_cfg.kv_cache_config(), dtype)
+    capacity = num_blocks * engine_cfg.block_size
+    if engine_cfg.max_model_len and engine_cfg.max_model_len > capacity:
+        raise ValueError(f"max_model_len {engine_cfg.max_model_len} needs more KV cache than the budget holds "
+                         f"({capacity} tokens): raise kv_cache_memory or lower max_model_len")
+    sched_cfg = engine_cfg.scheduler_config(cfg.max_position_embeddings, num_blocks)
+    if sched_cfg.max_model_len < cfg.max_position_embeddings:
+        log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
+                    sched_cfg.max_model_len, cfg.max_position_embeddings)
+    kv = KVCache(cfg, num_blocks, engine_cfg.block_size, dtype, device)
+    log.info("model %s (%s, %s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)",
+             path, cfg.variant, dtype, device, num_blocks, engine_cfg.block_size, kv.nbytes / 2**30)
+    runner = ModelRunner(model, kv, vocab_limit=tokenizer.vocab_size)
+    return LLMEngine(runner, tokenizer, sched_cfg, BlockPool(num_blocks, engine_cfg.block_size),
+                     tokenizer.stop_token_ids, vocab_size=tokenizer.vocab_size)
+
+
 def build_engine(settings: ServerSettings):
     """-> (AsyncEngine started, Tokenizer, served model name, max_model_len)"""
     path = resolve_model(settings.model)
     device = pick_device(settings.device)
-    model = load_model(path, dtype=settings.dtype, device=device)
-    tokenizer = Tokenizer.from_dir(path)
-    cfg = model.cfg
-    dtype = next(model.parameters()).dtype
     engine_cfg = EngineConfig(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -87,22 +106,8 @@ def build_engine(settings: ServerSettings):
         block_size=settings.block_size,
         kv_cache_memory_bytes=kv_budget(settings, device),
     )
-    num_blocks = num_blocks_for(cfg, engine_cfg.kv_cache_config(), dtype)
-    capacity = num_blocks * settings.block_size
-    if settings.max_model_len and settings.max_model_len > capacity:
-        raise ValueError(f"max_model_len {settings.max_model_len} needs more KV cache than the budget holds "
-                         f"({capacity} tokens): raise kv_cache_memory or lower max_model_len")
-    sched_cfg = engine_cfg.scheduler_config(cfg.max_position_embeddings, num_blocks)
-    if sched_cfg.max_model_len < cfg.max_position_embeddings:
-        log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
-                    sched_cfg.max_model_len, cfg.max_position_embeddings)
-    kv = KVCache(cfg, num_blocks, settings.block_size, dtype, device)
-    log.info("model %s (%s, %s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)",
-             path, cfg.variant, dtype, device, num_blocks, settings.block_size, kv.nbytes / 2**30)
-    runner = ModelRunner(model, kv, vocab_limit=tokenizer.vocab_size)
-    llm = LLMEngine(runner, tokenizer, sched_cfg, BlockPool(num_blocks, settings.block_size),
-                    tokenizer.stop_token_ids, vocab_size=tokenizer.vocab_size)
+    llm = build_llm_engine(path, engine_cfg, settings.dtype, device)
     engine = AsyncEngine(llm)
     engine.start()
     name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
-    return engine, tokenizer, name, sched_cfg.max_model_len
+    return engine, llm.tokenizer, name, llm.max_model_len
