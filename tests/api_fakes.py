@@ -77,8 +77,8 @@ class FakeEngine:
         if self.refuse_with is not None:
             raise self.refuse_with
         scripts = self._script(call)
-        stops = set(params.stop_token_ids or [])
-        if not params.ignore_eos and params.stop_token_ids is None:
+        stops = set(params.stop_token_ids or [])  # extra stop ids, on top of the model's own
+        if not params.ignore_eos:
             stops |= set(self.tokenizer.stop_token_ids)
         emitted = [[] for _ in scripts]  # token ids so far per choice
         sent_text = ["" for _ in scripts]

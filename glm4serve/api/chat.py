@@ -88,10 +88,9 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     if req.tools_active:
         params.skip_special_tokens = False
         if req.parallel_tool_calls is False:
-            # Another `<|assistant|>` would start a second call: make it a stop token.
-            base = params.stop_token_ids if params.stop_token_ids is not None else (
-                [] if params.ignore_eos else list(ctx.tokenizer.stop_token_ids))
-            params.stop_token_ids = base + ctx.tokenizer.encode(CALL_SEPARATOR, allow_special=True)
+            # Another `<|assistant|>` would start a second call: make it a stop token too.
+            separator = ctx.tokenizer.encode(CALL_SEPARATOR, allow_special=True)
+            params.stop_token_ids = (params.stop_token_ids or []) + separator
     if req.tool_choice == "required" and forced is None:
         name, ids = await choose_tool_name(ctx, prompt_ids, req.tool_names, params, request_id)
         prompt_ids += ids

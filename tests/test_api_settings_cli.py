@@ -1,0 +1,125 @@
+"""ServerSettings precedence (CLI > env > YAML > defaults) and the `glm4serve` command line."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from glm4serve import cli
+from glm4serve.api.settings import ServerSettings, parse_bytes
+from tests.api_fakes import FakeEngine, small_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("GLM4SERVE_"):
+            monkeypatch.delenv(key)
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults():
+    s = ServerSettings()
+    assert (s.model, s.host, s.port, s.dtype, s.device, s.api_key) == (None, "127.0.0.1", 8000, "auto", "auto", None)
+    assert s.max_model_len is None and s.kv_cache_memory is None
+
+
+def test_precedence_cli_over_env_over_yaml_over_defaults(tmp_path, monkeypatch):
+    path = write_yaml(tmp_path, "port: 9000\nhost: 0.0.0.0\nblock_size: 32\n")
+    assert ServerSettings(config=path).port == 9000  # YAML over default
+    monkeypatch.setenv("GLM4SERVE_PORT", "9100")
+    s = ServerSettings(config=path)
+    assert (s.port, s.host, s.block_size, s.max_num_seqs) == (9100, "0.0.0.0", 32, ServerSettings().max_num_seqs)
+    assert ServerSettings(config=path, port=9200).port == 9200  # CLI over env
+    monkeypatch.setenv("GLM4SERVE_CONFIG", path)  # the YAML path itself may come from the env
+    assert ServerSettings().block_size == 32
+
+
+def test_memory_sizes():
+    assert parse_bytes("2GiB") == 2 * 1024**3
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    assert parse_bytes("512MiB") == 512 * 1024**2
+    assert parse_bytes(4096) == 4096
+    assert ServerSettings(kv_cache_memory="1KiB").kv_cache_memory == 1024
+    for bad in ("lots", "-1GiB", "0", "2 parsecs"):
+        with pytest.raises(ValidationError):
+            ServerSettings(kv_cache_memory=bad)
+
+
+def test_bad_settings_are_rejected(tmp_path):
+    with pytest.raises(ValidationError):
+        ServerSettings(config=write_yaml(tmp_path, "no_such_key: 1\n"))
+    with pytest.raises(ValidationError):
+        ServerSettings(dtype="int4")
+    with pytest.raises(FileNotFoundError):
+        ServerSettings(config=str(tmp_path / "missing.yaml"))
+
+
+def test_demo_config_loads():
+    s = ServerSettings(config=str(REPO / "configs" / "demo.yaml"))
+    assert s.model is None and s.kv_cache_memory == 1024**3 and s.max_model_len == 8192
+
+
+def test_cli_flags_only_override_what_they_name(tmp_path, monkeypatch):
+    path = write_yaml(tmp_path, "port: 9000\nmax_num_seqs: 3\n")
+    monkeypatch.setenv("GLM4SERVE_HOST", "0.0.0.0")
+    args = cli.build_parser().parse_args(["serve", "--config", path, "--port", "7000", "--kv-cache-memory", "2GiB",
+                                          "--max-model-len", "512", "--served-model-name", "glm"])
+    s = cli.settings_from_args(args)
+    assert (s.port, s.max_num_seqs, s.host) == (7000, 3, "0.0.0.0")
+    assert (s.kv_cache_memory, s.max_model_len, s.served_model_name) == (2 * 1024**3, 512, "glm")
+
+
+def test_make_model_is_delegated_untouched(monkeypatch):
+    seen = []
+    fake = types.ModuleType("glm4serve.model.random_checkpoint")
+    fake.make_model_main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "glm4serve.model.random_checkpoint", fake)
+    assert cli.main(["make-model", "out", "--layers", "1", "--help-me"]) == 0
+    assert seen == [["out", "--layers", "1", "--help-me"]]
+
+
+def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
+    engine = FakeEngine(small_tokenizer())
+    shut = []
+    engine.shutdown = lambda: shut.append(True)  # type: ignore[attr-defined]
+    built = []
+    fake_server = types.ModuleType("glm4serve.server")
+
+    def build_engine(settings):
+        built.append(settings)
+        return engine, engine.tokenizer, "served-name", 321
+
+    fake_server.build_engine = build_engine
+    monkeypatch.setitem(sys.modules, "glm4serve.server", fake_server)
+    ran = {}
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    assert cli.main(["serve", "--port", "8123", "--host", "0.0.0.0", "--api-key", "k"]) == 0
+    assert built[0].port == 8123 and built[0].api_key == "k"
+    assert (ran["host"], ran["port"]) == ("0.0.0.0", 8123)
+    client = TestClient(ran["app"])
+    models = client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
+    assert models["data"][0]["id"] == "served-name" and models["data"][0]["max_model_len"] == 321
+    assert shut == [True]  # the engine loop is stopped when the server returns
+
+
+def test_serve_with_invalid_setting_exits_with_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--dtype", "int4"])
+    assert exc.value.code == 2 and "dtype" in capsys.readouterr().err
