@@ -113,7 +113,8 @@ class FakeEngine:
                         reason = self.finish_reason_override or reason
                     logprobs = None
                     if params.logprobs is not None:
-                        top = [((token + k) % self.tokenizer.vocab_size, -0.25 * (k + 1)) for k in range(params.logprobs)]
+                        vocab = self.tokenizer.vocab_size
+                        top = [((token + k) % vocab, -0.25 * (k + 1)) for k in range(params.logprobs)]
                         logprobs = [TokenLogprob(token, -0.5 - 0.01 * pos, top)]
                     yield Output(call.request_id, i, [token], delta, logprobs, reason,
                                  token if reason == STOP else None, len(prompt_ids), len(emitted[i]))

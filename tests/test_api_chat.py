@@ -63,7 +63,8 @@ def test_stream_include_usage_adds_final_usage_chunk(engine):
         "messages": USER_HI, "stream": True, "stream_options": {"include_usage": True}})
     chunks = sse_json(r.text)
     *content, last = chunks
-    assert last["choices"] == [] and last["usage"]["completion_tokens"] == len(small_tokenizer().encode("\nHello there!")) + 1
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == len(small_tokenizer().encode("\nHello there!")) + 1
     assert last["usage"]["prompt_tokens"] == len(engine.calls[0].prompt_ids)
     assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
     assert all(c["usage"] is None for c in content)
@@ -154,7 +155,8 @@ def test_content_parts_and_developer_role_render_as_text(engine):
 
 def test_keepalive_is_an_sse_comment():
     engine = FakeEngine(small_tokenizer(), replies=["\nHi!"], step_delay=0.15)
-    r = client_for(engine, sse_ping_seconds=0.05).post("/v1/chat/completions", json={"messages": USER_HI, "stream": True})
+    client = client_for(engine, sse_ping_seconds=0.05)
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": True})
     events = sse_events(r.text)
     assert ": ping" in events
     assert all(e == ": ping" or e.startswith("data: ") for e in events)

@@ -81,7 +81,8 @@ def test_stream_chunks_and_usage():
     r = post(engine, prompt="Write:", stream=True, n=2, stream_options={"include_usage": True})
     chunks = sse_json(r.text)
     *body, last = chunks
-    assert last["choices"] == [] and last["usage"]["completion_tokens"] == sum(len(small_tokenizer().encode(r)) + 1 for r in (REPLY, " x"))
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == sum(len(small_tokenizer().encode(r)) + 1 for r in (REPLY, " x"))
     for i, expected in enumerate([REPLY, " x"]):
         mine = [c["choices"][0] for c in body if c["choices"][0]["index"] == i]
         assert "".join(ch["text"] for ch in mine) == expected
@@ -99,5 +100,6 @@ def test_stream_echo_comes_first():
 
 def test_max_tokens_null_means_rest_of_context():
     engine = FakeEngine(small_tokenizer(), replies=[REPLY])
-    TestClient(make_app(engine, max_model_len=64)).post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": None})
+    client = TestClient(make_app(engine, max_model_len=64))
+    client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": None})
     assert engine.calls[0].params.max_tokens == 61

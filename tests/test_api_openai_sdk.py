@@ -59,7 +59,8 @@ def client(base_url):
 def test_chat_whole(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content == "Hello there!"
-    assert r.choices[0].finish_reason == "stop" and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
 def test_chat_stream_with_usage(client):

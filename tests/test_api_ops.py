@@ -39,7 +39,8 @@ def test_health_follows_the_engine_and_ping_is_always_up():
 def test_version():
     import glm4serve
 
-    assert TestClient(make_app(FakeEngine(small_tokenizer()))).get("/version").json() == {"version": glm4serve.__version__}
+    client = TestClient(make_app(FakeEngine(small_tokenizer())))
+    assert client.get("/version").json() == {"version": glm4serve.__version__}
 
 
 def test_tokenize_and_detokenize():

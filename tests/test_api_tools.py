@@ -177,7 +177,8 @@ def test_tool_choice_none_keeps_tools_out():
 def test_history_with_tool_call_and_result_renders():
     engine, _ = run(["\nSunny."], messages=ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'}])
     prompt = small_tokenizer().decode(engine.calls[0].prompt_ids)
     assert prompt.endswith('<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"sky": "clear"}<|assistant|>')

@@ -8,7 +8,7 @@ import secrets
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from glm4serve import __version__
 from glm4serve.chat.template import TemplateError, render_prompt
