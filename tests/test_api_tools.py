@@ -124,6 +124,16 @@ def test_named_tool_choice_is_prefilled_into_the_prompt():
     assert json.loads(calls[0]["arguments"]) == {"tz": "UTC"}
 
 
+def test_forced_call_with_no_argument_text_is_still_announced():
+    forced = {"type": "function", "function": {"name": "get_time"}}
+    _, body = run([""], tool_choice=forced)
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    _, chunks = run([""], stream=True, tool_choice=forced)
+    calls, _ = calls_from_stream(chunks)
+    assert [(c["starts"], c["name"]) for c in calls] == [(1, "get_time")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_forced_call_with_broken_json_is_still_a_call():
     _, body = run(["not json at all"], tool_choice={"type": "function", "function": {"name": "get_time"}})
     choice = body["choices"][0]

@@ -134,7 +134,9 @@ class ChoiceStream:
         """Deltas still held back, and the finish_reason to send."""
         if self.parser is None:
             return [], reason
-        deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
+        # A forced call whose reply produced no text still has its name to announce.
+        deltas = self.feed("") if self._prefix else []
+        deltas += self._deltas(self.parser.finish(truncated=reason == LENGTH))
         return deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
 
     def _deltas(self, events) -> list[dict]:
