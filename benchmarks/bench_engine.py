@@ -1,0 +1,175 @@
+"""Engine benchmarks (issue: inference engine), every figure a ratio measured in the same run.
+
+GLM-4-shaped random checkpoint, float32, full 151,552-token vocabulary, hidden 512, 4 layers;
+prompt 32 tokens, 128 new tokens (greedy, ignore_eos), 2 threads.
+
+1. single stream: our engine's tokens/s vs transformers generate(); fraction of the roofline
+   (weight bytes read per token / measured memory read bandwidth).
+2. 32 concurrent requests: our aggregate tokens/s vs transformers generate() on a static batch of 32.
+3. time to first token of a 4K-token prompt while 16 other requests decode, and the decode stall
+   it causes (the 16 decoders' longest gap between tokens vs their median gap).
+
+    .venv/bin/python benchmarks/bench_engine.py [--new-tokens 128] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from glm4serve.engine.engine import EngineConfig, LLMEngine
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model.random_checkpoint import write_random_checkpoint
+from glm4serve.server import build_llm_engine
+
+SHAPE = dict(variant="glm", layout="hf", vocab_size=151552, hidden_size=512, intermediate_size=1536,
+             num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=5e6)
+
+
+def read_bandwidth_gbs() -> float:
+    """Best of several full reads of a 1 GiB fp32 tensor."""
+    x = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(engine: LLMEngine) -> int:
+    """Every weight is read once per decode step except the embedding (one row)."""
+    model = engine.runner.model
+    total = 0
+    for name, mod in model.named_modules():
+        if name == "embed":
+            continue
+        for p in mod.parameters(recurse=False):
+            total += p.numel() * p.element_size()
+        packed = getattr(mod, "packed", None)
+        if packed is not None:
+            total += mod.in_features * mod.out_features * 4 + (0 if mod.bias is None else mod.bias.numel() * 4)
+    return total
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2000, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def run_engine(engine: LLMEngine, batch: list[list[int]], new_tokens: int) -> float:
+    """Wall time for every request to produce new_tokens tokens."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(batch):
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", p, params)
+    n = 0
+    while engine.has_work:
+        n += sum(len(o.token_ids) for o in engine.step())
+    dt = time.perf_counter() - t0
+    assert n == len(batch) * new_tokens, n
+    return dt
+
+
+def run_hf(model, batch: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(batch)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        dt = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return dt
+
+
+def ttft_under_load(engine: LLMEngine, long_len: int, decoders: int) -> None:
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts(decoders, 32, seed=7)):
+        engine.add_request(f"bg{i}", p, params)
+    last_seen: dict[str, float] = {}
+    gaps_before: list[float] = []
+    for _ in range(10):  # warm: every decoder past its prefill
+        now_outs = engine.step()
+        now = time.perf_counter()
+        for o in now_outs:
+            if o.request_id in last_seen:
+                gaps_before.append(now - last_seen[o.request_id])
+            last_seen[o.request_id] = now
+    t0 = time.perf_counter()
+    engine.add_request("long", prompts(1, long_len, seed=8)[0], SamplingParams(max_tokens=1, temperature=0.0))
+    ttft = None
+    gaps_during: list[float] = []
+    steps = 0
+    while ttft is None:
+        outs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id == "long":
+                ttft = now - t0
+            else:
+                gaps_during.append(now - last_seen[o.request_id])
+                last_seen[o.request_id] = now
+    for i in range(decoders):
+        engine.abort(f"bg{i}")
+    while engine.has_work:
+        engine.step()
+    med = statistics.median(gaps_before)
+    print(f"TTFT of a {long_len}-token prompt with {decoders} requests decoding: {ttft * 1e3:.0f} ms "
+          f"over {steps} steps; decoders' token gap: median {med * 1e3:.1f} ms before, "
+          f"max {max(gaps_during) * 1e3:.1f} ms / median {statistics.median(gaps_during) * 1e3:.1f} ms during "
+          f"(stall {max(gaps_during) / med:.1f}x the usual gap)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    bw = read_bandwidth_gbs()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory read bandwidth {bw:.1f} GB/s")
+    with tempfile.TemporaryDirectory() as d:
+        path = write_random_checkpoint(d, **SHAPE)
+        engine = build_llm_engine(path, EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048,
+                                                     kv_cache_memory_bytes=1 << 30), dtype="float32")
+        hf = None
+        if not a.skip_hf:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    wbytes = weight_bytes_per_token(engine)
+    roof = bw * 1e9 / wbytes
+    print(f"weights read per decoded token: {wbytes / 1e6:.0f} MB -> roofline {roof:.0f} tokens/s")
+
+    one = prompts(1, a.prompt_tokens)
+    run_engine(engine, one, 8)  # warm-up
+    dt = run_engine(engine, one, a.new_tokens)
+    ours1 = a.new_tokens / dt
+    line = f"single stream: ours {ours1:.1f} tokens/s ({ours1 / roof:.0%} of roofline)"
+    if hf is not None:
+        run_hf(hf, one, 4)
+        ref1 = a.new_tokens / run_hf(hf, one, a.new_tokens)
+        line += f", transformers generate() {ref1:.1f} tokens/s, ratio {ours1 / ref1:.2f}x"
+    print(line)
+
+    many = prompts(a.batch, a.prompt_tokens, seed=1)
+    dt = run_engine(engine, many, a.new_tokens)
+    oursb = a.batch * a.new_tokens / dt
+    line = f"{a.batch} concurrent: ours {oursb:.0f} tokens/s aggregate"
+    if hf is not None:
+        refb = a.batch * a.new_tokens / run_hf(hf, many, a.new_tokens)
+        line += f", transformers generate() static batch {refb:.0f} tokens/s, ratio {oursb / refb:.2f}x"
+    print(line)
+
+    ttft_under_load(engine, 4096, 16)
+
+
+if __name__ == "__main__":
+    main()
