@@ -1,0 +1,206 @@
+"""End to end: the real server (uvicorn subprocess, our engine, a random GLM-4 checkpoint) driven by
+the official openai client with strict response validation, and by raw HTTP for the wire format."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_proc import ServerProcess
+from steering import write_steered_checkpoint
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}]
+
+
+@pytest.fixture(scope="module")
+def server(make_checkpoint):
+    s = ServerProcess(make_checkpoint("glm", "hf", "wide"), "--served-model-name", "glm4-test").wait_healthy()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory):
+    path = write_steered_checkpoint(tmp_path_factory.mktemp("steered"),
+                                    ["<|assistant|>", 'get_weather\n{"city": "北京"}', "<|observation|>"])
+    s = ServerProcess(path, "--served-model-name", "glm4-steered").wait_healthy()
+    yield s
+    s.stop()
+
+
+def client(s: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, _strict_response_validation=True)
+
+
+def wait_idle(s: ServerProcess, timeout=20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = s.metrics()
+        if m["glm4serve:num_requests_running"] == 0 and m["glm4serve:kv_cache_usage_perc"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not idle: {m}")
+        time.sleep(0.1)
+
+
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something, 你好"}]
+
+
+def test_models_health_ping(server):
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == ["glm4-test"]
+    raw = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert raw["max_model_len"] == 131072 or raw["max_model_len"] > 0
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ping").status_code == 200
+
+
+def test_chat_stream_and_whole_give_the_same_text_at_temperature_0(server):
+    c = client(server)
+    whole = c.chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=24, temperature=0)
+    assert whole.choices[0].finish_reason in ("length", "stop")
+    pieces, finish, usage = [], None, None
+    stream = c.chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+            continue
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens and usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_n2_seeded_and_logprobs(server):
+    c = client(server)
+    r = c.chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=8, n=2, temperature=1.0, seed=3,
+                                  logprobs=True, top_logprobs=3)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == sum(len(ch.logprobs.content) for ch in r.choices)
+    for ch in r.choices:
+        for lp in ch.logprobs.content:
+            assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+            assert [t.logprob for t in lp.top_logprobs] == sorted((t.logprob for t in lp.top_logprobs), reverse=True)
+    again = c.chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=8, n=2, temperature=1.0, seed=3)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in r.choices]
+
+
+def test_stop_string_cuts_the_reply(server):
+    c = client(server)
+    full = c.completions.create(model="glm4-test", prompt="Once upon a time", max_tokens=24, temperature=0).choices[0]
+    text = full.text
+    words = [w for w in text.split() if len(w) >= 2 and text.index(w) > 0]
+    if not words:
+        pytest.fail(f"no usable stop string in {text!r}")
+    stop = words[0]
+    cut = c.completions.create(model="glm4-test", prompt="Once upon a time", max_tokens=24, temperature=0,
+                               stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+
+
+def test_completions_text_and_token_ids(server):
+    c = client(server)
+    tok = httpx.post(server.url + "/tokenize", json={"model": "glm4-test", "prompt": "Hello there"}).json()
+    ids = tok["tokens"]
+    back = httpx.post(server.url + "/detokenize", json={"model": "glm4-test", "tokens": ids}).json()
+    assert back["prompt"].endswith("Hello there")
+    by_text = c.completions.create(model="glm4-test", prompt="Hello there", max_tokens=6, temperature=0)
+    by_ids = c.completions.create(model="glm4-test", prompt=ids, max_tokens=6, temperature=0)
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.usage.prompt_tokens == len(ids)
+
+
+def test_metrics_move_after_requests(server):
+    before = server.metrics()
+    client(server).chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=5, temperature=0)
+    after = wait_idle(server)
+    assert after["glm4serve:prompt_tokens_total"] > before["glm4serve:prompt_tokens_total"]
+    assert after["glm4serve:generation_tokens_total"] >= before["glm4serve:generation_tokens_total"] + 5
+    assert after["glm4serve:e2e_request_latency_seconds_count"] > before["glm4serve:e2e_request_latency_seconds_count"]
+
+
+def test_disconnect_mid_stream_frees_the_kv_blocks(server):
+    body = {"model": "glm4-test", "messages": MSGS, "max_tokens": 5000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()  # kept alive: closing this iterator would close the connection
+        seen = 0
+        while seen < 5:
+            seen += next(lines).startswith("data: ")
+        m = server.metrics()
+        assert m["glm4serve:num_requests_running"] == 1 and m["glm4serve:kv_cache_usage_perc"] > 0, m
+    wait_idle(server)  # the engine aborted the request and took its blocks back
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_healthy(server):
+    bad = [
+        b"{not json",
+        {"model": "glm4-test"},
+        {"model": "glm4-test", "messages": []},
+        {"model": "glm4-test", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "glm4-test", "messages": MSGS, "max_tokens": -1},
+        {"model": "glm4-test", "messages": MSGS, "temperature": -0.5},
+        {"model": "glm4-test", "messages": MSGS, "tool_choice": "auto"},
+        {"model": "glm4-test", "messages": MSGS, "n": 0},
+        {"model": "glm4-test", "messages": MSGS, "max_tokens": 10_000_000},
+        {"model": "nope", "messages": MSGS},
+    ]
+    for body in bad:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(server.url + "/v1/chat/completions", headers={"content-type": "application/json"}, **kw)
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+        assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    assert httpx.get(server.url + "/health").status_code == 200
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=10_000_000)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_steered_tool_call_whole(steered):
+    r = client(steered).chat.completions.create(
+        model="glm4-steered", messages=[{"role": "user", "content": "Weather in Beijing?"}], tools=TOOLS,
+        temperature=0, max_tokens=40)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    (call,) = ch.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+
+
+def test_steered_tool_call_through_the_sdk_stream_helper(steered):
+    with client(steered).chat.completions.stream(
+        model="glm4-steered", messages=[{"role": "user", "content": "Weather in Beijing?"}], tools=TOOLS,
+        temperature=0, max_tokens=40,
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    ch = final.choices[0]
+    assert ch.finish_reason == "tool_calls"
+    (call,) = ch.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+
+
+def test_steered_reply_without_tools_is_plain_text_and_a_cut_call_is_length(steered):
+    c = client(steered)
+    plain = c.chat.completions.create(model="glm4-steered", messages=[{"role": "user", "content": "hi"}],
+                                      temperature=0, max_tokens=40).choices[0]
+    assert plain.finish_reason == "stop" and plain.message.content == 'get_weather\n{"city": "北京"}'
+    cut = c.chat.completions.create(model="glm4-steered", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
+                                    temperature=0, max_tokens=5).choices[0]
+    assert cut.finish_reason == "length"
