@@ -1,0 +1,83 @@
+"""The engine benchmark through the HTTP server: the same checkpoint and workload as
+bench_engine.py, sent as streaming /v1/completions requests to a real `glm4serve serve` process,
+against transformers generate() measured in the same run.
+
+    .venv/bin/python benchmarks/bench_http.py [--new-tokens 128] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench_engine import SHAPE, prompts, run_hf  # noqa: E402
+from server_proc import ServerProcess  # noqa: E402
+
+from glm4serve.model.random_checkpoint import write_random_checkpoint  # noqa: E402
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> int:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    tokens = usage["completion_tokens"]
+    return tokens
+
+
+async def run_http(url: str, batch: list[list[int]], new_tokens: int) -> float:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(batch) + 4)) as client:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one_stream(client, url, p, new_tokens) for p in batch))
+        dt = time.perf_counter() - t0
+    assert got == [new_tokens] * len(batch), got
+    return dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as d:
+        path = write_random_checkpoint(d, **SHAPE)
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        server = ServerProcess(Path(d), "--served-model-name", "bench", "--max-num-seqs", "64",
+                               "--kv-cache-memory", "1GiB").wait_healthy()
+        try:
+            one = prompts(1, a.prompt_tokens)
+            many = prompts(a.batch, a.prompt_tokens, seed=1)
+            asyncio.run(run_http(server.url, one, 8))  # warm-up
+            ours1 = a.new_tokens / asyncio.run(run_http(server.url, one, a.new_tokens))
+            oursb = a.batch * a.new_tokens / asyncio.run(run_http(server.url, many, a.new_tokens))
+        finally:
+            server.stop()
+    run_hf(hf, one, 4)
+    ref1 = a.new_tokens / run_hf(hf, one, a.new_tokens)
+    refb = a.batch * a.new_tokens / run_hf(hf, many, a.new_tokens)
+    print(f"HTTP single stream: ours {ours1:.1f} tokens/s, transformers generate() {ref1:.1f} tokens/s, "
+          f"ratio {ours1 / ref1:.2f}x")
+    print(f"HTTP {a.batch} concurrent streams: ours {oursb:.0f} tokens/s aggregate, transformers generate() "
+          f"static batch {refb:.0f} tokens/s, ratio {oursb / refb:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
