@@ -71,3 +71,32 @@ def test_tiny_pool_and_small_budget_give_the_same_greedy_tokens(make_checkpoint)
     assert min(r1.min_gap, r2.min_gap) > 1e-4, "a near tie: pick another seed"
     assert tight == roomy
     assert roomy[("n3", 0)] == roomy[("n3", 1)] == roomy[("n3", 2)]
+
+
+def test_eight_prompts_together_equal_one_at_a_time(make_checkpoint):
+    path = make_checkpoint("glm4", "hf", "wide")
+    model = load_model(path, dtype="float32")
+    tokenizer = Tokenizer.from_dir(path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, tokenizer.vocab_size, (n,), generator=g).tolist() for n in (3, 40, 7, 19, 1, 25, 11, 60)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    together, _, r = run_engine(model, tokenizer, requests, num_blocks=128, block_size=16, budget=64, max_model_len=128)
+    alone = {}
+    for req in requests:
+        alone.update(run_engine(model, tokenizer, [req], num_blocks=128, block_size=16, budget=64, max_model_len=128)[0])
+    assert r.min_gap > 1e-4, "a near tie: pick another seed"
+    assert together == alone
+
+
+def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(make_checkpoint):
+    path = make_checkpoint("glm", "hf", "wide")
+    model = load_model(path, dtype="float32")
+    tokenizer = Tokenizer.from_dir(path)
+    seeded = ("s", [5, 6, 7, 8, 9], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True))
+    alone, _, _ = run_engine(model, tokenizer, [seeded], num_blocks=128, block_size=16, budget=64, max_model_len=128)
+    others = [(f"o{i}", [20 + i] * (3 + 5 * i), SamplingParams(max_tokens=5 + i, temperature=0.7, ignore_eos=True))
+              for i in range(5)]
+    crowded, _, _ = run_engine(model, tokenizer, others[:2] + [seeded] + others[2:], num_blocks=128, block_size=16,
+                               budget=24, max_model_len=128)
+    assert crowded[("s", 0)] == alone[("s", 0)]
