@@ -21,6 +21,7 @@ before the forward.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -210,6 +211,8 @@ class Scheduler:
             if self.pool.blocks_needed(n) > self.pool.num_free:
                 break
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(seq, n, taken, out)

@@ -37,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # set by the scheduler's first admission of it
     # per-choice sampling state: it survives preemption, unlike the KV blocks
     generator: torch.Generator | None = None
     stop_token_ids: frozenset[int] = frozenset()
