@@ -25,6 +25,19 @@ _SERVE_OPTIONS = [
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "most tokens in one engine step"),
     ("--sse-ping-seconds", "sse_ping_seconds", float, "keep-alive comment interval on streams (0 = off)"),
     ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", float, "time in-flight requests get on SIGTERM"),
+    ("--max-waiting-requests", "max_waiting_requests", int,
+     "requests that may queue beyond the running batch; more get 429 (default 256)"),
+    ("--request-timeout-seconds", "request_timeout_seconds", float,
+     "stop a request after this long (408, or an error event when streaming; default: no limit)"),
+    ("--max-request-body-bytes", "max_request_body_bytes", str, "largest request body, bytes or like 16MiB (413)"),
+    ("--max-messages", "max_messages", int, "most messages in one chat request"),
+    ("--max-n", "max_n", int, "most choices (n) in one request"),
+    ("--max-prompts", "max_prompts", int, "most prompts in one /v1/completions request"),
+    ("--max-tokens-limit", "max_tokens_limit", int, "cap on max_tokens (default: the context length)"),
+    ("--max-tools", "max_tools", int, "most tools in one chat request"),
+    ("--max-stop", "max_stop", int, "most stop strings in one request"),
+    ("--cors-allowed-origins", "cors_allowed_origins", str,
+     "comma-separated origins allowed by CORS, or '*' (default: CORS off)"),
     ("--config", "config", str, "YAML file with any of these settings (CLI > env > YAML > defaults)"),
 ]
 
@@ -51,16 +64,14 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def serve(settings, log_level: str = "info") -> None:
-    import uvicorn
-
     from glm4serve.api.app import create_app
+    from glm4serve.api.shutdown import run_server
     from glm4serve.server import build_engine  # lazy: loads torch and the model
 
     engine, tokenizer, model_name, max_model_len = build_engine(settings)
     app = create_app(engine, tokenizer, settings, model_name, max_model_len)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                    timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+        run_server(app, settings, log_level)  # returns after SIGTERM and the drain
     finally:
         shutdown = getattr(engine, "shutdown", None)
         if shutdown is not None:

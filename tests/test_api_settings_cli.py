@@ -109,7 +109,9 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
     ran = {}
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    # serve() runs uvicorn's Server (with the drain on SIGTERM, api/shutdown.py)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.update(
+        app=self.config.app, host=self.config.host, port=self.config.port))
     assert cli.main(["serve", "--port", "8123", "--host", "0.0.0.0", "--api-key", "k"]) == 0
     assert built[0].port == 8123 and built[0].api_key == "k"
     assert (ran["host"], ran["port"]) == ("0.0.0.0", 8123)

@@ -8,6 +8,7 @@ import secrets
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from glm4serve import __version__
@@ -16,6 +17,8 @@ from glm4serve.chat.template import TemplateError, render_prompt
 from .chat import chat_completions
 from .completions import prompt_prefix_ids, completions
 from .errors import APIError, install_error_handlers, invalid_request
+from .gate import Gate, GateMiddleware
+from .limits import check_chat_limits, check_completion_limits
 from .metrics import CONTENT_TYPE, Metrics
 from .responses import ModelCard, ModelList
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -34,15 +37,23 @@ def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name
                          max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx)))
     app.state.serving = ctx
     install_error_handlers(app)
+    gate = Gate.from_settings(settings)
+    app.state.gate = gate  # the server's SIGTERM handler sets gate.draining
+    app.add_middleware(GateMiddleware, gate=gate, metrics=ctx.metrics)
+    if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
+                           allow_methods=["*"], allow_headers=["*"])
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(settings.api_key))])
 
     @v1.post("/chat/completions")
     async def _chat(body: ChatCompletionRequest, request: Request):
+        check_chat_limits(body, settings)
         return await chat_completions(ctx, body, request)
 
     @v1.post("/completions")
     async def _completions(body: CompletionRequest, request: Request):
+        check_completion_limits(body, settings)
         return await completions(ctx, body, request)
 
     @v1.get("/models")
@@ -54,6 +65,8 @@ def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name
 
     @app.get("/health")
     async def _health():
+        if gate.draining:
+            return APIError(503, "shutting down", "service_unavailable_error").response()
         if ctx.engine is None or not ctx.engine.is_alive:
             what = "loading model" if ctx.engine is None else "the engine loop has stopped"
             return APIError(503, what, "service_unavailable_error").response()

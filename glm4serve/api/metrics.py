@@ -44,6 +44,9 @@ class _EngineStatsCollector(Collector):
                                 value=s.num_waiting)
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
                                 value=s.kv_cache_usage)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_blocks_used", "KV cache blocks in use.", value=s.kv_blocks_used)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_blocks_total", "KV cache blocks in the pool.",
+                                value=s.kv_blocks_total)
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Preempted sequences since start.",
                                   value=s.num_preemptions_total)
         yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -67,9 +70,12 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token.",
                              buckets=_LATENCY_BUCKETS, registry=r)
-        # Fed by the engine's timing once Output carries it; registered now so dashboards find it.
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time spent waiting to be scheduled.",
                                     buckets=_LATENCY_BUCKETS, registry=r)
+        # Overload and limits (api/gate.py, serving.py): exposed as ..._total.
+        self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before running, by reason "
+                                "(queue_full, draining, body_too_large).", ["reason"], registry=r)
+        self.timeouts = Counter(PREFIX + "request_timeout", "Requests aborted at their deadline.", registry=r)
         self.request_prompt_tokens = Histogram(PREFIX + "request_prompt_tokens", "Prompt length per request.",
                                                buckets=_TOKEN_BUCKETS, registry=r)
         self.request_generation_tokens = Histogram(PREFIX + "request_generation_tokens",
@@ -94,11 +100,16 @@ class RequestMetrics:
         self.last_token_by_choice: dict[int, float] = {}
         self.num_prompt_tokens = 0
         self.num_generated = 0
+        self._queue_time_seen = False
         self._closed = False
 
     def on_output(self, out: Output) -> None:
         now = time.perf_counter()
         n = len(out.token_ids)
+        queue_time = getattr(out, "queue_time", None)  # set on the Outputs of a scheduled choice 0
+        if queue_time is not None and not self._queue_time_seen:
+            self._queue_time_seen = True
+            self.m.queue_time.observe(queue_time)
         if self.first_token is None:
             self.first_token = now
             self.m.ttft.observe(now - self.arrival)

@@ -61,7 +61,10 @@ class ServingContext:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{wanted} tokens ({prompt_len} in the prompt, {requested or 0} for the completion). "
                 f"Please reduce the prompt or max_tokens.", param, "context_length_exceeded")
-        return requested if requested is not None else limit - prompt_len
+        if requested is not None:
+            return requested
+        cap = self.settings.max_tokens_limit  # the server's cap also bounds the default
+        return limit - prompt_len if cap is None else min(cap, limit - prompt_len)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
@@ -88,9 +91,20 @@ class ServingContext:
         timing = self.metrics.start_request()
         stream = self.engine.generate(prompt_ids, params, request_id=request_id)
         finished: set[int] = set()
+        timeout = self.settings.request_timeout_seconds
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             try:
-                async for out in stream:
+                while True:
+                    try:
+                        out = await _next_before(stream, deadline)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        self.metrics.timeouts.inc()
+                        raise APIError(408, f"The request did not finish within this server's limit of "
+                                       f"{timeout:g} seconds and was stopped.", "timeout_error",
+                                       code="request_timeout") from None
                     timing.on_output(out)
                     if out.finish_reason is not None:
                         finished.add(out.index)
@@ -123,6 +137,13 @@ class ServingContext:
                 raise server_error(f"the engine failed this request: {error}") from error
             raise error
         return _chain(first, stream)
+
+
+async def _next_before(stream: AsyncIterator[T], deadline: float | None) -> T:
+    """The next item, or TimeoutError at the deadline (the cancelled wait aborts the engine request)."""
+    if deadline is None:
+        return await anext(stream)
+    return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
 
 
 async def _chain(first: asyncio.Future, rest: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -51,12 +53,34 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(2048, ge=1)
     sse_ping_seconds: float = Field(15.0, ge=0)  # keep-alive comment interval on streams; 0 = off
     graceful_shutdown_seconds: float = Field(30.0, ge=0)  # on SIGTERM, time for in-flight requests
+    # Overload: past max_num_seqs running + this many waiting, new requests get 429 at once.
+    max_waiting_requests: int = Field(256, ge=0)
+    request_timeout_seconds: float | None = Field(None, gt=0)  # engine deadline per request; None = none
+    # Request limits (400 past them; 413 for the body): guards against one request taking the server.
+    max_request_body_bytes: int = 16 * 1024**2
+    max_messages: int = Field(2048, ge=1)
+    max_n: int = Field(16, ge=1)  # choices per request
+    max_prompts: int = Field(64, ge=1)  # prompts in one /v1/completions request
+    max_tokens_limit: int | None = Field(None, ge=1)  # cap on max_tokens; None = the context bounds it
+    max_tools: int = Field(128, ge=0)
+    max_stop: int = Field(16, ge=0)  # stop strings per request
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # [] = CORS off; ["*"] = any origin
     config: str | None = None  # YAML file whose keys fill the fields above
 
-    @field_validator("kv_cache_memory", mode="before")
+    @field_validator("kv_cache_memory", "max_request_body_bytes", mode="before")
     @classmethod
     def _memory_size(cls, v):
         return None if v is None else parse_bytes(v)
+
+    @field_validator("cors_allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, v):
+        # The CLI and the env give a string: a JSON list or "https://a.example,https://b.example".
+        if isinstance(v, str):
+            if v.lstrip().startswith("["):
+                return json.loads(v)
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
 
     @classmethod
     def settings_customise_sources(

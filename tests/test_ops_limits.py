@@ -1,0 +1,240 @@
+"""Operations guards in process (scripted FakeEngine): request limits (400), body size (413),
+admission (429 with Retry-After), drain (503), CORS, the per-request deadline (408 / error
+event) and the metrics they feed."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from glm4serve.api.shutdown import DrainingServer
+from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
+
+HI = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "t{}"}}
+
+
+def envelope(r, status: int, type_: str, param=None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == type_, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def metric(client: TestClient, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", client.get("/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def tools(k: int) -> list[dict]:
+    return [{"type": "function", "function": {"name": f"t{i}"}} for i in range(k)]
+
+
+LIMITS = dict(max_messages=3, max_n=2, max_tools=2, max_stop=2, max_tokens_limit=8, max_prompts=2)
+
+# (route, body at the limit, body one past it, param named in the 400)
+CASES = [
+    ("/v1/chat/completions", {"messages": HI * 3}, {"messages": HI * 4}, "messages"),
+    ("/v1/chat/completions", {"messages": HI, "n": 2}, {"messages": HI, "n": 3}, "n"),
+    ("/v1/chat/completions", {"messages": HI, "tools": tools(2)}, {"messages": HI, "tools": tools(3)}, "tools"),
+    ("/v1/chat/completions", {"messages": HI, "stop": ["a", "b"]}, {"messages": HI, "stop": ["a", "b", "c"]},
+     "stop"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 8}, {"messages": HI, "max_tokens": 9}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_completion_tokens": 8},
+     {"messages": HI, "max_completion_tokens": 9}, "max_tokens"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, {"prompt": ["a", "b", "c"]}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, {"prompt": "a", "n": 3}, "n"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 8}, {"prompt": "a", "max_tokens": 9}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "stop": "x"}, {"prompt": "a", "stop": ["x", "y", "z"]}, "stop"),
+]
+
+
+@pytest.mark.parametrize("route,ok,over,param", CASES)
+def test_request_limits(route, ok, over, param):
+    client = TestClient(make_app(FakeEngine(small_tokenizer()), **LIMITS))
+    assert client.post(route, json=ok).status_code == 200
+    err = envelope(client.post(route, json=over), 400, "invalid_request_error", param)
+    assert "limit" in err["message"]
+
+
+def test_default_limits_are_generous_but_present():
+    client = TestClient(make_app(FakeEngine(small_tokenizer()), max_model_len=100_000))
+    assert client.post("/v1/chat/completions", json={"messages": HI, "n": 16}).status_code == 200
+    envelope(client.post("/v1/chat/completions", json={"messages": HI, "n": 17}), 400, "invalid_request_error", "n")
+    assert client.post("/v1/chat/completions", json={"messages": HI, "tools": tools(128)}).status_code == 200
+    envelope(client.post("/v1/chat/completions", json={"messages": HI, "tools": tools(129)}), 400,
+             "invalid_request_error", "tools")
+
+
+def test_max_tokens_limit_also_caps_the_default():
+    engine = FakeEngine(small_tokenizer())
+    client = TestClient(make_app(engine, max_tokens_limit=5, max_model_len=4096))
+    assert client.post("/v1/chat/completions", json={"messages": HI}).status_code == 200
+    assert engine.calls[-1].params.max_tokens == 5
+    TestClient(make_app(engine, max_tokens_limit=5)).post("/v1/completions", json={"prompt": "a"})
+    assert engine.calls[-1].params.max_tokens == 5  # the completions default of 16, lowered
+    uncapped = FakeEngine(small_tokenizer())
+    TestClient(make_app(uncapped, max_model_len=4096)).post("/v1/chat/completions", json={"messages": HI})
+    assert uncapped.calls[-1].params.max_tokens == 4096 - len(uncapped.calls[-1].prompt_ids)
+
+
+def test_body_size_limit_413_by_header_and_by_counting():
+    engine = FakeEngine(small_tokenizer())
+    client = TestClient(make_app(engine, max_request_body_bytes="1KiB"))
+    big = {"messages": [{"role": "user", "content": "x" * 2000}]}
+    err = envelope(client.post("/v1/chat/completions", json=big), 413, "invalid_request_error")
+    assert "1024" in err["message"]
+
+    def chunks():  # no Content-Length: the middleware counts the bytes as they arrive
+        body = b'{"messages": [{"role": "user", "content": "' + b"y" * 2000 + b'"}]}'
+        for i in range(0, len(body), 256):
+            yield body[i : i + 256]
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    envelope(r, 413, "invalid_request_error")
+    assert engine.calls == []  # neither reached the engine
+    assert metric(client, 'glm4serve:request_rejected_total{reason="body_too_large"}') == 2
+    small = client.post("/v1/chat/completions", json={"messages": HI})
+    assert small.status_code == 200 and len(engine.calls) == 1
+
+
+def test_admission_429_with_retry_after_when_full():
+    engine = FakeEngine(small_tokenizer())
+    app = make_app(engine, max_num_seqs=2, max_waiting_requests=1)
+    client = TestClient(app)
+    gate = app.state.gate
+    assert gate.capacity == 3
+    gate.num_generating = 3  # three requests in flight (running + queued)
+    for route, body in (("/v1/chat/completions", {"messages": HI, "stream": True}),
+                        ("/v1/completions", {"prompt": "a"})):
+        r = client.post(route, json=body)
+        err = envelope(r, 429, "rate_limit_error")
+        assert err["code"] == "queue_full" and r.headers["retry-after"] == "1"
+    assert engine.calls == []
+    # only generation is admitted against the queue: the rest of the API stays up
+    assert client.get("/v1/models").status_code == 200 and client.get("/health").status_code == 200
+    assert metric(client, 'glm4serve:request_rejected_total{reason="queue_full"}') == 2
+    gate.num_generating = 2
+    assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
+    assert gate.num_generating == 2 and gate.num_in_flight == 0  # what the request took, it gave back
+
+
+def test_in_flight_counts_return_to_zero_after_errors_and_streams():
+    engine = FakeEngine(small_tokenizer())
+    app = make_app(engine, max_n=1)
+    client = TestClient(app)
+    client.post("/v1/chat/completions", json={"messages": HI, "n": 2})  # 400 from the limits
+    client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    client.post("/v1/chat/completions", json={"messages": HI, "stream": True})
+    client.post("/tokenize", json={"prompt": "hi"})
+    assert (app.state.gate.num_generating, app.state.gate.num_in_flight) == (0, 0)
+
+
+def test_draining_refuses_new_work_but_probes_and_scrapes_answer():
+    engine = FakeEngine(small_tokenizer())
+    app = make_app(engine)
+    client = TestClient(app)
+    app.state.gate.draining = True
+    for r in (client.post("/v1/chat/completions", json={"messages": HI}), client.get("/v1/models"),
+              client.post("/tokenize", json={"prompt": "hi"})):
+        envelope(r, 503, "service_unavailable_error")
+        assert r.headers["retry-after"] == "5"
+    envelope(client.get("/health"), 503, "service_unavailable_error")
+    assert client.get("/ping").status_code == 200 and client.get("/metrics").status_code == 200
+    assert engine.calls == []
+    assert metric(client, 'glm4serve:request_rejected_total{reason="draining"}') == 3
+
+
+def test_cors_off_by_default_and_configurable():
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    off = TestClient(make_app(FakeEngine(small_tokenizer())))
+    assert "access-control-allow-origin" not in off.options("/v1/chat/completions", headers=preflight).headers
+    assert "access-control-allow-origin" not in off.get("/v1/models", headers={"Origin": "https://app.example"}).headers
+
+    on = TestClient(make_app(FakeEngine(small_tokenizer()), cors_allowed_origins="https://app.example",
+                             api_key="k"))
+    r = on.options("/v1/chat/completions", headers=preflight)  # preflights carry no API key
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = on.get("/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    other = on.get("/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"})
+    assert "access-control-allow-origin" not in other.headers
+    # errors are readable by the allowed page too
+    r = on.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_deadline_whole_reply_is_408_and_the_engine_request_is_aborted():
+    engine = FakeEngine(small_tokenizer(), replies=["word " * 200], step_delay=0.02)
+    client = TestClient(make_app(engine, request_timeout_seconds=0.2))
+    t0 = time.monotonic()
+    r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 150})
+    assert time.monotonic() - t0 < 2.0
+    err = envelope(r, 408, "timeout_error")
+    assert err["code"] == "request_timeout" and "0.2 seconds" in err["message"]
+    (call,) = engine.calls
+    assert call.request_id in engine.closed_early and call.request_id in engine.aborted
+    assert metric(client, "glm4serve:request_timeout_total") == 1
+
+
+def test_deadline_stream_ends_with_an_error_event():
+    engine = FakeEngine(small_tokenizer(), replies=["word " * 200], step_delay=0.02)
+    client = TestClient(make_app(engine, request_timeout_seconds=0.2))
+    r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 150, "stream": True})
+    assert r.status_code == 200
+    events = sse_json(r.text)
+    assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events[:-1])
+    assert events[-1]["error"]["code"] == "request_timeout"
+    assert all(e.get("choices", [{}])[0].get("finish_reason") is None for e in events[:-1])
+    assert engine.calls[0].request_id in engine.aborted
+
+
+def test_a_request_within_its_deadline_is_untouched():
+    engine = FakeEngine(small_tokenizer(), replies=["\nshort"], step_delay=0.01)
+    client = TestClient(make_app(engine, request_timeout_seconds=5))
+    r = client.post("/v1/chat/completions", json={"messages": HI})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "short"
+    assert engine.aborted == []
+
+
+# --- the drain state machine (api/shutdown.py), without sockets -------------------------------
+
+
+async def test_draining_server_waits_for_in_flight_requests_then_exits():
+    app = make_app(FakeEngine(small_tokenizer()))
+    gate = app.state.gate
+    server = DrainingServer(uvicorn.Config(app), gate, grace=30)
+    gate.num_in_flight = 2
+    server.handle_exit(signal.SIGTERM, None)
+    assert gate.draining and not server.should_exit
+    assert await server.on_tick(1) is False  # two still in flight
+    gate.num_in_flight = 0
+    assert await server.on_tick(2) is True and server.should_exit
+    assert server._captured_signals == []  # not re-raised after shutdown: the process exits 0
+
+
+async def test_draining_server_gives_up_at_the_grace_deadline_and_a_second_signal_forces():
+    app = make_app(FakeEngine(small_tokenizer()))
+    gate = app.state.gate
+    server = DrainingServer(uvicorn.Config(app), gate, grace=0.05)
+    gate.num_in_flight = 1
+    server.handle_exit(signal.SIGTERM, None)
+    assert await server.on_tick(1) is False
+    time.sleep(0.06)
+    assert await server.on_tick(2) is True  # cut: the grace is over
+
+    impatient = DrainingServer(uvicorn.Config(app), gate, grace=30)
+    impatient.handle_exit(signal.SIGTERM, None)
+    impatient.handle_exit(signal.SIGTERM, None)  # second signal: uvicorn's own exit
+    assert impatient.should_exit and impatient._captured_signals == [signal.SIGTERM]
