@@ -17,6 +17,7 @@ import torch
 
 from ..model.kv_cache import BlockPool, KVCacheConfig
 from .detokenizer import IncrementalDetokenizer
+from .guided import Grammars
 from .sampler import Sampled, Sampler, SampleRow, make_generator
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
@@ -63,6 +64,7 @@ class LLMEngine:
         self.sampler = sampler or Sampler()
         self.model_stop_ids = frozenset(model_stop_ids)
         self.vocab_size = vocab_size  # when given, prompts with ids outside it are refused at add
+        self.grammars = Grammars(tokenizer)  # structured output; xgrammar loads on first use
         self._next_seq_id = 0
         self._errors: list[tuple[str, EngineError]] = []
 
@@ -86,12 +88,16 @@ class LLMEngine:
         if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
         stop_ids = self._stop_ids(params)
+        if params.guided is not None:
+            self.grammars.compile(params.guided)  # GuidedSpecError (a ValueError) when it cannot
         seqs = []
         for index in range(params.n):
             seq = Sequence(self._next_seq_id + index, request_id, index, list(prompt_ids), params)
             seq.generator = make_generator(params.seed, index)
             seq.stop_token_ids = stop_ids
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params)
+            if params.guided is not None:  # each choice walks its own path through the grammar
+                seq.guide = self.grammars.guide(params.guided, stop_ids)
             seqs.append(seq)
         self.scheduler.add(seqs)  # validates length and request id uniqueness
         self._next_seq_id += params.n
@@ -159,7 +165,7 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, targets: list[Sequence]) -> list[Sampled | None]:
         """One Sampled per target; None where that row's request failed."""
-        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.stop_token_ids)
+        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.stop_token_ids, s.guide)
                 for s in targets]
         logits = logits.float()
         try:
@@ -183,8 +189,12 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         params = seq.params
         finish = stop_reason = None
+        # A grammar ends with a stop token it allowed (raises, failing the request, on a token it
+        # forbade). Its ids stop even with ignore_eos or before min_tokens: the grammar has no
+        # continuation.
+        grammar_done = seq.guide is not None and seq.guide.advance(token)
         # stop ids count only once min_tokens are out (the sampler suppresses them until then)
-        if token in seq.stop_token_ids and seq.num_output_tokens > params.min_tokens:
+        if grammar_done or (token in seq.stop_token_ids and seq.num_output_tokens > params.min_tokens):
             text = seq.detokenizer.flush()  # a stop token is reported in token_ids, never as text
             finish, stop_reason = STOP, token
         else:

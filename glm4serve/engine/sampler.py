@@ -5,19 +5,22 @@ Per step, in this order:
      suppression of stop ids, then temperature. The result is *the* distribution of the row:
      sampled rows draw from it (after truncation), greedy rows take its argmax, and logprobs
      are its log-softmax.
-  2. `apply_truncation` (sampled rows only): top-k, then top-p, then min-p.
-  3. Greedy rows: argmax. Sampled rows: an exponential race drawn from the row's own generator.
+  2. Rows with a grammar (structured output, see guided.py): -inf on the tokens it forbids.
+  3. `apply_truncation` (sampled rows only): top-k, then top-p, then min-p.
+  4. Greedy rows: argmax. Sampled rows: an exponential race drawn from the row's own generator.
 
-A batch whose rows are all greedy with nothing to process costs one argmax.
+A batch whose rows are all greedy with nothing to process and no grammar costs one argmax.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .guided import mask_logits
 from .types import SamplingParams, TokenLogprob
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -30,6 +33,7 @@ class SampleRow:
     output_token_ids: list[int]
     generator: torch.Generator | None  # from make_generator; None = the global RNG
     stop_token_ids: frozenset[int]  # effective stop ids: suppressed while len(output) < params.min_tokens
+    guide: Any = None  # a guided.Guide when the request is constrained
 
 
 @dataclass
@@ -57,7 +61,9 @@ def _has_penalties(p: SamplingParams) -> bool:
 
 
 def _suppresses_stops(row: SampleRow) -> bool:
-    return bool(row.stop_token_ids) and len(row.output_token_ids) < row.params.min_tokens
+    # A grammar decides alone when its reply may end: it allows stop ids only once complete, and
+    # suppressing them then would leave no token at all. So min_tokens does not apply to it.
+    return bool(row.stop_token_ids) and len(row.output_token_ids) < row.params.min_tokens and row.guide is None
 
 
 def _needs_processing(row: SampleRow) -> bool:
@@ -118,8 +124,10 @@ def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
 
     Logprobs are the log-softmax of this result. That is our choice, as our issue asks: logprobs
     of what the row samples from, penalties, bias and temperature included, but before the
-    top-k/top-p/min-p truncation (which would make every cut-off alternative -inf). vLLM's default
-    instead reports the raw model distribution; for rows with default parameters both agree.
+    top-k/top-p/min-p truncation (which would make every cut-off alternative -inf). A grammar's
+    mask is a truncation too: logprobs are taken before it, so they say how likely the model
+    found each token, allowed or not. vLLM's default instead reports the raw model
+    distribution; for rows with default parameters and no grammar both agree.
 
     Never modifies `logits`; returns it unchanged when no row has anything to do, else a new
     float32 tensor [len(rows), V].
@@ -207,17 +215,25 @@ class Sampler:
         """logits [len(rows), V] -> one Sampled per row."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")
-        if all(r.params.greedy and r.params.logprobs is None and not _needs_processing(r) for r in rows):
+        guided = any(r.guide is not None for r in rows)
+        if not guided and all(r.params.greedy and r.params.logprobs is None and not _needs_processing(r)
+                              for r in rows):
             return [Sampled(t, None) for t in logits.argmax(dim=-1).tolist()]
 
         processed = apply_processors(logits, rows)  # [B, V]
+        allowed = processed  # what tokens are chosen from: processed, grammar masks applied
+        if guided:
+            # a copy unless processed is already ours and no logprobs need it unmasked
+            keep = processed is logits or any(r.params.logprobs is not None for r in rows)
+            allowed = processed.clone() if keep else processed
+            mask_logits(allowed, [r.guide for r in rows])
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if greedy:
-            token_ids[greedy] = _select(processed, greedy).argmax(dim=-1)
+            token_ids[greedy] = _select(allowed, greedy).argmax(dim=-1)
         if sampled:
-            truncated = apply_truncation(_select(processed, sampled), [rows[i].params for i in sampled])
+            truncated = apply_truncation(_select(allowed, sampled), [rows[i].params for i in sampled])
             token_ids[sampled] = sample_from(truncated.softmax(dim=-1), [rows[i].generator for i in sampled])
 
         ids = token_ids.tolist()

@@ -42,6 +42,7 @@ class Sequence:
     generator: torch.Generator | None = None
     stop_token_ids: frozenset[int] = frozenset()
     detokenizer: Any = None  # an IncrementalDetokenizer; Any keeps this module free of tokenizers
+    guide: Any = None  # a guided.Guide when the request is constrained: it has taken every output token
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,6 +7,10 @@ an async stream of `Output` items, one per choice per step in which that choice 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .guided import GuidedSpec
 
 # finish reasons
 STOP = "stop"  # a stop token or stop string
@@ -34,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False  # ignore the model's stop tokens (explicit stop_token_ids still stop)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    guided: GuidedSpec | None = None  # structured output: the grammar the reply must follow (guided.py)
 
     def __post_init__(self):
         if self.top_k < 0:

@@ -1,0 +1,211 @@
+"""Structured output: grammar-constrained decoding with xgrammar.
+
+A request's constraint is a `GuidedSpec` on its SamplingParams (plain, hashable data): the reply
+is a JSON object, or JSON valid against a schema, or a GLM-4 tool call `{name}\\n{json}` of one of
+the given tools. `Grammars` compiles specs against the model's tokenizer (LRU cache, thread-safe:
+the API compiles up front in a worker thread, so a bad schema is a 400 and the engine loop finds
+the grammar cached) and makes a `Guide` per sequence: an xgrammar matcher that every sampled
+token advances. The sampler asks the guides of the constrained rows for a token bitmask and sets
+the forbidden logits to -inf (`mask_logits`); rows without a guide are never touched, and a batch
+without any allocates nothing.
+
+Format decisions:
+- JSON is compact, with json.dumps' separators (", " and ": ") and no other whitespace: GLM-4
+  writes its tool arguments that way, and a model that may emit whitespace forever (a random
+  one does) never finishes.
+- Object keys are the schema's properties only, in the schema's order, unless the schema allows
+  others (additionalProperties); every reply still validates against the schema.
+- Special tokens never match the grammar, and neither does any token holding a raw control byte
+  other than "\\n": compact JSON needs none, and xgrammar's length-bounded strings would
+  otherwise admit a raw tab, which JSON forbids.
+- Once the grammar is complete only the request's stop tokens are allowed, so a finished reply
+  ends with finish_reason "stop"; a reply cut by max_tokens still ends with "length".
+- The xgrammar import (~0.5 s) happens on the first constrained request, not at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+JSON_OBJECT = "json_object"
+JSON_SCHEMA = "json_schema"
+TOOL_CALL = "tool_call"
+
+_SEPARATORS = (", ", ": ")
+# xgrammar's messages start with "[HH:MM:SS] /path/to/file.cc:123: "
+_LOCATION_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s*\S+:\d+:\s*")
+
+
+class GuidedSpecError(ValueError):
+    """The grammar engine cannot compile this spec (the request is refused, never the engine)."""
+
+
+class GuidedDecodingError(RuntimeError):
+    """A sequence took a token its grammar forbids (fails that request only)."""
+
+
+@dataclass(frozen=True)
+class GuidedSpec:
+    """What a constrained reply must look like. Schemas are JSON text, so a spec is hashable (the
+    compiled-grammar cache key) and keeps the schema's property order (the generation order)."""
+
+    kind: str  # JSON_OBJECT | JSON_SCHEMA | TOOL_CALL
+    schema: str | None = None  # JSON_SCHEMA: the JSON schema
+    tools: tuple[tuple[str, str], ...] = ()  # TOOL_CALL: (name, parameters schema), one is called
+    leading_newline: bool = False  # JSON kinds: allow one "\n" first (GLM-4 opens chat replies with it)
+
+    def __post_init__(self):
+        if self.kind not in (JSON_OBJECT, JSON_SCHEMA, TOOL_CALL):
+            raise GuidedSpecError(f"unknown constraint kind {self.kind!r}")
+        if self.kind == JSON_SCHEMA and self.schema is None:
+            raise GuidedSpecError("a json_schema constraint needs a schema")
+        if self.kind == TOOL_CALL and not self.tools:
+            raise GuidedSpecError("a tool_call constraint needs at least one tool")
+
+    @classmethod
+    def json_object(cls, leading_newline: bool = False) -> "GuidedSpec":
+        return cls(JSON_OBJECT, leading_newline=leading_newline)
+
+    @classmethod
+    def json_schema(cls, schema: dict, leading_newline: bool = False) -> "GuidedSpec":
+        return cls(JSON_SCHEMA, schema=json.dumps(schema, ensure_ascii=False), leading_newline=leading_newline)
+
+    @classmethod
+    def tool_call(cls, tools: dict[str, dict | None]) -> "GuidedSpec":
+        """tools: name -> its parameters schema (None: any JSON object)."""
+        return cls(TOOL_CALL, tools=tuple((name, json.dumps(params or {"type": "object"}, ensure_ascii=False))
+                                          for name, params in tools.items()))
+
+
+def _clean_message(error: Exception) -> str:
+    return _LOCATION_PREFIX.sub("", str(error)).strip() or type(error).__name__
+
+
+def build_grammar(spec: GuidedSpec):
+    """The xgrammar Grammar of a spec (uncompiled)."""
+    import xgrammar as xgr
+
+    def json_grammar(schema: str):
+        return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=_SEPARATORS, strict_mode=True)
+
+    if spec.kind == TOOL_CALL:
+        # `{name}\n` then the arguments: GLM-4's call format right after <|assistant|>
+        calls = [xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(name + chr(10))}"),
+                                    json_grammar(params))
+                 for name, params in spec.tools]
+        return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+    body = json_grammar(spec.schema if spec.kind == JSON_SCHEMA else '{"type": "object"}')
+    if spec.leading_newline:
+        return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "\\n"?'), body)
+    return body
+
+
+def grammar_vocab(tokenizer) -> list[bytes]:
+    """Each token's bytes as the grammar engine sees them: b"" (never allowed) for special tokens
+    and for tokens with a raw control byte other than newline."""
+    vocab = []
+    for i in range(tokenizer.vocab_size):
+        b = tokenizer.token_bytes(i)
+        hidden = tokenizer.is_special(i) or any(c < 0x20 and c != 0x0A for c in b)
+        vocab.append(b"" if hidden else b)
+    return vocab
+
+
+class Guide:
+    """One sequence's grammar state. It only moves forward with the sequence's own tokens, so a
+    preempted sequence keeps it as is: its recompute re-reads tokens the guide already took."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self._matcher = matcher
+        self.vocab_size = vocab_size  # the tokenizer's: the width of its bitmask rows
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write the allowed next tokens into bitmask[row]; False when every token is allowed."""
+        return self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def advance(self, token_id: int) -> bool:
+        """Take the sampled token; True when it ended the grammar (a stop token after complete JSON)."""
+        if not self._matcher.accept_token(token_id):
+            raise GuidedDecodingError(f"token {token_id} does not fit the grammar")
+        return self._matcher.is_terminated()
+
+    @property
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()
+
+
+class Grammars:
+    """Compiles GuidedSpecs for one tokenizer and makes Guides. Cheap to create: xgrammar and the
+    vocabulary are loaded on first use."""
+
+    def __init__(self, tokenizer, cache_size: int = 128):
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._lock = threading.Lock()
+        self._compiler = None
+        self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()  # spec -> CompiledGrammar, LRU order
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                tok = self.tokenizer
+                info = xgr.TokenizerInfo(grammar_vocab(tok), xgr.VocabType.RAW, vocab_size=tok.vocab_size,
+                                         stop_token_ids=list(tok.stop_token_ids))
+                # our LRU is the cache; xgrammar's own would keep a second copy of each grammar
+                self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
+                                                     cache_enabled=False)
+            return self._compiler
+
+    def compile(self, spec: GuidedSpec):
+        """The CompiledGrammar of `spec`, from the cache when it is there. GuidedSpecError when the
+        grammar engine cannot build it (an unsupported or contradictory schema)."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        compiler = self._get_compiler()
+        try:  # outside the lock: the engine loop never waits on an API thread's long compile
+            compiled = compiler.compile_grammar(build_grammar(spec))
+        except Exception as e:  # xgrammar raises RuntimeError (and others) with the reason
+            raise GuidedSpecError(f"the grammar engine cannot compile this schema: {_clean_message(e)}") from e
+        with self._lock:
+            self._cache[spec] = compiled
+            self._cache.move_to_end(spec)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def guide(self, spec: GuidedSpec, stop_token_ids) -> Guide:
+        """A fresh Guide; stop_token_ids: the request's effective stop ids (the model's when empty)."""
+        import xgrammar as xgr
+
+        stops = sorted(stop_token_ids) or list(self.tokenizer.stop_token_ids)
+        return Guide(xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops), self.tokenizer.vocab_size)
+
+
+def mask_logits(logits: torch.Tensor, guides: list[Guide | None]) -> None:
+    """In place: -inf on every token the guide of row i forbids (logits [B, V], guides[i] for row i,
+    None for an unconstrained row, which is left alone)."""
+    import xgrammar as xgr
+
+    rows = [i for i, g in enumerate(guides) if g is not None]
+    if not rows:
+        return
+    vocab_size = guides[rows[0]].vocab_size
+    bitmask = xgr.allocate_token_bitmask(len(guides), vocab_size)  # [B, ceil(V/32)] int32, all allowed
+    masked = [i for i in rows if guides[i].fill_bitmask(bitmask, i)]
+    if masked:
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=min(vocab_size, logits.shape[1]),
+                                        indices=masked)
+    if logits.shape[1] > vocab_size:  # ids past the tokenizer's (padding rows) are never grammatical
+        logits[rows, vocab_size:] = -torch.inf

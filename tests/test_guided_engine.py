@@ -1,0 +1,259 @@
+"""Structured output in the engine: random-weight GLM-4 checkpoints (which emit noise) must still
+produce JSON that parses and validates, tool calls in GLM-4's format, and unconstrained requests
+that share the batch must not notice."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from glm4serve.engine.engine import EngineConfig
+from glm4serve.engine.guided import Guide, GuidedSpec, GuidedSpecError, Grammars, grammar_vocab, mask_logits
+from glm4serve.engine.sampler import Sampler, SampleRow
+from glm4serve.engine.types import LENGTH, STOP, SamplingParams
+from glm4serve.server import build_llm_engine
+
+# Nested objects, arrays, enums, required fields; every string and number is bounded, so even
+# a random model's reply can finish.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "北京", "Lagos"]},
+                           "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+        },
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "address"],
+}
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                            "unit": {"enum": ["C", "F"]}}, "required": ["city"]}
+TIME = {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 6}}, "required": ["tz"]}
+
+
+@pytest.fixture(scope="module")
+def engine(make_checkpoint):
+    return build_llm_engine(make_checkpoint(), EngineConfig(kv_cache_memory_bytes=32 << 20, max_model_len=1024),
+                            dtype="float32")
+
+
+def prompt(engine, text="Tell me about someone.") -> list[int]:
+    return engine.tokenizer.encode(f"[gMASK]<sop><|user|>\n{text}<|assistant|>")
+
+
+def run(engine, requests) -> dict:
+    """requests: [(request_id, prompt_ids, params)] -> {(request_id, index): (text, finish_reason, token_ids)}"""
+    for rid, ids, params in requests:
+        engine.add_request(rid, ids, params)
+    text, finish, tokens = {}, {}, {}
+    for _ in range(5000):
+        if not engine.has_work:
+            break
+        for o in engine.step():
+            key = (o.request_id, o.index)
+            text[key] = text.get(key, "") + o.text
+            tokens.setdefault(key, []).extend(o.token_ids)
+            if o.finish_reason is not None:
+                finish[key] = o.finish_reason
+    assert not engine.has_work
+    assert engine.pool.num_free == engine.pool.num_blocks
+    return {k: (text[k], finish.get(k), tokens[k]) for k in text}
+
+
+def test_fifty_seeded_sampled_replies_all_validate(engine):
+    spec = GuidedSpec.json_schema(PERSON)
+    reqs = [(f"p{i}", prompt(engine), SamplingParams(max_tokens=200, temperature=1.0, seed=i, guided=spec))
+            for i in range(50)]
+    results = run(engine, reqs)
+    assert engine.pop_errors() == []
+    assert len(results) == 50
+    seen = set()
+    for text, finish, _ in results.values():
+        assert finish == STOP, text
+        value = json.loads(text)
+        jsonschema.validate(value, PERSON)
+        seen.add(text)
+    assert len(seen) > 40  # sampled, seeded differently: not one reply fifty times
+
+
+def test_unconstrained_requests_keep_their_greedy_output_beside_constrained_ones(engine):
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain = [(f"alone{i}", prompt(engine, t), greedy) for i, t in enumerate(["Hi", "How are you?"])]
+    alone = run(engine, plain)
+    spec = GuidedSpec.json_schema(PERSON)
+    mixed = run(engine, [(f"mixed{i}", ids, p) for i, (_, ids, p) in enumerate(plain)] + [
+        ("c-greedy", prompt(engine), SamplingParams(max_tokens=200, temperature=0.0, guided=spec)),
+        ("c-sampled", prompt(engine), SamplingParams(max_tokens=200, temperature=0.8, seed=1, guided=spec,
+                                                     logprobs=2)),
+    ])
+    for i in range(2):
+        assert mixed[(f"mixed{i}", 0)][2] == alone[(f"alone{i}", 0)][2]
+    for rid in ("c-greedy", "c-sampled"):
+        jsonschema.validate(json.loads(mixed[(rid, 0)][0]), PERSON)
+    # and the greedy constrained reply is the same with or without company
+    assert run(engine, [("c-alone", prompt(engine), SamplingParams(max_tokens=200, temperature=0.0, guided=spec))]
+               )[("c-alone", 0)][2] == mixed[("c-greedy", 0)][2]
+
+
+def test_n2_choices_each_follow_the_grammar(engine):
+    spec = GuidedSpec.json_schema(PERSON)
+    out = run(engine, [("n2", prompt(engine), SamplingParams(n=2, max_tokens=200, temperature=1.0, seed=7,
+                                                             guided=spec))])
+    texts = [out[("n2", i)][0] for i in range(2)]
+    assert [out[("n2", i)][1] for i in range(2)] == [STOP, STOP]
+    for t in texts:
+        jsonschema.validate(json.loads(t), PERSON)
+    assert texts[0] != texts[1]
+
+
+def test_max_tokens_cuts_with_length_and_a_prefix_of_valid_json(engine):
+    spec = GuidedSpec.json_schema(PERSON)
+    full = run(engine, [("full", prompt(engine), SamplingParams(max_tokens=200, temperature=0.0, guided=spec))])
+    text, finish, tokens = full[("full", 0)]
+    assert finish == STOP and len(tokens) > 6
+    cut = run(engine, [("cut", prompt(engine), SamplingParams(max_tokens=5, temperature=0.0, guided=spec))])
+    assert cut[("cut", 0)][1] == LENGTH and cut[("cut", 0)][2] == tokens[:5]
+
+
+def test_json_object_with_leading_newline_and_ignore_eos_ends_with_stop(engine):
+    # ignore_eos drops the model's stop ids, but a finished grammar has nothing left but them
+    obj = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    spec = GuidedSpec.json_schema(obj, leading_newline=True)
+    out = run(engine, [(f"e{i}", prompt(engine), SamplingParams(max_tokens=50, temperature=1.0, seed=i, guided=spec,
+                                                                ignore_eos=True, min_tokens=40))
+                       for i in range(6)])
+    for text, finish, tokens in out.values():
+        assert finish == STOP and tokens[-1] in engine.tokenizer.stop_token_ids
+        assert json.loads(text.removeprefix("\n")) in ({"ok": True}, {"ok": False})
+        assert not text.startswith("\n\n")
+
+
+def test_tool_call_spec_gives_glm4_calls_with_valid_arguments(engine):
+    spec = GuidedSpec.tool_call({"get_weather": WEATHER, "get_time": TIME})
+    out = run(engine, [(f"t{i}", prompt(engine, "weather?"), SamplingParams(max_tokens=80, temperature=1.0, seed=i,
+                                                                             guided=spec)) for i in range(12)])
+    names = set()
+    for text, finish, _ in out.values():
+        assert finish == STOP
+        name, newline, args = text.partition("\n")
+        assert newline and name in ("get_weather", "get_time")
+        jsonschema.validate(json.loads(args), WEATHER if name == "get_weather" else TIME)
+        names.add(name)
+    assert names == {"get_weather", "get_time"}  # the model picks; neither is forced
+
+
+def test_preempted_constrained_sequences_recompute_and_stay_valid(make_checkpoint):
+    spec = GuidedSpec.json_schema(PERSON)
+
+    def replies(num_blocks):
+        eng = build_llm_engine(make_checkpoint(), EngineConfig(block_size=4, num_blocks=num_blocks, max_model_len=200,
+                                                               max_num_seqs=8), dtype="float32")
+        reqs = [(f"q{i}", prompt(eng), SamplingParams(max_tokens=180, temperature=0.0 if i % 2 else 0.9, seed=i,
+                                                      guided=spec)) for i in range(6)]
+        return run(eng, reqs), eng.stats().num_preemptions_total
+
+    roomy, _ = replies(600)
+    tight, preemptions = replies(70)
+    assert preemptions > 0
+    assert {k: v[2] for k, v in tight.items()} == {k: v[2] for k, v in roomy.items()}
+    for text, finish, _ in tight.values():
+        assert finish == STOP
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+class _RefusingMatcher:
+    def fill_next_token_bitmask(self, bitmask, row):
+        return False
+
+    def accept_token(self, token_id):
+        return False
+
+    def is_terminated(self):
+        return False
+
+
+def test_a_grammar_failure_fails_only_its_request(engine):
+    spec = GuidedSpec.json_schema(PERSON)
+    engine.add_request("bad", prompt(engine), SamplingParams(max_tokens=50, temperature=0.0, guided=spec))
+    (seq,) = engine.scheduler.seqs_of("bad")
+    seq.guide = Guide(_RefusingMatcher(), engine.tokenizer.vocab_size)
+    out = run(engine, [("good", prompt(engine), SamplingParams(max_tokens=200, temperature=0.0, guided=spec))])
+    errors = engine.pop_errors()
+    assert [rid for rid, _ in errors] == ["bad"] and "does not fit the grammar" in str(errors[0][1])
+    jsonschema.validate(json.loads(out[("good", 0)][0]), PERSON)
+
+
+def test_uncompilable_specs_are_refused_with_the_reason(engine):
+    bad = [({"type": "integer", "minimum": 5, "maximum": 1}, "minimum greater than maximum"),
+           ({"$ref": "#/$defs/missing"}, "missing"),
+           ({"type": "string", "pattern": "(?<=a)b"}, "Lookbehind")]
+    for schema, reason in bad:
+        with pytest.raises(GuidedSpecError, match="cannot compile") as e:
+            engine.add_request("x", prompt(engine), SamplingParams(guided=GuidedSpec.json_schema(schema)))
+        assert reason in str(e.value) and "/project/" not in str(e.value)
+    assert not engine.has_request("x") and not engine.has_work
+
+
+def test_compiled_grammars_are_cached_least_recently_used_first(engine):
+    grammars = Grammars(engine.tokenizer, cache_size=2)
+    a, b, c = (GuidedSpec.json_schema({"enum": [k]}) for k in "abc")
+    first = grammars.compile(a)
+    assert grammars.compile(GuidedSpec.json_schema({"enum": ["a"]})) is first  # equal spec, cached
+    grammars.compile(b)
+    grammars.compile(a)  # a is now the most recent
+    grammars.compile(c)  # evicts b
+    assert grammars.compile(a) is first
+    assert list(grammars._cache) == [c, a]
+
+
+def test_grammar_vocab_hides_special_tokens_and_raw_control_bytes(engine):
+    tok = engine.tokenizer
+    vocab = grammar_vocab(tok)
+    assert len(vocab) == tok.vocab_size
+    for i, b in enumerate(vocab):
+        raw = tok.token_bytes(i)
+        if tok.is_special(i) or any(c < 0x20 and c != 0x0A for c in raw):
+            assert b == b""
+        else:
+            assert b == raw
+    assert vocab[tok.encode("\n")[0]] == b"\n" and vocab[tok.encode("\t")[0]] == b""
+
+
+def test_sampler_masks_only_constrained_rows_and_reports_logprobs_before_the_mask(engine):
+    tok = engine.tokenizer
+    guide = engine.grammars.guide(GuidedSpec.json_schema({"enum": ["yes"]}), frozenset(tok.stop_token_ids))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, tok.vocab_size, generator=g)
+    quote = tok.encode('"')[0]
+    logits[1, quote] = -30.0  # the only grammatical token is the model's least favourite
+    before = logits.clone()
+    rows = [SampleRow(SamplingParams(temperature=0.0, logprobs=1), [1], [], None, frozenset(), None),
+            SampleRow(SamplingParams(temperature=0.0, logprobs=1), [1], [], None, frozenset(), guide)]
+    free, constrained = Sampler()(logits, rows)
+    assert torch.equal(logits, before)  # the caller's logits are never written
+    assert free.token_id == int(before[0].argmax())
+    assert tok.decode([constrained.token_id]).startswith('"')
+    logprobs = before[1].log_softmax(-1)
+    assert constrained.logprob.logprob == pytest.approx(float(logprobs[constrained.token_id]), abs=1e-5)
+    assert constrained.logprob.top[0][0] == int(before[1].argmax())  # a forbidden, likelier token
+
+
+def test_mask_logits_leaves_unguided_rows_and_cuts_padding_ids(engine):
+    tok = engine.tokenizer
+    guide = engine.grammars.guide(GuidedSpec.json_object(), frozenset(tok.stop_token_ids))
+    logits = torch.zeros(3, tok.vocab_size + 7)
+    mask_logits(logits, [None, guide, None])
+    assert torch.equal(logits[[0, 2]], torch.zeros(2, tok.vocab_size + 7))
+    allowed = (logits[1] == 0).nonzero().flatten().tolist()
+    assert allowed and all(tok.token_bytes(t).startswith(b"{") for t in allowed)
+    assert torch.isinf(logits[1, tok.vocab_size:]).all()
