@@ -46,7 +46,9 @@ BAD_CHAT = [
     ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
     ({"messages": HI, "stop_token_ids": [999999]}, "stop_token_ids"),
     ({"messages": HI, "presence_penalty": 3}, "presence_penalty"),
-    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+     "response_format.json_schema.schema"),
     ({"messages": HI, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"messages": HI, "stream": "maybe"}, "stream"),
 ]

@@ -6,6 +6,7 @@ import json
 
 from fastapi.testclient import TestClient
 
+from glm4serve.engine.guided import GuidedSpec
 from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
 
 TOOLS = [
@@ -110,62 +111,38 @@ def test_plain_reply_with_tools_is_content_without_special_text():
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_named_tool_choice_is_prefilled_into_the_prompt():
-    engine, body = run(['{"tz": "UTC"}'], tool_choice={"type": "function", "function": {"name": "get_time"}})
-    tok = small_tokenizer()
-    prompt_ids = engine.calls[0].prompt_ids
-    assert tok.decode(prompt_ids).endswith("<|assistant|>get_time\n")
+def test_named_tool_choice_is_enforced_by_a_grammar_not_a_prompt_prefix():
+    forced = {"type": "function", "function": {"name": "get_time"}}
+    engine, body = run(['get_time\n{"tz": "UTC"}'], tool_choice=forced)
+    call = engine.calls[0]
+    assert small_tokenizer().decode(call.prompt_ids).endswith("<|assistant|>")  # nothing prefilled
+    assert call.params.guided == GuidedSpec.tool_call({"get_time": TOOLS[1]["function"]["parameters"]})
+    assert call.params.logit_bias is None
     [tc] = body["choices"][0]["message"]["tool_calls"]
     assert tc["function"]["name"] == "get_time" and json.loads(tc["function"]["arguments"]) == {"tz": "UTC"}
-    # streamed, the forced name is announced once too
-    _, chunks = run(['{"tz": "UTC"}'], stream=True, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    # streamed, the name is announced once
+    _, chunks = run(['get_time\n{"tz": "UTC"}'], stream=True, tool_choice=forced)
     calls, content = calls_from_stream(chunks)
     assert content is None and [(c["starts"], c["name"]) for c in calls] == [(1, "get_time")]
     assert json.loads(calls[0]["arguments"]) == {"tz": "UTC"}
 
 
-def test_forced_call_with_no_argument_text_is_still_announced():
-    forced = {"type": "function", "function": {"name": "get_time"}}
-    _, body = run([""], tool_choice=forced)
-    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
-    _, chunks = run([""], stream=True, tool_choice=forced)
-    calls, _ = calls_from_stream(chunks)
-    assert [(c["starts"], c["name"]) for c in calls] == [(1, "get_time")]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
-
-
 def test_forced_call_with_broken_json_is_still_a_call():
-    _, body = run(["not json at all"], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    # only an engine that ignored the grammar (or a stop string cutting the JSON) gets here
+    _, body = run(["get_time\nnot json at all"], tool_choice={"type": "function", "function": {"name": "get_time"}})
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "not json at all"}
 
 
-def test_required_with_several_tools_lets_the_model_pick_among_names_only():
-    tok = small_tokenizer()
-    for wanted in ("get_time", "get_weather"):
-        spelled = tok.encode(wanted + "\n", allow_special=False)
-
-        def prefer_wanted(allowed, call, spelled=spelled):
-            """The fake model continues spelling `wanted` after the part already in the prompt."""
-            k = max(j for j in range(len(spelled)) if j == 0 or call.prompt_ids[-j:] == spelled[:j])
-            return spelled[k] if spelled[k] in allowed else min(allowed)
-
-        engine = FakeEngine(tok, replies=['{"x": 1}'], choose_biased=prefer_wanted)
-        r = TestClient(make_app(engine)).post("/v1/chat/completions", json={
-            "messages": ASK, "tools": TOOLS, "tool_choice": "required"})
-        [tc] = r.json()["choices"][0]["message"]["tool_calls"]
-        assert tc["function"]["name"] == wanted
-        *name_steps, main = engine.calls
-        assert name_steps, "the name was chosen by the model, not by the server"
-        other = tok.encode(("get_weather" if wanted == "get_time" else "get_time") + "\n", allow_special=False)
-        base = len(main.prompt_ids) - len(spelled)
-        for step in name_steps:
-            k = len(step.prompt_ids) - base
-            # the biased tokens are exactly the continuations of the names still possible
-            expected = {s[k] for s in (spelled, other) if s[:k] == spelled[:k]}
-            assert set(step.params.logit_bias) == expected and step.params.max_tokens == 1
-        assert main.prompt_ids[-len(spelled):] == spelled and main.params.logit_bias is None
+def test_required_puts_every_tool_in_one_grammar_and_runs_the_engine_once():
+    engine, body = run(['get_weather\n{"city": "Paris"}'], tool_choice="required")
+    [call] = engine.calls
+    assert call.params.guided == GuidedSpec.tool_call({t["function"]["name"]: t["function"]["parameters"]
+                                                       for t in TOOLS})
+    assert [name for name, _ in call.params.guided.tools] == ["get_weather", "get_time"]
+    [tc] = body["choices"][0]["message"]["tool_calls"]
+    assert tc["function"]["name"] == "get_weather"
 
 
 def test_parallel_tool_calls_false_stops_at_a_second_call():

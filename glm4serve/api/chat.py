@@ -4,6 +4,11 @@ With tools (and tool_choice != "none") the engine decodes with skip_special_toke
 `<|assistant|>` separators between several calls reach the tool parser; other special-token text
 is removed before parsing. GLM-4 answers `<|assistant|>\\n{content}` (an empty metadata line),
 so one leading newline of a plain reply is dropped.
+
+Structured output: `response_format` (json_object / json_schema) and a forced tool_choice
+("required" or a named tool, tool_choice.py) put a grammar on the reply (SamplingParams.guided).
+It is compiled before the engine sees the request, so a schema the grammar engine cannot
+compile is a 400, not a 500 or an error inside a stream.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from .responses import (
 from .schemas import ChatCompletionRequest
 from .serving import ClientDisconnected, ServingContext, cancel_on_disconnect
 from .streaming import sse_data, sse_response
-from .tool_choice import choose_tool_name, spell_call_prefix
+from .tool_choice import forced_call_spec
 
 
 @dataclass
@@ -58,7 +63,7 @@ class ChatPlan:
     prompt_ids: list[int]
     params: SamplingParams
     tool_names: set[str] | None  # None: no tool parsing
-    call_prefix: str  # "{name}\n" already in the prompt when a call is forced, else ""
+    forced_call: bool  # tool_choice forces a call (a grammar enforces its format)
     echo: str  # vLLM's chat echo: the last assistant message, prepended to the reply
     strip_newline: bool
 
@@ -77,30 +82,24 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     prompt_ids = await ctx.encode(text)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
-    call_prefix = ""
-    forced = req.forced_tool
-    if forced is not None:
-        prompt_ids += spell_call_prefix(ctx.tokenizer, forced)
-        call_prefix = forced + "\n"
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
-    params = req.sampling_params(max_tokens, req.engine_logprobs)
+    params = req.sampling_params(max_tokens, req.engine_logprobs)  # guided by response_format, if any
     ctx.check_params(params)
+    call_spec = forced_call_spec(req)
+    if call_spec is not None:
+        params.guided = call_spec
+    await ctx.compile_guided(params, "tools" if call_spec is not None else "response_format")
     if req.tools_active:
         params.skip_special_tokens = False
         if req.parallel_tool_calls is False:
             # Another `<|assistant|>` would start a second call: make it a stop token too.
             separator = ctx.tokenizer.encode(CALL_SEPARATOR, allow_special=True)
             params.stop_token_ids = (params.stop_token_ids or []) + separator
-    if req.tool_choice == "required" and forced is None:
-        name, ids = await choose_tool_name(ctx, prompt_ids, req.tool_names, params, request_id)
-        prompt_ids += ids
-        call_prefix = name + "\n"
-        params.max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
 
     last = req.messages[-1]
     echo = (last.text() or "") if req.echo and last.role == "assistant" else ""
     return ChatPlan(request_id, int(time.time()), prompt_ids, params,
-                    set(req.tool_names) if req.tools_active else None, call_prefix, echo,
+                    set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
                     strip_newline=req.add_generation_prompt)
 
 
@@ -116,7 +115,6 @@ class ChoiceStream:
 
     def __init__(self, plan: ChatPlan, tokenizer):
         self.parser = StreamingToolParser(plan.tool_names) if plan.tool_names else None
-        self._prefix = plan.call_prefix
         self._strip_newline = plan.strip_newline
         self._specials = _special_text_pattern(tokenizer, CALL_SEPARATOR) if self.parser else None
         self.num_tokens = 0
@@ -126,17 +124,13 @@ class ChoiceStream:
             return self._content(text)
         if self._specials is not None:
             text = self._specials.sub("", text)
-        if self._prefix:
-            text, self._prefix = self._prefix + text, ""
         return self._deltas(self.parser.feed(text))
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
         """Deltas still held back, and the finish_reason to send."""
         if self.parser is None:
             return [], reason
-        # A forced call whose reply produced no text still has its name to announce.
-        deltas = self.feed("") if self._prefix else []
-        deltas += self._deltas(self.parser.finish(truncated=reason == LENGTH))
+        deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
         return deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
 
     def _deltas(self, events) -> list[dict]:
@@ -241,12 +235,13 @@ def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) 
     if plan.tool_names is None:
         return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text)), reason
     specials = _special_text_pattern(ctx.tokenizer, CALL_SEPARATOR)
-    text = plan.call_prefix + (specials.sub("", text) if specials else text)
+    text = specials.sub("", text) if specials else text
     truncated = reason == LENGTH
     calls = parse_tool_calls(text, plan.tool_names, truncated=truncated)
     content = None
-    if calls is None and plan.call_prefix:
-        # A forced call stays a call even when the model broke the JSON: the lenient parser.
+    if calls is None and plan.forced_call:
+        # A forced call stays a call even when a stop string cut its JSON: the lenient parser,
+        # as when streamed.
         parser = StreamingToolParser(plan.tool_names)
         events = parser.feed(text) + parser.finish(truncated=truncated)
         calls = parser.calls
@@ -265,10 +260,7 @@ def _strip_first_newline(plan: ChatPlan, text: str) -> str:
 
 
 async def chat_completions(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
-    try:
-        plan = await prepare_chat(ctx, req)
-    except EngineError as e:  # choosing a required tool's name runs the engine
-        raise server_error(f"the engine failed this request: {e}") from e
+    plan = await prepare_chat(ctx, req)
     if req.stream:
         outputs = await ctx.open(plan.prompt_ids, plan.params, plan.request_id)
         return sse_response(_stream_chat(ctx, plan, req, outputs), ctx.settings)

@@ -2,6 +2,9 @@
 
 Several prompts run as separate engine requests side by side; choice `index` is
 `prompt_number * n + choice`, as in OpenAI and vLLM.
+
+`response_format` (a vLLM extension here) constrains each completion to JSON, from its first
+character: no leading whitespace.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
         max_tokens = ctx.fit_max_tokens(len(ids), req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs)
         ctx.check_params(params)
+        await ctx.compile_guided(params, "response_format")  # cached after the first prompt
         jobs.append(PromptJob(ids, text, params, f"{request_id}-{p}"))
     return CompletionPlan(request_id, int(time.time()), jobs)
 

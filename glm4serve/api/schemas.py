@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from glm4serve.engine.guided import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 
 MAX_LOGPROBS = 20
@@ -19,6 +20,20 @@ MAX_LOGPROBS = 20
 
 def _invalid(param: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_request", message, {"param": param})
+
+
+def _check_json_schema(schema: dict[str, Any], param: str) -> None:
+    """A 400 naming what is wrong when `schema` is not a valid JSON Schema (by its own $schema
+    draft, 2020-12 when it names none)."""
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import Draft202012Validator, validator_for
+
+    try:
+        validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        raise _invalid(param, f"{param} is not a valid JSON Schema: {e.message}"
+                              + (f" (at '{where}')" if where else "")) from None
 
 
 class _Body(BaseModel):
@@ -108,9 +123,33 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # accepted; replies always follow the schema (guided.py)
+
+
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given_and_valid(self):
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise _invalid("response_format", "response_format of type json_schema needs a json_schema")
+            if self.json_schema.schema_ is not None:
+                _check_json_schema(self.json_schema.schema_, "response_format.json_schema.schema")
+        return self
+
+    def guided_spec(self, leading_newline: bool) -> GuidedSpec | None:
+        """The grammar of this format; None for text."""
+        if self.type == "json_schema" and self.json_schema.schema_ is not None:
+            return GuidedSpec.json_schema(self.json_schema.schema_, leading_newline)
+        if self.type in ("json_object", "json_schema"):
+            return GuidedSpec.json_object(leading_newline)
+        return None
 
 
 # ---- shared sampling fields -----------------------------------------------------------------
@@ -138,6 +177,7 @@ class _SamplingBody(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _common_rules(self):
@@ -160,6 +200,11 @@ class _SamplingBody(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def json_leading_newline(self) -> bool:
+        """Whether a JSON reply may open with one newline (GLM-4 chat replies do; the API strips it)."""
+        return False
+
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -180,6 +225,7 @@ class _SamplingBody(_Body):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            guided=self.response_format.guided_spec(self.json_leading_newline) if self.response_format else None,
         )
 
 
@@ -192,7 +238,6 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -217,9 +262,13 @@ class ChatCompletionRequest(_SamplingBody):
             names = self.tool_names
             if len(set(names)) != len(names):
                 raise _invalid("tools", "tool names must be unique")
-        if self.response_format is not None and self.response_format.type != "text":
-            # No constrained decoding yet: answering prose to a JSON request would be a silent lie.
-            raise _invalid("response_format", f"response_format {self.response_format.type!r} is not supported")
+        if self.forces_tool_call:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise _invalid("response_format", "response_format cannot constrain a reply that tool_choice "
+                                                  "already forces to be a tool call")
+            for i, tool in enumerate(self.tools or []):
+                if tool.function.parameters is not None:
+                    _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
             raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self
@@ -238,13 +287,13 @@ class ChatCompletionRequest(_SamplingBody):
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
-    def forced_tool(self) -> str | None:
-        """The tool the reply must call: a named tool_choice, or `required` with a single tool."""
-        if isinstance(self.tool_choice, NamedToolChoice):
-            return self.tool_choice.function.name
-        if self.tool_choice == "required" and len(self.tool_names) == 1:
-            return self.tool_names[0]
-        return None
+    def forces_tool_call(self) -> bool:
+        """tool_choice "required" or a named tool: the reply is a call, enforced by a grammar."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
+
+    @property
+    def json_leading_newline(self) -> bool:
+        return self.add_generation_prompt  # the reply then follows `<|assistant|>`, which GLM-4 answers with "\n"
 
     @property
     def engine_logprobs(self) -> int | None:

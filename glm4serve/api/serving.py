@@ -78,6 +78,18 @@ class ServingContext:
         if params.stop_token_ids:
             self.check_token_ids(params.stop_token_ids, "stop_token_ids")
 
+    async def compile_guided(self, params: SamplingParams, param: str) -> None:
+        """Compile the request's grammar now, in a worker thread: a schema the grammar engine
+        cannot compile is a 400 before anything streams, and the engine loop finds it cached.
+        An engine without compile_guided (the API tests' fake) compiles when it adds the request."""
+        compile_guided = getattr(self.engine, "compile_guided", None)
+        if params.guided is None or compile_guided is None:
+            return
+        try:
+            await compile_guided(params.guided)
+        except ValueError as e:
+            raise invalid_request(str(e), param) from e
+
     async def encode(self, text: str) -> list[int]:
         if len(text) > _THREAD_TOKENIZE_CHARS:
             return await asyncio.to_thread(self.tokenizer.encode, text, allow_special=True)

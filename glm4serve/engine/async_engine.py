@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .engine import LLMEngine
+from .guided import GuidedSpec
 from .types import EngineError, EngineStats, Output, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ class AsyncEngine:
         with self._cv:
             self._commands.append(("abort", request_id))
             self._cv.notify()
+
+    async def compile_guided(self, spec: GuidedSpec) -> None:
+        """Compile (and cache) a structured-output grammar in a worker thread, so neither the
+        event loop nor the engine loop waits on it. ValueError when it cannot be compiled."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[Output]:

@@ -1,0 +1,128 @@
+"""response_format and forced tool_choice at the API (scripted fake engine): which grammar each
+request hands the engine, and the 400s for schemas that cannot be used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from glm4serve.engine.guided import GuidedSpec
+from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
+
+HI = [{"role": "user", "content": "hi"}]
+SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", "y"]}}, "required": ["b"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time"}},  # no parameters: any object
+]
+
+
+def post(path, body, replies=("\n{}",)):
+    engine = FakeEngine(small_tokenizer(), replies=list(replies))
+    r = TestClient(make_app(engine)).post(path, json=body)
+    return engine, r
+
+
+def json_schema_format(schema, **extra):
+    return {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, **extra}}
+
+
+@pytest.mark.parametrize("fmt,spec", [
+    ({"type": "json_object"}, GuidedSpec.json_object(leading_newline=True)),
+    (json_schema_format(SCHEMA, strict=True), GuidedSpec.json_schema(SCHEMA, leading_newline=True)),
+    ({"type": "json_schema", "json_schema": {"name": "any"}}, GuidedSpec.json_object(leading_newline=True)),
+    ({"type": "text"}, None),
+])
+def test_chat_response_format_becomes_the_engine_grammar(fmt, spec):
+    engine, r = post("/v1/chat/completions", {"messages": HI, "response_format": fmt})
+    assert r.status_code == 200, r.text
+    assert engine.calls[0].params.guided == spec
+
+
+def test_chat_json_reply_loses_its_leading_newline_whole_and_streamed():
+    reply = '\n{"b": 1, "a": "x"}'
+    _, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(SCHEMA)}, [reply])
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) == {"b": 1, "a": "x"}
+    assert r.json()["choices"][0]["message"]["content"] == reply[1:]
+    _, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(SCHEMA),
+                                         "stream": True}, [reply])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_json(r.text) if c["choices"])
+    assert text == reply[1:]
+
+
+def test_schema_property_order_is_kept_for_generation():
+    engine, _ = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(SCHEMA)})
+    assert list(json.loads(engine.calls[0].params.guided.schema)["properties"]) == ["b", "a"]
+
+
+def test_without_a_generation_prompt_the_json_starts_right_away():
+    engine, _ = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"},
+                                              "add_generation_prompt": False})
+    assert engine.calls[0].params.guided == GuidedSpec.json_object(leading_newline=False)
+
+
+def test_completions_response_format_has_no_leading_newline():
+    engine, r = post("/v1/completions", {"prompt": ["a", "b"], "response_format": json_schema_format(SCHEMA)},
+                     ['{"b": 2}'])
+    assert r.status_code == 200, r.text
+    assert [c.params.guided for c in engine.calls] == [GuidedSpec.json_schema(SCHEMA)] * 2
+    assert [c["text"] for c in r.json()["choices"]] == ['{"b": 2}'] * 2
+
+
+@pytest.mark.parametrize("choice,names", [
+    ("required", ["get_weather", "get_time"]),
+    ({"type": "function", "function": {"name": "get_time"}}, ["get_time"]),
+])
+def test_forced_tool_choice_becomes_a_tool_call_grammar(choice, names):
+    engine, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": choice},
+                     ["get_time\n{}"])
+    assert r.status_code == 200, r.text
+    spec = engine.calls[0].params.guided
+    assert spec.kind == "tool_call" and [n for n, _ in spec.tools] == names
+    assert json.loads(dict(spec.tools)["get_time"]) == {"type": "object"}
+    assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_auto_and_none_stay_unconstrained():
+    for choice in ("auto", "none"):
+        engine, _ = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": choice})
+        assert engine.calls[0].params.guided is None
+
+
+def error(r, param):
+    assert r.status_code == 400, r.text
+    body = r.json()["error"]
+    assert body["type"] == "invalid_request_error" and body["param"] == param
+    return body["message"]
+
+
+def test_invalid_schemas_are_400_saying_what_is_wrong():
+    bad = {"type": "object", "properties": {"n": {"type": "integer", "minimum": "zero"}}}
+    engine, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(bad)})
+    message = error(r, "response_format.json_schema.schema")
+    assert "'zero' is not of type 'number'" in message and "properties/n/minimum" in message
+    _, r = post("/v1/completions", {"prompt": "x", "response_format": json_schema_format({"type": "nope"})})
+    assert "not a valid JSON Schema" in error(r, "response_format.json_schema.schema")
+    _, r = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema"}})
+    error(r, "response_format")
+    _, r = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "yaml"}})
+    error(r, "response_format.type")
+    assert engine.calls == []
+
+
+def test_a_forced_tools_invalid_parameters_schema_is_400_but_auto_does_not_check():
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                                     "required": "x"}}}]
+    _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": "required"})
+    assert "not a valid JSON Schema" in error(r, "tools.1.function.parameters")
+    _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": "auto"})
+    assert r.status_code == 200
+
+
+def test_response_format_and_a_forced_tool_call_conflict():
+    _, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "required",
+                                         "response_format": {"type": "json_object"}})
+    assert "tool_choice" in error(r, "response_format")
