@@ -1,0 +1,110 @@
+"""configs/*.yaml: each loads through ServerSettings (the YAML source the CLI uses), spells out the
+settings a deployment must think about, and its KV budget holds its max_model_len."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from glm4serve.api.settings import ServerSettings
+from glm4serve.model.config import ModelConfig
+from glm4serve.model.kv_cache import bytes_per_block
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SHARED_CHAT = Path(__file__).resolve().parents[2] / "shared" / "models" / "glm-4-9b-chat"
+MUST_SPELL_OUT = ("model", "dtype", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
+                  "max_waiting_requests", "request_timeout_seconds", "graceful_shutdown_seconds")
+KIB = 1024
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("GLM4SERVE_"):
+            monkeypatch.delenv(key)
+
+
+def load(name: str) -> ServerSettings:
+    return ServerSettings(config=str(REPO / "configs" / name))
+
+
+def test_the_four_deployments_have_a_config():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "glm-4-9b-chat.yaml", "glm-4-9b-chat-1m.yaml",
+                                        "glm-4-9b-0414.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_spells_out_what_matters(path):
+    raw = yaml.safe_load(path.read_text())
+    missing = [k for k in MUST_SPELL_OUT if k not in raw]
+    assert not missing, f"{path.name} leaves {missing} to the defaults"
+    s = ServerSettings(config=str(path))  # extra="forbid": a misspelled key fails here
+    assert s.max_model_len is not None and s.kv_cache_memory is not None
+    assert s.max_num_batched_tokens >= s.block_size and s.max_num_seqs >= 1
+    assert s.max_request_body_bytes >= 1024**2
+    # every key also parses in its own right (no silent fall-back to a default)
+    for key, value in raw.items():
+        if value is not None and key not in ("kv_cache_memory", "max_request_body_bytes"):
+            assert getattr(s, key) == value, key
+
+
+def test_real_model_configs_are_bfloat16_with_a_named_model():
+    for name in ("glm-4-9b-chat.yaml", "glm-4-9b-chat-1m.yaml", "glm-4-9b-0414.yaml"):
+        s = load(name)
+        assert s.dtype == "bfloat16" and s.model and s.served_model_name, name
+    assert load("demo.yaml").model is None
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    return bytes_per_block(cfg, 1, torch.bfloat16)
+
+
+def check_budget(s: ServerSettings, cfg: ModelConfig) -> None:
+    # the same arithmetic as server.build_llm_engine: whole blocks within the budget
+    blocks = s.kv_cache_memory // bytes_per_block(cfg, s.block_size, torch.bfloat16)
+    assert blocks * s.block_size >= s.max_model_len, "the KV budget cannot hold one full-length sequence"
+    assert s.max_model_len <= cfg.max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def chat_config_dict() -> dict:
+    if not (SHARED_CHAT / "config.json").is_file():
+        pytest.skip(f"{SHARED_CHAT} is absent")
+    return json.loads((SHARED_CHAT / "config.json").read_text())
+
+
+def test_glm_4_9b_chat_budget_holds_its_context(chat_config_dict):
+    cfg = ModelConfig.from_dir(SHARED_CHAT)
+    assert kv_bytes_per_token(cfg) == 40 * KIB
+    s = load("glm-4-9b-chat.yaml")
+    assert s.max_model_len == cfg.max_position_embeddings == 131072
+    check_budget(s, cfg)
+
+
+def test_glm_4_9b_chat_1m_budget_holds_its_context(chat_config_dict):
+    # The 1M model is the chat model with 4 KV groups and a 1M context (GLM4.md, section 1).
+    d = dict(chat_config_dict, multi_query_group_num=4, seq_length=1048576, rope_ratio=10000)
+    cfg = ModelConfig.from_dict(d)
+    assert kv_bytes_per_token(cfg) == 80 * KIB
+    check_budget(load("glm-4-9b-chat-1m.yaml"), cfg)
+
+
+def test_glm_4_9b_0414_budget_holds_its_context():
+    # GLM-4-9B-0414's published config.json (the fields that size the KV cache and the context)
+    cfg = ModelConfig.from_dict({
+        "model_type": "glm4", "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 151552,
+        "max_position_embeddings": 32768, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05, "attention_bias": True,
+    })
+    assert kv_bytes_per_token(cfg) == 40 * KIB
+    s = load("glm-4-9b-0414.yaml")
+    assert s.max_model_len == 32768  # no YaRN: not beyond the trained context
+    check_budget(s, cfg)
