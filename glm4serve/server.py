@@ -4,6 +4,7 @@ KV cache, start the engine loop. The HTTP app (api/) is built on what this retur
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -74,7 +75,13 @@ def kv_budget(settings: ServerSettings, device: str) -> int:
 
 def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu") -> LLMEngine:
     """The synchronous engine over a checkpoint directory (benchmarks and tests use it directly)."""
+    # The loader draws a tqdm bar only on a terminal; these lines mark the load in plain logs
+    # (docker, systemd), where a redrawn bar would be noise.
+    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    log.info("loading weights from %s (%.2f GB)", path, size / 1e9)
+    started = time.perf_counter()
     model = load_model(path, dtype=dtype, device=device)
+    log.info("weights loaded in %.1fs", time.perf_counter() - started)
     tokenizer = Tokenizer.from_dir(path)
     cfg = model.cfg
     dtype = next(model.parameters()).dtype

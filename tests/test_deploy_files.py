@@ -227,6 +227,7 @@ def test_image_command_serves_the_demo_with_a_deadline_and_stops_cleanly(tmp_pat
         wait_for(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 120, "/health 200", proc, log)
         text = log.read_text()
         assert "random weights" in text and "glm4serve serve --model" in text  # the first-run notice
+        assert "loading weights from" in text and "weights loaded in" in text  # the load, without a TTY
         assert (tmp_path / ".cache" / "glm4serve").is_dir()
         # the image's HEALTHCHECK command itself
         check = subprocess.run([sys.executable if a == "python" else a for a in healthcheck_argv(parse_dockerfile())],

@@ -1,0 +1,28 @@
+"""First run on a real model: the checkpoint load shows a tqdm bar on a terminal, and stays
+quiet (the server logs a start and an end line instead) when stderr is a pipe or a log file."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from glm4serve.model.glm4 import load_model
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_weight_loading_bar_on_a_terminal_only(make_checkpoint, monkeypatch):
+    path = make_checkpoint("glm", "hf", "small")
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    load_model(path, dtype="float32")
+    bar = terminal.getvalue()
+    assert "loading weights" in bar and "100%" in bar
+
+    pipe = io.StringIO()  # isatty() is False: docker logs, CI
+    monkeypatch.setattr(sys, "stderr", pipe)
+    load_model(path, dtype="float32")
+    assert pipe.getvalue() == ""
