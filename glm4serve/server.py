@@ -20,6 +20,9 @@ from .model.tokenizer import Tokenizer
 log = logging.getLogger("glm4serve")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
+# The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
+# small machine neither waits on nor needs 4 GiB of zeroed memory.
+DEMO_KV_BYTES = 1 << 30
 GPU_MEMORY_FRACTION = 0.9
 
 
@@ -67,6 +70,8 @@ def pick_device(device: str) -> str:
 def kv_budget(settings: ServerSettings, device: str) -> int:
     if settings.kv_cache_memory is not None:
         return settings.kv_cache_memory
+    if settings.model is None:
+        return DEMO_KV_BYTES
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return int(free * GPU_MEMORY_FRACTION)

@@ -26,3 +26,14 @@ def test_weight_loading_bar_on_a_terminal_only(make_checkpoint, monkeypatch):
     monkeypatch.setattr(sys, "stderr", pipe)
     load_model(path, dtype="float32")
     assert pipe.getvalue() == ""
+
+
+def test_the_demo_gets_a_small_kv_budget_unless_one_is_set(monkeypatch):
+    for key in ("GLM4SERVE_MODEL", "GLM4SERVE_KV_CACHE_MEMORY", "GLM4SERVE_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    from glm4serve.api.settings import ServerSettings
+    from glm4serve.server import DEFAULT_CPU_KV_BYTES, DEMO_KV_BYTES, kv_budget
+
+    assert kv_budget(ServerSettings(), "cpu") == DEMO_KV_BYTES < DEFAULT_CPU_KV_BYTES
+    assert kv_budget(ServerSettings(model="/some/checkpoint"), "cpu") == DEFAULT_CPU_KV_BYTES
+    assert kv_budget(ServerSettings(kv_cache_memory="64MiB"), "cpu") == 64 << 20
