@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_BUDGET="${1:-300}"
-BIN="${BIN:-.venv/bin}"
+BIN="$(cd "${BIN:-.venv/bin}" && pwd)"
 WORK="$(mktemp -d)"
 PORT="${PORT:-18777}"
 trap 'kill "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -22,6 +22,7 @@ SERVER=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.3; done
 
 status=0
+cd "$WORK"  # schemathesis keeps its state in ./.schemathesis: not in the repo
 "$BIN/st" run "http://127.0.0.1:$PORT/openapi.json" -H "Authorization: Bearer fuzz" \
   --checks not_a_server_error --max-time "$SECONDS_BUDGET" --request-timeout 60 || status=$?
 

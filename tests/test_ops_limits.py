@@ -123,6 +123,7 @@ def test_admission_429_with_retry_after_when_full():
     # only generation is admitted against the queue: the rest of the API stays up
     assert client.get("/v1/models").status_code == 200 and client.get("/health").status_code == 200
     assert metric(client, 'glm4serve:request_rejected_total{reason="queue_full"}') == 2
+    assert metric(client, "glm4serve:num_requests_admitted") == 3
     gate.num_generating = 2
     assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
     assert gate.num_generating == 2 and gate.num_in_flight == 0  # what the request took, it gave back
@@ -238,3 +239,18 @@ async def test_draining_server_gives_up_at_the_grace_deadline_and_a_second_signa
     impatient.handle_exit(signal.SIGTERM, None)
     impatient.handle_exit(signal.SIGTERM, None)  # second signal: uvicorn's own exit
     assert impatient.should_exit and impatient._captured_signals == [signal.SIGTERM]
+
+
+def test_cli_flags_for_the_operations_settings(monkeypatch):
+    from glm4serve import cli
+
+    for key in ("GLM4SERVE_CONFIG", "GLM4SERVE_CORS_ALLOWED_ORIGINS"):
+        monkeypatch.delenv(key, raising=False)
+    args = cli.build_parser().parse_args([
+        "serve", "--max-waiting-requests", "3", "--request-timeout-seconds", "2.5", "--max-request-body-bytes", "1MiB",
+        "--max-messages", "9", "--max-n", "4", "--max-prompts", "5", "--max-tokens-limit", "100", "--max-tools", "6",
+        "--max-stop", "7", "--cors-allowed-origins", "https://a.example, https://b.example"])
+    s = cli.settings_from_args(args)
+    assert (s.max_waiting_requests, s.request_timeout_seconds, s.max_request_body_bytes) == (3, 2.5, 1 << 20)
+    assert (s.max_messages, s.max_n, s.max_prompts, s.max_tokens_limit, s.max_tools, s.max_stop) == (9, 4, 5, 100, 6, 7)
+    assert s.cors_allowed_origins == ["https://a.example", "https://b.example"]

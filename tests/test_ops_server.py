@@ -94,7 +94,7 @@ def wait_idle(s: ServerProcess, timeout: float = 20) -> dict:
     while True:
         m = s.metrics()
         if (m["glm4serve:num_requests_running"], m["glm4serve:num_requests_waiting"],
-                m["glm4serve:kv_cache_blocks_used"]) == (0, 0, 0):
+                m["glm4serve:kv_cache_blocks_used"], m["glm4serve:num_requests_admitted"]) == (0, 0, 0, 0):
             return m
         if time.monotonic() > deadline:
             raise AssertionError(f"server not idle: { {k: v for k, v in m.items() if 'num_requests' in k or 'kv' in k} }")

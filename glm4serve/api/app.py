@@ -40,6 +40,7 @@ def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name
     gate = Gate.from_settings(settings)
     app.state.gate = gate  # the server's SIGTERM handler sets gate.draining
     app.add_middleware(GateMiddleware, gate=gate, metrics=ctx.metrics)
+    ctx.metrics.admitted.set_function(lambda: gate.num_generating)
     if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
                            allow_methods=["*"], allow_headers=["*"])

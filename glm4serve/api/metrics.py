@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -76,6 +76,9 @@ class Metrics:
         self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before running, by reason "
                                 "(queue_full, draining, body_too_large).", ["reason"], registry=r)
         self.timeouts = Counter(PREFIX + "request_timeout", "Requests aborted at their deadline.", registry=r)
+        # read from the app's Gate at scrape time (app.py sets the function)
+        self.admitted = Gauge(PREFIX + "num_requests_admitted", "Generation requests admitted and not yet "
+                              "answered (running, queued or streaming); capped by the queue limit.", registry=r)
         self.request_prompt_tokens = Histogram(PREFIX + "request_prompt_tokens", "Prompt length per request.",
                                                buckets=_TOKEN_BUCKETS, registry=r)
         self.request_generation_tokens = Histogram(PREFIX + "request_generation_tokens",
