@@ -12,7 +12,7 @@ import torch
 
 from glm4serve.engine.engine import EngineConfig
 from glm4serve.engine.guided import Guide, GuidedSpec, GuidedSpecError, Grammars, grammar_vocab, mask_logits
-from glm4serve.engine.sampler import Sampler, SampleRow
+from glm4serve.engine.sampler import Sampler, SampleRow, make_generator
 from glm4serve.engine.types import LENGTH, STOP, SamplingParams
 from glm4serve.server import build_llm_engine
 
@@ -248,12 +248,44 @@ def test_sampler_masks_only_constrained_rows_and_reports_logprobs_before_the_mas
     assert constrained.logprob.top[0][0] == int(before[1].argmax())  # a forbidden, likelier token
 
 
-def test_mask_logits_leaves_unguided_rows_and_cuts_padding_ids(engine):
+def test_sampled_rows_beside_a_constrained_one_draw_what_they_draw_alone(engine):
     tok = engine.tokenizer
-    guide = engine.grammars.guide(GuidedSpec.json_object(), frozenset(tok.stop_token_ids))
-    logits = torch.zeros(3, tok.vocab_size + 7)
-    mask_logits(logits, [None, guide, None])
-    assert torch.equal(logits[[0, 2]], torch.zeros(2, tok.vocab_size + 7))
-    allowed = (logits[1] == 0).nonzero().flatten().tolist()
-    assert allowed and all(tok.token_bytes(t).startswith(b"{") for t in allowed)
-    assert torch.isinf(logits[1, tok.vocab_size:]).all()
+    spec = GuidedSpec.json_schema({"enum": ["yes", "no"]})
+    logits = torch.randn(3, tok.vocab_size, generator=torch.Generator().manual_seed(1))
+
+    def row(seed, guide=None, temperature=0.9):
+        return SampleRow(SamplingParams(temperature=temperature, seed=seed, top_k=50), [1], [],
+                         make_generator(seed, 0), frozenset(), guide)
+
+    alone = [Sampler()(logits[i : i + 1], [row(i)])[0].token_id for i in (0, 2)]
+    for greedy_middle in (False, True):
+        guide = engine.grammars.guide(spec, frozenset(tok.stop_token_ids))
+        together = Sampler()(logits, [row(0), row(1, guide, 0.0 if greedy_middle else 0.9), row(2)])
+        assert [together[0].token_id, together[2].token_id] == alone
+        assert tok.decode([together[1].token_id]).startswith('"')
+
+
+def test_mask_logits_matches_xgrammars_kernel_and_cuts_padding_ids(engine):
+    import xgrammar as xgr
+
+    tok = engine.tokenizer
+    spec = GuidedSpec.json_schema(PERSON)
+    guides = [engine.grammars.guide(spec, frozenset(tok.stop_token_ids)) for _ in range(3)]
+    texts = ['{"name": "a', '{"name": "ab", "age": 1',
+             '{"name": "x", "age": 7, "role": "user", "address": {"city": "Paris", "zip": "12345"}}']
+    for g, text in zip(guides, texts):
+        for t in tok.encode(text):
+            g.advance(t)
+    logits = torch.randn(3, tok.vocab_size + 7, generator=torch.Generator().manual_seed(0))
+    ours = logits.clone()
+    mask_logits(ours, guides)
+    assert torch.isinf(ours[:, tok.vocab_size:]).all()
+    bitmask = xgr.allocate_token_bitmask(3, tok.vocab_size)
+    for j, g in enumerate(guides):
+        g._matcher.fill_next_token_bitmask(bitmask, j)
+    reference = logits[:, : tok.vocab_size].clone()
+    xgr.apply_token_bitmask_inplace(reference, bitmask)
+    assert torch.equal(ours[:, : tok.vocab_size], reference)
+    allowed = [set((row > -torch.inf).nonzero().flatten().tolist()) for row in ours]
+    assert tok.vocab_size // 2 < len(allowed[0]) < tok.vocab_size  # inside a string: most tokens, not all
+    assert allowed[2] == set(tok.stop_token_ids)  # complete: only the stop tokens

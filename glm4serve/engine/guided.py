@@ -5,9 +5,9 @@ is a JSON object, or JSON valid against a schema, or a GLM-4 tool call `{name}\\
 the given tools. `Grammars` compiles specs against the model's tokenizer (LRU cache, thread-safe:
 the API compiles up front in a worker thread, so a bad schema is a 400 and the engine loop finds
 the grammar cached) and makes a `Guide` per sequence: an xgrammar matcher that every sampled
-token advances. The sampler asks the guides of the constrained rows for a token bitmask and sets
-the forbidden logits to -inf (`mask_logits`); rows without a guide are never touched, and a batch
-without any allocates nothing.
+token advances. The sampler has the guides of the constrained rows fill a token bitmask and sets the
+forbidden logits of (a copy of) those rows to -inf (`mask_logits`); rows without a guide are
+never touched, and a batch without any allocates nothing.
 
 Format decisions:
 - JSON is compact, with json.dumps' separators (", " and ": ") and no other whitespace: GLM-4
@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 JSON_OBJECT = "json_object"
@@ -127,10 +129,6 @@ class Guide:
         self._matcher = matcher
         self.vocab_size = vocab_size  # the tokenizer's: the width of its bitmask rows
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
-        """Write the allowed next tokens into bitmask[row]; False when every token is allowed."""
-        return self._matcher.fill_next_token_bitmask(bitmask, row)
-
     def advance(self, token_id: int) -> bool:
         """Take the sampled token; True when it ended the grammar (a stop token after complete JSON)."""
         if not self._matcher.accept_token(token_id):
@@ -193,19 +191,23 @@ class Grammars:
         return Guide(xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops), self.tokenizer.vocab_size)
 
 
-def mask_logits(logits: torch.Tensor, guides: list[Guide | None]) -> None:
-    """In place: -inf on every token the guide of row i forbids (logits [B, V], guides[i] for row i,
-    None for an unconstrained row, which is left alone)."""
+def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
+    """In place: -inf on every token that guides[i] forbids in row i (logits [len(guides), V])."""
     import xgrammar as xgr
 
-    rows = [i for i, g in enumerate(guides) if g is not None]
-    if not rows:
-        return
-    vocab_size = guides[rows[0]].vocab_size
-    bitmask = xgr.allocate_token_bitmask(len(guides), vocab_size)  # [B, ceil(V/32)] int32, all allowed
-    masked = [i for i in rows if guides[i].fill_bitmask(bitmask, i)]
-    if masked:
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=min(vocab_size, logits.shape[1]),
-                                        indices=masked)
+    vocab_size = guides[0].vocab_size
+    bitmask = xgr.allocate_token_bitmask(len(guides), vocab_size)  # [G, ceil(V/32)] int32, bit = allowed
+    matchers = [g._matcher for g in guides]
+    if len(matchers) == 1:
+        matchers[0].fill_next_token_bitmask(bitmask, 0)
+    else:  # in C++ threads: some states (long bounded strings) take milliseconds each
+        xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1).batch_fill_next_token_bitmask(matchers, bitmask)
+    width = min(vocab_size, logits.shape[1])
+    if logits.device.type == "cpu" and sys.byteorder == "little":
+        # unpackbits + one masked_fill is ~5x faster than xgrammar's CPU kernel on a 151K vocabulary
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")  # [G, 32 * W], 0/1
+        logits[:, :width].masked_fill_(~torch.from_numpy(bits).view(torch.bool)[:, :width], -torch.inf)
+    else:
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=width)
     if logits.shape[1] > vocab_size:  # ids past the tokenizer's (padding rows) are never grammatical
-        logits[rows, vocab_size:] = -torch.inf
+        logits[:, vocab_size:] = -torch.inf

@@ -215,25 +215,35 @@ class Sampler:
         """logits [len(rows), V] -> one Sampled per row."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")
-        guided = any(r.guide is not None for r in rows)
-        if not guided and all(r.params.greedy and r.params.logprobs is None and not _needs_processing(r)
+        constrained = [i for i, r in enumerate(rows) if r.guide is not None]
+        if not constrained and all(r.params.greedy and r.params.logprobs is None and not _needs_processing(r)
                               for r in rows):
             return [Sampled(t, None) for t in logits.argmax(dim=-1).tolist()]
 
         processed = apply_processors(logits, rows)  # [B, V]
-        allowed = processed  # what tokens are chosen from: processed, grammar masks applied
-        if guided:
-            # a copy unless processed is already ours and no logprobs need it unmasked
-            keep = processed is logits or any(r.params.logprobs is not None for r in rows)
-            allowed = processed.clone() if keep else processed
-            mask_logits(allowed, [r.guide for r in rows])
+        # Constrained rows choose from a masked copy of their own rows only: `processed` stays
+        # as it is (the caller's logits, the logprobs), and the other rows are never copied.
+        position = {i: j for j, i in enumerate(constrained)}  # row -> its row of `masked`
+        masked = None
+        if constrained:
+            masked = processed[constrained]  # [G, V], a copy
+            mask_logits(masked, [rows[i].guide for i in constrained])
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if greedy:
-            token_ids[greedy] = _select(allowed, greedy).argmax(dim=-1)
+            token_ids[greedy] = _select(processed, greedy).argmax(dim=-1)
+            held = [i for i in greedy if i in position]
+            if held:  # their unmasked argmax is overwritten: cheaper than copying the other rows
+                token_ids[held] = _select(masked, [position[i] for i in held]).argmax(dim=-1)
         if sampled:
-            truncated = apply_truncation(_select(allowed, sampled), [rows[i].params for i in sampled])
+            choose_from = _select(processed, sampled)
+            held = [k for k, i in enumerate(sampled) if i in position]
+            if held:
+                if choose_from is processed:
+                    choose_from = processed.clone()
+                choose_from[held] = _select(masked, [position[sampled[k]] for k in held])
+            truncated = apply_truncation(choose_from, [rows[i].params for i in sampled])
             token_ids[sampled] = sample_from(truncated.softmax(dim=-1), [rows[i].generator for i in sampled])
 
         ids = token_ids.tolist()
