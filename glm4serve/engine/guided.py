@@ -20,7 +20,7 @@ Format decisions:
   otherwise admit a raw tab, which JSON forbids.
 - Once the grammar is complete only the request's stop tokens are allowed, so a finished reply
   ends with finish_reason "stop"; a reply cut by max_tokens still ends with "length".
-- The xgrammar import (~0.5 s) happens on the first constrained request, not at start-up.
+- xgrammar is imported (~0.6 s) on the first constrained request, not at start-up.
 """
 
 from __future__ import annotations
@@ -100,9 +100,10 @@ def build_grammar(spec: GuidedSpec):
 
     if spec.kind == TOOL_CALL:
         # `{name}\n` then the arguments: GLM-4's call format right after <|assistant|>
-        calls = [xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {json.dumps(name + chr(10))}"),
-                                    json_grammar(params))
-                 for name, params in spec.tools]
+        calls = []
+        for name, params in spec.tools:
+            name_line = xgr.Grammar.from_ebnf("root ::= " + json.dumps(name + "\n"))  # a JSON string is an EBNF literal
+            calls.append(xgr.Grammar.concat(name_line, json_grammar(params)))
         return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
     body = json_grammar(spec.schema if spec.kind == JSON_SCHEMA else '{"type": "object"}')
     if spec.leading_newline:
@@ -133,10 +134,6 @@ class Guide:
         """Take the sampled token; True when it ended the grammar (a stop token after complete JSON)."""
         if not self._matcher.accept_token(token_id):
             raise GuidedDecodingError(f"token {token_id} does not fit the grammar")
-        return self._matcher.is_terminated()
-
-    @property
-    def is_terminated(self) -> bool:
         return self._matcher.is_terminated()
 
 
