@@ -5,13 +5,24 @@ that share the batch must not notice."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 
 from glm4serve.engine.engine import EngineConfig
-from glm4serve.engine.guided import Guide, GuidedSpec, GuidedSpecError, Grammars, grammar_vocab, mask_logits
+from glm4serve.engine.guided import (
+    Grammars,
+    Guide,
+    GuidedDecodingError,
+    GuidedSpec,
+    GuidedSpecError,
+    grammar_vocab,
+    mask_logits,
+)
 from glm4serve.engine.sampler import Sampler, SampleRow, make_generator
 from glm4serve.engine.types import LENGTH, STOP, SamplingParams
 from glm4serve.server import build_llm_engine
@@ -289,3 +300,57 @@ def test_mask_logits_matches_xgrammars_kernel_and_cuts_padding_ids(engine):
     allowed = [set((row > -torch.inf).nonzero().flatten().tolist()) for row in ours]
     assert tok.vocab_size // 2 < len(allowed[0]) < tok.vocab_size  # inside a string: most tokens, not all
     assert allowed[2] == set(tok.stop_token_ids)  # complete: only the stop tokens
+
+
+def test_requests_without_a_constraint_never_load_the_grammar_engine():
+    script = """
+import sys
+sys.path.insert(0, "tests")
+from engine_fakes import FakeRunner, FakeTokenizer, VOCAB
+from glm4serve.engine.engine import LLMEngine
+from glm4serve.engine.scheduler import SchedulerConfig
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model.kv_cache import BlockPool
+
+engine = LLMEngine(FakeRunner(64, 4), FakeTokenizer(), SchedulerConfig(block_size=4, max_model_len=128),
+                   BlockPool(64, 4), (1, 2, 3), vocab_size=VOCAB)
+for i, params in enumerate([SamplingParams(max_tokens=5, temperature=0.0),
+                            SamplingParams(max_tokens=5, temperature=0.7, seed=1, logprobs=2, n=2)]):
+    engine.add_request(f"r{i}", [11, 12, 13], params)
+while engine.has_work:
+    engine.step()
+print("xgrammar" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_real_glm4_tokenizer_tool_call_and_json_reply(real_chat_dir):
+    from glm4serve.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(real_chat_dir)
+    grammars = Grammars(tok)
+    stops = frozenset(tok.stop_token_ids)
+    observation = tok.special_tokens["<|observation|>"]
+    call = GuidedSpec.tool_call({"get_weather": WEATHER, "get_time": TIME})
+    guide = grammars.guide(call, stops)
+    ids = tok.encode('get_time\n{"tz": "北京时间"}', allow_special=False)
+    assert [guide.advance(t) for t in ids] == [False] * len(ids)
+    assert guide.advance(observation) is True
+    # a plain chat reply's "\n" is allowed once before the JSON, not twice
+    reply = GuidedSpec.json_schema(WEATHER, leading_newline=True)
+    guide = grammars.guide(reply, stops)
+    for t in tok.encode('\n{"city": "Rome"}', allow_special=False):
+        guide.advance(t)
+    assert guide.advance(observation) is True
+    guide = grammars.guide(reply, stops)
+    guide.advance(tok.encode("\n")[0])
+    with pytest.raises(GuidedDecodingError):
+        guide.advance(tok.encode("\n")[0])
+    # the special tokens that are not stops never fit, even where their text would
+    guide = grammars.guide(GuidedSpec.json_schema({"type": "string"}), stops)
+    guide.advance(tok.encode('"')[0])
+    with pytest.raises(GuidedDecodingError):
+        guide.advance(tok.special_tokens["<|assistant|>"])
