@@ -354,3 +354,20 @@ def test_real_glm4_tokenizer_tool_call_and_json_reply(real_chat_dir):
     guide.advance(tok.encode('"')[0])
     with pytest.raises(GuidedDecodingError):
         guide.advance(tok.special_tokens["<|assistant|>"])
+
+
+def test_stop_strings_and_the_requests_own_stop_ids_apply_to_constrained_replies(engine):
+    tok = engine.tokenizer
+    spec = GuidedSpec.json_schema({"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+                                   "required": ["answer"]})
+    out = run(engine, [("s", prompt(engine), SamplingParams(max_tokens=50, temperature=0.0, guided=spec,
+                                                            stop=['"answer"']))])
+    assert out[("s", 0)][:2] == ("{", STOP)
+    # with ignore_eos the request's explicit stop id is the only way out of the finished grammar
+    user = tok.special_tokens["<|user|>"]
+    out = run(engine, [(f"i{k}", prompt(engine), SamplingParams(max_tokens=50, temperature=1.0, seed=k, guided=spec,
+                                                                ignore_eos=True, stop_token_ids=[user]))
+                       for k in range(4)])
+    for text, finish, tokens in out.values():
+        assert finish == STOP and tokens[-1] == user
+        assert json.loads(text) in ({"answer": "yes"}, {"answer": "no"})
