@@ -204,3 +204,4 @@ def test_steered_reply_without_tools_is_plain_text_and_a_cut_call_is_length(stee
     cut = c.chat.completions.create(model="glm4-steered", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
                                     temperature=0, max_tokens=5).choices[0]
     assert cut.finish_reason == "length"
+

@@ -83,7 +83,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
-    params = req.sampling_params(max_tokens, req.engine_logprobs)  # guided by response_format, if any
+    params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)  # guided by response_format, if any
     ctx.check_params(params)
     call_spec = forced_call_spec(req)
     if call_spec is not None:

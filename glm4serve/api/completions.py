@@ -67,7 +67,7 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
             ctx.check_token_ids(prompt, "prompt")
             ids, text = prompt, ctx.tokenizer.decode(prompt)
         max_tokens = ctx.fit_max_tokens(len(ids), req.max_tokens, "prompt")
-        params = req.sampling_params(max_tokens, req.logprobs)
+        params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
         ctx.check_params(params)
         await ctx.compile_guided(params, "response_format")  # cached after the first prompt
         jobs.append(PromptJob(ids, text, params, f"{request_id}-{p}"))

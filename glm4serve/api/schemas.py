@@ -205,16 +205,21 @@ class _SamplingBody(_Body):
         """Whether a JSON reply may open with one newline (GLM-4 chat replies do; the API strips it)."""
         return False
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
+        """`defaults`: the checkpoint's generation_config.json values for what the request leaves out
+        (as vLLM does); OpenAI's defaults otherwise."""
+        d = defaults or {}
+        sent = self.model_fields_set
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature if self.temperature is not None else d.get("temperature", 1.0),
+            top_p=self.top_p if self.top_p is not None else d.get("top_p", 1.0),
+            top_k=self.top_k if "top_k" in sent else d.get("top_k", self.top_k),
+            min_p=self.min_p if "min_p" in sent else d.get("min_p", self.min_p),
+            repetition_penalty=self.repetition_penalty if "repetition_penalty" in sent
+            else d.get("repetition_penalty", self.repetition_penalty),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,

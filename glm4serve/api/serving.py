@@ -40,6 +40,11 @@ class ServingContext:
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """generation_config.json's temperature/top_p/... for requests that leave them out."""
+        return getattr(self.tokenizer, "sampling_defaults", None) or {}
+
     # ---- checks -------------------------------------------------------------------------------
 
     def check_ready(self) -> None:

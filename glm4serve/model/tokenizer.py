@@ -103,6 +103,9 @@ class _HFBackend:
         return tok.encode(text, add_special_tokens=False).ids
 
 
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class Tokenizer:
     """Encode/decode for one checkpoint. Build it with `Tokenizer.from_dir(path)`."""
 
@@ -116,6 +119,7 @@ class Tokenizer:
         pad_token_id: int | None,
         chat_template: str | None,
         source: str,
+        sampling_defaults: dict | None = None,
     ):
         self._backend = backend
         self._token_bytes = token_bytes
@@ -127,6 +131,9 @@ class Tokenizer:
         self.pad_token_id = pad_token_id
         self.chat_template = chat_template
         self.source = source  # the file it was loaded from, for messages
+        # generation_config.json's sampling settings (glm-4-9b-chat: temperature 0.8, top_p 0.8),
+        # used by the API for requests that leave them out, as vLLM does
+        self.sampling_defaults = sampling_defaults or {}
 
     # ---- loading ----
 
@@ -174,6 +181,7 @@ class Tokenizer:
             pad_token_id=pad_id,
             chat_template=_load_chat_template(directory, tok_config),
             source=str(directory),
+            sampling_defaults={k: gen_config[k] for k in SAMPLING_DEFAULT_KEYS if k in gen_config},
         )
 
     # ---- encode / decode ----
