@@ -56,7 +56,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
-        path = write_random_checkpoint(d, **SHAPE)
+        write_random_checkpoint(d, **SHAPE)
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

@@ -12,11 +12,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from glm4serve import __version__
-from glm4serve.chat.template import TemplateError, render_prompt
 
 from .chat import chat_completions
 from .completions import prompt_prefix_ids, completions
-from .errors import APIError, install_error_handlers, invalid_request
+from .errors import APIError, install_error_handlers
 from .gate import Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .metrics import CONTENT_TYPE, Metrics
@@ -95,14 +94,8 @@ def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name
                 ids = prefix + ids
         else:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            try:
-                text = render_prompt([m.for_template() for m in body.messages], tools=tools,
-                                     chat_template=getattr(ctx.tokenizer, "chat_template", None),
-                                     add_generation_prompt=body.add_generation_prompt,
-                                     template_kwargs=body.chat_template_kwargs)
-            except TemplateError as e:
-                raise invalid_request(str(e), "messages") from e
-            ids = await ctx.encode(text)
+            ids = await ctx.chat_prompt_ids(body.messages, tools, body.add_generation_prompt,
+                                            body.chat_template_kwargs)
         return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")

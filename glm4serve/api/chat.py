@@ -23,7 +23,6 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from glm4serve.chat.template import TemplateError, render_prompt
 from glm4serve.chat.tool_parser import (
     CALL_SEPARATOR,
     ContentDelta,
@@ -34,7 +33,7 @@ from glm4serve.chat.tool_parser import (
 )
 from glm4serve.engine.types import ABORT, LENGTH, EngineError, Output, SamplingParams
 
-from .errors import APIError, invalid_request, server_error
+from .errors import APIError, server_error
 from .logprobs import chat_logprob_entries
 from .responses import (
     ChatChoice,
@@ -72,14 +71,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     ctx.check_ready()
     ctx.check_model(req.model)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
-    try:
-        text = render_prompt([m.for_template() for m in req.messages], tools=tools,
-                             chat_template=getattr(ctx.tokenizer, "chat_template", None),
-                             add_generation_prompt=req.add_generation_prompt,
-                             template_kwargs=req.chat_template_kwargs)
-    except TemplateError as e:
-        raise invalid_request(str(e), "messages") from e
-    prompt_ids = await ctx.encode(text)
+    prompt_ids = await ctx.chat_prompt_ids(req.messages, tools, req.add_generation_prompt, req.chat_template_kwargs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)

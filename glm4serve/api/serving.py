@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 import anyio
 from fastapi import Request
 
+from glm4serve.chat.template import TemplateError, render_prompt
 from glm4serve.engine.types import EngineError, Output, SamplingParams
 
 from .errors import APIError, invalid_request, server_error
@@ -99,6 +100,17 @@ class ServingContext:
         if len(text) > _THREAD_TOKENIZE_CHARS:
             return await asyncio.to_thread(self.tokenizer.encode, text, allow_special=True)
         return self.tokenizer.encode(text, allow_special=True)
+
+    async def chat_prompt_ids(self, messages, tools: list[dict] | None, add_generation_prompt: bool,
+                              template_kwargs: dict | None) -> list[int]:
+        """OpenAI messages -> the checkpoint's chat template -> token ids; 400 when unrenderable."""
+        try:
+            text = render_prompt([m.for_template() for m in messages], tools=tools,
+                                 chat_template=getattr(self.tokenizer, "chat_template", None),
+                                 add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
+        except TemplateError as e:
+            raise invalid_request(str(e), "messages") from e
+        return await self.encode(text)
 
     # ---- generation ---------------------------------------------------------------------------
 
