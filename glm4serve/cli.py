@@ -23,6 +23,8 @@ _SERVE_OPTIONS = [
     ("--block-size", "block_size", int, "tokens per KV block"),
     ("--max-num-seqs", "max_num_seqs", int, "most sequences in one batch"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "most tokens in one engine step"),
+    ("--enable-prefix-caching", "enable_prefix_caching", bool,
+     "reuse the KV cache of prompt prefixes seen before (default on; --no-enable-prefix-caching turns it off)"),
     ("--sse-ping-seconds", "sse_ping_seconds", float, "keep-alive comment interval on streams (0 = off)"),
     ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", float, "time in-flight requests get on SIGTERM"),
     ("--max-waiting-requests", "max_waiting_requests", int,
@@ -48,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server")
     for flag, dest, type_, help_ in _SERVE_OPTIONS:
-        serve.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=help_)
+        if type_ is bool:  # --flag / --no-flag
+            serve.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_)
+        else:
+            serve.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=help_)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Listed for --help only: main() hands its arguments to make_model_main untouched.
     commands.add_parser("make-model", help="write a small random GLM-4 checkpoint (see make-model --help)",

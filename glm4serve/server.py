@@ -116,6 +116,7 @@ def build_engine(settings: ServerSettings):
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=settings.max_model_len,
         block_size=settings.block_size,
+        enable_prefix_caching=settings.enable_prefix_caching,
         kv_cache_memory_bytes=kv_budget(settings, device),
     )
     llm = build_llm_engine(path, engine_cfg, settings.dtype, device)

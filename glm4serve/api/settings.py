@@ -51,6 +51,7 @@ class ServerSettings(BaseSettings):
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     sse_ping_seconds: float = Field(15.0, ge=0)  # keep-alive comment interval on streams; 0 = off
     graceful_shutdown_seconds: float = Field(30.0, ge=0)  # on SIGTERM, time for in-flight requests
     # Overload: past max_num_seqs running + this many waiting, new requests get 429 at once.

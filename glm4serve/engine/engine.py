@@ -43,6 +43,7 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: as many as kv_cache_memory_bytes buys
     kv_cache_memory_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
 
     def kv_cache_config(self) -> KVCacheConfig:
         return KVCacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
@@ -51,7 +52,8 @@ class EngineConfig:
     def scheduler_config(self, model_max_len: int, num_blocks: int) -> SchedulerConfig:
         max_len = self.max_model_len or min(model_max_len, num_blocks * self.block_size)
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=max_len, block_size=self.block_size)
+                               max_model_len=max_len, block_size=self.block_size,
+                               enable_prefix_caching=self.enable_prefix_caching)
 
 
 class LLMEngine:
@@ -120,6 +122,8 @@ class LLMEngine:
             kv_blocks_total=self.pool.num_blocks,
             kv_blocks_used=self.pool.num_used,
             num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
 
     def step(self) -> list[Output]:

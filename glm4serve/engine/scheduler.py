@@ -17,6 +17,12 @@ the logits row of its last prefill chunk; then they are forked: they take a refe
 prompt block. The last, partial prompt block is copied on write: whichever sequence first writes
 into a block it shares gets a fresh block, reported in `block_copies` for the model runner to copy
 before the forward.
+
+Prefix caching: once a full block's K/V is computed it is registered in the pool under the chain
+hash of its tokens. A sequence admitted with nothing computed (new, or preempted) first takes
+the cached blocks of its longest cached prefix, a reference each, and its prefill starts after
+them. At least its last token is always computed, since its logits are needed: the hit is cut
+to whole blocks before that token, so a cached block, shared and full, is never written into.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # query tokens per forward
     max_model_len: int = 8192  # prompt + output tokens of one sequence
     block_size: int = 16
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:
@@ -86,6 +93,8 @@ class Scheduler:
         self._forks: dict[int, list[Sequence]] = {}  # parent seq_id -> its unforked siblings
         self._requests: dict[str, list[Sequence]] = {}  # unfinished sequences of each request
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens found there (not computed again)
 
     # --- bookkeeping --------------------------------------------------------------------------
 
@@ -207,12 +216,21 @@ class Scheduler:
             seats = 1 + len(self._forks.get(seq.seq_id, ()))
             if self._seats_taken() + seats > self.cfg.max_num_seqs:
                 break
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self.pool.blocks_needed(n) > self.pool.num_free:
+            hit = self._cached_prefix(seq)
+            computed = len(hit) * self.pool.block_size
+            n = min(seq.num_tokens - computed, budget)
+            # the hit's evictable blocks are counted in num_free but are not free for this sequence
+            room = self.pool.num_free - sum(self.pool.is_evictable(b) for b in hit)
+            if self.pool.blocks_needed(computed + n) - len(hit) > room:
                 break
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
+            if self.cfg.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += computed
+            seq.block_table = self.pool.share(hit)
+            seq.num_computed_tokens = computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._take(seq, n, taken, out)
@@ -228,10 +246,34 @@ class Scheduler:
             if seq.num_computed_tokens != s.start:
                 raise RuntimeError(f"{seq} advanced twice for one step")
             seq.num_computed_tokens += s.num_tokens
+            if self.cfg.enable_prefix_caching:
+                self._register_full_blocks(seq, s.start, seq.num_computed_tokens)
             if seq.num_computed_tokens == seq.num_tokens and seq.seq_id in self._forks:
                 self._fork(seq)
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding its longest cached prefix of whole blocks, short of its last token."""
+        if not self.cfg.enable_prefix_caching or seq.num_computed_tokens:
+            return []
+        bs = self.pool.block_size
+        hit = []
+        for h in seq.block_hashes(bs, (seq.num_tokens - 1) // bs):
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def _register_full_blocks(self, seq: Sequence, start: int, end: int) -> None:
+        """Put the blocks that this step's tokens [start, end) completed into the prefix cache."""
+        bs = self.pool.block_size
+        first, last = start // bs, end // bs
+        if last > first:
+            hashes = seq.block_hashes(bs, last)
+            for i in range(first, last):
+                self.pool.register(seq.block_table[i], hashes[i])
 
     def _seats_taken(self) -> int:
         return len(self.running) + sum(len(self._forks.get(s.seq_id, ())) for s in self.running)
@@ -299,5 +341,6 @@ class Scheduler:
 
     def _free_blocks(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.pool.free(seq.block_table)
+            # tail first: cached tail blocks are evicted before the head blocks more prompts share
+            self.pool.free(seq.block_table[::-1])
             seq.block_table = []

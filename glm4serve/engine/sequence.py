@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..model.kv_cache import hash_block
 from .types import SamplingParams
 
 
@@ -43,6 +44,9 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()
     detokenizer: Any = None  # an IncrementalDetokenizer; Any keeps this module free of tokenizers
     guide: Any = None  # a guided.Guide when the request is constrained: it has taken every output token
+    # chain hashes of its first full blocks (prefix caching), filled on demand; tokens are only
+    # ever appended, so they never go stale, and they survive preemption
+    _block_hashes: list[bytes] = field(default_factory=list, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -68,6 +72,17 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    def block_hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
+        """Chain hashes (kv_cache.hash_block) of its first `num_blocks` blocks, which must be full."""
+        if num_blocks * block_size > self.num_tokens:
+            raise ValueError(f"{self} has fewer than {num_blocks} full blocks of {block_size}")
+        hashes = self._block_hashes
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            tokens = self.token_ids_between(i * block_size, (i + 1) * block_size)
+            hashes.append(hash_block(hashes[-1] if i else b"", tokens))
+        return hashes[:num_blocks]
 
     @property
     def last_token_id(self) -> int:
