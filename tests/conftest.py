@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_models import SHARED_MODELS
 
 torch.set_num_threads(2)
-
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 
 # Two shapes: "small" (2 KV groups, head_dim 16) and "wide" (3 KV groups of 2 heads, head_dim 32).
 SHAPES = {

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.api_fakes import FakeEngine, make_app
 
-CHAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "glm-4-9b-chat"
+from shared_models import GLM4_CHAT_DIR as CHAT_DIR
 
 
 @pytest.fixture(scope="module")

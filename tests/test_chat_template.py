@@ -2,7 +2,6 @@
 
 import datetime
 import json
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from glm4serve.chat.template import (
     to_glm_turns,
 )
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "glm-4-9b-chat"
+from shared_models import GLM4_CHAT_DIR as MODEL_DIR
 
 # GLM-4's split pattern (GLM4.md section 4), typed here independently of the tokenizer module.
 GLM4_PAT = (

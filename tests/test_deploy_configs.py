@@ -16,7 +16,7 @@ from glm4serve.model.kv_cache import bytes_per_block
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SHARED_CHAT = Path(__file__).resolve().parents[2] / "shared" / "models" / "glm-4-9b-chat"
+from shared_models import GLM4_CHAT_DIR as SHARED_CHAT
 MUST_SPELL_OUT = ("model", "dtype", "max_model_len", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
                   "max_waiting_requests", "request_timeout_seconds", "graceful_shutdown_seconds")
 KIB = 1024

@@ -6,7 +6,7 @@ import pytest
 from glm4serve.engine.detokenizer import IncrementalDetokenizer
 from glm4serve.engine.types import SamplingParams
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "glm-4-9b-chat"
+from shared_models import GLM4_CHAT_DIR as MODEL_DIR
 
 
 class FakeTokenizer:

@@ -25,7 +25,7 @@ from glm4serve.model.loader import (
 )
 from glm4serve.model.random_checkpoint import make_model_main, special_token_ids, write_random_checkpoint
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+from shared_models import SHARED_MODELS
 # Distinct sizes everywhere (q 64 rows, k and v 32 each, F != H) so a mix-up shows as a shape error.
 SMALL = dict(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, num_merges=300)
 

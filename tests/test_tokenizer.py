@@ -13,7 +13,7 @@ import pytest
 from glm4serve.model.small_tokenizer import GLM4_SPECIAL_TOKENS, write_small_tokenizer
 from glm4serve.model.tokenizer import Tokenizer, TokenizerError
 
-GLM4_CHAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "glm-4-9b-chat"
+from shared_models import GLM4_CHAT_DIR
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
