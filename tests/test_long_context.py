@@ -25,11 +25,12 @@ def test_rotary_matches_transformers_up_to_position_131071():
     cos, sin = hf_rot(q, positions[None])
     # transformers wants [batch, heads, T, D]
     q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-    c, s = ours.cos_sin(positions)
-    torch.testing.assert_close(ours(q, c, s), q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours(k, c, s), k_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    rot = ours.angles(positions)
+    q_ours, k_ours = ours(q.clone(), rot), ours(k.clone(), rot)  # rotates in place
+    torch.testing.assert_close(q_ours, q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_ours, k_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     # the second half of each head passes through untouched
-    assert torch.equal(ours(q, c, s)[..., 64:], q[..., 64:])
+    assert torch.equal(q_ours[..., 64:], q[..., 64:])
 
 
 MEMORY_PROBE = textwrap.dedent(

@@ -37,8 +37,9 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] long: flat cache slot of each new token
     prefills: list[PrefillSpan] = field(default_factory=list)
     num_prefill_tokens: int = 0  # decode tokens are [num_prefill_tokens, T)
-    decode_block_tables: torch.Tensor | None = None  # [B_dec, max_blocks] long, zero padded
+    decode_block_tables: torch.Tensor | None = None  # [B_dec, nb] long, zero padded; nb covers the longest
     decode_context_lens: torch.Tensor | None = None  # [B_dec] long, this token included
+    decode_mask: torch.Tensor | None = None  # [B_dec, nb * block_size] bool: slot < context length
 
     @property
     def num_decodes(self) -> int:
@@ -85,25 +86,19 @@ def prefill_attention(
 
 
 def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], over caches of different lengths -> [B, Hq, D]."""
+    """One query per sequence, q [B, Hq, D], over caches of different lengths -> [B, Hq, D].
+    block_tables [B, nb] and mask [B, nb * block_size] are built once per forward (batch.py)."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
-    max_blocks = -(-int(context_lens.max()) // block_size)
-    tables = block_tables[:, :max_blocks]
-    length = max_blocks * block_size
+    length = block_tables.shape[1] * block_size
     # [B, nb, block_size, Hkv, D] -> [B, L, Hkv, D] -> [B, Hkv, L, D]
-    k = k_cache[tables].view(b, length, hkv, d).transpose(1, 2)
-    v = v_cache[tables].view(b, length, hkv, d).transpose(1, 2)
+    k = k_cache[block_tables].view(b, length, hkv, d).transpose(1, 2)
+    v = v_cache[block_tables].view(b, length, hkv, d).transpose(1, 2)
     # GQA without repeating K/V: fold each KV head's group of query heads into the query axis.
-    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    mask = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(b, hq, d)
 
@@ -125,7 +120,5 @@ def paged_attention(
         out[s] = prefill_attention(q[s], k_cache, v_cache, span, scale)
     if batch.num_decodes:
         s = slice(batch.num_prefill_tokens, batch.num_prefill_tokens + batch.num_decodes)
-        out[s] = decode_attention(
-            q[s], k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale
-        )
+        out[s] = decode_attention(q[s], k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
     return out

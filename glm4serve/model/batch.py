@@ -63,10 +63,12 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu") -> Forwar
         num_prefill_tokens=sum(s.num_tokens for s in prefills),
     )
     if dec_tables:
-        width = max(len(t) for t in dec_tables)
-        padded = [t + [0] * (width - len(t)) for t in dec_tables]
+        width = -(-max(dec_lens) // block_size)  # blocks of the longest decode sequence
+        padded = [t[:width] + [0] * (width - len(t[:width])) for t in dec_tables]
         attn.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
         attn.decode_context_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
+        key_slots = torch.arange(width * block_size, device=device)
+        attn.decode_mask = key_slots[None, :] < attn.decode_context_lens[:, None]  # the same for every layer
     rows = [last_row[i] for i in range(len(chunks)) if chunks[i].want_logits]
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),

@@ -1,30 +1,79 @@
-"""float32 linear layers on CPU with oneDNN-packed weights.
+"""float32 linear layers on CPU, fast for decode.
 
-Decode is a matrix-vector product per layer, bound by memory reads. On the machines we measured,
-PyTorch's default fp32 `F.linear` reads weights at ~11 GB/s, a pre-packed oneDNN weight at
-~29 GB/s (benchmarks/bench_model.py and BENCHMARKS.md). The packed op is the one inductor uses
-for frozen CPU graphs; where it is missing we keep the plain layers.
+Decode is a matrix-vector product per layer, bound by memory reads. Measured on the project's
+2-core box (BENCHMARKS.md), reading the 310 MB output layer of a GLM-4-shaped model:
+
+| product             | PyTorch `F.linear` (MKL) | oneDNN packed | compiled reduction (inductor) |
+|---------------------|--------------------------|---------------|-------------------------------|
+| 1 row  (one stream) | ~11 GB/s                 | ~27 GB/s      | ~32 GB/s (the machine: ~34)   |
+| 32 rows             | 75 ms                    | 25 ms         | (re-reads the weight per row) |
+
+So every fp32 CPU linear holds its weight packed by oneDNN for a batch of 32 (the packing hint
+changes oneDNN's layout: 30-45% faster at 32 rows than the batch-1 hint, equal at one row). A weight
+too big for the cache, where one decoding stream is bound by memory, also keeps its plain copy for
+one-row products, computed as `(W * x).sum(-1)`: inductor fuses that into one reduction that
+streams W once at nearly the machine's read bandwidth. The plain copy doubles those matrices'
+memory: a price worth paying for small fp32 models, not for a 9B one (serve that in bf16, where
+none of this applies).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows
+STREAMED_WEIGHT_BYTES = 64 << 20  # above this a weight lives in DRAM, not cache, during decode
 
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _one_row_product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight [out, in], x [1, in] -> [1, out]; compiled, the product is never materialized."""
+    return (weight * x).sum(-1)[None]
+
+
+def compile_one_row_product(weight: torch.Tensor):
+    """The compiled kernel, warmed for this weight's shape now rather than on the first request
+    (inductor caches it on disk too), or None where inductor cannot compile (no C++ compiler)."""
+    try:
+        fn = torch.compile(_one_row_product, dynamic=False, fullgraph=True)
+        with torch.inference_mode():
+            fn(weight, torch.zeros(1, weight.shape[1], dtype=weight.dtype))
+        return fn
+    except Exception as e:  # noqa: BLE001 - whatever failed, oneDNN still works
+        log.warning("inductor could not compile the one-row product (%s); using oneDNN only", e)
+        return None
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, streamed_weight_bytes: int | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
         # weight [out, in] re-laid out in oneDNN's blocked format (an opaque mkldnn tensor)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.plain = None  # [out, in], kept only for the one-row kernel
+        self.one_row = None
+        if streamed_weight_bytes is None:
+            streamed_weight_bytes = STREAMED_WEIGHT_BYTES
+        if weight.numel() * weight.element_size() > streamed_weight_bytes:
+            plain = weight.contiguous()
+            self.one_row = compile_one_row_product(plain)
+            if self.one_row is not None:
+                self.plain = plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None and x.shape[0] == 1:
+            y = self.one_row(self.plain, x)
+            return y if self.bias is None else y + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same math, one fused op instead of seven
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # variance in fp32 whatever the model dtype; cast back before the weight, as GLM-4 does
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -33,7 +35,8 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Partial, interleaved (GPT-J style) RoPE: only the first `rotary_dim` dims of each head rotate,
-    in pairs (x0, x1), (x2, x3), ...; the rest pass through."""
+    in pairs (x0, x1), (x2, x3), ...; the rest pass through. A pair is a complex number x0 + i*x1,
+    and rotating it by the angle p * inv_freq is a multiplication by e^(i * angle)."""
 
     def __init__(self, rotary_dim: int, theta: float):
         super().__init__()
@@ -41,19 +44,18 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
         self.rotary_dim = rotary_dim
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # fp32 angles: exact enough at position 131,071 (positions are integers below 2^24)
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """e^(i * position * inv_freq): [T, rotary_dim / 2] complex64, computed once per forward.
+        fp32 angles are exact enough at position 131,071 (positions are integers below 2^24)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
-        return freqs.cos(), freqs.sin()
+        return torch.polar(torch.ones_like(freqs), freqs)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] -> same shape, rotated."""
-        t, h, d = x.shape
-        rot = x[..., : self.rotary_dim].float().view(t, h, self.rotary_dim // 2, 2)  # pairs
-        x0, x1 = rot[..., 0], rot[..., 1]  # [T, heads, rotary_dim / 2]
-        c, s = cos[:, None, :], sin[:, None, :]
-        rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).view(t, h, self.rotary_dim)
-        return torch.cat((rotated.to(x.dtype), x[..., self.rotary_dim :]), dim=-1)
+    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] in place (it may be a view into the fused qkv output)."""
+        pairs = x[..., : self.rotary_dim].unflatten(-1, (-1, 2))  # [T, heads, rotary_dim / 2, 2], a view
+        rotated = torch.view_as_complex(pairs.float()) * rot[:, None, :]  # [T, heads, rotary_dim / 2]
+        pairs.copy_(torch.view_as_real(rotated))  # fp32 math, stored back in the model's dtype
+        return x
 
 
 class Attention(nn.Module):
@@ -65,13 +67,12 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, cos, sin, rotary: Rotary, k_cache, v_cache, batch: AttentionBatch):
-        t = x.shape[0]
-        q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                     self.num_kv_heads * self.head_dim], dim=-1)
-        q = rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+    def forward(self, x, rot, rotary: Rotary, k_cache, v_cache, batch: AttentionBatch):
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)  # [T, (Hq + 2 Hkv) * D]
+        qk = rotary(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), rot)  # q and k heads rotate alike
+        q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)  # [T, Hkv, D]
         out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)  # [T, Hq, D]
         return self.o(out.view(t, self.num_heads * self.head_dim))
 
@@ -101,8 +102,8 @@ class Layer(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, rotary, k_cache, v_cache, batch):
-        h = self.attn(self.input_norm(x), cos, sin, rotary, k_cache, v_cache, batch)
+    def forward(self, x, rot, rotary, k_cache, v_cache, batch):
+        h = self.attn(self.input_norm(x), rot, rotary, k_cache, v_cache, batch)
         x = x + (self.post_attn_norm(h) if self.sandwich else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.sandwich else h)
@@ -128,9 +129,9 @@ class GLM4Model(nn.Module):
         logits_indices: torch.Tensor,  # [N] rows of T whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(positions)
+        rot = self.rotary.angles(positions)  # [T, rotary_dim / 2] complex
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, self.rotary, kv.k[i], kv.v[i], batch)
+            x = layer(x, rot, self.rotary, kv.k[i], kv.v[i], batch)
         x = self.norm(x.index_select(0, logits_indices))  # [N, H]: the norm is per row
         return self.lm_head(x).float()  # [N, V]
 
