@@ -81,3 +81,17 @@ def test_model_with_every_weight_streamed_matches_transformers_generate(make_che
         got.append(tok)
         nxt = [tok]
     assert got == expected
+
+
+def test_hugepage_copy_is_an_equal_tensor_that_outlives_its_source():
+    import gc
+
+    from glm4serve.model.cpu_linear import hugepage_copy
+
+    src = torch.randn(300, 700)
+    copy = hugepage_copy(src)
+    want = src.clone()
+    del src
+    gc.collect()
+    assert copy.is_contiguous() and copy.shape == (300, 700) and copy.data_ptr() % (2 << 20) == 0
+    assert torch.equal(copy, want)
