@@ -3,6 +3,7 @@ KV cache, start the engine loop. The HTTP app (api/) is built on what this retur
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -67,15 +68,27 @@ def pick_device(device: str) -> str:
     return device
 
 
-def kv_budget(settings: ServerSettings, device: str) -> int:
+def kv_budget(settings: ServerSettings, device: str) -> int | None:
+    """KV cache bytes; None on CUDA when none is set: build_llm_engine sizes it once the weights
+    are in GPU memory (measured before loading, the budget would leave no room for them)."""
     if settings.kv_cache_memory is not None:
         return settings.kv_cache_memory
     if settings.model is None:
         return DEMO_KV_BYTES
     if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * GPU_MEMORY_FRACTION)
+        return None
     return DEFAULT_CPU_KV_BYTES
+
+
+def cuda_kv_budget(device="cuda") -> int:
+    """As vLLM's gpu_memory_utilization: weights + KV cache take GPU_MEMORY_FRACTION of the GPU,
+    the rest stays for activations. Call with the weights loaded."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    budget = int(total * GPU_MEMORY_FRACTION) - (total - free)
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
+                         f"{total / 2**30:.1f} GiB after loading the weights): set kv_cache_memory")
+    return budget
 
 
 def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu") -> LLMEngine:
@@ -90,6 +103,8 @@ def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu")
     tokenizer = Tokenizer.from_dir(path)
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
+    if engine_cfg.kv_cache_memory_bytes is None:  # CUDA, no budget given: what the weights left
+        engine_cfg = dataclasses.replace(engine_cfg, kv_cache_memory_bytes=cuda_kv_budget(device))
     num_blocks = num_blocks_for(cfg, engine_cfg.kv_cache_config(), dtype)
     capacity = num_blocks * engine_cfg.block_size
     if engine_cfg.max_model_len and engine_cfg.max_model_len > capacity:

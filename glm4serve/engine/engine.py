@@ -42,7 +42,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
     block_size: int = 16
     num_blocks: int | None = None  # None: as many as kv_cache_memory_bytes buys
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: int | None = 1 << 30  # None: build_llm_engine sizes it (CUDA, after the weights)
     enable_prefix_caching: bool = True
 
     def kv_cache_config(self) -> KVCacheConfig:
