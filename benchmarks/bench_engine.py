@@ -9,7 +9,10 @@ prompt 32 tokens, 128 new tokens (greedy, ignore_eos), 2 threads.
 3. time to first token of a 4K-token prompt while 16 other requests decode, and the decode stall
    it causes (the 16 decoders' longest gap between tokens vs their median gap).
 
-    .venv/bin/python benchmarks/bench_engine.py [--new-tokens 128] [--skip-hf]
+    .venv/bin/python benchmarks/bench_engine.py [--new-tokens 128] [--repeats 3] [--skip-hf]
+
+Throughputs are the median of --repeats runs, ours and transformers alike (all runs printed): on
+the project's shared box one run can be 10-20% off.
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ def run_hf(model, batch: list[list[int]], new_tokens: int) -> float:
     return dt
 
 
+def median_rate(work: float, timed, repeats: int) -> tuple[float, str]:
+    """work / time for `repeats` calls of timed() -> (median rate, "r1 / r2 / ...")."""
+    rates = [work / timed() for _ in range(repeats)]
+    return statistics.median(rates), " / ".join(f"{r:.1f}" for r in rates)
+
+
 def ttft_under_load(engine: LLMEngine, long_len: int, decoders: int, seed: int = 8) -> None:
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts(decoders, 32, seed=7)):
@@ -130,6 +139,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -150,22 +160,20 @@ def main():
 
     one = prompts(1, a.prompt_tokens)
     run_engine(engine, one, 8)  # warm-up
-    dt = run_engine(engine, one, a.new_tokens)
-    ours1 = a.new_tokens / dt
-    line = f"single stream: ours {ours1:.1f} tokens/s ({ours1 / roof:.0%} of roofline)"
+    ours1, runs = median_rate(a.new_tokens, lambda: run_engine(engine, one, a.new_tokens), a.repeats)
+    line = f"single stream: ours {ours1:.1f} tokens/s ({ours1 / roof:.0%} of roofline; runs {runs})"
     if hf is not None:
         run_hf(hf, one, 4)
-        ref1 = a.new_tokens / run_hf(hf, one, a.new_tokens)
-        line += f", transformers generate() {ref1:.1f} tokens/s, ratio {ours1 / ref1:.2f}x"
+        ref1, runs = median_rate(a.new_tokens, lambda: run_hf(hf, one, a.new_tokens), a.repeats)
+        line += f", transformers generate() {ref1:.1f} tokens/s (runs {runs}), ratio {ours1 / ref1:.2f}x"
     print(line)
 
     many = prompts(a.batch, a.prompt_tokens, seed=1)
-    dt = run_engine(engine, many, a.new_tokens)
-    oursb = a.batch * a.new_tokens / dt
-    line = f"{a.batch} concurrent: ours {oursb:.0f} tokens/s aggregate"
+    oursb, runs = median_rate(a.batch * a.new_tokens, lambda: run_engine(engine, many, a.new_tokens), a.repeats)
+    line = f"{a.batch} concurrent: ours {oursb:.0f} tokens/s aggregate (runs {runs})"
     if hf is not None:
-        refb = a.batch * a.new_tokens / run_hf(hf, many, a.new_tokens)
-        line += f", transformers generate() static batch {refb:.0f} tokens/s, ratio {oursb / refb:.2f}x"
+        refb, runs = median_rate(a.batch * a.new_tokens, lambda: run_hf(hf, many, a.new_tokens), a.repeats)
+        line += f", transformers generate() static batch {refb:.0f} tokens/s (runs {runs}), ratio {oursb / refb:.2f}x"
     print(line)
 
     ttft_under_load(engine, 4096, 16, seed=8)

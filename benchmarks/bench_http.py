@@ -2,7 +2,9 @@
 bench_engine.py, sent as streaming /v1/completions requests to a real `glm4serve serve` process,
 against transformers generate() measured in the same run.
 
-    .venv/bin/python benchmarks/bench_http.py [--new-tokens 128] [--batch 32]
+    .venv/bin/python benchmarks/bench_http.py [--new-tokens 128] [--batch 32] [--repeats 3]
+
+Throughputs are medians of --repeats runs, ours and transformers alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_engine import SHAPE, prompts, run_hf  # noqa: E402
+from bench_engine import SHAPE, median_rate, prompts, run_hf  # noqa: E402
 from server_proc import ServerProcess  # noqa: E402
 
 from glm4serve.model.random_checkpoint import write_random_checkpoint  # noqa: E402
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -66,17 +69,19 @@ def main():
             one = prompts(1, a.prompt_tokens)
             many = prompts(a.batch, a.prompt_tokens, seed=1)
             asyncio.run(run_http(server.url, one, 8))  # warm-up
-            ours1 = a.new_tokens / asyncio.run(run_http(server.url, one, a.new_tokens))
-            oursb = a.batch * a.new_tokens / asyncio.run(run_http(server.url, many, a.new_tokens))
+            ours1, runs1 = median_rate(a.new_tokens, lambda: asyncio.run(run_http(server.url, one, a.new_tokens)),
+                                       a.repeats)
+            oursb, runsb = median_rate(a.batch * a.new_tokens,
+                                       lambda: asyncio.run(run_http(server.url, many, a.new_tokens)), a.repeats)
         finally:
             server.stop()
     run_hf(hf, one, 4)
-    ref1 = a.new_tokens / run_hf(hf, one, a.new_tokens)
-    refb = a.batch * a.new_tokens / run_hf(hf, many, a.new_tokens)
-    print(f"HTTP single stream: ours {ours1:.1f} tokens/s, transformers generate() {ref1:.1f} tokens/s, "
-          f"ratio {ours1 / ref1:.2f}x")
-    print(f"HTTP {a.batch} concurrent streams: ours {oursb:.0f} tokens/s aggregate, transformers generate() "
-          f"static batch {refb:.0f} tokens/s, ratio {oursb / refb:.2f}x")
+    ref1, hf_runs1 = median_rate(a.new_tokens, lambda: run_hf(hf, one, a.new_tokens), a.repeats)
+    refb, hf_runsb = median_rate(a.batch * a.new_tokens, lambda: run_hf(hf, many, a.new_tokens), a.repeats)
+    print(f"HTTP single stream: ours {ours1:.1f} tokens/s (runs {runs1}), transformers generate() {ref1:.1f} "
+          f"tokens/s (runs {hf_runs1}), ratio {ours1 / ref1:.2f}x")
+    print(f"HTTP {a.batch} concurrent streams: ours {oursb:.0f} tokens/s aggregate (runs {runsb}), transformers "
+          f"generate() static batch {refb:.0f} tokens/s (runs {hf_runsb}), ratio {oursb / refb:.2f}x")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,6 @@ def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu")
 
 def build_engine(settings: ServerSettings):
     """-> (AsyncEngine started, Tokenizer, served model name, max_model_len)"""
-    path = resolve_model(settings.model)
     device = pick_device(settings.device)
     engine_cfg = EngineConfig(
         max_num_seqs=settings.max_num_seqs,
@@ -134,8 +133,9 @@ def build_engine(settings: ServerSettings):
         enable_prefix_caching=settings.enable_prefix_caching,
         kv_cache_memory_bytes=kv_budget(settings, device),
     )
-    llm = build_llm_engine(path, engine_cfg, settings.dtype, device)
-    engine = AsyncEngine(llm)
-    engine.start()
+    # built on the engine loop's own thread: torch's parallel work stays on one OpenMP team
+    engine = AsyncEngine.start_built_on_loop_thread(
+        lambda: build_llm_engine(resolve_model(settings.model), engine_cfg, settings.dtype, device))
+    llm = engine.engine
     name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
     return engine, llm.tokenizer, name, llm.max_model_len

@@ -503,3 +503,27 @@ async def test_idle_loop_sleeps_and_shutdown_stops_it(async_engine):
     assert not ae.is_alive
     with pytest.raises(EngineError):
         await consume(ae, "late", prompt_of(0, 4), greedy())
+
+
+async def test_engine_built_on_its_loop_thread_serves_and_build_errors_reach_the_caller():
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return make_engine()[0]
+
+    ae = AsyncEngine.start_built_on_loop_thread(build)
+    try:
+        assert built_on == [ae._thread] and ae._thread is not threading.current_thread() and ae.is_alive
+        got = (await consume(ae, "r", prompt_of(0, 5), greedy(max_tokens=6)))["r", 0]
+        assert got.token_ids == continuation(prompt_of(0, 5), 6) and got.finish_reason == "length"
+    finally:
+        ae.shutdown()
+
+    def broken():
+        raise FileNotFoundError("no checkpoint here")
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        AsyncEngine.start_built_on_loop_thread(broken)
