@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
@@ -66,3 +67,24 @@ def test_long_prefill_memory_is_not_quadratic():
     full_scores = 4 * n * n * 4  # heads x n x n fp32 = 1 GiB for one unchunked span
     assert grew < 300 * 2**20, f"prefill of {n} tokens grew the process by {grew / 2**20:.0f} MiB"
     assert grew < full_scores / 3
+
+
+@pytest.mark.parametrize("past", [0, 37])
+def test_gpu_causal_path_equals_the_tiled_cpu_path(past):
+    """The CUDA branch of prefill attention (flag-causal, aligned to the last key, GQA heads
+    repeated) gives the tiled boolean-mask path's numbers; run here on CPU."""
+    from glm4serve.model.attention import PrefillSpan, causal_attention_gpu, prefill_attention
+
+    g = torch.Generator().manual_seed(0)
+    n, hq, hkv, d, bs = 50, 8, 2, 16, 4
+    ctx = past + n
+    nb = -(-ctx // bs)
+    k_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
+    v_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
+    table = torch.randperm(nb + 3, generator=g)[:nb]
+    q = torch.randn(n, hq, d, generator=g)
+    tiled = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), 0.25)
+    k_all = k_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
+    v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
+    fused = causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, 0.25)[0].transpose(0, 1)
+    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-5)
