@@ -97,3 +97,15 @@ def test_hugepage_copy_is_an_equal_tensor_that_outlives_its_source():
     gc.collect()
     assert copy.is_contiguous() and copy.shape == (300, 700) and copy.data_ptr() % (2 << 20) == 0
     assert torch.equal(copy, want)
+
+
+def test_without_a_compiler_the_big_weight_falls_back_to_onednn(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpu_linear.torch, "compile", no_compiler)
+    lin = linear(200, 48, bias=True, seed=2)
+    packed = PackedLinear(lin, streamed_weight_bytes=0)
+    assert packed.plain is None and packed.one_row is None
+    x = torch.randn(1, 48)
+    assert_close(packed(x), F.linear(x, lin.weight, lin.bias))
