@@ -68,15 +68,21 @@ def compile_one_row_product(weight: torch.Tensor):
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, streamed_weight_bytes: float | None = None):
+    """pack=False: oneDNN reads the plain weight (`.plain`, shared with cpu_decode.py's compiled
+    graphs): ~equal at one row, ~30% slower than packed at 32 rows, and no second copy."""
+
+    def __init__(self, linear: nn.Linear, streamed_weight_bytes: float | None = None, pack: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.one_row = None
+        if not pack:
+            self.plain = self.packed = hugepage_copy(weight)  # [out, in]
+            return
         # weight [out, in] re-laid out in oneDNN's blocked format (an opaque mkldnn tensor)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-        self.bias = None if linear.bias is None else linear.bias.detach()
         self.plain = None  # [out, in], kept only for the one-row kernel
-        self.one_row = None
         if streamed_weight_bytes is None:
             streamed_weight_bytes = STREAMED_WEIGHT_BYTES
         if weight.numel() * weight.element_size() > streamed_weight_bytes:
@@ -88,18 +94,20 @@ class PackedLinear(nn.Module):
                          self.out_features, self.in_features, plain.numel() * plain.element_size() / 1e6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is not None and x.shape[0] == 1:
+        if self.one_row is not None and x.shape[0] == 1:
             y = self.one_row(self.plain, x)
             return y if self.bias is None else y + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module, one_row_kernel_for: tuple[str, ...] = ("lm_head",)) -> int:
+def pack_linears(model: nn.Module, one_row_kernel_for: tuple[str, ...] = ("lm_head",),
+                 plain_for: tuple[str, ...] = ()) -> int:
     """Swap every fp32 CPU nn.Linear of `model` for a PackedLinear, in place. Returns how many.
 
     Only the layers named in one_row_kernel_for (by attribute name) may keep the plain copy for the
     one-row kernel: the output layer, the biggest matrix of a GLM-4 and most of a small model's
-    decode time. Doubling every big matrix would double a 9B fp32 model (37 GB) for ~20% on each."""
+    decode time. Doubling every big matrix would double a 9B fp32 model (37 GB) for ~20% on each.
+    Those named in plain_for stay unpacked (for cpu_decode.py, which reads them plain)."""
     if not packing_available():
         return 0
     swapped = 0
@@ -107,6 +115,6 @@ def pack_linears(model: nn.Module, one_row_kernel_for: tuple[str, ...] = ("lm_he
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
                 threshold = None if name in one_row_kernel_for else float("inf")
-                setattr(parent, name, PackedLinear(child, streamed_weight_bytes=threshold))
+                setattr(parent, name, PackedLinear(child, streamed_weight_bytes=threshold, pack=name not in plain_for))
                 swapped += 1
     return swapped

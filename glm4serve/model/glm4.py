@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_decode
 from .attention import AttentionBatch, paged_attention
 from .config import ModelConfig
 from .cpu_linear import pack_linears
@@ -118,6 +119,7 @@ class GLM4Model(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        self.one_token = None  # fp32 on CPU: the layers compiled for one decoding sequence (cpu_decode.py)
 
     @torch.inference_mode()
     def forward(
@@ -130,8 +132,11 @@ class GLM4Model(nn.Module):
     ) -> torch.Tensor:
         x = self.embed(input_ids)  # [T, H]
         rot = self.rotary.angles(positions)  # [T, rotary_dim / 2] complex
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rot, self.rotary, kv.k[i], kv.v[i], batch)
+        if self.one_token is not None and x.shape[0] == 1:
+            x = self.one_token(x, rot, kv, batch)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, rot, self.rotary, kv.k[i], kv.v[i], batch)
         x = self.norm(x.index_select(0, logits_indices))  # [N, H]: the norm is per row
         return self.lm_head(x).float()  # [N, V]
 
@@ -151,7 +156,8 @@ def load_model(
     path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None, pack: bool = True
 ) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
-    pack: fp32 linears on CPU get oneDNN-packed weights (cpu_linear.py), 2-3x faster decode."""
+    pack: fp32 linears on CPU get oneDNN-packed weights (cpu_linear.py), 2-3x faster decode; on a
+    model over 64 MiB the layers are also compiled for one decoding sequence (cpu_decode.py)."""
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path)
@@ -162,5 +168,8 @@ def load_model(
     model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 buffer, not a weight
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)
     if pack:
-        pack_linears(model)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        compile_layers = weight_bytes > cpu_decode.COMPILED_DECODE_MIN_BYTES
+        if pack_linears(model, plain_for=cpu_decode.LINEARS if compile_layers else ()) and compile_layers:
+            model.one_token = cpu_decode.compile_one_token_layers(model)
     return model.eval()

@@ -1,0 +1,112 @@
+"""One decoding sequence on CPU in fp32: each layer as two compiled graphs around paged attention.
+
+A single stream's decode step is one token through every layer. In eager PyTorch each layer is
+~45 small ops and 4 matrix-vector products, and on a small model the ops' dispatch costs as much as
+reading the weights. Here inductor compiles, per layer, [norm -> qkv -> rotary] and [o -> residual
+-> norm -> gate/up -> SwiGLU -> down -> residual], with every matrix-vector product written as
+`(W * x).sum(-1)` (one fused reduction that streams W once, see cpu_linear.py). Paged attention
+stays eager in between. Measured on the engine benchmark's model: a decode step ~1.5 ms shorter
+(BENCHMARKS.md). The graphs take the weights as arguments, so one compile serves every layer.
+
+Batches of several rows keep the eager layers; the layers' weights are then used unpacked by
+oneDNN (cpu_linear.py), so that this path costs no second copy of them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionBatch, paged_attention
+from .config import ModelConfig
+
+COMPILED_DECODE_MIN_BYTES = 64 << 20  # below this, compile time outweighs the step's few microseconds
+
+log = logging.getLogger(__name__)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def make_graphs(cfg: ModelConfig):
+    """The two per-layer functions for this model's shapes, compiled (one token, fp32)."""
+    hq, hkv, d, r, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.rms_norm_eps
+    sandwich = cfg.variant == "glm4"
+
+    def attn_in(x, norm_w, qkv_w, qkv_b, cos, sin):
+        """x [1, H] -> q [1, Hq, D], k [1, Hkv, D], v [1, Hkv, D], q and k rotated."""
+        qkv = (qkv_w * _rms_norm(x, norm_w, eps)).sum(-1)  # [(Hq + 2 Hkv) * D]
+        if qkv_b is not None:
+            qkv = qkv + qkv_b
+        qk = qkv[: (hq + hkv) * d].view(hq + hkv, d)  # q and k heads rotate alike
+        pairs = qk[:, :r].view(hq + hkv, r // 2, 2)  # interleaved pairs (x0, x1)
+        x0, x1 = pairs[..., 0], pairs[..., 1]  # [Hq + Hkv, r / 2]
+        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).view(hq + hkv, r)
+        qk = torch.cat((rotated, qk[:, r:]), dim=-1)  # [Hq + Hkv, D]
+        return qk[None, :hq], qk[None, hq:], qkv[(hq + hkv) * d :].view(1, hkv, d)
+
+    def attn_out_mlp(x, attn, o_w, post_attn_w, mlp_norm_w, gate_up_w, down_w, post_mlp_w):
+        """x [1, H], attn [1, Hq * D] -> the layer's output [1, H]."""
+        h = (o_w * attn).sum(-1)[None]  # [1, H]
+        x = x + (_rms_norm(h, post_attn_w, eps) if sandwich else h)
+        gate, up = (gate_up_w * _rms_norm(x, mlp_norm_w, eps)).sum(-1).chunk(2)  # [I] each
+        h = (down_w * (F.silu(gate) * up)).sum(-1)[None]  # [1, H]
+        return x + (_rms_norm(h, post_mlp_w, eps) if sandwich else h)
+
+    compile = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
+    return compile(attn_in), compile(attn_out_mlp)
+
+
+class OneTokenLayers:
+    """Runs every layer of `model` for a single new token through the compiled graphs, reading the
+    weights the layers hold (their linears unpacked: `model.layers[i].attn.qkv.plain` and so on)."""
+
+    def __init__(self, model):
+        self.attn_in, self.attn_out_mlp = make_graphs(model.cfg)
+        self.hidden_q = model.cfg.num_heads * model.cfg.head_dim
+        self.weights = []  # per layer: (attn_in's weights, attn_out_mlp's weights)
+        for layer in model.layers:
+            attn, mlp = layer.attn, layer.mlp
+            post_attn = layer.post_attn_norm.weight if layer.sandwich else None
+            post_mlp = layer.post_mlp_norm.weight if layer.sandwich else None
+            self.weights.append((
+                (layer.input_norm.weight, attn.qkv.plain, attn.qkv.bias),
+                (attn.o.plain, post_attn, layer.mlp_norm.weight, mlp.gate_up.plain, mlp.down.plain, post_mlp),
+            ))
+        self.scale = model.layers[0].attn.scale
+
+    def __call__(self, x, rot, kv, batch: AttentionBatch) -> torch.Tensor:
+        """x [1, H] (the new token's embedding), rot [1, rotary_dim / 2] complex -> [1, H]."""
+        cos, sin = rot.real, rot.imag  # [1, rotary_dim / 2] each
+        for i, (w_in, w_out) in enumerate(self.weights):
+            q, k, v = self.attn_in(x, *w_in, cos, sin)
+            out = paged_attention(q, k, v, kv.k[i], kv.v[i], batch, self.scale)  # [1, Hq, D]
+            x = self.attn_out_mlp(x, out.view(1, self.hidden_q), *w_out)
+        return x
+
+    def warm_up(self, hidden_size: int, rotary_dim: int) -> None:
+        """Compile both graphs now, with inputs laid out as in a forward, not on the first request."""
+        with torch.inference_mode():
+            x = torch.zeros(1, hidden_size)
+            rot = torch.polar(torch.ones(1, rotary_dim // 2), torch.zeros(1, rotary_dim // 2))
+            (w_in, w_out) = self.weights[0]
+            self.attn_in(x, *w_in, rot.real, rot.imag)
+            self.attn_out_mlp(x, torch.zeros(1, self.hidden_q), *w_out)
+
+
+LINEARS = ("qkv", "o", "gate_up", "down")  # the layers' linears that the graphs read plain
+
+
+def compile_one_token_layers(model) -> OneTokenLayers | None:
+    """For a model whose layer linears are unpacked (pack_linears(plain_for=LINEARS)); None where
+    inductor cannot compile (no C++ compiler): the eager layers then serve every batch."""
+    try:
+        layers = OneTokenLayers(model)
+        layers.warm_up(model.cfg.hidden_size, model.cfg.rotary_dim)
+        return layers
+    except Exception as e:  # noqa: BLE001 - whatever failed, the eager layers still work
+        log.warning("inductor could not compile the one-token decode step (%s); using eager layers", e)
+        return None

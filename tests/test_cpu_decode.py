@@ -1,0 +1,79 @@
+"""The compiled one-token decode step (model/cpu_decode.py) against transformers and the eager layers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from glm4serve.model import cpu_decode
+from glm4serve.model.batch import SeqChunk, build_batch
+from glm4serve.model.cpu_linear import packing_available
+from glm4serve.model.glm4 import load_model
+from glm4serve.model.kv_cache import BlockPool, KVCache
+
+pytestmark = [
+    pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing"),
+    pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                       reason="inductor needs a C++ compiler"),
+]
+
+
+def decode(model, prompt: list[int], steps: int, one_token: bool) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the decode steps' logits, with or without the compiled layers."""
+    saved = model.one_token
+    model.one_token = model.one_token if one_token else None
+    try:
+        kv, pool = KVCache(model.cfg, 64, 4, torch.float32), BlockPool(64, 4)
+        table, start, nxt, got, rows = [], 0, prompt, [], []
+        for _ in range(steps):
+            table += pool.allocate(pool.blocks_needed(start + len(nxt)) - len(table))
+            b = build_batch([SeqChunk(nxt, start, list(table))], 4)
+            logits = model(b.input_ids, b.positions, b.attn, kv, b.logits_indices)[0]
+            start += len(nxt)
+            rows.append(logits)
+            nxt = [int(logits.argmax())]
+            got.append(nxt[0])
+        return got, torch.stack(rows[1:])  # rows[0] is the prompt's, from the eager layers
+    finally:
+        model.one_token = saved
+
+
+@pytest.mark.parametrize("variant", ["glm", "glm4"])
+def test_one_token_layers_match_eager_and_transformers(make_checkpoint, monkeypatch, variant):
+    from transformers import AutoModelForCausalLM
+
+    path = make_checkpoint(variant, "hf", "wide")
+    monkeypatch.setattr(cpu_decode, "COMPILED_DECODE_MIN_BYTES", 0)  # compile even this tiny model
+    ours = load_model(path, dtype=torch.float32)
+    assert ours.one_token is not None
+    prompt = [11, 23, 5, 99, 42, 7, 64, 3]
+    got, compiled_logits = decode(ours, prompt, 16, one_token=True)
+    eager, eager_logits = decode(ours, prompt, 16, one_token=False)
+    assert got == eager
+    scale = eager_logits.abs().max().item()
+    assert (compiled_logits - eager_logits).abs().max().item() <= 1e-4 * max(scale, 1.0)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == expected
+
+
+def test_small_models_are_not_compiled(make_checkpoint):
+    ours = load_model(make_checkpoint("glm", "hf", "wide"), dtype=torch.float32)
+    assert ours.one_token is None  # far below COMPILED_DECODE_MIN_BYTES: packed layers only
+    assert ours.layers[0].attn.qkv.plain is None
+
+
+def test_without_a_compiler_the_eager_layers_serve(make_checkpoint, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpu_decode, "COMPILED_DECODE_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode.torch, "compile", no_compiler)
+    ours = load_model(make_checkpoint("glm", "hf", "wide"), dtype=torch.float32)
+    assert ours.one_token is None
+    got, _ = decode(ours, [1, 2, 3], 4, one_token=False)
+    assert len(got) == 4
