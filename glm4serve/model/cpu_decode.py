@@ -27,21 +27,21 @@ COMPILED_DECODE_MIN_BYTES = 64 << 20  # below this, compile time outweighs the s
 log = logging.getLogger(__name__)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
 def make_graphs(cfg: ModelConfig):
     """The two per-layer functions for this model's shapes, compiled (one token, fp32)."""
     hq, hkv, d, r, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.rms_norm_eps
     sandwich = cfg.variant == "glm4"
 
+    def norm(x, weight):  # fp32 here, so GLM-4's RMSNorm is exactly torch's
+        return F.rms_norm(x, weight.shape, weight, eps)
+
     def attn_in(x, norm_w, qkv_w, qkv_b, cos, sin):
         """x [1, H] -> q [1, Hq, D], k [1, Hkv, D], v [1, Hkv, D], q and k rotated."""
-        qkv = (qkv_w * _rms_norm(x, norm_w, eps)).sum(-1)  # [(Hq + 2 Hkv) * D]
+        qkv = (qkv_w * norm(x, norm_w)).sum(-1)  # [(Hq + 2 Hkv) * D]
         if qkv_b is not None:
             qkv = qkv + qkv_b
         qk = qkv[: (hq + hkv) * d].view(hq + hkv, d)  # q and k heads rotate alike
+        # glm4.Rotary's rotation in real arithmetic: inductor does not compile its complex multiply
         pairs = qk[:, :r].view(hq + hkv, r // 2, 2)  # interleaved pairs (x0, x1)
         x0, x1 = pairs[..., 0], pairs[..., 1]  # [Hq + Hkv, r / 2]
         rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).view(hq + hkv, r)
@@ -51,10 +51,10 @@ def make_graphs(cfg: ModelConfig):
     def attn_out_mlp(x, attn, o_w, post_attn_w, mlp_norm_w, gate_up_w, down_w, post_mlp_w):
         """x [1, H], attn [1, Hq * D] -> the layer's output [1, H]."""
         h = (o_w * attn).sum(-1)[None]  # [1, H]
-        x = x + (_rms_norm(h, post_attn_w, eps) if sandwich else h)
-        gate, up = (gate_up_w * _rms_norm(x, mlp_norm_w, eps)).sum(-1).chunk(2)  # [I] each
+        x = x + (norm(h, post_attn_w) if sandwich else h)
+        gate, up = (gate_up_w * norm(x, mlp_norm_w)).sum(-1).chunk(2)  # [I] each
         h = (down_w * (F.silu(gate) * up)).sum(-1)[None]  # [1, H]
-        return x + (_rms_norm(h, post_mlp_w, eps) if sandwich else h)
+        return x + (norm(h, post_mlp_w) if sandwich else h)
 
     compile = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
     return compile(attn_in), compile(attn_out_mlp)

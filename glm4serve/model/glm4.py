@@ -170,6 +170,7 @@ def load_model(
     if pack:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         compile_layers = weight_bytes > cpu_decode.COMPILED_DECODE_MIN_BYTES
-        if pack_linears(model, plain_for=cpu_decode.LINEARS if compile_layers else ()) and compile_layers:
+        packed = pack_linears(model, plain_for=cpu_decode.LINEARS if compile_layers else ())
+        if packed and compile_layers:  # packed: fp32 on CPU
             model.one_token = cpu_decode.compile_one_token_layers(model)
     return model.eval()
