@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from glm4serve.model import cpu_decode
+from glm4serve.model import cpu_decode, cpu_linear
 from glm4serve.model.batch import SeqChunk, build_batch
 from glm4serve.model.cpu_linear import packing_available
 from glm4serve.model.glm4 import load_model
@@ -40,14 +40,18 @@ def decode(model, prompt: list[int], steps: int, one_token: bool) -> tuple[list[
         model.one_token = saved
 
 
-@pytest.mark.parametrize("variant", ["glm", "glm4"])
-def test_one_token_layers_match_eager_and_transformers(make_checkpoint, monkeypatch, variant):
+@pytest.mark.parametrize("variant,lm_head_in_graph", [("glm", False), ("glm4", False), ("glm", True),
+                                                       ("glm4", True)])
+def test_one_token_layers_match_eager_and_transformers(make_checkpoint, monkeypatch, variant, lm_head_in_graph):
     from transformers import AutoModelForCausalLM
 
     path = make_checkpoint(variant, "hf", "wide")
     monkeypatch.setattr(cpu_decode, "COMPILED_DECODE_MIN_BYTES", 0)  # compile even this tiny model
+    if lm_head_in_graph:  # the output layer keeps a plain copy, which the last graph reads
+        monkeypatch.setattr(cpu_linear, "STREAMED_WEIGHT_BYTES", 0)
     ours = load_model(path, dtype=torch.float32)
     assert ours.one_token is not None
+    assert (ours.one_token.lm_head_w is not None) == lm_head_in_graph
     prompt = [11, 23, 5, 99, 42, 7, 64, 3]
     got, compiled_logits = decode(ours, prompt, 16, one_token=True)
     eager, eager_logits = decode(ours, prompt, 16, one_token=False)

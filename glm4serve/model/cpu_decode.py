@@ -1,11 +1,14 @@
-"""One decoding sequence on CPU in fp32: each layer as two compiled graphs around paged attention.
+"""One decoding sequence on CPU in fp32: the layers as compiled graphs around paged attention.
 
 A single stream's decode step is one token through every layer. In eager PyTorch each layer is
 ~45 small ops and 4 matrix-vector products, and on a small model the ops' dispatch costs as much as
-reading the weights. Here inductor compiles, per layer, [norm -> qkv -> rotary] and [o -> residual
--> norm -> gate/up -> SwiGLU -> down -> residual], with every matrix-vector product written as
-`(W * x).sum(-1)` (one fused reduction that streams W once, see cpu_linear.py). Paged attention
-stays eager in between. Measured on the engine benchmark's model: a decode step ~1.5 ms shorter
+reading the weights. Here inductor compiles what lies between two paged attentions: [norm -> qkv
+-> rotary] before the first, [o -> residual -> norm -> gate/up -> SwiGLU -> down -> residual ->
+next layer's norm -> qkv -> rotary] between two layers, and after the last [o ... residual ->
+final norm -> output layer]. Every matrix-vector product is written as `(W * x).sum(-1)` (one
+fused reduction that streams W once, see cpu_linear.py). Paged attention stays eager in between.
+Each compiled call costs ~40 us of dynamo and wrapper time, so the seams are where attention
+forces them, no more. Measured on the engine benchmark's model: a decode step ~2 ms shorter
 (BENCHMARKS.md). The graphs take the weights as arguments, so one compile serves every layer.
 
 Batches of several rows keep the eager layers; the layers' weights are then used unpacked by
@@ -28,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def make_graphs(cfg: ModelConfig):
-    """The two per-layer functions for this model's shapes, compiled (one token, fp32)."""
+    """The step's three compiled functions for this model's shapes (one token, fp32): the first
+    layer's attention input, the seam between two layers, and the last layer's end with the output
+    layer. Each matrix-vector product is a fused reduction over the weight."""
     hq, hkv, d, r, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.rms_norm_eps
     sandwich = cfg.variant == "glm4"
 
@@ -56,45 +61,66 @@ def make_graphs(cfg: ModelConfig):
         h = (down_w * (F.silu(gate) * up)).sum(-1)[None]  # [1, H]
         return x + (norm(h, post_mlp_w) if sandwich else h)
 
+    def between_layers(x, attn, out_w: tuple, in_w: tuple, cos, sin):
+        """Layer i's end and layer i + 1's start -> (x [1, H], q, k, v)."""
+        x = attn_out_mlp(x, attn, *out_w)
+        return (x, *attn_in(x, *in_w, cos, sin))
+
+    def last_layer_out(x, attn, out_w: tuple, final_norm_w, lm_head_w):
+        """The last layer's end, the final norm and, given its weight, the output layer ->
+        logits [1, V] (or the normed hidden state [1, H] when lm_head_w is None)."""
+        x = norm(attn_out_mlp(x, attn, *out_w), final_norm_w)
+        return x if lm_head_w is None else (lm_head_w * x).sum(-1)[None]
+
     compile = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
-    return compile(attn_in), compile(attn_out_mlp)
+    return compile(attn_in), compile(between_layers), compile(last_layer_out)
 
 
 class OneTokenLayers:
-    """Runs every layer of `model` for a single new token through the compiled graphs, reading the
-    weights the layers hold (their linears unpacked: `model.layers[i].attn.qkv.plain` and so on)."""
+    """Runs a single new token through every layer, the final norm and the output layer: the
+    compiled graphs around eager paged attention, 1 + num_layers calls in all. It reads the weights
+    the model holds: the layers' linears unpacked (`model.layers[i].attn.qkv.plain` and so on), the
+    output layer's plain copy where it keeps one (cpu_linear.py), else the output layer itself."""
 
     def __init__(self, model):
-        self.attn_in, self.attn_out_mlp = make_graphs(model.cfg)
+        self.first, self.between, self.last = make_graphs(model.cfg)
         self.hidden_q = model.cfg.num_heads * model.cfg.head_dim
-        self.weights = []  # per layer: (attn_in's weights, attn_out_mlp's weights)
+        self.w_in, self.w_out = [], []  # per layer: attn_in's weights, attn_out_mlp's weights
         for layer in model.layers:
             attn, mlp = layer.attn, layer.mlp
             post_attn = layer.post_attn_norm.weight if layer.sandwich else None
             post_mlp = layer.post_mlp_norm.weight if layer.sandwich else None
-            self.weights.append((
-                (layer.input_norm.weight, attn.qkv.plain, attn.qkv.bias),
-                (attn.o.plain, post_attn, layer.mlp_norm.weight, mlp.gate_up.plain, mlp.down.plain, post_mlp),
-            ))
+            self.w_in.append((layer.input_norm.weight, attn.qkv.plain, attn.qkv.bias))
+            self.w_out.append((attn.o.plain, post_attn, layer.mlp_norm.weight, mlp.gate_up.plain, mlp.down.plain,
+                               post_mlp))
+        self.final_norm_w = model.norm.weight
+        self.lm_head = model.lm_head
+        plain = getattr(model.lm_head, "plain", None)
+        self.lm_head_w = plain if model.lm_head.bias is None else None  # None: lm_head runs on its own
         self.scale = model.layers[0].attn.scale
 
     def __call__(self, x, rot, kv, batch: AttentionBatch) -> torch.Tensor:
-        """x [1, H] (the new token's embedding), rot [1, rotary_dim / 2] complex -> [1, H]."""
+        """x [1, H] (the new token's embedding), rot [1, rotary_dim / 2] complex -> logits [1, V]."""
         cos, sin = rot.real, rot.imag  # [1, rotary_dim / 2] each
-        for i, (w_in, w_out) in enumerate(self.weights):
-            q, k, v = self.attn_in(x, *w_in, cos, sin)
-            out = paged_attention(q, k, v, kv.k[i], kv.v[i], batch, self.scale)  # [1, Hq, D]
-            x = self.attn_out_mlp(x, out.view(1, self.hidden_q), *w_out)
-        return x
+        q, k, v = self.first(x, *self.w_in[0], cos, sin)
+        last = len(self.w_out) - 1
+        for i in range(last):
+            attn = paged_attention(q, k, v, kv.k[i], kv.v[i], batch, self.scale).view(1, self.hidden_q)
+            x, q, k, v = self.between(x, attn, self.w_out[i], self.w_in[i + 1], cos, sin)
+        attn = paged_attention(q, k, v, kv.k[last], kv.v[last], batch, self.scale).view(1, self.hidden_q)
+        out = self.last(x, attn, self.w_out[last], self.final_norm_w, self.lm_head_w)
+        return out if self.lm_head_w is not None else self.lm_head(out)
 
     def warm_up(self, hidden_size: int, rotary_dim: int) -> None:
-        """Compile both graphs now, with inputs laid out as in a forward, not on the first request."""
+        """Compile the graphs now, with inputs laid out as in a forward, not on the first request."""
         with torch.inference_mode():
             x = torch.zeros(1, hidden_size)
             rot = torch.polar(torch.ones(1, rotary_dim // 2), torch.zeros(1, rotary_dim // 2))
-            (w_in, w_out) = self.weights[0]
-            self.attn_in(x, *w_in, rot.real, rot.imag)
-            self.attn_out_mlp(x, torch.zeros(1, self.hidden_q), *w_out)
+            attn = torch.zeros(1, self.hidden_q)
+            self.first(x, *self.w_in[0], rot.real, rot.imag)
+            if len(self.w_out) > 1:
+                self.between(x, attn, self.w_out[0], self.w_in[1], rot.real, rot.imag)
+            self.last(x, attn, self.w_out[-1], self.final_norm_w, self.lm_head_w)
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")  # the layers' linears that the graphs read plain

@@ -119,7 +119,7 @@ class GLM4Model(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
-        self.one_token = None  # fp32 on CPU: the layers compiled for one decoding sequence (cpu_decode.py)
+        self.one_token = None  # fp32 on CPU: the step compiled for one decoding sequence (cpu_decode.py)
 
     @torch.inference_mode()
     def forward(
@@ -132,11 +132,10 @@ class GLM4Model(nn.Module):
     ) -> torch.Tensor:
         x = self.embed(input_ids)  # [T, H]
         rot = self.rotary.angles(positions)  # [T, rotary_dim / 2] complex
-        if self.one_token is not None and x.shape[0] == 1:
-            x = self.one_token(x, rot, kv, batch)
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, rot, self.rotary, kv.k[i], kv.v[i], batch)
+        if self.one_token is not None and x.shape[0] == 1 and logits_indices.shape[0] == 1:
+            return self.one_token(x, rot, kv, batch)  # [1, V]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rot, self.rotary, kv.k[i], kv.v[i], batch)
         x = self.norm(x.index_select(0, logits_indices))  # [N, H]: the norm is per row
         return self.lm_head(x).float()  # [N, V]
 
