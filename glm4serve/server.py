@@ -98,7 +98,7 @@ def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu")
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     log.info("loading weights from %s (%.2f GB)", path, size / 1e9)
     started = time.perf_counter()
-    model = load_model(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, device=device, kv_block_size=engine_cfg.block_size)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
     tokenizer = Tokenizer.from_dir(path)
     cfg = model.cfg

@@ -152,11 +152,13 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str | torc
 
 
 def load_model(
-    path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None, pack: bool = True
+    path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None, pack: bool = True,
+    kv_block_size: int = 16,
 ) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
     pack: fp32 linears on CPU get oneDNN-packed weights (cpu_linear.py), 2-3x faster decode; on a
-    model over 64 MiB the layers are also compiled for one decoding sequence (cpu_decode.py)."""
+    model over 64 MiB the layers are also compiled for one decoding sequence (cpu_decode.py), for
+    a KV cache of `kv_block_size`-token blocks."""
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path)
@@ -171,5 +173,5 @@ def load_model(
         compile_layers = weight_bytes > cpu_decode.COMPILED_DECODE_MIN_BYTES
         packed = pack_linears(model, plain_for=cpu_decode.LINEARS if compile_layers else ())
         if packed and compile_layers:  # packed: fp32 on CPU
-            model.one_token = cpu_decode.compile_one_token_layers(model)
+            model.one_token = cpu_decode.compile_one_token_layers(model, kv_block_size)
     return model.eval()
