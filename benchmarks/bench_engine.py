@@ -18,11 +18,15 @@ the project's shared box one run can be 10-20% off.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 
-import torch
+# as `glm4serve serve` does (cli.py), here for transformers too: before torch is imported
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 from glm4serve.engine.engine import EngineConfig, LLMEngine
 from glm4serve.engine.types import SamplingParams
