@@ -14,10 +14,10 @@ token, every event still parsed); the concurrent streams with httpx's asyncio cl
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import http.client
 import json
+import os
 import sys
 import tempfile
 import time

@@ -8,7 +8,7 @@ next layer's norm -> qkv -> rotary] between two layers, and after the last [o ..
 final norm -> output layer]. Every matrix-vector product is written as `(W * x).sum(-1)` (one
 fused reduction that streams W once, see cpu_linear.py). Each compiled call costs ~40 us of dynamo
 and wrapper time, so the seams are where writing the new token's K/V into the cache forces them
-(an in-place write into a graph input is not something to trust inductor with), no more.
+(the writes stay eager; writing into the cache, a graph input, from inside a graph was not tried).
 Measured on the engine benchmark's model: a decode step ~2 ms shorter (BENCHMARKS.md). The graphs
 take the weights as arguments, so one compile serves every layer.
 
@@ -112,10 +112,10 @@ def make_graphs(cfg: ModelConfig):
 
 class OneTokenLayers:
     """Runs a single new token through every layer, the final norm and the output layer: 1 +
-    num_layers compiled calls, with the K/V writes (and, for long contexts, paged attention)
-    eager between them. It reads the weights
-    the model holds: the layers' linears unpacked (`model.layers[i].attn.qkv.plain` and so on), the
-    output layer's plain copy where it keeps one (cpu_linear.py), else the output layer itself."""
+    num_layers compiled calls, with the K/V writes (and, for long contexts, paged attention) eager
+    between them. It reads the weights the model holds: the layers' linears unpacked
+    (`model.layers[i].attn.qkv.plain` and so on), the output layer's plain copy where it keeps one
+    (cpu_linear.py), else the output layer itself."""
 
     def __init__(self, model):
         self.first, self.between, self.last, self.attend_between, self.attend_last = make_graphs(model.cfg)
@@ -135,12 +135,13 @@ class OneTokenLayers:
         self.scale = model.layers[0].attn.scale
 
     def __call__(self, x, rot, kv, batch: AttentionBatch) -> torch.Tensor:
-        """x [1, H] (the new token's embedding), rot [1, rotary_dim / 2] complex -> logits [1, V]."""
+        """x [1, H] (the new token's embedding), rot [1, rotary_dim / 2] complex -> logits [1, V].
+        A one-token batch is always one decode (batch.py): one block table, one context length."""
         cos, sin = rot.real, rot.imag  # [1, rotary_dim / 2] each
         q, k, v = self.first(x, *self.w_in[0], cos, sin)
         last = len(self.w_out) - 1
-        context_len = batch.decode_context_lens
-        if batch.prefills or context_len is None or int(context_len[0]) > IN_GRAPH_ATTENTION_MAX_TOKENS:
+        context_len = batch.decode_context_lens  # [1]
+        if int(context_len[0]) > IN_GRAPH_ATTENTION_MAX_TOKENS:
             return self._eager_attention(x, q, k, v, cos, sin, kv, batch)
         table = batch.decode_block_tables[0]
         if table.shape[0] < 2:  # one block: a second, masked out, keeps the length a dynamic dimension
