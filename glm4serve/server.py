@@ -3,7 +3,6 @@ KV cache, start the engine loop. The HTTP app (api/) is built on what this retur
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -12,19 +11,15 @@ import torch
 
 from .api.settings import ServerSettings
 from .engine.async_engine import AsyncEngine
-from .engine.engine import EngineConfig, LLMEngine
-from .engine.model_runner import ModelRunner
+from .engine.block_pool import BlockPool
+from .engine.config import EngineArgs, plan_kv_cache
+from .engine.engine import LLMEngine
 from .model.glm4 import load_model
-from .model.kv_cache import BlockPool, KVCache, num_blocks_for
+from .model.kv_cache import bytes_per_token
+from .model.runner import make_runner
 from .model.tokenizer import Tokenizer
 
 log = logging.getLogger("glm4serve")
-
-DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
-# The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
-# small machine neither waits on nor needs 4 GiB of zeroed memory.
-DEMO_KV_BYTES = 1 << 30
-GPU_MEMORY_FRACTION = 0.9
 
 
 def demo_model_dir() -> Path:
@@ -68,74 +63,35 @@ def pick_device(device: str) -> str:
     return device
 
 
-def kv_budget(settings: ServerSettings, device: str) -> int | None:
-    """KV cache bytes; None on CUDA when none is set: build_llm_engine sizes it once the weights
-    are in GPU memory (measured before loading, the budget would leave no room for them)."""
-    if settings.kv_cache_memory is not None:
-        return settings.kv_cache_memory
-    if settings.model is None:
-        return DEMO_KV_BYTES
-    if device == "cuda":
-        return None
-    return DEFAULT_CPU_KV_BYTES
-
-
-def cuda_kv_budget(device="cuda") -> int:
-    """As vLLM's gpu_memory_utilization: weights + KV cache take GPU_MEMORY_FRACTION of the GPU,
-    the rest stays for activations. Call with the weights loaded."""
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    budget = int(total * GPU_MEMORY_FRACTION) - (total - free)
-    if budget <= 0:
-        raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
-                         f"{total / 2**30:.1f} GiB after loading the weights): set kv_cache_memory")
-    return budget
-
-
-def build_llm_engine(path, engine_cfg: EngineConfig, dtype="auto", device="cpu") -> LLMEngine:
-    """The synchronous engine over a checkpoint directory (benchmarks and tests use it directly)."""
+def build_llm_engine(args: EngineArgs) -> LLMEngine:
+    """The synchronous engine for these arguments (benchmarks and tests use it directly)."""
+    path, device = resolve_model(args.model), pick_device(args.device)
     # The loader draws a tqdm bar only on a terminal; these lines mark the load in plain logs
     # (docker, systemd), where a redrawn bar would be noise.
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     log.info("loading weights from %s (%.2f GB)", path, size / 1e9)
     started = time.perf_counter()
-    model = load_model(path, dtype=dtype, device=device, kv_block_size=engine_cfg.block_size)
+    model = load_model(path, dtype=args.dtype, device=device)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
     tokenizer = Tokenizer.from_dir(path)
-    cfg = model.cfg
-    dtype = next(model.parameters()).dtype
-    if engine_cfg.kv_cache_memory_bytes is None:  # CUDA, no budget given: what the weights left
-        engine_cfg = dataclasses.replace(engine_cfg, kv_cache_memory_bytes=cuda_kv_budget(device))
-    num_blocks = num_blocks_for(cfg, engine_cfg.kv_cache_config(), dtype)
-    capacity = num_blocks * engine_cfg.block_size
-    if engine_cfg.max_model_len and engine_cfg.max_model_len > capacity:
-        raise ValueError(f"max_model_len {engine_cfg.max_model_len} needs more KV cache than the budget holds "
-                         f"({capacity} tokens): raise kv_cache_memory or lower max_model_len")
-    sched_cfg = engine_cfg.scheduler_config(cfg.max_position_embeddings, num_blocks)
-    if sched_cfg.max_model_len < cfg.max_position_embeddings:
+    cfg, dtype = model.cfg, next(model.parameters()).dtype
+    token_bytes = bytes_per_token(cfg, dtype)
+    plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
+    if plan.max_model_len < cfg.max_position_embeddings:
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
-                    sched_cfg.max_model_len, cfg.max_position_embeddings)
-    kv = KVCache(cfg, num_blocks, engine_cfg.block_size, dtype, device)
-    log.info("model %s (%s, %s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)",
-             path, cfg.variant, dtype, device, num_blocks, engine_cfg.block_size, kv.nbytes / 2**30)
-    runner = ModelRunner(model, kv, vocab_limit=tokenizer.vocab_size)
-    return LLMEngine(runner, tokenizer, sched_cfg, BlockPool(num_blocks, engine_cfg.block_size),
-                     tokenizer.stop_token_ids, vocab_size=tokenizer.vocab_size)
+                    plan.max_model_len, cfg.max_position_embeddings)
+    runner = make_runner(model, plan.num_blocks, args.block_size, vocab_limit=tokenizer.vocab_size)
+    log.info("model %s (%s, %s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)", path, cfg.variant, dtype,
+             device, plan.num_blocks, args.block_size, plan.num_blocks * args.block_size * token_bytes / 2**30)
+    return LLMEngine(runner, tokenizer, args.scheduler_config(plan.max_model_len),
+                     BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
+                     vocab_size=tokenizer.vocab_size)
 
 
 def build_engine(settings: ServerSettings):
     """-> (AsyncEngine started, Tokenizer, served model name, max_model_len)"""
-    device = pick_device(settings.device)
-    engine_cfg = EngineConfig(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=settings.max_model_len,
-        block_size=settings.block_size,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        kv_cache_memory_bytes=kv_budget(settings, device),
-    )
+    args = settings.engine_args()
     # built on the engine loop's own thread: torch's parallel work stays on one OpenMP team
-    engine = AsyncEngine.start_built_on_loop_thread(
-        lambda: build_llm_engine(resolve_model(settings.model), engine_cfg, settings.dtype, device))
-    llm = engine.engine
+    engine = AsyncEngine.start(lambda: build_llm_engine(args))
     name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
-    return engine, llm.tokenizer, name, llm.max_model_len
+    return engine, engine.engine.tokenizer, name, engine.max_model_len

@@ -1,10 +1,11 @@
 """Model-free stand-ins for the engine tests: a runner over a fake paged cache, a tiny tokenizer.
 
-FakeRunner keeps token ids (not K/V) in a flat slot array laid out like the real KV cache. It
-executes the block copies, writes every scheduled token into its slot, then reads each sampling
-sequence's whole context back *through its block table* and checks it against the sequence's
-tokens. The next token is a function of that context, so a paging, fork or copy-on-write bug
-either trips the check or changes the generated text.
+FakeRunner stands in for the model runner (model/runner.py): it takes the same ScheduledBatch and
+returns logits. It keeps token ids (not K/V) in a flat slot array laid out like the real KV
+cache, executes the block copies, writes every scheduled token into its slot, then reads each
+sampling chunk's whole context back *through its block table*. The next token is a function of
+that context, so a paging, fork or copy-on-write bug changes the generated text; `drive` also
+checks every read-back context against the sequence's own tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from collections.abc import Callable
 
 import torch
 
+from glm4serve.engine.config import EngineArgs, SchedulerConfig
+from glm4serve.engine.engine import model_batch
 from glm4serve.engine.scheduler import Scheduler, SchedulerOutput
 from glm4serve.engine.sequence import Sequence
+from glm4serve.model.batch import ScheduledBatch
 
 VOCAB = 64
 FIRST_PLAIN = 10  # ids below are "special" in FakeTokenizer; the default model never emits them
@@ -38,42 +42,54 @@ def continuation(prompt: list[int], k: int, model: Callable[[list[int]], int] = 
 class FakeRunner:
     def __init__(self, num_blocks: int, block_size: int, model: Callable[[list[int]], int] = next_token,
                  peak: float = 40.0, delay: float = 0.0):
-        self.block_size = block_size
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.slots: list[int | None] = [None] * (num_blocks * block_size)
         self.model = model
         self.peak = peak  # logit of the model's token over 0 for the rest: 40 = certain, 1 = a coin toss
         self.delay = delay  # seconds per forward, to keep requests in flight in async tests
-        self.steps: list[SchedulerOutput] = []
+        self.steps: list[ScheduledBatch] = []
         self.fail_next = False  # raise from the next execute(), as a broken forward would
 
     def slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        self.steps.append(out)
+    def context(self, table: list[int], end: int) -> list[int | None]:
+        """Tokens 0..end of a sequence, read back through its block table."""
+        return [self.slots[self.slot(table, p)] for p in range(end)]
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        self.steps.append(batch)
         if self.delay:
             time.sleep(self.delay)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected forward failure")
         bs = self.block_size
-        for src, dst in out.block_copies:
+        for src, dst in batch.block_copies:
             self.slots[dst * bs : (dst + 1) * bs] = self.slots[src * bs : (src + 1) * bs]
-        for s in out.scheduled:  # all writes of the step land before any read, as in a forward
-            assert len(s.seq.block_table) * bs >= s.start + s.num_tokens, f"{s.seq} lacks blocks"
-            for i, t in enumerate(s.token_ids):
-                self.slots[self.slot(s.seq.block_table, s.start + i)] = t
+        for c in batch.chunks:  # all writes of the step land before any read, as in a forward
+            assert len(c.block_table) * bs >= c.start + len(c.token_ids), f"sequence {c.seq_id} lacks blocks"
+            for i, t in enumerate(c.token_ids):
+                self.slots[self.slot(c.block_table, c.start + i)] = t
         rows = []
-        for s in out.scheduled:
-            if not s.sample_for:
-                continue
-            end = s.start + s.num_tokens
-            seen = [self.slots[self.slot(s.seq.block_table, p)] for p in range(end)]
-            assert seen == s.seq.token_ids_between(0, end), f"cache of {s.seq} holds {seen}"
-            rows.append(self.model(seen))
+        for c in batch.chunks:
+            if c.want_logits:
+                seen = self.context(c.block_table, c.start + len(c.token_ids))
+                assert None not in seen, f"sequence {c.seq_id} reads slots never written: {seen}"
+                rows.append(self.model(seen))
         logits = torch.zeros(len(rows), VOCAB)
         for r, t in enumerate(rows):
             logits[r, t] = self.peak
+        return logits
+
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        """execute() the scheduler's output as the engine hands it over, then check that what each
+        sampling sequence read back through its block table is its own context."""
+        logits = self.execute(model_batch(out))
+        for s in out.scheduled:
+            end = s.start + s.num_tokens
+            if s.sample_for:
+                assert self.context(s.seq.block_table, end) == s.seq.token_ids_between(0, end), f"cache of {s.seq}"
         return logits
 
 
@@ -84,7 +100,7 @@ def drive(sched: Scheduler, runner: FakeRunner, max_tokens: dict[int, int], max_
     while sched.has_work:
         assert steps < max_steps, "no progress"
         out = sched.schedule()
-        logits = runner.execute(out)
+        logits = runner.run(out)
         sched.on_step_done(out)
         if on_step:
             on_step(steps, out)
@@ -128,3 +144,27 @@ def make_seq(seq_id: int, prompt: list[int], request_id: str | None = None, inde
     from glm4serve.engine.types import SamplingParams
 
     return Sequence(seq_id, request_id or f"r{seq_id}", index, list(prompt), SamplingParams(**params))
+
+
+class RecordingRunner:
+    """Wraps a real model runner: counts block copies and keeps the smallest gap between the best
+    two logits of any row, to tell a real mismatch from a near tie."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.num_blocks, self.block_size = runner.num_blocks, runner.block_size
+        self.min_gap = float("inf")
+        self.copies = 0
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        self.copies += len(batch.block_copies)
+        logits = self.runner.execute(batch)
+        if logits.shape[0]:
+            top2 = logits.topk(2, dim=-1).values
+            self.min_gap = min(self.min_gap, float((top2[:, 0] - top2[:, 1]).min()))
+        return logits
+
+
+def sched_config(max_model_len: int = 8192, **engine_args) -> SchedulerConfig:
+    """The scheduler's limits as the engine derives them from EngineArgs (its defaults but those given)."""
+    return EngineArgs(**engine_args).scheduler_config(max_model_len)

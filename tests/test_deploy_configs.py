@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from glm4serve.api.settings import ServerSettings
+from glm4serve.engine.config import plan_kv_cache
 from glm4serve.model.config import ModelConfig
-from glm4serve.model.kv_cache import bytes_per_block
+from glm4serve.model.kv_cache import bytes_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -63,14 +64,13 @@ def test_real_model_configs_are_bfloat16_with_a_named_model():
 
 
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
-    return bytes_per_block(cfg, 1, torch.bfloat16)
+    return bytes_per_token(cfg, torch.bfloat16)
 
 
 def check_budget(s: ServerSettings, cfg: ModelConfig) -> None:
-    # the same arithmetic as server.build_llm_engine: whole blocks within the budget
-    blocks = s.kv_cache_memory // bytes_per_block(cfg, s.block_size, torch.bfloat16)
-    assert blocks * s.block_size >= s.max_model_len, "the KV budget cannot hold one full-length sequence"
-    assert s.max_model_len <= cfg.max_position_embeddings
+    # the plan server.build_llm_engine makes: it refuses a max_model_len the budget cannot hold
+    plan = plan_kv_cache(s.engine_args(), cfg.max_position_embeddings, kv_bytes_per_token(cfg), "cuda")
+    assert plan.max_model_len == s.max_model_len <= cfg.max_position_embeddings
 
 
 @pytest.fixture(scope="module")

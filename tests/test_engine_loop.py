@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from glm4serve.engine.async_engine import AsyncEngine
-from glm4serve.engine.engine import EngineConfig, LLMEngine
-from glm4serve.engine.scheduler import SchedulerConfig
+from glm4serve.engine.config import EngineArgs, KVPlan, plan_kv_cache
+from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import EngineError, SamplingParams
-from glm4serve.model.kv_cache import BlockPool
-from tests.engine_fakes import VOCAB, FakeRunner, FakeTokenizer, continuation, next_token, text_of
+from glm4serve.engine.block_pool import BlockPool
+from tests.engine_fakes import VOCAB, FakeRunner, FakeTokenizer, continuation, next_token, sched_config, text_of
 
 MODEL_STOPS = FakeTokenizer.stop_token_ids  # (1, 2, 3)
 POISON = 60  # FakeTokenizer(fail_on=POISON) raises when asked for its bytes
@@ -22,7 +22,7 @@ POISON = 60  # FakeTokenizer(fail_on=POISON) raises when asked for its bytes
 def make_engine(num_blocks=128, block_size=4, max_model_len=None, budget=64, max_num_seqs=64,
                 model=next_token, tokenizer=None, **runner_kw):
     pool = BlockPool(num_blocks, block_size)
-    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+    cfg = sched_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                           max_model_len=max_model_len or num_blocks * block_size, block_size=block_size)
     runner = FakeRunner(num_blocks, block_size, model=model, **runner_kw)
     engine = LLMEngine(runner, tokenizer or FakeTokenizer(), cfg, pool, MODEL_STOPS, vocab_size=VOCAB)
@@ -159,7 +159,7 @@ def test_n_choices_share_the_prompt_and_agree_when_greedy():
     engine.add_request("n", prompt, greedy(n=3, max_tokens=5))
     outs = engine.step()
     assert [(o.index, o.token_ids) for o in outs] == [(i, continuation(prompt, 1)) for i in range(3)]
-    assert len(runner.steps[0].scheduled) == 1  # one prefill for three choices
+    assert len(runner.steps[0].chunks) == 1  # one prefill for three choices
     table = engine.scheduler.running[0].block_table
     assert [pool.ref_count(b) for b in table] == [3, 3, 3]
     got: dict = {}
@@ -350,12 +350,16 @@ def test_bad_requests_are_refused_at_add():
     assert engine.stats().num_waiting == 1
 
 
-def test_engine_config_caps_context_by_the_cache():
-    cfg = EngineConfig(block_size=16, num_blocks=100)
-    assert cfg.scheduler_config(model_max_len=131072, num_blocks=100).max_model_len == 1600
-    assert cfg.scheduler_config(model_max_len=1000, num_blocks=100).max_model_len == 1000
-    assert EngineConfig(max_model_len=512).scheduler_config(131072, 100).max_model_len == 512
-    assert cfg.kv_cache_config().num_blocks == 100
+def test_the_kv_plan_caps_the_context_by_the_cache():
+    args = EngineArgs(block_size=16, num_kv_blocks=100)
+    assert plan_kv_cache(args, model_max_len=131072, bytes_per_token=1024, device="cpu") == KVPlan(100, 1600)
+    assert plan_kv_cache(args, model_max_len=1000, bytes_per_token=1024, device="cpu") == KVPlan(100, 1000)
+    asked = EngineArgs(max_model_len=512, kv_cache_memory="1MiB")
+    assert plan_kv_cache(asked, 131072, 1024, "cpu") == KVPlan((1 << 20) // (1024 * 16), 512)
+    with pytest.raises(ValueError, match="needs more KV cache"):
+        plan_kv_cache(EngineArgs(max_model_len=1601, num_kv_blocks=100), 131072, 1024, "cpu")
+    with pytest.raises(ValueError, match="holds no block"):
+        plan_kv_cache(EngineArgs(kv_cache_memory=1000), 131072, 1024, "cpu")
 
 
 # --- AsyncEngine ------------------------------------------------------------------------------
@@ -367,8 +371,7 @@ def async_engine():
 
     def make(**kw):
         engine, runner, pool = make_engine(**kw)
-        ae = AsyncEngine(engine)
-        ae.start()
+        ae = AsyncEngine.start(lambda: engine)
         engines.append(ae)
         return ae, runner, pool
 
@@ -401,7 +404,7 @@ async def test_concurrent_generates(async_engine):
         for c in got.values():
             assert c.token_ids == continuation(p, 6) and c.finish_reason == "length"
     await wait_until(lambda: ae.stats().kv_blocks_used == 0)
-    assert len({len(s.scheduled) for s in runner.steps}) > 1  # requests really shared steps
+    assert len({len(s.chunks) for s in runner.steps}) > 1  # requests really shared steps
     s = ae.stats()
     assert s.alive and s.num_running == 0 and s.kv_blocks_total == pool.num_blocks
 
@@ -514,7 +517,7 @@ async def test_engine_built_on_its_loop_thread_serves_and_build_errors_reach_the
         built_on.append(threading.current_thread())
         return make_engine()[0]
 
-    ae = AsyncEngine.start_built_on_loop_thread(build)
+    ae = AsyncEngine.start(build)
     try:
         assert built_on == [ae._thread] and ae._thread is not threading.current_thread() and ae.is_alive
         got = (await consume(ae, "r", prompt_of(0, 5), greedy(max_tokens=6)))["r", 0]
@@ -526,4 +529,4 @@ async def test_engine_built_on_its_loop_thread_serves_and_build_errors_reach_the
         raise FileNotFoundError("no checkpoint here")
 
     with pytest.raises(FileNotFoundError, match="no checkpoint here"):
-        AsyncEngine.start_built_on_loop_thread(broken)
+        AsyncEngine.start(broken)

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 
-from glm4serve.engine.engine import EngineConfig
+from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.guided import (
     Grammars,
     Guide,
@@ -54,8 +54,8 @@ TIME = {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 6
 
 @pytest.fixture(scope="module")
 def engine(make_checkpoint):
-    return build_llm_engine(make_checkpoint(), EngineConfig(kv_cache_memory_bytes=32 << 20, max_model_len=1024),
-                            dtype="float32")
+    return build_llm_engine(EngineArgs(model=str(make_checkpoint()), dtype="float32", kv_cache_memory=32 << 20,
+                                       max_model_len=1024))
 
 
 def prompt(engine, text="Tell me about someone.") -> list[int]:
@@ -167,8 +167,8 @@ def test_preempted_constrained_sequences_recompute_and_stay_valid(make_checkpoin
     spec = GuidedSpec.json_schema(PERSON)
 
     def replies(num_blocks):
-        eng = build_llm_engine(make_checkpoint(), EngineConfig(block_size=4, num_blocks=num_blocks, max_model_len=200,
-                                                               max_num_seqs=8), dtype="float32")
+        eng = build_llm_engine(EngineArgs(model=str(make_checkpoint()), dtype="float32", block_size=4,
+                                          num_kv_blocks=num_blocks, max_model_len=200, max_num_seqs=8))
         reqs = [(f"q{i}", prompt(eng), SamplingParams(max_tokens=180, temperature=0.0 if i % 2 else 0.9, seed=i,
                                                       guided=spec)) for i in range(6)]
         return run(eng, reqs), eng.stats().num_preemptions_total
@@ -306,13 +306,12 @@ def test_requests_without_a_constraint_never_load_the_grammar_engine():
     script = """
 import sys
 sys.path.insert(0, "tests")
-from engine_fakes import FakeRunner, FakeTokenizer, VOCAB
+from engine_fakes import FakeRunner, FakeTokenizer, VOCAB, sched_config
 from glm4serve.engine.engine import LLMEngine
-from glm4serve.engine.scheduler import SchedulerConfig
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model.kv_cache import BlockPool
+from glm4serve.engine.block_pool import BlockPool
 
-engine = LLMEngine(FakeRunner(64, 4), FakeTokenizer(), SchedulerConfig(block_size=4, max_model_len=128),
+engine = LLMEngine(FakeRunner(64, 4), FakeTokenizer(), sched_config(block_size=4, max_model_len=128),
                    BlockPool(64, 4), (1, 2, 3), vocab_size=VOCAB)
 for i, params in enumerate([SamplingParams(max_tokens=5, temperature=0.0),
                             SamplingParams(max_tokens=5, temperature=0.7, seed=1, logprobs=2, n=2)]):

@@ -12,7 +12,7 @@ import torch
 from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
-from glm4serve.model.glm4 import Rotary
+from glm4serve.model.glm4 import Rotary, rotate
 
 
 def test_rotary_matches_transformers_up_to_position_131071():
@@ -26,8 +26,8 @@ def test_rotary_matches_transformers_up_to_position_131071():
     cos, sin = hf_rot(q, positions[None])
     # transformers wants [batch, heads, T, D]
     q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-    rot = ours.angles(positions)
-    q_ours, k_ours = ours(q.clone(), rot), ours(k.clone(), rot)  # rotates in place
+    cos_ours, sin_ours = ours(positions)
+    q_ours, k_ours = rotate(q, cos_ours, sin_ours, 64), rotate(k, cos_ours, sin_ours, 64)
     torch.testing.assert_close(q_ours, q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_ours, k_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     # the second half of each head passes through untouched

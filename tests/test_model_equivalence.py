@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from glm4serve.model.batch import SeqChunk, build_batch
-from glm4serve.model.kv_cache import BlockPool, KVCache
+from glm4serve.engine.block_pool import BlockPool
+from glm4serve.model.kv_cache import KVCache
 from glm4serve.model.glm4 import load_model
 
 CASES = [("glm", "small"), ("glm", "wide"), ("glm4", "small"), ("glm4", "wide")]

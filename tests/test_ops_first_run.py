@@ -32,28 +32,29 @@ def test_the_demo_gets_a_small_kv_budget_unless_one_is_set(monkeypatch):
     for key in ("GLM4SERVE_MODEL", "GLM4SERVE_KV_CACHE_MEMORY", "GLM4SERVE_CONFIG"):
         monkeypatch.delenv(key, raising=False)
     from glm4serve.api.settings import ServerSettings
-    from glm4serve.server import DEFAULT_CPU_KV_BYTES, DEMO_KV_BYTES, kv_budget
+    from glm4serve.engine.config import DEFAULT_CPU_KV_BYTES, DEMO_KV_BYTES, kv_budget
 
     assert kv_budget(ServerSettings(), "cpu") == DEMO_KV_BYTES < DEFAULT_CPU_KV_BYTES
     assert kv_budget(ServerSettings(model="/some/checkpoint"), "cpu") == DEFAULT_CPU_KV_BYTES
     assert kv_budget(ServerSettings(kv_cache_memory="64MiB"), "cpu") == 64 << 20
 
 
-def test_cuda_kv_budget_is_sized_once_the_weights_are_loaded(monkeypatch):
+def test_cuda_kv_budget_is_what_the_loaded_weights_leave(monkeypatch):
     import pytest
     import torch
 
     for key in ("GLM4SERVE_MODEL", "GLM4SERVE_KV_CACHE_MEMORY", "GLM4SERVE_CONFIG"):
         monkeypatch.delenv(key, raising=False)
     from glm4serve.api.settings import ServerSettings
-    from glm4serve.server import GPU_MEMORY_FRACTION, cuda_kv_budget, kv_budget
+    from glm4serve.engine.config import GPU_MEMORY_FRACTION, kv_budget
 
-    # measured before the load, 90% of the free memory would leave none for the weights
-    assert kv_budget(ServerSettings(model="/some/checkpoint"), "cuda") is None
+    # build_llm_engine plans the cache after the load: 90% of the free memory measured before it
+    # would leave none for the weights
+    model = ServerSettings(model="/some/checkpoint")
     assert kv_budget(ServerSettings(model="/some/checkpoint", kv_cache_memory="2GiB"), "cuda") == 2 << 30
     total, used = 80 << 30, 20 << 30  # weights and the CUDA context already in memory
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - used, total))
-    assert cuda_kv_budget() == int(total * GPU_MEMORY_FRACTION) - used
+    assert kv_budget(model, "cuda") == int(total * GPU_MEMORY_FRACTION) - used
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, total))
     with pytest.raises(ValueError, match="kv_cache_memory"):
-        cuda_kv_budget()
+        kv_budget(model, "cuda")

@@ -11,18 +11,18 @@ import random
 import pytest
 
 from glm4serve.engine.engine import LLMEngine
-from glm4serve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from glm4serve.engine.scheduler import Scheduler, SchedulerOutput
 from glm4serve.engine.sequence import SeqStatus
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model.kv_cache import BlockPool, NoFreeBlocks, hash_block
-from tests.engine_fakes import VOCAB, FakeRunner, FakeTokenizer, continuation, drive, make_seq
+from glm4serve.engine.block_pool import BlockPool, NoFreeBlocks, hash_block
+from tests.engine_fakes import VOCAB, FakeRunner, FakeTokenizer, continuation, drive, make_seq, sched_config
 
 
 def setup(num_blocks=64, block_size=4, **cfg):
     pool = BlockPool(num_blocks, block_size)
     cfg.setdefault("max_model_len", num_blocks * block_size)
     cfg.setdefault("max_num_batched_tokens", 64)
-    sched = Scheduler(SchedulerConfig(block_size=block_size, **cfg), pool)
+    sched = Scheduler(sched_config(block_size=block_size, **cfg), pool)
     return sched, pool, FakeRunner(num_blocks, block_size)
 
 
@@ -34,7 +34,7 @@ def tokens(seed: int, length: int) -> list[int]:
 def step(sched, runner) -> SchedulerOutput:
     """One step of `drive` without finishing anyone: every sampling sequence appends its argmax."""
     out = sched.schedule()
-    logits = runner.execute(out)
+    logits = runner.run(out)
     sched.on_step_done(out)
     for s, row in zip([s for s in out.scheduled if s.sample_for], logits):
         for seq in s.sample_for:
@@ -125,7 +125,7 @@ def test_second_request_with_the_same_prefix_prefills_only_the_rest():
     assert (chunk.start, chunk.num_tokens) == (8, 5)
     assert b.block_table[:2] == cached and [pool.ref_count(x) for x in cached] == [1, 1]
     assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (11 + 13, 8)
-    runner.execute(out)  # checks that b's context reads back right through the cached blocks
+    runner.run(out)  # checks that b's context reads back right through the cached blocks
     sched.on_step_done(out)
     b.output_token_ids.append(11)
     drive(sched, runner, {1: 6})
@@ -153,7 +153,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token_in_a_fresh_block(le
     assert b.block_table[: start // 4] == old_blocks[: start // 4]
     assert not set(b.block_table[start // 4 :]) & set(old_blocks)
     assert all(pool.ref_count(x) == 0 and pool.is_evictable(x) for x in old_blocks[start // 4 :])
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     if length % 4 == 0:  # b's recomputed copy of the last block is a duplicate: the old one stays cached
         assert pool.lookup(b.block_hashes(4, length // 4)[-1]) == old_blocks[-1]
@@ -179,7 +179,7 @@ def test_cached_blocks_are_evicted_under_pressure_tail_first():
     sched.add([c])
     out = sched.schedule()
     assert (out.scheduled[0].start, out.scheduled[0].num_tokens) == (8, 2)
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     sched.finish(c, "stop")
     assert pool.num_free == pool.num_blocks
@@ -198,7 +198,7 @@ def test_admission_does_not_count_its_own_cached_hit_as_free_room():
     out = sched.schedule()
     assert [c.seq for c in out.scheduled] == [holder] and b.status is SeqStatus.WAITING
     assert b.block_table == [] and pool.num_used == 1 and pool.num_free == 4  # nothing taken while it waits
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     sched.finish(holder, "stop")
     out = sched.schedule()  # now it fits
@@ -217,7 +217,7 @@ def test_preempted_sequence_recomputes_only_past_its_cached_blocks():
     (chunk,) = out.scheduled
     # 10 tokens, 9 computed before: blocks 0 and 1 (tokens 0..7) are found again, outputs included
     assert (chunk.start, chunk.num_tokens, chunk.sample_for) == (8, 2, [s])
-    logits = runner.execute(out)
+    logits = runner.run(out)
     assert int(logits[0].argmax()) == continuation(s.prompt_token_ids, 5)[-1]
 
 
@@ -270,7 +270,7 @@ def test_shared_prefixes_under_a_tiny_pool_with_forks_preemption_and_eviction(se
 
 def test_engine_reports_prefix_cache_stats():
     pool = BlockPool(64, 4)
-    engine = LLMEngine(FakeRunner(64, 4), FakeTokenizer(), SchedulerConfig(block_size=4, max_model_len=256), pool,
+    engine = LLMEngine(FakeRunner(64, 4), FakeTokenizer(), sched_config(block_size=4, max_model_len=256), pool,
                        FakeTokenizer.stop_token_ids, vocab_size=VOCAB)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompt = tokens(13, 10)

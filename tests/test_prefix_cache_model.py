@@ -5,34 +5,21 @@ from __future__ import annotations
 
 import torch
 
+from glm4serve.engine.block_pool import BlockPool
 from glm4serve.engine.engine import LLMEngine
-from glm4serve.engine.model_runner import ModelRunner
-from glm4serve.engine.scheduler import SchedulerConfig
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.glm4 import load_model
-from glm4serve.model.kv_cache import BlockPool, KVCache
+from glm4serve.model.runner import make_runner
 from glm4serve.model.tokenizer import Tokenizer
+from tests.engine_fakes import RecordingRunner, sched_config
 
 
-class GapRunner(ModelRunner):
-    """Keeps the smallest gap between the best two logits, to tell a real mismatch from a near tie."""
-
-    min_gap = float("inf")
-
-    def execute(self, out):
-        logits = super().execute(out)
-        if logits.shape[0]:
-            top2 = logits.topk(2, dim=-1).values
-            self.min_gap = min(self.min_gap, float((top2[:, 0] - top2[:, 1]).min()))
-        return logits
-
-
-def run(model, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, max_model_len=64):
+def run(path, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, max_model_len=64):
     """Each wave of requests is added once the previous one has finished, so later waves find the
     earlier ones' blocks in the cache (when those survived eviction)."""
-    kv = KVCache(model.cfg, num_blocks, block_size, torch.float32)
-    runner = GapRunner(model, kv, vocab_limit=tokenizer.vocab_size)
-    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=max_model_len,
+    runner = RecordingRunner(make_runner(load_model(path, dtype="float32"), num_blocks, block_size,
+                                         vocab_limit=tokenizer.vocab_size))
+    cfg = sched_config(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=max_model_len,
                           block_size=block_size, enable_prefix_caching=caching)
     pool = BlockPool(num_blocks, block_size)
     engine = LLMEngine(runner, tokenizer, cfg, pool, tokenizer.stop_token_ids)
@@ -52,7 +39,6 @@ def run(model, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, m
 
 def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(make_checkpoint):
     path = make_checkpoint()
-    model = load_model(path, dtype="float32")
     tokenizer = Tokenizer.from_dir(path)
     g = torch.Generator().manual_seed(1)
     rand = lambda n: torch.randint(0, tokenizer.vocab_size, (n,), generator=g).tolist()  # noqa: E731
@@ -71,9 +57,9 @@ def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(make_checkpo
     ]
     waves = [first, second]
 
-    off, off_stats, _, gap_off = run(model, tokenizer, waves, num_blocks=64, caching=False)
-    roomy, roomy_stats, _, gap_roomy = run(model, tokenizer, waves, num_blocks=64, caching=True)
-    tight, tight_stats, tight_pool, gap_tight = run(model, tokenizer, waves, num_blocks=16, caching=True)
+    off, off_stats, _, gap_off = run(path, tokenizer, waves, num_blocks=64, caching=False)
+    roomy, roomy_stats, _, gap_roomy = run(path, tokenizer, waves, num_blocks=64, caching=True)
+    tight, tight_stats, tight_pool, gap_tight = run(path, tokenizer, waves, num_blocks=16, caching=True)
 
     assert min(gap_off, gap_roomy, gap_tight) > 1e-4, "a near tie: pick another seed"
     assert off_stats.prefix_cache_hits == 0 and off_stats.num_preemptions_total == 0

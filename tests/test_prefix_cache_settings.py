@@ -1,5 +1,5 @@
 """The prefix caching switch: ServerSettings field, --enable-prefix-caching / --no-enable-prefix-caching,
-GLM4SERVE_ENABLE_PREFIX_CACHING, and its way through EngineConfig into the scheduler."""
+GLM4SERVE_ENABLE_PREFIX_CACHING, and its way through EngineArgs into the scheduler."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from glm4serve import cli, server
 from glm4serve.api.settings import ServerSettings
-from glm4serve.engine.engine import EngineConfig
+from glm4serve.engine.config import EngineArgs
 
 
 @pytest.fixture(autouse=True)
@@ -32,23 +32,22 @@ def test_on_by_default_and_flags_turn_it_off_and_on(monkeypatch):
     assert settings_of("--enable-prefix-caching").enable_prefix_caching is True  # CLI over env
 
 
-def test_engine_config_carries_it_to_the_scheduler():
-    assert EngineConfig().scheduler_config(1024, 64).enable_prefix_caching is True
-    assert EngineConfig(enable_prefix_caching=False).scheduler_config(1024, 64).enable_prefix_caching is False
+def test_engine_args_carry_it_to_the_scheduler():
+    assert EngineArgs().scheduler_config(1024).enable_prefix_caching is True
+    assert EngineArgs(enable_prefix_caching=False).scheduler_config(1024).enable_prefix_caching is False
 
 
 @pytest.mark.parametrize("flag, expected", [("--no-enable-prefix-caching", False), ("--enable-prefix-caching", True)])
-def test_build_engine_passes_the_setting_on(monkeypatch, tmp_path, flag, expected):
+def test_build_engine_passes_the_setting_on(monkeypatch, flag, expected):
     seen = []
 
     class Stop(Exception):
         pass
 
-    def build_llm_engine(path, engine_cfg, dtype="auto", device="cpu"):
-        seen.append(engine_cfg)
+    def build_llm_engine(args):
+        seen.append(args)
         raise Stop
 
-    monkeypatch.setattr(server, "resolve_model", lambda model: tmp_path)
     monkeypatch.setattr(server, "build_llm_engine", build_llm_engine)
     with pytest.raises(Stop):
         server.build_engine(settings_of(flag, "--device", "cpu", "--kv-cache-memory", "1MiB"))

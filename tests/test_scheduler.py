@@ -6,16 +6,16 @@ import random
 
 import pytest
 
-from glm4serve.engine.scheduler import Scheduler, SchedulerConfig
+from glm4serve.engine.scheduler import Scheduler
 from glm4serve.engine.sequence import SeqStatus
-from glm4serve.model.kv_cache import BlockPool
-from tests.engine_fakes import FakeRunner, continuation, drive, make_seq
+from glm4serve.engine.block_pool import BlockPool
+from tests.engine_fakes import FakeRunner, continuation, drive, make_seq, sched_config
 
 
 def setup(num_blocks=64, block_size=4, **cfg):
     pool = BlockPool(num_blocks, block_size)
     cfg.setdefault("max_model_len", num_blocks * block_size)
-    sched = Scheduler(SchedulerConfig(block_size=block_size, **cfg), pool)
+    sched = Scheduler(sched_config(block_size=block_size, **cfg), pool)
     return sched, pool, FakeRunner(num_blocks, block_size)
 
 
@@ -42,7 +42,7 @@ def test_new_requests_join_while_others_decode():
     sched.add([a])
     for _ in range(3):
         out = sched.schedule()
-        runner.execute(out)
+        runner.run(out)
         sched.on_step_done(out)
         a.output_token_ids.append(continuation(a.all_token_ids, 1)[0])
     b = make_seq(1, prompt_of(1, 9))
@@ -127,14 +127,14 @@ def test_preemption_takes_the_newest_and_requeues_it_in_front():
     for s in (a, b):
         sched.add([s])
     out = sched.schedule()
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     for s in (a, b):
         s.output_token_ids.append(11)
     sched.add([c])  # waits: 2 free blocks left, but each decode needs one
     out = sched.schedule()
     assert out.preempted == [] and [s.seq for s in out.scheduled] == [a, b]
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     for s in (a, b):
         s.output_token_ids += [12, 13, 14, 15]  # fill their third block, as four decodes would
@@ -155,7 +155,7 @@ def test_recompute_after_preemption_covers_prompt_and_outputs():
     sched.add([s])
     while s.num_output_tokens < 4:
         out = sched.schedule()
-        logits = runner.execute(out)
+        logits = runner.run(out)
         sched.on_step_done(out)
         s.output_token_ids.append(int(logits[0].argmax()))
     sched._preempt(s, type(out)())
@@ -163,7 +163,7 @@ def test_recompute_after_preemption_covers_prompt_and_outputs():
     (chunk,) = out.scheduled
     assert (chunk.start, chunk.num_tokens, chunk.sample_for) == (0, 10, [s])
     assert chunk.token_ids == s.all_token_ids
-    logits = runner.execute(out)
+    logits = runner.run(out)
     assert int(logits[0].argmax()) == continuation(s.prompt_token_ids, 5)[-1]
 
 
@@ -174,7 +174,7 @@ def test_abort_half_of_sixteen_running_frees_their_blocks():
         sched.add([s])
     for _ in range(3):
         out = sched.schedule()
-        logits = runner.execute(out)
+        logits = runner.run(out)
         sched.on_step_done(out)
         for chunk, row in zip(out.scheduled, logits):
             chunk.seq.output_token_ids.append(int(row.argmax()))
@@ -216,7 +216,7 @@ def test_n_choices_share_prompt_blocks_and_copy_the_partial_one():
     (chunk,) = out.scheduled
     assert chunk.seq is seqs[0] and chunk.num_tokens == 10 and chunk.sample_for == seqs
     assert seqs[1].block_table == [] and pool.num_used == 3  # only choice 0 prefills
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     table = list(seqs[0].block_table)
     for s in seqs:
@@ -232,7 +232,7 @@ def test_n_choices_share_prompt_blocks_and_copy_the_partial_one():
     assert len({s.block_table[2] for s in seqs}) == 3
     assert [pool.ref_count(b) for b in table[:2]] == [3, 3] and pool.ref_count(table[2]) == 1
     assert all(s.block_table[:2] == table[:2] for s in seqs)
-    runner.execute(out)  # the fake cache checks each choice reads prompt + its own token
+    runner.run(out)  # the fake cache checks each choice reads prompt + its own token
     sched.on_step_done(out)
 
     for s in seqs:
@@ -278,7 +278,7 @@ def test_admission_is_fifo_and_respects_max_num_seqs():
     out = sched.schedule()
     assert [c.seq for c in out.scheduled] == seqs[:3]
     assert list(sched.waiting) == seqs[3:]
-    runner.execute(out)
+    runner.run(out)
     sched.on_step_done(out)
     sched.finish(seqs[1], "stop")
     for s in (seqs[0], seqs[2]):
@@ -313,6 +313,6 @@ def test_rejects_bad_requests_and_configs():
     with pytest.raises(ValueError, match="max_num_seqs"):
         sched.add([make_seq(10 + i, prompt_of(0, 3), request_id="wide", index=i) for i in range(65)])
     with pytest.raises(ValueError, match="KV cache holds 32 tokens"):
-        Scheduler(SchedulerConfig(max_model_len=33, block_size=4), BlockPool(8, 4))
+        Scheduler(sched_config(max_model_len=33, block_size=4), BlockPool(8, 4))
     with pytest.raises(ValueError, match="block size"):
-        Scheduler(SchedulerConfig(max_model_len=16, block_size=8), BlockPool(8, 4))
+        Scheduler(sched_config(max_model_len=16, block_size=8), BlockPool(8, 4))

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
-
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from glm4serve import __version__
+from glm4serve.engine.client import EngineClient
+from glm4serve.model.tokenizer import Tokenizer
 
 from .chat import chat_completions
-from .completions import prompt_prefix_ids, completions
+from .completions import completions
 from .errors import APIError, install_error_handlers
 from .gate import Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
@@ -27,7 +27,7 @@ from .settings import ServerSettings
 log = logging.getLogger("glm4serve.api")
 
 
-def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name: str,
+def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: ServerSettings, model_name: str,
                max_model_len: int) -> FastAPI:
     """`engine` may be None while the model loads (/health answers 503 until
     `app.state.serving.engine` is set)."""
@@ -89,9 +89,8 @@ def create_app(engine: Any, tokenizer: Any, settings: ServerSettings, model_name
         ctx.check_model(body.model)
         if body.prompt is not None:
             ids = await ctx.encode(body.prompt)
-            prefix = prompt_prefix_ids(ctx.tokenizer) if body.add_special_tokens else []
-            if prefix and ids[: len(prefix)] != prefix:
-                ids = prefix + ids
+            if body.add_special_tokens:
+                ids = ctx.tokenizer.with_prefix(ids)
         else:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             ids = await ctx.chat_prompt_ids(body.messages, tools, body.add_generation_prompt,

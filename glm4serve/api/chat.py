@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from glm4serve.chat.tool_parser import (
     CALL_SEPARATOR,
@@ -31,9 +31,8 @@ from glm4serve.chat.tool_parser import (
     ToolCallStart,
     parse_tool_calls,
 )
-from glm4serve.engine.types import ABORT, LENGTH, EngineError, Output, SamplingParams
+from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
-from .errors import APIError, server_error
 from .logprobs import chat_logprob_entries
 from .responses import (
     ChatChoice,
@@ -43,13 +42,13 @@ from .responses import (
     ToolCallOut,
     Usage,
     chat_choice_delta,
-    chat_chunk,
+    stream_chunk,
     tool_args_delta,
     tool_call_start_delta,
 )
 from .schemas import ChatCompletionRequest
-from .serving import ClientDisconnected, ServingContext, cancel_on_disconnect
-from .streaming import sse_data, sse_response
+from .serving import ServingContext, check_finish, respond
+from .streaming import sse_data
 from .tool_choice import forced_call_spec
 
 
@@ -96,7 +95,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
 
 
 def _special_text_pattern(tokenizer, keep: str | None) -> re.Pattern | None:
-    texts = [t for t in getattr(tokenizer, "special_tokens", {}) if t != keep]
+    texts = [t for t in tokenizer.special_tokens if t != keep]
     if not texts:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
@@ -143,11 +142,6 @@ class ChoiceStream:
         return [{"content": text}] if text else []
 
 
-def _check_finish(reason: str | None) -> None:
-    if reason == ABORT:  # not ours: we only abort requests whose client is gone
-        raise APIError(503, "the request was aborted by the server", "server_error")
-
-
 # ---- streamed -------------------------------------------------------------------------------
 
 
@@ -156,7 +150,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     n, usage_on = req.n, req.include_usage
 
     def chunk(choices: list[dict], usage: Usage | None = None) -> bytes:
-        return sse_data(chat_chunk(plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
+        return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
     pending_logprobs: list[list[dict]] = [[] for _ in range(n)]
@@ -173,9 +167,9 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             yield chunk([chat_choice_delta(i, {"content": plan.echo})])
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            _check_finish(out.finish_reason)
+            check_finish(out.finish_reason)
             i, state = out.index, choices[out.index]
-            state.num_tokens = out.num_output_tokens or state.num_tokens + len(out.token_ids)
+            state.num_tokens = out.num_output_tokens
             if req.logprobs and out.logprobs:
                 pending_logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             deltas = state.feed(out.text) if out.text else []
@@ -191,7 +185,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
     if usage_on:
         usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices))
-        yield sse_data(chat_chunk(plan.request_id, plan.created, ctx.model_name, [], usage, True))
+        yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 
 # ---- whole ----------------------------------------------------------------------------------
@@ -203,13 +197,13 @@ async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletion
     logprobs: list[list[dict]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     num_tokens = [0] * n
-    outputs = await ctx.open(plan.prompt_ids, plan.params, plan.request_id)
+    outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            _check_finish(out.finish_reason)
+            check_finish(out.finish_reason)
             i = out.index
             texts[i].append(out.text)
-            num_tokens[i] = out.num_output_tokens or num_tokens[i] + len(out.token_ids)
+            num_tokens[i] = out.num_output_tokens
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             if out.finish_reason is not None:
@@ -253,13 +247,6 @@ def _strip_first_newline(plan: ChatPlan, text: str) -> str:
 
 async def chat_completions(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
     plan = await prepare_chat(ctx, req)
-    if req.stream:
-        outputs = await ctx.open(plan.prompt_ids, plan.params, plan.request_id)
-        return sse_response(_stream_chat(ctx, plan, req, outputs), ctx.settings)
-    try:
-        response = await cancel_on_disconnect(request, _collect_chat(ctx, plan, req))
-    except EngineError as e:
-        raise server_error(f"the engine failed this request: {e}") from e
-    except ClientDisconnected:
-        return Response(status_code=499)  # nobody is listening; the engine request is aborted
-    return JSONResponse(response.model_dump(mode="json"))
+    return await respond(ctx, request, req.stream,
+                         lambda: _stream_chat(ctx, plan, req, ctx.open(plan.prompt_ids, plan.params, plan.request_id)),
+                         lambda: _collect_chat(ctx, plan, req))

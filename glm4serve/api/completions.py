@@ -16,19 +16,15 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from glm4serve.engine.types import ABORT, LENGTH, EngineError, Output, SamplingParams
+from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
-from .errors import APIError, server_error
 from .logprobs import CompletionLogprobs
-from .responses import CompletionChoice, CompletionResponse, Usage, completion_choice_delta, completion_chunk
+from .responses import CompletionChoice, CompletionResponse, Usage, completion_choice_delta, stream_chunk
 from .schemas import CompletionRequest
-from .serving import ClientDisconnected, ServingContext, cancel_on_disconnect, merge_streams
-from .streaming import sse_data, sse_response
-
-# GLM-4 tokenizers put these in front of every input (ChatGLM4Tokenizer's prefix tokens).
-_PREFIX_TOKENS = ("[gMASK]", "<sop>")
+from .serving import ServingContext, check_finish, merge_streams, respond
+from .streaming import sse_data
 
 
 @dataclass
@@ -46,22 +42,16 @@ class CompletionPlan:
     jobs: list[PromptJob]
 
 
-def prompt_prefix_ids(tokenizer) -> list[int]:
-    specials = getattr(tokenizer, "special_tokens", {})
-    return [specials[t] for t in _PREFIX_TOKENS] if all(t in specials for t in _PREFIX_TOKENS) else []
-
-
 async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> CompletionPlan:
     ctx.check_ready()
     ctx.check_model(req.model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    prefix = prompt_prefix_ids(ctx.tokenizer) if req.add_special_tokens else []
     jobs = []
     for p, prompt in enumerate(req.prompts()):
         if isinstance(prompt, str):
             ids = await ctx.encode(prompt)
-            if prefix and ids[: len(prefix)] != prefix:
-                ids = prefix + ids
+            if req.add_special_tokens:
+                ids = ctx.tokenizer.with_prefix(ids)
             text = prompt
         else:
             ctx.check_token_ids(prompt, "prompt")
@@ -74,21 +64,9 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
     return CompletionPlan(request_id, int(time.time()), jobs)
 
 
-async def _outputs(ctx: ServingContext, plan: CompletionPlan) -> AsyncIterator[tuple[int, Output]]:
-    streams = []
-    try:
-        for j in plan.jobs:
-            streams.append(await ctx.open(j.prompt_ids, j.params, j.request_id))
-    except BaseException:
-        for s in streams:
-            await s.aclose()
-        raise
-    return merge_streams(streams)
-
-
-def _check_finish(reason: str | None) -> None:
-    if reason == ABORT:
-        raise APIError(503, "the request was aborted by the server", "server_error")
+def _outputs(ctx: ServingContext, plan: CompletionPlan) -> AsyncIterator[tuple[int, Output]]:
+    # ctx.open refuses (400) before any stream starts: the ones opened before it are dropped unstarted
+    return merge_streams([ctx.open(j.prompt_ids, j.params, j.request_id) for j in plan.jobs])
 
 
 async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: CompletionRequest,
@@ -96,7 +74,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
     n, usage_on = req.n, req.include_usage
 
     def chunk(choices: list[dict]) -> bytes:
-        return sse_data(completion_chunk(plan.request_id, plan.created, ctx.model_name, choices, None, usage_on))
+        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, choices, None, usage_on))
 
     logprobs: dict[int, CompletionLogprobs] = {}
     num_tokens: dict[int, int] = {}
@@ -106,9 +84,9 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
                 yield chunk([completion_choice_delta(p * n + c, job.prompt_text)])
     async with contextlib.aclosing(outputs):
         async for p, out in outputs:
-            _check_finish(out.finish_reason)
+            check_finish(out.finish_reason)
             index = p * n + out.index
-            num_tokens[index] = out.num_output_tokens or num_tokens.get(index, 0) + len(out.token_ids)
+            num_tokens[index] = out.num_output_tokens
             part = None
             if req.logprobs is not None and out.logprobs:
                 part = logprobs.setdefault(index, CompletionLogprobs(ctx.tokenizer)).add(out.logprobs)
@@ -116,7 +94,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
                 yield chunk([completion_choice_delta(index, out.text, part, out.finish_reason)])
     if usage_on:
         usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()))
-        yield sse_data(completion_chunk(plan.request_id, plan.created, ctx.model_name, [], usage, True))
+        yield sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 
 async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: CompletionRequest) -> CompletionResponse:
@@ -126,13 +104,13 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     logprobs = [CompletionLogprobs(ctx.tokenizer) for _ in range(count)]
     reasons: list[str | None] = [None] * count
     num_tokens = [0] * count
-    outputs = await _outputs(ctx, plan)
+    outputs = _outputs(ctx, plan)
     async with contextlib.aclosing(outputs):
         async for p, out in outputs:
-            _check_finish(out.finish_reason)
+            check_finish(out.finish_reason)
             index = p * n + out.index
             texts[index].append(out.text)
-            num_tokens[index] = out.num_output_tokens or num_tokens[index] + len(out.token_ids)
+            num_tokens[index] = out.num_output_tokens
             if req.logprobs is not None and out.logprobs:
                 logprobs[index].add(out.logprobs)
             if out.finish_reason is not None:
@@ -147,13 +125,5 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
 
 async def completions(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     plan = await prepare_completion(ctx, req)
-    if req.stream:
-        outputs = await _outputs(ctx, plan)
-        return sse_response(_stream_completion(ctx, plan, req, outputs), ctx.settings)
-    try:
-        response = await cancel_on_disconnect(request, _collect_completion(ctx, plan, req))
-    except EngineError as e:
-        raise server_error(f"the engine failed this request: {e}") from e
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(response.model_dump(mode="json"))
+    return await respond(ctx, request, req.stream, lambda: _stream_completion(ctx, plan, req, _outputs(ctx, plan)),
+                         lambda: _collect_completion(ctx, plan, req))

@@ -88,10 +88,10 @@ class ModelList(BaseModel):
 # ---- stream chunks --------------------------------------------------------------------------
 
 
-def chat_chunk(request_id: str, created: int, model: str, choices: list[dict],
-               usage: Usage | None = None, with_usage_field: bool = False) -> dict:
-    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": choices}
+def stream_chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],
+                 usage: Usage | None = None, with_usage_field: bool = False) -> dict:
+    """One streamed chunk; kind is its object: "chat.completion.chunk" or "text_completion"."""
+    chunk = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
     if with_usage_field:  # OpenAI sends usage: null on every chunk when include_usage is on
         chunk["usage"] = usage.model_dump() if usage is not None else None
     return chunk
@@ -100,15 +100,6 @@ def chat_chunk(request_id: str, created: int, model: str, choices: list[dict],
 def chat_choice_delta(index: int, delta: dict, logprobs: dict | None = None,
                       finish_reason: str | None = None) -> dict:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def completion_chunk(request_id: str, created: int, model: str, choices: list[dict],
-                     usage: Usage | None = None, with_usage_field: bool = False) -> dict:
-    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-             "choices": choices}
-    if with_usage_field:
-        chunk["usage"] = usage.model_dump() if usage is not None else None
-    return chunk
 
 
 def completion_choice_delta(index: int, text: str, logprobs: dict | None = None,

@@ -8,17 +8,22 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from glm4serve.chat.template import TemplateError, render_prompt
-from glm4serve.engine.types import EngineError, Output, SamplingParams
+from glm4serve.engine.client import EngineClient
+from glm4serve.engine.types import ABORT, EngineError, Output, SamplingParams
+from glm4serve.model.tokenizer import Tokenizer
 
 from .errors import APIError, invalid_request, server_error
 from .metrics import Metrics
 from .settings import ServerSettings
+from .streaming import sse_response
 
 log = logging.getLogger("glm4serve.api")
 T = TypeVar("T")
@@ -33,8 +38,8 @@ class ClientDisconnected(Exception):
 
 @dataclass
 class ServingContext:
-    engine: Any  # AsyncEngine: generate(), abort(), stats(), is_alive; None while loading
-    tokenizer: Any
+    engine: EngineClient | None  # None while the model loads
+    tokenizer: Tokenizer
     settings: ServerSettings
     model_name: str
     max_model_len: int
@@ -44,7 +49,7 @@ class ServingContext:
     @property
     def sampling_defaults(self) -> dict:
         """generation_config.json's temperature/top_p/... for requests that leave them out."""
-        return getattr(self.tokenizer, "sampling_defaults", None) or {}
+        return self.tokenizer.sampling_defaults or {}
 
     # ---- checks -------------------------------------------------------------------------------
 
@@ -86,13 +91,11 @@ class ServingContext:
 
     async def compile_guided(self, params: SamplingParams, param: str) -> None:
         """Compile the request's grammar now, in a worker thread: a schema the grammar engine
-        cannot compile is a 400 before anything streams, and the engine loop finds it cached.
-        An engine without compile_guided (the API tests' fake) compiles when it adds the request."""
-        compile_guided = getattr(self.engine, "compile_guided", None)
-        if params.guided is None or compile_guided is None:
+        cannot compile is a 400 before anything streams, and the engine loop finds it cached."""
+        if params.guided is None:
             return
         try:
-            await compile_guided(params.guided)
+            await self.engine.compile_guided(params.guided)
         except ValueError as e:
             raise invalid_request(str(e), param) from e
 
@@ -106,7 +109,7 @@ class ServingContext:
         """OpenAI messages -> the checkpoint's chat template -> token ids; 400 when unrenderable."""
         try:
             text = render_prompt([m.for_template() for m in messages], tools=tools,
-                                 chat_template=getattr(self.tokenizer, "chat_template", None),
+                                 chat_template=self.tokenizer.chat_template,
                                  add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
         except TemplateError as e:
             raise invalid_request(str(e), "messages") from e
@@ -152,20 +155,34 @@ class ServingContext:
                 except Exception:  # the engine may already have dropped it
                     log.debug("abort(%s) failed", request_id, exc_info=True)
 
-    async def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Output]:
-        """`generate`, started: an engine refuses a request before its first await, so one loop
-        turn tells whether it did, while the HTTP status can still say 400 instead of a stream
-        that carries the error."""
-        stream = self.generate(prompt_ids, params, request_id)
-        first = asyncio.ensure_future(anext(stream))
-        await asyncio.sleep(0)
-        error = first.exception() if first.done() and not first.cancelled() else None
-        if isinstance(error, (APIError, EngineError)):
-            await stream.aclose()
-            if isinstance(error, EngineError):
-                raise server_error(f"the engine failed this request: {error}") from error
-            raise error
-        return _chain(first, stream)
+    def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Output]:
+        """`generate`, once the engine has said it would take the request: what it would refuse
+        is a 400 here, while the HTTP status can still say so, not an error event in a stream."""
+        try:
+            self.engine.check_request(prompt_ids, params)
+        except ValueError as e:
+            raise invalid_request(f"the engine refused this request: {e}") from e
+        return self.generate(prompt_ids, params, request_id)
+
+
+def check_finish(reason: str | None) -> None:
+    if reason == ABORT:  # not ours: we only abort requests whose client is gone
+        raise APIError(503, "the request was aborted by the server", "server_error")
+
+
+async def respond(ctx: ServingContext, request: Request, stream: bool, events: Callable[[], AsyncIterator[bytes]],
+                  whole: Callable[[], Awaitable[BaseModel]]) -> Response:
+    """A streamed reply of events(), or whole()'s reply as one JSON body, cancelled if the client
+    hangs up first."""
+    if stream:
+        return sse_response(events(), ctx.settings)
+    try:
+        response = await cancel_on_disconnect(request, whole())
+    except EngineError as e:
+        raise server_error(f"the engine failed this request: {e}") from e
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody is listening; the engine request is aborted
+    return JSONResponse(response.model_dump(mode="json"))
 
 
 async def _next_before(stream: AsyncIterator[T], deadline: float | None) -> T:
@@ -173,24 +190,6 @@ async def _next_before(stream: AsyncIterator[T], deadline: float | None) -> T:
     if deadline is None:
         return await anext(stream)
     return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
-
-
-async def _chain(first: asyncio.Future, rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    try:
-        try:
-            item = await first
-        except StopAsyncIteration:
-            return
-        yield item
-        async for item in rest:
-            yield item
-    finally:
-        if not first.done():
-            first.cancel()  # throws into `rest`, whose cleanup aborts the request
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(BaseException):
-                await first
-            await rest.aclose()
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -1,11 +1,15 @@
-"""Server settings: CLI flags > GLM4SERVE_* environment > YAML file (`config`) > defaults."""
+"""Server settings: CLI flags > GLM4SERVE_* environment > YAML file (`config`) > defaults.
+
+ServerSettings is the engine's EngineArgs plus the HTTP server's own fields. Each field is a YAML
+key and a GLM4SERVE_<NAME> variable (pydantic-settings) and a `glm4serve serve --<name>` flag
+(cli.py derives them from these fields, their types and descriptions).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -16,62 +20,41 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+from glm4serve.engine.config import EngineArgs, parse_bytes
 
 
-def parse_bytes(value: int | float | str) -> int:
-    """2147483648, "2GiB", "1.5 GB", "512MiB" -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size in bytes")
-    if isinstance(value, (int, float)):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read {value!r} as a size: use bytes or a unit like 2GiB, 512MiB")
-        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if size <= 0:
-        raise ValueError("a memory size must be positive")
-    return int(size)
+class ServerSettings(EngineArgs, BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GLM4SERVE_", extra="forbid", protected_namespaces=(), frozen=True)
 
-
-class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GLM4SERVE_", extra="forbid", protected_namespaces=())
-
-    model: str | None = None  # checkpoint folder; None = the built-in demo model
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_model_len: int | None = Field(None, ge=1)  # None = the model's own context length
-    served_model_name: str | None = None  # None = derived from the model path
-    api_key: str | None = None  # None = no authentication on /v1/*
-    kv_cache_memory: int | None = None  # bytes for the KV cache; None = the engine decides
-    block_size: int = Field(16, ge=1)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
-    sse_ping_seconds: float = Field(15.0, ge=0)  # keep-alive comment interval on streams; 0 = off
-    graceful_shutdown_seconds: float = Field(30.0, ge=0)  # on SIGTERM, time for in-flight requests
-    # Overload: past max_num_seqs running + this many waiting, new requests get 429 at once.
-    max_waiting_requests: int = Field(256, ge=0)
-    request_timeout_seconds: float | None = Field(None, gt=0)  # engine deadline per request; None = none
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    served_model_name: str | None = Field(
+        None, description="model id clients send and /v1/models lists (default: the model folder's name)")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1/*")
+    sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on streams (0 = off)")
+    graceful_shutdown_seconds: float = Field(30.0, ge=0, description="time in-flight requests get on SIGTERM")
+    max_waiting_requests: int = Field(
+        256, ge=0, description="requests that may queue beyond the running batch; more get 429 at once")
+    request_timeout_seconds: float | None = Field(
+        None, gt=0, description="stop a request after this long (408, or an error event when streaming; "
+                                "default: no limit)")
     # Request limits (400 past them; 413 for the body): guards against one request taking the server.
-    max_request_body_bytes: int = 16 * 1024**2
-    max_messages: int = Field(2048, ge=1)
-    max_n: int = Field(16, ge=1)  # choices per request
-    max_prompts: int = Field(64, ge=1)  # prompts in one /v1/completions request
-    max_tokens_limit: int | None = Field(None, ge=1)  # cap on max_tokens; None = the context bounds it
-    max_tools: int = Field(128, ge=0)
-    max_stop: int = Field(16, ge=0)  # stop strings per request
-    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # [] = CORS off; ["*"] = any origin
-    config: str | None = None  # YAML file whose keys fill the fields above
+    max_request_body_bytes: int = Field(16 * 1024**2, description="largest request body, bytes or like 16MiB (413)")
+    max_messages: int = Field(2048, ge=1, description="most messages in one chat request")
+    max_n: int = Field(16, ge=1, description="most choices (n) in one request")
+    max_prompts: int = Field(64, ge=1, description="most prompts in one /v1/completions request")
+    max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens (default: the context length)")
+    max_tools: int = Field(128, ge=0, description="most tools in one chat request")
+    max_stop: int = Field(16, ge=0, description="most stop strings in one request")
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
+    config: str | None = Field(
+        None, description="YAML file with any of these settings (CLI > env > YAML > defaults)")
 
-    @field_validator("kv_cache_memory", "max_request_body_bytes", mode="before")
+    @field_validator("max_request_body_bytes", mode="before")
     @classmethod
-    def _memory_size(cls, v):
-        return None if v is None else parse_bytes(v)
+    def _body_size(cls, v):
+        return parse_bytes(v)
 
     @field_validator("cors_allowed_origins", mode="before")
     @classmethod

@@ -33,8 +33,10 @@ class _Stream:
 
 
 class AsyncEngine:
+    """The engine client the API uses (engine/client.py). Make one with AsyncEngine.start(build)."""
+
     def __init__(self, engine: LLMEngine):
-        self.engine = engine  # owned by the loop thread once start() is called
+        self.engine = engine  # owned by the loop thread
         self._cv = threading.Condition()
         # guarded by _cv:
         self._commands: deque[tuple] = deque()
@@ -46,22 +48,16 @@ class AsyncEngine:
 
     # --- any thread ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("the engine loop was already started")
-        self._thread = threading.Thread(target=self._run, name="glm4serve-engine", daemon=True)
-        self._thread.start()
-
     @classmethod
-    def start_built_on_loop_thread(cls, build: Callable[[], LLMEngine]) -> AsyncEngine:
+    def start(cls, build: Callable[[], LLMEngine]) -> AsyncEngine:
         """Build the engine on the thread that will run its loop, start the loop, return once built
         (raising whatever build() raised).
 
-        Why not build here and start(): OpenMP (libgomp, under torch) gives every thread that runs
-        parallel ops its own team of workers. Two teams on a 2-core box is more threads than cores,
-        and libgomp then stops spinning between parallel regions: every op pays a wake-up of its
-        sleeping worker (measured: a 100K-element add 6 -> 40 us; a decode step +1.3 ms). Loading
-        the model on the loop thread keeps torch's parallel work on one team."""
+        Why build there: OpenMP (libgomp, under torch) gives every thread that runs parallel ops its
+        own team of workers. Two teams on a 2-core box is more threads than cores, and libgomp then
+        stops spinning between parallel regions: every op pays a wake-up of its sleeping worker
+        (measured: a 100K-element add 6 -> 40 us; a decode step +1.3 ms). Loading the model on the
+        loop thread keeps torch's parallel work on one team."""
         built: list = []
         ready = threading.Event()
 
@@ -100,6 +96,14 @@ class AsyncEngine:
             snapshot = dataclasses.replace(self._stats)
         snapshot.alive = self.is_alive
         return snapshot
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError when the engine would refuse the request (reads only its fixed limits)."""
+        self.engine.check_request(prompt_ids, params)
 
     def abort(self, request_id: str) -> None:
         """Takes effect before the next step: the request's blocks are freed, its stream ends with

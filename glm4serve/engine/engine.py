@@ -10,50 +10,22 @@ keeps serving.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
-from ..model.kv_cache import BlockPool, KVCacheConfig
+from ..model.batch import ScheduledBatch, SeqChunk
+from ..model.runner import ModelRunner
+from .block_pool import BlockPool
+from .config import SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .guided import Grammars
 from .sampler import Sampled, Sampler, SampleRow, make_generator
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import LENGTH, STOP, EngineError, EngineStats, Output, SamplingParams
 
 log = logging.getLogger(__name__)
 
 ERROR = "error"  # finish reason of a sequence whose request failed; never sent in an Output
-
-
-class ModelRunner(Protocol):
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run out.block_copies, then the forward. Returns float32 logits [rows, V]: one row per
-        ScheduledSeq with a non-empty sample_for, in scheduled order."""
-        ...
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
-    block_size: int = 16
-    num_blocks: int | None = None  # None: as many as kv_cache_memory_bytes buys
-    kv_cache_memory_bytes: int | None = 1 << 30  # None: build_llm_engine sizes it (CUDA, after the weights)
-    enable_prefix_caching: bool = True
-
-    def kv_cache_config(self) -> KVCacheConfig:
-        return KVCacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
-                             memory_bytes=self.kv_cache_memory_bytes)
-
-    def scheduler_config(self, model_max_len: int, num_blocks: int) -> SchedulerConfig:
-        max_len = self.max_model_len or min(model_max_len, num_blocks * self.block_size)
-        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=max_len, block_size=self.block_size,
-                               enable_prefix_caching=self.enable_prefix_caching)
 
 
 class LLMEngine:
@@ -81,14 +53,20 @@ class LLMEngine:
     def has_request(self, request_id: str) -> bool:
         return request_id in self.scheduler
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (nothing queued) when it cannot be served as asked."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError when the request can never be served as asked. It reads only the engine's fixed
+        limits, so any thread may call it (the API does, before it starts a stream)."""
         if params.n < 1:
             raise ValueError(f"n must be at least 1, got {params.n}")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
         if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        self.scheduler.check(len(prompt_ids), params.n)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (nothing queued) when it cannot be served as asked."""
+        self.check_request(prompt_ids, params)
         stop_ids = self._stop_ids(params)
         if params.guided is not None:
             self.grammars.compile(params.guided)  # GuidedSpecError (a ValueError) when it cannot
@@ -132,7 +110,7 @@ class LLMEngine:
             return []
         rows = [s for s in out.scheduled if s.sample_for]
         try:
-            logits = self.runner.execute(out)
+            logits = self.runner.execute(model_batch(out))
             if logits.shape[0] != len(rows):
                 raise RuntimeError(f"the runner returned {logits.shape[0]} logit rows for {len(rows)}")
         except Exception as e:
@@ -231,3 +209,9 @@ class LLMEngine:
         if self.scheduler.abort(request_id, reason=ERROR):
             self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))
 
+
+def model_batch(out: SchedulerOutput) -> ScheduledBatch:
+    """The scheduler's decisions as the model runner's plain data."""
+    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id)
+              for s in out.scheduled]
+    return ScheduledBatch(chunks, out.block_copies)

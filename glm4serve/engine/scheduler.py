@@ -31,22 +31,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..model.kv_cache import BlockPool
+from .block_pool import BlockPool
+from .config import SchedulerConfig
 from .sequence import Sequence, SeqStatus
 from .types import ABORT
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 64  # sequences holding a seat (running, or forks waiting on a running parent)
-    max_num_batched_tokens: int = 2048  # query tokens per forward
-    max_model_len: int = 8192  # prompt + output tokens of one sequence
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self):
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:
-            raise ValueError(f"scheduler limits must be positive: {self}")
 
 
 @dataclass
@@ -121,6 +109,15 @@ class Scheduler:
     def seqs_of(self, request_id: str) -> list[Sequence]:
         return list(self._requests.get(request_id, ()))
 
+    def check(self, num_prompt_tokens: int, n: int) -> None:
+        """ValueError when a request of this prompt length and number of choices can never run."""
+        if num_prompt_tokens < 1:
+            raise ValueError("empty prompt")
+        if n > self.cfg.max_num_seqs:
+            raise ValueError(f"n={n} choices exceed max_num_seqs {self.cfg.max_num_seqs}")
+        if num_prompt_tokens > self.cfg.max_model_len:
+            raise ValueError(f"prompt of {num_prompt_tokens} tokens is longer than max_model_len {self.cfg.max_model_len}")
+
     def add(self, seqs: list[Sequence]) -> None:
         """Queue the n choices of one request (index 0 first); they share its prompt."""
         if not seqs:
@@ -130,14 +127,7 @@ class Scheduler:
             raise ValueError("add() takes the choices of one request, with one prompt")
         if head.request_id in self._requests:
             raise ValueError(f"request {head.request_id!r} is already in the engine")
-        if not head.prompt_token_ids:
-            raise ValueError("empty prompt")
-        if len(seqs) > self.cfg.max_num_seqs:
-            raise ValueError(f"n={len(seqs)} choices exceed max_num_seqs {self.cfg.max_num_seqs}")
-        if head.num_prompt_tokens > self.cfg.max_model_len:
-            raise ValueError(
-                f"prompt of {head.num_prompt_tokens} tokens is longer than max_model_len {self.cfg.max_model_len}"
-            )
+        self.check(head.num_prompt_tokens, len(seqs))
         for s in seqs:
             s.status = SeqStatus.WAITING
         self._requests[head.request_id] = list(seqs)

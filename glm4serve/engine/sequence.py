@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..model.kv_cache import hash_block
+from .block_pool import hash_block
 from .types import SamplingParams
 
 
@@ -74,7 +74,7 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     def block_hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
-        """Chain hashes (kv_cache.hash_block) of its first `num_blocks` blocks, which must be full."""
+        """Chain hashes (block_pool.hash_block) of its first `num_blocks` blocks, which must be full."""
         if num_blocks * block_size > self.num_tokens:
             raise ValueError(f"{self} has fewer than {num_blocks} full blocks of {block_size}")
         hashes = self._block_hashes

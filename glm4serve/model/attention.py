@@ -13,14 +13,11 @@ Scores and softmax accumulate in fp32 inside SDPA (its CPU and CUDA kernels do f
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-
-log = logging.getLogger(__name__)
 
 SCORE_BUDGET = 1 << 24  # elements of one tile's (query x key) mask: 16M -> ~64 MB as float
 
@@ -75,11 +72,8 @@ def prefill_attention(
     k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)[None]  # [1, Hkv, ctx, D]
     v_all = gather_kv(v_cache, span.block_table, span.context_len).transpose(0, 1)[None]
     qh = q.transpose(0, 1)[None]  # [1, Hq, n, D]
-    if q.device.type == "cuda" and not _gpu_causal_failed:
-        try:
-            return causal_attention_gpu(qh, k_all, v_all, scale)[0].transpose(0, 1)  # [n, Hq, D]
-        except RuntimeError as e:  # not yet run on a GPU (see BENCHMARKS.md): keep serving if it breaks
-            _gpu_fallback(e)
+    if q.device.type == "cuda":
+        return causal_attention_gpu(qh, k_all, v_all, scale)[0].transpose(0, 1)  # [n, Hq, D]
     out = torch.empty_like(qh)
     tile = max(1, min(n, SCORE_BUDGET // span.context_len))
     for i0 in range(0, n, tile):
@@ -94,23 +88,13 @@ def prefill_attention(
     return out[0].transpose(0, 1)  # [n, Hq, D]
 
 
-_gpu_causal_failed = False
-
-
-def _gpu_fallback(e: Exception) -> None:
-    global _gpu_causal_failed
-    _gpu_causal_failed = True
-    log.warning("flag-causal GPU attention failed (%s); using the tiled boolean-mask path from now on", e)
-
-
 def causal_attention_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [1, Hq, n, D] over k, v [1, Hkv, ctx, D], query i at position ctx - n + i -> [1, Hq, n, D].
 
     CUDA's flash and memory-efficient kernels take this mask as a flag (causal, aligned to the
     last key) and never build it. The tiled boolean-mask path with GQA, measured on an H100, ran
     8x slower than transformers at 32K tokens (its fast kernels refuse that combination). So K/V
-    heads are repeated (transient: 2 x ctx x Hq x D) and the span goes whole. Checked against the
-    tiled path on CPU only: no GPU was left to run it (BENCHMARKS.md)."""
+    heads are repeated (transient: 2 x ctx x Hq x D) and the span goes whole."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [1, Hq, ctx, D]
     mask = causal_lower_right(q.shape[2], k.shape[2])
@@ -157,3 +141,19 @@ def paged_attention(
         s = slice(batch.num_prefill_tokens, batch.num_prefill_tokens + batch.num_decodes)
         out[s] = decode_attention(q[s], k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
     return out
+
+
+def decode_attention_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                         context_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's query q [1, Hq, D] over its cached keys/values -> [1, Hq * D], written for
+    inductor to compile (cpu_runner.py): the blocks gathered by index, scores, softmax, weighted
+    values. block_table [nb], context_len [1] (this token included); caches [blocks, block_size, Hkv, D]."""
+    _, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    k = k_cache[block_table].flatten(0, 1).transpose(0, 1)  # [nb, bs, Hkv, D] -> [L, Hkv, D] -> [Hkv, L, D]
+    v = v_cache[block_table].flatten(0, 1).transpose(0, 1)
+    qg = q.view(hkv, hq // hkv, d)  # [Hkv, G, D]: each KV head's group of query heads
+    scores = (qg[:, :, None, :] * k[:, None]).sum(-1) * scale  # [Hkv, G, L]
+    valid = torch.arange(k.shape[1], device=q.device) < context_len  # [L]: the last block's unused slots
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    return (probs[..., None] * v[:, None]).sum(2).view(1, hq * d)  # [Hkv, G, L, D] -> [Hkv, G, D] -> [1, Hq * D]

@@ -1,8 +1,9 @@
-"""Turn "these sequences get these new tokens" into the flat tensors one forward needs."""
+"""The scheduler's plain-data batch ("these sequences get these new tokens"), and the flat tensors
+one forward needs, built from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,19 @@ class SeqChunk:
     start: int  # position of token_ids[0] (= tokens already in the cache)
     block_table: list[int]  # must cover start + len(token_ids) tokens
     want_logits: bool = True  # next-token logits after the last new token
+    seq_id: int | None = None  # the engine's id of the sequence, for runners that keep per-sequence state
+
+
+@dataclass
+class ScheduledBatch:
+    """One engine step's work for a model runner."""
+
+    chunks: list[SeqChunk]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks, before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
 
 
 @dataclass

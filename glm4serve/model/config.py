@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by config name
+GLM4_RMS_NORM_EPS = 1.5625e-7  # glm-4-9b-chat's value
 VARIANTS = ("glm", "glm4")  # glm4 = 0414 math: two extra norms per layer
 LAYOUTS = ("chatglm", "hf")  # weight naming of the checkpoint on disk
 
@@ -32,7 +36,7 @@ class ModelConfig:
     head_dim: int
     rope_theta: float
     partial_rotary_factor: float = 0.5
-    rms_norm_eps: float = 1.5625e-7
+    rms_norm_eps: float = GLM4_RMS_NORM_EPS
     max_position_embeddings: int = 131072
     attention_bias: bool = True
     eos_token_ids: tuple[int, ...] = ()

@@ -4,6 +4,10 @@ Covers both math variants: `glm` (glm-4-9b-chat, chatglm and -hf checkpoints) an
 (0414 / Z1: extra norms on the attention and MLP outputs). Inputs are a flat batch of new tokens
 of many sequences; K/V live in the paged cache (see attention.py). Parameter names are ours;
 loader.py holds the one table that maps checkpoint names onto them.
+
+This file is the only home of GLM-4's math. Each layer is split at the attention seam
+(`before_attention`, `after_attention`) so that the model runners (runner.py, cpu_runner.py)
+that compile or capture parts of a step call these same methods instead of copies of them.
 """
 
 from __future__ import annotations
@@ -12,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_decode
 from .attention import AttentionBatch, paged_attention
-from .config import ModelConfig
-from .cpu_linear import pack_linears
+from .config import DTYPES, ModelConfig
 from .kv_cache import KVCache
 
 
@@ -36,8 +38,8 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Partial, interleaved (GPT-J style) RoPE: only the first `rotary_dim` dims of each head rotate,
-    in pairs (x0, x1), (x2, x3), ...; the rest pass through. A pair is a complex number x0 + i*x1,
-    and rotating it by the angle p * inv_freq is a multiplication by e^(i * angle)."""
+    in pairs (x0, x1), (x2, x3), ...; the rest pass through. Pair j of a token at position p turns
+    by the angle p * inv_freq[j]."""
 
     def __init__(self, rotary_dim: int, theta: float):
         super().__init__()
@@ -45,37 +47,42 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
         self.rotary_dim = rotary_dim
 
-    def angles(self, positions: torch.Tensor) -> torch.Tensor:
-        """e^(i * position * inv_freq): [T, rotary_dim / 2] complex64, computed once per forward.
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every token's angles, [T, rotary_dim / 2] fp32 each, once per forward.
         fp32 angles are exact enough at position 131,071 (positions are integers below 2^24)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
-        return torch.polar(torch.ones_like(freqs), freqs)
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
+        return angles.cos(), angles.sin()
 
-    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] in place (it may be a view into the fused qkv output)."""
-        pairs = x[..., : self.rotary_dim].unflatten(-1, (-1, 2))  # [T, heads, rotary_dim / 2, 2], a view
-        rotated = torch.view_as_complex(pairs.float()) * rot[:, None, :]  # [T, heads, rotary_dim / 2]
-        pairs.copy_(torch.view_as_real(rotated))  # fp32 math, stored back in the model's dtype
-        return x
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """x [T, heads, head_dim] with its first rotary_dim dims turned, in fp32 whatever x's dtype.
+    Real arithmetic rather than a complex multiply: inductor compiles it, and it is the same math."""
+    pairs = x[..., :rotary_dim].float().unflatten(-1, (-1, 2))  # [T, heads, rotary_dim / 2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]  # [T, heads, rotary_dim / 2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rotary_dim / 2]: the same for every head
+    turned = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)  # [T, heads, rotary_dim]
+    return torch.cat((turned.to(x.dtype), x[..., rotary_dim:]), dim=-1)
 
 
 class Attention(nn.Module):
+    """The projections around attention; attending itself is attention.py's (over the paged cache)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rotary_dim = cfg.rotary_dim
         # one fused projection, rows [q | k | v] (chatglm's layout; HF's split q/k/v are stacked on load)
         self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, rot, rotary: Rotary, k_cache, v_cache, batch: AttentionBatch):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]."""
         t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)  # [T, (Hq + 2 Hkv) * D]
-        qk = rotary(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), rot)  # q and k heads rotate alike
-        q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
-        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)  # [T, Hkv, D]
-        out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)  # [T, Hq, D]
-        return self.o(out.view(t, self.num_heads * self.head_dim))
+        qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin, self.rotary_dim)  # q, k heads alike
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        return qk[:, :hq], qk[:, hq:], v
 
 
 class MLP(nn.Module):
@@ -103,11 +110,21 @@ class Layer(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rot, rotary, k_cache, v_cache, batch):
-        h = self.attn(self.input_norm(x), rot, rotary, k_cache, v_cache, batch)
+    def before_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, H] (the residual stream) -> q, k, v of this layer's attention."""
+        return self.attn.project(self.input_norm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x [T, H] and the attention's output attn [T, Hq * D] -> the layer's output [T, H]."""
+        h = self.attn.o(attn)
         x = x + (self.post_attn_norm(h) if self.sandwich else h)
         h = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(h) if self.sandwich else h)
+
+    def forward(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch):
+        q, k, v = self.before_attention(x, cos, sin)
+        out = paged_attention(q, k, v, k_cache, v_cache, batch, self.attn.scale)  # [T, Hq, D]
+        return self.after_attention(x, out.flatten(1))
 
 
 class GLM4Model(nn.Module):
@@ -119,7 +136,10 @@ class GLM4Model(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
-        self.one_token = None  # fp32 on CPU: the step compiled for one decoding sequence (cpu_decode.py)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output rows x [N, H] -> next-token logits [N, V] in fp32."""
+        return self.lm_head(self.norm(x)).float()
 
     @torch.inference_mode()
     def forward(
@@ -131,47 +151,32 @@ class GLM4Model(nn.Module):
         logits_indices: torch.Tensor,  # [N] rows of T whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed(input_ids)  # [T, H]
-        rot = self.rotary.angles(positions)  # [T, rotary_dim / 2] complex
-        if self.one_token is not None and x.shape[0] == 1 and logits_indices.shape[0] == 1:
-            return self.one_token(x, rot, kv, batch)  # [1, V]
+        cos, sin = self.rotary(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rot, self.rotary, kv.k[i], kv.v[i], batch)
-        x = self.norm(x.index_select(0, logits_indices))  # [N, H]: the norm is per row
-        return self.lm_head(x).float()  # [N, V]
+            x = layer(x, cos, sin, kv.k[i], kv.v[i], batch)
+        return self.logits(x.index_select(0, logits_indices))  # [N, V]: the norm is per row
 
 
-def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: str | torch.device) -> torch.dtype:
-    """"auto": the checkpoint's own dtype on GPUs; float32 on CPU unless the weights are 16-bit
-    (a bf16 9B model in fp32 would not fit a CPU box's memory)."""
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
+    """"auto": the checkpoint's own dtype when it is 16-bit, else float32 (a bf16 9B model in fp32
+    would not fit a CPU box's memory)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    saved = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.torch_dtype or "", torch.float32)
-    return saved
+        return DTYPES[dtype]
+    return DTYPES[cfg.torch_dtype] if cfg.torch_dtype in ("bfloat16", "float16") else torch.float32
 
 
-def load_model(
-    path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None, pack: bool = True,
-    kv_block_size: int = 16,
-) -> GLM4Model:
+def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
-    pack: fp32 linears on CPU get oneDNN-packed weights (cpu_linear.py), 2-3x faster decode; on a
-    model over 64 MiB the layers are also compiled for one decoding sequence (cpu_decode.py), for
-    a KV cache of `kv_block_size`-token blocks."""
+    The model comes back plain (nn.Linear layers): how it runs fast is its runner's business."""
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path)
-    dtype = resolve_dtype(dtype, cfg, device)
+    dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = GLM4Model(cfg).to(dtype)
     model = model.to_empty(device=device)
     model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 buffer, not a weight
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)
-    if pack:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        compile_layers = weight_bytes > cpu_decode.COMPILED_DECODE_MIN_BYTES
-        packed = pack_linears(model, plain_for=cpu_decode.LINEARS if compile_layers else ())
-        if packed and compile_layers:  # packed: fp32 on CPU
-            model.one_token = cpu_decode.compile_one_token_layers(model, kv_block_size)
     return model.eval()

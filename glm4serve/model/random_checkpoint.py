@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import DTYPES, GLM4_RMS_NORM_EPS, ModelConfig
 from .loader import INDEX_FILE, SINGLE_FILE, CheckpointTensor, checkpoint_tensors, param_shapes
+from .tokenizer import GLM4_STOP_TOKENS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-RMS_NORM_EPS = 1.5625e-7  # glm-4-9b-chat's value
-STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # GLM-4 ends a reply on any of them
 
 
 def write_random_checkpoint(
@@ -73,7 +71,7 @@ def write_random_checkpoint(
     if vocab_size < num_token_ids:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {num_token_ids} token ids")
     special = special_token_ids(out)
-    eos_ids = [special[t] for t in STOP_TOKENS]
+    eos_ids = [special[t] for t in GLM4_STOP_TOKENS]
     pad_id = special["<|endoftext|>"]
 
     sizes = dict(
@@ -111,7 +109,7 @@ def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
     if not ids and (d / "tokenizer_config.json").is_file():
         decoder = json.loads((d / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
         ids = {tok["content"]: int(i) for i, tok in decoder.items()}
-    missing = [t for t in STOP_TOKENS if t not in ids]
+    missing = [t for t in GLM4_STOP_TOKENS if t not in ids]
     if missing:
         raise ValueError(f"tokenizer in {d} lacks the GLM-4 special tokens {missing}")
     return ids
@@ -134,7 +132,7 @@ def _chatglm_config(*, vocab_size, hidden_size, intermediate_size, num_layers, n
         "hidden_dropout": 0.0,
         "hidden_size": hidden_size,
         "kv_channels": head_dim,
-        "layernorm_epsilon": RMS_NORM_EPS,
+        "layernorm_epsilon": GLM4_RMS_NORM_EPS,
         "multi_query_attention": True,
         "multi_query_group_num": num_kv_heads,
         "num_attention_heads": num_heads,
@@ -173,7 +171,7 @@ def _hf_config(variant, style, *, vocab_size, hidden_size, intermediate_size, nu
         "num_hidden_layers": num_layers,
         "num_key_value_heads": num_kv_heads,
         "pad_token_id": pad_id,
-        "rms_norm_eps": RMS_NORM_EPS,
+        "rms_norm_eps": GLM4_RMS_NORM_EPS,
         "tie_word_embeddings": False,
         "use_cache": True,
         "vocab_size": vocab_size,

@@ -26,6 +26,7 @@ GLM4_SPLIT_PATTERN = (
 
 # Stop tokens to fall back on when neither generation_config.json nor config.json names any.
 GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+GLM4_PREFIX_TOKENS = ("[gMASK]", "<sop>")  # ChatGLM4Tokenizer puts these in front of every input
 
 
 class TokenizerError(ValueError):
@@ -202,6 +203,14 @@ class Tokenizer:
             special = self._special_ids
             ids = [i for i in ids if i not in special]
         return b"".join([self.token_bytes(i) for i in ids]).decode("utf-8", errors="replace")
+
+    def with_prefix(self, ids: list[int]) -> list[int]:
+        """ids with GLM-4's `[gMASK]<sop>` in front, as ChatGLM4Tokenizer encodes a raw prompt,
+        unless they start with it already (or this tokenizer has no such tokens)."""
+        if not all(t in self.special_tokens for t in GLM4_PREFIX_TOKENS):
+            return ids
+        prefix = [self.special_tokens[t] for t in GLM4_PREFIX_TOKENS]
+        return ids if ids[: len(prefix)] == prefix else prefix + ids
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

@@ -1,0 +1,34 @@
+"""What the API layer may ask of the engine (AsyncEngine is the implementation)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from .guided import GuidedSpec
+from .types import EngineStats, Output, SamplingParams
+
+
+class EngineClient(Protocol):
+    @property
+    def is_alive(self) -> bool: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError, at once, for a request the engine would refuse: checked before a stream starts."""
+
+    async def compile_guided(self, spec: GuidedSpec) -> None:
+        """Compile (and cache) a grammar; ValueError when it cannot be compiled."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Output]:
+        """The request's Outputs; leaving the iteration early aborts it. EngineError when the engine fails it."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def shutdown(self, timeout: float | None = 10.0) -> None: ...

@@ -1,0 +1,122 @@
+"""The engine's settings (EngineArgs: what a user chooses, each default written here once) and what
+is derived from them once the model is loaded: the KV cache plan and the scheduler's limits.
+
+The server's settings (api/settings.py) extend EngineArgs, so every field here is also a
+`glm4serve serve` flag, a GLM4SERVE_* variable and a YAML key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
+# The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
+# small machine neither waits on nor needs 4 GiB of memory.
+DEMO_KV_BYTES = 1 << 30
+GPU_MEMORY_FRACTION = 0.9  # as vLLM's gpu_memory_utilization: weights + KV cache, the rest for activations
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """2147483648, "2GiB", "1.5 GB", "512MiB" -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes")
+    if isinstance(value, (int, float)):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read {value!r} as a size: use bytes or a unit like 2GiB, 512MiB")
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size <= 0:
+        raise ValueError("a memory size must be positive")
+    return int(size)
+
+
+class EngineArgs(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="checkpoint folder or hub id (default: the built-in demo model)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; auto: the checkpoint's 16-bit dtype, else float32")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length to serve (default: the model's, capped by the KV cache)")
+    kv_cache_memory: int | None = Field(
+        None, description="KV cache size, bytes or like 2GiB (default: 4GiB on CPU, 1GiB for the demo, "
+                          f"on a GPU what the weights leave of {GPU_MEMORY_FRACTION:.0%} of its memory)")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks, instead of kv_cache_memory")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one engine step (the prefill chunk)")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before")
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _memory_size(cls, v):
+        return None if v is None else parse_bytes(v)
+
+    def engine_args(self) -> EngineArgs:
+        """Just the engine's fields (of a subclass that adds its own, like the server's settings)."""
+        return EngineArgs(**{name: getattr(self, name) for name in EngineArgs.model_fields})
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_model_len=max_model_len, block_size=self.block_size,
+                               enable_prefix_caching=self.enable_prefix_caching)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int  # sequences holding a seat (running, or forks waiting on a running parent)
+    max_num_batched_tokens: int  # query tokens per forward
+    max_model_len: int  # prompt + output tokens of one sequence
+    block_size: int
+    enable_prefix_caching: bool
+
+    def __post_init__(self):
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:
+            raise ValueError(f"scheduler limits must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    num_blocks: int
+    max_model_len: int  # what the engine serves: asked for, else the model's context capped by the cache
+
+
+def kv_budget(args: EngineArgs, device: str) -> int:
+    """KV cache bytes. On a GPU with none set: call with the weights loaded (measured before,
+    the budget would leave them no room)."""
+    if args.kv_cache_memory is not None:
+        return args.kv_cache_memory
+    if args.model is None:
+        return DEMO_KV_BYTES
+    if device != "cuda":
+        return DEFAULT_CPU_KV_BYTES
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    budget = int(total * GPU_MEMORY_FRACTION) - (total - free)
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
+                         f"{total / 2**30:.1f} GiB after loading the weights): set kv_cache_memory")
+    return budget
+
+
+def plan_kv_cache(args: EngineArgs, model_max_len: int, bytes_per_token: int, device: str) -> KVPlan:
+    """How many KV blocks the budget buys, and the context length they allow."""
+    num_blocks = args.num_kv_blocks or kv_budget(args, device) // (bytes_per_token * args.block_size)
+    if num_blocks < 1:
+        raise ValueError(f"a KV budget of {kv_budget(args, device)} bytes holds no block of {args.block_size} tokens")
+    capacity = num_blocks * args.block_size
+    if args.max_model_len and args.max_model_len > capacity:
+        raise ValueError(f"max_model_len {args.max_model_len} needs more KV cache than the budget holds "
+                         f"({capacity} tokens): raise kv_cache_memory or lower max_model_len")
+    return KVPlan(num_blocks, args.max_model_len or min(model_max_len, capacity))

@@ -1,0 +1,171 @@
+"""The CPU runner: fp32 on CPU, linears packed for batches and one decoding sequence compiled.
+
+Every linear becomes a CpuLinear (cpu_linear.py): oneDNN-packed for batches of several rows.
+Big models (over COMPILED_DECODE_MIN_BYTES of weights, where a C++ compiler exists) also run a
+single sequence's decode step, one token through every layer, as graphs compiled by inductor:
+in eager PyTorch each layer is ~45 small ops and 4 matrix-vector products, and on a small model
+the ops' dispatch costs as much as reading the weights. The graphs call glm4.py's own methods;
+their layers' linears hold plain weights, which a compiled graph reads as one fused reduction.
+
+Inductor compiles what lies between two K/V cache writes: [norm -> qkv -> rotary] before the first
+(`Layer.before_attention`), [o -> residual -> norm -> gate/up -> SwiGLU -> down -> residual ->
+next layer's norm -> qkv -> rotary] between two layers (`after_attention` + the next layer's
+`before_attention`), and after the last [o ... residual -> final norm -> output layer]. Each
+compiled call costs ~40 us of dynamo and wrapper time, so the seams are where writing the new
+token's K/V into the cache forces them (the writes stay eager; writing into the cache, a graph
+input, from inside a graph was not tried). One compile serves every layer: the layers are the
+graphs' inputs. Measured on the engine benchmark's model: a decode step ~2 ms shorter (BENCHMARKS.md).
+
+Attention itself runs inside the next graph (attention.decode_attention_one) while the context is
+at most IN_GRAPH_ATTENTION_MAX_TOKENS, compiled once for any number of blocks: there it saves the
+eager gather and SDPA call, ~0.3 ms of a ~8-12 ms step on the engine benchmark's model. Inductor's
+kernel reads the values once per query head and 16 dimensions, so its cost grows faster with the
+context than SDPA's: measured even at ~3K tokens and behind at 4K, so longer contexts take graphs
+without it. Batches of several rows run the eager layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import torch
+
+from .attention import decode_attention_one, paged_attention, write_kv
+from .batch import ForwardBatch
+from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_empty, swap_linears
+from .glm4 import GLM4Model, Layer
+from .runner import EagerRunner
+
+COMPILED_DECODE_MIN_BYTES = 64 << 20  # below this, compile time outweighs the step's few microseconds
+IN_GRAPH_ATTENTION_MAX_TOKENS = 2048  # longer contexts attend with eager SDPA (module docstring)
+LAYER_LINEARS = ("qkv", "o", "gate_up", "down")
+
+log = logging.getLogger(__name__)
+
+
+def compiler_available() -> bool:
+    """Inductor's CPU kernels are C++: without a compiler (the slim Docker image) nothing compiles."""
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+class CpuRunner(EagerRunner):
+    def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None):
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        self.compiled = weight_bytes > COMPILED_DECODE_MIN_BYTES and compiler_available()
+        # The output layer, when decode is bound by reading it, keeps a plain copy too (cpu_linear.py).
+        head_plain = self.compiled and head_bytes > STREAMED_WEIGHT_BYTES
+        plain_for = (LAYER_LINEARS if self.compiled else ()) + (("lm_head",) if head_plain else ())
+        swap_linears(model, plain_for=plain_for, packed_for=("lm_head",))
+        # The KV cache in huge pages too: decode streams it like the weights.
+        super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
+        self.one_token = OneTokenStep(model, block_size, head_in_graph=head_plain) if self.compiled else None
+
+    def __repr__(self) -> str:
+        decode = "compiled one-token decode" if self.compiled else (
+            "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler for inductor)")
+        return f"CpuRunner(oneDNN-packed linears, {decode})"
+
+    def forward(self, b: ForwardBatch) -> torch.Tensor:
+        if self.one_token is not None and b.input_ids.shape[0] == 1 and b.logits_indices.shape[0] == 1:
+            return self.one_token(self.model, b, self.kv)  # a one-token batch is always one decode
+        return super().forward(b)
+
+
+def _first(layer: Layer, x, cos, sin):
+    return layer.before_attention(x, cos, sin)
+
+
+def _between(layer: Layer, next_layer: Layer, x, attn, cos, sin):
+    """Layer i's end and layer i + 1's start -> (x [1, H], q, k, v)."""
+    x = layer.after_attention(x, attn)
+    return (x, *next_layer.before_attention(x, cos, sin))
+
+
+def _attend_between(layer: Layer, next_layer: Layer, x, q, k_cache, v_cache, block_table, context_len, cos, sin):
+    attn = decode_attention_one(q, k_cache, v_cache, block_table, context_len, layer.attn.scale)
+    return _between(layer, next_layer, x, attn, cos, sin)
+
+
+def _last_with_head(layer: Layer, model: GLM4Model, x, attn):
+    return model.logits(layer.after_attention(x, attn))  # [1, V]
+
+
+def _last_without_head(layer: Layer, model: GLM4Model, x, attn):
+    return model.norm(layer.after_attention(x, attn))  # [1, H]: the output layer runs on its own
+
+
+class OneTokenStep:
+    """A single new token through every layer, the final norm and (when it holds a plain weight)
+    the output layer: 1 + num_layers compiled calls, with the K/V writes (and, for long contexts,
+    paged attention) eager between them."""
+
+    def __init__(self, model: GLM4Model, block_size: int, head_in_graph: bool):
+        last = _last_with_head if head_in_graph else _last_without_head
+        self.head_in_graph = head_in_graph
+
+        def attend_last(layer, model, x, q, k_cache, v_cache, block_table, context_len):
+            attn = decode_attention_one(q, k_cache, v_cache, block_table, context_len, layer.attn.scale)
+            return last(layer, model, x, attn)
+
+        compile = lambda fn, dynamic=False: torch.compile(fn, dynamic=dynamic, fullgraph=True)  # noqa: E731
+        self.first, self.between, self.last = compile(_first), compile(_between), compile(last)
+        # dynamic=None: static shapes but for the dimensions warm_up marks dynamic (the cache's and
+        # the block table's), so one compile serves every context length
+        self.attend_between, self.attend_last = compile(_attend_between, None), compile(attend_last, None)
+        self.warm_up(model, block_size)
+
+    def __call__(self, model: GLM4Model, b: ForwardBatch, kv) -> torch.Tensor:
+        """-> logits [1, V]. One decode: one block table, one context length."""
+        layers, last = model.layers, len(model.layers) - 1
+        x = model.embed(b.input_ids)  # [1, H]
+        cos, sin = model.rotary(b.positions)  # [1, rotary_dim / 2] each
+        q, k, v = self.first(layers[0], x, cos, sin)
+        context_len = b.attn.decode_context_lens  # [1]
+        if int(context_len[0]) > IN_GRAPH_ATTENTION_MAX_TOKENS:
+            out = self._eager_attention(model, x, q, k, v, cos, sin, kv, b)
+        else:
+            table = b.attn.decode_block_tables[0]
+            if table.shape[0] < 2:  # one block: a second, masked out, keeps the length a dynamic dimension
+                table = torch.cat((table, table))
+            for i in range(last):
+                write_kv(kv.k[i], kv.v[i], k, v, b.attn.slot_mapping)
+                x, q, k, v = self.attend_between(layers[i], layers[i + 1], x, q, kv.k[i], kv.v[i], table,
+                                                 context_len, cos, sin)
+            write_kv(kv.k[last], kv.v[last], k, v, b.attn.slot_mapping)
+            out = self.attend_last(layers[last], model, x, q, kv.k[last], kv.v[last], table, context_len)
+        return out if self.head_in_graph else model.lm_head(out).float()
+
+    def _eager_attention(self, model: GLM4Model, x, q, k, v, cos, sin, kv, b: ForwardBatch) -> torch.Tensor:
+        """The same step with eager paged attention between the graphs, for long contexts."""
+        layers, last = model.layers, len(model.layers) - 1
+        for i in range(last):
+            attn = paged_attention(q, k, v, kv.k[i], kv.v[i], b.attn, layers[i].attn.scale).flatten(1)
+            x, q, k, v = self.between(layers[i], layers[i + 1], x, attn, cos, sin)
+        attn = paged_attention(q, k, v, kv.k[last], kv.v[last], b.attn, layers[last].attn.scale).flatten(1)
+        return self.last(layers[last], model, x, attn)
+
+    def warm_up(self, model: GLM4Model, block_size: int) -> None:
+        """Compile the graphs now, with inputs laid out as in a forward, not on the first request.
+        A KV cache of another block size would compile the attending graphs again when first used."""
+        cfg, layers = model.cfg, model.layers
+        with torch.inference_mode():
+            x = torch.zeros(1, cfg.hidden_size)
+            cos, sin = model.rotary(torch.zeros(1, dtype=torch.long))
+            attn = torch.zeros(1, cfg.q_size)
+            q, k, _ = self.first(layers[0], x, cos, sin)
+            if len(layers) > 1:
+                self.between(layers[0], layers[1], x, attn, cos, sin)
+            self.last(layers[-1], model, x, attn)
+            # The KV cache's number of blocks stays dynamic, as the table's length does (distinct
+            # sizes above 1: equal ones would be taken for one symbol). The block size stays
+            # static: a division by a constant in the kernels' indexing, not by a variable.
+            table, context_len = torch.tensor([0, 4]), torch.tensor([block_size + 1])
+            with torch.inference_mode(False):  # as the real cache: a normal tensor (dynamo guards on it)
+                k_cache, v_cache = (torch.zeros(7, block_size, *k.shape[1:]) for _ in "kv")  # [blocks, bs, Hkv, D]
+            for t in (k_cache, v_cache, table):
+                torch._dynamo.mark_dynamic(t, 0)
+            if len(layers) > 1:
+                self.attend_between(layers[0], layers[1], x, q, k_cache, v_cache, table, context_len, cos, sin)
+            self.attend_last(layers[-1], model, x, q, k_cache, v_cache, table, context_len)

@@ -1,0 +1,74 @@
+"""Model runners: one scheduled batch in, next-token logits out, behind one interface.
+
+A runner owns the model it runs and the KV cache's tensors. Which runner serves a model is decided
+once, at load (`make_runner`), and logged:
+- EagerRunner: the model as written in glm4.py, on any device and dtype;
+- CpuRunner (cpu_runner.py): fp32 on CPU, with oneDNN-packed linears for batches and one decoding
+  sequence's step compiled by inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .batch import ForwardBatch, ScheduledBatch, build_batch
+from .glm4 import GLM4Model
+from .kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner(Protocol):
+    num_blocks: int  # KV cache blocks it holds
+    block_size: int  # token slots per block
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Copy batch.block_copies, run the forward; float32 logits [rows, vocab] on the CPU, one row
+        per chunk that wants logits, in the chunks' order."""
+        ...
+
+
+class EagerRunner:
+    """The model as written, eager PyTorch, on its device."""
+
+    def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None,
+                 kv_zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None):
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.kv = KVCache(model.cfg, num_blocks, block_size, self.dtype, self.device, zeros=kv_zeros)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # The output layer has padding rows past the tokenizer's last id (151552 vs 151343 for
+        # glm-4-9b-chat): they can never be sampled, so they are cut off here.
+        self.vocab_limit = vocab_limit or model.cfg.vocab_size
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        self.kv.copy_blocks(batch.block_copies)
+        if not batch.chunks:
+            return torch.empty(0, self.vocab_limit)
+        logits = self.forward(build_batch(batch.chunks, self.block_size, self.device))
+        return logits[:, : self.vocab_limit].cpu()
+
+    def forward(self, b: ForwardBatch) -> torch.Tensor:
+        return self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
+
+
+def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None) -> ModelRunner:
+    """The fastest runner for this model where it runs: fp32 on CPU gets the CPU runner (where
+    this torch has oneDNN's linear packing); everything else the eager runner."""
+    from .cpu_linear import packing_available
+
+    param = next(model.parameters())
+    if param.device.type == "cpu" and param.dtype == torch.float32 and packing_available():
+        from .cpu_runner import CpuRunner
+
+        runner = CpuRunner(model, num_blocks, block_size, vocab_limit)
+    else:
+        runner = EagerRunner(model, num_blocks, block_size, vocab_limit)
+    log.info("model runner: %s", runner)
+    return runner

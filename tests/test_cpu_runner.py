@@ -1,0 +1,139 @@
+"""The CPU runner (model/cpu_runner.py): its compiled one-token decode step against transformers and
+the eager layers, and how it chooses its path at load."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from glm4serve.engine.block_pool import BlockPool
+from glm4serve.model import cpu_linear, cpu_runner
+from glm4serve.model.batch import ScheduledBatch, SeqChunk
+from glm4serve.model.cpu_linear import CpuLinear, packing_available
+from glm4serve.model.cpu_runner import CpuRunner
+from glm4serve.model.glm4 import load_model
+from glm4serve.model.runner import EagerRunner
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing")
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="inductor needs a C++ compiler")
+BLOCK = 4
+
+
+def decode(runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the decode steps' logits [steps - 1, V] (the first step is the prompt's)."""
+    pool = BlockPool(runner.num_blocks, BLOCK)
+    table, start, nxt, got, rows = [], 0, prompt, [], []
+    for _ in range(steps):
+        table += pool.allocate(pool.blocks_needed(start + len(nxt)) - len(table))
+        logits = runner.execute(ScheduledBatch([SeqChunk(nxt, start, list(table))]))[0]
+        start += len(nxt)
+        rows.append(logits)
+        nxt = [int(logits.argmax())]
+        got.append(nxt[0])
+    return got, torch.stack(rows[1:])
+
+
+def runners(path, monkeypatch, **patches):
+    """(CpuRunner, EagerRunner) over two loads of one checkpoint; patches: cpu_runner constants."""
+    monkeypatch.setattr(cpu_runner, "COMPILED_DECODE_MIN_BYTES", 0)  # compile even these tiny models
+    for name, value in patches.items():
+        monkeypatch.setattr(cpu_runner, name, value)
+    return (CpuRunner(load_model(path, dtype=torch.float32), 64, BLOCK),
+            EagerRunner(load_model(path, dtype=torch.float32), 64, BLOCK))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor):
+    assert (got - want).abs().max().item() <= 1e-4 * max(want.abs().max().item(), 1.0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant,lm_head_in_graph", [("glm", False), ("glm4", False), ("glm", True),
+                                                       ("glm4", True)])
+def test_compiled_decode_matches_eager_and_transformers(make_checkpoint, monkeypatch, variant, lm_head_in_graph):
+    from transformers import AutoModelForCausalLM
+
+    path = make_checkpoint(variant, "hf", "wide")
+    if lm_head_in_graph:  # the output layer keeps a plain copy, which the last graph reads
+        monkeypatch.setattr(cpu_runner, "STREAMED_WEIGHT_BYTES", 0)
+    ours, eager = runners(path, monkeypatch)
+    assert ours.one_token is not None and ours.one_token.head_in_graph == lm_head_in_graph
+    prompt = [11, 23, 5, 99, 42, 7, 64, 3]
+    with torch.compiler.set_stance("fail_on_recompile"):  # warm_up compiled for every layer and context length
+        got, compiled_logits = decode(ours, prompt, 16)
+    want, eager_logits = decode(eager, prompt, 16)
+    assert got == want
+    assert_close(compiled_logits, eager_logits)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == expected
+
+
+@needs_compiler
+def test_attention_in_the_graphs_and_eager_attention_agree_across_the_switch(make_checkpoint, monkeypatch):
+    """Contexts up to IN_GRAPH_ATTENTION_MAX_TOKENS attend inside the graphs, longer ones with eager
+    SDPA between them: decodes that start in a single cache block and cross the limit match the
+    eager runner, with no recompile along the way."""
+    ours, eager = runners(make_checkpoint("glm", "hf", "wide"), monkeypatch, IN_GRAPH_ATTENTION_MAX_TOKENS=12)
+    calls = {"attend_last": 0, "last": 0}
+    for name in calls:
+        graph = getattr(ours.one_token, name)
+
+        def counted(*args, graph=graph, name=name):
+            calls[name] += 1
+            return graph(*args)
+
+        setattr(ours.one_token, name, counted)
+    for prompt in ([11, 23], [11, 23, 5, 99, 42, 7, 64, 3]):  # 3 and 9 tokens in the cache at the first decode
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got, compiled_logits = decode(ours, prompt, 16)
+        want, eager_logits = decode(eager, prompt, 16)
+        assert got == want
+        assert_close(compiled_logits, eager_logits)
+    # 15 decode steps each (the first of 16 is the prompt's): contexts 3..12 and 9..12 attend in
+    # the graphs, 13..17 and 13..23 eagerly
+    assert calls == {"attend_last": 10 + 4, "last": 5 + 11}
+
+
+def test_small_models_are_packed_not_compiled(make_checkpoint):
+    runner = CpuRunner(load_model(make_checkpoint("glm", "hf", "wide"), dtype=torch.float32), 64, BLOCK)
+    assert runner.one_token is None  # far below COMPILED_DECODE_MIN_BYTES
+    linears = [m for m in runner.model.modules() if isinstance(m, CpuLinear)]
+    assert len(linears) == 1 + 4 * runner.model.cfg.num_layers
+    assert all(m.plain is None for m in linears)  # packed only: no second copy of any weight
+    assert not any(isinstance(m, torch.nn.Linear) for m in runner.model.modules())
+
+
+@needs_compiler
+def test_compiled_layers_hold_one_plain_copy_and_only_the_output_layer_two(make_checkpoint, monkeypatch):
+    monkeypatch.setattr(cpu_runner, "STREAMED_WEIGHT_BYTES", 0)
+    ours, _ = runners(make_checkpoint("glm", "hf", "wide"), monkeypatch)
+    layer_linears = [m for m in ours.model.layers.modules() if isinstance(m, CpuLinear)]
+    assert all(m.plain is not None and m.packed is m.plain for m in layer_linears)
+    head = ours.model.lm_head
+    assert head.plain is not None and head.packed is not head.plain and head.one_row is not None
+
+
+def test_without_a_compiler_the_eager_layers_serve(make_checkpoint, monkeypatch):
+    monkeypatch.setattr(cpu_runner, "compiler_available", lambda: False)
+    ours, eager = runners(make_checkpoint("glm", "hf", "wide"), monkeypatch)
+    assert ours.one_token is None and "no C++ compiler" in repr(ours)
+    assert decode(ours, [1, 2, 3], 4)[0] == decode(eager, [1, 2, 3], 4)[0]
+
+
+@needs_compiler
+def test_a_compile_that_fails_at_load_fails_the_load(make_checkpoint, monkeypatch):
+    """A path chosen at load either works or the load fails: no silent switch to a slower one."""
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("inductor broke")
+
+    path = make_checkpoint("glm", "hf", "wide")
+    monkeypatch.setattr(cpu_runner, "COMPILED_DECODE_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_runner.torch, "compile", broken_compile)
+    with pytest.raises(RuntimeError, match="inductor broke"):
+        CpuRunner(load_model(path, dtype=torch.float32), 64, BLOCK)
+    assert cpu_linear.torch.compile is broken_compile  # the same module object, patched for both
