@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from bench_engine import SHAPE, prompts
 
-from glm4serve.engine.engine import EngineConfig, LLMEngine
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.guided import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.random_checkpoint import write_random_checkpoint
@@ -107,8 +108,8 @@ def main():
     torch.set_num_threads(2)
     tokenizer_dir = None if a.small_tokenizer or not a.tokenizer.is_dir() else a.tokenizer
     with tempfile.TemporaryDirectory() as d:
-        engine = build_llm_engine(make_checkpoint(d, tokenizer_dir),
-                                  EngineConfig(max_num_seqs=64, kv_cache_memory_bytes=1 << 30), dtype="float32")
+        engine = build_llm_engine(EngineArgs(model=str(make_checkpoint(d, tokenizer_dir)), dtype="float32",
+                                             max_num_seqs=64, kv_cache_memory=1 << 30))
     tok = engine.tokenizer
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tokenizer "
           f"{tokenizer_dir or 'small built-in'} ({tok.vocab_size} tokens)")

@@ -38,21 +38,24 @@ class _EngineStatsCollector(Collector):
 
     @staticmethod
     def _families(s: EngineStats):
-        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch.",
-                                value=s.num_running)
-        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.",
-                                value=s.num_waiting)
-        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
-                                value=s.kv_cache_usage)
-        yield GaugeMetricFamily(PREFIX + "kv_cache_blocks_used", "KV cache blocks in use.", value=s.kv_blocks_used)
-        yield GaugeMetricFamily(PREFIX + "kv_cache_blocks_total", "KV cache blocks in the pool.",
-                                value=s.kv_blocks_total)
-        yield CounterMetricFamily(PREFIX + "num_preemptions", "Preempted sequences since start.",
-                                  value=s.num_preemptions_total)
-        yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=s.prefix_cache_queries)
-        yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                  value=s.prefix_cache_hits)
+        for kind, name, doc, value in _ENGINE_SERIES:
+            yield kind(PREFIX + name, doc, value=value(s))
+
+
+# (family, name, help, value) of the series read from EngineStats at scrape time
+_ENGINE_SERIES = [
+    (GaugeMetricFamily, "num_requests_running", "Requests in the running batch.", lambda s: s.num_running),
+    (GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s.num_waiting),
+    (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
+     lambda s: s.kv_cache_usage),
+    (GaugeMetricFamily, "kv_cache_blocks_used", "KV cache blocks in use.", lambda s: s.kv_blocks_used),
+    (GaugeMetricFamily, "kv_cache_blocks_total", "KV cache blocks in the pool.", lambda s: s.kv_blocks_total),
+    (CounterMetricFamily, "num_preemptions", "Preempted sequences since start.", lambda s: s.num_preemptions_total),
+    (CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+     lambda s: s.prefix_cache_queries),
+    (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+     lambda s: s.prefix_cache_hits),
+]
 
 
 class Metrics:
@@ -109,7 +112,7 @@ class RequestMetrics:
     def on_output(self, out: Output) -> None:
         now = time.perf_counter()
         n = len(out.token_ids)
-        queue_time = getattr(out, "queue_time", None)  # set on the Outputs of a scheduled choice 0
+        queue_time = out.queue_time  # set on the Outputs of a scheduled choice 0
         if queue_time is not None and not self._queue_time_seen:
             self._queue_time_seen = True
             self.m.queue_time.observe(queue_time)

@@ -9,6 +9,7 @@ and "chatglm and HF checkpoints give the same logits" is a meaningful test.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import struct
@@ -273,34 +274,23 @@ def _stream_safetensors(path: Path, items: list, dtype: torch.dtype) -> int:
 
 
 def make_model_main(argv: list[str]) -> int:
-    """`glm4serve make-model DIR ...`: write a small random GLM-4 checkpoint for tests and benchmarks."""
+    """`glm4serve make-model DIR ...`: write a random GLM-4 checkpoint for tests and benchmarks.
+    A flag per keyword of write_random_checkpoint, with its default."""
     p = argparse.ArgumentParser(prog="glm4serve make-model", description=make_model_main.__doc__)
     p.add_argument("dir", help="output folder (created)")
-    p.add_argument("--variant", choices=["glm", "glm4"], default="glm")
-    p.add_argument("--layout", choices=["hf", "chatglm"], default="hf")
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--intermediate-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=None, help="default: hidden size / heads")
-    p.add_argument("--vocab-size", type=int, default=None, help="default: tokenizer ids rounded up to 64")
-    p.add_argument("--max-position-embeddings", type=int, default=131072)
-    p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--config-style", choices=["4.x", "5.x"], default="4.x")
-    p.add_argument("--num-merges", type=int, default=2000, help="BPE merges of the small tokenizer")
-    a = p.parse_args(argv)
+    choices = {"variant": ["glm", "glm4"], "layout": ["hf", "chatglm"], "dtype": sorted(DTYPES),
+               "config_style": ["4.x", "5.x"]}
+    aliases = {"num_layers": ["--layers"], "num_heads": ["--heads"], "num_kv_heads": ["--kv-heads"]}
+    for name, param in inspect.signature(write_random_checkpoint).parameters.items():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        default = param.default
+        kind = str if name in choices else (int if default is None else type(default))  # None: an int or "derive"
+        p.add_argument("--" + name.replace("_", "-"), *aliases.get(name, []), dest=name, type=kind, default=default,
+                       choices=choices.get(name), help=f"default: {'derived' if default is None else default}")
+    a = vars(p.parse_args(argv))
     try:
-        out = write_random_checkpoint(
-            a.dir, variant=a.variant, layout=a.layout, vocab_size=a.vocab_size, hidden_size=a.hidden_size,
-            intermediate_size=a.intermediate_size, num_layers=a.layers, num_heads=a.heads,
-            num_kv_heads=a.kv_heads, head_dim=a.head_dim, max_position_embeddings=a.max_position_embeddings,
-            rope_theta=a.rope_theta, dtype=a.dtype, seed=a.seed, shards=a.shards,
-            config_style=a.config_style, num_merges=a.num_merges,
-        )  # fmt: skip
+        out = write_random_checkpoint(a.pop("dir"), **a)
     except ValueError as e:
         print(f"make-model: {e}", file=sys.stderr)
         return 1
