@@ -1,26 +1,38 @@
-"""Stand-ins for the API tests: a scripted AsyncEngine and the small GLM-4-style tokenizer.
+"""What the API tests serve: the real engine (LLMEngine + AsyncEngine) over a scripted model runner,
+with the small GLM-4-style tokenizer.
 
-FakeEngine implements the engine's asyncio interface (generate / abort / stats / is_alive).
-Each choice replays a scripted reply, one token per step, choices interleaved; it honours
-max_tokens, stop token ids, ignore_eos, skip_special_tokens and logprobs, decodes with UTF-8
-hold-back like the real detokenizer, and records every call, abort and early close.
+ScriptedRunner stands in for the model runner only (model/runner.py's interface): for each row that
+wants logits it puts a peak on the next token of a scripted reply, then on a stop token. Stops,
+max_tokens, UTF-8 hold-back, logprobs, forks, aborts and failures are the real engine's.
+RecordingEngine is the real AsyncEngine that also records what the API asked of it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import math
 import tempfile
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+
+import pytest
+import torch
 
 from glm4serve.api.app import create_app
 from glm4serve.api.settings import ServerSettings
-from glm4serve.engine.types import LENGTH, STOP, EngineError, EngineStats, Output, SamplingParams, TokenLogprob
+from glm4serve.engine.async_engine import AsyncEngine
+from glm4serve.engine.block_pool import BlockPool
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.engine import LLMEngine
+from glm4serve.engine.sequence import Sequence
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model.batch import ScheduledBatch
 from glm4serve.model.small_tokenizer import write_small_tokenizer
 from glm4serve.model.tokenizer import Tokenizer
 
 MODEL = "glm-4-test"
+HELLO = "\nHello there!"  # the default reply: GLM-4 opens a chat reply with an empty metadata line
 
 
 @lru_cache(maxsize=1)
@@ -34,98 +46,135 @@ def small_tokenizer() -> Tokenizer:
 class Call:
     prompt_ids: list[int]
     params: SamplingParams
-    request_id: str
+    request_id: str | None
 
 
-@dataclass
-class FakeEngine:
-    tokenizer: Tokenizer
-    # reply of choice i = replies[i % len(replies)]; a callable gets the call and returns the list
-    replies: list[str] | Callable[[Call], list[str]] = field(default_factory=lambda: ["\nHello there!"])
-    step_delay: float = 0.0  # seconds between steps
-    fail_after_steps: int | None = None  # raise EngineError after this many steps
-    # picks a token among the logit-biased ones (a biased request ignores the script)
-    choose_biased: Callable[[set[int], "Call"], int] = lambda allowed, call: min(allowed)
-    finish_reason_override: str | None = None  # e.g. "abort"
-    refuse_with: Exception | None = None  # raised before the first await, like a refused request
-    is_alive: bool = True
-    engine_stats: EngineStats = field(default_factory=lambda: EngineStats(
-        num_running=3, num_waiting=2, kv_blocks_total=100, kv_blocks_used=25,
-        num_preemptions_total=4, prefix_cache_queries=50, prefix_cache_hits=20))
-    calls: list[Call] = field(default_factory=list)
-    aborted: list[str] = field(default_factory=list)
-    closed_early: list[str] = field(default_factory=list)
-    started: asyncio.Event | None = None
+# the reply of choice i: replies[i % len(replies)], or what replies(call) returns for that request
+Replies = list[str] | tuple[str, ...] | Callable[[Call], list[str]]
 
-    def stats(self) -> EngineStats:
-        return self.engine_stats
+
+class ScriptedRunner:
+    """A model runner whose model replays scripted replies. A row's request and choice are those of
+    the engine's sequence with the chunk's seq_id. With n > 1 every choice samples its first token
+    from choice 0's row (the engine forks after the prompt), so replies must share their first token."""
+
+    def __init__(self, tokenizer, num_blocks: int, block_size: int, replies: Replies = (HELLO,), *,
+                 step_delay: float = 0.0, fail_after_steps: int | None = None,
+                 abort_after_tokens: int | None = None, peak: float = 40.0):
+        self.tokenizer = tokenizer
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.replies = replies
+        self.step_delay = step_delay  # seconds per forward, to keep requests in flight
+        self.fail_after_steps = fail_after_steps  # forwards after this many raise, as a broken model would
+        self.abort_after_tokens = abort_after_tokens  # the server aborts a request once it has this many
+        self.peak = peak  # logit of the scripted token over 0 for the rest: 40 is picked at any temperature used here
+        self.engine: LLMEngine | None = None  # set once built: its scheduler knows whose rows these are
+        self.abort: Callable[[str], None] | None = None  # AsyncEngine.abort, for abort_after_tokens
+        self.num_steps = 0
+        self._scripts: dict[int, list[int]] = {}  # seq_id -> reply token ids
+
+    def script(self, seq: Sequence) -> list[int]:
+        if seq.seq_id not in self._scripts:
+            replies = self.replies
+            if callable(replies):
+                replies = replies(Call(seq.prompt_token_ids, seq.params, seq.request_id))
+            reply = replies[seq.index % len(replies)]
+            self._scripts[seq.seq_id] = self.tokenizer.encode(reply, allow_special=True)
+        return self._scripts[seq.seq_id]
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        self.num_steps += 1
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        if self.fail_after_steps is not None and self.num_steps > self.fail_after_steps:
+            raise RuntimeError("scripted forward failure")
+        running = {s.seq_id: s for s in self.engine.scheduler.running}
+        rows = [c for c in batch.chunks if c.want_logits]
+        logits = torch.zeros(len(rows), self.tokenizer.vocab_size)
+        for r, chunk in enumerate(rows):
+            seq = running[chunk.seq_id]
+            done = chunk.start + len(chunk.token_ids) - seq.num_prompt_tokens  # reply tokens already out
+            script = self.script(seq)
+            logits[r, script[done] if done < len(script) else self.tokenizer.stop_token_ids[0]] = self.peak
+            if self.abort_after_tokens is not None and done >= self.abort_after_tokens:
+                self.abort(seq.request_id)  # takes effect before the next step
+        return logits
+
+
+class RecordingEngine(AsyncEngine):
+    """The real AsyncEngine, recording the generate and abort calls it gets."""
+
+    def __init__(self, engine: LLMEngine):
+        super().__init__(engine)
+        self.calls: list[Call] = []
+        self.aborted: list[str] = []
+
+    @property
+    def runner(self) -> ScriptedRunner:
+        return self.engine.runner
+
+    def generate(self, prompt_ids, params, request_id=None):
+        self.calls.append(Call(list(prompt_ids), params, request_id))
+        return super().generate(prompt_ids, params, request_id)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
-
-    def _script(self, call: Call) -> list[list[int]]:
-        replies = self.replies(call) if callable(self.replies) else self.replies
-        if call.params.logit_bias:
-            top = max(call.params.logit_bias.values())
-            allowed = {t for t, b in call.params.logit_bias.items() if b == top}
-            return [[self.choose_biased(allowed, call)] for _ in range(call.params.n)]
-        return [self.tokenizer.encode(replies[i % len(replies)], allow_special=True) for i in range(call.params.n)]
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
-        call = Call(list(prompt_ids), params, request_id or "req")
-        self.calls.append(call)
-        if self.refuse_with is not None:
-            raise self.refuse_with
-        scripts = self._script(call)
-        stops = set(params.stop_token_ids or [])  # extra stop ids, on top of the model's own
-        if not params.ignore_eos:
-            stops |= set(self.tokenizer.stop_token_ids)
-        emitted = [[] for _ in scripts]  # token ids so far per choice
-        sent_text = ["" for _ in scripts]
-        done = [False] * len(scripts)
-        steps = 0
-        try:
-            while not all(done):
-                if self.fail_after_steps is not None and steps >= self.fail_after_steps:
-                    raise EngineError("scripted failure")
-                await asyncio.sleep(self.step_delay)
-                if self.started is not None:
-                    self.started.set()
-                steps += 1
-                for i, script in enumerate(scripts):
-                    if done[i]:
-                        continue
-                    pos = len(emitted[i])
-                    token = script[pos] if pos < len(script) else self.tokenizer.stop_token_ids[0]
-                    emitted[i].append(token)
-                    reason = None
-                    text_ids = emitted[i]
-                    if token in stops:
-                        reason, text_ids = STOP, emitted[i][:-1]
-                    elif len(emitted[i]) >= params.max_tokens:
-                        reason = LENGTH
-                    text = self.tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
-                    if reason is None and text.endswith("\ufffd"):
-                        text = sent_text[i]  # half a character: hold it back
-                    delta, sent_text[i] = text[len(sent_text[i]):], text
-                    if reason is not None:
-                        done[i] = True
-                        reason = self.finish_reason_override or reason
-                    logprobs = None
-                    if params.logprobs is not None:
-                        vocab = self.tokenizer.vocab_size
-                        top = [((token + k) % vocab, -0.25 * (k + 1)) for k in range(params.logprobs)]
-                        logprobs = [TokenLogprob(token, -0.5 - 0.01 * pos, top)]
-                    yield Output(call.request_id, i, [token], delta, logprobs, reason,
-                                 token if reason == STOP else None, len(prompt_ids), len(emitted[i]))
-        finally:
-            if not all(done):
-                self.closed_early.append(call.request_id)
+        super().abort(request_id)
 
 
-def make_app(engine: FakeEngine | None, tokenizer: Tokenizer | None = None, max_model_len: int = 4096, **settings):
-    tokenizer = tokenizer or (engine.tokenizer if engine else small_tokenizer())
-    return create_app(engine, tokenizer, ServerSettings(**settings), MODEL, max_model_len)
+_started: list[AsyncEngine] = []  # shut down by the shutdown_engines fixture
+
+
+@pytest.fixture(autouse=True)
+def shutdown_engines():
+    """Autouse in every test module that imports it: the engines a test started are shut down after
+    it. (A module-scoped fixture is set up before this one, and shuts its engine down itself.)"""
+    first = len(_started)
+    yield
+    while len(_started) > first:
+        _started.pop().shutdown(timeout=5)
+
+
+def start_engine(args: EngineArgs, max_model_len: int, tokenizer: Tokenizer | None = None,
+                 **script) -> RecordingEngine:
+    """The real engine for these engine arguments, over a ScriptedRunner(**script)."""
+    tokenizer = tokenizer or small_tokenizer()
+    num_blocks = args.num_kv_blocks or math.ceil(max_model_len / args.block_size)
+    runner = ScriptedRunner(tokenizer, num_blocks, args.block_size, **script)
+    llm = LLMEngine(runner, tokenizer, args.scheduler_config(max_model_len), BlockPool(num_blocks, args.block_size),
+                    tokenizer.stop_token_ids, vocab_size=tokenizer.vocab_size)
+    runner.engine = llm
+    engine = RecordingEngine.start(lambda: llm)
+    runner.abort = lambda request_id: AsyncEngine.abort(engine, request_id)  # the server's, not recorded
+    _started.append(engine)
+    return engine
+
+
+def make_app(replies: Replies = (HELLO,), *, tokenizer: Tokenizer | None = None, max_model_len: int = 4096,
+             step_delay: float = 0.0, fail_after_steps: int | None = None, abort_after_tokens: int | None = None,
+             **settings):
+    """The app over a fresh real engine; `settings` (ServerSettings fields, the engine's included)
+    reach both. The engine is engine_of(app)."""
+    settings = ServerSettings(max_model_len=max_model_len, **settings)
+    engine = start_engine(settings, max_model_len, tokenizer, replies=replies, step_delay=step_delay,
+                          fail_after_steps=fail_after_steps, abort_after_tokens=abort_after_tokens)
+    return create_app(engine, engine.engine.tokenizer, settings, MODEL, max_model_len)
+
+
+def engine_of(app) -> RecordingEngine:
+    return app.state.serving.engine
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
+    """Until the engine has no request left and every KV block is back in the pool."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()  # published by the loop thread at the end of each turn
+        if s.num_running == s.num_waiting == s.kv_blocks_used == 0:
+            break
+        assert time.monotonic() < deadline, f"the engine is still busy: {s}"
+        time.sleep(0.005)
+    assert engine.engine.scheduler.num_requests == 0 and engine.engine.pool.num_used == 0
 
 
 def sse_events(body: str) -> list[str]:

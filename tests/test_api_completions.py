@@ -1,24 +1,35 @@
-"""/v1/completions against the scripted FakeEngine."""
+"""/v1/completions over the real engine and a scripted model runner."""
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_fakes import MODEL, FakeEngine, make_app, small_tokenizer, sse_json
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    MODEL,
+    engine_of,
+    make_app,
+    shutdown_engines,
+    small_tokenizer,
+    sse_json,
+)
 
 REPLY = " the sea is wide"
 
 
-def post(engine, **body):
-    r = TestClient(make_app(engine)).post("/v1/completions", json=body)
-    return r
+def post(client: TestClient, **body):
+    return client.post("/v1/completions", json=body)
+
+
+def client_for(*replies: str, **kw) -> TestClient:
+    return TestClient(make_app(replies=list(replies or [REPLY]), **kw))
 
 
 def test_text_prompt_gets_glm_prefix_tokens_and_default_max_tokens():
     tok = small_tokenizer()
-    engine = FakeEngine(tok, replies=[REPLY])
-    body = post(engine, model=MODEL, prompt="Write:").json()
-    [call] = engine.calls
+    client = client_for()
+    body = post(client, model=MODEL, prompt="Write:").json()
+    [call] = engine_of(client.app).calls
     prefix = [tok.special_tokens["[gMASK]"], tok.special_tokens["<sop>"]]
     assert call.prompt_ids == prefix + tok.encode("Write:")
     assert call.params.max_tokens == 16  # OpenAI's completions default
@@ -32,58 +43,64 @@ def test_text_prompt_gets_glm_prefix_tokens_and_default_max_tokens():
 
 def test_add_special_tokens_false_and_prompts_already_prefixed_are_left_alone():
     tok = small_tokenizer()
-    engine = FakeEngine(tok, replies=[REPLY])
-    post(engine, prompt="Write:", add_special_tokens=False)
-    post(engine, prompt="[gMASK]<sop>Write:")
-    assert engine.calls[0].prompt_ids == tok.encode("Write:")
-    assert engine.calls[1].prompt_ids == tok.encode("[gMASK]<sop>Write:")
+    client = client_for()
+    post(client, prompt="Write:", add_special_tokens=False)
+    post(client, prompt="[gMASK]<sop>Write:")
+    calls = engine_of(client.app).calls
+    assert calls[0].prompt_ids == tok.encode("Write:")
+    assert calls[1].prompt_ids == tok.encode("[gMASK]<sop>Write:")
 
 
 def test_several_prompts_and_n_index_choices_prompt_major():
-    engine = FakeEngine(small_tokenizer(), replies=[" a", " bb"])
-    body = post(engine, prompt=["one", "two"], n=2).json()
+    # the n choices of a prompt sample their first token from the same logits: " a" for both
+    client = client_for(" a", " a bb")
+    body = post(client, prompt=["one", "two"], n=2).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
-    assert [c["text"] for c in body["choices"]] == [" a", " bb", " a", " bb"]
-    assert len(engine.calls) == 2 and len({c.request_id for c in engine.calls}) == 2
-    assert body["usage"]["prompt_tokens"] == sum(len(c.prompt_ids) for c in engine.calls)
+    assert [c["text"] for c in body["choices"]] == [" a", " a bb", " a", " a bb"]
+    calls = engine_of(client.app).calls
+    assert len(calls) == 2 and len({c.request_id for c in calls}) == 2
+    assert body["usage"]["prompt_tokens"] == sum(len(c.prompt_ids) for c in calls)
 
 
 def test_token_id_prompts_are_passed_through():
-    engine = FakeEngine(small_tokenizer(), replies=[REPLY])
-    post(engine, prompt=[5, 6, 7])
-    post(engine, prompt=[[8, 9], [10]])
-    assert [c.prompt_ids for c in engine.calls] == [[5, 6, 7], [8, 9], [10]]
+    client = client_for()
+    post(client, prompt=[5, 6, 7])
+    post(client, prompt=[[8, 9], [10]])
+    assert [c.prompt_ids for c in engine_of(client.app).calls] == [[5, 6, 7], [8, 9], [10]]
 
 
 def test_echo_prepends_the_prompt():
-    engine = FakeEngine(small_tokenizer(), replies=[REPLY])
-    body = post(engine, prompt="Write:", echo=True).json()
+    body = post(client_for(), prompt="Write:", echo=True).json()
     assert body["choices"][0]["text"] == "Write:" + REPLY
 
 
 def test_logprobs_arrays_line_up():
     tok = small_tokenizer()
-    engine = FakeEngine(tok, replies=[REPLY])
-    lp = post(engine, prompt="Write:", logprobs=2, max_tokens=4).json()["choices"][0]["logprobs"]
-    assert engine.calls[0].params.logprobs == 2
+    client = client_for()
+    lp = post(client, prompt="Write:", logprobs=2, max_tokens=4).json()["choices"][0]["logprobs"]
+    assert engine_of(client.app).calls[0].params.logprobs == 2
     assert lp["tokens"] == [tok.decode([t]) for t in tok.encode(REPLY)[:4]]
     assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 4
     offsets = [0]
     for t in lp["tokens"][:-1]:
         offsets.append(offsets[-1] + len(t))
     assert lp["text_offset"] == offsets
-    for token, top in zip(lp["tokens"], lp["top_logprobs"]):
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert token in top and 1 <= len(top) <= 3
+        # the runner's logits: the token 40 over all others, which are equal
+        assert logprob == pytest.approx(0, abs=1e-6) and top[token] == logprob
+        assert sorted(v for t, v in top.items() if t != token) == pytest.approx([-40] * (len(top) - 1), abs=1e-3)
 
 
 def test_stream_chunks_and_usage():
-    engine = FakeEngine(small_tokenizer(), replies=[REPLY, " x"])
-    r = post(engine, prompt="Write:", stream=True, n=2, stream_options={"include_usage": True})
+    # both choices start with " the": the first token comes from the same logits
+    replies = [REPLY, " the end"]
+    r = post(client_for(*replies), prompt="Write:", stream=True, n=2, stream_options={"include_usage": True})
     chunks = sse_json(r.text)
     *body, last = chunks
     assert last["choices"] == []
-    assert last["usage"]["completion_tokens"] == sum(len(small_tokenizer().encode(r)) + 1 for r in (REPLY, " x"))
-    for i, expected in enumerate([REPLY, " x"]):
+    assert last["usage"]["completion_tokens"] == sum(len(small_tokenizer().encode(r)) + 1 for r in replies)
+    for i, expected in enumerate(replies):
         mine = [c["choices"][0] for c in body if c["choices"][0]["index"] == i]
         assert "".join(ch["text"] for ch in mine) == expected
         assert [ch["finish_reason"] for ch in mine] == [None] * (len(mine) - 1) + ["stop"]
@@ -92,14 +109,12 @@ def test_stream_chunks_and_usage():
 
 
 def test_stream_echo_comes_first():
-    engine = FakeEngine(small_tokenizer(), replies=[REPLY])
-    chunks = sse_json(post(engine, prompt="Write:", stream=True, echo=True).text)
+    chunks = sse_json(post(client_for(), prompt="Write:", stream=True, echo=True).text)
     assert chunks[0]["choices"][0]["text"] == "Write:"
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Write:" + REPLY
 
 
 def test_max_tokens_null_means_rest_of_context():
-    engine = FakeEngine(small_tokenizer(), replies=[REPLY])
-    client = TestClient(make_app(engine, max_model_len=64))
+    client = client_for(max_model_len=64)
     client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": None})
-    assert engine.calls[0].params.max_tokens == 61
+    assert engine_of(client.app).calls[0].params.max_tokens == 61

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_fakes import MODEL, FakeEngine, make_app, small_tokenizer
+from tests.api_fakes import MODEL, engine_of, make_app, shutdown_engines, wait_idle  # noqa: F401 - autouse
 
 HI = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "get_time"}}
@@ -68,13 +68,15 @@ BAD_COMPLETIONS = [
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return FakeEngine(small_tokenizer(), replies=["\nok"])
+def client():
+    client = TestClient(make_app(replies=["\nok"], max_model_len=64))
+    yield client
+    engine_of(client.app).shutdown()
 
 
-@pytest.fixture(scope="module")
-def client(engine):
-    return TestClient(make_app(engine, max_model_len=64))
+@pytest.fixture
+def engine(client):
+    return engine_of(client.app)
 
 
 def assert_envelope(r, status: int, type_: str, param=None, code=None):
@@ -142,8 +144,8 @@ def test_unknown_route_and_wrong_method(client):
     assert_envelope(client.get("/v1/chat/completions"), 405, "invalid_request_error")
 
 
-def test_api_key_guards_v1_only(engine):
-    client = TestClient(make_app(engine, api_key="sekret"))
+def test_api_key_guards_v1_only():
+    client = TestClient(make_app(replies=["\nok"], api_key="sekret"))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
         assert_envelope(client.post("/v1/chat/completions", json={"messages": HI}, headers=headers), 401,
                         "authentication_error")
@@ -158,16 +160,51 @@ def test_api_key_guards_v1_only(engine):
 
 
 def test_unexpected_engine_exception_is_500_and_server_survives():
-    engine = FakeEngine(small_tokenizer(), refuse_with=RuntimeError("boom"))
-    client = TestClient(make_app(engine), raise_server_exceptions=False)
+    app = make_app(fail_after_steps=0)  # every forward of the model raises
+    client = TestClient(app, raise_server_exceptions=False)
     assert_envelope(client.post("/v1/chat/completions", json={"messages": HI}), 500, "server_error")
     assert_envelope(client.post("/v1/completions", json={"prompt": "x"}), 500, "server_error")
-    engine.refuse_with = None
+    engine = engine_of(app)
+    wait_idle(engine)
+    engine.runner.fail_after_steps = None
     assert client.post("/v1/chat/completions", json={"messages": HI}).status_code == 200
 
 
 def test_engine_not_ready_is_503():
-    engine = FakeEngine(small_tokenizer(), is_alive=False)
-    r = TestClient(make_app(engine)).post("/v1/chat/completions", json={"messages": HI})
+    app = make_app()
+    engine_of(app).shutdown()  # the engine loop has stopped
+    r = TestClient(app).post("/v1/chat/completions", json={"messages": HI})
     assert_envelope(r, 503, "service_unavailable_error")
     assert r.headers["retry-after"]
+    assert engine_of(app).calls == []
+
+
+# The engine's own limits, stricter here than the API's (max_n 16): only the engine refuses n=3.
+ENGINE_REFUSED = [
+    ("/v1/chat/completions", {"messages": HI, "n": 3}),
+    ("/v1/completions", {"prompt": "x", "n": 3}),
+    ("/v1/completions", {"prompt": ["x", "y"], "n": 3}),
+]
+
+
+@pytest.mark.parametrize("route,body", ENGINE_REFUSED)
+def test_a_stream_only_the_engine_refuses_is_400_not_an_error_event(route, body):
+    client = TestClient(make_app(max_num_seqs=2))
+    r = client.post(route, json={**body, "stream": True})
+    err = assert_envelope(r, 400, "invalid_request_error")
+    assert "max_num_seqs 2" in err["message"]
+    assert r.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_request_leaves_nothing_in_the_engine(stream):
+    app = make_app(max_num_seqs=2)
+    client = TestClient(app)
+    for route, body in ENGINE_REFUSED:
+        assert client.post(route, json={**body, "stream": stream}).status_code == 400
+    engine = engine_of(app)
+    assert engine.calls == [] and engine.aborted == []  # refused before any stream was opened
+    wait_idle(engine)  # no request, every KV block free
+    assert engine.runner.num_steps == 0
+    r = client.post("/v1/chat/completions", json={"messages": HI, "n": 2, "stream": stream})
+    assert r.status_code == 200

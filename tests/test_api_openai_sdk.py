@@ -1,5 +1,5 @@
 """The wire format against the official OpenAI SDK (strict response validation), over real
-uvicorn on a free localhost port, with the scripted FakeEngine behind it."""
+uvicorn on a free localhost port, with the real engine over a scripted model runner behind it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import openai
 import pytest
 import uvicorn
 
-from tests.api_fakes import MODEL, FakeEngine, make_app, small_tokenizer
+from tests.api_fakes import MODEL, engine_of, make_app, shutdown_engines, small_tokenizer  # noqa: F401 - autouse
 
 API_KEY = "test-key"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -31,8 +31,7 @@ def scripted_reply(call) -> list[str]:
 
 @pytest.fixture(scope="module")
 def base_url():
-    engine = FakeEngine(small_tokenizer(), replies=scripted_reply)
-    app = make_app(engine, api_key=API_KEY)
+    app = make_app(replies=scripted_reply, api_key=API_KEY)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -48,6 +47,7 @@ def base_url():
     server.should_exit = True
     thread.join(10)
     sock.close()
+    engine_of(app).shutdown()
 
 
 @pytest.fixture

@@ -6,16 +6,25 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
+import time
 
 from fastapi.testclient import TestClient
 
-from tests.api_fakes import MODEL, FakeEngine, make_app, small_tokenizer
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    MODEL,
+    engine_of,
+    make_app,
+    shutdown_engines,
+    small_tokenizer,
+    wait_idle,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 
 
 def test_models_lists_the_served_model():
-    body = TestClient(make_app(FakeEngine(small_tokenizer()), max_model_len=1234)).get("/v1/models").json()
+    body = TestClient(make_app(max_model_len=1234)).get("/v1/models").json()
     assert body["object"] == "list"
     [card] = body["data"]
     assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == 1234
@@ -23,14 +32,15 @@ def test_models_lists_the_served_model():
 
 
 def test_health_follows_the_engine_and_ping_is_always_up():
-    engine = FakeEngine(small_tokenizer())
-    app = make_app(None, tokenizer=small_tokenizer())  # still loading
+    app = make_app()
+    engine = engine_of(app)
+    app.state.serving.engine = None  # still loading
     client = TestClient(app)
     assert client.get("/health").status_code == 503
     assert client.get("/ping").status_code == 200
     app.state.serving.engine = engine  # loaded
     assert client.get("/health").status_code == 200
-    engine.is_alive = False  # the engine loop died
+    engine.shutdown()  # the engine loop stopped
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
     assert client.get("/ping").status_code == 200
@@ -39,13 +49,13 @@ def test_health_follows_the_engine_and_ping_is_always_up():
 def test_version():
     import glm4serve
 
-    client = TestClient(make_app(FakeEngine(small_tokenizer())))
+    client = TestClient(make_app())
     assert client.get("/version").json() == {"version": glm4serve.__version__}
 
 
 def test_tokenize_and_detokenize():
     tok = small_tokenizer()
-    client = TestClient(make_app(FakeEngine(tok), max_model_len=999))
+    client = TestClient(make_app(max_model_len=999))
     body = client.post("/tokenize", json={"prompt": "hello world"}).json()
     prefix = [tok.special_tokens["[gMASK]"], tok.special_tokens["<sop>"]]
     assert body["tokens"] == prefix + tok.encode("hello world")
@@ -67,18 +77,20 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 def test_metrics_names_and_movement():
-    engine = FakeEngine(small_tokenizer(), replies=["\nHello there!"])
-    client = TestClient(make_app(engine))
+    app = make_app(block_size=4)  # small blocks: a repeated prompt's first block is a prefix cache hit
+    client = TestClient(app)
+    engine = engine_of(app)
     before = client.get("/metrics")
     assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
     text = before.text
-    # engine gauges and counters are read at scrape time
-    assert metric(text, "glm4serve:num_requests_running") == 3
-    assert metric(text, "glm4serve:num_requests_waiting") == 2
-    assert metric(text, "glm4serve:kv_cache_usage_perc") == 0.25
-    assert metric(text, "glm4serve:num_preemptions_total") == 4
-    assert metric(text, "glm4serve:prefix_cache_queries_total") == 50
-    assert metric(text, "glm4serve:prefix_cache_hits_total") == 20
+    # engine gauges and counters are read at scrape time: an idle engine, nothing seen yet
+    assert metric(text, "glm4serve:num_requests_running") == 0
+    assert metric(text, "glm4serve:num_requests_waiting") == 0
+    assert metric(text, "glm4serve:kv_cache_usage_perc") == 0
+    assert metric(text, "glm4serve:kv_cache_blocks_total") == engine.engine.pool.num_blocks == 4096 // 4
+    assert metric(text, "glm4serve:num_preemptions_total") == 0
+    assert metric(text, "glm4serve:prefix_cache_queries_total") == 0
+    assert metric(text, "glm4serve:prefix_cache_hits_total") == 0
     for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens"):
         assert f"# TYPE glm4serve:{h} histogram" in text
@@ -87,7 +99,7 @@ def test_metrics_names_and_movement():
 
     client.post("/v1/chat/completions", json={"messages": HI})
     client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, "stream": True})
-    engine.engine_stats.num_running = 7
+    wait_idle(engine)
     text = client.get("/metrics").text
     prompt_len = len(engine.calls[0].prompt_ids)
     full = len(small_tokenizer().encode("\nHello there!")) + 1
@@ -99,11 +111,34 @@ def test_metrics_names_and_movement():
     assert metric(text, "glm4serve:e2e_request_latency_seconds_count") == 2
     assert metric(text, "glm4serve:inter_token_latency_seconds_count") == (full - 1) + 1
     assert metric(text, "glm4serve:request_generation_tokens_sum") == full + 2
-    assert metric(text, "glm4serve:num_requests_running") == 7
+    # both prompts were looked up; the second found the first's whole blocks before its last token
+    assert metric(text, "glm4serve:prefix_cache_queries_total") == 2 * prompt_len
+    assert metric(text, "glm4serve:prefix_cache_hits_total") == 4 * ((prompt_len - 1) // 4) > 0
+    assert metric(text, "glm4serve:num_requests_running") == 0
+    assert metric(text, "glm4serve:kv_cache_blocks_used") == 0
+
+    # a request held in flight by a slow model shows in the gauges while it runs
+    engine.runner.replies, engine.runner.step_delay = ["\n" + "word " * 50], 0.02
+    statuses = []
+    slow = threading.Thread(target=lambda: statuses.append(TestClient(app).post(
+        "/v1/chat/completions", json={"messages": HI, "max_tokens": 40}).status_code))
+    slow.start()
+    deadline = time.monotonic() + 5
+    while True:
+        text = client.get("/metrics").text
+        if metric(text, "glm4serve:num_requests_running") == 1:
+            break
+        assert time.monotonic() < deadline, "the slow request never showed as running"
+        time.sleep(0.01)
+    assert metric(text, "glm4serve:kv_cache_blocks_used") >= 1 and metric(text, "glm4serve:kv_cache_usage_perc") > 0
+    slow.join(10)
+    assert statuses == [200]
+    wait_idle(engine)
+    assert metric(client.get("/metrics").text, "glm4serve:num_requests_running") == 0
 
 
 def test_two_apps_in_one_process_have_separate_metrics():
-    a, b = (TestClient(make_app(FakeEngine(small_tokenizer()))) for _ in range(2))
+    a, b = (TestClient(make_app()) for _ in range(2))
     a.post("/v1/chat/completions", json={"messages": HI})
     assert metric(a.get("/metrics").text, "glm4serve:e2e_request_latency_seconds_count") == 1
     assert metric(b.get("/metrics").text, "glm4serve:e2e_request_latency_seconds_count") == 0
@@ -143,21 +178,20 @@ def data_events(sent) -> int:
 
 
 async def test_stream_disconnect_aborts_the_engine_request():
-    engine = FakeEngine(small_tokenizer(), replies=["\n" + "word " * 200], step_delay=0.01)
-    app = make_app(engine)
+    app = make_app(replies=["\n" + "word " * 200], step_delay=0.01)
     sent = await call_then_disconnect(app, "/v1/chat/completions", {"messages": HI, "stream": True},
                                       lambda s: data_events(s) >= 4)
     assert data_events(sent) < 50  # stopped long before the 200-word reply was done
+    engine = engine_of(app)
     [call] = engine.calls
-    await asyncio.sleep(0.05)
-    assert engine.closed_early == [call.request_id]
     assert call.request_id in engine.aborted
+    await asyncio.to_thread(wait_idle, engine)  # nothing left in the engine, no KV block leaked
+    assert engine.runner.num_steps < 50
 
 
 async def test_whole_request_disconnect_message_cancels_generation():
-    engine = FakeEngine(small_tokenizer(), replies=["\n" + "word " * 200], step_delay=0.01,
-                        started=asyncio.Event())
-    app = make_app(engine)
+    app = make_app(replies=["\n" + "word " * 200], step_delay=0.01)
+    engine = engine_of(app)
     sent: list[dict] = []
     body = json.dumps({"messages": HI}).encode()
     incoming = [{"type": "http.request", "body": body, "more_body": False}]
@@ -165,7 +199,8 @@ async def test_whole_request_disconnect_message_cancels_generation():
     async def receive():
         if incoming:
             return incoming.pop(0)
-        await engine.started.wait()  # the client hangs up while the reply is being generated
+        while engine.runner.num_steps == 0:  # the client hangs up while the reply is being generated
+            await asyncio.sleep(0.005)
         await asyncio.sleep(0.03)
         return {"type": "http.disconnect"}
 
@@ -178,5 +213,6 @@ async def test_whole_request_disconnect_message_cancels_generation():
              "client": ("127.0.0.1", 5), "server": ("test", 80)}
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
     [call] = engine.calls
-    assert engine.closed_early == [call.request_id] and call.request_id in engine.aborted
-    assert sent[0]["status"] == 499
+    assert call.request_id in engine.aborted and sent[0]["status"] == 499
+    await asyncio.to_thread(wait_idle, engine)  # nothing left in the engine, no KV block leaked
+    assert engine.runner.num_steps < 100

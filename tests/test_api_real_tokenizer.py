@@ -1,4 +1,5 @@
-"""The API with glm-4-9b-chat's real tokenizer and chat template (no weights: FakeEngine)."""
+"""The API with glm-4-9b-chat's real tokenizer and chat template (no weights: the real engine over a
+scripted model runner)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_fakes import FakeEngine, make_app
+from tests.api_fakes import engine_of, make_app, shutdown_engines  # noqa: F401 - shutdown_engines is autouse
 
 from shared_models import GLM4_CHAT_DIR as CHAT_DIR
 
@@ -22,10 +23,10 @@ def tokenizer():
 
 
 def test_prompt_ids_match_the_published_check_value(tokenizer):
-    engine = FakeEngine(tokenizer, replies=["\n你好！"])
-    client = TestClient(make_app(engine))
+    app = make_app(replies=["\n你好！"], tokenizer=tokenizer)
+    client = TestClient(app)
     body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).json()
-    assert engine.calls[0].prompt_ids == [151331, 151333, 151336, 198, 6023, 151337]
+    assert engine_of(app).calls[0].prompt_ids == [151331, 151333, 151336, 198, 6023, 151337]
     assert body["choices"][0]["message"]["content"] == "你好！"
     assert client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"] == [
         151331, 151333, 151336, 198, 6023, 151337]
@@ -33,8 +34,7 @@ def test_prompt_ids_match_the_published_check_value(tokenizer):
 
 def test_chinese_streams_whole_characters(tokenizer):
     reply = "\n今天天气很好，我们一起去公园散步吧。"
-    engine = FakeEngine(tokenizer, replies=[reply])
-    r = TestClient(make_app(engine)).post("/v1/chat/completions", json={
+    r = TestClient(make_app(replies=[reply], tokenizer=tokenizer)).post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "stream": True})
     deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content", "")
               for e in r.text.split("\n\n") if e.startswith("data: {")]
@@ -45,10 +45,10 @@ def test_chinese_streams_whole_characters(tokenizer):
 def test_tools_render_the_official_tool_turn_and_parse_the_call(tokenizer):
     parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
     tool = {"type": "function", "function": {"name": "get_weather", "description": "天气", "parameters": parameters}}
-    engine = FakeEngine(tokenizer, replies=['get_weather\n{"city": "北京"}'])
-    body = TestClient(make_app(engine)).post("/v1/chat/completions", json={
+    app = make_app(replies=['get_weather\n{"city": "北京"}'], tokenizer=tokenizer)
+    body = TestClient(app).post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "北京天气？"}], "tools": [tool]}).json()
-    prompt = tokenizer.decode(engine.calls[0].prompt_ids)
+    prompt = tokenizer.decode(engine_of(app).calls[0].prompt_ids)
     assert prompt.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手")
     assert "## get_weather\n\n" in prompt
     assert "在调用上述函数时，请使用 Json 格式表示调用的参数。" in prompt

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from glm4serve import cli
 from glm4serve.api.settings import ServerSettings, parse_bytes
-from tests.api_fakes import FakeEngine, small_tokenizer
+from tests.api_fakes import shutdown_engines, start_engine  # noqa: F401 - shutdown_engines is an autouse fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,15 +94,13 @@ def test_make_model_is_delegated_untouched(monkeypatch):
 
 
 def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
-    engine = FakeEngine(small_tokenizer())
-    shut = []
-    engine.shutdown = lambda: shut.append(True)  # type: ignore[attr-defined]
     built = []
     fake_server = types.ModuleType("glm4serve.server")
 
-    def build_engine(settings):
-        built.append(settings)
-        return engine, engine.tokenizer, "served-name", 321
+    def build_engine(settings):  # the real engine for these settings, over a scripted model runner
+        engine = start_engine(settings, 321)
+        built.append((settings, engine))
+        return engine, engine.engine.tokenizer, "served-name", 321
 
     fake_server.build_engine = build_engine
     monkeypatch.setitem(sys.modules, "glm4serve.server", fake_server)
@@ -112,13 +110,15 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
     # serve() runs uvicorn's Server (with the drain on SIGTERM, api/shutdown.py)
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.update(
         app=self.config.app, host=self.config.host, port=self.config.port))
-    assert cli.main(["serve", "--port", "8123", "--host", "0.0.0.0", "--api-key", "k"]) == 0
-    assert built[0].port == 8123 and built[0].api_key == "k"
+    assert cli.main(["serve", "--port", "8123", "--host", "0.0.0.0", "--api-key", "k", "--max-num-seqs", "3"]) == 0
+    [(settings, engine)] = built
+    assert settings.port == 8123 and settings.api_key == "k"
+    assert engine.engine.scheduler.cfg.max_num_seqs == 3
     assert (ran["host"], ran["port"]) == ("0.0.0.0", 8123)
     client = TestClient(ran["app"])
     models = client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
     assert models["data"][0]["id"] == "served-name" and models["data"][0]["max_model_len"] == 321
-    assert shut == [True]  # the engine loop is stopped when the server returns
+    assert not engine.is_alive  # the engine loop is stopped when the server returns
 
 
 def test_serve_with_invalid_setting_exits_with_a_usage_error(capsys):

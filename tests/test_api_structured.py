@@ -1,5 +1,6 @@
-"""response_format and forced tool_choice at the API (scripted fake engine): which grammar each
-request hands the engine, and the 400s for schemas that cannot be used."""
+"""response_format and forced tool_choice at the API (the real engine over a scripted model runner):
+which grammar each request hands the engine, and the 400s for schemas that cannot be used. The
+engine applies the grammar, so every scripted reply here is one the grammar allows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from glm4serve.engine.guided import GuidedSpec
-from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
+from tests.api_fakes import engine_of, make_app, shutdown_engines, sse_json  # noqa: F401 - autouse fixture
 
 HI = [{"role": "user", "content": "hi"}]
 SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", "y"]}}, "required": ["b"]}
@@ -21,9 +22,9 @@ TOOLS = [
 
 
 def post(path, body, replies=("\n{}",)):
-    engine = FakeEngine(small_tokenizer(), replies=list(replies))
-    r = TestClient(make_app(engine)).post(path, json=body)
-    return engine, r
+    app = make_app(replies=list(replies))
+    r = TestClient(app).post(path, json=body)
+    return engine_of(app), r
 
 
 def json_schema_format(schema, **extra):

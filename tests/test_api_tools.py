@@ -7,23 +7,30 @@ import json
 from fastapi.testclient import TestClient
 
 from glm4serve.engine.guided import GuidedSpec
-from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    engine_of,
+    make_app,
+    shutdown_engines,
+    small_tokenizer,
+    sse_json,
+)
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {"name": "get_time",
+                                      "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}},
 ]
 ASK = [{"role": "user", "content": "weather in Paris?"}]
 CALL = 'get_weather\n{"city": "Paris"}'
 
 
 def run(replies, stream=False, **body):
-    engine = FakeEngine(small_tokenizer(), replies=replies)
-    r = TestClient(make_app(engine)).post("/v1/chat/completions", json={
+    app = make_app(replies=replies)
+    r = TestClient(app).post("/v1/chat/completions", json={
         "messages": ASK, "tools": TOOLS, "stream": stream, **body})
     assert r.status_code == 200, r.text
-    return engine, (sse_json(r.text) if stream else r.json())
+    return engine_of(app), (sse_json(r.text) if stream else r.json())
 
 
 def calls_from_stream(chunks, index=0):
@@ -128,11 +135,12 @@ def test_named_tool_choice_is_enforced_by_a_grammar_not_a_prompt_prefix():
 
 
 def test_forced_call_with_broken_json_is_still_a_call():
-    # only an engine that ignored the grammar (or a stop string cutting the JSON) gets here
-    _, body = run(["get_time\nnot json at all"], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    # the grammar keeps the JSON whole; a stop string can still cut it
+    _, body = run(['get_time\n{"tz": "UTC"}'], tool_choice={"type": "function", "function": {"name": "get_time"}},
+                  stop=["UTC"])
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
-    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "not json at all"}
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": '{"tz": "'}
 
 
 def test_required_puts_every_tool_in_one_grammar_and_runs_the_engine_once():

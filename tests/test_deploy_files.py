@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from glm4serve.api.settings import ServerSettings
 from glm4serve.api.shutdown import CUT_AFTER_SECONDS
 from server_proc import free_port
-from tests.api_fakes import FakeEngine, make_app, small_tokenizer
+from tests.api_fakes import engine_of, make_app, shutdown_engines  # noqa: F401 - shutdown_engines is autouse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,8 +88,10 @@ def url_path(command: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def app_client() -> TestClient:
-    return TestClient(make_app(FakeEngine(small_tokenizer())))
+def app_client():
+    client = TestClient(make_app())
+    yield client
+    engine_of(client.app).shutdown()
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Operations guards in process (scripted FakeEngine): request limits (400), body size (413),
+"""Operations guards in process (the real engine over a scripted model runner): request limits (400),
+body size (413),
 admission (429 with Retry-After), drain (503), CORS, the per-request deadline (408 / error
 event) and the metrics they feed."""
 
@@ -13,7 +14,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from glm4serve.api.shutdown import DrainingServer
-from tests.api_fakes import FakeEngine, make_app, small_tokenizer, sse_json
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    engine_of,
+    make_app,
+    shutdown_engines,
+    sse_json,
+    wait_idle,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "t{}"}}
@@ -59,14 +66,14 @@ CASES = [
 
 @pytest.mark.parametrize("route,ok,over,param", CASES)
 def test_request_limits(route, ok, over, param):
-    client = TestClient(make_app(FakeEngine(small_tokenizer()), **LIMITS))
+    client = TestClient(make_app(**LIMITS))
     assert client.post(route, json=ok).status_code == 200
     err = envelope(client.post(route, json=over), 400, "invalid_request_error", param)
     assert "limit" in err["message"]
 
 
 def test_default_limits_are_generous_but_present():
-    client = TestClient(make_app(FakeEngine(small_tokenizer()), max_model_len=100_000))
+    client = TestClient(make_app(max_model_len=100_000))
     assert client.post("/v1/chat/completions", json={"messages": HI, "n": 16}).status_code == 200
     envelope(client.post("/v1/chat/completions", json={"messages": HI, "n": 17}), 400, "invalid_request_error", "n")
     assert client.post("/v1/chat/completions", json={"messages": HI, "tools": tools(128)}).status_code == 200
@@ -75,20 +82,22 @@ def test_default_limits_are_generous_but_present():
 
 
 def test_max_tokens_limit_also_caps_the_default():
-    engine = FakeEngine(small_tokenizer())
-    client = TestClient(make_app(engine, max_tokens_limit=5, max_model_len=4096))
+    app = make_app(max_tokens_limit=5, max_model_len=4096)
+    client = TestClient(app)
     assert client.post("/v1/chat/completions", json={"messages": HI}).status_code == 200
-    assert engine.calls[-1].params.max_tokens == 5
-    TestClient(make_app(engine, max_tokens_limit=5)).post("/v1/completions", json={"prompt": "a"})
-    assert engine.calls[-1].params.max_tokens == 5  # the completions default of 16, lowered
-    uncapped = FakeEngine(small_tokenizer())
-    TestClient(make_app(uncapped, max_model_len=4096)).post("/v1/chat/completions", json={"messages": HI})
-    assert uncapped.calls[-1].params.max_tokens == 4096 - len(uncapped.calls[-1].prompt_ids)
+    assert engine_of(app).calls[-1].params.max_tokens == 5
+    client.post("/v1/completions", json={"prompt": "a"})
+    assert engine_of(app).calls[-1].params.max_tokens == 5  # the completions default of 16, lowered
+    uncapped = make_app(max_model_len=4096)
+    TestClient(uncapped).post("/v1/chat/completions", json={"messages": HI})
+    call = engine_of(uncapped).calls[-1]
+    assert call.params.max_tokens == 4096 - len(call.prompt_ids)
 
 
 def test_body_size_limit_413_by_header_and_by_counting():
-    engine = FakeEngine(small_tokenizer())
-    client = TestClient(make_app(engine, max_request_body_bytes="1KiB"))
+    app = make_app(max_request_body_bytes="1KiB")
+    engine = engine_of(app)
+    client = TestClient(app)
     big = {"messages": [{"role": "user", "content": "x" * 2000}]}
     err = envelope(client.post("/v1/chat/completions", json=big), 413, "invalid_request_error")
     assert "1024" in err["message"]
@@ -108,8 +117,9 @@ def test_body_size_limit_413_by_header_and_by_counting():
 
 
 def test_admission_429_with_retry_after_when_full():
-    engine = FakeEngine(small_tokenizer())
-    app = make_app(engine, max_num_seqs=2, max_waiting_requests=1)
+    app = make_app(max_num_seqs=2, max_waiting_requests=1)
+    engine = engine_of(app)
+    assert engine.engine.scheduler.cfg.max_num_seqs == 2  # the engine's setting and the gate's
     client = TestClient(app)
     gate = app.state.gate
     assert gate.capacity == 3
@@ -130,8 +140,7 @@ def test_admission_429_with_retry_after_when_full():
 
 
 def test_in_flight_counts_return_to_zero_after_errors_and_streams():
-    engine = FakeEngine(small_tokenizer())
-    app = make_app(engine, max_n=1)
+    app = make_app(max_n=1)
     client = TestClient(app)
     client.post("/v1/chat/completions", json={"messages": HI, "n": 2})  # 400 from the limits
     client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
@@ -141,8 +150,8 @@ def test_in_flight_counts_return_to_zero_after_errors_and_streams():
 
 
 def test_draining_refuses_new_work_but_probes_and_scrapes_answer():
-    engine = FakeEngine(small_tokenizer())
-    app = make_app(engine)
+    app = make_app()
+    engine = engine_of(app)
     client = TestClient(app)
     app.state.gate.draining = True
     for r in (client.post("/v1/chat/completions", json={"messages": HI}), client.get("/v1/models"),
@@ -158,12 +167,11 @@ def test_draining_refuses_new_work_but_probes_and_scrapes_answer():
 def test_cors_off_by_default_and_configurable():
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization,content-type"}
-    off = TestClient(make_app(FakeEngine(small_tokenizer())))
+    off = TestClient(make_app())
     assert "access-control-allow-origin" not in off.options("/v1/chat/completions", headers=preflight).headers
     assert "access-control-allow-origin" not in off.get("/v1/models", headers={"Origin": "https://app.example"}).headers
 
-    on = TestClient(make_app(FakeEngine(small_tokenizer()), cors_allowed_origins="https://app.example",
-                             api_key="k"))
+    on = TestClient(make_app(cors_allowed_origins="https://app.example", api_key="k"))
     r = on.options("/v1/chat/completions", headers=preflight)  # preflights carry no API key
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
@@ -177,21 +185,24 @@ def test_cors_off_by_default_and_configurable():
 
 
 def test_deadline_whole_reply_is_408_and_the_engine_request_is_aborted():
-    engine = FakeEngine(small_tokenizer(), replies=["word " * 200], step_delay=0.02)
-    client = TestClient(make_app(engine, request_timeout_seconds=0.2))
+    app = make_app(replies=["word " * 200], step_delay=0.02, request_timeout_seconds=0.2)
+    engine = engine_of(app)
+    client = TestClient(app)
     t0 = time.monotonic()
     r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 150})
     assert time.monotonic() - t0 < 2.0
     err = envelope(r, 408, "timeout_error")
     assert err["code"] == "request_timeout" and "0.2 seconds" in err["message"]
     (call,) = engine.calls
-    assert call.request_id in engine.closed_early and call.request_id in engine.aborted
+    assert call.request_id in engine.aborted
+    wait_idle(engine)  # nothing left in the engine, no KV block leaked
     assert metric(client, "glm4serve:request_timeout_total") == 1
 
 
 def test_deadline_stream_ends_with_an_error_event():
-    engine = FakeEngine(small_tokenizer(), replies=["word " * 200], step_delay=0.02)
-    client = TestClient(make_app(engine, request_timeout_seconds=0.2))
+    app = make_app(replies=["word " * 200], step_delay=0.02, request_timeout_seconds=0.2)
+    engine = engine_of(app)
+    client = TestClient(app)
     r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 150, "stream": True})
     assert r.status_code == 200
     events = sse_json(r.text)
@@ -199,11 +210,13 @@ def test_deadline_stream_ends_with_an_error_event():
     assert events[-1]["error"]["code"] == "request_timeout"
     assert all(e.get("choices", [{}])[0].get("finish_reason") is None for e in events[:-1])
     assert engine.calls[0].request_id in engine.aborted
+    wait_idle(engine)
 
 
 def test_a_request_within_its_deadline_is_untouched():
-    engine = FakeEngine(small_tokenizer(), replies=["\nshort"], step_delay=0.01)
-    client = TestClient(make_app(engine, request_timeout_seconds=5))
+    app = make_app(replies=["\nshort"], step_delay=0.01, request_timeout_seconds=5)
+    engine = engine_of(app)
+    client = TestClient(app)
     r = client.post("/v1/chat/completions", json={"messages": HI})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "short"
     assert engine.aborted == []
@@ -213,7 +226,7 @@ def test_a_request_within_its_deadline_is_untouched():
 
 
 async def test_draining_server_waits_for_in_flight_requests_then_exits():
-    app = make_app(FakeEngine(small_tokenizer()))
+    app = make_app()
     gate = app.state.gate
     server = DrainingServer(uvicorn.Config(app), gate, grace=30)
     gate.num_in_flight = 2
@@ -226,7 +239,7 @@ async def test_draining_server_waits_for_in_flight_requests_then_exits():
 
 
 async def test_draining_server_gives_up_at_the_grace_deadline_and_a_second_signal_forces():
-    app = make_app(FakeEngine(small_tokenizer()))
+    app = make_app()
     gate = app.state.gate
     server = DrainingServer(uvicorn.Config(app), gate, grace=0.05)
     gate.num_in_flight = 1
