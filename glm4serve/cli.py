@@ -37,8 +37,16 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_)
         else:
-            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else None
+            choices = _literal_choices(field.annotation)
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, help=help_)
+
+
+def _literal_choices(annotation) -> tuple | None:
+    """The values of a Literal field, or of `Literal[...] | None`; None for any other type."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(t) is Literal:
+            return typing.get_args(t)
+    return None
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -71,7 +71,9 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     log.info("loading weights from %s (%.2f GB)", path, size / 1e9)
     started = time.perf_counter()
-    model = load_model(path, dtype=args.dtype, device=device)
+    if args.quantization is not None and device != "cpu":
+        raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
+    model = load_model(path, dtype=args.dtype, device=device, quantization=args.quantization)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
     tokenizer = Tokenizer.from_dir(path)
     cfg, dtype = model.cfg, next(model.parameters()).dtype

@@ -46,6 +46,9 @@ class EngineArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto: the checkpoint's 16-bit dtype, else float32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
+    quantization: Literal["int8", "int4"] | None = Field(
+        None, description="weight-only quantization of every linear layer while loading (CPU): int8 per output "
+                          "channel, int4 in groups of 128 inputs; default: the weights as they are")
     max_model_len: int | None = Field(
         None, ge=1, description="context length to serve (default: the model's, capped by the KV cache)")
     kv_cache_memory: int | None = Field(

@@ -98,13 +98,13 @@ class CpuLinear(nn.Module):
 
 
 def swap_linears(model: nn.Module, plain_for: tuple[str, ...], packed_for: tuple[str, ...]) -> int:
-    """Replace every nn.Linear of `model` by a CpuLinear, in place, the old weight dropped: those
+    """Replace every fp32 nn.Linear of `model` by a CpuLinear, in place, the old weight dropped: those
     whose attribute name is in plain_for keep a plain weight, those in packed_for a packed one
     (both: both, with the one-row kernel; neither: packed). Returns how many were swapped."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
                 plain = name in plain_for
                 packed = name in packed_for or not plain
                 setattr(parent, name, CpuLinear(child, packed=packed, plain=plain, one_row_kernel=plain and packed))

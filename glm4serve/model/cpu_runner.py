@@ -33,7 +33,7 @@ import torch
 
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
-from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_empty, swap_linears
+from .cpu_linear import STREAMED_WEIGHT_BYTES, CpuLinear, hugepage_empty, swap_linears
 from .glm4 import GLM4Model, Layer
 from .runner import EagerRunner
 
@@ -49,23 +49,32 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
+def nbytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's weights, parameters and buffers (a quantized linear's are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 class CpuRunner(EagerRunner):
+    """fp32 linears packed by oneDNN (quantized ones as they are), and above COMPILED_DECODE_MIN_BYTES
+    one decoding sequence's step compiled."""
+
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None):
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-        self.compiled = weight_bytes > COMPILED_DECODE_MIN_BYTES and compiler_available()
+        self.compiled = nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available()
         # The output layer, when decode is bound by reading it, keeps a plain copy too (cpu_linear.py).
-        head_plain = self.compiled and head_bytes > STREAMED_WEIGHT_BYTES
+        head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
+                      and nbytes(model.lm_head) > STREAMED_WEIGHT_BYTES)
         plain_for = (LAYER_LINEARS if self.compiled else ()) + (("lm_head",) if head_plain else ())
         swap_linears(model, plain_for=plain_for, packed_for=("lm_head",))
         # The KV cache in huge pages too: decode streams it like the weights.
         super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
-        self.one_token = OneTokenStep(model, block_size, head_in_graph=head_plain) if self.compiled else None
+        head_in_graph = head_plain or not isinstance(model.lm_head, CpuLinear)  # a quantized one: always
+        self.one_token = OneTokenStep(model, block_size, head_in_graph) if self.compiled else None
 
     def __repr__(self) -> str:
         decode = "compiled one-token decode" if self.compiled else (
             "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler for inductor)")
-        return f"CpuRunner(oneDNN-packed linears, {decode})"
+        linears = {type(m).__name__ for m in self.model.modules() if hasattr(m, "in_features")}
+        return f"CpuRunner({self.dtype}, {'/'.join(sorted(linears))}, {decode})"
 
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         if self.one_token is not None and b.input_ids.shape[0] == 1 and b.logits_indices.shape[0] == 1:
@@ -149,11 +158,11 @@ class OneTokenStep:
     def warm_up(self, model: GLM4Model, block_size: int) -> None:
         """Compile the graphs now, with inputs laid out as in a forward, not on the first request.
         A KV cache of another block size would compile the attending graphs again when first used."""
-        cfg, layers = model.cfg, model.layers
+        cfg, layers, dtype = model.cfg, model.layers, model.embed.weight.dtype
         with torch.inference_mode():
-            x = torch.zeros(1, cfg.hidden_size)
+            x = torch.zeros(1, cfg.hidden_size, dtype=dtype)
             cos, sin = model.rotary(torch.zeros(1, dtype=torch.long))
-            attn = torch.zeros(1, cfg.q_size)
+            attn = torch.zeros(1, cfg.q_size, dtype=dtype)
             q, k, _ = self.first(layers[0], x, cos, sin)
             if len(layers) > 1:
                 self.between(layers[0], layers[1], x, attn, cos, sin)
@@ -163,7 +172,7 @@ class OneTokenStep:
             # static: a division by a constant in the kernels' indexing, not by a variable.
             table, context_len = torch.tensor([0, 4]), torch.tensor([block_size + 1])
             with torch.inference_mode(False):  # as the real cache: a normal tensor (dynamo guards on it)
-                k_cache, v_cache = (torch.zeros(7, block_size, *k.shape[1:]) for _ in "kv")  # [blocks, bs, Hkv, D]
+                k_cache, v_cache = (torch.zeros(7, block_size, *k.shape[1:], dtype=dtype) for _ in "kv")
             for t in (k_cache, v_cache, table):
                 torch._dynamo.mark_dynamic(t, 0)
             if len(layers) > 1:

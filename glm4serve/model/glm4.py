@@ -167,15 +167,20 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
     return DTYPES[cfg.torch_dtype] if cfg.torch_dtype in ("bfloat16", "float16") else torch.float32
 
 
-def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None) -> GLM4Model:
+def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None,
+               quantization: str | None = None) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
-    The model comes back plain (nn.Linear layers): how it runs fast is its runner's business."""
+    The model comes back plain (nn.Linear layers), or with every linear quantized while loading
+    (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business."""
     from .loader import load_weights  # the one place that knows checkpoint names
+    from .quant import quantize_linears
 
     cfg = ModelConfig.from_dir(path)
     dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = GLM4Model(cfg).to(dtype)
+        if quantization is not None:
+            quantize_linears(model, quantization)
     model = model.to_empty(device=device)
     model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 buffer, not a weight
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)

@@ -211,10 +211,10 @@ def load_weights(
     expected = checkpoint_tensors(cfg)
     where = checkpoint_files(path)
     _validate(path, cfg, where, expected)
-    params = dict(model.named_parameters())
-    _check_model(params, cfg, dtype, device)
+    targets = _targets(model)
+    _check_model(targets, cfg, dtype, device)
 
-    filled_rows = {name: 0 for name in params}
+    filled_rows = {name: 0 for name in targets}
     names_by_file: dict[str, list[str]] = {}
     for name in expected:
         names_by_file.setdefault(where[name], []).append(name)
@@ -224,27 +224,45 @@ def load_weights(
             with safe_open(path / f, framework="pt") as sf:
                 for name in names:
                     spec = expected[name]
-                    param = params[spec.target]
-                    dest = param if spec.rows is None else param[spec.rows[0] : spec.rows[1]]
-                    dest.copy_(sf.get_tensor(name))  # copy_ casts dtype and moves device in one go
-                    filled_rows[spec.target] += dest.shape[0]
+                    target, tensor = targets[spec.target], sf.get_tensor(name)
+                    start, stop = spec.rows or (0, tensor.shape[0])
+                    if isinstance(target, torch.Tensor):
+                        target[start:stop].copy_(tensor)  # copy_ casts dtype and moves device in one go
+                    else:  # a quantized linear quantizes the rows as they come (quant.py)
+                        target.load_weight_rows(start, stop, tensor)
+                    filled_rows[spec.target] += stop - start
                     bar.update(1)
     bar.close()
-    unfilled = [n for n, rows in filled_rows.items() if rows != params[n].shape[0]]
+    unfilled = [n for n, rows in filled_rows.items() if rows != _shape(targets[n])[0]]
     if unfilled:  # cannot happen with a consistent WEIGHT_NAMES; guards garbage from to_empty()
         raise CheckpointError(f"parameters left unfilled by the checkpoint: {unfilled}")
 
 
-def _check_model(params: dict[str, torch.nn.Parameter], cfg: ModelConfig, dtype, device) -> None:
+def _targets(model: torch.nn.Module) -> dict:
+    """Where each of our names is loaded: its parameter, or the module of a quantized linear weight."""
+    targets: dict = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if hasattr(module, "load_weight_rows"):
+            targets[f"{name}.weight"] = module
+    return targets
+
+
+def _shape(target) -> tuple[int, ...]:
+    return tuple(target.shape) if isinstance(target, torch.Tensor) else target.weight_shape
+
+
+def _check_model(targets: dict, cfg: ModelConfig, dtype, device) -> None:
     shapes = param_shapes(cfg)
-    missing = [n for n in shapes if n not in params]
-    extra = [n for n in params if n not in shapes]
+    missing = [n for n in shapes if n not in targets]
+    extra = [n for n in targets if n not in shapes]
     if missing or extra:
         raise ValueError(f"model does not match the config: lacks parameters {missing}, has extra {extra}")
     device = torch.device(device) if device is not None else None
-    for name, p in params.items():
-        if tuple(p.shape) != shapes[name]:
-            raise ValueError(f"model parameter {name} has shape {tuple(p.shape)}, config says {shapes[name]}")
+    for name, p in targets.items():
+        if _shape(p) != shapes[name]:
+            raise ValueError(f"model parameter {name} has shape {_shape(p)}, config says {shapes[name]}")
+        if not isinstance(p, torch.Tensor):  # a quantized linear: its own dtype, made on its device
+            continue
         if p.is_meta:
             raise ValueError(f"model parameter {name} is on the meta device: call model.to_empty(device=...) first")
         if dtype is not None and p.dtype != dtype:

@@ -59,12 +59,13 @@ class EagerRunner:
 
 
 def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None) -> ModelRunner:
-    """The fastest runner for this model where it runs: fp32 on CPU gets the CPU runner (where
-    this torch has oneDNN's linear packing); everything else the eager runner."""
+    """The fastest runner for this model where it runs: on CPU, fp32 (where this torch has oneDNN's
+    linear packing) and quantized models get the CPU runner; everything else the eager runner."""
     from .cpu_linear import packing_available
+    from .quant import is_quantized
 
     param = next(model.parameters())
-    if param.device.type == "cpu" and param.dtype == torch.float32 and packing_available():
+    if param.device.type == "cpu" and (is_quantized(model) or (param.dtype == torch.float32 and packing_available())):
         from .cpu_runner import CpuRunner
 
         runner = CpuRunner(model, num_blocks, block_size, vocab_limit)

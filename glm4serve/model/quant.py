@@ -1,0 +1,151 @@
+"""Weight-only quantized linears (CPU): int8 per output channel, int4 in groups along the input.
+
+Weights are quantized while the checkpoint loads, one tensor at a time (loader.py calls
+`load_weight_rows` with each checkpoint tensor's rows): the model's linears never exist in
+bf16/fp32. Activations stay in the model's dtype; each quantized linear takes its input and gives
+its output in bf16 (as PyTorch's kernels do), whatever the path, so that a sequence's tokens do not
+depend on the batch it ran in. The kernels:
+- int8: `_weight_int8pack_mm` (bf16 activations) for batches; inside a compiled graph (the CPU
+  runner's one-token decode step) the product is a fused reduction over the int8 weight, which
+  inductor streams once per token.
+- int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
+  scale and a zero point per group of INT4_GROUP inputs.
+Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP = 128  # inputs per int4 scale/zero point
+PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
+LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
+
+
+def _row_chunks(start: int, stop: int, w: torch.Tensor, device):
+    """(r0, r1, rows r0..r1 of the weight as a fresh fp32 tensor) for the rows [start, stop) that w
+    holds, a multiple of PACK_TILE_ROWS rows at a time."""
+    rows = max(PACK_TILE_ROWS, LOAD_CHUNK_ELEMENTS // w.shape[1] // PACK_TILE_ROWS * PACK_TILE_ROWS)
+    for r0 in range(start, stop, rows):
+        r1 = min(stop, r0 + rows)
+        yield r0, r1, w[r0 - start : r1 - start].to(device, torch.float32, copy=True)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias; q int8 [out, in] in [-127, 127], one bf16 scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def load_weight_rows(self, start: int, stop: int, w: torch.Tensor) -> None:
+        """Quantize rows [start, stop) of the weight from w [stop - start, in] (any float dtype)."""
+        for r0, r1, chunk in _row_chunks(start, stop, w, self.scale.device):
+            scale = (chunk.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16)  # [rows], as it is kept
+            self.qweight[r0:r1] = chunk.div_(scale.float()[:, None]).round_().clamp_(-127, 127)  # in place
+            self.scale[r0:r1] = scale
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]  # [out, in] fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x16 = x.to(torch.bfloat16)
+        if torch.compiler.is_compiling() and x.shape[0] == 1:  # one fused reduction over the int8 weight
+            y = ((self.qweight.float() * x16.float()).sum(-1) * self.scale.float())[None].to(torch.bfloat16)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x16, self.qweight, self.scale)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """w = q * scale + min per group of `group` inputs, q in [0, 15], held in torch's packed CPU layout.
+
+    That layout interleaves rows in tiles of PACK_TILE_ROWS: a tile is packed once all its rows have
+    come (a tile split between two checkpoint tensors, like HF's q/k/v, waits in a small buffer)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None,
+                 group: int = INT4_GROUP):
+        super().__init__()
+        group = math.gcd(group, in_features)  # glm-4's inputs (4096, 13696) take 128; small test models less
+        if group < 32 or out_features % 16:
+            raise ValueError(f"int4 needs in_features a multiple of 32 and out_features of 16, "
+                             f"got {in_features} x {out_features}")
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # [in / group, out, 2]: (scale, zero) with w = (q - 8) * scale + zero, torch's convention
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group, out_features, 2, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._partial: dict[int, list] = {}  # tile -> [its rows' q, how many have come], while loading
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def load_weight_rows(self, start: int, stop: int, w: torch.Tensor) -> None:
+        k, g = self.in_features, self.group
+        for r0, r1, chunk in _row_chunks(start, stop, w, self.packed.device):
+            groups = chunk.view(r1 - r0, k // g, g)
+            low, high = groups.amin(-1), groups.amax(-1)  # [rows, in / group]
+            scale = ((high - low).clamp(min=1e-12) / 15).to(torch.bfloat16)  # as they are kept
+            zero = (low + 8 * scale.float()).to(torch.bfloat16)
+            q = groups.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
+            q = q.view(-1, k).to(torch.int32)
+            self.scales_and_zeros[:, r0:r1, 0] = scale.t()
+            self.scales_and_zeros[:, r0:r1, 1] = zero.t()
+            for tile in range(r0 // PACK_TILE_ROWS, -(-r1 // PACK_TILE_ROWS)):
+                t0, t1 = tile * PACK_TILE_ROWS, min(self.out_features, (tile + 1) * PACK_TILE_ROWS)
+                a, b = max(r0, t0), min(r1, t1)
+                if (a, b) == (t0, t1):
+                    self._pack(t0, t1, q[a - r0 : b - r0])
+                    continue
+                part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
+                part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
+                part[1] += b - a
+                if part[1] == t1 - t0:
+                    self._pack(t0, t1, self._partial.pop(tile)[0])
+
+    def _pack(self, t0: int, t1: int, q: torch.Tensor) -> None:
+        self.packed[t0:t1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(self.packed.device), 1)
+
+    def dequantized(self) -> torch.Tensor:
+        """[out, in] fp32, read back through the kernel (so it checks the packing too): with x = I in
+        fp32, each column of the product is a weight row, dequantized in fp32."""
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
+                                                         self.scales_and_zeros.float()).t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
+                                                      self.scales_and_zeros).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_linears(model: nn.Module, scheme: str, device=None) -> int:
+    """Replace every nn.Linear of `model` (on meta, before loading) by an empty quantized linear of
+    `scheme` on `device`, for the loader to fill. Returns how many."""
+    cls = {"int8": Int8Linear, "int4": Int4Linear}[scheme]
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, cls(child.in_features, child.out_features, child.bias is not None,
+                                          child.weight.dtype, device))
+                swapped += 1
+    return swapped
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
