@@ -14,7 +14,7 @@ from .engine.async_engine import AsyncEngine
 from .engine.block_pool import BlockPool
 from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
-from .model.glm4 import load_model
+from .model.glm4 import GLM4Model, load_model
 from .model.kv_cache import bytes_per_token
 from .model.runner import make_runner
 from .model.tokenizer import Tokenizer
@@ -75,7 +75,11 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
     model = load_model(path, dtype=args.dtype, device=device, quantization=args.quantization)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
-    tokenizer = Tokenizer.from_dir(path)
+    return engine_for_model(model, Tokenizer.from_dir(path), args, device)
+
+
+def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str) -> LLMEngine:
+    """The engine over a loaded model: the KV cache plan, the runner chosen for it, the scheduler."""
     cfg, dtype = model.cfg, next(model.parameters()).dtype
     token_bytes = bytes_per_token(cfg, dtype)
     plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
@@ -83,8 +87,8 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
     runner = make_runner(model, plan.num_blocks, args.block_size, vocab_limit=tokenizer.vocab_size)
-    log.info("model %s (%s, %s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)", path, cfg.variant, dtype,
-             device, plan.num_blocks, args.block_size, plan.num_blocks * args.block_size * token_bytes / 2**30)
+    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)", cfg.variant, dtype, device,
+             plan.num_blocks, args.block_size, plan.num_blocks * args.block_size * token_bytes / 2**30)
     return LLMEngine(runner, tokenizer, args.scheduler_config(plan.max_model_len),
                      BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
                      vocab_size=tokenizer.vocab_size)

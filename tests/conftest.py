@@ -1,7 +1,10 @@
-"""Shared fixtures: small seeded random GLM-4 checkpoints, made once per test session."""
+"""Shared fixtures: small seeded random GLM-4 checkpoints, made once per test session; the device the
+model tests run on (`pytest --device cuda` on a GPU machine) and the tolerances of each dtype."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,95 @@ from shared_models import SHARED_MODELS
 
 torch.set_num_threads(2)
 
-# Two shapes: "small" (2 KV groups, head_dim 16) and "wide" (3 KV groups of 2 heads, head_dim 32).
+# "small" (2 KV groups, head_dim 16), "wide" (3 KV groups of 2 heads, head_dim 32) and "gqa128":
+# glm-4-9b's attention (32 query heads over 2 KV heads of 128) on a narrow residual stream.
 SHAPES = {
     "small": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
     "wide": dict(hidden_size=96, intermediate_size=160, num_layers=3, num_heads=6, num_kv_heads=3, head_dim=32),
+    "gqa128": dict(hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=32, num_kv_heads=2, head_dim=128),
 }
+
+# The dtypes a test that takes `dtype` runs in. On CPU float32 only, as CI always has; a GPU serves
+# in half precision, so there the tests run in each of these.
+DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16", "float16")}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far our logits may lie from transformers' float32 logits on the same weights: max |diff|
+    over the logit scale (the largest |logit|, at least 1)."""
+
+    floor: float  # always allowed
+    times_reference: float = 0.0  # half precision: this many times transformers' own error in that dtype
+
+    def assert_close(self, ours: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Tensor | None = None):
+        """ours and same_dtype (transformers in our dtype, for half precision) against truth."""
+        ours, truth = ours.float().cpu(), truth.float().cpu()
+        scale = max(truth.abs().max().item(), 1.0)
+        diff = (ours - truth).abs().max().item()
+        bound = self.floor
+        if same_dtype is not None:
+            same_dtype = same_dtype.float().cpu()
+            bound = max(bound, self.times_reference * (same_dtype - truth).abs().max().item() / scale)
+            # the same next tokens as transformers picks in that dtype, but for near ties
+            agree = lambda x: (x.argmax(-1) == truth.argmax(-1)).float().mean().item()  # noqa: E731
+            ours_top1, their_top1 = agree(ours), agree(same_dtype)
+            assert ours_top1 >= their_top1 - 0.15, f"top-1 agreement {ours_top1:.2f}, transformers' {their_top1:.2f}"
+        assert diff <= bound * scale, f"max abs diff {diff:.3g} at logit scale {scale:.3g} (bound {bound:.3g})"
+
+
+TOLERANCES = {
+    # float32: summation order only (seen ~1e-6, on CPU and on an H100)
+    "float32": Tolerance(1e-4),
+    # half precision: rounding; on an H100 ours and transformers' bf16 errors were alike (0.0073 vs 0.0073)
+    "bfloat16": Tolerance(0.02, times_reference=3),
+    "float16": Tolerance(0.02, times_reference=3),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where the model, engine and end-to-end tests run; cuda adds half-precision "
+                          "variants and the GPU-only tests (marked cuda)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a GPU-only test, collected only with --device cuda")
+    if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device")
+
+
+def pytest_pycollect_makeitem(collector, name, obj):
+    """Tests marked cuda do not exist without --device cuda: neither run nor skipped on CPU."""
+    marks = getattr(obj, "pytestmark", []) if inspect.isfunction(obj) else []
+    if collector.config.getoption("--device") != "cuda" and any(m.name == "cuda" for m in marks):
+        return []
+    return None
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking `dtype` runs in each of the device's DTYPES, unless it names its own."""
+    device = metafunc.config.getoption("--device")
+    own = [m.args[0] for m in metafunc.definition.iter_markers("parametrize")]
+    own = {n.strip() for names in own for n in (names.split(",") if isinstance(names, str) else names)}
+    if "dtype" in metafunc.fixturenames and "dtype" not in own and len(DTYPES[device]) > 1:
+        metafunc.parametrize("dtype", DTYPES[device])
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    return request.config.getoption("--device")
+
+
+@pytest.fixture
+def dtype() -> str:
+    """float32 where the device has no other dtype to test (pytest_generate_tests parametrizes it where it has)."""
+    return "float32"
+
+
+@pytest.fixture(scope="session")
+def tolerances() -> dict[str, Tolerance]:
+    return TOLERANCES
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path | None, *args: str, env: dict | None = None, home: Path | None = None):
+    def __init__(self, model: Path | None, *args: str, env: dict | None = None, home: Path | None = None,
+                 device: str = "cpu", dtype: str = "float32", kv_cache_memory: str | None = "64MiB"):
+        """kv_cache_memory None: the server's own budget (on a GPU: what the weights leave)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "glm4serve.cli", "serve", "--port", str(self.port), "--dtype", "float32",
-               "--kv-cache-memory", "64MiB", *args]
+        cmd = [sys.executable, "-m", "glm4serve.cli", "serve", "--port", str(self.port), "--device", device,
+               "--dtype", dtype]
+        if kv_cache_memory is not None:
+            cmd += ["--kv-cache-memory", kv_cache_memory]
+        cmd += args
         if model is not None:
             cmd += ["--model", str(model)]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

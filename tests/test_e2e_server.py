@@ -1,14 +1,18 @@
-"""End to end: the real server (uvicorn subprocess, our engine, a random GLM-4 checkpoint) driven by
-the official openai client with strict response validation, and by raw HTTP for the wire format."""
+"""End to end: the real server (uvicorn subprocess, our engine, a random GLM-4 checkpoint, on the test
+device: `--device`) driven by the official openai client with strict response validation, and by raw
+HTTP for the wire format."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+import torch
 
 from server_proc import ServerProcess
 from steering import write_steered_checkpoint
@@ -24,17 +28,18 @@ TOOLS = [{
 
 
 @pytest.fixture(scope="module")
-def server(make_checkpoint):
-    s = ServerProcess(make_checkpoint("glm", "hf", "wide"), "--served-model-name", "glm4-test").wait_healthy()
+def server(make_checkpoint, device):
+    s = ServerProcess(make_checkpoint("glm", "hf", "wide"), "--served-model-name", "glm4-test",
+                      device=device).wait_healthy()
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def steered(tmp_path_factory):
+def steered(tmp_path_factory, device):
     path = write_steered_checkpoint(tmp_path_factory.mktemp("steered"),
                                     ["<|assistant|>", 'get_weather\n{"city": "北京"}', "<|observation|>"])
-    s = ServerProcess(path, "--served-model-name", "glm4-steered").wait_healthy()
+    s = ServerProcess(path, "--served-model-name", "glm4-steered", device=device).wait_healthy()
     yield s
     s.stop()
 
@@ -205,3 +210,34 @@ def test_steered_reply_without_tools_is_plain_text_and_a_cut_call_is_length(stee
                                     temperature=0, max_tokens=5).choices[0]
     assert cut.finish_reason == "length"
 
+
+@pytest.mark.cuda
+def test_bf16_server_with_the_automatic_kv_budget(make_checkpoint):
+    """As a GPU user runs it: bf16, no --kv-cache-memory (the cache takes what the weights leave of
+    the card); whole and streamed chat, completions, concurrent requests, back to idle, SIGTERM."""
+    s = ServerProcess(make_checkpoint("glm", "hf", "wide"), "--served-model-name", "glm4-bf16", device="cuda",
+                      dtype="bfloat16", kv_cache_memory=None).wait_healthy()
+    try:
+        kv_gib = float(re.search(r"KV cache \d+ blocks of \d+ tokens \(([\d.]+) GiB\)", s.log_path.read_text())[1])
+        assert kv_gib > 0.5 * torch.cuda.get_device_properties(0).total_memory / 2**30
+        c = client(s)
+        whole = c.chat.completions.create(model="glm4-bf16", messages=MSGS, max_tokens=16, temperature=0)
+        assert whole.choices[0].finish_reason in ("length", "stop") and 0 < whole.usage.completion_tokens <= 16
+        stream = c.chat.completions.create(model="glm4-bf16", messages=MSGS, max_tokens=16, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+        usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+        assert len(usage) == 1 and usage[0].completion_tokens > 0
+        done = c.completions.create(model="glm4-bf16", prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert done.usage.completion_tokens > 0
+
+        def chat(i):
+            return c.chat.completions.create(
+                model="glm4-bf16", messages=[{"role": "user", "content": f"request {i}: " + "word " * (3 * i)}],
+                max_tokens=24, temperature=0.8, seed=i, extra_body={"ignore_eos": True}).usage.completion_tokens
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(chat, range(8))) == [24] * 8
+        assert wait_idle(s)["glm4serve:generation_tokens_total"] >= 8 * 24
+    finally:
+        code = s.stop()
+    assert code == 0 and "Traceback" not in s.log_path.read_text()

@@ -1,27 +1,39 @@
-"""The engine over the real ModelRunner and a small random GLM-4: paging, chunked prefill,
-preemption and n > 1 copy-on-write must not change a single greedy token."""
+"""The engine over the real ModelRunner and a small random GLM-4 on the test device (`--device`):
+paging, chunked prefill, preemption and n > 1 copy-on-write must not change a single greedy token."""
 
 from __future__ import annotations
 
+import gc
+
+import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from glm4serve.engine.block_pool import BlockPool
+from glm4serve.engine.config import GPU_MEMORY_FRACTION, EngineArgs
 from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.runner import make_runner
 from glm4serve.model.tokenizer import Tokenizer
+from glm4serve.server import build_llm_engine
 from tests.engine_fakes import RecordingRunner, sched_config
 
 
-def run_engine(path, tokenizer, requests, num_blocks, block_size, budget, max_model_len):
+def run_engine(path, tokenizer, requests, num_blocks, block_size, budget, max_model_len, device="cpu",
+               dtype="float32"):
     """The engine over the runner `glm4serve serve` would pick (fp32 on CPU: the CPU runner)."""
-    runner = RecordingRunner(make_runner(load_model(path, dtype="float32"), num_blocks, block_size,
+    runner = RecordingRunner(make_runner(load_model(path, dtype=dtype, device=device), num_blocks, block_size,
                                          vocab_limit=tokenizer.vocab_size))
     cfg = sched_config(max_num_seqs=16, max_num_batched_tokens=budget, max_model_len=max_model_len,
                           block_size=block_size)
     pool = BlockPool(num_blocks, block_size)
     engine = LLMEngine(runner, tokenizer, cfg, pool, tokenizer.stop_token_ids)
+    return drive(engine, requests), engine.stats().num_preemptions_total, runner
+
+
+def drive(engine: LLMEngine, requests) -> dict:
+    """Every request to its end: {(request id, choice index): token ids}; the KV pool all free again."""
     for rid, prompt, params in requests:
         engine.add_request(rid, prompt, params)
     tokens: dict = {}
@@ -31,11 +43,11 @@ def run_engine(path, tokenizer, requests, num_blocks, block_size, budget, max_mo
         for o in engine.step():
             tokens.setdefault((o.request_id, o.index), []).extend(o.token_ids)
     assert not engine.has_work and engine.pop_errors() == []
-    assert pool.num_free == pool.num_blocks
-    return tokens, engine.stats().num_preemptions_total, runner
+    assert engine.pool.num_free == engine.pool.num_blocks
+    return tokens
 
 
-def test_tiny_pool_and_small_budget_give_the_same_greedy_tokens(make_checkpoint):
+def test_tiny_pool_and_small_budget_give_the_same_greedy_tokens(make_checkpoint, device):
     path = make_checkpoint()
     tokenizer = Tokenizer.from_dir(path)
     g = torch.Generator().manual_seed(0)
@@ -48,9 +60,9 @@ def test_tiny_pool_and_small_budget_give_the_same_greedy_tokens(make_checkpoint)
         ("c", prompt(5), SamplingParams(max_tokens=14, **params)),
     ]
     roomy, pre_roomy, r1 = run_engine(path, tokenizer, requests, num_blocks=64, block_size=4, budget=512,
-                                      max_model_len=64)
+                                      max_model_len=64, device=device)
     tight, pre_tight, r2 = run_engine(path, tokenizer, requests, num_blocks=12, block_size=4, budget=7,
-                                      max_model_len=48)
+                                      max_model_len=48, device=device)
     assert pre_roomy == 0 and pre_tight > 0
     assert r1.copies == 2  # n=3 over a 10-token prompt: two choices copy the shared partial block
     assert min(r1.min_gap, r2.min_gap) > 1e-4, "a near tie: pick another seed"
@@ -58,28 +70,102 @@ def test_tiny_pool_and_small_budget_give_the_same_greedy_tokens(make_checkpoint)
     assert roomy[("n3", 0)] == roomy[("n3", 1)] == roomy[("n3", 2)]
 
 
-def test_eight_prompts_together_equal_one_at_a_time(make_checkpoint):
+EIGHT_LENGTHS = (3, 40, 7, 19, 1, 25, 11, 60)
+
+
+def test_eight_prompts_together_equal_one_at_a_time(make_checkpoint, device):
     path = make_checkpoint("glm4", "hf", "wide")
     tokenizer = Tokenizer.from_dir(path)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, tokenizer.vocab_size, (n,), generator=g).tolist() for n in (3, 40, 7, 19, 1, 25, 11, 60)]
+    prompts = [torch.randint(0, tokenizer.vocab_size, (n,), generator=g).tolist() for n in EIGHT_LENGTHS]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     requests = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
-    together, _, r = run_engine(path, tokenizer, requests, num_blocks=128, block_size=16, budget=64, max_model_len=128)
+    together, _, r = run_engine(path, tokenizer, requests, num_blocks=128, block_size=16, budget=64, max_model_len=128,
+                                device=device)
     alone = {}
     for req in requests:
-        alone.update(run_engine(path, tokenizer, [req], num_blocks=128, block_size=16, budget=64, max_model_len=128)[0])
+        alone.update(run_engine(path, tokenizer, [req], num_blocks=128, block_size=16, budget=64, max_model_len=128,
+                                device=device)[0])
     assert r.min_gap > 1e-4, "a near tie: pick another seed"
     assert together == alone
 
 
-def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(make_checkpoint):
+def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(make_checkpoint, device):
     path = make_checkpoint("glm", "hf", "wide")
     tokenizer = Tokenizer.from_dir(path)
     seeded = ("s", [5, 6, 7, 8, 9], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True))
-    alone, _, _ = run_engine(path, tokenizer, [seeded], num_blocks=128, block_size=16, budget=64, max_model_len=128)
+    alone, _, _ = run_engine(path, tokenizer, [seeded], num_blocks=128, block_size=16, budget=64, max_model_len=128,
+                             device=device)
     others = [(f"o{i}", [20 + i] * (3 + 5 * i), SamplingParams(max_tokens=5 + i, temperature=0.7, ignore_eos=True))
               for i in range(5)]
     crowded, _, _ = run_engine(path, tokenizer, others[:2] + [seeded] + others[2:], num_blocks=128, block_size=16,
-                               budget=24, max_model_len=128)
+                               budget=24, max_model_len=128, device=device)
     assert crowded[("s", 0)] == alone[("s", 0)]
+
+
+@pytest.mark.parametrize("variant", ["glm", "glm4"])
+def test_served_engine_greedy_equals_transformers_generate(make_checkpoint, device, variant):
+    """The engine as `glm4serve serve` builds it (build_llm_engine), sampler included."""
+    path = make_checkpoint(variant, "hf", "wide")
+    llm = build_llm_engine(EngineArgs(model=str(path), dtype="float32", device=device, num_kv_blocks=128,
+                                      block_size=16, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=128))
+    prompt = [11, 23, 5, 99, 42, 7, 64, 3]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+    padding = list(range(llm.tokenizer.vocab_size, ref.config.vocab_size))  # rows past the tokenizer: never ours
+    with torch.no_grad():
+        expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, suppress_tokens=padding or None)
+    got = drive(llm, [("g", prompt, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))])
+    assert got[("g", 0)] == expected[0, len(prompt):].tolist()
+
+
+@pytest.mark.cuda
+def test_bf16_tokens_leave_float32_ones_only_at_near_ties(make_checkpoint, device, tolerances):
+    """bf16 rounding depends on the batch's shape, so bf16 greedy tokens may differ from float32 ones
+    where float32's best two logits are within bf16's error; anywhere else they must not."""
+    path = make_checkpoint("glm4", "hf", "wide")
+    tokenizer = Tokenizer.from_dir(path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, tokenizer.vocab_size, (n,), generator=g).tolist() for n in EIGHT_LENGTHS]
+    requests = [(f"r{i}", p, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+    fp32, _, _ = run_engine(path, tokenizer, requests, num_blocks=128, block_size=16, budget=64, max_model_len=128,
+                            device=device)
+    bf16, preemptions, _ = run_engine(path, tokenizer, requests, num_blocks=30, block_size=4, budget=16,
+                                      max_model_len=120, device=device, dtype="bfloat16")
+    assert preemptions > 0  # the tight pool recomputes in other batch shapes
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    allowed = 2 * tolerances["bfloat16"].floor  # each of the two logits may be off by the bound
+    for i, prompt in enumerate(prompts):
+        a, b = fp32[(f"r{i}", 0)], bf16[(f"r{i}", 0)]
+        first = next((t for t in range(len(a)) if a[t] != b[t]), None)
+        if first is None:
+            continue
+        with torch.no_grad():
+            logits = ref(torch.tensor([prompt + a[:first]], device=device)).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        gap, scale = (top2[0] - top2[1]).item(), max(logits.abs().max().item(), 1.0)
+        assert gap <= allowed * scale, f"r{i}: bf16 left float32 at token {first} where the gap was {gap:.3g}"
+
+
+@pytest.mark.cuda
+def test_automatic_kv_budget_fills_the_card_after_the_weights(make_checkpoint):
+    """No kv_cache_memory on a GPU: the KV cache takes what the loaded weights leave of
+    GPU_MEMORY_FRACTION of the card (sized before the weights, it would leave them no room)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    path = make_checkpoint("glm", "hf", "wide")
+    llm = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16", device="cuda"))
+    try:
+        free, total = torch.cuda.mem_get_info()
+        used, goal = total - free, GPU_MEMORY_FRACTION * total
+        assert goal - (1 << 30) <= used <= goal + (256 << 20), f"{used / 2**30:.1f} GiB used, {goal / 2**30:.1f} planned"
+        assert llm.max_model_len == llm.runner.model.cfg.max_position_embeddings  # a big card: the model's context
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        got = drive(llm, [(f"r{i}", list(range(3, 40 + i)), params) for i in range(4)])
+        assert all(len(t) == 8 for t in got.values())
+    finally:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -1,5 +1,5 @@
 """128K-context mechanics: rotary at large positions, and a prefill whose memory does not grow
-with the square of its length."""
+with the square of its length; on a GPU (`--device cuda`) the CUDA prefill path itself."""
 
 from __future__ import annotations
 
@@ -12,17 +12,21 @@ import torch
 from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
-from glm4serve.model.glm4 import Rotary, rotate
+from glm4serve.model.attention import PrefillSpan, causal_attention_gpu, prefill_attention
+from glm4serve.model.batch import SeqChunk, build_batch
+from glm4serve.model.config import ModelConfig
+from glm4serve.model.glm4 import GLM4Model, Rotary, rotate
+from glm4serve.model.kv_cache import KVCache
 
 
-def test_rotary_matches_transformers_up_to_position_131071():
+def test_rotary_matches_transformers_up_to_position_131071(device):
     hf_cfg = GlmConfig(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5})
-    hf_rot = GlmRotaryEmbedding(hf_cfg)
-    ours = Rotary(64, 5e6)
-    positions = torch.tensor([0, 1, 7, 4095, 32768, 65535, 100000, 131070, 131071])
+    hf_rot = GlmRotaryEmbedding(hf_cfg).to(device)
+    ours = Rotary(64, 5e6).to(device)
+    positions = torch.tensor([0, 1, 7, 4095, 32768, 65535, 100000, 131070, 131071], device=device)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(len(positions), 32, 128, generator=g)  # [T, heads, D]
-    k = torch.randn(len(positions), 2, 128, generator=g)
+    q = torch.randn(len(positions), 32, 128, generator=g).to(device)  # [T, heads, D]
+    k = torch.randn(len(positions), 2, 128, generator=g).to(device)
     cos, sin = hf_rot(q, positions[None])
     # transformers wants [batch, heads, T, D]
     q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
@@ -73,8 +77,6 @@ def test_long_prefill_memory_is_not_quadratic():
 def test_gpu_causal_path_equals_the_tiled_cpu_path(past):
     """The CUDA branch of prefill attention (flag-causal, aligned to the last key, GQA heads
     repeated) gives the tiled boolean-mask path's numbers; run here on CPU."""
-    from glm4serve.model.attention import PrefillSpan, causal_attention_gpu, prefill_attention
-
     g = torch.Generator().manual_seed(0)
     n, hq, hkv, d, bs = 50, 8, 2, 16, 4
     ctx = past + n
@@ -88,3 +90,47 @@ def test_gpu_causal_path_equals_the_tiled_cpu_path(past):
     v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
     fused = causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, 0.25)[0].transpose(0, 1)
     torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("past", [0, 37])
+def test_cuda_prefill_attention_equals_the_tiled_cpu_path(past, dtype, tolerances):
+    """prefill_attention on the GPU (SDPA's flash or memory-efficient kernels, as the dtype allows)
+    against the tiled CPU path in float32, with glm-4-9b's heads (32 over 2 KV heads of 128)."""
+    g = torch.Generator().manual_seed(0)
+    n, hq, hkv, d, bs = 300, 32, 2, 128, 16
+    ctx = past + n
+    nb = -(-ctx // bs)
+    k_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
+    v_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
+    table = torch.randperm(nb + 3, generator=g)[:nb]
+    q = torch.randn(n, hq, d, generator=g)
+    scale = d**-0.5
+    truth = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), scale)
+
+    def attend(device, dt):
+        x = [t.to(device, getattr(torch, dt)) for t in (q, k_cache, v_cache)]
+        return prefill_attention(*x, PrefillSpan(0, n, ctx, table.to(device)), scale)
+
+    same = None if dtype == "float32" else attend("cpu", dtype)  # what the dtype's rounding alone costs
+    tolerances[dtype].assert_close(attend("cuda", dtype), truth, same)
+
+
+@pytest.mark.cuda
+def test_long_prefill_gpu_memory_is_not_quadratic(dtype):
+    n = 32768
+    cfg = ModelConfig(variant="glm", layout="hf", vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=5e6)
+    model = GLM4Model(cfg).to("cuda", getattr(torch, dtype)).eval()
+    model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).cuda()  # fp32 angles, as load_model keeps them
+    blocks = n // 16 + 1
+    kv = KVCache(cfg, blocks, 16, getattr(torch, dtype), "cuda")
+    b = build_batch([SeqChunk(list(range(n)), 0, list(range(blocks)))], 16, "cuda")  # ONE span of n tokens
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    logits = model(b.input_ids % 256, b.positions, b.attn, kv, b.logits_indices)
+    grew = torch.cuda.max_memory_allocated() - before
+    assert torch.isfinite(logits).all()
+    # heads x n x n fp32 scores would be 16 GiB; flash and memory-efficient SDPA build none of them
+    assert grew < 256 * 2**20, f"prefill of {n} tokens took {grew / 2**20:.0f} MiB of GPU memory"

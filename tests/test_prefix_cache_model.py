@@ -1,5 +1,6 @@
-"""Prefix caching over the real ModelRunner and a small random GLM-4: K/V reused from the cache
-must give the very greedy tokens a full recompute gives, through forks, eviction and preemption."""
+"""Prefix caching over the real ModelRunner and a small random GLM-4 on the test device (`--device`):
+K/V reused from the cache must give the very greedy tokens a full recompute gives, through forks,
+eviction and preemption."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from glm4serve.model.tokenizer import Tokenizer
 from tests.engine_fakes import RecordingRunner, sched_config
 
 
-def run(path, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, max_model_len=64):
+def run(path, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, max_model_len=64, device="cpu"):
     """Each wave of requests is added once the previous one has finished, so later waves find the
     earlier ones' blocks in the cache (when those survived eviction)."""
-    runner = RecordingRunner(make_runner(load_model(path, dtype="float32"), num_blocks, block_size,
+    runner = RecordingRunner(make_runner(load_model(path, dtype="float32", device=device), num_blocks, block_size,
                                          vocab_limit=tokenizer.vocab_size))
     cfg = sched_config(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=max_model_len,
                           block_size=block_size, enable_prefix_caching=caching)
@@ -37,7 +38,7 @@ def run(path, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, ma
     return tokens, engine.stats(), pool, runner.min_gap
 
 
-def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(make_checkpoint):
+def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(make_checkpoint, device):
     path = make_checkpoint()
     tokenizer = Tokenizer.from_dir(path)
     g = torch.Generator().manual_seed(1)
@@ -57,9 +58,10 @@ def test_greedy_tokens_are_the_same_with_and_without_prefix_caching(make_checkpo
     ]
     waves = [first, second]
 
-    off, off_stats, _, gap_off = run(path, tokenizer, waves, num_blocks=64, caching=False)
-    roomy, roomy_stats, _, gap_roomy = run(path, tokenizer, waves, num_blocks=64, caching=True)
-    tight, tight_stats, tight_pool, gap_tight = run(path, tokenizer, waves, num_blocks=16, caching=True)
+    off, off_stats, _, gap_off = run(path, tokenizer, waves, num_blocks=64, caching=False, device=device)
+    roomy, roomy_stats, _, gap_roomy = run(path, tokenizer, waves, num_blocks=64, caching=True, device=device)
+    tight, tight_stats, tight_pool, gap_tight = run(path, tokenizer, waves, num_blocks=16, caching=True,
+                                                    device=device)
 
     assert min(gap_off, gap_roomy, gap_tight) > 1e-4, "a near tie: pick another seed"
     assert off_stats.prefix_cache_hits == 0 and off_stats.num_preemptions_total == 0

@@ -137,6 +137,20 @@ class GLM4Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None) -> GLM4Model:
+        """The model with its weights allocated on `device` and not initialized (for the loader to fill):
+        built on meta, so no weight is ever made twice."""
+        from .quant import quantize_linears
+
+        with torch.device("meta"):
+            model = cls(cfg).to(dtype)
+            if quantization is not None:
+                quantize_linears(model, quantization)
+        model = model.to_empty(device=device)
+        model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 angles, not a weight
+        return model
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output rows x [N, H] -> next-token logits [N, V] in fp32."""
         return self.lm_head(self.norm(x)).float()
@@ -173,15 +187,9 @@ def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.devi
     The model comes back plain (nn.Linear layers), or with every linear quantized while loading
     (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business."""
     from .loader import load_weights  # the one place that knows checkpoint names
-    from .quant import quantize_linears
 
     cfg = ModelConfig.from_dir(path)
     dtype = resolve_dtype(dtype, cfg)
-    with torch.device("meta"):
-        model = GLM4Model(cfg).to(dtype)
-        if quantization is not None:
-            quantize_linears(model, quantization)
-    model = model.to_empty(device=device)
-    model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 buffer, not a weight
+    model = GLM4Model.empty(cfg, dtype, device, quantization)
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)
     return model.eval()

@@ -1,0 +1,406 @@
+"""GPU figures (issue 15) on a model with glm-4-9b-chat's exact shapes, all 40 layers, random bf16
+weights made on the GPU (no checkpoint file), against transformers on the very same weights, every
+figure measured in this run:
+
+1. the card's copy bandwidth (bytes read + written per second by a device-to-device copy), which
+   sets the decode roofline: tokens/s <= bandwidth / bytes read per token (the weights and the context's K/V);
+2. single-stream decode: our engine's tokens/s vs transformers generate(), each as a fraction of that roofline;
+3. 64 concurrent streams (1K-token prompts, 256 new tokens each): aggregate tokens/s, ours and generate()'s;
+4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward; 128K when time allows;
+5. peak GPU memory of each part.
+
+    python3 benchmarks/bench_gpu.py --out $OUT/bench_gpu.json     # a GPU machine: ~6 min on an H200
+    .venv/bin/python benchmarks/bench_gpu.py --tiny                # CPU, tiny shapes: the same code paths
+
+Our engine runs with EngineArgs' defaults (what `glm4serve serve` uses) but for the KV cache size.
+Every decode runs under a time budget: one that would overrun stops early and reports the tokens it
+made; the JSON file (--out) is rewritten after each part, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.engine import LLMEngine
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model.batch import SeqChunk, build_batch
+from glm4serve.model.config import ModelConfig
+from glm4serve.model.glm4 import GLM4Model
+from glm4serve.model.kv_cache import KVCache, bytes_per_token
+from glm4serve.model.loader import checkpoint_tensors
+from glm4serve.server import engine_for_model
+
+# glm-4-9b-chat (THUDM/glm-4-9b-chat config.json) in transformers' GlmConfig terms
+GLM4_9B = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+               num_attention_heads=32, num_key_value_heads=2, head_dim=128, rms_norm_eps=1.5625e-07,
+               max_position_embeddings=131072, rope_theta=5e6)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1.5625e-07, max_position_embeddings=131072,
+            rope_theta=5e6)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of each part, and the seconds each timed run may take at most."""
+
+    tokenizer_vocab: int = 151343  # glm-4-9b-chat's token ids; the output layer's rows past them are padding
+    single_prompt: int = 128
+    single_tokens: int = 128
+    single_seconds: float = 20
+    streams: int = 64
+    stream_prompt: int = 1024
+    stream_tokens: int = 256
+    stream_seconds: float = 60
+    prefill: int = 32768
+    long_prefill: int = 131072 - 64  # 128K, room left for the sampled token
+    copy_bytes: int = 4 << 30
+
+
+TINY_PLAN = Plan(tokenizer_vocab=500, single_prompt=16, single_tokens=8, single_seconds=10, streams=4,
+                 stream_prompt=32, stream_tokens=8, stream_seconds=10, prefill=256, long_prefill=1024,
+                 copy_bytes=64 << 20)
+
+
+class Bench:
+    def __init__(self, device: str, plan: Plan, out: Path | None, budget_s: float):
+        self.device, self.plan, self.out = device, plan, out
+        self.end = time.monotonic() + budget_s
+        self.results: dict = {"env": env(device), "plan": asdict(plan)}
+        self.rng = torch.Generator().manual_seed(0)
+        self.max_peak = 0.0
+        self.failed = False
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.device == "cuda":
+            self.sync()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        """GPU memory allocated at most since reset_peak()."""
+        if self.device != "cuda":
+            return None
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.max_peak = max(self.max_peak, peak)
+        return peak
+
+    def prompts(self, n: int, length: int) -> list[list[int]]:
+        return torch.randint(0, self.plan.tokenizer_vocab, (n, length), generator=self.rng).tolist()
+
+    def run(self, part: str, fn, *args) -> dict:
+        """Record fn(*args)'s figures as `part`. An exception (say, out of memory) is recorded in
+        their place and the run goes on: one part's failure leaves the others' figures."""
+        try:
+            figures = fn(self, *args)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            figures, self.failed = {"error": repr(e)}, True
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        self.record(part, figures)
+        return figures
+
+    def record(self, part: str, figures: dict):
+        self.results[part] = figures
+        shown = {k: v for k, v in figures.items() if not isinstance(v, dict)}  # the details: in the JSON
+        print(f"{part}: " + ", ".join(f"{k}={fmt(v)}" for k, v in shown.items()), flush=True)
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.results, indent=1))
+
+
+def fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def env(device: str) -> dict:
+    import transformers
+
+    e = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        e.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return e
+
+
+def copy_bandwidth(b: Bench, nbytes: int) -> dict:
+    """Bytes read + written per second by the best of 10 copies of one tensor into another."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=b.device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(13):
+        b.sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        b.sync()
+        if i >= 3:  # after three warm-ups
+            best = min(best, time.perf_counter() - t0)
+    return {"gb_s": 2 * nbytes / best / 1e9, "bytes": nbytes}
+
+
+def glm_config(shapes: dict):
+    """transformers' GlmConfig of these shapes (GLM-4's partial rotary, biased q/k/v, untied output layer)."""
+    from transformers import GlmConfig
+
+    shapes = dict(shapes)
+    rope = {"rope_type": "default", "rope_theta": shapes.pop("rope_theta"), "partial_rotary_factor": 0.5}
+    return GlmConfig(**shapes, rope_parameters=rope, attention_bias=True, tie_word_embeddings=False, pad_token_id=0)
+
+
+def build_models(shapes: dict, device: str):
+    """transformers' GlmForCausalLM made from its config on the device and filled with random weights
+    there, then ours (built on meta, as load_model does) given the very same tensors through the
+    loader's name map (checkpoint_tensors: HF name -> our parameter and rows)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = glm_config(shapes)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    hf = hf.to(device).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # as random_checkpoint.py: norms near 1, biases 0.1, weights 0.02
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1, generator=g)
+            else:
+                p.normal_(0.0, 0.1 if name.endswith(".bias") else 0.02, generator=g)
+
+    cfg = ModelConfig.from_dict(hf_cfg.to_dict())
+    ours = GLM4Model.empty(cfg, torch.bfloat16, device)
+    theirs, params = hf.state_dict(), dict(ours.named_parameters())
+    names = checkpoint_tensors(cfg)
+    assert set(names) == set(theirs), f"name maps differ: {sorted(set(names) ^ set(theirs))[:5]}"
+    with torch.no_grad():
+        for name, spec in names.items():
+            p = params[spec.target]
+            (p if spec.rows is None else p[spec.rows[0] : spec.rows[1]]).copy_(theirs[name])
+    return ours.eval(), hf
+
+
+class NoTextTokenizer:
+    """The engine detokenizes each new token; the benchmark's tokens have no text, one byte each."""
+
+    stop_token_ids = ()
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def is_special(self, token_id: int) -> bool:
+        return False
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b"x"
+
+
+def make_engine(model: GLM4Model, args: EngineArgs, vocab: int, device: str) -> LLMEngine:
+    return engine_for_model(model, NoTextTokenizer(vocab), args, device)
+
+
+def weights_agree(b: Bench, ours: GLM4Model, hf) -> dict:
+    """Our logits vs transformers' on one 40-token prompt, every position: the copy was complete
+    (a wrong mapping gives unrelated logits; bf16 rounding over 40 layers leaves them near parallel)."""
+    ids = b.prompts(1, 40)[0]
+    kv = KVCache(ours.cfg, 3, 16, torch.bfloat16, b.device)
+    batch = build_batch([SeqChunk(ids, 0, [0, 1, 2])], 16, b.device)
+    mine = ours(batch.input_ids, batch.positions, batch.attn, kv, torch.arange(40, device=b.device)).float()
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([ids], device=b.device)).logits[0].float()
+    cos = torch.nn.functional.cosine_similarity(mine, theirs, dim=-1).min().item()
+    rel = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+    top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return {"min_cosine": cos, "max_rel_diff": rel, "top1_agreement": top1, "ok": cos > 0.98}
+
+
+def engine_run(b: Bench, engine: LLMEngine, prompts: list[list[int]], new_tokens: int, seconds: float) -> dict:
+    """Greedy requests (ignore_eos) until done or `seconds` passed (then the rest are aborted).
+    first_tokens_s: until every request had its first token; decode_tok_s: the tokens made after
+    that, over the time after that."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"r{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
+    b.reset_peak()
+    t0 = time.perf_counter()
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    started, made, t_all_started, made_before = set(), 0, None, 0
+    while engine.has_work:
+        for o in engine.step():
+            started.add(o.request_id)
+            made += len(o.token_ids)
+        now = time.perf_counter()
+        if t_all_started is None and len(started) == len(ids):
+            t_all_started, made_before = now, made
+        if now - t0 > seconds:
+            for rid in ids:
+                engine.abort(rid)
+            break
+    t1 = time.perf_counter()
+    assert not engine.pop_errors() and engine.pool.num_free == engine.pool.num_blocks
+    decode_s = t1 - t_all_started if t_all_started else 0.0
+    return {"tokens": made, "seconds": t1 - t0, "aggregate_tok_s": made / (t1 - t0),
+            "first_tokens_s": (t_all_started or t1) - t0,
+            "decode_tok_s": (made - made_before) / decode_s if decode_s else 0.0,
+            "finished": made == len(prompts) * new_tokens, "peak_gib": b.peak_gib()}
+
+
+def hf_generate(b: Bench, hf, prompts: list[list[int]], new_tokens: int, seconds: float) -> dict:
+    """transformers generate() (greedy, static batch) timed like engine_run: decode_tok_s leaves out
+    the time of a generate() that makes one token (the prefill)."""
+    ids = torch.tensor(prompts, device=b.device)
+
+    def generate(n: int, max_time: float | None = None):
+        b.sync()
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, max_time=max_time)
+        b.sync()
+        return out.shape[1] - ids.shape[1], time.perf_counter() - t0
+
+    b.reset_peak()
+    _, t_first = generate(1)
+    made, t = generate(new_tokens, max_time=seconds)
+    return {"tokens": made * len(prompts), "seconds": t, "aggregate_tok_s": made * len(prompts) / t,
+            "first_tokens_s": t_first,
+            "decode_tok_s": (made - 1) * len(prompts) / (t - t_first) if made > 1 and t > t_first else 0.0,
+            "finished": made == new_tokens, "peak_gib": b.peak_gib()}
+
+
+def engine_prefill(b: Bench, engine: LLMEngine, n: int) -> dict:
+    """One n-token prompt to its first token, through the engine's chunked prefill."""
+    r = engine_run(b, engine, b.prompts(1, n), 1, seconds=float("inf"))
+    return {"tokens": n, "seconds": r["seconds"], "tok_s": ratio(n, r["seconds"]), "peak_gib": r["peak_gib"]}
+
+
+def hf_prefill(b: Bench, hf, n: int) -> dict:
+    """One forward of transformers (SDPA) over an n-token prompt, without a KV cache, last logits only."""
+    ids = torch.tensor(b.prompts(1, n), device=b.device)
+    b.reset_peak()
+    b.sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        hf(ids, use_cache=False, logits_to_keep=1)
+    b.sync()
+    t = time.perf_counter() - t0
+    return {"tokens": n, "seconds": t, "tok_s": n / t, "peak_gib": b.peak_gib()}
+
+
+def single_stream(b: Bench, engine: LLMEngine, hf, weight_bytes: int, bandwidth: float) -> dict:
+    p = b.plan
+    # read per decoded token: every weight but the embedding (one row of it), and the context's K/V
+    embed = engine.runner.model.embed.weight
+    context = p.single_prompt + p.single_tokens // 2
+    per_token = (weight_bytes - embed.numel() * embed.element_size()
+                 + context * bytes_per_token(engine.runner.model.cfg, embed.dtype))
+    roofline = bandwidth / per_token
+    mine = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+    theirs = hf_generate(b, hf, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+    return {"prompt": p.single_prompt, "ours_tok_s": mine["decode_tok_s"], "transformers_tok_s": theirs["decode_tok_s"],
+            "ratio": ratio(mine["decode_tok_s"], theirs["decode_tok_s"]), "roofline_tok_s": roofline,
+            "ours_of_roofline": mine["decode_tok_s"] / roofline,
+            "transformers_of_roofline": theirs["decode_tok_s"] / roofline, "ours": mine, "transformers": theirs}
+
+
+def streams(b: Bench, engine: LLMEngine, hf) -> dict:
+    p = b.plan
+    seconds = max(5.0, min(p.stream_seconds, b.left() / 4))
+    mine = engine_run(b, engine, b.prompts(p.streams, p.stream_prompt), p.stream_tokens, seconds)
+    theirs = hf_generate(b, hf, b.prompts(p.streams, p.stream_prompt), p.stream_tokens, seconds)
+    return {"streams": p.streams, "prompt": p.stream_prompt, "new_tokens": p.stream_tokens,
+            "ours_aggregate_tok_s": mine["aggregate_tok_s"], "transformers_aggregate_tok_s": theirs["aggregate_tok_s"],
+            "ratio": ratio(mine["aggregate_tok_s"], theirs["aggregate_tok_s"]), "ours": mine, "transformers": theirs}
+
+
+def prefill(b: Bench, engine: LLMEngine, hf) -> dict:
+    n = b.plan.prefill
+    hf_prefill(b, hf, min(n, 1024))  # warm-up of the long-prompt kernels (ours ran them in streams())
+    theirs = hf_prefill(b, hf, n)
+    mine = engine_prefill(b, engine, n)
+    return {"tokens": n, "ours_s": mine["seconds"], "transformers_s": theirs["seconds"],
+            "ours_over_transformers": ratio(mine["seconds"], theirs["seconds"]), "ours": mine, "transformers": theirs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, CPU by default: checks the script in seconds")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
+    ap.add_argument("--budget-s", type=float, default=330, help="wall-clock budget of everything after the imports")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=EngineArgs.model_fields["max_num_batched_tokens"].default,
+                    help="our engine's prefill chunk (default: the server's)")
+    ap.add_argument("--skip-long", action="store_true", help="no 128K prefill")
+    args = ap.parse_args(argv)
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("torch sees no CUDA device (use --tiny for a CPU run)")
+    shapes, plan = (TINY, TINY_PLAN) if args.tiny else (GLM4_9B, Plan())
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    b = Bench(device, plan, args.out, args.budget_s)
+    bandwidth = b.run("copy_bandwidth", copy_bandwidth, plan.copy_bytes).get("gb_s", 0.0) * 1e9
+
+    t0 = time.perf_counter()
+    b.reset_peak()
+    ours, hf = build_models(shapes, device)
+    b.sync()
+    built = {"layers": ours.cfg.num_layers, "hidden": ours.cfg.hidden_size, "build_s": time.perf_counter() - t0,
+             "params_b": sum(p.numel() for p in ours.parameters()) / 1e9, "peak_gib": b.peak_gib()}
+    model = b.run("model", lambda b: {**built, **weights_agree(b, ours, hf)})
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+
+    # KV blocks for the longest prompt and for every stream's whole context; the rest as the server has it
+    tokens = max(plan.long_prefill + 64, plan.streams * (plan.stream_prompt + plan.stream_tokens))
+    engine_args = EngineArgs(device=device, dtype="bfloat16", num_kv_blocks=tokens // 16 + 16, block_size=16,
+                             max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = make_engine(ours, engine_args, plan.tokenizer_vocab, device)
+    b.results.update(engine_args=engine_args.model_dump(), runner=type(engine.runner).__name__)
+
+    # warm-up: first kernels, cuBLAS handles, the allocator's pools, on both sides
+    engine_run(b, engine, b.prompts(2, 64), 4, seconds=60)
+    hf_generate(b, hf, b.prompts(2, 64), 4, seconds=60)
+
+    b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
+    b.run(f"streams_{plan.streams}", streams, engine, hf)
+    ours_s = b.run("prefill", prefill, engine, hf).get("ours_s")
+
+    # attention grows with the square of the prompt: 4x the tokens cost 4x (linear layers) to 16x the time
+    estimate = 10 * ours_s if ours_s else float("inf")
+    if args.skip_long:
+        b.record("long_prefill", {"skipped": "--skip-long"})
+    elif estimate > b.left():
+        b.record("long_prefill", {"skipped": f"~{estimate:.0f}s expected, {b.left():.0f}s left in the budget"})
+    else:
+        del hf  # its weights' memory for the long prompt's activations
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        b.run("long_prefill", engine_prefill, engine, plan.long_prefill)
+
+    if device == "cuda":
+        b.record("memory", {"peak_gib": b.max_peak, "kv_cache_gib": round(engine.runner.kv.nbytes / 2**30, 2),
+                            "weights_gib_each": round(weight_bytes / 2**30, 2)})
+    if not model.get("ok"):
+        print("our logits are not transformers' on the same weights: the figures compare different models",
+              file=sys.stderr)
+    return 0 if model.get("ok") and not b.failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check (issues 13 and 15) on a bare lent GPU machine, from the repository root, in about 9 minutes:
+# the model, engine and end-to-end tests on the GPU (`pytest --device cuda`, ~3 min), then the GPU
+# figures (benchmarks/bench_gpu.py, ~5.5 min). Into $OUT: gpu.txt, pytest.xml, pytest.log,
+# bench_gpu.json, bench_gpu.log.
+#
+# The machine's python3 (3.12) brings torch with CUDA, transformers, tokenizers, tiktoken, safetensors,
+# huggingface-hub, jinja2, pyyaml, tqdm, prometheus-client, httpx, pytest, uvloop, click, attrs and
+# annotated-doc. The rest of what the server and the tests import travels as cp312 wheels in .whl/
+# (ignored by git), fetched here once:
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 \
+#     python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+#     opentelemetry-api==1.45.2 uvicorn==0.54.0 sse-starlette==3.7.0 anyio==4.16.0 idna==3.20 h11==0.16.0 \
+#     openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1 \
+#     jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+#
+# (the versions of .venv; xgrammar is left out: only structured-output requests load it). Then, through
+# the device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+timeout -k 10 210 python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
+    --junitxml "$OUT/pytest.xml" tests/test_model_equivalence.py tests/test_engine_with_model.py \
+    tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_e2e_server.py 2>&1 | tee "$OUT/pytest.log"
+tests=$?
+timeout -k 10 320 python3 benchmarks/bench_gpu.py --budget-s 270 --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+bench=$?
+echo "pytest exit $tests, bench_gpu exit $bench"
+exit $((tests || bench))

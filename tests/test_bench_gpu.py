@@ -1,0 +1,41 @@
+"""benchmarks/bench_gpu.py (the GPU figures of issue 15) run end to end with tiny shapes, on the test
+device, so that the script a lent GPU machine runs cannot break unseen."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import bench_gpu
+from glm4serve.model.config import ModelConfig
+from glm4serve.model.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
+    out = tmp_path / "bench_gpu.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--device", device,
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(out.read_text())
+    assert figures["model"]["ok"] and figures["runner"] == "EagerRunner"  # bf16: the runner a GPU serves with
+    assert figures["copy_bandwidth"]["gb_s"] > 0
+    for part, key in (("single_stream", "ours_tok_s"), ("single_stream", "transformers_tok_s"),
+                      ("streams_4", "ours_aggregate_tok_s"), ("streams_4", "transformers_aggregate_tok_s"),
+                      ("prefill", "ours_s"), ("prefill", "transformers_s"), ("long_prefill", "seconds")):
+        assert figures[part][key] > 0, (part, key, figures[part])
+    assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
+
+
+def test_bench_gpu_model_has_glm_4_9b_chat_shapes(real_chat_dir):
+    """The benchmark's model is shaped as the published glm-4-9b-chat (its config.json, no weights)."""
+    ours = ModelConfig.from_dict(bench_gpu.glm_config(bench_gpu.GLM4_9B).to_dict())
+    real = ModelConfig.from_dir(real_chat_dir)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "rope_theta", "partial_rotary_factor", "rms_norm_eps", "max_position_embeddings",
+                  "attention_bias"):
+        assert getattr(ours, field) == getattr(real, field), field
+    assert bench_gpu.Plan().tokenizer_vocab == Tokenizer.from_dir(real_chat_dir).vocab_size
