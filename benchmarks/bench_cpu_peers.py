@@ -1,0 +1,207 @@
+"""Ours against llama.cpp's llama-server on CPU: the same weights, single stream and concurrent streams.
+
+The model is a slice of glm-4-9b-chat: its exact layer shapes (hidden 4096, FFN 13696, 32 heads over
+2 KV groups of 128, vocabulary 151552), `--layers` of its 40 layers, random bf16 weights. The pairs:
+ours bf16 vs llama.cpp BF16, ours int8 vs Q8_0, ours int4 vs Q4_0. Both servers run at once, each on
+the machine's cores, and their requests take turns (one server is idle while the other works);
+prompts are the same token ids, decoding is greedy with the stop tokens ignored.
+
+llama.cpp comes from the llama-cpp-python source distribution on PyPI (its vendor/llama.cpp), built
+once with cmake into ~/.cache/glm4serve/ (`llama-server`, `llama-quantize`); our checkpoint goes to
+GGUF through its convert_hf_to_gguf.py, whose pre-tokenizer check does not know our small test
+tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). Not part of CI.
+
+    .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes bf16,int8,int4] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from server_proc import ServerProcess, free_port  # noqa: E402
+
+from glm4serve.model.random_checkpoint import write_random_checkpoint  # noqa: E402
+
+LLAMA_CPP_PYTHON = "0.3.36"  # its vendor/llama.cpp is what gets built
+CACHE = Path.home() / ".cache" / "glm4serve"
+SLICE_9B = dict(variant="glm", layout="hf", vocab_size=151552, hidden_size=4096, intermediate_size=13696,
+                num_heads=32, num_kv_heads=2, head_dim=128, rope_theta=5e6, dtype="bfloat16", num_merges=2000)
+MODES = {"bf16": (None, "BF16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0")}  # ours, llama.cpp's
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("$", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def llama_cpp() -> Path:
+    """The llama.cpp source folder, with build/bin/llama-server and llama-quantize built."""
+    root = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    src = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if (src / "build" / "bin" / "llama-server").is_file() and (src / "build" / "bin" / "llama-quantize").is_file():
+        return src
+    root.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)])
+    with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as tar:
+        tar.extractall(root, filter="data")
+    run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], cwd=src)
+    run(["cmake", "--build", "build", "--target", "llama-server", "llama-quantize", f"-j{os.cpu_count()}"], cwd=src)
+    return src
+
+
+CONVERT = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "glm4"  # our small tokenizer's hash is unknown to it
+sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def gguf_files(src: Path, checkpoint: Path, kinds: list[str]) -> dict[str, Path]:
+    """The checkpoint converted to BF16 GGUF, then quantized to each other kind, cached beside it."""
+    bf16 = checkpoint / "slice-BF16.gguf"
+    if not bf16.is_file():
+        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+        run([sys.executable, "-c", CONVERT, str(src), str(checkpoint), "--outtype", "bf16", "--outfile", str(bf16)],
+            env=env)
+    out = {"BF16": bf16}
+    for kind in kinds:
+        if kind != "BF16":
+            out[kind] = checkpoint / f"slice-{kind}.gguf"
+            if not out[kind].is_file():
+                run([str(src / "build" / "bin" / "llama-quantize"), str(bf16), str(out[kind]), kind])
+    return out
+
+
+class LlamaServer:
+    def __init__(self, src: Path, gguf: Path, slots: int, ctx_per_slot: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        threads = str(os.cpu_count())
+        self.log = open(gguf.with_suffix(".server.log"), "w")
+        self.proc = subprocess.Popen(
+            [str(src / "build" / "bin" / "llama-server"), "-m", str(gguf), "--port", str(self.port), "-t", threads,
+             "-tb", threads, "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"llama-server not healthy, see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def rss_gib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def stream(url: str, prompt: list[int], new_tokens: int) -> tuple[int, float]:
+    """One streamed greedy completion: (tokens, decode tokens/s from the first token to the last)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    times = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():  # one event per new token in both servers
+            if line.startswith("data: {") and json.loads(line[6:]).get("choices"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice.get("text"):
+                    times.append(time.perf_counter())
+    tokens = len(times)
+    return tokens, (tokens - 1) / (times[-1] - times[0])
+
+
+def concurrent(url: str, prompts: list[list[int]], new_tokens: int) -> float:
+    """Aggregate tokens/s of all the prompts streamed at once."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: stream(url, p, new_tokens)[0], prompts))
+    return sum(got) / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--modes", default="bf16,int8,int4")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--concurrent", type=int, default=32)
+    ap.add_argument("--concurrent-modes", default="int8", help="modes that also run --concurrent streams")
+    a = ap.parse_args()
+    modes = a.modes.split(",")
+    src = llama_cpp()
+    checkpoint = CACHE / f"bench-slice-9b-{a.layers}layers"
+    if not (checkpoint / "config.json").is_file():
+        write_random_checkpoint(checkpoint, num_layers=a.layers, **SLICE_9B)
+    ggufs = gguf_files(src, checkpoint, [MODES[m][1] for m in modes])
+    prompt = list(range(100, 132))
+    many = [list(range(200 + i, 232 + i)) for i in range(a.concurrent)]
+    results = {}
+    for mode in modes:
+        quantization, kind = MODES[mode]
+        args = ["--dtype", "bfloat16", "--max-num-seqs", str(a.concurrent), "--served-model-name", "bench"]
+        if quantization:
+            args += ["--quantization", quantization]
+        kv = "2GiB"
+        t0 = time.perf_counter()
+        ours = ServerProcess(checkpoint, *args, dtype="bfloat16", kv_cache_memory=kv).wait_healthy(timeout=900)
+        load_s = time.perf_counter() - t0
+        theirs = LlamaServer(src, ggufs[kind], slots=a.concurrent, ctx_per_slot=512)
+        try:
+            for url in (ours.url, theirs.url):  # warm-up
+                stream(url, prompt, 8)
+            rates = {"ours": [], "llama.cpp": []}
+            for _ in range(a.repeats):  # the two take turns
+                rates["ours"].append(stream(ours.url, prompt, a.new_tokens)[1])
+                rates["llama.cpp"].append(stream(theirs.url, prompt, a.new_tokens)[1])
+            r = {"ours_load_s": load_s, "ours_rss_gib": rss_gib(ours.proc.pid),
+                 "llama_rss_gib": rss_gib(theirs.proc.pid)}
+            for who, xs in rates.items():
+                r[who] = statistics.median(xs)
+                r[who + "_runs"] = xs
+            line = (f"{mode} vs {kind}: single stream ours {r['ours']:.1f} tok/s (runs "
+                    f"{' / '.join(f'{x:.1f}' for x in rates['ours'])}), llama.cpp {r['llama.cpp']:.1f} tok/s (runs "
+                    f"{' / '.join(f'{x:.1f}' for x in rates['llama.cpp'])}), ratio {r['ours'] / r['llama.cpp']:.2f}x; "
+                    f"resident ours {r['ours_rss_gib']:.2f} GiB, llama.cpp {r['llama_rss_gib']:.2f} GiB")
+            if mode in a.concurrent_modes.split(","):
+                r["ours_concurrent"] = concurrent(ours.url, many, a.new_tokens)
+                r["llama_concurrent"] = concurrent(theirs.url, many, a.new_tokens)
+                line += (f"; {a.concurrent} streams ours {r['ours_concurrent']:.0f} tok/s, llama.cpp "
+                         f"{r['llama_concurrent']:.0f} tok/s, ratio {r['ours_concurrent'] / r['llama_concurrent']:.2f}x")
+            print(line, flush=True)
+            results[mode] = r
+        finally:
+            ours.stop()
+            theirs.stop()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
