@@ -32,12 +32,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from server_proc import ServerProcess, free_port  # noqa: E402
 
-from glm4serve.model.random_checkpoint import write_random_checkpoint  # noqa: E402
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendor/llama.cpp is what gets built
 CACHE = Path.home() / ".cache" / "glm4serve"
-SLICE_9B = dict(variant="glm", layout="hf", vocab_size=151552, hidden_size=4096, intermediate_size=13696,
-                num_heads=32, num_kv_heads=2, head_dim=128, rope_theta=5e6, dtype="bfloat16", num_merges=2000)
+SLICE_9B = dict(GLM4_9B_CHAT, dtype="bfloat16")  # num_layers: --layers
 MODES = {"bf16": (None, "BF16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0")}  # ours, llama.cpp's
 
 
@@ -123,18 +122,19 @@ def rss_gib(pid: int) -> float:
 
 
 def stream(url: str, prompt: list[int], new_tokens: int) -> tuple[int, float]:
-    """One streamed greedy completion: (tokens, decode tokens/s from the first token to the last)."""
+    """One streamed greedy completion: (tokens, decode tokens/s from the first event to the last).
+    The token count is the final chunk's usage: events may carry no text (a token without any, or
+    held back mid-character), and llama-server's random-weight argmax is often a padding token."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    times = []
+            "stream": True, "stream_options": {"include_usage": True}}
+    times, tokens = [], 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as r:
         r.raise_for_status()
-        for line in r.iter_lines():  # one event per new token in both servers
-            if line.startswith("data: {") and json.loads(line[6:]).get("choices"):
-                choice = json.loads(line[6:])["choices"][0]
-                if choice.get("text"):
-                    times.append(time.perf_counter())
-    tokens = len(times)
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                times.append(time.perf_counter())
+                tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
+    assert tokens == new_tokens, f"{url}: {tokens} tokens"
     return tokens, (tokens - 1) / (times[-1] - times[0])
 
 
@@ -159,7 +159,7 @@ def main():
     src = llama_cpp()
     checkpoint = CACHE / f"bench-slice-9b-{a.layers}layers"
     if not (checkpoint / "config.json").is_file():
-        write_random_checkpoint(checkpoint, num_layers=a.layers, **SLICE_9B)
+        write_random_checkpoint(checkpoint, **{**SLICE_9B, "num_layers": a.layers})
     ggufs = gguf_files(src, checkpoint, [MODES[m][1] for m in modes])
     prompt = list(range(100, 132))
     many = [list(range(200 + i, 232 + i)) for i in range(a.concurrent)]

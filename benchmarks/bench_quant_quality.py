@@ -18,11 +18,10 @@ import torch
 from glm4serve.engine.block_pool import BlockPool
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.glm4 import load_model
-from glm4serve.model.random_checkpoint import write_random_checkpoint
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.model.runner import EagerRunner
 
-SLICE_9B = dict(variant="glm", layout="hf", vocab_size=151552, hidden_size=4096, intermediate_size=13696,
-                num_heads=32, num_kv_heads=2, head_dim=128, rope_theta=5e6, dtype="bfloat16")
+SLICE_9B = dict(GLM4_9B_CHAT, dtype="bfloat16")  # num_layers: --layers
 MODES = {"bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
 
 
@@ -65,7 +64,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
-        path = a.checkpoint or write_random_checkpoint(d, num_layers=a.layers, **SLICE_9B)
+        path = a.checkpoint or write_random_checkpoint(d, **{**SLICE_9B, "num_layers": a.layers})
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 2000, (a.prompt_tokens,), generator=g).tolist() for _ in range(a.prompts)]
         results = compare(path, prompts)

@@ -137,3 +137,23 @@ def test_a_compile_that_fails_at_load_fails_the_load(make_checkpoint, monkeypatc
     with pytest.raises(RuntimeError, match="inductor broke"):
         CpuRunner(load_model(path, dtype=torch.float32), 64, BLOCK)
     assert cpu_linear.torch.compile is broken_compile  # the same module object, patched for both
+
+
+def test_bf16_linears_are_packed_once_and_agree_with_eager_bf16(make_checkpoint):
+    path = make_checkpoint("glm4", "hf", "wide")
+    ours = CpuRunner(load_model(path, dtype=torch.bfloat16), 64, BLOCK)
+    eager = EagerRunner(load_model(path, dtype=torch.bfloat16), 64, BLOCK)
+    linears = [m for m in ours.model.modules() if isinstance(m, CpuLinear)]
+    assert len(linears) == 1 + 4 * ours.model.cfg.num_layers and ours.one_token is None  # eager decode
+    assert all(m.plain is None for m in linears)  # packed only: one copy of every weight
+    pool_ours, pool_eager = (BlockPool(64, BLOCK) for _ in "ab")
+    tokens = [11, 23, 5, 99, 42, 7, 64, 3, 17, 250, 8, 1]
+    got, want = [], []
+    for runner, pool, rows in ((ours, pool_ours, got), (eager, pool_eager, want)):
+        table = pool.allocate(pool.blocks_needed(len(tokens)))
+        rows.append(runner.execute(ScheduledBatch([SeqChunk(tokens[:8], 0, table)]))[0])
+        for i in range(8, len(tokens)):  # then one token at a time, as decode
+            rows.append(runner.execute(ScheduledBatch([SeqChunk([tokens[i]], i, table)]))[0])
+    got, want = torch.stack(got), torch.stack(want)
+    # both in bf16: oneDNN's and PyTorch's sums only run in other orders
+    assert (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0)

@@ -1,7 +1,8 @@
-"""The CPU runner: fp32 on CPU, linears packed for batches and one decoding sequence compiled.
+"""The CPU runner: fp32 and bf16 linears packed by oneDNN, int8/int4 ones quantized (quant.py), and
+in fp32 one decoding sequence's step compiled.
 
-Every linear becomes a CpuLinear (cpu_linear.py): oneDNN-packed for batches of several rows.
-Big models (over COMPILED_DECODE_MIN_BYTES of weights, where a C++ compiler exists) also run a
+Every fp32 or bf16 linear becomes a CpuLinear (cpu_linear.py): oneDNN-packed for batches of several
+rows. fp32 models over COMPILED_DECODE_MIN_BYTES of weights (where a C++ compiler exists) also run a
 single sequence's decode step, one token through every layer, as graphs compiled by inductor:
 in eager PyTorch each layer is ~45 small ops and 4 matrix-vector products, and on a small model
 the ops' dispatch costs as much as reading the weights. The graphs call glm4.py's own methods;
@@ -22,6 +23,10 @@ eager gather and SDPA call, ~0.3 ms of a ~8-12 ms step on the engine benchmark's
 kernel reads the values once per query head and 16 dimensions, so its cost grows faster with the
 context than SDPA's: measured even at ~3K tokens and behind at 4K, so longer contexts take graphs
 without it. Batches of several rows run the eager layers.
+
+bf16 and quantized models decode eagerly: their oneDNN and int8/int4 kernels already read the weights
+at least as fast as inductor's reductions (BENCHMARKS.md), and at glm-4-9b's sizes the eager ops
+between the linears cost a few percent of a token.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import torch
 
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
-from .cpu_linear import STREAMED_WEIGHT_BYTES, CpuLinear, hugepage_empty, swap_linears
+from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_empty, swap_linears
 from .glm4 import GLM4Model, Layer
+from .quant import is_quantized
 from .runner import EagerRunner
 
 COMPILED_DECODE_MIN_BYTES = 64 << 20  # below this, compile time outweighs the step's few microseconds
@@ -55,11 +61,9 @@ def nbytes(module: torch.nn.Module) -> int:
 
 
 class CpuRunner(EagerRunner):
-    """fp32 linears packed by oneDNN (quantized ones as they are), and above COMPILED_DECODE_MIN_BYTES
-    one decoding sequence's step compiled."""
-
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None):
-        self.compiled = nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available()
+        fp32_dense = model.embed.weight.dtype == torch.float32 and not is_quantized(model)
+        self.compiled = fp32_dense and nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available()
         # The output layer, when decode is bound by reading it, keeps a plain copy too (cpu_linear.py).
         head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
                       and nbytes(model.lm_head) > STREAMED_WEIGHT_BYTES)
@@ -67,12 +71,15 @@ class CpuRunner(EagerRunner):
         swap_linears(model, plain_for=plain_for, packed_for=("lm_head",))
         # The KV cache in huge pages too: decode streams it like the weights.
         super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
-        head_in_graph = head_plain or not isinstance(model.lm_head, CpuLinear)  # a quantized one: always
-        self.one_token = OneTokenStep(model, block_size, head_in_graph) if self.compiled else None
+        self.one_token = OneTokenStep(model, block_size, head_plain) if self.compiled else None
 
     def __repr__(self) -> str:
-        decode = "compiled one-token decode" if self.compiled else (
-            "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler for inductor)")
+        if self.compiled:
+            decode = "compiled one-token decode"
+        elif self.dtype != torch.float32 or is_quantized(self.model):
+            decode = "eager decode"
+        else:
+            decode = "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler)"
         linears = {type(m).__name__ for m in self.model.modules() if hasattr(m, "in_features")}
         return f"CpuRunner({self.dtype}, {'/'.join(sorted(linears))}, {decode})"
 

@@ -3,11 +3,8 @@
 Weights are quantized while the checkpoint loads, one tensor at a time (loader.py calls
 `load_weight_rows` with each checkpoint tensor's rows): the model's linears never exist in
 bf16/fp32. Activations stay in the model's dtype; each quantized linear takes its input and gives
-its output in bf16 (as PyTorch's kernels do), whatever the path, so that a sequence's tokens do not
-depend on the batch it ran in. The kernels:
-- int8: `_weight_int8pack_mm` (bf16 activations) for batches; inside a compiled graph (the CPU
-  runner's one-token decode step) the product is a fused reduction over the int8 weight, which
-  inductor streams once per token.
+its output in bf16, as PyTorch's kernels do. The kernels:
+- int8: `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
@@ -21,7 +18,7 @@ import torch
 from torch import nn
 
 QUANTIZATIONS = ("int8", "int4")
-INT4_GROUP = 128  # inputs per int4 scale/zero point
+INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
 LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
 
@@ -60,12 +57,7 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scale.float()[:, None]  # [out, in] fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x16 = x.to(torch.bfloat16)
-        if torch.compiler.is_compiling() and x.shape[0] == 1:  # one fused reduction over the int8 weight
-            y = ((self.qweight.float() * x16.float()).sum(-1) * self.scale.float())[None].to(torch.bfloat16)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x16, self.qweight, self.scale)
-        y = y.to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

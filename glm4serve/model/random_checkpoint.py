@@ -24,6 +24,9 @@ from .loader import INDEX_FILE, SINGLE_FILE, CheckpointTensor, checkpoint_tensor
 from .tokenizer import GLM4_STOP_TOKENS
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# glm-4-9b-chat's shapes (its config.json), for benchmark checkpoints of the real size or a slice of it
+GLM4_9B_CHAT = dict(variant="glm", vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_layers=40,
+                    num_heads=32, num_kv_heads=2, head_dim=128, max_position_embeddings=131072, rope_theta=5e6)
 
 
 def write_random_checkpoint(
@@ -278,6 +281,8 @@ def make_model_main(argv: list[str]) -> int:
     A flag per keyword of write_random_checkpoint, with its default."""
     p = argparse.ArgumentParser(prog="glm4serve make-model", description=make_model_main.__doc__)
     p.add_argument("dir", help="output folder (created)")
+    p.add_argument("--like", choices=["glm-4-9b-chat"], help="start from this model's shapes (the flags below "
+                   "still apply: e.g. --num-layers 2 for a slice); random weights all the same")
     choices = {"variant": ["glm", "glm4"], "layout": ["hf", "chatglm"], "dtype": sorted(DTYPES),
                "config_style": ["4.x", "5.x"]}
     aliases = {"num_layers": ["--layers"], "num_heads": ["--heads"], "num_kv_heads": ["--kv-heads"]}
@@ -286,9 +291,11 @@ def make_model_main(argv: list[str]) -> int:
             continue
         default = param.default
         kind = str if name in choices else (int if default is None else type(default))  # None: an int or "derive"
-        p.add_argument("--" + name.replace("_", "-"), *aliases.get(name, []), dest=name, type=kind, default=default,
-                       choices=choices.get(name), help=f"default: {'derived' if default is None else default}")
+        p.add_argument("--" + name.replace("_", "-"), *aliases.get(name, []), dest=name, type=kind,
+                       default=argparse.SUPPRESS, choices=choices.get(name),
+                       help=f"default: {'derived' if default is None else default}")
     a = vars(p.parse_args(argv))
+    a = {**(GLM4_9B_CHAT if a.pop("like", None) else {}), **a}
     try:
         out = write_random_checkpoint(a.pop("dir"), **a)
     except ValueError as e:

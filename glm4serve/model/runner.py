@@ -3,8 +3,8 @@
 A runner owns the model it runs and the KV cache's tensors. Which runner serves a model is decided
 once, at load (`make_runner`), and logged:
 - EagerRunner: the model as written in glm4.py, on any device and dtype;
-- CpuRunner (cpu_runner.py): fp32 on CPU, with oneDNN-packed linears for batches and one decoding
-  sequence's step compiled by inductor.
+- CpuRunner (cpu_runner.py): fp32, bf16, int8 and int4 on CPU: oneDNN-packed or quantized linears,
+  and in fp32 one decoding sequence's step compiled by inductor.
 """
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ class EagerRunner:
 
 
 def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None) -> ModelRunner:
-    """The fastest runner for this model where it runs: on CPU, fp32 (where this torch has oneDNN's
-    linear packing) and quantized models get the CPU runner; everything else the eager runner."""
+    """The fastest runner for this model where it runs: on CPU, fp32 and bf16 models (where this torch
+    has oneDNN's linear packing) and quantized ones get the CPU runner; everything else the eager runner."""
     from .cpu_linear import packing_available
     from .quant import is_quantized
 
     param = next(model.parameters())
-    if param.device.type == "cpu" and (is_quantized(model) or (param.dtype == torch.float32 and packing_available())):
+    packable = param.dtype in (torch.float32, torch.bfloat16) and packing_available()
+    if param.device.type == "cpu" and (is_quantized(model) or packable):
         from .cpu_runner import CpuRunner
 
         runner = CpuRunner(model, num_blocks, block_size, vocab_limit)
