@@ -17,6 +17,7 @@ from .engine.engine import LLMEngine
 from .model.glm4 import GLM4Model, load_model
 from .model.kv_cache import bytes_per_token
 from .model.runner import make_runner
+from .model.tp import TensorParallelRunner
 from .model.tokenizer import Tokenizer
 
 log = logging.getLogger("glm4serve")
@@ -73,22 +74,36 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
     started = time.perf_counter()
     if args.quantization is not None and device != "cpu":
         raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
+    tokenizer = Tokenizer.from_dir(path)
+    if args.tensor_parallel_size > 1:
+        tp = TensorParallelRunner.start(path, args.dtype, device, args.quantization, args.tensor_parallel_size)
+        log.info("weights loaded in %.1fs (rank 0's part of %d)", time.perf_counter() - started,
+                 args.tensor_parallel_size)
+        return engine_for_model(tp.model, tokenizer, args, device, tp)
     model = load_model(path, dtype=args.dtype, device=device, quantization=args.quantization)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
-    return engine_for_model(model, Tokenizer.from_dir(path), args, device)
+    return engine_for_model(model, tokenizer, args, device)
 
 
-def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str) -> LLMEngine:
-    """The engine over a loaded model: the KV cache plan, the runner chosen for it, the scheduler."""
+def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
+                     tp: TensorParallelRunner | None = None) -> LLMEngine:
+    """The engine over a loaded model: the KV cache plan, the runner chosen for it (or the ranks of a
+    tensor-parallel one, given its rank 0), the scheduler."""
     cfg, dtype = model.cfg, next(model.parameters()).dtype
-    token_bytes = bytes_per_token(cfg, dtype)
+    token_bytes = bytes_per_token(cfg, dtype, model.shard)  # this rank's KV heads: every rank has as many
     plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
     if plan.max_model_len < cfg.max_position_embeddings:
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
-    runner = make_runner(model, plan.num_blocks, args.block_size, vocab_limit=tokenizer.vocab_size)
-    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB)", cfg.variant, dtype, device,
-             plan.num_blocks, args.block_size, plan.num_blocks * args.block_size * token_bytes / 2**30)
+    if tp is None:
+        runner = make_runner(model, plan.num_blocks, args.block_size, vocab_limit=tokenizer.vocab_size)
+    else:
+        tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size)
+        runner = tp
+        log.info("model runner: %s", runner)
+    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB%s)", cfg.variant, dtype, device,
+             plan.num_blocks, args.block_size, plan.num_blocks * args.block_size * token_bytes / 2**30,
+             " on each rank" if tp is not None else "")
     return LLMEngine(runner, tokenizer, args.scheduler_config(plan.max_model_len),
                      BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
                      vocab_size=tokenizer.vocab_size)

@@ -100,6 +100,9 @@ class ScriptedRunner:
                 self.abort(seq.request_id)  # takes effect before the next step
         return logits
 
+    def close(self) -> None:
+        pass
+
 
 class RecordingEngine(AsyncEngine):
     """The real AsyncEngine, recording the generate and abort calls it gets."""

@@ -82,6 +82,9 @@ class FakeRunner:
             logits[r, t] = self.peak
         return logits
 
+    def close(self) -> None:
+        pass
+
     def run(self, out: SchedulerOutput) -> torch.Tensor:
         """execute() the scheduler's output as the engine hands it over, then check that what each
         sampling sequence read back through its block table is its own context."""
@@ -163,6 +166,9 @@ class RecordingRunner:
             top2 = logits.topk(2, dim=-1).values
             self.min_gap = min(self.min_gap, float((top2[:, 0] - top2[:, 1]).min()))
         return logits
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 def sched_config(max_model_len: int = 8192, **engine_args) -> SchedulerConfig:

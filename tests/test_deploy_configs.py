@@ -4,6 +4,7 @@ settings a deployment must think about, and its KV budget holds its max_model_le
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ import yaml
 from glm4serve.api.settings import ServerSettings
 from glm4serve.engine.config import plan_kv_cache
 from glm4serve.model.config import ModelConfig
+from glm4serve.model.loader import param_shapes
 from glm4serve.model.kv_cache import bytes_per_token
+from glm4serve.model.shard import Shard
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -57,19 +60,22 @@ def test_config_loads_and_spells_out_what_matters(path):
 
 
 def test_real_model_configs_are_bfloat16_with_a_named_model():
-    for name in ("glm-4-9b-chat.yaml", "glm-4-9b-chat-1m.yaml", "glm-4-9b-0414.yaml"):
+    for name in ("glm-4-9b-chat.yaml", "glm-4-9b-chat-1m.yaml", "glm-4-9b-0414.yaml", "glm-4-32b-0414.yaml"):
         s = load(name)
         assert s.dtype == "bfloat16" and s.model and s.served_model_name, name
     assert load("demo.yaml").model is None
 
 
-def kv_bytes_per_token(cfg: ModelConfig) -> int:
-    return bytes_per_token(cfg, torch.bfloat16)
+def kv_bytes_per_token(cfg: ModelConfig, shard: Shard = Shard()) -> int:
+    return bytes_per_token(cfg, torch.bfloat16, shard)
 
 
 def check_budget(s: ServerSettings, cfg: ModelConfig) -> None:
-    # the plan server.build_llm_engine makes: it refuses a max_model_len the budget cannot hold
-    plan = plan_kv_cache(s.engine_args(), cfg.max_position_embeddings, kv_bytes_per_token(cfg), "cuda")
+    # the plan server.build_llm_engine makes (per rank under tensor parallelism): it refuses a
+    # max_model_len the budget cannot hold
+    shard = Shard(0, s.tensor_parallel_size)
+    shard.check(cfg)  # the model splits into that many parts
+    plan = plan_kv_cache(s.engine_args(), cfg.max_position_embeddings, kv_bytes_per_token(cfg, shard), "cuda")
     assert plan.max_model_len == s.max_model_len <= cfg.max_position_embeddings
 
 
@@ -107,4 +113,27 @@ def test_glm_4_9b_0414_budget_holds_its_context():
     assert kv_bytes_per_token(cfg) == 40 * KIB
     s = load("glm-4-9b-0414.yaml")
     assert s.max_model_len == 32768  # no YaRN: not beyond the trained context
+    check_budget(s, cfg)
+
+
+# GLM-4-32B-0414's published config.json: the fields that shape the model, its KV cache and context
+GLM_4_32B_0414 = {
+    "model_type": "glm4", "hidden_size": 6144, "intermediate_size": 23040, "num_hidden_layers": 61,
+    "num_attention_heads": 48, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 151552,
+    "max_position_embeddings": 32768, "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+    "attention_bias": True,
+}
+
+
+def test_glm_4_32b_0414_splits_over_two_gpus_and_its_budget_holds_its_context():
+    cfg = ModelConfig.from_dict(GLM_4_32B_0414)
+    params = sum(math.prod(shape) for shape in param_shapes(cfg).values())
+    assert 32.0e9 < params < 33.0e9 and cfg.variant == "glm4"  # "32B": 2 bytes each is ~65 GB in bf16
+    s = load("glm-4-32b-0414.yaml")
+    assert s.tensor_parallel_size == 2 and s.max_model_len == 32768
+    two = Shard(0, 2)
+    assert two.heads(cfg) == 24 and two.kv_heads(cfg) == 1  # each GPU: half the heads, one of the 2 KV heads
+    assert kv_bytes_per_token(cfg, two) == 61 * 2 * 128 * 2 * 1  # 30.5 KiB per token per GPU
+    per_gpu = sum(math.prod(two.local_shape(n, shape, cfg)) for n, shape in param_shapes(cfg).items()) * 2
+    assert per_gpu + s.kv_cache_memory < 80e9 * 0.95  # fits an 80 GB card with room for activations
     check_budget(s, cfg)

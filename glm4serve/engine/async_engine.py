@@ -180,6 +180,10 @@ class AsyncEngine:
                 streams, self._streams = self._streams, {}
             for stream in streams.values():
                 self._put(stream, EngineError(reason))
+            try:
+                self.engine.close()
+            except Exception:  # noqa: BLE001 - shutting down either way
+                log.exception("closing the engine failed")
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":

@@ -49,6 +49,8 @@ class EngineArgs(BaseModel):
     quantization: Literal["int8", "int4"] | None = Field(
         None, description="weight-only quantization of every linear layer while loading (CPU): int8 per output "
                           "channel, int4 in groups of 128 inputs; default: the weights as they are")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="processes the model is split across (one per GPU; on CPU they share the cores)")
     max_model_len: int | None = Field(
         None, ge=1, description="context length to serve (default: the model's, capped by the KV cache)")
     kv_cache_memory: int | None = Field(

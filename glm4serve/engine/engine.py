@@ -87,6 +87,10 @@ class LLMEngine:
         seqs = self.scheduler.abort(request_id)
         return [self._output(s, [], s.detokenizer.flush(), None) for s in sorted(seqs, key=lambda s: s.index)]
 
+    def close(self) -> None:
+        """Release the runner (a tensor-parallel one's worker processes). The engine serves no more."""
+        self.runner.close()
+
     def pop_errors(self) -> list[tuple[str, EngineError]]:
         """Requests failed since the last call: (request_id, error). Their Outputs stop without a finish."""
         errors, self._errors = self._errors, []

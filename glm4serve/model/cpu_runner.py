@@ -63,7 +63,9 @@ def nbytes(module: torch.nn.Module) -> int:
 class CpuRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None):
         fp32_dense = model.embed.weight.dtype == torch.float32 and not is_quantized(model)
-        self.compiled = fp32_dense and nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available()
+        # a tensor-parallel shard decodes eagerly: its collectives (tp.py) run between the layers' ops
+        self.compiled = (fp32_dense and model.shard.world == 1 and nbytes(model) > COMPILED_DECODE_MIN_BYTES
+                         and compiler_available())
         # The output layer, when decode is bound by reading it, keeps a plain copy too (cpu_linear.py).
         head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
                       and nbytes(model.lm_head) > STREAMED_WEIGHT_BYTES)
@@ -78,6 +80,8 @@ class CpuRunner(EagerRunner):
             decode = "compiled one-token decode"
         elif self.dtype != torch.float32 or is_quantized(self.model):
             decode = "eager decode"
+        elif self.model.shard.world > 1:
+            decode = "eager decode (a tensor-parallel rank)"
         else:
             decode = "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler)"
         linears = {type(m).__name__ for m in self.model.modules() if hasattr(m, "in_features")}

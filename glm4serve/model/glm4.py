@@ -19,6 +19,7 @@ from torch import nn
 from .attention import AttentionBatch, paged_attention
 from .config import DTYPES, ModelConfig
 from .kv_cache import KVCache
+from .shard import Shard
 
 
 class RMSNorm(nn.Module):
@@ -65,15 +66,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
 
 
 class Attention(nn.Module):
-    """The projections around attention; attending itself is attention.py's (over the paged cache)."""
+    """The projections around attention; attending itself is attention.py's (over the paged cache).
+    Under tensor parallelism, this rank's heads only (shard.py)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.heads(cfg), shard.kv_heads(cfg), cfg.head_dim
         self.rotary_dim = cfg.rotary_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # one fused projection, rows [q | k | v] (chatglm's layout; HF's split q/k/v are stacked on load)
-        self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.o = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -86,12 +89,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU with one fused [gate | up] matrix."""
+    """SwiGLU with one fused [gate | up] matrix (under tensor parallelism, this rank's part of its width)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width = cfg.intermediate_size // shard.world
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * width, bias=False)
+        self.down = nn.Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -99,12 +103,12 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, shard)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # checkpoints: post_attention_layernorm
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
         self.sandwich = cfg.variant == "glm4"
         if self.sandwich:  # 0414: norm each branch's output before its residual add
             self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -128,23 +132,28 @@ class Layer(nn.Module):
 
 
 class GLM4Model(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """shard: this process's part under tensor parallelism, whose partial sums and logits tp.py's hooks
+    combine across the processes; the whole model by default."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        self.cfg = cfg
+        shard.check(cfg)
+        self.cfg, self.shard = cfg, shard
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Layer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // shard.world, bias=False)  # untied
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None) -> GLM4Model:
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None,
+              shard: Shard = Shard()) -> GLM4Model:
         """The model with its weights allocated on `device` and not initialized (for the loader to fill):
         built on meta, so no weight is ever made twice."""
         from .quant import quantize_linears
 
         with torch.device("meta"):
-            model = cls(cfg).to(dtype)
+            model = cls(cfg, shard).to(dtype)
             if quantization is not None:
                 quantize_linears(model, quantization)
         model = model.to_empty(device=device)
@@ -182,14 +191,15 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
 
 
 def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None,
-               quantization: str | None = None) -> GLM4Model:
+               quantization: str | None = None, shard: Shard = Shard()) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
     The model comes back plain (nn.Linear layers), or with every linear quantized while loading
-    (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business."""
+    (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business. With a shard,
+    this process's part of it (shard.py), read from the files alone."""
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path)
     dtype = resolve_dtype(dtype, cfg)
-    model = GLM4Model.empty(cfg, dtype, device, quantization)
-    load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress)
+    model = GLM4Model.empty(cfg, dtype, device, quantization, shard)
+    load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress, shard=shard)
     return model.eval()

@@ -11,22 +11,25 @@ from collections.abc import Callable
 import torch
 
 from .config import ModelConfig
+from .shard import Shard
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V of one token in every layer: 40 KiB for glm-4-9b-chat in bf16."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, shard: Shard = Shard()) -> int:
+    """K and V of one token in every layer (this rank's heads): 40 KiB for glm-4-9b-chat in bf16."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * shard.kv_heads(cfg) * cfg.head_dim * elem
 
 
 class KVCache:
-    """K and V tensors of every layer, each [num_blocks, block_size, num_kv_heads, head_dim].
-    `zeros(shape, dtype)` allocates each of them (torch.zeros on `device` unless given)."""
+    """K and V tensors of every layer, each [num_blocks, block_size, num_kv_heads, head_dim] (this rank's
+    KV heads under tensor parallelism). `zeros(shape, dtype)` allocates each of them (torch.zeros on
+    `device` unless given)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu",
-                 zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None):
+                 zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None, shard: Shard = Shard()):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, block_size, shard.kv_heads(cfg), cfg.head_dim)
         zeros = zeros or (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
         self.k = [zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self.v = [zeros(shape, dtype) for _ in range(cfg.num_layers)]

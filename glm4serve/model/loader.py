@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .shard import Shard
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -199,20 +200,22 @@ def load_weights(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    shard: Shard = Shard(),
 ) -> None:
     """Fill every parameter of `model` (our naming) from the safetensors checkpoint in `path`.
 
     Reads one tensor at a time and copies it (cast to `dtype`) into the parameter already
     allocated on `device` (e.g. a model built on `meta`, then `to_empty(device=...)`), so the
     weights never exist twice in full. dtype None = the parameters' own dtype; device None = where
-    the parameters are. progress None = a tqdm bar when stderr is a terminal.
+    the parameters are. progress None = a tqdm bar when stderr is a terminal. shard: the model holds
+    this rank's part of each weight (shard.py), and only that part is read from the files.
     """
     path = Path(path)
     expected = checkpoint_tensors(cfg)
     where = checkpoint_files(path)
     _validate(path, cfg, where, expected)
     targets = _targets(model)
-    _check_model(targets, cfg, dtype, device)
+    _check_model(targets, cfg, dtype, device, shard)
 
     filled_rows = {name: 0 for name in targets}
     names_by_file: dict[str, list[str]] = {}
@@ -224,18 +227,39 @@ def load_weights(
             with safe_open(path / f, framework="pt") as sf:
                 for name in names:
                     spec = expected[name]
-                    target, tensor = targets[spec.target], sf.get_tensor(name)
-                    start, stop = spec.rows or (0, tensor.shape[0])
-                    if isinstance(target, torch.Tensor):
-                        target[start:stop].copy_(tensor)  # copy_ casts dtype and moves device in one go
-                    else:  # a quantized linear quantizes the rows as they come (quant.py)
-                        target.load_weight_rows(start, stop, tensor)
-                    filled_rows[spec.target] += stop - start
+                    target = targets[spec.target]
+                    for start, stop, tensor in _pieces(sf, spec, cfg, shard):
+                        if isinstance(target, torch.Tensor):
+                            target[start:stop].copy_(tensor)  # copy_ casts dtype and moves device in one go
+                        else:  # a quantized linear quantizes the rows as they come (quant.py)
+                            target.load_weight_rows(start, stop, tensor)
+                        filled_rows[spec.target] += stop - start
                     bar.update(1)
     bar.close()
     unfilled = [n for n, rows in filled_rows.items() if rows != _shape(targets[n])[0]]
     if unfilled:  # cannot happen with a consistent WEIGHT_NAMES; guards garbage from to_empty()
         raise CheckpointError(f"parameters left unfilled by the checkpoint: {unfilled}")
+
+
+def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard):
+    """(first row, end row, tensor) of the target that this checkpoint tensor fills on this rank, read
+    from the file: the whole tensor, or only the rows or columns of this rank's cut (shard.py)."""
+    rows = sf.get_slice(spec.name)
+    start, stop = spec.rows or (0, spec.shape[0])  # where the tensor lies in the (whole) target
+    cut = shard.cut(spec.target, cfg)
+    if cut is None:
+        yield start, stop, rows[:]
+        return
+    dim, ranges = cut
+    if dim == 1:  # a column cut (o, down): checkpoints hold these whole, never split in rows
+        yield start, stop, torch.cat([rows[:, a:b] for a, b in ranges], dim=1)
+        return
+    local = 0
+    for a, b in ranges:  # this rank's rows of the target, in the order it holds them
+        lo, hi = max(a, start), min(b, stop)
+        if lo < hi:
+            yield local + lo - a, local + hi - a, rows[lo - start : hi - start]
+        local += b - a
 
 
 def _targets(model: torch.nn.Module) -> dict:
@@ -251,8 +275,8 @@ def _shape(target) -> tuple[int, ...]:
     return tuple(target.shape) if isinstance(target, torch.Tensor) else target.weight_shape
 
 
-def _check_model(targets: dict, cfg: ModelConfig, dtype, device) -> None:
-    shapes = param_shapes(cfg)
+def _check_model(targets: dict, cfg: ModelConfig, dtype, device, shard: Shard) -> None:
+    shapes = {name: shard.local_shape(name, shape, cfg) for name, shape in param_shapes(cfg).items()}
     missing = [n for n in shapes if n not in targets]
     extra = [n for n in targets if n not in shapes]
     if missing or extra:

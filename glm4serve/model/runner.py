@@ -31,6 +31,10 @@ class ModelRunner(Protocol):
         per chunk that wants logits, in the chunks' order."""
         ...
 
+    def close(self) -> None:
+        """Let go of what it holds beyond memory (worker processes); called once, at shutdown."""
+        ...
+
 
 class EagerRunner:
     """The model as written, eager PyTorch, on its device."""
@@ -40,7 +44,8 @@ class EagerRunner:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.kv = KVCache(model.cfg, num_blocks, block_size, self.dtype, self.device, zeros=kv_zeros)
+        self.kv = KVCache(model.cfg, num_blocks, block_size, self.dtype, self.device, zeros=kv_zeros,
+                          shard=model.shard)
         self.num_blocks, self.block_size = num_blocks, block_size
         # The output layer has padding rows past the tokenizer's last id (151552 vs 151343 for
         # glm-4-9b-chat): they can never be sampled, so they are cut off here.
@@ -56,6 +61,9 @@ class EagerRunner:
 
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         return self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
+
+    def close(self) -> None:
+        pass
 
 
 def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None) -> ModelRunner:
