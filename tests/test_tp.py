@@ -45,18 +45,20 @@ def checkpoint(tmp_path_factory):
     """kv_heads 2 (two ranks hold one KV group each) or 1 (two ranks hold the same one)."""
     made = {}
 
-    def make(variant: str, kv_heads: int):
-        if (variant, kv_heads) not in made:
-            made[variant, kv_heads] = write_random_checkpoint(tmp_path_factory.mktemp(f"tp-{variant}-{kv_heads}"),
-                                                              variant=variant, num_kv_heads=kv_heads, **SMALL)
-        return made[variant, kv_heads]
+    def make(variant: str, kv_heads: int, layout: str = "hf"):
+        key = (variant, kv_heads, layout)
+        if key not in made:
+            made[key] = write_random_checkpoint(tmp_path_factory.mktemp(f"tp-{variant}-{kv_heads}-{layout}"),
+                                                variant=variant, layout=layout, num_kv_heads=kv_heads, **SMALL)
+        return made[key]
 
     return make
 
 
+@pytest.mark.parametrize("variant,layout", [("glm4", "hf"), ("glm", "chatglm")])  # q/k/v split, or fused on disk
 @pytest.mark.parametrize("kv_heads", [2, 1])
-def test_each_rank_holds_its_cut_of_every_weight(checkpoint, kv_heads):
-    path = checkpoint("glm4", kv_heads)
+def test_each_rank_holds_its_cut_of_every_weight(checkpoint, kv_heads, variant, layout):
+    path = checkpoint(variant, kv_heads, layout)
     whole = dict(load_model(path, dtype=torch.float32).named_parameters())
     for rank in range(2):
         shard = Shard(rank, 2)
@@ -103,6 +105,23 @@ def test_two_ranks_give_one_rank_greedy_tokens_logits_and_transformers_tokens(ch
         expected = ref.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, len(prompts[0]):].tolist()
     assert got[2][0]["r0", 0] == expected
+
+
+@pytest.mark.parametrize("scheme,tolerance", [("int8", 3e-2), ("int4", 2e-1)])
+def test_two_ranks_serve_quantized_weights(checkpoint, scheme, tolerance):
+    """Each rank quantizes its own cut while loading; a row cut in two gets two scales, and an int4
+    group may be narrower, so the logits are close to one rank's, not equal."""
+    path = checkpoint("glm4", 2)
+    chunk = [SeqChunk(list(range(5, 30)), 0, list(range(7)))]
+    logits = {}
+    for world in (1, 2):
+        engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", quantization=scheme,
+                                             tensor_parallel_size=world, num_kv_blocks=64, block_size=4))
+        try:
+            logits[world] = engine.runner.execute(ScheduledBatch(chunk))
+        finally:
+            engine.close()
+    assert (logits[2] - logits[1]).abs().max().item() <= tolerance * logits[1].abs().max().item()
 
 
 @pytest.mark.cuda
