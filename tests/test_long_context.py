@@ -73,18 +73,24 @@ def test_long_prefill_memory_is_not_quadratic():
     assert grew < full_scores / 3
 
 
+def random_span(n: int, ctx: int, hq: int, hkv: int, d: int, block_size: int):
+    """Queries [n, hq, d] of a span ending a context of ctx tokens, over random K/V caches (3 spare
+    blocks) and a shuffled block table covering the context."""
+    g = torch.Generator().manual_seed(0)
+    nb = -(-ctx // block_size)
+    k_cache = torch.randn(nb + 3, block_size, hkv, d, generator=g)
+    v_cache = torch.randn(nb + 3, block_size, hkv, d, generator=g)
+    table = torch.randperm(nb + 3, generator=g)[:nb]
+    return torch.randn(n, hq, d, generator=g), k_cache, v_cache, table
+
+
 @pytest.mark.parametrize("past", [0, 37])
 def test_gpu_causal_path_equals_the_tiled_cpu_path(past):
     """The CUDA branch of prefill attention (flag-causal, aligned to the last key, GQA heads
     repeated) gives the tiled boolean-mask path's numbers; run here on CPU."""
-    g = torch.Generator().manual_seed(0)
-    n, hq, hkv, d, bs = 50, 8, 2, 16, 4
+    n, hq, hkv, d = 50, 8, 2, 16
     ctx = past + n
-    nb = -(-ctx // bs)
-    k_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
-    v_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
-    table = torch.randperm(nb + 3, generator=g)[:nb]
-    q = torch.randn(n, hq, d, generator=g)
+    q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=4)
     tiled = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), 0.25)
     k_all = k_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
     v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
@@ -97,14 +103,9 @@ def test_gpu_causal_path_equals_the_tiled_cpu_path(past):
 def test_cuda_prefill_attention_equals_the_tiled_cpu_path(past, dtype, tolerances):
     """prefill_attention on the GPU (SDPA's flash or memory-efficient kernels, as the dtype allows)
     against the tiled CPU path in float32, with glm-4-9b's heads (32 over 2 KV heads of 128)."""
-    g = torch.Generator().manual_seed(0)
-    n, hq, hkv, d, bs = 300, 32, 2, 128, 16
+    n, hq, hkv, d = 300, 32, 2, 128
     ctx = past + n
-    nb = -(-ctx // bs)
-    k_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
-    v_cache = torch.randn(nb + 3, bs, hkv, d, generator=g)
-    table = torch.randperm(nb + 3, generator=g)[:nb]
-    q = torch.randn(n, hq, d, generator=g)
+    q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=16)
     scale = d**-0.5
     truth = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), scale)
 
