@@ -56,6 +56,11 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def serve(settings, log_level: str = "info") -> None:
+    if settings.num_replicas > 1 or settings.ray_address:
+        from glm4serve.cluster import serve_replicated  # imports Ray: only here
+
+        serve_replicated(settings)
+        return
     from glm4serve.api.app import create_app
     from glm4serve.api.shutdown import run_server
     from glm4serve.server import build_engine  # lazy: loads torch and the model

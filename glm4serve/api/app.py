@@ -70,6 +70,9 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         if ctx.engine is None or not ctx.engine.is_alive:
             what = "loading model" if ctx.engine is None else "the engine loop has stopped"
             return APIError(503, what, "service_unavailable_error").response()
+        replicas = ctx.engine.replica_stats()
+        if replicas:  # several engines: up while one is, and how many
+            return {"status": "ok", "replicas_up": len(replicas), "replicas": ctx.settings.num_replicas}
         return {"status": "ok"}
 
     @app.get("/ping")
@@ -110,7 +113,7 @@ def _stats(ctx: ServingContext):
     if ctx.engine is None:
         return None
     try:
-        return ctx.engine.stats()
+        return ctx.engine.replica_stats() or ctx.engine.stats()
     except Exception:  # a scrape must not fail because the engine is in trouble
         log.exception("engine.stats() failed")
         return None

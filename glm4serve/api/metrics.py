@@ -26,7 +26,10 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats | None]):
+    """The engine's series: one value each, or with several engine replicas (cluster.py) one per
+    replica under a `replica` label."""
+
+    def __init__(self, stats: Callable[[], EngineStats | dict[str, EngineStats] | None]):
         self._stats = stats
 
     def describe(self):
@@ -37,9 +40,15 @@ class _EngineStatsCollector(Collector):
         return self._families(self._stats() or EngineStats(alive=False))
 
     @staticmethod
-    def _families(s: EngineStats):
+    def _families(stats: EngineStats | dict[str, EngineStats]):
         for kind, name, doc, value in _ENGINE_SERIES:
-            yield kind(PREFIX + name, doc, value=value(s))
+            if isinstance(stats, EngineStats):
+                yield kind(PREFIX + name, doc, value=value(stats))
+                continue
+            family = kind(PREFIX + name, doc, labels=["replica"])
+            for replica, s in sorted(stats.items()):
+                family.add_metric([replica], value(s))
+            yield family
 
 
 # (family, name, help, value) of the series read from EngineStats at scrape time
@@ -59,7 +68,7 @@ _ENGINE_SERIES = [
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats | None]):
+    def __init__(self, stats: Callable[[], EngineStats | dict[str, EngineStats] | None]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # prometheus_client appends `_total` to counters: these expose e.g. glm4serve:prompt_tokens_total.

@@ -27,6 +27,10 @@ class ServerSettings(EngineArgs, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GLM4SERVE_", extra="forbid", protected_namespaces=(), frozen=True)
 
     host: str = Field("127.0.0.1", description="bind address")
+    num_replicas: int = Field(1, ge=1, description="engine replicas behind this server, each its own model and KV "
+                                                   "cache, on Ray Serve (default 1: one process, no Ray)")
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one "
+                                                       "(runs the replicated server even with one replica)")
     port: int = Field(8000, ge=0, le=65535, description="port")
     served_model_name: str | None = Field(
         None, description="model id clients send and /v1/models lists (default: the model folder's name)")

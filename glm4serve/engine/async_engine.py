@@ -97,6 +97,9 @@ class AsyncEngine:
         snapshot.alive = self.is_alive
         return snapshot
 
+    def replica_stats(self) -> dict[str, EngineStats]:
+        return {}  # one engine: its stats are stats()
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len

@@ -18,6 +18,10 @@ class EngineClient(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def replica_stats(self) -> dict[str, EngineStats]:
+        """Each engine replica's stats by name, when several serve behind this client; {} for one."""
+        ...
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError, at once, for a request the engine would refuse: checked before a stream starts."""
 

@@ -56,13 +56,8 @@ class LLMEngine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError when the request can never be served as asked. It reads only the engine's fixed
         limits, so any thread may call it (the API does, before it starts a stream)."""
-        if params.n < 1:
-            raise ValueError(f"n must be at least 1, got {params.n}")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
-        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        self.scheduler.check(len(prompt_ids), params.n)
+        cfg = self.scheduler.cfg
+        check_request_limits(prompt_ids, params, self.vocab_size, cfg.max_num_seqs, cfg.max_model_len)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (nothing queued) when it cannot be served as asked."""
@@ -212,6 +207,23 @@ class LLMEngine:
     def _fail(self, request_id: str, error: Exception) -> None:
         if self.scheduler.abort(request_id, reason=ERROR):
             self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))
+
+
+def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_size: int | None, max_num_seqs: int,
+                         max_model_len: int) -> None:
+    """ValueError when an engine with these limits would refuse the request."""
+    if params.n < 1:
+        raise ValueError(f"n must be at least 1, got {params.n}")
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    if params.n > max_num_seqs:
+        raise ValueError(f"n={params.n} choices exceed max_num_seqs {max_num_seqs}")
+    if len(prompt_ids) > max_model_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than max_model_len {max_model_len}")
 
 
 def model_batch(out: SchedulerOutput) -> ScheduledBatch:

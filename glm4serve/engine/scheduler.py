@@ -109,15 +109,6 @@ class Scheduler:
     def seqs_of(self, request_id: str) -> list[Sequence]:
         return list(self._requests.get(request_id, ()))
 
-    def check(self, num_prompt_tokens: int, n: int) -> None:
-        """ValueError when a request of this prompt length and number of choices can never run."""
-        if num_prompt_tokens < 1:
-            raise ValueError("empty prompt")
-        if n > self.cfg.max_num_seqs:
-            raise ValueError(f"n={n} choices exceed max_num_seqs {self.cfg.max_num_seqs}")
-        if num_prompt_tokens > self.cfg.max_model_len:
-            raise ValueError(f"prompt of {num_prompt_tokens} tokens is longer than max_model_len {self.cfg.max_model_len}")
-
     def add(self, seqs: list[Sequence]) -> None:
         """Queue the n choices of one request (index 0 first); they share its prompt."""
         if not seqs:
@@ -127,7 +118,11 @@ class Scheduler:
             raise ValueError("add() takes the choices of one request, with one prompt")
         if head.request_id in self._requests:
             raise ValueError(f"request {head.request_id!r} is already in the engine")
-        self.check(head.num_prompt_tokens, len(seqs))
+        if not head.prompt_token_ids:
+            raise ValueError("empty prompt")
+        if len(seqs) > self.cfg.max_num_seqs or head.num_prompt_tokens > self.cfg.max_model_len:
+            raise ValueError(f"{len(seqs)} choices of a {head.num_prompt_tokens}-token prompt exceed the limits "
+                             f"(max_num_seqs {self.cfg.max_num_seqs}, max_model_len {self.cfg.max_model_len})")
         for s in seqs:
             s.status = SeqStatus.WAITING
         self._requests[head.request_id] = list(seqs)

@@ -1,0 +1,325 @@
+"""Several engine replicas behind one server, on Ray Serve (`glm4serve serve --num-replicas N`).
+
+Ray Serve deploys the replicas, health-checks and restarts them, and routes between them; the same
+code runs on a laptop (a local Ray started here) and on a KubeRay cluster (`--ray-address`, or a
+RayService whose serveConfigV2 imports `glm4serve.cluster:app`). The application:
+
+- `EngineReplica` (N replicas): each a full engine, its own model and KV cache (an AsyncEngine, as
+  the single-process server runs). One GPU each on CUDA; on CPU the cores are split between them.
+- `Ingress` (1 replica): the same FastAPI app and routes as the single-process server, over a
+  `ReplicaClient` (the EngineClient the API types against) that streams from the replicas through a
+  Serve handle. Its `PrefixAffinityRouter` sends a prompt to the replica that holds the longest run
+  of its first KV blocks, unless that replica is clearly busier than another.
+- `StatsBoard` (1 replica): each engine replica reports its EngineStats there every second; /health
+  (up while one replica reports) and /metrics (a `replica` label on every engine series) read it.
+
+Nothing here is imported unless the server runs replicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from .api.app import create_app
+from .api.settings import ServerSettings
+from .engine.async_engine import AsyncEngine
+from .engine.block_pool import hash_block
+from .engine.guided import Grammars, GuidedSpec
+from .engine.types import EngineError, EngineStats, Output, SamplingParams
+from .model.tokenizer import Tokenizer
+
+log = logging.getLogger("glm4serve")
+
+STATS_PERIOD_S = 1.0  # replicas report this often; one silent for STALE_AFTER_S counts as down
+STALE_AFTER_S = 5.0
+BUSIER_BY = 4  # requests in flight beyond the least busy replica's: then affinity gives way
+AFFINITY_BLOCKS = 1 << 16  # block hashes remembered by the router (least recently routed forgotten)
+
+
+@dataclass
+class EngineRequest:
+    """One generate call as it crosses to a replica (its first argument, which the router reads)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    block_hashes: list[bytes]  # chain hashes of the prompt's full KV blocks, for routing
+
+
+# ---- the engine replicas ---------------------------------------------------------------------
+
+
+@serve.deployment
+class EngineReplica:
+    def __init__(self, settings: ServerSettings, board):
+        import torch
+
+        from .server import build_llm_engine
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
+        args = settings.engine_args()
+        self.engine = AsyncEngine.start(lambda: build_llm_engine(args))
+        self.name = serve.get_replica_context().replica_id.unique_id
+        threading.Thread(target=self._report, args=(board,), name="glm4serve-stats", daemon=True).start()
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Output]:
+        async for out in self.engine.generate(request.prompt_ids, request.params, request.request_id):
+            yield out
+
+    def info(self) -> dict:
+        return {"max_model_len": self.engine.max_model_len, "replica": self.name}
+
+    def _report(self, board) -> None:
+        while self.engine.is_alive:
+            try:
+                board.put.remote(self.name, self.engine.stats()).result()
+            except Exception:  # noqa: BLE001 - the board restarts too; report again next period
+                log.debug("stats report failed", exc_info=True)
+            time.sleep(STATS_PERIOD_S)
+
+    def __del__(self):
+        self.engine.shutdown()
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class StatsBoard:
+    def __init__(self):
+        self._stats: dict[str, tuple[float, EngineStats]] = {}
+
+    def put(self, replica: str, stats: EngineStats) -> None:
+        self._stats[replica] = (time.monotonic(), stats)
+
+    def get(self) -> dict[str, EngineStats]:
+        """The replicas heard from lately."""
+        now = time.monotonic()
+        self._stats = {r: (t, s) for r, (t, s) in self._stats.items() if now - t < STALE_AFTER_S}
+        return {r: s for r, (_, s) in self._stats.items()}
+
+
+# ---- routing ---------------------------------------------------------------------------------
+
+
+class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+    """Keeps prompts that share their first KV blocks (a system prompt, tools, the conversation so far)
+    on the replica that computed them, so its prefix cache serves them: the replica that routed the
+    longest run of the prompt's leading block hashes, when they cover half of the prompt's full
+    blocks and that replica has at most BUSIER_BY more requests in flight than the least busy one.
+    Anything else goes to the least busy replica."""
+
+    def initialize_state(self, **kwargs) -> None:
+        self._owner: OrderedDict[bytes, object] = OrderedDict()  # block hash -> ReplicaID
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        candidate_replicas = random.sample(candidate_replicas, len(candidate_replicas))  # ties: any of them
+        loads = await asyncio.gather(*(self._load(r) for r in candidate_replicas))
+        by_load = [r for _, r in sorted(zip(loads, candidate_replicas), key=lambda p: p[0])]
+        owner, covered = self._longest_owner(pending_request, candidate_replicas)
+        if owner is not None and covered:
+            load = dict(zip((r.replica_id for r in candidate_replicas), loads))
+            if load[owner.replica_id] <= load[by_load[0].replica_id] + BUSIER_BY:
+                return [[owner], [r for r in by_load if r is not owner]]
+        return [[r] for r in by_load]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        for h in _block_hashes(pending_request):
+            self._owner[h] = replica_id
+            self._owner.move_to_end(h)
+        while len(self._owner) > AFFINITY_BLOCKS:
+            self._owner.popitem(last=False)
+
+    def _longest_owner(self, pending_request, candidates) -> tuple[RunningReplica | None, bool]:
+        hashes = _block_hashes(pending_request)
+        by_id = {r.replica_id: r for r in candidates}
+        owner, run = None, 0
+        for h in hashes:  # chain hashes: a match at block i means blocks 0..i all match
+            replica = by_id.get(self._owner.get(h))
+            if replica is None:
+                break
+            owner, run = replica, run + 1
+        return owner, bool(hashes) and 2 * run >= len(hashes)
+
+    @staticmethod
+    async def _load(replica: RunningReplica) -> int:
+        try:
+            return await replica.get_queue_len(deadline_s=1.0)
+        except Exception:  # noqa: BLE001 - an unreachable replica counts as the busiest
+            return 1 << 30
+
+
+def _block_hashes(pending_request: PendingRequest | None) -> list[bytes]:
+    args = getattr(pending_request, "args", None) or ()
+    return args[0].block_hashes if args and isinstance(args[0], EngineRequest) else []
+
+
+# ---- the ingress -----------------------------------------------------------------------------
+
+
+class ReplicaClient:
+    """The EngineClient of the API layer (engine/client.py) over the engine replicas."""
+
+    def __init__(self, replicas, board, settings: ServerSettings, tokenizer: Tokenizer, max_model_len: int):
+        from .engine.engine import check_request_limits
+
+        self._replicas, self._board = replicas, board
+        self._settings, self._tokenizer = settings, tokenizer
+        self.max_model_len = max_model_len
+        self._check = lambda ids, params: check_request_limits(
+            ids, params, vocab_size=tokenizer.vocab_size, max_num_seqs=settings.max_num_seqs,
+            max_model_len=max_model_len)
+        self._grammars = Grammars(tokenizer)  # a schema is checked here; each replica compiles its own
+        self._streams: dict[str, object] = {}
+        self._replica_stats: dict[str, EngineStats] = {}
+
+    def refresh(self) -> None:
+        """Read the replicas' reports (the ingress does, every STATS_PERIOD_S)."""
+        self._replica_stats = self._board.get.remote().result()
+
+    @property
+    def is_alive(self) -> bool:
+        return bool(self._replica_stats)
+
+    def replica_stats(self) -> dict[str, EngineStats]:
+        return dict(self._replica_stats)
+
+    def stats(self) -> EngineStats:
+        total = EngineStats(alive=self.is_alive)
+        for s in self._replica_stats.values():
+            for field in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions_total",
+                          "prefix_cache_queries", "prefix_cache_hits"):
+                setattr(total, field, getattr(total, field) + getattr(s, field))
+        return total
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._check(prompt_ids, params)
+
+    async def compile_guided(self, spec: GuidedSpec) -> None:
+        await asyncio.to_thread(self._grammars.compile, spec)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Output]:
+        request_id = request_id or os.urandom(16).hex()
+        self.check_request(prompt_ids, params)
+        bs = self._settings.block_size
+        hashes, parent = [], b""
+        for i in range(len(prompt_ids) // bs):
+            parent = hash_block(parent, prompt_ids[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+        stream = self._replicas.options(stream=True).generate.remote(
+            EngineRequest(list(prompt_ids), params, request_id, hashes))
+        self._streams[request_id] = stream
+        try:
+            async for out in stream:
+                yield out
+        except ValueError:
+            raise
+        except (ray.exceptions.RayError, RuntimeError) as e:  # the replica died or failed it
+            raise EngineError(f"request {request_id} failed on its replica: {e}") from e
+        finally:
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.cancel()  # the replica's generator is cancelled, which aborts the request there
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        pass  # Serve stops the replicas
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    """The HTTP app of the single-process server, built on this replica (__serve_build_asgi_app__)
+    over a ReplicaClient that connects once the first engine replica answers."""
+
+    def __init__(self, settings: ServerSettings, replicas, board):
+        from pathlib import Path
+
+        from .server import resolve_model
+
+        self.settings, self.replicas, self.board = settings, replicas, board
+        self.tokenizer = Tokenizer.from_dir(resolve_model(settings.model))
+        self.model_name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
+
+    def __serve_build_asgi_app__(self):
+        s = self.settings
+        app = create_app(None, self.tokenizer, s, self.model_name, max_model_len=1)  # /health: 503 until connected
+        app.state.gate.capacity = s.num_replicas * s.max_num_seqs + s.max_waiting_requests
+        threading.Thread(target=self._connect, args=(app.state.serving,), name="glm4serve-connect",
+                         daemon=True).start()
+        return app
+
+    def _connect(self, ctx) -> None:
+        info = self.replicas.info.remote().result()  # waits for the first replica to be up
+        client = ReplicaClient(self.replicas, self.board, self.settings, self.tokenizer, info["max_model_len"])
+        ctx.max_model_len = info["max_model_len"]
+        ctx.engine = client
+        while True:
+            try:
+                client.refresh()
+            except Exception:  # noqa: BLE001 - the board restarts too; health reads the last reports
+                log.debug("reading the stats board failed", exc_info=True)
+            time.sleep(STATS_PERIOD_S)
+
+
+def build_application(settings: ServerSettings):
+    """The Serve application: the ingress over N engine replicas and the stats board."""
+    import torch
+
+    gpu = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": max(1, (os.cpu_count() or 1) // settings.num_replicas)}
+    replicas = EngineReplica.options(
+        num_replicas=settings.num_replicas, ray_actor_options=resources,
+        max_ongoing_requests=settings.max_num_seqs + settings.max_waiting_requests,
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_seconds,
+        request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
+    )
+    board = StatsBoard.bind()
+    return Ingress.bind(settings, replicas.bind(settings, board), board)
+
+
+def app(args: dict):
+    """Application builder for a RayService's serveConfigV2 (`import_path: glm4serve.cluster:app`):
+    its `args` are the server's settings (the same keys as a YAML config)."""
+    return build_application(ServerSettings(**args))
+
+
+def serve_replicated(settings: ServerSettings) -> int:
+    """`glm4serve serve --num-replicas N`: start (or join) Ray, run the application on host:port until
+    SIGTERM or Ctrl-C, then let Serve drain the replicas and stop."""
+    if settings.ray_address:
+        ray.init(address=settings.ray_address)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)  # a new one, always
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs a SIGTERM handler of its own
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_application(settings), name="glm4serve", route_prefix="/",
+              logging_config={"log_level": "WARNING"})  # not a line per request and stats report
+    log.info("serving %d engine replicas on http://%s:%d", settings.num_replicas, settings.host, settings.port)
+    stop.wait()
+    log.info("stopping: the replicas finish their requests for up to %.0f s", settings.graceful_shutdown_seconds)
+    serve.delete("glm4serve")  # the replicas drain (graceful_shutdown_timeout_s), then Serve itself stops
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,156 @@
+"""Several engine replicas behind one server on Ray Serve (glm4serve/cluster.py), on loopback with CPU
+replicas: the single-process server's greedy outputs, concurrent mixed requests spread over both
+replicas, a killed replica's streams end with an error event while the others go on, the replica
+comes back, and SIGTERM drains and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_proc import ServerProcess
+
+PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "你好，今天", "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_checkpoint):
+    return make_checkpoint("glm", "hf", "wide")
+
+
+def all_replicas_up(s: ServerProcess, n: int = 2, timeout: float = 120) -> ServerProcess:
+    """/health is 200 once one replica serves; wait for all of them."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(s.url + "/health", timeout=5).json().get("replicas_up") != n:
+        assert time.monotonic() < deadline, "replicas did not all come up"
+        time.sleep(0.5)
+    return s
+
+
+@pytest.fixture(scope="module")
+def replicated(checkpoint):
+    s = ServerProcess(checkpoint, "--served-model-name", "glm4-test", "--num-replicas", "2")
+    yield all_replicas_up(s.wait_healthy(timeout=240))
+    s.stop(timeout=120)
+
+
+def complete(url: str, prompt: str, stream: bool = False, max_tokens: int = 12) -> dict:
+    body = {"model": "glm4-test", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if not stream:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        r.raise_for_status()
+        return r.json()["choices"][0]
+    text, events = "", []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("error" not in c for c in chunks), chunks[-1]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    return {"text": text, "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}
+
+
+def replica_series(url: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        m = re.fullmatch(rf'glm4serve:{name}{{replica="([^"]+)"}} (\S+)', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_health_counts_the_replicas_and_metrics_label_them(replicated):
+    health = httpx.get(replicated.url + "/health").json()
+    assert health == {"status": "ok", "replicas_up": 2, "replicas": 2}
+    assert len(replica_series(replicated.url, "kv_cache_blocks_total")) == 2
+
+
+def test_greedy_outputs_equal_the_single_process_servers(replicated, checkpoint):
+    single = ServerProcess(checkpoint, "--served-model-name", "glm4-test").wait_healthy()
+    try:
+        want = [complete(single.url, p)["text"] for p in PROMPTS]
+    finally:
+        single.stop()
+    assert [complete(replicated.url, p)["text"] for p in PROMPTS] == want
+    assert [complete(replicated.url, p, stream=True)["text"] for p in PROMPTS] == want
+
+
+def test_24_concurrent_mixed_requests_all_succeed_on_both_replicas(replicated):
+    before = replica_series(replicated.url, "prefix_cache_queries_total")
+    jobs = [(f"{PROMPTS[i % len(PROMPTS)]} {i}", i % 2 == 0) for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        got = list(pool.map(lambda job: complete(replicated.url, job[0], stream=job[1], max_tokens=24), jobs))
+    assert all(g["finish_reason"] == "length" for g in got)
+    after = replica_series(replicated.url, "prefix_cache_queries_total")
+    served = [r for r in after if after[r] > before.get(r, 0)]
+    assert len(served) == 2, (before, after)  # both replicas took prompts
+    deadline = time.monotonic() + 10
+    while any(replica_series(replicated.url, "kv_cache_blocks_used").values()):  # every block back
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def replica_pid(name: str) -> int:
+    """A replica's process, from Serve's controller log (which names it when it starts)."""
+    for f in Path("/tmp/ray").glob("session_*/logs/serve/controller_*.log"):
+        m = re.search(rf"Replica\(id='{name}', deployment='EngineReplica'.*?\(PID: (\d+)\)", f.read_text())
+        if m:
+            return int(m.group(1))
+    raise AssertionError(f"no PID for replica {name}")
+
+
+def test_a_killed_replica_fails_its_streams_and_comes_back(replicated):
+    url = replicated.url
+    deadline = time.monotonic() + 30  # idle first, so that the one running request below is ours
+    while any(replica_series(url, "num_requests_running").values()):
+        assert time.monotonic() < deadline, replica_series(url, "num_requests_running")
+        time.sleep(0.5)
+    body = {"model": "glm4-test", "prompt": "a long story", "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: {"):  # the request is running
+            pass
+        deadline = time.monotonic() + 10  # until the stats board has heard of it (a report a second)
+        while not (running := {r_: v for r_, v in replica_series(url, "num_requests_running").items() if v}):
+            assert time.monotonic() < deadline, "no replica reports the request running"
+            time.sleep(0.2)
+        assert len(running) == 1, running
+        (victim,) = running
+        os.kill(replica_pid(victim), signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and "error" in json.loads(rest[-2][6:]), rest[-2:]
+    assert complete(url, "still served")["finish_reason"] == "length"  # the other replica goes on
+    deadline = time.monotonic() + 90
+    while True:
+        health = httpx.get(url + "/health").json()
+        if health.get("replicas_up") == 2 and victim not in replica_series(url, "kv_cache_blocks_total"):
+            break  # a new replica, under a new name
+        assert time.monotonic() < deadline, health
+        time.sleep(1)
+
+
+def test_sigterm_lets_a_stream_finish_then_exits_0(checkpoint):
+    s = all_replicas_up(ServerProcess(checkpoint, "--served-model-name", "glm4-test", "--num-replicas", "2",
+                                      "--graceful-shutdown-seconds", "60").wait_healthy(timeout=240))
+    body = {"model": "glm4-test", "prompt": "drain me", "max_tokens": 150, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        s.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert s.proc.wait(timeout=120) == 0
+    s.log.close()
