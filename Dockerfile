@@ -4,6 +4,7 @@
 #   CUDA:                 docker build -t glm4serve:cuda \
 #                           --build-arg BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime .
 #                         (that base brings python and a CUDA torch; the CPU wheel step is skipped)
+#   Replicas on Ray:      add --build-arg EXTRAS=[ray] (deploy/k8s/rayservice.yaml runs such an image)
 #   Run a real model:     docker run -p 8000:8000 -v /data/glm-4-9b-chat:/models/glm-4-9b-chat:ro \
 #                           glm4serve --config configs/glm-4-9b-chat.yaml --model /models/glm-4-9b-chat
 ARG BASE_IMAGE=python:3.11-slim
@@ -11,6 +12,7 @@ FROM ${BASE_IMAGE}
 
 # PyPI's default torch wheel carries CUDA (GBs); the CPU index has a ~200 MB one.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN python -c "import torch" 2>/dev/null || pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.5"
@@ -19,7 +21,7 @@ WORKDIR /app
 # Package metadata and code first, configs last: editing a config does not reinstall.
 COPY pyproject.toml README.md ./
 COPY glm4serve ./glm4serve
-RUN pip install . && rm -rf build *.egg-info
+RUN pip install ".${EXTRAS}" && rm -rf build *.egg-info
 COPY configs ./configs
 
 RUN useradd --create-home --uid 1000 glm4
