@@ -93,8 +93,9 @@ class EngineReplica:
                 log.debug("stats report failed", exc_info=True)
             time.sleep(STATS_PERIOD_S)
 
-    def __del__(self):
-        self.engine.shutdown()
+    def __del__(self):  # Serve stops the replica: stop its engine loop (once its requests are done)
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
