@@ -3,18 +3,16 @@ reductions, or both. Every way must give F.linear's numbers."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from glm4serve.model.cpu_linear import CpuLinear, hugepage_copy, hugepage_empty, packing_available
+from glm4serve.model.cpu_runner import compiler_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing")
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                    reason="inductor needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="inductor needs a C++ compiler")
 
 
 def linear(out_f: int, in_f: int, bias: bool, seed: int = 0) -> nn.Linear:

@@ -3,8 +3,6 @@ the eager layers, and how it chooses its path at load."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -12,13 +10,12 @@ from glm4serve.engine.block_pool import BlockPool
 from glm4serve.model import cpu_linear, cpu_runner
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.cpu_linear import CpuLinear, packing_available
-from glm4serve.model.cpu_runner import CpuRunner
+from glm4serve.model.cpu_runner import CpuRunner, compiler_available
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.runner import EagerRunner
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing")
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                    reason="inductor needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="inductor needs a C++ compiler")
 BLOCK = 4
 
 
