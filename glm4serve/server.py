@@ -96,7 +96,9 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
     if tp is None:
-        runner = make_runner(model, plan.num_blocks, args.block_size, vocab_limit=tokenizer.vocab_size)
+        runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
+                             max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
+                             enforce_eager=args.enforce_eager)
     else:
         tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size)
         runner = tp

@@ -4,6 +4,7 @@ model tests run on (`pytest --device cuda` on a GPU machine) and the tolerances 
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: a GPU-only test, collected only with --device cuda")
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: torch sees no CUDA device")
+    if config.getoption("--device") == "cpu":
+        # the GPU runner's Triton kernel (model/paged_decode.py) runs on CPU tensors in Triton's interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_pycollect_makeitem(collector, name, obj):

@@ -22,9 +22,11 @@ from tests.engine_fakes import RecordingRunner, sched_config
 
 def run_engine(path, tokenizer, requests, num_blocks, block_size, budget, max_model_len, device="cpu",
                dtype="float32"):
-    """The engine over the runner `glm4serve serve` would pick (fp32 on CPU: the CPU runner)."""
+    """The engine over the runner `glm4serve serve` would pick (fp32 on CPU: the CPU runner; on a GPU
+    the CUDA graph runner)."""
     runner = RecordingRunner(make_runner(load_model(path, dtype=dtype, device=device), num_blocks, block_size,
-                                         vocab_limit=tokenizer.vocab_size))
+                                         vocab_limit=tokenizer.vocab_size, max_num_seqs=16,
+                                         max_model_len=max_model_len))
     cfg = sched_config(max_num_seqs=16, max_num_batched_tokens=budget, max_model_len=max_model_len,
                           block_size=block_size)
     pool = BlockPool(num_blocks, block_size)

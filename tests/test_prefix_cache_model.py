@@ -19,7 +19,8 @@ def run(path, tokenizer, waves, num_blocks, caching, budget=16, block_size=4, ma
     """Each wave of requests is added once the previous one has finished, so later waves find the
     earlier ones' blocks in the cache (when those survived eviction)."""
     runner = RecordingRunner(make_runner(load_model(path, dtype="float32", device=device), num_blocks, block_size,
-                                         vocab_limit=tokenizer.vocab_size))
+                                         vocab_limit=tokenizer.vocab_size, max_num_seqs=8,
+                                         max_model_len=max_model_len))
     cfg = sched_config(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=max_model_len,
                           block_size=block_size, enable_prefix_caching=caching)
     pool = BlockPool(num_blocks, block_size)

@@ -298,3 +298,36 @@ def test_logprobs_are_before_truncation():
 def test_row_count_mismatch_is_an_error():
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 5), [row()])
+
+
+# --- on the GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_sampling_on_the_gpu_equals_sampling_on_the_cpu():
+    """The runner leaves logits on its device and the sampler works there: greedy, penalties, bias,
+    min_tokens, temperature, top-k/p, min-p, logprobs and seeded draws give the same tokens and
+    logprobs as on the CPU (a seeded row's noise comes from its CPU generator on either device)."""
+    logits = random_logits(6, 1000, seed=3)
+
+    def rows():
+        return [
+            row(temperature=0.0),
+            row(temperature=0.0, output=[5, 5, 9], repetition_penalty=1.3, presence_penalty=0.5,
+                frequency_penalty=0.2, logit_bias={"7": 4.0}, logprobs=3),
+            row(temperature=0.8, top_k=50, top_p=0.9, generator=make_generator(11, 0), logprobs=0),
+            row(temperature=1.2, min_p=0.05, generator=make_generator(11, 1)),
+            row(temperature=0.7, output=[1], min_tokens=4, stop_ids=[int(logits[4].argmax())],
+                generator=make_generator(12, 0)),
+            row(temperature=0.0, logprobs=5),
+        ]
+
+    on_cpu = Sampler()(logits, rows())
+    on_gpu = Sampler()(logits.cuda(), rows())
+    assert [s.token_id for s in on_gpu] == [s.token_id for s in on_cpu]
+    for g, c in zip(on_gpu, on_cpu):
+        assert (g.logprob is None) == (c.logprob is None)
+        if c.logprob is not None:
+            assert [t for t, _ in g.logprob.top] == [t for t, _ in c.logprob.top]
+            assert [v for _, v in g.logprob.top] == pytest.approx([v for _, v in c.logprob.top], abs=1e-4)
+            assert g.logprob.logprob == pytest.approx(c.logprob.logprob, abs=1e-4)

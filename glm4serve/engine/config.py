@@ -61,6 +61,7 @@ class EngineArgs(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one engine step (the prefill chunk)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before")
+    enforce_eager: bool = Field(False, description="GPU: run every step eagerly, without CUDA graphs")
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod

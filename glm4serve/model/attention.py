@@ -41,6 +41,8 @@ class AttentionBatch:
     decode_block_tables: torch.Tensor | None = None  # [B_dec, nb] long, zero padded; nb covers the longest
     decode_context_lens: torch.Tensor | None = None  # [B_dec] long, this token included
     decode_mask: torch.Tensor | None = None  # [B_dec, nb * block_size] bool: slot < context length
+    # decodes through paged_decode.py's kernel, which reads the blocks in place (GPU): no decode_mask
+    paged_decode: bool = False
 
     @property
     def num_decodes(self) -> int:
@@ -132,15 +134,25 @@ def paged_attention(
     """Write the new k/v [T, Hkv, D] into the cache, then attend for all T queries q [T, Hq, D]."""
     write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
     if not batch.prefills:  # decodes only: nothing to assemble
-        return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
+        return decodes_attention(q, k_cache, v_cache, batch, scale)
     out = torch.empty_like(q)
     for span in batch.prefills:
         s = slice(span.token_start, span.token_start + span.num_tokens)
         out[s] = prefill_attention(q[s], k_cache, v_cache, span, scale)
     if batch.num_decodes:
         s = slice(batch.num_prefill_tokens, batch.num_prefill_tokens + batch.num_decodes)
-        out[s] = decode_attention(q[s], k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
+        out[s] = decodes_attention(q[s], k_cache, v_cache, batch, scale)
     return out
+
+
+def decodes_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                      scale: float) -> torch.Tensor:
+    """The batch's decode queries q [B_dec, Hq, D] -> [B_dec, Hq, D], by the path the batch was built for."""
+    if batch.paged_decode:
+        from .paged_decode import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale)
+    return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
 
 
 def decode_attention_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -39,8 +39,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [N]: one row per chunk with want_logits, in the chunks' order
 
 
-def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu") -> ForwardBatch:
-    """Multi-token chunks go first as prefill spans; single tokens are batched as decodes.
+def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_decode: bool = False) -> ForwardBatch:
+    """Multi-token chunks go first as prefill spans; single tokens are batched as decodes (through
+    paged_decode.py's kernel when `paged_decode`).
 
     A one-token chunk is a decode whatever its origin (a prompt's last chunk may be one token):
     attention only needs its position and block table.
@@ -75,14 +76,16 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu") -> Forwar
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         prefills=prefills,
         num_prefill_tokens=sum(s.num_tokens for s in prefills),
+        paged_decode=paged_decode,
     )
     if dec_tables:
         width = -(-max(dec_lens) // block_size)  # blocks of the longest decode sequence
         padded = [t[:width] + [0] * (width - len(t[:width])) for t in dec_tables]
         attn.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
         attn.decode_context_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
-        key_slots = torch.arange(width * block_size, device=device)
-        attn.decode_mask = key_slots[None, :] < attn.decode_context_lens[:, None]  # the same for every layer
+        if not paged_decode:
+            key_slots = torch.arange(width * block_size, device=device)
+            attn.decode_mask = key_slots[None, :] < attn.decode_context_lens[:, None]  # the same for every layer
     rows = [last_row[i] for i in range(len(chunks)) if chunks[i].want_logits]
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),

@@ -4,7 +4,12 @@ A runner owns the model it runs and the KV cache's tensors. Which runner serves 
 once, at load (`make_runner`), and logged:
 - EagerRunner: the model as written in glm4.py, on any device and dtype;
 - CpuRunner (cpu_runner.py): fp32, bf16, int8 and int4 on CPU: oneDNN-packed or quantized linears,
-  and in fp32 one decoding sequence's step compiled by inductor.
+  and in fp32 one decoding sequence's step compiled by inductor;
+- CudaGraphRunner (cuda_runner.py): on a GPU, decode steps replayed from CUDA graphs, attention
+  read in place by a Triton kernel.
+
+Logits stay on the runner's device: the sampler runs there, and only token ids (and the logprobs
+asked for) cross to the host.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ class ModelRunner(Protocol):
     block_size: int  # token slots per block
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Copy batch.block_copies, run the forward; float32 logits [rows, vocab] on the CPU, one row
-        per chunk that wants logits, in the chunks' order."""
+        """Copy batch.block_copies, run the forward; float32 logits [rows, vocab] on the runner's device,
+        one row per chunk that wants logits, in the chunks' order."""
         ...
 
     def close(self) -> None:
@@ -37,10 +42,11 @@ class ModelRunner(Protocol):
 
 
 class EagerRunner:
-    """The model as written, eager PyTorch, on its device."""
+    """The model as written, eager PyTorch, on its device; with `paged_decode`, decodes attend through
+    paged_decode.py's kernel."""
 
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None,
-                 kv_zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None):
+                 kv_zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None, paged_decode: bool = False):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -50,14 +56,15 @@ class EagerRunner:
         # The output layer has padding rows past the tokenizer's last id (151552 vs 151343 for
         # glm-4-9b-chat): they can never be sampled, so they are cut off here.
         self.vocab_limit = vocab_limit or model.cfg.vocab_size
+        self.paged_decode = paged_decode
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         self.kv.copy_blocks(batch.block_copies)
         if not batch.chunks:
-            return torch.empty(0, self.vocab_limit)
-        logits = self.forward(build_batch(batch.chunks, self.block_size, self.device))
-        return logits[:, : self.vocab_limit].cpu()
+            return torch.empty(0, self.vocab_limit, device=self.device)
+        logits = self.forward(build_batch(batch.chunks, self.block_size, self.device, self.paged_decode))
+        return logits[:, : self.vocab_limit]
 
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         return self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
@@ -66,19 +73,33 @@ class EagerRunner:
         pass
 
 
-def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None) -> ModelRunner:
-    """The fastest runner for this model where it runs: on CPU, fp32 and bf16 models (where this torch
-    has oneDNN's linear packing) and quantized ones get the CPU runner; everything else the eager runner."""
+def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None, *,
+                max_num_seqs: int | None = None, max_model_len: int | None = None,
+                enforce_eager: bool = False) -> ModelRunner:
+    """The fastest runner for this model where it runs:
+    - CPU: fp32 and bf16 models (where this torch has oneDNN's linear packing) and quantized ones get
+      the CPU runner;
+    - GPU: the CUDA graph runner, for batches of up to max_num_seqs sequences of up to max_model_len
+      tokens (unless those are not given, or `enforce_eager`, or under tensor parallelism: those
+      steps run eagerly; all with Triton's decode attention where Triton is installed);
+    - everything else: the eager runner."""
     from .cpu_linear import packing_available
+    from .paged_decode import supported
     from .quant import is_quantized
 
     param = next(model.parameters())
     packable = param.dtype in (torch.float32, torch.bfloat16) and packing_available()
+    on_gpu = param.device.type == "cuda"
+    paged_decode = on_gpu and supported(model.cfg.head_dim)
     if param.device.type == "cpu" and (is_quantized(model) or packable):
         from .cpu_runner import CpuRunner
 
         runner = CpuRunner(model, num_blocks, block_size, vocab_limit)
+    elif paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1:
+        from .cuda_runner import CudaGraphRunner
+
+        runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len)
     else:
-        runner = EagerRunner(model, num_blocks, block_size, vocab_limit)
+        runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
     log.info("model runner: %s", runner)
     return runner

@@ -1,0 +1,136 @@
+"""The GPU decode path, checked on the test device (`--device`): the Triton paged decode kernel
+against the PyTorch decode attention, and the CUDA graph runner (static buffers, padded batch sizes,
+the sink block) against the eager runner on the same model. On CPU the kernel runs in Triton's
+interpreter and the runner's steps run its static buffers eagerly; with --device cuda both run for
+real and the runner replays captured graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm4serve.model.attention import decode_attention
+from glm4serve.model.batch import ScheduledBatch, SeqChunk
+from glm4serve.model.cuda_runner import CudaGraphRunner, graph_batch_sizes
+from glm4serve.model.glm4 import load_model
+from glm4serve.model.paged_decode import num_splits, paged_decode_attention
+from glm4serve.model.runner import EagerRunner
+
+# (query heads, KV heads, head dim, block size, context lengths): glm-4-9b's 32 over 2 heads of 128;
+# a group of 2 (padded to 16 in the kernel); blocks of 8 and 4 (a 64-key tile spans several blocks);
+# lengths of 1, at and across block and tile edges, and long enough to be split.
+CASES = [
+    (32, 2, 128, 16, [1, 16, 17, 300]),
+    (4, 2, 16, 16, [64, 65, 1000]),
+    (6, 3, 32, 8, [9, 128, 129]),
+    (4, 2, 16, 4, [3, 200]),
+]
+
+
+def scattered_cache(hq, hkv, d, block_size, lens, dtype, device, seed=0):
+    """Random caches, and block tables that take the blocks in a shuffled order (tables zero padded)."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + 3
+    k = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(device, dtype)
+    v = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(device, dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(lens), max(need), dtype=torch.long)
+    taken = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.tensor(order[taken : taken + n])
+        taken += n
+    q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
+    return q, k, v, tables.to(device), torch.tensor(lens, device=device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}over{c[1]}x{c[2]}-bs{c[3]}")
+@pytest.mark.parametrize("kernel_dtype", ["float32", "bfloat16"])
+def test_kernel_equals_the_pytorch_decode_attention(case, kernel_dtype, device):
+    hq, hkv, d, block_size, lens = case
+    dtype = getattr(torch, kernel_dtype)
+    q, k, v, tables, ctx = scattered_cache(hq, hkv, d, block_size, lens, dtype, device)
+    mask = torch.arange(tables.shape[1] * block_size, device=device)[None, :] < ctx[:, None]
+    truth = decode_attention(q.float(), k.float(), v.float(), tables, mask, d**-0.5)
+    ours = paged_decode_attention(q, k, v, tables, ctx, d**-0.5)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    # bf16: the probabilities are rounded to bf16 before the weighted sum, as tensor cores take them
+    bound = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (ours.float() - truth).abs().max().item() < bound
+
+
+def test_kernel_reads_nothing_past_the_context(device):
+    """Keys past a sequence's length (the rest of its last block, and blocks the table does not list)
+    are never read: filling them with nan changes nothing."""
+    q, k, v, tables, ctx = scattered_cache(32, 2, 128, 16, [20, 70], torch.float32, device)
+    before = paged_decode_attention(q, k, v, tables, ctx, 0.1)
+    used = {(int(tables[i, p // 16]), p % 16) for i, n in enumerate(ctx.tolist()) for p in range(n)}
+    for blk in range(k.shape[0]):
+        for slot in range(16):
+            if (blk, slot) not in used:
+                k[blk, slot], v[blk, slot] = float("nan"), float("nan")
+    after = paged_decode_attention(q, k, v, tables, ctx, 0.1)
+    assert torch.equal(before, after)
+
+
+def test_small_batches_get_more_splits():
+    cpu = torch.device("cpu")
+    assert num_splits(1, 2, cpu) > num_splits(4, 2, cpu) >= num_splits(64, 2, cpu) == 1
+
+
+def test_graph_batch_sizes_end_at_max_num_seqs():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+
+
+def step(runner, chunks, copies=()):
+    return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
+
+
+def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances):
+    """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with
+    a copy-on-write block copy on the way: the same logits as the eager runner's every step, and
+    the same K/V in every block the engine owns (the padding rows wrote only the sink block)."""
+    path = make_checkpoint(shape="small")
+    model = load_model(path, dtype="float32", device=device)
+    block_size, num_blocks = 4, 40
+    capture = device == "cuda"
+    graphs = CudaGraphRunner(model, num_blocks, block_size, None, max_num_seqs=8, max_model_len=64, capture=capture)
+    eager = EagerRunner(model, num_blocks, block_size)
+    assert graphs.num_blocks == num_blocks and graphs.kv.num_blocks == num_blocks + 1
+    assert bool(graphs.graphs) == capture
+    g = torch.Generator().manual_seed(1)
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(5)]  # 8 blocks (32 tokens) each
+    lens = [7, 4, 11, 1, 5]
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in lens]
+    first = [SeqChunk(p, 0, t) for p, t in zip(prompts, tables)]
+    for runner in (graphs, eager):
+        step(runner, first[:3])  # three prefills; 3 and 4 start later, at once as decodes of one token
+        step(runner, first[3:])
+
+    def decode(rows, t):
+        return [SeqChunk([(7 * i + t) % 500], lens[i] + t, tables[i]) for i in rows]
+
+    schedule = [[0, 1, 2]] * 3 + [[1]] * 2 + [[0, 1, 2, 3, 4]] * 4
+    for t, rows in enumerate(schedule):
+        copies = [(tables[1][0], 39)] if t == 4 else []
+        ours, theirs = step(graphs, decode(rows, t), copies), step(eager, decode(rows, t), copies)
+        assert ours.shape[0] == len(rows)
+        tolerances["float32"].assert_close(ours, theirs)
+    for layer in range(model.cfg.num_layers):
+        assert torch.allclose(graphs.kv.k[layer][:num_blocks], eager.kv.k[layer], atol=1e-5)
+        assert torch.allclose(graphs.kv.v[layer][:num_blocks], eager.kv.v[layer], atol=1e-5)
+
+
+def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, device):
+    """A step with prompt tokens, or more sequences than the largest graph, is not a graph's: it runs
+    eagerly and still gives one row per chunk."""
+    path = make_checkpoint(shape="small")
+    model = load_model(path, dtype="float32", device=device)
+    graphs = CudaGraphRunner(model, 20, 4, None, max_num_seqs=2, max_model_len=32, capture=device == "cuda")
+    eager = EagerRunner(model, 20, 4)
+    chunks = [SeqChunk([1, 2, 3], 0, [0]), SeqChunk([4], 0, [1]), SeqChunk([5], 0, [2])]
+    torch.testing.assert_close(step(graphs, chunks), step(eager, chunks), atol=1e-5, rtol=0)
+    three_decodes = [SeqChunk([6], 3, [0]), SeqChunk([7], 1, [1]), SeqChunk([8], 1, [2])]
+    torch.testing.assert_close(step(graphs, three_decodes), step(eager, three_decodes), atol=1e-5, rtol=0)
