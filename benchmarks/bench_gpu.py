@@ -4,10 +4,13 @@ figure measured in this run:
 
 1. the card's copy bandwidth (bytes read + written per second by a device-to-device copy), which
    sets the decode roofline: tokens/s <= bandwidth / bytes read per token (the weights and the context's K/V);
-2. single-stream decode: our engine's tokens/s vs transformers generate(), each as a fraction of that roofline;
+2. single-stream decode: our engine's tokens/s vs transformers generate(), each as a fraction of that roofline,
+   and ours again without CUDA graphs (enforce_eager), for what the graphs bring;
 3. 64 concurrent streams (1K-token prompts, 256 new tokens each): aggregate tokens/s, ours and generate()'s;
-4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward; 128K when time allows;
-5. peak GPU memory of each part.
+4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward;
+5. glm-4-9b-chat-1m's shapes (4 KV groups, rope base 1e8): a prompt placed at positions past 1M against
+   transformers, the automatic KV budget's context next to the weights, a decode step at the full context;
+6. prefill of a 128K-token prompt when time allows; peak GPU memory of each part.
 
     python3 benchmarks/bench_gpu.py --out $OUT/bench_gpu.json     # a GPU machine: ~6 min on an H200
     .venv/bin/python benchmarks/bench_gpu.py --tiny                # CPU, tiny shapes: the same code paths
@@ -32,7 +35,7 @@ import torch
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model.batch import SeqChunk, build_batch
+from glm4serve.model.batch import ScheduledBatch, SeqChunk, build_batch
 from glm4serve.model.config import ModelConfig
 from glm4serve.model.glm4 import GLM4Model
 from glm4serve.model.kv_cache import KVCache, bytes_per_token
@@ -46,6 +49,8 @@ GLM4_9B = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1.5625e-07, max_position_embeddings=131072,
             rope_theta=5e6)
+# glm-4-9b-chat-1m: seq_length 1,048,576, rope_ratio 10000 (base 1e8), multi_query_group_num 4
+MILLION = dict(max_position_embeddings=1048576, rope_theta=1e8, num_key_value_heads=4)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Plan:
     single_prompt: int = 128
     single_tokens: int = 128
     single_seconds: float = 20
+    eager_tokens: int = 32
     streams: int = 64
     stream_prompt: int = 1024
     stream_tokens: int = 256
@@ -63,11 +69,12 @@ class Plan:
     prefill: int = 32768
     long_prefill: int = 131072 - 64  # 128K, room left for the sampled token
     copy_bytes: int = 4 << 30
+    million_kv_tokens: int | None = None  # the 1M model's KV cache: None = the automatic budget (the card)
 
 
-TINY_PLAN = Plan(tokenizer_vocab=500, single_prompt=16, single_tokens=8, single_seconds=10, streams=4,
-                 stream_prompt=32, stream_tokens=8, stream_seconds=10, prefill=256, long_prefill=1024,
-                 copy_bytes=64 << 20)
+TINY_PLAN = Plan(tokenizer_vocab=500, single_prompt=16, single_tokens=8, single_seconds=10, eager_tokens=4,
+                 streams=4, stream_prompt=32, stream_tokens=8, stream_seconds=10, prefill=256, long_prefill=1024,
+                 copy_bytes=64 << 20, million_kv_tokens=4096)
 
 
 class Bench:
@@ -318,6 +325,17 @@ def single_stream(b: Bench, engine: LLMEngine, hf, weight_bytes: int, bandwidth:
             "transformers_of_roofline": theirs["decode_tok_s"] / roofline, "ours": mine, "transformers": theirs}
 
 
+def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
+    """The single stream again, every step eager (enforce_eager): what the CUDA graphs bring."""
+    p = b.plan
+    args = EngineArgs(device=b.device, dtype="bfloat16", num_kv_blocks=(p.single_prompt + p.eager_tokens) // 16 + 4,
+                      block_size=16, enforce_eager=True)
+    engine = make_engine(model, args, p.tokenizer_vocab, b.device)
+    engine_run(b, engine, b.prompts(1, 16), 2, seconds=60)  # warm-up
+    mine = engine_run(b, engine, b.prompts(1, p.single_prompt), p.eager_tokens, p.single_seconds)
+    return {"runner": type(engine.runner).__name__, "ours_eager_tok_s": mine["decode_tok_s"], "ours": mine}
+
+
 def streams(b: Bench, engine: LLMEngine, hf) -> dict:
     p = b.plan
     seconds = max(5.0, min(p.stream_seconds, b.left() / 4))
@@ -335,6 +353,65 @@ def prefill(b: Bench, engine: LLMEngine, hf) -> dict:
     mine = engine_prefill(b, engine, n)
     return {"tokens": n, "ours_s": mine["seconds"], "transformers_s": theirs["seconds"],
             "ours_over_transformers": ratio(mine["seconds"], theirs["seconds"]), "ours": mine, "transformers": theirs}
+
+
+def offset_agree(b: Bench, ours: GLM4Model, hf, offset: int) -> dict:
+    """A 40-token prompt at positions offset..offset+39 (its own context only): our logits vs
+    transformers' given the same position_ids, every position (rotary at large positions)."""
+    ids = b.prompts(1, 40)[0]
+    kv = KVCache(ours.cfg, 3, 16, torch.bfloat16, b.device)
+    batch = build_batch([SeqChunk(ids, 0, [0, 1, 2])], 16, b.device)
+    mine = ours(batch.input_ids, batch.positions + offset, batch.attn, kv, torch.arange(40, device=b.device)).float()
+    with torch.inference_mode():
+        positions = torch.arange(offset, offset + 40, device=b.device)[None]
+        theirs = hf(torch.tensor([ids], device=b.device), position_ids=positions).logits[0].float()
+    cos = torch.nn.functional.cosine_similarity(mine, theirs, dim=-1).min().item()
+    top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return {"offset": offset, "min_cosine": cos, "top1_agreement": top1, "ok": cos > 0.98}
+
+
+def million_context(b: Bench, shapes: dict) -> dict:
+    """glm-4-9b-chat-1m's shapes: rotary past position 1M against transformers; the engine as the
+    server builds it (KV budget: what the weights leave of the card, unless the plan sets it); one
+    decode step at the longest context it holds (cache content is whatever is there: the time is
+    what is measured), next to one at a 128-token context."""
+    p = b.plan
+    ours, hf = build_models(shapes, b.device)
+    check = offset_agree(b, ours, hf, shapes["max_position_embeddings"] - 64)
+    del hf
+    if b.device == "cuda":
+        torch.cuda.empty_cache()
+    kv_blocks = p.million_kv_tokens // 16 if p.million_kv_tokens else None
+    args = EngineArgs(model="glm-4-9b-chat-1m (random)", device=b.device, dtype="bfloat16", block_size=16,
+                      num_kv_blocks=kv_blocks)
+    engine = make_engine(ours, args, p.tokenizer_vocab, b.device)
+    runner, context = engine.runner, engine.scheduler.cfg.max_model_len
+    cfg = ours.cfg
+
+    def decode_ms(length: int) -> float:
+        chunk = SeqChunk([1], length - 1, list(range(-(-length // 16))))
+        times = []
+        for _ in range(5):
+            b.sync()
+            t0 = time.perf_counter()
+            runner.execute(ScheduledBatch([chunk]))
+            b.sync()
+            times.append(time.perf_counter() - t0)
+        return 1000 * min(times[2:])
+
+    short_ms, full_ms = decode_ms(128), decode_ms(context)
+    weight_bytes = sum(t.numel() * t.element_size() for t in ours.parameters())
+    read = weight_bytes + context * bytes_per_token(cfg, torch.bfloat16)  # bytes one full-context step reads
+    figures = {**check, "kv_heads": cfg.num_kv_heads, "rope_theta": cfg.rope_theta,
+               "max_model_len": context, "holds_1m": context >= 1048576,
+               "kv_cache_gib": round(runner.kv.nbytes / 2**30, 2), "weights_gib": round(weight_bytes / 2**30, 2),
+               "decode_ms_at_128": short_ms, "decode_ms_at_full_context": full_ms,
+               "full_context_gb_s": read / full_ms * 1000 / 1e9, "runner": type(runner).__name__}
+    if b.device == "cuda":
+        figures["allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        figures["card_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+    engine.close()
+    return figures
 
 
 def main(argv=None) -> int:
@@ -377,28 +454,43 @@ def main(argv=None) -> int:
     engine_run(b, engine, b.prompts(2, 64), 4, seconds=60)
     hf_generate(b, hf, b.prompts(2, 64), 4, seconds=60)
 
-    b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
+    single = b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
+    eager = b.run("single_stream_eager", single_stream_eager, ours)
+    if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):
+        b.record("cuda_graphs", {"graphs_over_eager": single["ours_tok_s"] / eager["ours_eager_tok_s"]})
     b.run(f"streams_{plan.streams}", streams, engine, hf)
     ours_s = b.run("prefill", prefill, engine, hf).get("ours_s")
 
     # attention grows with the square of the prompt: 4x the tokens cost 4x (linear layers) to 16x the time
     estimate = 10 * ours_s if ours_s else float("inf")
+    million_s = 60  # what the 1M part after it needs
     if args.skip_long:
         b.record("long_prefill", {"skipped": "--skip-long"})
-    elif estimate > b.left():
+    elif estimate > b.left() - million_s:
         b.record("long_prefill", {"skipped": f"~{estimate:.0f}s expected, {b.left():.0f}s left in the budget"})
     else:
-        del hf  # its weights' memory for the long prompt's activations
+        hf = None  # its weights' memory for the long prompt's activations
         if device == "cuda":
             torch.cuda.empty_cache()
         b.run("long_prefill", engine_prefill, engine, plan.long_prefill)
-
     if device == "cuda":
         b.record("memory", {"peak_gib": b.max_peak, "kv_cache_gib": round(engine.runner.kv.nbytes / 2**30, 2),
                             "weights_gib_each": round(weight_bytes / 2**30, 2)})
+
+    del engine, ours, hf  # the 1M model needs the card
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if b.left() < million_s / 2:
+        b.record("million_context", {"skipped": f"{b.left():.0f}s left in the budget"})
+    else:
+        b.run("million_context", million_context, {**shapes, **MILLION})
     if not model.get("ok"):
         print("our logits are not transformers' on the same weights: the figures compare different models",
               file=sys.stderr)
+    million = b.results["million_context"]
+    if "skipped" not in million and not million.get("ok"):
+        print("past position 1M our logits are not transformers'", file=sys.stderr)
+        return 1
     return 0 if model.get("ok") and not b.failed else 1
 
 

@@ -29,7 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 timeout -k 10 210 python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
     --junitxml "$OUT/pytest.xml" tests/test_model_equivalence.py tests/test_engine_with_model.py \
-    tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_e2e_server.py 2>&1 | tee "$OUT/pytest.log"
+    tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_paged_decode.py tests/test_sampler.py \
+    tests/test_e2e_server.py 2>&1 | tee "$OUT/pytest.log"
 tests=$?
 timeout -k 10 320 python3 benchmarks/bench_gpu.py --budget-s 270 --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 bench=$?

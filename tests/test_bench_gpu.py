@@ -22,13 +22,19 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
     assert r.returncode == 0, r.stdout + r.stderr
     figures = json.loads(out.read_text())
     # bf16: the runner glm4serve serve picks for it on that device
-    assert figures["model"]["ok"] and figures["runner"] == {"cuda": "EagerRunner", "cpu": "CpuRunner"}[device]
+    assert figures["model"]["ok"] and figures["runner"] == {"cuda": "CudaGraphRunner", "cpu": "CpuRunner"}[device]
     assert figures["copy_bandwidth"]["gb_s"] > 0
     for part, key in (("single_stream", "ours_tok_s"), ("single_stream", "transformers_tok_s"),
                       ("streams_4", "ours_aggregate_tok_s"), ("streams_4", "transformers_aggregate_tok_s"),
-                      ("prefill", "ours_s"), ("prefill", "transformers_s"), ("long_prefill", "seconds")):
+                      ("prefill", "ours_s"), ("prefill", "transformers_s"), ("long_prefill", "seconds"),
+                      ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context")):
         assert figures[part][key] > 0, (part, key, figures[part])
     assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
+    # the 1M model's shapes: rotary at positions past 1M agrees with transformers; its KV cache
+    # (the tiny plan's 4096 tokens) is the context served
+    million = figures["million_context"]
+    assert million["ok"] and million["offset"] == 1048576 - 64 and million["kv_heads"] == 4
+    assert million["max_model_len"] == 4096 and million["rope_theta"] == 1e8
 
 
 def test_bench_gpu_model_has_glm_4_9b_chat_shapes(real_chat_dir):

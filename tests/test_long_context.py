@@ -12,11 +12,14 @@ import torch
 from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
+from glm4serve.engine.config import GPU_MEMORY_FRACTION, EngineArgs, plan_kv_cache
 from glm4serve.model.attention import PrefillSpan, causal_attention_gpu, prefill_attention
 from glm4serve.model.batch import SeqChunk, build_batch
 from glm4serve.model.config import ModelConfig
 from glm4serve.model.glm4 import GLM4Model, Rotary, rotate
-from glm4serve.model.kv_cache import KVCache
+from glm4serve.model.kv_cache import KVCache, bytes_per_token
+from glm4serve.model.loader import param_shapes
+from shared_models import SHARED_MODELS
 
 
 def test_rotary_matches_transformers_up_to_position_131071(device):
@@ -36,6 +39,37 @@ def test_rotary_matches_transformers_up_to_position_131071(device):
     torch.testing.assert_close(k_ours, k_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     # the second half of each head passes through untouched
     assert torch.equal(q_ours[..., 64:], q[..., 64:])
+
+
+def test_rotary_of_the_1m_model_matches_transformers_past_position_1m(device):
+    """glm-4-9b-chat-1m: rope_ratio 10000 (base 1e8), positions up to 1,048,575."""
+    hf_cfg = GlmConfig(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 1e8, "partial_rotary_factor": 0.5})
+    hf_rot = GlmRotaryEmbedding(hf_cfg).to(device)
+    ours = Rotary(64, 1e8).to(device)
+    positions = torch.tensor([0, 131071, 131072, 524288, 1000000, 1048574, 1048575], device=device)
+    q = torch.randn(len(positions), 32, 128, generator=torch.Generator().manual_seed(1)).to(device)  # [T, heads, D]
+    cos, sin = hf_rot(q, positions[None])
+    q_ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos, sin)
+    cos_ours, sin_ours = ours(positions)
+    torch.testing.assert_close(rotate(q, cos_ours, sin_ours, 64), q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_1m_context_fits_an_h200_next_to_the_weights():
+    """glm-4-9b-chat-1m's real config: 80 KiB of K/V per token, so 1,048,576 tokens take 80 GiB; with
+    its bf16 weights that is within the automatic budget (90% of the card) of a 141 GB H200."""
+    d = SHARED_MODELS / "glm-4-9b-chat-1m"
+    if not (d / "config.json").is_file():
+        pytest.skip(f"{d} not present")
+    cfg = ModelConfig.from_dir(d)
+    assert cfg.max_position_embeddings == 1048576 and cfg.rope_theta == 1e8 and cfg.num_kv_heads == 4
+    per_token = bytes_per_token(cfg, torch.bfloat16)
+    assert per_token == 80 * 1024
+    weights = 2 * sum(t.numel() for t in (torch.empty(s, device="meta") for s in param_shapes(cfg).values()))
+    card = 141e9  # an H200's HBM3e; torch reports ~139.8 GiB of it
+    budget = int(card * GPU_MEMORY_FRACTION) - weights  # kv_budget() once the weights are loaded
+    plan = plan_kv_cache(EngineArgs(model=str(d), kv_cache_memory=budget), cfg.max_position_embeddings, per_token,
+                         "cuda")
+    assert plan.max_model_len == 1048576, plan
 
 
 MEMORY_PROBE = textwrap.dedent(
