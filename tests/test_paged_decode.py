@@ -134,3 +134,39 @@ def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, devi
     torch.testing.assert_close(step(graphs, chunks), step(eager, chunks), atol=1e-5, rtol=0)
     three_decodes = [SeqChunk([6], 3, [0]), SeqChunk([7], 1, [1]), SeqChunk([8], 1, [2])]
     torch.testing.assert_close(step(graphs, three_decodes), step(eager, three_decodes), atol=1e-5, rtol=0)
+
+
+def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkpoint, device):
+    """Through the engine: a pool small enough to preempt, n=3 forks copying a shared block, sequences
+    joining and leaving the decode batch (batch sizes padded up): the same greedy tokens."""
+    from glm4serve.engine.block_pool import BlockPool
+    from glm4serve.engine.engine import LLMEngine
+    from glm4serve.engine.types import SamplingParams
+    from glm4serve.model.tokenizer import Tokenizer
+    from tests.engine_fakes import RecordingRunner, sched_config
+    from tests.test_engine_with_model import drive
+
+    path = make_checkpoint("glm4", "hf", "wide")
+    tokenizer = Tokenizer.from_dir(path)
+    model = load_model(path, dtype="float32", device=device)
+    g = torch.Generator().manual_seed(2)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    requests = [(name, torch.randint(0, tokenizer.vocab_size, (n,), generator=g).tolist(),
+                 SamplingParams(max_tokens=k, n=choices, **greedy))
+                for name, n, k, choices in (("a", 13, 12, 1), ("n3", 10, 9, 3), ("b", 30, 6, 1), ("c", 5, 14, 1))]
+    graphs = CudaGraphRunner(model, 14, 4, tokenizer.vocab_size, max_num_seqs=6, max_model_len=48,
+                             capture=device == "cuda")
+    sizes = []  # the padded batch size of every decode step the graph path ran
+    fill = graphs.buffers.fill
+    graphs.buffers.fill = lambda chunks, size: (sizes.append(size), fill(chunks, size))
+    results = []
+    for runner in (graphs, EagerRunner(model, 14, 4, tokenizer.vocab_size)):
+        recording = RecordingRunner(runner)
+        cfg = sched_config(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=48, block_size=4)
+        engine = LLMEngine(recording, tokenizer, cfg, BlockPool(14, 4), tokenizer.stop_token_ids)
+        results.append((drive(engine, requests), engine.stats().num_preemptions_total, recording))
+    (ours, preempted, r1), (theirs, _, r2) = results
+    assert preempted > 0 and r1.copies > 0
+    assert len(sizes) > 10 and len(set(sizes)) >= 3, sizes
+    assert min(r1.min_gap, r2.min_gap) > 1e-4, "a near tie: pick another seed"
+    assert ours == theirs
