@@ -17,6 +17,7 @@ from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.cpu_runner import CpuRunner
+from glm4serve.model import int8_kernel
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.quant import Int4Linear, Int8Linear
 from glm4serve.model.runner import EagerRunner
@@ -49,9 +50,51 @@ def test_every_linear_is_quantized_within_half_a_step(make_checkpoint, scheme, l
             assert torch.equal(q.bias, plain.get_submodule(name).bias)
 
 
+# (out, in) with a partial last tile of 4 rows and inputs that are no multiple of 32, or fewer than 32
+KERNEL_SHAPES = [(37, 96), (160, 70), (3, 5), (4608, 4096)]
+
+
+def test_int8_kernel_is_built_where_the_cpu_has_avx512_vnni():
+    """Where the CPU has the instructions and a C compiler exists, the kernel builds: a silently failed
+    build would leave every int8 model on the slower torch kernel."""
+    import shutil
+
+    compiler = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+    assert int8_kernel.available() == (int8_kernel._cpu_has_vnni() and compiler)
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_int8_kernel_is_the_exact_product_but_for_int16_activations(shape, rows):
+    """int8 weights x per-row scales against a float64 product: within 1e-4 of the largest output
+    (the int16 rounding of the activations; bf16 activations, torch's kernel, land ~3e-3 away)."""
+    if not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI or no C compiler here: Int8Linear uses torch's kernel")
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.01
+    x = torch.randn(rows, k, generator=g)
+    truth = x.double() @ (q.double() * scale.double()[:, None]).T
+    got = int8_kernel.int8_matmul(x, q, scale)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert (got.double() - truth).abs().max() <= 1e-4 * truth.abs().max()
+
+
+def test_int8_linear_keeps_the_input_shape_and_dtype():
+    lin = Int8Linear(96, 37, bias=True, dtype=torch.bfloat16)
+    lin.load_weight_rows(0, 37, torch.randn(37, 96))
+    lin.bias.data.normal_()
+    x = torch.randn(2, 5, 96).to(torch.bfloat16)
+    y = lin(x)
+    assert y.shape == (2, 5, 37) and y.dtype == torch.bfloat16
+    want = (x.float() @ lin.dequantized().T + lin.bias.float())
+    assert (y.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
 class BF16InputLinear(nn.Linear):
     """Plain PyTorch over a quantized linear's dequantized weight, in fp32 between the bf16 input and
-    output that the quantized kernels take and give."""
+    output that torch's quantized kernels take and give."""
 
     def forward(self, x):
         y = super().forward(x.to(torch.bfloat16).float())
@@ -59,12 +102,18 @@ class BF16InputLinear(nn.Linear):
             0 if self.bias is None else self.bias)
 
 
+def kernel_reference(scheme):
+    """The plain linear that computes what the scheme's kernel does: int8_kernel's int8 products take
+    and give the model's dtype (its int16 activations are ~3e-5 from exact); torch's take bf16."""
+    return nn.Linear if scheme == "int8" and int8_kernel.available() else BF16InputLinear
+
+
 def dequantized_model(path, scheme):
     """The model with every quantized linear replaced by plain nn.Linear over its dequantized weight."""
     model = load_model(path, dtype=torch.float32, quantization=scheme)
     for name, q in quantized_linears(model).items():
         parent, _, attr = name.rpartition(".")
-        plain = BF16InputLinear(q.in_features, q.out_features, bias=q.bias is not None)
+        plain = kernel_reference(scheme)(q.in_features, q.out_features, bias=q.bias is not None)
         with torch.no_grad():
             plain.weight.copy_(q.dequantized())
             if q.bias is not None:

@@ -2,9 +2,10 @@
 
 Weights are quantized while the checkpoint loads, one tensor at a time (loader.py calls
 `load_weight_rows` with each checkpoint tensor's rows): the model's linears never exist in
-bf16/fp32. Activations stay in the model's dtype; each quantized linear takes its input and gives
-its output in bf16, as PyTorch's kernels do. The kernels:
-- int8: `_weight_int8pack_mm` (bf16 activations);
+bf16/fp32. Activations stay in the model's dtype; each quantized linear gives its output in its
+input's dtype. The kernels:
+- int8: int8_kernel.py's (activations quantized to int16 per row, integer products on AVX-512
+  VNNI) where the CPU has it, else `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
@@ -16,6 +17,8 @@ import math
 
 import torch
 from torch import nn
+
+from . import int8_kernel
 
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
@@ -41,6 +44,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._scale32: torch.Tensor | None = None
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -52,12 +56,19 @@ class Int8Linear(nn.Module):
             scale = (chunk.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16)  # [rows], as it is kept
             self.qweight[r0:r1] = chunk.div_(scale.float()[:, None]).round_().clamp_(-127, 127)  # in place
             self.scale[r0:r1] = scale
+        self._scale32 = None
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.float()[:, None]  # [out, in] fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+        if x.device.type == "cpu" and int8_kernel.available():
+            if self._scale32 is None:  # the kernel's scales in fp32: the same (bf16) values
+                self._scale32 = self.scale.float()
+            y = int8_kernel.int8_matmul(x.reshape(-1, self.in_features), self.qweight, self._scale32)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

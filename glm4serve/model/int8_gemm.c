@@ -1,0 +1,77 @@
+/* int8 weights times int16 activations on AVX-512 VNNI, for quant.py's Int8Linear (built by
+ * int8_kernel.py with the system C compiler, threads from the OpenMP runtime torch has loaded).
+ *
+ * y[m, n] = scale[n] * xs[m] * sum_k w[n, k] * xq[m, k]
+ *   w  int8 [N, K], one scale per output row (the weights as quant.py stores them);
+ *   xq int16 [M, K], one scale per row: x / xs rounded, xs = max|x| / 32767, so the activations
+ *      keep ~15 bits (bf16 keeps 8): the int8 weights are the only rounding that matters.
+ *
+ * vpdpwssd multiplies 32 pairs of int16 and adds them into 16 int32 lanes; the weights are widened
+ * from int8 on the way. Each program reads R rows of weights against the same activations. The
+ * int32 sums are moved to fp32 every FLUSH inputs, before they can overflow: 127 * 32767 * 2 per
+ * product pair, FLUSH / 32 pairs per lane, 2^31 / (127 * 32767 * 2 * 8) > 1.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define R 4
+#define FLUSH 256
+
+void quantize_rows_int16(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        xs[m] = amax / 32767.f;
+        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)nearbyintf(xr[k] * inv);
+    }
+}
+
+/* rows x 32 products of the inputs [k, k + 32) masked to `mask`, into acc. */
+#define DOT32(rows, mask, k)                                                                  \
+    do {                                                                                      \
+        __m512i a_ = _mm512_maskz_loadu_epi16((mask), x + (k));                               \
+        for (int r = 0; r < (rows); r++) {                                                    \
+            __m256i wb_ = _mm256_maskz_loadu_epi8((mask), w + r * K + (k));                   \
+            acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(wb_), a_);              \
+        }                                                                                     \
+    } while (0)
+
+/* sum over k of w[r, k] * x[k] for `rows` weight rows (row stride K) against one activation row.
+   Inlined with rows = R (a constant: the sums stay in registers) and once for the last tile. */
+static inline __attribute__((always_inline)) void dot_rows(const int8_t *w, int64_t K, const int16_t *x,
+                                                           int rows, float *out) {
+    __m512 total[R];
+    for (int r = 0; r < R; r++) total[r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += FLUSH) {
+        __m512i acc[R];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+        int64_t k1 = k0 + FLUSH < K ? k0 + FLUSH : K;
+        int64_t k = k0;
+        for (; k + 32 <= k1; k += 32) DOT32(rows, (__mmask32)0xFFFFFFFFu, k);
+        if (k < k1) DOT32(rows, (__mmask32)((1u << (k1 - k)) - 1u), k);
+        for (int r = 0; r < rows; r++) total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(acc[r]));
+    }
+    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(total[r]);
+}
+
+void int8_int16_gemm(const int8_t *w, const float *scale, int64_t N, int64_t K, const int16_t *xq,
+                     const float *xs, int64_t M, float *y, int threads) {
+    int64_t tiles = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * R;
+        int rows = N - n0 < R ? (int)(N - n0) : R;
+        float sums[R];
+        for (int64_t m = 0; m < M; m++) {  /* the tile's rows stay in L1 across the activation rows */
+            if (rows == R)
+                dot_rows(w + n0 * K, K, xq + m * K, R, sums);
+            else
+                dot_rows(w + n0 * K, K, xq + m * K, rows, sums);
+            for (int r = 0; r < rows; r++) y[m * N + n0 + r] = sums[r] * scale[n0 + r] * xs[m];
+        }
+    }
+}
