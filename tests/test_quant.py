@@ -19,7 +19,7 @@ from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.cpu_runner import CpuRunner
 from glm4serve.model import int8_kernel
 from glm4serve.model.glm4 import load_model
-from glm4serve.model.quant import Int4Linear, Int8Linear
+from glm4serve.model.quant import DEQUANTIZE_MIN_ROWS, Int4Linear, Int8Linear
 from glm4serve.model.runner import EagerRunner
 from glm4serve.server import build_llm_engine
 
@@ -79,6 +79,34 @@ def test_int8_kernel_is_the_exact_product_but_for_int16_activations(shape, rows)
     got = int8_kernel.int8_matmul(x, q, scale)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert (got.double() - truth).abs().max() <= 1e-4 * truth.abs().max()
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_dequantize_is_the_bf16_of_the_weights(shape):
+    if not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI or no C compiler here: Int8Linear uses torch's kernel")
+    n, k = shape
+    g = torch.Generator().manual_seed(n * k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.01
+    assert torch.equal(int8_kernel.dequantize_bf16(q, scale), (q.float() * scale[:, None]).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [1, DEQUANTIZE_MIN_ROWS - 1, DEQUANTIZE_MIN_ROWS, 100])
+def test_int8_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
+    """Below DEQUANTIZE_MIN_ROWS rows the integer kernel, from there dequantized bf16 weights: both
+    within bf16 rounding of the product over the dequantized weights."""
+    if not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI or no C compiler here: Int8Linear uses torch's kernel")
+    dequantized = []
+    real = int8_kernel.dequantize_bf16
+    monkeypatch.setattr(int8_kernel, "dequantize_bf16", lambda *a: dequantized.append(1) or real(*a))
+    lin = Int8Linear(160, 70, bias=False, dtype=torch.float32)
+    lin.load_weight_rows(0, 70, torch.randn(70, 160))
+    x = torch.randn(rows, 160)
+    want = x.double() @ lin.dequantized().double().T
+    assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
+    assert bool(dequantized) == (rows >= DEQUANTIZE_MIN_ROWS)
 
 
 def test_int8_linear_keeps_the_input_shape_and_dtype():

@@ -75,3 +75,24 @@ void int8_int16_gemm(const int8_t *w, const float *scale, int64_t N, int64_t K, 
         }
     }
 }
+
+/* out bf16 [N, K] = w[n, k] * scale[n], rounded to nearest even: the weights for a bf16 matrix
+   product when many activation rows share them (a prefill chunk), where the CPU's bf16 matrix
+   units outrun the integer dot products above. */
+void dequantize_bf16(const int8_t *w, const float *scale, int64_t N, int64_t K, uint16_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        __m512 s = _mm512_set1_ps(scale[n]);
+        for (int64_t k = 0; k < K; k += 16) {
+            int64_t left = K - k;
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            __m128i q = _mm_maskz_loadu_epi8(mask, w + n * K + k);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
+            /* round to nearest even on the upper 16 bits (no NaNs here: finite int8 x finite scale) */
+            __m512i bits = _mm512_castps_si512(v);
+            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+            _mm256_mask_storeu_epi16(out + n * K + k, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        }
+    }
+}

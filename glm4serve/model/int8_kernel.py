@@ -79,11 +79,34 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.quantize_rows_int16.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_int16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.dequantize_bf16.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+class _Scratch:
+    """One bf16 buffer the dequantized weights of each large product go through, kept between calls:
+    a fresh allocation of that size costs more in page faults than the dequantization itself."""
+
+    buffer = torch.empty(0, dtype=torch.bfloat16)
+
+    @classmethod
+    def take(cls, n: int, k: int) -> torch.Tensor:
+        if cls.buffer.numel() < n * k:
+            cls.buffer = torch.empty(n * k, dtype=torch.bfloat16)
+        return cls.buffer[: n * k].view(n, k)
+
+
+def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """weight int8 [N, K] * scale fp32 [N, 1] -> bf16 [N, K] (rounded to nearest even), in the scratch
+    buffer: valid until the next call."""
+    n, k = weight.shape
+    out = _Scratch.take(n, k)
+    _library().dequantize_bf16(weight.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

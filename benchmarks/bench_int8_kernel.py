@@ -1,0 +1,65 @@
+"""Int8Linear at glm-4-9b-chat's shapes, in one process, taking turns: as served where int8_kernel.py
+builds (int16 activations on AVX-512 VNNI; from DEQUANTIZE_MIN_ROWS rows bf16-dequantized weights
+through oneDNN) against torch's `_weight_int8pack_mm` (bf16 activations) alone; best of --repeats,
+for 1, 32 and 512 rows of bf16 activations, and each one's error against a float64 product (fp32
+activations in and out).
+
+    .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from glm4serve.model import int8_kernel
+from glm4serve.model.quant import Int8Linear
+
+SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696),
+          "output layer": (151552, 4096)}
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    if not int8_kernel.available():
+        raise SystemExit("int8_kernel is not available here (no AVX-512 VNNI or no C compiler)")
+    vnni = int8_kernel.available
+    print("| matrix | rows | ours ms | torch int8pack ms | speedup | error: ours / int8pack |")
+    print("|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        lin = Int8Linear(k, n, False, torch.bfloat16)
+        lin.load_weight_rows(0, n, torch.randn(n, k))
+        truth_w = lin.dequantized().double()
+        for rows in (1, 32, 512):
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            x32 = x.float()  # the error with fp32 in and out: the kernels' own, not the output's rounding
+            truth = x32.double() @ truth_w.T
+            times = {True: [], False: []}
+            errors = {}
+            for use_kernel in (True, False, True, False):
+                int8_kernel.available = vnni if use_kernel else (lambda: False)
+                times[use_kernel].append(best_ms(lambda: lin(x), a.repeats))
+                errors[use_kernel] = ((lin(x32).double() - truth).abs().max() / truth.abs().max()).item()
+            int8_kernel.available = vnni
+            ours, torchs = min(times[True]), min(times[False])
+            print(f"| {name} {n}x{k} | {rows} | {ours:.2f} | {torchs:.2f} | {torchs / ours:.2f}x | "
+                  f"{errors[True]:.1e} / {errors[False]:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
