@@ -2,20 +2,27 @@
 builds (int16 activations on AVX-512 VNNI; from DEQUANTIZE_MIN_ROWS rows bf16-dequantized weights
 through oneDNN) against torch's `_weight_int8pack_mm` (bf16 activations) alone; best of --repeats,
 for 1, 32 and 512 rows of bf16 activations, and each one's error against a float64 product (fp32
-activations in and out).
+activations in and out). With --engine instead, decode steps of the int8 engine on a 9B slice (exact layer
+shapes, --layers of them, full vocabulary), one process, the two taking turns: 1 and 32 streams.
 
-    .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5]
+    .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5] [--engine [--layers 2]]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 
 import torch
 
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.types import SamplingParams
 from glm4serve.model import int8_kernel
 from glm4serve.model.quant import Int8Linear
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from glm4serve.server import build_llm_engine
 
 SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696),
           "output layer": (151552, 4096)}
@@ -31,13 +38,51 @@ def best_ms(fn, repeats: int) -> float:
     return best * 1000
 
 
+def decode_ms(engine, streams: int, tokens: int) -> float:
+    """Mean step time once every stream decodes (prompts of 64 tokens, greedy, `tokens` new)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for i in range(streams):
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", list(range(100 + i, 164 + i)), params)
+    while engine.scheduler.num_requests > len(engine.scheduler.running) or any(
+            s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    t0, steps = time.perf_counter(), 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def engine_ab(layers: int, repeats: int):
+    vnni = int8_kernel.available
+    with tempfile.TemporaryDirectory() as d:
+        path = write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": layers})
+        engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16", quantization="int8",
+                                             kv_cache_memory="1GiB", max_num_seqs=32))
+        print(f"\n{layers}-layer 9B slice, int8, decode step ms (median of {repeats}):")
+        for streams, tokens in ((1, 24), (32, 8)):
+            times = {True: [], False: []}
+            for _ in range(repeats):
+                for use_kernel in (True, False):
+                    int8_kernel.available = vnni if use_kernel else (lambda: False)
+                    times[use_kernel].append(decode_ms(engine, streams, tokens))
+            int8_kernel.available = vnni
+            ours, torchs = statistics.median(times[True]), statistics.median(times[False])
+            print(f"  {streams} streams: ours {ours:.1f} ms, torch int8pack {torchs:.1f} ms, {torchs / ours:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--engine", action="store_true", help="the engine's decode steps on a 9B slice instead")
+    ap.add_argument("--layers", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(2)
     if not int8_kernel.available():
         raise SystemExit("int8_kernel is not available here (no AVX-512 VNNI or no C compiler)")
+    if a.engine:
+        engine_ab(a.layers, 3)
+        return
     vnni = int8_kernel.available
     print("| matrix | rows | ours ms | torch int8pack ms | speedup | error: ours / int8pack |")
     print("|---|---|---|---|---|---|")
