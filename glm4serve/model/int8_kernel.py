@@ -4,7 +4,10 @@
 float: ~30-36 G weights/s on the project's 2 cores, below the memory's read rate, and it takes
 bf16 activations (8 bits). int8_gemm.c quantizes each activation row to int16 (15 bits) and
 multiplies integers with AVX-512 VNNI: one row reads the weights at the memory's rate (1.1-1.3x),
-32 rows run 1.4-1.7x faster, and the product is ~100x closer to exact (BENCHMARKS.md).
+and the product is ~100x closer to exact. From DEQUANTIZE_MIN_ROWS rows on (prefill chunks, big
+decode batches) blocks of the weight are dequantized to bf16 and multiplied by oneDNN, whose bf16
+matrix units (AMX) outrun the integer dot products there: 1.5-2x at 32 rows, 8-10x at 512
+(BENCHMARKS.md).
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
@@ -25,12 +28,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_gemm.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
+DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
 
 
 def _cpu_has_vnni() -> bool:
@@ -87,26 +93,35 @@ def available() -> bool:
     return _library() is not None
 
 
-class _Scratch:
-    """One bf16 buffer the dequantized weights of each large product go through, kept between calls:
-    a fresh allocation of that size costs more in page faults than the dequantization itself."""
-
-    buffer = torch.empty(0, dtype=torch.bfloat16)
-
-    @classmethod
-    def take(cls, n: int, k: int) -> torch.Tensor:
-        if cls.buffer.numel() < n * k:
-            cls.buffer = torch.empty(n * k, dtype=torch.bfloat16)
-        return cls.buffer[: n * k].view(n, k)
-
-
-def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """weight int8 [N, K] * scale fp32 [N, 1] -> bf16 [N, K] (rounded to nearest even), in the scratch
-    buffer: valid until the next call."""
+def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight int8 [N, K] * scale fp32 [N, 1] -> bf16 [N, K] (rounded to nearest even), into `out`."""
     n, k = weight.shape
-    out = _Scratch.take(n, k)
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
     _library().dequantize_bf16(weight.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (weight int8 [N, K] * scale fp32 [N, 1]).T: fp32 [M, N] through the integer kernel below
+    DEQUANTIZE_MIN_ROWS rows, else bf16 [M, N] through `dequantized_matmul`."""
+    if x.shape[0] < DEQUANTIZE_MIN_ROWS:
+        return int8_matmul(x, weight, scale)
+    return dequantized_matmul(x, weight, scale)
+
+
+def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The product with DEQUANTIZE_BLOCK_ROWS weight rows at a time dequantized to bf16 and multiplied
+    by oneDNN (AMX where the CPU has it): each block stays in cache between the two, and the buffer
+    is small (56 MiB for glm-4-9b's down projection). -> bf16 [M, N]."""
+    m, n = x.shape[0], weight.shape[0]
+    x = x.to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    block = torch.empty(min(n, DEQUANTIZE_BLOCK_ROWS), weight.shape[1], dtype=torch.bfloat16)
+    for r0 in range(0, n, DEQUANTIZE_BLOCK_ROWS):
+        r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
+        w = dequantize_bf16(weight[r0:r1], scale[r0:r1], block[: r1 - r0])
+        y[:, r0:r1] = F.linear(x, w)
+    return y
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

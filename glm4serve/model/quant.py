@@ -5,10 +5,8 @@ Weights are quantized while the checkpoint loads, one tensor at a time (loader.p
 bf16/fp32. Activations stay in the model's dtype; each quantized linear gives its output in its
 input's dtype. The kernels:
 - int8: int8_kernel.py's (activations quantized to int16 per row, integer products on AVX-512
-  VNNI) where the CPU has it, else `_weight_int8pack_mm` (bf16 activations). From
-  DEQUANTIZE_MIN_ROWS activation rows on (prefill chunks, big decode batches), the weight is instead
-  dequantized to bf16 (into one reused buffer, for weights up to DEQUANTIZE_MAX_WEIGHTS) and
-  multiplied by oneDNN, whose bf16 matrix units (AMX) outrun the integer dot products there;
+  VNNI; for many rows, blocks of bf16-dequantized weights through oneDNN) where the CPU has
+  AVX-512 VNNI and a C compiler exists, else `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
@@ -19,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import int8_kernel
@@ -28,8 +25,6 @@ QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
 LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
-DEQUANTIZE_MIN_ROWS = 32  # from this many rows, dequantize + bf16 product (measured: BENCHMARKS.md)
-DEQUANTIZE_MAX_WEIGHTS = 128 << 20  # its buffer: 256 MiB (glm-4-9b's gate_up: 112M; the output layer stays)
 
 
 def _row_chunks(start: int, stop: int, w: torch.Tensor, device):
@@ -71,11 +66,7 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu" and int8_kernel.available():
             if self._scale32 is None:  # the kernel's scales in fp32: the same (bf16) values
                 self._scale32 = self.scale.float()
-            rows = x.reshape(-1, self.in_features)
-            if rows.shape[0] >= DEQUANTIZE_MIN_ROWS and self.qweight.numel() <= DEQUANTIZE_MAX_WEIGHTS:
-                y = F.linear(rows.to(torch.bfloat16), int8_kernel.dequantize_bf16(self.qweight, self._scale32))
-            else:
-                y = int8_kernel.int8_matmul(rows, self.qweight, self._scale32)
+            y = int8_kernel.matmul(x.reshape(-1, self.in_features), self.qweight, self._scale32)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
