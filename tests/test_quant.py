@@ -20,7 +20,7 @@ from glm4serve.model.cpu_runner import CpuRunner
 from glm4serve.model import int8_kernel
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.int8_kernel import DEQUANTIZE_MIN_ROWS
-from glm4serve.model.quant import Int4Linear, Int8Linear
+from glm4serve.model.quant import INT4_DEQUANTIZE_MIN_ROWS, Int4Linear, Int8Linear
 from glm4serve.model.runner import EagerRunner
 from glm4serve.server import build_llm_engine
 
@@ -109,6 +109,24 @@ def test_int8_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
     assert len(dequantized) == (3 if rows >= DEQUANTIZE_MIN_ROWS else 0)
+
+
+@pytest.mark.parametrize("rows", [1, INT4_DEQUANTIZE_MIN_ROWS - 1, INT4_DEQUANTIZE_MIN_ROWS, 200])
+def test_int4_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
+    """From INT4_DEQUANTIZE_MIN_ROWS rows, blocks of the weight unpacked from torch's int4 layout to bf16
+    (int8_gemm.c): the product over the dequantized weights, within bf16 rounding, as torch's kernel."""
+    if not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
+    calls = []
+    real = int8_kernel.int4_dequantized_matmul
+    monkeypatch.setattr(int8_kernel, "int4_dequantized_matmul", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(int8_kernel, "DEQUANTIZE_BLOCK_ROWS", 64)  # 192 rows: three blocks of one tile
+    lin = Int4Linear(256, 192, bias=False, dtype=torch.float32, group=64)
+    lin.load_weight_rows(0, 192, torch.randn(192, 256))
+    x = torch.randn(rows, 256)
+    want = x.double() @ lin.dequantized().double().T
+    assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
+    assert bool(calls) == (rows >= INT4_DEQUANTIZE_MIN_ROWS)
 
 
 def test_int8_linear_keeps_the_input_shape_and_dtype():

@@ -76,6 +76,14 @@ void int8_int16_gemm(const int8_t *w, const float *scale, int64_t N, int64_t K, 
     }
 }
 
+/* 16 floats -> 16 bf16, rounded to nearest even (no NaNs come here: finite weights and scales). */
+static inline __m256i to_bf16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
 /* out bf16 [N, K] = w[n, k] * scale[n], rounded to nearest even: the weights for a bf16 matrix
    product when many activation rows share them (a prefill chunk), where the CPU's bf16 matrix
    units outrun the integer dot products above. */
@@ -88,11 +96,38 @@ void dequantize_bf16(const int8_t *w, const float *scale, int64_t N, int64_t K, 
             __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
             __m128i q = _mm_maskz_loadu_epi8(mask, w + n * K + k);
             __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
-            /* round to nearest even on the upper 16 bits (no NaNs here: finite int8 x finite scale) */
-            __m512i bits = _mm512_castps_si512(v);
-            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-            _mm256_mask_storeu_epi16(out + n * K + k, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+            _mm256_mask_storeu_epi16(out + n * K + k, mask, to_bf16(v));
+        }
+    }
+}
+
+/* torch's CPU int4 layout (quant.py's Int4Linear): `packed` is [N / 64][K][32] bytes, byte j of
+   (tile t, input k) holding row 64t + j in its low nibble and row 64t + 32 + j in its high one;
+   `sz` is [K / group][N] pairs of bf16 (scale, zero), w = (q - 8) * scale + zero.
+   -> out bf16 [K][rows]: rows [r0, r0 + rows) (multiples of 64) transposed, each (tile, k) 64 contiguous
+   values, for x @ out. */
+void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group,
+                          int64_t r0, int64_t rows, uint16_t *out, int threads) {
+    const __m512 eight = _mm512_set1_ps(8.f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t k = 0; k < K; k++) {
+        const uint32_t *pairs = sz + (k / group) * N;
+        for (int64_t t = 0; t < rows / 64; t++) {
+            int64_t tile = r0 / 64 + t;
+            __m256i b = _mm256_loadu_si256((const __m256i *)(packed + (tile * K + k) * 32));
+            __m256i nibbles[2] = {_mm256_and_si256(b, _mm256_set1_epi8(0x0F)),
+                                  _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F))};
+            for (int h = 0; h < 2; h++)        /* low nibbles: rows 0-31 of the tile; high: 32-63 */
+                for (int part = 0; part < 2; part++) {  /* 16 rows at a time */
+                    int64_t row = tile * 64 + h * 32 + part * 16;
+                    __m512i p = _mm512_loadu_si512(pairs + row);  /* 16 (scale, zero) pairs */
+                    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+                    __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000)));
+                    __m128i q8 = part ? _mm256_extracti128_si256(nibbles[h], 1) : _mm256_castsi256_si128(nibbles[h]);
+                    __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
+                    _mm256_storeu_si256((__m256i *)(out + k * rows + t * 64 + h * 32 + part * 16),
+                                        to_bf16(_mm512_fmadd_ps(q, scale, zero)));
+                }
         }
     }
 }

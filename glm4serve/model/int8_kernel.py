@@ -86,6 +86,7 @@ def _library() -> ctypes.CDLL | None:
     lib.quantize_rows_int16.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_int16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.dequantize_bf16.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.dequantize_int4_bf16.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -121,6 +122,24 @@ def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
         w = dequantize_bf16(weight[r0:r1], scale[r0:r1], block[: r1 - r0])
         y[:, r0:r1] = F.linear(x, w)
+    return y
+
+
+def int4_dequantized_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                            group: int) -> torch.Tensor:
+    """x [M, K] @ the int4 weight in torch's CPU packed layout (quant.py's Int4Linear) .T -> bf16 [M, N],
+    DEQUANTIZE_BLOCK_ROWS rows at a time dequantized (transposed) to bf16 and multiplied by oneDNN."""
+    m, k = x.shape
+    n = scales_and_zeros.shape[1]
+    x = x.to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    block = torch.empty(k * min(n, DEQUANTIZE_BLOCK_ROWS), dtype=torch.bfloat16)
+    for r0 in range(0, n, DEQUANTIZE_BLOCK_ROWS):
+        r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
+        w_t = block[: k * (r1 - r0)].view(k, r1 - r0)  # [K, rows]
+        _library().dequantize_int4_bf16(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, r0, r1 - r0,
+                                        w_t.data_ptr(), torch.get_num_threads())
+        y[:, r0:r1] = x @ w_t
     return y
 
 

@@ -8,7 +8,8 @@ input's dtype. The kernels:
   VNNI; for many rows, blocks of bf16-dequantized weights through oneDNN) where the CPU has
   AVX-512 VNNI and a C compiler exists, else `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
-  scale and a zero point per group of INT4_GROUP inputs.
+  scale and a zero point per group of INT4_GROUP inputs; for many rows (where int8_kernel.py builds),
+  blocks of the weight dequantized to bf16 from that layout and multiplied by oneDNN.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -24,6 +25,9 @@ from . import int8_kernel
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
+# from this many rows, int4 goes through bf16-dequantized blocks (measured at glm-4-9b's shapes: 0.7-0.8x
+# torch's kernel at 32 rows, 1.2-2.8x at 64, ~9x at 512)
+INT4_DEQUANTIZE_MIN_ROWS = 64
 LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
 
 
@@ -132,8 +136,14 @@ class Int4Linear(nn.Module):
                                                          self.scales_and_zeros.float()).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
-                                                      self.scales_and_zeros).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if (rows.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS and x.device.type == "cpu"
+                and self.out_features % PACK_TILE_ROWS == 0 and int8_kernel.available()):
+            y = int8_kernel.int4_dequantized_matmul(rows, self.packed, self.scales_and_zeros, self.group)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
+                                                          self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
