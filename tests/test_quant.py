@@ -74,7 +74,7 @@ def test_int8_kernel_is_the_exact_product_but_for_int16_activations(shape, rows)
     n, k = shape
     g = torch.Generator().manual_seed(n + k + rows)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    scale = torch.rand(n, generator=g) * 0.01
+    scale = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)  # as Int8Linear keeps them
     x = torch.randn(rows, k, generator=g)
     truth = x.double() @ (q.double() * scale.double()[:, None]).T
     got = int8_kernel.int8_matmul(x, q, scale)
@@ -89,8 +89,8 @@ def test_int8_dequantize_is_the_bf16_of_the_weights(shape):
     n, k = shape
     g = torch.Generator().manual_seed(n * k)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    scale = torch.rand(n, generator=g) * 0.01
-    assert torch.equal(int8_kernel.dequantize_bf16(q, scale), (q.float() * scale[:, None]).to(torch.bfloat16))
+    scale = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+    assert torch.equal(int8_kernel.dequantize_bf16(q, scale), (q.float() * scale.float()[:, None]).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", [1, DEQUANTIZE_MIN_ROWS - 1, DEQUANTIZE_MIN_ROWS, 100])
@@ -118,8 +118,8 @@ def test_int4_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
     calls = []
-    real = int8_kernel.int4_dequantized_matmul
-    monkeypatch.setattr(int8_kernel, "int4_dequantized_matmul", lambda *a: calls.append(1) or real(*a))
+    real = int8_kernel.int4_matmul
+    monkeypatch.setattr(int8_kernel, "int4_matmul", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(int8_kernel, "DEQUANTIZE_BLOCK_ROWS", 64)  # 192 rows: three blocks of one tile
     lin = Int4Linear(256, 192, bias=False, dtype=torch.float32, group=64)
     lin.load_weight_rows(0, 192, torch.randn(192, 256))

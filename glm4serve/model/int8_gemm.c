@@ -2,7 +2,7 @@
  * int8_kernel.py with the system C compiler, threads from the OpenMP runtime torch has loaded).
  *
  * y[m, n] = scale[n] * xs[m] * sum_k w[n, k] * xq[m, k]
- *   w  int8 [N, K], one scale per output row (the weights as quant.py stores them);
+ *   w  int8 [N, K], one bf16 scale per output row (the weights as quant.py stores them);
  *   xq int16 [M, K], one scale per row: x / xs rounded, xs = max|x| / 32767, so the activations
  *      keep ~15 bits (bf16 keeps 8): the int8 weights are the only rounding that matters.
  *
@@ -17,6 +17,11 @@
 
 #define R 4
 #define FLUSH 256
+
+static inline float bf16_to_float(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
 
 void quantize_rows_int16(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
@@ -58,7 +63,7 @@ static inline __attribute__((always_inline)) void dot_rows(const int8_t *w, int6
     for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(total[r]);
 }
 
-void int8_int16_gemm(const int8_t *w, const float *scale, int64_t N, int64_t K, const int16_t *xq,
+void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const int16_t *xq,
                      const float *xs, int64_t M, float *y, int threads) {
     int64_t tiles = (N + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -71,7 +76,7 @@ void int8_int16_gemm(const int8_t *w, const float *scale, int64_t N, int64_t K, 
                 dot_rows(w + n0 * K, K, xq + m * K, R, sums);
             else
                 dot_rows(w + n0 * K, K, xq + m * K, rows, sums);
-            for (int r = 0; r < rows; r++) y[m * N + n0 + r] = sums[r] * scale[n0 + r] * xs[m];
+            for (int r = 0; r < rows; r++) y[m * N + n0 + r] = sums[r] * bf16_to_float(scale[n0 + r]) * xs[m];
         }
     }
 }
@@ -87,10 +92,10 @@ static inline __m256i to_bf16(__m512 v) {
 /* out bf16 [N, K] = w[n, k] * scale[n], rounded to nearest even: the weights for a bf16 matrix
    product when many activation rows share them (a prefill chunk), where the CPU's bf16 matrix
    units outrun the integer dot products above. */
-void dequantize_bf16(const int8_t *w, const float *scale, int64_t N, int64_t K, uint16_t *out, int threads) {
+void dequantize_bf16(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, uint16_t *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        __m512 s = _mm512_set1_ps(scale[n]);
+        __m512 s = _mm512_set1_ps(bf16_to_float(scale[n]));
         for (int64_t k = 0; k < K; k += 16) {
             int64_t left = K - k;
             __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);

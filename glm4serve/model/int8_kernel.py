@@ -53,14 +53,17 @@ def _cache_dir() -> Path:
     return Path(root) / "glm4serve" / "kernels"
 
 
-def _build() -> Path:
+def _compiler() -> str | None:
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _build(compiler: str) -> Path:
     """The shared library, compiled once per source and flags (atomically: ranks may race)."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"int8_gemm-{key}.so"
     if target.is_file():
         return target
-    compiler = next(c for c in ("cc", "gcc", "clang") if shutil.which(c))
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
@@ -73,11 +76,12 @@ def _build() -> Path:
 def _library() -> ctypes.CDLL | None:
     if not _cpu_has_vnni():
         return None
-    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+    compiler = _compiler()
+    if compiler is None:
         log.info("no C compiler: int8 linears use torch's _weight_int8pack_mm")
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("int8 kernel not built (%s): int8 linears use torch's _weight_int8pack_mm",
                     getattr(e, "stderr", None) or e)
@@ -95,7 +99,7 @@ def available() -> bool:
 
 
 def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """weight int8 [N, K] * scale fp32 [N, 1] -> bf16 [N, K] (rounded to nearest even), into `out`."""
+    """weight int8 [N, K] * scale bf16 [N, 1] -> bf16 [N, K] (rounded to nearest even), into `out`."""
     n, k = weight.shape
     out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
     _library().dequantize_bf16(weight.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
@@ -103,48 +107,45 @@ def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (weight int8 [N, K] * scale fp32 [N, 1]).T: fp32 [M, N] through the integer kernel below
-    DEQUANTIZE_MIN_ROWS rows, else bf16 [M, N] through `dequantized_matmul`."""
+    """x [M, K] @ (weight int8 [N, K] * scale bf16 [N, 1]).T: fp32 [M, N] through the integer kernel below
+    DEQUANTIZE_MIN_ROWS rows, else bf16 [M, N] with the weight dequantized a block at a time."""
     if x.shape[0] < DEQUANTIZE_MIN_ROWS:
         return int8_matmul(x, weight, scale)
-    return dequantized_matmul(x, weight, scale)
+    return blockwise_matmul(x, weight.shape[0],
+                            lambda r0, r1, block: dequantize_bf16(weight[r0:r1], scale[r0:r1], block.view(r1 - r0, -1)))
 
 
-def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The product with DEQUANTIZE_BLOCK_ROWS weight rows at a time dequantized to bf16 and multiplied
-    by oneDNN (AMX where the CPU has it): each block stays in cache between the two, and the buffer
-    is small (56 MiB for glm-4-9b's down projection). -> bf16 [M, N]."""
-    m, n = x.shape[0], weight.shape[0]
-    x = x.to(torch.bfloat16)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    block = torch.empty(min(n, DEQUANTIZE_BLOCK_ROWS), weight.shape[1], dtype=torch.bfloat16)
-    for r0 in range(0, n, DEQUANTIZE_BLOCK_ROWS):
-        r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
-        w = dequantize_bf16(weight[r0:r1], scale[r0:r1], block[: r1 - r0])
-        y[:, r0:r1] = F.linear(x, w)
-    return y
-
-
-def int4_dequantized_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
-                            group: int) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] @ the int4 weight in torch's CPU packed layout (quant.py's Int4Linear) .T -> bf16 [M, N],
-    DEQUANTIZE_BLOCK_ROWS rows at a time dequantized (transposed) to bf16 and multiplied by oneDNN."""
-    m, k = x.shape
-    n = scales_and_zeros.shape[1]
-    x = x.to(torch.bfloat16)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    block = torch.empty(k * min(n, DEQUANTIZE_BLOCK_ROWS), dtype=torch.bfloat16)
-    for r0 in range(0, n, DEQUANTIZE_BLOCK_ROWS):
-        r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
-        w_t = block[: k * (r1 - r0)].view(k, r1 - r0)  # [K, rows]
+    the weight dequantized a block at a time (transposed: that layout runs along the rows)."""
+    n, k = scales_and_zeros.shape[1], x.shape[1]
+
+    def dequantize(r0: int, r1: int, block: torch.Tensor) -> torch.Tensor:
+        w_t = block.view(k, r1 - r0)  # [K, rows]
         _library().dequantize_int4_bf16(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, r0, r1 - r0,
                                         w_t.data_ptr(), torch.get_num_threads())
-        y[:, r0:r1] = x @ w_t
+        return w_t.t()  # [rows, K], a view
+
+    return blockwise_matmul(x, n, dequantize)
+
+
+def blockwise_matmul(x: torch.Tensor, n: int, dequantize) -> torch.Tensor:
+    """x [M, K] @ W.T -> bf16 [M, N], W's rows DEQUANTIZE_BLOCK_ROWS at a time made bf16 by
+    `dequantize(r0, r1, buffer) -> [r1 - r0, K]` and multiplied by oneDNN (AMX where the CPU has it):
+    each block stays in cache between the two, and the buffer is small (56 MiB for glm-4-9b's down
+    projection)."""
+    m, k = x.shape
+    x = x.to(torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    buffer = torch.empty(min(n, DEQUANTIZE_BLOCK_ROWS) * k, dtype=torch.bfloat16)
+    for r0 in range(0, n, DEQUANTIZE_BLOCK_ROWS):
+        r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
+        y[:, r0:r1] = F.linear(x, dequantize(r0, r1, buffer[: (r1 - r0) * k]))
     return y
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ (weight int8 [N, K] * scale fp32 [N, 1]).T -> [M, N] fp32."""
+    """x [M, K] (any float dtype) @ (weight int8 [N, K] * scale bf16 [N, 1]).T -> [M, N] fp32."""
     lib = _library()
     m, k = x.shape
     n = weight.shape[0]

@@ -49,7 +49,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self._scale32: torch.Tensor | None = None
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -61,16 +60,13 @@ class Int8Linear(nn.Module):
             scale = (chunk.abs().amax(1).clamp(min=1e-12) / 127).to(torch.bfloat16)  # [rows], as it is kept
             self.qweight[r0:r1] = chunk.div_(scale.float()[:, None]).round_().clamp_(-127, 127)  # in place
             self.scale[r0:r1] = scale
-        self._scale32 = None
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.float()[:, None]  # [out, in] fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and int8_kernel.available():
-            if self._scale32 is None:  # the kernel's scales in fp32: the same (bf16) values
-                self._scale32 = self.scale.float()
-            y = int8_kernel.matmul(x.reshape(-1, self.in_features), self.qweight, self._scale32)
+            y = int8_kernel.matmul(x.reshape(-1, self.in_features), self.qweight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
@@ -139,7 +135,7 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if (rows.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS and x.device.type == "cpu"
                 and self.out_features % PACK_TILE_ROWS == 0 and int8_kernel.available()):
-            y = int8_kernel.int4_dequantized_matmul(rows, self.packed, self.scales_and_zeros, self.group)
+            y = int8_kernel.int4_matmul(rows, self.packed, self.scales_and_zeros, self.group)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
                                                           self.scales_and_zeros)
