@@ -1,5 +1,5 @@
-"""fp32 CPU linears (model/cpu_linear.py): a weight packed by oneDNN for batches, plain for one-row
-reductions, or both. Every way must give F.linear's numbers."""
+"""fp32 CPU linears (model/cpu_linear.py): a weight packed by oneDNN, or plain for one-row reductions
+inside a compiled graph, never both. Every way must give F.linear's numbers."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def assert_close(got: torch.Tensor, want: torch.Tensor):
 @pytest.mark.parametrize("rows", [1, 3, 32])
 def test_packed_equals_f_linear(bias, rows):
     lin = linear(96, 64, bias)
-    packed = CpuLinear(lin, packed=True, plain=False)
-    assert packed.plain is None and packed.one_row is None  # no second copy, no compiled kernel
+    packed = CpuLinear(lin, plain=False)
+    assert packed.plain is None and packed.weight.is_mkldnn  # one copy, in oneDNN's layout
     x = torch.randn(rows, 64)
     assert_close(packed(x), F.linear(x, lin.weight, lin.bias))
 
@@ -38,8 +38,8 @@ def test_packed_equals_f_linear(bias, rows):
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_plain_weight_serves_batches_eagerly_and_one_row_inside_a_graph(bias):
     lin = linear(200, 48, bias, seed=1)
-    plain = CpuLinear(lin, packed=False, plain=True)
-    assert plain.packed is plain.plain and plain.one_row is None  # one copy, read by oneDNN and the graph
+    plain = CpuLinear(lin, plain=True)
+    assert plain.weight is plain.plain and not plain.weight.is_mkldnn  # one copy, read by oneDNN and the graph
     for rows in (1, 3, 32):
         x = torch.randn(rows, 48)
         assert_close(plain(x), F.linear(x, lin.weight, lin.bias))
@@ -47,27 +47,6 @@ def test_a_plain_weight_serves_batches_eagerly_and_one_row_inside_a_graph(bias):
     graph = torch.compile(lambda layer, x: layer(x) * 2, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         assert_close(graph(plain, x), 2 * F.linear(x, lin.weight, lin.bias))
-
-
-@needs_compiler
-@pytest.mark.parametrize("bias", [False, True])
-def test_both_copies_use_the_one_row_kernel_for_one_row_only(bias):
-    lin = linear(200, 48, bias, seed=2)
-    both = CpuLinear(lin, packed=True, plain=True, one_row_kernel=True)
-    assert both.plain is not None and both.packed is not both.plain and both.one_row is not None
-    calls = []
-    kernel = both.one_row
-    both.one_row = lambda w, x: calls.append(x.shape) or kernel(w, x)
-    with torch.inference_mode():
-        for rows in (1, 2, 1, 17):
-            x = torch.randn(rows, 48)
-            assert_close(both(x), F.linear(x, lin.weight, lin.bias))
-    assert calls == [torch.Size([1, 48])] * 2  # batches of several rows went through oneDNN
-
-
-def test_a_weight_is_held_packed_or_plain():
-    with pytest.raises(ValueError, match="packed, plain or both"):
-        CpuLinear(linear(8, 8, False), packed=False, plain=False)
 
 
 def test_hugepage_memory_is_aligned_zeroed_and_outlives_its_source():

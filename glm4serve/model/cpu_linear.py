@@ -8,16 +8,15 @@ Decode is a matrix-vector product per layer, bound by memory reads. Measured on 
 | 1 row  (one stream) | ~11 GB/s                 | ~27 GB/s      | ~32 GB/s (the machine: ~34)   |
 | 32 rows             | 75 ms                    | 25 ms         | (re-reads the weight per row) |
 
-So a CpuLinear holds its weight either packed by oneDNN for a batch of 32 (the packing hint
-changes oneDNN's layout: 30-45% faster at 32 rows than the batch-1 hint, equal at one row), or
-plain in huge-page memory, or both:
-- plain: one-row products are `(W * x).sum(-1)`, which inductor fuses into one reduction that
-  streams W once at nearly the machine's read bandwidth; inside a compiled graph (the CPU
-  runner's decode step) that is what the layer computes, and oneDNN reads the plain weight for
-  batches (~equal at one row, ~30% slower at 32 rows than packed, and no second copy).
-- packed and plain: the output layer of a model whose decode is bound by reading it keeps both,
-  and runs eager one-row products through a kernel compiled for its shape. The second copy costs
-  +310 MB here, +2.5 GB for glm-4-9b in fp32.
+So a CpuLinear holds its weight in one copy, either packed by oneDNN for a batch of 32 (the packing
+hint changes oneDNN's layout: 30-45% faster at 32 rows than the batch-1 hint, equal at one row), or
+plain in huge-page memory:
+- packed: every product goes through oneDNN.
+- plain: inside a compiled graph (the CPU runner's one-token decode step) a one-row product is
+  `(W * x).sum(-1)`, which inductor fuses into one reduction that streams W once at nearly the
+  machine's read bandwidth; eager products (batches, a prefill's last row) go through oneDNN over
+  the plain weight (~equal at one row, ~30% slower at 32 rows than packed).
+No weight is ever held twice: a second copy of glm-4-9b's output layer alone would be +2.5 GB in fp32.
 
 bf16 weights are packed by oneDNN, one copy: it reads them with the CPU's bf16 dot products at up
 to ~59 GB/s for one row (glm-4-9b's output layer), where `F.linear` reaches ~21 GB/s.
@@ -25,13 +24,10 @@ to ~59 GB/s for one row (glm-4-9b's output layer), where `F.linear` reaches ~21 
 
 from __future__ import annotations
 
-import logging
 import mmap
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows
 STREAMED_WEIGHT_BYTES = 64 << 20  # above this a weight lives in DRAM, not cache, during decode
@@ -64,52 +60,33 @@ def one_row_product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weight * x).sum(-1)[None]
 
 
-def compile_one_row_product(weight: torch.Tensor):
-    """The compiled kernel, warmed for this weight's shape now rather than on the first request
-    (inductor caches it on disk too)."""
-    fn = torch.compile(one_row_product, dynamic=False, fullgraph=True)
-    with torch.inference_mode():
-        fn(weight, torch.zeros(1, weight.shape[1], dtype=weight.dtype))
-    return fn
-
-
 class CpuLinear(nn.Module):
-    """An fp32 or bf16 nn.Linear's weight held packed (oneDNN), plain (huge pages) or both; see above.
-    one_row_kernel: with both, eager one-row products go through a compiled reduction."""
+    """An fp32 or bf16 nn.Linear's weight held packed (oneDNN) or plain (huge pages); see above."""
 
-    def __init__(self, linear: nn.Linear, packed: bool, plain: bool, one_row_kernel: bool = False):
+    def __init__(self, linear: nn.Linear, plain: bool):
         super().__init__()
-        if not (packed or plain):
-            raise ValueError("a CpuLinear holds its weight packed, plain or both")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.plain = hugepage_copy(weight) if plain else None  # [out, in]
         # packed: [out, in] re-laid out in oneDNN's blocked format (an opaque mkldnn tensor)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT) if packed else self.plain
-        self.one_row = compile_one_row_product(self.plain) if one_row_kernel and packed and plain else None
+        self.weight = self.plain if plain else torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is not None and x.shape[0] == 1:
-            if torch.compiler.is_compiling():  # traced into a graph: the fused reduction
-                y = one_row_product(self.plain, x)
-                return y if self.bias is None else y + self.bias
-            if self.one_row is not None:
-                y = self.one_row(self.plain, x)
-                return y if self.bias is None else y + self.bias
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.plain is not None and x.shape[0] == 1 and torch.compiler.is_compiling():
+            y = one_row_product(self.plain, x)  # traced into a graph: the fused reduction
+            return y if self.bias is None else y + self.bias
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def swap_linears(model: nn.Module, plain_for: tuple[str, ...], packed_for: tuple[str, ...]) -> int:
-    """Replace every fp32 or bf16 nn.Linear of `model` by a CpuLinear, in place, the old weight dropped: those
-    whose attribute name is in plain_for keep a plain weight, those in packed_for a packed one
-    (both: both, with the one-row kernel; neither: packed). Returns how many were swapped."""
+def swap_linears(model: nn.Module, plain_for: tuple[str, ...]) -> int:
+    """Replace every fp32 or bf16 nn.Linear of `model` by a CpuLinear, in place, the old weight dropped:
+    those whose attribute name is in plain_for hold a plain weight, the others a packed one.
+    Returns how many were swapped."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.dtype in (torch.float32, torch.bfloat16):
-                plain = name in plain_for
-                packed = name in packed_for or not plain
-                setattr(parent, name, CpuLinear(child, packed=packed, plain=plain, one_row_kernel=plain and packed))
+                setattr(parent, name, CpuLinear(child, plain=name in plain_for))
                 swapped += 1
     return swapped

@@ -66,11 +66,11 @@ class CpuRunner(EagerRunner):
         # a tensor-parallel shard decodes eagerly: its collectives (tp.py) run between the layers' ops
         self.compiled = (fp32_dense and model.shard.world == 1 and nbytes(model) > COMPILED_DECODE_MIN_BYTES
                          and compiler_available())
-        # The output layer, when decode is bound by reading it, keeps a plain copy too (cpu_linear.py).
+        # The output layer joins the last graph (a plain weight) when decode is bound by reading it;
+        # a small one stays packed for batches (cpu_linear.py).
         head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
                       and nbytes(model.lm_head) > STREAMED_WEIGHT_BYTES)
-        plain_for = (LAYER_LINEARS if self.compiled else ()) + (("lm_head",) if head_plain else ())
-        swap_linears(model, plain_for=plain_for, packed_for=("lm_head",))
+        swap_linears(model, plain_for=(LAYER_LINEARS if self.compiled else ()) + (("lm_head",) if head_plain else ()))
         # The KV cache in huge pages too: decode streams it like the weights.
         super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
         self.one_token = OneTokenStep(model, block_size, head_plain) if self.compiled else None
