@@ -61,7 +61,57 @@ def test_int8_kernel_is_built_where_the_cpu_has_avx512_vnni():
     import shutil
 
     compiler = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-    assert int8_kernel.available() == (int8_kernel._cpu_has_vnni() and compiler)
+    assert int8_kernel.available() == (int8_kernel._cpu_has(int8_kernel.CPU_FLAGS) and compiler)
+
+
+def test_int8_amx_kernel_is_built_where_the_cpu_has_amx_int8():
+    """Likewise the AMX kernel, wherever the other builds and the CPU has AMX-INT8 (Linux grants its
+    tiles to any process that asks)."""
+    amx_cpu = int8_kernel._cpu_has(int8_kernel.AMX_CPU_FLAGS)
+    assert (int8_kernel._amx_library() is not None) == (int8_kernel.available() and amx_cpu)
+
+
+AMX_SHAPES = [(32, 64), (96, 192), (4608, 4096)]
+
+
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [2, 16, 17, 33, int8_kernel.AMX_MAX_ROWS - 1])
+def test_int8_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
+    """The tiles multiply the int16 activations' two bytes separately: the sums are the VNNI kernel's
+    integers, so the outputs agree to fp32 rounding, and both are within 1e-4 of the float64 product."""
+    if int8_kernel._amx_library() is None:
+        pytest.skip("no AMX-INT8 here (or no VNNI kernel): int8 batches take the other paths")
+    n, k = shape
+    assert int8_kernel.amx_fits(rows, n, k)
+    g = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    q[0, :] = -127  # the largest sums either kernel can meet
+    scale = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g)
+    x[0, :] = -x[0].abs().max()
+    truth = x.double() @ (q.double() * scale.double()[:, None]).T
+    got = int8_kernel.int8_amx_matmul(x, q, scale)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    torch.testing.assert_close(got, int8_kernel.int8_matmul(x, q, scale), rtol=1e-6, atol=1e-6 * truth.abs().max())
+    assert (got.double() - truth).abs().max() <= 1e-4 * truth.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 100, int8_kernel.AMX_MAX_ROWS])
+def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, monkeypatch):
+    """One row: the VNNI kernel; 2 to AMX_MAX_ROWS - 1: the tiles (where the CPU has them); from there
+    the dequantized bf16 blocks. Each gives the product over the dequantized weights."""
+    if int8_kernel._amx_library() is None:
+        pytest.skip("no AMX-INT8 here (or no VNNI kernel): int8 batches take the other paths")
+    calls = []
+    for name in ("int8_matmul", "int8_amx_matmul", "blockwise_matmul"):
+        real = getattr(int8_kernel, name)
+        monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    lin = Int8Linear(128, 96, bias=False, dtype=torch.float32)
+    lin.load_weight_rows(0, 96, torch.randn(96, 128))
+    x = torch.randn(rows, 128)
+    want = x.double() @ lin.dequantized().double().T
+    assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
+    assert calls == [{1: "int8_matmul", int8_kernel.AMX_MAX_ROWS: "blockwise_matmul"}.get(rows, "int8_amx_matmul")]
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -95,8 +145,9 @@ def test_int8_dequantize_is_the_bf16_of_the_weights(shape):
 
 @pytest.mark.parametrize("rows", [1, DEQUANTIZE_MIN_ROWS - 1, DEQUANTIZE_MIN_ROWS, 100])
 def test_int8_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
-    """Below DEQUANTIZE_MIN_ROWS rows the integer kernel, from there dequantized bf16 weights: both
-    within bf16 rounding of the product over the dequantized weights."""
+    """A shape the AMX kernel does not take (70 outputs): below DEQUANTIZE_MIN_ROWS rows the VNNI
+    kernel, from there dequantized bf16 weights: both within bf16 rounding of the product over the
+    dequantized weights."""
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int8Linear uses torch's kernel")
     dequantized = []
@@ -188,6 +239,9 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
     engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", quantization=scheme, num_kv_blocks=64,
                                          block_size=4))
     assert isinstance(engine.runner, CpuRunner)
+    linears = quantized_linears(engine.runner.model).values()
+    weights = [m.qweight if isinstance(m, Int8Linear) else m.packed for m in linears]
+    assert linears and all(w.data_ptr() % (2 << 20) == 0 for w in weights)  # moved to huge-page memory
     prompt = [11, 23, 5, 99, 42, 7, 64, 3]
     engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     got = []

