@@ -180,6 +180,26 @@ def test_int4_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
     assert bool(calls) == (rows >= INT4_DEQUANTIZE_MIN_ROWS)
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (256, 192), (4096, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int4_one_row_kernel_is_the_exact_product_but_for_int16_activations(shape, monkeypatch):
+    """One row through int8_gemm.c's int4_gemv (groups of 32 and 64 inputs): within 1e-4 of the float64
+    product over the dequantized weights (torch's kernel, bf16 activations, lands ~2e-3 away)."""
+    if not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
+    calls = []
+    real = int8_kernel.int4_gemv
+    monkeypatch.setattr(int8_kernel, "int4_gemv", lambda *a: calls.append(1) or real(*a))
+    k, n = shape
+    lin = Int4Linear(k, n, bias=False, dtype=torch.float32)
+    lin.load_weight_rows(0, n, torch.randn(n, k))
+    x = torch.randn(1, k)
+    x[0, :2] = -x.abs().max()  # the largest activations, negative: the int16 pairs' sign bits
+    want = x.double() @ lin.dequantized().double().T
+    got = lin(x)
+    assert calls == [1] and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_int8_linear_keeps_the_input_shape_and_dtype():
     lin = Int8Linear(96, 37, bias=True, dtype=torch.bfloat16)
     lin.load_weight_rows(0, 37, torch.randn(37, 96))

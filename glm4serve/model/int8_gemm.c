@@ -141,3 +141,68 @@ void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, 
         }
     }
 }
+
+/* y [N] = xs * xq [K] @ W.T for one activation row (quantized to int16 by quantize_rows_int16), W in
+   the int4 layout above, the weights exact: per group of inputs and row, scale * sum(xq * q) * xs +
+   (zero - 8 * scale) * sum(xq) * xs. Each program takes a tile of 64 rows and reads its K * 32 bytes
+   in one sequential stream. Two inputs at a time: their bytes interleaved per row and widened to
+   int16 pairs for vpdpwssd, so the 64 rows' sums sit in 4 vectors in the order
+   {0-7, 16-23}, {8-15, 24-31}, {32-39, 48-55}, {40-47, 56-63}; each group's sums are put back in
+   row order before they are scaled. K and the group size are even; sums stay below 15 * 32767 * group. */
+/* the int4 stream asks further ahead than the int8 one: 18.4 GB/s from memory against 15.1 at 512
+   bytes (measured 2048 / 4096 / 8192 / 16384 on glm-4-9b's output layer) */
+#define INT4_PREFETCH 4096
+#define SZ_AHEAD 4
+
+void int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const int16_t *xq,
+               float xs, float *y, int threads) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t tile = 0; tile < N / 64; tile++) {
+        const uint8_t *p = packed + tile * K * 32;
+        __m512 out[4];
+        for (int v = 0; v < 4; v++) out[v] = _mm512_setzero_ps();
+        for (int64_t k0 = 0; k0 < K; k0 += group) {
+            /* the (scale, zero) rows of a group SZ_AHEAD groups on lie N pairs apart, out of the
+               prefetchers' reach: asked for here, 15.7 ms for the output layer instead of 18.2 */
+            int64_t ahead = k0 / group + SZ_AHEAD, next_tile = tile + ahead / (K / group);
+            if (next_tile < N / 64) {
+                const char *line = (const char *)(sz + (ahead % (K / group)) * N + next_tile * 64);
+                for (int c = 0; c < 4; c++) _mm_prefetch(line + 64 * c, _MM_HINT_T0);
+            }
+            __m512i acc[4];
+            for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
+            int32_t xsum = 0;
+            for (int64_t k = k0; k < k0 + group; k += 2) {
+                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH), _MM_HINT_T0);
+                __m256i b0 = _mm256_loadu_si256((const __m256i *)(p + k * 32));
+                __m256i b1 = _mm256_loadu_si256((const __m256i *)(p + (k + 1) * 32));
+                __m256i lo0 = _mm256_and_si256(b0, nibble), lo1 = _mm256_and_si256(b1, nibble);
+                __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nibble);
+                __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nibble);
+                __m512i pair = _mm512_set1_epi32((int32_t)(uint16_t)xq[k] | ((int32_t)xq[k + 1] << 16));
+                xsum += xq[k] + xq[k + 1];
+                acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(lo0, lo1)), pair);
+                acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(lo0, lo1)), pair);
+                acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(hi0, hi1)), pair);
+                acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(hi0, hi1)), pair);
+            }
+            __m512i rows[4] = {_mm512_permutex2var_epi32(acc[0], first, acc[1]),   /* rows 0-15 */
+                               _mm512_permutex2var_epi32(acc[0], second, acc[1]),  /* rows 16-31 */
+                               _mm512_permutex2var_epi32(acc[2], first, acc[3]),   /* rows 32-47 */
+                               _mm512_permutex2var_epi32(acc[2], second, acc[3])}; /* rows 48-63 */
+            const uint32_t *pairs = sz + (k0 / group) * N + tile * 64;
+            __m512 sum_x = _mm512_set1_ps((float)xsum);
+            for (int v = 0; v < 4; v++) {
+                __m512i pr = _mm512_loadu_si512(pairs + v * 16);  /* 16 rows' (scale, zero) */
+                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
+                __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xFFFF0000)));
+                __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  /* zero - 8 * scale */
+                out[v] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(rows[v]), _mm512_fmadd_ps(offset, sum_x, out[v]));
+            }
+        }
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(y + tile * 64 + v * 16, _mm512_mul_ps(out[v], _mm512_set1_ps(xs)));
+    }
+}

@@ -11,6 +11,9 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
   int8_amx.c on the tiles, 3-10x the bf16 path below at 16-64 rows, 1.1-3x at 96-192.
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
+int4 weights (quant.py's Int4Linear, in torch's packed layout) take the same two ends: one row through
+int8_gemm.c's int4_gemv (int16 activations, VNNI; ~1.2x the decode step of torch's int4 kernel on
+glm-4-9b's shapes), many rows through dequantized bf16 blocks.
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
@@ -99,6 +102,7 @@ def _library() -> ctypes.CDLL | None:
     lib.int8_int16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.dequantize_bf16.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.dequantize_int4_bf16.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
+    lib.int4_gemv.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
     return lib
 
 
@@ -161,6 +165,17 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
         return w_t.t()  # [rows, K], a view
 
     return blockwise_matmul(x, n, dequantize)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """One row x [1, K] @ the int4 weight (as int4_matmul takes it) .T -> fp32 [1, N]: the weights exact,
+    the activations int16 (quantize_rows), as the int8 kernels."""
+    n, k = scales_and_zeros.shape[1], x.shape[1]
+    xq, xs = quantize_rows(x)
+    y = torch.empty(1, n, dtype=torch.float32)
+    _library().int4_gemv(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, xq.data_ptr(), float(xs[0]),
+                         y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def blockwise_matmul(x: torch.Tensor, n: int, dequantize) -> torch.Tensor:

@@ -9,8 +9,9 @@ input's dtype. The kernels:
   through oneDNN) where the CPU has AVX-512 VNNI and a C compiler exists, else
   `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
-  scale and a zero point per group of INT4_GROUP inputs; for many rows (where int8_kernel.py builds),
-  blocks of the weight dequantized to bf16 from that layout and multiplied by oneDNN.
+  scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, one row
+  through its fp32 kernel over that layout, and many rows through blocks of the weight dequantized
+  to bf16 from it and multiplied by oneDNN.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -134,8 +135,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if (rows.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS and x.device.type == "cpu"
-                and self.out_features % PACK_TILE_ROWS == 0 and int8_kernel.available()):
+        ours = x.device.type == "cpu" and self.out_features % PACK_TILE_ROWS == 0 and int8_kernel.available()
+        if ours and rows.shape[0] == 1:
+            y = int8_kernel.int4_gemv(rows, self.packed, self.scales_and_zeros, self.group)
+        elif ours and rows.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS:
             y = int8_kernel.int4_matmul(rows, self.packed, self.scales_and_zeros, self.group)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
