@@ -2,16 +2,16 @@
 
 The model is a slice of glm-4-9b-chat: its exact layer shapes (hidden 4096, FFN 13696, 32 heads over
 2 KV groups of 128, vocabulary 151552), `--layers` of its 40 layers, random bf16 weights. The pairs:
-ours bf16 vs llama.cpp BF16, ours int8 vs Q8_0, ours int4 vs Q4_0. Both servers run at once, each on
-the machine's cores, and their requests take turns (one server is idle while the other works);
-prompts are the same token ids, decoding is greedy with the stop tokens ignored.
+ours bf16 vs llama.cpp BF16, ours int8 vs Q8_0, ours int4 vs Q4_0, ours fp32 vs F32. Both servers
+run at once, each on the machine's cores, and their requests take turns (one server is idle while
+the other works); prompts are the same token ids, decoding is greedy with the stop tokens ignored.
 
 llama.cpp comes from the llama-cpp-python source distribution on PyPI (its vendor/llama.cpp), built
 once with cmake into ~/.cache/glm4serve/ (`llama-server`, `llama-quantize`); our checkpoint goes to
 GGUF through its convert_hf_to_gguf.py, whose pre-tokenizer check does not know our small test
 tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). Not part of CI.
 
-    .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes bf16,int8,int4] [--repeats 3]
+    .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes fp32,bf16,int8,int4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ from server_proc import ServerProcess, free_port  # noqa: E402
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendor/llama.cpp is what gets built
+BUILD = "build-amx"
 CACHE = Path.home() / ".cache" / "glm4serve"
 SLICE_9B = dict(GLM4_9B_CHAT, dtype="bfloat16")  # num_layers: --layers
-MODES = {"bf16": (None, "BF16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0")}  # ours, llama.cpp's
+# ours (--dtype, --quantization), llama.cpp's file type
+MODES = {"fp32": ("float32", None, "F32"), "bf16": ("bfloat16", None, "BF16"), "int8": ("bfloat16", "int8", "Q8_0"),
+         "int4": ("bfloat16", "int4", "Q4_0")}
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -46,24 +49,25 @@ def run(cmd: list[str], **kw) -> None:
 
 
 def llama_cpp() -> Path:
-    """The llama.cpp source folder, with build/bin/llama-server and llama-quantize built."""
+    """llama.cpp's build folder, with bin/llama-server and bin/llama-quantize built."""
     root = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
     src = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (src / "build" / "bin" / "llama-server").is_file() and (src / "build" / "bin" / "llama-quantize").is_file():
-        return src
+    build = src / BUILD
+    if (build / "bin" / "llama-server").is_file() and (build / "bin" / "llama-quantize").is_file():
+        return build
     root.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)])
-    with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as tar:
-        tar.extractall(root, filter="data")
-    # Native, but for AMX: on a CPU with AMX its Q8_0 path segfaults at the first forward (seen with
-    # this release on the project's box); its BF16, Q8_0 and Q4_0 dot products stay AVX-512 (VNNI, BF16).
-    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DCMAKE_C_FLAGS={no_amx}",
-         f"-DCMAKE_CXX_FLAGS={no_amx}"], cwd=src)
-    run(["cmake", "--build", "build", "--target", "llama-server", "llama-quantize", f"-j{os.cpu_count()}"], cwd=src)
-    return src
+    if not src.is_dir():
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)])
+        with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as tar:
+            tar.extractall(root, filter="data")
+    # Native: AVX-512 (VNNI, BF16) and, where the CPU has them, AMX tiles for Q8_0/Q4_0. At -O2: this
+    # release's AMX matmul segfaults at the first forward when built with -O3 (CMAKE's Release), seen
+    # on the project's Sapphire Rapids box; -O2 (RelWithDebInfo) runs it.
+    run(["cmake", "-B", BUILD, "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], cwd=src)
+    run(["cmake", "--build", BUILD, "--target", "llama-server", "llama-quantize", f"-j{os.cpu_count()}"], cwd=src)
+    return build
 
 
 CONVERT = """
@@ -76,10 +80,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def gguf_files(src: Path, checkpoint: Path, kinds: list[str]) -> dict[str, Path]:
+def gguf_files(build: Path, checkpoint: Path, kinds: list[str]) -> dict[str, Path]:
     """The checkpoint converted to BF16 GGUF, then quantized to each other kind, cached beside it."""
     bf16 = checkpoint / "slice-BF16.gguf"
     if not bf16.is_file():
+        src = build.parent
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
         run([sys.executable, "-c", CONVERT, str(src), str(checkpoint), "--outtype", "bf16", "--outfile", str(bf16)],
             env=env)
@@ -88,18 +93,18 @@ def gguf_files(src: Path, checkpoint: Path, kinds: list[str]) -> dict[str, Path]
         if kind != "BF16":
             out[kind] = checkpoint / f"slice-{kind}.gguf"
             if not out[kind].is_file():
-                run([str(src / "build" / "bin" / "llama-quantize"), str(bf16), str(out[kind]), kind])
+                run([str(build / "bin" / "llama-quantize"), str(bf16), str(out[kind]), kind])
     return out
 
 
 class LlamaServer:
-    def __init__(self, src: Path, gguf: Path, slots: int, ctx_per_slot: int):
+    def __init__(self, build: Path, gguf: Path, slots: int, ctx_per_slot: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         threads = str(os.cpu_count())
         self.log = open(gguf.with_suffix(".server.log"), "w")
         self.proc = subprocess.Popen(
-            [str(src / "build" / "bin" / "llama-server"), "-m", str(gguf), "--port", str(self.port), "-t", threads,
+            [str(build / "bin" / "llama-server"), "-m", str(gguf), "--port", str(self.port), "-t", threads,
              "-tb", threads, "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
@@ -160,24 +165,24 @@ def main():
     ap.add_argument("--concurrent-modes", default="int8", help="modes that also run --concurrent streams")
     a = ap.parse_args()
     modes = a.modes.split(",")
-    src = llama_cpp()
+    build = llama_cpp()
     checkpoint = CACHE / f"bench-slice-9b-{a.layers}layers"
     if not (checkpoint / "config.json").is_file():
         write_random_checkpoint(checkpoint, **{**SLICE_9B, "num_layers": a.layers})
-    ggufs = gguf_files(src, checkpoint, [MODES[m][1] for m in modes])
+    ggufs = gguf_files(build, checkpoint, [MODES[m][2] for m in modes])
     prompt = list(range(100, 132))
     many = [list(range(200 + i, 232 + i)) for i in range(a.concurrent)]
     results = {}
     for mode in modes:
-        quantization, kind = MODES[mode]
-        args = ["--dtype", "bfloat16", "--max-num-seqs", str(a.concurrent), "--served-model-name", "bench"]
+        dtype, quantization, kind = MODES[mode]
+        args = ["--max-num-seqs", str(a.concurrent), "--served-model-name", "bench"]
         if quantization:
             args += ["--quantization", quantization]
         kv = "2GiB"
         t0 = time.perf_counter()
-        ours = ServerProcess(checkpoint, *args, dtype="bfloat16", kv_cache_memory=kv).wait_healthy(timeout=900)
+        ours = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory=kv).wait_healthy(timeout=900)
         load_s = time.perf_counter() - t0
-        theirs = LlamaServer(src, ggufs[kind], slots=a.concurrent, ctx_per_slot=512)
+        theirs = LlamaServer(build, ggufs[kind], slots=a.concurrent, ctx_per_slot=512)
         try:
             for url in (ours.url, theirs.url):  # warm-up
                 stream(url, prompt, 8)

@@ -1,11 +1,14 @@
 """Int8Linear at glm-4-9b-chat's shapes, in one process, taking turns: as served where int8_kernel.py
-builds (int16 activations on AVX-512 VNNI; from DEQUANTIZE_MIN_ROWS rows bf16-dequantized weights
-through oneDNN) against torch's `_weight_int8pack_mm` (bf16 activations) alone; best of --repeats,
-for 1, 32 and 512 rows of bf16 activations, and each one's error against a float64 product (fp32
-activations in and out). With --engine instead, decode steps of the int8 engine on a 9B slice (exact layer
-shapes, --layers of them, full vocabulary), one process, the two taking turns: 1 and 32 streams.
+builds (int16 activations: one row on AVX-512 VNNI, batches on AMX tiles where the CPU has them, many
+rows as bf16-dequantized weights through oneDNN) against torch's `_weight_int8pack_mm` (bf16
+activations) alone; best of --repeats, for --rows rows of bf16 activations, and each one's error
+against a float64 product (fp32 activations in and out). With --amx-sweep instead, the AMX kernel
+against the paths it replaces, by rows. With --engine instead, decode steps of the int8 engine on a
+9B slice (exact layer shapes, --layers of them, full vocabulary), one process, the two taking turns:
+1 and 32 streams.
 
-    .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5] [--engine [--layers 2]]
+    .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5] [--rows 1,32,512] [--amx-sweep]
+        [--engine [--layers 2]]
 """
 
 from __future__ import annotations
@@ -71,17 +74,44 @@ def engine_ab(layers: int, repeats: int):
             print(f"  {streams} streams: ours {ours:.1f} ms, torch int8pack {torchs:.1f} ms, {torchs / ours:.2f}x")
 
 
+def amx_sweep(rows_list: list[int], repeats: int):
+    """int8_amx_matmul against what serves the same rows without AMX (the VNNI kernel below
+    DEQUANTIZE_MIN_ROWS, bf16 blocks from there), taking turns; the rows are bf16."""
+    fits = int8_kernel.amx_fits
+    print("| matrix | rows | AMX ms | without AMX ms | speedup |")
+    print("|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale = (torch.rand(n) / 100).to(torch.bfloat16)
+        for rows in rows_list:
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            times = {True: [], False: []}
+            for amx in (True, False, True, False):
+                int8_kernel.amx_fits = (lambda m, n_, k_: 2 <= m) if amx else (lambda *_: False)
+                times[amx].append(best_ms(lambda: int8_kernel.matmul(x, w, scale), repeats))
+            int8_kernel.amx_fits = fits
+            amx, other = min(times[True]), min(times[False])
+            print(f"| {name} {n}x{k} | {rows} | {amx:.2f} | {other:.2f} | {other / amx:.2f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engine", action="store_true", help="the engine's decode steps on a 9B slice instead")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rows", default="1,32,512", help="activation rows, comma-separated")
+    ap.add_argument("--amx-sweep", action="store_true",
+                    help="instead: the AMX kernel against the paths it replaces (VNNI or bf16 blocks), by rows")
     a = ap.parse_args()
+    rows_list = [int(r) for r in a.rows.split(",")]
     torch.set_num_threads(2)
     if not int8_kernel.available():
         raise SystemExit("int8_kernel is not available here (no AVX-512 VNNI or no C compiler)")
     if a.engine:
         engine_ab(a.layers, 3)
+        return
+    if a.amx_sweep:
+        amx_sweep(rows_list, a.repeats)
         return
     vnni = int8_kernel.available
     print("| matrix | rows | ours ms | torch int8pack ms | speedup | error: ours / int8pack |")
@@ -90,7 +120,7 @@ def main():
         lin = Int8Linear(k, n, False, torch.bfloat16)
         lin.load_weight_rows(0, n, torch.randn(n, k))
         truth_w = lin.dequantized().double()
-        for rows in (1, 32, 512):
+        for rows in rows_list:
             x = torch.randn(rows, k).to(torch.bfloat16)
             x32 = x.float()  # the error with fp32 in and out: the kernels' own, not the output's rounding
             truth = x32.double() @ truth_w.T

@@ -8,7 +8,7 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 - 1 row (one decoding stream): int8_gemm.c, AVX-512 VNNI, reads the weights at the memory's rate
   (1.1-1.3x torch's).
 - 2 to AMX_MAX_ROWS - 1 rows (decode batches, short prefills), where the CPU has AMX-INT8:
-  int8_amx.c on the tiles, 3-10x the bf16 path below at 16-64 rows, 1.1-3x at 96-192.
+  int8_amx.c on the tiles, 3-10x the bf16 path below at 16-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md).
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
 int4 weights (quant.py's Int4Linear, in torch's packed layout) take the same two ends: one row through
@@ -45,7 +45,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 AMX_SOURCE = Path(__file__).with_name("int8_amx.c")
 AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8"]
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8")
-AMX_MAX_ROWS = 256  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
+AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
 
