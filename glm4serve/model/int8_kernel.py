@@ -8,7 +8,7 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 - 1 row (one decoding stream): int8_gemm.c, AVX-512 VNNI, reads the weights at the memory's rate
   (1.1-1.3x torch's).
 - 2 to AMX_MAX_ROWS - 1 rows (decode batches, short prefills), where the CPU has AMX-INT8:
-  int8_amx.c on the tiles, 3-10x the bf16 path below at 16-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md).
+  int8_amx.c on the tiles, 2-10x the paths it replaces at 8-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md).
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
 int4 weights (quant.py's Int4Linear, in torch's packed layout) take the same two ends: one row through
