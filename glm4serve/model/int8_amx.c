@@ -39,19 +39,21 @@ static inline float bf16_to_float(uint16_t b) {
 /* Ask Linux for the AMX tile state (once per process); 0 when granted. */
 int amx_request(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
 
-/* xq int16 [M, K] -> hi int8, lo uint8, each [ceil(M / 16)][K / 4][16][4] (rows past M zero). */
-void pack_activations(const int16_t *xq, int64_t M, int64_t K, int8_t *hi, uint8_t *lo) {
-    int64_t groups = (M + 15) / 16;
-    memset(hi, 0, (size_t)(groups * K * 16));
-    memset(lo, 0, (size_t)(groups * K * 16));
-    for (int64_t m = 0; m < M; m++) {
-        int64_t g = m / 16, i = m % 16;
+/* xq int16 [M, K] -> hi int8, lo uint8, each [ceil(M / 16)][K / 4][16][4] (rows past M zero):
+   activation row 16g + i puts its inputs 4k..4k+3 at [g][k][i], 64 bytes after those of 4k - 4. */
+void pack_activations(const int16_t *xq, int64_t M, int64_t K, int8_t *hi, uint8_t *lo, int threads) {
+    int64_t rows = (M + 15) / 16 * 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
+    for (int64_t m = 0; m < rows; m++) {
+        int8_t *h = hi + (m / 16) * K * 16 + (m % 16) * 4;
+        uint8_t *l = lo + (m / 16) * K * 16 + (m % 16) * 4;
         const int16_t *x = xq + m * K;
-        for (int64_t k = 0; k < K; k++) {
-            int64_t at = ((g * (K / 4) + k / 4) * 16 + i) * 4 + k % 4;
-            hi[at] = (int8_t)(x[k] >> 8);
-            lo[at] = (uint8_t)(x[k] & 0xFF);
-        }
+        for (int64_t k = 0; k < K; k += 4, h += 64, l += 64)
+            for (int t = 0; t < 4; t++) {
+                int16_t v = m < M ? x[k + t] : 0;
+                h[t] = (int8_t)(v >> 8);
+                l[t] = (uint8_t)(v & 0xFF);
+            }
     }
 }
 

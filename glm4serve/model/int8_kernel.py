@@ -120,7 +120,7 @@ def _amx_library() -> ctypes.CDLL | None:
         log.warning("Linux refused the AMX tile state: int8 batches use the other int8 paths")
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.pack_activations.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.pack_activations.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
 
@@ -220,7 +220,7 @@ def int8_amx_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
     xq, xs = quantize_rows(x)
     packed = ((m + 15) // 16) * k * 16  # the activations' high and low bytes in tile order, 16 rows a group
     hi, lo = torch.empty(packed, dtype=torch.int8), torch.empty(packed, dtype=torch.uint8)
-    lib.pack_activations(xq.data_ptr(), m, k, hi.data_ptr(), lo.data_ptr())
+    lib.pack_activations(xq.data_ptr(), m, k, hi.data_ptr(), lo.data_ptr(), torch.get_num_threads())
     y = torch.empty(m, n, dtype=torch.float32)
     lib.int8_amx_gemm(weight.data_ptr(), scale.data_ptr(), n, k, hi.data_ptr(), lo.data_ptr(), xs.data_ptr(), m,
                       y.data_ptr(), torch.get_num_threads())
