@@ -70,6 +70,27 @@ def replica_series(url: str, name: str) -> dict[str, float]:
     return out
 
 
+SETTLE_S = 3.0  # > two report periods: a report snapshotted under load and still in flight has landed
+
+
+def settled_view(url: str, timeout: float = 60) -> dict[str, dict[str, float]]:
+    """Each series by replica, once both replicas report no request and nothing has changed for
+    SETTLE_S. The board lags the engines: under load a replica's reports arrive late, each a snapshot
+    from when it was sent, so one read can show requests long finished, or nothing at all."""
+    names = ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used", "prefix_cache_queries_total")
+    deadline, since, last = time.monotonic() + timeout, None, None
+    while True:
+        view = {name: replica_series(url, name) for name in names}
+        idle = all(len(v) == 2 for v in view.values()) and not any(
+            view["num_requests_running"].values()) and not any(view["num_requests_waiting"].values())
+        if not idle or view != last:
+            since, last = time.monotonic(), view
+        elif time.monotonic() - since >= SETTLE_S:
+            return view
+        assert time.monotonic() < deadline, view
+        time.sleep(0.25)
+
+
 def test_health_counts_the_replicas_and_metrics_label_them(replicated):
     health = httpx.get(replicated.url + "/health").json()
     assert health == {"status": "ok", "replicas_up": 2, "replicas": 2}
@@ -87,7 +108,7 @@ def test_greedy_outputs_equal_the_single_process_servers(replicated, checkpoint)
 
 
 def test_24_concurrent_mixed_requests_all_succeed_on_both_replicas(replicated):
-    before = replica_series(replicated.url, "prefix_cache_queries_total")
+    before = settled_view(replicated.url)["prefix_cache_queries_total"]
     jobs = [(f"{PROMPTS[i % len(PROMPTS)]} {i}", i % 2 == 0) for i in range(24)]
     with ThreadPoolExecutor(24) as pool:
         got = list(pool.map(lambda job: complete(replicated.url, job[0], stream=job[1], max_tokens=24), jobs))
@@ -95,10 +116,7 @@ def test_24_concurrent_mixed_requests_all_succeed_on_both_replicas(replicated):
     after = replica_series(replicated.url, "prefix_cache_queries_total")
     served = [r for r in after if after[r] > before.get(r, 0)]
     assert len(served) == 2, (before, after)  # both replicas took prompts
-    deadline = time.monotonic() + 10
-    while any(replica_series(replicated.url, "kv_cache_blocks_used").values()):  # every block back
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    assert not any(settled_view(replicated.url)["kv_cache_blocks_used"].values())  # every block back
 
 
 def replica_pid(name: str) -> int:
@@ -112,22 +130,22 @@ def replica_pid(name: str) -> int:
 
 def test_a_killed_replica_fails_its_streams_and_comes_back(replicated):
     url = replicated.url
-    deadline = time.monotonic() + 30  # idle first, so that the one running request below is ours
-    while any(replica_series(url, "num_requests_running").values()):
-        assert time.monotonic() < deadline, replica_series(url, "num_requests_running")
-        time.sleep(0.5)
+    queried = settled_view(url)["prefix_cache_queries_total"]  # from here on, only ours changes them
     body = {"model": "glm4-test", "prompt": "a long story", "max_tokens": 3000, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
         while not next(lines).startswith("data: {"):  # the request is running
             pass
-        deadline = time.monotonic() + 10  # until the stats board has heard of it (a report a second)
-        while not (running := {r_: v for r_, v in replica_series(url, "num_requests_running").items() if v}):
-            assert time.monotonic() < deadline, "no replica reports the request running"
+        deadline = time.monotonic() + 30  # until the stats board has heard of it (a report a second)
+        while True:
+            admitted = {r_ for r_, v in replica_series(url, "prefix_cache_queries_total").items() if v > queried[r_]}
+            if admitted:
+                break
+            assert time.monotonic() < deadline, "no replica reports the request admitted"
             time.sleep(0.2)
-        assert len(running) == 1, running
-        (victim,) = running
+        assert len(admitted) == 1, admitted
+        (victim,) = admitted
         os.kill(replica_pid(victim), signal.SIGKILL)
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]" and "error" in json.loads(rest[-2][6:]), rest[-2:]
