@@ -13,6 +13,7 @@ from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
 from glm4serve.engine.config import GPU_MEMORY_FRACTION, EngineArgs, plan_kv_cache
+from glm4serve.model import attention
 from glm4serve.model.attention import PrefillSpan, causal_attention_gpu, prefill_attention
 from glm4serve.model.batch import SeqChunk, build_batch
 from glm4serve.model.config import ModelConfig
@@ -118,10 +119,13 @@ def random_span(n: int, ctx: int, hq: int, hkv: int, d: int, block_size: int):
     return torch.randn(n, hq, d, generator=g), k_cache, v_cache, table
 
 
+@pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("past", [0, 37])
-def test_gpu_causal_path_equals_the_tiled_cpu_path(past):
-    """The CUDA branch of prefill attention (flag-causal, aligned to the last key, GQA heads
-    repeated) gives the tiled boolean-mask path's numbers; run here on CPU."""
+def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
+    """The CUDA branch of prefill attention (flag-causal, aligned to the last key; GQA heads shared
+    where flash runs, repeated where it cannot) gives the tiled boolean-mask path's numbers; run
+    here on CPU, where SDPA builds the flag's mask and either branch can be taken."""
+    monkeypatch.setattr(attention, "can_use_flash_attention", lambda params: flash)
     n, hq, hkv, d = 50, 8, 2, 16
     ctx = past + n
     q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=4)

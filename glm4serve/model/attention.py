@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention.bias import causal_lower_right
 
 SCORE_BUDGET = 1 << 24  # elements of one tile's (query x key) mask: 16M -> ~64 MB as float
@@ -94,12 +95,15 @@ def causal_attention_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     """q [1, Hq, n, D] over k, v [1, Hkv, ctx, D], query i at position ctx - n + i -> [1, Hq, n, D].
 
     CUDA's flash and memory-efficient kernels take this mask as a flag (causal, aligned to the
-    last key) and never build it. The tiled boolean-mask path with GQA, measured on an H100, ran
-    8x slower than transformers at 32K tokens (its fast kernels refuse that combination). So K/V
-    heads are repeated (transient: 2 x ctx x Hq x D) and the span goes whole."""
+    last key) and never build it; the tiled boolean-mask path with GQA, measured on an H100, ran
+    8x slower than transformers at 32K tokens. Flash (half precision) reads each KV head for its
+    group of query heads. The memory-efficient kernel (float32) takes no GQA, so for it the K/V
+    heads are repeated: a transient of 2 x ctx x Hq x D."""
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    if can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [1, Hq, ctx, D]
-    mask = causal_lower_right(q.shape[2], k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
