@@ -111,6 +111,13 @@ void dequantize_bf16(const int8_t *w, const uint16_t *scale, int64_t N, int64_t 
     }
 }
 
+/* 16 (scale, zero) bf16 pairs as torch's int4 layout keeps them -> the 16 scales and the 16 zeros. */
+static inline void scales_and_zeros(const uint32_t *pairs, __m512 *scale, __m512 *zero) {
+    __m512i p = _mm512_loadu_si512(pairs);
+    *scale = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+    *zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
 /* torch's CPU int4 layout (quant.py's Int4Linear): `packed` is [N / 64][K][32] bytes, byte j of
    (tile t, input k) holding row 64t + j in its low nibble and row 64t + 32 + j in its high one;
    `sz` is [K / group][N] pairs of bf16 (scale, zero), w = (q - 8) * scale + zero.
@@ -130,9 +137,8 @@ void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, 
             for (int h = 0; h < 2; h++)        /* low nibbles: rows 0-31 of the tile; high: 32-63 */
                 for (int part = 0; part < 2; part++) {  /* 16 rows at a time */
                     int64_t row = tile * 64 + h * 32 + part * 16;
-                    __m512i p = _mm512_loadu_si512(pairs + row);  /* 16 (scale, zero) pairs */
-                    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
-                    __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000)));
+                    __m512 scale, zero;
+                    scales_and_zeros(pairs + row, &scale, &zero);
                     __m128i q8 = part ? _mm256_extracti128_si256(nibbles[h], 1) : _mm256_castsi256_si128(nibbles[h]);
                     __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
                     _mm256_storeu_si256((__m256i *)(out + k * rows + t * 64 + h * 32 + part * 16),
@@ -196,9 +202,8 @@ void int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, 
             const uint32_t *pairs = sz + (k0 / group) * N + tile * 64;
             __m512 sum_x = _mm512_set1_ps((float)xsum);
             for (int v = 0; v < 4; v++) {
-                __m512i pr = _mm512_loadu_si512(pairs + v * 16);  /* 16 rows' (scale, zero) */
-                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
-                __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xFFFF0000)));
+                __m512 scale, zero;
+                scales_and_zeros(pairs + v * 16, &scale, &zero);
                 __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  /* zero - 8 * scale */
                 out[v] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(rows[v]), _mm512_fmadd_ps(offset, sum_x, out[v]));
             }
