@@ -6,6 +6,13 @@ real and the runner replays captured graphs."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +23,8 @@ from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
 from glm4serve.model.runner import EagerRunner
 
+ROOT = Path(__file__).resolve().parent.parent
+
 # (query heads, KV heads, head dim, block size, context lengths): glm-4-9b's 32 over 2 heads of 128;
 # a group of 2 (padded to 16 in the kernel); blocks of 8 and 4 (a 64-key tile spans several blocks);
 # lengths of 1, at and across block and tile edges, and long enough to be split.
@@ -25,6 +34,21 @@ CASES = [
     (6, 3, 32, 8, [9, 128, 129]),
     (4, 2, 16, 4, [3, 200]),
 ]
+
+
+@pytest.fixture
+def kernel_runs(device):
+    """Skips where the kernel cannot run: on CPU, Triton's interpreter before 3.7 takes a loop bound
+    with int() of a one-element array, which NumPy 2.4 refuses (the GPU image's Triton 3.6 does)."""
+    if device == "cpu":
+        import numpy
+        import triton
+
+        def version(module):
+            return tuple(int(x) for x in re.findall(r"\d+", module.__version__)[:2])
+
+        if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+            pytest.skip(f"Triton {triton.__version__}'s interpreter fails on NumPy {numpy.__version__}")
 
 
 def scattered_cache(hq, hkv, d, block_size, lens, dtype, device, seed=0):
@@ -46,7 +70,7 @@ def scattered_cache(hq, hkv, d, block_size, lens, dtype, device, seed=0):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}over{c[1]}x{c[2]}-bs{c[3]}")
 @pytest.mark.parametrize("kernel_dtype", ["float32", "bfloat16"])
-def test_kernel_equals_the_pytorch_decode_attention(case, kernel_dtype, device):
+def test_kernel_equals_the_pytorch_decode_attention(case, kernel_dtype, device, kernel_runs):
     hq, hkv, d, block_size, lens = case
     dtype = getattr(torch, kernel_dtype)
     q, k, v, tables, ctx = scattered_cache(hq, hkv, d, block_size, lens, dtype, device)
@@ -59,7 +83,7 @@ def test_kernel_equals_the_pytorch_decode_attention(case, kernel_dtype, device):
     assert (ours.float() - truth).abs().max().item() < bound
 
 
-def test_kernel_reads_nothing_past_the_context(device):
+def test_kernel_reads_nothing_past_the_context(device, kernel_runs):
     """Keys past a sequence's length (the rest of its last block, and blocks the table does not list)
     are never read: filling them with nan changes nothing."""
     q, k, v, tables, ctx = scattered_cache(32, 2, 128, 16, [20, 70], torch.float32, device)
@@ -71,6 +95,60 @@ def test_kernel_reads_nothing_past_the_context(device):
                 k[blk, slot], v[blk, slot] = float("nan"), float("nan")
     after = paged_decode_attention(q, k, v, tables, ctx, 0.1)
     assert torch.equal(before, after)
+
+
+# (compute capability, dtype, query heads per KV head): H100/H200 in each dtype the runner uses,
+# glm-4-9b-chat-1m's groups of 8, and an A100
+TARGETS = [(90, "bf16", 16), (90, "fp16", 16), (90, "fp32", 16), (90, "bf16", 8), (80, "bf16", 16)]
+SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}  # the most one program may take on that SM
+
+
+def compile_for_gpus(targets) -> dict:
+    """Compile the kernel for each (capability, dtype, groups) with Triton's own compiler (ptxas
+    included; no GPU needed) -> {str(target): shared memory bytes, or the error}. Run in a process
+    without TRITON_INTERPRET: under it, Triton's own library functions are interpreted ones."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glm4serve.model import paged_decode
+
+    kernel = paged_decode._kernel()
+    results = {}
+    for capability, dtype, groups in targets:
+        pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "tables_ptr": "i64", "lens_ptr": "i64",
+                    "acc_ptr": "fp32", "max_ptr": "fp32", "sum_ptr": "fp32"}
+        constants = dict(G=groups, GP=16, D=128, BLOCK=16, SPLITS=paged_decode.MAX_SPLITS,
+                         TILE=paged_decode.TILE, DOT_F32=dtype == "fp32")
+        signature = {name: "constexpr" if name in constants else "*" + pointers[name] if name in pointers
+                     else "fp32" if name == "scale" else "i64" for name in kernel.arg_names}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
+                                      target=GPUTarget("cuda", capability, 32))
+            results[str((capability, dtype, groups))] = compiled.metadata.shared if compiled.asm["cubin"] else "no cubin"
+        except Exception as e:  # noqa: BLE001
+            results[str((capability, dtype, groups))] = repr(e)[-600:]
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled_for_gpus(device):
+    if device == "cuda":
+        pytest.skip("with --device cuda the tests here run the kernel compiled for this GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json; from tests.test_paged_decode import compile_for_gpus; print(json.dumps(compile_for_gpus({TARGETS!r})))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t[0]}-{t[1]}-G{t[2]}")
+def test_kernel_compiles_for_the_gpus_it_runs_on(target, compiled_for_gpus):
+    """The interpreter runs the kernel's Python; compiling it catches what only a GPU would otherwise
+    show: types a dot refuses, a layout the backend rejects, more shared memory than the SM has."""
+    shared = compiled_for_gpus[str(target)]
+    assert isinstance(shared, int), shared
+    assert 0 < shared <= SHARED_MEMORY[target[0]]
 
 
 def test_small_batches_get_more_splits():
@@ -88,7 +166,7 @@ def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 
 
-def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances):
+def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs):
     """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with
     a copy-on-write block copy on the way: the same logits as the eager runner's every step, and
     the same K/V in every block the engine owns (the padding rows wrote only the sink block)."""
@@ -123,7 +201,7 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
         assert torch.allclose(graphs.kv.v[layer][:num_blocks], eager.kv.v[layer], atol=1e-5)
 
 
-def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, device):
+def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, device, kernel_runs):
     """A step with prompt tokens, or more sequences than the largest graph, is not a graph's: it runs
     eagerly and still gives one row per chunk."""
     path = make_checkpoint(shape="small")
@@ -136,7 +214,7 @@ def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, devi
     torch.testing.assert_close(step(graphs, three_decodes), step(eager, three_decodes), atol=1e-5, rtol=0)
 
 
-def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkpoint, device):
+def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkpoint, device, kernel_runs):
     """Through the engine: a pool small enough to preempt, n=3 forks copying a shared block, sequences
     joining and leaving the decode batch (batch sizes padded up): the same greedy tokens."""
     from glm4serve.engine.block_pool import BlockPool
