@@ -21,7 +21,9 @@ from glm4serve.engine.guided import (
     GuidedSpec,
     GuidedSpecError,
     grammar_vocab,
+    ill_formed_utf8,
     mask_logits,
+    utf8_tail,
 )
 from glm4serve.engine.sampler import Sampler, SampleRow, make_generator
 from glm4serve.engine.types import LENGTH, STOP, SamplingParams
@@ -227,17 +229,45 @@ def test_compiled_grammars_are_cached_least_recently_used_first(engine):
     assert list(grammars._cache) == [c, a]
 
 
-def test_grammar_vocab_hides_special_tokens_and_raw_control_bytes(engine):
+def test_grammar_vocab_hides_special_tokens_raw_control_bytes_and_ill_formed_utf8(engine):
     tok = engine.tokenizer
     vocab = grammar_vocab(tok)
     assert len(vocab) == tok.vocab_size
     for i, b in enumerate(vocab):
         raw = tok.token_bytes(i)
-        if tok.is_special(i) or any(c < 0x20 and c != 0x0A for c in raw):
+        if tok.is_special(i) or any(c < 0x20 and c != 0x0A for c in raw) or ill_formed_utf8(raw):
             assert b == b""
         else:
             assert b == raw
     assert vocab[tok.encode("\n")[0]] == b"\n" and vocab[tok.encode("\t")[0]] == b""
+    assert b"\xff" in {tok.token_bytes(i) for i in range(tok.vocab_size)} and b"\xff" not in vocab
+
+
+def test_utf8_checks():
+    assert not ill_formed_utf8("é北😀".encode()) and not ill_formed_utf8(b"\xed\x9f") and not ill_formed_utf8(b"\xed")
+    for bad in (b"\xed\xa0\x80", b"a\xe0\x9f", b"\xf0\x8f", b"\xf4\x90", b"\xc0", b"\xc1\xbf", b"\xf5", b"x\xff"):
+        assert ill_formed_utf8(bad), bad
+    assert utf8_tail(b"ab") == b"" and utf8_tail("北".encode()) == b"" and utf8_tail(b"a\xed") == b"\xed"
+    assert utf8_tail(b"\xf0\x9f\x98") == b"\xf0\x9f\x98" and utf8_tail(b"\xf0\x9f\x98\x80") == b""
+    assert utf8_tail(b"\x80\x80") == b""
+
+
+def test_a_constrained_reply_cannot_spell_a_surrogate(engine):
+    """After a lone ED lead byte xgrammar allows any continuation byte; ED A0..BF starts a surrogate,
+    which no UTF-8 decoder takes (the text would show U+FFFD and break maxLength): masked."""
+    tok = engine.tokenizer
+    byte_token = {tok.token_bytes(i): i for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1}
+    guide = engine.grammars.guide(GuidedSpec.json_schema(TIME), frozenset(tok.stop_token_ids))
+    for t in tok.encode('{"tz": "') + [byte_token[b"\xed"]]:
+        guide.advance(t)
+    logits = torch.zeros(1, tok.vocab_size)
+    mask_logits(logits, [guide])
+    allowed = set((logits[0] > -torch.inf).nonzero().flatten().tolist())
+    assert byte_token[b"\x9f"] in allowed and byte_token[b"\x80"] in allowed
+    assert byte_token[b"\xa0"] not in allowed and byte_token[b"\xbf"] not in allowed
+    assert not any(0xA0 <= tok.token_bytes(t)[0] <= 0xBF for t in allowed if tok.token_bytes(t))
+    guide.advance(byte_token[b"\x9f"])  # U+D7C0's first two bytes: no lone lead byte is left
+    assert guide.utf8_forbidden() is None
 
 
 def test_sampler_masks_only_constrained_rows_and_reports_logprobs_before_the_mask(engine):

@@ -18,6 +18,11 @@ Format decisions:
 - Special tokens never match the grammar, and neither does any token holding a raw control byte
   other than "\\n": compact JSON needs none, and xgrammar's length-bounded strings would
   otherwise admit a raw tab, which JSON forbids.
+- Only well-formed UTF-8: xgrammar takes any continuation byte after a lead byte, so it would let
+  a reply spell a surrogate (ED A0..BF ..) or an overlong form, which the detokenizer can only show
+  as U+FFFD (three characters where the grammar counted one). Tokens that hold such a sequence, or
+  a byte never seen in UTF-8, are hidden; after a lone lead byte E0, ED, F0 or F4 the tokens whose
+  first byte is out of its range are masked (`Utf8Rules`).
 - Once the grammar is complete only the request's stop tokens are allowed, so a finished reply
   ends with finish_reason "stop"; a reply cut by max_tokens still ends with "length".
 - xgrammar is imported (~0.6 s) on the first constrained request, not at start-up.
@@ -111,30 +116,76 @@ def build_grammar(spec: GuidedSpec):
     return body
 
 
+# Well-formed UTF-8 (Unicode's table 3-7): the second byte after these lead bytes has a narrower
+# range than 80..BF (no overlong forms, no surrogates, nothing past U+10FFFF)
+SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+NEVER_IN_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
+
+
+def ill_formed_utf8(b: bytes) -> bool:
+    """b holds a byte no UTF-8 text has, or a lead byte followed by an out-of-range second byte."""
+    return any(c in NEVER_IN_UTF8 for c in b) or any(
+        lead in SECOND_BYTE and not SECOND_BYTE[lead][0] <= nxt <= SECOND_BYTE[lead][1] for lead, nxt in zip(b, b[1:]))
+
+
 def grammar_vocab(tokenizer) -> list[bytes]:
-    """Each token's bytes as the grammar engine sees them: b"" (never allowed) for special tokens
-    and for tokens with a raw control byte other than newline."""
+    """Each token's bytes as the grammar engine sees them: b"" (never allowed) for special tokens,
+    for tokens with a raw control byte other than newline, and for ill-formed UTF-8 ones."""
     vocab = []
     for i in range(tokenizer.vocab_size):
         b = tokenizer.token_bytes(i)
-        hidden = tokenizer.is_special(i) or any(c < 0x20 and c != 0x0A for c in b)
+        hidden = tokenizer.is_special(i) or any(c < 0x20 and c != 0x0A for c in b) or ill_formed_utf8(b)
         vocab.append(b"" if hidden else b)
     return vocab
+
+
+def utf8_tail(data: bytes) -> bytes:
+    """The unfinished UTF-8 character at the end of `data` (b"" when it ends on a whole one)."""
+    for back in range(1, min(4, len(data)) + 1):
+        c = data[-back]
+        if c < 0x80:
+            return b""
+        if c >= 0xC0:  # a lead byte: its character has 2, 3 or 4 bytes
+            size = 2 if c < 0xE0 else 3 if c < 0xF0 else 4
+            return data[-back:] if back < size else b""
+    return b""
+
+
+class Utf8Rules:
+    """What xgrammar does not check of UTF-8, for one vocabulary (grammar_vocab's): the tokens each
+    lead byte of SECOND_BYTE forbids next (those starting with a continuation byte outside its range)."""
+
+    def __init__(self, vocab: list[bytes]):
+        self.vocab = vocab
+        first = torch.tensor([b[0] if b else 0 for b in vocab])  # [V]
+        continuation = (first >= 0x80) & (first <= 0xBF)
+        self.forbidden_after = {lead: torch.nonzero(continuation & ((first < lo) | (first > hi))).flatten()
+                                for lead, (lo, hi) in SECOND_BYTE.items()}
 
 
 class Guide:
     """One sequence's grammar state. It only moves forward with the sequence's own tokens, so a
     preempted sequence keeps it as is: its recompute re-reads tokens the guide already took."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher, vocab_size: int, utf8: Utf8Rules | None = None):
         self._matcher = matcher
         self.vocab_size = vocab_size  # the tokenizer's: the width of its bitmask rows
+        self.utf8 = utf8
+        self._tail = b""  # the reply's unfinished UTF-8 character
 
     def advance(self, token_id: int) -> bool:
         """Take the sampled token; True when it ended the grammar (a stop token after complete JSON)."""
         if not self._matcher.accept_token(token_id):
             raise GuidedDecodingError(f"token {token_id} does not fit the grammar")
+        if self.utf8 is not None and token_id < len(self.utf8.vocab):
+            self._tail = utf8_tail(self._tail + self.utf8.vocab[token_id])
         return self._matcher.is_terminated()
+
+    def utf8_forbidden(self) -> torch.Tensor | None:
+        """The token ids the reply's lone lead byte rules out next, beyond the grammar's mask."""
+        if self.utf8 is None or len(self._tail) != 1:
+            return None
+        return self.utf8.forbidden_after.get(self._tail[0])
 
 
 class Grammars:
@@ -146,6 +197,7 @@ class Grammars:
         self.cache_size = cache_size
         self._lock = threading.Lock()
         self._compiler = None
+        self._utf8: Utf8Rules | None = None
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()  # spec -> CompiledGrammar, LRU order
 
     def _get_compiler(self):
@@ -154,7 +206,9 @@ class Grammars:
                 import xgrammar as xgr
 
                 tok = self.tokenizer
-                info = xgr.TokenizerInfo(grammar_vocab(tok), xgr.VocabType.RAW, vocab_size=tok.vocab_size,
+                vocab = grammar_vocab(tok)
+                self._utf8 = Utf8Rules(vocab)
+                info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
                                          stop_token_ids=list(tok.stop_token_ids))
                 # our LRU is the cache; xgrammar's own would keep a second copy of each grammar
                 self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
@@ -185,7 +239,8 @@ class Grammars:
         import xgrammar as xgr
 
         stops = sorted(stop_token_ids) or list(self.tokenizer.stop_token_ids)
-        return Guide(xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops), self.tokenizer.vocab_size)
+        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops)
+        return Guide(matcher, self.tokenizer.vocab_size, self._utf8)
 
 
 def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
@@ -208,3 +263,7 @@ def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=width)
     if logits.shape[1] > vocab_size:  # ids past the tokenizer's (padding rows) are never grammatical
         logits[:, vocab_size:] = -torch.inf
+    for i, guide in enumerate(guides):
+        forbidden = guide.utf8_forbidden()
+        if forbidden is not None:
+            logits[i, forbidden.to(logits.device)] = -torch.inf
