@@ -10,6 +10,7 @@ from glm4serve.engine.sampler import (
     apply_processors,
     apply_truncation,
     make_generator,
+    sample_from,
 )
 from glm4serve.engine.types import SamplingParams
 
@@ -112,6 +113,37 @@ def test_truncation_is_per_row():
     out = apply_truncation(logits, params)
     assert [kept(out[i : i + 1]) for i in range(3)] == [{1}, {1, 2, 3}, {1, 3}]
     assert out[1, 3].item() == logits[1, 3].item()  # kept logits keep their value
+
+
+def test_truncation_among_candidates_equals_a_full_sort():
+    """Rows are cut among their best `candidates` tokens (or their top-k, when wider), and sorted
+    whole only when their top-p set may reach past them: the same kept tokens and values as sorting
+    every row whole. Peaked rows (top-p set within the 64 candidates) and flat ones (past them)."""
+    vocab = 5000
+
+    def check(scales, params):
+        logits = torch.cat([random_logits(1, vocab, seed=i) * s for i, s in enumerate(scales)])
+        whole = apply_truncation(logits, params, candidates=vocab)
+        ours = apply_truncation(logits, params, candidates=64)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(whole))
+        assert torch.equal(ours[torch.isfinite(ours)], whole[torch.isfinite(whole)])
+        return torch.isfinite(whole).sum(dim=-1).tolist()
+
+    sizes = check([8.0, 8.0, 0.3, 8.0, 0.3, 1.0],
+                  [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, min_p=0.01), SamplingParams(top_p=0.9),
+                   SamplingParams(top_k=200, top_p=0.95), SamplingParams(top_k=10), SamplingParams()])
+    assert sizes[0] < 64 and sizes[2] > 64 and sizes[5] == vocab  # both paths taken
+    sizes = check([0.3, 0.3, 8.0], [SamplingParams(top_k=3000, top_p=0.99), SamplingParams(top_p=0.999),
+                                    SamplingParams(top_p=0.8)])
+    assert sizes[0] > 64 and sizes[1] > 3000 and sizes[2] < 64
+
+
+@pytest.mark.parametrize("probs", [[0.0, 1.0, 0.0], [0.0, 0.0, 0.3, 0.7], [0.6, 0.4, 0.0, 0.0]])
+def test_a_token_of_probability_zero_is_never_drawn(probs):
+    # whatever the uniform draw, even 0: the first token of cumulative mass >= (1 - u) x total
+    p = torch.tensor([probs]).repeat(500, 1)
+    ids = sample_from(p, [make_generator(9, i) for i in range(250)] + [None] * 250)
+    assert all(probs[t] > 0 for t in ids.tolist())
 
 
 # --- processors ------------------------------------------------------------------------------------
