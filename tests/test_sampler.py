@@ -138,6 +138,20 @@ def test_truncation_among_candidates_equals_a_full_sort():
     assert sizes[0] > 64 and sizes[1] > 3000 and sizes[2] < 64
 
 
+@pytest.mark.parametrize("vocab", [4096, 5000])  # whole chunks of 1024, and a padded last one
+def test_sampling_follows_the_distribution_across_chunks(vocab):
+    """Mass on tokens at both edges of a chunk and in the last one: the two-level search (chunk, then
+    token) draws each as often as its probability says."""
+    where, mass = [10, 1023, 1024, 2047, vocab - 1], [0.1, 0.2, 0.3, 0.15, 0.25]
+    probs = torch.zeros(vocab)
+    probs[where] = torch.tensor(mass)
+    n = 4000
+    ids = sample_from(probs.repeat(n, 1), [make_generator(5, i) for i in range(n // 2)] + [None] * (n // 2))
+    counts = [int((ids == t).sum()) for t in where]
+    assert sum(counts) == n  # nothing else drawn
+    assert chi_square(counts, mass) < 25  # 4 dof: p ~ 5e-5
+
+
 @pytest.mark.parametrize("probs", [[0.0, 1.0, 0.0], [0.0, 0.0, 0.3, 0.7], [0.6, 0.4, 0.0, 0.0]])
 def test_a_token_of_probability_zero_is_never_drawn(probs):
     # whatever the uniform draw, even 0: the first token of cumulative mass >= (1 - u) x total

@@ -270,9 +270,10 @@ def sample_from(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     unseeded = [j for j, g in enumerate(generators) if g is None]
     if unseeded:
         u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=device)
-    for j, generator in enumerate(generators):
-        if generator is not None:
-            u[j] = torch.rand(1, dtype=torch.float64, device=generator.device, generator=generator).to(device)[0]
+    seeded = [j for j, g in enumerate(generators) if g is not None]
+    if seeded:  # each drawn where its generator lives (make_generator's: the CPU), all moved in one copy
+        u[seeded] = torch.cat([torch.rand(1, dtype=torch.float64, device=generators[j].device,
+                                          generator=generators[j]).cpu() for j in seeded]).to(device)
     chunks = -(-vocab_size // SAMPLE_CHUNK)
     padded = probs.contiguous() if vocab_size % SAMPLE_CHUNK == 0 else torch.nn.functional.pad(
         probs, (0, chunks * SAMPLE_CHUNK - vocab_size))  # [B, n * C], zeros past V
