@@ -152,6 +152,16 @@ def test_sampling_follows_the_distribution_across_chunks(vocab):
     assert chi_square(counts, mass) < 25  # 4 dof: p ~ 5e-5
 
 
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.8, top_p=0.8),
+                                    dict(temperature=0.7, top_k=5)], ids=str)
+def test_nan_logits_still_give_token_ids_of_the_vocabulary(params):
+    # a broken forward's NaN must not become an id past the vocabulary (or past a row's candidates)
+    logits = torch.randn(2, 3000)
+    logits[0, 5], logits[1] = float("nan"), float("nan")
+    out = Sampler()(logits, [row(generator=make_generator(1, i), **params) for i in range(2)])
+    assert all(0 <= s.token_id < 3000 for s in out)
+
+
 @pytest.mark.parametrize("probs", [[0.0, 1.0, 0.0], [0.0, 0.0, 0.3, 0.7], [0.6, 0.4, 0.0, 0.0]])
 def test_a_token_of_probability_zero_is_never_drawn(probs):
     # whatever the uniform draw, even 0: the first token of cumulative mass >= (1 - u) x total

@@ -286,7 +286,8 @@ def sample_from(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     inner = padded.gather(1, start + torch.arange(SAMPLE_CHUNK, device=device)[None, :])  # [B, C]
     inner_cdf = inner.cumsum(dim=-1, dtype=torch.float64)  # [B, C]
     rest = torch.minimum(target - before, inner_cdf[:, -1:])  # (0, the chunk's mass]: rounding kept inside
-    return (start + torch.searchsorted(inner_cdf, rest)).squeeze(1)
+    # the clamp keeps a NaN row (a broken forward) to some token of the row instead of an id past it
+    return (start + torch.searchsorted(inner_cdf, rest)).squeeze(1).clamp_max_(vocab_size - 1)
 
 
 class Sampler:
