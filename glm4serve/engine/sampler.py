@@ -224,11 +224,13 @@ def _cut_by_rank(logits: torch.Tensor, width: int, top_k: list[int], top_p: list
     best = best.masked_fill(rank >= torch.tensor(top_k, device=device)[:, None], -math.inf)
     held = torch.ones(len(top_k), device=device)
     if any(p != math.inf for p in top_p):
-        norm = best.logsumexp(dim=-1)  # [R]: the kept set's (all V's for a full sort without top-k)
+        kept = best.logsumexp(dim=-1)  # [R]: the kept set's (all V's for a full sort without top-k)
+        norm = kept
         whole = [j for j, k in enumerate(top_k) if k == vocab_size]
         if width < vocab_size and whole:  # candidates of a row without top-k: its mass is over all V
+            norm = kept.clone()
             norm[whole] = _select(logits, whole).logsumexp(dim=-1)
-            held = (best.logsumexp(dim=-1) - norm).exp()
+            held = (kept - norm).exp()
         probs = (best - norm[:, None]).exp()  # [R, K]
         mass_before = probs.cumsum(dim=-1) - probs  # [R, K]: mass of the strictly better tokens
         cut = mass_before >= torch.tensor(top_p, dtype=torch.float32, device=device)[:, None]
