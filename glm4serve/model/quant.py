@@ -84,7 +84,7 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None,
                  group: int = INT4_GROUP):
         super().__init__()
-        group = math.gcd(group, in_features)  # glm-4's inputs (4096, 13696) take 128; small test models less
+        group = math.gcd(group, in_features)  # glm-4's inputs (4096, 13696) take it whole; small test models less
         if group < 32 or out_features % 16:
             raise ValueError(f"int4 needs in_features a multiple of 32 and out_features of 16, "
                              f"got {in_features} x {out_features}")
