@@ -6,6 +6,8 @@ import base64
 import json
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,22 @@ def test_allow_special_false_encodes_special_text_as_plain_text(tok):
     assert not any(tok.is_special(i) for i in plain)
     assert tok.decode(plain) == text
     assert tok.special_tokens["<|user|>"] in tok.encode(text)
+
+
+@pytest.mark.parametrize("allow_special", [True, False])
+def test_long_encode_lets_other_threads_run(tok, allow_special):
+    """The server tokenizes long prompts in a worker thread; an encode that held the GIL
+    throughout would stall the event loop (every other request, /health) until it finished."""
+    text = "hello world, " * 100_000  # ~1.3 MB: about a second of encoding
+    ticks, done = [], threading.Event()
+    worker = threading.Thread(target=lambda: (tok.encode(text, allow_special=allow_special), done.set()))
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.005)
+        ticks.append(time.monotonic())
+    worker.join()
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert len(ticks) > 20 and max(gaps) < 0.5, (len(ticks), max(gaps, default=None))
 
 
 def test_stop_eos_pad_without_generation_config(tok):

@@ -100,8 +100,10 @@ class _HFBackend:
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
         tok = self.tokenizer if allow_special else self.plain
-        # add_special_tokens=False: a post-processor must never prepend/append tokens
-        return tok.encode(text, add_special_tokens=False).ids
+        # add_special_tokens=False: a post-processor must never prepend/append tokens.
+        # encode_batch, not encode: only it releases the GIL, so a long prompt tokenized in a
+        # worker thread does not stall the event loop (and every other request) meanwhile.
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
