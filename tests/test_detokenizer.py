@@ -179,6 +179,37 @@ def test_no_prefix_of_a_stop_string_leaks_before_it_is_decided(seed):
     assert (emitted, stop) == ("The end is near; the endgame: ", "<stop>")
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_held_back_text_is_exactly_the_longest_suffix_that_could_start_a_stop(seed):
+    # a two-letter alphabet: stops overlap the text (and each other) in many places
+    rng = random.Random(seed)
+    stops = ["".join(rng.choice("ab") for _ in range(rng.randint(2, 7))) for _ in range(3)]
+    text = "".join(rng.choice("ab") for _ in range(40))
+    tok, ids = tokenizer_for(*split_bytes(text.encode(), rng, max_len=3))
+    detok = IncrementalDetokenizer(tok, SamplingParams(stop=stops))
+    emitted, seen = "", ""
+    for token_id in ids:
+        seen += tok.token_bytes(token_id).decode()
+        delta, stop = detok.add(token_id)
+        emitted += delta
+        if stop:
+            return
+        hold = max((n for s in stops for n in range(1, len(s)) if seen.endswith(s[:n])), default=0)
+        assert emitted == seen[: len(seen) - hold], (stops, seen)
+
+
+def test_a_long_stop_string_is_held_back_and_matched():
+    # a stop string's prefixes are checked in place: never all of them built (quadratic in its length)
+    rng = random.Random(0)
+    stop = "".join(rng.choice("xyz") for _ in range(60_000))
+    chunks = [stop[i : i + 1000] for i in range(0, len(stop), 1000)]
+    tok, ids = tokenizer_for("a", *chunks[:-1], "q", chunks[-1])
+    deltas, matched, _ = stream(tok, ids[:-2] + [ids[-1]], stop=[stop])
+    assert (deltas[0], set(deltas[1:-1]), deltas[-1], matched) == ("a", {""}, "", stop)
+    deltas, matched, detok = stream(tok, ids, stop=[stop])  # "q" breaks the match: all of it released
+    assert (deltas[-2], deltas[-1] + detok.flush(), matched) == (stop[:-1000] + "q", chunks[-1], None)
+
+
 def test_flush_returns_held_back_text():
     tok, ids = tokenizer_for("hi #", "#")
     deltas, stop, detok = stream(tok, ids, stop=["###"])

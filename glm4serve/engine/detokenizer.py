@@ -25,9 +25,6 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.include_stop_str_in_output = params.include_stop_str_in_output
         self.stop_strings = [s for s in params.stop if s]  # "" would match before any text
-        # every proper prefix of a stop string: what the end of the text may be on its way to
-        self._stop_prefixes = {s[:n] for s in self.stop_strings for n in range(1, len(s))}
-        self._longest_prefix = max((len(p) for p in self._stop_prefixes), default=0)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded text not yet emitted: a suffix that could begin a stop string
         self.stopped: str | None = None  # the stop string matched; later tokens are ignored
@@ -77,8 +74,16 @@ class IncrementalDetokenizer:
         return None if best is None else (best[0][1], best[1])
 
     def _held_back_length(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        for n in range(min(len(text), self._longest_prefix), 0, -1):
-            if text[-n:] in self._stop_prefixes:
-                return n
-        return 0
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string.
+
+        Tried in place at each start where a stop string's first character occurs, rather than
+        looked up in a set of all prefixes: that set is quadratic in a stop string's length."""
+        best = 0
+        for stop in self.stop_strings:
+            start = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
+            while start >= 0 and len(text) - start > best:
+                if stop.startswith(text[start:]):
+                    best = len(text) - start
+                    break
+                start = text.find(stop[0], start + 1)
+        return best
