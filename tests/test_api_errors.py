@@ -3,6 +3,8 @@ server keeps serving afterwards."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -109,6 +111,65 @@ def test_malformed_json_is_400(client, raw):
     assert_envelope(r, 400, "invalid_request_error")
 
 
+def _nested(levels: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+LONE = "x\ud800y"  # valid JSON ("\\ud800"), not Unicode: no UTF-8 encoder takes it
+DEEP_FORMAT = {"type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(40)}}
+DEEP_TOOL = {"type": "function", "function": {"name": "f", "parameters": _nested(40)}}
+UNFIT = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": LONE}}]}, *HI]},
+     "messages.0.tool_calls.0.function.arguments"),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {
+        "name": "f", "description": LONE}}]}, "tools.0.function.description"),
+    ("/v1/chat/completions", {"messages": HI, "stop": ["ok", LONE]}, "stop.1"),
+    ("/v1/chat/completions", {"messages": HI, "user": LONE}, "user"),
+    ("/v1/chat/completions", {"messages": HI, "model": LONE}, "model"),
+    ("/v1/chat/completions", {"messages": HI, "chat_template_kwargs": {"k": LONE}}, "chat_template_kwargs.k"),
+    ("/v1/chat/completions", {"messages": HI, "chat_template_kwargs": {LONE: 1}}, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": DEEP_FORMAT},
+     "response_format.json_schema.schema.properties.a.properties"),
+    ("/v1/chat/completions", {"messages": HI, "tools": [DEEP_TOOL], "tool_choice": "required"},
+     "tools.0.function.parameters.properties.a"),
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", LONE]}, "prompt.1"),
+    ("/tokenize", {"prompt": LONE}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+]
+
+
+@pytest.mark.parametrize("route,body,param", UNFIT, ids=[p for _, _, p in UNFIT])
+def test_lone_surrogates_and_deep_nesting_are_400(client, engine, route, body, param):
+    before = len(engine.calls)
+    r = client.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+    err = assert_envelope(r, 400, "invalid_request_error", param)
+    assert ("surrogate" in err["message"]) != ("nested" in err["message"])
+    assert len(engine.calls) == before
+
+
+def test_deep_but_reasonable_schemas_are_served(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(25)}}
+    assert client.post("/v1/chat/completions", json={"messages": HI, "response_format": fmt}).status_code == 200
+    # surrogate pairs are fine: json.dumps escapes an emoji as one
+    assert client.post("/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": "hi 😀"}]}),
+                       headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_an_error_message_echoing_a_lone_surrogate_still_renders():
+    from glm4serve.api.errors import APIError
+
+    r = APIError(404, "The model `\ud800` does not exist.").response()
+    assert json.loads(r.body)["error"]["message"] == "The model `\\ud800` does not exist."
+
+
 def test_server_still_healthy_after_bad_requests(client):
     for body, _ in BAD_CHAT:
         client.post("/v1/chat/completions", json=body)
@@ -168,6 +229,22 @@ def test_unexpected_engine_exception_is_500_and_server_survives():
     wait_idle(engine)
     engine.runner.fail_after_steps = None
     assert client.post("/v1/chat/completions", json={"messages": HI}).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_exception_in_a_route_is_answered_not_raised_to_the_server(stream):
+    """Starlette's last-resort handler re-raises after its 500, and uvicorn then drops the
+    connection under a keep-alive client's next request; ours keeps the exception in the app."""
+    app = make_app()
+
+    async def broken_encode(text):
+        raise RuntimeError("tokenizer broke")
+
+    app.state.serving.encode = broken_encode
+    client = TestClient(app)  # raise_server_exceptions: an exception leaving the app fails the test
+    assert_envelope(client.post("/v1/chat/completions", json={"messages": HI, "stream": stream}), 500, "server_error")
+    assert_envelope(client.post("/tokenize", json={"prompt": "x"}), 500, "server_error")
+    assert client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2}).status_code == 200
 
 
 def test_engine_not_ready_is_503():

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("glm4serve.api")
 
@@ -24,6 +25,9 @@ _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 40
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
+        # A lone surrogate echoed from the request (a model name) cannot be encoded as UTF-8:
+        # escape it, or rendering this error would itself fail.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -76,7 +80,42 @@ def _is_union_tag(part: str) -> bool:
     return part in ("str", "int", "float", "bool") or "[" in part or part.startswith(("function-", "literal"))
 
 
+class UnexpectedErrorMiddleware:
+    """Answers an exception that escaped a route with the 500 envelope and keeps it here.
+
+    Starlette's own last-resort handler sends the 500 and then re-raises, and uvicorn answers a
+    re-raised exception by dropping the connection: a keep-alive client's next request on it
+    would fail. Once a response has started (a stream broke midway) the exception goes on up:
+    closing the connection is then the only way to tell the client the body is incomplete."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await server_error().response()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """Call before adding any other middleware: the catch-all must sit innermost, below the gate's
+    request counting and CORS headers, so a 500 passes through them like any other answer."""
+    app.add_middleware(UnexpectedErrorMiddleware)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
@@ -93,6 +132,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        # Last resort: route handlers already turn their own failures into APIError.
+        # For an exception in a middleware above UnexpectedErrorMiddleware.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return server_error().response()

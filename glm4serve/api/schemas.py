@@ -7,6 +7,7 @@ Unknown fields are ignored (clients such as LangChain send extras like `store`, 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -16,6 +17,12 @@ from glm4serve.engine.guided import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 
 MAX_LOGPROBS = 20
+# Nesting of the request body's JSON: far beyond any real request (a tool's parameters schema at
+# depth 5 keeps ~30 levels of nested objects), well short of where validating or compiling a
+# schema recurses past Python's stack.
+MAX_JSON_DEPTH = 64
+_SCALARS = frozenset({int, float, bool, type(None)})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _invalid(param: str, message: str) -> PydanticCustomError:
@@ -38,6 +45,47 @@ def _check_json_schema(schema: dict[str, Any], param: str) -> None:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def _unfit_json(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
+    """(path, what is wrong) of the first place in a parsed JSON body that no route can take:
+    a string with a lone UTF-16 surrogate ("\\ud800" is valid JSON but not Unicode, and UTF-8
+    encoders, tokenizers among them, raise on it), or nesting deeper than MAX_JSON_DEPTH."""
+    if isinstance(value, str):
+        return None if (bad := _lone_surrogate(value)) is None else (path, f"the text contains {bad}")
+    if not isinstance(value, (dict, list)):
+        return None
+    if len(path) >= MAX_JSON_DEPTH:
+        return path, f"the request's JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, list) and _SCALARS.issuperset(map(type, value)):
+        return None  # a token-id prompt: a million numbers, passed over at C speed
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str) and (bad := _lone_surrogate(key)) is not None:
+            return path, f"a key contains {bad}"
+        if isinstance(item, (str, dict, list)) and (found := _unfit_json(item, (*path, key))) is not None:
+            return found
+    return None
+
+
+def _lone_surrogate(text: str) -> str | None:
+    if text.isascii() or (bad := _SURROGATE.search(text)) is None:
+        return None
+    return f"a lone UTF-16 surrogate ({ascii(bad.group())[1:-1]}), which is not Unicode"
+
+
+class _RequestBody(_Body):
+    """A route's whole body: checked once for what would fail deep inside the server instead."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_json(cls, data: Any) -> Any:
+        found = _unfit_json(data)
+        if found is not None:
+            path, problem = found
+            param = ".".join(str(p) for p in path[:6]) or None
+            raise _invalid(param, f"{param}: {problem}" if param else problem)
+        return data
 
 
 # ---- messages -------------------------------------------------------------------------------
@@ -155,7 +203,7 @@ class ResponseFormat(_Body):
 # ---- shared sampling fields -----------------------------------------------------------------
 
 
-class _SamplingBody(_Body):
+class _SamplingBody(_RequestBody):
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -349,7 +397,7 @@ class CompletionRequest(_SamplingBody):
 # ---- /tokenize, /detokenize (vLLM shapes) ---------------------------------------------------
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -367,6 +415,6 @@ class TokenizeRequest(_Body):
         return self
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_RequestBody):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
