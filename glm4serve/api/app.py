@@ -7,7 +7,7 @@ import logging
 import secrets
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from glm4serve import __version__
 from glm4serve.engine.client import EngineClient
@@ -98,7 +98,10 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             ids = await ctx.chat_prompt_ids(body.messages, tools, body.add_generation_prompt,
                                             body.chat_template_kwargs)
-        return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids, "token_strs": None}
+        # JSONResponse straight away: FastAPI's jsonable_encoder walks a list in Python, seconds
+        # of a blocked event loop for the millions of ids a multi-MB prompt has
+        return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
+                             "token_strs": None})
 
     @app.post("/detokenize")
     async def _detokenize(body: DetokenizeRequest):
