@@ -63,7 +63,7 @@ def _unfit_json(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
     for key, item in items:
         if isinstance(key, str) and (bad := _lone_surrogate(key)) is not None:
             return path, f"a key contains {bad}"
-        if isinstance(item, (str, dict, list)) and (found := _unfit_json(item, (*path, key))) is not None:
+        if (found := _unfit_json(item, (*path, key))) is not None:
             return found
     return None
 
