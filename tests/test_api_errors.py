@@ -44,6 +44,9 @@ BAD_CHAT = [
     ({"messages": HI, "stop": [""]}, "stop"),
     ({"messages": HI, "stop": 5}, "stop"),
     ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": HI, "logit_bias": {"-5": 1}}, "logit_bias"),
+    ({"messages": HI, "logit_bias": {"\u0661": 1}}, "logit_bias"),  # ARABIC-INDIC DIGIT ONE: int() reads it as 1
+    ({"messages": HI, "logit_bias": {"\u00b2": 1}}, "logit_bias"),  # SUPERSCRIPT TWO: isdigit() but not int()
     ({"messages": HI, "logit_bias": {"5": 200}}, "logit_bias.5"),
     ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
     ({"messages": HI, "stop_token_ids": [999999]}, "stop_token_ids"),

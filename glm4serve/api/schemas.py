@@ -236,7 +236,7 @@ class _SamplingBody(_RequestBody):
             raise _invalid("stop", "stop strings must not be empty")
         if self.logit_bias:
             for key in self.logit_bias:
-                if not key.lstrip("-").isdigit() or int(key) < 0:
+                if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes "١" and "²"
                     raise _invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
         return self
 
