@@ -37,9 +37,9 @@ HELLO = "\nHello there!"  # the default reply: GLM-4 opens a chat reply with an 
 
 @lru_cache(maxsize=1)
 def small_tokenizer() -> Tokenizer:
-    out = tempfile.mkdtemp(prefix="glm4serve-api-tok-")
-    write_small_tokenizer(out, num_merges=400)
-    return Tokenizer.from_dir(out)
+    with tempfile.TemporaryDirectory() as out:  # from_dir reads everything it needs
+        write_small_tokenizer(out, num_merges=400)
+        return Tokenizer.from_dir(out)
 
 
 @dataclass

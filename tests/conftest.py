@@ -75,6 +75,12 @@ def pytest_configure(config):
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _server_logs_in_pytest_tmp(tmp_path_factory):
+    """The logs of the servers the tests start (server_proc.py) go where pytest's tmp_path does."""
+    os.environ["GLM4SERVE_TEST_LOGS"] = str(tmp_path_factory.mktemp("server-logs"))
+
+
 def pytest_pycollect_makeitem(collector, name, obj):
     """Tests marked cuda do not exist without --device cuda: neither run nor skipped on CPU."""
     marks = getattr(obj, "pytestmark", []) if inspect.isfunction(obj) else []

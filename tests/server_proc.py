@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,9 @@ class ServerProcess:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         if home is not None:
             full_env["HOME"] = str(home)
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"glm4serve-test-{self.port}.log"
+        # under pytest, its temp folder (conftest.py), which keeps only the last few runs
+        log_dir = Path(os.environ.get("GLM4SERVE_TEST_LOGS") or tempfile.gettempdir())
+        self.log_path = log_dir / f"glm4serve-test-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
 
