@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -530,3 +533,44 @@ async def test_engine_built_on_its_loop_thread_serves_and_build_errors_reach_the
 
     with pytest.raises(FileNotFoundError, match="no checkpoint here"):
         AsyncEngine.start(broken)
+
+
+async def test_the_loop_trims_the_heap_once_each_time_it_goes_idle(async_engine, monkeypatch):
+    from glm4serve.engine import async_engine as module
+
+    trims, step_ends = [], []
+    monkeypatch.setattr(module, "release_free_memory", lambda: trims.append(time.monotonic()) or True)
+    monkeypatch.setattr(module, "TRIM_AFTER_IDLE_S", 0.2)
+    ae, runner, pool = async_engine()
+    step = ae.engine.step
+    ae.engine.step = lambda: (step(), step_ends.append(time.monotonic()))[0]
+    await asyncio.sleep(0.3)
+    assert trims == []  # idle from the start: nothing to give back
+    for i in range(2):
+        await asyncio.gather(*[consume(ae, f"t{i}{j}", prompt_of(j, 5), greedy(max_tokens=4)) for j in range(3)])
+        await wait_until(lambda: len(trims) == i + 1)
+        assert trims[-1] - step_ends[-1] >= 0.2 * 0.9  # only after the loop sat idle that long
+        await asyncio.sleep(0.3)
+        assert len(trims) == i + 1  # and not again while it stays idle
+
+
+def test_release_free_memory_returns_freed_heap_pages_to_the_os():
+    """What the loop's trim is for: glibc keeps the free holes between live heap chunks resident."""
+    script = """
+from glm4serve.engine.async_engine import release_free_memory
+rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+start = rss()
+chunks = [bytes(64 * 1024) for _ in range(4000)]  # 250 MiB in chunks under the mmap threshold: on the heap
+kept = chunks[::16]
+del chunks  # 15 of 16 freed, each hole between two live chunks
+held = rss()
+print(start, held, rss() if release_free_memory() else -1)
+"""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc: RSS cannot be read")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    start, held, after = map(int, out.split())
+    if after == -1:
+        pytest.skip("no glibc malloc_trim on this platform")
+    assert held - start > 150  # the holes stay resident without the trim
+    assert held - after > 120, (start, held, after)

@@ -9,9 +9,11 @@ through loop.call_soon_threadsafe into that request's asyncio.Queue.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +26,31 @@ from .types import EngineError, EngineStats, Output, SamplingParams
 log = logging.getLogger(__name__)
 
 _END = object()  # queued after a request's last Output
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only; musl and macOS have none
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+TRIM_AFTER_IDLE_S = 1.0  # a client's next request right after its last reply never waits on a trim
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the OS; False where there is no glibc.
+
+    glibc keeps what a thread's arena freed for that thread's next allocations and returns only a
+    free tail to the OS. After a busy spell (prefill activations, tokenizer and grammar threads)
+    that is hundreds of MB held by an idle server: 525 MB of a 1.34 GB rise, on glm-4-9b-chat's
+    shapes (2 layers, int8) after 5 minutes of mixed requests. malloc_trim(0) also releases the
+    free pages inside each arena, not only at its end; it took 70 ms on that 4 GB process."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 @dataclass
@@ -156,11 +183,19 @@ class AsyncEngine:
 
     def _run(self) -> None:
         reason = "the engine was shut down"
+        worked = False  # since the C heap was last trimmed
         try:
             while True:
+                if worked:  # once per busy spell, when idle a while; outside the lock, so adds never wait
+                    with self._cv:
+                        idle = not self._cv.wait_for(self._has_input, timeout=TRIM_AFTER_IDLE_S)
+                    if idle:
+                        t0 = time.perf_counter()
+                        release_free_memory()
+                        log.debug("idle: returned free heap memory in %.1f ms", 1e3 * (time.perf_counter() - t0))
+                        worked = False
                 with self._cv:
-                    while not (self._commands or self._stopping or self.engine.has_work):
-                        self._cv.wait()
+                    self._cv.wait_for(self._has_input)
                     if self._stopping:
                         break
                     commands = list(self._commands)
@@ -170,6 +205,7 @@ class AsyncEngine:
                 if self.engine.has_work:
                     outputs = self.engine.step()
                     self._deliver(outputs, self.engine.pop_errors())
+                    worked = True
                 stats = self.engine.stats()
                 with self._cv:
                     self._stats = stats
@@ -187,6 +223,9 @@ class AsyncEngine:
                 self.engine.close()
             except Exception:  # noqa: BLE001 - shutting down either way
                 log.exception("closing the engine failed")
+
+    def _has_input(self) -> bool:  # under _cv
+        return bool(self._commands or self._stopping or self.engine.has_work)
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":
