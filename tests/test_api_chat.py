@@ -44,7 +44,8 @@ def test_whole_reply_renders_prompt_and_reports_usage():
     assert small_tokenizer().decode(call.prompt_ids) == "[gMASK]<sop><|user|>\nhi<|assistant|>"
     reply_tokens = len(small_tokenizer().encode("\nHello there!")) + 1  # + the stop token
     assert body["usage"] == {"prompt_tokens": len(call.prompt_ids), "completion_tokens": reply_tokens,
-                             "total_tokens": len(call.prompt_ids) + reply_tokens}
+                             "total_tokens": len(call.prompt_ids) + reply_tokens,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_stream_exact_chunk_sequence():

@@ -38,7 +38,8 @@ def test_text_prompt_gets_glm_prefix_tokens_and_default_max_tokens():
     assert choice == {"index": 0, "text": REPLY, "logprobs": None, "finish_reason": "stop"}
     n_out = len(tok.encode(REPLY)) + 1
     assert body["usage"] == {"prompt_tokens": len(call.prompt_ids), "completion_tokens": n_out,
-                             "total_tokens": len(call.prompt_ids) + n_out}
+                             "total_tokens": len(call.prompt_ids) + n_out,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_add_special_tokens_false_and_prompts_already_prefixed_are_left_alone():

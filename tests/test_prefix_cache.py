@@ -217,6 +217,7 @@ def test_preempted_sequence_recomputes_only_past_its_cached_blocks():
     (chunk,) = out.scheduled
     # 10 tokens, 9 computed before: blocks 0 and 1 (tokens 0..7) are found again, outputs included
     assert (chunk.start, chunk.num_tokens, chunk.sample_for) == (8, 2, [s])
+    assert s.num_cached_tokens == 0  # what its first admission found: its re-admission's hit is its own work
     logits = runner.run(out)
     assert int(logits[0].argmax()) == continuation(s.prompt_token_ids, 5)[-1]
 
@@ -231,6 +232,7 @@ def test_n_choices_fork_over_a_cached_prefix():
     out = sched.schedule()
     assert (out.scheduled[0].start, out.scheduled[0].num_tokens) == (8, 3)
     drive(sched, runner, {s.seq_id: 6 for s in seqs})
+    assert [s.num_cached_tokens for s in seqs] == [8, 8, 8]
     for s in seqs:
         assert s.output_token_ids == continuation(s.prompt_token_ids, 6)
     assert pool.num_free == pool.num_blocks
@@ -274,10 +276,13 @@ def test_engine_reports_prefix_cache_stats():
                        FakeTokenizer.stop_token_ids, vocab_size=VOCAB)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompt = tokens(13, 10)
+    cached = {}
     for rid in ("a", "b"):
         engine.add_request(rid, prompt, params)
         while engine.has_work:
-            engine.step()
+            for out in engine.step():
+                cached.setdefault(rid, set()).add(out.num_cached_tokens)
+    assert cached == {"a": {0}, "b": {8}}  # every Output of a request reports its prompt's hit
     st = engine.stats()
     assert (st.prefix_cache_queries, st.prefix_cache_hits) == (20, 8)
     assert st.kv_blocks_used == 0 and pool.num_free == pool.num_blocks

@@ -153,6 +153,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
+    cached = 0
     pending_logprobs: list[list[dict]] = [[] for _ in range(n)]
 
     def take_logprobs(i: int) -> dict | None:
@@ -170,6 +171,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             check_finish(out.finish_reason)
             i, state = out.index, choices[out.index]
             state.num_tokens = out.num_output_tokens
+            cached = out.num_cached_tokens
             if req.logprobs and out.logprobs:
                 pending_logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             deltas = state.feed(out.text) if out.text else []
@@ -184,7 +186,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
     if usage_on:
-        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices))
+        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), cached)
         yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 
@@ -197,6 +199,7 @@ async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletion
     logprobs: list[list[dict]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     num_tokens = [0] * n
+    cached = 0
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
@@ -204,6 +207,7 @@ async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletion
             i = out.index
             texts[i].append(out.text)
             num_tokens[i] = out.num_output_tokens
+            cached = out.num_cached_tokens
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             if out.finish_reason is not None:
@@ -214,7 +218,7 @@ async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletion
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                   logprobs={"content": logprobs[i]} if req.logprobs else None))
     return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
-                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens)))
+                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), cached))
 
 
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:

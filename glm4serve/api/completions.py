@@ -78,6 +78,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
 
     logprobs: dict[int, CompletionLogprobs] = {}
     num_tokens: dict[int, int] = {}
+    cached: dict[int, int] = {}  # by prompt
     if req.echo:
         for p, job in enumerate(plan.jobs):
             for c in range(n):
@@ -87,13 +88,14 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
             check_finish(out.finish_reason)
             index = p * n + out.index
             num_tokens[index] = out.num_output_tokens
+            cached[p] = out.num_cached_tokens
             part = None
             if req.logprobs is not None and out.logprobs:
                 part = logprobs.setdefault(index, CompletionLogprobs(ctx.tokenizer)).add(out.logprobs)
             if out.text or part or out.finish_reason is not None:
                 yield chunk([completion_choice_delta(index, out.text, part, out.finish_reason)])
     if usage_on:
-        usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()))
+        usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()), sum(cached.values()))
         yield sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 
@@ -104,6 +106,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     logprobs = [CompletionLogprobs(ctx.tokenizer) for _ in range(count)]
     reasons: list[str | None] = [None] * count
     num_tokens = [0] * count
+    cached = [0] * len(plan.jobs)
     outputs = _outputs(ctx, plan)
     async with contextlib.aclosing(outputs):
         async for p, out in outputs:
@@ -111,6 +114,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
             index = p * n + out.index
             texts[index].append(out.text)
             num_tokens[index] = out.num_output_tokens
+            cached[p] = out.num_cached_tokens
             if req.logprobs is not None and out.logprobs:
                 logprobs[index].add(out.logprobs)
             if out.finish_reason is not None:
@@ -118,7 +122,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     choices = [CompletionChoice(index=k, text="".join(texts[k]), finish_reason=reasons[k] or LENGTH,
                                 logprobs=logprobs[k].as_dict() if req.logprobs is not None else None)
                for k in range(count)]
-    usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens))
+    usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens), sum(cached))
     return CompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
                               choices=choices, usage=usage)
 

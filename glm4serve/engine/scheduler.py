@@ -211,6 +211,7 @@ class Scheduler:
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
+                seq.num_cached_tokens = computed
             if self.cfg.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += computed
@@ -321,6 +322,7 @@ class Scheduler:
         for sib in self._forks.pop(parent.seq_id):
             sib.block_table = self.pool.share(parent.block_table)
             sib.num_computed_tokens = parent.num_computed_tokens
+            sib.num_cached_tokens = parent.num_cached_tokens
             sib.status = SeqStatus.RUNNING
             self.running.append(sib)
 

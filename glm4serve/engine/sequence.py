@@ -39,6 +39,7 @@ class Sequence:
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # set by the scheduler's first admission of it
+    num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
     # per-choice sampling state: it survives preemption, unlike the KV blocks
     generator: torch.Generator | None = None
     stop_token_ids: frozenset[int] = frozenset()

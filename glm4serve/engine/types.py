@@ -69,6 +69,7 @@ class Output:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # this choice's total so far
+    num_cached_tokens: int = 0  # of the prompt's tokens, those read from the prefix cache
     queue_time: float | None = None  # seconds from arrival to first being scheduled (choice 0 only)
 
 
