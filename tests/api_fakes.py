@@ -164,6 +164,11 @@ def make_app(replies: Replies = (HELLO,), *, tokenizer: Tokenizer | None = None,
     return create_app(engine, engine.engine.tokenizer, settings, MODEL, max_model_len)
 
 
+def full_blocks(call: Call, block_size: int = ServerSettings().block_size) -> int:
+    """Prompt tokens in whole KV blocks: what a first request adds to the prefix cache."""
+    return len(call.prompt_ids) // block_size * block_size
+
+
 def engine_of(app) -> RecordingEngine:
     return app.state.serving.engine
 

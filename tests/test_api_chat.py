@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     MODEL,
     engine_of,
+    full_blocks,
     make_app,
     shutdown_engines,
     small_tokenizer,
@@ -45,7 +46,7 @@ def test_whole_reply_renders_prompt_and_reports_usage():
     reply_tokens = len(small_tokenizer().encode("\nHello there!")) + 1  # + the stop token
     assert body["usage"] == {"prompt_tokens": len(call.prompt_ids), "completion_tokens": reply_tokens,
                              "total_tokens": len(call.prompt_ids) + reply_tokens,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}}
 
 
 def test_stream_exact_chunk_sequence():

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     MODEL,
     engine_of,
+    full_blocks,
     make_app,
     shutdown_engines,
     small_tokenizer,
@@ -39,7 +40,7 @@ def test_text_prompt_gets_glm_prefix_tokens_and_default_max_tokens():
     n_out = len(tok.encode(REPLY)) + 1
     assert body["usage"] == {"prompt_tokens": len(call.prompt_ids), "completion_tokens": n_out,
                              "total_tokens": len(call.prompt_ids) + n_out,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}}
 
 
 def test_add_special_tokens_false_and_prompts_already_prefixed_are_left_alone():

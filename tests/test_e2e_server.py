@@ -91,6 +91,36 @@ def test_chat_stream_and_whole_give_the_same_text_at_temperature_0(server):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_responses_api_whole_and_through_the_sdk_stream_helper(server):
+    c = client(server)
+    whole = c.responses.create(model="glm4-test", input=MSGS, instructions="Answer briefly.", max_output_tokens=24,
+                               temperature=0)
+    assert whole.status in ("completed", "incomplete") and whole.output[0].type == "message"
+    chat = c.chat.completions.create(model="glm4-test", messages=[{"role": "system", "content": "Answer briefly."}, *MSGS],
+                                     max_tokens=24, temperature=0)
+    assert whole.output_text == chat.choices[0].message.content
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    with c.responses.stream(model="glm4-test", input=MSGS, instructions="Answer briefly.", max_output_tokens=24,
+                            temperature=0) as stream:
+        events = list(stream)
+    # a reply cut by max_output_tokens ends with response.incomplete (get_final_response wants .completed)
+    assert events[-1].type == f"response.{whole.status}"
+    final = events[-1].response
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == final.output_text == whole.output_text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(server):
+    c = client(server)
+    messages = [{"role": "user", "content": " ".join(f"word{i}" for i in range(120)) + " (cached tokens)"}]
+    first = c.chat.completions.create(model="glm4-test", messages=messages, max_tokens=2, temperature=0).usage
+    again = c.chat.completions.create(model="glm4-test", messages=messages, max_tokens=2, temperature=0).usage
+    assert first.prompt_tokens_details.cached_tokens == 0
+    # whole KV blocks, short of the last prompt token, which is always computed
+    assert first.prompt_tokens - 32 < again.prompt_tokens_details.cached_tokens < first.prompt_tokens
+
+
 def test_n2_seeded_and_logprobs(server):
     c = client(server)
     r = c.chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=8, n=2, temperature=1.0, seed=3,
@@ -199,6 +229,21 @@ def test_steered_tool_call_through_the_sdk_stream_helper(steered):
     assert ch.finish_reason == "tool_calls"
     (call,) = ch.message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+
+
+def test_steered_function_call_through_the_responses_api(steered):
+    c = client(steered)
+    tool = {"type": "function", **TOOLS[0]["function"]}
+    r = c.responses.create(model="glm4-steered", input="Weather in Beijing?", tools=[tool], temperature=0,
+                           max_output_tokens=40)
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and r.status == "completed"
+    assert json.loads(call.arguments) == {"city": "北京"}
+    follow_up = [{"role": "user", "content": "Weather in Beijing?"},
+                 {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+                 {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 20°C"}]
+    again = c.responses.create(model="glm4-steered", input=follow_up, tools=[tool], temperature=0, max_output_tokens=8)
+    assert again.usage.input_tokens > r.usage.input_tokens
 
 
 def test_steered_reply_without_tools_is_plain_text_and_a_cut_call_is_length(steered):

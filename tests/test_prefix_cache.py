@@ -276,13 +276,14 @@ def test_engine_reports_prefix_cache_stats():
                        FakeTokenizer.stop_token_ids, vocab_size=VOCAB)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompt = tokens(13, 10)
-    cached = {}
+    outs = {}
     for rid in ("a", "b"):
         engine.add_request(rid, prompt, params)
         while engine.has_work:
-            for out in engine.step():
-                cached.setdefault(rid, set()).add(out.num_cached_tokens)
+            outs.setdefault(rid, []).extend(engine.step())
+    cached = {rid: {o.num_cached_tokens for o in found} for rid, found in outs.items()}
     assert cached == {"a": {0}, "b": {8}}  # every Output of a request reports its prompt's hit
+    assert {o.num_cache_write_tokens for o in outs["a"]} == {8} and {o.num_cache_write_tokens for o in outs["b"]} == {0}
     st = engine.stats()
     assert (st.prefix_cache_queries, st.prefix_cache_hits) == (20, 8)
     assert st.kv_blocks_used == 0 and pool.num_free == pool.num_blocks

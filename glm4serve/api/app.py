@@ -19,7 +19,9 @@ from .errors import APIError, install_error_handlers
 from .gate import Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .metrics import CONTENT_TYPE, Metrics
-from .responses import ModelCard, ModelList
+from .replies import ModelCard, ModelList
+from .responses import create_response
+from .responses_request import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import ServingContext
 from .settings import ServerSettings
@@ -55,6 +57,10 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     async def _completions(body: CompletionRequest, request: Request):
         check_completion_limits(body, settings)
         return await completions(ctx, body, request)
+
+    @v1.post("/responses")
+    async def _responses(body: ResponsesRequest, request: Request):
+        return await create_response(ctx, body, request)
 
     @v1.get("/models")
     async def _models():

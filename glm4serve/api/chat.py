@@ -34,11 +34,12 @@ from glm4serve.chat.tool_parser import (
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
 from .logprobs import chat_logprob_entries
-from .responses import (
+from .replies import (
     ChatChoice,
     ChatCompletionResponse,
     ChatMessageOut,
     FunctionCallOut,
+    PromptTokensDetails,
     ToolCallOut,
     Usage,
     chat_choice_delta,
@@ -153,7 +154,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
-    cached = 0
+    details = PromptTokensDetails()
     pending_logprobs: list[list[dict]] = [[] for _ in range(n)]
 
     def take_logprobs(i: int) -> dict | None:
@@ -171,7 +172,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             check_finish(out.finish_reason)
             i, state = out.index, choices[out.index]
             state.num_tokens = out.num_output_tokens
-            cached = out.num_cached_tokens
+            details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
                 pending_logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             deltas = state.feed(out.text) if out.text else []
@@ -186,20 +187,20 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
     if usage_on:
-        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), cached)
+        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), details)
         yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 
 # ---- whole ----------------------------------------------------------------------------------
 
 
-async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionRequest) -> ChatCompletionResponse:
+async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionRequest) -> ChatCompletionResponse:
     n = req.n
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[dict]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     num_tokens = [0] * n
-    cached = 0
+    details = PromptTokensDetails()
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
@@ -207,7 +208,7 @@ async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletion
             i = out.index
             texts[i].append(out.text)
             num_tokens[i] = out.num_output_tokens
-            cached = out.num_cached_tokens
+            details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             if out.finish_reason is not None:
@@ -218,7 +219,7 @@ async def _collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletion
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                   logprobs={"content": logprobs[i]} if req.logprobs else None))
     return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
-                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), cached))
+                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details))
 
 
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
@@ -253,4 +254,4 @@ async def chat_completions(ctx: ServingContext, req: ChatCompletionRequest, requ
     plan = await prepare_chat(ctx, req)
     return await respond(ctx, request, req.stream,
                          lambda: _stream_chat(ctx, plan, req, ctx.open(plan.prompt_ids, plan.params, plan.request_id)),
-                         lambda: _collect_chat(ctx, plan, req))
+                         lambda: collect_chat(ctx, plan, req))

@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
 from .logprobs import CompletionLogprobs
-from .responses import CompletionChoice, CompletionResponse, Usage, completion_choice_delta, stream_chunk
+from .replies import CompletionChoice, CompletionResponse, PromptTokensDetails, Usage, completion_choice_delta, stream_chunk
 from .schemas import CompletionRequest
 from .serving import ServingContext, check_finish, merge_streams, respond
 from .streaming import sse_data
@@ -78,7 +78,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
 
     logprobs: dict[int, CompletionLogprobs] = {}
     num_tokens: dict[int, int] = {}
-    cached: dict[int, int] = {}  # by prompt
+    details: dict[int, PromptTokensDetails] = {}  # by prompt
     if req.echo:
         for p, job in enumerate(plan.jobs):
             for c in range(n):
@@ -88,14 +88,15 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
             check_finish(out.finish_reason)
             index = p * n + out.index
             num_tokens[index] = out.num_output_tokens
-            cached[p] = out.num_cached_tokens
+            details[p] = PromptTokensDetails.of(out)
             part = None
             if req.logprobs is not None and out.logprobs:
                 part = logprobs.setdefault(index, CompletionLogprobs(ctx.tokenizer)).add(out.logprobs)
             if out.text or part or out.finish_reason is not None:
                 yield chunk([completion_choice_delta(index, out.text, part, out.finish_reason)])
     if usage_on:
-        usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()), sum(cached.values()))
+        usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()),
+                         sum(details.values(), PromptTokensDetails()))
         yield sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 
@@ -106,7 +107,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     logprobs = [CompletionLogprobs(ctx.tokenizer) for _ in range(count)]
     reasons: list[str | None] = [None] * count
     num_tokens = [0] * count
-    cached = [0] * len(plan.jobs)
+    details: dict[int, PromptTokensDetails] = {}  # by prompt
     outputs = _outputs(ctx, plan)
     async with contextlib.aclosing(outputs):
         async for p, out in outputs:
@@ -114,7 +115,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
             index = p * n + out.index
             texts[index].append(out.text)
             num_tokens[index] = out.num_output_tokens
-            cached[p] = out.num_cached_tokens
+            details[p] = PromptTokensDetails.of(out)
             if req.logprobs is not None and out.logprobs:
                 logprobs[index].add(out.logprobs)
             if out.finish_reason is not None:
@@ -122,7 +123,8 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     choices = [CompletionChoice(index=k, text="".join(texts[k]), finish_reason=reasons[k] or LENGTH,
                                 logprobs=logprobs[k].as_dict() if req.logprobs is not None else None)
                for k in range(count)]
-    usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens), sum(cached))
+    usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens),
+                     sum(details.values(), PromptTokensDetails()))
     return CompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
                               choices=choices, usage=usage)
 

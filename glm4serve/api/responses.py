@@ -1,123 +1,237 @@
-"""Response bodies (non-streamed) and the chunk dicts of streamed replies.
+"""POST /v1/responses: the Responses API over the chat route's path.
 
-Stream chunks are plain dicts on purpose: which keys a delta carries *is* the wire format
-(`{}` on the finish chunk, `id`/`name` only on a tool call's first delta), and a dict says so
-more plainly than a model with exclusion rules.
+A request becomes a chat completion request (responses_request.py) and runs as one: the same
+prompt, tool parsing and grammars. What differs is the reply's shape. Whole, it is a response
+object whose `output` holds a message item (the text) and a function_call item per call.
+Streamed, it is typed events, each with a `sequence_number`: response.created and
+.in_progress, then per item output_item.added, its deltas (output_text.delta or
+function_call_arguments.delta) and its .done events, and last response.completed (or
+response.incomplete when max_output_tokens cut the reply). A failure midway is an `error`
+event; the stream has no `[DONE]`.
+
+Logprobs belong to output text in this API: a reply that is function calls carries none.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import contextlib
+import json
+import time
+import uuid
+from typing import AsyncIterator
 
-from pydantic import BaseModel
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
 
+from glm4serve.engine.types import LENGTH, Output
 
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int  # read from the prefix cache, not computed
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
-
-
-class FunctionCallOut(BaseModel):
-    name: str
-    arguments: str  # a JSON string, never an object
+from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat
+from .errors import APIError, validation_error
+from .limits import check_chat_limits
+from .logprobs import chat_logprob_entries
+from .replies import PromptTokensDetails, Usage
+from .responses_request import NamedFunctionChoice, ResponsesRequest, in_responses_terms
+from .serving import ServingContext, check_finish, respond
+from .streaming import StreamEnd
 
 
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[ToolCallOut] | None = None
+class ResponseBuilder:
+    """One reply's output items, built step by step (text, a call's start, its arguments), and
+    the stream events that announce each step. The whole reply is built the same way, its
+    events unused, so both shapes hold the same items."""
+
+    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan):
+        self.fixed = _fixed_fields(ctx, req, plan)
+        self.output: list[dict] = []
+        self.sequence_number = 0
+        self._item: dict | None = None  # the item being written, the last of `output`
+
+    def event(self, type: str, **fields) -> bytes:
+        body = {"type": type, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        return f"event: {type}\ndata: {data}\n\n".encode()
+
+    def error_event(self, error: APIError) -> bytes:
+        return self.event("error", code=error.code or error.type, message=error.message, param=error.param)
+
+    # ---- items ----------------------------------------------------------------------------------
+
+    def text(self, text: str, logprobs: list[dict]) -> list[bytes]:
+        events = []
+        if self._item is None or self._item["type"] != "message":
+            events += self.close("completed")
+            item = {"id": _new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": []}
+            events += self._open(item)
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            events.append(self.event("response.content_part.added", item_id=item["id"], output_index=self._index,
+                                     content_index=0, part=part))
+            item["content"].append(part)
+        part = self._item["content"][0]
+        part["text"] += text
+        part["logprobs"] += logprobs
+        if text:
+            events.append(self.event("response.output_text.delta", item_id=self._item["id"], output_index=self._index,
+                                     content_index=0, delta=text, logprobs=logprobs))
+        return events
+
+    def call(self, call_id: str, name: str) -> list[bytes]:
+        events = self.close("completed")
+        return events + self._open({"id": _new_id("fc"), "type": "function_call", "status": "in_progress",
+                                    "call_id": call_id, "name": name, "arguments": ""})
+
+    def arguments(self, fragment: str) -> list[bytes]:
+        self._item["arguments"] += fragment
+        return [self.event("response.function_call_arguments.delta", item_id=self._item["id"],
+                           output_index=self._index, delta=fragment)]
+
+    def close(self, status: str) -> list[bytes]:
+        """Finish the open item, if any, with its .done events."""
+        item, self._item = self._item, None
+        if item is None:
+            return []
+        item["status"] = status
+        where = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        if item["type"] == "message":
+            part = item["content"][0]
+            events = [self.event("response.output_text.done", **where, content_index=0, text=part["text"],
+                                 logprobs=part["logprobs"]),
+                      self.event("response.content_part.done", **where, content_index=0, part=part)]
+        else:
+            events = [self.event("response.function_call_arguments.done", **where, name=item["name"],
+                                 arguments=item["arguments"])]
+        return events + [self.event("response.output_item.done", output_index=where["output_index"], item=item)]
+
+    @property
+    def _index(self) -> int:
+        return len(self.output) - 1
+
+    def _open(self, item: dict) -> list[bytes]:
+        self.output.append(item)
+        self._item = item
+        return [self.event("response.output_item.added", output_index=self._index, item=item)]
+
+    # ---- the response object ---------------------------------------------------------------------
+
+    def response(self, status: str, usage: dict | None = None) -> dict:
+        return {**self.fixed, "status": status, "output": self.output, "usage": usage,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "completed_at": int(time.time()) if status in ("completed", "incomplete") else None}
+
+    def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
+        """Close the last item (an empty message when the reply had nothing): the response's status and the events."""
+        events = [] if self.output else self.text("", [])
+        status = "incomplete" if finish_reason == LENGTH else "completed"
+        return status, events + self.close(status)
 
 
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None
+def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) -> dict:
+    """The response object's fields that the reply does not change: mostly the request, echoed."""
+    if isinstance(req.tool_choice, NamedFunctionChoice):
+        tool_choice = req.tool_choice.model_dump()
+    else:
+        tool_choice = req.tool_choice or "auto"
+    text_format = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else {"type": "text"}
+    return {
+        "id": _new_id("resp"), "object": "response", "created_at": plan.created, "model": ctx.model_name,
+        "error": None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "temperature": plan.params.temperature, "top_p": plan.params.top_p, "top_logprobs": req.top_logprobs,
+        "tool_choice": tool_choice, "tools": [t.model_dump() for t in req.tools or []],
+        "text": {"format": text_format}, "truncation": "disabled", "metadata": req.metadata or {},
+        "user": req.user, "previous_response_id": None, "reasoning": None, "background": False,
+    }
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
+def _usage(chat: Usage) -> dict:
+    return {"input_tokens": chat.prompt_tokens, "input_tokens_details": chat.prompt_tokens_details.model_dump(),
+            "output_tokens": chat.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": chat.total_tokens}
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None
+# ---- streamed -------------------------------------------------------------------------------
 
 
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
+async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, builder: ResponseBuilder,
+                           outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
+    yield builder.event("response.created", response=builder.response("in_progress"))
+    yield builder.event("response.in_progress", response=builder.response("in_progress"))
+    choice = ChoiceStream(plan, ctx.tokenizer)
+    pending: list[dict] = []  # logprobs of tokens whose text has not come out yet
+    finish_reason, details = LENGTH, PromptTokensDetails()
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            check_finish(out.finish_reason)
+            choice.num_tokens, details = out.num_output_tokens, PromptTokensDetails.of(out)
+            if logprobs and out.logprobs:
+                pending += chat_logprob_entries(ctx.tokenizer, out.logprobs)
+            deltas = choice.feed(out.text) if out.text else []
+            if out.finish_reason is not None:
+                held, finish_reason = choice.finish(out.finish_reason)
+                deltas += held
+            for delta in deltas:
+                if "content" in delta:
+                    entries, pending = pending, []
+                    for event in builder.text(delta["content"], entries):
+                        yield event
+                    continue
+                [call] = delta["tool_calls"]
+                if "id" in call:
+                    pending = []  # a call's tokens: no output text to carry them
+                    events = builder.call(call["id"], call["function"]["name"])
+                else:
+                    events = builder.arguments(call["function"]["arguments"])
+                for event in events:
+                    yield event
+    if pending and builder.output and builder.output[-1]["type"] == "message":
+        builder.text("", pending)  # the stop token's, after the last text
+    status, events = builder.finish(finish_reason)
+    for event in events:
+        yield event
+    usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, details))
+    yield builder.event(f"response.{status}", response=builder.response(status, usage))
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "glm4serve"
-    max_model_len: int
+# ---- whole ----------------------------------------------------------------------------------
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder: ResponseBuilder) -> dict:
+    reply = await collect_chat(ctx, plan, chat_req)
+    [choice] = reply.choices
+    message = choice.message
+    if message.content is not None and (message.content or not message.tool_calls):
+        logprobs = choice.logprobs["content"] if choice.logprobs and not message.tool_calls else []
+        builder.text(message.content, logprobs)
+    for call in message.tool_calls or []:
+        builder.call(call.id, call.function.name)
+        builder.arguments(call.function.arguments)
+    status, _ = builder.finish(choice.finish_reason)
+    return builder.response(status, _usage(reply.usage))
 
 
-# ---- stream chunks --------------------------------------------------------------------------
+# ---- route ----------------------------------------------------------------------------------
 
 
-def stream_chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],
-                 usage: Usage | None = None, with_usage_field: bool = False) -> dict:
-    """One streamed chunk; kind is its object: "chat.completion.chunk" or "text_completion"."""
-    chunk = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
-    if with_usage_field:  # OpenAI sends usage: null on every chunk when include_usage is on
-        chunk["usage"] = usage.model_dump() if usage is not None else None
-    return chunk
-
-
-def chat_choice_delta(index: int, delta: dict, logprobs: dict | None = None,
-                      finish_reason: str | None = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def completion_choice_delta(index: int, text: str, logprobs: dict | None = None,
-                            finish_reason: str | None = None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def tool_call_start_delta(index: int, call_id: str, name: str) -> dict:
-    """First delta of a call: the only one with id, type and name (the SDK concatenates strings)."""
-    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
-                            "function": {"name": name, "arguments": ""}}]}
-
-
-def tool_args_delta(index: int, fragment: str) -> dict:
-    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
+async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
+    try:
+        try:
+            chat_req = req.to_chat()
+        except ValidationError as e:
+            raise validation_error(RequestValidationError(e.errors())) from None
+        check_chat_limits(chat_req, ctx.settings)
+        plan = await prepare_chat(ctx, chat_req)
+    except APIError as e:
+        raise in_responses_terms(e) from e
+    builder = ResponseBuilder(ctx, req, plan)
+    return await respond(ctx, request, req.stream,
+                         lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
+                                                  ctx.open(plan.prompt_ids, plan.params, plan.request_id)),
+                         lambda: _whole_response(ctx, plan, chat_req, builder),
+                         StreamEnd(error_event=builder.error_event, done=None))

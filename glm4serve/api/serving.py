@@ -23,7 +23,7 @@ from glm4serve.model.tokenizer import Tokenizer
 from .errors import APIError, invalid_request, server_error
 from .metrics import Metrics
 from .settings import ServerSettings
-from .streaming import sse_response
+from .streaming import StreamEnd, sse_response
 
 log = logging.getLogger("glm4serve.api")
 T = TypeVar("T")
@@ -171,18 +171,18 @@ def check_finish(reason: str | None) -> None:
 
 
 async def respond(ctx: ServingContext, request: Request, stream: bool, events: Callable[[], AsyncIterator[bytes]],
-                  whole: Callable[[], Awaitable[BaseModel]]) -> Response:
+                  whole: Callable[[], Awaitable[BaseModel | dict]], end: StreamEnd = StreamEnd()) -> Response:
     """A streamed reply of events(), or whole()'s reply as one JSON body, cancelled if the client
     hangs up first."""
     if stream:
-        return sse_response(events(), ctx.settings)
+        return sse_response(events(), ctx.settings, end)
     try:
         response = await cancel_on_disconnect(request, whole())
     except EngineError as e:
         raise server_error(f"the engine failed this request: {e}") from e
     except ClientDisconnected:
         return Response(status_code=499)  # nobody is listening; the engine request is aborted
-    return JSONResponse(response.model_dump(mode="json"))
+    return JSONResponse(response if isinstance(response, dict) else response.model_dump(mode="json"))
 
 
 async def _next_before(stream: AsyncIterator[T], deadline: float | None) -> T:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
@@ -34,27 +35,37 @@ def sse_error(error: APIError) -> bytes:
     return sse_data(error.body())
 
 
-async def _with_error_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+@dataclass(frozen=True)
+class StreamEnd:
+    """How a stream reports a failure midway, and what ends it: chat and completions send the
+    error envelope and `[DONE]`; the Responses API an `error` event and nothing after it."""
+
+    error_event: Callable[[APIError], bytes] = sse_error
+    done: bytes | None = DONE
+
+
+async def _with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> AsyncIterator[bytes]:
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         try:
             async for event in events:
                 yield event
         except APIError as e:
-            yield sse_error(e)
+            yield end.error_event(e)
         except EngineError as e:
-            yield sse_error(server_error(f"the engine failed this request: {e}"))
+            yield end.error_event(server_error(f"the engine failed this request: {e}"))
         except Exception:
             log.exception("stream failed")
-            yield sse_error(server_error())
-    yield DONE
+            yield end.error_event(server_error())
+    if end.done is not None:
+        yield end.done
 
 
-def sse_response(events: AsyncIterator[bytes], settings: ServerSettings) -> EventSourceResponse:
-    """Stream `events` (already-encoded SSE bytes), then [DONE]. Client disconnects cancel the
-    generator, whose cleanup aborts the request in the engine. On shutdown (SIGTERM) a stream
-    gets `graceful_shutdown_seconds` to finish before it is cut."""
+def sse_response(events: AsyncIterator[bytes], settings: ServerSettings, end: StreamEnd = StreamEnd()) -> EventSourceResponse:
+    """Stream `events` (already-encoded SSE bytes), then [DONE] (as `end` says). Client disconnects
+    cancel the generator, whose cleanup aborts the request in the engine. On shutdown (SIGTERM) a
+    stream gets `graceful_shutdown_seconds` to finish before it is cut."""
     return EventSourceResponse(
-        _with_error_events(events),
+        _with_error_events(events, end),
         ping=settings.sse_ping_seconds,
         sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),

@@ -212,6 +212,9 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
                 seq.num_cached_tokens = computed
+                if self.cfg.enable_prefix_caching:  # the prompt's full blocks are registered as computed
+                    full = seq.num_prompt_tokens // self.pool.block_size * self.pool.block_size
+                    seq.num_cache_write_tokens = max(0, full - computed)
             if self.cfg.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += computed
@@ -323,6 +326,7 @@ class Scheduler:
             sib.block_table = self.pool.share(parent.block_table)
             sib.num_computed_tokens = parent.num_computed_tokens
             sib.num_cached_tokens = parent.num_cached_tokens
+            sib.num_cache_write_tokens = parent.num_cache_write_tokens
             sib.status = SeqStatus.RUNNING
             self.running.append(sib)
 

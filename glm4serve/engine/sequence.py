@@ -40,6 +40,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # set by the scheduler's first admission of it
     num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    num_cache_write_tokens: int = 0  # prompt tokens its first admission will add to the prefix cache
     # per-choice sampling state: it survives preemption, unlike the KV blocks
     generator: torch.Generator | None = None
     stop_token_ids: frozenset[int] = frozenset()

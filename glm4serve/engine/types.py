@@ -70,6 +70,7 @@ class Output:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # this choice's total so far
     num_cached_tokens: int = 0  # of the prompt's tokens, those read from the prefix cache
+    num_cache_write_tokens: int = 0  # and those it adds to the prefix cache (its full blocks past the hit)
     queue_time: float | None = None  # seconds from arrival to first being scheduled (choice 0 only)
 
 

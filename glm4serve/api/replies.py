@@ -1,0 +1,134 @@
+"""Response bodies (non-streamed) and the chunk dicts of streamed replies.
+
+Stream chunks are plain dicts on purpose: which keys a delta carries *is* the wire format
+(`{}` on the finish chunk, `id`/`name` only on a tool call's first delta), and a dict says so
+more plainly than a model with exclusion rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from glm4serve.engine.types import Output
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # read from the prefix cache, not computed
+    cache_write_tokens: int = 0  # computed and added to the prefix cache
+
+    @classmethod
+    def of(cls, out: Output) -> "PromptTokensDetails":
+        return cls(cached_tokens=out.num_cached_tokens, cache_write_tokens=out.num_cache_write_tokens)
+
+    def __add__(self, other: "PromptTokensDetails") -> "PromptTokensDetails":
+        return PromptTokensDetails(cached_tokens=self.cached_tokens + other.cached_tokens,
+                                   cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int,
+           details: PromptTokensDetails = PromptTokensDetails()) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON string, never an object
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glm4serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- stream chunks --------------------------------------------------------------------------
+
+
+def stream_chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],
+                 usage: Usage | None = None, with_usage_field: bool = False) -> dict:
+    """One streamed chunk; kind is its object: "chat.completion.chunk" or "text_completion"."""
+    chunk = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
+    if with_usage_field:  # OpenAI sends usage: null on every chunk when include_usage is on
+        chunk["usage"] = usage.model_dump() if usage is not None else None
+    return chunk
+
+
+def chat_choice_delta(index: int, delta: dict, logprobs: dict | None = None,
+                      finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_choice_delta(index: int, text: str, logprobs: dict | None = None,
+                            finish_reason: str | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_call_start_delta(index: int, call_id: str, name: str) -> dict:
+    """First delta of a call: the only one with id, type and name (the SDK concatenates strings)."""
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def tool_args_delta(index: int, fragment: str) -> dict:
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}

@@ -1,0 +1,251 @@
+"""Request body of POST /v1/responses, and the chat completion request it stands for.
+
+The Responses API is OpenAI's newer shape of the same exchange, the one the Agents SDK and
+Codex speak: `input` items instead of messages, flat function tools, `text.format` instead of
+`response_format`, `max_output_tokens`. A request becomes a ChatCompletionRequest, so a reply
+takes the chat route's one path (template, tool parsing, grammars, limits).
+
+This server keeps no responses: `store` is accepted and nothing is stored, so
+`previous_response_id`, `conversation` and `background` are refused with a 400 that says to
+send the whole conversation in `input`, as stateless clients do (Codex sends `store: false`).
+`reasoning` and `include` values other than output logprobs are accepted and have no effect:
+GLM-4 writes no separate reasoning.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from .errors import APIError
+from .schemas import MAX_LOGPROBS, ChatCompletionRequest, FunctionDef, _Body, _check_json_schema, _invalid, _RequestBody
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+# ---- input items ----------------------------------------------------------------------------
+
+
+class TextPart(_Body):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier reply sent back
+    text: str
+
+
+def _chat_content(content: str | list[TextPart]) -> str | list[dict]:
+    """As chat content: parts stay parts, so they are joined by the chat route's one rule."""
+    return content if isinstance(content, str) else [{"type": "text", "text": p.text} for p in content]
+
+
+class InputMessage(_Body):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[TextPart]
+
+
+class FunctionCallItem(_Body):
+    """A call the model made earlier, sent back with the conversation."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_Body):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[TextPart]
+
+
+class ReasoningItem(_Body):
+    """Another model's reasoning sent back by a client that switched models: dropped."""
+
+    type: Literal["reasoning"]
+
+
+class UnsupportedItem(_Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        raise _invalid("input", f"input items of type {kind!r} are not supported: this server takes message, "
+                                f"function_call and function_call_output items")
+
+
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
+
+def _item_tag(item: Any) -> str:
+    # Tags are written `item[...]`: error paths leave out a part with a bracket (errors.py), so a
+    # bad field is `input.0.content`, not `input.0.message.content`.
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    return f"item[{kind if kind in _ITEM_TYPES else 'unsupported'}]"
+
+
+InputItem = Annotated[
+    Union[
+        Annotated[InputMessage, Tag("item[message]")],
+        Annotated[FunctionCallItem, Tag("item[function_call]")],
+        Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")],
+        Annotated[ReasoningItem, Tag("item[reasoning]")],
+        Annotated[UnsupportedItem, Tag("item[unsupported]")],
+    ],
+    Discriminator(_item_tag),
+]
+
+
+# ---- tools and formats ----------------------------------------------------------------------
+
+
+class FunctionTool(FunctionDef):
+    """The Responses API's function tool: the chat tool's `function` fields, flat."""
+
+    type: Literal["function"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_only(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind is not None and kind != "function":  # web_search, file_search, mcp, ...: hosted by OpenAI
+            raise _invalid("tools", f"tools of type {kind!r} are not supported: this server takes function tools")
+        return data
+
+
+class NamedFunctionChoice(_Body):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given_and_valid(self):
+        if self.type == "json_schema":
+            if self.name is None or self.schema_ is None:
+                raise _invalid("text.format", "text.format of type json_schema needs a name and a schema")
+            _check_json_schema(self.schema_, "text.format.schema")
+        return self
+
+    def as_response_format(self) -> dict:
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {"type": "json_schema", "json_schema": {"name": self.name, "description": self.description,
+                                                       "schema": self.schema_, "strict": self.strict}}
+
+
+class TextConfig(_Body):
+    format: TextFormat | None = None
+
+
+# ---- the request ----------------------------------------------------------------------------
+
+
+class ResponsesRequest(_RequestBody):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    stream: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    include: list[str] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    store: bool | None = None  # accepted; nothing is stored
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+    # vLLM's extensions, passed to the chat request when sent
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _stateless(self):
+        for name in ("previous_response_id", "conversation"):
+            if getattr(self, name) is not None:
+                raise _invalid(name, f"{name} is not supported: this server stores no responses; send the whole "
+                                     f"conversation in input")
+        if self.background:
+            raise _invalid("background", "background responses are not supported")
+        if self.truncation == "auto":
+            raise _invalid("truncation", "truncation 'auto' is not supported: input over the context is a 400")
+        if isinstance(self.input, list) and not self.input:
+            raise _invalid("input", "input must not be empty")
+        return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or ()) or bool(self.top_logprobs)
+
+    def messages(self) -> list[dict]:
+        """Chat messages: the instructions as a system message, then one message per input item
+        (a function call is an assistant message with that call: GLM-4 gives each call its own
+        assistant turn anyway)."""
+        out: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, InputMessage):
+                out.append({"role": item.role, "content": _chat_content(item.content)})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "function": {"name": item.name, "arguments": item.arguments}}
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionCallOutputItem):
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": _chat_content(item.output)})
+        return out
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The chat request of the same reply (raises pydantic's ValidationError for what only
+        the chat rules catch, such as a tool_choice naming no given tool)."""
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages()}
+        for name in ("temperature", "top_p", "parallel_tool_calls", "user", "seed", "top_k", "min_p",
+                     "repetition_penalty"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.max_output_tokens is not None:
+            body["max_completion_tokens"] = self.max_output_tokens
+        if self.tools is not None:
+            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        if isinstance(self.tool_choice, NamedFunctionChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
+        if self.text is not None and self.text.format is not None:
+            body["response_format"] = self.text.format.as_response_format()
+        if self.wants_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs or 0
+        return ChatCompletionRequest.model_validate(body)
+
+
+def in_responses_terms(error: APIError) -> APIError:
+    """A chat route's error with `param` named as the Responses request names it."""
+    param = error.param
+    if param is None:
+        return error
+    if param.startswith("messages"):
+        param = "input"  # indices differ: instructions and grouped calls
+    elif param.startswith("response_format"):
+        param = "text.format"
+    elif param in ("max_tokens", "max_completion_tokens"):
+        param = "max_output_tokens"
+    elif (m := re.fullmatch(r"tools\.(\d+)\.function\.(.+)", param)) is not None:
+        param = f"tools.{m[1]}.{m[2]}"
+    if param == error.param:
+        return error
+    return APIError(error.status, error.message, error.type, param, error.code, error.headers)

@@ -1,0 +1,225 @@
+"""POST /v1/responses over the scripted engine: the prompt it makes (the chat route's), the response
+object, the stream's events, tool calls, logprobs, and the 400s of what this server does not do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    MODEL,
+    engine_of,
+    full_blocks,
+    make_app,
+    shutdown_engines,
+    small_tokenizer,
+    sse_events,
+    wait_idle,
+)
+
+TOOL = {"type": "function", "name": "get_weather", "description": "weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CHAT_TOOL = {"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}
+CALL = 'get_weather\n{"city": "Paris"}'
+
+
+def events_of(body: str) -> list[dict]:
+    """The stream's events, after checking framing: `event: <type>` then one `data:` line each,
+    sequence numbers 0, 1, 2, ... and no `[DONE]`."""
+    out = []
+    for raw in sse_events(body):
+        if raw == ": ping":
+            continue
+        head, data = raw.split("\n")
+        assert head.startswith("event: ") and data.startswith("data: "), raw
+        event = json.loads(data[len("data: "):])
+        assert event["type"] == head[len("event: "):] and event["sequence_number"] == len(out)
+        out.append(event)
+    return out
+
+
+def test_text_reply_whole():
+    app = make_app(replies=["\nHello there!"])
+    r = TestClient(app).post("/v1/responses", json={"model": MODEL, "input": "hi", "instructions": "be brief",
+                                                     "temperature": 0.5, "metadata": {"k": "v"}})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "response" and body["id"].startswith("resp_") and body["status"] == "completed"
+    assert (body["model"], body["instructions"], body["temperature"], body["metadata"]) == (MODEL, "be brief", 0.5, {"k": "v"})
+    [item] = body["output"]
+    assert item["type"] == "message" and item["role"] == "assistant" and item["status"] == "completed"
+    assert item["id"].startswith("msg_")
+    assert item["content"] == [{"type": "output_text", "text": "Hello there!", "annotations": [], "logprobs": []}]
+    [call] = engine_of(app).calls
+    assert small_tokenizer().decode(call.prompt_ids) == "[gMASK]<sop><|system|>\nbe brief<|user|>\nhi<|assistant|>"
+    n_out = len(small_tokenizer().encode("\nHello there!")) + 1
+    details = {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}
+    assert body["usage"] == {"input_tokens": len(call.prompt_ids), "input_tokens_details": details,
+                             "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                             "total_tokens": len(call.prompt_ids) + n_out}
+    assert body["incomplete_details"] is None and body["error"] is None
+
+
+def test_input_items_make_the_chat_routes_prompt():
+    items = [
+        {"role": "developer", "content": "use tools"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather"},
+                                                        {"type": "input_text", "text": "in Paris?"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},  # dropped
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "It is sunny."}]},
+        {"role": "user", "content": "thanks"},
+    ]
+    messages = [
+        {"role": "system", "content": "rules"},
+        {"role": "developer", "content": "use tools"},
+        {"role": "user", "content": [{"type": "text", "text": "weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "thanks"},
+    ]
+    app = make_app()
+    client = TestClient(app)
+    assert client.post("/v1/responses", json={"input": items, "instructions": "rules", "tools": [TOOL],
+                                              "max_output_tokens": 7, "top_p": 0.5, "seed": 3}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": messages, "tools": [CHAT_TOOL],
+                                                     "max_tokens": 7, "top_p": 0.5, "seed": 3}).status_code == 200
+    ours, chat = engine_of(app).calls
+    assert ours.prompt_ids == chat.prompt_ids
+    assert "<|observation|>\nsunny" in small_tokenizer().decode(ours.prompt_ids)
+    assert (ours.params.max_tokens, ours.params.top_p, ours.params.seed) == (7, 0.5, 3)
+
+
+def test_stream_of_a_text_reply():
+    app = make_app(replies=["\nHello there!"])
+    r = TestClient(app).post("/v1/responses", json={"input": "hi", "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = events_of(r.text)
+    types = [e["type"] for e in events]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert types == (["response.created", "response.in_progress", "response.output_item.added",
+                      "response.content_part.added"] + ["response.output_text.delta"] * len(deltas)
+                     + ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                        "response.completed"])
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    item_id = events[2]["item"]["id"]
+    assert all(e["item_id"] == item_id and e["output_index"] == 0 for e in deltas)
+    assert "".join(e["delta"] for e in deltas) == "Hello there!" == events[-4]["text"]
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["id"] == events[0]["response"]["id"]
+    assert final["output"] == [events[-2]["item"]]
+    assert final["output"][0]["content"][0]["text"] == "Hello there!"
+    assert final["usage"]["output_tokens"] == len(small_tokenizer().encode("\nHello there!")) + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_output_tokens_makes_an_incomplete_response(stream):
+    app = make_app(replies=["\nHello there!"])
+    r = TestClient(app).post("/v1/responses", json={"input": "hi", "max_output_tokens": 3, "stream": stream})
+    body = events_of(r.text)[-1]["response"] if stream else r.json()
+    assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["output"][0]["status"] == "incomplete" and body["usage"]["output_tokens"] == 3
+    if stream:
+        assert events_of(r.text)[-1]["type"] == "response.incomplete"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_call(stream):
+    app = make_app(replies=[CALL])
+    r = TestClient(app).post("/v1/responses", json={"input": "weather?", "tools": [TOOL], "stream": stream,
+                                                     "include": ["message.output_text.logprobs"]})
+    assert r.status_code == 200
+    events = events_of(r.text) if stream else []
+    body = events[-1]["response"] if stream else r.json()
+    [item] = body["output"]
+    assert item["type"] == "function_call" and item["status"] == "completed" and item["id"].startswith("fc_")
+    assert (item["name"], item["arguments"]) == ("get_weather", '{"city": "Paris"}')
+    assert item["call_id"].startswith("call_")
+    assert body["tools"][0]["name"] == "get_weather" and body["tool_choice"] == "auto"
+    if stream:
+        args = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+        assert "".join(args) == item["arguments"]
+        done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+        assert (done["name"], done["arguments"]) == ("get_weather", item["arguments"])
+        assert not any(e["type"].startswith("response.output_text") for e in events)
+
+
+def test_forced_call_and_json_schema_put_a_grammar_on_the_reply():
+    app = make_app(replies=[CALL, '\n{"a": 1}'])
+    client = TestClient(app)
+    forced = client.post("/v1/responses", json={"input": "w", "tools": [TOOL],
+                                                "tool_choice": {"type": "function", "name": "get_weather"}})
+    assert forced.status_code == 200 and forced.json()["tool_choice"] == {"type": "function", "name": "get_weather"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}
+    shaped = client.post("/v1/responses", json={"input": "w", "text": {"format": fmt}})
+    assert shaped.status_code == 200 and shaped.json()["text"] == {"format": fmt}
+    forced_call, shaped_call = engine_of(app).calls
+    assert forced_call.params.guided is not None and shaped_call.params.guided is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_on_output_text(stream):
+    app = make_app(replies=["\nHello there!"])
+    r = TestClient(app).post("/v1/responses", json={"input": "hi", "stream": stream, "top_logprobs": 2,
+                                                     "include": ["message.output_text.logprobs"]})
+    body = events_of(r.text)[-1]["response"] if stream else r.json()
+    part = body["output"][0]["content"][0]
+    assert len(part["logprobs"]) == body["usage"]["output_tokens"]  # the stop token's included
+    assert all(len(lp["top_logprobs"]) == 2 and lp["logprob"] <= 0 for lp in part["logprobs"])
+    assert "".join(lp["token"] for lp in part["logprobs"][:-1]) == "\nHello there!"
+    if stream:
+        deltas = [e for e in events_of(r.text) if e["type"] == "response.output_text.delta"]
+        assert sum(len(e["logprobs"]) for e in deltas) >= len(part["logprobs"]) - 1
+
+
+def test_failure_midway_is_an_error_event_and_nothing_leaks():
+    app = make_app(replies=["\nHello there, a long reply!"], fail_after_steps=4)
+    r = TestClient(app).post("/v1/responses", json={"input": "hi", "stream": True})
+    events = events_of(r.text)
+    assert events[-1]["type"] == "error" and "failed" in events[-1]["message"]
+    assert "data: [DONE]" not in r.text
+    wait_idle(engine_of(app))
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"input": []}, "input", "must not be empty"),
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation", "stores no responses"),
+    ({"input": "x", "background": True}, "background", "not supported"),
+    ({"input": "x", "truncation": "auto"}, "truncation", "not supported"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "'item_reference' are not supported"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content.0.type", "input_text"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "'web_search' are not supported"),
+    ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "nope"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format", "needs a name and a schema"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": 3}}}},
+     "text.format.schema", "not a valid JSON Schema"),
+    ({"input": "x", "tools": [TOOL], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
+     "text.format", "tool_choice"),
+    ({"input": "x", "max_output_tokens": 10 ** 6}, "input", "maximum context length"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs", "20"),
+    ({"input": "x", "model": "gpt-5"}, "model", "does not exist"),
+])
+def test_what_is_refused_is_a_400_naming_the_field(body, param, says):
+    app = make_app()
+    r = TestClient(app).post("/v1/responses", json=body)
+    assert r.status_code == (404 if param == "model" else 400), r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+    assert engine_of(app).calls == []
+
+
+def test_server_limits_name_the_responses_fields():
+    app = make_app(max_messages=2, max_tokens_limit=8)
+    client = TestClient(app)
+    r = client.post("/v1/responses", json={"input": [{"role": "user", "content": "a"}] * 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = client.post("/v1/responses", json={"input": "a", "max_output_tokens": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
