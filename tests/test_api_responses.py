@@ -117,6 +117,16 @@ def test_stream_of_a_text_reply():
     assert final["usage"]["output_tokens"] == len(small_tokenizer().encode("\nHello there!")) + 1
 
 
+def test_an_empty_tools_list_is_no_tools():
+    app = make_app()
+    client = TestClient(app)
+    for body in ({"input": "hi", "tools": []}, {"input": "hi", "tools": [], "tool_choice": "auto"}):
+        r = client.post("/v1/responses", json=body)
+        assert r.status_code == 200 and r.json()["output"][0]["type"] == "message", r.text
+    r = client.post("/v1/responses", json={"input": "hi", "tools": [], "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_output_tokens_makes_an_incomplete_response(stream):
     app = make_app(replies=["\nHello there!"])

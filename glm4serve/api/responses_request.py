@@ -218,12 +218,14 @@ class ResponsesRequest(_RequestBody):
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
-        if self.tools is not None:
+        # `tools: []` is no tools here (the Agents SDK sends it), where chat requests refuse it;
+        # so is "auto" or "none" without tools.
+        if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
         if isinstance(self.tool_choice, NamedFunctionChoice):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
-        elif self.tool_choice is not None:
+        elif self.tool_choice is not None and (self.tools or self.tool_choice == "required"):
             body["tool_choice"] = self.tool_choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = self.text.format.as_response_format()
