@@ -47,7 +47,8 @@ def test_text_reply_whole():
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "response" and body["id"].startswith("resp_") and body["status"] == "completed"
-    assert (body["model"], body["instructions"], body["temperature"], body["metadata"]) == (MODEL, "be brief", 0.5, {"k": "v"})
+    echoed = (body["model"], body["instructions"], body["temperature"], body["metadata"])
+    assert echoed == (MODEL, "be brief", 0.5, {"k": "v"})
     [item] = body["output"]
     assert item["type"] == "message" and item["role"] == "assistant" and item["status"] == "completed"
     assert item["id"].startswith("msg_")
@@ -78,7 +79,8 @@ def test_input_items_make_the_chat_routes_prompt():
         {"role": "developer", "content": "use tools"},
         {"role": "user", "content": [{"type": "text", "text": "weather"}, {"type": "text", "text": "in Paris?"}]},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
         {"role": "assistant", "content": "It is sunny."},
         {"role": "user", "content": "thanks"},
@@ -208,7 +210,8 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
      "input.0.content.0.type", "input_text"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "'web_search' are not supported"),
     ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "nope"),
-    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format", "needs a name and a schema"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format",
+     "needs a name and a schema"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": 3}}}},
      "text.format.schema", "not a valid JSON Schema"),
     ({"input": "x", "tools": [TOOL], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},

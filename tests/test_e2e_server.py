@@ -96,10 +96,11 @@ def test_responses_api_whole_and_through_the_sdk_stream_helper(server):
     whole = c.responses.create(model="glm4-test", input=MSGS, instructions="Answer briefly.", max_output_tokens=24,
                                temperature=0)
     assert whole.status in ("completed", "incomplete") and whole.output[0].type == "message"
-    chat = c.chat.completions.create(model="glm4-test", messages=[{"role": "system", "content": "Answer briefly."}, *MSGS],
-                                     max_tokens=24, temperature=0)
+    chat = c.chat.completions.create(model="glm4-test", max_tokens=24, temperature=0,
+                                     messages=[{"role": "system", "content": "Answer briefly."}, *MSGS])
     assert whole.output_text == chat.choices[0].message.content
-    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert whole.usage.input_tokens == chat.usage.prompt_tokens
+    assert whole.usage.output_tokens == chat.usage.completion_tokens
     with c.responses.stream(model="glm4-test", input=MSGS, instructions="Answer briefly.", max_output_tokens=24,
                             temperature=0) as stream:
         events = list(stream)

@@ -96,6 +96,20 @@ def test_sdk_parse_helper_gets_a_parsed_pydantic_object(server):
     assert isinstance(person, Person) and 0 <= person.age <= 99 and len(person.pets) <= 2
 
 
+def test_responses_api_parse_helper_and_a_required_call(server):
+    c = client(server)
+    r = c.responses.parse(model=MODEL, input=ASK, text_format=Person, temperature=1.0, max_output_tokens=300,
+                          extra_body={"seed": 5})  # seed: our extension, as vLLM's
+    assert isinstance(r.output_parsed, Person) and 0 <= r.output_parsed.age <= 99
+    flat = [{"type": "function", **t["function"]} for t in TOOLS]
+    for seed in range(2):
+        r = c.responses.create(model=MODEL, input=ASK, tools=flat, tool_choice="required", extra_body={"seed": seed},
+                               temperature=1.0, max_output_tokens=100)
+        (call,) = r.output
+        assert call.type == "function_call" and r.status == "completed"
+        jsonschema.validate(json.loads(call.arguments), SCHEMA_OF[call.name])
+
+
 def test_json_object_replies_are_objects(server):
     def token_id(text):
         ids = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": text,

@@ -126,7 +126,8 @@ class ResponseBuilder:
                 "completed_at": int(time.time()) if status in ("completed", "incomplete") else None}
 
     def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
-        """Close the last item (an empty message when the reply had nothing): the response's status and the events."""
+        """Close the last item (an empty message when the reply had nothing): the response's
+        status, and the events."""
         events = [] if self.output else self.text("", [])
         status = "incomplete" if finish_reason == LENGTH else "completed"
         return status, events + self.close(status)
@@ -138,7 +139,9 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) ->
         tool_choice = req.tool_choice.model_dump()
     else:
         tool_choice = req.tool_choice or "auto"
-    text_format = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else {"type": "text"}
+    text_format = {"type": "text"}
+    if req.text and req.text.format:
+        text_format = req.text.format.model_dump(by_alias=True, exclude_none=True)
     return {
         "id": _new_id("resp"), "object": "response", "created_at": plan.created, "model": ctx.model_name,
         "error": None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,

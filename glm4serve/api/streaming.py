@@ -60,7 +60,8 @@ async def _with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> As
         yield end.done
 
 
-def sse_response(events: AsyncIterator[bytes], settings: ServerSettings, end: StreamEnd = StreamEnd()) -> EventSourceResponse:
+def sse_response(events: AsyncIterator[bytes], settings: ServerSettings,
+                 end: StreamEnd = StreamEnd()) -> EventSourceResponse:
     """Stream `events` (already-encoded SSE bytes), then [DONE] (as `end` says). Client disconnects
     cancel the generator, whose cleanup aborts the request in the engine. On shutdown (SIGTERM) a
     stream gets `graceful_shutdown_seconds` to finish before it is cut."""
