@@ -3,12 +3,13 @@ builds (int16 activations: one row on AVX-512 VNNI, batches on AMX tiles where t
 rows as bf16-dequantized weights through oneDNN) against torch's `_weight_int8pack_mm` (bf16
 activations) alone; best of --repeats, for --rows rows of bf16 activations, and each one's error
 against a float64 product (fp32 activations in and out). With --amx-sweep instead, the AMX kernel
-against the paths it replaces, by rows. With --engine instead, decode steps of the int8 engine on a
+against the paths it replaces, by rows. With --scratch-ab instead, the bf16-block path (rows >=
+AMX_MAX_ROWS) with its kept scratch buffer against a fresh buffer per call. With --engine instead, decode steps of the int8 engine on a
 9B slice (exact layer shapes, --layers of them, full vocabulary), one process, the two taking turns:
 1 and 32 streams.
 
     .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5] [--rows 1,32,512] [--amx-sweep]
-        [--engine [--layers 2]]
+        [--scratch-ab --rows 192,512,2048] [--engine [--layers 2]]
 """
 
 from __future__ import annotations
@@ -94,6 +95,29 @@ def amx_sweep(rows_list: list[int], repeats: int):
             print(f"| {name} {n}x{k} | {rows} | {amx:.2f} | {other:.2f} | {other / amx:.2f}x |", flush=True)
 
 
+def scratch_ab(rows_list: list[int], repeats: int):
+    """int8_kernel.matmul on the bf16-block path, its scratch buffer kept (as served) against one
+    allocated per call, taking turns."""
+    kept = int8_kernel._scratch_bf16
+    fresh = lambda numel: torch.empty(numel, dtype=torch.bfloat16)  # noqa: E731
+    print("| matrix | rows | kept buffer ms | fresh buffer ms | speedup |")
+    print("|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        if name == "output layer":
+            continue  # its rows are one per sequence, not a prefill's tokens
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale = (torch.rand(n) / 100).to(torch.bfloat16)
+        for rows in rows_list:
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            times = {kept: [], fresh: []}
+            for scratch in (kept, fresh, kept, fresh):
+                int8_kernel._scratch_bf16 = scratch
+                times[scratch].append(best_ms(lambda: int8_kernel.matmul(x, w, scale), repeats))
+            int8_kernel._scratch_bf16 = kept
+            ours, other = min(times[kept]), min(times[fresh])
+            print(f"| {name} {n}x{k} | {rows} | {ours:.2f} | {other:.2f} | {other / ours:.2f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -102,6 +126,8 @@ def main():
     ap.add_argument("--rows", default="1,32,512", help="activation rows, comma-separated")
     ap.add_argument("--amx-sweep", action="store_true",
                     help="instead: the AMX kernel against the paths it replaces (VNNI or bf16 blocks), by rows")
+    ap.add_argument("--scratch-ab", action="store_true",
+                    help="instead: bf16 blocks with the kept scratch buffer against a fresh one per call")
     a = ap.parse_args()
     rows_list = [int(r) for r in a.rows.split(",")]
     torch.set_num_threads(2)
@@ -112,6 +138,9 @@ def main():
         return
     if a.amx_sweep:
         amx_sweep(rows_list, a.repeats)
+        return
+    if a.scratch_ab:
+        scratch_ab([r for r in rows_list if r >= int8_kernel.AMX_MAX_ROWS], a.repeats)
         return
     vnni = int8_kernel.available
     print("| matrix | rows | ours ms | torch int8pack ms | speedup | error: ours / int8pack |")

@@ -162,6 +162,27 @@ def test_int8_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
     assert len(dequantized) == (3 if rows >= DEQUANTIZE_MIN_ROWS else 0)
 
 
+def test_blockwise_products_of_several_shapes_reuse_one_buffer(monkeypatch):
+    """Shapes in turns (none the AMX kernel takes): each product right, and after the largest the
+    thread's scratch buffer is the same memory in every call."""
+    if not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI or no C compiler here: Int8Linear uses torch's kernel")
+    monkeypatch.setattr(int8_kernel, "DEQUANTIZE_BLOCK_ROWS", 32)
+    linears = []
+    for k, n in [(320, 50), (160, 70), (96, 40)]:
+        lin = Int8Linear(k, n, bias=False, dtype=torch.float32)
+        lin.load_weight_rows(0, n, torch.randn(n, k))
+        linears.append(lin)
+    buffers = set()
+    for _ in range(2):
+        for lin in linears:
+            x = torch.randn(DEQUANTIZE_MIN_ROWS + 8, lin.in_features)
+            want = x.double() @ lin.dequantized().double().T
+            assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
+            buffers.add(int8_kernel._scratch.bf16.data_ptr())
+    assert len(buffers) == 1
+
+
 @pytest.mark.parametrize("rows", [1, INT4_DEQUANTIZE_MIN_ROWS - 1, INT4_DEQUANTIZE_MIN_ROWS, 200])
 def test_int4_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
     """From INT4_DEQUANTIZE_MIN_ROWS rows, blocks of the weight unpacked from torch's int4 layout to bf16

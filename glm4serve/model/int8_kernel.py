@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -182,15 +183,28 @@ def blockwise_matmul(x: torch.Tensor, n: int, dequantize) -> torch.Tensor:
     """x [M, K] @ W.T -> bf16 [M, N], W's rows DEQUANTIZE_BLOCK_ROWS at a time made bf16 by
     `dequantize(r0, r1, buffer) -> [r1 - r0, K]` and multiplied by oneDNN (AMX where the CPU has it):
     each block stays in cache between the two, and the buffer is small (56 MiB for glm-4-9b's down
-    projection)."""
+    projection) and reused (_scratch_bf16)."""
     m, k = x.shape
     x = x.to(torch.bfloat16)
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    buffer = torch.empty(min(n, DEQUANTIZE_BLOCK_ROWS) * k, dtype=torch.bfloat16)
+    buffer = _scratch_bf16(min(n, DEQUANTIZE_BLOCK_ROWS) * k)
     for r0 in range(0, n, DEQUANTIZE_BLOCK_ROWS):
         r1 = min(n, r0 + DEQUANTIZE_BLOCK_ROWS)
         y[:, r0:r1] = F.linear(x, dequantize(r0, r1, buffer[: (r1 - r0) * k]))
     return y
+
+
+_scratch = threading.local()  # per thread: engines sharing a process each step on a thread of their own
+
+
+def _scratch_bf16(numel: int) -> torch.Tensor:
+    """A bf16 buffer of `numel` elements, kept for the next call on this thread. A fresh buffer
+    over glibc's mmap threshold (32 MiB at most: glm-4-9b's down projection takes 56 MiB) is
+    mapped anew at every call, and faulting its pages in cost 20-40 ms a call (BENCHMARKS.md)."""
+    buffer = getattr(_scratch, "bf16", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.bf16 = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer[:numel]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
