@@ -241,7 +241,7 @@ def in_responses_terms(error: APIError) -> APIError:
     if param is None:
         return error
     if param.startswith("messages"):
-        param = "input"  # indices differ: instructions and grouped calls
+        param = "input"  # indices differ: instructions come first, reasoning items are dropped
     elif param.startswith("response_format"):
         param = "text.format"
     elif param in ("max_tokens", "max_completion_tokens"):
