@@ -229,6 +229,14 @@ def test_what_is_refused_is_a_400_naming_the_field(body, param, says):
     assert engine_of(app).calls == []
 
 
+def test_stored_responses_are_a_404_that_says_why():
+    client = TestClient(make_app())
+    for method, path in (("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
+                         ("GET", "/v1/responses/resp_1/input_items"), ("POST", "/v1/responses/resp_1/cancel")):
+        r = client.request(method, path)
+        assert r.status_code == 404 and "stores no responses" in r.json()["error"]["message"], (method, path)
+
+
 def test_server_limits_name_the_responses_fields():
     app = make_app(max_messages=2, max_tokens_limit=8)
     client = TestClient(app)

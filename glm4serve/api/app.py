@@ -62,6 +62,12 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     async def _responses(body: ResponsesRequest, request: Request):
         return await create_response(ctx, body, request)
 
+    @v1.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+    @v1.api_route("/responses/{response_id}/{action:path}", methods=["GET", "POST"])
+    async def _stored_response(response_id: str):
+        raise APIError(404, f"No response found with id {response_id!r}: this server stores no responses "
+                            f"(store is accepted and ignored).", "invalid_request_error", code="not_found")
+
     @v1.get("/models")
     async def _models():
         card = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
