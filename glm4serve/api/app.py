@@ -63,7 +63,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         return await create_response(ctx, body, request)
 
     @v1.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
-    @v1.api_route("/responses/{response_id}/{action:path}", methods=["GET", "POST"])
+    @v1.get("/responses/{response_id}/input_items")
+    @v1.post("/responses/{response_id}/cancel")
     async def _stored_response(response_id: str):
         raise APIError(404, f"No response found with id {response_id!r}: this server stores no responses "
                             f"(store is accepted and ignored).", "invalid_request_error", code="not_found")
