@@ -172,7 +172,8 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             check_finish(out.finish_reason)
             i, state = out.index, choices[out.index]
             state.num_tokens = out.num_output_tokens
-            details = PromptTokensDetails.of(out)
+            if out.finish_reason is not None:  # the same counts on every output: read once
+                details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
                 pending_logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             deltas = state.feed(out.text) if out.text else []
@@ -208,7 +209,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             i = out.index
             texts[i].append(out.text)
             num_tokens[i] = out.num_output_tokens
-            details = PromptTokensDetails.of(out)
+            if out.finish_reason is not None:  # the same counts on every output: read once
+                details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             if out.finish_reason is not None:

@@ -88,7 +88,8 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
             check_finish(out.finish_reason)
             index = p * n + out.index
             num_tokens[index] = out.num_output_tokens
-            details[p] = PromptTokensDetails.of(out)
+            if out.finish_reason is not None:  # the same counts on every output: read once
+                details[p] = PromptTokensDetails.of(out)
             part = None
             if req.logprobs is not None and out.logprobs:
                 part = logprobs.setdefault(index, CompletionLogprobs(ctx.tokenizer)).add(out.logprobs)
@@ -115,7 +116,8 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
             index = p * n + out.index
             texts[index].append(out.text)
             num_tokens[index] = out.num_output_tokens
-            details[p] = PromptTokensDetails.of(out)
+            if out.finish_reason is not None:  # the same counts on every output: read once
+                details[p] = PromptTokensDetails.of(out)
             if req.logprobs is not None and out.logprobs:
                 logprobs[index].add(out.logprobs)
             if out.finish_reason is not None:

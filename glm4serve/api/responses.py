@@ -172,11 +172,12 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             check_finish(out.finish_reason)
-            choice.num_tokens, details = out.num_output_tokens, PromptTokensDetails.of(out)
+            choice.num_tokens = out.num_output_tokens
             if logprobs and out.logprobs:
                 pending += chat_logprob_entries(ctx.tokenizer, out.logprobs)
             deltas = choice.feed(out.text) if out.text else []
             if out.finish_reason is not None:
+                details = PromptTokensDetails.of(out)
                 held, finish_reason = choice.finish(out.finish_reason)
                 deltas += held
             for delta in deltas:
