@@ -1,5 +1,6 @@
 """POST /v1/responses over the scripted engine: the prompt it makes (the chat route's), the response
-object, the stream's events, tool calls, logprobs, and the 400s of what this server does not do."""
+object, the stream's events, tool calls, logprobs, and the 400s of what this server does not do.
+Stored responses and follow-ups: test_api_response_store.py."""
 
 from __future__ import annotations
 
@@ -201,8 +202,8 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
 
 @pytest.mark.parametrize("body, param, says", [
     ({"input": []}, "input", "must not be empty"),
-    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
-    ({"input": "x", "conversation": "conv_1"}, "conversation", "stores no responses"),
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "'resp_1' not found"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
     ({"input": "x", "background": True}, "background", "not supported"),
     ({"input": "x", "truncation": "auto"}, "truncation", "not supported"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "'item_reference' are not supported"),
@@ -227,14 +228,6 @@ def test_what_is_refused_is_a_400_naming_the_field(body, param, says):
     error = r.json()["error"]
     assert error["param"] == param and says in error["message"], error
     assert engine_of(app).calls == []
-
-
-def test_stored_responses_are_a_404_that_says_why():
-    client = TestClient(make_app())
-    for method, path in (("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
-                         ("GET", "/v1/responses/resp_1/input_items"), ("POST", "/v1/responses/resp_1/cancel")):
-        r = client.request(method, path)
-        assert r.status_code == 404 and "stores no responses" in r.json()["error"]["message"], (method, path)
 
 
 def test_server_limits_name_the_responses_fields():

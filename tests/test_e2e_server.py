@@ -245,6 +245,17 @@ def test_steered_function_call_through_the_responses_api(steered):
                  {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 20°C"}]
     again = c.responses.create(model="glm4-steered", input=follow_up, tools=[tool], temperature=0, max_output_tokens=8)
     assert again.usage.input_tokens > r.usage.input_tokens
+    # the same turn as a follow-up of the stored response
+    chained = c.responses.create(model="glm4-steered", previous_response_id=r.id, tools=[tool], temperature=0,
+                                 max_output_tokens=8, input=follow_up[2:])
+    assert chained.previous_response_id == r.id and chained.usage.input_tokens == again.usage.input_tokens
+    assert c.responses.retrieve(chained.id) == chained
+    items = list(c.responses.input_items.list(chained.id, order="asc"))
+    assert [i.type for i in items] == ["message", "function_call", "function_call_output"]
+    assert items[1].call_id == call.call_id and items[2].output == "sunny, 20°C"
+    c.responses.delete(chained.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(chained.id)
 
 
 def test_steered_reply_without_tools_is_plain_text_and_a_cut_call_is_length(steered):

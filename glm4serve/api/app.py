@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from fastapi import APIRouter, Depends, FastAPI, Request
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
@@ -20,7 +22,8 @@ from .gate import Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ModelCard, ModelList
-from .responses import create_response
+from .response_store import ResponseStore
+from .responses import create_response, find_stored, stored_input_items
 from .responses_request import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import ServingContext
@@ -35,7 +38,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     `app.state.serving.engine` is set)."""
     app = FastAPI(title="glm4serve", version=__version__)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
-                         max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx)))
+                         max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx)),
+                         response_store=ResponseStore(settings.response_store_memory))
     app.state.serving = ctx
     install_error_handlers(app)
     gate = Gate.from_settings(settings)
@@ -62,12 +66,30 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     async def _responses(body: ResponsesRequest, request: Request):
         return await create_response(ctx, body, request)
 
-    @v1.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+    @v1.get("/responses/{response_id}")
+    async def _get_response(response_id: str, stream: bool = False):
+        stored = find_stored(ctx, response_id)
+        if stream:
+            raise APIError(400, "stream=true replays background responses, which this server does not run",
+                           "invalid_request_error", "stream")
+        return JSONResponse(stored.response)
+
+    @v1.delete("/responses/{response_id}")
+    async def _delete_response(response_id: str):
+        find_stored(ctx, response_id)
+        ctx.response_store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
     @v1.get("/responses/{response_id}/input_items")
+    async def _input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
+                           order: Literal["asc", "desc"] = "desc", after: str | None = None):
+        return stored_input_items(find_stored(ctx, response_id), limit, order, after)
+
     @v1.post("/responses/{response_id}/cancel")
-    async def _stored_response(response_id: str):
-        raise APIError(404, f"No response found with id {response_id!r}: this server stores no responses "
-                            f"(store is accepted and ignored).", "invalid_request_error", code="not_found")
+    async def _cancel_response(response_id: str):
+        find_stored(ctx, response_id)
+        raise APIError(400, "Only background responses can be cancelled, and this server runs none.",
+                       "invalid_request_error")
 
     @v1.get("/models")
     async def _models():

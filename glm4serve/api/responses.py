@@ -9,6 +9,10 @@ function_call_arguments.delta) and its .done events, and last response.completed
 response.incomplete when max_output_tokens cut the reply). A failure midway is an `error`
 event; the stream has no `[DONE]`.
 
+A finished reply is stored (response_store.py) unless the request says `store: false`, before
+its last event goes out, so a client may follow up on it as soon as it has it. A reply that
+failed, or whose client went away, is not.
+
 Logprobs belong to output text in this API: a reply that is function calls carries none.
 """
 
@@ -32,7 +36,8 @@ from .errors import APIError, validation_error
 from .limits import check_chat_limits
 from .logprobs import chat_logprob_entries
 from .replies import PromptTokensDetails, Usage
-from .responses_request import NamedFunctionChoice, ResponsesRequest, in_responses_terms
+from .response_store import StoredResponse
+from .responses_request import NamedFunctionChoice, ResponsesRequest, in_responses_terms, item_resources, parse_items
 from .serving import ServingContext, check_finish, respond
 from .streaming import StreamEnd
 
@@ -46,8 +51,10 @@ class ResponseBuilder:
     the stream events that announce each step. The whole reply is built the same way, its
     events unused, so both shapes hold the same items."""
 
-    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan):
+    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan, input_items: list[dict]):
         self.fixed = _fixed_fields(ctx, req, plan)
+        self.store = ctx.response_store if self.fixed["store"] else None
+        self.input_items = input_items  # the context it is stored with
         self.output: list[dict] = []
         self.sequence_number = 0
         self._item: dict | None = None  # the item being written, the last of `output`
@@ -125,6 +132,11 @@ class ResponseBuilder:
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "completed_at": int(time.time()) if status in ("completed", "incomplete") else None}
 
+    def keep(self, response: dict) -> dict:
+        if self.store is not None:
+            self.store.put(response, self.input_items)
+        return response
+
     def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
         """Close the last item (an empty message when the reply had nothing): the response's
         status, and the events."""
@@ -149,7 +161,8 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) ->
         "temperature": plan.params.temperature, "top_p": plan.params.top_p, "top_logprobs": req.top_logprobs,
         "tool_choice": tool_choice, "tools": [t.model_dump() for t in req.tools or []],
         "text": {"format": text_format}, "truncation": "disabled", "metadata": req.metadata or {},
-        "user": req.user, "previous_response_id": None, "reasoning": None, "background": False,
+        "user": req.user, "previous_response_id": req.previous_response_id, "reasoning": None,
+        "background": False, "store": req.store is not False and ctx.response_store.enabled,
     }
 
 
@@ -200,7 +213,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     for event in events:
         yield event
     usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, details))
-    yield builder.event(f"response.{status}", response=builder.response(status, usage))
+    yield builder.event(f"response.{status}", response=builder.keep(builder.response(status, usage)))
 
 
 # ---- whole ----------------------------------------------------------------------------------
@@ -217,23 +230,53 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
         builder.call(call.id, call.function.name)
         builder.arguments(call.function.arguments)
     status, _ = builder.finish(choice.finish_reason)
-    return builder.response(status, _usage(reply.usage))
+    return builder.keep(builder.response(status, _usage(reply.usage)))
 
 
 # ---- route ----------------------------------------------------------------------------------
 
 
+def stored_input_items(stored: StoredResponse, limit: int, order: str, after: str | None) -> dict:
+    """GET /v1/responses/{id}/input_items: a page of the context the response was made from."""
+    items = stored.input_items if order == "asc" else stored.input_items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"No input item with id {after!r} in this response.", "invalid_request_error",
+                           "after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+
+def find_stored(ctx: ServingContext, response_id: str, previous: bool = False) -> StoredResponse:
+    """A stored response; else a 404, or for `previous_response_id` (previous=True) a 400."""
+    stored = ctx.response_store.get(response_id)
+    if stored is None:
+        why = "" if ctx.response_store.enabled else " (this server stores no responses: --response-store-memory 0)"
+        if previous:
+            raise APIError(400, f"Previous response with id {response_id!r} not found{why}.",
+                           "invalid_request_error", "previous_response_id", "previous_response_not_found")
+        raise APIError(404, f"Response with id {response_id!r} not found{why}.", "invalid_request_error",
+                       code="not_found")
+    return stored
+
+
 async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
+    history = []  # the previous response's context and output, as items
+    if req.previous_response_id is not None:
+        history = find_stored(ctx, req.previous_response_id, previous=True).context
     try:
         try:
-            chat_req = req.to_chat()
+            chat_req = req.to_chat(parse_items(history))
         except ValidationError as e:
             raise validation_error(RequestValidationError(e.errors())) from None
         check_chat_limits(chat_req, ctx.settings)
         plan = await prepare_chat(ctx, chat_req)
     except APIError as e:
         raise in_responses_terms(e) from e
-    builder = ResponseBuilder(ctx, req, plan)
+    builder = ResponseBuilder(ctx, req, plan, history + item_resources(req.input_items, _new_id))
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
                                                   ctx.open(plan.prompt_ids, plan.params, plan.request_id)),

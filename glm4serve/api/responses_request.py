@@ -5,11 +5,11 @@ Codex speak: `input` items instead of messages, flat function tools, `text.forma
 `response_format`, `max_output_tokens`. A request becomes a ChatCompletionRequest, so a reply
 takes the chat route's one path (template, tool parsing, grammars, limits).
 
-This server keeps no responses: `store` is accepted and nothing is stored, so
-`previous_response_id`, `conversation` and `background` are refused with a 400 that says to
-send the whole conversation in `input`, as stateless clients do (Codex sends `store: false`).
-`reasoning` and `include` values other than output logprobs are accepted and have no effect:
-GLM-4 writes no separate reasoning.
+A reply is stored unless `store` is false (response_store.py), and `previous_response_id`
+continues from a stored one: its context items come before this request's `input`, while its
+`instructions` and tools do not carry over (as OpenAI's API does). `conversation` and
+`background` are refused with a 400. `reasoning` and `include` values other than output
+logprobs are accepted and have no effect: GLM-4 writes no separate reasoning.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from .errors import APIError
 from .schemas import MAX_LOGPROBS, ChatCompletionRequest, FunctionDef, _Body, _check_json_schema, _invalid, _RequestBody
@@ -40,6 +40,7 @@ def _chat_content(content: str | list[TextPart]) -> str | list[dict]:
 
 class InputMessage(_Body):
     type: Literal["message"] = "message"
+    id: str | None = None
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[TextPart]
 
@@ -48,6 +49,7 @@ class FunctionCallItem(_Body):
     """A call the model made earlier, sent back with the conversation."""
 
     type: Literal["function_call"]
+    id: str | None = None
     call_id: str
     name: str
     arguments: str
@@ -55,6 +57,7 @@ class FunctionCallItem(_Body):
 
 class FunctionCallOutputItem(_Body):
     type: Literal["function_call_output"]
+    id: str | None = None
     call_id: str
     output: str | list[TextPart]
 
@@ -94,6 +97,31 @@ InputItem = Annotated[
     ],
     Discriminator(_item_tag),
 ]
+_ITEM_LIST = TypeAdapter(list[InputItem])
+
+
+def parse_items(items: list[dict]) -> list:
+    """Stored items (item_resources' and output items) as input items again."""
+    return _ITEM_LIST.validate_python(items)
+
+
+def item_resources(items: list, new_id) -> list[dict]:
+    """Input items as the API lists and stores them: each with an id (the client's, else
+    `new_id(prefix)`) and a status; reasoning items, which play no part, are left out."""
+    out = []
+    for item in items:
+        if isinstance(item, InputMessage):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            parts = [TextPart(type=kind, text=item.content)] if isinstance(item.content, str) else item.content
+            content = [{"type": p.type, "text": p.text, **({"annotations": []} if p.type == "output_text" else {})}
+                       for p in parts]
+            out.append({"id": item.id or new_id("msg"), "type": "message", "role": item.role, "content": content,
+                        "status": "completed"})
+        elif isinstance(item, (FunctionCallItem, FunctionCallOutputItem)):
+            prefix = "fc" if isinstance(item, FunctionCallItem) else "fco"
+            fields = item.model_dump(exclude={"id"})
+            out.append({"id": item.id or new_id(prefix), **fields, "status": "completed"})
+    return out
 
 
 # ---- tools and formats ----------------------------------------------------------------------
@@ -164,7 +192,7 @@ class ResponsesRequest(_RequestBody):
     metadata: dict[str, str] | None = None
     user: str | None = None
     truncation: Literal["disabled", "auto"] | None = None
-    store: bool | None = None  # accepted; nothing is stored
+    store: bool | None = None  # None: stored, as OpenAI's default
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
@@ -176,10 +204,9 @@ class ResponsesRequest(_RequestBody):
 
     @model_validator(mode="after")
     def _stateless(self):
-        for name in ("previous_response_id", "conversation"):
-            if getattr(self, name) is not None:
-                raise _invalid(name, f"{name} is not supported: this server stores no responses; send the whole "
-                                     f"conversation in input")
+        if self.conversation is not None:
+            raise _invalid("conversation", "conversation is not supported: send previous_response_id, or the whole "
+                                           "conversation in input")
         if self.background:
             raise _invalid("background", "background responses are not supported")
         if self.truncation == "auto":
@@ -192,13 +219,16 @@ class ResponsesRequest(_RequestBody):
     def wants_logprobs(self) -> bool:
         return LOGPROBS_INCLUDE in (self.include or ()) or bool(self.top_logprobs)
 
-    def messages(self) -> list[dict]:
-        """Chat messages: the instructions as a system message, then one message per input item
-        (a function call is an assistant message with that call: GLM-4 gives each call its own
-        assistant turn anyway)."""
+    @property
+    def input_items(self) -> list:
+        return [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def messages(self, history: list = ()) -> list[dict]:
+        """Chat messages: the instructions as a system message, then one message per item of
+        `history` (a previous response's context, parsed) and of the input (a function call is
+        an assistant message with that call: GLM-4 gives each call its own assistant turn anyway)."""
         out: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        for item in items:
+        for item in [*history, *self.input_items]:
             if isinstance(item, InputMessage):
                 out.append({"role": item.role, "content": _chat_content(item.content)})
             elif isinstance(item, FunctionCallItem):
@@ -208,10 +238,10 @@ class ResponsesRequest(_RequestBody):
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": _chat_content(item.output)})
         return out
 
-    def to_chat(self) -> ChatCompletionRequest:
+    def to_chat(self, history: list = ()) -> ChatCompletionRequest:
         """The chat request of the same reply (raises pydantic's ValidationError for what only
         the chat rules catch, such as a tool_choice naming no given tool)."""
-        body: dict[str, Any] = {"model": self.model, "messages": self.messages()}
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages(history)}
         for name in ("temperature", "top_p", "parallel_tool_calls", "user", "seed", "top_k", "min_p",
                      "repetition_penalty"):
             if getattr(self, name) is not None:

@@ -22,6 +22,7 @@ from glm4serve.model.tokenizer import Tokenizer
 
 from .errors import APIError, invalid_request, server_error
 from .metrics import Metrics
+from .response_store import ResponseStore
 from .settings import ServerSettings
 from .streaming import StreamEnd, sse_response
 
@@ -44,6 +45,7 @@ class ServingContext:
     model_name: str
     max_model_len: int
     metrics: Metrics
+    response_store: ResponseStore
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

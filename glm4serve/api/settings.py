@@ -50,10 +50,18 @@ class ServerSettings(EngineArgs, BaseSettings):
     max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens (default: the context length)")
     max_tools: int = Field(128, ge=0, description="most tools in one chat request")
     max_stop: int = Field(16, ge=0, description="most stop strings in one request")
+    response_store_memory: int = Field(
+        64 * 1024**2, description="memory for /v1/responses replies kept for previous_response_id and GET "
+                                  "/v1/responses/{id}, bytes or like 64MiB; least recently used go first (0 = keep none)")
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     config: str | None = Field(
         None, description="YAML file with any of these settings (CLI > env > YAML > defaults)")
+
+    @field_validator("response_store_memory", mode="before")
+    @classmethod
+    def _store_size(cls, v):
+        return 0 if v in (0, "0") else parse_bytes(v)
 
     @field_validator("max_request_body_bytes", mode="before")
     @classmethod
