@@ -12,6 +12,9 @@ GGUF through its convert_hf_to_gguf.py, whose pre-tokenizer check does not know 
 tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). Not part of CI.
 
     .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes fp32,bf16,int8,int4] [--repeats 3]
+        [--prefill-tokens 1024]
+
+Ratios are ours over theirs in speed: tokens/s ours / theirs, and prefill time theirs / ours.
 """
 
 from __future__ import annotations
@@ -147,6 +150,20 @@ def stream(url: str, prompt: list[int], new_tokens: int) -> tuple[int, float]:
     return tokens, (tokens - 1) / (times[-1] - times[0])
 
 
+def prefill(url: str, prompt: list[int]) -> float:
+    """Seconds for one completion of a single token: the prompt's prefill, its first token sampled."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    t0 = time.perf_counter()
+    httpx.post(url + "/v1/completions", json=body, timeout=900).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def prefill_prompts(n: int, count: int) -> list[list[int]]:
+    """`count` prompts of `n` token ids that differ from their first token on, so that neither server's
+    prompt cache holds any block of the next one (ids under the small test tokenizer's 2,270)."""
+    return [[100 + (i + 13 * k) % n for i in range(n)] for k in range(1, count + 1)]
+
+
 def concurrent(url: str, prompts: list[list[int]], new_tokens: int) -> float:
     """Aggregate tokens/s of all the prompts streamed at once."""
     t0 = time.perf_counter()
@@ -163,6 +180,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--concurrent-modes", default="int8", help="modes that also run --concurrent streams")
+    ap.add_argument("--prefill-tokens", type=int, default=1024, help="prompt length of the prefill turns (0: none)")
     a = ap.parse_args()
     modes = a.modes.split(",")
     build = llama_cpp()
@@ -182,7 +200,7 @@ def main():
         t0 = time.perf_counter()
         ours = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory=kv).wait_healthy(timeout=900)
         load_s = time.perf_counter() - t0
-        theirs = LlamaServer(build, ggufs[kind], slots=a.concurrent, ctx_per_slot=512)
+        theirs = LlamaServer(build, ggufs[kind], slots=a.concurrent, ctx_per_slot=max(512, a.prefill_tokens + 16))
         try:
             for url in (ours.url, theirs.url):  # warm-up
                 stream(url, prompt, 8)
@@ -199,6 +217,16 @@ def main():
                     f"{' / '.join(f'{x:.1f}' for x in rates['ours'])}), llama.cpp {r['llama.cpp']:.1f} tok/s (runs "
                     f"{' / '.join(f'{x:.1f}' for x in rates['llama.cpp'])}), ratio {r['ours'] / r['llama.cpp']:.2f}x; "
                     f"resident ours {r['ours_rss_gib']:.2f} GiB, llama.cpp {r['llama_rss_gib']:.2f} GiB")
+            if a.prefill_tokens:
+                times = {"ours": [], "llama.cpp": []}
+                for p in prefill_prompts(a.prefill_tokens, a.repeats):  # taking turns, each prompt new to both
+                    times["ours"].append(prefill(ours.url, p))
+                    times["llama.cpp"].append(prefill(theirs.url, p))
+                r["ours_prefill_s"], r["llama_prefill_s"] = (statistics.median(times[w]) for w in times)
+                line += (f"; prefill of {a.prefill_tokens} tokens ours {r['ours_prefill_s']:.2f} s (runs "
+                         f"{' / '.join(f'{x:.2f}' for x in times['ours'])}), llama.cpp {r['llama_prefill_s']:.2f} s "
+                         f"(runs {' / '.join(f'{x:.2f}' for x in times['llama.cpp'])}), "
+                         f"ratio {r['llama_prefill_s'] / r['ours_prefill_s']:.2f}x")
             if mode in a.concurrent_modes.split(","):
                 r["ours_concurrent"] = concurrent(ours.url, many, a.new_tokens)
                 r["llama_concurrent"] = concurrent(theirs.url, many, a.new_tokens)
