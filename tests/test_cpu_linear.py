@@ -1,5 +1,6 @@
-"""fp32 CPU linears (model/cpu_linear.py): a weight packed by oneDNN, or plain for one-row reductions
-inside a compiled graph, never both. Every way must give F.linear's numbers."""
+"""fp32 and bf16 CPU linears (model/cpu_linear.py): a weight packed by oneDNN, or plain for one-row
+reductions inside a compiled graph or bf16_gemm.c's few-row products, never both. Every way must give
+F.linear's numbers."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm4serve.model import bf16_kernel
 from glm4serve.model.cpu_linear import CpuLinear, hugepage_copy, hugepage_empty, packing_available
 from glm4serve.model.cpu_runner import compiler_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing")
 needs_compiler = pytest.mark.skipif(not compiler_available(), reason="inductor needs a C++ compiler")
+needs_bf16_kernel = pytest.mark.skipif(not bf16_kernel.available(), reason="no AVX-512 BF16 or no C compiler")
 
 
 def linear(out_f: int, in_f: int, bias: bool, seed: int = 0) -> nn.Linear:
@@ -47,6 +50,36 @@ def test_a_plain_weight_serves_batches_eagerly_and_one_row_inside_a_graph(bias):
     graph = torch.compile(lambda layer, x: layer(x) * 2, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         assert_close(graph(plain, x), 2 * F.linear(x, lin.weight, lin.bias))
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("out_f, in_f", [(4608, 4096), (2270, 64), (7, 96), (3, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_few_rows_run_in_the_kernel_exactly_rounded(out_f, in_f, bias, monkeypatch):
+    """Rows 1-4 in bf16_gemm.c: the fp32 sum rounded once to bf16, so within one bf16 step of the
+    fp32 product's rounding (the order of the fp32 sums differs); more rows in oneDNN over the same
+    plain weight. Weights whose rows are not a multiple of 4 take the kernel's tail path."""
+    lin = linear(out_f, in_f, bias, seed=2).to(torch.bfloat16)
+    layer = CpuLinear(lin, plain=False)
+    assert layer.kernel_rows == bf16_kernel.MAX_ROWS and not layer.weight.is_mkldnn  # one plain copy
+    calls = []
+    monkeypatch.setattr(bf16_kernel, "matmul", lambda *a, f=bf16_kernel.matmul: calls.append(1) or f(*a))
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, in_f).to(torch.bfloat16)
+        want = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
+        step = want.abs().clamp_min(1e-3) * 2**-7  # one bf16 step at the value
+        assert ((got.float() - want).abs() <= step).all(), rows
+    assert len(calls) == 4  # rows 1-4
+
+
+@needs_bf16_kernel
+def test_bf16_weights_the_kernel_cannot_take_stay_packed():
+    assert CpuLinear(linear(8, 48, False).to(torch.bfloat16), plain=False).weight.is_mkldnn  # 48 % 32 != 0
+    off = CpuLinear(linear(8, 64, False).to(torch.bfloat16), plain=False, bf16_kernel_rows=0)
+    assert off.weight.is_mkldnn and off.plain is None
+    assert CpuLinear(linear(8, 64, False), plain=False).weight.is_mkldnn  # fp32
 
 
 def test_hugepage_memory_is_aligned_zeroed_and_outlives_its_source():

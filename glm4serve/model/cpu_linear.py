@@ -18,8 +18,11 @@ plain in huge-page memory:
   the plain weight (~equal at one row, ~30% slower at 32 rows than packed).
 No weight is ever held twice: a second copy of glm-4-9b's output layer alone would be +2.5 GB in fp32.
 
-bf16 weights are packed by oneDNN, one copy: it reads them with the CPU's bf16 dot products at up
-to ~59 GB/s for one row (glm-4-9b's output layer), where `F.linear` reaches ~21 GB/s.
+bf16 weights, where the CPU has AVX-512 BF16 and a C compiler exists, are held plain too: products of
+up to bf16_kernel.MAX_ROWS rows (decode) run in bf16_gemm.c, which reads them at 16-24 GB/s where
+oneDNN reads 7-11 on the project's box; larger ones go through oneDNN over the plain weight, which
+on that box is as fast as over a packed one from 8 rows on (BENCHMARKS.md, "bf16 decode in our own
+kernel"). Elsewhere bf16 weights are packed by oneDNN (one copy).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import mmap
 
 import torch
 from torch import nn
+
+from . import bf16_kernel
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows
 STREAMED_WEIGHT_BYTES = 64 << 20  # above this a weight lives in DRAM, not cache, during decode
@@ -63,11 +68,18 @@ def one_row_product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class CpuLinear(nn.Module):
     """An fp32 or bf16 nn.Linear's weight held packed (oneDNN) or plain (huge pages); see above."""
 
-    def __init__(self, linear: nn.Linear, plain: bool):
+    def __init__(self, linear: nn.Linear, plain: bool, bf16_kernel_rows: int | None = None):
+        """bf16_kernel_rows: products of at most this many rows run in bf16_gemm.c, the weight plain
+        (default: bf16_kernel.MAX_ROWS for a bf16 weight it takes, where it is built; 0 = never)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
+        if bf16_kernel_rows is None:
+            fits = bf16_kernel.fits(weight) and bf16_kernel.available()
+            bf16_kernel_rows = bf16_kernel.MAX_ROWS if fits else 0
+        self.kernel_rows = bf16_kernel_rows
+        plain = plain or self.kernel_rows > 0
         self.plain = hugepage_copy(weight) if plain else None  # [out, in]
         # packed: [out, in] re-laid out in oneDNN's blocked format (an opaque mkldnn tensor)
         self.weight = self.plain if plain else torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
@@ -76,6 +88,8 @@ class CpuLinear(nn.Module):
         if self.plain is not None and x.shape[0] == 1 and torch.compiler.is_compiling():
             y = one_row_product(self.plain, x)  # traced into a graph: the fused reduction
             return y if self.bias is None else y + self.bias
+        if x.dim() == 2 and x.shape[0] <= self.kernel_rows and x.dtype == torch.bfloat16:
+            return bf16_kernel.matmul(x, self.plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 

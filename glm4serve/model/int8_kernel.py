@@ -84,19 +84,26 @@ def _build(compiler: str, source_path: Path, flags: list[str]) -> Path:
     return target
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if not _cpu_has(CPU_FLAGS):
+def load_library(source: Path, flags: list[str], cpu_flags: tuple[str, ...], otherwise: str) -> ctypes.CDLL | None:
+    """`source` built (once) and loaded, where the CPU has `cpu_flags` and a C compiler exists; else
+    None, logging why and what runs `otherwise`."""
+    if not _cpu_has(cpu_flags):
         return None
     compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler: int8 linears use torch's _weight_int8pack_mm")
+        log.info("no C compiler: %s", otherwise)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler, SOURCE, FLAGS)))
+        return ctypes.CDLL(str(_build(compiler, source, flags)))
     except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("int8 kernel not built (%s): int8 linears use torch's _weight_int8pack_mm",
-                    getattr(e, "stderr", None) or e)
+        log.warning("%s not built (%s): %s", source.name, getattr(e, "stderr", None) or e, otherwise)
+        return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load_library(SOURCE, FLAGS, CPU_FLAGS, "int8 linears use torch's _weight_int8pack_mm")
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.quantize_rows_int16.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]

@@ -1,0 +1,100 @@
+"""bf16 linears at glm-4-9b-chat's shapes, in one process, taking turns: as served where bf16_kernel.py
+builds (the weight plain: 1-4 rows in bf16_gemm.c, more through oneDNN over the plain weight) against
+the weight packed by oneDNN for every product (as served without the kernel); best of --repeats, for
+--rows rows. With --engine instead, two engines on a 9B slice (exact layer shapes, --layers of them,
+full vocabulary), one built each way, taking turns: decode steps at 1, 4 and 32 streams, and the
+prefill of a 1,024-token prompt.
+
+    .venv/bin/python benchmarks/bench_bf16_kernel.py [--repeats 5] [--rows 1,2,4,8,32,512]
+        [--engine [--layers 2]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from unittest import mock
+
+import torch
+from torch import nn
+
+from bench_int8_kernel import SHAPES, best_ms, decode_ms
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model import bf16_kernel
+from glm4serve.model.cpu_linear import CpuLinear
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from glm4serve.server import build_llm_engine
+
+
+def products(rows_list: list[int], repeats: int):
+    print("| matrix | rows | served ms | packed oneDNN ms | speedup |")
+    print("|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        lin = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        served, packed = CpuLinear(lin, plain=False), CpuLinear(lin, plain=False, bf16_kernel_rows=0)
+        del lin
+        for rows in rows_list:
+            if name == "output layer" and rows > 32:
+                continue  # a prefill multiplies only its last row by the output layer
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            times = {True: [], False: []}
+            for which in (True, False, True, False):
+                layer = served if which else packed
+                times[which].append(best_ms(lambda: layer(x), repeats))
+            ours, theirs = min(times[True]), min(times[False])
+            print(f"| {name} {n}x{k} | {rows} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
+
+
+def prefill_ms(engine, prompt_len: int) -> float:
+    """One prompt new to the prefix cache, to its first token."""
+    prompt = [100 + (i * 7 + time.perf_counter_ns()) % 2000 for i in range(prompt_len)]
+    engine.add_request(f"p{time.perf_counter_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    t0 = time.perf_counter()
+    while engine.has_work:
+        engine.step()
+    return (time.perf_counter() - t0) * 1000
+
+
+def engine_ab(layers: int, repeats: int):
+    with tempfile.TemporaryDirectory() as d:
+        path = write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": layers})
+        args = EngineArgs(model=str(path), dtype="bfloat16", kv_cache_memory="1GiB", max_num_seqs=32)
+        engines = {"kernel": build_llm_engine(args)}
+        with mock.patch.object(bf16_kernel, "available", lambda: False):
+            engines["packed"] = build_llm_engine(args)
+        print(f"\n{layers}-layer 9B slice, bf16 (medians of {repeats}):")
+        for what, run in ((f"decode step, {s} streams", lambda e, s=s: decode_ms(e, s, 16)) for s in (1, 4, 32)):
+            report(what, engines, run, repeats)
+        report("prefill of 1,024 tokens", engines, lambda e: prefill_ms(e, 1024), repeats)
+
+
+def report(what: str, engines: dict, run, repeats: int):
+    times = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            times[name].append(run(engine))
+    ours, packed = (statistics.median(times[n]) for n in ("kernel", "packed"))
+    print(f"  {what}: with the kernel {ours:.1f} ms, packed oneDNN {packed:.1f} ms, {packed / ours:.2f}x", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rows", default="1,2,4,8,32,512")
+    ap.add_argument("--engine", action="store_true", help="the engine's steps on a 9B slice instead")
+    ap.add_argument("--layers", type=int, default=2)
+    a = ap.parse_args()
+    if not bf16_kernel.available():
+        raise SystemExit("bf16_gemm.c is not built here (no AVX-512 BF16 or no C compiler)")
+    torch.manual_seed(0)
+    if a.engine:
+        engine_ab(a.layers, a.repeats)
+    else:
+        products([int(r) for r in a.rows.split(",")], a.repeats)
+
+
+if __name__ == "__main__":
+    main()
