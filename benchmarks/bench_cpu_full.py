@@ -1,5 +1,6 @@
 """The full glm-4-9b-chat on a CPU box: all 40 layers, random bf16 weights (~19 GB on disk), served
-with weight-only quantization through the real server. Records the load time, the server's resident
+as bf16 (`--quantization none`: ~19 GB resident, for a 24 GB box only just) or with weight-only
+quantization through the real server. Records the load time, the server's resident
 memory and single-stream decode tokens/s.
 
 The checkpoint is made by `glm4serve make-model --like glm-4-9b-chat` into ~/.cache/glm4serve/ on the
@@ -26,7 +27,7 @@ CHECKPOINT = Path.home() / ".cache" / "glm4serve" / "glm-4-9b-chat-random-bf16"
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantization", default="int8", choices=["int8", "int4"])
+    ap.add_argument("--quantization", default="int8", choices=["int8", "int4", "none"])
     ap.add_argument("--kv-cache-memory", default="2GiB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -38,7 +39,8 @@ def main():
         print(f"wrote {CHECKPOINT} in {time.perf_counter() - t0:.0f} s")
     size = sum(f.stat().st_size for f in CHECKPOINT.glob("*.safetensors"))
     t0 = time.perf_counter()
-    server = ServerProcess(CHECKPOINT, "--quantization", a.quantization, "--served-model-name", "bench",
+    quantization = [] if a.quantization == "none" else ["--quantization", a.quantization]
+    server = ServerProcess(CHECKPOINT, *quantization, "--served-model-name", "bench",
                            dtype="bfloat16", kv_cache_memory=a.kv_cache_memory).wait_healthy(timeout=1800)
     load_s = time.perf_counter() - t0
     try:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4serve.model import bf16_kernel
-from glm4serve.model.cpu_linear import CpuLinear, hugepage_copy, hugepage_empty, packing_available
+from glm4serve.model.cpu_linear import CpuLinear, hugepage_copy, hugepage_empty, packing_available, swap_linears
 from glm4serve.model.cpu_runner import compiler_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing")
@@ -80,6 +80,20 @@ def test_bf16_weights_the_kernel_cannot_take_stay_packed():
     off = CpuLinear(linear(8, 64, False).to(torch.bfloat16), plain=False, bf16_kernel_rows=0)
     assert off.weight.is_mkldnn and off.plain is None
     assert CpuLinear(linear(8, 64, False), plain=False).weight.is_mkldnn  # fp32
+
+
+def test_swapping_frees_each_old_weight_before_copying_the_next(monkeypatch):
+    """Loading holds one weight twice at most, never the whole model twice (glm-4-9b in bf16 is
+    18.8 GB: twice that does not fit a 24 GB box)."""
+    import weakref
+
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32)) for _ in range(3)))
+    old = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+    alive, init = [], CpuLinear.__init__
+    monkeypatch.setattr(CpuLinear, "__init__",
+                        lambda self, *a, **kw: alive.append(sum(w() is not None for w in old)) or init(self, *a, **kw))
+    assert swap_linears(model, plain_for=()) == 6
+    assert alive == [6, 5, 4, 3, 2, 1] and all(w() is None for w in old)
 
 
 def test_hugepage_memory_is_aligned_zeroed_and_outlives_its_source():
