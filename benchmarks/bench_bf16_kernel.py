@@ -20,7 +20,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from bench_int8_kernel import SHAPES, best_ms, decode_ms
+from bench_int8_kernel import SHAPES, decode_ms, turns_best_ms
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model import bf16_kernel
@@ -40,11 +40,7 @@ def products(rows_list: list[int], repeats: int):
             if name == "output layer" and rows > 32:
                 continue  # a prefill multiplies only its last row by the output layer
             x = torch.randn(rows, k).to(torch.bfloat16)
-            times = {True: [], False: []}
-            for which in (True, False, True, False):
-                layer = served if which else packed
-                times[which].append(best_ms(lambda: layer(x), repeats))
-            ours, theirs = min(times[True]), min(times[False])
+            ours, theirs = turns_best_ms(lambda: served(x), lambda: packed(x), repeats)
             print(f"| {name} {n}x{k} | {rows} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
 
 

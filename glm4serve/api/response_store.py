@@ -54,7 +54,6 @@ class ResponseStore:
             log.warning("response %s (%d bytes) is over the response store's budget of %d bytes: not stored",
                         response["id"], size, self.budget)
             return False
-        self.delete(response["id"])
         while self.used + size > self.budget:
             _, gone = self._responses.popitem(last=False)
             self.used -= gone.size
