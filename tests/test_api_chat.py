@@ -67,13 +67,17 @@ def test_stream_exact_chunk_sequence():
 
 def test_stream_include_usage_adds_final_usage_chunk():
     client = client_for()
+    long_hi = [{"role": "user", "content": "hi " * 24}]  # whole KV blocks: the cache counts are not all 0
     r = client.post("/v1/chat/completions", json={
-        "messages": USER_HI, "stream": True, "stream_options": {"include_usage": True}})
+        "messages": long_hi, "stream": True, "stream_options": {"include_usage": True}})
     chunks = sse_json(r.text)
     *content, last = chunks
     assert last["choices"] == []
     assert last["usage"]["completion_tokens"] == len(small_tokenizer().encode("\nHello there!")) + 1
-    assert last["usage"]["prompt_tokens"] == len(engine_of(client.app).calls[0].prompt_ids)
+    [call] = engine_of(client.app).calls
+    assert last["usage"]["prompt_tokens"] == len(call.prompt_ids)
+    assert full_blocks(call) > 0
+    assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}
     assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
     assert all(c["usage"] is None for c in content)
     assert content[-1]["choices"][0]["finish_reason"] == "stop"

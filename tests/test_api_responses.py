@@ -100,7 +100,8 @@ def test_input_items_make_the_chat_routes_prompt():
 
 def test_stream_of_a_text_reply():
     app = make_app(replies=["\nHello there!"])
-    r = TestClient(app).post("/v1/responses", json={"input": "hi", "stream": True})
+    # whole KV blocks in the prompt: the usage's cache counts are not all 0
+    r = TestClient(app).post("/v1/responses", json={"input": "hi " * 24, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = events_of(r.text)
     types = [e["type"] for e in events]
@@ -118,6 +119,9 @@ def test_stream_of_a_text_reply():
     assert final["output"] == [events[-2]["item"]]
     assert final["output"][0]["content"][0]["text"] == "Hello there!"
     assert final["usage"]["output_tokens"] == len(small_tokenizer().encode("\nHello there!")) + 1
+    [call] = engine_of(app).calls
+    assert full_blocks(call) > 0
+    assert final["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}
 
 
 def test_an_empty_tools_list_is_no_tools():

@@ -102,6 +102,15 @@ def _special_text_pattern(tokenizer, keep: str | None) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
 
+@dataclass
+class ChoiceStep:
+    """What one engine output adds to a streamed choice."""
+
+    deltas: list[dict]  # OpenAI delta dicts, content or tool-call fragments
+    logprobs: list[dict]  # the output's tokens' chat logprob entries (when asked for)
+    finish_reason: str | None  # on the choice's last output: the reason to send
+
+
 class ChoiceStream:
     """One choice's text deltas -> OpenAI delta dicts (content or tool-call fragments)."""
 
@@ -109,7 +118,20 @@ class ChoiceStream:
         self.parser = StreamingToolParser(plan.tool_names) if plan.tool_names else None
         self._strip_newline = plan.strip_newline
         self._specials = _special_text_pattern(tokenizer, CALL_SEPARATOR) if self.parser else None
+        self._tokenizer = tokenizer
         self.num_tokens = 0
+        self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
+
+    def step(self, out: Output, logprobs: bool) -> ChoiceStep:
+        check_finish(out.finish_reason)
+        self.num_tokens = out.num_output_tokens
+        entries = chat_logprob_entries(self._tokenizer, out.logprobs) if logprobs and out.logprobs else []
+        deltas = self.feed(out.text) if out.text else []
+        if out.finish_reason is None:
+            return ChoiceStep(deltas, entries, None)
+        self.details = PromptTokensDetails.of(out)
+        held, finish_reason = self.finish(out.finish_reason)
+        return ChoiceStep(deltas + held, entries, finish_reason)
 
     def feed(self, text: str) -> list[dict]:
         if self.parser is None:
@@ -154,7 +176,6 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
-    details = PromptTokensDetails()
     pending_logprobs: list[list[dict]] = [[] for _ in range(n)]
 
     def take_logprobs(i: int) -> dict | None:
@@ -169,26 +190,19 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             yield chunk([chat_choice_delta(i, {"content": plan.echo})])
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            check_finish(out.finish_reason)
-            i, state = out.index, choices[out.index]
-            state.num_tokens = out.num_output_tokens
-            if out.finish_reason is not None:  # the same counts on every output: read once
-                details = PromptTokensDetails.of(out)
-            if req.logprobs and out.logprobs:
-                pending_logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
-            deltas = state.feed(out.text) if out.text else []
-            if out.finish_reason is not None:
-                held, finish_reason = state.finish(out.finish_reason)
-                deltas += held
-            for delta in deltas:
+            i = out.index
+            step = choices[i].step(out, req.logprobs)
+            pending_logprobs[i] += step.logprobs
+            for delta in step.deltas:
                 yield chunk([chat_choice_delta(i, delta, take_logprobs(i))])
-            if out.finish_reason is not None:
-                yield chunk([chat_choice_delta(i, {}, take_logprobs(i), finish_reason)])
-            elif not deltas and pending_logprobs[i] and not state.parser:
+            if step.finish_reason is not None:
+                yield chunk([chat_choice_delta(i, {}, take_logprobs(i), step.finish_reason)])
+            elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
     if usage_on:
-        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), details)
+        # the prompt's cache counts are the same on every choice's last output
+        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), choices[0].details)
         yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, [], usage, True))
 
 

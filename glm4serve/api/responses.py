@@ -34,11 +34,10 @@ from glm4serve.engine.types import LENGTH, Output
 from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat
 from .errors import APIError, validation_error
 from .limits import check_chat_limits
-from .logprobs import chat_logprob_entries
-from .replies import PromptTokensDetails, Usage
+from .replies import Usage
 from .response_store import StoredResponse
 from .responses_request import NamedFunctionChoice, ResponsesRequest, in_responses_terms, item_resources, parse_items
-from .serving import ServingContext, check_finish, respond
+from .serving import ServingContext, respond
 from .streaming import StreamEnd
 
 
@@ -181,19 +180,13 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     yield builder.event("response.in_progress", response=builder.response("in_progress"))
     choice = ChoiceStream(plan, ctx.tokenizer)
     pending: list[dict] = []  # logprobs of tokens whose text has not come out yet
-    finish_reason, details = LENGTH, PromptTokensDetails()
+    finish_reason = LENGTH
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            check_finish(out.finish_reason)
-            choice.num_tokens = out.num_output_tokens
-            if logprobs and out.logprobs:
-                pending += chat_logprob_entries(ctx.tokenizer, out.logprobs)
-            deltas = choice.feed(out.text) if out.text else []
-            if out.finish_reason is not None:
-                details = PromptTokensDetails.of(out)
-                held, finish_reason = choice.finish(out.finish_reason)
-                deltas += held
-            for delta in deltas:
+            step = choice.step(out, logprobs)
+            pending += step.logprobs
+            finish_reason = step.finish_reason or finish_reason
+            for delta in step.deltas:
                 if "content" in delta:
                     entries, pending = pending, []
                     for event in builder.text(delta["content"], entries):
@@ -212,7 +205,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     status, events = builder.finish(finish_reason)
     for event in events:
         yield event
-    usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, details))
+    usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, choice.details))
     yield builder.event(f"response.{status}", response=builder.keep(builder.response(status, usage)))
 
 
