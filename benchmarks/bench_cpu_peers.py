@@ -12,7 +12,7 @@ GGUF through its convert_hf_to_gguf.py, whose pre-tokenizer check does not know 
 tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). Not part of CI.
 
     .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes fp32,bf16,int8,int4] [--repeats 3]
-        [--prefill-tokens 1024]
+        [--prefill-tokens 1024] [--decode-after-prefill]
 
 Ratios are ours over theirs in speed: tokens/s ours / theirs, and prefill time theirs / ours.
 """
@@ -108,7 +108,10 @@ class LlamaServer:
         self.log = open(gguf.with_suffix(".server.log"), "w")
         self.proc = subprocess.Popen(
             [str(build / "bin" / "llama-server"), "-m", str(gguf), "--port", str(self.port), "-t", threads,
-             "-tb", threads, "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui"],
+             "-tb", threads, "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-webui",
+             # its converter reads the context from chatglm's `seq_length`, which a -hf config has not,
+             # and writes 4,096 (the hidden size): the server would cap every slot there
+             "--override-kv", f"chatglm.context_length=int:{SLICE_9B['max_position_embeddings']}"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -133,13 +136,15 @@ def rss_gib(pid: int) -> float:
     return float("nan")
 
 
-def stream(url: str, prompt: list[int], new_tokens: int) -> tuple[int, float]:
-    """One streamed greedy completion: (tokens, decode tokens/s from the first event to the last).
-    The token count is the final chunk's usage: events may carry no text (a token without any, or
-    held back mid-character), and llama-server's random-weight argmax is often a padding token."""
+def stream(url: str, prompt: list[int], new_tokens: int) -> tuple[int, float, float]:
+    """One streamed greedy completion: (tokens, decode tokens/s from the first event to the last,
+    seconds to the first event: the prompt's prefill). The token count is the final chunk's usage:
+    events may carry no text (a token without any, or held back mid-character), and llama-server's
+    random-weight argmax is often a padding token."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     times, tokens = [], 0
+    t0 = time.perf_counter()
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -147,7 +152,7 @@ def stream(url: str, prompt: list[int], new_tokens: int) -> tuple[int, float]:
                 times.append(time.perf_counter())
                 tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
     assert tokens == new_tokens, f"{url}: {tokens} tokens"
-    return tokens, (tokens - 1) / (times[-1] - times[0])
+    return tokens, (tokens - 1) / (times[-1] - times[0]), times[0] - t0
 
 
 def prefill(url: str, prompt: list[int]) -> float:
@@ -161,7 +166,8 @@ def prefill(url: str, prompt: list[int]) -> float:
 def prefill_prompts(n: int, count: int) -> list[list[int]]:
     """`count` prompts of `n` token ids that differ from their first token on, so that neither server's
     prompt cache holds any block of the next one (ids under the small test tokenizer's 2,270)."""
-    return [[100 + (i + 13 * k) % n for i in range(n)] for k in range(1, count + 1)]
+    period = min(n, 2048)
+    return [[100 + (i + 13 * k) % period for i in range(n)] for k in range(1, count + 1)]
 
 
 def concurrent(url: str, prompts: list[list[int]], new_tokens: int) -> float:
@@ -181,6 +187,8 @@ def main():
     ap.add_argument("--concurrent", type=int, default=32)
     ap.add_argument("--concurrent-modes", default="int8", help="modes that also run --concurrent streams")
     ap.add_argument("--prefill-tokens", type=int, default=1024, help="prompt length of the prefill turns (0: none)")
+    ap.add_argument("--decode-after-prefill", action="store_true",
+                    help="the prefill turns stream --new-tokens tokens: also the decode rate at that context")
     a = ap.parse_args()
     modes = a.modes.split(",")
     build = llama_cpp()
@@ -200,7 +208,8 @@ def main():
         t0 = time.perf_counter()
         ours = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory=kv).wait_healthy(timeout=900)
         load_s = time.perf_counter() - t0
-        theirs = LlamaServer(build, ggufs[kind], slots=a.concurrent, ctx_per_slot=max(512, a.prefill_tokens + 16))
+        theirs = LlamaServer(build, ggufs[kind], slots=a.concurrent,
+                             ctx_per_slot=max(512, a.prefill_tokens + a.new_tokens + 16))
         try:
             for url in (ours.url, theirs.url):  # warm-up
                 stream(url, prompt, 8)
@@ -218,15 +227,27 @@ def main():
                     f"{' / '.join(f'{x:.1f}' for x in rates['llama.cpp'])}), ratio {r['ours'] / r['llama.cpp']:.2f}x; "
                     f"resident ours {r['ours_rss_gib']:.2f} GiB, llama.cpp {r['llama_rss_gib']:.2f} GiB")
             if a.prefill_tokens:
-                times = {"ours": [], "llama.cpp": []}
+                times, decode = {"ours": [], "llama.cpp": []}, {"ours": [], "llama.cpp": []}
                 for p in prefill_prompts(a.prefill_tokens, a.repeats):  # taking turns, each prompt new to both
-                    times["ours"].append(prefill(ours.url, p))
-                    times["llama.cpp"].append(prefill(theirs.url, p))
+                    for who, url in (("ours", ours.url), ("llama.cpp", theirs.url)):
+                        if a.decode_after_prefill:
+                            _, rate, first_s = stream(url, p, a.new_tokens)
+                            times[who].append(first_s)
+                            decode[who].append(rate)
+                        else:
+                            times[who].append(prefill(url, p))
                 r["ours_prefill_s"], r["llama_prefill_s"] = (statistics.median(times[w]) for w in times)
                 line += (f"; prefill of {a.prefill_tokens} tokens ours {r['ours_prefill_s']:.2f} s (runs "
                          f"{' / '.join(f'{x:.2f}' for x in times['ours'])}), llama.cpp {r['llama_prefill_s']:.2f} s "
                          f"(runs {' / '.join(f'{x:.2f}' for x in times['llama.cpp'])}), "
                          f"ratio {r['llama_prefill_s'] / r['ours_prefill_s']:.2f}x")
+                if a.decode_after_prefill:
+                    r["ours_long_decode"], r["llama_long_decode"] = (statistics.median(decode[w]) for w in decode)
+                    line += (f"; decode after it ours {r['ours_long_decode']:.1f} tok/s (runs "
+                             f"{' / '.join(f'{x:.1f}' for x in decode['ours'])}), llama.cpp "
+                             f"{r['llama_long_decode']:.1f} tok/s (runs "
+                             f"{' / '.join(f'{x:.1f}' for x in decode['llama.cpp'])}), "
+                             f"ratio {r['ours_long_decode'] / r['llama_long_decode']:.2f}x")
             if mode in a.concurrent_modes.split(","):
                 r["ours_concurrent"] = concurrent(ours.url, many, a.new_tokens)
                 r["llama_concurrent"] = concurrent(theirs.url, many, a.new_tokens)
