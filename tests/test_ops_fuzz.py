@@ -26,12 +26,12 @@ def test_schemathesis_finds_no_server_error(make_checkpoint, tmp_path):
     try:
         # No stateful phase: it followed none of the links it infers into /v1/responses/{id} (0 of 10
         # covered), so it only added 404s and a third of the time; scripts/fuzz.sh still runs it.
-        # The timeout is 3x this run on a 2-core box (~100 s).
+        # The timeout is 2.5x the slowest of these runs seen on a 2-core box (94-178 s: the box is noisy).
         run = subprocess.run(
             [str(ST), "run", s.url + "/openapi.json", "-H", "Authorization: Bearer fuzz",
              "--checks", "not_a_server_error", "--phases", "examples,coverage,fuzzing", "--max-examples", "50",
              "--seed", "20261127", "--request-timeout", "60", "--workers", "1"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            capture_output=True, text=True, timeout=480, cwd=tmp_path)
         report = run.stdout[-4000:] + run.stderr[-2000:]
         assert run.returncode == 0, report
         assert " passed" in run.stdout and "failed" not in run.stdout.split("SUMMARY")[-1], report
