@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz.sh [SECONDS]      (default 300; needs `make install` or the test extra)
 #
-# Starts `glm4serve serve` on a random small checkpoint (context 128, so generations stay short)
+# Starts `glm4serve serve` on a random small checkpoint (context 128, at most 32 new tokens: short)
 # with an API key, runs `st run` for SECONDS with a random seed, then checks /health and the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ trap 'kill "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 "$BIN/glm4serve" make-model "$WORK/ckpt" --hidden-size 96 --intermediate-size 160 --layers 3 --heads 6 \
   --kv-heads 3 --head-dim 32 > /dev/null
 "$BIN/glm4serve" serve --model "$WORK/ckpt" --port "$PORT" --dtype float32 --kv-cache-memory 64MiB \
-  --max-model-len 128 --api-key fuzz > "$WORK/server.log" 2>&1 &
+  --max-model-len 128 --max-tokens-limit 32 --api-key fuzz > "$WORK/server.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.3; done
 
