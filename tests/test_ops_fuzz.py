@@ -27,7 +27,7 @@ def test_schemathesis_finds_no_server_error(make_checkpoint, tmp_path):
                       "--api-key", "fuzz").wait_healthy()
     try:
         # No stateful phase: it followed none of the links it infers into /v1/responses/{id} (0 of 10
-        # covered), so it only added 404s and a third of the time; scripts/fuzz.sh still runs it.
+        # covered), so it only added 404s and a quarter of the time; scripts/fuzz.sh still runs it.
         # The timeout is far over this run on a 2-core box (74 s), which is noisy: 94-178 s before the cap.
         run = subprocess.run(
             [str(ST), "run", s.url + "/openapi.json", "-H", "Authorization: Bearer fuzz",
