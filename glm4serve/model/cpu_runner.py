@@ -3,9 +3,10 @@ in fp32 one decoding sequence's step compiled.
 
 Every fp32 or bf16 linear becomes a CpuLinear (cpu_linear.py): oneDNN-packed for batches of several
 rows, or plain for bf16_gemm.c's decode rows (bf16, where that kernel is built). fp32 models over
-COMPILED_DECODE_MIN_BYTES of weights (where a C++ compiler exists) also run a single sequence's decode step, one token through every layer, as graphs compiled by inductor:
-in eager PyTorch each layer is ~45 small ops and 4 matrix-vector products, and on a small model
-the ops' dispatch costs as much as reading the weights. The graphs call glm4.py's own methods;
+COMPILED_DECODE_MIN_BYTES of weights (where a C++ compiler exists) also run a single sequence's
+decode step, one token through every layer, as graphs compiled by inductor: in eager PyTorch each
+layer is ~45 small ops and 4 matrix-vector products, and on a small model the ops' dispatch costs
+as much as reading the weights. The graphs call glm4.py's own methods;
 their layers' linears hold plain weights, which a compiled graph reads as one fused reduction.
 
 Inductor compiles what lies between two K/V cache writes: [norm -> qkv -> rotary] before the first
@@ -24,9 +25,9 @@ kernel reads the values once per query head and 16 dimensions, so its cost grows
 context than SDPA's: measured even at ~3K tokens and behind at 4K, so longer contexts take graphs
 without it. Batches of several rows run the eager layers.
 
-bf16 and quantized models decode eagerly: their bf16 (bf16_gemm.c, else oneDNN) and int8/int4 kernels
-already read the weights at least as fast as inductor's reductions (BENCHMARKS.md), and at glm-4-9b's sizes the eager ops
-between the linears cost a few percent of a token.
+bf16 and quantized models decode eagerly: their bf16 (bf16_gemm.c, else oneDNN) and int8/int4
+kernels already read the weights at least as fast as inductor's reductions (BENCHMARKS.md), and at
+glm-4-9b's sizes the eager ops between the linears cost a few percent of a token.
 """
 
 from __future__ import annotations
