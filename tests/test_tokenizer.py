@@ -191,16 +191,29 @@ def test_allow_special_false_encodes_special_text_as_plain_text(tok):
 def test_long_encode_lets_other_threads_run(tok, allow_special):
     """The server tokenizes long prompts in a worker thread; an encode that held the GIL
     throughout would stall the event loop (every other request, /health) until it finished."""
-    text = "hello world, " * 100_000  # ~1.3 MB: about a second of encoding
+    text = "hello world, " * 100_000  # 1.3 MB, doubled until one encode takes ENCODE_S on this machine
+    while _seconds(lambda: tok.encode(text, allow_special=allow_special)) < ENCODE_S:
+        text *= 2
     ticks, done = [], threading.Event()
     worker = threading.Thread(target=lambda: (tok.encode(text, allow_special=allow_special), done.set()))
+    start = time.monotonic()
     worker.start()
     while not done.is_set():
         time.sleep(0.005)
         ticks.append(time.monotonic())
     worker.join()
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert len(ticks) > 20 and max(gaps) < 0.5, (len(ticks), max(gaps, default=None))
+    took, gaps = time.monotonic() - start, [b - a for a, b in zip(ticks, ticks[1:])]
+    # holding the GIL throughout, the encode would show as one gap of about its whole time
+    assert len(ticks) > 20 and max(gaps) < took / 2, (len(ticks), max(gaps, default=None), took)
+
+
+ENCODE_S = 0.8
+
+
+def _seconds(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
 
 
 def test_stop_eos_pad_without_generation_config(tok):
