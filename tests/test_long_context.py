@@ -136,6 +136,23 @@ def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
     torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("past", [0, 37])
+@pytest.mark.parametrize("query_tile, score_budget", [(256, attention.SCORE_BUDGET), (10**6, 100 * 650)])
+def test_prefill_in_query_tiles_equals_one_causal_attention(past, query_tile, score_budget, monkeypatch):
+    """A span of 600 queries cut into tiles, by QUERY_TILE (256, 256, 88) or by the score budget
+    (~100 each), gives the numbers of one attention over the whole span with the causal mask."""
+    monkeypatch.setattr(attention, "QUERY_TILE", query_tile)
+    monkeypatch.setattr(attention, "SCORE_BUDGET", score_budget)
+    n, hq, hkv, d = 600, 8, 2, 16
+    ctx = past + n
+    q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=4)
+    tiled = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), 0.25)
+    k_all = k_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
+    v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
+    whole = causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, 0.25)[0].transpose(0, 1)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("past", [0, 37])
 def test_cuda_prefill_attention_equals_the_tiled_cpu_path(past, dtype, tolerances):

@@ -9,6 +9,12 @@ Working memory stays bounded for 128K contexts: a prefill span is processed in q
 so that one tile's mask/scores never exceed `SCORE_BUDGET` elements, and only keys up to the tile's
 last position are read. Nothing of size (query length x key length) is ever built for a long span.
 Scores and softmax accumulate in fp32 inside SDPA (its CPU and CUDA kernels do for bf16/fp16 too).
+
+On CPU a tile is also at most QUERY_TILE queries: SDPA's CPU kernel computes every score of a
+boolean mask, the masked ones too, so a tile pays for the triangle of keys past its first query;
+smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token chunk (2 cores, AMX,
+BENCHMARKS.md "Prefill attention in query tiles"): 256 queries against one tile of 2,048, 98 -> 48 ms
+with no cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention.bias import causal_lower_right
 
 SCORE_BUDGET = 1 << 24  # elements of one tile's (query x key) mask: 16M -> ~64 MB as float
+QUERY_TILE = 256  # most queries in one CPU tile (module docstring)
 
 
 @dataclass
@@ -78,7 +85,7 @@ def prefill_attention(
     if q.device.type == "cuda":
         return causal_attention_gpu(qh, k_all, v_all, scale)[0].transpose(0, 1)  # [n, Hq, D]
     out = torch.empty_like(qh)
-    tile = max(1, min(n, SCORE_BUDGET // span.context_len))
+    tile = max(1, min(n, QUERY_TILE, SCORE_BUDGET // span.context_len))
     for i0 in range(0, n, tile):
         i1 = min(n, i0 + tile)
         kv_len = past + i1  # keys beyond the tile's last query are never needed

@@ -1,0 +1,128 @@
+"""Prefill of one long prompt through the engine on a slice of glm-4-9b-chat (its exact layer shapes,
+--layers of its 40 layers, random bf16 weights), CPU: seconds per prompt and where they go (the
+linears, attention, the rest), against transformers' forward (SDPA attention, the last position's
+logits only) on the same weights in the same run. With --query-tile-ab, our prefill with
+attention.QUERY_TILE as served against tiles as large as the score budget allows, taking turns.
+
+    .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
+        [--modes bf16,int8,int4] [--repeats 2] [--query-tile-ab] [--skip-hf]
+
+The engine runs with its default chunk (max_num_batched_tokens) and no prefix cache; each turn's
+prompt differs from the first token on. Times are medians of --repeats turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model import attention, glm4, quant
+from glm4serve.model.cpu_linear import CpuLinear
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from glm4serve.server import build_llm_engine
+
+CACHE = Path.home() / ".cache" / "glm4serve"
+VOCAB = 2000  # ids the random checkpoint's small tokenizer accepts
+QUANTIZATION = {"bf16": None, "int8": "int8", "int4": "int4"}
+SPENT: collections.Counter = collections.Counter()  # seconds by part, for the turn being timed
+
+
+def timed(part: str, fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[part] += time.perf_counter() - t0
+    return wrapper
+
+
+def count_time_by_part() -> None:
+    """The linears' and attention's time into SPENT (glm4.py calls paged_attention by its own name)."""
+    glm4.paged_attention = timed("attention", glm4.paged_attention)
+    for cls in (CpuLinear, quant.Int8Linear, quant.Int4Linear):
+        cls.forward = timed("linears", cls.forward)
+
+
+def prompt(n: int, turn: int) -> list[int]:
+    """Token ids inside the test tokenizer's vocabulary, a different one first each turn."""
+    return [(turn + 1 + 7 * i) % VOCAB for i in range(n)]
+
+
+def ours_s(engine, ids: list[int]) -> float:
+    engine.add_request(f"p{time.perf_counter_ns()}", ids, SamplingParams(max_tokens=1, temperature=0.0,
+                                                                          ignore_eos=True))
+    t0 = time.perf_counter()
+    while engine.has_work:
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def hf_s(model, ids: list[int]) -> float:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", default="2048,8192,16384")
+    ap.add_argument("--modes", default="bf16,int8,int4")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--query-tile-ab", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    a = ap.parse_args()
+    lengths = [int(t) for t in a.tokens.split(",")]
+    path = CACHE / f"bench-prefill-9b-{a.layers}layers"
+    if not (path / "config.json").is_file():
+        write_random_checkpoint(path, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
+    count_time_by_part()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.layers}-layer slice of glm-4-9b-chat; "
+          f"medians of {a.repeats} turns")
+    served_tile = attention.QUERY_TILE
+    for mode in a.modes.split(","):
+        engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16", quantization=QUANTIZATION[mode],
+                                             kv_cache_memory="1GiB", enable_prefix_caching=False))
+        ours_s(engine, prompt(256, -1))  # warm-up
+        for n in lengths:
+            times, parts = [], collections.Counter()
+            wide = []
+            for turn in range(a.repeats):
+                SPENT.clear()
+                times.append(ours_s(engine, prompt(n, turn)))
+                parts.update(SPENT)
+                if a.query_tile_ab:
+                    attention.QUERY_TILE = 1 << 30
+                    wide.append(ours_s(engine, prompt(n, turn + 100)))
+                    attention.QUERY_TILE = served_tile
+            t = statistics.median(times)
+            att, lin = parts["attention"] / a.repeats, parts["linears"] / a.repeats
+            line = (f"{mode} {n:6d} tokens: ours {t:6.2f} s ({n / t:5.0f} tokens/s; linears {lin:.2f} s, "
+                    f"attention {att:.2f} s, the rest {statistics.mean(times) - lin - att:.2f} s)")
+            if wide:
+                w = statistics.median(wide)
+                line += f"; one tile per chunk {w:.2f} s, {w / t:.2f}x"
+            print(line, flush=True)
+        del engine
+    if a.skip_hf:
+        return
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    hf_s(model, prompt(256, -1))
+    for n in lengths:
+        t = statistics.median(hf_s(model, prompt(n, turn)) for turn in range(a.repeats))
+        print(f"transformers bf16 {n:6d} tokens: {t:6.2f} s ({n / t:5.0f} tokens/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
