@@ -1,11 +1,13 @@
 """Prefill of one long prompt through the engine on a slice of glm-4-9b-chat (its exact layer shapes,
 --layers of its 40 layers, random bf16 weights), CPU: seconds per prompt and where they go (the
 linears, attention, the rest), against transformers' forward (SDPA attention, the last position's
-logits only) on the same weights in the same run. With --query-tile-ab, our prefill with
-attention.QUERY_TILE as served against tiles as large as the score budget allows, taking turns.
+logits only) on the same weights in the same run. With --ab, our prefill as served against the
+same engine with one thing switched off, taking turns:
+- query-tile: attention's query tiles as large as the score budget allows (not QUERY_TILE);
+- compiled-rows: the norms and SwiGLU eager on any number of rows (cpu_runner.COMPILED_ROWS_MIN).
 
     .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
-        [--modes bf16,int8,int4] [--repeats 2] [--query-tile-ab] [--skip-hf]
+        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows] [--skip-hf]
 
 The engine runs with its default chunk (max_num_batched_tokens) and no prefix cache; each turn's
 prompt differs from the first token on. Times are medians of --repeats turns.
@@ -23,7 +25,7 @@ import torch
 
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model import attention, glm4, quant
+from glm4serve.model import attention, cpu_runner, glm4, quant
 from glm4serve.model.cpu_linear import CpuLinear
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
@@ -31,6 +33,8 @@ from glm4serve.server import build_llm_engine
 CACHE = Path.home() / ".cache" / "glm4serve"
 VOCAB = 2000  # ids the random checkpoint's small tokenizer accepts
 QUANTIZATION = {"bf16": None, "int8": "int8", "int4": "int4"}
+SWITCHED_OFF = {"query-tile": (attention, "QUERY_TILE", 1 << 30),
+                "compiled-rows": (cpu_runner, "COMPILED_ROWS_MIN", 1 << 30)}  # module, constant, value
 SPENT: collections.Counter = collections.Counter()  # seconds by part, for the turn being timed
 
 
@@ -78,7 +82,7 @@ def main():
     ap.add_argument("--tokens", default="2048,8192,16384")
     ap.add_argument("--modes", default="bf16,int8,int4")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--query-tile-ab", action="store_true")
+    ap.add_argument("--ab", choices=sorted(SWITCHED_OFF))
     ap.add_argument("--skip-hf", action="store_true")
     a = ap.parse_args()
     lengths = [int(t) for t in a.tokens.split(",")]
@@ -88,29 +92,30 @@ def main():
     count_time_by_part()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.layers}-layer slice of glm-4-9b-chat; "
           f"medians of {a.repeats} turns")
-    served_tile = attention.QUERY_TILE
     for mode in a.modes.split(","):
         engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16", quantization=QUANTIZATION[mode],
                                              kv_cache_memory="1GiB", enable_prefix_caching=False))
         ours_s(engine, prompt(256, -1))  # warm-up
         for n in lengths:
             times, parts = [], collections.Counter()
-            wide = []
+            other = []
             for turn in range(a.repeats):
                 SPENT.clear()
                 times.append(ours_s(engine, prompt(n, turn)))
                 parts.update(SPENT)
-                if a.query_tile_ab:
-                    attention.QUERY_TILE = 1 << 30
-                    wide.append(ours_s(engine, prompt(n, turn + 100)))
-                    attention.QUERY_TILE = served_tile
+                if a.ab:
+                    module, name, value = SWITCHED_OFF[a.ab]
+                    served = getattr(module, name)
+                    setattr(module, name, value)
+                    other.append(ours_s(engine, prompt(n, turn + 100)))
+                    setattr(module, name, served)
             t = statistics.median(times)
             att, lin = parts["attention"] / a.repeats, parts["linears"] / a.repeats
             line = (f"{mode} {n:6d} tokens: ours {t:6.2f} s ({n / t:5.0f} tokens/s; linears {lin:.2f} s, "
                     f"attention {att:.2f} s, the rest {statistics.mean(times) - lin - att:.2f} s)")
-            if wide:
-                w = statistics.median(wide)
-                line += f"; one tile per chunk {w:.2f} s, {w / t:.2f}x"
+            if other:
+                o = statistics.median(other)
+                line += f"; without {a.ab} {o:.2f} s, {o / t:.2f}x"
             print(line, flush=True)
         del engine
     if a.skip_hf:

@@ -156,3 +156,32 @@ def test_bf16_linears_are_held_once_and_agree_with_eager_bf16(make_checkpoint):
     got, want = torch.stack(got), torch.stack(want)
     # both in bf16: oneDNN's (or bf16_gemm.c's) and PyTorch's sums only run in other orders
     assert (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0)
+
+
+@needs_compiler
+def test_many_rows_take_the_compiled_norms_and_swiglu_and_agree_with_eager(make_checkpoint, monkeypatch):
+    """A big model's RMSNorms and SwiGLUs run compiled on COMPILED_ROWS_MIN rows and more (prefill
+    chunks), eagerly on fewer (decode): one compile, made at load, serves every layer, every kind of
+    norm (glm4's sandwich ones too) and any number of rows."""
+    monkeypatch.setattr(cpu_runner, "COMPILED_DECODE_MIN_BYTES", 0)  # as if big
+    path = make_checkpoint("glm4", "hf", "wide")
+    ours = CpuRunner(load_model(path, dtype=torch.bfloat16), 64, BLOCK)
+    eager = EagerRunner(load_model(path, dtype=torch.bfloat16), 64, BLOCK)
+    wrapped = [m for m in ours.model.modules() if isinstance(m, cpu_runner.ManyRowsCompiled)]
+    assert len(wrapped) == 5 * ours.model.cfg.num_layers + 1 and "compiled norms" in repr(ours)
+    compiled_rows = []
+    spy = wrapped[0].compiled_call
+    for m in wrapped:
+        m.compiled_call = lambda module, x: (compiled_rows.append(x.shape[0]), spy(module, x))[1]
+    tokens = [(7 * i + 3) % 250 for i in range(cpu_runner.COMPILED_ROWS_MIN + 37)]
+    got, want = [], []
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for runner, rows in ((ours, got), (eager, want)):
+            pool = BlockPool(64, BLOCK)
+            table = pool.allocate(pool.blocks_needed(len(tokens) + 4))
+            rows.append(runner.execute(ScheduledBatch([SeqChunk(tokens, 0, table)]))[0])
+            for i in range(4):  # decode rows, eager
+                rows.append(runner.execute(ScheduledBatch([SeqChunk([tokens[i]], len(tokens) + i, table)]))[0])
+    assert compiled_rows and set(compiled_rows) == {len(tokens)}  # the prompt's rows only
+    got, want = torch.stack(got), torch.stack(want)
+    assert (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0)

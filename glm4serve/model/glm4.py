@@ -88,6 +88,13 @@ class Attention(nn.Module):
         return qk[:, :hq], qk[:, hq:], v
 
 
+class SwiGLU(nn.Module):
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2 F] -> silu(gate) * up [T, F]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU with one fused [gate | up] matrix (under tensor parallelism, this rank's part of its width)."""
 
@@ -95,11 +102,11 @@ class MLP(nn.Module):
         super().__init__()
         width = cfg.intermediate_size // shard.world
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * width, bias=False)
+        self.act = SwiGLU()
         self.down = nn.Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.act(self.gate_up(x)))
 
 
 class Layer(nn.Module):
