@@ -13,8 +13,8 @@ Scores and softmax accumulate in fp32 inside SDPA (its CPU and CUDA kernels do f
 On CPU a tile is also at most QUERY_TILE queries: SDPA's CPU kernel computes every score of a
 boolean mask, the masked ones too, so a tile pays for the triangle of keys past its first query;
 smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token chunk (2 cores, AMX,
-BENCHMARKS.md "Prefill attention in query tiles"): 256 queries against one tile of 2,048, 98 -> 48 ms
-with no cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
+BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
+cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ glm-4-9b's sizes the eager ops between the linears cost a few percent of a token
 Every model over COMPILED_DECODE_MIN_BYTES (where a compiler exists) also runs its norms and SwiGLU
 compiled on inputs of COMPILED_ROWS_MIN rows and more (prefill chunks, big batches): eager, each of
 their ops makes a pass over the activations (RMSNorm in bf16 seven), where inductor makes one. At
-glm-4-9b's shapes, a 2,048-row chunk: RMSNorm 21.5 -> 1.8 ms, SwiGLU 40 -> 28 ms (BENCHMARKS.md,
-"Prefill: compiled norms and SwiGLU"). Fewer rows run eagerly: a compiled call's ~40 us of dynamo
-and wrapper time is more than those ops cost on a decode's rows.
+glm-4-9b's shapes, a 2,048-row chunk: RMSNorm 21.5 -> 1.8 ms, SwiGLU 40 -> 28 ms; prompts of 2K-16K
+tokens 1.05-1.11x faster (BENCHMARKS.md, "Long prefill on CPU"). Fewer rows run eagerly: a compiled
+call's ~40 us of dynamo and wrapper time is more than those ops cost on a decode's rows.
 """
 
 from __future__ import annotations
