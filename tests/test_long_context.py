@@ -119,6 +119,18 @@ def random_span(n: int, ctx: int, hq: int, hkv: int, d: int, block_size: int):
     return torch.randn(n, hq, d, generator=g), k_cache, v_cache, table
 
 
+def tiled_and_flag_causal(n: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random span's attention [n, 8, 16] (2 KV heads, `past` cached tokens before it), by the
+    CPU path (query tiles, boolean masks) and by causal_attention_gpu (one call, the causal flag
+    aligned to the last key), both run here."""
+    hq, hkv, d, ctx = 8, 2, 16, past + n
+    q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=4)
+    tiled = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), 0.25)
+    k_all = k_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+    v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
+    return tiled, causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, 0.25)[0].transpose(0, 1)
+
+
 @pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("past", [0, 37])
 def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
@@ -126,13 +138,7 @@ def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
     where flash runs, repeated where it cannot) gives the tiled boolean-mask path's numbers; run
     here on CPU, where SDPA builds the flag's mask and either branch can be taken."""
     monkeypatch.setattr(attention, "can_use_flash_attention", lambda params: flash)
-    n, hq, hkv, d = 50, 8, 2, 16
-    ctx = past + n
-    q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=4)
-    tiled = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), 0.25)
-    k_all = k_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
-    v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
-    fused = causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, 0.25)[0].transpose(0, 1)
+    tiled, fused = tiled_and_flag_causal(50, past)
     torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-5)
 
 
@@ -143,13 +149,7 @@ def test_prefill_in_query_tiles_equals_one_causal_attention(past, query_tile, sc
     (~100 each), gives the numbers of one attention over the whole span with the causal mask."""
     monkeypatch.setattr(attention, "QUERY_TILE", query_tile)
     monkeypatch.setattr(attention, "SCORE_BUDGET", score_budget)
-    n, hq, hkv, d = 600, 8, 2, 16
-    ctx = past + n
-    q, k_cache, v_cache, table = random_span(n, ctx, hq, hkv, d, block_size=4)
-    tiled = prefill_attention(q, k_cache, v_cache, PrefillSpan(0, n, ctx, table), 0.25)
-    k_all = k_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
-    v_all = v_cache[table].view(-1, hkv, d)[:ctx].transpose(0, 1)[None]
-    whole = causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, 0.25)[0].transpose(0, 1)
+    tiled, whole = tiled_and_flag_causal(600, past)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
 
 
