@@ -187,6 +187,15 @@ def test_allow_special_false_encodes_special_text_as_plain_text(tok):
     assert tok.special_tokens["<|user|>"] in tok.encode(text)
 
 
+ENCODE_S = 0.8  # seconds of one long encode: far more than a tick of the loop below
+
+
+def _seconds(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
+
+
 @pytest.mark.parametrize("allow_special", [True, False])
 def test_long_encode_lets_other_threads_run(tok, allow_special):
     """The server tokenizes long prompts in a worker thread; an encode that held the GIL
@@ -205,15 +214,6 @@ def test_long_encode_lets_other_threads_run(tok, allow_special):
     took, gaps = time.monotonic() - start, [b - a for a, b in zip(ticks, ticks[1:])]
     # holding the GIL throughout, the encode would show as one gap of about its whole time
     assert len(ticks) > 20 and max(gaps) < took / 2, (len(ticks), max(gaps, default=None), took)
-
-
-ENCODE_S = 0.8
-
-
-def _seconds(f) -> float:
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
 
 
 def test_stop_eos_pad_without_generation_config(tok):
