@@ -174,9 +174,10 @@ def test_content_parts_and_developer_role_render_as_text():
     client = client_for()
     client.post("/v1/chat/completions", json={"messages": [
         {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]})
     prompt = small_tokenizer().decode(engine_of(client.app).calls[0].prompt_ids)
-    assert prompt == "[gMASK]<sop><|system|>\nbe brief<|user|>\nhi<|assistant|>"
+    # parts joined by "\n", as the chat module (and vLLM) joins them
+    assert prompt == "[gMASK]<sop><|system|>\nbe brief<|user|>\nhi\nthere<|assistant|>"
 
 
 def test_keepalive_is_an_sse_comment():

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from glm4serve.chat.template import PART_SEPARATOR
 from glm4serve.engine.guided import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 
@@ -127,7 +128,7 @@ class Message(_Body):
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return PART_SEPARATOR.join(p.text for p in self.content)
         return self.content
 
     def for_template(self) -> dict:

@@ -25,6 +25,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 BUILTIN_TEMPLATE_PATH = Path(__file__).with_name("glm4_template.jinja")
+# Text content parts are separate blocks of text: "\n" between them, as vLLM joins them.
+PART_SEPARATOR = "\n"
 
 # OpenAI role -> GLM-4 role. "developer" is OpenAI's newer name for system; "function" is the
 # legacy name for a tool result.
@@ -139,8 +141,7 @@ def _content_text(content: Any, i: int) -> str:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise TemplateError(f"messages[{i}]: only text content parts are supported, got {kind!r}")
             texts.append(part["text"])
-        # Parts are separate blocks of text; "\n" between them is what vLLM does.
-        return "\n".join(texts)
+        return PART_SEPARATOR.join(texts)
     raise TemplateError(f"messages[{i}]: content must be a string, null or a list of text parts")
 
 
