@@ -49,8 +49,9 @@ class Call:
     request_id: str | None
 
 
-# the reply of choice i: replies[i % len(replies)], or what replies(call) returns for that request
-Replies = list[str] | tuple[str, ...] | Callable[[Call], list[str]]
+# the reply of choice i: replies[i % len(replies)], or what replies(call) returns for that request; a
+# reply is text (special-token text encoded as the special token) or its token ids
+Replies = list[str | list[int]] | tuple[str | list[int], ...] | Callable[[Call], list[str | list[int]]]
 
 
 class ScriptedRunner:
@@ -79,7 +80,8 @@ class ScriptedRunner:
             if callable(replies):
                 replies = replies(Call(seq.prompt_token_ids, seq.params, seq.request_id))
             reply = replies[seq.index % len(replies)]
-            self._scripts[seq.seq_id] = self.tokenizer.encode(reply, allow_special=True)
+            self._scripts[seq.seq_id] = (self.tokenizer.encode(reply, allow_special=True) if isinstance(reply, str)
+                                         else list(reply))
         return self._scripts[seq.seq_id]
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -6,6 +6,7 @@ import json
 
 from fastapi.testclient import TestClient
 
+from glm4serve.chat.tool_parser import CALL_MARK
 from glm4serve.engine.guided import GuidedSpec
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     engine_of,
@@ -66,7 +67,8 @@ def test_whole_tool_call():
     assert tc["type"] == "function" and tc["id"].startswith("call_")
     assert tc["function"]["name"] == "get_weather" and json.loads(tc["function"]["arguments"]) == {"city": "Paris"}
     params = engine.calls[0].params
-    assert params.skip_special_tokens is False  # the <|assistant|> separator must reach the parser
+    # the <|assistant|> token between calls reaches the parser as its mark, not as text
+    assert params.special_token_text == {small_tokenizer().special_tokens["<|assistant|>"]: CALL_MARK}
     prompt = small_tokenizer().decode(engine.calls[0].prompt_ids)
     assert prompt.startswith("[gMASK]<sop><|system|>\n") and "## get_weather" in prompt and "## get_time" in prompt
 
@@ -79,15 +81,13 @@ def test_whole_two_calls_get_their_own_ids():
     assert body["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_stream_tool_call_sends_name_once_and_argument_fragments():
+def test_stream_tool_call_sends_name_once_then_its_arguments():
     _, chunks = run([CALL + '<|assistant|>get_time\n{}'], stream=True)
     calls, content = calls_from_stream(chunks)
     assert content is None
     assert [(c["starts"], c["name"]) for c in calls] == [(1, "get_weather"), (1, "get_time")]
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"} and json.loads(calls[1]["arguments"]) == {}
     assert calls[0]["id"] != calls[1]["id"]
-    args_chunks = [c for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
-    assert len(args_chunks) > 3  # arguments really stream in fragments
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
 
 
@@ -116,6 +116,42 @@ def test_plain_reply_with_tools_is_content_without_special_text():
     calls, content = calls_from_stream(chunks)
     assert calls == [] and content == "It is sunny."
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_special_token_text_written_as_ordinary_tokens_is_text():
+    # The model spells "<|assistant|>" / "<|user|>" with ordinary tokens: only the special token
+    # separates calls, and no text is taken out of a reply.
+    tok = small_tokenizer()
+    call = tok.encode('search\n{"q": "what does <|assistant|> mean"}', allow_special=False)
+    assert tok.special_tokens["<|assistant|>"] not in call
+    plain = tok.encode("\nType <|user|> or <|assistant|> here", allow_special=False)
+    tools = TOOLS + [{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+    for stream in (False, True):
+        _, body = run([call], stream=stream, tools=tools)
+        if stream:
+            calls, content = calls_from_stream(body)
+            assert content is None and body[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        else:
+            calls, content = body["choices"][0]["message"]["tool_calls"], body["choices"][0]["message"]["content"]
+            calls = [c["function"] for c in calls]
+            assert content is None and body["choices"][0]["finish_reason"] == "tool_calls"
+        assert [(c["name"], c["arguments"]) for c in calls] == [("search", '{"q": "what does <|assistant|> mean"}')]
+        _, body = run([plain], stream=stream, tools=tools)
+        content = calls_from_stream(body)[1] if stream else body["choices"][0]["message"]["content"]
+        assert content == "Type <|user|> or <|assistant|> here"
+
+
+def test_broken_call_is_the_same_text_streamed_or_whole():
+    # A first line that names a tool, then no JSON object: plain text by GLM-4's rule, both ways.
+    for reply in ['get_weather\n{"city": Paris}', CALL + "\nI called it.", CALL + "<|assistant|>\nthen text"]:
+        _, body = run([reply])
+        choice = body["choices"][0]
+        assert choice["message"]["tool_calls"] is None and choice["finish_reason"] == "stop"
+        _, chunks = run([reply], stream=True)
+        calls, content = calls_from_stream(chunks)
+        assert calls == [] and content == choice["message"]["content"]
+        assert content == reply.replace("<|assistant|>", "")
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_named_tool_choice_is_enforced_by_a_grammar_not_a_prompt_prefix():
@@ -163,7 +199,7 @@ def test_parallel_tool_calls_false_stops_at_a_second_call():
 
 def test_tool_choice_none_keeps_tools_out():
     engine, body = run([CALL], tool_choice="none")
-    assert engine.calls[0].params.skip_special_tokens is True
+    assert engine.calls[0].params.special_token_text is None
     assert "get_weather" not in small_tokenizer().decode(engine.calls[0].prompt_ids)
     assert body["choices"][0]["message"]["tool_calls"] is None
     assert body["choices"][0]["message"]["content"] == CALL

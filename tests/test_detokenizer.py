@@ -104,6 +104,20 @@ def test_skipped_special_token_does_not_break_a_split_character():
     assert stream(tok, [0, 9, 1])[0] == ["", "", "好"]
 
 
+def test_special_token_text_overrides_skipping_and_the_tokens_own_text():
+    tok, _ = tokenizer_for("hi", "<|assistant|>", special={9: "<|assistant|>", 10: "<|user|>"})
+    marked = {9: "\udfff"}
+    ids = [0, 9, 1, 10]  # token 1 is the text "<|assistant|>" in ordinary bytes
+    assert stream(tok, ids, special_token_text=marked)[0] == ["hi", "\udfff", "<|assistant|>", ""]
+    assert stream(tok, ids, special_token_text=marked, skip_special_tokens=False)[0] == [
+        "hi", "\udfff", "<|assistant|>", "<|user|>"]
+    # before it, the start of a character that can no longer complete: U+FFFD, as before its own text
+    data = "好".encode()
+    tok, _ = tokenizer_for(data[:2], data[2:], special={9: "<|assistant|>"})
+    assert stream(tok, [0, 9, 1], special_token_text=marked)[0] == ["", "\ufffd\udfff", "\ufffd"]
+    assert stream(tok, [0, 9, 1], skip_special_tokens=False)[0] == ["", "\ufffd<|assistant|>", "\ufffd"]
+
+
 # --- stop strings ---------------------------------------------------------------------------------
 
 

@@ -7,26 +7,33 @@ import re
 import pytest
 
 from glm4serve.chat.tool_parser import (
+    CALL_MARK,
     ContentDelta,
     StreamingToolParser,
     ToolArgsDelta,
     ToolCallStart,
     new_call_id,
-    parse_tool_calls,
+    parse_reply,
 )
 
 NAMES = {"get_weather", "get_time", "search"}
-SEP = "<|assistant|>"
+SEP = CALL_MARK  # the <|assistant|> token between calls, as the detokenizer writes it for the parser
 
 
-def calls_of(result):
-    return None if result is None else [(c.name, c.arguments) for c in result]
+def calls_of(text, names=NAMES, **flags):
+    """The calls of a whole reply as (name, arguments), or None when it is plain text (then its
+    content is the text, separators taken out)."""
+    calls, content = parse_reply(text, names, **flags)
+    if not calls:
+        assert content == text.replace(SEP, "")
+        return None
+    return [(c.name, c.arguments) for c in calls]
 
 
-def stream(text, names, chunks, truncated=False):
+def stream(text, names, chunks, truncated=False, lenient=False):
     """Feed `text` split at `chunks` sizes; check the event invariants and reassemble the events
     into (content, [(name, arguments)])."""
-    parser = StreamingToolParser(names)
+    parser = StreamingToolParser(names, lenient=lenient)
     events, pos = [], 0
     for size in chunks:
         events += parser.feed(text[pos : pos + size])
@@ -108,9 +115,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_parse_tool_calls(name):
+def test_parse_reply(name):
     text, truncated, expected = CASES[name]
-    assert calls_of(parse_tool_calls(text, NAMES, truncated=truncated)) == expected
+    assert calls_of(text, truncated=truncated) == expected
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -119,7 +126,7 @@ def test_streaming_agrees_with_whole_reply(name):
     for chunks in [one_char_chunks(text), [len(text)]] + [random_chunks(text, seed) for seed in range(20)]:
         content, calls = stream(text, NAMES, chunks, truncated)
         if expected is None:
-            assert (content, calls) == (text, [])  # plain text passes through verbatim
+            assert (content, calls) == (text.replace(SEP, ""), [])  # plain text passes through
         else:
             assert (content, calls) == ("", expected)
 
@@ -128,12 +135,12 @@ def test_call_ids():
     ids = {new_call_id() for _ in range(200)}
     assert len(ids) == 200
     assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", i) for i in ids)
-    calls = parse_tool_calls(CASES["two_calls"][0], NAMES)
+    calls, _ = parse_reply(CASES["two_calls"][0], NAMES)
     assert calls[0].id != calls[1].id and all(re.fullmatch(r"call_[A-Za-z0-9]{24}", c.id) for c in calls)
 
 
 def test_arguments_are_valid_json_as_written():
-    calls = parse_tool_calls(CASES["chinese"][0], NAMES)
+    calls, _ = parse_reply(CASES["chinese"][0], NAMES)
     assert json.loads(calls[0].arguments) == {"city": "北京", "单位": "摄氏度"}
 
 
@@ -149,13 +156,14 @@ def test_arguments_are_valid_json_as_written():
         "unknown_tool\n{}",
     ],
 )
-def test_whole_reply_is_strict(text):
-    assert parse_tool_calls(text, NAMES) is None
+def test_reply_is_strict(text):
+    assert calls_of(text) is None
+    assert stream(text, NAMES, one_char_chunks(text)) == (text.replace(SEP, ""), [])
 
 
 def test_no_tool_names_means_plain_text():
     text = 'get_time\n{"tz": "UTC"}'
-    assert parse_tool_calls(text, set()) is None
+    assert calls_of(text, set()) is None
     parser = StreamingToolParser(set())
     assert parser.feed("g") == [ContentDelta("g")]
 
@@ -186,59 +194,59 @@ def test_possible_tool_name_is_held_until_it_cannot_be_one():
     assert parser.calls == []
 
 
-def test_tool_call_starts_at_the_newline_and_streams_arguments():
+def test_tool_call_is_held_to_the_end_then_sent_whole():
     parser = StreamingToolParser({"get_weather"})
-    assert parser.feed("get_weather") == []
-    (start,) = parser.feed("\n")
-    assert isinstance(start, ToolCallStart) and (start.index, start.name) == (0, "get_weather")
-    assert parser.feed('{"city": ') == [ToolArgsDelta(0, '{"city":')]  # trailing space held
-    assert parser.feed('"北京"}') == [ToolArgsDelta(0, ' "北京"}')]
-    assert parser.feed("<|assi") == []  # could be the separator
-    events = parser.feed("stant|>get_weather\n{}")
-    assert [type(e) for e in events] == [ToolCallStart, ToolArgsDelta]
-    assert events[0].index == 1 and events[0].id != start.id and events[1] == ToolArgsDelta(1, "{}")
-    assert parser.finish() == []
-    assert [(c.name, c.arguments) for c in parser.calls] == [("get_weather", '{"city": "北京"}'), ("get_weather", "{}")]
+    for piece in ["get_weather", "\n", '{"city": ', '"北京"}', SEP, "get_weather\n{}"]:
+        assert parser.feed(piece) == []
+    start0, args0, start1, args1 = parser.finish()
+    assert (start0.index, start0.name, args0) == (0, "get_weather", ToolArgsDelta(0, '{"city": "北京"}'))
+    assert (start1.index, start1.name, args1) == (1, "get_weather", ToolArgsDelta(1, "{}"))
+    assert start0.id != start1.id
+    assert [(c.id, c.name, c.arguments) for c in parser.calls] == [
+        (start0.id, "get_weather", '{"city": "北京"}'), (start1.id, "get_weather", "{}")]
 
 
-def test_held_back_separator_prefix_is_released_when_it_is_not_one():
-    parser = StreamingToolParser({"search"})
-    parser.feed("search\n")
-    assert parser.feed('{"q": "<|as') == [ToolArgsDelta(0, '{"q": "')]
-    assert parser.feed('k"}') == [ToolArgsDelta(0, '<|ask"}')]
+def test_special_token_text_is_ordinary_text():
+    # "<|assistant|>" written by the model as text is not the separator token: it stays in the
+    # arguments, and in plain text
+    text = 'search\n{"q": "what is <|assistant|>?"}'
+    assert calls_of(text) == [("search", '{"q": "what is <|assistant|>?"}')]
+    assert calls_of("\nType <|assistant|> or <|user|>") is None
+    assert stream(text, NAMES, one_char_chunks(text)) == ("", [("search", '{"q": "what is <|assistant|>?"}')])
 
 
 def test_overlapping_tool_names():
     names = {"get", "get_weather"}
     for text, expected in [("get\n{}", [("get", "{}")]), ("get_weather\n{}", [("get_weather", "{}")])]:
-        assert calls_of(parse_tool_calls(text, names)) == expected
+        assert calls_of(text, names) == expected
         assert stream(text, names, one_char_chunks(text)) == ("", expected)
-
-
-# --- streaming: documented differences from the whole-reply parser ---
-
-
-def test_streamed_call_with_invalid_json_stays_a_call():
-    # Already announced as a call, so it cannot become content; the whole-reply parser says text.
-    text = "get_weather\nis what I would call."
-    assert parse_tool_calls(text, NAMES) is None
-    assert stream(text, NAMES, one_char_chunks(text)) == ("", [("get_weather", "is what I would call.")])
-
-
-def test_streamed_plain_segment_after_a_call_is_content():
-    text = 'get_time\n{"tz": "UTC"}' + SEP + "\nDone."
-    assert parse_tool_calls(text, NAMES) is None
-    assert stream(text, NAMES, one_char_chunks(text)) == ("\nDone.", [("get_time", '{"tz": "UTC"}')])
 
 
 def test_truncated_flag_only_matters_at_the_end():
     text = 'get_weather\n{"city": "Pa'
-    assert parse_tool_calls(text, NAMES) is None
-    assert calls_of(parse_tool_calls(text, NAMES, truncated=True)) == [("get_weather", '{"city": "Pa')]
-    # not truncated: a cut-off second name is text after the calls, truncated: dropped
+    assert calls_of(text) is None
+    assert calls_of(text, truncated=True) == [("get_weather", '{"city": "Pa')]
+    # not truncated: a cut-off second name makes the reply text; truncated: it is dropped
     text = "get_time\n{}" + SEP + "get_wea"
-    assert stream(text, NAMES, one_char_chunks(text), truncated=False) == ("get_wea", [("get_time", "{}")])
+    assert stream(text, NAMES, one_char_chunks(text), truncated=False) == ("get_time\n{}get_wea", [])
     assert stream(text, NAMES, one_char_chunks(text), truncated=True) == ("", [("get_time", "{}")])
+
+
+# --- lenient (a forced tool_choice): a grammar wrote the call ---
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('get_time\n{"tz": "', ("", [("get_time", '{"tz": "')])),  # a stop string cut the JSON
+    ("get_weather\nis what I would call.", ("", [("get_weather", "is what I would call.")])),
+    ('get_time\n{"tz": "UTC"}' + SEP + "\nDone.", ("\nDone.", [("get_time", '{"tz": "UTC"}')])),
+    ("get_time\n{}" + SEP + "get_wea", ("get_wea", [("get_time", "{}")])),
+    ("Hello", ("Hello", [])),
+])
+def test_lenient_keeps_calls_whatever_their_arguments(text, expected):
+    calls, content = parse_reply(text, NAMES, lenient=True)
+    assert (content, [(c.name, c.arguments) for c in calls]) == expected
+    for chunks in [one_char_chunks(text), [len(text)]]:
+        assert stream(text, NAMES, chunks, lenient=True) == expected
 
 
 def test_feed_after_finish_is_an_error():

@@ -1,8 +1,8 @@
 """POST /v1/chat/completions: messages -> GLM-4 prompt -> engine -> OpenAI reply, whole or streamed.
 
-With tools (and tool_choice != "none") the engine decodes with skip_special_tokens=False so the
-`<|assistant|>` separators between several calls reach the tool parser; other special-token text
-is removed before parsing. GLM-4 answers `<|assistant|>\\n{content}` (an empty metadata line),
+With tools (and tool_choice != "none") the engine decodes the `<|assistant|>` token between
+several calls as the tool parser's CALL_MARK (tool_parser.py), not as text the model could also
+write; other special tokens follow skip_special_tokens. GLM-4 answers `<|assistant|>\\n{content}` (an empty metadata line),
 so one leading newline of a plain reply is dropped.
 
 Structured output: `response_format` (json_object / json_schema) and a forced tool_choice
@@ -14,7 +14,6 @@ compile is a 400, not a 500 or an error inside a stream.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,12 +23,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from glm4serve.chat.tool_parser import (
-    CALL_SEPARATOR,
+    CALL_MARK,
     ContentDelta,
     StreamingToolParser,
     ToolArgsDelta,
     ToolCallStart,
-    parse_tool_calls,
+    parse_reply,
 )
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
@@ -51,6 +50,8 @@ from .schemas import ChatCompletionRequest
 from .serving import ServingContext, check_finish, respond
 from .streaming import sse_data
 from .tool_choice import forced_call_spec
+
+CALL_SEPARATOR = "<|assistant|>"  # the special token between several tool calls of one reply
 
 
 @dataclass
@@ -81,25 +82,18 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     if call_spec is not None:
         params.guided = call_spec
     await ctx.compile_guided(params, "tools" if call_spec is not None else "response_format")
-    if req.tools_active:
-        params.skip_special_tokens = False
+    separator = ctx.tokenizer.special_tokens.get(CALL_SEPARATOR)
+    if req.tools_active and separator is not None:
+        params.special_token_text = {separator: CALL_MARK}
         if req.parallel_tool_calls is False:
             # Another `<|assistant|>` would start a second call: make it a stop token too.
-            separator = ctx.tokenizer.encode(CALL_SEPARATOR, allow_special=True)
-            params.stop_token_ids = (params.stop_token_ids or []) + separator
+            params.stop_token_ids = (params.stop_token_ids or []) + [separator]
 
     last = req.messages[-1]
     echo = (last.text() or "") if req.echo and last.role == "assistant" else ""
     return ChatPlan(request_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
                     strip_newline=req.add_generation_prompt)
-
-
-def _special_text_pattern(tokenizer, keep: str | None) -> re.Pattern | None:
-    texts = [t for t in tokenizer.special_tokens if t != keep]
-    if not texts:
-        return None
-    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
 
 @dataclass
@@ -115,9 +109,8 @@ class ChoiceStream:
     """One choice's text deltas -> OpenAI delta dicts (content or tool-call fragments)."""
 
     def __init__(self, plan: ChatPlan, tokenizer):
-        self.parser = StreamingToolParser(plan.tool_names) if plan.tool_names else None
+        self.parser = StreamingToolParser(plan.tool_names, lenient=plan.forced_call) if plan.tool_names else None
         self._strip_newline = plan.strip_newline
-        self._specials = _special_text_pattern(tokenizer, CALL_SEPARATOR) if self.parser else None
         self._tokenizer = tokenizer
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
@@ -136,8 +129,6 @@ class ChoiceStream:
     def feed(self, text: str) -> list[dict]:
         if self.parser is None:
             return self._content(text)
-        if self._specials is not None:
-            text = self._specials.sub("", text)
         return self._deltas(self.parser.feed(text))
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
@@ -151,7 +142,7 @@ class ChoiceStream:
         out: list[dict] = []
         for ev in events:
             if isinstance(ev, ContentDelta):
-                out += self._content(ev.text.replace(CALL_SEPARATOR, ""))
+                out += self._content(ev.text)
             elif isinstance(ev, ToolCallStart):
                 out.append(tool_call_start_delta(ev.index, ev.id, ev.name))
             elif isinstance(ev, ToolArgsDelta):
@@ -241,22 +232,14 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
     if plan.tool_names is None:
         return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text)), reason
-    specials = _special_text_pattern(ctx.tokenizer, CALL_SEPARATOR)
-    text = specials.sub("", text) if specials else text
     truncated = reason == LENGTH
-    calls = parse_tool_calls(text, plan.tool_names, truncated=truncated)
-    content = None
-    if calls is None and plan.forced_call:
-        # A forced call stays a call even when a stop string cut its JSON: the lenient parser,
-        # as when streamed.
-        parser = StreamingToolParser(plan.tool_names)
-        events = parser.feed(text) + parser.finish(truncated=truncated)
-        calls = parser.calls
-        content = "".join(e.text for e in events if isinstance(e, ContentDelta)).replace(CALL_SEPARATOR, "") or None
+    # a forced call stays a call even when a stop string cut its JSON (lenient), as when streamed
+    calls, content = parse_reply(text, plan.tool_names, truncated=truncated, lenient=plan.forced_call)
+    content = _strip_first_newline(plan, content)
     if not calls:
-        return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text.replace(CALL_SEPARATOR, ""))), reason
+        return ChatMessageOut(content=plan.echo + content), reason
     tool_calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
-    return ChatMessageOut(content=content, tool_calls=tool_calls), (LENGTH if truncated else "tool_calls")
+    return ChatMessageOut(content=content or None, tool_calls=tool_calls), (LENGTH if truncated else "tool_calls")
 
 
 def _strip_first_newline(plan: ChatPlan, text: str) -> str:

@@ -1,32 +1,30 @@
-"""GLM-4 tool-call replies -> OpenAI tool calls, whole (`parse_tool_calls`) or streamed
+"""GLM-4 tool-call replies -> OpenAI tool calls, whole (`parse_reply`) or streamed
 (`StreamingToolParser`).
 
 GLM-4 calls a tool by answering `{name}\\n{json arguments}` and then `<|observation|>` (a stop
 token, so never in the text). Several calls in one reply are `{name}\\n{json}` segments separated
-by the special token text `<|assistant|>` (the API decodes with skip_special_tokens=False when
-tools are given, so the separator is visible). Plain replies start with "\\n" (the empty
-metadata slot of `<|assistant|>{metadata}\\n{content}`), which is never a tool name.
+by the special token `<|assistant|>`. The detokenizer writes that token as CALL_MARK (api/chat.py
+asks it to), a lone UTF-16 surrogate: no decoded text contains one (UTF-8 cannot encode it) and
+no request may (schemas.py rejects them), so the text `<|assistant|>` that a model writes with
+ordinary tokens stays text. Plain replies start with "\\n" (the empty metadata slot of
+`<|assistant|>{metadata}\\n{content}`), which is never a tool name.
 
-Rules shared by both parsers:
-- A segment is a call when its first line is exactly one of `tool_names` (no stripping: the
-  model writes the name right after `<|assistant|>`). Its arguments are the rest of the segment,
-  stripped of surrounding whitespace, kept as the model wrote them (not re-serialized), so the
-  streamed fragments and the whole-reply string are the same text.
-- A reply whose first segment is not a call is plain text, passed through verbatim, including
-  any `<|assistant|>` text in it (nothing is lost; the caller may clean it).
-- A reply cut off by max_tokens (`truncated=True`) keeps a call whose arguments are incomplete
-  JSON, with the partial arguments (OpenAI sends finish_reason "length" for it); a trailing
-  segment cut off while still spelling a tool name is dropped.
+The rule (GLM4.md, as the official demo server decides): a reply is tool calls when every segment's
+first line is exactly one of `tool_names` (no stripping: the model writes the name right after
+`<|assistant|>`) and the rest of it a JSON object; otherwise the whole reply is plain text. Arguments
+are kept as the model wrote them (stripped of surrounding whitespace, not re-serialized).
+- A reply cut off by max_tokens (`truncated`) keeps a last call whose arguments are incomplete JSON,
+  with the partial arguments (OpenAI sends finish_reason "length" for it); a trailing segment cut
+  off while still spelling a tool name is dropped.
+- `lenient` (a forced tool_choice: a grammar wrote the call, but a stop string may have cut its
+  JSON): segments are calls while their first line is a tool name, whatever their arguments;
+  the first segment that is not, and everything after it, is content.
 
-Where they differ (the streaming parser cannot take back what it has sent):
-- `parse_tool_calls` is strict: unless every segment is a call with a JSON-object argument
-  (except a truncated last one, see above), the whole reply is plain text (None), so a client
-  never gets arguments it cannot json.loads.
-- `StreamingToolParser` commits to a call as soon as a first line is a tool name and streams
-  the arguments as they come. If the reply then ends (not truncated) with arguments that are not
-  a JSON object, the call stays a call with those arguments. If a later segment does not start
-  with a tool name line, that segment and everything after it is streamed as content (after the
-  calls). Both only happen when the model breaks its own format.
+Streamed, a reply whose first line cannot be a tool name streams as content at once; one whose
+first line is a tool name is held to its end and then decided by the same rule, so a streamed
+reply and a whole one always agree and a client never gets a call the rule would not make. GLM-4
+stops right after a call (`<|observation|>`), so holding it costs no time to the complete call;
+its arguments arrive in one fragment.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import secrets
 import string
 from dataclasses import dataclass
 
-CALL_SEPARATOR = "<|assistant|>"
+CALL_MARK = "\udfff"  # the `<|assistant|>` token between calls, as the detokenizer writes it (above)
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -62,7 +60,7 @@ class ToolCallStart:
 @dataclass
 class ToolArgsDelta:
     index: int
-    text: str  # never empty; a call's fragments concatenate to its arguments
+    text: str  # never empty: a call's whole arguments
 
 
 Event = ContentDelta | ToolCallStart | ToolArgsDelta
@@ -72,9 +70,11 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
-def parse_tool_calls(text: str, tool_names: set[str], *, truncated: bool = False) -> list[ToolCall] | None:
-    """The tool calls of a whole reply, or None when the reply is plain text."""
-    segments = text.split(CALL_SEPARATOR)
+def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False,
+                lenient: bool = False) -> tuple[list[ToolCall], str]:
+    """A whole reply -> (its tool calls, its content) by the rule of the module docstring; a
+    reply with no calls is all content."""
+    segments = text.split(CALL_MARK)
     calls = []
     for k, segment in enumerate(segments):
         is_last = k == len(segments) - 1
@@ -83,103 +83,66 @@ def parse_tool_calls(text: str, tool_names: set[str], *, truncated: bool = False
             # Ended right after a separator, or (cut off) while spelling the next name.
             if segment == "" or (truncated and _could_be_name(segment, tool_names)):
                 break
-        if not newline or name not in tool_names:
-            return None
         arguments = rest.strip()
-        if not (_is_json_object(arguments) or (truncated and is_last)):
-            return None
+        valid = lenient or _is_json_object(arguments) or (truncated and is_last)
+        if not (newline and name in tool_names and valid):
+            return (calls, "".join(segments[k:])) if lenient else ([], text.replace(CALL_MARK, ""))
         calls.append(ToolCall(new_call_id(), name, arguments))
-    return calls
+    return calls, ""
 
 
 class StreamingToolParser:
     """Feed decoded text deltas of one reply; get content / tool-call events as early as the
-    text allows. `calls` holds the calls seen so far, arguments accumulated."""
+    rule allows (module docstring). `calls` holds the reply's calls once decided."""
 
-    def __init__(self, tool_names: set[str]):
+    def __init__(self, tool_names: set[str], *, lenient: bool = False):
         self.tool_names = frozenset(tool_names)
+        self.lenient = lenient
         self.calls: list[ToolCall] = []
-        # "name": reading a segment's first line (held back while it may still be a tool name);
-        # "args": inside a call's arguments; "content": plain text to the end of the reply.
+        # "name": the first line may still be a tool name (held); "call": it is one, the reply is
+        # held to its end; "content": plain text, streamed as it comes.
         self._mode = "name"
-        self._pending = ""  # received but not yet emitted text of the current mode
+        self._held = ""
         self._finished = False
 
     def feed(self, delta: str) -> list[Event]:
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        self._pending += delta
-        return self._drain()
+        if self._mode == "content":
+            return _content(delta)
+        self._held += delta
+        if self._mode == "name":
+            line, newline, _ = self._held.partition("\n")
+            if newline and line in self.tool_names:
+                self._mode = "call"
+            elif newline or not _could_be_name(line, self.tool_names):
+                self._mode = "content"
+                held, self._held = self._held, ""
+                return _content(held)
+        return []
 
     def finish(self, truncated: bool = False) -> list[Event]:
         if self._finished:
             raise RuntimeError("finish() called twice")
         self._finished = True
-        events = self._drain()
-        pending, self._pending = self._pending, ""
-        if self._mode == "args":
-            # What was held back (trailing whitespace, a partial separator) is the arguments'
-            # end after all; only the whitespace goes.
-            self._emit_args(self._args_start_strip(pending).rstrip(), events)
-        elif self._mode == "name" and pending:
-            # The reply ended inside a first line that could still have been a tool name.
-            if not (self.calls and truncated):
-                events.append(ContentDelta(pending))
-        return events
-
-    def _drain(self) -> list[Event]:
+        if self._mode == "content":
+            return []
+        self.calls, content = parse_reply(self._held, self.tool_names, truncated=truncated, lenient=self.lenient)
         events: list[Event] = []
-        while True:
-            if self._mode == "content":
-                if self._pending:
-                    events.append(ContentDelta(self._pending))
-                    self._pending = ""
-                return events
-            if self._mode == "name":
-                line, newline, rest = self._pending.partition("\n")
-                if newline and line in self.tool_names:
-                    call = ToolCall(new_call_id(), line, "")
-                    self.calls.append(call)
-                    events.append(ToolCallStart(len(self.calls) - 1, call.id, call.name))
-                    self._pending, self._mode = rest, "args"
-                elif newline or not _could_be_name(line, self.tool_names):
-                    self._mode = "content"  # the held text is content too
-                else:
-                    return events  # may still become a tool name: hold
-            if self._mode == "args":
-                text = self._args_start_strip(self._pending)
-                end = text.find(CALL_SEPARATOR)
-                if end >= 0:
-                    self._emit_args(text[:end].rstrip(), events)
-                    self._pending, self._mode = text[end + len(CALL_SEPARATOR) :], "name"
-                    continue
-                # Hold back a possible start of the separator and trailing whitespace (the
-                # arguments are stripped): both may turn out not to belong to the arguments.
-                safe = text[: len(text) - _partial_suffix_len(text, CALL_SEPARATOR)].rstrip()
-                self._emit_args(safe, events)
-                self._pending = text[len(safe) :]
-                return events
+        for index, call in enumerate(self.calls):
+            events.append(ToolCallStart(index, call.id, call.name))
+            if call.arguments:
+                events.append(ToolArgsDelta(index, call.arguments))
+        return events + _content(content)
 
-    def _args_start_strip(self, text: str) -> str:
-        # Leading whitespace of the arguments is dropped until the first argument character.
-        return text if self.calls[-1].arguments else text.lstrip()
 
-    def _emit_args(self, text: str, events: list[Event]) -> None:
-        if text:
-            self.calls[-1].arguments += text
-            events.append(ToolArgsDelta(len(self.calls) - 1, text))
+def _content(text: str) -> list[Event]:
+    text = text.replace(CALL_MARK, "")
+    return [ContentDelta(text)] if text else []
 
 
 def _could_be_name(prefix: str, tool_names) -> bool:
     return any(name.startswith(prefix) for name in tool_names)
-
-
-def _partial_suffix_len(text: str, marker: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 def _is_json_object(text: str) -> bool:

@@ -23,6 +23,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, params: SamplingParams):
         self.tokenizer = tokenizer
         self.skip_special_tokens = params.skip_special_tokens
+        self.special_token_text = params.special_token_text or {}
         self.include_stop_str_in_output = params.include_stop_str_in_output
         self.stop_strings = [s for s in params.stop if s]  # "" would match before any text
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -33,9 +34,14 @@ class IncrementalDetokenizer:
         """Feed one generated token: (text safe to emit now, the stop string it completed or None)."""
         if self.stopped is not None:
             return "", None
-        if self.skip_special_tokens and self.tokenizer.is_special(token_id):
+        if token_id in self.special_token_text:
+            # the bytes before it can no longer complete a character: as when its own bytes follow
+            new_text = self._utf8.decode(b"", final=True) + self.special_token_text[token_id]
+            self._utf8.reset()
+        elif self.skip_special_tokens and self.tokenizer.is_special(token_id):
             return "", None
-        new_text = self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        else:
+            new_text = self._utf8.decode(self.tokenizer.token_bytes(token_id))
         if not new_text:
             return "", None
         if not self.stop_strings:

@@ -38,6 +38,8 @@ class SamplingParams:
     ignore_eos: bool = False  # ignore the model's stop tokens (explicit stop_token_ids still stop)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # these special tokens decode as the given text, skipped or not (api/chat.py: the separator of tool calls)
+    special_token_text: dict[int, str] | None = None
     guided: GuidedSpec | None = None  # structured output: the grammar the reply must follow (guided.py)
 
     def __post_init__(self):
