@@ -2,8 +2,8 @@
 
 With tools (and tool_choice != "none") the engine decodes the `<|assistant|>` token between
 several calls as the tool parser's CALL_MARK (tool_parser.py), not as text the model could also
-write; other special tokens follow skip_special_tokens. GLM-4 answers `<|assistant|>\\n{content}` (an empty metadata line),
-so one leading newline of a plain reply is dropped.
+write; other special tokens follow skip_special_tokens. GLM-4 answers `<|assistant|>\\n{content}`
+(an empty metadata line), so one leading newline of a plain reply is dropped.
 
 Structured output: `response_format` (json_object / json_schema) and a forced tool_choice
 ("required" or a named tool, tool_choice.py) put a grammar on the reply (SamplingParams.guided).
