@@ -56,10 +56,21 @@ BAD_CHAT = [
      "response_format.json_schema.schema"),
     ({"messages": HI, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"messages": HI, "stream": "maybe"}, "stream"),
+    # numbers are numbers, as OpenAI checks them: no booleans, strings or decimals for integers
+    ({"messages": HI, "max_tokens": True}, "max_tokens"),
+    ({"messages": HI, "n": True}, "n"),
+    ({"messages": HI, "max_tokens": "5"}, "max_tokens"),
+    ({"messages": HI, "max_tokens": 5.0}, "max_tokens"),
+    ({"messages": HI, "temperature": "0.5"}, "temperature"),
+    ({"messages": HI, "stop_token_ids": [True]}, "stop_token_ids.0"),
+    ({"messages": HI, "seed": 2**63}, "seed"),  # int64, as vLLM takes it
+    ({"messages": HI, "seed": -(2**63) - 1}, "seed"),
 ]
 
 BAD_COMPLETIONS = [
     ({}, "prompt"),
+    ({"prompt": "hi", "logprobs": True}, "logprobs"),  # an integer (how many alternatives), not a flag
+    ({"prompt": [1, True]}, "prompt.0"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [[]]}, "prompt"),
     ({"prompt": [999999]}, "prompt"),
@@ -112,6 +123,13 @@ def test_bad_completion_request_is_400(client, body, param):
 def test_malformed_json_is_400(client, raw):
     r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert_envelope(r, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_that_is_not_finite_is_400_saying_so(client, number):
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % number
+    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert "finite number" in assert_envelope(r, 400, "invalid_request_error", "temperature")["message"]
 
 
 def _nested(levels: int) -> dict:

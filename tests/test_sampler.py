@@ -261,6 +261,9 @@ def test_make_generator():
     assert draws(5, 0) != draws(5, 1)
     assert draws(5, 1) != draws(6, 0)
     assert draws(-1, 0) == draws(-1, 0)  # negative seeds are fine
+    # a CPU generator keeps 32 bits of its seed: seeds that differ only above them still differ
+    high = [5 + 2**32, 5 + 2**40, 5 - 2**63, 5 + 2**63 - 2**32, -(2**63)]
+    assert len({tuple(draws(s, 0)) for s in [5, *high]}) == 1 + len(high)
 
 
 def run_seeded(seed: int, logits: torch.Tensor, others: list[SampleRow], position: int, steps: int = 30) -> list[int]:

@@ -20,7 +20,16 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from .errors import APIError
-from .schemas import MAX_LOGPROBS, ChatCompletionRequest, FunctionDef, _Body, _check_json_schema, _invalid, _RequestBody
+from .schemas import (
+    MAX_LOGPROBS,
+    ChatCompletionRequest,
+    FunctionDef,
+    Seed,
+    _Body,
+    _check_json_schema,
+    _invalid,
+    _RequestBody,
+)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
@@ -197,7 +206,7 @@ class ResponsesRequest(_RequestBody):
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     # vLLM's extensions, passed to the chat request when sent
-    seed: int | None = None
+    seed: Seed | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -45,7 +45,7 @@ def _check_json_schema(schema: dict[str, Any], param: str) -> None:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
 def _unfit_json(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
@@ -203,6 +203,8 @@ class ResponseFormat(_Body):
 
 # ---- shared sampling fields -----------------------------------------------------------------
 
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as vLLM and OpenAI take it
+
 
 class _SamplingBody(_RequestBody):
     model: str | None = None
@@ -210,7 +212,7 @@ class _SamplingBody(_RequestBody):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None

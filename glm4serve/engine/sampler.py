@@ -45,15 +45,23 @@ class Sampled:
 def make_generator(seed: int | None, index: int, device: torch.device | str = "cpu") -> torch.Generator | None:
     """The RNG stream of choice `index` of a request with `seed`; None when unseeded.
 
-    The choice index is mixed in with a large odd multiplier so that the n choices of one request
-    draw different samples, and (seed, index) pairs of different requests do not collide the way
-    `seed + index` would.
+    A CPU generator (mt19937) keeps only the low 32 bits of its seed, so seed and seed + 2**32 would
+    draw the same samples, as would `seed + index` of one request and `seed + 1` of another. The
+    pair is hashed (splitmix64) and folded to 32 bits instead: two distinct pairs share a stream
+    with chance 2**-32, never by a pattern.
     """
     if seed is None:
         return None
+    h = _splitmix64((_splitmix64(seed % 2**64) + index) % 2**64)
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 0x9E3779B97F4A7C15 + index) % 2**64)
+    generator.manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
     return generator
+
+
+def _splitmix64(x: int) -> int:
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
 
 
 def _has_penalties(p: SamplingParams) -> bool:
