@@ -157,13 +157,13 @@ def start_engine(args: EngineArgs, max_model_len: int, tokenizer: Tokenizer | No
 
 def make_app(replies: Replies = (HELLO,), *, tokenizer: Tokenizer | None = None, max_model_len: int = 4096,
              step_delay: float = 0.0, fail_after_steps: int | None = None, abort_after_tokens: int | None = None,
-             **settings):
+             model_name: str = MODEL, **settings):
     """The app over a fresh real engine; `settings` (ServerSettings fields, the engine's included)
     reach both. The engine is engine_of(app)."""
     settings = ServerSettings(max_model_len=max_model_len, **settings)
     engine = start_engine(settings, max_model_len, tokenizer, replies=replies, step_delay=step_delay,
                           fail_after_steps=fail_after_steps, abort_after_tokens=abort_after_tokens)
-    return create_app(engine, engine.engine.tokenizer, settings, MODEL, max_model_len)
+    return create_app(engine, engine.engine.tokenizer, settings, model_name, max_model_len)
 
 
 def full_blocks(call: Call, block_size: int = ServerSettings().block_size) -> int:

@@ -31,6 +31,17 @@ def test_models_lists_the_served_model():
     assert isinstance(card["created"], int) and card["owned_by"]
 
 
+def test_a_model_is_retrieved_by_its_id_even_with_a_slash():
+    client = TestClient(make_app(max_model_len=1234))
+    [card] = client.get("/v1/models").json()["data"]
+    assert client.get(f"/v1/models/{MODEL}").json() == card
+    for unknown in ["nope", "THUDM/nope", ""]:
+        r = client.get(f"/v1/models/{unknown}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    app = make_app(model_name="THUDM/glm-4-9b-chat")
+    assert TestClient(app).get("/v1/models/THUDM/glm-4-9b-chat").json()["id"] == "THUDM/glm-4-9b-chat"
+
+
 def test_health_follows_the_engine_and_ping_is_always_up():
     app = make_app()
     engine = engine_of(app)

@@ -91,10 +91,18 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         raise APIError(400, "Only background responses can be cancelled, and this server runs none.",
                        "invalid_request_error")
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+
     @v1.get("/models")
     async def _models():
-        card = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[model_card()]).model_dump()
+
+    @v1.get("/models/{model_id:path}")  # hub ids have a slash: THUDM/glm-4-9b-chat
+    async def _model(model_id: str):
+        if model_id != ctx.model_name:
+            raise ctx.unknown_model(model_id)
+        return model_card().model_dump()
 
     app.include_router(v1)
 

@@ -61,9 +61,13 @@ class ServingContext:
                            headers={"Retry-After": "5"})
 
     def check_model(self, name: str | None) -> None:
+        """A request's `model`, when it names one, must be the served model: 404 otherwise."""
         if name and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model",
-                           "model_not_found")
+            raise self.unknown_model(name)
+
+    @staticmethod
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
 
     def fit_max_tokens(self, prompt_len: int, requested: int | None, param: str = "messages") -> int:
         """The request's max_tokens, defaulting to the rest of the context; 400 when it cannot fit."""
