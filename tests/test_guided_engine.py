@@ -400,3 +400,18 @@ def test_stop_strings_and_the_requests_own_stop_ids_apply_to_constrained_replies
     for text, finish, tokens in out.values():
         assert finish == STOP and tokens[-1] == user
         assert json.loads(text) in ({"answer": "yes"}, {"answer": "no"})
+
+
+def test_stop_ids_that_are_text_stay_in_the_grammar_and_stop_the_reply(engine):
+    # Every token that can open a JSON object made a stop id: kept out of the grammar they would
+    # leave it nothing to open with; as text they stop the reply where the grammar writes one.
+    tok = engine.tokenizer
+    opening = [i for i in range(tok.vocab_size) if not tok.is_special(i) and tok.token_bytes(i).lstrip()[:1] == b"{"]
+    assert opening
+    params = [SamplingParams(max_tokens=20, temperature=1.0, seed=k, guided=GuidedSpec.json_object(),
+                             stop_token_ids=opening, ignore_eos=ignore_eos)
+              for k in range(3) for ignore_eos in (False, True)]
+    out = run(engine, [(f"r{k}", prompt(engine), p) for k, p in enumerate(params)])
+    assert engine.pop_errors() == []
+    for text, finish, tokens in out.values():
+        assert finish == STOP and tokens[-1] in opening and text.strip() == ""

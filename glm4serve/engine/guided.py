@@ -235,11 +235,14 @@ class Grammars:
         return compiled
 
     def guide(self, spec: GuidedSpec, stop_token_ids) -> Guide:
-        """A fresh Guide; stop_token_ids: the request's effective stop ids (the model's when empty)."""
+        """A fresh Guide; stop_token_ids: the request's effective stop ids. Its grammar ends on those
+        of them that are special tokens (the model's when there are none). A stop id that is text
+        stays an ordinary token to the grammar: one it writes stops the reply there (the engine's
+        stop check). Kept out of the grammar, it could leave it no token to go on with."""
         import xgrammar as xgr
 
-        stops = sorted(stop_token_ids) or list(self.tokenizer.stop_token_ids)
-        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops)
+        ends = sorted(t for t in stop_token_ids if self.tokenizer.is_special(t)) or list(self.tokenizer.stop_token_ids)
+        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=ends)
         return Guide(matcher, self.tokenizer.vocab_size, self._utf8)
 
 
