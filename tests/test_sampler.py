@@ -248,6 +248,14 @@ def test_temperature_scales_sampled_rows_only():
     assert out[1].tolist() == pytest.approx([1.0, -2.0, 4.0])
 
 
+def test_a_tiny_temperature_samples_like_greedy_with_finite_logprobs():
+    logits = random_logits(4, 100, seed=7)
+    for t in (1e-45, 1e-40, 1e-8):
+        out = Sampler()(logits, [row(temperature=t, logprobs=2, generator=make_generator(i, 0)) for i in range(4)])
+        assert [s.token_id for s in out] == logits.argmax(-1).tolist()
+        assert all(math.isfinite(s.logprob.logprob) and s.logprob.logprob > -1 for s in out)
+
+
 # --- seeds and distribution ------------------------------------------------------------------------
 
 

@@ -18,6 +18,11 @@ LENGTH = "length"  # max_tokens or the model's context
 ABORT = "abort"  # abort(request_id), client disconnect, timeout
 
 
+# Logits divided by a smaller temperature overflow float32 (1e-45 is a subnormal that rounds to 0:
+# inf and NaN rows); vLLM raises it to this floor too. 0 means greedy.
+MIN_TEMPERATURE = 0.01
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -45,6 +50,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.top_k < 0:
             self.top_k = 0
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
 
     @property
     def greedy(self) -> bool:
