@@ -270,6 +270,22 @@ def test_n_choices_survive_preemption_in_a_tiny_pool():
     assert results[9][0] == results[64][0]
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_choices_readmitted_after_preemption_keep_their_first_admissions_counts(prefix_caching):
+    # A fork re-admitted after preemption is not a first admission: the prompt's cache counts stay
+    # those of the request's (recomputing its own output tokens is no prompt cache hit).
+    sched, pool, runner = setup(num_blocks=9, block_size=4, max_num_batched_tokens=32, max_model_len=36,
+                                enable_prefix_caching=prefix_caching)
+    seqs = [make_seq(i, prompt_of(1, 9), request_id="req", index=i) for i in range(4)]
+    sched.add(seqs)
+    sched.add([make_seq(9, prompt_of(2, 7))])
+    drive(sched, runner, {**{s.seq_id: 10 + s.index for s in seqs}, 9: 15})
+    assert sched.num_preemptions > 0
+    assert {(s.num_cached_tokens, s.num_cache_write_tokens, s.first_scheduled_time) for s in seqs} == {
+        (seqs[0].num_cached_tokens, seqs[0].num_cache_write_tokens, seqs[0].first_scheduled_time)}
+    assert seqs[0].num_cached_tokens == 0 and seqs[0].num_cache_write_tokens == (8 if prefix_caching else 0)
+
+
 def test_admission_is_fifo_and_respects_max_num_seqs():
     sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=3)
     seqs = [make_seq(i, prompt_of(i, 4)) for i in range(5)]

@@ -121,7 +121,7 @@ class RequestMetrics:
     def on_output(self, out: Output) -> None:
         now = time.perf_counter()
         n = len(out.token_ids)
-        queue_time = out.queue_time  # set on the Outputs of a scheduled choice 0
+        queue_time = out.queue_time  # set on every Output once the request is admitted
         if queue_time is not None and not self._queue_time_seen:
             self._queue_time_seen = True
             self.m.queue_time.observe(queue_time)

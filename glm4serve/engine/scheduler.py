@@ -325,6 +325,7 @@ class Scheduler:
         for sib in self._forks.pop(parent.seq_id):
             sib.block_table = self.pool.share(parent.block_table)
             sib.num_computed_tokens = parent.num_computed_tokens
+            sib.first_scheduled_time = parent.first_scheduled_time  # admitted with it: a later one is no first
             sib.num_cached_tokens = parent.num_cached_tokens
             sib.num_cache_write_tokens = parent.num_cache_write_tokens
             sib.status = SeqStatus.RUNNING

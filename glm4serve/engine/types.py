@@ -80,7 +80,7 @@ class Output:
     num_output_tokens: int = 0  # this choice's total so far
     num_cached_tokens: int = 0  # of the prompt's tokens, those read from the prefix cache
     num_cache_write_tokens: int = 0  # and those it adds to the prefix cache (its full blocks past the hit)
-    queue_time: float | None = None  # seconds from arrival to first being scheduled (choice 0 only)
+    queue_time: float | None = None  # seconds from arrival to the request's first admission (its choices fork then)
 
 
 class EngineError(RuntimeError):
