@@ -25,7 +25,7 @@ def test_queue_time_is_the_wait_for_a_seat():
     assert pool.num_used == 0
 
 
-def test_queue_time_is_none_before_scheduling_and_for_forked_siblings():
+def test_queue_time_is_none_before_scheduling_then_the_requests_on_every_choice():
     engine, _, _ = make_engine(tokenizer=FakeTokenizer())
     engine.add_request("w", prompt_of(2, 4), greedy(max_tokens=3, ignore_eos=True))
     (aborted,) = engine.abort("w")  # never scheduled
@@ -35,4 +35,4 @@ def test_queue_time_is_none_before_scheduling_and_for_forked_siblings():
     while engine.has_work:
         for out in engine.step():
             first.setdefault(out.index, out.queue_time)
-    assert first[0] is not None and first[1] is None
+    assert first[0] is not None and first[1] is not None  # choices fork at the request's admission
