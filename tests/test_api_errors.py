@@ -199,6 +199,16 @@ def test_server_still_healthy_after_bad_requests(client):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
 
 
+def test_min_tokens_past_the_default_or_capped_max_tokens_is_400():
+    for app, body in [(make_app(max_model_len=128), {}), (make_app(max_tokens_limit=32), {}),
+                      (make_app(max_tokens_limit=32), {"max_tokens": 100})]:
+        client = TestClient(app)
+        for route, extra in [("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "hi"})]:
+            r = client.post(route, json={**extra, **body, "min_tokens": 200})
+            assert_envelope(r, 400, "invalid_request_error", "min_tokens")
+        assert engine_of(app).calls == []
+
+
 def test_unknown_model_is_404(client):
     err = assert_envelope(client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": HI}),
                           404, "invalid_request_error", "model", "model_not_found")

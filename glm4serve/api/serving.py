@@ -90,6 +90,9 @@ class ServingContext:
             raise invalid_request(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param)
 
     def check_params(self, params: SamplingParams) -> None:
+        if params.min_tokens > params.max_tokens:  # max_tokens as defaulted and capped (fit_max_tokens)
+            raise invalid_request(f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens}, "
+                                  "the most this request may generate here)", "min_tokens")
         if params.logit_bias:
             self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.stop_token_ids:
