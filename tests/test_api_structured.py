@@ -114,13 +114,15 @@ def test_invalid_schemas_are_400_saying_what_is_wrong():
     assert engine.calls == []
 
 
-def test_a_forced_tools_invalid_parameters_schema_is_400_but_auto_does_not_check():
+def test_a_tools_invalid_parameters_schema_is_400_whatever_the_tool_choice():
     tools = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                                      "required": "x"}}}]
-    _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": "required"})
-    assert "not a valid JSON Schema" in error(r, "tools.1.function.parameters")
-    _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": "auto"})
-    assert r.status_code == 200
+    for choice in ["required", "auto", "none"]:
+        _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": choice})
+        assert "not a valid JSON Schema" in error(r, "tools.1.function.parameters")
+    for _ in range(2):  # the second check of the valid schema comes from the cache
+        _, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "auto"})
+        assert r.status_code == 200
 
 
 def test_response_format_and_a_forced_tool_call_conflict():

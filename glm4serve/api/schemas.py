@@ -7,7 +7,9 @@ Unknown fields are ignored (clients such as LangChain send extras like `store`, 
 
 from __future__ import annotations
 
+import json
 import re
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,14 +36,33 @@ def _check_json_schema(schema: dict[str, Any], param: str) -> None:
     """A 400 naming what is wrong when `schema` is not a valid JSON Schema (by its own $schema
     draft, 2020-12 when it names none)."""
     from jsonschema.exceptions import SchemaError
-    from jsonschema.validators import Draft202012Validator, validator_for
 
+    text = json.dumps(schema, sort_keys=True)
     try:
-        validator_for(schema, default=Draft202012Validator).check_schema(schema)
+        # agents send the same tools with every turn, and a check takes milliseconds
+        if len(text) <= _SCHEMA_CACHE_MAX_CHARS:
+            _check_schema_text(text)
+        else:
+            _check_schema(schema)
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
         raise _invalid(param, f"{param} is not a valid JSON Schema: {e.message}"
                               + (f" (at '{where}')" if where else "")) from None
+
+
+_SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the cache stays under ~64 MB
+
+
+def _check_schema(schema: Any) -> None:
+    from jsonschema.validators import Draft202012Validator, validator_for
+
+    validator_for(schema, default=Draft202012Validator).check_schema(schema)
+
+
+@lru_cache(maxsize=1024)
+def _check_schema_text(text: str) -> None:
+    """_check_schema of a schema as JSON text; remembers the valid ones (SchemaError is not cached)."""
+    _check_schema(json.loads(text))
 
 
 class _Body(BaseModel):
@@ -318,13 +339,13 @@ class ChatCompletionRequest(_SamplingBody):
             names = self.tool_names
             if len(set(names)) != len(names):
                 raise _invalid("tools", "tool names must be unique")
+            for i, tool in enumerate(self.tools):  # as OpenAI, whether or not a call is forced
+                if tool.function.parameters is not None:
+                    _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
         if self.forces_tool_call:
             if self.response_format is not None and self.response_format.type != "text":
                 raise _invalid("response_format", "response_format cannot constrain a reply that tool_choice "
                                                   "already forces to be a tool call")
-            for i, tool in enumerate(self.tools or []):
-                if tool.function.parameters is not None:
-                    _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
             raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self
