@@ -65,7 +65,12 @@ def serve(settings, log_level: str = "info") -> None:
     from glm4serve.api.shutdown import run_server
     from glm4serve.server import build_engine  # lazy: loads torch and the model
 
-    engine, tokenizer, model_name, max_model_len = build_engine(settings)
+    try:
+        engine, tokenizer, model_name, max_model_len = build_engine(settings)
+    except (ValueError, FileNotFoundError) as e:  # the settings or the checkpoint: say what, not where
+        if log_level == "debug":
+            raise
+        raise SystemExit(f"glm4serve: cannot serve: {e}") from None
     app = create_app(engine, tokenizer, settings, model_name, max_model_len)
     try:
         run_server(app, settings, log_level)  # returns after SIGTERM and the drain

@@ -125,3 +125,19 @@ def test_serve_with_invalid_setting_exits_with_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--dtype", "int4"])
     assert exc.value.code == 2 and "dtype" in capsys.readouterr().err
+
+
+def test_a_setting_the_model_cannot_be_served_with_exits_with_one_line(monkeypatch):
+    from glm4serve.engine.config import plan_kv_cache
+
+    fake_server = types.ModuleType("glm4serve.server")
+
+    def build_engine(settings):  # the KV cache planned as the real build plans it
+        plan_kv_cache(settings, 131072, 4096, "cpu")
+
+    fake_server.build_engine = build_engine
+    monkeypatch.setitem(sys.modules, "glm4serve.server", fake_server)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--num-kv-blocks", "4", "--block-size", "16", "--max-model-len", "256"])
+    assert exc.value.code == ("glm4serve: cannot serve: max_model_len 256 needs more KV cache than the budget "
+                              "holds (64 tokens): raise kv_cache_memory or lower max_model_len")
