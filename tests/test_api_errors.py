@@ -132,6 +132,14 @@ def test_a_number_that_is_not_finite_is_400_saying_so(client, number):
     assert "finite number" in assert_envelope(r, 400, "invalid_request_error", "temperature")["message"]
 
 
+@pytest.mark.parametrize("kind", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_body_not_sent_as_json_is_400_saying_so(client, kind):
+    body = json.dumps({"messages": HI})
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": kind} if kind else {})
+    message = assert_envelope(r, 400, "invalid_request_error")["message"]
+    assert "Content-Type: application/json" in message and (repr(kind) if kind else "no Content-Type") in message
+
+
 def _nested(levels: int) -> dict:
     schema = {"type": "string"}
     for _ in range(levels):

@@ -122,6 +122,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in kind.lower():  # `curl -d` without -H sends a form
+            came = f"this one came as {kind!r}" if kind else "this one has no Content-Type"
+            return invalid_request(f"the request body must be JSON, sent with Content-Type: application/json ({came})"
+                                   ).response()
         return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
