@@ -71,6 +71,27 @@ def test_token_id_prompts_are_passed_through():
     assert [c.prompt_ids for c in engine_of(client.app).calls] == [[5, 6, 7], [8, 9], [10]]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_offsets_index_the_text_where_tokens_split_characters(stream):
+    tok = small_tokenizer()
+    reply = " 好的😀,诃字 ok"
+    ids = tok.encode(reply)
+    assert any("\ufffd" in tok.token_bytes(t).decode("utf-8", "replace") for t in ids)  # part of a character
+    r = post(client_for(reply), prompt="Write:", logprobs=0, max_tokens=50, stream=stream)
+    if stream:
+        chunks = sse_json(r.text)
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        offsets = [o for c in chunks if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    else:
+        text = r.json()["choices"][0]["text"]
+        offsets = r.json()["choices"][0]["logprobs"]["text_offset"]
+    assert text == reply
+    data = tok.encode(reply)  # the reply's tokens, then the stop token (no text)
+    starts = [len(b"".join(tok.token_bytes(t) for t in data[:i])) for i in range(len(data))] + [len(reply.encode())]
+    # the character holding each token's first byte: the whole characters before that byte
+    assert offsets == [len(reply.encode()[:b].decode("utf-8", "ignore")) for b in starts]
+
+
 def test_echo_prepends_the_prompt():
     body = post(client_for(), prompt="Write:", echo=True).json()
     assert body["choices"][0]["text"] == "Write:" + REPLY

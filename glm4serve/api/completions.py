@@ -92,7 +92,9 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
                 details[p] = PromptTokensDetails.of(out)
             part = None
             if req.logprobs is not None and out.logprobs:
-                part = logprobs.setdefault(index, CompletionLogprobs(ctx.tokenizer)).add(out.logprobs)
+                choice_logprobs = logprobs.setdefault(index, CompletionLogprobs(
+                    ctx.tokenizer, plan.jobs[p].params.skip_special_tokens))
+                part = choice_logprobs.add(out.logprobs)
             if out.text or part or out.finish_reason is not None:
                 yield chunk([completion_choice_delta(index, out.text, part, out.finish_reason)])
     if usage_on:
@@ -105,7 +107,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     n = req.n
     count = len(plan.jobs) * n
     texts: list[list[str]] = [[plan.jobs[k // n].prompt_text] if req.echo else [] for k in range(count)]
-    logprobs = [CompletionLogprobs(ctx.tokenizer) for _ in range(count)]
+    logprobs = [CompletionLogprobs(ctx.tokenizer, plan.jobs[k // n].params.skip_special_tokens) for k in range(count)]
     reasons: list[str | None] = [None] * count
     num_tokens = [0] * count
     details: dict[int, PromptTokensDetails] = {}  # by prompt

@@ -3,6 +3,7 @@ parallel arrays)."""
 
 from __future__ import annotations
 
+import codecs
 import math
 
 from glm4serve.engine.types import TokenLogprob
@@ -34,11 +35,17 @@ def chat_logprob_entries(tokenizer, logprobs: list[TokenLogprob]) -> list[dict]:
 
 
 class CompletionLogprobs:
-    """Accumulates one choice's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`."""
+    """Accumulates one choice's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`.
 
-    def __init__(self, tokenizer, text_offset: int = 0):
+    A token's offset is where its first byte's character sits in the choice's text, which is its
+    tokens' bytes decoded as the detokenizer decodes them (special tokens skipped or not). Token
+    strings cannot be added up for it: half a character shows as U+FFFD in `tokens`."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
-        self.offset = text_offset  # where the next token starts in the choice's text
+        self.skip_special_tokens = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = 0  # characters of the choice's text so far
         self.tokens: list[str] = []
         self.token_logprobs: list[float] = []
         self.top_logprobs: list[dict[str, float]] = []
@@ -54,14 +61,33 @@ class CompletionLogprobs:
             part["tokens"].append(text)
             part["token_logprobs"].append(_finite(lp.logprob))
             part["top_logprobs"].append(top)
-            part["text_offset"].append(self.offset)
-            self.offset += len(text)
+            part["text_offset"].append(self._take(lp.token_id))
         self.tokens += part["tokens"]
         self.token_logprobs += part["token_logprobs"]
         self.top_logprobs += part["top_logprobs"]
         self.text_offset += part["text_offset"]
         return part
 
+    def _take(self, token_id: int) -> int:
+        """The token's offset; its characters are added to the text so far."""
+        skipped = self.skip_special_tokens and self.tokenizer.is_special(token_id)
+        raw = b"" if skipped else self.tokenizer.token_bytes(token_id)
+        start = self.offset
+        unfinished = self._utf8.getstate()[0]
+        if unfinished and raw and _breaks(unfinished, raw[:1]):
+            start += 1  # the unfinished character ends before this token, as U+FFFD
+        self.offset += len(self._utf8.decode(raw))
+        return start
+
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
                 "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+def _breaks(unfinished: bytes, next_byte: bytes) -> bool:
+    """Whether next_byte cannot continue the unfinished UTF-8 character."""
+    try:
+        codecs.utf_8_decode(unfinished + next_byte, "strict", False)
+        return False
+    except UnicodeDecodeError:
+        return True
