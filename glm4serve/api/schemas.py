@@ -66,6 +66,7 @@ def _check_schema_text(text: str) -> None:
 
 
 class _Body(BaseModel):
+    # strict: as OpenAI checks them, an integer is no "5", true or 5.0, a number no "0.5"; nor NaN or Infinity
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
