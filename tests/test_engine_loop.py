@@ -156,6 +156,22 @@ def test_seeded_sampling_with_forks_survives_preemption():
     assert len({tuple(a[("n", i)].token_ids) for i in range(4)}) == 4  # the choices really diverged
 
 
+def test_a_request_failing_in_sampling_leaves_others_seeded_samples_as_they_were():
+    seeded = SamplingParams(seed=11, max_tokens=12, temperature=1.0, ignore_eos=True)
+    # logprobs=2.5 fails the batched sampler after its draws (no int): the rows are sampled again alone
+    broken = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True, logprobs=2.5)
+    outputs = []
+    for others in ([], [("bad", broken)]):
+        engine, _, pool = make_engine(peak=1.0)
+        engine.add_request("s", prompt_of(3, 9), seeded)
+        for rid, params in others:
+            engine.add_request(rid, prompt_of(4, 5), params)
+        outputs.append(run(engine)[("s", 0)].token_ids)
+        assert [rid for rid, _ in engine.pop_errors()] == [rid for rid, _ in others]
+        assert pool.num_free == pool.num_blocks
+    assert outputs[0] == outputs[1]
+
+
 def test_n_choices_share_the_prompt_and_agree_when_greedy():
     engine, runner, pool = make_engine()
     prompt = prompt_of(2, 10)
@@ -242,6 +258,18 @@ def test_stop_string_ends_with_stop_and_is_cut_from_the_text():
     c = run(engine)[("s", 0)]
     assert (c.finish_reason, c.stop_reason) == ("stop", stop)
     assert c.text == full[:cut] and len(c.token_ids) == cut + len(stop)
+
+
+def test_stop_strings_wait_for_min_tokens():
+    prompt = prompt_of(1, 5)
+    full = text_of(continuation(prompt, 30))  # one character a token
+    stop = next(c for c in full[:5] if c in full[5:])  # stops early, and again after min_tokens
+    engine, _, _ = make_engine()
+    engine.add_request("s", prompt, greedy(max_tokens=30, min_tokens=5, stop=[stop]))
+    c = run(engine)[("s", 0)]
+    cut = full.find(stop, 5)
+    assert (c.finish_reason, c.stop_reason) == ("stop", stop)
+    assert c.text == full[:cut] and len(c.token_ids) == cut + 1
 
 
 def test_text_held_back_for_a_stop_string_is_flushed_at_length():

@@ -30,8 +30,9 @@ class IncrementalDetokenizer:
         self._held = ""  # decoded text not yet emitted: a suffix that could begin a stop string
         self.stopped: str | None = None  # the stop string matched; later tokens are ignored
 
-    def add(self, token_id: int) -> tuple[str, str | None]:
-        """Feed one generated token: (text safe to emit now, the stop string it completed or None)."""
+    def add(self, token_id: int, check_stops: bool = True) -> tuple[str, str | None]:
+        """Feed one generated token: (text safe to emit now, the stop string it completed or None).
+        check_stops=False (before min_tokens): no stop string is looked for, nothing held back."""
         if self.stopped is not None:
             return "", None
         if token_id in self.special_token_text:
@@ -47,6 +48,9 @@ class IncrementalDetokenizer:
         if not self.stop_strings:
             return new_text, None
         text = self._held + new_text
+        if not check_stops:
+            self._held = ""
+            return text, None
         match = self._first_stop(text)
         if match is not None:
             start, stop = match

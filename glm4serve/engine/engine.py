@@ -149,10 +149,16 @@ class LLMEngine:
         rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.stop_token_ids, s.guide)
                 for s in targets]
         logits = logits.float()
+        # the batch may fail after drawing: each row re-draws from where it stood, so a seeded
+        # choice's samples do not depend on another request's failure
+        states = [None if r.generator is None else r.generator.get_state() for r in rows]
         try:
             return self.sampler(logits, rows)
         except Exception:
             log.exception("batched sampling failed; sampling row by row to find the culprit")
+        for row, state in zip(rows, states):
+            if state is not None:
+                row.generator.set_state(state)
         result: list[Sampled | None] = []
         for i, (seq, row) in enumerate(zip(targets, rows)):
             if seq.is_finished:  # its request failed on an earlier row
@@ -179,7 +185,8 @@ class LLMEngine:
             text = seq.detokenizer.flush()  # a stop token is reported in token_ids, never as text
             finish, stop_reason = STOP, token
         else:
-            text, stop_string = seq.detokenizer.add(token)
+            # stop strings too wait for min_tokens (as vLLM): text before then is only text
+            text, stop_string = seq.detokenizer.add(token, check_stops=seq.num_output_tokens > params.min_tokens)
             if stop_string is not None:
                 finish, stop_reason = STOP, stop_string
         if finish is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
