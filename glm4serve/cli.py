@@ -67,10 +67,10 @@ def serve(settings, log_level: str = "info") -> None:
 
     try:
         engine, tokenizer, model_name, max_model_len = build_engine(settings)
-    except (ValueError, FileNotFoundError) as e:  # the settings or the checkpoint: say what, not where
+    except (ValueError, OSError) as e:  # the settings, the checkpoint or the hub: say what, not where
         if log_level == "debug":
             raise
-        raise SystemExit(f"glm4serve: cannot serve: {e}") from None
+        raise SystemExit(f"glm4serve: cannot serve: {e} (--log-level debug shows where)") from None
     app = create_app(engine, tokenizer, settings, model_name, max_model_len)
     try:
         run_server(app, settings, log_level)  # returns after SIGTERM and the drain

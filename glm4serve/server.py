@@ -60,7 +60,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     return device
 
 
@@ -90,6 +90,9 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     """The engine over a loaded model: the KV cache plan, the runner chosen for it (or the ranks of a
     tensor-parallel one, given its rank 0), the scheduler."""
     cfg, dtype = model.cfg, next(model.parameters()).dtype
+    if tokenizer.vocab_size > cfg.vocab_size:  # its last ids would index past the embedding: a 500 a request
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} token ids but the model's vocabulary only "
+                         f"{cfg.vocab_size}: they are not of one checkpoint")
     token_bytes = bytes_per_token(cfg, dtype, model.shard)  # this rank's KV heads: every rank has as many
     plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
     if plan.max_model_len < cfg.max_position_embeddings:

@@ -140,4 +140,4 @@ def test_a_setting_the_model_cannot_be_served_with_exits_with_one_line(monkeypat
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--num-kv-blocks", "4", "--block-size", "16", "--max-model-len", "256"])
     assert exc.value.code == ("glm4serve: cannot serve: max_model_len 256 needs more KV cache than the budget "
-                              "holds (64 tokens): raise kv_cache_memory or lower max_model_len")
+                              "holds (64 tokens): raise kv_cache_memory or lower max_model_len (--log-level debug shows where)")

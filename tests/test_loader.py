@@ -282,6 +282,25 @@ def test_unexpected_tensor(ckpts, tmp_path):
     assert _load_error(d).startswith("unexpected tensor foo.bar in model.safetensors")
 
 
+def test_rotary_inv_freq_buffers_are_ignored(ckpts, reference, tmp_path):
+    # older transformers saved each layer's rotary buffer; transformers recomputes it, and so do we
+    d = copy_ckpt(ckpts["hf_4x"], tmp_path)
+    buffer = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    _rewrite(d / "model.safetensors", lambda t: t.update(buffer))
+    assert load(d).keys() == reference.keys()
+
+
+@pytest.mark.parametrize("cut", [0, 100, 0.5])
+def test_a_cut_safetensors_file_is_named(ckpts, tmp_path, cut):
+    d = copy_ckpt(ckpts["hf_sharded"], tmp_path)
+    f = d / "model-00003-of-00003.safetensors"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(int(size * cut) if isinstance(cut, float) else (cut and size - cut))
+    msg = _load_error(d)
+    assert msg.startswith(f"{f} is truncated or not a safetensors file (")
+
+
 def test_glm4_norms_in_a_glm_checkpoint_are_unexpected(ckpts, tmp_path):
     d = copy_ckpt(ckpts["glm4_hf"], tmp_path)
     config = json.loads((d / "config.json").read_text())
@@ -322,6 +341,23 @@ def test_config_errors(ckpts, tmp_path):
         ModelConfig(**{**cfg.__dict__, "layout": "gguf"})
 
 
+def test_rope_scaling_is_refused_under_either_key_and_missing_keys_take_transformers_defaults(ckpts, tmp_path):
+    d = copy_ckpt(ckpts["glm4_hf"], tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    for scaling in [{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+                    {"rope_type": "yarn", "factor": 4.0}]:  # the first: GLM-4-0414's model card
+        (d / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
+        with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+            ModelConfig.from_dir(d)
+    bare = {k: v for k, v in config.items() if k not in ("num_key_value_heads", "head_dim", "rms_norm_eps")}
+    (d / "config.json").write_text(json.dumps(bare))
+    from transformers import AutoConfig
+
+    theirs, ours = AutoConfig.from_pretrained(d), ModelConfig.from_dir(d)
+    assert (ours.num_kv_heads, ours.head_dim, ours.rms_norm_eps) == (
+        theirs.num_key_value_heads, theirs.head_dim, theirs.rms_norm_eps)
+
+
 def test_model_that_does_not_match_the_config(ckpts):
     path = ckpts["hf_4x"]
     cfg = ModelConfig.from_dir(path)
@@ -341,9 +377,20 @@ def test_chatglm_layout_has_no_glm4_variant(tmp_path):
         checkpoint_tensors(cfg)
 
 
-def test_vocab_smaller_than_tokenizer_is_refused(tmp_path):
+def test_vocab_smaller_than_tokenizer_is_refused(ckpts, tmp_path):
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         write_random_checkpoint(tmp_path / "x", vocab_size=64, **SMALL)
+    # nor served: a checkpoint cut to fewer rows than its tokenizer has ids
+    from glm4serve.engine.config import EngineArgs
+    from glm4serve.server import build_llm_engine
+
+    d = copy_ckpt(ckpts["hf_4x"], tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
+    _rewrite(d / "model.safetensors",
+             lambda t: t.update({k: t[k][:256].clone() for k in t if "embed" in k or "lm_head" in k}))
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ token ids but the model's vocabulary only 256"):
+        build_llm_engine(EngineArgs(model=str(d), kv_cache_memory=1 << 20))
 
 
 # ---------------------------------------------------------------- real GLM-4 files (no weights)

@@ -48,7 +48,7 @@ class EngineArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
     quantization: Literal["int8", "int4"] | None = Field(
         None, description="weight-only quantization of every linear layer while loading (CPU): int8 per output "
-                          "channel, int4 in groups of 128 inputs; default: the weights as they are")
+                          "channel, int4 in groups of 64 inputs; default: the weights as they are")
     tensor_parallel_size: int = Field(
         1, ge=1, description="processes the model is split across (one per GPU; on CPU they share the cores)")
     max_model_len: int | None = Field(

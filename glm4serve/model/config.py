@@ -124,9 +124,10 @@ class ModelConfig:
         rope = d.get("rope_parameters") or {}  # transformers 5.x
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
-        rope_type = rope.get("rope_type") or (d.get("rope_scaling") or {}).get("rope_type") or "default"
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported yet (only default RoPE)")
+        scaling = d.get("rope_scaling") or {}  # "type" is the older key, as in GLM-4-0414's YaRN advice
+        rope_types = {rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
+        if rope_types:
+            raise ConfigError(f"rope type {min(rope_types)!r} is not supported yet (only default RoPE)")
         return cls(
             variant=model_type,
             layout="hf",
@@ -135,11 +136,12 @@ class ModelConfig:
             intermediate_size=d["intermediate_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=d.get("num_key_value_heads") or num_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            # missing keys take transformers' GlmConfig / Glm4Config defaults, as transformers would load them
+            num_kv_heads=d.get("num_key_value_heads", 2),
+            head_dim=d.get("head_dim", 128),
             rope_theta=float(theta),
             partial_rotary_factor=float(factor),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+            rms_norm_eps=d.get("rms_norm_eps", GLM4_RMS_NORM_EPS),
             max_position_embeddings=d.get("max_position_embeddings", 131072),
             attention_bias=d.get("attention_bias", True),
             eos_token_ids=_as_tuple(d.get("eos_token_id")),

@@ -22,7 +22,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 # Checkpoint tensors that exist in real files but carry nothing we need.
-IGNORED_TENSORS = frozenset({"transformer.rotary_pos_emb.inv_freq"})  # chatglm: recomputed from rope_ratio
+# rotary frequencies some checkpoints carry (chatglm's, older transformers' rotary_emb buffers):
+# recomputed from the config, as transformers does
+IGNORED_SUFFIX = ".inv_freq"
 
 # (our name, chatglm name, HF glm/glm4 name, when present). "{i}" is the layer index. "{qkv}" in an
 # HF name stands for the three tensors q_proj, k_proj, v_proj, which are the row blocks q | k | v of
@@ -118,7 +120,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def checkpoint_tensors(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
-    """Every tensor a checkpoint of `cfg.layout` must hold (except IGNORED_TENSORS), by checkpoint name."""
+    """Every tensor a checkpoint of `cfg.layout` must hold (rotary inv_freq buffers aside), by checkpoint name."""
     if cfg.layout == "chatglm" and cfg.variant != "glm":
         raise CheckpointError(f"the chatglm layout has no names for the {cfg.variant!r} variant's extra norms")
     qkv_rows = {
@@ -162,12 +164,20 @@ def checkpoint_files(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"no safetensors files in {path}")
     where: dict[str, str] = {}
     for f in files:
-        with safe_open(path / f, framework="pt") as sf:
+        with _open(path / f) as sf:
             for name in sf.keys():
                 if name in where:
                     raise CheckpointError(f"tensor {name} is in both {where[name]} and {f}")
                 where[name] = f
     return where
+
+
+def _open(file: Path):
+    """safe_open, with a file that is not whole (a cut download) named in a CheckpointError."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) on a bad header
+        raise CheckpointError(f"{file} is truncated or not a safetensors file ({e})") from None
 
 
 def _validate(path: Path, cfg: ModelConfig, where: dict[str, str], expected: dict[str, CheckpointTensor]):
@@ -178,12 +188,12 @@ def _validate(path: Path, cfg: ModelConfig, where: dict[str, str], expected: dic
             source = INDEX_FILE if from_index else ", ".join(sorted(set(where.values())))
             raise CheckpointError(f"missing tensor {name} (not in {source})")
     for name, f in where.items():
-        if name not in expected and name not in IGNORED_TENSORS:
+        if name not in expected and not name.endswith(IGNORED_SUFFIX):
             raise CheckpointError(
                 f"unexpected tensor {name} in {f} (not part of a {cfg.layout}-layout {cfg.variant} checkpoint)"
             )
     for f in sorted(set(where.values())):
-        with safe_open(path / f, framework="pt") as sf:
+        with _open(path / f) as sf:
             present = set(sf.keys())
             for name in (n for n, nf in where.items() if nf == f and n in expected):
                 if name not in present:
@@ -224,7 +234,7 @@ def load_weights(
     bar = _progress_bar(len(expected), progress)
     with torch.no_grad():
         for f, names in sorted(names_by_file.items()):
-            with safe_open(path / f, framework="pt") as sf:
+            with _open(path / f) as sf:
                 for name in names:
                     spec = expected[name]
                     target = targets[spec.target]
