@@ -287,3 +287,10 @@ def test_engine_reports_prefix_cache_stats():
     st = engine.stats()
     assert (st.prefix_cache_queries, st.prefix_cache_hits) == (20, 8)
     assert st.kv_blocks_used == 0 and pool.num_free == pool.num_blocks
+    # a prompt of whole blocks, again: its last block is recomputed (one token must be), not written anew
+    for rid in ("c", "d"):
+        engine.add_request(rid, tokens(21, 12), params)
+        while engine.has_work:
+            outs.setdefault(rid, []).extend(engine.step())
+    assert {o.num_cached_tokens for o in outs["d"]} == {8}
+    assert {o.num_cache_write_tokens for o in outs["c"]} == {12} and {o.num_cache_write_tokens for o in outs["d"]} == {0}

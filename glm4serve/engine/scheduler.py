@@ -213,8 +213,10 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
                 seq.num_cached_tokens = computed
                 if self.cfg.enable_prefix_caching:  # the prompt's full blocks are registered as computed
-                    full = seq.num_prompt_tokens // self.pool.block_size * self.pool.block_size
-                    seq.num_cache_write_tokens = max(0, full - computed)
+                    bs = self.pool.block_size
+                    # past the hit, those not in the cache already (a whole cached prompt recomputes its last)
+                    past_hit = seq.block_hashes(bs, seq.num_prompt_tokens // bs)[len(hit):]
+                    seq.num_cache_write_tokens = bs * sum(self.pool.lookup(h) is None for h in past_hit)
             if self.cfg.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += computed
