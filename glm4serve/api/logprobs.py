@@ -6,7 +6,8 @@ from __future__ import annotations
 import codecs
 import math
 
-from glm4serve.engine.types import TokenLogprob
+from glm4serve.engine.detokenizer import IncrementalDetokenizer
+from glm4serve.engine.types import SamplingParams, TokenLogprob
 
 # JSON has no -inf; vLLM sends this floor too.
 _MIN_LOGPROB = -9999.0
@@ -37,14 +38,13 @@ def chat_logprob_entries(tokenizer, logprobs: list[TokenLogprob]) -> list[dict]:
 class CompletionLogprobs:
     """Accumulates one choice's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`.
 
-    A token's offset is where its first byte's character sits in the choice's text, which is its
-    tokens' bytes decoded as the detokenizer decodes them (special tokens skipped or not). Token
-    strings cannot be added up for it: half a character shows as U+FFFD in `tokens`."""
+    A token's offset is where its first byte's character sits in the choice's text, which the
+    engine's detokenizer made (special tokens skipped or not). Token strings cannot be added up for
+    it: half a character shows as U+FFFD in `tokens`."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=skip_special_tokens))
         self.offset = 0  # characters of the choice's text so far
         self.tokens: list[str] = []
         self.token_logprobs: list[float] = []
@@ -70,13 +70,11 @@ class CompletionLogprobs:
 
     def _take(self, token_id: int) -> int:
         """The token's offset; its characters are added to the text so far."""
-        skipped = self.skip_special_tokens and self.tokenizer.is_special(token_id)
-        raw = b"" if skipped else self.tokenizer.token_bytes(token_id)
-        start = self.offset
-        unfinished = self._utf8.getstate()[0]
-        if unfinished and raw and _breaks(unfinished, raw[:1]):
+        start, unfinished = self.offset, self._text.unfinished_bytes
+        skipped = self._text.skip_special_tokens and self.tokenizer.is_special(token_id)
+        if unfinished and not skipped and _breaks(unfinished, self.tokenizer.token_bytes(token_id)[:1]):
             start += 1  # the unfinished character ends before this token, as U+FFFD
-        self.offset += len(self._utf8.decode(raw))
+        self.offset += len(self._text.add(token_id)[0])
         return start
 
     def as_dict(self) -> dict:

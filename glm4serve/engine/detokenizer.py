@@ -61,6 +61,11 @@ class IncrementalDetokenizer:
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], None
 
+    @property
+    def unfinished_bytes(self) -> bytes:
+        """The start of a character whose last byte has not come yet."""
+        return self._utf8.getstate()[0]
+
     def flush(self) -> str:
         """The held-back text (and U+FFFD for an unfinished character), for a sequence that ends
         for another reason than a stop string: a stop token, max_tokens, abort. Empty after a stop
