@@ -72,9 +72,10 @@ class FakeRunner:
             for i, t in enumerate(c.token_ids):
                 self.slots[self.slot(c.block_table, c.start + i)] = t
         rows = []
-        for c in batch.chunks:
-            if c.want_logits:
-                seen = self.context(c.block_table, c.start + len(c.token_ids))
+        for c in batch.chunks:  # a chunk's rows: after each of its last num_logit_rows tokens
+            end = c.start + len(c.token_ids)
+            for e in range(end - c.num_logit_rows + 1, end + 1):
+                seen = self.context(c.block_table, e)
                 assert None not in seen, f"sequence {c.seq_id} reads slots never written: {seen}"
                 rows.append(self.model(seen))
         logits = torch.zeros(len(rows), VOCAB)

@@ -602,3 +602,63 @@ print(start, held, rss() if release_free_memory() else -1)
         pytest.skip("no glibc malloc_trim on this platform")
     assert held - start > 150  # the holes stay resident without the trim
     assert held - after > 120, (start, held, after)
+
+
+def test_prompt_logprobs_are_the_models_per_position_and_cap_a_steps_logit_rows():
+    """Two 900-token prompts asking for prompt logprobs, one that does not: the logit rows after every
+    prompt token stay within PROMPT_LOGIT_ROWS a step (the other prompt gets the rest of the budget),
+    and each prompt token's logprob, rank and top tokens are the model's at that position."""
+    from glm4serve.engine.scheduler import PROMPT_LOGIT_ROWS
+
+    engine, runner, pool = make_engine(num_blocks=1024, budget=2048)
+    prompts = {}
+    for i in range(2):
+        p = prompt_of(i, 3) + continuation(prompt_of(i, 3), 897)
+        # tokens the model does not predict
+        p[100 + i], p[700] = 10 + (p[100 + i] + 1 - 10) % 50, 10 + (p[700] + 7 - 10) % 50
+        prompts[f"lp{i}"] = p
+        engine.add_request(f"lp{i}", p, greedy(max_tokens=2, prompt_logprobs=2))
+    engine.add_request("plain", prompt_of(5, 900), greedy(max_tokens=2))
+    firsts, got = {}, {}
+    while engine.has_work:
+        outputs = engine.step()
+        for o in outputs:
+            firsts.setdefault(o.request_id, o)
+        collect(outputs, got)
+    assert engine.pop_errors() == [] and pool.num_free == pool.num_blocks
+    rows = [sum(len(c.token_ids) for c in batch.chunks if c.all_logits) for batch in runner.steps]
+    assert max(rows) == PROMPT_LOGIT_ROWS and sum(rows) >= 2 * 899
+    # first come first served: the plain prompt, queued last, is admitted whole beside the capped rows
+    assert any(r == PROMPT_LOGIT_ROWS and 900 in [len(c.token_ids) for c in batch.chunks if not c.all_logits]
+               for r, batch in zip(rows, runner.steps))
+    assert firsts["plain"].prompt_logprobs is None
+    for rid, p in prompts.items():
+        lps = firsts[rid].prompt_logprobs
+        assert len(lps) == len(p) and lps[0] is None
+        for pos in range(1, len(p)):
+            predicted = next_token(p[:pos])
+            lp = lps[pos]
+            assert lp.token_id == p[pos] and [t for t, _ in lp.top] == [predicted, lp.top[1][0]]
+            assert (lp.rank == 1) == (p[pos] == predicted) and (lp.logprob > -1) == (p[pos] == predicted)
+        i = int(rid[-1])  # the model's own continuation up to the changed token: its likeliest each time
+        assert all(lp.rank == 1 for lp in lps[3 : 100 + i]) and lps[100 + i].rank > 1
+
+
+def test_prompt_logprobs_survive_a_preemption_mid_prompt():
+    """Preempted part-way through its prompt, a request recomputes it from the start: each prompt
+    position is recorded once, and the siblings of n=2 get the same list."""
+    engine, runner, pool = make_engine(num_blocks=20, budget=6)
+    engine.add_request("long", prompt_of(1, 10), greedy(max_tokens=60, ignore_eos=True))
+    p = prompt_of(2, 3) + continuation(prompt_of(2, 3), 57)  # the two outgrow the 80-token pool mid-prompt
+    engine.add_request("lp", p, greedy(max_tokens=3, n=2, prompt_logprobs=1, ignore_eos=True))
+    firsts = {}
+    while engine.has_work:
+        for o in engine.step():
+            if o.num_output_tokens == 1:
+                firsts[(o.request_id, o.index)] = o
+    assert engine.pop_errors() == [] and pool.num_free == pool.num_blocks
+    starts = [c.start for batch in runner.steps for c in batch.chunks if c.all_logits]
+    assert 0 in starts[1:], "the prompt was not recomputed: no preemption mid-prompt"
+    lps = firsts[("lp", 0)].prompt_logprobs
+    assert firsts[("lp", 1)].prompt_logprobs is lps and len(lps) == len(p) and lps[0] is None
+    assert [lp.token_id for lp in lps[1:]] == p[1:] and all(lp.rank == 1 for lp in lps[3:])

@@ -171,3 +171,46 @@ def test_automatic_kv_budget_fills_the_card_after_the_weights(make_checkpoint):
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def test_prompt_logprobs_equal_transformers_through_chunks_preemption_and_a_cached_prefix(make_checkpoint, device):
+    """Prompt logprobs from prefill chunks of 5 tokens, a pool so small that the requests preempt each
+    other, and the prompt already in the prefix cache: each equals transformers' log-softmax of its
+    forward over the whole prompt, rank and top 3 included; the siblings of n=2 report the same."""
+    path = make_checkpoint("glm", "hf", "wide")
+    tokenizer = Tokenizer.from_dir(path)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, tokenizer.vocab_size, (37,), generator=g).tolist()
+    runner = make_runner(load_model(path, dtype="float32", device=device), 16, 4, vocab_limit=tokenizer.vocab_size)
+    cfg = sched_config(max_num_seqs=8, max_num_batched_tokens=5, max_model_len=60, block_size=4)
+    engine = LLMEngine(runner, tokenizer, cfg, BlockPool(16, 4), tokenizer.stop_token_ids)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    drive(engine, [("warm", prompt, SamplingParams(max_tokens=2, **greedy))])  # the prompt's blocks now cached
+    requests = [("p", prompt, SamplingParams(max_tokens=20, n=2, prompt_logprobs=3, **greedy)),
+                ("q", prompt[:20], SamplingParams(max_tokens=20, **greedy))]
+    for rid, ids, params in requests:
+        engine.add_request(rid, ids, params)
+    firsts = {}
+    while engine.has_work:
+        for o in engine.step():
+            if o.num_output_tokens == 1:
+                firsts[(o.request_id, o.index)] = o
+    assert engine.pop_errors() == [] and engine.pool.num_free == engine.pool.num_blocks
+    assert engine.stats().num_preemptions_total > 0
+    got = firsts[("p", 0)]
+    assert got.num_cached_tokens == 0 and firsts[("p", 1)].prompt_logprobs is got.prompt_logprobs
+    assert firsts[("q", 0)].prompt_logprobs is None
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt], device=device)).logits[0, :, : tokenizer.vocab_size]
+    expected = logits.float().log_softmax(-1).cpu()  # [L, V]: row p predicts token p + 1
+    lps = got.prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    for p in range(1, len(prompt)):
+        row, lp = expected[p - 1], lps[p]
+        want = row[prompt[p]].item()
+        assert lp.token_id == prompt[p] and abs(lp.logprob - want) < 1e-4, p
+        assert int((row > want + 1e-4).sum()) + 1 <= lp.rank <= int((row > want - 1e-4).sum()) + 1, p
+        assert [v for _, v in lp.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+        assert [abs(row[t].item() - v) < 1e-4 for t, v in lp.top] == [True] * 3

@@ -9,7 +9,9 @@ keeps serving.
 
 from __future__ import annotations
 
+import itertools
 import logging
+
 import torch
 
 from ..model.batch import ScheduledBatch, SeqChunk
@@ -18,8 +20,8 @@ from .block_pool import BlockPool
 from .config import SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .guided import Grammars
-from .sampler import Sampled, Sampler, SampleRow, make_generator
-from .scheduler import Scheduler, SchedulerOutput
+from .sampler import Sampled, Sampler, SampleRow, make_generator, prompt_token_logprobs
+from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import LENGTH, STOP, EngineError, EngineStats, Output, SamplingParams
 
@@ -71,6 +73,8 @@ class LLMEngine:
             seq.generator = make_generator(params.seed, index)
             seq.stop_token_ids = stop_ids
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params)
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]  # the first prompt token has nothing before it
             if params.guided is not None:  # each choice walks its own path through the grammar
                 seq.guide = self.grammars.guide(params.guided, stop_ids)
             seqs.append(seq)
@@ -107,22 +111,26 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        rows = [s for s in out.scheduled if s.sample_for]
         try:
             logits = self.runner.execute(model_batch(out))
-            if logits.shape[0] != len(rows):
-                raise RuntimeError(f"the runner returned {logits.shape[0]} logit rows for {len(rows)}")
+            if logits.shape[0] != out.num_logit_rows:
+                raise RuntimeError(f"the runner returned {logits.shape[0]} logit rows for {out.num_logit_rows}")
         except Exception as e:
             log.exception("forward failed; failing the %d sequences of this batch", len(out.scheduled))
             for request_id in dict.fromkeys(q.request_id for s in out.scheduled for q in [s.seq, *s.sample_for]):
                 self._fail(request_id, e)
             return []
+        # each sequence's rows end where the next one's start; its last row is the one it samples from
+        ends = list(itertools.accumulate(s.num_logit_rows for s in out.scheduled))
+        for s, end in zip(out.scheduled, ends):
+            if s.prompt_logits:
+                self._record_prompt_logprobs(s, logits[end - s.num_tokens : end])
         self.scheduler.on_step_done(out)  # before any finish: n > 1 forks take their blocks here
 
         # one sampling row per sequence: siblings of a fresh fork read the same logits row
-        targets = [q for s in rows for q in s.sample_for]
-        row_of = [r for r, s in enumerate(rows) for _ in s.sample_for]
-        sampled = self._sample(logits if len(row_of) == len(rows) else logits[row_of], targets)
+        targets = [q for s in out.scheduled for q in s.sample_for]
+        row_of = [end - 1 for s, end in zip(out.scheduled, ends) for _ in s.sample_for]
+        sampled = self._sample(logits if row_of == list(range(logits.shape[0])) else logits[row_of], targets)
 
         failed_before = {rid for rid, _ in self._errors}
         outputs = []
@@ -143,6 +151,23 @@ class LLMEngine:
         # as in vLLM: explicit stop_token_ids add to the model's own; ignore_eos drops only the latter
         own = frozenset() if params.ignore_eos else self.model_stop_ids
         return own | frozenset(params.stop_token_ids or ())
+
+    def _record_prompt_logprobs(self, s: ScheduledSeq, logits: torch.Tensor) -> None:
+        """Row j of the chunk's logits predicts the token at s.start + j + 1: record those that are prompt
+        tokens not recorded yet (a chunk recomputed after a preemption has some already)."""
+        seq = s.seq
+        have = seq.prompt_logprobs
+        lo, hi = max(len(have), s.start + 1), min(s.start + s.num_tokens + 1, seq.num_prompt_tokens)
+        if lo >= hi:
+            return
+        try:
+            if lo != len(have):
+                raise RuntimeError(f"prompt logprobs of {seq} skip from position {len(have)} to {lo}")
+            rows = logits[lo - 1 - s.start : hi - 1 - s.start]
+            have.extend(prompt_token_logprobs(rows, seq.prompt_token_ids[lo:hi], seq.params.prompt_logprobs))
+        except Exception as e:
+            log.exception("request %s failed while taking its prompt logprobs", seq.request_id)
+            self._fail(seq.request_id, e)
 
     def _sample(self, logits: torch.Tensor, targets: list[Sequence]) -> list[Sampled | None]:
         """One Sampled per target; None where that row's request failed."""
@@ -195,7 +220,10 @@ class LLMEngine:
         if finish is not None:
             self.scheduler.finish(seq, finish, stop_reason)
         logprobs = [smp.logprob] if params.logprobs is not None and smp.logprob is not None else None
-        return self._output(seq, [token], text, logprobs)
+        output = self._output(seq, [token], text, logprobs)
+        if seq.num_output_tokens == 1:
+            output.prompt_logprobs = seq.prompt_logprobs
+        return output
 
     def _output(self, seq: Sequence, token_ids: list[int], text: str, logprobs) -> Output:
         return Output(
@@ -225,6 +253,8 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
         raise ValueError(f"n must be at least 1, got {params.n}")
     if params.max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+    if params.prompt_logprobs is not None and params.prompt_logprobs < 0:
+        raise ValueError(f"prompt_logprobs must be at least 0, got {params.prompt_logprobs}")
     if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt_ids):
         raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
     if not prompt_ids:
@@ -237,6 +267,6 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
 
 def model_batch(out: SchedulerOutput) -> ScheduledBatch:
     """The scheduler's decisions as the model runner's plain data."""
-    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id)
+    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id, s.prompt_logits)
               for s in out.scheduled]
     return ScheduledBatch(chunks, out.block_copies)

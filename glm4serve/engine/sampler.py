@@ -366,3 +366,17 @@ class Sampler:
             top = list(zip(top_ids[j][: ks[j]], top_values[j][: ks[j]])) if ks[j] else []
             result[i] = TokenLogprob(token_id=ids[i], logprob=chosen[j], top=top)
         return result
+
+
+def prompt_token_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's logprob of its token under the model's raw distribution (logits [R, V], no sampling
+    parameter applied, as vLLM's prompt logprobs), with its rank and the row's k likeliest tokens. V is
+    the runner's width: the tokenizer's ids, as sampling sees them (the output layer's padding rows
+    past them are cut, which a trained model leaves next to no mass)."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])  # [R, 1]
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()  # [R]: ties share the better rank
+    k = min(max(k, 0), MAX_TOP_LOGPROBS, logprobs.shape[1])
+    top_values, top_ids = ([], []) if k == 0 else (t.tolist() for t in logprobs.topk(k, dim=-1))  # [R, k] each
+    return [TokenLogprob(token_id=t, logprob=lp, top=list(zip(top_ids[r], top_values[r])) if k else [], rank=ranks[r])
+            for r, (t, lp) in enumerate(zip(token_ids, chosen.squeeze(1).tolist()))]

@@ -23,6 +23,10 @@ hash of its tokens. A sequence admitted with nothing computed (new, or preempted
 the cached blocks of its longest cached prefix, a reference each, and its prefill starts after
 them. At least its last token is always computed, since its logits are needed: the hit is cut
 to whole blocks before that token, so a cached block, shared and full, is never written into.
+
+Prompt logprobs: a sequence that asks for them computes its whole prompt (no prefix cache hit, as
+in vLLM), and its prefill chunks return logits after every token: at most PROMPT_LOGIT_ROWS rows a
+step, all such sequences together, since each row is a vocabulary of fp32 logits.
 """
 
 from __future__ import annotations
@@ -36,17 +40,24 @@ from .config import SchedulerConfig
 from .sequence import Sequence, SeqStatus
 from .types import ABORT
 
+PROMPT_LOGIT_ROWS = 512  # [512, 151552] fp32 logits: 310 MB at GLM-4's vocabulary
+
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
     start: int  # == seq.num_computed_tokens: first position of this step's tokens
     num_tokens: int  # query tokens this step: seq.all_token_ids[start:start + num_tokens]
-    sample_for: list[Sequence]  # who samples from this row's logits; empty = no logits (mid-prefill)
+    sample_for: list[Sequence]  # who samples from its last row's logits; empty = none (mid-prefill)
+    prompt_logits: bool = False  # logits after every token, for prompt logprobs (the last row samples)
 
     @property
     def token_ids(self) -> list[int]:
         return self.seq.token_ids_between(self.start, self.start + self.num_tokens)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return self.num_tokens if self.prompt_logits else int(bool(self.sample_for))
 
 
 @dataclass
@@ -61,7 +72,7 @@ class SchedulerOutput:
 
     @property
     def num_logit_rows(self) -> int:
-        return sum(1 for s in self.scheduled if s.sample_for)
+        return sum(s.num_logit_rows for s in self.scheduled)
 
 
 class Scheduler:
@@ -169,6 +180,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
+        rows = PROMPT_LOGIT_ROWS  # left for prompt-logprob chunks this step
         taken: set[int] = set()  # seq_ids scheduled this step: never preempted within it
 
         # 1. decodes
@@ -188,10 +200,13 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING or seq.seq_id in taken:
                 continue
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget, rows if seq.needs_prompt_logits else budget)
+            if want == 0:
+                continue
             self._make_room(seq, want, taken, out, allow_self=False)
             n = min(want, self._capacity(seq))
             if n > 0:
+                rows -= n if seq.needs_prompt_logits else 0
                 self._take(seq, n, taken, out)
                 budget -= n
 
@@ -203,7 +218,9 @@ class Scheduler:
                 break
             hit = self._cached_prefix(seq)
             computed = len(hit) * self.pool.block_size
-            n = min(seq.num_tokens - computed, budget)
+            n = min(seq.num_tokens - computed, budget, rows if seq.needs_prompt_logits else budget)
+            if n == 0:
+                break
             # the hit's evictable blocks are counted in num_free but are not free for this sequence
             room = self.pool.num_free - sum(self.pool.is_evictable(b) for b in hit)
             if self.pool.blocks_needed(computed + n) - len(hit) > room:
@@ -224,6 +241,7 @@ class Scheduler:
             seq.num_computed_tokens = computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            rows -= n if seq.needs_prompt_logits else 0
             self._take(seq, n, taken, out)
             budget -= n
         return out
@@ -246,7 +264,7 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding its longest cached prefix of whole blocks, short of its last token."""
-        if not self.cfg.enable_prefix_caching or seq.num_computed_tokens:
+        if not self.cfg.enable_prefix_caching or seq.num_computed_tokens or seq.needs_prompt_logits:
             return []
         bs = self.pool.block_size
         hit = []
@@ -311,7 +329,7 @@ class Scheduler:
             seq.block_table.extend(self.pool.allocate(more))
         done = start + n == seq.num_tokens
         sample_for = [seq] + self._forks.get(seq.seq_id, []) if done else []
-        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for))
+        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for, seq.needs_prompt_logits))
         taken.add(seq.seq_id)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
@@ -330,6 +348,7 @@ class Scheduler:
             sib.first_scheduled_time = parent.first_scheduled_time  # admitted with it: a later one is no first
             sib.num_cached_tokens = parent.num_cached_tokens
             sib.num_cache_write_tokens = parent.num_cache_write_tokens
+            sib.prompt_logprobs = parent.prompt_logprobs  # complete: its prefill is done
             sib.status = SeqStatus.RUNNING
             self.running.append(sib)
 

@@ -46,6 +46,8 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()
     detokenizer: Any = None  # an IncrementalDetokenizer; Any keeps this module free of tokenizers
     guide: Any = None  # a guided.Guide when the request is constrained: it has taken every output token
+    # when params.prompt_logprobs is set: those of prompt positions 0.. so far (a TokenLogprob | None each)
+    prompt_logprobs: list | None = None
     # chain hashes of its first full blocks (prefix caching), filled on demand; tokens are only
     # ever appended, so they never go stale, and they survive preemption
     _block_hashes: list[bytes] = field(default_factory=list, repr=False)
@@ -85,6 +87,12 @@ class Sequence:
             tokens = self.token_ids_between(i * block_size, (i + 1) * block_size)
             hashes.append(hash_block(hashes[-1] if i else b"", tokens))
         return hashes[:num_blocks]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs were asked for and some are not computed yet: its prompt cannot come from the
+        prefix cache, and its prefill chunks return logits after every token."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def last_token_id(self) -> int:

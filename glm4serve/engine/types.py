@@ -38,6 +38,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0: chosen token's logprob + k top alternatives
+    # None = off; k >= 0: each prompt token's logprob (the model's raw distribution) + k top alternatives
+    prompt_logprobs: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # extra stop ids, on top of the model's own (GLM-4: its three)
     ignore_eos: bool = False  # ignore the model's stop tokens (explicit stop_token_ids still stop)
@@ -63,6 +65,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+    rank: int | None = None  # of token_id in the distribution, 1 = likeliest (prompt logprobs)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Output:
     token_ids: list[int]  # new token ids of this step (stop tokens included, as generated)
     text: str  # new text, valid UTF-8, stop strings and held-back prefixes excluded
     logprobs: list[TokenLogprob] | None = None  # one per new token when asked for
+    # on a choice's first Output, when asked for: one per prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None  # None until the choice's last Output: stop | length | abort
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_tokens: int = 0

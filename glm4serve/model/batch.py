@@ -17,6 +17,11 @@ class SeqChunk:
     block_table: list[int]  # must cover start + len(token_ids) tokens
     want_logits: bool = True  # next-token logits after the last new token
     seq_id: int | None = None  # the engine's id of the sequence, for runners that keep per-sequence state
+    all_logits: bool = False  # logits after every new token (prompt logprobs), the last one's included
+
+    @property
+    def num_logit_rows(self) -> int:
+        return len(self.token_ids) if self.all_logits else int(self.want_logits)
 
 
 @dataclass
@@ -36,7 +41,7 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn: AttentionBatch
-    logits_indices: torch.Tensor  # [N]: one row per chunk with want_logits, in the chunks' order
+    logits_indices: torch.Tensor  # [N]: each chunk's logit rows (SeqChunk.num_logit_rows), in the chunks' order
 
 
 def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_decode: bool = False) -> ForwardBatch:
@@ -53,7 +58,7 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
     prefills: list[PrefillSpan] = []
     dec_tables: list[list[int]] = []
     dec_lens: list[int] = []
-    last_row: dict[int, int] = {}
+    first_row: dict[int, int] = {}
     for i in order:
         c = chunks[i]
         n, end = len(c.token_ids), c.start + len(c.token_ids)
@@ -68,9 +73,9 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
             dec_lens.append(end)
         for p in range(c.start, end):
             slots.append(c.block_table[p // block_size] * block_size + p % block_size)
+        first_row[i] = len(ids)
         ids.extend(c.token_ids)
         positions.extend(range(c.start, end))
-        last_row[i] = len(ids) - 1
 
     attn = AttentionBatch(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
@@ -86,7 +91,8 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
         if not paged_decode:
             key_slots = torch.arange(width * block_size, device=device)
             attn.decode_mask = key_slots[None, :] < attn.decode_context_lens[:, None]  # the same for every layer
-    rows = [last_row[i] for i in range(len(chunks)) if chunks[i].want_logits]
+    rows = [r for i, c in enumerate(chunks) for r in range(first_row[i] + len(c.token_ids) - c.num_logit_rows,
+                                                           first_row[i] + len(c.token_ids))]
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),

@@ -87,7 +87,7 @@ class CudaGraphRunner(EagerRunner):
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         chunks = batch.chunks
-        if not chunks or len(chunks) > self.sizes[-1] or any(len(c.token_ids) != 1 or not c.want_logits
+        if not chunks or len(chunks) > self.sizes[-1] or any(len(c.token_ids) != 1 or c.num_logit_rows != 1
                                                              for c in chunks):
             return super().execute(batch)
         self.kv.copy_blocks(batch.block_copies)
