@@ -9,6 +9,7 @@ RecordingEngine is the real AsyncEngine that also records what the API asked of 
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -91,10 +92,13 @@ class ScriptedRunner:
         if self.fail_after_steps is not None and self.num_steps > self.fail_after_steps:
             raise RuntimeError("scripted forward failure")
         running = {s.seq_id: s for s in self.engine.scheduler.running}
-        rows = [c for c in batch.chunks if c.want_logits]
-        logits = torch.zeros(len(rows), self.tokenizer.vocab_size)
-        for r, chunk in enumerate(rows):
-            seq = running[chunk.seq_id]
+        # prompt logprobs' rows (all_logits) stay 0: a uniform distribution over the vocabulary
+        rows = list(itertools.accumulate(c.num_logit_rows for c in batch.chunks))
+        logits = torch.zeros(rows[-1] if rows else 0, self.tokenizer.vocab_size)
+        for end, chunk in zip(rows, batch.chunks):
+            if not chunk.want_logits:
+                continue
+            r, seq = end - 1, running[chunk.seq_id]
             done = chunk.start + len(chunk.token_ids) - seq.num_prompt_tokens  # reply tokens already out
             script = self.script(seq)
             logits[r, script[done] if done < len(script) else self.tokenizer.stop_token_ids[0]] = self.peak

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -141,3 +143,77 @@ def test_max_tokens_null_means_rest_of_context():
     client = client_for(max_model_len=64)
     client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": None})
     assert engine_of(client.app).calls[0].params.max_tokens == 61
+
+
+# The scripted runner's rows for prompt logprobs are all 0: every token has logprob -log(vocabulary), rank 1.
+
+
+def test_echo_with_logprobs_scores_every_prompt_token_as_evaluation_harnesses_read_it():
+    """lm-evaluation-harness's log-likelihood request: token ids, echo, logprobs=1, max_tokens=1."""
+    tok = small_tokenizer()
+    client = client_for()
+    prompt = tok.encode("The sea is wide")
+    body = post(client, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0).json()
+    assert engine_of(client.app).calls[0].params.prompt_logprobs == 1
+    [choice] = body["choices"]
+    lp = choice["logprobs"]
+    first = tok.encode(REPLY)[0]
+    assert choice["text"] == "The sea is wide" + tok.decode([first])
+    assert lp["tokens"] == [tok.decode([t]) for t in prompt + [first]]
+    uniform = -math.log(tok.vocab_size)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1 : len(prompt)] == pytest.approx([uniform] * (len(prompt) - 1))
+    for token, top in zip(lp["tokens"][1 : len(prompt)], lp["top_logprobs"][1 : len(prompt)]):
+        assert token in top and 1 <= len(top) <= 2 and top[token] == pytest.approx(uniform)
+    assert lp["token_logprobs"][-1] == pytest.approx(0, abs=1e-6)  # the reply's token: the runner's 40 over 0
+    # offsets index the choice's text, prompt included
+    starts = [choice["text"][o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"])]
+    assert starts == [True] * (len(prompt) + 1)
+    assert body["usage"]["prompt_tokens"] == len(prompt) and body["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_returns_the_scored_prompt_alone(stream):
+    tok = small_tokenizer()
+    client = client_for()
+    body = {"prompt": "Write:", "echo": True, "logprobs": 0, "max_tokens": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = post(client, **body)
+    assert engine_of(client.app).calls[0].params.max_tokens == 1  # the engine samples one token, left out
+    prompt = tok.with_prefix(tok.encode("Write:"))
+    if stream:
+        *chunks, last = sse_json(r.text)
+        choices = [c["choices"][0] for c in chunks]
+        assert "".join(c["text"] for c in choices) == "Write:" and choices[-1]["finish_reason"] == "length"
+        lp = choices[0]["logprobs"]
+        usage = last["usage"]
+    else:
+        [choice] = r.json()["choices"]
+        assert choice["text"] == "Write:" and choice["finish_reason"] == "length"
+        lp, usage = choice["logprobs"], r.json()["usage"]
+    assert lp["tokens"] == [tok.decode([t], skip_special_tokens=False) for t in prompt]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(prompt)
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:])  # logprobs 0: the prompt's own token only
+    assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(prompt)
+
+
+def test_vllm_prompt_logprobs_on_completions_and_chat():
+    tok = small_tokenizer()
+    client = client_for()
+    prompt = tok.encode("The sea")
+    [choice] = post(client, prompt=prompt, prompt_logprobs=2, max_tokens=2).json()["choices"]
+    assert "prompt_logprobs" not in post(client, prompt=prompt, max_tokens=2).json()["choices"][0]
+    plps = choice["prompt_logprobs"]
+    assert len(plps) == len(prompt) and plps[0] is None
+    for token_id, entry in zip(prompt[1:], plps[1:]):
+        mine = entry[str(token_id)]
+        assert mine == {"logprob": pytest.approx(-math.log(tok.vocab_size)), "rank": 1,
+                        "decoded_token": tok.decode([token_id])}
+        assert 2 <= len(entry) <= 3 and {e["rank"] for k, e in entry.items() if k != str(token_id)} <= {1, 2}
+    assert choice["logprobs"] is None  # prompt logprobs are not the reply's
+    body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "prompt_logprobs": 0, "max_tokens": 2}).json()
+    calls = engine_of(client.app).calls
+    assert len(body["prompt_logprobs"]) == len(calls[-1].prompt_ids) and body["prompt_logprobs"][0] is None
+    assert all(len(entry) == 1 for entry in body["prompt_logprobs"][1:])

@@ -65,6 +65,7 @@ BAD_CHAT = [
     ({"messages": HI, "stop_token_ids": [True]}, "stop_token_ids.0"),
     ({"messages": HI, "seed": 2**63}, "seed"),  # int64, as vLLM takes it
     ({"messages": HI, "seed": -(2**63) - 1}, "seed"),
+    ({"messages": HI, "prompt_logprobs": 0, "stream": True}, "prompt_logprobs"),
 ]
 
 BAD_COMPLETIONS = [
@@ -78,7 +79,10 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),  # as vLLM
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),  # vLLM's "the whole vocabulary"
     ({"prompt": "x", "n": -2}, "n"),
 ]
 

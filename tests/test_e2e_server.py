@@ -162,6 +162,38 @@ def test_completions_text_and_token_ids(server):
     assert by_text.usage.prompt_tokens == len(ids)
 
 
+def test_scoring_a_prompt_as_evaluation_harnesses_do_gives_transformers_logprobs(server, make_checkpoint, device):
+    """lm-evaluation-harness's log-likelihood request through the SDK (token ids, echo, logprobs=1,
+    max_tokens=1), and `max_tokens=0`: every prompt token's logprob is transformers' on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from glm4serve.model.tokenizer import Tokenizer
+
+    # the SDK's types have no null logprob, which the first prompt token gets (as from OpenAI and vLLM):
+    # its default client does not validate, only this suite's strict one
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "The sea is wide, 海很宽"}).json()["tokens"]
+    scored = c.completions.create(model="glm4-test", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    alone = c.completions.create(model="glm4-test", prompt=ids, echo=True, logprobs=1, max_tokens=0)
+    path = make_checkpoint("glm", "hf", "wide")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    # over the tokenizer's ids, as the server samples: the output layer's padding rows past them are no
+    # tokens (a trained model leaves them next to no mass; random weights give them their share)
+    vocab = Tokenizer.from_dir(path).vocab_size
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids], device=device)).logits[0, :, :vocab].float().log_softmax(-1).cpu()
+    want = [expected[p - 1, ids[p]].item() for p in range(1, len(ids))]
+    for completion, extra in ((scored, 1), (alone, 0)):
+        lp = completion.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) + extra and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-3)
+        # lm-eval's is_greedy: the token is its position's likeliest
+        greedy = [expected[p - 1].argmax().item() == ids[p] for p in range(1, len(ids))]
+        assert [lp.token_logprobs[p] == max(lp.top_logprobs[p].values()) for p in range(1, len(ids))] == greedy
+    assert alone.choices[0].finish_reason == "length" and alone.usage.completion_tokens == 0
+    assert alone.choices[0].text == scored.choices[0].text[: len(alone.choices[0].text)]
+
+
 def test_metrics_move_after_requests(server):
     before = server.metrics()
     client(server).chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=5, temperature=0)

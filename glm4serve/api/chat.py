@@ -32,7 +32,7 @@ from glm4serve.chat.tool_parser import (
 )
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
-from .logprobs import chat_logprob_entries
+from .logprobs import chat_logprob_entries, vllm_prompt_logprobs
 from .replies import (
     ChatChoice,
     ChatCompletionResponse,
@@ -207,11 +207,14 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     reasons: list[str | None] = [None] * n
     num_tokens = [0] * n
     details = PromptTokensDetails()
+    prompt_logprobs = None  # vLLM's, the same on every choice
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             check_finish(out.finish_reason)
             i = out.index
+            if out.prompt_logprobs is not None and prompt_logprobs is None:
+                prompt_logprobs = vllm_prompt_logprobs(ctx.tokenizer, out.prompt_logprobs, req.prompt_logprobs)
             texts[i].append(out.text)
             num_tokens[i] = out.num_output_tokens
             if out.finish_reason is not None:  # the same counts on every output: read once
@@ -226,7 +229,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                   logprobs={"content": logprobs[i]} if req.logprobs else None))
     return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
-                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details))
+                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details),
+                                  prompt_logprobs=prompt_logprobs)
 
 
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:

@@ -5,6 +5,10 @@ Several prompts run as separate engine requests side by side; choice `index` is
 
 `response_format` (a vLLM extension here) constrains each completion to JSON, from its first
 character: no leading whitespace.
+
+`echo` with `logprobs` scores the prompt too (its first token has none), and `max_tokens: 0` with
+`echo` returns the prompt alone: how evaluation harnesses read a model's log-likelihoods. The engine
+still samples one token for it, which the reply leaves out.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from fastapi.responses import Response
 
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
-from .logprobs import CompletionLogprobs
+from .logprobs import CompletionLogprobs, vllm_prompt_logprobs
 from .replies import CompletionChoice, CompletionResponse, PromptTokensDetails, Usage, completion_choice_delta, stream_chunk
 from .schemas import CompletionRequest
 from .serving import ServingContext, check_finish, merge_streams, respond
@@ -56,7 +60,7 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
         else:
             ctx.check_token_ids(prompt, "prompt")
             ids, text = prompt, ctx.tokenizer.decode(prompt)
-        max_tokens = ctx.fit_max_tokens(len(ids), req.max_tokens, "prompt")
+        max_tokens = ctx.fit_max_tokens(len(ids), 1 if req.echo_only else req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
         ctx.check_params(params)
         await ctx.compile_guided(params, "response_format")  # cached after the first prompt
@@ -79,22 +83,29 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
     logprobs: dict[int, CompletionLogprobs] = {}
     num_tokens: dict[int, int] = {}
     details: dict[int, PromptTokensDetails] = {}  # by prompt
-    if req.echo:
+    scored_echo = req.echo and req.logprobs is not None  # the prompt's logprobs come with its first output
+    if req.echo and not scored_echo:
         for p, job in enumerate(plan.jobs):
             for c in range(n):
                 yield chunk([completion_choice_delta(p * n + c, job.prompt_text)])
     async with contextlib.aclosing(outputs):
         async for p, out in outputs:
             check_finish(out.finish_reason)
-            index = p * n + out.index
-            num_tokens[index] = out.num_output_tokens
+            index, job = p * n + out.index, plan.jobs[p]
             if out.finish_reason is not None:  # the same counts on every output: read once
                 details[p] = PromptTokensDetails.of(out)
-            part = None
-            if req.logprobs is not None and out.logprobs:
-                choice_logprobs = logprobs.setdefault(index, CompletionLogprobs(
-                    ctx.tokenizer, plan.jobs[p].params.skip_special_tokens))
-                part = choice_logprobs.add(out.logprobs)
+            if req.logprobs is not None:
+                choice_logprobs = logprobs.setdefault(
+                    index, CompletionLogprobs(ctx.tokenizer, job.params.skip_special_tokens))
+            if scored_echo and out.prompt_logprobs is not None:
+                part = choice_logprobs.add_prompt(job.prompt_ids, out.prompt_logprobs, req.logprobs)
+                yield chunk([completion_choice_delta(index, job.prompt_text, part)])
+            if req.echo_only:  # the engine's one token is no part of the reply
+                if out.finish_reason is not None:
+                    yield chunk([completion_choice_delta(index, "", None, LENGTH)])
+                continue
+            num_tokens[index] = out.num_output_tokens
+            part = choice_logprobs.add(out.logprobs) if req.logprobs is not None and out.logprobs else None
             if out.text or part or out.finish_reason is not None:
                 yield chunk([completion_choice_delta(index, out.text, part, out.finish_reason)])
     if usage_on:
@@ -108,6 +119,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     count = len(plan.jobs) * n
     texts: list[list[str]] = [[plan.jobs[k // n].prompt_text] if req.echo else [] for k in range(count)]
     logprobs = [CompletionLogprobs(ctx.tokenizer, plan.jobs[k // n].params.skip_special_tokens) for k in range(count)]
+    prompt_logprobs: list[list | None] = [None] * count  # vLLM's
     reasons: list[str | None] = [None] * count
     num_tokens = [0] * count
     details: dict[int, PromptTokensDetails] = {}  # by prompt
@@ -116,16 +128,24 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
         async for p, out in outputs:
             check_finish(out.finish_reason)
             index = p * n + out.index
-            texts[index].append(out.text)
-            num_tokens[index] = out.num_output_tokens
             if out.finish_reason is not None:  # the same counts on every output: read once
                 details[p] = PromptTokensDetails.of(out)
+                reasons[index] = LENGTH if req.echo_only else out.finish_reason
+            if out.prompt_logprobs is not None:
+                if req.echo and req.logprobs is not None:
+                    logprobs[index].add_prompt(plan.jobs[p].prompt_ids, out.prompt_logprobs, req.logprobs)
+                if req.prompt_logprobs is not None:
+                    prompt_logprobs[index] = vllm_prompt_logprobs(ctx.tokenizer, out.prompt_logprobs,
+                                                                  req.prompt_logprobs)
+            if req.echo_only:  # the engine's one token is no part of the reply
+                continue
+            texts[index].append(out.text)
+            num_tokens[index] = out.num_output_tokens
             if req.logprobs is not None and out.logprobs:
                 logprobs[index].add(out.logprobs)
-            if out.finish_reason is not None:
-                reasons[index] = out.finish_reason
     choices = [CompletionChoice(index=k, text="".join(texts[k]), finish_reason=reasons[k] or LENGTH,
-                                logprobs=logprobs[k].as_dict() if req.logprobs is not None else None)
+                                logprobs=logprobs[k].as_dict() if req.logprobs is not None else None,
+                                prompt_logprobs=prompt_logprobs[k])
                for k in range(count)]
     usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens),
                      sum(details.values(), PromptTokensDetails()))

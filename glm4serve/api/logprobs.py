@@ -1,5 +1,5 @@
 """Engine TokenLogprob -> the two OpenAI logprob shapes (chat's list of entries, completions'
-parallel arrays)."""
+parallel arrays), and vLLM's `prompt_logprobs`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,25 @@ def chat_logprob_entries(tokenizer, logprobs: list[TokenLogprob]) -> list[dict]:
     return entries
 
 
+def vllm_prompt_logprobs(tokenizer, prompt_logprobs: list[TokenLogprob | None], k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {"logprob", "rank",
+    "decoded_token"}}, the prompt's own token first, then the k likeliest."""
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict:
+        text = token_text_and_bytes(tokenizer, token_id)[0]
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": text}
+
+    result: list[dict | None] = []
+    for lp in prompt_logprobs:
+        if lp is None:
+            result.append(None)
+            continue
+        tokens = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, (tid, tlp) in enumerate(lp.top[:k], 1):
+            tokens.setdefault(str(tid), entry(tid, tlp, rank))
+        result.append(tokens)
+    return result
+
+
 class CompletionLogprobs:
     """Accumulates one choice's `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`.
 
@@ -47,21 +66,32 @@ class CompletionLogprobs:
         self._text = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=skip_special_tokens))
         self.offset = 0  # characters of the choice's text so far
         self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top_logprobs: list[dict[str, float]] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
 
     def add(self, logprobs: list[TokenLogprob]) -> dict:
         """Append one step's tokens; returns just that step's part (a stream chunk's logprobs)."""
+        return self._add([(lp.token_id, lp) for lp in logprobs], None)
+
+    def add_prompt(self, token_ids: list[int], prompt_logprobs: list[TokenLogprob | None], k: int) -> dict:
+        """Append the echoed prompt's tokens, each with its k likeliest alternatives; the first has no
+        logprob (null, as OpenAI sends it)."""
+        return self._add(list(zip(token_ids, prompt_logprobs, strict=True)), k)
+
+    def _add(self, items: list[tuple[int, TokenLogprob | None]], k: int | None) -> dict:
         part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for lp in logprobs:
-            text, _ = token_text_and_bytes(self.tokenizer, lp.token_id)
-            top = {token_text_and_bytes(self.tokenizer, tid)[0]: _finite(tlp) for tid, tlp in lp.top}
-            top.setdefault(text, _finite(lp.logprob))  # OpenAI always lists the chosen token
+        for token_id, lp in items:
+            text, _ = token_text_and_bytes(self.tokenizer, token_id)
+            logprob = top = None
+            if lp is not None:
+                logprob = _finite(lp.logprob)
+                top = {token_text_and_bytes(self.tokenizer, tid)[0]: _finite(tlp) for tid, tlp in lp.top[:k]}
+                top.setdefault(text, logprob)  # OpenAI always lists the chosen token
             part["tokens"].append(text)
-            part["token_logprobs"].append(_finite(lp.logprob))
+            part["token_logprobs"].append(logprob)
             part["top_logprobs"].append(top)
-            part["text_offset"].append(self._take(lp.token_id))
+            part["text_offset"].append(self._take(token_id))
         self.tokens += part["tokens"]
         self.token_logprobs += part["token_logprobs"]
         self.top_logprobs += part["top_logprobs"]

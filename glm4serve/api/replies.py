@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from glm4serve.engine.types import Output
+
+_ONLY_WHEN_ASKED = Field(None, exclude_if=lambda v: v is None)  # vLLM's extra fields stay out of OpenAI's shape
 
 
 class PromptTokensDetails(BaseModel):
@@ -71,6 +73,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | None = _ONLY_WHEN_ASKED  # vLLM's
 
 
 class CompletionChoice(BaseModel):
@@ -78,6 +81,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
+    prompt_logprobs: list[dict[str, Any] | None] | None = _ONLY_WHEN_ASKED  # vLLM's
 
 
 class CompletionResponse(BaseModel):

@@ -251,11 +251,15 @@ class _SamplingBody(_RequestBody):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
+    # vLLM extension: each prompt token's logprob under the model, with this many likeliest alternatives
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _common_rules(self):
         if self.stream_options is not None and not self.stream:
             raise _invalid("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise _invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s == "" for s in stops):
             raise _invalid("stop", "stop strings must not be empty")
@@ -272,6 +276,11 @@ class _SamplingBody(_RequestBody):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine computes for this request (their alternatives, at most)."""
+        return self.prompt_logprobs
 
     @property
     def json_leading_newline(self) -> bool:
@@ -298,6 +307,7 @@ class _SamplingBody(_RequestBody):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=self.engine_prompt_logprobs,
             stop=self.stop_list,
             stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids is not None else None,
             ignore_eos=self.ignore_eos,
@@ -386,7 +396,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(_SamplingBody):
     prompt: Prompt
     suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -403,11 +413,21 @@ class CompletionRequest(_SamplingBody):
             raise _invalid("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise _invalid("best_of", "best_of other than n is not supported")
-        if self.echo and self.logprobs is not None:
-            raise _invalid("echo", "echo with logprobs needs prompt logprobs, which are not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise _invalid("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt alone)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """echo with logprobs scores the prompt too, as OpenAI's completions do."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts, each a string or a list of token ids."""
