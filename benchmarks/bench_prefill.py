@@ -5,9 +5,12 @@ logits only) on the same weights in the same run. With --ab, our prefill as serv
 same engine with one thing switched off, taking turns:
 - query-tile: attention's query tiles as large as the score budget allows (not QUERY_TILE);
 - compiled-rows: the norms and SwiGLU eager on any number of rows (cpu_runner.COMPILED_ROWS_MIN).
+With --scoring, each turn also scores a prompt of that length (prompt_logprobs=1: the logprob of every
+prompt token, as an evaluation harness asks for it), and transformers' turn scores it too (all positions'
+logits, log-softmax, the prompt tokens' logprobs).
 
     .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
-        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows] [--skip-hf]
+        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows] [--scoring] [--skip-hf]
 
 The engine runs with its default chunk (max_num_batched_tokens) and no prefix cache; each turn's
 prompt differs from the first token on. Times are medians of --repeats turns.
@@ -60,19 +63,21 @@ def prompt(n: int, turn: int) -> list[int]:
     return [(turn + 1 + 7 * i) % VOCAB for i in range(n)]
 
 
-def ours_s(engine, ids: list[int]) -> float:
-    engine.add_request(f"p{time.perf_counter_ns()}", ids, SamplingParams(max_tokens=1, temperature=0.0,
-                                                                          ignore_eos=True))
+def ours_s(engine, ids: list[int], prompt_logprobs: int | None = None) -> float:
+    engine.add_request(f"p{time.perf_counter_ns()}", ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                                                                          prompt_logprobs=prompt_logprobs))
     t0 = time.perf_counter()
     while engine.has_work:
         engine.step()
     return time.perf_counter() - t0
 
 
-def hf_s(model, ids: list[int]) -> float:
+def hf_s(model, ids: list[int], scoring: bool = False) -> float:
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+        logits = model(torch.tensor([ids]), use_cache=False, logits_to_keep=0 if scoring else 1).logits
+        if scoring:
+            logits[0, :-1].float().log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])
         return time.perf_counter() - t0
 
 
@@ -83,6 +88,7 @@ def main():
     ap.add_argument("--modes", default="bf16,int8,int4")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ab", choices=sorted(SWITCHED_OFF))
+    ap.add_argument("--scoring", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     a = ap.parse_args()
     lengths = [int(t) for t in a.tokens.split(",")]
@@ -98,11 +104,13 @@ def main():
         ours_s(engine, prompt(256, -1))  # warm-up
         for n in lengths:
             times, parts = [], collections.Counter()
-            other = []
+            other, scored = [], []
             for turn in range(a.repeats):
                 SPENT.clear()
                 times.append(ours_s(engine, prompt(n, turn)))
                 parts.update(SPENT)
+                if a.scoring:
+                    scored.append(ours_s(engine, prompt(n, turn + 200), prompt_logprobs=1))
                 if a.ab:
                     module, name, value = SWITCHED_OFF[a.ab]
                     served = getattr(module, name)
@@ -116,6 +124,9 @@ def main():
             if other:
                 o = statistics.median(other)
                 line += f"; without {a.ab} {o:.2f} s, {o / t:.2f}x"
+            if scored:
+                sc = statistics.median(scored)
+                line += f"; scored {sc:.2f} s, {sc / t:.2f}x the prefill's time"
             print(line, flush=True)
         del engine
     if a.skip_hf:
@@ -126,7 +137,11 @@ def main():
     hf_s(model, prompt(256, -1))
     for n in lengths:
         t = statistics.median(hf_s(model, prompt(n, turn)) for turn in range(a.repeats))
-        print(f"transformers bf16 {n:6d} tokens: {t:6.2f} s ({n / t:5.0f} tokens/s)", flush=True)
+        line = f"transformers bf16 {n:6d} tokens: {t:6.2f} s ({n / t:5.0f} tokens/s)"
+        if a.scoring:
+            sc = statistics.median(hf_s(model, prompt(n, turn), True) for turn in range(a.repeats))
+            line += f"; scored {sc:.2f} s"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
