@@ -230,3 +230,23 @@ def test_engine_side_abort_is_not_reported_as_a_normal_finish():
     assert "error" in chunks[-1]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     wait_idle(engine_of(client.app))
+
+
+def test_continue_final_message_ends_the_prompt_inside_the_reply_begun():
+    """vLLM's continue_final_message: the prompt ends with the final assistant text (no generation
+    prompt), the reply goes on from it; /tokenize renders the same prompt."""
+    client = client_for()
+    begun = USER_HI + [{"role": "assistant", "content": "Well,"}]
+    r = client.post("/v1/chat/completions", json={"messages": begun, "continue_final_message": True})
+    assert r.status_code == 200
+    [call] = engine_of(client.app).calls
+    assert small_tokenizer().decode(call.prompt_ids) == "[gMASK]<sop><|user|>\nhi<|assistant|>\nWell,"
+    assert r.json()["choices"][0]["message"]["content"] == "\nHello there!"  # a continuation: nothing stripped
+    tokenized = client.post("/tokenize", json={"messages": begun, "continue_final_message": True}).json()
+    assert tokenized["tokens"] == call.prompt_ids
+    both = client.post("/v1/chat/completions", json={"messages": begun, "continue_final_message": True,
+                                                      "add_generation_prompt": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+    empty = client.post("/v1/chat/completions", json={"messages": USER_HI + [{"role": "assistant", "content": ""}],
+                                                       "continue_final_message": True})
+    assert empty.status_code == 400 and "continue" in empty.json()["error"]["message"]

@@ -338,3 +338,25 @@ def test_template_failures_raise_template_error():
 def test_generation_tag_parses():
     template = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     assert render_prompt([{"role": "assistant", "content": "ok"}], chat_template=template) == "ok"
+
+
+# A template that closes every turn, as many do: continue_final_message must cut that end off.
+CLOSING_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content | trim }}<|end|>{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("reply", ["The weather in 北京 is", "Sure.  ", "  indented"])
+def test_continue_final_message_cuts_where_transformers_cuts(real_template, reply):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    for template in (real_template, builtin_template(), CLOSING_TEMPLATE):
+        theirs, _ = render_jinja_template([to_glm_turns(messages)], chat_template=template,
+                                          add_generation_prompt=False, continue_final_message=True)
+        ours = render_prompt(messages, chat_template=template, add_generation_prompt=False,
+                             continue_final_message=True)
+        assert ours == theirs[0]
+    ours = render_prompt(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ours.endswith("<|assistant|>\n" + reply)  # the built-in GLM-4 format keeps the text as it is
+    with pytest.raises(TemplateError, match="continue"):
+        render_prompt(messages[:1] + [{"role": "assistant", "content": " "}], continue_final_message=True)

@@ -139,8 +139,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
                 ids = ctx.tokenizer.with_prefix(ids)
         else:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            ids = await ctx.chat_prompt_ids(body.messages, tools, body.add_generation_prompt,
-                                            body.chat_template_kwargs)
+            ids = await ctx.chat_prompt_ids(body, tools)
         # JSONResponse straight away: FastAPI's jsonable_encoder walks a list in Python, seconds
         # of a blocked event loop for the millions of ids a multi-MB prompt has
         return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,

@@ -320,6 +320,16 @@ class _SamplingBody(_RequestBody):
 # ---- /v1/chat/completions -------------------------------------------------------------------
 
 
+def _prompt_ending(body) -> None:
+    """continue_final_message ends the prompt inside the final message: no generation prompt after it
+    (unsent, add_generation_prompt then defaults to false; sent as true, the two clash, as in vLLM)."""
+    if body.continue_final_message:
+        if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
+            raise _invalid("continue_final_message", "continue_final_message and add_generation_prompt "
+                                                     "cannot both be true")
+        body.add_generation_prompt = False
+
+
 class ChatCompletionRequest(_SamplingBody):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -332,10 +342,12 @@ class ChatCompletionRequest(_SamplingBody):
     # vLLM extensions
     echo: bool = False
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the prompt ends inside the final message: the reply goes on with it
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_rules(self):
+        _prompt_ending(self)
         if self.top_logprobs is not None and not self.logprobs:
             raise _invalid("top_logprobs", "top_logprobs needs logprobs set to true")
         if self.tools is not None and len(self.tools) == 0:
@@ -448,11 +460,13 @@ class TokenizeRequest(_RequestBody):
     messages: list[Message] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
+        _prompt_ending(self)
         if (self.prompt is None) == (self.messages is None):
             raise _invalid("prompt", "give exactly one of prompt or messages")
         if self.messages is not None and not self.messages:

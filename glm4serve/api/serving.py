@@ -113,13 +113,14 @@ class ServingContext:
             return await asyncio.to_thread(self.tokenizer.encode, text, allow_special=True)
         return self.tokenizer.encode(text, allow_special=True)
 
-    async def chat_prompt_ids(self, messages, tools: list[dict] | None, add_generation_prompt: bool,
-                              template_kwargs: dict | None) -> list[int]:
-        """OpenAI messages -> the checkpoint's chat template -> token ids; 400 when unrenderable."""
+    async def chat_prompt_ids(self, body, tools: list[dict] | None) -> list[int]:
+        """A chat body's messages -> the checkpoint's chat template -> token ids; 400 when unrenderable."""
         try:
-            text = render_prompt([m.for_template() for m in messages], tools=tools,
+            text = render_prompt([m.for_template() for m in body.messages], tools=tools,
                                  chat_template=self.tokenizer.chat_template,
-                                 add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
+                                 add_generation_prompt=body.add_generation_prompt,
+                                 template_kwargs=body.chat_template_kwargs,
+                                 continue_final_message=body.continue_final_message)
         except TemplateError as e:
             raise invalid_request(str(e), "messages") from e
         return await self.encode(text)

@@ -59,10 +59,13 @@ def render_prompt(
     chat_template: str | None = None,
     add_generation_prompt: bool = True,
     template_kwargs: dict | None = None,
+    continue_final_message: bool = False,
 ) -> str:
     """Render OpenAI chat `messages` (+ OpenAI function `tools`) into a GLM-4 prompt string.
 
-    `chat_template` None = our built-in glm-4-9b-chat format. Raises TemplateError on bad input.
+    `chat_template` None = our built-in glm-4-9b-chat format. `continue_final_message`: the prompt
+    ends with the final message's text, for the model to go on with it (a reply begun for it).
+    Raises TemplateError on bad input.
     """
     template_source = chat_template if chat_template is not None else builtin_template()
     turns = to_glm_turns(messages)
@@ -79,11 +82,25 @@ def render_prompt(
 
     template = _compile(template_source)
     try:
-        return template.render(messages=turns, tools=tools, add_generation_prompt=add_generation_prompt, **extra)
+        text = template.render(messages=turns, tools=tools, add_generation_prompt=add_generation_prompt, **extra)
     except jinja2.TemplateError as e:  # raise_exception, undefined names, sandbox violations
         raise TemplateError(f"chat template failed: {e}") from e
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # bad data the template chokes on
         raise TemplateError(f"chat template failed on this input: {e!r}") from e
+    return _cut_after_final_message(text, messages) if continue_final_message else text
+
+
+def _cut_after_final_message(rendered: str, messages: list[dict]) -> str:
+    """The prompt cut right after the final message's text, as transformers' continue_final_message
+    cuts it: whatever the template puts after a message (an end-of-turn token) must not follow."""
+    final = _content_text(messages[-1].get("content"), len(messages) - 1) if messages else ""
+    if not final.strip():
+        raise TemplateError("continue_final_message needs a final message with text to continue")
+    at = rendered.rfind(final.strip())
+    if at < 0:
+        raise TemplateError("continue_final_message: the chat template does not render the final message's text")
+    kept = final.lstrip()  # the template may have trimmed the text's trailing whitespace
+    return rendered[: at + (len(kept) if rendered.startswith(kept, at) else len(final.strip()))]
 
 
 def render_prompt_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
