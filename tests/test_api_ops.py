@@ -47,10 +47,12 @@ def test_health_follows_the_engine_and_ping_is_always_up():
     engine = engine_of(app)
     app.state.serving.engine = None  # still loading
     client = TestClient(app)
-    assert client.get("/health").status_code == 503
+    assert client.get("/health").status_code == 503 and client.head("/health").status_code == 503
     assert client.get("/ping").status_code == 200
     app.state.serving.engine = engine  # loaded
     assert client.get("/health").status_code == 200
+    head = client.head("/health")  # probes that read the status alone
+    assert head.status_code == 200 and head.content == b"" and client.head("/ping").status_code == 200
     engine.shutdown()  # the engine loop stopped
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"

@@ -106,7 +106,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
     async def _health():
         if gate.draining:
             return APIError(503, "shutting down", "service_unavailable_error").response()
@@ -118,7 +118,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
             return {"status": "ok", "replicas_up": len(replicas), "replicas": ctx.settings.num_replicas}
         return {"status": "ok"}
 
-    @app.get("/ping")
+    @app.api_route("/ping", methods=["GET", "HEAD"])
     async def _ping():
         return {"status": "ok"}
 
