@@ -217,3 +217,23 @@ def test_vllm_prompt_logprobs_on_completions_and_chat():
     calls = engine_of(client.app).calls
     assert len(body["prompt_logprobs"]) == len(calls[-1].prompt_ids) and body["prompt_logprobs"][0] is None
     assert all(len(entry) == 1 for entry in body["prompt_logprobs"][1:])
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end():
+    """vLLM's truncate_prompt_tokens: the last k tokens (-1: the context's length), echoed as the model saw them."""
+    tok = small_tokenizer()
+    client = client_for(max_model_len=64)
+    ids = tok.encode("one two three four five six")
+    body = post(client, prompt=ids, truncate_prompt_tokens=3, echo=True, max_tokens=1).json()
+    assert engine_of(client.app).calls[-1].prompt_ids == ids[-3:]
+    assert body["choices"][0]["text"].startswith(tok.decode(ids[-3:])) and body["usage"]["prompt_tokens"] == 3
+    post(client, prompt=list(range(100, 180)), truncate_prompt_tokens=-1, max_tokens=None)
+    assert engine_of(client.app).calls[-1].prompt_ids == list(range(117, 180))  # the context's 64, less one to reply
+    r = post(client, prompt=list(range(100, 180)), truncate_prompt_tokens=-1, max_tokens=10)
+    assert r.status_code == 200 and engine_of(client.app).calls[-1].prompt_ids == list(range(126, 180))
+    for bad in (0, 65, -2):
+        r = post(client, prompt=ids, truncate_prompt_tokens=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", bad
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                      "truncate_prompt_tokens": 2, "max_tokens": 2})
+    assert chat.status_code == 200 and len(engine_of(client.app).calls[-1].prompt_ids) == 2

@@ -72,7 +72,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     ctx.check_ready()
     ctx.check_model(req.model)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
-    prompt_ids = await ctx.chat_prompt_ids(req, tools)
+    prompt_ids = ctx.truncate(await ctx.chat_prompt_ids(req, tools), req.truncate_prompt_tokens, req.max_output_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)

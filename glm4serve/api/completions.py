@@ -60,6 +60,9 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
         else:
             ctx.check_token_ids(prompt, "prompt")
             ids, text = prompt, ctx.tokenizer.decode(prompt)
+        if req.truncate_prompt_tokens is not None:
+            ids = ctx.truncate(ids, req.truncate_prompt_tokens, req.max_tokens)
+            text = ctx.tokenizer.decode(ids)  # what echo sends back: the prompt as the model saw it
         max_tokens = ctx.fit_max_tokens(len(ids), 1 if req.echo_only else req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
         ctx.check_params(params)

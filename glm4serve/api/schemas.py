@@ -253,6 +253,8 @@ class _SamplingBody(_RequestBody):
     response_format: ResponseFormat | None = None
     # vLLM extension: each prompt token's logprob under the model, with this many likeliest alternatives
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM extension: keep only the prompt's last k tokens (-1: as many as the context holds)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
     @model_validator(mode="after")
     def _common_rules(self):

@@ -83,6 +83,18 @@ class ServingContext:
         cap = self.settings.max_tokens_limit  # the server's cap also bounds the default
         return limit - prompt_len if cap is None else min(cap, limit - prompt_len)
 
+    def truncate(self, prompt_ids: list[int], keep: int | None, max_tokens: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens; -1: as many as the context
+        holds beside the reply (max_tokens, or one token when the request leaves it to the context)."""
+        if keep is None:
+            return prompt_ids
+        if keep == 0 or keep > self.max_model_len:
+            raise invalid_request(f"truncate_prompt_tokens must be -1 or between 1 and the model's maximum context "
+                                  f"length ({self.max_model_len}), got {keep}", "truncate_prompt_tokens")
+        if keep == -1:
+            keep = max(1, self.max_model_len - (max_tokens or 1))
+        return prompt_ids[-keep:]
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
