@@ -250,3 +250,20 @@ def test_continue_final_message_ends_the_prompt_inside_the_reply_begun():
     empty = client.post("/v1/chat/completions", json={"messages": USER_HI + [{"role": "assistant", "content": ""}],
                                                        "continue_final_message": True})
     assert empty.status_code == 400 and "continue" in empty.json()["error"]["message"]
+
+
+def test_continuous_usage_stats_put_the_choices_counts_so_far_in_every_chunk():
+    """vLLM's stream_options.continuous_usage_stats (with include_usage), on chat and completions."""
+    client = client_for()
+    for route, body in (("/v1/chat/completions", {"messages": USER_HI}), ("/v1/completions", {"prompt": "hi"})):
+        r = client.post(route, json={**body, "stream": True,
+                                     "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        *chunks, last = sse_json(r.text)
+        prompt = len(engine_of(client.app).calls[-1].prompt_ids)
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks), route
+        assert counts == sorted(counts) and counts[-1] == last["usage"]["completion_tokens"] > 0, route
+        assert all(c["usage"]["total_tokens"] == prompt + n for c, n in zip(chunks, counts))
+        plain = sse_json(client.post(route, json={**body, "stream": True,
+                                                  "stream_options": {"include_usage": True}}).text)
+        assert all(c["usage"] is None for c in plain[:-1]), route

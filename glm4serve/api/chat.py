@@ -163,8 +163,12 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                        outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
     n, usage_on = req.n, req.include_usage
 
-    def chunk(choices: list[dict], usage: Usage | None = None) -> bytes:
-        return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, choices, usage, usage_on))
+    def chunk(deltas: list[dict]) -> bytes:
+        usage = None
+        if req.continuous_usage:  # the counts so far of the chunk's choice
+            usage = Usage.of(len(plan.prompt_ids), choices[deltas[0]["index"]].num_tokens)
+        return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, deltas,
+                                     usage, usage_on))
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
     pending_logprobs: list[list[dict]] = [[] for _ in range(n)]

@@ -81,7 +81,12 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
     n, usage_on = req.n, req.include_usage
 
     def chunk(choices: list[dict]) -> bytes:
-        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, choices, None, usage_on))
+        usage = None
+        if req.continuous_usage:  # the counts so far of the chunk's choice
+            index = choices[0]["index"]
+            usage = Usage.of(len(plan.jobs[index // n].prompt_ids), num_tokens.get(index, 0))
+        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, choices,
+                                     usage, usage_on))
 
     logprobs: dict[int, CompletionLogprobs] = {}
     num_tokens: dict[int, int] = {}

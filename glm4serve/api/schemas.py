@@ -192,6 +192,7 @@ class NamedToolChoice(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, every chunk carries its choice's usage so far
 
 
 class JsonSchemaFormat(_Body):
@@ -278,6 +279,10 @@ class _SamplingBody(_RequestBody):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     def engine_prompt_logprobs(self) -> int | None:
