@@ -129,3 +129,53 @@ def test_response_format_and_a_forced_tool_call_conflict():
     _, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "required",
                                          "response_format": {"type": "json_object"}})
     assert "tool_choice" in error(r, "response_format")
+
+
+@pytest.mark.parametrize("extra,spec", [
+    ({"guided_choice": ["yes", "no"]}, GuidedSpec.choice(["yes", "no"])),
+    ({"guided_regex": "y[a-z]s"}, GuidedSpec.regex("y[a-z]s")),
+    ({"guided_grammar": 'root ::= "yes"'}, GuidedSpec.grammar('root ::= "yes"')),
+    ({"guided_json": SCHEMA}, GuidedSpec.json_schema(SCHEMA)),
+    ({"guided_json": json.dumps(SCHEMA)}, GuidedSpec.json_schema(SCHEMA)),  # a schema sent as JSON text
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, GuidedSpec.choice(["yes", "no"])),
+    ({"structured_outputs": {"regex": "y[a-z]s"}}, GuidedSpec.regex("y[a-z]s")),
+    ({"structured_outputs": {"json": SCHEMA}}, GuidedSpec.json_schema(SCHEMA)),
+    ({"structured_outputs": {"json_object": True}}, GuidedSpec.json_object()),
+    ({"structured_outputs": {"grammar": 'root ::= "yes"'}}, GuidedSpec.grammar('root ::= "yes"')),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else "")
+def test_vllm_structured_outputs_become_the_engine_grammar(extra, spec):
+    """vLLM's guided_* fields and structured_outputs object; on chat the reply may open with GLM-4's "\\n"."""
+    engine, r = post("/v1/completions", {"prompt": "Is it?", **extra}, ["yes"])
+    assert r.status_code == 200, r.text
+    assert engine.calls[0].params.guided == spec
+    engine, r = post("/v1/chat/completions", {"messages": HI, **extra}, ["\nyes"])
+    assert r.status_code == 200, r.text
+    assert engine.calls[0].params.guided == GuidedSpec(**{**spec.__dict__, "leading_newline": True})
+    if spec.kind in ("choice", "regex", "grammar"):
+        assert r.json()["choices"][0]["message"]["content"] == "yes"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),  # the message names both
+    ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a", ""]}, "guided_choice"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_json": "[1]"}, "guided_json"),
+    ({"structured_outputs": {"json": {"type": "nonsense"}}}, "structured_outputs.json"),
+    ({"guided_regex": "(ab"}, "guided_regex"),  # the grammar engine's refusal, as a 400
+    ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs.grammar"),
+])
+def test_bad_vllm_structured_outputs_are_400(extra, param):
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": HI})):
+        _, r = post(path, {**body, **extra})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["param"] == param, (path, r.json())
+    if "guided_regex" in extra and "guided_choice" in extra:
+        assert "guided_regex and guided_choice" in r.json()["error"]["message"]
+
+
+def test_a_forced_tool_call_takes_no_vllm_constraint_beside_it():
+    _, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "required",
+                                         "guided_choice": ["a"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice"

@@ -4,6 +4,7 @@ GLM-4 that otherwise emits noise) and the official openai client with strict res
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import httpx
@@ -222,3 +223,24 @@ def test_bad_and_uncompilable_schemas_are_400(server, stream):
         c.chat.completions.create(model=MODEL, messages=ASK, tools=bad_tool, tool_choice="required", stream=stream)
     assert "cannot compile" in e.value.message and e.value.param == "tools"
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_vllm_guided_choice_and_regex_through_the_sdk(server):
+    """vLLM's extra_body constraints, as its users send them: every reply is one of the choices, or
+    matches the pattern, whole and streamed."""
+    c = client(server)
+    choices = ["positive", "negative", "neutral"]
+    seen = set()
+    for seed in range(6):
+        r = c.chat.completions.create(model=MODEL, messages=ASK, seed=seed, max_tokens=20,
+                                      extra_body={"guided_choice": choices})
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content in choices
+        seen.add(r.choices[0].message.content)
+    assert len(seen) > 1
+    pattern = r"[0-9]{3}-[0-9]{4}"
+    r = c.completions.create(model=MODEL, prompt="Phone:", seed=1, max_tokens=20, n=2,
+                             extra_body={"structured_outputs": {"regex": pattern}})
+    assert all(re.fullmatch(pattern, ch.text) and ch.finish_reason == "stop" for ch in r.choices)
+    stream = c.chat.completions.create(model=MODEL, messages=ASK, seed=2, max_tokens=20, stream=True,
+                                       extra_body={"guided_regex": pattern})
+    assert re.fullmatch(pattern, "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices))

@@ -5,6 +5,7 @@ that share the batch must not notice."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -415,3 +416,33 @@ def test_stop_ids_that_are_text_stay_in_the_grammar_and_stop_the_reply(engine):
     assert engine.pop_errors() == []
     for text, finish, tokens in out.values():
         assert finish == STOP and tokens[-1] in opening and text.strip() == ""
+
+
+ARITHMETIC = 'root ::= term (" " op " " term){0,3}\nterm ::= [1-9] [0-9]{0,2}\nop ::= "+" | "-" | "*"'
+
+
+@pytest.mark.parametrize("spec,check", [
+    (GuidedSpec.regex(r"[A-Z][a-z]{1,8} (is|was) [0-9]{1,3}"),
+     lambda t: re.fullmatch(r"[A-Z][a-z]{1,8} (is|was) [0-9]{1,3}", t)),
+    (GuidedSpec.choice(["positive", "negative", "中性 \"neutral\""]),
+     lambda t: t in ("positive", "negative", "中性 \"neutral\"")),
+    (GuidedSpec.grammar(ARITHMETIC), lambda t: re.fullmatch(r"[1-9][0-9]{0,2}( [-+*] [1-9][0-9]{0,2}){0,3}", t)),
+    (GuidedSpec.regex(r"(yes|no)!", leading_newline=True), lambda t: re.fullmatch(r"\n?(yes|no)!", t)),
+], ids=["regex", "choice", "grammar", "regex-after-newline"])
+def test_vllm_regex_choice_and_grammar_constraints_hold_for_sampled_replies(engine, spec, check):
+    out = run(engine, [(f"s{i}", prompt(engine), SamplingParams(max_tokens=40, temperature=1.0, seed=i, guided=spec))
+                       for i in range(16)])
+    assert engine.pop_errors() == []
+    texts = [text for text, finish, _ in out.values() if finish == STOP]
+    assert len(texts) == 16 and all(check(t) for t in texts), texts
+    assert len(set(texts)) > 1  # the model picks among what the constraint allows
+
+
+def test_uncompilable_regex_and_grammar_are_refused_with_the_reason(engine):
+    for spec, reason in ((GuidedSpec.regex("(ab"), "cannot compile this regex"),
+                         (GuidedSpec.grammar("root ::= "), "cannot compile this grammar")):
+        with pytest.raises(GuidedSpecError, match=reason):
+            engine.add_request("x", prompt(engine), SamplingParams(guided=spec))
+    with pytest.raises(GuidedSpecError):
+        GuidedSpec.choice(["a", ""])
+    assert not engine.has_work

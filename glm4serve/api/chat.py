@@ -81,7 +81,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     call_spec = forced_call_spec(req)
     if call_spec is not None:
         params.guided = call_spec
-    await ctx.compile_guided(params, "tools" if call_spec is not None else "response_format")
+    await ctx.compile_guided(params, "tools" if call_spec is not None else req.guided_param)
     separator = ctx.tokenizer.special_tokens.get(CALL_SEPARATOR)
     if req.tools_active and separator is not None:
         params.special_token_text = {separator: CALL_MARK}

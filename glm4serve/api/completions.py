@@ -66,7 +66,7 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
         max_tokens = ctx.fit_max_tokens(len(ids), 1 if req.echo_only else req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
         ctx.check_params(params)
-        await ctx.compile_guided(params, "response_format")  # cached after the first prompt
+        await ctx.compile_guided(params, req.guided_param)  # cached after the first prompt
         jobs.append(PromptJob(ids, text, params, f"{request_id}-{p}"))
     return CompletionPlan(request_id, int(time.time()), jobs)
 

@@ -224,6 +224,36 @@ class ResponseFormat(_Body):
         return None
 
 
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: one of these constraints on the reply."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF, in xgrammar's dialect
+    json_object: bool | None = None
+
+
+def _vllm_constraints(body) -> list[tuple[str, str, Any]]:
+    """(param, kind, value) of each structured-output constraint the body sets the vLLM way."""
+    so = body.structured_outputs
+    found = [(f"guided_{kind}", kind, getattr(body, f"guided_{kind}")) for kind in ("json", "regex", "choice", "grammar")]
+    if so is not None:
+        found += [(f"structured_outputs.{kind}", kind, getattr(so, "json_" if kind == "json" else kind))
+                  for kind in ("json", "regex", "choice", "grammar")]
+        found.append(("structured_outputs.json_object", "json_object", so.json_object or None))
+    return [f for f in found if f[2] is not None]
+
+
+def _vllm_spec(kind: str, value: Any, leading_newline: bool) -> GuidedSpec:
+    if kind == "json":
+        return GuidedSpec.json_schema(value, leading_newline)
+    if kind == "json_object":
+        return GuidedSpec.json_object(leading_newline)
+    return {"regex": GuidedSpec.regex, "choice": GuidedSpec.choice, "grammar": GuidedSpec.grammar}[kind](
+        value, leading_newline)
+
+
 # ---- shared sampling fields -----------------------------------------------------------------
 
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as vLLM and OpenAI take it
@@ -256,6 +286,12 @@ class _SamplingBody(_RequestBody):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # vLLM extension: keep only the prompt's last k tokens (-1: as many as the context holds)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # vLLM's structured outputs, besides response_format: the newer object, or the older guided_* fields
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _common_rules(self):
@@ -263,6 +299,25 @@ class _SamplingBody(_RequestBody):
             raise _invalid("stream_options", "stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
             raise _invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
+        constraints = _vllm_constraints(self)
+        if self.response_format is not None and self.response_format.type != "text":
+            constraints.insert(0, ("response_format", "", None))
+        if len(constraints) > 1:
+            raise _invalid(constraints[1][0], "give one constraint on the reply, not "
+                                              + " and ".join(c[0] for c in constraints))
+        for param, kind, value in constraints:
+            if kind == "json" and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise _invalid(param, f"{param} is not valid JSON: {e}") from None
+                self._set_json_constraint(param, value)
+            if kind == "json":
+                if not isinstance(value, dict):
+                    raise _invalid(param, f"{param} must be a JSON schema object")
+                _check_json_schema(value, param)
+            if kind == "choice" and (not value or not all(value)):
+                raise _invalid(param, f"{param} must be a list of one or more non-empty strings")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s == "" for s in stops):
             raise _invalid("stop", "stop strings must not be empty")
@@ -289,9 +344,29 @@ class _SamplingBody(_RequestBody):
         """The prompt logprobs the engine computes for this request (their alternatives, at most)."""
         return self.prompt_logprobs
 
+    def _set_json_constraint(self, param: str, schema: Any) -> None:
+        """A JSON schema sent as text, parsed once."""
+        if param == "guided_json":
+            self.guided_json = schema
+        else:
+            self.structured_outputs.json_ = schema
+
+    @property
+    def guided_param(self) -> str:
+        """The parameter that constrains the reply (what a 400 about its grammar names)."""
+        found = _vllm_constraints(self)
+        return found[0][0] if found else "response_format"
+
+    def guided_spec(self) -> GuidedSpec | None:
+        """The grammar the reply must follow: response_format's or a vLLM constraint's; None for none."""
+        if self.response_format is not None:
+            return self.response_format.guided_spec(self.json_leading_newline)
+        found = _vllm_constraints(self)
+        return _vllm_spec(found[0][1], found[0][2], self.json_leading_newline) if found else None
+
     @property
     def json_leading_newline(self) -> bool:
-        """Whether a JSON reply may open with one newline (GLM-4 chat replies do; the API strips it)."""
+        """Whether a constrained reply may open with one newline (GLM-4 chat replies do; the API strips it)."""
         return False
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
@@ -320,7 +395,7 @@ class _SamplingBody(_RequestBody):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
-            guided=self.response_format.guided_spec(self.json_leading_newline) if self.response_format else None,
+            guided=self.guided_spec(),
         )
 
 
@@ -372,10 +447,9 @@ class ChatCompletionRequest(_SamplingBody):
             for i, tool in enumerate(self.tools):  # as OpenAI, whether or not a call is forced
                 if tool.function.parameters is not None:
                     _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
-        if self.forces_tool_call:
-            if self.response_format is not None and self.response_format.type != "text":
-                raise _invalid("response_format", "response_format cannot constrain a reply that tool_choice "
-                                                  "already forces to be a tool call")
+        if self.forces_tool_call and self.guided_spec() is not None:
+            raise _invalid(self.guided_param, f"{self.guided_param} cannot constrain a reply that tool_choice "
+                                              "already forces to be a tool call")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
             raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self

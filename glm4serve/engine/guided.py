@@ -2,7 +2,8 @@
 
 A request's constraint is a `GuidedSpec` on its SamplingParams (plain, hashable data): the reply
 is a JSON object, or JSON valid against a schema, or a GLM-4 tool call `{name}\\n{json}` of one of
-the given tools. `Grammars` compiles specs against the model's tokenizer (LRU cache, thread-safe:
+the given tools, or (vLLM's structured outputs) text matching a regular expression, one of a list
+of strings, or a sentence of an EBNF grammar (xgrammar's dialect, as vLLM takes it). `Grammars` compiles specs against the model's tokenizer (LRU cache, thread-safe:
 the API compiles up front in a worker thread, so a bad schema is a 400 and the engine loop finds
 the grammar cached) and makes a `Guide` per sequence: an xgrammar matcher that every sampled
 token advances. The sampler has the guides of the constrained rows fill a token bitmask and sets the
@@ -45,6 +46,10 @@ import torch
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
 TOOL_CALL = "tool_call"
+REGEX = "regex"
+CHOICE = "choice"
+GRAMMAR = "grammar"
+KINDS = (JSON_OBJECT, JSON_SCHEMA, TOOL_CALL, REGEX, CHOICE, GRAMMAR)
 
 _SEPARATORS = (", ", ": ")
 # xgrammar's messages start with "[HH:MM:SS] /path/to/file.cc:123: "
@@ -64,18 +69,21 @@ class GuidedSpec:
     """What a constrained reply must look like. Schemas are JSON text, so a spec is hashable (the
     compiled-grammar cache key) and keeps the schema's property order (the generation order)."""
 
-    kind: str  # JSON_OBJECT | JSON_SCHEMA | TOOL_CALL
-    schema: str | None = None  # JSON_SCHEMA: the JSON schema
+    kind: str  # one of KINDS
+    schema: str | None = None  # JSON_SCHEMA: the JSON schema; REGEX: the pattern; GRAMMAR: the EBNF
     tools: tuple[tuple[str, str], ...] = ()  # TOOL_CALL: (name, parameters schema), one is called
-    leading_newline: bool = False  # JSON kinds: allow one "\n" first (GLM-4 opens chat replies with it)
+    choices: tuple[str, ...] = ()  # CHOICE: the reply is one of these
+    leading_newline: bool = False  # all but TOOL_CALL: allow one "\n" first (GLM-4 opens chat replies with it)
 
     def __post_init__(self):
-        if self.kind not in (JSON_OBJECT, JSON_SCHEMA, TOOL_CALL):
+        if self.kind not in KINDS:
             raise GuidedSpecError(f"unknown constraint kind {self.kind!r}")
-        if self.kind == JSON_SCHEMA and self.schema is None:
-            raise GuidedSpecError("a json_schema constraint needs a schema")
+        if self.kind in (JSON_SCHEMA, REGEX, GRAMMAR) and self.schema is None:
+            raise GuidedSpecError(f"a {self.kind} constraint needs its text")
         if self.kind == TOOL_CALL and not self.tools:
             raise GuidedSpecError("a tool_call constraint needs at least one tool")
+        if self.kind == CHOICE and (not self.choices or not all(self.choices)):
+            raise GuidedSpecError("a choice constraint needs one or more non-empty strings")
 
     @classmethod
     def json_object(cls, leading_newline: bool = False) -> "GuidedSpec":
@@ -84,6 +92,18 @@ class GuidedSpec:
     @classmethod
     def json_schema(cls, schema: dict, leading_newline: bool = False) -> "GuidedSpec":
         return cls(JSON_SCHEMA, schema=json.dumps(schema, ensure_ascii=False), leading_newline=leading_newline)
+
+    @classmethod
+    def regex(cls, pattern: str, leading_newline: bool = False) -> "GuidedSpec":
+        return cls(REGEX, schema=pattern, leading_newline=leading_newline)
+
+    @classmethod
+    def choice(cls, choices: list[str], leading_newline: bool = False) -> "GuidedSpec":
+        return cls(CHOICE, choices=tuple(choices), leading_newline=leading_newline)
+
+    @classmethod
+    def grammar(cls, ebnf: str, leading_newline: bool = False) -> "GuidedSpec":
+        return cls(GRAMMAR, schema=ebnf, leading_newline=leading_newline)
 
     @classmethod
     def tool_call(cls, tools: dict[str, dict | None]) -> "GuidedSpec":
@@ -110,7 +130,14 @@ def build_grammar(spec: GuidedSpec):
             name_line = xgr.Grammar.from_ebnf("root ::= " + json.dumps(name + "\n"))  # a JSON string is an EBNF literal
             calls.append(xgr.Grammar.concat(name_line, json_grammar(params)))
         return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
-    body = json_grammar(spec.schema if spec.kind == JSON_SCHEMA else '{"type": "object"}')
+    if spec.kind == REGEX:
+        body = xgr.Grammar.from_regex(spec.schema)
+    elif spec.kind == CHOICE:  # JSON strings are EBNF literals
+        body = xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices))
+    elif spec.kind == GRAMMAR:
+        body = xgr.Grammar.from_ebnf(spec.schema)
+    else:
+        body = json_grammar(spec.schema if spec.kind == JSON_SCHEMA else '{"type": "object"}')
     if spec.leading_newline:
         return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "\\n"?'), body)
     return body
@@ -226,7 +253,8 @@ class Grammars:
         try:  # outside the lock: the engine loop never waits on an API thread's long compile
             compiled = compiler.compile_grammar(build_grammar(spec))
         except Exception as e:  # xgrammar raises RuntimeError (and others) with the reason
-            raise GuidedSpecError(f"the grammar engine cannot compile this schema: {_clean_message(e)}") from e
+            what = "schema" if spec.kind in (JSON_SCHEMA, TOOL_CALL) else spec.kind
+            raise GuidedSpecError(f"the grammar engine cannot compile this {what}: {_clean_message(e)}") from e
         with self._lock:
             self._cache[spec] = compiled
             self._cache.move_to_end(spec)
