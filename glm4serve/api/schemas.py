@@ -237,10 +237,10 @@ class StructuredOutputs(_Body):
 def _vllm_constraints(body) -> list[tuple[str, str, Any]]:
     """(param, kind, value) of each structured-output constraint the body sets the vLLM way."""
     so = body.structured_outputs
-    found = [(f"guided_{kind}", kind, getattr(body, f"guided_{kind}")) for kind in ("json", "regex", "choice", "grammar")]
+    kinds = ("json", "regex", "choice", "grammar")
+    found = [(f"guided_{kind}", kind, getattr(body, f"guided_{kind}")) for kind in kinds]
     if so is not None:
-        found += [(f"structured_outputs.{kind}", kind, getattr(so, "json_" if kind == "json" else kind))
-                  for kind in ("json", "regex", "choice", "grammar")]
+        found += [(f"structured_outputs.{kind}", kind, getattr(so, "json_" if kind == "json" else kind)) for kind in kinds]
         found.append(("structured_outputs.json_object", "json_object", so.json_object or None))
     return [f for f in found if f[2] is not None]
 
