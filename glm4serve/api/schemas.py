@@ -240,7 +240,8 @@ def _vllm_constraints(body) -> list[tuple[str, str, Any]]:
     kinds = ("json", "regex", "choice", "grammar")
     found = [(f"guided_{kind}", kind, getattr(body, f"guided_{kind}")) for kind in kinds]
     if so is not None:
-        found += [(f"structured_outputs.{kind}", kind, getattr(so, "json_" if kind == "json" else kind)) for kind in kinds]
+        found += [(f"structured_outputs.{kind}", kind, getattr(so, "json_" if kind == "json" else kind))
+                  for kind in kinds]
         found.append(("structured_outputs.json_object", "json_object", so.json_object or None))
     return [f for f in found if f[2] is not None]
 
