@@ -267,3 +267,57 @@ def test_continuous_usage_stats_put_the_choices_counts_so_far_in_every_chunk():
         plain = sse_json(client.post(route, json={**body, "stream": True,
                                                   "stream_options": {"include_usage": True}}).text)
         assert all(c["usage"] is None for c in plain[:-1]), route
+
+
+THOUGHTFUL = "\nThe user greets me.</think>\nHello!"  # GLM-Z1's reply after its prompt's `<think>`
+
+
+def test_reasoning_parser_splits_the_thinking_into_reasoning_content_whole_and_streamed():
+    client = client_for(replies=[THOUGHTFUL], reasoning_parser="deepseek_r1")
+    message = client.post("/v1/chat/completions", json={"messages": USER_HI}).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == "The user greets me." and message["content"] == "Hello!"
+    chunks = sse_json(client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": True}).text)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    thinking = "".join(d.get("reasoning_content") or "" for d in deltas)
+    answer = "".join(d.get("content") or "" for d in deltas)
+    assert (thinking, answer) == ("The user greets me.", "Hello!")
+    first_answer = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert not any(d.get("reasoning_content") for d in deltas[first_answer:])
+    # off (the default): the reply is all content, as the model wrote it
+    plain = client_for(replies=[THOUGHTFUL]).post("/v1/chat/completions", json={"messages": USER_HI}).json()
+    assert plain["choices"][0]["message"]["content"] == THOUGHTFUL[1:]
+    assert "reasoning_content" not in plain["choices"][0]["message"]
+
+
+def test_reasoning_then_a_tool_call_and_a_reply_cut_while_thinking():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    client = client_for(replies=['Weather, so a call.</think>get_weather\n{"city": "Paris"}'],
+                        reasoning_parser="deepseek_r1")
+    body = client.post("/v1/chat/completions", json={"messages": USER_HI, "tools": tools}).json()
+    message = body["choices"][0]["message"]
+    assert message["reasoning_content"] == "Weather, so a call." and message["content"] is None
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    cut = client_for(replies=["Thinking on and on"], reasoning_parser="deepseek_r1").post(
+        "/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 3}).json()["choices"][0]
+    assert cut["finish_reason"] == "length" and cut["message"]["content"] is None
+    tok = small_tokenizer()
+    assert cut["message"]["reasoning_content"] == tok.decode(tok.encode("Thinking on and on")[:3])
+
+
+def test_a_constrained_reply_is_not_split_for_thinking():
+    client = client_for(replies=['\n{"a": 1}'], reasoning_parser="deepseek_r1")
+    body = client.post("/v1/chat/completions", json={"messages": USER_HI,
+                                                      "response_format": {"type": "json_object"}}).json()
+    assert body["choices"][0]["message"]["content"] == '{"a": 1}'
+    assert "reasoning_content" not in body["choices"][0]["message"]
+
+
+def test_a_think_tag_that_is_a_special_token_still_splits_the_reply():
+    """Where the tokenizer has `</think>` as a special token, skipping special tokens must not drop it."""
+    tok = small_tokenizer()
+    end_id = tok.special_tokens["<eop>"]  # stands in for a `</think>` special token
+    app = make_app(replies=[tok.encode("Hmm.") + [end_id] + tok.encode("Yes.")], reasoning_parser="deepseek_r1")
+    app.state.serving.tokenizer.special_tokens["</think>"] = end_id
+    message = TestClient(app).post("/v1/chat/completions", json={"messages": USER_HI}).json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("Hmm.", "Yes.")

@@ -241,3 +241,12 @@ def test_server_limits_name_the_responses_fields():
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     r = client.post("/v1/responses", json={"input": "a", "max_output_tokens": 9})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
+
+
+def test_with_a_reasoning_parser_the_reply_leaves_the_thinking_out_whole_and_streamed():
+    client = TestClient(make_app(replies=["\nGreeting.</think>\nHello there!"], reasoning_parser="deepseek_r1"))
+    body = client.post("/v1/responses", json={"input": "hi"}).json()
+    [item] = body["output"]
+    assert item["content"][0]["text"] == "Hello there!"
+    events = events_of(client.post("/v1/responses", json={"input": "hi", "stream": True}).text)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello there!"

@@ -22,6 +22,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response
 
+from glm4serve.chat.reasoning import THINK_END, THINK_START, StreamingReasoningParser, split_reasoning
 from glm4serve.chat.tool_parser import (
     CALL_MARK,
     ContentDelta,
@@ -66,6 +67,7 @@ class ChatPlan:
     forced_call: bool  # tool_choice forces a call (a grammar enforces its format)
     echo: str  # vLLM's chat echo: the last assistant message, prepended to the reply
     strip_newline: bool
+    reasoning: bool = False  # the reply's thinking goes to reasoning_content (chat/reasoning.py)
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
@@ -91,9 +93,15 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
 
     last = req.messages[-1]
     echo = (last.text() or "") if req.echo and last.role == "assistant" else ""
+    # a constrained reply has no thinking to split: its grammar holds from the first token
+    reasoning = ctx.settings.reasoning_parser is not None and params.guided is None
+    if reasoning:  # where the tokenizer has them as special tokens, the tags stay in the text to split on
+        special = ctx.tokenizer.special_tokens
+        tags = {special[t]: t for t in (THINK_START, THINK_END) if t in special}
+        params.special_token_text = {**(params.special_token_text or {}), **tags}
     return ChatPlan(request_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
-                    strip_newline=req.add_generation_prompt)
+                    strip_newline=req.add_generation_prompt, reasoning=reasoning)
 
 
 @dataclass
@@ -110,7 +118,8 @@ class ChoiceStream:
 
     def __init__(self, plan: ChatPlan, tokenizer):
         self.parser = StreamingToolParser(plan.tool_names, lenient=plan.forced_call) if plan.tool_names else None
-        self._strip_newline = plan.strip_newline
+        self.reasoning = StreamingReasoningParser() if plan.reasoning else None
+        self._strip_newline = self._strip_thinking_newline = plan.strip_newline
         self._tokenizer = tokenizer
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
@@ -127,16 +136,29 @@ class ChoiceStream:
         return ChoiceStep(deltas + held, entries, finish_reason)
 
     def feed(self, text: str) -> list[dict]:
+        if self.reasoning is None:
+            return self._answer(text)
+        thinking, answer = self.reasoning.feed(text)
+        return self._thinking(thinking) + (self._answer(answer) if answer else [])
+
+    def _answer(self, text: str) -> list[dict]:
         if self.parser is None:
             return self._content(text)
         return self._deltas(self.parser.feed(text))
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
         """Deltas still held back, and the finish_reason to send."""
+        thinking = self._thinking(self.reasoning.finish()) if self.reasoning is not None else []
         if self.parser is None:
-            return [], reason
+            return thinking, reason
         deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
-        return deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
+        return thinking + deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
+
+    def _thinking(self, text: str) -> list[dict]:
+        if self._strip_thinking_newline and text:
+            self._strip_thinking_newline = False
+            text = text.removeprefix("\n")
+        return [{"reasoning_content": text}] if text else []
 
     def _deltas(self, events) -> list[dict]:
         out: list[dict] = []
@@ -238,6 +260,17 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
 
 
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
+    if plan.reasoning:
+        thinking, answer = split_reasoning(text)
+        thinking = _strip_first_newline(plan, thinking) or None
+        if answer is None:  # it never stopped thinking
+            return ChatMessageOut(content=None, reasoning_content=thinking), reason
+        message, reason = _answer_message(ctx, plan, answer, reason)
+        return message.model_copy(update={"reasoning_content": thinking}), reason
+    return _answer_message(ctx, plan, text, reason)
+
+
+def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
     if plan.tool_names is None:
         return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text)), reason
     truncated = reason == LENGTH

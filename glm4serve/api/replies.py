@@ -57,6 +57,7 @@ class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = _ONLY_WHEN_ASKED  # vLLM's: the thinking, with a reasoning parser
 
 
 class ChatChoice(BaseModel):

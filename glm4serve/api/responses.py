@@ -187,6 +187,8 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
             pending += step.logprobs
             finish_reason = step.finish_reason or finish_reason
             for delta in step.deltas:
+                if "reasoning_content" in delta:  # the Responses API's replies leave the thinking out
+                    continue
                 if "content" in delta:
                     entries, pending = pending, []
                     for event in builder.text(delta["content"], entries):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -48,6 +48,9 @@ class ServerSettings(EngineArgs, BaseSettings):
     max_n: int = Field(16, ge=1, description="most choices (n) in one request")
     max_prompts: int = Field(64, ge=1, description="most prompts in one /v1/completions request")
     max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens (default: the context length)")
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(
+        None, description="chat replies' thinking, up to </think> (GLM-Z1), as reasoning_content, as vLLM's "
+                          "--reasoning-parser deepseek_r1 (default: off, all of a reply is content)")
     max_tools: int = Field(128, ge=0, description="most tools in one chat request")
     max_stop: int = Field(16, ge=0, description="most stop strings in one request")
     response_store_memory: int = Field(
