@@ -88,7 +88,8 @@ def test_two_ranks_give_one_rank_greedy_tokens_logits_and_transformers_tokens(ch
 
     path = checkpoint(variant, kv_heads)
     prompts = [[11, 23, 5, 99, 42, 7, 64, 3], [5, 6, 7], list(range(40, 70))]
-    chunk = [SeqChunk(prompts[0], 0, [0, 1])]  # one forward's logits, every rank's parts combined
+    # one forward's logits after every token (prompt logprobs' rows), every rank's parts combined
+    chunk = [SeqChunk(prompts[0], 0, [0, 1], all_logits=True)]
     got = {}
     for world in (1, 2):
         engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", tensor_parallel_size=world,
@@ -99,6 +100,7 @@ def test_two_ranks_give_one_rank_greedy_tokens_logits_and_transformers_tokens(ch
             engine.close()
     assert got[2][0] == got[1][0]
     one, two = got[1][1], got[2][1]
+    assert one.shape[0] == two.shape[0] == len(prompts[0])
     assert (two - one).abs().max().item() <= 1e-4 * max(one.abs().max().item(), 1.0)  # fp32: order of sums only
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
