@@ -321,3 +321,25 @@ def test_a_think_tag_that_is_a_special_token_still_splits_the_reply():
     app.state.serving.tokenizer.special_tokens["</think>"] = end_id
     message = TestClient(app).post("/v1/chat/completions", json={"messages": USER_HI}).json()["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("Hmm.", "Yes.")
+
+
+def test_an_assistant_token_while_thinking_is_no_call_and_no_surrogate():
+    """With tools on, `<|assistant|>` decodes as the call separator mark: in the thinking it is dropped."""
+    tools = [{"type": "function", "function": {"name": "get_w", "parameters": {"type": "object"}}}]
+    for reply, answer in (('think<|assistant|>more</think>get_w\n{}', None), ("think<|assistant|>more", None)):
+        client = client_for(replies=[reply], reasoning_parser="deepseek_r1")
+        body = {"messages": USER_HI, "tools": tools}
+        message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert message["reasoning_content"] == "thinkmore" and message["content"] is answer
+        chunks = sse_json(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+        assert not any("error" in c for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]) \
+            == "thinkmore"
+
+
+def test_echo_survives_a_reply_that_never_stops_thinking():
+    client = client_for(replies=["Thinking on"], reasoning_parser="deepseek_r1")
+    begun = USER_HI + [{"role": "assistant", "content": "Well,"}]
+    message = client.post("/v1/chat/completions", json={"messages": begun, "echo": True,
+                                                         "add_generation_prompt": False}).json()["choices"][0]["message"]
+    assert message["content"] == "Well," and message["reasoning_content"] == "Thinking on"

@@ -250,3 +250,18 @@ def test_with_a_reasoning_parser_the_reply_leaves_the_thinking_out_whole_and_str
     assert item["content"][0]["text"] == "Hello there!"
     events = events_of(client.post("/v1/responses", json={"input": "hi", "stream": True}).text)
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello there!"
+
+
+def test_with_a_reasoning_parser_output_text_logprobs_are_the_answers():
+    client = TestClient(make_app(replies=["Hm.</think>Yes"], reasoning_parser="deepseek_r1"))
+    tok = small_tokenizer()
+    for stream in (False, True):
+        r = client.post("/v1/responses", json={"input": "hi", "top_logprobs": 0, "stream": stream,
+                                               "include": ["message.output_text.logprobs"]})
+        if stream:
+            done = [e for e in events_of(r.text) if e["type"] == "response.output_text.done"]
+            logprobs = done[0]["logprobs"]
+        else:
+            logprobs = r.json()["output"][0]["content"][0]["logprobs"]
+        tokens = "".join(lp["token"] for lp in logprobs)
+        assert "think" not in tokens and tokens.startswith("Yes"), (stream, tokens)

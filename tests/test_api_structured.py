@@ -179,3 +179,53 @@ def test_a_forced_tool_call_takes_no_vllm_constraint_beside_it():
     _, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "required",
                                          "guided_choice": ["a"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice"
+
+
+def test_response_format_text_leaves_a_vllm_constraint_in_force():
+    engine, r = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "text"},
+                                              "guided_regex": "y[a-z]s"}, ["\nyes"])
+    assert r.status_code == 200 and engine.calls[0].params.guided == GuidedSpec.regex("y[a-z]s", leading_newline=True)
+    _, r = post("/v1/completions", {"prompt": "x", "response_format": {"type": "text"}, "guided_regex": "("})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex"
+    _, r = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "text"}, "tools": TOOLS,
+                                         "tool_choice": "required", "guided_choice": ["a"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_choice"
+
+
+@pytest.mark.parametrize("keyword,schema", [
+    ("not", {"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 3}}}}),
+    ("if", {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
+    ("contains", {"type": "array", "contains": {"const": 1}}),
+    ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
+])
+def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
+    for extra, param in (({"guided_json": schema}, "guided_json"),
+                         ({"response_format": json_schema_format(schema)}, "response_format.json_schema.schema")):
+        _, r = post("/v1/chat/completions", {"messages": HI, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert keyword in r.json()["error"]["message"]
+
+
+def test_enforceable_schemas_and_property_names_like_keywords_are_served():
+    # a property named "not", an enum holding "if", and uniqueItems (pydantic's sets) are fine
+    schema = {"type": "object", "properties": {"not": {"enum": ["if", "then"]},
+                                               "tags": {"type": "array", "items": {"type": "string"},
+                                                        "uniqueItems": True}}}
+    _, r = post("/v1/chat/completions", {"messages": HI, "guided_json": schema})
+    assert r.status_code == 200, r.text
+
+
+def test_unsupported_structured_outputs_field_is_refused_not_ignored():
+    _, r = post("/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "{}"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.structural_tag"
+
+
+def test_a_reply_its_constraint_strands_is_a_400_whole_and_an_error_event_streamed():
+    """Only a control character (never written) may follow "a": the request's fault, not a 500."""
+    body = {"prompt": "x", "guided_choice": ["a\u0001b"], "max_tokens": 5}
+    _, r = post("/v1/completions", body, ["a"])
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "allows no token here" in r.json()["error"]["message"]
+    _, r = post("/v1/completions", {**body, "stream": True}, ["a"])
+    errors = [c["error"] for c in sse_json(r.text) if "error" in c]
+    assert [e["type"] for e in errors] == ["invalid_request_error"]

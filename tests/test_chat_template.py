@@ -360,3 +360,13 @@ def test_continue_final_message_cuts_where_transformers_cuts(real_template, repl
     assert ours.endswith("<|assistant|>\n" + reply)  # the built-in GLM-4 format keeps the text as it is
     with pytest.raises(TemplateError, match="continue"):
         render_prompt(messages[:1] + [{"role": "assistant", "content": " "}], continue_final_message=True)
+
+
+def test_continue_final_message_goes_on_with_the_text_not_the_calls_after_it():
+    """transformers cuts after the final message's text; its tool calls (rendered after it here) go."""
+    call = {"id": "1", "type": "function", "function": {"name": "get_w", "arguments": '{"city": "Paris"}'}}
+    for content in ("Paris", "get"):  # "get" also lies inside the call's name
+        messages = [{"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": content, "tool_calls": [call]}]
+        ours = render_prompt(messages, add_generation_prompt=False, continue_final_message=True)
+        assert ours.endswith("<|user|>\nweather?<|assistant|>\n" + content)

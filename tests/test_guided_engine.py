@@ -27,7 +27,7 @@ from glm4serve.engine.guided import (
     utf8_tail,
 )
 from glm4serve.engine.sampler import Sampler, SampleRow, make_generator
-from glm4serve.engine.types import LENGTH, STOP, SamplingParams
+from glm4serve.engine.types import LENGTH, STOP, ConstraintError, SamplingParams
 from glm4serve.server import build_llm_engine
 
 # Nested objects, arrays, enums, required fields; every string and number is bounded, so even
@@ -446,3 +446,24 @@ def test_uncompilable_regex_and_grammar_are_refused_with_the_reason(engine):
     with pytest.raises(GuidedSpecError):
         GuidedSpec.choice(["a", ""])
     assert not engine.has_work
+
+
+def test_a_pattern_that_opens_with_a_newline_keeps_it_after_glm4s_own(engine):
+    """In chat GLM-4's "\\n" comes first and the API strips it: before a pattern the grammar requires
+    it, so the one stripped is never the pattern's own."""
+    spec = GuidedSpec.regex(r"\n[a-z]{3}", leading_newline=True)
+    out = run(engine, [(f"n{i}", prompt(engine), SamplingParams(max_tokens=10, temperature=1.0, seed=i, guided=spec))
+                       for i in range(8)])
+    assert all(re.fullmatch(r"\n\n[a-z]{3}", text) and finish == STOP for text, finish, _ in out.values())
+
+
+def test_a_constraint_only_control_characters_satisfy_is_refused_or_fails_only_its_request(engine):
+    for spec in (GuidedSpec.choice(["\t"]), GuidedSpec.regex(r"\x00"), GuidedSpec.grammar('root ::= root "a"')):
+        with pytest.raises(GuidedSpecError, match="no reply can follow"):
+            engine.add_request("x", prompt(engine), SamplingParams(guided=spec))
+    # "a" may start it, then only a control character goes on: that request fails, with the reason
+    out = run(engine, [("stuck", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["a\x01b"]))),
+                       ("fine", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["ab"])))])
+    [(rid, error)] = engine.pop_errors()
+    assert rid == "stuck" and isinstance(error, ConstraintError) and "allows no token here" in str(error)
+    assert out[("fine", 0)][:2] == ("ab", STOP)

@@ -155,6 +155,7 @@ class ChoiceStream:
         return thinking + deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
 
     def _thinking(self, text: str) -> list[dict]:
+        text = text.replace(CALL_MARK, "")  # an `<|assistant|>` while thinking is no call separator
         if self._strip_thinking_newline and text:
             self._strip_thinking_newline = False
             text = text.removeprefix("\n")
@@ -262,9 +263,9 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
     if plan.reasoning:
         thinking, answer = split_reasoning(text)
-        thinking = _strip_first_newline(plan, thinking) or None
+        thinking = _strip_first_newline(plan, thinking.replace(CALL_MARK, "")) or None
         if answer is None:  # it never stopped thinking
-            return ChatMessageOut(content=None, reasoning_content=thinking), reason
+            return ChatMessageOut(content=plan.echo or None, reasoning_content=thinking), reason
         message, reason = _answer_message(ctx, plan, answer, reason)
         return message.model_copy(update={"reasoning_content": thinking}), reason
     return _answer_message(ctx, plan, text, reason)

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from glm4serve.chat.reasoning import THINK_END
 from glm4serve.engine.types import LENGTH, Output
 
 from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat
@@ -180,6 +181,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     yield builder.event("response.in_progress", response=builder.response("in_progress"))
     choice = ChoiceStream(plan, ctx.tokenizer)
     pending: list[dict] = []  # logprobs of tokens whose text has not come out yet
+    answering = False  # past the thinking (with a reasoning parser)
     finish_reason = LENGTH
     async with contextlib.aclosing(outputs):
         async for out in outputs:
@@ -190,6 +192,8 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
                 if "reasoning_content" in delta:  # the Responses API's replies leave the thinking out
                     continue
                 if "content" in delta:
+                    if plan.reasoning and not answering:  # and its tokens' logprobs
+                        pending, answering = _after_thinking(pending), True
                     entries, pending = pending, []
                     for event in builder.text(delta["content"], entries):
                         yield event
@@ -220,12 +224,24 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
     message = choice.message
     if message.content is not None and (message.content or not message.tool_calls):
         logprobs = choice.logprobs["content"] if choice.logprobs and not message.tool_calls else []
+        if plan.reasoning:
+            logprobs = _after_thinking(logprobs)
         builder.text(message.content, logprobs)
     for call in message.tool_calls or []:
         builder.call(call.id, call.function.name)
         builder.arguments(call.function.arguments)
     status, _ = builder.finish(choice.finish_reason)
     return builder.keep(builder.response(status, _usage(reply.usage)))
+
+
+def _after_thinking(entries: list[dict]) -> list[dict]:
+    """The logprob entries of the answer: those after the token that completes `</think>`."""
+    seen = b""
+    for i, entry in enumerate(entries):
+        seen += bytes(entry["bytes"])
+        if THINK_END.encode() in seen:
+            return entries[i + 1:]
+    return entries
 
 
 # ---- route ----------------------------------------------------------------------------------

@@ -52,6 +52,39 @@ def _check_json_schema(schema: dict[str, Any], param: str) -> None:
 
 _SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the cache stays under ~64 MB
 
+# Keywords the grammar engine (xgrammar) passes over: a reply could break them, so a schema that
+# constrains a reply may not use them. uniqueItems is passed over too but allowed: pydantic writes it
+# for sets, and a duplicate there only shrinks the set.
+_UNENFORCED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
+                         "dependentSchemas"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> subschema
+_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required", "title", "description"})
+
+
+def _check_enforceable(schema: Any, param: str) -> None:
+    """A 400 when a schema that constrains a reply uses a keyword the grammar cannot hold it to."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key in _UNENFORCED:
+                found.add(key)
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                walk(list(value.values()))
+            elif key not in _NOT_SCHEMAS:
+                walk(value)
+
+    walk(schema)
+    if found:
+        raise _invalid(param, f"{param} uses {', '.join(sorted(found))}, which the grammar engine cannot enforce "
+                              "on a reply")
+
 
 def _check_schema(schema: Any) -> None:
     from jsonschema.validators import Draft202012Validator, validator_for
@@ -213,6 +246,7 @@ class ResponseFormat(_Body):
                 raise _invalid("response_format", "response_format of type json_schema needs a json_schema")
             if self.json_schema.schema_ is not None:
                 _check_json_schema(self.json_schema.schema_, "response_format.json_schema.schema")
+                _check_enforceable(self.json_schema.schema_, "response_format.json_schema.schema")
         return self
 
     def guided_spec(self, leading_newline: bool) -> GuidedSpec | None:
@@ -232,6 +266,13 @@ class StructuredOutputs(_Body):
     choice: list[str] | None = None
     grammar: str | None = None  # EBNF, in xgrammar's dialect
     json_object: bool | None = None
+    structural_tag: Any = None  # not supported: refused, never ignored
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.structural_tag is not None:
+            raise _invalid("structured_outputs.structural_tag", "structural_tag is not supported")
+        return self
 
 
 def _vllm_constraints(body) -> list[tuple[str, str, Any]]:
@@ -317,6 +358,7 @@ class _SamplingBody(_RequestBody):
                 if not isinstance(value, dict):
                     raise _invalid(param, f"{param} must be a JSON schema object")
                 _check_json_schema(value, param)
+                _check_enforceable(value, param)
             if kind == "choice" and (not value or not all(value)):
                 raise _invalid(param, f"{param} must be a list of one or more non-empty strings")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -360,7 +402,7 @@ class _SamplingBody(_RequestBody):
 
     def guided_spec(self) -> GuidedSpec | None:
         """The grammar the reply must follow: response_format's or a vLLM constraint's; None for none."""
-        if self.response_format is not None:
+        if self.response_format is not None and self.response_format.type != "text":
             return self.response_format.guided_spec(self.json_leading_newline)
         found = _vllm_constraints(self)
         return _vllm_spec(found[0][1], found[0][2], self.json_leading_newline) if found else None

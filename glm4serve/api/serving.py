@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from glm4serve.chat.template import TemplateError, render_prompt
 from glm4serve.engine.client import EngineClient
-from glm4serve.engine.types import ABORT, EngineError, Output, SamplingParams
+from glm4serve.engine.types import ABORT, ConstraintError, EngineError, Output, SamplingParams
 from glm4serve.model.tokenizer import Tokenizer
 
 from .errors import APIError, invalid_request, server_error
@@ -200,6 +200,8 @@ async def respond(ctx: ServingContext, request: Request, stream: bool, events: C
         return sse_response(events(), ctx.settings, end)
     try:
         response = await cancel_on_disconnect(request, whole())
+    except ConstraintError as e:
+        raise invalid_request(f"the reply cannot go on under its constraint: {e}", None) from e
     except EngineError as e:
         raise server_error(f"the engine failed this request: {e}") from e
     except ClientDisconnected:

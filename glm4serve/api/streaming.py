@@ -16,9 +16,9 @@ from typing import AsyncIterator, Callable
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 
-from glm4serve.engine.types import EngineError
+from glm4serve.engine.types import ConstraintError, EngineError
 
-from .errors import APIError, server_error
+from .errors import APIError, invalid_request, server_error
 from .settings import ServerSettings
 
 log = logging.getLogger("glm4serve.api")
@@ -51,6 +51,8 @@ async def _with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> As
                 yield event
         except APIError as e:
             yield end.error_event(e)
+        except ConstraintError as e:
+            yield end.error_event(invalid_request(f"the reply cannot go on under its constraint: {e}", None))
         except EngineError as e:
             yield end.error_event(server_error(f"the engine failed this request: {e}"))
         except Exception:

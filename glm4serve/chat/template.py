@@ -68,6 +68,9 @@ def render_prompt(
     Raises TemplateError on bad input.
     """
     template_source = chat_template if chat_template is not None else builtin_template()
+    if continue_final_message and messages and isinstance(messages[-1], dict) and messages[-1].get("tool_calls"):
+        # the reply goes on with the final message's text: its calls, which would follow that text, go
+        messages = [*messages[:-1], {k: v for k, v in messages[-1].items() if k != "tool_calls"}]
     turns = to_glm_turns(messages)
     tools = _check_tools(tools)
     extra = dict(template_kwargs or {})

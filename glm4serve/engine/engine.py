@@ -19,11 +19,11 @@ from ..model.runner import ModelRunner
 from .block_pool import BlockPool
 from .config import SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
-from .guided import Grammars
+from .guided import GuidedDecodingError, Grammars
 from .sampler import Sampled, Sampler, SampleRow, make_generator, prompt_token_logprobs
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .types import LENGTH, STOP, EngineError, EngineStats, Output, SamplingParams
+from .types import LENGTH, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,10 @@ class LLMEngine:
 
     def _fail(self, request_id: str, error: Exception) -> None:
         if self.scheduler.abort(request_id, reason=ERROR):
-            self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))
+            if isinstance(error, GuidedDecodingError):
+                self._errors.append((request_id, ConstraintError(f"request {request_id} failed: {error}")))
+            else:
+                self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))
 
 
 def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_size: int | None, max_num_seqs: int,

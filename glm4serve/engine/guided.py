@@ -74,7 +74,10 @@ class GuidedSpec:
     schema: str | None = None  # JSON_SCHEMA: the JSON schema; REGEX: the pattern; GRAMMAR: the EBNF
     tools: tuple[tuple[str, str], ...] = ()  # TOOL_CALL: (name, parameters schema), one is called
     choices: tuple[str, ...] = ()  # CHOICE: the reply is one of these
-    leading_newline: bool = False  # all but TOOL_CALL: allow one "\n" first (GLM-4 opens chat replies with it)
+    # all but TOOL_CALL: GLM-4 opens a chat reply with "\n" (the API strips it). JSON never starts with one, so
+    # there it is optional; before a pattern, choice or grammar that may, it is required, so that the one
+    # the API strips is never the reply's own
+    leading_newline: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -140,7 +143,8 @@ def build_grammar(spec: GuidedSpec):
     else:
         body = json_grammar(spec.schema if spec.kind == JSON_SCHEMA else '{"type": "object"}')
     if spec.leading_newline:
-        return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "\\n"?'), body)
+        newline = '"\\n"?' if spec.kind in (JSON_OBJECT, JSON_SCHEMA) else '"\\n"'
+        return xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= " + newline), body)
     return body
 
 
@@ -256,6 +260,7 @@ class Grammars:
         except Exception as e:  # xgrammar raises RuntimeError (and others) with the reason
             what = "schema" if spec.kind in (JSON_SCHEMA, TOOL_CALL) else spec.kind
             raise GuidedSpecError(f"the grammar engine cannot compile this {what}: {_clean_message(e)}") from e
+        _check_can_start(compiled, self.tokenizer.vocab_size, spec)
         with self._lock:
             self._cache[spec] = compiled
             self._cache.move_to_end(spec)
@@ -275,6 +280,18 @@ class Grammars:
         return Guide(matcher, self.tokenizer.vocab_size, self._utf8)
 
 
+def _check_can_start(compiled, vocab_size: int, spec: GuidedSpec) -> None:
+    """GuidedSpecError when no token may open the reply: a grammar that only control characters
+    satisfy (grammar_vocab hides them) or that has no sentence at all."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+    if not bool((bitmask != 0).any()):
+        raise GuidedSpecError(f"no reply can follow this {spec.kind}: it allows no first token (replies hold no "
+                              "control character but the newline)")
+
+
 def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
     """In place: -inf on every token that guides[i] forbids in row i (logits [len(guides), V])."""
     import xgrammar as xgr
@@ -286,6 +303,10 @@ def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
         matchers[0].fill_next_token_bitmask(bitmask, 0)
     else:  # in C++ threads: some states (long bounded strings) take milliseconds each
         xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1).batch_fill_next_token_bitmask(matchers, bitmask)
+    stuck = (bitmask == 0).all(dim=1)  # [G]: a grammar with no way on (it needs a control character here)
+    if bool(stuck.any()):
+        raise GuidedDecodingError("the constraint allows no token here (replies hold no control character but "
+                                  "the newline)")
     width = min(vocab_size, logits.shape[1])
     if logits.device.type == "cpu" and sys.byteorder == "little":
         # unpackbits + one masked_fill is ~5x faster than xgrammar's CPU kernel on a 151K vocabulary

@@ -92,6 +92,10 @@ class EngineError(RuntimeError):
     """The engine failed this request (the loop keeps serving the others)."""
 
 
+class ConstraintError(EngineError):
+    """The request's own constraint left its reply no token to write: the request's fault, not the server's."""
+
+
 @dataclass
 class EngineStats:
     """A snapshot for /metrics and /health; counters are totals since start."""
