@@ -340,6 +340,6 @@ def test_an_assistant_token_while_thinking_is_no_call_and_no_surrogate():
 def test_echo_survives_a_reply_that_never_stops_thinking():
     client = client_for(replies=["Thinking on"], reasoning_parser="deepseek_r1")
     begun = USER_HI + [{"role": "assistant", "content": "Well,"}]
-    message = client.post("/v1/chat/completions", json={"messages": begun, "echo": True,
-                                                         "add_generation_prompt": False}).json()["choices"][0]["message"]
+    body = {"messages": begun, "echo": True, "add_generation_prompt": False}
+    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert message["content"] == "Well," and message["reasoning_content"] == "Thinking on"

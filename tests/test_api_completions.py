@@ -237,3 +237,50 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end():
     chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                       "truncate_prompt_tokens": 2, "max_tokens": 2})
     assert chat.status_code == 200 and len(engine_of(client.app).calls[-1].prompt_ids) == 2
+
+
+def offsets_index(text: str, lp: dict, skipped: tuple[str, ...] = ()) -> bool:
+    """Each whole token's string starts at its offset in the text (half characters show as U+FFFD;
+    skipped special tokens are not in it)."""
+    return all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"])
+               if "\ufffd" not in t and t not in skipped)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_echoed_prompts_are_decoded_as_the_reply_so_the_offsets_index_them(skip):
+    """Special tokens in the prompt ([gMASK]<sop> as lm-eval's tokenizer adds them, a literal <|user|>)
+    are skipped or kept in the echo as in the reply, and the text offsets index what is sent."""
+    tok = small_tokenizer()
+    client = client_for()
+    shown = (lambda s: s) if not skip else (lambda s: s.replace("[gMASK]<sop>", "").replace("<|user|>", ""))
+    for prompt in (tok.with_prefix(tok.encode("hello")), "<|user|>hi there"):
+        ids = prompt if isinstance(prompt, list) else tok.with_prefix(tok.encode(prompt, allow_special=True))
+        for max_tokens in (0, 3):
+            body = post(client, prompt=prompt, echo=True, logprobs=1, max_tokens=max_tokens,
+                        skip_special_tokens=skip).json()
+            [choice] = body["choices"]
+            echoed = shown(tok.decode(ids, skip_special_tokens=False))
+            assert choice["text"].startswith(echoed), (prompt, choice["text"])
+            skipped = ("[gMASK]", "<sop>", "<|user|>") if skip else ()
+            assert offsets_index(choice["text"], choice["logprobs"], skipped), (prompt, choice)
+
+
+def test_a_prompt_that_ends_inside_a_character_keeps_the_replys_offsets_right():
+    """The echo and the reply are decoded apart (the engine decodes the reply afresh): a character the
+    prompt leaves unfinished is U+FFFD in both, and the reply's offsets count it so."""
+    tok = small_tokenizer()
+    ids = tok.encode("hel😀ok")
+    cut = ids.index(246)  # the prompt ends after two of the emoji's four bytes, the reply has the other two
+    client = client_for(ids[cut:])
+    body = post(client, prompt=ids[:cut], echo=True, logprobs=0, max_tokens=3, temperature=0).json()
+    [choice] = body["choices"]
+    assert choice["text"] == "hel\ufffd" + "\ufffd\ufffdok" and offsets_index(choice["text"], choice["logprobs"])
+    assert choice["logprobs"]["text_offset"] == [0, 2, 3, 3, 4, 5, 6]  # he l (2 bytes) | (byte) (byte) ok
+
+
+def test_a_prompt_that_fills_the_context_can_be_scored_alone():
+    client = client_for(max_model_len=64)
+    body = post(client, prompt=list(range(100, 164)), echo=True, logprobs=0, max_tokens=0).json()
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == 64 and body["usage"]["completion_tokens"] == 0
+    too_long = post(client, prompt=list(range(100, 165)), echo=True, logprobs=0, max_tokens=0)
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"

@@ -662,3 +662,17 @@ def test_prompt_logprobs_survive_a_preemption_mid_prompt():
     lps = firsts[("lp", 0)].prompt_logprobs
     assert firsts[("lp", 1)].prompt_logprobs is lps and len(lps) == len(p) and lps[0] is None
     assert [lp.token_id for lp in lps[1:]] == p[1:] and all(lp.rank == 1 for lp in lps[3:])
+
+
+def test_a_scored_prompt_is_no_prefix_cache_query():
+    """It never looks the cache up, so it must not count as a miss (an evaluation run's hit rate)."""
+    engine, _, _ = make_engine()
+    engine.add_request("scored", prompt_of(3, 40), greedy(max_tokens=1, prompt_logprobs=0))
+    while engine.has_work:
+        engine.step()
+    assert engine.stats().prefix_cache_queries == 0
+    engine.add_request("plain", prompt_of(3, 40), greedy(max_tokens=1))
+    while engine.has_work:
+        engine.step()
+    stats = engine.stats()
+    assert stats.prefix_cache_queries == 40 and stats.prefix_cache_hits == 36  # its blocks, written by the first

@@ -8,7 +8,8 @@ character: no leading whitespace.
 
 `echo` with `logprobs` scores the prompt too (its first token has none), and `max_tokens: 0` with
 `echo` returns the prompt alone: how evaluation harnesses read a model's log-likelihoods. The engine
-still samples one token for it, which the reply leaves out.
+still samples one token for it, which the reply leaves out. The echoed prompt is its tokens decoded
+as the reply's are (`skip_special_tokens` applies to both), so the text offsets index it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastapi.responses import Response
 
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
-from .logprobs import CompletionLogprobs, vllm_prompt_logprobs
+from .logprobs import CompletionLogprobs, echo_text, vllm_prompt_logprobs
 from .replies import CompletionChoice, CompletionResponse, PromptTokensDetails, Usage, completion_choice_delta, stream_chunk
 from .schemas import CompletionRequest
 from .serving import ServingContext, check_finish, merge_streams, respond
@@ -34,7 +35,7 @@ from .streaming import sse_data
 @dataclass
 class PromptJob:
     prompt_ids: list[int]
-    prompt_text: str  # for echo
+    prompt_text: str  # what echo sends: logprobs.echo_text
     params: SamplingParams
     request_id: str
 
@@ -56,14 +57,16 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
             ids = await ctx.encode(prompt)
             if req.add_special_tokens:
                 ids = ctx.tokenizer.with_prefix(ids)
-            text = prompt
         else:
             ctx.check_token_ids(prompt, "prompt")
-            ids, text = prompt, ctx.tokenizer.decode(prompt)
+            ids = prompt
         if req.truncate_prompt_tokens is not None:
             ids = ctx.truncate(ids, req.truncate_prompt_tokens, req.max_tokens)
-            text = ctx.tokenizer.decode(ids)  # what echo sends back: the prompt as the model saw it
-        max_tokens = ctx.fit_max_tokens(len(ids), 1 if req.echo_only else req.max_tokens, "prompt")
+        text = echo_text(ctx.tokenizer, ids, req.skip_special_tokens) if req.echo else ""
+        if req.echo_only and len(ids) <= ctx.max_model_len:  # the prompt alone may fill the context
+            max_tokens = 1
+        else:
+            max_tokens = ctx.fit_max_tokens(len(ids), req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
         ctx.check_params(params)
         await ctx.compile_guided(params, req.guided_param)  # cached after the first prompt

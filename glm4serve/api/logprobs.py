@@ -35,6 +35,14 @@ def chat_logprob_entries(tokenizer, logprobs: list[TokenLogprob]) -> list[dict]:
     return entries
 
 
+def echo_text(tokenizer, token_ids: list[int], skip_special_tokens: bool) -> str:
+    """The prompt as a completion echoes it: decoded as the reply's own tokens are (special tokens
+    skipped or not alike), and on its own, as the engine decodes the reply (a character the prompt
+    leaves unfinished shows as U+FFFD), so that the logprobs' text offsets index it."""
+    text = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=skip_special_tokens))
+    return "".join([text.add(t)[0] for t in token_ids]) + text.flush()
+
+
 def vllm_prompt_logprobs(tokenizer, prompt_logprobs: list[TokenLogprob | None], k: int) -> list[dict | None]:
     """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {"logprob", "rank",
     "decoded_token"}}, the prompt's own token first, then the k likeliest."""
@@ -75,9 +83,11 @@ class CompletionLogprobs:
         return self._add([(lp.token_id, lp) for lp in logprobs], None)
 
     def add_prompt(self, token_ids: list[int], prompt_logprobs: list[TokenLogprob | None], k: int) -> dict:
-        """Append the echoed prompt's tokens, each with its k likeliest alternatives; the first has no
-        logprob (null, as OpenAI sends it)."""
-        return self._add(list(zip(token_ids, prompt_logprobs, strict=True)), k)
+        """Append the echoed prompt's tokens (echo_text), each with its k likeliest alternatives; the
+        first has no logprob (null, as OpenAI sends it)."""
+        part = self._add(list(zip(token_ids, prompt_logprobs, strict=True)), k)
+        self.offset += len(self._text.flush())  # the reply's text starts afresh, as the engine decodes it
+        return part
 
     def _add(self, items: list[tuple[int, TokenLogprob | None]], k: int | None) -> dict:
         part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -16,7 +16,8 @@ Format decisions:
   writes its tool arguments that way, and a model that may emit whitespace forever (a random
   one does) never finishes.
 - Object keys are the schema's properties only, in the schema's order, unless the schema allows
-  others (additionalProperties); every reply still validates against the schema.
+  others (additionalProperties); every reply still validates against the schema, but for
+  `uniqueItems`, which xgrammar passes over (the API refuses the other keywords it passes over).
 - Special tokens never match the grammar, and neither does any token holding a raw control byte
   other than "\\n": compact JSON needs none, and xgrammar's length-bounded strings would
   otherwise admit a raw tab, which JSON forbids.

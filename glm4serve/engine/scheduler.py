@@ -234,7 +234,7 @@ class Scheduler:
                     # past the hit, those not in the cache already (a whole cached prompt recomputes its last)
                     past_hit = seq.block_hashes(bs, seq.num_prompt_tokens // bs)[len(hit):]
                     seq.num_cache_write_tokens = bs * sum(self.pool.lookup(h) is None for h in past_hit)
-            if self.cfg.enable_prefix_caching:
+            if self.cfg.enable_prefix_caching and not seq.needs_prompt_logits:  # those never look it up
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += computed
             seq.block_table = self.pool.share(hit)
