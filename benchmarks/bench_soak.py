@@ -9,8 +9,11 @@ The checkpoint has glm-4-9b-chat's shapes (hidden 4096, FFN 13696, 32 heads / 2 
 token ids past ~2.3K are out of its vocabulary: those requests are 400s by design). The mix: chat
 with and without streaming, n up to 3, logprobs, stop strings, seeds, penalties, logit_bias; text
 and token-id completions with echo; tools with each tool_choice; json_schema and json_object
-replies; /tokenize and /detokenize; streams the client leaves after a few events; prompts of up
-to ~10K tokens; and invalid requests.
+replies; prompts scored as evaluation harnesses score them (echo, logprobs, max_tokens 0 or 1, vLLM's
+prompt_logprobs); vLLM's guided_choice / guided_regex / guided_json / structured_outputs; chat that
+continues a final assistant message; truncate_prompt_tokens and continuous usage; /tokenize and
+/detokenize; streams the client leaves after a few events; prompts of up to ~10K tokens; and invalid
+requests.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ class Mix:
     def request(self) -> tuple[str, str, dict]:
         """(kind, path, body)"""
         r = self.rng
-        kind = r.choices(["chat", "comp", "tools", "json", "jsonobj", "tok", "bad", "disconnect", "long"],
-                         [30, 15, 10, 8, 4, 5, 8, 10, 3])[0]
+        kind = r.choices(["chat", "comp", "tools", "json", "jsonobj", "tok", "bad", "disconnect", "long", "score",
+                          "guided", "continue"],
+                         [30, 15, 10, 8, 4, 5, 8, 10, 3, 6, 6, 3])[0]
         stream, max_tokens = r.random() < .5, r.randint(1, 24)
         user = lambda n: [{"role": "user", "content": self.words(n)}]  # noqa: E731
         if kind in ("chat", "disconnect", "long"):
@@ -87,7 +91,11 @@ class Mix:
             if r.random() < .3:
                 body.update(logprobs=True, top_logprobs=r.randint(0, 5))
             if body["stream"] and r.random() < .5:
-                body["stream_options"] = {"include_usage": True}
+                body["stream_options"] = {"include_usage": True, "continuous_usage_stats": r.random() < .5}
+            if r.random() < .1:
+                body["truncate_prompt_tokens"] = r.choice([-1, 16, 200])
+            if not body["stream"] and r.random() < .1:
+                body["prompt_logprobs"] = r.randint(0, 3)
             return kind, "/v1/chat/completions", body
         if kind == "comp":
             prompt = self.words(r.randint(1, 30)) if r.random() < .7 else [r.randrange(2000) for _ in range(50)]
@@ -109,6 +117,28 @@ class Mix:
                    else {"type": "json_object"})
             return kind, "/v1/chat/completions", {"messages": user(8), "response_format": fmt,
                                                   "max_tokens": r.randint(8, 48), "stream": stream, **self.sampling()}
+        if kind == "score":  # how evaluation harnesses score text: echo, logprobs, max_tokens 0 or 1
+            n = r.choice([20, 200, 1200])
+            prompt = self.words(n) if r.random() < .5 else [[r.randrange(2000) for _ in range(n)]
+                                                           for _ in range(r.randint(1, 4))]
+            body = {"prompt": prompt, "echo": True, "logprobs": r.randint(0, 2), "max_tokens": r.choice([0, 1]),
+                    "temperature": 0, "stream": stream}
+            if not stream and r.random() < .3:
+                body["prompt_logprobs"] = 1
+            return kind, "/v1/completions", body
+        if kind == "guided":
+            constraint = r.choice([{"guided_choice": ["yes", "no", "不知道"]}, {"guided_regex": "[0-9]{1,4}-[a-z]{2}"},
+                                   {"structured_outputs": {"grammar": 'root ::= ("ab" | "c")+'}},
+                                   {"guided_json": self.schema()}, {"structured_outputs": {"choice": ["x", "y"]}}])
+            if r.random() < .5:
+                return kind, "/v1/chat/completions", {"messages": user(8), "max_tokens": r.randint(4, 32),
+                                                      "stream": stream, **constraint, **self.sampling()}
+            return kind, "/v1/completions", {"prompt": self.words(8), "max_tokens": r.randint(4, 32),
+                                             "stream": stream, **constraint, **self.sampling()}
+        if kind == "continue":
+            msgs = user(r.randint(1, 30)) + [{"role": "assistant", "content": self.words(r.randint(1, 6))}]
+            return kind, "/v1/chat/completions", {"messages": msgs, "continue_final_message": True,
+                                                  "max_tokens": max_tokens, "stream": stream, **self.sampling()}
         if kind == "tok":
             if r.random() < .5:
                 return kind, "/tokenize", {"prompt": self.words(r.randint(1, 200))}
