@@ -604,12 +604,15 @@ print(start, held, rss() if release_free_memory() else -1)
     assert held - after > 120, (start, held, after)
 
 
-def test_prompt_logprobs_are_the_models_per_position_and_cap_a_steps_logit_rows():
+def test_prompt_logprobs_are_the_models_per_position_and_cap_a_steps_logit_rows(monkeypatch):
     """Two 900-token prompts asking for prompt logprobs, one that does not: the logit rows after every
     prompt token stay within PROMPT_LOGIT_ROWS a step (the other prompt gets the rest of the budget),
     and each prompt token's logprob, rank and top tokens are the model's at that position."""
-    from glm4serve.engine.scheduler import PROMPT_LOGIT_ROWS
+    from glm4serve.engine import sampler, scheduler
 
+    PROMPT_LOGIT_ROWS = 512  # a cap below the step's budget, to see it hold
+    monkeypatch.setattr(scheduler, "PROMPT_LOGIT_ROWS", PROMPT_LOGIT_ROWS)
+    monkeypatch.setattr(sampler, "SCORE_ROWS", 100)  # rows taken in slices: their seams must not show
     engine, runner, pool = make_engine(num_blocks=1024, budget=2048)
     prompts = {}
     for i in range(2):

@@ -368,11 +368,19 @@ class Sampler:
         return result
 
 
+SCORE_ROWS = 256  # prompt logprobs are taken this many rows at a time: [256, 151552] fp32 is 155 MB
+
+
 def prompt_token_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
     """Each row's logprob of its token under the model's raw distribution (logits [R, V], no sampling
     parameter applied, as vLLM's prompt logprobs), with its rank and the row's k likeliest tokens. V is
     the runner's width: the tokenizer's ids, as sampling sees them (the output layer's padding rows
     past them are cut, which a trained model leaves next to no mass)."""
+    return [lp for lo in range(0, len(token_ids), SCORE_ROWS)
+            for lp in _token_logprobs(logits[lo : lo + SCORE_ROWS], token_ids[lo : lo + SCORE_ROWS], k)]
+
+
+def _token_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
     logprobs = logits.float().log_softmax(dim=-1)  # [R, V]
     chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])  # [R, 1]
     ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()  # [R]: ties share the better rank

@@ -40,7 +40,9 @@ from .config import SchedulerConfig
 from .sequence import Sequence, SeqStatus
 from .types import ABORT
 
-PROMPT_LOGIT_ROWS = 512  # [512, 151552] fp32 logits: 310 MB at GLM-4's vocabulary
+# [2048, 151552] fp32 logits: 1.2 GB at GLM-4's vocabulary. Fewer rows cut a prompt into more steps, and
+# every step reads all the weights (dequantizes them, on CPU): see BENCHMARKS.md, scoring prompts
+PROMPT_LOGIT_ROWS = 2048
 
 
 @dataclass
