@@ -343,3 +343,25 @@ def test_echo_survives_a_reply_that_never_stops_thinking():
     body = {"messages": begun, "echo": True, "add_generation_prompt": False}
     message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert message["content"] == "Well," and message["reasoning_content"] == "Thinking on"
+
+
+def test_vllm_allowed_token_ids_and_bad_words():
+    tok = small_tokenizer()
+    client = client_for()
+    allowed = tok.encode("yes no")
+    body = client.post("/v1/completions", json={"prompt": "Is it?", "allowed_token_ids": allowed, "max_tokens": 6,
+                                                 "temperature": 0}).json()
+    [call] = engine_of(client.app).calls
+    assert call.params.allowed_token_ids == allowed
+    [choice] = body["choices"]  # no stop token among them: only max_tokens ends it, as in vLLM
+    assert set(tok.encode(choice["text"])) <= set(allowed) and choice["finish_reason"] == "length"
+    reply = client.post("/v1/chat/completions", json={"messages": USER_HI, "bad_words": ["there"],
+                                                      "temperature": 0}).json()["choices"][0]["message"]["content"]
+    words = engine_of(client.app).calls[-1].params.bad_words_token_ids
+    assert tok.encode("there") in words and tok.encode(" there") in words
+    assert reply.startswith("Hello") and "there" not in reply  # the script's " there" was ruled out
+    for extra, param in (({"allowed_token_ids": []}, "allowed_token_ids"),
+                         ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+                         ({"bad_words": [" "]}, "bad_words.0"), ({"bad_words": ["a"] * 17}, "bad_words")):
+        r = client.post("/v1/chat/completions", json={"messages": USER_HI, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)

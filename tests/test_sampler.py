@@ -398,3 +398,20 @@ def test_sampling_on_the_gpu_equals_sampling_on_the_cpu():
             assert [t for t, _ in g.logprob.top] == [t for t, _ in c.logprob.top]
             assert [v for _, v in g.logprob.top] == pytest.approx([v for _, v in c.logprob.top], abs=1e-4)
             assert g.logprob.logprob == pytest.approx(c.logprob.logprob, abs=1e-4)
+
+
+def test_allowed_token_ids_and_bad_words_rule_tokens_out():
+    """vLLM's allowed_token_ids (only these) and bad_words (a word's last token, where the output ends
+    with the rest of it), for greedy and sampled rows alike."""
+    logits = torch.zeros(1, 10)
+    logits[0, 7] = 5.0  # the model's favourite
+    for temperature in (0.0, 1.0):
+        for seed in range(5):
+            only = row(temperature=temperature, allowed_token_ids=[2, 3],
+                       generator=make_generator(seed, 0) if temperature else None)
+            assert Sampler()(logits, [only])[0].token_id in (2, 3)
+    logits[0, 5] = 4.0
+    banned = dict(temperature=0.0, bad_words_token_ids=[[7], [4, 5]])
+    assert Sampler()(logits, [row(**banned)])[0].token_id == 5  # 7 banned; 5 only right after a 4
+    assert Sampler()(logits, [row(output=[1, 4], **banned)])[0].token_id not in (7, 5)
+    assert Sampler()(logits, [row(output=[4, 1], **banned)])[0].token_id == 5

@@ -79,6 +79,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
     params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)  # guided by response_format, if any
+    params.bad_words_token_ids = ctx.bad_words_token_ids(req.bad_words)
     ctx.check_params(params)
     call_spec = forced_call_spec(req)
     if call_spec is not None:

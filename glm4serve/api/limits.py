@@ -19,6 +19,7 @@ def _at_most(count: int, limit: int | None, param: str, what: str) -> None:
 def _common(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, s: ServerSettings) -> None:
     _at_most(req.n, s.max_n, "n", "choices")
     _at_most(len(req.stop_list), s.max_stop, "stop", "stop strings")
+    _at_most(len(req.bad_words or ()), s.max_stop, "bad_words", "bad words")  # each checked every step, as stops
     if max_tokens is not None:
         _at_most(max_tokens, s.max_tokens_limit, "max_tokens", "tokens")
 

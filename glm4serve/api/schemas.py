@@ -321,6 +321,8 @@ class _SamplingBody(_RequestBody):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)  # vLLM's
+    bad_words: list[Annotated[str, Field(pattern=r"\S")]] | None = None  # vLLM's: words never to write
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
@@ -430,6 +432,7 @@ class _SamplingBody(_RequestBody):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids is not None else None,
             seed=self.seed,
             logprobs=logprobs,
             prompt_logprobs=self.engine_prompt_logprobs,

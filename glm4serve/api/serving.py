@@ -101,12 +101,25 @@ class ServingContext:
         if bad is not None:
             raise invalid_request(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param)
 
+    def bad_words_token_ids(self, words: list[str] | None) -> list[list[int]] | None:
+        """vLLM's bad_words as token sequences: each word as written alone and after a space (two
+        tokenizations, both banned)."""
+        seqs: list[list[int]] = []
+        for word in words or ():
+            for variant in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(variant, allow_special=False)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs or None
+
     def check_params(self, params: SamplingParams) -> None:
         if params.min_tokens > params.max_tokens:  # max_tokens as defaulted and capped (fit_max_tokens)
             raise invalid_request(f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens}, "
                                   "the most this request may generate here)", "min_tokens")
         if params.logit_bias:
             self.check_token_ids(list(params.logit_bias), "logit_bias")
+        if params.allowed_token_ids:
+            self.check_token_ids(params.allowed_token_ids, "allowed_token_ids")
         if params.stop_token_ids:
             self.check_token_ids(params.stop_token_ids, "stop_token_ids")
 

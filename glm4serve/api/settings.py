@@ -52,7 +52,7 @@ class ServerSettings(EngineArgs, BaseSettings):
         None, description="chat replies' thinking, up to </think> (GLM-Z1), as reasoning_content, as vLLM's "
                           "--reasoning-parser deepseek_r1 (default: off, all of a reply is content)")
     max_tools: int = Field(128, ge=0, description="most tools in one chat request")
-    max_stop: int = Field(16, ge=0, description="most stop strings in one request")
+    max_stop: int = Field(16, ge=0, description="most stop strings (and vLLM bad_words) in one request")
     response_store_memory: int = Field(
         64 * 1024**2, description="memory for /v1/responses replies kept for previous_response_id and GET "
                                   "/v1/responses/{id}, bytes or like 64MiB; least recently used go first (0 = keep none)")

@@ -256,6 +256,9 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
         raise ValueError(f"n must be at least 1, got {params.n}")
     if params.max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+    if params.allowed_token_ids is not None and (not params.allowed_token_ids or vocab_size is not None and any(
+            not 0 <= t < vocab_size for t in params.allowed_token_ids)):
+        raise ValueError(f"allowed_token_ids must be one or more ids in [0, {vocab_size})")
     if params.prompt_logprobs is not None and params.prompt_logprobs < 0:
         raise ValueError(f"prompt_logprobs must be at least 0, got {params.prompt_logprobs}")
     if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt_ids):

@@ -80,6 +80,8 @@ def _needs_processing(row: SampleRow) -> bool:
         _has_penalties(p)
         or bool(p.logit_bias)
         or _suppresses_stops(row)
+        or p.allowed_token_ids is not None
+        or bool(p.bad_words_token_ids)
         or (not p.greedy and p.temperature != 1.0)
     )
 
@@ -122,13 +124,25 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     logits[idx] = sub
 
 
+def _banned(row: SampleRow) -> list[int]:
+    """The tokens bad_words rules out next: each word's last token, where the output ends with the rest."""
+    out, banned = row.output_token_ids, []
+    for word in row.params.bad_words_token_ids or ():
+        rest = word[:-1]
+        if not rest or (len(out) >= len(rest) and out[len(out) - len(rest):] == rest):
+            banned.append(word[-1])
+    return banned
+
+
 def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """The logits each row's distribution is made of: penalties, logit_bias, min_tokens, temperature.
+    """The logits each row's distribution is made of: penalties, logit_bias, min_tokens, allowed
+    tokens and bad words, temperature.
 
     Order: penalties first, on the model's own logits (the repetition penalty's sign test must
     see the model's logit, not a biased one); then logit_bias, the user's explicit override; then
-    -inf on the stop ids while fewer than min_tokens were generated, which nothing can undo; then
-    temperature (sampled rows only: a greedy row's temperature is 0 and its scale is left at 1).
+    -inf on the stop ids while fewer than min_tokens were generated, on every token but the allowed
+    ones and on what bad words rule out, which nothing can undo; then temperature (sampled rows only:
+    a greedy row's temperature is 0 and its scale is left at 1).
 
     Logprobs are the log-softmax of this result. That is our choice, as our issue asks: logprobs
     of what the row samples from, penalties, bias and temperature included, but before the
@@ -154,6 +168,12 @@ def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
         if _suppresses_stops(row):
             stops = [t for t in row.stop_token_ids if 0 <= t < vocab_size]
             out[i, stops] = -math.inf
+        if row.params.allowed_token_ids is not None:
+            keep = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            keep[[t for t in row.params.allowed_token_ids if 0 <= t < vocab_size]] = True
+            out[i].masked_fill_(~keep, -math.inf)
+        if row.params.bad_words_token_ids:
+            out[i, [t for t in _banned(row) if 0 <= t < vocab_size]] = -math.inf
     temperatures = [1.0 if r.params.greedy else r.params.temperature for r in rows]
     if any(t != 1.0 for t in temperatures):
         out /= torch.tensor(temperatures, dtype=torch.float32, device=device)[:, None]

@@ -36,6 +36,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # additive, over output tokens
     frequency_penalty: float = 0.0  # additive per occurrence, over output tokens
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
+    # vLLM's bad_words as token sequences: a sequence's last token is banned where the output so far ends
+    # with the rest of it
+    bad_words_token_ids: list[list[int]] | None = None
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0: chosen token's logprob + k top alternatives
     # None = off; k >= 0: each prompt token's logprob (the model's raw distribution) + k top alternatives
