@@ -365,3 +365,13 @@ def test_vllm_allowed_token_ids_and_bad_words():
                          ({"bad_words": [" "]}, "bad_words.0"), ({"bad_words": ["a"] * 17}, "bad_words")):
         r = client.post("/v1/chat/completions", json={"messages": USER_HI, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_rules_that_leave_no_token_to_write_are_a_400_not_a_stray_token():
+    """allowed_token_ids of stop tokens only, before min_tokens: nothing may be written."""
+    client = client_for()
+    stops = list(small_tokenizer().stop_token_ids)
+    for temperature in (0, 1.0):
+        r = client.post("/v1/completions", json={"prompt": "x", "allowed_token_ids": stops, "min_tokens": 3,
+                                                 "max_tokens": 5, "temperature": temperature})
+        assert r.status_code == 400 and "leave no token" in r.json()["error"]["message"], r.text

@@ -20,7 +20,7 @@ from .block_pool import BlockPool
 from .config import SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .guided import GuidedDecodingError, Grammars
-from .sampler import Sampled, Sampler, SampleRow, make_generator, prompt_token_logprobs
+from .sampler import NoTokenLeft, Sampled, Sampler, SampleRow, make_generator, prompt_token_logprobs
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import LENGTH, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams
@@ -243,7 +243,7 @@ class LLMEngine:
 
     def _fail(self, request_id: str, error: Exception) -> None:
         if self.scheduler.abort(request_id, reason=ERROR):
-            if isinstance(error, GuidedDecodingError):
+            if isinstance(error, (GuidedDecodingError, NoTokenLeft)):  # the request's own rules, not the server
                 self._errors.append((request_id, ConstraintError(f"request {request_id} failed: {error}")))
             else:
                 self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))

@@ -26,6 +26,10 @@ from .types import SamplingParams, TokenLogprob
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
+class NoTokenLeft(ValueError):
+    """A request's own rules (allowed_token_ids, bad_words, min_tokens) leave its row no token to sample."""
+
+
 @dataclass
 class SampleRow:
     params: SamplingParams
@@ -174,6 +178,9 @@ def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
             out[i].masked_fill_(~keep, -math.inf)
         if row.params.bad_words_token_ids:
             out[i, [t for t in _banned(row) if 0 <= t < vocab_size]] = -math.inf
+        if (row.params.allowed_token_ids is not None or row.params.bad_words_token_ids) and not bool(
+                torch.isfinite(out[i]).any()):
+            raise NoTokenLeft("allowed_token_ids, bad_words and min_tokens leave no token to write")
     temperatures = [1.0 if r.params.greedy else r.params.temperature for r in rows]
     if any(t != 1.0 for t in temperatures):
         out /= torch.tensor(temperatures, dtype=torch.float32, device=device)[:, None]
