@@ -3,6 +3,7 @@ Prints the server's resident memory over time and what every request got; fails 
 5xx, a client error other than an HTTP status, or engine gauges that do not return to 0.
 
     .venv/bin/python benchmarks/bench_soak.py [--layers 2] [--quantization int8] [--seconds 300]
+        [--kv-cache-memory 2GiB]
 
 The checkpoint has glm-4-9b-chat's shapes (hidden 4096, FFN 13696, 32 heads / 2 KV groups, vocab
 151,552), random bf16 weights, --layers of its 40 layers, with the project's small tokenizer (so
@@ -212,10 +213,12 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--idle", type=float, default=5, help="seconds idle after the load, before the last sample")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--kv-cache-memory", default="2GiB", help="the KV budget: a small one is all touched early, "
+                                                             "so what RSS does after that is the rest's")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
-        args = ["--served-model-name", MODEL, "--max-model-len", "16384", "--kv-cache-memory", "2GiB"]
+        args = ["--served-model-name", MODEL, "--max-model-len", "16384", "--kv-cache-memory", a.kv_cache_memory]
         if a.quantization != "none":
             args += ["--quantization", a.quantization]
         server = ServerProcess(Path(d), *args, dtype="auto", kv_cache_memory=None).wait_healthy(timeout=600)
