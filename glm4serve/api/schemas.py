@@ -12,7 +12,7 @@ import re
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from glm4serve.chat.template import PART_SEPARATOR
@@ -258,10 +258,24 @@ class ResponseFormat(_Body):
         return None
 
 
+def _parsed_json_text(value: Any) -> Any:
+    """A JSON schema sent as JSON text (vLLM takes both), parsed; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+
+
+# a JSON schema object, or its JSON text
+JsonSchemaArg = Annotated[dict[str, Any], BeforeValidator(_parsed_json_text)]
+
+
 class StructuredOutputs(_Body):
     """vLLM's structured_outputs: one of these constraints on the reply."""
 
-    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema, or its JSON text
+    json_: JsonSchemaArg | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None  # EBNF, in xgrammar's dialect
@@ -332,7 +346,7 @@ class _SamplingBody(_RequestBody):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # vLLM's structured outputs, besides response_format: the newer object, or the older guided_* fields
     structured_outputs: StructuredOutputs | None = None
-    guided_json: dict[str, Any] | str | None = None
+    guided_json: JsonSchemaArg | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
@@ -350,15 +364,7 @@ class _SamplingBody(_RequestBody):
             raise _invalid(constraints[1][0], "give one constraint on the reply, not "
                                               + " and ".join(c[0] for c in constraints))
         for param, kind, value in constraints:
-            if kind == "json" and isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError as e:
-                    raise _invalid(param, f"{param} is not valid JSON: {e}") from None
-                self._set_json_constraint(param, value)
             if kind == "json":
-                if not isinstance(value, dict):
-                    raise _invalid(param, f"{param} must be a JSON schema object")
                 _check_json_schema(value, param)
                 _check_enforceable(value, param)
             if kind == "choice" and (not value or not all(value)):
@@ -388,13 +394,6 @@ class _SamplingBody(_RequestBody):
     def engine_prompt_logprobs(self) -> int | None:
         """The prompt logprobs the engine computes for this request (their alternatives, at most)."""
         return self.prompt_logprobs
-
-    def _set_json_constraint(self, param: str, schema: Any) -> None:
-        """A JSON schema sent as text, parsed once."""
-        if param == "guided_json":
-            self.guided_json = schema
-        else:
-            self.structured_outputs.json_ = schema
 
     @property
     def guided_param(self) -> str:
