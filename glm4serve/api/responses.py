@@ -236,11 +236,12 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
 
 def _after_thinking(entries: list[dict]) -> list[dict]:
     """The logprob entries of the answer: those after the token that completes `</think>`."""
-    seen = b""
+    end, tail = THINK_END.encode(), b""  # tail: the bytes that could begin the tag (long thinking stays linear)
     for i, entry in enumerate(entries):
-        seen += bytes(entry["bytes"])
-        if THINK_END.encode() in seen:
+        tail += bytes(entry["bytes"])
+        if end in tail:
             return entries[i + 1:]
+        tail = tail[1 - len(end):]
     return entries
 
 
