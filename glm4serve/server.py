@@ -14,6 +14,7 @@ from .engine.async_engine import AsyncEngine
 from .engine.block_pool import BlockPool
 from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
+from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
 from .model.kv_cache import bytes_per_token
 from .model.runner import make_runner
@@ -67,6 +68,8 @@ def pick_device(device: str) -> str:
 def build_llm_engine(args: EngineArgs) -> LLMEngine:
     """The synchronous engine for these arguments (benchmarks and tests use it directly)."""
     path, device = resolve_model(args.model), pick_device(args.device)
+    if device == "cpu":  # before loading: packing the weights is oneDNN's first work
+        limit_onednn_caches()
     # The loader draws a tqdm bar only on a terminal; these lines mark the load in plain logs
     # (docker, systemd), where a redrawn bar would be noise.
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

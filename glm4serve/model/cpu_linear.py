@@ -28,6 +28,7 @@ kernel"). Elsewhere bf16 weights are packed by oneDNN (one copy).
 from __future__ import annotations
 
 import mmap
+import os
 
 import torch
 from torch import nn
@@ -35,11 +36,23 @@ from torch import nn
 from . import bf16_kernel
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows
+# oneDNN compiles one primitive per product shape (rows x weight) and PyTorch's ideep keeps its own entry
+# beside it: ~0.6-2.6 MiB a shape, and both keep 1,024 shapes by default. A server's prefill chunks come in
+# every length, so a long run filled both: ~1.5 GB of resident memory. A step reuses its few shapes in
+# every layer; 128 keeps those of ~25 recent steps (BENCHMARKS.md, "oneDNN's shape caches").
+ONEDNN_CACHED_SHAPES = 128
 STREAMED_WEIGHT_BYTES = 64 << 20  # above this a weight lives in DRAM, not cache, during decode
 
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def limit_onednn_caches(shapes: int = ONEDNN_CACHED_SHAPES) -> None:
+    """Cap oneDNN's and ideep's caches of compiled products at `shapes` entries each, unless the user's
+    environment sets them. Both read their capacity once, at their first product: call before any."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(shapes))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(shapes))
 
 
 def hugepage_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
