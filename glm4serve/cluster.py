@@ -183,9 +183,8 @@ class ReplicaClient:
         self._replicas, self._board = replicas, board
         self._settings, self._tokenizer = settings, tokenizer
         self.max_model_len = max_model_len
-        self._check = lambda ids, params: check_request_limits(
-            ids, params, vocab_size=tokenizer.vocab_size, max_num_seqs=settings.max_num_seqs,
-            max_model_len=max_model_len)
+        limits = settings.scheduler_config(max_model_len)
+        self._check = lambda ids, params: check_request_limits(ids, params, tokenizer.vocab_size, limits)
         self._grammars = Grammars(tokenizer)  # a schema is checked here; each replica compiles its own
         self._streams: dict[str, object] = {}
         self._replica_stats: dict[str, EngineStats] = {}

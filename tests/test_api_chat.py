@@ -375,3 +375,20 @@ def test_rules_that_leave_no_token_to_write_are_a_400_not_a_stray_token():
         r = client.post("/v1/completions", json={"prompt": "x", "allowed_token_ids": stops, "min_tokens": 3,
                                                  "max_tokens": 5, "temperature": temperature})
         assert r.status_code == 400 and "leave no token" in r.json()["error"]["message"], r.text
+
+
+def test_priority_is_taken_under_the_priority_policy_and_refused_before_a_stream_otherwise():
+    fcfs = client_for()
+    for stream in (False, True):
+        r = fcfs.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "priority": 2, "stream": stream})
+        assert r.status_code == 400, r.text
+        assert "--scheduling-policy priority" in r.json()["error"]["message"]
+    assert fcfs.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "priority": 0}).status_code == 200
+    client = client_for(scheduling_policy="priority")
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "priority": -4})
+    assert r.status_code == 200
+    r = client.post("/v1/responses", json={"input": "hi", "priority": 3})
+    assert r.status_code == 200
+    assert [c.params.priority for c in engine_of(client.app).calls] == [-4, 3]

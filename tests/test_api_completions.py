@@ -284,3 +284,10 @@ def test_a_prompt_that_fills_the_context_can_be_scored_alone():
     assert len(body["choices"][0]["logprobs"]["tokens"]) == 64 and body["usage"]["completion_tokens"] == 0
     too_long = post(client, prompt=list(range(100, 165)), echo=True, logprobs=0, max_tokens=0)
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_priority_reaches_the_engine_under_the_priority_policy():
+    assert "--scheduling-policy priority" in post(client_for(), prompt="Hi", priority=1).json()["error"]["message"]
+    client = client_for(scheduling_policy="priority")
+    assert post(client, prompt="Hi", priority=7).status_code == 200
+    assert engine_of(client.app).calls[-1].params.priority == 7

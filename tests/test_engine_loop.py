@@ -23,10 +23,10 @@ POISON = 60  # FakeTokenizer(fail_on=POISON) raises when asked for its bytes
 
 
 def make_engine(num_blocks=128, block_size=4, max_model_len=None, budget=64, max_num_seqs=64,
-                model=next_token, tokenizer=None, **runner_kw):
+                model=next_token, tokenizer=None, policy="fcfs", **runner_kw):
     pool = BlockPool(num_blocks, block_size)
-    cfg = sched_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                          max_model_len=max_model_len or num_blocks * block_size, block_size=block_size)
+    cfg = sched_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, scheduling_policy=policy,
+                       max_model_len=max_model_len or num_blocks * block_size, block_size=block_size)
     runner = FakeRunner(num_blocks, block_size, model=model, **runner_kw)
     engine = LLMEngine(runner, tokenizer or FakeTokenizer(), cfg, pool, MODEL_STOPS, vocab_size=VOCAB)
     return engine, runner, pool
@@ -375,10 +375,31 @@ def test_bad_requests_are_refused_at_add():
         engine.add_request("m0", prompt_of(0, 3), greedy(max_tokens=0))
     with pytest.raises(ValueError, match="token ids"):
         engine.add_request("v", [5, VOCAB], greedy())
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):
+        engine.add_request("p", prompt_of(0, 3), greedy(priority=1))
     engine.add_request("dup", prompt_of(0, 3), greedy())
     with pytest.raises(ValueError, match="already"):
         engine.add_request("dup", prompt_of(0, 3), greedy())
     assert engine.stats().num_waiting == 1
+
+
+def test_a_request_of_higher_priority_is_served_first_and_the_one_it_preempts_loses_nothing():
+    engine, runner, pool = make_engine(max_num_seqs=1, policy="priority")
+    engine.add_request("batch", prompt_of(0, 9), greedy(max_tokens=30, priority=5))
+    got: dict = {}
+    for _ in range(5):
+        collect(engine.step(), got)
+    engine.add_request("chat", prompt_of(1, 6), greedy(max_tokens=4, priority=0))
+    finished = []
+    while engine.has_work:
+        outs = engine.step()
+        collect(outs, got)
+        finished += [o.request_id for o in outs if o.finish_reason]
+    assert finished == ["chat", "batch"]  # one seat: chat took batch's at once
+    assert engine.stats().num_preemptions_total == 1
+    assert got[("chat", 0)].token_ids == continuation(prompt_of(1, 6), 4)
+    assert got[("batch", 0)].token_ids == continuation(prompt_of(0, 9), 30)
+    assert pool.num_free == pool.num_blocks
 
 
 def test_the_kv_plan_caps_the_context_by_the_cache():

@@ -332,3 +332,124 @@ def test_rejects_bad_requests_and_configs():
         Scheduler(sched_config(max_model_len=33, block_size=4), BlockPool(8, 4))
     with pytest.raises(ValueError, match="block size"):
         Scheduler(sched_config(max_model_len=16, block_size=8), BlockPool(8, 4))
+
+
+# ---- the priority policy ------------------------------------------------------------------------
+
+def step(sched, runner, token=11):
+    """One scheduled step run; every sampling sequence gets `token`."""
+    out = sched.schedule()
+    runner.run(out)
+    sched.on_step_done(out)
+    for s in out.scheduled:
+        for seq in s.sample_for:
+            seq.output_token_ids.append(token)
+    return out
+
+
+def test_priority_admits_by_priority_then_arrival():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=1,
+                                scheduling_policy="priority")
+    seqs = [make_seq(i, prompt_of(i, 4), priority=p) for i, p in enumerate([5, 1, 0, 1])]
+    for s in seqs:
+        sched.add([s])
+    assert list(sched.waiting) == [seqs[2], seqs[1], seqs[3], seqs[0]]
+    admitted = []
+    for _ in range(4):
+        out = step(sched, runner)
+        admitted += [c.seq for c in out.scheduled if c.start == 0]
+        sched.finish(out.scheduled[0].seq, "stop")
+    assert admitted == [seqs[2], seqs[1], seqs[3], seqs[0]]
+    assert pool.num_free == pool.num_blocks
+
+
+def test_fcfs_keeps_arrival_order_whatever_the_priority_field():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=1)
+    seqs = [make_seq(i, prompt_of(i, 4), priority=p) for i, p in enumerate([5, 0])]
+    for s in seqs:
+        sched.add([s])
+    assert list(sched.waiting) == seqs
+
+
+def test_a_higher_priority_request_preempts_the_lowest_ranked_running_one_for_a_seat():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=2,
+                                scheduling_policy="priority")
+    old, new = make_seq(0, prompt_of(0, 6), priority=3), make_seq(1, prompt_of(1, 6), priority=3)
+    for s in (old, new):
+        sched.add([s])
+    step(sched, runner)
+    urgent = make_seq(2, prompt_of(2, 5), priority=-1)
+    sched.add([urgent])
+    out = sched.schedule()
+    assert out.preempted == [new]  # of equal priority, the newer one
+    assert [c.seq for c in out.scheduled] == [old, urgent]
+    assert new.status is SeqStatus.WAITING and new.block_table == [] and list(sched.waiting) == [new]
+
+
+def test_equal_or_lower_priority_waits_for_a_seat():
+    for priority in (0, 7):
+        sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=1,
+                                    scheduling_policy="priority")
+        running = make_seq(0, prompt_of(0, 6), priority=0)
+        sched.add([running])
+        step(sched, runner)
+        later = make_seq(1, prompt_of(1, 6), priority=priority)
+        sched.add([later])
+        out = sched.schedule()
+        assert out.preempted == [] and [c.seq for c in out.scheduled] == [running]
+        assert list(sched.waiting) == [later]
+
+
+def test_a_higher_priority_request_preempts_for_blocks_and_the_victim_waits_behind_it():
+    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24,
+                                scheduling_policy="priority")
+    low = make_seq(0, prompt_of(0, 16), priority=1)  # 4 of the 6 blocks
+    sched.add([low])
+    step(sched, runner)
+    high = make_seq(1, prompt_of(1, 12), priority=0)  # needs 3 blocks, 2 are free
+    sched.add([high])
+    out = sched.schedule()
+    assert out.preempted == [low] and [c.seq for c in out.scheduled] == [high]
+    assert list(sched.waiting) == [low]
+
+
+def test_room_is_made_by_preempting_the_lowest_priority_not_the_newest():
+    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24,
+                                scheduling_policy="priority")
+    low, high = make_seq(0, prompt_of(0, 8), priority=2), make_seq(1, prompt_of(1, 8), priority=0)
+    for s in (low, high):
+        sched.add([s])
+    step(sched, runner)
+    step(sched, runner)
+    for s in (low, high):
+        s.output_token_ids += [12, 13, 14]  # fill their third block, as three decodes would
+        s.num_computed_tokens += 3
+    out = sched.schedule()  # both need a fourth block and none is free
+    assert out.preempted == [low]  # FCFS would take high, the newest
+    assert [c.seq for c in out.scheduled] == [high]
+
+
+def test_priorities_under_preemption_in_a_tiny_pool_give_the_same_outputs():
+    priorities = [random.Random(3).randint(0, 3) for _ in range(12)]
+
+    def run(num_blocks, policy):
+        sched, pool, runner = setup(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=32,
+                                    max_model_len=40, max_num_seqs=4, scheduling_policy=policy)
+        seqs = [make_seq(i, prompt_of(i, 5 + i % 7), priority=p) for i, p in enumerate(priorities)]
+        limits = {s.seq_id: 12 + (s.seq_id * 5) % 17 for s in seqs}
+        for s in seqs[:6]:
+            sched.add([s])
+
+        def arrive(i, out):  # the other six come while the first decode
+            if i == 2:
+                for s in seqs[6:]:
+                    sched.add([s])
+
+        drive(sched, runner, limits, on_step=arrive)
+        assert pool.num_free == pool.num_blocks
+        return sched, {s.seq_id: s.output_token_ids for s in seqs}
+
+    _, expected = run(200, "fcfs")
+    sched, outputs = run(10, "priority")
+    assert sched.num_preemptions > 0
+    assert outputs == expected

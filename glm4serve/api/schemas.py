@@ -350,6 +350,8 @@ class _SamplingBody(_RequestBody):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM extension: under --scheduling-policy priority, lower values are served first (refused otherwise)
+    priority: int = 0
 
     @model_validator(mode="after")
     def _common_rules(self):
@@ -441,6 +443,7 @@ class _SamplingBody(_RequestBody):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             guided=self.guided_spec(),
+            priority=self.priority,
         )
 
 

@@ -62,6 +62,9 @@ class EngineArgs(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one engine step (the prefill chunk)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before")
     enforce_eager: bool = Field(False, description="GPU: run every step eagerly, without CUDA graphs")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="fcfs: requests in arrival order; priority: by each request's `priority` (lower "
+                            "first, then arrival), and one that outranks running ones may preempt them")
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
@@ -75,7 +78,7 @@ class EngineArgs(BaseModel):
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_model_len=max_model_len, block_size=self.block_size,
-                               enable_prefix_caching=self.enable_prefix_caching)
+                               enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy)
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,13 @@ class SchedulerConfig:
     max_model_len: int  # prompt + output tokens of one sequence
     block_size: int
     enable_prefix_caching: bool
+    policy: str = "fcfs"  # EngineArgs.scheduling_policy
 
     def __post_init__(self):
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:
             raise ValueError(f"scheduler limits must be positive: {self}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"unknown scheduling policy {self.policy!r}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import torch
 
@@ -59,7 +60,7 @@ class LLMEngine:
         """ValueError when the request can never be served as asked. It reads only the engine's fixed
         limits, so any thread may call it (the API does, before it starts a stream)."""
         cfg = self.scheduler.cfg
-        check_request_limits(prompt_ids, params, self.vocab_size, cfg.max_num_seqs, cfg.max_model_len)
+        check_request_limits(prompt_ids, params, self.vocab_size, cfg)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (nothing queued) when it cannot be served as asked."""
@@ -67,9 +68,9 @@ class LLMEngine:
         stop_ids = self._stop_ids(params)
         if params.guided is not None:
             self.grammars.compile(params.guided)  # GuidedSpecError (a ValueError) when it cannot
-        seqs = []
+        seqs, now = [], time.monotonic()
         for index in range(params.n):
-            seq = Sequence(self._next_seq_id + index, request_id, index, list(prompt_ids), params)
+            seq = Sequence(self._next_seq_id + index, request_id, index, list(prompt_ids), params, arrival_time=now)
             seq.generator = make_generator(params.seed, index)
             seq.stop_token_ids = stop_ids
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params)
@@ -249,9 +250,13 @@ class LLMEngine:
                 self._errors.append((request_id, EngineError(f"request {request_id} failed: {error!r}")))
 
 
-def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_size: int | None, max_num_seqs: int,
-                         max_model_len: int) -> None:
+def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_size: int | None,
+                         cfg: SchedulerConfig) -> None:
     """ValueError when an engine with these limits would refuse the request."""
+    max_num_seqs, max_model_len = cfg.max_num_seqs, cfg.max_model_len
+    if params.priority and cfg.policy != "priority":
+        raise ValueError("a request priority needs the priority scheduling policy: start the server with "
+                         "--scheduling-policy priority")
     if params.n < 1:
         raise ValueError(f"n must be at least 1, got {params.n}")
     if params.max_tokens < 1:

@@ -24,6 +24,12 @@ the cached blocks of its longest cached prefix, a reference each, and its prefil
 them. At least its last token is always computed, since its logits are needed: the hit is cut
 to whole blocks before that token, so a cached block, shared and full, is never written into.
 
+Priority policy (`SchedulerConfig.policy`, vLLM's): sequences rank by (request priority, arrival),
+lower first. The queue is kept in that order, preempted sequences included; the lowest-ranked
+running sequence is the one preempted for room; and when the first waiting sequence has no seat or
+too few free blocks for its first chunk, running ones of a strictly lower priority are preempted for
+it, at the start of a step. Equal priorities never preempt each other, so this cannot thrash.
+
 Prompt logprobs: a sequence that asks for them computes its whole prompt (no prefix cache hit, as
 in vLLM), and its prefill chunks return logits after every token: at most PROMPT_LOGIT_ROWS rows a
 step, all such sequences together, since each row is a vocabulary of fp32 logits.
@@ -139,7 +145,7 @@ class Scheduler:
         for s in seqs:
             s.status = SeqStatus.WAITING
         self._requests[head.request_id] = list(seqs)
-        self.waiting.append(head)
+        self._enqueue(head)
         if len(seqs) > 1:
             self._forks[head.seq_id] = list(seqs[1:])
 
@@ -153,7 +159,7 @@ class Scheduler:
             self.waiting.remove(seq)
         orphans = self._forks.pop(seq.seq_id, [])
         if orphans:  # the parent ends before its prefill did: its first sibling prefills for the rest
-            self.waiting.appendleft(orphans[0])
+            self._enqueue(orphans[0], front=True)
             if orphans[1:]:
                 self._forks[orphans[0].seq_id] = orphans[1:]
         for sibs in self._forks.values():
@@ -184,6 +190,9 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         rows = PROMPT_LOGIT_ROWS  # left for prompt-logprob chunks this step
         taken: set[int] = set()  # seq_ids scheduled this step: never preempted within it
+        if self.cfg.policy == "priority":
+            self._preempt_for_first_waiting(taken, out)
+        outranked = len(out.preempted)  # preemptions before this are no sign of a shortage of blocks
 
         # 1. decodes
         for seq in list(self.running):
@@ -212,8 +221,8 @@ class Scheduler:
                 self._take(seq, n, taken, out)
                 budget -= n
 
-        # 3. admissions, first come first served; not in a step that had to preempt (it would thrash)
-        while budget > 0 and self.waiting and not out.preempted:
+        # 3. admissions in queue order; not in a step that had to preempt for room (it would thrash)
+        while budget > 0 and self.waiting and len(out.preempted) == outranked:
             seq = self.waiting[0]
             seats = 1 + len(self._forks.get(seq.seq_id, ()))
             if self._seats_taken() + seats > self.cfg.max_num_seqs:
@@ -303,13 +312,47 @@ class Scheduler:
         usable = len(seq.block_table) + self.pool.num_free - self._needs_copy(seq)
         return max(0, usable * self.pool.block_size - seq.num_computed_tokens)
 
+    def _victim(self, taken: set[int]) -> Sequence | None:
+        """The running sequence to preempt next, of those not scheduled this step: the newest (FCFS),
+        or the lowest-ranked (priority)."""
+        if self.cfg.policy == "priority":
+            return max((s for s in self.running if s.seq_id not in taken), key=_rank, default=None)
+        return next((s for s in reversed(self.running) if s.seq_id not in taken), None)
+
+    def _preempt_for_first_waiting(self, taken: set[int], out: SchedulerOutput) -> None:
+        """Priority policy: while the first waiting sequence lacks a seat or the free blocks for its first
+        chunk, preempt the lowest-ranked running sequence, if its priority is strictly lower."""
+        while self.waiting:
+            head = self.waiting[0]
+            seats = 1 + len(self._forks.get(head.seq_id, ()))
+            chunk = min(head.num_tokens, self.cfg.max_num_batched_tokens)
+            if (self._seats_taken() + seats <= self.cfg.max_num_seqs
+                    and self.pool.blocks_needed(chunk) <= self.pool.num_free):
+                return
+            victim = self._victim(taken)
+            if victim is None or victim.params.priority <= head.params.priority:
+                return
+            self._preempt(victim, out)
+
+    def _enqueue(self, seq: Sequence, front: bool = False) -> None:
+        """FCFS: new sequences join the back of the queue, preempted ones the front (victims go newest
+        first, so the oldest ends up in front). Priority: in rank order."""
+        if self.cfg.policy == "priority":
+            rank = _rank(seq)
+            self.waiting.insert(next((i for i, s in enumerate(self.waiting) if _rank(s) > rank), len(self.waiting)),
+                                seq)
+        elif front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
     def _make_room(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput, allow_self: bool) -> bool:
-        """Preempt the newest unscheduled running sequences until `n` tokens of `seq` fit.
+        """Preempt running sequences (`_victim`) until `n` tokens of `seq` fit.
 
         False when they do not fit: then `seq` was preempted itself (allow_self) or it was newest.
         """
         while self._blocks_needed(seq, n) > self.pool.num_free:
-            victim = next((s for s in reversed(self.running) if s.seq_id not in taken), None)
+            victim = self._victim(taken)
             if victim is None or (victim is seq and not allow_self):
                 return False
             self._preempt(victim, out)
@@ -339,7 +382,7 @@ class Scheduler:
         self._free_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)  # victims go newest first, so the oldest ends up in front
+        self._enqueue(seq, front=True)
         out.preempted.append(seq)
         self.num_preemptions += 1
 
@@ -359,3 +402,8 @@ class Scheduler:
             # tail first: cached tail blocks are evicted before the head blocks more prompts share
             self.pool.free(seq.block_table[::-1])
             seq.block_table = []
+
+
+def _rank(seq: Sequence) -> tuple:
+    """Priority policy: lower goes first (a request's choices rank together, parent first)."""
+    return seq.params.priority, seq.arrival_time, seq.seq_id

@@ -52,6 +52,7 @@ class SamplingParams:
     # these special tokens decode as the given text, skipped or not (api/chat.py: the separator of tool calls)
     special_token_text: dict[int, str] | None = None
     guided: GuidedSpec | None = None  # structured output: the grammar the reply must follow (guided.py)
+    priority: int = 0  # vLLM's: under the priority scheduling policy, lower values are served first
 
     def __post_init__(self):
         if self.top_k < 0:
