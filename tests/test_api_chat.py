@@ -392,3 +392,17 @@ def test_priority_is_taken_under_the_priority_policy_and_refused_before_a_stream
     r = client.post("/v1/responses", json={"input": "hi", "priority": 3})
     assert r.status_code == 200
     assert [c.params.priority for c in engine_of(client.app).calls] == [-4, 3]
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id_whole_and_streamed():
+    tok = small_tokenizer()
+    ids = tok.encode("\nHello there!")
+    client = client_for()
+    body = {"messages": USER_HI, "logprobs": True, "top_logprobs": 2, "return_tokens_as_token_ids": True}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+    chunks = sse_json(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    for entries in (whole, streamed):
+        assert [e["token"] for e in entries][:-1] == [f"token_id:{t}" for t in ids]
+        assert [e["bytes"] for e in entries][:-1] == [list(tok.token_bytes(t)) for t in ids]  # still the token's
+        assert all(t["token"].startswith("token_id:") for e in entries for t in e["top_logprobs"])

@@ -291,3 +291,19 @@ def test_priority_reaches_the_engine_under_the_priority_policy():
     client = client_for(scheduling_policy="priority")
     assert post(client, prompt="Hi", priority=7).status_code == 200
     assert engine_of(client.app).calls[-1].params.priority == 7
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id():
+    tok = small_tokenizer()
+    ids = tok.encode(REPLY)[:4]
+    as_text = post(client_for(), prompt="Write:", logprobs=2, max_tokens=4).json()["choices"][0]["logprobs"]
+    for client, extra in ((client_for(), {"return_tokens_as_token_ids": True}),
+                          (client_for(return_tokens_as_token_ids=True), {})):  # the server's default
+        lp = post(client, prompt="Write:", logprobs=2, max_tokens=4, **extra).json()["choices"][0]["logprobs"]
+        assert lp["tokens"] == [f"token_id:{t}" for t in ids]
+        assert lp["text_offset"] == as_text["text_offset"] and lp["token_logprobs"] == as_text["token_logprobs"]
+        for token, top in zip(lp["tokens"], lp["top_logprobs"]):
+            assert token in top and all(k.startswith("token_id:") for k in top)
+    off = client_for(return_tokens_as_token_ids=True)  # a request may turn the server's default off
+    lp = post(off, prompt="Write:", logprobs=0, max_tokens=4, return_tokens_as_token_ids=False).json()
+    assert lp["choices"][0]["logprobs"]["tokens"] == as_text["tokens"]

@@ -68,6 +68,7 @@ class ChatPlan:
     echo: str  # vLLM's chat echo: the last assistant message, prepended to the reply
     strip_newline: bool
     reasoning: bool = False  # the reply's thinking goes to reasoning_content (chat/reasoning.py)
+    logprob_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
@@ -102,7 +103,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
         params.special_token_text = {**(params.special_token_text or {}), **tags}
     return ChatPlan(request_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
-                    strip_newline=req.add_generation_prompt, reasoning=reasoning)
+                    strip_newline=req.add_generation_prompt, reasoning=reasoning,
+                    logprob_token_ids=ctx.tokens_as_ids(req))
 
 
 @dataclass
@@ -122,13 +124,14 @@ class ChoiceStream:
         self.reasoning = StreamingReasoningParser() if plan.reasoning else None
         self._strip_newline = self._strip_thinking_newline = plan.strip_newline
         self._tokenizer = tokenizer
+        self._as_ids = plan.logprob_token_ids
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
 
     def step(self, out: Output, logprobs: bool) -> ChoiceStep:
         check_finish(out.finish_reason)
         self.num_tokens = out.num_output_tokens
-        entries = chat_logprob_entries(self._tokenizer, out.logprobs) if logprobs and out.logprobs else []
+        entries = chat_logprob_entries(self._tokenizer, out.logprobs, self._as_ids) if logprobs and out.logprobs else []
         deltas = self.feed(out.text) if out.text else []
         if out.finish_reason is None:
             return ChoiceStep(deltas, entries, None)
@@ -248,7 +251,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             if out.finish_reason is not None:  # the same counts on every output: read once
                 details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
-                logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs)
+                logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs, plan.logprob_token_ids)
             if out.finish_reason is not None:
                 reasons[i] = out.finish_reason
     choices = []

@@ -108,7 +108,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
                 details[p] = PromptTokensDetails.of(out)
             if req.logprobs is not None:
                 choice_logprobs = logprobs.setdefault(
-                    index, CompletionLogprobs(ctx.tokenizer, job.params.skip_special_tokens))
+                    index, CompletionLogprobs(ctx.tokenizer, job.params.skip_special_tokens, ctx.tokens_as_ids(req)))
             if scored_echo and out.prompt_logprobs is not None:
                 part = choice_logprobs.add_prompt(job.prompt_ids, out.prompt_logprobs, req.logprobs)
                 yield chunk([completion_choice_delta(index, job.prompt_text, part)])
@@ -130,7 +130,8 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
     n = req.n
     count = len(plan.jobs) * n
     texts: list[list[str]] = [[plan.jobs[k // n].prompt_text] if req.echo else [] for k in range(count)]
-    logprobs = [CompletionLogprobs(ctx.tokenizer, plan.jobs[k // n].params.skip_special_tokens) for k in range(count)]
+    logprobs = [CompletionLogprobs(ctx.tokenizer, plan.jobs[k // n].params.skip_special_tokens, ctx.tokens_as_ids(req))
+                for k in range(count)]
     prompt_logprobs: list[list | None] = [None] * count  # vLLM's
     reasons: list[str | None] = [None] * count
     num_tokens = [0] * count

@@ -17,19 +17,22 @@ def _finite(lp: float) -> float:
     return lp if math.isfinite(lp) else _MIN_LOGPROB
 
 
-def token_text_and_bytes(tokenizer, token_id: int) -> tuple[str, list[int]]:
+def token_text_and_bytes(tokenizer, token_id: int, as_id: bool = False) -> tuple[str, list[int]]:
+    """How logprobs name a token: its text, or with `as_id` vLLM's "token_id:{id}" (its
+    return_tokens_as_token_ids), which tells apart what text cannot (half a character, two tokens
+    of one text); and its bytes."""
     raw = tokenizer.token_bytes(token_id)
     # A token may be half of a multi-byte character: the string shows U+FFFD, `bytes` is exact.
-    return raw.decode("utf-8", errors="replace"), list(raw)
+    return f"token_id:{token_id}" if as_id else raw.decode("utf-8", errors="replace"), list(raw)
 
 
-def chat_logprob_entries(tokenizer, logprobs: list[TokenLogprob]) -> list[dict]:
+def chat_logprob_entries(tokenizer, logprobs: list[TokenLogprob], as_ids: bool = False) -> list[dict]:
     entries = []
     for lp in logprobs:
-        text, raw = token_text_and_bytes(tokenizer, lp.token_id)
+        text, raw = token_text_and_bytes(tokenizer, lp.token_id, as_ids)
         top = []
         for tid, tlp in lp.top:
-            t_text, t_raw = token_text_and_bytes(tokenizer, tid)
+            t_text, t_raw = token_text_and_bytes(tokenizer, tid, as_ids)
             top.append({"token": t_text, "logprob": _finite(tlp), "bytes": t_raw})
         entries.append({"token": text, "logprob": _finite(lp.logprob), "bytes": raw, "top_logprobs": top})
     return entries
@@ -69,8 +72,9 @@ class CompletionLogprobs:
     engine's detokenizer made (special tokens skipped or not). Token strings cannot be added up for
     it: half a character shows as U+FFFD in `tokens`."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids  # tokens named "token_id:{id}" (token_text_and_bytes)
         self._text = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=skip_special_tokens))
         self.offset = 0  # characters of the choice's text so far
         self.tokens: list[str] = []
@@ -92,11 +96,12 @@ class CompletionLogprobs:
     def _add(self, items: list[tuple[int, TokenLogprob | None]], k: int | None) -> dict:
         part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, lp in items:
-            text, _ = token_text_and_bytes(self.tokenizer, token_id)
+            text, _ = token_text_and_bytes(self.tokenizer, token_id, self.as_ids)
             logprob = top = None
             if lp is not None:
                 logprob = _finite(lp.logprob)
-                top = {token_text_and_bytes(self.tokenizer, tid)[0]: _finite(tlp) for tid, tlp in lp.top[:k]}
+                top = {token_text_and_bytes(self.tokenizer, tid, self.as_ids)[0]: _finite(tlp)
+                       for tid, tlp in lp.top[:k]}
                 top.setdefault(text, logprob)  # OpenAI always lists the chosen token
             part["tokens"].append(text)
             part["token_logprobs"].append(logprob)

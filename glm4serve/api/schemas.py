@@ -352,6 +352,8 @@ class _SamplingBody(_RequestBody):
     guided_grammar: str | None = None
     # vLLM extension: under --scheduling-policy priority, lower values are served first (refused otherwise)
     priority: int = 0
+    # vLLM extension: logprobs name tokens "token_id:{id}" (default: the server's setting)
+    return_tokens_as_token_ids: bool | None = None
 
     @model_validator(mode="after")
     def _common_rules(self):

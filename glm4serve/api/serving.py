@@ -53,6 +53,11 @@ class ServingContext:
         """generation_config.json's temperature/top_p/... for requests that leave them out."""
         return self.tokenizer.sampling_defaults or {}
 
+    def tokens_as_ids(self, req) -> bool:
+        """Whether a request's logprobs name tokens "token_id:{id}": its own say, else the server's."""
+        asked = req.return_tokens_as_token_ids
+        return self.settings.return_tokens_as_token_ids if asked is None else asked
+
     # ---- checks -------------------------------------------------------------------------------
 
     def check_ready(self) -> None:

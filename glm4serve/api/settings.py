@@ -52,6 +52,9 @@ class ServerSettings(EngineArgs, BaseSettings):
         None, description="chat replies' thinking, up to </think> (GLM-Z1), as reasoning_content, as vLLM's "
                           "--reasoning-parser deepseek_r1 (default: off, all of a reply is content)")
     max_tools: int = Field(128, ge=0, description="most tools in one chat request")
+    return_tokens_as_token_ids: bool = Field(
+        False, description="logprobs name tokens 'token_id:{id}', not by their text, unless a request says "
+                           "otherwise (vLLM's)")
     max_stop: int = Field(16, ge=0, description="most stop strings (and vLLM bad_words) in one request")
     response_store_memory: int = Field(
         64 * 1024**2, description="memory for /v1/responses replies kept for previous_response_id and GET "
