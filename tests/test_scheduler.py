@@ -453,3 +453,17 @@ def test_priorities_under_preemption_in_a_tiny_pool_give_the_same_outputs():
     sched, outputs = run(10, "priority")
     assert sched.num_preemptions > 0
     assert outputs == expected
+
+
+def test_no_lower_priority_work_is_lost_when_preempting_it_would_not_make_room():
+    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24,
+                                scheduling_policy="priority")
+    high, low = make_seq(0, prompt_of(0, 14), priority=0), make_seq(1, prompt_of(1, 6), priority=5)
+    for s in (high, low):
+        sched.add([s])
+    step(sched, runner)  # 4 + 2 blocks: the pool is full, with room in them for the next decodes
+    middle = make_seq(2, prompt_of(2, 20), priority=1)  # 5 blocks: low's 2 would not do
+    sched.add([middle])
+    out = sched.schedule()
+    assert low not in out.preempted and low.status is SeqStatus.RUNNING
+    assert list(sched.waiting)[0] is middle

@@ -191,7 +191,7 @@ class Scheduler:
         rows = PROMPT_LOGIT_ROWS  # left for prompt-logprob chunks this step
         taken: set[int] = set()  # seq_ids scheduled this step: never preempted within it
         if self.cfg.policy == "priority":
-            self._preempt_for_first_waiting(taken, out)
+            self._preempt_for_first_waiting(out)
         outranked = len(out.preempted)  # preemptions before this are no sign of a shortage of blocks
 
         # 1. decodes
@@ -319,20 +319,29 @@ class Scheduler:
             return max((s for s in self.running if s.seq_id not in taken), key=_rank, default=None)
         return next((s for s in reversed(self.running) if s.seq_id not in taken), None)
 
-    def _preempt_for_first_waiting(self, taken: set[int], out: SchedulerOutput) -> None:
-        """Priority policy: while the first waiting sequence lacks a seat or the free blocks for its first
-        chunk, preempt the lowest-ranked running sequence, if its priority is strictly lower."""
-        while self.waiting:
-            head = self.waiting[0]
-            seats = 1 + len(self._forks.get(head.seq_id, ()))
-            chunk = min(head.num_tokens, self.cfg.max_num_batched_tokens)
-            if (self._seats_taken() + seats <= self.cfg.max_num_seqs
-                    and self.pool.blocks_needed(chunk) <= self.pool.num_free):
-                return
-            victim = self._victim(taken)
-            if victim is None or victim.params.priority <= head.params.priority:
-                return
+    def _preempt_for_first_waiting(self, out: SchedulerOutput) -> None:
+        """Priority policy: when the first waiting sequence lacks a seat or the free blocks for its first
+        chunk, preempt running sequences of a strictly lower priority for it, lowest-ranked first; none
+        when all of them together would not make room (their work would be lost for nothing)."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        seats = 1 + len(self._forks.get(head.seq_id, ()))
+        blocks = self.pool.blocks_needed(min(head.num_tokens, self.cfg.max_num_batched_tokens))
+
+        def fits(freed_seats: int = 0, freed_blocks: int = 0) -> bool:
+            return (self._seats_taken() - freed_seats + seats <= self.cfg.max_num_seqs
+                    and blocks <= self.pool.num_free + freed_blocks)
+
+        lower = [s for s in self.running if s.params.priority > head.params.priority]
+        # a block shared with another sequence is not freed with this one: counted anyway, an upper bound
+        if fits() or not fits(sum(1 + len(self._forks.get(s.seq_id, ())) for s in lower),
+                              sum(len(s.block_table) for s in lower)):
+            return
+        for victim in sorted(lower, key=_rank, reverse=True):
             self._preempt(victim, out)
+            if fits():
+                return
 
     def _enqueue(self, seq: Sequence, front: bool = False) -> None:
         """FCFS: new sequences join the back of the queue, preempted ones the front (victims go newest
