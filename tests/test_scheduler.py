@@ -347,6 +347,18 @@ def step(sched, runner, token=11):
     return out
 
 
+def tiny_priority_pool():
+    """Six blocks of four tokens."""
+    return setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24, scheduling_policy="priority")
+
+
+def admit(sched, runner, *seqs):
+    """Queue each sequence as a request of its own and run one step."""
+    for s in seqs:
+        sched.add([s])
+    return step(sched, runner)
+
+
 def test_priority_admits_by_priority_then_arrival():
     sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=1,
                                 scheduling_policy="priority")
@@ -375,9 +387,7 @@ def test_a_higher_priority_request_preempts_the_lowest_ranked_running_one_for_a_
     sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=2,
                                 scheduling_policy="priority")
     old, new = make_seq(0, prompt_of(0, 6), priority=3), make_seq(1, prompt_of(1, 6), priority=3)
-    for s in (old, new):
-        sched.add([s])
-    step(sched, runner)
+    admit(sched, runner, old, new)
     urgent = make_seq(2, prompt_of(2, 5), priority=-1)
     sched.add([urgent])
     out = sched.schedule()
@@ -391,8 +401,7 @@ def test_equal_or_lower_priority_waits_for_a_seat():
         sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=1,
                                     scheduling_policy="priority")
         running = make_seq(0, prompt_of(0, 6), priority=0)
-        sched.add([running])
-        step(sched, runner)
+        admit(sched, runner, running)
         later = make_seq(1, prompt_of(1, 6), priority=priority)
         sched.add([later])
         out = sched.schedule()
@@ -401,11 +410,9 @@ def test_equal_or_lower_priority_waits_for_a_seat():
 
 
 def test_a_higher_priority_request_preempts_for_blocks_and_the_victim_waits_behind_it():
-    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24,
-                                scheduling_policy="priority")
+    sched, pool, runner = tiny_priority_pool()
     low = make_seq(0, prompt_of(0, 16), priority=1)  # 4 of the 6 blocks
-    sched.add([low])
-    step(sched, runner)
+    admit(sched, runner, low)
     high = make_seq(1, prompt_of(1, 12), priority=0)  # needs 3 blocks, 2 are free
     sched.add([high])
     out = sched.schedule()
@@ -414,12 +421,9 @@ def test_a_higher_priority_request_preempts_for_blocks_and_the_victim_waits_behi
 
 
 def test_room_is_made_by_preempting_the_lowest_priority_not_the_newest():
-    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24,
-                                scheduling_policy="priority")
+    sched, pool, runner = tiny_priority_pool()
     low, high = make_seq(0, prompt_of(0, 8), priority=2), make_seq(1, prompt_of(1, 8), priority=0)
-    for s in (low, high):
-        sched.add([s])
-    step(sched, runner)
+    admit(sched, runner, low, high)
     step(sched, runner)
     for s in (low, high):
         s.output_token_ids += [12, 13, 14]  # fill their third block, as three decodes would
@@ -456,12 +460,9 @@ def test_priorities_under_preemption_in_a_tiny_pool_give_the_same_outputs():
 
 
 def test_no_lower_priority_work_is_lost_when_preempting_it_would_not_make_room():
-    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=64, max_model_len=24,
-                                scheduling_policy="priority")
+    sched, pool, runner = tiny_priority_pool()
     high, low = make_seq(0, prompt_of(0, 14), priority=0), make_seq(1, prompt_of(1, 6), priority=5)
-    for s in (high, low):
-        sched.add([s])
-    step(sched, runner)  # 4 + 2 blocks: the pool is full, with room in them for the next decodes
+    admit(sched, runner, high, low)  # 4 + 2 blocks: the pool is full, with room in them for the next decodes
     middle = make_seq(2, prompt_of(2, 20), priority=1)  # 5 blocks: low's 2 would not do
     sched.add([middle])
     out = sched.schedule()
