@@ -468,3 +468,52 @@ def test_no_lower_priority_work_is_lost_when_preempting_it_would_not_make_room()
     out = sched.schedule()
     assert low not in out.preempted and low.status is SeqStatus.RUNNING
     assert list(sched.waiting)[0] is middle
+
+
+def test_a_higher_priority_decode_takes_room_from_a_lower_one_admitted_before_it():
+    sched, pool, runner = setup(num_blocks=4, max_num_batched_tokens=64, max_model_len=16, scheduling_policy="priority")
+    low, high = make_seq(0, prompt_of(0, 6), priority=5), make_seq(1, prompt_of(1, 8), priority=0)
+    admit(sched, runner, low)
+    admit(sched, runner, high)  # the pool is full; high's next token needs a block
+    out = sched.schedule()
+    assert out.preempted == [low] and [c.seq for c in out.scheduled] == [high]  # FCFS would preempt high
+
+
+def test_a_higher_priority_prefill_under_way_takes_room_from_a_lower_decode():
+    sched, pool, runner = setup(num_blocks=8, max_num_batched_tokens=8, max_model_len=32,
+                                scheduling_policy="priority", enable_prefix_caching=False)
+    low = make_seq(0, prompt_of(0, 7), priority=5)
+    admit(sched, runner, low)
+    high = make_seq(1, prompt_of(1, 24), priority=0)  # 6 blocks, in chunks of 8 tokens
+    sched.add([high])
+    steps = 0
+    while high.is_prefilling or high.num_computed_tokens < high.num_prompt_tokens:
+        out = step(sched, runner)
+        assert high in [c.seq for c in out.scheduled]  # never waits on a lower-priority decode
+        steps += 1
+    assert steps == 4  # 7 tokens beside low's decode in the step it was admitted, then 8, 8 and 1
+
+
+def test_the_outrank_check_counts_a_prefix_cache_hit():
+    sched, pool, runner = setup(num_blocks=8, max_num_batched_tokens=64, max_model_len=32, scheduling_policy="priority")
+    shared = prompt_of(0, 16)
+    low = make_seq(0, shared + [50, 51, 52], priority=5)
+    admit(sched, runner, low)
+    step(sched, runner)  # 5 blocks, 3 free
+    high = make_seq(1, shared + [60, 61, 62], priority=0)  # 4 blocks cached (low's), 1 more needed
+    sched.add([high])
+    out = sched.schedule()
+    assert out.preempted == [] and [(c.seq, c.start) for c in out.scheduled] == [(low, 20), (high, 16)]
+
+
+def test_the_outrank_check_counts_blocks_that_choices_share_once():
+    sched, pool, runner = setup(num_blocks=20, max_num_batched_tokens=128, max_model_len=80,
+                                scheduling_policy="priority", enable_prefix_caching=False)
+    admit(sched, runner, make_seq(0, prompt_of(0, 16), priority=0))
+    choices = [make_seq(1 + i, prompt_of(1, 24), request_id="low", index=i, priority=5) for i in range(3)]
+    sched.add(choices)
+    step(sched, runner)
+    step(sched, runner)  # the three choices hold 9 distinct blocks (21 references); 6 are free
+    sched.add([make_seq(9, prompt_of(9, 70), priority=1)])  # 18 blocks: preempting them all would leave it short
+    out = sched.schedule()
+    assert out.preempted == [] and all(c.status is SeqStatus.RUNNING for c in choices)

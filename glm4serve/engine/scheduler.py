@@ -38,7 +38,7 @@ step, all such sequences together, since each row is a vocabulary of fp32 logits
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .block_pool import BlockPool
@@ -194,32 +194,34 @@ class Scheduler:
             self._preempt_for_first_waiting(out)
         outranked = len(out.preempted)  # preemptions before this are no sign of a shortage of blocks
 
-        # 1. decodes
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq.status is not SeqStatus.RUNNING or seq.is_prefilling:
-                continue
-            if not self._make_room(seq, 1, taken, out, allow_self=True):
-                continue
-            self._take(seq, 1, taken, out)
-            budget -= 1
-
-        # 2. prefills already under way: as much of the chunk as fits, making room from newer ones
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq.status is not SeqStatus.RUNNING or seq.seq_id in taken:
-                continue
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget, rows if seq.needs_prompt_logits else budget)
-            if want == 0:
-                continue
-            self._make_room(seq, want, taken, out, allow_self=False)
-            n = min(want, self._capacity(seq))
-            if n > 0:
-                rows -= n if seq.needs_prompt_logits else 0
-                self._take(seq, n, taken, out)
-                budget -= n
+        # 1. decodes, then 2. prefills already under way (FCFS: each oldest first); priority: both in one
+        # pass in rank order, so that room is never made from a sequence that outranks the one in need
+        if self.cfg.policy == "priority":
+            passes = [sorted(self.running, key=_rank)]
+        else:
+            passes = [[s for s in self.running if not s.is_prefilling], [s for s in self.running if s.is_prefilling]]
+        for seqs in passes:
+            for seq in seqs:
+                if budget == 0:
+                    break
+                if seq.status is not SeqStatus.RUNNING or seq.seq_id in taken:
+                    continue
+                if not seq.is_prefilling:  # its next token
+                    if self._make_room(seq, 1, taken, out, allow_self=True):
+                        self._take(seq, 1, taken, out)
+                        budget -= 1
+                    continue
+                # as much of its chunk as fits, making room from lower-ranked ones (`_victim`)
+                want = min(seq.num_tokens - seq.num_computed_tokens, budget,
+                           rows if seq.needs_prompt_logits else budget)
+                if want == 0:
+                    continue
+                self._make_room(seq, want, taken, out, allow_self=False)
+                n = min(want, self._capacity(seq))
+                if n > 0:
+                    rows -= n if seq.needs_prompt_logits else 0
+                    self._take(seq, n, taken, out)
+                    budget -= n
 
         # 3. admissions in queue order; not in a step that had to preempt for room (it would thrash)
         while budget > 0 and self.waiting and len(out.preempted) == outranked:
@@ -227,14 +229,8 @@ class Scheduler:
             seats = 1 + len(self._forks.get(seq.seq_id, ()))
             if self._seats_taken() + seats > self.cfg.max_num_seqs:
                 break
-            hit = self._cached_prefix(seq)
-            computed = len(hit) * self.pool.block_size
-            n = min(seq.num_tokens - computed, budget, rows if seq.needs_prompt_logits else budget)
-            if n == 0:
-                break
-            # the hit's evictable blocks are counted in num_free but are not free for this sequence
-            room = self.pool.num_free - sum(self.pool.is_evictable(b) for b in hit)
-            if self.pool.blocks_needed(computed + n) - len(hit) > room:
+            hit, computed, n = self._first_chunk(seq, budget, rows)
+            if n == 0 or self._blocks_short(hit, computed + n) > 0:
                 break
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
@@ -319,6 +315,20 @@ class Scheduler:
             return max((s for s in self.running if s.seq_id not in taken), key=_rank, default=None)
         return next((s for s in reversed(self.running) if s.seq_id not in taken), None)
 
+    def _first_chunk(self, seq: Sequence, budget: int, rows: int) -> tuple[list[int], int, int]:
+        """Were the waiting `seq` admitted now: its cached prefix's blocks, the tokens they hold, and the
+        tokens of its first chunk."""
+        hit = self._cached_prefix(seq)
+        computed = len(hit) * self.pool.block_size
+        return hit, computed, min(seq.num_tokens - computed, budget, rows if seq.needs_prompt_logits else budget)
+
+    def _blocks_short(self, hit: list[int], end: int, freed: frozenset[int] = frozenset()) -> int:
+        """Free blocks missing for a sequence admitted with cached blocks `hit` to hold tokens [0, end),
+        were the blocks `freed` freed first. The hit's evictable blocks count as free in the pool, but
+        are not free for it."""
+        room = self.pool.num_free + len(freed - set(hit)) - sum(self.pool.is_evictable(b) for b in hit)
+        return self.pool.blocks_needed(end) - len(hit) - room
+
     def _preempt_for_first_waiting(self, out: SchedulerOutput) -> None:
         """Priority policy: when the first waiting sequence lacks a seat or the free blocks for its first
         chunk, preempt running sequences of a strictly lower priority for it, lowest-ranked first; none
@@ -326,22 +336,23 @@ class Scheduler:
         if not self.waiting:
             return
         head = self.waiting[0]
-        seats = 1 + len(self._forks.get(head.seq_id, ()))
-        blocks = self.pool.blocks_needed(min(head.num_tokens, self.cfg.max_num_batched_tokens))
+        lower = sorted((s for s in self.running if s.params.priority > head.params.priority), key=_rank)
 
-        def fits(freed_seats: int = 0, freed_blocks: int = 0) -> bool:
-            return (self._seats_taken() - freed_seats + seats <= self.cfg.max_num_seqs
-                    and blocks <= self.pool.num_free + freed_blocks)
+        def seats(seq: Sequence) -> int:
+            return 1 + len(self._forks.get(seq.seq_id, ()))
 
-        lower = [s for s in self.running if s.params.priority > head.params.priority]
-        # a block shared with another sequence is not freed with this one: counted anyway, an upper bound
-        if fits() or not fits(sum(1 + len(self._forks.get(s.seq_id, ())) for s in lower),
-                              sum(len(s.block_table) for s in lower)):
+        def fits(victims: list[Sequence]) -> bool:
+            if self._seats_taken() - sum(map(seats, victims)) + seats(head) > self.cfg.max_num_seqs:
+                return False
+            held = Counter(b for s in victims for b in s.block_table)
+            freed = frozenset(b for b, refs in held.items() if self.pool.ref_count(b) == refs)  # no other holder
+            hit, computed, n = self._first_chunk(head, self.cfg.max_num_batched_tokens, PROMPT_LOGIT_ROWS)
+            return self._blocks_short(hit, computed + n, freed) <= 0
+
+        if fits([]) or not fits(lower):
             return
-        for victim in sorted(lower, key=_rank, reverse=True):
-            self._preempt(victim, out)
-            if fits():
-                return
+        while lower and not fits([]):
+            self._preempt(lower.pop(), out)
 
     def _enqueue(self, seq: Sequence, front: bool = False) -> None:
         """FCFS: new sequences join the back of the queue, preempted ones the front (victims go newest
