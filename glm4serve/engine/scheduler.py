@@ -344,9 +344,12 @@ class Scheduler:
         def fits(victims: list[Sequence]) -> bool:
             if self._seats_taken() - sum(map(seats, victims)) + seats(head) > self.cfg.max_num_seqs:
                 return False
+            hit, computed, n = self._first_chunk(head, self.cfg.max_num_batched_tokens, PROMPT_LOGIT_ROWS)
+            short = self._blocks_short(hit, computed + n)
+            if short <= 0 or short > sum(len(s.block_table) for s in victims):  # no need, or no way
+                return short <= 0
             held = Counter(b for s in victims for b in s.block_table)
             freed = frozenset(b for b, refs in held.items() if self.pool.ref_count(b) == refs)  # no other holder
-            hit, computed, n = self._first_chunk(head, self.cfg.max_num_batched_tokens, PROMPT_LOGIT_ROWS)
             return self._blocks_short(hit, computed + n, freed) <= 0
 
         if fits([]) or not fits(lower):
