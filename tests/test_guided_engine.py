@@ -5,6 +5,7 @@ that share the batch must not notice."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -467,3 +468,24 @@ def test_a_constraint_only_control_characters_satisfy_is_refused_or_fails_only_i
     [(rid, error)] = engine.pop_errors()
     assert rid == "stuck" and isinstance(error, ConstraintError) and "allows no token here" in str(error)
     assert out[("fine", 0)][:2] == ("ab", STOP)
+
+
+def test_a_grammar_and_allowed_token_ids_with_nothing_in_common_fail_only_their_request_without_a_traceback(
+        engine, caplog):
+    """Each leaves some token, together none: a ConstraintError naming both, not a token the grammar
+    refuses after the fact, and a warning in the log rather than a server fault's traceback."""
+    tok = engine.tokenizer
+    digit = tok.encode("7")
+    for temperature in (0.0, 1.0):
+        with caplog.at_level(logging.INFO, logger="glm4serve"):
+            out = run(engine, [
+                ("both", prompt(engine), SamplingParams(max_tokens=4, temperature=temperature, seed=1,
+                                                        allowed_token_ids=digit, guided=GuidedSpec.json_object())),
+                ("fine", prompt(engine), SamplingParams(max_tokens=4, temperature=temperature, seed=1,
+                                                        guided=GuidedSpec.regex("[0-9]+")))])
+        [(rid, error)] = engine.pop_errors()
+        assert rid == "both" and isinstance(error, ConstraintError)
+        assert "fits both the constraint and allowed_token_ids" in str(error)
+        assert re.fullmatch("[0-9]+", out[("fine", 0)][0])
+        assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+        caplog.clear()

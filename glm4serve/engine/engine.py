@@ -140,6 +140,9 @@ class LLMEngine:
                 continue
             try:
                 outputs.append(self._append(seq, smp))
+            except GuidedDecodingError as e:  # the request's own constraint: no server fault, no traceback
+                log.warning("request %s failed: %s", seq.request_id, e)
+                self._fail(seq.request_id, e)
             except Exception as e:
                 log.exception("request %s failed while handling its new token", seq.request_id)
                 self._fail(seq.request_id, e)
@@ -180,6 +183,8 @@ class LLMEngine:
         states = [None if r.generator is None else r.generator.get_state() for r in rows]
         try:
             return self.sampler(logits, rows)
+        except NoTokenLeft as e:  # a request's own rules: no server fault, no traceback
+            log.info("batched sampling: %s; sampling row by row to find the request", e)
         except Exception:
             log.exception("batched sampling failed; sampling row by row to find the culprit")
         for row, state in zip(rows, states):

@@ -27,7 +27,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 class NoTokenLeft(ValueError):
-    """A request's own rules (allowed_token_ids, bad_words, min_tokens) leave its row no token to sample."""
+    """A request's own rules (allowed_token_ids, bad_words, min_tokens, its grammar) leave its row no token to
+    sample."""
 
 
 @dataclass
@@ -348,6 +349,8 @@ class Sampler:
         if constrained:
             masked = processed[constrained]  # [G, V], a copy
             mask_logits(masked, [rows[i].guide for i in constrained])
+            if not bool(torch.isfinite(masked).any(dim=-1).all()):  # the grammar and the rules above disagree
+                raise NoTokenLeft("no token fits both the constraint and allowed_token_ids or bad_words")
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
