@@ -265,3 +265,14 @@ def test_with_a_reasoning_parser_output_text_logprobs_are_the_answers():
             logprobs = r.json()["output"][0]["content"][0]["logprobs"]
         tokens = "".join(lp["token"] for lp in logprobs)
         assert "think" not in tokens and tokens.startswith("Yes"), (stream, tokens)
+
+
+def test_return_tokens_as_token_ids_on_output_text_logprobs():
+    app = make_app(replies=["\nHello there!"])
+    r = TestClient(app).post("/v1/responses", json={"input": "hi", "top_logprobs": 1, "return_tokens_as_token_ids": True,
+                                                     "include": ["message.output_text.logprobs"]})
+    body = r.json()
+    part = body["output"][0]["content"][0]
+    assert part["text"] == "Hello there!" and len(part["logprobs"]) == body["usage"]["output_tokens"]
+    ids = small_tokenizer().encode("\nHello there!")
+    assert [lp["token"] for lp in part["logprobs"][:-1]] == [f"token_id:{t}" for t in ids]
