@@ -269,8 +269,8 @@ def test_with_a_reasoning_parser_output_text_logprobs_are_the_answers():
 
 def test_return_tokens_as_token_ids_on_output_text_logprobs():
     app = make_app(replies=["\nHello there!"])
-    r = TestClient(app).post("/v1/responses", json={"input": "hi", "top_logprobs": 1, "return_tokens_as_token_ids": True,
-                                                     "include": ["message.output_text.logprobs"]})
+    r = TestClient(app).post("/v1/responses", json={"input": "hi", "top_logprobs": 1, "include": [
+        "message.output_text.logprobs"], "return_tokens_as_token_ids": True})
     body = r.json()
     part = body["output"][0]["content"][0]
     assert part["text"] == "Hello there!" and len(part["logprobs"]) == body["usage"]["output_tokens"]
