@@ -3,7 +3,7 @@ Prints the server's resident memory over time and what every request got; fails 
 5xx, a client error other than an HTTP status, or engine gauges that do not return to 0.
 
     .venv/bin/python benchmarks/bench_soak.py [--layers 2] [--quantization int8] [--seconds 300]
-        [--kv-cache-memory 2GiB]
+        [--kv-cache-memory 2GiB] [--scheduling-policy priority]
 
 The checkpoint has glm-4-9b-chat's shapes (hidden 4096, FFN 13696, 32 heads / 2 KV groups, vocab
 151,552), random bf16 weights, --layers of its 40 layers, with the project's small tokenizer (so
@@ -14,7 +14,7 @@ replies; prompts scored as evaluation harnesses score them (echo, logprobs, max_
 prompt_logprobs); vLLM's guided_choice / guided_regex / guided_json / structured_outputs; chat that
 continues a final assistant message; truncate_prompt_tokens and continuous usage; /tokenize and
 /detokenize; streams the client leaves after a few events; prompts of up to ~10K tokens; and invalid
-requests.
+requests. With --scheduling-policy priority, half the requests also carry a priority.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def rss_mib(pid: int) -> float:
 class Mix:
     """Random request bodies, from one seeded generator."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, priorities: bool = False):
         self.rng = random.Random(seed)
+        self.priorities = priorities  # half the requests carry a priority (the server's policy is "priority")
 
     def words(self, n: int) -> str:
         return " ".join(self.rng.choice(WORDS) for _ in range(n))
@@ -67,6 +68,8 @@ class Mix:
             (.15, "logit_bias", lambda: {str(r.randrange(2000)): r.choice([-100, 5, 100]) for _ in range(3)}),
             (.2, "n", lambda: r.randint(2, 3)), (.1, "ignore_eos", lambda: True),
         ]
+        if self.priorities:
+            options.append((.5, "priority", lambda: r.randint(-2, 5)))
         return {field: value() for often, field, value in options if r.random() < often}
 
     def schema(self) -> dict:
@@ -181,7 +184,8 @@ async def gauges(client: httpx.AsyncClient, url: str) -> dict[str, float]:
     return out
 
 
-async def soak(url: str, pid: int, seconds: float, clients: int, idle: float, seed: int) -> tuple[dict, list, dict]:
+async def soak(url: str, pid: int, seconds: float, clients: int, idle: float, seed: int,
+               priorities: bool) -> tuple[dict, list, dict]:
     counts: dict = {}
     samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB)
     t0 = time.monotonic()
@@ -197,7 +201,7 @@ async def soak(url: str, pid: int, seconds: float, clients: int, idle: float, se
             await asyncio.sleep(min(15.0, max(0.0, end - time.monotonic())))
 
     async with httpx.AsyncClient(timeout=300) as client:
-        await asyncio.gather(sampler(), *(client_loop(client, Mix(seed + i)) for i in range(clients)))
+        await asyncio.gather(sampler(), *(client_loop(client, Mix(seed + i, priorities)) for i in range(clients)))
         samples.append((time.monotonic() - t0, rss_mib(pid)))  # the load's end
         await asyncio.sleep(idle)
         samples.append((time.monotonic() - t0, rss_mib(pid)))
@@ -215,16 +219,20 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--kv-cache-memory", default="2GiB", help="the KV budget: a small one is all touched early, "
                                                              "so what RSS does after that is the rest's")
+    ap.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                    help="priority: the mix also sends request priorities from -2 to 5")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
-        args = ["--served-model-name", MODEL, "--max-model-len", "16384", "--kv-cache-memory", a.kv_cache_memory]
+        args = ["--served-model-name", MODEL, "--max-model-len", "16384", "--kv-cache-memory", a.kv_cache_memory,
+                "--scheduling-policy", a.scheduling_policy]
         if a.quantization != "none":
             args += ["--quantization", a.quantization]
         server = ServerProcess(Path(d), *args, dtype="auto", kv_cache_memory=None).wait_healthy(timeout=600)
         try:
             loaded = rss_mib(server.proc.pid)
-            counts, samples, settled = asyncio.run(soak(server.url, server.proc.pid, a.seconds, a.clients, a.idle, a.seed))
+            counts, samples, settled = asyncio.run(soak(server.url, server.proc.pid, a.seconds, a.clients, a.idle,
+                                                        a.seed, a.scheduling_policy == "priority"))
         finally:
             server.stop()
     total = sum(counts.values())
