@@ -349,7 +349,11 @@ class Sampler:
         if constrained:
             masked = processed[constrained]  # [G, V], a copy
             mask_logits(masked, [rows[i].guide for i in constrained])
-            if not bool(torch.isfinite(masked).any(dim=-1).all()):  # the grammar and the rules above disagree
+            # only rows with rules that rule tokens out can leave the grammar nothing (its own emptiness is
+            # caught on the bitmask): the scan of a vocabulary per row is for those alone
+            ruled = [j for j, i in enumerate(constrained)
+                     if rows[i].params.allowed_token_ids is not None or rows[i].params.bad_words_token_ids]
+            if ruled and not bool(torch.isfinite(masked[ruled]).any(dim=-1).all()):
                 raise NoTokenLeft("no token fits both the constraint and allowed_token_ids or bad_words")
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
