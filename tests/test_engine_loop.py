@@ -412,6 +412,10 @@ def test_the_kv_plan_caps_the_context_by_the_cache():
         plan_kv_cache(EngineArgs(max_model_len=1601, num_kv_blocks=100), 131072, 1024, "cpu")
     with pytest.raises(ValueError, match="holds no block"):
         plan_kv_cache(EngineArgs(kv_cache_memory=1000), 131072, 1024, "cpu")
+    # past the model's own context (glm-4-9b's 8,192), whatever the cache holds: as vLLM, refused
+    with pytest.raises(ValueError, match="longer than the model's context of 8192"):
+        plan_kv_cache(EngineArgs(max_model_len=8193, num_kv_blocks=1000), 8192, 1024, "cpu")
+    assert plan_kv_cache(EngineArgs(max_model_len=8192, num_kv_blocks=1000), 8192, 1024, "cpu").max_model_len == 8192
 
 
 # --- AsyncEngine ------------------------------------------------------------------------------

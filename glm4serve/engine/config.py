@@ -128,6 +128,9 @@ def plan_kv_cache(args: EngineArgs, model_max_len: int, bytes_per_token: int, de
     if num_blocks < 1:
         raise ValueError(f"a KV budget of {kv_budget(args, device)} bytes holds no block of {args.block_size} tokens")
     capacity = num_blocks * args.block_size
+    if args.max_model_len and args.max_model_len > model_max_len:  # positions it was never trained on
+        raise ValueError(f"max_model_len {args.max_model_len} is longer than the model's context of {model_max_len} "
+                         f"tokens (its max_position_embeddings / seq_length)")
     if args.max_model_len and args.max_model_len > capacity:
         raise ValueError(f"max_model_len {args.max_model_len} needs more KV cache than the budget holds "
                          f"({capacity} tokens): raise kv_cache_memory or lower max_model_len")
