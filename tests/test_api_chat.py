@@ -406,3 +406,14 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id_whole_and_streame
         assert [e["token"] for e in entries][:-1] == [f"token_id:{t}" for t in ids]
         assert [e["bytes"] for e in entries][:-1] == [list(tok.token_bytes(t)) for t in ids]  # still the token's
         assert all(t["token"].startswith("token_id:") for e in entries for t in e["top_logprobs"])
+
+
+def test_the_stop_token_is_text_only_with_include_stop_str_in_output_and_special_tokens_kept():
+    """As vLLM: the stop token's text joins the reply when both ask for it, never otherwise."""
+    client = client_for(replies=["\nHi<|user|>"])
+    for extra, content in (({}, "Hi"), ({"skip_special_tokens": False}, "Hi"),
+                           ({"include_stop_str_in_output": True}, "Hi"),
+                           ({"include_stop_str_in_output": True, "skip_special_tokens": False}, "Hi<|user|>")):
+        r = client.post("/v1/chat/completions", json={"messages": USER_HI, **extra})
+        choice = r.json()["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == (content, "stop"), extra

@@ -213,7 +213,10 @@ class LLMEngine:
         grammar_done = seq.guide is not None and seq.guide.advance(token)
         # stop ids count only once min_tokens are out (the sampler suppresses them until then)
         if grammar_done or (token in seq.stop_token_ids and seq.num_output_tokens > params.min_tokens):
-            text = seq.detokenizer.flush()  # a stop token is reported in token_ids, never as text
+            # a stop token is reported in token_ids; in the text only when asked for (as vLLM), and then
+            # as the detokenizer writes it (nothing for a special token under skip_special_tokens)
+            text = seq.detokenizer.add(token, check_stops=False)[0] if params.include_stop_str_in_output else ""
+            text += seq.detokenizer.flush()
             finish, stop_reason = STOP, token
         else:
             # stop strings too wait for min_tokens (as vLLM): text before then is only text
