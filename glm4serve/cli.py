@@ -38,7 +38,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_)
         else:
             choices = _literal_choices(field.annotation)
-            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, help=help_)
+            many = "+" if typing.get_origin(field.annotation) is dict else None  # --lora-modules a=/x b=/y
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, nargs=many, help=help_)
 
 
 def _literal_choices(annotation) -> tuple | None:

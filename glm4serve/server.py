@@ -17,6 +17,7 @@ from .engine.engine import LLMEngine
 from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
 from .model.kv_cache import bytes_per_token
+from .model.lora import load_loras
 from .model.runner import make_runner
 from .model.tp import TensorParallelRunner
 from .model.tokenizer import Tokenizer
@@ -79,6 +80,8 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
     tokenizer = Tokenizer.from_dir(path)
     if args.tensor_parallel_size > 1:
+        if args.lora_modules:
+            raise ValueError("LoRA adapters (--lora-modules) are not supported with tensor_parallel_size > 1")
         tp = TensorParallelRunner.start(path, args.dtype, device, args.quantization, args.tensor_parallel_size)
         log.info("weights loaded in %.1fs (rank 0's part of %d)", time.perf_counter() - started,
                  args.tensor_parallel_size)
@@ -102,9 +105,10 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
     if tp is None:
+        loras = load_loras(args.lora_modules, model) if args.lora_modules else None
         runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
                              max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
-                             enforce_eager=args.enforce_eager)
+                             enforce_eager=args.enforce_eager, loras=loras)
     else:
         tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size)
         runner = tp
@@ -120,7 +124,9 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
 def build_engine(settings: ServerSettings):
     """-> (AsyncEngine started, Tokenizer, served model name, max_model_len)"""
     args = settings.engine_args()
+    name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
+    if name in settings.lora_modules:
+        raise ValueError(f"a LoRA adapter is named {name!r}, as the served model: rename one (served_model_name)")
     # built on the engine loop's own thread: torch's parallel work stays on one OpenMP team
     engine = AsyncEngine.start(lambda: build_llm_engine(args))
-    name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
     return engine, engine.engine.tokenizer, name, engine.max_model_len

@@ -91,18 +91,22 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         raise APIError(400, "Only background responses can be cancelled, and this server runs none.",
                        "invalid_request_error")
 
-    def model_card() -> ModelCard:
-        return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+    def model_cards() -> list[ModelCard]:
+        base = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len,
+                         root=settings.model or ctx.model_name)
+        return [base] + [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len, root=path,
+                                   parent=ctx.model_name) for name, path in settings.lora_modules.items()]
 
     @v1.get("/models")
     async def _models():
-        return ModelList(data=[model_card()]).model_dump()
+        return ModelList(data=model_cards()).model_dump()
 
     @v1.get("/models/{model_id:path}")  # hub ids have a slash: THUDM/glm-4-9b-chat
     async def _model(model_id: str):
-        if model_id != ctx.model_name:
+        card = next((c for c in model_cards() if c.id == model_id), None)
+        if card is None:
             raise ctx.unknown_model(model_id)
-        return model_card().model_dump()
+        return card.model_dump()
 
     app.include_router(v1)
 

@@ -69,11 +69,12 @@ class ChatPlan:
     strip_newline: bool
     reasoning: bool = False  # the reply's thinking goes to reasoning_content (chat/reasoning.py)
     logprob_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
+    model: str = ""  # what the reply names as its model: the LoRA adapter's name, else the served model's
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
     ctx.check_ready()
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_active else None
     prompt_ids = ctx.truncate(await ctx.chat_prompt_ids(req, tools), req.truncate_prompt_tokens, req.max_output_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -81,6 +82,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
     params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)  # guided by response_format, if any
     params.bad_words_token_ids = ctx.bad_words_token_ids(req.bad_words)
+    params.lora = lora
     ctx.check_params(params)
     call_spec = forced_call_spec(req)
     if call_spec is not None:
@@ -104,7 +106,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     return ChatPlan(request_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
                     strip_newline=req.add_generation_prompt, reasoning=reasoning,
-                    logprob_token_ids=ctx.tokens_as_ids(req))
+                    logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name)
 
 
 @dataclass
@@ -194,7 +196,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         usage = None
         if req.continuous_usage:  # the counts so far of the chunk's choice
             usage = Usage.of(len(plan.prompt_ids), choices[deltas[0]["index"]].num_tokens)
-        return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, deltas,
+        return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, plan.model, deltas,
                                      usage, usage_on))
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
@@ -225,7 +227,8 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     if usage_on:
         # the prompt's cache counts are the same on every choice's last output
         usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), choices[0].details)
-        yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, ctx.model_name, [], usage, True))
+        yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, plan.model, [], usage,
+                                    True))
 
 
 # ---- whole ----------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         message, reason = _whole_message(ctx, plan, "".join(texts[i]), reasons[i] or LENGTH)
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                   logprobs={"content": logprobs[i]} if req.logprobs else None))
-    return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
+    return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.model,
                                   choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details),
                                   prompt_logprobs=prompt_logprobs)
 

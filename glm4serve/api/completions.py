@@ -45,11 +45,12 @@ class CompletionPlan:
     request_id: str
     created: int
     jobs: list[PromptJob]
+    model: str  # what the reply names as its model: the LoRA adapter's name, else the served model's
 
 
 async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> CompletionPlan:
     ctx.check_ready()
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = []
     for p, prompt in enumerate(req.prompts()):
@@ -69,10 +70,11 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
             max_tokens = ctx.fit_max_tokens(len(ids), req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
         params.bad_words_token_ids = ctx.bad_words_token_ids(req.bad_words)
+        params.lora = lora
         ctx.check_params(params)
         await ctx.compile_guided(params, req.guided_param)  # cached after the first prompt
         jobs.append(PromptJob(ids, text, params, f"{request_id}-{p}"))
-    return CompletionPlan(request_id, int(time.time()), jobs)
+    return CompletionPlan(request_id, int(time.time()), jobs, lora or ctx.model_name)
 
 
 def _outputs(ctx: ServingContext, plan: CompletionPlan) -> AsyncIterator[tuple[int, Output]]:
@@ -89,7 +91,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
         if req.continuous_usage:  # the counts so far of the chunk's choice
             index = choices[0]["index"]
             usage = Usage.of(len(plan.jobs[index // n].prompt_ids), num_tokens.get(index, 0))
-        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, choices,
+        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, plan.model, choices,
                                      usage, usage_on))
 
     logprobs: dict[int, CompletionLogprobs] = {}
@@ -123,7 +125,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
     if usage_on:
         usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()),
                          sum(details.values(), PromptTokensDetails()))
-        yield sse_data(stream_chunk("text_completion", plan.request_id, plan.created, ctx.model_name, [], usage, True))
+        yield sse_data(stream_chunk("text_completion", plan.request_id, plan.created, plan.model, [], usage, True))
 
 
 async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: CompletionRequest) -> CompletionResponse:
@@ -162,7 +164,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
                for k in range(count)]
     usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens),
                      sum(details.values(), PromptTokensDetails()))
-    return CompletionResponse(id=plan.request_id, created=plan.created, model=ctx.model_name,
+    return CompletionResponse(id=plan.request_id, created=plan.created, model=plan.model,
                               choices=choices, usage=usage)
 
 

@@ -100,6 +100,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "glm4serve"
     max_model_len: int
+    root: str | None = None  # vLLM's: the model's (or LoRA adapter's) folder
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

@@ -155,7 +155,7 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) ->
     if req.text and req.text.format:
         text_format = req.text.format.model_dump(by_alias=True, exclude_none=True)
     return {
-        "id": _new_id("resp"), "object": "response", "created_at": plan.created, "model": ctx.model_name,
+        "id": _new_id("resp"), "object": "response", "created_at": plan.created, "model": plan.model,
         "error": None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "temperature": plan.params.temperature, "top_p": plan.params.top_p, "top_logprobs": req.top_logprobs,

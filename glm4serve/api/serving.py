@@ -65,10 +65,14 @@ class ServingContext:
             raise APIError(503, "the model is not loaded or the engine has stopped", "service_unavailable_error",
                            headers={"Retry-After": "5"})
 
-    def check_model(self, name: str | None) -> None:
-        """A request's `model`, when it names one, must be the served model: 404 otherwise."""
-        if name and name != self.model_name:
-            raise self.unknown_model(name)
+    def check_model(self, name: str | None) -> str | None:
+        """A request's `model`, when it names one, must be the served model or one of its LoRA adapters
+        (404 otherwise): the adapter's name, None for the base model."""
+        if not name or name == self.model_name:
+            return None
+        if name in self.settings.lora_modules:
+            return name
+        raise self.unknown_model(name)
 
     @staticmethod
     def unknown_model(name: str) -> APIError:

@@ -7,11 +7,13 @@ The server's settings (api/settings.py) extend EngineArgs, so every field here i
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import NoDecode
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
 # The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
@@ -37,6 +39,31 @@ def parse_bytes(value: int | float | str) -> int:
     if size <= 0:
         raise ValueError("a memory size must be positive")
     return int(size)
+
+
+def parse_lora_modules(value) -> dict[str, str]:
+    """vLLM's --lora-modules: "name=path" items (a list, or one string of them split by spaces or
+    commas), a JSON object {name: path}, or vLLM's JSON items {"name": ..., "path": ...}."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.lstrip()[:1] in ("{", "[") else value.replace(",", " ").split()
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    modules = {}
+    for item in value:
+        if isinstance(item, str) and item.lstrip()[:1] == "{":
+            item = json.loads(item)
+        if isinstance(item, dict):
+            if not {"name", "path"} <= item.keys():
+                raise ValueError(f"a LoRA module {item} needs a name and a path")
+            name, path = str(item["name"]), str(item["path"])
+        else:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"a LoRA module is name=path, got {item!r}")
+        if name in modules:
+            raise ValueError(f"LoRA module {name!r} given twice")
+        modules[name] = path
+    return modules
 
 
 class EngineArgs(BaseModel):
@@ -66,10 +93,19 @@ class EngineArgs(BaseModel):
         "fcfs", description="fcfs: requests in arrival order; priority: by each request's `priority` (lower "
                             "first, then arrival), and one that outranks running ones may preempt them")
 
+    lora_modules: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="LoRA adapters (PEFT folders) served beside the model, as vLLM's: "
+                                          "name=path ... (or a JSON object); a request's `model` picks one by name")
+
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _memory_size(cls, v):
         return None if v is None else parse_bytes(v)
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_modules(cls, v):
+        return parse_lora_modules(v)
 
     def engine_args(self) -> EngineArgs:
         """Just the engine's fields (of a subclass that adds its own, like the server's settings)."""
@@ -78,7 +114,8 @@ class EngineArgs(BaseModel):
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_model_len=max_model_len, block_size=self.block_size,
-                               enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy)
+                               enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
+                               loras=frozenset(self.lora_modules))
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,7 @@ class SchedulerConfig:
     block_size: int
     enable_prefix_caching: bool
     policy: str = "fcfs"  # EngineArgs.scheduling_policy
+    loras: frozenset[str] = frozenset()  # names of the LoRA adapters requests may run with
 
     def __post_init__(self):
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:

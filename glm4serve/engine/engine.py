@@ -262,6 +262,8 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
                          cfg: SchedulerConfig) -> None:
     """ValueError when an engine with these limits would refuse the request."""
     max_num_seqs, max_model_len = cfg.max_num_seqs, cfg.max_model_len
+    if params.lora is not None and params.lora not in cfg.loras:
+        raise ValueError(f"no LoRA adapter {params.lora!r} on this server")
     if params.priority and cfg.policy != "priority":
         raise ValueError("a request priority needs the priority scheduling policy: start the server with "
                          "--scheduling-policy priority")
@@ -286,6 +288,6 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
 
 def model_batch(out: SchedulerOutput) -> ScheduledBatch:
     """The scheduler's decisions as the model runner's plain data."""
-    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id, s.prompt_logits)
-              for s in out.scheduled]
+    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id, s.prompt_logits,
+                       s.seq.params.lora) for s in out.scheduled]
     return ScheduledBatch(chunks, out.block_copies)

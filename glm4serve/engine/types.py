@@ -53,6 +53,7 @@ class SamplingParams:
     special_token_text: dict[int, str] | None = None
     guided: GuidedSpec | None = None  # structured output: the grammar the reply must follow (guided.py)
     priority: int = 0  # vLLM's: under the priority scheduling policy, lower values are served first
+    lora: str | None = None  # the LoRA adapter to run with (the request's `model` names it); None: the base model
 
     def __post_init__(self):
         if self.top_k < 0:

@@ -18,6 +18,7 @@ class SeqChunk:
     want_logits: bool = True  # next-token logits after the last new token
     seq_id: int | None = None  # the engine's id of the sequence, for runners that keep per-sequence state
     all_logits: bool = False  # logits after every new token (prompt logprobs), the last one's included
+    lora: str | None = None  # the LoRA adapter this sequence runs with (lora.py); None: the base model
 
     @property
     def num_logit_rows(self) -> int:
@@ -42,6 +43,7 @@ class ForwardBatch:
     positions: torch.Tensor  # [T]
     attn: AttentionBatch
     logits_indices: torch.Tensor  # [N]: each chunk's logit rows (SeqChunk.num_logit_rows), in the chunks' order
+    lora_rows: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, first row, end row) of T
 
 
 def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_decode: bool = False) -> ForwardBatch:
@@ -98,4 +100,19 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         attn=attn,
         logits_indices=torch.tensor(rows, dtype=torch.long, device=device),
+        lora_rows=_lora_rows(chunks, order, first_row),
     )
+
+
+def _lora_rows(chunks: list[SeqChunk], order: list[int], first_row: dict[int, int]) -> list[tuple[str, int, int]]:
+    """The row ranges of the adapters' sequences, neighbours with the same adapter joined."""
+    ranges: list[tuple[str, int, int]] = []
+    for i in order:
+        name, start = chunks[i].lora, first_row[i]
+        if name is None:
+            continue
+        end = start + len(chunks[i].token_ids)
+        if ranges and ranges[-1][0] == name and ranges[-1][2] == start:
+            start = ranges.pop()[1]
+        ranges.append((name, start, end))
+    return ranges

@@ -80,11 +80,13 @@ def nbytes(module: torch.nn.Module) -> int:
 
 
 class CpuRunner(EagerRunner):
-    def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None):
+    def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None,
+                 compile_decode: bool = True):
         fp32_dense = model.embed.weight.dtype == torch.float32 and not is_quantized(model)
         # a tensor-parallel shard decodes eagerly: its collectives (tp.py) run between the layers' ops
-        self.compiled = (fp32_dense and model.shard.world == 1 and nbytes(model) > COMPILED_DECODE_MIN_BYTES
-                         and compiler_available())
+        self.compile_decode = compile_decode
+        self.compiled = (compile_decode and fp32_dense and model.shard.world == 1
+                         and nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available())
         # The output layer joins the last graph (a plain weight) when decode is bound by reading it;
         # a small one stays packed for batches (cpu_linear.py).
         head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
@@ -103,6 +105,8 @@ class CpuRunner(EagerRunner):
             decode = "compiled one-token decode"
         elif self.dtype != torch.float32 or is_quantized(self.model):
             decode = "eager decode"
+        elif not self.compile_decode:
+            decode = "eager decode (LoRA adapters)"
         elif self.model.shard.world > 1:
             decode = "eager decode (a tensor-parallel rank)"
         else:

@@ -21,6 +21,7 @@ import torch
 
 from .config import DTYPES, GLM4_RMS_NORM_EPS, ModelConfig
 from .loader import INDEX_FILE, SINGLE_FILE, CheckpointTensor, checkpoint_tensors, param_shapes
+from .lora import LORA_TARGETS
 from .tokenizer import GLM4_STOP_TOKENS
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -187,6 +188,38 @@ def _hf_config(variant, style, *, vocab_size, hidden_size, intermediate_size, nu
         config.update(rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
                       dtype=dtype, transformers_version="5.0.0")  # fmt: skip
     return dict(sorted(config.items()))
+
+
+def write_random_adapter(out_dir: str | Path, model_dir: str | Path, *, layout: str | None = None, rank: int = 4,
+                         alpha: float = 8.0, targets: tuple[str, ...] = LORA_TARGETS, seed: int = 1,
+                         init_std: float = 0.05) -> Path:
+    """A random LoRA adapter for the checkpoint in model_dir, in PEFT's files and naming (lora.py), its
+    tensors named as `layout` names the base weights (default: the checkpoint's own layout). PEFT starts
+    B at zero; here both are random, so that the adapter changes the model."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig.from_dir(model_dir)
+    cfg = replace(cfg, layout=layout or cfg.layout)
+    tensors = {}
+    for name, spec in checkpoint_tensors(cfg).items():
+        module = spec.target.removesuffix(".weight")
+        if not name.endswith(".weight") or module.split(".", 2)[-1] not in targets:
+            continue
+        stem = "base_model.model." + name.removesuffix(".weight")
+        rows, in_features = spec.shape
+        tensors[stem + ".lora_A.weight"] = random_tensor(stem + "A", (rank, in_features), seed, init_std)
+        tensors[stem + ".lora_B.weight"] = random_tensor(stem + "B", (rows, rank), seed, init_std)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    modules = sorted({n.split(".")[-3] for n in tensors})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "target_modules": modules, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "base_model_name_or_path": str(model_dir)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def random_tensor(our_name: str, shape: tuple[int, ...], seed: int, init_std: float) -> torch.Tensor:

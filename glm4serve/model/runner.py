@@ -23,6 +23,7 @@ import torch
 from .batch import ForwardBatch, ScheduledBatch, build_batch
 from .glm4 import GLM4Model
 from .kv_cache import KVCache
+from .lora import LoRASet
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class EagerRunner:
         # glm-4-9b-chat): they can never be sampled, so they are cut off here.
         self.vocab_limit = vocab_limit or model.cfg.vocab_size
         self.paged_decode = paged_decode
+        self.loras: LoRASet | None = None  # LoRA adapters (make_runner attaches them), told each step's rows
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -67,6 +69,8 @@ class EagerRunner:
         return logits[:, : self.vocab_limit]
 
     def forward(self, b: ForwardBatch) -> torch.Tensor:
+        if self.loras is not None:
+            self.loras.select(b.lora_rows)
         return self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
 
     def close(self) -> None:
@@ -75,14 +79,16 @@ class EagerRunner:
 
 def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None, *,
                 max_num_seqs: int | None = None, max_model_len: int | None = None,
-                enforce_eager: bool = False) -> ModelRunner:
+                enforce_eager: bool = False, loras: LoRASet | None = None) -> ModelRunner:
     """The fastest runner for this model where it runs:
     - CPU: fp32 and bf16 models (where this torch has oneDNN's linear packing) and quantized ones get
       the CPU runner;
     - GPU: the CUDA graph runner, for batches of up to max_num_seqs sequences of up to max_model_len
       tokens (unless those are not given, or `enforce_eager`, or under tensor parallelism: those
       steps run eagerly; all with Triton's decode attention where Triton is installed);
-    - everything else: the eager runner."""
+    - everything else: the eager runner.
+    With LoRA adapters, no step is compiled or captured (their rows change every step): the adapters
+    wrap the linears of whichever runner it is."""
     from .cpu_linear import packing_available
     from .paged_decode import supported
     from .quant import is_quantized
@@ -94,12 +100,16 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
     if param.device.type == "cpu" and (is_quantized(model) or packable):
         from .cpu_runner import CpuRunner
 
-        runner = CpuRunner(model, num_blocks, block_size, vocab_limit)
-    elif paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1:
+        runner = CpuRunner(model, num_blocks, block_size, vocab_limit, compile_decode=loras is None)
+    elif (paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1
+          and loras is None):
         from .cuda_runner import CudaGraphRunner
 
         runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len)
     else:
         runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
-    log.info("model runner: %s", runner)
+    if loras is not None:
+        loras.attach(model)
+        runner.loras = loras
+    log.info("model runner: %s%s", runner, f", LoRA adapters {', '.join(loras.adapters)}" if loras else "")
     return runner

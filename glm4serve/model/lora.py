@@ -1,0 +1,161 @@
+"""LoRA adapters (PEFT's on-disk format) served beside the base model, several in one batch.
+
+An adapter adds to a linear layer W the product of two thin matrices: y = W x + s B (A x), with
+A [r, in], B [out, r] and s = lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA). The base weights
+are never changed: each request names its adapter (or none), and each step the runner tells the
+adapters which rows of the flat batch are whose (`LoRASet.select`). `attach` wraps the layers'
+linears (qkv, o, gate_up, down) in `LoRALinear`, after the runner has made them fast, so the base
+product runs as before and each adapter's rows get their sums added.
+
+Adapter tensors are named as the base checkpoint's weights (chatglm or HF naming, either one whatever
+the base checkpoint's), with PEFT's `base_model.model.` before and `.lora_A.weight` / `.lora_B.weight`
+for `.weight`; an HF adapter's q_proj, k_proj and v_proj land on their rows of our fused qkv. What
+this does not run (DoRA, LoRA biases, extra trained modules, adapters on the embedding or output
+layer, per-module alpha) is refused when the server starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import ModelConfig
+from .loader import CheckpointTensor, checkpoint_tensors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+LORA_TARGETS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")  # per layer: the linears an adapter may change
+
+
+class LoRAError(ValueError):
+    """An adapter this server cannot serve: said when it starts, with the adapter's path."""
+
+
+@dataclass
+class Piece:
+    """One adapter's part of one linear: rows [row, row + B.shape[0]) of its output get (x A^T) B^T."""
+
+    row: int
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [rows, r], the scale folded in
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: str
+    pieces: dict[str, list[Piece]] = field(default_factory=dict)  # our module name ("layers.3.attn.qkv") ->
+
+
+def _names(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
+    """Weight names of both checkpoint namings: an adapter may be trained on either."""
+    names = checkpoint_tensors(cfg)
+    if cfg.variant == "glm":  # the chatglm naming exists for this variant only
+        names |= checkpoint_tensors(replace(cfg, layout="chatglm" if cfg.layout == "hf" else "hf"))
+    return names
+
+
+def _scale(config: dict, rank: int, path: Path) -> float:
+    for key, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out weights")):
+        if config.get(key):
+            raise LoRAError(f"{path}: {what} not supported")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise LoRAError(f"{path}: LoRA biases not supported (bias must be \"none\")")
+    if config.get("modules_to_save"):
+        raise LoRAError(f"{path}: modules_to_save ({config['modules_to_save']}) not supported: only LoRA weights")
+    if config.get("alpha_pattern"):
+        raise LoRAError(f"{path}: alpha_pattern not supported (one lora_alpha for every module)")
+    alpha = config.get("lora_alpha", config.get("r", rank))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device) -> Adapter:
+    """A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) for a model of `cfg`."""
+    path = Path(path).expanduser()
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+        tensors = load_file(path / WEIGHTS_FILE)
+    except (OSError, ValueError) as e:
+        raise LoRAError(f"LoRA adapter {name!r}: cannot read {path / CONFIG_FILE} and {path / WEIGHTS_FILE}: {e}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{path}: a {config['peft_type']} adapter, not LoRA")
+    names, adapter = _names(cfg), Adapter(name, str(path))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        stem, dot, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not dot or which not in ("A.weight", "B.weight"):
+            raise LoRAError(f"{path}: tensor {key} is not a LoRA A or B weight")
+        pairs.setdefault(stem, {})[which[0]] = t
+    for stem, ab in sorted(pairs.items()):
+        spec = names.get(stem + ".weight")
+        module = spec.target.removesuffix(".weight") if spec else None
+        if module is None or module.split(".", 2)[-1] not in LORA_TARGETS:
+            raise LoRAError(f"{path}: LoRA on {stem} not supported (only the layers' {', '.join(LORA_TARGETS)})")
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"{path}: {stem} has lora_{'/'.join(ab)} without its pair")
+        a, b = ab["A"], ab["B"]
+        rows, in_features = spec.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape != (rows, a.shape[0]):
+            raise LoRAError(f"{path}: {stem} has A {tuple(a.shape)} and B {tuple(b.shape)}; the base weight is "
+                            f"{rows} x {in_features}")
+        scale = _scale(config, a.shape[0], path)
+        adapter.pieces.setdefault(module, []).append(Piece(
+            row=spec.rows[0] if spec.rows else 0,
+            a=a.to(device=device, dtype=dtype).contiguous(),
+            b=(b.double() * scale).to(device=device, dtype=dtype).contiguous(),
+        ))
+    if not adapter.pieces:
+        raise LoRAError(f"{path}: no LoRA weights in {WEIGHTS_FILE}")
+    return adapter
+
+
+def load_loras(modules: dict[str, str], model: nn.Module) -> LoRASet:
+    """The adapters of `modules` (name -> folder), in the dtype and on the device of `model`'s activations."""
+    if model.shard.world > 1:
+        raise LoRAError("LoRA adapters are not supported under tensor parallelism")
+    weight = model.embed.weight
+    return LoRASet([load_adapter(name, path, model.cfg, weight.dtype, weight.device) for name, path in modules.items()])
+
+
+class LoRASet:
+    """The adapters a server was started with, and which rows of the current step use which."""
+
+    def __init__(self, adapters: list[Adapter]):
+        self.adapters = {a.name: a for a in adapters}
+        self.rows: list[tuple[Adapter, int, int]] = []  # (adapter, first row, end row) of this step
+
+    def select(self, rows: list[tuple[str, int, int]]) -> None:
+        """Before a forward: the row ranges of the flat batch (ForwardBatch.lora_rows) and their adapters."""
+        self.rows = [(self.adapters[name], start, end) for name, start, end in rows]
+
+    def attach(self, model: nn.Module) -> None:
+        """Wrap the targeted linears of `model` in place (once, after the runner has swapped its own in)."""
+        wanted = {m for a in self.adapters.values() for m in a.pieces}
+        for name in wanted:
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, leaf, LoRALinear(getattr(owner, leaf), name, self))
+
+
+class LoRALinear(nn.Module):
+    """A linear layer and the adapters' products on the rows that asked for them."""
+
+    def __init__(self, base: nn.Module, name: str, loras: LoRASet):
+        super().__init__()
+        self.base, self.name, self.loras = base, name, loras
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [T, out]
+        for adapter, start, end in self.loras.rows:
+            rows = x[start:end]  # [n, in]
+            for p in adapter.pieces.get(self.name, ()):
+                y[start:end, p.row : p.row + p.b.shape[0]] += (rows @ p.a.T) @ p.b.T  # [n, r] -> [n, piece rows]
+        return y
