@@ -44,10 +44,10 @@ def products(rows_list: list[int], repeats: int):
             print(f"| {name} {n}x{k} | {rows} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
 
 
-def prefill_ms(engine, prompt_len: int) -> float:
-    """One prompt new to the prefix cache, to its first token."""
+def prefill_ms(engine, prompt_len: int, lora: str | None = None) -> float:
+    """One prompt new to the prefix cache, to its first token (with the LoRA adapter `lora`, if any)."""
     prompt = [100 + (i * 7 + time.perf_counter_ns()) % 2000 for i in range(prompt_len)]
-    engine.add_request(f"p{time.perf_counter_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    engine.add_request(f"p{time.perf_counter_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0.0, lora=lora))
     t0 = time.perf_counter()
     while engine.has_work:
         engine.step()

@@ -51,10 +51,11 @@ def turns_best_ms(a, b, repeats: int) -> tuple[float, float]:
     return min(times_a), min(times_b)
 
 
-def decode_ms(engine, streams: int, tokens: int) -> float:
-    """Mean step time once every stream decodes (prompts of 64 tokens, greedy, `tokens` new)."""
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+def decode_ms(engine, streams: int, tokens: int, loras: list[str | None] | None = None) -> float:
+    """Mean step time once every stream decodes (prompts of 64 tokens, greedy, `tokens` new; stream i
+    with the LoRA adapter loras[i] when given)."""
     for i in range(streams):
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, lora=loras[i] if loras else None)
         engine.add_request(f"r{time.perf_counter_ns()}-{i}", list(range(100 + i, 164 + i)), params)
     while engine.scheduler.num_requests > len(engine.scheduler.running) or any(
             s.is_prefilling for s in engine.scheduler.running):

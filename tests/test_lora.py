@@ -248,3 +248,16 @@ def test_lora_modules_are_read_as_vllm_writes_them():
     for bad, error in ((["sql"], "name=path"), (["a=/x", "a=/y"], "given twice"), ([{"name": "a"}], "a path")):
         with pytest.raises(ValueError, match=error):
             parse_lora_modules(bad)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_models_take_adapters(base, adapters, quantization):
+    """The adapter adds to a quantized product: the logits move by about what PEFT's adapter moves them."""
+    ids = list(range(50, 61))
+    model = load_model(base, dtype="bfloat16", quantization=quantization)
+    runner = make_runner(model, 64, BLOCK, loras=load_loras({"all": str(adapters["all"])}, model))
+    blocks = list(range(-(-len(ids) // BLOCK)))
+    ours = {lora: runner.execute(ScheduledBatch([SeqChunk(ids, 0, blocks, lora=lora)]))[0] for lora in (None, "all")}
+    theirs = peft_logits(base, adapters["all"], ids)[-1] - hf_logits(base, ids)[-1]
+    moved = ours["all"] - ours[None]
+    assert torch.nn.functional.cosine_similarity(moved, theirs, dim=0) > 0.95
