@@ -417,3 +417,21 @@ def test_the_stop_token_is_text_only_with_include_stop_str_in_output_and_special
         r = client.post("/v1/chat/completions", json={"messages": USER_HI, **extra})
         choice = r.json()["choices"][0]
         assert (choice["message"]["content"], choice["finish_reason"]) == (content, "stop"), extra
+
+
+def test_null_optional_fields_mean_their_defaults_as_the_sdks_send_them():
+    """openai.OpenAI().chat.completions.create(..., n=None, presence_penalty=None) sends nulls."""
+    client = client_for()
+    nulls = dict.fromkeys(("n", "presence_penalty", "frequency_penalty", "logprobs", "stream", "echo", "top_k", "min_p",
+                           "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
+                           "add_generation_prompt", "priority", "stream_options"))
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, **nulls})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello there!"
+    p = engine_of(client.app).calls[0].params
+    assert (p.n, p.presence_penalty, p.top_k, p.min_p, p.repetition_penalty) == (1, 0, 0, 0, 1)
+    assert p.skip_special_tokens and not p.ignore_eos
+    # a required field is still required, and a wrong type still a 400
+    assert client.post("/v1/chat/completions", json={"messages": None}).status_code == 400
+    assert client.post("/v1/chat/completions", json={"messages": USER_HI, "n": "2"}).status_code == 400
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi", "name": None}]})
+    assert r.status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
@@ -101,6 +102,19 @@ def _check_schema_text(text: str) -> None:
 class _Body(BaseModel):
     # strict: as OpenAI checks them, an integer is no "5", true or 5.0, a number no "0.5"; nor NaN or Infinity
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's optional fields are nullable, and the SDKs send null for an argument given as None:
+        where a field takes no null, null means its default (n=1, stream=false, ...). A field that takes
+        null keeps it (completions' max_tokens: null is the rest of the context); a required one stays required."""
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        defaulted = {name for name, f in cls.model_fields.items()
+                     if not f.is_required() and type(None) not in typing.get_args(f.annotation)}
+        defaulted |= {cls.model_fields[n].alias for n in defaulted if cls.model_fields[n].alias}
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
 
 def _unfit_json(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
