@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -435,3 +437,15 @@ def test_null_optional_fields_mean_their_defaults_as_the_sdks_send_them():
     assert client.post("/v1/chat/completions", json={"messages": USER_HI, "n": "2"}).status_code == 400
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi", "name": None}]})
     assert r.status_code == 200
+
+
+def test_a_newline_stop_cuts_after_the_first_line_not_at_glm4s_opening_newline():
+    client = client_for(replies=["\nfirst line\nsecond"])
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stop": "\n", "stream": stream})
+        if stream:
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        else:
+            content = r.json()["choices"][0]["message"]["content"]
+        assert content == "first line", stream

@@ -287,3 +287,16 @@ def _is_partial(piece: bytes) -> bool:
         return False
     except UnicodeDecodeError:
         return True
+
+
+@pytest.mark.parametrize("pieces", [("\n", "one\ntwo"), ("\none", "\ntwo"), ("\none\nt", "wo")])
+def test_a_chat_replys_opening_newline_is_passed_on_but_matches_no_stop_string(pieces):
+    tok, ids = tokenizer_for(*pieces)
+    deltas, stop, _ = stream(tok, ids, stop=["\n"], stops_skip_leading_newline=True)
+    assert ("".join(deltas), stop) == ("\none", "\n")
+    # without the flag (completions) the newline is text like any other
+    deltas, stop, _ = stream(tok, ids, stop=["\n"])
+    assert ("".join(deltas), stop) == ("", "\n")
+    # only the first newline, and only when the reply opens with one
+    tok, ids = tokenizer_for("a\n", "b")
+    assert stream(tok, ids, stop=["\n"], stops_skip_leading_newline=True)[:2] == (["a"], "\n")

@@ -83,6 +83,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)  # guided by response_format, if any
     params.bad_words_token_ids = ctx.bad_words_token_ids(req.bad_words)
     params.lora = lora
+    params.stops_skip_leading_newline = req.add_generation_prompt  # the newline the reply's content leaves out
     ctx.check_params(params)
     call_spec = forced_call_spec(req)
     if call_spec is not None:

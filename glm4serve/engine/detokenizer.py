@@ -26,6 +26,7 @@ class IncrementalDetokenizer:
         self.special_token_text = params.special_token_text or {}
         self.include_stop_str_in_output = params.include_stop_str_in_output
         self.stop_strings = [s for s in params.stop if s]  # "" would match before any text
+        self._leading_newline = params.stops_skip_leading_newline  # until the first text
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded text not yet emitted: a suffix that could begin a stop string
         self.stopped: str | None = None  # the stop string matched; later tokens are ignored
@@ -43,6 +44,14 @@ class IncrementalDetokenizer:
             return "", None
         else:
             new_text = self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        if self._leading_newline and new_text:
+            self._leading_newline = False
+            if new_text.startswith("\n"):  # passed on, never part of a stop string
+                text, stop = self._with_stops(new_text[1:], check_stops)
+                return "\n" + text, stop
+        return self._with_stops(new_text, check_stops)
+
+    def _with_stops(self, new_text: str, check_stops: bool) -> tuple[str, str | None]:
         if not new_text:
             return "", None
         if not self.stop_strings:

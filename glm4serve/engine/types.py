@@ -53,6 +53,9 @@ class SamplingParams:
     special_token_text: dict[int, str] | None = None
     guided: GuidedSpec | None = None  # structured output: the grammar the reply must follow (guided.py)
     priority: int = 0  # vLLM's: under the priority scheduling policy, lower values are served first
+    # chat: the "\n" that opens a GLM-4 reply (its empty metadata line, which the API leaves out of the
+    # content) is passed on as text but no stop string can match it: `stop: "\n"` stops after a line
+    stops_skip_leading_newline: bool = False
     lora: str | None = None  # the LoRA adapter to run with (the request's `model` names it); None: the base model
 
     def __post_init__(self):
