@@ -197,12 +197,22 @@ def test_parallel_tool_calls_false_stops_at_a_second_call():
     assert [c["function"]["name"] for c in body["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
 
 
-def test_tool_choice_none_keeps_tools_out():
+def test_tool_choice_none_shows_the_tools_and_parses_no_call():
+    """As vLLM: the prompt is the one tool_choice auto renders, and a reply is content whatever it says."""
     engine, body = run([CALL], tool_choice="none")
+    auto, _ = run([CALL], tool_choice="auto")
     assert engine.calls[0].params.special_token_text is None
-    assert "get_weather" not in small_tokenizer().decode(engine.calls[0].prompt_ids)
+    assert engine.calls[0].prompt_ids == auto.calls[0].prompt_ids
+    assert "get_weather" in small_tokenizer().decode(engine.calls[0].prompt_ids)
     assert body["choices"][0]["message"]["tool_calls"] is None
     assert body["choices"][0]["message"]["content"] == CALL
+
+
+def test_tool_choice_none_leaves_the_tools_out_with_the_vllm_flag():
+    app = make_app(replies=[CALL], exclude_tools_when_tool_choice_none=True)
+    r = TestClient(app).post("/v1/chat/completions", json={"messages": ASK, "tools": TOOLS, "tool_choice": "none"})
+    assert "get_weather" not in small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
+    assert r.json()["choices"][0]["message"]["content"] == CALL
 
 
 def test_history_with_tool_call_and_result_renders():

@@ -52,6 +52,9 @@ class ServerSettings(EngineArgs, BaseSettings):
         None, description="chat replies' thinking, up to </think> (GLM-Z1), as reasoning_content, as vLLM's "
                           "--reasoning-parser deepseek_r1 (default: off, all of a reply is content)")
     max_tools: int = Field(128, ge=0, description="most tools in one chat request")
+    exclude_tools_when_tool_choice_none: bool = Field(
+        False, description="tool_choice none: leave the tools out of the prompt (default: as vLLM, the model still "
+                           "sees them, and no reply is parsed as a call)")
     return_tokens_as_token_ids: bool = Field(
         False, description="logprobs name tokens 'token_id:{id}', not by their text, unless a request says "
                            "otherwise (vLLM's)")
