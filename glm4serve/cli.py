@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import typing
@@ -56,22 +57,31 @@ def settings_from_args(args: argparse.Namespace):
     return ServerSettings(**{name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)})
 
 
+@contextlib.contextmanager
+def cannot_serve(log_level: str):
+    """The settings, the checkpoint or the hub refuse: say what in one line, not where."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if log_level == "debug":
+            raise
+        raise SystemExit(f"glm4serve: cannot serve: {e} (--log-level debug shows where)") from None
+
+
 def serve(settings, log_level: str = "info") -> None:
     if settings.num_replicas > 1 or settings.ray_address:
-        from glm4serve.cluster import serve_replicated  # imports Ray: only here
+        from glm4serve.cluster import check_before_deploying, serve_replicated  # imports Ray: only here
 
+        with cannot_serve(log_level):
+            check_before_deploying(settings)
         serve_replicated(settings)
         return
     from glm4serve.api.app import create_app
     from glm4serve.api.shutdown import run_server
     from glm4serve.server import build_engine  # lazy: loads torch and the model
 
-    try:
+    with cannot_serve(log_level):
         engine, tokenizer, model_name, max_model_len = build_engine(settings)
-    except (ValueError, OSError) as e:  # the settings, the checkpoint or the hub: say what, not where
-        if log_level == "debug":
-            raise
-        raise SystemExit(f"glm4serve: cannot serve: {e} (--log-level debug shows where)") from None
     app = create_app(engine, tokenizer, settings, model_name, max_model_len)
     try:
         run_server(app, settings, log_level)  # returns after SIGTERM and the drain

@@ -37,7 +37,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 from .api.app import create_app
 from .api.settings import ServerSettings
 from .engine.async_engine import AsyncEngine
-from .engine.block_pool import hash_block
+from .engine.block_pool import hash_block, hash_root
 from .engine.guided import Grammars, GuidedSpec
 from .engine.types import EngineError, EngineStats, Output, SamplingParams
 from .model.tokenizer import Tokenizer
@@ -174,6 +174,15 @@ def _block_hashes(pending_request: PendingRequest | None) -> list[bytes]:
 # ---- the ingress -----------------------------------------------------------------------------
 
 
+def prompt_block_hashes(prompt_ids: list[int], block_size: int, lora: str | None) -> list[bytes]:
+    """The chain hashes of a prompt's full blocks, as the engine's prefix cache keys them (sequence.py)."""
+    hashes, parent = [], hash_root(lora)
+    for i in range(len(prompt_ids) // block_size):
+        parent = hash_block(parent, prompt_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
 class ReplicaClient:
     """The EngineClient of the API layer (engine/client.py) over the engine replicas."""
 
@@ -218,11 +227,7 @@ class ReplicaClient:
                        request_id: str | None = None) -> AsyncIterator[Output]:
         request_id = request_id or os.urandom(16).hex()
         self.check_request(prompt_ids, params)
-        bs = self._settings.block_size
-        hashes, parent = [], b""
-        for i in range(len(prompt_ids) // bs):
-            parent = hash_block(parent, prompt_ids[i * bs : (i + 1) * bs])
-            hashes.append(parent)
+        hashes = prompt_block_hashes(prompt_ids, self._settings.block_size, params.lora)
         stream = self._replicas.options(stream=True).generate.remote(
             EngineRequest(list(prompt_ids), params, request_id, hashes))
         self._streams[request_id] = stream
@@ -252,13 +257,11 @@ class Ingress:
     over a ReplicaClient that connects once the first engine replica answers."""
 
     def __init__(self, settings: ServerSettings, replicas, board):
-        from pathlib import Path
-
         from .server import resolve_model
 
         self.settings, self.replicas, self.board = settings, replicas, board
         self.tokenizer = Tokenizer.from_dir(resolve_model(settings.model))
-        self.model_name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
+        self.model_name = settings.model_name
 
     def __serve_build_asgi_app__(self):
         s = self.settings
@@ -301,6 +304,16 @@ def app(args: dict):
     """Application builder for a RayService's serveConfigV2 (`import_path: glm4serve.cluster:app`):
     its `args` are the server's settings (the same keys as a YAML config)."""
     return build_application(ServerSettings(**args))
+
+
+def check_before_deploying(settings: ServerSettings) -> None:
+    """What every replica would refuse, refused once here (ValueError, OSError) before Ray starts."""
+    if settings.lora_modules:
+        from .model.config import ModelConfig
+        from .model.lora import check_adapters
+        from .server import resolve_model
+
+        check_adapters(settings.lora_modules, ModelConfig.from_dir(resolve_model(settings.model)))
 
 
 def serve_replicated(settings: ServerSettings) -> int:

@@ -124,9 +124,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
 def build_engine(settings: ServerSettings):
     """-> (AsyncEngine started, Tokenizer, served model name, max_model_len)"""
     args = settings.engine_args()
-    name = settings.served_model_name or (Path(settings.model).name if settings.model else "glm4-demo")
-    if name in settings.lora_modules:
-        raise ValueError(f"a LoRA adapter is named {name!r}, as the served model: rename one (served_model_name)")
+    name = settings.model_name
     # built on the engine loop's own thread: torch's parallel work stays on one OpenMP team
     engine = AsyncEngine.start(lambda: build_llm_engine(args))
     return engine, engine.engine.tokenizer, name, engine.max_model_len

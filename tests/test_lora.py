@@ -175,6 +175,10 @@ def test_an_unknown_adapter_is_refused(base, adapters):
     (lambda c, t: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
     (lambda c, t: c.update(peft_type="IA3"), "not LoRA"),
     (lambda c, t: c.update(alpha_pattern={"down_proj": 1.0}), "alpha_pattern"),
+    (lambda c, t: c.update(alora_invocation_tokens=[1, 2]), "activated LoRA"),
+    (lambda c, t: c.update(layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
+    (lambda c, t: c.update(trainable_token_indices=[5]), "trainable tokens"),
+    (lambda c, t: c.update(lora_alpha="16"), "lora_alpha must be a number"),
     (lambda c, t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64),
                             "base_model.model.lm_head.lora_B.weight": torch.zeros(2048, 2)}), "LoRA on .*lm_head"),
     (lambda c, t: t.pop("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"), "without its pair"),
@@ -192,10 +196,19 @@ def test_adapters_it_cannot_run_are_refused(base, adapters, tmp_path, change, er
         load_adapter("x", tmp_path, cfg, torch.float32, "cpu")
 
 
-def test_a_missing_adapter_folder_is_named(base, tmp_path):
+def test_a_missing_or_broken_adapter_is_named(base, adapters, tmp_path):
     cfg = load_model(base, dtype="float32").cfg
     with pytest.raises(LoRAError, match="cannot read"):
         load_adapter("x", tmp_path / "nowhere", cfg, torch.float32, "cpu")
+    (tmp_path / "adapter_config.json").write_text("[]")
+    weights = (adapters["all"] / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_model.safetensors").write_bytes(weights)
+    with pytest.raises(LoRAError, match="not a JSON object"):
+        load_adapter("x", tmp_path, cfg, torch.float32, "cpu")
+    (tmp_path / "adapter_config.json").write_text((adapters["all"] / "adapter_config.json").read_text())
+    (tmp_path / "adapter_model.safetensors").write_bytes(weights[:3000])  # a cut download
+    with pytest.raises(LoRAError, match="cannot read"):
+        load_adapter("x", tmp_path, cfg, torch.float32, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +258,9 @@ def test_lora_modules_are_read_as_vllm_writes_them():
     assert parse_lora_modules("sql=/a,chat=/b") == want == parse_lora_modules("sql=/a chat=/b")  # env
     assert parse_lora_modules('{"sql": "/a", "chat": "/b"}') == want == parse_lora_modules(want)  # JSON, YAML
     assert parse_lora_modules(['{"name": "sql", "path": "/a"}', "chat=/b"]) == want  # vLLM's JSON items
-    for bad, error in ((["sql"], "name=path"), (["a=/x", "a=/y"], "given twice"), ([{"name": "a"}], "a path")):
+    for bad, error in ((["sql"], "name=path"), (["a=/x", "a=/y"], "given twice"), ([{"name": "a"}], "a path"),
+                       (["=/x"], "needs a name"), ({"": "/x"}, "needs a name"),
+                       ('[{"name": "", "path": "/a"}]', "needs a name")):
         with pytest.raises(ValueError, match=error):
             parse_lora_modules(bad)
 
@@ -261,3 +276,51 @@ def test_quantized_models_take_adapters(base, adapters, quantization):
     theirs = peft_logits(base, adapters["all"], ids)[-1] - hf_logits(base, ids)[-1]
     moved = ours["all"] - ours[None]
     assert torch.nn.functional.cosine_similarity(moved, theirs, dim=0) > 0.95
+
+
+def test_the_replicas_router_keys_prompts_as_the_engine_does():
+    """Ray's prefix-affinity router sends a prompt where its blocks are cached: its hashes must be the
+    engine's, an adapter's included."""
+    from glm4serve.cluster import prompt_block_hashes
+    from glm4serve.engine.sequence import Sequence
+
+    ids = list(range(40))
+    for lora in (None, "all", "attn"):
+        seq = Sequence(0, "r", 0, ids, SamplingParams(lora=lora))
+        assert prompt_block_hashes(ids, 8, lora) == seq.block_hashes(8, 5)
+    assert len({prompt_block_hashes(ids, 8, lora)[0] for lora in (None, "all", "attn")}) == 3
+
+
+def test_a_served_model_name_an_adapter_also_has_is_refused():
+    from glm4serve.api.settings import ServerSettings
+
+    with pytest.raises(ValueError, match="named 'm', as the served model"):
+        ServerSettings(model="/data/m", lora_modules={"m": "/a"})
+    with pytest.raises(ValueError, match="named 'x', as the served model"):
+        ServerSettings(served_model_name="x", lora_modules=["x=/a"])
+    assert ServerSettings(model="/data/m", lora_modules={"n": "/a"}).model_name == "m"
+
+
+def test_the_peft_default_alpha_applies_when_the_config_leaves_it_out(base, adapters, tmp_path):
+    from peft import LoraConfig
+
+    from glm4serve.model.lora import PEFT_DEFAULT_ALPHA
+
+    assert LoraConfig().lora_alpha == PEFT_DEFAULT_ALPHA
+    config = json.loads((adapters["all"] / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "adapter_model.safetensors").write_bytes((adapters["all"] / "adapter_model.safetensors").read_bytes())
+    cfg = load_model(base, dtype="float32").cfg
+    ours = load_adapter("x", tmp_path, cfg, torch.float32, "cpu").pieces["layers.0.mlp.down"][0]
+    raw = load_file(adapters["all"] / "adapter_model.safetensors")
+    raw = raw["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    torch.testing.assert_close(ours.b, raw * PEFT_DEFAULT_ALPHA / config["r"])
+
+
+def test_a_bad_adapter_stops_the_replicated_server_in_one_line_before_ray_starts(base):
+    from glm4serve import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--num-replicas", "2", "--model", str(base), "--lora-modules", "x=/nowhere"])
+    assert str(exc.value.code).startswith("glm4serve: cannot serve: LoRA adapter 'x': cannot read /nowhere/")

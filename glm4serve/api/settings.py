@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -86,6 +87,18 @@ class ServerSettings(EngineArgs, BaseSettings):
                 return json.loads(v)
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
+
+    @property
+    def model_name(self) -> str:
+        """The model id clients send and /v1/models lists."""
+        return self.served_model_name or (Path(self.model).name if self.model else "glm4-demo")
+
+    @model_validator(mode="after")
+    def _lora_names(self):
+        if self.model_name in self.lora_modules:
+            raise ValueError(f"a LoRA adapter is named {self.model_name!r}, as the served model: rename one "
+                             "(served_model_name)")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -35,6 +35,12 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def hash_root(lora: str | None) -> bytes:
+    """The `parent` of a sequence's block 0: a LoRA adapter's K/V differ from the base model's for the
+    same tokens, so its chain starts elsewhere."""
+    return b"" if lora is None else hashlib.sha256(b"lora:" + lora.encode()).digest()
+
+
 class BlockPool:
     """Allocator of KV block ids with reference counts, and the prefix cache over them. Pure Python.
 

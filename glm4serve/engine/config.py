@@ -47,7 +47,7 @@ def parse_lora_modules(value) -> dict[str, str]:
     if isinstance(value, str):
         value = json.loads(value) if value.lstrip()[:1] in ("{", "[") else value.replace(",", " ").split()
     if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
+        value = [{"name": k, "path": v} for k, v in value.items()]
     modules = {}
     for item in value:
         if isinstance(item, str) and item.lstrip()[:1] == "{":
@@ -58,8 +58,10 @@ def parse_lora_modules(value) -> dict[str, str]:
             name, path = str(item["name"]), str(item["path"])
         else:
             name, sep, path = str(item).partition("=")
-            if not sep or not name or not path:
+            if not sep:
                 raise ValueError(f"a LoRA module is name=path, got {item!r}")
+        if not name or not path:
+            raise ValueError(f"a LoRA module needs a name and a path, got {item!r}")
         if name in modules:
             raise ValueError(f"LoRA module {name!r} given twice")
         modules[name] = path

@@ -8,14 +8,13 @@ when it is preempted); the engine appends the tokens it samples.
 from __future__ import annotations
 
 import enum
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .block_pool import hash_block
+from .block_pool import hash_block, hash_root
 from .types import SamplingParams
 
 
@@ -86,12 +85,8 @@ class Sequence:
         while len(hashes) < num_blocks:
             i = len(hashes)
             tokens = self.token_ids_between(i * block_size, (i + 1) * block_size)
-            hashes.append(hash_block(hashes[-1] if i else self._hash_root(), tokens))
+            hashes.append(hash_block(hashes[-1] if i else hash_root(self.params.lora), tokens))
         return hashes[:num_blocks]
-
-    def _hash_root(self) -> bytes:
-        """The chain's start: a LoRA adapter's K/V differ from the base model's for the same tokens."""
-        return b"" if self.params.lora is None else hashlib.sha256(b"lora:" + self.params.lora.encode()).digest()
 
     @property
     def needs_prompt_logits(self) -> bool:

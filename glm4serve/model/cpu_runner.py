@@ -83,10 +83,10 @@ class CpuRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None,
                  compile_decode: bool = True):
         fp32_dense = model.embed.weight.dtype == torch.float32 and not is_quantized(model)
+        big = nbytes(model) > COMPILED_DECODE_MIN_BYTES  # measured now: packed weights are not counted
         # a tensor-parallel shard decodes eagerly: its collectives (tp.py) run between the layers' ops
         self.compile_decode = compile_decode
-        self.compiled = (compile_decode and fp32_dense and model.shard.world == 1
-                         and nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available())
+        self.compiled = compile_decode and fp32_dense and model.shard.world == 1 and big and compiler_available()
         # The output layer joins the last graph (a plain weight) when decode is bound by reading it;
         # a small one stays packed for batches (cpu_linear.py).
         head_plain = (self.compiled and isinstance(model.lm_head, torch.nn.Linear)
@@ -95,7 +95,7 @@ class CpuRunner(EagerRunner):
         move_quantized_weights_to_hugepages(model)
         # The KV cache in huge pages too: decode streams it like the weights.
         super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
-        self.compiled_rows = nbytes(model) > COMPILED_DECODE_MIN_BYTES and compiler_available()
+        self.compiled_rows = big and compiler_available()
         if self.compiled_rows:  # first: the one-token graphs trace through the wrapped modules
             compile_elementwise(model)
         self.one_token = OneTokenStep(model, block_size, head_plain) if self.compiled else None

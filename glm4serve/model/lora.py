@@ -62,8 +62,15 @@ def _names(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
     return names
 
 
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
+# PEFT options that change what an adapter computes, beyond y = W x + s B A x: refused when set
+UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out weights", "layer_replication": "layer_replication",
+               "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "arrow_config": "Arrow routing",
+               "trainable_token_indices": "trainable tokens", "target_parameters": "LoRA on parameters"}
+
+
 def _scale(config: dict, rank: int, path: Path) -> float:
-    for key, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out weights")):
+    for key, what in UNSUPPORTED.items():
         if config.get(key):
             raise LoRAError(f"{path}: {what} not supported")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
@@ -72,7 +79,9 @@ def _scale(config: dict, rank: int, path: Path) -> float:
         raise LoRAError(f"{path}: modules_to_save ({config['modules_to_save']}) not supported: only LoRA weights")
     if config.get("alpha_pattern"):
         raise LoRAError(f"{path}: alpha_pattern not supported (one lora_alpha for every module)")
-    alpha = config.get("lora_alpha", config.get("r", rank))
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise LoRAError(f"{path}: lora_alpha must be a number, got {alpha!r}")
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
@@ -82,8 +91,10 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         tensors = load_file(path / WEIGHTS_FILE)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error on a cut or foreign file
         raise LoRAError(f"LoRA adapter {name!r}: cannot read {path / CONFIG_FILE} and {path / WEIGHTS_FILE}: {e}")
+    if not isinstance(config, dict):
+        raise LoRAError(f"{path / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{path}: a {config['peft_type']} adapter, not LoRA")
     names, adapter = _names(cfg), Adapter(name, str(path))
@@ -122,6 +133,12 @@ def load_loras(modules: dict[str, str], model: nn.Module) -> LoRASet:
         raise LoRAError("LoRA adapters are not supported under tensor parallelism")
     weight = model.embed.weight
     return LoRASet([load_adapter(name, path, model.cfg, weight.dtype, weight.device) for name, path in modules.items()])
+
+
+def check_adapters(modules: dict[str, str], cfg: ModelConfig) -> None:
+    """LoRAError unless every adapter of `modules` loads for a model of `cfg`."""
+    for name, path in modules.items():
+        load_adapter(name, path, cfg, torch.float32, "cpu")
 
 
 class LoRASet:
