@@ -11,7 +11,7 @@ Adapter tensors are named as the base checkpoint's weights (chatglm or HF naming
 the base checkpoint's), with PEFT's `base_model.model.` before and `.lora_A.weight` / `.lora_B.weight`
 for `.weight`; an HF adapter's q_proj, k_proj and v_proj land on their rows of our fused qkv. What
 this does not run (DoRA, LoRA biases, extra trained modules, adapters on the embedding or output
-layer, per-module alpha) is refused when the server starts.
+layer, per-module alpha, and the other PEFT options of UNSUPPORTED) is refused when the server starts.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_TARGETS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")  # per layer: the linears an adapter may change
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
+# PEFT options that change what an adapter computes, beyond y = W x + s B A x: refused when set
+UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out weights", "layer_replication": "layer_replication",
+               "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "arrow_config": "Arrow routing",
+               "trainable_token_indices": "trainable tokens", "target_parameters": "LoRA on parameters"}
 
 
 class LoRAError(ValueError):
@@ -51,7 +56,7 @@ class Piece:
 class Adapter:
     name: str
     path: str
-    pieces: dict[str, list[Piece]] = field(default_factory=dict)  # our module name ("layers.3.attn.qkv") ->
+    pieces: dict[str, list[Piece]] = field(default_factory=dict)  # by our module name ("layers.3.attn.qkv")
 
 
 def _names(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
@@ -60,13 +65,6 @@ def _names(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
     if cfg.variant == "glm":  # the chatglm naming exists for this variant only
         names |= checkpoint_tensors(replace(cfg, layout="chatglm" if cfg.layout == "hf" else "hf"))
     return names
-
-
-PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
-# PEFT options that change what an adapter computes, beyond y = W x + s B A x: refused when set
-UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out weights", "layer_replication": "layer_replication",
-               "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "arrow_config": "Arrow routing",
-               "trainable_token_indices": "trainable tokens", "target_parameters": "LoRA on parameters"}
 
 
 def _scale(config: dict, rank: int, path: Path) -> float:
