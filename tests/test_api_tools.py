@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fastapi.testclient import TestClient
 
 from glm4serve.chat.tool_parser import CALL_MARK
@@ -175,8 +176,23 @@ def test_forced_call_with_broken_json_is_still_a_call():
     _, body = run(['get_time\n{"tz": "UTC"}'], tool_choice={"type": "function", "function": {"name": "get_time"}},
                   stop=["UTC"])
     choice = body["choices"][0]
-    assert choice["finish_reason"] == "tool_calls"
+    assert choice["finish_reason"] == "stop"  # a named tool_choice's call (test below)
     assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": '{"tz": "'}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_of_a_named_function_finishes_stop_as_openai_and_vllm_do(stream):
+    """OpenAI's API (and vLLM after it): "tool_calls" for auto and required, "stop" when tool_choice named it."""
+    for tool_choice, reason in (("auto", "tool_calls"), ("required", "tool_calls"),
+                                ({"type": "function", "function": {"name": "get_weather"}}, "stop")):
+        _, body = run([CALL], stream=stream, tool_choice=tool_choice)
+        if stream:
+            calls, _ = calls_from_stream(body)
+            assert [c["name"] for c in calls] == ["get_weather"]
+            assert body[-1]["choices"][0]["finish_reason"] == reason, tool_choice
+        else:
+            assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+            assert body["choices"][0]["finish_reason"] == reason, tool_choice
 
 
 def test_required_puts_every_tool_in_one_grammar_and_runs_the_engine_once():

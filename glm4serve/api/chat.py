@@ -47,7 +47,7 @@ from .replies import (
     tool_args_delta,
     tool_call_start_delta,
 )
-from .schemas import ChatCompletionRequest
+from .schemas import ChatCompletionRequest, NamedToolChoice
 from .serving import ServingContext, check_finish, respond
 from .streaming import sse_data
 from .tool_choice import forced_call_spec
@@ -70,6 +70,9 @@ class ChatPlan:
     reasoning: bool = False  # the reply's thinking goes to reasoning_content (chat/reasoning.py)
     logprob_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
     model: str = ""  # what the reply names as its model: the LoRA adapter's name, else the served model's
+    # a reply that calls tools finishes "tool_calls", but "stop" when tool_choice named the function (as
+    # OpenAI's API and vLLM)
+    call_finish_reason: str = "tool_calls"
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
@@ -109,7 +112,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     return ChatPlan(request_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
                     strip_newline=req.add_generation_prompt, reasoning=reasoning,
-                    logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name)
+                    logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name,
+                    call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls")
 
 
 @dataclass
@@ -130,6 +134,7 @@ class ChoiceStream:
         self._strip_newline = self._strip_thinking_newline = plan.strip_newline
         self._tokenizer = tokenizer
         self._as_ids = plan.logprob_token_ids
+        self._call_finish_reason = plan.call_finish_reason
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
 
@@ -161,7 +166,7 @@ class ChoiceStream:
         if self.parser is None:
             return thinking, reason
         deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
-        return thinking + deltas, ("tool_calls" if self.parser.calls and reason != LENGTH else reason)
+        return thinking + deltas, (self._call_finish_reason if self.parser.calls and reason != LENGTH else reason)
 
     def _thinking(self, text: str) -> list[dict]:
         text = text.replace(CALL_MARK, "")  # an `<|assistant|>` while thinking is no call separator
@@ -291,7 +296,8 @@ def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str)
     if not calls:
         return ChatMessageOut(content=plan.echo + content), reason
     tool_calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
-    return ChatMessageOut(content=content or None, tool_calls=tool_calls), (LENGTH if truncated else "tool_calls")
+    return ChatMessageOut(content=content or None, tool_calls=tool_calls), (LENGTH if truncated else
+                                                                           plan.call_finish_reason)
 
 
 def _strip_first_newline(plan: ChatPlan, text: str) -> str:
