@@ -3,7 +3,7 @@ Prints the server's resident memory over time and what every request got; fails 
 5xx, a client error other than an HTTP status, or engine gauges that do not return to 0.
 
     .venv/bin/python benchmarks/bench_soak.py [--layers 2] [--quantization int8] [--seconds 300]
-        [--kv-cache-memory 2GiB] [--scheduling-policy priority]
+        [--kv-cache-memory 2GiB] [--scheduling-policy priority] [--lora]
 
 The checkpoint has glm-4-9b-chat's shapes (hidden 4096, FFN 13696, 32 heads / 2 KV groups, vocab
 151,552), random bf16 weights, --layers of its 40 layers, with the project's small tokenizer (so
@@ -14,7 +14,8 @@ replies; prompts scored as evaluation harnesses score them (echo, logprobs, max_
 prompt_logprobs); vLLM's guided_choice / guided_regex / guided_json / structured_outputs; chat that
 continues a final assistant message; truncate_prompt_tokens and continuous usage; /tokenize and
 /detokenize; streams the client leaves after a few events; prompts of up to ~10K tokens; and invalid
-requests. With --scheduling-policy priority, half the requests also carry a priority.
+requests. With --scheduling-policy priority, half the requests also carry a priority; with --lora, half
+name a LoRA adapter (rank 16, every linear) as their model.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from server_proc import ServerProcess  # noqa: E402
 
-from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint  # noqa: E402
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_adapter, write_random_checkpoint  # noqa: E402
 
 MODEL = "soak"
+LORA = "soak-lora"
 WORDS = ["hello", "世界", "天气", "weather", "the", "a", "🙂", "json", "tool", "北京", "xxxxxxx", "é", "\n"]
 GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_blocks_used")
 
@@ -50,9 +52,13 @@ def rss_mib(pid: int) -> float:
 class Mix:
     """Random request bodies, from one seeded generator."""
 
-    def __init__(self, seed: int, priorities: bool = False):
+    def __init__(self, seed: int, priorities: bool = False, lora: bool = False):
         self.rng = random.Random(seed)
         self.priorities = priorities  # half the requests carry a priority (the server's policy is "priority")
+        self.lora = lora  # half the requests name the LoRA adapter as their model
+
+    def model(self) -> str:
+        return LORA if self.lora and self.rng.random() < .5 else MODEL
 
     def words(self, n: int) -> str:
         return " ".join(self.rng.choice(WORDS) for _ in range(n))
@@ -157,7 +163,7 @@ class Mix:
 
 async def one(client: httpx.AsyncClient, url: str, mix: Mix, counts: dict) -> None:
     kind, path, body = mix.request()
-    body["model"] = MODEL
+    body["model"] = mix.model()
     try:
         if body.get("stream"):
             async with client.stream("POST", url + path, json=body) as resp:
@@ -185,7 +191,7 @@ async def gauges(client: httpx.AsyncClient, url: str) -> dict[str, float]:
 
 
 async def soak(url: str, pid: int, seconds: float, clients: int, idle: float, seed: int,
-               priorities: bool) -> tuple[dict, list, dict]:
+               priorities: bool, lora: bool) -> tuple[dict, list, dict]:
     counts: dict = {}
     samples: list[tuple[float, float]] = []  # (seconds since start, RSS MiB)
     t0 = time.monotonic()
@@ -201,7 +207,7 @@ async def soak(url: str, pid: int, seconds: float, clients: int, idle: float, se
             await asyncio.sleep(min(15.0, max(0.0, end - time.monotonic())))
 
     async with httpx.AsyncClient(timeout=300) as client:
-        await asyncio.gather(sampler(), *(client_loop(client, Mix(seed + i, priorities)) for i in range(clients)))
+        await asyncio.gather(sampler(), *(client_loop(client, Mix(seed + i, priorities, lora)) for i in range(clients)))
         samples.append((time.monotonic() - t0, rss_mib(pid)))  # the load's end
         await asyncio.sleep(idle)
         samples.append((time.monotonic() - t0, rss_mib(pid)))
@@ -221,18 +227,22 @@ def main() -> int:
                                                              "so what RSS does after that is the rest's")
     ap.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                     help="priority: the mix also sends request priorities from -2 to 5")
+    ap.add_argument("--lora", action="store_true", help="serve a rank-16 LoRA adapter too, and name it as the "
+                                                         "model of half the requests")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
         args = ["--served-model-name", MODEL, "--max-model-len", "16384", "--kv-cache-memory", a.kv_cache_memory,
                 "--scheduling-policy", a.scheduling_policy]
+        if a.lora:
+            args += ["--lora-modules", f"{LORA}={write_random_adapter(Path(d) / 'lora', d, rank=16, alpha=32.0)}"]
         if a.quantization != "none":
             args += ["--quantization", a.quantization]
         server = ServerProcess(Path(d), *args, dtype="auto", kv_cache_memory=None).wait_healthy(timeout=600)
         try:
             loaded = rss_mib(server.proc.pid)
             counts, samples, settled = asyncio.run(soak(server.url, server.proc.pid, a.seconds, a.clients, a.idle,
-                                                        a.seed, a.scheduling_policy == "priority"))
+                                                        a.seed, a.scheduling_policy == "priority", a.lora))
         finally:
             server.stop()
     total = sum(counts.values())
