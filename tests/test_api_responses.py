@@ -209,7 +209,6 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "'resp_1' not found"),
     ({"input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
     ({"input": "x", "background": True}, "background", "not supported"),
-    ({"input": "x", "truncation": "auto"}, "truncation", "not supported"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "'item_reference' are not supported"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input.0.content.0.type", "input_text"),
@@ -219,8 +218,6 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
      "needs a name and a schema"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": 3}}}},
      "text.format.schema", "not a valid JSON Schema"),
-    ({"input": "x", "tools": [TOOL], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
-     "text.format", "tool_choice"),
     ({"input": "x", "max_output_tokens": 10 ** 6}, "input", "maximum context length"),
     ({"input": "x", "top_logprobs": 21}, "top_logprobs", "20"),
     ({"input": "x", "model": "gpt-5"}, "model", "does not exist"),
@@ -276,3 +273,12 @@ def test_return_tokens_as_token_ids_on_output_text_logprobs():
     assert part["text"] == "Hello there!" and len(part["logprobs"]) == body["usage"]["output_tokens"]
     ids = small_tokenizer().encode("\nHello there!")
     assert [lp["token"] for lp in part["logprobs"][:-1]] == [f"token_id:{t}" for t in ids]
+
+
+def test_truncation_auto_is_taken_and_echoed():
+    """The Agents SDK sends truncation "auto" (ModelSettings(truncation="auto")): OpenAI truncates only input
+    over the context, which is a 400 here either way."""
+    client = TestClient(make_app())
+    r = client.post("/v1/responses", json={"input": "hi", "truncation": "auto"})
+    assert r.status_code == 200 and r.json()["truncation"] == "auto"
+    assert client.post("/v1/responses", json={"input": "hi"}).json()["truncation"] == "disabled"

@@ -126,10 +126,30 @@ def test_a_tools_invalid_parameters_schema_is_400_whatever_the_tool_choice():
         assert r.status_code == 200
 
 
-def test_response_format_and_a_forced_tool_call_conflict():
+def test_a_forced_call_leaves_response_format_for_a_later_turn_but_vllm_constraints_conflict():
+    """As OpenAI's API: the format is the final answer's, the forced call this reply's."""
+    engine, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "required",
+                                              "response_format": {"type": "json_object"}}, ["get_time\n{}"])
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    spec = engine.calls[0].params.guided
+    assert spec.kind == "tool_call" and spec.otherwise is None
     _, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "tool_choice": "required",
-                                         "response_format": {"type": "json_object"}})
-    assert "tool_choice" in error(r, "response_format")
+                                         "guided_json": {"type": "object"}})
+    assert "tool_choice" in error(r, "guided_json")
+
+
+def test_tool_choice_auto_with_a_response_format_allows_a_call_or_the_format():
+    """An agent with tools and a structured final answer (the Agents SDK's output_type, LangChain's
+    bind_tools(response_format=...)): the reply may still call a tool."""
+    fmt = json_schema_format({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    for reply, calls, content in (("get_time\n{}", ["get_time"], None), ('\n{"a": 1}', None, '{"a": 1}')):
+        engine, r = post("/v1/chat/completions", {"messages": HI, "tools": TOOLS, "response_format": fmt}, [reply])
+        spec = engine.calls[0].params.guided
+        assert spec.kind == "tool_call" and [n for n, _ in spec.tools] == ["get_weather", "get_time"]
+        assert spec.otherwise.kind == "json_schema" and spec.otherwise.leading_newline
+        message = r.json()["choices"][0]["message"]
+        assert ([c["function"]["name"] for c in message["tool_calls"] or []] or None) == calls
+        assert message["content"] == content
 
 
 @pytest.mark.parametrize("extra,spec", [

@@ -250,6 +250,25 @@ def test_steered_tool_call_whole(steered):
     assert json.loads(call.function.arguments) == {"city": "北京"}
 
 
+def test_steered_tool_call_with_a_response_format_for_the_final_answer(steered):
+    """An agent with tools and a structured final answer (the Agents SDK's output_type): the model that
+    calls a tool still calls it, through the chat route and the Responses API."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": {
+        "type": "object", "properties": {"sky": {"type": "string"}}, "required": ["sky"],
+        "additionalProperties": False}}}
+    r = client(steered).chat.completions.create(
+        model="glm4-steered", messages=[{"role": "user", "content": "Weather in Beijing?"}], tools=TOOLS,
+        response_format=fmt, temperature=0, max_tokens=40)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+    reply = client(steered).responses.create(
+        model="glm4-steered", input="Weather in Beijing?", temperature=0, max_output_tokens=40,
+        tools=[{"type": "function", **TOOLS[0]["function"]}],
+        text={"format": {"type": "json_schema", **fmt["json_schema"]}})
+    [item] = reply.output
+    assert (item.type, item.name, json.loads(item.arguments)) == ("function_call", "get_weather", {"city": "北京"})
+
+
 def test_steered_tool_call_through_the_sdk_stream_helper(steered):
     with client(steered).chat.completions.stream(
         model="glm4-steered", messages=[{"role": "user", "content": "Weather in Beijing?"}], tools=TOOLS,

@@ -167,6 +167,25 @@ def test_tool_call_spec_gives_glm4_calls_with_valid_arguments(engine):
     assert names == {"get_weather", "get_time"}  # the model picks; neither is forced
 
 
+def test_a_call_or_a_formatted_answer_gives_both_and_nothing_else(engine):
+    """tool_choice auto with a response_format: each reply is a valid call or valid JSON of the format."""
+    answer = GuidedSpec.json_schema(PERSON, leading_newline=True)
+    spec = GuidedSpec.tool_call({"get_weather": WEATHER, "get_time": TIME}, otherwise=answer)
+    out = run(engine, [(f"o{i}", prompt(engine, "weather?"), SamplingParams(max_tokens=200, temperature=1.5, seed=i,
+                                                                             guided=spec)) for i in range(24)])
+    kinds = set()
+    for text, finish, _ in out.values():
+        assert finish == STOP
+        name, newline, args = text.partition("\n")
+        if name in ("get_weather", "get_time"):
+            jsonschema.validate(json.loads(args), WEATHER if name == "get_weather" else TIME)
+            kinds.add("call")
+        else:
+            jsonschema.validate(json.loads(text.removeprefix("\n")), PERSON)
+            kinds.add("answer")
+    assert kinds == {"call", "answer"}
+
+
 def test_preempted_constrained_sequences_recompute_and_stay_valid(make_checkpoint):
     spec = GuidedSpec.json_schema(PERSON)
 

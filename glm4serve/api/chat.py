@@ -50,7 +50,7 @@ from .replies import (
 from .schemas import ChatCompletionRequest, NamedToolChoice
 from .serving import ServingContext, check_finish, respond
 from .streaming import sse_data
-from .tool_choice import forced_call_spec
+from .tool_choice import call_or_format_spec, forced_call_spec
 
 CALL_SEPARATOR = "<|assistant|>"  # the special token between several tool calls of one reply
 
@@ -91,8 +91,10 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     params.stops_skip_leading_newline = req.add_generation_prompt  # the newline the reply's content leaves out
     ctx.check_params(params)
     call_spec = forced_call_spec(req)
-    if call_spec is not None:
+    if call_spec is not None:  # a forced call: a response_format is for a later turn's answer
         params.guided = call_spec
+    elif req.tools_active and params.guided is not None:
+        params.guided = call_or_format_spec(req, params.guided)
     await ctx.compile_guided(params, "tools" if call_spec is not None else req.guided_param)
     separator = ctx.tokenizer.special_tokens.get(CALL_SEPARATOR)
     if req.tools_active and separator is not None:

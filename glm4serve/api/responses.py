@@ -160,7 +160,7 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) ->
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "temperature": plan.params.temperature, "top_p": plan.params.top_p, "top_logprobs": req.top_logprobs,
         "tool_choice": tool_choice, "tools": [t.model_dump() for t in req.tools or []],
-        "text": {"format": text_format}, "truncation": "disabled", "metadata": req.metadata or {},
+        "text": {"format": text_format}, "truncation": req.truncation or "disabled", "metadata": req.metadata or {},
         "user": req.user, "previous_response_id": req.previous_response_id, "reasoning": None,
         "background": False, "store": req.store is not False and ctx.response_store.enabled,
     }

@@ -9,7 +9,8 @@ A reply is stored unless `store` is false (response_store.py), and `previous_res
 continues from a stored one: its context items come before this request's `input`, while its
 `instructions` and tools do not carry over (as OpenAI's API does). `conversation` and
 `background` are refused with a 400. `reasoning` and `include` values other than output
-logprobs are accepted and have no effect: GLM-4 writes no separate reasoning.
+logprobs are accepted and have no effect: GLM-4 writes no separate reasoning. `truncation: "auto"`
+is taken, but drops nothing: input over the context is a 400 either way.
 """
 
 from __future__ import annotations
@@ -220,8 +221,6 @@ class ResponsesRequest(_RequestBody):
                                            "conversation in input")
         if self.background:
             raise _invalid("background", "background responses are not supported")
-        if self.truncation == "auto":
-            raise _invalid("truncation", "truncation 'auto' is not supported: input over the context is a 400")
         if isinstance(self.input, list) and not self.input:
             raise _invalid("input", "input must not be empty")
         return self

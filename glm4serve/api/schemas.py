@@ -511,7 +511,9 @@ class ChatCompletionRequest(_SamplingBody):
             for i, tool in enumerate(self.tools):  # as OpenAI, whether or not a call is forced
                 if tool.function.parameters is not None:
                     _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
-        if self.forces_tool_call and self.guided_spec() is not None:
+        # a response_format waits for a turn whose tool_choice forces no call (as OpenAI's); vLLM's own
+        # constraints would say what this very reply is, which the forced call already does
+        if self.forces_tool_call and _vllm_constraints(self):
             raise _invalid(self.guided_param, f"{self.guided_param} cannot constrain a reply that tool_choice "
                                               "already forces to be a tool call")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:

@@ -5,8 +5,10 @@ call is decoded under a grammar of exactly that (guided.py): the name is one of 
 tools, the arguments are JSON valid against that tool's `parameters` schema, and then only a
 stop token may follow. "required" lets the model pick among all tools; a named tool_choice
 allows that one. Either way the reply is one call: the grammar ends after the first call's
-arguments, so `parallel_tool_calls` cannot give several under a forced tool_choice. "auto"
-stays unconstrained (the model may answer in prose or call several tools).
+arguments, so `parallel_tool_calls` cannot give several under a forced tool_choice, and a
+response_format waits for a turn that is not forced (as OpenAI applies it to the final answer).
+"auto" stays unconstrained (the model may answer in prose or call several tools), but with a
+response_format: the reply is then one call, or the answer in that format.
 """
 
 from __future__ import annotations
@@ -25,3 +27,9 @@ def forced_call_spec(req: ChatCompletionRequest) -> GuidedSpec | None:
         name = req.tool_choice.function.name
         tools = {name: tools[name]}
     return GuidedSpec.tool_call(tools)
+
+
+def call_or_format_spec(req: ChatCompletionRequest, reply: GuidedSpec) -> GuidedSpec:
+    """tool_choice auto with a response_format (an agent with tools and a structured final answer): the
+    reply is a call of one of the tools, or text in the format."""
+    return GuidedSpec.tool_call({t.function.name: t.function.parameters for t in req.tools or []}, otherwise=reply)

@@ -2,7 +2,8 @@
 
 A request's constraint is a `GuidedSpec` on its SamplingParams (plain, hashable data): the reply
 is a JSON object, or JSON valid against a schema, or a GLM-4 tool call `{name}\\n{json}` of one of
-the given tools, or (vLLM's structured outputs) text matching a regular expression, one of a list
+the given tools (or, with tool_choice auto, such a call or a reply of another spec), or (vLLM's
+structured outputs) text matching a regular expression, one of a list
 of strings, or a sentence of an EBNF grammar (xgrammar's dialect, as vLLM takes it). `Grammars`
 compiles specs against the model's tokenizer (LRU cache, thread-safe: the API compiles up front in a
 worker thread, so a bad schema is a 400 and the engine loop finds the grammar cached) and makes a
@@ -75,6 +76,8 @@ class GuidedSpec:
     schema: str | None = None  # JSON_SCHEMA: the JSON schema; REGEX: the pattern; GRAMMAR: the EBNF
     tools: tuple[tuple[str, str], ...] = ()  # TOOL_CALL: (name, parameters schema), one is called
     choices: tuple[str, ...] = ()  # CHOICE: the reply is one of these
+    # TOOL_CALL: or else a reply of this spec (tool_choice auto with a response_format: a call or the format)
+    otherwise: GuidedSpec | None = None
     # all but TOOL_CALL: GLM-4 opens a chat reply with "\n" (the API strips it). JSON never starts with one, so
     # there it is optional; before a pattern, choice or grammar that may, it is required, so that the one
     # the API strips is never the reply's own
@@ -111,10 +114,11 @@ class GuidedSpec:
         return cls(GRAMMAR, schema=ebnf, leading_newline=leading_newline)
 
     @classmethod
-    def tool_call(cls, tools: dict[str, dict | None]) -> "GuidedSpec":
-        """tools: name -> its parameters schema (None: any JSON object)."""
+    def tool_call(cls, tools: dict[str, dict | None], otherwise: GuidedSpec | None = None) -> "GuidedSpec":
+        """tools: name -> its parameters schema (None: any JSON object); otherwise: what the reply may be
+        instead of a call."""
         return cls(TOOL_CALL, tools=tuple((name, json.dumps(params or {"type": "object"}, ensure_ascii=False))
-                                          for name, params in tools.items()))
+                                          for name, params in tools.items()), otherwise=otherwise)
 
 
 def _clean_message(error: Exception) -> str:
@@ -134,6 +138,8 @@ def build_grammar(spec: GuidedSpec):
         for name, params in spec.tools:
             name_line = xgr.Grammar.from_ebnf("root ::= " + json.dumps(name + "\n"))  # a JSON string is an EBNF literal
             calls.append(xgr.Grammar.concat(name_line, json_grammar(params)))
+        if spec.otherwise is not None:  # it opens with "\n" or JSON, never a name: the two never overlap
+            calls.append(build_grammar(spec.otherwise))
         return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
     if spec.kind == REGEX:
         body = xgr.Grammar.from_regex(spec.schema)
