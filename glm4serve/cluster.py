@@ -167,8 +167,11 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
 
 def _block_hashes(pending_request: PendingRequest | None) -> list[bytes]:
+    # Duck-typed, not isinstance: Ray Serve loads this module more than once in the ingress's process,
+    # so the request's EngineRequest may be another copy of the class than this module's.
     args = getattr(pending_request, "args", None) or ()
-    return args[0].block_hashes if args and isinstance(args[0], EngineRequest) else []
+    hashes = getattr(args[0], "block_hashes", None) if args else None
+    return hashes if isinstance(hashes, list) else []
 
 
 # ---- the ingress -----------------------------------------------------------------------------

@@ -91,6 +91,30 @@ def settled_view(url: str, timeout: float = 60) -> dict[str, dict[str, float]]:
         time.sleep(0.25)
 
 
+def test_a_repeated_prompt_goes_back_to_the_replica_that_cached_it(replicated):
+    """The prefix-affinity router: every repeat of a prompt of two full KV blocks reads them from the
+    cache (a repeat sent to the other replica would not: one chance in two each time)."""
+    body = {"model": "glm4-test", "prompt": list(range(300, 340)), "max_tokens": 1, "temperature": 0}
+    cached = [httpx.post(replicated.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+              ["prompt_tokens_details"]["cached_tokens"] for _ in range(6)]
+    assert cached == [0] + [32] * 5
+
+
+def test_the_router_reads_the_hashes_of_any_copy_of_the_request_class():
+    """Ray Serve loads cluster.py more than once in one process: isinstance against this module's
+    EngineRequest failed for requests made with another copy, and no prompt was ever routed by prefix."""
+    from glm4serve.cluster import _block_hashes
+
+    class Foreign:  # another copy of EngineRequest, as far as isinstance can tell
+        block_hashes = [b"h0", b"h1"]
+
+    class Pending:
+        args = (Foreign(),)
+
+    assert _block_hashes(Pending()) == [b"h0", b"h1"]
+    assert _block_hashes(None) == [] and _block_hashes(type("P", (), {"args": ()})()) == []
+
+
 def test_health_counts_the_replicas_and_metrics_label_them(replicated):
     health = httpx.get(replicated.url + "/health").json()
     assert health == {"status": "ok", "replicas_up": 2, "replicas": 2}
