@@ -22,7 +22,7 @@ def forced_call_spec(req: ChatCompletionRequest) -> GuidedSpec | None:
     """The grammar of the reply when tool_choice forces a call; None otherwise."""
     if not req.forces_tool_call:
         return None
-    tools = {t.function.name: t.function.parameters for t in req.tools or []}
+    tools = _parameters(req)
     if isinstance(req.tool_choice, NamedToolChoice):
         name = req.tool_choice.function.name
         tools = {name: tools[name]}
@@ -32,4 +32,9 @@ def forced_call_spec(req: ChatCompletionRequest) -> GuidedSpec | None:
 def call_or_format_spec(req: ChatCompletionRequest, reply: GuidedSpec) -> GuidedSpec:
     """tool_choice auto with a response_format (an agent with tools and a structured final answer): the
     reply is a call of one of the tools, or text in the format."""
-    return GuidedSpec.tool_call({t.function.name: t.function.parameters for t in req.tools or []}, otherwise=reply)
+    return GuidedSpec.tool_call(_parameters(req), otherwise=reply)
+
+
+def _parameters(req: ChatCompletionRequest) -> dict[str, dict | None]:
+    """Each tool's parameters schema, by its name."""
+    return {t.function.name: t.function.parameters for t in req.tools or []}

@@ -67,7 +67,10 @@ def _names(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
     return names
 
 
-def _scale(config: dict, rank: int, path: Path) -> float:
+def _check_config(config: dict, path: Path) -> None:
+    """LoRAError for what this does not run as PEFT trained it."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{path}: a {config['peft_type']} adapter, not LoRA")
     for key, what in UNSUPPORTED.items():
         if config.get(key):
             raise LoRAError(f"{path}: {what} not supported")
@@ -80,6 +83,11 @@ def _scale(config: dict, rank: int, path: Path) -> float:
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise LoRAError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+
+
+def _scale(config: dict, rank: int) -> float:
+    """PEFT's: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (r: this module's rank, rank_pattern's)."""
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
@@ -93,8 +101,7 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
         raise LoRAError(f"LoRA adapter {name!r}: cannot read {path / CONFIG_FILE} and {path / WEIGHTS_FILE}: {e}")
     if not isinstance(config, dict):
         raise LoRAError(f"{path / CONFIG_FILE} is not a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoRAError(f"{path}: a {config['peft_type']} adapter, not LoRA")
+    _check_config(config, path)
     names, adapter = _names(cfg), Adapter(name, str(path))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -114,7 +121,7 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape != (rows, a.shape[0]):
             raise LoRAError(f"{path}: {stem} has A {tuple(a.shape)} and B {tuple(b.shape)}; the base weight is "
                             f"{rows} x {in_features}")
-        scale = _scale(config, a.shape[0], path)
+        scale = _scale(config, a.shape[0])
         adapter.pieces.setdefault(module, []).append(Piece(
             row=spec.rows[0] if spec.rows else 0,
             a=a.to(device=device, dtype=dtype).contiguous(),
