@@ -216,7 +216,7 @@ class ReplicaClient:
         total = EngineStats(alive=self.is_alive)
         for s in self._replica_stats.values():
             for field in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions_total",
-                          "prefix_cache_queries", "prefix_cache_hits"):
+                          "prefix_cache_queries", "prefix_cache_hits", "spec_draft_tokens", "spec_accepted_tokens"):
                 setattr(total, field, getattr(total, field) + getattr(s, field))
         return total
 

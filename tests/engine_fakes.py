@@ -91,7 +91,7 @@ class FakeRunner:
         sampling sequence read back through its block table is its own context."""
         logits = self.execute(model_batch(out))
         for s in out.scheduled:
-            end = s.start + s.num_tokens
+            end = s.start + s.num_tokens - len(s.draft)
             if s.sample_for:
                 assert self.context(s.seq.block_table, end) == s.seq.token_ids_between(0, end), f"cache of {s.seq}"
         return logits

@@ -64,6 +64,10 @@ _ENGINE_SERIES = [
      lambda s: s.prefix_cache_queries),
     (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
      lambda s: s.prefix_cache_hits),
+    (CounterMetricFamily, "spec_decode_num_draft_tokens", "Tokens drafted by speculative decoding.",
+     lambda s: s.spec_draft_tokens),
+    (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Drafted tokens the sampler kept.",
+     lambda s: s.spec_accepted_tokens),
 ]
 
 

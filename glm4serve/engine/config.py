@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode
 
+from .speculative import SpeculativeConfig
+
 DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
 # The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
 # small machine neither waits on nor needs 4 GiB of memory.
@@ -99,6 +101,11 @@ class EngineArgs(BaseModel):
         default_factory=dict, description="LoRA adapters (PEFT folders) served beside the model, as vLLM's: "
                                           "name=path ... (or a JSON object); a request's `model` picks one by name")
 
+    speculative_config: Annotated[SpeculativeConfig | None, NoDecode] = Field(
+        None, description="speculative decoding, as vLLM's: a JSON object like {\"method\": \"ngram\", "
+                          "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} "
+                          "(default: none)")
+
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _memory_size(cls, v):
@@ -109,6 +116,11 @@ class EngineArgs(BaseModel):
     def _lora_modules(cls, v):
         return parse_lora_modules(v)
 
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _speculative_config(cls, v):
+        return SpeculativeConfig.parse(v)
+
     def engine_args(self) -> EngineArgs:
         """Just the engine's fields (of a subclass that adds its own, like the server's settings)."""
         return EngineArgs(**{name: getattr(self, name) for name in EngineArgs.model_fields})
@@ -117,7 +129,7 @@ class EngineArgs(BaseModel):
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_model_len=max_model_len, block_size=self.block_size,
                                enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
-                               loras=frozenset(self.lora_modules))
+                               loras=frozenset(self.lora_modules), speculative=self.speculative_config)
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool
     policy: str = "fcfs"  # EngineArgs.scheduling_policy
     loras: frozenset[str] = frozenset()  # names of the LoRA adapters requests may run with
+    speculative: SpeculativeConfig | None = None  # drafts for decoding sequences (speculative.py)
 
     def __post_init__(self):
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:

@@ -44,6 +44,8 @@ class LLMEngine:
         self.grammars = Grammars(tokenizer)  # structured output; xgrammar loads on first use
         self._next_seq_id = 0
         self._errors: list[tuple[str, EngineError]] = []
+        self.spec_draft_tokens = 0  # speculative decoding: tokens drafted, and of those, kept
+        self.spec_accepted_tokens = 0
 
     @property
     def max_model_len(self) -> int:
@@ -106,6 +108,8 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions,
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )
 
     def step(self) -> list[Output]:
@@ -128,26 +132,21 @@ class LLMEngine:
                 self._record_prompt_logprobs(s, logits[end - s.num_tokens : end])
         self.scheduler.on_step_done(out)  # before any finish: n > 1 forks take their blocks here
 
-        # one sampling row per sequence: siblings of a fresh fork read the same logits row
+        # one sampling row per sequence (the one after its last real token): siblings of a fresh fork
+        # read the same logits row
         targets = [q for s in out.scheduled for q in s.sample_for]
-        row_of = [end - 1 for s, end in zip(out.scheduled, ends) for _ in s.sample_for]
+        row_of = [end - 1 - len(s.draft) for s, end in zip(out.scheduled, ends) for _ in s.sample_for]
         sampled = self._sample(logits if row_of == list(range(logits.shape[0])) else logits[row_of], targets)
 
         failed_before = {rid for rid, _ in self._errors}
-        outputs = []
+        outputs: dict[int, Output] = {}  # seq_id -> its Output of this step, in sampling order
         for seq, smp in zip(targets, sampled):
-            if smp is None or seq.is_finished:
-                continue
-            try:
-                outputs.append(self._append(seq, smp))
-            except GuidedDecodingError as e:  # the request's own constraint: no server fault, no traceback
-                log.warning("request %s failed: %s", seq.request_id, e)
-                self._fail(seq.request_id, e)
-            except Exception as e:
-                log.exception("request %s failed while handling its new token", seq.request_id)
-                self._fail(seq.request_id, e)
+            self._take_token(seq, smp, outputs)
+        drafted = [(s, end - len(s.draft)) for s, end in zip(out.scheduled, ends) if s.draft]
+        if drafted:
+            self._verify_drafts(drafted, logits, outputs)
         failed = {rid for rid, _ in self._errors} - failed_before
-        return [o for o in outputs if o.request_id not in failed]
+        return [o for o in outputs.values() if o.request_id not in failed]
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -201,6 +200,54 @@ class LLMEngine:
                 self._fail(seq.request_id, e)
                 result.append(None)
         return result
+
+    def _verify_drafts(self, drafted: list[tuple[ScheduledSeq, int]], logits: torch.Tensor,
+                       outputs: dict[int, Output]) -> None:
+        """Keep each draft's tokens while they equal what the sampler draws at their positions.
+
+        `drafted`: (scheduled, row of the logits after draft[0]). Position by position, each sequence whose
+        last sampled token equals its next drafted one samples again from the row after that token, with
+        every processor, constraint and stop seeing the tokens kept so far, as in plain decoding.
+        """
+        kept = {id(s): 0 for s, _ in drafted}
+        live = list(drafted)
+        while live:
+            live = [(s, row) for s, row in live if not s.seq.is_finished and kept[id(s)] < len(s.draft)
+                    and s.seq.output_token_ids[-1] == s.draft[kept[id(s)]]]
+            if not live:
+                break
+            for s, _ in live:
+                kept[id(s)] += 1
+            sampled = self._sample(logits[[row + kept[id(s)] - 1 for s, row in live]], [s.seq for s, _ in live])
+            for (s, _), smp in zip(live, sampled):
+                self._take_token(s.seq, smp, outputs)
+        for s, _ in drafted:
+            self.spec_draft_tokens += len(s.draft)
+            self.spec_accepted_tokens += kept[id(s)]
+            self.scheduler.accept_draft(s, kept[id(s)])
+
+    def _take_token(self, seq: Sequence, smp: Sampled | None, outputs: dict[int, Output]) -> None:
+        """Append a sampled token to `seq`, joining its Output of this step (a failure fails its request)."""
+        if smp is None or seq.is_finished:
+            return
+        try:
+            out = self._append(seq, smp)
+        except GuidedDecodingError as e:  # the request's own constraint: no server fault, no traceback
+            log.warning("request %s failed: %s", seq.request_id, e)
+            self._fail(seq.request_id, e)
+            return
+        except Exception as e:
+            log.exception("request %s failed while handling its new token", seq.request_id)
+            self._fail(seq.request_id, e)
+            return
+        first = outputs.setdefault(seq.seq_id, out)
+        if first is not out:  # a kept draft: one Output per step, with every token the step gave it
+            first.token_ids += out.token_ids
+            first.text += out.text
+            if out.logprobs is not None:
+                first.logprobs = (first.logprobs or []) + out.logprobs
+            for name in ("finish_reason", "stop_reason", "num_output_tokens"):
+                setattr(first, name, getattr(out, name))
 
     def _append(self, seq: Sequence, smp: Sampled) -> Output:
         token = smp.token_id
@@ -288,6 +335,6 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
 
 def model_batch(out: SchedulerOutput) -> ScheduledBatch:
     """The scheduler's decisions as the model runner's plain data."""
-    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id, s.prompt_logits,
-                       s.seq.params.lora) for s in out.scheduled]
+    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id,
+                       s.prompt_logits or bool(s.draft), s.seq.params.lora) for s in out.scheduled]
     return ScheduledBatch(chunks, out.block_copies)

@@ -30,6 +30,13 @@ running sequence is the one preempted for room; and when the first waiting seque
 too few free blocks for its first chunk, running ones of a strictly lower priority are preempted for
 it, at the start of a step. Equal priorities never preempt each other, so this cannot thrash.
 
+Speculative decoding (`SchedulerConfig.speculative`): a decoding sequence's token may come with a
+draft of the tokens after it (speculative.py), computed in the same forward. The draft takes only
+budget and free blocks left after a block for every running sequence's next token, so it never
+preempts anything. The step first counts only the real token as computed (`on_step_done`); the
+engine then tells which drafted tokens the sampler kept (`accept_draft`), and the blocks past
+them go back to the pool: the prefix cache only ever holds tokens of the sequence.
+
 Prompt logprobs: a sequence that asks for them computes its whole prompt (no prefix cache hit, as
 in vLLM), and its prefill chunks return logits after every token: at most PROMPT_LOGIT_ROWS rows a
 step, all such sequences together, since each row is a vocabulary of fp32 logits.
@@ -58,14 +65,16 @@ class ScheduledSeq:
     num_tokens: int  # query tokens this step: seq.all_token_ids[start:start + num_tokens]
     sample_for: list[Sequence]  # who samples from its last row's logits; empty = none (mid-prefill)
     prompt_logits: bool = False  # logits after every token, for prompt logprobs (the last row samples)
+    draft: list[int] = field(default_factory=list)  # guessed tokens after its last one, the last num_tokens
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids_between(self.start, self.start + self.num_tokens)
+        return self.seq.token_ids_between(self.start, self.start + self.num_tokens - len(self.draft)) + self.draft
 
     @property
     def num_logit_rows(self) -> int:
-        return self.num_tokens if self.prompt_logits else int(bool(self.sample_for))
+        """Prompt logprobs and drafts need logits after every token; a sample, after its last."""
+        return self.num_tokens if self.prompt_logits or self.draft else int(bool(self.sample_for))
 
 
 @dataclass
@@ -208,8 +217,9 @@ class Scheduler:
                     continue
                 if not seq.is_prefilling:  # its next token
                     if self._make_room(seq, 1, taken, out, allow_self=True):
-                        self._take(seq, 1, taken, out)
-                        budget -= 1
+                        draft = self._draft(seq, budget - 1)
+                        self._take(seq, 1 + len(draft), taken, out, draft)
+                        budget -= 1 + len(draft)
                     continue
                 # as much of its chunk as fits, making room from lower-ranked ones (`_victim`)
                 want = min(seq.num_tokens - seq.num_computed_tokens, budget,
@@ -261,11 +271,28 @@ class Scheduler:
                 continue
             if seq.num_computed_tokens != s.start:
                 raise RuntimeError(f"{seq} advanced twice for one step")
-            seq.num_computed_tokens += s.num_tokens
+            seq.num_computed_tokens += s.num_tokens - len(s.draft)  # a draft counts once accepted
             if self.cfg.enable_prefix_caching:
                 self._register_full_blocks(seq, s.start, seq.num_computed_tokens)
             if seq.num_computed_tokens == seq.num_tokens and seq.seq_id in self._forks:
                 self._fork(seq)
+
+    def accept_draft(self, s: ScheduledSeq, accepted: int) -> None:
+        """The first `accepted` tokens of `s.draft` are now the sequence's own (the engine appended them):
+        their K/V, computed in the step, counts. Blocks that held only rejected ones are freed."""
+        seq = s.seq
+        if seq.status is not SeqStatus.RUNNING:
+            return
+        if not 0 <= accepted <= len(s.draft) or seq.num_computed_tokens != s.start + s.num_tokens - len(s.draft):
+            raise RuntimeError(f"{seq} cannot accept {accepted} of a {len(s.draft)}-token draft")
+        begin = seq.num_computed_tokens
+        seq.num_computed_tokens += accepted
+        if self.cfg.enable_prefix_caching:
+            self._register_full_blocks(seq, begin, seq.num_computed_tokens)
+        keep = self.pool.blocks_needed(seq.num_computed_tokens)
+        if len(seq.block_table) > keep:
+            self.pool.free(seq.block_table[keep:][::-1])
+            del seq.block_table[keep:]
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -383,8 +410,23 @@ class Scheduler:
                 return False
         return True
 
-    def _take(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput) -> None:
-        """Give `seq` the blocks for its next `n` tokens (room is known to exist) and schedule them."""
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Tokens to guess after the decoding `seq`'s next one, within `budget` and the blocks no other
+        running sequence may need for its next token."""
+        spec = self.cfg.speculative
+        if spec is None or budget <= 0 or seq.seq_id in self._forks or seq.needs_prompt_logits:
+            return []
+        # the real token and every guess must stay within max_model_len and max_tokens
+        k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
+        draft = spec.draft(seq.all_token_ids, k) if k > 0 else []
+        spare = self.pool.num_free - len(self.running)
+        while draft and self._blocks_needed(seq, 1 + len(draft)) - self._blocks_needed(seq, 1) > spare:
+            draft.pop()
+        return draft
+
+    def _take(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput, draft: list[int] = ()) -> None:
+        """Give `seq` the blocks for its next `n` tokens, the last of them a draft (room is known to exist),
+        and schedule them."""
         if self._needs_copy(seq):
             src = seq.block_table[-1]
             (dst,) = self.pool.allocate(1)
@@ -395,9 +437,9 @@ class Scheduler:
         more = self.pool.blocks_needed(start + n) - len(seq.block_table)
         if more > 0:
             seq.block_table.extend(self.pool.allocate(more))
-        done = start + n == seq.num_tokens
+        done = start + n - len(draft) == seq.num_tokens
         sample_for = [seq] + self._forks.get(seq.seq_id, []) if done else []
-        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for, seq.needs_prompt_logits))
+        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for, seq.needs_prompt_logits, list(draft)))
         taken.add(seq.seq_id)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

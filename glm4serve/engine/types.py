@@ -116,6 +116,8 @@ class EngineStats:
     num_preemptions_total: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
+    spec_draft_tokens: int = 0  # speculative decoding: tokens drafted
+    spec_accepted_tokens: int = 0  # of those, tokens the sampler kept
     alive: bool = True
 
     @property
