@@ -153,6 +153,22 @@ def test_prefill_in_query_tiles_equals_one_causal_attention(past, query_tile, sc
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [2, 5, 32])
+@pytest.mark.parametrize("past", [0, 37])
+def test_short_spans_fold_the_query_groups_and_equal_one_causal_attention(n, past, monkeypatch):
+    """A draft or a short chunk (at most FOLD_MAX_QUERIES queries) runs as G x n rows of each KV head."""
+    folds = []
+    fold = attention.folded_span_attention
+    monkeypatch.setattr(attention, "folded_span_attention", lambda *a: folds.append(1) or fold(*a))
+    folded, whole = tiled_and_flag_causal(n, past)
+    assert folds == [1]
+    torch.testing.assert_close(folded, whole, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(attention, "SCORE_BUDGET", 4 * n * (past + n) - 1)  # 4 query heads per KV head
+    tiled, whole = tiled_and_flag_causal(n, past)
+    assert folds == [1]  # its folded mask would pass the score budget: query tiles instead
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("past", [0, 37])
 def test_cuda_prefill_attention_equals_the_tiled_cpu_path(past, dtype, tolerances):

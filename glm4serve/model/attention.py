@@ -15,6 +15,12 @@ boolean mask, the masked ones too, so a tile pays for the triangle of keys past 
 smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token chunk (2 cores, AMX,
 BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
+
+A short span (a speculative draft, a prefill's small remainder) on CPU folds each KV head's group
+of query heads into the query axis, as decode does: one pass over each KV head's keys serves all
+its queries, where SDPA's GQA reads them once per query head. At glm-4-9b's heads, 5 queries after
+8,192 cached tokens: 8.2 -> 2.2 ms a layer; it loses from 64 queries (BENCHMARKS.md, "Speculative
+decoding").
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 SCORE_BUDGET = 1 << 24  # elements of one tile's (query x key) mask: 16M -> ~64 MB as float
 QUERY_TILE = 256  # most queries in one CPU tile (module docstring)
+FOLD_MAX_QUERIES = 32  # CPU spans of at most this many queries fold the GQA groups (module docstring)
 
 
 @dataclass
@@ -81,9 +88,12 @@ def prefill_attention(
     # 4-D [1, heads, len, D]: with a batch axis SDPA's CPU kernel stays the tiled flash one
     k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)[None]  # [1, Hkv, ctx, D]
     v_all = gather_kv(v_cache, span.block_table, span.context_len).transpose(0, 1)[None]
-    qh = q.transpose(0, 1)[None]  # [1, Hq, n, D]
     if q.device.type == "cuda":
-        return causal_attention_gpu(qh, k_all, v_all, scale)[0].transpose(0, 1)  # [n, Hq, D]
+        return causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, scale)[0].transpose(0, 1)  # [n, Hq, D]
+    hkv = k_all.shape[1]
+    if n <= FOLD_MAX_QUERIES and n * (hq // hkv) * span.context_len <= SCORE_BUDGET:
+        return folded_span_attention(q, k_all, v_all, past, scale)
+    qh = q.transpose(0, 1)[None]  # [1, Hq, n, D]
     out = torch.empty_like(qh)
     tile = max(1, min(n, QUERY_TILE, SCORE_BUDGET // span.context_len))
     for i0 in range(0, n, tile):
@@ -96,6 +106,19 @@ def prefill_attention(
             qh[:, :, i0:i1], k_all[:, :, :kv_len], v_all[:, :, :kv_len], attn_mask=mask, scale=scale, enable_gqa=True
         )
     return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+def folded_span_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, past: int,
+                          scale: float) -> torch.Tensor:
+    """q [n, Hq, D] at positions past.. over k_all, v_all [1, Hkv, past + n, D] -> [n, Hq, D], with
+    each KV head's G query heads as G x n rows of one head."""
+    n, hq, d = q.shape
+    hkv, ctx = k_all.shape[1], k_all.shape[2]
+    g = hq // hkv
+    qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)  # [n, Hkv, G, D] -> [1, Hkv, G*n, D]
+    mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(past, ctx, device=q.device)[:, None]  # [n, ctx]
+    out = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mask.repeat(g, 1), scale=scale)
+    return out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)  # [Hkv, G, n, D] -> [n, Hq, D]
 
 
 def causal_attention_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
