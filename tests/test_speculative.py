@@ -184,6 +184,24 @@ def test_a_draft_takes_no_block_another_sequence_needs():
     assert a.num_computed_tokens == 11 and len(a.block_table) == 3
 
 
+def test_no_drafts_while_more_sequences_run_than_disable_by_batch_size():
+    requests = [(f"r{i}", prompt_of(i, 6), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+                for i in range(3)]
+    for limit, drafts in ((3, True), (2, False)):
+        engine, _ = make_engine({**SPEC, "disable_by_batch_size": limit}, copying)
+        for rid, prompt, params in requests:
+            engine.add_request(rid, prompt, params)
+        engine.step()  # the three prefills
+        engine.step()
+        assert (engine.spec_draft_tokens > 0) is drafts
+        engine.abort("r0")  # two left
+        engine.step()
+        assert engine.spec_draft_tokens > 0
+        while engine.has_work:
+            engine.step()
+        assert engine.pool.num_free == engine.pool.num_blocks
+
+
 def test_the_draft_is_the_latest_longest_earlier_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 1, 3) == [7, 5, 1]  # the later of two 3-grams
     assert ngram_draft([1, 2, 3, 9, 5, 3, 8, 8, 2, 3], 5, 1, 3) == [9, 5, 3, 8, 8]  # "2 3" beats the later "3"

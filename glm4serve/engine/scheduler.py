@@ -416,6 +416,8 @@ class Scheduler:
         spec = self.cfg.speculative
         if spec is None or budget <= 0 or seq.seq_id in self._forks or seq.needs_prompt_logits:
             return []
+        if spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size:
+            return []
         # the real token and every guess must stay within max_model_len and max_tokens
         k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
         draft = spec.draft(seq.all_token_ids, k) if k > 0 else []

@@ -29,6 +29,9 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(ge=1, le=64, description="most tokens drafted per sequence and step")
     prompt_lookup_max: int | None = Field(None, ge=1, description="longest n-gram looked up (default: as min, or 5)")
     prompt_lookup_min: int | None = Field(None, ge=1, description="shortest n-gram looked up (default: as max, or 5)")
+    # a draft's rows cost little beside a lone sequence's read of the weights, but a big batch's products
+    # are compute-bound on a CPU (BENCHMARKS.md): there the drafts' rows cost what they may save
+    disable_by_batch_size: int | None = Field(None, ge=1, description="no drafts while more sequences run")
 
     @model_validator(mode="after")
     def _window(self):
