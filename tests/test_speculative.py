@@ -146,6 +146,15 @@ def test_stops_limits_and_context_end_inside_a_draft():
     assert engine.spec_accepted_tokens > 0
 
 
+def test_preempted_and_recomputed_sequences_keep_their_tokens():
+    """A pool too small for everyone: sequences are preempted mid-draft-run and recomputed."""
+    requests = [(f"r{i}", prompt_of(i, 5 + 3 * i), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+                for i in range(5)]
+    plain, spec, engine, _ = both(requests, copying_mostly, num_blocks=14, max_model_len=40)
+    assert {k: v[:5] for k, v in spec.items()} == {k: v[:5] for k, v in plain.items()}
+    assert engine.stats().num_preemptions_total > 0 and engine.spec_accepted_tokens > 0
+
+
 def test_a_draft_takes_no_block_another_sequence_needs():
     """Two decoding sequences and two free blocks: the draft of the first is cut to the block its own next
     token takes, so the second's next token still has one and nothing is preempted."""
@@ -255,3 +264,26 @@ def test_a_random_glm4_decodes_the_same_greedy_tokens(make_checkpoint, device):
     spec, engine = tokens(SPEC)
     assert engine.spec_draft_tokens > 0
     assert spec == plain
+
+
+def test_structured_output_is_that_of_plain_decoding(make_checkpoint):
+    """A JSON schema's grammar masks each drafted position after the tokens kept before it."""
+    from glm4serve.engine.guided import GuidedSpec
+    from glm4serve.server import build_llm_engine
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+              "required": ["name", "tags"]}
+    args = dict(model=str(make_checkpoint()), dtype="float32", kv_cache_memory=16 << 20, max_model_len=512)
+    prompt = list(range(20, 60))
+
+    def replies(spec):
+        engine = build_llm_engine(EngineArgs(**args, speculative_config=spec))
+        requests = [(f"j{i}", prompt, SamplingParams(max_tokens=60, temperature=1.0, seed=i,
+                                                     guided=GuidedSpec.json_schema(schema))) for i in range(6)]
+        return {k: v[:4] for k, v in run(engine, requests).items()}, engine
+
+    plain, _ = replies(None)
+    spec, engine = replies({**SPEC, "prompt_lookup_min": 1})
+    assert spec == plain
+    assert engine.spec_draft_tokens > 0
