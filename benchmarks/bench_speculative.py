@@ -3,8 +3,10 @@ of --model, full vocabulary, --quantization), in one process:
 
 1. one forward of a decoding sequence with a draft of k tokens against k = 0 (its plain decode step),
    after a 512-token context, at 1 and 8 sequences: the price of checking a draft;
-2. end to end, engines with and without speculation taking turns (greedy, one stream, --new-tokens):
-   tokens/s, the share of drafted tokens kept, and whether the tokens are the same.
+2. end to end, one engine with and without speculation taking turns (greedy, 1 and 8 streams,
+   --new-tokens): tokens/s, the share of drafted tokens kept, and whether the tokens are the same;
+3. (--attention) the attention of one short span at glm-4-9b's heads, with its query groups folded
+   (attention.py) and without.
 
 Random weights repeat nothing of their context, and the gain depends on nothing else, so part 2 runs
 a *steered* copy of the model: every layer as it is (the same work per token), but the embeddings of
@@ -35,6 +37,7 @@ from safetensors.torch import save_file
 
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
+from glm4serve.model import attention
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
@@ -135,13 +138,44 @@ def generate(engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[in
     return tokens[ids[0]], total / (time.perf_counter() - first)
 
 
+def attention_table(repeats: int) -> None:
+    """Part 3: prefill_attention of n queries after a context, folded and not, bf16, glm-4-9b's heads."""
+    print(f"\n3. attention of one span, glm-4-9b's 32 query heads over 2 KV heads of 128, bf16, ms a layer "
+          f"(median of {repeats}):\n")
+    print("| cached tokens | queries | not folded | folded | ratio |")
+    print("|---|---|---|---|---|")
+    fold = attention.FOLD_MAX_QUERIES
+    for ctx in (512, 8192):
+        nb = -(-ctx // BLOCK) + 1
+        k_cache = torch.randn(nb, BLOCK, 2, 128, dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        for n in (2, 5, 9, 32, 64):
+            q = torch.randn(n, 32, 128, dtype=torch.bfloat16)
+            span = attention.PrefillSpan(0, n, ctx, torch.arange(nb))
+            ms = []
+            for limit in (0, 10**6):
+                attention.FOLD_MAX_QUERIES = limit
+                attention.prefill_attention(q, k_cache, v_cache, span, 0.088)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    attention.prefill_attention(q, k_cache, v_cache, span, 0.088)
+                    times.append(time.perf_counter() - t0)
+                ms.append(statistics.median(times) * 1000)
+            print(f"| {ctx} | {n} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[0] / ms[1]:.2f}x |", flush=True)
+    attention.FOLD_MAX_QUERIES = fold
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, help="a checkpoint with glm-4-9b's shapes (default: a 2-layer slice)")
     ap.add_argument("--quantization", default="int8", choices=["int8", "int4", "none"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--attention", action="store_true", help="part 3 alone")
     a = ap.parse_args()
+    if a.attention:
+        return attention_table(max(a.repeats, 20))
     with tempfile.TemporaryDirectory() as d:
         src = a.model or (SLICE if SLICE.is_dir() else write_random_checkpoint(
             Path(d) / "slice", **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": 2}))

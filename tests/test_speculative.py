@@ -15,7 +15,7 @@ from glm4serve.cli import build_parser, settings_from_args
 from glm4serve.engine.block_pool import BlockPool
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
-from glm4serve.engine.scheduler import Scheduler
+from glm4serve.engine.scheduler import MAX_DRAFT_PAUSE, Scheduler
 from glm4serve.engine.speculative import SpeculativeConfig, ngram_draft
 from glm4serve.engine.types import LENGTH, STOP, EngineStats, SamplingParams
 from glm4serve.model.glm4 import load_model
@@ -105,6 +105,23 @@ def test_rejected_drafts_change_nothing_and_leave_nothing_in_the_cache():
     b_plain, b_spec = run(plain, later), run(spec, later)
     assert b_spec[("b", 0)][:5] == b_plain[("b", 0)][:5]
     assert spec.scheduler.prefix_cache_hits >= 40  # the 46-token prompt found 10 of its blocks
+
+
+def test_a_reply_that_refuses_its_drafts_drafts_less_and_less_often():
+    """A model that never says what the lookup guesses: every draft fails, and after the first few the
+    sequence drafts once in MAX_DRAFT_PAUSE + 1 steps."""
+
+    def refusing(ctx: list[int]) -> int:
+        guess, t = ngram_draft(ctx, 1, SPEC["prompt_lookup_min"], SPEC["prompt_lookup_max"]), next_token(ctx)
+        return 10 + (t - 9) % 50 if guess == [t] else t
+
+    requests = [("r", prompt_of(7, 20), SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True))]
+    plain, spec, engine, runner = both(requests, refusing)
+    assert spec[("r", 0)][:5] == plain[("r", 0)][:5]
+    drafted = [c for b in runner.steps for c in b.chunks if len(c.token_ids) > 1 and c.start >= 20]
+    assert engine.spec_accepted_tokens == 0
+    assert MAX_DRAFT_PAUSE == 15
+    assert 5 <= len(drafted) <= 12  # after 1, 3, 7, then every 16 steps: ~10 drafts in 120 steps, not ~120
 
 
 def test_seeded_sampling_penalties_and_logprobs_are_those_of_plain_decoding():

@@ -31,7 +31,8 @@ too few free blocks for its first chunk, running ones of a strictly lower priori
 it, at the start of a step. Equal priorities never preempt each other, so this cannot thrash.
 
 Speculative decoding (`SchedulerConfig.speculative`): a decoding sequence's token may come with a
-draft of the tokens after it (speculative.py), computed in the same forward. The draft takes only
+draft of the tokens after it (speculative.py), computed in the same forward (a sequence whose drafts
+keep failing drafts less and less often, down to one step in 16). The draft takes only
 budget and free blocks left after a block for every running sequence's next token, so it never
 preempts anything. The step first counts only the real token as computed (`on_step_done`); the
 engine then tells which drafted tokens the sampler kept (`accept_draft`), and the blocks past
@@ -56,6 +57,7 @@ from .types import ABORT
 # [2048, 151552] fp32 logits: 1.2 GB at GLM-4's vocabulary. Fewer rows cut a prompt into more steps, and
 # every step reads all the weights (dequantizes them, on CPU): see BENCHMARKS.md, scoring prompts
 PROMPT_LOGIT_ROWS = 2048
+MAX_DRAFT_PAUSE = 15  # most decode steps a sequence whose drafts keep failing goes without one (accept_draft)
 
 
 @dataclass
@@ -285,6 +287,10 @@ class Scheduler:
             return
         if not 0 <= accepted <= len(s.draft) or seq.num_computed_tokens != s.start + s.num_tokens - len(s.draft):
             raise RuntimeError(f"{seq} cannot accept {accepted} of a {len(s.draft)}-token draft")
+        # a reply that keeps refusing its drafts (it does not repeat its context) pays for their rows in
+        # every step: it drafts again after 1, 3, 7, then every MAX_DRAFT_PAUSE + 1 steps, until one is kept
+        seq.draft_misses = 0 if accepted else seq.draft_misses + 1
+        seq.draft_pause = min(2**seq.draft_misses - 1, MAX_DRAFT_PAUSE)
         begin = seq.num_computed_tokens
         seq.num_computed_tokens += accepted
         if self.cfg.enable_prefix_caching:
@@ -417,6 +423,9 @@ class Scheduler:
         if spec is None or budget <= 0 or seq.seq_id in self._forks or seq.needs_prompt_logits:
             return []
         if spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size:
+            return []
+        if seq.draft_pause > 0:
+            seq.draft_pause -= 1
             return []
         # the real token and every guess must stay within max_model_len and max_tokens
         k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)

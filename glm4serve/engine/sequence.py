@@ -46,6 +46,9 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()
     detokenizer: Any = None  # an IncrementalDetokenizer; Any keeps this module free of tokenizers
     guide: Any = None  # a guided.Guide when the request is constrained: it has taken every output token
+    # speculative decoding: drafts in a row that kept nothing, and decode steps left without one
+    draft_misses: int = 0
+    draft_pause: int = 0
     # when params.prompt_logprobs is set: those of prompt positions 0.. so far (a TokenLogprob | None each)
     prompt_logprobs: list | None = None
     # chain hashes of its first full blocks (prefix caching), filled on demand; tokens are only
