@@ -319,6 +319,35 @@ def test_steered_reply_without_tools_is_plain_text_and_a_cut_call_is_length(stee
     assert cut.finish_reason == "length"
 
 
+def test_speculative_decoding_gives_the_plain_servers_replies(server, make_checkpoint, device):
+    """A server drafting by prompt lookup answers as the plain one: greedy chat with logprobs, streamed
+    and whole, and seeded sampled completions; its /metrics count the drafts."""
+    spec = ServerProcess(make_checkpoint("glm", "hf", "wide"), "--served-model-name", "glm4-test",
+                         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4, '
+                         '"prompt_lookup_max": 3, "prompt_lookup_min": 1}', device=device).wait_healthy()
+    try:
+        for text in ("Repeat after me: one two three, one two three, one two three.", "Hello there"):
+            messages = [{"role": "user", "content": text}]
+            kw = dict(model="glm4-test", messages=messages, max_tokens=40, temperature=0, logprobs=True,
+                      top_logprobs=2)
+            want = client(server).chat.completions.create(**kw).choices[0]
+            got = client(spec).chat.completions.create(**kw).choices[0]
+            assert got.message.content == want.message.content and got.finish_reason == want.finish_reason
+            for a, b in zip(got.logprobs.content, want.logprobs.content, strict=True):
+                assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-3)
+            chunks = list(client(spec).chat.completions.create(**kw, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.message.content
+            kw = dict(model="glm4-test", prompt=text, max_tokens=30, temperature=1.0, seed=11, n=2)
+            assert ([c.text for c in client(spec).completions.create(**kw).choices]
+                    == [c.text for c in client(server).completions.create(**kw).choices])
+        m = spec.metrics()
+        drafted, kept = (m[f"glm4serve:spec_decode_num_{what}_tokens_total"] for what in ("draft", "accepted"))
+        assert drafted > kept > 0
+        wait_idle(spec)
+    finally:
+        spec.stop()
+
+
 @pytest.mark.cuda
 def test_bf16_server_with_the_automatic_kv_budget(make_checkpoint):
     """As a GPU user runs it: bf16, no --kv-cache-memory (the cache takes what the weights leave of
