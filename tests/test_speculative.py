@@ -7,6 +7,9 @@ processor seeing the wrong history changes the tokens. Then over a small random 
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -210,6 +213,24 @@ def test_a_draft_takes_no_block_another_sequence_needs():
     assert a.num_computed_tokens == 11 and len(a.block_table) == 3
 
 
+def test_drafts_take_only_what_decodes_and_prefills_leave_of_the_budget():
+    """A step of 5 tokens: a long reply's drafts would fill it, yet a new request starts at once and each
+    decode comes before any draft."""
+    engine, runner = make_engine(SPEC, copying, budget=5)
+    engine.add_request("long", prompt_of(1, 8), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert [len(c.token_ids) for c in runner.steps[-1].chunks] == [5]  # a token and a draft of 4
+    engine.add_request("short", prompt_of(2, 3), SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    engine.step()
+    assert sorted(len(c.token_ids) for c in runner.steps[-1].chunks) == [2, 3]  # its prompt; a draft of the 1 left
+    engine.step()
+    assert sorted(len(c.token_ids) for c in runner.steps[-1].chunks) == [1, 4]  # both decode; 3 left to draft
+    while engine.has_work:
+        engine.step()
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
 def test_no_drafts_while_more_sequences_run_than_disable_by_batch_size():
     requests = [(f"r{i}", prompt_of(i, 6), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
                 for i in range(3)]
@@ -235,6 +256,25 @@ def test_the_draft_is_the_latest_longest_earlier_match():
     assert ngram_draft([4, 5, 6, 4, 5], 8, 1, 2) == [6, 4, 5]  # what follows, up to the end
     assert ngram_draft([4, 4, 4, 4], 2, 1, 2) == [4]
     assert ngram_draft([4], 2, 1, 1) == [] and ngram_draft([4, 5, 4], 0, 1, 1) == []
+
+
+def test_the_lookup_equals_a_plain_search_and_reads_a_sequences_growing_array():
+    def plain_search(t: list[int], k: int, lo: int, hi: int) -> list[int]:
+        for n in range(min(hi, len(t) - 1), lo - 1, -1):
+            for i in range(len(t) - 1 - n, -1, -1):  # windows t[i:i + n] ending before the last token
+                if t[i : i + n] == t[len(t) - n :]:
+                    return t[i + n : i + n + k]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(300):
+        t = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
+        for lo, hi in ((1, 1), (1, 3), (2, 4), (3, 3)):
+            assert ngram_draft(t, 3, lo, hi) == plain_search(t, 3, lo, hi) == ngram_draft(np.array(t), 3, lo, hi)
+    seq = make_seq(0, [5, 6, 7])
+    for t in range(100):
+        assert seq.token_array().tolist() == seq.all_token_ids
+        seq.output_token_ids.append(t)
 
 
 def test_config_is_read_as_vllm_writes_it():

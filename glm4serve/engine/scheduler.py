@@ -30,13 +30,13 @@ running sequence is the one preempted for room; and when the first waiting seque
 too few free blocks for its first chunk, running ones of a strictly lower priority are preempted for
 it, at the start of a step. Equal priorities never preempt each other, so this cannot thrash.
 
-Speculative decoding (`SchedulerConfig.speculative`): a decoding sequence's token may come with a
-draft of the tokens after it (speculative.py), computed in the same forward (a sequence whose drafts
-keep failing drafts less and less often, down to one step in 16). The draft takes only
-budget and free blocks left after a block for every running sequence's next token, so it never
-preempts anything. The step first counts only the real token as computed (`on_step_done`); the
-engine then tells which drafted tokens the sampler kept (`accept_draft`), and the blocks past
-them go back to the pool: the prefix cache only ever holds tokens of the sequence.
+Speculative decoding (`SchedulerConfig.speculative`): once everything above is scheduled, what the
+step has left, budget and free blocks, goes to drafts (speculative.py): the tokens guessed to follow
+a decoding sequence's next one, computed in the same forward, oldest sequence first. So a draft never
+delays a decode or a prefill, nor preempts anything; a sequence whose drafts keep failing drafts less
+and less often, down to one step in 16. The step first counts only the real token as computed
+(`on_step_done`); the engine then tells which drafted tokens the sampler kept (`accept_draft`), and
+the blocks past them go back to the pool: the prefix cache only ever holds tokens of the sequence.
 
 Prompt logprobs: a sequence that asks for them computes its whole prompt (no prefix cache hit, as
 in vLLM), and its prefill chunks return logits after every token: at most PROMPT_LOGIT_ROWS rows a
@@ -219,9 +219,8 @@ class Scheduler:
                     continue
                 if not seq.is_prefilling:  # its next token
                     if self._make_room(seq, 1, taken, out, allow_self=True):
-                        draft = self._draft(seq, budget - 1)
-                        self._take(seq, 1 + len(draft), taken, out, draft)
-                        budget -= 1 + len(draft)
+                        self._take(seq, 1, taken, out)
+                        budget -= 1
                     continue
                 # as much of its chunk as fits, making room from lower-ranked ones (`_victim`)
                 want = min(seq.num_tokens - seq.num_computed_tokens, budget,
@@ -263,6 +262,8 @@ class Scheduler:
             rows -= n if seq.needs_prompt_logits else 0
             self._take(seq, n, taken, out)
             budget -= n
+        if self.cfg.speculative is not None:
+            self._add_drafts(out, budget)
         return out
 
     def on_step_done(self, out: SchedulerOutput) -> None:
@@ -416,28 +417,37 @@ class Scheduler:
                 return False
         return True
 
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Tokens to guess after the decoding `seq`'s next one, within `budget` and the blocks no other
-        running sequence may need for its next token."""
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Spend the step's leftover budget and free blocks on drafts of its decoding sequences."""
         spec = self.cfg.speculative
-        if spec is None or budget <= 0 or seq.seq_id in self._forks or seq.needs_prompt_logits:
-            return []
         if spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size:
-            return []
-        if seq.draft_pause > 0:
-            seq.draft_pause -= 1
-            return []
-        # the real token and every guess must stay within max_model_len and max_tokens
-        k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
-        draft = spec.draft(seq.all_token_ids, k) if k > 0 else []
-        spare = self.pool.num_free - len(self.running)
-        while draft and self._blocks_needed(seq, 1 + len(draft)) - self._blocks_needed(seq, 1) > spare:
-            draft.pop()
-        return draft
+            return
+        for s in out.scheduled:
+            seq = s.seq
+            if budget <= 0:
+                break
+            # a decode that samples for itself alone: not a fork's parent, not a chunk of prompt logprobs
+            if s.num_tokens != 1 or s.start != seq.num_tokens - 1 or s.sample_for != [seq] or s.prompt_logits:
+                continue
+            if seq.draft_pause > 0:
+                seq.draft_pause -= 1
+                continue
+            # the real token and every guess must stay within max_model_len and max_tokens
+            k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
+            draft = spec.draft(seq.token_array(), k) if k > 0 else []
+            more = self.pool.blocks_needed(s.start + 1 + len(draft)) - len(seq.block_table)
+            while draft and more > self.pool.num_free:
+                draft.pop()
+                more = self.pool.blocks_needed(s.start + 1 + len(draft)) - len(seq.block_table)
+            if draft:
+                if more > 0:
+                    seq.block_table.extend(self.pool.allocate(more))
+                s.draft = draft
+                s.num_tokens += len(draft)
+                budget -= len(draft)
 
-    def _take(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput, draft: list[int] = ()) -> None:
-        """Give `seq` the blocks for its next `n` tokens, the last of them a draft (room is known to exist),
-        and schedule them."""
+    def _take(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput) -> None:
+        """Give `seq` the blocks for its next `n` tokens (room is known to exist) and schedule them."""
         if self._needs_copy(seq):
             src = seq.block_table[-1]
             (dst,) = self.pool.allocate(1)
@@ -448,9 +458,9 @@ class Scheduler:
         more = self.pool.blocks_needed(start + n) - len(seq.block_table)
         if more > 0:
             seq.block_table.extend(self.pool.allocate(more))
-        done = start + n - len(draft) == seq.num_tokens
+        done = start + n == seq.num_tokens
         sample_for = [seq] + self._forks.get(seq.seq_id, []) if done else []
-        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for, seq.needs_prompt_logits, list(draft)))
+        out.scheduled.append(ScheduledSeq(seq, start, n, sample_for, seq.needs_prompt_logits))
         taken.add(seq.seq_id)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

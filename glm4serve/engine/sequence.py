@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .block_pool import hash_block, hash_root
@@ -54,6 +55,9 @@ class Sequence:
     # chain hashes of its first full blocks (prefix caching), filled on demand; tokens are only
     # ever appended, so they never go stale, and they survive preemption
     _block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    # all_token_ids as int64, its first _array_len filled (token_array)
+    _array: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
+    _array_len: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -79,6 +83,19 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    def token_array(self) -> np.ndarray:
+        """all_token_ids as an int64 array (a view), grown as tokens are appended rather than converted
+        anew: a draft lookup reads the whole context every decode step."""
+        n = self.num_tokens
+        if self._array.size < n:
+            grown = np.empty(max(n, 2 * self._array.size), dtype=np.int64)
+            grown[: self._array_len] = self._array[: self._array_len]
+            self._array = grown
+        if self._array_len < n:
+            self._array[self._array_len : n] = self.token_ids_between(self._array_len, n)
+            self._array_len = n
+        return self._array[:n]
 
     def block_hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
         """Chain hashes (block_pool.hash_block) of its first `num_blocks` blocks, which must be full."""

@@ -5,7 +5,8 @@ followed them then follows them now: the next `num_speculative_tokens` tokens af
 occurrence. The model then computes its real token and every drafted one in one forward, and
 the engine samples position by position, keeping drafted tokens while each equals the token it
 sampled there. Every token it emits is still drawn from the model's own distribution given the
-true prefix, so greedy and seeded replies are the same with and without speculation; what
+true prefix, so greedy and seeded replies are the same with and without speculation, up to the
+rounding of the kernels that compute a draft's rows (bf16 and int8 more than float32); what
 changes is how many tokens one forward (one read of every weight) yields. That pays on a
 memory-bound decode (a CPU, a GPU at small batches) and for replies that repeat their context:
 code edits, quotes, extraction, summaries of a document in the prompt.
@@ -55,22 +56,26 @@ class SpeculativeConfig(BaseModel):
             value = json.loads(value)
         return cls.model_validate(value)
 
-    def draft(self, token_ids: list[int], max_tokens: int) -> list[int]:
+    def draft(self, token_ids, max_tokens: int) -> list[int]:
         return ngram_draft(token_ids, min(max_tokens, self.num_speculative_tokens),
                            self.prompt_lookup_min, self.prompt_lookup_max)
 
 
-def ngram_draft(token_ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+def ngram_draft(token_ids, k: int, n_min: int, n_max: int) -> list[int]:
     """Up to `k` tokens that followed the latest earlier occurrence of the context's last n tokens,
-    for the longest n in [n_min, n_max] that occurs earlier; [] when none does."""
-    if k <= 0 or len(token_ids) <= n_min:
-        return []
+    for the longest n in [n_min, n_max] that occurs earlier; [] when none does. `token_ids`: a list or
+    an int64 array (Sequence.token_array, which a long context need not convert every step)."""
     tokens = np.asarray(token_ids, dtype=np.int64)
-    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
-        # windows[i] = tokens[i:i + n], for every start before the suffix's own
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if hits.size:
-            follow = hits[-1] + n
+    size = len(tokens)
+    if k <= 0 or size <= n_min:
+        return []
+    # earlier places of the last token, each the possible end of an earlier copy of the suffix
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+    for n in range(min(n_max, size - 1), n_min - 1, -1):
+        match = ends[ends >= n - 1]
+        for back in range(1, n):
+            match = match[tokens[match - back] == tokens[size - 1 - back]]
+        if match.size:
+            follow = match[-1] + 1
             return tokens[follow : follow + k].tolist()
     return []
