@@ -6,7 +6,9 @@ of --model, full vocabulary, --quantization), in one process:
 2. end to end, one engine with and without speculation taking turns (greedy, 1 and 8 streams,
    --new-tokens): tokens/s, the share of drafted tokens kept, and whether the tokens are the same;
 3. (--attention) the attention of one short span at glm-4-9b's heads, with its query groups folded
-   (attention.py) and without.
+   (attention.py) and without;
+4. (--lookup) one draft lookup that finds nothing (the engine thread's cost per decoding sequence and
+   step) at long contexts, against the sliding-window search of commit b31de01 when git has it.
 
 Random weights repeat nothing of their context, and the gain depends on nothing else, so part 2 runs
 a *steered* copy of the model: every layer as it is (the same work per token), but the embeddings of
@@ -166,6 +168,42 @@ def attention_table(repeats: int) -> None:
     attention.FOLD_MAX_QUERIES = fold
 
 
+def lookup_table(repeats: int) -> None:
+    """Part 4: ngram_draft over a growing Sequence.token_array, and b31de01's search over the token list."""
+    import subprocess
+    import types
+
+    from glm4serve.engine.sequence import Sequence
+    from glm4serve.engine.speculative import ngram_draft
+
+    old = types.ModuleType("old_speculative")
+    source = subprocess.run(["git", "show", "b31de01:glm4serve/engine/speculative.py"], capture_output=True,
+                            text=True)
+    if source.returncode == 0:
+        exec(source.stdout, old.__dict__)
+    print(f"\n4. one lookup that finds nothing (2- to 4-grams), ms (mean of {repeats}):\n")
+    print("| context tokens | now | b31de01 |")
+    print("|---|---|---|")
+    rng = torch.Generator().manual_seed(0)
+    for size in (4096, 32768, 131072):
+        seq = Sequence(0, "r", 0, torch.randint(0, 150000, (size,), generator=rng).tolist(), SamplingParams())
+        seq.token_array()
+        draws = torch.randint(0, 150000, (2 * repeats,), generator=rng).tolist()
+        t0 = time.perf_counter()
+        for t in draws[:repeats]:
+            seq.output_token_ids.append(t)
+            ngram_draft(seq.token_array(), 4, 2, 4)
+        now = (time.perf_counter() - t0) / repeats * 1000
+        before = "-"
+        if hasattr(old, "ngram_draft"):
+            t0 = time.perf_counter()
+            for t in draws[repeats:]:
+                seq.output_token_ids.append(t)
+                old.ngram_draft(seq.all_token_ids, 4, 2, 4)
+            before = f"{(time.perf_counter() - t0) / repeats * 1000:.2f}"
+        print(f"| {size} | {now:.3f} | {before} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, help="a checkpoint with glm-4-9b's shapes (default: a 2-layer slice)")
@@ -173,9 +211,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--attention", action="store_true", help="part 3 alone")
+    ap.add_argument("--lookup", action="store_true", help="part 4 alone")
     a = ap.parse_args()
     if a.attention:
         return attention_table(max(a.repeats, 20))
+    if a.lookup:
+        return lookup_table(max(a.repeats, 20))
     with tempfile.TemporaryDirectory() as d:
         src = a.model or (SLICE if SLICE.is_dir() else write_random_checkpoint(
             Path(d) / "slice", **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": 2}))
