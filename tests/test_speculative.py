@@ -285,7 +285,8 @@ def test_config_is_read_as_vllm_writes_it():
     assert SpeculativeConfig.parse({"num_speculative_tokens": 2, "prompt_lookup_min": 2}).prompt_lookup_max == 2
     args = build_parser().parse_args(["serve", "--speculative-config", as_json])
     assert settings_from_args(args).speculative_config == spec
-    assert EngineArgs().speculative_config is None and EngineArgs(speculative_config="").speculative_config is None
+    assert all(EngineArgs(**off).speculative_config is None
+               for off in ({}, {"speculative_config": ""}, {"speculative_config": "null"}))
     for bad in ('{"method": "eagle", "num_speculative_tokens": 2}', '{"num_speculative_tokens": 0}',
                 '{"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}',
                 '{"num_speculative_tokens": 2, "model": "x"}', "not json"):

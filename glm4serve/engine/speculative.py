@@ -51,10 +51,8 @@ class SpeculativeConfig(BaseModel):
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, str):
-            if not value.strip():
-                return None
-            value = json.loads(value)
-        return cls.model_validate(value)
+            value = json.loads(value) if value.strip() else None
+        return None if value is None else cls.model_validate(value)
 
     def draft(self, token_ids, max_tokens: int) -> list[int]:
         return ngram_draft(token_ids, min(max_tokens, self.num_speculative_tokens),
