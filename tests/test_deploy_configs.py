@@ -56,11 +56,13 @@ def test_config_loads_and_spells_out_what_matters(path):
     # every key also parses in its own right (no silent fall-back to a default)
     for key, value in raw.items():
         if value is not None and key not in ("kv_cache_memory", "max_request_body_bytes"):
-            assert getattr(s, key) == value, key
+            got = getattr(s, key)
+            assert (got.model_dump() if hasattr(got, "model_dump") else got) == value, key
 
 
 def test_real_model_configs_are_bfloat16_with_a_named_model():
-    for name in ("glm-4-9b-chat.yaml", "glm-4-9b-chat-1m.yaml", "glm-4-9b-0414.yaml", "glm-4-32b-0414.yaml"):
+    for name in ("glm-4-9b-chat.yaml", "glm-4-9b-chat-1m.yaml", "glm-4-9b-0414.yaml", "glm-4-32b-0414.yaml",
+                 "glm-4-9b-chat-cpu.yaml"):
         s = load(name)
         assert s.dtype == "bfloat16" and s.model and s.served_model_name, name
     assert load("demo.yaml").model is None
@@ -91,6 +93,19 @@ def test_glm_4_9b_chat_budget_holds_its_context(chat_config_dict):
     assert kv_bytes_per_token(cfg) == 40 * KIB
     s = load("glm-4-9b-chat.yaml")
     assert s.max_model_len == cfg.max_position_embeddings == 131072
+    check_budget(s, cfg)
+
+
+def test_glm_4_9b_chat_on_a_cpu_fits_a_24_gb_box(chat_config_dict):
+    """int8 linears (a byte a weight) and the bf16 embedding, plus the KV budget, leave a 24 GB box room
+    for activations and the OS; the budget holds the context."""
+    cfg = ModelConfig.from_dir(SHARED_CHAT)
+    s = load("glm-4-9b-chat-cpu.yaml")
+    assert (s.device, s.quantization) == ("cpu", "int8") and s.speculative_config.method == "ngram"
+    shapes = param_shapes(cfg)
+    embedding = math.prod(next(shape for name, shape in shapes.items() if "embed" in name))
+    weights = sum(math.prod(shape) for shape in shapes.values()) + embedding  # int8 + the bf16 embedding
+    assert weights + s.kv_cache_memory < 16e9
     check_budget(s, cfg)
 
 
