@@ -249,6 +249,25 @@ def test_no_drafts_while_more_sequences_run_than_disable_by_batch_size():
         assert engine.pool.num_free == engine.pool.num_blocks
 
 
+def test_a_draft_evicts_no_cached_prefix():
+    """Every free block holds a cached prefix: the next token may evict one, its draft may not."""
+    cfg = sched_config(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=32, block_size=4,
+                       speculative_config=SPEC)
+    pool = BlockPool(8, 4)
+    sched = Scheduler(cfg, pool)
+    a = make_seq(0, [10, 11, 12, 13, 14, 15, 10, 11], max_tokens=20)
+    sched.add([a])
+    sched.on_step_done(sched.schedule())
+    a.output_token_ids.append(12)  # the draft would be 13 14 15 10, positions 9..12: blocks 3 and 4
+    others = pool.allocate(pool.num_free)
+    for i, block in enumerate(others):
+        pool.register(block, bytes([i]) * 32)
+    pool.free(others)
+    assert pool.num_empty == 0 and pool.num_free == 6
+    [s] = sched.schedule().scheduled
+    assert s.draft == [13, 14, 15] and pool.num_evictions == 1  # the block of positions 8..11 only
+
+
 def test_the_draft_is_the_latest_longest_earlier_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 1, 3) == [7, 5, 1]  # the later of two 3-grams
     assert ngram_draft([1, 2, 3, 9, 5, 3, 8, 8, 2, 3], 5, 1, 3) == [9, 5, 3, 8, 8]  # "2 3" beats the later "3"

@@ -70,6 +70,11 @@ class BlockPool:
         return len(self._free) + len(self._evictable)
 
     @property
+    def num_empty(self) -> int:
+        """Free blocks that hold nothing cached: allocating up to this many evicts no prefix."""
+        return len(self._free)
+
+    @property
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 

@@ -31,10 +31,10 @@ too few free blocks for its first chunk, running ones of a strictly lower priori
 it, at the start of a step. Equal priorities never preempt each other, so this cannot thrash.
 
 Speculative decoding (`SchedulerConfig.speculative`): once everything above is scheduled, what the
-step has left, budget and free blocks, goes to drafts (speculative.py): the tokens guessed to follow
-a decoding sequence's next one, computed in the same forward, oldest sequence first. So a draft never
-delays a decode or a prefill, nor preempts anything; a sequence whose drafts keep failing drafts less
-and less often, down to one step in 16. The step first counts only the real token as computed
+step has left, budget and empty blocks (never a cached prefix's), goes to drafts (speculative.py):
+the tokens guessed to follow a decoding sequence's next one, computed in the same forward, oldest
+sequence first. So a draft never delays a decode or a prefill, preempts anything or evicts a cached
+prefix; a sequence whose drafts keep failing drafts less and less often, down to one step in 16. The step first counts only the real token as computed
 (`on_step_done`); the engine then tells which drafted tokens the sampler kept (`accept_draft`), and
 the blocks past them go back to the pool: the prefix cache only ever holds tokens of the sequence.
 
@@ -436,7 +436,7 @@ class Scheduler:
             k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
             draft = spec.draft(seq.token_array(), k) if k > 0 else []
             more = self.pool.blocks_needed(s.start + 1 + len(draft)) - len(seq.block_table)
-            while draft and more > self.pool.num_free:
+            while draft and more > self.pool.num_empty:  # a guess is not worth a cached prefix
                 draft.pop()
                 more = self.pool.blocks_needed(s.start + 1 + len(draft)) - len(seq.block_table)
             if draft:
