@@ -34,9 +34,10 @@ Speculative decoding (`SchedulerConfig.speculative`): once everything above is s
 step has left, budget and empty blocks (never a cached prefix's), goes to drafts (speculative.py):
 the tokens guessed to follow a decoding sequence's next one, computed in the same forward, oldest
 sequence first. So a draft never delays a decode or a prefill, preempts anything or evicts a cached
-prefix; a sequence whose drafts keep failing drafts less and less often, down to one step in 16. The step first counts only the real token as computed
-(`on_step_done`); the engine then tells which drafted tokens the sampler kept (`accept_draft`), and
-the blocks past them go back to the pool: the prefix cache only ever holds tokens of the sequence.
+prefix; a sequence whose drafts keep failing drafts less and less often, down to one step in 16.
+The step first counts only the real token as computed (`on_step_done`); the engine then tells which
+drafted tokens the sampler kept (`accept_draft`), and the blocks past them go back to the pool: the
+prefix cache only ever holds tokens of the sequence.
 
 Prompt logprobs: a sequence that asks for them computes its whole prompt (no prefix cache hit, as
 in vLLM), and its prefill chunks return logits after every token: at most PROMPT_LOGIT_ROWS rows a
