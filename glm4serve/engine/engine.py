@@ -335,6 +335,6 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
 
 def model_batch(out: SchedulerOutput) -> ScheduledBatch:
     """The scheduler's decisions as the model runner's plain data."""
-    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id,
-                       s.prompt_logits or bool(s.draft), s.seq.params.lora) for s in out.scheduled]
+    chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id, s.all_logits,
+                       s.seq.params.lora) for s in out.scheduled]
     return ScheduledBatch(chunks, out.block_copies)

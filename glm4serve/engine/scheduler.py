@@ -75,9 +75,13 @@ class ScheduledSeq:
         return self.seq.token_ids_between(self.start, self.start + self.num_tokens - len(self.draft)) + self.draft
 
     @property
-    def num_logit_rows(self) -> int:
+    def all_logits(self) -> bool:
         """Prompt logprobs and drafts need logits after every token; a sample, after its last."""
-        return self.num_tokens if self.prompt_logits or self.draft else int(bool(self.sample_for))
+        return self.prompt_logits or bool(self.draft)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return self.num_tokens if self.all_logits else int(bool(self.sample_for))
 
 
 @dataclass
@@ -428,19 +432,19 @@ class Scheduler:
             if budget <= 0:
                 break
             # a decode that samples for itself alone: not a fork's parent, not a chunk of prompt logprobs
-            if s.num_tokens != 1 or s.start != seq.num_tokens - 1 or s.sample_for != [seq] or s.prompt_logits:
+            if s.num_tokens != 1 or s.sample_for != [seq] or s.prompt_logits:
                 continue
             if seq.draft_pause > 0:
                 seq.draft_pause -= 1
                 continue
-            # the real token and every guess must stay within max_model_len and max_tokens
-            k = min(budget, self.cfg.max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
+            # the real token and every guess stay within max_model_len, max_tokens, and the sequence's own
+            # blocks plus the empty ones (a guess is not worth a cached prefix)
+            room = (len(seq.block_table) + self.pool.num_empty) * self.pool.block_size - seq.num_tokens
+            k = min(budget, room, self.cfg.max_model_len - seq.num_tokens,
+                    seq.params.max_tokens - seq.num_output_tokens - 1)
             draft = spec.draft(seq.token_array(), k) if k > 0 else []
-            more = self.pool.blocks_needed(s.start + 1 + len(draft)) - len(seq.block_table)
-            while draft and more > self.pool.num_empty:  # a guess is not worth a cached prefix
-                draft.pop()
-                more = self.pool.blocks_needed(s.start + 1 + len(draft)) - len(seq.block_table)
             if draft:
+                more = self.pool.blocks_needed(seq.num_tokens + len(draft)) - len(seq.block_table)
                 if more > 0:
                     seq.block_table.extend(self.pool.allocate(more))
                 s.draft = draft
