@@ -196,7 +196,8 @@ class ReplicaClient:
         self._settings, self._tokenizer = settings, tokenizer
         self.max_model_len = max_model_len
         limits = settings.scheduler_config(max_model_len)
-        self._check = lambda ids, params: check_request_limits(ids, params, tokenizer.vocab_size, limits)
+        loras = frozenset(settings.lora_modules)
+        self._check = lambda ids, params: check_request_limits(ids, params, tokenizer.vocab_size, limits, loras)
         self._grammars = Grammars(tokenizer)  # a schema is checked here; each replica compiles its own
         self._streams: dict[str, object] = {}
         self._replica_stats: dict[str, EngineStats] = {}
@@ -243,6 +244,12 @@ class ReplicaClient:
             raise EngineError(f"request {request_id} failed on its replica: {e}") from e
         finally:
             self._streams.pop(request_id, None)
+
+    async def load_lora(self, name: str, path: str, replace: bool = False) -> None:
+        raise ValueError("runtime LoRA updating needs one engine: replicas serve their --lora-modules")
+
+    async def unload_lora(self, name: str) -> None:
+        raise ValueError("runtime LoRA updating needs one engine: replicas serve their --lora-modules")
 
     def abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)

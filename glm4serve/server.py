@@ -80,8 +80,9 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
     tokenizer = Tokenizer.from_dir(path)
     if args.tensor_parallel_size > 1:
-        if args.lora_modules:
-            raise ValueError("LoRA adapters (--lora-modules) are not supported with tensor_parallel_size > 1")
+        if args.lora_modules or args.allow_runtime_lora_updating:
+            raise ValueError("LoRA adapters (--lora-modules, --allow-runtime-lora-updating) are not supported "
+                             "with tensor_parallel_size > 1")
         tp = TensorParallelRunner.start(path, args.dtype, device, args.quantization, args.tensor_parallel_size)
         log.info("weights loaded in %.1fs (rank 0's part of %d)", time.perf_counter() - started,
                  args.tensor_parallel_size)
@@ -104,8 +105,10 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     if plan.max_model_len < cfg.max_position_embeddings:
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
+    loras = None
     if tp is None:
-        loras = load_loras(args.lora_modules, model) if args.lora_modules else None
+        if args.lora_modules or args.allow_runtime_lora_updating:
+            loras = load_loras(args.lora_modules, model)
         runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
                              max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
                              enforce_eager=args.enforce_eager, loras=loras)
@@ -123,7 +126,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
                  f", none while over {spec.disable_by_batch_size} sequences run" if spec.disable_by_batch_size else "")
     return LLMEngine(runner, tokenizer, args.scheduler_config(plan.max_model_len),
                      BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
-                     vocab_size=tokenizer.vocab_size)
+                     vocab_size=tokenizer.vocab_size, loras=loras)
 
 
 def build_engine(settings: ServerSettings):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -121,9 +122,8 @@ def test_a_chatglm_named_adapter_lands_on_the_same_rows(base, adapters, tmp_path
 def engine_with(base, adapters):
     tokenizer = Tokenizer.from_dir(base)
     runner = runner_with(base, adapters, tokenizer.vocab_size)
-    cfg = sched_config(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=BLOCK,
-                       lora_modules={name: str(path) for name, path in adapters.items()})
-    return LLMEngine(runner, tokenizer, cfg, BlockPool(64, BLOCK), tokenizer.stop_token_ids)
+    cfg = sched_config(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=BLOCK)
+    return LLMEngine(runner, tokenizer, cfg, BlockPool(64, BLOCK), tokenizer.stop_token_ids, loras=runner.loras)
 
 
 def run(engine, requests) -> dict:
@@ -248,6 +248,8 @@ def test_the_server_serves_an_adapter_by_its_model_name(server, base, adapters):
     assert chat.model == "attn"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters["all"])})
+    assert r.status_code == 404 and "--allow-runtime-lora-updating" in r.json()["error"]["message"]
 
 
 def test_lora_modules_are_read_as_vllm_writes_them():
@@ -286,7 +288,7 @@ def test_the_replicas_router_keys_prompts_as_the_engine_does():
 
     ids = list(range(40))
     for lora in (None, "all", "attn"):
-        seq = Sequence(0, "r", 0, ids, SamplingParams(lora=lora))
+        seq = Sequence(0, "r", 0, ids, SamplingParams(lora=lora), lora=lora)
         assert prompt_block_hashes(ids, 8, lora) == seq.block_hashes(8, 5)
     assert len({prompt_block_hashes(ids, 8, lora)[0] for lora in (None, "all", "attn")}) == 3
 

@@ -15,6 +15,7 @@ from glm4serve import __version__
 from glm4serve.engine.client import EngineClient
 from glm4serve.model.tokenizer import Tokenizer
 
+from .adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_lora_adapter, unload_lora_adapter
 from .chat import chat_completions
 from .completions import completions
 from .errors import APIError, install_error_handlers
@@ -39,7 +40,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     app = FastAPI(title="glm4serve", version=__version__)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
                          max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx)),
-                         response_store=ResponseStore(settings.response_store_memory))
+                         response_store=ResponseStore(settings.response_store_memory),
+                         loras=dict(settings.lora_modules))
     app.state.serving = ctx
     install_error_handlers(app)
     gate = Gate.from_settings(settings)
@@ -95,7 +97,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         base = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len,
                          root=settings.model or ctx.model_name)
         return [base] + [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len, root=path,
-                                   parent=ctx.model_name) for name, path in settings.lora_modules.items()]
+                                   parent=ctx.model_name) for name, path in ctx.loras.items()]
 
     @v1.get("/models")
     async def _models():
@@ -107,6 +109,14 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         if card is None:
             raise ctx.unknown_model(model_id)
         return card.model_dump()
+
+    @v1.post("/load_lora_adapter")
+    async def _load_lora_adapter(body: LoadLoRAAdapterRequest):
+        return await load_lora_adapter(ctx, body)
+
+    @v1.post("/unload_lora_adapter")
+    async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        return await unload_lora_adapter(ctx, body)
 
     app.include_router(v1)
 

@@ -47,6 +47,8 @@ class ServingContext:
     metrics: Metrics
     response_store: ResponseStore
     created: int = field(default_factory=lambda: int(time.time()))
+    loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters served: name -> folder (adapters.py)
+    lora_updates: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
     @property
     def sampling_defaults(self) -> dict:
@@ -70,7 +72,7 @@ class ServingContext:
         (404 otherwise): the adapter's name, None for the base model."""
         if not name or name == self.model_name:
             return None
-        if name in self.settings.lora_modules:
+        if name in self.loras:
             return name
         raise self.unknown_model(name)
 

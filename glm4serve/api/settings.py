@@ -98,6 +98,9 @@ class ServerSettings(EngineArgs, BaseSettings):
         if self.model_name in self.lora_modules:
             raise ValueError(f"a LoRA adapter is named {self.model_name!r}, as the served model: rename one "
                              "(served_model_name)")
+        if self.allow_runtime_lora_updating and self.num_replicas > 1:
+            raise ValueError("allow_runtime_lora_updating needs one engine: with replicas, list the adapters in "
+                             "lora_modules (a replica Ray restarts would come back without those loaded later)")
         return self
 
     @classmethod

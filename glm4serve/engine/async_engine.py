@@ -10,6 +10,7 @@ for a second, the loop hands the C heap's free memory back to the OS (release_fr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import dataclasses
 import logging
@@ -143,6 +144,24 @@ class AsyncEngine:
             self._commands.append(("abort", request_id))
             self._cv.notify()
 
+    async def load_lora(self, name: str, path: str, replace: bool = False) -> None:
+        """Between two steps, on the loop thread (its OpenMP team does the adapter's tensor work): the
+        steps wait while the adapter loads."""
+        await self._call(lambda: self.engine.load_lora(name, path, replace))
+
+    async def unload_lora(self, name: str) -> None:
+        await self._call(lambda: self.engine.unload_lora(name))
+
+    async def _call(self, fn: Callable[[], object]):
+        """fn() run by the loop thread between steps: its result, or what it raised."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._thread is None or self._died is not None or self._stopping:
+                raise EngineError("the engine loop is not running")
+            self._commands.append(("call", fn, future))
+            self._cv.notify()
+        return await asyncio.wrap_future(future)
+
     async def compile_guided(self, spec: GuidedSpec) -> None:
         """Compile (and cache) a structured-output grammar in a worker thread, so neither the
         event loop nor the engine loop waits on it. ValueError when it cannot be compiled."""
@@ -218,8 +237,11 @@ class AsyncEngine:
         finally:
             with self._cv:
                 streams, self._streams = self._streams, {}
+                calls = [c[2] for c in self._commands if c[0] == "call"]
             for stream in streams.values():
                 self._put(stream, EngineError(reason))
+            for future in calls:
+                future.set_exception(EngineError(reason))
             try:
                 self.engine.close()
             except Exception:  # noqa: BLE001 - shutting down either way
@@ -229,6 +251,13 @@ class AsyncEngine:
         return bool(self._commands or self._stopping or self.engine.has_work)
 
     def _apply(self, command: tuple) -> None:
+        if command[0] == "call":
+            _, fn, future = command
+            try:
+                future.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - the caller's to handle
+                future.set_exception(e)
+            return
         if command[0] == "abort":
             request_id = command[1]
             outputs = self.engine.abort(request_id)

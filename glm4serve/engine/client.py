@@ -33,6 +33,13 @@ class EngineClient(Protocol):
         """The request's Outputs; leaving the iteration early aborts it. EngineError when the engine fails it."""
         ...
 
+    async def load_lora(self, name: str, path: str, replace: bool = False) -> None:
+        """Serve the LoRA adapter in `path` as `name` (ValueError when it cannot be, or the name is taken
+        and not `replace`d)."""
+
+    async def unload_lora(self, name: str) -> None:
+        """Serve `name` no more (KeyError when it is not served); its running requests finish with it."""
+
     def abort(self, request_id: str) -> None: ...
 
     def shutdown(self, timeout: float | None = 10.0) -> None: ...

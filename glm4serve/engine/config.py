@@ -100,6 +100,9 @@ class EngineArgs(BaseModel):
     lora_modules: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="LoRA adapters (PEFT folders) served beside the model, as vLLM's: "
                                           "name=path ... (or a JSON object); a request's `model` picks one by name")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM does with "
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING (decode then runs uncompiled, as with --lora-modules)")
 
     speculative_config: Annotated[SpeculativeConfig | None, NoDecode] = Field(
         None, description="speculative decoding, as vLLM's: a JSON object like {\"method\": \"ngram\", "
@@ -129,7 +132,7 @@ class EngineArgs(BaseModel):
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_model_len=max_model_len, block_size=self.block_size,
                                enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
-                               loras=frozenset(self.lora_modules), speculative=self.speculative_config)
+                               speculative=self.speculative_config)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,6 @@ class SchedulerConfig:
     block_size: int
     enable_prefix_caching: bool
     policy: str = "fcfs"  # EngineArgs.scheduling_policy
-    loras: frozenset[str] = frozenset()  # names of the LoRA adapters requests may run with
     speculative: SpeculativeConfig | None = None  # drafts for decoding sequences (speculative.py)
 
     def __post_init__(self):

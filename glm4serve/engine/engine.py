@@ -10,12 +10,14 @@ keeps serving.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Container
 import logging
 import time
 
 import torch
 
 from ..model.batch import ScheduledBatch, SeqChunk
+from ..model.lora import LoRASet
 from ..model.runner import ModelRunner
 from .block_pool import BlockPool
 from .config import SchedulerConfig
@@ -33,7 +35,8 @@ ERROR = "error"  # finish reason of a sequence whose request failed; never sent 
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, sched_cfg: SchedulerConfig, pool: BlockPool,
-                 model_stop_ids, *, sampler: Sampler | None = None, vocab_size: int | None = None):
+                 model_stop_ids, *, sampler: Sampler | None = None, vocab_size: int | None = None,
+                 loras: LoRASet | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(sched_cfg, pool)
@@ -46,6 +49,12 @@ class LLMEngine:
         self._errors: list[tuple[str, EngineError]] = []
         self.spec_draft_tokens = 0  # speculative decoding: tokens drafted, and of those, kept
         self.spec_accepted_tokens = 0
+        # LoRA adapters: the runner's (make_runner attached them). lora_keys maps each served name to its
+        # key there; it is replaced, never changed in place, as the API's thread reads it (check_request).
+        self.loras = loras
+        self.lora_keys: dict[str, str] = {key: key for key in loras.adapters} if loras else {}
+        self._lora_keys_used = set(self.lora_keys)  # a key is never given to a second load
+        self._lora_retired: set[str] = set()  # keys unloaded or replaced, dropped once no sequence runs them
 
     @property
     def max_model_len(self) -> int:
@@ -62,7 +71,7 @@ class LLMEngine:
         """ValueError when the request can never be served as asked. It reads only the engine's fixed
         limits, so any thread may call it (the API does, before it starts a stream)."""
         cfg = self.scheduler.cfg
-        check_request_limits(prompt_ids, params, self.vocab_size, cfg)
+        check_request_limits(prompt_ids, params, self.vocab_size, cfg, self.lora_keys)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; ValueError (nothing queued) when it cannot be served as asked."""
@@ -71,8 +80,10 @@ class LLMEngine:
         if params.guided is not None:
             self.grammars.compile(params.guided)  # GuidedSpecError (a ValueError) when it cannot
         seqs, now = [], time.monotonic()
+        lora = None if params.lora is None else self.lora_keys[params.lora]
         for index in range(params.n):
-            seq = Sequence(self._next_seq_id + index, request_id, index, list(prompt_ids), params, arrival_time=now)
+            seq = Sequence(self._next_seq_id + index, request_id, index, list(prompt_ids), params, arrival_time=now,
+                           lora=lora)
             seq.generator = make_generator(params.seed, index)
             seq.stop_token_ids = stop_ids
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params)
@@ -87,7 +98,46 @@ class LLMEngine:
     def abort(self, request_id: str) -> list[Output]:
         """Finish every choice of the request now (blocks freed); their last Outputs. [] if unknown."""
         seqs = self.scheduler.abort(request_id)
+        if self._lora_retired:
+            self._retire_lora()
         return [self._output(s, [], s.detokenizer.flush(), None) for s in sorted(seqs, key=lambda s: s.index)]
+
+    def load_lora(self, name: str, path: str, replace: bool = False) -> None:
+        """Between steps: serve the LoRA adapter in `path` as `name` from now on. ValueError (LoRAError for
+        the adapter's own faults) when it cannot be, or when `name` is served already and not `replace`d;
+        requests running with the adapter it replaces finish with that one."""
+        if self.loras is None:
+            raise ValueError("this engine serves no LoRA adapters: start it with --allow-runtime-lora-updating")
+        if name in self.lora_keys and not replace:
+            raise ValueError(f"The lora adapter '{name}' has already been loaded.")
+        key, n = name, 1
+        while key in self._lora_keys_used:
+            key, n = f"{name}#{n}", n + 1
+        self.loras.load(key, name, path)
+        self._lora_keys_used.add(key)
+        old = self.lora_keys.get(name)
+        self.lora_keys = {**self.lora_keys, name: key}
+        if old is not None:
+            self._retire_lora(old)
+        log.info("LoRA adapter %r loaded from %s%s", name, path, " in place of the one before" if old else "")
+
+    def unload_lora(self, name: str) -> None:
+        """Between steps: serve `name` no more (KeyError when it is not served); requests running with it
+        finish with it."""
+        keys = dict(self.lora_keys)
+        key = keys.pop(name)
+        self.lora_keys = keys
+        self._retire_lora(key)
+        log.info("LoRA adapter %r unloaded", name)
+
+    def _retire_lora(self, key: str | None = None) -> None:
+        """Free the weights of retired adapters that no unfinished sequence runs with."""
+        if key is not None:
+            self._lora_retired.add(key)
+        in_use = {s.lora for s in self.scheduler.unfinished()}
+        for k in self._lora_retired - in_use:
+            self.loras.remove(k)
+            self._lora_retired.discard(k)
 
     def close(self) -> None:
         """Release the runner (a tensor-parallel one's worker processes). The engine serves no more."""
@@ -113,6 +163,12 @@ class LLMEngine:
         )
 
     def step(self) -> list[Output]:
+        outputs = self._step()
+        if self._lora_retired:
+            self._retire_lora()
+        return outputs
+
+    def _step(self) -> list[Output]:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
@@ -306,10 +362,10 @@ class LLMEngine:
 
 
 def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_size: int | None,
-                         cfg: SchedulerConfig) -> None:
-    """ValueError when an engine with these limits would refuse the request."""
+                         cfg: SchedulerConfig, loras: Container[str]) -> None:
+    """ValueError when an engine with these limits and LoRA adapters (by name) would refuse the request."""
     max_num_seqs, max_model_len = cfg.max_num_seqs, cfg.max_model_len
-    if params.lora is not None and params.lora not in cfg.loras:
+    if params.lora is not None and params.lora not in loras:
         raise ValueError(f"no LoRA adapter {params.lora!r} on this server")
     if params.priority and cfg.policy != "priority":
         raise ValueError("a request priority needs the priority scheduling policy: start the server with "
@@ -336,5 +392,5 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
 def model_batch(out: SchedulerOutput) -> ScheduledBatch:
     """The scheduler's decisions as the model runner's plain data."""
     chunks = [SeqChunk(s.token_ids, s.start, s.seq.block_table, bool(s.sample_for), s.seq.seq_id, s.all_logits,
-                       s.seq.params.lora) for s in out.scheduled]
+                       s.seq.lora) for s in out.scheduled]
     return ScheduledBatch(chunks, out.block_copies)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .block_pool import BlockPool
@@ -143,6 +144,9 @@ class Scheduler:
 
     def seqs_of(self, request_id: str) -> list[Sequence]:
         return list(self._requests.get(request_id, ()))
+
+    def unfinished(self) -> Iterator[Sequence]:
+        return (s for seqs in self._requests.values() for s in seqs)
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue the n choices of one request (index 0 first); they share its prompt."""

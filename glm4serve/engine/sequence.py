@@ -42,6 +42,7 @@ class Sequence:
     first_scheduled_time: float | None = None  # set by the scheduler's first admission of it
     num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
     num_cache_write_tokens: int = 0  # prompt tokens its first admission will add to the prefix cache
+    lora: str | None = None  # the key of its LoRA adapter in the runner (params.lora names it); None: none
     # per-choice sampling state: it survives preemption, unlike the KV blocks
     generator: torch.Generator | None = None
     stop_token_ids: frozenset[int] = frozenset()
@@ -105,7 +106,7 @@ class Sequence:
         while len(hashes) < num_blocks:
             i = len(hashes)
             tokens = self.token_ids_between(i * block_size, (i + 1) * block_size)
-            hashes.append(hash_block(hashes[-1] if i else hash_root(self.params.lora), tokens))
+            hashes.append(hash_block(hashes[-1] if i else hash_root(self.lora), tokens))
         return hashes[:num_blocks]
 
     @property

@@ -11,7 +11,8 @@ Adapter tensors are named as the base checkpoint's weights (chatglm or HF naming
 the base checkpoint's), with PEFT's `base_model.model.` before and `.lora_A.weight` / `.lora_B.weight`
 for `.weight`; an HF adapter's q_proj, k_proj and v_proj land on their rows of our fused qkv. What
 this does not run (DoRA, LoRA biases, extra trained modules, adapters on the embedding or output
-layer, per-module alpha, and the other PEFT options of UNSUPPORTED) is refused when the server starts.
+layer, per-module alpha, and the other PEFT options of UNSUPPORTED) is refused when the adapter loads, at
+the server's start or later (engine.load_lora).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out weights", "
 
 
 class LoRAError(ValueError):
-    """An adapter this server cannot serve: said when it starts, with the adapter's path."""
+    """An adapter this server cannot serve: said when it loads, with the adapter's path."""
 
 
 @dataclass
@@ -136,8 +137,13 @@ def load_loras(modules: dict[str, str], model: nn.Module) -> LoRASet:
     """The adapters of `modules` (name -> folder), in the dtype and on the device of `model`'s activations."""
     if model.shard.world > 1:
         raise LoRAError("LoRA adapters are not supported under tensor parallelism")
+    return LoRASet([load_for(model, name, path) for name, path in modules.items()])
+
+
+def load_for(model: nn.Module, name: str, path: str | Path) -> Adapter:
+    """The adapter in `path` for `model`, in the dtype and on the device of its activations."""
     weight = model.embed.weight
-    return LoRASet([load_adapter(name, path, model.cfg, weight.dtype, weight.device) for name, path in modules.items()])
+    return load_adapter(name, path, model.cfg, weight.dtype, weight.device)
 
 
 def check_adapters(modules: dict[str, str], cfg: ModelConfig) -> None:
@@ -147,23 +153,43 @@ def check_adapters(modules: dict[str, str], cfg: ModelConfig) -> None:
 
 
 class LoRASet:
-    """The adapters a server was started with, and which rows of the current step use which."""
+    """The adapters a server serves, by key, and which rows of the current step use which.
+
+    A key is the adapter's name, or `name#k` for a later load of a name (engine.py), so an adapter
+    loaded at runtime in place of another of its name never runs a sequence, or meets a cached KV
+    block, of the one it replaced."""
 
     def __init__(self, adapters: list[Adapter]):
         self.adapters = {a.name: a for a in adapters}
         self.rows: list[tuple[Adapter, int, int]] = []  # (adapter, first row, end row) of this step
+        self._model: nn.Module | None = None
 
     def select(self, rows: list[tuple[str, int, int]]) -> None:
         """Before a forward: the row ranges of the flat batch (ForwardBatch.lora_rows) and their adapters."""
-        self.rows = [(self.adapters[name], start, end) for name, start, end in rows]
+        self.rows = [(self.adapters[key], start, end) for key, start, end in rows]
 
     def attach(self, model: nn.Module) -> None:
         """Wrap the targeted linears of `model` in place (once, after the runner has swapped its own in)."""
-        wanted = {m for a in self.adapters.values() for m in a.pieces}
-        for name in wanted:
+        self._model = model
+        self._wrap(m for a in self.adapters.values() for m in a.pieces)
+
+    def load(self, key: str, name: str, path: str | Path) -> None:
+        """Between steps: serve the adapter in `path` under `key` (LoRAError when it cannot be), wrapping
+        the linears it targets that no adapter did."""
+        adapter = load_for(self._model, name, path)
+        self._wrap(adapter.pieces)
+        self.adapters[key] = adapter
+
+    def remove(self, key: str) -> None:
+        """Between steps, once no sequence runs with it: its tensors are freed (its wrappers stay)."""
+        del self.adapters[key]
+
+    def _wrap(self, names) -> None:
+        for name in set(names):
             parent, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(parent)
-            setattr(owner, leaf, LoRALinear(getattr(owner, leaf), name, self))
+            owner = self._model.get_submodule(parent)
+            if not isinstance(getattr(owner, leaf), LoRALinear):
+                setattr(owner, leaf, LoRALinear(getattr(owner, leaf), name, self))
 
 
 class LoRALinear(nn.Module):
