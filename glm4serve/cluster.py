@@ -177,9 +177,10 @@ def _block_hashes(pending_request: PendingRequest | None) -> list[bytes]:
 # ---- the ingress -----------------------------------------------------------------------------
 
 
-def prompt_block_hashes(prompt_ids: list[int], block_size: int, lora: str | None) -> list[bytes]:
+def prompt_block_hashes(prompt_ids: list[int], block_size: int, lora: str | None,
+                        salt: str | None = None) -> list[bytes]:
     """The chain hashes of a prompt's full blocks, as the engine's prefix cache keys them (sequence.py)."""
-    hashes, parent = [], hash_root(lora)
+    hashes, parent = [], hash_root(lora, salt)
     for i in range(len(prompt_ids) // block_size):
         parent = hash_block(parent, prompt_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)
@@ -231,7 +232,7 @@ class ReplicaClient:
                        request_id: str | None = None) -> AsyncIterator[Output]:
         request_id = request_id or os.urandom(16).hex()
         self.check_request(prompt_ids, params)
-        hashes = prompt_block_hashes(prompt_ids, self._settings.block_size, params.lora)
+        hashes = prompt_block_hashes(prompt_ids, self._settings.block_size, params.lora, params.cache_salt)
         stream = self._replicas.options(stream=True).generate.remote(
             EngineRequest(list(prompt_ids), params, request_id, hashes))
         self._streams[request_id] = stream

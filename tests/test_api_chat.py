@@ -396,6 +396,21 @@ def test_priority_is_taken_under_the_priority_policy_and_refused_before_a_stream
     assert [c.params.priority for c in engine_of(client.app).calls] == [-4, 3]
 
 
+def test_cache_salt_reaches_the_engine_from_every_route_and_an_empty_one_is_refused():
+    client = client_for()
+    hi = [{"role": "user", "content": "hi"}]
+    assert client.post("/v1/chat/completions", json={"messages": hi, "cache_salt": "s1"}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "hi", "cache_salt": "s2"}).status_code == 200
+    assert client.post("/v1/responses", json={"input": "hi", "cache_salt": "s3"}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": hi}).status_code == 200
+    assert [c.params.cache_salt for c in engine_of(client.app).calls] == ["s1", "s2", "s3", None]
+    for route, body in (("/v1/chat/completions", {"messages": hi}), ("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/responses", {"input": "hi"})):
+        r = client.post(route, json={**body, "cache_salt": ""})
+        assert r.status_code == 400 and "'cache_salt' must be a non-empty string" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "cache_salt", route
+
+
 def test_return_tokens_as_token_ids_names_logprob_tokens_by_id_whole_and_streamed():
     tok = small_tokenizer()
     ids = tok.encode("\nHello there!")

@@ -282,15 +282,16 @@ def test_quantized_models_take_adapters(base, adapters, quantization):
 
 def test_the_replicas_router_keys_prompts_as_the_engine_does():
     """Ray's prefix-affinity router sends a prompt where its blocks are cached: its hashes must be the
-    engine's, an adapter's included."""
+    engine's, an adapter's and a cache salt's included."""
     from glm4serve.cluster import prompt_block_hashes
     from glm4serve.engine.sequence import Sequence
 
     ids = list(range(40))
-    for lora in (None, "all", "attn"):
-        seq = Sequence(0, "r", 0, ids, SamplingParams(lora=lora), lora=lora)
-        assert prompt_block_hashes(ids, 8, lora) == seq.block_hashes(8, 5)
-    assert len({prompt_block_hashes(ids, 8, lora)[0] for lora in (None, "all", "attn")}) == 3
+    keys = [(lora, salt) for lora in (None, "all", "attn") for salt in (None, "s")]
+    for lora, salt in keys:
+        seq = Sequence(0, "r", 0, ids, SamplingParams(lora=lora, cache_salt=salt), lora=lora)
+        assert prompt_block_hashes(ids, 8, lora, salt) == seq.block_hashes(8, 5)
+    assert len({prompt_block_hashes(ids, 8, lora, salt)[0] for lora, salt in keys}) == 6
 
 
 def test_a_served_model_name_an_adapter_also_has_is_refused():

@@ -295,3 +295,18 @@ def test_engine_reports_prefix_cache_stats():
     assert {o.num_cached_tokens for o in outs["d"]} == {8}
     writes = {rid: {o.num_cache_write_tokens for o in outs[rid]} for rid in ("c", "d")}
     assert writes == {"c": {12}, "d": {0}}
+
+
+def test_a_cache_salt_keeps_a_prompts_blocks_to_requests_with_the_same_salt():
+    """vLLM's cache_salt: the same prompt is cached apart per salt, and apart from unsalted requests."""
+    engine = LLMEngine(FakeRunner(64, 4), FakeTokenizer(), sched_config(block_size=4, max_model_len=256),
+                       BlockPool(64, 4), FakeTokenizer.stop_token_ids, vocab_size=VOCAB)
+    prompt = tokens(17, 10)
+    cached = {}
+    for rid, salt in (("a1", "tenant-a"), ("a2", "tenant-a"), ("b1", "tenant-b"), ("plain1", None),
+                      ("plain2", None), ("b2", "tenant-b")):
+        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, cache_salt=salt))
+        while engine.has_work:
+            for o in engine.step():
+                cached[rid] = o.num_cached_tokens
+    assert cached == {"a1": 0, "a2": 8, "b1": 0, "plain1": 0, "plain2": 8, "b2": 8}

@@ -213,6 +213,7 @@ class ResponsesRequest(_RequestBody):
     repetition_penalty: float | None = None
     priority: int | None = None
     return_tokens_as_token_ids: bool | None = None
+    cache_salt: str | None = None
 
     @model_validator(mode="after")
     def _stateless(self):
@@ -253,7 +254,7 @@ class ResponsesRequest(_RequestBody):
         the chat rules catch, such as a tool_choice naming no given tool)."""
         body: dict[str, Any] = {"model": self.model, "messages": self.messages(history)}
         for name in ("temperature", "top_p", "parallel_tool_calls", "user", "seed", "top_k", "min_p",
-                     "repetition_penalty", "priority", "return_tokens_as_token_ids"):
+                     "repetition_penalty", "priority", "return_tokens_as_token_ids", "cache_salt"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:

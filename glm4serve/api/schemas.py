@@ -368,11 +368,16 @@ class _SamplingBody(_RequestBody):
     priority: int = 0
     # vLLM extension: logprobs name tokens "token_id:{id}" (default: the server's setting)
     return_tokens_as_token_ids: bool | None = None
+    # vLLM extension: only requests with the same salt share cached prompt blocks (multi-tenant servers:
+    # another tenant cannot time its requests to learn whether a prompt was seen)
+    cache_salt: str | None = None
 
     @model_validator(mode="after")
     def _common_rules(self):
         if self.stream_options is not None and not self.stream:
             raise _invalid("stream_options", "stream_options is only allowed when stream is true")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise _invalid("cache_salt", "Parameter 'cache_salt' must be a non-empty string if provided.")
         if self.prompt_logprobs is not None and self.stream:
             raise _invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
         constraints = _vllm_constraints(self)
@@ -460,6 +465,7 @@ class _SamplingBody(_RequestBody):
             skip_special_tokens=self.skip_special_tokens,
             guided=self.guided_spec(),
             priority=self.priority,
+            cache_salt=self.cache_salt,
         )
 
 

@@ -35,10 +35,12 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
-def hash_root(lora: str | None) -> bytes:
-    """The `parent` of a sequence's block 0: a LoRA adapter's K/V differ from the base model's for the
-    same tokens, so its chain starts elsewhere."""
-    return b"" if lora is None else hashlib.sha256(b"lora:" + lora.encode()).digest()
+def hash_root(lora: str | None, salt: str | None = None) -> bytes:
+    """The `parent` of a sequence's block 0. A LoRA adapter's K/V differ from the base model's for the
+    same tokens, so its chain starts elsewhere; so does that of a request with a cache salt (vLLM's
+    `cache_salt`), whose prompt's blocks only requests with the same salt can find."""
+    root = b"" if lora is None else hashlib.sha256(b"lora:" + lora.encode()).digest()
+    return root if salt is None else hashlib.sha256(root + b"salt:" + salt.encode()).digest()
 
 
 class BlockPool:

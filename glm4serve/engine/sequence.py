@@ -106,7 +106,7 @@ class Sequence:
         while len(hashes) < num_blocks:
             i = len(hashes)
             tokens = self.token_ids_between(i * block_size, (i + 1) * block_size)
-            hashes.append(hash_block(hashes[-1] if i else hash_root(self.lora), tokens))
+            hashes.append(hash_block(hashes[-1] if i else hash_root(self.lora, self.params.cache_salt), tokens))
         return hashes[:num_blocks]
 
     @property

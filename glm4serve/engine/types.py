@@ -57,6 +57,7 @@ class SamplingParams:
     # content) is passed on as text but no stop string can match it: `stop: "\n"` stops after a line
     stops_skip_leading_newline: bool = False
     lora: str | None = None  # the LoRA adapter to run with (the request's `model` names it); None: the base model
+    cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cached blocks
 
     def __post_init__(self):
         if self.top_k < 0:
