@@ -1,8 +1,8 @@
 """The engine loop on its own thread, with an asyncio face for the API.
 
 The loop thread owns the LLMEngine: nothing else touches it. Other threads hand it commands
-(add, abort) through a queue guarded by a condition variable, which the loop also sleeps on
-when it has no work. Each request's Outputs travel back to the event loop that asked for them,
+(add, abort, and calls such as loading a LoRA adapter, whose result comes back in a future) through
+a queue guarded by a condition variable, which the loop also sleeps on when it has no work. Each request's Outputs travel back to the event loop that asked for them,
 through loop.call_soon_threadsafe into that request's asyncio.Queue. After a busy spell, once idle
 for a second, the loop hands the C heap's free memory back to the OS (release_free_memory).
 """

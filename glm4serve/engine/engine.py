@@ -10,9 +10,9 @@ keeps serving.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Container
 import logging
 import time
+from collections.abc import Container
 
 import torch
 
@@ -69,7 +69,8 @@ class LLMEngine:
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError when the request can never be served as asked. It reads only the engine's fixed
-        limits, so any thread may call it (the API does, before it starts a stream)."""
+        limits and lora_keys (replaced whole, never changed in place), so any thread may call it (the API
+        does, before it starts a stream)."""
         cfg = self.scheduler.cfg
         check_request_limits(prompt_ids, params, self.vocab_size, cfg, self.lora_keys)
 
