@@ -276,9 +276,15 @@ THOUGHTFUL = "\nThe user greets me.</think>\nHello!"  # GLM-Z1's reply after its
 
 def test_reasoning_parser_splits_the_thinking_into_reasoning_content_whole_and_streamed():
     client = client_for(replies=[THOUGHTFUL], reasoning_parser="deepseek_r1")
-    message = client.post("/v1/chat/completions", json={"messages": USER_HI}).json()["choices"][0]["message"]
+    body = client.post("/v1/chat/completions", json={"messages": USER_HI}).json()
+    message = body["choices"][0]["message"]
     assert message["reasoning_content"] == "The user greets me." and message["content"] == "Hello!"
-    chunks = sse_json(client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": True}).text)
+    thinking_tokens = len(small_tokenizer().encode("\nThe user greets me.</think>"))  # up to the tag's last token
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": thinking_tokens}
+    chunks = sse_json(client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": True,
+                                                                "stream_options": {"include_usage": True}}).text)
+    assert chunks[-1]["usage"] == body["usage"]
+    chunks = chunks[:-1]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     thinking = "".join(d.get("reasoning_content") or "" for d in deltas)
     answer = "".join(d.get("content") or "" for d in deltas)
@@ -289,6 +295,7 @@ def test_reasoning_parser_splits_the_thinking_into_reasoning_content_whole_and_s
     plain = client_for(replies=[THOUGHTFUL]).post("/v1/chat/completions", json={"messages": USER_HI}).json()
     assert plain["choices"][0]["message"]["content"] == THOUGHTFUL[1:]
     assert "reasoning_content" not in plain["choices"][0]["message"]
+    assert "completion_tokens_details" not in plain["usage"]
 
 
 def test_reasoning_then_a_tool_call_and_a_reply_cut_while_thinking():
@@ -321,8 +328,10 @@ def test_a_think_tag_that_is_a_special_token_still_splits_the_reply():
     end_id = tok.special_tokens["<eop>"]  # stands in for a `</think>` special token
     app = make_app(replies=[tok.encode("Hmm.") + [end_id] + tok.encode("Yes.")], reasoning_parser="deepseek_r1")
     app.state.serving.tokenizer.special_tokens["</think>"] = end_id
-    message = TestClient(app).post("/v1/chat/completions", json={"messages": USER_HI}).json()["choices"][0]["message"]
+    body = TestClient(app).post("/v1/chat/completions", json={"messages": USER_HI}).json()
+    message = body["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("Hmm.", "Yes.")
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == len(tok.encode("Hmm.")) + 1
 
 
 def test_an_assistant_token_while_thinking_is_no_call_and_no_surrogate():

@@ -240,28 +240,48 @@ def test_server_limits_name_the_responses_fields():
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
 
 
-def test_with_a_reasoning_parser_the_reply_leaves_the_thinking_out_whole_and_streamed():
-    client = TestClient(make_app(replies=["\nGreeting.</think>\nHello there!"], reasoning_parser="deepseek_r1"))
+def test_with_a_reasoning_parser_the_thinking_is_a_reasoning_item_whole_and_streamed():
+    """GLM-Z1's thinking, split off by the reasoning parser, is a reasoning item before the message, in
+    the OpenAI SDK's types; its tokens are usage's reasoning_tokens; both shapes hold the same items."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    reply = "\nGreeting.</think>\nHello there!"
+    client = TestClient(make_app(replies=[reply], reasoning_parser="deepseek_r1"))
     body = client.post("/v1/responses", json={"input": "hi"}).json()
-    [item] = body["output"]
-    assert item["content"][0]["text"] == "Hello there!"
+    Response.model_validate(body)
+    reasoning, message = body["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_")
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Greeting."}] and reasoning["summary"] == []
+    assert message["content"][0]["text"] == "Hello there!"
+    thinking = len(small_tokenizer().encode("\nGreeting.</think>"))
+    assert body["usage"]["output_tokens_details"]["reasoning_tokens"] == thinking
+    assert 0 < thinking < body["usage"]["output_tokens"]
+
     events = events_of(client.post("/v1/responses", json={"input": "hi", "stream": True}).text)
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "Greeting."
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello there!"
+    assert [e["text"] for e in events if e["type"] == "response.reasoning_text.done"] == ["Greeting."]
+    done = events[-1]["response"]
+    assert [(i["type"], i["status"]) for i in done["output"]] == [("reasoning", "completed"), ("message", "completed")]
+    assert [i["content"] for i in done["output"]] == [i["content"] for i in body["output"]]
+    assert done["usage"] == body["usage"]
+    # a follow-up sends the reasoning item back: it is dropped, the answer kept
+    r = client.post("/v1/responses", json={"input": "and?", "previous_response_id": body["id"]})
+    assert r.status_code == 200, r.text
 
 
-def test_with_a_reasoning_parser_output_text_logprobs_are_the_answers():
-    client = TestClient(make_app(replies=["Hm.</think>Yes"], reasoning_parser="deepseek_r1"))
-    tok = small_tokenizer()
+def test_a_reply_cut_while_thinking_is_its_reasoning_and_an_empty_message():
+    client = TestClient(make_app(replies=["\nStill thinking about it"], reasoning_parser="deepseek_r1"))
     for stream in (False, True):
-        r = client.post("/v1/responses", json={"input": "hi", "top_logprobs": 0, "stream": stream,
-                                               "include": ["message.output_text.logprobs"]})
-        if stream:
-            done = [e for e in events_of(r.text) if e["type"] == "response.output_text.done"]
-            logprobs = done[0]["logprobs"]
-        else:
-            logprobs = r.json()["output"][0]["content"][0]["logprobs"]
-        tokens = "".join(lp["token"] for lp in logprobs)
-        assert "think" not in tokens and tokens.startswith("Yes"), (stream, tokens)
+        r = client.post("/v1/responses", json={"input": "hi", "stream": stream})
+        body = events_of(r.text)[-1]["response"] if stream else r.json()
+        assert [i["type"] for i in body["output"]] == ["reasoning", "message"], stream
+        assert body["output"][0]["content"][0]["text"] == "Still thinking about it"
+        assert body["output"][1]["content"][0]["text"] == ""
+        assert body["usage"]["output_tokens_details"]["reasoning_tokens"] == body["usage"]["output_tokens"]
 
 
 def test_return_tokens_as_token_ids_on_output_text_logprobs():

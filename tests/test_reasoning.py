@@ -43,3 +43,24 @@ def test_any_chunking_of_a_stream_gives_the_whole_replys_split(reply):
         whole_thinking, whole_answer = split_reasoning(reply)
         assert (thinking, answer) == (whole_thinking, whole_answer or ""), pieces
         assert parser.thinking == (whole_answer is None)
+
+
+@pytest.mark.parametrize("tokens, thinking", [
+    ([b"Let", b" me", b"</", b"think", b">", b"Yes"], 5),  # the tag's tokens are thinking
+    ([b"Hm", b"</think>", b"Yes", b"</think>"], 2),  # the first tag ends it
+    ([b"x</th", b"ink>y", b"z"], 2),  # the token that completes the tag, whatever else it holds
+    ([b"never", b" ends", b"</thin"], 3),  # no tag: all thinking
+    ([], 0),
+])
+def test_thinking_tokens_run_to_the_one_completing_the_tag_however_they_arrive(tokens, thinking):
+    from glm4serve.chat.reasoning import ThinkingTokens
+
+    rng = random.Random(len(tokens))
+    for _ in range(20):
+        counter, taken, i = ThinkingTokens(), 0, 0
+        while i < len(tokens):  # in outputs of 1-3 tokens, as speculative steps deliver them
+            k = rng.randint(1, 3)
+            taken += counter.feed(tokens[i : i + k])
+            i += k
+        assert counter.count == taken == thinking
+        assert counter.done == (b"</think>" in b"".join(tokens))

@@ -17,12 +17,12 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from glm4serve.chat.reasoning import THINK_END, THINK_START, StreamingReasoningParser, split_reasoning
+from glm4serve.chat.reasoning import THINK_END, THINK_START, StreamingReasoningParser, ThinkingTokens, split_reasoning
 from glm4serve.chat.tool_parser import (
     CALL_MARK,
     ContentDelta,
@@ -118,6 +118,13 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
                     call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls")
 
 
+def reply_token_bytes(plan: ChatPlan, tokenizer) -> Callable[[int], bytes]:
+    """A reply token's bytes as its text has them: a think tag that is a special token as the tag."""
+    tags = {t: text.encode() for t, text in (plan.params.special_token_text or {}).items()
+            if text in (THINK_START, THINK_END)}
+    return lambda t: tags.get(t) or tokenizer.token_bytes(t)
+
+
 @dataclass
 class ChoiceStep:
     """What one engine output adds to a streamed choice."""
@@ -133,6 +140,8 @@ class ChoiceStream:
     def __init__(self, plan: ChatPlan, tokenizer):
         self.parser = StreamingToolParser(plan.tool_names, lenient=plan.forced_call) if plan.tool_names else None
         self.reasoning = StreamingReasoningParser() if plan.reasoning else None
+        self.thinking_tokens = ThinkingTokens() if plan.reasoning else None
+        self.token_bytes = reply_token_bytes(plan, tokenizer)
         self._strip_newline = self._strip_thinking_newline = plan.strip_newline
         self._tokenizer = tokenizer
         self._as_ids = plan.logprob_token_ids
@@ -143,6 +152,8 @@ class ChoiceStream:
     def step(self, out: Output, logprobs: bool) -> ChoiceStep:
         check_finish(out.finish_reason)
         self.num_tokens = out.num_output_tokens
+        if self.thinking_tokens is not None:
+            self.thinking_tokens.feed(map(self.token_bytes, out.token_ids))
         entries = chat_logprob_entries(self._tokenizer, out.logprobs, self._as_ids) if logprobs and out.logprobs else []
         deltas = self.feed(out.text) if out.text else []
         if out.finish_reason is None:
@@ -236,7 +247,8 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
     if usage_on:
         # the prompt's cache counts are the same on every choice's last output
-        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), choices[0].details)
+        usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), choices[0].details,
+                         sum(c.thinking_tokens.count for c in choices) if plan.reasoning else None)
         yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, plan.model, [], usage,
                                     True))
 
@@ -250,6 +262,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     logprobs: list[list[dict]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     num_tokens = [0] * n
+    thinking = [ThinkingTokens() for _ in range(n)] if plan.reasoning else None
+    token_bytes = reply_token_bytes(plan, ctx.tokenizer)
     details = PromptTokensDetails()
     prompt_logprobs = None  # vLLM's, the same on every choice
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)
@@ -261,6 +275,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 prompt_logprobs = vllm_prompt_logprobs(ctx.tokenizer, out.prompt_logprobs, req.prompt_logprobs)
             texts[i].append(out.text)
             num_tokens[i] = out.num_output_tokens
+            if thinking is not None:
+                thinking[i].feed(map(token_bytes, out.token_ids))
             if out.finish_reason is not None:  # the same counts on every output: read once
                 details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
@@ -273,7 +289,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                   logprobs={"content": logprobs[i]} if req.logprobs else None))
     return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.model,
-                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details),
+                                  choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details,
+                                                                  sum(t.count for t in thinking) if thinking else None),
                                   prompt_logprobs=prompt_logprobs)
 
 

@@ -29,17 +29,24 @@ class PromptTokensDetails(BaseModel):
                                    cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens)
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int  # the thinking's, with a reasoning parser (chat/reasoning.py)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = _ONLY_WHEN_ASKED  # with a reasoning parser
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int,
-           details: PromptTokensDetails = PromptTokensDetails()) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int, details: PromptTokensDetails = PromptTokensDetails(),
+           reasoning_tokens: int | None = None) -> "Usage":
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details,
+                   completion_tokens_details=None if reasoning_tokens is None else
+                   CompletionTokensDetails(reasoning_tokens=reasoning_tokens))
 
 
 class FunctionCallOut(BaseModel):

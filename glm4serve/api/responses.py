@@ -2,10 +2,11 @@
 
 A request becomes a chat completion request (responses_request.py) and runs as one: the same
 prompt, tool parsing and grammars. What differs is the reply's shape. Whole, it is a response
-object whose `output` holds a message item (the text) and a function_call item per call.
-Streamed, it is typed events, each with a `sequence_number`: response.created and
-.in_progress, then per item output_item.added, its deltas (output_text.delta or
-function_call_arguments.delta) and its .done events, and last response.completed (or
+object whose `output` holds a message item (the text) and a function_call item per call, after a
+reasoning item with the thinking when a reasoning parser splits it off (GLM-Z1; its tokens are
+usage's reasoning_tokens). Streamed, it is typed events, each with a `sequence_number`:
+response.created and .in_progress, then per item output_item.added, its deltas (output_text.delta,
+reasoning_text.delta or function_call_arguments.delta) and its .done events, and last response.completed (or
 response.incomplete when max_output_tokens cut the reply). A failure midway is an `error`
 event; the stream has no `[DONE]`.
 
@@ -29,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from glm4serve.chat.reasoning import THINK_END
+from glm4serve.chat.reasoning import ThinkingTokens
 from glm4serve.engine.types import LENGTH, Output
 
 from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat
@@ -89,6 +90,24 @@ class ResponseBuilder:
                                      content_index=0, delta=text, logprobs=logprobs))
         return events
 
+    def reasoning(self, text: str) -> list[bytes]:
+        """The model's thinking (with a reasoning parser): a reasoning item with one reasoning_text part."""
+        events = []
+        if self._item is None or self._item["type"] != "reasoning":
+            events += self.close("completed")
+            item = {"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": [], "encrypted_content": None,
+                    "status": "in_progress"}
+            events += self._open(item)
+            part = {"type": "reasoning_text", "text": ""}
+            events.append(self.event("response.content_part.added", item_id=item["id"], output_index=self._index,
+                                     content_index=0, part=part))
+            item["content"].append(part)
+        self._item["content"][0]["text"] += text
+        if text:
+            events.append(self.event("response.reasoning_text.delta", item_id=self._item["id"],
+                                     output_index=self._index, content_index=0, delta=text))
+        return events
+
     def call(self, call_id: str, name: str) -> list[bytes]:
         events = self.close("completed")
         return events + self._open({"id": _new_id("fc"), "type": "function_call", "status": "in_progress",
@@ -110,6 +129,10 @@ class ResponseBuilder:
             part = item["content"][0]
             events = [self.event("response.output_text.done", **where, content_index=0, text=part["text"],
                                  logprobs=part["logprobs"]),
+                      self.event("response.content_part.done", **where, content_index=0, part=part)]
+        elif item["type"] == "reasoning":
+            part = item["content"][0]
+            events = [self.event("response.reasoning_text.done", **where, content_index=0, text=part["text"]),
                       self.event("response.content_part.done", **where, content_index=0, part=part)]
         else:
             events = [self.event("response.function_call_arguments.done", **where, name=item["name"],
@@ -138,9 +161,10 @@ class ResponseBuilder:
         return response
 
     def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
-        """Close the last item (an empty message when the reply had nothing): the response's
-        status, and the events."""
-        events = [] if self.output else self.text("", [])
+        """Close the last item (an empty message when the reply had neither text nor calls, only
+        thinking perhaps): the response's status, and the events."""
+        answered = any(item["type"] != "reasoning" for item in self.output)
+        events = [] if answered else self.text("", [])
         status = "incomplete" if finish_reason == LENGTH else "completed"
         return status, events + self.close(status)
 
@@ -168,7 +192,9 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) ->
 
 def _usage(chat: Usage) -> dict:
     return {"input_tokens": chat.prompt_tokens, "input_tokens_details": chat.prompt_tokens_details.model_dump(),
-            "output_tokens": chat.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": chat.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": chat.completion_tokens_details.reasoning_tokens
+                                      if chat.completion_tokens_details else 0},
             "total_tokens": chat.total_tokens}
 
 
@@ -189,7 +215,9 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
             pending += step.logprobs
             finish_reason = step.finish_reason or finish_reason
             for delta in step.deltas:
-                if "reasoning_content" in delta:  # the Responses API's replies leave the thinking out
+                if "reasoning_content" in delta:
+                    for event in builder.reasoning(delta["reasoning_content"]):
+                        yield event
                     continue
                 if "content" in delta:
                     if plan.reasoning and not answering:  # and its tokens' logprobs
@@ -211,7 +239,8 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     status, events = builder.finish(finish_reason)
     for event in events:
         yield event
-    usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, choice.details))
+    thinking = choice.thinking_tokens.count if plan.reasoning else None
+    usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, choice.details, thinking))
     yield builder.event(f"response.{status}", response=builder.keep(builder.response(status, usage)))
 
 
@@ -222,6 +251,8 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
     reply = await collect_chat(ctx, plan, chat_req)
     [choice] = reply.choices
     message = choice.message
+    if message.reasoning_content:
+        builder.reasoning(message.reasoning_content)
     if message.content is not None and (message.content or not message.tool_calls):
         logprobs = choice.logprobs["content"] if choice.logprobs and not message.tool_calls else []
         if plan.reasoning:
@@ -236,13 +267,9 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
 
 def _after_thinking(entries: list[dict]) -> list[dict]:
     """The logprob entries of the answer: those after the token that completes `</think>`."""
-    end, tail = THINK_END.encode(), b""  # tail: the bytes that could begin the tag (long thinking stays linear)
-    for i, entry in enumerate(entries):
-        tail += bytes(entry["bytes"])
-        if end in tail:
-            return entries[i + 1:]
-        tail = tail[1 - len(end):]
-    return entries
+    thinking = ThinkingTokens()
+    n = thinking.feed(bytes(entry["bytes"]) for entry in entries)
+    return entries[n:] if thinking.done else entries
 
 
 # ---- route ----------------------------------------------------------------------------------

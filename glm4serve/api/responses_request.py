@@ -9,7 +9,9 @@ A reply is stored unless `store` is false (response_store.py), and `previous_res
 continues from a stored one: its context items come before this request's `input`, while its
 `instructions` and tools do not carry over (as OpenAI's API does). `conversation` and
 `background` are refused with a 400. `reasoning` and `include` values other than output
-logprobs are accepted and have no effect: GLM-4 writes no separate reasoning. `truncation: "auto"`
+logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by the
+server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
+back in `input` are dropped. `truncation: "auto"`
 is taken, but drops nothing: input over the context is a 400 either way.
 """
 

@@ -9,6 +9,8 @@ The text is split, not the token ids: `</think>` may be one token or several.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 THINK_START, THINK_END = "<think>", "</think>"
 
 
@@ -51,6 +53,29 @@ class StreamingReasoningParser:
         """The held-back text (thinking: the reply ended inside it)."""
         held, self._held = self._held, ""
         return "" if held == THINK_START else held
+
+
+class ThinkingTokens:
+    """Counts a reply's thinking tokens from their bytes: those up to the one that completes `</think>`
+    (its own tokens included), and every token while none has."""
+
+    def __init__(self):
+        self.count = 0
+        self.done = False  # a token completed the tag: the rest is answer
+        self._tail = b""  # the last bytes, which may begin the tag
+
+    def feed(self, token_bytes: Iterable[bytes]) -> int:
+        """The next tokens' bytes: how many of them are thinking."""
+        end, n = THINK_END.encode(), 0
+        for b in token_bytes:
+            if self.done:
+                break
+            n += 1
+            self._tail += b
+            self.done = end in self._tail
+            self._tail = self._tail[1 - len(end):]
+        self.count += n
+        return n
 
 
 def _tag_prefix_len(text: str, tag: str) -> int:
