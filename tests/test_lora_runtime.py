@@ -13,27 +13,13 @@ from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.lora import LoRAError, load_loras
-from glm4serve.model.random_checkpoint import write_random_adapter
 from glm4serve.model.runner import make_runner
 from glm4serve.model.tokenizer import Tokenizer
 from tests.engine_fakes import sched_config
+from tests.test_lora import adapters, base, peft_logits  # noqa: F401 - adapters and base are fixtures
 
 BLOCK = 4
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def base(make_checkpoint):
-    return make_checkpoint("glm", "hf", "small")
-
-
-@pytest.fixture(scope="module")
-def adapters(base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime-loras")
-    return {
-        "all": write_random_adapter(root / "all", base, rank=4, alpha=8.0, seed=1),
-        "attn": write_random_adapter(root / "attn", base, rank=2, alpha=4.0, targets=("attn.qkv", "attn.o"), seed=2),
-    }
 
 
 def make_engine(base, startup: dict[str, str] | None = None) -> LLMEngine:
@@ -164,8 +150,6 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(server, base, adapte
     """Through the OpenAI SDK and vLLM's admin routes: load, serve, replace, unload; refusals are
     OpenAI errors naming what is wrong."""
     import openai
-
-    from tests.test_lora import peft_logits
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
     admin = httpx.Client(base_url=server.url + "/v1", headers={"Authorization": "Bearer k"}, timeout=60)
