@@ -126,11 +126,12 @@ def engine_with(base, adapters):
     return LLMEngine(runner, tokenizer, cfg, BlockPool(64, BLOCK), tokenizer.stop_token_ids, loras=runner.loras)
 
 
-def run(engine, requests) -> dict:
-    """{request id: (token ids, prompt tokens read from the prefix cache)}; every KV block free after."""
+def run(engine, requests, out: dict | None = None) -> dict:
+    """Add the requests, step until idle: {request id: (token ids, prompt tokens read from the prefix cache)},
+    added to `out` when given; every KV block free after."""
     for rid, ids, params in requests:
         engine.add_request(rid, ids, params)
-    out: dict = {}
+    out = {} if out is None else out
     while engine.has_work:
         for o in engine.step():
             tokens, _ = out.get(o.request_id, ([], 0))

@@ -16,7 +16,7 @@ from glm4serve.model.lora import LoRAError, load_loras
 from glm4serve.model.runner import make_runner
 from glm4serve.model.tokenizer import Tokenizer
 from tests.engine_fakes import sched_config
-from tests.test_lora import adapters, base, peft_logits  # noqa: F401 - adapters and base are fixtures
+from tests.test_lora import adapters, base, peft_logits, run  # noqa: F401 - adapters and base are fixtures
 
 BLOCK = 4
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -32,20 +32,9 @@ def make_engine(base, startup: dict[str, str] | None = None) -> LLMEngine:
     return LLMEngine(runner, tokenizer, cfg, BlockPool(64, BLOCK), tokenizer.stop_token_ids, loras=loras)
 
 
-def drain(engine: LLMEngine, out: dict | None = None) -> dict:
-    """Step until idle: {request id: (token ids, prompt tokens found cached)}; every KV block free after."""
-    out = {} if out is None else out
-    while engine.has_work:
-        for o in engine.step():
-            tokens, _ = out.get(o.request_id, ([], 0))
-            out[o.request_id] = (tokens + o.token_ids, o.num_cached_tokens)
-    assert engine.pop_errors() == [] and engine.pool.num_free == engine.pool.num_blocks
-    return out
-
-
 def one(engine: LLMEngine, rid: str, ids: list[int], lora: str | None, max_tokens: int = 5) -> tuple[list[int], int]:
     engine.add_request(rid, ids, SamplingParams(lora=lora, max_tokens=max_tokens, **GREEDY))
-    return drain(engine)[rid]
+    return run(engine, [])[rid]
 
 
 def test_an_adapter_loaded_late_serves_as_one_loaded_at_start(base, adapters):
@@ -75,7 +64,7 @@ def test_unloading_refuses_new_requests_and_lets_running_ones_finish_with_it(bas
     with pytest.raises(ValueError, match="no LoRA adapter 'x'"):
         engine.add_request("new", ids, SamplingParams(lora="x"))
     assert "x" in engine.loras.adapters  # still running a sequence
-    assert drain(engine, out)["running"][0] == want
+    assert run(engine, [], out)["running"][0] == want
     assert engine.loras.adapters == {}  # its tensors let go once nothing runs it
     with pytest.raises(KeyError):
         engine.unload_lora("x")
@@ -95,7 +84,7 @@ def test_a_name_loaded_again_never_reads_its_predecessors_cached_blocks(base, ad
         engine.load_lora("x", str(adapters["attn"]))
     engine.load_lora("x", str(adapters["attn"]), replace=True)
     engine.add_request("new", ids, SamplingParams(lora="x", max_tokens=6, **GREEDY))
-    out = drain(engine, {"old": (engine.scheduler.seqs_of("old")[0].output_token_ids[:], 0)})
+    out = run(engine, [], {"old": (engine.scheduler.seqs_of("old")[0].output_token_ids[:], 0)})
     fresh_all, fresh_attn = (make_engine(base, {"x": str(adapters[a])}) for a in ("all", "attn"))
     assert out["old"][0] == one(fresh_all, "o", ids, "x", max_tokens=6)[0]
     assert out["new"] == (one(fresh_attn, "n", ids, "x", max_tokens=6)[0], 0)
