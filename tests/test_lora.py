@@ -179,7 +179,12 @@ def test_an_unknown_adapter_is_refused(base, adapters):
     (lambda c, t: c.update(alora_invocation_tokens=[1, 2]), "activated LoRA"),
     (lambda c, t: c.update(layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
     (lambda c, t: c.update(trainable_token_indices=[5]), "trainable tokens"),
-    (lambda c, t: c.update(lora_alpha="16"), "lora_alpha must be a number"),
+    (lambda c, t: c.update(lora_alpha="16"), "lora_alpha must be a finite number"),
+    (lambda c, t: c.update(lora_alpha=float("nan")), "lora_alpha must be a finite number"),
+    (lambda c, t: c.update(lora_alpha=1e300), "not finite in torch.float32"),  # B scaled past float32
+    (lambda c, t: t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].view(-1)[0].fill_(float("inf")),
+     "down_proj has weights that are not finite"),
+    (lambda c, t: t.update({k: v[:0] if "lora_A" in k else v[:, :0] for k, v in t.items()}), "has rank 0"),
     (lambda c, t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64),
                             "base_model.model.lm_head.lora_B.weight": torch.zeros(2048, 2)}), "LoRA on .*lm_head"),
     (lambda c, t: t.pop("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"), "without its pair"),
@@ -201,6 +206,8 @@ def test_a_missing_or_broken_adapter_is_named(base, adapters, tmp_path):
     cfg = load_model(base, dtype="float32").cfg
     with pytest.raises(LoRAError, match="cannot read"):
         load_adapter("x", tmp_path / "nowhere", cfg, torch.float32, "cpu")
+    with pytest.raises(LoRAError, match="cannot read"):  # expanduser raises RuntimeError for an unknown user
+        load_adapter("x", "~no-such-user-here/x", cfg, torch.float32, "cpu")
     (tmp_path / "adapter_config.json").write_text("[]")
     weights = (adapters["all"] / "adapter_model.safetensors").read_bytes()
     (tmp_path / "adapter_model.safetensors").write_bytes(weights)

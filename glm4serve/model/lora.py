@@ -82,8 +82,8 @@ def _check_config(config: dict, path: Path) -> None:
     if config.get("alpha_pattern"):
         raise LoRAError(f"{path}: alpha_pattern not supported (one lora_alpha for every module)")
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise LoRAError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoRAError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
 
 
 def _scale(config: dict, rank: int) -> float:
@@ -94,8 +94,9 @@ def _scale(config: dict, rank: int) -> float:
 
 def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device) -> Adapter:
     """A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) for a model of `cfg`."""
-    path = Path(path).expanduser()
+    path = Path(path)
     try:
+        path = path.expanduser()  # RuntimeError for ~user of no such user
         config = json.loads((path / CONFIG_FILE).read_text())
         tensors = load_file(path / WEIGHTS_FILE)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error on a cut or foreign file
@@ -122,12 +123,15 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape != (rows, a.shape[0]):
             raise LoRAError(f"{path}: {stem} has A {tuple(a.shape)} and B {tuple(b.shape)}; the base weight is "
                             f"{rows} x {in_features}")
-        scale = _scale(config, a.shape[0])
-        adapter.pieces.setdefault(module, []).append(Piece(
-            row=spec.rows[0] if spec.rows else 0,
-            a=a.to(device=device, dtype=dtype).contiguous(),
-            b=(b.double() * scale).to(device=device, dtype=dtype).contiguous(),
-        ))
+        if a.shape[0] == 0:
+            raise LoRAError(f"{path}: {stem} has rank 0")
+        piece = Piece(row=spec.rows[0] if spec.rows else 0, a=a.to(device=device, dtype=dtype).contiguous(),
+                      b=(b.double() * _scale(config, a.shape[0])).to(device=device, dtype=dtype).contiguous())
+        # A weight that is not finite (or that scaling made so) would write NaN into KV blocks that other
+        # requests read later, masked, and 0 * NaN is NaN.
+        if not (torch.isfinite(piece.a).all() and torch.isfinite(piece.b).all()):
+            raise LoRAError(f"{path}: {stem} has weights that are not finite in {dtype} (scaled by lora_alpha / r)")
+        adapter.pieces.setdefault(module, []).append(piece)
     if not adapter.pieces:
         raise LoRAError(f"{path}: no LoRA weights in {WEIGHTS_FILE}")
     return adapter
@@ -183,6 +187,7 @@ class LoRASet:
     def remove(self, key: str) -> None:
         """Between steps, once no sequence runs with it: its tensors are freed (its wrappers stay)."""
         del self.adapters[key]
+        self.rows = []  # the last step's, which may hold it; the next step selects its own
 
     def _wrap(self, names) -> None:
         for name in set(names):
