@@ -704,3 +704,33 @@ def test_a_scored_prompt_is_no_prefix_cache_query():
         engine.step()
     stats = engine.stats()
     assert stats.prefix_cache_queries == 40 and stats.prefix_cache_hits == 36  # its blocks, written by the first
+
+
+async def test_a_lora_load_whose_caller_stops_waiting_never_runs_and_the_loop_goes_on(async_engine):
+    """Loads run on the loop thread between steps; one cancelled while queued is skipped, one cancelled
+    while running completes, and neither kills the loop."""
+    import threading
+
+    ae, runner, pool = async_engine()
+    running, release, loaded = threading.Event(), threading.Event(), []
+
+    def load_lora(name, path, replace=False):
+        running.set()
+        if name == "slow":
+            release.wait(5)
+        loaded.append(name)
+
+    ae.engine.load_lora = load_lora
+    slow = asyncio.create_task(ae.load_lora("slow", "/a"))
+    await wait_until(running.is_set)  # the loop thread is inside it
+    queued = asyncio.create_task(ae.load_lora("queued", "/b"))
+    await asyncio.sleep(0.05)
+    queued.cancel()
+    slow.cancel()
+    release.set()
+    for task in (slow, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    got = await consume(ae, "after", prompt_of(0, 4), greedy(max_tokens=2))
+    assert [c.token_ids for c in got.values()] == [continuation(prompt_of(0, 4), 2)]
+    assert loaded == ["slow"] and ae.is_alive

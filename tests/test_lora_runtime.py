@@ -5,6 +5,10 @@ KV blocks its predecessor cached."""
 
 from __future__ import annotations
 
+import gc
+import json
+import weakref
+
 import httpx
 import pytest
 
@@ -60,12 +64,14 @@ def test_unloading_refuses_new_requests_and_lets_running_ones_finish_with_it(bas
     for _ in range(3):  # its prompt and a couple of tokens
         for o in engine.step():
             out["running"] = (out.get("running", ([], 0))[0] + o.token_ids, 0)
+    adapter = weakref.ref(engine.loras.adapters["x"])
     engine.unload_lora("x")
     with pytest.raises(ValueError, match="no LoRA adapter 'x'"):
         engine.add_request("new", ids, SamplingParams(lora="x"))
     assert "x" in engine.loras.adapters  # still running a sequence
     assert run(engine, [], out)["running"][0] == want
-    assert engine.loras.adapters == {}  # its tensors let go once nothing runs it
+    gc.collect()
+    assert engine.loras.adapters == {} and adapter() is None  # its tensors let go once nothing runs it
     with pytest.raises(KeyError):
         engine.unload_lora("x")
 
@@ -168,7 +174,8 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(server, base, adapte
     assert greedy("sql") == peft_greedy(adapters["all"])
 
     def refused(path: str, body: dict, status: int, message: str) -> None:
-        r = admin.post(path, json=body)
+        # json.dumps escapes a lone surrogate (as a client may send it), where httpx's json= cannot encode it
+        r = admin.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
         assert r.status_code == status and message in r.json()["error"]["message"], r.text
 
     refused("/load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters["attn"])}, 400,
@@ -178,6 +185,8 @@ def test_the_server_loads_and_unloads_adapters_as_vllm_does(server, base, adapte
             "the served model's name")
     refused("/load_lora_adapter", {"lora_name": "", "lora_path": ""}, 400, "must be provided")
     refused("/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path")
+    refused("/load_lora_adapter", {"lora_name": "z\ud800", "lora_path": str(adapters["all"])}, 400, "surrogate")
+    refused("/load_lora_adapter", {"lora_name": "r0", "lora_path": "~no-such-user-here/x"}, 400, "cannot read")
     r = admin.post("/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(adapters["attn"]),
                                                "load_inplace": True})
     assert r.status_code == 200

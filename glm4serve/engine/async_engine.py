@@ -1,10 +1,11 @@
 """The engine loop on its own thread, with an asyncio face for the API.
 
-The loop thread owns the LLMEngine: nothing else touches it. Other threads hand it commands
-(add, abort, and calls such as loading a LoRA adapter, whose result comes back in a future) through
-a queue guarded by a condition variable, which the loop also sleeps on when it has no work. Each request's Outputs travel back to the event loop that asked for them,
-through loop.call_soon_threadsafe into that request's asyncio.Queue. After a busy spell, once idle
-for a second, the loop hands the C heap's free memory back to the OS (release_free_memory).
+The loop thread owns the LLMEngine: nothing else touches it. Other threads hand it commands (add,
+abort, and calls such as loading a LoRA adapter, whose result comes back in a future) through a
+queue guarded by a condition variable, which the loop also sleeps on when it has no work. Each
+request's Outputs travel back to the event loop that asked for them, through
+loop.call_soon_threadsafe into that request's asyncio.Queue. After a busy spell, once idle for a
+second, the loop hands the C heap's free memory back to the OS (release_free_memory).
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ class AsyncEngine:
             for stream in streams.values():
                 self._put(stream, EngineError(reason))
             for future in calls:
-                future.set_exception(EngineError(reason))
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineError(reason))
             try:
                 self.engine.close()
             except Exception:  # noqa: BLE001 - shutting down either way
@@ -253,6 +255,8 @@ class AsyncEngine:
     def _apply(self, command: tuple) -> None:
         if command[0] == "call":
             _, fn, future = command
+            if not future.set_running_or_notify_cancel():  # its caller stopped waiting before it ran
+                return
             try:
                 future.set_result(fn())
             except Exception as e:  # noqa: BLE001 - the caller's to handle
