@@ -273,6 +273,17 @@ def test_with_a_reasoning_parser_the_thinking_is_a_reasoning_item_whole_and_stre
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_then_a_call_is_a_reasoning_item_then_a_function_call(stream):
+    client = TestClient(make_app(replies=["Weather, so a call.</think>" + CALL], reasoning_parser="deepseek_r1"))
+    r = client.post("/v1/responses", json={"input": "weather?", "tools": [TOOL], "stream": stream})
+    body = events_of(r.text)[-1]["response"] if stream else r.json()
+    assert [(i["type"], i["status"]) for i in body["output"]] == [("reasoning", "completed"),
+                                                                  ("function_call", "completed")]
+    assert body["output"][0]["content"][0]["text"] == "Weather, so a call."
+    assert (body["output"][1]["name"], body["output"][1]["arguments"]) == ("get_weather", '{"city": "Paris"}')
+
+
 def test_a_reply_cut_while_thinking_is_its_reasoning_and_an_empty_message():
     client = TestClient(make_app(replies=["\nStill thinking about it"], reasoning_parser="deepseek_r1"))
     for stream in (False, True):
