@@ -17,8 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"glm4serve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="the checkpoint, as --model (as in `vllm serve MODEL`)")
     add_settings_flags(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_vllm_flags(serve)
     # Listed for --help only: main() hands its arguments to make_model_main untouched.
     commands.add_parser("make-model", help="write a small random GLM-4 checkpoint (see make-model --help)",
                         add_help=False)
@@ -43,6 +46,31 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, nargs=many, help=help_)
 
 
+# vLLM flags that a command line written for vLLM may carry, and that change nothing here: taken, and the
+# log says why (flag -> whether it takes a value, why it changes nothing).
+VLLM_FLAGS_WITHOUT_EFFECT = {
+    "--trust-remote-code": (False, "GLM-4 runs on glm4serve's own model code, never on a checkpoint's"),
+    "--enable-lora": (False, "adapters are served with --lora-modules or --allow-runtime-lora-updating"),
+    "--max-lora-rank": (True, "adapters of any rank are served"),
+    "--max-loras": (True, "a batch holds requests of any number of adapters"),
+    "--enable-auto-tool-choice": (False, "GLM-4's tool calls are parsed whenever a request gives tools"),
+    "--tool-call-parser": (True, "GLM-4's tool calls are parsed by glm4serve's own parser"),
+    "--enable-chunked-prefill": (False, "prefill is always chunked (--max-num-batched-tokens)"),
+    "--disable-log-requests": (False, "no request's prompt or reply is ever logged"),
+}
+
+
+def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (takes_value, why) in VLLM_FLAGS_WITHOUT_EFFECT.items():
+        parser.add_argument(flag, dest="vllm_" + flag[2:].replace("-", "_"), default=argparse.SUPPRESS,
+                            **({"metavar": "VALUE"} if takes_value else {"action": "store_true"}),
+                            help=f"vLLM's, taken for its command lines: no effect ({why})")
+
+
+def vllm_flags_given(args: argparse.Namespace) -> list[str]:
+    return [flag for flag in VLLM_FLAGS_WITHOUT_EFFECT if hasattr(args, "vllm_" + flag[2:].replace("-", "_"))]
+
+
 def _literal_choices(annotation) -> tuple | None:
     """The values of a Literal field, or of `Literal[...] | None`; None for any other type."""
     for t in (annotation, *typing.get_args(annotation)):
@@ -54,7 +82,12 @@ def _literal_choices(annotation) -> tuple | None:
 def settings_from_args(args: argparse.Namespace):
     from glm4serve.api.settings import ServerSettings
 
-    return ServerSettings(**{name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)})
+    given = {name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)}
+    if getattr(args, "model_tag", None) is not None:
+        if given.get("model", args.model_tag) != args.model_tag:
+            raise ValueError(f"two models given: {args.model_tag} and --model {given['model']}")
+        given["model"] = args.model_tag
+    return ServerSettings(**given)
 
 
 @contextlib.contextmanager
@@ -98,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag in vllm_flags_given(args):
+        logging.getLogger("glm4serve").info("%s (vLLM's) has no effect here: %s", flag,
+                                            VLLM_FLAGS_WITHOUT_EFFECT[flag][1])
     try:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError

@@ -84,6 +84,27 @@ def test_cli_flags_only_override_what_they_name(tmp_path, monkeypatch):
     assert (s.kv_cache_memory, s.max_model_len, s.served_model_name) == (2 * 1024**3, 512, "glm")
 
 
+def test_a_vllm_command_line_is_taken():
+    """`vllm serve MODEL` with flags a GLM-4 deployment carries: the model as the positional argument,
+    --gpu-memory-utilization taken, the flags that change nothing here taken and logged as such."""
+    argv = ["serve", "/data/glm-4-9b-chat", "--trust-remote-code", "--gpu-memory-utilization", "0.85",
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--enable-lora", "--max-lora-rank", "64",
+            "--max-model-len", "32768"]
+    args = cli.build_parser().parse_args(argv)
+    s = cli.settings_from_args(args)
+    assert (s.model, s.gpu_memory_utilization, s.max_model_len) == ("/data/glm-4-9b-chat", 0.85, 32768)
+    assert cli.vllm_flags_given(args) == ["--trust-remote-code", "--enable-lora", "--max-lora-rank",
+                                          "--enable-auto-tool-choice", "--tool-call-parser"]
+    assert ServerSettings().gpu_memory_utilization == 0.9  # vLLM's default
+    same = cli.build_parser().parse_args(["serve", "/m", "--model", "/m"])
+    assert cli.settings_from_args(same).model == "/m"
+    with pytest.raises(ValueError, match="two models given"):
+        cli.settings_from_args(cli.build_parser().parse_args(["serve", "/a", "--model", "/b"]))
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValidationError):
+            cli.settings_from_args(cli.build_parser().parse_args(["serve", "--gpu-memory-utilization", bad]))
+
+
 def test_make_model_is_delegated_untouched(monkeypatch):
     seen = []
     fake = types.ModuleType("glm4serve.model.random_checkpoint")

@@ -55,6 +55,7 @@ def test_cuda_kv_budget_is_what_the_loaded_weights_leave(monkeypatch):
     total, used = 80 << 30, 20 << 30  # weights and the CUDA context already in memory
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - used, total))
     assert kv_budget(model, "cuda") == int(total * GPU_MEMORY_FRACTION) - used
+    assert kv_budget(ServerSettings(model="/some/checkpoint", gpu_memory_utilization=0.5), "cuda") == (40 - 20) << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, total))
     with pytest.raises(ValueError, match="kv_cache_memory"):
         kv_budget(model, "cuda")

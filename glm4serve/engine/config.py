@@ -86,7 +86,10 @@ class EngineArgs(BaseModel):
         None, ge=1, description="context length to serve (default: the model's, capped by the KV cache)")
     kv_cache_memory: int | None = Field(
         None, description="KV cache size, bytes or like 2GiB (default: 4GiB on CPU, 1GiB for the demo, "
-                          f"on a GPU what the weights leave of {GPU_MEMORY_FRACTION:.0%} of its memory)")
+                          "on a GPU what the weights leave of gpu_memory_utilization of its memory)")
+    gpu_memory_utilization: float = Field(
+        GPU_MEMORY_FRACTION, gt=0.0, le=1.0, description="GPU: the share of its memory for the weights and the "
+                                                         "KV cache, the rest for activations (vLLM's)")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks, instead of kv_cache_memory")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")
@@ -170,10 +173,11 @@ def kv_budget(args: EngineArgs, device: str) -> int:
     import torch
 
     free, total = torch.cuda.mem_get_info(torch.device(device))
-    budget = int(total * GPU_MEMORY_FRACTION) - (total - free)
+    budget = int(total * args.gpu_memory_utilization) - (total - free)
     if budget <= 0:
         raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
-                         f"{total / 2**30:.1f} GiB after loading the weights): set kv_cache_memory")
+                         f"{total / 2**30:.1f} GiB after loading the weights): set kv_cache_memory, or raise "
+                         "gpu_memory_utilization")
     return budget
 
 
