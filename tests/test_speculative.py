@@ -200,6 +200,7 @@ def test_a_draft_takes_no_block_another_sequence_needs():
     # the first drafted token kept: the second's slot stays in the block of the token after it
     sched.on_step_done(out)
     a.output_token_ids += [13, 10]
+    sched.keep_draft_token(sa)
     sched.accept_draft(sa, 1)
     assert a.num_computed_tokens == 10 and len(a.block_table) == 3
     # with room, the whole draft; a rejection gives back the block that held only drafted tokens
@@ -364,3 +365,24 @@ def test_structured_output_is_that_of_plain_decoding(make_checkpoint):
     spec, engine = replies({**SPEC, "prompt_lookup_min": 1})
     assert spec == plain
     assert engine.spec_draft_tokens > 0
+
+
+@pytest.mark.parametrize("max_tokens", [29, 30, 31])
+def test_a_reply_that_ends_on_kept_drafted_tokens_leaves_them_in_the_prefix_cache(max_tokens):
+    """The token that ends a reply may come from a draft's rows: the kept tokens before it were computed,
+    and the next turn's prompt (prompt + reply) finds them cached, as after plain decoding."""
+    cached, drafted = {}, {}
+    prompt = prompt_of(1, 9)
+    for spec in (None, SPEC):
+        engine, _ = make_engine(spec, copying)
+        [reply] = [c[0] for c in run(engine, [("a", prompt, SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True))]).values()]
+        engine.add_request("b", prompt + reply, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        outs = []
+        while engine.has_work:
+            outs += engine.step()
+        cached[bool(spec)] = outs[-1].num_cached_tokens
+        drafted[bool(spec)] = engine.spec_accepted_tokens
+        assert engine.pool.num_free == engine.pool.num_blocks
+    assert drafted[True] > 0  # drafts were kept: the case is exercised
+    assert cached[True] == cached[False] == (len(prompt) + max_tokens - 1) // 4 * 4

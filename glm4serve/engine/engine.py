@@ -275,6 +275,7 @@ class LLMEngine:
                 break
             for s, _ in live:
                 kept[id(s)] += 1
+                self.scheduler.keep_draft_token(s)
             sampled = self._sample(logits[[row + kept[id(s)] - 1 for s, row in live]], [s.seq for s, _ in live])
             for (s, _), smp in zip(live, sampled):
                 self._take_token(s.seq, smp, outputs)

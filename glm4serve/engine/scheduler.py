@@ -35,9 +35,10 @@ step has left, budget and empty blocks (never a cached prefix's), goes to drafts
 the tokens guessed to follow a decoding sequence's next one, computed in the same forward, oldest
 sequence first. So a draft never delays a decode or a prefill, preempts anything or evicts a cached
 prefix; a sequence whose drafts keep failing drafts less and less often, down to one step in 16.
-The step first counts only the real token as computed (`on_step_done`); the engine then tells which
-drafted tokens the sampler kept (`accept_draft`), and the blocks past them go back to the pool: the
-prefix cache only ever holds tokens of the sequence.
+The step first counts only the real token as computed (`on_step_done`); the engine then tells each
+drafted token the sampler kept (`keep_draft_token`, before it samples the token after it, which may
+end the sequence), and last how many it kept (`accept_draft`): the blocks past them go back to the
+pool. So the prefix cache holds every kept token, as in plain decoding, and never a rejected one.
 
 Prompt logprobs: a sequence that asks for them computes its whole prompt (no prefix cache hit, as
 in vLLM), and its prefill chunks return logits after every token: at most PROMPT_LOGIT_ROWS rows a
@@ -289,22 +290,27 @@ class Scheduler:
             if seq.num_computed_tokens == seq.num_tokens and seq.seq_id in self._forks:
                 self._fork(seq)
 
+    def keep_draft_token(self, s: ScheduledSeq) -> None:
+        """The next token of `s.draft` is the sequence's own (the engine appended it): its K/V, computed in
+        the step, counts, and a block it fills joins the prefix cache, before anything can finish it."""
+        seq = s.seq
+        seq.num_computed_tokens += 1
+        if self.cfg.enable_prefix_caching:
+            self._register_full_blocks(seq, seq.num_computed_tokens - 1, seq.num_computed_tokens)
+
     def accept_draft(self, s: ScheduledSeq, accepted: int) -> None:
-        """The first `accepted` tokens of `s.draft` are now the sequence's own (the engine appended them):
-        their K/V, computed in the step, counts. Blocks that held only rejected ones are freed."""
+        """The engine kept the first `accepted` tokens of `s.draft` (keep_draft_token): blocks that held
+        only rejected ones are freed."""
         seq = s.seq
         if seq.status is not SeqStatus.RUNNING:
             return
-        if not 0 <= accepted <= len(s.draft) or seq.num_computed_tokens != s.start + s.num_tokens - len(s.draft):
+        if not 0 <= accepted <= len(s.draft) or \
+                seq.num_computed_tokens != s.start + s.num_tokens - len(s.draft) + accepted:
             raise RuntimeError(f"{seq} cannot accept {accepted} of a {len(s.draft)}-token draft")
         # a reply that keeps refusing its drafts (it does not repeat its context) pays for their rows in
         # every step: it drafts again after 1, 3, 7, then every MAX_DRAFT_PAUSE + 1 steps, until one is kept
         seq.draft_misses = 0 if accepted else seq.draft_misses + 1
         seq.draft_pause = min(2**seq.draft_misses - 1, MAX_DRAFT_PAUSE)
-        begin = seq.num_computed_tokens
-        seq.num_computed_tokens += accepted
-        if self.cfg.enable_prefix_caching:
-            self._register_full_blocks(seq, begin, seq.num_computed_tokens)
         keep = self.pool.blocks_needed(seq.num_computed_tokens)
         if len(seq.block_table) > keep:
             self.pool.free(seq.block_table[keep:][::-1])
