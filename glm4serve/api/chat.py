@@ -141,7 +141,7 @@ class ChoiceStream:
         self.parser = StreamingToolParser(plan.tool_names, lenient=plan.forced_call) if plan.tool_names else None
         self.reasoning = StreamingReasoningParser() if plan.reasoning else None
         self.thinking_tokens = ThinkingTokens() if plan.reasoning else None
-        self.token_bytes = reply_token_bytes(plan, tokenizer)
+        self._token_bytes = reply_token_bytes(plan, tokenizer) if plan.reasoning else None
         self._strip_newline = self._strip_thinking_newline = plan.strip_newline
         self._tokenizer = tokenizer
         self._as_ids = plan.logprob_token_ids
@@ -153,7 +153,7 @@ class ChoiceStream:
         check_finish(out.finish_reason)
         self.num_tokens = out.num_output_tokens
         if self.thinking_tokens is not None:
-            self.thinking_tokens.feed(map(self.token_bytes, out.token_ids))
+            self.thinking_tokens.feed(map(self._token_bytes, out.token_ids))
         entries = chat_logprob_entries(self._tokenizer, out.logprobs, self._as_ids) if logprobs and out.logprobs else []
         deltas = self.feed(out.text) if out.text else []
         if out.finish_reason is None:
@@ -263,7 +263,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     reasons: list[str | None] = [None] * n
     num_tokens = [0] * n
     thinking = [ThinkingTokens() for _ in range(n)] if plan.reasoning else None
-    token_bytes = reply_token_bytes(plan, ctx.tokenizer)
+    token_bytes = reply_token_bytes(plan, ctx.tokenizer) if plan.reasoning else None
     details = PromptTokensDetails()
     prompt_logprobs = None  # vLLM's, the same on every choice
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)

@@ -6,9 +6,9 @@ object whose `output` holds a message item (the text) and a function_call item p
 reasoning item with the thinking when a reasoning parser splits it off (GLM-Z1; its tokens are
 usage's reasoning_tokens). Streamed, it is typed events, each with a `sequence_number`:
 response.created and .in_progress, then per item output_item.added, its deltas (output_text.delta,
-reasoning_text.delta or function_call_arguments.delta) and its .done events, and last response.completed (or
-response.incomplete when max_output_tokens cut the reply). A failure midway is an `error`
-event; the stream has no `[DONE]`.
+reasoning_text.delta or function_call_arguments.delta) and its .done events, and last
+response.completed (or response.incomplete when max_output_tokens cut the reply). A failure midway
+is an `error` event; the stream has no `[DONE]`.
 
 A finished reply is stored (response_store.py) unless the request says `store: false`, before
 its last event goes out, so a client may follow up on it as soon as it has it. A reply that
