@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from glm4serve.api.settings import ServerSettings
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     MODEL,
     engine_of,
@@ -403,6 +404,22 @@ def test_priority_is_taken_under_the_priority_policy_and_refused_before_a_stream
     r = client.post("/v1/responses", json={"input": "hi", "priority": 3})
     assert r.status_code == 200
     assert [c.params.priority for c in engine_of(client.app).calls] == [-4, 3]
+
+
+def test_a_chat_template_given_at_start_renders_every_chat_prompt(tmp_path):
+    """vLLM's --chat-template: a file or the template itself, in place of the checkpoint's."""
+    template = "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n[{{ m.content }}]{% endfor %}<|assistant|>"
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (str(tmp_path / "t.jinja"), template):
+        client = client_for(chat_template=given)
+        assert client.post("/v1/chat/completions", json={"messages": USER_HI}).status_code == 200
+        [call] = engine_of(client.app).calls
+        assert small_tokenizer().decode(call.prompt_ids) == "[gMASK]<sop><|user|>\n[hi]<|assistant|>"
+        tokens = client.post("/tokenize", json={"messages": USER_HI}).json()["tokens"]
+        assert tokens == call.prompt_ids
+    for bad, error in ((str(tmp_path / "missing.jinja"), "cannot be read"), ("{% for %}", "does not parse")):
+        with pytest.raises(ValueError, match=error):
+            ServerSettings(chat_template=bad)
 
 
 def test_cache_salt_reaches_the_engine_from_every_route_and_an_empty_one_is_refused():

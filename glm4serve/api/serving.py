@@ -153,7 +153,7 @@ class ServingContext:
         """A chat body's messages -> the checkpoint's chat template -> token ids; 400 when unrenderable."""
         try:
             text = render_prompt([m.for_template() for m in body.messages], tools=tools,
-                                 chat_template=self.tokenizer.chat_template,
+                                 chat_template=self.settings.chat_template or self.tokenizer.chat_template,
                                  add_generation_prompt=body.add_generation_prompt,
                                  template_kwargs=body.chat_template_kwargs,
                                  continue_final_message=body.continue_final_message)

@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from glm4serve.chat.template import load_chat_template
 from glm4serve.engine.config import EngineArgs, parse_bytes
 
 
@@ -49,6 +50,9 @@ class ServerSettings(EngineArgs, BaseSettings):
     max_n: int = Field(16, ge=1, description="most choices (n) in one request")
     max_prompts: int = Field(64, ge=1, description="most prompts in one /v1/completions request")
     max_tokens_limit: int | None = Field(None, ge=1, description="cap on max_tokens (default: the context length)")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, or a file holding one, for every chat request instead of the "
+                          "checkpoint's (vLLM's --chat-template; default: the checkpoint's, else glm-4-9b-chat's)")
     reasoning_parser: Literal["deepseek_r1"] | None = Field(
         None, description="chat replies' thinking, up to </think> (GLM-Z1), as reasoning_content, as vLLM's "
                           "--reasoning-parser deepseek_r1 (default: off, all of a reply is content)")
@@ -67,6 +71,12 @@ class ServerSettings(EngineArgs, BaseSettings):
         default_factory=list, description="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     config: str | None = Field(
         None, description="YAML file with any of these settings (CLI > env > YAML > defaults)")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v):
+        """The template itself from here on (read and parsed once, at start)."""
+        return None if v is None else load_chat_template(v)
 
     @field_validator("response_store_memory", mode="before")
     @classmethod

@@ -112,6 +112,19 @@ def render_prompt_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return tokenizer.encode(render_prompt(messages, **kwargs), allow_special=True)
 
 
+def load_chat_template(value: str) -> str:
+    """vLLM's --chat-template: a file holding a template, or a template itself (one with a brace or a
+    line break in it); TemplateError when it is neither, or does not parse."""
+    try:
+        source = Path(value).expanduser().read_text(encoding="utf-8")
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: ~user of no such user
+        if not any(c in value for c in "{}\n"):
+            raise TemplateError(f"chat template {value!r} looks like a file, but cannot be read: {e}") from None
+        source = value
+    _compile(source)
+    return source
+
+
 @lru_cache(maxsize=1)
 def builtin_template() -> str:
     return BUILTIN_TEMPLATE_PATH.read_text(encoding="utf-8")
