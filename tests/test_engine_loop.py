@@ -727,6 +727,7 @@ async def test_a_lora_load_whose_caller_stops_waiting_never_runs_and_the_loop_go
     await asyncio.sleep(0.05)
     queued.cancel()
     slow.cancel()
+    await asyncio.wait({queued, slow})  # their cancellation has reached the loop's futures
     release.set()
     for task in (slow, queued):
         with pytest.raises(asyncio.CancelledError):
