@@ -417,9 +417,13 @@ def test_a_chat_template_given_at_start_renders_every_chat_prompt(tmp_path):
         assert small_tokenizer().decode(call.prompt_ids) == "[gMASK]<sop><|user|>\n[hi]<|assistant|>"
         tokens = client.post("/tokenize", json={"messages": USER_HI}).json()["tokens"]
         assert tokens == call.prompt_ids
-    for bad, error in ((str(tmp_path / "missing.jinja"), "cannot be read"), ("{% for %}", "does not parse")):
+    for bad, error in ((str(tmp_path / "missing.jinja"), "cannot be read"), ("{% for %}", "does not parse: line 1")):
         with pytest.raises(ValueError, match=error):
             ServerSettings(chat_template=bad)
+    # a template that fails on some input (here: one message) is a 400 for that input, not a 500
+    client = client_for(chat_template="[gMASK]<sop>{{ 1 // (messages|length - 1) }}<|assistant|>")
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI})
+    assert r.status_code == 400 and "chat template failed" in r.json()["error"]["message"]
 
 
 def test_cache_salt_reaches_the_engine_from_every_route_and_an_empty_one_is_refused():

@@ -284,6 +284,25 @@ def test_thinking_then_a_call_is_a_reasoning_item_then_a_function_call(stream):
     assert (body["output"][1]["name"], body["output"][1]["arguments"]) == ("get_weather", '{"city": "Paris"}')
 
 
+def test_an_empty_answer_after_thinking_has_its_stop_tokens_logprobs_whole_and_streamed():
+    client = TestClient(make_app(replies=["\nT.</think>"], reasoning_parser="deepseek_r1"))
+    body = {"input": "hi", "top_logprobs": 1, "include": ["message.output_text.logprobs"]}
+    whole = client.post("/v1/responses", json=body).json()
+    streamed = events_of(client.post("/v1/responses", json={**body, "stream": True}).text)[-1]["response"]
+    for reply in (whole, streamed):
+        assert [i["type"] for i in reply["output"]] == ["reasoning", "message"]
+        [part] = reply["output"][1]["content"]
+        assert part["text"] == "" and len(part["logprobs"]) == 1  # the stop token's
+    assert whole["output"][1]["content"] == streamed["output"][1]["content"]
+
+
+def test_input_of_reasoning_items_alone_is_refused_by_name():
+    r = TestClient(make_app()).post("/v1/responses", json={"input": [{"type": "reasoning", "id": "rs_1",
+                                                                      "summary": []}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert "no message or function call item" in r.json()["error"]["message"]
+
+
 def test_a_reply_cut_while_thinking_is_its_reasoning_and_an_empty_message():
     client = TestClient(make_app(replies=["\nStill thinking about it"], reasoning_parser="deepseek_r1"))
     for stream in (False, True):

@@ -100,7 +100,7 @@ def test_a_vllm_command_line_is_taken():
     assert cli.settings_from_args(same).model == "/m"
     with pytest.raises(ValueError, match="two models given"):
         cli.settings_from_args(cli.build_parser().parse_args(["serve", "/a", "--model", "/b"]))
-    for bad in ("0", "1.5"):
+    for bad in ("0", "1.5", "nan"):
         with pytest.raises(ValidationError):
             cli.settings_from_args(cli.build_parser().parse_args(["serve", "--gpu-memory-utilization", bad]))
 

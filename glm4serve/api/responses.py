@@ -234,8 +234,12 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
                     events = builder.arguments(call["function"]["arguments"])
                 for event in events:
                     yield event
-    if pending and builder.output and builder.output[-1]["type"] == "message":
-        builder.text("", pending)  # the stop token's, after the last text
+    last = builder.output[-1]["type"] if builder.output else None
+    if plan.reasoning and not answering:  # no answer text came: the answer's tokens are those after the tag
+        pending = _after_thinking(pending) if choice.thinking_tokens.done else []
+    if pending and last != "function_call":  # the stop token's, after the last text (or as the only text)
+        for event in builder.text("", pending):
+            yield event
     status, events = builder.finish(finish_reason)
     for event in events:
         yield event

@@ -254,7 +254,11 @@ class ResponsesRequest(_RequestBody):
     def to_chat(self, history: list = ()) -> ChatCompletionRequest:
         """The chat request of the same reply (raises pydantic's ValidationError for what only
         the chat rules catch, such as a tool_choice naming no given tool)."""
-        body: dict[str, Any] = {"model": self.model, "messages": self.messages(history)}
+        messages = self.messages(history)
+        if not messages:
+            raise APIError(400, "input has no message or function call item (reasoning items are dropped)",
+                           "invalid_request_error", "input")
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
         for name in ("temperature", "top_p", "parallel_tool_calls", "user", "seed", "top_k", "min_p",
                      "repetition_penalty", "priority", "return_tokens_as_token_ids", "cache_salt"):
             if getattr(self, name) is not None:

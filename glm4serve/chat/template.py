@@ -88,7 +88,8 @@ def render_prompt(
         text = template.render(messages=turns, tools=tools, add_generation_prompt=add_generation_prompt, **extra)
     except jinja2.TemplateError as e:  # raise_exception, undefined names, sandbox violations
         raise TemplateError(f"chat template failed: {e}") from e
-    except (TypeError, ValueError, KeyError, AttributeError) as e:  # bad data the template chokes on
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError) as e:
+        # bad data the template chokes on, or a template (--chat-template) that divides by zero or recurses
         raise TemplateError(f"chat template failed on this input: {e!r}") from e
     return _cut_after_final_message(text, messages) if continue_final_message else text
 
@@ -261,4 +262,4 @@ def _compile(template_source: str) -> jinja2.Template:
     try:
         return env.from_string(template_source)
     except jinja2.TemplateSyntaxError as e:
-        raise TemplateError(f"chat template does not parse: {e}") from e
+        raise TemplateError(f"chat template does not parse: line {e.lineno}: {e.message}") from e
