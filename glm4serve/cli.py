@@ -42,7 +42,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_)
         else:
             choices = _literal_choices(field.annotation)
-            many = "+" if typing.get_origin(field.annotation) is dict else None  # --lora-modules a=/x b=/y
+            # --lora-modules a=/x b=/y, --served-model-name a b
+            several = typing.get_origin(field.annotation) is dict or (field.json_schema_extra or {}).get("several")
+            many = "+" if several else None
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, nargs=many, help=help_)
 
 

@@ -31,6 +31,16 @@ def test_models_lists_the_served_model():
     assert isinstance(card["created"], int) and card["owned_by"]
 
 
+def test_a_model_served_under_several_names_answers_to_each_and_replies_with_the_first():
+    """vLLM's --served-model-name a b."""
+    client = TestClient(make_app(model_name="glm-4", served_model_name="glm-4 THUDM/glm-4-9b-chat"))
+    assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["glm-4", "THUDM/glm-4-9b-chat"]
+    for name in ("glm-4", "THUDM/glm-4-9b-chat"):
+        r = client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "glm-4"
+    assert client.post("/v1/completions", json={"model": "glm", "prompt": "hi"}).status_code == 404
+
+
 def test_a_model_is_retrieved_by_its_id_even_with_a_slash():
     client = TestClient(make_app(max_model_len=1234))
     [card] = client.get("/v1/models").json()["data"]

@@ -96,6 +96,11 @@ def test_a_vllm_command_line_is_taken():
     assert cli.vllm_flags_given(args) == ["--trust-remote-code", "--enable-lora", "--max-lora-rank",
                                           "--enable-auto-tool-choice", "--tool-call-parser"]
     assert ServerSettings().gpu_memory_utilization == 0.9  # vLLM's default
+    named = cli.settings_from_args(cli.build_parser().parse_args(["serve", "/m", "--served-model-name", "a", "b"]))
+    assert (named.model, named.model_name, named.model_aliases) == ("/m", "a", ["b"])
+    unnamed = cli.settings_from_args(cli.build_parser().parse_args(["serve", "--served-model-name", "a", "b"]))
+    assert (unnamed.model, unnamed.model_aliases) == (None, ["b"])  # the second name is no model path
+    assert ServerSettings(served_model_name=["a", "b"]).served_model_name == "a b"  # YAML's list
     same = cli.build_parser().parse_args(["serve", "/m", "--model", "/m"])
     assert cli.settings_from_args(same).model == "/m"
     with pytest.raises(ValueError, match="two models given"):

@@ -36,7 +36,7 @@ async def load_lora_adapter(ctx: ServingContext, body: LoadLoRAAdapterRequest) -
     name, path = body.lora_name, body.lora_path
     if not name or not path:
         raise invalid_request("Both 'lora_name' and 'lora_path' must be provided.")
-    if name == ctx.model_name:
+    if name == ctx.model_name or name in ctx.settings.model_aliases:
         raise invalid_request(f"'{name}' is the served model's name: an adapter needs another", "lora_name")
     await asyncio.shield(_load(ctx, name, path, body.load_inplace))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

@@ -94,9 +94,9 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
                        "invalid_request_error")
 
     def model_cards() -> list[ModelCard]:
-        base = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len,
-                         root=settings.model or ctx.model_name)
-        return [base] + [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len, root=path,
+        base = [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len,
+                          root=settings.model or ctx.model_name) for name in (ctx.model_name, *settings.model_aliases)]
+        return base + [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len, root=path,
                                    parent=ctx.model_name) for name, path in ctx.loras.items()]
 
     @v1.get("/models")

@@ -68,9 +68,9 @@ class ServingContext:
                            headers={"Retry-After": "5"})
 
     def check_model(self, name: str | None) -> str | None:
-        """A request's `model`, when it names one, must be the served model or one of its LoRA adapters
-        (404 otherwise): the adapter's name, None for the base model."""
-        if not name or name == self.model_name:
+        """A request's `model`, when it names one, must be the served model (by any of its names) or one of
+        its LoRA adapters (404 otherwise): the adapter's name, None for the base model."""
+        if not name or name == self.model_name or name in self.settings.model_aliases:
             return None
         if name in self.loras:
             return name

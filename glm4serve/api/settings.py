@@ -35,7 +35,9 @@ class ServerSettings(EngineArgs, BaseSettings):
                                                        "(runs the replicated server even with one replica)")
     port: int = Field(8000, ge=0, le=65535, description="port")
     served_model_name: str | None = Field(
-        None, description="model id clients send and /v1/models lists (default: the model folder's name)")
+        None, description="model id clients send and /v1/models lists (default: the model folder's name); "
+                          "several, space-separated, as vLLM's: requests may name any, replies name the first",
+        json_schema_extra={"several": True})
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1/*")
     sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on streams (0 = off)")
     graceful_shutdown_seconds: float = Field(30.0, ge=0, description="time in-flight requests get on SIGTERM")
@@ -98,16 +100,31 @@ class ServerSettings(EngineArgs, BaseSettings):
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
 
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _served_names(cls, v):
+        names = v.split() if isinstance(v, str) else v  # --served-model-name a b gives a list
+        if names is not None and (not isinstance(names, list) or not names):
+            raise ValueError("served_model_name needs one or more names")
+        return None if names is None else " ".join(names)
+
     @property
     def model_name(self) -> str:
-        """The model id clients send and /v1/models lists."""
-        return self.served_model_name or (Path(self.model).name if self.model else "glm4-demo")
+        """The model id replies name and /v1/models lists first."""
+        return self.served_model_name.split()[0] if self.served_model_name else (
+            Path(self.model).name if self.model else "glm4-demo")
+
+    @property
+    def model_aliases(self) -> list[str]:
+        """The other names requests may give the served model (served_model_name's after the first)."""
+        return self.served_model_name.split()[1:] if self.served_model_name else []
 
     @model_validator(mode="after")
     def _lora_names(self):
-        if self.model_name in self.lora_modules:
-            raise ValueError(f"a LoRA adapter is named {self.model_name!r}, as the served model: rename one "
-                             "(served_model_name)")
+        for name in (self.model_name, *self.model_aliases):
+            if name in self.lora_modules:
+                raise ValueError(f"a LoRA adapter is named {name!r}, as the served model: rename one "
+                                 "(served_model_name)")
         if self.allow_runtime_lora_updating and self.num_replicas > 1:
             raise ValueError("allow_runtime_lora_updating needs one engine: with replicas, list the adapters in "
                              "lora_modules (a replica Ray restarts would come back without those loaded later)")
