@@ -88,8 +88,8 @@ class EngineArgs(BaseModel):
         None, description="KV cache size, bytes or like 2GiB (default: 4GiB on CPU, 1GiB for the demo, "
                           "on a GPU what the weights leave of gpu_memory_utilization of its memory)")
     gpu_memory_utilization: float = Field(
-        GPU_MEMORY_FRACTION, gt=0.0, le=1.0, allow_inf_nan=False, description="GPU: the share of its memory for the weights and the "
-                                                         "KV cache, the rest for activations (vLLM's)")
+        GPU_MEMORY_FRACTION, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="GPU: the share of its memory for the weights and the KV cache, the rest for activations (vLLM's)")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks, instead of kv_cache_memory")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")

@@ -111,5 +111,6 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
     if loras is not None:
         loras.attach(model)
         runner.loras = loras
-    log.info("model runner: %s%s", runner, f", LoRA adapters: {', '.join(loras.adapters) or 'none yet'}" if loras else "")
+    adapters = f", LoRA adapters: {', '.join(loras.adapters) or 'none yet'}" if loras else ""
+    log.info("model runner: %s%s", runner, adapters)
     return runner
