@@ -48,29 +48,19 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, nargs=many, help=help_)
 
 
-# vLLM flags that a command line written for vLLM may carry, and that change nothing here: taken, and the
-# log says why (flag -> whether it takes a value, why it changes nothing).
-VLLM_FLAGS_WITHOUT_EFFECT = {
-    "--trust-remote-code": (False, "GLM-4 runs on glm4serve's own model code, never on a checkpoint's"),
-    "--enable-lora": (False, "adapters are served with --lora-modules or --allow-runtime-lora-updating"),
-    "--max-lora-rank": (True, "adapters of any rank are served"),
-    "--max-loras": (True, "a batch holds requests of any number of adapters"),
-    "--enable-auto-tool-choice": (False, "GLM-4's tool calls are parsed whenever a request gives tools"),
-    "--tool-call-parser": (True, "GLM-4's tool calls are parsed by glm4serve's own parser"),
-    "--enable-chunked-prefill": (False, "prefill is always chunked (--max-num-batched-tokens)"),
-    "--disable-log-requests": (False, "no request's prompt or reply is ever logged"),
-}
-
-
 def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, (takes_value, why) in VLLM_FLAGS_WITHOUT_EFFECT.items():
-        parser.add_argument(flag, dest="vllm_" + flag[2:].replace("-", "_"), default=argparse.SUPPRESS,
+    from glm4serve.api.settings import VLLM_SETTINGS_WITHOUT_EFFECT
+
+    for name, (takes_value, why) in VLLM_SETTINGS_WITHOUT_EFFECT.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest="vllm_" + name, default=argparse.SUPPRESS,
                             **({"metavar": "VALUE"} if takes_value else {"action": "store_true"}),
                             help=f"vLLM's, taken for its command lines: no effect ({why})")
 
 
 def vllm_flags_given(args: argparse.Namespace) -> list[str]:
-    return [flag for flag in VLLM_FLAGS_WITHOUT_EFFECT if hasattr(args, "vllm_" + flag[2:].replace("-", "_"))]
+    from glm4serve.api.settings import VLLM_SETTINGS_WITHOUT_EFFECT
+
+    return ["--" + name.replace("_", "-") for name in VLLM_SETTINGS_WITHOUT_EFFECT if hasattr(args, "vllm_" + name)]
 
 
 def _literal_choices(annotation) -> tuple | None:
@@ -133,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from glm4serve.api.settings import VLLM_SETTINGS_WITHOUT_EFFECT
+
     for flag in vllm_flags_given(args):
-        logging.getLogger("glm4serve").info("%s (vLLM's) has no effect here: %s", flag,
-                                            VLLM_FLAGS_WITHOUT_EFFECT[flag][1])
+        why = VLLM_SETTINGS_WITHOUT_EFFECT[flag[2:].replace("-", "_")][1]
+        logging.getLogger("glm4serve").info("%s (vLLM's) has no effect here: %s", flag, why)
     try:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError

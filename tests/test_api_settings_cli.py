@@ -110,6 +110,21 @@ def test_a_vllm_command_line_is_taken():
             cli.settings_from_args(cli.build_parser().parse_args(["serve", "--gpu-memory-utilization", bad]))
 
 
+def test_a_vllm_config_file_is_taken(tmp_path, caplog):
+    """vLLM's --config YAML writes keys as its flags, and may carry settings that change nothing here."""
+    import logging
+
+    path = write_yaml(tmp_path, "model: /data/glm-4-9b-chat\nmax-model-len: 32768\ngpu-memory-utilization: 0.8\n"
+                                "served-model-name: glm-4\ntrust-remote-code: true\ntool-call-parser: hermes\n")
+    with caplog.at_level(logging.INFO, logger="glm4serve"):
+        s = ServerSettings(config=path)
+    assert (s.model, s.max_model_len, s.gpu_memory_utilization, s.model_name) == (
+        "/data/glm-4-9b-chat", 32768, 0.8, "glm-4")
+    assert "trust_remote_code (vLLM's)" in caplog.text and "tool_call_parser (vLLM's)" in caplog.text
+    with pytest.raises(ValidationError, match="swap_space"):  # a vLLM setting that would change something here
+        ServerSettings(config=write_yaml(tmp_path, "swap-space: 4\n"))
+
+
 def test_make_model_is_delegated_untouched(monkeypatch):
     seen = []
     fake = types.ModuleType("glm4serve.model.random_checkpoint")

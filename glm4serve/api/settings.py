@@ -8,9 +8,10 @@ key and a GLM4SERVE_<NAME> variable (pydantic-settings) and a `glm4serve serve -
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -23,6 +24,35 @@ from pydantic_settings import (
 
 from glm4serve.chat.template import load_chat_template
 from glm4serve.engine.config import EngineArgs, parse_bytes
+
+log = logging.getLogger("glm4serve")
+
+
+# vLLM settings that a command line or config file written for vLLM may carry, and that change nothing
+# here: taken, and the log says why (name -> whether its flag takes a value, why it changes nothing).
+VLLM_SETTINGS_WITHOUT_EFFECT = {
+    "trust_remote_code": (False, "GLM-4 runs on glm4serve's own model code, never on a checkpoint's"),
+    "enable_lora": (False, "adapters are served with --lora-modules or --allow-runtime-lora-updating"),
+    "max_lora_rank": (True, "adapters of any rank are served"),
+    "max_loras": (True, "a batch holds requests of any number of adapters"),
+    "enable_auto_tool_choice": (False, "GLM-4's tool calls are parsed whenever a request gives tools"),
+    "tool_call_parser": (True, "GLM-4's tool calls are parsed by glm4serve's own parser"),
+    "enable_chunked_prefill": (False, "prefill is always chunked (--max-num-batched-tokens)"),
+    "disable_log_requests": (False, "no request's prompt or reply is ever logged"),
+}
+
+
+class _YamlSettings(YamlConfigSettingsSource):
+    """The config file's keys as ours: vLLM's config files write them as its flags (max-model-len), and
+    may carry its settings that change nothing here (dropped, and logged)."""
+
+    def _read_file(self, file_path) -> dict[str, Any]:
+        data = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in super()._read_file(file_path).items()}
+        for name in VLLM_SETTINGS_WITHOUT_EFFECT.keys() & data.keys():
+            del data[name]
+            log.info("%s (vLLM's) in %s has no effect here: %s", name, file_path,
+                     VLLM_SETTINGS_WITHOUT_EFFECT[name][1])
+        return data
 
 
 class ServerSettings(EngineArgs, BaseSettings):
@@ -146,5 +176,5 @@ class ServerSettings(EngineArgs, BaseSettings):
         if path:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"config file {path!r} does not exist")
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            sources.append(_YamlSettings(settings_cls, yaml_file=path))
         return tuple(sources)
