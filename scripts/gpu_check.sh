@@ -15,9 +15,10 @@
 #     python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
 #     opentelemetry-api==1.45.2 uvicorn==0.54.0 sse-starlette==3.7.0 anyio==4.16.0 idna==3.20 h11==0.16.0 \
 #     openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1 \
-#     jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+#     jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 \
+#     xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 #
-# (the versions of .venv; xgrammar is left out: only structured-output requests load it). Then, through
+# (the versions of .venv; xgrammar for the structured-output tests). Then, through
 # the device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."

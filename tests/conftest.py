@@ -43,12 +43,23 @@ class Tolerance:
         bound = self.floor
         if same_dtype is not None:
             same_dtype = same_dtype.float().cpu()
-            bound = max(bound, self.times_reference * (same_dtype - truth).abs().max().item() / scale)
-            # the same next tokens as transformers picks in that dtype, but for near ties
-            agree = lambda x: (x.argmax(-1) == truth.argmax(-1)).float().mean().item()  # noqa: E731
+            their_diff = (same_dtype - truth).abs().max().item()
+            bound = max(bound, self.times_reference * their_diff / scale)
+            # the same next tokens as transformers picks in that dtype, but for near ties: a pick whose true
+            # logit lies within twice transformers' own rounding error of the top one (an H200 picked one
+            # 0.0003 below it, transformers' error being 0.006)
+            tie = 2 * their_diff
+            agree = lambda x: (margin(truth, x.argmax(-1)) <= tie).float().mean().item()  # noqa: E731
             ours_top1, their_top1 = agree(ours), agree(same_dtype)
-            assert ours_top1 >= their_top1 - 0.15, f"top-1 agreement {ours_top1:.2f}, transformers' {their_top1:.2f}"
+            assert ours_top1 >= their_top1 - 0.15, (
+                f"top-1 agreement {ours_top1:.2f}, transformers' {their_top1:.2f}; true margins of our picks "
+                f"{[round(m, 4) for m in margin(truth, ours.argmax(-1)).flatten().tolist()]} (ties up to {tie:.3g})")
         assert diff <= bound * scale, f"max abs diff {diff:.3g} at logit scale {scale:.3g} (bound {bound:.3g})"
+
+
+def margin(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """How far below each row's top logit the picked token's logit lies."""
+    return logits.max(-1).values - logits.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
 
 
 TOLERANCES = {
