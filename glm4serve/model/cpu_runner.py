@@ -9,14 +9,10 @@ layer is ~45 small ops and 4 matrix-vector products, and on a small model the op
 as much as reading the weights. The graphs call glm4.py's own methods;
 their layers' linears hold plain weights, which a compiled graph reads as one fused reduction.
 
-Inductor compiles what lies between two K/V cache writes: [norm -> qkv -> rotary] before the first
-(`Layer.before_attention`), [o -> residual -> norm -> gate/up -> SwiGLU -> down -> residual ->
-next layer's norm -> qkv -> rotary] between two layers (`after_attention` + the next layer's
-`before_attention`), and after the last [o ... residual -> final norm -> output layer]. Each
-compiled call costs ~40 us of dynamo and wrapper time, so the seams are where writing the new
-token's K/V into the cache forces them (the writes stay eager; writing into the cache, a graph
-input, from inside a graph was not tried). One compile serves every layer: the layers are the
-graphs' inputs. Measured on the engine benchmark's model: a decode step ~2 ms shorter (BENCHMARKS.md).
+Inductor compiles the pieces of segments.py, between the K/V cache writes. Each compiled call costs
+~40 us of dynamo and wrapper time, so the seams are where writing the new token's K/V into the
+cache forces them (the writes stay eager; writing into the cache, a graph input, from inside a graph
+was not tried). Measured on the engine benchmark's model: a decode step ~2 ms shorter (BENCHMARKS.md).
 
 Attention itself runs inside the next graph (attention.decode_attention_one) while the context is
 at most IN_GRAPH_ATTENTION_MAX_TOKENS, compiled once for any number of blocks: there it saves the
@@ -47,6 +43,7 @@ import torch
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
 from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_copy, hugepage_empty, swap_linears
+from . import segments
 from .glm4 import GLM4Model, Layer, RMSNorm, SwiGLU
 from .quant import Int4Linear, Int8Linear, is_quantized
 from .runner import EagerRunner
@@ -154,27 +151,9 @@ def compile_elementwise(model: GLM4Model) -> None:
         layer.mlp.act(torch.zeros(COMPILED_ROWS_MIN, 2 * layer.mlp.down.in_features, dtype=dtype))
 
 
-def _first(layer: Layer, x, cos, sin):
-    return layer.before_attention(x, cos, sin)
-
-
-def _between(layer: Layer, next_layer: Layer, x, attn, cos, sin):
-    """Layer i's end and layer i + 1's start -> (x [1, H], q, k, v)."""
-    x = layer.after_attention(x, attn)
-    return (x, *next_layer.before_attention(x, cos, sin))
-
-
 def _attend_between(layer: Layer, next_layer: Layer, x, q, k_cache, v_cache, block_table, context_len, cos, sin):
     attn = decode_attention_one(q, k_cache, v_cache, block_table, context_len, layer.attn.scale)
-    return _between(layer, next_layer, x, attn, cos, sin)
-
-
-def _last_with_head(layer: Layer, model: GLM4Model, x, attn):
-    return model.logits(layer.after_attention(x, attn))  # [1, V]
-
-
-def _last_without_head(layer: Layer, model: GLM4Model, x, attn):
-    return model.norm(layer.after_attention(x, attn))  # [1, H]: the output layer runs on its own
+    return segments.between(layer, next_layer, x, attn, cos, sin)
 
 
 class OneTokenStep:
@@ -183,7 +162,7 @@ class OneTokenStep:
     paged attention) eager between them."""
 
     def __init__(self, model: GLM4Model, block_size: int, head_in_graph: bool):
-        last = _last_with_head if head_in_graph else _last_without_head
+        last = segments.last_with_head if head_in_graph else segments.last_without_head
         self.head_in_graph = head_in_graph
 
         def attend_last(layer, model, x, q, k_cache, v_cache, block_table, context_len):
@@ -191,7 +170,8 @@ class OneTokenStep:
             return last(layer, model, x, attn)
 
         compile = lambda fn, dynamic=False: torch.compile(fn, dynamic=dynamic, fullgraph=True)  # noqa: E731
-        self.first, self.between, self.last = compile(_first), compile(_between), compile(last)
+        self.first, self.between = compile(segments.first), compile(segments.between)
+        self.last = compile(last)
         # dynamic=None: static shapes but for the dimensions warm_up marks dynamic (the cache's and
         # the block table's), so one compile serves every context length
         self.attend_between, self.attend_last = compile(_attend_between, None), compile(attend_last, None)

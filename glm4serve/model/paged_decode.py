@@ -107,6 +107,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, Hq, D] (one query per sequence, at its last position) over caches [blocks, block_size,
     Hkv, D]; block_tables [B, >= the blocks of context_lens] (any int type), context_lens [B] (this
     token included, >= 1) -> [B, Hq, D] in q's dtype."""
+    partials = paged_decode_partials(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return merge_splits(*partials, q.shape[1]).to(q.dtype)
+
+
+def paged_decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          context_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's launch, as paged_decode_attention's arguments -> each split's unnormalized values
+    acc [B, Hkv, S, GP, D], its score maxima and its sums of exponentials [B, Hkv, S, GP] (fp32), for
+    merge_splits (which a runner may compile together with what follows attention)."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     groups = hq // hkv
@@ -122,9 +131,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         G=groups, GP=padded, D=d, BLOCK=block_size, SPLITS=splits, TILE=TILE,
         DOT_F32=q.device.type == "cpu" or q.dtype == torch.float32,
     )
-    # merge the splits: each one's sums and values rescaled to the largest score over all of them
+    return acc, maxes, sums
+
+
+def merge_splits(acc: torch.Tensor, maxes: torch.Tensor, sums: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The splits' partial results -> attention's output [B, Hq, D] in fp32: each split's sums and
+    values rescaled to the largest score over all of them."""
+    b, hkv, _, _, d = acc.shape
     top = maxes.amax(dim=2, keepdim=True)  # [B, Hkv, 1, GP]: finite, every sequence has a key
     weight = torch.exp(maxes - top)  # [B, Hkv, S, GP]; 0 for an empty split (-inf)
     total = (sums * weight).sum(dim=2)  # [B, Hkv, GP]
     out = (acc * weight[..., None]).sum(dim=2) / total[..., None]  # [B, Hkv, GP, D]
-    return out[:, :, :groups].reshape(b, hq, d).to(q.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]
+    return out[:, :, : num_heads // hkv].reshape(b, num_heads, d)  # [B, Hkv, G, D] -> [B, Hq, D]
