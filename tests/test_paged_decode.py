@@ -166,15 +166,18 @@ def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 
 
-def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs):
+@pytest.mark.parametrize("fuse", [False, True], ids=["as-written", "fused"])
+def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse):
     """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with
     a copy-on-write block copy on the way: the same logits as the eager runner's every step, and
-    the same K/V in every block the engine owns (the padding rows wrote only the sink block)."""
+    the same K/V in every block the engine owns (the padding rows wrote only the sink block). Fused:
+    the layers compiled by inductor (for the CPU here; batch 4 static, 1, then 8 with dynamic rows)."""
     path = make_checkpoint(shape="small")
     model = load_model(path, dtype="float32", device=device)
     block_size, num_blocks = 4, 40
     capture = device == "cuda"
-    graphs = CudaGraphRunner(model, num_blocks, block_size, None, max_num_seqs=8, max_model_len=64, capture=capture)
+    graphs = CudaGraphRunner(model, num_blocks, block_size, None, max_num_seqs=8, max_model_len=64, capture=capture,
+                             fuse=fuse)
     eager = EagerRunner(model, num_blocks, block_size)
     assert graphs.num_blocks == num_blocks and graphs.kv.num_blocks == num_blocks + 1
     assert bool(graphs.graphs) == capture
@@ -199,19 +202,28 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
     for layer in range(model.cfg.num_layers):
         assert torch.allclose(graphs.kv.k[layer][:num_blocks], eager.kv.k[layer], atol=1e-5)
         assert torch.allclose(graphs.kv.v[layer][:num_blocks], eager.kv.v[layer], atol=1e-5)
+    assert (graphs.fused is not None) == fuse, "the compile failed and the runner fell back to the layers as written"
 
 
-def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, device, kernel_runs):
+@pytest.mark.parametrize("fuse", [False, True], ids=["as-written", "fused"])
+def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, device, kernel_runs, fuse):
     """A step with prompt tokens, or more sequences than the largest graph, is not a graph's: it runs
-    eagerly and still gives one row per chunk."""
+    eagerly (fused: through the compiled pieces) and still gives one row per chunk."""
     path = make_checkpoint(shape="small")
     model = load_model(path, dtype="float32", device=device)
-    graphs = CudaGraphRunner(model, 20, 4, None, max_num_seqs=2, max_model_len=32, capture=device == "cuda")
+    graphs = CudaGraphRunner(model, 20, 4, None, max_num_seqs=2, max_model_len=32, capture=device == "cuda",
+                             fuse=fuse)
     eager = EagerRunner(model, 20, 4)
+    if fuse:  # as the capture does: the prompt steps' pieces compiled before any request, in the sink block
+        graphs._warm_up_prompt_steps()
+        assert graphs.fused is not None
+        assert not any(cache[:20].any() for cache in (*graphs.kv.k, *graphs.kv.v))
+        assert all(cache[20].any() for cache in graphs.kv.k)
     chunks = [SeqChunk([1, 2, 3], 0, [0]), SeqChunk([4], 0, [1]), SeqChunk([5], 0, [2])]
     torch.testing.assert_close(step(graphs, chunks), step(eager, chunks), atol=1e-5, rtol=0)
     three_decodes = [SeqChunk([6], 3, [0]), SeqChunk([7], 1, [1]), SeqChunk([8], 1, [2])]
     torch.testing.assert_close(step(graphs, three_decodes), step(eager, three_decodes), atol=1e-5, rtol=0)
+    assert (graphs.fused is not None) == fuse
 
 
 def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkpoint, device, kernel_runs):
@@ -233,7 +245,7 @@ def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkp
                  SamplingParams(max_tokens=k, n=choices, **greedy))
                 for name, n, k, choices in (("a", 13, 12, 1), ("n3", 10, 9, 3), ("b", 30, 6, 1), ("c", 5, 14, 1))]
     graphs = CudaGraphRunner(model, 14, 4, tokenizer.vocab_size, max_num_seqs=6, max_model_len=48,
-                             capture=device == "cuda")
+                             capture=device == "cuda", fuse=device == "cuda")
     sizes = []  # the padded batch size of every decode step the graph path ran
     fill = graphs.buffers.fill
     graphs.buffers.fill = lambda chunks, size: (sizes.append(size), fill(chunks, size))

@@ -1,6 +1,6 @@
 """The GPU runner: decode steps replayed from CUDA graphs, prefill and mixed steps eager.
 
-Eager, one decode step of the 9B launches some 15 kernels per layer, 600 in all, and the GPU
+Eager, one decode step of the 9B launches some 35 kernels per layer, 1,400 in all, and the GPU
 waits on Python between them: a 40-layer step took ~50 ms on an H100 whose bandwidth allows ~5.
 Captured as a CUDA graph, the step is one launch. A graph replays fixed shapes and addresses, so:
 - the step's inputs are copied into the first rows of static tensors (DecodeBuffers);
@@ -8,9 +8,18 @@ Captured as a CUDA graph, the step is one launch. A graph replays fixed shapes a
   padding rows write their K/V into a sink block the engine never hands out, and read only it;
 - attention is paged_decode.py's kernel, whose launch does not depend on the context lengths.
 
-The graph runs the model's own forward (glm4.py), captured as is. Steps with prompt tokens, and
-batches larger than the ladder, run eagerly; with `capture=False` every step does, through the
-same static buffers (how the CPU tests check the padding and the buffers, in Triton's interpreter).
+Replayed, the small kernels still cost: on an H200 a 40-layer batch-1 step ran 8.2 ms of kernels,
+5.1 of them the matrix products and ~3.1 the ~1,400 small ones (BENCHMARKS.md). So with `fuse` (the
+default for plain weights) every step runs segments.py's pieces compiled by inductor, their small ops
+fused into a few Triton kernels around the products (CompiledLayers): decode graphs capture them,
+with the split-merge of the attention kernel (paged_decode.merge_splits) folded into the piece after
+it; prefill and mixed steps run them eagerly around attention.paged_attention. One compile serves
+every layer and every number of rows (a dynamic dimension; one row compiles once more). Without
+`fuse` the model's own forward (glm4.py) runs, captured as is for decodes. Steps with prompt tokens,
+and batches larger than the ladder, are not replayed; with `capture=False` no step is, and decode
+steps run the same code through the same static buffers (how the CPU tests check the padding, the
+buffers and the compiled pieces: the kernel in Triton's interpreter, the pieces compiled by inductor
+for the CPU).
 """
 
 from __future__ import annotations
@@ -19,9 +28,12 @@ import logging
 
 import torch
 
-from .attention import AttentionBatch
-from .batch import ScheduledBatch, SeqChunk, build_batch
-from .glm4 import GLM4Model
+from . import segments
+from .attention import AttentionBatch, paged_attention, write_kv
+from .batch import ForwardBatch, ScheduledBatch, SeqChunk
+from .glm4 import GLM4Model, Layer
+from .kv_cache import KVCache
+from .paged_decode import merge_splits, paged_decode_partials
 from .runner import EagerRunner
 
 log = logging.getLogger(__name__)
@@ -69,7 +81,7 @@ class DecodeBuffers:
 
 class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
-                 max_num_seqs: int, max_model_len: int, capture: bool = True):
+                 max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
@@ -77,12 +89,14 @@ class CudaGraphRunner(EagerRunner):
         width = -(-max_model_len // block_size)
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, num_blocks, self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.fused = CompiledLayers() if fuse else None
         if capture:
             self._capture()
 
     def __repr__(self) -> str:
         how = f"CUDA graphs for {len(self.graphs)} batch sizes up to {self.sizes[-1]}" if self.graphs else "no graphs"
-        return f"CudaGraphRunner({self.dtype}, {how}, paged decode attention in Triton)"
+        layers = ", layers compiled by inductor" if self.fused else ""
+        return f"CudaGraphRunner({self.dtype}, {how}{layers}, paged decode attention in Triton)"
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -101,9 +115,43 @@ class CudaGraphRunner(EagerRunner):
         # a copy: the graph's output tensor is overwritten by the next replay
         return logits[: len(chunks), : self.vocab_limit].clone()
 
+    def forward(self, b: ForwardBatch) -> torch.Tensor:
+        """The steps not replayed from a graph (prompt tokens, batches past the ladder)."""
+        if self.fused is not None:
+            return self.fused.forward(self.model, b, self.kv)
+        return super().forward(b)
+
     def _step(self, size: int) -> torch.Tensor:
         ids, positions, attn, rows = self.buffers.step_inputs(size)
+        if self.fused is not None:
+            return self.fused.decode(self.model, ids, positions, attn, self.kv)  # every row's: rows is 0..size-1
         return self.model(ids, positions, attn, self.kv, rows)  # [size, V] fp32
+
+    def _warm_up(self, size: int) -> None:
+        """One step of `size` rows; a compile that fails (inductor or Triton on this machine) leaves the
+        layers as written, loudly, rather than no server."""
+        try:
+            self._step(size)
+        except Exception as e:
+            if self.fused is None:
+                raise
+            log.warning("compiling the decode step failed, the graphs capture the layers as written: %s: %s",
+                        type(e).__name__, e)
+            self.fused = None
+            self._step(size)
+
+    def _warm_up_prompt_steps(self) -> None:
+        """Compile the pieces of prompt steps now, not on the first request: two spans of the sink block
+        (a second number of rows makes the rows dynamic), writing only there. A failed compile leaves
+        those steps to the layers as written; the decode graphs keep what they captured."""
+        sink, bs = self.num_blocks, self.block_size
+        try:
+            for n in (bs, bs - 1):
+                self.execute(ScheduledBatch([SeqChunk([0] * n, 0, [sink])]))
+        except Exception as e:
+            log.warning("compiling the prompt steps failed, they run the layers as written: %s: %s",
+                        type(e).__name__, e)
+            self.fused = None
 
     def _capture(self) -> None:
         """Largest batch first, all graphs in one memory pool: the smaller ones fit in what it left."""
@@ -113,12 +161,70 @@ class CudaGraphRunner(EagerRunner):
             stream = torch.cuda.Stream()  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._step(size)
+                self._warm_up(size)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._step(size)
             pool = graph.pool()
             self.graphs[size] = (graph, logits)
+        if self.fused is not None and self.block_size >= 3:
+            self._warm_up_prompt_steps()
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", self.sizes)
+
+
+def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin):
+    """segments.between, after merging layer i's attention splits [T, Hkv, S, GP, D] (and maxima, sums)."""
+    attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [T, Hq, D]
+    return segments.between(layer, next_layer, x, attn.flatten(1), cos, sin)
+
+
+def _merge_last(layer: Layer, model: GLM4Model, x, partials):
+    attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [T, Hq, D]
+    return segments.last_with_head(layer, model, x, attn.flatten(1))  # [T, V] fp32
+
+
+class CompiledLayers:
+    """The model's steps through segments.py's pieces compiled by inductor: 1 + num_layers compiled
+    calls, each layer's K/V write and attention eager between them. Compiled on the first call of each
+    kind of shape (the capture's warm-up, the first prefill), not when made; dynamic=None: static at
+    first, the rows made dynamic when a second number of rows comes."""
+
+    def __init__(self):
+        compile = lambda fn: torch.compile(fn, fullgraph=True, dynamic=None)  # noqa: E731
+        self.first = compile(segments.first)
+        # decodes: the attention kernel's splits merged in the piece after it
+        self.merge_between, self.merge_last = compile(_merge_between), compile(_merge_last)
+        # prefill and mixed steps: attention's output whole (attention.paged_attention)
+        self.between, self.last = compile(segments.between), compile(segments.last_without_head)
+
+    @torch.inference_mode()
+    def decode(self, model: GLM4Model, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
+               kv: KVCache) -> torch.Tensor:
+        """One token of each of T sequences -> their logits [T, V] fp32."""
+        layers = model.layers
+        x = model.embed(ids)  # [T, H]
+        cos, sin = model.rotary(positions)  # [T, rotary_dim / 2] each
+        q, k, v = self.first(layers[0], x, cos, sin)
+        for i, layer in enumerate(layers):
+            write_kv(kv.k[i], kv.v[i], k, v, attn.slot_mapping)
+            partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
+                                             layer.attn.scale)
+            if i + 1 < len(layers):
+                x, q, k, v = self.merge_between(layer, layers[i + 1], x, partials, cos, sin)
+        return self.merge_last(layers[-1], model, x, partials)
+
+    @torch.inference_mode()
+    def forward(self, model: GLM4Model, b: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Any batch (prompt spans and decodes) -> logits [N, V] fp32 of its logits_indices rows."""
+        layers = model.layers
+        x = model.embed(b.input_ids)  # [T, H]
+        cos, sin = model.rotary(b.positions)  # [T, rotary_dim / 2] each
+        q, k, v = self.first(layers[0], x, cos, sin)
+        for i, layer in enumerate(layers):
+            out = paged_attention(q, k, v, kv.k[i], kv.v[i], b.attn, layer.attn.scale).flatten(1)  # [T, Hq * D]
+            if i + 1 < len(layers):
+                x, q, k, v = self.between(layer, layers[i + 1], x, out, cos, sin)
+        x = self.last(layers[-1], model, x, out)  # [T, H], normed
+        return model.lm_head(x.index_select(0, b.logits_indices)).float()  # [N, V]

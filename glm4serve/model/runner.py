@@ -84,8 +84,9 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
     - CPU: fp32 and bf16 models (where this torch has oneDNN's linear packing) and quantized ones get
       the CPU runner;
     - GPU: the CUDA graph runner, for batches of up to max_num_seqs sequences of up to max_model_len
-      tokens (unless those are not given, or `enforce_eager`, or under tensor parallelism: those
-      steps run eagerly; all with Triton's decode attention where Triton is installed);
+      tokens, its layers compiled by inductor for plain weights (unless those are not given, or
+      `enforce_eager`, or under tensor parallelism: those steps run eagerly; all with Triton's decode
+      attention where Triton is installed);
     - everything else: the eager runner.
     With LoRA adapters, no step is compiled or captured (their rows change every step): the adapters
     wrap the linears of whichever runner it is."""
@@ -105,7 +106,9 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
           and loras is None):
         from .cuda_runner import CudaGraphRunner
 
-        runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len)
+        # quantized linears (quant.py) stay out of inductor's graphs
+        runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len,
+                                 fuse=not is_quantized(model))
     else:
         runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
     if loras is not None:
