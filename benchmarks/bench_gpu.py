@@ -5,7 +5,9 @@ figure measured in this run:
 1. the card's copy bandwidth (bytes read + written per second by a device-to-device copy), which
    sets the decode roofline: tokens/s <= bandwidth / bytes read per token (the weights and the context's K/V);
 2. single-stream decode: our engine's tokens/s vs transformers generate(), each as a fraction of that roofline,
-   and ours again without CUDA graphs (enforce_eager), for what the graphs bring;
+   and ours again without CUDA graphs (enforce_eager), for what the graphs bring, and with graphs of the
+   layers as written (not compiled by inductor), for what fusing brings; where the GPU's time goes in
+   a decode step of 1 and of 64 sequences (torch.profiler: matrix products vs the rest);
 3. 64 concurrent streams (1K-token prompts, 256 new tokens each): aggregate tokens/s, ours and generate()'s;
 4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward;
 5. glm-4-9b-chat-1m's shapes (4 KV groups, rope base 1e8): a prompt placed at positions past 1M against
@@ -336,6 +338,68 @@ def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
     return {"runner": type(engine.runner).__name__, "ours_eager_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
+def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
+    """The single stream again through CUDA graphs of the layers as written, not compiled by inductor
+    (CudaGraphRunner(fuse=False)): what fusing their small ops brings."""
+    if b.device != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    from glm4serve.engine.block_pool import BlockPool
+    from glm4serve.model.cuda_runner import CudaGraphRunner
+
+    p = b.plan
+    blocks = (p.single_prompt + p.single_tokens) // 16 + 4
+    args = EngineArgs(device=b.device, dtype="bfloat16", num_kv_blocks=blocks, block_size=16, max_num_seqs=1)
+    runner = CudaGraphRunner(model, blocks, 16, p.tokenizer_vocab, max_num_seqs=1, max_model_len=blocks * 16,
+                             fuse=False)
+    engine = LLMEngine(runner, NoTextTokenizer(p.tokenizer_vocab), args.scheduler_config(blocks * 16),
+                       BlockPool(blocks, 16), (), vocab_size=p.tokenizer_vocab)
+    engine_run(b, engine, b.prompts(1, 16), 2, seconds=60)  # warm-up
+    mine = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+    return {"runner": repr(runner), "ours_unfused_tok_s": mine["decode_tok_s"], "ours": mine}
+
+
+def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10) -> dict:
+    """Where `steps` decode steps of `batch` sequences spend the GPU's time (torch.profiler): kernel
+    time a step, the matrix products' share (cuBLAS/cuBLASLt kernels), kernels a step, the top kernels."""
+    if b.device != "cuda":
+        return {"skipped": "profiles the GPU's kernels"}
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    ids = [f"profile{batch}-{i}" for i in range(batch)]
+    for rid, p in zip(ids, b.prompts(batch, prompt)):
+        engine.add_request(rid, p, params)
+    started: set[str] = set()
+    while len(started) < batch:  # through the prefills, then a few decodes
+        started.update(o.request_id for o in engine.step() if o.token_ids)
+    for _ in range(3):
+        engine.step()
+    b.sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        b.sync()
+    wall = (time.perf_counter() - t0) / steps
+    for rid in ids:
+        engine.abort(rid)
+    while engine.has_work:
+        engine.step()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels) / steps / 1e3  # ms a step
+    gemm = sum(e.self_device_time_total for e in kernels if is_gemm(e.key)) / steps / 1e3
+    count = sum(e.count for e in kernels) / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]
+    return {"batch": batch, "context": prompt, "step_ms": wall * 1e3, "kernel_ms": total, "gemm_ms": gemm,
+            "other_ms": total - gemm, "kernels_per_step": count,
+            "top": [{"kernel": e.key[:90], "ms": e.self_device_time_total / steps / 1e3, "calls": e.count / steps}
+                    for e in top]}
+
+
+def is_gemm(kernel: str) -> bool:
+    return any(t in kernel.lower() for t in ("gemm", "nvjet", "cutlass", "splitk", "sm90_xmma", "ampere_"))
+
+
 def streams(b: Bench, engine: LLMEngine, hf) -> dict:
     p = b.plan
     seconds = max(5.0, min(p.stream_seconds, b.left() / 4))
@@ -456,8 +520,12 @@ def main(argv=None) -> int:
 
     single = b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
     eager = b.run("single_stream_eager", single_stream_eager, ours)
+    unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):
-        b.record("cuda_graphs", {"graphs_over_eager": single["ours_tok_s"] / eager["ours_eager_tok_s"]})
+        b.record("cuda_graphs", {"graphs_over_eager": single["ours_tok_s"] / eager["ours_eager_tok_s"],
+                                 "fused_over_unfused": ratio(single["ours_tok_s"], unfused.get("ours_unfused_tok_s"))})
+    b.run("decode_profile_1", decode_profile, engine, 1, plan.single_prompt)
+    b.run(f"decode_profile_{plan.streams}", decode_profile, engine, plan.streams, plan.stream_prompt)
     b.run(f"streams_{plan.streams}", streams, engine, hf)
     ours_s = b.run("prefill", prefill, engine, hf).get("ours_s")
 
