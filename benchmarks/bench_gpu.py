@@ -7,9 +7,11 @@ figure measured in this run:
 2. single-stream decode: our engine's tokens/s vs transformers generate(), each as a fraction of that roofline,
    and ours again without CUDA graphs (enforce_eager), for what the graphs bring, and with graphs of the
    layers as written (not compiled by inductor), for what fusing brings; where the GPU's time goes in
-   a decode step of 1 and of 64 sequences (torch.profiler: matrix products vs the rest);
+   a decode step of 1 and of 64 sequences, and a prefill, goes (torch.profiler: matrix products,
+   attention, the rest);
 3. 64 concurrent streams (1K-token prompts, 256 new tokens each): aggregate tokens/s, ours and generate()'s;
-4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward;
+4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward; the 64 streams
+   and this prefill again with 4x larger engine steps (max_num_batched_tokens), ours only;
 5. glm-4-9b-chat-1m's shapes (4 KV groups, rope base 1e8): a prompt placed at positions past 1M against
    transformers, the automatic KV budget's context next to the weights, a decode step at the full context;
 6. prefill of a 128K-token prompt when time allows; peak GPU memory of each part.
@@ -385,15 +387,43 @@ def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: 
         engine.abort(rid)
     while engine.has_work:
         engine.step()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.self_device_time_total for e in kernels) / steps / 1e3  # ms a step
-    gemm = sum(e.self_device_time_total for e in kernels if is_gemm(e.key)) / steps / 1e3
-    count = sum(e.count for e in kernels) / steps
+    return {"batch": batch, "context": prompt, "step_ms": wall * 1e3, **kernel_split(prof, steps)}
+
+
+def prefill_profile(b: Bench, engine: LLMEngine, n: int) -> dict:
+    """Where the GPU's time goes in the prefill of one n-token prompt (its chunks of
+    max_num_batched_tokens): matrix products, attention, the rest."""
+    if b.device != "cuda":
+        return {"skipped": "profiles the GPU's kernels"}
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request("prefill-profile", b.prompts(1, n)[0], SamplingParams(max_tokens=1, ignore_eos=True))
+    b.sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while engine.has_work:
+            engine.step()
+        b.sync()
+    return {"tokens": n, "seconds": time.perf_counter() - t0, **kernel_split(prof, 1)}
+
+
+def kernel_split(prof, steps: int) -> dict:
+    """A profile's kernels, per step: total ms, matrix products (cuBLAS/cuBLASLt), attention (flash,
+    memory-efficient, our paged decode), the rest; kernel launches; the ten longest."""
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    ms = lambda events: sum(e.self_device_time_total for e in events) / steps / 1e3  # noqa: E731
+    gemm = [e for e in kernels if is_gemm(e.key)]
+    attention = [e for e in kernels if not is_gemm(e.key) and is_attention(e.key)]
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]
-    return {"batch": batch, "context": prompt, "step_ms": wall * 1e3, "kernel_ms": total, "gemm_ms": gemm,
-            "other_ms": total - gemm, "kernels_per_step": count,
+    return {"kernel_ms": ms(kernels), "gemm_ms": ms(gemm), "attention_ms": ms(attention),
+            "other_ms": ms(kernels) - ms(gemm) - ms(attention),
+            "kernels_per_step": sum(e.count for e in kernels) / steps,
             "top": [{"kernel": e.key[:90], "ms": e.self_device_time_total / steps / 1e3, "calls": e.count / steps}
                     for e in top]}
+
+
+def is_attention(kernel: str) -> bool:
+    return any(t in kernel.lower() for t in ("flash", "fmha", "attention", "paged_decode"))
 
 
 def is_gemm(kernel: str) -> bool:
@@ -408,6 +438,22 @@ def streams(b: Bench, engine: LLMEngine, hf) -> dict:
     return {"streams": p.streams, "prompt": p.stream_prompt, "new_tokens": p.stream_tokens,
             "ours_aggregate_tok_s": mine["aggregate_tok_s"], "transformers_aggregate_tok_s": theirs["aggregate_tok_s"],
             "ratio": ratio(mine["aggregate_tok_s"], theirs["aggregate_tok_s"]), "ours": mine, "transformers": theirs}
+
+
+def larger_chunks(b: Bench, model: GLM4Model, chunk: int) -> dict:
+    """The 64 streams and the 32K prefill again (ours only) with steps of up to `chunk` tokens instead
+    of EngineArgs' default: whether a GPU's default should be larger."""
+    p = b.plan
+    tokens = max(p.prefill + 64, p.streams * (p.stream_prompt + p.stream_tokens))
+    args = EngineArgs(device=b.device, dtype="bfloat16", num_kv_blocks=tokens // 16 + 16, block_size=16,
+                      max_num_batched_tokens=chunk)
+    engine = make_engine(model, args, p.tokenizer_vocab, b.device)
+    seconds = max(5.0, min(p.stream_seconds, b.left() / 4))
+    many = engine_run(b, engine, b.prompts(p.streams, p.stream_prompt), p.stream_tokens, seconds)
+    one = engine_prefill(b, engine, p.prefill)
+    return {"max_num_batched_tokens": chunk, "streams_aggregate_tok_s": many["aggregate_tok_s"],
+            "streams_first_tokens_s": many["first_tokens_s"], "streams_decode_tok_s": many["decode_tok_s"],
+            "prefill_s": one["seconds"], "streams": many, "prefill": one}
 
 
 def prefill(b: Bench, engine: LLMEngine, hf) -> dict:
@@ -528,6 +574,9 @@ def main(argv=None) -> int:
     b.run(f"decode_profile_{plan.streams}", decode_profile, engine, plan.streams, plan.stream_prompt)
     b.run(f"streams_{plan.streams}", streams, engine, hf)
     ours_s = b.run("prefill", prefill, engine, hf).get("ours_s")
+    b.run("prefill_profile", prefill_profile, engine, plan.prefill // 4)
+    chunk = 4 * engine_args.max_num_batched_tokens
+    b.run(f"chunks_of_{chunk}", larger_chunks, ours, chunk)
 
     # attention grows with the square of the prompt: 4x the tokens cost 4x (linear layers) to 16x the time
     estimate = 10 * ours_s if ours_s else float("inf")

@@ -30,12 +30,16 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
                       ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context")):
         assert figures[part][key] > 0, (part, key, figures[part])
     assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
+    larger = figures[f"chunks_of_{4 * figures['engine_args']['max_num_batched_tokens']}"]
+    assert larger["streams"]["finished"] and larger["prefill_s"] > 0
     if device == "cuda":  # graphs of the layers as written, and the kernels' profile: a GPU's parts
         assert figures["single_stream_unfused"]["ours_unfused_tok_s"] > 0
-        for part in ("decode_profile_1", "decode_profile_4"):
+        for part in ("decode_profile_1", "decode_profile_4", "prefill_profile"):
             assert 0 < figures[part]["gemm_ms"] < figures[part]["kernel_ms"] and figures[part]["top"], figures[part]
+            assert figures[part]["attention_ms"] > 0, figures[part]
     else:
-        assert all("skipped" in figures[p] for p in ("single_stream_unfused", "decode_profile_1", "decode_profile_4"))
+        assert all("skipped" in figures[p] for p in ("single_stream_unfused", "decode_profile_1", "decode_profile_4",
+                                                     "prefill_profile"))
     # the 1M model's shapes: rotary at positions past 1M agrees with transformers; its KV cache
     # (the tiny plan's 4096 tokens) is the context served
     million = figures["million_context"]
