@@ -558,7 +558,9 @@ def main(argv=None) -> int:
     engine_args = EngineArgs(device=device, dtype="bfloat16", num_kv_blocks=tokens // 16 + 16, block_size=16,
                              max_num_batched_tokens=args.max_num_batched_tokens)
     engine = make_engine(ours, engine_args, plan.tokenizer_vocab, device)
-    b.results.update(engine_args=engine_args.model_dump(), runner=type(engine.runner).__name__)
+    b.results.update(engine_args=engine_args.model_dump(), runner=type(engine.runner).__name__,
+                     runner_repr=repr(engine.runner))
+    print(f"runner: {engine.runner!r}", flush=True)
 
     # warm-up: first kernels, cuBLAS handles, the allocator's pools, on both sides
     engine_run(b, engine, b.prompts(2, 64), 4, seconds=60)
