@@ -128,7 +128,7 @@ class Bench:
 
     def record(self, part: str, figures: dict):
         self.results[part] = figures
-        shown = {k: v for k, v in figures.items() if not isinstance(v, dict)}  # the details: in the JSON
+        shown = {k: v for k, v in figures.items() if not isinstance(v, (dict, list))}  # the details: in the JSON
         print(f"{part}: " + ", ".join(f"{k}={fmt(v)}" for k, v in shown.items()), flush=True)
         if self.out:
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,10 @@ def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
 
 def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10) -> dict:
     """Where `steps` decode steps of `batch` sequences spend the GPU's time (torch.profiler): kernel
-    time a step, the matrix products' share (cuBLAS/cuBLASLt kernels), kernels a step, the top kernels."""
+    time a step, the matrix products' share (cuBLAS/cuBLASLt kernels), kernels a step, the top kernels;
+    and the same of the steps before (prefill_*: until every sequence has its first token, prompt
+    chunks and the first ones' decodes together). A step's wall time well over its kernels' is the
+    host's."""
     if b.device != "cuda":
         return {"skipped": "profiles the GPU's kernels"}
     from torch.profiler import ProfilerActivity, profile
@@ -372,8 +375,13 @@ def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: 
     for rid, p in zip(ids, b.prompts(batch, prompt)):
         engine.add_request(rid, p, params)
     started: set[str] = set()
-    while len(started) < batch:  # through the prefills, then a few decodes
-        started.update(o.request_id for o in engine.step() if o.token_ids)
+    n, t0 = 0, time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while len(started) < batch:
+            started.update(o.request_id for o in engine.step() if o.token_ids)
+            n += 1
+        b.sync()
+    before = {"steps": n, "step_ms": (time.perf_counter() - t0) / n * 1e3, **kernel_split(prof, n)}
     for _ in range(3):
         engine.step()
     b.sync()
@@ -387,7 +395,8 @@ def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: 
         engine.abort(rid)
     while engine.has_work:
         engine.step()
-    return {"batch": batch, "context": prompt, "step_ms": wall * 1e3, **kernel_split(prof, steps)}
+    return {"batch": batch, "context": prompt, "step_ms": wall * 1e3, **kernel_split(prof, steps),
+            **{f"prefill_{k}": v for k, v in before.items() if k != "top"}, "prefill_top": before["top"]}
 
 
 def prefill_profile(b: Bench, engine: LLMEngine, n: int) -> dict:
