@@ -21,6 +21,8 @@ from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import SamplingParams
 
+from bench_gpu import NoTextTokenizer  # noqa: E402  (this folder, as a script's)
+
 BLOCKS, BLOCK_SIZE, PROMPT = 8192, 16, 1024
 
 
@@ -39,23 +41,10 @@ class ReadyLogits:
         pass
 
 
-class NoText:
-    stop_token_ids = ()
-
-    def __init__(self, vocab: int):
-        self.vocab_size = vocab
-
-    def is_special(self, token_id: int) -> bool:
-        return False
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return b"x"
-
-
 def step_ms(batch: int, vocab: int, steps: int) -> float:
     args = EngineArgs(max_num_seqs=batch, max_num_batched_tokens=8192, block_size=BLOCK_SIZE)  # else the defaults
     cfg = args.scheduler_config(PROMPT + steps + 64)
-    engine = LLMEngine(ReadyLogits(vocab), NoText(vocab), cfg, BlockPool(BLOCKS, BLOCK_SIZE), (), vocab_size=vocab)
+    engine = LLMEngine(ReadyLogits(vocab), NoTextTokenizer(vocab), cfg, BlockPool(BLOCKS, BLOCK_SIZE), (), vocab_size=vocab)
     params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"r{i}", [(7 * j + i) % vocab for j in range(PROMPT)], params)
