@@ -21,7 +21,7 @@ from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import SamplingParams
 
-from bench_gpu import NoTextTokenizer  # noqa: E402  (this folder, as a script's)
+from bench_gpu import NoTextTokenizer  # this folder: a script's sys.path
 
 BLOCKS, BLOCK_SIZE, PROMPT = 8192, 16, 1024
 
