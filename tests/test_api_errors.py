@@ -254,8 +254,11 @@ def test_api_key_guards_v1_only():
         assert_envelope(client.post("/v1/chat/completions", json={"messages": HI}, headers=headers), 401,
                         "authentication_error")
         assert_envelope(client.get("/v1/models", headers=headers), 401, "authentication_error")
-    # auth is checked before the body: a bad body without a key is still 401
+    # auth is checked before the body: a bad body without a key is still 401, one that is not JSON too
     assert client.post("/v1/chat/completions", json={}).status_code == 401
+    not_json = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_envelope(not_json, 401, "authentication_error")
+    assert client.get("/v1", headers={}).status_code == 401
     ok = {"Authorization": "Bearer sekret"}
     assert client.post("/v1/chat/completions", json={"messages": HI}, headers=ok).status_code == 200
     assert client.get("/v1/models", headers=ok).status_code == 200

@@ -7,9 +7,10 @@ import logging
 import secrets
 from typing import Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glm4serve import __version__
 from glm4serve.engine.client import EngineClient
@@ -47,12 +48,14 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     gate = Gate.from_settings(settings)
     app.state.gate = gate  # the server's SIGTERM handler sets gate.draining
     app.add_middleware(GateMiddleware, gate=gate, metrics=ctx.metrics)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     ctx.metrics.admitted.set_function(lambda: gate.num_generating)
     if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
                            allow_methods=["*"], allow_headers=["*"])
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(settings.api_key))])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/chat/completions")
     async def _chat(body: ChatCompletionRequest, request: Request):
@@ -178,13 +181,23 @@ def _stats(ctx: ServingContext):
         return None
 
 
-def _api_key_check(api_key: str | None):
-    async def check(request: Request) -> None:
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
-                           "authentication_error", code="invalid_api_key")
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/*, checked before anything reads the request (a body that
+    is not even JSON gets the 401 too, as vLLM answers), and before the gate's limits."""
 
-    return check
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+            refusal = APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
+                               "authentication_error", code="invalid_api_key")
+            await refusal.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
