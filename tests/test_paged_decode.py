@@ -166,13 +166,15 @@ def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["as-written", "fused"])
-def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse):
+@pytest.mark.parametrize("fuse,variant", [(False, "glm"), (True, "glm"), (True, "glm4")],
+                         ids=["as-written", "fused", "fused-glm4"])
+def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse, variant):
     """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with
     a copy-on-write block copy on the way: the same logits as the eager runner's every step, and
     the same K/V in every block the engine owns (the padding rows wrote only the sink block). Fused:
-    the layers compiled by inductor (for the CPU here; batch 4 static, 1, then 8 with dynamic rows)."""
-    path = make_checkpoint(shape="small")
+    the layers compiled by inductor (for the CPU here; batch 4 static, 1, then 8 with dynamic rows),
+    glm4's extra norms too."""
+    path = make_checkpoint(variant, shape="small")
     model = load_model(path, dtype="float32", device=device)
     block_size, num_blocks = 4, 40
     capture = device == "cuda"
