@@ -16,6 +16,11 @@ ARG EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN python -c "import torch" 2>/dev/null || pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.5"
+# A CUDA torch runs Triton kernels (paged decode attention, the compiled layers), and Triton builds
+# their launchers with a C compiler on first use: CUDA *runtime* base images have none.
+RUN if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 WORKDIR /app
 # Package metadata and code first, configs last: editing a config does not reinstall.

@@ -116,6 +116,17 @@ def test_dockerfile_slim_cpu_by_default_cuda_by_argument_non_root():
             assert src.split("/")[0] not in ignored, src
 
 
+def test_dockerfile_gives_a_cuda_image_a_c_compiler_for_triton():
+    """Triton builds its kernels' launchers with a C compiler; a CUDA runtime base image has none, and
+    without it the server would decode without its kernels (paged_decode.unsupported)."""
+    df = parse_dockerfile()
+    runs = [r for ins, r in df.instructions if ins == "RUN"]
+    (install,) = [r for r in runs if "torch.version.cuda" in r]
+    assert "apt-get install" in install and " gcc " in install
+    before_user = [r for ins, r in df.instructions[: df.instructions.index(("USER", df.last("USER")))] if ins == "RUN"]
+    assert install in before_user  # apt needs root
+
+
 def test_dockerfile_healthcheck_hits_a_real_route(app_client):
     argv = healthcheck_argv(parse_dockerfile())
     path = url_path(argv)

@@ -151,6 +151,20 @@ def test_kernel_compiles_for_the_gpus_it_runs_on(target, compiled_for_gpus):
     assert 0 < shared <= SHARED_MEMORY[target[0]]
 
 
+def test_the_kernel_is_refused_where_triton_could_not_build_it(monkeypatch):
+    """Triton builds launchers with a C compiler (CC, else gcc or clang): without one the runner is told
+    why not to use the kernel, rather than every decode failing."""
+    from glm4serve.model import paged_decode
+
+    assert paged_decode.unsupported(128) is None  # here: Triton and a compiler
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(paged_decode.shutil, "which", lambda name: None)
+    assert "C compiler" in paged_decode.unsupported(128)
+    monkeypatch.setenv("CC", "cc")
+    assert paged_decode.unsupported(128) is None
+    assert "power of two" in paged_decode.unsupported(96)
+
+
 def test_small_batches_get_more_splits():
     cpu = torch.device("cpu")
     assert num_splits(1, 2, cpu) > num_splits(4, 2, cpu) >= num_splits(64, 2, cpu) == 1

@@ -14,6 +14,8 @@ check it against decode_attention in attention.py.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 
 import torch
 
@@ -21,13 +23,20 @@ TILE = 64  # keys per loop step: 4 blocks of 16; tl.dot wants every side >= 16
 MAX_SPLITS = 64
 
 
-def supported(head_dim: int) -> bool:
-    """Triton is importable and the head size is a power of two >= 16 (128 for every GLM-4)."""
+def unsupported(head_dim: int) -> str | None:
+    """Why the kernel cannot run here, or None: it needs Triton, a C compiler for Triton (which builds
+    its kernels' launchers with one on first use: CC, else gcc or clang, as triton/runtime/build.py
+    looks; a CUDA *runtime* Docker image has none), and a head size that is a power of two >= 16 (128
+    for every GLM-4)."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+        return "Triton is not installed"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler for Triton (install gcc)"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head size {head_dim} is not a power of two >= 16"
+    return None
 
 
 @functools.cache

@@ -91,13 +91,17 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
     With LoRA adapters, no step is compiled or captured (their rows change every step): the adapters
     wrap the linears of whichever runner it is."""
     from .cpu_linear import packing_available
-    from .paged_decode import supported
+    from .paged_decode import unsupported
     from .quant import is_quantized
 
     param = next(model.parameters())
     packable = param.dtype in (torch.float32, torch.bfloat16) and packing_available()
     on_gpu = param.device.type == "cuda"
-    paged_decode = on_gpu and supported(model.cfg.head_dim)
+    why_not = unsupported(model.cfg.head_dim) if on_gpu else None
+    if why_not:
+        log.warning("no paged decode kernel (%s): decode attends through PyTorch, without CUDA graphs, "
+                    "several times slower", why_not)
+    paged_decode = on_gpu and not why_not
     if param.device.type == "cpu" and (is_quantized(model) or packable):
         from .cpu_runner import CpuRunner
 
