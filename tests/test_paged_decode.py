@@ -242,6 +242,31 @@ def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, devi
     assert (graphs.fused is not None) == fuse
 
 
+def test_compiled_layers_compile_at_load_not_while_serving(make_checkpoint, device, kernel_runs):
+    """What the capture compiles (every decode size of the ladder, then two prompt steps) covers the
+    steps a server then runs: decodes of any batch (padded), prompt chunks of any length, mixed
+    steps. A compile while serving would stall every running stream for seconds."""
+    from torch._dynamo.utils import counters
+
+    model = load_model(make_checkpoint("glm4", shape="small"), dtype="float32", device=device)
+    runner = CudaGraphRunner(model, 40, 4, None, max_num_seqs=8, max_model_len=64, capture=False)
+    for size in reversed(runner.sizes):  # as _capture does, without capturing (a CPU has no graphs)
+        runner.buffers.fill([], size)
+        runner._warm_up(size)
+    runner._warm_up_prompt_steps()
+    compiled = counters["stats"]["unique_graphs"]
+    tables = [list(range(i * 5, i * 5 + 5)) for i in range(8)]
+    steps = [[SeqChunk(list(range(1, 12)), 0, tables[0])],  # a prompt
+             [SeqChunk(list(range(1, 7)), 0, tables[i]) for i in (1, 2)] + [SeqChunk([3], 11, tables[0])],  # mixed
+             [SeqChunk([4], 12, tables[0]), SeqChunk([5], 6, tables[1]), SeqChunk([6], 6, tables[2])],  # 3 -> 4
+             [SeqChunk([7], 13, tables[0])],
+             [SeqChunk([8], 14, tables[0]), SeqChunk([9], 7, tables[1])],
+             [SeqChunk(list(range(2, 19)), 0, tables[3])] + [SeqChunk([1], 15, tables[0])]]
+    for chunks in steps:
+        runner.execute(ScheduledBatch(chunks))
+    assert runner.fused is not None and counters["stats"]["unique_graphs"] == compiled
+
+
 def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkpoint, device, kernel_runs):
     """Through the engine: a pool small enough to preempt, n=3 forks copying a shared block, sequences
     joining and leaving the decode batch (batch sizes padded up): the same greedy tokens."""
