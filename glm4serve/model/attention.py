@@ -65,7 +65,15 @@ class AttentionBatch:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-    """Store new keys/values [T, Hkv, D] at their flat slots of caches [blocks, block_size, Hkv, D]."""
+    """Store new keys/values [T, Hkv, D] at their flat slots of caches [blocks, block_size, Hkv, D].
+
+    On CPU a nan or inf is stored as 0: CPU decode attention reads whole blocks behind a mask, and a
+    masked slot still counts as 0 x value and score + -inf, so a nan or inf left in a block by one
+    sequence (an fp16 overflow) would turn the output of every later holder of the block into nan (an
+    inf kept as the dtype's largest value would overflow the score). The sequence that made it is
+    garbage either way. The GPU kernel never reads past a context (paged_decode.py)."""
+    if k.device.type == "cpu":
+        k, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v))
     num_blocks, block_size, hkv, d = k_cache.shape
     k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, k)
     v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, v)
