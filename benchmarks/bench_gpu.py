@@ -6,9 +6,9 @@ figure measured in this run:
    sets the decode roofline: tokens/s <= bandwidth / bytes read per token (the weights and the context's K/V);
 2. single-stream decode: our engine's tokens/s vs transformers generate(), each as a fraction of that roofline,
    and ours again without CUDA graphs (enforce_eager), for what the graphs bring, and with graphs of the
-   layers as written (not compiled by inductor), for what fusing brings; where the GPU's time goes in
-   a decode step of 1 and of 64 sequences, and a prefill, goes (torch.profiler: matrix products,
-   attention, the rest);
+   layers as written (not compiled by inductor), for what fusing brings; the first token of three
+   single prompts in a row; where the GPU's time goes in a decode step of 1 and of 64 sequences and
+   in a prefill (torch.profiler: matrix products, attention, the rest);
 3. 64 concurrent streams (1K-token prompts, 256 new tokens each): aggregate tokens/s, ours and generate()'s;
 4. prefill of one 32K-token prompt through our engine vs one transformers SDPA forward; the 64 streams
    and this prefill again with 4x larger engine steps (max_num_batched_tokens), ours only;
@@ -329,6 +329,15 @@ def single_stream(b: Bench, engine: LLMEngine, hf, weight_bytes: int, bandwidth:
             "transformers_of_roofline": theirs["decode_tok_s"] / roofline, "ours": mine, "transformers": theirs}
 
 
+def first_tokens(b: Bench, engine: LLMEngine, repeats: int = 3) -> dict:
+    """Time to the first token of a single-stream prompt, `repeats` times in a row: whether the
+    single stream's first token (after the warm-up) was a one-time cost or every prompt's."""
+    p = b.plan
+    times = [engine_run(b, engine, b.prompts(1, p.single_prompt), 1, p.single_seconds)["first_tokens_s"]
+             for _ in range(repeats)]
+    return {"prompt": p.single_prompt, **{f"first_token_s_{i + 1}": t for i, t in enumerate(times)}}
+
+
 def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
     """The single stream again, every step eager (enforce_eager): what the CUDA graphs bring."""
     p = b.plan
@@ -576,6 +585,7 @@ def main(argv=None) -> int:
     hf_generate(b, hf, b.prompts(2, 64), 4, seconds=60)
 
     single = b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
+    b.run("first_tokens", first_tokens, engine)
     eager = b.run("single_stream_eager", single_stream_eager, ours)
     unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):

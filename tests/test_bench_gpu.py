@@ -30,6 +30,7 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
                       ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context")):
         assert figures[part][key] > 0, (part, key, figures[part])
     assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
+    assert all(figures["first_tokens"][f"first_token_s_{i}"] > 0 for i in (1, 2, 3))
     larger = figures[f"chunks_of_{4 * figures['engine_args']['max_num_batched_tokens']}"]
     assert larger["streams"]["finished"] and larger["prefill_s"] > 0
     if device == "cuda":  # graphs of the layers as written, and the kernels' profile: a GPU's parts
