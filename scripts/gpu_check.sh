@@ -3,8 +3,8 @@
 # under 10 minutes each (a device command's limit; inductor compiles the runner's layers for each model
 # the tests and the benchmark load, which the first check, before that compile, did not wait for):
 #   bench: the GPU figures (benchmarks/bench_gpu.py, <= 5.5 min) -> $OUT/bench_gpu.json, bench_gpu.log
-#   tests: the model, engine and end-to-end tests on the GPU (`pytest --device cuda`, <= 7.5 min)
-#          -> $OUT/pytest.xml, pytest.log
+#   tests: the model, engine and end-to-end tests on the GPU (`pytest --device cuda`, <= 7.5 min; the
+#          runner's and the server's first, should the time run out) -> $OUT/pytest.xml, pytest.log
 # Both write $OUT/gpu.txt; no argument runs both, one after the other.
 #
 # The machine's python3 (3.12) brings torch with CUDA, transformers, tokenizers, tiktoken, safetensors,
@@ -44,9 +44,9 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
 fi
 if [ "$part" = tests ] || [ "$part" = all ]; then
     timeout -k 10 440 python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
-        --junitxml "$OUT/pytest.xml" tests/test_model_equivalence.py tests/test_engine_with_model.py \
-        tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_paged_decode.py tests/test_sampler.py \
-        tests/test_e2e_server.py 2>&1 | tee "$OUT/pytest.log"
+        --junitxml "$OUT/pytest.xml" tests/test_paged_decode.py tests/test_model_equivalence.py \
+        tests/test_e2e_server.py tests/test_engine_with_model.py tests/test_prefix_cache_model.py \
+        tests/test_long_context.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest.log"
     tests=$?
 fi
 echo "$part: bench_gpu exit $bench, pytest exit $tests"
