@@ -127,8 +127,9 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
             raise LoRAError(f"{path}: {stem} has rank 0")
         piece = Piece(row=spec.rows[0] if spec.rows else 0, a=a.to(device=device, dtype=dtype).contiguous(),
                       b=(b.double() * _scale(config, a.shape[0])).to(device=device, dtype=dtype).contiguous())
-        # A weight that is not finite (or that scaling made so) would write NaN into KV blocks that other
-        # requests read later, masked, and 0 * NaN is NaN.
+        # A weight that is not finite (or that scaling made so) makes every reply with the adapter NaN:
+        # refused at load, where the user learns why (the KV cache keeps other requests safe either way:
+        # attention.write_kv, paged_decode.py).
         if not (torch.isfinite(piece.a).all() and torch.isfinite(piece.b).all()):
             raise LoRAError(f"{path}: {stem} has weights that are not finite in {dtype} (scaled by lora_alpha / r)")
         adapter.pieces.setdefault(module, []).append(piece)
