@@ -267,6 +267,57 @@ def test_compiled_layers_compile_at_load_not_while_serving(make_checkpoint, devi
     assert runner.fused is not None and counters["stats"]["unique_graphs"] == compiled
 
 
+def record_kernel_specializations(monkeypatch) -> list[str]:
+    """Each later launch of the decode kernel appends its specialization: the key by which a GPU's
+    Triton compiles a variant of the kernel (integers' ==1 and divisibility by 16, pointers' alignment),
+    computed by Triton's own binder for an H100, which needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from glm4serve.model import paged_decode
+
+    kernel = paged_decode._kernel()
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)  # the interpreter's
+    binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+    seen = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(str(binder(*args, **kwargs)[1]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(paged_decode, "_kernel", Recording)
+    return seen
+
+
+def test_decode_kernel_compiles_at_load_not_while_serving(make_checkpoint, device, kernel_runs, monkeypatch):
+    """Every variant of the attention kernel that prompt and mixed steps launch (decodes of any count,
+    block tables as wide as their longest context, 1 included) is one the decode steps of the capture
+    compiled: on an H200 each new variant stalls the step for a compile. An odd max_num_seqs puts the
+    graph buffers' context lengths off a 16-byte boundary."""
+    seen = record_kernel_specializations(monkeypatch)
+    model = load_model(make_checkpoint("glm4", shape="small"), dtype="float32", device=device)
+    runner = CudaGraphRunner(model, 40, 4, None, max_num_seqs=5, max_model_len=64, capture=False, fuse=False)
+    for size in reversed(runner.sizes):  # as _capture does, without capturing (a CPU has no graphs)
+        runner.buffers.fill([], size)
+        runner._warm_up(size)
+    at_load = len(seen)
+    tables = [list(range(i * 5, i * 5 + 5)) for i in range(8)]
+    steps = [[SeqChunk([1, 2, 3], 0, tables[0]), SeqChunk([4], 0, tables[1])],
+             [SeqChunk([5, 6], 3, tables[0])] + [SeqChunk([7], 1, tables[1])],  # a context of one block
+             [SeqChunk(list(range(1, 12)), 0, tables[2])] + [SeqChunk([1], 5, tables[0]), SeqChunk([2], 2, tables[1])],
+             [SeqChunk(list(range(1, 4)), 0, tables[3])] + [SeqChunk([3], 11, tables[2])],  # three blocks
+             [SeqChunk([1], 0, tables[4])] + [SeqChunk([4], c, tables[i]) for i, c in ((0, 6), (1, 3), (2, 12), (3, 3))],
+             [SeqChunk([5], c, tables[i]) for i, c in ((0, 7), (1, 4), (2, 13), (3, 4), (4, 1))]]
+    for chunks in steps:
+        runner.execute(ScheduledBatch(chunks))
+    assert len(seen) > at_load + len(steps) - 1
+    assert set(seen[at_load:]) <= set(seen[:at_load])
+
+
 def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkpoint, device, kernel_runs):
     """Through the engine: a pool small enough to preempt, n=3 forks copying a shared block, sequences
     joining and leaving the decode batch (batch sizes padded up): the same greedy tokens."""

@@ -58,7 +58,11 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Triton compiles a kernel per specialization of its arguments: integers by ==1 and divisibility by
+    # 16, pointers by 16-byte alignment. The block table's width (eager steps size it to the longest
+    # context) and the offsets of the graph buffers' rows (cuda_runner.DecodeBuffers) would make
+    # variants that no capture compiled, each a compile while serving. Neither feeds a wide load.
+    @triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["tables_ptr", "lens_ptr"])
     def paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr, scale,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
