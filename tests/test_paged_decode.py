@@ -7,6 +7,7 @@ real and the runner replays captured graphs."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -265,6 +266,30 @@ def test_compiled_layers_compile_at_load_not_while_serving(make_checkpoint, devi
     for chunks in steps:
         runner.execute(ScheduledBatch(chunks))
     assert runner.fused is not None and counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_failed_capture_of_the_compiled_layers_captures_the_layers_as_written(make_checkpoint, device, caplog):
+    """A graph that cannot hold what inductor made leaves a server whose graphs replay the model's own
+    layers (and says so), not none; without compiled layers to fall back from, the failure stands."""
+    model = load_model(make_checkpoint("glm4", shape="small"), dtype="float32", device=device)
+    runner = CudaGraphRunner(model, 40, 4, None, max_num_seqs=2, max_model_len=64, capture=False)
+    captures = []
+
+    def capture_ladder():
+        captures.append((runner.fused is not None, dict(runner.graphs)))
+        runner.graphs[2] = "a graph"
+        if runner.fused is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner._capture_ladder = capture_ladder
+    with caplog.at_level(logging.WARNING, logger="glm4serve"):
+        runner._capture()
+    assert captures == [(True, {}), (False, {})] and runner.fused is None  # nothing kept of the failed try
+    assert "capturing the compiled layers failed" in caplog.text and "not permitted" in caplog.text
+    runner.graphs.clear()
+    runner._capture_ladder = lambda: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        runner._capture()
 
 
 def record_kernel_specializations(monkeypatch) -> list[str]:

@@ -154,6 +154,20 @@ class CudaGraphRunner(EagerRunner):
             self.fused = None
 
     def _capture(self) -> None:
+        """A capture of the compiled layers that fails (a kernel the graph cannot hold) leaves the graphs
+        to the layers as written, loudly, rather than no server."""
+        try:
+            self._capture_ladder()
+        except Exception as e:
+            if self.fused is None:
+                raise
+            log.warning("capturing the compiled layers failed, the graphs capture the layers as written: %s: %s",
+                        type(e).__name__, e)
+            self.fused = None
+            self.graphs.clear()
+            self._capture_ladder()
+
+    def _capture_ladder(self) -> None:
         """Largest batch first, all graphs in one memory pool: the smaller ones fit in what it left."""
         pool = None
         for size in reversed(self.sizes):
