@@ -14,7 +14,9 @@ figure measured in this run:
    and this prefill again with 4x larger engine steps (max_num_batched_tokens), ours only;
 5. glm-4-9b-chat-1m's shapes (4 KV groups, rope base 1e8): a prompt placed at positions past 1M against
    transformers, the automatic KV budget's context next to the weights, a decode step at the full context;
-6. prefill of a 128K-token prompt when time allows; peak GPU memory of each part.
+6. prefill of a 128K-token prompt when time allows; peak GPU memory of each part, and what each
+   part compiled (dynamo's graphs, Triton's variants of the decode attention kernel): none, unless
+   it loads an engine of its own.
 
     python3 benchmarks/bench_gpu.py --out $OUT/bench_gpu.json     # a GPU machine: ~6 min on an H200
     .venv/bin/python benchmarks/bench_gpu.py --tiny                # CPU, tiny shapes: the same code paths
@@ -116,6 +118,7 @@ class Bench:
     def run(self, part: str, fn, *args) -> dict:
         """Record fn(*args)'s figures as `part`. An exception (say, out of memory) is recorded in
         their place and the run goes on: one part's failure leaves the others' figures."""
+        before = compiles()
         try:
             figures = fn(self, *args)
         except Exception as e:  # noqa: BLE001
@@ -123,6 +126,7 @@ class Bench:
             figures, self.failed = {"error": repr(e)}, True
             if self.device == "cuda":
                 torch.cuda.empty_cache()
+        figures["compiles"] = {k: None if v is None else compiles()[k] - v for k, v in before.items()}
         self.record(part, figures)
         return figures
 
@@ -133,6 +137,21 @@ class Bench:
         if self.out:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_text(json.dumps(self.results, indent=1))
+
+
+def compiles() -> dict:
+    """Graphs dynamo has compiled and variants of the decode attention kernel Triton has compiled so
+    far in this process (None in Triton's interpreter): a part that loads no engine should add none."""
+    from torch._dynamo.utils import counters
+
+    from glm4serve.model import paged_decode
+
+    try:
+        caches = getattr(paged_decode._kernel(), "device_caches", None)
+    except ImportError:  # no Triton
+        caches = None
+    return {"dynamo_graphs": counters["stats"]["unique_graphs"],
+            "decode_kernel_variants": None if caches is None else sum(len(c[0]) for c in caches.values())}
 
 
 def fmt(v) -> str:

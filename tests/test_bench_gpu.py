@@ -33,6 +33,11 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
     assert all(figures["first_tokens"][f"first_token_s_{i}"] > 0 for i in (1, 2, 3))
     larger = figures[f"chunks_of_{4 * figures['engine_args']['max_num_batched_tokens']}"]
     assert larger["streams"]["finished"] and larger["prefill_s"] > 0
+    # the parts that run the engine loaded before them compile nothing: it was all done at load
+    for part in ("single_stream", "first_tokens", "decode_profile_1", "decode_profile_4", "streams_4", "prefill",
+                 "prefill_profile", "long_prefill"):
+        assert figures[part]["compiles"]["dynamo_graphs"] == 0, (part, figures[part]["compiles"])
+        assert figures[part]["compiles"]["decode_kernel_variants"] in (0, None), (part, figures[part]["compiles"])
     if device == "cuda":  # graphs of the layers as written, and the kernels' profile: a GPU's parts
         assert figures["single_stream_unfused"]["ours_unfused_tok_s"] > 0
         for part in ("decode_profile_1", "decode_profile_4", "prefill_profile"):
