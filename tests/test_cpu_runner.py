@@ -8,7 +8,6 @@ import torch
 
 from glm4serve.engine.block_pool import BlockPool
 from glm4serve.model import bf16_kernel, cpu_linear, cpu_runner
-from glm4serve.model.attention import decode_attention, decode_attention_one, write_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.cpu_linear import CpuLinear, packing_available
 from glm4serve.model.cpu_runner import CpuRunner, compiler_available
@@ -186,28 +185,3 @@ def test_many_rows_take_the_compiled_norms_and_swiglu_and_agree_with_eager(make_
     assert compiled_rows and set(compiled_rows) == {len(tokens)}  # the prompt's rows only
     got, want = torch.stack(got), torch.stack(want)
     assert (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0)
-
-
-def test_cpu_decode_attention_is_not_poisoned_by_what_a_block_held_before():
-    """CPU decode attention reads whole blocks behind a mask (the rest of a sequence's last block, and
-    block 0 where a shorter sequence's table is padded). Blocks that held nan and inf K/V (a sequence's
-    fp16 overflow) and then passed to others: their outputs are those over clean blocks."""
-    g = torch.Generator().manual_seed(0)
-    hq, hkv, d, bs = 4, 2, 16, 8
-    caches = [torch.zeros(4, bs, hkv, d) for _ in range(4)]  # poisoned k, v; clean k, v
-    bad = torch.full((2 * bs, hkv, d), float("nan"))
-    bad[bs:] = float("inf")
-    write_kv(caches[0], caches[1], bad, -bad, torch.cat([torch.arange(0, bs), torch.arange(2 * bs, 3 * bs)]))
-    lens = [12, 3]  # sequence 0 in blocks 1 and 3, sequence 1 in block 2 (its table padded with block 0)
-    slots = torch.cat([torch.arange(bs, 2 * bs), torch.arange(3 * bs, 3 * bs + 4), torch.arange(2 * bs, 2 * bs + 3)])
-    k, v = (torch.randn(len(slots), hkv, d, generator=g) for _ in "kv")
-    for kc, vc in (caches[:2], caches[2:]):
-        write_kv(kc, vc, k, v, slots)
-    q = torch.randn(2, hq, d, generator=g)
-    tables = torch.tensor([[1, 3], [2, 0]])
-    mask = torch.arange(2 * bs)[None, :] < torch.tensor(lens)[:, None]
-    poisoned = decode_attention(q, caches[0], caches[1], tables, mask, 0.25)
-    assert torch.equal(poisoned, decode_attention(q, caches[2], caches[3], tables, mask, 0.25))
-    one = decode_attention_one(q[1:], caches[0], caches[1], torch.tensor([2, 0]), torch.tensor([3]), 0.25)
-    assert torch.isfinite(one).all()
-    torch.testing.assert_close(one, poisoned[1:].flatten(1))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm4serve.model.attention import decode_attention
+from glm4serve.model.attention import AttentionBatch, decode_attention, decode_attention_one, write_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.cuda_runner import CudaGraphRunner, graph_batch_sizes
 from glm4serve.model.glm4 import load_model
@@ -164,6 +164,38 @@ def test_the_kernel_is_refused_where_triton_could_not_build_it(monkeypatch):
     monkeypatch.setenv("CC", "cc")
     assert paged_decode.unsupported(128) is None
     assert "power of two" in paged_decode.unsupported(96)
+
+
+def test_decode_attention_in_pytorch_is_not_poisoned_by_what_a_block_held_before(device):
+    """Decode attention in PyTorch (CPU, and a GPU without the kernel) reads whole blocks behind a mask
+    (the rest of a sequence's last block, and block 0 where a shorter sequence's table is padded).
+    Blocks that held nan and inf K/V (a sequence's fp16 overflow) and then passed to others: their
+    outputs are those over clean blocks. With the kernel, which reads no slot past a context, the
+    K/V are stored as they are."""
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d, bs = 4, 2, 16, 8
+    caches = [torch.zeros(4, bs, hkv, d, device=device) for _ in range(4)]  # poisoned k, v; clean k, v
+    bad = torch.full((2 * bs, hkv, d), float("nan"), device=device)
+    bad[bs:] = float("inf")
+    bad_slots = torch.cat([torch.arange(0, bs), torch.arange(2 * bs, 3 * bs)]).to(device)
+    write_kv(caches[0], caches[1], bad, -bad, AttentionBatch(slot_mapping=bad_slots))
+    lens = [12, 3]  # sequence 0 in blocks 1 and 3, sequence 1 in block 2 (its table padded with block 0)
+    slots = torch.cat([torch.arange(bs, 2 * bs), torch.arange(3 * bs, 3 * bs + 4), torch.arange(2 * bs, 2 * bs + 3)])
+    k, v = (torch.randn(len(slots), hkv, d, generator=g).to(device) for _ in "kv")
+    for kc, vc in (caches[:2], caches[2:]):
+        write_kv(kc, vc, k, v, AttentionBatch(slot_mapping=slots.to(device)))
+    q = torch.randn(2, hq, d, generator=g).to(device)
+    tables = torch.tensor([[1, 3], [2, 0]], device=device)
+    mask = torch.arange(2 * bs, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    poisoned = decode_attention(q, caches[0], caches[1], tables, mask, 0.25)
+    assert torch.equal(poisoned, decode_attention(q, caches[2], caches[3], tables, mask, 0.25))
+    table, length = torch.tensor([2, 0], device=device), torch.tensor([3], device=device)
+    one = decode_attention_one(q[1:], caches[0], caches[1], table, length, 0.25)
+    assert torch.isfinite(one).all()
+    torch.testing.assert_close(one, poisoned[1:].flatten(1))
+    kept = torch.zeros(4, bs, hkv, d, device=device)
+    write_kv(kept, kept.clone(), bad, -bad, AttentionBatch(slot_mapping=bad_slots, paged_decode=True))
+    assert kept.isnan().sum() == bs * hkv * d and kept.isinf().sum() == bs * hkv * d
 
 
 def test_small_batches_get_more_splits():

@@ -64,19 +64,20 @@ class AttentionBatch:
         return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-    """Store new keys/values [T, Hkv, D] at their flat slots of caches [blocks, block_size, Hkv, D].
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch):
+    """Store new keys/values [T, Hkv, D] at the batch's flat slots of caches [blocks, block_size, Hkv, D].
 
-    On CPU a nan or inf is stored as 0: CPU decode attention reads whole blocks behind a mask, and a
-    masked slot still counts as 0 x value and score + -inf, so a nan or inf left in a block by one
-    sequence (an fp16 overflow) would turn the output of every later holder of the block into nan (an
-    inf kept as the dtype's largest value would overflow the score). The sequence that made it is
-    garbage either way. The GPU kernel never reads past a context (paged_decode.py)."""
-    if k.device.type == "cpu":
+    A nan or inf is stored as 0 where decodes attend in PyTorch (decode_attention, and the CPU runner's
+    compiled decode): they read whole blocks behind a mask, and a masked slot still counts as 0 x value
+    and score + -inf, so a nan or inf left in a block by one sequence (an fp16 overflow) would turn the
+    output of every later holder of the block into nan (an inf kept as the dtype's largest value would
+    overflow the score). The sequence that made it is garbage either way. paged_decode.py's kernel never
+    reads past a context, nor does prefill attention (gather_kv)."""
+    if not batch.paged_decode:
         k, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v))
     num_blocks, block_size, hkv, d = k_cache.shape
-    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, k)
-    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slots, v)
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, batch.slot_mapping, k)
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, batch.slot_mapping, v)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -174,7 +175,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write the new k/v [T, Hkv, D] into the cache, then attend for all T queries q [T, Hq, D]."""
-    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    write_kv(k_cache, v_cache, k, v, batch)
     if not batch.prefills:  # decodes only: nothing to assemble
         return decodes_attention(q, k_cache, v_cache, batch, scale)
     out = torch.empty_like(q)

@@ -191,10 +191,10 @@ class OneTokenStep:
             if table.shape[0] < 2:  # one block: a second, masked out, keeps the length a dynamic dimension
                 table = torch.cat((table, table))
             for i in range(last):
-                write_kv(kv.k[i], kv.v[i], k, v, b.attn.slot_mapping)
+                write_kv(kv.k[i], kv.v[i], k, v, b.attn)
                 x, q, k, v = self.attend_between(layers[i], layers[i + 1], x, q, kv.k[i], kv.v[i], table,
                                                  context_len, cos, sin)
-            write_kv(kv.k[last], kv.v[last], k, v, b.attn.slot_mapping)
+            write_kv(kv.k[last], kv.v[last], k, v, b.attn)
             out = self.attend_last(layers[last], model, x, q, kv.k[last], kv.v[last], table, context_len)
         return out if self.head_in_graph else model.lm_head(out).float()
 

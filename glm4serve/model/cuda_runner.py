@@ -222,7 +222,7 @@ class CompiledLayers:
         cos, sin = model.rotary(positions)  # [T, rotary_dim / 2] each
         q, k, v = self.first(layers[0], x, cos, sin)
         for i, layer in enumerate(layers):
-            write_kv(kv.k[i], kv.v[i], k, v, attn.slot_mapping)
+            write_kv(kv.k[i], kv.v[i], k, v, attn)
             partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
                                              layer.attn.scale)
             if i + 1 < len(layers):

@@ -129,7 +129,7 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
                       b=(b.double() * _scale(config, a.shape[0])).to(device=device, dtype=dtype).contiguous())
         # A weight that is not finite (or that scaling made so) makes every reply with the adapter NaN:
         # refused at load, where the user learns why. (Other requests that reuse its KV blocks are kept
-        # safe by attention.write_kv on CPU and paged_decode.py's kernel on GPU.)
+        # safe by attention.write_kv, or by paged_decode.py's kernel where it attends.)
         if not (torch.isfinite(piece.a).all() and torch.isfinite(piece.b).all()):
             raise LoRAError(f"{path}: {stem} has weights that are not finite in {dtype} (scaled by lora_alpha / r)")
         adapter.pieces.setdefault(module, []).append(piece)
