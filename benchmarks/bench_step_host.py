@@ -43,7 +43,7 @@ class ReadyLogits:
 
 def step_ms(batch: int, vocab: int, steps: int) -> float:
     args = EngineArgs(max_num_seqs=batch, max_num_batched_tokens=8192, block_size=BLOCK_SIZE)  # else the defaults
-    cfg = args.scheduler_config(PROMPT + steps + 64)
+    cfg = args.scheduler_config(PROMPT + steps + 64, "cpu")
     engine = LLMEngine(ReadyLogits(vocab), NoTextTokenizer(vocab), cfg, BlockPool(BLOCKS, BLOCK_SIZE), (), vocab_size=vocab)
     params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True)
     for i in range(batch):

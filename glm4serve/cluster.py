@@ -196,7 +196,7 @@ class ReplicaClient:
         self._replicas, self._board = replicas, board
         self._settings, self._tokenizer = settings, tokenizer
         self.max_model_len = max_model_len
-        limits = settings.scheduler_config(max_model_len)
+        limits = settings.scheduler_config(max_model_len, "cpu")  # for requests' limits: each replica steps its own
         loras = frozenset(settings.lora_modules)
         self._check = lambda ids, params: check_request_limits(ids, params, tokenizer.vocab_size, limits, loras)
         self._grammars = Grammars(tokenizer)  # a schema is checked here; each replica compiles its own

@@ -116,15 +116,17 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
         tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size)
         runner = tp
         log.info("model runner: %s", runner)
-    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB%s)", cfg.variant, dtype, device,
-             plan.num_blocks, args.block_size, plan.num_blocks * args.block_size * token_bytes / 2**30,
-             " on each rank" if tp is not None else "")
+    limits = args.scheduler_config(plan.max_model_len, device)
+    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB%s); steps of up to %d tokens",
+             cfg.variant, dtype, device, plan.num_blocks, args.block_size,
+             plan.num_blocks * args.block_size * token_bytes / 2**30, " on each rank" if tp is not None else "",
+             limits.max_num_batched_tokens)
     if args.speculative_config is not None:
         spec = args.speculative_config
         log.info("speculative decoding: %s drafts of up to %d tokens from %d- to %d-grams%s", spec.method,
                  spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                  f", none while over {spec.disable_by_batch_size} sequences run" if spec.disable_by_batch_size else "")
-    return LLMEngine(runner, tokenizer, args.scheduler_config(plan.max_model_len),
+    return LLMEngine(runner, tokenizer, limits,
                      BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
                      vocab_size=tokenizer.vocab_size, loras=loras)
 

@@ -150,8 +150,8 @@ def start_engine(args: EngineArgs, max_model_len: int, tokenizer: Tokenizer | No
     tokenizer = tokenizer or small_tokenizer()
     num_blocks = args.num_kv_blocks or math.ceil(max_model_len / args.block_size)
     runner = ScriptedRunner(tokenizer, num_blocks, args.block_size, **script)
-    llm = LLMEngine(runner, tokenizer, args.scheduler_config(max_model_len), BlockPool(num_blocks, args.block_size),
-                    tokenizer.stop_token_ids, vocab_size=tokenizer.vocab_size)
+    llm = LLMEngine(runner, tokenizer, args.scheduler_config(max_model_len, "cpu"),
+                    BlockPool(num_blocks, args.block_size), tokenizer.stop_token_ids, vocab_size=tokenizer.vocab_size)
     runner.engine = llm
     engine = RecordingEngine.start(lambda: llm)
     runner.abort = lambda request_id: AsyncEngine.abort(engine, request_id)  # the server's, not recorded

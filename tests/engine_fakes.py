@@ -174,4 +174,4 @@ class RecordingRunner:
 
 def sched_config(max_model_len: int = 8192, **engine_args) -> SchedulerConfig:
     """The scheduler's limits as the engine derives them from EngineArgs (its defaults but those given)."""
-    return EngineArgs(**engine_args).scheduler_config(max_model_len)
+    return EngineArgs(**engine_args).scheduler_config(max_model_len, "cpu")

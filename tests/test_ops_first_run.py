@@ -59,3 +59,25 @@ def test_cuda_kv_budget_is_what_the_loaded_weights_leave(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, total))
     with pytest.raises(ValueError, match="kv_cache_memory"):
         kv_budget(model, "cuda")
+
+
+def test_engine_steps_default_to_vllms_for_the_device(monkeypatch):
+    """max_num_batched_tokens, unset: vLLM's server defaults, 8192 on a GPU of 70 GiB or more but an
+    A100 (H100, H200), else 2048 (CPU, smaller GPUs, A100s); set, it is taken as it is."""
+    import types
+
+    import torch
+
+    from glm4serve.engine.config import EngineArgs
+
+    gpu = types.SimpleNamespace()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    steps = lambda device, **kw: EngineArgs(**kw).scheduler_config(4096, device).max_num_batched_tokens  # noqa: E731
+    for name, gib, want in (("NVIDIA H200", 139.8, 8192), ("NVIDIA H100 80GB HBM3", 79.1, 8192),
+                            ("NVIDIA A100-SXM4-80GB", 79.2, 2048), ("NVIDIA GeForce RTX 4090", 23.6, 2048),
+                            ("NVIDIA L40S", 44.4, 2048)):
+        gpu.name, gpu.total_memory = name, int(gib * 2**30)
+        assert steps("cuda") == want, name
+        assert steps("cuda", max_num_batched_tokens=4096) == 4096
+    assert steps("cpu") == 2048 and steps("cpu", max_num_batched_tokens=512) == 512

@@ -33,8 +33,8 @@ def test_on_by_default_and_flags_turn_it_off_and_on(monkeypatch):
 
 
 def test_engine_args_carry_it_to_the_scheduler():
-    assert EngineArgs().scheduler_config(1024).enable_prefix_caching is True
-    assert EngineArgs(enable_prefix_caching=False).scheduler_config(1024).enable_prefix_caching is False
+    assert EngineArgs().scheduler_config(1024, "cpu").enable_prefix_caching is True
+    assert EngineArgs(enable_prefix_caching=False).scheduler_config(1024, "cpu").enable_prefix_caching is False
 
 
 @pytest.mark.parametrize("flag, expected", [("--no-enable-prefix-caching", False), ("--enable-prefix-caching", True)])
