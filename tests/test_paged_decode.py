@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -273,6 +274,46 @@ def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, devi
     three_decodes = [SeqChunk([6], 3, [0]), SeqChunk([7], 1, [1]), SeqChunk([8], 1, [2])]
     torch.testing.assert_close(step(graphs, three_decodes), step(eager, three_decodes), atol=1e-5, rtol=0)
     assert (graphs.fused is not None) == fuse
+
+
+@pytest.mark.parametrize("piece", ["first", "between", "merge_between"])
+def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device, piece):
+    """The CUDA runner's compiled pieces write the K/V they make into the layer's cache: in place, as
+    part of a fused kernel, never through a copy of the cache (as big as the card's free memory)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from glm4serve.model import cuda_runner, segments
+    from glm4serve.model.kv_cache import KVCache
+    from glm4serve.model.paged_decode import merge_splits
+
+    torch._dynamo.reset()  # a graph compiled by an earlier test would leave no code to read
+    model = load_model(make_checkpoint("glm4", shape="small"), dtype="float32", device=device)
+    cfg, layers = model.cfg, model.layers
+    kv = KVCache(cfg, 53, 4, torch.float32, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, cfg.hidden_size, generator=g).to(device)
+    cos, sin = model.rotary(torch.tensor([0, 5, 9], device=device))
+    slots = torch.tensor([0, 5, 197], device=device)
+    partials = (torch.randn(3, cfg.num_kv_heads, 4, 16, cfg.head_dim, generator=g).to(device),
+                torch.randn(3, cfg.num_kv_heads, 4, 16, generator=g).to(device),
+                torch.rand(3, cfg.num_kv_heads, 4, 16, generator=g).to(device) + 0.5)
+    attn = merge_splits(*partials, cfg.num_heads).flatten(1)  # [3, Hq * D]
+    fn, args, want = {
+        "first": (cuda_runner._first, (layers[0], x, cos, sin), segments.first(layers[0], x, cos, sin)),
+        "between": (cuda_runner._between, (layers[0], layers[1], x, attn, cos, sin),
+                    segments.between(layers[0], layers[1], x, attn, cos, sin)),
+        "merge_between": (cuda_runner._merge_between, (layers[0], layers[1], x, partials, cos, sin),
+                          segments.between(layers[0], layers[1], x, attn, cos, sin)),
+    }[piece]
+    with torch.inference_mode():
+        got, codes = run_and_get_code(torch.compile(fn, fullgraph=True), *args, kv.k_slots[1], kv.v_slots[1], slots)
+    torch.testing.assert_close(got, want[:-2] if len(want) > 3 else want[0])  # (x,) q
+    torch.testing.assert_close(kv.k_slots[1][slots], want[-2])
+    torch.testing.assert_close(kv.v_slots[1][slots], want[-1])
+    assert kv.k_slots[1][1:5].abs().sum() == 0  # nothing else written
+    sizes = [math.prod(int(n) for n in shape.split(",") if n.strip())
+             for code in codes for shape in re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", code)]
+    assert sizes and max(sizes) < kv.k[1].numel(), codes[0][-3000:]  # no buffer the cache's size
 
 
 def test_compiled_layers_compile_at_load_not_while_serving(make_checkpoint, device, kernel_runs):

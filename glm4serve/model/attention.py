@@ -73,11 +73,19 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     output of every later holder of the block into nan (an inf kept as the dtype's largest value would
     overflow the score). The sequence that made it is garbage either way. paged_decode.py's kernel never
     reads past a context, nor does prefill attention (gather_kv)."""
-    if not batch.paged_decode:
-        k, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v))
     num_blocks, block_size, hkv, d = k_cache.shape
-    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, batch.slot_mapping, v)
+    k_slots, v_slots = (c.view(num_blocks * block_size, hkv, d) for c in (k_cache, v_cache))
+    store_kv(k_slots, v_slots, k, v, batch.slot_mapping, finite=not batch.paged_decode)
+
+
+def store_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             finite: bool):
+    """write_kv's stores into caches seen as rows of token slots [blocks * block_size, Hkv, D], nan and
+    inf as 0 if `finite`; plain tensors in, for a compiled piece to hold."""
+    if finite:
+        k, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v))
+    k_slots.index_copy_(0, slots, k)
+    v_slots.index_copy_(0, slots, v)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -176,6 +184,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write the new k/v [T, Hkv, D] into the cache, then attend for all T queries q [T, Hq, D]."""
     write_kv(k_cache, v_cache, k, v, batch)
+    return cached_attention(q, k_cache, v_cache, batch, scale)
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                     scale: float) -> torch.Tensor:
+    """All T queries q [T, Hq, D] over the cache, which holds their own tokens' K/V already -> [T, Hq, D]."""
     if not batch.prefills:  # decodes only: nothing to assemble
         return decodes_attention(q, k_cache, v_cache, batch, scale)
     out = torch.empty_like(q)

@@ -11,9 +11,10 @@ Captured as a CUDA graph, the step is one launch. A graph replays fixed shapes a
 Replayed, the small kernels still cost: on an H200 a 40-layer batch-1 step ran 8.2 ms of kernels,
 5.1 of them the matrix products and ~3.1 the ~1,400 small ones (BENCHMARKS.md). So with `fuse` (the
 default for plain weights) every step runs segments.py's pieces compiled by inductor, their small ops
-fused into a few Triton kernels around the products (CompiledLayers): decode graphs capture them,
-with the split-merge of the attention kernel (paged_decode.merge_splits) folded into the piece after
-it; prefill and mixed steps run them eagerly around attention.paged_attention. One compile serves
+fused into a few Triton kernels around the products (CompiledLayers), each piece storing the K/V it
+makes in the cache (no kernels of their own): decode graphs capture them, with the split-merge of
+the attention kernel (paged_decode.merge_splits) folded into the piece after it; prefill and mixed
+steps run them eagerly around attention.cached_attention. One compile serves
 every layer and every number of rows (a dynamic dimension; one row compiles once more). Without
 `fuse` the model's own forward (glm4.py) runs, captured as is for decodes. Steps with prompt tokens,
 and batches larger than the ladder, are not replayed; with `capture=False` no step is, and decode
@@ -29,7 +30,7 @@ import logging
 import torch
 
 from . import segments
-from .attention import AttentionBatch, paged_attention, write_kv
+from .attention import AttentionBatch, cached_attention, store_kv
 from .batch import ForwardBatch, ScheduledBatch, SeqChunk
 from .glm4 import GLM4Model, Layer
 from .kv_cache import KVCache
@@ -188,10 +189,25 @@ class CudaGraphRunner(EagerRunner):
         log.info("captured decode graphs for batch sizes %s", self.sizes)
 
 
-def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin):
-    """segments.between, after merging layer i's attention splits [T, Hkv, S, GP, D] (and maxima, sums)."""
+def _first(layer: Layer, x, cos, sin, k_slots, v_slots, slots):
+    """segments.first, with its K/V stored in the layer's cache (KVCache.k_slots, v_slots) -> q. Stored
+    as they are: the attention kernel reads no slot past a context (attention.write_kv)."""
+    q, k, v = segments.first(layer, x, cos, sin)
+    store_kv(k_slots, v_slots, k, v, slots, finite=False)
+    return q
+
+
+def _between(layer: Layer, next_layer: Layer, x, attn, cos, sin, k_slots, v_slots, slots):
+    """segments.between, with the next layer's K/V stored in its cache -> (x, q)."""
+    x, q, k, v = segments.between(layer, next_layer, x, attn, cos, sin)
+    store_kv(k_slots, v_slots, k, v, slots, finite=False)
+    return x, q
+
+
+def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin, k_slots, v_slots, slots):
+    """_between, after merging layer i's attention splits [T, Hkv, S, GP, D] (and maxima, sums)."""
     attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [T, Hq, D]
-    return segments.between(layer, next_layer, x, attn.flatten(1), cos, sin)
+    return _between(layer, next_layer, x, attn.flatten(1), cos, sin, k_slots, v_slots, slots)
 
 
 def _merge_last(layer: Layer, model: GLM4Model, x, partials):
@@ -200,45 +216,46 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
 
 
 class CompiledLayers:
-    """The model's steps through segments.py's pieces compiled by inductor: 1 + num_layers compiled
-    calls, each layer's K/V write and attention eager between them. Compiled on the first call of each
-    kind of shape (the capture's warm-up, the first prefill), not when made; dynamic=None: static at
-    first, the rows made dynamic when a second number of rows comes."""
+    """The model's steps through segments.py's pieces compiled by inductor, each layer's K/V stored by
+    the piece that makes them: 1 + num_layers compiled calls, attention eager between them. Compiled on
+    the first call of each kind of shape (the capture's warm-up, the first prefill), not when made;
+    dynamic=None: static at first, the rows made dynamic when a second number of rows comes."""
 
     def __init__(self):
         compile = lambda fn: torch.compile(fn, fullgraph=True, dynamic=None)  # noqa: E731
-        self.first = compile(segments.first)
+        self.first = compile(_first)
         # decodes: the attention kernel's splits merged in the piece after it
         self.merge_between, self.merge_last = compile(_merge_between), compile(_merge_last)
-        # prefill and mixed steps: attention's output whole (attention.paged_attention)
-        self.between, self.last = compile(segments.between), compile(segments.last_without_head)
+        # prefill and mixed steps: attention's output whole (attention.cached_attention)
+        self.between, self.last = compile(_between), compile(segments.last_without_head)
 
     @torch.inference_mode()
     def decode(self, model: GLM4Model, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
                kv: KVCache) -> torch.Tensor:
         """One token of each of T sequences -> their logits [T, V] fp32."""
-        layers = model.layers
+        layers, slots = model.layers, attn.slot_mapping
         x = model.embed(ids)  # [T, H]
         cos, sin = model.rotary(positions)  # [T, rotary_dim / 2] each
-        q, k, v = self.first(layers[0], x, cos, sin)
+        q = self.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
-            write_kv(kv.k[i], kv.v[i], k, v, attn)
             partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
                                              layer.attn.scale)
             if i + 1 < len(layers):
-                x, q, k, v = self.merge_between(layer, layers[i + 1], x, partials, cos, sin)
+                x, q = self.merge_between(layer, layers[i + 1], x, partials, cos, sin, kv.k_slots[i + 1],
+                                          kv.v_slots[i + 1], slots)
         return self.merge_last(layers[-1], model, x, partials)
 
     @torch.inference_mode()
     def forward(self, model: GLM4Model, b: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Any batch (prompt spans and decodes) -> logits [N, V] fp32 of its logits_indices rows."""
-        layers = model.layers
+        layers, slots = model.layers, b.attn.slot_mapping
         x = model.embed(b.input_ids)  # [T, H]
         cos, sin = model.rotary(b.positions)  # [T, rotary_dim / 2] each
-        q, k, v = self.first(layers[0], x, cos, sin)
+        q = self.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
-            out = paged_attention(q, k, v, kv.k[i], kv.v[i], b.attn, layer.attn.scale).flatten(1)  # [T, Hq * D]
+            out = cached_attention(q, kv.k[i], kv.v[i], b.attn, layer.attn.scale).flatten(1)  # [T, Hq * D]
             if i + 1 < len(layers):
-                x, q, k, v = self.between(layer, layers[i + 1], x, out, cos, sin)
+                x, q = self.between(layer, layers[i + 1], x, out, cos, sin, kv.k_slots[i + 1], kv.v_slots[i + 1],
+                                    slots)
         x = self.last(layers[-1], model, x, out)  # [T, H], normed
         return model.lm_head(x.index_select(0, b.logits_indices)).float()  # [N, V]

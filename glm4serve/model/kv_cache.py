@@ -33,6 +33,10 @@ class KVCache:
         zeros = zeros or (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
         self.k = [zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self.v = [zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        # the same memory as [num_blocks * block_size, Hkv, D], a row per token slot: what a compiled
+        # piece writes into (given a view made inside its graph, torch 2.11's inductor copies the cache)
+        self.k_slots = [t.view(-1, *shape[2:]) for t in self.k]
+        self.v_slots = [t.view(-1, *shape[2:]) for t in self.v]
 
     @property
     def nbytes(self) -> int:

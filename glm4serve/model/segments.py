@@ -6,9 +6,10 @@ residual adds, SiLU and the product) is a pass over the activations of its own; 
 what lies between two K/V writes into a few fused kernels around the matrix products. The pieces:
 [norm -> qkv -> rotary] before the first write (`first`), [o -> residual -> norm -> gate/up ->
 SwiGLU -> down -> residual -> next layer's norm -> qkv -> rotary] between two layers (`between`),
-and after the last [o ... residual -> final norm (-> output layer)] (`last_*`). The writes (and the
-attention reading them) stay eager between the compiled calls. Each piece calls the model's own
-methods; the layers are the compiled graphs' inputs, so one compile serves every layer.
+and after the last [o ... residual -> final norm (-> output layer)] (`last_*`). The attention reading
+the writes stays eager between the compiled calls; the writes too on CPU, while the CUDA runner
+compiles them into the piece that makes the K/V. Each piece calls the model's own methods; the
+layers are the compiled graphs' inputs, so one compile serves every layer.
 """
 
 from __future__ import annotations
