@@ -408,7 +408,8 @@ def test_decode_kernel_compiles_at_load_not_while_serving(make_checkpoint, devic
              [SeqChunk([5, 6], 3, tables[0])] + [SeqChunk([7], 1, tables[1])],  # a context of one block
              [SeqChunk(list(range(1, 12)), 0, tables[2])] + [SeqChunk([1], 5, tables[0]), SeqChunk([2], 2, tables[1])],
              [SeqChunk(list(range(1, 4)), 0, tables[3])] + [SeqChunk([3], 11, tables[2])],  # three blocks
-             [SeqChunk([1], 0, tables[4])] + [SeqChunk([4], c, tables[i]) for i, c in ((0, 6), (1, 3), (2, 12), (3, 3))],
+             [SeqChunk([1], 0, tables[4])]
+             + [SeqChunk([4], c, tables[i]) for i, c in ((0, 6), (1, 3), (2, 12), (3, 3))],
              [SeqChunk([5], c, tables[i]) for i, c in ((0, 7), (1, 4), (2, 13), (3, 4), (4, 1))]]
     for chunks in steps:
         runner.execute(ScheduledBatch(chunks))
