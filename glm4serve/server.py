@@ -126,8 +126,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
         log.info("speculative decoding: %s drafts of up to %d tokens from %d- to %d-grams%s", spec.method,
                  spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                  f", none while over {spec.disable_by_batch_size} sequences run" if spec.disable_by_batch_size else "")
-    return LLMEngine(runner, tokenizer, limits,
-                     BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
+    return LLMEngine(runner, tokenizer, limits, BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
                      vocab_size=tokenizer.vocab_size, loras=loras)
 
 
