@@ -134,12 +134,15 @@ class CudaGraphRunner(EagerRunner):
         try:
             self._step(size)
         except Exception as e:
-            if self.fused is None:
-                raise
-            log.warning("compiling the decode step failed, the graphs capture the layers as written: %s: %s",
-                        type(e).__name__, e)
-            self.fused = None
+            self._unfuse("compiling the decode step", e)
             self._step(size)
+
+    def _unfuse(self, what: str, error: Exception) -> None:
+        """Back to the layers as written after `what` failed with them compiled; raise if they were not."""
+        if self.fused is None:
+            raise error
+        log.warning("%s failed, the graphs capture the layers as written: %s: %s", what, type(error).__name__, error)
+        self.fused = None
 
     def _warm_up_prompt_steps(self) -> None:
         """Compile the pieces of prompt steps now, not on the first request: two spans of the sink block
@@ -160,11 +163,7 @@ class CudaGraphRunner(EagerRunner):
         try:
             self._capture_ladder()
         except Exception as e:
-            if self.fused is None:
-                raise
-            log.warning("capturing the compiled layers failed, the graphs capture the layers as written: %s: %s",
-                        type(e).__name__, e)
-            self.fused = None
+            self._unfuse("capturing the compiled layers", e)
             self.graphs.clear()
             self._capture_ladder()
 
