@@ -30,7 +30,8 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
                       ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context")):
         assert figures[part][key] > 0, (part, key, figures[part])
     assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
-    assert all(figures["first_tokens"][f"first_token_s_{i}"] > 0 for i in (1, 2, 3))
+    assert all(figures["first_tokens"][f"{part}_s_{i}"] > 0 for i in (1, 2, 3)
+               for part in ("first_token", "runner_prefill"))
     other = figures["other_chunks"]
     assert other["streams"]["finished"] and other["prefill_s"] > 0
     assert {figures["max_num_batched_tokens"], other["max_num_batched_tokens"]} == {2048, 8192}
