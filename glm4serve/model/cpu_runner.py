@@ -11,8 +11,8 @@ their layers' linears hold plain weights, which a compiled graph reads as one fu
 
 Inductor compiles the pieces of segments.py, between the K/V cache writes. Each compiled call costs
 ~40 us of dynamo and wrapper time, so the seams are where writing the new token's K/V into the
-cache forces them (the writes stay eager; writing into the cache, a graph input, from inside a graph
-was not tried). Measured on the engine benchmark's model: a decode step ~2 ms shorter (BENCHMARKS.md).
+cache forces them (the writes stay eager here; the CUDA runner's pieces hold theirs). Measured on the
+engine benchmark's model: a decode step ~2 ms shorter (BENCHMARKS.md).
 
 Attention itself runs inside the next graph (attention.decode_attention_one) while the context is
 at most IN_GRAPH_ATTENTION_MAX_TOKENS, compiled once for any number of blocks: there it saves the
@@ -40,10 +40,10 @@ import shutil
 
 import torch
 
+from . import segments
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
 from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_copy, hugepage_empty, swap_linears
-from . import segments
 from .glm4 import GLM4Model, Layer, RMSNorm, SwiGLU
 from .quant import Int4Linear, Int8Linear, is_quantized
 from .runner import EagerRunner

@@ -14,13 +14,12 @@ default for plain weights) every step runs segments.py's pieces compiled by indu
 fused into a few Triton kernels around the products (CompiledLayers), each piece storing the K/V it
 makes in the cache (no kernels of their own): decode graphs capture them, with the split-merge of
 the attention kernel (paged_decode.merge_splits) folded into the piece after it; prefill and mixed
-steps run them eagerly around attention.cached_attention. One compile serves
-every layer and every number of rows (a dynamic dimension; one row compiles once more). Without
-`fuse` the model's own forward (glm4.py) runs, captured as is for decodes. Steps with prompt tokens,
-and batches larger than the ladder, are not replayed; with `capture=False` no step is, and decode
-steps run the same code through the same static buffers (how the CPU tests check the padding, the
-buffers and the compiled pieces: the kernel in Triton's interpreter, the pieces compiled by inductor
-for the CPU).
+steps run them eagerly around attention.cached_attention. One compile serves every layer and every
+number of rows (a dynamic dimension; one row compiles once more). Without `fuse` the model's own
+forward (glm4.py) runs, captured as is for decodes. Steps with prompt tokens, and batches larger than
+the ladder, are not replayed; with `capture=False` no step is, and decode steps run the same code
+through the same static buffers (how the CPU tests check the padding, the buffers and the compiled
+pieces: the kernel in Triton's interpreter, the pieces compiled by inductor for the CPU).
 """
 
 from __future__ import annotations
