@@ -6,9 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
@@ -140,6 +142,27 @@ def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
     monkeypatch.setattr(attention, "can_use_flash_attention", lambda params: flash)
     tiled, fused = tiled_and_flag_causal(50, past)
     torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("past", [0, 37])
+def test_gpu_causal_path_keeps_sdpa_off_cudnn(past, flash, monkeypatch):
+    """cuDNN's attention builds a graph for each new length (hundreds of ms): the prefill path leaves
+    SDPA's other kernels to choose from, a span without cached prefix (plain causal SDPA) included,
+    and gives the choice back afterwards."""
+    monkeypatch.setattr(attention, "can_use_flash_attention", lambda params: flash)
+    sdpa, seen = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    tiled, fused = tiled_and_flag_causal(20, past)
+    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-5)
+    assert seen and seen[-1] == (False, True)  # the last call: causal_attention_gpu's
+    assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 @pytest.mark.parametrize("past", [0, 37])

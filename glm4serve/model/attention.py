@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+# cuDNN's attention (SDPA's first choice on Hopper and later since torch 2.9) builds an execution
+# graph for each new shape, some hundreds of ms: every prompt of a new length, and every step
+# holding one, would wait for it. Flash and memory-efficient kernels take any length as it comes.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 SCORE_BUDGET = 1 << 24  # elements of one tile's (query x key) mask: 16M -> ~64 MB as float
 QUERY_TILE = 256  # most queries in one CPU tile (module docstring)
@@ -147,11 +153,12 @@ def causal_attention_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     group of query heads. The memory-efficient kernel (float32) takes no GQA, so for it the K/V
     heads are repeated: a transient of 2 x ctx x Hq x D."""
     mask = causal_lower_right(q.shape[2], k.shape[2])
-    if can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [1, Hq, ctx, D]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    with sdpa_kernel(PREFILL_BACKENDS):  # a span as long as its context (no cached prefix) is plain SDPA's
+        if can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [1, Hq, ctx, D]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def decode_attention(
