@@ -566,7 +566,7 @@ def million_context(b: Bench, shapes: dict) -> dict:
                "max_model_len": context, "holds_1m": context >= 1048576,
                "kv_cache_gib": round(runner.kv.nbytes / 2**30, 2), "weights_gib": round(weight_bytes / 2**30, 2),
                "decode_ms_at_128": short_ms, "decode_ms_at_full_context": full_ms,
-               "full_context_gb_s": read / full_ms * 1000 / 1e9, "runner": type(runner).__name__}
+               "full_context_gb_s": read / full_ms * 1000 / 1e9, "runner": repr(runner)}
     if b.device == "cuda":
         figures["allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         figures["card_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)

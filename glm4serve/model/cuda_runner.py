@@ -39,6 +39,7 @@ from .runner import EagerRunner
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # up to max_num_seqs, which is always one
+RECOMPILES_PER_RUNNER = 8  # a piece compiles about 3 times for a runner: the largest batch, any batch, one row
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -220,6 +221,10 @@ class CompiledLayers:
     dynamic=None: static at first, the rows made dynamic when a second number of rows comes."""
 
     def __init__(self):
+        # dynamo counts a function's compiles across the process, against a limit of 8 by default: a
+        # process that loads more than one model (the benchmark, the tests) would have the later ones
+        # fall back to the layers as written. Each runner brings room for its own few.
+        torch._dynamo.config.recompile_limit += RECOMPILES_PER_RUNNER
         compile = lambda fn: torch.compile(fn, fullgraph=True, dynamic=None)  # noqa: E731
         self.first = compile(_first)
         # decodes: the attention kernel's splits merged in the piece after it
