@@ -277,9 +277,11 @@ def test_graph_runner_runs_prefill_and_mixed_steps_eagerly(make_checkpoint, devi
 
 
 @pytest.mark.parametrize("piece", ["first", "between", "merge_between"])
-def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device, piece):
+def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device, piece, monkeypatch):
     """The CUDA runner's compiled pieces write the K/V they make into the layer's cache: in place, as
-    part of a fused kernel, never through a copy of the cache (as big as the card's free memory)."""
+    part of a fused kernel, never through a copy of the cache (as big as the card's free memory). On
+    a GPU, no kernel that writes the cache is timed by inductor's autotuner (on a copy of the cache)."""
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     from torch._inductor.utils import run_and_get_code
 
     from glm4serve.model import cuda_runner, segments
@@ -308,9 +310,19 @@ def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device
     def this_tests_own(*args):  # a code object no runner compiled: its code is made here, whatever ran before
         return fn(*args)
 
-    with torch.inference_mode():
-        got, codes = run_and_get_code(torch.compile(this_tests_own, fullgraph=True), *args, kv.k_slots[1],
+    timed_writers = []
+    timed = CachingAutotuner.benchmark_all_configs
+
+    def benchmark_all_configs(self, *args, **kwargs):
+        timed_writers.extend(self.mutated_arg_names)
+        return timed(self, *args, **kwargs)
+
+    monkeypatch.setattr(CachingAutotuner, "benchmark_all_configs", benchmark_all_configs)
+    # made and timed here, not taken from inductor's caches on disk
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+        got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own), *args, kv.k_slots[1],
                                       kv.v_slots[1], slots)
+    assert not timed_writers
     torch.testing.assert_close(got, want[:-2] if len(want) > 3 else want[0])  # (x,) q
     torch.testing.assert_close(kv.k_slots[1][slots], want[-2])
     torch.testing.assert_close(kv.v_slots[1][slots], want[-1])

@@ -214,6 +214,14 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
     return segments.last_with_head(layer, model, x, attn.flatten(1))  # [T, V] fp32
 
 
+def compile_piece(fn):
+    """fn compiled by inductor, its elementwise kernels in one configuration each. Inductor would time
+    their candidates on the first call, and a kernel that writes the KV cache it times on a copy of
+    the cache, made in host memory when the card has no room for it: with a cache that fills the
+    card, gigabytes over PCIe for every timed launch."""
+    return torch.compile(fn, fullgraph=True, dynamic=None, options={"triton.autotune_pointwise": False})
+
+
 class CompiledLayers:
     """The model's steps through segments.py's pieces compiled by inductor, each layer's K/V stored by
     the piece that makes them: 1 + num_layers compiled calls, attention eager between them. Compiled on
@@ -225,12 +233,11 @@ class CompiledLayers:
         # process that loads more than one model (the benchmark, the tests) would have the later ones
         # fall back to the layers as written. Each runner brings room for its own few.
         torch._dynamo.config.recompile_limit += RECOMPILES_PER_RUNNER
-        compile = lambda fn: torch.compile(fn, fullgraph=True, dynamic=None)  # noqa: E731
-        self.first = compile(_first)
+        self.first = compile_piece(_first)
         # decodes: the attention kernel's splits merged in the piece after it
-        self.merge_between, self.merge_last = compile(_merge_between), compile(_merge_last)
+        self.merge_between, self.merge_last = compile_piece(_merge_between), compile_piece(_merge_last)
         # prefill and mixed steps: attention's output whole (attention.cached_attention)
-        self.between, self.last = compile(_between), compile(segments.last_without_head)
+        self.between, self.last = compile_piece(_between), compile_piece(segments.last_without_head)
 
     @torch.inference_mode()
     def decode(self, model: GLM4Model, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
