@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
+import signal
 import sys
 import typing
 from typing import Literal
@@ -101,6 +103,9 @@ def serve(settings, log_level: str = "info") -> None:
             check_before_deploying(settings)
         serve_replicated(settings)
         return
+    # `kill -USR1 PID` writes every thread's stack to stderr, where the log goes: what a server that
+    # does not come up, or stops answering, is doing, without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from glm4serve.api.app import create_app
     from glm4serve.api.shutdown import run_server
     from glm4serve.server import build_engine  # lazy: loads torch and the model

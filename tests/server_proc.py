@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,14 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        self.dump_stacks()
+        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_path.read_text()[-6000:]}")
+
+    def dump_stacks(self) -> None:
+        """Every thread's stack into the server's log (its SIGUSR1), if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:

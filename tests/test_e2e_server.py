@@ -71,6 +71,15 @@ def test_models_health_ping(server):
     assert httpx.get(server.url + "/ping").status_code == 200
 
 
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_server_goes_on(server):
+    """What an operator (or a test whose server does not come up) gets from `kill -USR1`."""
+    server.dump_stacks()
+    log = server.log_path.read_text()
+    assert "Current thread" in log or "Thread 0x" in log, log[-2000:]
+    assert 'File "' in log and "uvicorn" in log
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_chat_stream_and_whole_give_the_same_text_at_temperature_0(server):
     c = client(server)
     whole = c.chat.completions.create(model="glm4-test", messages=MSGS, max_tokens=24, temperature=0)

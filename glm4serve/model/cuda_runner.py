@@ -160,6 +160,8 @@ class CudaGraphRunner(EagerRunner):
     def _capture(self) -> None:
         """A capture of the compiled layers that fails (a kernel the graph cannot hold) leaves the graphs
         to the layers as written, loudly, rather than no server."""
+        log.info("%scapturing CUDA graphs for batch sizes %s", "compiling the layers, " if self.fused else "",
+                 self.sizes)
         try:
             self._capture_ladder()
         except Exception as e:
