@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
@@ -209,6 +210,44 @@ def test_cuda_prefill_attention_equals_the_tiled_cpu_path(past, dtype, tolerance
 
     same = None if dtype == "float32" else attend("cpu", dtype)  # what the dtype's rounding alone costs
     tolerances[dtype].assert_close(attend("cuda", dtype), truth, same)
+
+
+def reference_flash_varlen(q, k, v, packed, scale):
+    """What flash's varlen kernel computes, span by span in SDPA (CPU): causal aligned to the last key."""
+    out, cu_q, cu_k = [], packed.cu_q.tolist(), packed.cu_k.tolist()
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t, a, b in  # [1, heads, len, D]
+                      ((q, cu_q[i], cu_q[i + 1]), (k, cu_k[i], cu_k[i + 1]), (v, cu_k[i], cu_k[i + 1])))
+        g = qi.shape[1] // ki.shape[1]
+        ki, vi = ki.repeat_interleave(g, dim=1), vi.repeat_interleave(g, dim=1)
+        mask = causal_lower_right(qi.shape[2], ki.shape[2])
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_packed_prefill_spans_equal_one_attention_per_span(device, monkeypatch):
+    """A step of three prompt chunks (one after 37 cached tokens, one of 2 tokens) and two decodes, in
+    one varlen flash call against one attention per span: the same output for every token. On CPU the
+    kernel is stood in for by SDPA span by span (what packs the spans is what is tested there); on
+    a GPU (--device cuda), flash's own kernel in bf16. glm-4-9b's heads: 32 over 2 KV heads of 128."""
+    hq, hkv, d, bs, blocks = 32, 2, 128, 16, 24
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        monkeypatch.setattr(attention, "flash_varlen", reference_flash_varlen)
+        monkeypatch.setattr(attention, "flash_varlen_runs", lambda q: True)
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = (torch.randn(blocks, bs, hkv, d, generator=g).to(device, dt) for _ in range(2))
+    tables = torch.randperm(blocks, generator=g).view(4, 6).tolist()  # 6 blocks (96 tokens) each
+    chunks = [SeqChunk([1] * 20, 0, tables[0]), SeqChunk([2], 49, tables[1]), SeqChunk([3] * 45, 37, tables[2]),
+              SeqChunk([4] * 2, 0, tables[3]), SeqChunk([5], 8, tables[0][3:])]
+    q = torch.randn(sum(len(c.token_ids) for c in chunks), hq, d, generator=g).to(device, dt)
+    packed = build_batch(chunks, bs, device, pack_prefills=True).attn
+    by_span = build_batch(chunks, bs, device, pack_prefills=False).attn
+    assert packed.packed is not None and by_span.packed is None and packed.num_prefill_tokens == 67
+    got = attention.cached_attention(q, k_cache, v_cache, packed, d**-0.5)
+    want = attention.cached_attention(q, k_cache, v_cache, by_span, d**-0.5)
+    tol = dict(atol=2e-2, rtol=2e-2) if dt == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
 @pytest.mark.cuda

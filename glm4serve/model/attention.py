@@ -16,6 +16,11 @@ smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token ch
 BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 
+On a GPU in half precision all the step's prefill spans attend in one call of flash attention's
+variable-length kernel, over their contexts gathered from the cache into one packed K/V
+(`PackedPrefill`, built once a step): a step of many prompts is a few kernels a layer, not a few
+for each prompt.
+
 A short span (a speculative draft, a prefill's small remainder) on CPU folds each KV head's group
 of query heads into the query axis, as decode does: one pass over each KV head's keys serves all
 its queries, where SDPA's GQA reads them once per query head. At glm-4-9b's heads, 5 queries after
@@ -25,6 +30,7 @@ decoding").
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -55,9 +61,23 @@ class PrefillSpan:
 
 
 @dataclass
+class PackedPrefill:
+    """The prefill spans laid end to end, as flash attention's variable-length kernel takes them:
+    span i's queries are rows cu_q[i]:cu_q[i + 1] of the batch, its keys rows cu_k[i]:cu_k[i + 1] of
+    the cache slots `context_slots` gathers (its whole context, these tokens included)."""
+
+    context_slots: torch.Tensor  # [sum of context_len] long: flat cache slots, span after span
+    cu_q: torch.Tensor  # [spans + 1] int32
+    cu_k: torch.Tensor  # [spans + 1] int32
+    max_q: int
+    max_k: int
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] long: flat cache slot of each new token
     prefills: list[PrefillSpan] = field(default_factory=list)
+    packed: PackedPrefill | None = None  # the spans for one varlen flash call (built for GPUs)
     num_prefill_tokens: int = 0  # decode tokens are [num_prefill_tokens, T)
     decode_block_tables: torch.Tensor | None = None  # [B_dec, nb] long, zero padded; nb covers the longest
     decode_context_lens: torch.Tensor | None = None  # [B_dec] long, this token included
@@ -200,13 +220,47 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not batch.prefills:  # decodes only: nothing to assemble
         return decodes_attention(q, k_cache, v_cache, batch, scale)
     out = torch.empty_like(q)
-    for span in batch.prefills:
-        s = slice(span.token_start, span.token_start + span.num_tokens)
-        out[s] = prefill_attention(q[s], k_cache, v_cache, span, scale)
+    if batch.packed is not None and flash_varlen_runs(q):
+        p = batch.num_prefill_tokens
+        out[:p] = packed_prefill_attention(q[:p], k_cache, v_cache, batch.packed, scale)
+    else:
+        for span in batch.prefills:
+            s = slice(span.token_start, span.token_start + span.num_tokens)
+            out[s] = prefill_attention(q[s], k_cache, v_cache, span, scale)
     if batch.num_decodes:
         s = slice(batch.num_prefill_tokens, batch.num_prefill_tokens + batch.num_decodes)
         out[s] = decodes_attention(q[s], k_cache, v_cache, batch, scale)
     return out
+
+
+def packed_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, packed: PackedPrefill,
+                             scale: float) -> torch.Tensor:
+    """Every prefill span's queries q [P, Hq, D] (span after span) over its context -> [P, Hq, D]."""
+    num_blocks, block_size, hkv, d = k_cache.shape
+    # [blocks, block_size, Hkv, D] -> [slots, Hkv, D] -> the spans' contexts end to end [sum ctx, Hkv, D]
+    k = k_cache.view(num_blocks * block_size, hkv, d).index_select(0, packed.context_slots)
+    v = v_cache.view(num_blocks * block_size, hkv, d).index_select(0, packed.context_slots)
+    return flash_varlen(q, k, v, packed, scale)
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedPrefill,
+                 scale: float) -> torch.Tensor:
+    """Flash attention over packed spans, causal aligned to each span's last key (a span's queries are
+    the last of its context), GQA heads shared -> [P, Hq, D]."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k,
+                                                   0.0, True, False, scale=scale)[0]
+
+
+def flash_varlen_runs(q: torch.Tensor) -> bool:
+    """Whether flash attention's kernel takes these queries: half precision, a head of at most 256
+    (a multiple of 8), an Ampere or later GPU."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and _capability(q.device.index or 0) >= (8, 0))
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def decodes_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import AttentionBatch, PrefillSpan
+from .attention import AttentionBatch, PackedPrefill, PrefillSpan
 
 
 @dataclass
@@ -46,9 +46,11 @@ class ForwardBatch:
     lora_rows: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, first row, end row) of T
 
 
-def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_decode: bool = False) -> ForwardBatch:
+def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_decode: bool = False,
+                pack_prefills: bool | None = None) -> ForwardBatch:
     """Multi-token chunks go first as prefill spans; single tokens are batched as decodes (through
-    paged_decode.py's kernel when `paged_decode`).
+    paged_decode.py's kernel when `paged_decode`). The spans are also packed for one varlen flash
+    call (attention.PackedPrefill) if `pack_prefills`, by default on a GPU.
 
     A one-token chunk is a decode whatever its origin (a prompt's last chunk may be one token):
     attention only needs its position and block table.
@@ -85,6 +87,9 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
         num_prefill_tokens=sum(s.num_tokens for s in prefills),
         paged_decode=paged_decode,
     )
+    if prefills and (torch.device(device).type == "cuda" if pack_prefills is None else pack_prefills):
+        spans = [chunks[i] for i in order[: len(prefills)]]
+        attn.packed = pack(spans, block_size, device)
     if dec_tables:
         width = -(-max(dec_lens) // block_size)  # blocks of the longest decode sequence
         padded = [t[:width] + [0] * (width - len(t[:width])) for t in dec_tables]
@@ -102,6 +107,23 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
         logits_indices=torch.tensor(rows, dtype=torch.long, device=device),
         lora_rows=_lora_rows(chunks, order, first_row),
     )
+
+
+def pack(spans: list[SeqChunk], block_size: int, device) -> PackedPrefill:
+    """The prefill chunks' contexts as one list of cache slots, and where each span's queries and keys
+    begin in the packed rows."""
+    offsets = torch.arange(block_size)
+    slots, q_lens, k_lens = [], [], []
+    for c in spans:
+        end = c.start + len(c.token_ids)
+        blocks = torch.tensor(c.block_table[: -(-end // block_size)], dtype=torch.long)
+        slots.append((blocks[:, None] * block_size + offsets).flatten()[:end])  # [nb, block_size] -> [end]
+        q_lens.append(len(c.token_ids))
+        k_lens.append(end)
+    n = len(spans)
+    cu = torch.tensor([[0] + q_lens, [0] + k_lens], dtype=torch.int32).cumsum(1, dtype=torch.int32)  # [2, n + 1]
+    cu = cu.flatten().to(device)  # one copy; each half contiguous, as the kernel wants
+    return PackedPrefill(torch.cat(slots).to(device), cu[: n + 1], cu[n + 1 :], max(q_lens), max(k_lens))
 
 
 def _lora_rows(chunks: list[SeqChunk], order: list[int], first_row: dict[int, int]) -> list[tuple[str, int, int]]:
