@@ -350,15 +350,16 @@ def single_stream(b: Bench, engine: LLMEngine, hf, weight_bytes: int, bandwidth:
 
 
 def first_tokens(b: Bench, engine: LLMEngine, repeats: int = 3) -> dict:
-    """Time to the first token of a single-stream prompt, `repeats` times in a row: whether the
-    single stream's first token (after the warm-up) was a one-time cost or every prompt's; and the
-    runner's own forward of such a prompt (runner_prefill_s_*), to tell the runner's time from the
-    engine's around it."""
+    """Time to the first token of single-stream prompts, `repeats` in a row, each of a length no step
+    had before (a kernel that prepares itself per shape, as cuDNN's attention does, pays every time);
+    and the runner's own forward of more such prompts (runner_prefill_s_*), to tell the runner's time
+    from the engine's around it."""
     p = b.plan
-    times = [engine_run(b, engine, b.prompts(1, p.single_prompt), 1, p.single_seconds)["first_tokens_s"]
-             for _ in range(repeats)]
+    lengths = [p.single_prompt + 13 * (i + 1) for i in range(2 * repeats)]  # 141, 154, ...: new shapes
+    times = [engine_run(b, engine, b.prompts(1, n), 1, p.single_seconds)["first_tokens_s"] for n in lengths[:repeats]]
     forwards = []
-    for ids in b.prompts(repeats, p.single_prompt):
+    for n in lengths[repeats:]:
+        ids = b.prompts(1, n)[0]
         blocks = engine.pool.allocate(engine.pool.blocks_needed(len(ids)))  # the engine is idle: nothing else runs
         b.sync()
         t0 = time.perf_counter()
@@ -366,7 +367,7 @@ def first_tokens(b: Bench, engine: LLMEngine, repeats: int = 3) -> dict:
         b.sync()
         forwards.append(time.perf_counter() - t0)
         engine.pool.free(blocks)
-    return {"prompt": p.single_prompt, **{f"first_token_s_{i + 1}": t for i, t in enumerate(times)},
+    return {"prompts": lengths, **{f"first_token_s_{i + 1}": t for i, t in enumerate(times)},
             **{f"runner_prefill_s_{i + 1}": t for i, t in enumerate(forwards)}}
 
 
