@@ -40,14 +40,17 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
                  "prefill_profile", "long_prefill"):
         assert figures[part]["compiles"]["dynamo_graphs"] == 0, (part, figures[part]["compiles"])
         assert figures[part]["compiles"]["decode_kernel_variants"] in (0, None), (part, figures[part]["compiles"])
+    assert figures["engine_build_s"] > 0 and figures["million_context"]["engine_build_s"] > 0
     if device == "cuda":  # graphs of the layers as written, and the kernels' profile: a GPU's parts
         assert figures["single_stream_unfused"]["ours_unfused_tok_s"] > 0
+        tiers = figures["decode_tiers"]
+        assert 0 < tiers["replay_ms"] < tiers["runner_step_ms"], tiers
         for part in ("decode_profile_1", "decode_profile_4", "prefill_profile"):
             assert 0 < figures[part]["gemm_ms"] < figures[part]["kernel_ms"] and figures[part]["top"], figures[part]
             assert figures[part]["attention_ms"] > 0, figures[part]
     else:
         assert all("skipped" in figures[p] for p in ("single_stream_unfused", "decode_profile_1", "decode_profile_4",
-                                                     "prefill_profile"))
+                                                     "prefill_profile", "decode_tiers"))
     # the 1M model's shapes: rotary at positions past 1M agrees with transformers; its KV cache
     # (the tiny plan's 4096 tokens) is the context served
     million = figures["million_context"]
