@@ -371,34 +371,39 @@ def first_tokens(b: Bench, engine: LLMEngine, repeats: int = 3) -> dict:
             **{f"runner_prefill_s_{i + 1}": t for i, t in enumerate(forwards)}}
 
 
-def decode_tiers(b: Bench, engine: LLMEngine, context: int = 128, steps: int = 50) -> dict:
-    """Where a batch-1 decode step's time goes, tier by tier: its CUDA graph replayed back to back (the
-    GPU's own time, gaps between its kernels included); the runner's step with the host waiting for
-    each token (inputs copied in, replay, greedy pick, the token back); the engine's step around it
-    is single_stream's decode_tok_s."""
+def decode_tiers(b: Bench, engine: LLMEngine, batches=(1, 64), context: int = 128, steps: int = 50) -> dict:
+    """Where a decode step's time goes, tier by tier, for each batch size: its CUDA graph replayed back
+    to back (the GPU's own time, gaps between its kernels included); the runner's step with the host
+    waiting for the tokens (inputs copied in, replay, greedy picks, the tokens back). The engine's step
+    around it: single_stream's decode_tok_s (batch 1), the streams' (batch 64)."""
     runner = engine.runner
-    if b.device != "cuda" or 1 not in getattr(runner, "graphs", {}):
+    if b.device != "cuda" or not getattr(runner, "graphs", None):
         return {"skipped": "CUDA graphs need a GPU"}
-    blocks = engine.pool.allocate(engine.pool.blocks_needed(context + steps + 1))  # the engine is idle
+    figures = {"context": context}
+    for batch in (n for n in batches if n in runner.graphs):
+        tables = [engine.pool.allocate(engine.pool.blocks_needed(context + steps + 1)) for _ in range(batch)]
 
-    def step(t: int) -> int:
-        return int(runner.execute(ScheduledBatch([SeqChunk([1], context + t, blocks)]))[0].argmax())
+        def step(t: int) -> list[int]:
+            chunks = [SeqChunk([1], context + t, table) for table in tables]
+            return runner.execute(ScheduledBatch(chunks)).argmax(-1).tolist()
 
-    step(0)  # the batch-1 graph's inputs in place
-    graph = runner.graphs[1][0]
-    b.sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        graph.replay()
-    b.sync()
-    replay_ms = 1000 * (time.perf_counter() - t0) / steps
-    t0 = time.perf_counter()
-    for t in range(steps):
-        step(t)
-    runner_ms = 1000 * (time.perf_counter() - t0) / steps
-    engine.pool.free(blocks)
-    return {"context": context, "replay_ms": replay_ms, "runner_step_ms": runner_ms,
-            "runner_host_ms": runner_ms - replay_ms}
+        step(0)  # this batch's graph inputs in place
+        graph = runner.graphs[batch][0]
+        b.sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        b.sync()
+        replay_ms = 1000 * (time.perf_counter() - t0) / steps
+        t0 = time.perf_counter()
+        for t in range(steps):
+            step(t)
+        runner_ms = 1000 * (time.perf_counter() - t0) / steps
+        for table in tables:
+            engine.pool.free(table)
+        figures.update({f"replay_ms_{batch}": replay_ms, f"runner_step_ms_{batch}": runner_ms,
+                        f"runner_host_ms_{batch}": runner_ms - replay_ms})
+    return figures
 
 
 def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
@@ -654,7 +659,7 @@ def main(argv=None) -> int:
 
     single = b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
     b.run("first_tokens", first_tokens, engine)
-    b.run("decode_tiers", decode_tiers, engine)
+    b.run("decode_tiers", decode_tiers, engine, (1, plan.streams))
     eager = b.run("single_stream_eager", single_stream_eager, ours)
     unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):
