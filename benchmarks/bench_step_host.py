@@ -1,5 +1,6 @@
 """The engine's own host time a decode step (scheduler, sampler, stop checks, outputs), the model's
-forward made free: a runner that hands back ready logits. What a GPU step costs on top of its kernels
+forward made free: a runner that hands back ready logits; and the CUDA runner's host time to fill
+its graph's inputs (DecodeBuffers.fill, timed on the CPU). What a GPU step costs on top of its kernels
 while the GPU waits (the engine does not overlap its Python with the GPU's work).
 
     .venv/bin/python benchmarks/bench_step_host.py [--batch 1 64] [--vocab 1000]
@@ -58,6 +59,23 @@ def step_ms(batch: int, vocab: int, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def fill_ms(batch: int, context: int = 1100, repeats: int = 500) -> float:
+    """The CUDA runner's host work to put a decode step's inputs in its graph's buffers (here on the
+    CPU: the host side is what is timed), for `batch` sequences of `context` tokens."""
+    from glm4serve.model.batch import SeqChunk
+    from glm4serve.model.cuda_runner import DecodeBuffers
+
+    nb = -(-context // BLOCK_SIZE) + 8
+    buffers = DecodeBuffers(batch, 8192, BLOCK_SIZE, BLOCKS, "cpu")
+    chunks = [SeqChunk([5], context + i, list(range(i * nb, (i + 1) * nb))) for i in range(batch)]
+    for _ in range(20):
+        buffers.fill(chunks, batch)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        buffers.fill(chunks, batch)
+    return (time.perf_counter() - t) / repeats * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
@@ -65,8 +83,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     for batch in args.batch:
-        print(f"batch {batch}, vocabulary {args.vocab}: {step_ms(batch, args.vocab, args.steps):.3f} ms a decode step",
-              flush=True)
+        print(f"batch {batch}, vocabulary {args.vocab}: {step_ms(batch, args.vocab, args.steps):.3f} ms a decode step, "
+              f"{fill_ms(batch):.3f} ms to fill the CUDA runner's graph inputs", flush=True)
 
 
 if __name__ == "__main__":
