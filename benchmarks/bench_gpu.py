@@ -406,6 +406,46 @@ def decode_tiers(b: Bench, engine: LLMEngine, batches=(1, 64), context: int = 12
     return figures
 
 
+def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 40) -> dict:
+    """A batch-1 decode's matrix products (one row times each weight), by cuBLAS (F.linear, what the
+    runner calls) against inductor's reduction over the weight (cpu_linear.one_row_product compiled:
+    what a GEMV written in PyTorch becomes), each weight of the model's 40 layers in turn (no weight
+    twice in a row from L2), the calls replayed from a CUDA graph: the GPU's time per product, the
+    read bandwidth, and its share of the card's copy bandwidth."""
+    if b.device != "cuda":
+        return {"skipped": "a GPU's kernels"}
+    from glm4serve.model.cpu_linear import one_row_product
+
+    reduction = torch.compile(one_row_product, fullgraph=True, dynamic=False)
+    layers = model.layers
+    weights = {"qkv": [l.attn.qkv.weight for l in layers], "o": [l.attn.o.weight for l in layers],
+               "gate_up": [l.mlp.gate_up.weight for l in layers], "down": [l.mlp.down.weight for l in layers],
+               "lm_head": [model.lm_head.weight]}
+    figures = {}
+    for name, ws in weights.items():
+        x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype, device=b.device)
+        n = max(calls, len(ws))
+        for how, fn in (("cublas", torch.nn.functional.linear), ("reduction", reduction)):
+            with torch.inference_mode():
+                for w in ws[:2]:  # compiles, picks its kernels
+                    fn(w, x)
+                b.sync()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for i in range(n):
+                        fn(ws[i % len(ws)], x)
+                graph.replay()
+                b.sync()
+                t0 = time.perf_counter()
+                graph.replay()
+                b.sync()
+            us = 1e6 * (time.perf_counter() - t0) / n
+            read = ws[0].numel() * ws[0].element_size()
+            figures[f"{name}_{how}_us"] = us
+            figures[f"{name}_{how}_of_copy_bandwidth"] = read / (us / 1e6) / bandwidth if bandwidth else None
+    return figures
+
+
 def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
     """The single stream again, every step eager (enforce_eager): what the CUDA graphs bring."""
     p = b.plan
@@ -660,6 +700,7 @@ def main(argv=None) -> int:
     single = b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
     b.run("first_tokens", first_tokens, engine)
     b.run("decode_tiers", decode_tiers, engine, (1, plan.streams))
+    b.run("one_row_products", one_row_products, ours, bandwidth)
     eager = b.run("single_stream_eager", single_stream_eager, ours)
     unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):
