@@ -410,17 +410,17 @@ def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 
     """A batch-1 decode's matrix products (one row times each weight), by cuBLAS (F.linear, what the
     runner calls) against inductor's reduction over the weight (cpu_linear.one_row_product compiled:
     what a GEMV written in PyTorch becomes), each weight of the model's 40 layers in turn (no weight
-    twice in a row from L2), the calls replayed from a CUDA graph: the GPU's time per product, the
-    read bandwidth, and its share of the card's copy bandwidth."""
+    twice in a row from L2), the calls replayed from a CUDA graph: the GPU's time per product, and the
+    bytes of weight it reads a second as a share of the card's copy bandwidth (the roofline's)."""
     if b.device != "cuda":
         return {"skipped": "a GPU's kernels"}
     from glm4serve.model.cpu_linear import one_row_product
 
     reduction = torch.compile(one_row_product, fullgraph=True, dynamic=False)
     layers = model.layers
-    weights = {"qkv": [l.attn.qkv.weight for l in layers], "o": [l.attn.o.weight for l in layers],
-               "gate_up": [l.mlp.gate_up.weight for l in layers], "down": [l.mlp.down.weight for l in layers],
-               "lm_head": [model.lm_head.weight]}
+    weights = {"qkv": [layer.attn.qkv.weight for layer in layers], "o": [layer.attn.o.weight for layer in layers],
+               "gate_up": [layer.mlp.gate_up.weight for layer in layers],
+               "down": [layer.mlp.down.weight for layer in layers], "lm_head": [model.lm_head.weight]}
     figures = {}
     for name, ws in weights.items():
         x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype, device=b.device)
