@@ -408,13 +408,13 @@ def decode_tiers(b: Bench, engine: LLMEngine, batches=(1, 64), context: int = 12
 
 def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 40) -> dict:
     """A batch-1 decode's matrix products (one row times each weight), by cuBLAS (F.linear, what the
-    runner calls) against inductor's reduction over the weight (cpu_linear.one_row_product compiled:
+    runner calls) against inductor's reduction over the weight (segments.one_row_product compiled:
     what a GEMV written in PyTorch becomes), each weight of the model's 40 layers in turn (no weight
     twice in a row from L2), the calls replayed from a CUDA graph: the GPU's time per product, and the
     bytes of weight it reads a second as a share of the card's copy bandwidth (the roofline's)."""
     if b.device != "cuda":
         return {"skipped": "a GPU's kernels"}
-    from glm4serve.model.cpu_linear import one_row_product
+    from glm4serve.model.segments import one_row_product
 
     reduction = torch.compile(one_row_product, fullgraph=True, dynamic=False)
     layers = model.layers
@@ -457,11 +457,8 @@ def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
     return {"runner": type(engine.runner).__name__, "ours_eager_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
-def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
-    """The single stream again through CUDA graphs of the layers as written, not compiled by inductor
-    (CudaGraphRunner(fuse=False)): what fusing their small ops brings."""
-    if b.device != "cuda":
-        return {"skipped": "CUDA graphs need a GPU"}
+def single_stream_on(b: Bench, model: GLM4Model, **runner_kwargs) -> tuple[str, dict]:
+    """The single stream through a CudaGraphRunner of its own (graphs for batch 1) -> its repr, the run."""
     from glm4serve.engine.block_pool import BlockPool
     from glm4serve.model.cuda_runner import CudaGraphRunner
 
@@ -469,12 +466,38 @@ def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
     blocks = (p.single_prompt + p.single_tokens) // 16 + 4
     args = EngineArgs(device=b.device, dtype="bfloat16", num_kv_blocks=blocks, block_size=16, max_num_seqs=1)
     runner = CudaGraphRunner(model, blocks, 16, p.tokenizer_vocab, max_num_seqs=1, max_model_len=blocks * 16,
-                             fuse=False)
+                             **runner_kwargs)
     engine = LLMEngine(runner, NoTextTokenizer(p.tokenizer_vocab), args.scheduler_config(blocks * 16, b.device),
                        BlockPool(blocks, 16), (), vocab_size=p.tokenizer_vocab)
-    engine_run(b, engine, b.prompts(1, 16), 2, seconds=60)  # warm-up
-    mine = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
-    return {"runner": repr(runner), "ours_unfused_tok_s": mine["decode_tok_s"], "ours": mine}
+    try:
+        engine_run(b, engine, b.prompts(1, 16), 2, seconds=60)  # warm-up
+        return repr(runner), engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+    finally:
+        engine.close()
+
+
+def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
+    """The single stream again through CUDA graphs of the layers as written, not compiled by inductor
+    (CudaGraphRunner(fuse=False)): what fusing their small ops brings."""
+    if b.device != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    runner, mine = single_stream_on(b, model, fuse=False)
+    return {"runner": runner, "ours_unfused_tok_s": mine["decode_tok_s"], "ours": mine}
+
+
+def single_stream_one_row(b: Bench, model: GLM4Model, products: dict) -> dict:
+    """The single stream again with the batch-1 graph's products as inductor's reductions
+    (CudaGraphRunner(one_row=True)), where one_row_products found them faster than cuBLAS's in all."""
+    if b.device != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    names = ("qkv", "o", "gate_up", "down", "lm_head")
+    cublas, reduction = (sum(products.get(f"{n}_{how}_us", float("nan")) for n in names)
+                         for how in ("cublas", "reduction"))
+    if not reduction < cublas:  # nan (not measured) included
+        return {"skipped": f"the reductions took {reduction:.0f} us a layer's products and the output layer's, "
+                           f"cuBLAS {cublas:.0f}"}
+    runner, mine = single_stream_on(b, model, one_row=True)
+    return {"runner": runner, "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
 def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10) -> dict:
@@ -700,7 +723,8 @@ def main(argv=None) -> int:
     single = b.run("single_stream", single_stream, engine, hf, weight_bytes, bandwidth)
     b.run("first_tokens", first_tokens, engine)
     b.run("decode_tiers", decode_tiers, engine, (1, plan.streams))
-    b.run("one_row_products", one_row_products, ours, bandwidth)
+    products = b.run("one_row_products", one_row_products, ours, bandwidth)
+    b.run("single_stream_one_row", single_stream_one_row, ours, products)
     eager = b.run("single_stream_eager", single_stream_eager, ours)
     unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):

@@ -20,7 +20,7 @@ import torch
 
 from glm4serve.model.attention import AttentionBatch, decode_attention, decode_attention_one, write_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
-from glm4serve.model.cuda_runner import CudaGraphRunner, graph_batch_sizes
+from glm4serve.model.cuda_runner import CudaGraphRunner, RowProductLinear, graph_batch_sizes
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
 from glm4serve.model.runner import EagerRunner
@@ -214,9 +214,11 @@ def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 
 
-@pytest.mark.parametrize("fuse,variant", [(False, "glm"), (True, "glm"), (True, "glm4")],
-                         ids=["as-written", "fused", "fused-glm4"])
-def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse, variant):
+@pytest.mark.parametrize("fuse,variant,one_row", [(False, "glm", False), (True, "glm", False), (True, "glm4", False),
+                                                   (True, "glm", True)],
+                         ids=["as-written", "fused", "fused-glm4", "fused-one-row"])
+def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse, variant,
+                                              one_row):
     """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with
     a copy-on-write block copy on the way: the same logits as the eager runner's every step, and
     the same K/V in every block the engine owns (the padding rows wrote only the sink block). Fused:
@@ -227,7 +229,8 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
     block_size, num_blocks = 4, 40
     capture = device == "cuda"
     graphs = CudaGraphRunner(model, num_blocks, block_size, None, max_num_seqs=8, max_model_len=64, capture=capture,
-                             fuse=fuse)
+                             fuse=fuse, one_row=one_row)
+    assert len(graphs.swapped) == (4 * model.cfg.num_layers + 1 if one_row else 0)  # every linear, the output layer's
     eager = EagerRunner(model, num_blocks, block_size)
     assert graphs.num_blocks == num_blocks and graphs.kv.num_blocks == num_blocks + 1
     assert bool(graphs.graphs) == capture
@@ -253,6 +256,8 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
         assert torch.allclose(graphs.kv.k[layer][:num_blocks], eager.kv.k[layer], atol=1e-5)
         assert torch.allclose(graphs.kv.v[layer][:num_blocks], eager.kv.v[layer], atol=1e-5)
     assert (graphs.fused is not None) == fuse, "the compile failed and the runner fell back to the layers as written"
+    graphs.close()
+    assert not any(isinstance(m, RowProductLinear) for m in model.modules())  # the model's own linears, back
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["as-written", "fused"])

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import bf16_kernel
+from .segments import one_row_product
 
 PACK_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows
 # oneDNN compiles one primitive per product shape (rows x weight) and PyTorch's ideep keeps its own entry
@@ -71,11 +72,6 @@ def hugepage_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def hugepage_copy(t: torch.Tensor) -> torch.Tensor:
     return hugepage_empty(tuple(t.shape), t.dtype).copy_(t)
-
-
-def one_row_product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight [out, in], x [1, in] -> [1, out]; compiled, the product is never materialized."""
-    return (weight * x).sum(-1)[None]
 
 
 class CpuLinear(nn.Module):

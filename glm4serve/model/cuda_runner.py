@@ -20,6 +20,10 @@ forward (glm4.py) runs, captured as is for decodes. Steps with prompt tokens, an
 the ladder, are not replayed; with `capture=False` no step is, and decode steps run the same code
 through the same static buffers (how the CPU tests check the padding, the buffers and the compiled
 pieces: the kernel in Triton's interpreter, the pieces compiled by inductor for the CPU).
+
+With `one_row` (off by default: not yet measured end to end), the batch-1 decode graph's matrix
+products are inductor's reductions over the weights (RowProductLinear) instead of cuBLAS's kernels,
+which at batch 1 took 5.07 of a 6.58 ms step on an H200; `bench_gpu.py` measures the two.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import logging
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import segments
 from .attention import AttentionBatch, cached_attention, store_kv
@@ -84,7 +90,8 @@ class DecodeBuffers:
 
 class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
-                 max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True):
+                 max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True,
+                 one_row: bool = False):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
@@ -93,13 +100,21 @@ class CudaGraphRunner(EagerRunner):
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, num_blocks, self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
+        self.swapped = swap_row_product_linears(model) if fuse and one_row else []
         if capture:
             self._capture()
 
     def __repr__(self) -> str:
         how = f"CUDA graphs for {len(self.graphs)} batch sizes up to {self.sizes[-1]}" if self.graphs else "no graphs"
         layers = ", layers compiled by inductor" if self.fused else ""
-        return f"CudaGraphRunner({self.dtype}, {how}{layers}, paged decode attention in Triton)"
+        rows = ", one-row products as reductions" if self.fused and self.swapped else ""
+        return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}, paged decode attention in Triton)"
+
+    def close(self) -> None:
+        """The model's own linears back in place (a later runner of the same model gets them)."""
+        for parent, name, linear in self.swapped:
+            setattr(parent, name, linear)
+        self.swapped = []
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -216,6 +231,32 @@ def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin, k_slo
 def _merge_last(layer: Layer, model: GLM4Model, x, partials):
     attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [T, Hq, D]
     return segments.last_with_head(layer, model, x, attn.flatten(1))  # [T, V] fp32
+
+
+class RowProductLinear(nn.Module):
+    """An nn.Linear (its own weight and bias, not copied) whose product with one row, traced by dynamo,
+    is inductor's reduction over the weight (a GEMV kernel of its making, the output fused into what
+    follows); every other product is F.linear's (cuBLAS)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and torch.compiler.is_compiling():
+            y = segments.one_row_product(self.weight, x)  # [1, out]
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def swap_row_product_linears(model: GLM4Model) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Every nn.Linear of the model wrapped in a RowProductLinear, in place -> (parent, name, linear)
+    of each, to put them back."""
+    places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if type(child) is nn.Linear]
+    for parent, name, linear in places:
+        setattr(parent, name, RowProductLinear(linear))
+    return places
 
 
 def compile_piece(fn):

@@ -37,3 +37,9 @@ def last_with_head(layer: Layer, model: GLM4Model, x: torch.Tensor, attn: torch.
 
 def last_without_head(layer: Layer, model: GLM4Model, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return model.norm(layer.after_attention(x, attn))  # [T, H]: the output layer runs on its own
+
+
+def one_row_product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight [out, in], x [1, in] -> [1, out]: traced into a piece, inductor's reduction over the
+    weight (the product is never materialized), for the runners' one-row linears."""
+    return (weight * x).sum(-1)[None]
