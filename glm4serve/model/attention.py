@@ -30,7 +30,6 @@ decoding").
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -252,15 +251,10 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Pack
 
 
 def flash_varlen_runs(q: torch.Tensor) -> bool:
-    """Whether flash attention's kernel takes these queries: half precision, a head of at most 256
-    (a multiple of 8), an Ampere or later GPU."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and _capability(q.device.index or 0) >= (8, 0))
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+    """Whether flash attention's kernel takes these queries q [T, Hq, D], by PyTorch's own check (half
+    precision, the head size, an Ampere or later GPU, flash not turned off)."""
+    qh = q.transpose(0, 1)[None]  # [1, Hq, T, D], as SDPA takes it
+    return q.is_cuda and can_use_flash_attention(SDPAParams(qh, qh, qh, None, 0.0, True, False))
 
 
 def decodes_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
