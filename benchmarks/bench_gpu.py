@@ -457,8 +457,9 @@ def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
     return {"runner": type(engine.runner).__name__, "ours_eager_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
-def single_stream_on(b: Bench, model: GLM4Model, **runner_kwargs) -> tuple[str, dict]:
-    """The single stream through a CudaGraphRunner of its own (graphs for batch 1) -> its repr, the run."""
+def single_stream_on(b: Bench, model: GLM4Model, profile: bool = False, **runner_kwargs) -> tuple[str, dict, dict]:
+    """The single stream through a CudaGraphRunner of its own (graphs for batch 1) -> its repr, the run,
+    and (with `profile`) its decode steps' kernels (decode_profile)."""
     from glm4serve.engine.block_pool import BlockPool
     from glm4serve.model.cuda_runner import CudaGraphRunner
 
@@ -471,7 +472,8 @@ def single_stream_on(b: Bench, model: GLM4Model, **runner_kwargs) -> tuple[str, 
                        BlockPool(blocks, 16), (), vocab_size=p.tokenizer_vocab)
     try:
         engine_run(b, engine, b.prompts(1, 16), 2, seconds=60)  # warm-up
-        return repr(runner), engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+        run = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+        return repr(runner), run, decode_profile(b, engine, 1, p.single_prompt) if profile else {}
     finally:
         engine.close()
 
@@ -481,23 +483,25 @@ def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
     (CudaGraphRunner(fuse=False)): what fusing their small ops brings."""
     if b.device != "cuda":
         return {"skipped": "CUDA graphs need a GPU"}
-    runner, mine = single_stream_on(b, model, fuse=False)
+    runner, mine, _ = single_stream_on(b, model, fuse=False)
     return {"runner": runner, "ours_unfused_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
 def single_stream_one_row(b: Bench, model: GLM4Model, products: dict) -> dict:
     """The single stream again with the batch-1 graph's products as inductor's reductions
-    (CudaGraphRunner(one_row=True)), where one_row_products found them faster than cuBLAS's in all."""
+    (CudaGraphRunner(one_row=...)) for the linears where one_row_products found them faster than
+    cuBLAS's, and its decode step's kernels."""
+    from glm4serve.model.cuda_runner import ONE_ROW_PRODUCTS
+
     if b.device != "cuda":
         return {"skipped": "CUDA graphs need a GPU"}
-    names = ("qkv", "o", "gate_up", "down", "lm_head")
-    cublas, reduction = (sum(products.get(f"{n}_{how}_us", float("nan")) for n in names)
-                         for how in ("cublas", "reduction"))
-    if not reduction < cublas:  # nan (not measured) included
-        return {"skipped": f"the reductions took {reduction:.0f} us a layer's products and the output layer's, "
-                           f"cuBLAS {cublas:.0f}"}
-    runner, mine = single_stream_on(b, model, one_row=True)
-    return {"runner": runner, "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine}
+    faster = [n for n in ONE_ROW_PRODUCTS  # a product not measured (nan) is not faster
+              if products.get(f"{n}_reduction_us", float("nan")) < products.get(f"{n}_cublas_us", float("nan"))]
+    if not faster:
+        return {"skipped": "cuBLAS was as fast for every product"}
+    runner, mine, profile = single_stream_on(b, model, profile=True, one_row=faster)
+    return {"runner": runner, "products": faster, "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine,
+            "decode_profile_1": profile}
 
 
 def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10) -> dict:
@@ -558,12 +562,12 @@ def prefill_profile(b: Bench, engine: LLMEngine, n: int) -> dict:
 
 def kernel_split(prof, steps: int) -> dict:
     """A profile's kernels, per step: total ms, matrix products (cuBLAS/cuBLASLt), attention (flash,
-    memory-efficient, our paged decode), the rest; kernel launches; the ten longest."""
+    memory-efficient, our paged decode), the rest; kernel launches; the 30 longest."""
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     ms = lambda events: sum(e.self_device_time_total for e in events) / steps / 1e3  # noqa: E731
     gemm = [e for e in kernels if is_gemm(e.key)]
     attention = [e for e in kernels if not is_gemm(e.key) and is_attention(e.key)]
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]
     return {"kernel_ms": ms(kernels), "gemm_ms": ms(gemm), "attention_ms": ms(attention),
             "other_ms": ms(kernels) - ms(gemm) - ms(attention),
             "kernels_per_step": sum(e.count for e in kernels) / steps,

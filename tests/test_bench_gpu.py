@@ -50,6 +50,8 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
                    for how in ("cublas", "reduction")), products
         one_row = figures["single_stream_one_row"]  # run where the reductions were faster, else said why not
         assert one_row.get("ours_one_row_tok_s", 0) > 0 or "cuBLAS" in one_row.get("skipped", ""), one_row
+        if "skipped" not in one_row:
+            assert one_row["products"] and one_row["decode_profile_1"]["kernels_per_step"] > 0, one_row
         for part in ("decode_profile_1", "decode_profile_4", "prefill_profile"):
             assert 0 < figures[part]["gemm_ms"] < figures[part]["kernel_ms"] and figures[part]["top"], figures[part]
             assert figures[part]["attention_ms"] > 0, figures[part]

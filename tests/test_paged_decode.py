@@ -20,7 +20,7 @@ import torch
 
 from glm4serve.model.attention import AttentionBatch, decode_attention, decode_attention_one, write_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
-from glm4serve.model.cuda_runner import CudaGraphRunner, RowProductLinear, graph_batch_sizes
+from glm4serve.model.cuda_runner import CudaGraphRunner, RowProductLinear, graph_batch_sizes, swap_row_product_linears
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
 from glm4serve.model.runner import EagerRunner
@@ -210,12 +210,23 @@ def test_graph_batch_sizes_end_at_max_num_seqs():
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
 
 
+def test_one_row_products_name_the_linears_they_swap(make_checkpoint):
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="gate"):
+        swap_row_product_linears(model, ("qkv", "gate"))
+    assert not any(isinstance(m, RowProductLinear) for m in model.modules())  # nothing swapped on the way
+    swapped = swap_row_product_linears(model, ("o",))
+    assert [name for _, name, _ in swapped] == ["o"] * model.cfg.num_layers
+    assert all(isinstance(layer.attn.o, RowProductLinear) and type(layer.mlp.down) is torch.nn.Linear
+               for layer in model.layers)
+
+
 def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 
 
-@pytest.mark.parametrize("fuse,variant,one_row", [(False, "glm", False), (True, "glm", False), (True, "glm4", False),
-                                                   (True, "glm", True)],
+@pytest.mark.parametrize("fuse,variant,one_row", [(False, "glm", ()), (True, "glm", ()), (True, "glm4", ()),
+                                                   (True, "glm", ("qkv", "down", "lm_head"))],
                          ids=["as-written", "fused", "fused-glm4", "fused-one-row"])
 def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse, variant,
                                               one_row):
@@ -230,7 +241,8 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
     capture = device == "cuda"
     graphs = CudaGraphRunner(model, num_blocks, block_size, None, max_num_seqs=8, max_model_len=64, capture=capture,
                              fuse=fuse, one_row=one_row)
-    assert len(graphs.swapped) == (4 * model.cfg.num_layers + 1 if one_row else 0)  # every linear, the output layer's
+    # the named linears of every layer, and the output layer
+    assert len(graphs.swapped) == (2 * model.cfg.num_layers + 1 if one_row else 0)
     eager = EagerRunner(model, num_blocks, block_size)
     assert graphs.num_blocks == num_blocks and graphs.kv.num_blocks == num_blocks + 1
     assert bool(graphs.graphs) == capture

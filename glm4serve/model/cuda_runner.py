@@ -21,14 +21,16 @@ the ladder, are not replayed; with `capture=False` no step is, and decode steps 
 through the same static buffers (how the CPU tests check the padding, the buffers and the compiled
 pieces: the kernel in Triton's interpreter, the pieces compiled by inductor for the CPU).
 
-With `one_row` (off by default: not yet measured end to end), the batch-1 decode graph's matrix
-products are inductor's reductions over the weights (RowProductLinear) instead of cuBLAS's kernels,
-which at batch 1 took 5.07 of a 6.58 ms step on an H200; `bench_gpu.py` measures the two.
+With `one_row` (none by default: not yet measured end to end), the batch-1 decode graph's products
+with the linears it names (ONE_ROW_PRODUCTS) are inductor's reductions over the weights
+(RowProductLinear) instead of cuBLAS's kernels, which at batch 1 took 5.07 of a 6.58 ms step on an
+H200; `bench_gpu.py` measures the two for each product.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from .runner import EagerRunner
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # up to max_num_seqs, which is always one
+ONE_ROW_PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")  # the model's linears, by attribute name
 RECOMPILES_PER_RUNNER = 8  # a piece compiles about 3 times for a runner: the largest batch, any batch, one row
 
 
@@ -91,7 +94,7 @@ class DecodeBuffers:
 class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
                  max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True,
-                 one_row: bool = False):
+                 one_row: Collection[str] = ()):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
@@ -100,14 +103,15 @@ class CudaGraphRunner(EagerRunner):
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, num_blocks, self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
-        self.swapped = swap_row_product_linears(model) if fuse and one_row else []
+        self.swapped = swap_row_product_linears(model, one_row) if fuse else []
         if capture:
             self._capture()
 
     def __repr__(self) -> str:
         how = f"CUDA graphs for {len(self.graphs)} batch sizes up to {self.sizes[-1]}" if self.graphs else "no graphs"
         layers = ", layers compiled by inductor" if self.fused else ""
-        rows = ", one-row products as reductions" if self.fused and self.swapped else ""
+        names = sorted({name for _, name, _ in self.swapped}, key=ONE_ROW_PRODUCTS.index)
+        rows = f", one-row products as reductions: {' '.join(names)}" if self.fused and names else ""
         return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}, paged decode attention in Triton)"
 
     def close(self) -> None:
@@ -249,11 +253,13 @@ class RowProductLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def swap_row_product_linears(model: GLM4Model) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """Every nn.Linear of the model wrapped in a RowProductLinear, in place -> (parent, name, linear)
-    of each, to put them back."""
+def swap_row_product_linears(model: GLM4Model, names: Collection[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """The model's nn.Linear layers of those names (ONE_ROW_PRODUCTS) wrapped in RowProductLinear, in
+    place -> (parent, name, linear) of each, to put them back."""
+    if unknown := set(names) - set(ONE_ROW_PRODUCTS):
+        raise ValueError(f"no such linears: {sorted(unknown)}; the model's are {ONE_ROW_PRODUCTS}")
     places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if type(child) is nn.Linear]
+              if type(child) is nn.Linear and name in names]
     for parent, name, linear in places:
         setattr(parent, name, RowProductLinear(linear))
     return places
