@@ -266,11 +266,16 @@ def swap_row_product_linears(model: GLM4Model, names: Collection[str]) -> list[t
 
 
 def compile_piece(fn):
-    """fn compiled by inductor, its elementwise kernels in one configuration each. Inductor would time
-    their candidates on the first call, and a kernel that writes the KV cache it times on a copy of
-    the cache, made in host memory when the card has no room for it: with a cache that fills the
-    card, gigabytes over PCIe for every timed launch."""
-    return torch.compile(fn, fullgraph=True, dynamic=None, options={"triton.autotune_pointwise": False})
+    """fn compiled by inductor for a step of few rows, where each kernel launched costs more than the
+    bytes it moves:
+    - its elementwise kernels in one configuration each. Inductor would time their candidates on the
+      first call, and a kernel that writes the KV cache it times on a copy of the cache, made in host
+      memory when the card has no room for it: with a cache that fills the card, gigabytes over PCIe
+      for every timed launch;
+    - kernels of the same size fused even where they share only a few bytes of what they read (the
+      K and V stores share only the slots): one launch instead of two."""
+    return torch.compile(fn, fullgraph=True, dynamic=None,
+                         options={"triton.autotune_pointwise": False, "score_fusion_memory_threshold": 1})
 
 
 class CompiledLayers:

@@ -57,12 +57,19 @@ class Rotary(nn.Module):
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """x [T, heads, head_dim] with its first rotary_dim dims turned, in fp32 whatever x's dtype.
-    Real arithmetic rather than a complex multiply: inductor compiles it, and it is the same math."""
-    pairs = x[..., :rotary_dim].float().unflatten(-1, (-1, 2))  # [T, heads, rotary_dim / 2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # [T, heads, rotary_dim / 2] each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rotary_dim / 2]: the same for every head
-    turned = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)  # [T, heads, rotary_dim]
-    return torch.cat((turned.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+    Each output element is one expression of x, its pair partner and the angle (no slices put back
+    together): compiled, the rotary is one elementwise pass, the K/V store's producer rather than a
+    kernel of its own for each part of the head."""
+    d = x.shape[-1]
+    dims = torch.arange(d, device=x.device)
+    x32 = x.float()
+    partner = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [T, heads, D]: x1, x0, x3, x2, ...
+    # [T, 1, D]: each pair's cos twice, and its sin as -sin, +sin; past rotary_dim x stays as it is (below)
+    sign = torch.where(dims % 2 == 0, -1.0, 1.0)  # [D]
+    cos = F.pad(cos.repeat_interleave(2, dim=-1), (0, d - rotary_dim))[:, None]
+    sin = (F.pad(sin.repeat_interleave(2, dim=-1), (0, d - rotary_dim)) * sign)[:, None]
+    turned = x32 * cos + partner * sin  # x0 cos - x1 sin, x1 cos + x0 sin
+    return torch.where(dims < rotary_dim, turned, x32).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -151,8 +151,10 @@ def merge_splits(acc: torch.Tensor, maxes: torch.Tensor, sums: torch.Tensor, num
     """The splits' partial results -> attention's output [B, Hq, D] in fp32: each split's sums and
     values rescaled to the largest score over all of them."""
     b, hkv, _, _, d = acc.shape
-    top = maxes.amax(dim=2, keepdim=True)  # [B, Hkv, 1, GP]: finite, every sequence has a key
-    weight = torch.exp(maxes - top)  # [B, Hkv, S, GP]; 0 for an empty split (-inf)
-    total = (sums * weight).sum(dim=2)  # [B, Hkv, GP]
-    out = (acc * weight[..., None]).sum(dim=2) / total[..., None]  # [B, Hkv, GP, D]
+    # maxima and sums broadcast over D: every reduction over the splits below has acc's shape; and
+    # each reduction weighs the splits on its own (no weights kept between them): compiled, one kernel
+    maxes, sums = maxes[..., None].expand_as(acc), sums[..., None].expand_as(acc)  # [B, Hkv, S, GP, D]
+    top = maxes.amax(dim=2, keepdim=True)  # finite, every sequence has a key
+    total = (sums * torch.exp(maxes - top)).sum(dim=2)  # [B, Hkv, GP, D]; an empty split (-inf) weighs 0
+    out = (acc * torch.exp(maxes - top)).sum(dim=2) / total  # [B, Hkv, GP, D]
     return out[:, :, : num_heads // hkv].reshape(b, num_heads, d)  # [B, Hkv, G, D] -> [B, Hq, D]

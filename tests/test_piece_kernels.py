@@ -1,0 +1,35 @@
+"""benchmarks/bench_piece_kernels.py: the kernels the CUDA runner's compiled decode step launches, as
+inductor writes them for a GPU, counted on the CPU. Every launch is a gap in a replayed graph: the
+counts below are what the pieces compile to now, and a change that splits them again fails here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def counts(tmp_path, *args) -> dict:
+    out = tmp_path / "kernels.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_piece_kernels.py"), "--out", str(out), *args],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("one_row", ["", "qkv,o,gate_up,down,lm_head"], ids=["cublas", "one-row"])
+def test_a_decode_layer_is_eleven_launches(tmp_path, one_row):
+    """A layer: the attention kernel, one kernel merging its splits, o, residual + norm, gate_up, SwiGLU,
+    down, residual + norm, qkv, the rotary, and one store of both K and V."""
+    figures = counts(tmp_path, "--one-row", one_row)
+    between = figures["pieces"]["between"]
+    assert figures["splits"] == 64  # an H200's at batch 1: the merge reduces over 64 splits
+    assert figures["launches_per_layer"] <= 11, between
+    assert figures["extern_per_layer"] == (0 if one_row else 4), between
+    assert sum("index_copy" in k for k in between) == 1, between  # K and V stored by one kernel
+    assert len(figures["pieces"]["first"]) <= 4, figures["pieces"]["first"]
