@@ -261,11 +261,15 @@ def weights_agree(b: Bench, ours: GLM4Model, hf) -> dict:
     return {"min_cosine": cos, "max_rel_diff": rel, "top1_agreement": top1, "ok": cos > 0.98}
 
 
-def engine_run(b: Bench, engine: LLMEngine, prompts: list[list[int]], new_tokens: int, seconds: float) -> dict:
-    """Greedy requests (ignore_eos) until done or `seconds` passed (then the rest are aborted).
-    first_tokens_s: until every request had its first token; decode_tok_s: the tokens made after
-    that, over the time after that."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+CHAT_SAMPLING = dict(temperature=0.8, top_p=0.8)  # glm-4-9b-chat's generation_config.json: what a chat request gets
+
+
+def engine_run(b: Bench, engine: LLMEngine, prompts: list[list[int]], new_tokens: int, seconds: float,
+               sampling: dict | None = None) -> dict:
+    """Greedy requests (ignore_eos; or with `sampling`'s SamplingParams) until done or `seconds` passed
+    (then the rest are aborted). first_tokens_s: until every request had its first token;
+    decode_tok_s: the tokens made after that, over the time after that."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **(sampling or {"temperature": 0.0}))
     ids = [f"r{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
     b.reset_peak()
     t0 = time.perf_counter()
@@ -504,7 +508,8 @@ def single_stream_one_row(b: Bench, model: GLM4Model, products: dict) -> dict:
             "decode_profile_1": profile}
 
 
-def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10) -> dict:
+def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10,
+                   sampling: dict | None = None) -> dict:
     """Where `steps` decode steps of `batch` sequences spend the GPU's time (torch.profiler): kernel
     time a step, the matrix products' share (cuBLAS/cuBLASLt kernels), kernels a step, the top kernels;
     and the same of the steps before (prefill_*: until every sequence has its first token, prompt
@@ -514,7 +519,7 @@ def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: 
         return {"skipped": "profiles the GPU's kernels"}
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, **(sampling or {"temperature": 0.0}))
     ids = [f"profile{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, b.prompts(batch, prompt)):
         engine.add_request(rid, p, params)
@@ -591,6 +596,21 @@ def streams(b: Bench, engine: LLMEngine, hf) -> dict:
     return {"streams": p.streams, "prompt": p.stream_prompt, "new_tokens": p.stream_tokens,
             "ours_aggregate_tok_s": mine["aggregate_tok_s"], "transformers_aggregate_tok_s": theirs["aggregate_tok_s"],
             "ratio": ratio(mine["aggregate_tok_s"], theirs["aggregate_tok_s"]), "ours": mine, "transformers": theirs}
+
+
+def sampled(b: Bench, engine: LLMEngine, greedy_single: float | None, greedy_streams: float | None) -> dict:
+    """The single stream and the 64 streams again, sampled as a chat request to glm-4-9b-chat is by
+    default (CHAT_SAMPLING): the sampler's cost on the device, against the greedy runs before; and a
+    profile of the sampled single stream's steps (the sampler's kernels, a step's time)."""
+    p = b.plan
+    single = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds, CHAT_SAMPLING)
+    seconds = max(5.0, min(p.stream_seconds, b.left() / 6))
+    many = engine_run(b, engine, b.prompts(p.streams, p.stream_prompt), p.stream_tokens, seconds, CHAT_SAMPLING)
+    return {"sampling": CHAT_SAMPLING, "single_tok_s": single["decode_tok_s"],
+            "single_of_greedy": ratio(single["decode_tok_s"], greedy_single), "streams_aggregate_tok_s":
+            many["aggregate_tok_s"], "streams_of_greedy": ratio(many["aggregate_tok_s"], greedy_streams),
+            "single": single, "streams": many,
+            "decode_profile_1": decode_profile(b, engine, 1, p.single_prompt, sampling=CHAT_SAMPLING)}
 
 
 def other_chunks(b: Bench, model: GLM4Model, chunk: int) -> dict:
@@ -735,7 +755,8 @@ def main(argv=None) -> int:
                                  "fused_over_unfused": ratio(single["ours_tok_s"], unfused.get("ours_unfused_tok_s"))})
     b.run("decode_profile_1", decode_profile, engine, 1, plan.single_prompt)
     b.run(f"decode_profile_{plan.streams}", decode_profile, engine, plan.streams, plan.stream_prompt)
-    b.run(f"streams_{plan.streams}", streams, engine, hf)
+    many = b.run(f"streams_{plan.streams}", streams, engine, hf)
+    b.run("sampled", sampled, engine, single.get("ours_tok_s"), many.get("ours_aggregate_tok_s"))
     ours_s = b.run("prefill", prefill, engine, hf).get("ours_s")
     b.run("prefill_profile", prefill_profile, engine, plan.prefill // 4)
     b.run("other_chunks", other_chunks, ours, STEP_TOKENS if steps != STEP_TOKENS else LARGE_GPU_STEP_TOKENS)

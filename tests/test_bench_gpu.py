@@ -27,17 +27,19 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
     for part, key in (("single_stream", "ours_tok_s"), ("single_stream", "transformers_tok_s"),
                       ("streams_4", "ours_aggregate_tok_s"), ("streams_4", "transformers_aggregate_tok_s"),
                       ("prefill", "ours_s"), ("prefill", "transformers_s"), ("long_prefill", "seconds"),
-                      ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context")):
+                      ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context"),
+                      ("sampled", "single_tok_s"), ("sampled", "streams_aggregate_tok_s")):
         assert figures[part][key] > 0, (part, key, figures[part])
     assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
+    assert figures["sampled"]["single"]["finished"] and figures["sampled"]["streams"]["finished"]
     assert all(figures["first_tokens"][f"{part}_s_{i}"] > 0 for i in (1, 2, 3)
                for part in ("first_token", "runner_prefill"))
     other = figures["other_chunks"]
     assert other["streams"]["finished"] and other["prefill_s"] > 0
     assert {figures["max_num_batched_tokens"], other["max_num_batched_tokens"]} == {2048, 8192}
     # the parts that run the engine loaded before them compile nothing: it was all done at load
-    for part in ("single_stream", "first_tokens", "decode_profile_1", "decode_profile_4", "streams_4", "prefill",
-                 "prefill_profile", "long_prefill"):
+    for part in ("single_stream", "first_tokens", "decode_profile_1", "decode_profile_4", "streams_4", "sampled",
+                 "prefill", "prefill_profile", "long_prefill"):
         assert figures[part]["compiles"]["dynamo_graphs"] == 0, (part, figures[part]["compiles"])
         assert figures[part]["compiles"]["decode_kernel_variants"] in (0, None), (part, figures[part]["compiles"])
     assert figures["engine_build_s"] > 0 and figures["million_context"]["engine_build_s"] > 0
@@ -52,9 +54,10 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
         assert one_row.get("ours_one_row_tok_s", 0) > 0 or "cuBLAS" in one_row.get("skipped", ""), one_row
         if "skipped" not in one_row:
             assert one_row["products"] and one_row["decode_profile_1"]["kernels_per_step"] > 0, one_row
-        for part in ("decode_profile_1", "decode_profile_4", "prefill_profile"):
-            assert 0 < figures[part]["gemm_ms"] < figures[part]["kernel_ms"] and figures[part]["top"], figures[part]
-            assert figures[part]["attention_ms"] > 0, figures[part]
+        for part in (figures["decode_profile_1"], figures["decode_profile_4"], figures["prefill_profile"],
+                     figures["sampled"]["decode_profile_1"]):
+            assert 0 < part["gemm_ms"] < part["kernel_ms"] and part["top"], part
+            assert part["attention_ms"] > 0, part
     else:
         assert all("skipped" in figures[p] for p in ("single_stream_unfused", "decode_profile_1", "decode_profile_4",
                                                      "prefill_profile", "decode_tiers", "one_row_products",
