@@ -41,6 +41,7 @@ import torch
 
 from glm4serve.engine.config import LARGE_GPU_STEP_TOKENS, STEP_TOKENS, EngineArgs
 from glm4serve.engine.engine import LLMEngine
+from glm4serve.engine.sampler import CANDIDATES
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.batch import ScheduledBatch, SeqChunk, build_batch
 from glm4serve.model.config import ModelConfig
@@ -58,6 +59,9 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             rope_theta=5e6)
 # glm-4-9b-chat-1m: seq_length 1,048,576, rope_ratio 10000 (base 1e8), multi_query_group_num 4
 MILLION = dict(max_position_embeddings=1048576, rope_theta=1e8, num_key_value_heads=4)
+
+
+CHAT_SAMPLING = dict(temperature=0.8, top_p=0.8)  # glm-4-9b-chat's generation_config.json: a chat request's
 
 
 @dataclass(frozen=True)
@@ -258,10 +262,11 @@ def weights_agree(b: Bench, ours: GLM4Model, hf) -> dict:
     cos = torch.nn.functional.cosine_similarity(mine, theirs, dim=-1).min().item()
     rel = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    return {"min_cosine": cos, "max_rel_diff": rel, "top1_agreement": top1, "ok": cos > 0.98}
-
-
-CHAT_SAMPLING = dict(temperature=0.8, top_p=0.8)  # glm-4-9b-chat's generation_config.json: what a chat request gets
+    # the share of the chat temperature's probability mass the sampler's candidates hold: under
+    # top_p + MASS_MARGIN, a sampled row is sorted whole (random weights: flat rows, unlike a trained model's)
+    held = (mine / CHAT_SAMPLING["temperature"]).softmax(-1).topk(min(CANDIDATES, mine.shape[1])).values.sum(-1)
+    return {"min_cosine": cos, "max_rel_diff": rel, "top1_agreement": top1, "ok": cos > 0.98,
+            "candidates_mass_median": held.median().item()}
 
 
 def engine_run(b: Bench, engine: LLMEngine, prompts: list[list[int]], new_tokens: int, seconds: float,
@@ -601,7 +606,8 @@ def streams(b: Bench, engine: LLMEngine, hf) -> dict:
 def sampled(b: Bench, engine: LLMEngine, greedy_single: float | None, greedy_streams: float | None) -> dict:
     """The single stream and the 64 streams again, sampled as a chat request to glm-4-9b-chat is by
     default (CHAT_SAMPLING): the sampler's cost on the device, against the greedy runs before; and a
-    profile of the sampled single stream's steps (the sampler's kernels, a step's time)."""
+    profile of the sampled single stream's steps (the sampler's kernels, a step's time). Which of the
+    sampler's ways ran: the model part's candidates_mass_median."""
     p = b.plan
     single = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds, CHAT_SAMPLING)
     seconds = max(5.0, min(p.stream_seconds, b.left() / 6))
