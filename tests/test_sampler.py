@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm4serve.engine.sampler import (
     Sampled,
@@ -136,6 +137,38 @@ def test_truncation_among_candidates_equals_a_full_sort():
     sizes = check([0.3, 0.3, 8.0], [SamplingParams(top_k=3000, top_p=0.99), SamplingParams(top_p=0.999),
                                     SamplingParams(top_p=0.8)])
     assert sizes[0] > 64 and sizes[1] > 3000 and sizes[2] < 64
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sampled_rows_draw_as_from_a_whole_sort_checking_the_candidates_with_the_token_ids():
+    """The sampler draws among each row's candidates before it knows whether they hold its top-p set
+    (the check would wait for the device mid-step); a row whose set reaches past them (a flat
+    distribution) is drawn again, sorted whole, with its generator's same draw: seeded rows, flat and
+    peaked, get the tokens a whole sort gives them, step after step. A peaked step reads nothing back
+    before its token ids (no nonzero)."""
+    vocab = 5000
+    scales = [8.0, 0.3, 8.0, 0.3, 1.0]
+    params = [dict(top_p=0.9), dict(top_p=0.95), dict(top_k=100, top_p=0.9), dict(top_p=0.5, min_p=0.01), dict()]
+    for step in range(5):
+        logits = torch.cat([random_logits(1, vocab, seed=10 * step + i) * s for i, s in enumerate(scales)])
+        drawn = [[s.token_id for s in sampler(logits, [row(temperature=0.9, generator=make_generator(7 + step, i), **p)
+                                                      for i, p in enumerate(params)])]
+                 for sampler in (Sampler(candidates=vocab), Sampler(candidates=64))]
+        assert drawn[0] == drawn[1]
+    peaked = random_logits(2, vocab, seed=1) * 8.0
+    rows = [row(temperature=0.9, top_p=0.9, generator=make_generator(1, i)) for i in (0, 1)]
+    with CountOps() as counted:
+        Sampler(candidates=64)(peaked, rows)
+    assert "nonzero" not in " ".join(counted.ops), counted.ops
 
 
 @pytest.mark.parametrize("vocab", [4096, 5000])  # whole chunks of 1024, and a padded last one

@@ -200,9 +200,13 @@ class Candidates:
     rows: list[int]
     logits: torch.Tensor
     ids: torch.Tensor | None
+    # truncate(check=False): [G] bool on the logits' device, the rows whose top-p set may reach past
+    # these candidates (their cut is exact only when this is False)
+    unsure: torch.Tensor | None = None
 
 
-def truncate(logits: torch.Tensor, params: list[SamplingParams], candidates: int = CANDIDATES) -> list[Candidates]:
+def truncate(logits: torch.Tensor, params: list[SamplingParams], candidates: int = CANDIDATES,
+             check: bool = True) -> list[Candidates]:
     """top-k, then top-p over what top-k kept (renormalized), then min-p, row by row: each row's
     tokens still in the running, in groups of rows of one width.
 
@@ -214,6 +218,8 @@ def truncate(logits: torch.Tensor, params: list[SamplingParams], candidates: int
     So a row that truncates by rank is cut among its `candidates` best tokens (its top-k, when
     wider), which is exact when they hold the row's whole top-p set; a row whose top-p set may reach
     past them (a flat distribution) is sorted whole. Rows that do not truncate by rank keep all V.
+    That check reads the device's result before going on; with check=False it is left to the caller
+    (`Candidates.unsure`), who can read it with what it reads anyway.
     """
     vocab_size = logits.shape[1]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -226,14 +232,17 @@ def truncate(logits: torch.Tensor, params: list[SamplingParams], candidates: int
         sub = _select(logits, ranked)  # [R, V]
         width = min(vocab_size, max([candidates] + [k for k in ks if k < vocab_size]))
         best, order, held = _cut_by_rank(sub, width, ks, ps)  # [R, K], [R, K], [R]
-        short = []  # top-p over all V (no top-k): exact among the candidates only if they hold its mass
-        if width < vocab_size:
+        short, unsure = [], None  # top-p over all V (no top-k): exact among the candidates only if they hold its mass
+        if width < vocab_size and vocab_size in ks:
             need = torch.tensor([p + MASS_MARGIN if k == vocab_size else 0.0 for k, p in zip(ks, ps)],
                                 device=held.device)
-            short = torch.nonzero(held < need).flatten().tolist()
+            if check:
+                short = torch.nonzero(held < need).flatten().tolist()
+            else:
+                unsure = held < need  # [R]
         kept = sorted(set(range(len(ranked))) - set(short))
         if kept:
-            groups.append(Candidates([ranked[j] for j in kept], _select(best, kept), _select(order, kept)))
+            groups.append(Candidates([ranked[j] for j in kept], _select(best, kept), _select(order, kept), unsure))
         if short:
             best, order, _ = _cut_by_rank(sub[short], vocab_size, [ks[j] for j in short], [ps[j] for j in short])
             groups.append(Candidates([ranked[j] for j in short], best, order))
@@ -328,6 +337,17 @@ def sample_from(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     return (start + torch.searchsorted(inner_cdf, rest)).squeeze(1).clamp_max_(vocab_size - 1)
 
 
+def _draw(groups: list[Candidates], generators: list[torch.Generator | None], targets: list[int],
+          token_ids: torch.Tensor) -> None:
+    """Each group's rows draw among their own candidates (after top-k/top-p, a few of all V); group
+    row r is token_ids[targets[r]], drawn with generators[r]."""
+    for g in groups:
+        picked = sample_from(g.logits.softmax(dim=-1), [generators[r] for r in g.rows])  # [G]
+        if g.ids is not None:
+            picked = g.ids.gather(1, picked[:, None]).squeeze(1)  # candidate index -> token id
+        token_ids[[targets[r] for r in g.rows]] = picked
+
+
 class Sampler:
     def __init__(self, candidates: int = CANDIDATES):
         self.candidates = candidates  # see truncate(); the vocabulary's size sorts every row whole
@@ -363,6 +383,7 @@ class Sampler:
             held = [i for i in greedy if i in position]
             if held:  # their unmasked argmax is overwritten: cheaper than copying the other rows
                 token_ids[held] = _select(masked, [position[i] for i in held]).argmax(dim=-1)
+        unsure = None  # the candidates' group whose rows may need a whole sort
         if sampled:
             choose_from = _select(processed, sampled)
             held = [k for k, i in enumerate(sampled) if i in position]
@@ -370,14 +391,28 @@ class Sampler:
                 if choose_from is processed:
                     choose_from = processed.clone()
                 choose_from[held] = _select(masked, [position[sampled[k]] for k in held])
-            # each group of rows draws among its own candidates: after top-k/top-p, a few of all V
-            for g in truncate(choose_from, [rows[i].params for i in sampled], self.candidates):
-                picked = sample_from(g.logits.softmax(dim=-1), [rows[sampled[r]].generator for r in g.rows])  # [G]
-                if g.ids is not None:
-                    picked = g.ids.gather(1, picked[:, None]).squeeze(1)  # candidate index -> token id
-                token_ids[[sampled[r] for r in g.rows]] = picked
+            params = [rows[i].params for i in sampled]
+            generators = [rows[i].generator for i in sampled]
+            states = [None if g is None else g.get_state() for g in generators]
+            # whether a row's top-p set reaches past its candidates is read with the token ids below, not
+            # before the draw: the device runs the whole step without waiting on the host in between
+            groups = truncate(choose_from, params, self.candidates, check=False)
+            _draw(groups, generators, sampled, token_ids)
+            unsure = next((g for g in groups if g.unsure is not None), None)
 
-        ids = token_ids.tolist()
+        if unsure is None:
+            ids = token_ids.tolist()
+        else:
+            ids = torch.cat((token_ids, unsure.unsure.long())).tolist()
+            ids, flags = ids[: len(rows)], ids[len(rows) :]
+            flat = [r for r, f in zip(unsure.rows, flags) if f]  # indices into `sampled`
+            if flat:  # drawn again, sorted whole, with the same draw of their own generators as the first
+                for r in flat:
+                    if states[r] is not None:
+                        generators[r].set_state(states[r])
+                redo = truncate(_select(choose_from, flat), [params[r] for r in flat], choose_from.shape[1])
+                _draw(redo, [generators[r] for r in flat], [sampled[r] for r in flat], token_ids)
+                ids = token_ids.tolist()
         logprobs = self._logprobs(processed, token_ids, ids, rows)
         return [Sampled(t, logprobs.get(i)) for i, t in enumerate(ids)]
 
