@@ -62,6 +62,9 @@ MILLION = dict(max_position_embeddings=1048576, rope_theta=1e8, num_key_value_he
 
 
 CHAT_SAMPLING = dict(temperature=0.8, top_p=0.8)  # glm-4-9b-chat's generation_config.json: a chat request's
+# random weights' rows are flat at 0.8 (the sampler sorts them whole); this cold, they are peaked as a
+# trained model's are at 0.8, and the sampler cuts them among its candidates
+PEAKED_SAMPLING = dict(temperature=0.05, top_p=0.8)
 
 
 @dataclass(frozen=True)
@@ -264,9 +267,10 @@ def weights_agree(b: Bench, ours: GLM4Model, hf) -> dict:
     top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     # the share of the chat temperature's probability mass the sampler's candidates hold: under
     # top_p + MASS_MARGIN, a sampled row is sorted whole (random weights: flat rows, unlike a trained model's)
-    held = (mine / CHAT_SAMPLING["temperature"]).softmax(-1).topk(min(CANDIDATES, mine.shape[1])).values.sum(-1)
+    held = {name: (mine / how["temperature"]).softmax(-1).topk(min(CANDIDATES, mine.shape[1])).values.sum(-1)
+            for name, how in (("chat", CHAT_SAMPLING), ("peaked", PEAKED_SAMPLING))}  # [40] each
     return {"min_cosine": cos, "max_rel_diff": rel, "top1_agreement": top1, "ok": cos > 0.98,
-            "candidates_mass_median": held.median().item()}
+            **{f"candidates_mass_median_{name}": h.median().item() for name, h in held.items()}}
 
 
 def engine_run(b: Bench, engine: LLMEngine, prompts: list[list[int]], new_tokens: int, seconds: float,
@@ -607,13 +611,16 @@ def sampled(b: Bench, engine: LLMEngine, greedy_single: float | None, greedy_str
     """The single stream and the 64 streams again, sampled as a chat request to glm-4-9b-chat is by
     default (CHAT_SAMPLING): the sampler's cost on the device, against the greedy runs before; and a
     profile of the sampled single stream's steps (the sampler's kernels, a step's time). Which of the
-    sampler's ways ran: the model part's candidates_mass_median."""
+    sampler's ways ran: the model part's candidates_mass_median_*."""
     p = b.plan
     single = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds, CHAT_SAMPLING)
+    peaked = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds, PEAKED_SAMPLING)
     seconds = max(5.0, min(p.stream_seconds, b.left() / 6))
     many = engine_run(b, engine, b.prompts(p.streams, p.stream_prompt), p.stream_tokens, seconds, CHAT_SAMPLING)
     return {"sampling": CHAT_SAMPLING, "single_tok_s": single["decode_tok_s"],
-            "single_of_greedy": ratio(single["decode_tok_s"], greedy_single), "streams_aggregate_tok_s":
+            "single_of_greedy": ratio(single["decode_tok_s"], greedy_single), "peaked_sampling": PEAKED_SAMPLING,
+            "single_peaked_tok_s": peaked["decode_tok_s"],
+            "single_peaked_of_greedy": ratio(peaked["decode_tok_s"], greedy_single), "streams_aggregate_tok_s":
             many["aggregate_tok_s"], "streams_of_greedy": ratio(many["aggregate_tok_s"], greedy_streams),
             "single": single, "streams": many,
             "decode_profile_1": decode_profile(b, engine, 1, p.single_prompt, sampling=CHAT_SAMPLING)}

@@ -28,7 +28,8 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
                       ("streams_4", "ours_aggregate_tok_s"), ("streams_4", "transformers_aggregate_tok_s"),
                       ("prefill", "ours_s"), ("prefill", "transformers_s"), ("long_prefill", "seconds"),
                       ("single_stream_eager", "ours_eager_tok_s"), ("million_context", "decode_ms_at_full_context"),
-                      ("sampled", "single_tok_s"), ("sampled", "streams_aggregate_tok_s")):
+                      ("sampled", "single_tok_s"), ("sampled", "single_peaked_tok_s"),
+                      ("sampled", "streams_aggregate_tok_s")):
         assert figures[part][key] > 0, (part, key, figures[part])
     assert figures["single_stream"]["ours"]["finished"] and figures["streams_4"]["ours"]["finished"]
     assert figures["sampled"]["single"]["finished"] and figures["sampled"]["streams"]["finished"]
