@@ -265,8 +265,8 @@ def weights_agree(b: Bench, ours: GLM4Model, hf) -> dict:
     cos = torch.nn.functional.cosine_similarity(mine, theirs, dim=-1).min().item()
     rel = ((mine - theirs).abs().max() / theirs.abs().max()).item()
     top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    # the share of the chat temperature's probability mass the sampler's candidates hold: under
-    # top_p + MASS_MARGIN, a sampled row is sorted whole (random weights: flat rows, unlike a trained model's)
+    # the share of the probability mass the sampler's candidates hold at each sampled run's temperature:
+    # under top_p + MASS_MARGIN, a sampled row is sorted whole
     held = {name: (mine / how["temperature"]).softmax(-1).topk(min(CANDIDATES, mine.shape[1])).values.sum(-1)
             for name, how in (("chat", CHAT_SAMPLING), ("peaked", PEAKED_SAMPLING))}  # [40] each
     return {"min_cosine": cos, "max_rel_diff": rel, "top1_agreement": top1, "ok": cos > 0.98,
