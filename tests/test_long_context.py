@@ -29,7 +29,7 @@ from shared_models import SHARED_MODELS
 def test_rotary_matches_transformers_up_to_position_131071(device):
     hf_cfg = GlmConfig(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5})
     hf_rot = GlmRotaryEmbedding(hf_cfg).to(device)
-    ours = Rotary(64, 5e6).to(device)
+    ours = Rotary(64, 5e6, 128).to(device)
     positions = torch.tensor([0, 1, 7, 4095, 32768, 65535, 100000, 131070, 131071], device=device)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(len(positions), 32, 128, generator=g).to(device)  # [T, heads, D]
@@ -38,7 +38,7 @@ def test_rotary_matches_transformers_up_to_position_131071(device):
     # transformers wants [batch, heads, T, D]
     q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     cos_ours, sin_ours = ours(positions)
-    q_ours, k_ours = rotate(q, cos_ours, sin_ours, 64), rotate(k, cos_ours, sin_ours, 64)
+    q_ours, k_ours = rotate(q, cos_ours, sin_ours), rotate(k, cos_ours, sin_ours)
     torch.testing.assert_close(q_ours, q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_ours, k_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     # the second half of each head passes through untouched
@@ -49,13 +49,13 @@ def test_rotary_of_the_1m_model_matches_transformers_past_position_1m(device):
     """glm-4-9b-chat-1m: rope_ratio 10000 (base 1e8), positions up to 1,048,575."""
     hf_cfg = GlmConfig(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 1e8, "partial_rotary_factor": 0.5})
     hf_rot = GlmRotaryEmbedding(hf_cfg).to(device)
-    ours = Rotary(64, 1e8).to(device)
+    ours = Rotary(64, 1e8, 128).to(device)
     positions = torch.tensor([0, 131071, 131072, 524288, 1000000, 1048574, 1048575], device=device)
     q = torch.randn(len(positions), 32, 128, generator=torch.Generator().manual_seed(1)).to(device)  # [T, heads, D]
     cos, sin = hf_rot(q, positions[None])
     q_ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos, sin)
     cos_ours, sin_ours = ours(positions)
-    torch.testing.assert_close(rotate(q, cos_ours, sin_ours, 64), q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotate(q, cos_ours, sin_ours), q_ref[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_1m_context_fits_an_h200_next_to_the_weights():
@@ -257,7 +257,7 @@ def test_long_prefill_gpu_memory_is_not_quadratic(dtype):
     cfg = ModelConfig(variant="glm", layout="hf", vocab_size=256, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=5e6)
     model = GLM4Model(cfg).to("cuda", getattr(torch, dtype)).eval()
-    model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).cuda()  # fp32 angles, as load_model keeps them
+    model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.head_dim).cuda()  # fp32 angles, as load_model keeps them
     blocks = n // 16 + 1
     kv = KVCache(cfg, blocks, 16, getattr(torch, dtype), "cuda")
     b = build_batch([SeqChunk(list(range(n)), 0, list(range(blocks)))], 16, "cuda")  # ONE span of n tokens

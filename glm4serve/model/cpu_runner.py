@@ -181,7 +181,7 @@ class OneTokenStep:
         """-> logits [1, V]. One decode: one block table, one context length."""
         layers, last = model.layers, len(model.layers) - 1
         x = model.embed(b.input_ids)  # [1, H]
-        cos, sin = model.rotary(b.positions)  # [1, rotary_dim / 2] each
+        cos, sin = model.rotary(b.positions)  # [1, D] each
         q, k, v = self.first(layers[0], x, cos, sin)
         context_len = b.attn.decode_context_lens  # [1]
         if int(context_len[0]) > IN_GRAPH_ATTENTION_MAX_TOKENS:

@@ -301,7 +301,7 @@ class CompiledLayers:
         """One token of each of T sequences -> their logits [T, V] fp32."""
         layers, slots = model.layers, attn.slot_mapping
         x = model.embed(ids)  # [T, H]
-        cos, sin = model.rotary(positions)  # [T, rotary_dim / 2] each
+        cos, sin = model.rotary(positions)  # [T, D] each
         q = self.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
             partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
@@ -316,7 +316,7 @@ class CompiledLayers:
         """Any batch (prompt spans and decodes) -> logits [N, V] fp32 of its logits_indices rows."""
         layers, slots = model.layers, b.attn.slot_mapping
         x = model.embed(b.input_ids)  # [T, H]
-        cos, sin = model.rotary(b.positions)  # [T, rotary_dim / 2] each
+        cos, sin = model.rotary(b.positions)  # [T, D] each
         q = self.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
             out = cached_attention(q, kv.k[i], kv.v[i], b.attn, layer.attn.scale).flatten(1)  # [T, Hq * D]

@@ -42,34 +42,30 @@ class Rotary(nn.Module):
     in pairs (x0, x1), (x2, x3), ...; the rest pass through. Pair j of a token at position p turns
     by the angle p * inv_freq[j]."""
 
-    def __init__(self, rotary_dim: int, theta: float):
+    def __init__(self, rotary_dim: int, theta: float, head_dim: int):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [rotary_dim / 2]
-        self.rotary_dim = rotary_dim
+        # per dim of a head: each pair's frequency twice, 0 past rotary_dim (an angle of 0: cos 1, sin 0)
+        per_dim = F.pad(inv_freq.repeat_interleave(2), (0, head_dim - rotary_dim))  # [D]
+        self.register_buffer("inv_freq", per_dim, persistent=False)
+        self.register_buffer("sign", torch.tensor([-1.0, 1.0]).repeat(head_dim // 2), persistent=False)  # [D]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of every token's angles, [T, rotary_dim / 2] fp32 each, once per forward.
-        fp32 angles are exact enough at position 131,071 (positions are integers below 2^24)."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
-        return angles.cos(), angles.sin()
+        """cos and sin of every token's angle at each dim of a head, [T, D] fp32 each, once per forward:
+        the sin signed for the first of each pair (-sin, +sin), as `rotate` takes them. fp32 angles are
+        exact enough at position 131,071 (positions are integers below 2^24)."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D]
+        return angles.cos(), angles.sin() * self.sign
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """x [T, heads, head_dim] with its first rotary_dim dims turned, in fp32 whatever x's dtype.
-    Each output element is one expression of x, its pair partner and the angle (no slices put back
-    together): compiled, the rotary is one elementwise pass, the K/V store's producer rather than a
-    kernel of its own for each part of the head."""
-    d = x.shape[-1]
-    dims = torch.arange(d, device=x.device)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] turned by Rotary's cos and signed sin [T, D], in fp32 whatever x's dtype. One
+    expression per element, of x, its pair partner and the angle: compiled, one elementwise pass (the
+    K/V store's producer), where slices put back together would be a kernel each. Past rotary_dim,
+    x * 1 + partner * 0: x as it was."""
     x32 = x.float()
     partner = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [T, heads, D]: x1, x0, x3, x2, ...
-    # [T, 1, D]: each pair's cos twice, and its sin as -sin, +sin; past rotary_dim x stays as it is (below)
-    sign = torch.where(dims % 2 == 0, -1.0, 1.0)  # [D]
-    cos = F.pad(cos.repeat_interleave(2, dim=-1), (0, d - rotary_dim))[:, None]
-    sin = (F.pad(sin.repeat_interleave(2, dim=-1), (0, d - rotary_dim)) * sign)[:, None]
-    turned = x32 * cos + partner * sin  # x0 cos - x1 sin, x1 cos + x0 sin
-    return torch.where(dims < rotary_dim, turned, x32).to(x.dtype)
+    return (x32 * cos[:, None] + partner * sin[:, None]).to(x.dtype)  # x0 cos - x1 sin, x1 cos + x0 sin
 
 
 class Attention(nn.Module):
@@ -79,7 +75,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = shard.heads(cfg), shard.kv_heads(cfg), cfg.head_dim
-        self.rotary_dim = cfg.rotary_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # one fused projection, rows [q | k | v] (chatglm's layout; HF's split q/k/v are stacked on load)
         self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
@@ -90,7 +85,7 @@ class Attention(nn.Module):
         """x [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]."""
         t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)  # [T, (Hq + 2 Hkv) * D]
-        qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin, self.rotary_dim)  # q, k heads alike
+        qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)  # q, k heads alike
         v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
         return qk[:, :hq], qk[:, hq:], v
 
@@ -154,7 +149,7 @@ class GLM4Model(nn.Module):
         shard.check(cfg)
         self.cfg, self.shard = cfg, shard
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.head_dim)
         self.layers = nn.ModuleList(Layer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // shard.world, bias=False)  # untied
@@ -171,7 +166,7 @@ class GLM4Model(nn.Module):
             if quantization is not None:
                 quantize_linears(model, quantization)
         model = model.to_empty(device=device)
-        model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta).to(device)  # fp32 angles, not a weight
+        model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.head_dim).to(device)  # fp32 angles, not a weight
         return model
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
