@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Partial, interleaved (GPT-J style) RoPE: only the first `rotary_dim` dims of each head rotate,
     in pairs (x0, x1), (x2, x3), ...; the rest pass through. Pair j of a token at position p turns
-    by the angle p * inv_freq[j]."""
+    by the angle p * theta^(-2j / rotary_dim)."""
 
     def __init__(self, rotary_dim: int, theta: float, head_dim: int):
         super().__init__()
