@@ -10,8 +10,9 @@ from glm4serve.engine.sampler import (
     SampleRow,
     apply_processors,
     apply_truncation,
+    inverse_transform,
     make_generator,
-    sample_from,
+    uniforms,
 )
 from glm4serve.engine.types import SamplingParams
 
@@ -152,7 +153,7 @@ class CountOps(TorchDispatchMode):
 def test_sampled_rows_draw_as_from_a_whole_sort_checking_the_candidates_with_the_token_ids():
     """The sampler draws among each row's candidates before it knows whether they hold its top-p set
     (the check would wait for the device mid-step); a row whose set reaches past them (a flat
-    distribution) is drawn again, sorted whole, with its generator's same draw: seeded rows, flat and
+    distribution) is drawn again, sorted whole, with the same uniform draw: seeded rows, flat and
     peaked, get the tokens a whole sort gives them, step after step. A peaked step reads nothing back
     before its token ids (no nonzero)."""
     vocab = 5000
@@ -179,7 +180,8 @@ def test_sampling_follows_the_distribution_across_chunks(vocab):
     probs = torch.zeros(vocab)
     probs[where] = torch.tensor(mass)
     n = 4000
-    ids = sample_from(probs.repeat(n, 1), [make_generator(5, i) for i in range(n // 2)] + [None] * (n // 2))
+    gens = [make_generator(5, i) for i in range(n // 2)] + [None] * (n // 2)
+    ids = inverse_transform(probs.repeat(n, 1), uniforms(gens, probs.device))
     counts = [int((ids == t).sum()) for t in where]
     assert sum(counts) == n  # nothing else drawn
     assert chi_square(counts, mass) < 25  # 4 dof: p ~ 5e-5
@@ -199,7 +201,7 @@ def test_nan_logits_still_give_token_ids_of_the_vocabulary(params):
 def test_a_token_of_probability_zero_is_never_drawn(probs):
     # whatever the uniform draw, even 0: the first token of cumulative mass >= (1 - u) x total
     p = torch.tensor([probs]).repeat(500, 1)
-    ids = sample_from(p, [make_generator(9, i) for i in range(250)] + [None] * 250)
+    ids = inverse_transform(p, uniforms([make_generator(9, i) for i in range(250)] + [None] * 250, p.device))
     assert all(probs[t] > 0 for t in ids.tolist())
 
 

@@ -296,24 +296,14 @@ def apply_truncation(logits: torch.Tensor, params: list[SamplingParams], candida
     return out
 
 
-SAMPLE_CHUNK = 1024  # sample_from finds the chunk of tokens first, then the token in it
+SAMPLE_CHUNK = 1024  # inverse_transform finds the chunk of tokens first, then the token in it
 
 
-def sample_from(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """[B] token ids, row b drawn from probs[b] ([B, V], rows summing to 1).
-
-    Inverse transform: one uniform u per row, and the first token whose cumulative probability
-    reaches t = (1 - u) x the row's total. t lies in (0, total], so a token of probability 0 is
-    never chosen. A seeded row's draw comes from its own generator, one number per step, so its
-    samples do not depend on which other rows share the batch; unseeded rows share one draw from
-    the global RNG. The search runs in two levels: the chunk of SAMPLE_CHUNK tokens that holds t,
-    then the token within it (a cumulative sum over all V costs ~2 ms a row on a CPU core, the
-    chunks' sums ~0.1); sums of more than a chunk are float64, as float32 over 151,552 terms
-    would shift the edges.
-    """
-    b, vocab_size = probs.shape
-    device = probs.device
-    u = torch.empty(b, dtype=torch.float64, device=device)
+def uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row, [B] float64: a seeded row's from its own generator, one number
+    per step, so its samples do not depend on which other rows share the batch; unseeded rows share
+    one draw from the global RNG."""
+    u = torch.empty(len(generators), dtype=torch.float64, device=device)
     unseeded = [j for j, g in enumerate(generators) if g is None]
     if unseeded:
         u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=device)
@@ -321,6 +311,19 @@ def sample_from(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     if seeded:  # each drawn where its generator lives (make_generator's: the CPU), all moved in one copy
         u[seeded] = torch.cat([torch.rand(1, dtype=torch.float64, device=generators[j].device,
                                           generator=generators[j]).cpu() for j in seeded]).to(device)
+    return u
+
+
+def inverse_transform(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B] token ids: in row b of probs [B, V] (rows summing to 1), the first token whose cumulative
+    probability reaches t = (1 - u[b]) x the row's total, u [B] uniform in [0, 1). t lies in (0, total],
+    so a token of probability 0 is never chosen. The search runs in two levels: the chunk of
+    SAMPLE_CHUNK tokens that holds t, then the token within it (a cumulative sum over all V costs ~2 ms
+    a row on a CPU core, the chunks' sums ~0.1); sums of more than a chunk are float64, as float32
+    over 151,552 terms would shift the edges.
+    """
+    b, vocab_size = probs.shape
+    device = probs.device
     chunks = -(-vocab_size // SAMPLE_CHUNK)
     padded = probs.contiguous() if vocab_size % SAMPLE_CHUNK == 0 else torch.nn.functional.pad(
         probs, (0, chunks * SAMPLE_CHUNK - vocab_size))  # [B, n * C], zeros past V
@@ -337,12 +340,11 @@ def sample_from(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     return (start + torch.searchsorted(inner_cdf, rest)).squeeze(1).clamp_max_(vocab_size - 1)
 
 
-def _draw(groups: list[Candidates], generators: list[torch.Generator | None], targets: list[int],
-          token_ids: torch.Tensor) -> None:
+def _draw(groups: list[Candidates], u: torch.Tensor, targets: list[int], token_ids: torch.Tensor) -> None:
     """Each group's rows draw among their own candidates (after top-k/top-p, a few of all V); group
-    row r is token_ids[targets[r]], drawn with generators[r]."""
+    row r is token_ids[targets[r]], drawn with the uniform u[r]."""
     for g in groups:
-        picked = sample_from(g.logits.softmax(dim=-1), [generators[r] for r in g.rows])  # [G]
+        picked = inverse_transform(g.logits.softmax(dim=-1), u[g.rows])  # [G]
         if g.ids is not None:
             picked = g.ids.gather(1, picked[:, None]).squeeze(1)  # candidate index -> token id
         token_ids[[targets[r] for r in g.rows]] = picked
@@ -392,12 +394,11 @@ class Sampler:
                     choose_from = processed.clone()
                 choose_from[held] = _select(masked, [position[sampled[k]] for k in held])
             params = [rows[i].params for i in sampled]
-            generators = [rows[i].generator for i in sampled]
-            states = [None if g is None else g.get_state() for g in generators]
+            u = uniforms([rows[i].generator for i in sampled], logits.device)
             # whether a row's top-p set reaches past its candidates is read with the token ids below, not
             # before the draw: the device runs the whole step without waiting on the host in between
             groups = truncate(choose_from, params, self.candidates, check=False)
-            _draw(groups, generators, sampled, token_ids)
+            _draw(groups, u, sampled, token_ids)
             unsure = next((g for g in groups if g.unsure is not None), None)
 
         if unsure is None:
@@ -406,12 +407,9 @@ class Sampler:
             ids = torch.cat((token_ids, unsure.unsure.long())).tolist()
             ids, flags = ids[: len(rows)], ids[len(rows) :]
             flat = [r for r, f in zip(unsure.rows, flags) if f]  # indices into `sampled`
-            if flat:  # drawn again, sorted whole, with the same draw of their own generators as the first
-                for r in flat:
-                    if states[r] is not None:
-                        generators[r].set_state(states[r])
+            if flat:  # drawn again, sorted whole, with the same uniforms
                 redo = truncate(_select(choose_from, flat), [params[r] for r in flat], choose_from.shape[1])
-                _draw(redo, [generators[r] for r in flat], [sampled[r] for r in flat], token_ids)
+                _draw(redo, u[flat], [sampled[r] for r in flat], token_ids)
                 ids = token_ids.tolist()
         logprobs = self._logprobs(processed, token_ids, ids, rows)
         return [Sampled(t, logprobs.get(i)) for i, t in enumerate(ids)]
