@@ -425,15 +425,20 @@ def decode_tiers(b: Bench, engine: LLMEngine, batches=(1, 64), context: int = 12
 
 def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 40) -> dict:
     """A batch-1 decode's matrix products (one row times each weight), by cuBLAS (F.linear, what the
-    runner calls) against inductor's reduction over the weight (segments.one_row_product compiled:
-    what a GEMV written in PyTorch becomes), each weight of the model's 40 layers in turn (no weight
-    twice in a row from L2), the calls replayed from a CUDA graph: the GPU's time per product, and the
-    bytes of weight it reads a second as a share of the card's copy bandwidth (the roofline's)."""
+    runner calls), by inductor's reduction over the weight (segments.one_row_product compiled: what a
+    GEMV written in PyTorch becomes) and by gemv.py's Triton kernel in each of its SWEEP's blocks,
+    each weight of the model's 40 layers in turn (no weight twice in a row from L2), the calls
+    replayed from a CUDA graph: the GPU's time per product, and the bytes of weight it reads a second
+    as a share of the card's copy bandwidth (the roofline's); the Triton kernel's best blocks, and its
+    largest error against cuBLAS's product relative to that product's largest value."""
     if b.device != "cuda":
         return {"skipped": "a GPU's kernels"}
+    from glm4serve.model import gemv
     from glm4serve.model.segments import one_row_product
 
     reduction = torch.compile(one_row_product, fullgraph=True, dynamic=False)
+    kernels = {"cublas": lambda w, x: torch.nn.functional.linear(x, w), "reduction": reduction}
+    kernels.update({blocks: lambda w, x, blocks=blocks: gemv.linear(x, w, None, blocks) for blocks in gemv.SWEEP})
     layers = model.layers
     weights = {"qkv": [layer.attn.qkv.weight for layer in layers], "o": [layer.attn.o.weight for layer in layers],
                "gate_up": [layer.mlp.gate_up.weight for layer in layers],
@@ -442,22 +447,33 @@ def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 
     for name, ws in weights.items():
         x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype, device=b.device)
         n = max(calls, len(ws))
-        for how, fn in (("cublas", torch.nn.functional.linear), ("reduction", reduction)):
+        read = ws[0].numel() * ws[0].element_size()
+        with torch.inference_mode():
+            exact = kernels["cublas"](ws[0], x).float()
+        timed = {}
+        for how, fn in kernels.items():
             with torch.inference_mode():
                 for w in ws[:2]:  # compiles, picks its kernels
-                    fn(w, x)
+                    y = fn(w, x)
+                if how in gemv.SWEEP:
+                    error = ((fn(ws[0], x).float() - exact).abs().max() / exact.abs().max()).item()
+                    figures[f"{name}_triton_max_rel_err"] = max(error, figures.get(f"{name}_triton_max_rel_err", 0))
                 b.sync()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     for i in range(n):
-                        fn(ws[i % len(ws)], x)
+                        y = fn(ws[i % len(ws)], x)
                 graph.replay()
                 b.sync()
                 t0 = time.perf_counter()
                 graph.replay()
                 b.sync()
-            us = 1e6 * (time.perf_counter() - t0) / n
-            read = ws[0].numel() * ws[0].element_size()
+            del y, graph
+            timed[how] = 1e6 * (time.perf_counter() - t0) / n
+        best = min(gemv.SWEEP, key=timed.get)
+        figures[f"{name}_triton_blocks"] = asdict(best)
+        figures[f"{name}_triton_sweep_us"] = {str(blocks): timed[blocks] for blocks in gemv.SWEEP}
+        for how, us in (("cublas", timed["cublas"]), ("reduction", timed["reduction"]), ("triton", timed[best])):
             figures[f"{name}_{how}_us"] = us
             figures[f"{name}_{how}_of_copy_bandwidth"] = read / (us / 1e6) / bandwidth if bandwidth else None
     return figures
@@ -505,20 +521,25 @@ def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
 
 
 def single_stream_one_row(b: Bench, model: GLM4Model, products: dict) -> dict:
-    """The single stream again with the batch-1 graph's products as inductor's reductions
-    (CudaGraphRunner(one_row=...)) for the linears where one_row_products found them faster than
-    cuBLAS's, and its decode step's kernels."""
+    """The single stream again with the batch-1 graph's products (CudaGraphRunner(one_row=...)) each by
+    the kernel one_row_products found fastest for it, inductor's reduction or gemv.py's Triton kernel
+    in its best blocks, where that beat cuBLAS's; and its decode step's kernels."""
     from glm4serve.model.cuda_runner import ONE_ROW_PRODUCTS
+    from glm4serve.model.gemv import Blocks
 
     if b.device != "cuda":
         return {"skipped": "CUDA graphs need a GPU"}
-    faster = [n for n in ONE_ROW_PRODUCTS  # a product not measured (nan) is not faster
-              if products.get(f"{n}_reduction_us", float("nan")) < products.get(f"{n}_cublas_us", float("nan"))]
-    if not faster:
+    chosen = {}
+    for n in ONE_ROW_PRODUCTS:  # a product not measured (nan) is not faster
+        us = {how: products.get(f"{n}_{how}_us", float("nan")) for how in ("cublas", "reduction", "triton")}
+        fastest = min(("reduction", "triton"), key=lambda how: us[how] if us[how] == us[how] else float("inf"))
+        if us[fastest] < us["cublas"]:
+            chosen[n] = Blocks(**products[f"{n}_triton_blocks"]) if fastest == "triton" else None
+    if not chosen:
         return {"skipped": "cuBLAS was as fast for every product"}
-    runner, mine, profile = single_stream_on(b, model, profile=True, one_row=faster)
-    return {"runner": runner, "products": faster, "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine,
-            "decode_profile_1": profile}
+    runner, mine, profile = single_stream_on(b, model, profile=True, one_row=chosen)
+    return {"runner": runner, "products": {n: f"Triton {k}" if k else "reduction" for n, k in chosen.items()},
+            "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine, "decode_profile_1": profile}
 
 
 def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10,

@@ -4,12 +4,14 @@ runner's compiled pieces (cuda_runner.CompiledLayers) as it would for a GPU, wit
 code it wrote. In a replayed CUDA graph each launch costs a gap of its own on top of its work, so on
 an H200 a 40-layer step of ~730 kernels spent ~0.6 ms of 6.6 between them (BENCHMARKS.md).
 
-    .venv/bin/python benchmarks/bench_piece_kernels.py [--one-row qkv,o,gate_up,down,lm_head] [--out F]
+    .venv/bin/python benchmarks/bench_piece_kernels.py [--one-row qkv,o,gate_up,down,lm_head] [--triton]
+        [--out F]
 
 The model is glm-4-9b-chat's attention (32 heads, 2 KV heads of 128, half of each rotated) on a small
 trunk; the attention kernel's splits are an H200's at batch 1 (--programs 264: two per SM). Launches
 named `extern_kernels.*` are cuBLAS's (a split-K product adds a reduction kernel of cuBLAS's own, not
-counted here); the rest are inductor's Triton kernels.
+counted here), those named `torch.ops.glm4serve.*` gemv.py's (--triton: the one-row products by that
+kernel, not inductor's reductions); the rest are inductor's Triton kernels.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from pathlib import Path
 def launches(source: str) -> list[str]:
     """The kernels a generated module's `call` launches, in order."""
     call = source[source.index("def call("):]
-    found = re.findall(r"(triton_\w+)\.run\(|(extern_kernels\.\w+)\(", call)
-    return [triton or extern for triton, extern in found]
+    found = re.findall(r"(triton_\w+)\.run\(|(extern_kernels\.\w+)\(|= (torch\.ops\.glm4serve\.\w+)\.default\(", call)
+    return [triton or extern or ours for triton, extern, ours in found]
 
 
 def inductor_writes_gpu_code_here() -> None:
@@ -48,13 +50,14 @@ def inductor_writes_gpu_code_here() -> None:
     async_compile.AsyncCompile.triton = lambda self, *args, **kwargs: NotRun()
 
 
-def count(one_row: list[str], programs: int) -> dict:
+def count(one_row: list[str], programs: int, triton: bool = False) -> dict:
     import torch
     from torch._inductor.codecache import PyCodeCache
 
     import glm4serve.model.paged_decode as paged_decode
     from glm4serve.model.batch import ScheduledBatch, SeqChunk
     from glm4serve.model.cuda_runner import CudaGraphRunner
+    from glm4serve.model.gemv import Blocks
     from glm4serve.model.glm4 import load_model
     from glm4serve.model.random_checkpoint import write_random_checkpoint
 
@@ -63,7 +66,8 @@ def count(one_row: list[str], programs: int) -> dict:
         write_random_checkpoint(d, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=32,
                                 num_kv_heads=2, head_dim=128, vocab_size=4096)
         model = load_model(d, dtype="bfloat16", device="cpu")
-    runner = CudaGraphRunner(model, 16, 16, None, max_num_seqs=1, max_model_len=256, capture=False, one_row=one_row)
+    kernels = dict.fromkeys(one_row, Blocks() if triton else None)
+    runner = CudaGraphRunner(model, 16, 16, None, max_num_seqs=1, max_model_len=256, capture=False, one_row=kernels)
     before = len(PyCodeCache.modules)
     with torch.inference_mode():
         runner.execute(ScheduledBatch([SeqChunk([5], 3, [0])]))  # one decode step: compiles every piece
@@ -73,25 +77,28 @@ def count(one_row: list[str], programs: int) -> dict:
         raise RuntimeError(f"expected the 3 pieces of a decode step (first, between, last), got {len(modules)}")
     pieces = {name: launches(Path(m.__file__).read_text()) for name, m in zip(("first", "between", "last"), modules)}
     per_layer = len(pieces["between"]) + 1  # and the attention kernel
-    return {"one_row": one_row, "splits": paged_decode.num_splits(1, 2, torch.device("cpu")),
+    return {"one_row": one_row, "triton": triton, "splits": paged_decode.num_splits(1, 2, torch.device("cpu")),
             "pieces": pieces, "launches_per_layer": per_layer,
             "launches_per_step_40_layers": len(pieces["first"]) + 39 * per_layer + 1 + len(pieces["last"]),
-            "extern_per_layer": sum(k.startswith("extern") for k in pieces["between"])}
+            "extern_per_layer": sum(k.startswith("extern") for k in pieces["between"]),
+            "gemv_per_layer": sum(k.startswith("torch.ops.glm4serve") for k in pieces["between"])}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--one-row", default="", help="linears whose one-row products are reductions, comma-separated")
+    ap.add_argument("--triton", action="store_true", help="the --one-row products by gemv.py's kernel")
     ap.add_argument("--programs", type=int, default=264, help="the attention kernel's programs a launch")
     ap.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the attention kernel runs in Triton's interpreter
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # this code never mixes with real kernels
     inductor_writes_gpu_code_here()
-    figures = count([n for n in args.one_row.split(",") if n], args.programs)
+    figures = count([n for n in args.one_row.split(",") if n], args.programs, args.triton)
     for name, kernels in figures["pieces"].items():
         print(f"{name}: {len(kernels)} launches: {' '.join(kernels)}")
-    print(f"a layer: {figures['launches_per_layer']} launches ({figures['extern_per_layer']} cuBLAS); "
+    print(f"a layer: {figures['launches_per_layer']} launches ({figures['extern_per_layer']} cuBLAS, "
+          f"{figures['gemv_per_layer']} gemv.py); "
           f"a 40-layer step: {figures['launches_per_step_40_layers']} (splits {figures['splits']})")
     if args.out:
         args.out.write_text(json.dumps(figures, indent=1))

@@ -21,6 +21,7 @@ import torch
 from glm4serve.model.attention import AttentionBatch, decode_attention, decode_attention_one, write_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.cuda_runner import CudaGraphRunner, RowProductLinear, graph_batch_sizes, swap_row_product_linears
+from glm4serve.model.gemv import Blocks
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
 from glm4serve.model.runner import EagerRunner
@@ -36,21 +37,6 @@ CASES = [
     (6, 3, 32, 8, [9, 128, 129]),
     (4, 2, 16, 4, [3, 200]),
 ]
-
-
-@pytest.fixture
-def kernel_runs(device):
-    """Skips where the kernel cannot run: on CPU, Triton's interpreter before 3.7 takes a loop bound
-    with int() of a one-element array, which NumPy 2.4 refuses (the GPU image's Triton 3.6 does)."""
-    if device == "cpu":
-        import numpy
-        import triton
-
-        def version(module):
-            return tuple(int(x) for x in re.findall(r"\d+", module.__version__)[:2])
-
-        if version(triton) < (3, 7) and version(numpy) >= (2, 4):
-            pytest.skip(f"Triton {triton.__version__}'s interpreter fails on NumPy {numpy.__version__}")
 
 
 def scattered_cache(hq, hkv, d, block_size, lens, dtype, device, seed=0):
@@ -213,21 +199,23 @@ def test_graph_batch_sizes_end_at_max_num_seqs():
 def test_one_row_products_name_the_linears_they_swap(make_checkpoint):
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="gate"):
-        swap_row_product_linears(model, ("qkv", "gate"))
+        swap_row_product_linears(model, {"qkv": None, "gate": None})
     assert not any(isinstance(m, RowProductLinear) for m in model.modules())  # nothing swapped on the way
-    swapped = swap_row_product_linears(model, ("o",))
-    assert [name for _, name, _ in swapped] == ["o"] * model.cfg.num_layers
-    assert all(isinstance(layer.attn.o, RowProductLinear) and type(layer.mlp.down) is torch.nn.Linear
-               for layer in model.layers)
+    swapped = swap_row_product_linears(model, {"o": None, "down": Blocks(16, 256, 4)})
+    assert [name for _, name, _ in swapped] == ["o", "down"] * model.cfg.num_layers
+    assert all(layer.attn.o.kernel() == "reduction" and layer.mlp.down.kernel() == "Triton 16x256/4w"
+               and type(layer.mlp.gate_up) is torch.nn.Linear for layer in model.layers)
 
 
 def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 
 
-@pytest.mark.parametrize("fuse,variant,one_row", [(False, "glm", ()), (True, "glm", ()), (True, "glm4", ()),
-                                                   (True, "glm", ("qkv", "down", "lm_head"))],
-                         ids=["as-written", "fused", "fused-glm4", "fused-one-row"])
+@pytest.mark.parametrize("fuse,variant,one_row", [
+    (False, "glm", None), (True, "glm", None), (True, "glm4", None),
+    (True, "glm", dict.fromkeys(("qkv", "down", "lm_head"))),
+    (True, "glm", {"qkv": Blocks(8, 32, 4), "down": Blocks(16, 64, 4), "lm_head": Blocks(32, 512, 8)}),
+], ids=["as-written", "fused", "fused-glm4", "fused-one-row", "fused-one-row-triton"])
 def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse, variant,
                                               one_row):
     """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with

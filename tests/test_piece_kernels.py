@@ -22,14 +22,17 @@ def counts(tmp_path, *args) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("one_row", ["", "qkv,o,gate_up,down,lm_head"], ids=["cublas", "one-row"])
-def test_a_decode_layer_is_eleven_launches(tmp_path, one_row):
+@pytest.mark.parametrize("products", ["cublas", "reduction", "triton"])
+def test_a_decode_layer_is_eleven_launches(tmp_path, products):
     """A layer: the attention kernel, one kernel merging its splits, o, residual + norm, gate_up, SwiGLU,
-    down, residual + norm, qkv, the rotary, and one store of both K and V."""
-    figures = counts(tmp_path, "--one-row", one_row)
+    down, residual + norm, qkv, the rotary, and one store of both K and V. The products are cuBLAS's,
+    inductor's reductions or gemv.py's kernel."""
+    one_row = [] if products == "cublas" else ["--one-row", "qkv,o,gate_up,down,lm_head"]
+    figures = counts(tmp_path, *one_row, *(["--triton"] if products == "triton" else []))
     between = figures["pieces"]["between"]
     assert figures["splits"] == 64  # an H200's at batch 1: the merge reduces over 64 splits
     assert figures["launches_per_layer"] <= 11, between
-    assert figures["extern_per_layer"] == (0 if one_row else 4), between
+    assert figures["extern_per_layer"] == (4 if products == "cublas" else 0), between
+    assert figures["gemv_per_layer"] == (4 if products == "triton" else 0), between
     assert sum("index_copy" in k for k in between) == 1, between  # K and V stored by one kernel
     assert len(figures["pieces"]["first"]) <= 4, figures["pieces"]["first"]

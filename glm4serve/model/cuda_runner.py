@@ -22,22 +22,23 @@ through the same static buffers (how the CPU tests check the padding, the buffer
 pieces: the kernel in Triton's interpreter, the pieces compiled by inductor for the CPU).
 
 With `one_row` (none by default: not yet measured end to end), the batch-1 decode graph's products
-with the linears it names (ONE_ROW_PRODUCTS) are inductor's reductions over the weights
-(RowProductLinear) instead of cuBLAS's kernels, which at batch 1 took 5.07 of a 6.58 ms step on an
-H200; `bench_gpu.py` measures the two for each product.
+with the linears it names (ONE_ROW_PRODUCTS) are not cuBLAS's kernels, which at batch 1 took 5.07 of
+a 6.58 ms step on an H200, but each the kernel it names (RowProductLinear): inductor's reduction over
+the weight (None) or gemv.py's Triton kernel in the given blocks; `bench_gpu.py` times the three for
+each product.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import segments
+from . import gemv, segments
 from .attention import AttentionBatch, cached_attention, store_kv
 from .batch import ForwardBatch, ScheduledBatch, SeqChunk
 from .glm4 import GLM4Model, Layer
@@ -94,7 +95,7 @@ class DecodeBuffers:
 class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
                  max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True,
-                 one_row: Collection[str] = ()):
+                 one_row: Mapping[str, gemv.Blocks | None] | None = None):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
@@ -103,15 +104,16 @@ class CudaGraphRunner(EagerRunner):
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, num_blocks, self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
-        self.swapped = swap_row_product_linears(model, one_row) if fuse else []
+        self.swapped = swap_row_product_linears(model, one_row or {}) if fuse else []
         if capture:
             self._capture()
 
     def __repr__(self) -> str:
         how = f"CUDA graphs for {len(self.graphs)} batch sizes up to {self.sizes[-1]}" if self.graphs else "no graphs"
         layers = ", layers compiled by inductor" if self.fused else ""
-        names = sorted({name for _, name, _ in self.swapped}, key=ONE_ROW_PRODUCTS.index)
-        rows = f", one-row products as reductions: {' '.join(names)}" if self.fused and names else ""
+        kernels = {name: getattr(parent, name).kernel() for parent, name, _ in self.swapped}
+        named = " ".join(f"{n} ({kernels[n]})" for n in sorted(kernels, key=ONE_ROW_PRODUCTS.index))
+        rows = f", one-row products: {named}" if self.fused and kernels else ""
         return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}, paged decode attention in Triton)"
 
     def close(self) -> None:
@@ -239,29 +241,35 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
 
 class RowProductLinear(nn.Module):
     """An nn.Linear (its own weight and bias, not copied) whose product with one row, traced by dynamo,
-    is inductor's reduction over the weight (a GEMV kernel of its making, the output fused into what
-    follows); every other product is F.linear's (cuBLAS)."""
+    is gemv.py's Triton kernel in `blocks`, or else inductor's reduction over the weight (a GEMV kernel
+    of its making, the output fused into what follows); every other product is F.linear's (cuBLAS)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, blocks: gemv.Blocks | None = None):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
+        self.weight, self.bias, self.blocks = linear.weight, linear.bias, blocks
+
+    def kernel(self) -> str:
+        return f"Triton {self.blocks}" if self.blocks else "reduction"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and torch.compiler.is_compiling():
+            if self.blocks is not None:
+                return gemv.linear(x, self.weight, self.bias, self.blocks)
             y = segments.one_row_product(self.weight, x)  # [1, out]
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
-def swap_row_product_linears(model: GLM4Model, names: Collection[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """The model's nn.Linear layers of those names (ONE_ROW_PRODUCTS) wrapped in RowProductLinear, in
-    place -> (parent, name, linear) of each, to put them back."""
-    if unknown := set(names) - set(ONE_ROW_PRODUCTS):
+def swap_row_product_linears(model: GLM4Model, kernels: Mapping[str, gemv.Blocks | None]
+                             ) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """The model's nn.Linear layers named in `kernels` (ONE_ROW_PRODUCTS) wrapped in RowProductLinear
+    with the blocks given for their name, in place -> (parent, name, linear) of each, to put them back."""
+    if unknown := set(kernels) - set(ONE_ROW_PRODUCTS):
         raise ValueError(f"no such linears: {sorted(unknown)}; the model's are {ONE_ROW_PRODUCTS}")
     places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if type(child) is nn.Linear and name in names]
+              if type(child) is nn.Linear and name in kernels]
     for parent, name, linear in places:
-        setattr(parent, name, RowProductLinear(linear))
+        setattr(parent, name, RowProductLinear(linear, kernels[name]))
     return places
 
 

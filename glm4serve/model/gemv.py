@@ -1,0 +1,100 @@
+"""One row times a weight on a GPU, in Triton: the matrix products of a batch-1 decode step.
+
+With one row a linear is a matrix-vector product: it reads each weight once for two flops, so its
+time is the weight's bytes over the card's bandwidth. On an H200, cuBLAS's kernels for glm-4-9b's
+products read at 3.1-3.8 TB/s of the 4.2 a copy gets (gate_up, the largest, at 3.6), and o and down
+add a split-K reduction kernel each (BENCHMARKS.md). Here each program takes `rows` rows of the
+weight whole and walks the input dim `cols` at a time, summing the products in fp32 registers: one
+kernel a product (no split of the input dim to add up after), its bytes in flight set by rows x cols
+and by how many programs an SM holds.
+Which blocks read fastest is the GPU's to say: benchmarks/bench_gpu.py times a few for each product.
+
+The launch is a custom op (glm4serve::row_product), so that a piece compiled by inductor calls it as
+it calls cuBLAS, and a CUDA graph captures it. On CPU, Triton's interpreter (TRITON_INTERPRET=1) runs
+the kernel: that is how the tests check it.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A launch's shape: weight rows per program, input dims per loop step, warps per program."""
+    rows: int = 8
+    cols: int = 512
+    warps: int = 4
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}/{self.warps}w"
+
+
+# the candidates bench_gpu.py times for each product. Compiled for an H100/H200 (sm_90) in bf16, each
+# fits 4 to 25 programs on an SM, 48-100 KiB of weight loads a step in flight per SM between them
+# (benchmarks/gemv_compiled.py): small programs, many to an SM, to larger ones
+SWEEP = (Blocks(4, 512, 2), Blocks(8, 256, 2), Blocks(4, 512, 4), Blocks(8, 512, 4), Blocks(2, 1024, 4),
+         Blocks(4, 1024, 4), Blocks(16, 512, 8), Blocks(4, 2048, 8))
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def row_product_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                           COLS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+        # the last program's rows past N read row N - 1 again (no mask on the loads) and store nothing
+        starts = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K  # [ROWS, 1]
+        cols = tl.arange(0, COLS)[None, :]  # [1, COLS]
+        # the input read as a [ROWS, COLS] tile, each thread the inputs its weights meet (from L1): in the
+        # weights' layout, with no exchange between warps in the loop (a [COLS] load would be rearranged
+        # through shared memory, behind two barriers a step)
+        inputs = x_ptr + cols + 0 * rows[:, None]  # [ROWS, COLS]
+        # each thread's 8 neighbouring products (one 16-byte load of bf16) summed as they come: a few
+        # registers a thread, not ROWS x COLS / threads, so more programs fit an SM, more bytes in flight
+        acc = tl.zeros([ROWS, COLS // 8], tl.float32)
+        whole = K - K % COLS
+        for k in range(0, whole, COLS):
+            p = tl.load(starts + k + cols).to(tl.float32) * tl.load(inputs + k).to(tl.float32)  # [ROWS, COLS]
+            acc += tl.sum(tl.reshape(p, [ROWS, COLS // 8, 8]), 2)
+        if whole < K:  # the input dims past the last whole step (13,696 = 26.75 x 512 for down)
+            inside = whole + cols < K  # [1, COLS]
+            p = (tl.load(starts + whole + cols, mask=inside, other=0.0).to(tl.float32)
+                 * tl.load(inputs + whole, mask=inside, other=0.0).to(tl.float32))
+            acc += tl.sum(tl.reshape(p, [ROWS, COLS // 8, 8]), 2)
+        y = tl.sum(acc, 1)  # [ROWS]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    return row_product_kernel
+
+
+@torch.library.custom_op("glm4serve::row_product", mutates_args=())
+def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, cols: int,
+                warps: int) -> torch.Tensor:
+    """x [1, in] times weight [out, in] (+ bias [out]) -> [1, out] in x's dtype: F.linear of one row,
+    launched with Blocks(rows, cols, warps)."""
+    n, k = weight.shape
+    x = x.contiguous()
+    weight = weight.contiguous()
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    grid = (-(-n // rows),)
+    _kernel()[grid](x, weight, bias if bias is not None else weight, y, n, k, HAS_BIAS=bias is not None,
+                    ROWS=rows, COLS=cols, num_warps=warps)
+    return y
+
+
+@row_product.register_fake
+def _(x, weight, bias, rows, cols, warps):
+    return x.new_empty(1, weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: Blocks) -> torch.Tensor:
+    """F.linear of one row x [1, in] by the kernel."""
+    return row_product(x, weight, bias, blocks.rows, blocks.cols, blocks.warps)

@@ -1,0 +1,126 @@
+"""gemv.py's Triton kernel for one row times a weight, on the test device (on CPU in Triton's
+interpreter): F.linear's product for weights whose rows and input dims are not whole blocks, with
+and without a bias; a well-formed custom op (its fake, its schema); and called from a piece compiled
+by inductor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm4serve.model.gemv import SWEEP, Blocks, linear, row_product
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (weight rows, input dims, blocks): rows past the last whole block, input dims past the last whole
+# step (4 of 100), both, whole blocks, and fewer rows than one block
+CASES = [(37, 128, Blocks(8, 32, 4)), (64, 100, Blocks(16, 32, 4)), (40, 1000, Blocks(16, 512, 8)),
+         (64, 256, Blocks(8, 64, 4)), (3, 64, Blocks(32, 512, 8))]
+
+
+def operands(n, k, bias, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype).to(device) for shape in ((1, k), (n, k), (n,)))
+    return x, w, b if bias else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("n,k,blocks", CASES, ids=lambda c: str(c))
+def test_the_kernel_is_f_linear_of_one_row(device, kernel_runs, n, k, blocks, bias, dtype):
+    x, w, b = operands(n, k, bias, dtype, device)
+    y = linear(x, w, b, blocks)
+    assert y.shape == (1, n) and y.dtype == dtype
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())  # [1, n]
+    # fp32: summation order; bf16: the output's rounding (2^-8 of it) and fp32 sums, as cuBLAS's
+    tol = {torch.float32: 1e-4, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(y.double(), exact, rtol=tol, atol=tol)
+
+
+def test_the_sweep_and_the_default_blocks_are_launchable():
+    """Triton wants power-of-two block sides; the kernel sums each thread's 8 neighbouring columns."""
+    for blocks in (Blocks(), *SWEEP):
+        assert all(v & (v - 1) == 0 for v in (blocks.rows, blocks.cols, blocks.warps)), blocks
+        assert blocks.cols >= 8, blocks
+    assert len(set(SWEEP)) == len(SWEEP)
+
+
+def test_the_op_is_well_formed(device, kernel_runs):
+    """Its fake gives the real output's shape, dtype and device (what inductor plans buffers by)."""
+    x, w, b = operands(37, 100, True, torch.float32, device)
+    torch.library.opcheck(row_product, (x, w, b, 8, 32, 4), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(row_product, (x, w, None, 8, 32, 4), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_compiled_piece_calls_the_kernel(device, kernel_runs):
+    """Inductor keeps the op as a call of its own and fuses what follows around it."""
+    x, w, b = operands(37, 100, True, torch.float32, device)
+
+    def piece(x, w, b):
+        return torch.nn.functional.silu(linear(x, w, b, Blocks(8, 32, 4))) * 2
+
+    compiled = torch.compile(piece, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x, w, b), F.silu(F.linear(x, w, b)) * 2, rtol=1e-4, atol=1e-4)
+
+
+# (compute capability, dtype, blocks): every blocks of the sweep on an H100/H200 in bf16; fp16 there,
+# and an A100, in the default blocks
+TARGETS = [(90, "bf16", b) for b in SWEEP] + [(90, "fp16", Blocks()), (80, "bf16", Blocks())]
+
+
+def compile_for_gpus(targets) -> dict:
+    """Compile the kernel for each (capability, dtype, blocks) with Triton's own compiler (ptxas
+    included; no GPU needed) -> {str(target): (barriers inside the input loop, shared memory bytes)},
+    or the error. Run in a process without TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from glm4serve.model import gemv
+
+    kernel = gemv._kernel()
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5)}  # as Triton marks glm-4-9b's shapes
+    results = {}
+    for capability, dtype, blocks in targets:
+        constants = dict(HAS_BIAS=True, ROWS=blocks.rows, COLS=blocks.cols)
+        signature = {name: "constexpr" if name in constants else "i32" if name in ("N", "K") else "*" + dtype
+                     for name in kernel.arg_names}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=aligned),
+                                      target=GPUTarget("cuda", capability, 32), options={"num_warps": blocks.warps})
+            ptx = compiled.asm["ptx"]
+            loop = ptx[ptx.index("Inner Loop Header"):]
+            loop = loop[: loop.index("$L__BB", 1)]
+            results[str((capability, dtype, blocks))] = (loop.count("bar.sync"), compiled.metadata.shared)
+        except Exception as e:  # noqa: BLE001
+            results[str((capability, dtype, blocks))] = repr(e)[-600:]
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled_for_gpus(device):
+    if device == "cuda":
+        pytest.skip("with --device cuda the tests here run the kernel compiled for this GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json; from tests.test_gemv import *; print(json.dumps(compile_for_gpus({TARGETS!r})))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t[0]}-{t[1]}-{t[2]}")
+def test_the_kernel_compiles_for_the_gpus_it_runs_on_with_no_barrier_in_its_loop(target, compiled_for_gpus):
+    """The interpreter runs the kernel's Python; compiling it catches what only a GPU would show. And
+    the loop over the input dim keeps every warp on its own: a barrier there (the input loaded in a
+    layout of its own and passed between warps through shared memory) stalls each step's loads."""
+    result = compiled_for_gpus[str(target)]
+    assert isinstance(result, list), result
+    barriers, shared = result
+    assert barriers == 0 and shared <= 64 * 1024, result
