@@ -423,13 +423,13 @@ def decode_tiers(b: Bench, engine: LLMEngine, batches=(1, 64), context: int = 12
     return figures
 
 
-def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 40) -> dict:
+def one_row_products(b: Bench, model: GLM4Model, bandwidth: float) -> dict:
     """A batch-1 decode's matrix products (one row times each weight), by cuBLAS (F.linear, what the
     runner calls), by inductor's reduction over the weight (segments.one_row_product compiled: what a
     GEMV written in PyTorch becomes) and by gemv.py's Triton kernel in each of its SWEEP's blocks,
-    each weight of the model's 40 layers in turn (no weight twice in a row from L2), the calls
-    replayed from a CUDA graph: the GPU's time per product, and the bytes of weight it reads a second
-    as a share of the card's copy bandwidth (the roofline's); the Triton kernel's best blocks, and its
+    each timed as the runner's load-time choice times them (gemv.replay_us: the 40 layers' weights in
+    turn, from a CUDA graph): the GPU's time per product, and the bytes of weight it reads a second as
+    a share of the card's copy bandwidth (the roofline's); the Triton kernel's best blocks, and its
     largest error against cuBLAS's product relative to that product's largest value."""
     if b.device != "cuda":
         return {"skipped": "a GPU's kernels"}
@@ -437,7 +437,7 @@ def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 
     from glm4serve.model.segments import one_row_product
 
     reduction = torch.compile(one_row_product, fullgraph=True, dynamic=False)
-    kernels = {"cublas": lambda w, x: torch.nn.functional.linear(x, w), "reduction": reduction}
+    kernels = {"cublas": gemv.cublas, "reduction": reduction}
     kernels.update({blocks: lambda w, x, blocks=blocks: gemv.linear(x, w, None, blocks) for blocks in gemv.SWEEP})
     layers = model.layers
     weights = {"qkv": [layer.attn.qkv.weight for layer in layers], "o": [layer.attn.o.weight for layer in layers],
@@ -446,31 +446,10 @@ def one_row_products(b: Bench, model: GLM4Model, bandwidth: float, calls: int = 
     figures = {}
     for name, ws in weights.items():
         x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype, device=b.device)
-        n = max(calls, len(ws))
         read = ws[0].numel() * ws[0].element_size()
-        with torch.inference_mode():
-            exact = kernels["cublas"](ws[0], x).float()
-        timed = {}
-        for how, fn in kernels.items():
-            with torch.inference_mode():
-                for w in ws[:2]:  # compiles, picks its kernels
-                    y = fn(w, x)
-                if how in gemv.SWEEP:
-                    error = ((fn(ws[0], x).float() - exact).abs().max() / exact.abs().max()).item()
-                    figures[f"{name}_triton_max_rel_err"] = max(error, figures.get(f"{name}_triton_max_rel_err", 0))
-                b.sync()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for i in range(n):
-                        y = fn(ws[i % len(ws)], x)
-                graph.replay()
-                b.sync()
-                t0 = time.perf_counter()
-                graph.replay()
-                b.sync()
-            del y, graph
-            timed[how] = 1e6 * (time.perf_counter() - t0) / n
+        timed = {how: gemv.replay_us(fn, ws, x) for how, fn in kernels.items()}
         best = min(gemv.SWEEP, key=timed.get)
+        figures[f"{name}_triton_max_rel_err"] = max(gemv.relative_error(blocks, ws[0], x) for blocks in gemv.SWEEP)
         figures[f"{name}_triton_blocks"] = asdict(best)
         figures[f"{name}_triton_sweep_us"] = {str(blocks): timed[blocks] for blocks in gemv.SWEEP}
         for how, us in (("cublas", timed["cublas"]), ("reduction", timed["reduction"]), ("triton", timed[best])):
@@ -520,10 +499,22 @@ def single_stream_unfused(b: Bench, model: GLM4Model) -> dict:
     return {"runner": runner, "ours_unfused_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
-def single_stream_one_row(b: Bench, model: GLM4Model, products: dict) -> dict:
+def single_stream_cublas(b: Bench, model: GLM4Model, default: dict[str, str]) -> dict:
+    """The single stream again on cuBLAS's products alone (CudaGraphRunner(one_row=None)) where the
+    engine's runner took gemv.py's kernel for some (`default`, its choice at load): what that brings."""
+    if b.device != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    if not default:
+        return {"skipped": "the runner took cuBLAS's products for every linear"}
+    runner, mine, _ = single_stream_on(b, model)
+    return {"runner": runner, "ours_cublas_tok_s": mine["decode_tok_s"], "ours": mine}
+
+
+def single_stream_one_row(b: Bench, model: GLM4Model, products: dict, default: dict[str, str]) -> dict:
     """The single stream again with the batch-1 graph's products (CudaGraphRunner(one_row=...)) each by
     the kernel one_row_products found fastest for it, inductor's reduction or gemv.py's Triton kernel
-    in its best blocks, where that beat cuBLAS's; and its decode step's kernels."""
+    in its best blocks, where that beat cuBLAS's, if that is not what the engine's runner took at load
+    (`default`, which weighs gemv.py's kernel alone); and its decode step's kernels."""
     from glm4serve.model.cuda_runner import ONE_ROW_PRODUCTS
     from glm4serve.model.gemv import Blocks
 
@@ -535,11 +526,14 @@ def single_stream_one_row(b: Bench, model: GLM4Model, products: dict) -> dict:
         fastest = min(("reduction", "triton"), key=lambda how: us[how] if us[how] == us[how] else float("inf"))
         if us[fastest] < us["cublas"]:
             chosen[n] = Blocks(**products[f"{n}_triton_blocks"]) if fastest == "triton" else None
+    named = {n: f"Triton {k}" if k else "reduction" for n, k in chosen.items()}
     if not chosen:
         return {"skipped": "cuBLAS was as fast for every product"}
+    if named == default:
+        return {"skipped": f"the engine's runner took these already: {named}"}
     runner, mine, profile = single_stream_on(b, model, profile=True, one_row=chosen)
-    return {"runner": runner, "products": {n: f"Triton {k}" if k else "reduction" for n, k in chosen.items()},
-            "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine, "decode_profile_1": profile}
+    return {"runner": runner, "products": named, "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine,
+            "decode_profile_1": profile}
 
 
 def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10,
@@ -787,12 +781,19 @@ def main(argv=None) -> int:
     b.run("decode_tiers", decode_tiers, engine, (1, plan.streams))
     products = b.run("one_row_products", one_row_products, ours, bandwidth)
     # the one lever left toward issue 15's single-stream target, so before the parts measured already:
-    # its compiles (a new runner) and its run, where that leaves the parts after it their time
+    # each a new runner's compiles and its run, where that leaves the parts after it their time
+    default = engine.runner.one_row_kernels() if hasattr(engine.runner, "one_row_kernels") else {}
     one_row_s, after_s = 90, 150
-    if b.left() - one_row_s > after_s:
-        b.run("single_stream_one_row", single_stream_one_row, ours, products)
-    else:
-        b.record("single_stream_one_row", {"skipped": f"{b.left():.0f}s left in the budget"})
+    runs = {}
+    for part, fn, fn_args in (("single_stream_cublas", single_stream_cublas, (ours, default)),
+                              ("single_stream_one_row", single_stream_one_row, (ours, products, default))):
+        if b.left() - one_row_s > after_s:
+            runs[part] = b.run(part, fn, *fn_args)
+        else:
+            b.record(part, {"skipped": f"{b.left():.0f}s left in the budget"})
+    cublas = runs.get("single_stream_cublas", {}).get("ours_cublas_tok_s")
+    b.record("gemv", {"runner_one_row_kernels": default,
+                      "over_cublas": ratio(single["ours_tok_s"], cublas) if single.get("ours_tok_s") else None})
     eager = b.run("single_stream_eager", single_stream_eager, ours)
     unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):

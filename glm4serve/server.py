@@ -111,7 +111,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
             loras = load_loras(args.lora_modules, model)
         runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
                              max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
-                             enforce_eager=args.enforce_eager, loras=loras)
+                             enforce_eager=args.enforce_eager, loras=loras, gemv_kernels=args.gemv_kernels)
     else:
         tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size)
         runner = tp

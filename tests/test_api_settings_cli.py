@@ -182,3 +182,11 @@ def test_a_setting_the_model_cannot_be_served_with_exits_with_one_line(monkeypat
         cli.main(["serve", "--num-kv-blocks", "4", "--block-size", "16", "--max-model-len", "256"])
     assert exc.value.code == ("glm4serve: cannot serve: max_model_len 256 needs more KV cache than the budget "
                               "holds (64 tokens): raise kv_cache_memory or lower max_model_len (--log-level debug shows where)")
+
+
+def test_the_gemv_kernels_are_on_by_default_and_a_flag_turns_them_off():
+    def of(*flags):
+        return cli.settings_from_args(cli.build_parser().parse_args(["serve", *flags])).gemv_kernels
+
+    assert ServerSettings().gemv_kernels is True and of() is True
+    assert of("--no-gemv-kernels") is False and of("--gemv-kernels") is True

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm4serve.model.gemv import SWEEP, Blocks, linear, row_product
+from glm4serve.model.gemv import SWEEP, Blocks, linear, pick, row_product
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,3 +124,27 @@ def test_the_kernel_compiles_for_the_gpus_it_runs_on_with_no_barrier_in_its_loop
     assert isinstance(result, list), result
     barriers, shared = result
     assert barriers == 0 and shared <= 64 * 1024, result
+
+
+def test_a_product_takes_the_fastest_blocks_that_agree_with_cublas_where_they_beat_it():
+    """The runner's load-time choice, from each candidate's time on the GPU and its error there."""
+    fast, faster, wrong = Blocks(4, 512, 2), Blocks(8, 512, 4), Blocks(2, 1024, 4)
+    timings = {"cublas": 60.0, fast: 55.0, faster: 52.0, wrong: 40.0}
+    errors = {fast: 0.004, faster: 0.004, wrong: 0.5}  # `wrong` gave another product: never taken
+    assert pick(timings, errors) == faster
+    assert pick({**timings, faster: 59.0, fast: 59.5}, errors) is None  # within the margin of cuBLAS's time
+    assert pick(timings, {fast: 0.004}) == fast  # one with no error on record did not run: not taken
+    assert pick({"cublas": 60.0}, {}) is None  # no candidate ran on this GPU
+
+
+@pytest.mark.cuda
+def test_the_load_time_choice_times_every_candidate_on_this_gpu(device):
+    """On the GPU: each candidate timed and checked against cuBLAS on weights of a decode's size."""
+    from glm4serve.model.gemv import fastest
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(4096, 4096, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    blocks, report = fastest(weights)
+    assert report["cublas"]["us"] > 0
+    assert all(report[str(b)]["us"] > 0 and report[str(b)]["error"] < 0.02 for b in SWEEP), report
+    assert blocks is None or report[str(blocks)]["us"] < report["cublas"]["us"]

@@ -207,6 +207,22 @@ def test_one_row_products_name_the_linears_they_swap(make_checkpoint):
                and type(layer.mlp.gate_up) is torch.nn.Linear for layer in model.layers)
 
 
+def test_a_failed_compile_or_capture_drops_the_one_row_kernels_first(make_checkpoint):
+    """A failure with the one-row kernels in the graph: cuBLAS's products back in place, the layers
+    still compiled; a second: the layers as written; a third is raised."""
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False,
+                             one_row={"down": Blocks()})
+    assert runner.one_row_kernels() == {"down": "Triton 8x512/4w"}
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.fused is not None and runner.one_row_kernels() == {}
+    assert all(type(layer.mlp.down) is torch.nn.Linear for layer in model.layers)
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.fused is None
+    with pytest.raises(RuntimeError, match="again"):
+        runner._fall_back("capturing", RuntimeError("again"))
+
+
 def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 

@@ -104,6 +104,8 @@ class EngineArgs(BaseModel):
                                 "(vLLM's server defaults)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before")
     enforce_eager: bool = Field(False, description="GPU: run every step eagerly, without CUDA graphs")
+    gemv_kernels: bool = Field(True, description="GPU: a one-sequence decode step's matrix products by "
+                               "glm4serve's Triton kernel where, timed on this GPU at load, it beats cuBLAS's")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="fcfs: requests in arrival order; priority: by each request's `priority` (lower "
                             "first, then arrival), and one that outranks running ones may preempt them")

@@ -111,10 +111,17 @@ class CudaGraphRunner(EagerRunner):
     def __repr__(self) -> str:
         how = f"CUDA graphs for {len(self.graphs)} batch sizes up to {self.sizes[-1]}" if self.graphs else "no graphs"
         layers = ", layers compiled by inductor" if self.fused else ""
-        kernels = {name: getattr(parent, name).kernel() for parent, name, _ in self.swapped}
-        named = " ".join(f"{n} ({kernels[n]})" for n in sorted(kernels, key=ONE_ROW_PRODUCTS.index))
-        rows = f", one-row products: {named}" if self.fused and kernels else ""
+        kernels = self.one_row_kernels()
+        named = " ".join(f"{n} ({k})" for n, k in kernels.items())
+        rows = f", one-row products: {named}" if kernels else ""
         return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}, paged decode attention in Triton)"
+
+    def one_row_kernels(self) -> dict[str, str]:
+        """The batch-1 graph's products not cuBLAS's: linear name -> its kernel ("Triton 8x512/4w", "reduction")."""
+        if not self.fused:
+            return {}
+        kernels = {name: getattr(parent, name).kernel() for parent, name, _ in self.swapped}
+        return {n: kernels[n] for n in sorted(kernels, key=ONE_ROW_PRODUCTS.index)}
 
     def close(self) -> None:
         """The model's own linears back in place (a later runner of the same model gets them)."""
@@ -157,11 +164,17 @@ class CudaGraphRunner(EagerRunner):
         try:
             self._step(size)
         except Exception as e:
-            self._unfuse("compiling the decode step", e)
-            self._step(size)
+            self._fall_back("compiling the decode step", e)
+            self._warm_up(size)
 
-    def _unfuse(self, what: str, error: Exception) -> None:
-        """Back to the layers as written after `what` failed with them compiled; raise if they were not."""
+    def _fall_back(self, what: str, error: Exception) -> None:
+        """After `what` failed: cuBLAS's products back in place of the one-row kernels if there were any,
+        else the layers as written in place of the compiled ones; raise if neither was in use."""
+        if self.swapped:
+            log.warning("%s failed with the one-row kernels, cuBLAS's products take their place: %s: %s", what,
+                        type(error).__name__, error)
+            self.close()
+            return
         if self.fused is None:
             raise error
         log.warning("%s failed, the graphs capture the layers as written: %s: %s", what, type(error).__name__, error)
@@ -182,15 +195,16 @@ class CudaGraphRunner(EagerRunner):
 
     def _capture(self) -> None:
         """A capture of the compiled layers that fails (a kernel the graph cannot hold) leaves the graphs
-        to the layers as written, loudly, rather than no server."""
+        to cuBLAS's products if one-row kernels were in them, else to the layers as written (_fall_back);
+        loudly, rather than no server."""
         log.info("%scapturing CUDA graphs for batch sizes %s", "compiling the layers, " if self.fused else "",
                  self.sizes)
         try:
             self._capture_ladder()
         except Exception as e:
-            self._unfuse("capturing the compiled layers", e)
+            self._fall_back("capturing the compiled layers", e)
             self.graphs.clear()
-            self._capture_ladder()
+            self._capture()
 
     def _capture_ladder(self) -> None:
         """Largest batch first, all graphs in one memory pool: the smaller ones fit in what it left."""
@@ -271,6 +285,27 @@ def swap_row_product_linears(model: GLM4Model, kernels: Mapping[str, gemv.Blocks
     for parent, name, linear in places:
         setattr(parent, name, RowProductLinear(linear, kernels[name]))
     return places
+
+
+def fastest_one_row_kernels(model: GLM4Model) -> dict[str, gemv.Blocks]:
+    """On a GPU, for each of ONE_ROW_PRODUCTS: gemv.py's kernel in the blocks that read the model's
+    weights of that linear fastest, where that beats cuBLAS on this card and agrees with it
+    (gemv.fastest); timed with every layer's weight in turn, a few seconds (and Triton's compiles the
+    first time) at load. The products left out stay cuBLAS's."""
+    chosen = {}
+    for name in ONE_ROW_PRODUCTS:
+        weights = [child.weight for parent in model.modules() for attr, child in parent.named_children()
+                   if attr == name and type(child) is nn.Linear]
+        if not weights:
+            continue
+        blocks, report = gemv.fastest(weights)
+        ran = {k: r["us"] for k, r in report.items() if k != "cublas" and "us" in r}
+        best = min(ran, key=ran.get) if ran else None
+        log.info("one-row %s: cuBLAS %.1f us, gemv.py's best %s -> %s", name, report["cublas"]["us"],
+                 f"{best} {ran[best]:.1f} us" if best else "none ran", f"Triton {blocks}" if blocks else "cuBLAS")
+        if blocks is not None:
+            chosen[name] = blocks
+    return chosen
 
 
 def compile_piece(fn):

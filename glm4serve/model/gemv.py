@@ -15,10 +15,16 @@ the kernel: that is how the tests check it.
 """
 
 import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+MARGIN = 0.97  # the kernel runs a product where it takes under this share of cuBLAS's time
+ERROR_LIMIT = 0.02  # its largest difference from cuBLAS's product, over that product's largest value
 
 
 @dataclass(frozen=True)
@@ -98,3 +104,60 @@ def _(x, weight, bias, rows, cols, warps):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: Blocks) -> torch.Tensor:
     """F.linear of one row x [1, in] by the kernel."""
     return row_product(x, weight, bias, blocks.rows, blocks.cols, blocks.warps)
+
+
+def replay_us(product, weights: Sequence[torch.Tensor], x: torch.Tensor, calls: int = 40) -> float:
+    """GPU time of product(weight, x), microseconds a call: `calls` calls over `weights` in turn (a
+    model's layers: no weight twice in a row from L2, as in a decode step), captured in a CUDA graph so
+    that no launch gap counts, replayed once to warm and once timed."""
+    with torch.inference_mode():
+        for w in weights[:2]:  # compiles, picks its kernels, off the capture
+            product(w, x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                product(weights[i % len(weights)], x)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+    return 1e3 * start.elapsed_time(end) / calls
+
+
+def cublas(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def relative_error(blocks: Blocks, w: torch.Tensor, x: torch.Tensor) -> float:
+    """The kernel's product against cuBLAS's: the largest difference over cuBLAS's largest value."""
+    with torch.inference_mode():
+        exact = cublas(w, x).float()
+        return ((linear(x, w, None, blocks).float() - exact).abs().max() / exact.abs().max()).item()
+
+
+def pick(timings: dict, errors: dict[Blocks, float], margin: float = MARGIN) -> Blocks | None:
+    """The blocks to run a product with, from each candidate's time (timings: "cublas" and Blocks ->
+    microseconds): the fastest whose result agreed with cuBLAS's (relative error within ERROR_LIMIT),
+    where it takes under `margin` of cuBLAS's time; else None, cuBLAS."""
+    agreed = [b for b in timings if isinstance(b, Blocks) and errors.get(b, math.inf) <= ERROR_LIMIT]
+    best = min(agreed, key=timings.get, default=None)
+    return best if best is not None and timings[best] < margin * timings["cublas"] else None
+
+
+def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEEP) -> tuple[Blocks | None, dict]:
+    """On a GPU: the blocks in which the kernel reads `weights` (a linear of each layer) fastest, where
+    that beats cuBLAS (pick) -> (blocks or None, each candidate's time and error by name)."""
+    x = torch.randn(1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
+    timings = {"cublas": replay_us(cublas, weights, x)}
+    errors, failed = {}, {}
+    for blocks in candidates:
+        try:  # a candidate this GPU or this Triton cannot build or run is left out, not the server
+            errors[blocks] = relative_error(blocks, weights[0], x)
+            timings[blocks] = replay_us(lambda w, x, blocks=blocks: linear(x, w, None, blocks), weights, x)
+        except Exception as e:  # noqa: BLE001
+            failed[str(blocks)] = f"{type(e).__name__}: {e}"[:300]
+    report = {str(k): {"us": us, **({"error": errors[k]} if k in errors else {})} for k, us in timings.items()}
+    return pick(timings, errors), {**report, **{k: {"failed": why} for k, why in failed.items()}}

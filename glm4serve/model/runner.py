@@ -79,14 +79,15 @@ class EagerRunner:
 
 def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None, *,
                 max_num_seqs: int | None = None, max_model_len: int | None = None,
-                enforce_eager: bool = False, loras: LoRASet | None = None) -> ModelRunner:
+                enforce_eager: bool = False, loras: LoRASet | None = None, gemv_kernels: bool = True) -> ModelRunner:
     """The fastest runner for this model where it runs:
     - CPU: fp32 and bf16 models (where this torch has oneDNN's linear packing) and quantized ones get
       the CPU runner;
     - GPU: the CUDA graph runner, for batches of up to max_num_seqs sequences of up to max_model_len
       tokens, its layers compiled by inductor for plain weights (unless those are not given, or
       `enforce_eager`, or under tensor parallelism: those steps run eagerly; all with Triton's decode
-      attention where Triton is installed);
+      attention where Triton is installed); with `gemv_kernels`, its batch-1 step's matrix products
+      by gemv.py's kernel where that beats cuBLAS's, timed on this GPU now;
     - everything else: the eager runner.
     With LoRA adapters, no step is compiled or captured (their rows change every step): the adapters
     wrap the linears of whichever runner it is."""
@@ -108,11 +109,13 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
         runner = CpuRunner(model, num_blocks, block_size, vocab_limit, compile_decode=loras is None)
     elif (paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1
           and loras is None):
-        from .cuda_runner import CudaGraphRunner
+        from .cuda_runner import CudaGraphRunner, fastest_one_row_kernels
 
-        # quantized linears (quant.py) stay out of inductor's graphs
+        fuse = not is_quantized(model)  # quantized linears (quant.py) stay out of inductor's graphs
+        # timed before the runner takes its KV cache: the timing's graphs need a little memory
+        one_row = fastest_one_row_kernels(model) if fuse and gemv_kernels else None
         runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len,
-                                 fuse=not is_quantized(model))
+                                 fuse=fuse, one_row=one_row)
     else:
         runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
     if loras is not None:
