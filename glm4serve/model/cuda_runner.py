@@ -21,11 +21,11 @@ the ladder, are not replayed; with `capture=False` no step is, and decode steps 
 through the same static buffers (how the CPU tests check the padding, the buffers and the compiled
 pieces: the kernel in Triton's interpreter, the pieces compiled by inductor for the CPU).
 
-With `one_row` (none by default: not yet measured end to end), the batch-1 decode graph's products
-with the linears it names (ONE_ROW_PRODUCTS) are not cuBLAS's kernels, which at batch 1 took 5.07 of
-a 6.58 ms step on an H200, but each the kernel it names (RowProductLinear): inductor's reduction over
-the weight (None) or gemv.py's Triton kernel in the given blocks; `bench_gpu.py` times the three for
-each product.
+With `one_row`, the batch-1 decode graph's products with the linears it names (ONE_ROW_PRODUCTS) are
+not cuBLAS's kernels, which at batch 1 took 5.07 of a 6.58 ms step on an H200, but each the kernel it
+names (RowProductLinear): inductor's reduction over the weight (None) or gemv.py's Triton kernel in
+the given blocks. make_runner passes those where gemv.py's kernel beat cuBLAS's on this GPU at load
+(fastest_one_row_kernels); `bench_gpu.py` times all three for each product.
 """
 
 from __future__ import annotations
