@@ -488,3 +488,19 @@ def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkp
     assert len(sizes) > 10 and len(set(sizes)) >= 3, sizes
     assert min(r1.min_gap, r2.min_gap) > 1e-4, "a near tie: pick another seed"
     assert ours == theirs
+
+
+def test_a_failed_timing_of_the_one_row_products_leaves_them_to_cublas(make_checkpoint, monkeypatch):
+    """Timing each product's candidates at load (fastest_one_row_kernels): a product whose timing fails
+    stays cuBLAS's; the others get what the timing chose."""
+    from glm4serve.model import cuda_runner, gemv
+
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
+
+    def fastest(weights):
+        if weights[0].shape[0] == model.cfg.vocab_size:
+            raise RuntimeError("no graph here")
+        return (Blocks() if weights[0] is model.layers[0].mlp.down.weight else None), {"cublas": {"us": 1.0}}
+
+    monkeypatch.setattr(gemv, "fastest", fastest)
+    assert cuda_runner.fastest_one_row_kernels(model) == {"down": Blocks()}
