@@ -6,8 +6,8 @@ products read at 3.1-3.8 TB/s of the 4.2 a copy gets (gate_up, the largest, at 3
 add a split-K reduction kernel each (BENCHMARKS.md). Here each program takes `rows` rows of the
 weight whole and walks the input dim `cols` at a time, summing the products in fp32 registers: one
 kernel a product (no split of the input dim to add up after), its bytes in flight set by rows x cols
-and by how many programs an SM holds.
-Which blocks read fastest is the GPU's to say: benchmarks/bench_gpu.py times a few for each product.
+and by how many programs an SM holds. Which blocks read fastest, and whether any beats cuBLAS, is the
+GPU's to say: the CUDA runner times them at load (`fastest`), product by product.
 
 The launch is a custom op (glm4serve::row_product), so that a piece compiled by inductor calls it as
 it calls cuBLAS, and a CUDA graph captures it. On CPU, Triton's interpreter (TRITON_INTERPRET=1) runs
@@ -38,7 +38,7 @@ class Blocks:
         return f"{self.rows}x{self.cols}/{self.warps}w"
 
 
-# the candidates bench_gpu.py times for each product. Compiled for an H100/H200 (sm_90) in bf16, each
+# the candidates timed for each product (at load, and by bench_gpu.py). Compiled for an H100/H200 (sm_90) in bf16, each
 # fits 4 to 25 programs on an SM, 48-100 KiB of weight loads a step in flight per SM between them
 # (benchmarks/gemv_compiled.py): small programs, many to an SM, to larger ones
 SWEEP = (Blocks(4, 512, 2), Blocks(8, 256, 2), Blocks(4, 512, 4), Blocks(8, 512, 4), Blocks(2, 1024, 4),
