@@ -130,7 +130,7 @@ class Bench:
     def run(self, part: str, fn, *args) -> dict:
         """Record fn(*args)'s figures as `part`. An exception (say, out of memory) is recorded in
         their place and the run goes on: one part's failure leaves the others' figures."""
-        before = compiles()
+        before, t0 = compiles(), time.monotonic()
         try:
             figures = fn(self, *args)
         except Exception as e:  # noqa: BLE001
@@ -139,6 +139,7 @@ class Bench:
             if self.device == "cuda":
                 torch.cuda.empty_cache()
         figures["compiles"] = {k: None if v is None else compiles()[k] - v for k, v in before.items()}
+        figures["part_s"] = time.monotonic() - t0  # what the next run's budget is planned by
         self.record(part, figures)
         return figures
 
