@@ -108,7 +108,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     loras = None
     if tp is None:
         if args.lora_modules or args.allow_runtime_lora_updating:
-            loras = load_loras(args.lora_modules, model)
+            loras = load_loras(args.lora_modules, model, runtime=args.allow_runtime_lora_updating)
         runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
                              max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
                              enforce_eager=args.enforce_eager, loras=loras, gemv_kernels=args.gemv_kernels)

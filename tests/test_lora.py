@@ -335,3 +335,14 @@ def test_a_bad_adapter_stops_the_replicated_server_in_one_line_before_ray_starts
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--num-replicas", "2", "--model", str(base), "--lora-modules", "x=/nowhere"])
     assert str(exc.value.code).startswith("glm4serve: cannot serve: LoRA adapter 'x': cannot read /nowhere/")
+
+
+def test_a_fixed_set_refuses_loads_and_only_a_fixed_set_goes_in_slots(base, adapters):
+    model = load_model(base, dtype="float32")
+    fixed = load_loras({"all": str(adapters["all"])}, model, runtime=False)
+    fixed.attach(model)
+    with pytest.raises(LoRAError, match="fixed"):
+        fixed.load("attn", "attn", str(adapters["attn"]))
+    changing = load_loras({"all": str(adapters["all"])}, load_model(base, dtype="float32"))
+    with pytest.raises(ValueError, match="fixed set"):
+        changing.attach(model, slotted=True)

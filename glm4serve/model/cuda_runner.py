@@ -43,6 +43,7 @@ from .attention import AttentionBatch, cached_attention, store_kv
 from .batch import ForwardBatch, ScheduledBatch, SeqChunk
 from .glm4 import GLM4Model, Layer
 from .kv_cache import KVCache
+from .lora import LoRASet
 from .paged_decode import merge_splits, paged_decode_partials
 from .runner import EagerRunner
 
@@ -95,13 +96,18 @@ class DecodeBuffers:
 class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
                  max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True,
-                 one_row: Mapping[str, gemv.Blocks | None] | None = None):
+                 one_row: Mapping[str, gemv.Blocks | None] | None = None, loras: LoRASet | None = None):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
         self.sizes = graph_batch_sizes(max_num_seqs)
         width = -(-max_model_len // block_size)
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, num_blocks, self.device)
+        if loras is not None:  # a fixed set, in slots: the graphs hold every adapter's products
+            loras.attach(model, slotted=True)
+            self.loras = loras
+            # each row's choice of adapter, read by the graphs as they read the other inputs
+            self.lora_choice = torch.zeros(self.sizes[-1], len(loras.adapters), dtype=self.dtype, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
         self.swapped = swap_row_product_linears(model, one_row or {}) if fuse else []
@@ -138,6 +144,7 @@ class CudaGraphRunner(EagerRunner):
         self.kv.copy_blocks(batch.block_copies)
         size = next(s for s in self.sizes if s >= len(chunks))
         self.buffers.fill(chunks, size)
+        self._choose_loras(chunks, size)
         if size in self.graphs:
             graph, logits = self.graphs[size]
             graph.replay()
@@ -149,8 +156,16 @@ class CudaGraphRunner(EagerRunner):
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         """The steps not replayed from a graph (prompt tokens, batches past the ladder)."""
         if self.fused is not None:
+            if self.loras is not None:
+                self.loras.select(b.lora_rows, b.input_ids.shape[0])
             return self.fused.forward(self.model, b, self.kv)
         return super().forward(b)
+
+    def _choose_loras(self, chunks: list[SeqChunk], size: int) -> None:
+        """A decode step's rows' adapters into the graphs' buffer (the padding rows: the base model's)."""
+        if self.loras is not None:
+            rows = [(c.lora, i, i + 1) for i, c in enumerate(chunks) if c.lora is not None]
+            self.loras.slots.choose(rows, self.lora_choice[:size])
 
     def _step(self, size: int) -> torch.Tensor:
         ids, positions, attn, rows = self.buffers.step_inputs(size)
@@ -211,6 +226,7 @@ class CudaGraphRunner(EagerRunner):
         pool = None
         for size in reversed(self.sizes):
             self.buffers.fill([], size)
+            self._choose_loras([], size)
             stream = torch.cuda.Stream()  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

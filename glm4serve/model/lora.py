@@ -138,11 +138,12 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, dtype: torch.dty
     return adapter
 
 
-def load_loras(modules: dict[str, str], model: nn.Module) -> LoRASet:
-    """The adapters of `modules` (name -> folder), in the dtype and on the device of `model`'s activations."""
+def load_loras(modules: dict[str, str], model: nn.Module, runtime: bool = True) -> LoRASet:
+    """The adapters of `modules` (name -> folder), in the dtype and on the device of `model`'s activations;
+    `runtime`: more may be loaded (and these unloaded) while serving."""
     if model.shard.world > 1:
         raise LoRAError("LoRA adapters are not supported under tensor parallelism")
-    return LoRASet([load_for(model, name, path) for name, path in modules.items()])
+    return LoRASet([load_for(model, name, path) for name, path in modules.items()], fixed=not runtime)
 
 
 def load_for(model: nn.Module, name: str, path: str | Path) -> Adapter:
@@ -164,23 +165,37 @@ class LoRASet:
     loaded at runtime in place of another of its name never runs a sequence, or meets a cached KV
     block, of the one it replaced."""
 
-    def __init__(self, adapters: list[Adapter]):
+    def __init__(self, adapters: list[Adapter], fixed: bool = False):
         self.adapters = {a.name: a for a in adapters}
+        self.fixed = fixed  # no adapter is loaded or unloaded while serving
         self.rows: list[tuple[Adapter, int, int]] = []  # (adapter, first row, end row) of this step
+        self.slots: LoRASlots | None = None
         self._model: nn.Module | None = None
 
-    def select(self, rows: list[tuple[str, int, int]]) -> None:
-        """Before a forward: the row ranges of the flat batch (ForwardBatch.lora_rows) and their adapters."""
+    def select(self, rows: list[tuple[str, int, int]], num_rows: int) -> None:
+        """Before a forward of num_rows rows: the row ranges of the flat batch (ForwardBatch.lora_rows) and
+        their adapters."""
+        if self.slots is not None:
+            self.slots.choose(rows, torch.zeros(num_rows, len(self.slots.slot_of), dtype=self.slots.dtype,
+                                                device=self.slots.device))
         self.rows = [(self.adapters[key], start, end) for key, start, end in rows]
 
-    def attach(self, model: nn.Module) -> None:
-        """Wrap the targeted linears of `model` in place (once, after the runner has swapped its own in)."""
+    def attach(self, model: nn.Module, slotted: bool = False) -> None:
+        """Wrap the targeted linears of `model` in place (once, after the runner has swapped its own in);
+        `slotted` (a fixed set only): each holds every adapter's pairs stacked (LoRASlots), for a runner
+        that captures its steps in CUDA graphs."""
         self._model = model
+        if slotted:
+            if not self.fixed:
+                raise ValueError("adapters in slots are a fixed set: none loaded or unloaded while serving")
+            self.slots = LoRASlots(list(self.adapters.values()), model)
         self._wrap(m for a in self.adapters.values() for m in a.pieces)
 
     def load(self, key: str, name: str, path: str | Path) -> None:
         """Between steps: serve the adapter in `path` under `key` (LoRAError when it cannot be), wrapping
         the linears it targets that no adapter did."""
+        if self.fixed:
+            raise LoRAError("this server's adapters are fixed at its start (--allow-runtime-lora-updating is off)")
         adapter = load_for(self._model, name, path)
         self._wrap(adapter.pieces)
         self.adapters[key] = adapter
@@ -195,19 +210,68 @@ class LoRASet:
             parent, _, leaf = name.rpartition(".")
             owner = self._model.get_submodule(parent)
             if not isinstance(getattr(owner, leaf), LoRALinear):
-                setattr(owner, leaf, LoRALinear(getattr(owner, leaf), name, self))
+                stacks = self.slots.stacks[name] if self.slots is not None else None
+                setattr(owner, leaf, LoRALinear(getattr(owner, leaf), name, self, stacks))
+
+
+class LoRASlots:
+    """A fixed set of adapters' pairs in slots, for a runner that replays CUDA graphs, whose steps cannot
+    pick rows by adapter on the host: each targeted linear holds every adapter's A and B stacked by slot
+    (`stacks`: [slots, R, in] and [slots, R, out], zeros where an adapter has less; R: the most pieces
+    an adapter has on that linear, times the largest rank) and adds every row's product with every
+    slot, weighted by the row's choice of slot (`choice` [rows, slots]: 1 at its adapter's, 0 elsewhere
+    and on the base model's rows). One graph then serves whichever adapters a step's rows run with, for
+    the products of the slots a row does not use (rank 16: ~3.7 MB a layer a slot at glm-4-9b's shapes,
+    next to its ~400 MB of weights)."""
+
+    def __init__(self, adapters: list[Adapter], model: nn.Module):
+        self.dtype, self.device = model.embed.weight.dtype, model.embed.weight.device
+        self.slot_of = {a.name: i for i, a in enumerate(adapters)}
+        rank = max(p.a.shape[0] for a in adapters for ps in a.pieces.values() for p in ps)
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in sorted({m for a in adapters for m in a.pieces}):
+            linear = model.get_submodule(name)
+            width = rank * max(len(a.pieces.get(name, ())) for a in adapters)
+            a_stack = torch.zeros(len(adapters), width, linear.in_features, dtype=self.dtype, device=self.device)
+            b_stack = torch.zeros(len(adapters), width, linear.out_features, dtype=self.dtype, device=self.device)
+            for slot, adapter in enumerate(adapters):
+                for j, p in enumerate(adapter.pieces.get(name, ())):
+                    r = p.a.shape[0]
+                    a_stack[slot, j * rank : j * rank + r] = p.a  # [r, in]
+                    b_stack[slot, j * rank : j * rank + r, p.row : p.row + p.b.shape[0]] = p.b.T  # [r, rows]
+            self.stacks[name] = (a_stack, b_stack)
+        self.choice = torch.zeros(0, len(adapters), dtype=self.dtype, device=self.device)
+
+    def choose(self, rows: list[tuple[str, int, int]], choice: torch.Tensor) -> None:
+        """The step's rows' slots written into `choice` [rows, slots] (zeroed here), which becomes the
+        one the linears read: a CUDA graph's static buffer, or a step's own tensor."""
+        choice.zero_()
+        for key, start, end in rows:
+            choice[start:end, self.slot_of[key]] = 1
+        self.choice = choice
 
 
 class LoRALinear(nn.Module):
-    """A linear layer and the adapters' products on the rows that asked for them."""
+    """A linear layer and the adapters' products on the rows that asked for them: row ranges picked on the
+    host, or with `stacks` (LoRASlots) every slot's product weighted by the rows' choice of slot."""
 
-    def __init__(self, base: nn.Module, name: str, loras: LoRASet):
+    def __init__(self, base: nn.Module, name: str, loras: LoRASet,
+                 stacks: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.base, self.name, self.loras = base, name, loras
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.slotted = stacks is not None
+        if stacks is not None:
+            # buffers: a compiled piece takes them as inputs, as it takes the layer's weights
+            self.register_buffer("stack_a", stacks[0].flatten(0, 1), persistent=False)  # [slots * R, in]
+            self.register_buffer("stack_b", stacks[1].flatten(0, 1), persistent=False)  # [slots * R, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [T, out]
+        if self.slotted:
+            choice = self.loras.slots.choice  # [T, slots]
+            xa = (x @ self.stack_a.T).view(x.shape[0], choice.shape[1], -1) * choice[:, :, None]  # [T, slots, R]
+            return y + xa.flatten(1) @ self.stack_b
         for adapter, start, end in self.loras.rows:
             rows = x[start:end]  # [n, in]
             for p in adapter.pieces.get(self.name, ()):

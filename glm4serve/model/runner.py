@@ -70,7 +70,7 @@ class EagerRunner:
 
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         if self.loras is not None:
-            self.loras.select(b.lora_rows)
+            self.loras.select(b.lora_rows, b.input_ids.shape[0])
         return self.model(b.input_ids, b.positions, b.attn, self.kv, b.logits_indices)
 
     def close(self) -> None:
@@ -89,8 +89,9 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
       attention where Triton is installed); with `gemv_kernels`, its batch-1 step's matrix products
       by gemv.py's kernel where that beats cuBLAS's, timed on this GPU now;
     - everything else: the eager runner.
-    With LoRA adapters, no step is compiled or captured (their rows change every step): the adapters
-    wrap the linears of whichever runner it is."""
+    LoRA adapters wrap the linears of whichever runner it is. A fixed set of them (none loaded or
+    unloaded while serving) the CUDA graph runner holds in slots that its graphs capture (lora.LoRASlots);
+    otherwise, as on CPU, no step with them is compiled or captured (their rows change every step)."""
     from .cpu_linear import packing_available
     from .paged_decode import unsupported
     from .quant import is_quantized
@@ -108,17 +109,17 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
 
         runner = CpuRunner(model, num_blocks, block_size, vocab_limit, compile_decode=loras is None)
     elif (paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1
-          and loras is None):
+          and (loras is None or loras.fixed)):
         from .cuda_runner import CudaGraphRunner, fastest_one_row_kernels
 
         fuse = not is_quantized(model)  # quantized linears (quant.py) stay out of inductor's graphs
         # timed before the runner takes its KV cache: the timing's graphs need a little memory
         one_row = fastest_one_row_kernels(model) if fuse and gemv_kernels else None
         runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len,
-                                 fuse=fuse, one_row=one_row)
+                                 fuse=fuse, one_row=one_row, loras=loras)
     else:
         runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
-    if loras is not None:
+    if loras is not None and runner.loras is None:  # the CUDA graph runner has them in its graphs already
         loras.attach(model)
         runner.loras = loras
     adapters = f", LoRA adapters: {', '.join(loras.adapters) or 'none yet'}" if loras else ""
