@@ -100,15 +100,16 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     if tokenizer.vocab_size > cfg.vocab_size:  # its last ids would index past the embedding: a 500 a request
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} token ids but the model's vocabulary only "
                          f"{cfg.vocab_size}: they are not of one checkpoint")
+    loras = None
+    if tp is None and (args.lora_modules or args.allow_runtime_lora_updating):
+        # before the KV cache's plan: on a GPU the budget is what the weights, adapters' included, leave
+        loras = load_loras(args.lora_modules, model, runtime=args.allow_runtime_lora_updating)
     token_bytes = bytes_per_token(cfg, dtype, model.shard)  # this rank's KV heads: every rank has as many
     plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
     if plan.max_model_len < cfg.max_position_embeddings:
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
-    loras = None
     if tp is None:
-        if args.lora_modules or args.allow_runtime_lora_updating:
-            loras = load_loras(args.lora_modules, model, runtime=args.allow_runtime_lora_updating)
         runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
                              max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
                              enforce_eager=args.enforce_eager, loras=loras, gemv_kernels=args.gemv_kernels)
