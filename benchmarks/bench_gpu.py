@@ -470,9 +470,11 @@ def single_stream_eager(b: Bench, model: GLM4Model) -> dict:
     return {"runner": type(engine.runner).__name__, "ours_eager_tok_s": mine["decode_tok_s"], "ours": mine}
 
 
-def single_stream_on(b: Bench, model: GLM4Model, profile: bool = False, **runner_kwargs) -> tuple[str, dict, dict]:
-    """The single stream through a CudaGraphRunner of its own (graphs for batch 1) -> its repr, the run,
-    and (with `profile`) its decode steps' kernels (decode_profile)."""
+def single_stream_on(b: Bench, model: GLM4Model, profile: bool = False, lora: str | None = None,
+                     **runner_kwargs) -> tuple[str, dict, dict]:
+    """The single stream through a CudaGraphRunner of its own (graphs for batch 1; its requests with the
+    adapter `lora` of runner_kwargs' loras) -> its repr, the run, and (with `profile`) its decode steps'
+    kernels (decode_profile)."""
     from glm4serve.engine.block_pool import BlockPool
     from glm4serve.model.cuda_runner import CudaGraphRunner
 
@@ -482,10 +484,11 @@ def single_stream_on(b: Bench, model: GLM4Model, profile: bool = False, **runner
     runner = CudaGraphRunner(model, blocks, 16, p.tokenizer_vocab, max_num_seqs=1, max_model_len=blocks * 16,
                              **runner_kwargs)
     engine = LLMEngine(runner, NoTextTokenizer(p.tokenizer_vocab), args.scheduler_config(blocks * 16, b.device),
-                       BlockPool(blocks, 16), (), vocab_size=p.tokenizer_vocab)
+                       BlockPool(blocks, 16), (), vocab_size=p.tokenizer_vocab, loras=runner_kwargs.get("loras"))
+    sampling = {"temperature": 0.0, "lora": lora} if lora else None
     try:
-        engine_run(b, engine, b.prompts(1, 16), 2, seconds=60)  # warm-up
-        run = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds)
+        engine_run(b, engine, b.prompts(1, 16), 2, seconds=60, sampling=sampling)  # warm-up
+        run = engine_run(b, engine, b.prompts(1, p.single_prompt), p.single_tokens, p.single_seconds, sampling)
         return repr(runner), run, decode_profile(b, engine, 1, p.single_prompt) if profile else {}
     finally:
         engine.close()
@@ -535,6 +538,36 @@ def single_stream_one_row(b: Bench, model: GLM4Model, products: dict, default: d
     runner, mine, profile = single_stream_on(b, model, profile=True, one_row=chosen)
     return {"runner": runner, "products": named, "ours_one_row_tok_s": mine["decode_tok_s"], "ours": mine,
             "decode_profile_1": profile}
+
+
+def single_stream_lora(b: Bench, model: GLM4Model, rank: int = 16) -> dict:
+    """The single stream with a LoRA adapter of `rank` on every layer's qkv, o, gate_up and down (random,
+    made on the GPU), held in the CUDA graphs (lora.LoRASlots), against a runner of the same kind without
+    adapters: what serving an adapter costs a decode step (a base model's request on the runner with the
+    adapter does the same work). The model's linears are unwrapped after."""
+    if b.device != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    from glm4serve.model.lora import LORA_TARGETS, Adapter, LoRALinear, LoRASet, Piece
+
+    g = torch.Generator(device=b.device).manual_seed(0)
+    pieces = {}
+    for i in range(model.cfg.num_layers):
+        for target in LORA_TARGETS:
+            linear = model.get_submodule(f"layers.{i}.{target}")
+            a, w = (torch.randn(*shape, generator=g, device=b.device, dtype=linear.weight.dtype) * 0.01
+                    for shape in ((rank, linear.in_features), (linear.out_features, rank)))
+            pieces[f"layers.{i}.{target}"] = [Piece(row=0, a=a, b=w)]
+    _, base, _ = single_stream_on(b, model)  # the same runner without adapters (its products all cuBLAS's)
+    try:
+        runner, mine, _ = single_stream_on(b, model, lora="bench",
+                                           loras=LoRASet([Adapter("bench", "(random)", pieces)], fixed=True))
+    finally:
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, child.base)
+    return {"runner": runner, "rank": rank, "base_tok_s": base["decode_tok_s"], "lora_tok_s": mine["decode_tok_s"],
+            "lora_over_base": ratio(mine["decode_tok_s"], base["decode_tok_s"]), "base": base, "lora": mine}
 
 
 def decode_profile(b: Bench, engine: LLMEngine, batch: int, prompt: int, steps: int = 10,
@@ -828,6 +861,11 @@ def main(argv=None) -> int:
         b.record("memory", {"peak_gib": b.max_peak, "kv_cache_gib": round(engine.runner.kv.nbytes / 2**30, 2),
                             "weights_gib_each": round(weight_bytes / 2**30, 2)})
 
+    lora_s = 60  # a runner's compiles and two single streams
+    if b.left() - lora_s > million_s:
+        b.run("single_stream_lora", single_stream_lora, ours)
+    else:
+        b.record("single_stream_lora", {"skipped": f"{b.left():.0f}s left in the budget"})
     del engine, ours, hf  # the 1M model needs the card
     if device == "cuda":
         torch.cuda.empty_cache()

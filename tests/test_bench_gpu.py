@@ -60,6 +60,8 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
         default = figures["gemv"]["runner_one_row_kernels"]  # the runner's choice at load
         cublas = figures["single_stream_cublas"]
         assert cublas.get("ours_cublas_tok_s", 0) > 0 if default else "cuBLAS" in cublas["skipped"], cublas
+        lora = figures["single_stream_lora"]  # adapters in the graphs, where the budget left time for it
+        assert lora.get("lora_tok_s", 0) > 0 and "slots" in lora["runner"] or "budget" in lora["skipped"], lora
         if "skipped" not in one_row:
             assert one_row["products"] and one_row["decode_profile_1"]["kernels_per_step"] > 0, one_row
         for part in (figures["decode_profile_1"], figures["decode_profile_4"], figures["prefill_profile"],
@@ -69,7 +71,8 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
     else:
         assert all("skipped" in figures[p] for p in ("single_stream_unfused", "decode_profile_1", "decode_profile_4",
                                                      "prefill_profile", "decode_tiers", "one_row_products",
-                                                     "single_stream_one_row", "single_stream_cublas"))
+                                                     "single_stream_one_row", "single_stream_cublas",
+                                                     "single_stream_lora"))
     # the 1M model's shapes: rotary at positions past 1M agrees with transformers; its KV cache
     # (the tiny plan's 4096 tokens) is the context served
     million = figures["million_context"]

@@ -120,7 +120,8 @@ class CudaGraphRunner(EagerRunner):
         kernels = self.one_row_kernels()
         named = " ".join(f"{n} ({k})" for n, k in kernels.items())
         rows = f", one-row products: {named}" if kernels else ""
-        return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}, paged decode attention in Triton)"
+        adapters = f", LoRA adapters in slots: {' '.join(self.loras.adapters)}" if self.loras is not None else ""
+        return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}{adapters}, paged decode attention in Triton)"
 
     def one_row_kernels(self) -> dict[str, str]:
         """The batch-1 graph's products not cuBLAS's: linear name -> its kernel ("Triton 8x512/4w", "reduction")."""
