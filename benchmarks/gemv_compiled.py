@@ -18,7 +18,9 @@ import tempfile
 SM_REGISTERS, SM_WARPS, SM_PROGRAMS = 65536, 64, 32  # sm_90's (and sm_80's) limits per SM
 
 
-def resources(blocks, capability: int = 90, dtype: str = "bf16") -> dict:
+def compile_kernel(blocks, capability: int = 90, dtype: str = "bf16", bias: bool = False):
+    """gemv.py's kernel in `blocks` compiled by Triton for a GPU of that compute capability (no GPU
+    needed), its inputs aligned as Triton finds glm-4-9b's."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -26,12 +28,27 @@ def resources(blocks, capability: int = 90, dtype: str = "bf16") -> dict:
     from glm4serve.model import gemv
 
     kernel = gemv._kernel()
-    constants = dict(HAS_BIAS=False, ROWS=blocks.rows, COLS=blocks.cols)
+    constants = dict(HAS_BIAS=bias, ROWS=blocks.rows, COLS=blocks.cols)
     signature = {name: "constexpr" if name in constants else "i32" if name in ("N", "K") else "*" + dtype
                  for name in kernel.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5)}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=aligned),
-                              target=GPUTarget("cuda", capability, 32), options={"num_warps": blocks.warps})
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5)}  # pointers, N and K: multiples of 16
+    return triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=aligned),
+                          target=GPUTarget("cuda", capability, 32), options={"num_warps": blocks.warps})
+
+
+def loop_barriers(compiled) -> int:
+    """Barriers inside the kernel's loop over the input dim (the first loop of its PTX)."""
+    ptx = compiled.asm["ptx"]
+    loop = ptx[ptx.index("Inner Loop Header"):]
+    return loop[: loop.index("$L__BB", 1)].count("bar.sync")
+
+
+def resources(blocks) -> dict:
+    """For sm_90 in bf16: registers a thread, its stack, programs an SM holds, KiB of weight a step in
+    flight per SM, barriers in the loop."""
+    import triton
+
+    compiled = compile_kernel(blocks)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -41,11 +58,9 @@ def resources(blocks, capability: int = 90, dtype: str = "bf16") -> dict:
     spilled = int(re.search(r"STACK:(\d+)", usage).group(1))
     per_warp = 32 * -(-registers // 8) * 8  # registers are given out 8 a thread at a time
     programs = min(SM_PROGRAMS, SM_REGISTERS // (per_warp * blocks.warps), SM_WARPS // blocks.warps)
-    ptx = compiled.asm["ptx"]
-    loop = ptx[ptx.index("Inner Loop Header"):]
     return {"registers": registers, "stack_bytes": spilled, "programs_per_sm": programs,
             "kib_in_flight_per_sm": programs * blocks.rows * blocks.cols * 2 / 1024,
-            "loop_barriers": loop[: loop.index("$L__BB", 1)].count("bar.sync")}
+            "loop_barriers": loop_barriers(compiled)}
 
 
 def main() -> int:

@@ -5,19 +5,12 @@ by inductor."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from glm4serve.model.gemv import SWEEP, Blocks, linear, pick, row_product
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.gpu_compile import compiled_in_a_fresh_process, each_compiled
 
 # (weight rows, input dims, blocks): rows past the last whole block, input dims past the last whole
 # step (4 of 100), both, whole blocks, and fewer rows than one block
@@ -77,42 +70,22 @@ TARGETS = [(90, "bf16", b) for b in SWEEP] + [(90, "fp16", Blocks()), (80, "bf16
 
 def compile_for_gpus(targets) -> dict:
     """Compile the kernel for each (capability, dtype, blocks) with Triton's own compiler (ptxas
-    included; no GPU needed) -> {str(target): (barriers inside the input loop, shared memory bytes)},
-    or the error. Run in a process without TRITON_INTERPRET."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    included; no GPU needed; benchmarks/gemv_compiled.py) -> {str(target): (barriers inside the input
+    loop, shared memory bytes)}, or the error. Run in a process without TRITON_INTERPRET."""
+    from benchmarks.gemv_compiled import compile_kernel, loop_barriers
 
-    from glm4serve.model import gemv
+    def one(capability, dtype, blocks):
+        compiled = compile_kernel(blocks, capability, dtype, bias=True)
+        return loop_barriers(compiled), compiled.metadata.shared
 
-    kernel = gemv._kernel()
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5)}  # as Triton marks glm-4-9b's shapes
-    results = {}
-    for capability, dtype, blocks in targets:
-        constants = dict(HAS_BIAS=True, ROWS=blocks.rows, COLS=blocks.cols)
-        signature = {name: "constexpr" if name in constants else "i32" if name in ("N", "K") else "*" + dtype
-                     for name in kernel.arg_names}
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=aligned),
-                                      target=GPUTarget("cuda", capability, 32), options={"num_warps": blocks.warps})
-            ptx = compiled.asm["ptx"]
-            loop = ptx[ptx.index("Inner Loop Header"):]
-            loop = loop[: loop.index("$L__BB", 1)]
-            results[str((capability, dtype, blocks))] = (loop.count("bar.sync"), compiled.metadata.shared)
-        except Exception as e:  # noqa: BLE001
-            results[str((capability, dtype, blocks))] = repr(e)[-600:]
-    return results
+    return each_compiled(targets, one)
 
 
 @pytest.fixture(scope="module")
 def compiled_for_gpus(device):
     if device == "cuda":
         pytest.skip("with --device cuda the tests here run the kernel compiled for this GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from tests.test_gemv import *; print(json.dumps(compile_for_gpus({TARGETS!r})))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return compiled_in_a_fresh_process("tests.test_gemv", TARGETS)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t[0]}-{t[1]}-{t[2]}")

@@ -6,14 +6,9 @@ real and the runner replays captured graphs."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +20,8 @@ from glm4serve.model.gemv import Blocks
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
 from glm4serve.model.runner import EagerRunner
+from tests.gpu_compile import compiled_in_a_fresh_process, each_compiled
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # (query heads, KV heads, head dim, block size, context lengths): glm-4-9b's 32 over 2 heads of 128;
 # a group of 2 (padded to 16 in the kernel); blocks of 8 and 4 (a 64-key tile spans several blocks);
@@ -102,32 +97,26 @@ def compile_for_gpus(targets) -> dict:
     from glm4serve.model import paged_decode
 
     kernel = paged_decode._kernel()
-    results = {}
-    for capability, dtype, groups in targets:
+
+    def one(capability, dtype, groups):
         pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "tables_ptr": "i64", "lens_ptr": "i64",
                     "acc_ptr": "fp32", "max_ptr": "fp32", "sum_ptr": "fp32"}
         constants = dict(G=groups, GP=16, D=128, BLOCK=16, SPLITS=paged_decode.MAX_SPLITS,
                          TILE=paged_decode.TILE, DOT_F32=dtype == "fp32")
         signature = {name: "constexpr" if name in constants else "*" + pointers[name] if name in pointers
                      else "fp32" if name == "scale" else "i64" for name in kernel.arg_names}
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
-                                      target=GPUTarget("cuda", capability, 32))
-            results[str((capability, dtype, groups))] = compiled.metadata.shared if compiled.asm["cubin"] else "no cubin"
-        except Exception as e:  # noqa: BLE001
-            results[str((capability, dtype, groups))] = repr(e)[-600:]
-    return results
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
+                                  target=GPUTarget("cuda", capability, 32))
+        return compiled.metadata.shared if compiled.asm["cubin"] else "no cubin"
+
+    return each_compiled(targets, one)
 
 
 @pytest.fixture(scope="module")
 def compiled_for_gpus(device):
     if device == "cuda":
         pytest.skip("with --device cuda the tests here run the kernel compiled for this GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from tests.test_paged_decode import compile_for_gpus; print(json.dumps(compile_for_gpus({TARGETS!r})))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return compiled_in_a_fresh_process("tests.test_paged_decode", TARGETS)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t[0]}-{t[1]}-G{t[2]}")
