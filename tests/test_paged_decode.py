@@ -514,6 +514,7 @@ def test_a_fixed_set_of_adapters_in_slots_gives_the_products_of_their_rows(make_
     graphs = CudaGraphRunner(slotted, num_blocks, block_size, None, max_num_seqs=4, max_model_len=64,
                              capture=device == "cuda", fuse=fuse, loras=load_loras(adapters, slotted, runtime=False))
     assert graphs.loras.slots is not None and graphs.loras.fixed
+    assert not any(graphs.loras.adapters["all"].pieces.values())  # one copy of the pairs: the slots
     plain = load_model(path, dtype="float32", device=device)
     eager = EagerRunner(plain, num_blocks, block_size)
     eager.loras = load_loras(adapters, plain)

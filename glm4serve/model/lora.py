@@ -190,6 +190,9 @@ class LoRASet:
                 raise ValueError("adapters in slots are a fixed set: none loaded or unloaded while serving")
             self.slots = LoRASlots(list(self.adapters.values()), model)
         self._wrap(m for a in self.adapters.values() for m in a.pieces)
+        if slotted:  # their pairs live in the slots now: the GPU memory of a second copy goes to the KV cache
+            for adapter in self.adapters.values():
+                adapter.pieces = {name: [] for name in adapter.pieces}
 
     def load(self, key: str, name: str, path: str | Path) -> None:
         """Between steps: serve the adapter in `path` under `key` (LoRAError when it cannot be), wrapping
