@@ -291,14 +291,20 @@ class RowProductLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def named_linears(model: GLM4Model, names) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, linear) of each plain nn.Linear of `model` under one of `names` (a LoRA's
+    or a runner's wrapper is not one), in the model's order."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear and name in names]
+
+
 def swap_row_product_linears(model: GLM4Model, kernels: Mapping[str, gemv.Blocks | None]
                              ) -> list[tuple[nn.Module, str, nn.Linear]]:
     """The model's nn.Linear layers named in `kernels` (ONE_ROW_PRODUCTS) wrapped in RowProductLinear
     with the blocks given for their name, in place -> (parent, name, linear) of each, to put them back."""
     if unknown := set(kernels) - set(ONE_ROW_PRODUCTS):
         raise ValueError(f"no such linears: {sorted(unknown)}; the model's are {ONE_ROW_PRODUCTS}")
-    places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if type(child) is nn.Linear and name in kernels]
+    places = named_linears(model, kernels)
     for parent, name, linear in places:
         setattr(parent, name, RowProductLinear(linear, kernels[name]))
     return places
@@ -311,8 +317,7 @@ def fastest_one_row_kernels(model: GLM4Model) -> dict[str, gemv.Blocks]:
     first time) at load. The products left out stay cuBLAS's."""
     chosen = {}
     for name in ONE_ROW_PRODUCTS:
-        weights = [child.weight for parent in model.modules() for attr, child in parent.named_children()
-                   if attr == name and type(child) is nn.Linear]
+        weights = [linear.weight for _, _, linear in named_linears(model, (name,))]
         if not weights:
             continue
         try:

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -176,7 +177,7 @@ class LoRASet:
         """Before a forward of num_rows rows: the row ranges of the flat batch (ForwardBatch.lora_rows) and
         their adapters."""
         if self.slots is not None:
-            self.slots.choose(rows, torch.zeros(num_rows, len(self.slots.slot_of), dtype=self.slots.dtype,
+            self.slots.choose(rows, torch.empty(num_rows, len(self.slots.slot_of), dtype=self.slots.dtype,
                                                 device=self.slots.device))
         self.rows = [(self.adapters[key], start, end) for key, start, end in rows]
 
@@ -246,11 +247,12 @@ class LoRASlots:
         self.choice = torch.zeros(0, len(adapters), dtype=self.dtype, device=self.device)
 
     def choose(self, rows: list[tuple[str, int, int]], choice: torch.Tensor) -> None:
-        """The step's rows' slots written into `choice` [rows, slots] (zeroed here), which becomes the
-        one the linears read: a CUDA graph's static buffer, or a step's own tensor."""
-        choice.zero_()
+        """The step's rows' slots written into `choice` [rows, slots], which becomes the one the linears
+        read: a CUDA graph's static buffer, or a step's own tensor."""
+        weights = np.zeros(tuple(choice.shape), dtype=np.float32)
         for key, start, end in rows:
-            choice[start:end, self.slot_of[key]] = 1
+            weights[start:end, self.slot_of[key]] = 1
+        choice.copy_(torch.from_numpy(weights))  # one copy a step, not a kernel per row range
         self.choice = choice
 
 
