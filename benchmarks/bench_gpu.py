@@ -519,7 +519,7 @@ def single_stream_one_row(b: Bench, model: GLM4Model, products: dict, default: d
     the kernel one_row_products found fastest for it, inductor's reduction or gemv.py's Triton kernel
     in its best blocks, where that beat cuBLAS's, if that is not what the engine's runner took at load
     (`default`, which weighs gemv.py's kernel alone); and its decode step's kernels."""
-    from glm4serve.model.cuda_runner import ONE_ROW_PRODUCTS
+    from glm4serve.model.one_row import ONE_ROW_PRODUCTS
     from glm4serve.model.gemv import Blocks
 
     if b.device != "cuda":
@@ -826,7 +826,9 @@ def main(argv=None) -> int:
         else:
             b.record(part, {"skipped": f"{b.left():.0f}s left in the budget"})
     cublas = runs.get("single_stream_cublas", {}).get("ours_cublas_tok_s")
-    b.record("gemv", {"runner_one_row_kernels": default,
+    # the runner's batch-1 step replayed folded and not (one_row.py), where it captured both at load
+    b.record("gemv", {"runner_one_row_kernels": default, "batch1_step_ms": getattr(engine.runner, "step_ms", {}),
+                      "folded": getattr(engine.runner, "folded", False),
                       "over_cublas": ratio(single["ours_tok_s"], cublas) if single.get("ours_tok_s") else None})
     eager = b.run("single_stream_eager", single_stream_eager, ours)
     unfused = b.run("single_stream_unfused", single_stream_unfused, ours)

@@ -5,7 +5,7 @@ code it wrote. In a replayed CUDA graph each launch costs a gap of its own on to
 an H200 a 40-layer step of ~730 kernels spent ~0.6 ms of 6.6 between them (BENCHMARKS.md).
 
     .venv/bin/python benchmarks/bench_piece_kernels.py [--one-row qkv,o,gate_up,down,lm_head] [--triton]
-        [--out F]
+        [--no-fold] [--out F]
 
 The model is glm-4-9b-chat's attention (32 heads, 2 KV heads of 128, half of each rotated) on a small
 trunk; the attention kernel's splits are an H200's at batch 1 (--programs 264: two per SM). Launches
@@ -50,7 +50,7 @@ def inductor_writes_gpu_code_here() -> None:
     async_compile.AsyncCompile.triton = lambda self, *args, **kwargs: NotRun()
 
 
-def count(one_row: list[str], programs: int, triton: bool = False) -> dict:
+def count(one_row: list[str], programs: int, triton: bool = False, fold: bool = True) -> dict:
     import torch
     from torch._inductor.codecache import PyCodeCache
 
@@ -67,7 +67,9 @@ def count(one_row: list[str], programs: int, triton: bool = False) -> dict:
                                 num_kv_heads=2, head_dim=128, vocab_size=4096)
         model = load_model(d, dtype="bfloat16", device="cpu")
     kernels = dict.fromkeys(one_row, Blocks() if triton else None)
-    runner = CudaGraphRunner(model, 16, 16, None, max_num_seqs=1, max_model_len=256, capture=False, one_row=kernels)
+    runner = CudaGraphRunner(model, 16, 16, None, max_num_seqs=1, max_model_len=256, capture=False, one_row=kernels,
+                             fold=fold)
+    folded = runner.folded
     before = len(PyCodeCache.modules)
     with torch.inference_mode():
         runner.execute(ScheduledBatch([SeqChunk([5], 3, [0])]))  # one decode step: compiles every piece
@@ -77,7 +79,8 @@ def count(one_row: list[str], programs: int, triton: bool = False) -> dict:
         raise RuntimeError(f"expected the 3 pieces of a decode step (first, between, last), got {len(modules)}")
     pieces = {name: launches(Path(m.__file__).read_text()) for name, m in zip(("first", "between", "last"), modules)}
     per_layer = len(pieces["between"]) + 1  # and the attention kernel
-    return {"one_row": one_row, "triton": triton, "splits": paged_decode.num_splits(1, 2, torch.device("cpu")),
+    return {"one_row": one_row, "triton": triton, "folded": folded,
+            "splits": paged_decode.num_splits(1, 2, torch.device("cpu")),
             "pieces": pieces, "launches_per_layer": per_layer,
             "launches_per_step_40_layers": len(pieces["first"]) + 39 * per_layer + 1 + len(pieces["last"]),
             "extern_per_layer": sum(k.startswith("extern") for k in pieces["between"]),
@@ -88,16 +91,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--one-row", default="", help="linears whose one-row products are reductions, comma-separated")
     ap.add_argument("--triton", action="store_true", help="the --one-row products by gemv.py's kernel")
+    ap.add_argument("--no-fold", action="store_true", help="with --triton: not the folded pieces (one_row.py)")
     ap.add_argument("--programs", type=int, default=264, help="the attention kernel's programs a launch")
     ap.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the attention kernel runs in Triton's interpreter
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()  # this code never mixes with real kernels
     inductor_writes_gpu_code_here()
-    figures = count([n for n in args.one_row.split(",") if n], args.programs, args.triton)
+    figures = count([n for n in args.one_row.split(",") if n], args.programs, args.triton, not args.no_fold)
     for name, kernels in figures["pieces"].items():
         print(f"{name}: {len(kernels)} launches: {' '.join(kernels)}")
     print(f"a layer: {figures['launches_per_layer']} launches ({figures['extern_per_layer']} cuBLAS, "
+          f"{'small ops folded into the products, ' if figures['folded'] else ''}"
           f"{figures['gemv_per_layer']} gemv.py); "
           f"a 40-layer step: {figures['launches_per_step_40_layers']} (splits {figures['splits']})")
     if args.out:

@@ -5,6 +5,8 @@ matrix-vector product at the memory's bandwidth; and the barriers inside its loo
 what the blocks are worth in time is bench_gpu.py's `one_row_products` to say.
 
     env -u TRITON_INTERPRET .venv/bin/python benchmarks/gemv_compiled.py
+
+first for the plain product, then with the options of each product of the folded decode layer.
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ import tempfile
 SM_REGISTERS, SM_WARPS, SM_PROGRAMS = 65536, 64, 32  # sm_90's (and sm_80's) limits per SM
 
 
-def compile_kernel(blocks, capability: int = 90, dtype: str = "bf16", bias: bool = False):
+# the kernel's options as the folded decode layer (one_row.py) launches it, by the products that take them
+FOLDED = {"qkv": dict(HAS_BIAS=True, NORM=True, ROTARY=True), "gate_up": dict(NORM=True, SWIGLU=True),
+          "o, down": dict(RESIDUAL=True), "lm_head": dict(NORM=True)}
+
+
+def compile_kernel(blocks, capability: int = 90, dtype: str = "bf16", bias: bool = False, options: dict | None = None):
     """gemv.py's kernel in `blocks` compiled by Triton for a GPU of that compute capability (no GPU
-    needed), its inputs aligned as Triton finds glm-4-9b's."""
+    needed), its inputs aligned as Triton finds glm-4-9b's; `options`: its constexpr flags (FOLDED's),
+    all off by default (the plain product, a bias as `bias` says)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -28,27 +36,30 @@ def compile_kernel(blocks, capability: int = 90, dtype: str = "bf16", bias: bool
     from glm4serve.model import gemv
 
     kernel = gemv._kernel()
-    constants = dict(HAS_BIAS=bias, ROWS=blocks.rows, COLS=blocks.cols)
-    signature = {name: "constexpr" if name in constants else "i32" if name in ("N", "K") else "*" + dtype
-                 for name in kernel.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5)}  # pointers, N and K: multiples of 16
+    flags = {**dict(HAS_BIAS=bias, NORM=False, SWIGLU=False, ROTARY=False, RESIDUAL=False), **(options or {})}
+    constants = dict(flags, HEAD_DIM=128, ROWS=blocks.rows, COLS=blocks.cols)
+    kinds = {"N": "i32", "K": "i32", "rotated": "i32", "eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    signature = {name: "constexpr" if name in constants else kinds.get(name, "*" + dtype) for name in kernel.arg_names}
+    # pointers and sizes: multiples of 16
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if signature[name] not in ("constexpr", "fp32")}
     return triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=aligned),
                           target=GPUTarget("cuda", capability, 32), options={"num_warps": blocks.warps})
 
 
 def loop_barriers(compiled) -> int:
-    """Barriers inside the kernel's loop over the input dim (the first loop of its PTX)."""
-    ptx = compiled.asm["ptx"]
-    loop = ptx[ptx.index("Inner Loop Header"):]
-    return loop[: loop.index("$L__BB", 1)].count("bar.sync")
+    """Barriers inside the kernel's loops over the input dim (each loop of its PTX, from its header to
+    the next block's label): the products' loop, and the norm's sum of squares where it has one."""
+    loops = compiled.asm["ptx"].split("Inner Loop Header")[1:]
+    return sum(loop[: loop.index("$L__BB")].count("bar.sync") for loop in loops)
 
 
-def resources(blocks) -> dict:
+def resources(blocks, options: dict | None = None) -> dict:
     """For sm_90 in bf16: registers a thread, its stack, programs an SM holds, KiB of weight a step in
     flight per SM, barriers in the loop."""
     import triton
 
-    compiled = compile_kernel(blocks)
+    compiled = compile_kernel(blocks, options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -71,10 +82,13 @@ def main() -> int:
 
     print("blocks (rows x cols / warps): registers a thread, stack, programs an SM holds, KiB a step "
           "in flight per SM, barriers in the loop (sm_90, bf16)")
-    for blocks in (Blocks(), *SWEEP):
-        r = resources(blocks)
-        print(f"{blocks!s:>12}: {r['registers']:3d} registers, stack {r['stack_bytes']}, {r['programs_per_sm']:2d} "
-              f"programs, {r['kib_in_flight_per_sm']:5.0f} KiB, {r['loop_barriers']} barriers")
+    for kind, options in {"plain": {}, **FOLDED}.items():
+        print(f"{kind}:")
+        for blocks in (Blocks(), *SWEEP):
+            r = resources(blocks, options)
+            print(f"{blocks!s:>12}: {r['registers']:3d} registers, stack {r['stack_bytes']}, "
+                  f"{r['programs_per_sm']:2d} programs, {r['kib_in_flight_per_sm']:5.0f} KiB, "
+                  f"{r['loop_barriers']} barriers")
     return 0
 
 

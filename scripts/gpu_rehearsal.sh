@@ -24,7 +24,7 @@ rm -rf "$OUT" /tmp/site && mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$TWIN/bin/python" -m pytest -q -rfEs -p no:cacheprovider --device cpu tests/test_model_equivalence.py \
     tests/test_engine_with_model.py tests/test_prefix_cache_model.py tests/test_long_context.py \
-    tests/test_paged_decode.py tests/test_gemv.py tests/test_sampler.py tests/test_e2e_server.py \
+    tests/test_paged_decode.py tests/test_gemv.py tests/test_one_row.py tests/test_sampler.py tests/test_e2e_server.py \
     tests/test_bench_gpu.py 2>&1 | tee "$OUT/pytest.log"
 tests=$?
 "$TWIN/bin/python" benchmarks/bench_gpu.py --tiny --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"

@@ -37,6 +37,68 @@ def test_the_kernel_is_f_linear_of_one_row(device, kernel_runs, n, k, blocks, bi
     torch.testing.assert_close(y.double(), exact, rtol=tol, atol=tol)
 
 
+def folded_reference(x, w, b, norm, rotary, swiglu, residual):
+    """What the model's own modules make of one row (glm4.py): norm, product, rotary, SwiGLU, residual."""
+    from glm4serve.model.glm4 import SwiGLU, rotate
+
+    y = F.linear(norm(x) if norm is not None else x, w, b)
+    if rotary is not None:
+        cos, sin, rotated = rotary
+        d = cos.shape[-1]
+        y = torch.cat([rotate(y[:, :rotated].view(1, -1, d), cos, sin).flatten(1), y[:, rotated:]], 1)
+    if swiglu:
+        y = SwiGLU()(y)
+    return y + residual if residual is not None else y
+
+
+# (weight rows, input dims, blocks, what is folded in): qkv's (two heads of 16 with 8 rotated, the third
+# not, rows not whole blocks), gate_up's, o's and down's, the output layer's
+FOLDED = [(48, 100, Blocks(8, 32, 4), "norm bias rotary"), (40, 96, Blocks(2, 64, 4), "norm bias rotary"),
+          (56, 100, Blocks(4, 32, 4), "norm swiglu"), (48, 130, Blocks(16, 64, 4), "norm swiglu"),
+          (37, 100, Blocks(8, 32, 4), "residual"), (37, 100, Blocks(8, 32, 4), "norm")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,k,blocks,folded", FOLDED, ids=lambda c: str(c))
+def test_the_kernel_folds_in_what_comes_before_and_after_a_product(device, kernel_runs, n, k, blocks, folded, dtype):
+    """The norm of the input, the rotary of q and k heads, SwiGLU and the residual add, each where asked
+    (one_row.py's folded decode layer): as the model's own modules make them. In fp32 to summation
+    order; in bf16 no further from the exact product than the modules are (the kernel scales by 1/rms
+    after the product, in fp32, where RMSNorm rounds its output to bf16 before it)."""
+    from glm4serve.model.glm4 import RMSNorm, Rotary
+
+    x, w, b = operands(n, k, "bias" in folded, dtype, device, seed=n + k)
+    w = w / 4
+    g = torch.Generator().manual_seed(1)
+    norm = rotary = residual = None
+    if "norm" in folded:
+        norm = RMSNorm(k, 1e-5).to(dtype).to(device)
+        norm.weight.data = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device)
+    if "rotary" in folded:
+        cos, sin = Rotary(8, 10000.0, 16).to(device)(torch.tensor([1000], device=device))  # [1, 16] each
+        rotary = (cos, sin, 32)
+    if "residual" in folded:
+        residual = torch.randn(1, n, generator=g).to(dtype).to(device)
+    swiglu = "swiglu" in folded
+    y = linear(x, w, b, blocks, norm=(norm.weight, norm.eps) if norm else None, rotary=rotary, swiglu=swiglu,
+               residual=residual)
+    assert y.shape == (1, n // 2 if swiglu else n) and y.dtype == dtype
+
+    def f64(m):
+        return m.double() if m is not None else None
+
+    with torch.no_grad():
+        ours = folded_reference(x, w, b, norm, rotary, swiglu, residual)
+        exact = folded_reference(f64(x), f64(w), f64(b), norm.double() if norm else None,
+                                 (f64(cos), f64(sin), 32) if rotary else None, swiglu, f64(residual))
+    scale = exact.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), exact, rtol=1e-4, atol=1e-4 * scale)
+    else:
+        # one rounding of an intermediate the other way: an ulp (2^-7) of the values, ~2^-6 of the largest
+        assert (y.double() - exact).abs().max() <= 2 * (ours.double() - exact).abs().max() + 2**-6 * scale
+
+
 def test_the_sweep_and_the_default_blocks_are_launchable():
     """Triton wants power-of-two block sides; the kernel sums each thread's 8 neighbouring columns."""
     for blocks in (Blocks(), *SWEEP):
@@ -66,16 +128,19 @@ def test_a_compiled_piece_calls_the_kernel(device, kernel_runs):
 # (compute capability, dtype, blocks): every blocks of the sweep on an H100/H200 in bf16; fp16 there,
 # and an A100, in the default blocks
 TARGETS = [(90, "bf16", b) for b in SWEEP] + [(90, "fp16", Blocks()), (80, "bf16", Blocks())]
+# with the options of each product of the folded decode layer (gemv_compiled.FOLDED), in two blocks
+TARGETS += [(90, "bf16", b, folded) for folded in ("qkv", "gate_up", "o, down", "lm_head")
+            for b in (Blocks(), Blocks(4, 512, 2))]
 
 
 def compile_for_gpus(targets) -> dict:
     """Compile the kernel for each (capability, dtype, blocks) with Triton's own compiler (ptxas
     included; no GPU needed; benchmarks/gemv_compiled.py) -> {str(target): (barriers inside the input
     loop, shared memory bytes)}, or the error. Run in a process without TRITON_INTERPRET."""
-    from benchmarks.gemv_compiled import compile_kernel, loop_barriers
+    from benchmarks.gemv_compiled import FOLDED, compile_kernel, loop_barriers
 
-    def one(capability, dtype, blocks):
-        compiled = compile_kernel(blocks, capability, dtype, bias=True)
+    def one(capability, dtype, blocks, folded="plain"):
+        compiled = compile_kernel(blocks, capability, dtype, bias=True, options=FOLDED.get(folded))
         return loop_barriers(compiled), compiled.metadata.shared
 
     return each_compiled(targets, one)
@@ -88,7 +153,7 @@ def compiled_for_gpus(device):
     return compiled_in_a_fresh_process("tests.test_gemv", TARGETS)
 
 
-@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t[0]}-{t[1]}-{t[2]}")
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: "-".join([f"sm{t[0]}", t[1], str(t[2]), *t[3:]]))
 def test_the_kernel_compiles_for_the_gpus_it_runs_on_with_no_barrier_in_its_loop(target, compiled_for_gpus):
     """The interpreter runs the kernel's Python; compiling it catches what only a GPU would show. And
     the loop over the input dim keeps every warp on its own: a barrier there (the input loaded in a

@@ -15,7 +15,8 @@ import torch
 
 from glm4serve.model.attention import AttentionBatch, decode_attention, decode_attention_one, write_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
-from glm4serve.model.cuda_runner import CudaGraphRunner, RowProductLinear, graph_batch_sizes, swap_row_product_linears
+from glm4serve.model.cuda_runner import CudaGraphRunner, graph_batch_sizes
+from glm4serve.model.one_row import RowProductLinear, swap_row_product_linears
 from glm4serve.model.gemv import Blocks
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
@@ -220,14 +221,19 @@ def step(runner, chunks, copies=()):
     (False, "glm", None), (True, "glm", None), (True, "glm4", None),
     (True, "glm", dict.fromkeys(("qkv", "down", "lm_head"))),
     (True, "glm", {"qkv": Blocks(8, 32, 4), "down": Blocks(16, 64, 4), "lm_head": Blocks(32, 512, 8)}),
-], ids=["as-written", "fused", "fused-glm4", "fused-one-row", "fused-one-row-triton"])
+    (True, "glm", {"qkv": Blocks(8, 32, 4), "o": Blocks(2, 64, 4), "gate_up": Blocks(4, 128, 4),
+                   "down": Blocks(16, 64, 4), "lm_head": Blocks(32, 512, 8)}),
+    (True, "glm", {"qkv": Blocks(8, 32, 4), "o": Blocks(2, 64, 4), "gate_up": Blocks(4, 128, 4),
+                   "down": Blocks(16, 64, 4)}),
+], ids=["as-written", "fused", "fused-glm4", "fused-one-row", "fused-one-row-triton", "folded", "folded-cublas-head"])
 def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerances, kernel_runs, fuse, variant,
                                               one_row):
     """Prefill three sequences, then decode them in batches of 3, 1 and 5 (padded to 4, 1 and 8), with
     a copy-on-write block copy on the way: the same logits as the eager runner's every step, and
     the same K/V in every block the engine owns (the padding rows wrote only the sink block). Fused:
     the layers compiled by inductor (for the CPU here; batch 4 static, 1, then 8 with dynamic rows),
-    glm4's extra norms too."""
+    glm4's extra norms too. Folded: every layer's products on gemv.py's kernel, the batch-1 steps
+    through one_row.py's pieces (the small ops in that kernel), the output layer's too or cuBLAS's."""
     path = make_checkpoint(variant, shape="small")
     model = load_model(path, dtype="float32", device=device)
     block_size, num_blocks = 4, 40
@@ -235,7 +241,9 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
     graphs = CudaGraphRunner(model, num_blocks, block_size, None, max_num_seqs=8, max_model_len=64, capture=capture,
                              fuse=fuse, one_row=one_row)
     # the named linears of every layer, and the output layer
-    assert len(graphs.swapped) == (2 * model.cfg.num_layers + 1 if one_row else 0)
+    per_layer = len(set(one_row or ()) - {"lm_head"})
+    assert len(graphs.swapped) == per_layer * model.cfg.num_layers + ("lm_head" in (one_row or ()))
+    assert graphs.folded == (one_row is not None and len(one_row) >= 4)
     eager = EagerRunner(model, num_blocks, block_size)
     assert graphs.num_blocks == num_blocks and graphs.kv.num_blocks == num_blocks + 1
     assert bool(graphs.graphs) == capture
@@ -482,7 +490,7 @@ def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkp
 def test_a_failed_timing_of_the_one_row_products_leaves_them_to_cublas(make_checkpoint, monkeypatch):
     """Timing each product's candidates at load (fastest_one_row_kernels): a product whose timing fails
     stays cuBLAS's; the others get what the timing chose."""
-    from glm4serve.model import cuda_runner, gemv
+    from glm4serve.model import gemv, one_row
 
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
 
@@ -492,7 +500,7 @@ def test_a_failed_timing_of_the_one_row_products_leaves_them_to_cublas(make_chec
         return (Blocks() if weights[0] is model.layers[0].mlp.down.weight else None), {"cublas": {"us": 1.0}}
 
     monkeypatch.setattr(gemv, "fastest", fastest)
-    assert cuda_runner.fastest_one_row_kernels(model) == {"down": Blocks()}
+    assert one_row.fastest_one_row_kernels(model) == {"down": Blocks()}
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["as-written", "fused"])

@@ -25,7 +25,10 @@ With `one_row`, the batch-1 decode graph's products with the linears it names (O
 not cuBLAS's kernels, which at batch 1 took 5.07 of a 6.58 ms step on an H200, but each the kernel it
 names (RowProductLinear): inductor's reduction over the weight (None) or gemv.py's Triton kernel in
 the given blocks. make_runner passes those where gemv.py's kernel beat cuBLAS's on this GPU at load
-(fastest_one_row_kernels); `bench_gpu.py` times all three for each product.
+(one_row.fastest_one_row_kernels); `bench_gpu.py` times all three for each product. Where all four
+of every layer's linears are on gemv.py's kernel, and with `fold` (the default), the batch-1 graph
+runs one_row.py's folded pieces: that kernel does the small ops around its products, 7 launches a
+layer instead of 11. Captured, the batch-1 step is captured both ways and the faster replay kept.
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from . import gemv, segments
+from .one_row import ONE_ROW_PRODUCTS, Folded, can_fold, swap_row_product_linears
 from .attention import AttentionBatch, cached_attention, store_kv
 from .batch import ForwardBatch, ScheduledBatch, SeqChunk
 from .glm4 import GLM4Model, Layer
@@ -50,7 +52,6 @@ from .runner import EagerRunner
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # up to max_num_seqs, which is always one
-ONE_ROW_PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")  # the model's linears, by attribute name
 RECOMPILES_PER_RUNNER = 8  # a piece compiles about 3 times for a runner: the largest batch, any batch, one row
 
 
@@ -96,7 +97,8 @@ class DecodeBuffers:
 class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
                  max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True,
-                 one_row: Mapping[str, gemv.Blocks | None] | None = None, loras: LoRASet | None = None):
+                 one_row: Mapping[str, gemv.Blocks | None] | None = None, loras: LoRASet | None = None,
+                 fold: bool = True):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
@@ -111,6 +113,8 @@ class CudaGraphRunner(EagerRunner):
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
         self.swapped = swap_row_product_linears(model, one_row or {}) if fuse else []
+        self.folded = fold and fuse and can_fold(model)  # the batch-1 step's small ops in gemv.py's kernel
+        self.step_ms: dict[str, float] = {}  # the batch-1 step's replay, folded and not, where both were captured
         if capture:
             self._capture()
 
@@ -120,6 +124,7 @@ class CudaGraphRunner(EagerRunner):
         kernels = self.one_row_kernels()
         named = " ".join(f"{n} ({k})" for n, k in kernels.items())
         rows = f", one-row products: {named}" if kernels else ""
+        rows += ", their small ops folded in" if self.fused and self.folded else ""
         adapters = f", LoRA adapters in slots: {' '.join(self.loras.adapters)}" if self.loras is not None else ""
         return f"CudaGraphRunner({self.dtype}, {how}{layers}{rows}{adapters}, paged decode attention in Triton)"
 
@@ -134,7 +139,7 @@ class CudaGraphRunner(EagerRunner):
         """The model's own linears back in place (a later runner of the same model gets them)."""
         for parent, name, linear in self.swapped:
             setattr(parent, name, linear)
-        self.swapped = []
+        self.swapped, self.folded = [], False
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -171,7 +176,8 @@ class CudaGraphRunner(EagerRunner):
     def _step(self, size: int) -> torch.Tensor:
         ids, positions, attn, rows = self.buffers.step_inputs(size)
         if self.fused is not None:
-            return self.fused.decode(self.model, ids, positions, attn, self.kv)  # every row's: rows is 0..size-1
+            # every row's logits: rows is 0..size-1
+            return self.fused.decode(self.model, ids, positions, attn, self.kv, folded=self.folded and size == 1)
         return self.model(ids, positions, attn, self.kv, rows)  # [size, V] fp32
 
     def _warm_up(self, size: int) -> None:
@@ -226,22 +232,61 @@ class CudaGraphRunner(EagerRunner):
         """Largest batch first, all graphs in one memory pool: the smaller ones fit in what it left."""
         pool = None
         for size in reversed(self.sizes):
-            self.buffers.fill([], size)
-            self._choose_loras([], size)
-            stream = torch.cuda.Stream()  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._warm_up(size)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._step(size)
+            graph, logits = self._capture_size(size, pool)
             pool = graph.pool()
+            if size == 1 and self.folded:
+                graph, logits = self._folded_or_not(graph, logits, pool)
             self.graphs[size] = (graph, logits)
         if self.fused is not None and self.block_size >= 3:
             self._warm_up_prompt_steps()
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s", self.sizes)
+
+    def _capture_size(self, size: int, pool, warm_up=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The decode step of `size` rows run once by `warm_up` (_warm_up: falls back on a failed compile),
+        then captured -> (graph, its logits tensor)."""
+        self.buffers.fill([], size)
+        self._choose_loras([], size)
+        stream = torch.cuda.Stream()  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            (warm_up or self._warm_up)(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self._step(size)
+        return graph, logits
+
+    def _folded_or_not(self, graph, logits, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The batch-1 step captured folded (graph, logits) and again not: the one whose replay takes less
+        time on this GPU (one compile more at load); folded where the other fails to compile or capture."""
+        self.folded = False
+        try:
+            other = self._capture_size(1, pool, warm_up=self._step)
+        except Exception as e:  # noqa: BLE001 - the folded step is captured already
+            log.warning("capturing the batch-1 step without folding failed, folded it stays: %s: %s",
+                        type(e).__name__, e)
+            self.folded = True
+            return graph, logits
+        self.step_ms = {"folded": replay_ms(graph), "unfolded": replay_ms(other[0])}
+        self.folded = self.step_ms["folded"] <= self.step_ms["unfolded"]
+        log.info("batch-1 step: %.3f ms folded, %.3f ms not: %s", self.step_ms["folded"], self.step_ms["unfolded"],
+                 "folded" if self.folded else "not folded")
+        return (graph, logits) if self.folded else other
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """A captured step's time on the GPU, ms a replay: the median of `replays` after one to warm."""
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _first(layer: Layer, x, cos, sin, k_slots, v_slots, slots):
@@ -268,70 +313,6 @@ def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin, k_slo
 def _merge_last(layer: Layer, model: GLM4Model, x, partials):
     attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [T, Hq, D]
     return segments.last_with_head(layer, model, x, attn.flatten(1))  # [T, V] fp32
-
-
-class RowProductLinear(nn.Module):
-    """An nn.Linear (its own weight and bias, not copied) whose product with one row, traced by dynamo,
-    is gemv.py's Triton kernel in `blocks`, or else inductor's reduction over the weight (a GEMV kernel
-    of its making, the output fused into what follows); every other product is F.linear's (cuBLAS)."""
-
-    def __init__(self, linear: nn.Linear, blocks: gemv.Blocks | None = None):
-        super().__init__()
-        self.weight, self.bias, self.blocks = linear.weight, linear.bias, blocks
-
-    def kernel(self) -> str:
-        return f"Triton {self.blocks}" if self.blocks else "reduction"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
-            if self.blocks is not None:
-                return gemv.linear(x, self.weight, self.bias, self.blocks)
-            y = segments.one_row_product(self.weight, x)  # [1, out]
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-
-def named_linears(model: GLM4Model, names) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute name, linear) of each plain nn.Linear of `model` under one of `names` (a LoRA's
-    or a runner's wrapper is not one), in the model's order."""
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is nn.Linear and name in names]
-
-
-def swap_row_product_linears(model: GLM4Model, kernels: Mapping[str, gemv.Blocks | None]
-                             ) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """The model's nn.Linear layers named in `kernels` (ONE_ROW_PRODUCTS) wrapped in RowProductLinear
-    with the blocks given for their name, in place -> (parent, name, linear) of each, to put them back."""
-    if unknown := set(kernels) - set(ONE_ROW_PRODUCTS):
-        raise ValueError(f"no such linears: {sorted(unknown)}; the model's are {ONE_ROW_PRODUCTS}")
-    places = named_linears(model, kernels)
-    for parent, name, linear in places:
-        setattr(parent, name, RowProductLinear(linear, kernels[name]))
-    return places
-
-
-def fastest_one_row_kernels(model: GLM4Model) -> dict[str, gemv.Blocks]:
-    """On a GPU, for each of ONE_ROW_PRODUCTS: gemv.py's kernel in the blocks that read the model's
-    weights of that linear fastest, where that beats cuBLAS on this card and agrees with it
-    (gemv.fastest); timed with every layer's weight in turn, a few seconds (and Triton's compiles the
-    first time) at load. The products left out stay cuBLAS's."""
-    chosen = {}
-    for name in ONE_ROW_PRODUCTS:
-        weights = [linear.weight for _, _, linear in named_linears(model, (name,))]
-        if not weights:
-            continue
-        try:
-            blocks, report = gemv.fastest(weights)
-        except Exception as e:  # noqa: BLE001 - the timing's own failure leaves cuBLAS's product, not no server
-            log.warning("timing the one-row %s products failed, cuBLAS's run them: %s: %s", name, type(e).__name__, e)
-            continue
-        ran = {k: r["us"] for k, r in report.items() if k != "cublas" and "us" in r}
-        best = min(ran, key=ran.get) if ran else None
-        log.info("one-row %s: cuBLAS %.1f us, gemv.py's best %s -> %s", name, report["cublas"]["us"],
-                 f"{best} {ran[best]:.1f} us" if best else "none ran", f"Triton {blocks}" if blocks else "cuBLAS")
-        if blocks is not None:
-            chosen[name] = blocks
-    return chosen
 
 
 def compile_piece(fn):
@@ -363,22 +344,25 @@ class CompiledLayers:
         self.merge_between, self.merge_last = compile_piece(_merge_between), compile_piece(_merge_last)
         # prefill and mixed steps: attention's output whole (attention.cached_attention)
         self.between, self.last = compile_piece(_between), compile_piece(segments.last_without_head)
+        self.folded_pieces = Folded(compile_piece)  # batch-1 decodes, where one_row.can_fold
 
     @torch.inference_mode()
     def decode(self, model: GLM4Model, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
-               kv: KVCache) -> torch.Tensor:
-        """One token of each of T sequences -> their logits [T, V] fp32."""
+               kv: KVCache, folded: bool = False) -> torch.Tensor:
+        """One token of each of T sequences -> their logits [T, V] fp32; `folded`: one row, through
+        one_row.py's folded pieces."""
+        pieces = self.folded_pieces if folded else self
         layers, slots = model.layers, attn.slot_mapping
         x = model.embed(ids)  # [T, H]
         cos, sin = model.rotary(positions)  # [T, D] each
-        q = self.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
+        q = pieces.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
             partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
                                              layer.attn.scale)
             if i + 1 < len(layers):
-                x, q = self.merge_between(layer, layers[i + 1], x, partials, cos, sin, kv.k_slots[i + 1],
-                                          kv.v_slots[i + 1], slots)
-        return self.merge_last(layers[-1], model, x, partials)
+                x, q = pieces.merge_between(layer, layers[i + 1], x, partials, cos, sin, kv.k_slots[i + 1],
+                                            kv.v_slots[i + 1], slots)
+        return pieces.merge_last(layers[-1], model, x, partials)
 
     @torch.inference_mode()
     def forward(self, model: GLM4Model, b: ForwardBatch, kv: KVCache) -> torch.Tensor:

@@ -51,59 +51,118 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def row_product_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                           COLS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-        # the last program's rows past N read row N - 1 again (no mask on the loads) and store nothing
-        starts = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * K  # [ROWS, 1]
+    def row_product_kernel(x_ptr, w_ptr, y_ptr, N, K, b_ptr, norm_ptr, eps, res_ptr, cos_ptr, sin_ptr, rotated,
+                           HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROTARY: tl.constexpr,
+                           RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        j = tl.arange(0, ROWS)
+        if SWIGLU:  # N outputs from a weight of 2N rows [gate | up]: a program's rows gate, up, gate, up, ...
+            out = tl.program_id(0) * (ROWS // 2) + j // 2  # [ROWS] the output each row makes
+            rows = tl.minimum(out, N - 1) + (j % 2) * N
+        else:
+            out = tl.program_id(0) * ROWS + j
+            rows = tl.minimum(out, N - 1)  # rows past N read row N - 1 again (no mask on the loads), store nothing
+        starts = w_ptr + rows.to(tl.int64)[:, None] * K  # [ROWS, 1]
         cols = tl.arange(0, COLS)[None, :]  # [1, COLS]
         # the input read as a [ROWS, COLS] tile, each thread the inputs its weights meet (from L1): in the
         # weights' layout, with no exchange between warps in the loop (a [COLS] load would be rearranged
         # through shared memory, behind two barriers a step)
-        inputs = x_ptr + cols + 0 * rows[:, None]  # [ROWS, COLS]
+        inputs = x_ptr + cols + 0 * j[:, None]  # [ROWS, COLS]
+        scales = norm_ptr + cols + 0 * j[:, None]  # [ROWS, COLS]: the norm's weight, where NORM
+        if NORM:  # RMSNorm's 1 / rms of the whole input, each program its own (K values from L2)
+            squares = tl.zeros([COLS], tl.float32)
+            for k in range(0, K, COLS):
+                v = tl.load(x_ptr + k + tl.arange(0, COLS), mask=k + tl.arange(0, COLS) < K, other=0.0)
+                squares += v.to(tl.float32) * v.to(tl.float32)
+            inv_rms = tl.rsqrt(tl.sum(squares, 0) / K + eps)
         # each thread's 8 neighbouring products (one 16-byte load of bf16) summed as they come: a few
         # registers a thread, not ROWS x COLS / threads, so more programs fit an SM, more bytes in flight
         acc = tl.zeros([ROWS, COLS // 8], tl.float32)
         whole = K - K % COLS
         for k in range(0, whole, COLS):
-            p = tl.load(starts + k + cols).to(tl.float32) * tl.load(inputs + k).to(tl.float32)  # [ROWS, COLS]
+            a = tl.load(inputs + k).to(tl.float32)  # [ROWS, COLS]
+            if NORM:
+                a *= tl.load(scales + k).to(tl.float32)
+            p = tl.load(starts + k + cols).to(tl.float32) * a
             acc += tl.sum(tl.reshape(p, [ROWS, COLS // 8, 8]), 2)
         if whole < K:  # the input dims past the last whole step (13,696 = 26.75 x 512 for down)
             inside = whole + cols < K  # [1, COLS]
-            p = (tl.load(starts + whole + cols, mask=inside, other=0.0).to(tl.float32)
-                 * tl.load(inputs + whole, mask=inside, other=0.0).to(tl.float32))
+            a = tl.load(inputs + whole, mask=inside, other=0.0).to(tl.float32)
+            if NORM:
+                a *= tl.load(scales + whole, mask=inside, other=0.0).to(tl.float32)
+            p = tl.load(starts + whole + cols, mask=inside, other=0.0).to(tl.float32) * a
             acc += tl.sum(tl.reshape(p, [ROWS, COLS // 8, 8]), 2)
         y = tl.sum(acc, 1)  # [ROWS]
+        if NORM:  # W (norm_weight * x / rms) = (W (norm_weight * x)) / rms
+            y *= inv_rms
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+            y += tl.load(b_ptr + rows).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the product as F.linear gives it, before what follows
+        if ROTARY:  # outputs [0, rotated) are q and k heads: each pair (2i, 2i + 1) turned, as glm4.rotate does
+            first, second = tl.split(tl.reshape(y, [ROWS // 2, 2]))
+            partner = tl.reshape(tl.join(second, first), [ROWS])  # x1, x0, x3, x2, ...
+            dim = out % HEAD_DIM  # cos 1 and sin 0 past the rotary dims
+            turned = y * tl.load(cos_ptr + dim) + partner * tl.load(sin_ptr + dim)
+            y = tl.where(out < rotated, turned, y)
+        if SWIGLU:
+            gate, up = tl.split(tl.reshape(y, [ROWS // 2, 2]))  # [ROWS // 2] each
+            gate = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)  # F.silu's, rounded
+            y = gate * up
+            out = tl.program_id(0) * (ROWS // 2) + tl.arange(0, ROWS // 2)
+        if RESIDUAL:  # the residual stream's add, in x's dtype as `x + h`
+            y += tl.load(res_ptr + out, mask=out < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=out < N)
 
     return row_product_kernel
 
 
 @torch.library.custom_op("glm4serve::row_product", mutates_args=())
 def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, cols: int,
-                warps: int) -> torch.Tensor:
+                warps: int, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0, swiglu: bool = False,
+                cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, rotated: int = 0,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [1, in] times weight [out, in] (+ bias [out]) -> [1, out] in x's dtype: F.linear of one row,
-    launched with Blocks(rows, cols, warps)."""
+    launched with Blocks(rows, cols, warps); with what comes before and after it in a decode layer, each
+    optional, done by the same kernel (see `linear`)."""
     n, k = weight.shape
     x = x.contiguous()
     weight = weight.contiguous()
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    grid = (-(-n // rows),)
-    _kernel()[grid](x, weight, bias if bias is not None else weight, y, n, k, HAS_BIAS=bias is not None,
-                    ROWS=rows, COLS=cols, num_warps=warps)
+    outputs = n // 2 if swiglu else n
+    y = torch.empty(1, outputs, dtype=x.dtype, device=x.device)
+    grid = (-(-outputs // (rows // 2 if swiglu else rows)),)
+    unused = weight  # any pointer, for the options not taken
+    head_dim = cos.shape[-1] if cos is not None else 2
+    _kernel()[grid](x, weight, y, outputs, k, bias if bias is not None else unused,
+                    norm_weight if norm_weight is not None else unused, eps,
+                    residual.contiguous() if residual is not None else unused,
+                    cos.contiguous() if cos is not None else unused, sin.contiguous() if sin is not None else unused,
+                    rotated, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
+                    ROTARY=cos is not None, RESIDUAL=residual is not None, HEAD_DIM=head_dim, ROWS=rows, COLS=cols,
+                    num_warps=warps)
     return y
 
 
 @row_product.register_fake
-def _(x, weight, bias, rows, cols, warps):
-    return x.new_empty(1, weight.shape[0])
+def _(x, weight, bias, rows, cols, warps, norm_weight=None, eps=0.0, swiglu=False, cos=None, sin=None, rotated=0,
+      residual=None):
+    return x.new_empty(1, weight.shape[0] // 2 if swiglu else weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: Blocks) -> torch.Tensor:
-    """F.linear of one row x [1, in] by the kernel."""
-    return row_product(x, weight, bias, blocks.rows, blocks.cols, blocks.warps)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: Blocks,
+           norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False,
+           rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of one row x [1, in] by the kernel, and, each where given, in this order:
+    - norm (norm_weight [in], eps): of x first, RMSNorm's (glm4.RMSNorm, in fp32 without its rounding to
+      x's dtype between the scale and the weight);
+    - rotary (cos, signed sin [1, D], rotated): the output's first `rotated` values turned in pairs as
+      glm4.rotate turns q and k heads of D values (the cos and sin of glm4.Rotary for the row's position);
+    - swiglu: the weight's rows [gate | up] -> silu(gate) * up [1, out / 2] (glm4.SwiGLU);
+    - residual [1, out]: added last (the residual stream's `x + h`).
+    Each value rounded to x's dtype where the model's own ops round it: after the product and after SiLU."""
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    cos, sin, rotated = rotary if rotary is not None else (None, None, 0)
+    return row_product(x, weight, bias, blocks.rows, blocks.cols, blocks.warps, norm_weight, eps, swiglu, cos, sin,
+                       rotated, residual)
 
 
 def replay_us(product, weights: Sequence[torch.Tensor], x: torch.Tensor, calls: int = 40) -> float:

@@ -110,7 +110,8 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
         runner = CpuRunner(model, num_blocks, block_size, vocab_limit, compile_decode=loras is None)
     elif (paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1
           and (loras is None or loras.fixed)):
-        from .cuda_runner import CudaGraphRunner, fastest_one_row_kernels
+        from .cuda_runner import CudaGraphRunner
+        from .one_row import fastest_one_row_kernels
 
         fuse = not is_quantized(model)  # quantized linears (quant.py) stay out of inductor's graphs
         # timed before the runner takes its KV cache: the timing's graphs need a little memory

@@ -1,0 +1,168 @@
+"""The batch-1 decode step's matrix products, for the CUDA runner (cuda_runner.py).
+
+At batch 1 a linear is a matrix-vector product and its time is the weight's bytes over the card's
+bandwidth: cuBLAS's kernels took 5.07 of an H200's 6.58 ms 40-layer step, and each small op around a
+product is a kernel of its own, a few microseconds plus a gap in the replayed graph. So the batch-1
+graph may run:
+- each named linear (ONE_ROW_PRODUCTS) by gemv.py's Triton kernel in the blocks that read its weights
+  fastest on this GPU, or by inductor's reduction over the weight (RowProductLinear; chosen at load by
+  timing, fastest_one_row_kernels);
+- with all four of a layer's linears on gemv.py's kernel, a decode layer whose small ops that kernel
+  does around its products (`folded`): the norms before qkv, gate_up and the output layer, the bias
+  and rotary after qkv, SwiGLU after gate_up and the residual adds after o and down. A layer is then
+  7 launches: the attention kernel, the merge of its splits, the four products and the K/V store.
+  These pieces restate Layer.after_attention and Attention.project of glm4.py's `glm` variant with
+  that kernel's options, and are checked against them (tests/test_one_row.py); the `glm4` variant's
+  extra norms, LoRA adapters (their own wrappers of the linears) and tensor parallelism keep the
+  compiled model's own methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import gemv, segments
+from .attention import store_kv
+from .glm4 import GLM4Model, Layer, RMSNorm
+from .paged_decode import merge_splits
+
+log = logging.getLogger(__name__)
+
+ONE_ROW_PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")  # the model's linears, by attribute name
+
+
+class RowProductLinear(nn.Module):
+    """An nn.Linear (its own weight and bias, not copied) whose product with one row, traced by dynamo,
+    is gemv.py's Triton kernel in `blocks`, or else inductor's reduction over the weight (a GEMV kernel
+    of its making, the output fused into what follows); every other product is F.linear's (cuBLAS)."""
+
+    def __init__(self, linear: nn.Linear, blocks: gemv.Blocks | None = None):
+        super().__init__()
+        self.weight, self.bias, self.blocks = linear.weight, linear.bias, blocks
+
+    def kernel(self) -> str:
+        return f"Triton {self.blocks}" if self.blocks else "reduction"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and torch.compiler.is_compiling():
+            if self.blocks is not None:
+                return gemv.linear(x, self.weight, self.bias, self.blocks)
+            y = segments.one_row_product(self.weight, x)  # [1, out]
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def named_linears(model: GLM4Model, names) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, linear) of each plain nn.Linear of `model` under one of `names` (a LoRA's
+    or a runner's wrapper is not one), in the model's order."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear and name in names]
+
+
+def swap_row_product_linears(model: GLM4Model, kernels: Mapping[str, gemv.Blocks | None]
+                             ) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """The model's nn.Linear layers named in `kernels` (ONE_ROW_PRODUCTS) wrapped in RowProductLinear
+    with the blocks given for their name, in place -> (parent, name, linear) of each, to put them back."""
+    if unknown := set(kernels) - set(ONE_ROW_PRODUCTS):
+        raise ValueError(f"no such linears: {sorted(unknown)}; the model's are {ONE_ROW_PRODUCTS}")
+    places = named_linears(model, kernels)
+    for parent, name, linear in places:
+        setattr(parent, name, RowProductLinear(linear, kernels[name]))
+    return places
+
+
+def fastest_one_row_kernels(model: GLM4Model) -> dict[str, gemv.Blocks]:
+    """On a GPU, for each of ONE_ROW_PRODUCTS: gemv.py's kernel in the blocks that read the model's
+    weights of that linear fastest, where that beats cuBLAS on this card and agrees with it
+    (gemv.fastest); timed with every layer's weight in turn, a few seconds (and Triton's compiles the
+    first time) at load. The products left out stay cuBLAS's."""
+    chosen = {}
+    for name in ONE_ROW_PRODUCTS:
+        weights = [linear.weight for _, _, linear in named_linears(model, (name,))]
+        if not weights:
+            continue
+        try:
+            blocks, report = gemv.fastest(weights)
+        except Exception as e:  # noqa: BLE001 - the timing's own failure leaves cuBLAS's product, not no server
+            log.warning("timing the one-row %s products failed, cuBLAS's run them: %s: %s", name, type(e).__name__, e)
+            continue
+        ran = {k: r["us"] for k, r in report.items() if k != "cublas" and "us" in r}
+        best = min(ran, key=ran.get) if ran else None
+        log.info("one-row %s: cuBLAS %.1f us, gemv.py's best %s -> %s", name, report["cublas"]["us"],
+                 f"{best} {ran[best]:.1f} us" if best else "none ran", f"Triton {blocks}" if blocks else "cuBLAS")
+        if blocks is not None:
+            chosen[name] = blocks
+    return chosen
+
+
+def _on_kernel(linear: nn.Module) -> bool:
+    return isinstance(linear, RowProductLinear) and linear.blocks is not None
+
+
+def can_fold(model: GLM4Model) -> bool:
+    """Whether `folded`'s pieces run this model: the `glm` variant, whole (no tensor-parallel shard),
+    every layer's four linears on gemv.py's kernel (RowProductLinear with blocks)."""
+    return model.cfg.variant == "glm" and model.shard.world == 1 and all(
+        _on_kernel(m) for layer in model.layers for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up,
+                                                          layer.mlp.down))
+
+
+def _product(linear: RowProductLinear, x: torch.Tensor, norm: RMSNorm | None = None, **options) -> torch.Tensor:
+    return gemv.linear(x, linear.weight, linear.bias, linear.blocks,
+                       norm=(norm.weight, norm.eps) if norm is not None else None, **options)
+
+
+def _qkv(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Layer.before_attention of one row x [1, H]: input norm, qkv and its bias, the rotary of q and k, in
+    one kernel -> q [1, Hq, D], k, v [1, Hkv, D]."""
+    attn = layer.attn
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = _product(attn.qkv, x, layer.input_norm, rotary=(cos, sin, (hq + hkv) * d))  # [1, (Hq + 2 Hkv) * D]
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
+    return q.view(1, hq, d), k.view(1, hkv, d), v.view(1, hkv, d)
+
+
+def _after_attention(layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Layer.after_attention of one row (the `glm` variant): x + o(attn), then that plus the MLP of its
+    norm, in three kernels."""
+    x = _product(layer.attn.o, attn, residual=x)  # [1, H]
+    h = _product(layer.mlp.gate_up, x, layer.mlp_norm, swiglu=True)  # [1, F]
+    return _product(layer.mlp.down, h, residual=x)  # [1, H]
+
+
+def _first(layer: Layer, x, cos, sin, k_slots, v_slots, slots):
+    q, k, v = _qkv(layer, x, cos, sin)
+    store_kv(k_slots, v_slots, k, v, slots, finite=False)
+    return q
+
+
+def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin, k_slots, v_slots, slots):
+    attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [1, Hq, D]
+    x = _after_attention(layer, x, attn.flatten(1))
+    q, k, v = _qkv(next_layer, x, cos, sin)
+    store_kv(k_slots, v_slots, k, v, slots, finite=False)
+    return x, q
+
+
+def _merge_last(layer: Layer, model: GLM4Model, x, partials):
+    attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [1, Hq, D]
+    x = _after_attention(layer, x, attn.flatten(1))
+    if _on_kernel(model.lm_head):  # the final norm in the output layer's kernel
+        return _product(model.lm_head, x, model.norm).float()  # [1, V]
+    return model.logits(x)
+
+
+class Folded:
+    """The pieces of a batch-1 decode step whose small ops gemv.py's kernel does (the module's doc),
+    compiled as the CUDA runner compiles its others (cuda_runner.compile_piece): the first layer's
+    qkv and K/V store, then for each layer its attention's merge, its end and the next one's qkv."""
+
+    def __init__(self, compile_piece):
+        self.first = compile_piece(_first)
+        self.merge_between = compile_piece(_merge_between)
+        self.merge_last = compile_piece(_merge_last)

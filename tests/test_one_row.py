@@ -1,0 +1,133 @@
+"""one_row.py's folded decode layer (the batch-1 step's small ops done by gemv.py's kernel around its
+products): which models it runs, its pieces against the model's own (segments.py) with the K/V stored
+in place, and the CUDA runner keeping whichever batch-1 step replays faster. The runner's steps through
+it against the eager runner's are test_paged_decode's (`folded`)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from glm4serve.model import cuda_runner, segments
+from glm4serve.model.cuda_runner import CudaGraphRunner
+from glm4serve.model.gemv import Blocks
+from glm4serve.model.glm4 import load_model
+from glm4serve.model.kv_cache import KVCache
+from glm4serve.model.one_row import Folded, can_fold, swap_row_product_linears
+from glm4serve.model.paged_decode import merge_splits
+
+ALL_FOUR = {"qkv": Blocks(8, 32, 4), "o": Blocks(2, 64, 4), "gate_up": Blocks(4, 128, 4), "down": Blocks(16, 64, 4),
+            "lm_head": Blocks(32, 512, 8)}
+
+
+def test_it_runs_the_glm_variant_with_every_product_on_the_kernel(make_checkpoint, tmp_path):
+    """Not the glm4 variant (its extra norms), not with a product left to cuBLAS or inductor's reduction,
+    not with LoRA adapters on the linears (their own wrappers); the output layer may stay cuBLAS's."""
+    from glm4serve.model.lora import load_loras
+    from glm4serve.model.random_checkpoint import write_random_adapter
+
+    path = make_checkpoint("glm", shape="small")
+    def without(name):
+        return {k: v for k, v in ALL_FOUR.items() if k != name}
+
+    for kernels, folds in [(ALL_FOUR, True), ({**ALL_FOUR, "lm_head": None}, True), (without("lm_head"), True),
+                           ({**ALL_FOUR, "o": None}, False), (without("down"), False)]:
+        model = load_model(path, dtype="float32")
+        swap_row_product_linears(model, kernels)
+        assert can_fold(model) == folds, kernels
+    glm4 = load_model(make_checkpoint("glm4", shape="small"), dtype="float32")
+    swap_row_product_linears(glm4, ALL_FOUR)
+    assert not can_fold(glm4)
+    model = load_model(path, dtype="float32")
+    adapter = str(write_random_adapter(tmp_path / "a", path, rank=2, targets=("attn.qkv",), seed=1))
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR,
+                             loras=load_loras({"a": adapter}, model, runtime=False))
+    assert not runner.folded and not can_fold(model)
+
+
+@pytest.mark.parametrize("piece", ["first", "merge_between", "merge_last"])
+def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint, device, kernel_runs, piece):
+    """Each compiled folded piece against segments.py's (the model's own methods), with K and V written
+    into the layer's cache where the slot says, nothing else, and no buffer the cache's size (a copy)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device=device)
+    swap_row_product_linears(model, ALL_FOUR)
+    cfg, layers = model.cfg, model.layers
+    kv = KVCache(cfg, 53, 4, torch.float32, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.hidden_size, generator=g).to(device)
+    cos, sin = model.rotary(torch.tensor([9], device=device))
+    slots = torch.tensor([197], device=device)
+    partials = (torch.randn(1, cfg.num_kv_heads, 4, 16, cfg.head_dim, generator=g).to(device),
+                torch.randn(1, cfg.num_kv_heads, 4, 16, generator=g).to(device),
+                torch.rand(1, cfg.num_kv_heads, 4, 16, generator=g).to(device) + 0.5)
+    attn = merge_splits(*partials, cfg.num_heads).flatten(1)  # [1, Hq * D]
+    stores = piece != "merge_last"
+    with torch.inference_mode():  # the swapped linears outside a compile: F.linear, the model's own products
+        args, want = {
+            "first": ((layers[0], x, cos, sin), segments.first(layers[0], x, cos, sin)),
+            "merge_between": ((layers[0], layers[1], x, partials, cos, sin),
+                              segments.between(layers[0], layers[1], x, attn, cos, sin)),
+            "merge_last": ((layers[-1], model, x, partials), (segments.last_with_head(layers[-1], model, x, attn),)),
+        }[piece]
+    fn = getattr(Folded(lambda f: f), piece)
+
+    def this_tests_own(*args):  # a code object no runner compiled: its code is made here
+        return fn(*args)
+
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own), *args,
+                                      *((kv.k_slots[1], kv.v_slots[1], slots) if stores else ()))
+    got = got if isinstance(got, tuple) else (got,)
+    expected = want[:-2] if stores else want  # (q,), (x, q), (logits,)
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours.reshape(theirs.shape), theirs, rtol=1e-4, atol=1e-4)
+    assert "torch.ops.glm4serve.row_product" in codes[0]  # the kernel's, not inductor's products
+    if stores:
+        torch.testing.assert_close(kv.k_slots[1][slots], want[-2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kv.v_slots[1][slots], want[-1], rtol=1e-4, atol=1e-4)
+        kv.k_slots[1][slots] = 0
+        assert kv.k_slots[1].abs().sum() == 0  # nothing else written
+        sizes = [math.prod(int(n) for n in shape.split(",") if n.strip())
+                 for code in codes for shape in re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", code)]
+        assert max(sizes, default=0) < kv.k[1].numel(), codes[0][-3000:]  # no buffer the cache's size
+
+
+class Graph:
+    """Stands in for a captured CUDA graph: its replay's time is the test's to say."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+@pytest.mark.parametrize("folded_ms,unfolded_ms,keeps", [(5.0, 6.0, "folded"), (6.0, 5.0, "unfolded"),
+                                                        (5.0, None, "folded")])
+def test_the_runner_keeps_the_batch_1_step_that_replays_faster(make_checkpoint, monkeypatch, folded_ms,
+                                                                 unfolded_ms, keeps):
+    """Captured folded, the batch-1 step is captured again without folding and the faster replay kept
+    (runner.step_ms says both); folded where the other fails."""
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
+    assert runner.folded
+    captured_folded = []
+
+    def capture_size(size, pool, warm_up=None):
+        assert size == 1 and pool == "pool" and warm_up == runner._step  # a failure raises, no fall-back
+        captured_folded.append(runner.folded)
+        if unfolded_ms is None:
+            raise RuntimeError("no capture")
+        return Graph("unfolded"), "unfolded logits"
+
+    monkeypatch.setattr(runner, "_capture_size", capture_size)
+    times = {"folded": folded_ms, "unfolded": unfolded_ms}
+    monkeypatch.setattr(cuda_runner, "replay_ms", lambda graph: times[graph.name])
+    graph, logits = runner._folded_or_not(Graph("folded"), "folded logits", "pool")
+    assert captured_folded == [False]  # the second capture is the unfolded step's
+    assert graph.name == keeps and logits == f"{keeps} logits" and runner.folded == (keeps == "folded")
+    assert runner.step_ms == ({"folded": folded_ms, "unfolded": unfolded_ms} if unfolded_ms else {})
+    assert ("small ops folded in" in repr(runner)) == (keeps == "folded")
