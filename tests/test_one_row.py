@@ -24,8 +24,9 @@ ALL_FOUR = {"qkv": Blocks(8, 32, 4), "o": Blocks(2, 64, 4), "gate_up": Blocks(4,
 
 
 def test_it_runs_the_glm_variant_with_every_product_on_the_kernel(make_checkpoint, tmp_path):
-    """Not the glm4 variant (its extra norms), not with a product left to cuBLAS or inductor's reduction,
-    not with LoRA adapters on the linears (their own wrappers); the output layer may stay cuBLAS's."""
+    """Not the glm4 variant (its extra norms), not with a product left to cuBLAS or inductor's reduction
+    or in blocks of one row, not with LoRA adapters on the linears (their own wrappers); the output
+    layer may stay cuBLAS's."""
     from glm4serve.model.lora import load_loras
     from glm4serve.model.random_checkpoint import write_random_adapter
 
@@ -34,7 +35,8 @@ def test_it_runs_the_glm_variant_with_every_product_on_the_kernel(make_checkpoin
         return {k: v for k, v in ALL_FOUR.items() if k != name}
 
     for kernels, folds in [(ALL_FOUR, True), ({**ALL_FOUR, "lm_head": None}, True), (without("lm_head"), True),
-                           ({**ALL_FOUR, "o": None}, False), (without("down"), False)]:
+                           ({**ALL_FOUR, "o": None}, False), (without("down"), False),
+                           ({**ALL_FOUR, "gate_up": Blocks(1, 128, 4)}, False)]:  # one row: SwiGLU's pairs split
         model = load_model(path, dtype="float32")
         swap_row_product_linears(model, kernels)
         assert can_fold(model) == folds, kernels

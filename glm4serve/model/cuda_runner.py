@@ -40,12 +40,12 @@ import numpy as np
 import torch
 
 from . import gemv, segments
-from .one_row import ONE_ROW_PRODUCTS, Folded, can_fold, swap_row_product_linears
 from .attention import AttentionBatch, cached_attention, store_kv
 from .batch import ForwardBatch, ScheduledBatch, SeqChunk
 from .glm4 import GLM4Model, Layer
 from .kv_cache import KVCache
 from .lora import LoRASet
+from .one_row import ONE_ROW_PRODUCTS, Folded, can_fold, swap_row_product_linears
 from .paged_decode import merge_splits, paged_decode_partials
 from .runner import EagerRunner
 

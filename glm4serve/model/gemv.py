@@ -9,6 +9,10 @@ kernel a product (no split of the input dim to add up after), its bytes in fligh
 and by how many programs an SM holds. Which blocks read fastest, and whether any beats cuBLAS, is the
 GPU's to say: the CUDA runner times them at load (`fastest`), product by product.
 
+The same launch can also do what comes before and after a product in a decode layer (`linear`'s
+options: the norm of its input; the bias, the rotary of q and k, SwiGLU, the residual add), so that
+one_row.py's batch-1 layer needs no kernels of its own for them.
+
 The launch is a custom op (glm4serve::row_product), so that a piece compiled by inductor calls it as
 it calls cuBLAS, and a CUDA graph captures it. On CPU, Triton's interpreter (TRITON_INTERPRET=1) runs
 the kernel: that is how the tests check it.
@@ -124,6 +128,8 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     launched with Blocks(rows, cols, warps); with what comes before and after it in a decode layer, each
     optional, done by the same kernel (see `linear`)."""
     n, k = weight.shape
+    if (swiglu or cos is not None) and rows % 2:
+        raise ValueError(f"SwiGLU and the rotary pair the rows of a program: {rows} rows")
     x = x.contiguous()
     weight = weight.contiguous()
     outputs = n // 2 if swiglu else n

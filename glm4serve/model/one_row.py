@@ -101,12 +101,13 @@ def fastest_one_row_kernels(model: GLM4Model) -> dict[str, gemv.Blocks]:
 
 
 def _on_kernel(linear: nn.Module) -> bool:
-    return isinstance(linear, RowProductLinear) and linear.blocks is not None
+    # blocks of one row would split SwiGLU's and the rotary's pairs
+    return isinstance(linear, RowProductLinear) and linear.blocks is not None and linear.blocks.rows % 2 == 0
 
 
 def can_fold(model: GLM4Model) -> bool:
-    """Whether `folded`'s pieces run this model: the `glm` variant, whole (no tensor-parallel shard),
-    every layer's four linears on gemv.py's kernel (RowProductLinear with blocks)."""
+    """Whether `Folded`'s pieces run this model: the `glm` variant, whole (no tensor-parallel shard),
+    every layer's four linears on gemv.py's kernel (RowProductLinear with blocks of even rows)."""
     return model.cfg.variant == "glm" and model.shard.world == 1 and all(
         _on_kernel(m) for layer in model.layers for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up,
                                                           layer.mlp.down))
