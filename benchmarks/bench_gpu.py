@@ -431,7 +431,9 @@ def one_row_products(b: Bench, model: GLM4Model, bandwidth: float) -> dict:
     each timed as the runner's load-time choice times them (gemv.replay_us: the 40 layers' weights in
     turn, from a CUDA graph): the GPU's time per product, and the bytes of weight it reads a second as
     a share of the card's copy bandwidth (the roofline's); the Triton kernel's best blocks, and its
-    largest error against cuBLAS's product relative to that product's largest value."""
+    largest error against cuBLAS's product relative to that product's largest value; and the best
+    blocks again launched without programmatic dependent launch (`triton_no_pdl`: what PDL brings
+    when the kernel follows itself, on sm_90 and newer)."""
     if b.device != "cuda":
         return {"skipped": "a GPU's kernels"}
     from glm4serve.model import gemv
@@ -450,10 +452,12 @@ def one_row_products(b: Bench, model: GLM4Model, bandwidth: float) -> dict:
         read = ws[0].numel() * ws[0].element_size()
         timed = {how: gemv.replay_us(fn, ws, x) for how, fn in kernels.items()}
         best = min(gemv.SWEEP, key=timed.get)
+        timed["triton_no_pdl"] = gemv.replay_us(lambda w, x: gemv.linear(x, w, None, best, pdl=False), ws, x)
         figures[f"{name}_triton_max_rel_err"] = max(gemv.relative_error(blocks, ws[0], x) for blocks in gemv.SWEEP)
         figures[f"{name}_triton_blocks"] = asdict(best)
         figures[f"{name}_triton_sweep_us"] = {str(blocks): timed[blocks] for blocks in gemv.SWEEP}
-        for how, us in (("cublas", timed["cublas"]), ("reduction", timed["reduction"]), ("triton", timed[best])):
+        for how, us in (("cublas", timed["cublas"]), ("reduction", timed["reduction"]), ("triton", timed[best]),
+                        ("triton_no_pdl", timed["triton_no_pdl"])):
             figures[f"{name}_{how}_us"] = us
             figures[f"{name}_{how}_of_copy_bandwidth"] = read / (us / 1e6) / bandwidth if bandwidth else None
     return figures

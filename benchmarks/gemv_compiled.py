@@ -37,14 +37,16 @@ def compile_kernel(blocks, capability: int = 90, dtype: str = "bf16", bias: bool
 
     kernel = gemv._kernel()
     flags = {**dict(HAS_BIAS=bias, NORM=False, SWIGLU=False, ROTARY=False, RESIDUAL=False), **(options or {})}
-    constants = dict(flags, HEAD_DIM=128, ROWS=blocks.rows, COLS=blocks.cols)
+    # programmatic dependent launch where the runner launches with it (gemv._launches_pdl)
+    constants = dict(flags, HEAD_DIM=128, ROWS=blocks.rows, COLS=blocks.cols, PDL=capability >= 90)
     kinds = {"N": "i32", "K": "i32", "rotated": "i32", "eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
     signature = {name: "constexpr" if name in constants else kinds.get(name, "*" + dtype) for name in kernel.arg_names}
     # pointers and sizes: multiples of 16
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                if signature[name] not in ("constexpr", "fp32")}
     return triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=aligned),
-                          target=GPUTarget("cuda", capability, 32), options={"num_warps": blocks.warps})
+                          target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": blocks.warps, "launch_pdl": capability >= 90})
 
 
 def loop_barriers(compiled) -> int:

@@ -51,7 +51,7 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
         assert all(0 < tiers[f"replay_ms_{n}"] < tiers[f"runner_step_ms_{n}"] for n in (1, 4)), tiers
         products = figures["one_row_products"]
         assert all(products[f"{w}_{how}_us"] > 0 for w in ("qkv", "o", "gate_up", "down", "lm_head")
-                   for how in ("cublas", "reduction", "triton")), products
+                   for how in ("cublas", "reduction", "triton", "triton_no_pdl")), products
         # gemv.py's kernel in every blocks of its sweep gave cuBLAS's product, to bf16's rounding
         assert all(products[f"{w}_triton_max_rel_err"] < 0.02 for w in ("qkv", "o", "gate_up", "down", "lm_head"))
         # run where a kernel of ours was faster and the runner had not taken it already, else said why not

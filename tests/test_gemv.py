@@ -112,6 +112,38 @@ def test_the_op_is_well_formed(device, kernel_runs):
     x, w, b = operands(37, 100, True, torch.float32, device)
     torch.library.opcheck(row_product, (x, w, b, 8, 32, 4), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(row_product, (x, w, None, 8, 32, 4), test_utils=("test_schema", "test_faketensor"))
+    norm_weight, residual = torch.ones_like(x[0]), torch.zeros(1, 18, device=device)
+    out = row_product(x, w[:36], None, 8, 32, 4, norm_weight, 1e-5, True, None, None, 0, residual)  # SwiGLU: half
+    assert out.shape == (1, 18)
+    torch.library.opcheck(row_product, (x, w[:36], None, 8, 32, 4, norm_weight, 1e-5, True, None, None, 0, residual,
+                                        False), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+def test_products_that_follow_each_other_in_a_graph_wait_for_their_inputs(device):
+    """On sm_90 each launch may start before the kernel it follows has ended (PDL): a chain of products,
+    each reading the one before and one from further back (the residual), replayed from a CUDA graph,
+    gives what it gives launched one by one without PDL."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(2048, 2048, generator=g, device="cuda", dtype=torch.bfloat16) / 45 for _ in range(6)]
+    x = torch.randn(1, 2048, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def chain(x, pdl):
+        first = y = linear(x, weights[0], None, Blocks(4, 512, 2), pdl=pdl)
+        for w in weights[1:]:
+            y = linear(y, w, None, Blocks(4, 512, 2), residual=first, pdl=pdl)
+        return y
+
+    with torch.inference_mode():
+        want = chain(x, pdl=False)
+        chain(x, pdl=True)  # compiled off the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(x, pdl=True)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want)
 
 
 def test_a_compiled_piece_calls_the_kernel(device, kernel_runs):
@@ -141,7 +173,7 @@ def compile_for_gpus(targets) -> dict:
 
     def one(capability, dtype, blocks, folded="plain"):
         compiled = compile_kernel(blocks, capability, dtype, bias=True, options=FOLDED.get(folded))
-        return loop_barriers(compiled), compiled.metadata.shared
+        return loop_barriers(compiled), compiled.metadata.shared, compiled.asm["ptx"].count("griddepcontrol.wait")
 
     return each_compiled(targets, one)
 
@@ -160,8 +192,9 @@ def test_the_kernel_compiles_for_the_gpus_it_runs_on_with_no_barrier_in_its_loop
     layout of its own and passed between warps through shared memory) stalls each step's loads."""
     result = compiled_for_gpus[str(target)]
     assert isinstance(result, list), result
-    barriers, shared = result
+    barriers, shared, waits = result
     assert barriers == 0 and shared <= 64 * 1024, result
+    assert waits == (1 if target[0] >= 90 else 0), result  # launched with PDL on sm_90: its one wait
 
 
 def test_a_product_takes_the_fastest_blocks_that_agree_with_cublas_where_they_beat_it():

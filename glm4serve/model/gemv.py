@@ -11,7 +11,10 @@ GPU's to say: the CUDA runner times them at load (`fastest`), product by product
 
 The same launch can also do what comes before and after a product in a decode layer (`linear`'s
 options: the norm of its input; the bias, the rotary of q and k, SwiGLU, the residual add), so that
-one_row.py's batch-1 layer needs no kernels of its own for them.
+one_row.py's batch-1 layer needs no kernels of its own for them. On sm_90 and newer it is launched
+with programmatic dependent launch: before the kernel it follows has ended, its programs loading
+their first weights and then waiting on the GPU for that kernel's writes (no launch gap between two
+products of a layer).
 
 The launch is a custom op (glm4serve::row_product), so that a piece compiled by inductor calls it as
 it calls cuBLAS, and a CUDA graph captures it. On CPU, Triton's interpreter (TRITON_INTERPRET=1) runs
@@ -57,7 +60,8 @@ def _kernel():
     @triton.jit
     def row_product_kernel(x_ptr, w_ptr, y_ptr, N, K, b_ptr, norm_ptr, eps, res_ptr, cos_ptr, sin_ptr, rotated,
                            HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROTARY: tl.constexpr,
-                           RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                           RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                           PDL: tl.constexpr):
         j = tl.arange(0, ROWS)
         if SWIGLU:  # N outputs from a weight of 2N rows [gate | up]: a program's rows gate, up, gate, up, ...
             out = tl.program_id(0) * (ROWS // 2) + j // 2  # [ROWS] the output each row makes
@@ -72,6 +76,12 @@ def _kernel():
         # through shared memory, behind two barriers a step)
         inputs = x_ptr + cols + 0 * j[:, None]  # [ROWS, COLS]
         scales = norm_ptr + cols + 0 * j[:, None]  # [ROWS, COLS]: the norm's weight, where NORM
+        # the weights' first step, loaded before the wait: the weights are no kernel's output, so with
+        # PDL their first bytes stream in while the kernel before this one ends
+        first_w = tl.load(starts + cols, mask=cols < K, other=0.0)  # [ROWS, COLS]
+        if PDL:  # launched before the kernel this one follows has ended: nothing it writes is read before here
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may take the SMs this one leaves
         if NORM:  # RMSNorm's 1 / rms of the whole input, each program its own (K values from L2)
             squares = tl.zeros([COLS], tl.float32)
             for k in range(0, K, COLS):
@@ -80,9 +90,12 @@ def _kernel():
             inv_rms = tl.rsqrt(tl.sum(squares, 0) / K + eps)
         # each thread's 8 neighbouring products (one 16-byte load of bf16) summed as they come: a few
         # registers a thread, not ROWS x COLS / threads, so more programs fit an SM, more bytes in flight
-        acc = tl.zeros([ROWS, COLS // 8], tl.float32)
-        whole = K - K % COLS
-        for k in range(0, whole, COLS):
+        a = tl.load(inputs, mask=cols < K, other=0.0).to(tl.float32)  # [ROWS, COLS]
+        if NORM:
+            a *= tl.load(scales, mask=cols < K, other=0.0).to(tl.float32)
+        acc = tl.sum(tl.reshape(first_w.to(tl.float32) * a, [ROWS, COLS // 8, 8]), 2)  # [ROWS, COLS // 8]
+        whole = tl.maximum(K - K % COLS, COLS)  # the steps after the first, up to the last whole one
+        for k in range(COLS, whole, COLS):
             a = tl.load(inputs + k).to(tl.float32)  # [ROWS, COLS]
             if NORM:
                 a *= tl.load(scales + k).to(tl.float32)
@@ -123,7 +136,7 @@ def _kernel():
 def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, cols: int,
                 warps: int, norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0, swiglu: bool = False,
                 cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, rotated: int = 0,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, pdl: bool = True) -> torch.Tensor:
     """x [1, in] times weight [out, in] (+ bias [out]) -> [1, out] in x's dtype: F.linear of one row,
     launched with Blocks(rows, cols, warps); with what comes before and after it in a decode layer, each
     optional, done by the same kernel (see `linear`)."""
@@ -137,26 +150,34 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     grid = (-(-outputs // (rows // 2 if swiglu else rows)),)
     unused = weight  # any pointer, for the options not taken
     head_dim = cos.shape[-1] if cos is not None else 2
+    pdl = pdl and _launches_pdl(x.device)
     _kernel()[grid](x, weight, y, outputs, k, bias if bias is not None else unused,
                     norm_weight if norm_weight is not None else unused, eps,
                     residual.contiguous() if residual is not None else unused,
                     cos.contiguous() if cos is not None else unused, sin.contiguous() if sin is not None else unused,
                     rotated, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
                     ROTARY=cos is not None, RESIDUAL=residual is not None, HEAD_DIM=head_dim, ROWS=rows, COLS=cols,
-                    num_warps=warps)
+                    PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+@functools.cache
+def _launches_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (sm_90 and newer): the kernel launched before the one it follows
+    has ended, its programs waiting on the GPU (griddepcontrol) instead of behind a launch gap."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @row_product.register_fake
 def _(x, weight, bias, rows, cols, warps, norm_weight=None, eps=0.0, swiglu=False, cos=None, sin=None, rotated=0,
-      residual=None):
+      residual=None, pdl=True):
     return x.new_empty(1, weight.shape[0] // 2 if swiglu else weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: Blocks,
            norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False,
            rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
     """F.linear of one row x [1, in] by the kernel, and, each where given, in this order:
     - norm (norm_weight [in], eps): of x first, RMSNorm's (glm4.RMSNorm, in fp32 without its rounding to
       x's dtype between the scale and the weight);
@@ -164,11 +185,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blo
       glm4.rotate turns q and k heads of D values (the cos and sin of glm4.Rotary for the row's position);
     - swiglu: the weight's rows [gate | up] -> silu(gate) * up [1, out / 2] (glm4.SwiGLU);
     - residual [1, out]: added last (the residual stream's `x + h`).
-    Each value rounded to x's dtype where the model's own ops round it: after the product and after SiLU."""
+    Each value rounded to x's dtype where the model's own ops round it: after the product and after SiLU.
+    `pdl`: launched with programmatic dependent launch where the GPU has it (sm_90 and newer)."""
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     cos, sin, rotated = rotary if rotary is not None else (None, None, 0)
     return row_product(x, weight, bias, blocks.rows, blocks.cols, blocks.warps, norm_weight, eps, swiglu, cos, sin,
-                       rotated, residual)
+                       rotated, residual, pdl)
 
 
 def replay_us(product, weights: Sequence[torch.Tensor], x: torch.Tensor, calls: int = 40) -> float:
