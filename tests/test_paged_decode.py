@@ -213,6 +213,22 @@ def test_a_failed_compile_or_capture_drops_the_one_row_kernels_first(make_checkp
         runner._fall_back("capturing", RuntimeError("again"))
 
 
+def test_a_failure_with_pdl_launches_the_one_row_kernels_without_it_first(make_checkpoint, monkeypatch):
+    """On a GPU whose kernels launch with programmatic dependent launch (sm_90+): a failure turns it off
+    for every one-row kernel, which stay; the next drops them (cuBLAS's products)."""
+    from glm4serve.model import gemv
+
+    monkeypatch.setattr(gemv, "_launches_pdl", lambda device: True)
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False,
+                             one_row={"down": Blocks(), "o": None})
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.one_row_kernels() == {"o": "reduction", "down": "Triton 8x512/4w"}
+    assert all(not layer.mlp.down.pdl for layer in model.layers)
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.fused is not None and runner.one_row_kernels() == {}
+
+
 def step(runner, chunks, copies=()):
     return runner.execute(ScheduledBatch(chunks, list(copies))).float().cpu()
 

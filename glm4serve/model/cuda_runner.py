@@ -190,8 +190,17 @@ class CudaGraphRunner(EagerRunner):
             self._warm_up(size)
 
     def _fall_back(self, what: str, error: Exception) -> None:
-        """After `what` failed: cuBLAS's products back in place of the one-row kernels if there were any,
-        else the layers as written in place of the compiled ones; raise if neither was in use."""
+        """After `what` failed: the one-row kernels launched without programmatic dependent launch if they
+        were launched with it, else cuBLAS's products back in place of them if there were any, else the
+        layers as written in place of the compiled ones; raise if none of these was in use."""
+        launched = [m for m in (getattr(parent, name) for parent, name, _ in self.swapped)
+                    if m.blocks is not None and m.pdl and gemv._launches_pdl(m.weight.device)]
+        if launched:
+            log.warning("%s failed with the one-row kernels launched with PDL, launched without it now: %s: %s",
+                        what, type(error).__name__, error)
+            for m in launched:
+                m.pdl = False
+            return
         if self.swapped:
             log.warning("%s failed with the one-row kernels, cuBLAS's products take their place: %s: %s", what,
                         type(error).__name__, error)

@@ -39,11 +39,13 @@ ONE_ROW_PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")  # the model's lin
 class RowProductLinear(nn.Module):
     """An nn.Linear (its own weight and bias, not copied) whose product with one row, traced by dynamo,
     is gemv.py's Triton kernel in `blocks`, or else inductor's reduction over the weight (a GEMV kernel
-    of its making, the output fused into what follows); every other product is F.linear's (cuBLAS)."""
+    of its making, the output fused into what follows); every other product is F.linear's (cuBLAS).
+    `pdl`: the kernel launched with programmatic dependent launch where the GPU has it."""
 
     def __init__(self, linear: nn.Linear, blocks: gemv.Blocks | None = None):
         super().__init__()
         self.weight, self.bias, self.blocks = linear.weight, linear.bias, blocks
+        self.pdl = True
 
     def kernel(self) -> str:
         return f"Triton {self.blocks}" if self.blocks else "reduction"
@@ -51,7 +53,7 @@ class RowProductLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and torch.compiler.is_compiling():
             if self.blocks is not None:
-                return gemv.linear(x, self.weight, self.bias, self.blocks)
+                return gemv.linear(x, self.weight, self.bias, self.blocks, pdl=self.pdl)
             y = segments.one_row_product(self.weight, x)  # [1, out]
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
@@ -115,7 +117,7 @@ def can_fold(model: GLM4Model) -> bool:
 
 def _product(linear: RowProductLinear, x: torch.Tensor, norm: RMSNorm | None = None, **options) -> torch.Tensor:
     return gemv.linear(x, linear.weight, linear.bias, linear.blocks,
-                       norm=(norm.weight, norm.eps) if norm is not None else None, **options)
+                       norm=(norm.weight, norm.eps) if norm is not None else None, pdl=linear.pdl, **options)
 
 
 def _qkv(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
