@@ -523,8 +523,8 @@ def single_stream_one_row(b: Bench, model: GLM4Model, products: dict, default: d
     the kernel one_row_products found fastest for it, inductor's reduction or gemv.py's Triton kernel
     in its best blocks, where that beat cuBLAS's, if that is not what the engine's runner took at load
     (`default`, which weighs gemv.py's kernel alone); and its decode step's kernels."""
-    from glm4serve.model.one_row import ONE_ROW_PRODUCTS
     from glm4serve.model.gemv import Blocks
+    from glm4serve.model.one_row import ONE_ROW_PRODUCTS
 
     if b.device != "cuda":
         return {"skipped": "CUDA graphs need a GPU"}
