@@ -43,7 +43,8 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
     bench=$?
 fi
 if [ "$part" = tests ] || [ "$part" = all ]; then
-    timeout -k 10 440 python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
+    # at the limit pytest gets an interrupt (SIGINT): it stops, reports what ran and writes its XML
+    timeout -s INT -k 20 440 python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
         --junitxml "$OUT/pytest.xml" tests/test_paged_decode.py tests/test_gemv.py tests/test_one_row.py \
         tests/test_model_equivalence.py tests/test_e2e_server.py tests/test_engine_with_model.py \
         tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest.log"

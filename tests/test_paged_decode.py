@@ -250,6 +250,9 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
     the layers compiled by inductor (for the CPU here; batch 4 static, 1, then 8 with dynamic rows),
     glm4's extra norms too. Folded: every layer's products on gemv.py's kernel, the batch-1 steps
     through one_row.py's pieces (the small ops in that kernel), the output layer's too or cuBLAS's."""
+    if device == "cuda" and one_row and "o" in one_row and "lm_head" not in one_row:
+        pytest.skip("folded with cuBLAS's output layer: the CPU run's; on a GPU `folded` covers the pieces, and "
+                    "a lent GPU's minutes are few")
     path = make_checkpoint(variant, shape="small")
     model = load_model(path, dtype="float32", device=device)
     block_size, num_blocks = 4, 40
