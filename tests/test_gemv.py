@@ -215,7 +215,9 @@ def test_the_load_time_choice_times_every_candidate_on_this_gpu(device):
 
     g = torch.Generator(device="cuda").manual_seed(0)
     weights = [torch.randn(4096, 4096, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-    blocks, report = fastest(weights)
+    blocks, best, report = fastest(weights)
     assert report["cublas"]["us"] > 0
     assert all(report[str(b)]["us"] > 0 and report[str(b)]["error"] < 0.02 for b in SWEEP), report
     assert blocks is None or report[str(blocks)]["us"] < report["cublas"]["us"]
+    assert best is not None and report[str(best)]["us"] == min(report[str(b)]["us"] for b in SWEEP)
+    assert blocks in (None, best)

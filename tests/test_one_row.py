@@ -133,3 +133,57 @@ def test_the_runner_keeps_the_batch_1_step_that_replays_faster(make_checkpoint, 
     assert graph.name == keeps and logits == f"{keeps} logits" and runner.folded == (keeps == "folded")
     assert runner.step_ms == ({"folded": folded_ms, "unfolded": unfolded_ms} if unfolded_ms else {})
     assert ("small ops folded in" in repr(runner)) == (keeps == "folded")
+
+
+def test_folded_the_batch_1_step_may_take_the_kernel_where_cublas_was_faster_alone(make_checkpoint, monkeypatch):
+    """With `fold_with` (the kernel's best blocks for each of a layer's products), the folded step runs
+    all four on the kernel even where `one_row` left one to cuBLAS (o here); the unfolded step is
+    captured on `one_row`'s, and the model's linears are left as the kept step has them."""
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    one_row = {k: v for k, v in ALL_FOUR.items() if k != "o"}
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False, one_row=one_row,
+                             fold_with={**ALL_FOUR, "lm_head": Blocks(4, 512, 2)})
+    assert runner.folded and type(model.layers[0].attn.o).__name__ == "RowProductLinear"
+    assert runner.one_row_kernels()["lm_head"] == "Triton 32x512/8w"  # the output layer: one_row's choice
+    seen = []
+
+    def capture_size(size, pool, warm_up=None):
+        seen.append(type(model.layers[0].attn.o) is torch.nn.Linear)  # cuBLAS's, as one_row has it
+        return Graph("unfolded"), "unfolded logits"
+
+    monkeypatch.setattr(runner, "_capture_size", capture_size)
+    for folded_ms, keeps in ((5.0, "folded"), (7.0, "unfolded")):
+        times = {"folded": folded_ms, "unfolded": 6.0}
+        monkeypatch.setattr(cuda_runner, "replay_ms", lambda graph: times[graph.name])
+        graph, _ = runner._folded_or_not(Graph("folded"), "folded logits", "pool")
+        assert graph.name == keeps and runner.folded == (keeps == "folded")
+        assert ("o" in runner.one_row_kernels()) == (keeps == "folded")
+    assert seen == [True, True]
+
+
+def test_a_failure_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(make_checkpoint, monkeypatch):
+    """On a GPU whose kernels launch with PDL; a failure at a step of more rows (which runs no one-row
+    kernel) gives up the compiled layers at once."""
+    from glm4serve.model import gemv
+
+    monkeypatch.setattr(gemv, "_launches_pdl", lambda device: True)
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False,
+                             one_row={"down": Blocks()}, fold_with=ALL_FOUR)
+    assert runner.folded and runner.pdl
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.folded and not runner.pdl and not model.layers[0].mlp.down.pdl
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert not runner.folded and runner.one_row_kernels() == {"down": "Triton 8x512/4w"}
+    assert not model.layers[0].mlp.down.pdl  # a linear wrapped again keeps PDL off
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.one_row_kernels() == {} and runner.fused is not None and not can_fold(model)
+    runner._fall_back("capturing", RuntimeError("no"))
+    assert runner.fused is None
+    with pytest.raises(RuntimeError, match="again"):
+        runner._fall_back("capturing", RuntimeError("again"))
+
+    runner = CudaGraphRunner(load_model(make_checkpoint("glm", shape="small"), dtype="float32"), 8, 4, None,
+                             max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
+    runner._fall_back("compiling the decode step of 2 rows", RuntimeError("no"), one_row=False)
+    assert runner.fused is None and not runner.folded and runner.pdl

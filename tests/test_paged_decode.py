@@ -508,7 +508,8 @@ def test_engine_over_the_graph_runner_gives_the_eager_runners_tokens(make_checkp
 
 def test_a_failed_timing_of_the_one_row_products_leaves_them_to_cublas(make_checkpoint, monkeypatch):
     """Timing each product's candidates at load (fastest_one_row_kernels): a product whose timing fails
-    stays cuBLAS's; the others get what the timing chose."""
+    stays cuBLAS's; the others get what the timing chose, where it beat cuBLAS's; every product timed
+    has its fastest blocks for the folded step whatever cuBLAS's time."""
     from glm4serve.model import gemv, one_row
 
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
@@ -516,10 +517,14 @@ def test_a_failed_timing_of_the_one_row_products_leaves_them_to_cublas(make_chec
     def fastest(weights):
         if weights[0].shape[0] == model.cfg.vocab_size:
             raise RuntimeError("no graph here")
-        return (Blocks() if weights[0] is model.layers[0].mlp.down.weight else None), {"cublas": {"us": 1.0}}
+        beats = weights[0] is model.layers[0].mlp.down.weight
+        best = Blocks(4, 512, 2)
+        return (best if beats else None), best, {"cublas": {"us": 1.0}, str(best): {"us": 0.5 if beats else 2.0}}
 
     monkeypatch.setattr(gemv, "fastest", fastest)
-    assert one_row.fastest_one_row_kernels(model) == {"down": Blocks()}
+    chosen, best = one_row.fastest_one_row_kernels(model)
+    assert chosen == {"down": Blocks(4, 512, 2)}
+    assert best == dict.fromkeys(("qkv", "o", "gate_up", "down"), Blocks(4, 512, 2))
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["as-written", "fused"])

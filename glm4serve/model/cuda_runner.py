@@ -25,10 +25,12 @@ With `one_row`, the batch-1 decode graph's products with the linears it names (O
 not cuBLAS's kernels, which at batch 1 took 5.07 of a 6.58 ms step on an H200, but each the kernel it
 names (RowProductLinear): inductor's reduction over the weight (None) or gemv.py's Triton kernel in
 the given blocks. make_runner passes those where gemv.py's kernel beat cuBLAS's on this GPU at load
-(one_row.fastest_one_row_kernels); `bench_gpu.py` times all three for each product. Where all four
-of every layer's linears are on gemv.py's kernel, and with `fold` (the default), the batch-1 graph
-runs one_row.py's folded pieces: that kernel does the small ops around its products, 7 launches a
-layer instead of 11. Captured, the batch-1 step is captured both ways and the faster replay kept.
+(one_row.fastest_one_row_kernels); `bench_gpu.py` times all three for each product. With `fold`
+(the default), and all four of every layer's linears on gemv.py's kernel in `one_row` or in
+`fold_with` (its best blocks for each, whatever cuBLAS's time), the batch-1 graph runs one_row.py's
+folded pieces: that kernel does the small ops around its products, 7 launches a layer instead of 11.
+Captured, the batch-1 step is captured both ways (folded on `fold_with`'s kernels, not on `one_row`'s)
+and the faster replay kept.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .batch import ForwardBatch, ScheduledBatch, SeqChunk
 from .glm4 import GLM4Model, Layer
 from .kv_cache import KVCache
 from .lora import LoRASet
-from .one_row import ONE_ROW_PRODUCTS, Folded, can_fold, swap_row_product_linears
+from .one_row import FOLDED_PRODUCTS, ONE_ROW_PRODUCTS, Folded, can_fold, swap_row_product_linears
 from .paged_decode import merge_splits, paged_decode_partials
 from .runner import EagerRunner
 
@@ -98,7 +100,7 @@ class CudaGraphRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None,
                  max_num_seqs: int, max_model_len: int, capture: bool = True, fuse: bool = True,
                  one_row: Mapping[str, gemv.Blocks | None] | None = None, loras: LoRASet | None = None,
-                 fold: bool = True):
+                 fold: bool = True, fold_with: Mapping[str, gemv.Blocks] | None = None):
         # one block more than the engine's: the padding rows' sink
         super().__init__(model, num_blocks + 1, block_size, vocab_limit, paged_decode=True)
         self.num_blocks = num_blocks
@@ -112,8 +114,18 @@ class CudaGraphRunner(EagerRunner):
             self.lora_choice = torch.zeros(self.sizes[-1], len(loras.adapters), dtype=self.dtype, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
-        self.swapped = swap_row_product_linears(model, one_row or {}) if fuse else []
-        self.folded = fold and fuse and can_fold(model)  # the batch-1 step's small ops in gemv.py's kernel
+        self.pdl = True  # the one-row kernels launched with programmatic dependent launch, where the GPU has it
+        # the batch-1 graph's products by gemv.py's kernel: `one_row`'s; folded, also `fold_with`'s for a
+        # layer's four (the kernel's best blocks for each, where cuBLAS's product was faster alone too)
+        self.one_row = dict(one_row or {}) if fuse else {}
+        self.fold_with = {**self.one_row, **{n: b for n, b in (fold_with or {}).items() if n in FOLDED_PRODUCTS}}
+        self.swapped: list = []
+        self.folded = False  # the batch-1 step's small ops in gemv.py's kernel (one_row.py)
+        if fuse and fold:
+            self._use(self.fold_with)
+            self.folded = can_fold(model)
+        if not self.folded:
+            self._use(self.one_row)
         self.step_ms: dict[str, float] = {}  # the batch-1 step's replay, folded and not, where both were captured
         if capture:
             self._capture()
@@ -140,6 +152,13 @@ class CudaGraphRunner(EagerRunner):
         for parent, name, linear in self.swapped:
             setattr(parent, name, linear)
         self.swapped, self.folded = [], False
+
+    def _use(self, kernels: Mapping[str, gemv.Blocks | None]) -> None:
+        """The model's linears named in `kernels` on those one-row kernels, the others its own."""
+        self.close()
+        self.swapped = swap_row_product_linears(self.model, kernels)
+        for parent, name, _ in self.swapped:
+            getattr(parent, name).pdl = self.pdl
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -186,30 +205,35 @@ class CudaGraphRunner(EagerRunner):
         try:
             self._step(size)
         except Exception as e:
-            self._fall_back("compiling the decode step", e)
+            self._fall_back(f"compiling the decode step of {size} rows", e, one_row=size == 1)
             self._warm_up(size)
 
-    def _fall_back(self, what: str, error: Exception) -> None:
-        """After `what` failed: the one-row kernels launched without programmatic dependent launch if they
-        were launched with it, else cuBLAS's products back in place of them if there were any, else the
-        layers as written in place of the compiled ones; raise if none of these was in use."""
+    def _fall_back(self, what: str, error: Exception, one_row: bool = True) -> None:
+        """After `what` failed, the first of these that was in use is given up: programmatic dependent
+        launch of the one-row kernels; the folded batch-1 step (one_row.py); the one-row kernels (cuBLAS's
+        products in their place); the compiled layers (the layers as written). Raise if none was. Not
+        `one_row` (a step of more rows, which runs none of the first three): the compiled layers first."""
+        why, error_text = f"{what} failed", f"{type(error).__name__}: {error}"
         launched = [m for m in (getattr(parent, name) for parent, name, _ in self.swapped)
                     if m.blocks is not None and m.pdl and gemv._launches_pdl(m.weight.device)]
-        if launched:
-            log.warning("%s failed with the one-row kernels launched with PDL, launched without it now: %s: %s",
-                        what, type(error).__name__, error)
+        if one_row and launched:
+            log.warning("%s with the one-row kernels launched with PDL, launched without it now: %s", why, error_text)
+            self.pdl = False
             for m in launched:
                 m.pdl = False
-            return
-        if self.swapped:
-            log.warning("%s failed with the one-row kernels, cuBLAS's products take their place: %s: %s", what,
-                        type(error).__name__, error)
+        elif one_row and self.folded:
+            log.warning("%s with the batch-1 step folded, not folded now: %s", why, error_text)
+            self._use(self.one_row)
+            self.fold_with = self.one_row
+        elif one_row and self.swapped:
+            log.warning("%s with the one-row kernels, cuBLAS's products take their place: %s", why, error_text)
             self.close()
-            return
-        if self.fused is None:
+            self.one_row = self.fold_with = {}
+        elif self.fused is not None:
+            log.warning("%s, the graphs capture the layers as written: %s", why, error_text)
+            self.fused, self.folded = None, False
+        else:
             raise error
-        log.warning("%s failed, the graphs capture the layers as written: %s: %s", what, type(error).__name__, error)
-        self.fused = None
 
     def _warm_up_prompt_steps(self) -> None:
         """Compile the pieces of prompt steps now, not on the first request: two spans of the sink block
@@ -267,21 +291,24 @@ class CudaGraphRunner(EagerRunner):
         return graph, logits
 
     def _folded_or_not(self, graph, logits, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The batch-1 step captured folded (graph, logits) and again not: the one whose replay takes less
-        time on this GPU (one compile more at load); folded where the other fails to compile or capture."""
-        self.folded = False
+        """The batch-1 step captured folded (graph, logits, on `fold_with`'s kernels) and again not (on
+        `one_row`'s): the one whose replay takes less time on this GPU (one compile more at load), the
+        model's linears left as it has them; folded where the other fails to compile or capture."""
+        self._use(self.one_row)
         try:
             other = self._capture_size(1, pool, warm_up=self._step)
         except Exception as e:  # noqa: BLE001 - the folded step is captured already
             log.warning("capturing the batch-1 step without folding failed, folded it stays: %s: %s",
                         type(e).__name__, e)
-            self.folded = True
-            return graph, logits
-        self.step_ms = {"folded": replay_ms(graph), "unfolded": replay_ms(other[0])}
-        self.folded = self.step_ms["folded"] <= self.step_ms["unfolded"]
-        log.info("batch-1 step: %.3f ms folded, %.3f ms not: %s", self.step_ms["folded"], self.step_ms["unfolded"],
-                 "folded" if self.folded else "not folded")
-        return (graph, logits) if self.folded else other
+            other = None
+        if other is not None:
+            self.step_ms = {"folded": replay_ms(graph), "unfolded": replay_ms(other[0])}
+            log.info("batch-1 step: %.3f ms folded, %.3f ms not", self.step_ms["folded"], self.step_ms["unfolded"])
+            if self.step_ms["unfolded"] < self.step_ms["folded"]:
+                return other
+        self._use(self.fold_with)
+        self.folded = True
+        return graph, logits
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:

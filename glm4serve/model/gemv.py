@@ -234,9 +234,11 @@ def pick(timings: dict, errors: dict[Blocks, float], margin: float = MARGIN) -> 
     return best if best is not None and timings[best] < margin * timings["cublas"] else None
 
 
-def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEEP) -> tuple[Blocks | None, dict]:
-    """On a GPU: the blocks in which the kernel reads `weights` (a linear of each layer) fastest, where
-    that beats cuBLAS (pick) -> (blocks or None, each candidate's time and error by name)."""
+def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEEP
+            ) -> tuple[Blocks | None, Blocks | None, dict]:
+    """On a GPU: the blocks in which the kernel reads `weights` (a linear of each layer) fastest ->
+    (those blocks where they beat cuBLAS (pick), else None; those blocks whatever cuBLAS's time, None
+    where no candidate ran and agreed; each candidate's time and error by name)."""
     x = torch.randn(1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     timings = {"cublas": replay_us(cublas, weights, x)}
     errors, failed = {}, {}
@@ -247,4 +249,5 @@ def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEE
         except Exception as e:  # noqa: BLE001
             failed[str(blocks)] = f"{type(e).__name__}: {e}"[:300]
     report = {str(k): {"us": us, **({"error": errors[k]} if k in errors else {})} for k, us in timings.items()}
-    return pick(timings, errors), {**report, **{k: {"failed": why} for k, why in failed.items()}}
+    report.update({k: {"failed": why} for k, why in failed.items()})
+    return pick(timings, errors), pick(timings, errors, margin=math.inf), report

@@ -8,9 +8,12 @@ graph may run:
   fastest on this GPU, or by inductor's reduction over the weight (RowProductLinear; chosen at load by
   timing, fastest_one_row_kernels);
 - with all four of a layer's linears on gemv.py's kernel, a decode layer whose small ops that kernel
-  does around its products (`folded`): the norms before qkv, gate_up and the output layer, the bias
+  does around its products (`Folded`): the norms before qkv, gate_up and the output layer, the bias
   and rotary after qkv, SwiGLU after gate_up and the residual adds after o and down. A layer is then
   7 launches: the attention kernel, the merge of its splits, the four products and the K/V store.
+  The folded step takes the kernel's best blocks for each of the four even where cuBLAS's product was
+  faster alone (launches saved may be worth more); the CUDA runner times it whole against the step
+  of the products' own choices and keeps the faster.
   These pieces restate Layer.after_attention and Attention.project of glm4.py's `glm` variant with
   that kernel's options, and are checked against them (tests/test_one_row.py); the `glm4` variant's
   extra norms, LoRA adapters (their own wrappers of the linears) and tensor parallelism keep the
@@ -34,6 +37,7 @@ from .paged_decode import merge_splits
 log = logging.getLogger(__name__)
 
 ONE_ROW_PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")  # the model's linears, by attribute name
+FOLDED_PRODUCTS = ONE_ROW_PRODUCTS[:4]  # a layer's: all on gemv.py's kernel for the folded pieces
 
 
 class RowProductLinear(nn.Module):
@@ -78,28 +82,30 @@ def swap_row_product_linears(model: GLM4Model, kernels: Mapping[str, gemv.Blocks
     return places
 
 
-def fastest_one_row_kernels(model: GLM4Model) -> dict[str, gemv.Blocks]:
-    """On a GPU, for each of ONE_ROW_PRODUCTS: gemv.py's kernel in the blocks that read the model's
-    weights of that linear fastest, where that beats cuBLAS on this card and agrees with it
-    (gemv.fastest); timed with every layer's weight in turn, a few seconds (and Triton's compiles the
-    first time) at load. The products left out stay cuBLAS's."""
-    chosen = {}
+def fastest_one_row_kernels(model: GLM4Model) -> tuple[dict[str, gemv.Blocks], dict[str, gemv.Blocks]]:
+    """On a GPU, for each of ONE_ROW_PRODUCTS, gemv.py's kernel in the blocks that read the model's
+    weights of that linear fastest and agree with cuBLAS (gemv.fastest), timed with every layer's
+    weight in turn, a few seconds (and Triton's compiles the first time) at load -> (those of the
+    products where they beat cuBLAS on this card: the others stay cuBLAS's; those of every product
+    where any ran: the folded layer's, which the CUDA runner times against the other whole)."""
+    chosen, best = {}, {}
     for name in ONE_ROW_PRODUCTS:
         weights = [linear.weight for _, _, linear in named_linears(model, (name,))]
         if not weights:
             continue
         try:
-            blocks, report = gemv.fastest(weights)
+            over_cublas, fastest, report = gemv.fastest(weights)
         except Exception as e:  # noqa: BLE001 - the timing's own failure leaves cuBLAS's product, not no server
             log.warning("timing the one-row %s products failed, cuBLAS's run them: %s: %s", name, type(e).__name__, e)
             continue
-        ran = {k: r["us"] for k, r in report.items() if k != "cublas" and "us" in r}
-        best = min(ran, key=ran.get) if ran else None
         log.info("one-row %s: cuBLAS %.1f us, gemv.py's best %s -> %s", name, report["cublas"]["us"],
-                 f"{best} {ran[best]:.1f} us" if best else "none ran", f"Triton {blocks}" if blocks else "cuBLAS")
-        if blocks is not None:
-            chosen[name] = blocks
-    return chosen
+                 f"{fastest} {report[str(fastest)]['us']:.1f} us" if fastest else "none ran",
+                 f"Triton {over_cublas}" if over_cublas else "cuBLAS")
+        if over_cublas is not None:
+            chosen[name] = over_cublas
+        if fastest is not None:
+            best[name] = fastest
+    return chosen, best
 
 
 def _on_kernel(linear: nn.Module) -> bool:

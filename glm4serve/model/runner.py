@@ -115,9 +115,9 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
 
         fuse = not is_quantized(model)  # quantized linears (quant.py) stay out of inductor's graphs
         # timed before the runner takes its KV cache: the timing's graphs need a little memory
-        one_row = fastest_one_row_kernels(model) if fuse and gemv_kernels else None
+        one_row, fold_with = fastest_one_row_kernels(model) if fuse and gemv_kernels else (None, None)
         runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len,
-                                 fuse=fuse, one_row=one_row, loras=loras)
+                                 fuse=fuse, one_row=one_row, loras=loras, fold_with=fold_with)
     else:
         runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
     if loras is not None and runner.loras is None:  # the CUDA graph runner has them in its graphs already
