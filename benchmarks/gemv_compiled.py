@@ -21,7 +21,7 @@ SM_REGISTERS, SM_WARPS, SM_PROGRAMS = 65536, 64, 32  # sm_90's (and sm_80's) lim
 
 
 # the kernel's options as the folded decode layer (one_row.py) launches it, by the products that take them
-FOLDED = {"qkv": dict(HAS_BIAS=True, NORM=True, ROTARY=True), "gate_up": dict(NORM=True, SWIGLU=True),
+FOLDED = {"qkv": dict(HAS_BIAS=True, NORM=True, ROTARY=True, STORE_KV=True), "gate_up": dict(NORM=True, SWIGLU=True),
           "o, down": dict(RESIDUAL=True), "lm_head": dict(NORM=True)}
 
 
@@ -36,10 +36,12 @@ def compile_kernel(blocks, capability: int = 90, dtype: str = "bf16", bias: bool
     from glm4serve.model import gemv
 
     kernel = gemv._kernel()
-    flags = {**dict(HAS_BIAS=bias, NORM=False, SWIGLU=False, ROTARY=False, RESIDUAL=False), **(options or {})}
-    # programmatic dependent launch where the runner launches with it (gemv._launches_pdl)
+    flags = {**dict(HAS_BIAS=bias, NORM=False, SWIGLU=False, ROTARY=False, RESIDUAL=False, STORE_KV=False),
+             **(options or {})}
+    # programmatic dependent launch where the runner launches with it (gemv.launches_pdl)
     constants = dict(flags, HEAD_DIM=128, ROWS=blocks.rows, COLS=blocks.cols, PDL=capability >= 90)
-    kinds = {"N": "i32", "K": "i32", "rotated": "i32", "eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    kinds = {"N": "i32", "K": "i32", "rotated": "i32", "eps": "fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+             "slot_ptr": "*i64", "kv_width": "i32", "slot_stride": "i32"}
     signature = {name: "constexpr" if name in constants else kinds.get(name, "*" + dtype) for name in kernel.arg_names}
     # pointers and sizes: multiples of 16
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm4serve.model.gemv import SWEEP, Blocks, linear, pick, row_product
+from glm4serve.model.gemv import SWEEP, Blocks, linear, pick, row_product, row_product_kv
 from tests.gpu_compile import compiled_in_a_fresh_process, each_compiled
 
 # (weight rows, input dims, blocks): rows past the last whole block, input dims past the last whole
@@ -99,6 +99,28 @@ def test_the_kernel_folds_in_what_comes_before_and_after_a_product(device, kerne
         assert (y.double() - exact).abs().max() <= 2 * (ours.double() - exact).abs().max() + 2**-6 * scale
 
 
+@pytest.mark.parametrize("blocks", [Blocks(8, 32, 4), Blocks(2, 64, 4), Blocks(32, 512, 8)], ids=str)
+def test_the_kernel_stores_k_and_v_into_the_cache_at_the_slot(device, kernel_runs, blocks):
+    """qkv's product with the K/V store (one_row.py's folded qkv): the same output as without it, and
+    its last 2 x Hkv x D values (k, then v, after the rotary) in the caches' slot rows, nothing else
+    written: heads of 16, 2 q heads and 1 KV head, 64 rows (not a whole block of 32 rows from 48 on)."""
+    from glm4serve.model.glm4 import Rotary
+
+    x, w, b = operands(64, 100, True, torch.float32, device, seed=3)
+    cos, sin = Rotary(8, 10000.0, 16).to(device)(torch.tensor([7], device=device))  # [1, 16] each
+    caches = torch.zeros(2, 5, 4, 1, 16, device=device)  # k and v: [blocks, block_size, Hkv, D]
+    k_slots, v_slots = caches[0].view(20, 1, 16), caches[1].view(20, 1, 16)
+    slot = torch.tensor([13], device=device)
+    want = linear(x, w, b, blocks, rotary=(cos, sin, 48))
+    got = linear(x, w, b, blocks, rotary=(cos, sin, 48), store_kv=(k_slots, v_slots, slot))
+    assert torch.equal(got, want)
+    assert torch.equal(k_slots[13].flatten(), want[0, 32:48]) and torch.equal(v_slots[13].flatten(), want[0, 48:])
+    k_slots[13], v_slots[13] = 0, 0
+    assert not caches.any()  # no other slot written
+    with pytest.raises(ValueError, match="qkv"):
+        linear(x, w, b, blocks, residual=want, store_kv=(k_slots, v_slots, slot))
+
+
 def test_the_sweep_and_the_default_blocks_are_launchable():
     """Triton wants power-of-two block sides; the kernel sums each thread's 8 neighbouring columns."""
     for blocks in (Blocks(), *SWEEP):
@@ -117,6 +139,10 @@ def test_the_op_is_well_formed(device, kernel_runs):
     assert out.shape == (1, 18)
     torch.library.opcheck(row_product, (x, w[:36], None, 8, 32, 4, norm_weight, 1e-5, True, None, None, 0, residual,
                                         False), test_utils=("test_schema", "test_faketensor"))
+    # the K/V store's op: its schema says which tensors it writes (the caches), and which not
+    k_slots, v_slots = torch.zeros(2, 3, 1, 16, device=device)
+    kv_args = (x, w, b, 8, 32, 4, None, 0.0, None, None, 0, False, k_slots, v_slots, torch.tensor([1], device=device))
+    torch.library.opcheck(row_product_kv, kv_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.cuda

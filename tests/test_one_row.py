@@ -53,7 +53,8 @@ def test_it_runs_the_glm_variant_with_every_product_on_the_kernel(make_checkpoin
 @pytest.mark.parametrize("piece", ["first", "merge_between", "merge_last"])
 def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint, device, kernel_runs, piece):
     """Each compiled folded piece against segments.py's (the model's own methods), with K and V written
-    into the layer's cache where the slot says, nothing else, and no buffer the cache's size (a copy)."""
+    into the layer's cache where the slot says (by the qkv kernel), nothing else, and no buffer the
+    cache's size (a copy); compiled as the runner compiles them, with PDL."""
     from torch._inductor.utils import run_and_get_code
 
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device=device)
@@ -76,13 +77,13 @@ def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint
                               segments.between(layers[0], layers[1], x, attn, cos, sin)),
             "merge_last": ((layers[-1], model, x, partials), (segments.last_with_head(layers[-1], model, x, attn),)),
         }[piece]
-    fn = getattr(Folded(lambda f: f), piece)
+    fn = getattr(Folded(lambda f, pdl: f), piece)
 
     def this_tests_own(*args):  # a code object no runner compiled: its code is made here
         return fn(*args)
 
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own), *args,
+        got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own, pdl=True), *args,
                                       *((kv.k_slots[1], kv.v_slots[1], slots) if stores else ()))
     got = got if isinstance(got, tuple) else (got,)
     expected = want[:-2] if stores else want  # (q,), (x, q), (logits,)
@@ -90,6 +91,8 @@ def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint
     for ours, theirs in zip(got, expected):
         torch.testing.assert_close(ours.reshape(theirs.shape), theirs, rtol=1e-4, atol=1e-4)
     assert "torch.ops.glm4serve.row_product" in codes[0]  # the kernel's, not inductor's products
+    if piece != "first" and device == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
+        assert "gdc_wait" in codes[0]  # the merge's kernel of inductor's launched with PDL, as the runner's
     if stores:
         torch.testing.assert_close(kv.k_slots[1][slots], want[-2], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(kv.v_slots[1][slots], want[-1], rtol=1e-4, atol=1e-4)
@@ -166,13 +169,14 @@ def test_a_failure_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(m
     kernel) gives up the compiled layers at once."""
     from glm4serve.model import gemv
 
-    monkeypatch.setattr(gemv, "_launches_pdl", lambda device: True)
+    monkeypatch.setattr(gemv, "launches_pdl", lambda device: True)
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
     runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False,
                              one_row={"down": Blocks()}, fold_with=ALL_FOUR)
-    assert runner.folded and runner.pdl
+    assert runner.folded and runner.pdl and runner.fused.folded_pieces.pdl
     runner._fall_back("capturing", RuntimeError("no"))
     assert runner.folded and not runner.pdl and not model.layers[0].mlp.down.pdl
+    assert not runner.fused.folded_pieces.pdl  # their own kernels too, compiled again
     runner._fall_back("capturing", RuntimeError("no"))
     assert not runner.folded and runner.one_row_kernels() == {"down": "Triton 8x512/4w"}
     assert not model.layers[0].mlp.down.pdl  # a linear wrapped again keeps PDL off

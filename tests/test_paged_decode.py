@@ -89,7 +89,8 @@ SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}  # the most one program may tak
 
 def compile_for_gpus(targets) -> dict:
     """Compile the kernel for each (capability, dtype, groups) with Triton's own compiler (ptxas
-    included; no GPU needed) -> {str(target): shared memory bytes, or the error}. Run in a process
+    included; no GPU needed) -> {str(target): [shared memory bytes, griddepcontrol waits], or the
+    error}; with PDL where the runner launches it so (sm_90: gemv.launches_pdl). Run in a process
     without TRITON_INTERPRET: under it, Triton's own library functions are interpreted ones."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -103,12 +104,14 @@ def compile_for_gpus(targets) -> dict:
         pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "tables_ptr": "i64", "lens_ptr": "i64",
                     "acc_ptr": "fp32", "max_ptr": "fp32", "sum_ptr": "fp32"}
         constants = dict(G=groups, GP=16, D=128, BLOCK=16, SPLITS=paged_decode.MAX_SPLITS,
-                         TILE=paged_decode.TILE, DOT_F32=dtype == "fp32")
+                         TILE=paged_decode.TILE, DOT_F32=dtype == "fp32", PDL=capability >= 90)
         signature = {name: "constexpr" if name in constants else "*" + pointers[name] if name in pointers
                      else "fp32" if name == "scale" else "i64" for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
-                                  target=GPUTarget("cuda", capability, 32))
-        return compiled.metadata.shared if compiled.asm["cubin"] else "no cubin"
+                                  target=GPUTarget("cuda", capability, 32), options={"launch_pdl": capability >= 90})
+        if not compiled.asm["cubin"]:
+            return "no cubin"
+        return compiled.metadata.shared, compiled.asm["ptx"].count("griddepcontrol.wait")
 
     return each_compiled(targets, one)
 
@@ -123,10 +126,13 @@ def compiled_for_gpus(device):
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t[0]}-{t[1]}-G{t[2]}")
 def test_kernel_compiles_for_the_gpus_it_runs_on(target, compiled_for_gpus):
     """The interpreter runs the kernel's Python; compiling it catches what only a GPU would otherwise
-    show: types a dot refuses, a layout the backend rejects, more shared memory than the SM has."""
-    shared = compiled_for_gpus[str(target)]
-    assert isinstance(shared, int), shared
+    show: types a dot refuses, a layout the backend rejects, more shared memory than the SM has. On
+    sm_90 the batch-1 step launches it with PDL: its one wait, before it reads anything."""
+    result = compiled_for_gpus[str(target)]
+    assert isinstance(result, list), result
+    shared, waits = result
     assert 0 < shared <= SHARED_MEMORY[target[0]]
+    assert waits == (1 if target[0] >= 90 else 0), result
 
 
 def test_the_kernel_is_refused_where_triton_could_not_build_it(monkeypatch):
@@ -218,7 +224,7 @@ def test_a_failure_with_pdl_launches_the_one_row_kernels_without_it_first(make_c
     for every one-row kernel, which stay; the next drops them (cuBLAS's products)."""
     from glm4serve.model import gemv
 
-    monkeypatch.setattr(gemv, "_launches_pdl", lambda device: True)
+    monkeypatch.setattr(gemv, "launches_pdl", lambda device: True)
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device="cpu")
     runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False,
                              one_row={"down": Blocks(), "o": None})

@@ -28,9 +28,11 @@ the given blocks. make_runner passes those where gemv.py's kernel beat cuBLAS's 
 (one_row.fastest_one_row_kernels); `bench_gpu.py` times all three for each product. With `fold`
 (the default), and all four of every layer's linears on gemv.py's kernel in `one_row` or in
 `fold_with` (its best blocks for each, whatever cuBLAS's time), the batch-1 graph runs one_row.py's
-folded pieces: that kernel does the small ops around its products, 7 launches a layer instead of 11.
+folded pieces: that kernel does the small ops around its products, 6 launches a layer instead of 11.
 Captured, the batch-1 step is captured both ways (folded on `fold_with`'s kernels, not on `one_row`'s)
-and the faster replay kept.
+and the faster replay kept. On sm_90 and newer the batch-1 step's kernels are launched with
+programmatic dependent launch (gemv.py's, the attention kernel, and inductor's in the folded pieces),
+each one's programs started before the one before has ended and waiting on the GPU for its writes.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ class CudaGraphRunner(EagerRunner):
             self.lora_choice = torch.zeros(self.sizes[-1], len(loras.adapters), dtype=self.dtype, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.fused = CompiledLayers() if fuse else None
-        self.pdl = True  # the one-row kernels launched with programmatic dependent launch, where the GPU has it
+        # the batch-1 step's kernels (one-row products, attention, the folded pieces' own) launched with
+        # programmatic dependent launch, where the GPU has it
+        self.pdl = True
         # the batch-1 graph's products by gemv.py's kernel: `one_row`'s; folded, also `fold_with`'s for a
         # layer's four (the kernel's best blocks for each, where cuBLAS's product was faster alone too)
         self.one_row = dict(one_row or {}) if fuse else {}
@@ -196,7 +200,8 @@ class CudaGraphRunner(EagerRunner):
         ids, positions, attn, rows = self.buffers.step_inputs(size)
         if self.fused is not None:
             # every row's logits: rows is 0..size-1
-            return self.fused.decode(self.model, ids, positions, attn, self.kv, folded=self.folded and size == 1)
+            return self.fused.decode(self.model, ids, positions, attn, self.kv, folded=self.folded and size == 1,
+                                     pdl=self.pdl and size == 1)
         return self.model(ids, positions, attn, self.kv, rows)  # [size, V] fp32
 
     def _warm_up(self, size: int) -> None:
@@ -210,17 +215,18 @@ class CudaGraphRunner(EagerRunner):
 
     def _fall_back(self, what: str, error: Exception, one_row: bool = True) -> None:
         """After `what` failed, the first of these that was in use is given up: programmatic dependent
-        launch of the one-row kernels; the folded batch-1 step (one_row.py); the one-row kernels (cuBLAS's
-        products in their place); the compiled layers (the layers as written). Raise if none was. Not
-        `one_row` (a step of more rows, which runs none of the first three): the compiled layers first."""
+        launch of the batch-1 step's kernels; the folded batch-1 step (one_row.py); the one-row kernels
+        (cuBLAS's products in their place); the compiled layers (the layers as written). Raise if none
+        was. Not `one_row` (a step of more rows, which runs none of the first three): the compiled
+        layers first."""
         why, error_text = f"{what} failed", f"{type(error).__name__}: {error}"
-        launched = [m for m in (getattr(parent, name) for parent, name, _ in self.swapped)
-                    if m.blocks is not None and m.pdl and gemv._launches_pdl(m.weight.device)]
-        if one_row and launched:
-            log.warning("%s with the one-row kernels launched with PDL, launched without it now: %s", why, error_text)
+        if one_row and self.pdl and self.fused is not None and gemv.launches_pdl(self.device):
+            log.warning("%s with the batch-1 step's kernels launched with PDL, launched without it now: %s", why,
+                        error_text)
             self.pdl = False
-            for m in launched:
-                m.pdl = False
+            for parent, name, _ in self.swapped:
+                getattr(parent, name).pdl = False
+            self.fused.folded_pieces = Folded(compile_piece)
         elif one_row and self.folded:
             log.warning("%s with the batch-1 step folded, not folded now: %s", why, error_text)
             self._use(self.one_row)
@@ -351,17 +357,18 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
     return segments.last_with_head(layer, model, x, attn.flatten(1))  # [T, V] fp32
 
 
-def compile_piece(fn):
+def compile_piece(fn, pdl: bool = False):
     """fn compiled by inductor for a step of few rows, where each kernel launched costs more than the
-    bytes it moves:
+    bytes it moves (`pdl`: its kernels launched with programmatic dependent launch on sm_90 and newer,
+    inductor's triton.enable_pdl):
     - its elementwise kernels in one configuration each. Inductor would time their candidates on the
       first call, and a kernel that writes the KV cache it times on a copy of the cache, made in host
       memory when the card has no room for it: with a cache that fills the card, gigabytes over PCIe
       for every timed launch;
     - kernels of the same size fused even where they share only a few bytes of what they read (the
       K and V stores share only the slots): one launch instead of two."""
-    return torch.compile(fn, fullgraph=True, dynamic=None,
-                         options={"triton.autotune_pointwise": False, "score_fusion_memory_threshold": 1})
+    return torch.compile(fn, fullgraph=True, dynamic=None, options={
+        "triton.autotune_pointwise": False, "score_fusion_memory_threshold": 1, "triton.enable_pdl": pdl})
 
 
 class CompiledLayers:
@@ -380,13 +387,14 @@ class CompiledLayers:
         self.merge_between, self.merge_last = compile_piece(_merge_between), compile_piece(_merge_last)
         # prefill and mixed steps: attention's output whole (attention.cached_attention)
         self.between, self.last = compile_piece(_between), compile_piece(segments.last_without_head)
-        self.folded_pieces = Folded(compile_piece)  # batch-1 decodes, where one_row.can_fold
+        # batch-1 decodes, where one_row.can_fold: every kernel launched with PDL (the runner's `pdl`)
+        self.folded_pieces = Folded(compile_piece, pdl=True)
 
     @torch.inference_mode()
     def decode(self, model: GLM4Model, ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
-               kv: KVCache, folded: bool = False) -> torch.Tensor:
+               kv: KVCache, folded: bool = False, pdl: bool = False) -> torch.Tensor:
         """One token of each of T sequences -> their logits [T, V] fp32; `folded`: one row, through
-        one_row.py's folded pieces."""
+        one_row.py's folded pieces; `pdl`: the attention kernel launched with PDL."""
         pieces = self.folded_pieces if folded else self
         layers, slots = model.layers, attn.slot_mapping
         x = model.embed(ids)  # [T, H]
@@ -394,7 +402,7 @@ class CompiledLayers:
         q = pieces.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
             partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
-                                             layer.attn.scale)
+                                             layer.attn.scale, pdl=pdl)
             if i + 1 < len(layers):
                 x, q = pieces.merge_between(layer, layers[i + 1], x, partials, cos, sin, kv.k_slots[i + 1],
                                             kv.v_slots[i + 1], slots)

@@ -10,15 +10,15 @@ and by how many programs an SM holds. Which blocks read fastest, and whether any
 GPU's to say: the CUDA runner times them at load (`fastest`), product by product.
 
 The same launch can also do what comes before and after a product in a decode layer (`linear`'s
-options: the norm of its input; the bias, the rotary of q and k, SwiGLU, the residual add), so that
-one_row.py's batch-1 layer needs no kernels of its own for them. On sm_90 and newer it is launched
-with programmatic dependent launch: before the kernel it follows has ended, its programs loading
-their first weights and then waiting on the GPU for that kernel's writes (no launch gap between two
-products of a layer).
+options: the norm of its input; the bias, the rotary of q and k, SwiGLU, the residual add; the store
+of k and v into the KV cache), so that one_row.py's batch-1 layer needs no kernels of its own for
+them. On sm_90 and newer it is launched with programmatic dependent launch: before the kernel it
+follows has ended, its programs loading their first weights and then waiting on the GPU for that
+kernel's writes (no launch gap between two products of a layer).
 
-The launch is a custom op (glm4serve::row_product), so that a piece compiled by inductor calls it as
-it calls cuBLAS, and a CUDA graph captures it. On CPU, Triton's interpreter (TRITON_INTERPRET=1) runs
-the kernel: that is how the tests check it.
+The launch is a custom op (glm4serve::row_product; row_product_kv with the K/V store), so that a
+piece compiled by inductor calls it as it calls cuBLAS, and a CUDA graph captures it. On CPU,
+Triton's interpreter (TRITON_INTERPRET=1) runs the kernel: that is how the tests check it.
 """
 
 import functools
@@ -59,9 +59,10 @@ def _kernel():
 
     @triton.jit
     def row_product_kernel(x_ptr, w_ptr, y_ptr, N, K, b_ptr, norm_ptr, eps, res_ptr, cos_ptr, sin_ptr, rotated,
+                           k_ptr, v_ptr, slot_ptr, kv_width, slot_stride,
                            HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, ROTARY: tl.constexpr,
-                           RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                           PDL: tl.constexpr):
+                           RESIDUAL: tl.constexpr, STORE_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           ROWS: tl.constexpr, COLS: tl.constexpr, PDL: tl.constexpr):
         j = tl.arange(0, ROWS)
         if SWIGLU:  # N outputs from a weight of 2N rows [gate | up]: a program's rows gate, up, gate, up, ...
             out = tl.program_id(0) * (ROWS // 2) + j // 2  # [ROWS] the output each row makes
@@ -120,6 +121,12 @@ def _kernel():
             dim = out % HEAD_DIM  # cos 1 and sin 0 past the rotary dims
             turned = y * tl.load(cos_ptr + dim) + partner * tl.load(sin_ptr + dim)
             y = tl.where(out < rotated, turned, y)
+        if STORE_KV:  # the last 2 kv_width outputs are k and v (qkv's): also into the cache at the slot
+            slot = tl.load(slot_ptr).to(tl.int64)
+            into = out - (N - 2 * kv_width)  # [ROWS] within k, then v
+            kept = y.to(y_ptr.dtype.element_ty)
+            tl.store(k_ptr + slot * slot_stride + into, kept, mask=(into >= 0) & (into < kv_width))
+            tl.store(v_ptr + slot * slot_stride + into - kv_width, kept, mask=(into >= kv_width) & (out < N))
         if SWIGLU:
             gate, up = tl.split(tl.reshape(y, [ROWS // 2, 2]))  # [ROWS // 2] each
             gate = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)  # F.silu's, rounded
@@ -140,9 +147,30 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """x [1, in] times weight [out, in] (+ bias [out]) -> [1, out] in x's dtype: F.linear of one row,
     launched with Blocks(rows, cols, warps); with what comes before and after it in a decode layer, each
     optional, done by the same kernel (see `linear`)."""
+    return _launch(x, weight, bias, rows, cols, warps, norm_weight, eps, swiglu, cos, sin, rotated, residual, pdl)
+
+
+# an op of its own: inductor cannot compile an op that mutates an optional tensor where it is None (torch 2.13)
+@torch.library.custom_op("glm4serve::row_product_kv", mutates_args=("k_slots", "v_slots"))
+def row_product_kv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, cols: int,
+                   warps: int, norm_weight: Optional[torch.Tensor], eps: float, cos: Optional[torch.Tensor],
+                   sin: Optional[torch.Tensor], rotated: int, pdl: bool, k_slots: torch.Tensor,
+                   v_slots: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """row_product (no SwiGLU, no residual) whose output's last 2 x Hkv x D values are also stored into
+    the caches seen as slots [blocks * block_size, Hkv, D] at `slot` (see `linear`)."""
+    return _launch(x, weight, bias, rows, cols, warps, norm_weight, eps, False, cos, sin, rotated, None, pdl,
+                   (k_slots, v_slots, slot))
+
+
+def _launch(x, weight, bias, rows, cols, warps, norm_weight, eps, swiglu, cos, sin, rotated, residual, pdl, kv=None):
     n, k = weight.shape
     if (swiglu or cos is not None) and rows % 2:
         raise ValueError(f"SwiGLU and the rotary pair the rows of a program: {rows} rows")
+    k_slots, v_slots, slot = kv if kv is not None else (None, None, None)
+    kv_width = k_slots[0].numel() if kv is not None else 0
+    if kv is not None and (2 * kv_width > n or not k_slots[0].is_contiguous() or v_slots.stride() != k_slots.stride()):
+        raise ValueError(f"K/V stores want the product's last {2 * kv_width} of {n} outputs and caches whose"
+                         " slots are contiguous rows")
     x = x.contiguous()
     weight = weight.contiguous()
     outputs = n // 2 if swiglu else n
@@ -150,19 +178,22 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     grid = (-(-outputs // (rows // 2 if swiglu else rows)),)
     unused = weight  # any pointer, for the options not taken
     head_dim = cos.shape[-1] if cos is not None else 2
-    pdl = pdl and _launches_pdl(x.device)
+    pdl = pdl and launches_pdl(x.device)
     _kernel()[grid](x, weight, y, outputs, k, bias if bias is not None else unused,
                     norm_weight if norm_weight is not None else unused, eps,
                     residual.contiguous() if residual is not None else unused,
                     cos.contiguous() if cos is not None else unused, sin.contiguous() if sin is not None else unused,
-                    rotated, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
-                    ROTARY=cos is not None, RESIDUAL=residual is not None, HEAD_DIM=head_dim, ROWS=rows, COLS=cols,
-                    PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+                    rotated, *(k_slots, v_slots, slot, kv_width, k_slots.stride(0)) if kv is not None else
+                    (unused, unused, unused, 0, 0),
+                    HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
+                    ROTARY=cos is not None, RESIDUAL=residual is not None, STORE_KV=kv is not None,
+                    HEAD_DIM=head_dim, ROWS=rows, COLS=cols, PDL=pdl, num_warps=warps,
+                    **({"launch_pdl": True} if pdl else {}))
     return y
 
 
 @functools.cache
-def _launches_pdl(device: torch.device) -> bool:
+def launches_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (sm_90 and newer): the kernel launched before the one it follows
     has ended, its programs waiting on the GPU (griddepcontrol) instead of behind a launch gap."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -174,21 +205,35 @@ def _(x, weight, bias, rows, cols, warps, norm_weight=None, eps=0.0, swiglu=Fals
     return x.new_empty(1, weight.shape[0] // 2 if swiglu else weight.shape[0])
 
 
+@row_product_kv.register_fake
+def _(x, weight, bias, rows, cols, warps, norm_weight, eps, cos, sin, rotated, pdl, k_slots, v_slots, slot):
+    return x.new_empty(1, weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, blocks: Blocks,
            norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False,
            rotary: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-           residual: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
+           residual: torch.Tensor | None = None,
+           store_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, pdl: bool = True) -> torch.Tensor:
     """F.linear of one row x [1, in] by the kernel, and, each where given, in this order:
     - norm (norm_weight [in], eps): of x first, RMSNorm's (glm4.RMSNorm, in fp32 without its rounding to
       x's dtype between the scale and the weight);
     - rotary (cos, signed sin [1, D], rotated): the output's first `rotated` values turned in pairs as
       glm4.rotate turns q and k heads of D values (the cos and sin of glm4.Rotary for the row's position);
     - swiglu: the weight's rows [gate | up] -> silu(gate) * up [1, out / 2] (glm4.SwiGLU);
-    - residual [1, out]: added last (the residual stream's `x + h`).
+    - residual [1, out]: added last (the residual stream's `x + h`);
+    - store_kv (k_slots, v_slots, slot [1]): the output's last 2 x Hkv x D values (qkv's k and v heads,
+      after the rotary) also written into the caches seen as slots [blocks * block_size, Hkv, D] at
+      `slot` (attention.store_kv's, nan and inf as they are).
     Each value rounded to x's dtype where the model's own ops round it: after the product and after SiLU.
     `pdl`: launched with programmatic dependent launch where the GPU has it (sm_90 and newer)."""
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     cos, sin, rotated = rotary if rotary is not None else (None, None, 0)
+    if store_kv is not None:
+        if swiglu or residual is not None:
+            raise ValueError("the K/V store is qkv's: no SwiGLU, no residual")
+        return row_product_kv(x, weight, bias, blocks.rows, blocks.cols, blocks.warps, norm_weight, eps, cos, sin,
+                              rotated, pdl, *store_kv)
     return row_product(x, weight, bias, blocks.rows, blocks.cols, blocks.warps, norm_weight, eps, swiglu, cos, sin,
                        rotated, residual, pdl)
 

@@ -9,8 +9,9 @@ graph may run:
   timing, fastest_one_row_kernels);
 - with all four of a layer's linears on gemv.py's kernel, a decode layer whose small ops that kernel
   does around its products (`Folded`): the norms before qkv, gate_up and the output layer, the bias
-  and rotary after qkv, SwiGLU after gate_up and the residual adds after o and down. A layer is then
-  7 launches: the attention kernel, the merge of its splits, the four products and the K/V store.
+  and rotary after qkv and its k and v stored into the cache, SwiGLU after gate_up and the residual
+  adds after o and down. A layer is then 6 launches: the attention kernel, the merge of its splits
+  and the four products.
   The folded step takes the kernel's best blocks for each of the four even where cuBLAS's product was
   faster alone (launches saved may be worth more); the CUDA runner times it whole against the step
   of the products' own choices and keeps the faster.
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemv, segments
-from .attention import store_kv
 from .glm4 import GLM4Model, Layer, RMSNorm
 from .paged_decode import merge_splits
 
@@ -126,14 +126,14 @@ def _product(linear: RowProductLinear, x: torch.Tensor, norm: RMSNorm | None = N
                        norm=(norm.weight, norm.eps) if norm is not None else None, pdl=linear.pdl, **options)
 
 
-def _qkv(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Layer.before_attention of one row x [1, H]: input norm, qkv and its bias, the rotary of q and k, in
-    one kernel -> q [1, Hq, D], k, v [1, Hkv, D]."""
+def _qkv(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_slots, v_slots, slots):
+    """Layer.before_attention of one row x [1, H] and the K/V store: input norm, qkv and its bias, the
+    rotary of q and k, k and v into the layer's cache at the slot, in one kernel -> q [1, Hq, D]."""
     attn = layer.attn
     hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = _product(attn.qkv, x, layer.input_norm, rotary=(cos, sin, (hq + hkv) * d))  # [1, (Hq + 2 Hkv) * D]
-    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
-    return q.view(1, hq, d), k.view(1, hkv, d), v.view(1, hkv, d)
+    qkv = _product(attn.qkv, x, layer.input_norm, rotary=(cos, sin, (hq + hkv) * d),
+                   store_kv=(k_slots, v_slots, slots))  # [1, (Hq + 2 Hkv) * D]
+    return qkv[:, : hq * d].view(1, hq, d)  # [1, Hq * D] -> [1, Hq, D]
 
 
 def _after_attention(layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -145,17 +145,13 @@ def _after_attention(layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch
 
 
 def _first(layer: Layer, x, cos, sin, k_slots, v_slots, slots):
-    q, k, v = _qkv(layer, x, cos, sin)
-    store_kv(k_slots, v_slots, k, v, slots, finite=False)
-    return q
+    return _qkv(layer, x, cos, sin, k_slots, v_slots, slots)
 
 
 def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin, k_slots, v_slots, slots):
     attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [1, Hq, D]
     x = _after_attention(layer, x, attn.flatten(1))
-    q, k, v = _qkv(next_layer, x, cos, sin)
-    store_kv(k_slots, v_slots, k, v, slots, finite=False)
-    return x, q
+    return x, _qkv(next_layer, x, cos, sin, k_slots, v_slots, slots)
 
 
 def _merge_last(layer: Layer, model: GLM4Model, x, partials):
@@ -168,10 +164,12 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
 
 class Folded:
     """The pieces of a batch-1 decode step whose small ops gemv.py's kernel does (the module's doc),
-    compiled as the CUDA runner compiles its others (cuda_runner.compile_piece): the first layer's
-    qkv and K/V store, then for each layer its attention's merge, its end and the next one's qkv."""
+    compiled as the CUDA runner compiles its others (cuda_runner.compile_piece, with `pdl` for its
+    kernels of its own: the merge of the attention's splits, the logits' cast): the first layer's qkv
+    (and K/V store), then for each layer its attention's merge, its end and the next one's qkv."""
 
-    def __init__(self, compile_piece):
-        self.first = compile_piece(_first)
-        self.merge_between = compile_piece(_merge_between)
-        self.merge_last = compile_piece(_merge_last)
+    def __init__(self, compile_piece, pdl: bool = False):
+        self.pdl = pdl
+        self.first = compile_piece(_first, pdl=pdl)
+        self.merge_between = compile_piece(_merge_between, pdl=pdl)
+        self.merge_last = compile_piece(_merge_last, pdl=pdl)

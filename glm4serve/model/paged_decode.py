@@ -19,6 +19,8 @@ import shutil
 
 import torch
 
+from . import gemv
+
 TILE = 64  # keys per loop step: 4 blocks of 16; tl.dot wants every side >= 16
 MAX_SPLITS = 64
 
@@ -67,8 +69,11 @@ def _kernel():
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr, scale,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-        TILE: tl.constexpr, DOT_F32: tl.constexpr,
+        TILE: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # launched before the kernel this one follows (its q, K and V) has ended: nothing read before here
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         heads = tl.arange(0, GP)  # this KV head's query heads, padded to a power of two >= 16
         dims = tl.arange(0, D)
@@ -125,16 +130,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def paged_decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                          context_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          context_lens: torch.Tensor, scale: float, pdl: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's launch, as paged_decode_attention's arguments -> each split's unnormalized values
     acc [B, Hkv, S, GP, D], its score maxima and its sums of exponentials [B, Hkv, S, GP] (fp32), for
-    merge_splits (which a runner may compile together with what follows attention)."""
+    merge_splits (which a runner may compile together with what follows attention). `pdl`: launched
+    with programmatic dependent launch where the GPU has it (gemv.launches_pdl), as the batch-1 step's
+    products are: its programs wait on the GPU for the kernel before, not behind a launch gap."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     groups = hq // hkv
     padded = max(16, 1 << (groups - 1).bit_length())
     splits = num_splits(b, hkv, q.device)
     q = q.contiguous()
+    pdl = pdl and gemv.launches_pdl(q.device)
     acc = torch.empty(b, hkv, splits, padded, d, dtype=torch.float32, device=q.device)
     maxes = torch.empty(b, hkv, splits, padded, dtype=torch.float32, device=q.device)
     sums = torch.empty_like(maxes)
@@ -142,7 +151,8 @@ def paged_decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q, k_cache, v_cache, block_tables, context_lens, acc, maxes, sums, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=groups, GP=padded, D=d, BLOCK=block_size, SPLITS=splits, TILE=TILE,
-        DOT_F32=q.device.type == "cpu" or q.dtype == torch.float32,
+        DOT_F32=q.device.type == "cpu" or q.dtype == torch.float32, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return acc, maxes, sums
 
