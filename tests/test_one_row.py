@@ -63,7 +63,8 @@ def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint
     kv = KVCache(cfg, 53, 4, torch.float32, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cfg.hidden_size, generator=g).to(device)
-    cos, sin = model.rotary(torch.tensor([9], device=device))
+    ids, positions = torch.tensor([11], device=device), torch.tensor([9], device=device)
+    cos, sin = model.rotary(positions)
     slots = torch.tensor([197], device=device)
     partials = (torch.randn(1, cfg.num_kv_heads, 4, 16, cfg.head_dim, generator=g).to(device),
                 torch.randn(1, cfg.num_kv_heads, 4, 16, generator=g).to(device),
@@ -71,8 +72,9 @@ def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint
     attn = merge_splits(*partials, cfg.num_heads).flatten(1)  # [1, Hq * D]
     stores = piece != "merge_last"
     with torch.inference_mode():  # the swapped linears outside a compile: F.linear, the model's own products
+        embedded = model.embed(ids)  # [1, H]
         args, want = {
-            "first": ((layers[0], x, cos, sin), segments.first(layers[0], x, cos, sin)),
+            "first": ((model, ids, positions), (embedded, cos, sin, *segments.first(layers[0], embedded, cos, sin))),
             "merge_between": ((layers[0], layers[1], x, partials, cos, sin),
                               segments.between(layers[0], layers[1], x, attn, cos, sin)),
             "merge_last": ((layers[-1], model, x, partials), (segments.last_with_head(layers[-1], model, x, attn),)),
@@ -86,7 +88,7 @@ def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint
         got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own, pdl=True), *args,
                                       *((kv.k_slots[1], kv.v_slots[1], slots) if stores else ()))
     got = got if isinstance(got, tuple) else (got,)
-    expected = want[:-2] if stores else want  # (q,), (x, q), (logits,)
+    expected = want[:-2] if stores else want  # (x, cos, sin, q), (x, q), (logits,)
     assert len(got) == len(expected)
     for ours, theirs in zip(got, expected):
         torch.testing.assert_close(ours.reshape(theirs.shape), theirs, rtol=1e-4, atol=1e-4)

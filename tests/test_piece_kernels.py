@@ -43,13 +43,13 @@ def test_a_folded_decode_layer_is_six_launches(tmp_path):
     """Every product on gemv.py's kernel, which does the small ops around it (one_row.py): the attention
     kernel, the merge of its splits, o with the residual add, gate_up with the norm before and SwiGLU
     after, down with the residual add, qkv with the next layer's norm, its bias and rotary and the
-    store of K and V. The first layer's piece is qkv alone; the last's ends in the output layer with
-    the final norm, and the logits' cast to fp32."""
+    store of K and V. The first layer's piece is the embedding, the rotary's angles and qkv; the
+    last's ends in the output layer with the final norm, and the logits' cast to fp32."""
     figures = counts(tmp_path, "--one-row", "qkv,o,gate_up,down,lm_head", "--triton")
     pieces, between = figures["pieces"], figures["pieces"]["between"]
     assert figures["folded"]
     assert figures["launches_per_layer"] <= 6, between
     assert figures["gemv_per_layer"] == 4 and figures["extern_per_layer"] == 0, between
     assert between[-1] == "torch.ops.glm4serve.row_product_kv" and not any("index_copy" in k for k in between)
-    assert pieces["first"] == ["torch.ops.glm4serve.row_product_kv"], pieces["first"]
+    assert len(pieces["first"]) <= 3 and pieces["first"][-1] == "torch.ops.glm4serve.row_product_kv", pieces["first"]
     assert len(pieces["last"]) <= 6 and sum(k.startswith("torch.ops.glm4serve") for k in pieces["last"]) == 4

@@ -397,9 +397,12 @@ class CompiledLayers:
         one_row.py's folded pieces; `pdl`: the attention kernel launched with PDL."""
         pieces = self.folded_pieces if folded else self
         layers, slots = model.layers, attn.slot_mapping
-        x = model.embed(ids)  # [T, H]
-        cos, sin = model.rotary(positions)  # [T, D] each
-        q = pieces.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
+        if folded:  # the embedding and the rotary's angles in the first piece
+            x, cos, sin, q = pieces.first(model, ids, positions, kv.k_slots[0], kv.v_slots[0], slots)
+        else:
+            x = model.embed(ids)  # [T, H]
+            cos, sin = model.rotary(positions)  # [T, D] each
+            q = pieces.first(layers[0], x, cos, sin, kv.k_slots[0], kv.v_slots[0], slots)
         for i, layer in enumerate(layers):
             partials = paged_decode_partials(q, kv.k[i], kv.v[i], attn.decode_block_tables, attn.decode_context_lens,
                                              layer.attn.scale, pdl=pdl)

@@ -11,7 +11,7 @@ graph may run:
   does around its products (`Folded`): the norms before qkv, gate_up and the output layer, the bias
   and rotary after qkv and its k and v stored into the cache, SwiGLU after gate_up and the residual
   adds after o and down. A layer is then 6 launches: the attention kernel, the merge of its splits
-  and the four products.
+  and the four products; the step's first piece also computes the embedding and the rotary's angles.
   The folded step takes the kernel's best blocks for each of the four even where cuBLAS's product was
   faster alone (launches saved may be worth more); the CUDA runner times it whole against the step
   of the products' own choices and keeps the faster.
@@ -144,8 +144,12 @@ def _after_attention(layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch
     return _product(layer.mlp.down, h, residual=x)  # [1, H]
 
 
-def _first(layer: Layer, x, cos, sin, k_slots, v_slots, slots):
-    return _qkv(layer, x, cos, sin, k_slots, v_slots, slots)
+def _first(model: GLM4Model, ids, positions, k_slots, v_slots, slots):
+    """The step's start: the token's embedding, the rotary's cos and sin for its position, the first
+    layer's qkv (and K/V store) -> (x, cos, sin, q)."""
+    x = model.embed(ids)  # [1, H]
+    cos, sin = model.rotary(positions)  # [1, D] each
+    return x, cos, sin, _qkv(model.layers[0], x, cos, sin, k_slots, v_slots, slots)
 
 
 def _merge_between(layer: Layer, next_layer: Layer, x, partials, cos, sin, k_slots, v_slots, slots):
@@ -166,7 +170,8 @@ class Folded:
     """The pieces of a batch-1 decode step whose small ops gemv.py's kernel does (the module's doc),
     compiled as the CUDA runner compiles its others (cuda_runner.compile_piece, with `pdl` for its
     kernels of its own: the merge of the attention's splits, the logits' cast): the first layer's qkv
-    (and K/V store), then for each layer its attention's merge, its end and the next one's qkv."""
+    (and K/V store) after the embedding and the rotary's angles, then for each layer its attention's
+    merge, its end and the next one's qkv."""
 
     def __init__(self, compile_piece, pdl: bool = False):
         self.pdl = pdl
