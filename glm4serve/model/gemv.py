@@ -83,22 +83,20 @@ def _kernel():
         if PDL:  # launched before the kernel this one follows has ended: nothing it writes is read before here
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may take the SMs this one leaves
-        if NORM:  # RMSNorm's 1 / rms of the whole input, each program its own (K values from L2)
-            squares = tl.zeros([COLS], tl.float32)
-            for k in range(0, K, COLS):
-                v = tl.load(x_ptr + k + tl.arange(0, COLS), mask=k + tl.arange(0, COLS) < K, other=0.0)
-                squares += v.to(tl.float32) * v.to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(squares, 0) / K + eps)
         # each thread's 8 neighbouring products (one 16-byte load of bf16) summed as they come: a few
-        # registers a thread, not ROWS x COLS / threads, so more programs fit an SM, more bytes in flight
+        # registers a thread, not ROWS x COLS / threads, so more programs fit an SM, more bytes in flight.
+        # With NORM, RMSNorm's sum of squares of the input is summed alongside, from the same loads (each
+        # row of the tile has the whole input: no pass of its own over it)
         a = tl.load(inputs, mask=cols < K, other=0.0).to(tl.float32)  # [ROWS, COLS]
         if NORM:
+            squares = tl.sum(tl.reshape(a * a, [ROWS, COLS // 8, 8]), 2)  # [ROWS, COLS // 8]
             a *= tl.load(scales, mask=cols < K, other=0.0).to(tl.float32)
         acc = tl.sum(tl.reshape(first_w.to(tl.float32) * a, [ROWS, COLS // 8, 8]), 2)  # [ROWS, COLS // 8]
         whole = tl.maximum(K - K % COLS, COLS)  # the steps after the first, up to the last whole one
         for k in range(COLS, whole, COLS):
             a = tl.load(inputs + k).to(tl.float32)  # [ROWS, COLS]
             if NORM:
+                squares += tl.sum(tl.reshape(a * a, [ROWS, COLS // 8, 8]), 2)
                 a *= tl.load(scales + k).to(tl.float32)
             p = tl.load(starts + k + cols).to(tl.float32) * a
             acc += tl.sum(tl.reshape(p, [ROWS, COLS // 8, 8]), 2)
@@ -106,12 +104,13 @@ def _kernel():
             inside = whole + cols < K  # [1, COLS]
             a = tl.load(inputs + whole, mask=inside, other=0.0).to(tl.float32)
             if NORM:
+                squares += tl.sum(tl.reshape(a * a, [ROWS, COLS // 8, 8]), 2)
                 a *= tl.load(scales + whole, mask=inside, other=0.0).to(tl.float32)
             p = tl.load(starts + whole + cols, mask=inside, other=0.0).to(tl.float32) * a
             acc += tl.sum(tl.reshape(p, [ROWS, COLS // 8, 8]), 2)
         y = tl.sum(acc, 1)  # [ROWS]
-        if NORM:  # W (norm_weight * x / rms) = (W (norm_weight * x)) / rms
-            y *= inv_rms
+        if NORM:  # W (norm_weight * x / rms) = (W (norm_weight * x)) / rms; 1 / rms the same in every row
+            y *= tl.rsqrt(tl.sum(squares, 1) / K + eps)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the product as F.linear gives it, before what follows
