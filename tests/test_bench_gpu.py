@@ -62,6 +62,7 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
         assert gemv["batch1_step_ms"]["folded"] > 0 and gemv["batch1_step_ms"]["unfolded"] > 0, gemv
         assert gemv["folded"] == (gemv["batch1_step_ms"]["folded"] <= gemv["batch1_step_ms"]["unfolded"]), gemv
         assert gemv["folded"] == ("folded in" in figures["runner_repr"]), gemv
+        assert not gemv["folded"] or set(gemv["fold_with"]) == {"qkv", "o", "gate_up", "down"}, gemv
         cublas = figures["single_stream_cublas"]
         assert cublas.get("ours_cublas_tok_s", 0) > 0 if default else "cuBLAS" in cublas["skipped"], cublas
         lora = figures["single_stream_lora"]  # adapters in the graphs, where the budget left time for it

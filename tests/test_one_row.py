@@ -193,3 +193,61 @@ def test_a_failure_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(m
                              max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
     runner._fall_back("compiling the decode step of 2 rows", RuntimeError("no"), one_row=False)
     assert runner.fused is None and not runner.folded and runner.pdl
+
+
+def test_the_folded_products_blocks_are_timed_again_with_their_options(make_checkpoint, monkeypatch, kernel_runs):
+    """At load (fastest_one_row_kernels): for each of a layer's four products, the three fastest blocks
+    that agreed with cuBLAS are timed again launched as the folded layer launches them (its norm, bias,
+    rotary and K/V store; SwiGLU; the residual), and the fastest of those is the folded step's; the
+    output layer, and the choice over cuBLAS, stay the plain kernel's. The GPU's timing stands in here:
+    each timed product is run once (the kernel in Triton's interpreter) and given a time by its blocks."""
+    from glm4serve.model import gemv, one_row
+
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    a, b, c, d, wrong = Blocks(4, 512, 2), Blocks(2, 1024, 4), Blocks(8, 256, 2), Blocks(4, 512, 4), Blocks()
+    plain = {a: 10.0, b: 11.0, c: 12.0, d: 13.0, wrong: 5.0}  # `wrong` disagreed with cuBLAS: never timed again
+
+    def fastest(weights):
+        report = {"cublas": {"us": 20.0}, **{str(k): {"us": us, "error": 0.5 if k == wrong else 0.001}
+                                             for k, us in plain.items()}}
+        return a, a, report
+
+    launched = []
+    real_linear = gemv.linear
+
+    def linear(x, w, bias, blocks, **options):
+        launched.append((w.shape[0], blocks, options))
+        return real_linear(x, w, bias, blocks, **options)
+
+    def replay_us(product, weights, x):
+        product(weights[0], x)  # the kernel with the options, once
+        rows, blocks, _ = launched[-1]
+        return 1.0 if rows == 2 * model.cfg.intermediate_size and blocks == b else plain[blocks]  # gate_up: b
+
+    monkeypatch.setattr(gemv, "fastest", fastest)
+    monkeypatch.setattr(gemv, "linear", linear)
+    monkeypatch.setattr(gemv, "replay_us", replay_us)
+    chosen, best = one_row.fastest_one_row_kernels(model)
+    assert chosen == dict.fromkeys(one_row.ONE_ROW_PRODUCTS, a)
+    assert best == {"qkv": a, "o": a, "gate_up": b, "down": a, "lm_head": a}
+    timed = [(rows, blocks, sorted(options)) for rows, blocks, options in launched]
+    cfg = model.cfg
+    qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    assert timed == [(rows, blocks, keys) for rows, keys in (
+        (qkv_rows, ["norm", "rotary", "store_kv"]), (cfg.hidden_size, ["residual"]),
+        (2 * cfg.intermediate_size, ["norm", "swiglu"]), (cfg.hidden_size, ["residual"]))
+        for blocks in (a, b, c)]
+
+
+@pytest.mark.cuda
+def test_the_folded_products_timing_runs_on_this_gpu(make_checkpoint, device):
+    """On the GPU: each of a layer's four products timed with the folded layer's options, in two blocks."""
+    from glm4serve.model import gemv, one_row
+
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="bfloat16", device=device)
+    candidates = [Blocks(4, 512, 2), Blocks(2, 1024, 4)]
+    for name in one_row.FOLDED_PRODUCTS:
+        linears = [linear for _, _, linear in one_row.named_linears(model, (name,))]
+        fastest, report = gemv.fastest_with([m.weight for m in linears], candidates, linears[0].bias,
+                                            one_row.timing_options(model, name))
+        assert fastest in candidates and all(report[str(b)]["us"] > 0 for b in candidates), (name, report)

@@ -295,3 +295,26 @@ def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEE
     report = {str(k): {"us": us, **({"error": errors[k]} if k in errors else {})} for k, us in timings.items()}
     report.update({k: {"failed": why} for k, why in failed.items()})
     return pick(timings, errors), pick(timings, errors, margin=math.inf), report
+
+
+def agreed_fastest_first(report: dict, candidates: Sequence[Blocks] = SWEEP) -> list[Blocks]:
+    """The candidates of a `fastest` report that ran and agreed with cuBLAS's product, fastest first."""
+    ran = [b for b in candidates if report.get(str(b), {}).get("error", math.inf) <= ERROR_LIMIT]
+    return sorted(ran, key=lambda b: report[str(b)]["us"])
+
+
+def fastest_with(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks], bias: torch.Tensor | None,
+                 options: dict) -> tuple[Blocks | None, dict]:
+    """On a GPU: of `candidates` (blocks `fastest` found to agree with cuBLAS), those in which the kernel
+    with `options` (linear's: what a folded decode layer does around the product, which costs registers,
+    so may rank the blocks otherwise) reads `weights` fastest -> (them, None where none ran; each
+    candidate's time, or why it failed, by name)."""
+    timings, report = {}, {}
+    x = torch.randn(1, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
+    for blocks in candidates:
+        try:
+            timings[blocks] = replay_us(lambda w, x, blocks=blocks: linear(x, w, bias, blocks, **options), weights, x)
+            report[str(blocks)] = {"us": timings[blocks]}
+        except Exception as e:  # noqa: BLE001 - a variant that cannot run is left out, not the server
+            report[str(blocks)] = {"failed": f"{type(e).__name__}: {e}"[:300]}
+    return min(timings, key=timings.get, default=None), report

@@ -13,8 +13,9 @@ graph may run:
   adds after o and down. A layer is then 6 launches: the attention kernel, the merge of its splits
   and the four products; the step's first piece also computes the embedding and the rotary's angles.
   The folded step takes the kernel's best blocks for each of the four even where cuBLAS's product was
-  faster alone (launches saved may be worth more); the CUDA runner times it whole against the step
-  of the products' own choices and keeps the faster.
+  faster alone (launches saved may be worth more), the best of the plain kernel's fastest few timed
+  again with the options the folded layer launches it with; the CUDA runner times the step whole
+  against the step of the products' own choices and keeps the faster.
   These pieces restate Layer.after_attention and Attention.project of glm4.py's `glm` variant with
   that kernel's options, and are checked against them (tests/test_one_row.py); the `glm4` variant's
   extra norms, LoRA adapters (their own wrappers of the linears) and tensor parallelism keep the
@@ -31,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemv, segments
-from .glm4 import GLM4Model, Layer, RMSNorm
+from .glm4 import GLM4Model, Layer
 from .paged_decode import merge_splits
 
 log = logging.getLogger(__name__)
 
 ONE_ROW_PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")  # the model's linears, by attribute name
 FOLDED_PRODUCTS = ONE_ROW_PRODUCTS[:4]  # a layer's: all on gemv.py's kernel for the folded pieces
+FOLDED_CANDIDATES = 3  # a folded product's blocks timed again with its options: the fastest plain ones
 
 
 class RowProductLinear(nn.Module):
@@ -87,12 +89,15 @@ def fastest_one_row_kernels(model: GLM4Model) -> tuple[dict[str, gemv.Blocks], d
     weights of that linear fastest and agree with cuBLAS (gemv.fastest), timed with every layer's
     weight in turn, a few seconds (and Triton's compiles the first time) at load -> (those of the
     products where they beat cuBLAS on this card: the others stay cuBLAS's; those of every product
-    where any ran: the folded layer's, which the CUDA runner times against the other whole)."""
+    where any ran: the folded layer's, which the CUDA runner times against the other whole). For the
+    folded layer's four, the FOLDED_CANDIDATES fastest blocks are timed again with the options the
+    folded layer launches them with (gemv.fastest_with), and the fastest of those taken."""
     chosen, best = {}, {}
     for name in ONE_ROW_PRODUCTS:
-        weights = [linear.weight for _, _, linear in named_linears(model, (name,))]
-        if not weights:
+        linears = [linear for _, _, linear in named_linears(model, (name,))]
+        if not linears:
             continue
+        weights = [linear.weight for linear in linears]
         try:
             over_cublas, fastest, report = gemv.fastest(weights)
         except Exception as e:  # noqa: BLE001 - the timing's own failure leaves cuBLAS's product, not no server
@@ -103,6 +108,15 @@ def fastest_one_row_kernels(model: GLM4Model) -> tuple[dict[str, gemv.Blocks], d
                  f"Triton {over_cublas}" if over_cublas else "cuBLAS")
         if over_cublas is not None:
             chosen[name] = over_cublas
+        if fastest is not None and name in FOLDED_PRODUCTS and model.cfg.variant == "glm":
+            candidates = [b for b in gemv.agreed_fastest_first(report) if b.rows % 2 == 0][:FOLDED_CANDIDATES]
+            try:
+                folded, times = gemv.fastest_with(weights, candidates, linears[0].bias, timing_options(model, name))
+            except Exception as e:  # noqa: BLE001 - the plain kernel's timing stands
+                log.warning("timing the folded %s products failed: %s: %s", name, type(e).__name__, e)
+                folded, times = None, {}
+            log.info("one-row %s folded: %s", name, " ".join(f"{b} {t}" for b, t in times.items()) or "not timed")
+            fastest = folded if folded is not None else fastest
         if fastest is not None:
             best[name] = fastest
     return chosen, best
@@ -121,27 +135,52 @@ def can_fold(model: GLM4Model) -> bool:
                                                           layer.mlp.down))
 
 
-def _product(linear: RowProductLinear, x: torch.Tensor, norm: RMSNorm | None = None, **options) -> torch.Tensor:
-    return gemv.linear(x, linear.weight, linear.bias, linear.blocks,
-                       norm=(norm.weight, norm.eps) if norm is not None else None, pdl=linear.pdl, **options)
+def folded_options(layer: Layer, name: str, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                   kv: tuple | None = None, residual: torch.Tensor | None = None) -> dict:
+    """gemv.linear's options as the folded layer launches its product `name` (FOLDED_PRODUCTS), given
+    the step's tensors they take: the rotary's cos and sin and the K/V slots (k_slots, v_slots, slot)
+    for qkv, the residual stream for o and down."""
+    if name == "qkv":  # the input norm; the bias (the linear's own), rotary of q and k heads, K/V store
+        attn, norm = layer.attn, layer.input_norm
+        rotated = (attn.num_heads + attn.num_kv_heads) * attn.head_dim
+        return dict(norm=(norm.weight, norm.eps), rotary=(cos, sin, rotated), store_kv=kv)
+    if name == "gate_up":  # the norm before the MLP, SwiGLU after
+        return dict(norm=(layer.mlp_norm.weight, layer.mlp_norm.eps), swiglu=True)
+    return dict(residual=residual)  # o, down: the residual add
+
+
+def timing_options(model: GLM4Model, name: str) -> dict:
+    """folded_options of the first layer with stand-ins for the step's tensors, for timing the product
+    (what they hold does not change its time): position 0, a cache of one slot, a residual of zeros."""
+    layer = model.layers[0]
+    weight = layer.attn.qkv.weight
+    cos, sin = model.rotary(torch.zeros(1, dtype=torch.long, device=weight.device))  # [1, D] each
+    k_slots, v_slots = torch.zeros(2, 1, layer.attn.num_kv_heads, layer.attn.head_dim, dtype=weight.dtype,
+                                   device=weight.device)  # [1 slot, Hkv, D] each
+    slot = torch.zeros(1, dtype=torch.long, device=weight.device)
+    residual = torch.zeros(1, model.cfg.hidden_size, dtype=weight.dtype, device=weight.device)
+    return folded_options(layer, name, cos, sin, (k_slots, v_slots, slot), residual)
+
+
+def _product(linear: RowProductLinear, x: torch.Tensor, **options) -> torch.Tensor:
+    return gemv.linear(x, linear.weight, linear.bias, linear.blocks, pdl=linear.pdl, **options)
 
 
 def _qkv(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_slots, v_slots, slots):
     """Layer.before_attention of one row x [1, H] and the K/V store: input norm, qkv and its bias, the
     rotary of q and k, k and v into the layer's cache at the slot, in one kernel -> q [1, Hq, D]."""
     attn = layer.attn
-    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = _product(attn.qkv, x, layer.input_norm, rotary=(cos, sin, (hq + hkv) * d),
-                   store_kv=(k_slots, v_slots, slots))  # [1, (Hq + 2 Hkv) * D]
-    return qkv[:, : hq * d].view(1, hq, d)  # [1, Hq * D] -> [1, Hq, D]
+    options = folded_options(layer, "qkv", cos, sin, kv=(k_slots, v_slots, slots))
+    qkv = _product(attn.qkv, x, **options)  # [1, (Hq + 2 Hkv) * D]
+    return qkv[:, : attn.num_heads * attn.head_dim].view(1, attn.num_heads, attn.head_dim)  # [1, Hq, D]
 
 
 def _after_attention(layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Layer.after_attention of one row (the `glm` variant): x + o(attn), then that plus the MLP of its
     norm, in three kernels."""
-    x = _product(layer.attn.o, attn, residual=x)  # [1, H]
-    h = _product(layer.mlp.gate_up, x, layer.mlp_norm, swiglu=True)  # [1, F]
-    return _product(layer.mlp.down, h, residual=x)  # [1, H]
+    x = _product(layer.attn.o, attn, **folded_options(layer, "o", residual=x))  # [1, H]
+    h = _product(layer.mlp.gate_up, x, **folded_options(layer, "gate_up"))  # [1, F]
+    return _product(layer.mlp.down, h, **folded_options(layer, "down", residual=x))  # [1, H]
 
 
 def _first(model: GLM4Model, ids, positions, k_slots, v_slots, slots):
@@ -162,7 +201,7 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
     attn = merge_splits(*partials, layer.attn.num_heads).to(x.dtype)  # [1, Hq, D]
     x = _after_attention(layer, x, attn.flatten(1))
     if _on_kernel(model.lm_head):  # the final norm in the output layer's kernel
-        return _product(model.lm_head, x, model.norm).float()  # [1, V]
+        return _product(model.lm_head, x, norm=(model.norm.weight, model.norm.eps)).float()  # [1, V]
     return model.logits(x)
 
 
