@@ -108,7 +108,7 @@ def fastest_one_row_kernels(model: GLM4Model) -> tuple[dict[str, gemv.Blocks], d
                  f"Triton {over_cublas}" if over_cublas else "cuBLAS")
         if over_cublas is not None:
             chosen[name] = over_cublas
-        if fastest is not None and name in FOLDED_PRODUCTS and model.cfg.variant == "glm":
+        if fastest is not None and name in FOLDED_PRODUCTS and model.cfg.variant == "glm" and model.shard.world == 1:
             candidates = [b for b in gemv.agreed_fastest_first(report) if b.rows % 2 == 0][:FOLDED_CANDIDATES]
             try:
                 folded, times = gemv.fastest_with(weights, candidates, linears[0].bias, timing_options(model, name))
