@@ -833,6 +833,7 @@ def main(argv=None) -> int:
     # the runner's batch-1 step replayed folded and not (one_row.py), where it captured both at load
     b.record("gemv", {"runner_one_row_kernels": default, "batch1_step_ms": getattr(engine.runner, "step_ms", {}),
                       "folded": getattr(engine.runner, "folded", False),
+                      "batch1_check": getattr(engine.runner, "batch1_check", {}),
                       "fold_with": {n: str(k) for n, k in getattr(engine.runner, "fold_with", {}).items()},
                       "over_cublas": ratio(single["ours_tok_s"], cublas) if single.get("ours_tok_s") else None})
     eager = b.run("single_stream_eager", single_stream_eager, ours)

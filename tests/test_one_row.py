@@ -111,6 +111,9 @@ class Graph:
     def __init__(self, name: str):
         self.name = name
 
+    def replay(self):
+        pass
+
 
 @pytest.mark.parametrize("folded_ms,unfolded_ms,keeps", [(5.0, 6.0, "folded"), (6.0, 5.0, "unfolded"),
                                                         (5.0, None, "folded")])
@@ -193,6 +196,104 @@ def test_a_failure_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(m
                              max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
     runner._fall_back("compiling the decode step of 2 rows", RuntimeError("no"), one_row=False)
     assert runner.fused is None and not runner.folded and runner.pdl
+
+
+def test_the_batch_1_step_is_checked_against_the_model_as_written(make_checkpoint, monkeypatch, kernel_runs):
+    """check_batch1: the folded step (here _step(1): the kernel in Triton's interpreter, the pieces compiled
+    for the CPU) has the model's own logits; one whose kernel leaves out the residual, or does not store
+    the token's K/V (it would read what the slot held), has not. After it the runner's linears and the
+    buffers' padding are as before."""
+    from glm4serve.model import gemv
+    from glm4serve.model.one_row import RowProductLinear
+
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
+    padding = runner.buffers.meta[:, :1].clone()
+    check = runner.check_batch1(lambda: runner._step(1))
+    assert check["ok"] and check["cosine"] > 0.9999 and check["max_rel_diff"] < 1e-3, check
+    assert runner.folded and isinstance(model.layers[0].attn.o, RowProductLinear)
+    assert torch.equal(runner.buffers.meta[:, :1], padding)
+    real = gemv._launch
+
+    def without_residual(*args):  # (x, weight, bias, rows, cols, warps, norm, eps, swiglu, cos, sin, rotated,
+        y = real(*args)  # residual, pdl[, kv])
+        return y if args[12] is None else y - args[12]
+
+    for broken in (without_residual, lambda *args: real(*args[:14])):  # the second: no K/V stored
+        monkeypatch.setattr(gemv, "_launch", broken)
+        check = runner.check_batch1(lambda: runner._step(1))
+        assert not check["ok"], check
+
+
+def test_a_wrong_batch_1_step_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(make_checkpoint,
+                                                                                        monkeypatch):
+    """A batch-1 graph whose logits are not the model's is captured again after each stage given up
+    (_fall_back) until they are; wrong with none of its own left, the compiled layers go for every size
+    (_capture captures the ladder again)."""
+    from glm4serve.model import gemv
+
+    monkeypatch.setattr(gemv, "launches_pdl", lambda device: True)
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
+    seen = []
+
+    def check_wrong_while(wrong):
+        def check(step):
+            step()
+            seen.append((runner.pdl, runner.folded, bool(runner.swapped), runner.fused is not None))
+            ok = not wrong()
+            return {"cosine": 1.0 if ok else 0.1, "max_rel_diff": 0.0, "ok": ok}
+        return check
+
+    monkeypatch.setattr(runner, "_capture_size", lambda size, pool, warm_up=None: (Graph("again"), "logits"))
+    monkeypatch.setattr(runner, "check_batch1", check_wrong_while(lambda: runner.swapped))
+    graph, logits = runner._checked_batch1(Graph("first"), "first logits", "pool")
+    assert seen == [(True, True, True, True), (False, True, True, True), (False, False, True, True),
+                    (False, False, False, True)]
+    assert graph.name == "again" and runner.batch1_check["ok"] and runner.fused is not None
+
+    seen.clear()
+    monkeypatch.setattr(runner, "check_batch1", check_wrong_while(lambda: True))
+    with pytest.raises(cuda_runner.WrongLogits, match="cosine 0.1000"):
+        runner._checked_batch1(Graph("first"), "first logits", "pool")
+    assert seen == [(False, False, False, True)]
+
+    ladders = []
+
+    def capture_ladder():
+        ladders.append(runner.fused is not None)
+        if len(ladders) == 1:
+            raise cuda_runner.WrongLogits("wrong")
+
+    monkeypatch.setattr(runner, "_capture_ladder", capture_ladder)
+    runner._capture()
+    assert ladders == [True, False] and runner.fused is None
+
+
+@pytest.mark.cuda
+def test_a_folded_graph_with_a_broken_kernel_is_not_kept(make_checkpoint, device, monkeypatch, tolerances):
+    """On the GPU, captured: a kernel that leaves out the residual (as a read before its write would) makes
+    the folded batch-1 graph's logits wrong; the runner keeps a graph whose logits are the eager runner's."""
+    from glm4serve.model import gemv
+    from glm4serve.model.runner import EagerRunner
+
+    real = gemv._launch
+
+    def without_residual(*args):
+        y = real(*args)
+        return y if args[12] is None else y - args[12]
+
+    monkeypatch.setattr(gemv, "_launch", without_residual)
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device=device)
+    runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=1, max_model_len=32, one_row=ALL_FOUR)
+    assert runner.batch1_check["ok"] and not runner.folded and runner.fused is not None, runner.batch1_check
+    eager = EagerRunner(model, 8, 4)
+    from glm4serve.model.batch import ScheduledBatch, SeqChunk
+
+    for r in (eager, runner):
+        r.execute(ScheduledBatch([SeqChunk([3, 5, 7], 0, [0])]))
+    step = ScheduledBatch([SeqChunk([9], 3, [0])])
+    tolerances["float32"].assert_close(runner.execute(step), eager.execute(step))
 
 
 def test_the_folded_products_blocks_are_timed_again_with_their_options(make_checkpoint, monkeypatch, kernel_runs):

@@ -272,6 +272,8 @@ def test_graph_runner_equals_the_eager_runner(make_checkpoint, device, tolerance
     eager = EagerRunner(model, num_blocks, block_size)
     assert graphs.num_blocks == num_blocks and graphs.kv.num_blocks == num_blocks + 1
     assert bool(graphs.graphs) == capture
+    if capture:  # the kept batch-1 graph was checked against the model as written at load
+        assert graphs.batch1_check["ok"] and graphs.batch1_check["cosine"] > 0.999, graphs.batch1_check
     g = torch.Generator().manual_seed(1)
     tables = [list(range(i * 8, i * 8 + 8)) for i in range(5)]  # 8 blocks (32 tokens) each
     lens = [7, 4, 11, 1, 5]

@@ -33,19 +33,23 @@ Captured, the batch-1 step is captured both ways (folded on `fold_with`'s kernel
 and the faster replay kept. On sm_90 and newer the batch-1 step's kernels are launched with
 programmatic dependent launch (gemv.py's, the attention kernel, and inductor's in the folded pieces),
 each one's programs started before the one before has ended and waiting on the GPU for its writes.
+None of these kernels is trusted on a GPU it has not met: the batch-1 graph kept is checked at load
+against the model as written (check_batch1), and one whose logits are not the model's gives up what
+it runs beyond the layers as written, a stage at a time (_fall_back), until one is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from . import gemv, segments
 from .attention import AttentionBatch, cached_attention, store_kv
-from .batch import ForwardBatch, ScheduledBatch, SeqChunk
+from .batch import ForwardBatch, ScheduledBatch, SeqChunk, build_batch
 from .glm4 import GLM4Model, Layer
 from .kv_cache import KVCache
 from .lora import LoRASet
@@ -56,6 +60,14 @@ from .runner import EagerRunner
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # up to max_num_seqs, which is always one
+# check_batch1: the least cosine of the batch-1 step's logits to the model's as written. Two correct
+# bf16 orders of the same sums land near 1 (ours against transformers over 40 layers: 0.997); a kernel
+# that reads or writes the wrong thing lands far below.
+BATCH1_MIN_COSINE = 0.98
+
+
+class WrongLogits(RuntimeError):
+    """A captured step's logits are not the model's as written."""
 RECOMPILES_PER_RUNNER = 8  # a piece compiles about 3 times for a runner: the largest batch, any batch, one row
 
 
@@ -131,6 +143,7 @@ class CudaGraphRunner(EagerRunner):
         if not self.folded:
             self._use(self.one_row)
         self.step_ms: dict[str, float] = {}  # the batch-1 step's replay, folded and not, where both were captured
+        self.batch1_check: dict = {}  # the kept batch-1 graph against the model as written (check_batch1)
         if capture:
             self._capture()
 
@@ -255,13 +268,17 @@ class CudaGraphRunner(EagerRunner):
             self.fused = None
 
     def _capture(self) -> None:
-        """A capture of the compiled layers that fails (a kernel the graph cannot hold) leaves the graphs
-        to cuBLAS's products if one-row kernels were in them, else to the layers as written (_fall_back);
-        loudly, rather than no server."""
+        """A capture of the compiled layers that fails (a kernel the graph cannot hold), or whose batch-1
+        step's logits are not the model's, leaves the graphs to cuBLAS's products if one-row kernels were
+        in them, else to the layers as written (_fall_back); loudly, rather than no server."""
         log.info("%scapturing CUDA graphs for batch sizes %s", "compiling the layers, " if self.fused else "",
                  self.sizes)
         try:
             self._capture_ladder()
+        except WrongLogits as e:
+            self._fall_back("checking the batch-1 step against the model as written", e)
+            self.graphs.clear()
+            self._capture()
         except Exception as e:
             self._fall_back("capturing the compiled layers", e)
             self.graphs.clear()
@@ -275,6 +292,8 @@ class CudaGraphRunner(EagerRunner):
             pool = graph.pool()
             if size == 1 and self.folded:
                 graph, logits = self._folded_or_not(graph, logits, pool)
+            if size == 1:
+                graph, logits = self._checked_batch1(graph, logits, pool)
             self.graphs[size] = (graph, logits)
         if self.fused is not None and self.block_size >= 3:
             self._warm_up_prompt_steps()
@@ -315,6 +334,58 @@ class CudaGraphRunner(EagerRunner):
         self._use(self.fold_with)
         self.folded = True
         return graph, logits
+
+
+    def _checked_batch1(self, graph, logits, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The batch-1 graph, or the one captured after giving up what it ran of its own (PDL, folding,
+        the one-row kernels: _fall_back) until its logits are the model's (check_batch1). WrongLogits
+        when they are not with none of those left: the compiled layers' to give up, for every size."""
+        while True:
+            self.batch1_check = self.check_batch1(lambda: (graph.replay(), logits)[1])
+            if self.batch1_check["ok"]:
+                return graph, logits
+            wrong = WrongLogits(f"the batch-1 step's logits are not the model's as written: cosine "
+                                f"{self.batch1_check['cosine']:.4f} (at least {BATCH1_MIN_COSINE} expected)")
+            if not (self.folded or self.swapped or (self.pdl and gemv.launches_pdl(self.device))):
+                raise wrong
+            self._fall_back("checking the batch-1 step against the model as written", wrong)
+            graph, logits = self._capture_size(1, pool)
+
+    def check_batch1(self, step: Callable[[], torch.Tensor]) -> dict:
+        """The logits of the batch-1 decode step that `step` runs (a graph's replay, or _step(1)) from
+        the buffers, against the model's as written (its own linears, attention in PyTorch) for the same
+        token: one at the last slot of the sink block, after a prompt that fills the rest (a position
+        past 0, where the rotary turns), its own K/V poisoned with nan before `step` (a step that does
+        not store them reads nan) -> {"cosine", "max_rel_diff", "ok"}. It writes only the sink block,
+        the padding rows' own."""
+        sink, bs = self.num_blocks, self.block_size
+        ids = [(31 * i + 7) % self.vocab_limit for i in range(bs)]
+        chunk, slot = SeqChunk(ids[-1:], bs - 1, [sink]), sink * bs + bs - 1
+        with torch.inference_mode():
+            if bs > 1:  # the prompt's K/V, for the token to attend to
+                with self._as_written():
+                    EagerRunner.forward(self, build_batch([SeqChunk(ids[:-1], 0, [sink])], bs, self.device))
+            for k_slots, v_slots in zip(self.kv.k_slots, self.kv.v_slots):
+                k_slots[slot], v_slots[slot] = float("nan"), float("nan")
+            self.buffers.fill([chunk], 1)
+            got = step()[0].float().clone()  # [V]
+            self.buffers.fill([], 1)
+            with self._as_written():
+                want = EagerRunner.forward(self, build_batch([chunk], bs, self.device))[0].float()  # [V]
+        cosine = torch.nn.functional.cosine_similarity(got, want, dim=0).item()
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        return {"cosine": cosine, "max_rel_diff": rel, "ok": cosine >= BATCH1_MIN_COSINE}  # nan is not ok
+
+    @contextlib.contextmanager
+    def _as_written(self):
+        """The model's own linears in place for the block's time, then the runner's again."""
+        folded = self.folded
+        self._use({})
+        try:
+            yield
+        finally:
+            self._use(self.fold_with if folded else self.one_row)
+            self.folded = folded
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
