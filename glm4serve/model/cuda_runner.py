@@ -368,6 +368,7 @@ class CudaGraphRunner(EagerRunner):
             for k_slots, v_slots in zip(self.kv.k_slots, self.kv.v_slots):
                 k_slots[slot], v_slots[slot] = float("nan"), float("nan")
             self.buffers.fill([chunk], 1)
+            self._choose_loras([], 1)  # the base model's row, as the reference's
             got = step()[0].float().clone()  # [V]
             self.buffers.fill([], 1)
             with self._as_written():
