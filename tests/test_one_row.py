@@ -201,8 +201,8 @@ def test_a_failure_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(m
 def test_the_batch_1_step_is_checked_against_the_model_as_written(make_checkpoint, monkeypatch, kernel_runs):
     """check_batch1: the folded step (here _step(1): the kernel in Triton's interpreter, the pieces compiled
     for the CPU) has the model's own logits; one whose kernel leaves out the residual, or does not store
-    the token's K/V (it would read what the slot held), has not. After it the runner's linears and the
-    buffers' padding are as before."""
+    the token's K/V (it would read what the slot held), has not; a model whose own logits are not finite
+    is not held to them. After it the runner's linears and the buffers' padding are as before."""
     from glm4serve.model import gemv
     from glm4serve.model.one_row import RowProductLinear
 
@@ -223,6 +223,11 @@ def test_the_batch_1_step_is_checked_against_the_model_as_written(make_checkpoin
         monkeypatch.setattr(gemv, "_launch", broken)
         check = runner.check_batch1(lambda: runner._step(1))
         assert not check["ok"], check
+    monkeypatch.setattr(gemv, "_launch", real)
+    with torch.no_grad():  # a model whose own logits are nan: nothing to hold the step to, kept as it is
+        model.layers[-1].mlp.down.weight.fill_(float("nan"))
+    check = runner.check_batch1(lambda: runner._step(1))
+    assert check["ok"] and check["reference_finite"] is False
 
 
 def test_a_wrong_batch_1_step_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(make_checkpoint,
