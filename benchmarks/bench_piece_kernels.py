@@ -1,5 +1,5 @@
 """The kernels a batch-1 decode step launches on a GPU, counted on the CPU: inductor writes the CUDA
-runner's compiled pieces (cuda_runner.CompiledLayers) as it would for a GPU, with its Triton backend
+runner's compiled pieces (compiled_layers.CompiledLayers) as it would for a GPU, with its Triton backend
 (here for the CPU's tensors), and nothing is compiled or run; each piece's launches are read from the
 code it wrote. In a replayed CUDA graph each launch costs a gap of its own on top of its work, so on
 an H200 a 40-layer step of ~730 kernels spent ~0.6 ms of 6.6 between them (BENCHMARKS.md).

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from glm4serve.model import cuda_runner, segments
+from glm4serve.model import compiled_layers, cuda_runner, segments
 from glm4serve.model.cuda_runner import CudaGraphRunner
 from glm4serve.model.gemv import Blocks
 from glm4serve.model.glm4 import load_model
@@ -85,7 +85,7 @@ def test_folded_pieces_are_the_models_own_and_store_k_v_in_place(make_checkpoint
         return fn(*args)
 
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own, pdl=True), *args,
+        got, codes = run_and_get_code(compiled_layers.compile_piece(this_tests_own, pdl=True), *args,
                                       *((kv.k_slots[1], kv.v_slots[1], slots) if stores else ()))
     got = got if isinstance(got, tuple) else (got,)
     expected = want[:-2] if stores else want  # (x, cos, sin, q), (x, q), (logits,)

@@ -329,7 +329,7 @@ def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     from torch._inductor.utils import run_and_get_code
 
-    from glm4serve.model import cuda_runner, segments
+    from glm4serve.model import compiled_layers, segments
     from glm4serve.model.kv_cache import KVCache
     from glm4serve.model.paged_decode import merge_splits
 
@@ -345,10 +345,10 @@ def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device
                 torch.rand(3, cfg.num_kv_heads, 4, 16, generator=g).to(device) + 0.5)
     attn = merge_splits(*partials, cfg.num_heads).flatten(1)  # [3, Hq * D]
     fn, args, want = {
-        "first": (cuda_runner._first, (layers[0], x, cos, sin), segments.first(layers[0], x, cos, sin)),
-        "between": (cuda_runner._between, (layers[0], layers[1], x, attn, cos, sin),
+        "first": (compiled_layers._first, (layers[0], x, cos, sin), segments.first(layers[0], x, cos, sin)),
+        "between": (compiled_layers._between, (layers[0], layers[1], x, attn, cos, sin),
                     segments.between(layers[0], layers[1], x, attn, cos, sin)),
-        "merge_between": (cuda_runner._merge_between, (layers[0], layers[1], x, partials, cos, sin),
+        "merge_between": (compiled_layers._merge_between, (layers[0], layers[1], x, partials, cos, sin),
                           segments.between(layers[0], layers[1], x, attn, cos, sin)),
     }[piece]
 
@@ -365,7 +365,7 @@ def test_compiled_pieces_store_k_v_in_the_cache_in_place(make_checkpoint, device
     monkeypatch.setattr(CachingAutotuner, "benchmark_all_configs", benchmark_all_configs)
     # made and timed here, not taken from inductor's caches on disk
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
-        got, codes = run_and_get_code(cuda_runner.compile_piece(this_tests_own), *args, kv.k_slots[1],
+        got, codes = run_and_get_code(compiled_layers.compile_piece(this_tests_own), *args, kv.k_slots[1],
                                       kv.v_slots[1], slots)
     assert not timed_writers
     torch.testing.assert_close(got, want[:-2] if len(want) > 3 else want[0])  # (x,) q

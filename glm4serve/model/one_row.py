@@ -207,7 +207,7 @@ def _merge_last(layer: Layer, model: GLM4Model, x, partials):
 
 class Folded:
     """The pieces of a batch-1 decode step whose small ops gemv.py's kernel does (the module's doc),
-    compiled as the CUDA runner compiles its others (cuda_runner.compile_piece, with `pdl` for its
+    compiled as the CUDA runner compiles its others (compiled_layers.compile_piece, with `pdl` for its
     kernels of its own: the merge of the attention's splits, the logits' cast): the first layer's qkv
     (and K/V store) after the embedding and the rotary's angles, then for each layer its attention's
     merge, its end and the next one's qkv."""
