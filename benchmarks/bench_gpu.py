@@ -34,6 +34,7 @@ made; the JSON file (--out) is rewritten after each part, so a run cut short kee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -252,6 +253,14 @@ class NoTextTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return b"x"
+
+
+def own_linears(engine: LLMEngine):
+    """For a part that makes a runner of its own on the engine's model: the model's own linears meanwhile,
+    not the engine's runner's one-row wrappers (the new runner would take those as its own: its folded
+    step on the engine's kernels, not on cuBLAS's or the ones it is given)."""
+    runner = engine.runner
+    return runner.linears_as_written() if hasattr(runner, "linears_as_written") else contextlib.nullcontext()
 
 
 def make_engine(model: GLM4Model, args: EngineArgs, vocab: int, device: str) -> LLMEngine:
@@ -826,7 +835,8 @@ def main(argv=None) -> int:
     for part, fn, fn_args in (("single_stream_cublas", single_stream_cublas, (ours, default)),
                               ("single_stream_one_row", single_stream_one_row, (ours, products, default))):
         if b.left() - one_row_s > after_s:
-            runs[part] = b.run(part, fn, *fn_args)
+            with own_linears(engine):
+                runs[part] = b.run(part, fn, *fn_args)
         else:
             b.record(part, {"skipped": f"{b.left():.0f}s left in the budget"})
     cublas = runs.get("single_stream_cublas", {}).get("ours_cublas_tok_s")
@@ -836,8 +846,9 @@ def main(argv=None) -> int:
                       "batch1_check": getattr(engine.runner, "batch1_check", {}),
                       "fold_with": {n: str(k) for n, k in getattr(engine.runner, "fold_with", {}).items()},
                       "over_cublas": ratio(single["ours_tok_s"], cublas) if single.get("ours_tok_s") else None})
-    eager = b.run("single_stream_eager", single_stream_eager, ours)
-    unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
+    with own_linears(engine):
+        eager = b.run("single_stream_eager", single_stream_eager, ours)
+        unfused = b.run("single_stream_unfused", single_stream_unfused, ours)
     if device == "cuda" and single.get("ours_tok_s") and eager.get("ours_eager_tok_s"):
         b.record("cuda_graphs", {"graphs_over_eager": single["ours_tok_s"] / eager["ours_eager_tok_s"],
                                  "fused_over_unfused": ratio(single["ours_tok_s"], unfused.get("ours_unfused_tok_s"))})
@@ -871,7 +882,8 @@ def main(argv=None) -> int:
 
     lora_s = 60  # a runner's compiles and two single streams
     if b.left() - lora_s > million_s:
-        b.run("single_stream_lora", single_stream_lora, ours)
+        with own_linears(engine):
+            b.run("single_stream_lora", single_stream_lora, ours)
     else:
         b.record("single_stream_lora", {"skipped": f"{b.left():.0f}s left in the budget"})
     del engine, ours, hf  # the 1M model needs the card

@@ -230,6 +230,26 @@ def test_the_batch_1_step_is_checked_against_the_model_as_written(make_checkpoin
     assert check["ok"] and check["reference_finite"] is False
 
 
+def test_another_runner_on_the_same_model_gets_its_own_linears_meanwhile(make_checkpoint):
+    """A runner made on a model whose linears another runner wrapped would take those wrappers for its own
+    (folded on the other's kernels); within the other's linears_as_written it wraps the model's own as it
+    is told, and after it the other has its wrappers back."""
+    from glm4serve.model.one_row import RowProductLinear
+
+    model = load_model(make_checkpoint("glm", shape="small"), dtype="float32")
+    first = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False, one_row=ALL_FOUR)
+    unaware = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False)
+    assert unaware.folded and unaware.one_row_kernels() == {}  # the first's kernels, run as its own
+    with first.linears_as_written():
+        second = CudaGraphRunner(model, 8, 4, None, max_num_seqs=2, max_model_len=32, capture=False,
+                                 one_row={"down": Blocks(2, 64, 4)})
+        assert not second.folded and second.one_row_kernels() == {"down": "Triton 2x64/4w"}
+        assert type(model.layers[0].attn.o) is torch.nn.Linear
+        second.close()
+    assert first.folded and isinstance(model.layers[0].attn.o, RowProductLinear)
+    assert first.one_row_kernels() == {n: f"Triton {b}" for n, b in ALL_FOUR.items()}
+
+
 def test_a_wrong_batch_1_step_gives_up_pdl_then_folding_then_the_kernels_then_the_compile(make_checkpoint,
                                                                                         monkeypatch):
     """A batch-1 graph whose logits are not the model's is captured again after each stage given up

@@ -357,7 +357,7 @@ class CudaGraphRunner(EagerRunner):
         chunk, slot = SeqChunk(ids[-1:], bs - 1, [sink]), sink * bs + bs - 1
         with torch.inference_mode():
             if bs > 1:  # the prompt's K/V, for the token to attend to
-                with self._as_written():
+                with self.linears_as_written():
                     EagerRunner.forward(self, build_batch([SeqChunk(ids[:-1], 0, [sink])], bs, self.device))
             for k_slots, v_slots in zip(self.kv.k_slots, self.kv.v_slots):
                 k_slots[slot], v_slots[slot] = float("nan"), float("nan")
@@ -365,7 +365,7 @@ class CudaGraphRunner(EagerRunner):
             self._choose_loras([], 1)  # the base model's row, as the reference's
             got = step()[0].float().clone()  # [V]
             self.buffers.fill([], 1)
-            with self._as_written():
+            with self.linears_as_written():
                 want = EagerRunner.forward(self, build_batch([chunk], bs, self.device))[0].float()  # [V]
         cosine = torch.nn.functional.cosine_similarity(got, want, dim=0).item()
         rel = ((got - want).abs().max() / want.abs().max()).item()
@@ -375,8 +375,10 @@ class CudaGraphRunner(EagerRunner):
         return {"cosine": cosine, "max_rel_diff": rel, "ok": cosine >= BATCH1_MIN_COSINE}  # nan is not ok
 
     @contextlib.contextmanager
-    def _as_written(self):
-        """The model's own linears in place for the block's time, then the runner's again."""
+    def linears_as_written(self):
+        """The model's own linears in place for the block's time, then the runner's again: for
+        check_batch1's reference, or another runner made on the same model meanwhile (the graphs
+        captured already keep their kernels)."""
         folded = self.folded
         self._use({})
         try:
