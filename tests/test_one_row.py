@@ -296,9 +296,10 @@ def test_a_wrong_batch_1_step_gives_up_pdl_then_folding_then_the_kernels_then_th
 
 
 @pytest.mark.cuda
-def test_a_folded_graph_with_a_broken_kernel_is_not_kept(make_checkpoint, device, monkeypatch, tolerances):
+def test_a_folded_graph_with_a_broken_kernel_is_not_kept(make_checkpoint, device, monkeypatch, tolerances, caplog):
     """On the GPU, captured: a kernel that leaves out the residual (as a read before its write would) makes
-    the folded batch-1 graph's logits wrong; the runner keeps a graph whose logits are the eager runner's."""
+    the folded batch-1 graph's logits wrong (kept folded by its replay's time here); the runner gives it
+    up and keeps a graph whose logits are the eager runner's."""
     from glm4serve.model import gemv
     from glm4serve.model.runner import EagerRunner
 
@@ -309,9 +310,12 @@ def test_a_folded_graph_with_a_broken_kernel_is_not_kept(make_checkpoint, device
         return y if args[12] is None else y - args[12]
 
     monkeypatch.setattr(gemv, "_launch", without_residual)
+    monkeypatch.setattr(CudaGraphRunner, "_folded_or_not", lambda self, graph, logits, pool: (graph, logits))
     model = load_model(make_checkpoint("glm", shape="small"), dtype="float32", device=device)
     runner = CudaGraphRunner(model, 8, 4, None, max_num_seqs=1, max_model_len=32, one_row=ALL_FOUR)
     assert runner.batch1_check["ok"] and not runner.folded and runner.fused is not None, runner.batch1_check
+    assert runner.one_row_kernels() == {n: f"Triton {b}" for n, b in ALL_FOUR.items()}  # unfolded, on the kernel
+    assert "checking the batch-1 step against the model as written failed with the batch-1 step folded" in caplog.text
     eager = EagerRunner(model, 8, 4)
     from glm4serve.model.batch import ScheduledBatch, SeqChunk
 
