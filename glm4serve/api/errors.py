@@ -62,7 +62,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return invalid_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     ctx = first.get("ctx") or {}
-    # Our cross-field checks (schemas._invalid) name the offending field in ctx["param"].
+    # Our cross-field checks (json_checks.invalid) name the offending field in ctx["param"].
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Drop pydantic's union-branch labels ("str", "list[int]", "function-after[...]") from the path.
     loc = [p for p in loc if not _is_union_tag(p)]

@@ -23,16 +23,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from .errors import APIError
-from .schemas import (
-    MAX_LOGPROBS,
-    ChatCompletionRequest,
-    FunctionDef,
-    Seed,
-    _Body,
-    _check_json_schema,
-    _invalid,
-    _RequestBody,
-)
+from .json_checks import check_json_schema, invalid
+from .schemas import MAX_LOGPROBS, ChatCompletionRequest, FunctionDef, Seed, _Body, _RequestBody
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
@@ -85,7 +77,7 @@ class UnsupportedItem(_Body):
     @classmethod
     def _refuse(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
-        raise _invalid("input", f"input items of type {kind!r} are not supported: this server takes message, "
+        raise invalid("input", f"input items of type {kind!r} are not supported: this server takes message, "
                                 f"function_call and function_call_output items")
 
 
@@ -149,7 +141,7 @@ class FunctionTool(FunctionDef):
     def _function_only(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
         if kind is not None and kind != "function":  # web_search, file_search, mcp, ...: hosted by OpenAI
-            raise _invalid("tools", f"tools of type {kind!r} are not supported: this server takes function tools")
+            raise invalid("tools", f"tools of type {kind!r} are not supported: this server takes function tools")
         return data
 
 
@@ -169,8 +161,8 @@ class TextFormat(_Body):
     def _schema_given_and_valid(self):
         if self.type == "json_schema":
             if self.name is None or self.schema_ is None:
-                raise _invalid("text.format", "text.format of type json_schema needs a name and a schema")
-            _check_json_schema(self.schema_, "text.format.schema")
+                raise invalid("text.format", "text.format of type json_schema needs a name and a schema")
+            check_json_schema(self.schema_, "text.format.schema")
         return self
 
     def as_response_format(self) -> dict:
@@ -220,12 +212,12 @@ class ResponsesRequest(_RequestBody):
     @model_validator(mode="after")
     def _stateless(self):
         if self.conversation is not None:
-            raise _invalid("conversation", "conversation is not supported: send previous_response_id, or the whole "
+            raise invalid("conversation", "conversation is not supported: send previous_response_id, or the whole "
                                            "conversation in input")
         if self.background:
-            raise _invalid("background", "background responses are not supported")
+            raise invalid("background", "background responses are not supported")
         if isinstance(self.input, list) and not self.input:
-            raise _invalid("input", "input must not be empty")
+            raise invalid("input", "input must not be empty")
         return self
 
     @property

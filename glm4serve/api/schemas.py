@@ -1,102 +1,25 @@
 """Request bodies of /v1/chat/completions and /v1/completions, their checks, and SamplingParams.
 
 Field ranges are pydantic constraints; rules that involve several fields are model validators
-that raise `_invalid(param, message)`, so the 400 names the offending field in `param`.
+that raise `invalid(param, message)`, so the 400 names the offending field in `param`.
 Unknown fields are ignored (clients such as LangChain send extras like `store`, `metadata`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import typing
-from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
 
 from glm4serve.chat.template import PART_SEPARATOR
 from glm4serve.engine.guided import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 
+from .json_checks import check_enforceable, check_json_schema, invalid, unfit_json
+
 MAX_LOGPROBS = 20
-# Nesting of the request body's JSON: far beyond any real request (a tool's parameters schema at
-# depth 5 keeps ~30 levels of nested objects), well short of where validating or compiling a
-# schema recurses past Python's stack.
-MAX_JSON_DEPTH = 64
-_SCALARS = frozenset({int, float, bool, type(None)})
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _invalid(param: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_request", message, {"param": param})
-
-
-def _check_json_schema(schema: dict[str, Any], param: str) -> None:
-    """A 400 naming what is wrong when `schema` is not a valid JSON Schema (by its own $schema
-    draft, 2020-12 when it names none)."""
-    from jsonschema.exceptions import SchemaError
-
-    text = json.dumps(schema, sort_keys=True)
-    try:
-        # agents send the same tools with every turn, and a check takes milliseconds
-        if len(text) <= _SCHEMA_CACHE_MAX_CHARS:
-            _check_schema_text(text)
-        else:
-            _check_schema(schema)
-    except SchemaError as e:
-        where = "/".join(str(p) for p in e.absolute_path)
-        raise _invalid(param, f"{param} is not a valid JSON Schema: {e.message}"
-                              + (f" (at '{where}')" if where else "")) from None
-
-
-_SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the cache stays under ~64 MB
-
-# Keywords the grammar engine (xgrammar) passes over: a reply could break them, so a schema that
-# constrains a reply may not use them. uniqueItems is passed over too but allowed: pydantic writes it
-# for sets, and a duplicate there only shrinks the set.
-_UNENFORCED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
-                         "dependentSchemas"})
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> subschema
-_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required", "title", "description"})
-
-
-def _check_enforceable(schema: Any, param: str) -> None:
-    """A 400 when a schema that constrains a reply uses a keyword the grammar cannot hold it to."""
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-            return
-        if not isinstance(node, dict):
-            return
-        for key, value in node.items():
-            if key in _UNENFORCED:
-                found.add(key)
-            if key in _SCHEMA_MAPS and isinstance(value, dict):
-                walk(list(value.values()))
-            elif key not in _NOT_SCHEMAS:
-                walk(value)
-
-    walk(schema)
-    if found:
-        raise _invalid(param, f"{param} uses {', '.join(sorted(found))}, which the grammar engine cannot enforce "
-                              "on a reply")
-
-
-def _check_schema(schema: Any) -> None:
-    from jsonschema.validators import Draft202012Validator, validator_for
-
-    validator_for(schema, default=Draft202012Validator).check_schema(schema)
-
-
-@lru_cache(maxsize=1024)
-def _check_schema_text(text: str) -> None:
-    """_check_schema of a schema as JSON text; remembers the valid ones (SchemaError is not cached)."""
-    _check_schema(json.loads(text))
 
 
 class _Body(BaseModel):
@@ -117,44 +40,17 @@ class _Body(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
 
-def _unfit_json(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
-    """(path, what is wrong) of the first place in a parsed JSON body that no route can take:
-    a string with a lone UTF-16 surrogate ("\\ud800" is valid JSON but not Unicode, and UTF-8
-    encoders, tokenizers among them, raise on it), or nesting deeper than MAX_JSON_DEPTH."""
-    if isinstance(value, str):
-        return None if (bad := _lone_surrogate(value)) is None else (path, f"the text contains {bad}")
-    if not isinstance(value, (dict, list)):
-        return None
-    if len(path) >= MAX_JSON_DEPTH:
-        return path, f"the request's JSON is nested deeper than {MAX_JSON_DEPTH} levels"
-    if isinstance(value, list) and _SCALARS.issuperset(map(type, value)):
-        return None  # a token-id prompt: a million numbers, passed over at C speed
-    items = value.items() if isinstance(value, dict) else enumerate(value)
-    for key, item in items:
-        if isinstance(key, str) and (bad := _lone_surrogate(key)) is not None:
-            return path, f"a key contains {bad}"
-        if (found := _unfit_json(item, (*path, key))) is not None:
-            return found
-    return None
-
-
-def _lone_surrogate(text: str) -> str | None:
-    if text.isascii() or (bad := _SURROGATE.search(text)) is None:
-        return None
-    return f"a lone UTF-16 surrogate ({ascii(bad.group())[1:-1]}), which is not Unicode"
-
-
 class _RequestBody(_Body):
     """A route's whole body: checked once for what would fail deep inside the server instead."""
 
     @model_validator(mode="before")
     @classmethod
     def _fit_json(cls, data: Any) -> Any:
-        found = _unfit_json(data)
+        found = unfit_json(data)
         if found is not None:
             path, problem = found
             param = ".".join(str(p) for p in path[:6]) or None
-            raise _invalid(param, f"{param}: {problem}" if param else problem)
+            raise invalid(param, f"{param}: {problem}" if param else problem)
         return data
 
 
@@ -188,11 +84,11 @@ class Message(_Body):
     def _content_present(self):
         if self.role == "assistant":
             if self.content is None and not self.tool_calls:
-                raise _invalid("messages", "an assistant message needs content or tool_calls")
+                raise invalid("messages", "an assistant message needs content or tool_calls")
         elif self.content is None:
-            raise _invalid("messages", f"a {self.role} message needs content")
+            raise invalid("messages", f"a {self.role} message needs content")
         if self.tool_calls and self.role != "assistant":
-            raise _invalid("messages", "only assistant messages may carry tool_calls")
+            raise invalid("messages", "only assistant messages may carry tool_calls")
         return self
 
     def text(self) -> str | None:
@@ -257,10 +153,10 @@ class ResponseFormat(_Body):
     def _schema_given_and_valid(self):
         if self.type == "json_schema":
             if self.json_schema is None:
-                raise _invalid("response_format", "response_format of type json_schema needs a json_schema")
+                raise invalid("response_format", "response_format of type json_schema needs a json_schema")
             if self.json_schema.schema_ is not None:
-                _check_json_schema(self.json_schema.schema_, "response_format.json_schema.schema")
-                _check_enforceable(self.json_schema.schema_, "response_format.json_schema.schema")
+                check_json_schema(self.json_schema.schema_, "response_format.json_schema.schema")
+                check_enforceable(self.json_schema.schema_, "response_format.json_schema.schema")
         return self
 
     def guided_spec(self, leading_newline: bool) -> GuidedSpec | None:
@@ -299,7 +195,7 @@ class StructuredOutputs(_Body):
     @model_validator(mode="after")
     def _supported(self):
         if self.structural_tag is not None:
-            raise _invalid("structured_outputs.structural_tag", "structural_tag is not supported")
+            raise invalid("structured_outputs.structural_tag", "structural_tag is not supported")
         return self
 
 
@@ -375,30 +271,30 @@ class _SamplingBody(_RequestBody):
     @model_validator(mode="after")
     def _common_rules(self):
         if self.stream_options is not None and not self.stream:
-            raise _invalid("stream_options", "stream_options is only allowed when stream is true")
+            raise invalid("stream_options", "stream_options is only allowed when stream is true")
         if self.cache_salt is not None and not self.cache_salt:
-            raise _invalid("cache_salt", "Parameter 'cache_salt' must be a non-empty string if provided.")
+            raise invalid("cache_salt", "Parameter 'cache_salt' must be a non-empty string if provided.")
         if self.prompt_logprobs is not None and self.stream:
-            raise _invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
+            raise invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
         constraints = _vllm_constraints(self)
         if self.response_format is not None and self.response_format.type != "text":
             constraints.insert(0, ("response_format", "", None))
         if len(constraints) > 1:
-            raise _invalid(constraints[1][0], "give one constraint on the reply, not "
+            raise invalid(constraints[1][0], "give one constraint on the reply, not "
                                               + " and ".join(c[0] for c in constraints))
         for param, kind, value in constraints:
             if kind == "json":
-                _check_json_schema(value, param)
-                _check_enforceable(value, param)
+                check_json_schema(value, param)
+                check_enforceable(value, param)
             if kind == "choice" and (not value or not all(value)):
-                raise _invalid(param, f"{param} must be a list of one or more non-empty strings")
+                raise invalid(param, f"{param} must be a list of one or more non-empty strings")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s == "" for s in stops):
-            raise _invalid("stop", "stop strings must not be empty")
+            raise invalid("stop", "stop strings must not be empty")
         if self.logit_bias:
             for key in self.logit_bias:
                 if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes "١" and "²"
-                    raise _invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+                    raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
         return self
 
     @property
@@ -477,7 +373,7 @@ def _prompt_ending(body) -> None:
     (unsent, add_generation_prompt then defaults to false; sent as true, the two clash, as in vLLM)."""
     if body.continue_final_message:
         if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
-            raise _invalid("continue_final_message", "continue_final_message and add_generation_prompt "
+            raise invalid("continue_final_message", "continue_final_message and add_generation_prompt "
                                                      "cannot both be true")
         body.add_generation_prompt = False
 
@@ -501,29 +397,29 @@ class ChatCompletionRequest(_SamplingBody):
     def _chat_rules(self):
         _prompt_ending(self)
         if self.top_logprobs is not None and not self.logprobs:
-            raise _invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+            raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
         if self.tools is not None and len(self.tools) == 0:
-            raise _invalid("tools", "tools must not be an empty list")
+            raise invalid("tools", "tools must not be an empty list")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
-            raise _invalid("tool_choice", "tool_choice is only allowed when tools are given")
+            raise invalid("tool_choice", "tool_choice is only allowed when tools are given")
         if isinstance(self.tool_choice, NamedToolChoice):
             wanted = self.tool_choice.function.name
             if wanted not in self.tool_names:
-                raise _invalid("tool_choice", f"tool_choice names {wanted!r}, which is not in tools")
+                raise invalid("tool_choice", f"tool_choice names {wanted!r}, which is not in tools")
         if self.tools:
             names = self.tool_names
             if len(set(names)) != len(names):
-                raise _invalid("tools", "tool names must be unique")
+                raise invalid("tools", "tool names must be unique")
             for i, tool in enumerate(self.tools):  # as OpenAI, whether or not a call is forced
                 if tool.function.parameters is not None:
-                    _check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
+                    check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
         # a response_format waits for a turn whose tool_choice forces no call (as OpenAI's); vLLM's own
         # constraints would say what this very reply is, which the forced call already does
         if self.forces_tool_call and _vllm_constraints(self):
-            raise _invalid(self.guided_param, f"{self.guided_param} cannot constrain a reply that tool_choice "
+            raise invalid(self.guided_param, f"{self.guided_param} cannot constrain a reply that tool_choice "
                                               "already forces to be a tool call")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
-            raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
+            raise invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self
 
     @property
@@ -571,17 +467,17 @@ class CompletionRequest(_SamplingBody):
     @model_validator(mode="after")
     def _completion_rules(self):
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
-            raise _invalid("prompt", "prompt must not be empty")
+            raise invalid("prompt", "prompt must not be empty")
         if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
-            raise _invalid("prompt", "a token-id prompt must not be empty")
+            raise invalid("prompt", "a token-id prompt must not be empty")
         if self.suffix:
-            raise _invalid("suffix", "suffix is not supported")
+            raise invalid("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise _invalid("best_of", "best_of other than n is not supported")
+            raise invalid("best_of", "best_of other than n is not supported")
         if self.max_tokens == 0 and not self.echo:
-            raise _invalid("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt alone)")
+            raise invalid("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt alone)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise _invalid("min_tokens", "min_tokens must not exceed max_tokens")
+            raise invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self
 
     @property
@@ -621,9 +517,9 @@ class TokenizeRequest(_RequestBody):
     def _one_input(self):
         _prompt_ending(self)
         if (self.prompt is None) == (self.messages is None):
-            raise _invalid("prompt", "give exactly one of prompt or messages")
+            raise invalid("prompt", "give exactly one of prompt or messages")
         if self.messages is not None and not self.messages:
-            raise _invalid("messages", "messages must not be empty")
+            raise invalid("messages", "messages must not be empty")
         return self
 
 
