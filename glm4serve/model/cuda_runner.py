@@ -231,7 +231,7 @@ class CudaGraphRunner(EagerRunner):
         was. Not `one_row` (a step of more rows, which runs none of the first three): the compiled
         layers first."""
         why, error_text = f"{what} failed", f"{type(error).__name__}: {error}"
-        if one_row and self.pdl and self.fused is not None and gemv.launches_pdl(self.device):
+        if one_row and self._launches_pdl():
             log.warning("%s with the batch-1 step's kernels launched with PDL, launched without it now: %s", why,
                         error_text)
             self.pdl = False
@@ -251,6 +251,10 @@ class CudaGraphRunner(EagerRunner):
             self.fused, self.folded = None, False
         else:
             raise error
+
+    def _launches_pdl(self) -> bool:
+        """Whether the batch-1 step's kernels launch with PDL: its compiled pieces', on sm_90 and newer."""
+        return self.pdl and self.fused is not None and gemv.launches_pdl(self.device)
 
     def _warm_up_prompt_steps(self) -> None:
         """Compile the pieces of prompt steps now, not on the first request: two spans of the sink block
@@ -340,7 +344,7 @@ class CudaGraphRunner(EagerRunner):
                 return graph, logits
             wrong = WrongLogits(f"the batch-1 step's logits are not the model's as written: cosine "
                                 f"{self.batch1_check['cosine']:.4f} (at least {BATCH1_MIN_COSINE} expected)")
-            if not (self.folded or self.swapped or (self.pdl and gemv.launches_pdl(self.device))):
+            if not (self.folded or self.swapped or self._launches_pdl()):
                 raise wrong
             self._fall_back("checking the batch-1 step against the model as written", wrong)
             graph, logits = self._capture_size(1, pool)
