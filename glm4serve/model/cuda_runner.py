@@ -341,6 +341,8 @@ class CudaGraphRunner(EagerRunner):
         while True:
             self.batch1_check = self.check_batch1(lambda: (graph.replay(), logits)[1])
             if self.batch1_check["ok"]:
+                log.info("batch-1 step checked against the model as written: cosine %.5f, max relative difference "
+                         "%.2e", self.batch1_check["cosine"], self.batch1_check["max_rel_diff"])
                 return graph, logits
             wrong = WrongLogits(f"the batch-1 step's logits are not the model's as written: cosine "
                                 f"{self.batch1_check['cosine']:.4f} (at least {BATCH1_MIN_COSINE} expected)")
