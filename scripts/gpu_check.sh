@@ -2,7 +2,8 @@
 # The GPU check (issues 13 and 15) on a bare lent GPU machine, from the repository root, in two parts of
 # under 10 minutes each (a device command's limit; inductor compiles the runner's layers for each model
 # the tests and the benchmark load, which the first check, before that compile, did not wait for):
-#   bench: the GPU figures (benchmarks/bench_gpu.py, <= 6 min) -> $OUT/bench_gpu.json, bench_gpu.log
+#   bench: the GPU figures (benchmarks/bench_gpu.py, <= 6 min) -> $OUT/bench_gpu.json, bench_gpu.log,
+#          and them against issue 15's targets (benchmarks/gpu_summary.py) -> $OUT/summary.md
 #   tests: the model, engine and end-to-end tests on the GPU (`pytest --device cuda`, <= 7.5 min; the
 #          runner's and the server's first, should the time run out) -> $OUT/pytest.xml, pytest.log
 # Both write $OUT/gpu.txt; no argument runs both, one after the other.
@@ -41,6 +42,7 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
     timeout -k 10 360 python3 benchmarks/bench_gpu.py --budget-s 320 --out "$OUT/bench_gpu.json" 2>&1 \
         | tee "$OUT/bench_gpu.log"
     bench=$?
+    [ -f "$OUT/bench_gpu.json" ] && python3 benchmarks/gpu_summary.py "$OUT/bench_gpu.json" | tee "$OUT/summary.md"
 fi
 if [ "$part" = tests ] || [ "$part" = all ]; then
     # at the limit pytest gets an interrupt (SIGINT): it stops, reports what ran and writes its XML

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import bench_gpu
+from benchmarks import bench_gpu, gpu_summary
 from glm4serve.model.config import ModelConfig
 from glm4serve.model.tokenizer import Tokenizer
 
@@ -83,6 +83,32 @@ def test_bench_gpu_tiny_runs_every_part(tmp_path, device):
     million = figures["million_context"]
     assert million["ok"] and million["offset"] == 1048576 - 64 and million["kv_heads"] == 4
     assert million["max_model_len"] == 4096 and million["rope_theta"] == 1e8
+    # the summary the GPU check prints from the same file
+    summary = gpu_summary.table(figures)
+    assert "| logits vs transformers (min cosine) | 1.0000 | > 0.98 | **met** |" in summary, summary
+    assert "1M context: KV for 4096 tokens" in summary and summary.count("\n| ") == 10, summary  # the header and 9 rows
+
+
+def test_the_gpu_summary_holds_each_figure_to_its_target_and_a_missing_one_to_none():
+    """H200 figures: 75% of the roofline met while the card's 200 tok/s is not; a part skipped or cut
+    short reads "not measured", never met; a failed batch-1 check is not met."""
+    figures = {"env": {"gpu": "NVIDIA H200", "device": "cuda"}, "copy_bandwidth": {"gb_s": 4238.0},
+               "model": {"min_cosine": 0.9973},
+               "single_stream": {"ours_tok_s": 190.0, "roofline_tok_s": 241.3, "ratio": 12.0},
+               "streams_64": {"ours_aggregate_tok_s": 4069.0},
+               "prefill": {"tokens": 32768, "ours_over_transformers": 1.35},
+               "long_prefill": {"skipped": "~200s expected, 30s left in the budget"},
+               "million_context": {"skipped": "10s left in the budget"},
+               "gemv": {"folded": True, "batch1_check": {"cosine": 0.31, "ok": False}, "over_cublas": 1.1}}
+    verdicts = {what.split(",")[0].split(" (")[0]: v for what, _, _, v in gpu_summary.rows(figures)}
+    assert verdicts == {"logits vs transformers": "**met**", "single stream": "**met**",
+                        "single stream on this card": "**not met**", "single stream vs transformers": "",
+                        "64 streams": "**met**", "prefill of one 32768-token prompt": "**not met**",
+                        "prefill of ? tokens": "", "1M context: KV for ? tokens": "not measured",
+                        "batch-1 step: folded": "**not met**"}, verdicts
+    assert "| 78.7%" not in gpu_summary.table(figures) and "190.0 tok/s of 241.3: 78.7%" in gpu_summary.table(figures)
+    del figures["single_stream"]
+    assert [v for what, _, _, v in gpu_summary.rows(figures) if what.startswith("single stream,")] == ["not measured"]
 
 
 def test_bench_gpu_model_has_glm_4_9b_chat_shapes(real_chat_dir):
