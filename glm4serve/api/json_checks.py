@@ -39,7 +39,7 @@ def check_json_schema(schema: dict[str, Any], param: str) -> None:
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
         raise invalid(param, f"{param} is not a valid JSON Schema: {e.message}"
-                              + (f" (at '{where}')" if where else "")) from None
+                             + (f" (at '{where}')" if where else "")) from None
 
 
 _SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the cache stays under ~64 MB
@@ -75,7 +75,7 @@ def check_enforceable(schema: Any, param: str) -> None:
     walk(schema)
     if found:
         raise invalid(param, f"{param} uses {', '.join(sorted(found))}, which the grammar engine cannot enforce "
-                              "on a reply")
+                             "on a reply")
 
 
 def _check_schema(schema: Any) -> None:

@@ -78,7 +78,7 @@ class UnsupportedItem(_Body):
     def _refuse(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
         raise invalid("input", f"input items of type {kind!r} are not supported: this server takes message, "
-                                f"function_call and function_call_output items")
+                               f"function_call and function_call_output items")
 
 
 _ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
@@ -213,7 +213,7 @@ class ResponsesRequest(_RequestBody):
     def _stateless(self):
         if self.conversation is not None:
             raise invalid("conversation", "conversation is not supported: send previous_response_id, or the whole "
-                                           "conversation in input")
+                                          "conversation in input")
         if self.background:
             raise invalid("background", "background responses are not supported")
         if isinstance(self.input, list) and not self.input:

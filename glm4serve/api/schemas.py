@@ -281,7 +281,7 @@ class _SamplingBody(_RequestBody):
             constraints.insert(0, ("response_format", "", None))
         if len(constraints) > 1:
             raise invalid(constraints[1][0], "give one constraint on the reply, not "
-                                              + " and ".join(c[0] for c in constraints))
+                                             + " and ".join(c[0] for c in constraints))
         for param, kind, value in constraints:
             if kind == "json":
                 check_json_schema(value, param)
@@ -374,7 +374,7 @@ def _prompt_ending(body) -> None:
     if body.continue_final_message:
         if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
             raise invalid("continue_final_message", "continue_final_message and add_generation_prompt "
-                                                     "cannot both be true")
+                                                    "cannot both be true")
         body.add_generation_prompt = False
 
 
@@ -417,7 +417,7 @@ class ChatCompletionRequest(_SamplingBody):
         # constraints would say what this very reply is, which the forced call already does
         if self.forces_tool_call and _vllm_constraints(self):
             raise invalid(self.guided_param, f"{self.guided_param} cannot constrain a reply that tool_choice "
-                                              "already forces to be a tool call")
+                                             "already forces to be a tool call")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
             raise invalid("min_tokens", "min_tokens must not exceed max_tokens")
         return self

@@ -168,6 +168,11 @@ class CudaGraphRunner(EagerRunner):
             setattr(parent, name, linear)
         self.swapped, self.folded = [], False
 
+    def _use_folded(self, folded: bool) -> None:
+        """The linears as the batch-1 step takes them folded (`fold_with`'s kernels) or not (`one_row`'s)."""
+        self._use(self.fold_with if folded else self.one_row)
+        self.folded = folded
+
     def _use(self, kernels: Mapping[str, gemv.Blocks | None]) -> None:
         """The model's linears named in `kernels` on those one-row kernels, the others its own."""
         self.close()
@@ -240,7 +245,7 @@ class CudaGraphRunner(EagerRunner):
             self.fused.folded_pieces = Folded(compile_piece)
         elif one_row and self.folded:
             log.warning("%s with the batch-1 step folded, not folded now: %s", why, error_text)
-            self._use(self.one_row)
+            self._use_folded(False)
             self.fold_with = self.one_row
         elif one_row and self.swapped:
             log.warning("%s with the one-row kernels, cuBLAS's products take their place: %s", why, error_text)
@@ -318,7 +323,7 @@ class CudaGraphRunner(EagerRunner):
         """The batch-1 step captured folded (graph, logits, on `fold_with`'s kernels) and again not (on
         `one_row`'s): the one whose replay takes less time on this GPU (one compile more at load), the
         model's linears left as it has them; folded where the other fails to compile or capture."""
-        self._use(self.one_row)
+        self._use_folded(False)
         try:
             other = self._capture_size(1, pool, warm_up=self._step)
         except Exception as e:  # noqa: BLE001 - the folded step is captured already
@@ -330,8 +335,7 @@ class CudaGraphRunner(EagerRunner):
             log.info("batch-1 step: %.3f ms folded, %.3f ms not", self.step_ms["folded"], self.step_ms["unfolded"])
             if self.step_ms["unfolded"] < self.step_ms["folded"]:
                 return other
-        self._use(self.fold_with)
-        self.folded = True
+        self._use_folded(True)
         return graph, logits
 
     def _checked_batch1(self, graph, logits, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -390,8 +394,7 @@ class CudaGraphRunner(EagerRunner):
         try:
             yield
         finally:
-            self._use(self.fold_with if folded else self.one_row)
-            self.folded = folded
+            self._use_folded(folded)
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:

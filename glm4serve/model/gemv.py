@@ -273,9 +273,15 @@ def pick(timings: dict, errors: dict[Blocks, float], margin: float = MARGIN) -> 
     """The blocks to run a product with, from each candidate's time (timings: "cublas" and Blocks ->
     microseconds): the fastest whose result agreed with cuBLAS's (relative error within ERROR_LIMIT),
     where it takes under `margin` of cuBLAS's time; else None, cuBLAS."""
-    agreed = [b for b in timings if isinstance(b, Blocks) and errors.get(b, math.inf) <= ERROR_LIMIT]
-    best = min(agreed, key=timings.get, default=None)
+    best = next(iter(_agreed_fastest_first(timings, errors)), None)
     return best if best is not None and timings[best] < margin * timings["cublas"] else None
+
+
+def _agreed_fastest_first(timings: dict, errors: dict[Blocks, float]) -> list[Blocks]:
+    """The candidates timed whose result agreed with cuBLAS's (relative error within ERROR_LIMIT),
+    fastest first."""
+    agreed = [b for b in timings if isinstance(b, Blocks) and errors.get(b, math.inf) <= ERROR_LIMIT]
+    return sorted(agreed, key=timings.get)
 
 
 def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEEP
@@ -299,8 +305,9 @@ def fastest(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks] = SWEE
 
 def agreed_fastest_first(report: dict, candidates: Sequence[Blocks] = SWEEP) -> list[Blocks]:
     """The candidates of a `fastest` report that ran and agreed with cuBLAS's product, fastest first."""
-    ran = [b for b in candidates if report.get(str(b), {}).get("error", math.inf) <= ERROR_LIMIT]
-    return sorted(ran, key=lambda b: report[str(b)]["us"])
+    timed = {b: report[str(b)] for b in candidates if "us" in report.get(str(b), {})}
+    return _agreed_fastest_first({b: r["us"] for b, r in timed.items()},
+                                 {b: r["error"] for b, r in timed.items() if "error" in r})
 
 
 def fastest_with(weights: Sequence[torch.Tensor], candidates: Sequence[Blocks], bias: torch.Tensor | None,

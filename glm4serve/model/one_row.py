@@ -108,7 +108,7 @@ def fastest_one_row_kernels(model: GLM4Model) -> tuple[dict[str, gemv.Blocks], d
                  f"Triton {over_cublas}" if over_cublas else "cuBLAS")
         if over_cublas is not None:
             chosen[name] = over_cublas
-        if fastest is not None and name in FOLDED_PRODUCTS and model.cfg.variant == "glm" and model.shard.world == 1:
+        if fastest is not None and name in FOLDED_PRODUCTS and _folds(model):
             candidates = [b for b in gemv.agreed_fastest_first(report) if b.rows % 2 == 0][:FOLDED_CANDIDATES]
             try:
                 folded, times = gemv.fastest_with(weights, candidates, linears[0].bias, timing_options(model, name))
@@ -127,12 +127,16 @@ def _on_kernel(linear: nn.Module) -> bool:
     return isinstance(linear, RowProductLinear) and linear.blocks is not None and linear.blocks.rows % 2 == 0
 
 
+def _folds(model: GLM4Model) -> bool:
+    """The models the folded pieces restate: the `glm` variant, whole (no tensor-parallel shard)."""
+    return model.cfg.variant == "glm" and model.shard.world == 1
+
+
 def can_fold(model: GLM4Model) -> bool:
-    """Whether `Folded`'s pieces run this model: the `glm` variant, whole (no tensor-parallel shard),
-    every layer's four linears on gemv.py's kernel (RowProductLinear with blocks of even rows)."""
-    return model.cfg.variant == "glm" and model.shard.world == 1 and all(
-        _on_kernel(m) for layer in model.layers for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up,
-                                                          layer.mlp.down))
+    """Whether `Folded`'s pieces run this model: one they restate (_folds), every layer's four linears
+    on gemv.py's kernel (RowProductLinear with blocks of even rows)."""
+    return _folds(model) and all(_on_kernel(m) for layer in model.layers
+                                 for m in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
 
 
 def folded_options(layer: Layer, name: str, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
