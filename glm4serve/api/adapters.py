@@ -16,17 +16,17 @@ import asyncio
 from fastapi.responses import PlainTextResponse
 
 from .errors import APIError, invalid_request
-from .schemas import _RequestBody
+from .schemas import RequestBody
 from .serving import ServingContext
 
 
-class LoadLoRAAdapterRequest(_RequestBody):
+class LoadLoRAAdapterRequest(RequestBody):
     lora_name: str
     lora_path: str
     load_inplace: bool = False  # replace an adapter of this name (vLLM's field)
 
 
-class UnloadLoRAAdapterRequest(_RequestBody):
+class UnloadLoRAAdapterRequest(RequestBody):
     lora_name: str
     lora_int_id: int | None = None  # vLLM's; adapters here are known by name alone
 

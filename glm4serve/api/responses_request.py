@@ -24,7 +24,7 @@ from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from .errors import APIError
 from .json_checks import check_json_schema, invalid
-from .schemas import MAX_LOGPROBS, ChatCompletionRequest, FunctionDef, Seed, _Body, _RequestBody
+from .schemas import MAX_LOGPROBS, Body, ChatCompletionRequest, FunctionDef, RequestBody, Seed
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
@@ -32,7 +32,7 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # ---- input items ----------------------------------------------------------------------------
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["input_text", "output_text"]  # output_text: an earlier reply sent back
     text: str
 
@@ -42,14 +42,14 @@ def _chat_content(content: str | list[TextPart]) -> str | list[dict]:
     return content if isinstance(content, str) else [{"type": "text", "text": p.text} for p in content]
 
 
-class InputMessage(_Body):
+class InputMessage(Body):
     type: Literal["message"] = "message"
     id: str | None = None
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[TextPart]
 
 
-class FunctionCallItem(_Body):
+class FunctionCallItem(Body):
     """A call the model made earlier, sent back with the conversation."""
 
     type: Literal["function_call"]
@@ -59,20 +59,20 @@ class FunctionCallItem(_Body):
     arguments: str
 
 
-class FunctionCallOutputItem(_Body):
+class FunctionCallOutputItem(Body):
     type: Literal["function_call_output"]
     id: str | None = None
     call_id: str
     output: str | list[TextPart]
 
 
-class ReasoningItem(_Body):
+class ReasoningItem(Body):
     """Another model's reasoning sent back by a client that switched models: dropped."""
 
     type: Literal["reasoning"]
 
 
-class UnsupportedItem(_Body):
+class UnsupportedItem(Body):
     @model_validator(mode="before")
     @classmethod
     def _refuse(cls, data: Any) -> Any:
@@ -145,12 +145,12 @@ class FunctionTool(FunctionDef):
         return data
 
 
-class NamedFunctionChoice(_Body):
+class NamedFunctionChoice(Body):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     description: str | None = None
@@ -172,14 +172,14 @@ class TextFormat(_Body):
                                                        "schema": self.schema_, "strict": self.strict}}
 
 
-class TextConfig(_Body):
+class TextConfig(Body):
     format: TextFormat | None = None
 
 
 # ---- the request ----------------------------------------------------------------------------
 
 
-class ResponsesRequest(_RequestBody):
+class ResponsesRequest(RequestBody):
     model: str | None = None
     input: str | list[InputItem]
     instructions: str | None = None

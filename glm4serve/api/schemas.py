@@ -22,7 +22,9 @@ from .json_checks import check_enforceable, check_json_schema, invalid, unfit_js
 MAX_LOGPROBS = 20
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """Any part of a request body (the responses and adapter routes build theirs on it too)."""
+
     # strict: as OpenAI checks them, an integer is no "5", true or 5.0, a number no "0.5"; nor NaN or Infinity
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
@@ -40,7 +42,7 @@ class _Body(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
 
-class _RequestBody(_Body):
+class RequestBody(Body):
     """A route's whole body: checked once for what would fail deep inside the server instead."""
 
     @model_validator(mode="before")
@@ -57,23 +59,23 @@ class _RequestBody(_Body):
 # ---- messages -------------------------------------------------------------------------------
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Body):
+class FunctionCall(Body):
     name: str
     arguments: str  # a JSON string, as OpenAI sends it
 
 
-class ToolCallIn(_Body):
+class ToolCallIn(Body):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -112,40 +114,40 @@ class Message(_Body):
 # ---- tools ----------------------------------------------------------------------------------
 
 
-class FunctionDef(_Body):
+class FunctionDef(Body):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Body):
+class Tool(Body):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Body):
+class NamedFunction(Body):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: with include_usage, every chunk carries its choice's usage so far
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Body):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
     strict: bool | None = None  # accepted; replies always follow the schema (guided.py)
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -182,7 +184,7 @@ def _parsed_json_text(value: Any) -> Any:
 JsonSchemaArg = Annotated[dict[str, Any], BeforeValidator(_parsed_json_text)]
 
 
-class StructuredOutputs(_Body):
+class StructuredOutputs(Body):
     """vLLM's structured_outputs: one of these constraints on the reply."""
 
     json_: JsonSchemaArg | None = Field(None, alias="json")
@@ -225,7 +227,7 @@ def _vllm_spec(kind: str, value: Any, leading_newline: bool) -> GuidedSpec:
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as vLLM and OpenAI take it
 
 
-class _SamplingBody(_RequestBody):
+class _SamplingBody(RequestBody):
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -503,7 +505,7 @@ class CompletionRequest(_SamplingBody):
 # ---- /tokenize, /detokenize (vLLM shapes) ---------------------------------------------------
 
 
-class TokenizeRequest(_RequestBody):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -523,6 +525,6 @@ class TokenizeRequest(_RequestBody):
         return self
 
 
-class DetokenizeRequest(_RequestBody):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
