@@ -3,9 +3,11 @@
 # under 10 minutes each (a device command's limit; inductor compiles the runner's layers for each model
 # the tests and the benchmark load, which the first check, before that compile, did not wait for):
 #   bench: the GPU figures (benchmarks/bench_gpu.py, <= 6 min) -> $OUT/bench_gpu.json, bench_gpu.log,
-#          and them against issue 15's targets (benchmarks/gpu_summary.py) -> $OUT/summary.md
+#          and them against issue 15's targets (benchmarks/gpu_summary.py) -> $OUT/summary.md; then, in
+#          what is left of the part's 370 s, the batch-1 kernels' tests -> $OUT/pytest_kernels.xml, .log
 #   tests: the model, engine and end-to-end tests on the GPU (`pytest --device cuda`, <= 7.5 min; the
-#          runner's and the server's first, should the time run out) -> $OUT/pytest.xml, pytest.log
+#          issue's equivalence, runner, engine and server tests first, should the time run out; the
+#          kernels' tests last, unless the bench part ran them through) -> $OUT/pytest.xml, pytest.log
 # Both write $OUT/gpu.txt; no argument runs both, one after the other.
 #
 # The machine's python3 (3.12) brings torch with CUDA, transformers, tokenizers, tiktoken, safetensors,
@@ -37,20 +39,37 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
-bench=0 tests=0
+FIRST_TESTS="tests/test_model_equivalence.py tests/test_paged_decode.py tests/test_engine_with_model.py
+    tests/test_e2e_server.py tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_sampler.py"
+KERNEL_TESTS="tests/test_gemv.py tests/test_one_row.py"
+KERNELS_RAN=/tmp/glm4serve-kernel-tests-ran  # survives between the two calls while the machine stays warm
+
+gpu_pytest() {  # limit_s xml_name files...: at the limit pytest gets an interrupt (SIGINT), reports what
+    local limit=$1 name=$2; shift 2  # ran and writes its XML; exit 0 or 1 means every test ran
+    timeout -s INT -k 20 "$limit" python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
+        --junitxml "$OUT/$name.xml" "$@" 2>&1 | tee "$OUT/$name.log"
+}
+
+bench=0 kernels=0 tests=0
 if [ "$part" = bench ] || [ "$part" = all ]; then
+    rm -f "$KERNELS_RAN"
     timeout -k 10 360 python3 benchmarks/bench_gpu.py --budget-s 320 --out "$OUT/bench_gpu.json" 2>&1 \
         | tee "$OUT/bench_gpu.log"
     bench=$?
     [ -f "$OUT/bench_gpu.json" ] && python3 benchmarks/gpu_summary.py "$OUT/bench_gpu.json" | tee "$OUT/summary.md"
+    left=$((370 - SECONDS))
+    if [ "$left" -ge 60 ]; then
+        gpu_pytest $((left - 25)) pytest_kernels $KERNEL_TESTS
+        kernels=$?
+        [ "$kernels" -le 1 ] && touch "$KERNELS_RAN"
+    else
+        echo "bench part: ${left}s left, the kernels' tests wait for the tests part"
+    fi
 fi
 if [ "$part" = tests ] || [ "$part" = all ]; then
-    # at the limit pytest gets an interrupt (SIGINT): it stops, reports what ran and writes its XML
-    timeout -s INT -k 20 440 python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider --device cuda \
-        --junitxml "$OUT/pytest.xml" tests/test_paged_decode.py tests/test_gemv.py tests/test_one_row.py \
-        tests/test_model_equivalence.py tests/test_e2e_server.py tests/test_engine_with_model.py \
-        tests/test_prefix_cache_model.py tests/test_long_context.py tests/test_sampler.py 2>&1 | tee "$OUT/pytest.log"
+    if [ -f "$KERNELS_RAN" ]; then gpu_pytest 440 pytest $FIRST_TESTS
+    else gpu_pytest 440 pytest $FIRST_TESTS $KERNEL_TESTS; fi
     tests=$?
 fi
-echo "$part: bench_gpu exit $bench, pytest exit $tests"
-exit $((tests || bench))
+echo "$part: bench_gpu exit $bench, kernels' pytest exit $kernels, pytest exit $tests"
+exit $((tests || kernels || bench))
