@@ -181,6 +181,7 @@ def test_an_unknown_adapter_is_refused(base, adapters):
     (lambda c, t: c.update(trainable_token_indices=[5]), "trainable tokens"),
     (lambda c, t: c.update(lora_alpha="16"), "lora_alpha must be a finite number"),
     (lambda c, t: c.update(lora_alpha=float("nan")), "lora_alpha must be a finite number"),
+    (lambda c, t: c.update(lora_alpha=10**400), "lora_alpha must be a finite number"),  # JSON's ints have no limit
     (lambda c, t: c.update(lora_alpha=1e300), "not finite in torch.float32"),  # B scaled past float32
     (lambda c, t: t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].view(-1)[0].fill_(float("inf")),
      "down_proj has weights that are not finite"),

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,8 +85,9 @@ def _check_config(config: dict, path: Path) -> None:
     if config.get("alpha_pattern"):
         raise LoRAError(f"{path}: alpha_pattern not supported (one lora_alpha for every module)")
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise LoRAError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    # compared, not converted: an integer past float's range (JSON has no limit) is refused, not an OverflowError
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not abs(alpha) <= sys.float_info.max:
+        raise LoRAError(f"{path}: lora_alpha must be a finite number, got {reprlib.repr(alpha)}")
 
 
 def _scale(config: dict, rank: int) -> float:
