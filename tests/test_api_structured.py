@@ -108,6 +108,12 @@ def test_invalid_schemas_are_400_saying_what_is_wrong():
     assert "'zero' is not of type 'number'" in message and "properties/n/minimum" in message
     _, r = post("/v1/completions", {"prompt": "x", "response_format": json_schema_format({"type": "nope"})})
     assert "not a valid JSON Schema" in error(r, "response_format.json_schema.schema")
+    for draft in (5, [], {}, True):  # looked up as the draft's URI, a $schema of another type is no draft
+        _, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format({"$schema": draft})})
+        assert "$schema must be a string" in error(r, "response_format.json_schema.schema")
+        _, r = post("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"$schema": draft, "type": "object"}}}], "tool_choice": "none"})
+        assert "$schema must be a string" in error(r, "tools.0.function.parameters")
     _, r = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema"}})
     error(r, "response_format")
     _, r = post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "yaml"}})

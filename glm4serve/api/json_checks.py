@@ -79,8 +79,12 @@ def check_enforceable(schema: Any, param: str) -> None:
 
 
 def _check_schema(schema: Any) -> None:
+    from jsonschema.exceptions import SchemaError
     from jsonschema.validators import Draft202012Validator, validator_for
 
+    # validator_for looks the draft up by $schema as it is: any other type would raise there, not SchemaError
+    if isinstance(schema, dict) and not isinstance(schema.get("$schema", ""), str):
+        raise SchemaError("$schema must be a string, the URI of a JSON Schema draft", path=("$schema",))
     validator_for(schema, default=Draft202012Validator).check_schema(schema)
 
 
