@@ -477,16 +477,21 @@ def test_a_pattern_that_opens_with_a_newline_keeps_it_after_glm4s_own(engine):
     assert all(re.fullmatch(r"\n\n[a-z]{3}", text) and finish == STOP for text, finish, _ in out.values())
 
 
-def test_a_constraint_only_control_characters_satisfy_is_refused_or_fails_only_its_request(engine):
-    for spec in (GuidedSpec.choice(["\t"]), GuidedSpec.regex(r"\x00"), GuidedSpec.grammar('root ::= root "a"')):
-        with pytest.raises(GuidedSpecError, match="no reply can follow"):
+def test_a_constraint_only_control_characters_satisfy_is_refused_or_fails_only_its_request(engine, caplog):
+    for spec in (GuidedSpec.choice(["\t"]), GuidedSpec.regex(r"\x00"), GuidedSpec.grammar('root ::= root "a"'),
+                 GuidedSpec.choice(["\t"], leading_newline=True), GuidedSpec.regex(r"\x01", leading_newline=True)):
+        with pytest.raises(GuidedSpecError, match="no reply can follow"):  # in chat, after GLM-4's newline
             engine.add_request("x", prompt(engine), SamplingParams(guided=spec))
-    # "a" may start it, then only a control character goes on: that request fails, with the reason
-    out = run(engine, [("stuck", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["a\x01b"]))),
-                       ("fine", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["ab"])))])
+    # "a" may start it, then only a control character goes on: that request fails, with the reason, and
+    # the log has no traceback for a request's own constraint
+    with caplog.at_level(logging.INFO, logger="glm4serve"):
+        out = run(engine, [
+            ("stuck", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["a\x01b"]))),
+            ("fine", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["ab"])))])
     [(rid, error)] = engine.pop_errors()
     assert rid == "stuck" and isinstance(error, ConstraintError) and "allows no token here" in str(error)
     assert out[("fine", 0)][:2] == ("ab", STOP)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
 def test_a_grammar_and_allowed_token_ids_with_nothing_in_common_fail_only_their_request_without_a_traceback(

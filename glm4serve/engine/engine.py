@@ -239,7 +239,7 @@ class LLMEngine:
         states = [None if r.generator is None else r.generator.get_state() for r in rows]
         try:
             return self.sampler(logits, rows)
-        except NoTokenLeft as e:  # a request's own rules: no server fault, no traceback
+        except (NoTokenLeft, GuidedDecodingError) as e:  # a request's own rules: no server fault, no traceback
             log.info("batched sampling: %s; sampling row by row to find the request", e)
         except Exception:
             log.exception("batched sampling failed; sampling row by row to find the culprit")

@@ -93,6 +93,11 @@ class GuidedSpec:
         if self.kind == CHOICE and (not self.choices or not all(self.choices)):
             raise GuidedSpecError("a choice constraint needs one or more non-empty strings")
 
+    @property
+    def requires_newline(self) -> bool:
+        """The reply must open with GLM-4's "\\n" (optional before JSON, which never starts with one)."""
+        return self.leading_newline and self.kind not in (JSON_OBJECT, JSON_SCHEMA)
+
     @classmethod
     def json_object(cls, leading_newline: bool = False) -> "GuidedSpec":
         return cls(JSON_OBJECT, leading_newline=leading_newline)
@@ -150,7 +155,7 @@ def build_grammar(spec: GuidedSpec):
     else:
         body = json_grammar(spec.schema if spec.kind == JSON_SCHEMA else '{"type": "object"}')
     if spec.leading_newline:
-        newline = '"\\n"?' if spec.kind in (JSON_OBJECT, JSON_SCHEMA) else '"\\n"'
+        newline = '"\\n"' if spec.requires_newline else '"\\n"?'
         return xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= " + newline), body)
     return body
 
@@ -288,12 +293,16 @@ class Grammars:
 
 
 def _check_can_start(compiled, vocab_size: int, spec: GuidedSpec) -> None:
-    """GuidedSpecError when no token may open the reply: a grammar that only control characters
-    satisfy (grammar_vocab hides them) or that has no sentence at all."""
+    """GuidedSpecError when no token may open the reply (after GLM-4's newline, where the spec
+    requires it): a grammar that only control characters satisfy (grammar_vocab hides them) or that
+    has no sentence at all."""
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+    matcher = xgr.GrammarMatcher(compiled)
+    if spec.requires_newline:
+        matcher.accept_string("\n")
+    matcher.fill_next_token_bitmask(bitmask, 0)
     if not bool((bitmask != 0).any()):
         raise GuidedSpecError(f"no reply can follow this {spec.kind}: it allows no first token (replies hold no "
                               "control character but the newline)")
