@@ -288,7 +288,7 @@ def test_a_constrained_reply_cannot_spell_a_surrogate(engine):
     assert byte_token[b"\xa0"] not in allowed and byte_token[b"\xbf"] not in allowed
     assert not any(0xA0 <= tok.token_bytes(t)[0] <= 0xBF for t in allowed if tok.token_bytes(t))
     guide.advance(byte_token[b"\x9f"])  # U+D7C0's first two bytes: no lone lead byte is left
-    assert guide.utf8_forbidden() is None
+    assert guide.utf8_allowed() is None
 
 
 def test_sampler_masks_only_constrained_rows_and_reports_logprobs_before_the_mask(engine):
@@ -482,14 +482,18 @@ def test_a_constraint_only_control_characters_satisfy_is_refused_or_fails_only_i
                  GuidedSpec.choice(["\t"], leading_newline=True), GuidedSpec.regex(r"\x01", leading_newline=True)):
         with pytest.raises(GuidedSpecError, match="no reply can follow"):  # in chat, after GLM-4's newline
             engine.add_request("x", prompt(engine), SamplingParams(guided=spec))
-    # "a" may start it, then only a control character goes on: that request fails, with the reason, and
-    # the log has no traceback for a request's own constraint
+    # "a" may start it, then only a control character goes on; a surrogate's first byte may start it, then
+    # only its ill-formed second byte (xgrammar's grammar takes it; UTF-8 not): each request fails, with the
+    # reason, before the sampler draws from nothing, and the log has no traceback for a request's own constraint
     with caplog.at_level(logging.INFO, logger="glm4serve"):
         out = run(engine, [
             ("stuck", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["a\x01b"]))),
+            ("surrogate", prompt(engine),
+             SamplingParams(max_tokens=8, guided=GuidedSpec.grammar('root ::= "\\ud800"'))),
             ("fine", prompt(engine), SamplingParams(max_tokens=8, guided=GuidedSpec.choice(["ab"])))])
-    [(rid, error)] = engine.pop_errors()
-    assert rid == "stuck" and isinstance(error, ConstraintError) and "allows no token here" in str(error)
+    errors = dict(engine.pop_errors())
+    assert sorted(errors) == ["stuck", "surrogate"], errors
+    assert all(isinstance(e, ConstraintError) and "allows no token here" in str(e) for e in errors.values()), errors
     assert out[("fine", 0)][:2] == ("ab", STOP)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 

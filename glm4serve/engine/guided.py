@@ -197,14 +197,19 @@ def utf8_tail(data: bytes) -> bytes:
 
 class Utf8Rules:
     """What xgrammar does not check of UTF-8, for one vocabulary (grammar_vocab's): the tokens each
-    lead byte of SECOND_BYTE forbids next (those starting with a continuation byte outside its range)."""
+    lead byte of SECOND_BYTE forbids next (those starting with a continuation byte outside its range),
+    as xgrammar's bitmask rows [ceil(V / 32)] int32 with their bits cleared, to AND into a guide's row."""
 
     def __init__(self, vocab: list[bytes]):
         self.vocab = vocab
-        first = torch.tensor([b[0] if b else 0 for b in vocab])  # [V]
+        first = np.array([b[0] if b else 0 for b in vocab])  # [V]
         continuation = (first >= 0x80) & (first <= 0xBF)
-        self.forbidden_after = {lead: torch.nonzero(continuation & ((first < lo) | (first > hi))).flatten()
-                                for lead, (lo, hi) in SECOND_BYTE.items()}
+        self.allowed_after = {}
+        for lead, (lo, hi) in SECOND_BYTE.items():
+            forbidden = np.flatnonzero(continuation & ((first < lo) | (first > hi)))
+            words = np.zeros(-(-len(vocab) // 32), dtype=np.uint32)  # bit j of word w: token 32 w + j
+            np.bitwise_or.at(words, forbidden // 32, np.left_shift(np.uint32(1), (forbidden % 32).astype(np.uint32)))
+            self.allowed_after[lead] = torch.from_numpy((~words).view(np.int32))
 
 
 class Guide:
@@ -225,11 +230,12 @@ class Guide:
             self._tail = utf8_tail(self._tail + self.utf8.vocab[token_id])
         return self._matcher.is_terminated()
 
-    def utf8_forbidden(self) -> torch.Tensor | None:
-        """The token ids the reply's lone lead byte rules out next, beyond the grammar's mask."""
+    def utf8_allowed(self) -> torch.Tensor | None:
+        """A bitmask row [ceil(V / 32)] int32 without the tokens the reply's lone lead byte rules out
+        next, beyond the grammar's mask (None: nothing more is ruled out)."""
         if self.utf8 is None or len(self._tail) != 1:
             return None
-        return self.utf8.forbidden_after.get(self._tail[0])
+        return self.utf8.allowed_after.get(self._tail[0])
 
 
 class Grammars:
@@ -319,10 +325,15 @@ def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
         matchers[0].fill_next_token_bitmask(bitmask, 0)
     else:  # in C++ threads: some states (long bounded strings) take milliseconds each
         xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1).batch_fill_next_token_bitmask(matchers, bitmask)
-    stuck = (bitmask == 0).all(dim=1)  # [G]: a grammar with no way on (it needs a control character here)
+    for i, guide in enumerate(guides):
+        allowed = guide.utf8_allowed()
+        if allowed is not None:
+            bitmask[i] &= allowed
+    # [G]: a grammar with no way on (it needs a control character or ill-formed UTF-8, a surrogate's, here)
+    stuck = (bitmask == 0).all(dim=1)
     if bool(stuck.any()):
         raise GuidedDecodingError("the constraint allows no token here (replies hold no control character but "
-                                  "the newline)")
+                                  "the newline, and only well-formed UTF-8)")
     width = min(vocab_size, logits.shape[1])
     if logits.device.type == "cpu" and sys.byteorder == "little":
         # unpackbits + one masked_fill is ~5x faster than xgrammar's CPU kernel on a 151K vocabulary
@@ -332,7 +343,3 @@ def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=width)
     if logits.shape[1] > vocab_size:  # ids past the tokenizer's (padding rows) are never grammatical
         logits[:, vocab_size:] = -torch.inf
-    for i, guide in enumerate(guides):
-        forbidden = guide.utf8_forbidden()
-        if forbidden is not None:
-            logits[i, forbidden.to(logits.device)] = -torch.inf
