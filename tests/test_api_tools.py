@@ -231,6 +231,20 @@ def test_tool_choice_none_leaves_the_tools_out_with_the_vllm_flag():
     assert r.json()["choices"][0]["message"]["content"] == CALL
 
 
+def test_a_tool_renders_as_the_client_wrote_it():
+    """GLM-4's template dumps the function object into the prompt as it comes (as transformers renders
+    a client's tools): its keys' order, a null and a key of the client's own stay as they are; /tokenize
+    counts the same prompt."""
+    function = {"description": None, "name": "get_time", "parameters": {"type": "object"}, "x-examples": [{}]}
+    tools = [{"type": "function", "function": function}]
+    engine, _ = run(["\nNoon."], tools=tools)
+    prompt = small_tokenizer().decode(engine.calls[0].prompt_ids)
+    assert "## get_time\n\n" + json.dumps(function, ensure_ascii=False, indent=4) + "\n" in prompt
+    app = make_app()
+    r = TestClient(app).post("/tokenize", json={"messages": ASK, "tools": tools})
+    assert r.json()["tokens"] == engine.calls[0].prompt_ids
+
+
 def test_history_with_tool_call_and_result_renders():
     engine, _ = run(["\nSunny."], messages=ASK + [
         {"role": "assistant", "content": None, "tool_calls": [

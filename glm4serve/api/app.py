@@ -155,7 +155,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
             if body.add_special_tokens:
                 ids = ctx.tokenizer.with_prefix(ids)
         else:
-            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            tools = [t.as_given() for t in body.tools] if body.tools else None
             ids = await ctx.chat_prompt_ids(body, tools)
         # JSONResponse straight away: FastAPI's jsonable_encoder walks a list in Python, seconds
         # of a blocked event loop for the millions of ids a multi-MB prompt has

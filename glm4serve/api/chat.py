@@ -80,7 +80,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     lora = ctx.check_model(req.model)
     # tool_choice none: the reply is never a call, but the model still sees the tools (vLLM's default)
     shown = req.tools_active or (req.tools and not ctx.settings.exclude_tools_when_tool_choice_none)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if shown else None
+    tools = [t.as_given() for t in req.tools] if shown else None
     prompt_ids = ctx.truncate(await ctx.chat_prompt_ids(req, tools), req.truncate_prompt_tokens, req.max_output_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 

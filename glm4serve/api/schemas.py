@@ -11,7 +11,7 @@ import json
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 from glm4serve.chat.template import PART_SEPARATOR
 from glm4serve.engine.guided import GuidedSpec
@@ -124,6 +124,20 @@ class FunctionDef(Body):
 class Tool(Body):
     type: Literal["function"]
     function: FunctionDef
+    _given: dict | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_as_given(cls, data: Any, handler) -> "Tool":
+        tool = handler(data)
+        if isinstance(data, dict) and isinstance(data.get("function"), dict):
+            tool._given = data
+        return tool
+
+    def as_given(self) -> dict:
+        """The tool as the client wrote it (its keys' order, nulls, keys of its own): GLM-4's template
+        dumps the function object into the prompt as it comes, as transformers renders a client's tools."""
+        return self._given if self._given is not None else self.model_dump(exclude_none=True)
 
 
 class NamedFunction(Body):
