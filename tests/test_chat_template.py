@@ -236,6 +236,13 @@ def test_tool_calls_become_one_turn_each_after_the_text():
     ]
 
 
+def test_a_call_without_arguments_is_glm4s_empty_object_not_a_missing_turn():
+    for arguments in (None, ""):
+        [_, call] = to_glm_turns([{"role": "user", "content": "now?"}, {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "get_time", "arguments": arguments}}]}])
+        assert (call["role"], call["metadata"], call["content"]) == ("assistant", "get_time", "{}")
+
+
 def test_role_aliases():
     turns = to_glm_turns(
         [{"role": "developer", "content": "d"}, {"role": "function", "name": "f", "content": "r"}]
@@ -252,6 +259,8 @@ def test_role_aliases():
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
         [{"role": "user", "content": 42}],
         [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}],
+        [{"role": ["user"], "content": "x"}],
+        [{"role": "assistant", "content": "x", "tool_calls": 5}],
     ],
 )
 def test_unrenderable_messages_raise_template_error(messages):

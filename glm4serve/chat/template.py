@@ -150,10 +150,12 @@ def to_glm_turns(messages: list[dict]) -> list[dict]:
         if not isinstance(message, dict):
             raise TemplateError(f"messages[{i}] must be an object")
         role = message.get("role")
-        if role not in _ROLE_MAP:
+        if not isinstance(role, str) or role not in _ROLE_MAP:
             raise TemplateError(f"messages[{i}]: unknown role {role!r} (expected one of {sorted(_ROLE_MAP)})")
         content = _content_text(message.get("content"), i)
         tool_calls = message.get("tool_calls") if role == "assistant" else None
+        if tool_calls is not None and not isinstance(tool_calls, list):
+            raise TemplateError(f"messages[{i}]: tool_calls must be a list")
         # An assistant message that only carries tool calls has no text turn of its own.
         if content or not tool_calls:
             turns.append({"role": _ROLE_MAP[role], "metadata": "", "content": content})
@@ -185,7 +187,8 @@ def _tool_call_parts(call: Any, i: int) -> tuple[str, str]:
     if not isinstance(name, str) or not name:
         raise TemplateError(f"messages[{i}]: each tool call needs function.name")
     arguments = function.get("arguments")
-    if arguments is None:
+    # no arguments at all is GLM-4's `{}`: the template skips an empty turn, and the call's name with it
+    if arguments is None or arguments == "":
         arguments = "{}"
     elif not isinstance(arguments, str):  # some clients send an object instead of a JSON string
         arguments = json.dumps(arguments, ensure_ascii=False)
