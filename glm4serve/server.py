@@ -106,7 +106,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
         loras = load_loras(args.lora_modules, model, runtime=args.allow_runtime_lora_updating)
     token_bytes = bytes_per_token(cfg, dtype, model.shard)  # this rank's KV heads: every rank has as many
     plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
-    if plan.max_model_len < cfg.max_position_embeddings:
+    if not args.max_model_len and plan.max_model_len < cfg.max_position_embeddings:  # not what was asked for
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
                     plan.max_model_len, cfg.max_position_embeddings)
     if tp is None:

@@ -4,6 +4,7 @@ paging, chunked prefill, preemption and n > 1 copy-on-write must not change a si
 from __future__ import annotations
 
 import gc
+import logging
 
 import pytest
 import torch
@@ -149,6 +150,17 @@ def test_bf16_tokens_leave_float32_ones_only_at_near_ties(make_checkpoint, devic
         top2 = logits.topk(2).values
         gap, scale = (top2[0] - top2[1]).item(), max(logits.abs().max().item(), 1.0)
         assert gap <= allowed * scale, f"r{i}: bf16 left float32 at token {first} where the gap was {gap:.3g}"
+
+
+def test_the_load_log_says_the_cache_capped_the_context_only_where_it_did(make_checkpoint, caplog):
+    path = str(make_checkpoint())
+    for max_model_len, capped in ((64, False), (None, True)):  # asked for 64 tokens; the cache holds 64 of 131072
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="glm4serve"):
+            llm = build_llm_engine(EngineArgs(model=path, dtype="float32", num_kv_blocks=4, block_size=16,
+                                              max_model_len=max_model_len))
+        assert llm.max_model_len == 64
+        assert ("context capped at 64 tokens by the KV cache budget" in caplog.text) == capped, caplog.text
 
 
 @pytest.mark.cuda
