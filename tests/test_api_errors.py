@@ -66,6 +66,7 @@ BAD_CHAT = [
     ({"messages": HI, "seed": 2**63}, "seed"),  # int64, as vLLM takes it
     ({"messages": HI, "seed": -(2**63) - 1}, "seed"),
     ({"messages": HI, "prompt_logprobs": 0, "stream": True}, "prompt_logprobs"),
+    ({"messages": HI, "tool_choice": {"type": "function"}}, "tool_choice.function"),  # no model's name in it
 ]
 
 BAD_COMPLETIONS = [

@@ -6,12 +6,14 @@ triples the load. FastAPI's own 422 for validation errors is turned into a 400 h
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,7 +79,20 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 
 def _is_union_tag(part: str) -> bool:
-    return part in ("str", "int", "float", "bool") or "[" in part or part.startswith(("function-", "literal"))
+    return (part in ("str", "int", "float", "bool") or "[" in part or part.startswith(("function-", "literal"))
+            or part in _model_names())
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    """The class names of pydantic's models: a union labels its model branches with them
+    ("tool_choice.NamedToolChoice.function"). Taken at the first error, once every route's are made."""
+    names, todo = set(), [BaseModel]
+    while todo:
+        for model in todo.pop().__subclasses__():
+            names.add(model.__name__)
+            todo.append(model)
+    return frozenset(names)
 
 
 class UnexpectedErrorMiddleware:
