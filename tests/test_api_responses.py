@@ -98,6 +98,20 @@ def test_input_items_make_the_chat_routes_prompt():
     assert (ours.params.max_tokens, ours.params.top_p, ours.params.seed) == (7, 0.5, 3)
 
 
+def test_a_function_tool_renders_as_the_client_wrote_it_as_on_chat():
+    """Its keys' order, a null and a key of the client's own stay as they are, on both routes."""
+    tool = {"parameters": {"type": "object"}, "type": "function", "description": None, "name": "f", "x-extra": 1}
+    chat_tool = {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+    app = make_app()
+    client = TestClient(app)
+    assert client.post("/v1/responses", json={"input": "hi", "tools": [tool]}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "tools": [chat_tool]}).status_code == 200
+    ours, chat = engine_of(app).calls
+    assert ours.prompt_ids == chat.prompt_ids
+    assert json.dumps(chat_tool["function"], indent=4) in small_tokenizer().decode(ours.prompt_ids)
+
+
 def test_stream_of_a_text_reply():
     app = make_app(replies=["\nHello there!"])
     # whole KV blocks in the prompt: the usage's cache counts are not all 0

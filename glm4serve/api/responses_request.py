@@ -260,7 +260,7 @@ class ResponsesRequest(RequestBody):
         # `tools: []` is no tools here (the Agents SDK sends it), where chat requests refuse it;
         # so is "auto" or "none" without tools.
         if self.tools:
-            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+            body["tools"] = [{"type": "function", "function": {k: v for k, v in t.as_given().items() if k != "type"}}
                              for t in self.tools]
         if isinstance(self.tool_choice, NamedFunctionChoice):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}

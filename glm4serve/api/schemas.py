@@ -119,25 +119,28 @@ class FunctionDef(Body):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    _given: dict | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_as_given(cls, data: Any, handler) -> "FunctionDef":
+        function = handler(data)
+        if isinstance(data, dict):
+            function._given = data
+        return function
+
+    def as_given(self) -> dict:
+        """The function as the client wrote it (its keys' order, nulls, keys of its own): GLM-4's
+        template dumps it into the prompt as it comes, as transformers renders a client's tools."""
+        return self._given if self._given is not None else self.model_dump(exclude_none=True)
 
 
 class Tool(Body):
     type: Literal["function"]
     function: FunctionDef
-    _given: dict | None = PrivateAttr(default=None)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_as_given(cls, data: Any, handler) -> "Tool":
-        tool = handler(data)
-        if isinstance(data, dict) and isinstance(data.get("function"), dict):
-            tool._given = data
-        return tool
 
     def as_given(self) -> dict:
-        """The tool as the client wrote it (its keys' order, nulls, keys of its own): GLM-4's template
-        dumps the function object into the prompt as it comes, as transformers renders a client's tools."""
-        return self._given if self._given is not None else self.model_dump(exclude_none=True)
+        return {"type": "function", "function": self.function.as_given()}
 
 
 class NamedFunction(Body):
