@@ -48,6 +48,13 @@ class InputMessage(Body):
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[TextPart]
 
+    @model_validator(mode="after")
+    def _output_text_is_a_replys(self) -> "InputMessage":
+        if self.role != "assistant" and not isinstance(self.content, str) and any(
+                p.type == "output_text" for p in self.content):
+            raise invalid("input", f"a {self.role} message's parts are input_text; output_text is an assistant's")
+        return self
+
 
 class FunctionCallItem(Body):
     """A call the model made earlier, sent back with the conversation."""
