@@ -235,6 +235,8 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"$schema": [1]}}}},
      "text.format.schema", "$schema must be a string"),
     ({"input": "x", "tool_choice": {"type": "function"}}, "tool_choice.name", "tool_choice.name: Field required"),
+    ({"input": "x", "tools": [{**TOOL, "parameters": {"type": 3}}]}, "tools.0.parameters",
+     "tools.0.parameters is not a valid JSON Schema"),  # the chat route's check, in the Responses names
     ({"input": [{"role": "user", "content": [{"type": "output_text", "text": "hi"}]}]}, "input",
      "output_text is an assistant's"),
     ({"input": "x", "max_output_tokens": 10 ** 6}, "input", "maximum context length"),

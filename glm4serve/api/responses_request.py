@@ -282,7 +282,7 @@ class ResponsesRequest(RequestBody):
 
 
 def in_responses_terms(error: APIError) -> APIError:
-    """A chat route's error with `param` named as the Responses request names it."""
+    """A chat route's error with `param` named as the Responses request names it, in its message too."""
     param = error.param
     if param is None:
         return error
@@ -296,4 +296,5 @@ def in_responses_terms(error: APIError) -> APIError:
         param = f"tools.{m[1]}.{m[2]}"
     if param == error.param:
         return error
-    return APIError(error.status, error.message, error.type, param, error.code, error.headers)
+    message = error.message.replace(error.param, param)
+    return APIError(error.status, message, error.type, param, error.code, error.headers)
