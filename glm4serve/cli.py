@@ -119,6 +119,16 @@ def serve(settings, log_level: str = "info") -> None:
         engine.shutdown()
 
 
+def one_line(error: Exception) -> str:
+    """A settings error in one line: each field and what is wrong with it (pydantic's own takes 3 lines a field)."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+                     + ("" if "api_key" in e["loc"] else f" (got {e['input']!r:.80})") for e in error.errors())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "make-model":
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError
-        parser.error(f"invalid settings: {e}")
+        parser.error(f"invalid settings: {one_line(e)}")
     serve(settings, args.log_level)
     return 0
 

@@ -168,6 +168,34 @@ def test_serve_with_invalid_setting_exits_with_a_usage_error(capsys):
     assert exc.value.code == 2 and "dtype" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("env, file, says", [
+    ({"GLM4SERVE_MODEL": ""}, None, "invalid settings: model: model is empty: name a checkpoint folder or hub id, "
+                                    "or leave it unset for the demo (got '')"),
+    ({"GLM4SERVE_API_KEY": " "}, None, "invalid settings: api_key: api_key is empty: give the key clients must "
+                                       "send, or leave it unset for none"),
+    ({"GLM4SERVE_MAX_NUM_SEQS": "0", "GLM4SERVE_PORT": "x"}, None,
+     "invalid settings: max_num_seqs: Input should be greater than or equal to 1 (got '0'); port: Input should be "
+     "a valid integer, unable to parse string as an integer (got 'x')"),
+    ({}, "max_model_len: 4096\n  bad: [\n", "is not valid YAML: mapping values are not allowed here"),
+    ({}, "- a\n- b\n", "must hold a mapping of settings, not a list"),
+])
+def test_a_bad_setting_from_the_environment_or_a_file_is_one_line_naming_it(monkeypatch, tmp_path, capsys, env, file,
+                                                                           says):
+    """An .env line left empty or a YAML typo, as a compose deployment meets them: exit 2 and one line, no
+    traceback, nothing served (not the working directory; not /v1 without a key)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["serve"]
+    if file is not None:
+        (tmp_path / "c.yaml").write_text(file)
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and says in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
 def test_a_setting_the_model_cannot_be_served_with_exits_with_one_line(monkeypatch):
     from glm4serve.engine.config import plan_kv_cache
 

@@ -50,6 +50,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     app.add_middleware(GateMiddleware, gate=gate, metrics=ctx.metrics)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    log.info("/v1 routes %s", "take only requests with the API key" if settings.api_key else "are open (no API key)")
     ctx.metrics.admitted.set_function(lambda: gate.num_generating)
     if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,

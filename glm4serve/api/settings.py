@@ -47,7 +47,16 @@ class _YamlSettings(YamlConfigSettingsSource):
     may carry its settings that change nothing here (dropped, and logged)."""
 
     def _read_file(self, file_path) -> dict[str, Any]:
-        data = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in super()._read_file(file_path).items()}
+        import yaml
+
+        try:
+            data = super()._read_file(file_path)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(file_path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(file_path)!r} must hold a mapping of settings, not a "
+                             f"{type(data).__name__}")
+        data = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}
         for name in VLLM_SETTINGS_WITHOUT_EFFECT.keys() & data.keys():
             del data[name]
             log.info("%s (vLLM's) in %s has no effect here: %s", name, file_path,
@@ -109,6 +118,13 @@ class ServerSettings(EngineArgs, BaseSettings):
     def _chat_template(cls, v):
         """The template itself from here on (read and parsed once, at start)."""
         return None if v is None else load_chat_template(v)
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v):
+        if v is not None and not v.strip():  # GLM4SERVE_API_KEY= in an .env: never a silently open server
+            raise ValueError("api_key is empty: give the key clients must send, or leave it unset for none")
+        return v
 
     @field_validator("response_store_memory", mode="before")
     @classmethod
@@ -175,6 +191,7 @@ class ServerSettings(EngineArgs, BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if path:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"config file {path!r} does not exist")
+                raise FileNotFoundError(f"config file {path!r} " + ("is a directory" if os.path.isdir(path)
+                                                                     else "does not exist"))
             sources.append(_YamlSettings(settings_cls, yaml_file=path))
         return tuple(sources)

@@ -122,6 +122,13 @@ class EngineArgs(BaseModel):
                           "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} "
                           "(default: none)")
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        if v is not None and not v.strip():  # GLM4SERVE_MODEL= in an .env: not the working directory
+            raise ValueError("model is empty: name a checkpoint folder or hub id, or leave it unset for the demo")
+        return v
+
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _memory_size(cls, v):
