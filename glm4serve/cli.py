@@ -95,14 +95,15 @@ def cannot_serve(log_level: str):
         raise SystemExit(f"glm4serve: cannot serve: {e} (--log-level debug shows where)") from None
 
 
-def serve(settings, log_level: str = "info") -> None:
+def serve(settings, log_level: str = "info") -> int:
+    """Serve until SIGTERM and the drain -> the exit status (1: the engine died)."""
     if settings.num_replicas > 1 or settings.ray_address:
         from glm4serve.cluster import check_before_deploying, serve_replicated  # imports Ray: only here
 
         with cannot_serve(log_level):
             check_before_deploying(settings)
         serve_replicated(settings)
-        return
+        return 0
     # `kill -USR1 PID` writes every thread's stack to stderr, where the log goes: what a server that
     # does not come up, or stops answering, is doing, without stopping it
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -114,7 +115,7 @@ def serve(settings, log_level: str = "info") -> None:
         engine, tokenizer, model_name, max_model_len = build_engine(settings)
     app = create_app(engine, tokenizer, settings, model_name, max_model_len)
     try:
-        run_server(app, settings, log_level)  # returns after SIGTERM and the drain
+        return run_server(app, settings, log_level)  # returns after SIGTERM and the drain
     finally:
         engine.shutdown()
 
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError
         parser.error(f"invalid settings: {one_line(e)}")
-    serve(settings, args.log_level)
-    return 0
+    return serve(settings, args.log_level)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from glm4serve.api.shutdown import DrainingServer
+from glm4serve.engine.types import EngineError, SamplingParams
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     engine_of,
     make_app,
@@ -254,6 +255,42 @@ async def test_draining_server_gives_up_at_the_grace_deadline_and_a_second_signa
     impatient.handle_exit(signal.SIGTERM, None)
     impatient.handle_exit(signal.SIGTERM, None)  # second signal: uvicorn's own exit
     assert impatient.should_exit and impatient._captured_signals == [signal.SIGTERM]
+
+
+async def test_at_the_grace_deadline_the_engine_ends_what_is_in_flight_as_a_failed_request():
+    """Not a cut connection: the engine is stopped first, so a stream in flight gets an error event
+    naming the shutdown, before uvicorn's own cut."""
+    app = make_app(replies=["x" * 1000], step_delay=0.01)
+    engine = engine_of(app)
+    stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=1000), request_id="late")
+    await anext(stream)
+    server = DrainingServer(uvicorn.Config(app), app.state.gate, grace=0.0, engine=engine)
+    app.state.gate.num_in_flight = 1
+    server.handle_exit(signal.SIGTERM, None)
+    assert await server.on_tick(1) is True and server.exit_code == 0
+    with pytest.raises(EngineError, match="the server shut down before this request finished"):
+        async for _ in stream:
+            pass
+    assert not engine.is_alive and not engine.died
+
+
+async def test_an_engine_loop_that_dies_takes_the_server_down_with_status_1():
+    app = make_app(replies=["x" * 1000], step_delay=0.01)
+    engine = engine_of(app)
+    server = DrainingServer(uvicorn.Config(app), app.state.gate, grace=30, engine=engine)
+    assert await server.on_tick(1) is False and not server.should_exit  # alive: serving on
+    stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=1000), request_id="x")
+    await anext(stream)
+
+    def broken_step():
+        raise RuntimeError("scheduler bug")
+
+    engine.engine.step = broken_step
+    with pytest.raises(EngineError, match="died"):
+        async for _ in stream:
+            pass
+    assert await server.on_tick(2) is True
+    assert server.exit_code == 1 and app.state.gate.draining
 
 
 def test_cli_flags_for_the_operations_settings(monkeypatch):

@@ -74,6 +74,7 @@ class AsyncEngine:
         self._stopping = False
         self._stats = engine.stats()
         self._died: BaseException | None = None  # written under _cv by the loop thread
+        self._stop_reason = "the engine was shut down"  # what requests in flight at shutdown() are told
         self._thread: threading.Thread | None = None
 
     # --- any thread ---------------------------------------------------------------------------
@@ -109,9 +110,12 @@ class AsyncEngine:
             raise built[0]
         return built[0]
 
-    def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Stop the loop; requests still in flight end with EngineError."""
+    def shutdown(self, timeout: float | None = 10.0, reason: str = "the engine was shut down") -> None:
+        """Stop the loop; requests still in flight end with EngineError(reason) (timeout 0: at once,
+        without waiting for the loop's last step)."""
         with self._cv:
+            if not self._stopping:
+                self._stop_reason = reason
             self._stopping = True
             self._cv.notify()
         if self._thread is not None:
@@ -120,6 +124,11 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._died is None and not self._stopping
+
+    @property
+    def died(self) -> bool:
+        """The loop ended by an exception, not by shutdown()."""
+        return self._died is not None
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -203,7 +212,7 @@ class AsyncEngine:
     # --- the loop thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        reason = "the engine was shut down"
+        reason = None
         worked = False  # since the C heap was last trimmed
         try:
             while True:
@@ -239,6 +248,7 @@ class AsyncEngine:
             with self._cv:
                 streams, self._streams = self._streams, {}
                 calls = [c[2] for c in self._commands if c[0] == "call"]
+                reason = reason or self._stop_reason
             for stream in streams.values():
                 self._put(stream, EngineError(reason))
             for future in calls:
