@@ -232,7 +232,7 @@ def test_sigterm_while_streaming_finishes_streams_refuses_new_and_exits_0(make_c
 
     try:
         results, health, new, in_flight_when_refused = asyncio.run(main())
-        assert health.status_code == 503
+        assert health.status_code == 503 and health.headers["retry-after"] == "5"
         assert new.status_code == 503 and new.json()["error"]["type"] == "service_unavailable_error"
         assert new.headers["retry-after"]
         assert in_flight_when_refused  # the refusal came during the drain, not after it

@@ -20,7 +20,7 @@ from .adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_lor
 from .chat import chat_completions
 from .completions import completions
 from .errors import APIError, install_error_handlers
-from .gate import Gate, GateMiddleware
+from .gate import RETRY_AFTER_DRAINING, Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ModelCard, ModelList
@@ -127,7 +127,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
     async def _health():
         if gate.draining:
-            return APIError(503, "shutting down", "service_unavailable_error").response()
+            return APIError(503, "shutting down", "service_unavailable_error",
+                            headers={"Retry-After": RETRY_AFTER_DRAINING}).response()
         if ctx.engine is None or not ctx.engine.is_alive:
             what = "loading model" if ctx.engine is None else "the engine loop has stopped"
             return APIError(503, what, "service_unavailable_error").response()
