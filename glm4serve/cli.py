@@ -7,6 +7,7 @@ import contextlib
 import faulthandler
 import logging
 import signal
+import socket
 import sys
 import typing
 from typing import Literal
@@ -112,12 +113,29 @@ def serve(settings, log_level: str = "info") -> int:
     from glm4serve.server import build_engine  # lazy: loads torch and the model
 
     with cannot_serve(log_level):
+        check_address(settings.host, settings.port)  # before minutes of loading, not after
         engine, tokenizer, model_name, max_model_len = build_engine(settings)
     app = create_app(engine, tokenizer, settings, model_name, max_model_len)
     try:
         return run_server(app, settings, log_level)  # returns after SIGTERM and the drain
     finally:
         engine.shutdown()
+
+
+def check_address(host: str, port: int) -> None:
+    """ValueError naming --host or --port when the server could not listen there (an unknown host, a
+    port in use): bound as uvicorn binds it, and let go."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror}") from None
 
 
 def one_line(error: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import types
 from pathlib import Path
@@ -194,6 +195,23 @@ def test_a_bad_setting_from_the_environment_or_a_file_is_one_line_naming_it(monk
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and says in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_an_address_the_server_cannot_listen_on_is_refused_before_the_model_loads(monkeypatch):
+    fake_server = types.ModuleType("glm4serve.server")
+    fake_server.build_engine = lambda settings: pytest.fail("the model loaded for an address in use")
+    monkeypatch.setitem(sys.modules, "glm4serve.server", fake_server)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["serve", "--port", str(port)])
+    assert exc.value.code == (f"glm4serve: cannot serve: --host 127.0.0.1 --port {port}: cannot listen there: "
+                              "Address already in use (--log-level debug shows where)")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--host", "no-such-host.invalid"])
+    assert str(exc.value.code).startswith("glm4serve: cannot serve: --host no-such-host.invalid: ")
 
 
 def test_a_setting_the_model_cannot_be_served_with_exits_with_one_line(monkeypatch):
