@@ -11,6 +11,7 @@ import time
 
 from fastapi.testclient import TestClient
 
+from server_proc import without_model_name
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     MODEL,
     engine_of,
@@ -94,7 +95,7 @@ def test_tokenize_and_detokenize():
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", without_model_name(text), re.M)
     assert m, f"{name}{labels} missing"
     return float(m.group(1))
 
@@ -106,6 +107,9 @@ def test_metrics_names_and_movement():
     before = client.get("/metrics")
     assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
     text = before.text
+    # every series names the served model, as vLLM's: its dashboards select on model_name
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples and all(f'model_name="{MODEL}"' in line for line in samples)
     # engine gauges and counters are read at scrape time: an idle engine, nothing seen yet
     assert metric(text, "glm4serve:num_requests_running") == 0
     assert metric(text, "glm4serve:num_requests_waiting") == 0

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from glm4serve.api.shutdown import DrainingServer
 from glm4serve.engine.types import EngineError, SamplingParams
+from server_proc import without_model_name
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     engine_of,
     make_app,
@@ -38,7 +39,7 @@ def envelope(r, status: int, type_: str, param=None) -> dict:
 
 
 def metric(client: TestClient, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", client.get("/metrics").text, re.M)
+    m = re.search(rf"^{re.escape(name)} (\S+)$", without_model_name(client.get("/metrics").text), re.M)
     return float(m.group(1)) if m else 0.0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_proc import ServerProcess
+from server_proc import ServerProcess, without_model_name
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "你好，今天", "1, 2, 3, 4,"]
 
@@ -63,7 +63,7 @@ def complete(url: str, prompt: str, stream: bool = False, max_tokens: int = 12) 
 
 def replica_series(url: str, name: str) -> dict[str, float]:
     out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    for line in without_model_name(httpx.get(url + "/metrics", timeout=10).text).splitlines():
         m = re.fullmatch(rf'glm4serve:{name}{{replica="([^"]+)"}} (\S+)', line)
         if m:
             out[m.group(1)] = float(m.group(2))

@@ -315,9 +315,9 @@ def test_config_is_read_as_vllm_writes_it():
 
 
 def test_metrics_count_drafted_and_kept_tokens():
-    metrics = Metrics(lambda: EngineStats(spec_draft_tokens=12, spec_accepted_tokens=5)).render().decode()
-    assert "glm4serve:spec_decode_num_draft_tokens_total 12.0" in metrics
-    assert "glm4serve:spec_decode_num_accepted_tokens_total 5.0" in metrics
+    metrics = Metrics(lambda: EngineStats(spec_draft_tokens=12, spec_accepted_tokens=5), "m").render().decode()
+    assert 'glm4serve:spec_decode_num_draft_tokens_total{model_name="m"} 12.0' in metrics
+    assert 'glm4serve:spec_decode_num_accepted_tokens_total{model_name="m"} 5.0' in metrics
 
 
 def test_a_random_glm4_decodes_the_same_greedy_tokens(make_checkpoint, device):

@@ -40,7 +40,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     `app.state.serving.engine` is set)."""
     app = FastAPI(title="glm4serve", version=__version__)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
-                         max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx)),
+                         max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx), model_name),
                          response_store=ResponseStore(settings.response_store_memory),
                          loras=dict(settings.lora_modules))
     app.state.serving = ctx

@@ -1,6 +1,7 @@
 """Prometheus metrics under the `glm4serve:` prefix, with vLLM's names so dashboards carry over.
 
-Each app owns its CollectorRegistry (several apps in one test process must not collide).
+Each app owns its CollectorRegistry (several apps in one test process must not collide). Every
+series carries vLLM's `model_name` label (the served model's name), which its dashboards select on.
 Gauges and the engine's own counters are read from `engine.stats()` at scrape time; the
 request-level counters and histograms are fed by `RequestMetrics` as outputs stream by.
 """
@@ -71,10 +72,23 @@ _ENGINE_SERIES = [
 ]
 
 
+class _WithModelName(Collector):
+    """Each series of `series` with a model_name label (prometheus_client has no constant labels)."""
+
+    def __init__(self, series: CollectorRegistry, model_name: str):
+        self.series, self.model_name = series, model_name
+
+    def collect(self):
+        for family in self.series.collect():  # made anew at each scrape: ours to relabel
+            family.samples = [s._replace(labels={"model_name": self.model_name, **s.labels}) for s in family.samples]
+            yield family
+
+
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats | dict[str, EngineStats] | None]):
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+    def __init__(self, stats: Callable[[], EngineStats | dict[str, EngineStats] | None], model_name: str):
+        r = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_WithModelName(r, model_name))
         # prometheus_client appends `_total` to counters: these expose e.g. glm4serve:prompt_tokens_total.
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefilled prompt tokens.", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", registry=r)
