@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import faulthandler
 import logging
+import os
 import signal
 import socket
 import sys
@@ -138,6 +140,17 @@ def check_address(host: str, port: int) -> None:
             raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror}") from None
 
 
+def warn_unknown_variables(environ: typing.Mapping[str, str]) -> None:
+    """A GLM4SERVE_ variable that names no setting (a typo) changes nothing: say so, and what was meant."""
+    from glm4serve.api.settings import ServerSettings
+
+    names = [name.upper() for name in ServerSettings.model_fields]
+    for key in sorted(k for k in environ if k.upper().startswith("GLM4SERVE_") and k.upper()[10:] not in names):
+        close = difflib.get_close_matches(key.upper()[10:], names, n=1)
+        logging.getLogger("glm4serve").warning("%s is not a setting and changes nothing%s", key,
+                                               f" (did you mean GLM4SERVE_{close[0]}?)" if close else "")
+
+
 def one_line(error: Exception) -> str:
     """A settings error in one line: each field and what is wrong with it (pydantic's own takes 3 lines a field)."""
     from pydantic import ValidationError
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in vllm_flags_given(args):
         why = VLLM_SETTINGS_WITHOUT_EFFECT[flag[2:].replace("-", "_")][1]
         logging.getLogger("glm4serve").info("%s (vLLM's) has no effect here: %s", flag, why)
+    warn_unknown_variables(os.environ)
     try:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import types
@@ -195,6 +196,15 @@ def test_a_bad_setting_from_the_environment_or_a_file_is_one_line_naming_it(monk
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and says in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_variable_that_names_no_setting_is_warned_of_with_what_was_meant(caplog):
+    with caplog.at_level(logging.WARNING, logger="glm4serve"):
+        cli.warn_unknown_variables({"GLM4SERVE_MAX_MODEL_LENGTH": "4096", "GLM4SERVE_PORT": "1", "PATH": "/bin",
+                                    "GLM4SERVE_ZZZ": "1"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "GLM4SERVE_MAX_MODEL_LENGTH is not a setting and changes nothing (did you mean GLM4SERVE_MAX_MODEL_LEN?)",
+        "GLM4SERVE_ZZZ is not a setting and changes nothing"]
 
 
 def test_an_address_the_server_cannot_listen_on_is_refused_before_the_model_loads(monkeypatch):
