@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -416,6 +417,13 @@ def test_the_kv_plan_caps_the_context_by_the_cache():
     with pytest.raises(ValueError, match="longer than the model's context of 8192"):
         plan_kv_cache(EngineArgs(max_model_len=8193, num_kv_blocks=1000), 8192, 1024, "cpu")
     assert plan_kv_cache(EngineArgs(max_model_len=8192, num_kv_blocks=1000), 8192, 1024, "cpu").max_model_len == 8192
+
+
+def test_blocks_and_memory_both_given_take_the_blocks_and_say_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="glm4serve"):
+        plan = plan_kv_cache(EngineArgs(kv_cache_memory="1GiB", num_kv_blocks=10), 131072, 1024, "cpu")
+    assert plan.num_blocks == 10
+    assert "num_kv_blocks (10) sizes the KV cache; kv_cache_memory is not used" in caplog.text
 
 
 # --- AsyncEngine ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ The server's settings (api/settings.py) extend EngineArgs, so every field here i
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -213,6 +214,9 @@ def kv_budget(args: EngineArgs, device: str) -> int:
 
 def plan_kv_cache(args: EngineArgs, model_max_len: int, bytes_per_token: int, device: str) -> KVPlan:
     """How many KV blocks the budget buys, and the context length they allow."""
+    if args.num_kv_blocks and args.kv_cache_memory is not None:  # a file's memory, a flag's blocks: one wins
+        logging.getLogger("glm4serve").warning("num_kv_blocks (%d) sizes the KV cache; kv_cache_memory is not used",
+                                               args.num_kv_blocks)
     num_blocks = args.num_kv_blocks or kv_budget(args, device) // (bytes_per_token * args.block_size)
     if num_blocks < 1:
         raise ValueError(f"a KV budget of {kv_budget(args, device)} bytes holds no block of {args.block_size} tokens")
