@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError
         parser.error(f"invalid settings: {one_line(e)}")
-    return serve(settings, args.log_level)
+    try:
+        return serve(settings, args.log_level)
+    except KeyboardInterrupt:  # Ctrl-C while loading: the drain's own handling starts with the server
+        raise SystemExit("glm4serve: interrupted while starting") from None
 
 
 if __name__ == "__main__":

@@ -198,6 +198,24 @@ def test_a_bad_setting_from_the_environment_or_a_file_is_one_line_naming_it(monk
     assert "Traceback" not in "\n".join(err)
 
 
+def test_an_empty_served_name_flag_is_refused_as_the_variable_is(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--served-model-name", ""])
+    assert exc.value.code == 2 and "served_model_name needs one or more names" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_not_a_traceback(monkeypatch):
+    def build_engine(settings):
+        raise KeyboardInterrupt
+
+    fake_server = types.ModuleType("glm4serve.server")
+    fake_server.build_engine = build_engine
+    monkeypatch.setitem(sys.modules, "glm4serve.server", fake_server)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--port", "0"])
+    assert exc.value.code == "glm4serve: interrupted while starting"
+
+
 def test_a_variable_that_names_no_setting_is_warned_of_with_what_was_meant(caplog):
     with caplog.at_level(logging.WARNING, logger="glm4serve"):
         cli.warn_unknown_variables({"GLM4SERVE_MAX_MODEL_LENGTH": "4096", "GLM4SERVE_PORT": "1", "PATH": "/bin",

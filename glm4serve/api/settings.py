@@ -150,7 +150,8 @@ class ServerSettings(EngineArgs, BaseSettings):
     @classmethod
     def _served_names(cls, v):
         names = v.split() if isinstance(v, str) else v  # --served-model-name a b gives a list
-        if names is not None and (not isinstance(names, list) or not names):
+        if names is not None and (not isinstance(names, list) or not names
+                                  or not all(isinstance(n, str) and n.strip() for n in names)):
             raise ValueError("served_model_name needs one or more names")
         return None if names is None else " ".join(names)
 
