@@ -231,6 +231,18 @@ def test_tool_choice_none_leaves_the_tools_out_with_the_vllm_flag():
     assert r.json()["choices"][0]["message"]["content"] == CALL
 
 
+def test_echo_stays_before_a_reply_that_calls_a_tool_whole_as_streamed():
+    """vLLM's chat echo: the last assistant message's text opens the reply, a call's too."""
+    messages = ASK + [{"role": "assistant", "content": "Well,"}]
+    _, whole = run([CALL], messages=messages, echo=True, add_generation_prompt=False)
+    _, chunks = run([CALL], stream=True, messages=messages, echo=True, add_generation_prompt=False)
+    message = whole["choices"][0]["message"]
+    [call] = message["tool_calls"]
+    assert message["content"] == "Well," and call["function"]["name"] == "get_weather"
+    streamed_calls, streamed_content = calls_from_stream(chunks)
+    assert streamed_content == "Well," and [c["name"] for c in streamed_calls] == ["get_weather"]
+
+
 def test_a_tool_renders_as_the_client_wrote_it():
     """GLM-4's template dumps the function object into the prompt as it comes (as transformers renders
     a client's tools): its keys' order, a null and a key of the client's own stay as they are; /tokenize

@@ -315,8 +315,8 @@ def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str)
     if not calls:
         return ChatMessageOut(content=plan.echo + content), reason
     tool_calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
-    return ChatMessageOut(content=content or None, tool_calls=tool_calls), (LENGTH if truncated else
-                                                                           plan.call_finish_reason)
+    return ChatMessageOut(content=(plan.echo + content) or None, tool_calls=tool_calls), (
+        LENGTH if truncated else plan.call_finish_reason)
 
 
 def _strip_first_newline(plan: ChatPlan, text: str) -> str:
