@@ -144,11 +144,14 @@ def warn_unknown_variables(environ: typing.Mapping[str, str]) -> None:
     """A GLM4SERVE_ variable that names no setting (a typo) changes nothing: say so, and what was meant."""
     from glm4serve.api.settings import ServerSettings
 
+    prefix = ServerSettings.model_config["env_prefix"]  # GLM4SERVE_
     names = [name.upper() for name in ServerSettings.model_fields]
-    for key in sorted(k for k in environ if k.upper().startswith("GLM4SERVE_") and k.upper()[10:] not in names):
-        close = difflib.get_close_matches(key.upper()[10:], names, n=1)
-        logging.getLogger("glm4serve").warning("%s is not a setting and changes nothing%s", key,
-                                               f" (did you mean GLM4SERVE_{close[0]}?)" if close else "")
+    for key in sorted(k for k in environ if k.upper().startswith(prefix)):
+        name = key.upper().removeprefix(prefix)
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            logging.getLogger("glm4serve").warning("%s is not a setting and changes nothing%s", key,
+                                                   f" (did you mean {prefix}{close[0]}?)" if close else "")
 
 
 def one_line(error: Exception) -> str:
