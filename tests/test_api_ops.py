@@ -119,7 +119,10 @@ def test_metrics_names_and_movement():
     assert metric(text, "glm4serve:prefix_cache_queries_total") == 0
     assert metric(text, "glm4serve:prefix_cache_hits_total") == 0
     for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-              "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens"):
+              "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
+              "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+              "request_time_per_output_token_seconds", "request_max_num_generation_tokens", "request_params_n",
+              "request_params_max_tokens"):
         assert f"# TYPE glm4serve:{h} histogram" in text
     assert metric(text, "glm4serve:prompt_tokens_total") == 0
     assert metric(text, "glm4serve:generation_tokens_total") == 0
@@ -138,6 +141,10 @@ def test_metrics_names_and_movement():
     assert metric(text, "glm4serve:e2e_request_latency_seconds_count") == 2
     assert metric(text, "glm4serve:inter_token_latency_seconds_count") == (full - 1) + 1
     assert metric(text, "glm4serve:request_generation_tokens_sum") == full + 2
+    assert metric(text, "glm4serve:request_max_num_generation_tokens_sum") == full + 2
+    assert metric(text, "glm4serve:request_time_per_output_token_seconds_count") == 2  # both replies: 2+ tokens
+    assert metric(text, "glm4serve:request_prefill_time_seconds_count") == 2
+    assert metric(text, "glm4serve:request_params_max_tokens_sum") >= 2
     # both prompts were looked up; the second found the first's whole blocks before its last token
     assert metric(text, "glm4serve:prefix_cache_queries_total") == 2 * prompt_len
     assert metric(text, "glm4serve:prefix_cache_hits_total") == 4 * ((prompt_len - 1) // 4) > 0
@@ -162,6 +169,44 @@ def test_metrics_names_and_movement():
     assert statuses == [200]
     wait_idle(engine)
     assert metric(client.get("/metrics").text, "glm4serve:num_requests_running") == 0
+
+
+def test_a_requests_time_splits_into_queue_prefill_and_decode(monkeypatch):
+    """vLLM's phase histograms, on a clock the test moves: queue + prefill = time to first token,
+    prefill + decode = inference time; per-token time is each choice's own, over its tokens after the first."""
+    from glm4serve.api import metrics as metrics_module
+    from glm4serve.engine.types import Output
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+    m = metrics_module.Metrics(lambda: None, MODEL)
+    timing = m.start_request(n=2, max_tokens=50)
+
+    def at(t, index, tokens, finish=None):
+        clock[0] = 100.0 + t
+        timing.on_output(Output("r", index, list(range(tokens)), "x" * tokens, finish_reason=finish,
+                                num_prompt_tokens=7, queue_time=0.25))
+
+    at(1.0, 0, 1)  # admitted at 0.25, first token at 1.0
+    at(1.0, 1, 1)
+    at(1.5, 0, 2)
+    at(3.0, 0, 1, "length")  # choice 0: 4 tokens from 1.0 to 3.0
+    at(4.0, 1, 1, "stop")  # choice 1: 2 tokens from 1.0 to 4.0
+    timing.close()
+    text = m.render().decode()
+
+    def value(name):
+        return metric(text, "glm4serve:" + name)
+
+    assert value("time_to_first_token_seconds_sum") == 1.0 and value("request_queue_time_seconds_sum") == 0.25
+    assert value("request_prefill_time_seconds_sum") == 0.75
+    assert value("request_decode_time_seconds_sum") == 3.0  # first token (1.0) to the last of any choice (4.0)
+    assert value("request_inference_time_seconds_sum") == 3.75
+    assert value("e2e_request_latency_seconds_sum") == 4.0
+    assert value("request_time_per_output_token_seconds_count") == 2
+    assert value("request_time_per_output_token_seconds_sum") == (3.0 - 1.0) / 3 + (4.0 - 1.0) / 1
+    assert value("request_max_num_generation_tokens_sum") == 4 and value("request_generation_tokens_sum") == 6
+    assert value("request_params_n_sum") == 2 and value("request_params_max_tokens_sum") == 50
 
 
 def test_two_apps_in_one_process_have_separate_metrics():

@@ -114,12 +114,34 @@ class Metrics:
         self.request_generation_tokens = Histogram(PREFIX + "request_generation_tokens",
                                                    "Generated tokens per request (all choices).",
                                                    buckets=_TOKEN_BUCKETS, registry=r)
+        # A request's time split as vLLM splits it: queue + prefill = time to first token,
+        # prefill + decode = inference; per-token time is each choice's own decode pace.
+        self.prefill_time = Histogram(PREFIX + "request_prefill_time_seconds",
+                                      "Admission to first token (time to first token less queue time).",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram(PREFIX + "request_decode_time_seconds", "First token to last token.",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_time = Histogram(PREFIX + "request_inference_time_seconds", "Admission to last token.",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(PREFIX + "request_time_per_output_token_seconds",
+                              "Each choice's mean time per token after its first (choices of 2+ tokens).",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.max_generation_tokens = Histogram(PREFIX + "request_max_num_generation_tokens",
+                                               "Generated tokens of a request's longest choice.",
+                                               buckets=_TOKEN_BUCKETS, registry=r)
+        self.params_n = Histogram(PREFIX + "request_params_n", "The n of each request.",
+                                  buckets=(1, 2, 5, 10, 20), registry=r)
+        self.params_max_tokens = Histogram(PREFIX + "request_params_max_tokens", "The max_tokens each request ran "
+                                           "with (its default filled in).", buckets=_TOKEN_BUCKETS, registry=r)
         r.register(_EngineStatsCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def start_request(self) -> "RequestMetrics":
+    def start_request(self, n: int = 1, max_tokens: int | None = None) -> "RequestMetrics":
+        self.params_n.observe(n)
+        if max_tokens is not None:
+            self.params_max_tokens.observe(max_tokens)
         return RequestMetrics(self)
 
 
@@ -130,19 +152,20 @@ class RequestMetrics:
         self.m = metrics
         self.arrival = time.perf_counter()
         self.first_token: float | None = None
+        self.first_token_by_choice: dict[int, float] = {}
         self.last_token_by_choice: dict[int, float] = {}
+        self.tokens_by_choice: dict[int, int] = {}
         self.num_prompt_tokens = 0
         self.num_generated = 0
-        self._queue_time_seen = False
+        self.queue_time: float | None = None
         self._closed = False
 
     def on_output(self, out: Output) -> None:
         now = time.perf_counter()
         n = len(out.token_ids)
-        queue_time = out.queue_time  # set on every Output once the request is admitted
-        if queue_time is not None and not self._queue_time_seen:
-            self._queue_time_seen = True
-            self.m.queue_time.observe(queue_time)
+        if out.queue_time is not None and self.queue_time is None:  # on every Output once admitted
+            self.queue_time = out.queue_time
+            self.m.queue_time.observe(out.queue_time)
         if self.first_token is None:
             self.first_token = now
             self.m.ttft.observe(now - self.arrival)
@@ -154,7 +177,9 @@ class RequestMetrics:
             for _ in range(n):
                 self.m.itl.observe(gap)
         if n:
+            self.first_token_by_choice.setdefault(out.index, now)
             self.last_token_by_choice[out.index] = now
+            self.tokens_by_choice[out.index] = self.tokens_by_choice.get(out.index, 0) + n
         self.num_generated += n
         self.m.generation_tokens.inc(n)
         if out.finish_reason is not None:
@@ -169,3 +194,14 @@ class RequestMetrics:
         self.m.e2e.observe(time.perf_counter() - self.arrival)
         self.m.request_prompt_tokens.observe(self.num_prompt_tokens)
         self.m.request_generation_tokens.observe(self.num_generated)
+        self.m.max_generation_tokens.observe(max(self.tokens_by_choice.values(), default=0))
+        if self.last_token_by_choice:
+            last = max(self.last_token_by_choice.values())
+            admitted = self.arrival + (self.queue_time or 0.0)
+            self.m.prefill_time.observe(max(self.first_token - admitted, 0.0))
+            self.m.decode_time.observe(last - self.first_token)
+            self.m.inference_time.observe(max(last - admitted, 0.0))
+        for index, tokens in self.tokens_by_choice.items():
+            if tokens > 1:
+                first, last = self.first_token_by_choice[index], self.last_token_by_choice[index]
+                self.m.tpot.observe((last - first) / (tokens - 1))

@@ -166,7 +166,7 @@ class ServingContext:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Output]:
         """engine.generate with metrics. Whoever stops iterating early (client gone, error) must
         aclose() this generator; its cleanup then aborts the request in the engine."""
-        timing = self.metrics.start_request()
+        timing = self.metrics.start_request(params.n, params.max_tokens)
         stream = self.engine.generate(prompt_ids, params, request_id=request_id)
         finished: set[int] = set()
         timeout = self.settings.request_timeout_seconds
