@@ -220,6 +220,8 @@ class ReplicaClient:
             for field in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions_total",
                           "prefix_cache_queries", "prefix_cache_hits", "spec_draft_tokens", "spec_accepted_tokens"):
                 setattr(total, field, getattr(total, field) + getattr(s, field))
+            total.step_tokens += s.step_tokens
+            total.step_token_counts = tuple(map(sum, zip(total.step_token_counts, s.step_token_counts)))
         return total
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -122,7 +122,7 @@ def test_metrics_names_and_movement():
               "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
               "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
               "request_time_per_output_token_seconds", "request_max_num_generation_tokens", "request_params_n",
-              "request_params_max_tokens"):
+              "request_params_max_tokens", "iteration_tokens_total"):
         assert f"# TYPE glm4serve:{h} histogram" in text
     assert metric(text, "glm4serve:prompt_tokens_total") == 0
     assert metric(text, "glm4serve:generation_tokens_total") == 0
@@ -148,6 +148,12 @@ def test_metrics_names_and_movement():
     # both prompts were looked up; the second found the first's whole blocks before its last token
     assert metric(text, "glm4serve:prefix_cache_queries_total") == 2 * prompt_len
     assert metric(text, "glm4serve:prefix_cache_hits_total") == 4 * ((prompt_len - 1) // 4) > 0
+    # every step counted by its tokens: two prompt steps (the second past its cached blocks), then one step a
+    # token for each token fed back (all but each reply's last)
+    hits = metric(text, "glm4serve:prefix_cache_hits_total")
+    assert metric(text, "glm4serve:iteration_tokens_total_sum") == 2 * prompt_len - hits + (full - 1) + (2 - 1)
+    assert metric(text, "glm4serve:iteration_tokens_total_bucket", '{le="1.0"}') == full
+    assert metric(text, "glm4serve:iteration_tokens_total_count") == full + 2
     assert metric(text, "glm4serve:num_requests_running") == 0
     assert metric(text, "glm4serve:kv_cache_blocks_used") == 0
 

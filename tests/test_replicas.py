@@ -119,6 +119,7 @@ def test_health_counts_the_replicas_and_metrics_label_them(replicated):
     health = httpx.get(replicated.url + "/health").json()
     assert health == {"status": "ok", "replicas_up": 2, "replicas": 2}
     assert len(replica_series(replicated.url, "kv_cache_blocks_total")) == 2
+    assert len(replica_series(replicated.url, "iteration_tokens_total_count")) == 2
 
 
 def test_greedy_outputs_equal_the_single_process_servers(replicated, checkpoint):

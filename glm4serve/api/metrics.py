@@ -8,14 +8,15 @@ request-level counters and histograms are fed by `RequestMetrics` as outputs str
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from glm4serve.engine.types import EngineStats, Output
+from glm4serve.engine.types import STEP_TOKEN_BUCKETS, EngineStats, Output
 
 PREFIX = "glm4serve:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -42,14 +43,30 @@ class _EngineStatsCollector(Collector):
 
     @staticmethod
     def _families(stats: EngineStats | dict[str, EngineStats]):
+        by_replica = None if isinstance(stats, EngineStats) else sorted(stats.items())
         for kind, name, doc, value in _ENGINE_SERIES:
-            if isinstance(stats, EngineStats):
+            if by_replica is None:
                 yield kind(PREFIX + name, doc, value=value(stats))
                 continue
             family = kind(PREFIX + name, doc, labels=["replica"])
-            for replica, s in sorted(stats.items()):
+            for replica, s in by_replica:
                 family.add_metric([replica], value(s))
             yield family
+        # vLLM's name (a histogram, its `_total` notwithstanding): how full the engine's steps run
+        name, doc = PREFIX + "iteration_tokens_total", "Tokens per engine step."
+        if by_replica is None:
+            yield HistogramMetricFamily(name, doc, buckets=_step_buckets(stats), sum_value=stats.step_tokens)
+            return
+        family = HistogramMetricFamily(name, doc, labels=["replica"])
+        for replica, s in by_replica:
+            family.add_metric([replica], _step_buckets(s), s.step_tokens)
+        yield family
+
+
+def _step_buckets(stats: EngineStats) -> list[tuple[str, int]]:
+    """EngineStats' step counts per bucket -> Prometheus' cumulative (le, count) pairs, +Inf last."""
+    bounds = [str(float(b)) for b in STEP_TOKEN_BUCKETS] + ["+Inf"]
+    return list(zip(bounds, itertools.accumulate(stats.step_token_counts)))
 
 
 # (family, name, help, value) of the series read from EngineStats at scrape time

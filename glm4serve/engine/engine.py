@@ -9,6 +9,7 @@ keeps serving.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import time
@@ -26,7 +27,7 @@ from .guided import GuidedDecodingError, Grammars
 from .sampler import NoTokenLeft, Sampled, Sampler, SampleRow, make_generator, prompt_token_logprobs
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .types import LENGTH, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams
+from .types import LENGTH, STEP_TOKEN_BUCKETS, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class LLMEngine:
         self._errors: list[tuple[str, EngineError]] = []
         self.spec_draft_tokens = 0  # speculative decoding: tokens drafted, and of those, kept
         self.spec_accepted_tokens = 0
+        self.step_token_counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)  # steps run, by tokens (EngineStats)
+        self.step_tokens = 0
         # LoRA adapters: the runner's (make_runner attached them). lora_keys maps each served name to its
         # key there; it is replaced, never changed in place, as the API's thread reads it (check_request).
         self.loras = loras
@@ -161,6 +164,8 @@ class LLMEngine:
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             spec_draft_tokens=self.spec_draft_tokens,
             spec_accepted_tokens=self.spec_accepted_tokens,
+            step_token_counts=tuple(self.step_token_counts),
+            step_tokens=self.step_tokens,
         )
 
     def step(self) -> list[Output]:
@@ -173,6 +178,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        self.step_token_counts[bisect.bisect_left(STEP_TOKEN_BUCKETS, out.num_tokens)] += 1
+        self.step_tokens += out.num_tokens
         try:
             logits = self.runner.execute(model_batch(out))
             if logits.shape[0] != out.num_logit_rows:

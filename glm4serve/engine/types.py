@@ -106,6 +106,10 @@ class ConstraintError(EngineError):
     """The request's own constraint left its reply no token to write: the request's fault, not the server's."""
 
 
+# upper bounds of the buckets that count engine steps by their tokens (vLLM's iteration_tokens_total)
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 @dataclass
 class EngineStats:
     """A snapshot for /metrics and /health; counters are totals since start."""
@@ -119,6 +123,9 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens found
     spec_draft_tokens: int = 0  # speculative decoding: tokens drafted
     spec_accepted_tokens: int = 0  # of those, tokens the sampler kept
+    # steps run, by their tokens: one count per STEP_TOKEN_BUCKETS bound and one past the last; their tokens
+    step_token_counts: tuple[int, ...] = (0,) * (len(STEP_TOKEN_BUCKETS) + 1)
+    step_tokens: int = 0
     alive: bool = True
 
     @property
