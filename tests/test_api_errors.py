@@ -249,7 +249,7 @@ def test_unknown_route_and_wrong_method(client):
     assert_envelope(client.get("/v1/chat/completions"), 405, "invalid_request_error")
 
 
-def test_api_key_guards_v1_only():
+def test_api_key_guards_every_route_but_the_probes_and_metrics():
     client = TestClient(make_app(replies=["\nok"], api_key="sekret"))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
         assert_envelope(client.post("/v1/chat/completions", json={"messages": HI}, headers=headers), 401,
@@ -263,8 +263,14 @@ def test_api_key_guards_v1_only():
     ok = {"Authorization": "Bearer sekret"}
     assert client.post("/v1/chat/completions", json={"messages": HI}, headers=ok).status_code == 200
     assert client.get("/v1/models", headers=ok).status_code == 200
-    for path in ("/health", "/ping", "/metrics"):
+    for path in ("/health", "/ping", "/metrics", "/version"):
         assert client.get(path).status_code == 200
+    # routes outside /v1 too: the tokenizer and its chat template, the API's description, unknown paths
+    for method, path, body in (("post", "/tokenize", {"prompt": "hi"}), ("post", "/detokenize", {"tokens": [1]}),
+                               ("get", "/openapi.json", None), ("get", "/docs", None), ("get", "/nothing", None)):
+        assert_envelope(client.request(method, path, json=body), 401, "authentication_error")
+        if path != "/nothing":
+            assert client.request(method, path, json=body, headers=ok).status_code == 200, path
 
 
 def test_unexpected_engine_exception_is_500_and_server_survives():

@@ -50,7 +50,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     app.add_middleware(GateMiddleware, gate=gate, metrics=ctx.metrics)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    log.info("/v1 routes %s", "take only requests with the API key" if settings.api_key else "are open (no API key)")
+    log.info("routes %s", "other than the probes' and /metrics take only requests with the API key"
+             if settings.api_key else "are open (no API key)")
     ctx.metrics.admitted.set_function(lambda: gate.num_generating)
     if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
@@ -184,15 +185,18 @@ def _stats(ctx: ServingContext):
 
 
 class APIKeyMiddleware:
-    """`Authorization: Bearer <key>` on /v1/*, checked before anything reads the request (a body that
-    is not even JSON gets the 401 too, as vLLM answers), and before the gate's limits."""
+    """`Authorization: Bearer <key>` on every route but OPEN_PATHS (a route added later is guarded from
+    the start), checked before anything reads the request (a body that is not even JSON gets the 401
+    too, as vLLM answers), and before the gate's limits."""
+
+    OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})  # probes and scrapers send no key
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app, self.api_key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+        if scope["type"] == "http" and path not in self.OPEN_PATHS and not self._authorized(scope):
             refusal = APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
                                "authentication_error", code="invalid_api_key")
             await refusal.response()(scope, receive, send)

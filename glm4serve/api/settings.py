@@ -77,7 +77,8 @@ class ServerSettings(EngineArgs, BaseSettings):
         None, description="model id clients send and /v1/models lists (default: the model folder's name); "
                           "several, space-separated, as vLLM's: requests may name any, replies name the first",
         json_schema_extra={"several": True})
-    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1/*")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health, "
+                                  "/ping, /metrics and /version")
     sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on streams (0 = off)")
     graceful_shutdown_seconds: float = Field(30.0, ge=0, description="time in-flight requests get on SIGTERM")
     max_waiting_requests: int = Field(
