@@ -25,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_tag", nargs="?", metavar="MODEL",
                        help="the checkpoint, as --model (as in `vllm serve MODEL`)")
     add_settings_flags(serve)
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_vllm_flags(serve)
     # Listed for --help only: main() hands its arguments to make_model_main untouched.
     commands.add_parser("make-model", help="write a small random GLM-4 checkpoint (see make-model --help)",
@@ -98,8 +97,9 @@ def cannot_serve(log_level: str):
         raise SystemExit(f"glm4serve: cannot serve: {e} (--log-level debug shows where)") from None
 
 
-def serve(settings, log_level: str = "info") -> int:
+def serve(settings) -> int:
     """Serve until SIGTERM and the drain -> the exit status (1: the engine died)."""
+    log_level = settings.log_level
     if settings.num_replicas > 1 or settings.ray_address:
         from glm4serve.cluster import check_before_deploying, serve_replicated  # imports Ray: only here
 
@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return make_model_main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The level the flag or variable gives, until the settings (which may take it from the YAML) are read.
+    level = getattr(args, "log_level", os.environ.get("GLM4SERVE_LOG_LEVEL", "info")).upper()
+    logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from glm4serve.api.settings import VLLM_SETTINGS_WITHOUT_EFFECT
 
     for flag in vllm_flags_given(args):
@@ -183,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError
         parser.error(f"invalid settings: {one_line(e)}")
+    logging.getLogger().setLevel(settings.log_level.upper())
     try:
-        return serve(settings, args.log_level)
+        return serve(settings)
     except KeyboardInterrupt:  # Ctrl-C while loading: the drain's own handling starts with the server
         raise SystemExit("glm4serve: interrupted while starting") from None
 

@@ -164,6 +164,21 @@ def test_serve_builds_engine_and_runs_uvicorn(monkeypatch):
     assert not engine.is_alive  # the engine loop is stopped when the server returns
 
 
+def test_the_log_level_is_a_setting_as_any_other(monkeypatch, tmp_path):
+    """A flag, a variable or a YAML key, as every setting; the log takes it before serving starts."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # put back after the test
+    got = []
+    monkeypatch.setattr(cli, "serve", lambda settings: got.append((settings.log_level, root.level)) or 0)
+    f = tmp_path / "s.yaml"
+    f.write_text("log_level: warning\n")
+    assert cli.main(["serve", "--config", str(f)]) == 0
+    monkeypatch.setenv("GLM4SERVE_LOG_LEVEL", "error")
+    assert cli.main(["serve", "--config", str(f)]) == 0
+    assert cli.main(["serve", "--config", str(f), "--log-level", "debug"]) == 0
+    assert got == [("warning", logging.WARNING), ("error", logging.ERROR), ("debug", logging.DEBUG)]
+
+
 def test_serve_with_invalid_setting_exits_with_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--dtype", "int4"])

@@ -113,6 +113,8 @@ class ServerSettings(EngineArgs, BaseSettings):
         default_factory=list, description="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     config: str | None = Field(
         None, description="YAML file with any of these settings (CLI > env > YAML > defaults)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="the log's verbosity (debug: where a startup error came from, too)")
 
     @field_validator("chat_template")
     @classmethod
