@@ -74,7 +74,8 @@ class ServerSettings(EngineArgs, BaseSettings):
                                                        "(runs the replicated server even with one replica)")
     port: int = Field(8000, ge=0, le=65535, description="port")
     served_model_name: str | None = Field(
-        None, description="model id clients send and /v1/models lists (default: the model folder's name); "
+        None, description="model id clients send and /v1/models lists (default: a hub id as given, as vLLM's, "
+                          "a local folder's name); "
                           "several, space-separated, as vLLM's: requests may name any, replies name the first",
         json_schema_extra={"several": True})
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health, "
@@ -160,9 +161,13 @@ class ServerSettings(EngineArgs, BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The model id replies name and /v1/models lists first."""
-        return self.served_model_name.split()[0] if self.served_model_name else (
-            Path(self.model).name if self.model else "glm4-demo")
+        """The model id replies name and /v1/models lists first: a hub id as given (what clients written
+        for `vllm serve THUDM/glm-4-9b-chat` send), a local checkpoint by its folder's name."""
+        if self.served_model_name:
+            return self.served_model_name.split()[0]
+        if not self.model:
+            return "glm4-demo"
+        return Path(self.model).name if Path(self.model).expanduser().exists() else self.model
 
     @property
     def model_aliases(self) -> list[str]:
