@@ -36,11 +36,17 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """A --kebab-case flag per ServerSettings field, its help the field's description. Values stay
     strings for pydantic to parse; a flag left out is absent, so that env variables and the YAML
     file still apply to it."""
+    from pydantic_core import PydanticUndefined
+
     from glm4serve.api.settings import ServerSettings
 
     for name, field in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_ = (field.description or "").replace("%", "%%")  # argparse formats help with %
+        if field.default not in (None, PydanticUndefined) and "default" not in help_:
+            # argparse cannot show it: the flag's own default is SUPPRESS, for the env and the YAML to apply
+            shown = f"{field.default >> 20}MiB" if name.endswith(("_bytes", "_memory")) else field.default
+            help_ += f" (default: {shown})"
         if field.annotation is bool:  # --flag / --no-flag
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_)

@@ -184,6 +184,17 @@ def test_the_log_level_is_a_setting_as_any_other(monkeypatch, tmp_path):
     assert got == [("warning", logging.WARNING), ("error", logging.ERROR), ("debug", logging.DEBUG)]
 
 
+def test_serve_help_shows_each_settings_default(capsys):
+    """argparse cannot show them (the flags' own default is SUPPRESS, for the env and YAML to apply)."""
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    for flag, default in (("--max-num-seqs MAX_NUM_SEQS", "64"), ("--port PORT", "8000"), ("--log-level", "info"),
+                          ("--max-request-body-bytes MAX_REQUEST_BODY_BYTES", "16MiB"),
+                          ("--enable-prefix-caching, --no-enable-prefix-caching", "True")):
+        assert f"(default: {default})" in text.split(flag, 1)[1].split(" --", 1)[0], flag
+
+
 def test_serve_with_invalid_setting_exits_with_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--dtype", "int4"])

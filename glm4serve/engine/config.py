@@ -116,7 +116,8 @@ class EngineArgs(BaseModel):
                                           "name=path ... (or a JSON object); a request's `model` picks one by name")
     allow_runtime_lora_updating: bool = Field(
         False, description="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM does with "
-                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING (decode then runs uncompiled, as with --lora-modules)")
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING (steps with adapters then run uncompiled, without CUDA "
+                           "graphs on a GPU)")
 
     speculative_config: Annotated[SpeculativeConfig | None, NoDecode] = Field(
         None, description="speculative decoding, as vLLM's: a JSON object like {\"method\": \"ngram\", "
