@@ -224,6 +224,8 @@ def test_response_format_text_leaves_a_vllm_constraint_in_force():
     ("if", {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
     ("contains", {"type": "array", "contains": {"const": 1}}),
     ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
+    ("allOf of several", {"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"minimum": 5}]}}}),
+    ("multipleOf on numbers", {"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0.5}}}),
 ])
 def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
     for extra, param in (({"guided_json": schema}, "guided_json"),
@@ -234,10 +236,12 @@ def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
 
 
 def test_enforceable_schemas_and_property_names_like_keywords_are_served():
-    # a property named "not", an enum holding "if", and uniqueItems (pydantic's sets) are fine
-    schema = {"type": "object", "properties": {"not": {"enum": ["if", "then"]},
-                                               "tags": {"type": "array", "items": {"type": "string"},
-                                                        "uniqueItems": True}}}
+    # a property named "not", an enum holding "if", uniqueItems (pydantic's sets), allOf of one $ref
+    # (pydantic's) and multipleOf on integers are fine
+    schema = {"type": "object", "$defs": {"X": {"type": "integer"}},
+              "properties": {"not": {"enum": ["if", "then"]},
+                             "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                             "x": {"allOf": [{"$ref": "#/$defs/X"}]}, "even": {"type": "integer", "multipleOf": 2}}}
     _, r = post("/v1/chat/completions", {"messages": HI, "guided_json": schema})
     assert r.status_code == 200, r.text
 

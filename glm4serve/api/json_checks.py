@@ -46,7 +46,8 @@ _SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the c
 
 # Keywords the grammar engine (xgrammar) passes over: a reply could break them, so a schema that
 # constrains a reply may not use them. uniqueItems is passed over too but allowed: pydantic writes it
-# for sets, and a duplicate there only shrinks the set.
+# for sets, and a duplicate there only shrinks the set. Two more are held only in part (`_partly`):
+# allOf to its first schema, multipleOf on integers alone.
 _UNENFORCED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
                          "dependentSchemas"})
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> subschema
@@ -67,6 +68,7 @@ def check_enforceable(schema: Any, param: str) -> None:
         for key, value in node.items():
             if key in _UNENFORCED:
                 found.add(key)
+            found.update(_partly(node, key, value))
             if key in _SCHEMA_MAPS and isinstance(value, dict):
                 walk(list(value.values()))
             elif key not in _NOT_SCHEMAS:
@@ -76,6 +78,14 @@ def check_enforceable(schema: Any, param: str) -> None:
     if found:
         raise invalid(param, f"{param} uses {', '.join(sorted(found))}, which the grammar engine cannot enforce "
                              "on a reply")
+
+
+def _partly(node: dict, key: str, value: Any) -> list[str]:
+    if key == "allOf" and isinstance(value, list) and len(value) > 1:
+        return ["allOf of several schemas"]  # pydantic's allOf holds one $ref
+    if key == "multipleOf" and node.get("type") != "integer":
+        return ["multipleOf on numbers that are not integers"]
+    return []
 
 
 def _check_schema(schema: Any) -> None:

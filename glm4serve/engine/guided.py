@@ -18,7 +18,8 @@ Format decisions:
   one does) never finishes.
 - Object keys are the schema's properties only, in the schema's order, unless the schema allows
   others (additionalProperties); every reply still validates against the schema, but for
-  `uniqueItems`, which xgrammar passes over (the API refuses the other keywords it passes over).
+  `uniqueItems`, which xgrammar passes over (the API refuses the other keywords it passes over or holds
+  only in part: api/json_checks.py).
 - Special tokens never match the grammar, and neither does any token holding a raw control byte
   other than "\\n": compact JSON needs none, and xgrammar's length-bounded strings would
   otherwise admit a raw tab, which JSON forbids.
