@@ -8,6 +8,7 @@ from glm4serve.engine.sampler import (
     Sampled,
     Sampler,
     SampleRow,
+    TokenCounts,
     apply_processors,
     apply_truncation,
     inverse_transform,
@@ -232,6 +233,23 @@ def test_penalties_change_exactly_the_expected_logits():
     # 4: prompt, -2*2 = -4. 3 and 5 untouched. Presence/frequency ignore prompt tokens.
     assert out[0].tolist() == pytest.approx([1.0, -3.0, -0.5, 3.0, -4.0, 1.0])
     assert out[0].tolist() == pytest.approx(reference_processors(logits[0].tolist(), r))
+
+
+def test_penalties_from_counts_kept_between_steps_match_the_definition():
+    """A sequence's TokenCounts lives across its steps (one token a step, or several kept drafts, ids
+    past the logits' width among them) and counts only what its output gained: each step's logits
+    equal the definition's over the whole prompt and output."""
+    vocab, gen = 50, torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, vocab + 5, (30,), generator=gen).tolist()
+    counts, output = TokenCounts(), []
+    for step in range(40):
+        output += torch.randint(0, vocab + 5, (1 + step % 3,), generator=gen).tolist()
+        r = row(prompt=prompt, output=output, repetition_penalty=1.4, presence_penalty=0.3, frequency_penalty=0.2)
+        r.token_counts = counts
+        logits = random_logits(1, vocab, seed=step)
+        out = apply_processors(logits, [r])
+        assert out[0].tolist() == pytest.approx(reference_processors(logits[0].tolist(), r), abs=1e-5), step
+    assert counts._counted == len(output)
 
 
 def test_processors_match_reference_per_row_in_a_mixed_batch():

@@ -24,7 +24,16 @@ from .block_pool import BlockPool
 from .config import SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .guided import GuidedDecodingError, Grammars
-from .sampler import NoTokenLeft, Sampled, Sampler, SampleRow, make_generator, prompt_token_logprobs
+from .sampler import (
+    NoTokenLeft,
+    Sampled,
+    Sampler,
+    SampleRow,
+    TokenCounts,
+    has_penalties,
+    make_generator,
+    prompt_token_logprobs,
+)
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import LENGTH, STEP_TOKEN_BUCKETS, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams
@@ -95,6 +104,8 @@ class LLMEngine:
                 seq.prompt_logprobs = [None]  # the first prompt token has nothing before it
             if params.guided is not None:  # each choice walks its own path through the grammar
                 seq.guide = self.grammars.guide(params.guided, stop_ids)
+            if has_penalties(params):
+                seq.token_counts = TokenCounts()
             seqs.append(seq)
         self.scheduler.add(seqs)  # validates length and request id uniqueness
         self._next_seq_id += params.n
@@ -238,8 +249,8 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, targets: list[Sequence]) -> list[Sampled | None]:
         """One Sampled per target; None where that row's request failed."""
-        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.stop_token_ids, s.guide)
-                for s in targets]
+        rows = [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.stop_token_ids, s.guide,
+                          s.token_counts) for s in targets]
         logits = logits.float()
         # the batch may fail after drawing: each row re-draws from where it stood, so a seeded
         # choice's samples do not depend on another request's failure

@@ -39,6 +39,7 @@ class SampleRow:
     generator: torch.Generator | None  # from make_generator; None = the global RNG
     stop_token_ids: frozenset[int]  # effective stop ids: suppressed while len(output) < params.min_tokens
     guide: Any = None  # a guided.Guide when the request is constrained
+    token_counts: TokenCounts | None = None  # the sequence's, kept between steps, when it has penalties
 
 
 @dataclass
@@ -69,7 +70,59 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _has_penalties(p: SamplingParams) -> bool:
+class TokenCounts:
+    """A sequence's tokens as its penalties read them, kept from step to step: each distinct output token
+    and its count, and the prompt's distinct tokens. A step adds only what the output gained since the
+    last (the output only grows), and the penalties touch only these tokens' logits, not all V of a row:
+    the cost of a step follows what it added, not the reply's length or the vocabulary."""
+
+    def __init__(self, device: torch.device | None = None, vocab_size: int = 0):
+        self._device, self._vocab_size = device, vocab_size
+        self._ids = torch.empty(0, dtype=torch.long)  # [capacity]: distinct output tokens, first seen first
+        self._counts = torch.empty(0)  # [capacity] float32: their counts
+        self._size = 0
+        self._position: dict[int, int] = {}  # token -> its place in _ids
+        self._counted = 0  # output tokens counted
+        self._prompt: torch.Tensor | None = None  # [P'] distinct prompt tokens
+
+    def update(self, output: list[int], vocab_size: int, device: torch.device) -> None:
+        """Count the tokens `output` (the sequence's whole output so far) gained; ids past V are ignored."""
+        if (device, vocab_size) != (self._device, self._vocab_size) or len(output) < self._counted:
+            self.__init__(device, vocab_size)  # counted anew: a first step, or logits of another shape
+        new = [t for t in output[self._counted :] if t < vocab_size]
+        self._counted = len(output)
+        if not new:
+            return
+        fresh = [t for t in dict.fromkeys(new) if t not in self._position]
+        if self._size + len(fresh) > self._ids.shape[0]:
+            capacity = max(64, 2 * (self._size + len(fresh)))
+            ids, counts = torch.zeros(capacity, dtype=torch.long, device=device), torch.zeros(capacity, device=device)
+            ids[: self._size], counts[: self._size] = self.output_ids, self.output_counts
+            self._ids, self._counts = ids, counts
+        if fresh:
+            self._position.update((t, self._size + j) for j, t in enumerate(fresh))
+            self._ids[self._size : self._size + len(fresh)] = torch.tensor(fresh, device=device)
+            self._size += len(fresh)
+        places = torch.tensor([self._position[t] for t in new], device=device)
+        self._counts.index_add_(0, places, torch.ones(len(new), device=device))
+
+    @property
+    def output_ids(self) -> torch.Tensor:
+        return self._ids[: self._size]
+
+    @property
+    def output_counts(self) -> torch.Tensor:
+        return self._counts[: self._size]
+
+    def prompt_ids(self, prompt: list[int]) -> torch.Tensor:
+        """The prompt's distinct tokens below V (after an update, which sets the device and V)."""
+        if self._prompt is None:
+            self._prompt = torch.tensor(sorted({t for t in prompt if t < self._vocab_size}), dtype=torch.long,
+                                        device=self._device)
+        return self._prompt
+
+
+def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
@@ -82,7 +135,7 @@ def _suppresses_stops(row: SampleRow) -> bool:
 def _needs_processing(row: SampleRow) -> bool:
     p = row.params
     return (
-        _has_penalties(p)
+        has_penalties(p)
         or bool(p.logit_bias)
         or _suppresses_stops(row)
         or p.allowed_token_ids is not None
@@ -96,37 +149,42 @@ def _select(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return t if idx == list(range(t.shape[0])) else t[idx]
 
 
-def _token_counts(ids: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[V] float32 occurrence counts of `ids`; ids outside the logits' width are ignored."""
-    counts = torch.bincount(torch.tensor(ids, dtype=torch.long, device=device), minlength=vocab_size)
-    return counts[:vocab_size].float()
-
-
 def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     """In place. Repetition penalty (HF/vLLM): over prompt + output tokens, positive logits are
     divided by it and negative ones multiplied. Presence/frequency (OpenAI): over output tokens,
-    logit -= presence * [count > 0] + frequency * count."""
-    idx = [i for i, r in enumerate(rows) if _has_penalties(r.params)]
+    logit -= presence * [count > 0] + frequency * count. Each is one gather and one scatter over
+    the (row, token) pairs it touches, all rows at once."""
+    idx = [i for i, r in enumerate(rows) if has_penalties(r.params)]
     if not idx:
         return
-    vocab_size, device = logits.shape[1], logits.device
-    counts = torch.stack([_token_counts(rows[i].output_token_ids, vocab_size, device) for i in idx])  # [R, V]
-    seen = counts > 0  # [R, V]: in the prompt or the output, for the repetition penalty
-    for j, i in enumerate(idx):
-        if rows[i].params.repetition_penalty != 1.0 and rows[i].prompt_token_ids:
-            seen[j] |= _token_counts(rows[i].prompt_token_ids, vocab_size, device) > 0
+    device = logits.device
+    kept = {i: rows[i].token_counts or TokenCounts() for i in idx}
+    for i in idx:
+        kept[i].update(rows[i].output_token_ids, logits.shape[1], device)
 
-    def column(values: list[float]) -> torch.Tensor:  # [R, 1]
-        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    def pairs(which: list[int], tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, tokens) of `which`'s tokens, and each pair's place in `which`."""
+        cols = [tokens(i) for i in which]
+        owner = torch.repeat_interleave(torch.tensor([c.shape[0] for c in cols], device=device))
+        return torch.tensor(which, device=device)[owner], torch.cat(cols), owner
 
-    rep = column([rows[i].params.repetition_penalty for i in idx])
-    presence = column([rows[i].params.presence_penalty for i in idx])
-    frequency = column([rows[i].params.frequency_penalty for i in idx])
-    sub = logits[idx]  # [R, V], a copy
-    # rep == 1 rows: both branches are the identity, so no per-row masking is needed
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub -= presence * (counts > 0).float() + frequency * counts
-    logits[idx] = sub
+    def per_pair(values: list[float], owner: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)[owner]
+
+    rep = [i for i in idx if rows[i].params.repetition_penalty != 1.0]
+    if rep:  # a token in both the prompt and the output is listed twice: both write the same value
+        r, c, owner = pairs(rep, lambda i: torch.cat([kept[i].prompt_ids(rows[i].prompt_token_ids),
+                                                      kept[i].output_ids]))
+        penalty = per_pair([rows[i].params.repetition_penalty for i in rep], owner)
+        v = logits[r, c]
+        logits[r, c] = torch.where(v > 0, v / penalty, v * penalty)
+    counted = [i for i in idx if rows[i].params.presence_penalty != 0.0 or rows[i].params.frequency_penalty != 0.0]
+    if counted:
+        r, c, owner = pairs(counted, lambda i: kept[i].output_ids)
+        counts = torch.cat([kept[i].output_counts for i in counted])
+        presence = per_pair([rows[i].params.presence_penalty for i in counted], owner)
+        frequency = per_pair([rows[i].params.frequency_penalty for i in counted], owner)
+        logits[r, c] -= presence + frequency * counts
 
 
 def _banned(row: SampleRow) -> list[int]:
