@@ -78,6 +78,7 @@ class ChatPlan:
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
     ctx.check_ready()
     lora = ctx.check_model(req.model)
+    await ctx.check_schemas(req)
     # tool_choice none: the reply is never a call, but the model still sees the tools (vLLM's default)
     shown = req.tools_active or (req.tools and not ctx.settings.exclude_tools_when_tool_choice_none)
     tools = [t.as_given() for t in req.tools] if shown else None

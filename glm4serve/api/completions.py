@@ -51,6 +51,7 @@ class CompletionPlan:
 async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> CompletionPlan:
     ctx.check_ready()
     lora = ctx.check_model(req.model)
+    await ctx.check_schemas(req)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = []
     for p, prompt in enumerate(req.prompts()):

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from .errors import APIError
-from .json_checks import check_json_schema, invalid
+from .json_checks import invalid
 from .schemas import MAX_LOGPROBS, Body, ChatCompletionRequest, FunctionDef, RequestBody, Seed
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -169,8 +169,7 @@ class TextFormat(Body):
         if self.type == "json_schema":
             if self.name is None or self.schema_ is None:
                 raise invalid("text.format", "text.format of type json_schema needs a name and a schema")
-            check_json_schema(self.schema_, "text.format.schema")
-        return self
+        return self  # the schema is checked with the chat request it becomes (prepare_chat)
 
     def as_response_format(self) -> dict:
         if self.type != "json_schema":
@@ -288,6 +287,8 @@ def in_responses_terms(error: APIError) -> APIError:
         return error
     if param.startswith("messages"):
         param = "input"  # indices differ: instructions come first, reasoning items are dropped
+    elif param.startswith("response_format.json_schema.schema"):
+        param = "text.format.schema" + param.removeprefix("response_format.json_schema.schema")
     elif param.startswith("response_format"):
         param = "text.format"
     elif param in ("max_tokens", "max_completion_tokens"):

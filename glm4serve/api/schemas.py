@@ -17,7 +17,7 @@ from glm4serve.chat.template import PART_SEPARATOR
 from glm4serve.engine.guided import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 
-from .json_checks import check_enforceable, check_json_schema, invalid, unfit_json
+from .json_checks import invalid, unfit_json
 
 MAX_LOGPROBS = 20
 
@@ -173,9 +173,6 @@ class ResponseFormat(Body):
         if self.type == "json_schema":
             if self.json_schema is None:
                 raise invalid("response_format", "response_format of type json_schema needs a json_schema")
-            if self.json_schema.schema_ is not None:
-                check_json_schema(self.json_schema.schema_, "response_format.json_schema.schema")
-                check_enforceable(self.json_schema.schema_, "response_format.json_schema.schema")
         return self
 
     def guided_spec(self, leading_newline: bool) -> GuidedSpec | None:
@@ -302,9 +299,6 @@ class _SamplingBody(RequestBody):
             raise invalid(constraints[1][0], "give one constraint on the reply, not "
                                              + " and ".join(c[0] for c in constraints))
         for param, kind, value in constraints:
-            if kind == "json":
-                check_json_schema(value, param)
-                check_enforceable(value, param)
             if kind == "choice" and (not value or not all(value)):
                 raise invalid(param, f"{param} must be a list of one or more non-empty strings")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -338,6 +332,15 @@ class _SamplingBody(RequestBody):
         """The parameter that constrains the reply (what a 400 about its grammar names)."""
         found = _vllm_constraints(self)
         return found[0][0] if found else "response_format"
+
+    def schemas(self) -> list[tuple[Any, str, bool]]:
+        """Each JSON Schema the request carries, for the route to check (json_checks.schema_problem):
+        (schema, its param, whether it constrains a reply)."""
+        found = [(value, param, True) for param, kind, value in _vllm_constraints(self) if kind == "json"]
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and rf.json_schema.schema_ is not None:
+            found.insert(0, (rf.json_schema.schema_, "response_format.json_schema.schema", True))
+        return found
 
     def guided_spec(self) -> GuidedSpec | None:
         """The grammar the reply must follow: response_format's or a vLLM constraint's; None for none."""
@@ -429,9 +432,6 @@ class ChatCompletionRequest(_SamplingBody):
             names = self.tool_names
             if len(set(names)) != len(names):
                 raise invalid("tools", "tool names must be unique")
-            for i, tool in enumerate(self.tools):  # as OpenAI, whether or not a call is forced
-                if tool.function.parameters is not None:
-                    check_json_schema(tool.function.parameters, f"tools.{i}.function.parameters")
         # a response_format waits for a turn whose tool_choice forces no call (as OpenAI's); vLLM's own
         # constraints would say what this very reply is, which the forced call already does
         if self.forces_tool_call and _vllm_constraints(self):
@@ -449,6 +449,15 @@ class ChatCompletionRequest(_SamplingBody):
     @property
     def tool_names(self) -> list[str]:
         return [t.function.name for t in self.tools or []]
+
+    def schemas(self) -> list[tuple[Any, str, bool]]:
+        """Also each tool's parameters (checked as OpenAI does, whether or not a call is forced), which
+        constrain a reply when tool_choice forces a call to that tool."""
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        tools = [(t.function.parameters, f"tools.{i}.function.parameters",
+                  self.tool_choice == "required" or t.function.name == named)
+                 for i, t in enumerate(self.tools or []) if t.function.parameters is not None]
+        return super().schemas() + tools
 
     @property
     def tools_active(self) -> bool:

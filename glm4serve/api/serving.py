@@ -21,6 +21,7 @@ from glm4serve.engine.types import ABORT, ConstraintError, EngineError, Output, 
 from glm4serve.model.tokenizer import Tokenizer
 
 from .errors import APIError, invalid_request, server_error
+from .json_checks import schema_problem
 from .metrics import Metrics
 from .response_store import ResponseStore
 from .settings import ServerSettings
@@ -143,6 +144,13 @@ class ServingContext:
             await self.engine.compile_guided(params.guided)
         except ValueError as e:
             raise invalid_request(str(e), param) from e
+
+    async def check_schemas(self, body) -> None:
+        """400 naming the first JSON Schema of `body` that is not valid or, constraining the reply, not
+        enforceable: checked in a worker thread, which a large schema keeps for seconds."""
+        schemas = body.schemas()
+        if schemas and (problem := await asyncio.to_thread(schema_problem, schemas)) is not None:
+            raise invalid_request(problem[1], problem[0])
 
     async def encode(self, text: str) -> list[int]:
         if len(text) > _THREAD_TOKENIZE_CHARS:
