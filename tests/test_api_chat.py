@@ -357,20 +357,41 @@ def test_echo_survives_a_reply_that_never_stops_thinking():
     assert message["content"] == "Well," and message["reasoning_content"] == "Thinking on"
 
 
+def test_a_long_bad_word_is_tokenized_off_the_event_loop(monkeypatch):
+    import asyncio
+
+    client = client_for()
+    tokenizer, where = client.app.state.serving.tokenizer, []
+    encode = tokenizer.encode
+
+    def recording(text, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append((len(text), "event loop"))
+        except RuntimeError:
+            where.append((len(text), "worker thread"))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", recording)  # the tokenizer is shared with other tests' apps
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "bad_words": ["ab" * 10_000, "x"]})
+    assert r.status_code == 200
+    assert {w for n, w in where if n >= 20_000} == {"worker thread"} and {w for n, w in where if n < 3} == {"event loop"}
+
+
 def test_vllm_allowed_token_ids_and_bad_words():
     tok = small_tokenizer()
     client = client_for()
     allowed = tok.encode("yes no")
-    body = client.post("/v1/completions", json={"prompt": "Is it?", "allowed_token_ids": allowed, "max_tokens": 6,
-                                                 "temperature": 0}).json()
+    body = client.post("/v1/completions", json={"prompt": "Is it?", "allowed_token_ids": allowed * 1000,
+                                                 "max_tokens": 6, "temperature": 0}).json()
     [call] = engine_of(client.app).calls
-    assert call.params.allowed_token_ids == allowed
+    assert call.params.allowed_token_ids == sorted(set(allowed))  # each once: the sampler reads them every step
     [choice] = body["choices"]  # no stop token among them: only max_tokens ends it, as in vLLM
     assert set(tok.encode(choice["text"])) <= set(allowed) and choice["finish_reason"] == "length"
-    reply = client.post("/v1/chat/completions", json={"messages": USER_HI, "bad_words": ["there"],
+    reply = client.post("/v1/chat/completions", json={"messages": USER_HI, "bad_words": ["there", " there"],
                                                       "temperature": 0}).json()["choices"][0]["message"]["content"]
     words = engine_of(client.app).calls[-1].params.bad_words_token_ids
-    assert tok.encode("there") in words and tok.encode(" there") in words
+    assert sorted(words) == sorted([tok.encode("there"), tok.encode(" there")])  # a word tokenized once
     assert reply.startswith("Hello") and "there" not in reply  # the script's " there" was ruled out
     for extra, param in (({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),

@@ -87,7 +87,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
     params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)  # guided by response_format, if any
-    params.bad_words_token_ids = ctx.bad_words_token_ids(req.bad_words)
+    params.bad_words_token_ids = await ctx.bad_words_token_ids(req.bad_words)
     params.lora = lora
     params.stops_skip_leading_newline = req.add_generation_prompt  # the newline the reply's content leaves out
     ctx.check_params(params)

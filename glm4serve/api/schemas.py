@@ -372,7 +372,7 @@ class _SamplingBody(RequestBody):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids is not None else None,
+            allowed_token_ids=sorted(set(self.allowed_token_ids)) if self.allowed_token_ids is not None else None,
             seed=self.seed,
             logprobs=logprobs,
             prompt_logprobs=self.engine_prompt_logprobs,

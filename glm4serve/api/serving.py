@@ -113,13 +113,13 @@ class ServingContext:
         if bad is not None:
             raise invalid_request(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param)
 
-    def bad_words_token_ids(self, words: list[str] | None) -> list[list[int]] | None:
+    async def bad_words_token_ids(self, words: list[str] | None) -> list[list[int]] | None:
         """vLLM's bad_words as token sequences: each word as written alone and after a space (two
         tokenizations, both banned)."""
         seqs: list[list[int]] = []
-        for word in words or ():
-            for variant in (word.lstrip(), " " + word.lstrip()):
-                ids = self.tokenizer.encode(variant, allow_special=False)
+        for word in dict.fromkeys(w.lstrip() for w in words or ()):
+            for variant in (word, " " + word):
+                ids = await self.encode(variant, allow_special=False)
                 if ids and ids not in seqs:
                     seqs.append(ids)
         return seqs or None
@@ -152,10 +152,10 @@ class ServingContext:
         if schemas and (problem := await asyncio.to_thread(schema_problem, schemas)) is not None:
             raise invalid_request(problem[1], problem[0])
 
-    async def encode(self, text: str) -> list[int]:
-        if len(text) > _THREAD_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, text, allow_special=True)
-        return self.tokenizer.encode(text, allow_special=True)
+    async def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        if len(text) > _THREAD_TOKENIZE_CHARS:  # off the event loop: a long text takes seconds
+            return await asyncio.to_thread(self.tokenizer.encode, text, allow_special=allow_special)
+        return self.tokenizer.encode(text, allow_special=allow_special)
 
     async def chat_prompt_ids(self, body, tools: list[dict] | None) -> list[int]:
         """A chat body's messages -> the checkpoint's chat template -> token ids; 400 when unrenderable."""

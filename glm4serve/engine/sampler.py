@@ -233,7 +233,8 @@ def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
             out[i, stops] = -math.inf
         if row.params.allowed_token_ids is not None:
             keep = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            keep[[t for t in row.params.allowed_token_ids if 0 <= t < vocab_size]] = True
+            ids = torch.tensor(row.params.allowed_token_ids, dtype=torch.long, device=device)
+            keep[ids[(ids >= 0) & (ids < vocab_size)]] = True
             out[i].masked_fill_(~keep, -math.inf)
         if row.params.bad_words_token_ids:
             out[i, [t for t in _banned(row) if 0 <= t < vocab_size]] = -math.inf
