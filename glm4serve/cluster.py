@@ -228,7 +228,7 @@ class ReplicaClient:
         self._check(prompt_ids, params)
 
     async def compile_guided(self, spec: GuidedSpec) -> None:
-        await asyncio.to_thread(self._grammars.compile, spec)
+        await self._grammars.compile_async(spec)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[Output]:

@@ -238,9 +238,10 @@ def test_uncompilable_specs_are_refused_with_the_reason(engine):
     assert not engine.has_request("x") and not engine.has_work
 
 
-def test_compiled_grammars_are_cached_least_recently_used_first(engine):
-    grammars = Grammars(engine.tokenizer, cache_size=2)
+def test_compiled_grammars_are_cached_least_recently_used_first_within_a_memory_budget(engine):
     a, b, c = (GuidedSpec.json_schema({"enum": [k]}) for k in "abc")
+    size = Grammars(engine.tokenizer).compile(a).memory_size_bytes
+    grammars = Grammars(engine.tokenizer, cache_bytes=2 * size)  # two of these
     first = grammars.compile(a)
     assert grammars.compile(GuidedSpec.json_schema({"enum": ["a"]})) is first  # equal spec, cached
     grammars.compile(b)
@@ -248,6 +249,29 @@ def test_compiled_grammars_are_cached_least_recently_used_first(engine):
     grammars.compile(c)  # evicts b
     assert grammars.compile(a) is first
     assert list(grammars._cache) == [c, a]
+    big = GuidedSpec.choice([f"choice number {i}" for i in range(300)])
+    compiled = grammars.compile(big)
+    assert compiled.memory_size_bytes > 2 * size  # over the budget alone: kept, the others pushed out
+    assert list(grammars._cache) == [big] and grammars._cached_bytes == compiled.memory_size_bytes
+
+
+def test_the_api_compiles_in_threads_of_its_own_and_not_at_all_when_cached(engine):
+    import asyncio
+    import threading
+
+    grammars, threads = Grammars(engine.tokenizer), []
+    compile_ = grammars.compile
+
+    def recording(spec):
+        threads.append(threading.current_thread().name)
+        return compile_(spec)
+
+    grammars.compile = recording
+    spec = GuidedSpec.regex("[ab]+")
+    asyncio.run(grammars.compile_async(spec))
+    asyncio.run(grammars.compile_async(GuidedSpec.regex("[ab]+")))  # cached: no thread, no compile
+    assert len(threads) == 1 and threads[0].startswith("grammar-compile")
+    assert spec in grammars._cache
 
 
 def test_grammar_vocab_hides_special_tokens_raw_control_bytes_and_ill_formed_utf8(engine):

@@ -175,7 +175,7 @@ class AsyncEngine:
     async def compile_guided(self, spec: GuidedSpec) -> None:
         """Compile (and cache) a structured-output grammar in a worker thread, so neither the
         event loop nor the engine loop waits on it. ValueError when it cannot be compiled."""
-        await asyncio.to_thread(self.engine.grammars.compile, spec)
+        await self.engine.grammars.compile_async(spec)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[Output]:

@@ -35,12 +35,14 @@ Format decisions:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,15 +243,24 @@ class Guide:
 
 class Grammars:
     """Compiles GuidedSpecs for one tokenizer and makes Guides. Cheap to create: xgrammar and the
-    vocabulary are loaded on first use."""
+    vocabulary are loaded on first use.
 
-    def __init__(self, tokenizer, cache_size: int = 128):
+    The cache is bounded by the compiled grammars' memory, not their number (one of 10,000 choices
+    takes ~90 MB, a small schema's a few hundred KB); the newest entry always stays. The API compiles
+    in threads of its own (`compile_async`): a compile may take minutes, and must hold neither the
+    event loop, the engine loop, nor the threads that tokenize prompts."""
+
+    COMPILE_THREADS = 2
+
+    def __init__(self, tokenizer, cache_bytes: int = 256 << 20):
         self.tokenizer = tokenizer
-        self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._compiler = None
         self._utf8: Utf8Rules | None = None
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()  # spec -> CompiledGrammar, LRU order
+        self._cached_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def _get_compiler(self):
         with self._lock:
@@ -281,11 +292,25 @@ class Grammars:
             raise GuidedSpecError(f"the grammar engine cannot compile this {what}: {_clean_message(e)}") from e
         _check_can_start(compiled, self.tokenizer.vocab_size, spec)
         with self._lock:
-            self._cache[spec] = compiled
+            if spec not in self._cache:  # another thread may have compiled it meanwhile
+                self._cache[spec] = compiled
+                self._cached_bytes += compiled.memory_size_bytes
             self._cache.move_to_end(spec)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return compiled
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.memory_size_bytes
+            return self._cache[spec]
+
+    async def compile_async(self, spec: GuidedSpec) -> None:
+        """compile() for the event loop: nothing to wait for when the grammar is cached, else a
+        compile in one of this object's own threads."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.compile, spec)
 
     def guide(self, spec: GuidedSpec, stop_token_ids) -> Guide:
         """A fresh Guide; stop_token_ids: the request's effective stop ids. Its grammar ends on those
