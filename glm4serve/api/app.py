@@ -20,7 +20,7 @@ from .adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_lor
 from .chat import chat_completions
 from .completions import completions
 from .errors import APIError, install_error_handlers
-from .gate import RETRY_AFTER_DRAINING, Gate, GateMiddleware
+from .gate import OPEN_PATHS, RETRY_AFTER_DRAINING, Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ModelCard, ModelList
@@ -185,18 +185,17 @@ def _stats(ctx: ServingContext):
 
 
 class APIKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but OPEN_PATHS (a route added later is guarded from
-    the start), checked before anything reads the request (a body that is not even JSON gets the 401
-    too, as vLLM answers), and before the gate's limits."""
-
-    OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})  # probes and scrapers send no key
+    """`Authorization: Bearer <key>` on every route but the probes' and the scraper's (gate.OPEN_PATHS,
+    which send no key; a route added later is guarded from the start), checked before anything reads
+    the request (a body that is not even JSON gets the 401 too, as vLLM answers), and before the gate's
+    limits."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app, self.api_key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and path not in self.OPEN_PATHS and not self._authorized(scope):
+        if scope["type"] == "http" and path not in OPEN_PATHS and not self._authorized(scope):
             refusal = APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
                                "authentication_error", code="invalid_api_key")
             await refusal.response()(scope, receive, send)
