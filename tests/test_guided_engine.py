@@ -242,6 +242,7 @@ def test_compiled_grammars_are_cached_least_recently_used_first_within_a_memory_
     a, b, c = (GuidedSpec.json_schema({"enum": [k]}) for k in "abc")
     size = Grammars(engine.tokenizer).compile(a).memory_size_bytes
     grammars = Grammars(engine.tokenizer, cache_bytes=2 * size)  # two of these
+    grammars.RECENT_S = 0  # none counts as just used
     first = grammars.compile(a)
     assert grammars.compile(GuidedSpec.json_schema({"enum": ["a"]})) is first  # equal spec, cached
     grammars.compile(b)
@@ -253,6 +254,19 @@ def test_compiled_grammars_are_cached_least_recently_used_first_within_a_memory_
     compiled = grammars.compile(big)
     assert compiled.memory_size_bytes > 2 * size  # over the budget alone: kept, the others pushed out
     assert list(grammars._cache) == [big] and grammars._cached_bytes == compiled.memory_size_bytes
+
+
+def test_grammars_used_moments_ago_stay_up_to_twice_the_budget(engine):
+    """The API compiles a request's grammar, then the engine adds the request and looks it up: evicted
+    in between, it would be compiled again on the engine's thread, which every stream waits on."""
+    a, b, c, d = (GuidedSpec.json_schema({"enum": [k]}) for k in "abcd")
+    size = Grammars(engine.tokenizer).compile(a).memory_size_bytes
+    grammars = Grammars(engine.tokenizer, cache_bytes=2 * size)
+    for spec in (a, b, c, d):  # all just used: over the budget, within twice it
+        grammars.compile(spec)
+    assert list(grammars._cache) == [a, b, c, d]
+    grammars.compile(GuidedSpec.json_schema({"enum": ["e"]}))  # past twice the budget: the least recent go
+    assert len(grammars._cache) == 4 and a not in grammars._cache
 
 
 def test_the_api_compiles_in_threads_of_its_own_and_not_at_all_when_cached(engine):

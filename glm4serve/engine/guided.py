@@ -41,6 +41,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -246,11 +247,14 @@ class Grammars:
     vocabulary are loaded on first use.
 
     The cache is bounded by the compiled grammars' memory, not their number (one of 10,000 choices
-    takes ~90 MB, a small schema's a few hundred KB); the newest entry always stays. The API compiles
-    in threads of its own (`compile_async`): a compile may take minutes, and must hold neither the
-    event loop, the engine loop, nor the threads that tokenize prompts."""
+    takes ~90 MB, a small schema's a few hundred KB); the newest entry always stays, and so do those
+    used in the last RECENT_S up to twice the budget: the API compiles a request's grammar before the
+    engine adds the request, which must find it here, not compile it again on the engine's thread.
+    The API compiles in threads of its own (`compile_async`): a compile may take minutes, and must
+    hold neither the event loop, the engine loop, nor the threads that tokenize prompts."""
 
     COMPILE_THREADS = 2
+    RECENT_S = 30.0
 
     def __init__(self, tokenizer, cache_bytes: int = 256 << 20):
         self.tokenizer = tokenizer
@@ -259,6 +263,7 @@ class Grammars:
         self._compiler = None
         self._utf8: Utf8Rules | None = None
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()  # spec -> CompiledGrammar, LRU order
+        self._used: dict[GuidedSpec, float] = {}  # spec -> its last use (time.monotonic)
         self._cached_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
 
@@ -282,7 +287,7 @@ class Grammars:
         grammar engine cannot build it (an unsupported or contradictory schema)."""
         with self._lock:
             if spec in self._cache:
-                self._cache.move_to_end(spec)
+                self._touch(spec)
                 return self._cache[spec]
         compiler = self._get_compiler()
         try:  # outside the lock: the engine loop never waits on an API thread's long compile
@@ -295,18 +300,26 @@ class Grammars:
             if spec not in self._cache:  # another thread may have compiled it meanwhile
                 self._cache[spec] = compiled
                 self._cached_bytes += compiled.memory_size_bytes
-            self._cache.move_to_end(spec)
+            self._touch(spec)
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.memory_size_bytes
+                oldest = next(iter(self._cache))
+                if (time.monotonic() - self._used[oldest] < self.RECENT_S
+                        and self._cached_bytes <= 2 * self.cache_bytes):
+                    break  # the least recent was used moments ago: so were all the others
+                self._cached_bytes -= self._cache.pop(oldest).memory_size_bytes
+                del self._used[oldest]
             return self._cache[spec]
+
+    def _touch(self, spec: GuidedSpec) -> None:  # under _lock
+        self._cache.move_to_end(spec)
+        self._used[spec] = time.monotonic()
 
     async def compile_async(self, spec: GuidedSpec) -> None:
         """compile() for the event loop: nothing to wait for when the grammar is cached, else a
         compile in one of this object's own threads."""
         with self._lock:
             if spec in self._cache:
-                self._cache.move_to_end(spec)
+                self._touch(spec)
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.COMPILE_THREADS, thread_name_prefix="grammar-compile")
