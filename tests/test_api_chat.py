@@ -375,7 +375,8 @@ def test_a_long_bad_word_is_tokenized_off_the_event_loop(monkeypatch):
     monkeypatch.setattr(tokenizer, "encode", recording)  # the tokenizer is shared with other tests' apps
     r = client.post("/v1/chat/completions", json={"messages": USER_HI, "bad_words": ["ab" * 10_000, "x"]})
     assert r.status_code == 200
-    assert {w for n, w in where if n >= 20_000} == {"worker thread"} and {w for n, w in where if n < 3} == {"event loop"}
+    assert {w for n, w in where if n >= 20_000} == {"worker thread"}
+    assert {w for n, w in where if n < 3} == {"event loop"}  # short ones: not worth a thread
 
 
 def test_vllm_allowed_token_ids_and_bad_words():
