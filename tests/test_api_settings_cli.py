@@ -86,7 +86,7 @@ def test_cli_flags_only_override_what_they_name(tmp_path, monkeypatch):
     assert (s.kv_cache_memory, s.max_model_len, s.served_model_name) == (2 * 1024**3, 512, "glm")
 
 
-def test_a_vllm_command_line_is_taken(tmp_path):
+def test_a_vllm_command_line_is_taken(tmp_path, monkeypatch):
     """`vllm serve MODEL` with flags a GLM-4 deployment carries: the model as the positional argument,
     --gpu-memory-utilization taken, the flags that change nothing here taken and logged as such."""
     argv = ["serve", "/data/glm-4-9b-chat", "--trust-remote-code", "--gpu-memory-utilization", "0.85",
@@ -105,9 +105,10 @@ def test_a_vllm_command_line_is_taken(tmp_path):
     assert ServerSettings(served_model_name=["a", "b"]).served_model_name == "a b"  # YAML's list
     # unnamed, a hub id is served as given (what a client written for vLLM sends), a local folder by its name
     assert ServerSettings(model="THUDM/glm-4-9b-chat").model_name == "THUDM/glm-4-9b-chat"
-    assert ServerSettings(model=str(tmp_path / "glm-4-9b-chat")).model_name == str(tmp_path / "glm-4-9b-chat")
-    (tmp_path / "glm-4-9b-chat").mkdir()
-    assert ServerSettings(model=str(tmp_path / "glm-4-9b-chat")).model_name == "glm-4-9b-chat"
+    assert ServerSettings(model="/data/glm-4-9b-chat").model_name == "glm-4-9b-chat"  # a path, there or not
+    (tmp_path / "org" / "glm-4-9b-chat").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert ServerSettings(model="org/glm-4-9b-chat").model_name == "glm-4-9b-chat"  # a folder here, not the hub
     same = cli.build_parser().parse_args(["serve", "/m", "--model", "/m"])
     assert cli.settings_from_args(same).model == "/m"
     with pytest.raises(ValueError, match="two models given"):

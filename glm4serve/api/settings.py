@@ -167,7 +167,8 @@ class ServerSettings(EngineArgs, BaseSettings):
             return self.served_model_name.split()[0]
         if not self.model:
             return "glm4-demo"
-        return Path(self.model).name if Path(self.model).expanduser().exists() else self.model
+        local = self.model.startswith(("/", "~", ".")) or Path(self.model).expanduser().exists()
+        return Path(self.model).name if local else self.model
 
     @property
     def model_aliases(self) -> list[str]:
