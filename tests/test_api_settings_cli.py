@@ -109,6 +109,8 @@ def test_a_vllm_command_line_is_taken(tmp_path, monkeypatch):
     (tmp_path / "org" / "glm-4-9b-chat").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert ServerSettings(model="org/glm-4-9b-chat").model_name == "glm-4-9b-chat"  # a folder here, not the hub
+    monkeypatch.chdir(tmp_path / "org" / "glm-4-9b-chat")
+    assert ServerSettings(model=".").model_name == "glm-4-9b-chat"
     same = cli.build_parser().parse_args(["serve", "/m", "--model", "/m"])
     assert cli.settings_from_args(same).model == "/m"
     with pytest.raises(ValueError, match="two models given"):

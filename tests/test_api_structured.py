@@ -165,12 +165,14 @@ def test_schemas_are_checked_off_the_event_loop(monkeypatch):
 def test_a_forced_tools_parameters_must_be_enforceable_and_a_free_ones_need_not():
     unheld = {"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 3}}}}
     tools = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": unheld}}]
-    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
-        _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": choice})
+    for extra in ({"tool_choice": "required"}, {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+                  {"tool_choice": "auto", "response_format": {"type": "json_object"}}):  # a call or the format
+        _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, **extra})
         assert "cannot enforce" in error(r, "tools.1.function.parameters")
-    for choice in ("auto", "none", {"type": "function", "function": {"name": TOOLS[0]["function"]["name"]}}):
-        _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, "tool_choice": choice})
-        assert r.status_code == 200, (choice, r.text)
+    for extra in ({"tool_choice": "auto"}, {"tool_choice": "none", "response_format": {"type": "json_object"}},
+                  {"tool_choice": {"type": "function", "function": {"name": TOOLS[0]["function"]["name"]}}}):
+        _, r = post("/v1/chat/completions", {"messages": HI, "tools": tools, **extra})
+        assert r.status_code == 200, (extra, r.text)
 
 
 def test_a_forced_call_leaves_response_format_for_a_later_turn_but_vllm_constraints_conflict():

@@ -252,6 +252,17 @@ def test_penalties_from_counts_kept_between_steps_match_the_definition():
     assert counts._counted == len(output)
 
 
+def test_penalties_keep_their_counts_on_the_logits_device():
+    """Counts made before a row's first token must live where its logits do ("meta" stands in for a
+    GPU here: any mix of devices raises there as on CUDA)."""
+    counts = TokenCounts()
+    for output in ([], [4, 5], [4, 5, 5]):
+        r = row(prompt=[1, 2, 3], output=output, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.1)
+        r.token_counts = counts
+        assert apply_processors(torch.zeros(1, 50, device="meta"), [r]).device.type == "meta"
+    assert counts.output_ids.device.type == counts.output_counts.device.type == "meta"
+
+
 def test_processors_match_reference_per_row_in_a_mixed_batch():
     vocab = 40
     logits = random_logits(5, vocab, seed=1)
@@ -428,7 +439,7 @@ def test_sampling_on_the_gpu_equals_sampling_on_the_cpu():
     """The runner leaves logits on its device and the sampler works there: greedy, penalties, bias,
     min_tokens, temperature, top-k/p, min-p, logprobs and seeded draws give the same tokens and
     logprobs as on the CPU (a seeded row's noise comes from its CPU generator on either device)."""
-    logits = random_logits(6, 1000, seed=3)
+    logits = random_logits(7, 1000, seed=3)
 
     def rows():
         return [
@@ -440,6 +451,7 @@ def test_sampling_on_the_gpu_equals_sampling_on_the_cpu():
             row(temperature=0.7, output=[1], min_tokens=4, stop_ids=[int(logits[4].argmax())],
                 generator=make_generator(12, 0)),
             row(temperature=0.0, logprobs=5),
+            row(temperature=0.0, prompt=[3, 4, 4], repetition_penalty=1.5, presence_penalty=0.4),  # no output yet
         ]
 
     on_cpu = Sampler()(logits, rows())

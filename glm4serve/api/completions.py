@@ -54,6 +54,7 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
     await ctx.check_schemas(req)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = []
+    bad_words = await ctx.bad_words_token_ids(req.bad_words)  # the same for every prompt
     for p, prompt in enumerate(req.prompts()):
         if isinstance(prompt, str):
             ids = await ctx.encode(prompt)
@@ -70,7 +71,7 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
         else:
             max_tokens = ctx.fit_max_tokens(len(ids), req.max_tokens, "prompt")
         params = req.sampling_params(max_tokens, req.logprobs, ctx.sampling_defaults)
-        params.bad_words_token_ids = await ctx.bad_words_token_ids(req.bad_words)
+        params.bad_words_token_ids = bad_words
         params.lora = lora
         ctx.check_params(params)
         await ctx.compile_guided(params, req.guided_param)  # cached after the first prompt

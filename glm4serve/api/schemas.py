@@ -452,10 +452,11 @@ class ChatCompletionRequest(_SamplingBody):
 
     def schemas(self) -> list[tuple[Any, str, bool]]:
         """Also each tool's parameters (checked as OpenAI does, whether or not a call is forced), which
-        constrain a reply when tool_choice forces a call to that tool."""
+        constrain a reply when tool_choice forces a call to that tool, or lets the reply be any call or
+        text in a format (tool_choice.call_or_format_spec)."""
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
-        tools = [(t.function.parameters, f"tools.{i}.function.parameters",
-                  self.tool_choice == "required" or t.function.name == named)
+        every = self.tool_choice == "required" or (named is None and self.tools_active and bool(self.guided_spec()))
+        tools = [(t.function.parameters, f"tools.{i}.function.parameters", every or t.function.name == named)
                  for i, t in enumerate(self.tools or []) if t.function.parameters is not None]
         return super().schemas() + tools
 

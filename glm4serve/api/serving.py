@@ -116,13 +116,12 @@ class ServingContext:
     async def bad_words_token_ids(self, words: list[str] | None) -> list[list[int]] | None:
         """vLLM's bad_words as token sequences: each word as written alone and after a space (two
         tokenizations, both banned)."""
-        seqs: list[list[int]] = []
+        seqs: dict[tuple[int, ...], None] = {}  # each once, in order
         for word in dict.fromkeys(w.lstrip() for w in words or ()):
             for variant in (word, " " + word):
-                ids = await self.encode(variant, allow_special=False)
-                if ids and ids not in seqs:
-                    seqs.append(ids)
-        return seqs or None
+                if ids := await self.encode(variant, allow_special=False):
+                    seqs[tuple(ids)] = None
+        return [list(s) for s in seqs] or None
 
     def check_params(self, params: SamplingParams) -> None:
         if params.min_tokens > params.max_tokens:  # max_tokens as defaulted and capped (fit_max_tokens)

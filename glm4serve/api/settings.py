@@ -168,7 +168,7 @@ class ServerSettings(EngineArgs, BaseSettings):
         if not self.model:
             return "glm4-demo"
         local = self.model.startswith(("/", "~", ".")) or Path(self.model).expanduser().exists()
-        return Path(self.model).name if local else self.model
+        return Path(self.model).expanduser().resolve().name if local else self.model  # `serve .` too
 
     @property
     def model_aliases(self) -> list[str]:

@@ -264,6 +264,7 @@ class Grammars:
         self._utf8: Utf8Rules | None = None
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()  # spec -> CompiledGrammar, LRU order
         self._used: dict[GuidedSpec, float] = {}  # spec -> its last use (time.monotonic)
+        self._sizes: dict[GuidedSpec, int] = {}  # spec -> its grammar's memory_size_bytes, as counted
         self._cached_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
 
@@ -299,15 +300,16 @@ class Grammars:
         with self._lock:
             if spec not in self._cache:  # another thread may have compiled it meanwhile
                 self._cache[spec] = compiled
-                self._cached_bytes += compiled.memory_size_bytes
+                self._sizes[spec] = compiled.memory_size_bytes
+                self._cached_bytes += self._sizes[spec]
             self._touch(spec)
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
                 oldest = next(iter(self._cache))
                 if (time.monotonic() - self._used[oldest] < self.RECENT_S
                         and self._cached_bytes <= 2 * self.cache_bytes):
                     break  # the least recent was used moments ago: so were all the others
-                self._cached_bytes -= self._cache.pop(oldest).memory_size_bytes
-                del self._used[oldest]
+                del self._cache[oldest], self._used[oldest]
+                self._cached_bytes -= self._sizes.pop(oldest)
             return self._cache[spec]
 
     def _touch(self, spec: GuidedSpec) -> None:  # under _lock

@@ -78,8 +78,8 @@ class TokenCounts:
 
     def __init__(self, device: torch.device | None = None, vocab_size: int = 0):
         self._device, self._vocab_size = device, vocab_size
-        self._ids = torch.empty(0, dtype=torch.long)  # [capacity]: distinct output tokens, first seen first
-        self._counts = torch.empty(0)  # [capacity] float32: their counts
+        self._ids = torch.empty(0, dtype=torch.long, device=device)  # [capacity]: distinct output tokens
+        self._counts = torch.empty(0, device=device)  # [capacity] float32: their counts
         self._size = 0
         self._position: dict[int, int] = {}  # token -> its place in _ids
         self._counted = 0  # output tokens counted
@@ -90,8 +90,8 @@ class TokenCounts:
         if (device, vocab_size) != (self._device, self._vocab_size) or len(output) < self._counted:
             self.__init__(device, vocab_size)  # counted anew: a first step, or logits of another shape
         new = [t for t in output[self._counted :] if t < vocab_size]
-        self._counted = len(output)
         if not new:
+            self._counted = len(output)
             return
         fresh = [t for t in dict.fromkeys(new) if t not in self._position]
         if self._size + len(fresh) > self._ids.shape[0]:
@@ -105,6 +105,7 @@ class TokenCounts:
             self._size += len(fresh)
         places = torch.tensor([self._position[t] for t in new], device=device)
         self._counts.index_add_(0, places, torch.ones(len(new), device=device))
+        self._counted = len(output)
 
     @property
     def output_ids(self) -> torch.Tensor:
@@ -165,7 +166,8 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     def pairs(which: list[int], tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, tokens) of `which`'s tokens, and each pair's place in `which`."""
         cols = [tokens(i) for i in which]
-        owner = torch.repeat_interleave(torch.tensor([c.shape[0] for c in cols], device=device))
+        lengths = [c.shape[0] for c in cols]  # output_size given: on a GPU, no wait for the device to say it
+        owner = torch.repeat_interleave(torch.tensor(lengths, device=device), output_size=sum(lengths))
         return torch.tensor(which, device=device)[owner], torch.cat(cols), owner
 
     def per_pair(values: list[float], owner: torch.Tensor) -> torch.Tensor:
