@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -50,6 +51,10 @@ class ServingContext:
     created: int = field(default_factory=lambda: int(time.time()))
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters served: name -> folder (adapters.py)
     lora_updates: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
+    # JSON Schema checks (check_schemas): threads of their own, as a few huge schemas take tens of
+    # seconds and must not hold the default pool's threads, which tokenize long prompts
+    schema_checks: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="schema-check"))
 
     @property
     def sampling_defaults(self) -> dict:
@@ -148,7 +153,10 @@ class ServingContext:
         """400 naming the first JSON Schema of `body` that is not valid or, constraining the reply, not
         enforceable: checked in a worker thread, which a large schema keeps for seconds."""
         schemas = body.schemas()
-        if schemas and (problem := await asyncio.to_thread(schema_problem, schemas)) is not None:
+        if not schemas:
+            return
+        problem = await asyncio.get_running_loop().run_in_executor(self.schema_checks, schema_problem, schemas)
+        if problem is not None:
             raise invalid_request(problem[1], problem[0])
 
     async def encode(self, text: str, allow_special: bool = True) -> list[int]:
