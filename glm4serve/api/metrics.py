@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -162,18 +163,22 @@ class Metrics:
         return RequestMetrics(self)
 
 
+@dataclass
+class _ChoiceTiming:
+    first: float  # when its first token came
+    last: float  # and its latest
+    tokens: int = 0
+
+
 class RequestMetrics:
     """Timing of one engine request (all its choices), fed one Output at a time."""
 
     def __init__(self, metrics: Metrics):
         self.m = metrics
         self.arrival = time.perf_counter()
-        self.first_token: float | None = None
-        self.first_token_by_choice: dict[int, float] = {}
-        self.last_token_by_choice: dict[int, float] = {}
-        self.tokens_by_choice: dict[int, int] = {}
+        self.first_token: float | None = None  # its first Output's (a choice's, or a prompt's score alone)
+        self.choices: dict[int, _ChoiceTiming] = {}  # by index, once a choice has a token
         self.num_prompt_tokens = 0
-        self.num_generated = 0
         self.queue_time: float | None = None
         self._closed = False
 
@@ -188,16 +193,16 @@ class RequestMetrics:
             self.m.ttft.observe(now - self.arrival)
             self.num_prompt_tokens = out.num_prompt_tokens
             self.m.prompt_tokens.inc(out.num_prompt_tokens)
-        last = self.last_token_by_choice.get(out.index)
-        if last is not None and n:
-            gap = (now - last) / n  # several tokens in one step share the step's time
-            for _ in range(n):
-                self.m.itl.observe(gap)
         if n:
-            self.first_token_by_choice.setdefault(out.index, now)
-            self.last_token_by_choice[out.index] = now
-            self.tokens_by_choice[out.index] = self.tokens_by_choice.get(out.index, 0) + n
-        self.num_generated += n
+            choice = self.choices.get(out.index)
+            if choice is None:
+                choice = self.choices[out.index] = _ChoiceTiming(now, now)
+            else:
+                gap = (now - choice.last) / n  # several tokens in one step share the step's time
+                for _ in range(n):
+                    self.m.itl.observe(gap)
+            choice.last = now
+            choice.tokens += n
         self.m.generation_tokens.inc(n)
         if out.finish_reason is not None:
             self.m.request_success.labels(finished_reason=out.finish_reason).inc()
@@ -210,15 +215,15 @@ class RequestMetrics:
             return  # failed or aborted before any output: no latency to report
         self.m.e2e.observe(time.perf_counter() - self.arrival)
         self.m.request_prompt_tokens.observe(self.num_prompt_tokens)
-        self.m.request_generation_tokens.observe(self.num_generated)
-        self.m.max_generation_tokens.observe(max(self.tokens_by_choice.values(), default=0))
-        if self.last_token_by_choice:
-            last = max(self.last_token_by_choice.values())
+        choices = self.choices.values()
+        self.m.request_generation_tokens.observe(sum(c.tokens for c in choices))
+        self.m.max_generation_tokens.observe(max((c.tokens for c in choices), default=0))
+        if self.choices:
+            last = max(c.last for c in choices)
             admitted = self.arrival + (self.queue_time or 0.0)
             self.m.prefill_time.observe(max(self.first_token - admitted, 0.0))
             self.m.decode_time.observe(last - self.first_token)
             self.m.inference_time.observe(max(last - admitted, 0.0))
-        for index, tokens in self.tokens_by_choice.items():
-            if tokens > 1:
-                first, last = self.first_token_by_choice[index], self.last_token_by_choice[index]
-                self.m.tpot.observe((last - first) / (tokens - 1))
+        for c in choices:
+            if c.tokens > 1:
+                self.m.tpot.observe((c.last - c.first) / (c.tokens - 1))

@@ -242,6 +242,13 @@ class Guide:
         return self.utf8.allowed_after.get(self._tail[0])
 
 
+@dataclass
+class _Cached:
+    grammar: Any  # a CompiledGrammar
+    size: int  # its memory_size_bytes, as counted in
+    used: float  # its last use (time.monotonic)
+
+
 class Grammars:
     """Compiles GuidedSpecs for one tokenizer and makes Guides. Cheap to create: xgrammar and the
     vocabulary are loaded on first use.
@@ -262,9 +269,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._compiler = None
         self._utf8: Utf8Rules | None = None
-        self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()  # spec -> CompiledGrammar, LRU order
-        self._used: dict[GuidedSpec, float] = {}  # spec -> its last use (time.monotonic)
-        self._sizes: dict[GuidedSpec, int] = {}  # spec -> its grammar's memory_size_bytes, as counted
+        self._cache: OrderedDict[GuidedSpec, _Cached] = OrderedDict()  # least recently used first
         self._cached_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
 
@@ -288,8 +293,7 @@ class Grammars:
         grammar engine cannot build it (an unsupported or contradictory schema)."""
         with self._lock:
             if spec in self._cache:
-                self._touch(spec)
-                return self._cache[spec]
+                return self._touch(spec)
         compiler = self._get_compiler()
         try:  # outside the lock: the engine loop never waits on an API thread's long compile
             compiled = compiler.compile_grammar(build_grammar(spec))
@@ -299,22 +303,22 @@ class Grammars:
         _check_can_start(compiled, self.tokenizer.vocab_size, spec)
         with self._lock:
             if spec not in self._cache:  # another thread may have compiled it meanwhile
-                self._cache[spec] = compiled
-                self._sizes[spec] = compiled.memory_size_bytes
-                self._cached_bytes += self._sizes[spec]
-            self._touch(spec)
+                self._cache[spec] = _Cached(compiled, compiled.memory_size_bytes, 0.0)
+                self._cached_bytes += compiled.memory_size_bytes
+            compiled = self._touch(spec)
             while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                oldest = next(iter(self._cache))
-                if (time.monotonic() - self._used[oldest] < self.RECENT_S
-                        and self._cached_bytes <= 2 * self.cache_bytes):
+                oldest = next(iter(self._cache.values()))
+                if time.monotonic() - oldest.used < self.RECENT_S and self._cached_bytes <= 2 * self.cache_bytes:
                     break  # the least recent was used moments ago: so were all the others
-                del self._cache[oldest], self._used[oldest]
-                self._cached_bytes -= self._sizes.pop(oldest)
-            return self._cache[spec]
+                self._cached_bytes -= self._cache.popitem(last=False)[1].size
+            return compiled
 
-    def _touch(self, spec: GuidedSpec) -> None:  # under _lock
+    def _touch(self, spec: GuidedSpec):  # under _lock
+        """The cached grammar of `spec`, now the most recently used."""
         self._cache.move_to_end(spec)
-        self._used[spec] = time.monotonic()
+        entry = self._cache[spec]
+        entry.used = time.monotonic()
+        return entry.grammar
 
     async def compile_async(self, spec: GuidedSpec) -> None:
         """compile() for the event loop: nothing to wait for when the grammar is cached, else a
