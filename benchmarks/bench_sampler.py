@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from glm4serve.engine.sampler import Sampler, SampleRow, TokenCounts, make_generator
+from glm4serve.engine.processors import SampleRow, TokenCounts
+from glm4serve.engine.sampler import Sampler, make_generator
 from glm4serve.engine.types import SamplingParams
 
 VOCAB = 151552

@@ -27,7 +27,8 @@ from glm4serve.engine.guided import (
     mask_logits,
     utf8_tail,
 )
-from glm4serve.engine.sampler import Sampler, SampleRow, make_generator
+from glm4serve.engine.processors import SampleRow
+from glm4serve.engine.sampler import Sampler, make_generator
 from glm4serve.engine.types import LENGTH, STOP, ConstraintError, SamplingParams
 from glm4serve.server import build_llm_engine
 

@@ -4,17 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from glm4serve.engine.sampler import (
-    Sampled,
-    Sampler,
-    SampleRow,
-    TokenCounts,
-    apply_processors,
-    apply_truncation,
-    inverse_transform,
-    make_generator,
-    uniforms,
-)
+from glm4serve.engine.processors import SampleRow, TokenCounts, apply_processors
+from glm4serve.engine.sampler import Sampled, Sampler, apply_truncation, inverse_transform, make_generator, uniforms
 from glm4serve.engine.types import SamplingParams
 
 

@@ -15,8 +15,8 @@ import asyncio
 
 from fastapi.responses import PlainTextResponse
 
+from .body import RequestBody
 from .errors import APIError, invalid_request
-from .schemas import RequestBody
 from .serving import ServingContext
 
 

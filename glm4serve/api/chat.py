@@ -47,7 +47,8 @@ from .replies import (
     tool_args_delta,
     tool_call_start_delta,
 )
-from .schemas import ChatCompletionRequest, NamedToolChoice
+from .messages import NamedToolChoice
+from .schemas import ChatCompletionRequest
 from .serving import ServingContext, check_finish, respond
 from .streaming import sse_data
 from .tool_choice import call_or_format_spec, forced_call_spec

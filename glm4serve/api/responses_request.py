@@ -22,9 +22,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
+from glm4serve.engine.types import MAX_TOP_LOGPROBS
+
+from .body import Body, RequestBody, Seed
 from .errors import APIError
 from .json_checks import invalid
-from .schemas import MAX_LOGPROBS, Body, ChatCompletionRequest, FunctionDef, RequestBody, Seed
+from .messages import FunctionDef
+from .schemas import ChatCompletionRequest
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
@@ -197,7 +201,7 @@ class ResponsesRequest(RequestBody):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     stream: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     include: list[str] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None

@@ -1,4 +1,4 @@
-"""Request bodies of /v1/chat/completions and /v1/completions, their checks, and SamplingParams.
+"""Request bodies of /v1/chat/completions, /v1/completions, /tokenize and /detokenize, their checks, and SamplingParams.
 
 Field ranges are pydantic constraints; rules that involve several fields are model validators
 that raise `invalid(param, message)`, so the 400 names the offending field in `param`.
@@ -7,238 +7,17 @@ Unknown fields are ignored (clients such as LangChain send extras like `store`, 
 
 from __future__ import annotations
 
-import json
-import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
-from glm4serve.chat.template import PART_SEPARATOR
 from glm4serve.engine.guided import GuidedSpec
-from glm4serve.engine.types import SamplingParams
+from glm4serve.engine.types import MAX_TOP_LOGPROBS, SamplingParams
 
-from .json_checks import invalid, unfit_json
-
-MAX_LOGPROBS = 20
-
-
-class Body(BaseModel):
-    """Any part of a request body (the responses and adapter routes build theirs on it too)."""
-
-    # strict: as OpenAI checks them, an integer is no "5", true or 5.0, a number no "0.5"; nor NaN or Infinity
-    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data: Any) -> Any:
-        """OpenAI's optional fields are nullable, and the SDKs send null for an argument given as None:
-        where a field takes no null, null means its default (n=1, stream=false, ...). A field that takes
-        null keeps it (completions' max_tokens: null is the rest of the context); a required one stays required."""
-        if not isinstance(data, dict) or None not in data.values():
-            return data
-        defaulted = {name for name, f in cls.model_fields.items()
-                     if not f.is_required() and type(None) not in typing.get_args(f.annotation)}
-        defaulted |= {cls.model_fields[n].alias for n in defaulted if cls.model_fields[n].alias}
-        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
-
-
-class RequestBody(Body):
-    """A route's whole body: checked once for what would fail deep inside the server instead."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fit_json(cls, data: Any) -> Any:
-        found = unfit_json(data)
-        if found is not None:
-            path, problem = found
-            param = ".".join(str(p) for p in path[:6]) or None
-            raise invalid(param, f"{param}: {problem}" if param else problem)
-        return data
-
-
-# ---- messages -------------------------------------------------------------------------------
-
-
-class TextPart(Body):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(Body):
-    name: str
-    arguments: str  # a JSON string, as OpenAI sends it
-
-
-class ToolCallIn(Body):
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class Message(Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _content_present(self):
-        if self.role == "assistant":
-            if self.content is None and not self.tool_calls:
-                raise invalid("messages", "an assistant message needs content or tool_calls")
-        elif self.content is None:
-            raise invalid("messages", f"a {self.role} message needs content")
-        if self.tool_calls and self.role != "assistant":
-            raise invalid("messages", "only assistant messages may carry tool_calls")
-        return self
-
-    def text(self) -> str | None:
-        if isinstance(self.content, list):
-            return PART_SEPARATOR.join(p.text for p in self.content)
-        return self.content
-
-    def for_template(self) -> dict:
-        """A plain dict for the chat template: text parts joined, developer treated as system."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                               "content": self.text() or ""}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = [tc.model_dump() for tc in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
-
-
-# ---- tools ----------------------------------------------------------------------------------
-
-
-class FunctionDef(Body):
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-    _given: dict | None = PrivateAttr(default=None)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_as_given(cls, data: Any, handler) -> "FunctionDef":
-        function = handler(data)
-        if isinstance(data, dict):
-            function._given = data
-        return function
-
-    def as_given(self) -> dict:
-        """The function as the client wrote it (its keys' order, nulls, keys of its own): GLM-4's
-        template dumps it into the prompt as it comes, as transformers renders a client's tools."""
-        return self._given if self._given is not None else self.model_dump(exclude_none=True)
-
-
-class Tool(Body):
-    type: Literal["function"]
-    function: FunctionDef
-
-    def as_given(self) -> dict:
-        return {"type": "function", "function": self.function.as_given()}
-
-
-class NamedFunction(Body):
-    name: str
-
-
-class NamedToolChoice(Body):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class StreamOptions(Body):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: with include_usage, every chunk carries its choice's usage so far
-
-
-class JsonSchemaFormat(Body):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
-    strict: bool | None = None  # accepted; replies always follow the schema (guided.py)
-
-
-class ResponseFormat(Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given_and_valid(self):
-        if self.type == "json_schema":
-            if self.json_schema is None:
-                raise invalid("response_format", "response_format of type json_schema needs a json_schema")
-        return self
-
-    def guided_spec(self, leading_newline: bool) -> GuidedSpec | None:
-        """The grammar of this format; None for text."""
-        if self.type == "json_schema" and self.json_schema.schema_ is not None:
-            return GuidedSpec.json_schema(self.json_schema.schema_, leading_newline)
-        if self.type in ("json_object", "json_schema"):
-            return GuidedSpec.json_object(leading_newline)
-        return None
-
-
-def _parsed_json_text(value: Any) -> Any:
-    """A JSON schema sent as JSON text (vLLM takes both), parsed; anything else as it is."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError as e:
-        raise ValueError(f"not valid JSON: {e}") from None
-
-
-# a JSON schema object, or its JSON text
-JsonSchemaArg = Annotated[dict[str, Any], BeforeValidator(_parsed_json_text)]
-
-
-class StructuredOutputs(Body):
-    """vLLM's structured_outputs: one of these constraints on the reply."""
-
-    json_: JsonSchemaArg | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None  # EBNF, in xgrammar's dialect
-    json_object: bool | None = None
-    structural_tag: Any = None  # not supported: refused, never ignored
-
-    @model_validator(mode="after")
-    def _supported(self):
-        if self.structural_tag is not None:
-            raise invalid("structured_outputs.structural_tag", "structural_tag is not supported")
-        return self
-
-
-def _vllm_constraints(body) -> list[tuple[str, str, Any]]:
-    """(param, kind, value) of each structured-output constraint the body sets the vLLM way."""
-    so = body.structured_outputs
-    kinds = ("json", "regex", "choice", "grammar")
-    found = [(f"guided_{kind}", kind, getattr(body, f"guided_{kind}")) for kind in kinds]
-    if so is not None:
-        found += [(f"structured_outputs.{kind}", kind, getattr(so, "json_" if kind == "json" else kind))
-                  for kind in kinds]
-        found.append(("structured_outputs.json_object", "json_object", so.json_object or None))
-    return [f for f in found if f[2] is not None]
-
-
-def _vllm_spec(kind: str, value: Any, leading_newline: bool) -> GuidedSpec:
-    if kind == "json":
-        return GuidedSpec.json_schema(value, leading_newline)
-    if kind == "json_object":
-        return GuidedSpec.json_object(leading_newline)
-    return {"regex": GuidedSpec.regex, "choice": GuidedSpec.choice, "grammar": GuidedSpec.grammar}[kind](
-        value, leading_newline)
-
-
-# ---- shared sampling fields -----------------------------------------------------------------
-
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as vLLM and OpenAI take it
+from .body import RequestBody, Seed
+from .formats import JsonSchemaArg, ResponseFormat, StructuredOutputs, vllm_constraints, vllm_spec
+from .json_checks import invalid
+from .messages import Message, NamedToolChoice, StreamOptions, Tool
 
 
 class _SamplingBody(RequestBody):
@@ -267,7 +46,7 @@ class _SamplingBody(RequestBody):
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
     # vLLM extension: each prompt token's logprob under the model, with this many likeliest alternatives
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM extension: keep only the prompt's last k tokens (-1: as many as the context holds)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # vLLM's structured outputs, besides response_format: the newer object, or the older guided_* fields
@@ -292,7 +71,7 @@ class _SamplingBody(RequestBody):
             raise invalid("cache_salt", "Parameter 'cache_salt' must be a non-empty string if provided.")
         if self.prompt_logprobs is not None and self.stream:
             raise invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
-        constraints = _vllm_constraints(self)
+        constraints = vllm_constraints(self)
         if self.response_format is not None and self.response_format.type != "text":
             constraints.insert(0, ("response_format", "", None))
         if len(constraints) > 1:
@@ -330,13 +109,13 @@ class _SamplingBody(RequestBody):
     @property
     def guided_param(self) -> str:
         """The parameter that constrains the reply (what a 400 about its grammar names)."""
-        found = _vllm_constraints(self)
+        found = vllm_constraints(self)
         return found[0][0] if found else "response_format"
 
     def schemas(self) -> list[tuple[Any, str, bool]]:
         """Each JSON Schema the request carries, for the route to check (json_checks.schema_problem):
         (schema, its param, whether it constrains a reply)."""
-        found = [(value, param, True) for param, kind, value in _vllm_constraints(self) if kind == "json"]
+        found = [(value, param, True) for param, kind, value in vllm_constraints(self) if kind == "json"]
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and rf.json_schema.schema_ is not None:
             found.insert(0, (rf.json_schema.schema_, "response_format.json_schema.schema", True))
@@ -346,8 +125,8 @@ class _SamplingBody(RequestBody):
         """The grammar the reply must follow: response_format's or a vLLM constraint's; None for none."""
         if self.response_format is not None and self.response_format.type != "text":
             return self.response_format.guided_spec(self.json_leading_newline)
-        found = _vllm_constraints(self)
-        return _vllm_spec(found[0][1], found[0][2], self.json_leading_newline) if found else None
+        found = vllm_constraints(self)
+        return vllm_spec(found[0][1], found[0][2], self.json_leading_newline) if found else None
 
     @property
     def json_leading_newline(self) -> bool:
@@ -405,7 +184,7 @@ class ChatCompletionRequest(_SamplingBody):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -434,7 +213,7 @@ class ChatCompletionRequest(_SamplingBody):
                 raise invalid("tools", "tool names must be unique")
         # a response_format waits for a turn whose tool_choice forces no call (as OpenAI's); vLLM's own
         # constraints would say what this very reply is, which the forced call already does
-        if self.forces_tool_call and _vllm_constraints(self):
+        if self.forces_tool_call and vllm_constraints(self):
             raise invalid(self.guided_param, f"{self.guided_param} cannot constrain a reply that tool_choice "
                                              "already forces to be a tool call")
         if self.max_output_tokens is not None and self.min_tokens > self.max_output_tokens:
@@ -487,7 +266,7 @@ class CompletionRequest(_SamplingBody):
     prompt: Prompt
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     # vLLM extension: prepend the model's prefix tokens ([gMASK]<sop> for GLM-4) to text prompts

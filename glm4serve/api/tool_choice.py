@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from glm4serve.engine.guided import GuidedSpec
 
-from .schemas import ChatCompletionRequest, NamedToolChoice
+from .messages import NamedToolChoice
+from .schemas import ChatCompletionRequest
 
 
 def forced_call_spec(req: ChatCompletionRequest) -> GuidedSpec | None:

@@ -5,7 +5,7 @@ GLM-4 calls a tool by answering `{name}\\n{json arguments}` and then `<|observat
 token, so never in the text). Several calls in one reply are `{name}\\n{json}` segments separated
 by the special token `<|assistant|>`. The detokenizer writes that token as CALL_MARK (api/chat.py
 asks it to), a lone UTF-16 surrogate: no decoded text contains one (UTF-8 cannot encode it) and
-no request may (schemas.py rejects them), so the text `<|assistant|>` that a model writes with
+no request may (api/json_checks.py rejects them), so the text `<|assistant|>` that a model writes with
 ordinary tokens stays text. Plain replies start with "\\n" (the empty metadata slot of
 `<|assistant|>{metadata}\\n{content}`), which is never a tool name.
 

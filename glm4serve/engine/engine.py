@@ -24,16 +24,8 @@ from .block_pool import BlockPool
 from .config import SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .guided import GuidedDecodingError, Grammars
-from .sampler import (
-    NoTokenLeft,
-    Sampled,
-    Sampler,
-    SampleRow,
-    TokenCounts,
-    has_penalties,
-    make_generator,
-    prompt_token_logprobs,
-)
+from .processors import NoTokenLeft, SampleRow, TokenCounts, has_penalties
+from .sampler import Sampled, Sampler, make_generator, prompt_token_logprobs
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import LENGTH, STEP_TOKEN_BUCKETS, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams

@@ -48,7 +48,7 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()
     detokenizer: Any = None  # an IncrementalDetokenizer; Any keeps this module free of tokenizers
     guide: Any = None  # a guided.Guide when the request is constrained: it has taken every output token
-    token_counts: Any = None  # a sampler.TokenCounts when the request has penalties
+    token_counts: Any = None  # a processors.TokenCounts when the request has penalties
     # speculative decoding: drafts in a row that kept nothing, and decode steps left without one
     draft_misses: int = 0
     draft_pause: int = 0

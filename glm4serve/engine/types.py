@@ -21,6 +21,7 @@ ABORT = "abort"  # abort(request_id), client disconnect, timeout
 # Logits divided by a smaller temperature overflow float32 (1e-45 is a subnormal that rounds to 0:
 # inf and NaN rows); vLLM raises it to this floor too. 0 means greedy.
 MIN_TEMPERATURE = 0.01
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass

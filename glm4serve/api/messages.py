@@ -1,0 +1,110 @@
+"""The parts of a chat request: its messages, the tools it offers and how it chooses among them, its stream
+options."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from glm4serve.chat.template import PART_SEPARATOR
+
+from .body import Body
+from .json_checks import invalid
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(Body):
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+class ToolCallIn(Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self):
+        if self.role == "assistant":
+            if self.content is None and not self.tool_calls:
+                raise invalid("messages", "an assistant message needs content or tool_calls")
+        elif self.content is None:
+            raise invalid("messages", f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise invalid("messages", "only assistant messages may carry tool_calls")
+        return self
+
+    def text(self) -> str | None:
+        if isinstance(self.content, list):
+            return PART_SEPARATOR.join(p.text for p in self.content)
+        return self.content
+
+    def for_template(self) -> dict:
+        """A plain dict for the chat template: text parts joined, developer treated as system."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text() or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [tc.model_dump() for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+# ---- tools ----------------------------------------------------------------------------------
+
+class FunctionDef(Body):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    _given: dict | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_as_given(cls, data: Any, handler) -> "FunctionDef":
+        function = handler(data)
+        if isinstance(data, dict):
+            function._given = data
+        return function
+
+    def as_given(self) -> dict:
+        """The function as the client wrote it (its keys' order, nulls, keys of its own): GLM-4's
+        template dumps it into the prompt as it comes, as transformers renders a client's tools."""
+        return self._given if self._given is not None else self.model_dump(exclude_none=True)
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def as_given(self) -> dict:
+        return {"type": "function", "function": self.function.as_given()}
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, every chunk carries its choice's usage so far
