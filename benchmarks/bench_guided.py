@@ -24,7 +24,7 @@ from bench_engine import SHAPE, prompts
 
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
-from glm4serve.engine.guided import GuidedSpec
+from glm4serve.engine.types import GuidedSpec
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.random_checkpoint import write_random_checkpoint
 from glm4serve.server import build_llm_engine

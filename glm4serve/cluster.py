@@ -38,8 +38,8 @@ from .api.app import create_app
 from .api.settings import ServerSettings
 from .engine.async_engine import AsyncEngine
 from .engine.block_pool import hash_block, hash_root
-from .engine.guided import Grammars, GuidedSpec
-from .engine.types import EngineError, EngineStats, Output, SamplingParams
+from .engine.guided import Grammars
+from .engine.types import EngineError, EngineStats, GuidedSpec, Output, SamplingParams
 from .model.tokenizer import Tokenizer
 
 log = logging.getLogger("glm4serve")

@@ -9,7 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from glm4serve.engine.guided import GuidedSpec
+from glm4serve.engine.types import GuidedSpec
 from tests.api_fakes import engine_of, make_app, shutdown_engines, sse_json  # noqa: F401 - autouse fixture
 
 HI = [{"role": "user", "content": "hi"}]

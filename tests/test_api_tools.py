@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from glm4serve.chat.tool_parser import CALL_MARK
-from glm4serve.engine.guided import GuidedSpec
+from glm4serve.engine.types import GuidedSpec
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     engine_of,
     make_app,

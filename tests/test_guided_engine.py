@@ -20,8 +20,6 @@ from glm4serve.engine.guided import (
     Grammars,
     Guide,
     GuidedDecodingError,
-    GuidedSpec,
-    GuidedSpecError,
     grammar_vocab,
     ill_formed_utf8,
     mask_logits,
@@ -29,7 +27,7 @@ from glm4serve.engine.guided import (
 )
 from glm4serve.engine.processors import SampleRow
 from glm4serve.engine.sampler import Sampler, make_generator
-from glm4serve.engine.types import LENGTH, STOP, ConstraintError, SamplingParams
+from glm4serve.engine.types import LENGTH, STOP, ConstraintError, GuidedSpec, GuidedSpecError, SamplingParams
 from glm4serve.server import build_llm_engine
 
 # Nested objects, arrays, enums, required fields; every string and number is bounded, so even

@@ -346,7 +346,7 @@ def test_a_random_glm4_decodes_the_same_greedy_tokens(make_checkpoint, device):
 
 def test_structured_output_is_that_of_plain_decoding(make_checkpoint):
     """A JSON schema's grammar masks each drafted position after the tokens kept before it."""
-    from glm4serve.engine.guided import GuidedSpec
+    from glm4serve.engine.types import GuidedSpec
     from glm4serve.server import build_llm_engine
 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from glm4serve.engine.guided import GuidedSpec
+from glm4serve.engine.types import GuidedSpec
 
 from .body import Body
 from .json_checks import invalid

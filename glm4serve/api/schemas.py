@@ -11,8 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from glm4serve.engine.guided import GuidedSpec
-from glm4serve.engine.types import MAX_TOP_LOGPROBS, SamplingParams
+from glm4serve.engine.types import MAX_TOP_LOGPROBS, GuidedSpec, SamplingParams
 
 from .body import RequestBody, Seed
 from .formats import JsonSchemaArg, ResponseFormat, StructuredOutputs, vllm_constraints, vllm_spec

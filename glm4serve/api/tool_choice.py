@@ -13,7 +13,7 @@ response_format: the reply is then one call, or the answer in that format.
 
 from __future__ import annotations
 
-from glm4serve.engine.guided import GuidedSpec
+from glm4serve.engine.types import GuidedSpec
 
 from .messages import NamedToolChoice
 from .schemas import ChatCompletionRequest

@@ -23,8 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .engine import LLMEngine
-from .guided import GuidedSpec
-from .types import EngineError, EngineStats, Output, SamplingParams
+from .types import EngineError, EngineStats, GuidedSpec, Output, SamplingParams
 
 log = logging.getLogger(__name__)
 

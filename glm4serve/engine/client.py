@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from .guided import GuidedSpec
-from .types import EngineStats, Output, SamplingParams
+from .types import EngineStats, GuidedSpec, Output, SamplingParams
 
 
 class EngineClient(Protocol):

@@ -50,84 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-JSON_OBJECT = "json_object"
-JSON_SCHEMA = "json_schema"
-TOOL_CALL = "tool_call"
-REGEX = "regex"
-CHOICE = "choice"
-GRAMMAR = "grammar"
-KINDS = (JSON_OBJECT, JSON_SCHEMA, TOOL_CALL, REGEX, CHOICE, GRAMMAR)
+from .types import CHOICE, GRAMMAR, JSON_SCHEMA, REGEX, TOOL_CALL, GuidedSpec, GuidedSpecError
 
 _SEPARATORS = (", ", ": ")
 # xgrammar's messages start with "[HH:MM:SS] /path/to/file.cc:123: "
 _LOCATION_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s*\S+:\d+:\s*")
 
 
-class GuidedSpecError(ValueError):
-    """The grammar engine cannot compile this spec (the request is refused, never the engine)."""
-
-
 class GuidedDecodingError(RuntimeError):
     """A sequence took a token its grammar forbids (fails that request only)."""
-
-
-@dataclass(frozen=True)
-class GuidedSpec:
-    """What a constrained reply must look like. Schemas are JSON text, so a spec is hashable (the
-    compiled-grammar cache key) and keeps the schema's property order (the generation order)."""
-
-    kind: str  # one of KINDS
-    schema: str | None = None  # JSON_SCHEMA: the JSON schema; REGEX: the pattern; GRAMMAR: the EBNF
-    tools: tuple[tuple[str, str], ...] = ()  # TOOL_CALL: (name, parameters schema), one is called
-    choices: tuple[str, ...] = ()  # CHOICE: the reply is one of these
-    # TOOL_CALL: or else a reply of this spec (tool_choice auto with a response_format: a call or the format)
-    otherwise: GuidedSpec | None = None
-    # all but TOOL_CALL: GLM-4 opens a chat reply with "\n" (the API strips it). JSON never starts with one, so
-    # there it is optional; before a pattern, choice or grammar that may, it is required, so that the one
-    # the API strips is never the reply's own
-    leading_newline: bool = False
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise GuidedSpecError(f"unknown constraint kind {self.kind!r}")
-        if self.kind in (JSON_SCHEMA, REGEX, GRAMMAR) and self.schema is None:
-            raise GuidedSpecError(f"a {self.kind} constraint needs its text")
-        if self.kind == TOOL_CALL and not self.tools:
-            raise GuidedSpecError("a tool_call constraint needs at least one tool")
-        if self.kind == CHOICE and (not self.choices or not all(self.choices)):
-            raise GuidedSpecError("a choice constraint needs one or more non-empty strings")
-
-    @property
-    def requires_newline(self) -> bool:
-        """The reply must open with GLM-4's "\\n" (optional before JSON, which never starts with one)."""
-        return self.leading_newline and self.kind not in (JSON_OBJECT, JSON_SCHEMA)
-
-    @classmethod
-    def json_object(cls, leading_newline: bool = False) -> "GuidedSpec":
-        return cls(JSON_OBJECT, leading_newline=leading_newline)
-
-    @classmethod
-    def json_schema(cls, schema: dict, leading_newline: bool = False) -> "GuidedSpec":
-        return cls(JSON_SCHEMA, schema=json.dumps(schema, ensure_ascii=False), leading_newline=leading_newline)
-
-    @classmethod
-    def regex(cls, pattern: str, leading_newline: bool = False) -> "GuidedSpec":
-        return cls(REGEX, schema=pattern, leading_newline=leading_newline)
-
-    @classmethod
-    def choice(cls, choices: list[str], leading_newline: bool = False) -> "GuidedSpec":
-        return cls(CHOICE, choices=tuple(choices), leading_newline=leading_newline)
-
-    @classmethod
-    def grammar(cls, ebnf: str, leading_newline: bool = False) -> "GuidedSpec":
-        return cls(GRAMMAR, schema=ebnf, leading_newline=leading_newline)
-
-    @classmethod
-    def tool_call(cls, tools: dict[str, dict | None], otherwise: GuidedSpec | None = None) -> "GuidedSpec":
-        """tools: name -> its parameters schema (None: any JSON object); otherwise: what the reply may be
-        instead of a call."""
-        return cls(TOOL_CALL, tools=tuple((name, json.dumps(params or {"type": "object"}, ensure_ascii=False))
-                                          for name, params in tools.items()), otherwise=otherwise)
 
 
 def _clean_message(error: Exception) -> str:

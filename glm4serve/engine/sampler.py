@@ -106,7 +106,8 @@ def truncate(logits: torch.Tensor, params: list[SamplingParams], candidates: int
                 unsure = held < need  # [R]
         kept = sorted(set(range(len(ranked))) - set(short))
         if kept:
-            groups.append(Candidates([ranked[j] for j in kept], select_rows(best, kept), select_rows(order, kept), unsure))
+            groups.append(Candidates([ranked[j] for j in kept], select_rows(best, kept), select_rows(order, kept),
+                                     unsure))
         if short:
             best, order, _ = _cut_by_rank(sub[short], vocab_size, [ks[j] for j in short], [ps[j] for j in short])
             groups.append(Candidates([ranked[j] for j in short], best, order))
