@@ -1,4 +1,4 @@
-"""Engine benchmarks (issue: inference engine), every figure a ratio measured in the same run.
+"""Engine benchmarks: continuous batching, streaming and sampling, every figure a ratio measured in the same run.
 
 GLM-4-shaped random checkpoint, float32, full 151,552-token vocabulary, hidden 512, 4 layers;
 prompt 32 tokens, 128 new tokens (greedy, ignore_eos), 2 threads.

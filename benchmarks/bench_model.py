@@ -1,4 +1,4 @@
-"""Model-level benchmarks (issue: GLM-4 model + paged KV cache).
+"""Model-level benchmarks: the GLM-4 model over its paged KV cache.
 
 1. Prefill of one 131,072-token prompt on a small model, in chunks: tokens/s and peak memory,
    next to the bound weights + KV cache.

@@ -38,6 +38,7 @@ from .api.app import create_app
 from .api.settings import ServerSettings
 from .engine.async_engine import AsyncEngine
 from .engine.block_pool import hash_block, hash_root
+from .engine.client import SHUTDOWN_TIMEOUT_S
 from .engine.guided import Grammars
 from .engine.types import EngineError, EngineStats, GuidedSpec, Output, SamplingParams
 from .model.tokenizer import Tokenizer
@@ -259,7 +260,7 @@ class ReplicaClient:
         if stream is not None:
             stream.cancel()  # the replica's generator is cancelled, which aborts the request there
 
-    def shutdown(self, timeout: float | None = 10.0) -> None:
+    def shutdown(self, timeout: float | None = SHUTDOWN_TIMEOUT_S) -> None:
         pass  # Serve stops the replicas
 
 

@@ -1,6 +1,6 @@
 """benchmarks/bench_piece_kernels.py: the kernels the CUDA runner's compiled decode step launches, as
 inductor writes them for a GPU, counted on the CPU. Every launch is a gap in a replayed graph: the
-counts below are what the pieces compile to now, and a change that splits them again fails here."""
+counts below are the most each piece may compile to; a change that adds launches fails here."""
 
 from __future__ import annotations
 

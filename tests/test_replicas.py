@@ -102,7 +102,8 @@ def test_a_repeated_prompt_goes_back_to_the_replica_that_cached_it(replicated):
 
 def test_the_router_reads_the_hashes_of_any_copy_of_the_request_class():
     """Ray Serve loads cluster.py more than once in one process: isinstance against this module's
-    EngineRequest failed for requests made with another copy, and no prompt was ever routed by prefix."""
+    EngineRequest fails for requests made with another copy, so the router reads the hashes by duck typing
+    and every copy's prompts are routed by prefix."""
     from glm4serve.cluster import _block_hashes
 
     class Foreign:  # another copy of EngineRequest, as far as isinstance can tell

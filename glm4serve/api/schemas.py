@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from glm4serve.engine.types import MAX_TOP_LOGPROBS, GuidedSpec, SamplingParams
+from glm4serve.model.tokenizer import SAMPLING_DEFAULT_KEYS
 
 from .body import RequestBody, Seed
 from .formats import JsonSchemaArg, ResponseFormat, StructuredOutputs, vllm_constraints, vllm_spec
@@ -33,9 +34,9 @@ class _SamplingBody(RequestBody):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extensions
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, ge=-1)  # these three unsent: the checkpoint's, else SamplingParams'
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
@@ -135,18 +136,14 @@ class _SamplingBody(RequestBody):
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
         """`defaults`: the checkpoint's generation_config.json values for what the request leaves out
         (as vLLM does); OpenAI's defaults otherwise."""
-        d = defaults or {}
-        sent = self.model_fields_set
+        # each of these the request's, else the checkpoint's, else SamplingParams' own default
+        tuned = {**(defaults or {}), **{name: getattr(self, name) for name in SAMPLING_DEFAULT_KEYS
+                                        if getattr(self, name) is not None}}
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             n=self.n,
-            temperature=self.temperature if self.temperature is not None else d.get("temperature", 1.0),
-            top_p=self.top_p if self.top_p is not None else d.get("top_p", 1.0),
-            top_k=self.top_k if "top_k" in sent else d.get("top_k", self.top_k),
-            min_p=self.min_p if "min_p" in sent else d.get("min_p", self.min_p),
-            repetition_penalty=self.repetition_penalty if "repetition_penalty" in sent
-            else d.get("repetition_penalty", self.repetition_penalty),
+            **{name: tuned[name] for name in SAMPLING_DEFAULT_KEYS if name in tuned},
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
@@ -264,7 +261,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(_SamplingBody):
     prompt: Prompt
     suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
+    max_tokens: int | None = Field(SamplingParams.max_tokens, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)

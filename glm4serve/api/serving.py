@@ -22,6 +22,7 @@ from glm4serve.engine.types import ABORT, ConstraintError, EngineError, Output, 
 from glm4serve.model.tokenizer import Tokenizer
 
 from .errors import APIError, invalid_request, server_error
+from .gate import RETRY_AFTER_DRAINING
 from .json_checks import schema_problem
 from .metrics import Metrics
 from .response_store import ResponseStore
@@ -71,7 +72,7 @@ class ServingContext:
     def check_ready(self) -> None:
         if self.engine is None or not self.engine.is_alive:
             raise APIError(503, "the model is not loaded or the engine has stopped", "service_unavailable_error",
-                           headers={"Retry-After": "5"})
+                           headers={"Retry-After": RETRY_AFTER_DRAINING})
 
     def check_model(self, name: str | None) -> str | None:
         """A request's `model`, when it names one, must be the served model (by any of its names) or one of

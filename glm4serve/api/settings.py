@@ -69,7 +69,7 @@ class ServerSettings(EngineArgs, BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address")
     num_replicas: int = Field(1, ge=1, description="engine replicas behind this server, each its own model and KV "
-                                                   "cache, on Ray Serve (default 1: one process, no Ray)")
+                                                   "cache, on Ray Serve (1: one process, no Ray)")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one "
                                                        "(runs the replicated server even with one replica)")
     port: int = Field(8000, ge=0, le=65535, description="port")

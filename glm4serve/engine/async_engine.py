@@ -22,12 +22,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from .client import SHUTDOWN_TIMEOUT_S
 from .engine import LLMEngine
 from .types import EngineError, EngineStats, GuidedSpec, Output, SamplingParams
 
 log = logging.getLogger(__name__)
 
 _END = object()  # queued after a request's last Output
+SHUT_DOWN = "the engine was shut down"  # what requests in flight at shutdown() are told by default
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:
@@ -73,7 +75,7 @@ class AsyncEngine:
         self._stopping = False
         self._stats = engine.stats()
         self._died: BaseException | None = None  # written under _cv by the loop thread
-        self._stop_reason = "the engine was shut down"  # what requests in flight at shutdown() are told
+        self._stop_reason = SHUT_DOWN  # what requests in flight at shutdown() are told
         self._thread: threading.Thread | None = None
 
     # --- any thread ---------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class AsyncEngine:
             raise built[0]
         return built[0]
 
-    def shutdown(self, timeout: float | None = 10.0, reason: str = "the engine was shut down") -> None:
+    def shutdown(self, timeout: float | None = SHUTDOWN_TIMEOUT_S, reason: str = SHUT_DOWN) -> None:
         """Stop the loop; requests still in flight end with EngineError(reason) (timeout 0: at once,
         without waiting for the loop's last step)."""
         with self._cv:

@@ -7,6 +7,8 @@ from typing import Protocol
 
 from .types import EngineStats, GuidedSpec, Output, SamplingParams
 
+SHUTDOWN_TIMEOUT_S = 10.0  # how long shutdown() waits for the loop's last step
+
 
 class EngineClient(Protocol):
     @property
@@ -41,4 +43,4 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
-    def shutdown(self, timeout: float | None = 10.0) -> None: ...
+    def shutdown(self, timeout: float | None = SHUTDOWN_TIMEOUT_S) -> None: ...

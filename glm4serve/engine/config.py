@@ -91,8 +91,9 @@ class EngineArgs(BaseModel):
     max_model_len: int | None = Field(
         None, ge=1, description="context length to serve (default: the model's, capped by the KV cache)")
     kv_cache_memory: int | None = Field(
-        None, description="KV cache size, bytes or like 2GiB (default: 4GiB on CPU, 1GiB for the demo, "
-                          "on a GPU what the weights leave of gpu_memory_utilization of its memory)")
+        None, description=f"KV cache size, bytes or like 2GiB (default: {DEFAULT_CPU_KV_BYTES >> 30}GiB on CPU, "
+                          f"{DEMO_KV_BYTES >> 30}GiB for the demo, on a GPU what the weights leave of "
+                          "gpu_memory_utilization of its memory)")
     gpu_memory_utilization: float = Field(
         GPU_MEMORY_FRACTION, gt=0.0, le=1.0, allow_inf_nan=False,
         description="GPU: the share of its memory for the weights and the KV cache, the rest for activations (vLLM's)")
@@ -177,8 +178,8 @@ class SchedulerConfig:
     max_model_len: int  # prompt + output tokens of one sequence
     block_size: int
     enable_prefix_caching: bool
-    policy: str = "fcfs"  # EngineArgs.scheduling_policy
-    speculative: SpeculativeConfig | None = None  # drafts for decoding sequences (speculative.py)
+    policy: str  # EngineArgs.scheduling_policy
+    speculative: SpeculativeConfig | None  # drafts for decoding sequences (speculative.py)
 
     def __post_init__(self):
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:

@@ -17,6 +17,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 GLM4_RMS_NORM_EPS = 1.5625e-7  # glm-4-9b-chat's value
 VARIANTS = ("glm", "glm4")  # glm4 = 0414 math: two extra norms per layer
 LAYOUTS = ("chatglm", "hf")  # weight naming of the checkpoint on disk
+ROPE_BASE = 10000.0  # chatglm's RoPE base is this times rope_ratio; transformers' rope_theta default
+MAX_POSITIONS = 131072  # GLM-4's context, transformers' max_position_embeddings default
 
 
 class ConfigError(ValueError):
@@ -37,7 +39,7 @@ class ModelConfig:
     rope_theta: float
     partial_rotary_factor: float = 0.5
     rms_norm_eps: float = GLM4_RMS_NORM_EPS
-    max_position_embeddings: int = 131072
+    max_position_embeddings: int = MAX_POSITIONS
     attention_bias: bool = True
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -71,7 +73,7 @@ class ModelConfig:
         try:
             if model_type == "chatglm":
                 return cls._from_chatglm(d)
-            if model_type in ("glm", "glm4"):
+            if model_type in VARIANTS:  # transformers' model_type names the variant
                 return cls._from_hf(d, model_type)
         except KeyError as e:
             raise ConfigError(f"config.json of model_type {model_type!r} lacks the key {e.args[0]!r}") from None
@@ -107,7 +109,7 @@ class ModelConfig:
             num_kv_heads=d["multi_query_group_num"] if multi_query else num_heads,
             head_dim=head_dim,
             # THUDM's RotaryEmbedding: base 10000 * rope_ratio over half of each head.
-            rope_theta=10000.0 * float(d.get("rope_ratio", 1)),
+            rope_theta=ROPE_BASE * float(d.get("rope_ratio", 1)),
             partial_rotary_factor=0.5,
             rms_norm_eps=d.get("layernorm_epsilon", 1e-5),
             max_position_embeddings=d.get("seq_length", 8192),
@@ -122,7 +124,7 @@ class ModelConfig:
     def _from_hf(cls, d: dict, model_type: str) -> "ModelConfig":
         num_heads = d["num_attention_heads"]
         rope = d.get("rope_parameters") or {}  # transformers 5.x
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = rope.get("rope_theta", d.get("rope_theta", ROPE_BASE))
         factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
         scaling = d.get("rope_scaling") or {}  # "type" is the older key, as in GLM-4-0414's YaRN advice
         rope_types = {rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
@@ -142,7 +144,7 @@ class ModelConfig:
             rope_theta=float(theta),
             partial_rotary_factor=float(factor),
             rms_norm_eps=d.get("rms_norm_eps", GLM4_RMS_NORM_EPS),
-            max_position_embeddings=d.get("max_position_embeddings", 131072),
+            max_position_embeddings=d.get("max_position_embeddings", MAX_POSITIONS),
             attention_bias=d.get("attention_bias", True),
             eos_token_ids=_as_tuple(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),

@@ -65,7 +65,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     x * 1 + partner * 0: x as it was."""
     x32 = x.float()
     partner = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [T, heads, D]: x1, x0, x3, x2, ...
-    return (x32 * cos[:, None] + partner * sin[:, None]).to(x.dtype)  # x0 cos - x1 sin, x1 cos + x0 sin
+    # cos, sin [T, 1, D] against every head; x0 cos - x1 sin, x1 cos + x0 sin
+    return (x32 * cos[:, None] + partner * sin[:, None]).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -85,8 +86,8 @@ class Attention(nn.Module):
         """x [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]."""
         t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)  # [T, (Hq + 2 Hkv) * D]
-        qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)  # q, k heads alike
-        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+        qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)  # [T, Hq + Hkv, D]: q, k heads alike
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)  # [T, Hkv, D]
         return qk[:, :hq], qk[:, hq:], v
 
 
@@ -137,7 +138,7 @@ class Layer(nn.Module):
     def forward(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch):
         q, k, v = self.before_attention(x, cos, sin)
         out = paged_attention(q, k, v, k_cache, v_cache, batch, self.attn.scale)  # [T, Hq, D]
-        return self.after_attention(x, out.flatten(1))
+        return self.after_attention(x, out.flatten(1))  # [T, Hq * D]
 
 
 class GLM4Model(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, GLM4_RMS_NORM_EPS, ModelConfig
+from .config import DTYPES, GLM4_RMS_NORM_EPS, LAYOUTS, MAX_POSITIONS, ROPE_BASE, VARIANTS, ModelConfig
 from .loader import INDEX_FILE, SINGLE_FILE, CheckpointTensor, checkpoint_tensors, param_shapes
 from .lora import LORA_TARGETS
 from .tokenizer import GLM4_STOP_TOKENS
@@ -42,8 +42,8 @@ def write_random_checkpoint(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     head_dim: int | None = None,
-    max_position_embeddings: int = 131072,
-    rope_theta: float = 10000.0,
+    max_position_embeddings: int = MAX_POSITIONS,
+    rope_theta: float = ROPE_BASE,
     dtype: str = "float32",
     seed: int = 0,
     shards: int = 1,
@@ -54,10 +54,10 @@ def write_random_checkpoint(
     """Write config.json, generation_config.json, a small tokenizer and random weights into out_dir."""
     from .small_tokenizer import write_small_tokenizer  # the tokenizer helper's module
 
-    if variant not in ("glm", "glm4"):
-        raise ValueError(f"unknown variant {variant!r}; expected 'glm' or 'glm4'")
-    if layout not in ("hf", "chatglm"):
-        raise ValueError(f"unknown layout {layout!r}; expected 'hf' or 'chatglm'")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if layout == "chatglm" and variant != "glm":
         raise ValueError("the chatglm layout exists for the glm variant only (glm4 / 0414 checkpoints are HF)")
     if config_style not in ("4.x", "5.x"):
@@ -143,7 +143,7 @@ def _chatglm_config(*, vocab_size, hidden_size, intermediate_size, num_layers, n
         "num_attention_heads": num_heads,
         "num_hidden_layers": num_layers,
         "num_layers": num_layers,
-        "rope_ratio": rope_theta / 10000.0,  # chatglm's RoPE base is 10000 * rope_ratio
+        "rope_ratio": rope_theta / ROPE_BASE,
         "original_rope": True,
         "padded_vocab_size": vocab_size,
         "post_layer_norm": True,
