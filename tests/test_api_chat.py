@@ -43,7 +43,7 @@ def test_whole_reply_renders_prompt_and_reports_usage():
     [choice] = body["choices"]
     # The model's "\n" (GLM-4's empty metadata line) is not part of the content.
     assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hello there!", "tool_calls": None},
-                      "logprobs": None, "finish_reason": "stop"}
+                      "logprobs": None, "finish_reason": "stop", "stop_reason": None}  # None: <|endoftext|>
     [call] = engine_of(client.app).calls
     assert small_tokenizer().decode(call.prompt_ids) == "[gMASK]<sop><|user|>\nhi<|assistant|>"
     reply_tokens = len(small_tokenizer().encode("\nHello there!")) + 1  # + the stop token
@@ -516,3 +516,35 @@ def test_a_newline_stop_cuts_after_the_first_line_not_at_glm4s_opening_newline()
         else:
             content = r.json()["choices"][0]["message"]["content"]
         assert content == "first line", stream
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_and_return_token_ids_as_vllm_sends_them(stream):
+    """stop_reason: GLM-4's <|user|> by its id, <|endoftext|> as None (vLLM's); return_token_ids: the prompt's
+    ids (streamed: on each choice's first chunk) and each choice's generated ones, the stop token too."""
+    tok = small_tokenizer()
+    user = tok.special_tokens["<|user|>"]
+    replies = ["\nHi<|user|>", "\nHi there"]
+    client = client_for(replies=replies)
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER_HI, "n": 2, "stream": stream,
+                                                  "return_token_ids": True})
+    prompt_ids = engine_of(client.app).calls[0].prompt_ids
+    expected_ids = [tok.encode(replies[0], allow_special=True), tok.encode(replies[1]) + [tok.stop_token_ids[0]]]
+    if not stream:
+        body = r.json()
+        assert body["prompt_token_ids"] == prompt_ids
+        assert [c["token_ids"] for c in body["choices"]] == expected_ids
+        assert [c["stop_reason"] for c in body["choices"]] == [user, None]
+        return
+    chunks = sse_json(r.text)
+    for i in range(2):
+        mine = [c for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert mine[0]["prompt_token_ids"] == prompt_ids and all("prompt_token_ids" not in c for c in mine[1:])
+        assert [t for c in mine for t in c["choices"][0]["token_ids"]] == expected_ids[i]
+        assert mine[-1]["choices"][0]["stop_reason"] == [user, None][i]
+        assert all("stop_reason" not in c["choices"][0] for c in mine[:-1])
+
+
+def test_no_token_ids_unless_asked():
+    body = client_for().post("/v1/chat/completions", json={"model": MODEL, "messages": USER_HI}).json()
+    assert "prompt_token_ids" not in body and "token_ids" not in body["choices"][0]

@@ -38,7 +38,7 @@ def test_text_prompt_gets_glm_prefix_tokens_and_default_max_tokens():
     assert call.params.max_tokens == 16  # OpenAI's completions default
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     [choice] = body["choices"]
-    assert choice == {"index": 0, "text": REPLY, "logprobs": None, "finish_reason": "stop"}
+    assert choice == {"index": 0, "text": REPLY, "logprobs": None, "finish_reason": "stop", "stop_reason": None}
     n_out = len(tok.encode(REPLY)) + 1
     assert body["usage"] == {"prompt_tokens": len(call.prompt_ids), "completion_tokens": n_out,
                              "total_tokens": len(call.prompt_ids) + n_out,
@@ -307,3 +307,46 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id():
     off = client_for(return_tokens_as_token_ids=True)  # a request may turn the server's default off
     lp = post(off, prompt="Write:", logprobs=0, max_tokens=4, return_tokens_as_token_ids=False).json()
     assert lp["choices"][0]["logprobs"]["tokens"] == as_text["tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_names_the_stop_string_or_token_as_vllm_does(stream):
+    """vLLM's stop_reason: the stop string or stop token id that ended the choice; None for the tokenizer's
+    end of text (GLM-4's <|endoftext|>, not its other stop tokens) and for a length cut."""
+    tok = small_tokenizer()
+    user = tok.special_tokens["<|user|>"]
+    client = client_for(" the sea<|user|>", " the sea is wide and deep")
+
+    def reasons(**body) -> list[tuple[str, object]]:
+        r = post(client, prompt="Write:", n=2, stream=stream, **body)
+        if not stream:
+            return [(c["finish_reason"], c["stop_reason"]) for c in r.json()["choices"]]
+        last = {c["choices"][0]["index"]: c["choices"][0] for c in sse_json(r.text) if c["choices"]
+                and c["choices"][0]["finish_reason"]}
+        assert all("stop_reason" not in c["choices"][0] for c in sse_json(r.text) if c["choices"]
+                   and not c["choices"][0]["finish_reason"])
+        return [(last[i]["finish_reason"], last[i]["stop_reason"]) for i in range(2)]
+
+    assert reasons(max_tokens=50) == [("stop", user), ("stop", None)]  # the second ends with <|endoftext|>
+    assert reasons(stop=[" is"], max_tokens=50) == [("stop", user), ("stop", " is")]
+    assert reasons(max_tokens=1) == [("length", None), ("length", None)]
+
+
+def test_return_token_ids_gives_each_choices_tokens_and_its_prompts():
+    tok = small_tokenizer()
+    reply = " caf\u00e9 au lait"  # a character split across tokens is held back while streaming
+    client = client_for(reply)
+    body = post(client, prompt="Write:", return_token_ids=True, max_tokens=50).json()
+    [call] = engine_of(client.app).calls
+    [choice] = body["choices"]
+    stop = tok.stop_token_ids[0]
+    assert choice["prompt_token_ids"] == call.prompt_ids
+    assert choice["token_ids"] == tok.encode(reply) + [stop]  # the stop token too, as generated (vLLM's)
+    chunks = [c["choices"][0] for c in sse_json(post(client, prompt="Write:", return_token_ids=True, stream=True,
+                                                     max_tokens=50).text)]
+    assert chunks[0]["prompt_token_ids"] == call.prompt_ids
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["token_ids"]] == tok.encode(reply) + [stop]
+    assert tok.decode([t for c in chunks for t in c["token_ids"]][:-1]) == "".join(c["text"] for c in chunks)
+    plain = post(client, prompt="Write:", max_tokens=50).json()["choices"][0]
+    assert "token_ids" not in plain and "prompt_token_ids" not in plain

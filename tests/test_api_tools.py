@@ -89,7 +89,8 @@ def test_stream_tool_call_sends_name_once_then_its_arguments():
     assert [(c["starts"], c["name"]) for c in calls] == [(1, "get_weather"), (1, "get_time")]
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"} and json.loads(calls[1]["arguments"]) == {}
     assert calls[0]["id"] != calls[1]["id"]
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls",
+                                        "stop_reason": None}
 
 
 def test_truncated_call_finishes_with_length():

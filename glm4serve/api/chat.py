@@ -43,6 +43,7 @@ from .replies import (
     ToolCallOut,
     Usage,
     chat_choice_delta,
+    stop_reason,
     stream_chunk,
     tool_args_delta,
     tool_call_start_delta,
@@ -133,7 +134,9 @@ class ChoiceStep:
 
     deltas: list[dict]  # OpenAI delta dicts, content or tool-call fragments
     logprobs: list[dict]  # the output's tokens' chat logprob entries (when asked for)
+    token_ids: list[int]  # the output's tokens
     finish_reason: str | None  # on the choice's last output: the reason to send
+    stop_reason: int | str | None = None  # and vLLM's stop_reason
 
 
 class ChoiceStream:
@@ -159,10 +162,11 @@ class ChoiceStream:
         entries = chat_logprob_entries(self._tokenizer, out.logprobs, self._as_ids) if logprobs and out.logprobs else []
         deltas = self.feed(out.text) if out.text else []
         if out.finish_reason is None:
-            return ChoiceStep(deltas, entries, None)
+            return ChoiceStep(deltas, entries, out.token_ids, None)
         self.details = PromptTokensDetails.of(out)
         held, finish_reason = self.finish(out.finish_reason)
-        return ChoiceStep(deltas + held, entries, finish_reason)
+        return ChoiceStep(deltas + held, entries, out.token_ids, finish_reason,
+                          stop_reason(out, self._tokenizer.eos_token_id))
 
     def feed(self, text: str) -> list[dict]:
         if self.reasoning is None:
@@ -215,15 +219,21 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                        outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
     n, usage_on = req.n, req.include_usage
 
-    def chunk(deltas: list[dict]) -> bytes:
+    def chunk(i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None, **vllm) -> bytes:
         usage = None
         if req.continuous_usage:  # the counts so far of the chunk's choice
-            usage = Usage.of(len(plan.prompt_ids), choices[deltas[0]["index"]].num_tokens)
-        return sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, plan.model, deltas,
-                                     usage, usage_on))
+            usage = Usage.of(len(plan.prompt_ids), choices[i].num_tokens)
+        if req.return_token_ids:  # the tokens whose text the chunk carries, or held back before it
+            vllm["token_ids"], pending_ids[i] = pending_ids[i], []
+        body = stream_chunk("chat.completion.chunk", plan.request_id, plan.created, plan.model,
+                            [chat_choice_delta(i, delta, logprobs, finish_reason, **vllm)], usage, usage_on)
+        if req.return_token_ids and "role" in delta:
+            body["prompt_token_ids"] = plan.prompt_ids
+        return sse_data(body)
 
     choices = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)]
     pending_logprobs: list[list[dict]] = [[] for _ in range(n)]
+    pending_ids: list[list[int]] = [[] for _ in range(n)]
 
     def take_logprobs(i: int) -> dict | None:
         if not pending_logprobs[i]:
@@ -232,21 +242,22 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
         return {"content": entries}
 
     for i in range(n):
-        yield chunk([chat_choice_delta(i, {"role": "assistant", "content": ""})])
+        yield chunk(i, {"role": "assistant", "content": ""})
         if plan.echo:
-            yield chunk([chat_choice_delta(i, {"content": plan.echo})])
+            yield chunk(i, {"content": plan.echo})
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             i = out.index
             step = choices[i].step(out, req.logprobs)
             pending_logprobs[i] += step.logprobs
+            pending_ids[i] += step.token_ids
             for delta in step.deltas:
-                yield chunk([chat_choice_delta(i, delta, take_logprobs(i))])
+                yield chunk(i, delta, take_logprobs(i))
             if step.finish_reason is not None:
-                yield chunk([chat_choice_delta(i, {}, take_logprobs(i), step.finish_reason)])
+                yield chunk(i, {}, take_logprobs(i), step.finish_reason, stop_reason=step.stop_reason)
             elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
-                yield chunk([chat_choice_delta(i, {"content": ""}, take_logprobs(i))])
+                yield chunk(i, {"content": ""}, take_logprobs(i))
     if usage_on:
         # the prompt's cache counts are the same on every choice's last output
         usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), choices[0].details,
@@ -263,6 +274,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[dict]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
+    stop_reasons: list[int | str | None] = [None] * n
+    token_ids: list[list[int]] = [[] for _ in range(n)]
     num_tokens = [0] * n
     thinking = [ThinkingTokens() for _ in range(n)] if plan.reasoning else None
     token_bytes = reply_token_bytes(plan, ctx.tokenizer) if plan.reasoning else None
@@ -276,6 +289,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             if out.prompt_logprobs is not None and prompt_logprobs is None:
                 prompt_logprobs = vllm_prompt_logprobs(ctx.tokenizer, out.prompt_logprobs, req.prompt_logprobs)
             texts[i].append(out.text)
+            token_ids[i] += out.token_ids
             num_tokens[i] = out.num_output_tokens
             if thinking is not None:
                 thinking[i].feed(map(token_bytes, out.token_ids))
@@ -284,16 +298,18 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs, plan.logprob_token_ids)
             if out.finish_reason is not None:
-                reasons[i] = out.finish_reason
+                reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
     choices = []
     for i in range(n):
         message, reason = _whole_message(ctx, plan, "".join(texts[i]), reasons[i] or LENGTH)
-        choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
-                                  logprobs={"content": logprobs[i]} if req.logprobs else None))
+        choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=stop_reasons[i],
+                                  logprobs={"content": logprobs[i]} if req.logprobs else None,
+                                  token_ids=token_ids[i] if req.return_token_ids else None))
     return ChatCompletionResponse(id=plan.request_id, created=plan.created, model=plan.model,
                                   choices=choices, usage=Usage.of(len(plan.prompt_ids), sum(num_tokens), details,
                                                                   sum(t.count for t in thinking) if thinking else None),
-                                  prompt_logprobs=prompt_logprobs)
+                                  prompt_logprobs=prompt_logprobs,
+                                  prompt_token_ids=plan.prompt_ids if req.return_token_ids else None)
 
 
 def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:

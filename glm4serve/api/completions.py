@@ -26,7 +26,15 @@ from fastapi.responses import Response
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
 
 from .logprobs import CompletionLogprobs, echo_text, vllm_prompt_logprobs
-from .replies import CompletionChoice, CompletionResponse, PromptTokensDetails, Usage, completion_choice_delta, stream_chunk
+from .replies import (
+    CompletionChoice,
+    CompletionResponse,
+    PromptTokensDetails,
+    Usage,
+    completion_choice_delta,
+    stop_reason,
+    stream_chunk,
+)
 from .schemas import CompletionRequest
 from .serving import ServingContext, check_finish, merge_streams, respond
 from .streaming import sse_data
@@ -88,22 +96,34 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
                              outputs: AsyncIterator[tuple[int, Output]]) -> AsyncIterator[bytes]:
     n, usage_on = req.n, req.include_usage
 
-    def chunk(choices: list[dict]) -> bytes:
+    def chunk(index: int, text: str, logprobs: dict | None = None, finish_reason: str | None = None,
+              **vllm) -> bytes:
         usage = None
         if req.continuous_usage:  # the counts so far of the chunk's choice
-            index = choices[0]["index"]
             usage = Usage.of(len(plan.jobs[index // n].prompt_ids), num_tokens.get(index, 0))
-        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, plan.model, choices,
+        if req.return_token_ids:  # the prompt's on a choice's first chunk, then each chunk's own tokens
+            if index not in started:
+                vllm["prompt_token_ids"] = plan.jobs[index // n].prompt_ids
+            vllm.setdefault("token_ids", [])
+        else:
+            vllm.pop("token_ids", None)
+        started.add(index)
+        return sse_data(stream_chunk("text_completion", plan.request_id, plan.created, plan.model,
+                                     [completion_choice_delta(index, text, logprobs, finish_reason, **vllm)],
                                      usage, usage_on))
+
+    started: set[int] = set()  # choices that sent a chunk
 
     logprobs: dict[int, CompletionLogprobs] = {}
     num_tokens: dict[int, int] = {}
+    pending_ids: dict[int, list[int]] = {}  # tokens whose text is held back (a split character, a stop string's start)
+    eos_token_id = ctx.tokenizer.eos_token_id
     details: dict[int, PromptTokensDetails] = {}  # by prompt
     scored_echo = req.echo and req.logprobs is not None  # the prompt's logprobs come with its first output
     if req.echo and not scored_echo:
         for p, job in enumerate(plan.jobs):
             for c in range(n):
-                yield chunk([completion_choice_delta(p * n + c, job.prompt_text)])
+                yield chunk(p * n + c, job.prompt_text)
     async with contextlib.aclosing(outputs):
         async for p, out in outputs:
             check_finish(out.finish_reason)
@@ -115,15 +135,17 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
                     index, CompletionLogprobs(ctx.tokenizer, job.params.skip_special_tokens, ctx.tokens_as_ids(req)))
             if scored_echo and out.prompt_logprobs is not None:
                 part = choice_logprobs.add_prompt(job.prompt_ids, out.prompt_logprobs, req.logprobs)
-                yield chunk([completion_choice_delta(index, job.prompt_text, part)])
+                yield chunk(index, job.prompt_text, part)
             if req.echo_only:  # the engine's one token is no part of the reply
                 if out.finish_reason is not None:
-                    yield chunk([completion_choice_delta(index, "", None, LENGTH)])
+                    yield chunk(index, "", None, LENGTH, stop_reason=None)
                 continue
             num_tokens[index] = out.num_output_tokens
+            pending_ids[index] = pending_ids.get(index, []) + out.token_ids
             part = choice_logprobs.add(out.logprobs) if req.logprobs is not None and out.logprobs else None
             if out.text or part or out.finish_reason is not None:
-                yield chunk([completion_choice_delta(index, out.text, part, out.finish_reason)])
+                last = {} if out.finish_reason is None else {"stop_reason": stop_reason(out, eos_token_id)}
+                yield chunk(index, out.text, part, out.finish_reason, token_ids=pending_ids.pop(index), **last)
     if usage_on:
         usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens.values()),
                          sum(details.values(), PromptTokensDetails()))
@@ -138,6 +160,8 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
                 for k in range(count)]
     prompt_logprobs: list[list | None] = [None] * count  # vLLM's
     reasons: list[str | None] = [None] * count
+    stop_reasons: list[int | str | None] = [None] * count
+    token_ids: list[list[int]] = [[] for _ in range(count)]
     num_tokens = [0] * count
     details: dict[int, PromptTokensDetails] = {}  # by prompt
     outputs = _outputs(ctx, plan)
@@ -148,6 +172,7 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
             if out.finish_reason is not None:  # the same counts on every output: read once
                 details[p] = PromptTokensDetails.of(out)
                 reasons[index] = LENGTH if req.echo_only else out.finish_reason
+                stop_reasons[index] = None if req.echo_only else stop_reason(out, ctx.tokenizer.eos_token_id)
             if out.prompt_logprobs is not None:
                 if req.echo and req.logprobs is not None:
                     logprobs[index].add_prompt(plan.jobs[p].prompt_ids, out.prompt_logprobs, req.logprobs)
@@ -157,12 +182,16 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
             if req.echo_only:  # the engine's one token is no part of the reply
                 continue
             texts[index].append(out.text)
+            token_ids[index] += out.token_ids
             num_tokens[index] = out.num_output_tokens
             if req.logprobs is not None and out.logprobs:
                 logprobs[index].add(out.logprobs)
     choices = [CompletionChoice(index=k, text="".join(texts[k]), finish_reason=reasons[k] or LENGTH,
+                                stop_reason=stop_reasons[k],
                                 logprobs=logprobs[k].as_dict() if req.logprobs is not None else None,
-                                prompt_logprobs=prompt_logprobs[k])
+                                prompt_logprobs=prompt_logprobs[k],
+                                token_ids=token_ids[k] if req.return_token_ids else None,
+                                prompt_token_ids=plan.jobs[k // n].prompt_ids if req.return_token_ids else None)
                for k in range(count)]
     usage = Usage.of(sum(len(j.prompt_ids) for j in plan.jobs), sum(num_tokens),
                      sum(details.values(), PromptTokensDetails()))

@@ -72,6 +72,8 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = None  # vLLM's: see stop_reason()
+    token_ids: list[int] | None = _ONLY_WHEN_ASKED  # vLLM's return_token_ids: the reply's tokens
 
 
 class ChatCompletionResponse(BaseModel):
@@ -82,6 +84,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: list[dict[str, Any] | None] | None = _ONLY_WHEN_ASKED  # vLLM's
+    prompt_token_ids: list[int] | None = _ONLY_WHEN_ASKED  # vLLM's return_token_ids
 
 
 class CompletionChoice(BaseModel):
@@ -89,7 +92,10 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = None  # vLLM's: see stop_reason()
     prompt_logprobs: list[dict[str, Any] | None] | None = _ONLY_WHEN_ASKED  # vLLM's
+    token_ids: list[int] | None = _ONLY_WHEN_ASKED  # vLLM's return_token_ids: the reply's tokens, and its prompt's
+    prompt_token_ids: list[int] | None = _ONLY_WHEN_ASKED
 
 
 class CompletionResponse(BaseModel):
@@ -129,13 +135,21 @@ def stream_chunk(kind: str, request_id: str, created: int, model: str, choices: 
 
 
 def chat_choice_delta(index: int, delta: dict, logprobs: dict | None = None,
-                      finish_reason: str | None = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                      finish_reason: str | None = None, **vllm) -> dict:
+    """vllm: vLLM's keys beside OpenAI's (stop_reason on a choice's last chunk; token_ids when asked for)."""
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **vllm}
 
 
 def completion_choice_delta(index: int, text: str, logprobs: dict | None = None,
-                            finish_reason: str | None = None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                            finish_reason: str | None = None, **vllm) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, **vllm}
+
+
+def stop_reason(out: Output, eos_token_id: int | None) -> int | str | None:
+    """vLLM's stop_reason of a choice's last output: the stop string or stop token id that ended it; None
+    for the tokenizer's own end of text (GLM-4's <|endoftext|>, not <|user|> or <|observation|>), a
+    length cut or an abort."""
+    return None if out.stop_reason == eos_token_id else out.stop_reason
 
 
 def tool_call_start_delta(index: int, call_id: str, name: str) -> dict:

@@ -59,6 +59,8 @@ class _SamplingBody(RequestBody):
     priority: int = 0
     # vLLM extension: logprobs name tokens "token_id:{id}" (default: the server's setting)
     return_tokens_as_token_ids: bool | None = None
+    # vLLM extension: each choice's token ids (streamed: each chunk's) beside its text, and the prompt's
+    return_token_ids: bool = False
     # vLLM extension: only requests with the same salt share cached prompt blocks (multi-tenant servers:
     # another tenant cannot time its requests to learn whether a prompt was seen)
     cache_salt: str | None = None
