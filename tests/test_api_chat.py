@@ -548,3 +548,30 @@ def test_stop_reason_and_return_token_ids_as_vllm_sends_them(stream):
 def test_no_token_ids_unless_asked():
     body = client_for().post("/v1/chat/completions", json={"model": MODEL, "messages": USER_HI}).json()
     assert "prompt_token_ids" not in body and "token_ids" not in body["choices"][0]
+
+
+def test_the_reply_is_named_by_the_clients_request_id_as_vllm_names_it():
+    """X-Request-Id, else the body's request_id, names the reply (vLLM's `chatcmpl-{id}`); the same id sent twice
+    at once is still two requests in the engine."""
+    client = client_for()
+    post = lambda **kw: client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER_HI}, **kw)  # noqa: E731
+    assert post(headers={"X-Request-Id": "trace-7"}).json()["id"] == "chatcmpl-trace-7"
+    body = {"model": MODEL, "messages": USER_HI, "request_id": "abc", "stream": True}
+    assert {c["id"] for c in sse_json(client.post("/v1/chat/completions", json=body).text)} == {"chatcmpl-abc"}
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "x"},
+                       headers={"X-Request-Id": "trace-8"}).json()["id"] == "cmpl-trace-8"
+    engine_ids = [c.request_id for c in engine_of(client.app).calls]
+    assert len(set(engine_ids)) == 3 and engine_ids[0].startswith("chatcmpl-trace-7-")
+    assert post().json()["id"] != post().json()["id"]
+
+
+async def test_one_request_id_sent_by_concurrent_requests_serves_them_all():
+    import asyncio
+
+    import httpx
+    app = make_app(step_delay=0.01)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        replies = await asyncio.gather(*[client.post("/v1/chat/completions", headers={"X-Request-Id": "same"},
+                                                     json={"model": MODEL, "messages": USER_HI}) for _ in range(4)])
+    assert [r.status_code for r in replies] == [200] * 4
+    assert {r.json()["id"] for r in replies} == {"chatcmpl-same"}

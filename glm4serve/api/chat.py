@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -50,7 +49,7 @@ from .replies import (
 )
 from .messages import NamedToolChoice
 from .schemas import ChatCompletionRequest
-from .serving import ServingContext, check_finish, respond
+from .serving import ServingContext, check_finish, reply_ids, respond
 from .streaming import sse_data
 from .tool_choice import call_or_format_spec, forced_call_spec
 
@@ -61,7 +60,8 @@ CALL_SEPARATOR = "<|assistant|>"  # the special token between several tool calls
 class ChatPlan:
     """Everything decided before the engine runs."""
 
-    request_id: str
+    request_id: str  # the reply's id
+    engine_id: str  # the request's in the engine
     created: int
     prompt_ids: list[int]
     params: SamplingParams
@@ -77,7 +77,7 @@ class ChatPlan:
     call_finish_reason: str = "tool_calls"
 
 
-async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatPlan:
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request: Request | None = None) -> ChatPlan:
     ctx.check_ready()
     lora = ctx.check_model(req.model)
     await ctx.check_schemas(req)
@@ -85,10 +85,11 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
     shown = req.tools_active or (req.tools and not ctx.settings.exclude_tools_when_tool_choice_none)
     tools = [t.as_given() for t in req.tools] if shown else None
     prompt_ids = ctx.truncate(await ctx.chat_prompt_ids(req, tools), req.truncate_prompt_tokens, req.max_output_tokens)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id, engine_id = reply_ids("chatcmpl", request, req.request_id)
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
-    params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)  # guided by response_format, if any
+    # guided by response_format, if any
+    params = req.sampling_params(max_tokens, req.engine_logprobs, ctx.sampling_defaults)
     params.bad_words_token_ids = await ctx.bad_words_token_ids(req.bad_words)
     params.lora = lora
     params.stops_skip_leading_newline = req.add_generation_prompt  # the newline the reply's content leaves out
@@ -114,7 +115,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> ChatP
         special = ctx.tokenizer.special_tokens
         tags = {special[t]: t for t in (THINK_START, THINK_END) if t in special}
         params.special_token_text = {**(params.special_token_text or {}), **tags}
-    return ChatPlan(request_id, int(time.time()), prompt_ids, params,
+    return ChatPlan(request_id, engine_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
                     strip_newline=req.add_generation_prompt, reasoning=reasoning,
                     logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name,
@@ -281,7 +282,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     token_bytes = reply_token_bytes(plan, ctx.tokenizer) if plan.reasoning else None
     details = PromptTokensDetails()
     prompt_logprobs = None  # vLLM's, the same on every choice
-    outputs = ctx.open(plan.prompt_ids, plan.params, plan.request_id)
+    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             check_finish(out.finish_reason)
@@ -345,7 +346,7 @@ def _strip_first_newline(plan: ChatPlan, text: str) -> str:
 
 
 async def chat_completions(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
-    plan = await prepare_chat(ctx, req)
+    plan = await prepare_chat(ctx, req, request)
     return await respond(ctx, request, req.stream,
-                         lambda: _stream_chat(ctx, plan, req, ctx.open(plan.prompt_ids, plan.params, plan.request_id)),
+                         lambda: _stream_chat(ctx, plan, req, ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),
                          lambda: collect_chat(ctx, plan, req))

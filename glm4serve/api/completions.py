@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -36,7 +35,7 @@ from .replies import (
     stream_chunk,
 )
 from .schemas import CompletionRequest
-from .serving import ServingContext, check_finish, merge_streams, respond
+from .serving import ServingContext, check_finish, merge_streams, reply_ids, respond
 from .streaming import sse_data
 
 
@@ -45,22 +44,23 @@ class PromptJob:
     prompt_ids: list[int]
     prompt_text: str  # what echo sends: logprobs.echo_text
     params: SamplingParams
-    request_id: str
+    engine_id: str  # the prompt's request in the engine
 
 
 @dataclass
 class CompletionPlan:
-    request_id: str
+    request_id: str  # the reply's id
     created: int
     jobs: list[PromptJob]
     model: str  # what the reply names as its model: the LoRA adapter's name, else the served model's
 
 
-async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> CompletionPlan:
+async def prepare_completion(ctx: ServingContext, req: CompletionRequest, request: Request | None = None
+                             ) -> CompletionPlan:
     ctx.check_ready()
     lora = ctx.check_model(req.model)
     await ctx.check_schemas(req)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id, engine_id = reply_ids("cmpl", request, req.request_id)
     jobs = []
     bad_words = await ctx.bad_words_token_ids(req.bad_words)  # the same for every prompt
     for p, prompt in enumerate(req.prompts()):
@@ -83,13 +83,13 @@ async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Com
         params.lora = lora
         ctx.check_params(params)
         await ctx.compile_guided(params, req.guided_param)  # cached after the first prompt
-        jobs.append(PromptJob(ids, text, params, f"{request_id}-{p}"))
+        jobs.append(PromptJob(ids, text, params, f"{engine_id}-{p}"))
     return CompletionPlan(request_id, int(time.time()), jobs, lora or ctx.model_name)
 
 
 def _outputs(ctx: ServingContext, plan: CompletionPlan) -> AsyncIterator[tuple[int, Output]]:
     # ctx.open refuses (400) before any stream starts: the ones opened before it are dropped unstarted
-    return merge_streams([ctx.open(j.prompt_ids, j.params, j.request_id) for j in plan.jobs])
+    return merge_streams([ctx.open(j.prompt_ids, j.params, j.engine_id) for j in plan.jobs])
 
 
 async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: CompletionRequest,
@@ -200,6 +200,6 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
 
 
 async def completions(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
-    plan = await prepare_completion(ctx, req)
+    plan = await prepare_completion(ctx, req, request)
     return await respond(ctx, request, req.stream, lambda: _stream_completion(ctx, plan, req, _outputs(ctx, plan)),
                          lambda: _collect_completion(ctx, plan, req))

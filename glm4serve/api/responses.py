@@ -322,6 +322,6 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
     builder = ResponseBuilder(ctx, req, plan, history + item_resources(req.input_items, _new_id))
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
-                                                  ctx.open(plan.prompt_ids, plan.params, plan.request_id)),
+                                                  ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),
                          lambda: _whole_response(ctx, plan, chat_req, builder),
                          StreamEnd(error_event=builder.error_event, done=None))

@@ -61,6 +61,8 @@ class _SamplingBody(RequestBody):
     return_tokens_as_token_ids: bool | None = None
     # vLLM extension: each choice's token ids (streamed: each chunk's) beside its text, and the prompt's
     return_token_ids: bool = False
+    # vLLM extension: the reply's id is "{chatcmpl|cmpl}-{request_id}" (the X-Request-Id header comes first)
+    request_id: str | None = Field(None, min_length=1, max_length=256)
     # vLLM extension: only requests with the same salt share cached prompt blocks (multi-tenant servers:
     # another tenant cannot time its requests to learn whether a prompt was seen)
     cache_salt: str | None = None
@@ -263,7 +265,8 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(_SamplingBody):
     prompt: Prompt
     suffix: str | None = None
-    max_tokens: int | None = Field(SamplingParams.max_tokens, ge=0)  # 0: with echo, the prompt alone (scored, with logprobs)
+    # 0: with echo, the prompt alone (scored, with logprobs)
+    max_tokens: int | None = Field(SamplingParams.max_tokens, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -225,6 +226,14 @@ class ServingContext:
         except ValueError as e:
             raise invalid_request(f"the engine refused this request: {e}") from e
         return self.generate(prompt_ids, params, request_id)
+
+
+def reply_ids(prefix: str, request: Request | None, body_id: str | None) -> tuple[str, str]:
+    """(the reply's id, the engine's) as vLLM names replies: `{prefix}-{X-Request-Id}`, else
+    `{prefix}-{the body's request_id}`, else a random one. The engine's id is unique whatever clients send."""
+    own = uuid.uuid4().hex
+    given = (request.headers.get("x-request-id") if request is not None else None) or body_id
+    return (f"{prefix}-{given}", f"{prefix}-{given}-{own}") if given else (f"{prefix}-{own}", f"{prefix}-{own}")
 
 
 def check_finish(reason: str | None) -> None:
