@@ -290,6 +290,8 @@ def test_reasoning_parser_splits_the_thinking_into_reasoning_content_whole_and_s
     thinking = "".join(d.get("reasoning_content") or "" for d in deltas)
     answer = "".join(d.get("content") or "" for d in deltas)
     assert (thinking, answer) == ("The user greets me.", "Hello!")
+    # vLLM's newer name beside the older one, in every delta and in the whole message
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas) and message["reasoning"] == thinking
     first_answer = next(i for i, d in enumerate(deltas) if d.get("content"))
     assert not any(d.get("reasoning_content") for d in deltas[first_answer:])
     # off (the default): the reply is all content, as the model wrote it
@@ -575,3 +577,37 @@ async def test_one_request_id_sent_by_concurrent_requests_serves_them_all():
                                                      json={"model": MODEL, "messages": USER_HI}) for _ in range(4)])
     assert [r.status_code for r in replies] == [200] * 4
     assert {r.json()["id"] for r in replies} == {"chatcmpl-same"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_include_reasoning_false_leaves_the_thinking_out(stream):
+    client = client_for(replies=[THOUGHTFUL], reasoning_parser="deepseek_r1")
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": stream, "include_reasoning": False})
+    if stream:
+        deltas = [c["choices"][0]["delta"] for c in sse_json(r.text)]
+        assert not any("reasoning" in d or "reasoning_content" in d for d in deltas)
+        assert "".join(d.get("content") or "" for d in deltas) == "Hello!"
+    else:
+        message = r.json()["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": "Hello!", "tool_calls": None}
+
+
+def test_requests_vllm_takes_are_taken_as_it_takes_them():
+    """tools: [] is no tools (tool_choice auto or required then calls nothing, as OpenAI's and vLLM's); a tool
+    or a named tool_choice without its type is a function; GLM-4's own observation role is a tool's result;
+    top_logprobs 0 needs no logprobs."""
+    client = client_for()
+    post = lambda **kw: client.post("/v1/chat/completions", json={"messages": USER_HI, **kw})  # noqa: E731
+    for choice in ("auto", "required", "none"):
+        r = post(tools=[], tool_choice=choice)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello there!"
+        assert engine_of(client.app).calls[-1].params.guided is None
+    tool = {"function": {"name": "f", "parameters": {"type": "object"}}}
+    assert post(tools=[tool], tool_choice={"function": {"name": "f"}}).status_code == 200
+    assert engine_of(client.app).calls[-1].params.guided is not None  # the named call is forced
+    assert post(top_logprobs=0).status_code == 200
+    r = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": "weather?"}, {"role": "observation", "content": "sunny"}]})
+    assert r.status_code == 200
+    prompt = small_tokenizer().decode(engine_of(client.app).calls[-1].prompt_ids)
+    assert prompt == "[gMASK]<sop><|user|>\nweather?<|observation|>\nsunny<|assistant|>"

@@ -245,9 +245,10 @@ def test_a_call_without_arguments_is_glm4s_empty_object_not_a_missing_turn():
 
 def test_role_aliases():
     turns = to_glm_turns(
-        [{"role": "developer", "content": "d"}, {"role": "function", "name": "f", "content": "r"}]
+        [{"role": "developer", "content": "d"}, {"role": "function", "name": "f", "content": "r"},
+         {"role": "observation", "content": "o"}]
     )
-    assert [t["role"] for t in turns] == ["system", "observation"]
+    assert [t["role"] for t in turns] == ["system", "observation", "observation"]
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,8 @@ class ChatPlan:
     forced_call: bool  # tool_choice forces a call (a grammar enforces its format)
     echo: str  # vLLM's chat echo: the last assistant message, prepended to the reply
     strip_newline: bool
-    reasoning: bool = False  # the reply's thinking goes to reasoning_content (chat/reasoning.py)
+    reasoning: bool = False  # the reply's thinking is split from its answer (chat/reasoning.py)
+    show_reasoning: bool = True  # ... and sent as reasoning (include_reasoning)
     logprob_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
     model: str = ""  # what the reply names as its model: the LoRA adapter's name, else the served model's
     # a reply that calls tools finishes "tool_calls", but "stop" when tool_choice named the function (as
@@ -117,7 +118,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
         params.special_token_text = {**(params.special_token_text or {}), **tags}
     return ChatPlan(request_id, engine_id, int(time.time()), prompt_ids, params,
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
-                    strip_newline=req.add_generation_prompt, reasoning=reasoning,
+                    strip_newline=req.add_generation_prompt, reasoning=reasoning, show_reasoning=req.include_reasoning,
                     logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name,
                     call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls")
 
@@ -152,6 +153,7 @@ class ChoiceStream:
         self._tokenizer = tokenizer
         self._as_ids = plan.logprob_token_ids
         self._call_finish_reason = plan.call_finish_reason
+        self._show_thinking = plan.show_reasoning
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
 
@@ -193,7 +195,7 @@ class ChoiceStream:
         if self._strip_thinking_newline and text:
             self._strip_thinking_newline = False
             text = text.removeprefix("\n")
-        return [{"reasoning_content": text}] if text else []
+        return [{"reasoning": text, "reasoning_content": text}] if text and self._show_thinking else []
 
     def _deltas(self, events) -> list[dict]:
         out: list[dict] = []
@@ -317,10 +319,11 @@ def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) 
     if plan.reasoning:
         thinking, answer = split_reasoning(text)
         thinking = _strip_first_newline(plan, thinking.replace(CALL_MARK, "")) or None
+        thinking = thinking if plan.show_reasoning else None
         if answer is None:  # it never stopped thinking
-            return ChatMessageOut(content=plan.echo or None, reasoning_content=thinking), reason
+            return ChatMessageOut(content=plan.echo or None).with_thinking(thinking), reason
         message, reason = _answer_message(ctx, plan, answer, reason)
-        return message.model_copy(update={"reasoning_content": thinking}), reason
+        return message.with_thinking(thinking), reason
     return _answer_message(ctx, plan, text, reason)
 
 

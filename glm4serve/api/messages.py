@@ -30,7 +30,8 @@ class ToolCallIn(Body):
 
 
 class Message(Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": OpenAI's older name for a tool's result; "observation": GLM-4's own
+    role: Literal["system", "developer", "user", "assistant", "tool", "function", "observation"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -89,7 +90,7 @@ class FunctionDef(Body):
 
 
 class Tool(Body):
-    type: Literal["function"]
+    type: Literal["function"] = "function"
     function: FunctionDef
 
     def as_given(self) -> dict:
@@ -101,7 +102,7 @@ class NamedFunction(Body):
 
 
 class NamedToolChoice(Body):
-    type: Literal["function"]
+    type: Literal["function"] = "function"
     function: NamedFunction
 
 

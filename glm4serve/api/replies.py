@@ -64,7 +64,12 @@ class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCallOut] | None = None
-    reasoning_content: str | None = _ONLY_WHEN_ASKED  # vLLM's: the thinking, with a reasoning parser
+    # vLLM's: the thinking, with a reasoning parser, under its newer name and its older one
+    reasoning: str | None = _ONLY_WHEN_ASKED
+    reasoning_content: str | None = _ONLY_WHEN_ASKED
+
+    def with_thinking(self, thinking: str | None) -> "ChatMessageOut":
+        return self.model_copy(update={"reasoning": thinking, "reasoning_content": thinking})
 
 
 class ChatChoice(BaseModel):

@@ -267,8 +267,7 @@ class ResponsesRequest(RequestBody):
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
-        # `tools: []` is no tools here (the Agents SDK sends it), where chat requests refuse it;
-        # so is "auto" or "none" without tools.
+        # `tools: []` is no tools (the Agents SDK sends it), and so is "auto" or "none" without tools.
         if self.tools:
             body["tools"] = [{"type": "function", "function": {k: v for k, v in t.as_given().items() if k != "type"}}
                              for t in self.tools]

@@ -63,12 +63,15 @@ class _SamplingBody(RequestBody):
     return_token_ids: bool = False
     # vLLM extension: the reply's id is "{chatcmpl|cmpl}-{request_id}" (the X-Request-Id header comes first)
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    use_beam_search: bool = False  # vLLM's: refused, never sampled instead
     # vLLM extension: only requests with the same salt share cached prompt blocks (multi-tenant servers:
     # another tenant cannot time its requests to learn whether a prompt was seen)
     cache_salt: str | None = None
 
     @model_validator(mode="after")
     def _common_rules(self):
+        if self.use_beam_search:
+            raise invalid("use_beam_search", "beam search is not supported")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options", "stream_options is only allowed when stream is true")
         if self.cache_salt is not None and not self.cache_salt:
@@ -193,14 +196,21 @@ class ChatCompletionRequest(_SamplingBody):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the prompt ends inside the final message: the reply goes on with it
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's: refused, as vLLM refuses it by default
+    include_reasoning: bool = True  # vLLM's: false leaves the thinking out of the reply (--reasoning-parser)
 
     @model_validator(mode="after")
     def _chat_rules(self):
         _prompt_ending(self)
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.chat_template is not None or "chat_template" in (self.chat_template_kwargs or {}):
+            raise invalid("chat_template", "a request's own chat template is not supported: the server renders "
+                                           "prompts with the model's template")
+        if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
-        if self.tools is not None and len(self.tools) == 0:
-            raise invalid("tools", "tools must not be an empty list")
+        if self.tools is not None and len(self.tools) == 0:  # no tools, as OpenAI and vLLM take it
+            self.tools = None
+            if self.tool_choice in ("auto", "required"):
+                self.tool_choice = "none"
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise invalid("tool_choice", "tool_choice is only allowed when tools are given")
         if isinstance(self.tool_choice, NamedToolChoice):

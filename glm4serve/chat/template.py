@@ -29,7 +29,7 @@ BUILTIN_TEMPLATE_PATH = Path(__file__).with_name("glm4_template.jinja")
 PART_SEPARATOR = "\n"
 
 # OpenAI role -> GLM-4 role. "developer" is OpenAI's newer name for system; "function" is the
-# legacy name for a tool result.
+# legacy name for a tool result, "observation" GLM-4's own.
 _ROLE_MAP = {
     "system": "system",
     "developer": "system",
@@ -37,6 +37,7 @@ _ROLE_MAP = {
     "assistant": "assistant",
     "tool": "observation",
     "function": "observation",
+    "observation": "observation",
 }
 
 # Variables render_prompt itself sets; template_kwargs may not override them.
