@@ -89,6 +89,9 @@ def test_tokenize_and_detokenize():
     chat = client.post("/tokenize", json={"messages": HI}).json()
     assert tok.decode(chat["tokens"]) == "[gMASK]<sop><|user|>\nhi<|assistant|>"
     assert client.post("/detokenize", json={"tokens": plain["tokens"]}).json() == {"prompt": "hello world"}
+    assert plain["token_strs"] is None
+    strs = client.post("/tokenize", json={"prompt": "hello world", "return_token_strs": True}).json()["token_strs"]
+    assert strs[:2] == ["[gMASK]", "<sop>"] and strs[2:] == [tok.decode([t]) for t in plain["tokens"]]
     assert client.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
     assert client.post("/tokenize", json={}).status_code == 400
     assert client.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404

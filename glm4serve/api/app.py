@@ -22,6 +22,7 @@ from .completions import completions
 from .errors import APIError, install_error_handlers
 from .gate import OPEN_PATHS, RETRY_AFTER_DRAINING, Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
+from .logprobs import token_text_and_bytes
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ModelCard, ModelList
 from .response_store import ResponseStore
@@ -162,8 +163,9 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
             ids = await ctx.chat_prompt_ids(body, tools)
         # JSONResponse straight away: FastAPI's jsonable_encoder walks a list in Python, seconds
         # of a blocked event loop for the millions of ids a multi-MB prompt has
+        strs = [token_text_and_bytes(ctx.tokenizer, t)[0] for t in ids] if body.return_token_strs else None
         return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
-                             "token_strs": None})
+                             "token_strs": strs})
 
     @app.post("/detokenize")
     async def _detokenize(body: DetokenizeRequest):

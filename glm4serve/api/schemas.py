@@ -331,6 +331,7 @@ class TokenizeRequest(RequestBody):
     continue_final_message: bool = False
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False  # vLLM's: each token's text beside its id
 
     @model_validator(mode="after")
     def _one_input(self):
