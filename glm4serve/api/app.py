@@ -57,24 +57,36 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
                            allow_methods=["*"], allow_headers=["*"])
+    for router in (_generation_routes(ctx), _stored_response_routes(ctx), _model_routes(ctx),
+                   _ops_routes(ctx, gate), _token_routes(ctx)):
+        app.include_router(router)
+    return app
 
+
+def _generation_routes(ctx: ServingContext) -> APIRouter:
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/chat/completions")
     async def _chat(body: ChatCompletionRequest, request: Request):
-        check_chat_limits(body, settings)
+        check_chat_limits(body, ctx.settings)
         return await chat_completions(ctx, body, request)
 
     @v1.post("/completions")
     async def _completions(body: CompletionRequest, request: Request):
-        check_completion_limits(body, settings)
+        check_completion_limits(body, ctx.settings)
         return await completions(ctx, body, request)
 
     @v1.post("/responses")
     async def _responses(body: ResponsesRequest, request: Request):
         return await create_response(ctx, body, request)
 
-    @v1.get("/responses/{response_id}")
+    return v1
+
+
+def _stored_response_routes(ctx: ServingContext) -> APIRouter:
+    v1 = APIRouter(prefix="/v1/responses")
+
+    @v1.get("/{response_id}")
     async def _get_response(response_id: str, stream: bool = False):
         stored = find_stored(ctx, response_id)
         if stream:
@@ -82,26 +94,34 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
                            "invalid_request_error", "stream")
         return JSONResponse(stored.response)
 
-    @v1.delete("/responses/{response_id}")
+    @v1.delete("/{response_id}")
     async def _delete_response(response_id: str):
         find_stored(ctx, response_id)
         ctx.response_store.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
-    @v1.get("/responses/{response_id}/input_items")
+    @v1.get("/{response_id}/input_items")
     async def _input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
                            order: Literal["asc", "desc"] = "desc", after: str | None = None):
         return stored_input_items(find_stored(ctx, response_id), limit, order, after)
 
-    @v1.post("/responses/{response_id}/cancel")
+    @v1.post("/{response_id}/cancel")
     async def _cancel_response(response_id: str):
         find_stored(ctx, response_id)
         raise APIError(400, "Only background responses can be cancelled, and this server runs none.",
                        "invalid_request_error")
 
+    return v1
+
+
+def _model_routes(ctx: ServingContext) -> APIRouter:
+    """The served model under each of its names, its LoRA adapters, and their loading."""
+    v1 = APIRouter(prefix="/v1")
+
     def model_cards() -> list[ModelCard]:
         base = [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len,
-                          root=settings.model or ctx.model_name) for name in (ctx.model_name, *settings.model_aliases)]
+                          root=ctx.settings.model or ctx.model_name)
+                for name in (ctx.model_name, *ctx.settings.model_aliases)]
         return base + [ModelCard(id=name, created=ctx.created, max_model_len=ctx.max_model_len, root=path,
                                    parent=ctx.model_name) for name, path in ctx.loras.items()]
 
@@ -124,9 +144,14 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest):
         return await unload_lora_adapter(ctx, body)
 
-    app.include_router(v1)
+    return v1
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
+
+def _ops_routes(ctx: ServingContext, gate: Gate) -> APIRouter:
+    """What probes, scrapers and deploy tools read."""
+    ops = APIRouter()
+
+    @ops.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
     async def _health():
         if gate.draining:
             return APIError(503, "shutting down", "service_unavailable_error",
@@ -139,19 +164,25 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
             return {"status": "ok", "replicas_up": len(replicas), "replicas": ctx.settings.num_replicas}
         return {"status": "ok"}
 
-    @app.api_route("/ping", methods=["GET", "HEAD"])
+    @ops.api_route("/ping", methods=["GET", "HEAD"])
     async def _ping():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @ops.get("/metrics")
     async def _metrics():
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/version")
+    @ops.get("/version")
     async def _version():
         return {"version": __version__}
 
-    @app.post("/tokenize")
+    return ops
+
+
+def _token_routes(ctx: ServingContext) -> APIRouter:
+    tokens = APIRouter()
+
+    @tokens.post("/tokenize")
     async def _tokenize(body: TokenizeRequest):
         ctx.check_model(body.model)
         if body.prompt is not None:
@@ -167,13 +198,13 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
         return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
                              "token_strs": strs})
 
-    @app.post("/detokenize")
+    @tokens.post("/detokenize")
     async def _detokenize(body: DetokenizeRequest):
         ctx.check_model(body.model)
         ctx.check_token_ids(body.tokens, "tokens")
         return {"prompt": ctx.tokenizer.decode(body.tokens)}
 
-    return app
+    return tokens
 
 
 def _stats(ctx: ServingContext):
