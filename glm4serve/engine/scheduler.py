@@ -253,28 +253,31 @@ class Scheduler:
             hit, computed, n = self._first_chunk(seq, budget, rows)
             if n == 0 or self._blocks_short(hit, computed + n) > 0:
                 break
-            self.waiting.popleft()
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-                seq.num_cached_tokens = computed
-                if self.cfg.enable_prefix_caching:  # the prompt's full blocks are registered as computed
-                    bs = self.pool.block_size
-                    # past the hit, those not in the cache already (a whole cached prompt recomputes its last)
-                    past_hit = seq.block_hashes(bs, seq.num_prompt_tokens // bs)[len(hit):]
-                    seq.num_cache_write_tokens = bs * sum(self.pool.lookup(h) is None for h in past_hit)
-            if self.cfg.enable_prefix_caching and not seq.needs_prompt_logits:  # those never look it up
-                self.prefix_cache_queries += seq.num_tokens
-                self.prefix_cache_hits += computed
-            seq.block_table = self.pool.share(hit)
-            seq.num_computed_tokens = computed
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            self._admit(self.waiting.popleft(), hit, computed)
             rows -= n if seq.needs_prompt_logits else 0
             self._take(seq, n, taken, out)
             budget -= n
         if self.cfg.speculative is not None:
             self._add_drafts(out, budget)
         return out
+
+    def _admit(self, seq: Sequence, hit: list[int], computed: int) -> None:
+        """The first waiting sequence runs, on the cached blocks `hit` of its first `computed` tokens."""
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+            seq.num_cached_tokens = computed
+            if self.cfg.enable_prefix_caching:  # the prompt's full blocks are registered as computed
+                bs = self.pool.block_size
+                # past the hit, those not in the cache already (a whole cached prompt recomputes its last)
+                past_hit = seq.block_hashes(bs, seq.num_prompt_tokens // bs)[len(hit):]
+                seq.num_cache_write_tokens = bs * sum(self.pool.lookup(h) is None for h in past_hit)
+        if self.cfg.enable_prefix_caching and not seq.needs_prompt_logits:  # those never look it up
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += computed
+        seq.block_table = self.pool.share(hit)
+        seq.num_computed_tokens = computed
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """The runner has computed `out`: its tokens' K/V are in the cache. Call before finishing any of them."""
