@@ -213,7 +213,10 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
     app = make_app(replies=["\nHello there, a long reply!"], fail_after_steps=4)
     r = TestClient(app).post("/v1/responses", json={"input": "hi", "stream": True})
     events = events_of(r.text)
-    assert events[-1]["type"] == "error" and "failed" in events[-1]["message"]
+    assert events[-2]["type"] == "error" and "failed" in events[-2]["message"]
+    failed = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and failed["status"] == "failed"
+    assert failed["error"] == {"code": events[-2]["code"], "message": events[-2]["message"]}
     assert "data: [DONE]" not in r.text
     wait_idle(engine_of(app))
 
@@ -224,9 +227,11 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
     ({"input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
     ({"input": "x", "background": True}, "background", "not supported"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "'item_reference' are not supported"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+    ({"input": [{"role": "user", "content": [{"type": "input_video", "video_url": "x"}]}]},
      "input.0.content.0.type", "input_text"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "'web_search' are not supported"),
+    ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
+    ({"input": "x", "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search_preview"}},
+     "tool_choice", "'web_search_preview' is not supported"),
     ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "nope"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format",
      "needs a name and a schema"),
@@ -353,3 +358,104 @@ def test_truncation_auto_is_taken_and_echoed():
     r = client.post("/v1/responses", json={"input": "hi", "truncation": "auto"})
     assert r.status_code == 200 and r.json()["truncation"] == "auto"
     assert client.post("/v1/responses", json={"input": "hi"}).json()["truncation"] == "disabled"
+
+
+CODEX_TOOLS = [
+    TOOL,
+    {"type": "custom", "name": "apply_patch", "description": "edit files",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+    {"type": "namespace", "name": "mcp_docs", "description": "docs server",
+     "tools": [{"type": "function", "name": "search_docs", "parameters": {"type": "object"}}]},
+    {"type": "web_search"}, {"type": "local_shell"}, {"type": "image_generation"},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_codexs_tools_custom_namespaced_and_hosted(stream):
+    """A function, a custom tool (offered as a function of one string, `input`; its call a custom_tool_call), a
+    namespace's function (its call names the namespace), and tools this server cannot run, left out."""
+    patch = "*** Begin Patch\n*** End Patch"
+    replies = [f"apply_patch\n{json.dumps({'input': patch})}", 'search_docs\n{"q": "x"}']
+    app = make_app(replies=lambda call: [
+        replies[0] if "patch" in small_tokenizer().decode(call.prompt_ids[-8:]) else replies[1]])
+    client = TestClient(app)
+    outputs = []
+    for ask in ("patch it", "look it up"):
+        r = client.post("/v1/responses", json={"input": ask, "tools": CODEX_TOOLS, "stream": stream})
+        assert r.status_code == 200, r.text
+        events = events_of(r.text) if stream else []
+        outputs.append((events, events[-1]["response"] if stream else r.json()))
+    prompt = small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
+    assert all(f"## {name}" in prompt for name in ("get_weather", "apply_patch", "search_docs"))
+    assert "web_search" not in prompt and "local_shell" not in prompt
+    assert '"input"' in prompt  # the custom tool's one argument
+    (events, body), (_, other) = outputs
+    [call] = body["output"]
+    assert call["type"] == "custom_tool_call" and call["id"].startswith("ctc_") and call["status"] == "completed"
+    assert (call["name"], call["input"]) == ("apply_patch", patch) and "arguments" not in call
+    [namespaced] = other["output"]
+    assert namespaced["type"] == "function_call" and namespaced["namespace"] == "mcp_docs"
+    assert body["tools"][3] == {"type": "web_search"}  # echoed as sent
+    if stream:
+        kinds = [e["type"] for e in events]
+        assert "response.function_call_arguments.delta" not in kinds
+        done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+        assert done["input"] == patch
+        assert "".join(e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta") == patch
+
+
+def test_a_custom_tools_call_and_output_sent_back_are_a_call_and_its_observation():
+    app = make_app()
+    items = [{"role": "user", "content": "patch it"},
+             {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "diff"},
+             {"type": "custom_tool_call_output", "call_id": "c1", "output": "done"},
+             {"type": "local_shell_call", "call_id": "c2", "action": {"type": "exec", "command": ["ls"]}},
+             {"type": "local_shell_call_output", "call_id": "c2", "output": "a.txt"},
+             {"type": "web_search_call", "id": "ws_1", "status": "completed"}]
+    r = TestClient(app).post("/v1/responses", json={"input": items, "tools": CODEX_TOOLS})
+    assert r.status_code == 200, r.text
+    prompt = small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
+    assert prompt.endswith('<|user|>\npatch it<|assistant|>apply_patch\n{"input": "diff"}<|observation|>\ndone'
+                           '<|assistant|>')
+    assert "a.txt" not in prompt and "ls" not in prompt.split("<|user|>")[-1]
+
+
+def test_images_and_files_in_the_input_are_a_line_saying_so():
+    app = make_app()
+    client = TestClient(app)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "what is this?"},
+                                          {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+             {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot see it."}]},
+             {"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}]
+    r = client.post("/v1/responses", json={"input": items})
+    assert r.status_code == 200, r.text
+    prompt = small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
+    assert ("<|user|>\nwhat is this?\n[an image left out: this model reads text only]<|assistant|>\n"
+            "I cannot see it.<|user|>\n[a file left out: this model reads text only]<|assistant|>") in prompt
+    listed = client.get(f"/v1/responses/{r.json()['id']}/input_items", params={"order": "asc"}).json()["data"]
+    assert listed[0]["content"][1] == {"type": "input_text", "text": "[an image left out: this model reads text only]"}
+    assert listed[1]["content"] == [{"type": "output_text", "text": "I cannot see it.", "annotations": []}]
+
+
+def test_allowed_tools_offers_only_those():
+    app = make_app()
+    choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "search_docs"}]}
+    r = TestClient(app).post("/v1/responses", json={"input": "x", "tools": CODEX_TOOLS, "tool_choice": choice})
+    assert r.status_code == 200, r.text
+    call = engine_of(app).calls[0]
+    prompt = small_tokenizer().decode(call.prompt_ids)
+    assert "## search_docs" in prompt and "## get_weather" not in prompt
+    assert call.params.guided is not None  # required: a call is forced
+    assert r.json()["tool_choice"] == choice
+
+
+def test_input_tokens_counts_the_prompt_the_reply_would_get():
+    app = make_app()
+    client = TestClient(app)
+    body = {"input": "weather in Paris?", "instructions": "be brief", "tools": [TOOL]}
+    counted = client.post("/v1/responses/input_tokens", json=body)
+    assert counted.status_code == 200
+    reply = client.post("/v1/responses", json=body).json()
+    assert counted.json() == {"object": "response.input_tokens", "input_tokens": reply["usage"]["input_tokens"]}
+    assert len(engine_of(app).calls) == 1  # counting runs nothing
+    assert client.post("/v1/responses/input_tokens", json={"input": "x", "model": "gpt-5"}).status_code == 404

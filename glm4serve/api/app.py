@@ -26,7 +26,7 @@ from .logprobs import token_text_and_bytes
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ModelCard, ModelList
 from .response_store import ResponseStore
-from .responses import create_response, find_stored, stored_input_items
+from .responses import count_input_tokens, create_response, find_stored, stored_input_items
 from .responses_request import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import ServingContext
@@ -79,6 +79,10 @@ def _generation_routes(ctx: ServingContext) -> APIRouter:
     @v1.post("/responses")
     async def _responses(body: ResponsesRequest, request: Request):
         return await create_response(ctx, body, request)
+
+    @v1.post("/responses/input_tokens")
+    async def _count_input_tokens(body: ResponsesRequest):
+        return await count_input_tokens(ctx, body)
 
     return v1
 

@@ -82,10 +82,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
     ctx.check_ready()
     lora = ctx.check_model(req.model)
     await ctx.check_schemas(req)
-    # tool_choice none: the reply is never a call, but the model still sees the tools (vLLM's default)
-    shown = req.tools_active or (req.tools and not ctx.settings.exclude_tools_when_tool_choice_none)
-    tools = [t.as_given() for t in req.tools] if shown else None
-    prompt_ids = ctx.truncate(await ctx.chat_prompt_ids(req, tools), req.truncate_prompt_tokens, req.max_output_tokens)
+    prompt_ids = ctx.truncate(await ctx.chat_prompt_ids(req, prompt_tools(ctx, req)), req.truncate_prompt_tokens,
+                              req.max_output_tokens)
     request_id, engine_id = reply_ids("chatcmpl", request, req.request_id)
 
     max_tokens = ctx.fit_max_tokens(len(prompt_ids), req.max_output_tokens)
@@ -121,6 +119,13 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
                     strip_newline=req.add_generation_prompt, reasoning=reasoning, show_reasoning=req.include_reasoning,
                     logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name,
                     call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls")
+
+
+def prompt_tools(ctx: ServingContext, req: ChatCompletionRequest) -> list[dict] | None:
+    """The tools the prompt shows. Under tool_choice none the reply is never a call, but the model still sees
+    the tools (vLLM's default)."""
+    shown = req.tools_active or (req.tools and not ctx.settings.exclude_tools_when_tool_choice_none)
+    return [t.as_given() for t in req.tools] if shown else None
 
 
 def reply_token_bytes(plan: ChatPlan, tokenizer) -> Callable[[int], bytes]:

@@ -2,13 +2,14 @@
 
 A request becomes a chat completion request (responses_request.py) and runs as one: the same
 prompt, tool parsing and grammars. What differs is the reply's shape. Whole, it is a response
-object whose `output` holds a message item (the text) and a function_call item per call, after a
+object whose `output` holds a message item (the text) and a function_call item per call (a
+custom_tool_call item for a custom tool's, its input the call's one argument), after a
 reasoning item with the thinking when a reasoning parser splits it off (GLM-Z1; its tokens are
 usage's reasoning_tokens). Streamed, it is typed events, each with a `sequence_number`:
 response.created and .in_progress, then per item output_item.added, its deltas (output_text.delta,
 reasoning_text.delta or function_call_arguments.delta) and its .done events, and last
 response.completed (or response.incomplete when max_output_tokens cut the reply). A failure midway
-is an `error` event; the stream has no `[DONE]`.
+is an `error` event and response.failed; the stream has no `[DONE]`.
 
 A finished reply is stored (response_store.py) unless the request says `store: false`, before
 its last event goes out, so a client may follow up on it as soon as it has it. A reply that
@@ -33,12 +34,14 @@ from pydantic import ValidationError
 from glm4serve.chat.reasoning import ThinkingTokens
 from glm4serve.engine.types import LENGTH, Output
 
-from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat
+from .body import Body
+from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat, prompt_tools
 from .errors import APIError, validation_error
 from .limits import check_chat_limits
+from .schemas import ChatCompletionRequest
 from .replies import Usage
 from .response_store import StoredResponse
-from .responses_request import NamedFunctionChoice, ResponsesRequest, in_responses_terms, item_resources, parse_items
+from .responses_request import CUSTOM_INPUT, ResponsesRequest, in_responses_terms, item_resources, parse_items
 from .serving import ServingContext, respond
 from .streaming import StreamEnd
 
@@ -59,6 +62,8 @@ class ResponseBuilder:
         self.output: list[dict] = []
         self.sequence_number = 0
         self._item: dict | None = None  # the item being written, the last of `output`
+        self._tools = {t.name: t for t in req.offered_tools}
+        self._custom_arguments = ""  # a custom tool's call's arguments so far: its input once they are whole
 
     def event(self, type: str, **fields) -> bytes:
         body = {"type": type, "sequence_number": self.sequence_number, **fields}
@@ -67,7 +72,12 @@ class ResponseBuilder:
         return f"event: {type}\ndata: {data}\n\n".encode()
 
     def error_event(self, error: APIError) -> bytes:
-        return self.event("error", code=error.code or error.type, message=error.message, param=error.param)
+        """A failure midway: the `error` event, then `response.failed` with the error, as OpenAI ends such a
+        stream (clients such as Codex wait for a response.* event to end it)."""
+        code = error.code or error.type
+        failed = {**self.response("failed"), "error": {"code": code, "message": error.message}}
+        return (self.event("error", code=code, message=error.message, param=error.param)
+                + self.event("response.failed", response=failed))
 
     # ---- items ----------------------------------------------------------------------------------
 
@@ -110,10 +120,22 @@ class ResponseBuilder:
 
     def call(self, call_id: str, name: str) -> list[bytes]:
         events = self.close("completed")
-        return events + self._open({"id": _new_id("fc"), "type": "function_call", "status": "in_progress",
-                                    "call_id": call_id, "name": name, "arguments": ""})
+        tool = self._tools.get(name)
+        if tool is not None and tool.custom:
+            self._custom_arguments = ""
+            item = {"id": _new_id("ctc"), "type": "custom_tool_call", "status": "in_progress", "call_id": call_id,
+                    "name": name, "input": ""}
+        else:
+            item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call_id,
+                    "name": name, "arguments": ""}
+        if tool is not None and tool.namespace is not None:
+            item["namespace"] = tool.namespace
+        return events + self._open(item)
 
     def arguments(self, fragment: str) -> list[bytes]:
+        if self._item["type"] == "custom_tool_call":  # its input is one value of the JSON: read once it is whole
+            self._custom_arguments += fragment
+            return []
         self._item["arguments"] += fragment
         return [self.event("response.function_call_arguments.delta", item_id=self._item["id"],
                            output_index=self._index, delta=fragment)]
@@ -134,6 +156,10 @@ class ResponseBuilder:
             part = item["content"][0]
             events = [self.event("response.reasoning_text.done", **where, content_index=0, text=part["text"]),
                       self.event("response.content_part.done", **where, content_index=0, part=part)]
+        elif item["type"] == "custom_tool_call":
+            item["input"] = _custom_input(self._custom_arguments)
+            events = [self.event("response.custom_tool_call_input.delta", **where, delta=item["input"]),
+                      self.event("response.custom_tool_call_input.done", **where, input=item["input"])]
         else:
             events = [self.event("response.function_call_arguments.done", **where, name=item["name"],
                                  arguments=item["arguments"])]
@@ -169,9 +195,21 @@ class ResponseBuilder:
         return status, events + self.close(status)
 
 
+def _custom_input(arguments: str) -> str:
+    """A custom tool's input from the arguments of the function it was offered as: their one string; the text
+    as written when the model wrote something else."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(value, dict) and isinstance(value.get(CUSTOM_INPUT), str):
+        return value[CUSTOM_INPUT]
+    return arguments
+
+
 def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) -> dict:
     """The response object's fields that the reply does not change: mostly the request, echoed."""
-    if isinstance(req.tool_choice, NamedFunctionChoice):
+    if isinstance(req.tool_choice, Body):
         tool_choice = req.tool_choice.model_dump()
     else:
         tool_choice = req.tool_choice or "auto"
@@ -237,7 +275,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     last = builder.output[-1]["type"] if builder.output else None
     if plan.reasoning and not answering:  # no answer text came: the answer's tokens are those after the tag
         pending = _after_thinking(pending) if choice.thinking_tokens.done else []
-    if pending and last != "function_call":  # the stop token's, after the last text (or as the only text)
+    if pending and last not in ("function_call", "custom_tool_call"):  # the stop token's, after the last text
         for event in builder.text("", pending):
             yield event
     status, events = builder.finish(finish_reason)
@@ -306,16 +344,33 @@ def find_stored(ctx: ServingContext, response_id: str, previous: bool = False) -
     return stored
 
 
-async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
-    history = []  # the previous response's context and output, as items
+def _as_chat(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], ChatCompletionRequest]:
+    """The previous response's context and output, as items; and the chat request of the reply."""
+    history = []
     if req.previous_response_id is not None:
         history = find_stored(ctx, req.previous_response_id, previous=True).context
     try:
-        try:
-            chat_req = req.to_chat(parse_items(history))
-        except ValidationError as e:
-            raise validation_error(RequestValidationError(e.errors())) from None
-        check_chat_limits(chat_req, ctx.settings)
+        chat_req = req.to_chat(parse_items(history))
+    except ValidationError as e:
+        raise validation_error(RequestValidationError(e.errors())) from None
+    check_chat_limits(chat_req, ctx.settings)
+    return history, chat_req
+
+
+async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict:
+    """POST /v1/responses/input_tokens: the prompt's tokens, as the reply would be given them."""
+    ctx.check_model(req.model)
+    try:
+        _, chat_req = _as_chat(ctx, req)
+        prompt_ids = await ctx.chat_prompt_ids(chat_req, prompt_tools(ctx, chat_req))
+    except APIError as e:
+        raise in_responses_terms(e) from e
+    return {"object": "response.input_tokens", "input_tokens": len(prompt_ids)}
+
+
+async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
+    try:
+        history, chat_req = _as_chat(ctx, req)
         plan = await prepare_chat(ctx, chat_req)
     except APIError as e:
         raise in_responses_terms(e) from e

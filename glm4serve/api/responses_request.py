@@ -8,16 +8,29 @@ takes the chat route's one path (template, tool parsing, grammars, limits).
 A reply is stored unless `store` is false (response_store.py), and `previous_response_id`
 continues from a stored one: its context items come before this request's `input`, while its
 `instructions` and tools do not carry over (as OpenAI's API does). `conversation` and
-`background` are refused with a 400. `reasoning` and `include` values other than output
-logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by the
-server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
-back in `input` are dropped. `truncation: "auto"`
-is taken, but drops nothing: input over the context is a 400 either way.
+`background` and a stored `prompt` are refused with a 400. `reasoning` and `include` values other than
+output logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by
+the server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
+back in `input` are dropped. `truncation: "auto"` is taken, but drops nothing: input over the context is
+a 400 either way.
+
+Clients such as Codex send, beside function tools, tools the model cannot call here: those OpenAI's
+platform runs (web_search, file_search, code_interpreter, image_generation, mcp, ...) and those with
+call items of their own (local_shell, shell, apply_patch, computer_use): they are left out of the prompt
+(logged), and those tools' call items in a conversation sent back are dropped. A `namespace` tool's
+functions are offered as functions, and their calls name the namespace. A `custom` tool (free-form
+text input) is offered as a function of one string argument, `input`, and its calls come back as
+`custom_tool_call` items; its input grammar, if any, is not enforced. Images, files and audio in the
+input become a line of text saying what was left out: GLM-4 reads text only.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
@@ -27,18 +40,54 @@ from glm4serve.engine.types import MAX_TOP_LOGPROBS
 from .body import Body, RequestBody, Seed
 from .errors import APIError
 from .json_checks import invalid
-from .messages import FunctionDef
+from .messages import FunctionDef, ToolName
 from .schemas import ChatCompletionRequest
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+log = logging.getLogger("glm4serve.api")
+
+# a custom tool's one argument, when it is offered as a function
+CUSTOM_INPUT = "input"
+CUSTOM_PARAMETERS = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+# items of tools this server cannot offer (hosted by OpenAI, or with call items of their own): dropped
+FOREIGN_CALL_ITEMS = frozenset({
+    "web_search_call", "file_search_call", "image_generation_call", "code_interpreter_call", "computer_call",
+    "computer_call_output", "local_shell_call", "local_shell_call_output", "shell_call", "shell_call_output",
+    "apply_patch_call", "apply_patch_call_output", "mcp_call", "mcp_list_tools", "mcp_approval_request",
+    "mcp_approval_response", "tool_search_call", "tool_search_output"})
 
 
 # ---- input items ----------------------------------------------------------------------------
 
+_MEDIA_PARTS = {"input_image": "an image", "input_file": "a file", "input_audio": "audio"}
+
 
 class TextPart(Body):
-    type: Literal["input_text", "output_text"]  # output_text: an earlier reply sent back
-    text: str
+    """A part of a message's content: text (input_text; output_text or refusal, an earlier reply's), or media,
+    which stands in the prompt as a line saying it was left out."""
+
+    type: Literal["input_text", "output_text", "refusal", "input_image", "input_file", "input_audio"]
+    text: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _its_text(self) -> "TextPart":
+        if self.type in _MEDIA_PARTS:
+            self.text = f"[{_MEDIA_PARTS[self.type]} left out: this model reads text only]"
+        elif self.type == "refusal":
+            if self.refusal is None:
+                raise invalid("input", "a refusal part needs its refusal")
+            self.text = self.refusal
+        elif self.text is None:
+            raise invalid("input", f"an {self.type} part needs its text")
+        return self
+
+    @property
+    def as_text_part(self) -> dict:
+        """How the conversation keeps it: as the model saw it."""
+        kind = self.type if self.type in ("input_text", "output_text") else (
+            "output_text" if self.type == "refusal" else "input_text")
+        return {"type": kind, "text": self.text, **({"annotations": []} if kind == "output_text" else {})}
 
 
 def _chat_content(content: str | list[TextPart]) -> str | list[dict]:
@@ -55,7 +104,7 @@ class InputMessage(Body):
     @model_validator(mode="after")
     def _output_text_is_a_replys(self) -> "InputMessage":
         if self.role != "assistant" and not isinstance(self.content, str) and any(
-                p.type == "output_text" for p in self.content):
+                p.type in ("output_text", "refusal") for p in self.content):
             raise invalid("input", f"a {self.role} message's parts are input_text; output_text is an assistant's")
         return self
 
@@ -77,10 +126,28 @@ class FunctionCallOutputItem(Body):
     output: str | list[TextPart]
 
 
-class ReasoningItem(Body):
-    """Another model's reasoning sent back by a client that switched models: dropped."""
+class CustomToolCallItem(Body):
+    """A custom tool's call sent back: to the model, a call of the function it was offered as."""
 
-    type: Literal["reasoning"]
+    type: Literal["custom_tool_call"]
+    id: str | None = None
+    call_id: str
+    name: str
+    input: str
+
+
+class CustomToolCallOutputItem(Body):
+    type: Literal["custom_tool_call_output"]
+    id: str | None = None
+    call_id: str
+    output: str | list[TextPart]
+
+
+class DroppedItem(Body):
+    """Another model's reasoning, or a call of a tool this server does not offer (FOREIGN_CALL_ITEMS), sent
+    back by a client that switched models: dropped."""
+
+    type: str
 
 
 class UnsupportedItem(Body):
@@ -89,16 +156,18 @@ class UnsupportedItem(Body):
     def _refuse(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
         raise invalid("input", f"input items of type {kind!r} are not supported: this server takes message, "
-                               f"function_call and function_call_output items")
+                               f"function_call, custom_tool_call and their output items")
 
 
-_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output")
 
 
 def _item_tag(item: Any) -> str:
     # Tags are written `item[...]`: error paths leave out a part with a bracket (errors.py), so a
     # bad field is `input.0.content`, not `input.0.message.content`.
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    if kind == "reasoning" or kind in FOREIGN_CALL_ITEMS:
+        return "item[dropped]"
     return f"item[{kind if kind in _ITEM_TYPES else 'unsupported'}]"
 
 
@@ -107,7 +176,9 @@ InputItem = Annotated[
         Annotated[InputMessage, Tag("item[message]")],
         Annotated[FunctionCallItem, Tag("item[function_call]")],
         Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")],
-        Annotated[ReasoningItem, Tag("item[reasoning]")],
+        Annotated[CustomToolCallItem, Tag("item[custom_tool_call]")],
+        Annotated[CustomToolCallOutputItem, Tag("item[custom_tool_call_output]")],
+        Annotated[DroppedItem, Tag("item[dropped]")],
         Annotated[UnsupportedItem, Tag("item[unsupported]")],
     ],
     Discriminator(_item_tag),
@@ -122,20 +193,21 @@ def parse_items(items: list[dict]) -> list:
 
 def item_resources(items: list, new_id) -> list[dict]:
     """Input items as the API lists and stores them: each with an id (the client's, else
-    `new_id(prefix)`) and a status; reasoning items, which play no part, are left out."""
+    `new_id(prefix)`) and a status, as the model saw them; dropped items, which play no part, are left out."""
+    prefixes = {FunctionCallItem: "fc", FunctionCallOutputItem: "fco", CustomToolCallItem: "ctc",
+                CustomToolCallOutputItem: "ctco"}
     out = []
     for item in items:
         if isinstance(item, InputMessage):
             kind = "output_text" if item.role == "assistant" else "input_text"
             parts = [TextPart(type=kind, text=item.content)] if isinstance(item.content, str) else item.content
-            content = [{"type": p.type, "text": p.text, **({"annotations": []} if p.type == "output_text" else {})}
-                       for p in parts]
-            out.append({"id": item.id or new_id("msg"), "type": "message", "role": item.role, "content": content,
-                        "status": "completed"})
-        elif isinstance(item, (FunctionCallItem, FunctionCallOutputItem)):
-            prefix = "fc" if isinstance(item, FunctionCallItem) else "fco"
+            out.append({"id": item.id or new_id("msg"), "type": "message", "role": item.role,
+                        "content": [p.as_text_part for p in parts], "status": "completed"})
+        elif type(item) in prefixes:
             fields = item.model_dump(exclude={"id"})
-            out.append({"id": item.id or new_id(prefix), **fields, "status": "completed"})
+            if not isinstance(getattr(item, "output", ""), str):
+                fields["output"] = [p.as_text_part for p in item.output]
+            out.append({"id": item.id or new_id(prefixes[type(item)]), **fields, "status": "completed"})
     return out
 
 
@@ -147,18 +219,82 @@ class FunctionTool(FunctionDef):
 
     type: Literal["function"]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _function_only(cls, data: Any) -> Any:
-        kind = data.get("type") if isinstance(data, dict) else None
-        if kind is not None and kind != "function":  # web_search, file_search, mcp, ...: hosted by OpenAI
-            raise invalid("tools", f"tools of type {kind!r} are not supported: this server takes function tools")
-        return data
+    def as_function(self) -> dict:
+        return {k: v for k, v in self.as_given().items() if k != "type"}
+
+
+class CustomTool(Body):
+    """A tool whose input is free-form text: offered to the model as a function of one string argument."""
+
+    type: Literal["custom"]
+    name: ToolName
+    description: str | None = None
+    format: dict[str, Any] | None = None  # its input's grammar: shown to no one, not enforced
+
+    def as_function(self) -> dict:
+        described = {"description": self.description} if self.description is not None else {}
+        return {"name": self.name, **described, "parameters": CUSTOM_PARAMETERS}
+
+
+class NamespaceTool(Body):
+    """Functions and custom tools grouped under a name, which their calls carry."""
+
+    type: Literal["namespace"]
+    name: str
+    description: str | None = None
+    tools: list[Annotated[FunctionTool | CustomTool, Field(discriminator="type")]]
+
+
+class OtherTool(Body):
+    """A tool the model cannot call here (hosted by OpenAI, or with call items of its own): left out."""
+
+    type: str
+
+
+def _tool_tag(tool: Any) -> str:
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    return f"tool[{kind if kind in ('function', 'custom', 'namespace') else 'other'}]"
+
+
+ResponseTool = Annotated[
+    Union[
+        Annotated[FunctionTool, Tag("tool[function]")],
+        Annotated[CustomTool, Tag("tool[custom]")],
+        Annotated[NamespaceTool, Tag("tool[namespace]")],
+        Annotated[OtherTool, Tag("tool[other]")],
+    ],
+    Discriminator(_tool_tag),
+]
+
+
+@dataclass(frozen=True)
+class OfferedTool:
+    """A tool as the model is offered it: a function, which may stand for a custom tool, in a namespace."""
+
+    function: dict  # the chat tool's `function`
+    custom: bool
+    namespace: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.function["name"]
 
 
 class NamedFunctionChoice(Body):
-    type: Literal["function"]
+    type: Literal["function", "custom"]
     name: str
+
+
+class AllowedToolsChoice(Body):
+    """Only these of the tools may be called: "auto" lets the reply be text, "required" makes it a call."""
+
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]
+
+    @property
+    def names(self) -> set[str]:
+        return {t.get("name") for t in self.tools}
 
 
 class TextFormat(Body):
@@ -196,8 +332,8 @@ class ResponsesRequest(RequestBody):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    tools: list[ResponseTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | AllowedToolsChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     stream: bool = False
@@ -210,6 +346,7 @@ class ResponsesRequest(RequestBody):
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
+    prompt: dict[str, Any] | None = None  # a prompt template stored on OpenAI's platform: refused
     # vLLM's extensions, passed to the chat request when sent
     seed: Seed | None = None
     top_k: int | None = None
@@ -219,6 +356,15 @@ class ResponsesRequest(RequestBody):
     return_tokens_as_token_ids: bool | None = None
     cache_salt: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _callable_tool_choice(cls, data: Any) -> Any:
+        choice = data.get("tool_choice") if isinstance(data, dict) else None
+        if isinstance(choice, dict) and choice.get("type") not in ("function", "custom", "allowed_tools", None):
+            raise invalid("tool_choice", f"tool_choice of type {choice.get('type')!r} is not supported: this "
+                                         "server calls function and custom tools")
+        return data
+
     @model_validator(mode="after")
     def _stateless(self):
         if self.conversation is not None:
@@ -226,6 +372,8 @@ class ResponsesRequest(RequestBody):
                                           "conversation in input")
         if self.background:
             raise invalid("background", "background responses are not supported")
+        if self.prompt is not None:
+            raise invalid("prompt", "stored prompt templates are not supported: send the instructions and input")
         if isinstance(self.input, list) and not self.input:
             raise invalid("input", "input must not be empty")
         return self
@@ -249,9 +397,30 @@ class ResponsesRequest(RequestBody):
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "function": {"name": item.name, "arguments": item.arguments}}
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            elif isinstance(item, FunctionCallOutputItem):
+            elif isinstance(item, CustomToolCallItem):
+                arguments = json.dumps({CUSTOM_INPUT: item.input}, ensure_ascii=False)
+                call = {"id": item.call_id, "function": {"name": item.name, "arguments": arguments}}
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, (FunctionCallOutputItem, CustomToolCallOutputItem)):
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": _chat_content(item.output)})
         return out
+
+    @property
+    def offered_tools(self) -> list[OfferedTool]:
+        """The tools the model is offered, in order: namespaces' flattened, the others' left out (logged)."""
+        offered, left_out = [], set()
+        for tool in self.tools or []:
+            if isinstance(tool, NamespaceTool):
+                offered += [OfferedTool(t.as_function(), isinstance(t, CustomTool), tool.name) for t in tool.tools]
+            elif isinstance(tool, (FunctionTool, CustomTool)):
+                offered.append(OfferedTool(tool.as_function(), isinstance(tool, CustomTool)))
+            else:
+                left_out.add(tool.type)
+        if left_out:
+            _note_left_out(frozenset(left_out))
+        if isinstance(self.tool_choice, AllowedToolsChoice):
+            offered = [t for t in offered if t.name in self.tool_choice.names]
+        return offered
 
     def to_chat(self, history: list = ()) -> ChatCompletionRequest:
         """The chat request of the same reply (raises pydantic's ValidationError for what only
@@ -268,19 +437,26 @@ class ResponsesRequest(RequestBody):
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
         # `tools: []` is no tools (the Agents SDK sends it), and so is "auto" or "none" without tools.
-        if self.tools:
-            body["tools"] = [{"type": "function", "function": {k: v for k, v in t.as_given().items() if k != "type"}}
-                             for t in self.tools]
-        if isinstance(self.tool_choice, NamedFunctionChoice):
-            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
-        elif self.tool_choice is not None and (self.tools or self.tool_choice == "required"):
-            body["tool_choice"] = self.tool_choice
+        offered = self.offered_tools
+        if offered:
+            body["tools"] = [{"type": "function", "function": t.function} for t in offered]
+        choice = self.tool_choice.mode if isinstance(self.tool_choice, AllowedToolsChoice) else self.tool_choice
+        if isinstance(choice, NamedFunctionChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif choice is not None and (offered or choice == "required"):
+            body["tool_choice"] = choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = self.text.format.as_response_format()
         if self.wants_logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = self.top_logprobs or 0
         return ChatCompletionRequest.model_validate(body)
+
+
+@functools.lru_cache(maxsize=64)
+def _note_left_out(kinds: frozenset[str]) -> None:
+    """Logged once a set: clients such as Codex send the same tools with every request."""
+    log.info("responses: tools of types %s are left out of the prompt: this server cannot run them", sorted(kinds))
 
 
 def in_responses_terms(error: APIError) -> APIError:
