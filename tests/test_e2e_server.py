@@ -119,6 +119,8 @@ def test_responses_api_whole_and_through_the_sdk_stream_helper(server):
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == final.output_text == whole.output_text
     assert final.usage.output_tokens == whole.usage.output_tokens
+    counted = c.responses.input_tokens.count(model="glm4-test", input=MSGS, instructions="Answer briefly.")
+    assert counted.input_tokens == whole.usage.input_tokens
 
 
 def test_a_repeated_prompt_reports_its_cached_tokens(server):
