@@ -144,7 +144,10 @@ def test_an_empty_tools_list_is_no_tools():
     for body in ({"input": "hi", "tools": []}, {"input": "hi", "tools": [], "tool_choice": "auto"}):
         r = client.post("/v1/responses", json=body)
         assert r.status_code == 200 and r.json()["output"][0]["type"] == "message", r.text
+    # required beside no tool calls nothing, as on the chat route; beside tools of which none can be called, a 400
     r = client.post("/v1/responses", json={"input": "hi", "tools": [], "tool_choice": "required"})
+    assert r.status_code == 200 and r.json()["output"][0]["type"] == "message"
+    r = client.post("/v1/responses", json={"input": "hi", "tools": [{"type": "web_search"}], "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
@@ -230,6 +233,17 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
     ({"input": [{"role": "user", "content": [{"type": "input_video", "video_url": "x"}]}]},
      "input.0.content.0.type", "input_text"),
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
+    ({"input": [{"type": ["x"]}]}, "input", "not supported"),
+    ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "custom", "name": "get_weather"}}, "tool_choice",
+     "no custom tool"),
+    ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                                     "tools": [{"type": "function", "name": "nope"}]}},
+     "tool_choice.tools.0", "'nope'"),
+    ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                                     "tools": [{"type": "function", "name": ["f"]}]}},
+     "tool_choice.tools.0.name", "string"),
+    ({"input": "x", "tools": [{"type": "web_search"}, {**TOOL, "parameters": {"type": 3}}]}, "tools.1.parameters",
+     "tools.1.parameters is not a valid JSON Schema"),
     ({"input": "x", "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search_preview"}},
      "tool_choice", "'web_search_preview' is not supported"),
     ({"input": "x", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "nope"),
@@ -372,10 +386,11 @@ CODEX_TOOLS = [
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_codexs_tools_custom_namespaced_and_hosted(stream):
-    """A function, a custom tool (offered as a function of one string, `input`; its call a custom_tool_call), a
-    namespace's function (its call names the namespace), and tools this server cannot run, left out."""
+    """A function, a custom tool (offered as a function of one string, `input`; its call a custom_tool_call, whose
+    input the model may write as it is), a namespace's function (offered under `{namespace}.{name}`; its call
+    names the namespace and the function), and tools this server cannot run, left out."""
     patch = "*** Begin Patch\n*** End Patch"
-    replies = [f"apply_patch\n{json.dumps({'input': patch})}", 'search_docs\n{"q": "x"}']
+    replies = [f"apply_patch\n{patch}", 'mcp_docs.search_docs\n{"q": "x"}']
     app = make_app(replies=lambda call: [
         replies[0] if "patch" in small_tokenizer().decode(call.prompt_ids[-8:]) else replies[1]])
     client = TestClient(app)
@@ -386,7 +401,7 @@ def test_codexs_tools_custom_namespaced_and_hosted(stream):
         events = events_of(r.text) if stream else []
         outputs.append((events, events[-1]["response"] if stream else r.json()))
     prompt = small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
-    assert all(f"## {name}" in prompt for name in ("get_weather", "apply_patch", "search_docs"))
+    assert all(f"## {name}" in prompt for name in ("get_weather", "apply_patch", "mcp_docs.search_docs"))
     assert "web_search" not in prompt and "local_shell" not in prompt
     assert '"input"' in prompt  # the custom tool's one argument
     (events, body), (_, other) = outputs
@@ -395,6 +410,7 @@ def test_codexs_tools_custom_namespaced_and_hosted(stream):
     assert (call["name"], call["input"]) == ("apply_patch", patch) and "arguments" not in call
     [namespaced] = other["output"]
     assert namespaced["type"] == "function_call" and namespaced["namespace"] == "mcp_docs"
+    assert namespaced["name"] == "search_docs"
     assert body["tools"][3] == {"type": "web_search"}  # echoed as sent
     if stream:
         kinds = [e["type"] for e in events]
@@ -415,8 +431,7 @@ def test_a_custom_tools_call_and_output_sent_back_are_a_call_and_its_observation
     r = TestClient(app).post("/v1/responses", json={"input": items, "tools": CODEX_TOOLS})
     assert r.status_code == 200, r.text
     prompt = small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
-    assert prompt.endswith('<|user|>\npatch it<|assistant|>apply_patch\n{"input": "diff"}<|observation|>\ndone'
-                           '<|assistant|>')
+    assert prompt.endswith("<|user|>\npatch it<|assistant|>apply_patch\ndiff<|observation|>\ndone<|assistant|>")
     assert "a.txt" not in prompt and "ls" not in prompt.split("<|user|>")[-1]
 
 
@@ -444,7 +459,7 @@ def test_allowed_tools_offers_only_those():
     assert r.status_code == 200, r.text
     call = engine_of(app).calls[0]
     prompt = small_tokenizer().decode(call.prompt_ids)
-    assert "## search_docs" in prompt and "## get_weather" not in prompt
+    assert "## mcp_docs.search_docs" in prompt and "## get_weather" not in prompt
     assert call.params.guided is not None  # required: a call is forced
     assert r.json()["tool_choice"] == choice
 
@@ -459,3 +474,35 @@ def test_input_tokens_counts_the_prompt_the_reply_would_get():
     assert counted.json() == {"object": "response.input_tokens", "input_tokens": reply["usage"]["input_tokens"]}
     assert len(engine_of(app).calls) == 1  # counting runs nothing
     assert client.post("/v1/responses/input_tokens", json={"input": "x", "model": "gpt-5"}).status_code == 404
+
+
+def test_namespaces_scope_their_names_and_calls_sent_back_keep_theirs():
+    """Two namespaces may both have a `search`: each is offered under its namespace's name, allowed_tools may name a
+    namespace, and a call sent back with its namespace is shown to the model by that name and kept with it."""
+    search = {"type": "function", "name": "search", "parameters": {"type": "object"}}
+    tools = [{"type": "namespace", "name": "docs", "description": "d", "tools": [search]},
+             {"type": "namespace", "name": "code", "description": "c", "tools": [search]},
+             {"type": "web_search", "search_context_size": "high"}]
+    app = make_app(replies=['code.search\n{"q": "x"}'])
+    client = TestClient(app)
+    items = [{"role": "user", "content": "find it"},
+             {"type": "function_call", "call_id": "c1", "name": "search", "namespace": "docs", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "nothing"}]
+    choice = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "namespace", "name": "code"}]}
+    r = client.post("/v1/responses", json={"input": items, "tools": tools, "tool_choice": choice})
+    assert r.status_code == 200, r.text
+    prompt = small_tokenizer().decode(engine_of(app).calls[0].prompt_ids)
+    assert "## code.search" in prompt and "## docs.search" not in prompt
+    assert "<|assistant|>docs.search\n{}<|observation|>\nnothing" in prompt
+    [call] = r.json()["output"]
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "search", "code")
+    assert r.json()["tools"][2] == {"type": "web_search", "search_context_size": "high"}
+    listed = client.get(f"/v1/responses/{r.json()['id']}/input_items", params={"order": "asc"}).json()["data"]
+    assert listed[1]["namespace"] == "docs" and "namespace" not in listed[2]
+
+
+def test_a_custom_tools_input_may_come_wrapped_in_its_one_argument():
+    app = make_app(replies=['apply_patch\n{"input": "the patch"}'])
+    r = TestClient(app).post("/v1/responses", json={"input": "x", "tools": CODEX_TOOLS})
+    [call] = r.json()["output"]
+    assert (call["type"], call["input"]) == ("custom_tool_call", "the patch")

@@ -254,3 +254,16 @@ def test_feed_after_finish_is_an_error():
     parser.finish()
     with pytest.raises(RuntimeError):
         parser.feed("x")
+
+
+def test_a_freeform_tools_call_takes_its_rest_as_written():
+    """The Responses API's custom tools: any text after the name line is the call's input, whole or streamed."""
+    reply = "apply_patch\n*** Begin Patch\n*** End Patch"
+    calls, content = parse_reply(reply, {"apply_patch", "f"}, freeform=frozenset({"apply_patch"}))
+    assert [(c.name, c.arguments) for c in calls] == [("apply_patch", "*** Begin Patch\n*** End Patch")]
+    assert content == ""
+    assert parse_reply(reply, {"apply_patch"})[0] == []  # not freeform: text that is no JSON is content
+    parser = StreamingToolParser({"apply_patch"}, freeform=frozenset({"apply_patch"}))
+    events = [e for piece in (reply[:5], reply[5:20], reply[20:]) for e in parser.feed(piece)] + parser.finish()
+    assert [type(e).__name__ for e in events] == ["ToolCallStart", "ToolArgsDelta"]
+    assert events[1].text == "*** Begin Patch\n*** End Patch"

@@ -3,6 +3,7 @@ routes (/health, /ping, /metrics, /tokenize, /detokenize, /version) beside them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Literal
@@ -198,7 +199,9 @@ def _token_routes(ctx: ServingContext) -> APIRouter:
             ids = await ctx.chat_prompt_ids(body, tools)
         # JSONResponse straight away: FastAPI's jsonable_encoder walks a list in Python, seconds
         # of a blocked event loop for the millions of ids a multi-MB prompt has
-        strs = [token_text_and_bytes(ctx.tokenizer, t)[0] for t in ids] if body.return_token_strs else None
+        strs = None
+        if body.return_token_strs:  # a Python loop over every token: off the event loop
+            strs = await asyncio.to_thread(lambda: [token_text_and_bytes(ctx.tokenizer, t)[0] for t in ids])
         return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
                              "token_strs": strs})
 

@@ -76,9 +76,11 @@ class ChatPlan:
     # a reply that calls tools finishes "tool_calls", but "stop" when tool_choice named the function (as
     # OpenAI's API and vLLM)
     call_finish_reason: str = "tool_calls"
+    freeform_tools: frozenset[str] = frozenset()  # tools whose call takes any text as its input (tool_parser.py)
 
 
-async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request: Request | None = None) -> ChatPlan:
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request: Request | None = None,
+                       freeform_tools: frozenset[str] = frozenset()) -> ChatPlan:
     ctx.check_ready()
     lora = ctx.check_model(req.model)
     await ctx.check_schemas(req)
@@ -118,7 +120,8 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
                     set(req.tool_names) if req.tools_active else None, call_spec is not None, echo,
                     strip_newline=req.add_generation_prompt, reasoning=reasoning, show_reasoning=req.include_reasoning,
                     logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name,
-                    call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls")
+                    call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls",
+                    freeform_tools=freeform_tools)
 
 
 def prompt_tools(ctx: ServingContext, req: ChatCompletionRequest) -> list[dict] | None:
@@ -150,7 +153,8 @@ class ChoiceStream:
     """One choice's text deltas -> OpenAI delta dicts (content or tool-call fragments)."""
 
     def __init__(self, plan: ChatPlan, tokenizer):
-        self.parser = StreamingToolParser(plan.tool_names, lenient=plan.forced_call) if plan.tool_names else None
+        self.parser = (StreamingToolParser(plan.tool_names, lenient=plan.forced_call, freeform=plan.freeform_tools)
+                       if plan.tool_names else None)
         self.reasoning = StreamingReasoningParser() if plan.reasoning else None
         self.thinking_tokens = ThinkingTokens() if plan.reasoning else None
         self._token_bytes = reply_token_bytes(plan, tokenizer) if plan.reasoning else None
@@ -337,7 +341,8 @@ def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str)
         return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text)), reason
     truncated = reason == LENGTH
     # a forced call stays a call even when a stop string cut its JSON (lenient), as when streamed
-    calls, content = parse_reply(text, plan.tool_names, truncated=truncated, lenient=plan.forced_call)
+    calls, content = parse_reply(text, plan.tool_names, truncated=truncated, lenient=plan.forced_call,
+                                 freeform=plan.freeform_tools)
     content = _strip_first_newline(plan, content)
     if not calls:
         return ChatMessageOut(content=plan.echo + content), reason

@@ -7,7 +7,8 @@ custom_tool_call item for a custom tool's, its input the call's one argument), a
 reasoning item with the thinking when a reasoning parser splits it off (GLM-Z1; its tokens are
 usage's reasoning_tokens). Streamed, it is typed events, each with a `sequence_number`:
 response.created and .in_progress, then per item output_item.added, its deltas (output_text.delta,
-reasoning_text.delta or function_call_arguments.delta) and its .done events, and last
+reasoning_text.delta, function_call_arguments.delta or custom_tool_call_input.delta) and its .done
+events, and last
 response.completed (or response.incomplete when max_output_tokens cut the reply). A failure midway
 is an `error` event and response.failed; the stream has no `[DONE]`.
 
@@ -41,7 +42,8 @@ from .limits import check_chat_limits
 from .schemas import ChatCompletionRequest
 from .replies import Usage
 from .response_store import StoredResponse
-from .responses_request import CUSTOM_INPUT, ResponsesRequest, in_responses_terms, item_resources, parse_items
+from .responses_request import ResponsesRequest, in_responses_terms, item_resources, parse_items
+from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
 from .serving import ServingContext, respond
 from .streaming import StreamEnd
 
@@ -55,14 +57,15 @@ class ResponseBuilder:
     the stream events that announce each step. The whole reply is built the same way, its
     events unused, so both shapes hold the same items."""
 
-    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan, input_items: list[dict]):
+    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan, input_items: list[dict],
+                 offered: list[OfferedTool]):
         self.fixed = _fixed_fields(ctx, req, plan)
         self.store = ctx.response_store if self.fixed["store"] else None
         self.input_items = input_items  # the context it is stored with
         self.output: list[dict] = []
         self.sequence_number = 0
         self._item: dict | None = None  # the item being written, the last of `output`
-        self._tools = {t.name: t for t in req.offered_tools}
+        self._tools = {t.name: t for t in offered}  # by the name the model calls them
         self._custom_arguments = ""  # a custom tool's call's arguments so far: its input once they are whole
 
     def event(self, type: str, **fields) -> bytes:
@@ -121,6 +124,8 @@ class ResponseBuilder:
     def call(self, call_id: str, name: str) -> list[bytes]:
         events = self.close("completed")
         tool = self._tools.get(name)
+        if tool is not None:
+            name = tool.call_name
         if tool is not None and tool.custom:
             self._custom_arguments = ""
             item = {"id": _new_id("ctc"), "type": "custom_tool_call", "status": "in_progress", "call_id": call_id,
@@ -344,13 +349,14 @@ def find_stored(ctx: ServingContext, response_id: str, previous: bool = False) -
     return stored
 
 
-def _as_chat(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], ChatCompletionRequest]:
+def _as_chat(ctx: ServingContext, req: ResponsesRequest,
+             offered: list[OfferedTool]) -> tuple[list[dict], ChatCompletionRequest]:
     """The previous response's context and output, as items; and the chat request of the reply."""
     history = []
     if req.previous_response_id is not None:
         history = find_stored(ctx, req.previous_response_id, previous=True).context
     try:
-        chat_req = req.to_chat(parse_items(history))
+        chat_req = req.to_chat(parse_items(history), offered)
     except ValidationError as e:
         raise validation_error(RequestValidationError(e.errors())) from None
     check_chat_limits(chat_req, ctx.settings)
@@ -360,21 +366,23 @@ def _as_chat(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], Ch
 async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict:
     """POST /v1/responses/input_tokens: the prompt's tokens, as the reply would be given them."""
     ctx.check_model(req.model)
+    offered = offer(req.tools, req.tool_choice)
     try:
-        _, chat_req = _as_chat(ctx, req)
+        _, chat_req = _as_chat(ctx, req, offered)
         prompt_ids = await ctx.chat_prompt_ids(chat_req, prompt_tools(ctx, chat_req))
     except APIError as e:
-        raise in_responses_terms(e) from e
+        raise in_responses_terms(e, offered) from e
     return {"object": "response.input_tokens", "input_tokens": len(prompt_ids)}
 
 
 async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
+    offered = offer(req.tools, req.tool_choice)
     try:
-        history, chat_req = _as_chat(ctx, req)
-        plan = await prepare_chat(ctx, chat_req)
+        history, chat_req = _as_chat(ctx, req, offered)
+        plan = await prepare_chat(ctx, chat_req, freeform_tools=frozenset(t.name for t in offered if t.custom))
     except APIError as e:
-        raise in_responses_terms(e) from e
-    builder = ResponseBuilder(ctx, req, plan, history + item_resources(req.input_items, _new_id))
+        raise in_responses_terms(e, offered) from e
+    builder = ResponseBuilder(ctx, req, plan, history + item_resources(req.input_items, _new_id), offered)
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
                                                   ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),

@@ -14,23 +14,14 @@ the server's reasoning parser, not by the request, and returned as a reasoning i
 back in `input` are dropped. `truncation: "auto"` is taken, but drops nothing: input over the context is
 a 400 either way.
 
-Clients such as Codex send, beside function tools, tools the model cannot call here: those OpenAI's
-platform runs (web_search, file_search, code_interpreter, image_generation, mcp, ...) and those with
-call items of their own (local_shell, shell, apply_patch, computer_use): they are left out of the prompt
-(logged), and those tools' call items in a conversation sent back are dropped. A `namespace` tool's
-functions are offered as functions, and their calls name the namespace. A `custom` tool (free-form
-text input) is offered as a function of one string argument, `input`, and its calls come back as
-`custom_tool_call` items; its input grammar, if any, is not enforced. Images, files and audio in the
-input become a line of text saying what was left out: GLM-4 reads text only.
+Tools are offered as responses_tools.py says; call items of tools this server cannot offer, in a
+conversation sent back, are dropped, as reasoning items are. Images, files and audio in the input become
+a line of text saying what was left out: GLM-4 reads text only.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
@@ -38,17 +29,20 @@ from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 from glm4serve.engine.types import MAX_TOP_LOGPROBS
 
 from .body import Body, RequestBody, Seed
-from .errors import APIError
+from .errors import APIError, invalid_request
 from .json_checks import invalid
-from .messages import FunctionDef, ToolName
+from .responses_tools import (
+    NamedFunctionChoice,
+    OfferedTool,
+    ResponseTool,
+    ToolChoice,
+    forced_name,
+    model_name_of,
+    offer,
+)
 from .schemas import ChatCompletionRequest
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
-log = logging.getLogger("glm4serve.api")
-
-# a custom tool's one argument, when it is offered as a function
-CUSTOM_INPUT = "input"
-CUSTOM_PARAMETERS = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
 # items of tools this server cannot offer (hosted by OpenAI, or with call items of their own): dropped
 FOREIGN_CALL_ITEMS = frozenset({
     "web_search_call", "file_search_call", "image_generation_call", "code_interpreter_call", "computer_call",
@@ -117,6 +111,7 @@ class FunctionCallItem(Body):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None
 
 
 class FunctionCallOutputItem(Body):
@@ -134,6 +129,7 @@ class CustomToolCallItem(Body):
     call_id: str
     name: str
     input: str
+    namespace: str | None = None
 
 
 class CustomToolCallOutputItem(Body):
@@ -166,7 +162,7 @@ def _item_tag(item: Any) -> str:
     # Tags are written `item[...]`: error paths leave out a part with a bracket (errors.py), so a
     # bad field is `input.0.content`, not `input.0.message.content`.
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
-    if kind == "reasoning" or kind in FOREIGN_CALL_ITEMS:
+    if kind == "reasoning" or (isinstance(kind, str) and kind in FOREIGN_CALL_ITEMS):
         return "item[dropped]"
     return f"item[{kind if kind in _ITEM_TYPES else 'unsupported'}]"
 
@@ -204,7 +200,7 @@ def item_resources(items: list, new_id) -> list[dict]:
             out.append({"id": item.id or new_id("msg"), "type": "message", "role": item.role,
                         "content": [p.as_text_part for p in parts], "status": "completed"})
         elif type(item) in prefixes:
-            fields = item.model_dump(exclude={"id"})
+            fields = item.model_dump(exclude={"id"}, exclude_none=True)
             if not isinstance(getattr(item, "output", ""), str):
                 fields["output"] = [p.as_text_part for p in item.output]
             out.append({"id": item.id or new_id(prefixes[type(item)]), **fields, "status": "completed"})
@@ -212,89 +208,6 @@ def item_resources(items: list, new_id) -> list[dict]:
 
 
 # ---- tools and formats ----------------------------------------------------------------------
-
-
-class FunctionTool(FunctionDef):
-    """The Responses API's function tool: the chat tool's `function` fields, flat."""
-
-    type: Literal["function"]
-
-    def as_function(self) -> dict:
-        return {k: v for k, v in self.as_given().items() if k != "type"}
-
-
-class CustomTool(Body):
-    """A tool whose input is free-form text: offered to the model as a function of one string argument."""
-
-    type: Literal["custom"]
-    name: ToolName
-    description: str | None = None
-    format: dict[str, Any] | None = None  # its input's grammar: shown to no one, not enforced
-
-    def as_function(self) -> dict:
-        described = {"description": self.description} if self.description is not None else {}
-        return {"name": self.name, **described, "parameters": CUSTOM_PARAMETERS}
-
-
-class NamespaceTool(Body):
-    """Functions and custom tools grouped under a name, which their calls carry."""
-
-    type: Literal["namespace"]
-    name: str
-    description: str | None = None
-    tools: list[Annotated[FunctionTool | CustomTool, Field(discriminator="type")]]
-
-
-class OtherTool(Body):
-    """A tool the model cannot call here (hosted by OpenAI, or with call items of its own): left out."""
-
-    type: str
-
-
-def _tool_tag(tool: Any) -> str:
-    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
-    return f"tool[{kind if kind in ('function', 'custom', 'namespace') else 'other'}]"
-
-
-ResponseTool = Annotated[
-    Union[
-        Annotated[FunctionTool, Tag("tool[function]")],
-        Annotated[CustomTool, Tag("tool[custom]")],
-        Annotated[NamespaceTool, Tag("tool[namespace]")],
-        Annotated[OtherTool, Tag("tool[other]")],
-    ],
-    Discriminator(_tool_tag),
-]
-
-
-@dataclass(frozen=True)
-class OfferedTool:
-    """A tool as the model is offered it: a function, which may stand for a custom tool, in a namespace."""
-
-    function: dict  # the chat tool's `function`
-    custom: bool
-    namespace: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.function["name"]
-
-
-class NamedFunctionChoice(Body):
-    type: Literal["function", "custom"]
-    name: str
-
-
-class AllowedToolsChoice(Body):
-    """Only these of the tools may be called: "auto" lets the reply be text, "required" makes it a call."""
-
-    type: Literal["allowed_tools"]
-    mode: Literal["auto", "required"]
-    tools: list[dict[str, Any]]
-
-    @property
-    def names(self) -> set[str]:
-        return {t.get("name") for t in self.tools}
 
 
 class TextFormat(Body):
@@ -333,7 +246,7 @@ class ResponsesRequest(RequestBody):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     tools: list[ResponseTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | AllowedToolsChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     stream: bool = False
@@ -389,42 +302,24 @@ class ResponsesRequest(RequestBody):
     def messages(self, history: list = ()) -> list[dict]:
         """Chat messages: the instructions as a system message, then one message per item of
         `history` (a previous response's context, parsed) and of the input (a function call is
-        an assistant message with that call: GLM-4 gives each call its own assistant turn anyway)."""
+        an assistant message with that call: GLM-4 gives each call its own assistant turn anyway; a custom
+        tool's call has its input as written, a namespaced tool's call the name the model sees it by)."""
         out: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
         for item in [*history, *self.input_items]:
             if isinstance(item, InputMessage):
                 out.append({"role": item.role, "content": _chat_content(item.content)})
-            elif isinstance(item, FunctionCallItem):
-                call = {"id": item.call_id, "function": {"name": item.name, "arguments": item.arguments}}
-                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            elif isinstance(item, CustomToolCallItem):
-                arguments = json.dumps({CUSTOM_INPUT: item.input}, ensure_ascii=False)
-                call = {"id": item.call_id, "function": {"name": item.name, "arguments": arguments}}
+            elif isinstance(item, (FunctionCallItem, CustomToolCallItem)):
+                arguments = item.input if isinstance(item, CustomToolCallItem) else item.arguments
+                call = {"id": item.call_id, "function": {"name": model_name_of(item.name, item.namespace),
+                                                         "arguments": arguments}}
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif isinstance(item, (FunctionCallOutputItem, CustomToolCallOutputItem)):
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": _chat_content(item.output)})
         return out
 
-    @property
-    def offered_tools(self) -> list[OfferedTool]:
-        """The tools the model is offered, in order: namespaces' flattened, the others' left out (logged)."""
-        offered, left_out = [], set()
-        for tool in self.tools or []:
-            if isinstance(tool, NamespaceTool):
-                offered += [OfferedTool(t.as_function(), isinstance(t, CustomTool), tool.name) for t in tool.tools]
-            elif isinstance(tool, (FunctionTool, CustomTool)):
-                offered.append(OfferedTool(tool.as_function(), isinstance(tool, CustomTool)))
-            else:
-                left_out.add(tool.type)
-        if left_out:
-            _note_left_out(frozenset(left_out))
-        if isinstance(self.tool_choice, AllowedToolsChoice):
-            offered = [t for t in offered if t.name in self.tool_choice.names]
-        return offered
-
-    def to_chat(self, history: list = ()) -> ChatCompletionRequest:
-        """The chat request of the same reply (raises pydantic's ValidationError for what only
-        the chat rules catch, such as a tool_choice naming no given tool)."""
+    def to_chat(self, history: list = (), offered: list[OfferedTool] | None = None) -> ChatCompletionRequest:
+        """The chat request of the same reply, with the `offered` tools (by default offer()'s); raises
+        pydantic's ValidationError for what only the chat rules catch."""
         messages = self.messages(history)
         if not messages:
             raise APIError(400, "input has no message or function call item (reasoning items are dropped)",
@@ -436,14 +331,17 @@ class ResponsesRequest(RequestBody):
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
-        # `tools: []` is no tools (the Agents SDK sends it), and so is "auto" or "none" without tools.
-        offered = self.offered_tools
+        # `tools: []` is no tools (the Agents SDK sends it), and so is "auto", "required" or "none" without
+        # tools, as on the chat route
+        offered = offer(self.tools, self.tool_choice) if offered is None else offered
         if offered:
             body["tools"] = [{"type": "function", "function": t.function} for t in offered]
-        choice = self.tool_choice.mode if isinstance(self.tool_choice, AllowedToolsChoice) else self.tool_choice
+        choice = getattr(self.tool_choice, "mode", self.tool_choice)  # allowed_tools: its mode
         if isinstance(choice, NamedFunctionChoice):
-            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
-        elif choice is not None and (offered or choice == "required"):
+            body["tool_choice"] = {"type": "function", "function": {"name": forced_name(choice, offered)}}
+        elif choice == "required" and not offered and self.tools:
+            raise invalid_request("tool_choice is required, but this server can call none of tools", "tool_choice")
+        elif choice is not None and offered:
             body["tool_choice"] = choice
         if self.text is not None and self.text.format is not None:
             body["response_format"] = self.text.format.as_response_format()
@@ -453,14 +351,9 @@ class ResponsesRequest(RequestBody):
         return ChatCompletionRequest.model_validate(body)
 
 
-@functools.lru_cache(maxsize=64)
-def _note_left_out(kinds: frozenset[str]) -> None:
-    """Logged once a set: clients such as Codex send the same tools with every request."""
-    log.info("responses: tools of types %s are left out of the prompt: this server cannot run them", sorted(kinds))
-
-
-def in_responses_terms(error: APIError) -> APIError:
-    """A chat route's error with `param` named as the Responses request names it, in its message too."""
+def in_responses_terms(error: APIError, offered: list[OfferedTool] = ()) -> APIError:
+    """A chat route's error with `param` named as the Responses request names it, in its message too (a tool
+    by where the request has it, of the `offered` tools)."""
     param = error.param
     if param is None:
         return error
@@ -473,7 +366,8 @@ def in_responses_terms(error: APIError) -> APIError:
     elif param in ("max_tokens", "max_completion_tokens"):
         param = "max_output_tokens"
     elif (m := re.fullmatch(r"tools\.(\d+)\.function\.(.+)", param)) is not None:
-        param = f"tools.{m[1]}.{m[2]}"
+        index = int(m[1])
+        param = f"{offered[index].source if index < len(offered) else f'tools.{index}'}.{m[2]}"
     if param == error.param:
         return error
     message = error.message.replace(error.param, param)

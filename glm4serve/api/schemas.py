@@ -62,7 +62,7 @@ class _SamplingBody(RequestBody):
     # vLLM extension: each choice's token ids (streamed: each chunk's) beside its text, and the prompt's
     return_token_ids: bool = False
     # vLLM extension: the reply's id is "{chatcmpl|cmpl}-{request_id}" (the X-Request-Id header comes first)
-    request_id: str | None = Field(None, min_length=1, max_length=256)
+    request_id: str | None = Field(None, min_length=1)  # at most serving.MAX_REQUEST_ID characters
     use_beam_search: bool = False  # vLLM's: refused, never sampled instead
     # vLLM extension: only requests with the same salt share cached prompt blocks (multi-tenant servers:
     # another tenant cannot time its requests to learn whether a prompt was seen)

@@ -228,11 +228,17 @@ class ServingContext:
         return self.generate(prompt_ids, params, request_id)
 
 
+MAX_REQUEST_ID = 256  # characters of a client's request id, which every chunk of its reply carries
+
+
 def reply_ids(prefix: str, request: Request | None, body_id: str | None) -> tuple[str, str]:
     """(the reply's id, the engine's) as vLLM names replies: `{prefix}-{X-Request-Id}`, else
     `{prefix}-{the body's request_id}`, else a random one. The engine's id is unique whatever clients send."""
     own = uuid.uuid4().hex
     given = (request.headers.get("x-request-id") if request is not None else None) or body_id
+    if given is not None and len(given) > MAX_REQUEST_ID:
+        raise invalid_request(f"the request id (X-Request-Id or request_id) is longer than {MAX_REQUEST_ID} "
+                              "characters", "request_id")
     return (f"{prefix}-{given}", f"{prefix}-{given}-{own}") if given else (f"{prefix}-{own}", f"{prefix}-{own}")
 
 

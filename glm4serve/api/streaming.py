@@ -38,7 +38,7 @@ def sse_error(error: APIError) -> bytes:
 @dataclass(frozen=True)
 class StreamEnd:
     """How a stream reports a failure midway, and what ends it: chat and completions send the
-    error envelope and `[DONE]`; the Responses API an `error` event and nothing after it."""
+    error envelope and `[DONE]`; the Responses API an `error` event and `response.failed`, no `[DONE]`."""
 
     error_event: Callable[[APIError], bytes] = sse_error
     done: bytes | None = DONE

@@ -19,6 +19,8 @@ are kept as the model wrote them (stripped of surrounding whitespace, not re-ser
 - `lenient` (a forced tool_choice: a grammar wrote the call, but a stop string may have cut its
   JSON): segments are calls while their first line is a tool name, whatever their arguments;
   the first segment that is not, and everything after it, is content.
+- `freeform` tools (the Responses API's custom tools) take any text as their input: a segment whose
+  first line is one of them is a call, its rest the input as written.
 
 Streamed, a reply whose first line cannot be a tool name streams as content at once; one whose
 first line is a tool name is held to its end and then decided by the same rule, so a streamed
@@ -70,8 +72,8 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
-def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False,
-                lenient: bool = False) -> tuple[list[ToolCall], str]:
+def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False, lenient: bool = False,
+                freeform: frozenset[str] = frozenset()) -> tuple[list[ToolCall], str]:
     """A whole reply -> (its tool calls, its content) by the rule of the module docstring; a
     reply with no calls is all content."""
     segments = text.split(CALL_MARK)
@@ -84,7 +86,7 @@ def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False,
             if segment == "" or (truncated and _could_be_name(segment, tool_names)):
                 break
         arguments = rest.strip()
-        valid = lenient or _is_json_object(arguments) or (truncated and is_last)
+        valid = lenient or name in freeform or _is_json_object(arguments) or (truncated and is_last)
         if not (newline and name in tool_names and valid):
             return (calls, "".join(segments[k:])) if lenient else ([], text.replace(CALL_MARK, ""))
         calls.append(ToolCall(new_call_id(), name, arguments))
@@ -95,9 +97,10 @@ class StreamingToolParser:
     """Feed decoded text deltas of one reply; get content / tool-call events as early as the
     rule allows (module docstring). `calls` holds the reply's calls once decided."""
 
-    def __init__(self, tool_names: set[str], *, lenient: bool = False):
+    def __init__(self, tool_names: set[str], *, lenient: bool = False, freeform: frozenset[str] = frozenset()):
         self.tool_names = frozenset(tool_names)
         self.lenient = lenient
+        self.freeform = freeform
         self.calls: list[ToolCall] = []
         # "name": the first line may still be a tool name (held); "call": it is one, the reply is
         # held to its end; "content": plain text, streamed as it comes.
@@ -127,7 +130,8 @@ class StreamingToolParser:
         self._finished = True
         if self._mode == "content":
             return []
-        self.calls, content = parse_reply(self._held, self.tool_names, truncated=truncated, lenient=self.lenient)
+        self.calls, content = parse_reply(self._held, self.tool_names, truncated=truncated, lenient=self.lenient,
+                                          freeform=self.freeform)
         events: list[Event] = []
         for index, call in enumerate(self.calls):
             events.append(ToolCallStart(index, call.id, call.name))

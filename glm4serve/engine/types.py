@@ -142,6 +142,7 @@ CHOICE = "choice"
 GRAMMAR = "grammar"
 KINDS = (JSON_OBJECT, JSON_SCHEMA, TOOL_CALL, REGEX, CHOICE, GRAMMAR)
 
+
 class GuidedSpecError(ValueError):
     """The grammar engine cannot compile this spec (the request is refused, never the engine)."""
 
