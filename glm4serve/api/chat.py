@@ -69,14 +69,14 @@ class ChatPlan:
     forced_call: bool  # tool_choice forces a call (a grammar enforces its format)
     echo: str  # vLLM's chat echo: the last assistant message, prepended to the reply
     strip_newline: bool
-    reasoning: bool = False  # the reply's thinking is split from its answer (chat/reasoning.py)
-    show_reasoning: bool = True  # ... and sent as reasoning (include_reasoning)
-    logprob_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
-    model: str = ""  # what the reply names as its model: the LoRA adapter's name, else the served model's
+    reasoning: bool  # the reply's thinking is split from its answer (chat/reasoning.py)
+    show_reasoning: bool  # ... and sent as reasoning (include_reasoning)
+    logprob_token_ids: bool  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
+    model: str  # what the reply names as its model: the LoRA adapter's name, else the served model's
     # a reply that calls tools finishes "tool_calls", but "stop" when tool_choice named the function (as
     # OpenAI's API and vLLM)
-    call_finish_reason: str = "tool_calls"
-    freeform_tools: frozenset[str] = frozenset()  # tools whose call takes any text as its input (tool_parser.py)
+    call_finish_reason: str
+    freeform_tools: frozenset[str]  # tools whose call takes any text as its input (tool_parser.py)
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request: Request | None = None,
