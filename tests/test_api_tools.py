@@ -266,3 +266,16 @@ def test_history_with_tool_call_and_result_renders():
         {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'}])
     prompt = small_tokenizer().decode(engine.calls[0].prompt_ids)
     assert prompt.endswith('<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"sky": "clear"}<|assistant|>')
+
+
+def test_a_forced_calls_arguments_stream_as_the_model_writes_them():
+    """Under tool_choice required or named (a grammar writes the call) the call is sure from its name line, so its
+    arguments stream token by token, as instructor's partial objects read them; auto still decides at the end."""
+    for tool_choice, pieces in (("required", "many"), ("auto", "one")):
+        _, chunks = run([CALL], stream=True, tool_choice=tool_choice)
+        fragments = [tc["function"]["arguments"] for c in chunks for ch in c["choices"]
+                     for tc in ch["delta"].get("tool_calls") or [] if tc["function"].get("arguments")]
+        assert "".join(fragments) == '{"city": "Paris"}'
+        assert (len(fragments) > 3) if pieces == "many" else (len(fragments) == 1), tool_choice
+        calls, _ = calls_from_stream(chunks)
+        assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", '{"city": "Paris"}')]

@@ -267,3 +267,17 @@ def test_a_freeform_tools_call_takes_its_rest_as_written():
     events = [e for piece in (reply[:5], reply[5:20], reply[20:]) for e in parser.feed(piece)] + parser.finish()
     assert [type(e).__name__ for e in events] == ["ToolCallStart", "ToolArgsDelta"]
     assert events[1].text == "*** Begin Patch\n*** End Patch"
+
+
+def test_a_forced_call_starts_at_once_and_its_arguments_stream_as_they_come():
+    """lenient (a grammar wrote it): the first call is sure once its name line is, so nothing waits for the end."""
+    parser = StreamingToolParser(NAMES, lenient=True)
+    assert parser.feed("get_we") == []
+    [start] = parser.feed("ather\n")
+    assert isinstance(start, ToolCallStart) and start.name == "get_weather"
+    sent = [e.text for piece in (' {"city"', ': "Par', 'is"} ', "\n") for e in parser.feed(piece)]
+    assert sent == ['{"city"', ': "Par', 'is"}']  # whitespace at the ends held back, as the whole reply strips it
+    assert parser.finish() == []
+    assert [(c.id, c.name, c.arguments) for c in parser.calls] == [(start.id, "get_weather", '{"city": "Paris"}')]
+    not_forced = StreamingToolParser(NAMES)
+    assert [e for piece in ("get_weather\n", '{"city": "Paris"}') for e in not_forced.feed(piece)] == []

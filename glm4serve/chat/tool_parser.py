@@ -26,7 +26,9 @@ Streamed, a reply whose first line cannot be a tool name streams as content at o
 first line is a tool name is held to its end and then decided by the same rule, so a streamed
 reply and a whole one always agree and a client never gets a call the rule would not make. GLM-4
 stops right after a call (`<|observation|>`), so holding it costs no time to the complete call;
-its arguments arrive in one fragment.
+its arguments arrive in one fragment. But for `lenient` (its first segment is a call whatever follows
+the name): that call starts at once and its arguments stream as they come (whitespace at their ends
+held back, as the whole reply strips it); the rest is held and decided at the end.
 """
 
 from __future__ import annotations
@@ -107,6 +109,12 @@ class StreamingToolParser:
         self._mode = "name"
         self._held = ""
         self._finished = False
+        # lenient: the first call, streamed as it comes: its id, whether its arguments began, the
+        # whitespace after what was sent, and whether its segment ended
+        self._first: ToolCallStart | None = None
+        self._args_begun = False
+        self._trailing = ""
+        self._first_done = False
 
     def feed(self, delta: str) -> list[Event]:
         if self._finished:
@@ -115,14 +123,32 @@ class StreamingToolParser:
             return _content(delta)
         self._held += delta
         if self._mode == "name":
-            line, newline, _ = self._held.partition("\n")
+            line, newline, rest = self._held.partition("\n")
             if newline and line in self.tool_names:
                 self._mode = "call"
+                if self.lenient:
+                    self._first = ToolCallStart(0, new_call_id(), line)
+                    return [self._first] + self._first_arguments(rest)
             elif newline or not _could_be_name(line, self.tool_names):
                 self._mode = "content"
                 held, self._held = self._held, ""
                 return _content(held)
+        elif self._first is not None:
+            return self._first_arguments(delta)
         return []
+
+    def _first_arguments(self, text: str) -> list[Event]:
+        """The first call's arguments in `text`, as far as they are sure: stripped as parse_reply strips them."""
+        if self._first_done:
+            return []
+        text, mark, _ = text.partition(CALL_MARK)
+        self._first_done = bool(mark)
+        if not self._args_begun:
+            text = text.lstrip()
+            self._args_begun = bool(text)
+        sure = (self._trailing + text).rstrip()
+        self._trailing = (self._trailing + text)[len(sure):]
+        return [ToolArgsDelta(0, sure)] if sure else []
 
     def finish(self, truncated: bool = False) -> list[Event]:
         if self._finished:
@@ -134,6 +160,9 @@ class StreamingToolParser:
                                           freeform=self.freeform)
         events: list[Event] = []
         for index, call in enumerate(self.calls):
+            if index == 0 and self._first is not None:  # sent already, as parse_reply makes it
+                call.id = self._first.id
+                continue
             events.append(ToolCallStart(index, call.id, call.name))
             if call.arguments:
                 events.append(ToolArgsDelta(index, call.arguments))
