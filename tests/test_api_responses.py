@@ -506,3 +506,20 @@ def test_a_custom_tools_input_may_come_wrapped_in_its_one_argument():
     r = TestClient(app).post("/v1/responses", json={"input": "x", "tools": CODEX_TOOLS})
     [call] = r.json()["output"]
     assert (call["type"], call["input"]) == ("custom_tool_call", "the patch")
+
+
+def test_a_streamed_request_over_the_context_fails_in_the_stream_as_openai_reports_it():
+    """Codex compacts its conversation on response.failed with context_length_exceeded: a streamed request whose
+    input the context cannot hold gets that event (whole, it is still a 400)."""
+    app = make_app(max_model_len=64)
+    client = TestClient(app)
+    body = {"input": "word " * 200, "stream": True}
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 200
+    events = events_of(r.text)
+    assert [e["type"] for e in events] == ["response.created", "error", "response.failed"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "context_length_exceeded"
+    assert failed["model"] == MODEL and failed["output"] == []
+    assert client.post("/v1/responses", json={**body, "stream": False}).status_code == 400
+    assert engine_of(app).calls == []

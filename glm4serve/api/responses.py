@@ -44,8 +44,8 @@ from .replies import Usage
 from .response_store import StoredResponse
 from .responses_request import ResponsesRequest, in_responses_terms, item_resources, parse_items
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
-from .serving import ServingContext, respond
-from .streaming import StreamEnd
+from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
+from .streaming import StreamEnd, sse_response
 
 
 def _new_id(prefix: str) -> str:
@@ -57,8 +57,9 @@ class ResponseBuilder:
     the stream events that announce each step. The whole reply is built the same way, its
     events unused, so both shapes hold the same items."""
 
-    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan, input_items: list[dict],
+    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | None, input_items: list[dict],
                  offered: list[OfferedTool]):
+        """plan: None for a request refused before any plan was made (its stream says so and ends)."""
         self.fixed = _fixed_fields(ctx, req, plan)
         self.store = ctx.response_store if self.fixed["store"] else None
         self.input_items = input_items  # the context it is stored with
@@ -212,8 +213,9 @@ def _custom_input(arguments: str) -> str:
     return arguments
 
 
-def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) -> dict:
-    """The response object's fields that the reply does not change: mostly the request, echoed."""
+def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | None) -> dict:
+    """The response object's fields that the reply does not change: mostly the request, echoed (as sent, where
+    no plan says what they came to)."""
     if isinstance(req.tool_choice, Body):
         tool_choice = req.tool_choice.model_dump()
     else:
@@ -222,10 +224,12 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan) ->
     if req.text and req.text.format:
         text_format = req.text.format.model_dump(by_alias=True, exclude_none=True)
     return {
-        "id": _new_id("resp"), "object": "response", "created_at": plan.created, "model": plan.model,
+        "id": _new_id("resp"), "object": "response", "created_at": plan.created if plan else int(time.time()),
+        "model": plan.model if plan else req.model or ctx.model_name,
         "error": None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
-        "temperature": plan.params.temperature, "top_p": plan.params.top_p, "top_logprobs": req.top_logprobs,
+        "temperature": plan.params.temperature if plan else req.temperature,
+        "top_p": plan.params.top_p if plan else req.top_p, "top_logprobs": req.top_logprobs,
         "tool_choice": tool_choice, "tools": [t.model_dump() for t in req.tools or []],
         "text": {"format": text_format}, "truncation": req.truncation or "disabled", "metadata": req.metadata or {},
         "user": req.user, "previous_response_id": req.previous_response_id, "reasoning": None,
@@ -289,6 +293,14 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     thinking = choice.thinking_tokens.count if plan.reasoning else None
     usage = _usage(Usage.of(len(plan.prompt_ids), choice.num_tokens, choice.details, thinking))
     yield builder.event(f"response.{status}", response=builder.keep(builder.response(status, usage)))
+
+
+async def _refused_stream(ctx: ServingContext, req: ResponsesRequest, error: APIError,
+                          offered: list[OfferedTool]) -> AsyncIterator[bytes]:
+    """A request refused before it ran, as a stream: created, then the error and response.failed."""
+    builder = ResponseBuilder(ctx, req, None, [], offered)
+    yield builder.event("response.created", response=builder.response("in_progress"))
+    yield builder.error_event(error)
 
 
 # ---- whole ----------------------------------------------------------------------------------
@@ -381,7 +393,11 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
         history, chat_req = _as_chat(ctx, req, offered)
         plan = await prepare_chat(ctx, chat_req, freeform_tools=frozenset(t.name for t in offered if t.custom))
     except APIError as e:
-        raise in_responses_terms(e, offered) from e
+        error = in_responses_terms(e, offered)
+        if req.stream and error.code == CONTEXT_LENGTH_EXCEEDED:
+            # in the stream, as OpenAI's API reports it: clients such as Codex then compact the conversation
+            return sse_response(_refused_stream(ctx, req, error, offered), ctx.settings, StreamEnd(done=None))
+        raise error from e
     builder = ResponseBuilder(ctx, req, plan, history + item_resources(req.input_items, _new_id), offered)
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,

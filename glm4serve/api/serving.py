@@ -33,6 +33,9 @@ from .streaming import StreamEnd, sse_response
 log = logging.getLogger("glm4serve.api")
 T = TypeVar("T")
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # the error code of a prompt and reply the context cannot hold
+MAX_REQUEST_ID = 256  # characters of a client's request id, which every chunk of its reply carries
+
 # Longer prompts are tokenized in a worker thread so other requests keep streaming meanwhile.
 _THREAD_TOKENIZE_CHARS = 16384
 
@@ -96,7 +99,7 @@ class ServingContext:
             raise invalid_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{wanted} tokens ({prompt_len} in the prompt, {requested or 0} for the completion). "
-                f"Please reduce the prompt or max_tokens.", param, "context_length_exceeded")
+                f"Please reduce the prompt or max_tokens.", param, CONTEXT_LENGTH_EXCEEDED)
         if requested is not None:
             return requested
         cap = self.settings.max_tokens_limit  # the server's cap also bounds the default
@@ -226,9 +229,6 @@ class ServingContext:
         except ValueError as e:
             raise invalid_request(f"the engine refused this request: {e}") from e
         return self.generate(prompt_ids, params, request_id)
-
-
-MAX_REQUEST_ID = 256  # characters of a client's request id, which every chunk of its reply carries
 
 
 def reply_ids(prefix: str, request: Request | None, body_id: str | None) -> tuple[str, str]:
