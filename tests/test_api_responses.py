@@ -523,3 +523,42 @@ def test_a_streamed_request_over_the_context_fails_in_the_stream_as_openai_repor
     assert failed["model"] == MODEL and failed["output"] == []
     assert client.post("/v1/responses", json={**body, "stream": False}).status_code == 400
     assert engine_of(app).calls == []
+
+
+@pytest.mark.parametrize("tools, choice, param, says", [
+    ([{"type": "namespace", "name": "n" * 40, "description": "", "tools": [{"type": "function", "name": "f" * 30}]}],
+     None, "tools.0.tools.0.name", "longer than 64"),
+    ([{"type": "namespace", "name": "my docs", "description": "", "tools": [TOOL]}], None, "tools.0.name", "pattern"),
+    ([{"type": "namespace", "name": "a", "description": "", "tools": [TOOL]},
+      {"type": "namespace", "name": "b", "description": "", "tools": [TOOL]}],
+     {"type": "function", "name": "get_weather"}, "tool_choice", "2 namespaces"),
+    ([TOOL], {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "namespace"}]}, "tool_choice.tools.0",
+     "names no namespace"),
+])
+def test_tool_names_that_cannot_be_offered_or_choose_no_one_tool_are_a_400(tools, choice, param, says):
+    body = {"input": "x", "tools": tools, **({"tool_choice": choice} if choice else {})}
+    r = TestClient(make_app()).post("/v1/responses", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and says in r.json()["error"]["message"], r.text
+
+
+def test_a_bare_name_chooses_the_tool_of_that_exact_name_before_a_namespaced_one():
+    tools = [{"type": "namespace", "name": "d", "description": "", "tools": [TOOL]}, TOOL]
+    app = make_app(replies=[CALL])
+    r = TestClient(app).post("/v1/responses", json={"input": "x", "tools": tools,
+                                                     "tool_choice": {"type": "function", "name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    [call] = r.json()["output"]
+    assert call["name"] == "get_weather" and "namespace" not in call
+
+
+def test_a_custom_inputs_json_is_unwrapped_only_when_it_is_the_one_argument_and_empty_input_shows_as_it():
+    app = make_app(replies=['apply_patch\n{"input": "a", "mode": "x"}'])
+    client = TestClient(app)
+    [call] = client.post("/v1/responses", json={"input": "x", "tools": CODEX_TOOLS}).json()["output"]
+    assert call["input"] == '{"input": "a", "mode": "x"}'
+    items = [{"role": "user", "content": "x"},
+             {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": ""},
+             {"type": "custom_tool_call_output", "call_id": "c1", "output": "ok"}]
+    client.post("/v1/responses", json={"input": items, "tools": CODEX_TOOLS})
+    prompt = small_tokenizer().decode(engine_of(app).calls[-1].prompt_ids)
+    assert '<|assistant|>apply_patch\n{"input": ""}<|observation|>' in prompt

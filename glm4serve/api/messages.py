@@ -68,7 +68,8 @@ class Message(Body):
 
 # ---- tools ----------------------------------------------------------------------------------
 
-ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+MAX_TOOL_NAME = 64  # OpenAI's limit on a tool's name
+ToolName = Annotated[str, Field(min_length=1, max_length=MAX_TOOL_NAME, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
 class FunctionDef(Body):

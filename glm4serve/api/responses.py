@@ -208,7 +208,7 @@ def _custom_input(arguments: str) -> str:
         value = json.loads(arguments)
     except ValueError:
         return arguments
-    if isinstance(value, dict) and isinstance(value.get(CUSTOM_INPUT), str):
+    if isinstance(value, dict) and value.keys() == {CUSTOM_INPUT} and isinstance(value[CUSTOM_INPUT], str):
         return value[CUSTOM_INPUT]
     return arguments
 

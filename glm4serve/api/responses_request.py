@@ -21,6 +21,7 @@ a line of text saying what was left out: GLM-4 reads text only.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -32,6 +33,7 @@ from .body import Body, RequestBody, Seed
 from .errors import APIError, invalid_request
 from .json_checks import invalid
 from .responses_tools import (
+    CUSTOM_INPUT,
     NamedFunctionChoice,
     OfferedTool,
     ResponseTool,
@@ -309,7 +311,10 @@ class ResponsesRequest(RequestBody):
             if isinstance(item, InputMessage):
                 out.append({"role": item.role, "content": _chat_content(item.content)})
             elif isinstance(item, (FunctionCallItem, CustomToolCallItem)):
-                arguments = item.input if isinstance(item, CustomToolCallItem) else item.arguments
+                if isinstance(item, CustomToolCallItem):  # as written; empty, as its one argument
+                    arguments = item.input or json.dumps({CUSTOM_INPUT: ""})
+                else:
+                    arguments = item.arguments
                 call = {"id": item.call_id, "function": {"name": model_name_of(item.name, item.namespace),
                                                          "arguments": arguments}}
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag
 
 from .body import Body
 from .errors import invalid_request
-from .messages import FunctionDef, ToolName
+from .messages import MAX_TOOL_NAME, FunctionDef, ToolName
 
 log = logging.getLogger("glm4serve.api")
 
@@ -59,7 +59,7 @@ class NamespaceTool(Body):
     """Functions and custom tools grouped under a name, which their calls carry."""
 
     type: Literal["namespace"]
-    name: str
+    name: ToolName
     description: str | None = None
     tools: list[Annotated[FunctionTool | CustomTool, Field(discriminator="type")]]
 
@@ -128,16 +128,17 @@ class AllowedToolsChoice(Body):
         """The offered tools these name (a namespace names all of its own); a 400 for a name not in tools."""
         allowed: set[str] = set()
         for k, entry in enumerate(self.tools):
+            param = f"tool_choice.tools.{k}"
+            if entry.type not in ("namespace", "function", "custom"):
+                continue  # a tool this server cannot run: it is not offered anyway
+            if entry.name is None:
+                raise invalid_request(f"{param} names no {entry.type}", param)
             if entry.type == "namespace":
                 named = {t.name for t in offered if t.namespace == entry.name}
-            elif entry.type in ("function", "custom"):
-                named = {t.name for t in offered if entry.name in (t.name, t.call_name)
-                         and t.custom == (entry.type == "custom")}
+                if not named:
+                    raise invalid_request(f"{param} names {entry.name!r}, which is no namespace of tools", param)
             else:
-                continue  # a tool this server cannot run: it is not offered anyway
-            if not named:
-                raise invalid_request(f"tool_choice.tools.{k} names {entry.name!r}, which is no {entry.type} of "
-                                      "tools", f"tool_choice.tools.{k}")
+                named = {find_tool(entry.name, entry.type == "custom", offered, param).name}
             allowed |= named
         return [t for t in offered if t.name in allowed]
 
@@ -161,17 +162,32 @@ def offer(tools: list | None, choice: ToolChoice | None) -> list[OfferedTool]:
 
 
 def _offered(tool: FunctionTool | CustomTool, source: str, namespace: str | None) -> OfferedTool:
-    function = {**tool.as_function(), "name": model_name_of(tool.name, namespace)}
-    return OfferedTool(function, isinstance(tool, CustomTool), tool.name, namespace, source)
+    name = model_name_of(tool.name, namespace)
+    if len(name) > MAX_TOOL_NAME:
+        raise invalid_request(f"{source}.name: the tool's name with its namespace's, {name!r}, is longer than "
+                              f"{MAX_TOOL_NAME} characters", f"{source}.name")
+    return OfferedTool({**tool.as_function(), "name": name}, isinstance(tool, CustomTool), tool.name, namespace,
+                       source)
+
+
+def find_tool(name: str, custom: bool, offered: list[OfferedTool], param: str) -> OfferedTool:
+    """The offered tool of this kind a tool_choice names: by the name the model sees it by, else by its own name
+    when one tool alone has it; a 400 when none has it, or several."""
+    kind = [t for t in offered if t.custom == custom]
+    exact = [t for t in kind if t.name == name]
+    found = exact or [t for t in kind if t.call_name == name]
+    what = "custom tool" if custom else "function"
+    if not found:
+        raise invalid_request(f"{param} names {name!r}, which is no {what} of tools", param)
+    if len(found) > 1:
+        raise invalid_request(f"{param} names {name!r}, which {len(found)} namespaces have: name it as "
+                              f"{found[0].name!r}", param)
+    return found[0]
 
 
 def forced_name(choice: NamedFunctionChoice, offered: list[OfferedTool]) -> str:
-    """The name the model sees the tool a named tool_choice forces by; a 400 when no offered tool of its type has
-    that name."""
-    for t in offered:
-        if choice.name in (t.name, t.call_name) and t.custom == (choice.type == "custom"):
-            return t.name
-    raise invalid_request(f"tool_choice names {choice.name!r}, which is no {choice.type} tool of tools", "tool_choice")
+    """The name the model sees the tool a named tool_choice forces by."""
+    return find_tool(choice.name, choice.type == "custom", offered, "tool_choice").name
 
 
 @functools.lru_cache(maxsize=64)

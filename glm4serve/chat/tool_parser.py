@@ -64,7 +64,7 @@ class ToolCallStart:
 @dataclass
 class ToolArgsDelta:
     index: int
-    text: str  # never empty: a call's whole arguments
+    text: str  # never empty: a call's arguments, whole (or, for a forced call, the next piece of them)
 
 
 Event = ContentDelta | ToolCallStart | ToolArgsDelta
