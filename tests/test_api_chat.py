@@ -270,6 +270,13 @@ def test_continuous_usage_stats_put_the_choices_counts_so_far_in_every_chunk():
         plain = sse_json(client.post(route, json={**body, "stream": True,
                                                   "stream_options": {"include_usage": True}}).text)
         assert all(c["usage"] is None for c in plain[:-1]), route
+        # continuous_usage_stats alone asks for usage, as vLLM takes it; an empty stream_options does not (OpenAI)
+        alone = sse_json(client.post(route, json={**body, "stream": True,
+                                                  "stream_options": {"continuous_usage_stats": True}}).text)
+        assert all(c["usage"] is not None for c in alone) and alone[-1]["choices"] == [], route
+        for options in ({}, {"include_usage": False, "continuous_usage_stats": True}):
+            none = sse_json(client.post(route, json={**body, "stream": True, "stream_options": options}).text)
+            assert all("usage" not in c for c in none), (route, options)
 
 
 THOUGHTFUL = "\nThe user greets me.</think>\nHello!"  # GLM-Z1's reply after its prompt's `<think>`

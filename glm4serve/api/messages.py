@@ -111,5 +111,5 @@ class NamedToolChoice(Body):
 
 
 class StreamOptions(Body):
-    include_usage: bool = False
+    include_usage: bool | None = None  # unsent: off (OpenAI's), but on for continuous_usage_stats (vLLM's)
     continuous_usage_stats: bool = False  # vLLM: with include_usage, every chunk carries its choice's usage so far

@@ -102,7 +102,10 @@ class _SamplingBody(RequestBody):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+        options = self.stream_options
+        if not (self.stream and options):
+            return False
+        return options.include_usage if options.include_usage is not None else options.continuous_usage_stats
 
     @property
     def continuous_usage(self) -> bool:
