@@ -105,40 +105,41 @@ class InputMessage(Body):
         return self
 
 
-class FunctionCallItem(Body):
+class _CallItem(Body):
     """A call the model made earlier, sent back with the conversation."""
 
-    type: Literal["function_call"]
     id: str | None = None
     call_id: str
     name: str
-    arguments: str
     namespace: str | None = None
 
 
-class FunctionCallOutputItem(Body):
-    type: Literal["function_call_output"]
+class _CallOutputItem(Body):
+    """A call's result."""
+
     id: str | None = None
     call_id: str
     output: str | list[TextPart]
 
 
-class CustomToolCallItem(Body):
-    """A custom tool's call sent back: to the model, a call of the function it was offered as."""
+class FunctionCallItem(_CallItem):
+    type: Literal["function_call"]
+    arguments: str
+
+
+class FunctionCallOutputItem(_CallOutputItem):
+    type: Literal["function_call_output"]
+
+
+class CustomToolCallItem(_CallItem):
+    """To the model, a call of the function the custom tool was offered as."""
 
     type: Literal["custom_tool_call"]
-    id: str | None = None
-    call_id: str
-    name: str
     input: str
-    namespace: str | None = None
 
 
-class CustomToolCallOutputItem(Body):
+class CustomToolCallOutputItem(_CallOutputItem):
     type: Literal["custom_tool_call_output"]
-    id: str | None = None
-    call_id: str
-    output: str | list[TextPart]
 
 
 class DroppedItem(Body):
@@ -205,7 +206,8 @@ def item_resources(items: list, new_id) -> list[dict]:
             fields = item.model_dump(exclude={"id"}, exclude_none=True)
             if not isinstance(getattr(item, "output", ""), str):
                 fields["output"] = [p.as_text_part for p in item.output]
-            out.append({"id": item.id or new_id(prefixes[type(item)]), **fields, "status": "completed"})
+            item_id = item.id or new_id(prefixes[type(item)])
+            out.append({"id": item_id, "type": item.type, **fields, "status": "completed"})
     return out
 
 
