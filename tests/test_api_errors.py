@@ -36,6 +36,7 @@ BAD_CHAT = [
     ({"messages": HI, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"messages": HI, "use_beam_search": True}, "use_beam_search"),
+    ({"messages": HI, "best_of": 3}, "best_of"),
     ({"messages": HI, "chat_template": "{{ messages }}"}, "chat_template"),
     ({"messages": HI, "chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
     ({"messages": HI, "tools": [{"type": "code_interpreter"}]}, "tools.0.type"),

@@ -64,6 +64,7 @@ class _SamplingBody(RequestBody):
     # vLLM extension: the reply's id is "{chatcmpl|cmpl}-{request_id}" (the X-Request-Id header comes first)
     request_id: str | None = Field(None, min_length=1)  # at most serving.MAX_REQUEST_ID characters
     use_beam_search: bool = False  # vLLM's: refused, never sampled instead
+    best_of: int | None = Field(None, ge=1)  # OpenAI's (completions) and vLLM's: only n is served
     # vLLM extension: only requests with the same salt share cached prompt blocks (multi-tenant servers:
     # another tenant cannot time its requests to learn whether a prompt was seen)
     cache_salt: str | None = None
@@ -72,6 +73,8 @@ class _SamplingBody(RequestBody):
     def _common_rules(self):
         if self.use_beam_search:
             raise invalid("use_beam_search", "beam search is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise invalid("best_of", "best_of other than n is not supported")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options", "stream_options is only allowed when stream is true")
         if self.cache_salt is not None and not self.cache_salt:
@@ -282,7 +285,6 @@ class CompletionRequest(_SamplingBody):
     max_tokens: int | None = Field(SamplingParams.max_tokens, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
     # vLLM extension: prepend the model's prefix tokens ([gMASK]<sop> for GLM-4) to text prompts
     add_special_tokens: bool = True
 
@@ -294,8 +296,6 @@ class CompletionRequest(_SamplingBody):
             raise invalid("prompt", "a token-id prompt must not be empty")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise invalid("best_of", "best_of other than n is not supported")
         if self.max_tokens == 0 and not self.echo:
             raise invalid("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt alone)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
