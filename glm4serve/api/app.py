@@ -4,6 +4,7 @@ routes (/health, /ping, /metrics, /tokenize, /detokenize, /version) beside them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from typing import Literal
@@ -32,6 +33,7 @@ from .responses_request import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import ServingContext
 from .settings import ServerSettings
+from .stats_log import StatsLog
 
 log = logging.getLogger("glm4serve.api")
 
@@ -40,7 +42,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
                max_model_len: int) -> FastAPI:
     """`engine` may be None while the model loads (/health answers 503 until
     `app.state.serving.engine` is set)."""
-    app = FastAPI(title="glm4serve", version=__version__)
+    app = FastAPI(title="glm4serve", version=__version__, lifespan=_stats_logged if not settings.disable_log_stats
+                  else None)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
                          max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx), model_name),
                          response_store=ResponseStore(settings.response_store_memory),
@@ -212,6 +215,19 @@ def _token_routes(ctx: ServingContext) -> APIRouter:
         return {"prompt": ctx.tokenizer.decode(body.tokens)}
 
     return tokens
+
+
+@contextlib.asynccontextmanager
+async def _stats_logged(app: FastAPI):
+    """vLLM's periodic stats line (stats_log.py) while the app serves."""
+    ctx = app.state.serving
+    task = asyncio.create_task(StatsLog(ctx.metrics.token_totals, lambda: _stats(ctx)).run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _stats(ctx: ServingContext):

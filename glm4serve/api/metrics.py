@@ -104,7 +104,7 @@ class _WithModelName(Collector):
 
 class Metrics:
     def __init__(self, stats: Callable[[], EngineStats | dict[str, EngineStats] | None], model_name: str):
-        r = CollectorRegistry(auto_describe=True)
+        r = self._series = CollectorRegistry(auto_describe=True)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_WithModelName(r, model_name))
         # prometheus_client appends `_total` to counters: these expose e.g. glm4serve:prompt_tokens_total.
@@ -155,6 +155,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def token_totals(self) -> tuple[float, float]:
+        """The prompt and generated tokens served since start."""
+        return tuple(self._series.get_sample_value(PREFIX + name) or 0.0
+                     for name in ("prompt_tokens_total", "generation_tokens_total"))
 
     def start_request(self, n: int = 1, max_tokens: int | None = None) -> "RequestMetrics":
         self.params_n.observe(n)

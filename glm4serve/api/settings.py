@@ -107,6 +107,8 @@ class ServerSettings(EngineArgs, BaseSettings):
         False, description="logprobs name tokens 'token_id:{id}', not by their text, unless a request says "
                            "otherwise (vLLM's)")
     max_stop: int = Field(16, ge=0, description="most stop strings (and vLLM bad_words) in one request")
+    disable_log_stats: bool = Field(
+        False, description="no periodic log line of the engine's throughput, requests and caches (vLLM's)")
     response_store_memory: int = Field(
         64 * 1024**2, description="memory for /v1/responses replies kept for previous_response_id and GET "
                                   "/v1/responses/{id}, bytes or like 64MiB; least recently used go first (0 = keep none)")
