@@ -216,14 +216,7 @@ class ReplicaClient:
         return dict(self._replica_stats)
 
     def stats(self) -> EngineStats:
-        total = EngineStats(alive=self.is_alive)
-        for s in self._replica_stats.values():
-            for field in ("num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions_total",
-                          "prefix_cache_queries", "prefix_cache_hits", "spec_draft_tokens", "spec_accepted_tokens"):
-                setattr(total, field, getattr(total, field) + getattr(s, field))
-            total.step_tokens += s.step_tokens
-            total.step_token_counts = tuple(map(sum, zip(total.step_token_counts, s.step_token_counts)))
-        return total
+        return EngineStats.total(self._replica_stats.values(), alive=self.is_alive)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self._check(prompt_ids, params)

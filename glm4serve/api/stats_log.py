@@ -17,16 +17,6 @@ log = logging.getLogger("glm4serve.api")
 LOG_STATS_INTERVAL_S = 10.0  # vLLM's VLLM_LOG_STATS_INTERVAL
 
 
-def summed(stats: EngineStats | dict[str, EngineStats]) -> EngineStats:
-    """One engine's stats, or several replicas' added up."""
-    if isinstance(stats, EngineStats):
-        return stats
-    replicas = list(stats.values())
-    return EngineStats(**{name: sum(getattr(s, name) for s in replicas) for name in (
-        "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "prefix_cache_queries",
-        "prefix_cache_hits")})
-
-
 class StatsLog:
     """tokens: the prompt and generated tokens served since start; stats: the engine's (None while it loads)."""
 
@@ -43,7 +33,7 @@ class StatsLog:
         raw = self._stats()
         if raw is None:
             return None
-        stats = summed(raw)
+        stats = raw if isinstance(raw, EngineStats) else EngineStats.total(raw.values())
         moved = prompt > last_prompt or generated > last_generated
         if not moved and stats.num_running == 0 and stats.num_waiting == 0:
             return None

@@ -8,7 +8,8 @@ request carries a `GuidedSpec` (what its reply must look like), which guided.py 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 
 # finish reasons
 STOP = "stop"  # a stop token or stop string
@@ -130,6 +131,18 @@ class EngineStats:
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @classmethod
+    def total(cls, replicas: Iterable[EngineStats], alive: bool = True) -> EngineStats:
+        """Several engine replicas' stats added up."""
+        total = cls(alive=alive)
+        for s in replicas:
+            for f in fields(cls):
+                if f.name == "step_token_counts":
+                    total.step_token_counts = tuple(map(sum, zip(total.step_token_counts, s.step_token_counts)))
+                elif f.name != "alive":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+        return total
 
 
 # ---- constraints on a reply (structured output; compiled by guided.py) ----
