@@ -215,14 +215,17 @@ def test_engine_error_whole_is_500_and_the_server_keeps_serving():
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_engine_refusal_is_400_before_any_stream(stream):
-    # n=3 passes the API's own limit (max_n 16) but the engine seats only 2 sequences
+def test_n_past_max_num_seqs_is_served(stream):
+    # vLLM serves it: the engine runs the choices a group of max_num_seqs at a time
     client = client_for(max_num_seqs=2)
     r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": stream, "n": 3})
-    assert r.status_code == 400
-    err = r.json()["error"]
-    assert err["type"] == "invalid_request_error" and "max_num_seqs 2" in err["message"]
-    assert engine_of(client.app).calls == []  # refused before any stream was opened
+    assert r.status_code == 200
+    if stream:
+        chunks = sse_json(r.text)
+        assert {c["choices"][0]["finish_reason"] for c in chunks if c["choices"]} >= {"stop"}
+        assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
+    else:
+        assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
 
 
 def test_engine_side_abort_is_not_reported_as_a_normal_finish():

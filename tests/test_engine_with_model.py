@@ -22,14 +22,14 @@ from tests.engine_fakes import RecordingRunner, sched_config
 
 
 def run_engine(path, tokenizer, requests, num_blocks, block_size, budget, max_model_len, device="cpu",
-               dtype="float32"):
+               dtype="float32", max_num_seqs=16):
     """The engine over the runner `glm4serve serve` would pick (fp32 on CPU: the CPU runner; on a GPU
     the CUDA graph runner)."""
     runner = RecordingRunner(make_runner(load_model(path, dtype=dtype, device=device), num_blocks, block_size,
                                          vocab_limit=tokenizer.vocab_size, max_num_seqs=16,
                                          max_model_len=max_model_len))
-    cfg = sched_config(max_num_seqs=16, max_num_batched_tokens=budget, max_model_len=max_model_len,
-                          block_size=block_size)
+    cfg = sched_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                       block_size=block_size)
     pool = BlockPool(num_blocks, block_size)
     engine = LLMEngine(runner, tokenizer, cfg, pool, tokenizer.stop_token_ids)
     return drive(engine, requests), engine.stats().num_preemptions_total, runner
@@ -104,6 +104,17 @@ def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(make_checkpoin
     crowded, _, _ = run_engine(path, tokenizer, others[:2] + [seeded] + others[2:], num_blocks=128, block_size=16,
                                budget=24, max_model_len=128, device=device)
     assert crowded[("s", 0)] == alone[("s", 0)]
+
+
+def test_choices_past_max_num_seqs_sample_as_those_seated_together(make_checkpoint, device):
+    path = make_checkpoint("glm", "hf", "wide")
+    tokenizer = Tokenizer.from_dir(path)
+    n3 = ("n3", [5, 6, 7, 8, 9] * 4, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))
+    together, _, _ = run_engine(path, tokenizer, [n3], num_blocks=64, block_size=4, budget=64, max_model_len=64,
+                                device=device)
+    one_seat, _, _ = run_engine(path, tokenizer, [n3], num_blocks=64, block_size=4, budget=64, max_model_len=64,
+                                device=device, max_num_seqs=1)
+    assert one_seat == together and len({tuple(t) for t in together.values()}) == 3
 
 
 @pytest.mark.parametrize("variant", ["glm", "glm4"])

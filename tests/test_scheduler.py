@@ -317,6 +317,39 @@ def test_fork_seats_count_against_max_num_seqs():
     assert b not in [c.seq for c in out2.scheduled]
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_choices_past_max_num_seqs_run_in_groups_of_at_most_that_many(prefix_caching):
+    # vLLM serves n past its max_num_seqs: here n=5 over 2 seats is three groups, one after another
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=2,
+                                enable_prefix_caching=prefix_caching)
+    prompt = prompt_of(1, 10)
+    n5 = [make_seq(i, prompt, request_id="n5", index=i) for i in range(5)]
+    sched.add(n5)
+    assert sched.num_waiting == 5 and sched.seqs_of("n5") == n5
+    prefills = []
+
+    def check(step, out):
+        assert sched.num_running <= 2
+        prefills.extend(s.seq for s in out.scheduled if s.start < len(prompt))
+
+    drive(sched, runner, {i: 3 for i in range(5)}, on_step=check)
+    assert prefills == [n5[0], n5[2], n5[4]]  # each group's first choice prefills for its group
+    assert all(s.output_token_ids == continuation(prompt, 3) for s in n5)
+    assert [s.num_cached_tokens for s in n5] == [0, 0] + [8 if prefix_caching else 0] * 3
+    assert pool.num_free == pool.num_blocks and sched.num_requests == 0
+
+
+def test_aborting_a_request_of_several_groups_frees_them_all():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=100, max_num_seqs=2)
+    n5 = [make_seq(i, prompt_of(1, 10), request_id="n5", index=i) for i in range(5)]
+    sched.add(n5)
+    runner.run(out := sched.schedule())
+    sched.on_step_done(out)
+    assert sched.abort("n5") == n5
+    assert all(s.status is SeqStatus.FINISHED for s in n5) and not sched.has_work and sched.num_waiting == 0
+    assert pool.num_free == pool.num_blocks
+
+
 def test_rejects_bad_requests_and_configs():
     sched, pool, runner = setup(num_blocks=8, block_size=4, max_model_len=20)
     with pytest.raises(ValueError, match="max_model_len"):
@@ -326,8 +359,6 @@ def test_rejects_bad_requests_and_configs():
     sched.add([make_seq(2, prompt_of(0, 20))])  # exactly max_model_len is accepted
     with pytest.raises(ValueError, match="already"):
         sched.add([make_seq(3, prompt_of(0, 3), request_id="r2")])
-    with pytest.raises(ValueError, match="max_num_seqs"):
-        sched.add([make_seq(10 + i, prompt_of(0, 3), request_id="wide", index=i) for i in range(65)])
     with pytest.raises(ValueError, match="KV cache holds 32 tokens"):
         Scheduler(sched_config(max_model_len=33, block_size=4), BlockPool(8, 4))
     with pytest.raises(ValueError, match="block size"):

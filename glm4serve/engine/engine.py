@@ -376,7 +376,7 @@ class LLMEngine:
 def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_size: int | None,
                          cfg: SchedulerConfig, loras: Container[str]) -> None:
     """ValueError when an engine with these limits and LoRA adapters (by name) would refuse the request."""
-    max_num_seqs, max_model_len = cfg.max_num_seqs, cfg.max_model_len
+    max_model_len = cfg.max_model_len
     if params.lora is not None and params.lora not in loras:
         raise ValueError(f"no LoRA adapter {params.lora!r} on this server")
     if params.priority and cfg.policy != "priority":
@@ -395,8 +395,6 @@ def check_request_limits(prompt_ids: list[int], params: SamplingParams, vocab_si
         raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
     if not prompt_ids:
         raise ValueError("empty prompt")
-    if params.n > max_num_seqs:
-        raise ValueError(f"n={params.n} choices exceed max_num_seqs {max_num_seqs}")
     if len(prompt_ids) > max_model_len:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than max_model_len {max_model_len}")
 

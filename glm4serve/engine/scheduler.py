@@ -16,7 +16,9 @@ its prompt and the tokens it has generated so far. Nothing is ever dropped.
 the logits row of its last prefill chunk; then they are forked: they take a reference on every
 prompt block. The last, partial prompt block is copied on write: whichever sequence first writes
 into a block it shares gets a fresh block, reported in `block_copies` for the model runner to copy
-before the forward.
+before the forward. A parent and its siblings take their seats together, so choices past
+`max_num_seqs` form further groups of at most that many, queued behind the first, each prefilled by
+its own first choice (from the prefix cache, when the first group's prompt is still there).
 
 Prefix caching: once a full block's K/V is computed it is registered in the pool under the chain
 hash of its tokens. A sequence admitted with nothing computed (new, or preempted) first takes
@@ -160,15 +162,16 @@ class Scheduler:
             raise ValueError(f"request {head.request_id!r} is already in the engine")
         if not head.prompt_token_ids:
             raise ValueError("empty prompt")
-        if len(seqs) > self.cfg.max_num_seqs or head.num_prompt_tokens > self.cfg.max_model_len:
-            raise ValueError(f"{len(seqs)} choices of a {head.num_prompt_tokens}-token prompt exceed the limits "
-                             f"(max_num_seqs {self.cfg.max_num_seqs}, max_model_len {self.cfg.max_model_len})")
+        if head.num_prompt_tokens > self.cfg.max_model_len:
+            raise ValueError(f"a {head.num_prompt_tokens}-token prompt exceeds max_model_len {self.cfg.max_model_len}")
         for s in seqs:
             s.status = SeqStatus.WAITING
         self._requests[head.request_id] = list(seqs)
-        self._enqueue(head)
-        if len(seqs) > 1:
-            self._forks[head.seq_id] = list(seqs[1:])
+        size = self.cfg.max_num_seqs  # a group takes its seats together
+        for group in (seqs[i:i + size] for i in range(0, len(seqs), size)):
+            self._enqueue(group[0])
+            if len(group) > 1:
+                self._forks[group[0].seq_id] = group[1:]
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence wherever it is and free its blocks. Finishing twice is a no-op."""
