@@ -18,8 +18,8 @@ from glm4serve.cli import build_parser, settings_from_args
 from glm4serve.engine.block_pool import BlockPool
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
-from glm4serve.engine.scheduler import MAX_DRAFT_PAUSE, Scheduler
-from glm4serve.engine.speculative import SpeculativeConfig, ngram_draft
+from glm4serve.engine.scheduler import Scheduler
+from glm4serve.engine.speculative import MAX_DRAFT_PAUSE, SpeculativeConfig, ngram_draft
 from glm4serve.engine.types import LENGTH, STOP, EngineStats, SamplingParams
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.runner import make_runner

@@ -57,12 +57,12 @@ from dataclasses import dataclass, field
 from .block_pool import BlockPool
 from .config import SchedulerConfig
 from .sequence import Sequence, SeqStatus
+from .speculative import add_drafts, pause_after
 from .types import ABORT
 
 # [2048, 151552] fp32 logits: 1.2 GB at GLM-4's vocabulary. Fewer rows cut a prompt into more steps, and
 # every step reads all the weights (dequantizes them, on CPU): see BENCHMARKS.md, scoring prompts
 PROMPT_LOGIT_ROWS = 2048
-MAX_DRAFT_PAUSE = 15  # most decode steps a sequence whose drafts keep failing goes without one (accept_draft)
 
 
 @dataclass
@@ -261,7 +261,8 @@ class Scheduler:
             self._take(seq, n, taken, out)
             budget -= n
         if self.cfg.speculative is not None:
-            self._add_drafts(out, budget)
+            add_drafts(self.cfg.speculative, out.scheduled, budget, self.pool, len(self.running),
+                       self.cfg.max_model_len)
         return out
 
     def _admit(self, seq: Sequence, hit: list[int], computed: int) -> None:
@@ -313,10 +314,8 @@ class Scheduler:
         if not 0 <= accepted <= len(s.draft) or \
                 seq.num_computed_tokens != s.start + s.num_tokens - len(s.draft) + accepted:
             raise RuntimeError(f"{seq} cannot accept {accepted} of a {len(s.draft)}-token draft")
-        # a reply that keeps refusing its drafts (it does not repeat its context) pays for their rows in
-        # every step: it drafts again after 1, 3, 7, then every MAX_DRAFT_PAUSE + 1 steps, until one is kept
         seq.draft_misses = 0 if accepted else seq.draft_misses + 1
-        seq.draft_pause = min(2**seq.draft_misses - 1, MAX_DRAFT_PAUSE)
+        seq.draft_pause = pause_after(seq.draft_misses)
         keep = self.pool.blocks_needed(seq.num_computed_tokens)
         if len(seq.block_table) > keep:
             self.pool.free(seq.block_table[keep:][::-1])
@@ -437,35 +436,6 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
-
-    def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
-        """Spend the step's leftover budget and free blocks on drafts of its decoding sequences."""
-        spec = self.cfg.speculative
-        if spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size:
-            return
-        for s in out.scheduled:
-            seq = s.seq
-            if budget <= 0:
-                break
-            # a decode that samples for itself alone: not a fork's parent, not a chunk of prompt logprobs
-            if s.num_tokens != 1 or s.sample_for != [seq] or s.prompt_logits:
-                continue
-            if seq.draft_pause > 0:
-                seq.draft_pause -= 1
-                continue
-            # the real token and every guess stay within max_model_len, max_tokens, and the sequence's own
-            # blocks plus the empty ones (a guess is not worth a cached prefix)
-            room = (len(seq.block_table) + self.pool.num_empty) * self.pool.block_size - seq.num_tokens
-            k = min(budget, room, self.cfg.max_model_len - seq.num_tokens,
-                    seq.params.max_tokens - seq.num_output_tokens - 1)
-            draft = spec.draft(seq.token_array(), k) if k > 0 else []
-            if draft:
-                more = self.pool.blocks_needed(seq.num_tokens + len(draft)) - len(seq.block_table)
-                if more > 0:
-                    seq.block_table.extend(self.pool.allocate(more))
-                s.draft = draft
-                s.num_tokens += len(draft)
-                budget -= len(draft)
 
     def _take(self, seq: Sequence, n: int, taken: set[int], out: SchedulerOutput) -> None:
         """Give `seq` the blocks for its next `n` tokens (room is known to exist) and schedule them."""

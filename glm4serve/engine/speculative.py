@@ -15,10 +15,16 @@ code edits, quotes, extraction, summaries of a document in the prompt.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from .block_pool import BlockPool
+    from .scheduler import ScheduledSeq
+
+MAX_DRAFT_PAUSE = 15  # most decode steps a sequence whose drafts keep failing goes without one
 
 
 class SpeculativeConfig(BaseModel):
@@ -77,3 +83,39 @@ def ngram_draft(token_ids, k: int, n_min: int, n_max: int) -> list[int]:
             follow = match[-1] + 1
             return tokens[follow : follow + k].tolist()
     return []
+
+
+def add_drafts(spec: SpeculativeConfig, scheduled: list[ScheduledSeq], budget: int, pool: BlockPool,
+               num_running: int, max_model_len: int) -> None:
+    """Spend a step's leftover budget and empty blocks on drafts of its decoding sequences (scheduler.py)."""
+    if spec.disable_by_batch_size is not None and num_running > spec.disable_by_batch_size:
+        return
+    for s in scheduled:
+        seq = s.seq
+        if budget <= 0:
+            break
+        # a decode that samples for itself alone: not a fork's parent, not a chunk of prompt logprobs
+        if s.num_tokens != 1 or s.sample_for != [seq] or s.prompt_logits:
+            continue
+        if seq.draft_pause > 0:
+            seq.draft_pause -= 1
+            continue
+        # the real token and every guess stay within max_model_len, max_tokens, and the sequence's own
+        # blocks plus the empty ones (a guess is not worth a cached prefix)
+        room = (len(seq.block_table) + pool.num_empty) * pool.block_size - seq.num_tokens
+        k = min(budget, room, max_model_len - seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1)
+        draft = spec.draft(seq.token_array(), k) if k > 0 else []
+        if draft:
+            more = pool.blocks_needed(seq.num_tokens + len(draft)) - len(seq.block_table)
+            if more > 0:
+                seq.block_table.extend(pool.allocate(more))
+            s.draft = draft
+            s.num_tokens += len(draft)
+            budget -= len(draft)
+
+
+def pause_after(misses: int) -> int:
+    """Decode steps without a draft after `misses` drafts in a row that kept nothing. A reply that keeps
+    refusing its drafts (it does not repeat its context) pays for their rows in every step: it drafts
+    again after 1, 3, 7, then every MAX_DRAFT_PAUSE + 1 steps, until one is kept."""
+    return min(2**misses - 1, MAX_DRAFT_PAUSE)
