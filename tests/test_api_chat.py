@@ -215,17 +215,23 @@ def test_engine_error_whole_is_500_and_the_server_keeps_serving():
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_n_past_max_num_seqs_is_served(stream):
-    # vLLM serves it: the engine runs the choices a group of max_num_seqs at a time
+def test_n_past_max_num_seqs_is_served_and_its_prompt_counted_once(stream):
+    # vLLM serves it: the engine runs the choices a group of max_num_seqs at a time; the later groups find
+    # the prompt in the prefix cache, but the request computed it once, as choice 0 did
     client = client_for(max_num_seqs=2)
-    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": stream, "n": 3})
+    body = {"messages": [{"role": "user", "content": "hi " * 40}], "stream": stream, "n": 3,
+            "stream_options": {"include_usage": True} if stream else None}
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
     if stream:
         chunks = sse_json(r.text)
-        assert {c["choices"][0]["finish_reason"] for c in chunks if c["choices"]} >= {"stop"}
         assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
+        usage = chunks[-1]["usage"]
     else:
         assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+        usage = r.json()["usage"]
+    assert usage["prompt_tokens"] > 32 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert engine_of(client.app).engine.scheduler.prefix_cache_hits > 0  # the later groups' hits
 
 
 def test_engine_side_abort_is_not_reported_as_a_normal_finish():

@@ -350,3 +350,22 @@ def test_return_token_ids_gives_each_choices_tokens_and_its_prompts():
     assert tok.decode([t for c in chunks for t in c["token_ids"]][:-1]) == "".join(c["text"] for c in chunks)
     plain = post(client, prompt="Write:", max_tokens=50).json()["choices"][0]
     assert "token_ids" not in plain and "prompt_token_ids" not in plain
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_choices_past_max_num_seqs_count_the_prompt_as_computed_once(stream):
+    # the choices past max_num_seqs run after the first two and find the prompt in the prefix cache
+    client = client_for(max_num_seqs=2)
+    r = post(client, prompt="Write: " * 40, n=3, stream=stream,
+             stream_options={"include_usage": True} if stream else None)
+    assert r.status_code == 200
+    if stream:
+        chunks = sse_json(r.text)
+        assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
+        usage = chunks[-1]["usage"]
+    else:
+        assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+        usage = r.json()["usage"]
+    [call] = engine_of(client.app).calls
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}
+    assert engine_of(client.app).engine.scheduler.prefix_cache_hits > 0

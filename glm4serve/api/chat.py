@@ -305,7 +305,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             num_tokens[i] = out.num_output_tokens
             if thinking is not None:
                 thinking[i].feed(map(token_bytes, out.token_ids))
-            if out.finish_reason is not None:  # the same counts on every output: read once
+            if out.finish_reason is not None and i == 0:  # the first choice computed the prompt
                 details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs, plan.logprob_token_ids)

@@ -128,7 +128,7 @@ async def _stream_completion(ctx: ServingContext, plan: CompletionPlan, req: Com
         async for p, out in outputs:
             check_finish(out.finish_reason)
             index, job = p * n + out.index, plan.jobs[p]
-            if out.finish_reason is not None:  # the same counts on every output: read once
+            if out.finish_reason is not None and out.index == 0:  # the first choice computed the prompt
                 details[p] = PromptTokensDetails.of(out)
             if req.logprobs is not None:
                 choice_logprobs = logprobs.setdefault(
@@ -169,8 +169,9 @@ async def _collect_completion(ctx: ServingContext, plan: CompletionPlan, req: Co
         async for p, out in outputs:
             check_finish(out.finish_reason)
             index = p * n + out.index
-            if out.finish_reason is not None:  # the same counts on every output: read once
-                details[p] = PromptTokensDetails.of(out)
+            if out.finish_reason is not None:
+                if out.index == 0:  # the first choice computed the prompt
+                    details[p] = PromptTokensDetails.of(out)
                 reasons[index] = LENGTH if req.echo_only else out.finish_reason
                 stop_reasons[index] = None if req.echo_only else stop_reason(out, ctx.tokenizer.eos_token_id)
             if out.prompt_logprobs is not None:

@@ -93,9 +93,10 @@ class Output:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # this choice's total so far
+    # this choice's group's (scheduler.py: choice 0's group computes the prompt; those past max_num_seqs queue after)
     num_cached_tokens: int = 0  # of the prompt's tokens, those read from the prefix cache
     num_cache_write_tokens: int = 0  # and those it adds to the prefix cache (its full blocks past the hit)
-    queue_time: float | None = None  # seconds from arrival to the request's first admission (its choices fork then)
+    queue_time: float | None = None  # seconds from arrival to its group's first admission (its choices fork then)
 
 
 class EngineError(RuntimeError):
