@@ -183,6 +183,23 @@ def test_content_parts_and_developer_role_render_as_text():
     assert prompt == "[gMASK]<sop><|system|>\nbe brief<|user|>\nhi\nthere<|assistant|>"
 
 
+def test_media_parts_stand_in_the_prompt_as_a_line_saying_they_were_left_out():
+    # Open WebUI, LangChain, Continue send images as image_url parts, and resend them every later turn
+    client = client_for()
+    r = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                                     {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                                     {"type": "file", "file": {"file_id": "f"}}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot see it"}]},
+        {"role": "user", "content": "and now?"}]})
+    assert r.status_code == 200
+    prompt = small_tokenizer().decode(engine_of(client.app).calls[0].prompt_ids)
+    assert prompt == ("[gMASK]<sop><|user|>\nwhat is this\n[an image left out: this model reads text only]\n"
+                      "[audio left out: this model reads text only]\n[a file left out: this model reads text only]"
+                      "<|assistant|>\nI cannot see it<|user|>\nand now?<|assistant|>")
+
+
 def test_keepalive_is_an_sse_comment():
     client = client_for(replies=["\nHi!"], step_delay=0.15, sse_ping_seconds=0.05)
     r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": True})

@@ -20,8 +20,10 @@ BAD_CHAT = [
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": None}]}, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ({"messages": [{"role": "user", "content": [{"type": "hologram", "hologram": {"url": "x"}}]}]},
      "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "refusal"}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
     ({"messages": HI, "n": 0}, "n"),
@@ -313,10 +315,10 @@ def test_engine_not_ready_is_503():
 
 
 # The engine's own limits, stricter here than the API's (max_n 16): only the engine refuses n=3.
-ENGINE_REFUSED = [
-    ("/v1/chat/completions", {"messages": HI, "n": 3}),
-    ("/v1/completions", {"prompt": "x", "n": 3}),
-    ("/v1/completions", {"prompt": ["x", "y"], "n": 3}),
+ENGINE_REFUSED = [  # a priority needs the priority policy, which the engine checks
+    ("/v1/chat/completions", {"messages": HI, "priority": 1}),
+    ("/v1/completions", {"prompt": "x", "priority": 1}),
+    ("/v1/completions", {"prompt": ["x", "y"], "priority": 1}),
 ]
 
 
@@ -325,7 +327,7 @@ def test_a_stream_only_the_engine_refuses_is_400_not_an_error_event(route, body)
     client = TestClient(make_app(max_num_seqs=2))
     r = client.post(route, json={**body, "stream": True})
     err = assert_envelope(r, 400, "invalid_request_error")
-    assert "max_num_seqs 2" in err["message"]
+    assert "--scheduling-policy priority" in err["message"]
     assert r.headers["content-type"].startswith("application/json")
 
 

@@ -13,9 +13,34 @@ from .body import Body
 from .json_checks import invalid
 
 
+def left_out(media: str) -> str:
+    """The line that stands in the prompt for an image, a file or audio: GLM-4 reads text only, so the model
+    is told what it cannot see rather than the whole request refused (a client keeps the media in every
+    later turn of the conversation)."""
+    return f"[{media} left out: this model reads text only]"
+
+
+_MEDIA_PARTS = {"image_url": "an image", "input_audio": "audio", "file": "a file", "video_url": "a video"}
+
+
 class TextPart(Body):
-    type: Literal["text"]
-    text: str
+    """A part of a message's content: text, an earlier reply's refusal, or media (left_out)."""
+
+    type: Literal["text", "refusal", "image_url", "input_audio", "file", "video_url"]
+    text: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _its_text(self) -> "TextPart":
+        if self.type in _MEDIA_PARTS:
+            self.text = left_out(_MEDIA_PARTS[self.type])
+        elif self.type == "refusal":
+            if self.refusal is None:
+                raise invalid("messages", "a refusal part needs its refusal")
+            self.text = self.refusal
+        elif self.text is None:
+            raise invalid("messages", "a text part needs its text")
+        return self
 
 
 class FunctionCall(Body):

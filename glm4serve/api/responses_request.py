@@ -32,6 +32,7 @@ from glm4serve.engine.types import MAX_TOP_LOGPROBS
 from .body import Body, RequestBody, Seed
 from .errors import APIError, invalid_request
 from .json_checks import invalid
+from .messages import left_out
 from .responses_tools import (
     CUSTOM_INPUT,
     NamedFunctionChoice,
@@ -69,7 +70,7 @@ class TextPart(Body):
     @model_validator(mode="after")
     def _its_text(self) -> "TextPart":
         if self.type in _MEDIA_PARTS:
-            self.text = f"[{_MEDIA_PARTS[self.type]} left out: this model reads text only]"
+            self.text = left_out(_MEDIA_PARTS[self.type])
         elif self.type == "refusal":
             if self.refusal is None:
                 raise invalid("input", "a refusal part needs its refusal")
