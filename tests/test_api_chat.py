@@ -200,6 +200,12 @@ def test_media_parts_stand_in_the_prompt_as_a_line_saying_they_were_left_out():
                       "<|assistant|>\nI cannot see it<|user|>\nand now?<|assistant|>")
 
 
+def test_an_empty_functions_list_offers_no_functions():
+    client = client_for()
+    assert client.post("/v1/chat/completions", json={"messages": USER_HI, "functions": [],
+                                                     "function_call": None}).status_code == 200
+
+
 def test_keepalive_is_an_sse_comment():
     client = client_for(replies=["\nHi!"], step_delay=0.15, sse_ping_seconds=0.05)
     r = client.post("/v1/chat/completions", json={"messages": USER_HI, "stream": True})

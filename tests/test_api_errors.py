@@ -40,6 +40,8 @@ BAD_CHAT = [
     ({"messages": HI, "use_beam_search": True}, "use_beam_search"),
     ({"messages": HI, "best_of": 3}, "best_of"),
     ({"messages": HI, "chat_template": "{{ messages }}"}, "chat_template"),
+    ({"messages": HI, "functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"messages": HI, "function_call": "auto"}, "function_call"),
     ({"messages": HI, "chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
     ({"messages": HI, "tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
     ({"messages": HI, "tools": [TOOL, TOOL]}, "tools"),

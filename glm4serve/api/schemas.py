@@ -197,6 +197,8 @@ class ChatCompletionRequest(_SamplingBody):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools and tool_choice: refused, not ignored
+    function_call: Any = None
     # vLLM extensions
     echo: bool = False
     add_generation_prompt: bool = True
@@ -213,6 +215,10 @@ class ChatCompletionRequest(_SamplingBody):
                                            "prompts with the model's template")
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+        if self.functions or self.function_call is not None:
+            raise invalid("functions" if self.functions else "function_call",
+                          "functions and function_call, OpenAI's deprecated form of tools, are not supported: "
+                          "send tools and tool_choice")
         if self.tools is not None and len(self.tools) == 0:  # no tools, as OpenAI and vLLM take it
             self.tools = None
             if self.tool_choice in ("auto", "required"):
