@@ -134,6 +134,28 @@ def test_served_engine_greedy_equals_transformers_generate(make_checkpoint, devi
     assert got[("g", 0)] == expected[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_served_logprobs_are_the_models_own_or_those_of_what_it_samples_from(make_checkpoint, device, mode):
+    path = make_checkpoint("glm4", "hf", "wide")
+    llm = build_llm_engine(EngineArgs(model=str(path), dtype="float32", device=device, num_kv_blocks=128,
+                                      block_size=16, max_model_len=128, logprobs_mode=mode))
+    prompt = [11, 23, 5, 99, 42, 7, 64, 3]
+    llm.add_request("r", prompt, SamplingParams(max_tokens=8, temperature=0.5, seed=1, logprobs=0, ignore_eos=True))
+    tokens, logprobs = [], []
+    while llm.has_work:
+        for o in llm.step():
+            tokens += o.token_ids
+            logprobs += [lp.logprob for lp in o.logprobs]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    with torch.no_grad():  # the logits before each generated token, over the tokenizer's ids
+        logits = ref(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 : -1]
+    logits = logits[:, : llm.tokenizer.vocab_size].float()
+    # raw (vLLM's default): whatever the temperature; processed: what the reply sampled from, at temperature 0.5
+    scaled = logits if mode == "raw_logprobs" else logits / 0.5
+    expected = scaled.log_softmax(-1).gather(1, torch.tensor(tokens, device=device)[:, None]).squeeze(1)
+    assert logprobs == pytest.approx(expected.tolist(), abs=1e-3)
+
+
 @pytest.mark.cuda
 def test_bf16_tokens_leave_float32_ones_only_at_near_ties(make_checkpoint, device, tolerances):
     """bf16 rounding depends on the batch's shape, so bf16 greedy tokens may differ from float32 ones

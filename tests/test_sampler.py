@@ -306,7 +306,8 @@ def test_temperature_scales_sampled_rows_only():
 def test_a_tiny_temperature_samples_like_greedy_with_finite_logprobs():
     logits = random_logits(4, 100, seed=7)
     for t in (1e-45, 1e-40, 1e-8):
-        out = Sampler()(logits, [row(temperature=t, logprobs=2, generator=make_generator(i, 0)) for i in range(4)])
+        rows = [row(temperature=t, logprobs=2, generator=make_generator(i, 0)) for i in range(4)]
+        out = Sampler(logprobs_mode="processed_logprobs")(logits, rows)
         assert [s.token_id for s in out] == logits.argmax(-1).tolist()
         assert all(math.isfinite(s.logprob.logprob) and s.logprob.logprob > -1 for s in out)
 
@@ -380,8 +381,9 @@ def test_unseeded_rows_sample_from_the_global_rng():
 # --- logprobs --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
 @pytest.mark.parametrize("k", [0, 1, 5, 20])
-def test_logprobs_are_log_softmax_of_processed_logits(k):
+def test_logprobs_are_log_softmax_of_the_models_or_the_processed_logits(k, mode):
     vocab = 30
     logits = random_logits(3, vocab, seed=5)
     rows = [
@@ -389,8 +391,10 @@ def test_logprobs_are_log_softmax_of_processed_logits(k):
         row(logprobs=k, temperature=0.7, top_k=4, logit_bias={3: 2.0}, generator=make_generator(0, 0)),
         row(temperature=0.0),  # no logprobs asked
     ]
-    out = Sampler()(logits, rows)
-    expected = apply_processors(logits, rows).log_softmax(-1)
+    out = Sampler(logprobs_mode=mode)(logits, rows)
+    # raw (vLLM's default): the model's own distribution, whatever the temperature, penalty or bias
+    expected = (logits if mode == "raw_logprobs" else apply_processors(logits, rows)).log_softmax(-1)
+    assert not torch.allclose(logits.log_softmax(-1), apply_processors(logits, rows).log_softmax(-1))
     assert out[2].logprob is None
     for i in range(2):
         lp = out[i].logprob
@@ -403,7 +407,7 @@ def test_logprobs_are_log_softmax_of_processed_logits(k):
         for t, v in lp.top:
             assert v == pytest.approx(expected[i, t].item(), abs=1e-5)
     # the greedy row chose the best token, so it heads its own top list
-    if k:
+    if k and mode == "processed_logprobs":
         assert out[0].logprob.top[0][0] == out[0].token_id
         assert out[0].logprob.top[0][1] == pytest.approx(out[0].logprob.logprob)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode
 
 from .speculative import SpeculativeConfig
+from .types import RAW_LOGPROBS, LogprobsMode
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
 # The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
@@ -108,6 +109,10 @@ class EngineArgs(BaseModel):
     enforce_eager: bool = Field(False, description="GPU: run every step eagerly, without CUDA graphs")
     gemv_kernels: bool = Field(True, description="GPU: a one-sequence decode step's matrix products by "
                                "glm4serve's Triton kernel where, timed on this GPU at load, it beats cuBLAS's")
+    logprobs_mode: LogprobsMode = Field(
+        RAW_LOGPROBS, description="logprobs of the model's own distribution (raw_logprobs, vLLM's default), or of "
+                                  "what a reply samples from: after penalties, logit_bias and temperature, before "
+                                  "top-k/top-p (processed_logprobs)")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="fcfs: requests in arrival order; priority: by each request's `priority` (lower "
                             "first, then arrival), and one that outranks running ones may preempt them")

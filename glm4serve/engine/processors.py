@@ -172,12 +172,7 @@ def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
     ones and on what bad words rule out, which nothing can undo; then temperature (sampled rows only:
     a greedy row's temperature is 0 and its scale is left at 1).
 
-    Logprobs are the log-softmax of this result, as OpenAI's are: logprobs of what the row samples
-    from, penalties, bias and temperature included, but before the
-    top-k/top-p/min-p truncation (which would make every cut-off alternative -inf). A grammar's
-    mask is a truncation too: logprobs are taken before it, so they say how likely the model
-    found each token, allowed or not. vLLM's default instead reports the raw model
-    distribution; for rows with default parameters and no grammar both agree.
+    Logprobs under logprobs_mode "processed_logprobs" are the log-softmax of this result (sampler.py).
 
     Never modifies `logits`; returns it unchanged when no row has anything to do, else a new
     float32 tensor [len(rows), V].

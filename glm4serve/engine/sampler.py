@@ -3,13 +3,17 @@
 Per step, in this order:
   1. `apply_processors` (processors.py): repetition penalty, presence/frequency penalties, logit_bias, min_tokens
      suppression of stop ids, then temperature. The result is *the* distribution of the row:
-     sampled rows draw from it (after truncation), greedy rows take its argmax, and logprobs
-     are its log-softmax.
+     sampled rows draw from it (after truncation), greedy rows take its argmax.
   2. Rows with a grammar (structured output, see guided.py): -inf on the tokens it forbids.
   3. `truncate` (sampled rows only): top-k, then top-p, then min-p, among each row's best tokens.
   4. Greedy rows: argmax. Sampled rows: an inverse-transform draw from the row's own generator.
 
 A batch whose rows are all greedy with nothing to process and no grammar costs one argmax.
+
+Logprobs (`logprobs_mode`, vLLM's): by default the log-softmax of the model's own logits, as vLLM
+reports them, whatever the row's temperature, penalties or bias; with "processed_logprobs", of the row's
+distribution of step 1, before the truncation of step 3 (which would make every cut-off alternative
+-inf). Either way before a grammar's mask: they say how likely each token was, allowed or not.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from .guided import mask_logits
 from .processors import NoTokenLeft, SampleRow, apply_processors, needs_processing, select_rows
-from .types import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from .types import MAX_TOP_LOGPROBS, RAW_LOGPROBS, LogprobsMode, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -216,8 +220,9 @@ def _draw(groups: list[Candidates], u: torch.Tensor, targets: list[int], token_i
 
 
 class Sampler:
-    def __init__(self, candidates: int = CANDIDATES):
+    def __init__(self, candidates: int = CANDIDATES, logprobs_mode: LogprobsMode = RAW_LOGPROBS):
         self.candidates = candidates  # see truncate(); the vocabulary's size sorts every row whole
+        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         """logits [len(rows), V] -> one Sampled per row."""
@@ -276,17 +281,17 @@ class Sampler:
                 redo = truncate(select_rows(choose_from, flat), [params[r] for r in flat], choose_from.shape[1])
                 _draw(redo, u[flat], [sampled[r] for r in flat], token_ids)
                 ids = token_ids.tolist()
-        logprobs = self._logprobs(processed, token_ids, ids, rows)
+        logprobs = self._logprobs(logits if self.logprobs_mode == RAW_LOGPROBS else processed, token_ids, ids, rows)
         return [Sampled(t, logprobs.get(i)) for i, t in enumerate(ids)]
 
     @staticmethod
     def _logprobs(
-        processed: torch.Tensor, token_ids: torch.Tensor, ids: list[int], rows: list[SampleRow]
+        logits: torch.Tensor, token_ids: torch.Tensor, ids: list[int], rows: list[SampleRow]
     ) -> dict[int, TokenLogprob]:
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
             return {}
-        logprobs = select_rows(processed, want).float().log_softmax(dim=-1)  # [W, V]
+        logprobs = select_rows(logits, want).float().log_softmax(dim=-1)  # [W, V]
         chosen = logprobs.gather(1, select_rows(token_ids, want)[:, None]).squeeze(1).tolist()  # [W]
         ks = [min(max(rows[i].params.logprobs, 0), MAX_TOP_LOGPROBS, logprobs.shape[1]) for i in want]
         top_values, top_ids = [], []
