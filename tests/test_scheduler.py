@@ -451,6 +451,34 @@ def test_a_higher_priority_request_preempts_for_blocks_and_the_victim_waits_behi
     assert list(sched.waiting) == [low]
 
 
+def test_a_sequence_preempted_for_a_higher_priority_is_not_readmitted_in_the_same_step():
+    # the step's budget leaves 4 tokens after the urgent prompt: readmitting the victim there would throw its
+    # computed tokens away and recompute them at once
+    sched, pool, runner = setup(num_blocks=6, block_size=4, max_num_batched_tokens=20, max_model_len=24,
+                                scheduling_policy="priority", enable_prefix_caching=False)
+    low = make_seq(0, prompt_of(0, 12), priority=1)  # 3 of the 6 blocks, then a 4th for its next token
+    admit(sched, runner, low)
+    high = make_seq(1, prompt_of(1, 16), priority=0)  # needs 4 blocks, 3 are free
+    sched.add([high])
+    out = sched.schedule()
+    assert out.preempted == [low] and [(c.seq, c.num_tokens) for c in out.scheduled] == [(high, 16)]
+    assert list(sched.waiting) == [low] and low.block_table == []
+
+
+def test_a_finished_waiting_parent_leaves_its_place_in_the_queue_to_its_first_sibling():
+    sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=64, max_num_seqs=2)
+    x = [make_seq(i, prompt_of(0, 3), request_id="x", index=i) for i in range(2)]
+    sched.add(x)
+    step(sched, runner)  # x's two choices take both seats
+    y = make_seq(2, prompt_of(1, 2), request_id="y")
+    a = [make_seq(3 + i, prompt_of(2, 2), request_id="a", index=i) for i in range(4)]  # groups [a0, a1], [a2, a3]
+    sched.add([y])
+    sched.add(a)
+    assert list(sched.waiting) == [y, a[0], a[2]]
+    sched.finish(a[2], "abort")
+    assert list(sched.waiting) == [y, a[0], a[3]]  # not ahead of y, which came first
+
+
 def test_room_is_made_by_preempting_the_lowest_priority_not_the_newest():
     sched, pool, runner = tiny_priority_pool()
     low, high = make_seq(0, prompt_of(0, 8), priority=2), make_seq(1, prompt_of(1, 8), priority=0)

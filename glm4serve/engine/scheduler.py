@@ -177,13 +177,19 @@ class Scheduler:
         """End a sequence wherever it is and free its blocks. Finishing twice is a no-op."""
         if seq.status is SeqStatus.FINISHED:
             return
+        place = None  # its place in the queue, if waiting
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            place = self.waiting.index(seq)
+            del self.waiting[place]
         orphans = self._forks.pop(seq.seq_id, [])
-        if orphans:  # the parent ends before its prefill did: its first sibling prefills for the rest
-            self._enqueue(orphans[0], front=True)
+        if orphans:  # the parent ends before its prefill did: its first sibling prefills for the rest, from the
+            # waiting parent's place in the queue, or where a preempted sequence would go
+            if place is None:
+                self._enqueue(orphans[0], front=True)
+            else:
+                self.waiting.insert(place, orphans[0])
             if orphans[1:]:
                 self._forks[orphans[0].seq_id] = orphans[1:]
         for sibs in self._forks.values():
@@ -247,9 +253,12 @@ class Scheduler:
                     self._take(seq, n, taken, out)
                     budget -= n
 
-        # 3. admissions in queue order; not in a step that had to preempt for room (it would thrash)
+        # 3. admissions in queue order; not in a step that had to preempt for room (it would thrash), nor of one
+        # preempted for a higher priority this step (its work would be thrown away for nothing)
         while budget > 0 and self.waiting and len(out.preempted) == outranked:
             seq = self.waiting[0]
+            if seq in out.preempted:
+                break
             seats = 1 + len(self._forks.get(seq.seq_id, ()))
             if self._seats_taken() + seats > self.cfg.max_num_seqs:
                 break
