@@ -200,10 +200,34 @@ def test_required_puts_every_tool_in_one_grammar_and_runs_the_engine_once():
     engine, body = run(['get_weather\n{"city": "Paris"}'], tool_choice="required")
     [call] = engine.calls
     assert call.params.guided == GuidedSpec.tool_call({t["function"]["name"]: t["function"]["parameters"]
-                                                       for t in TOOLS})
+                                                       for t in TOOLS},
+                                                      call_separator=small_tokenizer().special_tokens["<|assistant|>"])
     assert [name for name, _ in call.params.guided.tools] == ["get_weather", "get_time"]
     [tc] = body["choices"][0]["message"]["tool_calls"]
     assert tc["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_may_make_several_calls_as_glm4_writes_them(stream):
+    """After a whole call the grammar of tool_choice required also allows `<|assistant|>`, with which GLM-4
+    starts another call of the same reply (vLLM's required may make several too); a named function is called
+    once, and parallel_tool_calls false keeps required to one."""
+    two = CALL + '<|assistant|>get_time\n{"tz": "UTC"}'
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for body, names in (({"tool_choice": "required"}, ["get_weather", "get_time"]),
+                        ({"tool_choice": "required", "parallel_tool_calls": False}, ["get_weather"]),
+                        ({"tool_choice": named}, ["get_weather"])):
+        _, reply = run([two], stream=stream, **body)
+        if stream:
+            calls, content = calls_from_stream(reply)
+            got = [(c["name"], c["arguments"], c["starts"]) for c in calls]
+        else:
+            message = reply["choices"][0]["message"]
+            content = message["content"]
+            got = [(c["function"]["name"], c["function"]["arguments"], 1) for c in message["tool_calls"]]
+        args = {"get_weather": '{"city": "Paris"}', "get_time": '{"tz": "UTC"}'}
+        assert got == [(name, args[name], 1) for name in names], body
+        assert not content
 
 
 def test_parallel_tool_calls_false_stops_at_a_second_call():

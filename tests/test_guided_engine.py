@@ -166,6 +166,37 @@ def test_tool_call_spec_gives_glm4_calls_with_valid_arguments(engine):
     assert names == {"get_weather", "get_time"}  # the model picks; neither is forced
 
 
+def test_after_a_whole_call_the_separator_may_start_another_and_nowhere_else(engine):
+    """tool_choice required: GLM-4's `<|assistant|>` between calls is allowed where the grammar could end, and
+    starts the grammar over; mid-call, at a call's start, or in a spec without a separator it never is."""
+    tok = engine.tokenizer
+    sep, stops = tok.special_tokens["<|assistant|>"], frozenset(tok.stop_token_ids)
+
+    def allowed(guide) -> torch.Tensor:
+        logits = torch.zeros(1, tok.vocab_size)
+        mask_logits(logits, [guide])
+        return torch.isfinite(logits[0])  # [V]
+
+    call = tok.encode('get_time\n{"tz": "UTC"}')
+    guide = engine.grammars.guide(GuidedSpec.tool_call({"get_time": TIME}, call_separator=sep), stops)
+    for k in range(2):
+        if k:
+            assert guide.advance(sep) is False  # the second call
+        for t in call:
+            assert not allowed(guide)[sep]
+            assert guide.advance(t) is False
+        after = allowed(guide)
+        assert after[sep] and after[sorted(stops)].any()
+    assert guide.advance(sep) is False and not allowed(guide)[sep]  # a third call, which must start with a name
+    with pytest.raises(GuidedDecodingError):
+        guide.advance(next(t for t in sorted(stops) if not allowed(guide)[t]))
+    single = engine.grammars.guide(GuidedSpec.tool_call({"get_time": TIME}), stops)
+    for t in call:
+        single.advance(t)
+    assert not allowed(single)[sep]
+    assert single.advance(next(t for t in sorted(stops) if allowed(single)[t])) is True
+
+
 def test_a_call_or_a_formatted_answer_gives_both_and_nothing_else(engine):
     """tool_choice auto with a response_format: each reply is a valid call or valid JSON of the format."""
     answer = GuidedSpec.json_schema(PERSON, leading_newline=True)

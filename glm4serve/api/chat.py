@@ -95,13 +95,13 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
     params.lora = lora
     params.stops_skip_leading_newline = req.add_generation_prompt  # the newline the reply's content leaves out
     ctx.check_params(params)
-    call_spec = forced_call_spec(req)
+    separator = ctx.tokenizer.special_tokens.get(CALL_SEPARATOR)
+    call_spec = forced_call_spec(req, separator)
     if call_spec is not None:  # a forced call: a response_format is for a later turn's answer
         params.guided = call_spec
     elif req.tools_active and params.guided is not None:
         params.guided = call_or_format_spec(req, params.guided)
     await ctx.compile_guided(params, "tools" if call_spec is not None else req.guided_param)
-    separator = ctx.tokenizer.special_tokens.get(CALL_SEPARATOR)
     if req.tools_active and separator is not None:
         params.special_token_text = {separator: CALL_MARK}
         if req.parallel_tool_calls is False:

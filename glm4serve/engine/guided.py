@@ -2,7 +2,8 @@
 
 A request's constraint is a `GuidedSpec` on its SamplingParams (plain, hashable data): the reply
 is a JSON object, or JSON valid against a schema, or a GLM-4 tool call `{name}\\n{json}` of one of
-the given tools (or, with tool_choice auto, such a call or a reply of another spec), or (vLLM's
+the given tools (or several, each after the spec's call separator token, or, with tool_choice auto,
+one call or a reply of another spec), or (vLLM's
 structured outputs) text matching a regular expression, one of a list
 of strings, or a sentence of an EBNF grammar (xgrammar's dialect, as vLLM takes it). `Grammars`
 compiles specs against the model's tokenizer (LRU cache, thread-safe: the API compiles up front in a
@@ -151,14 +152,23 @@ class Guide:
     """One sequence's grammar state. It only moves forward with the sequence's own tokens, so a
     preempted sequence keeps it as is: its recompute re-reads tokens the guide already took."""
 
-    def __init__(self, matcher, vocab_size: int, utf8: Utf8Rules | None = None):
+    def __init__(self, matcher, vocab_size: int, utf8: Utf8Rules | None = None, ends: tuple[int, ...] = (),
+                 call_separator: int | None = None):
         self._matcher = matcher
         self.vocab_size = vocab_size  # the tokenizer's: the width of its bitmask rows
         self.utf8 = utf8
         self._tail = b""  # the reply's unfinished UTF-8 character
+        self.ends = ends  # the stop tokens the grammar ends on
+        # several tool calls: where the grammar may end (a call is whole), this token may come instead and
+        # the grammar starts over for the next call. A special token, so xgrammar never sees it.
+        self.call_separator = call_separator
 
     def advance(self, token_id: int) -> bool:
         """Take the sampled token; True when it ended the grammar (a stop token after complete JSON)."""
+        if token_id == self.call_separator:  # the mask allowed it only after a whole call
+            self._matcher.reset()
+            self._tail = b""
+            return False
         if not self._matcher.accept_token(token_id):
             raise GuidedDecodingError(f"token {token_id} does not fit the grammar")
         if self.utf8 is not None and token_id < len(self.utf8.vocab):
@@ -171,6 +181,14 @@ class Guide:
         if self.utf8 is None or len(self._tail) != 1:
             return None
         return self.utf8.allowed_after.get(self._tail[0])
+
+    def allow_separator(self, row: torch.Tensor) -> None:
+        """In place on its bitmask row [ceil(V / 32)] int32: the call separator too where a stop token is allowed."""
+        if self.call_separator is None:
+            return
+        words = row.numpy().view(np.uint32)  # the same memory
+        if any(words[t >> 5] >> np.uint32(t & 31) & np.uint32(1) for t in self.ends):
+            words[self.call_separator >> 5] |= np.uint32(1) << np.uint32(self.call_separator & 31)
 
 
 @dataclass
@@ -271,7 +289,7 @@ class Grammars:
 
         ends = sorted(t for t in stop_token_ids if self.tokenizer.is_special(t)) or list(self.tokenizer.stop_token_ids)
         matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=ends)
-        return Guide(matcher, self.tokenizer.vocab_size, self._utf8)
+        return Guide(matcher, self.tokenizer.vocab_size, self._utf8, tuple(ends), spec.call_separator)
 
 
 def _check_can_start(compiled, vocab_size: int, spec: GuidedSpec) -> None:
@@ -305,6 +323,7 @@ def mask_logits(logits: torch.Tensor, guides: list[Guide]) -> None:
         allowed = guide.utf8_allowed()
         if allowed is not None:
             bitmask[i] &= allowed
+        guide.allow_separator(bitmask[i])
     # [G]: a grammar with no way on (it needs a control character or ill-formed UTF-8, a surrogate's, here)
     stuck = (bitmask == 0).all(dim=1)
     if bool(stuck.any()):

@@ -176,6 +176,8 @@ class GuidedSpec:
     choices: tuple[str, ...] = ()  # CHOICE: the reply is one of these
     # TOOL_CALL: or else a reply of this spec (tool_choice auto with a response_format: a call or the format)
     otherwise: GuidedSpec | None = None
+    # TOOL_CALL: the token that may start another call once one is whole (GLM-4's `<|assistant|>`); None: one call
+    call_separator: int | None = None
     # all but TOOL_CALL: GLM-4 opens a chat reply with "\n" (the API strips it). JSON never starts with one, so
     # there it is optional; before a pattern, choice or grammar that may, it is required, so that the one
     # the API strips is never the reply's own
@@ -217,8 +219,10 @@ class GuidedSpec:
         return cls(GRAMMAR, schema=ebnf, leading_newline=leading_newline)
 
     @classmethod
-    def tool_call(cls, tools: dict[str, dict | None], otherwise: GuidedSpec | None = None) -> "GuidedSpec":
+    def tool_call(cls, tools: dict[str, dict | None], otherwise: GuidedSpec | None = None,
+                  call_separator: int | None = None) -> "GuidedSpec":
         """tools: name -> its parameters schema (None: any JSON object); otherwise: what the reply may be
-        instead of a call."""
+        instead of a call; call_separator: the token that may start another call after each."""
         return cls(TOOL_CALL, tools=tuple((name, json.dumps(params or {"type": "object"}, ensure_ascii=False))
-                                          for name, params in tools.items()), otherwise=otherwise)
+                                          for name, params in tools.items()), otherwise=otherwise,
+                   call_separator=call_separator)
