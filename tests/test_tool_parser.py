@@ -281,3 +281,15 @@ def test_a_forced_call_starts_at_once_and_its_arguments_stream_as_they_come():
     assert [(c.id, c.name, c.arguments) for c in parser.calls] == [(start.id, "get_weather", '{"city": "Paris"}')]
     not_forced = StreamingToolParser(NAMES)
     assert [e for piece in ("get_weather\n", '{"city": "Paris"}') for e in not_forced.feed(piece)] == []
+
+
+def test_each_forced_call_starts_at_its_name_line_and_streams_its_arguments():
+    """tool_choice required may make several calls (a grammar writes each): the second one streams too."""
+    parser = StreamingToolParser(NAMES, lenient=True)
+    pieces = ["get_time\n{}", SEP + "get_wea", "ther\n", ' {"city"', ': "Rome"} ']
+    events = [[(type(e).__name__, getattr(e, "name", None) or getattr(e, "text", None)) for e in parser.feed(p)]
+              for p in pieces]
+    assert events == [[("ToolCallStart", "get_time"), ("ToolArgsDelta", "{}")], [], [("ToolCallStart", "get_weather")],
+                      [("ToolArgsDelta", '{"city"')], [("ToolArgsDelta", ': "Rome"}')]]
+    assert parser.finish() == []
+    assert [(c.name, c.arguments) for c in parser.calls] == [("get_time", "{}"), ("get_weather", '{"city": "Rome"}')]

@@ -26,9 +26,10 @@ Streamed, a reply whose first line cannot be a tool name streams as content at o
 first line is a tool name is held to its end and then decided by the same rule, so a streamed
 reply and a whole one always agree and a client never gets a call the rule would not make. GLM-4
 stops right after a call (`<|observation|>`), so holding it costs no time to the complete call;
-its arguments arrive in one fragment. But for `lenient` (its first segment is a call whatever follows
-the name): that call starts at once and its arguments stream as they come (whitespace at their ends
-held back, as the whole reply strips it); the rest is held and decided at the end.
+its arguments arrive in one fragment. But for `lenient` (each segment is a call whatever follows its
+name): each call starts once its name line is whole and its arguments stream as they come (whitespace
+at their ends held back, as the whole reply strips it); from the first segment that cannot be a call,
+the rest is held and decided at the end.
 """
 
 from __future__ import annotations
@@ -109,12 +110,16 @@ class StreamingToolParser:
         self._mode = "name"
         self._held = ""
         self._finished = False
-        # lenient: the first call, streamed as it comes: its id, whether its arguments began, the
-        # whitespace after what was sent, and whether its segment ended
-        self._first: ToolCallStart | None = None
+        # lenient: the calls streamed as they come (started, in order); the segment after the last one's
+        # separator while its name line is held; whether the last started one's arguments are still coming,
+        # whether they began, and the whitespace after what was sent; and whether a segment that is no call
+        # came (the rest is then held to the end, as parse_reply makes it content)
+        self._started: list[ToolCallStart] = []
+        self._segment = ""
+        self._in_args = False
         self._args_begun = False
         self._trailing = ""
-        self._first_done = False
+        self._no_more_calls = False
 
     def feed(self, delta: str) -> list[Event]:
         if self._finished:
@@ -127,28 +132,50 @@ class StreamingToolParser:
             if newline and line in self.tool_names:
                 self._mode = "call"
                 if self.lenient:
-                    self._first = ToolCallStart(0, new_call_id(), line)
-                    return [self._first] + self._first_arguments(rest)
+                    return self._start(line) + self._lenient(rest)
             elif newline or not _could_be_name(line, self.tool_names):
                 self._mode = "content"
                 held, self._held = self._held, ""
                 return _content(held)
-        elif self._first is not None:
-            return self._first_arguments(delta)
+        elif self.lenient:
+            return self._lenient(delta)
         return []
 
-    def _first_arguments(self, text: str) -> list[Event]:
-        """The first call's arguments in `text`, as far as they are sure: stripped as parse_reply strips them."""
-        if self._first_done:
-            return []
-        text, mark, _ = text.partition(CALL_MARK)
-        self._first_done = bool(mark)
+    def _lenient(self, text: str) -> list[Event]:
+        """lenient: each segment is a call once its name line is a tool name, so each call starts then and its
+        arguments stream as they come; the first segment that cannot be a call ends that (parse_reply's rule)."""
+        events: list[Event] = []
+        while text and not self._no_more_calls:
+            if self._in_args:
+                part, mark, text = text.partition(CALL_MARK)
+                events += self._arguments(part)
+                self._in_args = not mark
+                continue
+            self._segment += text
+            line, newline, rest = self._segment.partition("\n")
+            if CALL_MARK in line or (newline and line not in self.tool_names) or \
+                    not _could_be_name(line, self.tool_names):
+                self._no_more_calls = True
+            elif newline:
+                events += self._start(line)
+                text = rest
+            else:
+                text = ""
+        return events
+
+    def _start(self, name: str) -> list[Event]:
+        self._started.append(ToolCallStart(len(self._started), new_call_id(), name))
+        self._segment, self._in_args, self._args_begun, self._trailing = "", True, False, ""
+        return [self._started[-1]]
+
+    def _arguments(self, text: str) -> list[Event]:
+        """The current call's arguments in `text`, as far as they are sure: stripped as parse_reply strips them."""
         if not self._args_begun:
             text = text.lstrip()
             self._args_begun = bool(text)
         sure = (self._trailing + text).rstrip()
         self._trailing = (self._trailing + text)[len(sure):]
-        return [ToolArgsDelta(0, sure)] if sure else []
+        return [ToolArgsDelta(self._started[-1].index, sure)] if sure else []
 
     def finish(self, truncated: bool = False) -> list[Event]:
         if self._finished:
@@ -160,8 +187,8 @@ class StreamingToolParser:
                                           freeform=self.freeform)
         events: list[Event] = []
         for index, call in enumerate(self.calls):
-            if index == 0 and self._first is not None:  # sent already, as parse_reply makes it
-                call.id = self._first.id
+            if index < len(self._started):  # sent already, as parse_reply makes it
+                call.id = self._started[index].id
                 continue
             events.append(ToolCallStart(index, call.id, call.name))
             if call.arguments:
