@@ -14,7 +14,6 @@ from .engine.async_engine import AsyncEngine
 from .engine.block_pool import BlockPool
 from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
-from .engine.sampler import Sampler
 from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
 from .model.kv_cache import bytes_per_token
@@ -129,7 +128,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
                  spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                  f", none while over {spec.disable_by_batch_size} sequences run" if spec.disable_by_batch_size else "")
     return LLMEngine(runner, tokenizer, limits, BlockPool(plan.num_blocks, args.block_size), tokenizer.stop_token_ids,
-                     sampler=Sampler(logprobs_mode=args.logprobs_mode), vocab_size=tokenizer.vocab_size, loras=loras)
+                     vocab_size=tokenizer.vocab_size, loras=loras)
 
 
 def build_engine(settings: ServerSettings):

@@ -316,8 +316,8 @@ def test_engine_not_ready_is_503():
     assert engine_of(app).calls == []
 
 
-# The engine's own limits, stricter here than the API's (max_n 16): only the engine refuses n=3.
-ENGINE_REFUSED = [  # a priority needs the priority policy, which the engine checks
+# What only the engine refuses: a priority needs the priority policy, which the engine checks.
+ENGINE_REFUSED = [
     ("/v1/chat/completions", {"messages": HI, "priority": 1}),
     ("/v1/completions", {"prompt": "x", "priority": 1}),
     ("/v1/completions", {"prompt": ["x", "y"], "priority": 1}),
@@ -326,7 +326,7 @@ ENGINE_REFUSED = [  # a priority needs the priority policy, which the engine che
 
 @pytest.mark.parametrize("route,body", ENGINE_REFUSED)
 def test_a_stream_only_the_engine_refuses_is_400_not_an_error_event(route, body):
-    client = TestClient(make_app(max_num_seqs=2))
+    client = TestClient(make_app())
     r = client.post(route, json={**body, "stream": True})
     err = assert_envelope(r, 400, "invalid_request_error")
     assert "--scheduling-policy priority" in err["message"]
@@ -335,7 +335,7 @@ def test_a_stream_only_the_engine_refuses_is_400_not_an_error_event(route, body)
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_refused_request_leaves_nothing_in_the_engine(stream):
-    app = make_app(max_num_seqs=2)
+    app = make_app()
     client = TestClient(app)
     for route, body in ENGINE_REFUSED:
         assert client.post(route, json={**body, "stream": stream}).status_code == 400

@@ -134,11 +134,10 @@ def test_served_engine_greedy_equals_transformers_generate(make_checkpoint, devi
     assert got[("g", 0)] == expected[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
-def test_served_logprobs_are_the_models_own_or_those_of_what_it_samples_from(make_checkpoint, device, mode):
+def test_served_logprobs_are_the_models_own_whatever_the_temperature(make_checkpoint, device):
     path = make_checkpoint("glm4", "hf", "wide")
     llm = build_llm_engine(EngineArgs(model=str(path), dtype="float32", device=device, num_kv_blocks=128,
-                                      block_size=16, max_model_len=128, logprobs_mode=mode))
+                                      block_size=16, max_model_len=128))
     prompt = [11, 23, 5, 99, 42, 7, 64, 3]
     llm.add_request("r", prompt, SamplingParams(max_tokens=8, temperature=0.5, seed=1, logprobs=0, ignore_eos=True))
     tokens, logprobs = [], []
@@ -150,10 +149,11 @@ def test_served_logprobs_are_the_models_own_or_those_of_what_it_samples_from(mak
     with torch.no_grad():  # the logits before each generated token, over the tokenizer's ids
         logits = ref(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 : -1]
     logits = logits[:, : llm.tokenizer.vocab_size].float()
-    # raw (vLLM's default): whatever the temperature; processed: what the reply sampled from, at temperature 0.5
-    scaled = logits if mode == "raw_logprobs" else logits / 0.5
-    expected = scaled.log_softmax(-1).gather(1, torch.tensor(tokens, device=device)[:, None]).squeeze(1)
+    # vLLM's default raw_logprobs (the one mode served): not those of the temperature-0.5 distribution sampled
+    expected = logits.log_softmax(-1).gather(1, torch.tensor(tokens, device=device)[:, None]).squeeze(1)
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-3)
+    with pytest.raises(ValueError, match="raw_logprobs"):  # vLLM's other modes are refused, never served as raw
+        EngineArgs(logprobs_mode="processed_logprobs")
 
 
 @pytest.mark.cuda

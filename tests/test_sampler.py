@@ -307,9 +307,9 @@ def test_a_tiny_temperature_samples_like_greedy_with_finite_logprobs():
     logits = random_logits(4, 100, seed=7)
     for t in (1e-45, 1e-40, 1e-8):
         rows = [row(temperature=t, logprobs=2, generator=make_generator(i, 0)) for i in range(4)]
-        out = Sampler(logprobs_mode="processed_logprobs")(logits, rows)
+        out = Sampler()(logits, rows)
         assert [s.token_id for s in out] == logits.argmax(-1).tolist()
-        assert all(math.isfinite(s.logprob.logprob) and s.logprob.logprob > -1 for s in out)
+        assert all(math.isfinite(s.logprob.logprob) for s in out)
 
 
 # --- seeds and distribution ------------------------------------------------------------------------
@@ -381,9 +381,8 @@ def test_unseeded_rows_sample_from_the_global_rng():
 # --- logprobs --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
 @pytest.mark.parametrize("k", [0, 1, 5, 20])
-def test_logprobs_are_log_softmax_of_the_models_or_the_processed_logits(k, mode):
+def test_logprobs_are_log_softmax_of_the_models_own_logits(k):
     vocab = 30
     logits = random_logits(3, vocab, seed=5)
     rows = [
@@ -391,10 +390,10 @@ def test_logprobs_are_log_softmax_of_the_models_or_the_processed_logits(k, mode)
         row(logprobs=k, temperature=0.7, top_k=4, logit_bias={3: 2.0}, generator=make_generator(0, 0)),
         row(temperature=0.0),  # no logprobs asked
     ]
-    out = Sampler(logprobs_mode=mode)(logits, rows)
-    # raw (vLLM's default): the model's own distribution, whatever the temperature, penalty or bias
-    expected = (logits if mode == "raw_logprobs" else apply_processors(logits, rows)).log_softmax(-1)
-    assert not torch.allclose(logits.log_softmax(-1), apply_processors(logits, rows).log_softmax(-1))
+    out = Sampler()(logits, rows)
+    # vLLM's default raw_logprobs: the model's own distribution, whatever the temperature, penalty, bias or top-k
+    expected = logits.log_softmax(-1)
+    assert not torch.allclose(expected, apply_processors(logits, rows).log_softmax(-1))
     assert out[2].logprob is None
     for i in range(2):
         lp = out[i].logprob
@@ -406,10 +405,7 @@ def test_logprobs_are_log_softmax_of_the_models_or_the_processed_logits(k, mode)
         assert [t for t, _ in lp.top] == expected[i].topk(k).indices.tolist()
         for t, v in lp.top:
             assert v == pytest.approx(expected[i, t].item(), abs=1e-5)
-    # the greedy row chose the best token, so it heads its own top list
-    if k and mode == "processed_logprobs":
-        assert out[0].logprob.top[0][0] == out[0].token_id
-        assert out[0].logprob.top[0][1] == pytest.approx(out[0].logprob.logprob)
+
 
 
 def test_logprobs_are_before_truncation():

@@ -271,7 +271,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk(i, {"content": ""}, take_logprobs(i))
     if usage_on:
-        # the prompt's cache counts are the same on every choice's last output
+        # the prompt's cache counts are choice 0's, which computed the prompt
         usage = Usage.of(len(plan.prompt_ids), sum(c.num_tokens for c in choices), choices[0].details,
                          sum(c.thinking_tokens.count for c in choices) if plan.reasoning else None)
         yield sse_data(stream_chunk("chat.completion.chunk", plan.request_id, plan.created, plan.model, [], usage,

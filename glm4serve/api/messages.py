@@ -13,18 +13,28 @@ from .body import Body
 from .json_checks import invalid
 
 
-def left_out(media: str) -> str:
-    """The line that stands in the prompt for an image, a file or audio: GLM-4 reads text only, so the model
-    is told what it cannot see rather than the whole request refused (a client keeps the media in every
-    later turn of the conversation)."""
-    return f"[{media} left out: this model reads text only]"
+# a media part of chat's or of the Responses API's content, and what it is
+MEDIA_PARTS = {"image_url": "an image", "input_image": "an image", "input_audio": "audio", "file": "a file",
+               "input_file": "a file", "video_url": "a video"}
 
 
-_MEDIA_PARTS = {"image_url": "an image", "input_audio": "audio", "file": "a file", "video_url": "a video"}
+def part_text(kind: str, text: str | None, refusal: str | None, param: str) -> str:
+    """The text a content part stands for in the prompt. Media: a line saying it was left out, since GLM-4
+    reads text only; the model is told what it cannot see rather than the request refused (a client keeps
+    the media in every later turn of the conversation). A refusal, an earlier reply's: its text."""
+    if kind in MEDIA_PARTS:
+        return f"[{MEDIA_PARTS[kind]} left out: this model reads text only]"
+    if kind == "refusal":
+        if refusal is None:
+            raise invalid(param, "a refusal part needs its refusal")
+        return refusal
+    if text is None:
+        raise invalid(param, f"a {kind} part needs its text")
+    return text
 
 
 class TextPart(Body):
-    """A part of a message's content: text, an earlier reply's refusal, or media (left_out)."""
+    """A part of a message's content: text, an earlier reply's refusal, or media (part_text)."""
 
     type: Literal["text", "refusal", "image_url", "input_audio", "file", "video_url"]
     text: str | None = None
@@ -32,14 +42,7 @@ class TextPart(Body):
 
     @model_validator(mode="after")
     def _its_text(self) -> "TextPart":
-        if self.type in _MEDIA_PARTS:
-            self.text = left_out(_MEDIA_PARTS[self.type])
-        elif self.type == "refusal":
-            if self.refusal is None:
-                raise invalid("messages", "a refusal part needs its refusal")
-            self.text = self.refusal
-        elif self.text is None:
-            raise invalid("messages", "a text part needs its text")
+        self.text = part_text(self.type, self.text, self.refusal, "messages")
         return self
 
 

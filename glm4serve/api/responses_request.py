@@ -32,7 +32,7 @@ from glm4serve.engine.types import MAX_TOP_LOGPROBS
 from .body import Body, RequestBody, Seed
 from .errors import APIError, invalid_request
 from .json_checks import invalid
-from .messages import left_out
+from .messages import part_text
 from .responses_tools import (
     CUSTOM_INPUT,
     NamedFunctionChoice,
@@ -56,12 +56,9 @@ FOREIGN_CALL_ITEMS = frozenset({
 
 # ---- input items ----------------------------------------------------------------------------
 
-_MEDIA_PARTS = {"input_image": "an image", "input_file": "a file", "input_audio": "audio"}
-
-
 class TextPart(Body):
     """A part of a message's content: text (input_text; output_text or refusal, an earlier reply's), or media,
-    which stands in the prompt as a line saying it was left out."""
+    which stands in the prompt as a line saying it was left out (part_text)."""
 
     type: Literal["input_text", "output_text", "refusal", "input_image", "input_file", "input_audio"]
     text: str | None = None
@@ -69,14 +66,7 @@ class TextPart(Body):
 
     @model_validator(mode="after")
     def _its_text(self) -> "TextPart":
-        if self.type in _MEDIA_PARTS:
-            self.text = left_out(_MEDIA_PARTS[self.type])
-        elif self.type == "refusal":
-            if self.refusal is None:
-                raise invalid("input", "a refusal part needs its refusal")
-            self.text = self.refusal
-        elif self.text is None:
-            raise invalid("input", f"an {self.type} part needs its text")
+        self.text = part_text(self.type, self.text, self.refusal, "input")
         return self
 
     @property

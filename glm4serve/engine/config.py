@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode
 
 from .speculative import SpeculativeConfig
-from .types import RAW_LOGPROBS, LogprobsMode
 
 DEFAULT_CPU_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space
 # The demo needs 2 KiB per token: 1 GiB holds four full 131K contexts, and the first run on a
@@ -109,10 +108,10 @@ class EngineArgs(BaseModel):
     enforce_eager: bool = Field(False, description="GPU: run every step eagerly, without CUDA graphs")
     gemv_kernels: bool = Field(True, description="GPU: a one-sequence decode step's matrix products by "
                                "glm4serve's Triton kernel where, timed on this GPU at load, it beats cuBLAS's")
-    logprobs_mode: LogprobsMode = Field(
-        RAW_LOGPROBS, description="logprobs of the model's own distribution (raw_logprobs, vLLM's default), or of "
-                                  "what a reply samples from: after penalties, logit_bias and temperature, before "
-                                  "top-k/top-p (processed_logprobs)")
+    logprobs_mode: Literal["raw_logprobs"] = Field(
+        "raw_logprobs", description="vLLM's: logprobs of the model's own distribution, before temperature, "
+                                    "penalties, logit_bias, top-k/top-p and a grammar (vLLM's default, the one mode "
+                                    "served)")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="fcfs: requests in arrival order; priority: by each request's `priority` (lower "
                             "first, then arrival), and one that outranks running ones may preempt them")

@@ -3,15 +3,14 @@
 A request's constraint is a `GuidedSpec` on its SamplingParams (plain, hashable data): the reply
 is a JSON object, or JSON valid against a schema, or a GLM-4 tool call `{name}\\n{json}` of one of
 the given tools (or several, each after the spec's call separator token, or, with tool_choice auto,
-one call or a reply of another spec), or (vLLM's
-structured outputs) text matching a regular expression, one of a list
-of strings, or a sentence of an EBNF grammar (xgrammar's dialect, as vLLM takes it). `Grammars`
-compiles specs against the model's tokenizer (LRU cache, thread-safe: the API compiles up front in a
-worker thread, so a bad schema is a 400 and the engine loop finds the grammar cached) and makes a
-`Guide` per sequence: an xgrammar matcher that every sampled token advances. The sampler has the
-guides of the constrained rows fill a token bitmask and sets the forbidden logits of (a copy of)
-those rows to -inf (`mask_logits`); rows without a guide are never touched, and a batch without any
-allocates nothing.
+one call or a reply of another spec), or (vLLM's structured outputs) text matching a regular
+expression, one of a list of strings, or a sentence of an EBNF grammar (xgrammar's dialect, as vLLM
+takes it). `Grammars` compiles specs against the model's tokenizer (LRU cache, thread-safe: the API
+compiles up front in a worker thread, so a bad schema is a 400 and the engine loop finds the grammar
+cached) and makes a `Guide` per sequence: an xgrammar matcher that every sampled token advances.
+The sampler has the guides of the constrained rows fill a token bitmask and sets the forbidden
+logits of (a copy of) those rows to -inf (`mask_logits`); rows without a guide are never touched,
+and a batch without any allocates nothing.
 
 Format decisions:
 - JSON is compact, with json.dumps' separators (", " and ": ") and no other whitespace: GLM-4

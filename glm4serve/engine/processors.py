@@ -172,8 +172,6 @@ def apply_processors(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
     ones and on what bad words rule out, which nothing can undo; then temperature (sampled rows only:
     a greedy row's temperature is 0 and its scale is left at 1).
 
-    Logprobs under logprobs_mode "processed_logprobs" are the log-softmax of this result (sampler.py).
-
     Never modifies `logits`; returns it unchanged when no row has anything to do, else a new
     float32 tensor [len(rows), V].
     """

@@ -10,10 +10,9 @@ Per step, in this order:
 
 A batch whose rows are all greedy with nothing to process and no grammar costs one argmax.
 
-Logprobs (`logprobs_mode`, vLLM's): by default the log-softmax of the model's own logits, as vLLM
-reports them, whatever the row's temperature, penalties or bias; with "processed_logprobs", of the row's
-distribution of step 1, before the truncation of step 3 (which would make every cut-off alternative
--inf). Either way before a grammar's mask: they say how likely each token was, allowed or not.
+Logprobs are the log-softmax of the model's own logits, vLLM's default `raw_logprobs`: whatever the
+row's temperature, penalties, bias or truncation, and before a grammar's mask (vLLM's come after it):
+they say how likely the model found each token, allowed or not.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import torch
 
 from .guided import mask_logits
 from .processors import NoTokenLeft, SampleRow, apply_processors, needs_processing, select_rows
-from .types import MAX_TOP_LOGPROBS, RAW_LOGPROBS, LogprobsMode, SamplingParams, TokenLogprob
+from .types import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -220,9 +219,8 @@ def _draw(groups: list[Candidates], u: torch.Tensor, targets: list[int], token_i
 
 
 class Sampler:
-    def __init__(self, candidates: int = CANDIDATES, logprobs_mode: LogprobsMode = RAW_LOGPROBS):
+    def __init__(self, candidates: int = CANDIDATES):
         self.candidates = candidates  # see truncate(); the vocabulary's size sorts every row whole
-        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         """logits [len(rows), V] -> one Sampled per row."""
@@ -281,7 +279,7 @@ class Sampler:
                 redo = truncate(select_rows(choose_from, flat), [params[r] for r in flat], choose_from.shape[1])
                 _draw(redo, u[flat], [sampled[r] for r in flat], token_ids)
                 ids = token_ids.tolist()
-        logprobs = self._logprobs(logits if self.logprobs_mode == RAW_LOGPROBS else processed, token_ids, ids, rows)
+        logprobs = self._logprobs(logits, token_ids, ids, rows)
         return [Sampled(t, logprobs.get(i)) for i, t in enumerate(ids)]
 
     @staticmethod

@@ -184,8 +184,9 @@ class Scheduler:
             place = self.waiting.index(seq)
             del self.waiting[place]
         orphans = self._forks.pop(seq.seq_id, [])
-        if orphans:  # the parent ends before its prefill did: its first sibling prefills for the rest, from the
-            # waiting parent's place in the queue, or where a preempted sequence would go
+        if orphans:  # the parent ends before its prefill did: its first sibling prefills for the rest, from
+            # where a preempted sequence would go, or from a waiting parent's place in the queue (the engine
+            # finishes running sequences and whole requests, siblings first; finish() is for any one)
             if place is None:
                 self._enqueue(orphans[0], front=True)
             else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Literal
 
 # finish reasons
 STOP = "stop"  # a stop token or stop string
@@ -22,9 +21,6 @@ ABORT = "abort"  # abort(request_id), client disconnect, timeout
 # inf and NaN rows); vLLM raises it to this floor too. 0 means greedy.
 MIN_TEMPERATURE = 0.01
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
-# which distribution logprobs report (sampler.py): the model's own, or the one a reply samples from
-LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
-RAW_LOGPROBS = "raw_logprobs"
 
 
 @dataclass
