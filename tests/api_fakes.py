@@ -209,3 +209,11 @@ def sse_json(body: str) -> list[dict]:
         assert e.startswith("data: ") and "\n" not in e, e
         out.append(json.loads(e[len("data: "):]))
     return out
+
+
+def choice_indices_and_usage(response, stream: bool) -> tuple[list[int], dict]:
+    """A reply's choice indices (streamed: each that appears, in order) and its usage (streamed: the last chunk's)."""
+    if stream:
+        chunks = sse_json(response.text)
+        return sorted({c["choices"][0]["index"] for c in chunks if c["choices"]}), chunks[-1]["usage"]
+    return [c["index"] for c in response.json()["choices"]], response.json()["usage"]

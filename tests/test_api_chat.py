@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from glm4serve.api.settings import ServerSettings
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     MODEL,
+    choice_indices_and_usage,
     engine_of,
     full_blocks,
     make_app,
@@ -246,13 +247,8 @@ def test_n_past_max_num_seqs_is_served_and_its_prompt_counted_once(stream):
             "stream_options": {"include_usage": True} if stream else None}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
-    if stream:
-        chunks = sse_json(r.text)
-        assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
-        usage = chunks[-1]["usage"]
-    else:
-        assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
-        usage = r.json()["usage"]
+    indices, usage = choice_indices_and_usage(r, stream)
+    assert indices == [0, 1, 2]
     assert usage["prompt_tokens"] > 32 and usage["prompt_tokens_details"]["cached_tokens"] == 0
     assert engine_of(client.app).engine.scheduler.prefix_cache_hits > 0  # the later groups' hits
 

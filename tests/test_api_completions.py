@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     MODEL,
+    choice_indices_and_usage,
     engine_of,
     full_blocks,
     make_app,
@@ -359,13 +360,8 @@ def test_choices_past_max_num_seqs_count_the_prompt_as_computed_once(stream):
     r = post(client, prompt="Write: " * 40, n=3, stream=stream,
              stream_options={"include_usage": True} if stream else None)
     assert r.status_code == 200
-    if stream:
-        chunks = sse_json(r.text)
-        assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1, 2}
-        usage = chunks[-1]["usage"]
-    else:
-        assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
-        usage = r.json()["usage"]
+    indices, usage = choice_indices_and_usage(r, stream)
+    assert indices == [0, 1, 2]
     [call] = engine_of(client.app).calls
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": full_blocks(call)}
     assert engine_of(client.app).engine.scheduler.prefix_cache_hits > 0
