@@ -237,6 +237,22 @@ def test_empty_stop_string_is_ignored():
     assert stream(tok, ids, stop=[""])[:2] == (["a", "b"], None)
 
 
+def test_a_stop_string_begun_before_min_tokens_and_ended_after_is_matched():
+    """As vLLM's: the text before min_tokens keeps its tail back; a stop ending after is found there."""
+    tok, ids = tokenizer_for("Hello", " world", ", more")
+    detok = IncrementalDetokenizer(tok, SamplingParams(stop=["o w"]))
+    assert detok.add(ids[0], check_stops=False) == ("Hell", None)
+    assert detok.add(ids[1]) == ("", "o w")
+
+
+def test_a_stop_string_ended_before_min_tokens_stays_unmatched_in_the_held_tail():
+    tok, ids = tokenizer_for("xab", "d", "ab")  # "ab" is whole before min_tokens, held as the start of "xabc"
+    detok = IncrementalDetokenizer(tok, SamplingParams(stop=["ab", "xabc"]))
+    assert detok.add(ids[0], check_stops=False) == ("", None)
+    assert detok.add(ids[1]) == ("xabd", None)
+    assert detok.add(ids[2]) == ("", "ab")
+
+
 # --- with the real GLM-4 vocabulary ---------------------------------------------------------------
 
 

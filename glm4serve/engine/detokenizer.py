@@ -9,7 +9,9 @@ left unfinished), so the concatenated deltas equal decoding all the bytes at onc
 Stop strings: after the decoded text we hold back the longest suffix that is a prefix of some stop
 string. Any stop string completed by a new token therefore starts inside `held + new text`, so
 each step searches only that: O(new text + longest stop string) per token, whatever the length
-of the text so far.
+of the text so far. Before min_tokens the tail is held back all the same but nothing is matched,
+so a stop string that begins then and ends after is found (as vLLM finds it), and one that ended
+before is not.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int, check_stops: bool = True) -> tuple[str, str | None]:
         """Feed one generated token: (text safe to emit now, the stop string it completed or None).
-        check_stops=False (before min_tokens): no stop string is looked for, nothing held back."""
+        check_stops=False (before min_tokens): no stop string is looked for."""
         if self.stopped is not None:
             return "", None
         if token_id in self.special_token_text:
@@ -57,10 +59,7 @@ class IncrementalDetokenizer:
         if not self.stop_strings:
             return new_text, None
         text = self._held + new_text
-        if not check_stops:
-            self._held = ""
-            return text, None
-        match = self._first_stop(text)
+        match = self._first_stop(text, len(self._held)) if check_stops else None
         if match is not None:
             start, stop = match
             self.stopped, self._held = stop, ""
@@ -85,12 +84,13 @@ class IncrementalDetokenizer:
         self._held = ""
         return text
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
-        """(start, stop string) of the occurrence that ends first (then: starts first), i.e. the one
-        that char-by-char streaming would have completed first, whatever the token boundaries."""
+    def _first_stop(self, text: str, new_from: int) -> tuple[int, str] | None:
+        """(start, stop string) of the occurrence ending after `new_from` (in the new text) that ends
+        first (then: starts first), i.e. the one that char-by-char streaming would have completed
+        first, whatever the token boundaries. One that ends in the held text ended before min_tokens."""
         best = None
         for stop in self.stop_strings:
-            start = text.find(stop)
+            start = text.find(stop, max(new_from - len(stop) + 1, 0))
             if start >= 0:
                 key = (start + len(stop), start)
                 if best is None or key < best[0]:
