@@ -41,6 +41,10 @@ def test_vllm_allowed_token_ids_and_bad_words():
     words = engine_of(client.app).calls[-1].params.bad_words_token_ids
     assert sorted(words) == sorted([tok.encode("there"), tok.encode(" there")])  # a word tokenized once
     assert reply.startswith("Hello") and "there" not in reply  # the script's " there" was ruled out
+    client.post("/v1/chat/completions", json={"messages": USER_HI, "bad_words": ["<|user|>"]})
+    assert engine_of(client.app).calls[-1].params.bad_words_token_ids == [tok.encode("<|user|>"),
+                                                                          tok.encode(" <|user|>")]
+    assert len(tok.encode("<|user|>")) == 1  # the special token itself is banned
     for extra, param in (({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
                          ({"bad_words": [" "]}, "bad_words.0"), ({"bad_words": ["a"] * 17}, "bad_words")):

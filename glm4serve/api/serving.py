@@ -125,11 +125,11 @@ class ServingContext:
 
     async def bad_words_token_ids(self, words: list[str] | None) -> list[list[int]] | None:
         """vLLM's bad_words as token sequences: each word as written alone and after a space (two
-        tokenizations, both banned)."""
+        tokenizations, both banned); special-token text is that token, as vLLM encodes it."""
         seqs: dict[tuple[int, ...], None] = {}  # each once, in order
         for word in dict.fromkeys(w.lstrip() for w in words or ()):
             for variant in (word, " " + word):
-                if ids := await self.encode(variant, allow_special=False):
+                if ids := await self.encode(variant):
                     seqs[tuple(ids)] = None
         return [list(s) for s in seqs] or None
 
