@@ -2,22 +2,27 @@
 #
 #   CPU (default, slim):  docker build -t glm4serve .
 #   CUDA:                 docker build -t glm4serve:cuda \
-#                           --build-arg BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime .
-#                         (that base brings python and a CUDA torch; the CPU wheel step is skipped)
+#                           --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg TORCH_SPEC=torch==2.11.0 .
+#                         (PyPI's torch 2.11.0 is its CUDA 13.0 build, the one the GPU check ran: NVIDIA
+#                         driver >= 580; for an older driver, an older CUDA's index under
+#                         https://download.pytorch.org/whl/, not run here)
 #   Replicas on Ray:      add --build-arg EXTRAS=[ray] (deploy/k8s/rayservice.yaml runs such an image)
 #   Run a real model:     docker run -p 8000:8000 -v /data/glm-4-9b-chat:/models/glm-4-9b-chat:ro \
 #                           glm4serve --config configs/glm-4-9b-chat.yaml --model /models/glm-4-9b-chat
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# PyPI's default torch wheel carries CUDA (GBs); the CPU index has a ~200 MB one.
+# PyPI's default torch wheel carries CUDA (GBs); the CPU index has a ~200 MB one. The index's newest
+# torch by default. A base image's torch older than pyproject.toml's floor is replaced by
+# `pip install .` below, from PyPI.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_SPEC=torch
 ARG EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN python -c "import torch" 2>/dev/null || pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.5"
+RUN python -c "import torch" 2>/dev/null || pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 # A CUDA torch runs Triton kernels (paged decode attention, the compiled layers), and Triton builds
-# their launchers with a C compiler on first use: CUDA *runtime* base images have none.
+# their launchers with a C compiler on first use: the slim base and CUDA runtime images have none.
 RUN if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then \
       apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
     fi

@@ -127,6 +127,24 @@ def test_dockerfile_gives_a_cuda_image_a_c_compiler_for_triton():
     assert install in before_user  # apt needs root
 
 
+def test_the_cuda_image_recipes_pin_a_torch_at_or_above_the_projects_floor():
+    """The README's and the Dockerfile's CUDA build pin a torch; pyproject.toml's floor is the oldest run."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (floor,) = [tuple(map(int, d.split(">=")[1].split("."))) for d in deps if d.startswith("torch>=")]
+    recipes = (REPO / "README.md").read_text() + (REPO / "Dockerfile").read_text()
+    pins = re.findall(r"TORCH_SPEC=torch==([\d.]+)", recipes)
+    assert len(pins) == 2 and all(tuple(map(int, p.split(".")))[: len(floor)] >= floor for p in pins), (pins, floor)
+    assert any("TORCH_SPEC" in r and "--index-url" in r for r in parse_dockerfile().all("RUN"))
+
+
+def test_the_server_never_imports_transformers():
+    """transformers is a test dependency only (the reference): the server's own tokenizer reads the files."""
+    sources = [p for p in (REPO / "glm4serve").rglob("*.py")]
+    assert sources and not [p for p in sources if re.search(r"^\s*(from|import) transformers\b", p.read_text(), re.M)]
+
+
 def test_dockerfile_healthcheck_hits_a_real_route(app_client):
     argv = healthcheck_argv(parse_dockerfile())
     path = url_path(argv)
