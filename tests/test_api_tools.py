@@ -230,12 +230,37 @@ def test_required_may_make_several_calls_as_glm4_writes_them(stream):
         assert not content
 
 
-def test_parallel_tool_calls_false_stops_at_a_second_call():
-    tok = small_tokenizer()
-    engine, body = run([CALL + '<|assistant|>get_time\n{}'], parallel_tool_calls=False)
-    params = engine.calls[0].params
-    assert params.stop_token_ids == [tok.special_tokens["<|assistant|>"]]
-    assert [c["function"]["name"] for c in body["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_keeps_a_replys_first_call_alone(stream):
+    """As vLLM: the flag limits the calls returned and stops nothing, so a reply that opens with no call, or an
+    `<|assistant|>` in the thinking, is read as without the flag."""
+    def message_of(reply: str, **extra) -> dict:
+        app = make_app(replies=[reply], **extra)
+        r = TestClient(app).post("/v1/chat/completions", json={"messages": ASK, "tools": TOOLS, "stream": stream,
+                                                               "parallel_tool_calls": False})
+        assert not engine_of(app).calls[0].params.stop_token_ids
+        if not stream:
+            return r.json()["choices"][0]
+        calls, content = calls_from_stream(sse_json(r.text))
+        deltas = [c["choices"][0] for c in sse_json(r.text) if c["choices"]]
+        thinking = "".join(d["delta"].get("reasoning") or "" for d in deltas) or None
+        tool_calls = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls] or None
+        return {"message": {"content": content, "tool_calls": tool_calls, "reasoning": thinking},
+                "finish_reason": deltas[-1]["finish_reason"]}
+
+    def names(choice: dict) -> list[str]:
+        return [c["function"]["name"] for c in choice["message"]["tool_calls"] or ()]
+
+    two_calls = message_of(CALL + '<|assistant|>get_time\n{}')
+    assert names(two_calls) == ["get_weather"] and two_calls["finish_reason"] == "tool_calls"
+    assert two_calls["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+    assert not two_calls["message"]["content"]
+    cut_second = message_of(CALL + '<|assistant|>get_ti')  # what follows the first call plays no part
+    assert names(cut_second) == ["get_weather"] and cut_second["finish_reason"] == "tool_calls"
+    text_first = message_of("\nLet me look.<|assistant|>" + CALL)  # no call opens it: all text, as ever
+    assert (text_first["message"]["content"], names(text_first)) == ("Let me look." + CALL, [])
+    thought = message_of("Paris<|assistant|>, then.</think>" + CALL, reasoning_parser="deepseek_r1")
+    assert names(thought) == ["get_weather"] and thought["message"]["reasoning"] == "Paris, then."
 
 
 def test_tool_choice_none_shows_the_tools_and_parses_no_call():

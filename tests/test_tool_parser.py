@@ -30,10 +30,10 @@ def calls_of(text, names=NAMES, **flags):
     return [(c.name, c.arguments) for c in calls]
 
 
-def stream(text, names, chunks, truncated=False, lenient=False):
+def stream(text, names, chunks, truncated=False, lenient=False, one_call=False):
     """Feed `text` split at `chunks` sizes; check the event invariants and reassemble the events
     into (content, [(name, arguments)])."""
-    parser = StreamingToolParser(names, lenient=lenient)
+    parser = StreamingToolParser(names, lenient=lenient, one_call=one_call)
     events, pos = [], 0
     for size in chunks:
         events += parser.feed(text[pos : pos + size])
@@ -129,6 +129,19 @@ def test_streaming_agrees_with_whole_reply(name):
             assert (content, calls) == (text.replace(SEP, ""), [])  # plain text passes through
         else:
             assert (content, calls) == ("", expected)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_one_call_keeps_an_opening_whole_call_alone_streamed_as_whole(name):
+    """parallel_tool_calls false: a reply that opens with a whole call is that call; any other as before."""
+    text, truncated, expected = CASES[name]
+    first, sep, _ = text.partition(SEP)
+    opening = calls_of(first) if sep else None
+    want = opening[:1] if opening else expected
+    assert calls_of(text, truncated=truncated, one_call=True) == want
+    for chunks in [one_char_chunks(text), [len(text)]] + [random_chunks(text, seed) for seed in range(20)]:
+        content, calls = stream(text, NAMES, chunks, truncated, one_call=True)
+        assert (content, calls) == ((text.replace(SEP, ""), []) if want is None else ("", want))
 
 
 def test_call_ids():

@@ -77,6 +77,7 @@ class ChatPlan:
     # OpenAI's API and vLLM)
     call_finish_reason: str
     freeform_tools: frozenset[str]  # tools whose call takes any text as its input (tool_parser.py)
+    one_call: bool  # parallel_tool_calls false: a reply's first call is its only one (tool_parser.py)
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request: Request | None = None,
@@ -104,9 +105,6 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
     await ctx.compile_guided(params, "tools" if call_spec is not None else req.guided_param)
     if req.tools_active and separator is not None:
         params.special_token_text = {separator: CALL_MARK}
-        if req.parallel_tool_calls is False:
-            # Another `<|assistant|>` would start a second call: make it a stop token too.
-            params.stop_token_ids = (params.stop_token_ids or []) + [separator]
 
     last = req.messages[-1]
     echo = (last.text() or "") if req.echo and last.role == "assistant" else ""
@@ -121,7 +119,7 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request:
                     strip_newline=req.add_generation_prompt, reasoning=reasoning, show_reasoning=req.include_reasoning,
                     logprob_token_ids=ctx.tokens_as_ids(req), model=lora or ctx.model_name,
                     call_finish_reason="stop" if isinstance(req.tool_choice, NamedToolChoice) else "tool_calls",
-                    freeform_tools=freeform_tools)
+                    freeform_tools=freeform_tools, one_call=req.parallel_tool_calls is False)
 
 
 def prompt_tools(ctx: ServingContext, req: ChatCompletionRequest) -> list[dict] | None:
@@ -153,8 +151,8 @@ class ChoiceStream:
     """One choice's text deltas -> OpenAI delta dicts (content or tool-call fragments)."""
 
     def __init__(self, plan: ChatPlan, tokenizer):
-        self.parser = (StreamingToolParser(plan.tool_names, lenient=plan.forced_call, freeform=plan.freeform_tools)
-                       if plan.tool_names else None)
+        self.parser = (StreamingToolParser(plan.tool_names, lenient=plan.forced_call, freeform=plan.freeform_tools,
+                                           one_call=plan.one_call) if plan.tool_names else None)
         self.reasoning = StreamingReasoningParser() if plan.reasoning else None
         self.thinking_tokens = ThinkingTokens() if plan.reasoning else None
         self._token_bytes = reply_token_bytes(plan, tokenizer) if plan.reasoning else None
@@ -342,7 +340,7 @@ def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str)
     truncated = reason == LENGTH
     # a forced call stays a call even when a stop string cut its JSON (lenient), as when streamed
     calls, content = parse_reply(text, plan.tool_names, truncated=truncated, lenient=plan.forced_call,
-                                 freeform=plan.freeform_tools)
+                                 freeform=plan.freeform_tools, one_call=plan.one_call)
     content = _strip_first_newline(plan, content)
     if not calls:
         return ChatMessageOut(content=plan.echo + content), reason

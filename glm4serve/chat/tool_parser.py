@@ -21,6 +21,9 @@ are kept as the model wrote them (stripped of surrounding whitespace, not re-ser
   the first segment that is not, and everything after it, is content.
 - `freeform` tools (the Responses API's custom tools) take any text as their input: a segment whose
   first line is one of them is a call, its rest the input as written.
+- `one_call` (`parallel_tool_calls: false`): a reply whose first segment is a whole call is that call;
+  what follows its separator is dropped, as if the model had stopped there. A reply that does not
+  open with a call is decided by the rule as it stands.
 
 Streamed, a reply whose first line cannot be a tool name streams as content at once; one whose
 first line is a tool name is held to its end and then decided by the same rule, so a streamed
@@ -76,9 +79,14 @@ def new_call_id() -> str:
 
 
 def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False, lenient: bool = False,
-                freeform: frozenset[str] = frozenset()) -> tuple[list[ToolCall], str]:
+                freeform: frozenset[str] = frozenset(), one_call: bool = False) -> tuple[list[ToolCall], str]:
     """A whole reply -> (its tool calls, its content) by the rule of the module docstring; a
     reply with no calls is all content."""
+    first, mark, _ = text.partition(CALL_MARK)
+    if one_call and mark:
+        calls, _ = parse_reply(first, tool_names, lenient=lenient, freeform=freeform)
+        if calls:
+            return calls, ""
     segments = text.split(CALL_MARK)
     calls = []
     for k, segment in enumerate(segments):
@@ -100,10 +108,12 @@ class StreamingToolParser:
     """Feed decoded text deltas of one reply; get content / tool-call events as early as the
     rule allows (module docstring). `calls` holds the reply's calls once decided."""
 
-    def __init__(self, tool_names: set[str], *, lenient: bool = False, freeform: frozenset[str] = frozenset()):
+    def __init__(self, tool_names: set[str], *, lenient: bool = False, freeform: frozenset[str] = frozenset(),
+                 one_call: bool = False):
         self.tool_names = frozenset(tool_names)
         self.lenient = lenient
         self.freeform = freeform
+        self.one_call = one_call
         self.calls: list[ToolCall] = []
         # "name": the first line may still be a tool name (held); "call": it is one, the reply is
         # held to its end; "content": plain text, streamed as it comes.
@@ -184,7 +194,7 @@ class StreamingToolParser:
         if self._mode == "content":
             return []
         self.calls, content = parse_reply(self._held, self.tool_names, truncated=truncated, lenient=self.lenient,
-                                          freeform=self.freeform)
+                                          freeform=self.freeform, one_call=self.one_call)
         events: list[Event] = []
         for index, call in enumerate(self.calls):
             if index < len(self._started):  # sent already, as parse_reply makes it
