@@ -232,15 +232,24 @@ class ReplicaClient:
         stream = self._replicas.options(stream=True).generate.remote(
             EngineRequest(list(prompt_ids), params, request_id, hashes))
         self._streams[request_id] = stream
+        finished = False
         try:
             async for out in stream:
                 yield out
-        except ValueError:
-            raise
-        except (ray.exceptions.RayError, RuntimeError) as e:  # the replica died or failed it
+            finished = True
+        except ray.exceptions.RayTaskError as e:
+            # The engine's own refusal or failure, raised as one engine raises it (a ConstraintError is a
+            # 400), not as Ray's copy whose text is the replica's traceback.
+            if isinstance(e.cause, (ValueError, EngineError)):
+                raise e.cause from None
+            raise EngineError(f"request {request_id} failed on its replica: {e.cause!r}") from e
+        except (ray.exceptions.RayError, RuntimeError) as e:  # the replica died
             raise EngineError(f"request {request_id} failed on its replica: {e}") from e
         finally:
-            self._streams.pop(request_id, None)
+            # A stream left before its end (the server's deadline, a failed sibling prompt) stops on its
+            # replica too; the API's abort comes after this and finds it gone.
+            if self._streams.pop(request_id, None) is not None and not finished:
+                stream.cancel()
 
     async def load_lora(self, name: str, path: str, replace: bool = False) -> None:
         raise ValueError("runtime LoRA updating needs one engine: replicas serve their --lora-modules")

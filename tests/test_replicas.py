@@ -1,7 +1,8 @@
 """Several engine replicas behind one server on Ray Serve (glm4serve/cluster.py), on loopback with CPU
 replicas: the single-process server's greedy outputs, concurrent mixed requests spread over both
 replicas, a killed replica's streams end with an error event while the others go on, the replica
-comes back, and SIGTERM drains and exits 0."""
+comes back, and SIGTERM drains and exits 0. The ingress's client over fake replica streams: a stream left
+early is cancelled on its replica, and the engine's own errors arrive as themselves."""
 
 from __future__ import annotations
 
@@ -114,6 +115,95 @@ def test_the_router_reads_the_hashes_of_any_copy_of_the_request_class():
 
     assert _block_hashes(Pending()) == [b"h0", b"h1"]
     assert _block_hashes(None) == [] and _block_hashes(type("P", (), {"args": ()})()) == []
+
+
+class FakeReplicaStream:
+    """What a Serve handle's streaming call gives: outputs to iterate (then `error`, if any), and cancel()."""
+
+    def __init__(self, outputs, error: Exception | None = None):
+        self.outputs, self.error, self.cancelled = list(outputs), error, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.outputs:
+            return self.outputs.pop(0)
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def replica_client_over(stream: FakeReplicaStream):
+    from types import SimpleNamespace
+
+    from glm4serve.api.settings import ServerSettings
+    from glm4serve.cluster import ReplicaClient
+    from tests.api_fakes import small_tokenizer
+
+    generate = SimpleNamespace(remote=lambda request: stream)
+    replicas = SimpleNamespace(options=lambda stream: SimpleNamespace(generate=generate))
+    return ReplicaClient(replicas, None, ServerSettings(), small_tokenizer(), 4096)
+
+
+def test_a_stream_left_before_its_end_is_cancelled_on_its_replica():
+    """The server's deadline closes the stream and then aborts: the replica must stop all the same."""
+    import asyncio
+
+    from glm4serve.engine.types import Output, SamplingParams
+
+    async def run(take: int | None, outputs) -> bool:
+        stream = FakeReplicaStream(outputs)
+        gen = replica_client_over(stream).generate([1, 2, 3], SamplingParams(max_tokens=5), "r")
+        if take is None:
+            assert [out async for out in gen] == outputs
+        else:
+            for _ in range(take):
+                await anext(gen)
+            await gen.aclose()
+        return stream.cancelled
+
+    step = Output("r", 0, [7], "a")
+    last = Output("r", 0, [7], "a", finish_reason="length")
+    assert asyncio.run(run(1, [step, step, last]))  # left mid-way
+    assert not asyncio.run(run(None, [step, step, last]))  # read to its end
+
+
+def test_the_engines_own_errors_cross_from_a_replica_as_they_are():
+    """Ray raises a replica's exception as a RayTaskError whose text is the replica's traceback; the API maps the
+    engine's ConstraintError to a 400 and its refusals (ValueError) too, so they must arrive as themselves."""
+    import asyncio
+
+    from ray.exceptions import RayTaskError
+
+    from glm4serve.engine.types import ConstraintError, EngineError, SamplingParams
+
+    async def error_of(cause: Exception) -> Exception:
+        error = RayTaskError("handle_request", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+        stream = FakeReplicaStream([], error)
+        with pytest.raises(Exception) as raised:
+            async for _ in replica_client_over(stream).generate([1, 2, 3], SamplingParams(max_tokens=5), "r"):
+                pass
+        return raised.value
+
+    for cause in (ConstraintError("request r failed: no token fits"), ValueError("prompt too long")):
+        got = asyncio.run(error_of(cause))
+        assert type(got) is type(cause) and str(got) == str(cause) and "Traceback" not in str(got)
+    other = asyncio.run(error_of(KeyError("oops")))
+    assert type(other) is EngineError and "KeyError" in str(other) and "Traceback" not in str(other)
+
+
+def test_a_constraint_that_leaves_no_token_is_a_400_through_the_replicas(replicated, checkpoint):
+    from glm4serve.model.tokenizer import Tokenizer
+
+    eos = Tokenizer.from_dir(checkpoint).eos_token_id  # a stop token, held back until min_tokens: nothing is left
+    body = {"model": "glm4-test", "prompt": "x", "max_tokens": 5, "min_tokens": 3, "allowed_token_ids": [eos]}
+    r = httpx.post(replicated.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert "Traceback" not in r.text and "ray::" not in r.text
 
 
 def test_health_counts_the_replicas_and_metrics_label_them(replicated):
