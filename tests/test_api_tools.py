@@ -234,10 +234,10 @@ def test_required_may_make_several_calls_as_glm4_writes_them(stream):
 def test_parallel_tool_calls_false_keeps_a_replys_first_call_alone(stream):
     """As vLLM: the flag limits the calls returned and stops nothing, so a reply that opens with no call, or an
     `<|assistant|>` in the thinking, is read as without the flag."""
-    def message_of(reply: str, **extra) -> dict:
+    def message_of(reply: str, max_tokens: int | None = None, **extra) -> dict:
         app = make_app(replies=[reply], **extra)
         r = TestClient(app).post("/v1/chat/completions", json={"messages": ASK, "tools": TOOLS, "stream": stream,
-                                                               "parallel_tool_calls": False})
+                                                               "parallel_tool_calls": False, "max_tokens": max_tokens})
         assert not engine_of(app).calls[0].params.stop_token_ids
         if not stream:
             return r.json()["choices"][0]
@@ -255,8 +255,11 @@ def test_parallel_tool_calls_false_keeps_a_replys_first_call_alone(stream):
     assert names(two_calls) == ["get_weather"] and two_calls["finish_reason"] == "tool_calls"
     assert two_calls["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
     assert not two_calls["message"]["content"]
-    cut_second = message_of(CALL + '<|assistant|>get_ti')  # what follows the first call plays no part
-    assert names(cut_second) == ["get_weather"] and cut_second["finish_reason"] == "tool_calls"
+    first_call_tokens = len(small_tokenizer().encode(CALL + "<|assistant|>"))
+    for reply, max_tokens in ((CALL + '<|assistant|>get_ti', None), (CALL + '<|assistant|>get_time\n{"tz": "UTC"}',
+                                                                      first_call_tokens + 3)):
+        cut_second = message_of(reply, max_tokens)  # what follows the first call plays no part, a cut neither
+        assert names(cut_second) == ["get_weather"] and cut_second["finish_reason"] == "tool_calls"
     text_first = message_of("\nLet me look.<|assistant|>" + CALL)  # no call opens it: all text, as ever
     assert (text_first["message"]["content"], names(text_first)) == ("Let me look." + CALL, [])
     thought = message_of("Paris<|assistant|>, then.</think>" + CALL, reasoning_parser="deepseek_r1")

@@ -13,6 +13,7 @@ from glm4serve.chat.tool_parser import (
     ToolArgsDelta,
     ToolCallStart,
     new_call_id,
+    opening_call,
     parse_reply,
 )
 
@@ -131,17 +132,31 @@ def test_streaming_agrees_with_whole_reply(name):
             assert (content, calls) == ("", expected)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+ONE_CALL_CASES = {  # parallel_tool_calls false: (reply, truncated) -> the calls, or None for plain text
+    "two_calls": ('get_time\n{"tz": "UTC"}' + SEP + 'search\n{"q": "x"}', False, [("get_time", '{"tz": "UTC"}')]),
+    "a_call_then_text": ("get_time\n{}" + SEP + "\nsome text", False, [("get_time", "{}")]),
+    "a_call_then_a_bad_call": ("get_time\n{}" + SEP + "search\n{oops", False, [("get_time", "{}")]),
+    "a_second_call_cut": ("get_time\n{}" + SEP + 'search\n{"q": "lo', True, [("get_time", "{}")]),
+    "a_call_alone_cut": ('search\n{"q": "lo', True, [("search", '{"q": "lo')]),
+    "text_then_a_call": ("\nLet me see." + SEP + "get_time\n{}", False, None),
+    "a_bad_call_then_a_call": ("get_time\n{oops" + SEP + "get_time\n{}", False, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_CALL_CASES))
 def test_one_call_keeps_an_opening_whole_call_alone_streamed_as_whole(name):
-    """parallel_tool_calls false: a reply that opens with a whole call is that call; any other as before."""
-    text, truncated, expected = CASES[name]
-    first, sep, _ = text.partition(SEP)
-    opening = calls_of(first) if sep else None
-    want = opening[:1] if opening else expected
-    assert calls_of(text, truncated=truncated, one_call=True) == want
+    text, truncated, want = ONE_CALL_CASES[name]
+    whole = opening_call(text, NAMES) or parse_reply(text, NAMES, truncated=truncated)[0]
+    assert ([(c.name, c.arguments) for c in whole] or None) == want
     for chunks in [one_char_chunks(text), [len(text)]] + [random_chunks(text, seed) for seed in range(20)]:
         content, calls = stream(text, NAMES, chunks, truncated, one_call=True)
         assert (content, calls) == ((text.replace(SEP, ""), []) if want is None else ("", want))
+
+
+def test_one_call_stops_a_forced_replys_streamed_calls_at_the_first():
+    text = 'get_time\n{"tz": "UTC"}' + SEP + 'search\n{"q": "x"}'
+    for chunks in [one_char_chunks(text), [len(text)]] + [random_chunks(text, seed) for seed in range(20)]:
+        assert stream(text, NAMES, chunks, lenient=True, one_call=True) == ("", [("get_time", '{"tz": "UTC"}')])
 
 
 def test_call_ids():

@@ -28,6 +28,7 @@ from glm4serve.chat.tool_parser import (
     StreamingToolParser,
     ToolArgsDelta,
     ToolCallStart,
+    opening_call,
     parse_reply,
 )
 from glm4serve.engine.types import LENGTH, Output, SamplingParams
@@ -195,7 +196,8 @@ class ChoiceStream:
         if self.parser is None:
             return thinking, reason
         deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
-        return thinking + deltas, (self._call_finish_reason if self.parser.calls and reason != LENGTH else reason)
+        cut = reason == LENGTH and not self.parser.call_alone
+        return thinking + deltas, (self._call_finish_reason if self.parser.calls and not cut else reason)
 
     def _thinking(self, text: str) -> list[dict]:
         text = text.replace(CALL_MARK, "")  # an `<|assistant|>` while thinking is no call separator
@@ -337,10 +339,12 @@ def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) 
 def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:
     if plan.tool_names is None:
         return ChatMessageOut(content=plan.echo + _strip_first_newline(plan, text)), reason
-    truncated = reason == LENGTH
     # a forced call stays a call even when a stop string cut its JSON (lenient), as when streamed
-    calls, content = parse_reply(text, plan.tool_names, truncated=truncated, lenient=plan.forced_call,
-                                 freeform=plan.freeform_tools, one_call=plan.one_call)
+    alone = opening_call(text, plan.tool_names, lenient=plan.forced_call,
+                         freeform=plan.freeform_tools) if plan.one_call else []
+    truncated = reason == LENGTH and not alone
+    calls, content = (alone, "") if alone else parse_reply(text, plan.tool_names, truncated=truncated,
+                                                           lenient=plan.forced_call, freeform=plan.freeform_tools)
     content = _strip_first_newline(plan, content)
     if not calls:
         return ChatMessageOut(content=plan.echo + content), reason

@@ -21,9 +21,9 @@ are kept as the model wrote them (stripped of surrounding whitespace, not re-ser
   the first segment that is not, and everything after it, is content.
 - `freeform` tools (the Responses API's custom tools) take any text as their input: a segment whose
   first line is one of them is a call, its rest the input as written.
-- `one_call` (`parallel_tool_calls: false`): a reply whose first segment is a whole call is that call;
-  what follows its separator is dropped, as if the model had stopped there. A reply that does not
-  open with a call is decided by the rule as it stands.
+- `one_call` (`parallel_tool_calls: false`, `opening_call`): a reply whose first segment is a whole call
+  is that call; what follows its separator is dropped, a cut by max_tokens included, as if the model had
+  stopped there. A reply that does not open with a call is decided by the rule as it stands.
 
 Streamed, a reply whose first line cannot be a tool name streams as content at once; one whose
 first line is a tool name is held to its end and then decided by the same rule, so a streamed
@@ -79,14 +79,9 @@ def new_call_id() -> str:
 
 
 def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False, lenient: bool = False,
-                freeform: frozenset[str] = frozenset(), one_call: bool = False) -> tuple[list[ToolCall], str]:
+                freeform: frozenset[str] = frozenset()) -> tuple[list[ToolCall], str]:
     """A whole reply -> (its tool calls, its content) by the rule of the module docstring; a
     reply with no calls is all content."""
-    first, mark, _ = text.partition(CALL_MARK)
-    if one_call and mark:
-        calls, _ = parse_reply(first, tool_names, lenient=lenient, freeform=freeform)
-        if calls:
-            return calls, ""
     segments = text.split(CALL_MARK)
     calls = []
     for k, segment in enumerate(segments):
@@ -104,6 +99,13 @@ def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False, len
     return calls, ""
 
 
+def opening_call(text: str, tool_names: set[str], *, lenient: bool = False,
+                 freeform: frozenset[str] = frozenset()) -> list[ToolCall]:
+    """`one_call`'s rule: the call a reply opens with when a separator follows it, whole; else []."""
+    first, mark, _ = text.partition(CALL_MARK)
+    return parse_reply(first, tool_names, lenient=lenient, freeform=freeform)[0] if mark else []
+
+
 class StreamingToolParser:
     """Feed decoded text deltas of one reply; get content / tool-call events as early as the
     rule allows (module docstring). `calls` holds the reply's calls once decided."""
@@ -114,6 +116,7 @@ class StreamingToolParser:
         self.lenient = lenient
         self.freeform = freeform
         self.one_call = one_call
+        self.call_alone = False  # one_call kept the opening call alone: a cut after it played no part
         self.calls: list[ToolCall] = []
         # "name": the first line may still be a tool name (held); "call": it is one, the reply is
         # held to its end; "content": plain text, streamed as it comes.
@@ -160,6 +163,8 @@ class StreamingToolParser:
                 part, mark, text = text.partition(CALL_MARK)
                 events += self._arguments(part)
                 self._in_args = not mark
+                if mark and self.one_call:  # the opening call is the reply's one: the rest is dropped
+                    self._no_more_calls = True
                 continue
             self._segment += text
             line, newline, rest = self._segment.partition("\n")
@@ -193,8 +198,11 @@ class StreamingToolParser:
         self._finished = True
         if self._mode == "content":
             return []
-        self.calls, content = parse_reply(self._held, self.tool_names, truncated=truncated, lenient=self.lenient,
-                                          freeform=self.freeform, one_call=self.one_call)
+        alone = opening_call(self._held, self.tool_names, lenient=self.lenient,
+                             freeform=self.freeform) if self.one_call else []
+        self.call_alone = bool(alone)
+        self.calls, content = (alone, "") if alone else parse_reply(
+            self._held, self.tool_names, truncated=truncated, lenient=self.lenient, freeform=self.freeform)
         events: list[Event] = []
         for index, call in enumerate(self.calls):
             if index < len(self._started):  # sent already, as parse_reply makes it
