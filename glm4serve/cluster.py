@@ -19,6 +19,7 @@ Nothing here is imported unless the server runs replicated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -242,14 +243,18 @@ class ReplicaClient:
             # 400), not as Ray's copy whose text is the replica's traceback.
             if isinstance(e.cause, (ValueError, EngineError)):
                 raise e.cause from None
-            raise EngineError(f"request {request_id} failed on its replica: {e.cause!r}") from e
+            log.warning("request %s failed on its replica: %s", request_id, e)
+            # a cause Ray could not carry is a RayError whose text is the traceback: its name says enough
+            detail = type(e.cause).__name__ if isinstance(e.cause, ray.exceptions.RayError) else repr(e.cause)
+            raise EngineError(f"request {request_id} failed on its replica: {detail}") from e
         except (ray.exceptions.RayError, RuntimeError) as e:  # the replica died
             raise EngineError(f"request {request_id} failed on its replica: {e}") from e
         finally:
             # A stream left before its end (the server's deadline, a failed sibling prompt) stops on its
             # replica too; the API's abort comes after this and finds it gone.
             if self._streams.pop(request_id, None) is not None and not finished:
-                stream.cancel()
+                with contextlib.suppress(Exception):  # one never routed re-raises its routing error here
+                    stream.cancel()
 
     async def load_lora(self, name: str, path: str, replace: bool = False) -> None:
         raise ValueError("runtime LoRA updating needs one engine: replicas serve their --lora-modules")
