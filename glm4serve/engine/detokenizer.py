@@ -35,7 +35,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int, check_stops: bool = True) -> tuple[str, str | None]:
         """Feed one generated token: (text safe to emit now, the stop string it completed or None).
-        check_stops=False (before min_tokens): no stop string is looked for."""
+        check_stops=False (before min_tokens, or for a stop token's own text): no stop string is looked for,
+        but the tail that could begin one is still held back, so a sequence that ends here must flush()."""
         if self.stopped is not None:
             return "", None
         if token_id in self.special_token_text:
