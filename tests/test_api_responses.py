@@ -183,6 +183,19 @@ def test_function_call(stream):
         assert not any(e["type"].startswith("response.output_text") for e in events)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_ends_the_reply_at_its_first_whole_call(stream):
+    app = make_app(replies=[CALL + "<|assistant|>get_weather\n{\"city\": \"Rome\"}"])
+    r = TestClient(app).post("/v1/responses", json={"input": "weather?", "tools": [TOOL], "stream": stream,
+                                                     "parallel_tool_calls": False})
+    body = events_of(r.text)[-1]["response"] if stream else r.json()
+    [item] = body["output"]
+    assert (item["type"], item["arguments"], item["status"]) == ("function_call", '{"city": "Paris"}', "completed")
+    assert body["status"] == "completed"
+    assert body["usage"]["output_tokens"] == len(small_tokenizer().encode(CALL + "<|assistant|>"))
+    wait_idle(engine_of(app))  # the rest was not generated: the request was aborted, its blocks are back
+
+
 def test_forced_call_and_json_schema_put_a_grammar_on_the_reply():
     app = make_app(replies=[CALL, '\n{"a": 1}'])
     client = TestClient(app)

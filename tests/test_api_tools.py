@@ -232,33 +232,35 @@ def test_required_may_make_several_calls_as_glm4_writes_them(stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_parallel_tool_calls_false_keeps_a_replys_first_call_alone(stream):
-    """As vLLM: the flag limits the calls returned and stops nothing, so a reply that opens with no call, or an
-    `<|assistant|>` in the thinking, is read as without the flag."""
+    """As vLLM: the flag limits the calls returned. The reply ends where its opening call is whole and another
+    begins; one that opens with no call, or an `<|assistant|>` in the thinking, is read as without the flag."""
     def message_of(reply: str, max_tokens: int | None = None, **extra) -> dict:
         app = make_app(replies=[reply], **extra)
-        r = TestClient(app).post("/v1/chat/completions", json={"messages": ASK, "tools": TOOLS, "stream": stream,
-                                                               "parallel_tool_calls": False, "max_tokens": max_tokens})
+        r = TestClient(app).post("/v1/chat/completions", json={
+            "messages": ASK, "tools": TOOLS, "stream": stream, "parallel_tool_calls": False, "max_tokens": max_tokens,
+            **({"stream_options": {"include_usage": True}} if stream else {})})
         assert not engine_of(app).calls[0].params.stop_token_ids
         if not stream:
-            return r.json()["choices"][0]
+            return {**r.json()["choices"][0], "tokens": r.json()["usage"]["completion_tokens"]}
         calls, content = calls_from_stream(sse_json(r.text))
         deltas = [c["choices"][0] for c in sse_json(r.text) if c["choices"]]
         thinking = "".join(d["delta"].get("reasoning") or "" for d in deltas) or None
         tool_calls = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls] or None
+        tokens = sse_json(r.text)[-1]["usage"]["completion_tokens"]
         return {"message": {"content": content, "tool_calls": tool_calls, "reasoning": thinking},
-                "finish_reason": deltas[-1]["finish_reason"]}
+                "finish_reason": deltas[-1]["finish_reason"], "tokens": tokens}
 
     def names(choice: dict) -> list[str]:
         return [c["function"]["name"] for c in choice["message"]["tool_calls"] or ()]
 
+    first_call_tokens = len(small_tokenizer().encode(CALL + "<|assistant|>"))
     two_calls = message_of(CALL + '<|assistant|>get_time\n{}')
     assert names(two_calls) == ["get_weather"] and two_calls["finish_reason"] == "tool_calls"
     assert two_calls["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
     assert not two_calls["message"]["content"]
-    first_call_tokens = len(small_tokenizer().encode(CALL + "<|assistant|>"))
-    for reply, max_tokens in ((CALL + '<|assistant|>get_ti', None), (CALL + '<|assistant|>get_time\n{"tz": "UTC"}',
-                                                                      first_call_tokens + 3)):
-        cut_second = message_of(reply, max_tokens)  # what follows the first call plays no part, a cut neither
+    assert two_calls["tokens"] == first_call_tokens  # the second call was not generated
+    for max_tokens in (None, first_call_tokens):  # the separator alone, or cut by max_tokens there
+        cut_second = message_of(CALL + '<|assistant|>get_ti', max_tokens)
         assert names(cut_second) == ["get_weather"] and cut_second["finish_reason"] == "tool_calls"
     text_first = message_of("\nLet me look.<|assistant|>" + CALL)  # no call opens it: all text, as ever
     assert (text_first["message"]["content"], names(text_first)) == ("Let me look." + CALL, [])

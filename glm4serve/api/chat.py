@@ -31,7 +31,7 @@ from glm4serve.chat.tool_parser import (
     opening_call,
     parse_reply,
 )
-from glm4serve.engine.types import LENGTH, Output, SamplingParams
+from glm4serve.engine.types import LENGTH, STOP, Output, SamplingParams
 
 from .logprobs import chat_logprob_entries, vllm_prompt_logprobs
 from .replies import (
@@ -164,6 +164,7 @@ class ChoiceStream:
         self._show_thinking = plan.show_reasoning
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
+        self.finished = False  # its last step is out: later outputs of the choice are not its reply's
 
     def step(self, out: Output, logprobs: bool) -> ChoiceStep:
         check_finish(out.finish_reason)
@@ -172,10 +173,12 @@ class ChoiceStream:
             self.thinking_tokens.feed(map(self._token_bytes, out.token_ids))
         entries = chat_logprob_entries(self._tokenizer, out.logprobs, self._as_ids) if logprobs and out.logprobs else []
         deltas = self.feed(out.text) if out.text else []
-        if out.finish_reason is None:
+        # parallel_tool_calls false: the opening call is whole and another began, which it drops; it ends here
+        ended = self.parser is not None and self.parser.done
+        if out.finish_reason is None and not ended:
             return ChoiceStep(deltas, entries, out.token_ids, None)
-        self.details = PromptTokensDetails.of(out)
-        held, finish_reason = self.finish(out.finish_reason)
+        self.details, self.finished = PromptTokensDetails.of(out), True
+        held, finish_reason = self.finish(out.finish_reason or STOP)
         return ChoiceStep(deltas + held, entries, out.token_ids, finish_reason,
                           stop_reason(out, self._tokenizer.eos_token_id))
 
@@ -260,6 +263,8 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             i = out.index
+            if choices[i].finished:  # ended before the engine's end: the request is aborted once all have
+                continue
             step = choices[i].step(out, req.logprobs)
             pending_logprobs[i] += step.logprobs
             pending_ids[i] += step.token_ids
@@ -267,6 +272,8 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk(i, delta, take_logprobs(i))
             if step.finish_reason is not None:
                 yield chunk(i, {}, take_logprobs(i), step.finish_reason, stop_reason=step.stop_reason)
+                if all(c.finished for c in choices):
+                    break
             elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk(i, {"content": ""}, take_logprobs(i))
@@ -293,11 +300,15 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     token_bytes = reply_token_bytes(plan, ctx.tokenizer) if plan.reasoning else None
     details = PromptTokensDetails()
     prompt_logprobs = None  # vLLM's, the same on every choice
+    # parallel_tool_calls false: each choice's reply read as streamed, to end it where its opening call is alone
+    ends = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)] if plan.one_call else None
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             check_finish(out.finish_reason)
             i = out.index
+            if reasons[i] is not None:  # ended before the engine's end: the request is aborted once all have
+                continue
             if out.prompt_logprobs is not None and prompt_logprobs is None:
                 prompt_logprobs = vllm_prompt_logprobs(ctx.tokenizer, out.prompt_logprobs, req.prompt_logprobs)
             texts[i].append(out.text)
@@ -305,12 +316,17 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             num_tokens[i] = out.num_output_tokens
             if thinking is not None:
                 thinking[i].feed(map(token_bytes, out.token_ids))
-            if out.finish_reason is not None and i == 0:  # the first choice computed the prompt
-                details = PromptTokensDetails.of(out)
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs, plan.logprob_token_ids)
+            ended = ends is not None and ends[i].step(out, False).finish_reason is not None
             if out.finish_reason is not None:
                 reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
+            elif ended:
+                reasons[i] = STOP
+            if reasons[i] is not None and i == 0:  # the first choice computed the prompt
+                details = PromptTokensDetails.of(out)
+            if all(reasons):
+                break
     choices = []
     for i in range(n):
         message, reason = _whole_message(ctx, plan, "".join(texts[i]), reasons[i] or LENGTH)

@@ -23,7 +23,8 @@ are kept as the model wrote them (stripped of surrounding whitespace, not re-ser
   first line is one of them is a call, its rest the input as written.
 - `one_call` (`parallel_tool_calls: false`, `opening_call`): a reply whose first segment is a whole call
   is that call; what follows its separator is dropped, a cut by max_tokens included, as if the model had
-  stopped there. A reply that does not open with a call is decided by the rule as it stands.
+  stopped there (streamed, `done` says so as soon as the separator comes, and the API ends the reply).
+  A reply that does not open with a call is decided by the rule as it stands.
 
 Streamed, a reply whose first line cannot be a tool name streams as content at once; one whose
 first line is a tool name is held to its end and then decided by the same rule, so a streamed
@@ -117,6 +118,8 @@ class StreamingToolParser:
         self.freeform = freeform
         self.one_call = one_call
         self.call_alone = False  # one_call kept the opening call alone: a cut after it played no part
+        # one_call: the opening call is whole and a separator came, so nothing after can change the reply
+        self.done = False
         self.calls: list[ToolCall] = []
         # "name": the first line may still be a tool name (held); "call": it is one, the reply is
         # held to its end; "content": plain text, streamed as it comes.
@@ -137,6 +140,12 @@ class StreamingToolParser:
     def feed(self, delta: str) -> list[Event]:
         if self._finished:
             raise RuntimeError("feed() after finish()")
+        events = self._feed(delta)
+        if self.one_call and self._mode == "call" and CALL_MARK in delta and not self.done:
+            self.done = bool(opening_call(self._held, self.tool_names, lenient=self.lenient, freeform=self.freeform))
+        return events
+
+    def _feed(self, delta: str) -> list[Event]:
         if self._mode == "content":
             return _content(delta)
         self._held += delta
