@@ -165,6 +165,7 @@ class ChoiceStream:
         self.num_tokens = 0
         self.details = PromptTokensDetails()  # the prompt's cache counts, from the last output
         self.finished = False  # its last step is out: later outputs of the choice are not its reply's
+        self.ended_early = False  # ... before the engine's end: the request is to be left (and so aborted)
 
     def step(self, out: Output, logprobs: bool) -> ChoiceStep:
         check_finish(out.finish_reason)
@@ -177,7 +178,7 @@ class ChoiceStream:
         ended = self.parser is not None and self.parser.done
         if out.finish_reason is None and not ended:
             return ChoiceStep(deltas, entries, out.token_ids, None)
-        self.details, self.finished = PromptTokensDetails.of(out), True
+        self.details, self.finished, self.ended_early = PromptTokensDetails.of(out), True, out.finish_reason is None
         held, finish_reason = self.finish(out.finish_reason or STOP)
         return ChoiceStep(deltas + held, entries, out.token_ids, finish_reason,
                           stop_reason(out, self._tokenizer.eos_token_id))
@@ -272,7 +273,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk(i, delta, take_logprobs(i))
             if step.finish_reason is not None:
                 yield chunk(i, {}, take_logprobs(i), step.finish_reason, stop_reason=step.stop_reason)
-                if all(c.finished for c in choices):
+                if all(c.finished for c in choices) and any(c.ended_early for c in choices):
                     break
             elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
@@ -302,6 +303,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     prompt_logprobs = None  # vLLM's, the same on every choice
     # parallel_tool_calls false: each choice's reply read as streamed, to end it where its opening call is alone
     ends = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)] if plan.one_call else None
+    early = False
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
@@ -322,10 +324,10 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             if out.finish_reason is not None:
                 reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
             elif ended:
-                reasons[i] = STOP
+                reasons[i], early = STOP, True
             if reasons[i] is not None and i == 0:  # the first choice computed the prompt
                 details = PromptTokensDetails.of(out)
-            if all(reasons):
+            if early and all(reasons):
                 break
     choices = []
     for i in range(n):

@@ -281,7 +281,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
                     events = builder.arguments(call["function"]["arguments"])
                 for event in events:
                     yield event
-            if choice.finished:  # before the engine's end too (chat.ChoiceStream.step): the request is aborted
+            if choice.ended_early:  # before the engine's end (chat.ChoiceStream.step): the request is aborted
                 break
     last = builder.output[-1]["type"] if builder.output else None
     if plan.reasoning and not answering:  # no answer text came: the answer's tokens are those after the tag
