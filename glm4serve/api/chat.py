@@ -200,7 +200,7 @@ class ChoiceStream:
         if self.parser is None:
             return thinking, reason
         deltas = self._deltas(self.parser.finish(truncated=reason == LENGTH))
-        cut = reason == LENGTH and not self.parser.call_alone
+        cut = reason == LENGTH and not self.parser.done
         return thinking + deltas, (self._call_finish_reason if self.parser.calls and not cut else reason)
 
     def _thinking(self, text: str) -> list[dict]:
@@ -301,8 +301,6 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     token_bytes = reply_token_bytes(plan, ctx.tokenizer) if plan.reasoning else None
     details = PromptTokensDetails()
     prompt_logprobs = None  # vLLM's, the same on every choice
-    # parallel_tool_calls false: each choice's reply read as streamed, to end it where its opening call is alone
-    ends = [ChoiceStream(plan, ctx.tokenizer) for _ in range(n)] if plan.one_call else None
     early = False
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
     async with contextlib.aclosing(outputs):
@@ -320,10 +318,9 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 thinking[i].feed(map(token_bytes, out.token_ids))
             if req.logprobs and out.logprobs:
                 logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs, plan.logprob_token_ids)
-            ended = ends is not None and ends[i].step(out, False).finish_reason is not None
             if out.finish_reason is not None:
                 reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
-            elif ended:
+            elif CALL_MARK in out.text and _opening_call_is_whole(plan, "".join(texts[i])):
                 reasons[i], early = STOP, True
             if reasons[i] is not None and i == 0:  # the first choice computed the prompt
                 details = PromptTokensDetails.of(out)
@@ -352,6 +349,16 @@ def _whole_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) 
         message, reason = _answer_message(ctx, plan, answer, reason)
         return message.with_thinking(thinking), reason
     return _answer_message(ctx, plan, text, reason)
+
+
+def _opening_call_is_whole(plan: ChatPlan, text: str) -> bool:
+    """parallel_tool_calls false: the reply so far opens its answer with a whole call, and another began: it ends
+    here (ChoiceStream's parser says so when streamed)."""
+    if not (plan.one_call and plan.tool_names):
+        return False
+    answer = split_reasoning(text)[1] if plan.reasoning else text
+    return answer is not None and bool(opening_call(answer, plan.tool_names, lenient=plan.forced_call,
+                                                    freeform=plan.freeform_tools))
 
 
 def _answer_message(ctx: ServingContext, plan: ChatPlan, text: str, reason: str) -> tuple[ChatMessageOut, str]:

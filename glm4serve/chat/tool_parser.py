@@ -117,8 +117,8 @@ class StreamingToolParser:
         self.lenient = lenient
         self.freeform = freeform
         self.one_call = one_call
-        self.call_alone = False  # one_call kept the opening call alone: a cut after it played no part
-        # one_call: the opening call is whole and a separator came, so nothing after can change the reply
+        # one_call: the opening call is whole and a separator came, so nothing after (a cut included) can change
+        # the reply
         self.done = False
         self.calls: list[ToolCall] = []
         # "name": the first line may still be a tool name (held); "call": it is one, the reply is
@@ -207,11 +207,12 @@ class StreamingToolParser:
         self._finished = True
         if self._mode == "content":
             return []
-        alone = opening_call(self._held, self.tool_names, lenient=self.lenient,
-                             freeform=self.freeform) if self.one_call else []
-        self.call_alone = bool(alone)
-        self.calls, content = (alone, "") if alone else parse_reply(
-            self._held, self.tool_names, truncated=truncated, lenient=self.lenient, freeform=self.freeform)
+        if self.done:
+            self.calls, content = opening_call(self._held, self.tool_names, lenient=self.lenient,
+                                               freeform=self.freeform), ""
+        else:
+            self.calls, content = parse_reply(self._held, self.tool_names, truncated=truncated, lenient=self.lenient,
+                                              freeform=self.freeform)
         events: list[Event] = []
         for index, call in enumerate(self.calls):
             if index < len(self._started):  # sent already, as parse_reply makes it
