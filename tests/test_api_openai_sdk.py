@@ -111,3 +111,28 @@ def test_errors_map_to_sdk_exceptions(client, base_url):
     with pytest.raises(openai.AuthenticationError):
         wrong_key.models.list()
     assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_conversations_through_the_sdk(client):
+    conv = client.conversations.create(items=[{"role": "user", "content": "hi"}], metadata={"topic": "sea"})
+    assert conv.metadata == {"topic": "sea"}
+    added = client.conversations.items.create(conv.id, items=[
+        {"type": "message", "role": "assistant", "content": "Hello there!"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and you?"}]}])
+    assert [item.role for item in added.data] == ["assistant", "user"] and added.first_id == added.data[0].id
+    response = client.responses.create(model=MODEL, conversation=conv.id)
+    assert response.conversation.id == conv.id and response.output_text == "Hello there!"
+    with client.responses.stream(model=MODEL, input="more", conversation={"id": conv.id}) as stream:
+        streamed = stream.get_final_response()
+    items = list(client.conversations.items.list(conv.id, order="asc", limit=2))  # the SDK pages by `after`
+    assert [item.type for item in items] == ["message"] * 6
+    assert [item.content[0].text for item in items] == ["hi", "Hello there!", "and you?", "Hello there!", "more",
+                                                        "Hello there!"]
+    assert items[5].id == streamed.output[0].id
+    assert client.conversations.items.retrieve(items[1].id, conversation_id=conv.id).id == items[1].id
+    assert client.conversations.items.delete(items[1].id, conversation_id=conv.id).id == conv.id
+    assert client.conversations.update(conv.id, metadata={"topic": "land"}).metadata == {"topic": "land"}
+    assert client.conversations.retrieve(conv.id).metadata == {"topic": "land"}
+    assert client.conversations.delete(conv.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conv.id)

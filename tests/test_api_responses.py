@@ -240,7 +240,6 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
 @pytest.mark.parametrize("body, param, says", [
     ({"input": []}, "input", "must not be empty"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "'resp_1' not found"),
-    ({"input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
     ({"input": "x", "background": True}, "background", "not supported"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "'item_reference' are not supported"),
     ({"input": [{"role": "user", "content": [{"type": "input_video", "video_url": "x"}]}]},

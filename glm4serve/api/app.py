@@ -21,6 +21,14 @@ from glm4serve.model.tokenizer import Tokenizer
 from .adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_lora_adapter, unload_lora_adapter
 from .chat import chat_completions
 from .completions import completions
+from .conversations import (
+    AddItemsRequest,
+    ConversationStore,
+    CreateConversationRequest,
+    UpdateConversationRequest,
+    list_page,
+    new_items,
+)
 from .errors import APIError, install_error_handlers
 from .gate import OPEN_PATHS, RETRY_AFTER_DRAINING, Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
@@ -28,7 +36,7 @@ from .logprobs import token_text_and_bytes
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ModelCard, ModelList
 from .response_store import ResponseStore
-from .responses import count_input_tokens, create_response, find_stored, stored_input_items
+from .responses import count_input_tokens, create_response, find_stored
 from .responses_request import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import ServingContext
@@ -47,6 +55,7 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
                          max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx), model_name),
                          response_store=ResponseStore(settings.response_store_memory),
+                         conversations=ConversationStore(settings.conversation_store_memory),
                          loras=dict(settings.lora_modules))
     app.state.serving = ctx
     install_error_handlers(app)
@@ -61,8 +70,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     if settings.cors_allowed_origins:  # added last: outermost, so refusals carry CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allowed_origins,
                            allow_methods=["*"], allow_headers=["*"])
-    for router in (_generation_routes(ctx), _stored_response_routes(ctx), _model_routes(ctx),
-                   _ops_routes(ctx, gate), _token_routes(ctx)):
+    for router in (_generation_routes(ctx), _stored_response_routes(ctx), _conversation_routes(ctx),
+                   _model_routes(ctx), _ops_routes(ctx, gate), _token_routes(ctx)):
         app.include_router(router)
     return app
 
@@ -111,13 +120,62 @@ def _stored_response_routes(ctx: ServingContext) -> APIRouter:
     @v1.get("/{response_id}/input_items")
     async def _input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
                            order: Literal["asc", "desc"] = "desc", after: str | None = None):
-        return stored_input_items(find_stored(ctx, response_id), limit, order, after)
+        return list_page(find_stored(ctx, response_id).input_items, limit, order, after, "response")
 
     @v1.post("/{response_id}/cancel")
     async def _cancel_response(response_id: str):
         find_stored(ctx, response_id)
         raise APIError(400, "Only background responses can be cancelled, and this server runs none.",
                        "invalid_request_error")
+
+    return v1
+
+
+def _conversation_routes(ctx: ServingContext) -> APIRouter:
+    v1 = APIRouter(prefix="/v1/conversations")
+    store = ctx.conversations
+
+    @v1.post("")
+    async def _create(body: CreateConversationRequest | None = None):
+        body = body or CreateConversationRequest()
+        return store.create(body.metadata or {}, new_items(body.items or [])).resource
+
+    @v1.get("/{conversation_id}")
+    async def _get(conversation_id: str):
+        return store.find(conversation_id).resource
+
+    @v1.post("/{conversation_id}")
+    async def _update(conversation_id: str, body: UpdateConversationRequest):
+        conversation = store.find(conversation_id)
+        store.update(conversation, body.metadata or {})
+        return conversation.resource
+
+    @v1.delete("/{conversation_id}")
+    async def _delete(conversation_id: str):
+        store.delete(store.find(conversation_id).id)
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    @v1.post("/{conversation_id}/items")
+    async def _add_items(conversation_id: str, body: AddItemsRequest):
+        conversation = store.find(conversation_id)
+        items = new_items(body.items)
+        store.add(conversation, items)
+        return list_page(items, len(items), "asc", None, "conversation")
+
+    @v1.get("/{conversation_id}/items")
+    async def _items(conversation_id: str, limit: int = Query(20, ge=1, le=100),
+                     order: Literal["asc", "desc"] = "desc", after: str | None = None):
+        return list_page(store.find(conversation_id).items, limit, order, after, "conversation")
+
+    @v1.get("/{conversation_id}/items/{item_id}")
+    async def _item(conversation_id: str, item_id: str):
+        return store.find(conversation_id).item(item_id)
+
+    @v1.delete("/{conversation_id}/items/{item_id}")
+    async def _delete_item(conversation_id: str, item_id: str):
+        conversation = store.find(conversation_id)
+        store.delete_item(conversation, item_id)
+        return conversation.resource
 
     return v1
 

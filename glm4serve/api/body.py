@@ -46,3 +46,6 @@ class RequestBody(Body):
 
 
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as vLLM and OpenAI take it
+# OpenAI's metadata: at most 16 pairs, keys of at most 64 characters, values of at most 512
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]

@@ -12,9 +12,9 @@ events, and last
 response.completed (or response.incomplete when max_output_tokens cut the reply). A failure midway
 is an `error` event and response.failed; the stream has no `[DONE]`.
 
-A finished reply is stored (response_store.py) unless the request says `store: false`, before
-its last event goes out, so a client may follow up on it as soon as it has it. A reply that
-failed, or whose client went away, is not.
+A finished reply is stored (response_store.py) unless the request says `store: false`, and added to
+its `conversation` if it names one (conversations.py), before its last event goes out, so a client may
+follow up on it as soon as it has it. A reply that failed, or whose client went away, is neither.
 
 Logprobs belong to output text in this API: a reply that is function calls carries none.
 """
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
-import uuid
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -37,19 +37,18 @@ from glm4serve.engine.types import LENGTH, Output
 
 from .body import Body
 from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat, prompt_tools
+from .conversations import Conversation
 from .errors import APIError, validation_error
 from .limits import check_chat_limits
 from .schemas import ChatCompletionRequest
 from .replies import Usage
 from .response_store import StoredResponse
-from .responses_request import ResponsesRequest, in_responses_terms, item_resources, parse_items
+from .responses_request import ResponsesRequest, in_responses_terms, item_resources, new_id, parse_items
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
 from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
 from .streaming import StreamEnd, sse_response
 
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+log = logging.getLogger("glm4serve.api")
 
 
 class ResponseBuilder:
@@ -57,12 +56,16 @@ class ResponseBuilder:
     the stream events that announce each step. The whole reply is built the same way, its
     events unused, so both shapes hold the same items."""
 
-    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | None, input_items: list[dict],
-                 offered: list[OfferedTool]):
-        """plan: None for a request refused before any plan was made (its stream says so and ends)."""
+    def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | None, offered: list[OfferedTool],
+                 history: list[dict] = (), conversation: Conversation | None = None):
+        """plan: None for a request refused before any plan was made (its stream says so and ends). history: the
+        items it continues from (a previous response's context, or the conversation's items)."""
         self.fixed = _fixed_fields(ctx, req, plan)
         self.store = ctx.response_store if self.fixed["store"] else None
-        self.input_items = input_items  # the context it is stored with
+        self.new_items = item_resources(req.input_items)  # its own input, as stored and listed
+        self.input_items = [*history, *self.new_items]  # the context it is stored with
+        self.conversations = ctx.conversations
+        self.conversation = conversation
         self.output: list[dict] = []
         self.sequence_number = 0
         self._item: dict | None = None  # the item being written, the last of `output`
@@ -89,7 +92,7 @@ class ResponseBuilder:
         events = []
         if self._item is None or self._item["type"] != "message":
             events += self.close("completed")
-            item = {"id": _new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
+            item = {"id": new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
                     "content": []}
             events += self._open(item)
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
@@ -109,7 +112,7 @@ class ResponseBuilder:
         events = []
         if self._item is None or self._item["type"] != "reasoning":
             events += self.close("completed")
-            item = {"id": _new_id("rs"), "type": "reasoning", "summary": [], "content": [], "encrypted_content": None,
+            item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [], "encrypted_content": None,
                     "status": "in_progress"}
             events += self._open(item)
             part = {"type": "reasoning_text", "text": ""}
@@ -129,10 +132,10 @@ class ResponseBuilder:
             name = tool.call_name
         if tool is not None and tool.custom:
             self._custom_arguments = ""
-            item = {"id": _new_id("ctc"), "type": "custom_tool_call", "status": "in_progress", "call_id": call_id,
+            item = {"id": new_id("ctc"), "type": "custom_tool_call", "status": "in_progress", "call_id": call_id,
                     "name": name, "input": ""}
         else:
-            item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call_id,
+            item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call_id,
                     "name": name, "arguments": ""}
         if tool is not None and tool.namespace is not None:
             item["namespace"] = tool.namespace
@@ -188,8 +191,18 @@ class ResponseBuilder:
                 "completed_at": int(time.time()) if status in ("completed", "incomplete") else None}
 
     def keep(self, response: dict) -> dict:
+        """The finished response, stored and added to its conversation."""
         if self.store is not None:
             self.store.put(response, self.input_items)
+        conversation = self.conversation
+        if conversation is not None and not self.conversations.kept(conversation):
+            log.warning("response %s not added to conversation %s: the conversation is gone", response["id"],
+                        conversation.id)
+        elif conversation is not None:
+            try:
+                self.conversations.add(conversation, self.new_items + response["output"])
+            except APIError as e:
+                log.warning("response %s not added to conversation %s: %s", response["id"], conversation.id, e)
         return response
 
     def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
@@ -224,7 +237,7 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | N
     if req.text and req.text.format:
         text_format = req.text.format.model_dump(by_alias=True, exclude_none=True)
     return {
-        "id": _new_id("resp"), "object": "response", "created_at": plan.created if plan else int(time.time()),
+        "id": new_id("resp"), "object": "response", "created_at": plan.created if plan else int(time.time()),
         "model": plan.model if plan else req.model or ctx.model_name,
         "error": None, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
@@ -233,6 +246,7 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | N
         "tool_choice": tool_choice, "tools": [t.model_dump() for t in req.tools or []],
         "text": {"format": text_format}, "truncation": req.truncation or "disabled", "metadata": req.metadata or {},
         "user": req.user, "previous_response_id": req.previous_response_id, "reasoning": None,
+        "conversation": {"id": req.conversation_id} if req.conversation_id is not None else None,
         "background": False, "store": req.store is not False and ctx.response_store.enabled,
     }
 
@@ -300,7 +314,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
 async def _refused_stream(ctx: ServingContext, req: ResponsesRequest, error: APIError,
                           offered: list[OfferedTool]) -> AsyncIterator[bytes]:
     """A request refused before it ran, as a stream: created, then the error and response.failed."""
-    builder = ResponseBuilder(ctx, req, None, [], offered)
+    builder = ResponseBuilder(ctx, req, None, offered)
     yield builder.event("response.created", response=builder.response("in_progress"))
     yield builder.error_event(error)
 
@@ -336,20 +350,6 @@ def _after_thinking(entries: list[dict]) -> list[dict]:
 # ---- route ----------------------------------------------------------------------------------
 
 
-def stored_input_items(stored: StoredResponse, limit: int, order: str, after: str | None) -> dict:
-    """GET /v1/responses/{id}/input_items: a page of the context the response was made from."""
-    items = stored.input_items if order == "asc" else stored.input_items[::-1]
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise APIError(400, f"No input item with id {after!r} in this response.", "invalid_request_error",
-                           "after")
-        items = items[ids.index(after) + 1:]
-    page = items[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
-
-
 def find_stored(ctx: ServingContext, response_id: str, previous: bool = False) -> StoredResponse:
     """A stored response; else a 404, or for `previous_response_id` (previous=True) a 400."""
     stored = ctx.response_store.get(response_id)
@@ -363,18 +363,26 @@ def find_stored(ctx: ServingContext, response_id: str, previous: bool = False) -
     return stored
 
 
-def _as_chat(ctx: ServingContext, req: ResponsesRequest,
-             offered: list[OfferedTool]) -> tuple[list[dict], ChatCompletionRequest]:
-    """The previous response's context and output, as items; and the chat request of the reply."""
-    history = []
+def _context(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], Conversation | None]:
+    """The items a request continues from (its previous response's context and output, or its conversation's
+    items), and its conversation."""
     if req.previous_response_id is not None:
-        history = find_stored(ctx, req.previous_response_id, previous=True).context
+        return find_stored(ctx, req.previous_response_id, previous=True).context, None
+    if req.conversation_id is not None:
+        conversation = ctx.conversations.find(req.conversation_id, "conversation")
+        return list(conversation.items), conversation
+    return [], None
+
+
+def _as_chat(ctx: ServingContext, req: ResponsesRequest, offered: list[OfferedTool],
+             history: list[dict]) -> ChatCompletionRequest:
+    """The chat request of the reply that continues from `history`."""
     try:
         chat_req = req.to_chat(parse_items(history), offered)
     except ValidationError as e:
         raise validation_error(RequestValidationError(e.errors())) from None
     check_chat_limits(chat_req, ctx.settings)
-    return history, chat_req
+    return chat_req
 
 
 async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict:
@@ -382,7 +390,7 @@ async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict
     ctx.check_model(req.model)
     offered = offer(req.tools, req.tool_choice)
     try:
-        _, chat_req = _as_chat(ctx, req, offered)
+        chat_req = _as_chat(ctx, req, offered, _context(ctx, req)[0])
         prompt_ids = await ctx.chat_prompt_ids(chat_req, prompt_tools(ctx, chat_req))
     except APIError as e:
         raise in_responses_terms(e, offered) from e
@@ -392,7 +400,8 @@ async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict
 async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
     offered = offer(req.tools, req.tool_choice)
     try:
-        history, chat_req = _as_chat(ctx, req, offered)
+        history, conversation = _context(ctx, req)
+        chat_req = _as_chat(ctx, req, offered, history)
         plan = await prepare_chat(ctx, chat_req, freeform_tools=frozenset(t.name for t in offered if t.custom))
     except APIError as e:
         error = in_responses_terms(e, offered)
@@ -400,7 +409,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
             # in the stream, as OpenAI's API reports it: clients such as Codex then compact the conversation
             return sse_response(_refused_stream(ctx, req, error, offered), ctx.settings, StreamEnd(done=None))
         raise error from e
-    builder = ResponseBuilder(ctx, req, plan, history + item_resources(req.input_items, _new_id), offered)
+    builder = ResponseBuilder(ctx, req, plan, offered, history, conversation)
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
                                                   ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),

@@ -7,7 +7,8 @@ takes the chat route's one path (template, tool parsing, grammars, limits).
 
 A reply is stored unless `store` is false (response_store.py), and `previous_response_id`
 continues from a stored one: its context items come before this request's `input`, while its
-`instructions` and tools do not carry over (as OpenAI's API does). `conversation` and
+`instructions` and tools do not carry over (as OpenAI's API does). `conversation` continues and
+extends a conversation the server keeps instead (conversations.py). With either, `input` may be left out.
 `background` and a stored `prompt` are refused with a 400. `reasoning` and `include` values other than
 output logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by
 the server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from glm4serve.engine.types import MAX_TOP_LOGPROBS
 
-from .body import Body, RequestBody, Seed
+from .body import Body, Metadata, RequestBody, Seed
 from .errors import APIError, invalid_request
 from .json_checks import invalid
 from .messages import part_text
@@ -176,14 +178,19 @@ InputItem = Annotated[
 _ITEM_LIST = TypeAdapter(list[InputItem])
 
 
+def new_id(prefix: str) -> str:
+    """An id for an item or object the server makes ("msg_...", "resp_...")."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
 def parse_items(items: list[dict]) -> list:
     """Stored items (item_resources' and output items) as input items again."""
     return _ITEM_LIST.validate_python(items)
 
 
-def item_resources(items: list, new_id) -> list[dict]:
+def item_resources(items: list) -> list[dict]:
     """Input items as the API lists and stores them: each with an id (the client's, else
-    `new_id(prefix)`) and a status, as the model saw them; dropped items, which play no part, are left out."""
+    a new one) and a status, as the model saw them; dropped items, which play no part, are left out."""
     prefixes = {FunctionCallItem: "fc", FunctionCallOutputItem: "fco", CustomToolCallItem: "ctc",
                 CustomToolCallOutputItem: "ctco"}
     out = []
@@ -233,9 +240,13 @@ class TextConfig(Body):
 # ---- the request ----------------------------------------------------------------------------
 
 
+class ConversationRef(Body):
+    id: str
+
+
 class ResponsesRequest(RequestBody):
     model: str | None = None
-    input: str | list[InputItem]
+    input: str | list[InputItem] = []
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -247,12 +258,12 @@ class ResponsesRequest(RequestBody):
     stream: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     include: list[str] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     user: str | None = None
     truncation: Literal["disabled", "auto"] | None = None
     store: bool | None = None  # None: stored, as OpenAI's default
     previous_response_id: str | None = None
-    conversation: str | dict[str, Any] | None = None
+    conversation: str | ConversationRef | None = None
     background: bool | None = None
     prompt: dict[str, Any] | None = None  # a prompt template stored on OpenAI's platform: refused
     # vLLM's extensions, passed to the chat request when sent
@@ -275,16 +286,20 @@ class ResponsesRequest(RequestBody):
 
     @model_validator(mode="after")
     def _stateless(self):
-        if self.conversation is not None:
-            raise invalid("conversation", "conversation is not supported: send previous_response_id, or the whole "
-                                          "conversation in input")
+        if self.conversation is not None and self.previous_response_id is not None:
+            raise invalid("conversation", "conversation and previous_response_id cannot both be given")
         if self.background:
             raise invalid("background", "background responses are not supported")
         if self.prompt is not None:
             raise invalid("prompt", "stored prompt templates are not supported: send the instructions and input")
-        if isinstance(self.input, list) and not self.input:
-            raise invalid("input", "input must not be empty")
+        if self.input == [] and self.conversation is None and self.previous_response_id is None:
+            raise invalid("input", "input must not be empty (it may be left out only to continue a conversation "
+                                   "or a previous response)")
         return self
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
 
     @property
     def wants_logprobs(self) -> bool:

@@ -26,6 +26,7 @@ from .errors import APIError, invalid_request, server_error
 from .gate import RETRY_AFTER_DRAINING
 from .json_checks import schema_problem
 from .metrics import Metrics
+from .conversations import ConversationStore
 from .response_store import ResponseStore
 from .settings import ServerSettings
 from .streaming import StreamEnd, sse_response
@@ -53,6 +54,7 @@ class ServingContext:
     max_model_len: int
     metrics: Metrics
     response_store: ResponseStore
+    conversations: ConversationStore
     created: int = field(default_factory=lambda: int(time.time()))
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters served: name -> folder (adapters.py)
     lora_updates: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time

@@ -112,6 +112,9 @@ class ServerSettings(EngineArgs, BaseSettings):
     response_store_memory: int = Field(
         64 * 1024**2, description="memory for /v1/responses replies kept for previous_response_id and GET "
                                   "/v1/responses/{id}, bytes or like 64MiB; least recently used go first (0 = keep none)")
+    conversation_store_memory: int = Field(
+        64 * 1024**2, description="memory for /v1/conversations and their items, bytes or like 64MiB; least "
+                                  "recently used go first (0 = keep none)")
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     config: str | None = Field(
@@ -132,7 +135,7 @@ class ServerSettings(EngineArgs, BaseSettings):
             raise ValueError("api_key is empty: give the key clients must send, or leave it unset for none")
         return v
 
-    @field_validator("response_store_memory", mode="before")
+    @field_validator("response_store_memory", "conversation_store_memory", mode="before")
     @classmethod
     def _store_size(cls, v):
         return 0 if v in (0, "0") else parse_bytes(v)
