@@ -84,6 +84,11 @@ def test_get_delete_and_cancel():
     assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found"
 
 
+def test_compaction_is_a_404_saying_so():
+    r = TestClient(make_app()).post("/v1/responses/compact", json={"model": MODEL, "input": "hi"})
+    assert r.status_code == 404 and "compact is not served" in r.json()["error"]["message"]
+
+
 def test_input_items_list_the_whole_context_in_pages():
     client = TestClient(make_app(replies=["\nHello"]))
     first = create(client, input=[{"role": "user", "content": "hi", "id": "msg_mine"}])

@@ -241,6 +241,7 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
     ({"input": []}, "input", "must not be empty"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "'resp_1' not found"),
     ({"input": "x", "background": True}, "background", "not supported"),
+    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input", "'item_reference' are not supported"),
     ({"input": [{"role": "user", "content": [{"type": "input_video", "video_url": "x"}]}]},
      "input.0.content.0.type", "input_text"),

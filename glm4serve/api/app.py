@@ -103,6 +103,12 @@ def _generation_routes(ctx: ServingContext) -> APIRouter:
 def _stored_response_routes(ctx: ServingContext) -> APIRouter:
     v1 = APIRouter(prefix="/v1/responses")
 
+    @v1.post("/compact", include_in_schema=False)  # else a 405, the path of a stored response's GET
+    async def _compact():
+        raise APIError(404, "POST /v1/responses/compact is not served here: its compaction items are OpenAI's "
+                            "own. Continue with previous_response_id or conversation, or send the context as input.",
+                       "invalid_request_error", code="not_found")
+
     @v1.get("/{response_id}")
     async def _get_response(response_id: str, stream: bool = False):
         stored = find_stored(ctx, response_id)
