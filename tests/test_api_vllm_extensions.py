@@ -197,3 +197,26 @@ def test_requests_vllm_takes_are_taken_as_it_takes_them():
     assert r.status_code == 200
     prompt = small_tokenizer().decode(engine_of(client.app).calls[-1].prompt_ids)
     assert prompt == "[gMASK]<sop><|user|>\nweather?<|observation|>\nsunny<|assistant|>"
+
+
+def test_invocations_run_a_chat_or_a_completion_request_by_its_body():
+    app = make_app(replies=["\nHello there!"], api_key="k")
+    client = TestClient(app, headers={"Authorization": "Bearer k"})
+    chat = client.post("/invocations", json={"messages": USER_HI, "max_tokens": 8})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    assert chat.json()["choices"][0]["message"]["content"] == "Hello there!"
+    completion = client.post("/invocations", json={"prompt": "Write:", "max_tokens": 4, "stream": True})
+    chunks = sse_json(completion.text)
+    assert completion.status_code == 200 and {c["object"] for c in chunks} == {"text_completion"}
+    calls = engine_of(app).calls
+    assert small_tokenizer().decode(calls[0].prompt_ids) == "[gMASK]<sop><|user|>\nhi<|assistant|>"
+    assert small_tokenizer().decode(calls[1].prompt_ids) == "[gMASK]<sop>Write:"
+    for body, param, says in (({"model": MODEL}, None, "messages"), ([1, 2], None, "prompt"),
+                              ({"messages": USER_HI, "temperature": 3}, "temperature", "2"),
+                              ({"prompt": "x", "max_tokens": "8"}, "max_tokens", "integer")):
+        r = client.post("/invocations", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and says in r.json()["error"]["message"]
+    r = client.post("/invocations", content=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert TestClient(app).post("/invocations", json={"prompt": "x"}).status_code == 401
+    wait_idle(engine_of(app))

@@ -127,14 +127,15 @@ def test_admission_429_with_retry_after_when_full():
     assert gate.capacity == 3
     gate.num_generating = 3  # three requests in flight (running + queued)
     for route, body in (("/v1/chat/completions", {"messages": HI, "stream": True}),
-                        ("/v1/completions", {"prompt": "a"}), ("/v1/responses", {"input": "a"})):
+                        ("/v1/completions", {"prompt": "a"}), ("/v1/responses", {"input": "a"}),
+                        ("/invocations", {"prompt": "a"})):
         r = client.post(route, json=body)
         err = envelope(r, 429, "rate_limit_error")
         assert err["code"] == "queue_full" and r.headers["retry-after"] == "1"
     assert engine.calls == []
     # only generation is admitted against the queue: the rest of the API stays up
     assert client.get("/v1/models").status_code == 200 and client.get("/health").status_code == 200
-    assert metric(client, 'glm4serve:request_rejected_total{reason="queue_full"}') == 3
+    assert metric(client, 'glm4serve:request_rejected_total{reason="queue_full"}') == 4
     assert metric(client, "glm4serve:num_requests_admitted") == 3
     gate.num_generating = 2
     assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200

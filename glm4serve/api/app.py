@@ -1,17 +1,20 @@
-"""The FastAPI app: OpenAI routes under /v1 (behind the optional API key) and the operations
-routes (/health, /ping, /metrics, /tokenize, /detokenize, /version) beside them."""
+"""The FastAPI app: OpenAI routes under /v1 and vLLM's /invocations (behind the optional API key), and the
+operations routes (/health, /ping, /metrics, /tokenize, /detokenize, /version) beside them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 from typing import Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from glm4serve import __version__
@@ -29,7 +32,7 @@ from .conversations import (
     list_page,
     new_items,
 )
-from .errors import APIError, install_error_handlers
+from .errors import APIError, install_error_handlers, invalid_request, validation_error
 from .gate import OPEN_PATHS, RETRY_AFTER_DRAINING, Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .logprobs import token_text_and_bytes
@@ -77,27 +80,45 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
 
 
 def _generation_routes(ctx: ServingContext) -> APIRouter:
-    v1 = APIRouter(prefix="/v1")
+    routes = APIRouter()
 
-    @v1.post("/chat/completions")
+    @routes.post("/v1/chat/completions")
     async def _chat(body: ChatCompletionRequest, request: Request):
         check_chat_limits(body, ctx.settings)
         return await chat_completions(ctx, body, request)
 
-    @v1.post("/completions")
+    @routes.post("/v1/completions")
     async def _completions(body: CompletionRequest, request: Request):
         check_completion_limits(body, ctx.settings)
         return await completions(ctx, body, request)
 
-    @v1.post("/responses")
+    @routes.post("/v1/responses")
     async def _responses(body: ResponsesRequest, request: Request):
         return await create_response(ctx, body, request)
 
-    @v1.post("/responses/input_tokens")
+    @routes.post("/v1/responses/input_tokens")
     async def _count_input_tokens(body: ResponsesRequest):
         return await count_input_tokens(ctx, body)
 
-    return v1
+    @routes.post("/invocations")
+    async def _invocations(request: Request):
+        """vLLM's route for SageMaker, which sends every request there: a body with `messages` is a chat completion
+        request, one with `prompt` a completion request."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise invalid_request(f"request body is not valid JSON: {e}") from None
+        kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
+        if kind is None:
+            raise invalid_request("/invocations takes a chat completion request (with messages) or a completion "
+                                  "request (with prompt)")
+        try:
+            parsed = (ChatCompletionRequest if kind == "messages" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            raise validation_error(RequestValidationError(e.errors())) from None
+        return await (_chat if kind == "messages" else _completions)(parsed, request)
+
+    return routes
 
 
 def _stored_response_routes(ctx: ServingContext) -> APIRouter:

@@ -20,7 +20,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("glm4serve.api")
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations"})
 # Probes and scrapes are answered whatever the load; /health reports a drain itself (503).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 RETRY_AFTER_FULL = "1"  # seconds: a batch slot frees up within a few decode steps' worth of work
