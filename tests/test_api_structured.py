@@ -17,7 +17,7 @@ SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "get_time"}},  # no parameters: any object
+    {"type": "function", "function": {"name": "get_time"}},  # no parameters: none taken
 ]
 
 
@@ -83,7 +83,7 @@ def test_forced_tool_choice_becomes_a_tool_call_grammar(choice, names):
     assert r.status_code == 200, r.text
     spec = engine.calls[0].params.guided
     assert spec.kind == "tool_call" and [n for n, _ in spec.tools] == names
-    assert json.loads(dict(spec.tools)["get_time"]) == {"type": "object"}
+    assert json.loads(dict(spec.tools)["get_time"]) == {"type": "object", "properties": {}}  # it has no parameters
     # a named function's call finishes "stop", as in OpenAI's API
     assert r.json()["choices"][0]["finish_reason"] == ("tool_calls" if choice == "required" else "stop")
 
@@ -270,6 +270,8 @@ def test_response_format_text_leaves_a_vllm_constraint_in_force():
     ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
     ("allOf of several", {"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"minimum": 5}]}}}),
     ("multipleOf on numbers", {"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0.5}}}),
+    ("lookaround in a pattern", {"type": "object", "properties": {"v": {"type": "string", "pattern": "^(?!a)[a-c]{2}$"}}}),
+    ("lookaround in a pattern", {"type": "object", "patternProperties": {"^x(?<=x)": {"type": "integer"}}}),
 ])
 def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
     for extra, param in (({"guided_json": schema}, "guided_json"),
@@ -285,7 +287,8 @@ def test_enforceable_schemas_and_property_names_like_keywords_are_served():
     schema = {"type": "object", "$defs": {"X": {"type": "integer"}},
               "properties": {"not": {"enum": ["if", "then"]},
                              "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-                             "x": {"allOf": [{"$ref": "#/$defs/X"}]}, "even": {"type": "integer", "multipleOf": 2}}}
+                             "x": {"allOf": [{"$ref": "#/$defs/X"}]}, "even": {"type": "integer", "multipleOf": 2},
+                             "code": {"type": "string", "pattern": "^(?:[A-Z]{2})\\(?=$"}}}  # a group; an escaped (
     _, r = post("/v1/chat/completions", {"messages": HI, "guided_json": schema})
     assert r.status_code == 200, r.text
 

@@ -172,6 +172,34 @@ def test_named_tool_choice_is_enforced_by_a_grammar_not_a_prompt_prefix():
     assert json.loads(calls[0]["arguments"]) == {"tz": "UTC"}
 
 
+@pytest.mark.parametrize("parameters", [None, {}])
+def test_a_forced_function_without_parameters_is_called_with_none(parameters):
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from glm4serve.engine.guided import build_grammar
+
+    now = {"type": "function", "function": {"name": "now", **({} if parameters is None else {"parameters": {}})}}
+    for tool_choice in ("required", {"type": "function", "function": {"name": "now"}}):
+        engine, body = run(["now\n{}"], tools=[now], tool_choice=tool_choice)
+        assert body["choices"][0]["message"]["tool_calls"][0]["function"] == {"name": "now", "arguments": "{}"}
+        grammar = build_grammar(engine.calls[0].params.guided)
+        assert _is_grammar_accept_string(grammar, "now\n{}")
+        assert not _is_grammar_accept_string(grammar, 'now\n{"at": "noon"}')
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_in_its_name_has_neither_call_nor_content(stream):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    _, body = run([CALL], stream=stream, tool_choice=forced, max_tokens=1)
+    if stream:
+        calls, content = calls_from_stream(body)
+        assert (calls, content) == ([], None) and body[-1]["choices"][0]["finish_reason"] == "length"
+    else:
+        choice = body["choices"][0]
+        assert choice["message"]["tool_calls"] in (None, []) and not choice["message"]["content"]
+        assert choice["finish_reason"] == "length"
+
+
 def test_forced_call_with_broken_json_is_still_a_call():
     # the grammar keeps the JSON whole; a stop string can still cut it
     _, body = run(['get_time\n{"tz": "UTC"}'], tool_choice={"type": "function", "function": {"name": "get_time"}},

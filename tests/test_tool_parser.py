@@ -277,6 +277,14 @@ def test_lenient_keeps_calls_whatever_their_arguments(text, expected):
         assert stream(text, NAMES, chunks, lenient=True) == expected
 
 
+@pytest.mark.parametrize("text", ["get_wea", "g", "get_time"])
+def test_a_forced_reply_cut_in_its_first_name_is_neither_call_nor_content(text):
+    assert parse_reply(text, NAMES, truncated=True, lenient=True) == ([], "")
+    for chunks in [one_char_chunks(text), [len(text)]]:
+        assert stream(text, NAMES, chunks, truncated=True, lenient=True) == ("", [])
+    assert parse_reply(text, NAMES, truncated=True) == ([], text)  # not forced: it may have been prose
+
+
 def test_feed_after_finish_is_an_error():
     parser = StreamingToolParser(NAMES)
     parser.finish()

@@ -64,12 +64,13 @@ _SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the c
 
 # Keywords the grammar engine (xgrammar) passes over: a reply could break them, so a schema that
 # constrains a reply may not use them. uniqueItems is passed over too but allowed: pydantic writes it
-# for sets, and a duplicate there only shrinks the set. Two more are held only in part (`_partly`):
-# allOf to its first schema, multipleOf on integers alone.
+# for sets, and a duplicate there only shrinks the set. Three more are held only in part (`_partly`):
+# allOf to its first schema, multipleOf on integers alone, pattern without lookarounds.
 _UNENFORCED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
                          "dependentSchemas"})
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> subschema
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required", "title", "description"})
+_LOOKAROUND = re.compile(r"(?<!\\)(?:\\\\)*\(\?<?[=!]")  # an unescaped (?= (?! (?<= or (?<!
 
 
 def check_enforceable(schema: Any, param: str) -> None:
@@ -103,6 +104,11 @@ def _partly(node: dict, key: str, value: Any) -> list[str]:
         return ["allOf of several schemas"]  # pydantic's allOf holds one $ref
     if key == "multipleOf" and node.get("type") != "integer":
         return ["multipleOf on numbers that are not integers"]
+    # the grammar engine passes over a lookaround in a schema's pattern (a regex of its own it refuses)
+    patterns = [value] if key == "pattern" else list(value) if key == "patternProperties" and isinstance(
+        value, dict) else []
+    if any(isinstance(p, str) and _LOOKAROUND.search(p) for p in patterns):
+        return ["a lookaround in a pattern"]
     return []
 
 

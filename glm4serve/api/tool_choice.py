@@ -37,6 +37,10 @@ def call_or_format_spec(req: ChatCompletionRequest, reply: GuidedSpec) -> Guided
     return GuidedSpec.tool_call(_parameters(req), otherwise=reply)
 
 
-def _parameters(req: ChatCompletionRequest) -> dict[str, dict | None]:
+# A function without `parameters` (or with `{}`) takes none, as OpenAI reads it: its call's arguments are `{}`
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def _parameters(req: ChatCompletionRequest) -> dict[str, dict]:
     """Each tool's parameters schema, by its name."""
-    return {t.function.name: t.function.parameters for t in req.tools or []}
+    return {t.function.name: t.function.parameters or NO_PARAMETERS for t in req.tools or []}

@@ -15,7 +15,8 @@ first line is exactly one of `tool_names` (no stripping: the model writes the na
 are kept as the model wrote them (stripped of surrounding whitespace, not re-serialized).
 - A reply cut off by max_tokens (`truncated`) keeps a last call whose arguments are incomplete JSON,
   with the partial arguments (OpenAI sends finish_reason "length" for it); a trailing segment cut
-  off while still spelling a tool name is dropped.
+  off while still spelling a tool name is dropped (and under `lenient`, a first one: a forced reply cut
+  in its call's name has neither call nor content).
 - `lenient` (a forced tool_choice: a grammar wrote the call, but a stop string may have cut its
   JSON): segments are calls while their first line is a tool name, whatever their arguments;
   the first segment that is not, and everything after it, is content.
@@ -88,8 +89,8 @@ def parse_reply(text: str, tool_names: set[str], *, truncated: bool = False, len
     for k, segment in enumerate(segments):
         is_last = k == len(segments) - 1
         name, newline, rest = segment.partition("\n")
-        if k > 0 and is_last and not newline:
-            # Ended right after a separator, or (cut off) while spelling the next name.
+        if is_last and not newline and (k > 0 or lenient):
+            # Ended right after a separator, or (cut off) while spelling the next name; forced, the first one too.
             if segment == "" or (truncated and _could_be_name(segment, tool_names)):
                 break
         arguments = rest.strip()
