@@ -270,7 +270,8 @@ def test_response_format_text_leaves_a_vllm_constraint_in_force():
     ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
     ("allOf of several", {"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"minimum": 5}]}}}),
     ("multipleOf on numbers", {"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0.5}}}),
-    ("lookaround in a pattern", {"type": "object", "properties": {"v": {"type": "string", "pattern": "^(?!a)[a-c]{2}$"}}}),
+    ("lookaround in a pattern", {"type": "object",
+                                 "properties": {"v": {"type": "string", "pattern": "^(?!a)[a-c]{2}$"}}}),
     ("lookaround in a pattern", {"type": "object", "patternProperties": {"^x(?<=x)": {"type": "integer"}}}),
 ])
 def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
