@@ -192,7 +192,7 @@ def _items(i: int, n: int = 1) -> list[dict]:
 
 
 def test_the_store_drops_the_least_recently_used_past_its_budget():
-    one = len('[{"id":"msg_0_0","type":"message","role":"user","content":[{"type":"input_text","text":""}]}]') + 100
+    one = len('{"id":"msg_0_0","type":"message","role":"user","content":[{"type":"input_text","text":""}]}') + 100
     store = ConversationStore(budget_bytes=3 * (one + 2))  # +2: each one's empty metadata, "{}"
     a, b, c = (store.create({}, _items(i)) for i in range(3))
     assert store.used == 3 * (one + 2) and len(store) == 3
@@ -209,3 +209,5 @@ def test_the_store_drops_the_least_recently_used_past_its_budget():
     with pytest.raises(APIError, match="over the server's"):
         store.create({}, _items(6, 4))
     assert len(store) == 2 and store.used == 2 * (one + 2)
+    store.delete_item(a, "msg_0_0")
+    assert a.size == 2 and store.used == 2 + one + 2  # what it holds, to the byte: its metadata

@@ -135,7 +135,7 @@ class ConversationStore:
 
     def add(self, conversation: Conversation, items: list[dict]) -> None:
         if items:
-            self._grow(conversation, _size(items))
+            self._grow(conversation, sum(map(_size, items)))
             conversation.items += items
 
     def update(self, conversation: Conversation, metadata: dict[str, str]) -> None:
@@ -145,7 +145,7 @@ class ConversationStore:
     def delete_item(self, conversation: Conversation, item_id: str) -> None:
         item = conversation.item(item_id)
         conversation.items.remove(item)
-        self._grow(conversation, -_size([item]))
+        self._grow(conversation, -_size(item))
 
     def delete(self, conversation_id: str) -> None:
         gone = self._conversations.pop(conversation_id)
