@@ -73,7 +73,12 @@ def test_items_are_added_listed_in_pages_fetched_and_deleted():
 
 @pytest.mark.parametrize("body, param, says", [
     ({"items": [{"role": "user", "content": str(i)} for i in range(21)]}, "items", "at most 20"),
-    ({"items": [{"type": "item_reference", "id": "msg_1"}]}, "items", "'item_reference' are not supported"),
+    ({"items": [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_1"}]}, "items.1",
+     "input items of type 'item_reference' are not supported"),
+    ({"items": [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]}, "items.0",
+     "a user message's parts are input_text; output_text is an assistant's"),
+    ({"items": [{"role": "user", "content": "x", "id": "msg_a"}, {"role": "user", "content": "y", "id": "msg_a"}]},
+     "items", "Duplicate item found with id 'msg_a'"),
     ({"items": [{"role": "user", "content": [{"type": "input_video"}]}]}, "items.0.content.0.type", "input_text"),
     ({"items": [{"role": "robot", "content": "x"}]}, "items.0.role", "'user'"),
     ({"items": "hello"}, "items", "list"),
@@ -86,9 +91,16 @@ def test_bad_conversations_are_400s_naming_the_field(body, param, says):
     assert e["param"] == param and says in e["message"], e
 
 
-def test_adding_items_needs_one_to_twenty():
+def test_adding_items_needs_one_to_twenty_new_ones():
     client = TestClient(make_app())
-    conv = ok(client.post("/v1/conversations"))
+    conv = ok(client.post("/v1/conversations", json={"items": [{"role": "user", "content": "x", "id": "msg_a"}]}))
+    e = error(client.post(f"/v1/conversations/{conv['id']}/items", json={"items": [
+        {"role": "user", "content": "y", "id": "msg_a"}]}))
+    assert e["param"] == "items" and "Duplicate item found with id 'msg_a'" in e["message"]
+    e = error(client.post(f"/v1/conversations/{conv['id']}/items", json={"items": [
+        {"type": "reasoning", "id": "rs_1", "summary": []}]}))  # dropped, as on the responses route: none is left
+    assert e["param"] == "items" and "No item to add" in e["message"]
+    assert len(ok(client.get(f"/v1/conversations/{conv['id']}/items"))["data"]) == 1
     assert error(client.post(f"/v1/conversations/{conv['id']}/items", json={"items": []}))["param"] == "items"
     assert error(client.post(f"/v1/conversations/{conv['id']}/items", json={}))["param"] == "items"
     assert error(client.post(f"/v1/conversations/{conv['id']}", json={}))["param"] == "metadata"
@@ -211,3 +223,37 @@ def test_the_store_drops_the_least_recently_used_past_its_budget():
     assert len(store) == 2 and store.used == 2 * (one + 2)
     store.delete_item(a, "msg_0_0")
     assert a.size == 2 and store.used == 2 + one + 2  # what it holds, to the byte: its metadata
+
+
+def test_a_response_repeating_an_items_id_is_refused():
+    app = make_app(replies=["\nHello"])
+    client = TestClient(app)
+    conv = ok(client.post("/v1/conversations", json={"items": [{"role": "user", "content": "hi"}]}))
+    first = ok(client.post("/v1/responses", json={"conversation": conv["id"]}))
+    again = {"conversation": conv["id"], "input": [first["output"][0], {"role": "user", "content": "and?"}]}
+    e = error(client.post("/v1/responses", json=again))
+    assert e["param"] == "input" and first["output"][0]["id"] in e["message"]
+    twice = [{"role": "user", "content": "a", "id": "msg_x"}, {"role": "user", "content": "b", "id": "msg_x"}]
+    assert error(client.post("/v1/responses", json={"input": twice}))["param"] == "input"
+    assert len(engine_of(app).calls) == 1
+    assert len(ok(client.get(f"/v1/conversations/{conv['id']}/items"))["data"]) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_its_conversation_cannot_hold_fails_and_is_not_stored(stream):
+    app = make_app(replies=["\n" + "Hello " * 300], conversation_store_memory=1500)
+    client = TestClient(app)
+    conv = ok(client.post("/v1/conversations", json={"items": [{"role": "user", "content": "hi"}]}))
+    r = client.post("/v1/responses", json={"conversation": conv["id"], "stream": stream})
+    if stream:
+        events = events_of(r.text)
+        assert events[-1]["type"] == "response.failed" and "--conversation-store-memory" in events[-2]["message"]
+        response_id = events[0]["response"]["id"]
+    else:
+        assert "--conversation-store-memory" in error(r)["message"]
+        response_id = None
+    assert len(ok(client.get(f"/v1/conversations/{conv['id']}/items"))["data"]) == 1
+    assert response_id is None or client.get(f"/v1/responses/{response_id}").status_code == 404
+    calls = len(engine_of(app).calls)
+    e = error(client.post("/v1/responses", json={"conversation": conv["id"], "input": "x" * 2000}))
+    assert e["param"] == "conversation" and len(engine_of(app).calls) == calls  # refused before it ran

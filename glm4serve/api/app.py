@@ -185,7 +185,10 @@ def _conversation_routes(ctx: ServingContext) -> APIRouter:
     @v1.post("/{conversation_id}/items")
     async def _add_items(conversation_id: str, body: AddItemsRequest):
         conversation = store.find(conversation_id)
-        items = new_items(body.items)
+        items = new_items(body.items, conversation.items)
+        if not items:
+            raise invalid_request("No item to add: reasoning items, and calls of tools this server does not run, "
+                                  "are dropped.", "items")
         store.add(conversation, items)
         return list_page(items, len(items), "asc", None, "conversation")
 

@@ -6,11 +6,15 @@ response given `conversation`. That response starts from all of the conversation
 `previous_response_id` starts from the stored context (the two are exclusive), and once it finishes
 (completed, or incomplete at max_output_tokens) its input items and then its output items are appended,
 whatever its `store`. A response that failed, or whose client left, adds nothing. Two responses on one
-conversation at once each start from its items as they were, and append in the order they finish.
+conversation at once each start from its items as they were, and append in the order they finish. An item
+whose id another of the conversation has (or, for a response, one of its context) is refused, as OpenAI
+refuses it: ids name one item each, for GET, DELETE and the pages' `after`.
 
 In memory, per server, like stored responses (response_store.py), within --conversation-store-memory: the
-least recently used conversations go first when an addition does not fit. Kept in the HTTP process, so with
-engine replicas (cluster.py) every replica's replies extend the same conversations.
+least recently used conversations go first when an addition does not fit, and an addition that would put
+one conversation alone over it is a 400 (a response that would, fails: it is neither added nor stored).
+Kept in the HTTP process, so with engine replicas (cluster.py) every replica's replies extend the same
+conversations.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, ValidationError
 
 from .body import Metadata, RequestBody
-from .errors import APIError, validation_error
+from .errors import APIError, invalid_request, validation_error
 from .responses_request import item_resources, new_id, parse_items
 
 MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items given to create a conversation, or to add at once
@@ -51,18 +55,40 @@ class AddItemsRequest(RequestBody):
     items: Annotated[_NewItems, Field(min_length=1)]
 
 
-def new_items(items: list[dict]) -> list[dict]:
-    """Items as a request gives them (response input items) -> as the conversation keeps them, each with an id."""
+def new_items(items: list[dict], kept: list[dict] = ()) -> list[dict]:
+    """Items as a request gives them (response input items) -> as the conversation keeps them, each with an id
+    (none the same as another's, or as one of the `kept` items')."""
     try:
         parsed = parse_items(items)
     except ValidationError as e:
-        error = validation_error(RequestValidationError(e.errors()))
-        # pydantic's paths start at the item's index; the items' own checks name the responses route's `input`
-        where = (error.param or "").removeprefix("input").lstrip(".")
-        param = f"items.{where}" if where else "items"
-        message = error.message.replace(error.param, param, 1) if error.param else error.message
-        raise APIError(400, message, error.type, param) from None
-    return item_resources(parsed)
+        raise _as_items_error(e) from None
+    return check_unique_ids(kept, item_resources(parsed), "items")
+
+
+def check_unique_ids(kept: list[dict], new: list[dict], param: str) -> list[dict]:
+    """`new` items, unless one's id is another's or a `kept` item's (a 400, as OpenAI's)."""
+    seen = {item["id"] for item in kept}
+    for item in new:
+        if item["id"] in seen:
+            raise invalid_request(f"Duplicate item found with id {item['id']!r}. Remove duplicate items from your "
+                                  "input and try again.", param)
+        seen.add(item["id"])
+    return new
+
+
+def _as_items_error(e: ValidationError) -> APIError:
+    """An item's error as this route names it: pydantic's paths start at the item's index ("items.0.role"), the
+    items' own checks name the responses route's `input` (then "items.0")."""
+    error = validation_error(RequestValidationError(e.errors()))
+    loc = max(e.errors(), key=lambda x: len(x.get("loc", ()))).get("loc", ())
+    if error.param is None or error.param == "input":
+        param = f"items.{loc[0]}" if loc and isinstance(loc[0], int) else "items"
+        return APIError(400, error.message, error.type, param)
+    param = f"items.{error.param}"
+    message = error.message
+    if message.startswith(f"{error.param}: "):
+        message = f"{param}: " + message.removeprefix(f"{error.param}: ")
+    return APIError(400, message, error.type, param)
 
 
 # ---- the store ------------------------------------------------------------------------------
@@ -137,6 +163,13 @@ class ConversationStore:
         if items:
             self._grow(conversation, sum(map(_size, items)))
             conversation.items += items
+            self._conversations.move_to_end(conversation.id)
+
+    def check_room(self, conversation: Conversation, items: list[dict]) -> None:
+        """A 400 when the conversation with these items would be over the whole budget (add()'s refusal, early)."""
+        size = conversation.size + sum(map(_size, items))
+        if size > self.budget:
+            raise _over_budget(conversation, size, self.budget)
 
     def update(self, conversation: Conversation, metadata: dict[str, str]) -> None:
         self._grow(conversation, _size(metadata) - _size(conversation.metadata))
@@ -155,9 +188,7 @@ class ConversationStore:
         """Count `change` more bytes for a kept conversation, dropping the least recently used others while
         they do not fit; a 400 when it alone would be over the budget."""
         if conversation.size + change > self.budget:
-            raise APIError(400, f"Conversation {conversation.id!r} would be {conversation.size + change} bytes, "
-                                f"over the server's --conversation-store-memory of {self.budget} bytes.",
-                           "invalid_request_error")
+            raise _over_budget(conversation, conversation.size + change, self.budget)
         for other in list(self._conversations.values()):  # least recently used first
             if self.used + change <= self.budget:
                 break
@@ -166,6 +197,11 @@ class ConversationStore:
                 self.delete(other.id)
         conversation.size += change
         self.used += change
+
+
+def _over_budget(conversation: Conversation, size: int, budget: int) -> APIError:
+    return invalid_request(f"Conversation {conversation.id!r} would be {size} bytes, over the server's "
+                           f"--conversation-store-memory of {budget} bytes.", "conversation")
 
 
 def list_page(items: list[dict], limit: int, order: str, after: str | None, what: str) -> dict:

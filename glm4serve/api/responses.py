@@ -37,7 +37,7 @@ from glm4serve.engine.types import LENGTH, Output
 
 from .body import Body
 from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat, prompt_tools
-from .conversations import Conversation
+from .conversations import Conversation, check_unique_ids
 from .errors import APIError, validation_error
 from .limits import check_chat_limits
 from .schemas import ChatCompletionRequest
@@ -57,13 +57,14 @@ class ResponseBuilder:
     events unused, so both shapes hold the same items."""
 
     def __init__(self, ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | None, offered: list[OfferedTool],
-                 history: list[dict] = (), conversation: Conversation | None = None):
+                 history: list[dict] = (), new_items: list[dict] = (), conversation: Conversation | None = None):
         """plan: None for a request refused before any plan was made (its stream says so and ends). history: the
-        items it continues from (a previous response's context, or the conversation's items)."""
+        items it continues from (a previous response's context, or the conversation's items); new_items: its own
+        input, as stored and listed (item_resources)."""
         self.fixed = _fixed_fields(ctx, req, plan)
         self.store = ctx.response_store if self.fixed["store"] else None
-        self.new_items = item_resources(req.input_items)  # its own input, as stored and listed
-        self.input_items = [*history, *self.new_items]  # the context it is stored with
+        self.new_items = list(new_items)
+        self.input_items = [*history, *new_items]  # the context it is stored with
         self.conversations = ctx.conversations
         self.conversation = conversation
         self.output: list[dict] = []
@@ -191,18 +192,16 @@ class ResponseBuilder:
                 "completed_at": int(time.time()) if status in ("completed", "incomplete") else None}
 
     def keep(self, response: dict) -> dict:
-        """The finished response, stored and added to its conversation."""
-        if self.store is not None:
-            self.store.put(response, self.input_items)
+        """The finished response, added to its conversation (a 400 when the conversation cannot hold it: the
+        response fails, and is not stored) and stored."""
         conversation = self.conversation
         if conversation is not None and not self.conversations.kept(conversation):
             log.warning("response %s not added to conversation %s: the conversation is gone", response["id"],
                         conversation.id)
         elif conversation is not None:
-            try:
-                self.conversations.add(conversation, self.new_items + response["output"])
-            except APIError as e:
-                log.warning("response %s not added to conversation %s: %s", response["id"], conversation.id, e)
+            self.conversations.add(conversation, self.new_items + response["output"])
+        if self.store is not None:
+            self.store.put(response, self.input_items)
         return response
 
     def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
@@ -401,6 +400,9 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
     offered = offer(req.tools, req.tool_choice)
     try:
         history, conversation = _context(ctx, req)
+        new_items = check_unique_ids(history, item_resources(req.input_items), "input")
+        if conversation is not None:
+            ctx.conversations.check_room(conversation, new_items)
         chat_req = _as_chat(ctx, req, offered, history)
         plan = await prepare_chat(ctx, chat_req, freeform_tools=frozenset(t.name for t in offered if t.custom))
     except APIError as e:
@@ -409,7 +411,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
             # in the stream, as OpenAI's API reports it: clients such as Codex then compact the conversation
             return sse_response(_refused_stream(ctx, req, error, offered), ctx.settings, StreamEnd(done=None))
         raise error from e
-    builder = ResponseBuilder(ctx, req, plan, offered, history, conversation)
+    builder = ResponseBuilder(ctx, req, plan, offered, history, new_items, conversation)
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
                                                   ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),
