@@ -1,5 +1,6 @@
-"""The FastAPI app: OpenAI routes under /v1 and vLLM's /invocations (behind the optional API key), and the
-operations routes (/health, /ping, /metrics, /tokenize, /detokenize, /version) beside them."""
+"""The FastAPI app: OpenAI routes under /v1, Anthropic's /v1/messages and vLLM's /invocations (behind the
+optional API key), and the operations routes (/health, /ping, /metrics, /tokenize, /detokenize, /version)
+beside them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from glm4serve.engine.client import EngineClient
 from glm4serve.model.tokenizer import Tokenizer
 
 from .adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_lora_adapter, unload_lora_adapter
+from .anthropic import count_tokens, create_message
+from .anthropic_request import CountTokensRequest, MessagesRequest
 from .chat import chat_completions
 from .completions import completions
 from .conversations import (
@@ -99,6 +102,14 @@ def _generation_routes(ctx: ServingContext) -> APIRouter:
     @routes.post("/v1/responses/input_tokens")
     async def _count_input_tokens(body: ResponsesRequest):
         return await count_input_tokens(ctx, body)
+
+    @routes.post("/v1/messages")
+    async def _messages(body: MessagesRequest, request: Request):
+        return await create_message(ctx, body, request)
+
+    @routes.post("/v1/messages/count_tokens")
+    async def _count_message_tokens(body: CountTokensRequest):
+        return await count_tokens(ctx, body)
 
     @routes.post("/invocations")
     async def _invocations(request: Request):
@@ -329,7 +340,8 @@ def _stats(ctx: ServingContext):
 
 
 class APIKeyMiddleware:
-    """`Authorization: Bearer <key>` on every route but the probes' and the scraper's (gate.OPEN_PATHS,
+    """`Authorization: Bearer <key>` (or `x-api-key: <key>`, as Anthropic's clients send it) on every route but
+    the probes' and the scraper's (gate.OPEN_PATHS,
     which send no key; a route added later is guarded from the start), checked before anything reads
     the request (a body that is not even JSON gets the 401 too, as vLLM answers), and before the gate's
     limits."""
@@ -340,13 +352,17 @@ class APIKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path not in OPEN_PATHS and not self._authorized(scope):
-            refusal = APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
+            refusal = APIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>` or "
+                                    "`x-api-key: <key>`).",
                                "authentication_error", code="invalid_api_key")
-            await refusal.response()(scope, receive, send)
+            await refusal.response(path)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key):
+            return True
+        # Anthropic's clients send the key as x-api-key
+        return secrets.compare_digest(headers.get(b"x-api-key", b"").strip(), self.api_key)

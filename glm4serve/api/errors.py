@@ -1,4 +1,5 @@
-"""OpenAI error envelope: `{"error": {"message", "type", "param", "code"}}` for every failure.
+"""OpenAI error envelope: `{"error": {"message", "type", "param", "code"}}` for every failure; on Anthropic's
+Messages API (/v1/messages...) Anthropic's, `{"type": "error", "error": {"type", "message"}}`.
 
 Bad input must be a 4xx: the OpenAI SDK retries 5xx twice, so a 500 for a malformed request
 triples the load. FastAPI's own 422 for validation errors is turned into a 400 here.
@@ -24,6 +25,13 @@ _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 40
                    503: "service_unavailable_error"}
 
 
+# Anthropic's error types, by status (anthropic_body)
+_ANTHROPIC_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                             404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                             429: "rate_limit_error", 503: "overloaded_error"}
+ANTHROPIC_PATH = "/v1/messages"  # its routes: the path and those under it
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -41,8 +49,16 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        other = "api_error" if self.status >= 500 else "invalid_request_error"
+        kind = _ANTHROPIC_TYPE_BY_STATUS.get(self.status, other)
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error in the envelope of the API that `path` (the request's) belongs to."""
+        anthropic = path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+        return JSONResponse(self.anthropic_body() if anthropic else self.body(), status_code=self.status,
+                            headers=self.headers)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -123,7 +139,7 @@ class UnexpectedErrorMiddleware:
             if started:
                 raise
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await server_error().response()(scope, receive, send)
+            await server_error().response(scope.get("path", ""))(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -133,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -141,17 +157,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if request.method == "POST" and "json" not in kind.lower():  # `curl -d` without -H sends a form
             came = f"this one came as {kind!r}" if kind else "this one has no Content-Type"
             return invalid_request(f"the request body must be JSON, sent with Content-Type: application/json ({came})"
-                                   ).response()
-        return validation_error(exc).response()
+                                   ).response(request.url.path)
+        return validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, message, code=code, headers=getattr(exc, "headers", None)).response(
+            request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         # For an exception in a middleware above UnexpectedErrorMiddleware.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return server_error().response()
+        return server_error().response(request.url.path)

@@ -20,7 +20,8 @@ from .metrics import Metrics
 
 log = logging.getLogger("glm4serve.api")
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations",
+                              "/v1/messages"})
 # Probes and scrapes are answered whatever the load; /health reports a drain itself (503).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 RETRY_AFTER_FULL = "1"  # seconds: a batch slot frees up within a few decode steps' worth of work
@@ -56,7 +57,7 @@ class GateMiddleware:
         gate = self.gate
         refusal = self._refusal(scope)
         if refusal is not None:
-            await refusal.response()(scope, receive, send)
+            await refusal.response(scope["path"])(scope, receive, send)
             return
         generating = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
         gate.num_in_flight += 1

@@ -1,0 +1,190 @@
+"""POST /v1/messages: Anthropic's Messages API over the chat route's path.
+
+A request becomes a chat completion request (anthropic_request.py) and runs as one. Whole, the reply is a
+message: its `content` blocks (thinking, when a reasoning parser splits it off; the text; a tool_use block
+per call, its `input` the call's arguments, parsed), its `stop_reason` (end_turn; max_tokens; stop_sequence,
+with the `stop_sequence` that matched; tool_use) and `usage` (the prompt's tokens read from the prefix cache
+are `cache_read_input_tokens`, the rest `input_tokens`). Streamed, it is Anthropic's events: message_start,
+for each block content_block_start, its deltas (text_delta, thinking_delta, input_json_delta) and
+content_block_stop, then message_delta (the stop reason, and the usage) and message_stop. A failure midway is
+an `error` event; errors before are Anthropic's envelope (errors.py). POST /v1/messages/count_tokens counts a
+request's prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from glm4serve.engine.types import LENGTH, Output
+
+from .anthropic_request import CountTokensRequest, MessagesRequest
+from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat, prompt_tools
+from .errors import APIError
+from .limits import check_chat_limits
+from .responses_request import new_id
+from .serving import ServingContext, respond
+from .streaming import StreamEnd
+
+
+def _event(kind: str, **fields) -> bytes:
+    data = json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+def _error_event(error: APIError) -> bytes:
+    return _event("error", error=error.anthropic_body()["error"])
+
+
+def _stop(finish_reason: str | None, stop_reason: int | str | None, called: bool) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence, from the chat reply's finish_reason and vLLM's stop_reason."""
+    if finish_reason == LENGTH or finish_reason is None:
+        return "max_tokens", None
+    if called:
+        return "tool_use", None
+    if isinstance(stop_reason, str):
+        return "stop_sequence", stop_reason
+    return "end_turn", None
+
+
+def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict:
+    return {"input_tokens": prompt_tokens - cached, "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0, "output_tokens": output_tokens}
+
+
+def _input(arguments: str) -> dict:
+    """A call's arguments as tool_use's input: an object; {} for arguments max_tokens cut off."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _message(message_id: str, plan: ChatPlan, content: list[dict], stop: tuple[str, str | None] = (None, None),
+             usage: dict | None = None) -> dict:
+    return {"id": message_id, "type": "message", "role": "assistant", "model": plan.model, "content": content,
+            "stop_reason": stop[0], "stop_sequence": stop[1], "usage": usage}
+
+
+# ---- whole ----------------------------------------------------------------------------------
+
+
+async def _whole_message(ctx: ServingContext, plan: ChatPlan, chat_req) -> dict:
+    reply = await collect_chat(ctx, plan, chat_req)
+    [choice] = reply.choices
+    message = choice.message
+    content = []
+    if message.reasoning_content:
+        content.append({"type": "thinking", "thinking": message.reasoning_content, "signature": ""})
+    if message.content:
+        content.append({"type": "text", "text": message.content})
+    for call in message.tool_calls or []:
+        content.append({"type": "tool_use", "id": call.id, "name": call.function.name,
+                        "input": _input(call.function.arguments)})
+    usage = reply.usage
+    return _message(new_id("msg"), plan, content, _stop(choice.finish_reason, choice.stop_reason,
+                                                         bool(message.tool_calls)),
+                    _usage(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens))
+
+
+# ---- streamed -------------------------------------------------------------------------------
+
+
+class _Blocks:
+    """The reply's content blocks as they stream: each opened, written to and closed with its events."""
+
+    def __init__(self):
+        self.index = -1
+        self.kind: str | None = None  # the open block's type
+        self.called = False
+
+    def write(self, kind: str, text: str) -> list[bytes]:
+        """More of a text or thinking block (opened when the last one was another)."""
+        events = [] if self.kind == kind else self.close() + self._open({"type": kind, kind: "", **(
+            {"signature": ""} if kind == "thinking" else {})})
+        if text:
+            events.append(_event("content_block_delta", index=self.index,
+                                 delta={"type": f"{kind}_delta", kind: text}))
+        return events
+
+    def call(self, call_id: str, name: str) -> list[bytes]:
+        self.called = True
+        return self.close() + self._open({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def arguments(self, text: str) -> list[bytes]:
+        return [_event("content_block_delta", index=self.index, delta={"type": "input_json_delta",
+                                                                        "partial_json": text})]
+
+    def close(self) -> list[bytes]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [_event("content_block_stop", index=self.index)]
+
+    def _open(self, block: dict) -> list[bytes]:
+        self.index += 1
+        self.kind = block["type"]
+        return [_event("content_block_start", index=self.index, content_block=block)]
+
+
+async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
+    prompt_tokens = len(plan.prompt_ids)
+    yield _event("message_start", message=_message(new_id("msg"), plan, [], usage=_usage(prompt_tokens, 0, 0)))
+    choice = ChoiceStream(plan, ctx.tokenizer)
+    blocks = _Blocks()
+    finish_reason = stop_reason = None
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            step = choice.step(out, False)
+            finish_reason, stop_reason = step.finish_reason or finish_reason, step.stop_reason or stop_reason
+            for delta in step.deltas:
+                if "reasoning_content" in delta:
+                    events = blocks.write("thinking", delta["reasoning_content"])
+                elif "content" in delta:
+                    events = blocks.write("text", delta["content"])
+                else:
+                    [call] = delta["tool_calls"]
+                    events = (blocks.call(call["id"], call["function"]["name"]) if "id" in call
+                              else blocks.arguments(call["function"]["arguments"]))
+                for event in events:
+                    yield event
+            if choice.ended_early:  # before the engine's end (chat.ChoiceStream.step): the request is aborted
+                break
+    for event in blocks.close():
+        yield event
+    stop, sequence = _stop(finish_reason, stop_reason, blocks.called)
+    usage = _usage(prompt_tokens, choice.details.cached_tokens, choice.num_tokens)
+    yield _event("message_delta", delta={"stop_reason": stop, "stop_sequence": sequence}, usage=usage)
+    yield _event("message_stop")
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+
+async def create_message(ctx: ServingContext, req: MessagesRequest, request: Request) -> Response:
+    chat_req = req.to_chat()
+    try:
+        check_chat_limits(chat_req, ctx.settings)
+        plan = await prepare_chat(ctx, chat_req, request)
+    except APIError as e:
+        raise req.in_its_terms(e) from e
+    return await respond(ctx, request, req.stream,
+                         lambda: _stream_message(ctx, plan, ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),
+                         lambda: _whole_message(ctx, plan, chat_req),
+                         StreamEnd(error_event=_error_event, done=None))
+
+
+async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> dict:
+    """POST /v1/messages/count_tokens: the prompt's tokens, as the reply would be given them."""
+    ctx.check_model(req.model)
+    chat_req = req.to_chat(count_only=True)
+    try:
+        prompt_ids = await ctx.chat_prompt_ids(chat_req, prompt_tools(ctx, chat_req))
+    except APIError as e:
+        raise req.in_its_terms(e) from e
+    return {"input_tokens": len(prompt_ids)}
