@@ -274,3 +274,55 @@ def test_the_anthropic_sdk_whole_streamed_tools_and_errors(base_url):
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=base_url, api_key="nope", max_retries=0).messages.create(
             model=MODEL, max_tokens=8, messages=HI)
+
+
+def test_claude_codes_system_turns_a_prefill_and_other_result_blocks_make_the_chat_prompt():
+    app = make_app(replies=["\nHello"])
+    client = TestClient(app)
+    turns = [*HI, {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+             {"role": "assistant", "content": "Sure:"}]
+    assert post(client, messages=turns).json()["content"] == [{"type": "text", "text": "\nHello"}]
+    same_prompt(app, [*HI, {"role": "system", "content": "be brief"}, {"role": "assistant", "content": "Sure:"}],
+                continue_final_message=True, add_generation_prompt=False)
+    assert small_tokenizer().decode(engine_of(app).calls[0].prompt_ids).endswith("<|assistant|>\nSure:")
+    results = [{"role": "user", "content": "find a tool"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
+               {"role": "user", "content": [
+                   {"type": "tool_result", "tool_use_id": "t1",
+                    "content": [{"type": "tool_reference", "tool_name": "get_weather"}]},
+                   {"type": "tool_search_tool_result", "tool_use_id": "t0", "content": {}}]}]
+    assert post(client, messages=results, tools=[TOOL]).status_code == 200
+    same_prompt(app, [results[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "[a tool_reference block left out]"}], tools=[CHAT_TOOL])
+
+
+@pytest.mark.parametrize("field", ["output_config", "output_format"])
+def test_an_output_format_is_the_chat_routes_response_format(field):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    app = make_app(replies=['{"ok": true}'])
+    fmt = {"type": "json_schema", "schema": schema}
+    r = post(TestClient(app), messages=HI, **{field: {"format": fmt} if field == "output_config" else fmt})
+    assert r.status_code == 200 and json.loads(r.json()["content"][0]["text"]) == {"ok": True}
+    chat = TestClient(app).post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HI, "max_tokens": 64, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}})
+    assert chat.status_code == 200
+    ours, chats = engine_of(app).calls
+    assert ours.params.guided is not None and ours.params.guided == chats.params.guided
+    bad = {"type": "json_schema", "schema": {"type": 3}}
+    r = post(TestClient(app), messages=HI, **{field: {"format": bad} if field == "output_config" else bad})
+    param = "output_config.format.schema" if field == "output_config" else "output_format.schema"
+    assert r.status_code == 400 and f"{param} is not a valid JSON Schema" in r.json()["error"]["message"]
+
+
+def test_the_streams_first_event_counts_the_prompts_cached_tokens():
+    app = make_app(replies=["\nHello"])
+    long = [{"role": "user", "content": "a long question about the sea " * 8}]
+    first, second = (events_of(post(TestClient(app), messages=long, stream=True).text) for _ in range(2))
+    assert first[0]["message"]["usage"]["cache_read_input_tokens"] == 0
+    start, end = second[0]["message"]["usage"], second[-2]["usage"]
+    assert start["cache_read_input_tokens"] > 0 and start["input_tokens"] + start["cache_read_input_tokens"] == len(
+        engine_of(app).calls[1].prompt_ids)
+    assert (start["input_tokens"], start["cache_read_input_tokens"]) == (end["input_tokens"],
+                                                                         end["cache_read_input_tokens"])

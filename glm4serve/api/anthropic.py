@@ -134,12 +134,16 @@ class _Blocks:
 
 async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
     prompt_tokens = len(plan.prompt_ids)
-    yield _event("message_start", message=_message(new_id("msg"), plan, [], usage=_usage(prompt_tokens, 0, 0)))
     choice = ChoiceStream(plan, ctx.tokenizer)
     blocks = _Blocks()
     finish_reason = stop_reason = None
+    started = False  # message_start goes out with the first output, which says how much of the prompt was cached
     async with contextlib.aclosing(outputs):
         async for out in outputs:
+            if not started:
+                started = True
+                usage = _usage(prompt_tokens, out.num_cached_tokens, 0)
+                yield _event("message_start", message=_message(new_id("msg"), plan, [], usage=usage))
             step = choice.step(out, False)
             finish_reason, stop_reason = step.finish_reason or finish_reason, step.stop_reason or stop_reason
             for delta in step.deltas:

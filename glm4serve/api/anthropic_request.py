@@ -2,9 +2,12 @@
 
 Claude Code and the Anthropic SDKs speak this API; vLLM and SGLang serve it beside OpenAI's. A request becomes
 a ChatCompletionRequest, so a reply takes the chat route's one path (template, tool parsing, grammars, limits):
-`system` is the system message; a user turn's `tool_result` blocks are tool messages (in their place among its
-text); an assistant turn's `tool_use` blocks its tool calls (their `input` as JSON arguments); `thinking`
-blocks sent back are dropped, as GLM-4's template drops earlier thinking. Images and documents stand in the
+`system` is the system message (and a turn of role system, which Claude Code sends among the others, one in
+its place); a user turn's `tool_result` blocks are tool messages (in their place among its text); an assistant
+turn's `tool_use` blocks its tool calls (their `input` as JSON arguments); `thinking` blocks sent back are
+dropped, as GLM-4's template drops earlier thinking. A last assistant turn of text is a prefill, which the
+reply goes on with (`continue_final_message`). `output_config.format` (or the beta's `output_format`), a JSON
+schema, is the chat route's `response_format`. Images and documents stand in the
 prompt as a line saying they were left out (GLM-4 reads text only). Tools with an `input_schema` are offered
 as functions; Anthropic's own tools (web search, bash, the text editor: a `type` and no schema) run on
 Anthropic's side and are left out. `tool_choice` any is OpenAI's "required", tool names one, and
@@ -52,10 +55,32 @@ class ToolUseBlock(Body):
     input: dict[str, Any]
 
 
+class OtherResultBlock(Body):
+    """A block of a tool's result that is neither text nor media (a tool search's tool_reference, ...)."""
+
+    type: str
+
+    @property
+    def text(self) -> str:
+        return f"[a {self.type} block left out]"
+
+
+def _result_block_tag(block: Any) -> str:
+    kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
+    return "text" if kind == "text" else "media" if kind in _MEDIA else "other"
+
+
+ResultBlock = Annotated[
+    Union[Annotated[TextBlock, Tag("text")], Annotated[MediaBlock, Tag("media")],
+          Annotated[OtherResultBlock, Tag("other")]],
+    Discriminator(_result_block_tag),
+]
+
+
 class ToolResultBlock(Body):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[Annotated[Union[TextBlock, MediaBlock], Field(discriminator="type")]] = ""
+    content: str | list[ResultBlock] = ""
     is_error: bool | None = None
 
     @property
@@ -82,6 +107,7 @@ class UnsupportedBlock(Body):
 
 
 _DROPPED = frozenset({"thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result",
+                      "tool_search_tool_result",
                       "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
                       "text_editor_code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"})
 
@@ -109,14 +135,17 @@ Block = Annotated[
 
 
 class Message(Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: among the turns, as Claude Code sends it
     content: str | list[Block]
 
     def chat_messages(self) -> list[dict]:
         """As chat messages: a user turn's text runs and tool results in their order; an assistant turn's text
-        and tool calls as one message."""
+        and tool calls as one message; a system turn's text as a system message."""
         if isinstance(self.content, str):
             return [{"role": self.role, "content": self.content}]
+        if self.role == "system":
+            text = [{"type": "text", "text": b.text} for b in self.content if isinstance(b, (TextBlock, MediaBlock))]
+            return [{"role": "system", "content": text}] if text else []
         if self.role == "assistant":
             text = [{"type": "text", "text": b.text} for b in self.content if isinstance(b, (TextBlock, MediaBlock))]
             calls = [{"id": b.id, "type": "function",
@@ -170,6 +199,15 @@ class Metadata(Body):
     user_id: str | None = None
 
 
+class OutputFormat(Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(Body):
+    format: OutputFormat | None = None  # structured output; `effort` and the rest change nothing here
+
+
 class MessagesRequest(RequestBody):
     model: str | None = None
     max_tokens: int = Field(ge=1)
@@ -184,6 +222,15 @@ class MessagesRequest(RequestBody):
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
     thinking: dict[str, Any] | None = None  # taken; a reasoning model's thinking is the reasoning parser's
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None  # the structured-outputs beta's name for output_config.format
+
+    @property
+    def _format(self) -> tuple[OutputFormat | None, str]:
+        """The structured output's format, and the field that gave it."""
+        if self.output_config is not None and self.output_config.format is not None:
+            return self.output_config.format, "output_config.format"
+        return self.output_format, "output_format"
 
     def to_chat(self, count_only: bool = False) -> ChatCompletionRequest:
         """The chat request of the same reply (a 400 naming this request's fields for what only the chat rules
@@ -196,6 +243,13 @@ class MessagesRequest(RequestBody):
         for message in self.messages:
             messages += message.chat_messages()
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens}
+        if self.messages[-1].role == "assistant" and messages and messages[-1]["role"] == "assistant" and not \
+                messages[-1].get("tool_calls"):  # a prefill: the reply goes on with it, as Anthropic's
+            body["continue_final_message"] = True
+        output_format, _ = self._format
+        if output_format is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "output", "schema": output_format.schema_, "strict": True}}
         for name, value in (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k),
                             ("stop", self.stop_sequences), ("user", self.metadata and self.metadata.user_id)):
             if value is not None:
@@ -224,7 +278,7 @@ class MessagesRequest(RequestBody):
         """A chat route's error with `param` as this request names it (a tool by its place among `tools`, which
         holds tools that are not offered too)."""
         places = [i for i, t in enumerate(self.tools or []) if t.offered]
-        return _renamed(error, lambda i: places[i] if i < len(places) else i)
+        return _renamed(error, lambda i: places[i] if i < len(places) else i, self._format[1])
 
 
 class CountTokensRequest(MessagesRequest):
@@ -233,11 +287,13 @@ class CountTokensRequest(MessagesRequest):
     max_tokens: int | None = Field(None, ge=1)
 
 
-def _renamed(error: APIError, tool_place) -> APIError:
+def _renamed(error: APIError, tool_place, format_field: str) -> APIError:
     param = error.param
     if param is None:
         return error
-    if (m := re.fullmatch(r"tools\.(\d+)\.function\.(.+)", param)) is not None:
+    if param.startswith("response_format"):
+        renamed = format_field + param.removeprefix("response_format.json_schema").removeprefix("response_format")
+    elif (m := re.fullmatch(r"tools\.(\d+)\.function\.(.+)", param)) is not None:
         field = "input_schema" + m[2].removeprefix("parameters") if m[2].startswith("parameters") else m[2]
         renamed = f"tools.{tool_place(int(m[1]))}.{field}"
     elif param == "stop" or param.startswith("stop."):
