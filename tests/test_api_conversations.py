@@ -74,7 +74,9 @@ def test_items_are_added_listed_in_pages_fetched_and_deleted():
 @pytest.mark.parametrize("body, param, says", [
     ({"items": [{"role": "user", "content": str(i)} for i in range(21)]}, "items", "at most 20"),
     ({"items": [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_1"}]}, "items.1",
-     "input items of type 'item_reference' are not supported"),
+     "not item_reference"),
+    ({"items": [{"role": "user", "content": "x"}, {"type": "banana", "id": "b_1"}]}, "items.1",
+     "input items of type 'banana' are not supported"),
     ({"items": [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]}, "items.0",
      "a user message's parts are input_text; output_text is an assistant's"),
     ({"items": [{"role": "user", "content": "x", "id": "msg_a"}, {"role": "user", "content": "y", "id": "msg_a"}]},

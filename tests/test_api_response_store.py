@@ -126,7 +126,8 @@ def test_store_false_and_a_server_that_stores_none():
 
 
 def _response(i: int, text: str = "x" * 100) -> dict:
-    return {"id": f"resp_{i}", "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+    return {"id": f"resp_{i}", "output": [{"id": f"msg_{i}", "type": "message",
+                                           "content": [{"type": "output_text", "text": text}]}]}
 
 
 def test_the_store_drops_the_least_recently_used_past_its_budget():
@@ -138,10 +139,37 @@ def test_the_store_drops_the_least_recently_used_past_its_budget():
     assert [store.get(f"resp_{i}") is not None for i in range(3)] == [True, False, True]
     assert not store.put(_response(3, "y" * 10 * one), [])  # over the whole budget: kept out, nothing dropped
     assert len(store) == 2 and 0 < store.used <= store.budget
+    assert store.item("msg_0") is not None and store.item("msg_1") is None  # dropped with its response
     assert store.delete("resp_0") and not store.delete("resp_0") and len(store) == 1
-    assert store.get("resp_2").context == _response(2)["output"]
+    assert store.get("resp_2").context == _response(2)["output"] and store.item("msg_0") is None
+    store.put({"id": "resp_4", "output": []}, _response(2)["output"])  # an item two responses hold
+    assert store.delete("resp_2") and store.item("msg_2") == _response(2)["output"][0]
+    assert store.delete("resp_4") and store.item("msg_2") is None
 
 
 @pytest.mark.parametrize("value, expected", [("0", 0), (0, 0), ("1MiB", 1024**2), (4096, 4096)])
 def test_the_budget_setting_reads_sizes_and_zero(value, expected):
     assert ServerSettings(response_store_memory=value).response_store_memory == expected
+
+
+def test_an_item_reference_stands_for_a_stored_item():
+    """The Vercel AI SDK's OpenAI provider sends its earlier replies back as item_reference items."""
+    app = make_app(replies=["\nHello"])
+    client = TestClient(app)
+    first = create(client, input="hi")
+    reply = first["output"][0]
+    second = create(client, input=[{"role": "user", "content": "hi"}, {"type": "item_reference", "id": reply["id"]},
+                                   {"role": "user", "content": "and you?"}])
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "and you?"}]
+    assert client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}).status_code == 200
+    calls = engine_of(app).calls
+    assert calls[1].prompt_ids == calls[2].prompt_ids
+    listed = client.get(f"/v1/responses/{second['id']}/input_items", params={"order": "asc"}).json()["data"]
+    assert (listed[1]["id"], listed[1]["role"], listed[1]["content"][0]["text"]) == (reply["id"], "assistant",
+                                                                                     "Hello")
+    e = client.post("/v1/responses", json={"input": [{"type": "item_reference", "id": "msg_nope"}]}).json()["error"]
+    assert e["param"] == "input.0" and "'msg_nope' not found" in e["message"]
+    none_kept = TestClient(make_app(response_store_memory=0)).post(
+        "/v1/responses", json={"input": [{"type": "item_reference", "id": reply["id"]}]})
+    assert none_kept.status_code == 400 and "stores no responses" in none_kept.json()["error"]["message"]

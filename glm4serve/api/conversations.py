@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 
 from .body import Metadata, RequestBody
 from .errors import APIError, invalid_request, validation_error
-from .responses_request import item_resources, new_id, parse_items
+from .responses_request import ItemReference, item_resources, new_id, parse_items
 
 MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items given to create a conversation, or to add at once
 _NewItems = Annotated[list[dict[str, Any]], Field(max_length=MAX_ITEMS_AT_ONCE)]
@@ -62,6 +62,10 @@ def new_items(items: list[dict], kept: list[dict] = ()) -> list[dict]:
         parsed = parse_items(items)
     except ValidationError as e:
         raise _as_items_error(e) from None
+    for i, item in enumerate(parsed):
+        if isinstance(item, ItemReference):
+            raise invalid_request("A conversation's items are the items themselves, not item_reference.",
+                                  f"items.{i}")
     return check_unique_ids(kept, item_resources(parsed), "items")
 
 

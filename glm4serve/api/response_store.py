@@ -7,6 +7,9 @@ gone. Items are shared, not copied, between the responses of a chain, but each i
 full against the budget, so the store holds at most its budget whatever is shared. The least
 recently used response goes first when a new one does not fit.
 
+Every item a stored response holds (its context and its output) can be found by its id, for the
+`item_reference` input items that name one.
+
 Kept in the HTTP process: with engine replicas (cluster.py) that is the one ingress, so every
 replica's replies chain.
 """
@@ -38,6 +41,7 @@ class ResponseStore:
         self.budget = budget_bytes
         self.used = 0
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._items: dict[str, list] = {}  # item id -> [the item, how many stored responses hold it]
 
     @property
     def enabled(self) -> bool:
@@ -55,11 +59,17 @@ class ResponseStore:
                         response["id"], size, self.budget)
             return False
         while self.used + size > self.budget:
-            _, gone = self._responses.popitem(last=False)
-            self.used -= gone.size
-        self._responses[response["id"]] = StoredResponse(response, input_items, size)
+            self.delete(next(iter(self._responses)))
+        stored = StoredResponse(response, input_items, size)
+        self._responses[response["id"]] = stored
         self.used += size
+        self._count_items(stored, 1)
         return True
+
+    def item(self, item_id: str) -> dict | None:
+        """An item of a stored response (its context or its output), by its id."""
+        entry = self._items.get(item_id)
+        return None if entry is None else entry[0]
 
     def get(self, response_id: str) -> StoredResponse | None:
         stored = self._responses.get(response_id)
@@ -72,4 +82,12 @@ class ResponseStore:
         if stored is None:
             return False
         self.used -= stored.size
+        self._count_items(stored, -1)
         return True
+
+    def _count_items(self, stored: StoredResponse, step: int) -> None:
+        for item in stored.context:
+            entry = self._items.setdefault(item["id"], [item, 0])
+            entry[1] += step
+            if entry[1] <= 0:
+                del self._items[item["id"]]

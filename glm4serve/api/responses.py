@@ -38,12 +38,19 @@ from glm4serve.engine.types import LENGTH, Output
 from .body import Body
 from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat, prompt_tools
 from .conversations import Conversation, check_unique_ids
-from .errors import APIError, validation_error
+from .errors import APIError, invalid_request, validation_error
 from .limits import check_chat_limits
 from .schemas import ChatCompletionRequest
 from .replies import Usage
 from .response_store import StoredResponse
-from .responses_request import ResponsesRequest, in_responses_terms, item_resources, new_id, parse_items
+from .responses_request import (
+    ItemReference,
+    ResponsesRequest,
+    in_responses_terms,
+    item_resources,
+    new_id,
+    parse_items,
+)
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
 from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
 from .streaming import StreamEnd, sse_response
@@ -373,6 +380,24 @@ def _context(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], Co
     return [], None
 
 
+def _resolve_references(ctx: ServingContext, req: ResponsesRequest, history: list[dict]) -> None:
+    """The request's item_reference input items replaced by the items they name: of the context it continues
+    from, else of a stored response (a 400 for an id neither holds)."""
+    if isinstance(req.input, str) or not any(isinstance(item, ItemReference) for item in req.input):
+        return
+    known = {item["id"]: item for item in history}
+    resolved = []
+    for i, item in enumerate(req.input):
+        if isinstance(item, ItemReference):
+            found = known.get(item.id) or ctx.response_store.item(item.id)
+            if found is None:
+                why = "" if ctx.response_store.enabled else " (this server stores no responses)"
+                raise invalid_request(f"Item with id {item.id!r} not found{why}.", f"input.{i}")
+            item = parse_items([found])[0]
+        resolved.append(item)
+    req.input = resolved
+
+
 def _as_chat(ctx: ServingContext, req: ResponsesRequest, offered: list[OfferedTool],
              history: list[dict]) -> ChatCompletionRequest:
     """The chat request of the reply that continues from `history`."""
@@ -389,7 +414,9 @@ async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict
     ctx.check_model(req.model)
     offered = offer(req.tools, req.tool_choice)
     try:
-        chat_req = _as_chat(ctx, req, offered, _context(ctx, req)[0])
+        history = _context(ctx, req)[0]
+        _resolve_references(ctx, req, history)
+        chat_req = _as_chat(ctx, req, offered, history)
         prompt_ids = await ctx.chat_prompt_ids(chat_req, prompt_tools(ctx, chat_req))
     except APIError as e:
         raise in_responses_terms(e, offered) from e
@@ -400,6 +427,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
     offered = offer(req.tools, req.tool_choice)
     try:
         history, conversation = _context(ctx, req)
+        _resolve_references(ctx, req, history)
         new_items = check_unique_ids(history, item_resources(req.input_items), "input")
         if conversation is not None:
             ctx.conversations.check_room(conversation, new_items)

@@ -9,6 +9,8 @@ A reply is stored unless `store` is false (response_store.py), and `previous_res
 continues from a stored one: its context items come before this request's `input`, while its
 `instructions` and tools do not carry over (as OpenAI's API does). `conversation` continues and
 extends a conversation the server keeps instead (conversations.py). With either, `input` may be left out.
+An `item_reference` input item stands for the item of that id in the context continued from, or in any
+stored response (the Vercel AI SDK sends its earlier replies so).
 `background` and a stored `prompt` are refused with a 400. `reasoning` and `include` values other than
 output logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by
 the server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
@@ -135,6 +137,14 @@ class CustomToolCallOutputItem(_CallOutputItem):
     type: Literal["custom_tool_call_output"]
 
 
+class ItemReference(Body):
+    """An item of the context the request continues from, or of a stored response, named by its id: it stands
+    for that item (responses.py puts the item in its place before anything reads the input)."""
+
+    type: Literal["item_reference"]
+    id: str
+
+
 class DroppedItem(Body):
     """Another model's reasoning, or a call of a tool this server does not offer (FOREIGN_CALL_ITEMS), sent
     back by a client that switched models: dropped."""
@@ -148,10 +158,11 @@ class UnsupportedItem(Body):
     def _refuse(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
         raise invalid("input", f"input items of type {kind!r} are not supported: this server takes message, "
-                               f"function_call, custom_tool_call and their output items")
+                               f"function_call, custom_tool_call, their output items and item_reference")
 
 
-_ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output")
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output",
+               "item_reference")
 
 
 def _item_tag(item: Any) -> str:
@@ -170,6 +181,7 @@ InputItem = Annotated[
         Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")],
         Annotated[CustomToolCallItem, Tag("item[custom_tool_call]")],
         Annotated[CustomToolCallOutputItem, Tag("item[custom_tool_call_output]")],
+        Annotated[ItemReference, Tag("item[item_reference]")],
         Annotated[DroppedItem, Tag("item[dropped]")],
         Annotated[UnsupportedItem, Tag("item[unsupported]")],
     ],
