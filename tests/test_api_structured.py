@@ -273,6 +273,11 @@ def test_response_format_text_leaves_a_vllm_constraint_in_force():
     ("lookaround in a pattern", {"type": "object",
                                  "properties": {"v": {"type": "string", "pattern": "^(?!a)[a-c]{2}$"}}}),
     ("lookaround in a pattern", {"type": "object", "patternProperties": {"^x(?<=x)": {"type": "integer"}}}),
+    ("maxLength beside a pattern", {"type": "object",
+                                    "properties": {"s": {"type": "string", "maxLength": 2, "pattern": "^[a-z]+$"}}}),
+    ("minLength beside a pattern or format", {"type": "object",
+                                              "properties": {"s": {"type": "string", "format": "email",
+                                                                   "minLength": 5}}}),
 ])
 def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
     for extra, param in (({"guided_json": schema}, "guided_json"),
@@ -308,3 +313,22 @@ def test_a_reply_its_constraint_strands_is_a_400_whole_and_an_error_event_stream
     _, r = post("/v1/completions", {**body, "stream": True}, ["a"])
     errors = [c["error"] for c in sse_json(r.text) if "error" in c]
     assert [e["type"] for e in errors] == ["invalid_request_error"]
+
+
+def test_a_string_with_a_format_and_a_pattern_is_held_to_the_pattern():
+    """As zod writes z.uuid(): xgrammar alone would hold it to its built-in uuid format, which allows "D000"."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from glm4serve.engine.guided import build_grammar
+
+    uuid = "^[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+    schema = {"type": "object", "required": ["id"], "properties": {
+        "id": {"type": "string", "format": "uuid", "pattern": uuid},
+        "format": {"type": "string"}, "pattern": {"type": "string", "format": "date"}}}  # properties so named
+    grammar = build_grammar(GuidedSpec.json_schema(schema))
+    ok = '{"id": "00000000-0000-1000-8000-000000000000", "format": "x", "pattern": "2024-01-02"}'
+    assert _is_grammar_accept_string(grammar, ok)
+    assert not _is_grammar_accept_string(grammar, ok.replace("-1000-", "-D000-"))
+    assert not _is_grammar_accept_string(grammar, ok.replace("2024-01-02", "soon"))  # a format alone still holds
+    engine, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(schema)}, [ok])
+    assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"])["id"].endswith("0000")

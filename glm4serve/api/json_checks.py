@@ -64,8 +64,9 @@ _SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the c
 
 # Keywords the grammar engine (xgrammar) passes over: a reply could break them, so a schema that
 # constrains a reply may not use them. uniqueItems is passed over too but allowed: pydantic writes it
-# for sets, and a duplicate there only shrinks the set. Three more are held only in part (`_partly`):
-# allOf to its first schema, multipleOf on integers alone, pattern without lookarounds.
+# for sets, and a duplicate there only shrinks the set. More are held only in part (`_partly`): allOf to
+# its first schema, multipleOf on integers alone, pattern without lookarounds, minLength and maxLength without a
+# pattern or format beside them.
 _UNENFORCED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
                          "dependentSchemas"})
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> subschema
@@ -109,6 +110,8 @@ def _partly(node: dict, key: str, value: Any) -> list[str]:
         value, dict) else []
     if any(isinstance(p, str) and _LOOKAROUND.search(p) for p in patterns):
         return ["a lookaround in a pattern"]
+    if key in ("minLength", "maxLength") and ("pattern" in node or "format" in node):
+        return [f"{key} beside a pattern or format"]  # the grammar engine holds the string to those alone
     return []
 
 

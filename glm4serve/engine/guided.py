@@ -19,7 +19,9 @@ Format decisions:
 - Object keys are the schema's properties only, in the schema's order, unless the schema allows
   others (additionalProperties); every reply still validates against the schema, but for
   `uniqueItems`, which xgrammar passes over (the API refuses the other keywords it passes over or holds
-  only in part: api/json_checks.py).
+  only in part: api/json_checks.py). A string with both a `format` and a `pattern` is held to the pattern:
+  xgrammar would hold it to the format alone, and in JSON Schema a format is an annotation, a pattern an
+  assertion (zod writes both for its uuid, email and date strings, and checks the pattern).
 - Special tokens never match the grammar, and neither does any token holding a raw control byte
   other than "\\n": compact JSON needs none, and xgrammar's length-bounded strings would
   otherwise admit a raw tab, which JSON forbids.
@@ -70,7 +72,8 @@ def build_grammar(spec: GuidedSpec):
     import xgrammar as xgr
 
     def json_grammar(schema: str):
-        return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=_SEPARATORS, strict_mode=True)
+        return xgr.Grammar.from_json_schema(_pattern_over_format(schema), any_whitespace=False,
+                                            separators=_SEPARATORS, strict_mode=True)
 
     if spec.kind == TOOL_CALL:
         # `{name}\n` then the arguments: GLM-4's call format right after <|assistant|>
@@ -93,6 +96,33 @@ def build_grammar(spec: GuidedSpec):
         newline = '"\\n"' if spec.requires_newline else '"\\n"?'
         return xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= " + newline), body)
     return body
+
+
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required"})
+
+
+def _pattern_over_format(schema: str) -> str:
+    """The schema with `format` dropped where a `pattern` stands beside it (module docstring)."""
+    if '"pattern"' not in schema:
+        return schema
+
+    def walk(node) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                node.pop("format", None)
+            for key, value in node.items():
+                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                    walk(list(value.values()))
+                elif key not in _NOT_SCHEMAS:
+                    walk(value)
+
+    parsed = json.loads(schema)
+    walk(parsed)
+    return json.dumps(parsed, ensure_ascii=False)
 
 
 # Well-formed UTF-8 (Unicode's table 3-7): the second byte after these lead bytes has a narrower
