@@ -9,16 +9,20 @@ RecordingEngine is the real AsyncEngine that also records what the API asked of 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import pytest
 import torch
+import uvicorn
 
 from glm4serve.api.app import create_app
 from glm4serve.api.settings import ServerSettings
@@ -173,6 +177,29 @@ def make_app(replies: Replies = (HELLO,), *, tokenizer: Tokenizer | None = None,
 def full_blocks(call: Call, block_size: int = ServerSettings().block_size) -> int:
     """Prompt tokens in whole KV blocks: what a first request adds to the prefix cache."""
     return len(call.prompt_ids) // block_size * block_size
+
+
+@contextlib.contextmanager
+def served(app) -> Iterator[str]:
+    """The app on real uvicorn in a thread, on a free localhost port: its base URL ("http://127.0.0.1:PORT"), for
+    the SDKs' clients. The app's engine is shut down after."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        engine_of(app).shutdown()
 
 
 def engine_of(app) -> RecordingEngine:

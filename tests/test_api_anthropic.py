@@ -4,17 +4,21 @@ errors, count_tokens; and the real anthropic SDK against a real uvicorn server."
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import anthropic
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from glm4serve.engine.types import GuidedSpec
-from tests.api_fakes import MODEL, engine_of, make_app, shutdown_engines, small_tokenizer, wait_idle  # noqa: F401
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    MODEL,
+    engine_of,
+    make_app,
+    served,
+    shutdown_engines,
+    small_tokenizer,
+    wait_idle,
+)
 
 TOOL = {"name": "get_weather", "description": "Weather of a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -229,21 +233,8 @@ def scripted_reply(call) -> list[str]:
 @pytest.fixture(scope="module")
 def base_url():
     app = make_app(replies=scripted_reply, api_key="test-key")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
-    engine_of(app).shutdown()
+    with served(app) as url:
+        yield url
 
 
 def test_the_anthropic_sdk_whole_streamed_tools_and_errors(base_url):

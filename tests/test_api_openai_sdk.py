@@ -4,15 +4,18 @@ uvicorn on a free localhost port, with the real engine over a scripted model run
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 
-from tests.api_fakes import MODEL, engine_of, make_app, shutdown_engines, small_tokenizer  # noqa: F401 - autouse
+from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
+    MODEL,
+    engine_of,
+    make_app,
+    served,
+    shutdown_engines,
+    small_tokenizer,
+)
 
 API_KEY = "test-key"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -32,22 +35,8 @@ def scripted_reply(call) -> list[str]:
 @pytest.fixture(scope="module")
 def base_url():
     app = make_app(replies=scripted_reply, api_key=API_KEY)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
-    engine_of(app).shutdown()
+    with served(app) as url:
+        yield url + "/v1"
 
 
 @pytest.fixture
