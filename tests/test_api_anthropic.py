@@ -204,8 +204,8 @@ def test_the_key_comes_as_x_api_key_or_bearer():
     app = make_app(api_key="k")
     client = TestClient(app)
     assert post(client, messages=HI, max_tokens=2).json()["error"]["type"] == "authentication_error"
-    assert client.post("/v1/messages", headers={"x-api-key": "k"},
-                       json={"max_tokens": 2, "messages": HI}).status_code == 200
+    for headers in ({"x-api-key": "k"}, {"Authorization": "Bearer k"}):
+        assert client.post("/v1/messages", headers=headers, json={"max_tokens": 2, "messages": HI}).status_code == 200
     assert client.post("/v1/chat/completions", headers={"x-api-key": "k"}, json={"messages": HI}).status_code == 200
     assert client.post("/v1/chat/completions", headers={"x-api-key": "no"}, json={"messages": HI}).status_code == 401
 
@@ -317,3 +317,10 @@ def test_the_streams_first_event_counts_the_prompts_cached_tokens():
         engine_of(app).calls[1].prompt_ids)
     assert (start["input_tokens"], start["cache_read_input_tokens"]) == (end["input_tokens"],
                                                                          end["cache_read_input_tokens"])
+
+
+@pytest.mark.parametrize("extra", [{"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
+                                   {"tools": [TOOL], "tool_choice": {"type": "any"}}])
+def test_a_prefill_under_a_grammar_is_refused(extra):
+    r = post(TestClient(make_app()), messages=[*HI, {"role": "assistant", "content": "{"}], **extra)
+    assert r.status_code == 400 and "prefill" in r.json()["error"]["message"]

@@ -258,4 +258,27 @@ def test_a_response_its_conversation_cannot_hold_fails_and_is_not_stored(stream)
     assert response_id is None or client.get(f"/v1/responses/{response_id}").status_code == 404
     calls = len(engine_of(app).calls)
     e = error(client.post("/v1/responses", json={"conversation": conv["id"], "input": "x" * 2000}))
-    assert e["param"] == "conversation" and len(engine_of(app).calls) == calls  # refused before it ran
+    assert e["param"] == "input" and len(engine_of(app).calls) == calls  # refused before it ran
+
+
+def test_an_id_added_while_a_response_ran_fails_the_response_not_the_conversation():
+    app = make_app(replies=["\nHello there, a long reply!"], step_delay=0.05)
+    client = TestClient(app)
+    conv = ok(client.post("/v1/conversations"))
+    with client.stream("POST", "/v1/responses", json={
+            "stream": True, "conversation": conv["id"], "input": [{"role": "user", "content": "a", "id": "msg_d"}]}) as r:
+        lines = r.iter_lines()
+        next(lines)  # the response has begun
+        ok(client.post(f"/v1/conversations/{conv['id']}/items", json={"items": [
+            {"role": "user", "content": "b", "id": "msg_d"}]}))
+        rest = "\n".join(lines)
+    assert "response.failed" in rest and "Duplicate item found with id 'msg_d'" in rest
+    assert [i["id"] for i in ok(client.get(f"/v1/conversations/{conv['id']}/items"))["data"]] == ["msg_d"]
+
+
+def test_a_refused_conversation_drops_no_other():
+    store = ConversationStore(budget_bytes=1000)
+    kept = store.create({}, [{"id": "msg_1", "type": "message", "text": "x" * 800}])
+    with pytest.raises(APIError, match="over the server's"):
+        store.create({"k": "v" * 200}, [{"id": "msg_2", "type": "message", "text": "y" * 2000}])
+    assert store.kept(kept) and len(store) == 1 and store.used == kept.size

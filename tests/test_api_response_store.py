@@ -173,3 +173,27 @@ def test_an_item_reference_stands_for_a_stored_item():
     none_kept = TestClient(make_app(response_store_memory=0)).post(
         "/v1/responses", json={"input": [{"type": "item_reference", "id": reply["id"]}]})
     assert none_kept.status_code == 400 and "stores no responses" in none_kept.json()["error"]["message"]
+
+
+def test_a_reference_never_reaches_a_deleted_response():
+    app = make_app(replies=["\nHello"])
+    client = TestClient(app)
+    secret = create(client, input=[{"role": "user", "content": "SECRET", "id": "msg_x"}])
+    create(client, input=[{"role": "user", "content": "other", "id": "msg_x"}])  # the same id, another item
+    assert client.delete(f"/v1/responses/{secret['id']}").status_code == 200
+    create(client, input=[{"type": "item_reference", "id": "msg_x"}])
+    prompt = small_tokenizer().decode(engine_of(app).calls[-1].prompt_ids)
+    assert "other" in prompt and "SECRET" not in prompt
+
+
+def test_a_reference_to_an_item_of_the_context_continued_from_is_dropped():
+    app = make_app(replies=["\nHello"])
+    client = TestClient(app)
+    first = create(client, input="hi")
+    create(client, previous_response_id=first["id"],
+           input=[{"type": "item_reference", "id": first["output"][0]["id"]}, {"role": "user", "content": "more"}])
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "more"}]
+    assert client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}).status_code == 200
+    calls = engine_of(app).calls
+    assert calls[1].prompt_ids == calls[2].prompt_ids

@@ -275,9 +275,8 @@ def test_response_format_text_leaves_a_vllm_constraint_in_force():
     ("lookaround in a pattern", {"type": "object", "patternProperties": {"^x(?<=x)": {"type": "integer"}}}),
     ("maxLength beside a pattern", {"type": "object",
                                     "properties": {"s": {"type": "string", "maxLength": 2, "pattern": "^[a-z]+$"}}}),
-    ("minLength beside a pattern or format", {"type": "object",
-                                              "properties": {"s": {"type": "string", "format": "email",
-                                                                   "minLength": 5}}}),
+    ("minLength beside a pattern", {"type": "object", "properties": {"s": {"type": "string", "minLength": 5,
+                                                                         "pattern": "^a+$", "format": "email"}}}),
 ])
 def test_schema_keywords_the_grammar_cannot_enforce_are_400(keyword, schema):
     for extra, param in (({"guided_json": schema}, "guided_json"),
@@ -315,8 +314,9 @@ def test_a_reply_its_constraint_strands_is_a_400_whole_and_an_error_event_stream
     assert [e["type"] for e in errors] == ["invalid_request_error"]
 
 
-def test_a_string_with_a_format_and_a_pattern_is_held_to_the_pattern():
-    """As zod writes z.uuid(): xgrammar alone would hold it to its built-in uuid format, which allows "D000"."""
+def test_a_string_with_a_format_and_a_pattern_or_lengths_is_held_to_those():
+    """As zod writes z.uuid(): xgrammar alone would hold it to its built-in uuid format, which allows "D000"; as
+    pydantic writes HttpUrl, it would pass over the lengths."""
     from xgrammar.testing import _is_grammar_accept_string
 
     from glm4serve.engine.guided import build_grammar
@@ -332,3 +332,12 @@ def test_a_string_with_a_format_and_a_pattern_is_held_to_the_pattern():
     assert not _is_grammar_accept_string(grammar, ok.replace("2024-01-02", "soon"))  # a format alone still holds
     engine, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(schema)}, [ok])
     assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"])["id"].endswith("0000")
+    url = {"type": "object", "required": ["u"], "properties": {
+        "u": {"type": "string", "format": "uri", "minLength": 1, "maxLength": 12}}}
+    grammar = build_grammar(GuidedSpec.json_schema(url))
+    assert _is_grammar_accept_string(grammar, '{"u": "http://a.b"}')
+    assert not _is_grammar_accept_string(grammar, '{"u": "http://a.example"}') and not _is_grammar_accept_string(
+        grammar, '{"u": ""}')
+    _, r = post("/v1/chat/completions", {"messages": HI, "response_format": json_schema_format(url)},
+                ['{"u": "http://a.b"}'])
+    assert r.status_code == 200, r.text

@@ -132,10 +132,13 @@ def test_admission_429_with_retry_after_when_full():
         r = client.post(route, json=body)
         err = envelope(r, 429, "rate_limit_error")
         assert err["code"] == "queue_full" and r.headers["retry-after"] == "1"
+    r = client.post("/v1/messages", json={"max_tokens": 2, "messages": HI})  # in Anthropic's envelope
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "rate_limit_error"
     assert engine.calls == []
     # only generation is admitted against the queue: the rest of the API stays up
     assert client.get("/v1/models").status_code == 200 and client.get("/health").status_code == 200
-    assert metric(client, 'glm4serve:request_rejected_total{reason="queue_full"}') == 4
+    assert metric(client, 'glm4serve:request_rejected_total{reason="queue_full"}') == 5  # with /v1/messages
     assert metric(client, "glm4serve:num_requests_admitted") == 3
     gate.num_generating = 2
     assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 200
@@ -163,10 +166,12 @@ def test_draining_refuses_new_work_but_probes_and_scrapes_answer():
               client.post("/tokenize", json={"prompt": "hi"})):
         envelope(r, 503, "service_unavailable_error")
         assert r.headers["retry-after"] == "5"
+    r = client.post("/v1/messages", json={"max_tokens": 2, "messages": HI})  # in Anthropic's envelope
+    assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error"
     envelope(client.get("/health"), 503, "service_unavailable_error")
     assert client.get("/ping").status_code == 200 and client.get("/metrics").status_code == 200
     assert engine.calls == []
-    assert metric(client, 'glm4serve:request_rejected_total{reason="draining"}') == 3
+    assert metric(client, 'glm4serve:request_rejected_total{reason="draining"}') == 4
 
 
 def test_cors_off_by_default_and_configurable():

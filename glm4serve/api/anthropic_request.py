@@ -243,10 +243,14 @@ class MessagesRequest(RequestBody):
         for message in self.messages:
             messages += message.chat_messages()
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens}
+        output_format, format_field = self._format
         if self.messages[-1].role == "assistant" and messages and messages[-1]["role"] == "assistant" and not \
                 messages[-1].get("tool_calls"):  # a prefill: the reply goes on with it, as Anthropic's
+            if output_format is not None or (self.tool_choice is not None and self.tool_choice.type in ("any", "tool")):
+                # the grammar would hold the reply after the prefill, not the prefill and the reply together
+                raise APIError(400, f"A prefill (a last assistant turn) cannot go with {format_field} or a forced "
+                                    "tool_choice", param="messages")
             body["continue_final_message"] = True
-        output_format, _ = self._format
         if output_format is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "schema": output_format.schema_, "strict": True}}

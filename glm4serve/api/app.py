@@ -51,6 +51,8 @@ from .stats_log import StatsLog
 
 log = logging.getLogger("glm4serve.api")
 
+PAGE_SIZE, MAX_PAGE_SIZE = 20, 100  # the items of a list route's page, by default and at most (OpenAI's)
+
 
 def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: ServerSettings, model_name: str,
                max_model_len: int) -> FastAPI:
@@ -117,7 +119,7 @@ def _generation_routes(ctx: ServingContext) -> APIRouter:
         request, one with `prompt` a completion request."""
         try:
             body = json.loads(await request.body())
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep for the parser
             raise invalid_request(f"request body is not valid JSON: {e}") from None
         kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
         if kind is None:
@@ -156,7 +158,7 @@ def _stored_response_routes(ctx: ServingContext) -> APIRouter:
         return {"id": response_id, "object": "response", "deleted": True}
 
     @v1.get("/{response_id}/input_items")
-    async def _input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
+    async def _input_items(response_id: str, limit: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
                            order: Literal["asc", "desc"] = "desc", after: str | None = None):
         return list_page(find_stored(ctx, response_id).input_items, limit, order, after, "response")
 
@@ -196,7 +198,7 @@ def _conversation_routes(ctx: ServingContext) -> APIRouter:
     @v1.post("/{conversation_id}/items")
     async def _add_items(conversation_id: str, body: AddItemsRequest):
         conversation = store.find(conversation_id)
-        items = new_items(body.items, conversation.items)
+        items = new_items(body.items)
         if not items:
             raise invalid_request("No item to add: reasoning items, and calls of tools this server does not run, "
                                   "are dropped.", "items")
@@ -204,7 +206,7 @@ def _conversation_routes(ctx: ServingContext) -> APIRouter:
         return list_page(items, len(items), "asc", None, "conversation")
 
     @v1.get("/{conversation_id}/items")
-    async def _items(conversation_id: str, limit: int = Query(20, ge=1, le=100),
+    async def _items(conversation_id: str, limit: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
                      order: Literal["asc", "desc"] = "desc", after: str | None = None):
         return list_page(store.find(conversation_id).items, limit, order, after, "conversation")
 

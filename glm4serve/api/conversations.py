@@ -55,9 +55,8 @@ class AddItemsRequest(RequestBody):
     items: Annotated[_NewItems, Field(min_length=1)]
 
 
-def new_items(items: list[dict], kept: list[dict] = ()) -> list[dict]:
-    """Items as a request gives them (response input items) -> as the conversation keeps them, each with an id
-    (none the same as another's, or as one of the `kept` items')."""
+def new_items(items: list[dict]) -> list[dict]:
+    """Items as a request gives them (response input items) -> as the conversation keeps them, each with an id."""
     try:
         parsed = parse_items(items)
     except ValidationError as e:
@@ -66,7 +65,7 @@ def new_items(items: list[dict], kept: list[dict] = ()) -> list[dict]:
         if isinstance(item, ItemReference):
             raise invalid_request("A conversation's items are the items themselves, not item_reference.",
                                   f"items.{i}")
-    return check_unique_ids(kept, item_resources(parsed), "items")
+    return item_resources(parsed)
 
 
 def check_unique_ids(kept: list[dict], new: list[dict], param: str) -> list[dict]:
@@ -135,14 +134,12 @@ class ConversationStore:
         if self.budget <= 0:
             raise APIError(400, "This server keeps no conversations (--conversation-store-memory 0).",
                            "invalid_request_error")
-        conversation = Conversation(new_id("conv"), int(time.time()), metadata)
+        check_unique_ids([], items, "items")
+        conversation = Conversation(new_id("conv"), int(time.time()), metadata, list(items))
+        size = _size(metadata) + sum(map(_size, items))
+        self._check_fits(size, "items")  # before room is made: a refused conversation drops no other
         self._conversations[conversation.id] = conversation
-        try:
-            self._grow(conversation, _size(metadata))
-            self.add(conversation, items)
-        except APIError:
-            self.delete(conversation.id)
-            raise
+        self._grow(conversation, size, "items")
         return conversation
 
     def get(self, conversation_id: str) -> Conversation | None:
@@ -163,36 +160,42 @@ class ConversationStore:
         """Whether the conversation is still here (not deleted, nor dropped for room)."""
         return self._conversations.get(conversation.id) is conversation
 
-    def add(self, conversation: Conversation, items: list[dict]) -> None:
+    def add(self, conversation: Conversation, items: list[dict], param: str = "items") -> None:
+        """Items appended, unless one's id is another's (a 400 naming `param`, as is a conversation that would be
+        over the whole budget)."""
+        self.check_room(conversation, items, param)
         if items:
-            self._grow(conversation, sum(map(_size, items)))
+            self._grow(conversation, sum(map(_size, items)), param)
             conversation.items += items
             self._conversations.move_to_end(conversation.id)
 
-    def check_room(self, conversation: Conversation, items: list[dict]) -> None:
-        """A 400 when the conversation with these items would be over the whole budget (add()'s refusal, early)."""
-        size = conversation.size + sum(map(_size, items))
-        if size > self.budget:
-            raise _over_budget(conversation, size, self.budget)
+    def check_room(self, conversation: Conversation, items: list[dict], param: str) -> None:
+        """add()'s refusals, early: an id already there, or a conversation over the whole budget."""
+        check_unique_ids(conversation.items, items, param)
+        self._check_fits(conversation.size + sum(map(_size, items)), param)
 
     def update(self, conversation: Conversation, metadata: dict[str, str]) -> None:
-        self._grow(conversation, _size(metadata) - _size(conversation.metadata))
+        self._grow(conversation, _size(metadata) - _size(conversation.metadata), "metadata")
         conversation.metadata = metadata
 
     def delete_item(self, conversation: Conversation, item_id: str) -> None:
         item = conversation.item(item_id)
         conversation.items.remove(item)
-        self._grow(conversation, -_size(item))
+        self._grow(conversation, -_size(item), "items")
 
     def delete(self, conversation_id: str) -> None:
         gone = self._conversations.pop(conversation_id)
         self.used -= gone.size
 
-    def _grow(self, conversation: Conversation, change: int) -> None:
+    def _check_fits(self, size: int, param: str) -> None:
+        if size > self.budget:
+            raise invalid_request(f"The conversation would be {size} bytes, over the server's "
+                                  f"--conversation-store-memory of {self.budget} bytes.", param)
+
+    def _grow(self, conversation: Conversation, change: int, param: str) -> None:
         """Count `change` more bytes for a kept conversation, dropping the least recently used others while
-        they do not fit; a 400 when it alone would be over the budget."""
-        if conversation.size + change > self.budget:
-            raise _over_budget(conversation, conversation.size + change, self.budget)
+        they do not fit; a 400 naming `param` when it alone would be over the budget."""
+        self._check_fits(conversation.size + change, param)
         for other in list(self._conversations.values()):  # least recently used first
             if self.used + change <= self.budget:
                 break
@@ -201,11 +204,6 @@ class ConversationStore:
                 self.delete(other.id)
         conversation.size += change
         self.used += change
-
-
-def _over_budget(conversation: Conversation, size: int, budget: int) -> APIError:
-    return invalid_request(f"Conversation {conversation.id!r} would be {size} bytes, over the server's "
-                           f"--conversation-store-memory of {budget} bytes.", "conversation")
 
 
 def list_page(items: list[dict], limit: int, order: str, after: str | None, what: str) -> dict:

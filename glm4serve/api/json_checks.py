@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError
 
+from glm4serve.engine.types import schema_nodes
+
 # Nesting of the request body's JSON: far beyond any real request (a tool's parameters schema at
 # depth 5 keeps ~30 levels of nested objects), well short of where validating or compiling a
 # schema recurses past Python's stack.
@@ -66,35 +68,20 @@ _SCHEMA_CACHE_MAX_CHARS = 1 << 16  # larger schemas are checked each time: the c
 # constrains a reply may not use them. uniqueItems is passed over too but allowed: pydantic writes it
 # for sets, and a duplicate there only shrinks the set. More are held only in part (`_partly`): allOf to
 # its first schema, multipleOf on integers alone, pattern without lookarounds, minLength and maxLength without a
-# pattern or format beside them.
+# pattern beside them.
 _UNENFORCED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
                          "dependentSchemas"})
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})  # name -> subschema
-_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required", "title", "description"})
 _LOOKAROUND = re.compile(r"(?<!\\)(?:\\\\)*\(\?<?[=!]")  # an unescaped (?= (?! (?<= or (?<!
 
 
 def check_enforceable(schema: Any, param: str) -> None:
     """A 400 when a schema that constrains a reply uses a keyword the grammar cannot hold it to."""
     found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-            return
-        if not isinstance(node, dict):
-            return
+    for node in schema_nodes(schema):
         for key, value in node.items():
             if key in _UNENFORCED:
                 found.add(key)
             found.update(_partly(node, key, value))
-            if key in _SCHEMA_MAPS and isinstance(value, dict):
-                walk(list(value.values()))
-            elif key not in _NOT_SCHEMAS:
-                walk(value)
-
-    walk(schema)
     if found:
         raise invalid(param, f"{param} uses {', '.join(sorted(found))}, which the grammar engine cannot enforce "
                              "on a reply")
@@ -110,8 +97,8 @@ def _partly(node: dict, key: str, value: Any) -> list[str]:
         value, dict) else []
     if any(isinstance(p, str) and _LOOKAROUND.search(p) for p in patterns):
         return ["a lookaround in a pattern"]
-    if key in ("minLength", "maxLength") and ("pattern" in node or "format" in node):
-        return [f"{key} beside a pattern or format"]  # the grammar engine holds the string to those alone
+    if key in ("minLength", "maxLength") and "pattern" in node:
+        return [f"{key} beside a pattern"]  # the grammar engine holds the string to the pattern alone
     return []
 
 

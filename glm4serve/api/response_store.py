@@ -41,7 +41,8 @@ class ResponseStore:
         self.budget = budget_bytes
         self.used = 0
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
-        self._items: dict[str, list] = {}  # item id -> [the item, how many stored responses hold it]
+        # item id -> {id of a stored response holding an item of that id: its item}, in the order they were stored
+        self._items: dict[str, dict[str, dict]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -63,13 +64,14 @@ class ResponseStore:
         stored = StoredResponse(response, input_items, size)
         self._responses[response["id"]] = stored
         self.used += size
-        self._count_items(stored, 1)
+        for item in stored.context:
+            self._items.setdefault(item["id"], {})[response["id"]] = item
         return True
 
     def item(self, item_id: str) -> dict | None:
-        """An item of a stored response (its context or its output), by its id."""
-        entry = self._items.get(item_id)
-        return None if entry is None else entry[0]
+        """The item of that id held by a stored response (its context or its output): the latest stored one's."""
+        holders = self._items.get(item_id)
+        return next(reversed(holders.values())) if holders else None
 
     def get(self, response_id: str) -> StoredResponse | None:
         stored = self._responses.get(response_id)
@@ -82,12 +84,9 @@ class ResponseStore:
         if stored is None:
             return False
         self.used -= stored.size
-        self._count_items(stored, -1)
-        return True
-
-    def _count_items(self, stored: StoredResponse, step: int) -> None:
         for item in stored.context:
-            entry = self._items.setdefault(item["id"], [item, 0])
-            entry[1] += step
-            if entry[1] <= 0:
-                del self._items[item["id"]]
+            holders = self._items.get(item["id"], {})
+            holders.pop(response_id, None)
+            if not holders:
+                self._items.pop(item["id"], None)
+        return True

@@ -206,7 +206,7 @@ class ResponseBuilder:
             log.warning("response %s not added to conversation %s: the conversation is gone", response["id"],
                         conversation.id)
         elif conversation is not None:
-            self.conversations.add(conversation, self.new_items + response["output"])
+            self.conversations.add(conversation, self.new_items + response["output"], "input")
         if self.store is not None:
             self.store.put(response, self.input_items)
         return response
@@ -381,15 +381,17 @@ def _context(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], Co
 
 
 def _resolve_references(ctx: ServingContext, req: ResponsesRequest, history: list[dict]) -> None:
-    """The request's item_reference input items replaced by the items they name: of the context it continues
-    from, else of a stored response (a 400 for an id neither holds)."""
+    """The request's item_reference input items replaced by the items of a stored response they name (a 400
+    for an id none holds); one naming an item of the context it continues from is dropped: the item is there."""
     if isinstance(req.input, str) or not any(isinstance(item, ItemReference) for item in req.input):
         return
-    known = {item["id"]: item for item in history}
+    known = {item["id"] for item in history}
     resolved = []
     for i, item in enumerate(req.input):
+        if isinstance(item, ItemReference) and item.id in known:
+            continue
         if isinstance(item, ItemReference):
-            found = known.get(item.id) or ctx.response_store.item(item.id)
+            found = ctx.response_store.item(item.id)
             if found is None:
                 why = "" if ctx.response_store.enabled else " (this server stores no responses)"
                 raise invalid_request(f"Item with id {item.id!r} not found{why}.", f"input.{i}")
@@ -430,7 +432,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
         _resolve_references(ctx, req, history)
         new_items = check_unique_ids(history, item_resources(req.input_items), "input")
         if conversation is not None:
-            ctx.conversations.check_room(conversation, new_items)
+            ctx.conversations.check_room(conversation, new_items, "input")
         chat_req = _as_chat(ctx, req, offered, history)
         plan = await prepare_chat(ctx, chat_req, freeform_tools=frozenset(t.name for t in offered if t.custom))
     except APIError as e:

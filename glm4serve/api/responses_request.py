@@ -9,8 +9,8 @@ A reply is stored unless `store` is false (response_store.py), and `previous_res
 continues from a stored one: its context items come before this request's `input`, while its
 `instructions` and tools do not carry over (as OpenAI's API does). `conversation` continues and
 extends a conversation the server keeps instead (conversations.py). With either, `input` may be left out.
-An `item_reference` input item stands for the item of that id in the context continued from, or in any
-stored response (the Vercel AI SDK sends its earlier replies so).
+An `item_reference` input item stands for the item of that id in a stored response (the Vercel AI SDK sends
+its earlier replies so); one naming an item of the context continued from is dropped, as it is there.
 `background` and a stored `prompt` are refused with a 400. `reasoning` and `include` values other than
 output logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by
 the server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent

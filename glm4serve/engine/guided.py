@@ -19,9 +19,10 @@ Format decisions:
 - Object keys are the schema's properties only, in the schema's order, unless the schema allows
   others (additionalProperties); every reply still validates against the schema, but for
   `uniqueItems`, which xgrammar passes over (the API refuses the other keywords it passes over or holds
-  only in part: api/json_checks.py). A string with both a `format` and a `pattern` is held to the pattern:
-  xgrammar would hold it to the format alone, and in JSON Schema a format is an annotation, a pattern an
-  assertion (zod writes both for its uuid, email and date strings, and checks the pattern).
+  only in part: api/json_checks.py). A string with a `format` and a `pattern`, `minLength` or `maxLength` is
+  held to those: xgrammar would hold it to the format alone, and in JSON Schema a format is an annotation,
+  the others assertions (zod writes a pattern beside its uuid, email and date formats and checks it;
+  pydantic writes lengths beside its URLs' format).
 - Special tokens never match the grammar, and neither does any token holding a raw control byte
   other than "\\n": compact JSON needs none, and xgrammar's length-bounded strings would
   otherwise admit a raw tab, which JSON forbids.
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .types import CHOICE, GRAMMAR, JSON_SCHEMA, REGEX, TOOL_CALL, GuidedSpec, GuidedSpecError
+from .types import CHOICE, GRAMMAR, JSON_SCHEMA, REGEX, TOOL_CALL, GuidedSpec, GuidedSpecError, schema_nodes
 
 _SEPARATORS = (", ", ": ")
 # xgrammar's messages start with "[HH:MM:SS] /path/to/file.cc:123: "
@@ -72,7 +73,7 @@ def build_grammar(spec: GuidedSpec):
     import xgrammar as xgr
 
     def json_grammar(schema: str):
-        return xgr.Grammar.from_json_schema(_pattern_over_format(schema), any_whitespace=False,
+        return xgr.Grammar.from_json_schema(_held_over_format(schema), any_whitespace=False,
                                             separators=_SEPARATORS, strict_mode=True)
 
     if spec.kind == TOOL_CALL:
@@ -98,30 +99,15 @@ def build_grammar(spec: GuidedSpec):
     return body
 
 
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required"})
-
-
-def _pattern_over_format(schema: str) -> str:
-    """The schema with `format` dropped where a `pattern` stands beside it (module docstring)."""
-    if '"pattern"' not in schema:
+def _held_over_format(schema: str) -> str:
+    """The schema with `format` dropped where a `pattern`, `minLength` or `maxLength` stands beside it (module
+    docstring)."""
+    if '"format"' not in schema:
         return schema
-
-    def walk(node) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-        elif isinstance(node, dict):
-            if isinstance(node.get("pattern"), str):
-                node.pop("format", None)
-            for key, value in node.items():
-                if key in _SCHEMA_MAPS and isinstance(value, dict):
-                    walk(list(value.values()))
-                elif key not in _NOT_SCHEMAS:
-                    walk(value)
-
     parsed = json.loads(schema)
-    walk(parsed)
+    for node in schema_nodes(parsed):
+        if "format" in node and (isinstance(node.get("pattern"), str) or "minLength" in node or "maxLength" in node):
+            del node["format"]
     return json.dumps(parsed, ensure_ascii=False)
 
 

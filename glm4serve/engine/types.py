@@ -8,7 +8,7 @@ request carries a `GuidedSpec` (what its reply must look like), which guided.py 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
 # finish reasons
@@ -222,3 +222,25 @@ class GuidedSpec:
         return cls(TOOL_CALL, tools=tuple((name, json.dumps(params or {"type": "object"}, ensure_ascii=False))
                                           for name, params in tools.items()), otherwise=otherwise,
                    call_separator=call_separator)
+
+
+# A JSON Schema's keywords whose value maps names to subschemas, and those whose value holds none
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples", "required", "title", "description"})
+
+
+def schema_nodes(schema) -> Iterator[dict]:
+    """Every schema object of a JSON Schema, itself first; not the maps of names (properties, $defs) nor values
+    (enum's, const's), so a property named "pattern" is no keyword."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            yield node
+            for key, value in node.items():
+                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                    stack.extend(value.values())
+                elif key not in _NOT_SCHEMAS:
+                    stack.append(value)
