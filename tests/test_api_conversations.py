@@ -265,8 +265,8 @@ def test_an_id_added_while_a_response_ran_fails_the_response_not_the_conversatio
     app = make_app(replies=["\nHello there, a long reply!"], step_delay=0.05)
     client = TestClient(app)
     conv = ok(client.post("/v1/conversations"))
-    with client.stream("POST", "/v1/responses", json={
-            "stream": True, "conversation": conv["id"], "input": [{"role": "user", "content": "a", "id": "msg_d"}]}) as r:
+    body = {"stream": True, "conversation": conv["id"], "input": [{"role": "user", "content": "a", "id": "msg_d"}]}
+    with client.stream("POST", "/v1/responses", json=body) as r:
         lines = r.iter_lines()
         next(lines)  # the response has begun
         ok(client.post(f"/v1/conversations/{conv['id']}/items", json={"items": [
