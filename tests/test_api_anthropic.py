@@ -192,6 +192,9 @@ def test_a_failure_midway_is_an_error_event_and_nothing_leaks():
      "tools.0.input_schema is not a valid JSON Schema"),
     ({"messages": HI, "tool_choice": {"type": "any"}}, 400, "invalid_request_error", "needs a tool"),
     ({"messages": HI, "max_tokens": 10 ** 6}, 400, "invalid_request_error", "maximum context length"),
+    ({"messages": [{"role": "user", "content": [{"type": {}}]}]}, 400, "invalid_request_error", "not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": {}}]}]}]}, 400, "invalid_request_error", "type"),
 ])
 def test_errors_are_anthropics_envelope(body, status, kind, says):
     r = TestClient(make_app()).post("/v1/messages", json={"model": MODEL, "max_tokens": 8, **body})

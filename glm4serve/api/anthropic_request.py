@@ -65,8 +65,14 @@ class OtherResultBlock(Body):
         return f"[a {self.type} block left out]"
 
 
-def _result_block_tag(block: Any) -> str:
+def _kind(block: Any) -> str | None:
+    """A block's type, when it is a string (the tags look it up in sets)."""
     kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
+    return kind if isinstance(kind, str) else None
+
+
+def _result_block_tag(block: Any) -> str:
+    kind = _kind(block)
     return "text" if kind == "text" else "media" if kind in _MEDIA else "other"
 
 
@@ -113,7 +119,7 @@ _DROPPED = frozenset({"thinking", "redacted_thinking", "server_tool_use", "web_s
 
 
 def _block_tag(block: Any) -> str:
-    kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
+    kind = _kind(block)
     if kind in ("text", "tool_use", "tool_result"):
         return f"block[{kind}]"
     if kind in _MEDIA:
