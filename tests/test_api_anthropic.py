@@ -191,7 +191,7 @@ def test_a_failure_midway_is_an_error_event_and_nothing_leaks():
     ({"messages": HI, "tools": [{**TOOL, "input_schema": {"type": 3}}]}, 400, "invalid_request_error",
      "tools.0.input_schema is not a valid JSON Schema"),
     ({"messages": HI, "tool_choice": {"type": "any"}}, 400, "invalid_request_error", "needs a tool"),
-    ({"messages": HI, "max_tokens": 10 ** 6}, 400, "invalid_request_error", "maximum context length"),
+    ({"messages": HI, "max_tokens": 10 ** 6}, 400, "invalid_request_error", "exceed context limit"),
     ({"messages": [{"role": "user", "content": [{"type": {}}]}]}, 400, "invalid_request_error", "not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
         {"type": {}}]}]}]}, 400, "invalid_request_error", "type"),
@@ -327,3 +327,18 @@ def test_the_streams_first_event_counts_the_prompts_cached_tokens():
 def test_a_prefill_under_a_grammar_is_refused(extra):
     r = post(TestClient(make_app()), messages=[*HI, {"role": "assistant", "content": "{"}], **extra)
     assert r.status_code == 400 and "prefill" in r.json()["error"]["message"]
+
+
+def test_the_context_refuses_in_the_words_claude_code_reads():
+    """Claude Code compacts the conversation on "prompt is too long" and asks for fewer tokens on the other."""
+    import re
+
+    app = make_app(max_model_len=64)
+    client = TestClient(app)
+    prompt = len(client.post("/tokenize", json={"messages": HI, "add_generation_prompt": True}).json()["tokens"])
+    e = post(client, messages=HI, max_tokens=100).json()["error"]
+    m = re.search(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)", e["message"])
+    assert m is not None and tuple(map(int, m.groups())) == (prompt, 100, 64), e
+    e = post(client, messages=[{"role": "user", "content": "sea " * 80}], max_tokens=1).json()["error"]
+    m = re.search(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", e["message"])
+    assert m is not None and int(m[1]) >= 64 and int(m[2]) == 64, e

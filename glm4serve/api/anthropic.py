@@ -27,7 +27,7 @@ from .chat import ChatPlan, ChoiceStream, collect_chat, prepare_chat, prompt_too
 from .errors import APIError
 from .limits import check_chat_limits
 from .responses_request import new_id
-from .serving import ServingContext, respond
+from .serving import ContextLengthError, ServingContext, respond
 from .streaming import StreamEnd
 
 
@@ -38,6 +38,17 @@ def _event(kind: str, **fields) -> bytes:
 
 def _error_event(error: APIError) -> bytes:
     return _event("error", error=error.anthropic_body()["error"])
+
+
+def _too_long(error: ContextLengthError) -> APIError:
+    """The context's refusal in Anthropic's words, which Claude Code reads: it compacts the conversation when the
+    prompt is too long, and asks for fewer tokens when the reply would not fit."""
+    if error.prompt_tokens >= error.limit:
+        message = f"prompt is too long: {error.prompt_tokens} tokens > {error.limit} maximum"
+    else:
+        message = (f"input length and `max_tokens` exceed context limit: {error.prompt_tokens} + {error.requested} > "
+                   f"{error.limit}, decrease input length or `max_tokens` and try again")
+    return APIError(400, message, error.type, error.param, error.code)
 
 
 def _stop(finish_reason: str | None, stop_reason: int | str | None, called: bool) -> tuple[str, str | None]:
@@ -175,6 +186,8 @@ async def create_message(ctx: ServingContext, req: MessagesRequest, request: Req
     try:
         check_chat_limits(chat_req, ctx.settings)
         plan = await prepare_chat(ctx, chat_req, request)
+    except ContextLengthError as e:
+        raise req.in_its_terms(_too_long(e)) from e
     except APIError as e:
         raise req.in_its_terms(e) from e
     return await respond(ctx, request, req.stream,

@@ -45,6 +45,18 @@ class ClientDisconnected(Exception):
     pass
 
 
+class ContextLengthError(APIError):
+    """A prompt and reply the context cannot hold (a 400, code context_length_exceeded, in vLLM's words), with
+    the counts, for the APIs that word it otherwise (Anthropic's)."""
+
+    def __init__(self, prompt_tokens: int, requested: int, limit: int, param: str | None):
+        super().__init__(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                              f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
+                              f"completion). Please reduce the prompt or max_tokens.", "invalid_request_error", param,
+                         CONTEXT_LENGTH_EXCEEDED)
+        self.prompt_tokens, self.requested, self.limit = prompt_tokens, requested, limit
+
+
 @dataclass
 class ServingContext:
     engine: EngineClient | None  # None while the model loads
@@ -97,11 +109,7 @@ class ServingContext:
         """The request's max_tokens, defaulting to the rest of the context; 400 when it cannot fit."""
         limit = self.max_model_len
         if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
-            wanted = prompt_len + (requested or 0)
-            raise invalid_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{wanted} tokens ({prompt_len} in the prompt, {requested or 0} for the completion). "
-                f"Please reduce the prompt or max_tokens.", param, CONTEXT_LENGTH_EXCEEDED)
+            raise ContextLengthError(prompt_len, requested or 0, limit, param)
         if requested is not None:
             return requested
         cap = self.settings.max_tokens_limit  # the server's cap also bounds the default
