@@ -116,8 +116,10 @@ class _Blocks:
 
     def write(self, kind: str, text: str) -> list[bytes]:
         """More of a text or thinking block (opened when the last one was another)."""
-        events = [] if self.kind == kind else self.close() + self._open({"type": kind, kind: "", **(
-            {"signature": ""} if kind == "thinking" else {})})
+        events = []
+        if self.kind != kind:
+            block = {"type": kind, kind: "", "signature": ""} if kind == "thinking" else {"type": kind, kind: ""}
+            events = self.close() + self._open(block)
         if text:
             events.append(_event("content_block_delta", index=self.index,
                                  delta={"type": f"{kind}_delta", kind: text}))

@@ -28,11 +28,10 @@ from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 from .body import Body, RequestBody
 from .errors import APIError, validation_error
 from .json_checks import invalid
+from .messages import part_text
 from .schemas import ChatCompletionRequest
 
-# Anthropic's media blocks, and what the line standing for one says
-_MEDIA = {"image": "an image", "document": "a document", "search_result": "a search result",
-          "container_upload": "a file"}
+_MEDIA = frozenset({"image", "document", "search_result", "container_upload"})  # Anthropic's media blocks
 
 
 class TextBlock(Body):
@@ -45,7 +44,7 @@ class MediaBlock(Body):
 
     @property
     def text(self) -> str:
-        return f"[{_MEDIA[self.type]} left out: this model reads text only]"
+        return part_text(self.type, None, None, "messages")
 
 
 class ToolUseBlock(Body):

@@ -163,7 +163,7 @@ class ConversationStore:
     def add(self, conversation: Conversation, items: list[dict], param: str = "items") -> None:
         """Items appended, unless one's id is another's (a 400 naming `param`, as is a conversation that would be
         over the whole budget)."""
-        self.check_room(conversation, items, param)
+        check_unique_ids(conversation.items, items, param)
         if items:
             self._grow(conversation, sum(map(_size, items)), param)
             conversation.items += items

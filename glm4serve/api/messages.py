@@ -13,9 +13,10 @@ from .body import Body
 from .json_checks import invalid
 
 
-# a media part of chat's or of the Responses API's content, and what it is
+# a media part of chat's, the Responses API's or Anthropic's content, and what it is
 MEDIA_PARTS = {"image_url": "an image", "input_image": "an image", "input_audio": "audio", "file": "a file",
-               "input_file": "a file", "video_url": "a video"}
+               "input_file": "a file", "video_url": "a video", "image": "an image", "document": "a document",
+               "search_result": "a search result", "container_upload": "a file"}
 
 
 def part_text(kind: str, text: str | None, refusal: str | None, param: str) -> str:
