@@ -117,7 +117,8 @@ def test_whole_n2_and_logprobs_shape():
     assert call.params.logprobs == 3 and call.params.n == 2
     for choice, reply in zip(body["choices"], TWO_REPLIES):
         entries = choice["logprobs"]["content"]
-        assert len(entries) == len(small_tokenizer().encode(reply)) + 1
+        # the reply's tokens but its opening "\n", which the content leaves out, and the stop token
+        assert len(entries) == len(small_tokenizer().encode(reply))
         for e in entries:
             assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
             assert bytes(e["bytes"]).decode("utf-8", "replace") == e["token"]
@@ -127,15 +128,34 @@ def test_whole_n2_and_logprobs_shape():
             assert e["logprob"] == pytest.approx(0, abs=1e-6)
             assert e["top_logprobs"][0] == {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
             assert [t["logprob"] for t in e["top_logprobs"][1:]] == pytest.approx([-40, -40], abs=1e-3)
-    assert body["usage"]["completion_tokens"] == sum(len(c["logprobs"]["content"]) for c in body["choices"])
+    assert body["usage"]["completion_tokens"] == sum(len(c["logprobs"]["content"]) + 1 for c in body["choices"])
 
 
 def test_stream_logprobs_cover_every_token():
     chunks = sse_json(client_for().post("/v1/chat/completions", json={
         "messages": USER_HI, "stream": True, "logprobs": True}).text)
     entries = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
-    assert [e["token"] for e in entries][:-1] == token_pieces("\nHello there!")
+    # every token but the opening "\n", which the content leaves out: the entries read as the content
+    assert [e["token"] for e in entries][:-1] == token_pieces("\nHello there!")[1:]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert "".join(e["token"] for e in entries[:-1]) == content == "Hello there!"
     assert all(e["top_logprobs"] == [] for e in entries)  # logprobs without top_logprobs: none listed
+
+
+def test_logprobs_leave_out_only_the_newline_the_content_leaves_out():
+    """Only an opening "\\n" token goes, as the content's: a reply opening otherwise keeps every entry, and a
+    later "\\n" stays."""
+    for reply, content in (("Hi\nyou", "Hi\nyou"), ("\nA\nB", "A\nB")):
+        client = client_for(replies=[reply])
+        body = client.post("/v1/chat/completions", json={"messages": USER_HI, "logprobs": True}).json()
+        [choice] = body["choices"]
+        assert choice["message"]["content"] == content
+        assert "".join(e["token"] for e in choice["logprobs"]["content"][:-1]) == content
+    # without the generation prompt nothing is left out of either
+    client = client_for(replies=["\nHi"])
+    body = client.post("/v1/chat/completions", json={
+        "messages": USER_HI, "logprobs": True, "add_generation_prompt": False}).json()
+    assert "".join(e["token"] for e in body["choices"][0]["logprobs"]["content"][:-1]) == "\nHi"
 
 
 def test_max_tokens_cuts_with_length():

@@ -217,9 +217,10 @@ def test_logprobs_on_output_text(stream):
                                                      "include": ["message.output_text.logprobs"]})
     body = events_of(r.text)[-1]["response"] if stream else r.json()
     part = body["output"][0]["content"][0]
-    assert len(part["logprobs"]) == body["usage"]["output_tokens"]  # the stop token's included
+    # the stop token's included; the opening "\n", which the text leaves out, is not
+    assert len(part["logprobs"]) == body["usage"]["output_tokens"] - 1
     assert all(len(lp["top_logprobs"]) == 2 and lp["logprob"] <= 0 for lp in part["logprobs"])
-    assert "".join(lp["token"] for lp in part["logprobs"][:-1]) == "\nHello there!"
+    assert "".join(lp["token"] for lp in part["logprobs"][:-1]) == part["text"] == "Hello there!"
     if stream:
         deltas = [e for e in events_of(r.text) if e["type"] == "response.output_text.delta"]
         assert sum(len(e["logprobs"]) for e in deltas) >= len(part["logprobs"]) - 1
@@ -374,8 +375,8 @@ def test_return_tokens_as_token_ids_on_output_text_logprobs():
         "message.output_text.logprobs"], "return_tokens_as_token_ids": True})
     body = r.json()
     part = body["output"][0]["content"][0]
-    assert part["text"] == "Hello there!" and len(part["logprobs"]) == body["usage"]["output_tokens"]
-    ids = small_tokenizer().encode("\nHello there!")
+    assert part["text"] == "Hello there!" and len(part["logprobs"]) == body["usage"]["output_tokens"] - 1
+    ids = small_tokenizer().encode("\nHello there!")[1:]  # the opening "\n" the text leaves out
     assert [lp["token"] for lp in part["logprobs"][:-1]] == [f"token_id:{t}" for t in ids]
 
 

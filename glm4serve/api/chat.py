@@ -137,6 +137,16 @@ def reply_token_bytes(plan: ChatPlan, tokenizer) -> Callable[[int], bytes]:
     return lambda t: tags.get(t) or tokenizer.token_bytes(t)
 
 
+def reply_logprob_entries(plan: ChatPlan, tokenizer, out: Output) -> list[dict]:
+    """The output's tokens' chat logprob entries, less the reply's opening "\\n" token where its content leaves
+    that newline out: the entries' tokens read as the content does."""
+    logprobs = out.logprobs or []
+    opens_reply = out.num_output_tokens == len(out.token_ids)
+    if plan.strip_newline and opens_reply and logprobs and tokenizer.token_bytes(logprobs[0].token_id) == b"\n":
+        logprobs = logprobs[1:]
+    return chat_logprob_entries(tokenizer, logprobs, plan.logprob_token_ids)
+
+
 @dataclass
 class ChoiceStep:
     """What one engine output adds to a streamed choice."""
@@ -159,7 +169,7 @@ class ChoiceStream:
         self._token_bytes = reply_token_bytes(plan, tokenizer) if plan.reasoning else None
         self._strip_newline = self._strip_thinking_newline = plan.strip_newline
         self._tokenizer = tokenizer
-        self._as_ids = plan.logprob_token_ids
+        self._plan = plan
         self._call_finish_reason = plan.call_finish_reason
         self._show_thinking = plan.show_reasoning
         self.num_tokens = 0
@@ -172,7 +182,7 @@ class ChoiceStream:
         self.num_tokens = out.num_output_tokens
         if self.thinking_tokens is not None:
             self.thinking_tokens.feed(map(self._token_bytes, out.token_ids))
-        entries = chat_logprob_entries(self._tokenizer, out.logprobs, self._as_ids) if logprobs and out.logprobs else []
+        entries = reply_logprob_entries(self._plan, self._tokenizer, out) if logprobs else []
         deltas = self.feed(out.text) if out.text else []
         # parallel_tool_calls false: the opening call is whole and another began, which it drops; it ends here
         ended = self.parser is not None and self.parser.done
@@ -316,8 +326,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
             num_tokens[i] = out.num_output_tokens
             if thinking is not None:
                 thinking[i].feed(map(token_bytes, out.token_ids))
-            if req.logprobs and out.logprobs:
-                logprobs[i] += chat_logprob_entries(ctx.tokenizer, out.logprobs, plan.logprob_token_ids)
+            if req.logprobs:
+                logprobs[i] += reply_logprob_entries(plan, ctx.tokenizer, out)
             if out.finish_reason is not None:
                 reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
             elif CALL_MARK in out.text and _opening_call_is_whole(plan, "".join(texts[i])):
