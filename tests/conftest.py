@@ -160,6 +160,35 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
+# GLM-4-0414's model card's YaRN (4.x's key), and transformers 5.x's keys with every knob set; each stretches a
+# trained context of 64 (yarn_checkpoint)
+YARN_SCALINGS = {
+    "4.x": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    "5.x": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                "factor": 3.0, "original_max_position_embeddings": 64, "beta_fast": 16,
+                                "beta_slow": 2, "attention_factor": 1.3, "truncate": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def yarn_checkpoint(make_checkpoint, tmp_path_factory):
+    """yarn_checkpoint(style, variant="glm4") -> (a checkpoint with YARN_SCALINGS[style] in its config, the same
+    weights under plain RoPE); rope_theta 10000, a trained context of 64."""
+    import json
+    import shutil
+
+    def make(style: str, variant: str = "glm4") -> tuple[Path, Path]:
+        plain = make_checkpoint(variant, "hf", "wide", rope_theta=10000.0, config_style=style)
+        path = tmp_path_factory.mktemp(f"yarn-{variant}-{style}") / "ckpt"
+        shutil.copytree(plain, path)
+        config = json.loads((path / "config.json").read_text())
+        config.update(YARN_SCALINGS[style], max_position_embeddings=64)
+        (path / "config.json").write_text(json.dumps(config))
+        return path, plain
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def real_chat_dir() -> Path:
     d = SHARED_MODELS / "glm-4-9b-chat"

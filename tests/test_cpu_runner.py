@@ -71,6 +71,19 @@ def test_compiled_decode_matches_eager_and_transformers(make_checkpoint, monkeyp
 
 
 @needs_compiler
+def test_compiled_decode_under_yarn_matches_eager(yarn_checkpoint, monkeypatch):
+    """The graphs take YaRN's frequencies and scale from the model's rotary, as the eager layers do."""
+    path, _ = yarn_checkpoint("5.x")
+    ours, eager = runners(path, monkeypatch)
+    assert ours.one_token is not None
+    prompt = list(range(3, 90))  # past the trained context of 64
+    got, compiled_logits = decode(ours, prompt, 12)
+    want, eager_logits = decode(eager, prompt, 12)
+    assert got == want
+    assert_close(compiled_logits, eager_logits)
+
+
+@needs_compiler
 def test_attention_in_the_graphs_and_eager_attention_agree_across_the_switch(make_checkpoint, monkeypatch):
     """Contexts up to IN_GRAPH_ATTENTION_MAX_TOKENS attend inside the graphs, longer ones with eager
     SDPA between them: decodes that start in a single cache block and cross the limit match the

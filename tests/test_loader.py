@@ -8,6 +8,7 @@ test also checks that the loader fills every parameter. Independent of glm4.py o
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -341,14 +342,20 @@ def test_config_errors(ckpts, tmp_path):
         ModelConfig(**{**cfg.__dict__, "layout": "gguf"})
 
 
-def test_rope_scaling_is_refused_under_either_key_and_missing_keys_take_transformers_defaults(ckpts, tmp_path):
+def test_rope_scaling_but_yarn_is_refused_under_either_key_and_missing_keys_take_transformers_defaults(ckpts,
+                                                                                                      tmp_path):
     d = copy_ckpt(ckpts["glm4_hf"], tmp_path)
     config = json.loads((d / "config.json").read_text())
-    for scaling in [{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
-                    {"rope_type": "yarn", "factor": 4.0}]:  # the first: GLM-4-0414's model card
+    for scaling in [{"type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 4.0}]:
         (d / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
-        with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+        with pytest.raises(ConfigError, match="rope type '(linear|dynamic)' is not supported"):
             ModelConfig.from_dir(d)
+    # GLM-4-0414's model card's YaRN: 4x the trained 32K, transformers' attention factor (0.1 ln 4 + 1)
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768, "rope_scaling": yarn}))
+    cfg = ModelConfig.from_dir(d)
+    assert cfg.max_position_embeddings == 131072 and cfg.yarn.original_max_positions == 32768
+    assert cfg.yarn.attention_factor == pytest.approx(1 + 0.1 * math.log(4))
     bare = {k: v for k, v in config.items() if k not in ("num_key_value_heads", "head_dim", "rms_norm_eps")}
     (d / "config.json").write_text(json.dumps(bare))
     from transformers import AutoConfig

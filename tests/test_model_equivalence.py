@@ -193,3 +193,22 @@ def test_half_precision_runs_close_to_float32(make_checkpoint, device, half):
         out[dt] = run(model, kv, [Seq(BlockPool(64, BLOCK)).chunk(ids)], all_positions=True)
     assert torch.isfinite(out[half]).all()
     assert (out[half] - out[torch.float32]).abs().max() < 0.05 * out[torch.float32].abs().max()
+
+
+
+@pytest.mark.parametrize("style", ["4.x", "5.x"])
+def test_yarn_rope_matches_transformers_past_the_trained_context(yarn_checkpoint, device, tolerances, style):
+    """A 0414 checkpoint with YaRN in its config: ours and transformers' logits agree at every position of a
+    prompt past twice the trained context, prefilled in chunks, and the served context is the stretched one."""
+    path, plain_path = yarn_checkpoint(style)
+    ours = load_model(path, dtype="float32", device=device)
+    assert ours.cfg.yarn is not None and ours.cfg.max_position_embeddings == (4 if style == "4.x" else 3) * 64
+    ids = torch.randint(0, ours.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    kv, pool = fresh(ours)
+    seq = Seq(pool)
+    got = torch.cat([run(ours, kv, [seq.chunk(ids[s : s + 50])], all_positions=True) for s in (0, 50, 100)])
+    Reference(path, device, tolerances).check(got, "float32", [(ids, slice(None))])
+    # YaRN changes the logits: the same weights under plain RoPE differ
+    plain = load_model(plain_path, dtype="float32", device=device)
+    kv, pool = fresh(plain)
+    assert not torch.allclose(run(plain, kv, [Seq(pool).chunk(ids)], all_positions=True), got, atol=1e-3)

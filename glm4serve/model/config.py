@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,42 @@ MAX_POSITIONS = 131072  # GLM-4's context, transformers' max_position_embeddings
 
 class ConfigError(ValueError):
     """config.json is missing, unreadable or describes something that is not GLM-4."""
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN's stretch of RoPE past the trained context (transformers' `rope_type: yarn`), which GLM-4-0414's
+    model card advises beyond 32K: the slow pairs' frequencies divided by `factor`, the fast ones kept, a linear
+    ramp between the pairs that turn `beta_fast` and `beta_slow` times over the trained context; cos and sin
+    scaled by `attention_factor`."""
+
+    factor: float
+    original_max_positions: int  # the context it was trained at
+    attention_factor: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # the ramp's ends rounded out to whole pairs
+
+    @classmethod
+    def from_dict(cls, d: dict, max_positions: int) -> "Yarn":
+        """From a config's rope parameters, with transformers' defaults for the keys left out."""
+        original = d.get("original_max_position_embeddings") or max_positions
+        factor = d.get("factor") or max_positions / original
+
+        def mscale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        attention = d.get("attention_factor")
+        if attention is None:
+            m, m_all = d.get("mscale"), d.get("mscale_all_dim")
+            attention = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+        return cls(float(factor), int(original), float(attention), float(d.get("beta_fast") or 32),
+                   float(d.get("beta_slow") or 1), bool(d.get("truncate", True)))
+
+    @property
+    def max_positions(self) -> int:
+        """The context it stretches to (vLLM's: the trained context times the factor)."""
+        return int(self.original_max_positions * self.factor)
 
 
 @dataclass(frozen=True)
@@ -44,6 +81,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # dtype the checkpoint was saved in ("bfloat16", ...)
+    yarn: Yarn | None = None  # RoPE stretched by YaRN; None: plain RoPE
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -128,8 +166,13 @@ class ModelConfig:
         factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
         scaling = d.get("rope_scaling") or {}  # "type" is the older key, as in GLM-4-0414's YaRN advice
         rope_types = {rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
-        if rope_types:
-            raise ConfigError(f"rope type {min(rope_types)!r} is not supported yet (only default RoPE)")
+        if rope_types - {"yarn"}:
+            raise ConfigError(f"rope type {min(rope_types - {'yarn'})!r} is not supported (only default RoPE and "
+                              "yarn)")
+        max_positions = d.get("max_position_embeddings", MAX_POSITIONS)
+        yarn = None
+        if rope_types:  # transformers 5.x keeps the stretch's keys in rope_parameters, 4.x in rope_scaling
+            yarn = Yarn.from_dict(rope if rope.get("rope_type") == "yarn" else scaling, max_positions)
         return cls(
             variant=model_type,
             layout="hf",
@@ -144,11 +187,12 @@ class ModelConfig:
             rope_theta=float(theta),
             partial_rotary_factor=float(factor),
             rms_norm_eps=d.get("rms_norm_eps", GLM4_RMS_NORM_EPS),
-            max_position_embeddings=d.get("max_position_embeddings", MAX_POSITIONS),
+            max_position_embeddings=yarn.max_positions if yarn else max_positions,
             attention_bias=d.get("attention_bias", True),
             eos_token_ids=_as_tuple(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            yarn=yarn,
             extra=d,
         )
 

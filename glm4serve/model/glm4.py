@@ -12,12 +12,14 @@ that compile or capture parts of a step call these same methods instead of copie
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionBatch, paged_attention
-from .config import DTYPES, ModelConfig
+from .config import DTYPES, ModelConfig, Yarn
 from .kv_cache import KVCache
 from .shard import Shard
 
@@ -37,25 +39,55 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, yarn: Yarn) -> torch.Tensor:
+    """Each pair's frequency under YaRN [rotary_dim / 2]: divided by the factor for the pairs that turn less than
+    beta_slow times over the trained context, kept for those that turn more than beta_fast times, a linear
+    ramp over the pairs between."""
+    dim = 2 * len(inv_freq)  # rotary_dim
+
+    def pair_turning(turns: float) -> float:  # the (fractional) pair that turns `turns` times over the context
+        return dim * math.log(yarn.original_max_positions / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(yarn.beta_fast), pair_turning(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high if high != low else high + 0.001
+    stretched = ((torch.arange(len(inv_freq), dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / yarn.factor * stretched + inv_freq * (1 - stretched)
+
+
 class Rotary(nn.Module):
     """Partial, interleaved (GPT-J style) RoPE: only the first `rotary_dim` dims of each head rotate,
     in pairs (x0, x1), (x2, x3), ...; the rest pass through. Pair j of a token at position p turns
-    by the angle p * theta^(-2j / rotary_dim)."""
+    by the angle p * theta^(-2j / rotary_dim), or as YaRN stretches it."""
 
-    def __init__(self, rotary_dim: int, theta: float, head_dim: int):
+    def __init__(self, rotary_dim: int, theta: float, head_dim: int, yarn: Yarn | None = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        if yarn is not None:
+            inv_freq = yarn_inv_freq(inv_freq, theta, yarn)
         # per dim of a head: each pair's frequency twice, 0 past rotary_dim (an angle of 0: cos 1, sin 0)
         per_dim = F.pad(inv_freq.repeat_interleave(2), (0, head_dim - rotary_dim))  # [D]
         self.register_buffer("inv_freq", per_dim, persistent=False)
         self.register_buffer("sign", torch.tensor([-1.0, 1.0]).repeat(head_dim // 2), persistent=False)  # [D]
+        # YaRN's scale of the rotated dims' cos and sin; the dims past rotary_dim pass through as they are
+        scale = None if yarn is None else F.pad(torch.full((rotary_dim,), yarn.attention_factor),
+                                                (0, head_dim - rotary_dim), value=1.0)
+        self.register_buffer("scale", scale, persistent=False)  # [D]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of every token's angle at each dim of a head, [T, D] fp32 each, once per forward:
         the sin signed for the first of each pair (-sin, +sin), as `rotate` takes them. fp32 angles are
         exact enough at position 131,071 (positions are integers below 2^24)."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D]
-        return angles.cos(), angles.sin() * self.sign
+        if self.scale is None:
+            return angles.cos(), angles.sin() * self.sign
+        return angles.cos() * self.scale, angles.sin() * (self.sign * self.scale)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Rotary":
+        return cls(cfg.rotary_dim, cfg.rope_theta, cfg.head_dim, cfg.yarn)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,7 +182,7 @@ class GLM4Model(nn.Module):
         shard.check(cfg)
         self.cfg, self.shard = cfg, shard
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.head_dim)
+        self.rotary = Rotary.of(cfg)
         self.layers = nn.ModuleList(Layer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // shard.world, bias=False)  # untied
@@ -167,7 +199,7 @@ class GLM4Model(nn.Module):
             if quantization is not None:
                 quantize_linears(model, quantization)
         model = model.to_empty(device=device)
-        model.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.head_dim).to(device)  # fp32 angles, not a weight
+        model.rotary = Rotary.of(cfg).to(device)  # fp32 angles, not a weight
         return model
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
