@@ -342,6 +342,21 @@ def test_config_errors(ckpts, tmp_path):
         ModelConfig(**{**cfg.__dict__, "layout": "gguf"})
 
 
+def test_a_checkpoint_stored_quantized_is_refused_by_name(ckpts, tmp_path):
+    """AWQ/GPTQ checkpoints (transformers' quantization_config) and chatglm's int4 ones (quantization_bit) would
+    otherwise fail on their tensors' names or shapes."""
+    d = copy_ckpt(ckpts["glm4_hf"], tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    for extra, name in (({"quantization_config": {"quant_method": "awq", "bits": 4}}, "awq"),
+                        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "gptq"),
+                        ({"quantization_bit": 4}, "chatglm int4")):
+        (d / "config.json").write_text(json.dumps({**config, **extra}))
+        with pytest.raises(ConfigError, match=f"stored quantized \\({name}\\).*--quantization int8 or int4"):
+            ModelConfig.from_dir(d)
+    (d / "config.json").write_text(json.dumps({**config, "quantization_bit": 0}))  # chatglm's "not quantized"
+    assert ModelConfig.from_dir(d).num_layers == ModelConfig.from_dir(ckpts["glm4_hf"]).num_layers
+
+
 def test_rope_scaling_but_yarn_is_refused_under_either_key_and_missing_keys_take_transformers_defaults(ckpts,
                                                                                                       tmp_path):
     d = copy_ckpt(ckpts["glm4_hf"], tmp_path)

@@ -108,6 +108,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         model_type = d.get("model_type")
+        method, bits = d.get("quantization_config"), d.get("quantization_bit")  # transformers' and chatglm's
+        if method or bits:
+            name = method.get("quant_method", "quantization_config") if method else f"chatglm int{bits}"
+            raise ConfigError(
+                f"the checkpoint's weights are stored quantized ({name}), which glm4serve does not load: "
+                "serve the bfloat16 checkpoint, which --quantization int8 or int4 quantizes at load on CPU")
         try:
             if model_type == "chatglm":
                 return cls._from_chatglm(d)
