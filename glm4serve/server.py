@@ -83,11 +83,13 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         if args.lora_modules or args.allow_runtime_lora_updating:
             raise ValueError("LoRA adapters (--lora-modules, --allow-runtime-lora-updating) are not supported "
                              "with tensor_parallel_size > 1")
-        tp = TensorParallelRunner.start(path, args.dtype, device, args.quantization, args.tensor_parallel_size)
+        tp = TensorParallelRunner.start(path, args.dtype, device, args.quantization, args.tensor_parallel_size,
+                                        args.hf_overrides)
         log.info("weights loaded in %.1fs (rank 0's part of %d)", time.perf_counter() - started,
                  args.tensor_parallel_size)
         return engine_for_model(tp.model, tokenizer, args, device, tp)
-    model = load_model(path, dtype=args.dtype, device=device, quantization=args.quantization)
+    model = load_model(path, dtype=args.dtype, device=device, quantization=args.quantization,
+                       hf_overrides=args.hf_overrides)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
     return engine_for_model(model, tokenizer, args, device)
 

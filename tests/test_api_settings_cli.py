@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -298,3 +299,19 @@ def test_the_gemv_kernels_are_on_by_default_and_a_flag_turns_them_off():
 
     assert ServerSettings().gemv_kernels is True and of() is True
     assert of("--no-gemv-kernels") is False and of("--gemv-kernels") is True
+
+
+def test_hf_overrides_from_the_command_line_the_environment_or_yaml(monkeypatch, tmp_path):
+    """vLLM's --hf-overrides: a JSON object of config.json keys (GLM-4-0414's YaRN, say)."""
+    yarn = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    flag = cli.settings_from_args(cli.build_parser().parse_args(["serve", "--hf-overrides", json.dumps(yarn)]))
+    assert flag.hf_overrides == yarn and flag.engine_args().hf_overrides == yarn
+    monkeypatch.setenv("GLM4SERVE_HF_OVERRIDES", json.dumps(yarn))
+    assert ServerSettings().hf_overrides == yarn
+    monkeypatch.delenv("GLM4SERVE_HF_OVERRIDES")
+    assert ServerSettings(config=write_yaml(tmp_path, "hf_overrides:\n  max_position_embeddings: 8192\n")
+                          ).hf_overrides == {"max_position_embeddings": 8192}
+    assert ServerSettings().hf_overrides == {}
+    for bad in ('["rope_scaling"]', "{not json"):
+        with pytest.raises((ValidationError, ValueError)):
+            cli.settings_from_args(cli.build_parser().parse_args(["serve", "--hf-overrides", bad]))

@@ -18,6 +18,7 @@ from glm4serve.engine.types import SamplingParams
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.random_checkpoint import write_random_checkpoint
+from glm4serve.model.runner import EagerRunner
 from glm4serve.model.shard import Shard
 from glm4serve.server import build_llm_engine
 from server_proc import ServerProcess
@@ -107,6 +108,30 @@ def test_two_ranks_give_one_rank_greedy_tokens_logits_and_transformers_tokens(ch
         expected = ref.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, len(prompts[0]):].tolist()
     assert got[2][0]["r0", 0] == expected
+
+
+def test_hf_overrides_reach_every_rank(checkpoint):
+    """--hf-overrides' YaRN, on a checkpoint whose config has none: one rank and two give the logits of the model
+    loaded with it, not those of plain RoPE, and serve the stretched context."""
+    from conftest import YARN_SCALINGS
+
+    path, overrides = checkpoint("glm4", 2), {**YARN_SCALINGS["4.x"], "max_position_embeddings": 64}
+    chunk = [SeqChunk(list(range(5, 105)), 0, list(range(25)))]  # past the trained context of 64
+    want = load_model(path, dtype=torch.float32, hf_overrides=overrides)
+    assert want.cfg.yarn is not None
+    expected = EagerRunner(want, 64, 4).execute(ScheduledBatch(chunk))
+    plain = EagerRunner(load_model(path, dtype=torch.float32), 64, 4).execute(ScheduledBatch(chunk))
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    for world in (1, 2):
+        engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", tensor_parallel_size=world,
+                                             num_kv_blocks=64, block_size=4, hf_overrides=overrides))
+        try:
+            got = engine.runner.execute(ScheduledBatch(chunk))
+            assert engine.scheduler.cfg.max_model_len == 256  # 4 x the trained 64
+        finally:
+            engine.close()
+        expected = expected[:, : got.shape[1]]  # the engine's runner leaves out the ids past the tokenizer's
+        assert (got - expected).abs().max().item() <= 1e-4 * max(expected.abs().max().item(), 1.0), world
 
 
 @pytest.mark.parametrize("scheme,tolerance", [("int8", 3e-2), ("int4", 2e-1)])

@@ -86,6 +86,10 @@ class EngineArgs(BaseModel):
     quantization: Literal["int8", "int4"] | None = Field(
         None, description="weight-only quantization of every linear layer while loading (CPU): int8 per output "
                           "channel, int4 in groups of 64 inputs; default: the weights as they are")
+    hf_overrides: Annotated[dict, NoDecode] = Field(
+        default_factory=dict, description="keys of the checkpoint's config.json replaced, as vLLM's: a JSON object "
+                                          "like {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "
+                                          "\"original_max_position_embeddings\": 32768}} (GLM-4-0414 past 32K)")
     tensor_parallel_size: int = Field(
         1, ge=1, description="processes the model is split across (one per GPU; on CPU they share the cores)")
     max_model_len: int | None = Field(
@@ -150,6 +154,16 @@ class EngineArgs(BaseModel):
     @classmethod
     def _speculative_config(cls, v):
         return SpeculativeConfig.parse(v)
+
+    @field_validator("hf_overrides", mode="before")
+    @classmethod
+    def _hf_overrides(cls, v):
+        """A JSON object (the CLI's and env's form) or a mapping (YAML); empty for none."""
+        if isinstance(v, str):
+            v = json.loads(v) if v.strip() else {}
+        if not isinstance(v, dict):
+            raise ValueError(f"hf_overrides must be a JSON object, got {v!r}")
+        return v
 
     def engine_args(self) -> EngineArgs:
         """Just the engine's fields (of a subclass that adds its own, like the server's settings)."""

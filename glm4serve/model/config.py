@@ -127,7 +127,8 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path, overrides: dict | None = None) -> "ModelConfig":
+        """overrides: keys of config.json replaced, as vLLM's --hf-overrides (`rope_scaling` for YaRN, say)."""
         f = Path(path) / "config.json"
         if not f.is_file():
             raise ConfigError(f"no config.json in {path}")
@@ -135,7 +136,7 @@ class ModelConfig:
             d = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{f} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict({**d, **(overrides or {})})
 
     @classmethod
     def _from_chatglm(cls, d: dict) -> "ModelConfig":

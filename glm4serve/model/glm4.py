@@ -233,14 +233,15 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
 
 
 def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", progress=None,
-               quantization: str | None = None, shard: Shard = Shard()) -> GLM4Model:
+               quantization: str | None = None, shard: Shard = Shard(), hf_overrides: dict | None = None) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
     The model comes back plain (nn.Linear layers), or with every linear quantized while loading
     (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business. With a shard,
-    this process's part of it (shard.py), read from the files alone."""
+    this process's part of it (shard.py), read from the files alone. hf_overrides: keys of config.json
+    replaced (ModelConfig.from_dir)."""
     from .loader import load_weights  # the one place that knows checkpoint names
 
-    cfg = ModelConfig.from_dir(path)
+    cfg = ModelConfig.from_dir(path, hf_overrides)
     dtype = resolve_dtype(dtype, cfg)
     model = GLM4Model.empty(cfg, dtype, device, quantization, shard)
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress, shard=shard)

@@ -70,6 +70,7 @@ class RankSpec:
     quantization: str | None
     world: int
     init_method: str  # tcp://127.0.0.1:port
+    hf_overrides: dict | None = None  # keys of config.json replaced (ModelConfig.from_dir)
 
     def device_of(self, rank: int) -> str:
         return f"cuda:{rank}" if self.device == "cuda" else "cpu"
@@ -84,7 +85,7 @@ def _join(spec: RankSpec, rank: int) -> GLM4Model:
     dist.init_process_group("nccl" if spec.device == "cuda" else "gloo", init_method=spec.init_method, rank=rank,
                             world_size=spec.world, timeout=COLLECTIVE_TIMEOUT)
     return load_model(spec.path, spec.dtype, spec.device_of(rank), quantization=spec.quantization,
-                      shard=Shard(rank, spec.world))
+                      shard=Shard(rank, spec.world), hf_overrides=spec.hf_overrides)
 
 
 def _rank_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int):
@@ -126,12 +127,13 @@ class TensorParallelRunner:
         threading.Thread(target=self._watch, name="glm4serve-tp-watch", daemon=True).start()
 
     @classmethod
-    def start(cls, path, dtype: str, device: str, quantization: str | None, world: int) -> TensorParallelRunner:
-        Shard(0, world).check(ModelConfig.from_dir(path))  # before any process starts
+    def start(cls, path, dtype: str, device: str, quantization: str | None, world: int,
+              hf_overrides: dict | None = None) -> TensorParallelRunner:
+        Shard(0, world).check(ModelConfig.from_dir(path, hf_overrides))  # before any process starts
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        spec = RankSpec(str(path), dtype, device, quantization, world, f"tcp://127.0.0.1:{port}")
+        spec = RankSpec(str(path), dtype, device, quantization, world, f"tcp://127.0.0.1:{port}", hf_overrides)
         ctx = torch.multiprocessing.get_context("spawn")
         workers = [ctx.Process(target=worker_main, args=(spec, rank), name=f"glm4serve-tp{rank}", daemon=True)
                    for rank in range(1, world)]
