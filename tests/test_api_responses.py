@@ -241,7 +241,7 @@ def test_failure_midway_is_an_error_event_and_nothing_leaks():
 @pytest.mark.parametrize("body, param, says", [
     ({"input": []}, "input", "must not be empty"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "'resp_1' not found"),
-    ({"input": "x", "background": True}, "background", "not supported"),
+    ({"input": "x", "background": True, "store": False}, "background", "requires store to be true"),
     ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16"),
     ({"input": [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_1"}]}, "input.1",
      "Item with id 'msg_1' not found"),

@@ -36,6 +36,7 @@ from .conversations import (
     new_items,
 )
 from .errors import APIError, install_error_handlers, invalid_request, validation_error
+from .background import BackgroundResponses
 from .gate import OPEN_PATHS, RETRY_AFTER_DRAINING, Gate, GateMiddleware
 from .limits import check_chat_limits, check_completion_limits
 from .logprobs import token_text_and_bytes
@@ -48,6 +49,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest
 from .serving import ServingContext
 from .settings import ServerSettings
 from .stats_log import StatsLog
+from .streaming import StreamEnd, sse_response
 
 log = logging.getLogger("glm4serve.api")
 
@@ -60,14 +62,15 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
     `app.state.serving.engine` is set)."""
     app = FastAPI(title="glm4serve", version=__version__, lifespan=_stats_logged if not settings.disable_log_stats
                   else None)
+    gate = Gate.from_settings(settings)
+    response_store = ResponseStore(settings.response_store_memory)
     ctx = ServingContext(engine=engine, tokenizer=tokenizer, settings=settings, model_name=model_name,
                          max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx), model_name),
-                         response_store=ResponseStore(settings.response_store_memory),
+                         response_store=response_store,
                          conversations=ConversationStore(settings.conversation_store_memory),
-                         loras=dict(settings.lora_modules))
+                         background=BackgroundResponses(gate, response_store), loras=dict(settings.lora_modules))
     app.state.serving = ctx
     install_error_handlers(app)
-    gate = Gate.from_settings(settings)
     app.state.gate = gate  # the server's SIGTERM handler sets gate.draining
     app.add_middleware(GateMiddleware, gate=gate, metrics=ctx.metrics)
     if settings.api_key:
@@ -144,16 +147,25 @@ def _stored_response_routes(ctx: ServingContext) -> APIRouter:
                        "invalid_request_error", code="not_found")
 
     @v1.get("/{response_id}")
-    async def _get_response(response_id: str, stream: bool = False):
+    async def _get_response(response_id: str, stream: bool = False, starting_after: int = Query(-1, ge=-1)):
+        job = ctx.background.get(response_id)
+        if stream and job is not None:
+            return sse_response(ctx.background.follow(job, starting_after), ctx.settings, StreamEnd(done=None))
+        if job is not None:
+            return JSONResponse(job.snapshot())
         stored = find_stored(ctx, response_id)
         if stream:
-            raise APIError(400, "stream=true replays background responses, which this server does not run",
-                           "invalid_request_error", "stream")
+            raise APIError(400, "stream=true replays a background response's events, and this response is not "
+                                "one whose events are still kept", "invalid_request_error", "stream")
         return JSONResponse(stored.response)
 
     @v1.delete("/{response_id}")
     async def _delete_response(response_id: str):
-        find_stored(ctx, response_id)
+        job = ctx.background.get(response_id)
+        if job is not None:
+            await ctx.background.drop(job)
+        else:
+            find_stored(ctx, response_id)
         ctx.response_store.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
@@ -164,9 +176,13 @@ def _stored_response_routes(ctx: ServingContext) -> APIRouter:
 
     @v1.post("/{response_id}/cancel")
     async def _cancel_response(response_id: str):
-        find_stored(ctx, response_id)
-        raise APIError(400, "Only background responses can be cancelled, and this server runs none.",
-                       "invalid_request_error")
+        job = ctx.background.get(response_id)
+        if job is not None:
+            return JSONResponse(await ctx.background.cancel(job))
+        stored = find_stored(ctx, response_id)
+        if stored.response.get("background"):  # it ended before: as it is
+            return JSONResponse(stored.response)
+        raise APIError(400, "Only background responses can be cancelled.", "invalid_request_error")
 
     return v1
 

@@ -29,7 +29,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from glm4serve.chat.reasoning import ThinkingTokens
@@ -53,7 +53,7 @@ from .responses_request import (
 )
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
 from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
-from .streaming import StreamEnd, sse_response
+from .streaming import StreamEnd, sse_response, with_error_events
 
 log = logging.getLogger("glm4serve.api")
 
@@ -79,6 +79,7 @@ class ResponseBuilder:
         self._item: dict | None = None  # the item being written, the last of `output`
         self._tools = {t.name: t for t in offered}  # by the name the model calls them
         self._custom_arguments = ""  # a custom tool's call's arguments so far: its input once they are whole
+        self.final: dict | None = None  # the response it came to: completed, incomplete or failed
 
     def event(self, type: str, **fields) -> bytes:
         body = {"type": type, "sequence_number": self.sequence_number, **fields}
@@ -90,7 +91,7 @@ class ResponseBuilder:
         """A failure midway: the `error` event, then `response.failed` with the error, as OpenAI ends such a
         stream (clients such as Codex wait for a response.* event to end it)."""
         code = error.code or error.type
-        failed = {**self.response("failed"), "error": {"code": code, "message": error.message}}
+        failed = self.final = {**self.response("failed"), "error": {"code": code, "message": error.message}}
         return (self.event("error", code=code, message=error.message, param=error.param)
                 + self.event("response.failed", response=failed))
 
@@ -209,6 +210,7 @@ class ResponseBuilder:
             self.conversations.add(conversation, self.new_items + response["output"], "input")
         if self.store is not None:
             self.store.put(response, self.input_items)
+        self.final = response
         return response
 
     def finish(self, finish_reason: str) -> tuple[str, list[bytes]]:
@@ -253,7 +255,7 @@ def _fixed_fields(ctx: ServingContext, req: ResponsesRequest, plan: ChatPlan | N
         "text": {"format": text_format}, "truncation": req.truncation or "disabled", "metadata": req.metadata or {},
         "user": req.user, "previous_response_id": req.previous_response_id, "reasoning": None,
         "conversation": {"id": req.conversation_id} if req.conversation_id is not None else None,
-        "background": False, "store": req.store is not False and ctx.response_store.enabled,
+        "background": bool(req.background), "store": req.store is not False and ctx.response_store.enabled,
     }
 
 
@@ -346,6 +348,18 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
     return builder.keep(builder.response(status, _usage(reply.usage)))
 
 
+def _start_background(ctx: ServingContext, plan: ChatPlan, chat_req: ChatCompletionRequest, builder: ResponseBuilder,
+                      stream: bool) -> Response:
+    """Run the reply as the server's own task (background.py): the response queued, or its stream followed."""
+    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)  # what the engine refuses is a 400 still
+    job = ctx.background.start(builder, lambda: with_error_events(
+        _stream_response(ctx, plan, chat_req.logprobs, builder, outputs),
+        StreamEnd(error_event=builder.error_event, done=None)))
+    if stream:
+        return sse_response(ctx.background.follow(job), ctx.settings, StreamEnd(done=None))
+    return JSONResponse(job.snapshot())
+
+
 def _after_thinking(entries: list[dict]) -> list[dict]:
     """The logprob entries of the answer: those after the token that completes `</think>`."""
     thinking = ThinkingTokens()
@@ -426,6 +440,9 @@ async def count_input_tokens(ctx: ServingContext, req: ResponsesRequest) -> dict
 
 
 async def create_response(ctx: ServingContext, req: ResponsesRequest, request: Request) -> Response:
+    if req.background and not ctx.response_store.enabled:
+        raise invalid_request("background responses are stored, and this server stores none "
+                              "(--response-store-memory 0)", "background")
     offered = offer(req.tools, req.tool_choice)
     try:
         history, conversation = _context(ctx, req)
@@ -442,6 +459,8 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
             return sse_response(_refused_stream(ctx, req, error, offered), ctx.settings, StreamEnd(done=None))
         raise error from e
     builder = ResponseBuilder(ctx, req, plan, offered, history, new_items, conversation)
+    if req.background:
+        return _start_background(ctx, plan, chat_req, builder, req.stream)
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
                                                   ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),

@@ -11,7 +11,7 @@ continues from a stored one: its context items come before this request's `input
 extends a conversation the server keeps instead (conversations.py). With either, `input` may be left out.
 An `item_reference` input item stands for the item of that id in a stored response (the Vercel AI SDK sends
 its earlier replies so); one naming an item of the context continued from is dropped, as it is there.
-`background` and a stored `prompt` are refused with a 400. `reasoning` and `include` values other than
+`background` runs the reply as the server's own task (background.py); a stored `prompt` is refused with a 400. `reasoning` and `include` values other than
 output logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by
 the server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
 back in `input` are dropped. `truncation: "auto"` is taken, but drops nothing: input over the context is
@@ -300,8 +300,8 @@ class ResponsesRequest(RequestBody):
     def _stateless(self):
         if self.conversation is not None and self.previous_response_id is not None:
             raise invalid("conversation", "conversation and previous_response_id cannot both be given")
-        if self.background:
-            raise invalid("background", "background responses are not supported")
+        if self.background and self.store is False:
+            raise invalid("background", "a background response is stored: background requires store to be true")
         if self.prompt is not None:
             raise invalid("prompt", "stored prompt templates are not supported: send the instructions and input")
         if self.input == [] and self.conversation is None and self.previous_response_id is None:

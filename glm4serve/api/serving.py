@@ -26,6 +26,7 @@ from .errors import APIError, invalid_request, server_error
 from .gate import RETRY_AFTER_DRAINING
 from .json_checks import schema_problem
 from .metrics import Metrics
+from .background import BackgroundResponses
 from .conversations import ConversationStore
 from .response_store import ResponseStore
 from .settings import ServerSettings
@@ -67,6 +68,7 @@ class ServingContext:
     metrics: Metrics
     response_store: ResponseStore
     conversations: ConversationStore
+    background: BackgroundResponses
     created: int = field(default_factory=lambda: int(time.time()))
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters served: name -> folder (adapters.py)
     lora_updates: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time

@@ -44,7 +44,7 @@ class StreamEnd:
     done: bytes | None = DONE
 
 
-async def _with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> AsyncIterator[bytes]:
+async def with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> AsyncIterator[bytes]:
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         try:
             async for event in events:
@@ -68,7 +68,7 @@ def sse_response(events: AsyncIterator[bytes], settings: ServerSettings,
     cancel the generator, whose cleanup aborts the request in the engine. On shutdown (SIGTERM) a
     stream gets `graceful_shutdown_seconds` to finish before it is cut."""
     return EventSourceResponse(
-        _with_error_events(events, end),
+        with_error_events(events, end),
         ping=settings.sse_ping_seconds,
         sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),

@@ -1,0 +1,139 @@
+"""Background responses (`background: true`): queued at once, polled, streamed and followed again from any
+event, cancelled, failed; the engine request ends with them, the gate counts them, and a client that goes away
+leaves them running. Through the real OpenAI SDK over uvicorn, as clients use them."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.api_fakes import MODEL, engine_of, make_app, served, shutdown_engines, wait_idle  # noqa: F401
+
+LONG = "\n" + "word " * 60  # many steps: time to see it run, and to cancel it
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10,
+                         _strict_response_validation=True)
+
+
+def until(client: openai.OpenAI, response_id: str, *statuses: str, timeout: float = 10.0):
+    """The response once in one of `statuses`; "writing": in progress with some output text (the engine runs it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.responses.retrieve(response_id)
+        if r.status in statuses or ("writing" in statuses and r.status == "in_progress" and r.output_text):
+            return r
+        assert time.monotonic() < deadline, f"still {r.status}"
+        time.sleep(0.02)
+
+
+def test_a_background_response_is_queued_then_polled_to_its_end_and_stored():
+    app = make_app(replies=["\nHello there!"], step_delay=0.02)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        assert made.status == "queued" and made.background is True and made.output == []
+        done = until(client, made.id, "completed")
+        assert done.output_text == "Hello there!" and done.background is True and done.usage.output_tokens > 0
+        # stored as any response: a follow-up continues it, and its input items are listed
+        follow = client.responses.create(model=MODEL, input="more", previous_response_id=made.id)
+        assert follow.status == "completed"
+        assert [i.type for i in client.responses.input_items.list(made.id).data] == ["message"]
+        # cancelling one that ended gives it as it is
+        assert client.responses.cancel(made.id).status == "completed"
+    wait_idle(engine_of(app))
+
+
+def test_a_streamed_one_is_followed_again_from_any_event():
+    app = make_app(replies=["\nHello there!"], step_delay=0.01)
+    with served(app) as url:
+        client = sdk(url)
+        events = list(client.responses.create(model=MODEL, input="hi", background=True, stream=True))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[-1].type == "response.completed" and events[-1].response.background is True
+        response_id = events[0].response.id
+        for after in (-1, 3, len(events) - 2):
+            again = list(client.responses.retrieve(response_id, stream=True, starting_after=after))
+            assert [e.model_dump() for e in again] == [e.model_dump() for e in events[after + 1:]]
+        # a response not run in the background has no stream to follow
+        plain = client.responses.create(model=MODEL, input="hi")
+        with pytest.raises(openai.BadRequestError, match="background"):
+            list(client.responses.retrieve(plain.id, stream=True))
+
+
+def test_a_client_that_goes_away_leaves_it_running():
+    app = make_app(replies=[LONG], step_delay=0.01)
+    with served(app) as url:
+        with httpx.stream("POST", url + "/v1/responses", json={"model": MODEL, "input": "hi", "background": True,
+                                                                "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+        response_id = openai.types.responses.ResponseCreatedEvent.model_validate_json(first[5:]).response.id
+        done = until(sdk(url), response_id, "completed", "incomplete")
+        assert done.output_text == LONG[1:]
+    wait_idle(engine_of(app))
+
+
+def test_cancel_stops_the_engine_request_and_keeps_the_output_so_far():
+    app = make_app(replies=[LONG], step_delay=0.05)
+    engine = engine_of(app)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        running = until(client, made.id, "writing")
+        assert running.background is True and running.output[0].status == "in_progress"
+        cancelled = client.responses.cancel(made.id)
+        assert cancelled.status == "cancelled" and running.output_text in cancelled.output_text
+        assert len(cancelled.output_text) < len(LONG) - 1 and cancelled.output[0].status == "incomplete"
+        wait_idle(engine)  # aborted: its sequence and KV blocks are gone
+        assert client.responses.retrieve(made.id).status == "cancelled"
+        assert client.responses.cancel(made.id).model_dump() == cancelled.model_dump()  # again: as it is
+        # a response not run in the background cannot be cancelled
+        plain = client.responses.create(model=MODEL, input="hi", max_output_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="Only background responses"):
+            client.responses.cancel(plain.id)
+        # deleting a running one stops it too
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        until(client, made.id, "writing")
+        client.responses.delete(made.id)
+        wait_idle(engine)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(made.id)
+
+
+def test_a_failure_midway_is_a_failed_response_to_poll():
+    app = make_app(replies=[LONG], fail_after_steps=4)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        failed = until(client, made.id, "failed")
+        assert failed.error is not None and "failed" in failed.error.message
+    wait_idle(engine_of(app))
+
+
+def test_a_running_one_counts_at_the_gate():
+    app = make_app(replies=[LONG], step_delay=0.02, max_num_seqs=1, max_waiting_requests=0)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        with pytest.raises(openai.RateLimitError):
+            client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+        until(client, made.id, "completed", "incomplete")
+        assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).status == "incomplete"
+
+
+def test_refused_without_a_store_and_checked_before_it_runs():
+    app = make_app(response_store_memory=0)
+    with served(app) as url:
+        client = sdk(url)
+        with pytest.raises(openai.BadRequestError, match="stores none") as e:
+            client.responses.create(model=MODEL, input="hi", background=True)
+        assert e.value.body["param"] == "background"
+    app = make_app(max_model_len=64)
+    with served(app) as url:
+        with pytest.raises(openai.BadRequestError, match="context"):  # a 400 at once, not a failed response later
+            sdk(url).responses.create(model=MODEL, input="hi " * 100, background=True)
