@@ -36,7 +36,7 @@ FINISHED_EVENTS_BYTES = 32 << 20  # the streams of finished background responses
 class BackgroundJob:
     builder: ResponseBuilder
     events: list[bytes] = field(default_factory=list)  # the stream so far; event i has sequence_number i
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set, and replaced, on each new event and at the end
     task: asyncio.Task | None = None
     done: bool = False
     final: dict | None = None  # the response it came to, once done
@@ -44,6 +44,11 @@ class BackgroundJob:
     @property
     def id(self) -> str:
         return self.builder.fixed["id"]
+
+    def notify(self) -> None:
+        """Wake the followers (no await: the job's end must not be cut by a cancel in mid-step)."""
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
 
     @property
     def size(self) -> int:
@@ -78,13 +83,14 @@ class BackgroundResponses:
         """The job's events after sequence number `starting_after`, as they come, until it ends."""
         i = max(starting_after + 1, 0)
         while True:
-            async with job.changed:
-                await job.changed.wait_for(lambda: len(job.events) > i or job.done)
-            for event in job.events[i:]:
-                yield event
-            i = len(job.events)
-            if job.done and i == len(job.events):
+            changed = job.changed
+            while i < len(job.events):
+                yield job.events[i]
+                i += 1
+            if job.done:
                 return
+            if changed is job.changed:  # nothing new while it yielded
+                await changed.wait()
 
     async def cancel(self, job: BackgroundJob) -> dict:
         """Stop a running job: it ends `cancelled`, its output so far kept (not added to its conversation)."""
@@ -105,9 +111,8 @@ class BackgroundResponses:
         try:
             async with contextlib.aclosing(events()) as stream:
                 async for event in stream:
-                    async with job.changed:
-                        job.events.append(event)
-                        job.changed.notify_all()
+                    job.events.append(event)
+                    job.notify()
             job.final = builder.final
         except asyncio.CancelledError:  # cancelled: the stream's close aborted the engine request
             builder.close("incomplete")
@@ -118,9 +123,8 @@ class BackgroundResponses:
             if job.final is None or job.final["status"] in ("cancelled", "failed"):  # a finished one is stored
                 job.final = job.final or builder.response("failed")
                 self.store.put(job.final, builder.input_items)
-            async with job.changed:
-                job.done = True
-                job.changed.notify_all()
+            job.done = True
+            job.notify()
             self.gate.num_generating -= 1
             self.gate.num_in_flight -= 1
             self._finished(job)
