@@ -107,18 +107,19 @@ def test_a_call_is_a_tool_use_block(stream):
     assert r.status_code == 200, r.text
     if not stream:
         [block] = r.json()["content"]
-        assert block["type"] == "tool_use" and block["id"].startswith("call_")
+        assert block["type"] == "tool_use" and block["id"].startswith("toolu_")
         assert (block["name"], block["input"]) == ("get_weather", {"city": "Paris"})
         assert r.json()["stop_reason"] == "tool_use"
         return
     events = events_of(r.text)
-    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+    assert [e["type"] for e in events] == ["message_start", "ping", "content_block_start", "content_block_delta",
                                            "content_block_stop", "message_delta", "message_stop"]
-    start, delta = events[1], events[2]
+    start, delta = events[2], events[3]
     assert start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
+    assert start["content_block"]["id"].startswith("toolu_")
     assert start["content_block"]["name"] == "get_weather" and start["index"] == delta["index"] == 0
     assert json.loads(delta["delta"]["partial_json"]) == {"city": "Paris"}
-    assert events[4]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert events[5]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
 
 
 @pytest.mark.parametrize("tool_choice, chat_choice", [

@@ -4,7 +4,7 @@ A request becomes a chat completion request (anthropic_request.py) and runs as o
 message: its `content` blocks (thinking, when a reasoning parser splits it off; the text; a tool_use block
 per call, its `input` the call's arguments, parsed), its `stop_reason` (end_turn; max_tokens; stop_sequence,
 with the `stop_sequence` that matched; tool_use) and `usage` (the prompt's tokens read from the prefix cache
-are `cache_read_input_tokens`, the rest `input_tokens`). Streamed, it is Anthropic's events: message_start,
+are `cache_read_input_tokens`, the rest `input_tokens`). Streamed, it is Anthropic's events: message_start, ping,
 for each block content_block_start, its deltas (text_delta, thinking_delta, input_json_delta) and
 content_block_stop, then message_delta (the stop reason, and the usage) and message_stop. A failure midway is
 an `error` event; errors before are Anthropic's envelope (errors.py). POST /v1/messages/count_tokens counts a
@@ -67,6 +67,11 @@ def _usage(prompt_tokens: int, cached: int, output_tokens: int) -> dict:
             "cache_creation_input_tokens": 0, "output_tokens": output_tokens}
 
 
+def _tool_use_id(call_id: str) -> str:
+    """A call's id as Anthropic's API names them (`toolu_...`); a tool_result may send back either."""
+    return "toolu_" + call_id.removeprefix("call_")
+
+
 def _input(arguments: str) -> dict:
     """A call's arguments as tool_use's input: an object; {} for arguments max_tokens cut off."""
     try:
@@ -95,7 +100,7 @@ async def _whole_message(ctx: ServingContext, plan: ChatPlan, chat_req) -> dict:
     if message.content:
         content.append({"type": "text", "text": message.content})
     for call in message.tool_calls or []:
-        content.append({"type": "tool_use", "id": call.id, "name": call.function.name,
+        content.append({"type": "tool_use", "id": _tool_use_id(call.id), "name": call.function.name,
                         "input": _input(call.function.arguments)})
     usage = reply.usage
     return _message(new_id("msg"), plan, content, _stop(choice.finish_reason, choice.stop_reason,
@@ -127,7 +132,8 @@ class _Blocks:
 
     def call(self, call_id: str, name: str) -> list[bytes]:
         self.called = True
-        return self.close() + self._open({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+        return self.close() + self._open({"type": "tool_use", "id": _tool_use_id(call_id), "name": name,
+                                          "input": {}})
 
     def arguments(self, text: str) -> list[bytes]:
         return [_event("content_block_delta", index=self.index, delta={"type": "input_json_delta",
@@ -157,6 +163,7 @@ async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIte
                 started = True
                 usage = _usage(prompt_tokens, out.num_cached_tokens, 0)
                 yield _event("message_start", message=_message(new_id("msg"), plan, [], usage=usage))
+                yield _event("ping")  # as Anthropic's streams go on
             step = choice.step(out, False)
             finish_reason, stop_reason = step.finish_reason or finish_reason, step.stop_reason or stop_reason
             for delta in step.deltas:
