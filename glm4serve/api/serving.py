@@ -10,6 +10,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
@@ -77,10 +78,11 @@ class ServingContext:
     schema_checks: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="schema-check"))
 
-    @property
+    @cached_property
     def sampling_defaults(self) -> dict:
-        """generation_config.json's temperature/top_p/... for requests that leave them out."""
-        return self.tokenizer.sampling_defaults or {}
+        """temperature/top_p/... for requests that leave them out: the checkpoint's generation_config.json's, as
+        the settings say (generation_config, override_generation_config)."""
+        return self.settings.sampling_defaults(self.tokenizer.sampling_defaults)
 
     def tokens_as_ids(self, req) -> bool:
         """Whether a request's logprobs name tokens "token_id:{id}": its own say, else the server's."""

@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from glm4serve.chat.template import load_chat_template
 from glm4serve.engine.config import EngineArgs, parse_bytes
+from glm4serve.model.tokenizer import SAMPLING_DEFAULT_KEYS, read_sampling_defaults
 
 log = logging.getLogger("glm4serve")
 
@@ -99,6 +100,13 @@ class ServerSettings(EngineArgs, BaseSettings):
     reasoning_parser: Literal["deepseek_r1"] | None = Field(
         None, description="chat replies' thinking, up to </think> (GLM-Z1), as reasoning_content, as vLLM's "
                           "--reasoning-parser deepseek_r1 (default: off, all of a reply is content)")
+    generation_config: str = Field(
+        "auto", description="the sampling defaults of requests that leave them out, as vLLM's: auto (the "
+                            "checkpoint's generation_config.json), vllm (none: the API's own), or a folder "
+                            "holding a generation_config.json")
+    override_generation_config: Annotated[dict, NoDecode] = Field(
+        default_factory=dict, description="sampling defaults set over those, as vLLM's: a JSON object like "
+                                          f"{{\"temperature\": 0.6}}, of {', '.join(SAMPLING_DEFAULT_KEYS)}")
     max_tools: int = Field(128, ge=0, description="most tools in one chat request")
     exclude_tools_when_tool_choice_none: bool = Field(
         False, description="tool_choice none: leave the tools out of the prompt (default: as vLLM, the model still "
@@ -127,6 +135,38 @@ class ServerSettings(EngineArgs, BaseSettings):
     def _chat_template(cls, v):
         """The template itself from here on (read and parsed once, at start)."""
         return None if v is None else load_chat_template(v)
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config(cls, v):
+        if v not in ("auto", "vllm") and not (Path(v).expanduser() / "generation_config.json").is_file():
+            raise ValueError(f"generation_config is auto, vllm or a folder holding a generation_config.json, "
+                             f"not {v!r}")
+        return v
+
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _override_generation_config(cls, v):
+        if isinstance(v, str):
+            v = json.loads(v) if v.strip() else {}
+        if not isinstance(v, dict):
+            raise ValueError(f"override_generation_config is a JSON object, not {v!r}")
+        if unknown := sorted(v.keys() - set(SAMPLING_DEFAULT_KEYS)):
+            raise ValueError(f"override_generation_config sets {', '.join(SAMPLING_DEFAULT_KEYS)}, not {unknown}")
+        if bad := [k for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float))]:
+            raise ValueError(f"override_generation_config's {bad} must be numbers")
+        return v
+
+    def sampling_defaults(self, checkpoint: dict) -> dict:
+        """What a request leaves out of temperature, top_p, ...: the checkpoint's generation_config.json
+        (`checkpoint`), or another folder's, or none (generation_config), under override_generation_config."""
+        if self.generation_config == "auto":
+            base = checkpoint
+        elif self.generation_config == "vllm":
+            base = {}
+        else:
+            base = read_sampling_defaults(Path(self.generation_config).expanduser())
+        return {**base, **self.override_generation_config}
 
     @field_validator("api_key")
     @classmethod

@@ -110,6 +110,13 @@ class _HFBackend:
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def read_sampling_defaults(directory: str | Path) -> dict:
+    """generation_config.json's sampling settings (glm-4-9b-chat: temperature 0.8, top_p 0.8): the defaults of
+    requests that leave them out, as vLLM takes them; {} without the file."""
+    gen_config = _read_json(Path(directory) / "generation_config.json")
+    return {k: gen_config[k] for k in SAMPLING_DEFAULT_KEYS if k in gen_config}
+
+
 class Tokenizer:
     """Encode/decode for one checkpoint. Build it with `Tokenizer.from_dir(path)`."""
 
@@ -185,7 +192,7 @@ class Tokenizer:
             pad_token_id=pad_id,
             chat_template=_load_chat_template(directory, tok_config),
             source=str(directory),
-            sampling_defaults={k: gen_config[k] for k in SAMPLING_DEFAULT_KEYS if k in gen_config},
+            sampling_defaults=read_sampling_defaults(directory),
         )
 
     # ---- encode / decode ----
