@@ -4,6 +4,7 @@ leaves them running. Through the real OpenAI SDK over uvicorn, as clients use th
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -137,3 +138,119 @@ def test_refused_without_a_store_and_checked_before_it_runs():
     with served(app) as url:
         with pytest.raises(openai.BadRequestError, match="context"):  # a 400 at once, not a failed response later
             sdk(url).responses.create(model=MODEL, input="hi " * 100, background=True)
+
+
+def sse_json(text: str) -> list[dict]:
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+
+
+def test_a_follower_of_a_cancelled_one_gets_its_items_closed_and_its_end():
+    app = make_app(replies=[LONG], step_delay=0.05)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        until(client, made.id, "writing")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            with http.stream("GET", f"/v1/responses/{made.id}", params={"stream": "true"}) as follower:
+                client.responses.cancel(made.id)
+                events = sse_json(follower.read().decode())
+            stored = http.get(f"/v1/responses/{made.id}").json()
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert [e["type"] for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                                    "response.output_item.done", "response.cancelled"]
+        assert events[-2]["item"]["status"] == "incomplete"
+        assert events[-1]["response"]["status"] == "cancelled" and events[-1]["response"] == stored
+    wait_idle(engine_of(app))
+
+
+def test_a_failed_stream_is_followed_again_to_its_failed_response():
+    app = make_app(replies=[LONG], fail_after_steps=4)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        until(client, made.id, "failed")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            events = sse_json(http.get(f"/v1/responses/{made.id}", params={"stream": "true"}).text)
+            assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+            after_error = sse_json(http.get(f"/v1/responses/{made.id}", params={
+                "stream": "true", "starting_after": events[-2]["sequence_number"]}).text)
+        assert [e["type"] for e in after_error] == ["response.failed"]
+
+
+def test_the_gate_counts_a_streamed_one_once_and_frees_it():
+    app = make_app(replies=[LONG], step_delay=0.02, max_num_seqs=2, max_waiting_requests=0)
+    gate = app.state.gate
+    with served(app) as url:
+        client = sdk(url)
+        with httpx.Client(base_url=url, timeout=10) as http, http.stream("POST", "/v1/responses", json={
+                "model": MODEL, "input": "hi", "background": True, "stream": True}) as r:
+            next(r.iter_lines())
+            assert gate.num_generating == 1  # the job, not its POST as well
+            assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).status == "incomplete"
+        deadline = time.monotonic() + 10
+        while gate.num_generating:  # the job runs on after its POST's stream closed, then ends
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert (gate.num_generating, gate.num_in_flight) == (0, 0)
+
+
+def test_a_running_one_is_no_previous_response_yet_but_lists_its_input():
+    app = make_app(replies=[LONG], step_delay=0.05)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True)
+        with pytest.raises(openai.BadRequestError, match="still in progress") as e:
+            client.responses.create(model=MODEL, input="more", previous_response_id=made.id)
+        assert e.value.body["param"] == "previous_response_id"
+        assert [i.type for i in client.responses.input_items.list(made.id).data] == ["message"]
+        client.responses.cancel(made.id)
+    wait_idle(engine_of(app))
+
+
+def test_the_oldest_finished_streams_go_first(monkeypatch):
+    from glm4serve.api import background
+
+    monkeypatch.setattr(background, "FINISHED_EVENTS_BYTES", 6000)
+    app = make_app(replies=["\nHello there!"])
+    with served(app) as url:
+        client = sdk(url)
+        ids = []
+        for _ in range(4):
+            ids.append(client.responses.create(model=MODEL, input="hi", background=True).id)
+            until(client, ids[-1], "completed")
+        assert len(list(client.responses.retrieve(ids[-1], stream=True))) > 0  # the newest is kept
+        with pytest.raises(openai.BadRequestError, match="background"):
+            list(client.responses.retrieve(ids[0], stream=True))
+        assert client.responses.retrieve(ids[0]).status == "completed"  # the response itself is the store's
+
+
+def test_cancelled_before_it_began_it_still_ends_and_frees_the_gate():
+    import asyncio
+
+    from glm4serve.api.background import BackgroundResponses
+    from glm4serve.api.gate import Gate
+    from glm4serve.api.response_store import ResponseStore
+
+    class Builder:  # the one thing a job reads of a ResponseBuilder that never ran
+        fixed = {"id": "resp_1"}
+        input_items: list = []
+
+        def response(self, status):
+            return {"id": "resp_1", "status": status, "output": []}
+
+    async def never():
+        raise AssertionError("never runs")
+        yield b""
+
+    async def main():
+        gate, store = Gate(capacity=1, max_body_bytes=1), ResponseStore(1 << 20)
+        jobs = BackgroundResponses(gate, store)
+        job = jobs.start(Builder(), never)
+        final = await jobs.cancel(job)
+        assert final["status"] == "cancelled" and job.done
+        assert (gate.num_generating, gate.num_in_flight) == (0, 0)
+        assert store.get("resp_1").response["status"] == "cancelled"
+        assert [e async for e in jobs.follow(job)] == []  # a follower ends at once
+
+    asyncio.run(main())

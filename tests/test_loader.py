@@ -371,6 +371,10 @@ def test_rope_scaling_but_yarn_is_refused_under_either_key_and_missing_keys_take
     cfg = ModelConfig.from_dir(d)
     assert cfg.max_position_embeddings == 131072 and cfg.yarn.original_max_positions == 32768
     assert cfg.yarn.attention_factor == pytest.approx(1 + 0.1 * math.log(4))
+    # a chatglm config's RoPE is rope_ratio: a scaling there (by --hf-overrides, say) is refused, not ignored
+    chatglm = json.loads((ckpts["chatglm"] / "config.json").read_text())
+    with pytest.raises(ConfigError, match="rope_ratio"):
+        ModelConfig.from_dict({**chatglm, "rope_scaling": yarn})
     bare = {k: v for k, v in config.items() if k not in ("num_key_value_heads", "head_dim", "rms_norm_eps")}
     (d / "config.json").write_text(json.dumps(bare))
     from transformers import AutoConfig

@@ -63,6 +63,8 @@ def test_generation_config_and_its_overrides_choose_the_defaults(tmp_path):
     assert params(generation_config=str(other)) == (0.3, 1.0, 7)
     assert params(generation_config="vllm", override_generation_config={"top_p": 0.5}) == (1.0, 0.5, 0)
     for bad in ({"generation_config": str(tmp_path)}, {"override_generation_config": '{"max_new_tokens": 5}'},
-                {"override_generation_config": '{"temperature": "hot"}'}, {"override_generation_config": "[1]"}):
+                {"override_generation_config": '{"temperature": "hot"}'}, {"override_generation_config": "[1]"},
+                {"override_generation_config": '{"temperature": -1}'}, {"override_generation_config": '{"top_p": 2}'},
+                {"override_generation_config": '{"top_k": 2.5}'}):
         with pytest.raises(ValidationError):
             ServerSettings(**bad)

@@ -151,7 +151,7 @@ def _stored_response_routes(ctx: ServingContext) -> APIRouter:
         job = ctx.background.get(response_id)
         if stream and job is not None:
             return sse_response(ctx.background.follow(job, starting_after), ctx.settings, StreamEnd(done=None))
-        if job is not None:
+        if job is not None and not job.done:
             return JSONResponse(job.snapshot())
         stored = find_stored(ctx, response_id)
         if stream:
@@ -172,11 +172,13 @@ def _stored_response_routes(ctx: ServingContext) -> APIRouter:
     @v1.get("/{response_id}/input_items")
     async def _input_items(response_id: str, limit: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
                            order: Literal["asc", "desc"] = "desc", after: str | None = None):
-        return list_page(find_stored(ctx, response_id).input_items, limit, order, after, "response")
+        job = ctx.background.running(response_id)
+        items = job.builder.input_items if job is not None else find_stored(ctx, response_id).input_items
+        return list_page(items, limit, order, after, "response")
 
     @v1.post("/{response_id}/cancel")
     async def _cancel_response(response_id: str):
-        job = ctx.background.get(response_id)
+        job = ctx.background.running(response_id)
         if job is not None:
             return JSONResponse(await ctx.background.cancel(job))
         stored = find_stored(ctx, response_id)

@@ -24,6 +24,7 @@ GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/re
                               "/v1/messages"})
 # Probes and scrapes are answered whatever the load; /health reports a drain itself (503).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+RELEASE = "gate_release"  # request.state's: the request's release from the count of generation requests
 RETRY_AFTER_FULL = "1"  # seconds: a batch slot frees up within a few decode steps' worth of work
 RETRY_AFTER_DRAINING = "5"  # seconds: long enough for a load balancer to stop sending here
 
@@ -62,11 +63,19 @@ class GateMiddleware:
         generating = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
         gate.num_in_flight += 1
         gate.num_generating += generating
+
+        def release() -> None:
+            """The request no longer counts as generating: what it started counts on its own (background.py)."""
+            nonlocal generating
+            gate.num_generating -= generating
+            generating = False
+
+        scope.setdefault("state", {})[RELEASE] = release
         try:
             await self.app(scope, self._limited(receive), send)
         finally:
             gate.num_in_flight -= 1
-            gate.num_generating -= generating
+            release()
 
     def _refusal(self, scope: Scope) -> APIError | None:
         gate = self.gate

@@ -52,6 +52,7 @@ from .responses_request import (
     parse_items,
 )
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
+from .gate import RELEASE
 from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
 from .streaming import StreamEnd, sse_response, with_error_events
 
@@ -349,12 +350,12 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
 
 
 def _start_background(ctx: ServingContext, plan: ChatPlan, chat_req: ChatCompletionRequest, builder: ResponseBuilder,
-                      stream: bool) -> Response:
+                      stream: bool, release_request) -> Response:
     """Run the reply as the server's own task (background.py): the response queued, or its stream followed."""
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)  # what the engine refuses is a 400 still
     job = ctx.background.start(builder, lambda: with_error_events(
         _stream_response(ctx, plan, chat_req.logprobs, builder, outputs),
-        StreamEnd(error_event=builder.error_event, done=None)))
+        StreamEnd(error_event=builder.error_event, done=None)), release_request)
     if stream:
         return sse_response(ctx.background.follow(job), ctx.settings, StreamEnd(done=None))
     return JSONResponse(job.snapshot())
@@ -387,6 +388,7 @@ def _context(ctx: ServingContext, req: ResponsesRequest) -> tuple[list[dict], Co
     """The items a request continues from (its previous response's context and output, or its conversation's
     items), and its conversation."""
     if req.previous_response_id is not None:
+        ctx.background.check_not_running(req.previous_response_id, "previous_response_id")
         return find_stored(ctx, req.previous_response_id, previous=True).context, None
     if req.conversation_id is not None:
         conversation = ctx.conversations.find(req.conversation_id, "conversation")
@@ -460,7 +462,7 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
         raise error from e
     builder = ResponseBuilder(ctx, req, plan, offered, history, new_items, conversation)
     if req.background:
-        return _start_background(ctx, plan, chat_req, builder, req.stream)
+        return _start_background(ctx, plan, chat_req, builder, req.stream, getattr(request.state, RELEASE, None))
     return await respond(ctx, request, req.stream,
                          lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
                                                   ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),

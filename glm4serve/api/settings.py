@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -155,6 +155,13 @@ class ServerSettings(EngineArgs, BaseSettings):
             raise ValueError(f"override_generation_config sets {', '.join(SAMPLING_DEFAULT_KEYS)}, not {unknown}")
         if bad := [k for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float))]:
             raise ValueError(f"override_generation_config's {bad} must be numbers")
+        from .schemas import CompletionRequest  # a default may be what a request may send
+
+        try:
+            CompletionRequest.model_validate({"prompt": "", **v})
+        except ValidationError as e:
+            error = e.errors()[0]
+            raise ValueError(f"override_generation_config's {error['loc'][-1]}: {error['msg']}") from None
         return v
 
     def sampling_defaults(self, checkpoint: dict) -> dict:

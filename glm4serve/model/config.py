@@ -140,6 +140,9 @@ class ModelConfig:
 
     @classmethod
     def _from_chatglm(cls, d: dict) -> "ModelConfig":
+        if d.get("rope_scaling") or d.get("rope_parameters"):
+            raise ConfigError("a chatglm config's RoPE is its rope_ratio: rope_scaling and rope_parameters are read "
+                              "from HF-layout configs (model_type glm or glm4) only")
         num_heads = d["num_attention_heads"]
         head_dim = d.get("kv_channels") or d["hidden_size"] // num_heads
         multi_query = d.get("multi_query_attention", True)
