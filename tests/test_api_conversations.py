@@ -74,7 +74,7 @@ def test_items_are_added_listed_in_pages_fetched_and_deleted():
 @pytest.mark.parametrize("body, param, says", [
     ({"items": [{"role": "user", "content": str(i)} for i in range(21)]}, "items", "at most 20"),
     ({"items": [{"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_1"}]}, "items.1",
-     "not item_reference"),
+     "Item with id 'msg_1' not found"),
     ({"items": [{"role": "user", "content": "x"}, {"type": "banana", "id": "b_1"}]}, "items.1",
      "input items of type 'banana' are not supported"),
     ({"items": [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]}, "items.0",
@@ -282,3 +282,18 @@ def test_a_refused_conversation_drops_no_other():
     with pytest.raises(APIError, match="over the server's"):
         store.create({"k": "v" * 200}, [{"id": "msg_2", "type": "message", "text": "y" * 2000}])
     assert store.kept(kept) and len(store) == 1 and store.used == kept.size
+
+
+def test_an_item_reference_adds_the_stored_item_it_names():
+    client = TestClient(make_app(replies=["\nHello there!"]))
+    made = ok(client.post("/v1/responses", json={"input": "hi"}))
+    [message] = made["output"]
+    conv = ok(client.post("/v1/conversations", json={"items": [{"type": "item_reference", "id": message["id"]}]}))
+    base = f"/v1/conversations/{conv['id']}/items"
+    [kept] = ok(client.get(base))["data"]
+    assert kept["id"] == message["id"] and kept["content"][0]["text"] == "Hello there!"
+    # the input item too, by its id; the same item twice is a duplicate, as any
+    input_id = ok(client.get(f"/v1/responses/{made['id']}/input_items"))["data"][0]["id"]
+    ok(client.post(base, json={"items": [{"type": "item_reference", "id": input_id}]}))
+    e = error(client.post(base, json={"items": [{"type": "item_reference", "id": message["id"]}]}))
+    assert "Duplicate item" in e["message"]

@@ -196,7 +196,7 @@ def _conversation_routes(ctx: ServingContext) -> APIRouter:
     @v1.post("")
     async def _create(body: CreateConversationRequest | None = None):
         body = body or CreateConversationRequest()
-        return store.create(body.metadata or {}, new_items(body.items or [])).resource
+        return store.create(body.metadata or {}, new_items(body.items or [], ctx.response_store)).resource
 
     @v1.get("/{conversation_id}")
     async def _get(conversation_id: str):
@@ -216,7 +216,7 @@ def _conversation_routes(ctx: ServingContext) -> APIRouter:
     @v1.post("/{conversation_id}/items")
     async def _add_items(conversation_id: str, body: AddItemsRequest):
         conversation = store.find(conversation_id)
-        items = new_items(body.items)
+        items = new_items(body.items, ctx.response_store)
         if not items:
             raise invalid_request("No item to add: reasoning items, and calls of tools this server does not run, "
                                   "are dropped.", "items")

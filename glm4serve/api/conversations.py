@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 
 from .body import Metadata, RequestBody
 from .errors import APIError, invalid_request, validation_error
+from .response_store import ResponseStore
 from .responses_request import ItemReference, item_resources, new_id, parse_items
 
 MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items given to create a conversation, or to add at once
@@ -55,16 +56,19 @@ class AddItemsRequest(RequestBody):
     items: Annotated[_NewItems, Field(min_length=1)]
 
 
-def new_items(items: list[dict]) -> list[dict]:
-    """Items as a request gives them (response input items) -> as the conversation keeps them, each with an id."""
+def new_items(items: list[dict], responses: ResponseStore) -> list[dict]:
+    """Items as a request gives them (response input items) -> as the conversation keeps them, each with an id. An
+    item_reference is the item of that id in a stored response (a 400 when none holds it), as on /v1/responses."""
     try:
         parsed = parse_items(items)
     except ValidationError as e:
         raise _as_items_error(e) from None
     for i, item in enumerate(parsed):
         if isinstance(item, ItemReference):
-            raise invalid_request("A conversation's items are the items themselves, not item_reference.",
-                                  f"items.{i}")
+            found = responses.item(item.id)
+            if found is None:
+                raise invalid_request(f"Item with id {item.id!r} not found.", f"items.{i}")
+            parsed[i] = parse_items([found])[0]
     return item_resources(parsed)
 
 
