@@ -462,3 +462,29 @@ def test_make_model_cli(tmp_path, capsys):
 
     assert make_model_main([str(tmp_path / "bad"), "--variant", "glm4", "--layout", "chatglm"]) == 1
     assert "chatglm layout" in capsys.readouterr().err
+
+
+def test_the_hf_conversions_rope_theta_is_warned_of_with_the_override_that_fixes_it(ckpts, tmp_path, caplog):
+    """glm-4-9b-chat-hf's published config says rope_theta 10000 (a conversion bug; trained at 5e6): served as it
+    says, as transformers runs it, with a warning naming the --hf-overrides that fixes it, which does."""
+    config = json.loads((ckpts["hf_4x"] / "config.json").read_text())
+    published = {**config, "model_type": "glm", "rope_theta": 10000.0, "max_position_embeddings": 131072}
+    with caplog.at_level("WARNING", logger="glm4serve.model"):
+        cfg = ModelConfig.from_dict(published)
+    assert cfg.rope_theta == 10000.0
+    [record] = caplog.records
+    fix = json.loads(record.getMessage().split("--hf-overrides ")[1].strip("'"))
+    assert fix == {"rope_theta": 5e6}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="glm4serve.model"):
+        assert ModelConfig.from_dict({**published, **fix}).rope_theta == 5e6
+        # transformers 5.x's keys: the override replaces rope_parameters whole
+        five = {**published, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5}}
+        ModelConfig.from_dict(five)
+        fix = json.loads(caplog.records[-1].getMessage().split("--hf-overrides ")[1].strip("'"))
+        assert ModelConfig.from_dict({**five, **fix}).rope_theta == 5e6
+        # the base model's 8K context at 10000 is as trained: no warning
+        caplog.clear()
+        ModelConfig.from_dict({**published, "max_position_embeddings": 8192})
+    assert len(caplog.records) == 0

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ VARIANTS = ("glm", "glm4")  # glm4 = 0414 math: two extra norms per layer
 LAYOUTS = ("chatglm", "hf")  # weight naming of the checkpoint on disk
 ROPE_BASE = 10000.0  # chatglm's RoPE base is this times rope_ratio; transformers' rope_theta default
 MAX_POSITIONS = 131072  # GLM-4's context, transformers' max_position_embeddings default
+CHAT_ROPE_THETA = 5e6  # glm-4-9b-chat's trained RoPE base (rope_ratio 500)
+
+log = logging.getLogger("glm4serve.model")
 
 
 class ConfigError(ValueError):
@@ -180,6 +184,8 @@ class ModelConfig:
             raise ConfigError(f"rope type {min(rope_types - {'yarn'})!r} is not supported (only default RoPE and "
                               "yarn)")
         max_positions = d.get("max_position_embeddings", MAX_POSITIONS)
+        if model_type == "glm" and float(theta) == ROPE_BASE and max_positions >= MAX_POSITIONS:
+            _warn_of_the_hf_conversion(d, rope)
         yarn = None
         if rope_types:  # transformers 5.x keeps the stretch's keys in rope_parameters, 4.x in rope_scaling
             yarn = Yarn.from_dict(rope if rope.get("rope_type") == "yarn" else scaling, max_positions)
@@ -205,6 +211,17 @@ class ModelConfig:
             yarn=yarn,
             extra=d,
         )
+
+
+def _warn_of_the_hf_conversion(d: dict, rope: dict) -> None:
+    """glm-4-9b-chat-hf's published config carries rope_theta 10000 from a conversion bug: the 128K chat model was
+    trained at 5e6. Served as the config says, as transformers runs it; the override that fixes it is named."""
+    fix = {"rope_parameters": {**rope, "rope_theta": CHAT_ROPE_THETA}} if rope else {"rope_theta": CHAT_ROPE_THETA}
+    log.warning("this glm checkpoint's config has rope_theta %g with a context of %d: glm-4-9b-chat-hf's published "
+                "config carries that from a conversion bug, and the chat model was trained at %g. If this is that "
+                "checkpoint, serve it with --hf-overrides '%s'", ROPE_BASE, d.get("max_position_embeddings",
+                                                                                 MAX_POSITIONS),
+                CHAT_ROPE_THETA, json.dumps(fix))
 
 
 def _as_tuple(x) -> tuple[int, ...]:
