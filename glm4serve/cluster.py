@@ -334,7 +334,8 @@ def check_before_deploying(settings: ServerSettings) -> None:
         from .model.lora import check_adapters
         from .server import resolve_model
 
-        check_adapters(settings.lora_modules, ModelConfig.from_dir(resolve_model(settings.model), settings.hf_overrides))
+        check_adapters(settings.lora_modules,
+                       ModelConfig.from_dir(resolve_model(settings.model), settings.hf_overrides))
 
 
 def serve_replicated(settings: ServerSettings) -> int:

@@ -11,10 +11,10 @@ continues from a stored one: its context items come before this request's `input
 extends a conversation the server keeps instead (conversations.py). With either, `input` may be left out.
 An `item_reference` input item stands for the item of that id in a stored response (the Vercel AI SDK sends
 its earlier replies so); one naming an item of the context continued from is dropped, as it is there.
-`background` runs the reply as the server's own task (background.py); a stored `prompt` is refused with a 400. `reasoning` and `include` values other than
-output logprobs are accepted and have no effect: a reasoning model's thinking (GLM-Z1) is split off by
-the server's reasoning parser, not by the request, and returned as a reasoning item; reasoning items sent
-back in `input` are dropped. `truncation: "auto"` is taken, but drops nothing: input over the context is
+`background` runs the reply as the server's own task (background.py); a stored `prompt` is refused with a
+400. `reasoning` and `include` values other than output logprobs are accepted and have no effect: a reasoning
+model's thinking (GLM-Z1) is split off by the server's reasoning parser, not by the request, and returned as a
+reasoning item; reasoning items sent back in `input` are dropped. `truncation: "auto"` is taken, but drops nothing: input over the context is
 a 400 either way.
 
 Tools are offered as responses_tools.py says; call items of tools this server cannot offer, in a
