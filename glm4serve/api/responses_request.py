@@ -14,8 +14,8 @@ its earlier replies so); one naming an item of the context continued from is dro
 `background` runs the reply as the server's own task (background.py); a stored `prompt` is refused with a
 400. `reasoning` and `include` values other than output logprobs are accepted and have no effect: a reasoning
 model's thinking (GLM-Z1) is split off by the server's reasoning parser, not by the request, and returned as a
-reasoning item; reasoning items sent back in `input` are dropped. `truncation: "auto"` is taken, but drops nothing: input over the context is
-a 400 either way.
+reasoning item; reasoning items sent back in `input` are dropped. `truncation: "auto"` is taken, but drops
+nothing: input over the context is a 400 either way.
 
 Tools are offered as responses_tools.py says; call items of tools this server cannot offer, in a
 conversation sent back, are dropped, as reasoning items are. Images, files and audio in the input become
