@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 from glm4serve.chat.template import load_chat_template
-from glm4serve.engine.config import EngineArgs, parse_bytes
+from glm4serve.engine.config import EngineArgs, json_object, parse_bytes
 from glm4serve.model.tokenizer import SAMPLING_DEFAULT_KEYS, read_sampling_defaults
 
 log = logging.getLogger("glm4serve")
@@ -147,10 +147,7 @@ class ServerSettings(EngineArgs, BaseSettings):
     @field_validator("override_generation_config", mode="before")
     @classmethod
     def _override_generation_config(cls, v):
-        if isinstance(v, str):
-            v = json.loads(v) if v.strip() else {}
-        if not isinstance(v, dict):
-            raise ValueError(f"override_generation_config is a JSON object, not {v!r}")
+        v = json_object("override_generation_config", v)
         if unknown := sorted(v.keys() - set(SAMPLING_DEFAULT_KEYS)):
             raise ValueError(f"override_generation_config sets {', '.join(SAMPLING_DEFAULT_KEYS)}, not {unknown}")
         if bad := [k for k, x in v.items() if isinstance(x, bool) or not isinstance(x, (int, float))]:

@@ -76,6 +76,15 @@ def parse_lora_modules(value) -> dict[str, str]:
     return modules
 
 
+def json_object(name: str, value) -> dict:
+    """A setting that is a JSON object (the CLI's and env's form) or a mapping (YAML); empty for none."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return value
+
+
 class EngineArgs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
@@ -158,12 +167,7 @@ class EngineArgs(BaseModel):
     @field_validator("hf_overrides", mode="before")
     @classmethod
     def _hf_overrides(cls, v):
-        """A JSON object (the CLI's and env's form) or a mapping (YAML); empty for none."""
-        if isinstance(v, str):
-            v = json.loads(v) if v.strip() else {}
-        if not isinstance(v, dict):
-            raise ValueError(f"hf_overrides must be a JSON object, got {v!r}")
-        return v
+        return json_object("hf_overrides", v)
 
     def engine_args(self) -> EngineArgs:
         """Just the engine's fields (of a subclass that adds its own, like the server's settings)."""
