@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import anthropic
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -343,3 +344,23 @@ def test_the_context_refuses_in_the_words_claude_code_reads():
     e = post(client, messages=[{"role": "user", "content": "sea " * 80}], max_tokens=1).json()["error"]
     m = re.search(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", e["message"])
     assert m is not None and int(m[1]) >= 64 and int(m[2]) == 64, e
+
+
+def test_a_held_call_streams_ping_events_after_message_start_as_anthropic_does():
+    """Under tool_choice auto a call is held until whole: meanwhile `ping` events at the ping interval, never
+    before message_start (the SDK's stream helper refuses any event before it); a client gone frees all."""
+    app = make_app(replies=[CALL], step_delay=0.05, sse_ping_seconds=0.02)
+    with served(app) as url:
+        client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=10)
+        asked = [{"role": "user", "content": "weather in Paris?"}]
+        with client.messages.stream(model=MODEL, max_tokens=32, messages=asked, tools=[TOOL]) as stream:
+            final = stream.get_final_message()  # the helper takes the pings (and hides them)
+        assert final.content[0].input == {"city": "Paris"} and final.stop_reason == "tool_use"
+        body = {"model": MODEL, "max_tokens": 32, "messages": asked, "tools": [TOOL], "stream": True}
+        kinds = [e["type"] for e in events_of(httpx.post(url + "/v1/messages", json=body, timeout=10).text)]
+        assert kinds[0] == "message_start" and kinds[1:kinds.index("content_block_start")].count("ping") >= 3
+        with httpx.stream("POST", url + "/v1/messages", json=body, timeout=10) as r:
+            for line in r.iter_lines():
+                if line == "event: ping":
+                    break
+    wait_idle(engine_of(app))

@@ -577,3 +577,28 @@ def test_a_custom_inputs_json_is_unwrapped_only_when_it_is_the_one_argument_and_
     client.post("/v1/responses", json={"input": items, "tools": CODEX_TOOLS})
     prompt = small_tokenizer().decode(engine_of(app).calls[-1].prompt_ids)
     assert '<|assistant|>apply_patch\n{"input": ""}<|observation|>' in prompt
+
+
+def test_a_stream_that_brings_no_event_is_kept_alive_with_in_progress_events():
+    """A call under tool_choice auto is held until whole, and a long prefill brings nothing either: Codex drops a
+    stream without events for its idle timeout (SSE comments are none), so at the ping interval the stream says
+    response.in_progress again. Through the SDK with strict validation; and a client gone mid-wait frees all."""
+    import openai
+
+    from tests.api_fakes import served
+
+    app = make_app(replies=[CALL], step_delay=0.05, sse_ping_seconds=0.02)
+    with served(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, _strict_response_validation=True)
+        events = list(client.responses.create(model=MODEL, input="weather?", tools=[TOOL], stream=True))
+        kinds = [e.type for e in events]
+        first_call = kinds.index("response.output_item.added")
+        assert kinds[:2] == ["response.created", "response.in_progress"]
+        assert kinds[2:first_call].count("response.in_progress") == first_call - 2 >= 3  # beats while held
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[-1].type == "response.completed" and events[-1].response.output[0].name == "get_weather"
+        with client.responses.create(model=MODEL, input="weather?", tools=[TOOL], stream=True) as stream:
+            for event in stream:
+                if event.sequence_number == 4:  # a beat: the engine is mid-reply
+                    break
+    wait_idle(engine_of(app))

@@ -28,7 +28,7 @@ from .errors import APIError
 from .limits import check_chat_limits
 from .responses_request import new_id
 from .serving import ContextLengthError, ServingContext, respond
-from .streaming import StreamEnd
+from .streaming import StreamEnd, keep_alive
 
 
 def _event(kind: str, **fields) -> bytes:
@@ -115,6 +115,7 @@ class _Blocks:
     """The reply's content blocks as they stream: each opened, written to and closed with its events."""
 
     def __init__(self):
+        self.started = False  # message_start is out (what every other event must follow)
         self.index = -1
         self.kind: str | None = None  # the open block's type
         self.called = False
@@ -151,16 +152,24 @@ class _Blocks:
         return [_event("content_block_start", index=self.index, content_block=block)]
 
 
-async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
+def _events(ctx: ServingContext, plan: ChatPlan) -> AsyncIterator[bytes]:
+    """The reply's stream, with a `ping` event (as Anthropic's streams have) after each sse_ping_seconds that brings
+    none once message_start is out (a call is held until whole, streaming.keep_alive)."""
+    blocks = _Blocks()
+    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
+    return keep_alive(_stream_message(ctx, plan, outputs, blocks), ctx.settings.sse_ping_seconds,
+                      lambda: _event("ping") if blocks.started else None)
+
+
+async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIterator[Output],
+                          blocks: _Blocks) -> AsyncIterator[bytes]:
     prompt_tokens = len(plan.prompt_ids)
     choice = ChoiceStream(plan, ctx.tokenizer)
-    blocks = _Blocks()
     finish_reason = stop_reason = None
-    started = False  # message_start goes out with the first output, which says how much of the prompt was cached
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            if not started:
-                started = True
+            if not blocks.started:  # message_start goes out with the first output, which says how much of the
+                blocks.started = True  # prompt was cached
                 usage = _usage(prompt_tokens, out.num_cached_tokens, 0)
                 yield _event("message_start", message=_message(new_id("msg"), plan, [], usage=usage))
                 yield _event("ping")  # as Anthropic's streams go on
@@ -200,7 +209,7 @@ async def create_message(ctx: ServingContext, req: MessagesRequest, request: Req
     except APIError as e:
         raise req.in_its_terms(e) from e
     return await respond(ctx, request, req.stream,
-                         lambda: _stream_message(ctx, plan, ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),
+                         lambda: _events(ctx, plan),
                          lambda: _whole_message(ctx, plan, chat_req),
                          StreamEnd(error_event=_error_event, done=None))
 

@@ -54,7 +54,7 @@ from .responses_request import (
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
 from .gate import RELEASE
 from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
-from .streaming import StreamEnd, sse_response, with_error_events
+from .streaming import StreamEnd, keep_alive, sse_response, with_error_events
 
 log = logging.getLogger("glm4serve.api")
 
@@ -320,6 +320,15 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
     yield builder.event(f"response.{status}", response=builder.keep(builder.response(status, usage)))
 
 
+def _events(ctx: ServingContext, plan: ChatPlan, logprobs: bool, builder: ResponseBuilder) -> AsyncIterator[bytes]:
+    """The reply's stream, kept alive by `response.in_progress` events while it brings none (streaming.keep_alive):
+    Codex drops a stream with no event for its idle timeout, which a held call or a long prefill may pass on a
+    slow machine."""
+    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
+    return keep_alive(_stream_response(ctx, plan, logprobs, builder, outputs), ctx.settings.sse_ping_seconds,
+                      lambda: builder.event("response.in_progress", response=builder.response("in_progress")))
+
+
 async def _refused_stream(ctx: ServingContext, req: ResponsesRequest, error: APIError,
                           offered: list[OfferedTool]) -> AsyncIterator[bytes]:
     """A request refused before it ran, as a stream: created, then the error and response.failed."""
@@ -352,10 +361,9 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
 def _start_background(ctx: ServingContext, plan: ChatPlan, chat_req: ChatCompletionRequest, builder: ResponseBuilder,
                       stream: bool, release_request) -> Response:
     """Run the reply as the server's own task (background.py): the response queued, or its stream followed."""
-    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)  # what the engine refuses is a 400 still
+    events = _events(ctx, plan, chat_req.logprobs, builder)  # what the engine refuses is a 400 still
     job = ctx.background.start(builder, lambda: with_error_events(
-        _stream_response(ctx, plan, chat_req.logprobs, builder, outputs),
-        StreamEnd(error_event=builder.error_event, done=None)), release_request)
+        events, StreamEnd(error_event=builder.error_event, done=None)), release_request)
     if stream:
         return sse_response(ctx.background.follow(job), ctx.settings, StreamEnd(done=None))
     return JSONResponse(job.snapshot())
@@ -463,8 +471,6 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
     builder = ResponseBuilder(ctx, req, plan, offered, history, new_items, conversation)
     if req.background:
         return _start_background(ctx, plan, chat_req, builder, req.stream, getattr(request.state, RELEASE, None))
-    return await respond(ctx, request, req.stream,
-                         lambda: _stream_response(ctx, plan, chat_req.logprobs, builder,
-                                                  ctx.open(plan.prompt_ids, plan.params, plan.engine_id)),
+    return await respond(ctx, request, req.stream, lambda: _events(ctx, plan, chat_req.logprobs, builder),
                          lambda: _whole_response(ctx, plan, chat_req, builder),
                          StreamEnd(error_event=builder.error_event, done=None))

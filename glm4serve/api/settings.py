@@ -81,7 +81,10 @@ class ServerSettings(EngineArgs, BaseSettings):
         json_schema_extra={"several": True})
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on every route but /health, "
                                   "/ping, /metrics and /version")
-    sse_ping_seconds: float = Field(15.0, ge=0, description="keep-alive comment interval on streams (0 = off)")
+    sse_ping_seconds: float = Field(
+        15.0, ge=0, description="keep-alive interval on streams: an SSE comment, and on the Responses and Messages "
+                                "APIs their own event (response.in_progress, ping) when the stream brought none "
+                                "(0 = off)")
     graceful_shutdown_seconds: float = Field(30.0, ge=0, description="time in-flight requests get on SIGTERM")
     max_waiting_requests: int = Field(
         256, ge=0, description="requests that may queue beyond the running batch; more get 429 at once")

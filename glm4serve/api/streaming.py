@@ -7,6 +7,7 @@ An error after the stream started cannot change the status code any more, so it 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -42,6 +43,37 @@ class StreamEnd:
 
     error_event: Callable[[APIError], bytes] = sse_error
     done: bytes | None = DONE
+
+
+async def keep_alive(events: AsyncIterator[bytes], seconds: float,
+                     beat: Callable[[], bytes | None]) -> AsyncIterator[bytes]:
+    """`events`, and beat() (unless None: not yet) after each `seconds` in which they brought none (0: never).
+    For the APIs whose clients time out a stream that brings no event, SSE comments being none: Codex's idle
+    timeout on the Responses API (while a prefill runs, or a call is held until whole); Anthropic's streams
+    bring `ping` events so."""
+    if not seconds:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                yield event
+        return
+    waiting = None
+    try:
+        while True:
+            waiting = asyncio.ensure_future(anext(events))
+            while not (await asyncio.wait({waiting}, timeout=seconds))[0]:
+                if (event := beat()) is not None:
+                    yield event
+            try:
+                event = waiting.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if waiting is not None and not waiting.done():  # the client went: the wait for the engine stops
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
+        await events.aclose()
 
 
 async def with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> AsyncIterator[bytes]:
