@@ -50,30 +50,46 @@ async def keep_alive(events: AsyncIterator[bytes], seconds: float,
     """`events`, and beat() (unless None: not yet) after each `seconds` in which they brought none (0: never).
     For the APIs whose clients time out a stream that brings no event, SSE comments being none: Codex's idle
     timeout on the Responses API (while a prefill runs, or a call is held until whole); Anthropic's streams
-    bring `ping` events so."""
+    bring `ping` events so. The events come through a queue from a task of their own, which a timer shares."""
     if not seconds:
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for event in events:
                 yield event
         return
-    waiting = None
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump():
+        try:
+            async for event in events:
+                queue.put_nowait(event)
+        except Exception as e:  # the consumer raises it
+            queue.put_nowait(e)
+        queue.put_nowait(_END)
+
+    task = asyncio.ensure_future(pump())
+    timer = None
     try:
         while True:
-            waiting = asyncio.ensure_future(anext(events))
-            while not (await asyncio.wait({waiting}, timeout=seconds))[0]:
-                if (event := beat()) is not None:
-                    yield event
-            try:
-                event = waiting.result()
-            except StopAsyncIteration:
+            timer = asyncio.get_running_loop().call_later(seconds, queue.put_nowait, _BEAT)
+            item = await queue.get()
+            timer.cancel()
+            if item is _END:
                 return
-            yield event
+            if isinstance(item, Exception):
+                raise item
+            if item is not _BEAT:
+                yield item
+            elif (event := beat()) is not None:
+                yield event
     finally:
-        if waiting is not None and not waiting.done():  # the client went: the wait for the engine stops
-            waiting.cancel()
-            with contextlib.suppress(BaseException):
-                await waiting
-        await events.aclose()
+        if timer is not None:
+            timer.cancel()
+        task.cancel()  # the client went: the wait for the engine stops, and the stream closes
+        with contextlib.suppress(BaseException):
+            await task
+
+
+_BEAT, _END = object(), object()  # keep_alive's queue: no event for a while; the end of the events
 
 
 async def with_error_events(events: AsyncIterator[bytes], end: StreamEnd) -> AsyncIterator[bytes]:
