@@ -254,3 +254,27 @@ def test_cancelled_before_it_began_it_still_ends_and_frees_the_gate():
         assert [e async for e in jobs.follow(job)] == []  # a follower ends at once
 
     asyncio.run(main())
+
+
+def test_a_held_call_keeps_its_followers_alive_and_a_cancel_leaves_no_gap():
+    """The job says response.in_progress while a call is held (its stream kept alive as any Responses stream),
+    numbered among its events; cancelled mid-beat, its stream still has every event, in order."""
+    call = 'get_weather\n{"city": "' + "Paris " * 20 + '"}'
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    app = make_app(replies=[call], step_delay=0.03, sse_ping_seconds=0.02)
+    with served(app) as url:
+        client = sdk(url)
+        made = client.responses.create(model=MODEL, input="hi", background=True, tools=[tool])
+        done = until(client, made.id, "completed")
+        assert done.output[0].name == "get_weather"
+        events = list(client.responses.retrieve(made.id, stream=True))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert [e.type for e in events].count("response.in_progress") > 3
+        made = client.responses.create(model=MODEL, input="hi", background=True, tools=[tool])
+        time.sleep(0.3)
+        client.responses.cancel(made.id)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            events = sse_json(http.get(f"/v1/responses/{made.id}", params={"stream": "true"}).text)
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["type"] == "response.cancelled"
+    wait_idle(engine_of(app))

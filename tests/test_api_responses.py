@@ -599,6 +599,41 @@ def test_a_stream_that_brings_no_event_is_kept_alive_with_in_progress_events():
         assert events[-1].type == "response.completed" and events[-1].response.output[0].name == "get_weather"
         with client.responses.create(model=MODEL, input="weather?", tools=[TOOL], stream=True) as stream:
             for event in stream:
-                if event.sequence_number == 4:  # a beat: the engine is mid-reply
+                if event.sequence_number == 6:  # a beat: the engine is mid-reply
                     break
     wait_idle(engine_of(app))
+
+
+def test_keep_alive_beats_only_after_every_event_made_before_them_and_never_hangs():
+    """A beat takes the next sequence number when it is made: never while events made before it wait in the
+    queue (an event and the timer in one loop round); and an inner stream that dies of anything ends the stream."""
+    import asyncio
+
+    from glm4serve.api.streaming import keep_alive
+
+    async def numbered() -> list[int]:
+        made = iter(range(1000))
+
+        async def inner():
+            yield next(made)
+            await asyncio.sleep(0.05)  # ends as the beat's timer fires
+            for _ in range(3):
+                yield next(made)
+
+        return [n async for n in keep_alive(inner(), 0.05, lambda: next(made))]
+
+    async def dies():
+        yield b"x"
+        raise asyncio.CancelledError()  # not the pump's own cancel
+
+    async def main():
+        for _ in range(20):
+            got = await numbered()
+            assert got == sorted(got)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.ensure_future(_drain(keep_alive(dies(), 0.01, lambda: b"beat"))), 2)
+
+    async def _drain(stream):
+        return [e async for e in stream]
+
+    asyncio.run(main())

@@ -68,7 +68,8 @@ def create_app(engine: EngineClient | None, tokenizer: Tokenizer, settings: Serv
                          max_model_len=max_model_len, metrics=Metrics(lambda: _stats(ctx), model_name),
                          response_store=response_store,
                          conversations=ConversationStore(settings.conversation_store_memory),
-                         background=BackgroundResponses(gate, response_store), loras=dict(settings.lora_modules))
+                         background=BackgroundResponses(gate, response_store, settings.sse_ping_seconds),
+                         loras=dict(settings.lora_modules))
     app.state.serving = ctx
     install_error_handlers(app)
     app.state.gate = gate  # the server's SIGTERM handler sets gate.draining

@@ -61,8 +61,10 @@ class BackgroundJob:
 
 
 class BackgroundResponses:
-    def __init__(self, gate: Gate, store: ResponseStore):
-        self.gate, self.store = gate, store
+    def __init__(self, gate: Gate, store: ResponseStore, ping_seconds: float = 0.0):
+        """ping_seconds: a job's stream that brings no event for so long says response.in_progress again, as
+        streaming.keep_alive keeps a stream alive (0: never)."""
+        self.gate, self.store, self.ping_seconds = gate, store, ping_seconds
         self._jobs: OrderedDict[str, BackgroundJob] = OrderedDict()  # running ones, then finished ones kept
         self._finished_bytes = 0
 
@@ -123,9 +125,24 @@ class BackgroundResponses:
     async def _run(self, job: BackgroundJob, events: Callable[[], AsyncIterator[bytes]]) -> None:
         builder = job.builder
         stream = events()
+        loop, timer = asyncio.get_running_loop(), None
+
+        def rearm() -> None:  # the timer runs while this task waits for the engine: after every event made
+            nonlocal timer
+            if timer is not None:
+                timer.cancel()
+            if self.ping_seconds:
+                timer = loop.call_later(self.ping_seconds, idle)
+
+        def idle() -> None:
+            job.add(builder.event("response.in_progress", response=builder.response("in_progress")))
+            rearm()
+
         try:
+            rearm()
             async for data in stream:
                 job.add(data)
+                rearm()
             job.final = builder.final
         except asyncio.CancelledError:  # raised in the stream, whose close aborted the engine request
             for data in builder.close("incomplete"):
@@ -133,6 +150,8 @@ class BackgroundResponses:
             job.final = builder.response("cancelled")
             job.add(builder.event("response.cancelled", response=job.final))
         finally:
+            if timer is not None:
+                timer.cancel()
             await stream.aclose()
 
     def _end(self, job: BackgroundJob) -> None:

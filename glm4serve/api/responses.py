@@ -324,8 +324,9 @@ def _events(ctx: ServingContext, plan: ChatPlan, logprobs: bool, builder: Respon
     """The reply's stream, kept alive by `response.in_progress` events while it brings none (streaming.keep_alive):
     Codex drops a stream with no event for its idle timeout, which a held call or a long prefill may pass on a
     slow machine."""
-    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
-    return keep_alive(_stream_response(ctx, plan, logprobs, builder, outputs), ctx.settings.sse_ping_seconds,
+    return keep_alive(_stream_response(ctx, plan, logprobs, builder, ctx.open(plan.prompt_ids, plan.params,
+                                                                               plan.engine_id)),
+                      ctx.settings.sse_ping_seconds,
                       lambda: builder.event("response.in_progress", response=builder.response("in_progress")))
 
 
@@ -361,9 +362,10 @@ async def _whole_response(ctx: ServingContext, plan: ChatPlan, chat_req, builder
 def _start_background(ctx: ServingContext, plan: ChatPlan, chat_req: ChatCompletionRequest, builder: ResponseBuilder,
                       stream: bool, release_request) -> Response:
     """Run the reply as the server's own task (background.py): the response queued, or its stream followed."""
-    events = _events(ctx, plan, chat_req.logprobs, builder)  # what the engine refuses is a 400 still
-    job = ctx.background.start(builder, lambda: with_error_events(
-        events, StreamEnd(error_event=builder.error_event, done=None)), release_request)
+    outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)  # what the engine refuses is a 400 still
+    job = ctx.background.start(builder, lambda: with_error_events(  # its job keeps it alive (background.py)
+        _stream_response(ctx, plan, chat_req.logprobs, builder, outputs),
+        StreamEnd(error_event=builder.error_event, done=None)), release_request)
     if stream:
         return sse_response(ctx.background.follow(job), ctx.settings, StreamEnd(done=None))
     return JSONResponse(job.snapshot())

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+import anyio
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 
@@ -50,7 +51,8 @@ async def keep_alive(events: AsyncIterator[bytes], seconds: float,
     """`events`, and beat() (unless None: not yet) after each `seconds` in which they brought none (0: never).
     For the APIs whose clients time out a stream that brings no event, SSE comments being none: Codex's idle
     timeout on the Responses API (while a prefill runs, or a call is held until whole); Anthropic's streams
-    bring `ping` events so. The events come through a queue from a task of their own, which a timer shares."""
+    bring `ping` events so. The events come through a queue from a task of their own, which a timer shares; a
+    beat is made only when the queue is empty, so after every event made before it (their sequence numbers)."""
     if not seconds:
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for event in events:
@@ -62,9 +64,11 @@ async def keep_alive(events: AsyncIterator[bytes], seconds: float,
         try:
             async for event in events:
                 queue.put_nowait(event)
-        except Exception as e:  # the consumer raises it
+        except BaseException as e:  # the consumer raises it (a cancel of the pump's own: nobody reads it)
             queue.put_nowait(e)
-        queue.put_nowait(_END)
+            raise
+        finally:
+            queue.put_nowait(_END)
 
     task = asyncio.ensure_future(pump())
     timer = None
@@ -75,18 +79,18 @@ async def keep_alive(events: AsyncIterator[bytes], seconds: float,
             timer.cancel()
             if item is _END:
                 return
-            if isinstance(item, Exception):
+            if isinstance(item, BaseException):
                 raise item
             if item is not _BEAT:
                 yield item
-            elif (event := beat()) is not None:
+            elif queue.empty() and (event := beat()) is not None:
                 yield event
     finally:
         if timer is not None:
             timer.cancel()
-        task.cancel()  # the client went: the wait for the engine stops, and the stream closes
-        with contextlib.suppress(BaseException):
-            await task
+        task.cancel()  # the client went: the wait for the engine stops, and the stream's close aborts it
+        with anyio.CancelScope(shield=True):  # the close runs whole, whatever cancels this
+            await asyncio.gather(task, return_exceptions=True)
 
 
 _BEAT, _END = object(), object()  # keep_alive's queue: no event for a while; the end of the events

@@ -184,7 +184,7 @@ class ModelConfig:
             raise ConfigError(f"rope type {min(rope_types - {'yarn'})!r} is not supported (only default RoPE and "
                               "yarn)")
         max_positions = d.get("max_position_embeddings", MAX_POSITIONS)
-        if model_type == "glm" and float(theta) == ROPE_BASE and max_positions >= MAX_POSITIONS:
+        if model_type == "glm" and float(theta) == ROPE_BASE and max_positions == MAX_POSITIONS:
             _warn_of_the_hf_conversion(d, rope)
         yarn = None
         if rope_types:  # transformers 5.x keeps the stretch's keys in rope_parameters, 4.x in rope_scaling
