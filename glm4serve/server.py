@@ -69,6 +69,8 @@ def pick_device(device: str) -> str:
 def build_llm_engine(args: EngineArgs) -> LLMEngine:
     """The synchronous engine for these arguments (benchmarks and tests use it directly)."""
     path, device = resolve_model(args.model), pick_device(args.device)
+    if args.seed is not None:  # requests without a seed draw from torch's own generator (engine/sampler.py)
+        torch.manual_seed(args.seed)
     if device == "cpu":  # before loading: packing the weights is oneDNN's first work
         limit_onednn_caches()
     # The loader draws a tqdm bar only on a terminal; these lines mark the load in plain logs

@@ -106,6 +106,27 @@ def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(make_checkpoin
     assert crowded[("s", 0)] == alone[("s", 0)]
 
 
+def test_the_engines_seed_makes_unseeded_draws_repeat(make_checkpoint, device):
+    """vLLM's --seed: engines built with one seed draw the same for the same unseeded requests; another seed
+    draws otherwise."""
+    path = str(make_checkpoint("glm", "hf", "wide"))
+    unseeded = [(f"r{i}", [5, 6, 7, 8 + i], SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True, n=2))
+                for i in range(3)]
+
+    def draws(seed):
+        engine = build_llm_engine(EngineArgs(model=path, dtype="float32", device=device, num_kv_blocks=64,
+                                             block_size=16, max_model_len=128, seed=seed))
+        try:
+            return drive(engine, unseeded)
+        finally:
+            engine.close()
+
+    first = draws(7)
+    torch.rand(100)  # whatever drew from the generator in between
+    assert draws(7) == first
+    assert draws(8) != first
+
+
 def test_choices_past_max_num_seqs_sample_as_those_seated_together(make_checkpoint, device):
     path = make_checkpoint("glm", "hf", "wide")
     tokenizer = Tokenizer.from_dir(path)

@@ -125,6 +125,9 @@ class EngineArgs(BaseModel):
         "raw_logprobs", description="vLLM's: logprobs of the model's own distribution, before temperature, "
                                     "penalties, logit_bias, top-k/top-p and a grammar (vLLM's default, the one mode "
                                     "served)")
+    seed: int | None = Field(
+        None, ge=0, description="the start of the draws of requests that give no seed, as vLLM's: the same requests "
+                                "in the same order draw the same (default: a random start)")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs", description="fcfs: requests in arrival order; priority: by each request's `priority` (lower "
                             "first, then arrival), and one that outranks running ones may preempt them")
