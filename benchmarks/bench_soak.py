@@ -63,7 +63,8 @@ class Mix:
     def words(self, n: int) -> str:
         return " ".join(self.rng.choice(WORDS) for _ in range(n))
 
-    def sampling(self) -> dict:
+    def sampling(self, fields: tuple[str, ...] | None = None) -> dict:
+        """Some of the sampling fields (of `fields` only: what the Responses and Messages APIs take)."""
         r = self.rng
         options = [  # (how often, field, value)
             (.5, "temperature", lambda: r.choice([0, 0.5, 1.0, 1.5])), (.3, "top_p", lambda: r.choice([0.1, 0.9, 1.0])),
@@ -76,7 +77,8 @@ class Mix:
         ]
         if self.priorities:
             options.append((.5, "priority", lambda: r.randint(-2, 5)))
-        return {field: value() for often, field, value in options if r.random() < often}
+        return {field: value() for often, field, value in options
+                if r.random() < often and (fields is None or field in fields)}
 
     def schema(self) -> dict:
         props = {f"f{self.rng.randrange(10**9)}": {"type": self.rng.choice(["string", "integer", "boolean"])}
@@ -87,8 +89,8 @@ class Mix:
         """(kind, path, body)"""
         r = self.rng
         kind = r.choices(["chat", "comp", "tools", "json", "jsonobj", "tok", "bad", "disconnect", "long", "score",
-                          "guided", "continue"],
-                         [30, 15, 10, 8, 4, 5, 8, 10, 3, 6, 6, 3])[0]
+                          "guided", "continue", "responses", "messages"],
+                         [30, 15, 10, 8, 4, 5, 8, 10, 3, 6, 6, 3, 8, 6])[0]
         stream, max_tokens = r.random() < .5, r.randint(1, 24)
         user = lambda n: [{"role": "user", "content": self.words(n)}]  # noqa: E731
         if kind in ("chat", "disconnect", "long"):
@@ -149,6 +151,15 @@ class Mix:
             msgs = user(r.randint(1, 30)) + [{"role": "assistant", "content": self.words(r.randint(1, 6))}]
             return kind, "/v1/chat/completions", {"messages": msgs, "continue_final_message": True,
                                                   "max_tokens": max_tokens, "stream": stream, **self.sampling()}
+        if kind == "responses":  # streamed, whole, or run in the background (polled by nobody: it runs alone)
+            body = {"input": self.words(r.randint(1, 40)), "max_output_tokens": max(max_tokens, 16), "stream": stream,
+                    "background": r.random() < .25, **self.sampling(("temperature", "top_p", "top_k", "seed"))}
+            if r.random() < .3:
+                body["tools"] = [{"type": "function", "name": "fn", "parameters": self.schema()}]
+            return kind, "/v1/responses", body
+        if kind == "messages":  # Anthropic's
+            return kind, "/v1/messages", {"messages": user(r.randint(1, 40)), "max_tokens": max_tokens,
+                                          "stream": stream, **self.sampling(("temperature", "top_p", "top_k"))}
         if kind == "tok":
             if r.random() < .5:
                 return kind, "/tokenize", {"prompt": self.words(r.randint(1, 200))}
