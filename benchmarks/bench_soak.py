@@ -196,8 +196,9 @@ async def gauges(client: httpx.AsyncClient, url: str) -> dict[str, float]:
     out = {}
     for line in (await client.get(url + "/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
-        if name.removeprefix("glm4serve:") in GAUGES:
-            out[name.removeprefix("glm4serve:")] = float(value)
+        name = name.partition("{")[0].removeprefix("glm4serve:")  # the model_name label aside
+        if name in GAUGES:
+            out[name] = float(value)
     return out
 
 
@@ -266,7 +267,7 @@ def main() -> int:
     peak = max(m for _, m in samples[:-1])
     print(f"RSS peak under load {peak:.0f} MiB, at the load's end {samples[-2][1]:.0f}, after {a.idle:.0f} s idle "
           f"{samples[-1][1]:.0f}; gauges after idle {settled}")
-    ok = not failures and all(v == 0 for v in settled.values())
+    ok = not failures and settled.keys() == set(GAUGES) and all(v == 0 for v in settled.values())
     print("OK" if ok else f"FAILED: {failures or settled}")
     return 0 if ok else 1
 
