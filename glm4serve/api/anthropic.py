@@ -28,12 +28,11 @@ from .errors import APIError
 from .limits import check_chat_limits
 from .responses_request import new_id
 from .serving import ContextLengthError, ServingContext, respond
-from .streaming import StreamEnd, keep_alive
+from .streaming import StreamEnd, keep_alive, typed_event
 
 
 def _event(kind: str, **fields) -> bytes:
-    data = json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {kind}\ndata: {data}\n\n".encode()
+    return typed_event({"type": kind, **fields})
 
 
 def _error_event(error: APIError) -> bytes:

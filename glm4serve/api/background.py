@@ -135,7 +135,7 @@ class BackgroundResponses:
                 timer = loop.call_later(self.ping_seconds, idle)
 
         def idle() -> None:
-            job.add(builder.event("response.in_progress", response=builder.response("in_progress")))
+            job.add(builder.in_progress())
             rearm()
 
         try:

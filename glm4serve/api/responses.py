@@ -54,7 +54,7 @@ from .responses_request import (
 from .responses_tools import CUSTOM_INPUT, OfferedTool, offer
 from .gate import RELEASE
 from .serving import CONTEXT_LENGTH_EXCEEDED, ServingContext, respond
-from .streaming import StreamEnd, keep_alive, sse_response, with_error_events
+from .streaming import StreamEnd, keep_alive, sse_response, typed_event, with_error_events
 
 log = logging.getLogger("glm4serve.api")
 
@@ -85,8 +85,11 @@ class ResponseBuilder:
     def event(self, type: str, **fields) -> bytes:
         body = {"type": type, "sequence_number": self.sequence_number, **fields}
         self.sequence_number += 1
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-        return f"event: {type}\ndata: {data}\n\n".encode()
+        return typed_event(body)
+
+    def in_progress(self) -> bytes:
+        """response.in_progress: after response.created, and again to keep a stream alive that brings nothing."""
+        return self.event("response.in_progress", response=self.response("in_progress"))
 
     def error_event(self, error: APIError) -> bytes:
         """A failure midway: the `error` event, then `response.failed` with the error, as OpenAI ends such a
@@ -274,7 +277,7 @@ def _usage(chat: Usage) -> dict:
 async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, builder: ResponseBuilder,
                            outputs: AsyncIterator[Output]) -> AsyncIterator[bytes]:
     yield builder.event("response.created", response=builder.response("in_progress"))
-    yield builder.event("response.in_progress", response=builder.response("in_progress"))
+    yield builder.in_progress()
     choice = ChoiceStream(plan, ctx.tokenizer)
     pending: list[dict] = []  # logprobs of tokens whose text has not come out yet
     answering = False  # past the thinking (with a reasoning parser)
@@ -327,7 +330,7 @@ def _events(ctx: ServingContext, plan: ChatPlan, logprobs: bool, builder: Respon
     return keep_alive(_stream_response(ctx, plan, logprobs, builder, ctx.open(plan.prompt_ids, plan.params,
                                                                                plan.engine_id)),
                       ctx.settings.sse_ping_seconds,
-                      lambda: builder.event("response.in_progress", response=builder.response("in_progress")))
+                      builder.in_progress)
 
 
 async def _refused_stream(ctx: ServingContext, req: ResponsesRequest, error: APIError,

@@ -33,6 +33,11 @@ def sse_data(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+def typed_event(body: dict) -> bytes:
+    """An event named by its body's `type` (the Responses and Anthropic streams'): `event: {type}` then its data."""
+    return b"event: " + body["type"].encode() + b"\n" + sse_data(body)
+
+
 def sse_error(error: APIError) -> bytes:
     return sse_data(error.body())
 
