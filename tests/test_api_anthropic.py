@@ -364,3 +364,29 @@ def test_a_held_call_streams_ping_events_after_message_start_as_anthropic_does()
                 if line == "event: ping":
                     break
     wait_idle(engine_of(app))
+
+
+def test_a_long_prefill_streams_message_start_and_pings_before_the_first_output():
+    """A prompt prefilled over many steps brings no output for a while: message_start goes out at the first
+    ping interval (the SDK's stream helper takes nothing before it), pings follow; the prefix cache's share of
+    the prompt, unknown then, is message_delta's usage."""
+    app = make_app(step_delay=0.03, sse_ping_seconds=0.02, max_num_batched_tokens=16, block_size=16)
+    asked = [{"role": "user", "content": "sea " * 120}]
+    body = {"model": MODEL, "max_tokens": 32, "messages": asked, "stream": True}
+    with served(app) as url:
+        events = events_of(httpx.post(url + "/v1/messages", json=body, timeout=30).text)
+        kinds = [e["type"] for e in events]
+        opened = kinds.index("content_block_start")
+        assert kinds[0] == "message_start" and kinds[1:opened].count("ping") >= 3, kinds[:opened + 1]
+        prompt = len(engine_of(app).calls[-1].prompt_ids)
+        assert events[0]["message"]["usage"]["input_tokens"] == prompt
+        again = events_of(httpx.post(url + "/v1/messages", json=body, timeout=30).text)
+        cached = again[-2]["usage"]["cache_read_input_tokens"]  # message_delta's
+        assert again[-2]["type"] == "message_delta" and cached >= prompt - 16 > 0
+        assert again[-2]["usage"]["input_tokens"] == prompt - cached
+        client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=30)
+        with client.messages.stream(model=MODEL, max_tokens=32, messages=[{"role": "user", "content": "sky " * 120}]
+                                    ) as stream:
+            final = stream.get_final_message()
+        assert final.content[0].text == "Hello there!" and final.stop_reason == "end_turn"
+    wait_idle(engine_of(app))

@@ -113,11 +113,23 @@ async def _whole_message(ctx: ServingContext, plan: ChatPlan, chat_req) -> dict:
 class _Blocks:
     """The reply's content blocks as they stream: each opened, written to and closed with its events."""
 
-    def __init__(self):
+    def __init__(self, plan: ChatPlan):
+        self.plan = plan
         self.started = False  # message_start is out (what every other event must follow)
         self.index = -1
         self.kind: str | None = None  # the open block's type
         self.called = False
+
+    def start(self, cached: int) -> bytes:
+        """message_start, and a ping after it as Anthropic's streams have."""
+        self.started = True
+        usage = _usage(len(self.plan.prompt_ids), cached, 0)
+        return _event("message_start", message=_message(new_id("msg"), self.plan, [], usage=usage)) + _event("ping")
+
+    def beat(self) -> bytes:
+        """A ping; before the first output (a long prefill), message_start first: it cannot yet say how much of the
+        prompt the prefix cache held, which message_delta's usage then does."""
+        return _event("ping") if self.started else self.start(0)
 
     def write(self, kind: str, text: str) -> list[bytes]:
         """More of a text or thinking block (opened when the last one was another)."""
@@ -153,11 +165,10 @@ class _Blocks:
 
 def _events(ctx: ServingContext, plan: ChatPlan) -> AsyncIterator[bytes]:
     """The reply's stream, with a `ping` event (as Anthropic's streams have) after each sse_ping_seconds that brings
-    none once message_start is out (a call is held until whole, streaming.keep_alive)."""
-    blocks = _Blocks()
+    none (a long prefill; a call held until whole: streaming.keep_alive)."""
+    blocks = _Blocks(plan)
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
-    return keep_alive(_stream_message(ctx, plan, outputs, blocks), ctx.settings.sse_ping_seconds,
-                      lambda: _event("ping") if blocks.started else None)
+    return keep_alive(_stream_message(ctx, plan, outputs, blocks), ctx.settings.sse_ping_seconds, blocks.beat)
 
 
 async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIterator[Output],
@@ -167,11 +178,8 @@ async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIte
     finish_reason = stop_reason = None
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            if not blocks.started:  # message_start goes out with the first output, which says how much of the
-                blocks.started = True  # prompt was cached
-                usage = _usage(prompt_tokens, out.num_cached_tokens, 0)
-                yield _event("message_start", message=_message(new_id("msg"), plan, [], usage=usage))
-                yield _event("ping")  # as Anthropic's streams go on
+            if not blocks.started:  # with the first output, which says how much of the prompt was cached
+                yield blocks.start(out.num_cached_tokens)
             step = choice.step(out, False)
             finish_reason, stop_reason = step.finish_reason or finish_reason, step.stop_reason or stop_reason
             for delta in step.deltas:
