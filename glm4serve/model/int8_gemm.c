@@ -155,9 +155,12 @@ void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, 
    int16 pairs for vpdpwssd, so the 64 rows' sums sit in 4 vectors in the order
    {0-7, 16-23}, {8-15, 24-31}, {32-39, 48-55}, {40-47, 56-63}; each group's sums are put back in
    row order before they are scaled. K and the group size are even; sums stay below 15 * 32767 * group. */
-/* the int4 stream asks further ahead than the int8 one: 18.4 GB/s from memory against 15.1 at 512
-   bytes (measured 2048 / 4096 / 8192 / 16384 on glm-4-9b's output layer) */
-#define INT4_PREFETCH 4096
+/* The int4 stream is asked for twice: into L1 INT4_PREFETCH_L1 bytes ahead, and into L2 INT4_PREFETCH_L2
+   ahead. L1 prefetches alone hold the core's few line-fill buffers for a whole trip to memory; with the L2 ones
+   ahead of them, glm-4-9b's 40 layers of int4 products (qkv, o, gate_up, down) read 23-25 GB/s instead of
+   15-20 (one 4096-byte L1 prefetch: 243-255 ms a token against 188-193; BENCHMARKS.md) */
+#define INT4_PREFETCH_L1 2048
+#define INT4_PREFETCH_L2 8192
 #define SZ_AHEAD 4
 
 void int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const int16_t *xq,
@@ -182,7 +185,8 @@ void int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, 
             for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
             int32_t xsum = 0;
             for (int64_t k = k0; k < k0 + group; k += 2) {
-                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
                 __m256i b0 = _mm256_loadu_si256((const __m256i *)(p + k * 32));
                 __m256i b1 = _mm256_loadu_si256((const __m256i *)(p + (k + 1) * 32));
                 __m256i lo0 = _mm256_and_si256(b0, nibble), lo1 = _mm256_and_si256(b1, nibble);
