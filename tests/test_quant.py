@@ -201,24 +201,42 @@ def test_int4_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
     assert bool(calls) == (rows >= INT4_DEQUANTIZE_MIN_ROWS)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, INT4_DEQUANTIZE_MIN_ROWS - 1])
 @pytest.mark.parametrize("shape", [(96, 64), (256, 192), (4096, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_int4_one_row_kernel_is_the_exact_product_but_for_int16_activations(shape, monkeypatch):
-    """One row through int8_gemm.c's int4_gemv (groups of 32 and 64 inputs): within 1e-4 of the float64
-    product over the dequantized weights (torch's kernel, bf16 activations, lands ~2e-3 away)."""
+def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows, monkeypatch):
+    """Up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows through int8_gemm.c's int4_gemm (groups of 32 and 64 inputs; rows
+    4 at a time and the rest): within 1e-4 of the float64 product over the dequantized weights, read back through
+    torch's kernel from the scales kept tile by tile (torch's kernel, bf16 activations, lands ~2e-3 away)."""
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
     calls = []
-    real = int8_kernel.int4_gemv
-    monkeypatch.setattr(int8_kernel, "int4_gemv", lambda *a: calls.append(1) or real(*a))
+    real = int8_kernel.int4_gemm
+    monkeypatch.setattr(int8_kernel, "int4_gemm", lambda *a: calls.append(1) or real(*a))
     k, n = shape
     lin = Int4Linear(k, n, bias=False, dtype=torch.float32)
-    lin.load_weight_rows(0, n, torch.randn(n, k))
-    x = torch.randn(1, k)
-    x[0, :2] = -x.abs().max()  # the largest activations, negative: the int16 pairs' sign bits
-    want = x.double() @ lin.dequantized().double().T
+    w = torch.randn(n, k)
+    lin.load_weight_rows(0, n // 3, w[: n // 3])  # in two parts cutting a tile, as q and k/v come
+    lin.load_weight_rows(n // 3, n, w[n // 3 :])
+    assert lin.tiled and lin.scales_and_zeros.shape == (n // 64, k // lin.group, 64, 2)
+    x = torch.randn(rows, k)
+    x[:, :2] = -x.abs().max()  # the largest activations, negative: the int16 pairs' sign bits
+    dequantized = lin.dequantized()
+    assert (dequantized - w).abs().amax(1).max() <= 0.6 * (w.amax(1) - w.amin(1)).max() / 15  # half a step, ~
+    want = x.double() @ dequantized.double().T
     got = lin(x)
     assert calls == [1] and got.dtype == torch.float32
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_int4_scales_stay_in_torch_layout_where_its_kernel_runs():
+    """Rows not a whole number of tiles: torch's kernel, its scales layout."""
+    lin = Int4Linear(64, 96, bias=False, dtype=torch.float32)
+    w = torch.randn(96, 64)
+    lin.load_weight_rows(0, 96, w)
+    assert not lin.tiled and lin.scales_and_zeros.shape == (1, 96, 2)
+    x = torch.randn(3, 64)
+    want = x.double() @ lin.dequantized().double().T
+    assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
 
 
 def test_int8_linear_keeps_the_input_shape_and_dtype():

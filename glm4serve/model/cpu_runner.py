@@ -64,8 +64,7 @@ def compiler_available() -> bool:
 def move_quantized_weights_to_hugepages(model: torch.nn.Module) -> None:
     """Each int8/int4 weight into huge-page memory (cpu_linear.hugepage_empty), one at a time: their
     one-row products stream them from memory, ~3% faster a decode step on glm-4-9b's shapes. An int4
-    weight's scales too: the one-row kernel reads a group's of each tile from another 4 KiB page (they lie
-    out_features pairs apart), which cost glm-4-9b's int4 products 18.7-20.8 GB/s against 23-25."""
+    weight's scales too, which those products stream beside it."""
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.qweight = hugepage_copy(m.qweight)

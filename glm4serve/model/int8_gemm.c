@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define R 4
 #define FLUSH 256
@@ -118,9 +119,12 @@ static inline void scales_and_zeros(const uint32_t *pairs, __m512 *scale, __m512
     *zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000)));
 }
 
-/* torch's CPU int4 layout (quant.py's Int4Linear): `packed` is [N / 64][K][32] bytes, byte j of
-   (tile t, input k) holding row 64t + j in its low nibble and row 64t + 32 + j in its high one;
-   `sz` is [K / group][N] pairs of bf16 (scale, zero), w = (q - 8) * scale + zero.
+/* int4 weights (quant.py's Int4Linear): `packed` in torch's CPU layout, [N / 64][K][32] bytes, byte j of
+   (tile t, input k) holding row 64t + j in its low nibble and row 64t + 32 + j in its high one; `sz` the
+   (scale, zero) bf16 pairs tile by tile, [N / 64][K / group][64], w = (q - 8) * scale + zero (torch keeps
+   them [K / group][N], where a tile's pairs for one group lie N pairs from the last group's: read along
+   with a tile's sequential stream, that scattering cost glm-4-9b's one-row products a third of their
+   speed, BENCHMARKS.md).
    -> out bf16 [K][rows]: rows [r0, r0 + rows) (multiples of 64) transposed, each (tile, k) 64 contiguous
    values, for x @ out. */
 void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group,
@@ -128,17 +132,16 @@ void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, 
     const __m512 eight = _mm512_set1_ps(8.f);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t k = 0; k < K; k++) {
-        const uint32_t *pairs = sz + (k / group) * N;
         for (int64_t t = 0; t < rows / 64; t++) {
             int64_t tile = r0 / 64 + t;
+            const uint32_t *pairs = sz + (tile * (K / group) + k / group) * 64;
             __m256i b = _mm256_loadu_si256((const __m256i *)(packed + (tile * K + k) * 32));
             __m256i nibbles[2] = {_mm256_and_si256(b, _mm256_set1_epi8(0x0F)),
                                   _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F))};
             for (int h = 0; h < 2; h++)        /* low nibbles: rows 0-31 of the tile; high: 32-63 */
                 for (int part = 0; part < 2; part++) {  /* 16 rows at a time */
-                    int64_t row = tile * 64 + h * 32 + part * 16;
                     __m512 scale, zero;
-                    scales_and_zeros(pairs + row, &scale, &zero);
+                    scales_and_zeros(pairs + h * 32 + part * 16, &scale, &zero);
                     __m128i q8 = part ? _mm256_extracti128_si256(nibbles[h], 1) : _mm256_castsi256_si128(nibbles[h]);
                     __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
                     _mm256_storeu_si256((__m256i *)(out + k * rows + t * 64 + h * 32 + part * 16),
@@ -148,70 +151,99 @@ void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, 
     }
 }
 
-/* y [N] = xs * xq [K] @ W.T for one activation row (quantized to int16 by quantize_rows_int16), W in
-   the int4 layout above, the weights exact: per group of inputs and row, scale * sum(xq * q) * xs +
-   (zero - 8 * scale) * sum(xq) * xs. Each program takes a tile of 64 rows and reads its K * 32 bytes
-   in one sequential stream. Two inputs at a time: their bytes interleaved per row and widened to
-   int16 pairs for vpdpwssd, so the 64 rows' sums sit in 4 vectors in the order
-   {0-7, 16-23}, {8-15, 24-31}, {32-39, 48-55}, {40-47, 56-63}; each group's sums are put back in
-   row order before they are scaled. K and the group size are even; sums stay below 15 * 32767 * group. */
 /* The int4 stream is asked for twice: into L1 INT4_PREFETCH_L1 bytes ahead, and into L2 INT4_PREFETCH_L2
    ahead. L1 prefetches alone hold the core's few line-fill buffers for a whole trip to memory; with the L2 ones
    ahead of them, glm-4-9b's 40 layers of int4 products (qkv, o, gate_up, down) read 23-25 GB/s instead of
    15-20 (one 4096-byte L1 prefetch: 243-255 ms a token against 188-193; BENCHMARKS.md) */
 #define INT4_PREFETCH_L1 2048
 #define INT4_PREFETCH_L2 8192
-#define SZ_AHEAD 4
+#define INT4_ROWS 4  /* activation rows against one unpacking of the weights: 4 sums of 4 vectors each */
 
-void int4_gemv(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const int16_t *xq,
-               float xs, float *y, int threads) {
+/* One tile's 64 outputs for `rows` (1..INT4_ROWS, a constant where inlined) activation rows: y[m][64t..]. */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *p, const uint32_t *pairs, int64_t K,
+                                                            int64_t group, const int16_t *xq, const float *xs,
+                                                            const float *gsum, int rows, float *y, int64_t N) {
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     const __m256i nibble = _mm256_set1_epi8(0x0F);
+    int64_t groups = K / group;
+    __m512 out[INT4_ROWS][4];
+    for (int m = 0; m < rows; m++)
+        for (int v = 0; v < 4; v++) out[m][v] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t k0 = g * group;
+        __m512i acc[INT4_ROWS][4];
+        for (int m = 0; m < rows; m++)
+            for (int v = 0; v < 4; v++) acc[m][v] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k0 + group; k += 2) {
+            _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
+            __m256i b0 = _mm256_loadu_si256((const __m256i *)(p + k * 32));
+            __m256i b1 = _mm256_loadu_si256((const __m256i *)(p + (k + 1) * 32));
+            __m256i lo0 = _mm256_and_si256(b0, nibble), lo1 = _mm256_and_si256(b1, nibble);
+            __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nibble);
+            __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nibble);
+            __m512i w[4] = {_mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(lo0, lo1)),
+                            _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(lo0, lo1)),
+                            _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(hi0, hi1)),
+                            _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(hi0, hi1))};
+            for (int m = 0; m < rows; m++) {
+                const int16_t *x = xq + m * K + k;  /* inputs k and k + 1, one int32 for the pairs */
+                __m512i pair = _mm512_set1_epi32((int32_t)(uint16_t)x[0] | ((int32_t)x[1] << 16));
+                for (int v = 0; v < 4; v++) acc[m][v] = _mm512_dpwssd_epi32(acc[m][v], w[v], pair);
+            }
+        }
+        const uint32_t *gp = pairs + g * 64;
+        for (int v = 0; v < 4; v++) {
+            __m512 scale, zero;
+            scales_and_zeros(gp + v * 16, &scale, &zero);
+            __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  /* zero - 8 * scale */
+            for (int m = 0; m < rows; m++) {
+                /* rows 0-15, 16-31, 32-47, 48-63 of the tile, from the sums' interleaved order */
+                __m512i a = acc[m][v & 2], b = acc[m][(v & 2) + 1];
+                __m512i sums = _mm512_permutex2var_epi32(a, (v & 1) ? second : first, b);
+                out[m][v] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums),
+                                            _mm512_fmadd_ps(offset, _mm512_set1_ps(gsum[m * groups + g]), out[m][v]));
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(y + m * N + v * 16, _mm512_mul_ps(out[m][v], _mm512_set1_ps(xs[m])));
+}
+
+/* y [M, N] = xs * xq [M, K] @ W.T, activation rows quantized to int16 by quantize_rows_int16, W in the
+   int4 layout above, the weights exact: per group of inputs and row, scale * sum(xq * q) * xs +
+   (zero - 8 * scale) * sum(xq) * xs. Each program takes a tile of 64 rows and reads its K * 32 bytes
+   in one sequential stream (again from cache for each INT4_ROWS activation rows past the first), and
+   its scales in another. Two inputs at a time: their bytes interleaved per row and widened to int16
+   pairs for vpdpwssd, so the 64 rows' sums sit in 4 vectors in the order {0-7, 16-23}, {8-15, 24-31},
+   {32-39, 48-55}, {40-47, 56-63}; each group's sums are put back in row order before they are scaled.
+   K and the group size are even; sums stay below 15 * 32767 * group. */
+void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const int16_t *xq,
+               const float *xs, int64_t M, float *y, int threads) {
+    int64_t groups = K / group;
+    float *gsum = malloc(sizeof(float) * M * groups);  /* sum of each row's inputs in each group */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t s = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xq[m * K + k];
+            gsum[m * groups + g] = (float)s;
+        }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t tile = 0; tile < N / 64; tile++) {
         const uint8_t *p = packed + tile * K * 32;
-        __m512 out[4];
-        for (int v = 0; v < 4; v++) out[v] = _mm512_setzero_ps();
-        for (int64_t k0 = 0; k0 < K; k0 += group) {
-            /* the (scale, zero) rows of a group SZ_AHEAD groups on lie N pairs apart, out of the
-               prefetchers' reach: asked for here, 15.7 ms for the output layer instead of 18.2 */
-            int64_t ahead = k0 / group + SZ_AHEAD, next_tile = tile + ahead / (K / group);
-            if (next_tile < N / 64) {
-                const char *line = (const char *)(sz + (ahead % (K / group)) * N + next_tile * 64);
-                for (int c = 0; c < 4; c++) _mm_prefetch(line + 64 * c, _MM_HINT_T0);
-            }
-            __m512i acc[4];
-            for (int v = 0; v < 4; v++) acc[v] = _mm512_setzero_si512();
-            int32_t xsum = 0;
-            for (int64_t k = k0; k < k0 + group; k += 2) {
-                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
-                __m256i b0 = _mm256_loadu_si256((const __m256i *)(p + k * 32));
-                __m256i b1 = _mm256_loadu_si256((const __m256i *)(p + (k + 1) * 32));
-                __m256i lo0 = _mm256_and_si256(b0, nibble), lo1 = _mm256_and_si256(b1, nibble);
-                __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nibble);
-                __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nibble);
-                __m512i pair = _mm512_set1_epi32((int32_t)(uint16_t)xq[k] | ((int32_t)xq[k + 1] << 16));
-                xsum += xq[k] + xq[k + 1];
-                acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(lo0, lo1)), pair);
-                acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(lo0, lo1)), pair);
-                acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(hi0, hi1)), pair);
-                acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(hi0, hi1)), pair);
-            }
-            __m512i rows[4] = {_mm512_permutex2var_epi32(acc[0], first, acc[1]),   /* rows 0-15 */
-                               _mm512_permutex2var_epi32(acc[0], second, acc[1]),  /* rows 16-31 */
-                               _mm512_permutex2var_epi32(acc[2], first, acc[3]),   /* rows 32-47 */
-                               _mm512_permutex2var_epi32(acc[2], second, acc[3])}; /* rows 48-63 */
-            const uint32_t *pairs = sz + (k0 / group) * N + tile * 64;
-            __m512 sum_x = _mm512_set1_ps((float)xsum);
-            for (int v = 0; v < 4; v++) {
-                __m512 scale, zero;
-                scales_and_zeros(pairs + v * 16, &scale, &zero);
-                __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  /* zero - 8 * scale */
-                out[v] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(rows[v]), _mm512_fmadd_ps(offset, sum_x, out[v]));
+        const uint32_t *pairs = sz + tile * groups * 64;
+        for (int64_t m0 = 0; m0 < M; m0 += INT4_ROWS) {
+            const int16_t *x = xq + m0 * K;
+            const float *gs = gsum + m0 * groups;
+            float *out = y + m0 * N + tile * 64;
+            switch (M - m0 < INT4_ROWS ? M - m0 : INT4_ROWS) {
+                case 1: int4_tile(p, pairs, K, group, x, xs + m0, gs, 1, out, N); break;
+                case 2: int4_tile(p, pairs, K, group, x, xs + m0, gs, 2, out, N); break;
+                case 3: int4_tile(p, pairs, K, group, x, xs + m0, gs, 3, out, N); break;
+                default: int4_tile(p, pairs, K, group, x, xs + m0, gs, 4, out, N); break;
             }
         }
-        for (int v = 0; v < 4; v++) _mm512_storeu_ps(y + tile * 64 + v * 16, _mm512_mul_ps(out[v], _mm512_set1_ps(xs)));
     }
+    free(gsum);
 }

@@ -11,9 +11,9 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
   int8_amx.c on the tiles, 2-10x the paths it replaces at 8-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md).
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
-int4 weights (quant.py's Int4Linear, in torch's packed layout) take the same two ends: one row through
-int8_gemm.c's int4_gemv (int16 activations, VNNI; ~1.2x the decode step of torch's int4 kernel on
-glm-4-9b's shapes), many rows through dequantized bf16 blocks.
+int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
+up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
+at the memory's rate), many rows through dequantized bf16 blocks.
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
@@ -110,7 +110,7 @@ def _library() -> ctypes.CDLL | None:
     lib.int8_int16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.dequantize_bf16.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.dequantize_int4_bf16.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int]
-    lib.int4_gemv.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.int4_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -162,9 +162,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] @ the int4 weight in torch's CPU packed layout (quant.py's Int4Linear) .T -> bf16 [M, N],
-    the weight dequantized a block at a time (transposed: that layout runs along the rows)."""
-    n, k = scales_and_zeros.shape[1], x.shape[1]
+    """x [M, K] @ the int4 weight (quant.py's Int4Linear: torch's CPU packed layout, the scales tile by tile)
+    .T -> bf16 [M, N], the weight dequantized a block at a time (transposed: that layout runs along the rows)."""
+    n, k = packed.shape[0], x.shape[1]
 
     def dequantize(r0: int, r1: int, block: torch.Tensor) -> torch.Tensor:
         w_t = block.view(k, r1 - r0)  # [K, rows]
@@ -175,13 +175,13 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return blockwise_matmul(x, n, dequantize)
 
 
-def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """One row x [1, K] @ the int4 weight (as int4_matmul takes it) .T -> fp32 [1, N]: the weights exact,
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """A few rows x [M, K] @ the int4 weight (as int4_matmul takes it) .T -> fp32 [M, N]: the weights exact,
     the activations int16 (quantize_rows), as the int8 kernels."""
-    n, k = scales_and_zeros.shape[1], x.shape[1]
+    (m, k), n = x.shape, packed.shape[0]
     xq, xs = quantize_rows(x)
-    y = torch.empty(1, n, dtype=torch.float32)
-    _library().int4_gemv(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, xq.data_ptr(), float(xs[0]),
+    y = torch.empty(m, n, dtype=torch.float32)
+    _library().int4_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, xq.data_ptr(), xs.data_ptr(), m,
                          y.data_ptr(), torch.get_num_threads())
     return y
 

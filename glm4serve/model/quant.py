@@ -9,9 +9,10 @@ input's dtype. The kernels:
   through oneDNN) where the CPU has AVX-512 VNNI and a C compiler exists, else
   `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
-  scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, one row
-  through its fp32 kernel over that layout, and many rows through blocks of the weight dequantized
-  to bf16 from it and multiplied by oneDNN.
+  scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, up to
+  INT4_DEQUANTIZE_MIN_ROWS - 1 rows through its kernel over that layout (int16 activations; the
+  scales kept tile by tile for it), and more through blocks of the weight dequantized to bf16 from it
+  and multiplied by oneDNN.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -27,9 +28,9 @@ from . import int8_kernel
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
-# from this many rows, int4 goes through bf16-dequantized blocks (measured at glm-4-9b's shapes: 0.7-0.8x
-# torch's kernel at 32 rows, 1.2-2.8x at 64, ~9x at 512)
-INT4_DEQUANTIZE_MIN_ROWS = 64
+# from this many rows, int4 goes through bf16-dequantized blocks: at glm-4-9b's shapes int8_gemm.c's int4_gemm
+# takes 1.3-1.5x less time at 32 rows, 1.0-1.2x at 48, 0.75-0.93x at 64 (BENCHMARKS.md)
+INT4_DEQUANTIZE_MIN_ROWS = 56
 LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
 
 
@@ -79,7 +80,10 @@ class Int4Linear(nn.Module):
     """w = q * scale + min per group of `group` inputs, q in [0, 15], held in torch's packed CPU layout.
 
     That layout interleaves rows in tiles of PACK_TILE_ROWS: a tile is packed once all its rows have
-    come (a tile split between two checkpoint tensors, like HF's q/k/v, waits in a small buffer)."""
+    come (a tile split between two checkpoint tensors, like HF's q/k/v, waits in a small buffer). Where
+    int8_gemm.c's kernels take it (`tiled`), the (scale, zero) pairs are kept tile by tile, [out / 64,
+    in / group, 64, 2], the order those kernels read them in; else as torch's kernel takes them,
+    [in / group, out, 2]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None,
                  group: int = INT4_GROUP):
@@ -89,16 +93,25 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs in_features a multiple of 32 and out_features of 16, "
                              f"got {in_features} x {out_features}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.tiled = (torch.device(device or "cpu").type == "cpu" and out_features % PACK_TILE_ROWS == 0
+                      and int8_kernel.available())
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        # [in / group, out, 2]: (scale, zero) with w = (q - 8) * scale + zero, torch's convention
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group, out_features, 2, dtype=torch.bfloat16, device=device))
+        # (scale, zero) with w = (q - 8) * scale + zero, torch's convention
+        shape = ((out_features // PACK_TILE_ROWS, in_features // group, PACK_TILE_ROWS, 2) if self.tiled
+                 else (in_features // group, out_features, 2))
+        self.register_buffer("scales_and_zeros", torch.empty(shape, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._partial: dict[int, list] = {}  # tile -> [its rows' q, how many have come], while loading
 
     @property
     def weight_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
+
+    def scales_by_row(self) -> torch.Tensor:
+        """The (scale, zero) pairs as torch's kernel takes them, [in / group, out, 2]: a view, or (tiled) a copy."""
+        if not self.tiled:
+            return self.scales_and_zeros
+        return self.scales_and_zeros.permute(1, 0, 2, 3).reshape(self.in_features // self.group, self.out_features, 2)
 
     def load_weight_rows(self, start: int, stop: int, w: torch.Tensor) -> None:
         k, g = self.in_features, self.group
@@ -109,36 +122,44 @@ class Int4Linear(nn.Module):
             zero = (low + 8 * scale.float()).to(torch.bfloat16)
             q = groups.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
             q = q.view(-1, k).to(torch.int32)
-            self.scales_and_zeros[:, r0:r1, 0] = scale.t()
-            self.scales_and_zeros[:, r0:r1, 1] = zero.t()
+            self._store_scales(r0, r1, torch.stack((scale, zero), -1))
             for tile in range(r0 // PACK_TILE_ROWS, -(-r1 // PACK_TILE_ROWS)):
                 t0, t1 = tile * PACK_TILE_ROWS, min(self.out_features, (tile + 1) * PACK_TILE_ROWS)
                 a, b = max(r0, t0), min(r1, t1)
                 if (a, b) == (t0, t1):
                     self._pack(t0, t1, q[a - r0 : b - r0])
-                    continue
-                part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
-                part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
-                part[1] += b - a
-                if part[1] == t1 - t0:
-                    self._pack(t0, t1, self._partial.pop(tile)[0])
+                else:
+                    part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
+                    part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
+                    part[1] += b - a
+                    if part[1] == t1 - t0:
+                        self._pack(t0, t1, self._partial.pop(tile)[0])
+
+    def _store_scales(self, r0: int, r1: int, pairs: torch.Tensor) -> None:
+        """pairs [rows r0..r1, in / group, 2] into the scales' layout."""
+        if not self.tiled:
+            self.scales_and_zeros[:, r0:r1] = pairs.transpose(0, 1)
+            return
+        for tile in range(r0 // PACK_TILE_ROWS, -(-r1 // PACK_TILE_ROWS)):
+            t0 = tile * PACK_TILE_ROWS
+            a, b = max(r0, t0), min(r1, t0 + PACK_TILE_ROWS)
+            self.scales_and_zeros[tile, :, a - t0 : b - t0] = pairs[a - r0 : b - r0].transpose(0, 1)
 
     def _pack(self, t0: int, t1: int, q: torch.Tensor) -> None:
         self.packed[t0:t1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(self.packed.device), 1)
 
     def dequantized(self) -> torch.Tensor:
-        """[out, in] fp32, read back through the kernel (so it checks the packing too): with x = I in
-        fp32, each column of the product is a weight row, dequantized in fp32."""
+        """[out, in] fp32, read back through torch's kernel (so it checks the packing and the scales' layout
+        too): with x = I in fp32, each column of the product is a weight row, dequantized in fp32."""
         eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
-                                                         self.scales_and_zeros.float()).t().contiguous()
+                                                         self.scales_by_row().float()).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        ours = x.device.type == "cpu" and self.out_features % PACK_TILE_ROWS == 0 and int8_kernel.available()
-        if ours and rows.shape[0] == 1:
-            y = int8_kernel.int4_gemv(rows, self.packed, self.scales_and_zeros, self.group)
-        elif ours and rows.shape[0] >= INT4_DEQUANTIZE_MIN_ROWS:
+        if self.tiled and rows.shape[0] < INT4_DEQUANTIZE_MIN_ROWS:
+            y = int8_kernel.int4_gemm(rows, self.packed, self.scales_and_zeros, self.group)
+        elif self.tiled:
             y = int8_kernel.int4_matmul(rows, self.packed, self.scales_and_zeros, self.group)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, self.group,
