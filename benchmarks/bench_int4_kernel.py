@@ -1,0 +1,161 @@
+"""Int4Linear's CPU kernels at glm-4-9b-chat's shapes (int8_gemm.c: int4_gemm for a few rows, dequantized bf16
+blocks for many), where int8_kernel.py builds. Three parts:
+
+- layers: one decode token's products through `--layers` layers (qkv, o, gate_up, down), each layer its own
+  weights so that they come from memory as in a served model, int4 against int8 (the same layers quantized
+  to int8, int8_gemm.c's one-row kernel): ms a token and GB/s read; beside them torch's sum over 4 GiB, a
+  read at about the memory's own rate.
+- rows: int4_gemm against the dequantized-block path by activation rows (quant.INT4_DEQUANTIZE_MIN_ROWS
+  sits where they cross), best of 3.
+- engine: decode steps of the int4 engine (engine alone, no server) on the 40-layer checkpoint
+  bench_cpu_peers.py makes (~/.cache/glm4serve/bench-slice-9b-40layers; written here, 18.8 GB, when
+  missing), 1 and 8 streams, medians.
+
+    .venv/bin/python benchmarks/bench_int4_kernel.py [--parts layers,rows,engine] [--layers 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model import int8_kernel
+from glm4serve.model.cpu_linear import hugepage_copy
+from glm4serve.model.quant import Int4Linear, Int8Linear
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from glm4serve.server import build_llm_engine
+
+LAYER_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
+CHECKPOINT = Path.home() / ".cache" / "glm4serve" / "bench-slice-9b-40layers"  # bench_cpu_peers.py's
+
+
+def nbytes(m: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in m.buffers())
+
+
+def quantized_layers(cls, layers: int) -> dict[str, list]:
+    """`layers` copies of each layer linear quantized by cls, their weights in huge pages as the CPU runner
+    keeps them (the copies share nothing: each is read from memory)."""
+    out = {}
+    for name, (n, k) in LAYER_SHAPES.items():
+        lin = cls(k, n, False, torch.bfloat16)
+        lin.load_weight_rows(0, n, torch.randn(n, k) * 0.02)
+        out[name] = []
+        for _ in range(layers):
+            copy = cls(k, n, False, torch.bfloat16)
+            for buffer_name, buffer in lin.named_buffers():
+                setattr(copy, buffer_name, hugepage_copy(buffer))
+            out[name].append(copy)
+    return out
+
+
+def token_ms(layers: dict[str, list], xs: dict[int, torch.Tensor]) -> dict[str, float]:
+    times = dict.fromkeys(layers, 0.0)
+    for i in range(len(next(iter(layers.values())))):
+        for name, copies in layers.items():
+            t0 = time.perf_counter()
+            copies[i](xs[copies[i].in_features])
+            times[name] += time.perf_counter() - t0
+    return {name: t * 1000 for name, t in times.items()}
+
+
+def bare_read_gbs(gib: int = 4) -> float:
+    buf = hugepage_copy(torch.ones(gib << 30, dtype=torch.uint8))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        buf.view(torch.int64).sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() / best / 1e9
+
+
+def layers_part(layers: int):
+    xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in (4096, 13696)}
+    print(f"\none token through {layers} layers' products, medians of 5 (torch's sum over 4 GiB: {bare_read_gbs():.1f} GB/s)")
+    print("| | qkv | o | gate_up | down | a token |\n|---|---|---|---|---|---|")
+    for label, cls in (("int4", Int4Linear), ("int8", Int8Linear)):
+        weights = quantized_layers(cls, layers)
+        token_ms(weights, xs)
+        runs = [token_ms(weights, xs) for _ in range(5)]
+        cells = []
+        for name, copies in weights.items():
+            ms = statistics.median(r[name] for r in runs)
+            cells.append(f"{ms / layers:.3f} ms, {nbytes(copies[0]) * layers / ms / 1e6:.1f} GB/s")
+        total = statistics.median(sum(r.values()) for r in runs)
+        read = sum(nbytes(c[0]) for c in weights.values()) * layers
+        print(f"| {label} | " + " | ".join(cells) + f" | {total:.1f} ms, {read / total / 1e6:.1f} GB/s |", flush=True)
+        del weights
+
+
+def best_ms(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+def rows_part():
+    print("\nint4_gemm against dequantized bf16 blocks, best of 3 ms\n| matrix | rows | int4_gemm | blocks | ratio |")
+    print("|---|---|---|---|---|")
+    for name, (n, k) in LAYER_SHAPES.items():
+        lin = Int4Linear(k, n, False, torch.bfloat16)
+        lin.load_weight_rows(0, n, torch.randn(n, k))
+        p, sz = hugepage_copy(lin.packed), hugepage_copy(lin.scales_and_zeros)
+        for rows in (1, 8, 16, 32, 48, 64, 128):
+            x = torch.randn(rows, k, dtype=torch.bfloat16)
+            a = best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group))
+            b = best_ms(lambda: int8_kernel.int4_matmul(x, p, sz, lin.group))
+            print(f"| {name} {n}x{k} | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
+
+
+def engine_part():
+    if not (CHECKPOINT / "config.json").is_file():
+        write_random_checkpoint(CHECKPOINT, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": 40, "shards": 10})
+    engine = build_llm_engine(EngineArgs(model=str(CHECKPOINT), dtype="bfloat16", quantization="int4",
+                                         kv_cache_memory="1GiB", max_num_seqs=32))
+    print("\nthe int4 engine, glm-4-9b-chat's 40 layers (random weights), decode steps (median)")
+    for streams in (1, 8):
+        for i in range(streams):
+            engine.add_request(f"{streams}-{i}", list(range(100 + i, 164 + i)),
+                               SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True))
+        while engine.scheduler.num_requests > len(engine.scheduler.running) or any(
+                s.is_prefilling for s in engine.scheduler.running):
+            engine.step()
+        engine.step()  # the first decode step
+        times = []
+        while engine.has_work:
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) * 1000
+        print(f"  {streams} streams: {ms:.1f} ms a step, {streams * 1000 / ms:.1f} tokens/s", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="layers,rows,engine")
+    ap.add_argument("--layers", type=int, default=40)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    if not int8_kernel.available():
+        raise SystemExit("int8_kernel is not available here (no AVX-512 VNNI or no C compiler)")
+    parts = a.parts.split(",")
+    if "layers" in parts:
+        layers_part(a.layers)
+    if "rows" in parts:
+        rows_part()
+    if "engine" in parts:
+        engine_part()
+
+
+if __name__ == "__main__":
+    main()
