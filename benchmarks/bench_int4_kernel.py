@@ -77,7 +77,8 @@ def bare_read_gbs(gib: int = 4) -> float:
 
 def layers_part(layers: int):
     xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in (4096, 13696)}
-    print(f"\none token through {layers} layers' products, medians of 5 (torch's sum over 4 GiB: {bare_read_gbs():.1f} GB/s)")
+    read_rate = bare_read_gbs()
+    print(f"\none token through {layers} layers' products, medians of 5 (torch's sum over 4 GiB: {read_rate:.1f} GB/s)")
     print("| | qkv | o | gate_up | down | a token |\n|---|---|---|---|---|---|")
     for label, cls in (("int4", Int4Linear), ("int8", Int8Linear)):
         weights = quantized_layers(cls, layers)
