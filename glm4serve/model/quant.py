@@ -128,12 +128,12 @@ class Int4Linear(nn.Module):
                 a, b = max(r0, t0), min(r1, t1)
                 if (a, b) == (t0, t1):
                     self._pack(t0, t1, q[a - r0 : b - r0])
-                else:
-                    part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
-                    part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
-                    part[1] += b - a
-                    if part[1] == t1 - t0:
-                        self._pack(t0, t1, self._partial.pop(tile)[0])
+                    continue
+                part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
+                part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
+                part[1] += b - a
+                if part[1] == t1 - t0:
+                    self._pack(t0, t1, self._partial.pop(tile)[0])
 
     def _store_scales(self, r0: int, r1: int, pairs: torch.Tensor) -> None:
         """pairs [rows r0..r1, in / group, 2] into the scales' layout."""
