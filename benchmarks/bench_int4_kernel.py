@@ -31,6 +31,8 @@ from glm4serve.model.quant import Int4Linear, Int8Linear
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
 
+from bench_int8_kernel import best_ms  # noqa: E402 - benchmarks/ is the script's folder
+
 LAYER_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
 CHECKPOINT = Path.home() / ".cache" / "glm4serve" / "bench-slice-9b-40layers"  # bench_cpu_peers.py's
 
@@ -94,16 +96,6 @@ def layers_part(layers: int):
         del weights
 
 
-def best_ms(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1000
-
-
 def rows_part():
     print("\nint4_gemm against dequantized bf16 blocks, best of 3 ms\n| matrix | rows | int4_gemm | blocks | ratio |")
     print("|---|---|---|---|---|")
@@ -113,8 +105,8 @@ def rows_part():
         p, sz = hugepage_copy(lin.packed), hugepage_copy(lin.scales_and_zeros)
         for rows in (1, 8, 16, 32, 48, 64, 128):
             x = torch.randn(rows, k, dtype=torch.bfloat16)
-            a = best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group))
-            b = best_ms(lambda: int8_kernel.int4_matmul(x, p, sz, lin.group))
+            a = best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group), 3)
+            b = best_ms(lambda: int8_kernel.int4_matmul(x, p, sz, lin.group), 3)
             print(f"| {name} {n}x{k} | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
 
 
