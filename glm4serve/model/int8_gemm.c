@@ -154,7 +154,8 @@ void dequantize_int4_bf16(const uint8_t *packed, const uint32_t *sz, int64_t N, 
 /* The int4 stream is asked for twice: into L1 INT4_PREFETCH_L1 bytes ahead, and into L2 INT4_PREFETCH_L2
    ahead. L1 prefetches alone hold the core's few line-fill buffers for a whole trip to memory; with the L2 ones
    ahead of them, glm-4-9b's 40 layers of int4 products (qkv, o, gate_up, down) read 23-25 GB/s instead of
-   15-20 (one 4096-byte L1 prefetch: 243-255 ms a token against 188-193; BENCHMARKS.md) */
+   15-20 (one 4096-byte L1 prefetch: 243-255 ms a token against 188-193, measured with the scales still in
+   torch's layout; BENCHMARKS.md) */
 #define INT4_PREFETCH_L1 2048
 #define INT4_PREFETCH_L2 8192
 #define INT4_ROWS 4  /* activation rows against one unpacking of the weights: 4 sums of 4 vectors each */
