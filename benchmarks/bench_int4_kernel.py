@@ -27,6 +27,7 @@ from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model import int8_kernel
 from glm4serve.model.cpu_linear import hugepage_copy
+from glm4serve.model.cpu_runner import nbytes
 from glm4serve.model.quant import Int4Linear, Int8Linear
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
@@ -35,10 +36,6 @@ from bench_int8_kernel import best_ms  # noqa: E402 - benchmarks/ is the script'
 
 LAYER_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
 CHECKPOINT = Path.home() / ".cache" / "glm4serve" / "bench-slice-9b-40layers"  # bench_cpu_peers.py's
-
-
-def nbytes(m: torch.nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in m.buffers())
 
 
 def quantized_layers(cls, layers: int) -> dict[str, list]:
