@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4serve.model import bf16_kernel
-from glm4serve.model.cpu_linear import CpuLinear, hugepage_copy, hugepage_empty, packing_available, swap_linears
+from glm4serve.model.cpu_linear import (CpuLinear, hugepage_backing, hugepage_copy, hugepage_empty, packing_available,
+                                        swap_linears)
 from glm4serve.model.cpu_runner import compiler_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear packing")
@@ -113,6 +114,43 @@ def test_hugepage_memory_is_aligned_zeroed_and_outlives_its_source():
     assert torch.equal(copy, want)
     empty = hugepage_empty((5, 1 << 19), torch.bfloat16)
     assert empty.dtype == torch.bfloat16 and empty.shape == (5, 1 << 19) and not empty.any()
+
+
+SMAPS = """\
+7f0000000000-7f0000a00000 rw-p 00000000 00:00 0
+Size:              10240 kB
+Rss:                6144 kB
+AnonHugePages:      4096 kB
+VmFlags: rd wr mr mw me ac hg
+7f0000a00000-7f0000c00000 rw-p 00000000 00:00 0
+Rss:                2048 kB
+AnonHugePages:      2048 kB
+VmFlags: rd wr mr mw me ac
+55ecf3308000-55ecf330a000 r--p 00000000 fe:00 260386                     /usr/bin/head
+Rss:                   8 kB
+AnonHugePages:         0 kB
+VmFlags: rd mr mw me
+7f0000e00000-7f0001200000 rw-p 00000000 00:00 0
+Rss:                4096 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me ac hg
+"""
+
+
+def test_hugepage_backing_counts_only_the_memory_that_asked_for_huge_pages():
+    # the two `hg` mappings: 4 of 6 MiB backed, and 0 of 4; the unadvised one's huge pages are not counted
+    assert hugepage_backing(SMAPS) == (4 << 20, 10 << 20)
+    assert hugepage_backing("") == (0, 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="not Linux")
+def test_hugepage_backing_sees_written_hugepage_memory():
+    before = hugepage_backing()
+    weight = hugepage_empty((32 << 20,), torch.uint8)  # untouched: not resident
+    assert hugepage_backing()[1] - before[1] < 4 << 20
+    weight.fill_(1)
+    backed, resident = hugepage_backing()
+    assert resident - before[1] >= 32 << 20 and 0 <= backed <= resident
 
 
 _SHAPES_PROBE = """

@@ -198,3 +198,20 @@ def test_many_rows_take_the_compiled_norms_and_swiglu_and_agree_with_eager(make_
     assert compiled_rows and set(compiled_rows) == {len(tokens)}  # the prompt's rows only
     got, want = torch.stack(got), torch.stack(want)
     assert (got - want).abs().max().item() <= 2e-2 * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("backed_gib, level", [(3.9, "INFO"), (2.0, "WARNING")])
+def test_the_runner_says_how_much_of_its_weights_lie_in_huge_pages(monkeypatch, caplog, backed_gib, level):
+    monkeypatch.setattr(cpu_runner, "hugepage_backing", lambda: (int(backed_gib * 2**30), 4 << 30))
+    with caplog.at_level("INFO", logger=cpu_runner.__name__):
+        cpu_runner.log_hugepage_backing()
+    [record] = caplog.records
+    assert record.levelname == level and f"{backed_gib:.2f} of 4.00 GiB" in record.getMessage()
+    assert ("compact_memory" in record.getMessage()) == (level == "WARNING")
+
+
+def test_a_small_model_says_nothing_of_huge_pages(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_runner, "hugepage_backing", lambda: (0, 8 << 20))
+    with caplog.at_level("INFO", logger=cpu_runner.__name__):
+        cpu_runner.log_hugepage_backing()
+    assert not caplog.records

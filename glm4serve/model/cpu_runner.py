@@ -43,7 +43,7 @@ import torch
 from . import segments
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
-from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_copy, hugepage_empty, swap_linears
+from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_backing, hugepage_copy, hugepage_empty, swap_linears
 from .glm4 import GLM4Model, Layer, RMSNorm, SwiGLU
 from .quant import Int4Linear, Int8Linear, is_quantized
 from .runner import EagerRunner
@@ -73,6 +73,20 @@ def move_quantized_weights_to_hugepages(model: torch.nn.Module) -> None:
             m.scales_and_zeros = hugepage_copy(m.scales_and_zeros)
 
 
+def log_hugepage_backing(short_of: float = 0.9) -> None:
+    """How much of the weights (and the KV cache written so far) the kernel backs with huge pages: a warning
+    when under `short_of` of it, since a decode step then reads them slower."""
+    backed, resident = hugepage_backing()
+    if resident < STREAMED_WEIGHT_BYTES:  # a small model, or not Linux: nothing to say
+        return
+    if backed >= short_of * resident:
+        log.info("weights in huge pages: %.2f of %.2f GiB", backed / 2**30, resident / 2**30)
+    else:
+        log.warning("only %.2f of %.2f GiB of weights in huge pages (the box's memory is fragmented): decode may "
+                    "run ~10%% slower; `echo 1 > /proc/sys/vm/compact_memory` (root) before starting the server "
+                    "gives the kernel free 2 MiB runs again (README, \"On a CPU\")", backed / 2**30, resident / 2**30)
+
+
 def nbytes(module: torch.nn.Module) -> int:
     """Bytes of a module's weights, parameters and buffers (a quantized linear's are buffers)."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
@@ -98,6 +112,7 @@ class CpuRunner(EagerRunner):
         if self.compiled_rows:  # first: the one-token graphs trace through the wrapped modules
             compile_elementwise(model)
         self.one_token = OneTokenStep(model, block_size, head_plain) if self.compiled else None
+        log_hugepage_backing()
 
     def __repr__(self) -> str:
         if self.compiled:
