@@ -9,7 +9,7 @@ blocks for many), where int8_kernel.py builds. Three parts:
   sits where they cross), best of 3.
 - engine: decode steps of the int4 engine (engine alone, no server) on the 40-layer checkpoint
   bench_cpu_peers.py makes (~/.cache/glm4serve/bench-slice-9b-40layers; written here, 18.8 GB, when
-  missing), 1 and 8 streams, medians.
+  missing), 1, 8 and 16 streams (`--streams`), medians.
 
     .venv/bin/python benchmarks/bench_int4_kernel.py [--parts layers,rows,engine] [--layers 40]
 """
@@ -107,13 +107,13 @@ def rows_part():
             print(f"| {name} {n}x{k} | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
 
 
-def engine_part():
+def engine_part(stream_counts: list[int]):
     if not (CHECKPOINT / "config.json").is_file():
         write_random_checkpoint(CHECKPOINT, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": 40, "shards": 10})
     engine = build_llm_engine(EngineArgs(model=str(CHECKPOINT), dtype="bfloat16", quantization="int4",
                                          kv_cache_memory="1GiB", max_num_seqs=32))
     print("\nthe int4 engine, glm-4-9b-chat's 40 layers (random weights), decode steps (median)")
-    for streams in (1, 8):
+    for streams in stream_counts:
         for i in range(streams):
             engine.add_request(f"{streams}-{i}", list(range(100 + i, 164 + i)),
                                SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True))
@@ -134,6 +134,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="layers,rows,engine")
     ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--streams", default="1,8,16", help="the engine part's numbers of streams")
     a = ap.parse_args()
     torch.set_num_threads(2)
     if not int8_kernel.available():
@@ -144,7 +145,7 @@ def main():
     if "rows" in parts:
         rows_part()
     if "engine" in parts:
-        engine_part()
+        engine_part([int(n) for n in a.streams.split(",")])
 
 
 if __name__ == "__main__":

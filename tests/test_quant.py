@@ -183,22 +183,63 @@ def test_blockwise_products_of_several_shapes_reuse_one_buffer(monkeypatch):
     assert len(buffers) == 1
 
 
-@pytest.mark.parametrize("rows", [1, INT4_DEQUANTIZE_MIN_ROWS - 1, INT4_DEQUANTIZE_MIN_ROWS, 200])
-def test_int4_linear_rows_on_either_path_give_the_product(rows, monkeypatch):
-    """From INT4_DEQUANTIZE_MIN_ROWS rows, blocks of the weight unpacked from torch's int4 layout to bf16
-    (int8_gemm.c): the product over the dequantized weights, within bf16 rounding, as torch's kernel."""
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+@pytest.mark.parametrize("rows", [1, 5, 6, INT4_DEQUANTIZE_MIN_ROWS - 1, INT4_DEQUANTIZE_MIN_ROWS, 160, 161])
+def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, amx, monkeypatch):
+    """Up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows int4_gemm (VNNI), from there blocks of the weight unpacked from
+    torch's int4 layout to bf16 (int8_gemm.c), the product over the dequantized weights within bf16 rounding;
+    where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead."""
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
+    if amx and int8_kernel._amx_library() is None:
+        pytest.skip("no AMX-INT8 here: int4 batches take the other paths")
+    if not amx:
+        monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
     calls = []
-    real = int8_kernel.int4_matmul
-    monkeypatch.setattr(int8_kernel, "int4_matmul", lambda *a: calls.append(1) or real(*a))
+    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul"):
+        real = getattr(int8_kernel, name)
+        monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     monkeypatch.setattr(int8_kernel, "DEQUANTIZE_BLOCK_ROWS", 64)  # 192 rows: three blocks of one tile
     lin = Int4Linear(256, 192, bias=False, dtype=torch.float32, group=64)
     lin.load_weight_rows(0, 192, torch.randn(192, 256))
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
-    assert bool(calls) == (rows >= INT4_DEQUANTIZE_MIN_ROWS)
+    if amx and 6 <= rows <= 160:
+        assert calls == ["int4_amx_gemm"]
+    else:
+        assert calls == ["int4_gemm" if rows < INT4_DEQUANTIZE_MIN_ROWS else "int4_matmul"]
+
+
+def test_int4_amx_kernel_is_built_where_the_cpu_has_amx_int8_and_vbmi():
+    amx_cpu = int8_kernel._cpu_has(("amx_tile", "amx_int8", "avx512vbmi"))
+    assert (int8_kernel._amx_library() is not None) == (int8_kernel.available() and amx_cpu)
+    assert int8_kernel.INT4_AMX_ROWS == range(6, 161)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6, 17, 55, 100, int8_kernel.INT4_AMX_MAX_ROWS])
+@pytest.mark.parametrize("shape", [(256, 64), (4096, 128), (13696, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int4_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
+    """The tiles sum the same integers as int4_gemm (the int16 activations' two bytes apart) and scale them in
+    the same order: the same numbers, bit for bit, and within 1e-4 of the float64 product over the weights
+    (computed where reading them back is quick: dequantized() multiplies an identity of K rows)."""
+    if int8_kernel._amx_library() is None:
+        pytest.skip("no AMX-INT8 here (or no VNNI kernel): int4 batches take the other paths")
+    k, n = shape
+    lin = Int4Linear(k, n, bias=False, dtype=torch.float32)
+    g = torch.Generator().manual_seed(k + n + rows)
+    w = torch.randn(n, k, generator=g)
+    w[0] = torch.where(torch.arange(k) % 2 == 0, -1.0, 1.0) * 3  # q at both ends, 0 and 15
+    lin.load_weight_rows(0, n, w)
+    assert lin.tiled and lin.group == 64
+    x = torch.randn(rows, k, generator=g)
+    x[:, :2] = -x.abs().max()  # the largest activations, negative: the high bytes' sign
+    got = int8_kernel.int4_amx_gemm(x, lin.packed, lin.scales_and_zeros, lin.group)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.equal(got, int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group))
+    if k <= 4096:
+        want = x.double() @ lin.dequantized().double().T
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 6, INT4_DEQUANTIZE_MIN_ROWS - 1])
@@ -212,6 +253,7 @@ def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows,
     calls = []
     real = int8_kernel.int4_gemm
     monkeypatch.setattr(int8_kernel, "int4_gemm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)  # rows from 6 on would take the tiles
     k, n = shape
     lin = Int4Linear(k, n, bias=False, dtype=torch.float32)
     w = torch.randn(n, k)

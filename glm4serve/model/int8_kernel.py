@@ -13,7 +13,8 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
-at the memory's rate), many rows through dequantized bf16 blocks.
+at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
+where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm).
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
@@ -44,8 +45,9 @@ SOURCE = Path(__file__).with_name("int8_gemm.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 AMX_SOURCE = Path(__file__).with_name("int8_amx.c")
-AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8"]
-AMX_CPU_FLAGS = ("amx_tile", "amx_int8")
+AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
+             "-mavx512vbmi"]
+AMX_CPU_FLAGS = ("amx_tile", "amx_int8", "avx512vbmi")
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
@@ -130,6 +132,8 @@ def _amx_library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.pack_activations.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.split_activations.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.int4_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -245,4 +249,34 @@ def int8_amx_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
     y = torch.empty(m, n, dtype=torch.float32)
     lib.int8_amx_gemm(weight.data_ptr(), scale.data_ptr(), n, k, hi.data_ptr(), lo.data_ptr(), xs.data_ptr(), m,
                       y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+# int4 products of these many rows run on AMX tiles. glm-4-9b's 40 layers' products from memory (BENCHMARKS.md):
+# int4_amx_gemm against int4_gemm 1.03x at 6 rows, 1.18x at 8, 1.6x at 12, 2.3-2.5x at 32-48 (int4_gemm reads the
+# weights again for every 4 rows; the tiles' floor is ~2x one row's time); against the dequantized bf16 blocks
+# 2.3x at 64 rows, 1.4x at 128, 1.2x at 160, 0.95x at 192.
+INT4_AMX_ROWS = range(6, 161)
+INT4_AMX_MAX_ROWS = 192  # int8_amx.c's: the most rows its sums hold
+
+
+def int4_amx_fits(m: int, n: int, k: int, group: int) -> bool:
+    """int4_amx_gemm takes the product: groups of 64 inputs (a tile's depth), m in INT4_AMX_ROWS."""
+    return m in INT4_AMX_ROWS and group == 64 and n % 64 == 0 and k % 64 == 0 and _amx_library() is not None
+
+
+def int4_amx_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_gemm's product (the same operands, int4_amx_fits must hold) on AMX tiles -> fp32 [M, N]."""
+    lib = _amx_library()
+    (m, k), n = x.shape, packed.shape[0]
+    assert 1 <= m <= INT4_AMX_MAX_ROWS and group == 64 and n % 64 == 0 and k % 64 == 0, (m, n, k, group)
+    xq, xs = quantize_rows(x)
+    rows = (m + 15) // 16 * 16
+    hi, lo = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows, k, dtype=torch.uint8)
+    gsum = torch.empty(m, k // 64, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    lib.split_activations(xq.data_ptr(), m, k, hi.data_ptr(), lo.data_ptr(), gsum.data_ptr(), threads)
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.int4_amx_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, hi.data_ptr(), lo.data_ptr(),
+                      gsum.data_ptr(), xs.data_ptr(), m, y.data_ptr(), threads)
     return y

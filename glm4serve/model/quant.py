@@ -12,7 +12,7 @@ input's dtype. The kernels:
   scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, up to
   INT4_DEQUANTIZE_MIN_ROWS - 1 rows through its kernel over that layout (int16 activations; the
   scales kept tile by tile for it), and more through blocks of the weight dequantized to bf16 from it
-  and multiplied by oneDNN.
+  and multiplied by oneDNN; where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows on its tiles.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -29,7 +29,8 @@ QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
 # from this many rows, int4 goes through bf16-dequantized blocks: at glm-4-9b's shapes int8_gemm.c's int4_gemm
-# takes 1.3-1.5x less time at 32 rows, 1.0-1.2x at 48, 0.75-0.93x at 64 (BENCHMARKS.md)
+# takes 1.3-1.5x less time at 32 rows, 1.0-1.2x at 48, 0.75-0.93x at 64 (BENCHMARKS.md); where the CPU has
+# AMX-INT8, int8_kernel.INT4_AMX_ROWS rows run on its tiles before either
 INT4_DEQUANTIZE_MIN_ROWS = 56
 LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
 
@@ -157,7 +158,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.tiled and rows.shape[0] < INT4_DEQUANTIZE_MIN_ROWS:
+        if self.tiled and int8_kernel.int4_amx_fits(rows.shape[0], self.out_features, self.in_features, self.group):
+            y = int8_kernel.int4_amx_gemm(rows, self.packed, self.scales_and_zeros, self.group)
+        elif self.tiled and rows.shape[0] < INT4_DEQUANTIZE_MIN_ROWS:
             y = int8_kernel.int4_gemm(rows, self.packed, self.scales_and_zeros, self.group)
         elif self.tiled:
             y = int8_kernel.int4_matmul(rows, self.packed, self.scales_and_zeros, self.group)
