@@ -187,7 +187,7 @@ void int4_amx_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t
         const __m512i nibble = _mm512_set1_epi8(0x0F);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < N / 64; t++) {
-            memset(acc, 0, sizeof acc);
+            memset(acc, 0, sizeof(float) * 64 * M);
             for (int64_t g = 0; g < groups; g++) {
                 int8_t (*b)[16][64] = bufs[g & 1];
                 int32_t (*sums)[16][16] = sum_bufs[g & 1];
