@@ -36,6 +36,26 @@ static inline float bf16_to_float(uint16_t b) {
     return v.f;
 }
 
+/* This thread's 8 tiles, each 16 rows of 64 bytes. */
+static inline void configure_tiles(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Tiles 0-3, the kernels' sums, into memory. */
+static inline void store_sums(int32_t sums[4][16][16]) {
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+}
+
 /* Ask Linux for the AMX tile state (once per process); 0 when granted. */
 int amx_request(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
 
@@ -63,14 +83,7 @@ void int8_amx_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K,
     int64_t groups = (M + 15) / 16, group_bytes = K * 16;
 #pragma omp parallel num_threads(threads)
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) {
-            cfg.rows[t] = 16;
-            cfg.colsb[t] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        configure_tiles();
         int32_t sums[4][16][16];
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += 32) {
@@ -92,10 +105,7 @@ void int8_amx_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K,
                     _tile_dpbssd(2, 5, 6);
                     _tile_dpbsud(3, 5, 7);
                 }
-                _tile_stored(0, sums[0], 64);
-                _tile_stored(1, sums[1], 64);
-                _tile_stored(2, sums[2], 64);
-                _tile_stored(3, sums[3], 64);
+                store_sums(sums);
                 int64_t rows = M - g * 16 < 16 ? M - g * 16 : 16;
                 for (int half = 0; half < 2; half++) {
                     for (int j = 0; j < 16; j++) {
@@ -171,14 +181,7 @@ void int4_amx_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t
     }
 #pragma omp parallel num_threads(threads)
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) {
-            cfg.rows[t] = 16;
-            cfg.colsb[t] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        configure_tiles();
         /* the group's B tiles (rows 16v .. 16v + 15) and sums, two sets, a group's in one while the next's fill the
            other: no group waits for the last one's tiles to be read */
         int8_t bufs[2][4][16][64] __attribute__((aligned(64)));
@@ -220,10 +223,7 @@ void int4_amx_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t
                         _tile_dpbusd(1, 7, 4);
                         _tile_dpbssd(2, 6, 5);
                         _tile_dpbusd(3, 7, 5);
-                        _tile_stored(0, sums[0], 64);
-                        _tile_stored(1, sums[1], 64);
-                        _tile_stored(2, sums[2], 64);
-                        _tile_stored(3, sums[3], 64);
+                        store_sums(sums);
                         int64_t rows = M - mt * 16 < 16 ? M - mt * 16 : 16;
                         for (int64_t r = 0; r < rows; r++) {
                             int64_t m = mt * 16 + r;
