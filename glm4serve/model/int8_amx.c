@@ -36,17 +36,16 @@ static inline float bf16_to_float(uint16_t b) {
     return v.f;
 }
 
-/* This thread's 8 tiles, each of 64 bytes a row: 16 rows, but `rows` for the tiles of one side (the
-   activations' and the sums', a batch of fewer than 16: the tiles' work goes with their rows). */
-static inline void configure_tiles(const int *side, int rows) {
+/* This thread's 8 tiles, 64 bytes a row: tiles 4-5 16 rows, the others (sums 0-3, 6-7) `rows` (int4_amx_gemm's
+   sums and activations for a batch of fewer than 16: the tiles' work goes with their rows). */
+static inline void configure_tiles(int rows) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
     for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
+        cfg.rows[t] = (uint8_t)(t == 4 || t == 5 ? 16 : rows);
         cfg.colsb[t] = 64;
     }
-    for (int i = 0; side != NULL && i < 6; i++) cfg.rows[side[i]] = (uint8_t)rows;
     _tile_loadconfig(&cfg);
 }
 
@@ -85,7 +84,7 @@ void int8_amx_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K,
     int64_t groups = (M + 15) / 16, group_bytes = K * 16;
 #pragma omp parallel num_threads(threads)
     {
-        configure_tiles(NULL, 16);
+        configure_tiles(16);
         int32_t sums[4][16][16];
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += 32) {
@@ -183,7 +182,7 @@ void int4_amx_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t
     }
 #pragma omp parallel num_threads(threads)
     {
-        configure_tiles((const int[]){0, 1, 2, 3, 6, 7}, M < 16 ? (int)M : 16);
+        configure_tiles(M < 16 ? (int)M : 16);
         /* the group's B tiles (rows 16v .. 16v + 15) and sums, two sets, a group's in one while the next's fill the
            other: no group waits for the last one's tiles to be read */
         int8_t bufs[2][4][16][64] __attribute__((aligned(64)));
