@@ -8,6 +8,7 @@ test also checks that the loader fills every parameter. Independent of glm4.py o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -149,10 +150,10 @@ def test_configs_are_written_in_the_real_styles(ckpts):
     assert cg["model_type"] == "chatglm" and cg["padded_vocab_size"] % 64 == 0
     assert (cg["ffn_hidden_size"], cg["num_layers"], cg["kv_channels"], cg["multi_query_group_num"]) == (96, 2, 16, 2)
     h4 = json.loads((ckpts["hf_4x"] / "config.json").read_text())
-    assert h4["architectures"] == ["GlmForCausalLM"] and h4["rope_theta"] == 10000.0 and "rope_parameters" not in h4
+    assert h4["architectures"] == ["GlmForCausalLM"] and h4["rope_theta"] == 5e6 and "rope_parameters" not in h4
     h5 = json.loads((ckpts["glm4_hf"] / "config.json").read_text())
     assert h5["architectures"] == ["Glm4ForCausalLM"] and "rope_theta" not in h5
-    assert h5["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    assert h5["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5}
 
     special = special_token_ids(ckpts["chatglm"])
     stops = [special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]]
@@ -231,7 +232,7 @@ def test_transformers_loads_hf_checkpoints(ckpts, reference, name):
     assert torch.equal(sd["model.layers.0.self_attn.q_proj.bias"], ours["layers.0.attn.qkv.bias"][:64])
     assert torch.equal(sd["model.layers.1.post_attention_layernorm.weight"], ours["layers.1.mlp_norm.weight"])
     assert torch.equal(sd["lm_head.weight"], reference["lm_head.weight"])
-    assert model.config.rope_parameters["rope_theta"] == 10000.0
+    assert model.config.rope_parameters["rope_theta"] == 5e6
     assert model.config.eos_token_id == list(ModelConfig.from_dir(ckpts[name]).eos_token_ids)
     if name == "glm4_hf":
         assert torch.equal(sd["model.layers.1.post_mlp_layernorm.weight"], ours["layers.1.post_mlp_norm.weight"])
@@ -462,6 +463,16 @@ def test_make_model_cli(tmp_path, capsys):
 
     assert make_model_main([str(tmp_path / "bad"), "--variant", "glm4", "--layout", "chatglm"]) == 1
     assert "chatglm layout" in capsys.readouterr().err
+
+
+def test_make_model_with_its_defaults_is_read_without_the_hf_conversion_warning(tmp_path, caplog):
+    """A default checkpoint has GLM-4's 128K context, so its RoPE base is the chat model's trained one: not the
+    published -hf config's 10000, which loading warns of."""
+    assert make_model_main([str(tmp_path / "m")]) == 0
+    with caplog.at_level(logging.WARNING, logger="glm4serve.model"):
+        cfg = ModelConfig.from_dir(tmp_path / "m")
+    assert (cfg.rope_theta, cfg.max_position_embeddings) == (5e6, 131072)
+    assert "conversion bug" not in caplog.text
 
 
 def test_the_hf_conversions_rope_theta_is_warned_of_with_the_override_that_fixes_it(ckpts, tmp_path, caplog):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, GLM4_RMS_NORM_EPS, LAYOUTS, MAX_POSITIONS, ROPE_BASE, VARIANTS, ModelConfig
+from .config import (CHAT_ROPE_THETA, DTYPES, GLM4_RMS_NORM_EPS, LAYOUTS, MAX_POSITIONS, ROPE_BASE, VARIANTS,
+                     ModelConfig)
 from .loader import INDEX_FILE, SINGLE_FILE, CheckpointTensor, checkpoint_tensors, param_shapes
 from .lora import LORA_TARGETS
 from .tokenizer import GLM4_STOP_TOKENS
@@ -27,7 +28,8 @@ from .tokenizer import GLM4_STOP_TOKENS
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 # glm-4-9b-chat's shapes (its config.json), for benchmark checkpoints of the real size or a slice of it
 GLM4_9B_CHAT = dict(variant="glm", vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_layers=40,
-                    num_heads=32, num_kv_heads=2, head_dim=128, max_position_embeddings=131072, rope_theta=5e6)
+                    num_heads=32, num_kv_heads=2, head_dim=128, max_position_embeddings=MAX_POSITIONS,
+                    rope_theta=CHAT_ROPE_THETA)
 
 
 def write_random_checkpoint(
@@ -43,7 +45,7 @@ def write_random_checkpoint(
     num_kv_heads: int = 2,
     head_dim: int | None = None,
     max_position_embeddings: int = MAX_POSITIONS,
-    rope_theta: float = ROPE_BASE,
+    rope_theta: float = CHAT_ROPE_THETA,  # with the 128K context: glm-4-9b-chat's, not the -hf config's slip
     dtype: str = "float32",
     seed: int = 0,
     shards: int = 1,
