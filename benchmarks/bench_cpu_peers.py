@@ -4,7 +4,9 @@ The model is a slice of glm-4-9b-chat: its exact layer shapes (hidden 4096, FFN 
 2 KV groups of 128, vocabulary 151552), `--layers` of its 40 layers, random bf16 weights. The pairs:
 ours bf16 vs llama.cpp BF16, ours int8 vs Q8_0, ours int4 vs Q4_0, ours fp32 vs F32. Both servers
 run at once, each on the machine's cores, and their requests take turns (one server is idle while
-the other works); prompts are the same token ids, decoding is greedy with the stop tokens ignored.
+the other works); with `--apart` (two copies of the model would not fit the memory) they run one after
+the other instead, each alone. Prompts are the same token ids, decoding is greedy with the stop tokens
+ignored.
 
 llama.cpp comes from the llama-cpp-python source distribution on PyPI (its vendor/llama.cpp), built
 once with cmake into ~/.cache/glm4serve/ (`llama-server`, `llama-quantize`); our checkpoint goes to
@@ -12,7 +14,7 @@ GGUF through its convert_hf_to_gguf.py, whose pre-tokenizer check does not know 
 tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). Not part of CI.
 
     .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes fp32,bf16,int8,int4] [--repeats 3]
-        [--prefill-tokens 1024] [--decode-after-prefill]
+        [--prefill-tokens 1024] [--decode-after-prefill] [--apart]
 
 Ratios are ours over theirs in speed: tokens/s ours / theirs, and prefill time theirs / ours.
 """
@@ -182,6 +184,63 @@ def concurrent(url: str, prompts: list[list[int]], new_tokens: int) -> float:
     return sum(got) / (time.perf_counter() - t0)
 
 
+def measure(urls: dict[str, str], a, mode: str, prompt: list[int], many: list[list[int]]) -> dict[str, dict]:
+    """Each server's figures ({who: {"stream": tokens/s of each turn, "prefill": seconds, ...}}), the servers
+    taking turns request by request: one is idle while the other works."""
+    f: dict[str, dict] = {who: {"stream": [], "prefill": [], "long_decode": []} for who in urls}
+    for url in urls.values():  # warm-up
+        stream(url, prompt, 8)
+    for _ in range(a.repeats):
+        for who, url in urls.items():
+            f[who]["stream"].append(stream(url, prompt, a.new_tokens)[1])
+    if a.prefill_tokens:
+        for p in prefill_prompts(a.prefill_tokens, a.repeats):  # each prompt new to every server
+            for who, url in urls.items():
+                if a.decode_after_prefill:
+                    _, rate, first_s = stream(url, p, a.new_tokens)
+                    f[who]["prefill"].append(first_s)
+                    f[who]["long_decode"].append(rate)
+                else:
+                    f[who]["prefill"].append(prefill(url, p))
+    if mode in a.concurrent_modes.split(","):
+        for who, url in urls.items():
+            f[who]["concurrent"] = concurrent(url, many, a.new_tokens)
+    return f
+
+
+def summary(f: dict[str, dict], r: dict, mode: str, kind: str, a) -> str:
+    """One line of the two servers' figures and their ratios; the medians go into r as well."""
+    ours, theirs = f["ours"], f["llama.cpp"]
+
+    def runs(xs, fmt=".1f"):
+        return " / ".join(f"{x:{fmt}}" for x in xs)
+
+    r.update(ours=statistics.median(ours["stream"]), ours_runs=ours["stream"],
+             **{"llama.cpp": statistics.median(theirs["stream"]), "llama.cpp_runs": theirs["stream"]},
+             ours_rss_gib=ours["rss_gib"], ours_hugepages_gib=ours["hugepages_gib"], llama_rss_gib=theirs["rss_gib"])
+    line = (f"{mode} vs {kind}{' (apart)' if a.apart else ''}: single stream ours {r['ours']:.1f} tok/s (runs "
+            f"{runs(ours['stream'])}), llama.cpp {r['llama.cpp']:.1f} tok/s (runs {runs(theirs['stream'])}), "
+            f"ratio {r['ours'] / r['llama.cpp']:.2f}x; resident ours {r['ours_rss_gib']:.2f} GiB "
+            f"({r['ours_hugepages_gib']:.2f} in huge pages), llama.cpp {r['llama_rss_gib']:.2f} GiB")
+    if a.prefill_tokens:
+        r["ours_prefill_s"], r["llama_prefill_s"] = statistics.median(ours["prefill"]), \
+            statistics.median(theirs["prefill"])
+        line += (f"; prefill of {a.prefill_tokens} tokens ours {r['ours_prefill_s']:.2f} s (runs "
+                 f"{runs(ours['prefill'], '.2f')}), llama.cpp {r['llama_prefill_s']:.2f} s "
+                 f"(runs {runs(theirs['prefill'], '.2f')}), ratio {r['llama_prefill_s'] / r['ours_prefill_s']:.2f}x")
+    if a.decode_after_prefill:
+        r["ours_long_decode"], r["llama_long_decode"] = statistics.median(ours["long_decode"]), \
+            statistics.median(theirs["long_decode"])
+        line += (f"; decode after it ours {r['ours_long_decode']:.1f} tok/s (runs {runs(ours['long_decode'])}), "
+                 f"llama.cpp {r['llama_long_decode']:.1f} tok/s (runs {runs(theirs['long_decode'])}), "
+                 f"ratio {r['ours_long_decode'] / r['llama_long_decode']:.2f}x")
+    if "concurrent" in ours:
+        r["ours_concurrent"], r["llama_concurrent"] = ours["concurrent"], theirs["concurrent"]
+        line += (f"; {a.concurrent} streams ours {r['ours_concurrent']:.0f} tok/s, llama.cpp "
+                 f"{r['llama_concurrent']:.0f} tok/s, ratio {r['ours_concurrent'] / r['llama_concurrent']:.2f}x")
+    return line
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
@@ -193,6 +252,9 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=1024, help="prompt length of the prefill turns (0: none)")
     ap.add_argument("--decode-after-prefill", action="store_true",
                     help="the prefill turns stream --new-tokens tokens: also the decode rate at that context")
+    ap.add_argument("--apart", action="store_true",
+                    help="run the servers one after the other, each alone in memory (for a model two copies of which "
+                         "do not fit): their turns are then minutes apart, not interleaved")
     a = ap.parse_args()
     modes = a.modes.split(",")
     build = llama_cpp()
@@ -208,62 +270,36 @@ def main():
         args = ["--max-num-seqs", str(a.concurrent), "--served-model-name", "bench"]
         if quantization:
             args += ["--quantization", quantization]
-        kv = "2GiB"
-        t0 = time.perf_counter()
-        ours = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory=kv).wait_healthy(timeout=900)
-        load_s = time.perf_counter() - t0
-        theirs = LlamaServer(build, ggufs[kind], slots=a.concurrent,
-                             ctx_per_slot=max(512, a.prefill_tokens + a.new_tokens + 16))
-        try:
-            for url in (ours.url, theirs.url):  # warm-up
-                stream(url, prompt, 8)
-            rates = {"ours": [], "llama.cpp": []}
-            for _ in range(a.repeats):  # the two take turns
-                rates["ours"].append(stream(ours.url, prompt, a.new_tokens)[1])
-                rates["llama.cpp"].append(stream(theirs.url, prompt, a.new_tokens)[1])
-            r = {"ours_load_s": load_s, "ours_rss_gib": resident_gib(ours.proc.pid),
-                 "ours_hugepages_gib": resident_gib(ours.proc.pid, "AnonHugePages"),
-                 "llama_rss_gib": resident_gib(theirs.proc.pid)}
-            for who, xs in rates.items():
-                r[who] = statistics.median(xs)
-                r[who + "_runs"] = xs
-            line = (f"{mode} vs {kind}: single stream ours {r['ours']:.1f} tok/s (runs "
-                    f"{' / '.join(f'{x:.1f}' for x in rates['ours'])}), llama.cpp {r['llama.cpp']:.1f} tok/s (runs "
-                    f"{' / '.join(f'{x:.1f}' for x in rates['llama.cpp'])}), ratio {r['ours'] / r['llama.cpp']:.2f}x; "
-                    f"resident ours {r['ours_rss_gib']:.2f} GiB ({r['ours_hugepages_gib']:.2f} in huge pages), "
-                    f"llama.cpp {r['llama_rss_gib']:.2f} GiB")
-            if a.prefill_tokens:
-                times, decode = {"ours": [], "llama.cpp": []}, {"ours": [], "llama.cpp": []}
-                for p in prefill_prompts(a.prefill_tokens, a.repeats):  # taking turns, each prompt new to both
-                    for who, url in (("ours", ours.url), ("llama.cpp", theirs.url)):
-                        if a.decode_after_prefill:
-                            _, rate, first_s = stream(url, p, a.new_tokens)
-                            times[who].append(first_s)
-                            decode[who].append(rate)
-                        else:
-                            times[who].append(prefill(url, p))
-                r["ours_prefill_s"], r["llama_prefill_s"] = (statistics.median(times[w]) for w in times)
-                line += (f"; prefill of {a.prefill_tokens} tokens ours {r['ours_prefill_s']:.2f} s (runs "
-                         f"{' / '.join(f'{x:.2f}' for x in times['ours'])}), llama.cpp {r['llama_prefill_s']:.2f} s "
-                         f"(runs {' / '.join(f'{x:.2f}' for x in times['llama.cpp'])}), "
-                         f"ratio {r['llama_prefill_s'] / r['ours_prefill_s']:.2f}x")
-                if a.decode_after_prefill:
-                    r["ours_long_decode"], r["llama_long_decode"] = (statistics.median(decode[w]) for w in decode)
-                    line += (f"; decode after it ours {r['ours_long_decode']:.1f} tok/s (runs "
-                             f"{' / '.join(f'{x:.1f}' for x in decode['ours'])}), llama.cpp "
-                             f"{r['llama_long_decode']:.1f} tok/s (runs "
-                             f"{' / '.join(f'{x:.1f}' for x in decode['llama.cpp'])}), "
-                             f"ratio {r['ours_long_decode'] / r['llama_long_decode']:.2f}x")
-            if mode in a.concurrent_modes.split(","):
-                r["ours_concurrent"] = concurrent(ours.url, many, a.new_tokens)
-                r["llama_concurrent"] = concurrent(theirs.url, many, a.new_tokens)
-                line += (f"; {a.concurrent} streams ours {r['ours_concurrent']:.0f} tok/s, llama.cpp "
-                         f"{r['llama_concurrent']:.0f} tok/s, ratio {r['ours_concurrent'] / r['llama_concurrent']:.2f}x")
-            print(line, flush=True)
-            results[mode] = r
-        finally:
-            ours.stop()
-            theirs.stop()
+        r: dict = {}
+
+        def start_ours():
+            t0 = time.perf_counter()
+            server = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory="2GiB").wait_healthy(timeout=900)
+            r["ours_load_s"] = time.perf_counter() - t0
+            return server
+
+        def start_theirs():
+            return LlamaServer(build, ggufs[kind], slots=a.concurrent,
+                               ctx_per_slot=max(512, a.prefill_tokens + a.new_tokens + 16))
+
+        runs = [[("ours", start_ours), ("llama.cpp", start_theirs)]]
+        if a.apart:
+            runs = [[pair] for pair in runs[0]]
+        figures = {}
+        for run_ in runs:
+            servers = {}
+            try:
+                for who, start in run_:
+                    servers[who] = start()
+                figures.update(measure({who: s.url for who, s in servers.items()}, a, mode, prompt, many))
+                for who, s in servers.items():
+                    figures[who]["rss_gib"] = resident_gib(s.proc.pid)
+                    figures[who]["hugepages_gib"] = resident_gib(s.proc.pid, "AnonHugePages")
+            finally:
+                for s in servers.values():
+                    s.stop()
+        print(summary(figures, r, mode, kind, a), flush=True)
+        results[mode] = r
     print(json.dumps(results))
 
 
