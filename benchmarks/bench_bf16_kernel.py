@@ -1,7 +1,7 @@
 """bf16 linears at glm-4-9b-chat's shapes, in one process, taking turns: as served where bf16_kernel.py
-builds (the weight plain: 1-4 rows in bf16_gemm.c, more through oneDNN over the plain weight) against
-the weight packed by oneDNN for every product (as served without the kernel); best of --repeats, for
---rows rows. With --engine instead, two engines on a 9B slice (exact layer shapes, --layers of them,
+builds (the weight plain: up to bf16_kernel.max_rows() rows in bf16_gemm.c, 4 or 128 on AMX tiles, more
+through oneDNN over the plain weight) against the weight packed by oneDNN for every product (as served
+without the kernel); best of --repeats, for --rows rows. With --engine instead, two engines on a 9B slice (exact layer shapes, --layers of them,
 full vocabulary), one built each way, taking turns: decode steps at 1, 4 and 32 streams, and the
 prefill of a 1,024-token prompt.
 

@@ -59,25 +59,40 @@ def test_a_plain_weight_serves_batches_eagerly_and_one_row_inside_a_graph(bias):
 
 
 @needs_bf16_kernel
-@pytest.mark.parametrize("out_f, in_f", [(4608, 4096), (2270, 64), (7, 96), (3, 32)])
+@pytest.mark.parametrize("out_f, in_f", [(4608, 4096), (2270, 64), (7, 96), (3, 32), (96, 13696)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_few_rows_run_in_the_kernel_exactly_rounded(out_f, in_f, bias, monkeypatch):
-    """Rows 1-4 in bf16_gemm.c: the fp32 sum rounded once to bf16, so within one bf16 step of the
-    fp32 product's rounding (the order of the fp32 sums differs); more rows in oneDNN over the same
-    plain weight. Weights whose rows are not a multiple of 4 take the kernel's tail path."""
+def test_bf16_decode_batches_run_in_the_kernels_exactly_rounded(out_f, in_f, bias, monkeypatch):
+    """Rows 1 to bf16_kernel.max_rows() in bf16_gemm.c: 1-4 in vector instructions, more on AMX tiles where the CPU
+    has them and the weight's rows are a multiple of 32 (else in vector instructions, 4 rows at a time). The fp32
+    sum is rounded once to bf16, so within one bf16 step of the fp32 product's rounding (the order of the fp32
+    sums differs); more rows in oneDNN over the same plain weight. Weights whose rows are not a multiple of 4
+    take the vector kernel's tail path."""
     lin = linear(out_f, in_f, bias, seed=2).to(torch.bfloat16)
     layer = CpuLinear(lin, plain=False)
-    assert layer.kernel_rows == bf16_kernel.MAX_ROWS and not layer.weight.is_mkldnn  # one plain copy
-    calls = []
+    assert layer.kernel_rows == bf16_kernel.max_rows() and not layer.weight.is_mkldnn  # one plain copy
+    calls, tiles, lib = [], [], bf16_kernel._library()
     monkeypatch.setattr(bf16_kernel, "matmul", lambda *a, f=bf16_kernel.matmul: calls.append(1) or f(*a))
-    for rows in (1, 2, 3, 4, 5, 9):
+    monkeypatch.setattr(lib, "bf16_amx_gemm", lambda *a, f=lib.bf16_amx_gemm: tiles.append(a[5]) or f(*a))
+    all_rows = (1, 2, 3, 4, 5, 9, 16, 17, 40, 128, 129)
+    for rows in all_rows:
         x = torch.randn(rows, in_f).to(torch.bfloat16)
         want = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
         got = layer(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
         step = want.abs().clamp_min(1e-3) * 2**-7  # one bf16 step at the value
         assert ((got.float() - want).abs() <= step).all(), rows
-    assert len(calls) == 4  # rows 1-4
+    kernel_rows = [rows for rows in all_rows if rows <= bf16_kernel.max_rows()]
+    assert len(calls) == len(kernel_rows)
+    on_tiles = bf16_kernel.amx_available() and out_f % 32 == 0
+    assert tiles == ([rows for rows in kernel_rows if rows > bf16_kernel.VECTOR_ROWS] if on_tiles else [])
+
+
+@pytest.mark.skipif(not bf16_kernel.available(), reason="no AVX-512 BF16 or no C compiler")
+def test_bf16_batches_go_to_the_tiles_where_the_cpu_has_amx_bf16():
+    """Where the CPU has AMX-BF16 (and Linux grants its tiles), the kernels take decode batches up to AMX_MAX_ROWS."""
+    amx_cpu = bf16_kernel.cpu_has(bf16_kernel.AMX_CPU_FLAGS)
+    assert bf16_kernel.amx_available() == amx_cpu
+    assert bf16_kernel.max_rows() == (bf16_kernel.AMX_MAX_ROWS if amx_cpu else bf16_kernel.VECTOR_ROWS)
 
 
 @needs_bf16_kernel

@@ -61,13 +61,13 @@ def test_int8_kernel_is_built_where_the_cpu_has_avx512_vnni():
     import shutil
 
     compiler = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-    assert int8_kernel.available() == (int8_kernel._cpu_has(int8_kernel.CPU_FLAGS) and compiler)
+    assert int8_kernel.available() == (int8_kernel.cpu_has(int8_kernel.CPU_FLAGS) and compiler)
 
 
 def test_int8_amx_kernel_is_built_where_the_cpu_has_amx_int8():
     """Likewise the AMX kernel, wherever the other builds and the CPU has AMX-INT8 (Linux grants its
     tiles to any process that asks)."""
-    amx_cpu = int8_kernel._cpu_has(int8_kernel.AMX_CPU_FLAGS)
+    amx_cpu = int8_kernel.cpu_has(int8_kernel.AMX_CPU_FLAGS)
     assert (int8_kernel._amx_library() is not None) == (int8_kernel.available() and amx_cpu)
 
 
@@ -212,7 +212,7 @@ def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, amx, monke
 
 
 def test_int4_amx_kernel_is_built_where_the_cpu_has_amx_int8_and_vbmi():
-    amx_cpu = int8_kernel._cpu_has(("amx_tile", "amx_int8", "avx512vbmi"))
+    amx_cpu = int8_kernel.cpu_has(("amx_tile", "amx_int8", "avx512vbmi"))
     assert (int8_kernel._amx_library() is not None) == (int8_kernel.available() and amx_cpu)
     assert int8_kernel.INT4_AMX_ROWS == range(6, 161)
 

@@ -6,14 +6,18 @@
  *
  * A decode step is bound by reading the weights: each program takes 4 weight rows and every group of
  * up to 4 activation rows, 16 fp32 accumulators; the 4 rows are prefetched 512 bytes ahead on their
- * first pass and come from L2 on the others. Past 4 rows the products, not the reads, bound it (oneDNN
- * takes over there, cpu_linear.py).
+ * first pass and come from L2 on the others. Past 4 rows the products, not the reads, bound it: the AMX
+ * kernel at the end takes over there, where the CPU has it, and oneDNN elsewhere (bf16_kernel.py).
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define PREFETCH_BYTES 512
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 
 static inline uint16_t to_bf16(float f) {
     union { float f; uint32_t u; } v = {f};
@@ -81,5 +85,109 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
                 }
             }
         }
+    }
+}
+
+/* Batches of 5 to 128 rows on AMX tiles, where the CPU has AMX-BF16 (bf16_kernel.py). The vector
+ * kernel above multiplies each weight row with each activation row in vector instructions: from 5 rows
+ * that arithmetic, not the weight reads, bounds it; oneDNN reads the weight at ~2/3 of the memory's rate.
+ * Here the weight is tile A as it lies (16 rows x 32 inputs, stride K), read once for up to 16 activation
+ * rows, which are tile B in the pairs AMX wants (pack_bf16_activations). Sums in fp32 (tdpbf16ps), rounded to
+ * bf16 once with the bias, as above. Each program takes 32 weight rows and every group of 16 activation rows;
+ * tiles 0-1 the sums, 2-3 the weights, 4 the activations. */
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Ask Linux for the AMX tile state (once per process); 0 when granted. */
+int bf16_amx_request(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+/* x bf16 [M, K] -> [ceil(M / 16)][K / 2][16] pairs of inputs (rows past M zero): row 16g + i's inputs 2p, 2p + 1
+   at [g][p][i], so that 16 pairs of 16 rows are one 64-byte-a-row tile B. */
+void pack_bf16_activations(const uint32_t *x, int64_t M, int64_t K, uint32_t *out) {
+    int64_t pairs = K / 2;
+    for (int64_t m = 0; m < (M + 15) / 16 * 16; m++) {
+        uint32_t *o = out + (m / 16) * pairs * 16 + m % 16;
+        for (int64_t p = 0; p < pairs; p++) o[p * 16] = m < M ? x[m * pairs + p] : 0;
+    }
+}
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Sums tiles `tile` (and `tile` + 1) -> y's rows 16g.. of the 32 weight rows from n0, with the bias, to bf16. */
+static inline AMX_TARGET void store_rows(int first_tile, int64_t g, int64_t M, int64_t N, int64_t n0,
+                                         const uint16_t *bias,
+                              uint16_t *y) {
+    float sums[2][16][16];
+    if (first_tile == 0) {
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+    } else {
+        _tile_stored(2, sums[0], 64);
+        _tile_stored(3, sums[1], 64);
+    }
+    int64_t rows = M - g * 16 < 16 ? M - g * 16 : 16;
+    for (int half = 0; half < 2; half++)
+        for (int j = 0; j < 16; j++) {
+            int64_t n = n0 + half * 16 + j;
+            float add = bias ? from_bf16(bias[n]) : 0.f;
+            for (int64_t i = 0; i < rows; i++) y[(g * 16 + i) * N + n] = to_bf16(sums[half][j][i] + add);
+        }
+}
+
+/* y bf16 [M, N] = x @ w.T (+ bias), xp = pack_bf16_activations(x); N % 32 == 0, K % 32 == 0. */
+AMX_TARGET void bf16_amx_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_t K, const uint32_t *xp,
+                              int64_t M, uint16_t *y, int threads) {
+    int64_t groups = (M + 15) / 16, group_pairs = K / 2 * 16;
+#pragma omp parallel num_threads(threads)
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) {
+            cfg.rows[t] = 16;
+            cfg.colsb[t] = 64;
+        }
+        _tile_loadconfig(&cfg);
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 32) {
+            const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * K;
+            for (int64_t g = 0; g < groups; g += 2) {  /* two groups of rows at a time: each weight tile loaded once */
+                const uint32_t *b0 = xp + g * group_pairs, *b1 = b0 + group_pairs;
+                _tile_zero(0);
+                _tile_zero(1);
+                if (g + 1 < groups) {
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t k = 0; k < K; k += 32) {
+                        _tile_loadd(4, w0 + k, K * 2);
+                        _tile_loadd(5, w1 + k, K * 2);
+                        _tile_loadd(6, b0 + k / 2 * 16, 64);
+                        _tile_loadd(7, b1 + k / 2 * 16, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 5, 6);
+                        _tile_dpbf16ps(2, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    store_rows(2, g + 1, M, N, n0, bias, y);
+                } else {
+                    for (int64_t k = 0; k < K; k += 32) {
+                        _tile_loadd(4, w0 + k, K * 2);
+                        _tile_loadd(5, w1 + k, K * 2);
+                        _tile_loadd(6, b0 + k / 2 * 16, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 5, 6);
+                    }
+                }
+                store_rows(0, g, M, N, n0, bias, y);
+            }
+        }
+        _tile_release();
     }
 }

@@ -1,34 +1,44 @@
-"""bf16 products of one to four rows (decode) in bf16_gemm.c, built on first use like the int8
+"""bf16 products of decode batches (1 to AMX_MAX_ROWS rows) in bf16_gemm.c, built on first use like the int8
 kernels (int8_kernel.py: the system C compiler, a cache folder, ctypes, torch's OpenMP runtime).
 
-oneDNN, which multiplies the other bf16 products, reads a bf16 weight for a single row at 7-11 GB/s
-on the project's 2-core box, where this kernel reads 16-24 GB/s; from 8 rows oneDNN is faster
-(BENCHMARKS.md, "bf16 decode in our own kernel"). Without AVX-512 BF16, a C compiler, or on a build
-error (logged), `available()` is False and every bf16 product is oneDNN's.
+oneDNN, which multiplies the other bf16 products, reads a bf16 weight for a few rows at ~2/3 of the
+memory's rate on the project's 2-core box (7-11 GB/s on an earlier one), where this file's kernels read at
+about the memory's rate: 1 to VECTOR_ROWS rows in vector instructions (AVX-512 BF16), then, where the CPU has
+AMX-BF16, up to AMX_MAX_ROWS rows on AMX tiles, which read the weight once for every 16 rows (1.1-1.3x
+oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). Without AMX the vector kernel stops at VECTOR_ROWS (from 8
+rows oneDNN is faster). Without AVX-512 BF16, a C compiler, or on a build error (logged), `available()` is
+False and every bf16 product is oneDNN's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from pathlib import Path
 
 import torch
 
-from .int8_kernel import load_library
+from .int8_kernel import cpu_has, load_library
+
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bf16_gemm.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is the source's target attribute
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's target attribute
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-MAX_ROWS = 4  # most activation rows it takes (module docstring)
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16")
+VECTOR_ROWS = 4  # most activation rows the vector kernel takes (module docstring)
+AMX_MAX_ROWS = 128  # and the AMX one (module docstring)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     lib = load_library(SOURCE, FLAGS, CPU_FLAGS, "bf16 products use oneDNN")
     if lib is not None:
-        lib.bf16_gemm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.bf16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        lib.bf16_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        lib.pack_bf16_activations.argtypes = [ptr, i64, i64, ptr]
     return lib
 
 
@@ -36,16 +46,42 @@ def available() -> bool:
     return _library() is not None
 
 
+@functools.cache
+def amx_available() -> bool:
+    """The AMX kernel runs here: the library is built, the CPU has AMX-BF16 and Linux grants its tile state."""
+    if not available() or not cpu_has(AMX_CPU_FLAGS):
+        return False
+    if _library().bf16_amx_request() != 0:
+        log.warning("Linux refused the AMX tile state: bf16 batches of %d-%d rows use oneDNN", VECTOR_ROWS + 1,
+                    AMX_MAX_ROWS)
+        return False
+    return True
+
+
+def max_rows() -> int:
+    """The most rows a product may have to run here (CpuLinear sends it those)."""
+    return AMX_MAX_ROWS if amx_available() else VECTOR_ROWS
+
+
 def fits(weight: torch.Tensor) -> bool:
-    """A weight the kernel reads: bf16, contiguous, inputs a multiple of 32 (every GLM-4's are)."""
+    """A weight the kernels read: bf16, contiguous, inputs a multiple of 32 (every GLM-4's are)."""
     return weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.shape[1] % 32 == 0
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x bf16 [M, K] (M <= MAX_ROWS) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]."""
+    """x bf16 [M, K] (M <= max_rows()) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum rounded
+    once to bf16. More than VECTOR_ROWS rows on the tiles where the weight's rows are a multiple of 32 (GLM-4's
+    are), else in the vector kernel (every 4 rows reading the weight again)."""
     x = x.contiguous()
     m, (n, k) = x.shape[0], weight.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    _library().bf16_gemm(weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), n, k,
-                         x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+    bias_ptr = None if bias is None else bias.contiguous().data_ptr()
+    if m > VECTOR_ROWS and n % 32 == 0 and amx_available():
+        packed = torch.empty((m + 15) // 16 * 16 * k // 2, dtype=torch.int32)  # pairs of inputs, 16 rows a group
+        _library().pack_bf16_activations(x.data_ptr(), m, k, packed.data_ptr())
+        _library().bf16_amx_gemm(weight.data_ptr(), bias_ptr, n, k, packed.data_ptr(), m, y.data_ptr(),
+                                 torch.get_num_threads())
+    else:
+        _library().bf16_gemm(weight.data_ptr(), bias_ptr, n, k, x.data_ptr(), m, y.data_ptr(),
+                             torch.get_num_threads())
     return y

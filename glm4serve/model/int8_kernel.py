@@ -53,7 +53,7 @@ DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 pr
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
 
 
-def _cpu_has(wanted: tuple[str, ...]) -> bool:
+def cpu_has(wanted: tuple[str, ...]) -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -89,7 +89,7 @@ def _build(compiler: str, source_path: Path, flags: list[str]) -> Path:
 def load_library(source: Path, flags: list[str], cpu_flags: tuple[str, ...], otherwise: str) -> ctypes.CDLL | None:
     """`source` built (once) and loaded, where the CPU has `cpu_flags` and a C compiler exists; else
     None, logging why and what runs `otherwise`."""
-    if not _cpu_has(cpu_flags):
+    if not cpu_has(cpu_flags):
         return None
     compiler = _compiler()
     if compiler is None:
@@ -119,7 +119,7 @@ def _library() -> ctypes.CDLL | None:
 @functools.cache
 def _amx_library() -> ctypes.CDLL | None:
     """int8_amx.c where the VNNI kernel is built, the CPU has AMX-INT8 and Linux grants its tiles."""
-    if _library() is None or not _cpu_has(AMX_CPU_FLAGS):
+    if _library() is None or not cpu_has(AMX_CPU_FLAGS):
         return None
     try:
         lib = ctypes.CDLL(str(_build(_compiler(), AMX_SOURCE, AMX_FLAGS)))
