@@ -55,6 +55,22 @@ def test_every_linear_is_quantized_within_half_a_step(make_checkpoint, scheme, l
 KERNEL_SHAPES = [(37, 96), (160, 70), (3, 5), (4608, 4096)]
 
 
+def test_a_kernel_is_built_again_when_a_header_it_includes_changes(tmp_path, monkeypatch):
+    """The build cache's key covers the source's own headers (amx_tiles.h), not the source alone."""
+    import ctypes
+
+    compiler = int8_kernel._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(int8_kernel, "_cache_dir", lambda: tmp_path / "cache")
+    (tmp_path / "k.c").write_text('#include "k.h"\nint n(void) { return N; }\n')
+    (tmp_path / "k.h").write_text("#define N 1\n")
+    first = int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"])
+    (tmp_path / "k.h").write_text("#define N 2\n")
+    second = int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"])
+    assert first != second and ctypes.CDLL(str(second)).n() == 2
+
+
 def test_int8_kernel_is_built_where_the_cpu_has_avx512_vnni():
     """Where the CPU has the instructions and a C compiler exists, the kernel builds: a silently failed
     build would leave every int8 model on the slower torch kernel."""

@@ -9,11 +9,7 @@
  * first pass and come from L2 on the others. Past 4 rows the products, not the reads, bound it: the AMX
  * kernel at the end takes over there, where the CPU has it, and oneDNN elsewhere (bf16_kernel.py).
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 
 #define PREFETCH_BYTES 512
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -93,14 +89,9 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
  * that arithmetic, not the weight reads, bounds it; oneDNN reads the weight at ~2/3 of the memory's rate.
  * Here the weight is tile A as it lies (16 rows x 32 inputs, stride K), read once for up to 16 activation
  * rows, which are tile B in the pairs AMX wants (pack_bf16_activations). Sums in fp32 (tdpbf16ps), rounded to
- * bf16 once with the bias, as above. Each program takes 32 weight rows and every group of 16 activation rows;
- * tiles 0-1 the sums, 2-3 the weights, 4 the activations. */
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* Ask Linux for the AMX tile state (once per process); 0 when granted. */
-int bf16_amx_request(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+ * bf16 once with the bias, as above. Each program takes 32 weight rows and the activations' groups of 16 rows
+ * two at a time (each weight tile loaded once for both); tiles 0-3 the sums (2 weight halves x 2 groups), 4-5
+ * the weights, 6-7 the activations. */
 
 /* x bf16 [M, K] -> [ceil(M / 16)][K / 2][16] pairs of inputs (rows past M zero): row 16g + i's inputs 2p, 2p + 1
    at [g][p][i], so that 16 pairs of 16 rows are one 64-byte-a-row tile B. */
@@ -112,18 +103,10 @@ void pack_bf16_activations(const uint32_t *x, int64_t M, int64_t K, uint32_t *ou
     }
 }
 
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Sums tiles `tile` (and `tile` + 1) -> y's rows 16g.. of the 32 weight rows from n0, with the bias, to bf16. */
+/* The sums in tiles first_tile and first_tile + 1 (the two halves of 32 weight rows from n0, activation group g)
+   -> y's rows 16g.., with the bias, rounded to bf16. */
 static inline AMX_TARGET void store_rows(int first_tile, int64_t g, int64_t M, int64_t N, int64_t n0,
-                                         const uint16_t *bias,
-                              uint16_t *y) {
+                                         const uint16_t *bias, uint16_t *y) {
     float sums[2][16][16];
     if (first_tile == 0) {
         _tile_stored(0, sums[0], 64);
@@ -147,14 +130,7 @@ AMX_TARGET void bf16_amx_gemm(const uint16_t *w, const uint16_t *bias, int64_t N
     int64_t groups = (M + 15) / 16, group_pairs = K / 2 * 16;
 #pragma omp parallel num_threads(threads)
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) {
-            cfg.rows[t] = 16;
-            cfg.colsb[t] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        configure_tiles(16);
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += 32) {
             const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * K;

@@ -51,7 +51,7 @@ def amx_available() -> bool:
     """The AMX kernel runs here: the library is built, the CPU has AMX-BF16 and Linux grants its tile state."""
     if not available() or not cpu_has(AMX_CPU_FLAGS):
         return False
-    if _library().bf16_amx_request() != 0:
+    if _library().amx_request() != 0:
         log.warning("Linux refused the AMX tile state: bf16 batches of %d-%d rows use oneDNN", VECTOR_ROWS + 1,
                     AMX_MAX_ROWS)
         return False

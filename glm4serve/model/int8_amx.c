@@ -14,39 +14,11 @@
  * 0-3 the sums (2 weight halves x hi/lo), 4-5 weights, 6-7 activations hi/lo.
  * No overflow: |hi * w| <= 128 * 127 and lo * |w| <= 255 * 127, summed over K < 65536 inputs.
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
+#include "amx_tiles.h"
 
 static inline float bf16_to_float(uint16_t b) {
     union { uint32_t u; float f; } v = {(uint32_t)b << 16};
     return v.f;
-}
-
-/* This thread's 8 tiles, 64 bytes a row: tiles 4-5 16 rows, the others (sums 0-3, 6-7) `rows` (int4_amx_gemm's
-   sums and activations for a batch of fewer than 16: the tiles' work goes with their rows). */
-static inline void configure_tiles(int rows) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = (uint8_t)(t == 4 || t == 5 ? 16 : rows);
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
 }
 
 /* Tiles 0-3, the kernels' sums, into memory. */
@@ -56,9 +28,6 @@ static inline void store_sums(int32_t sums[4][16][16]) {
     _tile_stored(2, sums[2], 64);
     _tile_stored(3, sums[3], 64);
 }
-
-/* Ask Linux for the AMX tile state (once per process); 0 when granted. */
-int amx_request(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
 
 /* xq int16 [M, K] -> hi int8, lo uint8, each [ceil(M / 16)][K / 4][16][4] (rows past M zero):
    activation row 16g + i puts its inputs 4k..4k+3 at [g][k][i], 64 bytes after those of 4k - 4. */

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -74,7 +75,9 @@ def _compiler() -> str | None:
 def _build(compiler: str, source_path: Path, flags: list[str]) -> Path:
     """The shared library, compiled once per source and flags (atomically: ranks may race)."""
     source = source_path.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(source_path.with_name(name.decode()).read_bytes()
+                       for name in re.findall(rb'^#include "([^"]+)"', source, re.MULTILINE))
+    key = hashlib.sha256(source + headers + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.is_file():
         return target
