@@ -222,18 +222,18 @@ def summary(f: dict[str, dict], r: dict, mode: str, kind: str, a) -> str:
             f"{runs(ours['stream'])}), llama.cpp {r['llama.cpp']:.1f} tok/s (runs {runs(theirs['stream'])}), "
             f"ratio {r['ours'] / r['llama.cpp']:.2f}x; resident ours {r['ours_rss_gib']:.2f} GiB "
             f"({r['ours_hugepages_gib']:.2f} in huge pages), llama.cpp {r['llama_rss_gib']:.2f} GiB")
+    def pair(label: str, kind: str, keys: tuple[str, str], unit: str, fmt: str, lower_is_faster: bool) -> str:
+        o, t = statistics.median(ours[kind]), statistics.median(theirs[kind])
+        r[keys[0]], r[keys[1]] = o, t
+        return (f"; {label} ours {o:{fmt}} {unit} (runs {runs(ours[kind], fmt)}), llama.cpp {t:{fmt}} {unit} "
+                f"(runs {runs(theirs[kind], fmt)}), ratio {(t / o if lower_is_faster else o / t):.2f}x")
+
     if a.prefill_tokens:
-        r["ours_prefill_s"], r["llama_prefill_s"] = statistics.median(ours["prefill"]), \
-            statistics.median(theirs["prefill"])
-        line += (f"; prefill of {a.prefill_tokens} tokens ours {r['ours_prefill_s']:.2f} s (runs "
-                 f"{runs(ours['prefill'], '.2f')}), llama.cpp {r['llama_prefill_s']:.2f} s "
-                 f"(runs {runs(theirs['prefill'], '.2f')}), ratio {r['llama_prefill_s'] / r['ours_prefill_s']:.2f}x")
+        line += pair(f"prefill of {a.prefill_tokens} tokens", "prefill", ("ours_prefill_s", "llama_prefill_s"), "s",
+                     ".2f", True)
     if a.decode_after_prefill:
-        r["ours_long_decode"], r["llama_long_decode"] = statistics.median(ours["long_decode"]), \
-            statistics.median(theirs["long_decode"])
-        line += (f"; decode after it ours {r['ours_long_decode']:.1f} tok/s (runs {runs(ours['long_decode'])}), "
-                 f"llama.cpp {r['llama_long_decode']:.1f} tok/s (runs {runs(theirs['long_decode'])}), "
-                 f"ratio {r['ours_long_decode'] / r['llama_long_decode']:.2f}x")
+        line += pair("decode after it", "long_decode", ("ours_long_decode", "llama_long_decode"), "tok/s", ".1f",
+                     False)
     if "concurrent" in ours:
         r["ours_concurrent"], r["llama_concurrent"] = ours["concurrent"], theirs["concurrent"]
         line += (f"; {a.concurrent} streams ours {r['ours_concurrent']:.0f} tok/s, llama.cpp "
