@@ -1,12 +1,16 @@
 """bf16 linears at glm-4-9b-chat's shapes, in one process, taking turns: as served where bf16_kernel.py
 builds (the weight plain: up to bf16_kernel.max_rows() rows in bf16_gemm.c, 4 or 128 on AMX tiles, more
 through oneDNN over the plain weight) against the weight packed by oneDNN for every product (as served
-without the kernel); best of --repeats, for --rows rows. With --engine instead, two engines on a 9B slice (exact layer shapes, --layers of them,
-full vocabulary), one built each way, taking turns: decode steps at 1, 4 and 32 streams, and the
-prefill of a 1,024-token prompt.
+without the kernel); best of --repeats, for --rows rows.
+
+With --engine instead, two engines on a 9B slice (exact layer shapes, --layers of them, full vocabulary),
+one built each way, taking turns: decode steps at 1, 4 and 32 streams, and the prefill of a 1,024-token
+prompt. With --tiles (where the CPU has AMX-BF16), one engine on glm-4-9b-chat's 40 layers
+(bench_cpu_peers.py's checkpoint, 18.8 GB, one copy of which fits a 24 GB box), its products of 5-128 rows
+taking turns between the AMX kernel and oneDNN over the plain weight (1-4 rows in the vector kernel in both).
 
     .venv/bin/python benchmarks/bench_bf16_kernel.py [--repeats 5] [--rows 1,2,4,8,32,512]
-        [--engine [--layers 2]]
+        [--engine [--layers 2]] [--tiles]
 """
 
 from __future__ import annotations
@@ -67,6 +71,29 @@ def engine_ab(layers: int, repeats: int):
         report("prefill of 1,024 tokens", engines, lambda e: prefill_ms(e, 1024), repeats)
 
 
+def tiles_ab(repeats: int):
+    from bench_int4_kernel import CHECKPOINT
+
+    if not (CHECKPOINT / "config.json").is_file():
+        write_random_checkpoint(CHECKPOINT, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "shards": 10})
+    engine = build_llm_engine(EngineArgs(model=str(CHECKPOINT), dtype="bfloat16", kv_cache_memory="2GiB",
+                                         max_num_seqs=32))
+    linears = [m for m in engine.runner.model.modules() if isinstance(m, CpuLinear)]
+
+    def with_rows(rows: int, f):  # the products of up to `rows` rows in bf16_gemm.c, more through oneDNN
+        for layer in linears:
+            layer.kernel_rows = rows
+        return f(engine)
+
+    ways = {"kernel": bf16_kernel.max_rows(), "packed": bf16_kernel.VECTOR_ROWS}
+    print(f"\nglm-4-9b-chat's 40 layers, bf16 (medians of {repeats}); 'with the kernel' = AMX tiles for 5-128 rows, "
+          "'packed oneDNN' = oneDNN over the plain weight there:")
+    for streams in (8, 16, 32):
+        report(f"decode step, {streams} streams", ways,
+               lambda rows, s=streams: with_rows(rows, lambda e: decode_ms(e, s, 8)), repeats)
+    report("prefill of 128 tokens", ways, lambda rows: with_rows(rows, lambda e: prefill_ms(e, 128)), repeats)
+
+
 def report(what: str, engines: dict, run, repeats: int):
     times = {name: [] for name in engines}
     for _ in range(repeats):
@@ -82,11 +109,16 @@ def main():
     ap.add_argument("--rows", default="1,2,4,8,32,512")
     ap.add_argument("--engine", action="store_true", help="the engine's steps on a 9B slice instead")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tiles", action="store_true", help="the AMX kernel against oneDNN in one 40-layer engine")
     a = ap.parse_args()
     if not bf16_kernel.available():
         raise SystemExit("bf16_gemm.c is not built here (no AVX-512 BF16 or no C compiler)")
     torch.manual_seed(0)
-    if a.engine:
+    if a.tiles:
+        if not bf16_kernel.amx_available():
+            raise SystemExit("no AMX-BF16 here")
+        tiles_ab(a.repeats)
+    elif a.engine:
         engine_ab(a.layers, a.repeats)
     else:
         products([int(r) for r in a.rows.split(",")], a.repeats)
