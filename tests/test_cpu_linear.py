@@ -96,6 +96,29 @@ def test_bf16_batches_go_to_the_tiles_where_the_cpu_has_amx_bf16():
 
 
 @needs_bf16_kernel
+def test_a_bf16_library_built_without_the_amx_targets_keeps_its_vector_kernel(monkeypatch):
+    """A compiler without the AMX targets (GCC 10) builds bf16_gemm.c as -DNO_AMX does: the vector kernel alone,
+    which then takes every batch it is sent, 4 rows at a time."""
+    import ctypes
+
+    from glm4serve.model import int8_kernel
+
+    path = int8_kernel._build(int8_kernel._compiler(), bf16_kernel.SOURCE, [*bf16_kernel.FLAGS, "-DNO_AMX"])
+    lib = ctypes.CDLL(str(path))
+    assert not hasattr(lib, "bf16_amx_gemm")
+    lib.bf16_gemm.argtypes = bf16_kernel._library().bf16_gemm.argtypes
+    monkeypatch.setattr(bf16_kernel, "_library", lambda: lib)
+    bf16_kernel.amx_available.cache_clear()
+    try:
+        assert not bf16_kernel.amx_available() and bf16_kernel.max_rows() == bf16_kernel.VECTOR_ROWS
+        w, x = torch.randn(64, 96).to(torch.bfloat16), torch.randn(9, 96).to(torch.bfloat16)
+        want = x.float() @ w.float().T
+        assert ((bf16_kernel.matmul(x, w, None).float() - want).abs() <= want.abs().clamp_min(1e-3) * 2**-7).all()
+    finally:
+        bf16_kernel.amx_available.cache_clear()
+
+
+@needs_bf16_kernel
 def test_bf16_weights_the_kernel_cannot_take_stay_packed():
     assert CpuLinear(linear(8, 48, False).to(torch.bfloat16), plain=False).weight.is_mkldnn  # 48 % 32 != 0
     off = CpuLinear(linear(8, 64, False).to(torch.bfloat16), plain=False, bf16_kernel_rows=0)

@@ -9,11 +9,11 @@
  * first pass and come from L2 on the others. Past 4 rows the products, not the reads, bound it: the AMX
  * kernel at the end takes over there, where the CPU has it, and oneDNN elsewhere (bf16_kernel.py).
  */
-#include "amx_tiles.h"
+#include <immintrin.h>
+#include <stdint.h>
 
 #define PREFETCH_BYTES 512
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 
 static inline uint16_t to_bf16(float f) {
     union { float f; uint32_t u; } v = {f};
@@ -83,6 +83,12 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
         }
     }
 }
+
+/* GCC before 11 knows AVX-512 BF16 but not the AMX targets: there the library has the vector kernel alone
+ * (bf16_kernel.amx_available() is False), as with -DNO_AMX. */
+#if !defined(NO_AMX) && (defined(__clang__) || __GNUC__ >= 11)
+#include "amx_tiles.h"
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 
 /* Batches of 5 to 128 rows on AMX tiles, where the CPU has AMX-BF16 (bf16_kernel.py). The vector
  * kernel above multiplies each weight row with each activation row in vector instructions: from 5 rows
@@ -167,3 +173,4 @@ AMX_TARGET void bf16_amx_gemm(const uint16_t *w, const uint16_t *bias, int64_t N
         _tile_release();
     }
 }
+#endif

@@ -37,8 +37,9 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None:
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.bf16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-        lib.bf16_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-        lib.pack_bf16_activations.argtypes = [ptr, i64, i64, ptr]
+        if hasattr(lib, "bf16_amx_gemm"):  # not built by a compiler without the AMX targets (bf16_gemm.c)
+            lib.bf16_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+            lib.pack_bf16_activations.argtypes = [ptr, i64, i64, ptr]
     return lib
 
 
@@ -48,8 +49,9 @@ def available() -> bool:
 
 @functools.cache
 def amx_available() -> bool:
-    """The AMX kernel runs here: the library is built, the CPU has AMX-BF16 and Linux grants its tile state."""
-    if not available() or not cpu_has(AMX_CPU_FLAGS):
+    """The AMX kernel runs here: the library is built with it, the CPU has AMX-BF16 and Linux grants its tile
+    state."""
+    if not available() or not hasattr(_library(), "bf16_amx_gemm") or not cpu_has(AMX_CPU_FLAGS):
         return False
     if _library().amx_request() != 0:
         log.warning("Linux refused the AMX tile state: bf16 batches of %d-%d rows use oneDNN", VECTOR_ROWS + 1,
