@@ -93,11 +93,11 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
 /* Batches of 5 to 128 rows on AMX tiles, where the CPU has AMX-BF16 (bf16_kernel.py). The vector
  * kernel above multiplies each weight row with each activation row in vector instructions: from 5 rows
  * that arithmetic, not the weight reads, bounds it; oneDNN reads the weight at ~2/3 of the memory's rate.
- * Here the weight is tile A as it lies (16 rows x 32 inputs, stride K), read once for up to 16 activation
- * rows, which are tile B in the pairs AMX wants (pack_bf16_activations). Sums in fp32 (tdpbf16ps), rounded to
- * bf16 once with the bias, as above. Each program takes 32 weight rows and the activations' groups of 16 rows
- * two at a time (each weight tile loaded once for both); tiles 0-3 the sums (2 weight halves x 2 groups), 4-5
- * the weights, 6-7 the activations. */
+ * Here the weight is tile A as it lies (16 rows x 32 inputs, stride K) and the activations tile B, in the
+ * pairs AMX wants (pack_bf16_activations). Sums in fp32 (tdpbf16ps), rounded to bf16 once with the bias, as
+ * above. Each program takes 32 weight rows and the activations' groups of 16 rows two at a time, so each weight
+ * tile is loaded once for every 32 activation rows; tiles 0-3 the sums (2 weight halves x 2 groups), 4-5 the
+ * weights, 6-7 the activations. */
 
 /* x bf16 [M, K] -> [ceil(M / 16)][K / 2][16] pairs of inputs (rows past M zero): row 16g + i's inputs 2p, 2p + 1
    at [g][p][i], so that 16 pairs of 16 rows are one 64-byte-a-row tile B. */
