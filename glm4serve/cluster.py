@@ -262,7 +262,9 @@ class ReplicaClient:
     async def unload_lora(self, name: str) -> None:
         raise ValueError("runtime LoRA updating needs one engine: replicas serve their --lora-modules")
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is not None:  # a Serve handle cannot reach the one replica running it: the choice runs on
+            return  # until its request ends, its later outputs left unread by the API
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.cancel()  # the replica's generator is cancelled, which aborts the request there

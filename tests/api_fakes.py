@@ -77,6 +77,7 @@ class ScriptedRunner:
         self.engine: LLMEngine | None = None  # set once built: its scheduler knows whose rows these are
         self.abort: Callable[[str], None] | None = None  # AsyncEngine.abort, for abort_after_tokens
         self.num_steps = 0
+        self.decoded: dict[tuple[str, int], int] = {}  # (request id, choice) -> reply tokens it was fed
         self._scripts: dict[int, list[int]] = {}  # seq_id -> reply token ids
 
     def script(self, seq: Sequence) -> list[int]:
@@ -104,6 +105,7 @@ class ScriptedRunner:
                 continue
             r, seq = end - 1, running[chunk.seq_id]
             done = chunk.start + len(chunk.token_ids) - seq.num_prompt_tokens  # reply tokens already out
+            self.decoded[seq.request_id, seq.index] = done
             script = self.script(seq)
             logits[r, script[done] if done < len(script) else self.tokenizer.stop_token_ids[0]] = self.peak
             if self.abort_after_tokens is not None and done >= self.abort_after_tokens:
@@ -120,7 +122,7 @@ class RecordingEngine(AsyncEngine):
     def __init__(self, engine: LLMEngine):
         super().__init__(engine)
         self.calls: list[Call] = []
-        self.aborted: list[str] = []
+        self.aborted: list[str | tuple[str, int]] = []  # request ids, or (request id, choice) for one choice
 
     @property
     def runner(self) -> ScriptedRunner:
@@ -130,9 +132,9 @@ class RecordingEngine(AsyncEngine):
         self.calls.append(Call(list(prompt_ids), params, request_id))
         return super().generate(prompt_ids, params, request_id)
 
-    def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-        super().abort(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self.aborted.append(request_id if index is None else (request_id, index))
+        super().abort(request_id, index)
 
 
 _started: list[AsyncEngine] = []  # shut down by the shutdown_engines fixture

@@ -15,6 +15,7 @@ from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fix
     shutdown_engines,
     small_tokenizer,
     sse_json,
+    wait_idle,
 )
 
 TOOLS = [
@@ -294,6 +295,43 @@ def test_parallel_tool_calls_false_keeps_a_replys_first_call_alone(stream):
     assert (text_first["message"]["content"], names(text_first)) == ("Let me look." + CALL, [])
     thought = message_of("Paris<|assistant|>, then.</think>" + CALL, reasoning_parser="deepseek_r1")
     assert names(thought) == ["get_weather"] and thought["message"]["reasoning"] == "Paris, then."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_stops_decoding_a_choice_whose_call_ended_while_its_sibling_goes_on(stream):
+    """n=2: choice 0's reply ends at its first call while choice 1 still writes its call's arguments. Choice 0
+    stops decoding there (its KV blocks freed), not when its sibling ends; each gets its own call."""
+    first = CALL + "<|assistant|>"
+    long_args = 'get_weather\n{"city": "' + "Paris " * 30 + '"}'
+    app = make_app(replies=[first + 'get_time\n{"tz": "' + "UTC " * 30 + '"}', long_args], step_delay=0.01)
+    r = TestClient(app).post("/v1/chat/completions", json={
+        "messages": ASK, "tools": TOOLS, "stream": stream, "parallel_tool_calls": False, "n": 2,
+        **({"stream_options": {"include_usage": True}} if stream else {})})
+    assert r.status_code == 200, r.text
+    engine = engine_of(app)
+    wait_idle(engine)
+    if stream:
+        chunks = sse_json(r.text)
+        got = [[(c["name"], c["arguments"]) for c in calls_from_stream(chunks, i)[0]] for i in (0, 1)]
+        finish = {c["index"]: c["finish_reason"] for ch in chunks for c in ch["choices"] if c["finish_reason"]}
+        usage = chunks[-1]["usage"]
+    else:
+        choices = r.json()["choices"]
+        got = [[(c["function"]["name"], c["function"]["arguments"]) for c in ch["message"]["tool_calls"]]
+               for ch in choices]
+        finish = {ch["index"]: ch["finish_reason"] for ch in choices}
+        usage = r.json()["usage"]
+    assert got == [[("get_weather", '{"city": "Paris"}')], [("get_weather", '{"city": "' + "Paris " * 30 + '"}')]]
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    tokenizer, request_id = small_tokenizer(), engine.calls[0].request_id
+    first_tokens, long_tokens = len(tokenizer.encode(first)), len(tokenizer.encode(long_args))
+    assert usage["completion_tokens"] == first_tokens + long_tokens + 1  # choice 1's with its stop token
+    assert engine.aborted[0] == (request_id, 0)  # (the reader's early leave then aborts the finished request)
+    decoded = engine.runner.decoded
+    assert decoded[request_id, 1] == long_tokens  # the row of its last token gave the stop token
+    # its last fed token is the one before `<|assistant|>`, or a few past it (the API reads outputs while the
+    # engine steps on), where without end_choice it went on for its sibling's ~90 steps more
+    assert first_tokens - 1 <= decoded[request_id, 0] < first_tokens + 10, (decoded, first_tokens)
 
 
 def test_tool_choice_none_shows_the_tools_and_parses_no_call():

@@ -516,6 +516,23 @@ async def test_abort_ends_the_stream_with_abort(async_engine):
     await wait_until(lambda: pool.num_used == 0)
 
 
+async def test_abort_of_one_choice_ends_it_and_its_sibling_goes_on_to_its_end(async_engine):
+    ae, runner, pool = async_engine(num_blocks=512, delay=0.002)
+    prompt, outs = prompt_of(3, 6), []
+    async for o in ae.generate(prompt, greedy(max_tokens=40, n=2), request_id="one"):
+        outs.append(o)
+        if len(outs) == 4:
+            ae.abort("one", index=1)
+    ends = [(o.index, o.finish_reason) for o in outs if o.finish_reason is not None]
+    assert ends == [(1, "abort"), (0, "length")]  # the stream ends once its last choice does
+    assert [len(o.token_ids) for o in outs if o.index == 1 and o.finish_reason == "abort"] == [0]
+    choice1 = [t for o in outs if o.index == 1 for t in o.token_ids]
+    assert choice1 == continuation(prompt, 40)[:len(choice1)] and len(choice1) < 10
+    assert [t for o in outs if o.index == 0 for t in o.token_ids] == continuation(prompt, 40)
+    await wait_until(lambda: pool.num_used == 0)
+    assert not ae.engine.has_request("one")
+
+
 async def test_failed_and_refused_requests_raise(async_engine):
     poisoned = prompt_of(5, 6)
     ae, runner, pool = async_engine(

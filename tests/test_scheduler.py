@@ -207,6 +207,29 @@ def test_abort_of_waiting_request_and_of_unforked_choices():
     assert pool.num_free == pool.num_blocks and not sched.has_work
 
 
+def test_abort_of_one_choice_frees_its_own_blocks_and_leaves_its_siblings_decoding():
+    sched, pool, runner = setup(num_blocks=32, block_size=4, max_num_batched_tokens=64)
+    prompt = prompt_of(2, 8)
+    seqs = [make_seq(i, prompt, request_id="req", index=i) for i in range(3)]
+    sched.add(seqs)
+    for _ in range(3):  # the prompt, then two tokens each: every choice owns its third block
+        out = sched.schedule()
+        runner.run(out)
+        sched.on_step_done(out)
+        for s in seqs:
+            s.output_token_ids.append(continuation(s.all_token_ids, 1)[0])
+    shared, own = seqs[0].block_table[:2], [s.block_table[2] for s in seqs]
+    assert len(set(own)) == 3 and [pool.ref_count(b) for b in shared] == [3, 3]
+    assert sched.abort("req", index=1) == [seqs[1]] and seqs[1].finish_reason == "abort"
+    assert pool.ref_count(own[1]) == 0 and [pool.ref_count(b) for b in shared] == [2, 2]
+    assert sched.abort("req", index=1) == []  # twice: nothing left of it
+    assert "req" in sched and sched.num_running == 2
+    out = sched.schedule()
+    assert [c.seq for c in out.scheduled] == [seqs[0], seqs[2]]
+    assert sched.abort("req") == [seqs[0], seqs[2]]
+    assert pool.num_free == pool.num_blocks and "req" not in sched
+
+
 def test_n_choices_share_prompt_blocks_and_copy_the_partial_one():
     sched, pool, runner = setup(num_blocks=32, block_size=4, max_num_batched_tokens=64)
     prompt = prompt_of(3, 10)  # blocks: 4 + 4 + 2 (partial)

@@ -274,7 +274,7 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     async with contextlib.aclosing(outputs):
         async for out in outputs:
             i = out.index
-            if choices[i].finished:  # ended before the engine's end: the request is aborted once all have
+            if choices[i].finished:  # ended before the engine's end, and stopped there (end_choice)
                 continue
             step = choices[i].step(out, req.logprobs)
             pending_logprobs[i] += step.logprobs
@@ -285,6 +285,8 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk(i, {}, take_logprobs(i), step.finish_reason, stop_reason=step.stop_reason)
                 if all(c.finished for c in choices) and any(c.ended_early for c in choices):
                     break
+                if choices[i].ended_early:
+                    ctx.end_choice(plan.engine_id, i)
             elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk(i, {"content": ""}, take_logprobs(i))
@@ -315,10 +317,10 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
     outputs = ctx.open(plan.prompt_ids, plan.params, plan.engine_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:
-            check_finish(out.finish_reason)
             i = out.index
-            if reasons[i] is not None:  # ended before the engine's end: the request is aborted once all have
+            if reasons[i] is not None:  # ended before the engine's end, and stopped there (end_choice)
                 continue
+            check_finish(out.finish_reason)
             if out.prompt_logprobs is not None and prompt_logprobs is None:
                 prompt_logprobs = vllm_prompt_logprobs(ctx.tokenizer, out.prompt_logprobs, req.prompt_logprobs)
             texts[i].append(out.text)
@@ -332,6 +334,8 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
             elif CALL_MARK in out.text and _opening_call_is_whole(plan, "".join(texts[i])):
                 reasons[i], early = STOP, True
+                if not all(reasons):
+                    ctx.end_choice(plan.engine_id, i)
             if reasons[i] is not None and i == 0:  # the first choice computed the prompt
                 details = PromptTokensDetails.of(out)
             if early and all(reasons):

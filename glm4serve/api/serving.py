@@ -244,6 +244,11 @@ class ServingContext:
             raise invalid_request(f"the engine refused this request: {e}") from e
         return self.generate(prompt_ids, params, request_id)
 
+    def end_choice(self, request_id: str, index: int) -> None:
+        """One choice's reply ended before the engine's end (parallel_tool_calls false): it stops decoding
+        now, its siblings go on. Its stream's last output then says 'abort', which its reader skips."""
+        self.engine.abort(request_id, index)
+
 
 def reply_ids(prefix: str, request: Request | None, body_id: str | None) -> tuple[str, str]:
     """(the reply's id, the engine's) as vLLM names replies: `{prefix}-{X-Request-Id}`, else

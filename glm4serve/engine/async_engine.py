@@ -148,11 +148,12 @@ class AsyncEngine:
         """ValueError when the engine would refuse the request (reads only its fixed limits)."""
         self.engine.check_request(prompt_ids, params)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
         """Takes effect before the next step: the request's blocks are freed, its stream ends with
-        finish_reason 'abort'. Unknown or finished requests are ignored."""
+        finish_reason 'abort'. With `index`, only that choice ends so, and its siblings go on. Unknown or
+        finished requests are ignored."""
         with self._cv:
-            self._commands.append(("abort", request_id))
+            self._commands.append(("abort", request_id, index))
             self._cv.notify()
 
     async def load_lora(self, name: str, path: str, replace: bool = False) -> None:
@@ -274,8 +275,8 @@ class AsyncEngine:
                 future.set_exception(e)
             return
         if command[0] == "abort":
-            request_id = command[1]
-            outputs = self.engine.abort(request_id)
+            _, request_id, index = command
+            outputs = self.engine.abort(request_id, index)
             self._deliver(outputs, [])
             return
         _, request_id, prompt_ids, params = command

@@ -41,6 +41,7 @@ class EngineClient(Protocol):
     async def unload_lora(self, name: str) -> None:
         """Serve `name` no more (KeyError when it is not served); its running requests finish with it."""
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop the request, or only its choice `index` (whose stream then ends it with 'abort')."""
 
     def shutdown(self, timeout: float | None = SHUTDOWN_TIMEOUT_S) -> None: ...

@@ -102,9 +102,10 @@ class LLMEngine:
         self.scheduler.add(seqs)  # validates length and request id uniqueness
         self._next_seq_id += params.n
 
-    def abort(self, request_id: str) -> list[Output]:
-        """Finish every choice of the request now (blocks freed); their last Outputs. [] if unknown."""
-        seqs = self.scheduler.abort(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> list[Output]:
+        """Finish every choice of the request now, or only choice `index` (blocks freed); their last
+        Outputs. [] if unknown or finished."""
+        seqs = self.scheduler.abort(request_id, index=index)
         if self._lora_retired:
             self._retire_lora()
         return [self._output(s, [], s.detokenizer.flush(), None) for s in sorted(seqs, key=lambda s: s.index)]

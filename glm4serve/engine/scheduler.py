@@ -207,9 +207,10 @@ class Scheduler:
         else:
             self._requests.pop(seq.request_id, None)
 
-    def abort(self, request_id: str, reason: str = ABORT) -> list[Sequence]:
-        """Finish every unfinished sequence of a request, waiting or running; return them."""
-        seqs = self.seqs_of(request_id)
+    def abort(self, request_id: str, reason: str = ABORT, index: int | None = None) -> list[Sequence]:
+        """Finish every unfinished sequence of a request, waiting or running, or only its choice `index`;
+        return them."""
+        seqs = [s for s in self.seqs_of(request_id) if index is None or s.index == index]
         for s in reversed(seqs):  # siblings before their parent: no orphan promotion on the way
             self.finish(s, reason)
         return seqs
