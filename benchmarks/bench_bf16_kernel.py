@@ -1,5 +1,5 @@
 """bf16 linears at glm-4-9b-chat's shapes, in one process, taking turns: as served where bf16_kernel.py
-builds (the weight plain: up to bf16_kernel.max_rows() rows in bf16_gemm.c, 4 or 128 on AMX tiles, more
+builds (the weight plain: up to bf16_kernel.max_rows(weight) rows in bf16_gemm.c, 4 or 128 on AMX tiles, more
 through oneDNN over the plain weight) against the weight packed by oneDNN for every product (as served
 without the kernel); best of --repeats, for --rows rows.
 
@@ -85,7 +85,7 @@ def tiles_ab(repeats: int):
             layer.kernel_rows = rows
         return f(engine)
 
-    ways = {"kernel": bf16_kernel.max_rows(), "packed": bf16_kernel.VECTOR_ROWS}
+    ways = {"kernel": bf16_kernel.AMX_MAX_ROWS, "packed": bf16_kernel.VECTOR_ROWS}  # (every 9B weight takes tiles)
     print(f"\nglm-4-9b-chat's 40 layers, bf16 (medians of {repeats}); 'with the kernel' = AMX tiles for 5-128 rows, "
           "'packed oneDNN' = oneDNN over the plain weight there:")
     for streams in (8, 16, 32):

@@ -118,18 +118,24 @@ class LlamaServer:
              "--override-kv", f"chatglm.context_length=int:{SLICE_9B['max_position_embeddings']}"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        self.stop()
         raise TimeoutError(f"llama-server not healthy, see {self.log.name}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.log.close()
 
 
@@ -296,8 +302,11 @@ def main():
                     figures[who]["rss_gib"] = resident_gib(s.proc.pid)
                     figures[who]["hugepages_gib"] = resident_gib(s.proc.pid, "AnonHugePages")
             finally:
-                for s in servers.values():
-                    s.stop()
+                for who, s in servers.items():
+                    try:
+                        s.stop()
+                    except Exception as e:  # noqa: BLE001 - the other one is stopped all the same
+                        print(f"stopping {who} failed: {e!r}", file=sys.stderr)
         print(summary(figures, r, mode, kind, a), flush=True)
         results[mode] = r
     print(json.dumps(results))

@@ -34,8 +34,7 @@ def demo_model_dir() -> Path:
         log.info("creating the built-in demo checkpoint in %s", root)
         tmp = root.with_name(root.name + ".tmp")
         write_random_checkpoint(tmp, variant="glm", layout="hf", hidden_size=256, intermediate_size=512,
-                                num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
-                                max_position_embeddings=131072, rope_theta=5e6, seed=0)
+                                num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, seed=0)
         tmp.rename(root)
     log.warning(
         "serving the built-in DEMO model: random weights, its replies are noise. "

@@ -69,7 +69,9 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.dump_stacks()
-        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_path.read_text()[-6000:]}")
+        text = self.log_path.read_text()[-6000:]
+        self.stop()  # no caller holds a server that never came up
+        raise TimeoutError(f"server not healthy after {timeout}s:\n{text}")
 
     def dump_stacks(self) -> None:
         """Every thread's stack into the server's log (its SIGUSR1), if it still runs."""

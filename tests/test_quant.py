@@ -55,8 +55,9 @@ def test_every_linear_is_quantized_within_half_a_step(make_checkpoint, scheme, l
 KERNEL_SHAPES = [(37, 96), (160, 70), (3, 5), (4608, 4096)]
 
 
-def test_a_kernel_is_built_again_when_a_header_it_includes_changes(tmp_path, monkeypatch):
-    """The build cache's key covers the source's own headers (amx_tiles.h), not the source alone."""
+def test_a_kernel_is_built_again_when_a_header_it_includes_or_the_compiler_changes(tmp_path, monkeypatch):
+    """The build cache's key covers the source's own headers (amx_tiles.h) and the compiler's version, not the
+    source alone."""
     import ctypes
 
     compiler = int8_kernel._compiler()
@@ -69,6 +70,8 @@ def test_a_kernel_is_built_again_when_a_header_it_includes_changes(tmp_path, mon
     (tmp_path / "k.h").write_text("#define N 2\n")
     second = int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"])
     assert first != second and ctypes.CDLL(str(second)).n() == 2
+    monkeypatch.setattr(int8_kernel, "_compiler_version", lambda compiler: b"cc (GCC) 10.2.1")
+    assert int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"]) != second  # another compiler
 
 
 def test_int8_kernel_is_built_where_the_cpu_has_avx512_vnni():

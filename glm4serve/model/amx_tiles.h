@@ -1,5 +1,9 @@
 /* What int8_amx.c and bf16_gemm.c's AMX kernels share: Linux's permission for the tile state, and each
- * thread's tile configuration. The compile flags' ISA or, in bf16_gemm.c, each function's target attribute. */
+ * thread's tile configuration. Each includer is a library of its own (one translation unit): amx_request is
+ * its exported symbol there. The AMX instructions are enabled by int8_amx.c's compile flags and, in
+ * bf16_gemm.c, by each function's target attribute (configure_tiles carries its own). */
+#ifndef GLM4SERVE_AMX_TILES_H
+#define GLM4SERVE_AMX_TILES_H
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -32,3 +36,4 @@ static inline __attribute__((target("amx-tile"))) void configure_tiles(int rows)
     }
     _tile_loadconfig(&cfg);
 }
+#endif

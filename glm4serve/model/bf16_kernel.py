@@ -2,12 +2,12 @@
 kernels (int8_kernel.py: the system C compiler, a cache folder, ctypes, torch's OpenMP runtime).
 
 oneDNN, which multiplies the other bf16 products, reads a bf16 weight for a few rows at ~2/3 of the
-memory's rate on the project's 2-core box (7-11 GB/s on an earlier one), where this file's kernels read at
-about the memory's rate: 1 to VECTOR_ROWS rows in vector instructions (AVX-512 BF16), then, where the CPU has
-AMX-BF16, up to AMX_MAX_ROWS rows on AMX tiles, which read the weight once for every 16 rows (1.1-1.3x
-oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). Without AMX the vector kernel stops at VECTOR_ROWS (from 8
-rows oneDNN is faster). Without AVX-512 BF16, a C compiler, or on a build error (logged), `available()` is
-False and every bf16 product is oneDNN's.
+memory's rate on the project's 2-core box, where this file's kernels read at about the memory's rate: 1 to
+VECTOR_ROWS rows in vector instructions (AVX-512 BF16), then, where the CPU has AMX-BF16 and the weight's rows
+are a multiple of 32, up to AMX_MAX_ROWS rows on AMX tiles, which read the weight once for every 32 rows
+(1.1-1.3x oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). Otherwise the vector kernel stops at
+VECTOR_ROWS (from 8 rows oneDNN is faster). Without AVX-512 BF16, a C compiler, or on a build error (logged),
+`available()` is False and every bf16 product is oneDNN's.
 """
 
 from __future__ import annotations
@@ -60,9 +60,13 @@ def amx_available() -> bool:
     return True
 
 
-def max_rows() -> int:
-    """The most rows a product may have to run here (CpuLinear sends it those)."""
-    return AMX_MAX_ROWS if amx_available() else VECTOR_ROWS
+def max_rows(weight: torch.Tensor) -> int:
+    """The most rows a product with this weight [N, K] may have to run here (CpuLinear sends it those)."""
+    return AMX_MAX_ROWS if _on_tiles(weight.shape[0]) else VECTOR_ROWS
+
+
+def _on_tiles(n: int) -> bool:
+    return n % 32 == 0 and amx_available()  # the tiles take the weight's rows 32 at a time
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -71,14 +75,15 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x bf16 [M, K] (M <= max_rows()) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum rounded
-    once to bf16. More than VECTOR_ROWS rows on the tiles where the weight's rows are a multiple of 32 (GLM-4's
-    are), else in the vector kernel (every 4 rows reading the weight again)."""
+    """x bf16 [M, K] (M <= max_rows(weight)) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum
+    rounded once to bf16. More than VECTOR_ROWS rows on the tiles, else in the vector kernel (every 4 rows reading
+    the weight again)."""
     x = x.contiguous()
     m, (n, k) = x.shape[0], weight.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    bias_ptr = None if bias is None else bias.contiguous().data_ptr()
-    if m > VECTOR_ROWS and n % 32 == 0 and amx_available():
+    bias = None if bias is None else bias.contiguous()  # held while the kernel reads it
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if m > VECTOR_ROWS and _on_tiles(n):
         packed = torch.empty((m + 15) // 16 * 16 * k // 2, dtype=torch.int32)  # pairs of inputs, 16 rows a group
         _library().pack_bf16_activations(x.data_ptr(), m, k, packed.data_ptr())
         _library().bf16_amx_gemm(weight.data_ptr(), bias_ptr, n, k, packed.data_ptr(), m, y.data_ptr(),

@@ -19,7 +19,7 @@ plain in huge-page memory:
 No weight is ever held twice: a second copy of glm-4-9b's output layer alone would be +2.5 GB in fp32.
 
 bf16 weights, where the CPU has AVX-512 BF16 and a C compiler exists, are held plain too: products of
-up to bf16_kernel.max_rows() rows (decode batches; 4, or 128 on AMX tiles) run in bf16_gemm.c, which reads
+up to bf16_kernel.max_rows(weight) rows (decode batches; 4, or 128 on AMX tiles) run in bf16_gemm.c, which reads
 them at about the memory's rate where oneDNN reads slower (bf16_kernel.py); larger ones go through oneDNN
 over the plain weight, which on the project's box is as fast as over a packed one from 8 rows on
 (BENCHMARKS.md, "bf16 decode in our own kernel"). Elsewhere bf16 weights are packed by oneDNN (one copy).
@@ -112,14 +112,14 @@ class CpuLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, plain: bool, bf16_kernel_rows: int | None = None):
         """bf16_kernel_rows: products of at most this many rows run in bf16_gemm.c, the weight plain
-        (default: bf16_kernel.max_rows() for a bf16 weight it takes, where it is built; 0 = never)."""
+        (default: bf16_kernel.max_rows(weight) for a bf16 weight it takes, where it is built; 0 = never)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
         if bf16_kernel_rows is None:
             fits = bf16_kernel.fits(weight) and bf16_kernel.available()
-            bf16_kernel_rows = bf16_kernel.max_rows() if fits else 0
+            bf16_kernel_rows = bf16_kernel.max_rows(weight) if fits else 0
         self.kernel_rows = bf16_kernel_rows
         plain = plain or self.kernel_rows > 0
         self.plain = hugepage_copy(weight) if plain else None  # [out, in]

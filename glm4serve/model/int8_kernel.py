@@ -72,12 +72,19 @@ def _compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
+@functools.cache
+def _compiler_version(compiler: str) -> bytes:
+    """What `compiler --version` says: a library's contents depend on it (bf16_gemm.c's AMX part needs GCC 11)."""
+    return subprocess.run([compiler, "--version"], capture_output=True).stdout
+
+
 def _build(compiler: str, source_path: Path, flags: list[str]) -> Path:
-    """The shared library, compiled once per source and flags (atomically: ranks may race)."""
+    """The shared library, compiled once per source, included headers, flags and compiler version (atomically:
+    ranks may race)."""
     source = source_path.read_bytes()
     headers = b"".join(source_path.with_name(name.decode()).read_bytes()
                        for name in re.findall(rb'^#include "([^"]+)"', source, re.MULTILINE))
-    key = hashlib.sha256(source + headers + " ".join(flags).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + headers + " ".join(flags).encode() + _compiler_version(compiler)).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.is_file():
         return target
