@@ -5,8 +5,8 @@ blocks for many), where int8_kernel.py builds. Three parts:
   weights so that they come from memory as in a served model, int4 against int8 (the same layers quantized
   to int8, int8_gemm.c's one-row kernel): ms a token and GB/s read; beside them torch's sum over 4 GiB, a
   read at about the memory's own rate.
-- rows: int4_gemm against the dequantized-block path by activation rows (quant.INT4_DEQUANTIZE_MIN_ROWS
-  sits where they cross), best of 3.
+- rows: int4_gemm against the dequantized-block path by activation rows, each matrix and a layer's four
+  (quant.int4_dequantize_min_rows() sits where they cross: it depends on whether the CPU has AMX-BF16), best of 3.
 - engine: decode steps of the int4 engine (engine alone, no server) on the 40-layer checkpoint
   bench_cpu_peers.py makes (~/.cache/glm4serve/bench-slice-9b-40layers; written here, 18.8 GB, when
   missing), 1, 8 and 16 streams (`--streams`), medians.
@@ -28,7 +28,7 @@ from glm4serve.engine.types import SamplingParams
 from glm4serve.model import int8_kernel
 from glm4serve.model.cpu_linear import hugepage_copy
 from glm4serve.model.cpu_runner import nbytes
-from glm4serve.model.quant import Int4Linear, Int8Linear
+from glm4serve.model.quant import Int4Linear, Int8Linear, int4_dequantize_min_rows
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
 
@@ -96,15 +96,21 @@ def layers_part(layers: int):
 def rows_part():
     print("\nint4_gemm against dequantized bf16 blocks, best of 3 ms\n| matrix | rows | int4_gemm | blocks | ratio |")
     print("|---|---|---|---|---|")
+    layer: dict[int, list[float]] = {}  # rows -> the four products' ms, each way
     for name, (n, k) in LAYER_SHAPES.items():
         lin = Int4Linear(k, n, False, torch.bfloat16)
         lin.load_weight_rows(0, n, torch.randn(n, k))
         p, sz = hugepage_copy(lin.packed), hugepage_copy(lin.scales_and_zeros)
-        for rows in (1, 8, 16, 32, 48, 64, 128):
+        for rows in (1, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256):
             x = torch.randn(rows, k, dtype=torch.bfloat16)
             a = best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group), 3)
             b = best_ms(lambda: int8_kernel.int4_matmul(x, p, sz, lin.group), 3)
             print(f"| {name} {n}x{k} | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
+            both = layer.setdefault(rows, [0.0, 0.0])
+            both[0], both[1] = both[0] + a, both[1] + b
+    for rows, (a, b) in layer.items():
+        print(f"| a layer's four | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+    print(f"(this CPU takes the blocks from {int4_dequantize_min_rows()} rows)")
 
 
 def engine_part(stream_counts: list[int]):

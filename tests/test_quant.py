@@ -20,7 +20,7 @@ from glm4serve.model.cpu_runner import CpuRunner
 from glm4serve.model import int8_kernel, quant
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.int8_kernel import DEQUANTIZE_MIN_ROWS
-from glm4serve.model.quant import INT4_DEQUANTIZE_MIN_ROWS, Int4Linear, Int8Linear
+from glm4serve.model.quant import Int4Linear, Int8Linear, int4_dequantize_min_rows
 from glm4serve.model.runner import EagerRunner
 from glm4serve.server import build_llm_engine
 
@@ -203,9 +203,10 @@ def test_blockwise_products_of_several_shapes_reuse_one_buffer(monkeypatch):
 
 
 @pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
-@pytest.mark.parametrize("rows", [1, 5, 6, INT4_DEQUANTIZE_MIN_ROWS - 1, INT4_DEQUANTIZE_MIN_ROWS, 160, 161])
+@pytest.mark.parametrize("rows", sorted({1, 5, 6, int4_dequantize_min_rows() - 1, int4_dequantize_min_rows(), 160,
+                                          161}))
 def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, amx, monkeypatch):
-    """Up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows int4_gemm (VNNI), from there blocks of the weight unpacked from
+    """Up to int4_dequantize_min_rows() - 1 rows int4_gemm (VNNI), from there blocks of the weight unpacked from
     torch's int4 layout to bf16 (int8_gemm.c), the product over the dequantized weights within bf16 rounding;
     where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead."""
     if not int8_kernel.available():
@@ -227,7 +228,19 @@ def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, amx, monke
     if amx and 6 <= rows <= 160:
         assert calls == ["int4_amx_gemm"]
     else:
-        assert calls == ["int4_gemm" if rows < INT4_DEQUANTIZE_MIN_ROWS else "int4_matmul"]
+        assert calls == ["int4_gemm" if rows < int4_dequantize_min_rows() else "int4_matmul"]
+
+
+def test_int4_blocks_start_later_where_onednn_has_no_amx_bf16_tiles(monkeypatch):
+    """oneDNN's bf16 products of the dequantized blocks run on AMX-BF16 tiles where the CPU has them, and
+    overtake int4_gemm from 56 rows; in AVX-512 BF16 alone only from 160 (BENCHMARKS.md)."""
+    for flags, rows in ((("amx_bf16",), quant.INT4_DEQUANTIZE_MIN_ROWS), ((), quant.INT4_DEQUANTIZE_MIN_ROWS_NO_AMX)):
+        monkeypatch.setattr(int8_kernel, "cpu_has", lambda wanted, flags=flags: set(wanted) <= set(flags))
+        int4_dequantize_min_rows.cache_clear()
+        try:
+            assert int4_dequantize_min_rows() == rows
+        finally:
+            int4_dequantize_min_rows.cache_clear()
 
 
 def test_int4_amx_kernel_is_built_where_the_cpu_has_amx_int8_and_vbmi():
@@ -261,10 +274,10 @@ def test_int4_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
         assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 6, INT4_DEQUANTIZE_MIN_ROWS - 1])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, int4_dequantize_min_rows() - 1])
 @pytest.mark.parametrize("shape", [(96, 64), (256, 192), (4096, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows, monkeypatch):
-    """Up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows through int8_gemm.c's int4_gemm (groups of 32 and 64 inputs; rows
+    """Up to int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (groups of 32 and 64 inputs; rows
     4 at a time and the rest): within 1e-4 of the float64 product over the dequantized weights, read back through
     torch's kernel from the scales kept tile by tile (torch's kernel, bf16 activations, lands ~2e-3 away)."""
     if not int8_kernel.available():

@@ -12,7 +12,7 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel.
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
-up to INT4_DEQUANTIZE_MIN_ROWS - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
+up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
 where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm).
 

@@ -10,14 +10,16 @@ input's dtype. The kernels:
   `_weight_int8pack_mm` (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, up to
-  INT4_DEQUANTIZE_MIN_ROWS - 1 rows through its kernel over that layout (int16 activations; the
-  scales kept tile by tile for it), and more through blocks of the weight dequantized to bf16 from it
-  and multiplied by oneDNN; where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows on its tiles.
+  int4_dequantize_min_rows() - 1 rows (55, or 159 without AMX-BF16) through its kernel over that layout
+  (int16 activations; the scales kept tile by tile for it), and more through blocks of the weight
+  dequantized to bf16 from it and multiplied by oneDNN; where the CPU has AMX-INT8,
+  int8_kernel.INT4_AMX_ROWS rows on its tiles.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,10 +30,13 @@ from . import int8_kernel
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
-# from this many rows, int4 goes through bf16-dequantized blocks: at glm-4-9b's shapes int8_gemm.c's int4_gemm
-# takes 1.3-1.5x less time at 32 rows, 1.0-1.2x at 48, 0.75-0.93x at 64 (BENCHMARKS.md); where the CPU has
-# AMX-INT8, int8_kernel.INT4_AMX_ROWS rows run on its tiles before either
+# from this many rows, int4 goes through bf16-dequantized blocks (where the CPU has AMX-INT8,
+# int8_kernel.INT4_AMX_ROWS rows run on its tiles before either). At glm-4-9b's shapes int8_gemm.c's int4_gemm
+# takes, against the blocks where oneDNN's bf16 products run on AMX-BF16 tiles, 1.3-1.5x less time at 32 rows,
+# 1.0-1.2x at 48, 0.75-0.93x at 64; where they run in AVX-512 BF16 (an AMD EPYC), a layer's four products
+# 1.64x less at 64 rows, 1.19x at 128, 0.99x at 160 (BENCHMARKS.md)
 INT4_DEQUANTIZE_MIN_ROWS = 56
+INT4_DEQUANTIZE_MIN_ROWS_NO_AMX = 160
 LOAD_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (4 MB in fp32): the load's only temporaries
 
 
@@ -75,6 +80,12 @@ class Int8Linear(nn.Module):
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+@functools.cache
+def int4_dequantize_min_rows() -> int:
+    """The rows from which an int4 product goes through bf16-dequantized blocks on this CPU."""
+    return INT4_DEQUANTIZE_MIN_ROWS if int8_kernel.cpu_has(("amx_bf16",)) else INT4_DEQUANTIZE_MIN_ROWS_NO_AMX
 
 
 class Int4Linear(nn.Module):
@@ -160,7 +171,7 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.tiled and int8_kernel.int4_amx_fits(rows.shape[0], self.out_features, self.in_features, self.group):
             y = int8_kernel.int4_amx_gemm(rows, self.packed, self.scales_and_zeros, self.group)
-        elif self.tiled and rows.shape[0] < INT4_DEQUANTIZE_MIN_ROWS:
+        elif self.tiled and rows.shape[0] < int4_dequantize_min_rows():
             y = int8_kernel.int4_gemm(rows, self.packed, self.scales_and_zeros, self.group)
         elif self.tiled:
             y = int8_kernel.int4_matmul(rows, self.packed, self.scales_and_zeros, self.group)
