@@ -331,7 +331,7 @@ def test_parallel_tool_calls_false_stops_decoding_a_choice_whose_call_ended_whil
     assert decoded[request_id, 1] == long_tokens  # the row of its last token gave the stop token
     # its last fed token is the one before `<|assistant|>`, or a few past it (the API reads outputs while the
     # engine steps on), where without end_choice it went on for its sibling's ~90 steps more
-    assert first_tokens - 1 <= decoded[request_id, 0] < first_tokens + 10, (decoded, first_tokens)
+    assert first_tokens - 1 <= decoded[request_id, 0] < first_tokens + 20, (decoded, first_tokens)
 
 
 def test_tool_choice_none_shows_the_tools_and_parses_no_call():
