@@ -30,6 +30,17 @@ def free_port() -> int:
         return port
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def without_model_name(metrics_text: str) -> str:
     """/metrics text without the model_name label every series carries: series as the tests name them."""
     return re.sub(r",?\}", "}", re.sub(r'model_name="[^"]*",?', "", metrics_text)).replace("{}", "")
@@ -80,13 +91,7 @@ class ServerProcess:
             time.sleep(1)
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         self.log.close()
         return self.proc.returncode
 
