@@ -302,6 +302,63 @@ def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows,
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def avx2_int4_linear(k: int, n: int, group: int, seed: int) -> Int4Linear:
+    lin = Int4Linear(k, n, bias=False, dtype=torch.float32, group=group)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[0] = torch.where(torch.arange(k) % 2 == 0, -1.0, 1.0) * 3  # q at both ends, 0 and 15
+    lin.load_weight_rows(0, n, w)
+    assert lin.tiled and lin.group == group
+    return lin
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 64, 200])
+@pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
+                         ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
+    """int4_avx2.c (CPUs without AVX-512) sums the same integers as int8_gemm.c's int4_gemm and scales them in
+    the same order: the same numbers, bit for bit (one row unpacks as it goes, more through the group's buffer)."""
+    if not int8_kernel.available() or int8_kernel.avx2_library() is None:
+        pytest.skip("needs both kernels built: AVX-512 VNNI, AVX2 and a C compiler")
+    k, n, group = shape
+    lin = avx2_int4_linear(k, n, group, seed=k + n + rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[:, :2] = -x.abs().max()  # the largest activations, negative: the int16 pairs' sign bits
+    got = int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group, int8_kernel.avx2_library())
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.equal(got, int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6, 160, 300])
+def test_without_avx512_every_int4_row_count_takes_the_avx2_kernel(rows, monkeypatch):
+    """Where only int4_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
+    layout and runs every row count in it (no bf16 blocks, no AMX): within 1e-4 of the float64 product."""
+    if int8_kernel.avx2_library() is None:
+        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    monkeypatch.setattr(int8_kernel, "_library", lambda: None)
+    assert int8_kernel.int4_available() and not int8_kernel.available()
+    calls = []
+    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul"):
+        real = getattr(int8_kernel, name)
+        monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    lin = avx2_int4_linear(256, 192, 64, seed=rows)
+    x = torch.randn(rows, 256)
+    want = x.double() @ lin.dequantized().double().T
+    got = lin(x)
+    assert calls == ["int4_gemm"] and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_max_cpu_isa_avx2_hides_avx512_and_amx(monkeypatch):
+    """GLM4SERVE_MAX_CPU_ISA=avx2 gives the kernels of a CPU without AVX-512 on one with it."""
+    monkeypatch.setattr(int8_kernel.Path, "read_text",
+                        lambda self: "processor\t: 0\nflags\t\t: fpu avx2 fma avx512f avx512_vnni amx_tile amx_int8\n")
+    assert int8_kernel.cpu_has(("avx2", "fma")) and int8_kernel.cpu_has(("avx512f", "avx512_vnni"))
+    monkeypatch.setenv("GLM4SERVE_MAX_CPU_ISA", "avx2")
+    assert int8_kernel.cpu_has(("avx2", "fma"))
+    assert not int8_kernel.cpu_has(("avx512f",)) and not int8_kernel.cpu_has(("amx_tile",))
+
+
 def test_int4_scales_stay_in_torch_layout_where_its_kernel_runs():
     """Rows not a whole number of tiles: torch's kernel, its scales layout."""
     lin = Int4Linear(64, 96, bias=False, dtype=torch.float32)
@@ -366,8 +423,14 @@ def greedy_tokens(runner, prompt, steps, block_size=4):
     return got
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(make_checkpoint, scheme):
+@pytest.mark.parametrize("scheme", [*SCHEMES, "int4-avx2"])
+def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(make_checkpoint, scheme,
+                                                                              monkeypatch):
+    if scheme == "int4-avx2":  # the int4 kernel of a CPU without AVX-512
+        if int8_kernel.avx2_library() is None:
+            pytest.skip("no AVX2 and FMA here, or no C compiler")
+        monkeypatch.setattr(int8_kernel, "_library", lambda: None)
+        scheme = "int4"
     path = make_checkpoint("glm4", "hf", "wide")
     engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", quantization=scheme, num_kv_blocks=64,
                                          block_size=4))
@@ -375,6 +438,8 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
     linears = quantized_linears(engine.runner.model).values()
     weights = [m.qweight if isinstance(m, Int8Linear) else m.packed for m in linears]
     assert linears and all(w.data_ptr() % (2 << 20) == 0 for w in weights)  # moved to huge-page memory
+    if scheme == "int4":
+        assert any(m.tiled for m in linears) == int8_kernel.int4_available()  # our kernels run where they build
     prompt = [11, 23, 5, 99, 42, 7, 64, 3]
     engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     got = []

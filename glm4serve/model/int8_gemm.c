@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "int16_rows.h"
+
 #define R 4
 #define FLUSH 256
 /* Each row's next cache lines are asked for this many bytes ahead, once per line: one row reads
@@ -26,18 +28,6 @@
 static inline float bf16_to_float(uint16_t b) {
     union { uint32_t u; float f; } v = {(uint32_t)b << 16};
     return v.f;
-}
-
-void quantize_rows_int16(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-        float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        xs[m] = amax / 32767.f;
-        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)nearbyintf(xr[k] * inv);
-    }
 }
 
 /* rows x 32 products of the inputs [k, k + 32) masked to `mask`, into acc. */

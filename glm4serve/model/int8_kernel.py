@@ -49,17 +49,24 @@ AMX_SOURCE = Path(__file__).with_name("int8_amx.c")
 AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
              "-mavx512vbmi"]
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8", "avx512vbmi")
+AVX2_SOURCE = Path(__file__).with_name("int4_avx2.c")
+AVX2_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx2", "-mfma"]
+AVX2_CPU_FLAGS = ("avx2", "fma")
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
 
 
 def cpu_has(wanted: tuple[str, ...]) -> bool:
+    """The CPU has every flag of `wanted` (as /proc/cpuinfo names them). GLM4SERVE_MAX_CPU_ISA=avx2 hides
+    AVX-512 and AMX, as ONEDNN_MAX_CPU_ISA does for oneDNN: the kernels of a CPU without them, on one with."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    if os.environ.get("GLM4SERVE_MAX_CPU_ISA", "").lower() == "avx2":
+        flags = [f for f in flags if not f.startswith(("avx512", "amx"))]
     return all(f in flags for f in wanted)
 
 
@@ -147,8 +154,30 @@ def _amx_library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def avx2_library() -> ctypes.CDLL | None:
+    """int4_avx2.c built and loaded where the CPU has AVX2 and FMA (int4_gemm takes it where the VNNI kernel
+    is not built)."""
+    lib = load_library(AVX2_SOURCE, AVX2_FLAGS, AVX2_CPU_FLAGS, "int4 linears use torch's _weight_int4pack_mm")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.quantize_rows_int16.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.int4_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def _int4_library() -> ctypes.CDLL | None:
+    return _library() or avx2_library()
+
+
 def available() -> bool:
     return _library() is not None
+
+
+def int4_available() -> bool:
+    """int4_gemm runs here: in int8_gemm.c (AVX-512 VNNI) or int4_avx2.c (AVX2)."""
+    return _int4_library() is not None
 
 
 def amx_fits(m: int, n: int, k: int) -> bool:
@@ -189,13 +218,16 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return blockwise_matmul(x, n, dequantize)
 
 
-def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """A few rows x [M, K] @ the int4 weight (as int4_matmul takes it) .T -> fp32 [M, N]: the weights exact,
-    the activations int16 (quantize_rows), as the int8 kernels."""
+    the activations int16 (quantize_rows), as the int8 kernels; in int8_gemm.c (AVX-512 VNNI) or, without it,
+    int4_avx2.c (or the library `lib`): the same numbers."""
     (m, k), n = x.shape, packed.shape[0]
-    xq, xs = quantize_rows(x)
+    lib = lib or _int4_library()
+    xq, xs = quantize_rows(x, lib)
     y = torch.empty(m, n, dtype=torch.float32)
-    _library().int4_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, xq.data_ptr(), xs.data_ptr(), m,
+    lib.int4_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, xq.data_ptr(), xs.data_ptr(), m,
                          y.data_ptr(), torch.get_num_threads())
     return y
 
@@ -228,13 +260,14 @@ def _scratch_bf16(numel: int) -> torch.Tensor:
     return buffer[:numel]
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (any float dtype) -> int16 [M, K] and fp32 scales [M]: x ~ xq * xs per row."""
+def quantize_rows(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype) -> int16 [M, K] and fp32 scales [M]: x ~ xq * xs per row (int16_rows.h, in
+    `lib` or the VNNI kernel's library)."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     xq = torch.empty(m, k, dtype=torch.int16)
     xs = torch.empty(m, dtype=torch.float32)
-    _library().quantize_rows_int16(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    (lib or _library()).quantize_rows_int16(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(), torch.get_num_threads())
     return xq, xs
 
 

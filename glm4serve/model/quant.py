@@ -13,7 +13,8 @@ input's dtype. The kernels:
   int4_dequantize_min_rows() - 1 rows (55, or 159 without AMX-BF16) through its kernel over that layout
   (int16 activations; the scales kept tile by tile for it), and more through blocks of the weight
   dequantized to bf16 from it and multiplied by oneDNN; where the CPU has AMX-INT8,
-  int8_kernel.INT4_AMX_ROWS rows on its tiles.
+  int8_kernel.INT4_AMX_ROWS rows on its tiles. On a CPU with AVX2 and not AVX-512, every row count through
+  int4_avx2.c's kernel (the same numbers; 2-4x torch's kernel there, which also beats fp32 blocks).
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -93,7 +94,7 @@ class Int4Linear(nn.Module):
 
     That layout interleaves rows in tiles of PACK_TILE_ROWS: a tile is packed once all its rows have
     come (a tile split between two checkpoint tensors, like HF's q/k/v, waits in a small buffer). Where
-    int8_gemm.c's kernels take it (`tiled`), the (scale, zero) pairs are kept tile by tile, [out / 64,
+    int8_gemm.c's or int4_avx2.c's kernels take it (`tiled`), the (scale, zero) pairs are kept tile by tile, [out / 64,
     in / group, 64, 2], the order those kernels read them in; else as torch's kernel takes them,
     [in / group, out, 2]."""
 
@@ -106,7 +107,7 @@ class Int4Linear(nn.Module):
                              f"got {in_features} x {out_features}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.tiled = (torch.device(device or "cpu").type == "cpu" and out_features % PACK_TILE_ROWS == 0
-                      and int8_kernel.available())
+                      and int8_kernel.int4_available())
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         # (scale, zero) with w = (q - 8) * scale + zero, torch's convention
         shape = ((out_features // PACK_TILE_ROWS, in_features // group, PACK_TILE_ROWS, 2) if self.tiled
@@ -171,7 +172,7 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.tiled and int8_kernel.int4_amx_fits(rows.shape[0], self.out_features, self.in_features, self.group):
             y = int8_kernel.int4_amx_gemm(rows, self.packed, self.scales_and_zeros, self.group)
-        elif self.tiled and rows.shape[0] < int4_dequantize_min_rows():
+        elif self.tiled and (rows.shape[0] < int4_dequantize_min_rows() or not int8_kernel.available()):
             y = int8_kernel.int4_gemm(rows, self.packed, self.scales_and_zeros, self.group)
         elif self.tiled:
             y = int8_kernel.int4_matmul(rows, self.packed, self.scales_and_zeros, self.group)

@@ -1,0 +1,138 @@
+/* int4 weights times int16 activations in AVX2, for quant.py's Int4Linear on CPUs without AVX-512 (most
+ * desktop and laptop CPUs): int8_gemm.c's int4_gemm, with the same operands and the same numbers, bit for
+ * bit (the int32 sums are exact, and they are scaled in the same order of fused operations), 8 lanes wide.
+ * Built by int8_kernel.py with `-mavx2 -mfma`; torch's own int4 kernel is ~3x slower at one row there.
+ *
+ * The weights: `packed` in torch's CPU layout, [N / 64][K][32] bytes, byte j of (tile t, input k) holding
+ * row 64t + j in its low nibble and row 64t + 32 + j in its high one; `sz` the (scale, zero) bf16 pairs
+ * tile by tile, [N / 64][K / group][64], w = (q - 8) * scale + zero.
+ *
+ * vpmaddwd multiplies 16 int16 pairs and adds each pair into one of 8 int32 lanes, so lane i wants
+ * (q[row, k], q[row, k + 1]) against (x[k], x[k + 1]). Taken as 32-bit lanes, the bytes 4i..4i+3 of input
+ * k hold rows 4i..4i+3 and 32+4i..35+4i; putting the low 16 bits of input k's lane beside those of input
+ * k + 1 (one blend) leaves each of 4 rows' two nibbles at the same place in both halves, taken out by a
+ * shift and a mask. So two inputs of a tile's 64 rows unpack to 8 vectors, each 8 rows 4 apart (`unpack`),
+ * and the sums are put back in row order once per group (`in_row_order`).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "int16_rows.h"
+
+/* as int8_gemm.c's int4_gemm: the stream asked for into L1 and, further ahead, into L2 */
+#define INT4_PREFETCH_L1 2048
+#define INT4_PREFETCH_L2 8192
+#define MAX_GROUP 64  /* quant.py's INT4_GROUP: a group's unpacked weights fit one 8 KiB buffer */
+
+/* Inputs k and k + 1 of a tile's 64 rows (64 bytes from p) -> w[c] lane i = rows' (k, k + 1) int16 pairs for
+   row ROW_OF(c, i): c 0 4i, 1 4i+1, 2 32+4i, 3 33+4i, 4 4i+2, 5 4i+3, 6 34+4i, 7 35+4i. */
+static inline void unpack(const uint8_t *p, __m256i w[8]) {
+    const __m256i mask = _mm256_set1_epi32(0x000F000F);
+    __m256i b0 = _mm256_loadu_si256((const __m256i *)p), b1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+    __m256i t = _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);  /* bytes 4i, 4i+1 of k | of k + 1 */
+    __m256i u = _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA);  /* bytes 4i+2, 4i+3 of k | of k + 1 */
+    w[0] = _mm256_and_si256(t, mask);
+    w[1] = _mm256_and_si256(_mm256_srli_epi32(t, 8), mask);
+    w[2] = _mm256_and_si256(_mm256_srli_epi32(t, 4), mask);
+    w[3] = _mm256_and_si256(_mm256_srli_epi32(t, 12), mask);
+    w[4] = _mm256_and_si256(u, mask);
+    w[5] = _mm256_and_si256(_mm256_srli_epi32(u, 8), mask);
+    w[6] = _mm256_and_si256(_mm256_srli_epi32(u, 4), mask);
+    w[7] = _mm256_and_si256(_mm256_srli_epi32(u, 12), mask);
+}
+
+/* Four vectors of rows 4i + 0..3 (a, b, c, d: lane i each) -> rows 0-7, 8-15, 16-23, 24-31 (out[0..3]). */
+static inline void transpose4(__m256i a, __m256i b, __m256i c, __m256i d, __m256i out[4]) {
+    __m256i ab_lo = _mm256_unpacklo_epi32(a, b), ab_hi = _mm256_unpackhi_epi32(a, b);  /* lanes 0,1,4,5 | 2,3,6,7 */
+    __m256i cd_lo = _mm256_unpacklo_epi32(c, d), cd_hi = _mm256_unpackhi_epi32(c, d);
+    __m256i r0 = _mm256_unpacklo_epi64(ab_lo, cd_lo), r1 = _mm256_unpackhi_epi64(ab_lo, cd_lo);  /* rows 0-3|16-19, 4-7|20-23 */
+    __m256i r2 = _mm256_unpacklo_epi64(ab_hi, cd_hi), r3 = _mm256_unpackhi_epi64(ab_hi, cd_hi);  /* 8-11|24-27, 12-15|28-31 */
+    out[0] = _mm256_permute2x128_si256(r0, r1, 0x20);
+    out[1] = _mm256_permute2x128_si256(r2, r3, 0x20);
+    out[2] = _mm256_permute2x128_si256(r0, r1, 0x31);
+    out[3] = _mm256_permute2x128_si256(r2, r3, 0x31);
+}
+
+/* acc (unpack's order) -> sums of rows 0-7, 8-15, ..., 56-63. */
+static inline void in_row_order(const __m256i acc[8], __m256i sums[8]) {
+    transpose4(acc[0], acc[1], acc[4], acc[5], sums);
+    transpose4(acc[2], acc[3], acc[6], acc[7], sums + 4);
+}
+
+/* One group's sums scaled into out[0..63] (fp32, running over the groups), as int4_gemm does: out = scale * sum +
+   ((zero - 8 * scale) * gsum + out). */
+static inline void scale_group(const __m256i acc[8], const uint32_t *pairs, float gsum, float *out, int first) {
+    __m256i sums[8];
+    in_row_order(acc, sums);
+    for (int v = 0; v < 8; v++) {
+        __m256i p = _mm256_loadu_si256((const __m256i *)(pairs + v * 8));
+        __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+        __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(p, _mm256_set1_epi32((int)0xFFFF0000)));
+        __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
+        __m256 o = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + v * 8);
+        o = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums[v]), _mm256_fmadd_ps(offset, _mm256_set1_ps(gsum), o));
+        _mm256_storeu_ps(out + v * 8, o);
+    }
+}
+
+static inline __m256i pair_of(const int16_t *x) {  /* inputs k and k + 1 in every lane */
+    return _mm256_set1_epi32((int32_t)(uint16_t)x[0] | ((int32_t)x[1] << 16));
+}
+
+static inline void madd8(__m256i acc[8], const __m256i w[8], __m256i pair) {
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(w[c], pair));
+}
+
+/* y [M, N] = xs * xq [M, K] @ W.T, as int8_gemm.c's int4_gemm (its comment has the arithmetic). Each program
+   takes a tile of 64 rows; one activation row unpacks the weights as it goes, more unpack each group once into
+   an L1 buffer that every row then reads. K and the group are even, group <= MAX_GROUP. */
+void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const int16_t *xq,
+               const float *xs, int64_t M, float *y, int threads) {
+    int64_t groups = K / group;
+    float *gsum = malloc(sizeof(float) * M * groups);  /* sum of each row's inputs in each group */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t s = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xq[m * K + k];
+            gsum[m * groups + g] = (float)s;
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t tile = 0; tile < N / 64; tile++) {
+        __m256i buffer[MAX_GROUP / 2][8];
+        const uint8_t *p = packed + tile * K * 32;
+        const uint32_t *pairs = sz + tile * groups * 64;
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t k0 = g * group;
+            if (M == 1) {
+                __m256i acc[8], w[8];
+                for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_si256();
+                for (int64_t k = k0; k < k0 + group; k += 2) {
+                    _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
+                    unpack(p + k * 32, w);
+                    madd8(acc, w, pair_of(xq + k));
+                }
+                scale_group(acc, pairs + g * 64, gsum[g], y + tile * 64, g == 0);
+                continue;
+            }
+            for (int64_t k = k0; k < k0 + group; k += 2) {
+                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
+                unpack(p + k * 32, buffer[(k - k0) / 2]);
+            }
+            for (int64_t m = 0; m < M; m++) {
+                __m256i acc[8];
+                for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_si256();
+                for (int64_t k = k0; k < k0 + group; k += 2) madd8(acc, buffer[(k - k0) / 2], pair_of(xq + m * K + k));
+                scale_group(acc, pairs + g * 64, gsum[m * groups + g], y + m * N + tile * 64, g == 0);
+            }
+        }
+        for (int64_t m = 0; m < M; m++)
+            for (int v = 0; v < 8; v++) {
+                float *o = y + m * N + tile * 64 + v * 8;
+                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(xs[m])));
+            }
+    }
+    free(gsum);
+}
