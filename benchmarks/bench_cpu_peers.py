@@ -16,6 +16,10 @@ tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). 
     .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes fp32,bf16,int8,int4] [--repeats 3]
         [--prefill-tokens 1024] [--decode-after-prefill] [--apart]
 
+With `--isa avx2` both sides run the code of a CPU with AVX2 and not AVX-512 (most desktop and laptop CPUs) on
+this one: llama.cpp built for AVX2 (its own folder), and our server with GLM4SERVE_MAX_CPU_ISA=avx2 and torch's,
+oneDNN's and MKL's kernels held to AVX2 (AVX2_ENV). The memory and the cores stay this machine's.
+
 Ratios are ours over theirs in speed: tokens/s ours / theirs, and prefill time theirs / ours.
 """
 
@@ -40,7 +44,9 @@ from server_proc import ServerProcess, free_port, stop_process  # noqa: E402
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendor/llama.cpp is what gets built
-BUILD = "build-amx"
+BUILDS = {"native": "build-amx", "avx2": "build-avx2"}  # --isa -> llama.cpp's build folder
+AVX2_ENV = {"GLM4SERVE_MAX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 CACHE = Path.home() / ".cache" / "glm4serve"
 SLICE_9B = dict(GLM4_9B_CHAT, dtype="bfloat16")  # num_layers: --layers
 # ours (--dtype, --quantization), llama.cpp's file type
@@ -53,11 +59,11 @@ def run(cmd: list[str], **kw) -> None:
     subprocess.run(cmd, check=True, **kw)
 
 
-def llama_cpp() -> Path:
-    """llama.cpp's build folder, with bin/llama-server and bin/llama-quantize built."""
+def llama_cpp(isa: str = "native") -> Path:
+    """llama.cpp's build folder for `isa`, with bin/llama-server and bin/llama-quantize built."""
     root = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
     src = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    build = src / BUILD
+    build = src / BUILDS[isa]
     if (build / "bin" / "llama-server").is_file() and (build / "bin" / "llama-quantize").is_file():
         return build
     root.mkdir(parents=True, exist_ok=True)
@@ -68,10 +74,13 @@ def llama_cpp() -> Path:
             tar.extractall(root, filter="data")
     # Native: AVX-512 (VNNI, BF16) and, where the CPU has them, AMX tiles for Q8_0/Q4_0. At -O2: this
     # release's AMX matmul segfaults at the first forward when built with -O3 (CMAKE's Release), seen
-    # on the project's Sapphire Rapids box; -O2 (RelWithDebInfo) runs it.
-    run(["cmake", "-B", BUILD, "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+    # on the project's Sapphire Rapids box; -O2 (RelWithDebInfo) runs it. For avx2: what a CPU without AVX-512 has.
+    isa_flags = (["-DGGML_NATIVE=ON"] if isa == "native" else
+                 ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                  "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF"])
+    run(["cmake", "-B", build.name, "-DCMAKE_BUILD_TYPE=RelWithDebInfo", *isa_flags, "-DLLAMA_CURL=OFF",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], cwd=src)
-    run(["cmake", "--build", BUILD, "--target", "llama-server", "llama-quantize", f"-j{os.cpu_count()}"], cwd=src)
+    run(["cmake", "--build", build.name, "--target", "llama-server", "llama-quantize", f"-j{os.cpu_count()}"], cwd=src)
     return build
 
 
@@ -255,9 +264,11 @@ def main():
     ap.add_argument("--apart", action="store_true",
                     help="run the servers one after the other, each alone in memory (for a model two copies of which "
                          "do not fit): their turns are then minutes apart, not interleaved")
+    ap.add_argument("--isa", choices=sorted(BUILDS), default="native",
+                    help="avx2: both servers in the code of a CPU without AVX-512 (module docstring)")
     a = ap.parse_args()
     modes = a.modes.split(",")
-    build = llama_cpp()
+    build = llama_cpp(a.isa)
     checkpoint = CACHE / f"bench-slice-9b-{a.layers}layers"
     if not (checkpoint / "config.json").is_file():
         write_random_checkpoint(checkpoint, **{**SLICE_9B, "num_layers": a.layers})
@@ -274,7 +285,8 @@ def main():
 
         def start_ours():
             t0 = time.perf_counter()
-            server = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory="2GiB").wait_healthy(timeout=900)
+            server = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory="2GiB",
+                                   env=AVX2_ENV if a.isa == "avx2" else None).wait_healthy(timeout=900)
             r["ours_load_s"] = time.perf_counter() - t0
             return server
 

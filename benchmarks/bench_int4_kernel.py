@@ -12,6 +12,10 @@ blocks for many), where int8_kernel.py builds. Three parts:
   missing), 1, 8 and 16 streams (`--streams`), medians.
 
     .venv/bin/python benchmarks/bench_int4_kernel.py [--parts layers,rows,engine] [--layers 40]
+
+On a CPU without AVX-512 (or with GLM4SERVE_MAX_CPU_ISA=avx2, and ATEN_CPU_CAPABILITY=avx2 for torch's kernels)
+int4_gemm is int4_avx2.c's: the rows part sets it against torch's int4 kernel (what ran there before), the
+layers part has no int8 line, and `--torch-int4` runs the engine part on torch's kernel for the comparison.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def layers_part(layers: int):
     read_rate = bare_read_gbs()
     print(f"\none token through {layers} layers' products, medians of 5 (torch's sum over 4 GiB: {read_rate:.1f} GB/s)")
     print("| | qkv | o | gate_up | down | a token |\n|---|---|---|---|---|---|")
-    for label, cls in (("int4", Int4Linear), ("int8", Int8Linear)):
+    for label, cls in (("int4", Int4Linear), ("int8", Int8Linear))[: 2 if int8_kernel.available() else 1]:
         weights = quantized_layers(cls, layers)
         token_ms(weights, xs)
         runs = [token_ms(weights, xs) for _ in range(5)]
@@ -93,8 +97,14 @@ def layers_part(layers: int):
         del weights
 
 
+def torch_int4(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
+    """torch's own int4 kernel (bf16 activations), over the scales in its layout."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.packed, lin.group, lin.scales_by_row())
+
+
 def rows_part():
-    print("\nint4_gemm against dequantized bf16 blocks, best of 3 ms\n| matrix | rows | int4_gemm | blocks | ratio |")
+    other = "dequantized bf16 blocks" if int8_kernel.available() else "torch's int4 kernel"
+    print(f"\nint4_gemm against {other}, best of 3 ms\n| matrix | rows | int4_gemm | {other} | ratio |")
     print("|---|---|---|---|---|")
     layer: dict[int, list[float]] = {}  # rows -> the four products' ms, each way
     for name, (n, k) in LAYER_SHAPES.items():
@@ -104,13 +114,15 @@ def rows_part():
         for rows in (1, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256):
             x = torch.randn(rows, k, dtype=torch.bfloat16)
             a = best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group), 3)
-            b = best_ms(lambda: int8_kernel.int4_matmul(x, p, sz, lin.group), 3)
+            b = best_ms((lambda: int8_kernel.int4_matmul(x, p, sz, lin.group)) if int8_kernel.available()
+                        else (lambda: torch_int4(x, lin)), 3)
             print(f"| {name} {n}x{k} | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
             both = layer.setdefault(rows, [0.0, 0.0])
             both[0], both[1] = both[0] + a, both[1] + b
     for rows, (a, b) in layer.items():
         print(f"| a layer's four | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
-    print(f"(this CPU takes the blocks from {int4_dequantize_min_rows()} rows)")
+    if int8_kernel.available():
+        print(f"(this CPU takes the blocks from {int4_dequantize_min_rows()} rows)")
 
 
 def engine_part(stream_counts: list[int]):
@@ -141,10 +153,13 @@ def main():
     ap.add_argument("--parts", default="layers,rows,engine")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--streams", default="1,8,16", help="the engine part's numbers of streams")
+    ap.add_argument("--torch-int4", action="store_true", help="the engine on torch's int4 kernel, none of ours")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    if not int8_kernel.available():
-        raise SystemExit("int8_kernel is not available here (no AVX-512 VNNI or no C compiler)")
+    if a.torch_int4:
+        int8_kernel._library = int8_kernel.avx2_library = lambda: None
+    elif not int8_kernel.int4_available():
+        raise SystemExit("int8_kernel's int4_gemm is not available here (no AVX2 or no C compiler)")
     parts = a.parts.split(",")
     if "layers" in parts:
         layers_part(a.layers)

@@ -146,6 +146,10 @@ def check_address(host: str, port: int) -> None:
             raise ValueError(f"--host {host} --port {port}: cannot listen there: {e.strerror}") from None
 
 
+# GLM4SERVE_ variables that are not settings: read where they act, like ONEDNN_MAX_CPU_ISA by oneDNN
+NOT_SETTINGS = ("GLM4SERVE_MAX_CPU_ISA",)  # model/int8_kernel.py's cpu_has
+
+
 def warn_unknown_variables(environ: typing.Mapping[str, str]) -> None:
     """A GLM4SERVE_ variable that names no setting (a typo) changes nothing: say so, and what was meant."""
     from glm4serve.api.settings import ServerSettings
@@ -154,7 +158,7 @@ def warn_unknown_variables(environ: typing.Mapping[str, str]) -> None:
     names = [name.upper() for name in ServerSettings.model_fields]
     for key in sorted(k for k in environ if k.upper().startswith(prefix)):
         name = key.upper().removeprefix(prefix)
-        if name not in names:
+        if name not in names and key.upper() not in NOT_SETTINGS:
             close = difflib.get_close_matches(name, names, n=1)
             logging.getLogger("glm4serve").warning("%s is not a setting and changes nothing%s", key,
                                                    f" (did you mean {prefix}{close[0]}?)" if close else "")

@@ -254,7 +254,7 @@ def test_ctrl_c_while_the_model_loads_is_one_line_not_a_traceback(monkeypatch):
 def test_a_variable_that_names_no_setting_is_warned_of_with_what_was_meant(caplog):
     with caplog.at_level(logging.WARNING, logger="glm4serve"):
         cli.warn_unknown_variables({"GLM4SERVE_MAX_MODEL_LENGTH": "4096", "GLM4SERVE_PORT": "1", "PATH": "/bin",
-                                    "GLM4SERVE_ZZZ": "1"})
+                                    "GLM4SERVE_ZZZ": "1", "GLM4SERVE_MAX_CPU_ISA": "avx2"})
     assert [r.getMessage() for r in caplog.records] == [
         "GLM4SERVE_MAX_MODEL_LENGTH is not a setting and changes nothing (did you mean GLM4SERVE_MAX_MODEL_LEN?)",
         "GLM4SERVE_ZZZ is not a setting and changes nothing"]

@@ -26,38 +26,40 @@
 #define MAX_GROUP 64  /* quant.py's INT4_GROUP: a group's unpacked weights fit one 8 KiB buffer */
 
 /* Inputs k and k + 1 of a tile's 64 rows (64 bytes from p) -> w[c] lane i = rows' (k, k + 1) int16 pairs for
-   row ROW_OF(c, i): c 0 4i, 1 4i+1, 2 32+4i, 3 33+4i, 4 4i+2, 5 4i+3, 6 34+4i, 7 35+4i. */
+   row 4i + {0, 1, 32, 33, 2, 3, 34, 35}[c]. Classes 2 and 6 are left 16x (their nibbles where they lie: a mask, no
+   shift), a group's sums of them divided back exactly in in_row_order; 16 * 15 * 32767 * 64 < 2^31. */
 static inline void unpack(const uint8_t *p, __m256i w[8]) {
-    const __m256i mask = _mm256_set1_epi32(0x000F000F);
+    const __m256i low = _mm256_set1_epi32(0x000F000F), second = _mm256_set1_epi32(0x00F000F0);
     __m256i b0 = _mm256_loadu_si256((const __m256i *)p), b1 = _mm256_loadu_si256((const __m256i *)(p + 32));
     __m256i t = _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);  /* bytes 4i, 4i+1 of k | of k + 1 */
     __m256i u = _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA);  /* bytes 4i+2, 4i+3 of k | of k + 1 */
-    w[0] = _mm256_and_si256(t, mask);
-    w[1] = _mm256_and_si256(_mm256_srli_epi32(t, 8), mask);
-    w[2] = _mm256_and_si256(_mm256_srli_epi32(t, 4), mask);
-    w[3] = _mm256_and_si256(_mm256_srli_epi32(t, 12), mask);
-    w[4] = _mm256_and_si256(u, mask);
-    w[5] = _mm256_and_si256(_mm256_srli_epi32(u, 8), mask);
-    w[6] = _mm256_and_si256(_mm256_srli_epi32(u, 4), mask);
-    w[7] = _mm256_and_si256(_mm256_srli_epi32(u, 12), mask);
+    w[0] = _mm256_and_si256(t, low);
+    w[1] = _mm256_and_si256(_mm256_srli_epi16(t, 8), low);
+    w[2] = _mm256_and_si256(t, second);
+    w[3] = _mm256_srli_epi16(t, 12);  /* the top nibble of each 16 bits: nothing above it to mask */
+    w[4] = _mm256_and_si256(u, low);
+    w[5] = _mm256_and_si256(_mm256_srli_epi16(u, 8), low);
+    w[6] = _mm256_and_si256(u, second);
+    w[7] = _mm256_srli_epi16(u, 12);
 }
 
 /* Four vectors of rows 4i + 0..3 (a, b, c, d: lane i each) -> rows 0-7, 8-15, 16-23, 24-31 (out[0..3]). */
 static inline void transpose4(__m256i a, __m256i b, __m256i c, __m256i d, __m256i out[4]) {
     __m256i ab_lo = _mm256_unpacklo_epi32(a, b), ab_hi = _mm256_unpackhi_epi32(a, b);  /* lanes 0,1,4,5 | 2,3,6,7 */
     __m256i cd_lo = _mm256_unpacklo_epi32(c, d), cd_hi = _mm256_unpackhi_epi32(c, d);
-    __m256i r0 = _mm256_unpacklo_epi64(ab_lo, cd_lo), r1 = _mm256_unpackhi_epi64(ab_lo, cd_lo);  /* rows 0-3|16-19, 4-7|20-23 */
-    __m256i r2 = _mm256_unpacklo_epi64(ab_hi, cd_hi), r3 = _mm256_unpackhi_epi64(ab_hi, cd_hi);  /* 8-11|24-27, 12-15|28-31 */
+    /* rows 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31 */
+    __m256i r0 = _mm256_unpacklo_epi64(ab_lo, cd_lo), r1 = _mm256_unpackhi_epi64(ab_lo, cd_lo);
+    __m256i r2 = _mm256_unpacklo_epi64(ab_hi, cd_hi), r3 = _mm256_unpackhi_epi64(ab_hi, cd_hi);
     out[0] = _mm256_permute2x128_si256(r0, r1, 0x20);
     out[1] = _mm256_permute2x128_si256(r2, r3, 0x20);
     out[2] = _mm256_permute2x128_si256(r0, r1, 0x31);
     out[3] = _mm256_permute2x128_si256(r2, r3, 0x31);
 }
 
-/* acc (unpack's order) -> sums of rows 0-7, 8-15, ..., 56-63. */
+/* acc (unpack's order, classes 2 and 6 16x) -> sums of rows 0-7, 8-15, ..., 56-63. */
 static inline void in_row_order(const __m256i acc[8], __m256i sums[8]) {
     transpose4(acc[0], acc[1], acc[4], acc[5], sums);
-    transpose4(acc[2], acc[3], acc[6], acc[7], sums + 4);
+    transpose4(_mm256_srai_epi32(acc[2], 4), acc[3], _mm256_srai_epi32(acc[6], 4), acc[7], sums + 4);
 }
 
 /* One group's sums scaled into out[0..63] (fp32, running over the groups), as int4_gemm does: out = scale * sum +

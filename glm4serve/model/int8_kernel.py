@@ -14,7 +14,9 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
-where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm).
+where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm). On a CPU with AVX2 and
+not AVX-512 VNNI (most desktop and laptop CPUs), int4_avx2.c's int4_gemm (the same numbers again) takes every
+row count: 2-4x torch's int4 kernel there, and quicker than fp32 blocks through MKL (BENCHMARKS.md).
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
