@@ -430,6 +430,7 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
         if int8_kernel.avx2_library() is None:
             pytest.skip("no AVX2 and FMA here, or no C compiler")
         monkeypatch.setattr(int8_kernel, "_library", lambda: None)
+        assert int8_kernel.int4_kernels() == "int4_avx2.c (AVX2)"
         scheme = "int4"
     path = make_checkpoint("glm4", "hf", "wide")
     engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", quantization=scheme, num_kv_blocks=64,
@@ -440,6 +441,7 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
     assert linears and all(w.data_ptr() % (2 << 20) == 0 for w in weights)  # moved to huge-page memory
     if scheme == "int4":
         assert any(m.tiled for m in linears) == int8_kernel.int4_available()  # our kernels run where they build
+        assert f"Int4Linear in {int8_kernel.int4_kernels()}" in repr(engine.runner)
     prompt = [11, 23, 5, 99, 42, 7, 64, 3]
     engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     got = []

@@ -40,7 +40,7 @@ import shutil
 
 import torch
 
-from . import segments
+from . import int8_kernel, segments
 from .attention import decode_attention_one, paged_attention, write_kv
 from .batch import ForwardBatch
 from .cpu_linear import STREAMED_WEIGHT_BYTES, hugepage_backing, hugepage_copy, hugepage_empty, swap_linears
@@ -126,6 +126,10 @@ class CpuRunner(EagerRunner):
         else:
             decode = "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler)"
         linears = {type(m).__name__ for m in self.model.modules() if hasattr(m, "in_features")}
+        int4 = [m for m in self.model.modules() if isinstance(m, Int4Linear)]
+        if int4:  # which kernel, by the CPU's instruction sets: a user on an AVX2 box sees what runs
+            kernels = int8_kernel.int4_kernels() if any(m.tiled for m in int4) else "torch's kernel"
+            linears = linears - {"Int4Linear"} | {f"Int4Linear in {kernels}"}
         rows = ", compiled norms and SwiGLU for many rows" if self.compiled_rows else ""
         return f"CpuRunner({self.dtype}, {'/'.join(sorted(linears))}, {decode}{rows})"
 

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "int16_rows.h"
 
@@ -88,53 +89,66 @@ static inline void madd8(__m256i acc[8], const __m256i w[8], __m256i pair) {
 
 /* y [M, N] = xs * xq [M, K] @ W.T, as int8_gemm.c's int4_gemm (its comment has the arithmetic). Each program
    takes a tile of 64 rows; one activation row unpacks the weights as it goes, more unpack each group once into
-   an L1 buffer that every row then reads. K and the group are even, group <= MAX_GROUP. */
+   an L1 buffer that every row then reads. Those rows' inputs are first laid out group by group, and each tile's
+   sums kept in a buffer of its own, both contiguous: read in place, rows of K or N elements (powers of two at
+   glm-4-9b's 4096) fall into the same few cache sets, and from ~192 rows the products ran 2x slower.
+   K and the group are even, group <= MAX_GROUP. */
 void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const int16_t *xq,
                const float *xs, int64_t M, float *y, int threads) {
     int64_t groups = K / group;
     float *gsum = malloc(sizeof(float) * M * groups);  /* sum of each row's inputs in each group */
+    int16_t *xg = M > 1 ? malloc(sizeof(int16_t) * M * K) : NULL;  /* [groups][M][group] */
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < groups; g++) {
             int32_t s = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++) s += xq[m * K + k];
             gsum[m * groups + g] = (float)s;
+            if (xg) memcpy(xg + (g * M + m) * group, xq + m * K + g * group, sizeof(int16_t) * group);
         }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t tile = 0; tile < N / 64; tile++) {
-        __m256i buffer[MAX_GROUP / 2][8];
         const uint8_t *p = packed + tile * K * 32;
         const uint32_t *pairs = sz + tile * groups * 64;
-        for (int64_t g = 0; g < groups; g++) {
-            int64_t k0 = g * group;
-            if (M == 1) {
+        if (M == 1) {
+            for (int64_t g = 0; g < groups; g++) {
                 __m256i acc[8], w[8];
                 for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_si256();
-                for (int64_t k = k0; k < k0 + group; k += 2) {
+                for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
                     _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
                     _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
                     unpack(p + k * 32, w);
                     madd8(acc, w, pair_of(xq + k));
                 }
                 scale_group(acc, pairs + g * 64, gsum[g], y + tile * 64, g == 0);
-                continue;
             }
-            for (int64_t k = k0; k < k0 + group; k += 2) {
-                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L1), _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + k * 32 + INT4_PREFETCH_L2), _MM_HINT_T1);
-                unpack(p + k * 32, buffer[(k - k0) / 2]);
+            for (int v = 0; v < 8; v++)
+                _mm256_storeu_ps(y + tile * 64 + v * 8, _mm256_mul_ps(_mm256_loadu_ps(y + tile * 64 + v * 8),
+                                                                      _mm256_set1_ps(xs[0])));
+            continue;
+        }
+        __m256i buffer[MAX_GROUP / 2][8];
+        float *out = malloc(sizeof(float) * M * 64);  /* the tile's sums, [M][64] */
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t k = 0; k < group; k += 2) {
+                int64_t at = (g * group + k) * 32;
+                _mm_prefetch((const char *)(p + at + INT4_PREFETCH_L1), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + at + INT4_PREFETCH_L2), _MM_HINT_T1);
+                unpack(p + at, buffer[k / 2]);
             }
+            const int16_t *x = xg + g * M * group;
             for (int64_t m = 0; m < M; m++) {
                 __m256i acc[8];
                 for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_si256();
-                for (int64_t k = k0; k < k0 + group; k += 2) madd8(acc, buffer[(k - k0) / 2], pair_of(xq + m * K + k));
-                scale_group(acc, pairs + g * 64, gsum[m * groups + g], y + m * N + tile * 64, g == 0);
+                for (int64_t k = 0; k < group; k += 2) madd8(acc, buffer[k / 2], pair_of(x + m * group + k));
+                scale_group(acc, pairs + g * 64, gsum[m * groups + g], out + m * 64, g == 0);
             }
         }
         for (int64_t m = 0; m < M; m++)
-            for (int v = 0; v < 8; v++) {
-                float *o = y + m * N + tile * 64 + v * 8;
-                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(xs[m])));
-            }
+            for (int v = 0; v < 8; v++)
+                _mm256_storeu_ps(y + m * N + tile * 64 + v * 8,
+                                 _mm256_mul_ps(_mm256_loadu_ps(out + m * 64 + v * 8), _mm256_set1_ps(xs[m])));
+        free(out);
     }
+    free(xg);
     free(gsum);
 }

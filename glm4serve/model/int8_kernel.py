@@ -182,6 +182,13 @@ def int4_available() -> bool:
     return _int4_library() is not None
 
 
+def int4_kernels() -> str:
+    """Which of this module's kernels int4 products take here, for the runner's description."""
+    if _library() is None:
+        return "int4_avx2.c (AVX2)" if avx2_library() is not None else "torch's kernel"
+    return "int8_gemm.c (AVX-512 VNNI)" + (" and int8_amx.c (AMX)" if _amx_library() is not None else "")
+
+
 def amx_fits(m: int, n: int, k: int) -> bool:
     """The AMX kernel takes this product: its row range, 32-row weight blocks, 64-byte input steps."""
     return 2 <= m < AMX_MAX_ROWS and n % 32 == 0 and k % 64 == 0 and _amx_library() is not None
