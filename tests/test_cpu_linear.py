@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm4serve.model import bf16_kernel
+from glm4serve.model import bf16_kernel, cpu_linear
 from glm4serve.model.cpu_linear import (CpuLinear, hugepage_backing, hugepage_copy, hugepage_empty, packing_available,
                                         swap_linears)
 from glm4serve.model.cpu_runner import compiler_available
@@ -132,6 +132,47 @@ def test_bf16_weights_the_kernel_cannot_take_stay_packed():
     off = CpuLinear(linear(8, 64, False).to(torch.bfloat16), plain=False, bf16_kernel_rows=0)
     assert off.weight.is_mkldnn and off.plain is None
     assert CpuLinear(linear(8, 64, False), plain=False).weight.is_mkldnn  # fp32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_bf16_weights_stay_plain_where_onednn_has_no_bf16(rows, monkeypatch):
+    """Where oneDNN refuses bf16 (CPUs with AVX2 alone), a bf16 weight is neither packed nor multiplied by it:
+    plain, through F.linear. fp32 is packed as ever."""
+    monkeypatch.setattr(cpu_linear, "onednn_takes", lambda dtype: dtype != torch.bfloat16)
+    lin = linear(96, 64, True).to(torch.bfloat16)
+    plain = CpuLinear(lin, plain=False, bf16_kernel_rows=0)
+    assert plain.plain is not None and not plain.weight.is_mkldnn
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    assert torch.equal(plain(x), F.linear(x, lin.weight, lin.bias))
+    assert CpuLinear(linear(96, 64, False), plain=False).weight.is_mkldnn
+
+
+BF16_WITHOUT_AVX512 = """
+import sys, torch
+if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    print("SKIP oneDNN still multiplies bf16 under ONEDNN_MAX_CPU_ISA=AVX2 here"); sys.exit()
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.types import SamplingParams
+from glm4serve.server import build_llm_engine
+engine = build_llm_engine(EngineArgs(model=sys.argv[1], dtype="bfloat16", num_kv_blocks=32, block_size=4))
+engine.add_request("a", [11, 23, 5, 99], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+tokens = []
+while engine.has_work:
+    tokens += [t for o in engine.step() for t in o.token_ids]
+print("TOKENS", len(tokens), repr(engine.runner))
+"""
+
+
+def test_a_bf16_model_loads_and_decodes_where_onednn_has_no_bf16(make_checkpoint):
+    """oneDNN held to AVX2 refuses to pack bf16 weights (as on most desktop CPUs): the model still loads, in
+    plain bf16 weights, and decodes."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLM4SERVE_MAX_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", BF16_WITHOUT_AVX512, str(make_checkpoint("glm4", "hf", "wide"))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout[5:].strip())
+    assert "TOKENS 8 CpuRunner(torch.bfloat16, CpuLinear" in out.stdout
 
 
 def test_swapping_frees_each_old_weight_before_copying_the_next(monkeypatch):

@@ -22,7 +22,10 @@ bf16 weights, where the CPU has AVX-512 BF16 and a C compiler exists, are held p
 up to bf16_kernel.max_rows(weight) rows (decode batches; 4, or 128 on AMX tiles) run in bf16_gemm.c, which reads
 them at about the memory's rate where oneDNN reads slower (bf16_kernel.py); larger ones go through oneDNN
 over the plain weight, which on the project's box is as fast as over a packed one from 8 rows on
-(BENCHMARKS.md, "bf16 decode in our own kernel"). Elsewhere bf16 weights are packed by oneDNN (one copy).
+(BENCHMARKS.md, "bf16 decode in our own kernel"). Elsewhere bf16 weights are packed by oneDNN (one copy),
+where oneDNN multiplies bf16 at all: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which most CPUs with AVX2
+alone lack (it refuses to pack there, and the server would not load); there bf16 weights stay plain and go
+through F.linear (torch's own bf16 product).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import bf16_kernel
@@ -48,6 +52,11 @@ STREAMED_WEIGHT_BYTES = 64 << 20  # above this a weight lives in DRAM, not cache
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """oneDNN multiplies `dtype` on this CPU (bf16: see the module docstring)."""
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def limit_onednn_caches(shapes: int = ONEDNN_CACHED_SHAPES) -> None:
@@ -121,7 +130,8 @@ class CpuLinear(nn.Module):
             fits = bf16_kernel.fits(weight) and bf16_kernel.available()
             bf16_kernel_rows = bf16_kernel.max_rows(weight) if fits else 0
         self.kernel_rows = bf16_kernel_rows
-        plain = plain or self.kernel_rows > 0
+        self.onednn = onednn_takes(weight.dtype)
+        plain = plain or self.kernel_rows > 0 or not self.onednn
         self.plain = hugepage_copy(weight) if plain else None  # [out, in]
         # packed: [out, in] re-laid out in oneDNN's blocked format (an opaque mkldnn tensor)
         self.weight = self.plain if plain else torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
@@ -132,6 +142,8 @@ class CpuLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         if x.dim() == 2 and x.shape[0] <= self.kernel_rows and x.dtype == torch.bfloat16:
             return bf16_kernel.matmul(x, self.plain, self.bias)
+        if not self.onednn:
+            return F.linear(x, self.plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
