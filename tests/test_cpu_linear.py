@@ -147,6 +147,30 @@ def test_bf16_weights_stay_plain_where_onednn_has_no_bf16(rows, monkeypatch):
     assert CpuLinear(linear(96, 64, False), plain=False).weight.is_mkldnn
 
 
+@pytest.mark.parametrize("out_f, in_f", [(4608, 4096), (7, 96), (3, 32), (96, 13696)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_products_run_in_the_avx2_kernel_where_the_cpu_has_no_avx512_bf16(out_f, in_f, bias, monkeypatch):
+    """Without AVX-512 BF16 (bf16_kernel's AVX-512 kernels absent) every bf16 product of a plain weight runs in
+    bf16_gemm_avx2 (the weight widened to fp32 as it is read): the fp32 sum rounded once, so within one bf16 step of
+    the fp32 product's rounding; weight rows not a multiple of 4 take its tail path."""
+    monkeypatch.setattr(bf16_kernel, "_library", lambda: None)
+    if not bf16_kernel.avx2_available():
+        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    monkeypatch.setattr(cpu_linear, "onednn_takes", lambda dtype: dtype != torch.bfloat16)
+    lin = linear(out_f, in_f, bias, seed=3).to(torch.bfloat16)
+    layer = CpuLinear(lin, plain=False)
+    assert layer.kernel_rows == bf16_kernel.AVX2_ROWS and not layer.weight.is_mkldnn
+    calls = []
+    monkeypatch.setattr(bf16_kernel, "matmul", lambda *a, f=bf16_kernel.matmul: calls.append(1) or f(*a))
+    for rows in (1, 2, 3, 5, 40, 129):
+        x = torch.randn(rows, in_f).to(torch.bfloat16)
+        want = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
+        assert ((got.float() - want).abs() <= want.abs().clamp_min(1e-3) * 2**-7).all(), rows
+    assert len(calls) == 6
+
+
 BF16_WITHOUT_AVX512 = """
 import sys, torch
 if torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -84,6 +84,62 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
     }
 }
 
+/* The same product on a CPU with AVX2 alone (no bf16 arithmetic): the weights widened to fp32 as they are
+ * read (a shift), the activations given in fp32, 8 lanes; 4 weight rows and 2 activation rows a block
+ * (8 accumulators: AVX2 has 16 registers). bf16_kernel.py sends it up to AVX2_ROWS rows. */
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+static inline __attribute__((always_inline)) TARGET_AVX2 void block_avx2(const uint16_t *w, const float *x,
+                                                                         int64_t K, int WR, int MR, int first,
+                                                                         const uint16_t *bias, uint16_t *y,
+                                                                         int64_t N) {
+    __m256 acc[2][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < WR; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 wv[4];
+        for (int j = 0; j < WR; j++) {
+            if (first && (k & 31) == 0) _mm_prefetch((const char *)(w + j * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + j * K + k));
+            wv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+        }
+        for (int i = 0; i < MR; i++) {
+            __m256 xv = _mm256_loadu_ps(x + i * K + k);
+            for (int j = 0; j < WR; j++) acc[i][j] = _mm256_fmadd_ps(wv[j], xv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < WR; j++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[i * N + j] = to_bf16(_mm_cvtss_f32(h) + (bias ? from_bf16(bias[j]) : 0.f));
+        }
+}
+
+/* y bf16 [M, N] = x fp32 [M, K] (bf16 values) @ w bf16 [N, K].T (+ bias bf16 [N], or NULL); K % 8 == 0. */
+TARGET_AVX2 void bf16_gemm_avx2(const uint16_t *w, const uint16_t *bias, int64_t N, int64_t K, const float *x,
+                                int64_t M, uint16_t *y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const uint16_t *wb = w + n0 * K, *bb = bias ? bias + n0 : 0;
+        int wr = N - n0 < 4 ? (int)(N - n0) : 4;
+        for (int64_t m0 = 0; m0 < M; m0 += 2) {
+            const float *xb = x + m0 * K;
+            uint16_t *yb = y + m0 * N + n0;
+            int two = M - m0 >= 2;
+            if (wr == 4 && two)
+                block_avx2(wb, xb, K, 4, 2, m0 == 0, bb, yb, N);
+            else if (wr == 4)
+                block_avx2(wb, xb, K, 4, 1, m0 == 0, bb, yb, N);
+            else
+                for (int j = 0; j < wr; j++)
+                    for (int i = 0; i < (two ? 2 : 1); i++)
+                        block_avx2(wb + j * K, xb + i * K, K, 1, 1, 0, bb ? bb + j : 0, yb + i * N + j, N);
+        }
+    }
+}
+
 /* GCC before 11 knows AVX-512 BF16 but not the AMX targets: there the library has the vector kernel alone
  * (bf16_kernel.amx_available() is False), as with -DNO_AMX. */
 #if !defined(NO_AMX) && (defined(__clang__) || __GNUC__ >= 11)

@@ -6,8 +6,10 @@ memory's rate on the project's 2-core box, where this file's kernels read at abo
 VECTOR_ROWS rows in vector instructions (AVX-512 BF16), then, where the CPU has AMX-BF16 and the weight's rows
 are a multiple of 32, up to AMX_MAX_ROWS rows on AMX tiles, which read the weight once for every 32 rows
 (1.1-1.3x oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). Otherwise the vector kernel stops at
-VECTOR_ROWS (from 8 rows oneDNN is faster). Without AVX-512 BF16, a C compiler, or on a build error (logged),
-`available()` is False and every bf16 product is oneDNN's.
+VECTOR_ROWS (from 8 rows oneDNN is faster). On a CPU with AVX2 and not AVX-512 BF16 (`avx2_available()`),
+where oneDNN multiplies no bf16 at all (cpu_linear.py: torch's F.linear does, re-reading the weights for every
+few rows), `bf16_gemm_avx2` takes every product, the weights widened to fp32 as they are read. Without a C
+compiler, or on a build error (logged), neither is available.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -26,25 +29,48 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("bf16_gemm.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's target attribute
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+AVX2_CPU_FLAGS = ("avx2", "fma")  # the library loads where the CPU has these; its AVX-512 kernels need CPU_FLAGS
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16")
 VECTOR_ROWS = 4  # most activation rows the vector kernel takes (module docstring)
+# and the AVX2 one: every row count (a layer's four products at glm-4-9b's shapes 2.4-3.4x torch's bf16 F.linear
+# from 4 to 128 rows, and quicker than fp32 products over the weights widened first: BENCHMARKS.md)
+AVX2_ROWS = sys.maxsize
 AMX_MAX_ROWS = 128  # and the AMX one (module docstring)
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    lib = load_library(SOURCE, FLAGS, CPU_FLAGS, "bf16 products use oneDNN")
+def _built() -> ctypes.CDLL | None:
+    lib = load_library(SOURCE, FLAGS, AVX2_CPU_FLAGS, "bf16 products use oneDNN (or F.linear)")
     if lib is not None:
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.bf16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        lib.bf16_gemm_avx2.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
         if hasattr(lib, "bf16_amx_gemm"):  # not built by a compiler without the AMX targets (bf16_gemm.c)
             lib.bf16_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
             lib.pack_bf16_activations.argtypes = [ptr, i64, i64, ptr]
     return lib
 
 
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The library, where its AVX-512 BF16 kernels run here."""
+    return _built() if cpu_has(CPU_FLAGS) else None
+
+
 def available() -> bool:
     return _library() is not None
+
+
+def avx2_available() -> bool:
+    """bf16_gemm_avx2 runs here, and the AVX-512 BF16 kernels do not."""
+    return not available() and _built() is not None
+
+
+def kernel_rows(weight: torch.Tensor) -> int:
+    """Products with this weight of up to this many rows run in this module's kernels (0: none here)."""
+    if not fits(weight):
+        return 0
+    return max_rows(weight) if available() else AVX2_ROWS if avx2_available() else 0
 
 
 @functools.cache
@@ -78,8 +104,15 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """x bf16 [M, K] (M <= max_rows(weight)) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum
     rounded once to bf16. More than VECTOR_ROWS rows on the tiles, else in the vector kernel (every 4 rows reading
     the weight again)."""
-    x = x.contiguous()
     m, (n, k) = x.shape[0], weight.shape
+    if not available():  # AVX2
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        bias = None if bias is None else bias.contiguous()
+        x32 = x.float().contiguous()
+        _built().bf16_gemm_avx2(weight.data_ptr(), None if bias is None else bias.data_ptr(), n, k, x32.data_ptr(),
+                                m, y.data_ptr(), torch.get_num_threads())
+        return y
+    x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16)
     bias = None if bias is None else bias.contiguous()  # held while the kernel reads it
     bias_ptr = None if bias is None else bias.data_ptr()
