@@ -8,8 +8,9 @@ are a multiple of 32, up to AMX_MAX_ROWS rows on AMX tiles, which read the weigh
 (1.1-1.3x oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). Otherwise the vector kernel stops at
 VECTOR_ROWS (from 8 rows oneDNN is faster). On a CPU with AVX2 and not AVX-512 BF16 (`avx2_available()`),
 where oneDNN multiplies no bf16 at all (cpu_linear.py: torch's F.linear does, re-reading the weights for every
-few rows), `bf16_gemm_avx2` takes every product, the weights widened to fp32 as they are read. Without a C
-compiler, or on a build error (logged), neither is available.
+few rows), `bf16_gemm_avx2` takes every product of two rows or more, the weights widened to fp32 as they
+are read (one row goes to F.linear, which reads the weight a little quicker there). Without a C compiler, or on a
+build error (logged), neither is available.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .int8_kernel import cpu_has, load_library
 
@@ -105,6 +107,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     rounded once to bf16. More than VECTOR_ROWS rows on the tiles, else in the vector kernel (every 4 rows reading
     the weight again)."""
     m, (n, k) = x.shape[0], weight.shape
+    if not available() and m == 1:  # AVX2, one row: torch's product reads the weight 6-11% quicker (BENCHMARKS.md)
+        return F.linear(x, weight, bias)
     if not available():  # AVX2
         y = torch.empty(m, n, dtype=torch.bfloat16)
         bias = None if bias is None else bias.contiguous()
