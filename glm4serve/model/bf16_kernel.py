@@ -103,29 +103,25 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x bf16 [M, K] (M <= max_rows(weight)) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum
+    """x bf16 [M, K] (M <= kernel_rows(weight)) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum
     rounded once to bf16. More than VECTOR_ROWS rows on the tiles, else in the vector kernel (every 4 rows reading
-    the weight again)."""
+    the weight again); on a CPU with AVX2 alone in bf16_gemm_avx2, one row in F.linear."""
     m, (n, k) = x.shape[0], weight.shape
     if not available() and m == 1:  # AVX2, one row: torch's product reads the weight 6-11% quicker (BENCHMARKS.md)
         return F.linear(x, weight, bias)
-    if not available():  # AVX2
-        y = torch.empty(m, n, dtype=torch.bfloat16)
-        bias = None if bias is None else bias.contiguous()
-        x32 = x.float().contiguous()
-        _built().bf16_gemm_avx2(weight.data_ptr(), None if bias is None else bias.data_ptr(), n, k, x32.data_ptr(),
-                                m, y.data_ptr(), torch.get_num_threads())
-        return y
-    x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16)
     bias = None if bias is None else bias.contiguous()  # held while the kernel reads it
     bias_ptr = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if not available():  # AVX2: the activations widened to fp32 here, once
+        x32 = x.float().contiguous()
+        _built().bf16_gemm_avx2(weight.data_ptr(), bias_ptr, n, k, x32.data_ptr(), m, y.data_ptr(), threads)
+        return y
+    x = x.contiguous()
     if m > VECTOR_ROWS and _on_tiles(n):
         packed = torch.empty((m + 15) // 16 * 16 * k // 2, dtype=torch.int32)  # pairs of inputs, 16 rows a group
         _library().pack_bf16_activations(x.data_ptr(), m, k, packed.data_ptr())
-        _library().bf16_amx_gemm(weight.data_ptr(), bias_ptr, n, k, packed.data_ptr(), m, y.data_ptr(),
-                                 torch.get_num_threads())
+        _library().bf16_amx_gemm(weight.data_ptr(), bias_ptr, n, k, packed.data_ptr(), m, y.data_ptr(), threads)
     else:
-        _library().bf16_gemm(weight.data_ptr(), bias_ptr, n, k, x.data_ptr(), m, y.data_ptr(),
-                             torch.get_num_threads())
+        _library().bf16_gemm(weight.data_ptr(), bias_ptr, n, k, x.data_ptr(), m, y.data_ptr(), threads)
     return y
