@@ -218,6 +218,26 @@ def test_a_requests_time_splits_into_queue_prefill_and_decode(monkeypatch):
     assert value("request_params_n_sum") == 2 and value("request_params_max_tokens_sum") == 50
 
 
+def test_each_choice_counts_once_by_how_it_finished():
+    """A choice the API ended early counts as it told the client (stop), not by the engine's later 'abort' of it;
+    choices left unfinished count as 'abort' (client gone, deadline), or 'error' when the engine failed them."""
+    from glm4serve.api import metrics as metrics_module
+    from glm4serve.engine.types import Output
+
+    m = metrics_module.Metrics(lambda: None, MODEL)
+    timing = m.start_request(n=3, max_tokens=50)
+    timing.on_output(Output("r", 0, [1], "x", finish_reason="length"))
+    timing.finish(1, "stop")  # ended by the API
+    timing.on_output(Output("r", 1, [], "", finish_reason="abort"))  # the engine's end of it
+    timing.close("error")  # choice 2 never finished
+    timing.close("abort")  # once only
+    text = m.render().decode()
+    counts = {reason: metric(text, "glm4serve:request_success_total", f'{{finished_reason="{reason}"}}')
+              for reason in ("length", "stop", "error")}
+    assert counts == {"length": 1, "stop": 1, "error": 1}
+    assert 'finished_reason="abort"' not in text
+
+
 def test_two_apps_in_one_process_have_separate_metrics():
     a, b = (TestClient(make_app()) for _ in range(2))
     a.post("/v1/chat/completions", json={"messages": HI})
@@ -268,6 +288,9 @@ async def test_stream_disconnect_aborts_the_engine_request():
     assert call.request_id in engine.aborted
     await asyncio.to_thread(wait_idle, engine)  # nothing left in the engine, no KV block leaked
     assert engine.runner.num_steps < 50
+    # the choice the client left counts as aborted, as vLLM counts it
+    text = app.state.serving.metrics.render().decode()
+    assert metric(text, "glm4serve:request_success_total", '{finished_reason="abort"}') == 1
 
 
 async def test_whole_request_disconnect_message_cancels_generation():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
 
 from glm4serve.chat.tool_parser import CALL_MARK
 from glm4serve.engine.types import GuidedSpec
+from server_proc import without_model_name
 from tests.api_fakes import (  # noqa: F401 - shutdown_engines is an autouse fixture
     engine_of,
     make_app,
@@ -269,6 +271,10 @@ def test_parallel_tool_calls_false_keeps_a_replys_first_call_alone(stream):
             "messages": ASK, "tools": TOOLS, "stream": stream, "parallel_tool_calls": False, "max_tokens": max_tokens,
             **({"stream_options": {"include_usage": True}} if stream else {})})
         assert not engine_of(app).calls[0].params.stop_token_ids
+        finishes = re.findall(r"request_success_total\{finished_reason=\"(\w+)\"\} (\S+)",
+                              without_model_name(TestClient(app).get("/metrics").text))
+        assert [(reason, float(count)) for reason, count in finishes if float(count)] in (
+            [("stop", 1.0)], [("length", 1.0)]), finishes  # a reply ended at its first call is no 'abort'
         if not stream:
             return {**r.json()["choices"][0], "tokens": r.json()["usage"]["completion_tokens"]}
         calls, content = calls_from_stream(sse_json(r.text))
@@ -332,6 +338,10 @@ def test_parallel_tool_calls_false_stops_decoding_a_choice_whose_call_ended_whil
     # its last fed token is the one before `<|assistant|>`, or a few past it (the API reads outputs while the
     # engine steps on), where without end_choice it went on for its sibling's ~90 steps more
     assert first_tokens - 1 <= decoded[request_id, 0] < first_tokens + 20, (decoded, first_tokens)
+    # /metrics counts both choices as stopped, as the client got them, not choice 0 as the engine's 'abort'
+    text = without_model_name(TestClient(app).get("/metrics").text)
+    assert 'glm4serve:request_success_total{finished_reason="stop"} 2.0' in text
+    assert 'finished_reason="abort"' not in text
 
 
 def test_tool_choice_none_shows_the_tools_and_parses_no_call():

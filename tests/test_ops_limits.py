@@ -207,6 +207,7 @@ def test_deadline_whole_reply_is_408_and_the_engine_request_is_aborted():
     assert call.request_id in engine.aborted
     wait_idle(engine)  # nothing left in the engine, no KV block leaked
     assert metric(client, "glm4serve:request_timeout_total") == 1
+    assert metric(client, 'glm4serve:request_success_total{finished_reason="abort"}') == 1
 
 
 def test_deadline_stream_ends_with_an_error_event():

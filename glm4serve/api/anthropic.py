@@ -194,6 +194,7 @@ async def _stream_message(ctx: ServingContext, plan: ChatPlan, outputs: AsyncIte
                 for event in events:
                     yield event
             if choice.ended_early:  # before the engine's end (chat.ChoiceStream.step): the request is aborted
+                ctx.end_choice(plan.engine_id, 0, leaving=True)
                 break
     for event in blocks.close():
         yield event

@@ -283,10 +283,10 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk(i, delta, take_logprobs(i))
             if step.finish_reason is not None:
                 yield chunk(i, {}, take_logprobs(i), step.finish_reason, stop_reason=step.stop_reason)
+                if choices[i].ended_early:
+                    ctx.end_choice(plan.engine_id, i, leaving=all(c.finished for c in choices))
                 if all(c.finished for c in choices) and any(c.ended_early for c in choices):
                     break
-                if choices[i].ended_early:
-                    ctx.end_choice(plan.engine_id, i)
             elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
                 yield chunk(i, {"content": ""}, take_logprobs(i))
@@ -334,8 +334,7 @@ async def collect_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 reasons[i], stop_reasons[i] = out.finish_reason, stop_reason(out, ctx.tokenizer.eos_token_id)
             elif CALL_MARK in out.text and _opening_call_is_whole(plan, "".join(texts[i])):
                 reasons[i], early = STOP, True
-                if not all(reasons):
-                    ctx.end_choice(plan.engine_id, i)
+                ctx.end_choice(plan.engine_id, i, leaving=all(reasons))
             if reasons[i] is not None and i == 0:  # the first choice computed the prompt
                 details = PromptTokensDetails.of(out)
             if early and all(reasons):

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from glm4serve.engine.types import STEP_TOKEN_BUCKETS, EngineStats, Output
+from glm4serve.engine.types import ABORT, STEP_TOKEN_BUCKETS, EngineStats, Output
 
 PREFIX = "glm4serve:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -165,7 +165,7 @@ class Metrics:
         self.params_n.observe(n)
         if max_tokens is not None:
             self.params_max_tokens.observe(max_tokens)
-        return RequestMetrics(self)
+        return RequestMetrics(self, n)
 
 
 @dataclass
@@ -178,13 +178,15 @@ class _ChoiceTiming:
 class RequestMetrics:
     """Timing of one engine request (all its choices), fed one Output at a time."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, n: int = 1):
         self.m = metrics
+        self.n = n  # its choices
         self.arrival = time.perf_counter()
         self.first_token: float | None = None  # its first Output's (a choice's, or a prompt's score alone)
         self.choices: dict[int, _ChoiceTiming] = {}  # by index, once a choice has a token
         self.num_prompt_tokens = 0
         self.queue_time: float | None = None
+        self.counted: set[int] = set()  # choices whose finish reason is counted
         self._closed = False
 
     def on_output(self, out: Output) -> None:
@@ -210,12 +212,23 @@ class RequestMetrics:
             choice.tokens += n
         self.m.generation_tokens.inc(n)
         if out.finish_reason is not None:
-            self.m.request_success.labels(finished_reason=out.finish_reason).inc()
+            self.finish(out.index, out.finish_reason)
 
-    def close(self) -> None:
+    def finish(self, index: int, reason: str) -> None:
+        """Count choice `index` as finished for `reason`, once: the API's early end of a reply comes before the
+        engine's 'abort' of that choice, and is what the client got."""
+        if index not in self.counted:
+            self.counted.add(index)
+            self.m.request_success.labels(finished_reason=reason).inc()
+
+    def close(self, unfinished: str = ABORT) -> None:
+        """The request is left: its choices not finished yet are counted as `unfinished` (the client gone, the
+        deadline, the engine's failure)."""
         if self._closed:
             return
         self._closed = True
+        for index in range(self.n):
+            self.finish(index, unfinished)
         if self.first_token is None:
             return  # failed or aborted before any output: no latency to report
         self.m.e2e.observe(time.perf_counter() - self.arrival)

@@ -308,6 +308,7 @@ async def _stream_response(ctx: ServingContext, plan: ChatPlan, logprobs: bool, 
                 for event in events:
                     yield event
             if choice.ended_early:  # before the engine's end (chat.ChoiceStream.step): the request is aborted
+                ctx.end_choice(plan.engine_id, 0, leaving=True)
                 break
     last = builder.output[-1]["type"] if builder.output else None
     if plan.reasoning and not answering:  # no answer text came: the answer's tokens are those after the tag

@@ -20,13 +20,13 @@ from pydantic import BaseModel
 
 from glm4serve.chat.template import TemplateError, render_prompt
 from glm4serve.engine.client import EngineClient
-from glm4serve.engine.types import ABORT, ConstraintError, EngineError, Output, SamplingParams
+from glm4serve.engine.types import ABORT, ERROR, STOP, ConstraintError, EngineError, Output, SamplingParams
 from glm4serve.model.tokenizer import Tokenizer
 
 from .errors import APIError, invalid_request, server_error
 from .gate import RETRY_AFTER_DRAINING
 from .json_checks import schema_problem
-from .metrics import Metrics
+from .metrics import Metrics, RequestMetrics
 from .background import BackgroundResponses
 from .conversations import ConversationStore
 from .response_store import ResponseStore
@@ -70,6 +70,7 @@ class ServingContext:
     response_store: ResponseStore
     conversations: ConversationStore
     background: BackgroundResponses
+    live: dict[str, RequestMetrics] = field(default_factory=dict)  # requests streaming, by engine request id
     created: int = field(default_factory=lambda: int(time.time()))
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters served: name -> folder (adapters.py)
     lora_updates: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
@@ -203,6 +204,8 @@ class ServingContext:
         timing = self.metrics.start_request(params.n, params.max_tokens)
         stream = self.engine.generate(prompt_ids, params, request_id=request_id)
         finished: set[int] = set()
+        left_by = ABORT  # what the choices left unfinished count as
+        self.live[request_id] = timing
         timeout = self.settings.request_timeout_seconds
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -222,9 +225,14 @@ class ServingContext:
                         finished.add(out.index)
                     yield out
             except ValueError as e:  # the engine refuses requests it can never serve
+                left_by = ERROR
                 raise invalid_request(f"the engine refused this request: {e}") from e
+            except EngineError:  # and ConstraintError
+                left_by = ERROR
+                raise
         finally:
-            timing.close()
+            timing.close(left_by)
+            del self.live[request_id]
             if len(finished) < params.n:
                 # Shielded: this runs while the response task is being cancelled (disconnect).
                 with anyio.CancelScope(shield=True):
@@ -244,10 +252,15 @@ class ServingContext:
             raise invalid_request(f"the engine refused this request: {e}") from e
         return self.generate(prompt_ids, params, request_id)
 
-    def end_choice(self, request_id: str, index: int) -> None:
-        """One choice's reply ended before the engine's end (parallel_tool_calls false): it stops decoding
-        now, its siblings go on. Its stream's last output then says 'abort', which its reader skips."""
-        self.engine.abort(request_id, index)
+    def end_choice(self, request_id: str, index: int, *, leaving: bool = False) -> None:
+        """One choice's reply ended before the engine's end (parallel_tool_calls false), as at a stop. Unless its
+        reader is `leaving` the request (which aborts all of it), the choice stops decoding now and its siblings
+        go on; its stream's last output then says 'abort', which its reader skips."""
+        timing = self.live.get(request_id)
+        if timing is not None:
+            timing.finish(index, STOP)
+        if not leaving:
+            self.engine.abort(request_id, index)
 
 
 def reply_ids(prefix: str, request: Request | None, body_id: str | None) -> tuple[str, str]:

@@ -28,11 +28,10 @@ from .processors import NoTokenLeft, SampleRow, TokenCounts, has_penalties
 from .sampler import Sampled, Sampler, make_generator, prompt_token_logprobs
 from .scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .types import LENGTH, STEP_TOKEN_BUCKETS, STOP, ConstraintError, EngineError, EngineStats, Output, SamplingParams
+from .types import (ERROR, LENGTH, STEP_TOKEN_BUCKETS, STOP, ConstraintError, EngineError, EngineStats, Output,
+                    SamplingParams)
 
 log = logging.getLogger(__name__)
-
-ERROR = "error"  # finish reason of a sequence whose request failed; never sent in an Output
 
 
 class LLMEngine:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 STOP = "stop"  # a stop token or stop string
 LENGTH = "length"  # max_tokens or the model's context
 ABORT = "abort"  # abort(request_id), client disconnect, timeout
+ERROR = "error"  # the request failed (never sent in an Output: its stream raises)
 
 
 # Logits divided by a smaller temperature overflow float32 (1e-45 is a subnormal that rounds to 0:
