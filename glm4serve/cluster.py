@@ -49,6 +49,7 @@ log = logging.getLogger("glm4serve")
 STATS_PERIOD_S = 1.0  # replicas report this often; one silent for STALE_AFTER_S counts as down
 STALE_AFTER_S = 5.0
 BUSIER_BY = 4  # requests in flight beyond the least busy replica's: then affinity gives way
+ABORT_TIMEOUT_S = 10.0  # a replica that does not answer an abort by then is left to end the choice with its request
 AFFINITY_BLOCKS = 1 << 16  # block hashes remembered by the router (least recently routed forgotten)
 
 
@@ -83,6 +84,10 @@ class EngineReplica:
     async def generate(self, request: EngineRequest) -> AsyncIterator[Output]:
         async for out in self.engine.generate(request.prompt_ids, request.params, request.request_id):
             yield out
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """The engine's abort, ignored by the replicas not running the request (every replica hears it)."""
+        self.engine.abort(request_id, index)
 
     def info(self) -> dict:
         return {"max_model_len": self.engine.max_model_len, "replica": self.name}
@@ -204,6 +209,7 @@ class ReplicaClient:
         self._grammars = Grammars(tokenizer)  # a schema is checked here; each replica compiles its own
         self._streams: dict[str, object] = {}
         self._replica_stats: dict[str, EngineStats] = {}
+        self._choice_ends: set[asyncio.Task] = set()  # broadcasts in flight (held: the loop keeps weak references)
 
     def refresh(self) -> None:
         """Read the replicas' reports (the ingress does, every STATS_PERIOD_S)."""
@@ -263,11 +269,28 @@ class ReplicaClient:
         raise ValueError("runtime LoRA updating needs one engine: replicas serve their --lora-modules")
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        if index is not None:  # a Serve handle cannot reach the one replica running it: the choice runs on
-            return  # until its request ends, its later outputs left unread by the API
+        if index is not None:  # one choice: the request's stream goes on for its siblings
+            if request_id in self._streams:
+                task = asyncio.get_running_loop().create_task(self._end_choice(request_id, index))
+                self._choice_ends.add(task)
+                task.add_done_callback(self._choice_ends.discard)
+            return
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.cancel()  # the replica's generator is cancelled, which aborts the request there
+
+    async def _end_choice(self, request_id: str, index: int) -> None:
+        """A Serve handle routes a call to a replica of its router's choosing, not to the one running the
+        request: the abort goes to every replica (the choices that end early are few)."""
+        try:
+            results = await self._replicas.broadcast("abort", request_id, index).results_async(
+                timeout_s=ABORT_TIMEOUT_S, return_exceptions=True)
+        except Exception as e:  # noqa: BLE001 - no replica reached (all restarting): the choice ends with its request
+            log.warning("ending choice %d of %s failed: %s", index, request_id, e)
+            return
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("ending choice %d of %s on a replica failed: %s", index, request_id, result)
 
     def shutdown(self, timeout: float | None = SHUTDOWN_TIMEOUT_S) -> None:
         pass  # Serve stops the replicas
