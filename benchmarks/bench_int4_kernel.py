@@ -14,7 +14,7 @@ blocks for many), where int8_kernel.py builds. Three parts:
     .venv/bin/python benchmarks/bench_int4_kernel.py [--parts layers,rows,engine] [--layers 40]
 
 On a CPU without AVX-512 (or with GLM4SERVE_MAX_CPU_ISA=avx2, and ATEN_CPU_CAPABILITY=avx2 for torch's kernels)
-int4_gemm is int4_avx2.c's: the rows part sets it against torch's int4 kernel (what ran there before), the
+int4_gemm is quant_avx2.c's: the rows part sets it against torch's int4 kernel (what ran there before), the
 layers part has no int8 line, and `--torch-int4` runs the engine part on torch's kernel for the comparison.
 """
 
@@ -158,7 +158,7 @@ def main():
     torch.set_num_threads(2)
     if a.torch_int4:
         int8_kernel._library = int8_kernel.avx2_library = lambda: None
-    elif not int8_kernel.int4_available():
+    elif not int8_kernel.kernels_available():
         raise SystemExit("int8_kernel's int4_gemm is not available here (no AVX2 or no C compiler)")
     parts = a.parts.split(",")
     if "layers" in parts:

@@ -1,15 +1,16 @@
 """Int8Linear at glm-4-9b-chat's shapes, in one process, taking turns: as served where int8_kernel.py
 builds (int16 activations: one row on AVX-512 VNNI, batches on AMX tiles where the CPU has them, many
-rows as bf16-dequantized weights through oneDNN) against torch's `_weight_int8pack_mm` (bf16
-activations) alone; best of --repeats, for --rows rows of bf16 activations, and each one's error
-against a float64 product (fp32 activations in and out). With --amx-sweep instead, the AMX kernel
-against the paths it replaces, by rows. With --scratch-ab instead, the bf16-block path (rows >=
-AMX_MAX_ROWS) with its kept scratch buffer against a fresh buffer per call. With --engine instead, decode steps of the int8 engine on a
-9B slice (exact layer shapes, --layers of them, full vocabulary), one process, the two taking turns:
-1 and 32 streams.
+rows as bf16-dequantized weights through oneDNN; on a CPU with AVX2 and not AVX-512 -- or with
+GLM4SERVE_MAX_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 -- every row count in quant_avx2.c) against torch's
+`_weight_int8pack_mm` (bf16 activations) alone; best of --repeats, for --rows rows of bf16 activations,
+and each one's error against a float64 product (fp32 activations in and out). With --amx-sweep instead,
+the AMX kernel against the paths it replaces, by rows. With --scratch-ab instead, the bf16-block path
+(rows >= AMX_MAX_ROWS) with its kept scratch buffer against a fresh buffer per call. With --engine
+instead, decode steps of the int8 engine on a 9B slice (exact layer shapes, --layers of them, full
+vocabulary; or --checkpoint), one process, the two taking turns: 1 and 32 streams (--streams).
 
     .venv/bin/python benchmarks/bench_int8_kernel.py [--repeats 5] [--rows 1,32,512] [--amx-sweep]
-        [--scratch-ab --rows 192,512,2048] [--engine [--layers 2]]
+        [--scratch-ab --rows 192,512,2048] [--engine [--layers 2 | --checkpoint DIR] [--streams 1,32]]
 """
 
 from __future__ import annotations
@@ -67,22 +68,26 @@ def decode_ms(engine, streams: int, tokens: int, loras: list[str | None] | None 
     return (time.perf_counter() - t0) / steps * 1000
 
 
-def engine_ab(layers: int, repeats: int):
-    vnni = int8_kernel.available
+def engine_ab(layers: int, repeats: int, checkpoint: str | None, streams_list: list[int]):
+    ours = int8_kernel.kernels_available
     with tempfile.TemporaryDirectory() as d:
-        path = write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": layers})
+        path = checkpoint or write_random_checkpoint(d, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": layers})
         engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16", quantization="int8",
                                              kv_cache_memory="1GiB", max_num_seqs=32))
-        print(f"\n{layers}-layer 9B slice, int8, decode step ms (median of {repeats}):")
-        for streams, tokens in ((1, 24), (32, 8)):
+        layers = len(engine.runner.model.layers)
+        print(f"\n{layers}-layer 9B slice, int8 ({int8_kernel.kernels()} against torch's int8pack), decode step ms "
+              f"(median of {repeats}):")
+        for streams in streams_list:
+            tokens = 24 if streams == 1 else 8
             times = {True: [], False: []}
             for _ in range(repeats):
                 for use_kernel in (True, False):
-                    int8_kernel.available = vnni if use_kernel else (lambda: False)
+                    int8_kernel.kernels_available = ours if use_kernel else (lambda: False)
                     times[use_kernel].append(decode_ms(engine, streams, tokens))
-            int8_kernel.available = vnni
-            ours, torchs = statistics.median(times[True]), statistics.median(times[False])
-            print(f"  {streams} streams: ours {ours:.1f} ms, torch int8pack {torchs:.1f} ms, {torchs / ours:.2f}x")
+            int8_kernel.kernels_available = ours
+            mine, torchs = statistics.median(times[True]), statistics.median(times[False])
+            print(f"  {streams} streams: ours {mine:.1f} ms, torch int8pack {torchs:.1f} ms, {torchs / mine:.2f}x",
+                  flush=True)
 
 
 def amx_sweep(rows_list: list[int], repeats: int):
@@ -135,6 +140,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--engine", action="store_true", help="the engine's decode steps on a 9B slice instead")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--checkpoint", help="--engine on this checkpoint instead of a --layers slice written for it")
+    ap.add_argument("--streams", default="1,32", help="--engine's numbers of streams")
     ap.add_argument("--rows", default="1,32,512", help="activation rows, comma-separated")
     ap.add_argument("--amx-sweep", action="store_true",
                     help="instead: the AMX kernel against the paths it replaces (VNNI or bf16 blocks), by rows")
@@ -143,10 +150,12 @@ def main():
     a = ap.parse_args()
     rows_list = [int(r) for r in a.rows.split(",")]
     torch.set_num_threads(2)
-    if not int8_kernel.available():
-        raise SystemExit("int8_kernel is not available here (no AVX-512 VNNI or no C compiler)")
+    if not int8_kernel.kernels_available():
+        raise SystemExit("int8_kernel is not available here (no AVX2 or no C compiler)")
+    if (a.amx_sweep or a.scratch_ab) and not int8_kernel.available():
+        raise SystemExit("--amx-sweep and --scratch-ab need int8_gemm.c (AVX-512 VNNI)")
     if a.engine:
-        engine_ab(a.layers, 3)
+        engine_ab(a.layers, 3, a.checkpoint, [int(n) for n in a.streams.split(",")])
         return
     if a.amx_sweep:
         amx_sweep(rows_list, a.repeats)
@@ -154,7 +163,8 @@ def main():
     if a.scratch_ab:
         scratch_ab([r for r in rows_list if r >= int8_kernel.AMX_MAX_ROWS], a.repeats)
         return
-    vnni = int8_kernel.available
+    ours = int8_kernel.kernels_available
+    print(f"int8 products in {int8_kernel.kernels()}")
     print("| matrix | rows | ours ms | torch int8pack ms | speedup | error: ours / int8pack |")
     print("|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
@@ -168,12 +178,12 @@ def main():
             times = {True: [], False: []}
             errors = {}
             for use_kernel in (True, False, True, False):
-                int8_kernel.available = vnni if use_kernel else (lambda: False)
+                int8_kernel.kernels_available = ours if use_kernel else (lambda: False)
                 times[use_kernel].append(best_ms(lambda: lin(x), a.repeats))
                 errors[use_kernel] = ((lin(x32).double() - truth).abs().max() / truth.abs().max()).item()
-            int8_kernel.available = vnni
-            ours, torchs = min(times[True]), min(times[False])
-            print(f"| {name} {n}x{k} | {rows} | {ours:.2f} | {torchs:.2f} | {torchs / ours:.2f}x | "
+            int8_kernel.kernels_available = ours
+            mine, torchs = min(times[True]), min(times[False])
+            print(f"| {name} {n}x{k} | {rows} | {mine:.2f} | {torchs:.2f} | {torchs / mine:.2f}x | "
                   f"{errors[True]:.1e} / {errors[False]:.1e} |", flush=True)
 
 

@@ -316,7 +316,7 @@ def avx2_int4_linear(k: int, n: int, group: int, seed: int) -> Int4Linear:
 @pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
                          ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
 def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
-    """int4_avx2.c (CPUs without AVX-512) sums the same integers as int8_gemm.c's int4_gemm and scales them in
+    """quant_avx2.c (CPUs without AVX-512) sums the same integers as int8_gemm.c's int4_gemm and scales them in
     the same order: the same numbers, bit for bit (one row unpacks as it goes, more through the group's buffer)."""
     if not int8_kernel.available() or int8_kernel.avx2_library() is None:
         pytest.skip("needs both kernels built: AVX-512 VNNI, AVX2 and a C compiler")
@@ -331,12 +331,12 @@ def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
 
 @pytest.mark.parametrize("rows", [1, 4, 6, 160, 300])
 def test_without_avx512_every_int4_row_count_takes_the_avx2_kernel(rows, monkeypatch):
-    """Where only int4_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
+    """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
     layout and runs every row count in it (no bf16 blocks, no AMX): within 1e-4 of the float64 product."""
     if int8_kernel.avx2_library() is None:
         pytest.skip("no AVX2 and FMA here, or no C compiler")
     monkeypatch.setattr(int8_kernel, "_library", lambda: None)
-    assert int8_kernel.int4_available() and not int8_kernel.available()
+    assert int8_kernel.kernels_available() and not int8_kernel.available()
     calls = []
     for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul"):
         real = getattr(int8_kernel, name)
@@ -346,6 +346,47 @@ def test_without_avx512_every_int4_row_count_takes_the_avx2_kernel(rows, monkeyp
     want = x.double() @ lin.dequantized().double().T
     got = lin(x)
     assert calls == ["int4_gemm"] and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 130])
+@pytest.mark.parametrize("shape", [*KERNEL_SHAPES, (64, 13696), (70, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
+    """quant_avx2.c's int8_int16_gemm sums the same integers as int8_gemm.c's in the same lanes, moves them to fp32
+    after the same inputs and adds those across in the same order: the same numbers, bit for bit (inputs not a
+    multiple of 32, outputs not of 4, FLUSH blocks cut short)."""
+    if not int8_kernel.available() or int8_kernel.avx2_library() is None:
+        pytest.skip("needs both kernels built: AVX-512 VNNI, AVX2 and a C compiler")
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    q[:, :2] = -127  # with the largest activations, negative below: the int16 products' sign bits
+    scale = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g)
+    x[:, :2] = -x.abs().max()
+    got = int8_kernel.int8_matmul(x, q, scale, int8_kernel.avx2_library())
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.equal(got, int8_kernel.int8_matmul(x, q, scale))
+
+
+@pytest.mark.parametrize("rows", [1, 4, DEQUANTIZE_MIN_ROWS, 300])
+def test_without_avx512_every_int8_row_count_takes_the_avx2_kernel(rows, monkeypatch):
+    """Where only quant_avx2.c builds, Int8Linear runs every row count in its int8_int16_gemm (no bf16 blocks,
+    which oneDNN cannot multiply there, no AMX): within 1e-4 of the float64 product."""
+    if int8_kernel.avx2_library() is None:
+        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    monkeypatch.setattr(int8_kernel, "_library", lambda: None)
+    assert int8_kernel.kernels_available() and not int8_kernel.available()
+    calls = []
+    for name in ("int8_matmul", "int8_amx_matmul", "blockwise_matmul"):
+        real = getattr(int8_kernel, name)
+        monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    lin = Int8Linear(160, 70, bias=False, dtype=torch.float32)
+    lin.load_weight_rows(0, 70, torch.randn(70, 160))
+    x = torch.randn(rows, 160)
+    want = x.double() @ lin.dequantized().double().T
+    got = lin(x)
+    assert calls == ["int8_matmul"] and got.dtype == torch.float32
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
@@ -394,7 +435,7 @@ class BF16InputLinear(nn.Linear):
 def kernel_reference(scheme):
     """The plain linear that computes what the scheme's kernel does: int8_kernel's int8 products take
     and give the model's dtype (its int16 activations are ~3e-5 from exact); torch's take bf16."""
-    return nn.Linear if scheme == "int8" and int8_kernel.available() else BF16InputLinear
+    return nn.Linear if scheme == "int8" and int8_kernel.kernels_available() else BF16InputLinear
 
 
 def dequantized_model(path, scheme):
@@ -423,15 +464,15 @@ def greedy_tokens(runner, prompt, steps, block_size=4):
     return got
 
 
-@pytest.mark.parametrize("scheme", [*SCHEMES, "int4-avx2"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "int8-avx2", "int4-avx2"])
 def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(make_checkpoint, scheme,
                                                                               monkeypatch):
-    if scheme == "int4-avx2":  # the int4 kernel of a CPU without AVX-512
+    if scheme.endswith("-avx2"):  # the kernels of a CPU without AVX-512
         if int8_kernel.avx2_library() is None:
             pytest.skip("no AVX2 and FMA here, or no C compiler")
         monkeypatch.setattr(int8_kernel, "_library", lambda: None)
-        assert int8_kernel.int4_kernels() == "int4_avx2.c (AVX2)"
-        scheme = "int4"
+        assert int8_kernel.kernels() == "quant_avx2.c (AVX2)"
+        scheme = scheme.removesuffix("-avx2")
     path = make_checkpoint("glm4", "hf", "wide")
     engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", quantization=scheme, num_kv_blocks=64,
                                          block_size=4))
@@ -440,8 +481,8 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
     weights = [m.qweight if isinstance(m, Int8Linear) else m.packed for m in linears]
     assert linears and all(w.data_ptr() % (2 << 20) == 0 for w in weights)  # moved to huge-page memory
     if scheme == "int4":
-        assert any(m.tiled for m in linears) == int8_kernel.int4_available()  # our kernels run where they build
-        assert f"Int4Linear in {int8_kernel.int4_kernels()}" in repr(engine.runner)
+        assert any(m.tiled for m in linears) == int8_kernel.kernels_available()  # our kernels run where they build
+    assert f"{type(next(iter(linears))).__name__} in {int8_kernel.kernels()}" in repr(engine.runner)
     prompt = [11, 23, 5, 99, 42, 7, 64, 3]
     engine.add_request("q", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     got = []

@@ -126,9 +126,12 @@ class CpuRunner(EagerRunner):
         else:
             decode = "eager decode (small model)" if compiler_available() else "eager decode (no C++ compiler)"
         linears = {type(m).__name__ for m in self.model.modules() if hasattr(m, "in_features")}
+        # which kernel, by the CPU's instruction sets: a user on an AVX2 box sees what runs
+        if "Int8Linear" in linears:
+            linears = linears - {"Int8Linear"} | {f"Int8Linear in {int8_kernel.kernels()}"}
         int4 = [m for m in self.model.modules() if isinstance(m, Int4Linear)]
-        if int4:  # which kernel, by the CPU's instruction sets: a user on an AVX2 box sees what runs
-            kernels = int8_kernel.int4_kernels() if any(m.tiled for m in int4) else "torch's kernel"
+        if int4:
+            kernels = int8_kernel.kernels() if any(m.tiled for m in int4) else "torch's kernels"
             linears = linears - {"Int4Linear"} | {f"Int4Linear in {kernels}"}
         rows = ", compiled norms and SwiGLU for many rows" if self.compiled_rows else ""
         return f"CpuRunner({self.dtype}, {'/'.join(sorted(linears))}, {decode}{rows})"

@@ -1,5 +1,5 @@
 /* Activation rows to int16, one fp32 scale per row: x / xs rounded, xs = max|x| / 32767, so the
- * activations keep ~15 bits (bf16 keeps 8). Shared by int8_gemm.c and int4_avx2.c: the int4 kernels of
+ * activations keep ~15 bits (bf16 keeps 8). Shared by int8_gemm.c and quant_avx2.c: the kernels of
  * both take the same integers. */
 #ifndef GLM4SERVE_INT16_ROWS_H
 #define GLM4SERVE_INT16_ROWS_H

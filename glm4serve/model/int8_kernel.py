@@ -15,14 +15,16 @@ int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by t
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
 where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm). On a CPU with AVX2 and
-not AVX-512 VNNI (most desktop and laptop CPUs), int4_avx2.c's int4_gemm (the same numbers again) takes every
-row count: 2-4x torch's int4 kernel there, and quicker than fp32 blocks through MKL (BENCHMARKS.md).
+not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm and int4_gemm (the same numbers
+again) take every row count: a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near the
+memory's rate), 1.7-1.9x at 8-16; 2-4x its int4 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
-same libgomp soname), so both share one team of threads. Without AVX-512 VNNI, a compiler, or
-on a build error (logged), `available()` is False and Int8Linear uses `_weight_int8pack_mm`;
-without AMX (or Linux's permission for its tile state) the AMX range falls to the other two.
+same libgomp soname), so both share one team of threads. Without AVX-512 VNNI or AVX2, a compiler, or
+on a build error (logged), `kernels_available()` is False and the linears use torch's kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); without AMX (or Linux's permission for its tile
+state) the AMX range falls to the other paths.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ AMX_SOURCE = Path(__file__).with_name("int8_amx.c")
 AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw",
              "-mavx512vbmi"]
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8", "avx512vbmi")
-AVX2_SOURCE = Path(__file__).with_name("int4_avx2.c")
+AVX2_SOURCE = Path(__file__).with_name("quant_avx2.c")
 AVX2_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx2", "-mfma"]
 AVX2_CPU_FLAGS = ("avx2", "fma")
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
@@ -158,34 +160,37 @@ def _amx_library() -> ctypes.CDLL | None:
 
 @functools.cache
 def avx2_library() -> ctypes.CDLL | None:
-    """int4_avx2.c built and loaded where the CPU has AVX2 and FMA (int4_gemm takes it where the VNNI kernel
-    is not built)."""
-    lib = load_library(AVX2_SOURCE, AVX2_FLAGS, AVX2_CPU_FLAGS, "int4 linears use torch's _weight_int4pack_mm")
+    """quant_avx2.c built and loaded where the CPU has AVX2 and FMA (its int8_int16_gemm and int4_gemm take every
+    product where the VNNI kernel is not built)."""
+    lib = load_library(AVX2_SOURCE, AVX2_FLAGS, AVX2_CPU_FLAGS, "quantized linears use torch's kernels")
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.quantize_rows_int16.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.int8_int16_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.int4_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
 
 
-def _int4_library() -> ctypes.CDLL | None:
+def _kernel_library() -> ctypes.CDLL | None:
+    """int8_gemm.c's library or, without AVX-512 VNNI, quant_avx2.c's: the same functions, the same numbers."""
     return _library() or avx2_library()
 
 
 def available() -> bool:
+    """int8_gemm.c (AVX-512 VNNI) runs here, and with it the bf16 blocks and (where the CPU has them) AMX."""
     return _library() is not None
 
 
-def int4_available() -> bool:
-    """int4_gemm runs here: in int8_gemm.c (AVX-512 VNNI) or int4_avx2.c (AVX2)."""
-    return _int4_library() is not None
+def kernels_available() -> bool:
+    """The int8 and int4 products run in this module's kernels: int8_gemm.c's (AVX-512 VNNI) or quant_avx2.c's."""
+    return _kernel_library() is not None
 
 
-def int4_kernels() -> str:
-    """Which of this module's kernels int4 products take here, for the runner's description."""
+def kernels() -> str:
+    """Which of this module's kernels the quantized products take here, for the runner's description."""
     if _library() is None:
-        return "int4_avx2.c (AVX2)" if avx2_library() is not None else "torch's kernel"
+        return "quant_avx2.c (AVX2)" if avx2_library() is not None else "torch's kernels"
     return "int8_gemm.c (AVX-512 VNNI)" + (" and int8_amx.c (AMX)" if _amx_library() is not None else "")
 
 
@@ -207,7 +212,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
     or VNNI, module docstring), else bf16 [M, N] with the weight dequantized a block at a time."""
     if amx_fits(x.shape[0], *weight.shape):
         return int8_amx_matmul(x, weight, scale)
-    if x.shape[0] < DEQUANTIZE_MIN_ROWS:
+    if x.shape[0] < DEQUANTIZE_MIN_ROWS or not available():  # without AVX-512, no bf16 blocks: all rows in AVX2
         return int8_matmul(x, weight, scale)
     return blockwise_matmul(x, weight.shape[0],
                             lambda r0, r1, block: dequantize_bf16(weight[r0:r1], scale[r0:r1], block.view(r1 - r0, -1)))
@@ -231,13 +236,13 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
               lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """A few rows x [M, K] @ the int4 weight (as int4_matmul takes it) .T -> fp32 [M, N]: the weights exact,
     the activations int16 (quantize_rows), as the int8 kernels; in int8_gemm.c (AVX-512 VNNI) or, without it,
-    int4_avx2.c (or the library `lib`): the same numbers."""
+    quant_avx2.c (or the library `lib`): the same numbers."""
     (m, k), n = x.shape, packed.shape[0]
-    lib = lib or _int4_library()
+    lib = lib or _kernel_library()
     xq, xs = quantize_rows(x, lib)
     y = torch.empty(m, n, dtype=torch.float32)
     lib.int4_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, xq.data_ptr(), xs.data_ptr(), m,
-                         y.data_ptr(), torch.get_num_threads())
+                  y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -271,22 +276,26 @@ def _scratch_bf16(numel: int) -> torch.Tensor:
 
 def quantize_rows(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any float dtype) -> int16 [M, K] and fp32 scales [M]: x ~ xq * xs per row (int16_rows.h, in
-    `lib` or the VNNI kernel's library)."""
+    `lib` or _kernel_library())."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     xq = torch.empty(m, k, dtype=torch.int16)
     xs = torch.empty(m, dtype=torch.float32)
-    (lib or _library()).quantize_rows_int16(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(), torch.get_num_threads())
+    (lib or _kernel_library()).quantize_rows_int16(x.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr(),
+                                                   torch.get_num_threads())
     return xq, xs
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ (weight int8 [N, K] * scale bf16 [N, 1]).T -> [M, N] fp32, on VNNI."""
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ (weight int8 [N, K] * scale bf16 [N, 1]).T -> [M, N] fp32, in int8_gemm.c
+    (AVX-512 VNNI) or, without it, quant_avx2.c (or the library `lib`): the same numbers."""
     (m, k), n = x.shape, weight.shape[0]
-    xq, xs = quantize_rows(x)
+    lib = lib or _kernel_library()
+    xq, xs = quantize_rows(x, lib)
     y = torch.empty(m, n, dtype=torch.float32)
-    _library().int8_int16_gemm(weight.data_ptr(), scale.data_ptr(), n, k, xq.data_ptr(), xs.data_ptr(), m,
-                               y.data_ptr(), torch.get_num_threads())
+    lib.int8_int16_gemm(weight.data_ptr(), scale.data_ptr(), n, k, xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(),
+                        torch.get_num_threads())
     return y
 
 

@@ -6,15 +6,16 @@ bf16/fp32. Activations stay in the model's dtype; each quantized linear gives it
 input's dtype. The kernels:
 - int8: int8_kernel.py's (activations quantized to int16 per row, integer products on AVX-512
   VNNI for one row, on AMX tiles for batches; for many rows, blocks of bf16-dequantized weights
-  through oneDNN) where the CPU has AVX-512 VNNI and a C compiler exists, else
-  `_weight_int8pack_mm` (bf16 activations);
+  through oneDNN) where the CPU has AVX-512 VNNI and a C compiler exists; with AVX2 and not AVX-512,
+  every row count through quant_avx2.c's kernel (the same numbers); else `_weight_int8pack_mm`
+  (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, up to
   int4_dequantize_min_rows() - 1 rows (55, or 159 without AMX-BF16) through its kernel over that layout
   (int16 activations; the scales kept tile by tile for it), and more through blocks of the weight
   dequantized to bf16 from it and multiplied by oneDNN; where the CPU has AMX-INT8,
   int8_kernel.INT4_AMX_ROWS rows on its tiles. On a CPU with AVX2 and not AVX-512, every row count through
-  int4_avx2.c's kernel (the same numbers; 2-4x torch's kernel there, which also beats fp32 blocks).
+  quant_avx2.c's kernel (the same numbers; 2-4x torch's kernel there, which also beats fp32 blocks).
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -75,7 +76,7 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scale.float()[:, None]  # [out, in] fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and int8_kernel.available():
+        if x.device.type == "cpu" and int8_kernel.kernels_available():
             y = int8_kernel.matmul(x.reshape(-1, self.in_features), self.qweight, self.scale)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
@@ -94,7 +95,7 @@ class Int4Linear(nn.Module):
 
     That layout interleaves rows in tiles of PACK_TILE_ROWS: a tile is packed once all its rows have
     come (a tile split between two checkpoint tensors, like HF's q/k/v, waits in a small buffer). Where
-    int8_gemm.c's or int4_avx2.c's kernels take it (`tiled`), the (scale, zero) pairs are kept tile by tile, [out / 64,
+    int8_gemm.c's or quant_avx2.c's kernels take it (`tiled`), the (scale, zero) pairs are kept tile by tile, [out / 64,
     in / group, 64, 2], the order those kernels read them in; else as torch's kernel takes them,
     [in / group, out, 2]."""
 
@@ -107,7 +108,7 @@ class Int4Linear(nn.Module):
                              f"got {in_features} x {out_features}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.tiled = (torch.device(device or "cpu").type == "cpu" and out_features % PACK_TILE_ROWS == 0
-                      and int8_kernel.int4_available())
+                      and int8_kernel.kernels_available())
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         # (scale, zero) with w = (q - 8) * scale + zero, torch's convention
         shape = ((out_features // PACK_TILE_ROWS, in_features // group, PACK_TILE_ROWS, 2) if self.tiled
