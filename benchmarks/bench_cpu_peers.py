@@ -245,8 +245,8 @@ def summary(f: dict[str, dict], r: dict, mode: str, kind: str, a) -> str:
                      False)
     if "concurrent" in ours:
         r["ours_concurrent"], r["llama_concurrent"] = ours["concurrent"], theirs["concurrent"]
-        line += (f"; {a.concurrent} streams ours {r['ours_concurrent']:.0f} tok/s, llama.cpp "
-                 f"{r['llama_concurrent']:.0f} tok/s, ratio {r['ours_concurrent'] / r['llama_concurrent']:.2f}x")
+        line += (f"; {a.concurrent} streams ours {r['ours_concurrent']:.1f} tok/s, llama.cpp "
+                 f"{r['llama_concurrent']:.1f} tok/s, ratio {r['ours_concurrent'] / r['llama_concurrent']:.2f}x")
     return line
 
 
