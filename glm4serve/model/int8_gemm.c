@@ -59,21 +59,75 @@ static inline __attribute__((always_inline)) void dot_rows(const int8_t *w, int6
     for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(total[r]);
 }
 
+/* For BUFFER_MIN_ROWS activation rows and more, each tile's R weight rows are widened to int16 once per FLUSH
+   block into an L1 buffer that every activation row then reads (one vpdpwssd per 32 inputs and row, the weights
+   from L1), rather than widened again for each activation row as dot_rows does; the same sums, in the same
+   order. */
+#define BUFFER_MIN_ROWS 2
+
+/* rows [n0, n0 + R) of w, inputs [k0, k0 + len), as int16 into wide[r] up to a multiple of 32 (zeros past the
+   inputs and past N) */
+static inline void widen(const int8_t *w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t len,
+                         int16_t (*wide)[FLUSH]) {
+    for (int r = 0; r < R; r++)
+        for (int64_t k = 0; k < len; k += 32) {
+            __mmask32 mask = n0 + r >= N ? 0 : len - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (len - k)) - 1u);
+            const int8_t *src = w + (n0 + r) * K + k0 + k;
+            if ((k & 32) == 0 && mask) _mm_prefetch((const char *)(src + PREFETCH), _MM_HINT_T0);
+            _mm512_store_si512(wide[r] + k, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, src)));
+        }
+}
+
+/* total[r] (fp32 lanes, k0 == 0: the first block) += the FLUSH block's sums of the R widened rows against x */
+static inline void dot_wide(const int16_t (*wide)[FLUSH], const int16_t *x, int64_t k0, int64_t len, __m512 total[R]) {
+    __m512i acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < len; k += 32) {
+        __mmask32 mask = len - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (len - k)) - 1u);
+        __m512i a = _mm512_maskz_loadu_epi16(mask, x + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_load_si512(wide[r] + k), a);
+    }
+    for (int r = 0; r < R; r++)
+        total[r] = k0 == 0 ? _mm512_cvtepi32_ps(acc[r]) : _mm512_add_ps(total[r], _mm512_cvtepi32_ps(acc[r]));
+}
+
 void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const int16_t *xq,
                      const float *xs, int64_t M, float *y, int threads) {
     int64_t tiles = (N + R - 1) / R;
+    if (M < BUFFER_MIN_ROWS) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * R;
-        int rows = N - n0 < R ? (int)(N - n0) : R;
-        float sums[R];
-        for (int64_t m = 0; m < M; m++) {  /* the tile's rows stay in L1 across the activation rows */
-            if (rows == R)
-                dot_rows(w + n0 * K, K, xq + m * K, R, sums);
-            else
-                dot_rows(w + n0 * K, K, xq + m * K, rows, sums);
-            for (int r = 0; r < rows; r++) y[m * N + n0 + r] = sums[r] * bf16_to_float(scale[n0 + r]) * xs[m];
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n0 = t * R;
+            int rows = N - n0 < R ? (int)(N - n0) : R;
+            float sums[R];
+            for (int64_t m = 0; m < M; m++) {  /* the tile's rows stay in L1 across the activation rows */
+                if (rows == R)
+                    dot_rows(w + n0 * K, K, xq + m * K, R, sums);
+                else
+                    dot_rows(w + n0 * K, K, xq + m * K, rows, sums);
+                for (int r = 0; r < rows; r++) y[m * N + n0 + r] = sums[r] * bf16_to_float(scale[n0 + r]) * xs[m];
+            }
         }
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        __m512 (*total)[R] = aligned_alloc(64, sizeof(__m512) * M * R);  /* [M][R]: fp32 lanes */
+        int16_t wide[R][FLUSH] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t n0 = t * R;
+            int rows = N - n0 < R ? (int)(N - n0) : R;
+            for (int64_t k0 = 0; k0 < K; k0 += FLUSH) {
+                int64_t len = K - k0 < FLUSH ? K - k0 : FLUSH;
+                widen(w, N, K, n0, k0, len, wide);
+                for (int64_t m = 0; m < M; m++) dot_wide(wide, xq + m * K + k0, k0, len, total[m]);
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int r = 0; r < rows; r++)
+                    y[m * N + n0 + r] = _mm512_reduce_add_ps(total[m][r]) * bf16_to_float(scale[n0 + r]) * xs[m];
+        }
+        free(total);
     }
 }
 
