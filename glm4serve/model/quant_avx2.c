@@ -158,8 +158,9 @@ void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, 
  * y[m, n] = scale[n] * xs[m] * sum_k w[n, k] * xq[m, k], as int8_gemm.c's int8_int16_gemm (its comment has the
  * operands). Its 16 int32 lanes per weight row are two vectors here: lane j of the low one sums inputs 2j, 2j + 1 of
  * each 32, of the high one 16 + 2j, 17 + 2j; moved to fp32 every FLUSH inputs as there, and summed across in
- * _mm512_reduce_add_ps's order (reduce16). Each program takes R weight rows, widens them to int16 a FLUSH block at a
- * time into an L1 buffer, and reads that for every activation row. */
+ * _mm512_reduce_add_ps's order (reduce16). Each program takes R weight rows: for DIRECT_MAX_ROWS activation rows
+ * and more it widens them to int16 a FLUSH block at a time into an L1 buffer that every activation row reads, as
+ * int8_gemm.c does; for fewer it widens them as they are read, for two activation rows at a time (pair_sums). */
 #define R 4
 #define FLUSH 256
 #define PREFETCH 512  /* bytes ahead in each weight row, as int8_gemm.c */
