@@ -329,18 +329,25 @@ def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
     assert torch.equal(got, int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 6, 160, 300])
-def test_without_avx512_every_int4_row_count_takes_the_avx2_kernel(rows, monkeypatch):
-    """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
-    layout and runs every row count in it (no bf16 blocks, no AMX): within 1e-4 of the float64 product."""
+def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
+    """int8_kernel as on a CPU without AVX-512 VNNI (int8_gemm.c's library None, quant_avx2.c's built); its functions
+    `names` record their calls in the list returned."""
     if int8_kernel.avx2_library() is None:
         pytest.skip("no AVX2 and FMA here, or no C compiler")
     monkeypatch.setattr(int8_kernel, "_library", lambda: None)
     assert int8_kernel.kernels_available() and not int8_kernel.available()
     calls = []
-    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul"):
+    for name in names:
         real = getattr(int8_kernel, name)
         monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6, 160, 300])
+def test_without_avx512_every_int4_row_count_takes_the_avx2_kernel(rows, monkeypatch):
+    """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
+    layout and runs every row count in it (no bf16 blocks, no AMX): within 1e-4 of the float64 product."""
+    calls = only_the_avx2_kernels(monkeypatch, "int4_gemm", "int4_amx_gemm", "int4_matmul")
     lin = avx2_int4_linear(256, 192, 64, seed=rows)
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
@@ -373,14 +380,7 @@ def test_int8_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
 def test_without_avx512_every_int8_row_count_takes_the_avx2_kernel(rows, monkeypatch):
     """Where only quant_avx2.c builds, Int8Linear runs every row count in its int8_int16_gemm (no bf16 blocks,
     which oneDNN cannot multiply there, no AMX): within 1e-4 of the float64 product."""
-    if int8_kernel.avx2_library() is None:
-        pytest.skip("no AVX2 and FMA here, or no C compiler")
-    monkeypatch.setattr(int8_kernel, "_library", lambda: None)
-    assert int8_kernel.kernels_available() and not int8_kernel.available()
-    calls = []
-    for name in ("int8_matmul", "int8_amx_matmul", "blockwise_matmul"):
-        real = getattr(int8_kernel, name)
-        monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = only_the_avx2_kernels(monkeypatch, "int8_matmul", "int8_amx_matmul", "blockwise_matmul")
     lin = Int8Linear(160, 70, bias=False, dtype=torch.float32)
     lin.load_weight_rows(0, 70, torch.randn(70, 160))
     x = torch.randn(rows, 160)
