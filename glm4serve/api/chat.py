@@ -283,9 +283,10 @@ async def _stream_chat(ctx: ServingContext, plan: ChatPlan, req: ChatCompletionR
                 yield chunk(i, delta, take_logprobs(i))
             if step.finish_reason is not None:
                 yield chunk(i, {}, take_logprobs(i), step.finish_reason, stop_reason=step.stop_reason)
+                leaving = all(c.finished for c in choices) and any(c.ended_early for c in choices)
                 if choices[i].ended_early:
-                    ctx.end_choice(plan.engine_id, i, leaving=all(c.finished for c in choices))
-                if all(c.finished for c in choices) and any(c.ended_early for c in choices):
+                    ctx.end_choice(plan.engine_id, i, leaving=leaving)
+                if leaving:
                     break
             elif not step.deltas and pending_logprobs[i] and not choices[i].parser:
                 # Tokens that produced no text yet (a split character) still report logprobs.
