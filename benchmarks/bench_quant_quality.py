@@ -2,7 +2,9 @@
 
 For each prompt, every position's next-token distribution (teacher-forced over the prompt) of the
 model as served (bf16 around the linears for int8/int4, as a bf16 checkpoint loads) against the
-same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement. On a 9B-shaped slice
+same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement. Where int4_int8.c builds
+(AVX-512 VBMI, no AMX), int4 once more with every product through it, as batches run there (the
+activations int8 per group of inputs). On a 9B-shaped slice
 (glm-4-9b-chat's layer shapes, random bf16 weights) by default, or on any checkpoint:
 
     .venv/bin/python benchmarks/bench_quant_quality.py [--checkpoint DIR] [--layers 2] [--prompts 8]
@@ -16,6 +18,7 @@ import tempfile
 import torch
 
 from glm4serve.engine.block_pool import BlockPool
+from glm4serve.model import int8_kernel
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
@@ -51,8 +54,17 @@ def distribution_error(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, flo
 
 def compare(path, prompts: list[list[int]], modes=MODES) -> dict[str, tuple[float, float]]:
     ref = all_position_logits(path, "float32", None, prompts)
-    return {name: distribution_error(ref, all_position_logits(path, dtype, q, prompts))
-            for name, (dtype, q) in modes.items()}
+    out = {name: distribution_error(ref, all_position_logits(path, dtype, q, prompts))
+           for name, (dtype, q) in modes.items()}
+    if "int4" in out and int8_kernel.int4_int8_fits(int8_kernel.INT4_INT8_MIN_ROWS, 64, 64, 64):
+        rows = int8_kernel.INT4_INT8_MIN_ROWS
+        int8_kernel.INT4_INT8_MIN_ROWS = 1  # a row's result is the same alone or in a batch
+        try:
+            logits = all_position_logits(path, "bfloat16", "int4", prompts)
+            out["int4, int8 activations"] = distribution_error(ref, logits)
+        finally:
+            int8_kernel.INT4_INT8_MIN_ROWS = rows
+    return out
 
 
 def main():

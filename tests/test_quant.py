@@ -4,6 +4,7 @@ and a load that never holds the weights in full precision."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -202,21 +203,26 @@ def test_blockwise_products_of_several_shapes_reuse_one_buffer(monkeypatch):
     assert len(buffers) == 1
 
 
-@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
-@pytest.mark.parametrize("rows", sorted({1, 5, 6, int4_dequantize_min_rows() - 1, int4_dequantize_min_rows(), 160,
-                                          161}))
-def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, amx, monkeypatch):
+@pytest.mark.parametrize("cpu", ["vnni", "vbmi", "amx"])
+@pytest.mark.parametrize("rows", sorted({1, 3, 4, 5, 6, int4_dequantize_min_rows() - 1, int4_dequantize_min_rows(),
+                                          160, 161}))
+def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, cpu, monkeypatch):
     """Up to int4_dequantize_min_rows() - 1 rows int4_gemm (VNNI), from there blocks of the weight unpacked from
     torch's int4 layout to bf16 (int8_gemm.c), the product over the dequantized weights within bf16 rounding;
-    where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead."""
+    where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead; where it has
+    AVX-512 VBMI and no AMX, every row count from INT4_INT8_MIN_ROWS (4) through int4_int8_gemm."""
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
-    if amx and int8_kernel._amx_library() is None:
+    if cpu == "amx" and int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here: int4 batches take the other paths")
-    if not amx:
+    if cpu == "vbmi" and int8_kernel._int4_int8_library() is None:
+        pytest.skip("no AVX-512 VBMI here: int4 batches take int16 activations")
+    if cpu != "amx":
         monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
+    if cpu == "vnni":
+        monkeypatch.setattr(int8_kernel, "_int4_int8_library", lambda: None)
     calls = []
-    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul"):
+    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm"):
         real = getattr(int8_kernel, name)
         monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     monkeypatch.setattr(int8_kernel, "DEQUANTIZE_BLOCK_ROWS", 64)  # 192 rows: three blocks of one tile
@@ -225,8 +231,10 @@ def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, amx, monke
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
-    if amx and 6 <= rows <= 160:
+    if cpu == "amx" and 6 <= rows <= 160:
         assert calls == ["int4_amx_gemm"]
+    elif cpu == "vbmi" and rows >= 4:
+        assert calls == ["int4_int8_gemm"]
     else:
         assert calls == ["int4_gemm" if rows < int4_dequantize_min_rows() else "int4_matmul"]
 
@@ -286,6 +294,7 @@ def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows,
     real = int8_kernel.int4_gemm
     monkeypatch.setattr(int8_kernel, "int4_gemm", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)  # rows from 6 on would take the tiles
+    monkeypatch.setattr(int8_kernel, "_int4_int8_library", lambda: None)  # and from 4, int8 activations
     k, n = shape
     lin = Int4Linear(k, n, bias=False, dtype=torch.float32)
     w = torch.randn(n, k)
@@ -302,6 +311,47 @@ def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows,
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@functools.cache
+def int4_linear_and_its_weights(k: int, n: int, group: int) -> tuple[Int4Linear, torch.Tensor | None]:
+    """An Int4Linear (avx2_int4_linear's) and its weights dequantized in float64, where reading them back is
+    quick (dequantized() multiplies an identity of K rows)."""
+    lin = avx2_int4_linear(k, n, group, seed=k + n)
+    return lin, lin.dequantized().double() if k <= 4096 else None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
+@pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
+                         ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_int4_int8_kernel_is_the_exact_product_of_activations_made_int8_per_group(shape, rows):
+    """int4_int8_gemm: each row's inputs rounded to int8 in groups of the weights' group (x / xs to nearest,
+    xs = max|x| / 127; a group of zeros stays zero), then the exact product over the weights: within fp32 rounding
+    (2e-6) of that product in float64, and each row's result the same, bit for bit, alone or in a batch."""
+    if int8_kernel._int4_int8_library() is None or not int8_kernel.available():
+        pytest.skip("no AVX-512 VNNI and VBMI here (or no C compiler)")
+    k, n, group = shape
+    lin, weights = int4_linear_and_its_weights(k, n, group)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
+    x[0, :group] = 0  # a group of zeros
+    x[-1, -2:] = -x[-1].abs().max()  # the largest activations, negative
+    got = int8_kernel.int4_int8_gemm(x, lin.packed, lin.scales_and_zeros, lin.group)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    for i in {0, rows // 2, rows - 1}:
+        assert torch.equal(got[i], int8_kernel.int4_int8_gemm(x[i : i + 1], lin.packed, lin.scales_and_zeros,
+                                                              lin.group)[0])
+    exact = int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group).double()  # within 1e-4
+    assert (got.double() - exact).abs().max() <= 2e-2 * exact.abs().max()  # int8's own rounding, ~6e-3 seen
+    if weights is None:
+        return
+    groups = x.view(rows, k // group, group)
+    top = groups.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, 0.0)  # not 127 / top: torch takes 1 / top * 127
+    xq = (groups * inv).round()  # half to even, as the kernel's conversion
+    assert xq.abs().max() <= 127
+    want = (xq.double() * (top.double() / 127)).view(rows, k) @ weights.T
+    assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
 def avx2_int4_linear(k: int, n: int, group: int, seed: int) -> Int4Linear:
     lin = Int4Linear(k, n, bias=False, dtype=torch.float32, group=group)
     g = torch.Generator().manual_seed(seed)
@@ -312,7 +362,7 @@ def avx2_int4_linear(k: int, n: int, group: int, seed: int) -> Int4Linear:
     return lin
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 64, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 17, 64, 200])
 @pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
                          ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
 def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):

@@ -14,7 +14,9 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
-where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm). On a CPU with AVX2 and
+where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm); where it has AVX-512 VBMI and
+no AMX, from INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm, the activations int8 per group of inputs (as
+llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it there from ~4 rows. On a CPU with AVX2 and
 not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm and int4_gemm (the same numbers
 again) take every row count: a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near the
 memory's rate), 1.7-1.9x at 8-16; 2-4x its int4 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
@@ -56,6 +58,9 @@ AMX_CPU_FLAGS = ("amx_tile", "amx_int8", "avx512vbmi")
 AVX2_SOURCE = Path(__file__).with_name("quant_avx2.c")
 AVX2_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx2", "-mfma"]
 AVX2_CPU_FLAGS = ("avx2", "fma")
+INT4_INT8_SOURCE = Path(__file__).with_name("int4_int8.c")
+INT4_INT8_FLAGS = FLAGS + ["-mavx512vbmi"]
+INT4_INT8_CPU_FLAGS = CPU_FLAGS + ("avx512vbmi",)
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
@@ -172,6 +177,17 @@ def avx2_library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _int4_int8_library() -> ctypes.CDLL | None:
+    """int4_int8.c built and loaded where the CPU has AVX-512 VNNI and VBMI."""
+    lib = load_library(INT4_INT8_SOURCE, INT4_INT8_FLAGS, INT4_INT8_CPU_FLAGS, "int4 batches take int16 activations")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.int4_int8_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
 def _kernel_library() -> ctypes.CDLL | None:
     """int8_gemm.c's library or, without AVX-512 VNNI, quant_avx2.c's: the same functions, the same numbers."""
     return _library() or avx2_library()
@@ -191,7 +207,9 @@ def kernels() -> str:
     """Which of this module's kernels the quantized products take here, for the runner's description."""
     if _library() is None:
         return "quant_avx2.c (AVX2)" if avx2_library() is not None else "torch's kernels"
-    return "int8_gemm.c (AVX-512 VNNI)" + (" and int8_amx.c (AMX)" if _amx_library() is not None else "")
+    if _amx_library() is not None:
+        return "int8_gemm.c (AVX-512 VNNI) and int8_amx.c (AMX)"
+    return "int8_gemm.c (AVX-512 VNNI)" + (" and int4_int8.c (VBMI)" if _int4_int8_library() is not None else "")
 
 
 def amx_fits(m: int, n: int, k: int) -> bool:
@@ -318,6 +336,7 @@ def int8_amx_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
 # weights again for every 4 rows; the tiles' floor is ~2x one row's time); against the dequantized bf16 blocks
 # 2.3x at 64 rows, 1.4x at 128, 1.2x at 160, 0.95x at 192.
 INT4_AMX_ROWS = range(6, 161)
+INT4_INT8_MIN_ROWS = 4  # without AMX, from this many rows int4 products take int8 activations (BENCHMARKS.md)
 INT4_AMX_MAX_ROWS = 192  # int8_amx.c's: the most rows its sums hold
 
 
@@ -340,4 +359,22 @@ def int4_amx_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch
     y = torch.empty(m, n, dtype=torch.float32)
     lib.int4_amx_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, hi.data_ptr(), lo.data_ptr(),
                       gsum.data_ptr(), xs.data_ptr(), m, y.data_ptr(), threads)
+    return y
+
+
+def int4_int8_fits(m: int, n: int, k: int, group: int) -> bool:
+    """int4_int8_gemm takes the product: INT4_INT8_MIN_ROWS rows or more, on a CPU with AVX-512 VBMI and no AMX-INT8
+    (whose tiles take batches with int16 activations), groups of a multiple of 16 inputs up to 64."""
+    return (m >= INT4_INT8_MIN_ROWS and group % 16 == 0 and group <= 64 and n % 64 == 0 and k % group == 0
+            and available() and _amx_library() is None and _int4_int8_library() is not None)
+
+
+def int4_int8_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_gemm's product with the activations quantized to int8 per group of inputs (int4_int8.c: half the
+    multiplies) -> fp32 [M, N]."""
+    (m, k), n = x.shape, packed.shape[0]
+    x = x.float().contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    _int4_int8_library().int4_int8_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, x.data_ptr(), m,
+                                        y.data_ptr(), torch.get_num_threads())
     return y

@@ -1,0 +1,152 @@
+/* int4 weights times int8 activations on AVX-512 VNNI and VBMI, for quant.py's Int4Linear batches on CPUs without
+ * AMX (built by int8_kernel.py as int8_gemm.c is).
+ *
+ * There, int8_gemm.c's int4_gemm is bound by its multiplies from ~4 activation rows on: vpdpwssd takes 32 int16
+ * products an instruction, so each row costs a glm-4-9b step ~45 ms of its 2 cores however the weights are
+ * unpacked. vpdpbusd takes 64 (unsigned 8-bit weights, signed 8-bit activations), and the int4 weights are 4-bit
+ * unsigned already: activations quantized to int8 in groups of the weights' group (a scale each, as llama.cpp's
+ * Q8_0 activations, 32 inputs each there) halve the multiplies. The price: the activations keep ~8 bits instead of
+ * ~15, an error well below the int4 weights' own (BENCHMARKS.md).
+ *
+ * y[m, n] = sum over groups g of xs[m, g] * (scale[n, g] * sum_k q[n, k] * xq[m, k]
+ *                                          + (zero[n, g] - 8 * scale[n, g]) * sum_k xq[m, k]), k in the group
+ *   q     the int4 weights in torch's CPU layout, [N / 64][K][32] bytes, byte j of (tile t, input k) holding row
+ *         64t + j in its low nibble and row 64t + 32 + j in its high one; `sz` the (scale, zero) bf16 pairs tile
+ *         by tile, [N / 64][K / group][64], w = (q - 8) * scale + zero (int8_gemm.c's int4_gemm reads the same);
+ *   xq    int8, x / xs rounded, xs = max|x| / 127 over each row's group of inputs.
+ *
+ * Four inputs of a tile's 64 rows are 128 contiguous bytes; with the nibbles taken apart, two vpermt2b per 32
+ * rows put each row's 4 inputs side by side in a 32-bit lane, in row order, as vpdpbusd wants them. Each group
+ * is unpacked once into an L1 buffer that every activation row then reads, 4 rows at a time.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROWS 4        /* activation rows summed together against one read of the buffer */
+#define MAX_GROUP 64  /* quant.py's INT4_GROUP: a group's unpacked weights fill a 4 KiB buffer */
+#define PREFETCH_L1 2048  /* as int8_gemm.c's int4_gemm: the stream asked for into L1, and further into L2 */
+#define PREFETCH_L2 8192
+
+/* x [M, K] fp32 -> xq [K / group][M][group] int8 (each row's group contiguous: see int4_int8_gemm), xs and the sum
+   of each group's integers, [M][K / group]. group: a multiple of 16. */
+static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t group, int8_t *xq, float *xs,
+                            float *xsum, int threads) {
+    int64_t groups = K / group;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K > 65536)
+    for (int64_t mg = 0; mg < M * groups; mg++) {
+        int64_t m = mg / groups, g = mg % groups;
+        const float *xr = x + m * K + g * group;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t k = 0; k < group; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+        float top = _mm512_reduce_max_ps(amax);
+        __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+        __m512i sum = _mm512_setzero_si512();
+        int8_t *out = xq + (g * M + m) * group;
+        for (int64_t k = 0; k < group; k += 16) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv));  /* to nearest, even */
+            sum = _mm512_add_epi32(sum, q);
+            _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(q));
+        }
+        xs[mg] = top / 127.f;
+        xsum[mg] = (float)_mm512_reduce_add_epi32(sum);
+    }
+}
+
+/* Inputs k..k+3 of a tile's 64 rows (128 bytes from p) -> w[v]: rows 16v..16v+15, lane r their 4 weights. */
+static inline void unpack4(const uint8_t *p, __m512i w[4]) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    /* byte 4r + i of the result is input i of row r: input 0 is byte r of a, 1 byte 32 + r, 2 byte r of b, 3 32 + r */
+    const __m512i first = _mm512_set_epi32(
+        0x6F4F2F0F, 0x6E4E2E0E, 0x6D4D2D0D, 0x6C4C2C0C, 0x6B4B2B0B, 0x6A4A2A0A, 0x69492909, 0x68482808,
+        0x67472707, 0x66462606, 0x65452505, 0x64442404, 0x63432303, 0x62422202, 0x61412101, 0x60402000);
+    const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi8(16));  /* rows 16-31 */
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64);
+    __m512i alo = _mm512_and_si512(a, nibble), blo = _mm512_and_si512(b, nibble);
+    __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble);
+    __m512i bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    w[0] = _mm512_permutex2var_epi8(alo, first, blo);
+    w[1] = _mm512_permutex2var_epi8(alo, second, blo);
+    w[2] = _mm512_permutex2var_epi8(ahi, first, bhi);
+    w[3] = _mm512_permutex2var_epi8(ahi, second, bhi);
+}
+
+/* One group of `rows` (1..ROWS, a constant where inlined) activation rows against the unpacked buffer, scaled into
+   out[m][0..3] (fp32, the tile's 64 sums of row m; zeros before the first group). x: the rows' inputs of the
+   group, `group` apart; xs, xsum: the rows' values for this group, `groups` apart. */
+static inline __attribute__((always_inline)) void group_rows(const __m512i (*buffer)[4], int64_t group,
+                                                             const int8_t *x, const uint32_t *pairs, const float *xs,
+                                                             const float *xsum, int64_t groups, int rows, int first,
+                                                             __m512 (*out)[4]) {
+    __m512i acc[ROWS][4];
+    for (int m = 0; m < rows; m++)
+        for (int v = 0; v < 4; v++) acc[m][v] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < group; k += 4)
+        for (int m = 0; m < rows; m++) {
+            __m512i quad = _mm512_set1_epi32(*(const int32_t *)(x + m * group + k));
+            for (int v = 0; v < 4; v++) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], buffer[k / 4][v], quad);
+        }
+    for (int v = 0; v < 4; v++) {
+        __m512i p = _mm512_loadu_si512(pairs + v * 16);
+        __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+        __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xFFFF0000)));
+        __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  /* zero - 8 * scale */
+        for (int m = 0; m < rows; m++) {
+            __m512 dot = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(acc[m][v]),
+                                         _mm512_mul_ps(offset, _mm512_set1_ps(xsum[m * groups])));
+            out[m][v] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[m * groups]), first ? _mm512_setzero_ps() : out[m][v]);
+        }
+    }
+}
+
+/* y [M, N] fp32 = x [M, K] fp32 @ W.T, W in the int4 layout above. Each program takes a tile of 64 rows, unpacks
+   each of its groups once and runs every activation row against it; the activations are first laid out group by
+   group and each tile's sums kept in a buffer of its own, both contiguous (rows of K or N elements, powers of two
+   at glm-4-9b's 4096, would fall into the same few cache sets: quant_avx2.c's int4_gemm). group: a multiple of
+   16 up to MAX_GROUP; K a multiple of the group, N of 64. */
+void int4_int8_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, int64_t group, const float *x,
+                    int64_t M, float *y, int threads) {
+    int64_t groups = K / group;
+    int8_t *xq = malloc(M * K);
+    float *xs = malloc(sizeof(float) * M * groups), *xsum = malloc(sizeof(float) * M * groups);
+    quantize_groups(x, M, K, group, xq, xs, xsum, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        __m512i buffer[MAX_GROUP / 4][4] __attribute__((aligned(64)));
+        __m512 (*out)[4] = aligned_alloc(64, sizeof(__m512) * 4 * M);  /* the tile's sums, [M][4] */
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < N / 64; tile++) {
+            const uint8_t *p = packed + tile * K * 32;
+            const uint32_t *pairs = sz + tile * groups * 64;
+            for (int64_t g = 0; g < groups; g++) {
+                for (int64_t k = 0; k < group; k += 4) {
+                    int64_t at = (g * group + k) * 32;
+                    _mm_prefetch((const char *)(p + at + PREFETCH_L1), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + at + PREFETCH_L1 + 64), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + at + PREFETCH_L2), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(p + at + PREFETCH_L2 + 64), _MM_HINT_T1);
+                    unpack4(p + at, buffer[k / 4]);
+                }
+                const int8_t *xg = xq + g * M * group;
+                for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+                    const int8_t *xm = xg + m0 * group;
+                    const float *s = xs + m0 * groups + g, *t = xsum + m0 * groups + g;
+                    const uint32_t *gp = pairs + g * 64;
+                    switch (M - m0 < ROWS ? M - m0 : ROWS) {
+                        case 1: group_rows(buffer, group, xm, gp, s, t, groups, 1, g == 0, out + m0); break;
+                        case 2: group_rows(buffer, group, xm, gp, s, t, groups, 2, g == 0, out + m0); break;
+                        case 3: group_rows(buffer, group, xm, gp, s, t, groups, 3, g == 0, out + m0); break;
+                        default: group_rows(buffer, group, xm, gp, s, t, groups, 4, g == 0, out + m0); break;
+                    }
+                }
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int v = 0; v < 4; v++) _mm512_storeu_ps(y + m * N + tile * 64 + v * 16, out[m][v]);
+        }
+        free(out);
+    }
+    free(xsum);
+    free(xs);
+    free(xq);
+}
