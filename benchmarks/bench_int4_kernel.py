@@ -6,10 +6,11 @@ blocks for many), where int8_kernel.py builds. Three parts:
   to int8, int8_gemm.c's one-row kernel): ms a token and GB/s read; beside them torch's sum over 4 GiB, a
   read at about the memory's own rate.
 - rows: int4_gemm against the dequantized-block path by activation rows, each matrix and a layer's four
-  (quant.int4_dequantize_min_rows() sits where they cross: it depends on whether the CPU has AMX-BF16), best of 3.
+  (quant.int4_dequantize_min_rows() sits where they cross: it depends on whether the CPU has AMX-BF16), and where
+  int4_int8.c builds (AVX-512 VBMI) its int4_int8_gemm (activations int8 per group) against the blocks, best of 3.
 - engine: decode steps of the int4 engine (engine alone, no server) on the 40-layer checkpoint
   bench_cpu_peers.py makes (~/.cache/glm4serve/bench-slice-9b-40layers; written here, 18.8 GB, when
-  missing), 1, 8 and 16 streams (`--streams`), medians.
+  missing), 1, 8 and 16 streams (`--streams`), medians; `--int16-batches` keeps int4_int8.c out of it.
 
     .venv/bin/python benchmarks/bench_int4_kernel.py [--parts layers,rows,engine] [--layers 40]
 
@@ -104,25 +105,37 @@ def torch_int4(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
 
 def rows_part():
     other = "dequantized bf16 blocks" if int8_kernel.available() else "torch's int4 kernel"
-    print(f"\nint4_gemm against {other}, best of 3 ms\n| matrix | rows | int4_gemm | {other} | ratio |")
-    print("|---|---|---|---|---|")
+    int8 = int8_kernel.available() and int8_kernel._int4_int8_library() is not None  # int4_int8.c builds here
+    extra = " int4_int8_gemm | blocks / int4_int8_gemm |" if int8 else ""
+    print(f"\nint4_gemm against {other}, best of 3 ms\n| matrix | rows | int4_gemm | {other} | ratio |{extra}")
+    print("|---|---|---|---|---|" + "---|---|" * int8)
     layer: dict[int, list[float]] = {}  # rows -> the four products' ms, each way
     for name, (n, k) in LAYER_SHAPES.items():
         lin = Int4Linear(k, n, False, torch.bfloat16)
         lin.load_weight_rows(0, n, torch.randn(n, k))
         p, sz = hugepage_copy(lin.packed), hugepage_copy(lin.scales_and_zeros)
-        for rows in (1, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256):
+        for rows in (1, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 512):
             x = torch.randn(rows, k, dtype=torch.bfloat16)
-            a = best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group), 3)
-            b = best_ms((lambda: int8_kernel.int4_matmul(x, p, sz, lin.group)) if int8_kernel.available()
-                        else (lambda: torch_int4(x, lin)), 3)
-            print(f"| {name} {n}x{k} | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
-            both = layer.setdefault(rows, [0.0, 0.0])
-            both[0], both[1] = both[0] + a, both[1] + b
-    for rows, (a, b) in layer.items():
-        print(f"| a layer's four | {rows} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+            times = [best_ms(lambda: int8_kernel.int4_gemm(x, p, sz, lin.group), 3),
+                     best_ms((lambda: int8_kernel.int4_matmul(x, p, sz, lin.group)) if int8_kernel.available()
+                             else (lambda: torch_int4(x, lin)), 3)]
+            if int8:
+                times.append(best_ms(lambda: int8_kernel.int4_int8_gemm(x, p, sz, lin.group), 3))
+            print(f"| {name} {n}x{k} | {rows} | " + cells(times), flush=True)
+            both = layer.setdefault(rows, [0.0] * len(times))
+            for i, t in enumerate(times):
+                both[i] += t
+    for rows, times in layer.items():
+        print(f"| a layer's four | {rows} | " + cells(times))
     if int8_kernel.available():
-        print(f"(this CPU takes the blocks from {int4_dequantize_min_rows()} rows)")
+        print(f"(this CPU takes the blocks from {int4_dequantize_min_rows()} rows"
+              + (f", int4_int8_gemm from {int8_kernel.INT4_INT8_MIN_ROWS} before them)" if int8 else ")"))
+
+
+def cells(times: list[float]) -> str:
+    """int4_gemm's ms, the other's, their ratio, and (with three) int4_int8_gemm's and the other's over it"""
+    out = f"{times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.2f}x |"
+    return out + (f" {times[2]:.2f} | {times[1] / times[2]:.2f}x |" if len(times) > 2 else "")
 
 
 def engine_part(stream_counts: list[int]):
@@ -154,11 +167,15 @@ def main():
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--streams", default="1,8,16", help="the engine part's numbers of streams")
     ap.add_argument("--torch-int4", action="store_true", help="the engine on torch's int4 kernel, none of ours")
+    ap.add_argument("--int16-batches", action="store_true",
+                    help="int4 batches with int16 activations, not int4_int8.c's int8 ones (to compare)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     if a.torch_int4:
         int8_kernel._library = int8_kernel.avx2_library = lambda: None
-    elif not int8_kernel.kernels_available():
+    elif a.int16_batches:
+        int8_kernel.INT4_INT8_MIN_ROWS = 1 << 30
+    if not a.torch_int4 and not int8_kernel.kernels_available():
         raise SystemExit("int8_kernel's int4_gemm is not available here (no AVX2 or no C compiler)")
     parts = a.parts.split(",")
     if "layers" in parts:
