@@ -105,7 +105,7 @@ def torch_int4(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
 
 def rows_part():
     other = "dequantized bf16 blocks" if int8_kernel.available() else "torch's int4 kernel"
-    int8 = int8_kernel.available() and int8_kernel._int4_int8_library() is not None  # int4_int8.c builds here
+    int8 = int8_kernel.available() and int8_kernel._int4_int8_kernel() is not None  # int4_int8.c builds here
     extra = " int4_int8_gemm | blocks / int4_int8_gemm |" if int8 else ""
     print(f"\nint4_gemm against {other}, best of 3 ms\n| matrix | rows | int4_gemm | {other} | ratio |{extra}")
     print("|---|---|---|---|---|" + "---|---|" * int8)

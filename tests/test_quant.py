@@ -215,12 +215,12 @@ def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, cpu, monke
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
     if cpu == "amx" and int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here: int4 batches take the other paths")
-    if cpu == "vbmi" and int8_kernel._int4_int8_library() is None:
+    if cpu == "vbmi" and int8_kernel._int4_int8_kernel() is None:
         pytest.skip("no AVX-512 VBMI here: int4 batches take int16 activations")
     if cpu != "amx":
         monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
     if cpu == "vnni":
-        monkeypatch.setattr(int8_kernel, "_int4_int8_library", lambda: None)
+        monkeypatch.setattr(int8_kernel, "_int4_int8_kernel", lambda: None)
     calls = []
     for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm"):
         real = getattr(int8_kernel, name)
@@ -294,7 +294,7 @@ def test_int4_kernel_is_the_exact_product_but_for_int16_activations(shape, rows,
     real = int8_kernel.int4_gemm
     monkeypatch.setattr(int8_kernel, "int4_gemm", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)  # rows from 6 on would take the tiles
-    monkeypatch.setattr(int8_kernel, "_int4_int8_library", lambda: None)  # and from 4, int8 activations
+    monkeypatch.setattr(int8_kernel, "_int4_int8_kernel", lambda: None)  # and from 4, int8 activations
     k, n = shape
     lin = Int4Linear(k, n, bias=False, dtype=torch.float32)
     w = torch.randn(n, k)
@@ -326,7 +326,7 @@ def test_int4_int8_kernel_is_the_exact_product_of_activations_made_int8_per_grou
     """int4_int8_gemm: each row's inputs rounded to int8 in groups of the weights' group (x / xs to nearest,
     xs = max|x| / 127; a group of zeros stays zero), then the exact product over the weights: within fp32 rounding
     (2e-6) of that product in float64, and each row's result the same, bit for bit, alone or in a batch."""
-    if int8_kernel._int4_int8_library() is None or not int8_kernel.available():
+    if int8_kernel.int4_int8_library() is None or not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI and VBMI here (or no C compiler)")
     k, n, group = shape
     lin, weights = int4_linear_and_its_weights(k, n, group)
@@ -393,17 +393,37 @@ def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, 4, 6, 160, 300])
-def test_without_avx512_every_int4_row_count_takes_the_avx2_kernel(rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 160, 300])
+def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkeypatch):
     """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
-    layout and runs every row count in it (no bf16 blocks, no AMX): within 1e-4 of the float64 product."""
-    calls = only_the_avx2_kernels(monkeypatch, "int4_gemm", "int4_amx_gemm", "int4_matmul")
+    layout and runs every row count in it (no bf16 blocks, no AMX): 1-3 rows in int4_gemm, within 1e-4 of the float64
+    product; from 4, int4_int8.c's AVX2 build (int8 activations), within 2e-2."""
+    calls = only_the_avx2_kernels(monkeypatch, "int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm")
+    assert int8_kernel._int4_int8_kernel() is int8_kernel.int4_int8_library(avx2=True) is not None
     lin = avx2_int4_linear(256, 192, 64, seed=rows)
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
     got = lin(x)
-    assert calls == ["int4_gemm"] and got.dtype == torch.float32
-    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+    assert calls == ["int4_gemm" if rows < 4 else "int4_int8_gemm"] and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= (1e-4 if rows < 4 else 2e-2) * want.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64, 200])
+@pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
+                         ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_int4_int8_kernel_for_avx2_gives_the_avx512_kernels_numbers(shape, rows):
+    """int4_int8.c built for AVX2 (vpmaddubsw, int16 then int32 sums) sums the same integers as its AVX-512 build
+    (vpdpbusd) and scales them in the same fused steps: the same numbers, bit for bit."""
+    if int8_kernel.int4_int8_library() is None or int8_kernel.int4_int8_library(avx2=True) is None:
+        pytest.skip("needs both builds: AVX-512 VNNI and VBMI, AVX2, and a C compiler")
+    lin, _ = int4_linear_and_its_weights(*shape)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, shape[0], generator=g) * 3
+    x[0, : shape[2]] = 0
+    x[-1, -2:] = -x[-1].abs().max()
+    args = (x, lin.packed, lin.scales_and_zeros, lin.group)
+    got = int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library(avx2=True))
+    assert torch.equal(got, int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library()))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 130])
@@ -521,7 +541,7 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
         if int8_kernel.avx2_library() is None:
             pytest.skip("no AVX2 and FMA here, or no C compiler")
         monkeypatch.setattr(int8_kernel, "_library", lambda: None)
-        assert int8_kernel.kernels() == "quant_avx2.c (AVX2)"
+        assert int8_kernel.kernels() == "quant_avx2.c (AVX2) and int4_int8.c (AVX2)"
         scheme = scheme.removesuffix("-avx2")
     path = make_checkpoint("glm4", "hf", "wide")
     engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", quantization=scheme, num_kv_blocks=64,

@@ -18,8 +18,9 @@ where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gem
 no AMX, from INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm, the activations int8 per group of inputs (as
 llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it there from ~4 rows. On a CPU with AVX2 and
 not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm and int4_gemm (the same numbers
-again) take every row count: a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near the
-memory's rate), 1.7-1.9x at 8-16; 2-4x its int4 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
+again) take every row count, but int4's from INT4_INT8_MIN_ROWS rows, which go to int4_int8.c built for AVX2 (the
+same numbers as its AVX-512 build): a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near
+the memory's rate), 1.7-1.9x at 8-16; 2-4x its int4 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
@@ -178,14 +179,23 @@ def avx2_library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _int4_int8_library() -> ctypes.CDLL | None:
-    """int4_int8.c built and loaded where the CPU has AVX-512 VNNI and VBMI."""
-    lib = load_library(INT4_INT8_SOURCE, INT4_INT8_FLAGS, INT4_INT8_CPU_FLAGS, "int4 batches take int16 activations")
+def int4_int8_library(avx2: bool = False) -> ctypes.CDLL | None:
+    """int4_int8.c built and loaded for AVX-512 VNNI and VBMI, or (avx2) for AVX2 and FMA, where the CPU has them."""
+    flags, cpu_flags = (AVX2_FLAGS, AVX2_CPU_FLAGS) if avx2 else (INT4_INT8_FLAGS, INT4_INT8_CPU_FLAGS)
+    lib = load_library(INT4_INT8_SOURCE, flags, cpu_flags, "int4 batches take int16 activations")
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.int4_int8_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
     return lib
+
+
+def _int4_int8_kernel() -> ctypes.CDLL | None:
+    """The int4_int8.c build for this CPU's quantized products: AVX-512's beside int8_gemm.c (none without VBMI:
+    there int4_gemm's 512-bit vpdpwssd beats AVX2's), AVX2's beside quant_avx2.c."""
+    if available():
+        return int4_int8_library()
+    return int4_int8_library(avx2=True) if avx2_library() is not None else None
 
 
 def _kernel_library() -> ctypes.CDLL | None:
@@ -206,10 +216,12 @@ def kernels_available() -> bool:
 def kernels() -> str:
     """Which of this module's kernels the quantized products take here, for the runner's description."""
     if _library() is None:
-        return "quant_avx2.c (AVX2)" if avx2_library() is not None else "torch's kernels"
+        if avx2_library() is None:
+            return "torch's kernels"
+        return "quant_avx2.c (AVX2)" + (" and int4_int8.c (AVX2)" if _int4_int8_kernel() is not None else "")
     if _amx_library() is not None:
         return "int8_gemm.c (AVX-512 VNNI) and int8_amx.c (AMX)"
-    return "int8_gemm.c (AVX-512 VNNI)" + (" and int4_int8.c (VBMI)" if _int4_int8_library() is not None else "")
+    return "int8_gemm.c (AVX-512 VNNI)" + (" and int4_int8.c (VBMI)" if _int4_int8_kernel() is not None else "")
 
 
 def amx_fits(m: int, n: int, k: int) -> bool:
@@ -363,18 +375,19 @@ def int4_amx_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch
 
 
 def int4_int8_fits(m: int, n: int, k: int, group: int) -> bool:
-    """int4_int8_gemm takes the product: INT4_INT8_MIN_ROWS rows or more, on a CPU with AVX-512 VBMI and no AMX-INT8
-    (whose tiles take batches with int16 activations), groups of a multiple of 16 inputs up to 64."""
-    return (m >= INT4_INT8_MIN_ROWS and group % 16 == 0 and group <= 64 and n % 64 == 0 and k % group == 0
-            and available() and _amx_library() is None and _int4_int8_library() is not None)
+    """int4_int8_gemm takes the product: INT4_INT8_MIN_ROWS rows or more, on a CPU without AMX-INT8 (whose tiles take
+    batches with int16 activations) where int4_int8.c builds, groups of 32 or 64 inputs."""
+    return (m >= INT4_INT8_MIN_ROWS and group in (32, 64) and n % 64 == 0 and k % group == 0
+            and _amx_library() is None and _int4_int8_kernel() is not None)
 
 
-def int4_int8_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+def int4_int8_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                   lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """int4_gemm's product with the activations quantized to int8 per group of inputs (int4_int8.c: half the
-    multiplies) -> fp32 [M, N]."""
+    multiplies; this CPU's build, or the library `lib`: the same numbers) -> fp32 [M, N]."""
     (m, k), n = x.shape, packed.shape[0]
     x = x.float().contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    _int4_int8_library().int4_int8_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, x.data_ptr(), m,
-                                        y.data_ptr(), torch.get_num_threads())
+    (lib or _int4_int8_kernel()).int4_int8_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group,
+                                                x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
     return y
