@@ -1,5 +1,5 @@
-"""The int8 x int16 matrix products of int8_gemm.c and int8_amx.c, built on first use with the
-system C compiler.
+"""The int8 x int16 matrix products of int8_gemm.c and int8_amx.c (and int4_int8.c's int4 x int8 ones), built on first
+use with the system C compiler.
 
 `_weight_int8pack_mm` (PyTorch's int8 kernel) widens every weight to float and multiplies in
 float: ~30-36 G weights/s on the project's 2 cores, below the memory's read rate, and it takes
@@ -192,7 +192,8 @@ def int4_int8_library(avx2: bool = False) -> ctypes.CDLL | None:
 
 def _int4_int8_kernel() -> ctypes.CDLL | None:
     """The int4_int8.c build for this CPU's quantized products: AVX-512's beside int8_gemm.c (none without VBMI:
-    there int4_gemm's 512-bit vpdpwssd beats AVX2's), AVX2's beside quant_avx2.c."""
+    int4_gemm's AVX-512 int16 products beat the AVX2 build on the AMD box, 16 rows 158-198 ms against 209-241 for
+    8 layers' four products), AVX2's beside quant_avx2.c."""
     if available():
         return int4_int8_library()
     return int4_int8_library(avx2=True) if avx2_library() is not None else None
@@ -348,8 +349,10 @@ def int8_amx_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
 # weights again for every 4 rows; the tiles' floor is ~2x one row's time); against the dequantized bf16 blocks
 # 2.3x at 64 rows, 1.4x at 128, 1.2x at 160, 0.95x at 192.
 INT4_AMX_ROWS = range(6, 161)
-INT4_INT8_MIN_ROWS = 4  # without AMX, from this many rows int4 products take int8 activations (BENCHMARKS.md)
 INT4_AMX_MAX_ROWS = 192  # int8_amx.c's: the most rows its sums hold
+# without AMX, from this many rows int4 products take int8 activations (int4_int8.c): 1.2x int4_gemm at 4 rows from
+# memory, ~1.0x at 1-3, where one read of the weights binds both (BENCHMARKS.md)
+INT4_INT8_MIN_ROWS = 4
 
 
 def int4_amx_fits(m: int, n: int, k: int, group: int) -> bool:
