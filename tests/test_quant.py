@@ -203,20 +203,20 @@ def test_blockwise_products_of_several_shapes_reuse_one_buffer(monkeypatch):
     assert len(buffers) == 1
 
 
-@pytest.mark.parametrize("cpu", ["vnni", "vbmi", "amx"])
+@pytest.mark.parametrize("cpu", ["vnni", "no-amx", "amx"])
 @pytest.mark.parametrize("rows", sorted({1, 3, 4, 5, 6, int4_dequantize_min_rows() - 1, int4_dequantize_min_rows(),
                                           160, 161}))
 def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, cpu, monkeypatch):
     """Up to int4_dequantize_min_rows() - 1 rows int4_gemm (VNNI), from there blocks of the weight unpacked from
     torch's int4 layout to bf16 (int8_gemm.c), the product over the dequantized weights within bf16 rounding;
     where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead; where it has
-    AVX-512 VBMI and no AMX, every row count from INT4_INT8_MIN_ROWS (4) through int4_int8_gemm."""
+    no AMX, every row count from INT4_INT8_MIN_ROWS (4) through int4_int8_gemm."""
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
     if cpu == "amx" and int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here: int4 batches take the other paths")
-    if cpu == "vbmi" and int8_kernel._int4_int8_kernel() is None:
-        pytest.skip("no AVX-512 VBMI here: int4 batches take int16 activations")
+    if cpu == "no-amx" and int8_kernel._int4_int8_kernel() is None:
+        pytest.skip("int4_int8.c not built here: int4 batches take int16 activations")
     if cpu != "amx":
         monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
     if cpu == "vnni":
@@ -233,10 +233,34 @@ def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, cpu, monke
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
     if cpu == "amx" and 6 <= rows <= 160:
         assert calls == ["int4_amx_gemm"]
-    elif cpu == "vbmi" and rows >= 4:
+    elif cpu == "no-amx" and rows >= 4:
         assert calls == ["int4_int8_gemm"]
     else:
         assert calls == ["int4_gemm" if rows < int4_dequantize_min_rows() else "int4_matmul"]
+
+
+@pytest.mark.parametrize("rows", [3, 4, 200])
+def test_without_vbmi_int4_batches_take_int4_int8s_vnni_build(rows, monkeypatch):
+    """On an AVX-512 VNNI CPU without VBMI or AMX (Cascade Lake) int4_int8.c's VBMI build does not load: its VNNI
+    build takes the int4 products of INT4_INT8_MIN_ROWS rows and more (fewer stay in int4_gemm), and the runner's
+    line names it."""
+    if not int8_kernel.available() or int8_kernel.int4_int8_library("vnni") is None:
+        pytest.skip("no AVX-512 VNNI here (or no C compiler)")
+    real = int8_kernel.int4_int8_library
+    monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
+    monkeypatch.setattr(int8_kernel, "int4_int8_library", lambda isa="vbmi": None if isa == "vbmi" else real(isa))
+    assert int8_kernel._int4_int8_kernel() is real("vnni")
+    assert int8_kernel.kernels() == "int8_gemm.c (AVX-512 VNNI) and int4_int8.c (VNNI)"
+    calls = []
+    for name in ("int4_gemm", "int4_int8_gemm"):
+        real_fn = getattr(int8_kernel, name)
+        monkeypatch.setattr(int8_kernel, name, lambda *a, f=real_fn, name=name: calls.append(name) or f(*a))
+    lin = avx2_int4_linear(256, 192, 64, seed=rows)
+    x = torch.randn(rows, 256)
+    want = x.double() @ lin.dequantized().double().T
+    got = lin(x)
+    assert calls == ["int4_gemm" if rows < 4 else "int4_int8_gemm"]
+    assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
 
 
 def test_int4_blocks_start_later_where_onednn_has_no_amx_bf16_tiles(monkeypatch):
@@ -319,26 +343,29 @@ def int4_linear_and_its_weights(k: int, n: int, group: int) -> tuple[Int4Linear,
     return lin, lin.dequantized().double() if k <= 4096 else None
 
 
+@pytest.mark.parametrize("isa", list(int8_kernel.INT4_INT8_BUILDS))
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
 @pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
                          ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_int4_int8_kernel_is_the_exact_product_of_activations_made_int8_per_group(shape, rows):
-    """int4_int8_gemm: each row's inputs rounded to int8 in groups of the weights' group (x / xs to nearest,
-    xs = max|x| / 127; a group of zeros stays zero), then the exact product over the weights: within fp32 rounding
-    (2e-6) of that product in float64, and each row's result the same, bit for bit, alone or in a batch."""
-    if int8_kernel.int4_int8_library() is None or not int8_kernel.available():
-        pytest.skip("no AVX-512 VNNI and VBMI here (or no C compiler)")
+def test_int4_int8_kernel_is_the_exact_product_of_activations_made_int8_per_group(shape, rows, isa):
+    """int4_int8_gemm, in each of int4_int8.c's builds: each row's inputs rounded to int8 in groups of the weights'
+    group (x / xs to nearest, xs = max|x| / 127; a group of zeros stays zero), then the exact product over the
+    weights: within fp32 rounding (2e-6) of that product in float64, and each row's result the same, bit for bit,
+    alone or in a batch."""
+    lib = int8_kernel.int4_int8_library(isa)
+    if lib is None or not int8_kernel.kernels_available():
+        pytest.skip(f"int4_int8.c's {isa} build does not run here (or no C compiler)")
     k, n, group = shape
     lin, weights = int4_linear_and_its_weights(k, n, group)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
     x[0, :group] = 0  # a group of zeros
     x[-1, -2:] = -x[-1].abs().max()  # the largest activations, negative
-    got = int8_kernel.int4_int8_gemm(x, lin.packed, lin.scales_and_zeros, lin.group)
+    got = int8_kernel.int4_int8_gemm(x, lin.packed, lin.scales_and_zeros, lin.group, lib)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     for i in {0, rows // 2, rows - 1}:
         assert torch.equal(got[i], int8_kernel.int4_int8_gemm(x[i : i + 1], lin.packed, lin.scales_and_zeros,
-                                                              lin.group)[0])
+                                                              lin.group, lib)[0])
     exact = int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group).double()  # within 1e-4
     assert (got.double() - exact).abs().max() <= 2e-2 * exact.abs().max()  # int8's own rounding, ~6e-3 seen
     if weights is None:
@@ -399,7 +426,7 @@ def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkey
     layout and runs every row count in it (no bf16 blocks, no AMX): 1-3 rows in int4_gemm, within 1e-4 of the float64
     product; from 4, int4_int8.c's AVX2 build (int8 activations), within 2e-2."""
     calls = only_the_avx2_kernels(monkeypatch, "int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm")
-    assert int8_kernel._int4_int8_kernel() is int8_kernel.int4_int8_library(avx2=True) is not None
+    assert int8_kernel._int4_int8_kernel() is int8_kernel.int4_int8_library("avx2") is not None
     lin = avx2_int4_linear(256, 192, 64, seed=rows)
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
@@ -408,22 +435,24 @@ def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkey
     assert (got.double() - want).abs().max() <= (1e-4 if rows < 4 else 2e-2) * want.abs().max()
 
 
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64, 200])
 @pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4096, 128, 64), (13696, 64, 64)],
                          ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_int4_int8_kernel_for_avx2_gives_the_avx512_kernels_numbers(shape, rows):
-    """int4_int8.c built for AVX2 (vpmaddubsw, int16 then int32 sums) sums the same integers as its AVX-512 build
-    (vpdpbusd) and scales them in the same fused steps: the same numbers, bit for bit."""
-    if int8_kernel.int4_int8_library() is None or int8_kernel.int4_int8_library(avx2=True) is None:
-        pytest.skip("needs both builds: AVX-512 VNNI and VBMI, AVX2, and a C compiler")
+def test_int4_int8_kernels_other_builds_give_the_vbmi_builds_numbers(shape, rows, isa):
+    """int4_int8.c built without VBMI (its weights unpacked by bytes and words) or for AVX2 (vpmaddubsw, int16 then
+    int32 sums) sums the same integers as its VBMI build (vpermt2b, vpdpbusd) and scales them in the same fused
+    steps: the same numbers, bit for bit."""
+    if int8_kernel.int4_int8_library("vbmi") is None or int8_kernel.int4_int8_library(isa) is None:
+        pytest.skip(f"needs both builds: AVX-512 VNNI and VBMI, {isa}, and a C compiler")
     lin, _ = int4_linear_and_its_weights(*shape)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, shape[0], generator=g) * 3
     x[0, : shape[2]] = 0
     x[-1, -2:] = -x[-1].abs().max()
     args = (x, lin.packed, lin.scales_and_zeros, lin.group)
-    got = int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library(avx2=True))
-    assert torch.equal(got, int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library()))
+    got = int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library(isa))
+    assert torch.equal(got, int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library("vbmi")))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 130])

@@ -1,5 +1,6 @@
 /* int4 weights times int8 activations, for quant.py's Int4Linear batches on CPUs without AMX: built by int8_kernel.py
- * as int8_gemm.c is, for AVX-512 VNNI and VBMI or, with other flags, for AVX2 and FMA (the same numbers, bit for bit).
+ * as int8_gemm.c is, for AVX-512 VNNI with or without VBMI or, with other flags, for AVX2 and FMA (the same numbers,
+ * bit for bit).
  *
  * There int8_gemm.c's int4_gemm (quant_avx2.c's on AVX2) is bound by its multiplies from ~4 activation rows on:
  * vpdpwssd takes 32 int16 products an instruction, so each row costs a glm-4-9b step ~45 ms of 2 cores however the
@@ -16,10 +17,10 @@
  *   xq    int8, x / xs rounded, xs = max|x| / 127 over each row's group of inputs.
  *
  * Four inputs of a tile's 64 rows are 128 contiguous bytes. Unpacked, row r's four weights are bytes 4r..4r+3 of a
- * 256-byte block, a 32-bit lane each as vpdpbusd wants them (two vpermt2b per 32 rows on AVX-512; byte and word
- * unpacks on AVX2). Each group is unpacked once into an L1 buffer that every activation row then reads. AVX2 has
- * no vpdpbusd: vpmaddubsw makes the pairs' int16 sums (at most 2 * 15 * 127), 8 of them are added in int16 (below
- * 2^15), then vpmaddwd by ones and an add take them to int32.
+ * 256-byte block, a 32-bit lane each as vpdpbusd wants them (two vpermt2b per 32 rows with VBMI; byte and word
+ * unpacks, 256 bits wide, without it). Each group is unpacked once into an L1 buffer that every activation row then
+ * reads. AVX2 has no vpdpbusd: vpmaddubsw makes the pairs' int16 sums (at most 2 * 15 * 127), 8 of them are added
+ * in int16 (below 2^15), then vpmaddwd by ones and an add take them to int32.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -32,10 +33,57 @@
 #define PREFETCH_L1 2048  /* as int8_gemm.c's int4_gemm: the stream asked for into L1, and further into L2 */
 #define PREFETCH_L2 8192
 
-/* Both builds scale an activation row's group sums into its 64 outputs (fp32, running over the groups; zeros before
+/* Every build scales an activation row's group sums into its 64 outputs (fp32, running over the groups; zeros before
    the first) in the same fused steps: out = fma(fma(scale, sum, (zero - 8 * scale) * xsum), xs, out). */
 
 #if defined(__AVX512VBMI__)
+/* Inputs k..k+3 of a tile's 64 rows (128 bytes from p) -> QUAD bytes at `quad`, row r's 4 weights at 4r. */
+static inline void unpack4(const uint8_t *p, uint8_t *quad) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    /* byte 4r + i of the result is input i of row r: input 0 is byte r of a, 1 byte 32 + r, 2 byte r of b, 3 32 + r */
+    const __m512i first = _mm512_set_epi32(
+        0x6F4F2F0F, 0x6E4E2E0E, 0x6D4D2D0D, 0x6C4C2C0C, 0x6B4B2B0B, 0x6A4A2A0A, 0x69492909, 0x68482808,
+        0x67472707, 0x66462606, 0x65452505, 0x64442404, 0x63432303, 0x62422202, 0x61412101, 0x60402000);
+    const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi8(16));  /* rows 16-31 */
+    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64);
+    __m512i alo = _mm512_and_si512(a, nibble), blo = _mm512_and_si512(b, nibble);
+    __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble);
+    __m512i bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    __m512i *w = (__m512i *)quad;
+    _mm512_store_si512(w, _mm512_permutex2var_epi8(alo, first, blo));
+    _mm512_store_si512(w + 1, _mm512_permutex2var_epi8(alo, second, blo));
+    _mm512_store_si512(w + 2, _mm512_permutex2var_epi8(ahi, first, bhi));
+    _mm512_store_si512(w + 3, _mm512_permutex2var_epi8(ahi, second, bhi));
+}
+
+#else  /* AVX2, or AVX-512 without VBMI */
+
+/* unpack4 as above, in 12 shuffles per 32 rows against VBMI's 2: the byte and word unpacks leave rows {0-3, 16-19},
+   {4-7, 20-23}, ... per 128-bit lane, and the lane moves put them in order */
+static inline void unpack4(const uint8_t *p, uint8_t *quad) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i *w = (__m256i *)quad;
+    for (int half = 0; half < 2; half++) {  /* the low nibbles: rows 0-31; the high ones: rows 32-63 */
+        __m256i b[4];
+        for (int i = 0; i < 4; i++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 32 * i));
+            b[i] = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, nibble);
+        }
+        __m256i lo01 = _mm256_unpacklo_epi8(b[0], b[1]), hi01 = _mm256_unpackhi_epi8(b[0], b[1]);
+        __m256i lo23 = _mm256_unpacklo_epi8(b[2], b[3]), hi23 = _mm256_unpackhi_epi8(b[2], b[3]);
+        /* rows 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31 */
+        __m256i q0 = _mm256_unpacklo_epi16(lo01, lo23), q1 = _mm256_unpackhi_epi16(lo01, lo23);
+        __m256i q2 = _mm256_unpacklo_epi16(hi01, hi23), q3 = _mm256_unpackhi_epi16(hi01, hi23);
+        _mm256_store_si256(w + 4 * half, _mm256_permute2x128_si256(q0, q1, 0x20));
+        _mm256_store_si256(w + 4 * half + 1, _mm256_permute2x128_si256(q2, q3, 0x20));
+        _mm256_store_si256(w + 4 * half + 2, _mm256_permute2x128_si256(q0, q1, 0x31));
+        _mm256_store_si256(w + 4 * half + 3, _mm256_permute2x128_si256(q2, q3, 0x31));
+    }
+}
+
+#endif
+
+#if defined(__AVX512VNNI__)  /* with or without VBMI */
 #define ROWS 4  /* activation rows summed together against one read of the buffer */
 
 /* x [M, K] fp32 -> xq [K / group][M][group] int8 (each row's group contiguous: see int4_int8_gemm), xs and the sum
@@ -61,25 +109,6 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t group,
         xs[mg] = top / 127.f;
         xsum[mg] = (float)_mm512_reduce_add_epi32(sum);
     }
-}
-
-/* Inputs k..k+3 of a tile's 64 rows (128 bytes from p) -> QUAD bytes at `quad`, row r's 4 weights at 4r. */
-static inline void unpack4(const uint8_t *p, uint8_t *quad) {
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    /* byte 4r + i of the result is input i of row r: input 0 is byte r of a, 1 byte 32 + r, 2 byte r of b, 3 32 + r */
-    const __m512i first = _mm512_set_epi32(
-        0x6F4F2F0F, 0x6E4E2E0E, 0x6D4D2D0D, 0x6C4C2C0C, 0x6B4B2B0B, 0x6A4A2A0A, 0x69492909, 0x68482808,
-        0x67472707, 0x66462606, 0x65452505, 0x64442404, 0x63432303, 0x62422202, 0x61412101, 0x60402000);
-    const __m512i second = _mm512_add_epi8(first, _mm512_set1_epi8(16));  /* rows 16-31 */
-    __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 64);
-    __m512i alo = _mm512_and_si512(a, nibble), blo = _mm512_and_si512(b, nibble);
-    __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble);
-    __m512i bhi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
-    __m512i *w = (__m512i *)quad;
-    _mm512_store_si512(w, _mm512_permutex2var_epi8(alo, first, blo));
-    _mm512_store_si512(w + 1, _mm512_permutex2var_epi8(alo, second, blo));
-    _mm512_store_si512(w + 2, _mm512_permutex2var_epi8(ahi, first, bhi));
-    _mm512_store_si512(w + 3, _mm512_permutex2var_epi8(ahi, second, bhi));
 }
 
 /* One group of `rows` (1..ROWS, a constant where inlined) activation rows against the unpacked buffer, scaled into
@@ -159,28 +188,6 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t group,
         }
         xs[mg] = top / 127.f;
         xsum[mg] = (float)sum;
-    }
-}
-
-/* unpack4 as above: the byte and word unpacks leave rows {0-3, 16-19}, {4-7, 20-23}, ... per 128-bit lane */
-static inline void unpack4(const uint8_t *p, uint8_t *quad) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m256i *w = (__m256i *)quad;
-    for (int half = 0; half < 2; half++) {  /* the low nibbles: rows 0-31; the high ones: rows 32-63 */
-        __m256i b[4];
-        for (int i = 0; i < 4; i++) {
-            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 32 * i));
-            b[i] = _mm256_and_si256(half ? _mm256_srli_epi16(bytes, 4) : bytes, nibble);
-        }
-        __m256i lo01 = _mm256_unpacklo_epi8(b[0], b[1]), hi01 = _mm256_unpackhi_epi8(b[0], b[1]);
-        __m256i lo23 = _mm256_unpacklo_epi8(b[2], b[3]), hi23 = _mm256_unpackhi_epi8(b[2], b[3]);
-        /* rows 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31 */
-        __m256i q0 = _mm256_unpacklo_epi16(lo01, lo23), q1 = _mm256_unpackhi_epi16(lo01, lo23);
-        __m256i q2 = _mm256_unpacklo_epi16(hi01, hi23), q3 = _mm256_unpackhi_epi16(hi01, hi23);
-        _mm256_store_si256(w + 4 * half, _mm256_permute2x128_si256(q0, q1, 0x20));
-        _mm256_store_si256(w + 4 * half + 1, _mm256_permute2x128_si256(q2, q3, 0x20));
-        _mm256_store_si256(w + 4 * half + 2, _mm256_permute2x128_si256(q0, q1, 0x31));
-        _mm256_store_si256(w + 4 * half + 3, _mm256_permute2x128_si256(q2, q3, 0x31));
     }
 }
 

@@ -14,9 +14,10 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
-where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm); where it has AVX-512 VBMI and
-no AMX, from INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm, the activations int8 per group of inputs (as
-llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it there from ~4 rows. On a CPU with AVX2 and
+where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm); where it has no AMX, from
+INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm (built with VBMI where the CPU has it, else without), the
+activations int8 per group of inputs (as llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it
+there from ~4 rows. On a CPU with AVX2 and
 not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm and int4_gemm (the same numbers
 again) take every row count, but int4's from INT4_INT8_MIN_ROWS rows, which go to int4_int8.c built for AVX2 (the
 same numbers as its AVX-512 build): a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near
@@ -60,8 +61,11 @@ AVX2_SOURCE = Path(__file__).with_name("quant_avx2.c")
 AVX2_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx2", "-mfma"]
 AVX2_CPU_FLAGS = ("avx2", "fma")
 INT4_INT8_SOURCE = Path(__file__).with_name("int4_int8.c")
-INT4_INT8_FLAGS = FLAGS + ["-mavx512vbmi"]
-INT4_INT8_CPU_FLAGS = CPU_FLAGS + ("avx512vbmi",)
+INT4_INT8_BUILDS = {  # int4_int8.c's builds: compiler flags and the CPU flags they need
+    "vbmi": (FLAGS + ["-mavx512vbmi"], CPU_FLAGS + ("avx512vbmi",)),
+    "vnni": (FLAGS, CPU_FLAGS),
+    "avx2": (AVX2_FLAGS, AVX2_CPU_FLAGS),
+}
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
@@ -179,9 +183,10 @@ def avx2_library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def int4_int8_library(avx2: bool = False) -> ctypes.CDLL | None:
-    """int4_int8.c built and loaded for AVX-512 VNNI and VBMI, or (avx2) for AVX2 and FMA, where the CPU has them."""
-    flags, cpu_flags = (AVX2_FLAGS, AVX2_CPU_FLAGS) if avx2 else (INT4_INT8_FLAGS, INT4_INT8_CPU_FLAGS)
+def int4_int8_library(isa: str = "vbmi") -> ctypes.CDLL | None:
+    """int4_int8.c built and loaded for INT4_INT8_BUILDS[isa] where the CPU has it: AVX-512 VNNI and VBMI ("vbmi"),
+    AVX-512 VNNI alone ("vnni": its weights unpacked as AVX2's are), or AVX2 and FMA ("avx2")."""
+    flags, cpu_flags = INT4_INT8_BUILDS[isa]
     lib = load_library(INT4_INT8_SOURCE, flags, cpu_flags, "int4 batches take int16 activations")
     if lib is None:
         return None
@@ -191,12 +196,13 @@ def int4_int8_library(avx2: bool = False) -> ctypes.CDLL | None:
 
 
 def _int4_int8_kernel() -> ctypes.CDLL | None:
-    """The int4_int8.c build for this CPU's quantized products: AVX-512's beside int8_gemm.c (none without VBMI:
-    int4_gemm's AVX-512 int16 products beat the AVX2 build on the AMD box, 16 rows 158-198 ms against 209-241 for
-    8 layers' four products), AVX2's beside quant_avx2.c."""
+    """The int4_int8.c build for this CPU's quantized products: beside int8_gemm.c the VBMI build or, without VBMI
+    (Cascade Lake), the VNNI one (1.00-1.02x the VBMI build's time at 4-512 rows on the AMD box, BENCHMARKS.md; not
+    the AVX2 build, which int4_gemm's AVX-512 int16 products beat there: 16 rows 158-198 ms against 209-241 for
+    8 layers' four products); AVX2's beside quant_avx2.c."""
     if available():
-        return int4_int8_library()
-    return int4_int8_library(avx2=True) if avx2_library() is not None else None
+        return int4_int8_library("vbmi") or int4_int8_library("vnni")
+    return int4_int8_library("avx2") if avx2_library() is not None else None
 
 
 def _kernel_library() -> ctypes.CDLL | None:
@@ -222,7 +228,9 @@ def kernels() -> str:
         return "quant_avx2.c (AVX2)" + (" and int4_int8.c (AVX2)" if _int4_int8_kernel() is not None else "")
     if _amx_library() is not None:
         return "int8_gemm.c (AVX-512 VNNI) and int8_amx.c (AMX)"
-    return "int8_gemm.c (AVX-512 VNNI)" + (" and int4_int8.c (VBMI)" if _int4_int8_kernel() is not None else "")
+    if _int4_int8_kernel() is None:
+        return "int8_gemm.c (AVX-512 VNNI)"
+    return "int8_gemm.c (AVX-512 VNNI) and int4_int8.c " + ("(VBMI)" if int4_int8_library("vbmi") else "(VNNI)")
 
 
 def amx_fits(m: int, n: int, k: int) -> bool:

@@ -14,7 +14,7 @@ input's dtype. The kernels:
   int4_dequantize_min_rows() - 1 rows (55, or 159 without AMX-BF16) through its kernel over that layout
   (int16 activations; the scales kept tile by tile for it), and more through blocks of the weight
   dequantized to bf16 from it and multiplied by oneDNN; where the CPU has AMX-INT8,
-  int8_kernel.INT4_AMX_ROWS rows on its tiles; where it has AVX-512 VBMI and no AMX, int8_kernel.INT4_INT8_MIN_ROWS
+  int8_kernel.INT4_AMX_ROWS rows on its tiles; where it has no AMX, int8_kernel.INT4_INT8_MIN_ROWS
   rows and more through int4_int8.c (activations int8 per group: half the multiplies, 1.2-2x int4_gemm and
   1.3-2.5x the blocks there). On a CPU with AVX2 and not AVX-512, every row count through
   quant_avx2.c's kernel (the same numbers; 2-4x torch's kernel there, which also beats fp32 blocks), but from
