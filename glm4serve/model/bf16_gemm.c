@@ -86,8 +86,12 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
 
 /* The same product on a CPU with AVX2 alone (no bf16 arithmetic): the weights widened to fp32 as they are
  * read (a shift), the activations given in fp32, 8 lanes; 4 weight rows and 2 activation rows a block
- * (8 accumulators: AVX2 has 16 registers). bf16_kernel.py sends it up to AVX2_ROWS rows. */
+ * (8 accumulators: AVX2 has 16 registers). bf16_kernel.py sends it up to AVX2_ROWS rows. The activation rows
+ * go AVX2_PASS_BYTES of them at a time: every 4 weight rows run against all of a pass's rows, which stay in cache
+ * (a prefill's 2,048 rows of glm-4-9b's 4,096 inputs are 32 MiB: read again for every 4 weight rows, from memory,
+ * they made its products 2.8x slower: BENCHMARKS.md); the weights are read once a pass, once in decode batches. */
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define AVX2_PASS_BYTES (4 << 20)  /* 256 rows of 4,096 fp32 inputs, 76 of 13,696 */
 
 static inline __attribute__((always_inline)) TARGET_AVX2 void block_avx2(const uint16_t *w, const float *x,
                                                                          int64_t K, int WR, int MR, int first,
@@ -120,22 +124,27 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void block_avx2(const u
 /* y bf16 [M, N] = x fp32 [M, K] (bf16 values) @ w bf16 [N, K].T (+ bias bf16 [N], or NULL); K % 8 == 0. */
 TARGET_AVX2 void bf16_gemm_avx2(const uint16_t *w, const uint16_t *bias, int64_t N, int64_t K, const float *x,
                                 int64_t M, uint16_t *y, int threads) {
+    int64_t pass = AVX2_PASS_BYTES / (4 * K) & ~(int64_t)1;  /* activation rows, even */
+    if (pass < 2) pass = 2;
+    for (int64_t m1 = 0; m1 < M; m1 += pass) {
+        int64_t m2 = M - m1 < pass ? M : m1 + pass;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n0 = 0; n0 < N; n0 += 4) {
-        const uint16_t *wb = w + n0 * K, *bb = bias ? bias + n0 : 0;
-        int wr = N - n0 < 4 ? (int)(N - n0) : 4;
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            const float *xb = x + m0 * K;
-            uint16_t *yb = y + m0 * N + n0;
-            int two = M - m0 >= 2;
-            if (wr == 4 && two)
-                block_avx2(wb, xb, K, 4, 2, m0 == 0, bb, yb, N);
-            else if (wr == 4)
-                block_avx2(wb, xb, K, 4, 1, m0 == 0, bb, yb, N);
-            else
-                for (int j = 0; j < wr; j++)
-                    for (int i = 0; i < (two ? 2 : 1); i++)
-                        block_avx2(wb + j * K, xb + i * K, K, 1, 1, 0, bb ? bb + j : 0, yb + i * N + j, N);
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {
+            const uint16_t *wb = w + n0 * K, *bb = bias ? bias + n0 : 0;
+            int wr = N - n0 < 4 ? (int)(N - n0) : 4;
+            for (int64_t m0 = m1; m0 < m2; m0 += 2) {
+                const float *xb = x + m0 * K;
+                uint16_t *yb = y + m0 * N + n0;
+                int two = m2 - m0 >= 2;
+                if (wr == 4 && two)
+                    block_avx2(wb, xb, K, 4, 2, m0 == m1, bb, yb, N);
+                else if (wr == 4)
+                    block_avx2(wb, xb, K, 4, 1, m0 == m1, bb, yb, N);
+                else
+                    for (int j = 0; j < wr; j++)
+                        for (int i = 0; i < (two ? 2 : 1); i++)
+                            block_avx2(wb + j * K, xb + i * K, K, 1, 1, 0, bb ? bb + j : 0, yb + i * N + j, N);
+            }
         }
     }
 }
