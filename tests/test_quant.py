@@ -455,12 +455,13 @@ def test_int4_int8_kernels_other_builds_give_the_vbmi_builds_numbers(shape, rows
     assert torch.equal(got, int8_kernel.int4_int8_gemm(*args, int8_kernel.int4_int8_library("vbmi")))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 130])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 33, 77, 130])
 @pytest.mark.parametrize("shape", [*KERNEL_SHAPES, (64, 13696), (70, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_int8_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
     """quant_avx2.c's int8_int16_gemm sums the same integers as int8_gemm.c's in the same lanes, moves them to fp32
     after the same inputs and adds those across in the same order: the same numbers, bit for bit (inputs not a
-    multiple of 32, outputs not of 4, FLUSH blocks cut short)."""
+    multiple of 32, outputs not of 4, FLUSH blocks cut short; with 13,696 inputs, passes of 75 rows, the last of 77
+    rows' two taking the few-rows path)."""
     if not int8_kernel.available() or int8_kernel.avx2_library() is None:
         pytest.skip("needs both kernels built: AVX-512 VNNI, AVX2 and a C compiler")
     n, k = shape

@@ -165,6 +165,7 @@ void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, 
 #define FLUSH 256
 #define PREFETCH 512  /* bytes ahead in each weight row, as int8_gemm.c */
 #define DIRECT_MAX_ROWS 4  /* fewer activation rows widen the weights as they use them; more, once into a buffer */
+#define PASS_BYTES (2 << 20)  /* activation rows a pass over the weights takes (int8_int16_gemm) */
 
 static inline float bf16_to_float(uint16_t b) {
     union { uint32_t u; float f; } v = {(uint32_t)b << 16};
@@ -289,8 +290,8 @@ static void widen(const int8_t *w, int64_t N, int64_t K, int64_t n0, int64_t k0,
     }
 }
 
-void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const int16_t *xq,
-                     const float *xs, int64_t M, float *y, int threads) {
+static void int8_int16_rows(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const int16_t *xq,
+                            const float *xs, int64_t M, float *y, int threads) {
     int64_t tiles = (N + R - 1) / R;
 #pragma omp parallel num_threads(threads)
     {
@@ -321,4 +322,15 @@ void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t 
         }
         free(total);
     }
+}
+
+/* int8_int16_rows over the activation rows PASS_BYTES of them at a time (their sums too, 64 bytes an input): each
+   tile runs against a pass's rows, which stay in cache, where a prefill's rows of K int16 inputs, read again for
+   every tile, came from memory. A row's result does not depend on its pass. */
+void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const int16_t *xq,
+                     const float *xs, int64_t M, float *y, int threads) {
+    int64_t pass = PASS_BYTES / (2 * K + 256);
+    if (pass < DIRECT_MAX_ROWS) pass = DIRECT_MAX_ROWS;
+    for (int64_t m1 = 0; m1 < M; m1 += pass)
+        int8_int16_rows(w, scale, N, K, xq + m1 * K, xs + m1, M - m1 < pass ? M - m1 : pass, y + m1 * N, threads);
 }
