@@ -324,7 +324,7 @@ static void int8_int16_rows(const int8_t *w, const uint16_t *scale, int64_t N, i
     }
 }
 
-/* int8_int16_rows over the activation rows PASS_BYTES of them at a time (their sums too, 64 bytes an input): each
+/* int8_int16_rows over the activation rows PASS_BYTES of them at a time (with their sums, 256 bytes a row): each
    tile runs against a pass's rows, which stay in cache, where a prefill's rows of K int16 inputs, read again for
    every tile, came from memory. A row's result does not depend on its pass. */
 void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K, const int16_t *xq,
