@@ -5,12 +5,13 @@ without the kernel); best of --repeats, for --rows rows.
 
 With --engine instead, two engines on a 9B slice (exact layer shapes, --layers of them, full vocabulary),
 one built each way, taking turns: decode steps at 1, 4 and 32 streams, and the prefill of a 1,024-token
-prompt. With --tiles (where the CPU has AMX-BF16), one engine on glm-4-9b-chat's 40 layers
-(bench_cpu_peers.py's checkpoint, 18.8 GB, one copy of which fits a 24 GB box), its products of 5-128 rows
-taking turns between the AMX kernel and oneDNN over the plain weight (1-4 rows in the vector kernel in both).
+prompt. With --batches (or its older name --tiles), one engine on glm-4-9b-chat's 40 layers
+(bench_cpu_peers.py's checkpoint, 18.8 GB, one copy of which fits a 24 GB box), its products of
+5-bf16_kernel.max_rows rows taking turns between bf16_gemm.c (AMX tiles for 5-128 rows where the CPU has
+AMX-BF16, else the vector kernel up to 48) and oneDNN over the plain weight (1-4 rows in the vector kernel in both).
 
     .venv/bin/python benchmarks/bench_bf16_kernel.py [--repeats 5] [--rows 1,2,4,8,32,512]
-        [--engine [--layers 2]] [--tiles]
+        [--engine [--layers 2]] [--batches]
 
 On a CPU with AVX2 and not AVX-512 BF16 (or with GLM4SERVE_MAX_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2), "served" is bf16_gemm_avx2 for every product and the other way torch's F.linear over
@@ -80,7 +81,7 @@ def engine_ab(layers: int, repeats: int):
         report("prefill of 1,024 tokens", engines, lambda e: prefill_ms(e, 1024), repeats)
 
 
-def tiles_ab(repeats: int):
+def batches_ab(repeats: int):
     from bench_int4_kernel import CHECKPOINT
 
     if not (CHECKPOINT / "config.json").is_file():
@@ -94,13 +95,16 @@ def tiles_ab(repeats: int):
             layer.kernel_rows = rows
         return f(engine)
 
-    ways = {"kernel": bf16_kernel.AMX_MAX_ROWS, "packed": bf16_kernel.VECTOR_ROWS}  # (every 9B weight takes tiles)
-    print(f"\nglm-4-9b-chat's 40 layers, bf16 (medians of {repeats}); 'with the kernel' = AMX tiles for 5-128 rows, "
+    most = linears[0].kernel_rows  # every 9B weight's (its rows are a multiple of 32, for the tiles)
+    ways = {"kernel": most, "packed": bf16_kernel.VECTOR_ROWS}
+    kernel = "AMX tiles" if bf16_kernel.amx_available() else "the vector kernel"
+    print(f"\nglm-4-9b-chat's 40 layers, bf16 (medians of {repeats}); 'with the kernel' = {kernel} for 5-{most} rows, "
           "'packed oneDNN' = oneDNN over the plain weight there:")
-    for streams in (8, 16, 32):
+    for streams in (4, 8, 16, 32):
         report(f"decode step, {streams} streams", ways,
                lambda rows, s=streams: with_rows(rows, lambda e: decode_ms(e, s, 8)), repeats)
-    report("prefill of 128 tokens", ways, lambda rows: with_rows(rows, lambda e: prefill_ms(e, 128)), repeats)
+    prompt = min(most, 128)
+    report(f"prefill of {prompt} tokens", ways, lambda rows: with_rows(rows, lambda e: prefill_ms(e, prompt)), repeats)
 
 
 def report(what: str, engines: dict, run, repeats: int):
@@ -119,15 +123,16 @@ def main():
     ap.add_argument("--rows", default="1,2,4,8,32,512")
     ap.add_argument("--engine", action="store_true", help="the engine's steps on a 9B slice instead")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--tiles", action="store_true", help="the AMX kernel against oneDNN in one 40-layer engine")
+    ap.add_argument("--batches", "--tiles", action="store_true",
+                    help="bf16_gemm.c's batches against oneDNN in one 40-layer engine")
     a = ap.parse_args()
     if not (bf16_kernel.available() or bf16_kernel.avx2_available()):
         raise SystemExit("bf16_gemm.c is not built here (no AVX-512 BF16 or AVX2, or no C compiler)")
     torch.manual_seed(0)
-    if a.tiles:
-        if not bf16_kernel.amx_available():
-            raise SystemExit("no AMX-BF16 here")
-        tiles_ab(a.repeats)
+    if a.batches:
+        if not bf16_kernel.available():
+            raise SystemExit("no AVX-512 BF16 here")
+        batches_ab(a.repeats)
     elif a.engine:
         engine_ab(a.layers, a.repeats)
     else:

@@ -63,14 +63,16 @@ def test_a_plain_weight_serves_batches_eagerly_and_one_row_inside_a_graph(bias):
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_decode_batches_run_in_the_kernels_exactly_rounded(out_f, in_f, bias, monkeypatch):
     """Rows 1 to bf16_kernel.max_rows(weight) in bf16_gemm.c: 1-4 in vector instructions, up to 128 on AMX tiles
-    where the CPU has them and the weight's rows are a multiple of 32 (else 4 at most, the rest oneDNN's). The fp32
-    sum is rounded once to bf16, so within one bf16 step of the fp32 product's rounding (the order of the fp32
-    sums differs); more rows in oneDNN over the same plain weight. Weights whose rows are not a multiple of 4
-    take the vector kernel's tail path."""
+    where the CPU has them and the weight's rows are a multiple of 32 (else 4 at most, the rest oneDNN's); without
+    AMX up to 48 in vector instructions. The fp32 sum is rounded once to bf16, so within one bf16 step of the fp32
+    product's rounding (the order of the fp32 sums differs), and a row's result is the same alone or in a batch;
+    more rows in oneDNN over the same plain weight. Weights whose rows are not a multiple of 4 take the vector
+    kernel's tail path."""
     lin = linear(out_f, in_f, bias, seed=2).to(torch.bfloat16)
     layer = CpuLinear(lin, plain=False)
     on_tiles = bf16_kernel.amx_available() and out_f % 32 == 0
-    max_rows = bf16_kernel.AMX_MAX_ROWS if on_tiles else bf16_kernel.VECTOR_ROWS
+    max_rows = (bf16_kernel.AMX_MAX_ROWS if on_tiles else bf16_kernel.VECTOR_ROWS if bf16_kernel.amx_available()
+                else bf16_kernel.VECTOR_ROWS_NO_AMX)
     assert layer.kernel_rows == bf16_kernel.max_rows(lin.weight) == max_rows
     assert not layer.weight.is_mkldnn  # one plain copy
     calls, tiles, lib = [], [], bf16_kernel._library()
@@ -85,6 +87,10 @@ def test_bf16_decode_batches_run_in_the_kernels_exactly_rounded(out_f, in_f, bia
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
         step = want.abs().clamp_min(1e-3) * 2**-7  # one bf16 step at the value
         assert ((got.float() - want).abs() <= step).all(), rows
+        if rows <= (bf16_kernel.VECTOR_ROWS if on_tiles else max_rows):  # the vector kernel: a row's sums in any pass
+            for i in (0, rows // 2, rows - 1):
+                assert torch.equal(layer(x[i:i + 1]), got[i:i + 1]), (rows, i)
+                calls.pop()
     kernel_rows = [rows for rows in all_rows if rows <= max_rows]
     assert len(calls) == len(kernel_rows)
     assert tiles == ([rows for rows in kernel_rows if rows > bf16_kernel.VECTOR_ROWS] if on_tiles else [])
@@ -99,14 +105,14 @@ def test_bf16_batches_go_to_the_tiles_where_the_cpu_has_amx_bf16():
         pytest.skip("this C compiler lacks the AMX targets (GCC 10): the vector kernel alone is built")
     assert bf16_kernel.amx_available() == amx_cpu
     glm4, odd = torch.empty(4608, 4096, dtype=torch.bfloat16), torch.empty(1712 + 8, 4096, dtype=torch.bfloat16)
-    assert bf16_kernel.max_rows(glm4) == (bf16_kernel.AMX_MAX_ROWS if amx_cpu else bf16_kernel.VECTOR_ROWS)
-    assert bf16_kernel.max_rows(odd) == bf16_kernel.VECTOR_ROWS
+    assert bf16_kernel.max_rows(glm4) == (bf16_kernel.AMX_MAX_ROWS if amx_cpu else bf16_kernel.VECTOR_ROWS_NO_AMX)
+    assert bf16_kernel.max_rows(odd) == (bf16_kernel.VECTOR_ROWS if amx_cpu else bf16_kernel.VECTOR_ROWS_NO_AMX)
 
 
 @needs_bf16_kernel
 def test_a_bf16_library_built_without_the_amx_targets_keeps_its_vector_kernel(monkeypatch):
     """A compiler without the AMX targets (GCC 10) builds bf16_gemm.c as -DNO_AMX does: the vector kernel alone,
-    which then takes every batch it is sent, 4 rows at a time."""
+    which then takes batches of up to VECTOR_ROWS_NO_AMX rows, 4 rows at a time."""
     import ctypes
 
     from glm4serve.model import int8_kernel
@@ -119,7 +125,7 @@ def test_a_bf16_library_built_without_the_amx_targets_keeps_its_vector_kernel(mo
     bf16_kernel.amx_available.cache_clear()
     try:
         w, x = torch.randn(64, 96).to(torch.bfloat16), torch.randn(9, 96).to(torch.bfloat16)
-        assert not bf16_kernel.amx_available() and bf16_kernel.max_rows(w) == bf16_kernel.VECTOR_ROWS
+        assert not bf16_kernel.amx_available() and bf16_kernel.max_rows(w) == bf16_kernel.VECTOR_ROWS_NO_AMX
         want = x.float() @ w.float().T
         assert ((bf16_kernel.matmul(x, w, None).float() - want).abs() <= want.abs().clamp_min(1e-3) * 2**-7).all()
     finally:

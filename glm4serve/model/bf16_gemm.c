@@ -5,9 +5,12 @@
  * products added into fp32 lanes), rounded to bf16 once, to nearest even.
  *
  * A decode step is bound by reading the weights: each program takes 4 weight rows and every group of
- * up to 4 activation rows, 16 fp32 accumulators; the 4 rows are prefetched 512 bytes ahead on their
- * first pass and come from L2 on the others. Past 4 rows the products, not the reads, bound it: the AMX
- * kernel at the end takes over there, where the CPU has it, and oneDNN elsewhere (bf16_kernel.py).
+ * up to 4 activation rows, 16 fp32 accumulators; the 4 rows come from memory on their first pass (with
+ * more than one activation row, prefetched 512 bytes ahead into L1) and from L2 on the others. Through
+ * all the passes, the next 4 rows are prefetched into L2, a share of their lines each pass, so that
+ * the memory is read at an even pace while the later passes multiply (from 1 row 1.2-1.3x from memory
+ * on an AMD EPYC: BENCHMARKS.md). From ~8 rows the products, not the reads, bound it: the AMX kernel at
+ * the end takes over from 5 rows where the CPU has it; elsewhere oneDNN from 49 (bf16_kernel.py).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -26,18 +29,26 @@ static inline float from_bf16(uint16_t b) {
 }
 
 /* WR (1..4) weight rows from w times MR (1..4) activation rows from x, both with stride K; into
- * y[i * N + j]. Called with constant WR and MR, so the accumulators stay in registers. */
+ * y[i * N + j]. Called with constant WR and MR, so the accumulators stay in registers. first: prefetch
+ * w's rows into L1; next (or NULL): 4 rows to prefetch into L2, the lines of every passes-th step from the
+ * pass-th, so that the passes over w's rows between them ask for each line once. */
 static inline __attribute__((always_inline)) TARGET void block(const uint16_t *w, const uint16_t *x, int64_t K,
                                                                int WR, int MR, int first, const uint16_t *bias,
-                                                               uint16_t *y, int64_t N) {
+                                                               uint16_t *y, int64_t N, const uint16_t *next,
+                                                               int pass, int passes) {
     __m512 acc[4][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < WR; j++) acc[i][j] = _mm512_setzero_ps();
+    int wait = pass;  /* steps until the next L2 prefetch */
     for (int64_t k = 0; k < K; k += 32) {
         __m512bh wv[4];
         for (int j = 0; j < WR; j++) {
             if (first) _mm_prefetch((const char *)(w + j * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
             wv[j] = (__m512bh)_mm512_loadu_si512(w + j * K + k);
+        }
+        if (next && wait-- == 0) {
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
+            wait = passes - 1;
         }
         for (int i = 0; i < MR; i++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
@@ -51,10 +62,10 @@ static inline __attribute__((always_inline)) TARGET void block(const uint16_t *w
 
 #define ROWS(WR, first)                                                          \
     switch (mr) {                                                                \
-        case 1: block(wb, xb, K, WR, 1, first, bb, yb, N); break;                \
-        case 2: block(wb, xb, K, WR, 2, first, bb, yb, N); break;                \
-        case 3: block(wb, xb, K, WR, 3, first, bb, yb, N); break;                \
-        default: block(wb, xb, K, WR, 4, first, bb, yb, N); break;               \
+        case 1: block(wb, xb, K, WR, 1, first, bb, yb, N, next, pass, passes); break;                \
+        case 2: block(wb, xb, K, WR, 2, first, bb, yb, N, next, pass, passes); break;                \
+        case 3: block(wb, xb, K, WR, 3, first, bb, yb, N, next, pass, passes); break;                \
+        default: block(wb, xb, K, WR, 4, first, bb, yb, N, next, pass, passes); break;               \
     }
 
 /* y bf16 [M, N] = x bf16 [M, K] @ w bf16 [N, K].T (+ bias bf16 [N], or NULL); K % 32 == 0. */
@@ -64,12 +75,14 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
         const uint16_t *wb = w + n0 * K, *bb = bias ? bias + n0 : 0;
         int wr = N - n0 < 4 ? (int)(N - n0) : 4;
+        const uint16_t *next = N - n0 >= 8 ? wb + 4 * K : 0;
+        int passes = (int)((M + 3) / 4);
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const uint16_t *xb = x + m0 * K;
             uint16_t *yb = y + m0 * N + n0;
-            int mr = M - m0 < 4 ? (int)(M - m0) : 4;
+            int mr = M - m0 < 4 ? (int)(M - m0) : 4, pass = (int)(m0 / 4);
             if (wr == 4) {
-                if (m0 == 0) {
+                if (m0 == 0 && M > 1) {  /* one row: the L2 prefetches alone read quicker (BENCHMARKS.md) */
                     ROWS(4, 1)
                 } else {
                     ROWS(4, 0)
@@ -77,7 +90,7 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
             } else {  /* the last rows of a weight whose N is not a multiple of 4 */
                 for (int j = 0; j < wr; j++) {
                     const uint16_t *wj = wb + j * K, *bj = bb ? bb + j : 0;
-                    for (int i = 0; i < mr; i++) block(wj, xb + i * K, K, 1, 1, 0, bj, yb + i * N + j, N);
+                    for (int i = 0; i < mr; i++) block(wj, xb + i * K, K, 1, 1, 0, bj, yb + i * N + j, N, 0, 0, 1);
                 }
             }
         }

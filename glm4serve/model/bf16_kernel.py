@@ -2,11 +2,13 @@
 kernels (int8_kernel.py: the system C compiler, a cache folder, ctypes, torch's OpenMP runtime).
 
 oneDNN, which multiplies the other bf16 products, reads a bf16 weight for a few rows at ~2/3 of the
-memory's rate on the project's 2-core box, where this file's kernels read at about the memory's rate: 1 to
+memory's rate on the project's 2-core boxes, where this file's kernels read at about the memory's rate: 1 to
 VECTOR_ROWS rows in vector instructions (AVX-512 BF16), then, where the CPU has AMX-BF16 and the weight's rows
 are a multiple of 32, up to AMX_MAX_ROWS rows on AMX tiles, which read the weight once for every 32 rows
-(1.1-1.3x oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). Otherwise the vector kernel stops at
-VECTOR_ROWS (from 8 rows oneDNN is faster). On a CPU with AVX2 and not AVX-512 BF16 (`avx2_available()`),
+(1.1-1.3x oneDNN at 5-128 rows, 0.8x from 192: BENCHMARKS.md). With AMX and a weight the tiles do not take,
+oneDNN (on tiles too) from VECTOR_ROWS + 1. Without AMX the vector kernel takes up to VECTOR_ROWS_NO_AMX rows:
+from memory, as a served model's weights are read, it led oneDNN's AVX-512 BF16 products 1.3-1.6x at 5-16 rows
+and 1.3x at 32 on an AMD EPYC, level at 48-64. On a CPU with AVX2 and not AVX-512 BF16 (`avx2_available()`),
 where oneDNN multiplies no bf16 at all (cpu_linear.py: torch's F.linear does, re-reading the weights for every
 few rows), `bf16_gemm_avx2` takes every product of two rows or more, the weights widened to fp32 as they
 are read (one row goes to F.linear, which reads the weight a little quicker there). Without a C compiler, or on a
@@ -33,7 +35,8 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's ta
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 AVX2_CPU_FLAGS = ("avx2", "fma")  # the library loads where the CPU has these; its AVX-512 kernels need CPU_FLAGS
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16")
-VECTOR_ROWS = 4  # most activation rows the vector kernel takes (module docstring)
+VECTOR_ROWS = 4  # most activation rows the vector kernel takes beside the AMX one (module docstring)
+VECTOR_ROWS_NO_AMX = 48  # and where there is none
 # and the AVX2 one: every row count (a layer's four products at glm-4-9b's shapes 2.4-3.4x torch's bf16 F.linear
 # from 4 to 128 rows, and quicker than fp32 products over the weights widened first: BENCHMARKS.md)
 AVX2_ROWS = sys.maxsize
@@ -90,7 +93,9 @@ def amx_available() -> bool:
 
 def max_rows(weight: torch.Tensor) -> int:
     """The most rows a product with this weight [N, K] may have to run here (CpuLinear sends it those)."""
-    return AMX_MAX_ROWS if _on_tiles(weight.shape[0]) else VECTOR_ROWS
+    if _on_tiles(weight.shape[0]):
+        return AMX_MAX_ROWS
+    return VECTOR_ROWS if amx_available() else VECTOR_ROWS_NO_AMX
 
 
 def _on_tiles(n: int) -> bool:
@@ -105,7 +110,7 @@ def fits(weight: torch.Tensor) -> bool:
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x bf16 [M, K] (M <= kernel_rows(weight)) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum
     rounded once to bf16. More than VECTOR_ROWS rows on the tiles, else in the vector kernel (every 4 rows reading
-    the weight again); on a CPU with AVX2 alone in bf16_gemm_avx2, one row in F.linear."""
+    4 weight rows again, from L2); on a CPU with AVX2 alone in bf16_gemm_avx2, one row in F.linear."""
     m, (n, k) = x.shape[0], weight.shape
     if not available() and m == 1:  # AVX2, one row: torch's product reads the weight 6-11% quicker (BENCHMARKS.md)
         return F.linear(x, weight, bias)
