@@ -10,9 +10,9 @@ oneDNN (on tiles too) from VECTOR_ROWS + 1. Without AMX the vector kernel takes 
 from memory, as a served model's weights are read, it led oneDNN's AVX-512 BF16 products 1.3-1.6x at 5-16 rows
 and 1.3x at 32 on an AMD EPYC, level at 48-64. On a CPU with AVX2 and not AVX-512 BF16 (`avx2_available()`),
 where oneDNN multiplies no bf16 at all (cpu_linear.py: torch's F.linear does, re-reading the weights for every
-few rows), `bf16_gemm_avx2` takes every product of two rows or more, the weights widened to fp32 as they
-are read (one row goes to F.linear, which reads the weight a little quicker there). Without a C compiler, or on a
-build error (logged), neither is available.
+few rows), `bf16_gemm_avx2` takes every product, the weights widened to fp32 as they are read (one row
+1.1-1.3x F.linear from memory with AVX-512 hidden on the AMD EPYC). Without a C compiler, or on a build error
+(logged), neither is available.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .int8_kernel import cpu_has, load_library
 
@@ -110,10 +109,8 @@ def fits(weight: torch.Tensor) -> bool:
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x bf16 [M, K] (M <= kernel_rows(weight)) @ weight bf16 [N, K].T (+ bias bf16 [N]) -> bf16 [M, N]: the fp32 sum
     rounded once to bf16. More than VECTOR_ROWS rows on the tiles, else in the vector kernel (every 4 rows reading
-    4 weight rows again, from L2); on a CPU with AVX2 alone in bf16_gemm_avx2, one row in F.linear."""
+    4 weight rows again, from L2); on a CPU with AVX2 alone in bf16_gemm_avx2."""
     m, (n, k) = x.shape[0], weight.shape
-    if not available() and m == 1:  # AVX2, one row: torch's product reads the weight 6-11% quicker (BENCHMARKS.md)
-        return F.linear(x, weight, bias)
     y = torch.empty(m, n, dtype=torch.bfloat16)
     bias = None if bias is None else bias.contiguous()  # held while the kernel reads it
     bias_ptr = None if bias is None else bias.data_ptr()

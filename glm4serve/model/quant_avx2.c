@@ -303,6 +303,10 @@ static void int8_int16_rows(const int8_t *w, const uint16_t *scale, int64_t N, i
             int rows = N - n0 < R ? (int)(N - n0) : R;
             for (int64_t k0 = 0; k0 < K; k0 += FLUSH) {
                 int64_t len = K - k0 < FLUSH ? K - k0 : FLUSH;
+                if (N - n0 >= 2 * R)  /* the next tile's rows of these inputs into L2, as int8_gemm.c does */
+                    for (int r = 0; r < R; r++)
+                        for (int64_t k = 0; k < len; k += 64)
+                            _mm_prefetch((const char *)(w + (n0 + R + r) * K + k0 + k), _MM_HINT_T1);
                 if (M < DIRECT_MAX_ROWS && rows == R) {  /* weights widened as they come, but for a short end */
                     widen(w, N, K, n0, k0, len & ~31, len, wide);
                     int64_t m = 0;
