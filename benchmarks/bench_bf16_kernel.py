@@ -1,5 +1,5 @@
 """bf16 linears at glm-4-9b-chat's shapes, in one process, taking turns: as served where bf16_kernel.py
-builds (the weight plain: up to bf16_kernel.max_rows(weight) rows in bf16_gemm.c, 4 or 128 on AMX tiles, more
+builds (the weight plain: up to bf16_kernel.max_rows(weight) rows in bf16_gemm.c, 128 on AMX tiles, else 48, more
 through oneDNN over the plain weight) against the weight packed by oneDNN for every product (as served
 without the kernel); best of --repeats, for --rows rows.
 

@@ -19,8 +19,8 @@ plain in huge-page memory:
 No weight is ever held twice: a second copy of glm-4-9b's output layer alone would be +2.5 GB in fp32.
 
 bf16 weights, where the CPU has AVX-512 BF16 and a C compiler exists, are held plain too: products of
-up to bf16_kernel.max_rows(weight) rows (decode batches: 128 on AMX tiles, 48 without AMX) run in bf16_gemm.c, which reads
-them at about the memory's rate where oneDNN reads slower (bf16_kernel.py); larger ones go through oneDNN
+up to bf16_kernel.max_rows(weight) rows (decode batches: 128 on AMX tiles, 48 without AMX) run in bf16_gemm.c,
+which reads them at about the memory's rate where oneDNN reads slower (bf16_kernel.py); larger ones go through oneDNN
 over the plain weight, which on the project's box is as fast as over a packed one from 8 rows on
 (BENCHMARKS.md, "bf16 decode in our own kernel"). Elsewhere bf16 weights are packed by oneDNN (one copy),
 where oneDNN multiplies bf16 at all: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which most CPUs with AVX2
