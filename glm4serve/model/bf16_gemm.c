@@ -8,7 +8,7 @@
  * up to 4 activation rows, 16 fp32 accumulators; the 4 rows come from memory on their first pass (with
  * more than one activation row, prefetched 512 bytes ahead into L1) and from L2 on the others. Through
  * all the passes, the next 4 rows are prefetched into L2, a share of their lines each pass, so that
- * the memory is read at an even pace while the later passes multiply (from 1 row 1.2-1.3x from memory
+ * the memory is read at an even pace while the later passes multiply (1-16 rows 1.1-1.3x from memory
  * on an AMD EPYC: BENCHMARKS.md). From ~8 rows the products, not the reads, bound it: the AMX kernel at
  * the end takes over from 5 rows where the CPU has it; elsewhere oneDNN from 49 (bf16_kernel.py).
  */
@@ -60,12 +60,12 @@ static inline __attribute__((always_inline)) TARGET void block(const uint16_t *w
             y[i * N + j] = to_bf16(_mm512_reduce_add_ps(acc[i][j]) + (bias ? from_bf16(bias[j]) : 0.f));
 }
 
-#define ROWS(WR, first)                                                          \
-    switch (mr) {                                                                \
-        case 1: block(wb, xb, K, WR, 1, first, bb, yb, N, next, pass, passes); break;                \
-        case 2: block(wb, xb, K, WR, 2, first, bb, yb, N, next, pass, passes); break;                \
-        case 3: block(wb, xb, K, WR, 3, first, bb, yb, N, next, pass, passes); break;                \
-        default: block(wb, xb, K, WR, 4, first, bb, yb, N, next, pass, passes); break;               \
+#define ROWS(WR, first)                                                                \
+    switch (mr) {                                                                      \
+        case 1: block(wb, xb, K, WR, 1, first, bb, yb, N, next, pass, passes); break;  \
+        case 2: block(wb, xb, K, WR, 2, first, bb, yb, N, next, pass, passes); break;  \
+        case 3: block(wb, xb, K, WR, 3, first, bb, yb, N, next, pass, passes); break;  \
+        default: block(wb, xb, K, WR, 4, first, bb, yb, N, next, pass, passes); break; \
     }
 
 /* y bf16 [M, N] = x bf16 [M, K] @ w bf16 [N, K].T (+ bias bf16 [N], or NULL); K % 32 == 0. */
@@ -100,10 +100,11 @@ TARGET void bf16_gemm(const uint16_t *w, const uint16_t *bias, int64_t N, int64_
 /* The same product on a CPU with AVX2 alone (no bf16 arithmetic): the weights widened to fp32 as they are
  * read (a shift), the activations given in fp32, 8 lanes; 4 weight rows and 2 activation rows a block
  * (8 accumulators: AVX2 has 16 registers), the next 4 rows prefetched into L2 as block() does (2-8 rows
- * 1.1-1.4x from memory with AVX-512 hidden on an AMD EPYC). bf16_kernel.py sends it up to AVX2_ROWS rows. The activation rows
- * go AVX2_PASS_BYTES of them at a time: every 4 weight rows run against all of a pass's rows, which stay in cache
- * (a prefill's 2,048 rows of glm-4-9b's 4,096 inputs are 32 MiB: read again for every 4 weight rows, from memory,
- * they made its products 2.8x slower: BENCHMARKS.md); the weights are read once a pass, once in decode batches. */
+ * 1.1-1.4x from memory with AVX-512 hidden on an AMD EPYC). bf16_kernel.py sends it up to AVX2_ROWS rows.
+ * The activation rows go AVX2_PASS_BYTES of them at a time: every 4 weight rows run against all of a pass's rows,
+ * which stay in cache (a prefill's 2,048 rows of glm-4-9b's 4,096 inputs are 32 MiB: read again for every 4 weight
+ * rows, from memory, they made its products 2.8x slower: BENCHMARKS.md); the weights are read once a pass, once in
+ * decode batches. */
 #define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define AVX2_PASS_BYTES (4 << 20)  /* 256 rows of 4,096 fp32 inputs, 76 of 13,696 */
 

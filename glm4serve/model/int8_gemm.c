@@ -23,7 +23,7 @@
 /* Each row's next cache lines are asked for this many bytes ahead, once per line: one row reads
    the weights from memory at ~28.7 GB/s instead of ~27 with the hardware prefetchers alone on the
    project's Intel box (measured 256 / 512 / 768 / 1024 / 2048 / 4096 bytes ahead). With one activation row,
-   the next tile's rows are asked for into L2 as well, line by line beside this tile's: 1.08-1.12x from memory
+   the next tile's rows are asked for into L2 as well, line by line beside this tile's: 1.1-1.3x from memory
    on an AMD EPYC (BENCHMARKS.md). */
 #define PREFETCH 512
 
