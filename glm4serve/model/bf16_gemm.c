@@ -28,10 +28,18 @@ static inline float from_bf16(uint16_t b) {
     return v.f;
 }
 
+/* The next 4 weight rows' lines at k into L2 (next: their first, or NULL), on every passes-th call from the pass-th
+ * (*wait counts down): the passes of a batch over the rows before them ask for each line once. */
+static inline void next_rows_to_l2(const uint16_t *next, int64_t K, int64_t k, int *wait, int passes) {
+    if (next && (*wait)-- == 0) {
+        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
+        *wait = passes - 1;
+    }
+}
+
 /* WR (1..4) weight rows from w times MR (1..4) activation rows from x, both with stride K; into
  * y[i * N + j]. Called with constant WR and MR, so the accumulators stay in registers. first: prefetch
- * w's rows into L1; next (or NULL): 4 rows to prefetch into L2, the lines of every passes-th step from the
- * pass-th, so that the passes over w's rows between them ask for each line once. */
+ * w's rows into L1; next, pass, passes: next_rows_to_l2's. */
 static inline __attribute__((always_inline)) TARGET void block(const uint16_t *w, const uint16_t *x, int64_t K,
                                                                int WR, int MR, int first, const uint16_t *bias,
                                                                uint16_t *y, int64_t N, const uint16_t *next,
@@ -39,17 +47,14 @@ static inline __attribute__((always_inline)) TARGET void block(const uint16_t *w
     __m512 acc[4][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < WR; j++) acc[i][j] = _mm512_setzero_ps();
-    int wait = pass;  /* steps until the next L2 prefetch */
+    int wait = pass;
     for (int64_t k = 0; k < K; k += 32) {
         __m512bh wv[4];
         for (int j = 0; j < WR; j++) {
             if (first) _mm_prefetch((const char *)(w + j * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
             wv[j] = (__m512bh)_mm512_loadu_si512(w + j * K + k);
         }
-        if (next && wait-- == 0) {
-            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
-            wait = passes - 1;
-        }
+        next_rows_to_l2(next, K, k, &wait, passes);
         for (int i = 0; i < MR; i++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
             for (int j = 0; j < WR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xv);
@@ -116,7 +121,7 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void block_avx2(const u
     __m256 acc[2][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < WR; j++) acc[i][j] = _mm256_setzero_ps();
-    int wait = pass;  /* lines until the next L2 prefetch, as in block() */
+    int wait = pass;
     for (int64_t k = 0; k < K; k += 8) {
         __m256 wv[4];
         for (int j = 0; j < WR; j++) {
@@ -124,10 +129,7 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void block_avx2(const u
             __m128i b = _mm_loadu_si128((const __m128i *)(w + j * K + k));
             wv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
         }
-        if (next && (k & 31) == 0 && wait-- == 0) {
-            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(next + j * K + k), _MM_HINT_T1);
-            wait = passes - 1;
-        }
+        if ((k & 31) == 0) next_rows_to_l2(next, K, k, &wait, passes);  /* once a line */
         for (int i = 0; i < MR; i++) {
             __m256 xv = _mm256_loadu_ps(x + i * K + k);
             for (int j = 0; j < WR; j++) acc[i][j] = _mm256_fmadd_ps(wv[j], xv, acc[i][j]);

@@ -111,7 +111,7 @@ void int8_int16_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t 
             const int8_t *next = N - n0 >= 2 * R ? w + (n0 + R) * K : 0;
             for (int64_t m = 0; m < M; m++) {  /* the tile's rows stay in L1 across the activation rows */
                 if (rows == R)
-                    dot_rows(w + n0 * K, K, xq + m * K, R, sums, m == 0 ? next : 0);
+                    dot_rows(w + n0 * K, K, xq + m * K, R, sums, next);
                 else
                     dot_rows(w + n0 * K, K, xq + m * K, rows, sums, 0);
                 for (int r = 0; r < rows; r++) y[m * N + n0 + r] = sums[r] * bf16_to_float(scale[n0 + r]) * xs[m];
