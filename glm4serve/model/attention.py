@@ -16,6 +16,10 @@ smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token ch
 BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 
+Decodes (one query a sequence) attend on CPU in decode_attention.c (cpu_attention.py), which reads each
+sequence's blocks in place; where it does not run, decode_attention gathers them and calls SDPA; on a GPU,
+paged_decode.py's kernel.
+
 On a GPU in half precision all the step's prefill spans attend in one call of flash attention's
 variable-length kernel, over their contexts gathered from the cache into one packed K/V
 (`PackedPrefill`, built once a step): a step of many prompts is a few kernels a layer, not a few
@@ -37,6 +41,8 @@ import torch.nn.functional as F
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+from . import cpu_attention
 
 # cuDNN's attention (SDPA's first choice on Hopper and later since torch 2.9) builds an execution
 # graph for each new shape, some hundreds of ms: every prompt of a new length, and every step
@@ -184,8 +190,9 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], over caches of different lengths -> [B, Hq, D].
-    block_tables [B, nb] and mask [B, nb * block_size] are built once per forward (batch.py)."""
+    """One query per sequence, q [B, Hq, D], over caches of different lengths -> [B, Hq, D], in PyTorch (the
+    reference the kernels are tested against). block_tables [B, nb] and mask [B, nb * block_size] are built
+    once per forward (batch.py)."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     length = block_tables.shape[1] * block_size
@@ -264,6 +271,9 @@ def decodes_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         from .paged_decode import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale)
+    if cpu_attention.runs(q, k_cache):
+        return cpu_attention.decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
+                                              scale)
     return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
 
 

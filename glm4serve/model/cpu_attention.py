@@ -1,0 +1,82 @@
+"""Decode attention on CPU in decode_attention.c, built on first use like the int8 kernels (int8_kernel.py:
+the system C compiler, a cache folder, ctypes, torch's OpenMP runtime).
+
+PyTorch's way (attention.decode_attention) gathers every decoding sequence's blocks into a new
+tensor, each layer and step, and runs SDPA over the copy; the kernel reads the blocks in place,
+each sequence to its own length (no padding to the longest), in fp32 sums, over bf16 or fp32
+caches. At glm-4-9b's heads, a layer's decode attention: one sequence 2-4x quicker from 2K to 32K
+tokens of context, batches of 4-64 sequences 1.3-1.7x (BENCHMARKS.md, "Decode attention on CPU").
+
+Where the CPU has AVX-512 the 16-lane build runs, else the 8-lane AVX2 one (GLM4SERVE_MAX_CPU_ISA=avx2
+picks it on an AVX-512 CPU too); without AVX2 and FMA, a C compiler, or on a build error (logged),
+`runs()` is False and decodes attend in PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .int8_kernel import cpu_has, load_library
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's target attribute
+CPU_FLAGS = ("avx2", "fma")
+MAX_HEAD_DIM = 256  # decode_attention.c's MAX_D
+MAX_SPLITS = 64  # and its MAX_SPLITS
+UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
+MIN_SPLIT_TOKENS = 128  # but no split shorter than this
+
+
+@functools.cache
+def _kernel() -> tuple[ctypes._CFuncPtr, int] | None:
+    """The build this CPU runs, and its lanes (query heads a unit of work takes)."""
+    lib = load_library(SOURCE, FLAGS, CPU_FLAGS, "decode attention runs in PyTorch")
+    if lib is None:
+        return None
+    fn, lanes = (lib.decode_attention_avx512, 16) if cpu_has(("avx512f",)) else (lib.decode_attention_avx2, 8)
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
+                   ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn, lanes
+
+
+def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The kernel takes these decode queries q [B, Hq, D] over this cache [blocks, block_size, Hkv, D]."""
+    d = q.shape[-1]
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == q.dtype
+            and d % 8 == 0 and d <= MAX_HEAD_DIM and k_cache.is_contiguous() and _kernel() is not None)
+
+
+def splits_for(num_parts: int, max_context: int, threads: int) -> int:
+    """How many parts each sequence's context is cut into, for a batch of num_parts (sequence, KV head, lanes of
+    query heads) to give every thread a few units of work (module docstring)."""
+    wanted = -(-UNITS_PER_THREAD * threads // num_parts)
+    return max(1, min(wanted, MAX_SPLITS, max_context // MIN_SPLIT_TOKENS))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, splits: int | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached keys and values (this token's
+    included), blocks block_tables [B, width] of caches [blocks, block_size, Hkv, D] -> [B, Hq, D]. splits: as
+    splits_for chooses, unless given (1 to MAX_SPLITS)."""
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    q = q.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    threads = torch.get_num_threads()
+    kernel, lanes = _kernel()
+    parts = b * hkv * -(-(hq // hkv) // lanes)  # units of work before the splits
+    splits = splits or splits_for(parts, int(lens.max()), threads)
+    status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
+                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size, scale, splits,
+                    out.data_ptr(), threads)
+    if status != 0:
+        raise MemoryError("decode attention's scratch could not be allocated")
+    return out

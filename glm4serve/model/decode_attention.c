@@ -1,0 +1,52 @@
+/* Decode attention on CPU: one query per sequence over its paged K/V, read in place (cpu_attention.py
+ * builds it where the CPU has AVX2 and FMA; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
+ *
+ * PyTorch's way gathers each sequence's blocks into a new tensor every layer and step, then runs SDPA
+ * over the copy: at a 16K context, 4.2 of a layer's 5.5 ms were that gather (BENCHMARKS.md). Here each
+ * unit of work (a sequence, a KV head, 16 of its query heads, a split of its context) walks the block
+ * table and keeps an online softmax; the splits are merged at the end (flash-decoding). The lanes of
+ * every vector are the query heads: the 16 heads that share a KV head (glm-4-9b: 32 over 2) multiply
+ * one key element at a time, broadcast, so a score needs no sum across lanes, and a value element
+ * likewise adds into 16 heads' outputs. K and V are widened to fp32 a few tokens at a time; every sum
+ * is fp32; exp is a polynomial (relative error under 2e-7).
+ *
+ * decode_attention_lanes.h holds the kernel for one vector width, included here twice: 16 lanes for
+ * AVX-512 (a query head a lane), 8 for AVX2 (a unit then takes 8 query heads, and a KV head's 16 read
+ * its keys twice); GCC's vector types carry the width.
+ */
+#include <float.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_D 256  /* head sizes up to this (GLM-4: 128), a multiple of DT */
+#define MAX_SPLITS 64
+
+static inline __attribute__((always_inline)) float from_bf16(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+static inline __attribute__((always_inline)) uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);  /* round to nearest even */
+}
+
+#define LANES 16  /* query heads a unit takes */
+#define NT 8      /* tokens a step: their scores are NT independent sums */
+#define DT 8      /* value dims a step of the weighted sum */
+#define ISA "avx512f"
+#define F(name) name##_avx512
+#include "decode_attention_lanes.h"
+#undef LANES
+#undef NT
+#undef DT
+#undef ISA
+#undef F
+
+#define LANES 8
+#define NT 4
+#define DT 4
+#define ISA "avx2,fma"
+#define F(name) name##_avx2
+#include "decode_attention_lanes.h"

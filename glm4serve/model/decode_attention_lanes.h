@@ -1,0 +1,186 @@
+/* The decode attention kernel for one vector width (decode_attention.c includes it once for each): LANES query
+ * heads a vector, NT tokens and DT value dims a step, the functions built for ISA and named F(name). */
+
+typedef float F(vec) __attribute__((vector_size(LANES * 4)));
+typedef int32_t F(veci) __attribute__((vector_size(LANES * 4)));
+#define vec F(vec)
+#define veci F(veci)
+#define INLINE static inline __attribute__((always_inline, target(ISA)))
+
+INLINE vec F(splat)(float f) { return (vec){0} + f; }
+
+INLINE vec F(vmax)(vec a, vec b) {
+    veci mask = a > b;
+    return (vec)(((veci)a & mask) | ((veci)b & ~mask));
+}
+
+/* e^x, for x <= 0 (scores minus their running maximum): 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] */
+INLINE vec F(vexp)(vec x) {
+    x = F(vmax)(x, F(splat)(-87.0f));  /* e^-87 ~ 1.6e-38: the smallest normal float's order, and no -inf */
+    const vec magic = F(splat)(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
+    vec t = x * 1.44269504f + magic;
+    vec n = t - magic;
+    veci ni = (veci)t - (veci)magic;
+    vec r = x - n * 0.693145752f - n * 1.42860677e-6f;  /* ln2 in two parts */
+    vec p = F(splat)(1.0f / 720);
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * (vec)((ni + 127) << 23);
+}
+
+/* n rows of D elements, `stride` elements apart, widened into out [NT][D] (rows n.. zero) */
+INLINE void F(widen_rows)(const void *src, int bf16, int64_t stride, int64_t n, int64_t D, float *out) {
+    for (int64_t i = 0; i < NT; i++) {
+        float *o = out + i * D;
+        if (i >= n) {
+            memset(o, 0, D * sizeof(float));
+        } else if (bf16) {
+            const uint16_t *s = (const uint16_t *)src + i * stride;
+            for (int64_t d = 0; d < D; d++) o[d] = from_bf16(s[d]);
+        } else {
+            memcpy(o, (const float *)src + i * stride, D * sizeof(float));
+        }
+    }
+}
+
+/* One unit: the queries qT [D] of LANES heads (pre-scaled; unused lanes 0) over tokens [t0, t1) of KV head
+ * h, whose slots the block table gives -> its running max m, sum of exps l and unnormalized output acc [D]. */
+INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, const int64_t *table,
+                   int64_t block_size, int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1,
+                   vec *m_out, vec *l_out, vec *acc) {
+    float kf[NT * MAX_D] __attribute__((aligned(64))), vf[NT * MAX_D] __attribute__((aligned(64)));
+    const int64_t stride = Hkv * D;  /* elements from one token's vector to the next's */
+    const int64_t esize = bf16 ? 2 : 4;
+    vec m = F(splat)(-FLT_MAX), l = F(splat)(0.0f);
+    for (int64_t d = 0; d < D; d++) acc[d] = F(splat)(0.0f);
+    for (int64_t t = t0; t < t1;) {
+        int64_t off = t % block_size, n = t1 - t;
+        if (n > NT) n = NT;
+        if (n > block_size - off) n = block_size - off;  /* the tokens of one step lie in one block */
+        int64_t row = (table[t / block_size] * block_size + off) * stride + h * D;
+        F(widen_rows)((const char *)kc + row * esize, bf16, stride, n, D, kf);
+        F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
+
+        vec s[NT];
+        for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
+        for (int64_t d = 0; d < D; d++) {
+            vec q = qT[d];
+            for (int i = 0; i < NT; i++) s[i] += q * kf[i * D + d];
+        }
+        vec mt = m;
+        for (int i = 0; i < n; i++) mt = F(vmax)(mt, s[i]);
+        vec alpha = F(vexp)(m - mt);
+        l *= alpha;
+        for (int64_t d = 0; d < D; d++) acc[d] *= alpha;
+        vec p[NT];
+        for (int i = 0; i < NT; i++) {
+            p[i] = i < n ? F(vexp)(s[i] - mt) : F(splat)(0.0f);
+            l += p[i];
+        }
+        for (int64_t d = 0; d < D; d += DT) {
+            vec a[DT];
+            for (int j = 0; j < DT; j++) a[j] = acc[d + j];
+            for (int i = 0; i < NT; i++)
+                for (int j = 0; j < DT; j++) a[j] += p[i] * vf[i * D + d + j];
+            for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+        }
+        m = mt;
+        t += n;
+    }
+    *m_out = m;
+    *l_out = l;
+}
+
+/* One decode batch: q [B, Hq, D] and out [B, Hq, D] in the caches' type; block_tables [B, width]; context_lens [B]
+ * (the new token included); Hq = Hkv * G, each KV head's G query heads side by side. Each sequence's context is
+ * cut into `splits` parts, units of work of their own. */
+struct F(batch) {
+    const void *q, *kc, *vc;
+    int bf16;
+    const int64_t *block_tables, *context_lens;
+    int64_t width, Hq, Hkv, D, block_size, splits, G, chunks;
+    float scale;
+    void *out;
+};
+
+/* Unit u (sequence, KV head, chunk of LANES query heads, split) -> partial [D + 2]: m, l, acc [D]. */
+INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
+    const int64_t D = j->D, part = u / j->splits, split = u % j->splits;
+    const int64_t b = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
+    const int64_t ctx = j->context_lens[b], blocks = (ctx + j->block_size - 1) / j->block_size;
+    const int64_t per = (blocks + j->splits - 1) / j->splits * j->block_size;  /* tokens per split, whole blocks */
+    const int64_t t0 = split * per, t1 = t0 + per < ctx ? t0 + per : ctx;
+    vec *res = partial + u * (D + 2);
+    if (t0 >= t1) {  /* an empty split: nothing to merge */
+        res[0] = F(splat)(-FLT_MAX);
+        res[1] = F(splat)(0.0f);
+        for (int64_t d = 0; d < D; d++) res[2 + d] = F(splat)(0.0f);
+        return;
+    }
+    vec qT[MAX_D];  /* [D][LANES] */
+    float *lanes = (float *)qT;
+    for (int64_t d = 0; d < D; d++) qT[d] = F(splat)(0.0f);
+    const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
+    for (int64_t g = 0; g < gn; g++) {
+        const int64_t head = b * j->Hq + h * j->G + g0 + g;
+        for (int64_t d = 0; d < D; d++) {
+            float x = j->bf16 ? from_bf16(((const uint16_t *)j->q)[head * D + d]) : ((const float *)j->q)[head * D + d];
+            lanes[d * LANES + g] = x * j->scale;
+        }
+    }
+    F(attend)(qT, j->kc, j->vc, j->bf16, j->block_tables + b * j->width, j->block_size, j->Hkv, h, D, t0, t1, &res[0],
+           &res[1], res + 2);
+}
+
+/* The splits of part (sequence, KV head, chunk of query heads) merged into out. */
+INLINE void F(merge_part)(const struct F(batch) *j, int64_t part, const vec *partial) {
+    const int64_t D = j->D, S = j->splits;
+    const int64_t b = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
+    const vec *res = partial + part * S * (D + 2);
+    vec m = res[0];
+    for (int64_t s = 1; s < S; s++) m = F(vmax)(m, res[s * (D + 2)]);
+    vec w[MAX_SPLITS], l = F(splat)(0.0f);
+    for (int64_t s = 0; s < S; s++) {
+        w[s] = F(vexp)(res[s * (D + 2)] - m);
+        l += w[s] * res[s * (D + 2) + 1];
+    }
+    const vec inv = 1.0f / l;
+    const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
+    for (int64_t d = 0; d < D; d++) {
+        vec o = F(splat)(0.0f);
+        for (int64_t s = 0; s < S; s++) o += w[s] * res[s * (D + 2) + 2 + d];
+        o *= inv;
+        for (int64_t g = 0; g < gn; g++) {
+            const int64_t at = (b * j->Hq + h * j->G + g0 + g) * D + d;
+            if (j->bf16) ((uint16_t *)j->out)[at] = to_bf16(o[g]);
+            else ((float *)j->out)[at] = o[g];
+        }
+    }
+}
+
+/* The exported kernel, F(decode_attention): 0, or -1 where its scratch could not be allocated. */
+__attribute__((target(ISA))) int F(decode_attention)(const void *q, const void *kc, const void *vc, int bf16,
+                                                     const int64_t *block_tables, int64_t width,
+                                                     const int64_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                                                     int64_t D, int64_t block_size, float scale, int64_t splits,
+                                                     void *out, int threads) {
+    const int64_t G = Hq / Hkv, chunks = (G + LANES - 1) / LANES, parts = B * Hkv * chunks;
+    struct F(batch) j = {q, kc, vc, bf16, block_tables, context_lens, width, Hq, Hkv, D, block_size, splits, G, chunks,
+                         scale, out};
+    vec *partial = aligned_alloc(64, (size_t)(parts * splits * (D + 2)) * sizeof(vec));
+    if (!partial) return -1;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int64_t u = 0; u < parts * splits; u++) F(run_unit)(&j, u, partial);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < parts; p++) F(merge_part)(&j, p, partial);
+    free(partial);
+    return 0;
+}
+
+#undef vec
+#undef veci
+#undef INLINE
