@@ -7,9 +7,9 @@ each sequence to its own length (no padding to the longest), in fp32 sums, over 
 caches. At glm-4-9b's heads, a layer's decode attention: one sequence 2-4x quicker from 2K to 32K
 tokens of context, batches of 4-64 sequences 1.3-1.7x (BENCHMARKS.md, "Decode attention on CPU").
 
-Where the CPU has AVX-512 the 16-lane build runs, else the 8-lane AVX2 one (GLM4SERVE_MAX_CPU_ISA=avx2
-picks it on an AVX-512 CPU too); without AVX2 and FMA, a C compiler, or on a build error (logged),
-`runs()` is False and decodes attend in PyTorch.
+Where the CPU has AVX-512 the 16-lane build runs, with AVX-512 BF16 reading bf16 caches as they are, else
+the 8-lane AVX2 one (GLM4SERVE_MAX_CPU_ISA=avx2 picks it on an AVX-512 CPU too); without AVX2 and FMA, a C
+compiler, or on a build error (logged), `runs()` is False and decodes attend in PyTorch.
 """
 
 from __future__ import annotations
@@ -31,18 +31,38 @@ UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this man
 MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
 
+# decode_attention.c's builds, the fastest first: the CPU flags each needs and its lanes (query heads a unit of work
+# takes). avx512bf16 multiplies bf16 caches in pairs with vdpbf16ps; fp32 caches take the avx512 way there too.
+BUILDS = {
+    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), 16),
+    "avx512": (("avx512f",), 16),
+    "avx2": (CPU_FLAGS, 8),
+}
+
+
 @functools.cache
-def _kernel() -> tuple[ctypes._CFuncPtr, int] | None:
-    """The build this CPU runs, and its lanes (query heads a unit of work takes)."""
-    lib = load_library(SOURCE, FLAGS, CPU_FLAGS, "decode attention runs in PyTorch")
-    if lib is None:
+def _library() -> ctypes.CDLL | None:
+    return load_library(SOURCE, FLAGS, CPU_FLAGS, "decode attention runs in PyTorch")
+
+
+def builds() -> list[str]:
+    """The builds this CPU runs, the fastest first (GLM4SERVE_MAX_CPU_ISA=avx2 leaves the AVX2 one)."""
+    return [name for name, (flags, _) in BUILDS.items() if _library() is not None and cpu_has(flags)]
+
+
+@functools.cache
+def _kernel(build: str | None = None) -> tuple[ctypes._CFuncPtr, int] | None:
+    """A build's function (by default the fastest here) and its lanes; None where none runs."""
+    runnable = builds()
+    if not runnable:
         return None
-    fn, lanes = (lib.decode_attention_avx512, 16) if cpu_has(("avx512f",)) else (lib.decode_attention_avx2, 8)
+    build = build or runnable[0]
+    fn = getattr(_library(), f"decode_attention_{build}")
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
                    ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn, lanes
+    return fn, BUILDS[build][1]
 
 
 def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -60,10 +80,11 @@ def splits_for(num_parts: int, max_context: int, threads: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, splits: int | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, splits: int | None = None,
+                     build: str | None = None) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached keys and values (this token's
     included), blocks block_tables [B, width] of caches [blocks, block_size, Hkv, D] -> [B, Hq, D]. splits: as
-    splits_for chooses, unless given (1 to MAX_SPLITS)."""
+    splits_for chooses, unless given (1 to MAX_SPLITS); build: one of builds(), by default the first."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     q = q.contiguous()
@@ -71,7 +92,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     threads = torch.get_num_threads()
-    kernel, lanes = _kernel()
+    kernel, lanes = _kernel(build)
     parts = b * hkv * -(-(hq // hkv) // lanes)  # units of work before the splits
     splits = splits or splits_for(parts, int(lens.max()), threads)
     status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),

@@ -1,5 +1,6 @@
-/* The decode attention kernel for one vector width (decode_attention.c includes it once for each): LANES query
- * heads a vector, NT tokens and DT value dims a step, the functions built for ISA and named F(name). */
+/* The decode attention kernel for one vector width (decode_attention.c includes it once for each build): LANES
+ * query heads a vector, NT tokens and DT value dims a step, the functions built for ISA and named F(name); with
+ * BF16_DOT (AVX-512 BF16), bf16 caches go through attend_dot. */
 
 typedef float F(vec) __attribute__((vector_size(LANES * 4)));
 typedef int32_t F(veci) __attribute__((vector_size(LANES * 4)));
@@ -47,6 +48,36 @@ INLINE void F(widen_rows)(const void *src, int bf16, int64_t stride, int64_t n, 
     }
 }
 
+/* On a step that starts a block (t), the next block's rows of KV head h into L2, while this one's are read: a
+ * sequence's blocks lie anywhere in the cache, where the hardware's prefetchers do not follow. */
+INLINE void F(prefetch_next_block)(const char *kc, const char *vc, int64_t esize, const int64_t *table,
+                                   int64_t block_size, int64_t stride, int64_t h, int64_t D, int64_t t, int64_t t1) {
+    const int64_t next = (t / block_size + 1) * block_size;
+    if (next >= t1) return;
+    const int64_t row = table[next / block_size] * block_size * stride + h * D;
+    const int64_t rows = t1 - next < block_size ? t1 - next : block_size;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t byte = 0; byte < D * esize; byte += 64) {
+            __builtin_prefetch(kc + (row + i * stride) * esize + byte, 0, 2);
+            __builtin_prefetch(vc + (row + i * stride) * esize + byte, 0, 2);
+        }
+}
+
+/* A step's scores s [NT] (the first n real) into the running max m and sum of exps l, acc [D] rescaled to the new
+ * max -> the step's weights p [NT] (0 past n). */
+INLINE void F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *acc, int64_t D, vec *p) {
+    vec mt = *m;
+    for (int i = 0; i < n; i++) mt = F(vmax)(mt, s[i]);
+    const vec alpha = F(vexp)(*m - mt);
+    *l *= alpha;
+    for (int64_t d = 0; d < D; d++) acc[d] *= alpha;
+    for (int i = 0; i < NT; i++) {
+        p[i] = i < n ? F(vexp)(s[i] - mt) : F(splat)(0.0f);
+        *l += p[i];
+    }
+    *m = mt;
+}
+
 /* One unit: the queries qT [D] of LANES heads (pre-scaled; unused lanes 0) over tokens [t0, t1) of KV head
  * h, whose slots the block table gives -> its running max m, sum of exps l and unnormalized output acc [D]. */
 INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, const int64_t *table,
@@ -62,6 +93,7 @@ INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, c
         if (n > NT) n = NT;
         if (n > block_size - off) n = block_size - off;  /* the tokens of one step lie in one block */
         int64_t row = (table[t / block_size] * block_size + off) * stride + h * D;
+        if (off == 0 || t == t0) F(prefetch_next_block)(kc, vc, esize, table, block_size, stride, h, D, t, t1);
         F(widen_rows)((const char *)kc + row * esize, bf16, stride, n, D, kf);
         F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
 
@@ -71,16 +103,8 @@ INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, c
             vec q = qT[d];
             for (int i = 0; i < NT; i++) s[i] += q * kf[i * D + d];
         }
-        vec mt = m;
-        for (int i = 0; i < n; i++) mt = F(vmax)(mt, s[i]);
-        vec alpha = F(vexp)(m - mt);
-        l *= alpha;
-        for (int64_t d = 0; d < D; d++) acc[d] *= alpha;
         vec p[NT];
-        for (int i = 0; i < NT; i++) {
-            p[i] = i < n ? F(vexp)(s[i] - mt) : F(splat)(0.0f);
-            l += p[i];
-        }
+        F(softmax_step)(s, n, &m, &l, acc, D, p);
         for (int64_t d = 0; d < D; d += DT) {
             vec a[DT];
             for (int j = 0; j < DT; j++) a[j] = acc[d + j];
@@ -88,12 +112,74 @@ INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, c
                 for (int j = 0; j < DT; j++) a[j] += p[i] * vf[i * D + d + j];
             for (int j = 0; j < DT; j++) acc[d + j] = a[j];
         }
-        m = mt;
         t += n;
     }
     *m_out = m;
     *l_out = l;
 }
+
+#if BF16_DOT
+/* attend's twin for bf16 caches on CPUs with AVX-512 BF16: K and V read as they are, `vdpbf16ps` multiplying
+ * pairs of bf16 into fp32 lanes, half the instructions. qP [D / 2]: lane g holds query head g's elements 2i and
+ * 2i + 1 (unscaled); a score is their pairs against a key's pairs, broadcast. The weights p are rounded to bf16
+ * for the weighted sum of values (as flash attention's GPU kernels round them), whose pairs are two tokens'. */
+INLINE void F(attend_dot)(const __m512i *qP, float scale, const uint16_t *kc, const uint16_t *vc,
+                          const int64_t *table, int64_t block_size, int64_t Hkv, int64_t h, int64_t D, int64_t t0,
+                          int64_t t1, vec *m_out, vec *l_out, vec *acc) {
+    static const uint16_t zeros[MAX_D];  /* the rows past a step's tokens: 0 x (0 weight) adds nothing */
+    uint32_t vP[NT / 2 * MAX_D] __attribute__((aligned(64)));  /* [NT / 2][D]: two tokens' value elements */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const int64_t stride = Hkv * D;
+    vec m = F(splat)(-FLT_MAX), l = F(splat)(0.0f);
+    for (int64_t d = 0; d < D; d++) acc[d] = F(splat)(0.0f);
+    for (int64_t t = t0; t < t1;) {
+        int64_t off = t % block_size, n = t1 - t;
+        if (n > NT) n = NT;
+        if (n > block_size - off) n = block_size - off;  /* the tokens of one step lie in one block */
+        const int64_t row = (table[t / block_size] * block_size + off) * stride + h * D;
+        if (off == 0 || t == t0)
+            F(prefetch_next_block)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, t, t1);
+        const uint16_t *k[NT], *v[NT];
+        for (int i = 0; i < NT; i++) {
+            k[i] = i < n ? kc + row + i * stride : zeros;
+            v[i] = i < n ? vc + row + i * stride : zeros;
+        }
+        vec s[NT];
+        for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
+        for (int64_t d2 = 0; d2 < D / 2; d2++) {
+            const __m512bh q = (__m512bh)qP[d2];
+            for (int i = 0; i < NT; i++) {
+                uint32_t pair;
+                memcpy(&pair, k[i] + 2 * d2, 4);
+                s[i] = (vec)_mm512_dpbf16_ps((__m512)s[i], q, (__m512bh)_mm512_set1_epi32((int)pair));
+            }
+        }
+        for (int i = 0; i < NT; i++) s[i] *= scale;
+        vec p[NT];
+        F(softmax_step)(s, n, &m, &l, acc, D, p);
+        __m512i pP[NT / 2];  /* lane g: (p[2i][g], p[2i + 1][g]) in bf16 */
+        for (int i = 0; i < NT / 2; i++) {
+            const uint16_t *a = v[2 * i], *b = v[2 * i + 1];
+            for (int64_t d = 0; d < D; d++) vP[i * D + d] = a[d] | (uint32_t)b[d] << 16;
+            pP[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)p[2 * i + 1],
+                                                                                     (__m512)p[2 * i]));
+        }
+        for (int64_t d = 0; d < D; d += DT) {
+            vec a[DT];
+            for (int j = 0; j < DT; j++) a[j] = acc[d + j];
+            for (int i = 0; i < NT / 2; i++)
+                for (int j = 0; j < DT; j++)
+                    a[j] = (vec)_mm512_dpbf16_ps((__m512)a[j], (__m512bh)pP[i],
+                                                 (__m512bh)_mm512_set1_epi32((int)vP[i * D + d + j]));
+            for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+        }
+        t += n;
+    }
+    *m_out = m;
+    *l_out = l;
+}
+#endif
 
 /* One decode batch: q [B, Hq, D] and out [B, Hq, D] in the caches' type; block_tables [B, width]; context_lens [B]
  * (the new token included); Hq = Hkv * G, each KV head's G query heads side by side. Each sequence's context is
@@ -121,10 +207,26 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
         for (int64_t d = 0; d < D; d++) res[2 + d] = F(splat)(0.0f);
         return;
     }
+    const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
+    const int64_t *table = j->block_tables + b * j->width;
+#if BF16_DOT
+    if (j->bf16) {
+        __m512i qP[MAX_D / 2];  /* [D / 2][LANES] pairs */
+        uint32_t *pairs = (uint32_t *)qP;
+        for (int64_t d2 = 0; d2 < D / 2; d2++)
+            for (int64_t g = 0; g < LANES; g++) {
+                uint32_t pair = 0;
+                if (g < gn) memcpy(&pair, (const uint16_t *)j->q + (b * j->Hq + h * j->G + g0 + g) * D + 2 * d2, 4);
+                pairs[d2 * LANES + g] = pair;
+            }
+        F(attend_dot)(qP, j->scale, j->kc, j->vc, table, j->block_size, j->Hkv, h, D, t0, t1, &res[0], &res[1],
+                      res + 2);
+        return;
+    }
+#endif
     vec qT[MAX_D];  /* [D][LANES] */
     float *lanes = (float *)qT;
     for (int64_t d = 0; d < D; d++) qT[d] = F(splat)(0.0f);
-    const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
     for (int64_t g = 0; g < gn; g++) {
         const int64_t head = b * j->Hq + h * j->G + g0 + g;
         for (int64_t d = 0; d < D; d++) {
@@ -132,8 +234,7 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
             lanes[d * LANES + g] = x * j->scale;
         }
     }
-    F(attend)(qT, j->kc, j->vc, j->bf16, j->block_tables + b * j->width, j->block_size, j->Hkv, h, D, t0, t1, &res[0],
-           &res[1], res + 2);
+    F(attend)(qT, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1, &res[0], &res[1], res + 2);
 }
 
 /* The splits of part (sequence, KV head, chunk of query heads) merged into out. */

@@ -1,0 +1,116 @@
+"""Decode attention on CPU: decode_attention.c (cpu_attention.py), which reads each sequence's K/V blocks in
+place, against PyTorch's way (attention.decode_attention: the blocks gathered into a new tensor, then SDPA), in
+one process, taking turns.
+
+By default the attention of one layer at glm-4-9b-chat's heads (32 query heads over 2 KV heads of 128, bf16,
+blocks of 16, each sequence's blocks scattered over the cache): one sequence at 512 to 32K tokens of context,
+and batches of 4 x 4K, 16 x 1K and 64 x 512 (best ms of --repeats, twice each way).
+
+With --engine, the decode step of glm-4-9b-chat's 40 layers (bench_cpu_peers.py's checkpoint, quantized to
+--quantization while loading): one forward of --streams sequences, each --contexts tokens into the cache, the
+runner called directly, the kernel and PyTorch taking turns (medians of --repeats). The sequences' blocks hold
+random K/V written there (a step's time does not depend on the values), so no 16K-token prefill is needed.
+
+    .venv/bin/python benchmarks/bench_decode_attention.py [--repeats 5]
+    .venv/bin/python benchmarks/bench_decode_attention.py --engine [--quantization int4] [--streams 1]
+        [--contexts 512,4096,16384,32768] [--repeats 3]
+
+With GLM4SERVE_MAX_CPU_ISA=avx2 (and ATEN_CPU_CAPABILITY=avx2 for PyTorch's side) the AVX2 build runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+from bench_int8_kernel import turns_best_ms  # noqa: E402 - benchmarks/ is the script's folder
+from glm4serve.engine.config import EngineArgs
+from glm4serve.model import cpu_attention
+from glm4serve.model.attention import decode_attention
+from glm4serve.model.batch import ScheduledBatch, SeqChunk
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from glm4serve.server import build_llm_engine
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 2, 128, 16
+LAYER_CASES = [(1, 512), (1, 2048), (1, 8192), (1, 16384), (1, 32768), (4, 4096), (16, 1024), (64, 512)]
+
+
+def scattered_blocks(streams: int, context: int, num_blocks: int) -> torch.Tensor:
+    """Block tables [streams, context / BLOCK] over a cache of num_blocks, in a shuffled order."""
+    per = -(-context // BLOCK)
+    return torch.randperm(num_blocks)[: streams * per].view(streams, per).contiguous()
+
+
+def layer_ab(repeats: int):
+    print("| sequences x context | kernel ms | PyTorch ms | speedup |\n|---|---|---|---|")
+    for streams, context in LAYER_CASES:
+        num_blocks = streams * context // BLOCK + 8
+        k = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(streams, HEADS, HEAD_DIM).to(torch.bfloat16)
+        tables = scattered_blocks(streams, context, num_blocks)
+        lens = torch.full((streams,), context)
+        mask = torch.ones(streams, tables.shape[1] * BLOCK, dtype=torch.bool)
+        ours, theirs = turns_best_ms(lambda: cpu_attention.decode_attention(q, k, v, tables, lens, HEAD_DIM**-0.5),
+                                     lambda: decode_attention(q, k, v, tables, mask, HEAD_DIM**-0.5), repeats)
+        print(f"| {streams} x {context} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
+
+
+def engine_ab(quantization: str | None, streams: int, contexts: list[int], repeats: int):
+    from bench_int4_kernel import CHECKPOINT
+
+    if not (CHECKPOINT / "config.json").is_file():
+        write_random_checkpoint(CHECKPOINT, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "shards": 10})
+    tokens = streams * max(contexts)
+    kv_gib = tokens * 40 * 1024 / 2**30 + 0.25
+    engine = build_llm_engine(EngineArgs(model=str(CHECKPOINT), dtype="bfloat16", quantization=quantization,
+                                         kv_cache_memory=f"{kv_gib:.2f}GiB", max_num_seqs=max(streams, 1),
+                                         max_model_len=max(contexts) + 16))
+    runner = engine.runner
+    for t in runner.kv.k + runner.kv.v:
+        t.normal_()
+    num_blocks = runner.kv.num_blocks
+    print(f"\nglm-4-9b-chat's 40 layers, {quantization or 'bf16'}, {streams} stream(s), decode step ms (medians of {repeats}):")
+    print("| context | kernel | PyTorch | speedup |\n|---|---|---|---|")
+    for context in contexts:
+        tables = scattered_blocks(streams, context, num_blocks).tolist()
+        batch = ScheduledBatch([SeqChunk([100 + i], context - 1, tables[i]) for i in range(streams)])
+
+        def step() -> float:
+            t0 = time.perf_counter()
+            runner.execute(batch)
+            return (time.perf_counter() - t0) * 1000
+
+        times = {"kernel": [], "pytorch": []}
+        step()
+        for _ in range(repeats):
+            times["kernel"].append(step())
+            with mock.patch.object(cpu_attention, "runs", lambda q, k_cache: False):
+                times["pytorch"].append(step())
+        ours, theirs = (statistics.median(times[w]) for w in ("kernel", "pytorch"))
+        print(f"| {context} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f}x |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--engine", action="store_true", help="the 40-layer decode step instead of one layer")
+    ap.add_argument("--quantization", default="int4", choices=["int4", "int8", "none"])
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--contexts", default="512,4096,16384,32768")
+    a = ap.parse_args()
+    if cpu_attention._kernel() is None:
+        raise SystemExit("decode_attention.c does not run here (no AVX2 and FMA, or no C compiler)")
+    torch.manual_seed(0)
+    if a.engine:
+        engine_ab(None if a.quantization == "none" else a.quantization, a.streams, [int(c) for c in a.contexts.split(",")], a.repeats)
+    else:
+        layer_ab(a.repeats)
+
+
+if __name__ == "__main__":
+    main()
