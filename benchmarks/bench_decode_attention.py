@@ -15,7 +15,8 @@ random K/V written there (a step's time does not depend on the values), so no 16
     .venv/bin/python benchmarks/bench_decode_attention.py --engine [--quantization int4] [--streams 1]
         [--contexts 512,4096,16384,32768] [--repeats 3]
 
-With GLM4SERVE_MAX_CPU_ISA=avx2 (and ATEN_CPU_CAPABILITY=avx2 for PyTorch's side) the AVX2 build runs.
+The kernel runs where the CPU has AVX-512 (cpu_attention.py); --build avx512 takes its fp32 way on a CPU with
+AVX-512 BF16 too (as a CPU without BF16 runs it).
 """
 
 from __future__ import annotations
@@ -102,14 +103,22 @@ def main():
     ap.add_argument("--quantization", default="int4", choices=["int4", "int8", "none"])
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--contexts", default="512,4096,16384,32768")
+    ap.add_argument("--build", choices=list(cpu_attention.BUILDS), help="by default the fastest this CPU runs")
     a = ap.parse_args()
     if cpu_attention._kernel() is None:
-        raise SystemExit("decode_attention.c does not run here (no AVX2 and FMA, or no C compiler)")
+        raise SystemExit("decode_attention.c does not run here (no AVX-512, or no C compiler)")
+    here = cpu_attention.builds()
+    if a.build and a.build not in here:
+        raise SystemExit(f"this CPU does not run the {a.build} build")
+    cpu_attention._kernel.cache_clear()
     torch.manual_seed(0)
-    if a.engine:
-        engine_ab(None if a.quantization == "none" else a.quantization, a.streams, [int(c) for c in a.contexts.split(",")], a.repeats)
-    else:
-        layer_ab(a.repeats)
+    with mock.patch.object(cpu_attention, "builds", lambda: [a.build] if a.build else here):
+        print(f"decode_attention.c's {cpu_attention.builds()[0]} build")
+        if a.engine:
+            contexts = [int(c) for c in a.contexts.split(",")]
+            engine_ab(None if a.quantization == "none" else a.quantization, a.streams, contexts, a.repeats)
+        else:
+            layer_ab(a.repeats)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from glm4serve.model.attention import decode_attention
 from glm4serve.model.batch import SeqChunk, build_batch
 
 pytestmark = pytest.mark.skipif(cpu_attention._kernel() is None, reason="decode_attention.c does not run here "
-                                "(no AVX2 and FMA, or no C compiler)")
+                                "(no AVX-512, or no C compiler)")
 
 # (query heads, KV heads, head dim, block size, context lengths): glm-4-9b's 32 over 2 heads of 128;
 # glm-4-9b-chat-1m's groups of 8; 64 over 2 (two units of 16 lanes a KV head); multi-head (groups of 1);
@@ -51,7 +51,7 @@ def pytorch_truth(q, k, v, tables, lens):
 
 @pytest.fixture(params=list(cpu_attention.BUILDS))
 def build(request):
-    """Each build this CPU runs (the AVX-512 BF16 one, AVX-512, AVX2)."""
+    """Each build this CPU runs (AVX-512 BF16's, AVX-512's)."""
     if request.param not in cpu_attention.builds():
         pytest.skip(f"this CPU does not run the {request.param} build")
     return request.param

@@ -7,9 +7,9 @@ each sequence to its own length (no padding to the longest), in fp32 sums, over 
 caches. At glm-4-9b's heads, a layer's decode attention: one sequence 2-4x quicker from 2K to 32K
 tokens of context, batches of 4-64 sequences 1.3-1.7x (BENCHMARKS.md, "Decode attention on CPU").
 
-Where the CPU has AVX-512 the 16-lane build runs, with AVX-512 BF16 reading bf16 caches as they are, else
-the 8-lane AVX2 one (GLM4SERVE_MAX_CPU_ISA=avx2 picks it on an AVX-512 CPU too); without AVX2 and FMA, a C
-compiler, or on a build error (logged), `runs()` is False and decodes attend in PyTorch.
+It runs where the CPU has AVX-512, with AVX-512 BF16 reading bf16 caches as they are; without AVX-512 (or
+with GLM4SERVE_MAX_CPU_ISA=avx2), a C compiler, or on a build error (logged), `runs()` is False and decodes
+attend in PyTorch (an AVX2 build measured level with it: decode_attention.c).
 """
 
 from __future__ import annotations
@@ -24,20 +24,17 @@ from .int8_kernel import cpu_has, load_library
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's target attribute
-CPU_FLAGS = ("avx2", "fma")
+CPU_FLAGS = ("avx512f",)
 MAX_HEAD_DIM = 256  # decode_attention.c's MAX_D
 MAX_SPLITS = 64  # and its MAX_SPLITS
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
 MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
 
-# decode_attention.c's builds, the fastest first: the CPU flags each needs and its lanes (query heads a unit of work
-# takes). avx512bf16 multiplies bf16 caches in pairs with vdpbf16ps; fp32 caches take the avx512 way there too.
-BUILDS = {
-    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), 16),
-    "avx512": (("avx512f",), 16),
-    "avx2": (CPU_FLAGS, 8),
-}
+# decode_attention.c's builds, the fastest first, and the CPU flags each needs. avx512bf16 multiplies bf16 caches
+# in pairs with vdpbf16ps; fp32 caches take the avx512 way there too.
+BUILDS = {"avx512bf16": ("avx512f", "avx512bw", "avx512_bf16"), "avx512": CPU_FLAGS}
+LANES = 16  # query heads a unit of work takes (decode_attention.c's LANES)
 
 
 @functools.cache
@@ -46,13 +43,13 @@ def _library() -> ctypes.CDLL | None:
 
 
 def builds() -> list[str]:
-    """The builds this CPU runs, the fastest first (GLM4SERVE_MAX_CPU_ISA=avx2 leaves the AVX2 one)."""
-    return [name for name, (flags, _) in BUILDS.items() if _library() is not None and cpu_has(flags)]
+    """The builds this CPU runs, the fastest first (none with GLM4SERVE_MAX_CPU_ISA=avx2)."""
+    return [name for name, flags in BUILDS.items() if _library() is not None and cpu_has(flags)]
 
 
 @functools.cache
-def _kernel(build: str | None = None) -> tuple[ctypes._CFuncPtr, int] | None:
-    """A build's function (by default the fastest here) and its lanes; None where none runs."""
+def _kernel(build: str | None = None) -> ctypes._CFuncPtr | None:
+    """A build's function (by default the fastest here); None where none runs."""
     runnable = builds()
     if not runnable:
         return None
@@ -62,7 +59,7 @@ def _kernel(build: str | None = None) -> tuple[ctypes._CFuncPtr, int] | None:
     fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
                    ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn, BUILDS[build][1]
+    return fn
 
 
 def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -92,10 +89,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     threads = torch.get_num_threads()
-    kernel, lanes = _kernel(build)
-    parts = b * hkv * -(-(hq // hkv) // lanes)  # units of work before the splits
+    parts = b * hkv * -(-(hq // hkv) // LANES)  # units of work before the splits
     splits = splits or splits_for(parts, int(lens.max()), threads)
-    status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
+    status = _kernel(build)(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
                     tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size, scale, splits,
                     out.data_ptr(), threads)
     if status != 0:

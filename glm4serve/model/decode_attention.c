@@ -1,5 +1,5 @@
 /* Decode attention on CPU: one query per sequence over its paged K/V, read in place (cpu_attention.py
- * builds it where the CPU has AVX2 and FMA; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
+ * builds it where the CPU has AVX-512; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
  *
  * PyTorch's way gathers each sequence's blocks into a new tensor every layer and step, then runs SDPA
  * over the copy: at a 16K context, 4.2 of a layer's 5.5 ms were that gather (BENCHMARKS.md). Here each
@@ -10,10 +10,10 @@
  * likewise adds into 16 heads' outputs. K and V are widened to fp32 a few tokens at a time; every sum
  * is fp32; exp is a polynomial (relative error under 2e-7).
  *
- * decode_attention_lanes.h holds the kernel for one vector width, included here for each build: 16 lanes
- * for AVX-512 (a query head a lane), 8 for AVX2 (a unit then takes 8 query heads, and a KV head's 16 read
- * its keys twice); GCC's vector types carry the width. Where the CPU has AVX-512 BF16, bf16 caches are read
- * as they are and multiplied by `vdpbf16ps` in pairs (attend_dot): ~1.6x the widened way.
+ * decode_attention_kernel.h holds the kernel, included here once for each build: AVX-512, and AVX-512 BF16,
+ * where bf16 caches are read as they are and multiplied by `vdpbf16ps` in pairs (attend_dot): 1.3-1.7x the
+ * widened way. An AVX2 build (8 lanes: a KV head's keys read and widened once for each 8 of its 16 query
+ * heads) measured level with PyTorch's gather and SDPA, so CPUs without AVX-512 keep PyTorch's way.
  */
 #include <float.h>
 #include <immintrin.h>
@@ -40,7 +40,7 @@ static inline __attribute__((always_inline)) uint16_t to_bf16(float f) {
 #define BF16_DOT 1
 #define ISA "avx512f,avx512bw,avx512bf16"
 #define F(name) name##_avx512bf16
-#include "decode_attention_lanes.h"
+#include "decode_attention_kernel.h"
 #undef BF16_DOT
 #undef ISA
 #undef F
@@ -48,16 +48,4 @@ static inline __attribute__((always_inline)) uint16_t to_bf16(float f) {
 #define BF16_DOT 0
 #define ISA "avx512f"
 #define F(name) name##_avx512
-#include "decode_attention_lanes.h"
-#undef LANES
-#undef NT
-#undef DT
-#undef ISA
-#undef F
-
-#define LANES 8
-#define NT 4
-#define DT 4
-#define ISA "avx2,fma"
-#define F(name) name##_avx2
-#include "decode_attention_lanes.h"
+#include "decode_attention_kernel.h"

@@ -1,5 +1,5 @@
-/* The decode attention kernel for one vector width (decode_attention.c includes it once for each build): LANES
- * query heads a vector, NT tokens and DT value dims a step, the functions built for ISA and named F(name); with
+/* The decode attention kernel (decode_attention.c includes it once for each build): LANES query heads a vector
+ * (GCC's vector types), NT tokens and DT value dims a step, the functions built for ISA and named F(name); with
  * BF16_DOT (AVX-512 BF16), bf16 caches go through attend_dot. */
 
 typedef float F(vec) __attribute__((vector_size(LANES * 4)));
