@@ -75,7 +75,8 @@ def engine_ab(quantization: str | None, streams: int, contexts: list[int], repea
     for t in runner.kv.k + runner.kv.v:
         t.normal_()
     num_blocks = runner.kv.num_blocks
-    print(f"\nglm-4-9b-chat's 40 layers, {quantization or 'bf16'}, {streams} stream(s), decode step ms (medians of {repeats}):")
+    print(f"\nglm-4-9b-chat's 40 layers, {quantization or 'bf16'}, {streams} stream(s), decode step ms "
+          f"(medians of {repeats}):")
     print("| context | kernel | PyTorch | speedup |\n|---|---|---|---|")
     for context in contexts:
         tables = scattered_blocks(streams, context, num_blocks).tolist()

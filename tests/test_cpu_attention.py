@@ -9,6 +9,7 @@ import torch
 from glm4serve.model import attention, cpu_attention
 from glm4serve.model.attention import decode_attention
 from glm4serve.model.batch import SeqChunk, build_batch
+from tests.paged_caches import scattered_cache
 
 pytestmark = pytest.mark.skipif(cpu_attention._kernel() is None, reason="decode_attention.c does not run here "
                                 "(no AVX-512, or no C compiler)")
@@ -25,23 +26,6 @@ CASES = [
     (6, 2, 16, 1, [1, 2, 40]),
     (12, 4, 256, 64, [63, 64, 65, 700]),
 ]
-
-
-def scattered_cache(hq, hkv, d, block_size, lens, dtype, seed=0):
-    """Random caches, and block tables that take the blocks in a shuffled order (tables zero padded)."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in lens]
-    num_blocks = sum(need) + 3
-    k = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
-    v = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(dtype)
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    tables = torch.zeros(len(lens), max(need), dtype=torch.long)
-    taken = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(order[taken : taken + n])
-        taken += n
-    q = torch.randn(len(lens), hq, d, generator=g).to(dtype) * 3  # scores of a few units: a peaked softmax
-    return q, k, v, tables, torch.tensor(lens)
 
 
 def pytorch_truth(q, k, v, tables, lens):
@@ -61,7 +45,7 @@ def build(request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kernel_equals_the_pytorch_decode_attention(case, dtype, build):
     hq, hkv, d, block_size, lens = case
-    q, k, v, tables, ctx = scattered_cache(hq, hkv, d, block_size, lens, dtype)
+    q, k, v, tables, ctx = scattered_cache(hq, hkv, d, block_size, lens, dtype, q_scale=3)
     assert cpu_attention.runs(q, k)
     truth = pytorch_truth(q, k, v, tables, ctx)
     for splits in (None, 1, 3, 64):

@@ -22,6 +22,7 @@ from glm4serve.model.glm4 import load_model
 from glm4serve.model.paged_decode import num_splits, paged_decode_attention
 from glm4serve.model.runner import EagerRunner
 from tests.gpu_compile import compiled_in_a_fresh_process, each_compiled
+from tests.paged_caches import scattered_cache
 
 
 # (query heads, KV heads, head dim, block size, context lengths): glm-4-9b's 32 over 2 heads of 128;
@@ -33,23 +34,6 @@ CASES = [
     (6, 3, 32, 8, [9, 128, 129]),
     (4, 2, 16, 4, [3, 200]),
 ]
-
-
-def scattered_cache(hq, hkv, d, block_size, lens, dtype, device, seed=0):
-    """Random caches, and block tables that take the blocks in a shuffled order (tables zero padded)."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in lens]
-    num_blocks = sum(need) + 3
-    k = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(device, dtype)
-    v = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(device, dtype)
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    tables = torch.zeros(len(lens), max(need), dtype=torch.long)
-    taken = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(order[taken : taken + n])
-        taken += n
-    q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
-    return q, k, v, tables.to(device), torch.tensor(lens, device=device)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}over{c[1]}x{c[2]}-bs{c[3]}")

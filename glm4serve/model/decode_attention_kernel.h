@@ -63,6 +63,18 @@ INLINE void F(prefetch_next_block)(const char *kc, const char *vc, int64_t esize
         }
 }
 
+/* The step from token t of [t0, t1): its count of tokens (at most NT, all in t's block) and the element offset of
+ * its first row in the caches (*row); on a block's first step the next block is prefetched. */
+INLINE int64_t F(step_at)(const char *kc, const char *vc, int64_t esize, const int64_t *table, int64_t block_size,
+                          int64_t stride, int64_t h, int64_t D, int64_t t, int64_t t0, int64_t t1, int64_t *row) {
+    const int64_t off = t % block_size;
+    int64_t n = t1 - t < NT ? t1 - t : NT;
+    if (n > block_size - off) n = block_size - off;
+    *row = (table[t / block_size] * block_size + off) * stride + h * D;
+    if (off == 0 || t == t0) F(prefetch_next_block)(kc, vc, esize, table, block_size, stride, h, D, t, t1);
+    return n;
+}
+
 /* A step's scores s [NT] (the first n real) into the running max m and sum of exps l, acc [D] rescaled to the new
  * max -> the step's weights p [NT] (0 past n). */
 INLINE void F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *acc, int64_t D, vec *p) {
@@ -89,11 +101,8 @@ INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, c
     vec m = F(splat)(-FLT_MAX), l = F(splat)(0.0f);
     for (int64_t d = 0; d < D; d++) acc[d] = F(splat)(0.0f);
     for (int64_t t = t0; t < t1;) {
-        int64_t off = t % block_size, n = t1 - t;
-        if (n > NT) n = NT;
-        if (n > block_size - off) n = block_size - off;  /* the tokens of one step lie in one block */
-        int64_t row = (table[t / block_size] * block_size + off) * stride + h * D;
-        if (off == 0 || t == t0) F(prefetch_next_block)(kc, vc, esize, table, block_size, stride, h, D, t, t1);
+        int64_t row;
+        const int64_t n = F(step_at)(kc, vc, esize, table, block_size, stride, h, D, t, t0, t1, &row);
         F(widen_rows)((const char *)kc + row * esize, bf16, stride, n, D, kf);
         F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
 
@@ -134,12 +143,9 @@ INLINE void F(attend_dot)(const __m512i *qP, float scale, const uint16_t *kc, co
     vec m = F(splat)(-FLT_MAX), l = F(splat)(0.0f);
     for (int64_t d = 0; d < D; d++) acc[d] = F(splat)(0.0f);
     for (int64_t t = t0; t < t1;) {
-        int64_t off = t % block_size, n = t1 - t;
-        if (n > NT) n = NT;
-        if (n > block_size - off) n = block_size - off;  /* the tokens of one step lie in one block */
-        const int64_t row = (table[t / block_size] * block_size + off) * stride + h * D;
-        if (off == 0 || t == t0)
-            F(prefetch_next_block)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, t, t1);
+        int64_t row;
+        const int64_t n = F(step_at)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, t, t0, t1,
+                                     &row);
         const uint16_t *k[NT], *v[NT];
         for (int i = 0; i < NT; i++) {
             k[i] = i < n ? kc + row + i * stride : zeros;
