@@ -4,8 +4,9 @@ the system C compiler, a cache folder, ctypes, torch's OpenMP runtime).
 PyTorch's way (attention.decode_attention) gathers every decoding sequence's blocks into a new
 tensor, each layer and step, and runs SDPA over the copy; the kernel reads the blocks in place,
 each sequence to its own length (no padding to the longest), in fp32 sums, over bf16 or fp32
-caches. At glm-4-9b's heads, a layer's decode attention: one sequence 2-4x quicker from 2K to 32K
-tokens of context, batches of 4-64 sequences 1.3-1.7x (BENCHMARKS.md, "Decode attention on CPU").
+caches. At glm-4-9b's heads on an AMD EPYC, a layer's decode attention 2.2-3.3x quicker (1.7-3.5x
+without AVX-512 BF16), from one sequence at 512-32K tokens of context to 64 sequences of 512; the
+40-layer int4 decode step 1.4x at 16K and 1.7x at 32K (BENCHMARKS.md, "Decode attention on CPU").
 
 It runs where the CPU has AVX-512, with AVX-512 BF16 reading bf16 caches as they are; without AVX-512 (or
 with GLM4SERVE_MAX_CPU_ISA=avx2), a C compiler, or on a build error (logged), `runs()` is False and decodes
@@ -91,7 +92,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     threads = torch.get_num_threads()
     parts = b * hkv * -(-(hq // hkv) // LANES)  # units of work before the splits
     splits = splits or splits_for(parts, int(lens.max()), threads)
-    status = _kernel(build)(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
+    kernel = _kernel(build)
+    status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
                     tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size, scale, splits,
                     out.data_ptr(), threads)
     if status != 0:
