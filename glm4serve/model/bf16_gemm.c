@@ -15,18 +15,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "bf16_scalar.h"
+
 #define PREFETCH_BYTES 512
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-static inline uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);  /* round to nearest even */
-}
-
-static inline float from_bf16(uint16_t b) {
-    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
-    return v.f;
-}
 
 /* The next 4 weight rows' lines at k into L2 (next: their first, or NULL), on every passes-th call from the pass-th
  * (*wait counts down): the passes of a batch over the rows before them ask for each line once. */

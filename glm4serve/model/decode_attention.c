@@ -21,18 +21,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16_scalar.h"
+
 #define MAX_D 256  /* head sizes up to this (GLM-4: 128), a multiple of DT */
 #define MAX_SPLITS 64
-
-static inline __attribute__((always_inline)) float from_bf16(uint16_t b) {
-    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
-    return v.f;
-}
-
-static inline __attribute__((always_inline)) uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);  /* round to nearest even */
-}
 
 #define LANES 16  /* query heads a unit takes */
 #define NT 8      /* tokens a step: their scores are NT independent sums (even, for attend_dot's pairs) */
