@@ -5,10 +5,12 @@ of --model, full vocabulary, --quantization), in one process:
    after a 512-token context, at 1 and 8 sequences: the price of checking a draft;
 2. end to end, one engine with and without speculation taking turns (greedy, 1 and 8 streams,
    --new-tokens): tokens/s, the share of drafted tokens kept, and whether the tokens are the same;
-3. (--attention) the attention of one short span at glm-4-9b's heads, with its query groups folded
-   (attention.py) and without;
+3. (--attention) the attention of one short span at glm-4-9b's heads: in decode_attention.c
+   (cpu_attention.py), and in PyTorch with its query groups folded (attention.py) and without;
 4. (--lookup) one draft lookup that finds nothing (the engine thread's cost per decoding sequence and
-   step) at long contexts, against the sliding-window search of commit b31de01 when git has it.
+   step) at long contexts, against the sliding-window search of commit b31de01 when git has it;
+5. (--context N) part 1 alone after N cached tokens, the drafts' attention in decode_attention.c and in
+   PyTorch taking turns (decodes in the kernel both ways).
 
 Random weights repeat nothing of their context, and the gain depends on nothing else, so part 2 runs
 a *steered* copy of the model: every layer as it is (the same work per token), but the embeddings of
@@ -20,6 +22,7 @@ draft wrong: the cost of speculation gone wrong. The acceptance is chosen, not a
 costs are measured.
 
     .venv/bin/python benchmarks/bench_speculative.py [--model DIR] [--quantization int8] [--repeats 5]
+        [--attention | --lookup | --context N]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from safetensors.torch import save_file
 
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model import attention
+from glm4serve.model import attention, cpu_attention
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
@@ -105,14 +108,14 @@ def workloads(first: int, doc: int) -> dict[str, tuple[list[int], list[int]]]:
     return out
 
 
-def forward_ms(runner, seqs: int, k: int, repeats: int) -> float:
+def forward_ms(runner, seqs: int, k: int, repeats: int, context: int = CONTEXT, fill: bool = True) -> float:
     """Median time of one forward: `seqs` sequences, each with its real token and k drafted ones after
-    a CONTEXT-token cache (filled once, untimed; the K/V values do not change the time)."""
-    width = -(-(CONTEXT + 1 + k) // BLOCK)
+    a `context`-token cache (filled once, untimed, if `fill`; the K/V values do not change the time)."""
+    width = -(-(context + 1 + k) // BLOCK)
     tables = [list(range(i * width, (i + 1) * width)) for i in range(seqs)]
-    for t in tables:
-        runner.execute(ScheduledBatch([SeqChunk([7] * CONTEXT, 0, t, want_logits=False)]))
-    chunks = [SeqChunk([100 + j for j in range(1 + k)], CONTEXT, t, all_logits=k > 0) for t in tables]
+    for t in tables if fill else []:
+        runner.execute(ScheduledBatch([SeqChunk([7] * context, 0, t, want_logits=False)]))
+    chunks = [SeqChunk([100 + j for j in range(1 + k)], context, t, all_logits=k > 0) for t in tables]
     runner.execute(ScheduledBatch(chunks))
     times = []
     for _ in range(repeats):
@@ -141,13 +144,16 @@ def generate(engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[in
 
 
 def attention_table(repeats: int) -> None:
-    """Part 3: prefill_attention of n queries after a context, folded and not, bf16, glm-4-9b's heads."""
+    """Part 3: prefill_attention of n queries after a context, bf16, glm-4-9b's heads: in decode_attention.c, and
+    in PyTorch folded and not."""
+    kernel = cpu_attention._kernel() is not None
     print(f"\n3. attention of one span, glm-4-9b's 32 query heads over 2 KV heads of 128, bf16, ms a layer "
-          f"(median of {repeats}):\n")
-    print("| cached tokens | queries | not folded | folded | ratio |")
-    print("|---|---|---|---|---|")
-    fold = attention.FOLD_MAX_QUERIES
-    for ctx in (512, 8192):
+          f"(median of {repeats}; decode_attention.c {'runs' if kernel else 'does not run'} here):\n")
+    print("| cached tokens | queries | PyTorch, not folded | PyTorch, folded | decode_attention.c | kernel against "
+          "the better PyTorch |")
+    print("|---|---|---|---|---|---|")
+    fold, span_max = attention.FOLD_MAX_QUERIES, cpu_attention.MAX_SPAN_QUERIES
+    for ctx in (512, 8192, 32768):
         nb = -(-ctx // BLOCK) + 1
         k_cache = torch.randn(nb, BLOCK, 2, 128, dtype=torch.bfloat16)
         v_cache = torch.randn_like(k_cache)
@@ -155,8 +161,8 @@ def attention_table(repeats: int) -> None:
             q = torch.randn(n, 32, 128, dtype=torch.bfloat16)
             span = attention.PrefillSpan(0, n, ctx, torch.arange(nb))
             ms = []
-            for limit in (0, 10**6):
-                attention.FOLD_MAX_QUERIES = limit
+            for fold_limit, kernel_limit in [(0, 0), (10**6, 0)] + [(0, span_max)] * kernel:
+                attention.FOLD_MAX_QUERIES, cpu_attention.MAX_SPAN_QUERIES = fold_limit, kernel_limit
                 attention.prefill_attention(q, k_cache, v_cache, span, 0.088)
                 times = []
                 for _ in range(repeats):
@@ -164,8 +170,40 @@ def attention_table(repeats: int) -> None:
                     attention.prefill_attention(q, k_cache, v_cache, span, 0.088)
                     times.append(time.perf_counter() - t0)
                 ms.append(statistics.median(times) * 1000)
-            print(f"| {ctx} | {n} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[0] / ms[1]:.2f}x |", flush=True)
-    attention.FOLD_MAX_QUERIES = fold
+            cells = [f"{x:.2f}" for x in ms] + ["-"] * (3 - len(ms))
+            ratio = f"{min(ms[:2]) / ms[2]:.2f}x" if kernel else "-"
+            print(f"| {ctx} | {n} | " + " | ".join(cells) + f" | {ratio} |", flush=True)
+    attention.FOLD_MAX_QUERIES, cpu_attention.MAX_SPAN_QUERIES = fold, span_max
+
+
+def long_context_table(model: Path, quantization: str, context: int, repeats: int) -> None:
+    """Part 5: one forward with a draft of k tokens after `context` cached tokens, the drafts' attention in the
+    kernel and in PyTorch (its span limit 0) taking turns; the cache not filled (its values do not change the
+    time: decode_attention.c reads to each sequence's length whatever it holds)."""
+    if cpu_attention._kernel() is None:
+        raise SystemExit("decode_attention.c does not run here")
+    width = -(-(context + 9) // BLOCK)
+    engine = build_llm_engine(EngineArgs(
+        model=str(model), dtype="bfloat16", num_kv_blocks=8 * width + 1, max_num_seqs=16, block_size=BLOCK,
+        enable_prefix_caching=False, quantization=None if quantization == "none" else quantization))
+    print(f"{len(engine.runner.model.layers)}-layer glm-4-9b-chat shapes, {quantization}, {torch.get_num_threads()} "
+          f"threads\n\n5. one forward after a {context}-token context, ms (median of {repeats}, the two ways taking "
+          f"turns), k drafted tokens' attention in decode_attention.c / in PyTorch:\n")
+    print("| sequences | k = 0 | " + " | ".join(f"k = {k}" for k in (1, 2, 4, 8)) + " |")
+    print("|---|---|---|---|---|---|")
+    span_max = cpu_attention.MAX_SPAN_QUERIES
+    for seqs in (1, 8):
+        ms = {}
+        for _ in range(repeats):
+            for k in (0, 1, 2, 4, 8):
+                for limit in (span_max, 0) if k else (span_max,):
+                    cpu_attention.MAX_SPAN_QUERIES = limit
+                    ms.setdefault((k, limit), []).append(forward_ms(engine.runner, seqs, k, 1, context, fill=False))
+        cpu_attention.MAX_SPAN_QUERIES = span_max
+        med = {key: statistics.median(v) for key, v in ms.items()}
+        cells = [f"{med[0, span_max]:.1f}"] + [
+            f"{med[k, span_max]:.1f} / {med[k, 0]:.1f} ({med[k, 0] / med[k, span_max]:.2f}x)" for k in (1, 2, 4, 8)]
+        print(f"| {seqs} | " + " | ".join(cells) + " |", flush=True)
 
 
 def lookup_table(repeats: int) -> None:
@@ -212,11 +250,14 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--attention", action="store_true", help="part 3 alone")
     ap.add_argument("--lookup", action="store_true", help="part 4 alone")
+    ap.add_argument("--context", type=int, help="part 5 alone: part 1 after this many cached tokens")
     a = ap.parse_args()
     if a.attention:
         return attention_table(max(a.repeats, 20))
     if a.lookup:
         return lookup_table(max(a.repeats, 20))
+    if a.context:
+        return long_context_table(a.model or SLICE, a.quantization, a.context, a.repeats)
     with tempfile.TemporaryDirectory() as d:
         src = a.model or (SLICE if SLICE.is_dir() else write_random_checkpoint(
             Path(d) / "slice", **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": 2}))

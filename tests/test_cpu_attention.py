@@ -1,5 +1,6 @@
-"""decode_attention.c (cpu_attention.py): one query per sequence over its paged K/V, read in place, against
-PyTorch's decode attention (attention.decode_attention), in each build the CPU runs."""
+"""decode_attention.c (cpu_attention.py): one query per sequence, or a short span of a sequence's last tokens,
+over its paged K/V, read in place, against PyTorch's decode attention (attention.decode_attention), in each build
+the CPU runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from glm4serve.model import attention, cpu_attention
-from glm4serve.model.attention import decode_attention
+from glm4serve.model.attention import PrefillSpan, decode_attention
 from glm4serve.model.batch import SeqChunk, build_batch
 from tests.paged_caches import scattered_cache
 
@@ -56,10 +57,12 @@ def test_kernel_equals_the_pytorch_decode_attention(case, dtype, build):
 
 
 def test_kernel_reads_nothing_past_the_context(build):
-    """Keys past a sequence's length (the rest of its last block, and blocks the table does not list)
-    are never read: filling them with nan changes nothing."""
+    """Keys past a sequence's length (the rest of its last block, and blocks the table does not list) are never
+    read, by a decode or by a span: filling them with nan changes nothing."""
     q, k, v, tables, ctx = scattered_cache(32, 2, 128, 16, [20, 70], torch.bfloat16)
+    span = q[1:].repeat(5, 1, 1)  # the last 5 tokens of the second sequence
     before = cpu_attention.decode_attention(q, k, v, tables, ctx, 0.1, build=build)
+    span_before = cpu_attention.span_attention(span, k, v, tables[1], 70, 0.1, build=build)
     used = {(int(tables[i, p // 16]), p % 16) for i, n in enumerate(ctx.tolist()) for p in range(n)}
     for blk in range(k.shape[0]):
         for slot in range(16):
@@ -67,6 +70,7 @@ def test_kernel_reads_nothing_past_the_context(build):
                 k[blk, slot], v[blk, slot] = float("nan"), float("nan")
     after = cpu_attention.decode_attention(q, k, v, tables, ctx, 0.1, build=build)
     assert torch.equal(before, after)
+    assert torch.equal(span_before, cpu_attention.span_attention(span, k, v, tables[1], 70, 0.1, build=build))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -101,3 +105,59 @@ def test_splits_give_each_thread_a_few_units():
     assert cpu_attention.splits_for(2, 50, 2) == 1
     assert cpu_attention.splits_for(128, 16384, 2) == 1  # 64 sequences: already 64 units a thread
     assert cpu_attention.splits_for(1, 1 << 20, 64) == cpu_attention.MAX_SPLITS
+
+
+def span_truth(q, k, v, table, ctx):
+    """A span's n queries q [n, Hq, D] ending a context of ctx tokens, by PyTorch's decode attention: query i as
+    the decode of a sequence ctx - n + 1 + i tokens long."""
+    n = q.shape[0]
+    return pytorch_truth(q, k, v, table[None].repeat(n, 1), torch.arange(ctx - n + 1, ctx + 1))
+
+
+@pytest.mark.parametrize("n, ctx", [(2, 2), (5, 37), (17, 300), (64, 64), (64, 2000), (33, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_span_attends_causally_as_the_decodes_of_its_prefixes(n, ctx, dtype, build):
+    """A speculative draft or a short chunk: each query sees its context up to its own token, the same as the decode
+    of that prefix; the step's keys are shared by the queries, which see different numbers of them."""
+    _, k, v, tables, _ = scattered_cache(32, 2, 128, 16, [ctx], dtype)
+    q = (torch.randn(n, 32, 128, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    truth = span_truth(q, k, v, tables[0], ctx)
+    for splits in (None, 1, 3):
+        ours = cpu_attention.span_attention(q, k, v, tables[0], ctx, 128**-0.5, splits=splits, build=build)
+        assert ours.dtype == dtype and ours.shape == q.shape
+        bound = 5e-5 if dtype == torch.float32 else 1.6e-2  # fp32: sums of up to 5,000 terms in another order
+        assert (ours.float() - truth).abs().max().item() < bound, splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_call_takes_spans_and_decodes_of_several_sequences(dtype, build):
+    """paged_attention: sequences of 1, 4, 1 and 9 queries in one batch, at 64 over 2 heads (two lanes' chunks a KV
+    head), each over its own blocks to its own length."""
+    hq, hkv, d, bs, lens, spans = 64, 2, 64, 8, [9, 130, 40, 77], [1, 4, 1, 9]
+    _, k, v, tables, ctx = scattered_cache(hq, hkv, d, bs, lens, dtype)
+    q = torch.randn(sum(spans), hq, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    starts = torch.tensor([0, *spans]).cumsum(0)
+    ours = cpu_attention.paged_attention(q, k, v, tables, ctx, starts, d**-0.5, build=build)
+    truth = torch.cat([span_truth(q[starts[b] : starts[b + 1]], k, v, tables[b], lens[b]) for b in range(4)])
+    assert (ours.float() - truth).abs().max().item() < (2e-5 if dtype == torch.float32 else 1.6e-2)
+
+
+def test_a_span_past_the_kernels_limits_is_refused():
+    _, k, v, tables, _ = scattered_cache(32, 2, 128, 16, [100], torch.float32)
+    for n, ctx in [(cpu_attention.MAX_SPAN_QUERIES + 1, 100), (5, 4)]:
+        with pytest.raises(ValueError, match="1 to 64 queries"):
+            cpu_attention.span_attention(torch.randn(n, 32, 128), k, v, tables[0], ctx, 0.1)
+
+
+def test_the_cpu_spans_attend_in_the_kernel_up_to_its_limit(monkeypatch):
+    """attention.prefill_attention sends a span of up to MAX_SPAN_QUERIES queries to the kernel; a longer one
+    attends in PyTorch's query tiles."""
+    calls = []
+    real = cpu_attention.span_attention
+    monkeypatch.setattr(cpu_attention, "span_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    _, k, v, tables, _ = scattered_cache(32, 2, 64, 16, [400], torch.float32)
+    for n, kernel_calls in [(64, 1), (65, 1)]:
+        q = torch.randn(n, 32, 64, generator=torch.Generator().manual_seed(n))
+        ours = attention.prefill_attention(q, k, v, PrefillSpan(0, n, 400, tables[0]), 0.125)
+        assert len(calls) == kernel_calls
+        assert (ours - span_truth(q, k, v, tables[0], 400)).abs().max().item() < 2e-5

@@ -16,7 +16,7 @@ from transformers import GlmConfig
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding, apply_rotary_pos_emb
 
 from glm4serve.engine.config import GPU_MEMORY_FRACTION, EngineArgs, plan_kv_cache
-from glm4serve.model import attention
+from glm4serve.model import attention, cpu_attention
 from glm4serve.model.attention import PrefillSpan, causal_attention_gpu, prefill_attention
 from glm4serve.model.batch import SeqChunk, build_batch
 from glm4serve.model.config import ModelConfig
@@ -122,6 +122,13 @@ def random_span(n: int, ctx: int, hq: int, hkv: int, d: int, block_size: int):
     return torch.randn(n, hq, d, generator=g), k_cache, v_cache, table
 
 
+@pytest.fixture
+def pytorch_spans(monkeypatch):
+    """Short spans on CPU attend in PyTorch (query tiles, or folded query groups), as on a CPU without AVX-512,
+    where decode_attention.c does not run (test_cpu_attention.py tests the kernel's spans)."""
+    monkeypatch.setattr(cpu_attention, "runs", lambda q, k_cache: False)
+
+
 def tiled_and_flag_causal(n: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One random span's attention [n, 8, 16] (2 KV heads, `past` cached tokens before it), by the
     CPU path (query tiles, boolean masks) and by causal_attention_gpu (one call, the causal flag
@@ -136,7 +143,7 @@ def tiled_and_flag_causal(n: int, past: int) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("past", [0, 37])
-def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
+def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch, pytorch_spans):
     """The CUDA branch of prefill attention (flag-causal, aligned to the last key; GQA heads shared
     where flash runs, repeated where it cannot) gives the tiled boolean-mask path's numbers; run
     here on CPU, where SDPA builds the flag's mask and either branch can be taken."""
@@ -147,7 +154,7 @@ def test_gpu_causal_path_equals_the_tiled_cpu_path(past, flash, monkeypatch):
 
 @pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("past", [0, 37])
-def test_gpu_causal_path_keeps_sdpa_off_cudnn(past, flash, monkeypatch):
+def test_gpu_causal_path_keeps_sdpa_off_cudnn(past, flash, monkeypatch, pytorch_spans):
     """cuDNN's attention builds a graph for each new length (hundreds of ms): the prefill path leaves
     SDPA's other kernels to choose from, a span without cached prefix (plain causal SDPA) included,
     and gives the choice back afterwards."""
@@ -179,7 +186,7 @@ def test_prefill_in_query_tiles_equals_one_causal_attention(past, query_tile, sc
 
 @pytest.mark.parametrize("n", [2, 5, 32])
 @pytest.mark.parametrize("past", [0, 37])
-def test_short_spans_fold_the_query_groups_and_equal_one_causal_attention(n, past, monkeypatch):
+def test_short_spans_fold_the_query_groups_and_equal_one_causal_attention(n, past, monkeypatch, pytorch_spans):
     """A draft or a short chunk (at most FOLD_MAX_QUERIES queries) runs as G x n rows of each KV head."""
     folds = []
     fold = attention.folded_span_attention

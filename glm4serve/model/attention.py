@@ -16,16 +16,16 @@ smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token ch
 BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 
-Decodes (one query a sequence) attend on CPU in decode_attention.c (cpu_attention.py), which reads each
-sequence's blocks in place; where it does not run, decode_attention gathers them and calls SDPA; on a GPU,
-paged_decode.py's kernel.
+On CPU, decodes (one query a sequence) and spans of up to 64 queries (a speculative draft, a prefill's small
+remainder) attend in decode_attention.c (cpu_attention.py), which reads each sequence's blocks in place; where it
+does not run, decode_attention gathers the blocks and calls SDPA. On a GPU, decodes take paged_decode.py's kernel.
 
 On a GPU in half precision all the step's prefill spans attend in one call of flash attention's
 variable-length kernel, over their contexts gathered from the cache into one packed K/V
 (`PackedPrefill`, built once a step): a step of many prompts is a few kernels a layer, not a few
 for each prompt.
 
-A short span (a speculative draft, a prefill's small remainder) on CPU folds each KV head's group
+A short span on a CPU the kernel does not run on (no AVX-512) folds each KV head's group
 of query heads into the query axis, as decode does: one pass over each KV head's keys serves all
 its queries, where SDPA's GQA reads them once per query head. At glm-4-9b's heads, 5 queries after
 8,192 cached tokens: 8.2 -> 2.2 ms a layer; it loses from 64 queries (BENCHMARKS.md, "Speculative
@@ -132,6 +132,8 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of one span's queries q [n, Hq, D] over the sequence's cache -> [n, Hq, D]."""
     n, hq, d = q.shape
+    if n <= cpu_attention.MAX_SPAN_QUERIES and cpu_attention.runs(q, k_cache):
+        return cpu_attention.span_attention(q, k_cache, v_cache, span.block_table, span.context_len, scale)
     past = span.context_len - n  # cached tokens before this span
     # 4-D [1, heads, len, D]: with a batch axis SDPA's CPU kernel stays the tiled flash one
     k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)[None]  # [1, Hkv, ctx, D]

@@ -8,6 +8,11 @@ caches. At glm-4-9b's heads on an AMD EPYC, a layer's decode attention 2.2-3.3x 
 without AVX-512 BF16), from one sequence at 512-32K tokens of context to 64 sequences of 512; the
 40-layer int4 decode step 1.4x at 16K and 1.7x at 32K (BENCHMARKS.md, "Decode attention on CPU").
 
+A sequence may bring up to MAX_SPAN_QUERIES queries, its last tokens (a speculative draft, a prefill's small
+remainder), each seeing the context up to its own token: a step's keys and values are read once for all of
+them. Against PyTorch's gather and SDPA with the query groups folded (attention.py), a layer's span of 2-64
+queries 1.2-2.9x quicker at 512-32K tokens (BENCHMARKS.md, "Speculative drafts in the decode attention kernel").
+
 It runs where the CPU has AVX-512, with AVX-512 BF16 reading bf16 caches as they are; without AVX-512 (or
 with GLM4SERVE_MAX_CPU_ISA=avx2), a C compiler, or on a build error (logged), `runs()` is False and decodes
 attend in PyTorch (an AVX2 build measured level with it: decode_attention.c).
@@ -28,6 +33,7 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's ta
 CPU_FLAGS = ("avx512f",)
 MAX_HEAD_DIM = 256  # decode_attention.c's MAX_D
 MAX_SPLITS = 64  # and its MAX_SPLITS
+MAX_SPAN_QUERIES = 64  # and its MAX_SPAN
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
 MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
@@ -55,16 +61,16 @@ def _kernel(build: str | None = None) -> ctypes._CFuncPtr | None:
     if not runnable:
         return None
     build = build or runnable[0]
-    fn = getattr(_library(), f"decode_attention_{build}")
+    fn = getattr(_library(), f"paged_attention_{build}")
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
+    fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
                    ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
 
 
 def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The kernel takes these decode queries q [B, Hq, D] over this cache [blocks, block_size, Hkv, D]."""
+    """The kernel takes these queries q [T, Hq, D] over this cache [blocks, block_size, Hkv, D]."""
     d = q.shape[-1]
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == q.dtype
             and d % 8 == 0 and d <= MAX_HEAD_DIM and k_cache.is_contiguous() and _kernel() is not None)
@@ -77,25 +83,48 @@ def splits_for(num_parts: int, max_context: int, threads: int) -> int:
     return max(1, min(wanted, MAX_SPLITS, max_context // MIN_SPLIT_TOKENS))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, splits: int | None = None,
-                     build: str | None = None) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached keys and values (this token's
-    included), blocks block_tables [B, width] of caches [blocks, block_size, Hkv, D] -> [B, Hq, D]. splits: as
-    splits_for chooses, unless given (1 to MAX_SPLITS); build: one of builds(), by default the first."""
-    b, hq, d = q.shape
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, query_starts: torch.Tensor, scale: float, splits: int | None = None,
+                    build: str | None = None) -> torch.Tensor:
+    """Each sequence b's queries, rows query_starts[b]:query_starts[b + 1] of q [T, Hq, D] (1 to MAX_SPAN_QUERIES),
+    are the last tokens of its first context_lens[b] cached keys and values, causal: its i-th of n sees the first
+    context_lens[b] - n + 1 + i. Blocks block_tables [B, width] of caches [blocks, block_size, Hkv, D] -> [T, Hq, D].
+    splits: as splits_for chooses, unless given (1 to MAX_SPLITS); build: one of builds(), by default the first."""
+    _, hq, d = q.shape
+    b = block_tables.shape[0]
     _, block_size, hkv, _ = k_cache.shape
     q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
+    starts = query_starts.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     threads = torch.get_num_threads()
     parts = b * hkv * -(-(hq // hkv) // LANES)  # units of work before the splits
     splits = splits or splits_for(parts, int(lens.max()), threads)
     kernel = _kernel(build)
     status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
-                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size, scale, splits,
-                    out.data_ptr(), threads)
+                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), starts.data_ptr(), b, hq, hkv, d, block_size,
+                    scale, splits, out.data_ptr(), threads)
+    if status == -2:
+        raise ValueError(f"each sequence takes 1 to {MAX_SPAN_QUERIES} queries, no more than its context's tokens")
     if status != 0:
-        raise MemoryError("decode attention's scratch could not be allocated")
+        raise MemoryError("paged attention's scratch could not be allocated")
     return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, splits: int | None = None,
+                     build: str | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached keys and values (this token's
+    included) -> [B, Hq, D]; the rest as paged_attention."""
+    starts = torch.arange(q.shape[0] + 1)
+    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale, splits, build)
+
+
+def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                   context_len: int, scale: float, splits: int | None = None, build: str | None = None) -> torch.Tensor:
+    """One sequence's last n tokens' queries q [n, Hq, D] (a speculative draft, a short chunk), causal over its
+    first context_len cached keys and values, blocks block_table [nb] -> [n, Hq, D]; the rest as paged_attention."""
+    starts = torch.tensor([0, q.shape[0]])
+    return paged_attention(q, k_cache, v_cache, block_table[None], torch.tensor([context_len]), starts, scale, splits,
+                           build)

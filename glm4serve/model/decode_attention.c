@@ -1,10 +1,12 @@
-/* Decode attention on CPU: one query per sequence over its paged K/V, read in place (cpu_attention.py
- * builds it where the CPU has AVX-512; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
+/* Decode attention on CPU: one query per sequence, or a few of its last tokens (a speculative draft), over its
+ * paged K/V, read in place (cpu_attention.py builds it where the CPU has AVX-512; caches [blocks, block_size, Hkv,
+ * D] in bf16 or fp32).
  *
  * PyTorch's way gathers each sequence's blocks into a new tensor every layer and step, then runs SDPA
  * over the copy: at a 16K context, 4.2 of a layer's 5.5 ms were that gather (BENCHMARKS.md). Here each
  * unit of work (a sequence, a KV head, 16 of its query heads, a split of its context) walks the block
- * table and keeps an online softmax; the splits are merged at the end (flash-decoding). The lanes of
+ * table and keeps an online softmax for each of the sequence's queries, which share each step's keys and values
+ * and see up to their own tokens; the splits are merged at the end (flash-decoding). The lanes of
  * every vector are the query heads: the 16 heads that share a KV head (glm-4-9b: 32 over 2) multiply
  * one key element at a time, broadcast, so a score needs no sum across lanes, and a value element
  * likewise adds into 16 heads' outputs. K and V are widened to fp32 a few tokens at a time; every sum
@@ -25,6 +27,7 @@
 
 #define MAX_D 256  /* head sizes up to this (GLM-4: 128), a multiple of DT */
 #define MAX_SPLITS 64
+#define MAX_SPAN 64  /* queries of one sequence in a batch */
 
 #define LANES 16  /* query heads a unit takes */
 #define NT 8      /* tokens a step: their scores are NT independent sums (even, for attend_dot's pairs) */

@@ -75,73 +75,86 @@ INLINE int64_t F(step_at)(const char *kc, const char *vc, int64_t esize, const i
     return n;
 }
 
-/* A step's scores s [NT] (the first n real) into the running max m and sum of exps l, acc [D] rescaled to the new
- * max -> the step's weights p [NT] (0 past n). */
-INLINE void F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *acc, int64_t D, vec *p) {
+/* A step's scores s [NT] (the first n real) into the running max m and sum of exps l -> the step's weights p [NT]
+ * (0 past n), and the factor that rescales the output so far to the new max (applied with the step's values). */
+INLINE vec F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *p) {
     vec mt = *m;
     for (int i = 0; i < n; i++) mt = F(vmax)(mt, s[i]);
     const vec alpha = F(vexp)(*m - mt);
     *l *= alpha;
-    for (int64_t d = 0; d < D; d++) acc[d] *= alpha;
     for (int i = 0; i < NT; i++) {
         p[i] = i < n ? F(vexp)(s[i] - mt) : F(splat)(0.0f);
         *l += p[i];
     }
     *m = mt;
+    return alpha;
 }
 
-/* One unit: the queries qT [D] of LANES heads (pre-scaled; unused lanes 0) over tokens [t0, t1) of KV head
- * h, whose slots the block table gives -> its running max m, sum of exps l and unnormalized output acc [D]. */
-INLINE void F(attend)(const vec *qT, const void *kc, const void *vc, int bf16, const int64_t *table,
-                   int64_t block_size, int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1,
-                   vec *m_out, vec *l_out, vec *acc) {
+/* One unit: nq queries qT [D] of LANES heads each, q_stride vecs apart (pre-scaled; unused lanes 0), over tokens
+ * [t0, t1) of KV head h, whose slots the block table gives; query r sees the tokens before first_limit + r (causal)
+ * -> at res + r * res_stride, its running max, sum of exps and unnormalized output [D]. A step's keys and values
+ * are read and widened once for all the queries. (Two queries taking each broadcast key or value element together
+ * measured no quicker: the products, not the loads, bound a step.) */
+INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first_limit, const void *kc,
+                      const void *vc, int bf16, const int64_t *table, int64_t block_size, int64_t Hkv, int64_t h,
+                      int64_t D, int64_t t0, int64_t t1, vec *res, int64_t res_stride) {
     float kf[NT * MAX_D] __attribute__((aligned(64))), vf[NT * MAX_D] __attribute__((aligned(64)));
     const int64_t stride = Hkv * D;  /* elements from one token's vector to the next's */
     const int64_t esize = bf16 ? 2 : 4;
-    vec m = F(splat)(-FLT_MAX), l = F(splat)(0.0f);
-    for (int64_t d = 0; d < D; d++) acc[d] = F(splat)(0.0f);
+    vec m[MAX_SPAN], l[MAX_SPAN];
+    for (int64_t r = 0; r < nq; r++) {
+        m[r] = F(splat)(-FLT_MAX), l[r] = F(splat)(0.0f);
+        for (int64_t d = 0; d < D; d++) res[r * res_stride + 2 + d] = F(splat)(0.0f);
+    }
     for (int64_t t = t0; t < t1;) {
         int64_t row;
         const int64_t n = F(step_at)(kc, vc, esize, table, block_size, stride, h, D, t, t0, t1, &row);
         F(widen_rows)((const char *)kc + row * esize, bf16, stride, n, D, kf);
         F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
-
-        vec s[NT];
-        for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
-        for (int64_t d = 0; d < D; d++) {
-            vec q = qT[d];
-            for (int i = 0; i < NT; i++) s[i] += q * kf[i * D + d];
-        }
-        vec p[NT];
-        F(softmax_step)(s, n, &m, &l, acc, D, p);
-        for (int64_t d = 0; d < D; d += DT) {
-            vec a[DT];
-            for (int j = 0; j < DT; j++) a[j] = acc[d + j];
-            for (int i = 0; i < NT; i++)
-                for (int j = 0; j < DT; j++) a[j] += p[i] * vf[i * D + d + j];
-            for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+        for (int64_t r = 0; r < nq; r++) {
+            const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
+            if (nr <= 0) continue;
+            vec *acc = res + r * res_stride + 2;
+            vec s[NT];
+            for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
+            for (int64_t d = 0; d < D; d++) {
+                vec q = qT[r * q_stride + d];
+                for (int i = 0; i < NT; i++) s[i] += q * kf[i * D + d];
+            }
+            vec p[NT];
+            const vec alpha = F(softmax_step)(s, nr, &m[r], &l[r], p);
+            for (int64_t d = 0; d < D; d += DT) {
+                vec a[DT];
+                for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
+                for (int i = 0; i < NT; i++)
+                    for (int j = 0; j < DT; j++) a[j] += p[i] * vf[i * D + d + j];
+                for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+            }
         }
         t += n;
     }
-    *m_out = m;
-    *l_out = l;
+    for (int64_t r = 0; r < nq; r++) res[r * res_stride] = m[r], res[r * res_stride + 1] = l[r];
 }
 
 #if BF16_DOT
 /* attend's twin for bf16 caches on CPUs with AVX-512 BF16: K and V read as they are, `vdpbf16ps` multiplying
- * pairs of bf16 into fp32 lanes, half the instructions. qP [D / 2]: lane g holds query head g's elements 2i and
- * 2i + 1 (unscaled); a score is their pairs against a key's pairs, broadcast. The weights p are rounded to bf16
- * for the weighted sum of values (as flash attention's GPU kernels round them), whose pairs are two tokens'. */
-INLINE void F(attend_dot)(const __m512i *qP, float scale, const uint16_t *kc, const uint16_t *vc,
-                          const int64_t *table, int64_t block_size, int64_t Hkv, int64_t h, int64_t D, int64_t t0,
-                          int64_t t1, vec *m_out, vec *l_out, vec *acc) {
+ * pairs of bf16 into fp32 lanes, half the instructions. qP [D / 2] for each query, q_stride apart: lane g holds
+ * query head g's elements 2i and 2i + 1 (unscaled); a score is their pairs against a key's pairs, broadcast. The
+ * weights p are rounded to bf16 for the weighted sum of values (as flash attention's GPU kernels round them), whose
+ * pairs are two tokens'. */
+INLINE void F(attend_dot)(const __m512i *qP, int64_t q_stride, int64_t nq, int64_t first_limit, float scale,
+                          const uint16_t *kc, const uint16_t *vc, const int64_t *table, int64_t block_size,
+                          int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1, vec *res, int64_t res_stride) {
     static const uint16_t zeros[MAX_D];  /* the rows past a step's tokens: 0 x (0 weight) adds nothing */
     uint32_t vP[NT / 2 * MAX_D] __attribute__((aligned(64)));  /* [NT / 2][D]: two tokens' value elements */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const int64_t stride = Hkv * D;
-    vec m = F(splat)(-FLT_MAX), l = F(splat)(0.0f);
-    for (int64_t d = 0; d < D; d++) acc[d] = F(splat)(0.0f);
+    vec m[MAX_SPAN], l[MAX_SPAN];
+    for (int64_t r = 0; r < nq; r++) {
+        m[r] = F(splat)(-FLT_MAX), l[r] = F(splat)(0.0f);
+        for (int64_t d = 0; d < D; d++) res[r * res_stride + 2 + d] = F(splat)(0.0f);
+    }
     for (int64_t t = t0; t < t1;) {
         int64_t row;
         const int64_t n = F(step_at)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, t, t0, t1,
@@ -151,102 +164,123 @@ INLINE void F(attend_dot)(const __m512i *qP, float scale, const uint16_t *kc, co
             k[i] = i < n ? kc + row + i * stride : zeros;
             v[i] = i < n ? vc + row + i * stride : zeros;
         }
-        vec s[NT];
-        for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
-        for (int64_t d2 = 0; d2 < D / 2; d2++) {
-            const __m512bh q = (__m512bh)qP[d2];
-            for (int i = 0; i < NT; i++) {
-                uint32_t pair;
-                memcpy(&pair, k[i] + 2 * d2, 4);
-                s[i] = (vec)_mm512_dpbf16_ps((__m512)s[i], q, (__m512bh)_mm512_set1_epi32((int)pair));
-            }
-        }
-        for (int i = 0; i < NT; i++) s[i] *= scale;
-        vec p[NT];
-        F(softmax_step)(s, n, &m, &l, acc, D, p);
-        __m512i pP[NT / 2];  /* lane g: (p[2i][g], p[2i + 1][g]) in bf16 */
         for (int i = 0; i < NT / 2; i++) {
             const uint16_t *a = v[2 * i], *b = v[2 * i + 1];
             for (int64_t d = 0; d < D; d++) vP[i * D + d] = a[d] | (uint32_t)b[d] << 16;
-            pP[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)p[2 * i + 1],
-                                                                                     (__m512)p[2 * i]));
         }
-        for (int64_t d = 0; d < D; d += DT) {
-            vec a[DT];
-            for (int j = 0; j < DT; j++) a[j] = acc[d + j];
+        for (int64_t r = 0; r < nq; r++) {
+            const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
+            if (nr <= 0) continue;
+            vec *acc = res + r * res_stride + 2;
+            const __m512i *qr = qP + r * q_stride;
+            vec s[NT];
+            for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
+            for (int64_t d2 = 0; d2 < D / 2; d2++) {
+                const __m512bh q = (__m512bh)qr[d2];
+                for (int i = 0; i < NT; i++) {
+                    uint32_t pair;
+                    memcpy(&pair, k[i] + 2 * d2, 4);
+                    s[i] = (vec)_mm512_dpbf16_ps((__m512)s[i], q, (__m512bh)_mm512_set1_epi32((int)pair));
+                }
+            }
+            for (int i = 0; i < NT; i++) s[i] *= scale;
+            vec p[NT];
+            const vec alpha = F(softmax_step)(s, nr, &m[r], &l[r], p);
+            __m512i pP[NT / 2];  /* lane g: (p[2i][g], p[2i + 1][g]) in bf16 */
             for (int i = 0; i < NT / 2; i++)
-                for (int j = 0; j < DT; j++)
-                    a[j] = (vec)_mm512_dpbf16_ps((__m512)a[j], (__m512bh)pP[i],
-                                                 (__m512bh)_mm512_set1_epi32((int)vP[i * D + d + j]));
-            for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+                pP[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)p[2 * i + 1],
+                                                                                         (__m512)p[2 * i]));
+            for (int64_t d = 0; d < D; d += DT) {
+                vec a[DT];
+                for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
+                for (int i = 0; i < NT / 2; i++)
+                    for (int j = 0; j < DT; j++)
+                        a[j] = (vec)_mm512_dpbf16_ps((__m512)a[j], (__m512bh)pP[i],
+                                                     (__m512bh)_mm512_set1_epi32((int)vP[i * D + d + j]));
+                for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+            }
         }
         t += n;
     }
-    *m_out = m;
-    *l_out = l;
+    for (int64_t r = 0; r < nq; r++) res[r * res_stride] = m[r], res[r * res_stride + 1] = l[r];
 }
 #endif
 
-/* One decode batch: q [B, Hq, D] and out [B, Hq, D] in the caches' type; block_tables [B, width]; context_lens [B]
- * (the new token included); Hq = Hkv * G, each KV head's G query heads side by side. Each sequence's context is
- * cut into `splits` parts, units of work of their own. */
+/* One batch: each sequence b's queries are rows query_starts[b].. query_starts[b + 1] of q [R, Hq, D] and out
+ * [R, Hq, D] in the caches' type, the last tokens of its context: its block_tables [B, width] row, context_lens[b]
+ * tokens long (its queries' own included), query i of n seeing the first context_lens[b] - n + 1 + i (causal). A
+ * decode is one query. Hq = Hkv * G, each KV head's G query heads side by side. Each sequence's context is cut into
+ * `splits` parts, units of work of their own. */
 struct F(batch) {
     const void *q, *kc, *vc;
     int bf16;
-    const int64_t *block_tables, *context_lens;
+    const int64_t *block_tables, *context_lens, *query_starts;
     int64_t width, Hq, Hkv, D, block_size, splits, G, chunks;
     float scale;
     void *out;
+    vec *queries;  /* [R, Hkv, chunks][D]: each row part's query, as attend or attend_dot takes it */
 };
 
-/* Unit u (sequence, KV head, chunk of LANES query heads, split) -> partial [D + 2]: m, l, acc [D]. */
-INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
-    const int64_t D = j->D, part = u / j->splits, split = u % j->splits;
-    const int64_t b = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
-    const int64_t ctx = j->context_lens[b], blocks = (ctx + j->block_size - 1) / j->block_size;
-    const int64_t per = (blocks + j->splits - 1) / j->splits * j->block_size;  /* tokens per split, whole blocks */
-    const int64_t t0 = split * per, t1 = t0 + per < ctx ? t0 + per : ctx;
-    vec *res = partial + u * (D + 2);
-    if (t0 >= t1) {  /* an empty split: nothing to merge */
-        res[0] = F(splat)(-FLT_MAX);
-        res[1] = F(splat)(0.0f);
-        for (int64_t d = 0; d < D; d++) res[2 + d] = F(splat)(0.0f);
-        return;
-    }
+/* Row part p (query row, KV head, chunk of LANES query heads) -> its query in j->queries, lanes of heads: for
+ * attend_dot, D / 2 pairs (unscaled); for attend, D elements times the scale. */
+INLINE void F(load_query)(const struct F(batch) *j, int64_t p) {
+    const int64_t D = j->D, row = p / (j->Hkv * j->chunks), h = p / j->chunks % j->Hkv, c = p % j->chunks;
     const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
-    const int64_t *table = j->block_tables + b * j->width;
+    const int64_t first = (row * j->Hq + h * j->G + g0) * D;  /* element of the chunk's first head */
+    vec *qv = j->queries + p * D;
 #if BF16_DOT
     if (j->bf16) {
-        __m512i qP[MAX_D / 2];  /* [D / 2][LANES] pairs */
-        uint32_t *pairs = (uint32_t *)qP;
+        uint32_t *pairs = (uint32_t *)qv;  /* [D / 2][LANES] */
         for (int64_t d2 = 0; d2 < D / 2; d2++)
             for (int64_t g = 0; g < LANES; g++) {
                 uint32_t pair = 0;
-                if (g < gn) memcpy(&pair, (const uint16_t *)j->q + (b * j->Hq + h * j->G + g0 + g) * D + 2 * d2, 4);
+                if (g < gn) memcpy(&pair, (const uint16_t *)j->q + first + g * D + 2 * d2, 4);
                 pairs[d2 * LANES + g] = pair;
             }
-        F(attend_dot)(qP, j->scale, j->kc, j->vc, table, j->block_size, j->Hkv, h, D, t0, t1, &res[0], &res[1],
-                      res + 2);
         return;
     }
 #endif
-    vec qT[MAX_D];  /* [D][LANES] */
-    float *lanes = (float *)qT;
-    for (int64_t d = 0; d < D; d++) qT[d] = F(splat)(0.0f);
-    for (int64_t g = 0; g < gn; g++) {
-        const int64_t head = b * j->Hq + h * j->G + g0 + g;
+    float *lanes = (float *)qv;  /* [D][LANES] */
+    for (int64_t d = 0; d < D; d++) qv[d] = F(splat)(0.0f);
+    for (int64_t g = 0; g < gn; g++)
         for (int64_t d = 0; d < D; d++) {
-            float x = j->bf16 ? from_bf16(((const uint16_t *)j->q)[head * D + d]) : ((const float *)j->q)[head * D + d];
+            const int64_t at = first + g * D + d;
+            float x = j->bf16 ? from_bf16(((const uint16_t *)j->q)[at]) : ((const float *)j->q)[at];
             lanes[d * LANES + g] = x * j->scale;
         }
-    }
-    F(attend)(qT, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1, &res[0], &res[1], res + 2);
 }
 
-/* The splits of part (sequence, KV head, chunk of query heads) merged into out. */
+/* Unit u (sequence, KV head, chunk of LANES query heads, split) -> the partial [D + 2] (m, l, acc [D]) of each of
+ * the sequence's queries for this split, at ((row * Hkv + h) * chunks + c) * splits + split. */
+INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
+    const int64_t D = j->D, part = u / j->splits, split = u % j->splits;
+    const int64_t b = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
+    const int64_t row0 = j->query_starts[b], nq = j->query_starts[b + 1] - row0;
+    const int64_t ctx = j->context_lens[b], blocks = (ctx + j->block_size - 1) / j->block_size;
+    const int64_t per = (blocks + j->splits - 1) / j->splits * j->block_size;  /* tokens per split, whole blocks */
+    const int64_t t0 = split * per, t1 = t0 + per < ctx ? t0 + per : ctx;
+    const int64_t row_part = (row0 * j->Hkv + h) * j->chunks + c;  /* the first query's row part */
+    const int64_t res_stride = j->Hkv * j->chunks * j->splits * (D + 2);  /* vecs from a query's partial on */
+    vec *res = partial + (row_part * j->splits + split) * (D + 2);
+    const vec *q = j->queries + row_part * D;
+    const int64_t q_stride = j->Hkv * j->chunks * D;  /* vecs from a query to the next */
+    const int64_t first_limit = ctx - nq + 1;
+    const int64_t *table = j->block_tables + b * j->width;
+#if BF16_DOT
+    if (j->bf16) {
+        F(attend_dot)((const __m512i *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table, j->block_size,
+                      j->Hkv, h, D, t0, t1, res, res_stride);
+        return;
+    }
+#endif
+    F(attend)(q, q_stride, nq, first_limit, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1, res,
+              res_stride);
+}
+
+/* The splits of row part p (query row, KV head, chunk of query heads) merged into out. */
 INLINE void F(merge_part)(const struct F(batch) *j, int64_t part, const vec *partial) {
     const int64_t D = j->D, S = j->splits;
-    const int64_t b = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
+    const int64_t row = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
     const vec *res = partial + part * S * (D + 2);
     vec m = res[0];
     for (int64_t s = 1; s < S; s++) m = F(vmax)(m, res[s * (D + 2)]);
@@ -262,29 +296,46 @@ INLINE void F(merge_part)(const struct F(batch) *j, int64_t part, const vec *par
         for (int64_t s = 0; s < S; s++) o += w[s] * res[s * (D + 2) + 2 + d];
         o *= inv;
         for (int64_t g = 0; g < gn; g++) {
-            const int64_t at = (b * j->Hq + h * j->G + g0 + g) * D + d;
+            const int64_t at = (row * j->Hq + h * j->G + g0 + g) * D + d;
             if (j->bf16) ((uint16_t *)j->out)[at] = to_bf16(o[g]);
             else ((float *)j->out)[at] = o[g];
         }
     }
 }
 
-/* The exported kernel, F(decode_attention): 0, or -1 where its scratch could not be allocated. */
-__attribute__((target(ISA))) int F(decode_attention)(const void *q, const void *kc, const void *vc, int bf16,
-                                                     const int64_t *block_tables, int64_t width,
-                                                     const int64_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                                                     int64_t D, int64_t block_size, float scale, int64_t splits,
-                                                     void *out, int threads) {
+/* The exported kernel, F(paged_attention): 0, -1 where its scratch could not be allocated, -2 where a sequence has
+ * more than MAX_SPAN queries or fewer than 1, or more queries than tokens. */
+__attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *kc, const void *vc, int bf16,
+                                                    const int64_t *block_tables, int64_t width,
+                                                    const int64_t *context_lens, const int64_t *query_starts,
+                                                    int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size,
+                                                    float scale, int64_t splits, void *out, int threads) {
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t nq = query_starts[b + 1] - query_starts[b];
+        if (nq < 1 || nq > MAX_SPAN || nq > context_lens[b]) return -2;
+    }
     const int64_t G = Hq / Hkv, chunks = (G + LANES - 1) / LANES, parts = B * Hkv * chunks;
-    struct F(batch) j = {q, kc, vc, bf16, block_tables, context_lens, width, Hq, Hkv, D, block_size, splits, G, chunks,
-                         scale, out};
-    vec *partial = aligned_alloc(64, (size_t)(parts * splits * (D + 2)) * sizeof(vec));
-    if (!partial) return -1;
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-    for (int64_t u = 0; u < parts * splits; u++) F(run_unit)(&j, u, partial);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < parts; p++) F(merge_part)(&j, p, partial);
+    const int64_t row_parts = query_starts[B] * Hkv * chunks;
+    vec *partial = aligned_alloc(64, (size_t)(row_parts * splits * (D + 2)) * sizeof(vec));
+    vec *queries = aligned_alloc(64, (size_t)(row_parts * D) * sizeof(vec));
+    if (!partial || !queries) {
+        free(partial);
+        free(queries);
+        return -1;
+    }
+    struct F(batch) j = {q, kc, vc, bf16, block_tables, context_lens, query_starts, width, Hq, Hkv, D, block_size,
+                         splits, G, chunks, scale, out, queries};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < row_parts; p++) F(load_query)(&j, p);
+#pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < parts * splits; u++) F(run_unit)(&j, u, partial);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < row_parts; p++) F(merge_part)(&j, p, partial);
+    }
     free(partial);
+    free(queries);
     return 0;
 }
 
