@@ -55,9 +55,8 @@ def layer_ab(repeats: int):
         q = torch.randn(streams, HEADS, HEAD_DIM).to(torch.bfloat16)
         tables = scattered_blocks(streams, context, num_blocks)
         lens = torch.full((streams,), context)
-        mask = torch.ones(streams, tables.shape[1] * BLOCK, dtype=torch.bool)
         ours, theirs = turns_best_ms(lambda: cpu_attention.decode_attention(q, k, v, tables, lens, HEAD_DIM**-0.5),
-                                     lambda: decode_attention(q, k, v, tables, mask, HEAD_DIM**-0.5), repeats)
+                                     lambda: decode_attention(q, k, v, tables, lens, HEAD_DIM**-0.5), repeats)
         print(f"| {streams} x {context} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
 
 

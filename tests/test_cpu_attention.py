@@ -30,8 +30,7 @@ CASES = [
 
 
 def pytorch_truth(q, k, v, tables, lens):
-    mask = torch.arange(tables.shape[1] * k.shape[1])[None, :] < lens[:, None]
-    return decode_attention(q.float(), k.float(), v.float(), tables, mask, q.shape[-1] ** -0.5)
+    return decode_attention(q.float(), k.float(), v.float(), tables, lens, q.shape[-1] ** -0.5)
 
 
 @pytest.fixture(params=cpu_attention.builds())
@@ -95,7 +94,7 @@ def test_the_cpu_decodes_attend_in_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_attention, "decode_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     ours = attention.decodes_attention(q, k, v, batch, 64**-0.5)
     assert len(calls) == 1
-    truth = decode_attention(q, k, v, batch.decode_block_tables, batch.decode_mask, 64**-0.5)
+    truth = decode_attention(q, k, v, batch.decode_block_tables, batch.decode_context_lens, 64**-0.5)
     assert (ours - truth).abs().max().item() < 2e-6
 
 

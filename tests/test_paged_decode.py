@@ -42,8 +42,7 @@ def test_kernel_equals_the_pytorch_decode_attention(case, kernel_dtype, device, 
     hq, hkv, d, block_size, lens = case
     dtype = getattr(torch, kernel_dtype)
     q, k, v, tables, ctx = scattered_cache(hq, hkv, d, block_size, lens, dtype, device)
-    mask = torch.arange(tables.shape[1] * block_size, device=device)[None, :] < ctx[:, None]
-    truth = decode_attention(q.float(), k.float(), v.float(), tables, mask, d**-0.5)
+    truth = decode_attention(q.float(), k.float(), v.float(), tables, ctx, d**-0.5)
     ours = paged_decode_attention(q, k, v, tables, ctx, d**-0.5)
     assert ours.dtype == dtype and ours.shape == q.shape
     # bf16: the probabilities are rounded to bf16 before the weighted sum, as tensor cores take them
@@ -153,9 +152,9 @@ def test_decode_attention_in_pytorch_is_not_poisoned_by_what_a_block_held_before
         write_kv(kc, vc, k, v, AttentionBatch(slot_mapping=slots.to(device)))
     q = torch.randn(2, hq, d, generator=g).to(device)
     tables = torch.tensor([[1, 3], [2, 0]], device=device)
-    mask = torch.arange(2 * bs, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-    poisoned = decode_attention(q, caches[0], caches[1], tables, mask, 0.25)
-    assert torch.equal(poisoned, decode_attention(q, caches[2], caches[3], tables, mask, 0.25))
+    context_lens = torch.tensor(lens, device=device)
+    poisoned = decode_attention(q, caches[0], caches[1], tables, context_lens, 0.25)
+    assert torch.equal(poisoned, decode_attention(q, caches[2], caches[3], tables, context_lens, 0.25))
     table, length = torch.tensor([2, 0], device=device), torch.tensor([3], device=device)
     one = decode_attention_one(q[1:], caches[0], caches[1], table, length, 0.25)
     assert torch.isfinite(one).all()

@@ -86,9 +86,7 @@ class AttentionBatch:
     num_prefill_tokens: int = 0  # decode tokens are [num_prefill_tokens, T)
     decode_block_tables: torch.Tensor | None = None  # [B_dec, nb] long, zero padded; nb covers the longest
     decode_context_lens: torch.Tensor | None = None  # [B_dec] long, this token included
-    decode_mask: torch.Tensor | None = None  # [B_dec, nb * block_size] bool: slot < context length
-    # decodes through paged_decode.py's kernel, which reads the blocks in place (GPU): no decode_mask
-    paged_decode: bool = False
+    paged_decode: bool = False  # decodes through paged_decode.py's kernel (GPU)
 
     @property
     def num_decodes(self) -> int:
@@ -189,15 +187,16 @@ def causal_attention_gpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], over caches of different lengths -> [B, Hq, D], in PyTorch (the
-    reference the kernels are tested against). block_tables [B, nb] and mask [B, nb * block_size] are built
-    once per forward (batch.py)."""
+    """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached keys and values (this token's
+    included), blocks block_tables [B, nb] -> [B, Hq, D], in PyTorch (the reference the kernels are tested
+    against)."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     length = block_tables.shape[1] * block_size
+    mask = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]  # [B, L]: the padding's slots
     blocks = block_tables.view(-1)  # index_select gathers ~2.5x faster than k_cache[block_tables]
     # [B * nb, block_size, Hkv, D] -> [B, L, Hkv, D] -> [B, Hkv, L, D]
     k = k_cache.index_select(0, blocks).view(b, length, hkv, d).transpose(1, 2)
@@ -276,7 +275,7 @@ def decodes_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if cpu_attention.runs(q, k_cache):
         return cpu_attention.decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens,
                                               scale)
-    return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_mask, scale)
+    return decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_context_lens, scale)
 
 
 def decode_attention_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -95,9 +95,6 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device="cpu", paged_dec
         padded = [t[:width] + [0] * (width - len(t[:width])) for t in dec_tables]
         attn.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
         attn.decode_context_lens = torch.tensor(dec_lens, dtype=torch.long, device=device)
-        if not paged_decode:
-            key_slots = torch.arange(width * block_size, device=device)
-            attn.decode_mask = key_slots[None, :] < attn.decode_context_lens[:, None]  # the same for every layer
     rows = [r for i, c in enumerate(chunks) for r in range(first_row[i] + len(c.token_ids) - c.num_logit_rows,
                                                            first_row[i] + len(c.token_ids))]
     return ForwardBatch(
