@@ -4,14 +4,15 @@ one process, taking turns.
 
 By default the attention of one layer at glm-4-9b-chat's heads (32 query heads over 2 KV heads of 128, bf16,
 blocks of 16, each sequence's blocks scattered over the cache): one sequence at 512 to 32K tokens of context,
-and batches of 4 x 4K, 16 x 1K and 64 x 512 (best ms of --repeats, twice each way).
+and batches of 4 x 4K, 16 x 1K and 64 x 512 (best ms of --repeats, twice each way). --kv-heads 4 gives
+glm-4-9b-chat-1m's heads (groups of 8).
 
 With --engine, the decode step of glm-4-9b-chat's 40 layers (bench_cpu_peers.py's checkpoint, quantized to
 --quantization while loading): one forward of --streams sequences, each --contexts tokens into the cache, the
 runner called directly, the kernel and PyTorch taking turns (medians of --repeats). The sequences' blocks hold
 random K/V written there (a step's time does not depend on the values), so no 16K-token prefill is needed.
 
-    .venv/bin/python benchmarks/bench_decode_attention.py [--repeats 5]
+    .venv/bin/python benchmarks/bench_decode_attention.py [--repeats 5] [--kv-heads 2]
     .venv/bin/python benchmarks/bench_decode_attention.py --engine [--quantization int4] [--streams 1]
         [--contexts 512,4096,16384,32768] [--repeats 3]
 
@@ -36,7 +37,7 @@ from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 2, 128, 16
+HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 LAYER_CASES = [(1, 512), (1, 2048), (1, 8192), (1, 16384), (1, 32768), (4, 4096), (16, 1024), (64, 512)]
 
 
@@ -46,11 +47,12 @@ def scattered_blocks(streams: int, context: int, num_blocks: int) -> torch.Tenso
     return torch.randperm(num_blocks)[: streams * per].view(streams, per).contiguous()
 
 
-def layer_ab(repeats: int):
+def layer_ab(repeats: int, kv_heads: int):
+    print(f"{HEADS} query heads over {kv_heads} KV heads of {HEAD_DIM}, bf16, one layer, best ms of {repeats}:")
     print("| sequences x context | kernel ms | PyTorch ms | speedup |\n|---|---|---|---|")
     for streams, context in LAYER_CASES:
         num_blocks = streams * context // BLOCK + 8
-        k = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
+        k = torch.randn(num_blocks, BLOCK, kv_heads, HEAD_DIM).to(torch.bfloat16)
         v = torch.randn_like(k)
         q = torch.randn(streams, HEADS, HEAD_DIM).to(torch.bfloat16)
         tables = scattered_blocks(streams, context, num_blocks)
@@ -104,6 +106,7 @@ def main():
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--contexts", default="512,4096,16384,32768")
     ap.add_argument("--build", choices=list(cpu_attention.BUILDS), help="by default the fastest this CPU runs")
+    ap.add_argument("--kv-heads", type=int, default=2, help="of one layer (2: glm-4-9b-chat's; 4: its 1M variant's)")
     a = ap.parse_args()
     if cpu_attention._kernel() is None:
         raise SystemExit("decode_attention.c does not run here (no AVX-512, or no C compiler)")
@@ -118,7 +121,7 @@ def main():
             contexts = [int(c) for c in a.contexts.split(",")]
             engine_ab(None if a.quantization == "none" else a.quantization, a.streams, contexts, a.repeats)
         else:
-            layer_ab(a.repeats)
+            layer_ab(a.repeats, a.kv_heads)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,12 @@ def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and d % 8 == 0 and d <= MAX_HEAD_DIM and k_cache.is_contiguous() and _kernel() is not None)
 
 
+def packs(build: str, dtype: torch.dtype, group: int, kv_heads: int) -> int:
+    """KV heads a unit of work takes in one vector (decode_attention.c's PACKS): two in the avx512bf16 build for
+    groups of 8 query heads (glm-4-9b-chat-1m), whose lanes one KV head would fill half of."""
+    return 2 if build == "avx512bf16" and dtype == torch.bfloat16 and 2 * group == LANES and kv_heads % 2 == 0 else 1
+
+
 def splits_for(num_parts: int, max_context: int, threads: int) -> int:
     """How many parts each sequence's context is cut into, for a batch of num_parts (sequence, KV head, lanes of
     query heads) to give every thread a few units of work (module docstring)."""
@@ -99,7 +105,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     starts = query_starts.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     threads = torch.get_num_threads()
-    parts = b * hkv * -(-(hq // hkv) // LANES)  # units of work before the splits
+    build = build or builds()[0]
+    pack = packs(build, q.dtype, hq // hkv, hkv)
+    parts = b * hkv // pack * -(-(hq // hkv) // (LANES // pack))  # units of work before the splits
     splits = splits or splits_for(parts, int(lens.max()), threads)
     kernel = _kernel(build)
     status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),

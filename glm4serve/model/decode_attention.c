@@ -30,6 +30,10 @@
 #define MAX_SPAN 64  /* queries of one sequence in a batch */
 
 #define LANES 16  /* query heads a unit takes */
+#define PREFETCH_TOKENS 32  /* how far ahead each step prefetches (16-64 measured alike, 128 a little slower) */
+/* KV heads attend_dot packs into a vector: 2 for groups of 8 (glm-4-9b-chat-1m), in pairs (cpu_attention.py's
+ * packs() says the same) */
+#define PACKS(bf16, G, Hkv) (BF16_DOT && (bf16) && 2 * (G) == LANES && (Hkv) % 2 == 0 ? 2 : 1)
 #define NT 8      /* tokens a step: their scores are NT independent sums (even, for attend_dot's pairs) */
 #define DT 8      /* value dims a step of the weighted sum */
 #define BF16_DOT 1

@@ -48,30 +48,35 @@ INLINE void F(widen_rows)(const void *src, int bf16, int64_t stride, int64_t n, 
     }
 }
 
-/* On a step that starts a block (t), the next block's rows of KV head h into L2, while this one's are read: a
- * sequence's blocks lie anywhere in the cache, where the hardware's prefetchers do not follow. */
-INLINE void F(prefetch_next_block)(const char *kc, const char *vc, int64_t esize, const int64_t *table,
-                                   int64_t block_size, int64_t stride, int64_t h, int64_t D, int64_t t, int64_t t1) {
-    const int64_t next = (t / block_size + 1) * block_size;
-    if (next >= t1) return;
-    const int64_t row = table[next / block_size] * block_size * stride + h * D;
-    const int64_t rows = t1 - next < block_size ? t1 - next : block_size;
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t byte = 0; byte < D * esize; byte += 64) {
-            __builtin_prefetch(kc + (row + i * stride) * esize + byte, 0, 2);
-            __builtin_prefetch(vc + (row + i * stride) * esize + byte, 0, 2);
+/* Tokens [u0, u1) (up to t1) of KV heads h.. h + pack - 1 into L2: a sequence's blocks lie anywhere in the cache,
+ * where the hardware's prefetchers do not follow. */
+INLINE void F(prefetch_tokens)(const char *kc, const char *vc, int64_t esize, const int64_t *table,
+                               int64_t block_size, int64_t stride, int64_t h, int64_t D, int pack, int64_t u0,
+                               int64_t u1, int64_t t1) {
+    if (u1 > t1) u1 = t1;
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t row = (table[u / block_size] * block_size + u % block_size) * stride + h * D;
+        for (int64_t byte = 0; byte < pack * D * esize; byte += 64) {
+            __builtin_prefetch(kc + row * esize + byte, 0, 2);
+            __builtin_prefetch(vc + row * esize + byte, 0, 2);
         }
+    }
 }
 
 /* The step from token t of [t0, t1): its count of tokens (at most NT, all in t's block) and the element offset of
- * its first row in the caches (*row); on a block's first step the next block is prefetched. */
+ * its first row in the caches (*row). Each step prefetches as many tokens PREFETCH_TOKENS ahead (the first also
+ * the tokens up to there): spread so, rather than a block's worth at a block's start, long decodes ran 1.1-1.3x
+ * quicker. */
 INLINE int64_t F(step_at)(const char *kc, const char *vc, int64_t esize, const int64_t *table, int64_t block_size,
-                          int64_t stride, int64_t h, int64_t D, int64_t t, int64_t t0, int64_t t1, int64_t *row) {
+                          int64_t stride, int64_t h, int64_t D, int pack, int64_t t, int64_t t0, int64_t t1,
+                          int64_t *row) {
     const int64_t off = t % block_size;
     int64_t n = t1 - t < NT ? t1 - t : NT;
     if (n > block_size - off) n = block_size - off;
     *row = (table[t / block_size] * block_size + off) * stride + h * D;
-    if (off == 0 || t == t0) F(prefetch_next_block)(kc, vc, esize, table, block_size, stride, h, D, t, t1);
+    const int64_t ahead = t + PREFETCH_TOKENS;
+    if (t == t0) F(prefetch_tokens)(kc, vc, esize, table, block_size, stride, h, D, pack, t0, ahead, t1);
+    F(prefetch_tokens)(kc, vc, esize, table, block_size, stride, h, D, pack, ahead, ahead + n, t1);
     return n;
 }
 
@@ -108,7 +113,7 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
     }
     for (int64_t t = t0; t < t1;) {
         int64_t row;
-        const int64_t n = F(step_at)(kc, vc, esize, table, block_size, stride, h, D, t, t0, t1, &row);
+        const int64_t n = F(step_at)(kc, vc, esize, table, block_size, stride, h, D, 1, t, t0, t1, &row);
         F(widen_rows)((const char *)kc + row * esize, bf16, stride, n, D, kf);
         F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
         for (int64_t r = 0; r < nq; r++) {
@@ -138,15 +143,23 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
 
 #if BF16_DOT
 /* attend's twin for bf16 caches on CPUs with AVX-512 BF16: K and V read as they are, `vdpbf16ps` multiplying
- * pairs of bf16 into fp32 lanes, half the instructions. qP [D / 2] for each query, q_stride apart: lane g holds
- * query head g's elements 2i and 2i + 1 (unscaled); a score is their pairs against a key's pairs, broadcast. The
+ * pairs of bf16 into fp32 lanes, half the instructions. qP [D / 2] for each query, q_stride apart: each lane holds
+ * a query head's elements 2i and 2i + 1 (unscaled); a score is their pairs against a key's pairs, broadcast. The
  * weights p are rounded to bf16 for the weighted sum of values (as flash attention's GPU kernels round them), whose
- * pairs are two tokens'. */
-INLINE void F(attend_dot)(const __m512i *qP, int64_t q_stride, int64_t nq, int64_t first_limit, float scale,
-                          const uint16_t *kc, const uint16_t *vc, const int64_t *table, int64_t block_size,
-                          int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1, vec *res, int64_t res_stride) {
+ * pairs are two tokens'.
+ *
+ * pack 2 (KV heads h and h + 1 a vector, for groups of LANES / 2 query heads): even lanes are h's heads, odd lanes
+ * h + 1's, and each step's keys and values are first laid out as the two heads' pairs side by side (kq, vq), so
+ * one 64-bit broadcast serves both. Without it glm-4-9b-chat-1m's groups of 8 would leave half of every vector
+ * idle. */
+INLINE void F(attend_dot)(const int pack, const __m512i *qP, int64_t q_stride, int64_t nq, int64_t first_limit,
+                          float scale, const uint16_t *kc, const uint16_t *vc, const int64_t *table,
+                          int64_t block_size, int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1, vec *res,
+                          int64_t res_stride) {
     static const uint16_t zeros[MAX_D];  /* the rows past a step's tokens: 0 x (0 weight) adds nothing */
     uint32_t vP[NT / 2 * MAX_D] __attribute__((aligned(64)));  /* [NT / 2][D]: two tokens' value elements */
+    uint64_t kq[NT * MAX_D / 2] __attribute__((aligned(64)));  /* pack 2: [NT][D / 2] two KV heads' key pairs */
+    uint64_t vq[NT / 2 * MAX_D] __attribute__((aligned(64)));  /* pack 2: [NT / 2][D] two KV heads' value pairs */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const int64_t stride = Hkv * D;
@@ -157,16 +170,33 @@ INLINE void F(attend_dot)(const __m512i *qP, int64_t q_stride, int64_t nq, int64
     }
     for (int64_t t = t0; t < t1;) {
         int64_t row;
-        const int64_t n = F(step_at)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, t, t0, t1,
-                                     &row);
-        const uint16_t *k[NT], *v[NT];
+        const int64_t n = F(step_at)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, pack,
+                                     t, t0, t1, &row);
+        const uint16_t *k[NT], *v[NT], *k2[NT], *v2[NT];  /* k2, v2: KV head h + 1's rows, where pack == 2 */
         for (int i = 0; i < NT; i++) {
             k[i] = i < n ? kc + row + i * stride : zeros;
             v[i] = i < n ? vc + row + i * stride : zeros;
+            k2[i] = i < n ? k[i] + D : zeros;
+            v2[i] = i < n ? v[i] + D : zeros;
         }
-        for (int i = 0; i < NT / 2; i++) {
-            const uint16_t *a = v[2 * i], *b = v[2 * i + 1];
-            for (int64_t d = 0; d < D; d++) vP[i * D + d] = a[d] | (uint32_t)b[d] << 16;
+        if (pack == 2) {
+            for (int i = 0; i < NT; i++)
+                for (int64_t d2 = 0; d2 < D / 2; d2++) {
+                    uint32_t a, b;
+                    memcpy(&a, k[i] + 2 * d2, 4);
+                    memcpy(&b, k2[i] + 2 * d2, 4);
+                    kq[i * (MAX_D / 2) + d2] = a | (uint64_t)b << 32;
+                }
+            for (int i = 0; i < NT / 2; i++) {
+                const uint16_t *a = v[2 * i], *b = v[2 * i + 1], *a2 = v2[2 * i], *b2 = v2[2 * i + 1];
+                for (int64_t d = 0; d < D; d++)
+                    vq[i * MAX_D + d] = (a[d] | (uint32_t)b[d] << 16) | (uint64_t)(a2[d] | (uint32_t)b2[d] << 16) << 32;
+            }
+        } else {
+            for (int i = 0; i < NT / 2; i++) {
+                const uint16_t *a = v[2 * i], *b = v[2 * i + 1];
+                for (int64_t d = 0; d < D; d++) vP[i * D + d] = a[d] | (uint32_t)b[d] << 16;
+            }
         }
         for (int64_t r = 0; r < nq; r++) {
             const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
@@ -178,9 +208,15 @@ INLINE void F(attend_dot)(const __m512i *qP, int64_t q_stride, int64_t nq, int64
             for (int64_t d2 = 0; d2 < D / 2; d2++) {
                 const __m512bh q = (__m512bh)qr[d2];
                 for (int i = 0; i < NT; i++) {
-                    uint32_t pair;
-                    memcpy(&pair, k[i] + 2 * d2, 4);
-                    s[i] = (vec)_mm512_dpbf16_ps((__m512)s[i], q, (__m512bh)_mm512_set1_epi32((int)pair));
+                    __m512i key;
+                    if (pack == 2) {
+                        key = _mm512_set1_epi64((long long)kq[i * (MAX_D / 2) + d2]);
+                    } else {
+                        uint32_t pair;
+                        memcpy(&pair, k[i] + 2 * d2, 4);
+                        key = _mm512_set1_epi32((int)pair);
+                    }
+                    s[i] = (vec)_mm512_dpbf16_ps((__m512)s[i], q, (__m512bh)key);
                 }
             }
             for (int i = 0; i < NT; i++) s[i] *= scale;
@@ -194,9 +230,11 @@ INLINE void F(attend_dot)(const __m512i *qP, int64_t q_stride, int64_t nq, int64
                 vec a[DT];
                 for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
                 for (int i = 0; i < NT / 2; i++)
-                    for (int j = 0; j < DT; j++)
-                        a[j] = (vec)_mm512_dpbf16_ps((__m512)a[j], (__m512bh)pP[i],
-                                                     (__m512bh)_mm512_set1_epi32((int)vP[i * D + d + j]));
+                    for (int j = 0; j < DT; j++) {
+                        const __m512i value = pack == 2 ? _mm512_set1_epi64((long long)vq[i * MAX_D + d + j])
+                                                        : _mm512_set1_epi32((int)vP[i * D + d + j]);
+                        a[j] = (vec)_mm512_dpbf16_ps((__m512)a[j], (__m512bh)pP[i], (__m512bh)value);
+                    }
                 for (int j = 0; j < DT; j++) acc[d + j] = a[j];
             }
         }
@@ -216,60 +254,76 @@ struct F(batch) {
     int bf16;
     const int64_t *block_tables, *context_lens, *query_starts;
     int64_t width, Hq, Hkv, D, block_size, splits, G, chunks;
+    int64_t pack, lk, Hu;  /* KV heads a vector holds (attend_dot), lanes each of them takes, KV units (Hkv / pack) */
     float scale;
     void *out;
-    vec *queries;  /* [R, Hkv, chunks][D]: each row part's query, as attend or attend_dot takes it */
+    vec *queries;  /* [R, Hu, chunks][D]: each row part's query, as attend or attend_dot takes it */
 };
 
-/* Row part p (query row, KV head, chunk of LANES query heads) -> its query in j->queries, lanes of heads: for
+/* The query head (of a row's Hq) that lane g of KV unit hu's chunk c holds, or -1 for none: with pack 2, lane g
+ * is KV head 2 hu + g % 2's query head g / 2. */
+INLINE int64_t F(lane_head)(const struct F(batch) *j, int64_t hu, int64_t c, int64_t g) {
+    const int64_t kv = hu * j->pack + g % j->pack, qh = c * j->lk + g / j->pack;
+    return qh < j->G ? kv * j->G + qh : -1;
+}
+
+/* Row part p (query row, KV unit, chunk of LANES query heads) -> its query in j->queries, lanes of heads: for
  * attend_dot, D / 2 pairs (unscaled); for attend, D elements times the scale. */
 INLINE void F(load_query)(const struct F(batch) *j, int64_t p) {
-    const int64_t D = j->D, row = p / (j->Hkv * j->chunks), h = p / j->chunks % j->Hkv, c = p % j->chunks;
-    const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
-    const int64_t first = (row * j->Hq + h * j->G + g0) * D;  /* element of the chunk's first head */
+    const int64_t D = j->D, row = p / (j->Hu * j->chunks), hu = p / j->chunks % j->Hu, c = p % j->chunks;
     vec *qv = j->queries + p * D;
 #if BF16_DOT
     if (j->bf16) {
         uint32_t *pairs = (uint32_t *)qv;  /* [D / 2][LANES] */
-        for (int64_t d2 = 0; d2 < D / 2; d2++)
-            for (int64_t g = 0; g < LANES; g++) {
+        for (int64_t g = 0; g < LANES; g++) {
+            const int64_t head = F(lane_head)(j, hu, c, g);
+            for (int64_t d2 = 0; d2 < D / 2; d2++) {
                 uint32_t pair = 0;
-                if (g < gn) memcpy(&pair, (const uint16_t *)j->q + first + g * D + 2 * d2, 4);
+                if (head >= 0) memcpy(&pair, (const uint16_t *)j->q + (row * j->Hq + head) * D + 2 * d2, 4);
                 pairs[d2 * LANES + g] = pair;
             }
+        }
         return;
     }
 #endif
     float *lanes = (float *)qv;  /* [D][LANES] */
     for (int64_t d = 0; d < D; d++) qv[d] = F(splat)(0.0f);
-    for (int64_t g = 0; g < gn; g++)
+    for (int64_t g = 0; g < LANES; g++) {
+        const int64_t head = F(lane_head)(j, hu, c, g);
+        if (head < 0) continue;
         for (int64_t d = 0; d < D; d++) {
-            const int64_t at = first + g * D + d;
+            const int64_t at = (row * j->Hq + head) * D + d;
             float x = j->bf16 ? from_bf16(((const uint16_t *)j->q)[at]) : ((const float *)j->q)[at];
             lanes[d * LANES + g] = x * j->scale;
         }
+    }
 }
 
-/* Unit u (sequence, KV head, chunk of LANES query heads, split) -> the partial [D + 2] (m, l, acc [D]) of each of
- * the sequence's queries for this split, at ((row * Hkv + h) * chunks + c) * splits + split. */
+/* Unit u (sequence, KV unit, chunk of LANES query heads, split) -> the partial [D + 2] (m, l, acc [D]) of each of
+ * the sequence's queries for this split, at ((row * Hu + hu) * chunks + c) * splits + split. */
 INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
     const int64_t D = j->D, part = u / j->splits, split = u % j->splits;
-    const int64_t b = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
+    const int64_t b = part / (j->Hu * j->chunks), hu = part / j->chunks % j->Hu, c = part % j->chunks;
+    const int64_t h = hu * j->pack;  /* the first KV head */
     const int64_t row0 = j->query_starts[b], nq = j->query_starts[b + 1] - row0;
     const int64_t ctx = j->context_lens[b], blocks = (ctx + j->block_size - 1) / j->block_size;
     const int64_t per = (blocks + j->splits - 1) / j->splits * j->block_size;  /* tokens per split, whole blocks */
     const int64_t t0 = split * per, t1 = t0 + per < ctx ? t0 + per : ctx;
-    const int64_t row_part = (row0 * j->Hkv + h) * j->chunks + c;  /* the first query's row part */
-    const int64_t res_stride = j->Hkv * j->chunks * j->splits * (D + 2);  /* vecs from a query's partial on */
+    const int64_t row_part = (row0 * j->Hu + hu) * j->chunks + c;  /* the first query's row part */
+    const int64_t res_stride = j->Hu * j->chunks * j->splits * (D + 2);  /* vecs from a query's partial on */
     vec *res = partial + (row_part * j->splits + split) * (D + 2);
     const vec *q = j->queries + row_part * D;
-    const int64_t q_stride = j->Hkv * j->chunks * D;  /* vecs from a query to the next */
+    const int64_t q_stride = j->Hu * j->chunks * D;  /* vecs from a query to the next */
     const int64_t first_limit = ctx - nq + 1;
     const int64_t *table = j->block_tables + b * j->width;
 #if BF16_DOT
     if (j->bf16) {
-        F(attend_dot)((const __m512i *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table, j->block_size,
-                      j->Hkv, h, D, t0, t1, res, res_stride);
+        if (j->pack == 2)
+            F(attend_dot)(2, (const __m512i *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table,
+                          j->block_size, j->Hkv, h, D, t0, t1, res, res_stride);
+        else
+            F(attend_dot)(1, (const __m512i *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table,
+                          j->block_size, j->Hkv, h, D, t0, t1, res, res_stride);
         return;
     }
 #endif
@@ -277,10 +331,10 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
               res_stride);
 }
 
-/* The splits of row part p (query row, KV head, chunk of query heads) merged into out. */
+/* The splits of row part p (query row, KV unit, chunk of query heads) merged into out. */
 INLINE void F(merge_part)(const struct F(batch) *j, int64_t part, const vec *partial) {
     const int64_t D = j->D, S = j->splits;
-    const int64_t row = part / (j->Hkv * j->chunks), h = part / j->chunks % j->Hkv, c = part % j->chunks;
+    const int64_t row = part / (j->Hu * j->chunks), hu = part / j->chunks % j->Hu, c = part % j->chunks;
     const vec *res = partial + part * S * (D + 2);
     vec m = res[0];
     for (int64_t s = 1; s < S; s++) m = F(vmax)(m, res[s * (D + 2)]);
@@ -290,13 +344,15 @@ INLINE void F(merge_part)(const struct F(batch) *j, int64_t part, const vec *par
         l += w[s] * res[s * (D + 2) + 1];
     }
     const vec inv = 1.0f / l;
-    const int64_t g0 = c * LANES, gn = j->G - g0 < LANES ? j->G - g0 : LANES;
+    int64_t heads[LANES];
+    for (int64_t g = 0; g < LANES; g++) heads[g] = F(lane_head)(j, hu, c, g);
     for (int64_t d = 0; d < D; d++) {
         vec o = F(splat)(0.0f);
         for (int64_t s = 0; s < S; s++) o += w[s] * res[s * (D + 2) + 2 + d];
         o *= inv;
-        for (int64_t g = 0; g < gn; g++) {
-            const int64_t at = (row * j->Hq + h * j->G + g0 + g) * D + d;
+        for (int64_t g = 0; g < LANES; g++) {
+            if (heads[g] < 0) continue;
+            const int64_t at = (row * j->Hq + heads[g]) * D + d;
             if (j->bf16) ((uint16_t *)j->out)[at] = to_bf16(o[g]);
             else ((float *)j->out)[at] = o[g];
         }
@@ -314,8 +370,9 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
         const int64_t nq = query_starts[b + 1] - query_starts[b];
         if (nq < 1 || nq > MAX_SPAN || nq > context_lens[b]) return -2;
     }
-    const int64_t G = Hq / Hkv, chunks = (G + LANES - 1) / LANES, parts = B * Hkv * chunks;
-    const int64_t row_parts = query_starts[B] * Hkv * chunks;
+    const int64_t G = Hq / Hkv, pack = PACKS(bf16, G, Hkv);
+    const int64_t lk = LANES / pack, Hu = Hkv / pack, chunks = (G + lk - 1) / lk, parts = B * Hu * chunks;
+    const int64_t row_parts = query_starts[B] * Hu * chunks;
     vec *partial = aligned_alloc(64, (size_t)(row_parts * splits * (D + 2)) * sizeof(vec));
     vec *queries = aligned_alloc(64, (size_t)(row_parts * D) * sizeof(vec));
     if (!partial || !queries) {
@@ -324,7 +381,7 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
         return -1;
     }
     struct F(batch) j = {q, kc, vc, bf16, block_tables, context_lens, query_starts, width, Hq, Hkv, D, block_size,
-                         splits, G, chunks, scale, out, queries};
+                         splits, G, chunks, pack, lk, Hu, scale, out, queries};
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
