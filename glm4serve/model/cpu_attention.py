@@ -4,14 +4,16 @@ the system C compiler, a cache folder, ctypes, torch's OpenMP runtime).
 PyTorch's way (attention.decode_attention) gathers every decoding sequence's blocks into a new
 tensor, each layer and step, and runs SDPA over the copy; the kernel reads the blocks in place,
 each sequence to its own length (no padding to the longest), in fp32 sums, over bf16 or fp32
-caches. At glm-4-9b's heads on an AMD EPYC, a layer's decode attention 2.2-3.3x quicker (1.7-3.5x
+caches. At glm-4-9b's heads on an AMD EPYC, a layer's decode attention 2.5-3.9x quicker (1.7-2.4x
 without AVX-512 BF16), from one sequence at 512-32K tokens of context to 64 sequences of 512; the
-40-layer int4 decode step 1.4x at 16K and 1.7x at 32K (BENCHMARKS.md, "Decode attention on CPU").
+40-layer int4 decode step 1.6x at 8K, 2.0x at 16K and 2.4x at 32K (BENCHMARKS.md, "Decode attention on CPU"
+and the sections after it). At glm-4-9b-chat-1m's heads (groups of 8), the avx512bf16 build packs two KV
+heads a vector (packs()).
 
 A sequence may bring up to MAX_SPAN_QUERIES queries, its last tokens (a speculative draft, a prefill's small
 remainder), each seeing the context up to its own token: a step's keys and values are read once for all of
 them. Against PyTorch's gather and SDPA with the query groups folded (attention.py), a layer's span of 2-64
-queries 1.2-2.9x quicker at 512-32K tokens (BENCHMARKS.md, "Speculative drafts in the decode attention kernel").
+queries 1.5-3.2x quicker at 512-32K tokens (BENCHMARKS.md, "Speculative drafts in the decode attention kernel").
 
 It runs where the CPU has AVX-512, with AVX-512 BF16 reading bf16 caches as they are; without AVX-512 (or
 with GLM4SERVE_MAX_CPU_ISA=avx2), a C compiler, or on a build error (logged), `runs()` is False and decodes

@@ -14,8 +14,11 @@
  *
  * decode_attention_kernel.h holds the kernel, included here once for each build: AVX-512, and AVX-512 BF16,
  * where bf16 caches are read as they are and multiplied by `vdpbf16ps` in pairs (attend_dot): 1.3-1.7x the
- * widened way. An AVX2 build (8 lanes: a KV head's keys read and widened once for each 8 of its 16 query
- * heads) measured level with PyTorch's gather and SDPA, so CPUs without AVX-512 keep PyTorch's way.
+ * widened way; there groups of 8 query heads (glm-4-9b-chat-1m: 32 over 4) take two KV heads a vector, which one
+ * would fill half of. A sequence's blocks lie anywhere in the cache, where the hardware's prefetchers do not
+ * follow, so each step prefetches the rows of the tokens PREFETCH_TOKENS ahead into L2. An AVX2 build (8 lanes: a
+ * KV head's keys read and widened once for each 8 of its 16 query heads) measured level with PyTorch's gather and
+ * SDPA, so CPUs without AVX-512 keep PyTorch's way.
  */
 #include <float.h>
 #include <immintrin.h>
@@ -31,7 +34,7 @@
 
 #define LANES 16  /* query heads a unit takes */
 #define PREFETCH_TOKENS 32  /* how far ahead each step prefetches (16-64 measured alike, 128 a little slower) */
-/* KV heads attend_dot packs into a vector: 2 for groups of 8 (glm-4-9b-chat-1m), in pairs (cpu_attention.py's
+/* KV heads attend_dot packs into a vector: 2 for groups of 8 over an even number of KV heads (cpu_attention.py's
  * packs() says the same) */
 #define PACKS(bf16, G, Hkv) (BF16_DOT && (bf16) && 2 * (G) == LANES && (Hkv) % 2 == 0 ? 2 : 1)
 #define NT 8      /* tokens a step: their scores are NT independent sums (even, for attend_dot's pairs) */
