@@ -144,22 +144,54 @@ def test_one_call_takes_spans_and_decodes_of_several_sequences(dtype, build):
     assert (ours.float() - truth).abs().max().item() < (2e-5 if dtype == torch.float32 else 1.6e-2)
 
 
-def test_a_span_past_the_kernels_limits_is_refused():
+def test_a_long_span_goes_as_sub_spans(build, monkeypatch):
+    """A prompt chunk of more than MAX_SPAN_QUERIES queries: sub-spans of 64, each a sequence of its own ending at
+    its last query, CALL_QUERIES of them a call (here 128, so three calls), the same as each prefix's decode."""
+    monkeypatch.setattr(cpu_attention, "CALL_QUERIES", 128)
+    n, ctx = 300, 700
+    _, k, v, tables, _ = scattered_cache(32, 2, 64, 16, [ctx], torch.bfloat16)
+    q = torch.randn(n, 32, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ours = cpu_attention.span_attention(q, k, v, tables[0], ctx, 0.125, build=build)
+    assert (ours.float() - span_truth(q, k, v, tables[0], ctx)).abs().max().item() < 1.6e-2
+
+
+def test_a_call_past_the_kernels_limits_is_refused():
     _, k, v, tables, _ = scattered_cache(32, 2, 128, 16, [100], torch.float32)
     for n, ctx in [(cpu_attention.MAX_SPAN_QUERIES + 1, 100), (5, 4)]:
         with pytest.raises(ValueError, match="1 to 64 queries"):
-            cpu_attention.span_attention(torch.randn(n, 32, 128), k, v, tables[0], ctx, 0.1)
+            cpu_attention.paged_attention(torch.randn(n, 32, 128), k, v, tables[:1], torch.tensor([ctx]),
+                                          torch.tensor([0, n]), 0.1)
 
 
-def test_the_cpu_spans_attend_in_the_kernel_up_to_its_limit(monkeypatch):
-    """attention.prefill_attention sends a span of up to MAX_SPAN_QUERIES queries to the kernel; a longer one
-    attends in PyTorch's query tiles."""
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_the_cpu_spans_attend_in_the_kernel(amx, monkeypatch):
+    """attention.prefill_attention sends a CPU span to the kernel, whatever its length, where each KV head's query
+    group fills the lanes (here 16); on a CPU with AMX, only up to AMX_SPAN_QUERIES queries (longer ones attend in
+    PyTorch's query tiles)."""
     calls = []
     real = cpu_attention.span_attention
     monkeypatch.setattr(cpu_attention, "span_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    monkeypatch.setattr(cpu_attention, "cpu_has", lambda flags: amx if flags == ("amx_bf16",) else True)
     _, k, v, tables, _ = scattered_cache(32, 2, 64, 16, [400], torch.float32)
-    for n, kernel_calls in [(64, 1), (65, 1)]:
+    for n, kernel_calls in [(64, 1), (65, 1 if amx else 2), (300, 1 if amx else 3)]:
         q = torch.randn(n, 32, 64, generator=torch.Generator().manual_seed(n))
         ours = attention.prefill_attention(q, k, v, PrefillSpan(0, n, 400, tables[0]), 0.125)
         assert len(calls) == kernel_calls
         assert (ours - span_truth(q, k, v, tables[0], 400)).abs().max().item() < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_spans_of_small_query_groups_attend_in_the_kernel_only_when_short(dtype, monkeypatch):
+    """Groups of 4 fill a quarter of the lanes: up to UNFILLED_SPAN_QUERIES queries take the kernel, longer spans
+    PyTorch; groups of 8 fill them in bf16 in the avx512bf16 build (two KV heads a vector), not in fp32."""
+    calls = []
+    real = cpu_attention.span_attention
+    monkeypatch.setattr(cpu_attention, "span_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    _, k, v, tables, _ = scattered_cache(8, 2, 64, 16, [300], dtype)
+    for n, kernel_calls in [(8, 1), (9, 1)]:
+        q = torch.randn(n, 8, 64).to(dtype)
+        ours = attention.prefill_attention(q, k, v, PrefillSpan(0, n, 300, tables[0]), 0.125)
+        assert len(calls) == kernel_calls
+        assert (ours.float() - span_truth(q, k, v, tables[0], 300)).abs().max().item() < 1.6e-2
+    packed = cpu_attention.builds()[0] == "avx512bf16" and dtype == torch.bfloat16
+    assert cpu_attention.takes_span(100, torch.empty(1, 32, 128, dtype=dtype), torch.empty(1, 16, 4, 128)) == packed

@@ -16,9 +16,11 @@ smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token ch
 BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 
-On CPU, decodes (one query a sequence) and spans of up to 64 queries (a speculative draft, a prefill's small
-remainder) attend in decode_attention.c (cpu_attention.py), which reads each sequence's blocks in place; where it
-does not run, decode_attention gathers the blocks and calls SDPA. On a GPU, decodes take paged_decode.py's kernel.
+On CPU, decodes (one query a sequence) and spans (a speculative draft, a prompt chunk; of up to 64 queries on
+CPUs with AMX, of up to 8 where a KV head's query group fills under a vector: cpu_attention.takes_span) attend
+in decode_attention.c (cpu_attention.py), which reads each sequence's blocks in place; where it
+does not run, decode_attention gathers the blocks and calls SDPA, and a span attends in the query tiles above. On
+a GPU, decodes take paged_decode.py's kernel.
 
 On a GPU in half precision all the step's prefill spans attend in one call of flash attention's
 variable-length kernel, over their contexts gathered from the cache into one packed K/V
@@ -130,7 +132,7 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of one span's queries q [n, Hq, D] over the sequence's cache -> [n, Hq, D]."""
     n, hq, d = q.shape
-    if n <= cpu_attention.MAX_SPAN_QUERIES and cpu_attention.runs(q, k_cache):
+    if cpu_attention.runs(q, k_cache) and cpu_attention.takes_span(n, q, k_cache):
         return cpu_attention.span_attention(q, k_cache, v_cache, span.block_table, span.context_len, scale)
     past = span.context_len - n  # cached tokens before this span
     # 4-D [1, heads, len, D]: with a batch axis SDPA's CPU kernel stays the tiled flash one

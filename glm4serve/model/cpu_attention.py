@@ -10,10 +10,15 @@ without AVX-512 BF16), from one sequence at 512-32K tokens of context to 64 sequ
 and the sections after it). At glm-4-9b-chat-1m's heads (groups of 8), the avx512bf16 build packs two KV
 heads a vector (packs()).
 
-A sequence may bring up to MAX_SPAN_QUERIES queries, its last tokens (a speculative draft, a prefill's small
-remainder), each seeing the context up to its own token: a step's keys and values are read once for all of
-them. Against PyTorch's gather and SDPA with the query groups folded (attention.py), a layer's span of 2-64
-queries 1.5-3.2x quicker at 512-32K tokens (BENCHMARKS.md, "Speculative drafts in the decode attention kernel").
+A sequence may bring up to MAX_SPAN_QUERIES queries, its last tokens (a speculative draft, a prompt chunk),
+each seeing the context up to its own token: a step's keys and values are read once for all of them; a longer
+span goes as sub-spans of that many. Against PyTorch's gather and SDPA (attention.py), a layer's span of 2-64
+queries 1.5-3.2x quicker at 512-32K tokens (BENCHMARKS.md, "Speculative drafts in the decode attention kernel"),
+and a 2,048-token prompt chunk 1.1-2.4x, with or without a cached prefix ("Prompt chunks in the decode attention
+kernel"). That holds where a KV head's query group fills a vector's 16 lanes (glm-4-9b's 16; the 1M variant's 8,
+two KV heads a vector in bf16); where it fills fewer (small test models, or 8 in fp32) the kernel lost from ~10
+queries on, so it takes spans of up to UNFILLED_SPAN_QUERIES there. On CPUs with AMX, PyTorch's SDPA multiplies
+a long span's scores on AMX tiles: there spans past AMX_SPAN_QUERIES keep PyTorch's way, unmeasured either way.
 
 It runs where the CPU has AVX-512, with AVX-512 BF16 reading bf16 caches as they are; without AVX-512 (or
 with GLM4SERVE_MAX_CPU_ISA=avx2), a C compiler, or on a build error (logged), `runs()` is False and decodes
@@ -35,7 +40,10 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's ta
 CPU_FLAGS = ("avx512f",)
 MAX_HEAD_DIM = 256  # decode_attention.c's MAX_D
 MAX_SPLITS = 64  # and its MAX_SPLITS
-MAX_SPAN_QUERIES = 64  # and its MAX_SPAN
+MAX_SPAN_QUERIES = 64  # and its MAX_SPAN: one sequence's queries in a call
+AMX_SPAN_QUERIES = 64  # the longest span the kernel takes on a CPU with AMX (module docstring)
+UNFILLED_SPAN_QUERIES = 8  # and where a KV head's group fills under a vector's lanes
+CALL_QUERIES = 1024  # a long span's sub-spans go this many queries a call, which bounds the call's scratch
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
 MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
@@ -131,10 +139,30 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return paged_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale, splits, build)
 
 
+def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether a span of n queries q [n, Hq, D] over this cache [blocks, block_size, Hkv, D] attends in the kernel
+    (module docstring)."""
+    group, kv_heads = q.shape[1] // k_cache.shape[2], k_cache.shape[2]
+    if group * packs(builds()[0], q.dtype, group, kv_heads) < LANES:
+        return n <= UNFILLED_SPAN_QUERIES
+    return n <= AMX_SPAN_QUERIES or not cpu_has(("amx_bf16",))
+
+
 def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    context_len: int, scale: float, splits: int | None = None, build: str | None = None) -> torch.Tensor:
-    """One sequence's last n tokens' queries q [n, Hq, D] (a speculative draft, a short chunk), causal over its
-    first context_len cached keys and values, blocks block_table [nb] -> [n, Hq, D]; the rest as paged_attention."""
-    starts = torch.tensor([0, q.shape[0]])
-    return paged_attention(q, k_cache, v_cache, block_table[None], torch.tensor([context_len]), starts, scale, splits,
-                           build)
+    """One sequence's last n tokens' queries q [n, Hq, D] (a speculative draft, a prompt chunk), causal over its
+    first context_len cached keys and values, blocks block_table [nb] -> [n, Hq, D]: sub-spans of at most
+    MAX_SPAN_QUERIES, each as a sequence ending at its last query; the rest as paged_attention."""
+    n = q.shape[0]
+    if n <= MAX_SPAN_QUERIES:
+        starts = torch.tensor([0, n])
+        return paged_attention(q, k_cache, v_cache, block_table[None], torch.tensor([context_len]), starts, scale,
+                               splits, build)
+    out = torch.empty_like(q)
+    for c0 in range(0, n, CALL_QUERIES):
+        c1 = min(n, c0 + CALL_QUERIES)
+        cuts = torch.arange(c0, c1 + MAX_SPAN_QUERIES, MAX_SPAN_QUERIES).clamp(max=c1)  # sub-span edges in q
+        lens = context_len - n + cuts[1:]  # each sub-span's context ends at its last query
+        tables = block_table[None].expand(len(lens), -1)
+        out[c0:c1] = paged_attention(q[c0:c1], k_cache, v_cache, tables, lens, cuts - c0, scale, splits, build)
+    return out
