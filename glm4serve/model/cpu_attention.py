@@ -59,8 +59,10 @@ def _library() -> ctypes.CDLL | None:
     return load_library(SOURCE, FLAGS, CPU_FLAGS, "decode attention runs in PyTorch")
 
 
+@functools.cache
 def builds() -> list[str]:
-    """The builds this CPU runs, the fastest first (none with GLM4SERVE_MAX_CPU_ISA=avx2)."""
+    """The builds this CPU runs, the fastest first (none with GLM4SERVE_MAX_CPU_ISA=avx2); cached, as every layer's
+    call asks (reading /proc/cpuinfo takes ~50 us)."""
     return [name for name, flags in BUILDS.items() if _library() is not None and cpu_has(flags)]
 
 
@@ -139,13 +141,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return paged_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale, splits, build)
 
 
+@functools.cache
+def has_amx() -> bool:
+    return cpu_has(("amx_bf16",))
+
+
 def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether a span of n queries q [n, Hq, D] over this cache [blocks, block_size, Hkv, D] attends in the kernel
     (module docstring)."""
     group, kv_heads = q.shape[1] // k_cache.shape[2], k_cache.shape[2]
     if group * packs(builds()[0], q.dtype, group, kv_heads) < LANES:
         return n <= UNFILLED_SPAN_QUERIES
-    return n <= AMX_SPAN_QUERIES or not cpu_has(("amx_bf16",))
+    return n <= AMX_SPAN_QUERIES or not has_amx()
 
 
 def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
