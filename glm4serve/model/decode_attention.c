@@ -1,6 +1,6 @@
-/* Decode attention on CPU: one query per sequence, or a few of its last tokens (a speculative draft), over its
- * paged K/V, read in place (cpu_attention.py builds it where the CPU has AVX-512; caches [blocks, block_size, Hkv,
- * D] in bf16 or fp32).
+/* Decode attention on CPU: one query per sequence, or up to MAX_SPAN of its last tokens (a speculative draft; a
+ * prompt chunk comes as sub-spans of that many, cpu_attention.py), over its paged K/V, read in place (built where
+ * the CPU has AVX-512; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
  *
  * PyTorch's way gathers each sequence's blocks into a new tensor every layer and step, then runs SDPA
  * over the copy: at a 16K context, 4.2 of a layer's 5.5 ms were that gather (BENCHMARKS.md). Here each
