@@ -161,10 +161,6 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     first context_len cached keys and values, blocks block_table [nb] -> [n, Hq, D]: sub-spans of at most
     MAX_SPAN_QUERIES, each as a sequence ending at its last query; the rest as paged_attention."""
     n = q.shape[0]
-    if n <= MAX_SPAN_QUERIES:
-        starts = torch.tensor([0, n])
-        return paged_attention(q, k_cache, v_cache, block_table[None], torch.tensor([context_len]), starts, scale,
-                               splits, build)
     out = torch.empty_like(q)
     for c0 in range(0, n, CALL_QUERIES):
         c1 = min(n, c0 + CALL_QUERIES)
