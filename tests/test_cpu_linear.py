@@ -275,18 +275,22 @@ def test_hugepage_backing_sees_written_hugepage_memory():
 
 
 _SHAPES_PROBE = """
-import ctypes, sys, torch, torch.nn.functional as F
+import ctypes, sys, torch
 from glm4serve.model.cpu_linear import limit_onednn_caches
 if sys.argv[1] == "limited":
     limit_onednn_caches(8)
 libc = ctypes.CDLL("libc.so.6")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-w, x = torch.randn(256, 256, dtype=torch.bfloat16), torch.randn(700, 256, dtype=torch.bfloat16)
-F.linear(x[:500], w)
+# CpuLinear's packed product, in bf16 where oneDNN multiplies it (AVX-512), else in fp32 (AVX2 CPUs)
+dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+w, x = torch.randn(256, 256, dtype=dtype), torch.randn(700, 256, dtype=dtype)
+w = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+product = lambda rows: torch.ops.mkldnn._linear_pointwise(x[:rows], w, None, "none", [], "")
+product(500)
 libc.malloc_trim(0)
 before = rss()
 for rows in range(501, 701):  # a prefill chunk of every length
-    F.linear(x[:rows], w)
+    product(rows)
 libc.malloc_trim(0)
 print(rss() - before)
 """

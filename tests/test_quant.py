@@ -5,6 +5,7 @@ and a load that never holds the weights in full precision."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import textwrap
@@ -433,6 +434,63 @@ def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkey
     got = lin(x)
     assert calls == ["int4_gemm" if rows < 4 else "int4_int8_gemm"] and got.dtype == torch.float32
     assert (got.double() - want).abs().max() <= (1e-4 if rows < 4 else 2e-2) * want.abs().max()
+
+
+def test_int4_tiles_hold_rows_d_and_d_plus_32_in_one_byte_on_any_cpu():
+    """pack_int4_tile: byte d of input k's 32 holds rows d (low nibble) and d + 32, byte 16 + d rows d + 16 and
+    d + 48; unpack_int4_tiles takes every tile back."""
+    q = torch.randint(0, 16, (128, 96), generator=torch.Generator().manual_seed(0))
+    packed = torch.cat([quant.pack_int4_tile(q[:64]), quant.pack_int4_tile(q[64:])])
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 48)
+    by_input = packed.view(2, 96, 32).int()  # [tile, K, 32 bytes]
+    for tile, k, d in [(0, 0, 0), (0, 5, 7), (0, 95, 15), (1, 40, 3)]:
+        rows = q[64 * tile :, k]
+        assert by_input[tile, k, d] == rows[d] | rows[d + 32] << 4
+        assert by_input[tile, k, 16 + d] == rows[d + 16] | rows[d + 48] << 4
+    assert torch.equal(quant.unpack_int4_tiles(packed), q.to(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="torch packs this layout where it runs its AVX-512 kernels")
+def test_int4_tiles_are_the_layout_torch_packs_on_an_avx512_cpu():
+    q = torch.randint(0, 16, (64, 256), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    assert torch.equal(quant.pack_int4_tile(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+
+
+AVX2_INT4_PROBE = """
+import sys, torch
+from glm4serve.model import int8_kernel
+from glm4serve.model.quant import Int4Linear
+if not int8_kernel.kernels_available():
+    print("SKIP no AVX2 kernels here (no AVX2 and FMA, or no C compiler)"); sys.exit()
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"  # where torch packs int4 in tiles of 32 rows
+lin = Int4Linear(256, 192, bias=False, dtype=torch.float32)
+w = torch.randn(192, 256, generator=torch.Generator().manual_seed(0))
+lin.load_weight_rows(0, 192, w)
+assert lin.tiled
+step = (w.view(192, 4, 64).amax(-1) - w.view(192, 4, 64).amin(-1)).repeat_interleave(64, 1) / 15
+print("WEIGHTS", ((lin.dequantized() - w).abs() / step).max().item())  # within half a step (and bf16's rounding)
+for rows in (1, 8):  # int4_gemm, int4_int8.c's AVX2 build
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    want = x.double() @ lin.dequantized().double().T
+    print("ROWS", rows, ((lin(x).double() - want).abs().max() / want.abs().max()).item())
+"""
+
+
+def test_int4_kernels_read_the_tiles_where_torch_would_pack_them_otherwise():
+    """On a CPU with AVX2 and not AVX-512, torch packs int4 weights in tiles of 32 rows, not 64; our kernels read
+    64-row tiles, so Int4Linear packs them itself (pack_int4_tile). Here torch is held to AVX2
+    (ATEN_CPU_CAPABILITY) and our kernels too: the weights come back within half a step, and the products of 1 and
+    8 rows match them (1e-4 and 2e-2 of the largest output: int16 and int8 activations)."""
+    env = dict(os.environ, GLM4SERVE_MAX_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", AVX2_INT4_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout[5:].strip())
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert [float(line[1]) <= 0.51 for line in lines if line[0] == "WEIGHTS"] == [True], out.stdout
+    errors = {int(line[1]): float(line[2]) for line in lines if line[0] == "ROWS"}
+    assert errors.keys() == {1, 8} and errors[1] <= 1e-4 and errors[8] <= 2e-2, out.stdout
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])

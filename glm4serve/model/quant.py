@@ -11,7 +11,8 @@ input's dtype. The kernels:
   (bf16 activations);
 - int4: `_weight_int4pack_mm_for_cpu` over torch's packed int4 layout (bf16 activations), with a
   scale and a zero point per group of INT4_GROUP inputs; where int8_kernel.py builds, up to
-  int4_dequantize_min_rows() - 1 rows (55, or 159 without AMX-BF16) through its kernel over that layout
+  int4_dequantize_min_rows() - 1 rows (55, or 159 without AMX-BF16) through its kernel over that layout (as
+  torch packs it on an AVX-512 CPU, whatever this CPU: pack_int4_tile)
   (int16 activations; the scales kept tile by tile for it), and more through blocks of the weight
   dequantized to bf16 from it and multiplied by oneDNN; where the CPU has AMX-INT8,
   int8_kernel.INT4_AMX_ROWS rows on its tiles; where it has no AMX, int8_kernel.INT4_INT8_MIN_ROWS
@@ -87,6 +88,25 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def pack_int4_tile(q: torch.Tensor) -> torch.Tensor:
+    """q [64, K] in [0, 15] -> [64, K / 2] uint8 in the layout that torch's CPU int4 packing gives on an AVX-512
+    CPU, whatever this CPU is (on an AVX2 CPU torch packs tiles of 32 rows otherwise; our kernels read this one):
+    for each input k, 32 bytes, byte d (d < 16) holding rows d (low nibble) and d + 32 (high), byte 16 + d rows
+    d + 16 and d + 48."""
+    k = q.shape[1]
+    lanes = q.to(torch.uint8).view(4, 16, k)  # [row // 16, row % 16, K]
+    pairs = lanes[:2] | lanes[2:] << 4  # [2, 16, K]: rows r (low nibbles) and r + 32 (high)
+    return pairs.permute(2, 0, 1).reshape(PACK_TILE_ROWS, k // 2)  # [K, 2, 16] -> [64, K / 2]
+
+
+def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4_tile's inverse over every tile: packed [N, K / 2] -> q [N, K] uint8."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    pairs = packed.view(n // PACK_TILE_ROWS, k, 2, 16)  # [tile, K, 2, 16]
+    q = torch.stack((pairs & 15, pairs >> 4), 2)  # [tile, K, nibble, 2, 16]: row nibble * 32 + 16 * lane + d
+    return q.permute(0, 2, 3, 4, 1).reshape(n, k)  # [tile, 64 rows, K] -> [N, K]
+
+
 @functools.cache
 def int4_dequantize_min_rows() -> int:
     """The rows from which an int4 product goes through bf16-dequantized blocks on this CPU."""
@@ -94,7 +114,8 @@ def int4_dequantize_min_rows() -> int:
 
 
 class Int4Linear(nn.Module):
-    """w = q * scale + min per group of `group` inputs, q in [0, 15], held in torch's packed CPU layout.
+    """w = q * scale + min per group of `group` inputs, q in [0, 15], held in torch's packed CPU layout (where
+    our kernels take it, that layout as torch packs it on an AVX-512 CPU: pack_int4_tile).
 
     That layout interleaves rows in tiles of PACK_TILE_ROWS: a tile is packed once all its rows have
     come (a tile split between two checkpoint tensors, like HF's q/k/v, waits in a small buffer). Where
@@ -163,11 +184,20 @@ class Int4Linear(nn.Module):
             self.scales_and_zeros[tile, :, a - t0 : b - t0] = pairs[a - r0 : b - r0].transpose(0, 1)
 
     def _pack(self, t0: int, t1: int, q: torch.Tensor) -> None:
-        self.packed[t0:t1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(self.packed.device), 1)
+        if self.tiled:
+            self.packed[t0:t1] = pack_int4_tile(q)
+        else:
+            self.packed[t0:t1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(self.packed.device), 1)
 
     def dequantized(self) -> torch.Tensor:
-        """[out, in] fp32, read back through torch's kernel (so it checks the packing and the scales' layout
-        too): with x = I in fp32, each column of the product is a weight row, dequantized in fp32."""
+        """[out, in] fp32. Tiled: unpacked here (unpack_int4_tiles) and scaled in float64; else read back
+        through torch's kernel, whose layout it is: with x = I in fp32, each column of the product is a weight
+        row, dequantized in fp32."""
+        if self.tiled:
+            n, k, g = self.out_features, self.in_features, self.group
+            q = unpack_int4_tiles(self.packed).double().view(n, k // g, g)
+            scale, zero = self.scales_by_row().double().permute(2, 1, 0)  # each [out, in / group]
+            return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k).float()
         eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
                                                          self.scales_by_row().float()).t().contiguous()
