@@ -16,8 +16,8 @@ random K/V written there (a step's time does not depend on the values), so no 16
     .venv/bin/python benchmarks/bench_decode_attention.py --engine [--quantization int4] [--streams 1]
         [--contexts 512,4096,16384,32768] [--repeats 3]
 
-The kernel runs where the CPU has AVX-512 (cpu_attention.py); --build avx512 takes its fp32 way on a CPU with
-AVX-512 BF16 too (as a CPU without BF16 runs it).
+The kernel runs where the CPU has AVX2 and FMA (cpu_attention.py); --build avx512 takes its fp32 way on a CPU with
+AVX-512 BF16 too (as a CPU without BF16 runs it), --build avx2 its AVX2 way on an AVX-512 CPU.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=2, help="of one layer (2: glm-4-9b-chat's; 4: its 1M variant's)")
     a = ap.parse_args()
     if cpu_attention._kernel() is None:
-        raise SystemExit("decode_attention.c does not run here (no AVX-512, or no C compiler)")
+        raise SystemExit("decode_attention.c does not run here (no AVX2 and FMA, or no C compiler)")
     here = cpu_attention.builds()
     if a.build and a.build not in here:
         raise SystemExit(f"this CPU does not run the {a.build} build")

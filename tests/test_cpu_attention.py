@@ -13,7 +13,7 @@ from glm4serve.model.batch import SeqChunk, build_batch
 from tests.paged_caches import scattered_cache
 
 pytestmark = pytest.mark.skipif(cpu_attention._kernel() is None, reason="decode_attention.c does not run here "
-                                "(no AVX-512, or no C compiler)")
+                                "(no AVX2 and FMA, or no C compiler)")
 
 # (query heads, KV heads, head dim, block size, context lengths): glm-4-9b's 32 over 2 heads of 128;
 # glm-4-9b-chat-1m's groups of 8 (two KV heads a vector in bf16's avx512bf16 build), and groups of 8 over an
@@ -37,7 +37,7 @@ def pytorch_truth(q, k, v, tables, lens):
 
 @pytest.fixture(params=cpu_attention.builds())
 def build(request):
-    """Each build this CPU runs (AVX-512 BF16's, AVX-512's)."""
+    """Each build this CPU runs (AVX-512 BF16's, AVX-512's, AVX2's)."""
     return request.param
 
 
@@ -163,17 +163,17 @@ def test_a_call_past_the_kernels_limits_is_refused():
                                           torch.tensor([0, n]), 0.1)
 
 
-@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
-def test_the_cpu_spans_attend_in_the_kernel(amx, monkeypatch):
+@pytest.mark.parametrize("short", [False, True], ids=["long-spans", "short-spans-only"])
+def test_the_cpu_spans_attend_in_the_kernel(short, monkeypatch):
     """attention.prefill_attention sends a CPU span to the kernel, whatever its length, where each KV head's query
-    group fills the lanes (here 16); on a CPU with AMX, only up to AMX_SPAN_QUERIES queries (longer ones attend in
-    PyTorch's query tiles)."""
+    group fills the lanes (here 16); on a CPU with AMX, or where the kernel runs in AVX2, only up to
+    SHORT_SPAN_QUERIES queries (longer ones attend in PyTorch's query tiles)."""
     calls = []
     real = cpu_attention.span_attention
     monkeypatch.setattr(cpu_attention, "span_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
-    monkeypatch.setattr(cpu_attention, "has_amx", lambda: amx)
+    monkeypatch.setattr(cpu_attention, "short_spans_only", lambda: short)
     _, k, v, tables, _ = scattered_cache(32, 2, 64, 16, [400], torch.float32)
-    for n, kernel_calls in [(64, 1), (65, 1 if amx else 2), (300, 1 if amx else 3)]:
+    for n, kernel_calls in [(64, 1), (65, 1 if short else 2), (300, 1 if short else 3)]:
         q = torch.randn(n, 32, 64, generator=torch.Generator().manual_seed(n))
         ours = attention.prefill_attention(q, k, v, PrefillSpan(0, n, 400, tables[0]), 0.125)
         assert len(calls) == kernel_calls

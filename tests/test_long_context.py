@@ -124,7 +124,7 @@ def random_span(n: int, ctx: int, hq: int, hkv: int, d: int, block_size: int):
 
 @pytest.fixture
 def pytorch_spans(monkeypatch):
-    """Short spans on CPU attend in PyTorch (query tiles, or folded query groups), as on a CPU without AVX-512,
+    """Short spans on CPU attend in PyTorch (query tiles, or folded query groups), as on a CPU without the kernel,
     where decode_attention.c does not run (test_cpu_attention.py tests the kernel's spans)."""
     monkeypatch.setattr(cpu_attention, "runs", lambda q, k_cache: False)
 

@@ -58,8 +58,8 @@ KERNEL_SHAPES = [(37, 96), (160, 70), (3, 5), (4608, 4096)]
 
 
 def test_a_kernel_is_built_again_when_a_header_it_includes_or_the_compiler_changes(tmp_path, monkeypatch):
-    """The build cache's key covers the source's own headers (amx_tiles.h) and the compiler's version, not the
-    source alone."""
+    """The build cache's key covers the source's own headers (amx_tiles.h), the headers they include, and the
+    compiler's version, not the source alone."""
     import ctypes
 
     compiler = int8_kernel._compiler()
@@ -72,6 +72,12 @@ def test_a_kernel_is_built_again_when_a_header_it_includes_or_the_compiler_chang
     (tmp_path / "k.h").write_text("#define N 2\n")
     second = int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"])
     assert first != second and ctypes.CDLL(str(second)).n() == 2
+    (tmp_path / "k.h").write_text('#include "inner.h"\n')  # a header's own header
+    (tmp_path / "inner.h").write_text("#define N 3\n")
+    third = int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"])
+    (tmp_path / "inner.h").write_text("#define N 4\n")
+    fourth = int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"])
+    assert fourth != third and ctypes.CDLL(str(fourth)).n() == 4
     monkeypatch.setattr(int8_kernel, "_compiler_version", lambda compiler: b"cc (GCC) 10.2.1")
     assert int8_kernel._build(compiler, tmp_path / "k.c", ["-shared", "-fPIC"]) != second  # another compiler
 

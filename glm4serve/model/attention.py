@@ -17,8 +17,9 @@ BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 
 On CPU, decodes (one query a sequence) and spans (a speculative draft, a prompt chunk; of up to 64 queries on
-CPUs with AMX, of up to 8 where a KV head's query group fills under a vector: cpu_attention.takes_span) attend
-in decode_attention.c (cpu_attention.py), which reads each sequence's blocks in place; where it
+CPUs with AMX or AVX2 alone, of up to 8 where a KV head's query group fills under a vector:
+cpu_attention.takes_span) attend in decode_attention.c (cpu_attention.py), which reads each sequence's blocks in
+place; where it
 does not run, decode_attention gathers the blocks and calls SDPA, and a span attends in the query tiles above. On
 a GPU, decodes take paged_decode.py's kernel.
 
@@ -27,7 +28,7 @@ variable-length kernel, over their contexts gathered from the cache into one pac
 (`PackedPrefill`, built once a step): a step of many prompts is a few kernels a layer, not a few
 for each prompt.
 
-A short span on a CPU the kernel does not run on (no AVX-512) folds each KV head's group
+A short span on a CPU the kernel does not run on (no AVX2, no C compiler) folds each KV head's group
 of query heads into the query axis, as decode does: one pass over each KV head's keys serves all
 its queries, where SDPA's GQA reads them once per query head. At glm-4-9b's heads, 5 queries after
 8,192 cached tokens: 8.2 -> 2.2 ms a layer; it loses from 64 queries (BENCHMARKS.md, "Speculative

@@ -18,11 +18,12 @@ and a 2,048-token prompt chunk 1.1-2.4x, with or without a cached prefix ("Promp
 kernel"). That holds where a KV head's query group fills a vector's 16 lanes (glm-4-9b's 16; the 1M variant's 8,
 two KV heads a vector in bf16); where it fills fewer (small test models, or 8 in fp32) the kernel lost from ~10
 queries on, so it takes spans of up to UNFILLED_SPAN_QUERIES there. On CPUs with AMX, PyTorch's SDPA multiplies
-a long span's scores on AMX tiles: there spans past AMX_SPAN_QUERIES keep PyTorch's way, unmeasured either way.
+a long span's scores on AMX tiles, and in the AVX2 build long spans measured level with PyTorch's: there spans past
+SHORT_SPAN_QUERIES keep PyTorch's way (short_spans_only; with AMX unmeasured either way).
 
-It runs where the CPU has AVX-512, with AVX-512 BF16 reading bf16 caches as they are; without AVX-512 (or
-with GLM4SERVE_MAX_CPU_ISA=avx2), a C compiler, or on a build error (logged), `runs()` is False and decodes
-attend in PyTorch (an AVX2 build measured level with it: decode_attention.c).
+Its builds: AVX-512 BF16's reads bf16 caches as they are; AVX-512's widens them to fp32; AVX2's (CPUs without
+AVX-512, or GLM4SERVE_MAX_CPU_ISA=avx2) takes a vector's 16 query heads as two halves. Without AVX2 and FMA, a C
+compiler, or on a build error (logged), `runs()` is False and decodes attend in PyTorch.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from .int8_kernel import cpu_has, load_library
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's target attribute
-CPU_FLAGS = ("avx512f",)
+CPU_FLAGS = ("avx2", "fma")
 MAX_HEAD_DIM = 256  # decode_attention.c's MAX_D
 MAX_SPLITS = 64  # and its MAX_SPLITS
 MAX_SPAN_QUERIES = 64  # and its MAX_SPAN: one sequence's queries in a call
-AMX_SPAN_QUERIES = 64  # the longest span the kernel takes on a CPU with AMX (module docstring)
+SHORT_SPAN_QUERIES = 64  # the longest span the kernel takes where short_spans_only() (module docstring)
 UNFILLED_SPAN_QUERIES = 8  # and where a KV head's group fills under a vector's lanes
 CALL_QUERIES = 1024  # a long span's sub-spans go this many queries a call, which bounds the call's scratch
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
@@ -49,8 +50,8 @@ MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
 
 # decode_attention.c's builds, the fastest first, and the CPU flags each needs. avx512bf16 multiplies bf16 caches
-# in pairs with vdpbf16ps; fp32 caches take the avx512 way there too.
-BUILDS = {"avx512bf16": ("avx512f", "avx512bw", "avx512_bf16"), "avx512": CPU_FLAGS}
+# in pairs with vdpbf16ps; fp32 caches take the avx512 way there too; avx2 takes 16 query heads as two halves.
+BUILDS = {"avx512bf16": ("avx512f", "avx512bw", "avx512_bf16"), "avx512": ("avx512f",), "avx2": CPU_FLAGS}
 LANES = 16  # query heads a unit of work takes (decode_attention.c's LANES)
 
 
@@ -61,8 +62,8 @@ def _library() -> ctypes.CDLL | None:
 
 @functools.cache
 def builds() -> list[str]:
-    """The builds this CPU runs, the fastest first (none with GLM4SERVE_MAX_CPU_ISA=avx2); cached, as every layer's
-    call asks (reading /proc/cpuinfo takes ~50 us)."""
+    """The builds this CPU runs, the fastest first (avx2 alone with GLM4SERVE_MAX_CPU_ISA=avx2); cached, as every
+    layer's call asks (reading /proc/cpuinfo takes ~50 us)."""
     return [name for name, flags in BUILDS.items() if _library() is not None and cpu_has(flags)]
 
 
@@ -142,8 +143,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @functools.cache
-def has_amx() -> bool:
-    return cpu_has(("amx_bf16",))
+def short_spans_only() -> bool:
+    """Long spans keep PyTorch's way on this CPU: with AMX (its tiles), or where the kernel runs in AVX2."""
+    return cpu_has(("amx_bf16",)) or builds()[0] == "avx2"
 
 
 def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -152,7 +154,7 @@ def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     group, kv_heads = q.shape[1] // k_cache.shape[2], k_cache.shape[2]
     if group * packs(builds()[0], q.dtype, group, kv_heads) < LANES:
         return n <= UNFILLED_SPAN_QUERIES
-    return n <= AMX_SPAN_QUERIES or not has_amx()
+    return n <= SHORT_SPAN_QUERIES or not short_spans_only()
 
 
 def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -1,6 +1,6 @@
 /* Decode attention on CPU: one query per sequence, or up to MAX_SPAN of its last tokens (a speculative draft; a
  * prompt chunk comes as sub-spans of that many, cpu_attention.py), over its paged K/V, read in place (built where
- * the CPU has AVX-512; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
+ * the CPU has AVX2 and FMA; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
  *
  * PyTorch's way gathers each sequence's blocks into a new tensor every layer and step, then runs SDPA
  * over the copy: at a 16K context, 4.2 of a layer's 5.5 ms were that gather (BENCHMARKS.md). Here each
@@ -15,10 +15,10 @@
  * decode_attention_kernel.h holds the kernel, included here once for each build: AVX-512, and AVX-512 BF16,
  * where bf16 caches are read as they are and multiplied by `vdpbf16ps` in pairs (attend_dot): 1.3-1.7x the
  * widened way; there groups of 8 query heads (glm-4-9b-chat-1m: 32 over 4) take two KV heads a vector, which one
- * would fill half of. A sequence's blocks lie anywhere in the cache, where the hardware's prefetchers do not
- * follow, so each step prefetches the rows of the tokens PREFETCH_TOKENS ahead into L2. An AVX2 build (8 lanes: a
- * KV head's keys read and widened once for each 8 of its 16 query heads) measured level with PyTorch's gather and
- * SDPA, so CPUs without AVX-512 keep PyTorch's way.
+ * would fill half of. AVX2 (most desktop and laptop CPUs) holds a vector's 16 lanes as two 8-lane halves, each
+ * broadcast key or value element multiplying both (attend_halves). A sequence's blocks lie anywhere in the cache,
+ * where the hardware's prefetchers do not follow, so each step prefetches the rows of the tokens PREFETCH_TOKENS
+ * ahead into L2.
  */
 #include <float.h>
 #include <immintrin.h>
@@ -40,14 +40,29 @@
 #define NT 8      /* tokens a step: their scores are NT independent sums (even, for attend_dot's pairs) */
 #define DT 8      /* value dims a step of the weighted sum */
 #define BF16_DOT 1
+#define HALVES 0
 #define ISA "avx512f,avx512bw,avx512bf16"
 #define F(name) name##_avx512bf16
 #include "decode_attention_kernel.h"
 #undef BF16_DOT
+#undef HALVES
 #undef ISA
 #undef F
 
 #define BF16_DOT 0
+#define HALVES 0
 #define ISA "avx512f"
 #define F(name) name##_avx512
+#include "decode_attention_kernel.h"
+#undef HALVES
+#undef ISA
+#undef F
+#undef NT
+#undef DT
+
+#define HALVES 1
+#define NT 4
+#define DT 4
+#define ISA "avx2,fma"
+#define F(name) name##_avx2
 #include "decode_attention_kernel.h"

@@ -1,6 +1,7 @@
 /* The decode attention kernel (decode_attention.c includes it once for each build): LANES query heads a vector
  * (GCC's vector types), NT tokens and DT value dims a step, the functions built for ISA and named F(name); with
- * BF16_DOT (AVX-512 BF16), bf16 caches go through attend_dot. */
+ * BF16_DOT (AVX-512 BF16), bf16 caches go through attend_dot; with HALVES (AVX2), every cache through
+ * attend_halves. */
 
 typedef float F(vec) __attribute__((vector_size(LANES * 4)));
 typedef int32_t F(veci) __attribute__((vector_size(LANES * 4)));
@@ -8,30 +9,32 @@ typedef int32_t F(veci) __attribute__((vector_size(LANES * 4)));
 #define veci F(veci)
 #define INLINE static inline __attribute__((always_inline, target(ISA)))
 
-INLINE vec F(splat)(float f) { return (vec){0} + f; }
-
-INLINE vec F(vmax)(vec a, vec b) {
-    veci mask = a > b;
-    return (vec)(((veci)a & mask) | ((veci)b & ~mask));
-}
-
-/* e^x, for x <= 0 (scores minus their running maximum): 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] */
-INLINE vec F(vexp)(vec x) {
-    x = F(vmax)(x, F(splat)(-87.0f));  /* e^-87 ~ 1.6e-38: the smallest normal float's order, and no -inf */
-    const vec magic = F(splat)(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
-    vec t = x * 1.44269504f + magic;
-    vec n = t - magic;
-    veci ni = (veci)t - (veci)magic;
-    vec r = x - n * 0.693145752f - n * 1.42860677e-6f;  /* ln2 in two parts */
-    vec p = F(splat)(1.0f / 720);
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * (vec)((ni + 127) << 23);
-}
+/* splat, max and e^x for a vector type T of floats and Ti, its int32 twin: the LANES-wide vec, and (HALVES) its
+ * 8-lane halves. e^x is for x <= 0 (scores minus their running maximum): 2^n * p(r) with r = x - n ln2 in
+ * [-ln2/2, ln2/2]; its floor e^-87 ~ 1.6e-38 is the smallest normal float's order, and no -inf. */
+#define VECTOR_MATH(T, Ti, splat, vmax, vexp)                                                                  \
+    INLINE T splat(float f) { return (T){0} + f; }                                                             \
+    INLINE T vmax(T a, T b) {                                                                                  \
+        Ti mask = a > b;                                                                                       \
+        return (T)(((Ti)a & mask) | ((Ti)b & ~mask));                                                          \
+    }                                                                                                          \
+    INLINE T vexp(T x) {                                                                                       \
+        x = vmax(x, splat(-87.0f));                                                                            \
+        const T magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */                  \
+        T t = x * 1.44269504f + magic;                                                                         \
+        T n = t - magic;                                                                                       \
+        Ti ni = (Ti)t - (Ti)magic;                                                                             \
+        T r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln2 in two parts */                                \
+        T p = splat(1.0f / 720);                                                                               \
+        p = p * r + 1.0f / 120;                                                                                \
+        p = p * r + 1.0f / 24;                                                                                 \
+        p = p * r + 1.0f / 6;                                                                                  \
+        p = p * r + 0.5f;                                                                                      \
+        p = p * r + 1.0f;                                                                                      \
+        p = p * r + 1.0f;                                                                                      \
+        return p * (T)((ni + 127) << 23);                                                                      \
+    }
+VECTOR_MATH(vec, veci, F(splat), F(vmax), F(vexp))
 
 /* n rows of D elements, `stride` elements apart, widened into out [NT][D] (rows n.. zero) */
 INLINE void F(widen_rows)(const void *src, int bf16, int64_t stride, int64_t n, int64_t D, float *out) {
@@ -142,106 +145,11 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
 }
 
 #if BF16_DOT
-/* attend's twin for bf16 caches on CPUs with AVX-512 BF16: K and V read as they are, `vdpbf16ps` multiplying
- * pairs of bf16 into fp32 lanes, half the instructions. qP [D / 2] for each query, q_stride apart: each lane holds
- * a query head's elements 2i and 2i + 1 (unscaled); a score is their pairs against a key's pairs, broadcast. The
- * weights p are rounded to bf16 for the weighted sum of values (as flash attention's GPU kernels round them), whose
- * pairs are two tokens'.
- *
- * pack 2 (KV heads h and h + 1 a vector, for groups of LANES / 2 query heads): even lanes are h's heads, odd lanes
- * h + 1's, and each step's keys and values are first laid out as the two heads' pairs side by side (kq, vq), so
- * one 64-bit broadcast serves both. Without it glm-4-9b-chat-1m's groups of 8 would leave half of every vector
- * idle. */
-INLINE void F(attend_dot)(const int pack, const __m512i *qP, int64_t q_stride, int64_t nq, int64_t first_limit,
-                          float scale, const uint16_t *kc, const uint16_t *vc, const int64_t *table,
-                          int64_t block_size, int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1, vec *res,
-                          int64_t res_stride) {
-    static const uint16_t zeros[MAX_D];  /* the rows past a step's tokens: 0 x (0 weight) adds nothing */
-    uint32_t vP[NT / 2 * MAX_D] __attribute__((aligned(64)));  /* [NT / 2][D]: two tokens' value elements */
-    uint64_t kq[NT * MAX_D / 2] __attribute__((aligned(64)));  /* pack 2: [NT][D / 2] two KV heads' key pairs */
-    uint64_t vq[NT / 2 * MAX_D] __attribute__((aligned(64)));  /* pack 2: [NT / 2][D] two KV heads' value pairs */
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const int64_t stride = Hkv * D;
-    vec m[MAX_SPAN], l[MAX_SPAN];
-    for (int64_t r = 0; r < nq; r++) {
-        m[r] = F(splat)(-FLT_MAX), l[r] = F(splat)(0.0f);
-        for (int64_t d = 0; d < D; d++) res[r * res_stride + 2 + d] = F(splat)(0.0f);
-    }
-    for (int64_t t = t0; t < t1;) {
-        int64_t row;
-        const int64_t n = F(step_at)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, pack,
-                                     t, t0, t1, &row);
-        const uint16_t *k[NT], *v[NT], *k2[NT], *v2[NT];  /* k2, v2: KV head h + 1's rows, where pack == 2 */
-        for (int i = 0; i < NT; i++) {
-            k[i] = i < n ? kc + row + i * stride : zeros;
-            v[i] = i < n ? vc + row + i * stride : zeros;
-            k2[i] = i < n ? k[i] + D : zeros;
-            v2[i] = i < n ? v[i] + D : zeros;
-        }
-        if (pack == 2) {
-            for (int i = 0; i < NT; i++)
-                for (int64_t d2 = 0; d2 < D / 2; d2++) {
-                    uint32_t a, b;
-                    memcpy(&a, k[i] + 2 * d2, 4);
-                    memcpy(&b, k2[i] + 2 * d2, 4);
-                    kq[i * (MAX_D / 2) + d2] = a | (uint64_t)b << 32;
-                }
-            for (int i = 0; i < NT / 2; i++) {
-                const uint16_t *a = v[2 * i], *b = v[2 * i + 1], *a2 = v2[2 * i], *b2 = v2[2 * i + 1];
-                for (int64_t d = 0; d < D; d++)
-                    vq[i * MAX_D + d] = (a[d] | (uint32_t)b[d] << 16) | (uint64_t)(a2[d] | (uint32_t)b2[d] << 16) << 32;
-            }
-        } else {
-            for (int i = 0; i < NT / 2; i++) {
-                const uint16_t *a = v[2 * i], *b = v[2 * i + 1];
-                for (int64_t d = 0; d < D; d++) vP[i * D + d] = a[d] | (uint32_t)b[d] << 16;
-            }
-        }
-        for (int64_t r = 0; r < nq; r++) {
-            const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
-            if (nr <= 0) continue;
-            vec *acc = res + r * res_stride + 2;
-            const __m512i *qr = qP + r * q_stride;
-            vec s[NT];
-            for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
-            for (int64_t d2 = 0; d2 < D / 2; d2++) {
-                const __m512bh q = (__m512bh)qr[d2];
-                for (int i = 0; i < NT; i++) {
-                    __m512i key;
-                    if (pack == 2) {
-                        key = _mm512_set1_epi64((long long)kq[i * (MAX_D / 2) + d2]);
-                    } else {
-                        uint32_t pair;
-                        memcpy(&pair, k[i] + 2 * d2, 4);
-                        key = _mm512_set1_epi32((int)pair);
-                    }
-                    s[i] = (vec)_mm512_dpbf16_ps((__m512)s[i], q, (__m512bh)key);
-                }
-            }
-            for (int i = 0; i < NT; i++) s[i] *= scale;
-            vec p[NT];
-            const vec alpha = F(softmax_step)(s, nr, &m[r], &l[r], p);
-            __m512i pP[NT / 2];  /* lane g: (p[2i][g], p[2i + 1][g]) in bf16 */
-            for (int i = 0; i < NT / 2; i++)
-                pP[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)p[2 * i + 1],
-                                                                                         (__m512)p[2 * i]));
-            for (int64_t d = 0; d < D; d += DT) {
-                vec a[DT];
-                for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
-                for (int i = 0; i < NT / 2; i++)
-                    for (int j = 0; j < DT; j++) {
-                        const __m512i value = pack == 2 ? _mm512_set1_epi64((long long)vq[i * MAX_D + d + j])
-                                                        : _mm512_set1_epi32((int)vP[i * D + d + j]);
-                        a[j] = (vec)_mm512_dpbf16_ps((__m512)a[j], (__m512bh)pP[i], (__m512bh)value);
-                    }
-                for (int j = 0; j < DT; j++) acc[d + j] = a[j];
-            }
-        }
-        t += n;
-    }
-    for (int64_t r = 0; r < nq; r++) res[r * res_stride] = m[r], res[r * res_stride + 1] = l[r];
-}
+#include "decode_attention_dot.h"
+#endif
+
+#if HALVES
+#include "decode_attention_halves.h"
 #endif
 
 /* One batch: each sequence b's queries are rows query_starts[b].. query_starts[b + 1] of q [R, Hq, D] and out
@@ -327,8 +235,13 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
         return;
     }
 #endif
+#if HALVES
+    F(attend_halves)(q, q_stride, nq, first_limit, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1,
+                     res, res_stride);
+#else
     F(attend)(q, q_stride, nq, first_limit, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1, res,
               res_stride);
+#endif
 }
 
 /* The splits of row part p (query row, KV unit, chunk of query heads) merged into out. */
@@ -399,3 +312,4 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
 #undef vec
 #undef veci
 #undef INLINE
+#undef VECTOR_MATH
