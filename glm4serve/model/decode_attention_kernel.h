@@ -1,7 +1,7 @@
 /* The decode attention kernel (decode_attention.c includes it once for each build): LANES query heads a vector
  * (GCC's vector types), NT tokens and DT value dims a step, the functions built for ISA and named F(name); with
- * BF16_DOT (AVX-512 BF16), bf16 caches go through attend_dot; with HALVES (AVX2), every cache through
- * attend_halves. */
+ * BF16_DOT (AVX-512 BF16), bf16 caches go through attend_dot; with HALVES (AVX2), each query's step is
+ * decode_attention_halves.h's. */
 
 typedef float F(vec) __attribute__((vector_size(LANES * 4)));
 typedef int32_t F(veci) __attribute__((vector_size(LANES * 4)));
@@ -98,6 +98,29 @@ INLINE vec F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *p) {
     return alpha;
 }
 
+#if HALVES
+#include "decode_attention_halves.h"
+#else
+/* One query's step: its scores for the step's NT tokens kf [NT][D] (the first nr seen), into its running max m,
+ * sum of exps l and unnormalized output acc [D], with the weighted sum of the values vf [NT][D]. */
+INLINE void F(query_step)(const vec *q, const float *kf, const float *vf, int64_t D, int64_t nr, vec *m, vec *l,
+                          vec *acc) {
+    vec s[NT];
+    for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
+    for (int64_t d = 0; d < D; d++)
+        for (int i = 0; i < NT; i++) s[i] += q[d] * kf[i * D + d];
+    vec p[NT];
+    const vec alpha = F(softmax_step)(s, nr, m, l, p);
+    for (int64_t d = 0; d < D; d += DT) {
+        vec a[DT];
+        for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
+        for (int i = 0; i < NT; i++)
+            for (int j = 0; j < DT; j++) a[j] += p[i] * vf[i * D + d + j];
+        for (int j = 0; j < DT; j++) acc[d + j] = a[j];
+    }
+}
+#endif
+
 /* One unit: nq queries qT [D] of LANES heads each, q_stride vecs apart (pre-scaled; unused lanes 0), over tokens
  * [t0, t1) of KV head h, whose slots the block table gives; query r sees the tokens before first_limit + r (causal)
  * -> at res + r * res_stride, its running max, sum of exps and unnormalized output [D]. A step's keys and values
@@ -121,23 +144,7 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
         F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
         for (int64_t r = 0; r < nq; r++) {
             const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
-            if (nr <= 0) continue;
-            vec *acc = res + r * res_stride + 2;
-            vec s[NT];
-            for (int i = 0; i < NT; i++) s[i] = F(splat)(0.0f);
-            for (int64_t d = 0; d < D; d++) {
-                vec q = qT[r * q_stride + d];
-                for (int i = 0; i < NT; i++) s[i] += q * kf[i * D + d];
-            }
-            vec p[NT];
-            const vec alpha = F(softmax_step)(s, nr, &m[r], &l[r], p);
-            for (int64_t d = 0; d < D; d += DT) {
-                vec a[DT];
-                for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
-                for (int i = 0; i < NT; i++)
-                    for (int j = 0; j < DT; j++) a[j] += p[i] * vf[i * D + d + j];
-                for (int j = 0; j < DT; j++) acc[d + j] = a[j];
-            }
+            if (nr > 0) F(query_step)(qT + r * q_stride, kf, vf, D, nr, &m[r], &l[r], res + r * res_stride + 2);
         }
         t += n;
     }
@@ -148,9 +155,6 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
 #include "decode_attention_dot.h"
 #endif
 
-#if HALVES
-#include "decode_attention_halves.h"
-#endif
 
 /* One batch: each sequence b's queries are rows query_starts[b].. query_starts[b + 1] of q [R, Hq, D] and out
  * [R, Hq, D] in the caches' type, the last tokens of its context: its block_tables [B, width] row, context_lens[b]
@@ -235,13 +239,8 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
         return;
     }
 #endif
-#if HALVES
-    F(attend_halves)(q, q_stride, nq, first_limit, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1,
-                     res, res_stride);
-#else
     F(attend)(q, q_stride, nq, first_limit, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1, res,
               res_stride);
-#endif
 }
 
 /* The splits of row part p (query row, KV unit, chunk of query heads) merged into out. */
