@@ -1,8 +1,8 @@
 /* Included by decode_attention_kernel.h for the AVX2 build (HALVES): its query_step. */
 
 /* A vector's 16 query heads as two 8-lane halves, lo and hi, each broadcast key or value element multiplying both.
- * GCC's 16-lane vectors, lowered to AVX2, kept too little in registers (0.35x PyTorch's way); here NT tokens' scores
- * for both halves take 2 * NT of the 16 registers. The arguments are the generic query_step's: q, m, l and acc [D]
+ * GCC's 16-lane vectors, lowered to AVX2, kept too little in registers (0.35x PyTorch's way); here QT tokens' scores
+ * for both halves take 2 * QT of the 16 registers. The arguments are the generic query_step's: q, m, l and acc [D]
  * are vecs of 16 lanes, read and written here as their two halves. */
 typedef float F(half) __attribute__((vector_size(32)));
 typedef int32_t F(halfi) __attribute__((vector_size(32)));
@@ -13,19 +13,21 @@ INLINE void F(query_step)(const vec *qv, const float *kf, const float *vf, int64
     typedef F(half) half;
     const half *q = (const half *)qv;  /* [D][2] */
     half *acc = (half *)accv, *m = (half *)mv, *l = (half *)lv;  /* [D][2], [2], [2] */
-    half slo[NT], shi[NT];  /* indexed by constants only, so they stay in registers (not stored at every step) */
-    for (int i = 0; i < NT; i++) slo[i] = shi[i] = F(hsplat)(0.0f);
-    for (int64_t d = 0; d < D; d++) {
-        const half lo = q[2 * d], hi = q[2 * d + 1];
-#pragma GCC unroll 8
-        for (int i = 0; i < NT; i++) {
-            const half key = _mm256_broadcast_ss(kf + i * D + d);  /* (half){0} + x costs an add */
-            slo[i] += lo * key;
-            shi[i] += hi * key;
-        }
-    }
     half s[NT][2], p[NT][2], alpha[2];  /* s: the scores copied out, for the loops below that index by nr */
-    for (int i = 0; i < NT; i++) s[i][0] = slo[i], s[i][1] = shi[i];
+    for (int i0 = 0; i0 < NT; i0 += QT) {
+        half slo[QT], shi[QT];  /* indexed by constants only, so they stay in registers (not stored at every step) */
+        for (int i = 0; i < QT; i++) slo[i] = shi[i] = F(hsplat)(0.0f);
+        for (int64_t d = 0; d < D; d++) {
+            const half lo = q[2 * d], hi = q[2 * d + 1];
+#pragma GCC unroll 8
+            for (int i = 0; i < QT; i++) {
+                const half key = _mm256_broadcast_ss(kf + (i0 + i) * D + d);  /* (half){0} + x costs an add */
+                slo[i] += lo * key;
+                shi[i] += hi * key;
+            }
+        }
+        for (int i = 0; i < QT; i++) s[i0 + i][0] = slo[i], s[i0 + i][1] = shi[i];
+    }
     for (int k = 0; k < 2; k++) {
         half mt = m[k];
         for (int i = 0; i < nr; i++) mt = F(hmax)(mt, s[i][k]);
