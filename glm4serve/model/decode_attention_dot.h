@@ -21,11 +21,7 @@ INLINE void F(attend_dot)(const int pack, const __m512i *qP, int64_t q_stride, i
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const int64_t stride = Hkv * D;
-    vec m[MAX_SPAN], l[MAX_SPAN];
-    for (int64_t r = 0; r < nq; r++) {
-        m[r] = F(splat)(-FLT_MAX), l[r] = F(splat)(0.0f);
-        for (int64_t d = 0; d < D; d++) res[r * res_stride + 2 + d] = F(splat)(0.0f);
-    }
+    F(start_queries)(nq, D, res, res_stride);
     for (int64_t t = t0; t < t1;) {
         int64_t row;
         const int64_t n = F(step_at)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, pack,
@@ -79,7 +75,7 @@ INLINE void F(attend_dot)(const int pack, const __m512i *qP, int64_t q_stride, i
             }
             for (int i = 0; i < NT; i++) s[i] *= scale;
             vec p[NT];
-            const vec alpha = F(softmax_step)(s, nr, &m[r], &l[r], p);
+            const vec alpha = F(softmax_step)(s, nr, res + r * res_stride, res + r * res_stride + 1, p);
             __m512i pP[NT / 2];  /* lane g: (p[2i][g], p[2i + 1][g]) in bf16 */
             for (int i = 0; i < NT / 2; i++)
                 pP[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)p[2 * i + 1],
@@ -98,5 +94,4 @@ INLINE void F(attend_dot)(const int pack, const __m512i *qP, int64_t q_stride, i
         }
         t += n;
     }
-    for (int64_t r = 0; r < nq; r++) res[r * res_stride] = m[r], res[r * res_stride + 1] = l[r];
 }

@@ -98,6 +98,15 @@ INLINE vec F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *p) {
     return alpha;
 }
 
+/* Each of nq queries' partial at res + r * res_stride (running max, sum of exps, unnormalized output [D]) before its
+ * first step: -FLT_MAX, 0 and zeros; the steps then keep them there. */
+INLINE void F(start_queries)(int64_t nq, int64_t D, vec *res, int64_t res_stride) {
+    for (int64_t r = 0; r < nq; r++) {
+        res[r * res_stride] = F(splat)(-FLT_MAX);
+        for (int64_t d = 1; d < D + 2; d++) res[r * res_stride + d] = F(splat)(0.0f);
+    }
+}
+
 #if HALVES
 #include "decode_attention_halves.h"
 #else
@@ -132,11 +141,7 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
     float kf[NT * MAX_D] __attribute__((aligned(64))), vf[NT * MAX_D] __attribute__((aligned(64)));
     const int64_t stride = Hkv * D;  /* elements from one token's vector to the next's */
     const int64_t esize = bf16 ? 2 : 4;
-    vec m[MAX_SPAN], l[MAX_SPAN];
-    for (int64_t r = 0; r < nq; r++) {
-        m[r] = F(splat)(-FLT_MAX), l[r] = F(splat)(0.0f);
-        for (int64_t d = 0; d < D; d++) res[r * res_stride + 2 + d] = F(splat)(0.0f);
-    }
+    F(start_queries)(nq, D, res, res_stride);
     for (int64_t t = t0; t < t1;) {
         int64_t row;
         const int64_t n = F(step_at)(kc, vc, esize, table, block_size, stride, h, D, 1, t, t0, t1, &row);
@@ -144,11 +149,11 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
         F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
         for (int64_t r = 0; r < nq; r++) {
             const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
-            if (nr > 0) F(query_step)(qT + r * q_stride, kf, vf, D, nr, &m[r], &l[r], res + r * res_stride + 2);
+            vec *mla = res + r * res_stride;  /* m, l, acc [D] */
+            if (nr > 0) F(query_step)(qT + r * q_stride, kf, vf, D, nr, mla, mla + 1, mla + 2);
         }
         t += n;
     }
-    for (int64_t r = 0; r < nq; r++) res[r * res_stride] = m[r], res[r * res_stride + 1] = l[r];
 }
 
 #if BF16_DOT

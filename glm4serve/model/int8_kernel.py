@@ -102,15 +102,12 @@ def _compiler_version(compiler: str) -> bytes:
 def _build(compiler: str, source_path: Path, flags: list[str]) -> Path:
     """The shared library, compiled once per source, included headers (and theirs), flags and compiler version
     (atomically: ranks may race)."""
-    source = source_path.read_bytes()
-    texts, pending = [source], [source]
-    seen: set[bytes] = set()
-    while pending:
-        for name in re.findall(rb'^\s*#\s*include "([^"]+)"', pending.pop(), re.MULTILINE):
+    texts, seen = [source_path.read_bytes()], set()
+    for text in texts:  # grows as headers name theirs
+        for name in re.findall(rb'^\s*#\s*include "([^"]+)"', text, re.MULTILINE):
             if name not in seen:
                 seen.add(name)
-                pending.append(source_path.with_name(name.decode()).read_bytes())
-                texts.append(pending[-1])
+                texts.append(source_path.with_name(name.decode()).read_bytes())
     key = hashlib.sha256(b"".join(texts) + " ".join(flags).encode() + _compiler_version(compiler)).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.is_file():
