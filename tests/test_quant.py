@@ -401,7 +401,7 @@ def avx2_int4_linear(k: int, n: int, group: int, seed: int) -> Int4Linear:
                          ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
 def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
     """quant_avx2.c (CPUs without AVX-512) sums the same integers as int8_gemm.c's int4_gemm and scales them in
-    the same order: the same numbers, bit for bit (one row unpacks as it goes, more through the group's buffer)."""
+    the same order: the same numbers, bit for bit (up to 3 rows unpack as they go, more through the group's buffer)."""
     if not int8_kernel.available() or int8_kernel.avx2_library() is None:
         pytest.skip("needs both kernels built: AVX-512 VNNI, AVX2 and a C compiler")
     k, n, group = shape
@@ -411,6 +411,24 @@ def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
     got = int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group, int8_kernel.avx2_library())
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.equal(got, int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group))
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5])
+def test_int4_avx2_rows_together_give_each_rows_product_alone(rows):
+    """quant_avx2.c's int4_gemm sums rows in pairs (2-3 rows) or from the group's buffer (4 and more), and one row
+    alone: the same integers scaled in the same order, so each row's product is the one it gets alone, bit for
+    bit (on any CPU with AVX2, where test_int4_avx2_kernel_gives_the_vnni_kernels_product needs AVX-512 too)."""
+    lib = int8_kernel.avx2_library()
+    if lib is None:
+        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    for k, n, group in [(256, 192, 64), (4096, 128, 64), (96, 64, 32)]:
+        lin = avx2_int4_linear(k, n, group, seed=k + rows)
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        x[:, :2] = -x.abs().max()
+        together = int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group, lib)
+        for m in range(rows):
+            alone = int8_kernel.int4_gemm(x[m : m + 1], lin.packed, lin.scales_and_zeros, lin.group, lib)
+            assert torch.equal(together[m : m + 1], alone), (k, n, m)
 
 
 def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
@@ -427,7 +445,7 @@ def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 160, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 160, 300])
 def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkeypatch):
     """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
     layout and runs every row count in it (no bf16 blocks, no AMX): 1-3 rows in int4_gemm, within 1e-4 of the float64

@@ -26,6 +26,7 @@
 #define INT4_PREFETCH_L1 2048
 #define INT4_PREFETCH_L2 8192
 #define MAX_GROUP 64  /* quant.py's INT4_GROUP: a group's unpacked weights fit one 8 KiB buffer */
+#define BUFFER_MIN_ROWS 4  /* fewer activation rows unpack the weights as they go, two rows a pass */
 
 /* Inputs k and k + 1 of a tile's 64 rows (64 bytes from p) -> w[c] lane i = rows' (k, k + 1) int16 pairs for
    row 4i + {0, 1, 32, 33, 2, 3, 34, 35}[c]. Classes 2 and 6 are left 16x (their nibbles where they lie: a mask, no
@@ -114,8 +115,43 @@ static __attribute__((noinline)) void group_sums(const uint8_t *p, const int16_t
     out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3, out[4] = a4, out[5] = a5, out[6] = a6, out[7] = a7;
 }
 
+/* Two activation rows' sums over one group, as group_sums makes each: the classes of t, then those of u, so that
+   each pass holds 8 sums (both rows' 16 at once would take every register AVX2 has); the second pass reads the
+   group's 2 KiB from L1. */
+static __attribute__((noinline)) void group_sums2(const uint8_t *p, const int16_t *x0, const int16_t *x1,
+                                                  int64_t group, __m256i out0[8], __m256i out1[8]) {
+    const __m256i low = _mm256_set1_epi32(0x000F000F), second = _mm256_set1_epi32(0x00F000F0);
+    for (int half = 0; half < 2; half++) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        const uint8_t *q = p;
+        for (int64_t k = 0; k < group; k += 2, q += 64) {
+            if (!half) {
+                _mm_prefetch((const char *)(q + INT4_PREFETCH_L1), _MM_HINT_T0);
+                _mm_prefetch((const char *)(q + INT4_PREFETCH_L2), _MM_HINT_T1);
+            }
+            __m256i b0 = _mm256_loadu_si256((const __m256i *)q), b1 = _mm256_loadu_si256((const __m256i *)(q + 32));
+            __m256i t = half ? _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA)
+                             : _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);
+            __m256i x = pair_of(x0 + k), y = pair_of(x1 + k), w = _mm256_and_si256(t, low);
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w, x));
+            c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(w, y));
+            w = _mm256_and_si256(_mm256_srli_epi16(t, 8), low);
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w, x));
+            c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(w, y));
+            w = _mm256_and_si256(t, second);
+            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w, x));
+            c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(w, y));
+            w = _mm256_srli_epi16(t, 12);
+            a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(w, x));
+            c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(w, y));
+        }
+        out0[4 * half] = a0, out0[4 * half + 1] = a1, out0[4 * half + 2] = a2, out0[4 * half + 3] = a3;
+        out1[4 * half] = c0, out1[4 * half + 1] = c1, out1[4 * half + 2] = c2, out1[4 * half + 3] = c3;
+    }
+}
+
 /* y [M, N] = xs * xq [M, K] @ W.T, as int8_gemm.c's int4_gemm (its comment has the arithmetic). Each program
-   takes a tile of 64 rows; one activation row unpacks the weights as it goes, more unpack each group once into
+   takes a tile of 64 rows; up to 3 activation rows unpack the weights as they go, more unpack each group once into
    an L1 buffer that every row then reads. Those rows' inputs are first laid out group by group, and each tile's
    sums kept in a buffer of its own, both contiguous: read in place, rows of K or N elements (powers of two at
    glm-4-9b's 4096) fall into the same few cache sets, and from ~192 rows the products ran 2x slower.
@@ -124,7 +160,7 @@ void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, 
                const float *xs, int64_t M, float *y, int threads) {
     int64_t groups = K / group;
     float *gsum = malloc(sizeof(float) * M * groups);  /* sum of each row's inputs in each group */
-    int16_t *xg = M > 1 ? malloc(sizeof(int16_t) * M * K) : NULL;  /* [groups][M][group] */
+    int16_t *xg = M >= BUFFER_MIN_ROWS ? malloc(sizeof(int16_t) * M * K) : NULL;  /* [groups][M][group] */
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < groups; g++) {
             int32_t s = 0;
@@ -136,15 +172,23 @@ void int4_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t K, 
     for (int64_t tile = 0; tile < N / 64; tile++) {
         const uint8_t *p = packed + tile * K * 32;
         const uint32_t *pairs = sz + tile * groups * 64;
-        if (M == 1) {
+        if (M < BUFFER_MIN_ROWS) {
             for (int64_t g = 0; g < groups; g++) {
-                __m256i acc[8];
-                group_sums(p + g * group * 32, xq + g * group, group, acc);
-                scale_group(acc, pairs + g * 64, gsum[g], y + tile * 64, g == 0);
+                const uint8_t *at = p + g * group * 32;
+                for (int64_t m = 0; m < M; m += 2) {
+                    __m256i acc[2][8];
+                    if (m + 1 < M)
+                        group_sums2(at, xq + m * K + g * group, xq + (m + 1) * K + g * group, group, acc[0], acc[1]);
+                    else
+                        group_sums(at, xq + m * K + g * group, group, acc[0]);
+                    for (int64_t r = m; r < M && r < m + 2; r++)
+                        scale_group(acc[r - m], pairs + g * 64, gsum[r * groups + g], y + r * N + tile * 64, g == 0);
+                }
             }
-            for (int v = 0; v < 8; v++)
-                _mm256_storeu_ps(y + tile * 64 + v * 8, _mm256_mul_ps(_mm256_loadu_ps(y + tile * 64 + v * 8),
-                                                                      _mm256_set1_ps(xs[0])));
+            for (int64_t m = 0; m < M; m++)
+                for (int v = 0; v < 8; v++)
+                    _mm256_storeu_ps(y + m * N + tile * 64 + v * 8,
+                                     _mm256_mul_ps(_mm256_loadu_ps(y + m * N + tile * 64 + v * 8), _mm256_set1_ps(xs[m])));
             continue;
         }
         __m256i buffer[MAX_GROUP / 2][8];
