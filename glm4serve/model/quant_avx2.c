@@ -28,22 +28,31 @@
 #define MAX_GROUP 64  /* quant.py's INT4_GROUP: a group's unpacked weights fit one 8 KiB buffer */
 #define BUFFER_MIN_ROWS 4  /* fewer activation rows unpack the weights as they go, two rows a pass */
 
-/* Inputs k and k + 1 of a tile's 64 rows (64 bytes from p) -> w[c] lane i = rows' (k, k + 1) int16 pairs for
-   row 4i + {0, 1, 32, 33, 2, 3, 34, 35}[c]. Classes 2 and 6 are left 16x (their nibbles where they lie: a mask, no
-   shift), a group's sums of them divided back exactly in in_row_order; 16 * 15 * 32767 * 64 < 2^31. */
-static inline void unpack(const uint8_t *p, __m256i w[8]) {
-    const __m256i low = _mm256_set1_epi32(0x000F000F), second = _mm256_set1_epi32(0x00F000F0);
+/* Inputs k and k + 1 of a tile's 64 rows (64 bytes from p), their 16-bit halves side by side: half 0 (t) bytes 4i,
+   4i+1 of k | of k + 1, half 1 (u) bytes 4i+2, 4i+3. */
+static inline __attribute__((always_inline)) __m256i interleave(const uint8_t *p, int half) {
     __m256i b0 = _mm256_loadu_si256((const __m256i *)p), b1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-    __m256i t = _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);  /* bytes 4i, 4i+1 of k | of k + 1 */
-    __m256i u = _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA);  /* bytes 4i+2, 4i+3 of k | of k + 1 */
-    w[0] = _mm256_and_si256(t, low);
-    w[1] = _mm256_and_si256(_mm256_srli_epi16(t, 8), low);
-    w[2] = _mm256_and_si256(t, second);
-    w[3] = _mm256_srli_epi16(t, 12);  /* the top nibble of each 16 bits: nothing above it to mask */
-    w[4] = _mm256_and_si256(u, low);
-    w[5] = _mm256_and_si256(_mm256_srli_epi16(u, 8), low);
-    w[6] = _mm256_and_si256(u, second);
-    w[7] = _mm256_srli_epi16(u, 12);
+    return half ? _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA)
+                : _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);
+}
+
+/* Class c (0-3) of an interleaved half: lane i = the (k, k + 1) int16 pairs of row 4i + {0, 1, 32, 33}[c] (half 0)
+   or 4i + {2, 3, 34, 35}[c] (half 1). Class 2 is left 16x (its nibbles where they lie: a mask, no shift), a group's
+   sums of it divided back exactly in in_row_order; 16 * 15 * 32767 * 64 < 2^31. */
+static inline __attribute__((always_inline)) __m256i nibble_class(__m256i t, int c) {
+    const __m256i low = _mm256_set1_epi32(0x000F000F), second = _mm256_set1_epi32(0x00F000F0);
+    switch (c) {
+        case 0: return _mm256_and_si256(t, low);
+        case 1: return _mm256_and_si256(_mm256_srli_epi16(t, 8), low);
+        case 2: return _mm256_and_si256(t, second);
+        default: return _mm256_srli_epi16(t, 12);  /* the top nibble of each 16 bits: nothing above it to mask */
+    }
+}
+
+/* Inputs k and k + 1 of a tile's 64 rows -> w[4 * half + c] = nibble_class(interleave(p, half), c). */
+static inline void unpack(const uint8_t *p, __m256i w[8]) {
+    for (int half = 0; half < 2; half++)
+        for (int c = 0; c < 4; c++) w[4 * half + c] = nibble_class(interleave(p, half), c);
 }
 
 /* Four vectors of rows 4i + 0..3 (a, b, c, d: lane i each) -> rows 0-7, 8-15, 16-23, 24-31 (out[0..3]). */
@@ -94,59 +103,45 @@ static inline void madd8(__m256i acc[8], const __m256i w[8], __m256i pair) {
    GCC kept some sums and masks on the stack, and one row ran at ~10 GB/s a core whether the weights were in cache
    or not. */
 static __attribute__((noinline)) void group_sums(const uint8_t *p, const int16_t *x, int64_t group, __m256i out[8]) {
-    const __m256i low = _mm256_set1_epi32(0x000F000F), second = _mm256_set1_epi32(0x00F000F0);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t k = 0; k < group; k += 2, p += 64) {
+    for (int64_t k = 0; k < group; k += 2, p += 64) {  /* named sums: as an array GCC kept them on the stack */
         _mm_prefetch((const char *)(p + INT4_PREFETCH_L1), _MM_HINT_T0);
         _mm_prefetch((const char *)(p + INT4_PREFETCH_L2), _MM_HINT_T1);
-        __m256i pair = pair_of(x + k);
-        __m256i b0 = _mm256_loadu_si256((const __m256i *)p), b1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-        __m256i t = _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(t, low), pair));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(t, 8), low), pair));
-        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_and_si256(t, second), pair));
-        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_srli_epi16(t, 12), pair));
-        __m256i u = _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA);
-        a4 = _mm256_add_epi32(a4, _mm256_madd_epi16(_mm256_and_si256(u, low), pair));
-        a5 = _mm256_add_epi32(a5, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(u, 8), low), pair));
-        a6 = _mm256_add_epi32(a6, _mm256_madd_epi16(_mm256_and_si256(u, second), pair));
-        a7 = _mm256_add_epi32(a7, _mm256_madd_epi16(_mm256_srli_epi16(u, 12), pair));
+        __m256i pair = pair_of(x + k), t = interleave(p, 0), u = interleave(p, 1);
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(nibble_class(t, 0), pair));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(nibble_class(t, 1), pair));
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(nibble_class(t, 2), pair));
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(nibble_class(t, 3), pair));
+        a4 = _mm256_add_epi32(a4, _mm256_madd_epi16(nibble_class(u, 0), pair));
+        a5 = _mm256_add_epi32(a5, _mm256_madd_epi16(nibble_class(u, 1), pair));
+        a6 = _mm256_add_epi32(a6, _mm256_madd_epi16(nibble_class(u, 2), pair));
+        a7 = _mm256_add_epi32(a7, _mm256_madd_epi16(nibble_class(u, 3), pair));
     }
     out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3, out[4] = a4, out[5] = a5, out[6] = a6, out[7] = a7;
 }
 
-/* Two activation rows' sums over one group, as group_sums makes each: the classes of t, then those of u, so that
-   each pass holds 8 sums (both rows' 16 at once would take every register AVX2 has); the second pass reads the
-   group's 2 KiB from L1. */
+/* Two activation rows' sums over one group, as group_sums makes each: the classes of half 0, then those of half 1,
+   so that each pass holds 8 sums (both rows' 16 at once would take every register AVX2 has); the second pass
+   reads the group's 2 KiB from L1. */
 static __attribute__((noinline)) void group_sums2(const uint8_t *p, const int16_t *x0, const int16_t *x1,
                                                   int64_t group, __m256i out0[8], __m256i out1[8]) {
-    const __m256i low = _mm256_set1_epi32(0x000F000F), second = _mm256_set1_epi32(0x00F000F0);
     for (int half = 0; half < 2; half++) {
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        __m256i a[4], b[4];
+        for (int c = 0; c < 4; c++) a[c] = b[c] = _mm256_setzero_si256();
         const uint8_t *q = p;
         for (int64_t k = 0; k < group; k += 2, q += 64) {
             if (!half) {
                 _mm_prefetch((const char *)(q + INT4_PREFETCH_L1), _MM_HINT_T0);
                 _mm_prefetch((const char *)(q + INT4_PREFETCH_L2), _MM_HINT_T1);
             }
-            __m256i b0 = _mm256_loadu_si256((const __m256i *)q), b1 = _mm256_loadu_si256((const __m256i *)(q + 32));
-            __m256i t = half ? _mm256_blend_epi16(_mm256_srli_epi32(b0, 16), b1, 0xAA)
-                             : _mm256_blend_epi16(b0, _mm256_slli_epi32(b1, 16), 0xAA);
-            __m256i x = pair_of(x0 + k), y = pair_of(x1 + k), w = _mm256_and_si256(t, low);
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w, x));
-            c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(w, y));
-            w = _mm256_and_si256(_mm256_srli_epi16(t, 8), low);
-            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w, x));
-            c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(w, y));
-            w = _mm256_and_si256(t, second);
-            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w, x));
-            c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(w, y));
-            w = _mm256_srli_epi16(t, 12);
-            a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(w, x));
-            c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(w, y));
+            __m256i t = interleave(q, half), x = pair_of(x0 + k), y = pair_of(x1 + k);
+            for (int c = 0; c < 4; c++) {
+                __m256i w = nibble_class(t, c);
+                a[c] = _mm256_add_epi32(a[c], _mm256_madd_epi16(w, x));
+                b[c] = _mm256_add_epi32(b[c], _mm256_madd_epi16(w, y));
+            }
         }
-        out0[4 * half] = a0, out0[4 * half + 1] = a1, out0[4 * half + 2] = a2, out0[4 * half + 3] = a3;
-        out1[4 * half] = c0, out1[4 * half + 1] = c1, out1[4 * half + 2] = c2, out1[4 * half + 3] = c3;
+        for (int c = 0; c < 4; c++) out0[4 * half + c] = a[c], out1[4 * half + c] = b[c];
     }
 }
 
