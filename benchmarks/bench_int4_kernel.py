@@ -136,7 +136,7 @@ def rows_part():
         print(f"| a layer's four | {rows} | " + cells(times))
     if int8_kernel.available():
         print(f"(this CPU takes the blocks from {int4_dequantize_min_rows()} rows"
-              + (f", int4_int8_gemm from {int8_kernel.INT4_INT8_MIN_ROWS} before them)" if int8 else ")"))
+              + (f", int4_int8_gemm from {int8_kernel.int4_int8_min_rows()} before them)" if int8 else ")"))
 
 
 def builds_part():
@@ -189,7 +189,9 @@ def take_batches(kernel: str):
     lib = None if kernel == "int16" else int8_kernel.int4_int8_library(kernel)
     if kernel != "int16" and lib is None:
         raise SystemExit(f"int4_int8.c's {kernel} build does not run here")
-    int8_kernel.INT4_INT8_MIN_ROWS = 1 << 30 if lib is None else 4
+    rows = (1 << 30 if lib is None else int8_kernel.INT4_INT8_AVX2_MIN_ROWS if kernel == "avx2"
+            else int8_kernel.INT4_INT8_MIN_ROWS)
+    int8_kernel.int4_int8_min_rows = lambda: rows
     int8_kernel._int4_int8_kernel = lambda: lib
 
 
@@ -248,7 +250,7 @@ def main():
     if a.torch_int4:
         int8_kernel._library = int8_kernel.avx2_library = lambda: None
     elif a.int16_batches:
-        int8_kernel.INT4_INT8_MIN_ROWS = 1 << 30
+        int8_kernel.int4_int8_min_rows = lambda: 1 << 30
     if not a.torch_int4 and not int8_kernel.kernels_available():
         raise SystemExit("int8_kernel's int4_gemm is not available here (no AVX2 or no C compiler)")
     parts = a.parts.split(",")

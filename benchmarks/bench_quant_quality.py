@@ -56,14 +56,14 @@ def compare(path, prompts: list[list[int]], modes=MODES) -> dict[str, tuple[floa
     ref = all_position_logits(path, "float32", None, prompts)
     out = {name: distribution_error(ref, all_position_logits(path, dtype, q, prompts))
            for name, (dtype, q) in modes.items()}
-    if "int4" in out and int8_kernel.int4_int8_fits(int8_kernel.INT4_INT8_MIN_ROWS, 64, 64, 64):
-        rows = int8_kernel.INT4_INT8_MIN_ROWS
-        int8_kernel.INT4_INT8_MIN_ROWS = 1  # a row's result is the same alone or in a batch
+    if "int4" in out and int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
+        min_rows = int8_kernel.int4_int8_min_rows
+        int8_kernel.int4_int8_min_rows = lambda: 1  # a row's result is the same alone or in a batch
         try:
             logits = all_position_logits(path, "bfloat16", "int4", prompts)
             out["int4, int8 activations"] = distribution_error(ref, logits)
         finally:
-            int8_kernel.INT4_INT8_MIN_ROWS = rows
+            int8_kernel.int4_int8_min_rows = min_rows
     return out
 
 

@@ -448,16 +448,17 @@ def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 160, 300])
 def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkeypatch):
     """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
-    layout and runs every row count in it (no bf16 blocks, no AMX): 1-3 rows in int4_gemm, within 1e-4 of the float64
-    product; from 4, int4_int8.c's AVX2 build (int8 activations), within 2e-2."""
+    layout and runs every row count in it (no bf16 blocks, no AMX): 1-2 rows in int4_gemm, within 1e-4 of the float64
+    product; from 3 (not 4, as beside int8_gemm.c), int4_int8.c's AVX2 build (int8 activations), within 2e-2."""
     calls = only_the_avx2_kernels(monkeypatch, "int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm")
     assert int8_kernel._int4_int8_kernel() is int8_kernel.int4_int8_library("avx2") is not None
+    assert int8_kernel.int4_int8_min_rows() == 3
     lin = avx2_int4_linear(256, 192, 64, seed=rows)
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
     got = lin(x)
-    assert calls == ["int4_gemm" if rows < 4 else "int4_int8_gemm"] and got.dtype == torch.float32
-    assert (got.double() - want).abs().max() <= (1e-4 if rows < 4 else 2e-2) * want.abs().max()
+    assert calls == ["int4_gemm" if rows < 3 else "int4_int8_gemm"] and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= (1e-4 if rows < 3 else 2e-2) * want.abs().max()
 
 
 def test_int4_tiles_hold_rows_d_and_d_plus_32_in_one_byte_on_any_cpu():

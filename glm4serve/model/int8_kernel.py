@@ -19,7 +19,7 @@ INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm (built with VBMI where the 
 activations int8 per group of inputs (as llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it
 there from ~4 rows. On a CPU with AVX2 and
 not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm and int4_gemm (the same numbers
-again) take every row count, but int4's from INT4_INT8_MIN_ROWS rows, which go to int4_int8.c built for AVX2 (the
+again) take every row count, but int4's from INT4_INT8_AVX2_MIN_ROWS rows, which go to int4_int8.c built for AVX2 (the
 same numbers as its AVX-512 build): a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near
 the memory's rate), 1.7-1.9x at 8-16; 2-4x its int4 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
 
@@ -362,8 +362,10 @@ def int8_amx_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
 INT4_AMX_ROWS = range(6, 161)
 INT4_AMX_MAX_ROWS = 192  # int8_amx.c's: the most rows its sums hold
 # without AMX, from this many rows int4 products take int8 activations (int4_int8.c): 1.2x int4_gemm at 4 rows from
-# memory, ~1.0x at 1-3, where one read of the weights binds both (BENCHMARKS.md)
+# memory, ~1.0x at 1-3, where one read of the weights binds both (BENCHMARKS.md); beside quant_avx2.c (AVX2 alone)
+# from 3, where its int4_gemm's vpmaddwd bind it: 1.10-1.27x at 3 rows, 0.92-1.04x at 2
 INT4_INT8_MIN_ROWS = 4
+INT4_INT8_AVX2_MIN_ROWS = 3
 
 
 def int4_amx_fits(m: int, n: int, k: int, group: int) -> bool:
@@ -388,10 +390,16 @@ def int4_amx_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch
     return y
 
 
+def int4_int8_min_rows() -> int:
+    """Rows from which int4 products take int4_int8.c: INT4_INT8_MIN_ROWS beside int8_gemm.c, else (AVX2 alone)
+    INT4_INT8_AVX2_MIN_ROWS."""
+    return INT4_INT8_MIN_ROWS if available() else INT4_INT8_AVX2_MIN_ROWS
+
+
 def int4_int8_fits(m: int, n: int, k: int, group: int) -> bool:
-    """int4_int8_gemm takes the product: INT4_INT8_MIN_ROWS rows or more, on a CPU without AMX-INT8 (whose tiles take
-    batches with int16 activations) where int4_int8.c builds, groups of 32 or 64 inputs."""
-    return (m >= INT4_INT8_MIN_ROWS and group in (32, 64) and n % 64 == 0 and k % group == 0
+    """int4_int8_gemm takes the product: int4_int8_min_rows() rows or more, on a CPU without AMX-INT8 (whose tiles
+    take batches with int16 activations) where int4_int8.c builds, groups of 32 or 64 inputs."""
+    return (m >= int4_int8_min_rows() and group in (32, 64) and n % 64 == 0 and k % group == 0
             and _amx_library() is None and _int4_int8_kernel() is not None)
 
 
