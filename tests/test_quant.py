@@ -413,14 +413,20 @@ def test_int4_avx2_kernel_gives_the_vnni_kernels_product(shape, rows):
     assert torch.equal(got, int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group))
 
 
+def avx2_library_or_skip():
+    """quant_avx2.c's library, or the test skipped where it does not build (no AVX2 and FMA, or no C compiler)."""
+    lib = int8_kernel.avx2_library()
+    if lib is None:
+        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    return lib
+
+
 @pytest.mark.parametrize("rows", [2, 3, 4, 5])
 def test_int4_avx2_rows_together_give_each_rows_product_alone(rows):
     """quant_avx2.c's int4_gemm sums rows in pairs (2-3 rows) or from the group's buffer (4 and more), and one row
     alone: the same integers scaled in the same order, so each row's product is the one it gets alone, bit for
     bit (on any CPU with AVX2, where test_int4_avx2_kernel_gives_the_vnni_kernels_product needs AVX-512 too)."""
-    lib = int8_kernel.avx2_library()
-    if lib is None:
-        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    lib = avx2_library_or_skip()
     for k, n, group in [(256, 192, 64), (4096, 128, 64), (96, 64, 32)]:
         lin = avx2_int4_linear(k, n, group, seed=k + rows)
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
@@ -434,8 +440,7 @@ def test_int4_avx2_rows_together_give_each_rows_product_alone(rows):
 def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
     """int8_kernel as on a CPU without AVX-512 VNNI (int8_gemm.c's library None, quant_avx2.c's built); its functions
     `names` record their calls in the list returned."""
-    if int8_kernel.avx2_library() is None:
-        pytest.skip("no AVX2 and FMA here, or no C compiler")
+    avx2_library_or_skip()
     monkeypatch.setattr(int8_kernel, "_library", lambda: None)
     assert int8_kernel.kernels_available() and not int8_kernel.available()
     calls = []
@@ -651,8 +656,7 @@ def greedy_tokens(runner, prompt, steps, block_size=4):
 def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(make_checkpoint, scheme,
                                                                               monkeypatch):
     if scheme.endswith("-avx2"):  # the kernels of a CPU without AVX-512
-        if int8_kernel.avx2_library() is None:
-            pytest.skip("no AVX2 and FMA here, or no C compiler")
+        avx2_library_or_skip()
         monkeypatch.setattr(int8_kernel, "_library", lambda: None)
         assert int8_kernel.kernels() == "quant_avx2.c (AVX2) and int4_int8.c (AVX2)"
         scheme = scheme.removesuffix("-avx2")
