@@ -2,9 +2,9 @@
 
 For each prompt, every position's next-token distribution (teacher-forced over the prompt) of the
 model as served (bf16 around the linears for int8/int4, as a bf16 checkpoint loads) against the
-same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement. Where int4_int8.c builds
-(AVX-512 VBMI, no AMX), int4 once more with every product through it, as batches run there (the
-activations int8 per group of inputs). On a 9B-shaped slice
+same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement. Where int4_int8.c builds (no
+AMX), int4 twice, every product through int4_gemm (int16 activations: one row beside int8_gemm.c) and through
+int4_int8.c (int8 per group of inputs: batches there, every row count where AVX2 alone runs). On a 9B-shaped slice
 (glm-4-9b-chat's layer shapes, random bf16 weights) by default, or on any checkpoint:
 
     .venv/bin/python benchmarks/bench_quant_quality.py [--checkpoint DIR] [--layers 2] [--prompts 8]
@@ -54,14 +54,17 @@ def distribution_error(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, flo
 
 def compare(path, prompts: list[list[int]], modes=MODES) -> dict[str, tuple[float, float]]:
     ref = all_position_logits(path, "float32", None, prompts)
-    out = {name: distribution_error(ref, all_position_logits(path, dtype, q, prompts))
-           for name, (dtype, q) in modes.items()}
-    if "int4" in out and int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
+    out = {}
+    for name, (dtype, q) in modes.items():
+        if q != "int4" or not int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
+            out[name] = distribution_error(ref, all_position_logits(path, dtype, q, prompts))
+            continue
         min_rows = int8_kernel.int4_int8_min_rows
-        int8_kernel.int4_int8_min_rows = lambda: 1  # a row's result is the same alone or in a batch
-        try:
-            logits = all_position_logits(path, "bfloat16", "int4", prompts)
-            out["int4, int8 activations"] = distribution_error(ref, logits)
+        try:  # a row's result is the same alone or in a batch
+            for activations, rows in (("int16", 1 << 30), ("int8", 1)):
+                int8_kernel.int4_int8_min_rows = lambda rows=rows: rows
+                logits = all_position_logits(path, dtype, q, prompts)
+                out[name if activations == "int16" else f"{name}, int8 activations"] = distribution_error(ref, logits)
         finally:
             int8_kernel.int4_int8_min_rows = min_rows
     return out

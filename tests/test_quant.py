@@ -453,17 +453,21 @@ def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 160, 300])
 def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkeypatch):
     """Where only quant_avx2.c builds (no AVX-512 VNNI: int8_gemm.c's library is None), Int4Linear keeps the tiled
-    layout and runs every row count in it (no bf16 blocks, no AMX): 1-2 rows in int4_gemm, within 1e-4 of the float64
-    product; from 3 (not 4, as beside int8_gemm.c), int4_int8.c's AVX2 build (int8 activations), within 2e-2."""
+    layout and runs every row count in it (no bf16 blocks, no AMX) through int4_int8.c's AVX2 build (int8
+    activations), one row too (not from 4, as beside int8_gemm.c): within 2e-2 of the float64 product. Without
+    that build, quant_avx2.c's int4_gemm (int16 activations) takes them, within 1e-4."""
     calls = only_the_avx2_kernels(monkeypatch, "int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm")
     assert int8_kernel._int4_int8_kernel() is int8_kernel.int4_int8_library("avx2") is not None
-    assert int8_kernel.int4_int8_min_rows() == 3
+    assert int8_kernel.int4_int8_min_rows() == 1
     lin = avx2_int4_linear(256, 192, 64, seed=rows)
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
-    got = lin(x)
-    assert calls == ["int4_gemm" if rows < 3 else "int4_int8_gemm"] and got.dtype == torch.float32
-    assert (got.double() - want).abs().max() <= (1e-4 if rows < 3 else 2e-2) * want.abs().max()
+    for kernel, error in (("int4_int8_gemm", 2e-2), ("int4_gemm", 1e-4)):
+        calls.clear()
+        got = lin(x)
+        assert calls == [kernel] and got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= error * want.abs().max()
+        monkeypatch.setattr(int8_kernel, "_int4_int8_kernel", lambda: None)
 
 
 def test_int4_tiles_hold_rows_d_and_d_plus_32_in_one_byte_on_any_cpu():
@@ -500,10 +504,12 @@ lin.load_weight_rows(0, 192, w)
 assert lin.tiled
 step = (w.view(192, 4, 64).amax(-1) - w.view(192, 4, 64).amin(-1)).repeat_interleave(64, 1) / 15
 print("WEIGHTS", ((lin.dequantized() - w).abs() / step).max().item())  # within half a step (and bf16's rounding)
-for rows in (1, 8):  # int4_gemm, int4_int8.c's AVX2 build
+for rows in (1, 8):  # int4_int8.c's AVX2 build (one row read in place, 8 through its buffer); int4_gemm
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     want = x.double() @ lin.dequantized().double().T
     print("ROWS", rows, ((lin(x).double() - want).abs().max() / want.abs().max()).item())
+    got = int8_kernel.int4_gemm(x, lin.packed, lin.scales_and_zeros, lin.group)
+    print("INT16", rows, ((got.double() - want).abs().max() / want.abs().max()).item())
 """
 
 
@@ -511,7 +517,8 @@ def test_int4_kernels_read_the_tiles_where_torch_would_pack_them_otherwise():
     """On a CPU with AVX2 and not AVX-512, torch packs int4 weights in tiles of 32 rows, not 64; our kernels read
     64-row tiles, so Int4Linear packs them itself (pack_int4_tile). Here torch is held to AVX2
     (ATEN_CPU_CAPABILITY) and our kernels too: the weights come back within half a step, and the products of 1 and
-    8 rows match them (1e-4 and 2e-2 of the largest output: int16 and int8 activations)."""
+    8 rows match them: within 2e-2 of the largest output as served (int8 activations), 1e-4 through int4_gemm
+    (int16 activations)."""
     env = dict(os.environ, GLM4SERVE_MAX_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2")
     out = subprocess.run([sys.executable, "-c", AVX2_INT4_PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -519,8 +526,9 @@ def test_int4_kernels_read_the_tiles_where_torch_would_pack_them_otherwise():
         pytest.skip(out.stdout[5:].strip())
     lines = [line.split() for line in out.stdout.splitlines()]
     assert [float(line[1]) <= 0.51 for line in lines if line[0] == "WEIGHTS"] == [True], out.stdout
-    errors = {int(line[1]): float(line[2]) for line in lines if line[0] == "ROWS"}
-    assert errors.keys() == {1, 8} and errors[1] <= 1e-4 and errors[8] <= 2e-2, out.stdout
+    for kind, error in (("ROWS", 2e-2), ("INT16", 1e-4)):
+        errors = {int(line[1]): float(line[2]) for line in lines if line[0] == kind}
+        assert errors.keys() == {1, 8} and max(errors.values()) <= error, out.stdout
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2"])
@@ -640,21 +648,21 @@ def dequantized_model(path, scheme):
     return model
 
 
-def greedy_tokens(runner, prompt, steps, block_size=4):
+def logits_along(runner, prompt, tokens, block_size=4):
+    """The runner's logits at each of len(tokens) steps, fed `tokens` (another runner's picks) rather than its own."""
     pool = BlockPool(runner.num_blocks, block_size)
-    table, start, nxt, got = [], 0, prompt, []
-    for _ in range(steps):
+    table, start, nxt, out = [], 0, prompt, []
+    for token in tokens:
         table += pool.allocate(pool.blocks_needed(start + len(nxt)) - len(table))
-        logits = runner.execute(ScheduledBatch([SeqChunk(nxt, start, list(table))]))[0]
+        out.append(runner.execute(ScheduledBatch([SeqChunk(nxt, start, list(table))]))[0])
         start += len(nxt)
-        nxt = [int(logits.argmax())]
-        got.append(nxt[0])
-    return got
+        nxt = [token]
+    return out
 
 
 @pytest.mark.parametrize("scheme", [*SCHEMES, "int8-avx2", "int4-avx2"])
-def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(make_checkpoint, scheme,
-                                                                              monkeypatch):
+def test_engine_greedy_tokens_agree_with_plain_pytorch_over_the_dequantized_weights(make_checkpoint, scheme,
+                                                                                   monkeypatch):
     if scheme.endswith("-avx2"):  # the kernels of a CPU without AVX-512
         avx2_library_or_skip()
         monkeypatch.setattr(int8_kernel, "_library", lambda: None)
@@ -676,8 +684,11 @@ def test_engine_greedy_tokens_equal_plain_pytorch_over_the_dequantized_weights(m
     while engine.has_work:
         got += [t for o in engine.step() for t in o.token_ids]
     reference = EagerRunner(dequantized_model(path, scheme), 64, 4, vocab_limit=engine.tokenizer.vocab_size)
-    want = greedy_tokens(reference, prompt, 16)
-    assert got == want
+    # each pick the reference's top token along the same tokens, or a near tie: int4 on AVX2 decodes with int8
+    # activations (one pick seen 0.004 below the top of a 1.4 range, where the reference rounds to bf16)
+    gaps = [float((logits.max() - logits[token]) / (logits.max() - logits.min()))
+            for token, logits in zip(got, logits_along(reference, prompt, got), strict=True)]
+    assert len(gaps) == 16 and max(gaps) <= 0.01 and sum(gap > 0 for gap in gaps) <= 2, gaps
 
 
 LOAD_PROBE = textwrap.dedent("""

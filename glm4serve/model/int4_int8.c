@@ -20,7 +20,10 @@
  * 256-byte block, a 32-bit lane each as vpdpbusd wants them (two vpermt2b per 32 rows with VBMI; byte and word
  * unpacks, 256 bits wide, without it). Each group is unpacked once into an L1 buffer that every activation row then
  * reads. AVX2 has no vpdpbusd: vpmaddubsw makes the pairs' int16 sums (at most 2 * 15 * 127), 8 of them are added
- * in int16 (below 2^15), then vpmaddwd by ones and an add take them to int32.
+ * in int16 (below 2^15), then vpmaddwd by ones and an add take them to int32. Where AVX2 alone runs, this build
+ * takes every int4 product, one activation row too (quant_avx2.c's int4_gemm, int16 activations, is bound there by
+ * its vpmaddwd). A single row reads the packed weights in place (direct_sums), not through the buffer, whose
+ * unpacking would cost it more than its multiplies.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -191,6 +194,20 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t group,
     }
 }
 
+/* A group's int32 sums of one activation row (8 vectors of 8 weight rows, in row order) scaled into out[0..63] */
+static inline void scale_row(const __m256i acc[8], const uint32_t *pairs, float xs, float xsum, int first,
+                             float *out) {
+    for (int v = 0; v < 8; v++) {
+        __m256i p = _mm256_loadu_si256((const __m256i *)(pairs + v * 8));
+        __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+        __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(p, _mm256_set1_epi32((int)0xFFFF0000)));
+        __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
+        __m256 dot = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(acc[v]), _mm256_mul_ps(offset, _mm256_set1_ps(xsum)));
+        _mm256_storeu_ps(out + v * 8, _mm256_fmadd_ps(dot, _mm256_set1_ps(xs),
+                                                      first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + v * 8)));
+    }
+}
+
 /* One activation row's group against the buffer, scaled into out[0..63]: 8 quads at a time summed in int16 (8 vectors
    of 8 weight rows), then added into int32 */
 static void group_row(const uint8_t *buffer, int64_t group, const int8_t *x, const uint32_t *pairs, float xs,
@@ -211,15 +228,7 @@ static void group_row(const uint8_t *buffer, int64_t group, const int8_t *x, con
             acc[v] = k0 == 0 ? wide : _mm256_add_epi32(acc[v], wide);
         }
     }
-    for (int v = 0; v < 8; v++) {
-        __m256i p = _mm256_loadu_si256((const __m256i *)(pairs + v * 8));
-        __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
-        __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(p, _mm256_set1_epi32((int)0xFFFF0000)));
-        __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
-        __m256 dot = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(acc[v]), _mm256_mul_ps(offset, _mm256_set1_ps(xsum)));
-        _mm256_storeu_ps(out + v * 8, _mm256_fmadd_ps(dot, _mm256_set1_ps(xs),
-                                                      first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + v * 8)));
-    }
+    scale_row(acc, pairs, xs, xsum, first, out);
 }
 
 static void group_all_rows(const uint8_t *buffer, int64_t group, const int8_t *x, const uint32_t *pairs,
@@ -227,6 +236,54 @@ static void group_all_rows(const uint8_t *buffer, int64_t group, const int8_t *x
     for (int64_t m = 0; m < M; m++)
         group_row(buffer, group, x + m * group, pairs, xs[m * groups], xsum[m * groups], first, out + m * 64);
 }
+
+/* A group's int16 sums over 16 inputs (nibble_pairs' order) added into a row's int32 sums in row order: s0 holds
+   rows 0-7 | 16-23 (its two 128-bit lanes), s1 rows 8-15 | 24-31, s2 and s3 the same 32 rows on */
+static inline void widen_into(__m256i acc[8], __m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    __m256i s[4] = {s0, s1, s2, s3};
+    for (int i = 0; i < 4; i++) {
+        int v = (i & 1) + (i >> 1) * 4;  /* the vector of the low lane's rows; the high lane's are 2 on */
+        acc[v] = _mm256_add_epi32(acc[v], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s[i])));
+        acc[v + 2] = _mm256_add_epi32(acc[v + 2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s[i], 1)));
+    }
+}
+
+/* Inputs k and k + 1 of a tile's 64 rows (64 bytes from p) -> w[0..3]: each weight row's pair of nibbles side by
+   side, as vpmaddubsw wants them (rows in widen_into's order) */
+static inline __attribute__((always_inline)) void nibble_pairs(const uint8_t *p, __m256i w[4]) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i b0 = _mm256_loadu_si256((const __m256i *)p), b1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+    __m256i lo = _mm256_unpacklo_epi8(b0, b1), hi = _mm256_unpackhi_epi8(b0, b1);
+    w[0] = _mm256_and_si256(lo, nibble);
+    w[1] = _mm256_and_si256(hi, nibble);
+    w[2] = _mm256_and_si256(_mm256_srli_epi16(lo, 4), nibble);
+    w[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 4), nibble);
+}
+
+/* A group's int32 sums of one activation row read from the packed weights in place (p: the group's first input),
+   with no unpacked buffer. Interleaving the bytes of inputs k and k + 1 puts each weight row's two nibbles side by
+   side (nibble_pairs: 10 instructions for 128 weights, loads included, where unpack4 takes 26 with its stores and
+   a row's reads of the buffer 4 more), and sign-extending the int16 sums lands them in row order. 8 pairs of int16
+   products (at most 2 * 15 * 127 each) are summed before that, below 2^15. The int16 sums are named variables: as
+   an array, GCC kept them on the stack. */
+static __attribute__((noinline)) void direct_sums(const uint8_t *p, const int8_t *x, int64_t group, __m256i acc[8]) {
+    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_si256();
+    for (int64_t k0 = 0; k0 < group; k0 += 16) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t k = k0; k < k0 + 16; k += 2, p += 64) {
+            _mm_prefetch((const char *)(p + PREFETCH_L1), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + PREFETCH_L2), _MM_HINT_T1);
+            __m256i w[4], pair = _mm256_set1_epi16(*(const int16_t *)(x + k));
+            nibble_pairs(p, w);
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w[0], pair));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w[1], pair));
+            s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(w[2], pair));
+            s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(w[3], pair));
+        }
+        widen_into(acc, s0, s1, s2, s3);
+    }
+}
+
 #endif
 
 /* y [M, N] fp32 = x [M, K] fp32 @ W.T, W in the int4 layout above. Each program takes a tile of 64 rows, unpacks
@@ -249,6 +306,14 @@ void int4_int8_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_
             const uint8_t *p = packed + tile * K * 32;
             const uint32_t *pairs = sz + tile * groups * 64;
             for (int64_t g = 0; g < groups; g++) {
+#if !defined(__AVX512VNNI__)
+                if (M == 1) {  /* AVX2: the packed weights read in place, unbuffered */
+                    __m256i acc[8];
+                    direct_sums(p + g * group * 32, xq + g * group, group, acc);
+                    scale_row(acc, pairs + g * 64, xs[g], xsum[g], g == 0, out);
+                    continue;
+                }
+#endif
                 for (int64_t k = 0; k < group; k += 4) {
                     int64_t at = (g * group + k) * 32;
                     _mm_prefetch((const char *)(p + at + PREFETCH_L1), _MM_HINT_T0);

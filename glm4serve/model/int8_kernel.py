@@ -18,10 +18,11 @@ where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gem
 INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm (built with VBMI where the CPU has it, else without), the
 activations int8 per group of inputs (as llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it
 there from ~4 rows. On a CPU with AVX2 and
-not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm and int4_gemm (the same numbers
-again) take every row count, but int4's from INT4_INT8_AVX2_MIN_ROWS rows, which go to int4_int8.c built for AVX2 (the
-same numbers as its AVX-512 build): a 40-layer decode step 1.2x torch's int8 kernel there at one stream (both near
-the memory's rate), 1.7-1.9x at 8-16; 2-4x its int4 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
+not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm (the same numbers again) takes
+every int8 row count, and int4_int8.c built for AVX2 (the same numbers as its AVX-512 build; one row read from the
+weights in place) every int4 one, quant_avx2.c's int4_gemm where the shapes do not suit it: a 40-layer decode step
+1.2x torch's int8 kernel there at one stream (both near the memory's rate), 1.7-1.9x at 8-16; 2-4x its int4
+kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
 
 Built as inductor builds its kernels: `cc -O3 -fopenmp` into a cache folder, keyed by the source
 and flags, loaded with ctypes; its OpenMP calls go to the runtime torch has already loaded (the
@@ -363,9 +364,10 @@ INT4_AMX_ROWS = range(6, 161)
 INT4_AMX_MAX_ROWS = 192  # int8_amx.c's: the most rows its sums hold
 # without AMX, from this many rows int4 products take int8 activations (int4_int8.c): 1.2x int4_gemm at 4 rows from
 # memory, ~1.0x at 1-3, where one read of the weights binds both (BENCHMARKS.md); beside quant_avx2.c (AVX2 alone)
-# from 3, where its int4_gemm's vpmaddwd bind it: 1.10-1.27x at 3 rows, 0.92-1.04x at 2
+# every row count, where its int4_gemm's vpmaddwd bind it: the 40-layer step 1.06-1.17x at one row (int4_int8.c's
+# AVX2 build reads it in place), the same at 2 rows, 1.10-1.27x a layer at 3
 INT4_INT8_MIN_ROWS = 4
-INT4_INT8_AVX2_MIN_ROWS = 3
+INT4_INT8_AVX2_MIN_ROWS = 1
 
 
 def int4_amx_fits(m: int, n: int, k: int, group: int) -> bool:

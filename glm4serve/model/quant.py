@@ -18,8 +18,8 @@ input's dtype. The kernels:
   int8_kernel.INT4_AMX_ROWS rows on its tiles; where it has no AMX, int8_kernel.INT4_INT8_MIN_ROWS
   rows and more through int4_int8.c (activations int8 per group: half the multiplies, 1.2-2x int4_gemm and
   1.3-2.5x the blocks there). On a CPU with AVX2 and not AVX-512, every row count through
-  quant_avx2.c's kernel (the same numbers; 2-4x torch's kernel there, which also beats fp32 blocks), but from
-  int8_kernel.INT4_INT8_AVX2_MIN_ROWS rows through int4_int8.c's AVX2 build (the same numbers as its AVX-512 build).
+  int4_int8.c's AVX2 build (int8_kernel.INT4_INT8_AVX2_MIN_ROWS: the same numbers as its AVX-512 build; 2-4x torch's
+  kernel there, which also beats fp32 blocks), or quant_avx2.c's int4_gemm where the shapes do not suit it.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
