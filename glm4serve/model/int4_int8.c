@@ -214,6 +214,7 @@ static void group_row(const uint8_t *buffer, int64_t group, const int8_t *x, con
                       float xsum, int first, float *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[8];
+    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_si256();
     for (int64_t k0 = 0; k0 < group; k0 += 32) {
         __m256i sums[8];
         for (int v = 0; v < 8; v++) sums[v] = _mm256_setzero_si256();
@@ -223,10 +224,7 @@ static void group_row(const uint8_t *buffer, int64_t group, const int8_t *x, con
             for (int v = 0; v < 8; v++)
                 sums[v] = _mm256_add_epi16(sums[v], _mm256_maddubs_epi16(_mm256_load_si256(w + v), quad));
         }
-        for (int v = 0; v < 8; v++) {
-            __m256i wide = _mm256_madd_epi16(sums[v], ones);
-            acc[v] = k0 == 0 ? wide : _mm256_add_epi32(acc[v], wide);
-        }
+        for (int v = 0; v < 8; v++) acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(sums[v], ones));
     }
     scale_row(acc, pairs, xs, xsum, first, out);
 }
