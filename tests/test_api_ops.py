@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+import warnings
 
 from fastapi.testclient import TestClient
 
@@ -68,6 +69,17 @@ def test_health_follows_the_engine_and_ping_is_always_up():
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
     assert client.get("/ping").status_code == 200
+
+
+def test_the_openapi_schema_names_each_operation_once():
+    """/openapi.json builds without FastAPI's duplicate-operation warning (GET and HEAD of /health and /ping share a
+    function; HEAD stays out of the schema), every operation id its own."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = TestClient(make_app()).get("/openapi.json").json()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)) and {"/health", "/ping"} <= schema["paths"].keys()
+    assert set(schema["paths"]["/health"]) == {"get"}
 
 
 def test_version():

@@ -279,7 +279,8 @@ def _ops_routes(ctx: ServingContext, gate: Gate) -> APIRouter:
     """What probes, scrapers and deploy tools read."""
     ops = APIRouter()
 
-    @ops.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
+    @ops.get("/health")
+    @ops.head("/health", include_in_schema=False)  # probes that want the status alone; one operation in the schema
     async def _health():
         if gate.draining:
             return APIError(503, "shutting down", "service_unavailable_error",
@@ -292,7 +293,8 @@ def _ops_routes(ctx: ServingContext, gate: Gate) -> APIRouter:
             return {"status": "ok", "replicas_up": len(replicas), "replicas": ctx.settings.num_replicas}
         return {"status": "ok"}
 
-    @ops.api_route("/ping", methods=["GET", "HEAD"])
+    @ops.get("/ping")
+    @ops.head("/ping", include_in_schema=False)
     async def _ping():
         return {"status": "ok"}
 
