@@ -20,7 +20,7 @@ activations int8 per group of inputs (as llama.cpp's Q8_0 activations): half int
 there from ~4 rows. On a CPU with AVX2 and
 not AVX-512 VNNI (most desktop and laptop CPUs), quant_avx2.c's int8_int16_gemm (the same numbers again) takes
 every int8 row count, and int4_int8.c built for AVX2 (the same numbers as its AVX-512 build; one row read from the
-weights in place) every int4 one, quant_avx2.c's int4_gemm where the shapes do not suit it: a 40-layer decode step
+weights in place) every int4 one, quant_avx2.c's int4_gemm where that does not build: a 40-layer decode step
 1.2x torch's int8 kernel there at one stream (both near the memory's rate), 1.7-1.9x at 8-16; 2-4x its int4
 kernel; and quicker than fp32 blocks through MKL (BENCHMARKS.md).
 

@@ -19,7 +19,7 @@ input's dtype. The kernels:
   rows and more through int4_int8.c (activations int8 per group: half the multiplies, 1.2-2x int4_gemm and
   1.3-2.5x the blocks there). On a CPU with AVX2 and not AVX-512, every row count through
   int4_int8.c's AVX2 build (int8_kernel.INT4_INT8_AVX2_MIN_ROWS: the same numbers as its AVX-512 build; 2-4x torch's
-  kernel there, which also beats fp32 blocks), or quant_avx2.c's int4_gemm where the shapes do not suit it.
+  kernel there, which also beats fp32 blocks), or quant_avx2.c's int4_gemm where that build fails.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
