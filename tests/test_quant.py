@@ -438,10 +438,12 @@ def test_int4_avx2_rows_together_give_each_rows_product_alone(rows):
 
 
 def only_the_avx2_kernels(monkeypatch, *names: str) -> list[str]:
-    """int8_kernel as on a CPU without AVX-512 VNNI (int8_gemm.c's library None, quant_avx2.c's built); its functions
-    `names` record their calls in the list returned."""
+    """int8_kernel as on a CPU without AVX-512 VNNI (int8_gemm.c's library None, and so no AMX kernel: on an AMX CPU
+    its cached library would otherwise still take batches; quant_avx2.c's built); its functions `names` record their
+    calls in the list returned."""
     avx2_library_or_skip()
     monkeypatch.setattr(int8_kernel, "_library", lambda: None)
+    monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
     assert int8_kernel.kernels_available() and not int8_kernel.available()
     calls = []
     for name in names:
