@@ -37,7 +37,7 @@ def pytorch_truth(q, k, v, tables, lens):
 
 @pytest.fixture(params=cpu_attention.builds())
 def build(request):
-    """Each build this CPU runs (AVX-512 BF16's, AVX-512's, AVX2's)."""
+    """Each build this CPU runs (AMX's, AVX-512 BF16's, AVX-512's, AVX2's)."""
     return request.param
 
 

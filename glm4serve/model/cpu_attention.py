@@ -21,7 +21,9 @@ queries on, so it takes spans of up to UNFILLED_SPAN_QUERIES there. On CPUs with
 a long span's scores on AMX tiles, and in the AVX2 build long spans measured level with PyTorch's: there spans past
 SHORT_SPAN_QUERIES keep PyTorch's way (short_spans_only; with AMX unmeasured either way).
 
-Its builds: AVX-512 BF16's reads bf16 caches as they are; AVX-512's widens them to fp32; AVX2's (CPUs without
+Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles, reading them near
+the memory's rate: there a layer 1.8-2.9x PyTorch's way and 2.6x the AVX-512 BF16 build, bound by its vdpbf16ps
+(BENCHMARKS.md, "Decode attention on AMX tiles"); AVX-512 BF16's reads bf16 caches as they are; AVX-512's widens them to fp32; AVX2's (CPUs without
 AVX-512, or GLM4SERVE_MAX_CPU_ISA=avx2) takes a vector's 16 query heads as two halves. Without AVX2 and FMA, a C
 compiler, or on a build error (logged), `runs()` is False and decodes attend in PyTorch.
 """
@@ -51,7 +53,8 @@ MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
 # decode_attention.c's builds, the fastest first, and the CPU flags each needs. avx512bf16 multiplies bf16 caches
 # in pairs with vdpbf16ps; fp32 caches take the avx512 way there too; avx2 takes 16 query heads as two halves.
-BUILDS = {"avx512bf16": ("avx512f", "avx512bw", "avx512_bf16"), "avx512": ("avx512f",), "avx2": CPU_FLAGS}
+BUILDS = {"amx": ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16"),
+          "avx512bf16": ("avx512f", "avx512bw", "avx512_bf16"), "avx512": ("avx512f",), "avx2": CPU_FLAGS}
 LANES = 16  # query heads a unit of work takes (decode_attention.c's LANES)
 
 
@@ -64,7 +67,14 @@ def _library() -> ctypes.CDLL | None:
 def builds() -> list[str]:
     """The builds this CPU runs, the fastest first (avx2 alone with GLM4SERVE_MAX_CPU_ISA=avx2); cached, as every
     layer's call asks (reading /proc/cpuinfo takes ~50 us)."""
-    return [name for name, flags in BUILDS.items() if _library() is not None and cpu_has(flags)]
+    return [name for name, flags in BUILDS.items() if _library() is not None and cpu_has(flags)
+            and (name != "amx" or _amx_granted())]
+
+
+@functools.cache
+def _amx_granted() -> bool:
+    """The library has the AMX build (a compiler that knows AMX) and Linux grants this process the tile state."""
+    return hasattr(_library(), "paged_attention_amx") and _library().amx_request() == 0
 
 
 @functools.cache

@@ -159,6 +159,9 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
 #if BF16_DOT
 #include "decode_attention_dot.h"
 #endif
+#if AMX
+#include "decode_attention_amx.h"
+#endif
 
 
 /* One batch: each sequence b's queries are rows query_starts[b].. query_starts[b + 1] of q [R, Hq, D] and out
@@ -175,6 +178,8 @@ struct F(batch) {
     float scale;
     void *out;
     vec *queries;  /* [R, Hu, chunks][D]: each row part's query, as attend or attend_dot takes it */
+    float *amx_out;  /* AMX: each thread's [max_nq][LANES][D], attend_amx's outputs (AMX_OUT_SKEW on) */
+    int64_t max_nq;  /* the most queries a sequence brings */
 };
 
 /* The query head (of a row's Hq) that lane g of KV unit hu's chunk c holds, or -1 for none: with pack 2, lane g
@@ -233,6 +238,13 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
     const int64_t q_stride = j->Hu * j->chunks * D;  /* vecs from a query to the next */
     const int64_t first_limit = ctx - nq + 1;
     const int64_t *table = j->block_tables + b * j->width;
+#if AMX
+    if (j->bf16 && j->block_size % AMX_STEP == 0 && D % 32 == 0) {
+        F(attend_amx)((const uint32_t *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table, j->block_size,
+                      j->Hkv, h, D, t0, t1, res, res_stride, j->amx_out + AMX_OUT_SKEW + omp_get_thread_num() * (j->max_nq * LANES * D + AMX_OUT_PAD));
+        return;
+    }
+#endif
 #if BF16_DOT
     if (j->bf16) {
         if (j->pack == 2)
@@ -283,33 +295,44 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
                                                     const int64_t *context_lens, const int64_t *query_starts,
                                                     int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size,
                                                     float scale, int64_t splits, void *out, int threads) {
+    int64_t max_nq = 1;
     for (int64_t b = 0; b < B; b++) {
         const int64_t nq = query_starts[b + 1] - query_starts[b];
         if (nq < 1 || nq > MAX_SPAN || nq > context_lens[b]) return -2;
+        if (nq > max_nq) max_nq = nq;
     }
     const int64_t G = Hq / Hkv, pack = PACKS(bf16, G, Hkv);
     const int64_t lk = LANES / pack, Hu = Hkv / pack, chunks = (G + lk - 1) / lk, parts = B * Hu * chunks;
     const int64_t row_parts = query_starts[B] * Hu * chunks;
     vec *partial = aligned_alloc(64, (size_t)(row_parts * splits * (D + 2)) * sizeof(vec));
     vec *queries = aligned_alloc(64, (size_t)(row_parts * D) * sizeof(vec));
-    if (!partial || !queries) {
+    float *amx_out = AMX ? aligned_alloc(64, (size_t)(threads * (max_nq * LANES * D + AMX_OUT_PAD)) * sizeof(float)) : NULL;
+    if (!partial || !queries || (AMX && !amx_out)) {
         free(partial);
         free(queries);
+        free(amx_out);
         return -1;
     }
     struct F(batch) j = {q, kc, vc, bf16, block_tables, context_lens, query_starts, width, Hq, Hkv, D, block_size,
-                         splits, G, chunks, pack, lk, Hu, scale, out, queries};
+                         splits, G, chunks, pack, lk, Hu, scale, out, queries, amx_out, max_nq};
 #pragma omp parallel num_threads(threads)
     {
+#if AMX
+        configure_tiles(16);
+#endif
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < row_parts; p++) F(load_query)(&j, p);
 #pragma omp for schedule(dynamic)
         for (int64_t u = 0; u < parts * splits; u++) F(run_unit)(&j, u, partial);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < row_parts; p++) F(merge_part)(&j, p, partial);
+#if AMX
+        _tile_release();
+#endif
     }
     free(partial);
     free(queries);
+    free(amx_out);
     return 0;
 }
 
