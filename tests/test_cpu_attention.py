@@ -172,6 +172,7 @@ def test_the_cpu_spans_attend_in_the_kernel(short, monkeypatch):
     real = cpu_attention.span_attention
     monkeypatch.setattr(cpu_attention, "span_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     monkeypatch.setattr(cpu_attention, "short_spans_only", lambda: short)
+    monkeypatch.setattr(cpu_attention, "amx_spans", lambda: False)
     _, k, v, tables, _ = scattered_cache(32, 2, 64, 16, [400], torch.float32)
     for n, kernel_calls in [(64, 1), (65, 1 if short else 2), (300, 1 if short else 3)]:
         q = torch.randn(n, 32, 64, generator=torch.Generator().manual_seed(n))
@@ -183,10 +184,12 @@ def test_the_cpu_spans_attend_in_the_kernel(short, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_spans_of_small_query_groups_attend_in_the_kernel_only_when_short(dtype, monkeypatch):
     """Groups of 4 fill a quarter of the lanes: up to UNFILLED_SPAN_QUERIES queries take the kernel, longer spans
-    PyTorch; groups of 8 fill them in bf16 in the avx512bf16 build (two KV heads a vector), not in fp32."""
+    PyTorch; groups of 8 fill them in bf16 in the avx512bf16 build (two KV heads a vector), not in fp32 (the rule of
+    CPUs without AMX-BF16)."""
     calls = []
     real = cpu_attention.span_attention
     monkeypatch.setattr(cpu_attention, "span_attention", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    monkeypatch.setattr(cpu_attention, "amx_spans", lambda: False)
     _, k, v, tables, _ = scattered_cache(8, 2, 64, 16, [300], dtype)
     for n, kernel_calls in [(8, 1), (9, 1)]:
         q = torch.randn(n, 8, 64).to(dtype)
@@ -196,3 +199,21 @@ def test_spans_of_small_query_groups_attend_in_the_kernel_only_when_short(dtype,
     packed = cpu_attention.builds()[0] == "avx512bf16" and dtype == torch.bfloat16
     longest = cpu_attention.SHORT_SPAN_QUERIES  # past UNFILLED_SPAN_QUERIES, and taken by every CPU where filled
     assert cpu_attention.takes_span(longest, torch.empty(1, 32, 128, dtype=dtype), torch.empty(1, 16, 4, 128)) == packed
+
+
+@pytest.mark.parametrize("first_build", ["amx", "avx512bf16"])
+def test_on_amx_cpus_bf16_spans_take_the_kernel_only_in_the_amx_build_and_only_when_short(first_build, monkeypatch):
+    """Where the CPU has AMX-BF16 (PyTorch's SDPA multiplies bf16 on its tiles), a bf16 span takes the kernel only in
+    the AMX build, up to AMX_SPAN_QUERIES queries, and only where the tiles take its cache (blocks of a multiple of
+    16 tokens, heads of a multiple of 32); fp32 spans keep the vector rule."""
+    monkeypatch.setattr(cpu_attention, "amx_spans", lambda: True)
+    monkeypatch.setattr(cpu_attention, "builds", lambda: [first_build, "avx512"])
+    monkeypatch.setattr(cpu_attention, "short_spans_only", lambda: True)
+    longest, q = cpu_attention.AMX_SPAN_QUERIES, torch.empty(1, 32, 128, dtype=torch.bfloat16)
+    amx = first_build == "amx"
+    assert cpu_attention.takes_span(longest, q, torch.empty(1, 16, 2, 128)) == amx
+    assert cpu_attention.takes_span(1, q, torch.empty(1, 32, 2, 128)) == amx
+    assert not cpu_attention.takes_span(longest + 1, q, torch.empty(1, 16, 2, 128))
+    assert not cpu_attention.takes_span(2, q, torch.empty(1, 8, 2, 128))  # blocks of 8: no tiles
+    assert not cpu_attention.takes_span(2, torch.empty(1, 4, 48, dtype=torch.bfloat16), torch.empty(1, 16, 2, 48))
+    assert cpu_attention.takes_span(64, q.float(), torch.empty(1, 16, 2, 128))

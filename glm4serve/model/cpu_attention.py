@@ -17,9 +17,13 @@ queries 1.5-3.2x quicker at 512-32K tokens (BENCHMARKS.md, "Speculative drafts i
 and a 2,048-token prompt chunk 1.1-2.4x, with or without a cached prefix ("Prompt chunks in the decode attention
 kernel"). That holds where a KV head's query group fills a vector's 16 lanes (glm-4-9b's 16; the 1M variant's 8,
 two KV heads a vector in bf16); where it fills fewer (small test models, or 8 in fp32) the kernel lost from ~10
-queries on, so it takes spans of up to UNFILLED_SPAN_QUERIES there. On CPUs with AMX, PyTorch's SDPA multiplies
-a long span's scores on AMX tiles, and in the AVX2 build long spans measured level with PyTorch's: there spans past
-SHORT_SPAN_QUERIES keep PyTorch's way (short_spans_only; with AMX unmeasured either way).
+queries on, so it takes spans of up to UNFILLED_SPAN_QUERIES there. In the AVX2 build long spans measured level
+with PyTorch's: there spans past SHORT_SPAN_QUERIES keep PyTorch's way (short_spans_only), as do fp32 spans on CPUs
+with AMX (unmeasured). bf16 spans on CPUs with AMX-BF16 (amx_spans), where PyTorch's SDPA multiplies a span's
+scores on AMX tiles: the AVX-512 BF16 build lost to it at every span length (0.2-0.7x), the AMX build takes spans
+of up to AMX_SPAN_QUERIES (8 queries over 2K tokens 1.35x, 16-32 over 4-16K 1.0-1.6x; less at a few hundred
+tokens, 0.7-0.8x, tenths of a ms; longer spans 0.45-1.0x: each query multiplies its own tiles), and with no AMX
+build they all keep PyTorch's way.
 
 Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles, reading them near
 the memory's rate: there a layer 1.8-2.9x PyTorch's way and 2.6x the AVX-512 BF16 build, bound by its vdpbf16ps
@@ -46,6 +50,7 @@ MAX_SPLITS = 64  # and its MAX_SPLITS
 MAX_SPAN_QUERIES = 64  # and its MAX_SPAN: one sequence's queries in a call
 SHORT_SPAN_QUERIES = 64  # the longest span the kernel takes where short_spans_only() (module docstring)
 UNFILLED_SPAN_QUERIES = 8  # and where a KV head's group fills under a vector's lanes
+AMX_SPAN_QUERIES = 32  # the longest bf16 span the AMX build takes on an AMX CPU (amx_spans)
 CALL_QUERIES = 1024  # a long span's sub-spans go this many queries a call, which bounds the call's scratch
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
 MIN_SPLIT_TOKENS = 128  # but no split shorter than this
@@ -153,6 +158,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @functools.cache
+def amx_spans() -> bool:
+    """bf16 spans follow the AMX rule on this CPU (module docstring): it has AMX-BF16, on whose tiles PyTorch's SDPA
+    multiplies a span's bf16 scores."""
+    return cpu_has(("amx_bf16",))
+
+
+def amx_takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The AMX build multiplies these queries over this cache [blocks, block_size, Hkv, D] on its tiles: bf16, blocks
+    of a multiple of 16 tokens, heads of a multiple of 32 elements (decode_attention_amx.h)."""
+    return q.dtype == torch.bfloat16 and k_cache.shape[1] % 16 == 0 and q.shape[-1] % 32 == 0
+
+
+@functools.cache
 def short_spans_only() -> bool:
     """Long spans keep PyTorch's way on this CPU: with AMX (its tiles), or where the kernel runs in AVX2."""
     return cpu_has(("amx_bf16",)) or builds()[0] == "avx2"
@@ -161,6 +179,8 @@ def short_spans_only() -> bool:
 def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether a span of n queries q [n, Hq, D] over this cache [blocks, block_size, Hkv, D] attends in the kernel
     (module docstring)."""
+    if q.dtype == torch.bfloat16 and amx_spans():
+        return n <= AMX_SPAN_QUERIES and builds()[0] == "amx" and amx_takes(q, k_cache)
     group, kv_heads = q.shape[1] // k_cache.shape[2], k_cache.shape[2]
     if group * packs(builds()[0], q.dtype, group, kv_heads) < LANES:
         return n <= UNFILLED_SPAN_QUERIES
