@@ -152,7 +152,7 @@ def attention_table(repeats: int) -> None:
     print("| cached tokens | queries | PyTorch, not folded | PyTorch, folded | decode_attention.c | kernel against "
           "the better PyTorch |")
     print("|---|---|---|---|---|---|")
-    fold, span_max = attention.FOLD_MAX_QUERIES, cpu_attention.MAX_SPAN_QUERIES
+    fold, takes_span = attention.FOLD_MAX_QUERIES, cpu_attention.takes_span
     for ctx in (512, 8192, 32768):
         nb = -(-ctx // BLOCK) + 1
         k_cache = torch.randn(nb, BLOCK, 2, 128, dtype=torch.bfloat16)
@@ -161,8 +161,9 @@ def attention_table(repeats: int) -> None:
             q = torch.randn(n, 32, 128, dtype=torch.bfloat16)
             span = attention.PrefillSpan(0, n, ctx, torch.arange(nb))
             ms = []
-            for fold_limit, kernel_limit in [(0, 0), (10**6, 0)] + [(0, span_max)] * kernel:
-                attention.FOLD_MAX_QUERIES, cpu_attention.MAX_SPAN_QUERIES = fold_limit, kernel_limit
+            for fold_limit, in_kernel in [(0, False), (10**6, False)] + [(0, True)] * kernel:
+                attention.FOLD_MAX_QUERIES = fold_limit
+                cpu_attention.takes_span = lambda n, q, k_cache, in_kernel=in_kernel: in_kernel
                 attention.prefill_attention(q, k_cache, v_cache, span, 0.088)
                 times = []
                 for _ in range(repeats):
@@ -173,12 +174,12 @@ def attention_table(repeats: int) -> None:
             cells = [f"{x:.2f}" for x in ms] + ["-"] * (3 - len(ms))
             ratio = f"{min(ms[:2]) / ms[2]:.2f}x" if kernel else "-"
             print(f"| {ctx} | {n} | " + " | ".join(cells) + f" | {ratio} |", flush=True)
-    attention.FOLD_MAX_QUERIES, cpu_attention.MAX_SPAN_QUERIES = fold, span_max
+    attention.FOLD_MAX_QUERIES, cpu_attention.takes_span = fold, takes_span
 
 
 def long_context_table(model: Path, quantization: str, context: int, repeats: int) -> None:
     """Part 5: one forward with a draft of k tokens after `context` cached tokens, the drafts' attention in the
-    kernel and in PyTorch (its span limit 0) taking turns; the cache not filled (its values do not change the
+    kernel (as cpu_attention.takes_span has it) and in PyTorch (takes_span False) taking turns; the cache not filled (its values do not change the
     time: decode_attention.c reads to each sequence's length whatever it holds)."""
     if cpu_attention._kernel() is None:
         raise SystemExit("decode_attention.c does not run here")
@@ -191,18 +192,18 @@ def long_context_table(model: Path, quantization: str, context: int, repeats: in
           f"turns), k drafted tokens' attention in decode_attention.c / in PyTorch:\n")
     print("| sequences | k = 0 | " + " | ".join(f"k = {k}" for k in (1, 2, 4, 8)) + " |")
     print("|---|---|---|---|---|---|")
-    span_max = cpu_attention.MAX_SPAN_QUERIES
+    takes_span = cpu_attention.takes_span
     for seqs in (1, 8):
         ms = {}
         for _ in range(repeats):
             for k in (0, 1, 2, 4, 8):
-                for limit in (span_max, 0) if k else (span_max,):
-                    cpu_attention.MAX_SPAN_QUERIES = limit
-                    ms.setdefault((k, limit), []).append(forward_ms(engine.runner, seqs, k, 1, context, fill=False))
-        cpu_attention.MAX_SPAN_QUERIES = span_max
+                for kernel in (True, False) if k else (True,):
+                    cpu_attention.takes_span = takes_span if kernel else lambda n, q, k_cache: False
+                    ms.setdefault((k, kernel), []).append(forward_ms(engine.runner, seqs, k, 1, context, fill=False))
+        cpu_attention.takes_span = takes_span
         med = {key: statistics.median(v) for key, v in ms.items()}
-        cells = [f"{med[0, span_max]:.1f}"] + [
-            f"{med[k, span_max]:.1f} / {med[k, 0]:.1f} ({med[k, 0] / med[k, span_max]:.2f}x)" for k in (1, 2, 4, 8)]
+        cells = [f"{med[0, True]:.1f}"] + [
+            f"{med[k, True]:.1f} / {med[k, False]:.1f} ({med[k, False] / med[k, True]:.2f}x)" for k in (1, 2, 4, 8)]
         print(f"| {seqs} | " + " | ".join(cells) + " |", flush=True)
 
 
