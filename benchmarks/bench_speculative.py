@@ -179,8 +179,9 @@ def attention_table(repeats: int) -> None:
 
 def long_context_table(model: Path, quantization: str, context: int, repeats: int) -> None:
     """Part 5: one forward with a draft of k tokens after `context` cached tokens, the drafts' attention in the
-    kernel (as cpu_attention.takes_span has it) and in PyTorch (takes_span False) taking turns; the cache not filled (its values do not change the
-    time: decode_attention.c reads to each sequence's length whatever it holds)."""
+    kernel (as cpu_attention.takes_span has it) and in PyTorch (takes_span False) taking turns; the cache not
+    filled (its values do not change the time: decode_attention.c reads to each sequence's length whatever it
+    holds)."""
     if cpu_attention._kernel() is None:
         raise SystemExit("decode_attention.c does not run here")
     width = -(-(context + 9) // BLOCK)

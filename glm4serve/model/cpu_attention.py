@@ -25,10 +25,11 @@ of up to AMX_SPAN_QUERIES (8 queries over 2K tokens 1.35x, 16-32 over 4-16K 1.0-
 tokens, 0.7-0.8x, tenths of a ms; longer spans 0.45-1.0x: each query multiplies its own tiles), and with no AMX
 build they all keep PyTorch's way.
 
-Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles, reading them near
-the memory's rate: there a layer 1.8-2.9x PyTorch's way and 2.6x the AVX-512 BF16 build, bound by its vdpbf16ps
-(BENCHMARKS.md, "Decode attention on AMX tiles"); AVX-512 BF16's reads bf16 caches as they are; AVX-512's widens them to fp32; AVX2's (CPUs without
-AVX-512, or GLM4SERVE_MAX_CPU_ISA=avx2) takes a vector's 16 query heads as two halves. Without AVX2 and FMA, a C
+Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles: there a layer 1.6-3.1x
+PyTorch's way and, from 2K tokens, 2.2-2.5x the AVX-512 BF16 build (bound by its vdpbf16ps); the 40-layer int4 step
+1.33x PyTorch's at 32K (BENCHMARKS.md, "Decode attention on AMX tiles"). AVX-512 BF16's reads bf16 caches as they
+are; AVX-512's widens them to fp32; AVX2's (CPUs without AVX-512, or GLM4SERVE_MAX_CPU_ISA=avx2) takes a vector's 16
+query heads as two halves. Without AVX2 and FMA, a C
 compiler, or on a build error (logged), `runs()` is False and decodes attend in PyTorch.
 """
 

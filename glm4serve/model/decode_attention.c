@@ -16,7 +16,7 @@
  * where bf16 caches are read as they are and multiplied by `vdpbf16ps` in pairs (attend_dot): 1.3-1.7x the
  * widened way; there groups of 8 query heads (glm-4-9b-chat-1m: 32 over 4) take two KV heads a vector, which one
  * would fill half of. Where the CPU has AMX-BF16 (Sapphire Rapids and later Xeons), a fourth build takes bf16 caches
- * on AMX tiles, 16 tokens a step (decode_attention_amx.h): 2.6x the AVX-512 BF16 build there, whose vdpbf16ps
+ * on AMX tiles, 16 tokens a step (decode_attention_amx.h): 2.2-2.5x the AVX-512 BF16 build there, whose vdpbf16ps
  * bound it. AVX2 (most desktop and laptop CPUs) holds a vector's 16 lanes as two 8-lane halves, each
  * broadcast key or value element multiplying both (decode_attention_halves.h). A sequence's blocks lie anywhere in the cache,
  * where the hardware's prefetchers do not follow, so each step prefetches the rows of the tokens PREFETCH_TOKENS
