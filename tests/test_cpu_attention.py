@@ -217,3 +217,26 @@ def test_on_amx_cpus_bf16_spans_take_the_kernel_only_in_the_amx_build_and_only_w
     assert not cpu_attention.takes_span(2, q, torch.empty(1, 8, 2, 128))  # blocks of 8: no tiles
     assert not cpu_attention.takes_span(2, torch.empty(1, 4, 48, dtype=torch.bfloat16), torch.empty(1, 16, 2, 48))
     assert cpu_attention.takes_span(64, q.float(), torch.empty(1, 16, 2, 128))
+
+
+def test_a_library_built_without_the_amx_targets_has_the_other_builds(monkeypatch):
+    """A compiler without the AMX targets (GCC 10) builds decode_attention.c as -DNO_AMX does: no AMX build (so
+    builds() leaves it out on any CPU), the others whole."""
+    import ctypes
+
+    from glm4serve.model import int8_kernel
+
+    path = int8_kernel._build(int8_kernel._compiler(), cpu_attention.SOURCE, [*cpu_attention.FLAGS, "-DNO_AMX"])
+    lib = ctypes.CDLL(str(path))
+    assert not hasattr(lib, "paged_attention_amx") and hasattr(lib, "paged_attention_avx2")
+    monkeypatch.setattr(cpu_attention, "_library", lambda: lib)
+    for cached in (cpu_attention.builds, cpu_attention._amx_granted, cpu_attention._kernel):
+        cached.cache_clear()
+    try:
+        assert "amx" not in cpu_attention.builds() and cpu_attention.builds()[-1] == "avx2"
+        q, k, v, tables, ctx = scattered_cache(32, 2, 128, 16, [40], torch.bfloat16)
+        ours = cpu_attention.decode_attention(q, k, v, tables, ctx, 128**-0.5)
+        assert (ours.float() - pytorch_truth(q, k, v, tables, ctx)).abs().max().item() < 1.6e-2
+    finally:
+        for cached in (cpu_attention.builds, cpu_attention._amx_granted, cpu_attention._kernel):
+            cached.cache_clear()

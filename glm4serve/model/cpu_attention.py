@@ -27,7 +27,7 @@ build they all keep PyTorch's way.
 
 Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles: there a layer 1.6-3.1x
 PyTorch's way and, from 2K tokens, 2.2-2.5x the AVX-512 BF16 build (bound by its vdpbf16ps); the 40-layer int4 step
-1.33x PyTorch's at 32K (BENCHMARKS.md, "Decode attention on AMX tiles"). AVX-512 BF16's reads bf16 caches as they
+1.33-1.43x PyTorch's at 32K (BENCHMARKS.md, "Decode attention on AMX tiles"). AVX-512 BF16's reads bf16 caches as they
 are; AVX-512's widens them to fp32; AVX2's (CPUs without AVX-512, or GLM4SERVE_MAX_CPU_ISA=avx2) takes a vector's 16
 query heads as two halves. Without AVX2 and FMA, a C
 compiler, or on a build error (logged), `runs()` is False and decodes attend in PyTorch.

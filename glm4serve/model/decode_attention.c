@@ -44,8 +44,8 @@
 #define DT 8      /* value dims a step of the weighted sum */
 #define BF16_DOT 1
 #define HALVES 0
-/* GCC before 11 knows AVX-512 BF16 but not the AMX targets: there the library has no AMX build */
-#if defined(__clang__) || __GNUC__ >= 11
+/* GCC before 11 knows AVX-512 BF16 but not the AMX targets: there the library has no AMX build (as with -DNO_AMX) */
+#if !defined(NO_AMX) && (defined(__clang__) || __GNUC__ >= 11)
 #include "amx_tiles.h"
 #define AMX 1
 #define ISA "avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16"

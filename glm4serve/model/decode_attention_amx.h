@@ -43,7 +43,8 @@ INLINE void F(attend_amx)(const uint32_t *qP, int64_t q_stride, int64_t nq, int6
     static const uint16_t zeros[AMX_STEP * MAX_D];
     uint16_t kz[AMX_STEP * MAX_D] __attribute__((aligned(64))), vz[AMX_STEP * MAX_D] __attribute__((aligned(64)));
     float sums[AMX_STEP * LANES] __attribute__((aligned(64)));
-    uint32_t a_even[LANES * AMX_STEP] __attribute__((aligned(64))), a_odd[LANES * AMX_STEP] __attribute__((aligned(64)));
+    uint32_t a_even[LANES * AMX_STEP] __attribute__((aligned(64)));
+    uint32_t a_odd[LANES * AMX_STEP] __attribute__((aligned(64)));
     memset(out, 0, (size_t)(nq * LANES * D) * sizeof(float));
     const int64_t stride = Hkv * D;
     F(start_queries)(nq, D, res, res_stride);

@@ -244,8 +244,9 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
     const int64_t *table = j->block_tables + b * j->width;
 #if AMX
     if (j->bf16 && j->block_size % AMX_STEP == 0 && D % 32 == 0) {
+        float *out = j->amx_out + AMX_OUT_SKEW + omp_get_thread_num() * (j->max_nq * LANES * D + AMX_OUT_PAD);
         F(attend_amx)((const uint32_t *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table, j->block_size,
-                      j->Hkv, h, D, t0, t1, res, res_stride, j->amx_out + AMX_OUT_SKEW + omp_get_thread_num() * (j->max_nq * LANES * D + AMX_OUT_PAD));
+                      j->Hkv, h, D, t0, t1, res, res_stride, out);
         return;
     }
 #endif
@@ -310,7 +311,11 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
     const int64_t row_parts = query_starts[B] * Hu * chunks;
     vec *partial = aligned_alloc(64, (size_t)(row_parts * splits * (D + 2)) * sizeof(vec));
     vec *queries = aligned_alloc(64, (size_t)(row_parts * D) * sizeof(vec));
-    float *amx_out = AMX ? aligned_alloc(64, (size_t)(threads * (max_nq * LANES * D + AMX_OUT_PAD)) * sizeof(float)) : NULL;
+#if AMX
+    float *amx_out = aligned_alloc(64, (size_t)(threads * (max_nq * LANES * D + AMX_OUT_PAD)) * sizeof(float));
+#else
+    float *amx_out = NULL;
+#endif
     if (!partial || !queries || (AMX && !amx_out)) {
         free(partial);
         free(queries);
