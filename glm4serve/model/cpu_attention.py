@@ -174,7 +174,7 @@ def amx_takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 @functools.cache
 def short_spans_only() -> bool:
     """Long spans keep PyTorch's way on this CPU: with AMX (its tiles), or where the kernel runs in AVX2."""
-    return cpu_has(("amx_bf16",)) or builds()[0] == "avx2"
+    return amx_spans() or builds()[0] == "avx2"
 
 
 def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:

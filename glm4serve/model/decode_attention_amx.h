@@ -40,7 +40,6 @@ INLINE void F(attend_amx)(const uint32_t *qP, int64_t q_stride, int64_t nq, int6
                           const uint16_t *kc, const uint16_t *vc, const int64_t *table, int64_t block_size,
                           int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1, vec *res, int64_t res_stride,
                           float *out /* [nq][16 heads][D], each 32 elements' even then odd ones */) {
-    static const uint16_t zeros[AMX_STEP * MAX_D];
     uint16_t kz[AMX_STEP * MAX_D] __attribute__((aligned(64))), vz[AMX_STEP * MAX_D] __attribute__((aligned(64)));
     float sums[AMX_STEP * LANES] __attribute__((aligned(64)));
     uint32_t a_even[LANES * AMX_STEP] __attribute__((aligned(64)));
@@ -58,8 +57,8 @@ INLINE void F(attend_amx)(const uint32_t *qP, int64_t q_stride, int64_t nq, int6
         const uint16_t *k = kc + row, *v = vc + row;
         int64_t kv_stride = stride;
         if (n < AMX_STEP) {  /* the slots past the context may hold anything (nan x 0 is nan): zeros instead */
-            memcpy(kz, zeros, sizeof kz);
-            memcpy(vz, zeros, sizeof vz);
+            memset(kz, 0, sizeof kz);
+            memset(vz, 0, sizeof vz);
             for (int64_t i = 0; i < n; i++) {
                 memcpy(kz + i * D, k + i * stride, D * 2);
                 memcpy(vz + i * D, v + i * stride, D * 2);
@@ -77,28 +76,19 @@ INLINE void F(attend_amx)(const uint32_t *qP, int64_t q_stride, int64_t nq, int6
                 _tile_dpbf16ps(0, 1, 2);
             }
             _tile_stored(0, sums, 64);
-            vec *mv = res + r * res_stride, *lv = mv + 1;
-            vec mt = *mv;
+            vec *mv = res + r * res_stride;
+            const vec m0 = *mv;
             vec s[AMX_STEP], p[AMX_STEP];
-            for (int i = 0; i < nr; i++) {
-                s[i] = *(const vec *)(sums + i * LANES) * scale;
-                mt = F(vmax)(mt, s[i]);
-            }
-            const vec alpha = F(vexp)(*mv - mt);
-            *lv *= alpha;
-            for (int i = 0; i < AMX_STEP; i++) {
-                p[i] = i < nr ? F(vexp)(s[i] - mt) : F(splat)(0.0f);
-                *lv += p[i];
-            }
+            for (int i = 0; i < nr; i++) s[i] = *(const vec *)(sums + i * LANES) * scale;
+            const vec alpha = F(softmax_step)(s, nr, AMX_STEP, mv, mv + 1, p);
             float *o = out + r * LANES * D;
-            if (_mm512_cmp_ps_mask((__m512)mt, (__m512)*mv, _CMP_NEQ_OQ)) {  /* the max grew: rescale the rows */
+            if (_mm512_cmp_ps_mask((__m512)m0, (__m512)*mv, _CMP_NEQ_OQ)) {  /* the max grew: rescale the rows */
                 for (int g = 0; g < LANES; g++) {
                     const __m512 a = _mm512_set1_ps(alpha[g]);
                     for (int64_t d = 0; d < D; d += 16)
                         _mm512_store_ps(o + g * D + d, _mm512_mul_ps(_mm512_load_ps(o + g * D + d), a));
                 }
             }
-            *mv = mt;
             F(weights_by_head)(p, a_even, a_odd);
             _tile_loadd(3, a_even, 64);
             _tile_loadd(4, a_odd, 64);

@@ -75,7 +75,7 @@ INLINE void F(attend_dot)(const int pack, const __m512i *qP, int64_t q_stride, i
             }
             for (int i = 0; i < NT; i++) s[i] *= scale;
             vec p[NT];
-            const vec alpha = F(softmax_step)(s, nr, res + r * res_stride, res + r * res_stride + 1, p);
+            const vec alpha = F(softmax_step)(s, nr, NT, res + r * res_stride, res + r * res_stride + 1, p);
             __m512i pP[NT / 2];  /* lane g: (p[2i][g], p[2i + 1][g]) in bf16 */
             for (int i = 0; i < NT / 2; i++)
                 pP[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)p[2 * i + 1],

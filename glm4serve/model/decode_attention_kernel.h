@@ -83,14 +83,15 @@ INLINE int64_t F(step_at)(const char *kc, const char *vc, int64_t esize, const i
     return n;
 }
 
-/* A step's scores s [NT] (the first n real) into the running max m and sum of exps l -> the step's weights p [NT]
- * (0 past n), and the factor that rescales the output so far to the new max (applied with the step's values). */
-INLINE vec F(softmax_step)(const vec *s, int64_t n, vec *m, vec *l, vec *p) {
+/* A step's scores s [nt] (the first n real; nt: NT, or the AMX build's AMX_STEP) into the running max m and sum of
+ * exps l -> the step's weights p [nt] (0 past n), and the factor that rescales the output so far to the new max
+ * (applied with the step's values). */
+INLINE vec F(softmax_step)(const vec *s, int64_t n, int nt, vec *m, vec *l, vec *p) {
     vec mt = *m;
     for (int i = 0; i < n; i++) mt = F(vmax)(mt, s[i]);
     const vec alpha = F(vexp)(*m - mt);
     *l *= alpha;
-    for (int i = 0; i < NT; i++) {
+    for (int i = 0; i < nt; i++) {
         p[i] = i < n ? F(vexp)(s[i] - mt) : F(splat)(0.0f);
         *l += p[i];
     }
@@ -119,7 +120,7 @@ INLINE void F(query_step)(const vec *q, const float *kf, const float *vf, int64_
     for (int64_t d = 0; d < D; d++)
         for (int i = 0; i < NT; i++) s[i] += q[d] * kf[i * D + d];
     vec p[NT];
-    const vec alpha = F(softmax_step)(s, nr, m, l, p);
+    const vec alpha = F(softmax_step)(s, nr, NT, m, l, p);
     for (int64_t d = 0; d < D; d += DT) {
         vec a[DT];
         for (int j = 0; j < DT; j++) a[j] = acc[d + j] * alpha;
