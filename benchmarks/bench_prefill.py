@@ -5,13 +5,15 @@ logits only) on the same weights in the same run. With --ab, our prefill as serv
 same engine with one thing switched off, taking turns:
 - query-tile: attention's query tiles as large as the score budget allows (not QUERY_TILE);
 - compiled-rows: the norms and SwiGLU eager on any number of rows (cpu_runner.COMPILED_ROWS_MIN);
-- span-kernel: prompt chunks attend in PyTorch's query tiles, not decode_attention.c (cpu_attention.takes_span).
+- span-kernel: prompt chunks attend in PyTorch's query tiles, not decode_attention.c (cpu_attention.takes_span);
+- chunk-kernel: on a CPU with AMX-BF16, bf16 chunks without the AMX build's chunk kernel (cpu_attention.chunk_takes):
+  PyTorch's query tiles, as the rule before it had them.
 With --scoring, each turn also scores a prompt of that length (prompt_logprobs=1: the logprob of every
 prompt token, as an evaluation harness asks for it), and transformers' turn scores it too (all positions'
 logits, log-softmax, the prompt tokens' logprobs).
 
     .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
-        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel] [--scoring] [--skip-hf]
+        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel|chunk-kernel] [--scoring] [--skip-hf]
 
 The engine runs with its default chunk (max_num_batched_tokens) and no prefix cache; each turn's
 prompt differs from the first token on. Times are medians of --repeats turns.
@@ -39,7 +41,8 @@ VOCAB = 2000  # ids the random checkpoint's small tokenizer accepts
 QUANTIZATION = {"bf16": None, "int8": "int8", "int4": "int4"}
 SWITCHED_OFF = {"query-tile": (attention, "QUERY_TILE", 1 << 30),
                 "compiled-rows": (cpu_runner, "COMPILED_ROWS_MIN", 1 << 30),
-                "span-kernel": (cpu_attention, "takes_span", lambda n, q, k_cache: False)}  # module, name, value
+                "span-kernel": (cpu_attention, "takes_span", lambda n, q, k_cache: False),
+                "chunk-kernel": (cpu_attention, "chunk_takes", lambda n, q, k_cache: False)}  # module, name, value
 SPENT: collections.Counter = collections.Counter()  # seconds by part, for the turn being timed
 
 

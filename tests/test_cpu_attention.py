@@ -203,10 +203,11 @@ def test_spans_of_small_query_groups_attend_in_the_kernel_only_when_short(dtype,
 
 @pytest.mark.parametrize("first_build", ["amx", "avx512bf16"])
 def test_on_amx_cpus_bf16_spans_take_the_kernel_only_in_the_amx_build_and_only_when_short(first_build, monkeypatch):
-    """Where the CPU has AMX-BF16 (PyTorch's SDPA multiplies bf16 on its tiles), a bf16 span takes the kernel only in
-    the AMX build, up to AMX_SPAN_QUERIES queries, and only where the tiles take its cache (blocks of a multiple of
-    16 tokens, heads of a multiple of 32); fp32 spans keep the vector rule."""
+    """Where the CPU has AMX-BF16 (PyTorch's SDPA multiplies bf16 on its tiles), a bf16 span the chunk kernel does not
+    take goes to the decode kernel only in the AMX build, up to AMX_SPAN_QUERIES queries, and only where the tiles
+    take its cache (blocks of a multiple of 16 tokens, heads of a multiple of 32); fp32 spans keep the vector rule."""
     monkeypatch.setattr(cpu_attention, "amx_spans", lambda: True)
+    monkeypatch.setattr(cpu_attention, "chunk_takes", lambda n, q, k_cache: False)
     monkeypatch.setattr(cpu_attention, "builds", lambda: [first_build, "avx512"])
     monkeypatch.setattr(cpu_attention, "short_spans_only", lambda: True)
     longest, q = cpu_attention.AMX_SPAN_QUERIES, torch.empty(1, 32, 128, dtype=torch.bfloat16)
@@ -240,3 +241,87 @@ def test_a_library_built_without_the_amx_targets_has_the_other_builds(monkeypatc
     finally:
         for cached in (cpu_attention.builds, cpu_attention._amx_granted, cpu_attention._kernel):
             cached.cache_clear()
+
+
+amx_chunks = pytest.mark.skipif(cpu_attention.builds()[:1] != ["amx"], reason="the chunk kernel runs in the AMX build, "
+                                "on a CPU with AMX-BF16")
+
+
+def causal_truth(q, k, v, table, ctx):
+    """A span's n queries q [n, Hq, D] ending a context of ctx tokens, by one SDPA in fp32 with the causal mask."""
+    n, hq, d = q.shape
+    hkv = k.shape[2]
+    k_all, v_all = (c[table].reshape(-1, hkv, d)[:ctx].float().transpose(0, 1)[None] for c in (k, v))  # [1,Hkv,ctx,D]
+    mask = torch.arange(ctx)[None] <= torch.arange(ctx - n, ctx)[:, None]  # [n, ctx]
+    out = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k_all, v_all,
+                                                           attn_mask=mask, scale=d**-0.5, enable_gqa=True)
+    return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+@amx_chunks
+@pytest.mark.parametrize("n, ctx", [(1, 1), (2, 2), (5, 37), (17, 300), (64, 64), (65, 700), (700, 1000)])
+@pytest.mark.parametrize("heads", [(32, 2), (32, 4), (16, 16)], ids=["9b", "1m", "groups-of-1"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_the_chunk_kernel_attends_causally(n, ctx, heads, block_size):
+    """A prompt chunk or a draft in the chunk kernel: each query sees the context up to its own token, over blocks
+    in a shuffled order, the blocks the table leaves out full of nan (never read); spans that cross kv blocks of 256
+    tokens and units of 64 queries, and rows of 1, 2 or 16 queries a tile."""
+    hq, hkv = heads
+    _, k, v, tables, _ = scattered_cache(hq, hkv, 128, block_size, [ctx], torch.bfloat16)
+    unused = torch.ones(k.shape[0], dtype=torch.bool)
+    unused[tables[0, : -(-ctx // block_size)]] = False
+    k[unused], v[unused] = float("nan"), float("nan")
+    q = (torch.randn(n, hq, 128, generator=torch.Generator().manual_seed(n)) * 3).to(torch.bfloat16)
+    ours = cpu_attention.chunk_attention(q, k, v, tables[0], ctx, 128**-0.5)
+    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    assert (ours.float() - causal_truth(q, k, v, tables[0], ctx)).abs().max().item() < 1.6e-2
+
+
+@amx_chunks
+def test_the_chunk_kernel_gives_each_of_many_threads_units():
+    """With more threads than a span's units of 64 queries, each unit takes fewer queries (whole rows of a tile); the
+    numbers do not change."""
+    _, k, v, tables, _ = scattered_cache(32, 2, 128, 16, [600], torch.bfloat16)
+    q = torch.randn(100, 32, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(7)
+        many = cpu_attention.chunk_attention(q, k, v, tables[0], 600, 128**-0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert (many.float() - causal_truth(q, k, v, tables[0], 600)).abs().max().item() < 1.6e-2
+    assert torch.equal(many, cpu_attention.chunk_attention(q, k, v, tables[0], 600, 128**-0.5))
+
+
+def test_on_amx_cpus_the_chunk_kernel_takes_the_bf16_spans_of_glm4_heads(monkeypatch):
+    """The chunk kernel (in the AMX build) takes bf16 spans of heads of 128 in query groups that divide 16 over
+    blocks of a multiple of 16 tokens, of any length that gives each thread a row of the tiles; not fp32, other
+    heads, groups of 3, blocks of 8, or a span too short for the threads."""
+    monkeypatch.setattr(cpu_attention, "amx_spans", lambda: True)
+    monkeypatch.setattr(cpu_attention, "builds", lambda: ["amx", "avx512bf16"])
+    monkeypatch.setattr(cpu_attention.torch, "get_num_threads", lambda: 2)
+
+    def takes(n, hq, hkv, d=128, block_size=16, dtype=torch.bfloat16):
+        return cpu_attention.chunk_takes(n, torch.empty(1, hq, d, dtype=dtype), torch.empty(1, block_size, hkv, d))
+
+    assert takes(1, 32, 2) and takes(2048, 32, 2) and takes(300, 32, 4) and takes(5, 16, 16)
+    assert not takes(64, 32, 2, dtype=torch.float32)
+    assert not takes(64, 32, 2, d=64) and not takes(64, 24, 8) and not takes(64, 32, 2, block_size=8)
+    q = torch.empty(1, 32, 128, dtype=torch.bfloat16)
+    assert cpu_attention.takes_span(5000, q, torch.empty(1, 16, 2, 128))
+    monkeypatch.setattr(cpu_attention.torch, "get_num_threads", lambda: 64)
+    assert not takes(31, 32, 2) and takes(32, 32, 2)
+    assert cpu_attention.takes_span(5, q, torch.empty(1, 16, 2, 128))  # the decode kernel's AMX build
+
+
+@amx_chunks
+def test_on_this_amx_cpu_prompt_chunks_attend_in_the_chunk_kernel(monkeypatch):
+    """attention.prefill_attention sends a bf16 chunk of glm-4-9b's heads to the chunk kernel, one call."""
+    calls = []
+    real = cpu_attention.chunk_attention
+    monkeypatch.setattr(cpu_attention, "chunk_attention", lambda *a: calls.append(a) or real(*a))
+    _, k, v, tables, _ = scattered_cache(32, 2, 128, 16, [500], torch.bfloat16)
+    q = torch.randn(300, 32, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    ours = attention.prefill_attention(q, k, v, PrefillSpan(0, 300, 500, tables[0]), 128**-0.5)
+    assert len(calls) == 1
+    assert (ours.float() - causal_truth(q, k, v, tables[0], 500)).abs().max().item() < 1.6e-2

@@ -16,11 +16,12 @@ smaller tiles leave less of it. Measured at glm-4-9b's heads on a 2,048-token ch
 BENCHMARKS.md "Long prefill on CPU"): 256 queries against one tile of 2,048, 98 -> 49 ms with no
 cached prefix, 395 -> 314 ms after 6,144 cached tokens; 128 and 64 were no faster.
 
-On CPU, decodes (one query a sequence) and spans (a speculative draft, a prompt chunk; of up to 64 queries on
-CPUs with AMX or AVX2 alone, of up to 8 where a KV head's query group fills under a vector:
-cpu_attention.takes_span) attend in decode_attention.c (cpu_attention.py), which reads each sequence's blocks in
-place; where it does not run, decode_attention gathers the blocks and calls SDPA, and a span attends in the query
-tiles above. On a GPU, decodes take paged_decode.py's kernel.
+On CPU, decodes (one query a sequence) and spans (a speculative draft, a prompt chunk; of any length in bf16 at
+GLM-4's heads on CPUs with AMX-BF16, in a chunk kernel of their own; of up to 64 queries where the kernel runs in
+AVX2, of up to 8 where a KV head's query group fills under a vector: cpu_attention.takes_span) attend in
+decode_attention.c (cpu_attention.py), which reads each sequence's blocks in place; where it does not run,
+decode_attention gathers the blocks and calls SDPA, and a span attends in the query tiles above. On a GPU, decodes
+take paged_decode.py's kernel.
 
 On a GPU in half precision all the step's prefill spans attend in one call of flash attention's
 variable-length kernel, over their contexts gathered from the cache into one packed K/V

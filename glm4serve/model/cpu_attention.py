@@ -20,10 +20,13 @@ two KV heads a vector in bf16); where it fills fewer (small test models, or 8 in
 queries on, so it takes spans of up to UNFILLED_SPAN_QUERIES there. In the AVX2 build long spans measured level
 with PyTorch's: there spans past SHORT_SPAN_QUERIES keep PyTorch's way (short_spans_only), as do fp32 spans on CPUs
 with AMX (unmeasured). bf16 spans on CPUs with AMX-BF16 (amx_spans), where PyTorch's SDPA multiplies a span's
-scores on AMX tiles: the AVX-512 BF16 build lost to it at every span length (0.2-0.7x), the AMX build takes spans
-of up to AMX_SPAN_QUERIES (8 queries over 2K tokens 1.35x, 16-32 over 4-16K 1.0-1.6x; less at a few hundred
-tokens, 0.7-0.8x, tenths of a ms; longer spans 0.45-1.0x: each query multiplies its own tiles), and with no AMX
-build they all keep PyTorch's way.
+scores on AMX tiles: the AVX-512 BF16 build lost to it at every span length (0.2-0.7x). There the AMX build's chunk
+kernel (chunk_attention_amx.h: tiles of 16 rows of a query and head, a kv block's keys and values packed once for
+all of a unit's rows) takes the spans of glm-4-9b's and the 1M variant's heads, any length from 2 queries on:
+against PyTorch's way 1.6-2.2x on 2,048-token chunks, 2-6x on drafts and short chunks, and 1.0-3.3x the decode
+kernel's AMX build (BENCHMARKS.md, "Prompt chunks on AMX tiles"). Spans of other heads take the decode kernel's
+AMX build up to AMX_SPAN_QUERIES (each query multiplies its own tiles: longer spans lost, 0.45-1.0x), and with no
+AMX build they all keep PyTorch's way.
 
 Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles: there a layer 1.6-3.1x
 PyTorch's way and, from 2K tokens, 2.2-2.5x the AVX-512 BF16 build (bound by its vdpbf16ps); the 40-layer int4 step
@@ -52,6 +55,7 @@ MAX_SPAN_QUERIES = 64  # and its MAX_SPAN: one sequence's queries in a call
 SHORT_SPAN_QUERIES = 64  # the longest span the kernel takes where short_spans_only() (module docstring)
 UNFILLED_SPAN_QUERIES = 8  # and where a KV head's group fills under a vector's lanes
 AMX_SPAN_QUERIES = 32  # the longest bf16 span the AMX build takes on an AMX CPU (amx_spans)
+CHUNK_HEAD_DIM = 128  # the head size of chunk_attention_amx.h (CHUNK_D)
 CALL_QUERIES = 1024  # a long span's sub-spans go this many queries a call, which bounds the call's scratch
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
 MIN_SPLIT_TOKENS = 128  # but no split shorter than this
@@ -181,19 +185,61 @@ def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether a span of n queries q [n, Hq, D] over this cache [blocks, block_size, Hkv, D] attends in the kernel
     (module docstring)."""
     if q.dtype == torch.bfloat16 and amx_spans():
-        return n <= AMX_SPAN_QUERIES and builds()[0] == "amx" and amx_takes(q, k_cache)
+        return chunk_takes(n, q, k_cache) or n <= AMX_SPAN_QUERIES and builds()[0] == "amx" and amx_takes(q, k_cache)
     group, kv_heads = q.shape[1] // k_cache.shape[2], k_cache.shape[2]
     if group * packs(builds()[0], q.dtype, group, kv_heads) < LANES:
         return n <= UNFILLED_SPAN_QUERIES
     return n <= SHORT_SPAN_QUERIES or not short_spans_only()
 
 
+@functools.cache
+def _chunk_kernel() -> ctypes._CFuncPtr:
+    fn = _library().chunk_attention_amx
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def chunk_takes(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The AMX build's chunk kernel (chunk_attention_amx.h) takes a span of n queries q [n, Hq, D] over this cache
+    [blocks, block_size, Hkv, D]: bf16, heads of CHUNK_HEAD_DIM, query groups that divide 16, blocks of a multiple of
+    16 tokens, and a row group (16 rows of a query and head) for each thread, whose units of work do not split the
+    context (a short span over many threads keeps the decode kernel, whose units do)."""
+    hq, kv_heads = q.shape[1], k_cache.shape[2]
+    group = hq // kv_heads
+    return (q.dtype == torch.bfloat16 and q.shape[-1] == CHUNK_HEAD_DIM and group * kv_heads == hq
+            and 16 % group == 0 and k_cache.shape[1] % 16 == 0 and n * hq >= 16 * torch.get_num_threads()
+            and builds()[0] == "amx")
+
+
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    context_len: int, scale: float) -> torch.Tensor:
+    """One sequence's last n tokens' queries q [n, Hq, D] (a prompt chunk), causal over its first context_len cached
+    keys and values, blocks block_table [nb], in the AMX build's chunk kernel (chunk_takes) -> [n, Hq, D]."""
+    n, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    q = q.contiguous()
+    table = block_table.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    status = _chunk_kernel()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), context_len, n,
+                             hq, hkv, d, block_size, scale, out.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise ValueError("the chunk kernel does not take these shapes (chunk_takes)")
+    if status != 0:
+        raise MemoryError("the chunk kernel's scratch could not be allocated")
+    return out
+
+
 def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    context_len: int, scale: float, splits: int | None = None, build: str | None = None) -> torch.Tensor:
     """One sequence's last n tokens' queries q [n, Hq, D] (a speculative draft, a prompt chunk), causal over its
     first context_len cached keys and values, blocks block_table [nb] -> [n, Hq, D]: sub-spans of at most
-    MAX_SPAN_QUERIES, each as a sequence ending at its last query; the rest as paged_attention."""
+    MAX_SPAN_QUERIES, each as a sequence ending at its last query; the rest as paged_attention. Unless a build is
+    given, a span the chunk kernel takes (chunk_takes) goes there whole."""
     n = q.shape[0]
+    if build is None and chunk_takes(n, q, k_cache):
+        return chunk_attention(q, k_cache, v_cache, block_table, context_len, scale)
     out = torch.empty_like(q)
     for c0 in range(0, n, CALL_QUERIES):
         c1 = min(n, c0 + CALL_QUERIES)

@@ -17,7 +17,8 @@
  * widened way; there groups of 8 query heads (glm-4-9b-chat-1m: 32 over 4) take two KV heads a vector, which one
  * would fill half of. Where the CPU has AMX-BF16 (Sapphire Rapids and later Xeons), a fourth build takes bf16 caches
  * on AMX tiles, 16 tokens a step (decode_attention_amx.h): 2.2-2.5x the AVX-512 BF16 build there, whose vdpbf16ps
- * bound it. AVX2 (most desktop and laptop CPUs) holds a vector's 16 lanes as two 8-lane halves, each
+ * bound it; that build also has a kernel for prompt chunks and drafts, whose tiles are rows of many queries
+ * (chunk_attention_amx.h). AVX2 (most desktop and laptop CPUs) holds a vector's 16 lanes as two 8-lane halves, each
  * broadcast key or value element multiplying both (decode_attention_halves.h). A sequence's blocks lie anywhere in the cache,
  * where the hardware's prefetchers do not follow, so each step prefetches the rows of the tokens PREFETCH_TOKENS
  * ahead into L2.
@@ -51,6 +52,7 @@
 #define ISA "avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16"
 #define F(name) name##_amx
 #include "decode_attention_kernel.h"
+#include "chunk_attention_amx.h"
 #undef AMX
 #undef ISA
 #undef F

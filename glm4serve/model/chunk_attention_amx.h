@@ -1,0 +1,291 @@
+/* Included by decode_attention.c in its AMX build (ISA as there): a prompt chunk's causal attention over its
+ * sequence's paged bf16 cache on AMX-BF16 tiles, flash attention's way, with head size 128 and query groups that
+ * divide 16 (glm-4-9b: 16 query heads a KV head, the 1M variant 8).
+ *
+ * The decode kernel (decode_attention_amx.h) multiplies each query's own tiles against each step's keys, which
+ * bounds it past a few dozen queries. Here the rows of a tile are 16 (query, head) pairs of one KV head, and a unit
+ * of work is CHUNK_ROWS of them over its KV head's context, a kv block of CHUNK_KV tokens at a time:
+ * - the block's keys and values are packed once into the layouts tiles B want (keys transposed into pairs of
+ *   elements by token, values into pairs of tokens by element), then serve all the unit's rows from L2;
+ * - scores: the rows' queries are tiles A (16 rows x 32 elements) against the packed keys, 16 tokens a tile of sums;
+ * - the softmax runs by row along the block's scores (base 2, the scale times log2 e folded in), each row's weights
+ *   rounded to bf16 into P [16][CHUNK_KV], which is tile A of the values' product as it lies; the output rows
+ *   [16][128] (fp32, in memory) are rescaled once a block, where their max grew;
+ * - each query sees the tokens up to its own (the chunk is the context's last n tokens): past it the weights are 0,
+ *   and a row group stops at its last query's token. */
+
+#define CHUNK_KV 256    /* tokens of a kv block */
+#define CHUNK_ROWS 1024 /* (query, head) rows of a unit: its outputs [1024][128] fp32 (512 KiB) stay in L2 */
+#define CHUNK_D 128     /* the head size */
+#define CHUNK_FN static inline __attribute__((always_inline, target(ISA)))
+
+/* Per thread: the unit's queries by row, outputs, maxes and sums; a kv block's packed keys and values; one row
+ * group's scores and weights; a row of zeros for the tokens past the context. */
+struct __attribute__((aligned(64))) chunk_scratch {
+    uint16_t qrows[CHUNK_ROWS * CHUNK_D];
+    float o[CHUNK_ROWS * CHUNK_D];
+    float m[CHUNK_ROWS], l[CHUNK_ROWS];
+    uint32_t kp[CHUNK_KV / 16 * CHUNK_D / 32 * 256];  /* [16-token step][32-element slice][16 pairs][16 tokens] */
+    uint32_t vp[CHUNK_KV / 32 * CHUNK_D / 16 * 256];  /* [32-token step][16-element slice][16 token pairs][16] */
+    float s[16 * CHUNK_KV];
+    uint16_t p[16 * CHUNK_KV];
+    uint16_t zeros[CHUNK_D];
+};
+
+struct chunk_job {
+    const uint16_t *q, *kc, *vc;  /* q [n][Hq][128]; caches [blocks][block_size][Hkv][128] */
+    const int64_t *table;
+    int64_t ctx, n, Hq, Hkv, G, block_size, queries_per_unit, blocks_of_queries;
+    float c;  /* the scale times log2 e */
+    uint16_t *out;
+    struct chunk_scratch *scratch;
+};
+
+/* 2^x for x <= 0 (down to -126; below, 2^-126): 2^round(x) times a polynomial of the rest, |rest| <= 1/2 (relative
+ * error ~1e-7). */
+CHUNK_FN __m512 chunk_exp2(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 16 rows of 16 dwords transposed in place */
+CHUNK_FN void chunk_transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {  /* each 128-bit lane: pairs of rows' dwords */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {  /* r[4i + b], lane L: rows 4i..4i+3 of column 4L + b */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int b = 0; b < 4; b++) {  /* column 4L + b: lane L of r[b], r[4 + b], r[8 + b], r[12 + b] */
+        const __m512i lo01 = _mm512_shuffle_i32x4(r[b], r[4 + b], 0x44);
+        const __m512i lo23 = _mm512_shuffle_i32x4(r[b], r[4 + b], 0xEE);
+        const __m512i hi01 = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0x44);
+        const __m512i hi23 = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0xEE);
+        t[b] = _mm512_shuffle_i32x4(lo01, hi01, 0x88);
+        t[4 + b] = _mm512_shuffle_i32x4(lo01, hi01, 0xDD);
+        t[8 + b] = _mm512_shuffle_i32x4(lo23, hi23, 0x88);
+        t[12 + b] = _mm512_shuffle_i32x4(lo23, hi23, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Tokens [t0, t0 + tokens) (a multiple of 32) of KV head h into s->kp and s->vp; those from `end` on as zeros. */
+CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int64_t h, int64_t t0, int64_t tokens,
+                         int64_t end) {
+    const uint16_t *krow[CHUNK_KV], *vrow[CHUNK_KV];
+    for (int64_t i = 0; i < tokens; i++) {
+        const int64_t t = t0 + i;
+        if (t >= end) {
+            krow[i] = vrow[i] = s->zeros;
+            continue;
+        }
+        const int64_t row = ((j->table[t / j->block_size] * j->block_size + t % j->block_size) * j->Hkv + h) * CHUNK_D;
+        krow[i] = j->kc + row, vrow[i] = j->vc + row;
+    }
+    for (int64_t step = 0; step < tokens / 16; step++)  /* keys: tile B [16 element pairs][16 tokens] */
+        for (int c = 0; c < CHUNK_D / 32; c++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(krow[step * 16 + i] + c * 32);
+            chunk_transpose16(r);
+            uint32_t *tile = s->kp + (step * (CHUNK_D / 32) + c) * 256;
+            for (int i = 0; i < 16; i++) _mm512_store_si512(tile + i * 16, r[i]);
+        }
+    uint16_t pairs[32];  /* word 2i: the even token's element i, 2i + 1: the odd one's */
+    for (int i = 0; i < 16; i++) pairs[2 * i] = (uint16_t)i, pairs[2 * i + 1] = (uint16_t)(32 + i);
+    const __m512i interleave = _mm512_loadu_si512(pairs);
+    for (int64_t step = 0; step < tokens / 32; step++)  /* values: tile B [16 token pairs][16 elements] */
+        for (int c = 0; c < CHUNK_D / 16; c++) {
+            uint32_t *tile = s->vp + (step * (CHUNK_D / 16) + c) * 256;
+            for (int i = 0; i < 16; i++) {
+                const uint16_t *even = vrow[step * 32 + 2 * i] + c * 16, *odd = vrow[step * 32 + 2 * i + 1] + c * 16;
+                const __m512i e = _mm512_castsi256_si512(_mm256_loadu_si256((const void *)even));
+                const __m512i o = _mm512_castsi256_si512(_mm256_loadu_si256((const void *)odd));
+                _mm512_store_si512(tile + i * 16, _mm512_permutex2var_epi16(e, interleave, o));
+            }
+        }
+}
+
+/* Row group g's scores for the block's first `tokens` (a multiple of 32) into s->s [16][CHUNK_KV]: tiles 0-3 its
+ * queries, 4-5 two steps' sums, 6-7 their keys. */
+CHUNK_FN void chunk_scores(struct chunk_scratch *s, int64_t g, int64_t tokens) {
+    const uint16_t *q = s->qrows + g * 16 * CHUNK_D;
+    _tile_loadd(0, q, CHUNK_D * 2);
+    _tile_loadd(1, q + 32, CHUNK_D * 2);
+    _tile_loadd(2, q + 64, CHUNK_D * 2);
+    _tile_loadd(3, q + 96, CHUNK_D * 2);
+    for (int64_t step = 0; step < tokens / 16; step += 2) {
+        const uint32_t *k0 = s->kp + step * (CHUNK_D / 32) * 256, *k1 = k0 + (CHUNK_D / 32) * 256;
+        _tile_zero(4);
+        _tile_zero(5);
+#define CHUNK_SLICE(c)                      \
+    _tile_loadd(6, k0 + (c) * 256, 64);     \
+    _tile_loadd(7, k1 + (c) * 256, 64);     \
+    _tile_dpbf16ps(4, c, 6);                \
+    _tile_dpbf16ps(5, c, 7);
+        CHUNK_SLICE(0)
+        CHUNK_SLICE(1)
+        CHUNK_SLICE(2)
+        CHUNK_SLICE(3)
+#undef CHUNK_SLICE
+        _tile_stored(4, s->s + step * 16, CHUNK_KV * 4);
+        _tile_stored(5, s->s + step * 16 + 16, CHUNK_KV * 4);
+    }
+}
+
+/* Row group g's softmax over the block at t0 (its first `tokens`): each row's weights into s->p (0 past its query's
+ * token), its max and sum carried on, its outputs rescaled where the max grew. */
+CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, const int64_t *pos, int64_t g,
+                            int64_t t0, int64_t tokens) {
+    const __m512 c = _mm512_set1_ps(j->c);
+    for (int r = 0; r < 16; r++) {
+        const int64_t row = g * 16 + r;
+        int64_t seen = pos[row] + 1 - t0;  /* tokens of the block this row sees */
+        seen = seen < 0 ? 0 : seen > tokens ? tokens : seen;
+        const float *sr = s->s + r * CHUNK_KV;
+        uint16_t *pr = s->p + r * CHUNK_KV;
+        __m512 mx = _mm512_set1_ps(-FLT_MAX);
+        for (int64_t t = 0; t < seen; t += 16) {
+            const __mmask16 in = seen - t >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - t)) - 1);
+            mx = _mm512_mask_max_ps(mx, in, mx, _mm512_loadu_ps(sr + t));
+        }
+        const float m_old = s->m[row];
+        float m_new = _mm512_reduce_max_ps(mx) * j->c;
+        m_new = m_new > m_old ? m_new : m_old;
+        const __m512 m = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < tokens; t += 16) {
+            const __mmask16 in = seen - t >= 16 ? 0xFFFF : seen - t <= 0 ? 0 : (__mmask16)((1u << (seen - t)) - 1);
+            const __m512 x = _mm512_maskz_mov_ps(in, _mm512_fmsub_ps(_mm512_loadu_ps(sr + t), c, m));
+            const __m512 p = _mm512_maskz_mov_ps(in, chunk_exp2(x));
+            sum = _mm512_add_ps(sum, p);
+            _mm256_storeu_si256((void *)(pr + t), (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        const float alpha = _mm512_cvtss_f32(chunk_exp2(_mm512_set1_ps(m_old - m_new)));
+        s->l[row] = s->l[row] * alpha + _mm512_reduce_add_ps(sum);
+        s->m[row] = m_new;
+        if (alpha != 1.0f) {
+            float *o = s->o + row * CHUNK_D;
+            const __m512 a = _mm512_set1_ps(alpha);
+            for (int d = 0; d < CHUNK_D; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), a));
+        }
+    }
+}
+
+/* Row group g's outputs += its weights s->p [16][tokens] times the block's values: tiles 0-3 a half of the outputs'
+ * 128 elements, 4 the weights of 32 tokens, 5-7 their values. */
+CHUNK_FN void chunk_values(struct chunk_scratch *s, int64_t g, int64_t tokens) {
+    float *o = s->o + g * 16 * CHUNK_D;
+    for (int half = 0; half < 2; half++) {
+        float *oh = o + half * 64;
+        _tile_loadd(0, oh, CHUNK_D * 4);
+        _tile_loadd(1, oh + 16, CHUNK_D * 4);
+        _tile_loadd(2, oh + 32, CHUNK_D * 4);
+        _tile_loadd(3, oh + 48, CHUNK_D * 4);
+        for (int64_t step = 0; step < tokens / 32; step++) {
+            const uint32_t *v = s->vp + (step * (CHUNK_D / 16) + half * 4) * 256;
+            _tile_loadd(4, s->p + step * 32, CHUNK_KV * 2);
+            _tile_loadd(5, v, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, v + 256, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, v + 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, v + 768, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, oh, CHUNK_D * 4);
+        _tile_stored(1, oh + 16, CHUNK_D * 4);
+        _tile_stored(2, oh + 32, CHUNK_D * 4);
+        _tile_stored(3, oh + 48, CHUNK_D * 4);
+    }
+}
+
+/* Unit u: the KV head u % Hkv's rows of block u / Hkv of queries, the last blocks first (the most work). */
+CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scratch *s) {
+    const int64_t h = u % j->Hkv, block = j->blocks_of_queries - 1 - u / j->Hkv;
+    const int64_t q0 = block * j->queries_per_unit;
+    const int64_t nq = j->n - q0 < j->queries_per_unit ? j->n - q0 : j->queries_per_unit;
+    const int64_t rows = nq * j->G, groups = (rows + 15) / 16;
+    int64_t pos[CHUNK_ROWS];  /* each row's query's token: it sees the tokens up to there (-1: a padding row) */
+    for (int64_t row = 0; row < groups * 16; row++) {
+        uint16_t *qr = s->qrows + row * CHUNK_D;
+        s->m[row] = -FLT_MAX, s->l[row] = 0.0f;
+        memset(s->o + row * CHUNK_D, 0, CHUNK_D * sizeof(float));
+        if (row >= rows) {
+            pos[row] = -1;
+            memset(qr, 0, CHUNK_D * 2);
+            continue;
+        }
+        const int64_t i = q0 + row / j->G, head = h * j->G + row % j->G;
+        pos[row] = j->ctx - j->n + i;
+        memcpy(qr, j->q + (i * j->Hq + head) * CHUNK_D, CHUNK_D * 2);
+    }
+    const int64_t end = pos[rows - 1] + 1;  /* the unit's last query sees this many tokens */
+    for (int64_t t0 = 0; t0 < end; t0 += CHUNK_KV) {
+        const int64_t left = end - t0 < CHUNK_KV ? end - t0 : CHUNK_KV;
+        chunk_pack(j, s, h, t0, (left + 31) / 32 * 32, end);
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t last = pos[g * 16 + 15 < rows ? g * 16 + 15 : rows - 1];  /* the group's last query */
+            if (last < t0) continue;
+            const int64_t seen = last + 1 - t0 < left ? last + 1 - t0 : left;
+            const int64_t tokens = (seen + 31) / 32 * 32;
+            chunk_scores(s, g, tokens);
+            chunk_softmax(j, s, pos, g, t0, tokens);
+            chunk_values(s, g, tokens);
+        }
+    }
+    for (int64_t row = 0; row < rows; row++) {
+        const int64_t i = q0 + row / j->G, head = h * j->G + row % j->G;
+        const float *o = s->o + row * CHUNK_D;
+        const __m512 inv = _mm512_set1_ps(1.0f / s->l[row]);
+        uint16_t *out = j->out + (i * j->Hq + head) * CHUNK_D;
+        for (int d = 0; d < CHUNK_D; d += 16)
+            _mm256_storeu_si256((void *)(out + d),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(o + d), inv)));
+    }
+}
+
+/* The exported kernel: the last n tokens' queries q [n][Hq][128] of a sequence, causal over its first ctx cached
+ * tokens (blocks `table` of caches [blocks][block_size][Hkv][128], block_size a multiple of 16) -> out
+ * [n][Hq][128], all bf16. 0; -1 where its scratch could not be allocated; -2 for shapes it does not take. */
+__attribute__((target(ISA))) int chunk_attention_amx(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
+                                                     const int64_t *table, int64_t ctx, int64_t n, int64_t Hq,
+                                                     int64_t Hkv, int64_t D, int64_t block_size, float scale,
+                                                     uint16_t *out, int threads) {
+    const int64_t G = Hq / Hkv;
+    if (D != CHUNK_D || G * Hkv != Hq || 16 % G != 0 || block_size % 16 != 0 || n < 1 || n > ctx) return -2;
+    struct chunk_scratch *scratch = aligned_alloc(64, (size_t)threads * sizeof(struct chunk_scratch));
+    if (!scratch) return -1;
+    /* queries a unit: CHUNK_ROWS rows, or fewer where a short span would leave threads without a unit (whole row
+     * groups, 16 / G queries each) */
+    int64_t per_unit = n * Hkv / threads / (16 / G) * (16 / G);
+    per_unit = per_unit > CHUNK_ROWS / G ? CHUNK_ROWS / G : per_unit < 16 / G ? 16 / G : per_unit;
+    struct chunk_job j = {q, kc, vc, table, ctx, n, Hq, Hkv, G, block_size, per_unit, (n + per_unit - 1) / per_unit,
+                          scale * 1.4426950408889634f, out, scratch};
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles(16);
+        struct chunk_scratch *s = scratch + omp_get_thread_num();
+        memset(s->zeros, 0, sizeof s->zeros);
+#pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < j.blocks_of_queries * Hkv; u++) chunk_unit(&j, u, s);
+        _tile_release();
+    }
+    free(scratch);
+    return 0;
+}
+#undef CHUNK_FN
