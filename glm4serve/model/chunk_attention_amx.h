@@ -27,7 +27,7 @@ struct __attribute__((aligned(64))) chunk_scratch {
     float m[CHUNK_ROWS], l[CHUNK_ROWS];
     uint32_t kp[CHUNK_KV / 16 * CHUNK_D / 32 * 256];  /* [16-token step][32-element slice][16 pairs][16 tokens] */
     uint32_t vp[CHUNK_KV / 32 * CHUNK_D / 16 * 256];  /* [32-token step][16-element slice][16 token pairs][16] */
-    float s[16 * CHUNK_KV];
+    float s[2][16 * CHUNK_KV];  /* two row groups' scores: one's softmax runs while the next's are multiplied */
     uint16_t p[16 * CHUNK_KV];
     uint16_t zeros[CHUNK_D];
 };
@@ -41,10 +41,8 @@ struct chunk_job {
     struct chunk_scratch *scratch;
 };
 
-/* 2^x for x <= 0 (down to -126; below, 2^-126): 2^round(x) times a polynomial of the rest, |rest| <= 1/2 (relative
- * error ~1e-7). */
+/* 2^x for x <= 0: 2^round(x) times a polynomial of the rest, |rest| <= 1/2 (relative error ~1e-7); below -149, 0 */
 CHUNK_FN __m512 chunk_exp2(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
@@ -55,6 +53,11 @@ CHUNK_FN __m512 chunk_exp2(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* The first `seen` of 16 lanes (any count) */
+CHUNK_FN __mmask16 chunk_lanes(int64_t seen) {
+    return seen >= 16 ? 0xFFFF : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
 }
 
 /* 16 rows of 16 dwords transposed in place */
@@ -119,70 +122,79 @@ CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int
         }
 }
 
-/* Row group g's scores for the block's first `tokens` (a multiple of 32) into s->s [16][CHUNK_KV]: tiles 0-3 its
- * queries, 4-5 two steps' sums, 6-7 their keys. */
-CHUNK_FN void chunk_scores(struct chunk_scratch *s, int64_t g, int64_t tokens) {
+/* Row group g's scores for the block's tokens [64 step, 64 step + 64) into scores [16][CHUNK_KV]: tiles 0-3 the
+ * sums of four 16-token steps (four chains of products, as the tiles' latency wants), 4 a 32-element slice of the
+ * queries, 5-7 the keys. */
+CHUNK_FN void chunk_scores(const struct chunk_scratch *s, int64_t g, float *scores, int64_t step) {
     const uint16_t *q = s->qrows + g * 16 * CHUNK_D;
-    _tile_loadd(0, q, CHUNK_D * 2);
-    _tile_loadd(1, q + 32, CHUNK_D * 2);
-    _tile_loadd(2, q + 64, CHUNK_D * 2);
-    _tile_loadd(3, q + 96, CHUNK_D * 2);
-    for (int64_t step = 0; step < tokens / 16; step += 2) {
-        const uint32_t *k0 = s->kp + step * (CHUNK_D / 32) * 256, *k1 = k0 + (CHUNK_D / 32) * 256;
-        _tile_zero(4);
-        _tile_zero(5);
-#define CHUNK_SLICE(c)                      \
-    _tile_loadd(6, k0 + (c) * 256, 64);     \
-    _tile_loadd(7, k1 + (c) * 256, 64);     \
-    _tile_dpbf16ps(4, c, 6);                \
-    _tile_dpbf16ps(5, c, 7);
-        CHUNK_SLICE(0)
-        CHUNK_SLICE(1)
-        CHUNK_SLICE(2)
-        CHUNK_SLICE(3)
+    const uint32_t *k = s->kp + 4 * step * (CHUNK_D / 32) * 256;  /* tile (16-token step i, slice c): (4 i + c) */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+#define CHUNK_SLICE(c)                                 \
+    _tile_loadd(4, q + 32 * (c), CHUNK_D * 2);         \
+    _tile_loadd(5, k + (0 + (c)) * 256, 64);           \
+    _tile_dpbf16ps(0, 4, 5);                           \
+    _tile_loadd(6, k + (4 + (c)) * 256, 64);           \
+    _tile_dpbf16ps(1, 4, 6);                           \
+    _tile_loadd(7, k + (8 + (c)) * 256, 64);           \
+    _tile_dpbf16ps(2, 4, 7);                           \
+    _tile_loadd(5, k + (12 + (c)) * 256, 64);          \
+    _tile_dpbf16ps(3, 4, 5);
+    CHUNK_SLICE(0)
+    CHUNK_SLICE(1)
+    CHUNK_SLICE(2)
+    CHUNK_SLICE(3)
 #undef CHUNK_SLICE
-        _tile_stored(4, s->s + step * 16, CHUNK_KV * 4);
-        _tile_stored(5, s->s + step * 16 + 16, CHUNK_KV * 4);
-    }
+    _tile_stored(0, scores + step * 64, CHUNK_KV * 4);
+    _tile_stored(1, scores + step * 64 + 16, CHUNK_KV * 4);
+    _tile_stored(2, scores + step * 64 + 32, CHUNK_KV * 4);
+    _tile_stored(3, scores + step * 64 + 48, CHUNK_KV * 4);
 }
 
-/* Row group g's softmax over the block at t0 (its first `tokens`): each row's weights into s->p (0 past its query's
- * token), its max and sum carried on, its outputs rescaled where the max grew. */
-CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, const int64_t *pos, int64_t g,
-                            int64_t t0, int64_t tokens) {
+/* One row's softmax over the block at t0 (its first `tokens` scores, row r of scores [16][CHUNK_KV]): its weights
+ * into row r of s->p (0 past its query's token), its max and sum carried on, its outputs rescaled where the max grew. */
+CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, const float *scores, int64_t row,
+                            int64_t pos, int64_t t0, int64_t tokens) {
     const __m512 c = _mm512_set1_ps(j->c);
-    for (int r = 0; r < 16; r++) {
-        const int64_t row = g * 16 + r;
-        int64_t seen = pos[row] + 1 - t0;  /* tokens of the block this row sees */
-        seen = seen < 0 ? 0 : seen > tokens ? tokens : seen;
-        const float *sr = s->s + r * CHUNK_KV;
-        uint16_t *pr = s->p + r * CHUNK_KV;
-        __m512 mx = _mm512_set1_ps(-FLT_MAX);
-        for (int64_t t = 0; t < seen; t += 16) {
-            const __mmask16 in = seen - t >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - t)) - 1);
-            mx = _mm512_mask_max_ps(mx, in, mx, _mm512_loadu_ps(sr + t));
+    const int64_t r = row % 16;
+    int64_t seen = pos + 1 - t0;  /* tokens of the block this row sees */
+    seen = seen < 0 ? 0 : seen > tokens ? tokens : seen;
+    const float *sr = scores + r * CHUNK_KV;
+    uint16_t *pr = s->p + r * CHUNK_KV;
+    __m512 mx[4];  /* four chains of maxes: one would wait on each max's latency */
+    for (int i = 0; i < 4; i++) mx[i] = _mm512_set1_ps(-FLT_MAX);
+    int64_t t = 0;
+    for (; t + 64 <= seen; t += 64)
+        for (int i = 0; i < 4; i++) mx[i] = _mm512_max_ps(mx[i], _mm512_loadu_ps(sr + t + 16 * i));
+    for (; t < seen; t += 16)
+        mx[0] = _mm512_mask_max_ps(mx[0], chunk_lanes(seen - t), mx[0], _mm512_loadu_ps(sr + t));
+    const float m_old = s->m[row];
+    float m_new = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]))) * j->c;
+    m_new = m_new > m_old ? m_new : m_old;
+    const __m512 m = _mm512_set1_ps(m_new), unseen = _mm512_set1_ps(-1000.0f);  /* 2^-1000: 0 */
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t < tokens; t += 32) {  /* two vectors, rounded to bf16 in one instruction */
+        __m512 x0 = _mm512_fmsub_ps(_mm512_loadu_ps(sr + t), c, m);
+        __m512 x1 = _mm512_fmsub_ps(_mm512_loadu_ps(sr + t + 16), c, m);
+        if (seen - t < 32) {
+            x0 = _mm512_mask_blend_ps(chunk_lanes(seen - t), unseen, x0);
+            x1 = _mm512_mask_blend_ps(chunk_lanes(seen - t - 16), unseen, x1);
         }
-        const float m_old = s->m[row];
-        float m_new = _mm512_reduce_max_ps(mx) * j->c;
-        m_new = m_new > m_old ? m_new : m_old;
-        const __m512 m = _mm512_set1_ps(m_new);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < tokens; t += 16) {
-            const __mmask16 in = seen - t >= 16 ? 0xFFFF : seen - t <= 0 ? 0 : (__mmask16)((1u << (seen - t)) - 1);
-            const __m512 x = _mm512_maskz_mov_ps(in, _mm512_fmsub_ps(_mm512_loadu_ps(sr + t), c, m));
-            const __m512 p = _mm512_maskz_mov_ps(in, chunk_exp2(x));
-            sum = _mm512_add_ps(sum, p);
-            _mm256_storeu_si256((void *)(pr + t), (__m256i)_mm512_cvtneps_pbh(p));
-        }
-        const float alpha = _mm512_cvtss_f32(chunk_exp2(_mm512_set1_ps(m_old - m_new)));
-        s->l[row] = s->l[row] * alpha + _mm512_reduce_add_ps(sum);
-        s->m[row] = m_new;
-        if (alpha != 1.0f) {
-            float *o = s->o + row * CHUNK_D;
-            const __m512 a = _mm512_set1_ps(alpha);
-            for (int d = 0; d < CHUNK_D; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), a));
-        }
+        const __m512 p0 = chunk_exp2(x0), p1 = chunk_exp2(x1);
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        _mm512_storeu_si512(pr + t, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     }
+    if (m_new == m_old) {
+        s->l[row] += _mm512_reduce_add_ps(sum);
+        return;
+    }
+    const __m512 alpha = chunk_exp2(_mm512_set1_ps(m_old - m_new));
+    s->l[row] = s->l[row] * _mm512_cvtss_f32(alpha) + _mm512_reduce_add_ps(sum);
+    s->m[row] = m_new;
+    float *o = s->o + row * CHUNK_D;
+    for (int d = 0; d < CHUNK_D; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), alpha));
 }
 
 /* Row group g's outputs += its weights s->p [16][tokens] times the block's values: tiles 0-3 a half of the outputs'
@@ -214,6 +226,15 @@ CHUNK_FN void chunk_values(struct chunk_scratch *s, int64_t g, int64_t tokens) {
     }
 }
 
+/* The tokens of the block at t0 (`left` of them) that row group g multiplies: up to its last query's, in steps of
+ * 64; 0 where that query is before the block */
+CHUNK_FN int64_t chunk_tokens(const int64_t *pos, int64_t rows, int64_t g, int64_t t0, int64_t left) {
+    const int64_t last = pos[g * 16 + 15 < rows ? g * 16 + 15 : rows - 1];
+    if (last < t0) return 0;
+    const int64_t seen = last + 1 - t0 < left ? last + 1 - t0 : left;
+    return (seen + 63) / 64 * 64;
+}
+
 /* Unit u: the KV head u % Hkv's rows of block u / Hkv of queries, the last blocks first (the most work). */
 CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scratch *s) {
     const int64_t h = u % j->Hkv, block = j->blocks_of_queries - 1 - u / j->Hkv;
@@ -237,15 +258,20 @@ CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scra
     const int64_t end = pos[rows - 1] + 1;  /* the unit's last query sees this many tokens */
     for (int64_t t0 = 0; t0 < end; t0 += CHUNK_KV) {
         const int64_t left = end - t0 < CHUNK_KV ? end - t0 : CHUNK_KV;
-        chunk_pack(j, s, h, t0, (left + 31) / 32 * 32, end);
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t last = pos[g * 16 + 15 < rows ? g * 16 + 15 : rows - 1];  /* the group's last query */
-            if (last < t0) continue;
-            const int64_t seen = last + 1 - t0 < left ? last + 1 - t0 : left;
-            const int64_t tokens = (seen + 31) / 32 * 32;
-            chunk_scores(s, g, tokens);
-            chunk_softmax(j, s, pos, g, t0, tokens);
+        chunk_pack(j, s, h, t0, (left + 63) / 64 * 64, end);
+        /* Group by group, each group's softmax (vector instructions) taking turns with the next group's scores
+         * (tiles), so that both run at once, then its weighted values */
+        int64_t g = 0, tokens = 0;
+        while (!(tokens = chunk_tokens(pos, rows, g, t0, left))) g++;
+        for (int64_t step = 0; step < tokens / 64; step++) chunk_scores(s, g, s->s[g % 2], step);
+        for (; g < groups; g++) {
+            const int64_t next = g + 1 < groups ? chunk_tokens(pos, rows, g + 1, t0, left) : 0;
+            for (int64_t r = 0; r < 16; r++) {
+                chunk_softmax(j, s, s->s[g % 2], g * 16 + r, pos[g * 16 + r], t0, tokens);
+                if (r % 4 == 3 && r / 4 < next / 64) chunk_scores(s, g + 1, s->s[(g + 1) % 2], r / 4);
+            }
             chunk_values(s, g, tokens);
+            tokens = next;
         }
     }
     for (int64_t row = 0; row < rows; row++) {
