@@ -13,7 +13,8 @@ prompt token, as an evaluation harness asks for it), and transformers' turn scor
 logits, log-softmax, the prompt tokens' logprobs).
 
     .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
-        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel|chunk-kernel] [--scoring] [--skip-hf]
+        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel|chunk-kernel] [--scoring]
+        [--skip-hf]
 
 The engine runs with its default chunk (max_num_batched_tokens) and no prefix cache; each turn's
 prompt differs from the first token on. Times are medians of --repeats turns.
