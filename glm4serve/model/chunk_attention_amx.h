@@ -7,10 +7,12 @@
  * of work is CHUNK_ROWS of them over its KV head's context, a kv block of CHUNK_KV tokens at a time:
  * - the block's keys and values are packed once into the layouts tiles B want (keys transposed into pairs of
  *   elements by token, values into pairs of tokens by element), then serve all the unit's rows from L2;
+ * - two row groups at a time, so that each tile loaded (from L2, the keys' and values') serves two products: with
+ *   one, the loads rather than the products bounded the tiles' part (1.06-1.11x);
  * - scores: the rows' queries are tiles A (16 rows x 32 elements) against the packed keys, 16 tokens a tile of sums;
  * - the softmax runs by row along the block's scores (base 2, the scale times log2 e folded in), each row's weights
- *   rounded to bf16 into P [16][CHUNK_KV], which is tile A of the values' product as it lies; the output rows
- *   [16][128] (fp32, in memory) are rescaled once a block, where their max grew;
+ *   rounded to bf16 into the first half of its scores' row, tile A of the values' product as it lies; the output
+ *   rows [16][128] (fp32, in memory) are rescaled once a block, where their max grew;
  * - each query sees the tokens up to its own (the chunk is the context's last n tokens): past it the weights are 0,
  *   and a row group stops at its last query's token. */
 
@@ -19,16 +21,15 @@
 #define CHUNK_D 128     /* the head size */
 #define CHUNK_FN static inline __attribute__((always_inline, target(ISA)))
 
-/* Per thread: the unit's queries by row, outputs, maxes and sums; a kv block's packed keys and values; one row
- * group's scores and weights; a row of zeros for the tokens past the context. */
+/* Per thread: the unit's queries by row, outputs, maxes and sums; a kv block's packed keys and values; a pair of
+ * row groups' scores and weights; a row of zeros for the tokens past the context. */
 struct __attribute__((aligned(64))) chunk_scratch {
     uint16_t qrows[CHUNK_ROWS * CHUNK_D];
     float o[CHUNK_ROWS * CHUNK_D];
     float m[CHUNK_ROWS], l[CHUNK_ROWS];
     uint32_t kp[CHUNK_KV / 16 * CHUNK_D / 32 * 256];  /* [16-token step][32-element slice][16 pairs][16 tokens] */
     uint32_t vp[CHUNK_KV / 32 * CHUNK_D / 16 * 256];  /* [32-token step][16-element slice][16 token pairs][16] */
-    float s[2][16 * CHUNK_KV];  /* two row groups' scores: one's softmax runs while the next's are multiplied */
-    uint16_t p[16 * CHUNK_KV];
+    float s[2][16 * CHUNK_KV];  /* a pair of row groups' scores, then their weights (bf16, each row's first half) */
     uint16_t zeros[CHUNK_D];
 };
 
@@ -122,47 +123,47 @@ CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int
         }
 }
 
-/* Row group g's scores for the block's tokens [64 step, 64 step + 64) into scores [16][CHUNK_KV]: tiles 0-3 the
- * sums of four 16-token steps (four chains of products, as the tiles' latency wants), 4 a 32-element slice of the
- * queries, 5-7 the keys. */
-CHUNK_FN void chunk_scores(const struct chunk_scratch *s, int64_t g, float *scores, int64_t step) {
-    const uint16_t *q = s->qrows + g * 16 * CHUNK_D;
-    const uint32_t *k = s->kp + 4 * step * (CHUNK_D / 32) * 256;  /* tile (16-token step i, slice c): (4 i + c) */
+/* Row groups g and g + 1's scores for the block's tokens [32 step, 32 step + 32) into s->s[0] and s->s[1]: tiles
+ * 0-3 the sums (group, 16-token half), 4-5 a 32-element slice of each group's queries, 6-7 of each half's keys:
+ * each tile loaded serves two products. */
+CHUNK_FN void chunk_scores(struct chunk_scratch *s, int64_t g, int64_t step) {
+    const uint16_t *q0 = s->qrows + g * 16 * CHUNK_D, *q1 = q0 + 16 * CHUNK_D;
+    const uint32_t *k = s->kp + 2 * step * (CHUNK_D / 32) * 256;  /* tile (16-token half i, slice c): 4 i + c */
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-#define CHUNK_SLICE(c)                                 \
-    _tile_loadd(4, q + 32 * (c), CHUNK_D * 2);         \
-    _tile_loadd(5, k + (0 + (c)) * 256, 64);           \
-    _tile_dpbf16ps(0, 4, 5);                           \
-    _tile_loadd(6, k + (4 + (c)) * 256, 64);           \
-    _tile_dpbf16ps(1, 4, 6);                           \
-    _tile_loadd(7, k + (8 + (c)) * 256, 64);           \
-    _tile_dpbf16ps(2, 4, 7);                           \
-    _tile_loadd(5, k + (12 + (c)) * 256, 64);          \
-    _tile_dpbf16ps(3, 4, 5);
+#define CHUNK_SLICE(c)                         \
+    _tile_loadd(4, q0 + 32 * (c), CHUNK_D * 2); \
+    _tile_loadd(6, k + (c) * 256, 64);         \
+    _tile_dpbf16ps(0, 4, 6);                   \
+    _tile_loadd(5, q1 + 32 * (c), CHUNK_D * 2); \
+    _tile_dpbf16ps(2, 5, 6);                   \
+    _tile_loadd(7, k + (4 + (c)) * 256, 64);   \
+    _tile_dpbf16ps(1, 4, 7);                   \
+    _tile_dpbf16ps(3, 5, 7);
     CHUNK_SLICE(0)
     CHUNK_SLICE(1)
     CHUNK_SLICE(2)
     CHUNK_SLICE(3)
 #undef CHUNK_SLICE
-    _tile_stored(0, scores + step * 64, CHUNK_KV * 4);
-    _tile_stored(1, scores + step * 64 + 16, CHUNK_KV * 4);
-    _tile_stored(2, scores + step * 64 + 32, CHUNK_KV * 4);
-    _tile_stored(3, scores + step * 64 + 48, CHUNK_KV * 4);
+    _tile_stored(0, s->s[0] + step * 32, CHUNK_KV * 4);
+    _tile_stored(1, s->s[0] + step * 32 + 16, CHUNK_KV * 4);
+    _tile_stored(2, s->s[1] + step * 32, CHUNK_KV * 4);
+    _tile_stored(3, s->s[1] + step * 32 + 16, CHUNK_KV * 4);
 }
 
-/* One row's softmax over the block at t0 (its first `tokens` scores, row r of scores [16][CHUNK_KV]): its weights
- * into row r of s->p (0 past its query's token), its max and sum carried on, its outputs rescaled where the max grew. */
-CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, const float *scores, int64_t row,
+/* One row's softmax over the block at t0 (its first `tokens` scores, row r of scores [16][CHUNK_KV]): its weights,
+ * bf16, into the row's first half (0 past its query's token; each 32 written after their scores and the next 32's
+ * are read), its max and sum carried on, its outputs rescaled where the max grew. */
+CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, float *scores, int64_t row,
                             int64_t pos, int64_t t0, int64_t tokens) {
     const __m512 c = _mm512_set1_ps(j->c);
     const int64_t r = row % 16;
     int64_t seen = pos + 1 - t0;  /* tokens of the block this row sees */
     seen = seen < 0 ? 0 : seen > tokens ? tokens : seen;
     const float *sr = scores + r * CHUNK_KV;
-    uint16_t *pr = s->p + r * CHUNK_KV;
+    uint16_t *pr = (uint16_t *)(scores + r * CHUNK_KV);
     __m512 mx[4];  /* four chains of maxes: one would wait on each max's latency */
     for (int i = 0; i < 4; i++) mx[i] = _mm512_set1_ps(-FLT_MAX);
     int64_t t = 0;
@@ -197,42 +198,43 @@ CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, 
     for (int d = 0; d < CHUNK_D; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), alpha));
 }
 
-/* Row group g's outputs += its weights s->p [16][tokens] times the block's values: tiles 0-3 a half of the outputs'
- * 128 elements, 4 the weights of 32 tokens, 5-7 their values. */
+/* Row groups g and g + 1's outputs += their weights (s->s, bf16, [16][tokens] in rows of CHUNK_KV floats) times the
+ * block's values, a quarter of the outputs' 128 elements at a time: tiles 0-3 the outputs (group, 16 elements),
+ * 4-5 each group's weights of 32 tokens, 6-7 each 16 elements' values: each tile loaded serves two products. */
 CHUNK_FN void chunk_values(struct chunk_scratch *s, int64_t g, int64_t tokens) {
-    float *o = s->o + g * 16 * CHUNK_D;
-    for (int half = 0; half < 2; half++) {
-        float *oh = o + half * 64;
-        _tile_loadd(0, oh, CHUNK_D * 4);
-        _tile_loadd(1, oh + 16, CHUNK_D * 4);
-        _tile_loadd(2, oh + 32, CHUNK_D * 4);
-        _tile_loadd(3, oh + 48, CHUNK_D * 4);
+    float *o0 = s->o + g * 16 * CHUNK_D, *o1 = o0 + 16 * CHUNK_D;
+    const uint16_t *p0 = (const uint16_t *)s->s[0], *p1 = (const uint16_t *)s->s[1];
+    for (int quarter = 0; quarter < 4; quarter++) {
+        const int e = quarter * 32;
+        _tile_loadd(0, o0 + e, CHUNK_D * 4);
+        _tile_loadd(1, o0 + e + 16, CHUNK_D * 4);
+        _tile_loadd(2, o1 + e, CHUNK_D * 4);
+        _tile_loadd(3, o1 + e + 16, CHUNK_D * 4);
         for (int64_t step = 0; step < tokens / 32; step++) {
-            const uint32_t *v = s->vp + (step * (CHUNK_D / 16) + half * 4) * 256;
-            _tile_loadd(4, s->p + step * 32, CHUNK_KV * 2);
-            _tile_loadd(5, v, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, v + 256, 64);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(7, v + 512, 64);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_loadd(5, v + 768, 64);
-            _tile_dpbf16ps(3, 4, 5);
+            const uint32_t *v = s->vp + (step * (CHUNK_D / 16) + quarter * 2) * 256;
+            _tile_loadd(4, p0 + step * 32, CHUNK_KV * 4);
+            _tile_loadd(6, v, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, p1 + step * 32, CHUNK_KV * 4);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(7, v + 256, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
         }
-        _tile_stored(0, oh, CHUNK_D * 4);
-        _tile_stored(1, oh + 16, CHUNK_D * 4);
-        _tile_stored(2, oh + 32, CHUNK_D * 4);
-        _tile_stored(3, oh + 48, CHUNK_D * 4);
+        _tile_stored(0, o0 + e, CHUNK_D * 4);
+        _tile_stored(1, o0 + e + 16, CHUNK_D * 4);
+        _tile_stored(2, o1 + e, CHUNK_D * 4);
+        _tile_stored(3, o1 + e + 16, CHUNK_D * 4);
     }
 }
 
 /* The tokens of the block at t0 (`left` of them) that row group g multiplies: up to its last query's, in steps of
- * 64; 0 where that query is before the block */
+ * 32; 0 where that query is before the block */
 CHUNK_FN int64_t chunk_tokens(const int64_t *pos, int64_t rows, int64_t g, int64_t t0, int64_t left) {
     const int64_t last = pos[g * 16 + 15 < rows ? g * 16 + 15 : rows - 1];
     if (last < t0) return 0;
     const int64_t seen = last + 1 - t0 < left ? last + 1 - t0 : left;
-    return (seen + 63) / 64 * 64;
+    return (seen + 31) / 32 * 32;
 }
 
 /* Unit u: the KV head u % Hkv's rows of block u / Hkv of queries, the last blocks first (the most work). */
@@ -240,7 +242,8 @@ CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scra
     const int64_t h = u % j->Hkv, block = j->blocks_of_queries - 1 - u / j->Hkv;
     const int64_t q0 = block * j->queries_per_unit;
     const int64_t nq = j->n - q0 < j->queries_per_unit ? j->n - q0 : j->queries_per_unit;
-    const int64_t rows = nq * j->G, groups = (rows + 15) / 16;
+    /* pairs of row groups (CHUNK_ROWS a multiple of 32): an odd last group's pair is padding rows */
+    const int64_t rows = nq * j->G, groups = (rows + 31) / 32 * 2;
     int64_t pos[CHUNK_ROWS];  /* each row's query's token: it sees the tokens up to there (-1: a padding row) */
     for (int64_t row = 0; row < groups * 16; row++) {
         uint16_t *qr = s->qrows + row * CHUNK_D;
@@ -258,20 +261,13 @@ CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scra
     const int64_t end = pos[rows - 1] + 1;  /* the unit's last query sees this many tokens */
     for (int64_t t0 = 0; t0 < end; t0 += CHUNK_KV) {
         const int64_t left = end - t0 < CHUNK_KV ? end - t0 : CHUNK_KV;
-        chunk_pack(j, s, h, t0, (left + 63) / 64 * 64, end);
-        /* Group by group, each group's softmax (vector instructions) taking turns with the next group's scores
-         * (tiles), so that both run at once, then its weighted values */
-        int64_t g = 0, tokens = 0;
-        while (!(tokens = chunk_tokens(pos, rows, g, t0, left))) g++;
-        for (int64_t step = 0; step < tokens / 64; step++) chunk_scores(s, g, s->s[g % 2], step);
-        for (; g < groups; g++) {
-            const int64_t next = g + 1 < groups ? chunk_tokens(pos, rows, g + 1, t0, left) : 0;
-            for (int64_t r = 0; r < 16; r++) {
-                chunk_softmax(j, s, s->s[g % 2], g * 16 + r, pos[g * 16 + r], t0, tokens);
-                if (r % 4 == 3 && r / 4 < next / 64) chunk_scores(s, g + 1, s->s[(g + 1) % 2], r / 4);
-            }
+        chunk_pack(j, s, h, t0, (left + 31) / 32 * 32, end);
+        for (int64_t g = 0; g < groups; g += 2) {  /* pairs of row groups */
+            const int64_t tokens = chunk_tokens(pos, rows, g + 1, t0, left);  /* the later group's */
+            if (!tokens) continue;
+            for (int64_t step = 0; step < tokens / 32; step++) chunk_scores(s, g, step);
+            for (int64_t r = 0; r < 32; r++) chunk_softmax(j, s, s->s[r / 16], g * 16 + r, pos[g * 16 + r], t0, tokens);
             chunk_values(s, g, tokens);
-            tokens = next;
         }
     }
     for (int64_t row = 0; row < rows; row++) {
