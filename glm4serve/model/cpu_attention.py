@@ -22,11 +22,11 @@ with PyTorch's: there spans past SHORT_SPAN_QUERIES keep PyTorch's way (short_sp
 with AMX (unmeasured). bf16 spans on CPUs with AMX-BF16 (amx_spans), where PyTorch's SDPA multiplies a span's
 scores on AMX tiles: the AVX-512 BF16 build lost to it at every span length (0.2-0.7x). There the AMX build's chunk
 kernel (chunk_attention_amx.h: tiles of 16 rows of a query and head, a kv block's keys and values packed once for
-all of a unit's rows) takes the spans of glm-4-9b's and the 1M variant's heads, any length from 2 queries on:
-against PyTorch's way 1.6-2.2x on 2,048-token chunks, 2-6x on drafts and short chunks, and 1.0-3.3x the decode
-kernel's AMX build (BENCHMARKS.md, "Prompt chunks on AMX tiles"). Spans of other heads take the decode kernel's
-AMX build up to AMX_SPAN_QUERIES (each query multiplies its own tiles: longer spans lost, 0.45-1.0x), and with no
-AMX build they all keep PyTorch's way.
+all of a unit's rows) takes the spans of glm-4-9b's and the 1M variant's heads, of any length that gives each
+thread a row group (chunk_takes): against PyTorch's way 2.0-2.5x on prompt chunks of 256-2,048 queries, 2-6x on
+drafts and short chunks, and 1.4-4.6x the decode kernel's AMX build (BENCHMARKS.md, "Prompt chunks on AMX tiles").
+Spans of other heads take the decode kernel's AMX build up to AMX_SPAN_QUERIES (each query multiplies its own
+tiles: longer spans lost, 0.45-1.0x), and with no AMX build they all keep PyTorch's way.
 
 Its builds: AMX's (Sapphire Rapids and later Xeons) multiplies bf16 caches on AMX-BF16 tiles: there a layer 1.6-3.1x
 PyTorch's way and, from 2K tokens, 2.2-2.5x the AVX-512 BF16 build (bound by its vdpbf16ps); the 40-layer int4 step
@@ -54,7 +54,7 @@ MAX_SPLITS = 64  # and its MAX_SPLITS
 MAX_SPAN_QUERIES = 64  # and its MAX_SPAN: one sequence's queries in a call
 SHORT_SPAN_QUERIES = 64  # the longest span the kernel takes where short_spans_only() (module docstring)
 UNFILLED_SPAN_QUERIES = 8  # and where a KV head's group fills under a vector's lanes
-AMX_SPAN_QUERIES = 32  # the longest bf16 span the AMX build takes on an AMX CPU (amx_spans)
+AMX_SPAN_QUERIES = 32  # the longest bf16 span the AMX build takes on an AMX CPU (amx_spans) outside chunk_takes
 CHUNK_HEAD_DIM = 128  # the head size of chunk_attention_amx.h (CHUNK_D)
 CALL_QUERIES = 1024  # a long span's sub-spans go this many queries a call, which bounds the call's scratch
 UNITS_PER_THREAD = 8  # a sequence's context is split until a batch has this many units of work a thread
