@@ -8,7 +8,9 @@
  * - the block's keys and values are packed once into the layouts tiles B want (keys transposed into pairs of
  *   elements by token, values into pairs of tokens by element), then serve all the unit's rows from L2;
  * - two row groups at a time, so that each tile loaded (from L2, the keys' and values') serves two products: with
- *   one, the loads rather than the products bounded the tiles' part (1.06-1.11x);
+ *   one, the loads rather than the products bounded the tiles' part (1.07-1.10x);
+ * - a pair's softmax (vector instructions) takes turns with the next pair's scores (tiles), so that both run at once
+ *   (1.05-1.08x); parts that follow each other in the code ran one after the other;
  * - scores: the rows' queries are tiles A (16 rows x 32 elements) against the packed keys, 16 tokens a tile of sums;
  * - the softmax runs by row along the block's scores (base 2, the scale times log2 e folded in), each row's weights
  *   rounded to bf16 into the first half of its scores' row, tile A of the values' product as it lies; the output
@@ -21,7 +23,7 @@
 #define CHUNK_D 128     /* the head size */
 #define CHUNK_FN static inline __attribute__((always_inline, target(ISA)))
 
-/* Per thread: the unit's queries by row, outputs, maxes and sums; a kv block's packed keys and values; a pair of
+/* Per thread: the unit's queries by row, outputs, maxes and sums; a kv block's packed keys and values; two pairs of
  * row groups' scores and weights; a row of zeros for the tokens past the context. */
 struct __attribute__((aligned(64))) chunk_scratch {
     uint16_t qrows[CHUNK_ROWS * CHUNK_D];
@@ -29,7 +31,7 @@ struct __attribute__((aligned(64))) chunk_scratch {
     float m[CHUNK_ROWS], l[CHUNK_ROWS];
     uint32_t kp[CHUNK_KV / 16 * CHUNK_D / 32 * 256];  /* [16-token step][32-element slice][16 pairs][16 tokens] */
     uint32_t vp[CHUNK_KV / 32 * CHUNK_D / 16 * 256];  /* [32-token step][16-element slice][16 token pairs][16] */
-    float s[2][16 * CHUNK_KV];  /* a pair of row groups' scores, then their weights (bf16, each row's first half) */
+    float s[2][2][16 * CHUNK_KV];  /* [pair][group]: the scores, then the weights (bf16, each row's first half) */
     uint16_t zeros[CHUNK_D];
 };
 
@@ -123,10 +125,10 @@ CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int
         }
 }
 
-/* Row groups g and g + 1's scores for the block's tokens [32 step, 32 step + 32) into s->s[0] and s->s[1]: tiles
+/* Row groups g and g + 1's scores for the block's tokens [32 step, 32 step + 32) into out[0] and out[1]: tiles
  * 0-3 the sums (group, 16-token half), 4-5 a 32-element slice of each group's queries, 6-7 of each half's keys:
  * each tile loaded serves two products. */
-CHUNK_FN void chunk_scores(struct chunk_scratch *s, int64_t g, int64_t step) {
+CHUNK_FN void chunk_scores(struct chunk_scratch *s, float (*out)[16 * CHUNK_KV], int64_t g, int64_t step) {
     const uint16_t *q0 = s->qrows + g * 16 * CHUNK_D, *q1 = q0 + 16 * CHUNK_D;
     const uint32_t *k = s->kp + 2 * step * (CHUNK_D / 32) * 256;  /* tile (16-token half i, slice c): 4 i + c */
     _tile_zero(0);
@@ -147,10 +149,10 @@ CHUNK_FN void chunk_scores(struct chunk_scratch *s, int64_t g, int64_t step) {
     CHUNK_SLICE(2)
     CHUNK_SLICE(3)
 #undef CHUNK_SLICE
-    _tile_stored(0, s->s[0] + step * 32, CHUNK_KV * 4);
-    _tile_stored(1, s->s[0] + step * 32 + 16, CHUNK_KV * 4);
-    _tile_stored(2, s->s[1] + step * 32, CHUNK_KV * 4);
-    _tile_stored(3, s->s[1] + step * 32 + 16, CHUNK_KV * 4);
+    _tile_stored(0, out[0] + step * 32, CHUNK_KV * 4);
+    _tile_stored(1, out[0] + step * 32 + 16, CHUNK_KV * 4);
+    _tile_stored(2, out[1] + step * 32, CHUNK_KV * 4);
+    _tile_stored(3, out[1] + step * 32 + 16, CHUNK_KV * 4);
 }
 
 /* One row's softmax over the block at t0 (its first `tokens` scores, row r of scores [16][CHUNK_KV]): its weights,
@@ -198,12 +200,12 @@ CHUNK_FN void chunk_softmax(const struct chunk_job *j, struct chunk_scratch *s, 
     for (int d = 0; d < CHUNK_D; d += 16) _mm512_store_ps(o + d, _mm512_mul_ps(_mm512_load_ps(o + d), alpha));
 }
 
-/* Row groups g and g + 1's outputs += their weights (s->s, bf16, [16][tokens] in rows of CHUNK_KV floats) times the
+/* Row groups g and g + 1's outputs += their weights (w, bf16, [2][16][tokens] in rows of CHUNK_KV floats) times the
  * block's values, a quarter of the outputs' 128 elements at a time: tiles 0-3 the outputs (group, 16 elements),
  * 4-5 each group's weights of 32 tokens, 6-7 each 16 elements' values: each tile loaded serves two products. */
-CHUNK_FN void chunk_values(struct chunk_scratch *s, int64_t g, int64_t tokens) {
+CHUNK_FN void chunk_values(struct chunk_scratch *s, float (*w)[16 * CHUNK_KV], int64_t g, int64_t tokens) {
     float *o0 = s->o + g * 16 * CHUNK_D, *o1 = o0 + 16 * CHUNK_D;
-    const uint16_t *p0 = (const uint16_t *)s->s[0], *p1 = (const uint16_t *)s->s[1];
+    const uint16_t *p0 = (const uint16_t *)w[0], *p1 = (const uint16_t *)w[1];
     for (int quarter = 0; quarter < 4; quarter++) {
         const int e = quarter * 32;
         _tile_loadd(0, o0 + e, CHUNK_D * 4);
@@ -262,12 +264,18 @@ CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scra
     for (int64_t t0 = 0; t0 < end; t0 += CHUNK_KV) {
         const int64_t left = end - t0 < CHUNK_KV ? end - t0 : CHUNK_KV;
         chunk_pack(j, s, h, t0, (left + 31) / 32 * 32, end);
-        for (int64_t g = 0; g < groups; g += 2) {  /* pairs of row groups */
-            const int64_t tokens = chunk_tokens(pos, rows, g + 1, t0, left);  /* the later group's */
-            if (!tokens) continue;
-            for (int64_t step = 0; step < tokens / 32; step++) chunk_scores(s, g, step);
-            for (int64_t r = 0; r < 32; r++) chunk_softmax(j, s, s->s[r / 16], g * 16 + r, pos[g * 16 + r], t0, tokens);
-            chunk_values(s, g, tokens);
+        int64_t g = 0, tokens = 0;
+        while (!(tokens = chunk_tokens(pos, rows, g + 1, t0, left))) g += 2;
+        for (int64_t step = 0; step < tokens / 32; step++) chunk_scores(s, s->s[g / 2 % 2], g, step);
+        for (; g < groups; g += 2) {  /* pairs of row groups; the next pair's scores between this pair's softmax rows */
+            const int64_t next = g + 2 < groups ? chunk_tokens(pos, rows, g + 3, t0, left) : 0;
+            float (*w)[16 * CHUNK_KV] = s->s[g / 2 % 2], (*nw)[16 * CHUNK_KV] = s->s[(g / 2 + 1) % 2];
+            for (int64_t r = 0; r < 32; r++) {
+                chunk_softmax(j, s, w[r / 16], g * 16 + r, pos[g * 16 + r], t0, tokens);
+                if (r % 4 == 3 && r / 4 < next / 32) chunk_scores(s, nw, g + 2, r / 4);
+            }
+            chunk_values(s, w, g, tokens);
+            tokens = next;
         }
     }
     for (int64_t row = 0; row < rows; row++) {
