@@ -210,7 +210,7 @@ def chunk_takes(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     group = hq // kv_heads
     return (q.dtype == torch.bfloat16 and q.shape[-1] == CHUNK_HEAD_DIM and group * kv_heads == hq
             and 16 % group == 0 and k_cache.shape[1] % 16 == 0 and n * hq >= 16 * torch.get_num_threads()
-            and builds()[0] == "amx")
+            and builds()[:1] == ["amx"])
 
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
