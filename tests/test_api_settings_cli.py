@@ -315,3 +315,11 @@ def test_hf_overrides_from_the_command_line_the_environment_or_yaml(monkeypatch,
     for bad in ('["rope_scaling"]', "{not json"):
         with pytest.raises((ValidationError, ValueError)):
             cli.settings_from_args(cli.build_parser().parse_args(["serve", "--hf-overrides", bad]))
+
+
+def test_the_long_prefill_threshold_is_vllms_flag():
+    s = cli.settings_from_args(cli.build_parser().parse_args(["serve", "--long-prefill-token-threshold", "256"]))
+    assert s.scheduler_config(4096, "cpu").long_prefill_token_threshold == 256
+    assert ServerSettings().scheduler_config(4096, "cpu").long_prefill_token_threshold == 0  # vLLM's default
+    with pytest.raises(ValidationError):
+        cli.settings_from_args(cli.build_parser().parse_args(["serve", "--long-prefill-token-threshold", "-1"]))

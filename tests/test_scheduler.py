@@ -81,6 +81,53 @@ def test_long_prompt_is_chunked_and_never_stalls_decodes():
         assert s.output_token_ids == continuation(s.prompt_token_ids, 30)
 
 
+def test_long_prefill_threshold_caps_each_prompts_chunk():
+    """vLLM's long_prefill_token_threshold: each prompt takes at most that many tokens a step, a running
+    one's next chunk and a new one's first alike, while the decodes beside them keep their token a step;
+    the step's budget still bounds the whole."""
+    sched, pool, runner = setup(num_blocks=128, max_num_batched_tokens=16, long_prefill_token_threshold=8)
+    short = [make_seq(i, prompt_of(i, 5)) for i in range(2)]
+    for s in short:
+        sched.add([s])
+    out = sched.schedule()  # two 5-token prompts: under the threshold, whole
+    assert [s.num_tokens for s in out.scheduled] == [5, 5]
+    runner.run(out)
+    sched.on_step_done(out)
+    for s in short:
+        s.output_token_ids.append(continuation(s.all_token_ids, 1)[0])
+    longs = [make_seq(8, prompt_of(8, 30)), make_seq(9, prompt_of(9, 30))]
+    chunks: dict[int, list[int]] = {8: [], 9: []}
+
+    def check(step, out):
+        assert out.num_tokens <= 16
+        if step == 0:
+            for s in longs:
+                sched.add([s])
+        by_seq = {s.seq.seq_id: s for s in out.scheduled}
+        for s in short:
+            if not s.is_finished:
+                assert by_seq[s.seq_id].num_tokens == 1
+        for seq_id, c in chunks.items():
+            if seq_id in by_seq and by_seq[seq_id].start < 30:
+                assert by_seq[seq_id].num_tokens <= 8
+                c.append(by_seq[seq_id].num_tokens)
+
+    drive(sched, runner, {0: 12, 1: 12, 8: 2, 9: 2}, on_step=check)
+    # the first long prompt 8 a step; the second what the budget of 16 leaves beside 2 decodes and it, up to 8
+    assert chunks[8] == [8, 8, 8, 6]
+    assert chunks[9] == [6, 6, 6, 8, 4]
+    for s in longs:
+        assert s.output_token_ids == continuation(s.prompt_token_ids, 2)
+    assert pool.num_free == pool.num_blocks
+
+
+def test_without_a_threshold_a_prompt_takes_the_whole_budget():
+    sched, pool, runner = setup(num_blocks=128, max_num_batched_tokens=20)
+    seq = make_seq(0, prompt_of(0, 30))
+    sched.add([seq])
+    assert [s.num_tokens for s in sched.schedule().scheduled] == [20]
+
+
 def test_budget_and_seat_limits_hold_under_random_load():
     rng = random.Random(0)
     sched, pool, runner = setup(num_blocks=64, max_num_batched_tokens=24, max_num_seqs=5)

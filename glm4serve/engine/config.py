@@ -117,6 +117,10 @@ class EngineArgs(BaseModel):
         None, ge=1, description=f"most tokens in one engine step (the prefill chunk); default: {LARGE_GPU_STEP_TOKENS} "
                                 f"on a GPU of {LARGE_GPU_BYTES >> 30} GiB or more but an A100, else {STEP_TOKENS} "
                                 "(vLLM's server defaults)")
+    long_prefill_token_threshold: int = Field(
+        0, ge=0, description="most tokens of one prompt in a step, as vLLM's: a lower value shortens the steps that "
+                             "carry a long prompt's chunks, and so the wait of the sequences decoding beside it, at "
+                             "a little of that prompt's own time (0: no limit but the step's)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before")
     enforce_eager: bool = Field(False, description="GPU: run every step eagerly, without CUDA graphs")
     gemv_kernels: bool = Field(True, description="GPU: a one-sequence decode step's matrix products by "
@@ -180,6 +184,7 @@ class EngineArgs(BaseModel):
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=step_tokens(self, device),
                                max_model_len=max_model_len, block_size=self.block_size,
                                enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold,
                                speculative=self.speculative_config)
 
 
@@ -204,10 +209,12 @@ class SchedulerConfig:
     block_size: int
     enable_prefix_caching: bool
     policy: str  # EngineArgs.scheduling_policy
+    long_prefill_token_threshold: int  # most prompt tokens of one sequence a step (0: the budget's)
     speculative: SpeculativeConfig | None  # drafts for decoding sequences (speculative.py)
 
     def __post_init__(self):
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1:
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.block_size) < 1 \
+                or self.long_prefill_token_threshold < 0:
             raise ValueError(f"scheduler limits must be positive: {self}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"unknown scheduling policy {self.policy!r}")

@@ -7,6 +7,10 @@ Each step has a budget of `max_num_batched_tokens` query tokens, spent in this o
 3. waiting sequences are admitted first come first served, their prefill cut to what is left,
    so a 100K prompt never stalls the others' decode: it takes the leftover budget each step.
 
+A prompt's chunk is also at most `long_prefill_token_threshold` tokens (vLLM's, where it is set):
+the budget bounds a step's tokens, this how long a step with a prompt chunk in it keeps the decoding
+sequences waiting for their next token.
+
 KV blocks for a step's tokens are allocated here, at schedule time. When a sequence needs a block
 and none is free, the NEWEST running sequence not yet scheduled this step is preempted: its blocks
 are freed and it goes back to the front of the queue, to be recomputed later as one prefill over
@@ -244,7 +248,7 @@ class Scheduler:
                         budget -= 1
                     continue
                 # as much of its chunk as fits, making room from lower-ranked ones (`_victim`)
-                want = min(seq.num_tokens - seq.num_computed_tokens, budget,
+                want = min(seq.num_tokens - seq.num_computed_tokens, self._chunk_cap(budget),
                            rows if seq.needs_prompt_logits else budget)
                 if want == 0:
                     continue
@@ -385,7 +389,13 @@ class Scheduler:
         tokens of its first chunk."""
         hit = self._cached_prefix(seq)
         computed = len(hit) * self.pool.block_size
-        return hit, computed, min(seq.num_tokens - computed, budget, rows if seq.needs_prompt_logits else budget)
+        return hit, computed, min(seq.num_tokens - computed, self._chunk_cap(budget),
+                                  rows if seq.needs_prompt_logits else budget)
+
+    def _chunk_cap(self, budget: int) -> int:
+        """The most prompt tokens one sequence may take of what is left of the step's budget."""
+        cap = self.cfg.long_prefill_token_threshold
+        return min(budget, cap) if cap > 0 else budget
 
     def _blocks_short(self, hit: list[int], end: int, freed: frozenset[int] = frozenset()) -> int:
         """Free blocks missing for a sequence admitted with cached blocks `hit` to hold tokens [0, end),
