@@ -1,0 +1,123 @@
+"""What a long prompt costs the requests decoding beside it, and what --long-prefill-token-threshold buys
+them (CPU): on a slice of glm-4-9b-chat (its exact layer shapes, --layers of its 40, random bf16 weights,
+the checkpoint bench_prefill.py writes), for each threshold:
+- alone: the seconds to the first token of a --tokens prompt with nothing else running;
+- beside --decoders requests that decode: that prompt's time to its first token, and the decoders' gaps
+  between tokens while it prefills (the longest, the median) against their usual gap before it came.
+Each case a new prompt (no prefix cache); the thresholds take turns, --repeats rounds.
+
+    .venv/bin/python benchmarks/bench_long_prefill.py [--layers 40] [--mode int8] [--tokens 4096]
+        [--decoders 4] [--thresholds 0,512,256] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from glm4serve.engine.config import EngineArgs
+from glm4serve.engine.types import SamplingParams
+from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from glm4serve.server import build_llm_engine
+
+CACHE = Path.home() / ".cache" / "glm4serve"
+VOCAB = 2000  # ids the random checkpoint's small tokenizer accepts
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+PROMPTS = itertools.count()
+
+
+def prompt(n: int) -> list[int]:
+    g = torch.Generator().manual_seed(next(PROMPTS))
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+def alone(engine, n: int) -> float:
+    engine.add_request("alone", prompt(n), GREEDY)
+    t0 = time.perf_counter()
+    while engine.has_work:
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def beside_decoders(engine, n: int, decoders: int) -> dict:
+    """The prompt's first token and the decoders' gaps (seconds), the prompt arriving once they decode."""
+    forever = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for i in range(decoders):
+        engine.add_request(f"d{i}", prompt(32), forever)
+    last: dict[str, float] = {}
+    before: list[float] = []
+    for _ in range(6):  # every decoder past its prompt, then their usual gap
+        for o in engine.step():
+            now = time.perf_counter()
+            if o.request_id in last:
+                before.append(now - last[o.request_id])
+            last[o.request_id] = now
+    engine.add_request("long", prompt(n), GREEDY)
+    t0, first, during, steps = time.perf_counter(), None, [], 0
+    while first is None:
+        outs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id == "long":
+                first = now - t0
+            else:
+                during.append(now - last[o.request_id])
+                last[o.request_id] = now
+    for i in range(decoders):
+        engine.abort(f"d{i}")
+    while engine.has_work:
+        engine.step()
+    return {"first": first, "steps": steps, "usual": statistics.median(before), "max": max(during),
+            "median": statistics.median(during)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--mode", choices=["bf16", "int8", "int4"], default="int8")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--decoders", type=int, default=4)
+    ap.add_argument("--thresholds", default="0,512,256")
+    ap.add_argument("--repeats", type=int, default=1)
+    a = ap.parse_args()
+    thresholds = [int(t) for t in a.thresholds.split(",")]
+    path = CACHE / f"bench-prefill-9b-{a.layers}layers"
+    if not (path / "config.json").is_file():
+        write_random_checkpoint(path, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
+    engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16",
+                                         quantization=None if a.mode == "bf16" else a.mode,
+                                         kv_cache_memory="2GiB", enable_prefix_caching=False))
+    budget = engine.scheduler.cfg.max_num_batched_tokens
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.layers}-layer slice of glm-4-9b-chat, "
+          f"{a.mode}; a {a.tokens}-token prompt, {a.decoders} decoders; step budget {budget} tokens", flush=True)
+    for t in thresholds:  # warm-up: oneDNN compiles each chunk's shape the first time it meets it
+        engine.scheduler.cfg = dataclasses.replace(engine.scheduler.cfg, long_prefill_token_threshold=t)
+        alone(engine, min(t or budget, budget) + 16)
+    rows: dict[int, list[tuple[float, dict]]] = {t: [] for t in thresholds}
+    for _ in range(a.repeats):
+        for t in thresholds:
+            engine.scheduler.cfg = dataclasses.replace(engine.scheduler.cfg, long_prefill_token_threshold=t)
+            lone = alone(engine, a.tokens)
+            loaded = beside_decoders(engine, a.tokens, a.decoders)
+            rows[t].append((lone, loaded))
+            print(f"threshold {t}: alone {lone:.2f} s; beside the decoders {loaded['first']:.2f} s over "
+                  f"{loaded['steps']} steps, their gaps {loaded['max']:.2f} s longest / {loaded['median']:.2f} s "
+                  f"median against {loaded['usual']:.2f} s before", flush=True)
+    print("\n| threshold | alone (s) | beside the decoders (s) | decoders' longest gap (s) | their median gap (s) "
+          "| their usual gap (s) |\n|---|---|---|---|---|---|")
+    for t, runs in rows.items():
+        def col(f):
+            return " / ".join(f"{f(lone, loaded):.2f}" for lone, loaded in runs)
+        print(f"| {t or 'none'} | {col(lambda lone, _: lone)} | {col(lambda _, d: d['first'])} | "
+              f"{col(lambda _, d: d['max'])} | {col(lambda _, d: d['median'])} | {col(lambda _, d: d['usual'])} |")
+
+
+if __name__ == "__main__":
+    main()
