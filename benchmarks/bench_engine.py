@@ -30,6 +30,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
+from bench_long_prefill import beside_decoders  # noqa: E402 - benchmarks/ is the script's folder
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.engine import LLMEngine
 from glm4serve.engine.types import SamplingParams
@@ -112,42 +113,11 @@ def median_rate(work: float, timed, repeats: int) -> tuple[float, str]:
 
 
 def ttft_under_load(engine: LLMEngine, long_len: int, decoders: int, seed: int = 8) -> None:
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts(decoders, 32, seed=7)):
-        engine.add_request(f"bg{i}", p, params)
-    last_seen: dict[str, float] = {}
-    gaps_before: list[float] = []
-    for _ in range(10):  # warm: every decoder past its prefill
-        now_outs = engine.step()
-        now = time.perf_counter()
-        for o in now_outs:
-            if o.request_id in last_seen:
-                gaps_before.append(now - last_seen[o.request_id])
-            last_seen[o.request_id] = now
-    t0 = time.perf_counter()
-    engine.add_request("long", prompts(1, long_len, seed=seed)[0], SamplingParams(max_tokens=1, temperature=0.0))
-    ttft = None
-    gaps_during: list[float] = []
-    steps = 0
-    while ttft is None:
-        outs = engine.step()
-        steps += 1
-        now = time.perf_counter()
-        for o in outs:
-            if o.request_id == "long":
-                ttft = now - t0
-            else:
-                gaps_during.append(now - last_seen[o.request_id])
-                last_seen[o.request_id] = now
-    for i in range(decoders):
-        engine.abort(f"bg{i}")
-    while engine.has_work:
-        engine.step()
-    med = statistics.median(gaps_before)
-    print(f"TTFT of a {long_len}-token prompt with {decoders} requests decoding: {ttft * 1e3:.0f} ms "
-          f"over {steps} steps; decoders' token gap: median {med * 1e3:.1f} ms before, "
-          f"max {max(gaps_during) * 1e3:.1f} ms / median {statistics.median(gaps_during) * 1e3:.1f} ms during "
-          f"(stall {max(gaps_during) / med:.1f}x the usual gap)")
+    d = beside_decoders(engine, prompts(1, long_len, seed=seed)[0], prompts(decoders, 32, seed=7), warm_steps=10)
+    print(f"TTFT of a {long_len}-token prompt with {decoders} requests decoding: {d['first'] * 1e3:.0f} ms "
+          f"over {d['steps']} steps; decoders' token gap: median {d['usual'] * 1e3:.1f} ms before, "
+          f"max {d['max'] * 1e3:.1f} ms / median {d['median'] * 1e3:.1f} ms during "
+          f"(stall {d['max'] / d['usual']:.1f}x the usual gap)")
 
 
 def main():

@@ -3,11 +3,12 @@ them (CPU): on a slice of glm-4-9b-chat (its exact layer shapes, --layers of its
 the checkpoint bench_prefill.py writes), for each threshold:
 - alone: the seconds to the first token of a --tokens prompt with nothing else running;
 - beside --decoders requests that decode: that prompt's time to its first token, and the decoders' gaps
-  between tokens while it prefills (the longest, the median) against their usual gap before it came.
+  between tokens while it prefills (the longest, the median) against their usual gap before it came;
+- a --short-token prompt arriving once the long one has taken a step: its time to its first token.
 Each case a new prompt (no prefix cache); the thresholds take turns, --repeats rounds.
 
     .venv/bin/python benchmarks/bench_long_prefill.py [--layers 40] [--mode int8] [--tokens 4096]
-        [--decoders 4] [--thresholds 0,512,256] [--repeats 1]
+        [--decoders 4] [--thresholds 0,512,256] [--short 64] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -45,20 +46,35 @@ def alone(engine, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def beside_decoders(engine, n: int, decoders: int) -> dict:
-    """The prompt's first token and the decoders' gaps (seconds), the prompt arriving once they decode."""
+def short_behind(engine, n: int, short: int) -> float:
+    """Seconds to the first token of a `short`-token prompt that arrives once an `n`-token one has taken a step."""
+    engine.add_request("long", prompt(n), GREEDY)
+    engine.step()
+    engine.add_request("short", prompt(short), GREEDY)
+    t0, first = time.perf_counter(), None
+    while engine.has_work:
+        for o in engine.step():
+            if o.request_id == "short":
+                first = time.perf_counter() - t0
+    return first
+
+
+def beside_decoders(engine, long_ids: list[int], decoder_prompts: list[list[int]], warm_steps: int = 6) -> dict:
+    """A prompt arriving once requests of `decoder_prompts` decode (`warm_steps` after they came): seconds to its
+    first token and the steps it took, and the decoders' gaps between tokens (seconds): their usual one before it
+    came (the median), the longest and the median while it prefilled."""
     forever = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
-    for i in range(decoders):
-        engine.add_request(f"d{i}", prompt(32), forever)
+    for i, p in enumerate(decoder_prompts):
+        engine.add_request(f"d{i}", p, forever)
     last: dict[str, float] = {}
     before: list[float] = []
-    for _ in range(6):  # every decoder past its prompt, then their usual gap
+    for _ in range(warm_steps):  # every decoder past its prompt, then their usual gap
         for o in engine.step():
             now = time.perf_counter()
             if o.request_id in last:
                 before.append(now - last[o.request_id])
             last[o.request_id] = now
-    engine.add_request("long", prompt(n), GREEDY)
+    engine.add_request("long", long_ids, GREEDY)
     t0, first, during, steps = time.perf_counter(), None, [], 0
     while first is None:
         outs = engine.step()
@@ -70,7 +86,7 @@ def beside_decoders(engine, n: int, decoders: int) -> dict:
             else:
                 during.append(now - last[o.request_id])
                 last[o.request_id] = now
-    for i in range(decoders):
+    for i in range(len(decoder_prompts)):
         engine.abort(f"d{i}")
     while engine.has_work:
         engine.step()
@@ -85,6 +101,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--decoders", type=int, default=4)
     ap.add_argument("--thresholds", default="0,512,256")
+    ap.add_argument("--short", type=int, default=64, help="a prompt this long arrives behind the long one (0: none)")
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args()
     thresholds = [int(t) for t in a.thresholds.split(",")]
@@ -105,18 +122,21 @@ def main():
         for t in thresholds:
             engine.scheduler.cfg = dataclasses.replace(engine.scheduler.cfg, long_prefill_token_threshold=t)
             lone = alone(engine, a.tokens)
-            loaded = beside_decoders(engine, a.tokens, a.decoders)
+            loaded = beside_decoders(engine, prompt(a.tokens), [prompt(32) for _ in range(a.decoders)])
+            loaded["short"] = short_behind(engine, a.tokens, a.short) if a.short else float("nan")
             rows[t].append((lone, loaded))
             print(f"threshold {t}: alone {lone:.2f} s; beside the decoders {loaded['first']:.2f} s over "
                   f"{loaded['steps']} steps, their gaps {loaded['max']:.2f} s longest / {loaded['median']:.2f} s "
-                  f"median against {loaded['usual']:.2f} s before", flush=True)
+                  f"median against {loaded['usual']:.2f} s before; a {a.short}-token prompt behind it: first token "
+                  f"in {loaded['short']:.2f} s", flush=True)
     print("\n| threshold | alone (s) | beside the decoders (s) | decoders' longest gap (s) | their median gap (s) "
-          "| their usual gap (s) |\n|---|---|---|---|---|---|")
+          f"| their usual gap (s) | a {a.short}-token prompt behind it (s) |\n|---|---|---|---|---|---|---|")
     for t, runs in rows.items():
         def col(f):
             return " / ".join(f"{f(lone, loaded):.2f}" for lone, loaded in runs)
         print(f"| {t or 'none'} | {col(lambda lone, _: lone)} | {col(lambda _, d: d['first'])} | "
-              f"{col(lambda _, d: d['max'])} | {col(lambda _, d: d['median'])} | {col(lambda _, d: d['usual'])} |")
+              f"{col(lambda _, d: d['max'])} | {col(lambda _, d: d['median'])} | {col(lambda _, d: d['usual'])} | "
+              f"{col(lambda _, d: d['short'])} |")
 
 
 if __name__ == "__main__":
