@@ -123,22 +123,56 @@ def test_int8_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
     assert (got.double() - truth).abs().max() <= 1e-4 * truth.abs().max()
 
 
+@pytest.mark.parametrize("inputs", [128, 192])
 @pytest.mark.parametrize("rows", [1, 2, 100, int8_kernel.AMX_MAX_ROWS])
-def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, monkeypatch):
-    """One row: the VNNI kernel; 2 to AMX_MAX_ROWS - 1: the tiles (where the CPU has them); from there
-    the dequantized bf16 blocks. Each gives the product over the dequantized weights."""
+def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, inputs, monkeypatch):
+    """One row: the VNNI kernel; 2 to AMX_MAX_ROWS - 1: the tiles (where the CPU has them); from there the bf16
+    tiles of int8_tiles_gemm where the CPU has AMX-BF16 and the inputs are at most TILES_MAX_INPUTS (here 128),
+    else the dequantized bf16 blocks. Each gives the product over the dequantized weights."""
     if int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here (or no VNNI kernel): int8 batches take the other paths")
+    monkeypatch.setattr(int8_kernel, "TILES_MAX_INPUTS", 128)
     calls = []
-    for name in ("int8_matmul", "int8_amx_matmul", "blockwise_matmul"):
+    for name in ("int8_matmul", "int8_amx_matmul", "int8_tiles_matmul", "blockwise_matmul"):
         real = getattr(int8_kernel, name)
         monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    lin = Int8Linear(128, 96, bias=False, dtype=torch.float32)
-    lin.load_weight_rows(0, 96, torch.randn(96, 128))
-    x = torch.randn(rows, 128)
+    lin = Int8Linear(inputs, 96, bias=False, dtype=torch.float32)
+    lin.load_weight_rows(0, 96, torch.randn(96, inputs))
+    x = torch.randn(rows, inputs)
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
-    assert calls == [{1: "int8_matmul", int8_kernel.AMX_MAX_ROWS: "blockwise_matmul"}.get(rows, "int8_amx_matmul")]
+    many = "int8_tiles_matmul" if int8_kernel.tiles_available() and inputs <= 128 else "blockwise_matmul"
+    assert calls == [{1: "int8_matmul", int8_kernel.AMX_MAX_ROWS: many}.get(rows, "int8_amx_matmul")]
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (96, 64), (160, 4096), (4608, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rows", [int8_kernel.AMX_MAX_ROWS, 200, 513])
+def test_int8_tiles_kernel_is_the_bf16_product_of_the_dequantized_weights(shape, rows):
+    """int8_tiles_gemm: the weight dequantized as dequantize_bf16 has it, times the bf16 activations, summed in fp32
+    and rounded once: each output the float64 product's bf16 (or, at a rounding boundary the fp32 sums' order
+    decides, its neighbour), the same for any number of threads (each thread's own weight rows)."""
+    if not int8_kernel.tiles_available():
+        pytest.skip("no AMX-BF16 here (or no AMX-INT8 kernel): prefill products take the bf16 blocks")
+    n, k = shape
+    assert int8_kernel.tiles_fit(rows, n, k)
+    g = torch.Generator().manual_seed(n + k + rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    truth = x.double() @ int8_kernel.dequantize_bf16(q, scale).double().T
+    outs = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            outs.append(int8_kernel.int8_tiles_matmul(x, q, scale))
+        finally:
+            torch.set_num_threads(2)
+    got = outs[0]
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert torch.equal(outs[0], outs[1])
+    fp32_sums = 1e-5 * truth.abs().max()  # the sums' own rounding, which outputs near 0 show
+    assert ((got.double() - truth).abs() <= truth.abs() * 2**-8 + fp32_sums).all()  # within one bf16 step
+    assert (got != truth.to(torch.bfloat16)).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -65,32 +65,6 @@ CHUNK_FN __mmask16 chunk_lanes(int64_t seen) {
     return seen >= 16 ? 0xFFFF : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
 }
 
-/* 16 rows of 16 dwords transposed in place */
-CHUNK_FN void chunk_transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 8; i++) {  /* each 128-bit lane: pairs of rows' dwords */
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {  /* r[4i + b], lane L: rows 4i..4i+3 of column 4L + b */
-        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int b = 0; b < 4; b++) {  /* column 4L + b: lane L of r[b], r[4 + b], r[8 + b], r[12 + b] */
-        const __m512i lo01 = _mm512_shuffle_i32x4(r[b], r[4 + b], 0x44);
-        const __m512i lo23 = _mm512_shuffle_i32x4(r[b], r[4 + b], 0xEE);
-        const __m512i hi01 = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0x44);
-        const __m512i hi23 = _mm512_shuffle_i32x4(r[8 + b], r[12 + b], 0xEE);
-        t[b] = _mm512_shuffle_i32x4(lo01, hi01, 0x88);
-        t[4 + b] = _mm512_shuffle_i32x4(lo01, hi01, 0xDD);
-        t[8 + b] = _mm512_shuffle_i32x4(lo23, hi23, 0x88);
-        t[12 + b] = _mm512_shuffle_i32x4(lo23, hi23, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
-}
-
 /* Tokens [t0, t0 + tokens) (a multiple of 32) of KV head h into s->kp and s->vp; those from `end` on as zeros. */
 CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int64_t h, int64_t t0, int64_t tokens,
                          int64_t end) {
@@ -108,7 +82,7 @@ CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int
         for (int c = 0; c < CHUNK_D / 32; c++) {
             __m512i r[16];
             for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(krow[step * 16 + i] + c * 32);
-            chunk_transpose16(r);
+            transpose16_dwords(r);
             uint32_t *tile = s->kp + (step * (CHUNK_D / 32) + c) * 256;
             for (int i = 0; i < 16; i++) _mm512_store_si512(tile + i * 16, r[i]);
         }
