@@ -7,16 +7,18 @@ same engine with one thing switched off, taking turns:
 - compiled-rows: the norms and SwiGLU eager on any number of rows (cpu_runner.COMPILED_ROWS_MIN);
 - span-kernel: prompt chunks attend in PyTorch's query tiles, not decode_attention.c (cpu_attention.takes_span);
 - chunk-kernel: on a CPU with AMX-BF16, bf16 chunks without the AMX build's chunk kernel (cpu_attention.chunk_takes):
-  PyTorch's query tiles, as the rule before it had them.
+  PyTorch's query tiles, as the rule before it had them;
+- int8-tiles: on a CPU with AMX-BF16, int8 products of many rows through dequantized bf16 blocks and oneDNN, not
+  int8_amx.c's int8_tiles_gemm (int8_kernel.tiles_fit).
 With --scoring, each turn also scores a prompt of that length (prompt_logprobs=1: the logprob of every
 prompt token, as an evaluation harness asks for it), and transformers' turn scores it too (all positions'
 logits, log-softmax, the prompt tokens' logprobs).
 
     .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
-        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel|chunk-kernel] [--scoring]
-        [--skip-hf]
+        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel|chunk-kernel|int8-tiles]
+        [--scoring] [--skip-hf] [--threshold 0]
 
-The engine runs with its default chunk (max_num_batched_tokens) and no prefix cache; each turn's
+The engine runs with its default chunk (max_num_batched_tokens; --threshold caps it) and no prefix cache; each turn's
 prompt differs from the first token on. Times are medians of --repeats turns.
 """
 
@@ -32,7 +34,7 @@ import torch
 
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model import attention, cpu_attention, cpu_runner, glm4, quant
+from glm4serve.model import attention, cpu_attention, cpu_runner, glm4, int8_kernel, quant
 from glm4serve.model.cpu_linear import CpuLinear
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
@@ -43,7 +45,8 @@ QUANTIZATION = {"bf16": None, "int8": "int8", "int4": "int4"}
 SWITCHED_OFF = {"query-tile": (attention, "QUERY_TILE", 1 << 30),
                 "compiled-rows": (cpu_runner, "COMPILED_ROWS_MIN", 1 << 30),
                 "span-kernel": (cpu_attention, "takes_span", lambda n, q, k_cache: False),
-                "chunk-kernel": (cpu_attention, "chunk_takes", lambda n, q, k_cache: False)}  # module, name, value
+                "chunk-kernel": (cpu_attention, "chunk_takes", lambda n, q, k_cache: False),
+                "int8-tiles": (int8_kernel, "tiles_fit", lambda m, n, k: False)}  # module, name, value
 SPENT: collections.Counter = collections.Counter()  # seconds by part, for the turn being timed
 
 
@@ -96,6 +99,7 @@ def main():
     ap.add_argument("--ab", choices=sorted(SWITCHED_OFF))
     ap.add_argument("--scoring", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--threshold", type=int, default=0, help="long_prefill_token_threshold: chunks of at most this")
     a = ap.parse_args()
     lengths = [int(t) for t in a.tokens.split(",")]
     path = CACHE / f"bench-prefill-9b-{a.layers}layers"
@@ -106,7 +110,8 @@ def main():
           f"medians of {a.repeats} turns")
     for mode in a.modes.split(","):
         engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16", quantization=QUANTIZATION[mode],
-                                             kv_cache_memory="1GiB", enable_prefix_caching=False))
+                                             kv_cache_memory="1GiB", enable_prefix_caching=False,
+                                             long_prefill_token_threshold=a.threshold))
         ours_s(engine, prompt(256, -1))  # warm-up
         for n in lengths:
             times, parts = [], collections.Counter()
