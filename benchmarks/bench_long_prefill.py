@@ -18,17 +18,14 @@ import dataclasses
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from bench_prefill import VOCAB, slice_checkpoint  # noqa: E402 - benchmarks/ is the script's folder
 from glm4serve.server import build_llm_engine
 
-CACHE = Path.home() / ".cache" / "glm4serve"
-VOCAB = 2000  # ids the random checkpoint's small tokenizer accepts
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 PROMPTS = itertools.count()
 
@@ -105,9 +102,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args()
     thresholds = [int(t) for t in a.thresholds.split(",")]
-    path = CACHE / f"bench-prefill-9b-{a.layers}layers"
-    if not (path / "config.json").is_file():
-        write_random_checkpoint(path, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
+    path = slice_checkpoint(a.layers)
     engine = build_llm_engine(EngineArgs(model=str(path), dtype="bfloat16",
                                          quantization=None if a.mode == "bf16" else a.mode,
                                          kv_cache_memory="2GiB", enable_prefix_caching=False))

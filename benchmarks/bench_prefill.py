@@ -90,6 +90,14 @@ def hf_s(model, ids: list[int], scoring: bool = False) -> float:
         return time.perf_counter() - t0
 
 
+def slice_checkpoint(layers: int) -> Path:
+    """The slice of glm-4-9b-chat's first `layers` layers (random bf16 weights), written once into CACHE."""
+    path = CACHE / f"bench-prefill-9b-{layers}layers"
+    if not (path / "config.json").is_file():
+        write_random_checkpoint(path, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": layers})
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
@@ -102,9 +110,7 @@ def main():
     ap.add_argument("--threshold", type=int, default=0, help="long_prefill_token_threshold: chunks of at most this")
     a = ap.parse_args()
     lengths = [int(t) for t in a.tokens.split(",")]
-    path = CACHE / f"bench-prefill-9b-{a.layers}layers"
-    if not (path / "config.json").is_file():
-        write_random_checkpoint(path, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
+    path = slice_checkpoint(a.layers)
     count_time_by_part()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.layers}-layer slice of glm-4-9b-chat; "
           f"medians of {a.repeats} turns")

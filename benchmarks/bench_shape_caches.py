@@ -19,16 +19,13 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 from glm4serve.engine.async_engine import release_free_memory
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
-from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
+from bench_prefill import VOCAB, slice_checkpoint  # noqa: E402 - benchmarks/ is the script's folder
 from glm4serve.server import build_llm_engine
 
-CACHE = Path.home() / ".cache" / "glm4serve"
-VOCAB = 2000  # ids the random checkpoint's small tokenizer accepts
 
 
 def rss_mib() -> float:
@@ -54,9 +51,7 @@ def main():
     ap.add_argument("--lengths", default="192,1000", help="prompt lengths drawn without repeats from [lo, hi)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    path = CACHE / f"bench-prefill-9b-{a.layers}layers"
-    if not (path / "config.json").is_file():
-        write_random_checkpoint(path, **{**GLM4_9B_CHAT, "dtype": "bfloat16", "num_layers": a.layers})
+    path = slice_checkpoint(a.layers)
     engine = build_llm_engine(EngineArgs(
         model=str(path), dtype="bfloat16", quantization=None if a.quantization == "none" else a.quantization,
         kv_cache_memory="256MiB", enable_prefix_caching=False))

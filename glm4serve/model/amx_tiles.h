@@ -1,7 +1,8 @@
-/* What the AMX kernels (int8_amx.c, bf16_gemm.c, decode_attention.c's AMX build) share: Linux's permission for
- * the tile state, each thread's tile configuration, and a 16 x 16 transpose for the layouts tiles B want. Each includer is a library of its own (one translation unit): amx_request is
- * its exported symbol there. The AMX instructions are enabled by int8_amx.c's compile flags and, in
- * bf16_gemm.c, by each function's target attribute (configure_tiles carries its own). */
+/* What the AMX kernels (int8_amx.c, bf16_gemm.c, decode_attention.c's AMX build) share: Linux's permission for the
+ * tile state, each thread's tile configuration, and a 16 x 16 transpose for the layouts tiles B want. Each includer
+ * is a library of its own (one translation unit): amx_request is its exported symbol there. The AMX instructions
+ * are enabled by int8_amx.c's compile flags and, in bf16_gemm.c, by each function's target attribute
+ * (configure_tiles carries its own). */
 #ifndef GLM4SERVE_AMX_TILES_H
 #define GLM4SERVE_AMX_TILES_H
 #include <immintrin.h>

@@ -227,7 +227,8 @@ void int4_amx_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t
  * (16 rows x 32 inputs, 1 KiB, contiguous) in its own buffer, 1 MiB for 4,096 inputs, which stays in its L2 while
  * every activation row is multiplied with it: tiles 0-3 the sums (2 weight halves x 2 groups of 16 activation
  * rows), 4-5 the weights, 6-7 the activations (bf16 pairs, tile B: pack_bf16_pairs). The sums in fp32, rounded
- * to bf16 once, as oneDNN's bf16 product has them. int8_kernel.TILES_MAX_INPUTS bounds K, so that the block stays in L2. */
+ * to bf16 once, as oneDNN's bf16 product has them. int8_kernel.TILES_MAX_INPUTS bounds K, so that the block
+ * stays in L2. */
 #define TILES_ROWS 128
 #define TILES_ISA "amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"
 
