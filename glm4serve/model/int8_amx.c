@@ -23,6 +23,8 @@ static inline float bf16_to_float(uint16_t b) {
     return v.f;
 }
 
+#include "dequantized_tiles.h"  /* prefill chunks: int8 and int4 weights dequantized into bf16 tiles in L2 */
+
 /* Tiles 0-3, the kernels' sums, into memory. */
 static inline void store_sums(int32_t sums[4][16][16]) {
     _tile_stored(0, sums[0], 64);
@@ -215,113 +217,6 @@ void int4_amx_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N, int64_t
                 for (int v = 0; v < 4; v++)
                     _mm512_storeu_ps(y + m * N + t * 64 + v * 16,
                                      _mm512_mul_ps(_mm512_load_ps(acc[m] + v * 16), _mm512_set1_ps(xs[m])));
-        }
-        _tile_release();
-    }
-}
-
-/* Prefill chunks (int8_kernel.TILES_MIN_ROWS rows and more): int8 weights times bf16 activations on AMX-BF16 tiles.
- * There the products above (twice the tile products, for int16 activations) fall behind a bf16 product, which
- * needed the weight dequantized to bf16 in memory first (int8_kernel.blockwise_matmul), a pass of 3 bytes a weight
- * through memory at every chunk. Here each thread dequantizes TILES_ROWS weight rows at a time into tiles A
- * (16 rows x 32 inputs, 1 KiB, contiguous) in its own buffer, 1 MiB for 4,096 inputs, which stays in its L2 while
- * every activation row is multiplied with it: tiles 0-3 the sums (2 weight halves x 2 groups of 16 activation
- * rows), 4-5 the weights, 6-7 the activations (bf16 pairs, tile B: pack_bf16_pairs). The sums in fp32, rounded
- * to bf16 once, as oneDNN's bf16 product has them. int8_kernel.TILES_MAX_INPUTS bounds K, so that the block
- * stays in L2. */
-#define TILES_ROWS 128
-#define TILES_ISA "amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"
-
-/* x bf16 [M, K] -> [2 * ceil(M / 32)][K / 2][16] pairs of inputs, rows past M zero (an even number of groups of
-   16 rows, taken two at a time): row 16g + i's inputs 2p, 2p + 1 at [g][p][i]. K % 32 == 0. */
-__attribute__((target("avx512f"))) void pack_bf16_pairs(const uint32_t *x, int64_t M, int64_t K, uint32_t *out,
-                                                        int threads) {
-    const int64_t pairs = K / 2, groups = (M + 31) / 32 * 2;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < groups; g++)
-        for (int64_t p = 0; p < pairs; p += 16) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = g * 16 + i < M ? _mm512_loadu_si512(x + (g * 16 + i) * pairs + p) : _mm512_setzero_si512();
-            transpose16_dwords(r);
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + (g * pairs + p + i) * 16, r[i]);
-        }
-}
-
-/* Weight rows [n0, n0 + rows) dequantized (w * scale, rounded to bf16) into tiles A: [rows / 16][K / 32][16][32]. */
-static inline __attribute__((target(TILES_ISA))) void dequantize_tiles(const int8_t *w, const uint16_t *scale,
-                                                                       int64_t K, int64_t n0, int64_t rows,
-                                                                       uint16_t *tiles) {
-    for (int64_t r = 0; r < rows; r++) {
-        const __m512 s = _mm512_set1_ps(bf16_to_float(scale[n0 + r]));
-        const int8_t *row = w + (n0 + r) * K;
-        uint16_t *out = tiles + (r / 16 * (K / 32) * 16 + r % 16) * 32;
-        for (int64_t k = 0; k < K; k += 32, out += 512) {
-            const __m256i q = _mm256_loadu_si256((const void *)(row + k));
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-            _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s)));
-        }
-    }
-}
-
-/* Tile t's sums ([16 weight rows][16 activation rows], fp32, in memory) -> y's rows [m, m + rows), 16 columns. */
-static inline __attribute__((target(TILES_ISA))) void store_transposed(const float *sums, uint16_t *y, int64_t N,
-                                                                       int64_t rows) {
-    __m512i r[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(sums + 16 * i);
-    transpose16_dwords(r);
-    for (int64_t i = 0; i < rows; i++)
-        _mm256_storeu_si256((void *)(y + i * N), (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
-}
-
-/* The weight rows a thread dequantizes at a time: its buffer holds that many times K. */
-int int8_tiles_rows(void) { return TILES_ROWS; }
-
-/* y bf16 [M, N] = x @ (w * scale).T, xp = pack_bf16_pairs(x); N % 32 == 0, K % 32 == 0;
-   tiles: a bf16 buffer of threads * TILES_ROWS * K. Each thread takes its share of the weight's rows, 32 at a time. */
-__attribute__((target(TILES_ISA))) void int8_tiles_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K,
-                                                        const uint32_t *xp, int64_t M, uint16_t *y, uint16_t *tiles,
-                                                        int threads) {
-    const int64_t steps = K / 32, group = K / 2 * 16, pairs_of_groups = (M + 31) / 32;
-#pragma omp parallel num_threads(threads)
-    {
-        configure_tiles(16);
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t first = N / 32 * t / nt * 32, last = N / 32 * (t + 1) / nt * 32;
-        uint16_t *own = tiles + (int64_t)t * TILES_ROWS * K;
-        float sums[4][256] __attribute__((aligned(64)));
-        for (int64_t n0 = first; n0 < last; n0 += TILES_ROWS) {
-            const int64_t rows = last - n0 < TILES_ROWS ? last - n0 : TILES_ROWS;
-            dequantize_tiles(w, scale, K, n0, rows, own);
-            for (int64_t p = 0; p < pairs_of_groups; p++) {
-                const uint32_t *b0 = xp + 2 * p * group, *b1 = b0 + group;
-                for (int64_t j = 0; j < rows / 32; j++) {
-                    const uint16_t *a0 = own + 2 * j * steps * 512, *a1 = a0 + steps * 512;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t s = 0; s < steps; s++) {
-                        _tile_loadd(4, a0 + s * 512, 64);
-                        _tile_loadd(6, b0 + s * 256, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_loadd(5, a1 + s * 512, 64);
-                        _tile_dpbf16ps(1, 5, 6);
-                        _tile_loadd(7, b1 + s * 256, 64);
-                        _tile_dpbf16ps(2, 4, 7);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, sums[0], 64);
-                    _tile_stored(1, sums[1], 64);
-                    _tile_stored(2, sums[2], 64);
-                    _tile_stored(3, sums[3], 64);
-                    for (int q = 0; q < 4; q++) {  /* tile q: weight half q % 2, activation group q / 2 */
-                        const int64_t m = 32 * p + 16 * (q / 2), left = M - m < 16 ? M - m : 16;
-                        if (left > 0) store_transposed(sums[q], y + m * N + n0 + 32 * j + 16 * (q % 2), N, left);
-                    }
-                }
-            }
         }
         _tile_release();
     }
