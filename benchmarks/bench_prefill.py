@@ -9,13 +9,15 @@ same engine with one thing switched off, taking turns:
 - chunk-kernel: on a CPU with AMX-BF16, bf16 chunks without the AMX build's chunk kernel (cpu_attention.chunk_takes):
   PyTorch's query tiles, as the rule before it had them;
 - int8-tiles: on a CPU with AMX-BF16, int8 products of many rows through dequantized bf16 blocks and oneDNN, not
-  int8_amx.c's int8_tiles_gemm (int8_kernel.tiles_fit).
+  int8_amx.c's int8_tiles_gemm (int8_kernel.tiles_fit);
+- int4-tiles: the same for int4 (int8_kernel.int4_tiles_fit): int4_amx_gemm up to 160 rows, then the bf16 blocks.
 With --scoring, each turn also scores a prompt of that length (prompt_logprobs=1: the logprob of every
 prompt token, as an evaluation harness asks for it), and transformers' turn scores it too (all positions'
 logits, log-softmax, the prompt tokens' logprobs).
 
     .venv/bin/python benchmarks/bench_prefill.py [--layers 2] [--tokens 2048,8192,16384]
-        [--modes bf16,int8,int4] [--repeats 2] [--ab query-tile|compiled-rows|span-kernel|chunk-kernel|int8-tiles]
+        [--modes bf16,int8,int4] [--repeats 2]
+        [--ab query-tile|compiled-rows|span-kernel|chunk-kernel|int8-tiles|int4-tiles]
         [--scoring] [--skip-hf] [--threshold 0]
 
 The engine runs with its default chunk (max_num_batched_tokens; --threshold caps it) and no prefix cache; each turn's
@@ -46,7 +48,8 @@ SWITCHED_OFF = {"query-tile": (attention, "QUERY_TILE", 1 << 30),
                 "compiled-rows": (cpu_runner, "COMPILED_ROWS_MIN", 1 << 30),
                 "span-kernel": (cpu_attention, "takes_span", lambda n, q, k_cache: False),
                 "chunk-kernel": (cpu_attention, "chunk_takes", lambda n, q, k_cache: False),
-                "int8-tiles": (int8_kernel, "tiles_fit", lambda m, n, k: False)}  # module, name, value
+                "int8-tiles": (int8_kernel, "tiles_fit", lambda m, n, k: False),
+                "int4-tiles": (int8_kernel, "int4_tiles_fit", lambda m, n, k, group: False)}  # module, name, value
 SPENT: collections.Counter = collections.Counter()  # seconds by part, for the turn being timed
 
 

@@ -244,26 +244,32 @@ def test_blockwise_products_of_several_shapes_reuse_one_buffer(monkeypatch):
     assert len(buffers) == 1
 
 
-@pytest.mark.parametrize("cpu", ["vnni", "no-amx", "amx"])
+@pytest.mark.parametrize("cpu", ["vnni", "no-amx", "amx-int8", "amx"])
 @pytest.mark.parametrize("rows", sorted({1, 3, 4, 5, 6, int4_dequantize_min_rows() - 1, int4_dequantize_min_rows(),
+                                          int8_kernel.INT4_TILES_MIN_ROWS - 1, int8_kernel.INT4_TILES_MIN_ROWS,
                                           160, 161}))
 def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, cpu, monkeypatch):
     """Up to int4_dequantize_min_rows() - 1 rows int4_gemm (VNNI), from there blocks of the weight unpacked from
     torch's int4 layout to bf16 (int8_gemm.c), the product over the dequantized weights within bf16 rounding;
-    where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead; where it has
-    no AMX, every row count from INT4_INT8_MIN_ROWS (4) through int4_int8_gemm."""
+    where the CPU has AMX-INT8, int8_kernel.INT4_AMX_ROWS rows (6 to 160) on its tiles instead, and with AMX-BF16
+    too ("amx"), from INT4_TILES_MIN_ROWS (56) on int4_tiles_gemm; where it has no AMX, every row count from
+    INT4_INT8_MIN_ROWS (4) through int4_int8_gemm."""
     if not int8_kernel.available():
         pytest.skip("no AVX-512 VNNI or no C compiler here: Int4Linear uses torch's kernel")
-    if cpu == "amx" and int8_kernel._amx_library() is None:
+    if cpu.startswith("amx") and int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here: int4 batches take the other paths")
+    if cpu == "amx" and not int8_kernel.tiles_available():
+        pytest.skip("no AMX-BF16 here: int4 prefill products take the bf16 blocks")
     if cpu == "no-amx" and int8_kernel._int4_int8_kernel() is None:
         pytest.skip("int4_int8.c not built here: int4 batches take int16 activations")
-    if cpu != "amx":
+    if not cpu.startswith("amx"):
         monkeypatch.setattr(int8_kernel, "_amx_library", lambda: None)
     if cpu == "vnni":
         monkeypatch.setattr(int8_kernel, "_int4_int8_kernel", lambda: None)
+    if cpu == "amx-int8":
+        monkeypatch.setattr(int8_kernel, "_has_tiles_flags", lambda: False)
     calls = []
-    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm"):
+    for name in ("int4_gemm", "int4_amx_gemm", "int4_matmul", "int4_int8_gemm", "int4_tiles_matmul"):
         real = getattr(int8_kernel, name)
         monkeypatch.setattr(int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     monkeypatch.setattr(int8_kernel, "DEQUANTIZE_BLOCK_ROWS", 64)  # 192 rows: three blocks of one tile
@@ -272,7 +278,9 @@ def test_int4_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, cpu, monke
     x = torch.randn(rows, 256)
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
-    if cpu == "amx" and 6 <= rows <= 160:
+    if cpu == "amx" and rows >= int8_kernel.INT4_TILES_MIN_ROWS:
+        assert calls == ["int4_tiles_matmul"]
+    elif cpu.startswith("amx") and 6 <= rows <= 160:
         assert calls == ["int4_amx_gemm"]
     elif cpu == "no-amx" and rows >= 4:
         assert calls == ["int4_int8_gemm"]
@@ -345,6 +353,46 @@ def test_int4_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
     if k <= 4096:
         want = x.double() @ lin.dequantized().double().T
         assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("rows", [int8_kernel.INT4_TILES_MIN_ROWS, 97, 200])
+@pytest.mark.parametrize("shape", [(96, 64, 32), (256, 192, 64), (4160, 128, 64), (13696, 64, 64)],
+                         ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_int4_tiles_kernel_is_the_bf16_product_of_the_dequantized_weights(shape, rows):
+    """int4_tiles_gemm: the weight dequantized as dequantize_int4_bf16 has it (int4_matmul's blocks), times the bf16
+    activations, summed in fp32 and rounded once: each output the float64 product's bf16 (or, at a rounding boundary
+    the fp32 sums' order decides, its neighbour), the same for any number of threads. More than 4,096 inputs come in
+    chunks of whole groups, the sums kept between them (4,160: two chunks; glm-4-9b's 13,696: four)."""
+    if not int8_kernel.tiles_available():
+        pytest.skip("no AMX-BF16 here (or no AMX-INT8 kernel): int4 prefill products take the bf16 blocks")
+    k, n, group = shape
+    lin = Int4Linear(k, n, bias=False, dtype=torch.bfloat16, group=group)
+    g = torch.Generator().manual_seed(k + n + rows)
+    w = torch.randn(n, k, generator=g)
+    w[0] = torch.where(torch.arange(k) % 2 == 0, -1.0, 1.0) * 3  # q at both ends, 0 and 15
+    lin.load_weight_rows(0, n, w)
+    assert lin.tiled and lin.group == group
+    assert int8_kernel.int4_tiles_fit(rows, n, k, group)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    weights = torch.empty(k, n, dtype=torch.bfloat16)  # dequantize_int4_bf16's own numbers, [K, N]
+    int8_kernel._library().dequantize_int4_bf16(lin.packed.data_ptr(), lin.scales_and_zeros.data_ptr(), n, k, group,
+                                                0, n, weights.data_ptr(), 1)
+    truth = x.double() @ weights.double()
+    outs = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            outs.append(int8_kernel.int4_tiles_matmul(x, lin.packed, lin.scales_and_zeros, group))
+        finally:
+            torch.set_num_threads(2)
+    got = outs[0]
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert torch.equal(outs[0], outs[1])
+    fp32_sums = 1e-5 * truth.abs().max()  # the sums' own rounding, which outputs near 0 show
+    assert ((got.double() - truth).abs() <= truth.abs() * 2**-8 + fp32_sums).all()  # within one bf16 step
+    assert (got != truth.to(torch.bfloat16)).float().mean() < 1e-3
+    if k <= 4096:  # and the weights are the layer's own, within bf16's rounding of them
+        assert (weights.double().T - lin.dequantized().double()).abs().max() <= 2**-8 * w.abs().max()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 6, int4_dequantize_min_rows() - 1])

@@ -1,5 +1,6 @@
-/* int8 weights (and int4 ones, int4_amx_gemm below) times int16 activations on AMX tiles, for batches of rows (int8_kernel.py builds it
- * where the CPU has AMX-INT8; quant.py's Int8Linear weights, unchanged: no repacking, no copy).
+/* int8 weights (and int4 ones, int4_amx_gemm below) times int16 activations on AMX tiles, for batches of rows
+ * (int8_kernel.py builds it where the CPU has AMX-INT8; quant.py's Int8Linear weights, unchanged: no repacking, no
+ * copy). Prefill chunks' products, on AMX-BF16 tiles: dequantized_tiles.h.
  *
  * y[m, n] = scale[n] * xs[m] * sum_k w[n, k] * xq[m, k], with xq int16 [M, K] and xs as in
  * int8_gemm.c's quantize_rows_int16 (~15 bits per activation). AMX multiplies bytes, so each int16

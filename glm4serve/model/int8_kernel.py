@@ -16,7 +16,9 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
-where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm); where it has no AMX, from
+where the CPU has them (int8_amx.c's int4_amx_gemm, the same numbers as int4_gemm), and where it has AMX-BF16 too,
+from INT4_TILES_MIN_ROWS rows the blocks' product with the weight dequantized into bf16 tiles in L2 instead
+(int4_tiles_gemm); where it has no AMX, from
 INT4_INT8_MIN_ROWS rows int4_int8.c's int4_int8_gemm (built with VBMI where the CPU has it, else without), the
 activations int8 per group of inputs (as llama.cpp's Q8_0 activations): half int4_gemm's multiplies, which bind it
 there from ~4 rows. On a CPU with AVX2 and
@@ -178,13 +180,21 @@ def _amx_library() -> ctypes.CDLL | None:
     lib.int4_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.pack_bf16_pairs.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.int8_tiles_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.int4_tiles_block.argtypes, lib.int4_tiles_block.restype = [i64], i64
+    lib.int4_tiles_sums.argtypes, lib.int4_tiles_sums.restype = [i64], i64
+    lib.int4_tiles_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
-@functools.cache
 def tiles_available() -> bool:
-    """int8_amx.c's bf16 tiles run here (int8_tiles_gemm): its library, and AMX-BF16 with AVX-512 BF16."""
-    return _amx_library() is not None and cpu_has(TILES_CPU_FLAGS)
+    """int8_amx.c's bf16 tiles run here (int8_tiles_gemm, int4_tiles_gemm): its library, and AMX-BF16 with AVX-512
+    BF16."""
+    return _amx_library() is not None and _has_tiles_flags()
+
+
+@functools.cache
+def _has_tiles_flags() -> bool:
+    return cpu_has(TILES_CPU_FLAGS)
 
 
 @functools.cache
@@ -397,9 +407,14 @@ def int8_tiles_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 # int4 products of these many rows run on AMX tiles. glm-4-9b's 40 layers' products from memory (BENCHMARKS.md):
 # int4_amx_gemm against int4_gemm 1.03x at 6 rows, 1.18x at 8, 1.6x at 12, 2.3-2.5x at 32-48 (int4_gemm reads the
 # weights again for every 4 rows; the tiles' floor is ~2x one row's time); against the dequantized bf16 blocks
-# 2.3x at 64 rows, 1.4x at 128, 1.2x at 160, 0.95x at 192.
+# 2.3x at 64 rows, 1.4x at 128, 1.2x at 160, 0.95x at 192. Where the CPU has AMX-BF16, int4_tiles_gemm takes the
+# rows from INT4_TILES_MIN_ROWS on.
 INT4_AMX_ROWS = range(6, 161)
 INT4_AMX_MAX_ROWS = 192  # int8_amx.c's: the most rows its sums hold
+# From this many rows int4 products dequantize the weight into bf16 tiles in L2 (int4_tiles_gemm), where the CPU has
+# AMX-BF16. glm-4-9b's 40 layers' products from memory (BENCHMARKS.md): against int4_amx_gemm 1.0x at 48 rows, 1.23x
+# at 56, 1.7-2.0x at 128-192; against the bf16 blocks 1.76x at 192, 1.46x at 512, 1.22x at 1,024.
+INT4_TILES_MIN_ROWS = 56
 # without AMX, from this many rows int4 products take int8 activations (int4_int8.c): 1.2x int4_gemm at 4 rows from
 # memory, ~1.0x at 1-3, where one read of the weights binds both (BENCHMARKS.md); beside quant_avx2.c (AVX2 alone)
 # every row count, where its int4_gemm's vpmaddwd bind it: the 40-layer step 1.06-1.17x at one row (int4_int8.c's
@@ -427,6 +442,27 @@ def int4_amx_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch
     y = torch.empty(m, n, dtype=torch.float32)
     lib.int4_amx_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, hi.data_ptr(), lo.data_ptr(),
                       gsum.data_ptr(), xs.data_ptr(), m, y.data_ptr(), threads)
+    return y
+
+
+def int4_tiles_fit(m: int, n: int, k: int, group: int) -> bool:
+    """int4_tiles_gemm takes the product: INT4_TILES_MIN_ROWS rows or more, whole pack tiles, groups of a multiple
+    of 32 inputs (a chunk of the inputs is whole groups), where the CPU has AMX-BF16."""
+    return m >= INT4_TILES_MIN_ROWS and n % 64 == 0 and group % 32 == 0 and k % group == 0 and tiles_available()
+
+
+def int4_tiles_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                      group: int) -> torch.Tensor:
+    """int4_matmul's product (the weight dequantized to bf16 as dequantize_int4_bf16 has it, times bf16 activations,
+    the sums in fp32 rounded once) on AMX-BF16 tiles, int4_tiles_fit must hold -> bf16 [M, N]."""
+    lib, threads = _amx_library(), torch.get_num_threads()
+    (m, k), n = x.shape, packed.shape[0]
+    x = F.pad(x.to(torch.bfloat16), (0, 0, 0, -m % 32)).contiguous()  # whole tiles of 16 rows, two at a time
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    tiles = _scratch_bf16(threads * lib.int4_tiles_block(k))
+    sums = torch.empty(threads * lib.int4_tiles_sums(m), dtype=torch.float32)  # pages touched only where K is chunked
+    lib.int4_tiles_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, x.data_ptr(), m, y.data_ptr(),
+                        tiles.data_ptr(), sums.data_ptr(), threads)
     return y
 
 

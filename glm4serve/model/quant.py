@@ -15,11 +15,12 @@ input's dtype. The kernels:
   torch packs it on an AVX-512 CPU, whatever this CPU: pack_int4_tile)
   (int16 activations; the scales kept tile by tile for it), and more through blocks of the weight
   dequantized to bf16 from it and multiplied by oneDNN; where the CPU has AMX-INT8,
-  int8_kernel.INT4_AMX_ROWS rows on its tiles; where it has no AMX, int8_kernel.INT4_INT8_MIN_ROWS
-  rows and more through int4_int8.c (activations int8 per group: half the multiplies, 1.2-2x int4_gemm and
-  1.3-2.5x the blocks there). On a CPU with AVX2 and not AVX-512, every row count through
-  int4_int8.c's AVX2 build (int8_kernel.INT4_INT8_AVX2_MIN_ROWS: the same numbers as its AVX-512 build; 2-4x torch's
-  kernel there, which also beats fp32 blocks), or quant_avx2.c's int4_gemm where that build fails.
+  int8_kernel.INT4_AMX_ROWS rows on its tiles, and where it has AMX-BF16 too, from int8_kernel.INT4_TILES_MIN_ROWS
+  rows the weight dequantized into bf16 tiles that stay in L2 (int4_tiles_gemm), not into memory; where it has no
+  AMX, int8_kernel.INT4_INT8_MIN_ROWS rows and more through int4_int8.c (activations int8 per group: half the
+  multiplies, 1.2-2x int4_gemm and 1.3-2.5x the blocks there). On a CPU with AVX2 and not AVX-512, every row count
+  through int4_int8.c's AVX2 build (int8_kernel.INT4_INT8_AVX2_MIN_ROWS: the same numbers as its AVX-512 build;
+  2-4x torch's kernel there, which also beats fp32 blocks), or quant_avx2.c's int4_gemm where that build fails.
 Why these kernels and that group size: BENCHMARKS.md ("Weight-only quantization").
 """
 
@@ -204,7 +205,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.tiled and int8_kernel.int4_amx_fits(rows.shape[0], self.out_features, self.in_features, self.group):
+        if self.tiled and int8_kernel.int4_tiles_fit(rows.shape[0], self.out_features, self.in_features, self.group):
+            y = int8_kernel.int4_tiles_matmul(rows, self.packed, self.scales_and_zeros, self.group)
+        elif self.tiled and int8_kernel.int4_amx_fits(rows.shape[0], self.out_features, self.in_features, self.group):
             y = int8_kernel.int4_amx_gemm(rows, self.packed, self.scales_and_zeros, self.group)
         elif self.tiled and int8_kernel.int4_int8_fits(rows.shape[0], self.out_features, self.in_features, self.group):
             y = int8_kernel.int4_int8_gemm(rows, self.packed, self.scales_and_zeros, self.group)
