@@ -9,7 +9,7 @@ same engine with one thing switched off, taking turns:
 - chunk-kernel: on a CPU with AMX-BF16, bf16 chunks without the AMX build's chunk kernel (cpu_attention.chunk_takes):
   PyTorch's query tiles, as the rule before it had them;
 - int8-tiles: on a CPU with AMX-BF16, int8 products of many rows through dequantized bf16 blocks and oneDNN, not
-  int8_amx.c's int8_tiles_gemm (int8_kernel.tiles_fit);
+  dequantized_tiles.h's int8_tiles_gemm (int8_kernel.tiles_fit);
 - int4-tiles: the same for int4 (int8_kernel.int4_tiles_fit): int4_amx_gemm up to 160 rows, then the bf16 blocks.
 With --scoring, each turn also scores a prompt of that length (prompt_logprobs=1: the logprob of every
 prompt token, as an evaluation harness asks for it), and transformers' turn scores it too (all positions'

@@ -123,15 +123,19 @@ def test_int8_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
     assert (got.double() - truth).abs().max() <= 1e-4 * truth.abs().max()
 
 
-@pytest.mark.parametrize("inputs", [128, 192])
+@pytest.mark.parametrize("bf16_tiles", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 100, int8_kernel.AMX_MAX_ROWS])
-def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, inputs, monkeypatch):
+def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, bf16_tiles, monkeypatch):
     """One row: the VNNI kernel; 2 to AMX_MAX_ROWS - 1: the tiles (where the CPU has them); from there the bf16
-    tiles of int8_tiles_gemm where the CPU has AMX-BF16 and the inputs are at most TILES_MAX_INPUTS (here 128),
-    else the dequantized bf16 blocks. Each gives the product over the dequantized weights."""
+    tiles of int8_tiles_gemm where the CPU has AMX-BF16, else the dequantized bf16 blocks. Each gives the product
+    over the dequantized weights."""
     if int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here (or no VNNI kernel): int8 batches take the other paths")
-    monkeypatch.setattr(int8_kernel, "TILES_MAX_INPUTS", 128)
+    if bf16_tiles and not int8_kernel.tiles_available():
+        pytest.skip("no AMX-BF16 here: prefill products take the bf16 blocks")
+    if not bf16_tiles:
+        monkeypatch.setattr(int8_kernel, "_has_tiles_flags", lambda: False)
+    inputs = 192
     calls = []
     for name in ("int8_matmul", "int8_amx_matmul", "int8_tiles_matmul", "blockwise_matmul"):
         real = getattr(int8_kernel, name)
@@ -141,16 +145,18 @@ def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, inputs, mo
     x = torch.randn(rows, inputs)
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
-    many = "int8_tiles_matmul" if int8_kernel.tiles_available() and inputs <= 128 else "blockwise_matmul"
+    many = "int8_tiles_matmul" if bf16_tiles else "blockwise_matmul"
     assert calls == [{1: "int8_matmul", int8_kernel.AMX_MAX_ROWS: many}.get(rows, "int8_amx_matmul")]
 
 
-@pytest.mark.parametrize("shape", [(32, 32), (96, 64), (160, 4096), (4608, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(32, 32), (96, 64), (160, 4096), (4608, 4096), (64, 4128), (96, 13696)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rows", [int8_kernel.AMX_MAX_ROWS, 200, 513])
 def test_int8_tiles_kernel_is_the_bf16_product_of_the_dequantized_weights(shape, rows):
     """int8_tiles_gemm: the weight dequantized as dequantize_bf16 has it, times the bf16 activations, summed in fp32
     and rounded once: each output the float64 product's bf16 (or, at a rounding boundary the fp32 sums' order
-    decides, its neighbour), the same for any number of threads (each thread's own weight rows)."""
+    decides, its neighbour), the same for any number of threads (each thread's own weight rows). More than 4,096
+    inputs come in chunks, the sums kept between them (4,128: two chunks; glm-4-9b's 13,696: four)."""
     if not int8_kernel.tiles_available():
         pytest.skip("no AMX-BF16 here (or no AMX-INT8 kernel): prefill products take the bf16 blocks")
     n, k = shape

@@ -11,8 +11,8 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
   int8_amx.c on the tiles, 2-10x the paths it replaces at 8-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md).
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel. Where the
-  CPU has AMX-BF16 and a product has up to TILES_MAX_INPUTS inputs, int8_amx.c's int8_tiles_gemm instead
-  (the weight dequantized into bf16 tiles that stay in L2, not into memory).
+  CPU has AMX-BF16, dequantized_tiles.h's int8_tiles_gemm instead (the weight dequantized into bf16 tiles that
+  stay in L2, not into memory).
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
@@ -72,10 +72,8 @@ INT4_INT8_BUILDS = {  # int4_int8.c's builds: compiler flags and the CPU flags t
     "avx2": (AVX2_FLAGS, AVX2_CPU_FLAGS),
 }
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
-# Products of more rows with at most this many inputs dequantize the weight into bf16 tiles in L2, 128 rows at a time
-# (int8_tiles_gemm), where the CPU has AMX-BF16: 1.1-1.4x the bf16 path, which dequantizes it into memory first
-# (BENCHMARKS.md). More inputs (glm-4-9b's down projection, 13,696) would not stay in L2 and keep the bf16 path.
-TILES_MAX_INPUTS = 4096
+# Products of more rows dequantize the weight into bf16 tiles in L2, 128 rows at a time (int8_tiles_gemm), where the
+# CPU has AMX-BF16: 1.1-1.6x the bf16 path, which dequantizes it into memory first (BENCHMARKS.md).
 TILES_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
@@ -178,17 +176,16 @@ def _amx_library() -> ctypes.CDLL | None:
     lib.int8_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.split_activations.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.int4_amx_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.pack_bf16_pairs.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
-    lib.int8_tiles_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
-    lib.int4_tiles_block.argtypes, lib.int4_tiles_block.restype = [i64], i64
-    lib.int4_tiles_sums.argtypes, lib.int4_tiles_sums.restype = [i64], i64
+    lib.int8_tiles_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.tiles_block.argtypes, lib.tiles_block.restype = [i64], i64
+    lib.tiles_sums.argtypes, lib.tiles_sums.restype = [i64], i64
     lib.int4_tiles_gemm.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
 def tiles_available() -> bool:
-    """int8_amx.c's bf16 tiles run here (int8_tiles_gemm, int4_tiles_gemm): its library, and AMX-BF16 with AVX-512
-    BF16."""
+    """The bf16 tiles run here (dequantized_tiles.h's int8_tiles_gemm, int4_tiles_gemm): int8_amx.c built, and
+    AMX-BF16 with AVX-512 BF16."""
     return _amx_library() is not None and _has_tiles_flags()
 
 
@@ -268,9 +265,8 @@ def amx_fits(m: int, n: int, k: int) -> bool:
 
 
 def tiles_fit(m: int, n: int, k: int) -> bool:
-    """int8_tiles_gemm takes this product: rows past the AMX kernel's, 32-row weight blocks, 32-input steps, inputs
-    that keep a thread's weight block in L2."""
-    return m >= AMX_MAX_ROWS and n % 32 == 0 and k % 32 == 0 and k <= TILES_MAX_INPUTS and tiles_available()
+    """int8_tiles_gemm takes this product: rows past the AMX kernel's, 32-row weight blocks, 32-input steps."""
+    return m >= AMX_MAX_ROWS and n % 32 == 0 and k % 32 == 0 and tiles_available()
 
 
 def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,14 +390,20 @@ def int8_tiles_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     hold): the weight dequantized to bf16 as dequantize_bf16 has it, the sums in fp32 rounded once."""
     lib, threads = _amx_library(), torch.get_num_threads()
     (m, k), n = x.shape, weight.shape[0]
-    x = x.to(torch.bfloat16).contiguous()
-    packed = torch.empty((m + 31) // 32 * 32 * k // 2, dtype=torch.int32)  # pairs of inputs, 32 rows at a time
-    lib.pack_bf16_pairs(x.data_ptr(), m, k, packed.data_ptr(), threads)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    tiles = _scratch_bf16(threads * lib.int8_tiles_rows() * k)
-    lib.int8_tiles_gemm(weight.data_ptr(), scale.data_ptr(), n, k, packed.data_ptr(), m, y.data_ptr(),
-                        tiles.data_ptr(), threads)
+    x, y, tiles, sums = _tiles_operands(lib, threads, x, n)
+    lib.int8_tiles_gemm(weight.data_ptr(), scale.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), tiles.data_ptr(),
+                        sums.data_ptr(), threads)
     return y
+
+
+def _tiles_operands(lib: ctypes.CDLL, threads: int, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """For the tiles kernels (dequantized_tiles.h): x bf16 in whole tiles of 16 rows, two at a time; y bf16 [M, N];
+    each thread's block of dequantized weights (kept for the next call) and its sums between chunks of the inputs
+    (fresh: their pages are touched only where K is chunked)."""
+    m, k = x.shape
+    x = F.pad(x.to(torch.bfloat16), (0, 0, 0, -m % 32)).contiguous()
+    return (x, torch.empty(m, n, dtype=torch.bfloat16), _scratch_bf16(threads * lib.tiles_block(k)),
+            torch.empty(threads * lib.tiles_sums(m), dtype=torch.float32))
 
 
 # int4 products of these many rows run on AMX tiles. glm-4-9b's 40 layers' products from memory (BENCHMARKS.md):
@@ -457,10 +459,7 @@ def int4_tiles_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: t
     the sums in fp32 rounded once) on AMX-BF16 tiles, int4_tiles_fit must hold -> bf16 [M, N]."""
     lib, threads = _amx_library(), torch.get_num_threads()
     (m, k), n = x.shape, packed.shape[0]
-    x = F.pad(x.to(torch.bfloat16), (0, 0, 0, -m % 32)).contiguous()  # whole tiles of 16 rows, two at a time
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    tiles = _scratch_bf16(threads * lib.int4_tiles_block(k))
-    sums = torch.empty(threads * lib.int4_tiles_sums(m), dtype=torch.float32)  # pages touched only where K is chunked
+    x, y, tiles, sums = _tiles_operands(lib, threads, x, n)
     lib.int4_tiles_gemm(packed.data_ptr(), scales_and_zeros.data_ptr(), n, k, group, x.data_ptr(), m, y.data_ptr(),
                         tiles.data_ptr(), sums.data_ptr(), threads)
     return y
