@@ -124,11 +124,12 @@ def test_int8_amx_kernel_gives_the_vnni_kernels_product(shape, rows):
 
 
 @pytest.mark.parametrize("bf16_tiles", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 100, int8_kernel.AMX_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 100, int8_kernel.TILES_MIN_ROWS - 1, int8_kernel.TILES_MIN_ROWS,
+                                  int8_kernel.AMX_MAX_ROWS])
 def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, bf16_tiles, monkeypatch):
-    """One row: the VNNI kernel; 2 to AMX_MAX_ROWS - 1: the tiles (where the CPU has them); from there the bf16
-    tiles of int8_tiles_gemm where the CPU has AMX-BF16, else the dequantized bf16 blocks. Each gives the product
-    over the dequantized weights."""
+    """One row: the VNNI kernel; 2 to AMX_MAX_ROWS - 1: the tiles (where the CPU has them); from there the
+    dequantized bf16 blocks; where the CPU has AMX-BF16, from TILES_MIN_ROWS the bf16 tiles of int8_tiles_gemm
+    instead of either. Each gives the product over the dequantized weights."""
     if int8_kernel._amx_library() is None:
         pytest.skip("no AMX-INT8 here (or no VNNI kernel): int8 batches take the other paths")
     if bf16_tiles and not int8_kernel.tiles_available():
@@ -145,13 +146,15 @@ def test_int8_linear_rows_take_vnni_amx_or_bf16_by_their_number(rows, bf16_tiles
     x = torch.randn(rows, inputs)
     want = x.double() @ lin.dequantized().double().T
     assert (lin(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
-    many = "int8_tiles_matmul" if bf16_tiles else "blockwise_matmul"
-    assert calls == [{1: "int8_matmul", int8_kernel.AMX_MAX_ROWS: many}.get(rows, "int8_amx_matmul")]
+    if bf16_tiles and rows >= int8_kernel.TILES_MIN_ROWS:
+        assert calls == ["int8_tiles_matmul"]
+    else:
+        assert calls == [{1: "int8_matmul", int8_kernel.AMX_MAX_ROWS: "blockwise_matmul"}.get(rows, "int8_amx_matmul")]
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (96, 64), (160, 4096), (4608, 4096), (64, 4128), (96, 13696)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("rows", [int8_kernel.AMX_MAX_ROWS, 200, 513])
+@pytest.mark.parametrize("rows", [int8_kernel.TILES_MIN_ROWS, 200, 513])
 def test_int8_tiles_kernel_is_the_bf16_product_of_the_dequantized_weights(shape, rows):
     """int8_tiles_gemm: the weight dequantized as dequantize_bf16 has it, times the bf16 activations, summed in fp32
     and rounded once: each output the float64 product's bf16 (or, at a rounding boundary the fp32 sums' order
@@ -544,7 +547,7 @@ def test_without_avx512_every_int4_row_count_takes_the_avx2_kernels(rows, monkey
     assert int8_kernel._int4_int8_kernel() is int8_kernel.int4_int8_library("avx2") is not None
     assert int8_kernel.int4_int8_min_rows() == 1
     lin = avx2_int4_linear(256, 192, 64, seed=rows)
-    x = torch.randn(rows, 256)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))  # not the global stream: 1e-4 is tight
     want = x.double() @ lin.dequantized().double().T
     for kernel, error in (("int4_int8_gemm", 2e-2), ("int4_gemm", 1e-4)):
         calls.clear()

@@ -51,11 +51,10 @@ static inline __attribute__((target(TILES_ISA))) void dequantize_int8_tiles(cons
 
 /* int4 weights (quant.py's Int4Linear, as int8_gemm.c's dequantize_int4_bf16 reads them): packed [N / 64][K][32]
    bytes, byte j of (tile t, input k) holding row 64t + j in its low nibble and 64t + 32 + j in its high one; the
-   (scale, zero) pairs [N / 64][K / group][64]. The packed layout keeps each input's 64 rows side by side, so the 64
-   bytes of two inputs give four B rows with no transpose. */
-/* Rows [64 t0, 64 (t0 + packs)) by inputs [k0, k1) (whole groups) dequantized ((q - 8) * scale + zero rounded to
-   bf16, dequantize_int4_bf16's numbers) into tiles B: [4 * packs][(k1 - k0) / 32][16 input pairs][16 rows][2],
-   block c of a pack tile its rows 16c .. 16c + 15. */
+   (scale, zero) pairs [N / 64][K / group][64]. Rows [64 t0, 64 (t0 + packs)) by inputs [k0, k1) (whole groups)
+   dequantized ((q - 8) * scale + zero rounded to bf16, dequantize_int4_bf16's numbers) into tiles B: [4 * packs]
+   [(k1 - k0) / 32][16 input pairs][16 rows][2], block c of a pack tile its rows 16c .. 16c + 15. The packed layout
+   keeps each input's 64 rows side by side, so the 64 bytes of two inputs give four B rows with no transpose. */
 static inline __attribute__((target(TILES_ISA))) void dequantize_int4_tiles(const uint8_t *packed, const uint32_t *sz,
                                                                             int64_t K, int64_t group, int64_t t0,
                                                                             int64_t packs, int64_t k0, int64_t k1,

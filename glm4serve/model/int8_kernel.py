@@ -8,11 +8,12 @@ integers, ~100x closer to exact, by the number of rows (BENCHMARKS.md):
 - 1 row (one decoding stream): int8_gemm.c, AVX-512 VNNI, reads the weights at the memory's rate
   (1.1-1.3x torch's).
 - 2 to AMX_MAX_ROWS - 1 rows (decode batches, short prefills), where the CPU has AMX-INT8:
-  int8_amx.c on the tiles, 2-10x the paths it replaces at 8-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md).
+  int8_amx.c on the tiles, 2-10x the paths it replaces at 8-64 rows, 1.3-2.6x at 128 (BENCHMARKS.md); where it has
+  AMX-BF16 too, only up to TILES_MIN_ROWS - 1 (below).
 - otherwise, from DEQUANTIZE_MIN_ROWS rows: blocks of the weight dequantized to bf16 and multiplied
   by oneDNN (on AMX-BF16 where present), 6-11x torch's at 512 rows; below it the VNNI kernel. Where the
-  CPU has AMX-BF16, dequantized_tiles.h's int8_tiles_gemm instead (the weight dequantized into bf16 tiles that
-  stay in L2, not into memory).
+  CPU has AMX-BF16, from TILES_MIN_ROWS rows dequantized_tiles.h's int8_tiles_gemm instead (the weight dequantized
+  into bf16 tiles that stay in L2, not into memory; bf16 activations, as the blocks').
 int4 weights (quant.py's Int4Linear: torch's packed layout, the scales tile by tile) take the same two ends:
 up to quant.int4_dequantize_min_rows() - 1 rows through int8_gemm.c's int4_gemm (int16 activations, VNNI; one row
 at the memory's rate), many rows through dequantized bf16 blocks; between, INT4_AMX_ROWS rows on AMX tiles
@@ -72,8 +73,10 @@ INT4_INT8_BUILDS = {  # int4_int8.c's builds: compiler flags and the CPU flags t
     "avx2": (AVX2_FLAGS, AVX2_CPU_FLAGS),
 }
 AMX_MAX_ROWS = 192  # below this many rows the AMX kernel beats the bf16 path (BENCHMARKS.md)
-# Products of more rows dequantize the weight into bf16 tiles in L2, 128 rows at a time (int8_tiles_gemm), where the
-# CPU has AMX-BF16: 1.1-1.6x the bf16 path, which dequantizes it into memory first (BENCHMARKS.md).
+# From this many rows products dequantize the weight into bf16 tiles in L2, 128 rows at a time (int8_tiles_gemm), where
+# the CPU has AMX-BF16: 1.1-1.6x the bf16 path, which dequantizes it into memory first, and at glm-4-9b's 40 layers
+# from memory 1.09x the AMX kernel at 128 rows, 1.17-1.20x at 160-191, 0.94x at 96 (BENCHMARKS.md).
+TILES_MIN_ROWS = 128
 TILES_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 DEQUANTIZE_MIN_ROWS = 32  # from this many activation rows, dequantize + bf16 product (BENCHMARKS.md)
 DEQUANTIZE_BLOCK_ROWS = 2048  # weight rows dequantized at a time (measured: 512 / 2048 / 8192)
@@ -265,8 +268,8 @@ def amx_fits(m: int, n: int, k: int) -> bool:
 
 
 def tiles_fit(m: int, n: int, k: int) -> bool:
-    """int8_tiles_gemm takes this product: rows past the AMX kernel's, 32-row weight blocks, 32-input steps."""
-    return m >= AMX_MAX_ROWS and n % 32 == 0 and k % 32 == 0 and tiles_available()
+    """int8_tiles_gemm takes this product: TILES_MIN_ROWS rows or more, 32-row weight blocks, 32-input steps."""
+    return m >= TILES_MIN_ROWS and n % 32 == 0 and k % 32 == 0 and tiles_available()
 
 
 def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,12 +283,12 @@ def dequantize_bf16(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (weight int8 [N, K] * scale bf16 [N, 1]).T: fp32 [M, N] through an integer kernel (AMX
     or VNNI, module docstring), else bf16 [M, N] with the weight dequantized a block at a time."""
+    if tiles_fit(x.shape[0], *weight.shape):
+        return int8_tiles_matmul(x, weight, scale)
     if amx_fits(x.shape[0], *weight.shape):
         return int8_amx_matmul(x, weight, scale)
     if x.shape[0] < DEQUANTIZE_MIN_ROWS or not available():  # without AVX-512, no bf16 blocks: all rows in AVX2
         return int8_matmul(x, weight, scale)
-    if tiles_fit(x.shape[0], *weight.shape):
-        return int8_tiles_matmul(x, weight, scale)
     return blockwise_matmul(x, weight.shape[0],
                             lambda r0, r1, block: dequantize_bf16(weight[r0:r1], scale[r0:r1], block.view(r1 - r0, -1)))
 
