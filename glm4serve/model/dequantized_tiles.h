@@ -132,14 +132,16 @@ static inline int64_t chunk_inputs(int64_t K, int64_t unit) {
 }
 
 /* y bf16 [M, N] = x bf16 [M, K] @ W.T, W int8 (w, scale) or int4 (packed in w, its pairs in scale, `group` > 0);
-   x holds a multiple of 32 rows (those past M read, not stored); N % 32 == 0 (int4: % 64), K % 32 == 0 (int4: group
+   `tail` x's last M % 32 rows and zeros below them, 32 rows (unread where M % 32 == 0: x is not copied whole to pad
+   it); N % 32 == 0 (int4: % 64), K % 32 == 0 (int4: group
    a multiple of 32 and a divisor of K); tiles and sums: buffers of threads * tiles_block(K) bf16 and
    threads * tiles_sums(M) fp32. Each thread takes its share of the weight's rows, in blocks of TILES_ROWS. */
 static inline __attribute__((always_inline, target(TILES_ISA))) void tiles_gemm(const void *w, const void *scale,
                                                                                 int64_t group, int64_t N, int64_t K,
-                                                                                const uint16_t *x, int64_t M,
-                                                                                uint16_t *y, uint16_t *tiles,
-                                                                                float *sums, int threads) {
+                                                                                const uint16_t *x, const uint16_t *tail,
+                                                                                int64_t M, uint16_t *y,
+                                                                                uint16_t *tiles, float *sums,
+                                                                                int threads) {
     const int64_t unit = group ? 64 : 32, chunk = chunk_inputs(K, group ? group : 32);  /* rows: int4's pack tiles */
 #pragma omp parallel num_threads(threads)
     {
@@ -158,7 +160,7 @@ static inline __attribute__((always_inline, target(TILES_ISA))) void tiles_gemm(
                 else
                     dequantize_int8_tiles(w, scale, K, n0, rows, k0, k1, own);
                 for (int64_t m = 0; m < M; m += 32) {
-                    const uint16_t *a0 = x + m * K + k0, *a1 = a0 + 16 * K;
+                    const uint16_t *a0 = (m + 32 <= M ? x + m * K : tail) + k0, *a1 = a0 + 16 * K;
                     for (int64_t j = 0; j < rows / 32; j++) {  /* weight rows n0 + 32 j ..: blocks 2j, 2j + 1 */
                         const uint16_t *b0 = own + 2 * j * steps * 512, *b1 = b0 + steps * 512;
                         float (*keep)[256] = kept + (m / 32 * (TILES_ROWS / 32) + j) * 4;
@@ -188,15 +190,16 @@ static inline __attribute__((always_inline, target(TILES_ISA))) void tiles_gemm(
 }
 
 __attribute__((target(TILES_ISA))) void int8_tiles_gemm(const int8_t *w, const uint16_t *scale, int64_t N, int64_t K,
-                                                        const uint16_t *x, int64_t M, uint16_t *y, uint16_t *tiles,
-                                                        float *sums, int threads) {
-    tiles_gemm(w, scale, 0, N, K, x, M, y, tiles, sums, threads);
+                                                        const uint16_t *x, const uint16_t *tail, int64_t M,
+                                                        uint16_t *y, uint16_t *tiles, float *sums, int threads) {
+    tiles_gemm(w, scale, 0, N, K, x, tail, M, y, tiles, sums, threads);
 }
 
 __attribute__((target(TILES_ISA))) void int4_tiles_gemm(const uint8_t *packed, const uint32_t *sz, int64_t N,
-                                                        int64_t K, int64_t group, const uint16_t *x, int64_t M,
-                                                        uint16_t *y, uint16_t *tiles, float *sums, int threads) {
-    tiles_gemm(packed, sz, group, N, K, x, M, y, tiles, sums, threads);
+                                                        int64_t K, int64_t group, const uint16_t *x,
+                                                        const uint16_t *tail, int64_t M, uint16_t *y, uint16_t *tiles,
+                                                        float *sums, int threads) {
+    tiles_gemm(packed, sz, group, N, K, x, tail, M, y, tiles, sums, threads);
 }
 
 #endif
