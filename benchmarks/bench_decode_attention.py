@@ -16,6 +16,13 @@ random K/V written there (a step's time does not depend on the values), so no 16
     .venv/bin/python benchmarks/bench_decode_attention.py --engine [--quantization int4] [--streams 1]
         [--contexts 512,4096,16384,32768] [--repeats 3]
 
+With --kv-fp8 alone, one sequence's decode attention over 40 layers' caches in turn (read from memory, as in a
+served model), each --contexts tokens, an fp8 cache against a bf16 one (best ms a layer of --repeats, in turns).
+With --engine --kv-fp8, the same step over the model's bf16 cache against an fp8 one (--kv-cache-dtype fp8), both
+read by the kernel, taking turns: the runner keeps its weights and swaps caches of the same blocks, the fp8 one
+holding the bf16 one's values cast. --chunk N makes the step one sequence's prompt chunk of N tokens that ends at
+the context (the AMX chunk kernel's case) instead of decodes.
+
 The kernel runs where the CPU has AVX2 and FMA (cpu_attention.py); --build avx512 takes its fp32 way on a CPU with
 AVX-512 BF16 too (as a CPU without BF16 runs it), --build avx2 its AVX2 way on an AVX-512 CPU.
 """
@@ -23,6 +30,7 @@ AVX-512 BF16 too (as a CPU without BF16 runs it), --build avx2 its AVX2 way on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from unittest import mock
@@ -34,6 +42,8 @@ from glm4serve.engine.config import EngineArgs
 from glm4serve.model import cpu_attention
 from glm4serve.model.attention import decode_attention
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
+from glm4serve.model.cpu_linear import hugepage_empty
+from glm4serve.model.kv_cache import FP8, KVCache
 from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpoint
 from glm4serve.server import build_llm_engine
 
@@ -62,7 +72,34 @@ def layer_ab(repeats: int, kv_heads: int):
         print(f"| {streams} x {context} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
 
 
-def engine_ab(quantization: str | None, streams: int, contexts: list[int], repeats: int):
+def layers_fp8_ab(repeats: int, contexts: list[int], layers: int = 40):
+    print(f"one sequence, {HEADS} query heads over 2 KV heads of {HEAD_DIM}, {layers} layers' caches in turn, "
+          f"ms a layer (best of {repeats}, in turns):")
+    print("| context | fp8 cache | bf16 cache | speedup |\n|---|---|---|---|")
+    for context in contexts:
+        num_blocks = context // BLOCK + 4
+        caches = {FP8: [], torch.bfloat16: []}
+        for _ in range(layers):
+            values = torch.randn(2, num_blocks, BLOCK, 2, HEAD_DIM)
+            for dtype, held in caches.items():
+                pair = [hugepage_empty(tuple(values.shape[1:]), dtype) for _ in "kv"]
+                for dst, src in zip(pair, values):
+                    dst.view(torch.uint8).copy_(src.to(dtype).view(torch.uint8))
+                held.append(pair)
+        q = torch.randn(1, HEADS, HEAD_DIM).to(torch.bfloat16)
+        tables = scattered_blocks(1, context, num_blocks)
+        lens = torch.tensor([context])
+
+        def every_layer(dtype):
+            return lambda: [cpu_attention.decode_attention(q, k, v, tables, lens, HEAD_DIM**-0.5)
+                            for k, v in caches[dtype]]
+
+        ours, theirs = turns_best_ms(every_layer(FP8), every_layer(torch.bfloat16), repeats)
+        print(f"| {context} | {ours / layers:.2f} | {theirs / layers:.2f} | {theirs / ours:.2f}x |", flush=True)
+
+
+def engine_ab(quantization: str | None, streams: int, contexts: list[int], repeats: int, kv_fp8: bool = False,
+              chunk: int = 0):
     from bench_int4_kernel import CHECKPOINT
 
     if not (CHECKPOINT / "config.json").is_file():
@@ -76,12 +113,23 @@ def engine_ab(quantization: str | None, streams: int, contexts: list[int], repea
     for t in runner.kv.k + runner.kv.v:
         t.normal_()
     num_blocks = runner.kv.num_blocks
-    print(f"\nglm-4-9b-chat's 40 layers, {quantization or 'bf16'}, {streams} stream(s), decode step ms "
+    caches = {"kernel": runner.kv, "pytorch": runner.kv}
+    if kv_fp8:
+        fp8 = KVCache(runner.model.cfg, num_blocks, runner.kv.block_size, FP8, zeros=hugepage_empty)
+        for dst, src in zip(fp8.k + fp8.v, runner.kv.k + runner.kv.v):
+            dst.view(torch.uint8).copy_(src.to(FP8).view(torch.uint8))
+        caches = {"kernel": fp8, "pytorch": runner.kv}
+    what = f"a {chunk}-token prompt chunk" if chunk else "decode step"
+    print(f"\nglm-4-9b-chat's 40 layers, {quantization or 'bf16'}, {streams} stream(s), {what} ms "
           f"(medians of {repeats}):")
-    print("| context | kernel | PyTorch | speedup |\n|---|---|---|---|")
+    print("| context | fp8 cache | bf16 cache | speedup |\n|---|---|---|---|" if kv_fp8 else
+          "| context | kernel | PyTorch | speedup |\n|---|---|---|---|")
     for context in contexts:
         tables = scattered_blocks(streams, context, num_blocks).tolist()
-        batch = ScheduledBatch([SeqChunk([100 + i], context - 1, tables[i]) for i in range(streams)])
+        if chunk:
+            batch = ScheduledBatch([SeqChunk([100 + i % 1000 for i in range(chunk)], context - chunk, tables[0])])
+        else:
+            batch = ScheduledBatch([SeqChunk([100 + i], context - 1, tables[i]) for i in range(streams)])
 
         def step() -> float:
             t0 = time.perf_counter()
@@ -90,10 +138,12 @@ def engine_ab(quantization: str | None, streams: int, contexts: list[int], repea
 
         times = {"kernel": [], "pytorch": []}
         step()
-        for _ in range(repeats):
-            times["kernel"].append(step())
-            with mock.patch.object(cpu_attention, "runs", lambda q, k_cache: False):
-                times["pytorch"].append(step())
+        for turn in range(repeats):
+            for way in ("kernel", "pytorch") if turn % 2 == 0 else ("pytorch", "kernel"):  # either first in turn
+                runner.kv = caches[way]
+                ours = way == "kernel" or kv_fp8
+                with contextlib.nullcontext() if ours else mock.patch.object(cpu_attention, "runs", lambda q, k: False):
+                    times[way].append(step())
         ours, theirs = (statistics.median(times[w]) for w in ("kernel", "pytorch"))
         print(f"| {context} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f}x |", flush=True)
 
@@ -107,6 +157,8 @@ def main():
     ap.add_argument("--contexts", default="512,4096,16384,32768")
     ap.add_argument("--build", choices=list(cpu_attention.BUILDS), help="by default the fastest this CPU runs")
     ap.add_argument("--kv-heads", type=int, default=2, help="of one layer (2: glm-4-9b-chat's; 4: its 1M variant's)")
+    ap.add_argument("--kv-fp8", action="store_true", help="--engine: an fp8 cache against bf16, both in the kernel")
+    ap.add_argument("--chunk", type=int, default=0, help="--engine: a prompt chunk of this many tokens, not decodes")
     a = ap.parse_args()
     if cpu_attention._kernel() is None:
         raise SystemExit("decode_attention.c does not run here (no AVX2 and FMA, or no C compiler)")
@@ -119,7 +171,10 @@ def main():
         print(f"decode_attention.c's {cpu_attention.builds()[0]} build")
         if a.engine:
             contexts = [int(c) for c in a.contexts.split(",")]
-            engine_ab(None if a.quantization == "none" else a.quantization, a.streams, contexts, a.repeats)
+            engine_ab(None if a.quantization == "none" else a.quantization, a.streams, contexts, a.repeats,
+                      a.kv_fp8, a.chunk)
+        elif a.kv_fp8:
+            layers_fp8_ab(a.repeats, [int(c) for c in a.contexts.split(",")])
         else:
             layer_ab(a.repeats, a.kv_heads)
 

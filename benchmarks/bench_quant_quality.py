@@ -2,7 +2,8 @@
 
 For each prompt, every position's next-token distribution (teacher-forced over the prompt) of the
 model as served (bf16 around the linears for int8/int4, as a bf16 checkpoint loads) against the
-same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement. Where int4_int8.c builds (no
+same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement; "bf16, fp8 KV" is bf16 over an fp8 KV
+cache (--kv-cache-dtype fp8), and with --kv-only that mode and bf16 alone. Where int4_int8.c builds (no
 AMX), int4 twice, every product through int4_gemm (int16 activations: one row beside int8_gemm.c) and through
 int4_int8.c (int8 per group of inputs: batches there, every row count where AVX2 alone runs). On a 9B-shaped slice
 (glm-4-9b-chat's layer shapes, random bf16 weights) by default, or on any checkpoint:
@@ -25,14 +26,18 @@ from glm4serve.model.random_checkpoint import GLM4_9B_CHAT, write_random_checkpo
 from glm4serve.model.runner import EagerRunner
 
 SLICE_9B = dict(GLM4_9B_CHAT, dtype="bfloat16")  # num_layers: --layers
-MODES = {"bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+MODES = {"bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4"),
+         "bf16, fp8 KV": ("bfloat16", None)}
+KV_MODES = {"bf16, fp8 KV"}  # modes whose KV cache is fp8
 
 
-def all_position_logits(path, dtype: str, quantization: str | None, prompts: list[list[int]]) -> torch.Tensor:
+
+def all_position_logits(path, dtype: str, quantization: str | None, prompts: list[list[int]],
+                        kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     """[sum of prompt lengths, V] fp32 logits, every position of every prompt (one prefill each)."""
     model = load_model(path, dtype=dtype, quantization=quantization)
     longest = max(len(p) for p in prompts)
-    runner = EagerRunner(model, -(-longest // 16), 16)
+    runner = EagerRunner(model, -(-longest // 16), 16, kv_dtype=kv_dtype)
     rows = []
     for p in prompts:
         pool = BlockPool(runner.num_blocks, 16)
@@ -57,7 +62,8 @@ def compare(path, prompts: list[list[int]], modes=MODES) -> dict[str, tuple[floa
     out = {}
     for name, (dtype, q) in modes.items():
         if q != "int4" or not int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
-            out[name] = distribution_error(ref, all_position_logits(path, dtype, q, prompts))
+            kv = torch.float8_e4m3fn if name in KV_MODES else None
+            out[name] = distribution_error(ref, all_position_logits(path, dtype, q, prompts, kv))
             continue
         min_rows = int8_kernel.int4_int8_min_rows
         try:  # a row's result is the same alone or in a batch
@@ -76,18 +82,20 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--kv-only", action="store_true", help="bf16 and bf16 over an fp8 KV cache only")
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
         path = a.checkpoint or write_random_checkpoint(d, **{**SLICE_9B, "num_layers": a.layers})
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 2000, (a.prompt_tokens,), generator=g).tolist() for _ in range(a.prompts)]
-        results = compare(path, prompts)
+        modes = {m: MODES[m] for m in ("bf16", "bf16, fp8 KV")} if a.kv_only else MODES
+        results = compare(path, prompts, modes)
     print(f"{a.prompts} prompts x {a.prompt_tokens} positions, vs float32 of the same weights:")
     for name, (kl, top1) in results.items():
         print(f"  {name}: mean KL {kl:.3e}, top-1 agreement {top1:.1%}")
     bf16_kl = results["bf16"][0]
-    print(f"  int8 KL / bf16 KL = {results['int8'][0] / bf16_kl:.2f}; int4 KL / bf16 KL = {results['int4'][0] / bf16_kl:.2f}")
+    print("  " + "; ".join(f"{m} KL / bf16 KL = {results[m][0] / bf16_kl:.2f}" for m in results if m != "bf16"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
 from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
-from .model.kv_cache import bytes_per_token
+from .model.kv_cache import bytes_per_token, kv_cache_dtype
 from .model.lora import load_loras
 from .model.runner import make_runner
 from .model.tp import TensorParallelRunner
@@ -79,6 +79,9 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
     started = time.perf_counter()
     if args.quantization is not None and device != "cpu":
         raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
+    if args.kv_cache_dtype != "auto" and device != "cpu":
+        raise ValueError(f"kv_cache_dtype {args.kv_cache_dtype!r} runs on CPU only for now (the GPU's decode kernel "
+                         "reads the model's dtype)")
     tokenizer = Tokenizer.from_dir(path)
     if args.tensor_parallel_size > 1:
         if args.lora_modules or args.allow_runtime_lora_updating:
@@ -100,6 +103,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     """The engine over a loaded model: the KV cache plan, the runner chosen for it (or the ranks of a
     tensor-parallel one, given its rank 0), the scheduler."""
     cfg, dtype = model.cfg, next(model.parameters()).dtype
+    kv_dtype = kv_cache_dtype(args.kv_cache_dtype, dtype)
     if tokenizer.vocab_size > cfg.vocab_size:  # its last ids would index past the embedding: a 500 a request
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} token ids but the model's vocabulary only "
                          f"{cfg.vocab_size}: they are not of one checkpoint")
@@ -107,7 +111,7 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     if tp is None and (args.lora_modules or args.allow_runtime_lora_updating):
         # before the KV cache's plan: on a GPU the budget is what the weights, adapters' included, leave
         loras = load_loras(args.lora_modules, model, runtime=args.allow_runtime_lora_updating)
-    token_bytes = bytes_per_token(cfg, dtype, model.shard)  # this rank's KV heads: every rank has as many
+    token_bytes = bytes_per_token(cfg, kv_dtype, model.shard)  # this rank's KV heads: every rank has as many
     plan = plan_kv_cache(args, cfg.max_position_embeddings, token_bytes, device)
     if not args.max_model_len and plan.max_model_len < cfg.max_position_embeddings:  # not what was asked for
         log.warning("context capped at %d tokens by the KV cache budget (the model has %d positions)",
@@ -115,16 +119,17 @@ def engine_for_model(model: GLM4Model, tokenizer, args: EngineArgs, device: str,
     if tp is None:
         runner = make_runner(model, plan.num_blocks, args.block_size, tokenizer.vocab_size,
                              max_num_seqs=args.max_num_seqs, max_model_len=plan.max_model_len,
-                             enforce_eager=args.enforce_eager, loras=loras, gemv_kernels=args.gemv_kernels)
+                             enforce_eager=args.enforce_eager, loras=loras, gemv_kernels=args.gemv_kernels,
+                             kv_dtype=kv_dtype)
     else:
-        tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size)
+        tp.build_runners(plan.num_blocks, args.block_size, tokenizer.vocab_size, kv_dtype)
         runner = tp
         log.info("model runner: %s", runner)
     limits = args.scheduler_config(plan.max_model_len, device)
-    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB%s); steps of up to %d tokens",
+    log.info("model %s (%s) on %s; KV cache %d blocks of %d tokens (%.2f GiB of %s%s); steps of up to %d tokens",
              cfg.variant, dtype, device, plan.num_blocks, args.block_size,
-             plan.num_blocks * args.block_size * token_bytes / 2**30, " on each rank" if tp is not None else "",
-             limits.max_num_batched_tokens)
+             plan.num_blocks * args.block_size * token_bytes / 2**30, str(kv_dtype).removeprefix("torch."),
+             " on each rank" if tp is not None else "", limits.max_num_batched_tokens)
     if args.speculative_config is not None:
         spec = args.speculative_config
         log.info("speculative decoding: %s drafts of up to %d tokens from %d- to %d-grams%s", spec.method,

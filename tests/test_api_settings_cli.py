@@ -317,6 +317,13 @@ def test_hf_overrides_from_the_command_line_the_environment_or_yaml(monkeypatch,
             cli.settings_from_args(cli.build_parser().parse_args(["serve", "--hf-overrides", bad]))
 
 
+def test_the_kv_cache_dtype_is_vllms_flag():
+    s = cli.settings_from_args(cli.build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"]))
+    assert s.engine_args().kv_cache_dtype == "fp8" and ServerSettings().engine_args().kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):  # argparse's choices: fp8_e5m2 is not served
+        cli.build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8_e5m2"])
+
+
 def test_the_long_prefill_threshold_is_vllms_flag():
     s = cli.settings_from_args(cli.build_parser().parse_args(["serve", "--long-prefill-token-threshold", "256"]))
     assert s.scheduler_config(4096, "cpu").long_prefill_token_threshold == 256

@@ -198,7 +198,8 @@ def test_spans_of_small_query_groups_attend_in_the_kernel_only_when_short(dtype,
         assert (ours.float() - span_truth(q, k, v, tables[0], 300)).abs().max().item() < 1.6e-2
     packed = cpu_attention.builds()[0] == "avx512bf16" and dtype == torch.bfloat16
     longest = cpu_attention.SHORT_SPAN_QUERIES  # past UNFILLED_SPAN_QUERIES, and taken by every CPU where filled
-    assert cpu_attention.takes_span(longest, torch.empty(1, 32, 128, dtype=dtype), torch.empty(1, 16, 4, 128)) == packed
+    cache = torch.empty(1, 16, 4, 128, dtype=dtype)
+    assert cpu_attention.takes_span(longest, torch.empty(1, 32, 128, dtype=dtype), cache) == packed
 
 
 @pytest.mark.parametrize("first_build", ["amx", "avx512bf16"])
@@ -212,12 +213,17 @@ def test_on_amx_cpus_bf16_spans_take_the_kernel_only_in_the_amx_build_and_only_w
     monkeypatch.setattr(cpu_attention, "short_spans_only", lambda: True)
     longest, q = cpu_attention.AMX_SPAN_QUERIES, torch.empty(1, 32, 128, dtype=torch.bfloat16)
     amx = first_build == "amx"
-    assert cpu_attention.takes_span(longest, q, torch.empty(1, 16, 2, 128)) == amx
-    assert cpu_attention.takes_span(1, q, torch.empty(1, 32, 2, 128)) == amx
-    assert not cpu_attention.takes_span(longest + 1, q, torch.empty(1, 16, 2, 128))
-    assert not cpu_attention.takes_span(2, q, torch.empty(1, 8, 2, 128))  # blocks of 8: no tiles
-    assert not cpu_attention.takes_span(2, torch.empty(1, 4, 48, dtype=torch.bfloat16), torch.empty(1, 16, 2, 48))
-    assert cpu_attention.takes_span(64, q.float(), torch.empty(1, 16, 2, 128))
+
+    def cache(block_size, d=128, dtype=torch.bfloat16):
+        return torch.empty(1, block_size, 2, d, dtype=dtype)
+
+    assert cpu_attention.takes_span(longest, q, cache(16)) == amx
+    assert cpu_attention.takes_span(longest, q, cache(16, dtype=torch.float8_e4m3fn)) == amx  # --kv-cache-dtype fp8
+    assert cpu_attention.takes_span(1, q, cache(32)) == amx
+    assert not cpu_attention.takes_span(longest + 1, q, cache(16))
+    assert not cpu_attention.takes_span(2, q, cache(8))  # blocks of 8: no tiles
+    assert not cpu_attention.takes_span(2, torch.empty(1, 4, 48, dtype=torch.bfloat16), cache(16, 48))
+    assert cpu_attention.takes_span(64, q.float(), cache(16, dtype=torch.float32))
 
 
 def test_a_library_built_without_the_amx_targets_has_the_other_builds(monkeypatch):
@@ -301,17 +307,19 @@ def test_on_amx_cpus_the_chunk_kernel_takes_the_bf16_spans_of_glm4_heads(monkeyp
     monkeypatch.setattr(cpu_attention, "builds", lambda: ["amx", "avx512bf16"])
     monkeypatch.setattr(cpu_attention.torch, "get_num_threads", lambda: 2)
 
-    def takes(n, hq, hkv, d=128, block_size=16, dtype=torch.bfloat16):
-        return cpu_attention.chunk_takes(n, torch.empty(1, hq, d, dtype=dtype), torch.empty(1, block_size, hkv, d))
+    def takes(n, hq, hkv, d=128, block_size=16, dtype=torch.bfloat16, kv_dtype=None):
+        cache = torch.empty(1, block_size, hkv, d, dtype=kv_dtype or dtype)
+        return cpu_attention.chunk_takes(n, torch.empty(1, hq, d, dtype=dtype), cache)
 
     assert takes(1, 32, 2) and takes(2048, 32, 2) and takes(300, 32, 4) and takes(5, 16, 16)
-    assert not takes(64, 32, 2, dtype=torch.float32)
+    assert takes(64, 32, 2, kv_dtype=torch.float8_e4m3fn)  # --kv-cache-dtype fp8
+    assert not takes(64, 32, 2, dtype=torch.float32) and not takes(64, 32, 2, kv_dtype=torch.float32)
     assert not takes(64, 32, 2, d=64) and not takes(64, 24, 8) and not takes(64, 32, 2, block_size=8)
     q = torch.empty(1, 32, 128, dtype=torch.bfloat16)
-    assert cpu_attention.takes_span(5000, q, torch.empty(1, 16, 2, 128))
+    assert cpu_attention.takes_span(5000, q, torch.empty(1, 16, 2, 128, dtype=torch.bfloat16))
     monkeypatch.setattr(cpu_attention.torch, "get_num_threads", lambda: 64)
     assert not takes(31, 32, 2) and takes(32, 32, 2)
-    assert cpu_attention.takes_span(5, q, torch.empty(1, 16, 2, 128))  # the decode kernel's AMX build
+    assert cpu_attention.takes_span(5, q, torch.empty(1, 16, 2, 128, dtype=torch.bfloat16))  # the decode kernel's AMX
 
 
 @amx_chunks

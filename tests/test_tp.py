@@ -151,6 +151,24 @@ def test_two_ranks_serve_quantized_weights(checkpoint, scheme, tolerance):
     assert (logits[2] - logits[1]).abs().max().item() <= tolerance * logits[1].abs().max().item()
 
 
+def test_two_ranks_hold_an_fp8_kv_cache_each(checkpoint):
+    """--kv-cache-dtype fp8 reaches every rank (rank 0 plans it): two ranks' logits are one rank's over its own fp8
+    cache, but for the few K/V elements whose sums, taken in another order, round to another e4m3 value."""
+    path = checkpoint("glm4", 2)
+    chunk = [SeqChunk(list(range(5, 30)), 0, list(range(7)))]
+    logits = {}
+    for world in (1, 2):
+        engine = build_llm_engine(EngineArgs(model=str(path), dtype="float32", kv_cache_dtype="fp8",
+                                             tensor_parallel_size=world, num_kv_blocks=64, block_size=4))
+        try:
+            runner = engine.runner.runner if world == 2 else engine.runner
+            assert runner.kv.k[0].dtype == torch.float8_e4m3fn
+            logits[world] = engine.runner.execute(ScheduledBatch(chunk))
+        finally:
+            engine.close()
+    assert (logits[2] - logits[1]).abs().max().item() <= 1e-2 * logits[1].abs().max().item()
+
+
 @pytest.mark.cuda
 def test_the_nccl_path_runs_one_rank_on_a_gpu_as_the_plain_engine_does(checkpoint):
     """The tensor-parallel code path on NCCL with a single rank (one GPU): the same greedy tokens."""

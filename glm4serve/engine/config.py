@@ -110,6 +110,9 @@ class EngineArgs(BaseModel):
     gpu_memory_utilization: float = Field(
         GPU_MEMORY_FRACTION, gt=0.0, le=1.0, allow_inf_nan=False,
         description="GPU: the share of its memory for the weights and the KV cache, the rest for activations (vLLM's)")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="the KV cache's elements, as vLLM's: auto, the model's dtype; fp8 (fp8_e4m3), half of "
+                            "bf16's bytes, values saturating at +-448, no scale (CPU only)")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks, instead of kv_cache_memory")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")

@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import cpu_attention
+from .kv_cache import FP8
 
 # cuDNN's attention (SDPA's first choice on Hopper and later since torch 2.9) builds an execution
 # graph for each new shape, some hundreds of ms: every prompt of a new length, and every step
@@ -113,19 +114,24 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def store_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
              finite: bool):
     """write_kv's stores into caches seen as rows of token slots [blocks * block_size, Hkv, D], nan and
-    inf as 0 if `finite`; plain tensors in, for a compiled piece to hold."""
+    inf as 0 if `finite`; plain tensors in, for a compiled piece to hold. An fp8 cache gets torch's cast, which
+    saturates at e4m3's +-448 (it has no inf; test_kv_fp8 pins it), copied as bytes (index_copy_ has no fp8 kernel
+    on CPU)."""
     if finite:
         k, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v))
+    if k_slots.dtype == FP8:
+        k, v = (t.to(FP8).view(torch.uint8) for t in (k, v))
+        k_slots, v_slots = k_slots.view(torch.uint8), v_slots.view(torch.uint8)
     k_slots.index_copy_(0, slots, k)
     v_slots.index_copy_(0, slots, v)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached vectors of one sequence: [length, Hkv, D]."""
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first `length` cached vectors of one sequence, as `dtype`: [length, Hkv, D]."""
     _, block_size, hkv, d = cache.shape
     num_blocks = -(-length // block_size)
     blocks = cache.index_select(0, block_table[:num_blocks])  # [nb, block_size, Hkv, D]
-    return blocks.view(num_blocks * block_size, hkv, d)[:length]
+    return blocks.view(num_blocks * block_size, hkv, d)[:length].to(dtype)
 
 
 def prefill_attention(
@@ -137,8 +143,9 @@ def prefill_attention(
         return cpu_attention.span_attention(q, k_cache, v_cache, span.block_table, span.context_len, scale)
     past = span.context_len - n  # cached tokens before this span
     # 4-D [1, heads, len, D]: with a batch axis SDPA's CPU kernel stays the tiled flash one
-    k_all = gather_kv(k_cache, span.block_table, span.context_len).transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-    v_all = gather_kv(v_cache, span.block_table, span.context_len).transpose(0, 1)[None]
+    # [ctx, Hkv, D] -> [1, Hkv, ctx, D]
+    k_all = gather_kv(k_cache, span.block_table, span.context_len, q.dtype).transpose(0, 1)[None]
+    v_all = gather_kv(v_cache, span.block_table, span.context_len, q.dtype).transpose(0, 1)[None]
     if q.device.type == "cuda":
         return causal_attention_gpu(q.transpose(0, 1)[None], k_all, v_all, scale)[0].transpose(0, 1)  # [n, Hq, D]
     hkv = k_all.shape[1]
@@ -202,8 +209,8 @@ def decode_attention(
     mask = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]  # [B, L]: the padding's slots
     blocks = block_tables.view(-1)  # index_select gathers ~2.5x faster than k_cache[block_tables]
     # [B * nb, block_size, Hkv, D] -> [B, L, Hkv, D] -> [B, Hkv, L, D]
-    k = k_cache.index_select(0, blocks).view(b, length, hkv, d).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(b, length, hkv, d).transpose(1, 2)
+    k = k_cache.index_select(0, blocks).view(b, length, hkv, d).transpose(1, 2).to(q.dtype)
+    v = v_cache.index_select(0, blocks).view(b, length, hkv, d).transpose(1, 2).to(q.dtype)
     # GQA without repeating K/V: fold each KV head's group of query heads into the query axis.
     qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.view(b, 1, 1, length), scale=scale)
@@ -248,8 +255,8 @@ def packed_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     """Every prefill span's queries q [P, Hq, D] (span after span) over its context -> [P, Hq, D]."""
     num_blocks, block_size, hkv, d = k_cache.shape
     # [blocks, block_size, Hkv, D] -> [slots, Hkv, D] -> the spans' contexts end to end [sum ctx, Hkv, D]
-    k = k_cache.view(num_blocks * block_size, hkv, d).index_select(0, packed.context_slots)
-    v = v_cache.view(num_blocks * block_size, hkv, d).index_select(0, packed.context_slots)
+    k = k_cache.view(num_blocks * block_size, hkv, d).index_select(0, packed.context_slots).to(q.dtype)
+    v = v_cache.view(num_blocks * block_size, hkv, d).index_select(0, packed.context_slots).to(q.dtype)
     return flash_varlen(q, k, v, packed, scale)
 
 
@@ -288,8 +295,9 @@ def decode_attention_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     values. block_table [nb], context_len [1] (this token included); caches [blocks, block_size, Hkv, D]."""
     _, hq, d = q.shape
     hkv = k_cache.shape[2]
-    k = k_cache[block_table].flatten(0, 1).transpose(0, 1)  # [nb, bs, Hkv, D] -> [L, Hkv, D] -> [Hkv, L, D]
-    v = v_cache[block_table].flatten(0, 1).transpose(0, 1)
+    # [nb, bs, Hkv, D] -> [L, Hkv, D] -> [Hkv, L, D]
+    k = k_cache[block_table].flatten(0, 1).transpose(0, 1).to(q.dtype)
+    v = v_cache[block_table].flatten(0, 1).transpose(0, 1).to(q.dtype)
     qg = q.view(hkv, hq // hkv, d)  # [Hkv, G, D]: each KV head's group of query heads
     scores = (qg[:, :, None, :] * k[:, None]).sum(-1) * scale  # [Hkv, G, L]
     valid = torch.arange(k.shape[1], device=q.device) < context_len  # [L]: the last block's unused slots

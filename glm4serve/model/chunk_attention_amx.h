@@ -36,7 +36,9 @@ struct __attribute__((aligned(64))) chunk_scratch {
 };
 
 struct chunk_job {
-    const uint16_t *q, *kc, *vc;  /* q [n][Hq][128]; caches [blocks][block_size][Hkv][128] */
+    const uint16_t *q;  /* [n][Hq][128] */
+    const void *kc, *vc;  /* [blocks][block_size][Hkv][128], bf16 or (fp8) e4m3 */
+    int fp8;
     const int64_t *table;
     int64_t ctx, n, Hq, Hkv, G, block_size, queries_per_unit, blocks_of_queries;
     float c;  /* the scale times log2 e */
@@ -65,35 +67,50 @@ CHUNK_FN __mmask16 chunk_lanes(int64_t seen) {
     return seen >= 16 ? 0xFFFF : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
 }
 
-/* Tokens [t0, t0 + tokens) (a multiple of 32) of KV head h into s->kp and s->vp; those from `end` on as zeros. */
+/* Tokens [t0, t0 + tokens) (a multiple of 32) of KV head h into s->kp and s->vp; those from `end` on as zeros. fp8
+ * caches are widened to bf16 (exact) as they are packed. */
 CHUNK_FN void chunk_pack(const struct chunk_job *j, struct chunk_scratch *s, int64_t h, int64_t t0, int64_t tokens,
                          int64_t end) {
-    const uint16_t *krow[CHUNK_KV], *vrow[CHUNK_KV];
+    const char *krow[CHUNK_KV], *vrow[CHUNK_KV];  /* rows of 128 elements, 1 or 2 bytes each */
+    const int64_t esize = j->fp8 ? 1 : 2;
     for (int64_t i = 0; i < tokens; i++) {
         const int64_t t = t0 + i;
         if (t >= end) {
-            krow[i] = vrow[i] = s->zeros;
+            krow[i] = vrow[i] = (const char *)s->zeros;
             continue;
         }
         const int64_t row = ((j->table[t / j->block_size] * j->block_size + t % j->block_size) * j->Hkv + h) * CHUNK_D;
-        krow[i] = j->kc + row, vrow[i] = j->vc + row;
+        krow[i] = (const char *)j->kc + row * esize, vrow[i] = (const char *)j->vc + row * esize;
     }
     for (int64_t step = 0; step < tokens / 16; step++)  /* keys: tile B [16 element pairs][16 tokens] */
         for (int c = 0; c < CHUNK_D / 32; c++) {
             __m512i r[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(krow[step * 16 + i] + c * 32);
+            for (int i = 0; i < 16; i++) {
+                const char *at = krow[step * 16 + i] + c * 32 * esize;
+                r[i] = j->fp8 ? fp8x32_to_bf16(_mm256_loadu_si256((const void *)at)) : _mm512_loadu_si512(at);
+            }
             transpose16_dwords(r);
             uint32_t *tile = s->kp + (step * (CHUNK_D / 32) + c) * 256;
             for (int i = 0; i < 16; i++) _mm512_store_si512(tile + i * 16, r[i]);
         }
-    uint16_t pairs[32];  /* word 2i: the even token's element i, 2i + 1: the odd one's */
-    for (int i = 0; i < 16; i++) pairs[2 * i] = (uint16_t)i, pairs[2 * i + 1] = (uint16_t)(32 + i);
-    const __m512i interleave = _mm512_loadu_si512(pairs);
+    uint16_t pairs[32], halves[32];  /* word 2i: the even token's element i, 2i + 1: the odd one's */
+    for (int i = 0; i < 16; i++) {
+        pairs[2 * i] = (uint16_t)i, pairs[2 * i + 1] = (uint16_t)(32 + i);  /* of two vectors */
+        halves[2 * i] = (uint16_t)i, halves[2 * i + 1] = (uint16_t)(16 + i);  /* of one, the two tokens' halves */
+    }
+    const __m512i interleave = _mm512_loadu_si512(pairs), interleave_halves = _mm512_loadu_si512(halves);
     for (int64_t step = 0; step < tokens / 32; step++)  /* values: tile B [16 token pairs][16 elements] */
         for (int c = 0; c < CHUNK_D / 16; c++) {
             uint32_t *tile = s->vp + (step * (CHUNK_D / 16) + c) * 256;
             for (int i = 0; i < 16; i++) {
-                const uint16_t *even = vrow[step * 32 + 2 * i] + c * 16, *odd = vrow[step * 32 + 2 * i + 1] + c * 16;
+                const char *even = vrow[step * 32 + 2 * i] + c * 16 * esize;
+                const char *odd = vrow[step * 32 + 2 * i + 1] + c * 16 * esize;
+                if (j->fp8) {  /* both tokens' 16 bytes widened at once */
+                    const __m256i eo = _mm256_inserti128_si256(
+                        _mm256_castsi128_si256(_mm_loadu_si128((const void *)even)), _mm_loadu_si128((const void *)odd), 1);
+                    _mm512_store_si512(tile + i * 16, _mm512_permutexvar_epi16(interleave_halves, fp8x32_to_bf16(eo)));
+                    continue;
+                }
                 const __m512i e = _mm512_castsi256_si512(_mm256_loadu_si256((const void *)even));
                 const __m512i o = _mm512_castsi256_si512(_mm256_loadu_si256((const void *)odd));
                 _mm512_store_si512(tile + i * 16, _mm512_permutex2var_epi16(e, interleave, o));
@@ -267,8 +284,9 @@ CHUNK_FN void chunk_unit(const struct chunk_job *j, int64_t u, struct chunk_scra
 
 /* The exported kernel: the last n tokens' queries q [n][Hq][128] of a sequence, causal over its first ctx cached
  * tokens (blocks `table` of caches [blocks][block_size][Hkv][128], block_size a multiple of 16) -> out
- * [n][Hq][128], all bf16. 0; -1 where its scratch could not be allocated; -2 for shapes it does not take. */
-__attribute__((target(ISA))) int chunk_attention_amx(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
+ * [n][Hq][128], all bf16 but fp8 e4m3 caches where kv_fp8. 0; -1 where its scratch could not be allocated; -2 for
+ * shapes it does not take. */
+__attribute__((target(ISA))) int chunk_attention_amx(const uint16_t *q, const void *kc, const void *vc, int kv_fp8,
                                                      const int64_t *table, int64_t ctx, int64_t n, int64_t Hq,
                                                      int64_t Hkv, int64_t D, int64_t block_size, float scale,
                                                      uint16_t *out, int threads) {
@@ -280,8 +298,8 @@ __attribute__((target(ISA))) int chunk_attention_amx(const uint16_t *q, const ui
      * groups, 16 / G queries each) */
     int64_t per_unit = n * Hkv / threads / (16 / G) * (16 / G);
     per_unit = per_unit > CHUNK_ROWS / G ? CHUNK_ROWS / G : per_unit < 16 / G ? 16 / G : per_unit;
-    struct chunk_job j = {q, kc, vc, table, ctx, n, Hq, Hkv, G, block_size, per_unit, (n + per_unit - 1) / per_unit,
-                          scale * 1.4426950408889634f, out, scratch};
+    struct chunk_job j = {q, kc, vc, kv_fp8, table, ctx, n, Hq, Hkv, G, block_size, per_unit,
+                          (n + per_unit - 1) / per_unit, scale * 1.4426950408889634f, out, scratch};
 #pragma omp parallel num_threads(threads)
     {
         configure_tiles(16);

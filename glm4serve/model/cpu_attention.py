@@ -10,6 +10,12 @@ without AVX-512 BF16), from one sequence at 512-32K tokens of context to 64 sequ
 and the sections after it). At glm-4-9b-chat-1m's heads (groups of 8), the avx512bf16 build packs two KV
 heads a vector (packs()).
 
+fp8 caches (--kv-cache-dtype fp8, e4m3) are widened exactly as they are read (fp8.h): to bf16 for the AMX build's
+tiles (the decode kernel a step of 16 tokens at a time, the chunk kernel as it packs a kv block), to fp32 in the
+other builds (the avx512bf16 build's bf16 pairs take bf16 caches only). Half the bytes read: one sequence's 32K-token
+decode from memory 1.23x quicker than over bf16 in the AMX build, 1.40x in the AVX-512 BF16 build, 1.10x in AVX2's;
+prompt chunks in the chunk kernel cost the same (BENCHMARKS.md, "An fp8 KV cache").
+
 A sequence may bring up to MAX_SPAN_QUERIES queries, its last tokens (a speculative draft, a prompt chunk),
 each seeing the context up to its own token: a step's keys and values are read once for all of them; a longer
 span goes as sub-spans of that many. Against PyTorch's gather and SDPA (attention.py), a layer's span of 2-64
@@ -45,10 +51,11 @@ from pathlib import Path
 import torch
 
 from .int8_kernel import cpu_has, load_library
+from .kv_cache import FP8
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the ISA is each function's target attribute
-CPU_FLAGS = ("avx2", "fma")
+CPU_FLAGS = ("avx2", "fma", "f16c")  # F16C widens fp8 caches (fp8.h)
 MAX_HEAD_DIM = 256  # decode_attention.c's MAX_D
 MAX_SPLITS = 64  # and its MAX_SPLITS
 MAX_SPAN_QUERIES = 64  # and its MAX_SPAN: one sequence's queries in a call
@@ -63,8 +70,9 @@ MIN_SPLIT_TOKENS = 128  # but no split shorter than this
 
 # decode_attention.c's builds, the fastest first, and the CPU flags each needs. avx512bf16 multiplies bf16 caches
 # in pairs with vdpbf16ps; fp32 caches take the avx512 way there too; avx2 takes 16 query heads as two halves.
-BUILDS = {"amx": ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16"),
-          "avx512bf16": ("avx512f", "avx512bw", "avx512_bf16"), "avx512": ("avx512f",), "avx2": CPU_FLAGS}
+BUILDS = {"amx": ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16", "f16c"),
+          "avx512bf16": ("avx512f", "avx512bw", "avx512_bf16", "f16c"), "avx512": ("avx512f", "f16c"),
+          "avx2": CPU_FLAGS}
 LANES = 16  # query heads a unit of work takes (decode_attention.c's LANES)
 
 
@@ -96,22 +104,24 @@ def _kernel(build: str | None = None) -> ctypes._CFuncPtr | None:
     build = build or runnable[0]
     fn = getattr(_library(), f"paged_attention_{build}")
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr,
-                   ctypes.c_int]
+    fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64,
+                   ctypes.c_float, i64, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
 
 
 def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The kernel takes these queries q [T, Hq, D] over this cache [blocks, block_size, Hkv, D]."""
+    """The kernel takes these queries q [T, Hq, D] over this cache [blocks, block_size, Hkv, D]: fp32 or bf16, over
+    a cache of their type or of fp8 e4m3."""
     d = q.shape[-1]
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == q.dtype
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype in (q.dtype, FP8)
             and d % 8 == 0 and d <= MAX_HEAD_DIM and k_cache.is_contiguous() and _kernel() is not None)
 
 
 def packs(build: str, dtype: torch.dtype, group: int, kv_heads: int) -> int:
     """KV heads a unit of work takes in one vector (decode_attention.c's PACKS): two in the avx512bf16 build for
-    groups of 8 query heads (glm-4-9b-chat-1m), whose lanes one KV head would fill half of."""
+    groups of 8 query heads (glm-4-9b-chat-1m) over a bf16 cache (`dtype`), whose lanes one KV head would fill half
+    of."""
     return 2 if build == "avx512bf16" and dtype == torch.bfloat16 and 2 * group == LANES and kv_heads % 2 == 0 else 1
 
 
@@ -139,13 +149,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     threads = torch.get_num_threads()
     build = build or builds()[0]
-    pack = packs(build, q.dtype, hq // hkv, hkv)
+    pack = packs(build, k_cache.dtype, hq // hkv, hkv)
     parts = b * hkv // pack * -(-(hq // hkv) // (LANES // pack))  # units of work before the splits
     splits = splits or splits_for(parts, int(lens.max()), threads)
     kernel = _kernel(build)
     status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
-                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), starts.data_ptr(), b, hq, hkv, d, block_size,
-                    scale, splits, out.data_ptr(), threads)
+                    int(k_cache.dtype == FP8), tables.data_ptr(), tables.shape[1], lens.data_ptr(), starts.data_ptr(),
+                    b, hq, hkv, d, block_size, scale, splits, out.data_ptr(), threads)
     if status == -2:
         raise ValueError(f"each sequence takes 1 to {MAX_SPAN_QUERIES} queries, no more than its context's tokens")
     if status != 0:
@@ -170,9 +180,11 @@ def amx_spans() -> bool:
 
 
 def amx_takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The AMX build multiplies these queries over this cache [blocks, block_size, Hkv, D] on its tiles: bf16, blocks
-    of a multiple of 16 tokens, heads of a multiple of 32 elements (decode_attention_amx.h)."""
-    return q.dtype == torch.bfloat16 and k_cache.shape[1] % 16 == 0 and q.shape[-1] % 32 == 0
+    """The AMX build multiplies these queries over this cache [blocks, block_size, Hkv, D] on its tiles: bf16 queries
+    over a bf16 or fp8 cache, blocks of a multiple of 16 tokens, heads of a multiple of 32 elements
+    (decode_attention_amx.h)."""
+    return (q.dtype == torch.bfloat16 and k_cache.dtype in (q.dtype, FP8) and k_cache.shape[1] % 16 == 0
+            and q.shape[-1] % 32 == 0)
 
 
 @functools.cache
@@ -187,7 +199,7 @@ def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     if q.dtype == torch.bfloat16 and amx_spans():
         return chunk_takes(n, q, k_cache) or n <= AMX_SPAN_QUERIES and builds()[0] == "amx" and amx_takes(q, k_cache)
     group, kv_heads = q.shape[1] // k_cache.shape[2], k_cache.shape[2]
-    if group * packs(builds()[0], q.dtype, group, kv_heads) < LANES:
+    if group * packs(builds()[0], k_cache.dtype, group, kv_heads) < LANES:
         return n <= UNFILLED_SPAN_QUERIES
     return n <= SHORT_SPAN_QUERIES or not short_spans_only()
 
@@ -196,21 +208,22 @@ def takes_span(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def _chunk_kernel() -> ctypes._CFuncPtr:
     fn = _library().chunk_attention_amx
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
 
 
 def chunk_takes(n: int, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """The AMX build's chunk kernel (chunk_attention_amx.h) takes a span of n queries q [n, Hq, D] over this cache
-    [blocks, block_size, Hkv, D]: bf16, heads of CHUNK_HEAD_DIM, query groups that divide 16, blocks of a multiple of
-    16 tokens, and a row group (16 rows of a query and head) for each thread, whose units of work do not split the
-    context (a short span over many threads keeps the decode kernel, whose units do)."""
+    [blocks, block_size, Hkv, D]: bf16 queries over a bf16 or fp8 cache, heads of CHUNK_HEAD_DIM, query groups that
+    divide 16, blocks of a multiple of 16 tokens, and a row group (16 rows of a query and head) for each thread,
+    whose units of work do not split the context (a short span over many threads keeps the decode kernel, whose
+    units do)."""
     hq, kv_heads = q.shape[1], k_cache.shape[2]
     group = hq // kv_heads
-    return (q.dtype == torch.bfloat16 and q.shape[-1] == CHUNK_HEAD_DIM and group * kv_heads == hq
-            and 16 % group == 0 and k_cache.shape[1] % 16 == 0 and n * hq >= 16 * torch.get_num_threads()
-            and builds()[:1] == ["amx"])
+    return (q.dtype == torch.bfloat16 and k_cache.dtype in (q.dtype, FP8) and q.shape[-1] == CHUNK_HEAD_DIM
+            and group * kv_heads == hq and 16 % group == 0 and k_cache.shape[1] % 16 == 0
+            and n * hq >= 16 * torch.get_num_threads() and builds()[:1] == ["amx"])
 
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -222,8 +235,9 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q = q.contiguous()
     table = block_table.to(torch.int64).contiguous()
     out = torch.empty_like(q)
-    status = _chunk_kernel()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), context_len, n,
-                             hq, hkv, d, block_size, scale, out.data_ptr(), torch.get_num_threads())
+    status = _chunk_kernel()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == FP8),
+                             table.data_ptr(), context_len, n, hq, hkv, d, block_size, scale, out.data_ptr(),
+                             torch.get_num_threads())
     if status == -2:
         raise ValueError("the chunk kernel does not take these shapes (chunk_takes)")
     if status != 0:

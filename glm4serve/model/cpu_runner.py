@@ -94,8 +94,9 @@ def nbytes(module: torch.nn.Module) -> int:
 
 class CpuRunner(EagerRunner):
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None,
-                 compile_decode: bool = True):
+                 compile_decode: bool = True, kv_dtype: torch.dtype | None = None):
         fp32_dense = model.embed.weight.dtype == torch.float32 and not is_quantized(model)
+        fp32_dense = fp32_dense and kv_dtype in (None, torch.float32)  # the graphs read a cache of the model's dtype
         big = nbytes(model) > COMPILED_DECODE_MIN_BYTES  # measured now: packed weights are not counted
         # a tensor-parallel shard decodes eagerly: its collectives (tp.py) run between the layers' ops
         self.compile_decode = compile_decode
@@ -107,7 +108,7 @@ class CpuRunner(EagerRunner):
         swap_linears(model, plain_for=(LAYER_LINEARS if self.compiled else ()) + (("lm_head",) if head_plain else ()))
         move_quantized_weights_to_hugepages(model)
         # The KV cache in huge pages too: decode streams it like the weights.
-        super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty)
+        super().__init__(model, num_blocks, block_size, vocab_limit, kv_zeros=hugepage_empty, kv_dtype=kv_dtype)
         self.compiled_rows = big and compiler_available()
         if self.compiled_rows:  # first: the one-token graphs trace through the wrapped modules
             compile_elementwise(model)
@@ -117,7 +118,7 @@ class CpuRunner(EagerRunner):
     def __repr__(self) -> str:
         if self.compiled:
             decode = "compiled one-token decode"
-        elif self.dtype != torch.float32 or is_quantized(self.model):
+        elif self.dtype != torch.float32 or is_quantized(self.model) or self.kv_dtype != self.dtype:
             decode = "eager decode"
         elif not self.compile_decode:
             decode = "eager decode (LoRA adapters)"
@@ -134,7 +135,8 @@ class CpuRunner(EagerRunner):
             kernels = int8_kernel.kernels() if any(m.tiled for m in int4) else "torch's kernels"
             linears = linears - {"Int4Linear"} | {f"Int4Linear in {kernels}"}
         rows = ", compiled norms and SwiGLU for many rows" if self.compiled_rows else ""
-        return f"CpuRunner({self.dtype}, {'/'.join(sorted(linears))}, {decode}{rows})"
+        kv = f", KV cache {str(self.kv_dtype).removeprefix('torch.')}" if self.kv_dtype != self.dtype else ""
+        return f"CpuRunner({self.dtype}, {'/'.join(sorted(linears))}, {decode}{rows}{kv})"
 
     def forward(self, b: ForwardBatch) -> torch.Tensor:
         if self.one_token is not None and b.input_ids.shape[0] == 1 and b.logits_indices.shape[0] == 1:

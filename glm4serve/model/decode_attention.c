@@ -1,6 +1,7 @@
 /* Decode attention on CPU: one query per sequence, or up to MAX_SPAN of its last tokens (a speculative draft; a
  * prompt chunk comes as sub-spans of that many, cpu_attention.py), over its paged K/V, read in place (built where
- * the CPU has AVX2 and FMA; caches [blocks, block_size, Hkv, D] in bf16 or fp32).
+ * the CPU has AVX2, FMA and F16C; caches [blocks, block_size, Hkv, D] in bf16, fp32 or fp8 e4m3, the last widened
+ * through fp16 (fp8.h)).
  *
  * PyTorch's way gathers each sequence's blocks into a new tensor every layer and step, then runs SDPA
  * over the copy: at a 16K context, 4.2 of a layer's 5.5 ms were that gather (BENCHMARKS.md). Here each
@@ -31,6 +32,7 @@
 #include <string.h>
 
 #include "bf16_scalar.h"
+#include "fp8.h"
 
 #define MAX_D 256  /* head sizes up to this (GLM-4: 128), a multiple of DT */
 #define MAX_SPLITS 64
@@ -38,9 +40,11 @@
 
 #define LANES 16  /* query heads a unit takes */
 #define PREFETCH_TOKENS 32  /* how far ahead each step prefetches (16-64 measured alike, 128 a little slower) */
-/* KV heads attend_dot packs into a vector: 2 for groups of 8 over an even number of KV heads (cpu_attention.py's
- * packs() says the same) */
-#define PACKS(bf16, G, Hkv) (BF16_DOT && !AMX && (bf16) && 2 * (G) == LANES && (Hkv) % 2 == 0 ? 2 : 1)
+/* KV heads attend_dot packs into a vector: 2 for groups of 8 over an even number of KV heads, where its bf16 pairs
+ * run (cpu_attention.py's packs() says the same) */
+#define PACKS(paired, G, Hkv) (BF16_DOT && !AMX && (paired) && 2 * (G) == LANES && (Hkv) % 2 == 0 ? 2 : 1)
+enum { KV_FP32, KV_BF16, KV_FP8 };  /* a cache's element type */
+#define KV_ESIZE(kind) ((kind) == KV_FP8 ? 1 : (kind) == KV_BF16 ? 2 : 4)
 #define NT 8      /* tokens a step: their scores are NT independent sums (even, for attend_dot's pairs) */
 #define DT 8      /* value dims a step of the weighted sum */
 #define BF16_DOT 1
@@ -49,7 +53,7 @@
 #if !defined(NO_AMX) && (defined(__clang__) || __GNUC__ >= 11)
 #include "amx_tiles.h"
 #define AMX 1
-#define ISA "avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16"
+#define ISA "avx512f,avx512bw,avx512bf16,f16c,amx-tile,amx-bf16"
 #define F(name) name##_amx
 #include "decode_attention_kernel.h"
 #include "chunk_attention_amx.h"
@@ -58,7 +62,7 @@
 #undef F
 #endif
 #define AMX 0
-#define ISA "avx512f,avx512bw,avx512bf16"
+#define ISA "avx512f,avx512bw,avx512bf16,f16c"
 #define F(name) name##_avx512bf16
 #include "decode_attention_kernel.h"
 #undef BF16_DOT
@@ -68,7 +72,7 @@
 
 #define BF16_DOT 0
 #define HALVES 0
-#define ISA "avx512f"
+#define ISA "avx512f,f16c"
 #define F(name) name##_avx512
 #include "decode_attention_kernel.h"
 #undef HALVES
@@ -81,6 +85,6 @@
 #define NT 8  /* 1.04-1.09x 4 (the value sums' outputs read and written half as often), as quick as 16 */
 #define QT 4  /* tokens whose scores are summed at a time: 2 * QT of the 16 registers */
 #define DT 4
-#define ISA "avx2,fma"
+#define ISA "avx2,fma,f16c"
 #define F(name) name##_avx2
 #include "decode_attention_kernel.h"

@@ -1,5 +1,6 @@
 /* Included by decode_attention_kernel.h for the AMX build (AMX): attend_dot's twin on AMX-BF16 tiles, for bf16
- * caches in blocks of a multiple of 16 tokens and head sizes of a multiple of 32.
+ * caches in blocks of a multiple of 16 tokens and head sizes of a multiple of 32, and fp8 ones whose steps are first
+ * widened to bf16 (exact) into a buffer of the step's rows.
  *
  * On a Sapphire Rapids core vdpbf16ps issues once a cycle, so attend_dot's 128 of them a token and KV head, not the
  * memory, bound a decode (level with PyTorch's gather and SDPA there, whose products run on the tiles). Here a step
@@ -22,6 +23,9 @@
 #define AMX_OUT_SKEW 16
 #define AMX_OUT_PAD 256
 
+/* attend_amx takes caches of these blocks and head sizes */
+INLINE int F(amx_takes)(int64_t block_size, int64_t D) { return block_size % AMX_STEP == 0 && D % 32 == 0; }
+
 /* p [16 tokens] vecs of 16 heads' weights -> a_even, a_odd [16 heads][16 tokens] dwords (bf16 low or high) */
 INLINE void F(weights_by_head)(const vec *p, uint32_t *a_even, uint32_t *a_odd) {
     uint32_t by_token[AMX_STEP * LANES] __attribute__((aligned(64)));
@@ -37,7 +41,7 @@ INLINE void F(weights_by_head)(const vec *p, uint32_t *a_even, uint32_t *a_odd) 
 }
 
 INLINE void F(attend_amx)(const uint32_t *qP, int64_t q_stride, int64_t nq, int64_t first_limit, float scale,
-                          const uint16_t *kc, const uint16_t *vc, const int64_t *table, int64_t block_size,
+                          const void *kc, const void *vc, int fp8, const int64_t *table, int64_t block_size,
                           int64_t Hkv, int64_t h, int64_t D, int64_t t0, int64_t t1, vec *res, int64_t res_stride,
                           float *out /* [nq][16 heads][D], each 32 elements' even then odd ones */) {
     uint16_t kz[AMX_STEP * MAX_D] __attribute__((aligned(64))), vz[AMX_STEP * MAX_D] __attribute__((aligned(64)));
@@ -45,23 +49,34 @@ INLINE void F(attend_amx)(const uint32_t *qP, int64_t q_stride, int64_t nq, int6
     uint32_t a_even[LANES * AMX_STEP] __attribute__((aligned(64)));
     uint32_t a_odd[LANES * AMX_STEP] __attribute__((aligned(64)));
     memset(out, 0, (size_t)(nq * LANES * D) * sizeof(float));
-    const int64_t stride = Hkv * D;
+    const int64_t stride = Hkv * D, esize = fp8 ? 1 : 2;
     F(start_queries)(nq, D, res, res_stride);
-    F(prefetch_tokens)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, 1, t0,
+    F(prefetch_tokens)((const char *)kc, (const char *)vc, esize, table, block_size, stride, h, D, 1, t0,
                        t0 + 2 * AMX_STEP, t1);
     for (int64_t t = t0; t < t1; t += AMX_STEP) {
         const int64_t n = t1 - t < AMX_STEP ? t1 - t : AMX_STEP;
         const int64_t row = (table[t / block_size] * block_size + t % block_size) * stride + h * D;
-        F(prefetch_tokens)((const char *)kc, (const char *)vc, 2, table, block_size, stride, h, D, 1,
+        F(prefetch_tokens)((const char *)kc, (const char *)vc, esize, table, block_size, stride, h, D, 1,
                            t + 2 * AMX_STEP, t + 3 * AMX_STEP, t1);
-        const uint16_t *k = kc + row, *v = vc + row;
+        const uint16_t *k = (const uint16_t *)kc + row, *v = (const uint16_t *)vc + row;
         int64_t kv_stride = stride;
-        if (n < AMX_STEP) {  /* the slots past the context may hold anything (nan x 0 is nan): zeros instead */
-            memset(kz, 0, sizeof kz);
-            memset(vz, 0, sizeof vz);
+        if (fp8 || n < AMX_STEP) {  /* fp8 widened; the slots past the context may hold anything (nan x 0 is nan) */
+            if (n < AMX_STEP) {
+                memset(kz + n * D, 0, (AMX_STEP - n) * D * 2);
+                memset(vz + n * D, 0, (AMX_STEP - n) * D * 2);
+            }
             for (int64_t i = 0; i < n; i++) {
-                memcpy(kz + i * D, k + i * stride, D * 2);
-                memcpy(vz + i * D, v + i * stride, D * 2);
+                if (fp8) {
+                    const uint8_t *k8 = (const uint8_t *)kc + row + i * stride;
+                    const uint8_t *v8 = (const uint8_t *)vc + row + i * stride;
+                    for (int64_t c = 0; c < D; c += 32) {
+                        _mm512_store_si512(kz + i * D + c, fp8x32_to_bf16(_mm256_loadu_si256((const void *)(k8 + c))));
+                        _mm512_store_si512(vz + i * D + c, fp8x32_to_bf16(_mm256_loadu_si256((const void *)(v8 + c))));
+                    }
+                } else {
+                    memcpy(kz + i * D, k + i * stride, D * 2);
+                    memcpy(vz + i * D, v + i * stride, D * 2);
+                }
             }
             k = kz, v = vz, kv_stride = D;
         }

@@ -36,13 +36,21 @@ typedef int32_t F(veci) __attribute__((vector_size(LANES * 4)));
     }
 VECTOR_MATH(vec, veci, F(splat), F(vmax), F(vexp))
 
-/* n rows of D elements, `stride` elements apart, widened into out [NT][D] (rows n.. zero) */
-INLINE void F(widen_rows)(const void *src, int bf16, int64_t stride, int64_t n, int64_t D, float *out) {
+/* n rows of D elements of a cache of `kind` (KV_*), `stride` elements apart, widened into out [NT][D] (rows n..
+ * zero) */
+INLINE void F(widen_rows)(const void *src, int kind, int64_t stride, int64_t n, int64_t D, float *out) {
     for (int64_t i = 0; i < NT; i++) {
         float *o = out + i * D;
         if (i >= n) {
             memset(o, 0, D * sizeof(float));
-        } else if (bf16) {
+        } else if (kind == KV_FP8) {
+            const uint8_t *s = (const uint8_t *)src + i * stride;
+            int64_t d = 0;
+#if !HALVES
+            for (; d + 16 <= D; d += 16) _mm512_storeu_ps(o + d, fp8x16_to_ps(s + d));
+#endif
+            for (; d < D; d += 8) _mm256_storeu_ps(o + d, fp8x8_to_ps(s + d));
+        } else if (kind == KV_BF16) {
             const uint16_t *s = (const uint16_t *)src + i * stride;
             for (int64_t d = 0; d < D; d++) o[d] = from_bf16(s[d]);
         } else {
@@ -137,17 +145,17 @@ INLINE void F(query_step)(const vec *q, const float *kf, const float *vf, int64_
  * are read and widened once for all the queries. (Two queries taking each broadcast key or value element together
  * measured no quicker: the products, not the loads, bound a step.) */
 INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first_limit, const void *kc,
-                      const void *vc, int bf16, const int64_t *table, int64_t block_size, int64_t Hkv, int64_t h,
+                      const void *vc, int kind, const int64_t *table, int64_t block_size, int64_t Hkv, int64_t h,
                       int64_t D, int64_t t0, int64_t t1, vec *res, int64_t res_stride) {
     float kf[NT * MAX_D] __attribute__((aligned(64))), vf[NT * MAX_D] __attribute__((aligned(64)));
     const int64_t stride = Hkv * D;  /* elements from one token's vector to the next's */
-    const int64_t esize = bf16 ? 2 : 4;
+    const int64_t esize = KV_ESIZE(kind);
     F(start_queries)(nq, D, res, res_stride);
     for (int64_t t = t0; t < t1;) {
         int64_t row;
         const int64_t n = F(step_at)(kc, vc, esize, table, block_size, stride, h, D, 1, t, t0, t1, &row);
-        F(widen_rows)((const char *)kc + row * esize, bf16, stride, n, D, kf);
-        F(widen_rows)((const char *)vc + row * esize, bf16, stride, n, D, vf);
+        F(widen_rows)((const char *)kc + row * esize, kind, stride, n, D, kf);
+        F(widen_rows)((const char *)vc + row * esize, kind, stride, n, D, vf);
         for (int64_t r = 0; r < nq; r++) {
             const int64_t nr = first_limit + r - t < n ? first_limit + r - t : n;  /* tokens query r sees */
             vec *mla = res + r * res_stride;  /* m, l, acc [D] */
@@ -172,7 +180,9 @@ INLINE void F(attend)(const vec *qT, int64_t q_stride, int64_t nq, int64_t first
  * `splits` parts, units of work of their own. */
 struct F(batch) {
     const void *q, *kc, *vc;
-    int bf16;
+    int bf16;  /* q and out are bf16 (else fp32) */
+    int kind;  /* the caches' KV_* */
+    int paired;  /* units go through attend_dot or attend_amx, whose queries are bf16 pairs */
     const int64_t *block_tables, *context_lens, *query_starts;
     int64_t width, Hq, Hkv, D, block_size, splits, G, chunks;
     int64_t pack, lk, Hu;  /* KV heads a vector holds (attend_dot), lanes each of them takes, KV units (Hkv / pack) */
@@ -197,7 +207,7 @@ INLINE void F(load_query)(const struct F(batch) *j, int64_t p) {
     const int64_t D = j->D, row = p / (j->Hu * j->chunks), hu = p / j->chunks % j->Hu, c = p % j->chunks;
     vec *qv = j->queries + p * D;
 #if BF16_DOT
-    if (j->bf16) {
+    if (j->paired) {
         uint32_t *pairs = (uint32_t *)qv;  /* [D / 2][LANES] */
         for (int64_t g = 0; g < LANES; g++) {
             const int64_t head = F(lane_head)(j, hu, c, g);
@@ -244,15 +254,15 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
     const int64_t first_limit = ctx - nq + 1;
     const int64_t *table = j->block_tables + b * j->width;
 #if AMX
-    if (j->bf16 && j->block_size % AMX_STEP == 0 && D % 32 == 0) {
+    if (j->paired && F(amx_takes)(j->block_size, D)) {
         float *out = j->amx_out + AMX_OUT_SKEW + omp_get_thread_num() * (j->max_nq * LANES * D + AMX_OUT_PAD);
-        F(attend_amx)((const uint32_t *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table, j->block_size,
-                      j->Hkv, h, D, t0, t1, res, res_stride, out);
+        F(attend_amx)((const uint32_t *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, j->kind == KV_FP8,
+                      table, j->block_size, j->Hkv, h, D, t0, t1, res, res_stride, out);
         return;
     }
 #endif
 #if BF16_DOT
-    if (j->bf16) {
+    if (j->paired) {
         if (j->pack == 2)
             F(attend_dot)(2, (const __m512i *)q, q_stride, nq, first_limit, j->scale, j->kc, j->vc, table,
                           j->block_size, j->Hkv, h, D, t0, t1, res, res_stride);
@@ -262,7 +272,7 @@ INLINE void F(run_unit)(const struct F(batch) *j, int64_t u, vec *partial) {
         return;
     }
 #endif
-    F(attend)(q, q_stride, nq, first_limit, j->kc, j->vc, j->bf16, table, j->block_size, j->Hkv, h, D, t0, t1, res,
+    F(attend)(q, q_stride, nq, first_limit, j->kc, j->vc, j->kind, table, j->block_size, j->Hkv, h, D, t0, t1, res,
               res_stride);
 }
 
@@ -294,10 +304,11 @@ INLINE void F(merge_part)(const struct F(batch) *j, int64_t part, const vec *par
     }
 }
 
-/* The exported kernel, F(paged_attention): 0, -1 where its scratch could not be allocated, -2 where a sequence has
- * more than MAX_SPAN queries or fewer than 1, or more queries than tokens. */
+/* The exported kernel, F(paged_attention): q and out bf16 (else fp32), the caches fp8 e4m3 where kv_fp8 (else q's
+ * type). 0, -1 where its scratch could not be allocated, -2 where a sequence has more than MAX_SPAN queries or
+ * fewer than 1, or more queries than tokens. */
 __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *kc, const void *vc, int bf16,
-                                                    const int64_t *block_tables, int64_t width,
+                                                    int kv_fp8, const int64_t *block_tables, int64_t width,
                                                     const int64_t *context_lens, const int64_t *query_starts,
                                                     int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size,
                                                     float scale, int64_t splits, void *out, int threads) {
@@ -307,7 +318,14 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
         if (nq < 1 || nq > MAX_SPAN || nq > context_lens[b]) return -2;
         if (nq > max_nq) max_nq = nq;
     }
-    const int64_t G = Hq / Hkv, pack = PACKS(bf16, G, Hkv);
+    const int kind = kv_fp8 ? KV_FP8 : bf16 ? KV_BF16 : KV_FP32;
+    /* bf16 queries as pairs: attend_dot's for bf16 caches, attend_amx's for both of its kinds */
+#if AMX
+    const int paired = bf16 && (kind == KV_BF16 || F(amx_takes)(block_size, D));
+#else
+    const int paired = BF16_DOT && bf16 && kind == KV_BF16;
+#endif
+    const int64_t G = Hq / Hkv, pack = PACKS(paired, G, Hkv);
     const int64_t lk = LANES / pack, Hu = Hkv / pack, chunks = (G + lk - 1) / lk, parts = B * Hu * chunks;
     const int64_t row_parts = query_starts[B] * Hu * chunks;
     vec *partial = aligned_alloc(64, (size_t)(row_parts * splits * (D + 2)) * sizeof(vec));
@@ -323,8 +341,8 @@ __attribute__((target(ISA))) int F(paged_attention)(const void *q, const void *k
         free(amx_out);
         return -1;
     }
-    struct F(batch) j = {q, kc, vc, bf16, block_tables, context_lens, query_starts, width, Hq, Hkv, D, block_size,
-                         splits, G, chunks, pack, lk, Hu, scale, out, queries, amx_out, max_nq, parts};
+    struct F(batch) j = {q, kc, vc, bf16, kind, paired, block_tables, context_lens, query_starts, width, Hq, Hkv, D,
+                         block_size, splits, G, chunks, pack, lk, Hu, scale, out, queries, amx_out, max_nq, parts};
 #pragma omp parallel num_threads(threads)
     {
 #if AMX

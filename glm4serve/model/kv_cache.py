@@ -2,6 +2,11 @@
 
 Which block holds which sequence's tokens is the engine's bookkeeping (engine/block_pool.py);
 here a block is only an index into the first axis.
+
+The cache holds the model's dtype, or fp8 e4m3 (`--kv-cache-dtype fp8`, vLLM's flag and its default scale of 1:
+values stored as they are, saturating at e4m3's +-448), half of bf16's bytes: twice the tokens in the same memory, and
+half the reads of a long context's decode. Attention widens it back as it reads (cpu_attention.py's kernels, or
+`.to()` in PyTorch's paths); writes go through attention.store_kv.
 """
 
 from __future__ import annotations
@@ -12,6 +17,15 @@ import torch
 
 from .config import ModelConfig
 from .shard import Shard
+
+
+FP8 = torch.float8_e4m3fn
+KV_CACHE_DTYPES = {"fp8": FP8, "fp8_e4m3": FP8}  # --kv-cache-dtype's values besides "auto" (the model's dtype)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for --kv-cache-dtype `name`."""
+    return model_dtype if name == "auto" else KV_CACHE_DTYPES[name]
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, shard: Shard = Shard()) -> int:
@@ -50,4 +64,5 @@ class KVCache:
         src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)
         dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=device)
         for cache in self.k + self.v:
+            cache = cache.view(torch.uint8) if cache.dtype == FP8 else cache  # index_copy_ has no fp8 kernel on CPU
             cache.index_copy_(0, dst, cache.index_select(0, src))

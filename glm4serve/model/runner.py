@@ -47,11 +47,13 @@ class EagerRunner:
     paged_decode.py's kernel."""
 
     def __init__(self, model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None,
-                 kv_zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None, paged_decode: bool = False):
+                 kv_zeros: Callable[[tuple, torch.dtype], torch.Tensor] | None = None, paged_decode: bool = False,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.kv = KVCache(model.cfg, num_blocks, block_size, self.dtype, self.device, zeros=kv_zeros,
+        self.kv_dtype = kv_dtype or self.dtype  # the cache's elements: the model's dtype, or fp8 (kv_cache.py)
+        self.kv = KVCache(model.cfg, num_blocks, block_size, self.kv_dtype, self.device, zeros=kv_zeros,
                           shard=model.shard)
         self.num_blocks, self.block_size = num_blocks, block_size
         # The output layer has padding rows past the tokenizer's last id (151552 vs 151343 for
@@ -79,7 +81,8 @@ class EagerRunner:
 
 def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int | None = None, *,
                 max_num_seqs: int | None = None, max_model_len: int | None = None,
-                enforce_eager: bool = False, loras: LoRASet | None = None, gemv_kernels: bool = True) -> ModelRunner:
+                enforce_eager: bool = False, loras: LoRASet | None = None, gemv_kernels: bool = True,
+                kv_dtype: torch.dtype | None = None) -> ModelRunner:
     """The fastest runner for this model where it runs:
     - CPU: fp32 and bf16 models (where this torch has oneDNN's linear packing) and quantized ones get
       the CPU runner;
@@ -89,6 +92,7 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
       attention where Triton is installed); with `gemv_kernels`, its batch-1 step's matrix products
       by gemv.py's kernel where that beats cuBLAS's, timed on this GPU now;
     - everything else: the eager runner.
+    The KV cache holds kv_dtype (default: the model's dtype); fp8 only on CPU.
     LoRA adapters wrap the linears of whichever runner it is. A fixed set of them (none loaded or
     unloaded while serving) the CUDA graph runner holds in slots that its graphs capture (lora.LoRASlots);
     otherwise, as on CPU, no step with them is compiled or captured (their rows change every step)."""
@@ -97,6 +101,8 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
     from .quant import is_quantized
 
     param = next(model.parameters())
+    if kv_dtype not in (None, param.dtype) and param.device.type != "cpu":
+        raise ValueError(f"a KV cache of {kv_dtype} runs on CPU only for now")
     packable = param.dtype in (torch.float32, torch.bfloat16) and packing_available()
     on_gpu = param.device.type == "cuda"
     why_not = unsupported(model.cfg.head_dim) if on_gpu else None
@@ -107,7 +113,8 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
     if param.device.type == "cpu" and (is_quantized(model) or packable):
         from .cpu_runner import CpuRunner
 
-        runner = CpuRunner(model, num_blocks, block_size, vocab_limit, compile_decode=loras is None)
+        runner = CpuRunner(model, num_blocks, block_size, vocab_limit, compile_decode=loras is None,
+                           kv_dtype=kv_dtype)
     elif (paged_decode and max_num_seqs and max_model_len and not enforce_eager and model.shard.world == 1
           and (loras is None or loras.fixed)):
         from .cuda_runner import CudaGraphRunner
@@ -119,7 +126,7 @@ def make_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit:
         runner = CudaGraphRunner(model, num_blocks, block_size, vocab_limit, max_num_seqs, max_model_len,
                                  fuse=fuse, one_row=one_row, loras=loras, fold_with=fold_with)
     else:
-        runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode)
+        runner = EagerRunner(model, num_blocks, block_size, vocab_limit, paged_decode=paged_decode, kv_dtype=kv_dtype)
     if loras is not None and runner.loras is None:  # the CUDA graph runner has them in its graphs already
         loras.attach(model)
         runner.loras = loras

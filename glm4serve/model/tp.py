@@ -29,7 +29,6 @@ import torch.distributed as dist
 from .batch import ScheduledBatch
 from .config import ModelConfig
 from .glm4 import GLM4Model, load_model
-from .kv_cache import bytes_per_token
 from .shard import Shard
 
 log = logging.getLogger(__name__)
@@ -88,10 +87,10 @@ def _join(spec: RankSpec, rank: int) -> GLM4Model:
                       shard=Shard(rank, spec.world), hf_overrides=spec.hf_overrides)
 
 
-def _rank_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int):
+def _rank_runner(model: GLM4Model, num_blocks: int, block_size: int, vocab_limit: int, kv_dtype: torch.dtype):
     from .runner import make_runner
 
-    runner = make_runner(model, num_blocks, block_size, vocab_limit)
+    runner = make_runner(model, num_blocks, block_size, vocab_limit, kv_dtype=kv_dtype)
     install_collectives(model)  # on the runner's own modules (it may swap the linears)
     return runner
 
@@ -103,7 +102,7 @@ def worker_main(spec: RankSpec, rank: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     model = _join(spec, rank)
     plan = [None]
-    dist.broadcast_object_list(plan, src=0)  # (num_blocks, block_size, vocab_limit), planned by rank 0
+    dist.broadcast_object_list(plan, src=0)  # (num_blocks, block_size, vocab_limit, kv_dtype), planned by rank 0
     runner = _rank_runner(model, *plan[0])
     while True:
         batch = [None]
@@ -141,12 +140,9 @@ class TensorParallelRunner:
             w.start()
         return cls(spec, _join(spec, 0), workers)
 
-    def bytes_per_token(self) -> int:
-        return bytes_per_token(self.model.cfg, next(self.model.parameters()).dtype, self.model.shard)
-
-    def build_runners(self, num_blocks: int, block_size: int, vocab_limit: int) -> None:
-        dist.broadcast_object_list([(num_blocks, block_size, vocab_limit)], src=0)
-        self.runner = _rank_runner(self.model, num_blocks, block_size, vocab_limit)
+    def build_runners(self, num_blocks: int, block_size: int, vocab_limit: int, kv_dtype: torch.dtype) -> None:
+        dist.broadcast_object_list([(num_blocks, block_size, vocab_limit, kv_dtype)], src=0)
+        self.runner = _rank_runner(self.model, num_blocks, block_size, vocab_limit, kv_dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
