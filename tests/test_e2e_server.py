@@ -359,6 +359,26 @@ def test_speculative_decoding_gives_the_plain_servers_replies(server, make_check
         spec.stop()
 
 
+def test_a_server_over_an_fp8_kv_cache_answers_and_frees_its_blocks(make_checkpoint, device):
+    """--kv-cache-dtype fp8 (CPU): chat whole and streamed give one text, a completion its logprobs, and the blocks
+    come back once idle; the startup log names the cache's dtype."""
+    if device != "cpu":
+        pytest.skip("an fp8 KV cache runs on CPU only")
+    s = ServerProcess(make_checkpoint("glm", "hf", "wide"), "--served-model-name", "glm4-test",
+                      "--kv-cache-dtype", "fp8").wait_healthy()
+    try:
+        kw = dict(model="glm4-test", messages=MSGS, max_tokens=30, temperature=0)
+        whole = client(s).chat.completions.create(**kw).choices[0].message.content
+        chunks = list(client(s).chat.completions.create(**kw, stream=True))
+        assert whole and "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+        got = client(s).completions.create(model="glm4-test", prompt="Hello", max_tokens=5, logprobs=2).choices[0]
+        assert len(got.logprobs.tokens) == 5 and all(lp <= 0 for lp in got.logprobs.token_logprobs)
+        wait_idle(s)
+    finally:
+        s.stop()
+    assert "float8_e4m3fn" in s.log_path.read_text()
+
+
 @pytest.mark.cuda
 def test_bf16_server_with_the_automatic_kv_budget(make_checkpoint):
     """As a GPU user runs it: bf16, no --kv-cache-memory (the cache takes what the weights leave of
