@@ -3,7 +3,9 @@
 For each prompt, every position's next-token distribution (teacher-forced over the prompt) of the
 model as served (bf16 around the linears for int8/int4, as a bf16 checkpoint loads) against the
 same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement; "bf16, fp8 KV" is bf16 over an fp8 KV
-cache (--kv-cache-dtype fp8), and with --kv-only that mode and bf16 alone. Where int4_int8.c builds (no
+cache (--kv-cache-dtype fp8), and with --kv-only that mode and bf16 alone. Every position is teacher-forced one
+token at a time (decodes: products of one row), or with --prefill each prompt in one chunk whose every position
+gives logits (products of as many rows as the prompt's tokens: the prefill kernels). Where int4_int8.c builds (no
 AMX), int4 twice, every product through int4_gemm (int16 activations: one row beside int8_gemm.c) and through
 int4_int8.c (int8 per group of inputs: batches there, every row count where AVX2 alone runs). On a 9B-shaped slice
 (glm-4-9b-chat's layer shapes, random bf16 weights) by default, or on any checkpoint:
@@ -33,7 +35,7 @@ KV_MODES = {"bf16, fp8 KV"}  # modes whose KV cache is fp8
 
 
 def all_position_logits(path, dtype: str, quantization: str | None, prompts: list[list[int]],
-                        kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+                        kv_dtype: torch.dtype | None = None, prefill: bool = False) -> torch.Tensor:
     """[sum of prompt lengths, V] fp32 logits, every position of every prompt (one prefill each)."""
     model = load_model(path, dtype=dtype, quantization=quantization)
     longest = max(len(p) for p in prompts)
@@ -42,6 +44,9 @@ def all_position_logits(path, dtype: str, quantization: str | None, prompts: lis
     for p in prompts:
         pool = BlockPool(runner.num_blocks, 16)
         table = pool.allocate(pool.blocks_needed(len(p)))
+        if prefill:
+            rows.extend(runner.execute(ScheduledBatch([SeqChunk(p, 0, table, all_logits=True)])))
+            continue
         # one chunk per token prefix would recompute; a prefill gives the last position only, so feed
         # the prompt token by token (each step a one-token chunk over the cache)
         for i, t in enumerate(p):
@@ -57,19 +62,19 @@ def distribution_error(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, flo
     return kl, top1
 
 
-def compare(path, prompts: list[list[int]], modes=MODES) -> dict[str, tuple[float, float]]:
-    ref = all_position_logits(path, "float32", None, prompts)
+def compare(path, prompts: list[list[int]], modes=MODES, prefill: bool = False) -> dict[str, tuple[float, float]]:
+    ref = all_position_logits(path, "float32", None, prompts, prefill=prefill)
     out = {}
     for name, (dtype, q) in modes.items():
         if q != "int4" or not int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
             kv = torch.float8_e4m3fn if name in KV_MODES else None
-            out[name] = distribution_error(ref, all_position_logits(path, dtype, q, prompts, kv))
+            out[name] = distribution_error(ref, all_position_logits(path, dtype, q, prompts, kv, prefill))
             continue
         min_rows = int8_kernel.int4_int8_min_rows
         try:  # a row's result is the same alone or in a batch
             for activations, rows in (("int16", 1 << 30), ("int8", 1)):
                 int8_kernel.int4_int8_min_rows = lambda rows=rows: rows
-                logits = all_position_logits(path, dtype, q, prompts)
+                logits = all_position_logits(path, dtype, q, prompts, prefill=prefill)
                 out[name if activations == "int16" else f"{name}, int8 activations"] = distribution_error(ref, logits)
         finally:
             int8_kernel.int4_int8_min_rows = min_rows
@@ -83,6 +88,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--kv-only", action="store_true", help="bf16 and bf16 over an fp8 KV cache only")
+    ap.add_argument("--prefill", action="store_true", help="each prompt in one chunk (module docstring)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -90,7 +96,7 @@ def main():
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 2000, (a.prompt_tokens,), generator=g).tolist() for _ in range(a.prompts)]
         modes = {m: MODES[m] for m in ("bf16", "bf16, fp8 KV")} if a.kv_only else MODES
-        results = compare(path, prompts, modes)
+        results = compare(path, prompts, modes, a.prefill)
     print(f"{a.prompts} prompts x {a.prompt_tokens} positions, vs float32 of the same weights:")
     for name, (kl, top1) in results.items():
         print(f"  {name}: mean KL {kl:.3e}, top-1 agreement {top1:.1%}")

@@ -13,6 +13,7 @@ from glm4serve.model import cpu_attention
 from glm4serve.model.attention import decode_attention, store_kv
 from glm4serve.model.batch import ScheduledBatch, SeqChunk
 from glm4serve.model.glm4 import load_model
+from glm4serve.model import kv_cache
 from glm4serve.model.kv_cache import FP8, KVCache, bytes_per_token, kv_cache_dtype
 from glm4serve.model.runner import make_runner
 from tests.paged_caches import scattered_cache
@@ -120,6 +121,23 @@ def test_writes_saturate_at_e4m3s_range_and_copy_blocks_moves_bytes():
     store_kv(kv.k_slots[1], kv.v_slots[1], torch.full((1, 2, 16), float("-inf")), k[:1], slots[:1], finite=False)
     assert kv.k[1][0, 0].float().eq(-448).all()
     assert kv.nbytes == 2 * 2 * 4 * 2 * 2 * 16  # k and v, layers, blocks, block size, KV heads, D: a byte each
+
+
+def test_a_prompt_whose_values_pass_e4m3s_range_is_logged_once(caplog):
+    """A chunk of several tokens with a K or V element past +-448 logs a warning, once per process; values within
+    the range, and decodes (one token, not checked: a step's cost), log nothing."""
+    kv_cache._warn_saturated.cache_clear()
+    kv = KVCache(tiny_cfg(), 4, 2, FP8)
+    ok, big = torch.full((2, 2, 16), 448.0), torch.full((2, 2, 16), 1.0)
+    big[1, 0, 3] = -449.0
+    with caplog.at_level("WARNING", logger="glm4serve.model.kv_cache"):
+        store_kv(kv.k_slots[0], kv.v_slots[0], ok, ok, torch.tensor([0, 1]), finite=True)
+        store_kv(kv.k_slots[0], kv.v_slots[0], big[1:], big[1:], torch.tensor([2]), finite=True)
+        assert not caplog.records
+        store_kv(kv.k_slots[0], kv.v_slots[0], ok, big, torch.tensor([0, 1]), finite=True)
+        store_kv(kv.k_slots[1], kv.v_slots[1], big, ok, torch.tensor([0, 1]), finite=True)
+    assert len(caplog.records) == 1 and "--kv-cache-dtype auto" in caplog.text
+    kv_cache._warn_saturated.cache_clear()
 
 
 def test_an_fp8_cache_holds_twice_bf16s_tokens_in_the_same_budget():

@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import cpu_attention
-from .kv_cache import FP8
+from .kv_cache import FP8, fp8_bytes
 
 # cuDNN's attention (SDPA's first choice on Hopper and later since torch 2.9) builds an execution
 # graph for each new shape, some hundreds of ms: every prompt of a new length, and every step
@@ -116,11 +116,11 @@ def store_kv(k_slots: torch.Tensor, v_slots: torch.Tensor, k: torch.Tensor, v: t
     """write_kv's stores into caches seen as rows of token slots [blocks * block_size, Hkv, D], nan and
     inf as 0 if `finite`; plain tensors in, for a compiled piece to hold. An fp8 cache gets torch's cast, which
     saturates at e4m3's +-448 (it has no inf; test_kv_fp8 pins it), copied as bytes (index_copy_ has no fp8 kernel
-    on CPU)."""
+    on CPU); kv_cache.fp8_bytes warns where a prompt's values pass that range."""
     if finite:
         k, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v))
     if k_slots.dtype == FP8:
-        k, v = (t.to(FP8).view(torch.uint8) for t in (k, v))
+        k, v = fp8_bytes(k), fp8_bytes(v)
         k_slots, v_slots = k_slots.view(torch.uint8), v_slots.view(torch.uint8)
     k_slots.index_copy_(0, slots, k)
     v_slots.index_copy_(0, slots, v)

@@ -11,6 +11,8 @@ half the reads of a long context's decode. Attention widens it back as it reads 
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
@@ -19,13 +21,31 @@ from .config import ModelConfig
 from .shard import Shard
 
 
+log = logging.getLogger(__name__)
+
 FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
 KV_CACHE_DTYPES = {"fp8": FP8, "fp8_e4m3": FP8}  # --kv-cache-dtype's values besides "auto" (the model's dtype)
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The cache's element type for --kv-cache-dtype `name`."""
     return model_dtype if name == "auto" else KV_CACHE_DTYPES[name]
+
+
+def fp8_bytes(t: torch.Tensor) -> torch.Tensor:
+    """K or V values [T, Hkv, D] cast to e4m3 (torch's cast: round to nearest, saturating at +-448), as bytes. A
+    prompt's chunk (T > 1) is first checked against that range: where a model's K or V pass it, vLLM's scale of 1
+    does not suit it, and the log says so once."""
+    if t.shape[0] > 1 and float(t.abs().amax()) > FP8_MAX:
+        _warn_saturated()
+    return t.to(FP8).view(torch.uint8)
+
+
+@functools.cache
+def _warn_saturated() -> None:
+    log.warning("K or V values past fp8 e4m3's +-448 were saturated in the KV cache (--kv-cache-dtype fp8, with no "
+                "scale): this model's attention is distorted; serve it with --kv-cache-dtype auto")
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, shard: Shard = Shard()) -> int:
