@@ -60,13 +60,15 @@ def test_the_kernels_widen_fp8_exactly(hq, hkv, d, block_size, lens):
 
 
 @kernel
-@pytest.mark.parametrize("lens, kv_heads", [([1, 16, 17, 300], 2), ([5, 2000], 4)], ids=["9b", "1m"])
+@pytest.mark.parametrize("lens, kv_heads, block_size", [([1, 16, 17, 300], 2, 16), ([5, 2000], 4, 16),
+                                                        ([3, 70], 2, 8)], ids=["9b", "1m", "blocks-of-8"])
 @pytest.mark.parametrize("n", [1, 5], ids=["decode", "span"])
-def test_bf16_queries_over_fp8_caches_equal_pytorch_in_every_build(lens, kv_heads, n):
+def test_bf16_queries_over_fp8_caches_equal_pytorch_in_every_build(lens, kv_heads, block_size, n):
     """bf16 queries (a bf16 model's) over an fp8 cache, decodes and a draft-like span, in each build (the
-    avx512bf16 and avx512 builds widen fp8 to fp32; the AMX build to bf16 for its tiles): PyTorch's attention over
-    the cache widened to fp32, within bf16's rounding of the output and the weights."""
-    q, k, v, tables, ctx = scattered_cache(32, kv_heads, 128, 16, lens, torch.float32, q_scale=3)
+    avx512bf16 and avx512 builds widen fp8 to fp32; the AMX build to bf16 for its tiles, or to fp32 in blocks its
+    tiles do not take): PyTorch's attention over the cache widened to fp32, within bf16's rounding of the output and
+    the weights."""
+    q, k, v, tables, ctx = scattered_cache(32, kv_heads, 128, block_size, lens, torch.float32, q_scale=3)
     k8, v8 = k.to(FP8), v.to(FP8)
     q = q.to(torch.bfloat16)
     for build in cpu_attention.builds():
