@@ -16,6 +16,7 @@ from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
 from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
+from .model.gguf_file import is_gguf, nearest_quantization, open_gguf, weight_types
 from .model.kv_cache import bytes_per_token, kv_cache_dtype
 from .model.lora import load_loras
 from .model.runner import make_runner
@@ -47,14 +48,37 @@ def resolve_model(model: str | None) -> Path:
     if model is None:
         return demo_model_dir()
     p = Path(model).expanduser()
-    if p.is_dir():
+    if p.is_dir() or is_gguf(p):
         return p
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise FileNotFoundError(f"model {model!r} is neither a checkpoint directory nor a hub id (owner/name)")
+        raise FileNotFoundError(f"model {model!r} is neither a checkpoint directory, a .gguf file nor a hub id "
+                                "(owner/name)")
     from huggingface_hub import snapshot_download  # users with network: fetch into the hub cache
 
     log.info("fetching %s from the hub", model)
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+
+
+def weight_quantization(asked: str | None, path: Path, device: str) -> str | None:
+    """The quantization the linears get at load: as asked ("none": the weights as stored, in --dtype); by default
+    none, but for a GGUF file of block types (Q4_0, Q8_0, Q4_K ...) on CPU the one of ours nearest to them, as
+    those are what its user chose to fit the memory and we have no kernels for theirs."""
+    if asked is not None:
+        return None if asked == "none" else asked
+    if not is_gguf(path):
+        return None
+    reader = open_gguf(path)
+    nearest, kinds = nearest_quantization(reader), weight_types(reader)
+    if nearest is None:
+        return None
+    if device != "cpu":
+        log.warning("the GGUF file's matrices are %s: widened to the model's dtype on %s (int8/int4 run on CPU)",
+                    kinds, device)
+        return None
+    log.warning("the GGUF file's matrices are %s, block types glm4serve has no kernels for: re-quantized at load to "
+                "%s, the nearest of ours (not bit-exact; --quantization none serves them exactly, widened to "
+                "--dtype)", kinds, nearest)
+    return nearest
 
 
 def pick_device(device: str) -> str:
@@ -74,11 +98,12 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         limit_onednn_caches()
     # The loader draws a tqdm bar only on a terminal; these lines mark the load in plain logs
     # (docker, systemd), where a redrawn bar would be noise.
-    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    log.info("loading weights from %s (%.2f GB)", path, size / 1e9)
+    files = [path] if is_gguf(path) else list(Path(path).glob("*.safetensors"))
+    log.info("loading weights from %s (%.2f GB)", path, sum(f.stat().st_size for f in files) / 1e9)
     started = time.perf_counter()
-    if args.quantization is not None and device != "cpu":
-        raise ValueError(f"quantization {args.quantization!r} runs on CPU only (the kernels are CPU ones)")
+    quantization = weight_quantization(args.quantization, path, device)
+    if quantization is not None and device != "cpu":
+        raise ValueError(f"quantization {quantization!r} runs on CPU only (the kernels are CPU ones)")
     if args.kv_cache_dtype != "auto" and device != "cpu":
         raise ValueError(f"kv_cache_dtype {args.kv_cache_dtype!r} runs on CPU only for now (the GPU's decode kernel "
                          "reads the model's dtype)")
@@ -87,12 +112,12 @@ def build_llm_engine(args: EngineArgs) -> LLMEngine:
         if args.lora_modules or args.allow_runtime_lora_updating:
             raise ValueError("LoRA adapters (--lora-modules, --allow-runtime-lora-updating) are not supported "
                              "with tensor_parallel_size > 1")
-        tp = TensorParallelRunner.start(path, args.dtype, device, args.quantization, args.tensor_parallel_size,
+        tp = TensorParallelRunner.start(path, args.dtype, device, quantization, args.tensor_parallel_size,
                                         args.hf_overrides)
         log.info("weights loaded in %.1fs (rank 0's part of %d)", time.perf_counter() - started,
                  args.tensor_parallel_size)
         return engine_for_model(tp.model, tokenizer, args, device, tp)
-    model = load_model(path, dtype=args.dtype, device=device, quantization=args.quantization,
+    model = load_model(path, dtype=args.dtype, device=device, quantization=quantization,
                        hf_overrides=args.hf_overrides)
     log.info("weights loaded in %.1fs", time.perf_counter() - started)
     return engine_for_model(model, tokenizer, args, device)

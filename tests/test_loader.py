@@ -339,8 +339,8 @@ def test_config_errors(ckpts, tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         ModelConfig.from_dir(d)
     cfg = ModelConfig.from_dir(ckpts["hf_4x"])
-    with pytest.raises(ConfigError, match="unknown checkpoint layout 'gguf'"):
-        ModelConfig(**{**cfg.__dict__, "layout": "gguf"})
+    with pytest.raises(ConfigError, match="unknown checkpoint layout 'onnx'"):
+        ModelConfig(**{**cfg.__dict__, "layout": "onnx"})
 
 
 def test_a_checkpoint_stored_quantized_is_refused_by_name(ckpts, tmp_path):

@@ -88,13 +88,15 @@ def json_object(name: str, value) -> dict:
 class EngineArgs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
-    model: str | None = Field(None, description="checkpoint folder or hub id (default: the built-in demo model)")
+    model: str | None = Field(None, description="checkpoint folder, GGUF file or hub id (default: the built-in demo "
+                                                "model)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto: the checkpoint's 16-bit dtype, else float32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
-    quantization: Literal["int8", "int4"] | None = Field(
+    quantization: Literal["int8", "int4", "none"] | None = Field(
         None, description="weight-only quantization of every linear layer while loading (CPU): int8 per output "
-                          "channel, int4 in groups of 64 inputs; default: the weights as they are")
+                          "channel, int4 in groups of 64 inputs; none: the weights as they are; default: none, "
+                          "but a GGUF file's block types (Q8_0, Q4_K ...) become the nearest of int8 and int4")
     hf_overrides: Annotated[dict, NoDecode] = Field(
         default_factory=dict, description="keys of the checkpoint's config.json replaced, as vLLM's: a JSON object "
                                           "like {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "

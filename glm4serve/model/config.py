@@ -3,6 +3,8 @@
 - chatglm style (`model_type: chatglm`, THUDM glm-4-9b-chat and friends),
 - HF `glm` (glm-4-9b-chat-hf) and HF `glm4` (0414 / Z1), as transformers 4.x wrote them
   (`rope_theta`, `partial_rotary_factor` at top level) or as 5.x writes them (`rope_parameters`).
+
+A GGUF file's metadata is read as the HF config it stands for (gguf_file.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by config name
 GLM4_RMS_NORM_EPS = 1.5625e-7  # glm-4-9b-chat's value
 VARIANTS = ("glm", "glm4")  # glm4 = 0414 math: two extra norms per layer
-LAYOUTS = ("chatglm", "hf")  # weight naming of the checkpoint on disk
+LAYOUTS = ("chatglm", "hf", "gguf")  # weight naming of the checkpoint on disk
 ROPE_BASE = 10000.0  # chatglm's RoPE base is this times rope_ratio; transformers' rope_theta default
 MAX_POSITIONS = 131072  # GLM-4's context, transformers' max_position_embeddings default
 CHAT_ROPE_THETA = 5e6  # glm-4-9b-chat's trained RoPE base (rope_ratio 500)
@@ -132,7 +134,12 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path, overrides: dict | None = None) -> "ModelConfig":
-        """overrides: keys of config.json replaced, as vLLM's --hf-overrides (`rope_scaling` for YaRN, say)."""
+        """The config of a checkpoint folder, or of a GGUF file (its metadata, read as the config.json it stands
+        for). overrides: keys of config.json replaced, as vLLM's --hf-overrides (`rope_scaling` for YaRN, say)."""
+        from .gguf_file import gguf_config_dict, is_gguf, open_gguf
+
+        if is_gguf(path):
+            return replace(cls.from_dict({**gguf_config_dict(open_gguf(path)), **(overrides or {})}), layout="gguf")
         f = Path(path) / "config.json"
         if not f.is_file():
             raise ConfigError(f"no config.json in {path}")

@@ -1,4 +1,5 @@
-"""Load GLM-4 safetensors checkpoints (chatglm or HF naming) into our GLM4Model, one tensor at a time.
+"""Load GLM-4 checkpoints (safetensors in chatglm or HF naming, or a GGUF file) into our GLM4Model, one tensor
+at a time.
 
 `WEIGHT_NAMES` below is the only place where checkpoint names are mapped to ours. Everything
 else (the expected set of names and shapes, the completeness check, the random checkpoints of
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .gguf_file import GGUFWeights, is_gguf, open_gguf
 from .shard import Shard
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,40 +30,46 @@ SINGLE_FILE = "model.safetensors"
 # recomputed from the config, as transformers does
 IGNORED_SUFFIX = ".inv_freq"
 
-# (our name, chatglm name, HF glm/glm4 name, when present). "{i}" is the layer index. "{qkv}" in an
-# HF name stands for the three tensors q_proj, k_proj, v_proj, which are the row blocks q | k | v of
-# our fused qkv (chatglm stores them fused already, in the same order). A chatglm name of None:
-# that layout has no such tensor (glm4's extra norms exist in HF naming only).
+# (our name, chatglm name, HF glm/glm4 name, GGUF name, when present). "{i}" is the layer index. "{qkv}"
+# in an HF name stands for the three tensors q_proj, k_proj, v_proj, which are the row blocks q | k | v of
+# our fused qkv (chatglm stores them fused already, in the same order). GGUF files hold either: llama.cpp
+# names the fused tensor attn_qkv (from a chatglm checkpoint) and the three attn_q, attn_k, attn_v (from an
+# HF one), so "{qkv}" there is "qkv" or each part. A chatglm name of None: that layout has no such tensor
+# (glm4's extra norms exist in HF naming only).
 # when: None = always, "bias" = only if cfg.attention_bias, "glm4" = only for the glm4 variant.
-WEIGHT_NAMES: list[tuple[str, str | None, str, str | None]] = [
-    ("embed.weight", "transformer.embedding.word_embeddings.weight", "model.embed_tokens.weight", None),
+WEIGHT_NAMES: list[tuple[str, str | None, str, str, str | None]] = [
+    ("embed.weight", "transformer.embedding.word_embeddings.weight", "model.embed_tokens.weight",
+     "token_embd.weight", None),
     ("layers.{i}.input_norm.weight",
      "transformer.encoder.layers.{i}.input_layernorm.weight",
-     "model.layers.{i}.input_layernorm.weight", None),
+     "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", None),
     ("layers.{i}.attn.qkv.weight",
      "transformer.encoder.layers.{i}.self_attention.query_key_value.weight",
-     "model.layers.{i}.self_attn.{qkv}_proj.weight", None),
+     "model.layers.{i}.self_attn.{qkv}_proj.weight", "blk.{i}.attn_{qkv}.weight", None),
     ("layers.{i}.attn.qkv.bias",
      "transformer.encoder.layers.{i}.self_attention.query_key_value.bias",
-     "model.layers.{i}.self_attn.{qkv}_proj.bias", "bias"),
+     "model.layers.{i}.self_attn.{qkv}_proj.bias", "blk.{i}.attn_{qkv}.bias", "bias"),
     ("layers.{i}.attn.o.weight",
      "transformer.encoder.layers.{i}.self_attention.dense.weight",
-     "model.layers.{i}.self_attn.o_proj.weight", None),
-    ("layers.{i}.post_attn_norm.weight", None, "model.layers.{i}.post_self_attn_layernorm.weight", "glm4"),
+     "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", None),
+    ("layers.{i}.post_attn_norm.weight", None, "model.layers.{i}.post_self_attn_layernorm.weight",
+     "blk.{i}.post_attention_norm.weight", "glm4"),
     # post_attention_layernorm is the *pre-MLP* norm in both namings.
     ("layers.{i}.mlp_norm.weight",
      "transformer.encoder.layers.{i}.post_attention_layernorm.weight",
-     "model.layers.{i}.post_attention_layernorm.weight", None),
+     "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", None),
     ("layers.{i}.mlp.gate_up.weight",
      "transformer.encoder.layers.{i}.mlp.dense_h_to_4h.weight",
-     "model.layers.{i}.mlp.gate_up_proj.weight", None),
+     "model.layers.{i}.mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight", None),
     ("layers.{i}.mlp.down.weight",
      "transformer.encoder.layers.{i}.mlp.dense_4h_to_h.weight",
-     "model.layers.{i}.mlp.down_proj.weight", None),
-    ("layers.{i}.post_mlp_norm.weight", None, "model.layers.{i}.post_mlp_layernorm.weight", "glm4"),
-    ("norm.weight", "transformer.encoder.final_layernorm.weight", "model.norm.weight", None),
-    ("lm_head.weight", "transformer.output_layer.weight", "lm_head.weight", None),
+     "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", None),
+    ("layers.{i}.post_mlp_norm.weight", None, "model.layers.{i}.post_mlp_layernorm.weight",
+     "blk.{i}.post_ffw_norm.weight", "glm4"),
+    ("norm.weight", "transformer.encoder.final_layernorm.weight", "model.norm.weight", "output_norm.weight", None),
+    ("lm_head.weight", "transformer.output_layer.weight", "lm_head.weight", "output.weight", None),
 ]
+LAYOUT_COLUMN = {"chatglm": 1, "hf": 2, "gguf": 3}  # cfg.layout -> its names' place in a WEIGHT_NAMES row
 
 
 class CheckpointError(ValueError):
@@ -109,35 +119,40 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes (the state dict of GLM4Model) for this config, in model order."""
     out = {}
     for i in range(cfg.num_layers):
-        for ours, _, _, when in WEIGHT_NAMES:
+        for ours, *_, when in WEIGHT_NAMES:
             if "{i}" in ours and _present(when, cfg):
                 out[ours.format(i=i)] = _shape_of(ours, cfg)
-    for ours, _, _, when in WEIGHT_NAMES:
+    for ours, *_, when in WEIGHT_NAMES:
         if "{i}" not in ours and _present(when, cfg):
             out[ours] = _shape_of(ours, cfg)
     order = ["embed.weight"] + [n for n in out if n.startswith("layers.")] + ["norm.weight", "lm_head.weight"]
     return {n: out[n] for n in order}
 
 
-def checkpoint_tensors(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
-    """Every tensor a checkpoint of `cfg.layout` must hold (rotary inv_freq buffers aside), by checkpoint name."""
+def checkpoint_tensors(cfg: ModelConfig, split_qkv: bool | None = None) -> dict[str, CheckpointTensor]:
+    """Every tensor a checkpoint of `cfg.layout` must hold (rotary inv_freq buffers aside), by checkpoint name.
+    split_qkv: whether a GGUF file holds q, k and v apart (the chatglm layout never does, the HF one always)."""
     if cfg.layout == "chatglm" and cfg.variant != "glm":
         raise CheckpointError(f"the chatglm layout has no names for the {cfg.variant!r} variant's extra norms")
+    if split_qkv is None:
+        if cfg.layout == "gguf":
+            raise ValueError("a GGUF file's tensors depend on whether it holds q, k and v apart: pass split_qkv")
+        split_qkv = cfg.layout == "hf"
     qkv_rows = {
         "q": (0, cfg.q_size),
         "k": (cfg.q_size, cfg.q_size + cfg.kv_size),
         "v": (cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size),
     }
     out = {}
-    for ours, chatglm, hf, when in WEIGHT_NAMES:
+    for row in WEIGHT_NAMES:
+        ours, theirs, when = row[0], row[LAYOUT_COLUMN[cfg.layout]], row[-1]
         if not _present(when, cfg):
             continue
-        theirs = chatglm if cfg.layout == "chatglm" else hf
         shape = _shape_of(ours, cfg)
         for i in _layer_indices(ours, cfg):
             target = ours.format(i=i)
-            if "{qkv}" not in theirs:
-                name = theirs.format(i=i)
+            if "{qkv}" not in theirs or not split_qkv:
+                name = theirs.format(i=i, qkv="qkv")
                 out[name] = CheckpointTensor(name, target, shape)
                 continue
             for part, (start, stop) in qkv_rows.items():
@@ -212,7 +227,7 @@ def load_weights(
     progress: bool | None = None,
     shard: Shard = Shard(),
 ) -> None:
-    """Fill every parameter of `model` (our naming) from the safetensors checkpoint in `path`.
+    """Fill every parameter of `model` (our naming) from the checkpoint in `path`: a safetensors folder or a GGUF file.
 
     Reads one tensor at a time and copies it (cast to `dtype`) into the parameter already
     allocated on `device` (e.g. a model built on `meta`, then `to_empty(device=...)`), so the
@@ -221,20 +236,15 @@ def load_weights(
     this rank's part of each weight (shard.py), and only that part is read from the files.
     """
     path = Path(path)
-    expected = checkpoint_tensors(cfg)
-    where = checkpoint_files(path)
-    _validate(path, cfg, where, expected)
+    groups, expected = _gguf_groups(path, cfg) if is_gguf(path) else _safetensors_groups(path, cfg)
     targets = _targets(model)
     _check_model(targets, cfg, dtype, device, shard)
 
     filled_rows = {name: 0 for name in targets}
-    names_by_file: dict[str, list[str]] = {}
-    for name in expected:
-        names_by_file.setdefault(where[name], []).append(name)
     bar = _progress_bar(len(expected), progress)
     with torch.no_grad():
-        for f, names in sorted(names_by_file.items()):
-            with _open(path / f) as sf:
+        for opened, names in groups:
+            with opened() as sf:
                 for name in names:
                     spec = expected[name]
                     target = targets[spec.target]
@@ -249,6 +259,32 @@ def load_weights(
     unfilled = [n for n, rows in filled_rows.items() if rows != _shape(targets[n])[0]]
     if unfilled:  # cannot happen with a consistent WEIGHT_NAMES; guards garbage from to_empty()
         raise CheckpointError(f"parameters left unfilled by the checkpoint: {unfilled}")
+
+
+def _safetensors_groups(path: Path, cfg: ModelConfig):
+    """(a function opening one file, the names to read from it) for each file of the checkpoint; what it holds."""
+    expected = checkpoint_tensors(cfg)
+    where = checkpoint_files(path)
+    _validate(path, cfg, where, expected)
+    names_by_file: dict[str, list[str]] = {}
+    for name in expected:
+        names_by_file.setdefault(where[name], []).append(name)
+    return [(partial(_open, path / f), names) for f, names in sorted(names_by_file.items())], expected
+
+
+def _gguf_groups(path: Path, cfg: ModelConfig):
+    """The same for a GGUF file: one group, its tensors widened to floats as they are read (gguf_file.py)."""
+    weights = GGUFWeights(open_gguf(path))
+    expected = checkpoint_tensors(cfg, split_qkv="blk.0.attn_qkv.weight" not in weights.shapes)
+    for name, spec in expected.items():
+        if name not in weights.shapes:
+            raise CheckpointError(f"missing tensor {name} in {path}")
+        if weights.shapes[name] != spec.shape:
+            raise CheckpointError(f"tensor {name} in {path} has shape {weights.shapes[name]}, expected {spec.shape}")
+    extra = sorted(set(weights.shapes) - set(expected))
+    if extra:
+        raise CheckpointError(f"unexpected tensors {extra[:5]} in {path} (not part of a {cfg.variant} GGUF file)")
+    return [(partial(nullcontext, weights), list(expected))], expected
 
 
 def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard):

@@ -65,9 +65,9 @@ class Adapter:
 
 def _names(cfg: ModelConfig) -> dict[str, CheckpointTensor]:
     """Weight names of both checkpoint namings: an adapter may be trained on either."""
-    names = checkpoint_tensors(cfg)
+    names = checkpoint_tensors(replace(cfg, layout="hf"))
     if cfg.variant == "glm":  # the chatglm naming exists for this variant only
-        names |= checkpoint_tensors(replace(cfg, layout="chatglm" if cfg.layout == "hf" else "hf"))
+        names |= checkpoint_tensors(replace(cfg, layout="chatglm"))
     return names
 
 

@@ -150,6 +150,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """The tokenizer of a checkpoint folder, or the one a GGUF file holds."""
+        from .gguf_file import is_gguf
+
+        if is_gguf(path):
+            return cls.from_gguf(path)
         directory = Path(path)
         tok_config = _read_json(directory / "tokenizer_config.json")
         if (directory / "tokenizer.json").is_file():
@@ -195,6 +200,20 @@ class Tokenizer:
             sampling_defaults=read_sampling_defaults(directory),
         )
 
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "Tokenizer":
+        """GLM-4's stop tokens by name (a GGUF file names one eos), no sampling defaults (it has no
+        generation_config.json)."""
+        from .gguf_file import gguf_tokenizer, open_gguf
+
+        ranks, added, chat_template = gguf_tokenizer(open_gguf(path))
+        backend, token_bytes, special_tokens = tiktoken_tokenizer(ranks, added, str(path))
+        stop_ids = [special_tokens[t] for t in GLM4_STOP_TOKENS if t in special_tokens]
+        pad = special_tokens.get(GLM4_STOP_TOKENS[0])  # glm-4-9b-chat's pad is its <|endoftext|>
+        return cls(backend=backend, token_bytes=token_bytes, special_tokens=special_tokens, stop_token_ids=stop_ids,
+                   eos_token_id=stop_ids[0] if stop_ids else None, pad_token_id=pad, chat_template=chat_template,
+                   source=str(path))
+
     # ---- encode / decode ----
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
@@ -236,8 +255,6 @@ class Tokenizer:
 
 
 def _load_tiktoken(path: Path, tok_config: dict[str, Any]):
-    import tiktoken
-
     ranks: dict[bytes, int] = {}
     for line_no, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
@@ -254,13 +271,21 @@ def _load_tiktoken(path: Path, tok_config: dict[str, Any]):
         int(i): (entry["content"], entry.get("special", True))
         for i, entry in tok_config.get("added_tokens_decoder", {}).items()
     }
+    return tiktoken_tokenizer(ranks, added, str(path))
+
+
+def tiktoken_tokenizer(ranks: dict[bytes, int], added: dict[int, tuple[str, bool]], source: str):
+    """GLM-4's tokenizer over BPE ranks (a token's id is its rank) and added tokens {id: (text, special)}:
+    (backend, token_bytes, special_tokens)."""
+    import tiktoken
+
     rank_ids = set(ranks.values())
     clashes = sorted(i for i in added if i in rank_ids)
     if clashes:
-        raise TokenizerError(f"{path}: added token ids {clashes[:5]} are also BPE ranks")
+        raise TokenizerError(f"{source}: added token ids {clashes[:5]} are also BPE ranks")
 
     encoding = tiktoken.Encoding(
-        name=f"glm4serve:{path}",
+        name=f"glm4serve:{source}",
         pat_str=GLM4_SPLIT_PATTERN,
         mergeable_ranks=ranks,
         special_tokens={content: i for i, (content, _) in added.items()},
