@@ -3,7 +3,8 @@
 For each prompt, every position's next-token distribution (teacher-forced over the prompt) of the
 model as served (bf16 around the linears for int8/int4, as a bf16 checkpoint loads) against the
 same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement; "bf16, fp8 KV" is bf16 over an fp8 KV
-cache (--kv-cache-dtype fp8), and with --kv-only that mode and bf16 alone. Every position is teacher-forced one
+cache (--kv-cache-dtype fp8), and with --kv-only that mode and bf16 alone; with --gguf Q4_0,Q8_0 the weights as
+GGUF files of those block types, widened and re-quantized (gguf_modes). Every position is teacher-forced one
 token at a time (decodes: products of one row), or with --prefill each prompt in one chunk whose every position
 gives logits (products of as many rows as the prompt's tokens: the prefill kernels). Where int4_int8.c builds (no
 AMX), int4 twice, every product through int4_gemm (int16 activations: one row beside int8_gemm.c) and through
@@ -16,7 +17,9 @@ int4_int8.c (int8 per group of inputs: batches there, every row count where AVX2
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -62,10 +65,31 @@ def distribution_error(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, flo
     return kl, top1
 
 
+def gguf_modes(path: Path, kinds: list[str], out: Path) -> dict[str, tuple[str, str | None, Path]]:
+    """For each GGUF block type, the checkpoint written as a file of it (every matrix that type: llama-quantize's
+    --pure), served widened (the file's own values, as llama.cpp runs them) and as glm4serve serves it by
+    default (re-quantized to the nearest of int8 and int4)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gguf_files import write_gguf
+
+    from glm4serve.model.gguf_file import nearest_quantization, open_gguf
+
+    modes = {}
+    for kind in kinds:
+        f = write_gguf(Path(path), out / f"quality-{kind}.gguf", kind)
+        nearest = nearest_quantization(open_gguf(f))
+        modes[f"GGUF {kind}, widened"] = ("bfloat16", None, f)
+        modes[f"GGUF {kind} as {nearest}"] = ("bfloat16", nearest, f)
+    return modes
+
+
 def compare(path, prompts: list[list[int]], modes=MODES, prefill: bool = False) -> dict[str, tuple[float, float]]:
     ref = all_position_logits(path, "float32", None, prompts, prefill=prefill)
     out = {}
-    for name, (dtype, q) in modes.items():
+    for name, (dtype, q, *gguf) in modes.items():
+        if gguf:
+            out[name] = distribution_error(ref, all_position_logits(gguf[0], dtype, q, prompts, prefill=prefill))
+            continue
         if q != "int4" or not int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
             kv = torch.float8_e4m3fn if name in KV_MODES else None
             out[name] = distribution_error(ref, all_position_logits(path, dtype, q, prompts, kv, prefill))
@@ -89,6 +113,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--kv-only", action="store_true", help="bf16 and bf16 over an fp8 KV cache only")
     ap.add_argument("--prefill", action="store_true", help="each prompt in one chunk (module docstring)")
+    ap.add_argument("--gguf", default="", help="GGUF block types (Q4_0,Q8_0): the slice as such files (gguf_modes)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -96,6 +121,8 @@ def main():
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 2000, (a.prompt_tokens,), generator=g).tolist() for _ in range(a.prompts)]
         modes = {m: MODES[m] for m in ("bf16", "bf16, fp8 KV")} if a.kv_only else MODES
+        if a.gguf:
+            modes = {**{m: MODES[m] for m in ("bf16", "int8", "int4")}, **gguf_modes(path, a.gguf.split(","), Path(d))}
         results = compare(path, prompts, modes, a.prefill)
     print(f"{a.prompts} prompts x {a.prompt_tokens} positions, vs float32 of the same weights:")
     for name, (kl, top1) in results.items():

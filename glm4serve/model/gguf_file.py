@@ -7,8 +7,9 @@ each weight in its own type (F32, F16, BF16, or blocks like Q8_0, Q4_0, Q4_K, Q6
   - the metadata becomes the config.json that transformers would have (`gguf_config_dict`), so
     ModelConfig, --hf-overrides and everything after them read a GGUF checkpoint as any other;
   - the vocabulary becomes GLM-4's tiktoken ranks again (`gguf_tokenizer`), run as THUDM's tokenizer.model;
-  - each weight is widened to float (exactly: gguf's dequantization, llama.cpp's formulas) as the loader
-    asks for it (`GGUFWeights`), then copied into the model or quantized by our linears as any weight is.
+  - each weight is widened to float (exactly: llama.cpp's formulas, in torch for the common block types,
+    gguf_blocks.py, else gguf's numpy code) as the loader reads it (`GGUFWeights`), a few MB of rows at a
+    time, then copied into the model or quantized by our linears as any weight is.
 
 Block types we have no kernel for cannot be served as they are: `nearest_quantization` names the one of
 ours a file's linears come closest to, which the server quantizes them to at load unless told otherwise.
@@ -17,6 +18,7 @@ The names are mapped in loader.WEIGHT_NAMES with every other checkpoint format.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import CHAT_ROPE_THETA, GLM4_RMS_NORM_EPS, MAX_POSITIONS
+from .gguf_blocks import BLOCK_TYPES, widen
 
 log = logging.getLogger("glm4serve.model")
 
@@ -50,7 +53,22 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def open_gguf(path: str | Path):
-    """The file's reader (gguf.GGUFReader: metadata parsed, tensors memory-mapped, nothing read yet)."""
+    """The file's reader (gguf.GGUFReader: metadata parsed, tensors located, nothing read yet). Kept for the
+    last file opened until forget_readers(): parsing the header (151,552 tokens) takes seconds, and a load asks
+    for it four times."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _reader(path, stat.st_mtime_ns, stat.st_size)
+
+
+def forget_readers() -> None:
+    """Drop the kept reader (its parsed header holds ~300 MB for a 151,552-token vocabulary): once loaded, the
+    model needs nothing more of the file."""
+    _reader.cache_clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: Path, mtime_ns: int, size: int):
     from gguf import GGUFReader
 
     try:
@@ -155,30 +173,64 @@ def weight_types(reader) -> str:
 
 
 class GGUFWeights:
-    """The file's tensors by name, each widened to a float torch tensor when asked for (the loader's source,
-    as a safetensors file's `get_slice`)."""
+    """The file's tensors by name, as a safetensors file's `get_slice` gives them: rows read and widened to float
+    when indexed (the loader reads a few MB at a time: whole matrices widened at once were 5-15x slower, their
+    temporaries fresh memory for every one, and held GBs)."""
 
-    def __init__(self, reader):
+    def __init__(self, reader, file):
         self.tensors = {t.name: t for t in reader.tensors}
         self.shapes = _tensor_shapes(reader)
+        self.file = file  # read as a file, not through the reader's mapping: pages of a mapping the process
+        # touched count in its resident memory until it goes (the whole file, by the end of a load)
 
     def keys(self):
         return self.tensors.keys()
 
-    def get_slice(self, name: str) -> torch.Tensor:
+    def get_slice(self, name: str) -> "GGUFTensor":
+        return GGUFTensor(self.tensors[name], self.shapes[name], self.file)
+
+
+class GGUFTensor:
+    def __init__(self, tensor, shape: tuple[int, ...], file):
+        self.tensor, self.shape, self.file = tensor, shape, file
+
+    def _bytes(self, rows: slice = slice(None)) -> np.ndarray:
+        """The stored bytes of these rows (all of a vector's), shaped as the reader's view of them."""
+        t = self.tensor
+        n_rows = t.data.shape[0]
+        start, stop, _ = rows.indices(n_rows)
+        row_bytes = t.n_bytes // n_rows
+        buf = bytearray(max(0, stop - start) * row_bytes)
+        self.file.seek(t.data_offset + start * row_bytes)
+        if self.file.readinto(buf) != len(buf):
+            raise GGUFError(f"{self.file.name} ends inside tensor {t.name}: truncated")
+        return np.frombuffer(buf, dtype=t.data.dtype).reshape(-1, *t.data.shape[1:])
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        """t[a:b] or t[a:b, c:d] (rows first: stored rows are runs of blocks), as float32, bfloat16 or float16."""
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if len(self.shape) == 1:  # a vector's blocks (if any) run across the rows asked for: widened whole
+            return self._widen(self._bytes()).reshape(-1)[rows]
+        return self._widen(self._bytes(rows))[:, cols]
+
+    def _widen(self, data: np.ndarray) -> torch.Tensor:
         from gguf import GGMLQuantizationType as T
         from gguf import quants
 
-        t = self.tensors[name]
-        shape = self.shapes[name]
-        if t.tensor_type in (T.F32, T.F16):
-            return torch.from_numpy(np.array(t.data)).reshape(shape)  # a copy: the mapping is read-only
-        if t.tensor_type == T.BF16:  # bytes, two an element: reinterpreted, not converted
-            return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+        kind = self.tensor.tensor_type
+        if kind in (T.F32, T.F16):
+            return torch.from_numpy(data)
+        if kind == T.BF16:  # bytes, two an element: reinterpreted, not converted
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+        if kind.name in BLOCK_TYPES:
+            return widen(torch.from_numpy(data), kind.name)
         try:
-            return torch.from_numpy(quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+            return torch.from_numpy(quants.dequantize(data, kind))
         except NotImplementedError:
-            raise GGUFError(f"tensor {name} is {t.tensor_type.name}, a type gguf cannot dequantize") from None
+            raise GGUFError(f"tensor {self.tensor.name} is {kind.name}, a type gguf cannot dequantize") from None
 
 
 def gguf_tokenizer(reader) -> tuple[dict[bytes, int], dict[int, tuple[str, bool]], str | None]:

@@ -239,10 +239,12 @@ def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.devi
     (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business. With a shard,
     this process's part of it (shard.py), read from the files alone. hf_overrides: keys of config.json
     replaced (ModelConfig.from_dir)."""
+    from .gguf_file import forget_readers
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path, hf_overrides)
     dtype = resolve_dtype(dtype, cfg)
     model = GLM4Model.empty(cfg, dtype, device, quantization, shard)
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress, shard=shard)
+    forget_readers()  # a GGUF file's: the tokenizer, read first, and the weights are all it was needed for
     return model.eval()

@@ -9,8 +9,9 @@ else (the expected set of names and shapes, the completeness check, the random c
 from __future__ import annotations
 
 import json
+import math
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,9 @@ from .gguf_file import GGUFWeights, is_gguf, open_gguf
 from .shard import Shard
 
 INDEX_FILE = "model.safetensors.index.json"
+# a tensor is read this much at a time (in float32): what a quantized linear or a dtype cast makes of it stays
+# in the caches, and a GGUF file's widened blocks never take GBs at once (the embedding is 2.5 GB in float32)
+READ_BYTES = 8 << 20
 SINGLE_FILE = "model.safetensors"
 
 # Checkpoint tensors that exist in real files but carry nothing we need.
@@ -274,7 +278,7 @@ def _safetensors_groups(path: Path, cfg: ModelConfig):
 
 def _gguf_groups(path: Path, cfg: ModelConfig):
     """The same for a GGUF file: one group, its tensors widened to floats as they are read (gguf_file.py)."""
-    weights = GGUFWeights(open_gguf(path))
+    weights = GGUFWeights(open_gguf(path), None)
     expected = checkpoint_tensors(cfg, split_qkv="blk.0.attn_qkv.weight" not in weights.shapes)
     for name, spec in expected.items():
         if name not in weights.shapes:
@@ -284,7 +288,13 @@ def _gguf_groups(path: Path, cfg: ModelConfig):
     extra = sorted(set(weights.shapes) - set(expected))
     if extra:
         raise CheckpointError(f"unexpected tensors {extra[:5]} in {path} (not part of a {cfg.variant} GGUF file)")
-    return [(partial(nullcontext, weights), list(expected))], expected
+    return [(partial(_opened_gguf, path, weights), list(expected))], expected
+
+
+@contextmanager
+def _opened_gguf(path: Path, weights: GGUFWeights):
+    with open(path, "rb") as weights.file:
+        yield weights
 
 
 def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard):
@@ -294,7 +304,10 @@ def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard):
     start, stop = spec.rows or (0, spec.shape[0])  # where the tensor lies in the (whole) target
     cut = shard.cut(spec.target, cfg)
     if cut is None:
-        yield start, stop, rows[:]
+        step = max(1, READ_BYTES // (4 * math.prod(spec.shape[1:])))  # rows of READ_BYTES as float32
+        for a in range(0, stop - start, step):
+            b = min(stop - start, a + step)
+            yield start + a, start + b, rows[a:b]
         return
     dim, ranges = cut
     if dim == 1:  # a column cut (o, down): checkpoints hold these whole, never split in rows
