@@ -17,6 +17,7 @@ import torch
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.config import ConfigError, ModelConfig
+from glm4serve.model.gguf_blocks import BLOCK_TYPES, widen
 from glm4serve.model.gguf_file import GGUFError, nearest_quantization, open_gguf
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.loader import CheckpointError
@@ -266,3 +267,49 @@ def test_a_context_of_the_hidden_size_warns_of_the_converters_slip_and_the_overr
     with caplog.at_level(logging.WARNING, logger="glm4serve"):
         ModelConfig.from_dir(write_gguf(make_checkpoint("glm", "hf"), tmp_path / "128k.gguf"))
     assert "converter" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_TYPES))
+def test_block_types_widen_as_ggufs_numpy_code_bit_for_bit(kind):
+    """Random bytes (any scale, nan and inf among them) for each block type widened in torch (gguf_blocks.py) give
+    gguf's numpy dequantization, the reference of llama.cpp's formulas in Python, bit for bit."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    weights, size, _ = BLOCK_TYPES[kind]
+    data = np.random.default_rng(0).integers(0, 256, size=(48, 4 * size), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        want = torch.from_numpy(quants.dequantize(data, GGMLQuantizationType[kind]))
+    got = widen(torch.from_numpy(data.copy()), kind)
+    assert got.shape == want.shape == (48, 4 * weights)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()  # which nan (its sign) is the CPU's
+    same = ~want.isnan()
+    assert torch.equal(got[same].view(torch.int32), want[same].view(torch.int32))  # -0.0 and inf too
+
+
+@pytest.mark.parametrize("source", ["glm-hf", "glm-chatglm"])
+def test_each_rank_reads_its_cut_of_a_gguf_file(gguf_of, source):
+    """Tensor parallelism over a GGUF file: each rank's parts are those of the whole model read from it."""
+    from glm4serve.model.shard import Shard
+
+    _, f = gguf_of(source, "Q8_0")
+    whole = dict(load_model(f, dtype=torch.float32).named_parameters())
+    for rank in range(2):
+        shard = Shard(rank, 2)
+        for name, p in load_model(f, dtype=torch.float32, shard=shard).named_parameters():
+            cut = shard.cut(name, ModelConfig.from_dir(f))
+            want = whole[name] if cut is None else torch.cat(
+                [whole[name].narrow(cut[0], a, b - a) for a, b in cut[1]], dim=cut[0])
+            assert torch.equal(p, want), name
+
+
+def test_reading_a_few_rows_at_a_time_gives_the_whole_read(gguf_of, monkeypatch):
+    """int4 quantized from rows read 24 at a time (tiles of 64 rows filled across reads) is the same model."""
+    from glm4serve.model import loader
+
+    _, f = gguf_of("glm-hf", "Q4_0")
+    whole = load_model(f, dtype=torch.float32, quantization="int4").state_dict()
+    monkeypatch.setattr(loader, "READ_BYTES", 24 * 4 * 64)  # 24 rows of the 64 inputs of most matrices
+    pieces = load_model(f, dtype=torch.float32, quantization="int4").state_dict()
+    assert whole.keys() == pieces.keys()
+    assert all(torch.equal(whole[k], pieces[k]) for k in whole)
