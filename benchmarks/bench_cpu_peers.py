@@ -14,7 +14,10 @@ GGUF through its convert_hf_to_gguf.py, whose pre-tokenizer check does not know 
 tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). Not part of CI.
 
     .venv/bin/python benchmarks/bench_cpu_peers.py [--layers 2] [--modes fp32,bf16,int8,int4] [--repeats 3]
-        [--prefill-tokens 1024] [--decode-after-prefill] [--apart]
+        [--prefill-tokens 1024] [--decode-after-prefill] [--apart] [--ours-from-gguf]
+
+With --ours-from-gguf our server is given llama.cpp's very file (`--model slice-Q4_0.gguf`), as a llama.cpp user
+would start it, and re-quantizes its blocks at load as it does by default.
 
 With `--isa avx2` both sides run the code of a CPU with AVX2 and not AVX-512 (most desktop and laptop CPUs) on
 this one: llama.cpp built for AVX2 (its own folder), and our server with GLM4SERVE_MAX_CPU_ISA=avx2 and torch's,
@@ -266,6 +269,9 @@ def main():
                          "do not fit): their turns are then minutes apart, not interleaved")
     ap.add_argument("--isa", choices=sorted(BUILDS), default="native",
                     help="avx2: both servers in the code of a CPU without AVX-512 (module docstring)")
+    ap.add_argument("--ours-from-gguf", action="store_true",
+                    help="our server loads llama.cpp's GGUF file too (its Q8_0/Q4_0 re-quantized to int8/int4 at "
+                         "load), not the safetensors checkpoint")
     a = ap.parse_args()
     modes = a.modes.split(",")
     build = llama_cpp(a.isa)
@@ -279,15 +285,17 @@ def main():
     for mode in modes:
         dtype, quantization, kind = MODES[mode]
         args = ["--max-num-seqs", str(a.concurrent), "--served-model-name", "bench"]
-        if quantization:
+        if quantization and not a.ours_from_gguf:  # from the file: its block types pick ours (the server's default)
             args += ["--quantization", quantization]
+        ours_model = ggufs[kind] if a.ours_from_gguf else checkpoint
         r: dict = {}
 
         def start_ours():
             t0 = time.perf_counter()
-            server = ServerProcess(checkpoint, *args, dtype=dtype, kv_cache_memory="2GiB",
+            server = ServerProcess(ours_model, *args, dtype=dtype, kv_cache_memory="2GiB",
                                    env=AVX2_ENV if a.isa == "avx2" else None).wait_healthy(timeout=900)
             r["ours_load_s"] = time.perf_counter() - t0
+            print(f"ours: healthy {r['ours_load_s']:.1f} s after the start, from {ours_model}", flush=True)
             return server
 
         def start_theirs():
