@@ -17,7 +17,7 @@ import torch
 from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.config import ConfigError, ModelConfig
-from glm4serve.model.gguf_blocks import BLOCK_TYPES, widen
+from glm4serve.model.gguf_blocks import BLOCK_TYPES, INT4_CODES, int4_codes, widen
 from glm4serve.model.gguf_file import GGUFError, nearest_quantization, open_gguf
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.loader import CheckpointError
@@ -313,3 +313,66 @@ def test_reading_a_few_rows_at_a_time_gives_the_whole_read(gguf_of, monkeypatch)
     pieces = load_model(f, dtype=torch.float32, quantization="int4").state_dict()
     assert whole.keys() == pieces.keys()
     assert all(torch.equal(whole[k], pieces[k]) for k in whole)
+
+
+@pytest.mark.parametrize("kind", sorted(INT4_CODES))
+def test_4_bit_blocks_as_int4_codes_are_the_widened_weights(kind):
+    """Q4_0, Q4_1 and Q4_K blocks (random codes, sane scales) as codes, scales and zeros of groups of 32 give the
+    widened weights exactly: the file's 4-bit model is one of our int4 models."""
+    import numpy as np
+
+    size, _ = INT4_CODES[kind]
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, size=(64, size), dtype=np.uint8)
+    halves = np.frombuffer(rng.uniform(-0.1, 0.1, 2 * 64).astype(np.float16).tobytes(), np.uint8).reshape(64, 4)
+    blocks[:, :4 if kind != "Q4_0" else 2] = halves[:, :4 if kind != "Q4_0" else 2]  # d (and m or dmin)
+    rows = torch.from_numpy(blocks.reshape(16, -1).copy())
+    q, scale, zero = int4_codes(rows, kind)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == zero.shape == (16, q.shape[1] // 32)
+    got = (q.float() - 8).view(16, -1, 32) * scale[..., None] + zero[..., None]
+    assert torch.equal(got.view(16, -1), widen(rows, kind))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_a_4_bit_file_served_as_int4_keeps_its_codes(gguf_of, kind):
+    """The default for a Q4_0 or Q4_1 file: int4 groups of 32 holding the file's codes, so every weight is the
+    file's but for the bf16 of its group's scale and zero (2^-9 relative); int4 made from the floats would not be."""
+    from glm4serve.model.quant import Int4Linear
+
+    src, f = gguf_of("glm-hf", kind)
+    model = load_model(f, dtype="float32", quantization="int4")
+    widened = load_model(f, dtype="float32").state_dict()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(linears) == 2 * 4 + 1 and all(m.group == 32 for m in linears.values())
+    for name, lin in linears.items():
+        want = widened[name + ".weight"]
+        scale, zero = lin.scales_by_row().float().permute(2, 1, 0)  # [out, in / 32] each
+        bound = (2**-8 * (8 * scale.abs() + zero.abs())).repeat_interleave(32, dim=1)
+        assert ((lin.dequantized() - want).abs() <= bound).all(), name
+    from_floats = load_model(src, dtype="float32", quantization="int4")  # groups of 64, made from the weights
+    assert next(m for m in from_floats.modules() if isinstance(m, Int4Linear)).group == 64
+
+
+def test_a_file_of_other_block_types_is_re_quantized_in_groups_of_64(gguf_of):
+    from glm4serve.model.quant import Int4Linear
+
+    _, f = gguf_of("glm-hf", "Q5_0")
+    model = load_model(f, dtype="float32", quantization="int4")
+    assert {m.group for m in model.modules() if isinstance(m, Int4Linear)} == {64}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 56, 160])
+def test_negative_scales_of_q4_0_blocks_run_in_every_kernel(gguf_of, rows):
+    """Q4_0's scale is the block's extreme over -8, so half its blocks have a negative one, kept as it is: every
+    kernel path (one row, the batch kernels, prefill tiles) gives the product with the dequantized weights."""
+    from glm4serve.model.quant import Int4Linear
+
+    _, f = gguf_of("glm-hf", "Q4_0")
+    model = load_model(f, dtype="bfloat16", quantization="int4")
+    g = torch.Generator().manual_seed(rows)
+    for name, lin in ((n, m) for n, m in model.named_modules() if isinstance(m, Int4Linear)):
+        assert (lin.scales_by_row()[..., 0] < 0).any(), name
+        x = torch.randn(rows, lin.in_features, generator=g).bfloat16()
+        want = x.float() @ lin.dequantized().float().T
+        got = lin(x).float() - (0 if lin.bias is None else lin.bias.float())
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), (name, rows)

@@ -99,6 +99,41 @@ def q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (d * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
 
 
+def q4_0_codes(blocks: torch.Tensor):
+    d, qs = blocks[:, :2], blocks[:, 2:]
+    return _nibbles(qs), _f16(d), torch.zeros(blocks.shape[0], 1)  # d (q - 8)
+
+
+def q4_1_codes(blocks: torch.Tensor):
+    d, m, qs = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), blocks[:, 4:]
+    return _nibbles(qs), d, m + 8 * d  # d q + m = d (q - 8) + (m + 8 d)
+
+
+def q4_k_codes(blocks: torch.Tensor):
+    n = blocks.shape[0]
+    d, dmin, scales, qs = blocks[:, :2], blocks[:, 2:4], blocks[:, 4:16], blocks[:, 16:]
+    sc, m = _k_scales(scales)
+    scale = _f16(d) * sc.float()  # [n, 8]: a sub-block of 32 each
+    q = _nibbles(qs.reshape(n, 4, 32)).reshape(n, 8, 32)
+    return q.reshape(n * 8, 32), scale.reshape(-1, 1), (8 * scale - _f16(dmin) * m.float()).reshape(-1, 1)
+
+
+# 4-bit block types whose blocks (or sub-blocks) are 32 weights on 16 evenly spaced levels: each is an int4 group of
+# 32 of ours, w = (q - 8) * scale + zero, with the file's codes -> (bytes a block, codes of blocks)
+INT4_CODES = {"Q4_0": (18, q4_0_codes), "Q4_1": (20, q4_1_codes), "Q4_K": (144, q4_k_codes)}
+INT4_CODES_GROUP = QK
+
+
+def int4_codes(rows: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 [rows, bytes a row] of a 4-bit block type of INT4_CODES -> its codes q (uint8 [rows, columns], 0..15)
+    and each group of 32's scale and zero (float32 [rows, columns / 32]), the weights (q - 8) * scale + zero: those
+    `widen` gives, up to the float rounding of the regrouped terms."""
+    size, fn = INT4_CODES[kind]
+    n_rows, row_bytes = rows.shape
+    q, scale, zero = fn(rows.reshape(-1, size))
+    return q.reshape(n_rows, -1), scale.reshape(n_rows, -1), zero.reshape(n_rows, -1)
+
+
 # block type name (gguf.GGMLQuantizationType) -> (weights a block, bytes a block, widening)
 BLOCK_TYPES = {
     "Q8_0": (QK, 34, q8_0), "Q4_0": (QK, 18, q4_0), "Q4_1": (QK, 20, q4_1), "Q5_0": (QK, 22, q5_0),

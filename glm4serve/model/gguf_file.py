@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import CHAT_ROPE_THETA, GLM4_RMS_NORM_EPS, MAX_POSITIONS
-from .gguf_blocks import BLOCK_TYPES, widen
+from .gguf_blocks import BLOCK_TYPES, INT4_CODES, int4_codes, widen
 
 log = logging.getLogger("glm4serve.model")
 
@@ -163,6 +163,13 @@ def nearest_quantization(reader) -> str | None:
     return "int8" if sorted(bits)[len(bits) // 2] > 5 else "int4"  # the median: K-quant mixes keep a few wider
 
 
+def holds_int4_codes(reader) -> bool:
+    """Whether most of the layers' matrices are of a 4-bit type (Q4_0, Q4_1, Q4_K) that is int4 in groups of 32
+    as it stands: served as int4, its codes and scales are kept (gguf_blocks.INT4_CODES), not re-quantized."""
+    kinds = [t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 2 * sum(k in INT4_CODES for k in kinds) > len(kinds)
+
+
 def weight_types(reader) -> str:
     """The block types of the file's matrices with their counts, for a log line ("Q4_0 x280, Q6_K x1")."""
     counts: dict[str, int] = {}
@@ -215,6 +222,14 @@ class GGUFTensor:
         if len(self.shape) == 1:  # a vector's blocks (if any) run across the rows asked for: widened whole
             return self._widen(self._bytes()).reshape(-1)[rows]
         return self._widen(self._bytes(rows))[:, cols]
+
+    @property
+    def kind(self) -> str:
+        return self.tensor.tensor_type.name
+
+    def codes(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """These rows of a matrix of a 4-bit type of gguf_blocks.INT4_CODES as int4 codes, scales and zeros."""
+        return int4_codes(torch.from_numpy(self._bytes(rows)), self.kind)
 
     def _widen(self, data: np.ndarray) -> torch.Tensor:
         from gguf import GGMLQuantizationType as T

@@ -189,15 +189,15 @@ class GLM4Model(nn.Module):
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None,
-              shard: Shard = Shard()) -> GLM4Model:
+              shard: Shard = Shard(), int4_group: int | None = None) -> GLM4Model:
         """The model with its weights allocated on `device` and not initialized (for the loader to fill):
-        built on meta, so no weight is ever made twice."""
-        from .quant import quantize_linears
+        built on meta, so no weight is ever made twice. int4_group: inputs a scale (None: quant.INT4_GROUP)."""
+        from .quant import INT4_GROUP, quantize_linears
 
         with torch.device("meta"):
             model = cls(cfg, shard).to(dtype)
             if quantization is not None:
-                quantize_linears(model, quantization)
+                quantize_linears(model, quantization, int4_group=int4_group or INT4_GROUP)
         model = model.to_empty(device=device)
         model.rotary = Rotary.of(cfg).to(device)  # fp32 angles, not a weight
         return model
@@ -239,12 +239,16 @@ def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.devi
     (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business. With a shard,
     this process's part of it (shard.py), read from the files alone. hf_overrides: keys of config.json
     replaced (ModelConfig.from_dir)."""
-    from .gguf_file import forget_readers
+    from .gguf_blocks import INT4_CODES_GROUP
+    from .gguf_file import forget_readers, holds_int4_codes, is_gguf, open_gguf
     from .loader import load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path, hf_overrides)
     dtype = resolve_dtype(dtype, cfg)
-    model = GLM4Model.empty(cfg, dtype, device, quantization, shard)
+    int4_group = None  # a GGUF file's 4-bit blocks are int4 groups of 32 already: kept, not re-quantized
+    if quantization == "int4" and is_gguf(path) and holds_int4_codes(open_gguf(path)):
+        int4_group = INT4_CODES_GROUP
+    model = GLM4Model.empty(cfg, dtype, device, quantization, shard, int4_group)
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress, shard=shard)
     forget_readers()  # a GGUF file's: the tokenizer, read first, and the weights are all it was needed for
     return model.eval()

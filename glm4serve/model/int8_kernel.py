@@ -477,10 +477,11 @@ def int4_int8_min_rows() -> int:
 
 
 def int4_int8_fits(m: int, n: int, k: int, group: int) -> bool:
-    """int4_int8_gemm takes the product: int4_int8_min_rows() rows or more, on a CPU without AMX-INT8 (whose tiles
-    take batches with int16 activations) where int4_int8.c builds, groups of 32 or 64 inputs."""
+    """int4_int8_gemm takes the product: int4_int8_min_rows() rows or more, groups of 32 or 64 inputs, where
+    int4_int8.c builds, on a CPU without AMX-INT8 or in groups AMX's int4 kernel does not take (its tiles take
+    batches in groups of 64 with int16 activations: a GGUF file's 4-bit blocks are groups of 32)."""
     return (m >= int4_int8_min_rows() and group in (32, 64) and n % 64 == 0 and k % group == 0
-            and _amx_library() is None and _int4_int8_kernel() is not None)
+            and (_amx_library() is None or group != 64) and _int4_int8_kernel() is not None)
 
 
 def int4_int8_gemm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .gguf_blocks import INT4_CODES, INT4_CODES_GROUP
 from .gguf_file import GGUFWeights, is_gguf, open_gguf
 from .shard import Shard
 
@@ -252,9 +253,12 @@ def load_weights(
                 for name in names:
                     spec = expected[name]
                     target = targets[spec.target]
-                    for start, stop, tensor in _pieces(sf, spec, cfg, shard):
+                    codes = _takes_codes(sf, name, target) and shard.cut(spec.target, cfg) is None
+                    for start, stop, tensor in _pieces(sf, spec, cfg, shard, codes):
                         if isinstance(target, torch.Tensor):
                             target[start:stop].copy_(tensor)  # copy_ casts dtype and moves device in one go
+                        elif codes:  # int4 codes, scales and zeros, kept as they are
+                            target.load_code_rows(start, stop, *tensor)
                         else:  # a quantized linear quantizes the rows as they come (quant.py)
                             target.load_weight_rows(start, stop, tensor)
                         filled_rows[spec.target] += stop - start
@@ -297,9 +301,16 @@ def _opened_gguf(path: Path, weights: GGUFWeights):
         yield weights
 
 
-def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard):
+def _takes_codes(sf, name: str, target) -> bool:
+    """Whether a GGUF tensor's 4-bit blocks go into an int4 linear of their group as they are (gguf_blocks.py)."""
+    return (isinstance(sf, GGUFWeights) and sf.get_slice(name).kind in INT4_CODES
+            and getattr(target, "group", None) == INT4_CODES_GROUP and hasattr(target, "load_code_rows"))
+
+
+def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard, codes: bool = False):
     """(first row, end row, tensor) of the target that this checkpoint tensor fills on this rank, read
-    from the file: the whole tensor, or only the rows or columns of this rank's cut (shard.py)."""
+    from the file: the whole tensor, or only the rows or columns of this rank's cut (shard.py). codes: a GGUF
+    tensor's rows as int4 (codes, scales, zeros) rather than floats (whole tensors only)."""
     rows = sf.get_slice(spec.name)
     start, stop = spec.rows or (0, spec.shape[0])  # where the tensor lies in the (whole) target
     cut = shard.cut(spec.target, cfg)
@@ -307,7 +318,7 @@ def _pieces(sf, spec: CheckpointTensor, cfg: ModelConfig, shard: Shard):
         step = max(1, READ_BYTES // (4 * math.prod(spec.shape[1:])))  # rows of READ_BYTES as float32
         for a in range(0, stop - start, step):
             b = min(stop - start, a + step)
-            yield start + a, start + b, rows[a:b]
+            yield start + a, start + b, rows.codes(slice(a, b)) if codes else rows[a:b]
         return
     dim, ranges = cut
     if dim == 1:  # a column cut (o, down): checkpoints hold these whole, never split in rows

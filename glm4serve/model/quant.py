@@ -160,19 +160,32 @@ class Int4Linear(nn.Module):
             scale = ((high - low).clamp(min=1e-12) / 15).to(torch.bfloat16)  # as they are kept
             zero = (low + 8 * scale.float()).to(torch.bfloat16)
             q = groups.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
-            q = q.view(-1, k).to(torch.int32)
-            self._store_scales(r0, r1, torch.stack((scale, zero), -1))
-            for tile in range(r0 // PACK_TILE_ROWS, -(-r1 // PACK_TILE_ROWS)):
-                t0, t1 = tile * PACK_TILE_ROWS, min(self.out_features, (tile + 1) * PACK_TILE_ROWS)
-                a, b = max(r0, t0), min(r1, t1)
-                if (a, b) == (t0, t1):
-                    self._pack(t0, t1, q[a - r0 : b - r0])
-                    continue
-                part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
-                part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
-                part[1] += b - a
-                if part[1] == t1 - t0:
-                    self._pack(t0, t1, self._partial.pop(tile)[0])
+            self._store(r0, r1, q.view(-1, k).to(torch.int32), torch.stack((scale, zero), -1))
+
+    def load_code_rows(self, start: int, stop: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Rows [start, stop) given as int4 already: codes q [rows, in] in 0..15 and each group's scale and zero
+        [rows, in / group] (a GGUF file's 4-bit blocks, gguf_blocks.int4_codes), kept as they are but for the
+        bf16 of scale and zero."""
+        rows = stop - start
+        assert q.shape == (rows, self.in_features) and scale.shape == (rows, self.in_features // self.group)
+        self._store(start, stop, q.to(torch.int32), torch.stack((scale, zero), -1).to(torch.bfloat16))
+
+    def _store(self, r0: int, r1: int, q: torch.Tensor, pairs: torch.Tensor) -> None:
+        """Codes q [rows r0..r1, in] (int32) and their (scale, zero) pairs [rows, in / group, 2] (bf16) into the
+        layouts the kernels read; a pack tile of rows is packed once all its rows have come."""
+        k = self.in_features
+        self._store_scales(r0, r1, pairs)
+        for tile in range(r0 // PACK_TILE_ROWS, -(-r1 // PACK_TILE_ROWS)):
+            t0, t1 = tile * PACK_TILE_ROWS, min(self.out_features, (tile + 1) * PACK_TILE_ROWS)
+            a, b = max(r0, t0), min(r1, t1)
+            if (a, b) == (t0, t1):
+                self._pack(t0, t1, q[a - r0 : b - r0])
+                continue
+            part = self._partial.setdefault(tile, [torch.zeros(t1 - t0, k, dtype=torch.int32), 0])
+            part[0][a - t0 : b - t0] = q[a - r0 : b - r0]
+            part[1] += b - a
+            if part[1] == t1 - t0:
+                self._pack(t0, t1, self._partial.pop(tile)[0])
 
     def _store_scales(self, r0: int, r1: int, pairs: torch.Tensor) -> None:
         """pairs [rows r0..r1, in / group, 2] into the scales' layout."""
@@ -222,16 +235,16 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantize_linears(model: nn.Module, scheme: str, device=None) -> int:
+def quantize_linears(model: nn.Module, scheme: str, device=None, int4_group: int = INT4_GROUP) -> int:
     """Replace every nn.Linear of `model` (on meta, before loading) by an empty quantized linear of
     `scheme` on `device`, for the loader to fill. Returns how many."""
-    cls = {"int8": Int8Linear, "int4": Int4Linear}[scheme]
+    make = {"int8": Int8Linear, "int4": functools.partial(Int4Linear, group=int4_group)}[scheme]
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, cls(child.in_features, child.out_features, child.bias is not None,
-                                          child.weight.dtype, device))
+                setattr(parent, name, make(child.in_features, child.out_features, child.bias is not None,
+                                           child.weight.dtype, device))
                 swapped += 1
     return swapped
 
