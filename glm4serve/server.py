@@ -16,7 +16,7 @@ from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
 from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
-from .model.gguf_file import is_gguf, nearest_quantization, open_gguf, weight_types
+from .model.gguf_file import holds_int4_codes, is_gguf, nearest_quantization, open_gguf, weight_types
 from .model.kv_cache import bytes_per_token, kv_cache_dtype
 from .model.lora import load_loras
 from .model.runner import make_runner
@@ -62,7 +62,8 @@ def resolve_model(model: str | None) -> Path:
 def weight_quantization(asked: str | None, path: Path, device: str) -> str | None:
     """The quantization the linears get at load: as asked ("none": the weights as stored, in --dtype); by default
     none, but for a GGUF file of block types (Q4_0, Q8_0, Q4_K ...) on CPU the one of ours nearest to them, as
-    those are what its user chose to fit the memory and we have no kernels for theirs."""
+    those are what its user chose to fit the memory: int4 holds Q4_0, Q4_1 and Q4_K blocks as they are
+    (load_model), the others are re-quantized."""
     if asked is not None:
         return None if asked == "none" else asked
     if not is_gguf(path):
@@ -75,9 +76,14 @@ def weight_quantization(asked: str | None, path: Path, device: str) -> str | Non
         log.warning("the GGUF file's matrices are %s: widened to the model's dtype on %s (int8/int4 run on CPU)",
                     kinds, device)
         return None
-    log.warning("the GGUF file's matrices are %s, block types glm4serve has no kernels for: re-quantized at load to "
-                "%s, the nearest of ours (not bit-exact; --quantization none serves them exactly, widened to "
-                "--dtype)", kinds, nearest)
+    if nearest == "int4" and holds_int4_codes(reader):
+        log.info("the GGUF file's matrices are %s: served as int4 groups of 32 holding their 4-bit codes, scales and "
+                 "zeros as they are (the scales and zeros rounded to bf16); other types among them re-quantized",
+                 kinds)
+    else:
+        log.warning("the GGUF file's matrices are %s, block types glm4serve has no kernels for: re-quantized at load "
+                    "to %s, the nearest of ours (not bit-exact; --quantization none serves them exactly, widened to "
+                    "--dtype)", kinds, nearest)
     return nearest
 
 

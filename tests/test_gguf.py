@@ -91,9 +91,12 @@ def test_block_types_load_as_llama_cpps_dequantization_of_them(gguf_of, kind):
 def test_the_quantization_a_file_gets_by_default(gguf_of, make_checkpoint, kind, nearest, caplog):
     src, f = gguf_of("glm-hf", kind)
     assert nearest_quantization(open_gguf(f)) == nearest
-    with caplog.at_level(logging.WARNING, logger="glm4serve"):
+    with caplog.at_level(logging.INFO, logger="glm4serve"):
         assert weight_quantization(None, f, "cpu") == nearest
-    assert (kind in caplog.text and f"re-quantized at load to {nearest}" in caplog.text) == (nearest is not None)
+    kept = kind in ("Q4_0", "Q4_1")  # int4 groups of 32 as they stand
+    assert (kind in caplog.text and f"re-quantized at load to {nearest}" in caplog.text) == (nearest is not None
+                                                                                              and not kept)
+    assert ("holding their 4-bit codes, scales and zeros as they are" in caplog.text) == kept
     assert weight_quantization("none", f, "cpu") is None and weight_quantization("int4", f, "cpu") == "int4"
     assert weight_quantization(None, f, "cuda") is None  # widened to the model's dtype on a GPU
     assert weight_quantization(None, src, "cpu") is None and weight_quantization("none", src, "cpu") is None

@@ -11,8 +11,10 @@ each weight in its own type (F32, F16, BF16, or blocks like Q8_0, Q4_0, Q4_K, Q6
     gguf_blocks.py, else gguf's numpy code) as the loader reads it (`GGUFWeights`), a few MB of rows at a
     time, then copied into the model or quantized by our linears as any weight is.
 
-Block types we have no kernel for cannot be served as they are: `nearest_quantization` names the one of
-ours a file's linears come closest to, which the server quantizes them to at load unless told otherwise.
+On a CPU the server quantizes a file's matrices at load to `nearest_quantization`, the one of ours they come
+closest to, unless told otherwise. Q4_0, Q4_1 and Q4_K blocks are int4 groups of 32 of ours as they stand
+(`holds_int4_codes`, gguf_blocks.int4_codes): those are kept, codes, scales and zeros. Other block types, which
+we have no kernels for, are widened and re-quantized.
 The names are mapped in loader.WEIGHT_NAMES with every other checkpoint format.
 """
 
