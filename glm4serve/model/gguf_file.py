@@ -184,13 +184,23 @@ def weight_types(reader) -> str:
 class GGUFWeights:
     """The file's tensors by name, as a safetensors file's `get_slice` gives them: rows read and widened to float
     when indexed (the loader reads a few MB at a time: whole matrices widened at once were 5-15x slower, their
-    temporaries fresh memory for every one, and held GBs)."""
+    temporaries fresh memory for every one, and held GBs). Read inside `with`, which holds the file open."""
 
-    def __init__(self, reader, file):
+    def __init__(self, path: str | Path):
+        reader = open_gguf(path)
+        self.path = Path(path)
         self.tensors = {t.name: t for t in reader.tensors}
         self.shapes = _tensor_shapes(reader)
-        self.file = file  # read as a file, not through the reader's mapping: pages of a mapping the process
+        self.file = None  # read as a file, not through the reader's mapping: pages of a mapping the process
         # touched count in its resident memory until it goes (the whole file, by the end of a load)
+
+    def __enter__(self) -> "GGUFWeights":
+        self.file = open(self.path, "rb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        self.file = None
 
     def keys(self):
         return self.tensors.keys()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .gguf_blocks import INT4_CODES, INT4_CODES_GROUP
-from .gguf_file import GGUFWeights, is_gguf, open_gguf
+from .gguf_file import GGUFWeights, is_gguf
 from .shard import Shard
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -282,7 +281,7 @@ def _safetensors_groups(path: Path, cfg: ModelConfig):
 
 def _gguf_groups(path: Path, cfg: ModelConfig):
     """The same for a GGUF file: one group, its tensors widened to floats as they are read (gguf_file.py)."""
-    weights = GGUFWeights(open_gguf(path), None)
+    weights = GGUFWeights(path)
     expected = checkpoint_tensors(cfg, split_qkv="blk.0.attn_qkv.weight" not in weights.shapes)
     for name, spec in expected.items():
         if name not in weights.shapes:
@@ -292,13 +291,7 @@ def _gguf_groups(path: Path, cfg: ModelConfig):
     extra = sorted(set(weights.shapes) - set(expected))
     if extra:
         raise CheckpointError(f"unexpected tensors {extra[:5]} in {path} (not part of a {cfg.variant} GGUF file)")
-    return [(partial(_opened_gguf, path, weights), list(expected))], expected
-
-
-@contextmanager
-def _opened_gguf(path: Path, weights: GGUFWeights):
-    with open(path, "rb") as weights.file:
-        yield weights
+    return [(lambda: weights, list(expected))], expected
 
 
 def _takes_codes(sf, name: str, target) -> bool:
