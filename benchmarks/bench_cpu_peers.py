@@ -17,7 +17,8 @@ tokenizer and is told it is "glm4" (the tokenizer plays no part in the timing). 
         [--prefill-tokens 1024] [--decode-after-prefill] [--apart] [--ours-from-gguf]
 
 With --ours-from-gguf our server is given llama.cpp's very file (`--model slice-Q4_0.gguf`), as a llama.cpp user
-would start it, and re-quantizes its blocks at load as it does by default.
+would start it, and serves its blocks as it does by default (each matrix in the nearest of int8 and int4). Mode
+q4_k_m is llama-quantize's most downloaded mix, Q4_K_M, against ours from that file (--ours-from-gguf) or int4.
 
 With `--isa avx2` both sides run the code of a CPU with AVX2 and not AVX-512 (most desktop and laptop CPUs) on
 this one: llama.cpp built for AVX2 (its own folder), and our server with GLM4SERVE_MAX_CPU_ISA=avx2 and torch's,
@@ -54,7 +55,7 @@ CACHE = Path.home() / ".cache" / "glm4serve"
 SLICE_9B = dict(GLM4_9B_CHAT, dtype="bfloat16")  # num_layers: --layers
 # ours (--dtype, --quantization), llama.cpp's file type
 MODES = {"fp32": ("float32", None, "F32"), "bf16": ("bfloat16", None, "BF16"), "int8": ("bfloat16", "int8", "Q8_0"),
-         "int4": ("bfloat16", "int4", "Q4_0")}
+         "int4": ("bfloat16", "int4", "Q4_0"), "q4_k_m": ("bfloat16", "int4", "Q4_K_M")}
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -270,8 +271,8 @@ def main():
     ap.add_argument("--isa", choices=sorted(BUILDS), default="native",
                     help="avx2: both servers in the code of a CPU without AVX-512 (module docstring)")
     ap.add_argument("--ours-from-gguf", action="store_true",
-                    help="our server loads llama.cpp's GGUF file too (its Q8_0/Q4_0 re-quantized to int8/int4 at "
-                         "load), not the safetensors checkpoint")
+                    help="our server loads llama.cpp's GGUF file too (served as by default: each matrix in the "
+                         "nearest of int8 and int4), not the safetensors checkpoint")
     a = ap.parse_args()
     modes = a.modes.split(",")
     build = llama_cpp(a.isa)

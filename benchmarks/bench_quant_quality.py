@@ -4,7 +4,9 @@ For each prompt, every position's next-token distribution (teacher-forced over t
 model as served (bf16 around the linears for int8/int4, as a bf16 checkpoint loads) against the
 same checkpoint in float32: mean KL(fp32 || served) and top-1 agreement; "bf16, fp8 KV" is bf16 over an fp8 KV
 cache (--kv-cache-dtype fp8), and with --kv-only that mode and bf16 alone; with --gguf Q4_0,Q8_0 the weights as
-GGUF files of those block types, widened and re-quantized (gguf_modes). Every position is teacher-forced one
+GGUF files of those block types, widened and as the server serves them by default (gguf_modes); with
+--gguf-files F.gguf,... files made elsewhere of the same weights (llama-quantize's Q4_K_M of the --checkpoint),
+widened, by default and all int4 (--gguf-overrides: their config's --hf-overrides). Every position is teacher-forced one
 token at a time (decodes: products of one row), or with --prefill each prompt in one chunk whose every position
 gives logits (products of as many rows as the prompt's tokens: the prefill kernels). Where int4_int8.c builds (no
 AMX), int4 twice, every product through int4_gemm (int16 activations: one row beside int8_gemm.c) and through
@@ -17,6 +19,7 @@ int4_int8.c (int8 per group of inputs: batches there, every row count where AVX2
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -38,9 +41,10 @@ KV_MODES = {"bf16, fp8 KV"}  # modes whose KV cache is fp8
 
 
 def all_position_logits(path, dtype: str, quantization: str | None, prompts: list[list[int]],
-                        kv_dtype: torch.dtype | None = None, prefill: bool = False) -> torch.Tensor:
+                        kv_dtype: torch.dtype | None = None, prefill: bool = False,
+                        hf_overrides: dict | None = None) -> torch.Tensor:
     """[sum of prompt lengths, V] fp32 logits, every position of every prompt (one prefill each)."""
-    model = load_model(path, dtype=dtype, quantization=quantization)
+    model = load_model(path, dtype=dtype, quantization=quantization, hf_overrides=hf_overrides)
     longest = max(len(p) for p in prompts)
     runner = EagerRunner(model, -(-longest // 16), 16, kv_dtype=kv_dtype)
     rows = []
@@ -65,22 +69,22 @@ def distribution_error(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, flo
     return kl, top1
 
 
-def gguf_modes(path: Path, kinds: list[str], out: Path) -> dict[str, tuple[str, str | None, Path]]:
+def gguf_modes(path: Path, kinds: list[str], out: Path) -> dict[str, tuple]:
     """For each GGUF block type, the checkpoint written as a file of it (every matrix that type: llama-quantize's
     --pure), served widened (the file's own values, as llama.cpp runs them) and as glm4serve serves it by
-    default (re-quantized to the nearest of int8 and int4)."""
+    default on CPU ("gguf": the nearest of int8 and int4)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from gguf_files import write_gguf
 
-    from glm4serve.model.gguf_file import nearest_quantization, open_gguf
+    files = {kind: write_gguf(Path(path), out / f"quality-{kind}.gguf", kind) for kind in kinds}
+    return {name: mode for kind, f in files.items() for name, mode in file_modes(f, kind, ("none", "gguf")).items()}
 
-    modes = {}
-    for kind in kinds:
-        f = write_gguf(Path(path), out / f"quality-{kind}.gguf", kind)
-        nearest = nearest_quantization(open_gguf(f))
-        modes[f"GGUF {kind}, widened"] = ("bfloat16", None, f)
-        modes[f"GGUF {kind} as {nearest}"] = ("bfloat16", nearest, f)
-    return modes
+
+def file_modes(f: Path, label: str, ways=("none", "gguf", "int4"), overrides: dict | None = None) -> dict[str, tuple]:
+    """A GGUF file of the checkpoint's weights served each of these ways (--quantization): (dtype, quantization,
+    file, hf_overrides) by the mode's name."""
+    name = {"none": "widened", "gguf": "by default (gguf)", "int4": "all int4"}
+    return {f"GGUF {label}, {name[w]}": ("bfloat16", None if w == "none" else w, f, overrides) for w in ways}
 
 
 def compare(path, prompts: list[list[int]], modes=MODES, prefill: bool = False) -> dict[str, tuple[float, float]]:
@@ -88,7 +92,9 @@ def compare(path, prompts: list[list[int]], modes=MODES, prefill: bool = False) 
     out = {}
     for name, (dtype, q, *gguf) in modes.items():
         if gguf:
-            out[name] = distribution_error(ref, all_position_logits(gguf[0], dtype, q, prompts, prefill=prefill))
+            file, overrides = gguf
+            logits = all_position_logits(file, dtype, q, prompts, prefill=prefill, hf_overrides=overrides)
+            out[name] = distribution_error(ref, logits)
             continue
         if q != "int4" or not int8_kernel.int4_int8_fits(int8_kernel.int4_int8_min_rows(), 64, 64, 64):
             kv = torch.float8_e4m3fn if name in KV_MODES else None
@@ -114,6 +120,9 @@ def main():
     ap.add_argument("--kv-only", action="store_true", help="bf16 and bf16 over an fp8 KV cache only")
     ap.add_argument("--prefill", action="store_true", help="each prompt in one chunk (module docstring)")
     ap.add_argument("--gguf", default="", help="GGUF block types (Q4_0,Q8_0): the slice as such files (gguf_modes)")
+    ap.add_argument("--gguf-files", default="", help="GGUF files of the --checkpoint's weights (file_modes)")
+    ap.add_argument("--gguf-overrides", type=json.loads, default=None,
+                    help="--hf-overrides for the --gguf-files (a -hf checkpoint's converter slip, README)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -121,8 +130,12 @@ def main():
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 2000, (a.prompt_tokens,), generator=g).tolist() for _ in range(a.prompts)]
         modes = {m: MODES[m] for m in ("bf16", "bf16, fp8 KV")} if a.kv_only else MODES
-        if a.gguf:
-            modes = {**{m: MODES[m] for m in ("bf16", "int8", "int4")}, **gguf_modes(path, a.gguf.split(","), Path(d))}
+        if a.gguf or a.gguf_files:
+            modes = {m: MODES[m] for m in ("bf16", "int8", "int4")}
+            if a.gguf:
+                modes |= gguf_modes(path, a.gguf.split(","), Path(d))
+            for f in filter(None, a.gguf_files.split(",")):
+                modes |= file_modes(Path(f), Path(f).name, overrides=a.gguf_overrides)
         results = compare(path, prompts, modes, a.prefill)
     print(f"{a.prompts} prompts x {a.prompt_tokens} positions, vs float32 of the same weights:")
     for name, (kl, top1) in results.items():

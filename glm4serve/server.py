@@ -16,7 +16,8 @@ from .engine.config import EngineArgs, plan_kv_cache
 from .engine.engine import LLMEngine
 from .model.cpu_linear import limit_onednn_caches
 from .model.glm4 import GLM4Model, load_model
-from .model.gguf_file import holds_int4_codes, is_gguf, nearest_quantization, open_gguf, weight_types
+from .model.gguf_blocks import INT4_CODES
+from .model.gguf_file import holds_int4_codes, is_gguf, open_gguf, quantized_types, weight_types
 from .model.kv_cache import bytes_per_token, kv_cache_dtype
 from .model.lora import load_loras
 from .model.runner import make_runner
@@ -61,30 +62,33 @@ def resolve_model(model: str | None) -> Path:
 
 def weight_quantization(asked: str | None, path: Path, device: str) -> str | None:
     """The quantization the linears get at load: as asked ("none": the weights as stored, in --dtype); by default
-    none, but for a GGUF file of block types (Q4_0, Q8_0, Q4_K ...) on CPU the one of ours nearest to them, as
-    those are what its user chose to fit the memory: int4 holds Q4_0, Q4_1 and Q4_K blocks as they are
-    (load_model), the others are re-quantized."""
+    none, but for a GGUF file of block types (Q4_0, Q8_0, Q4_K_M's mix ...) on CPU "gguf": each matrix in the one
+    of ours nearest to its type, as those are what its user chose to fit the memory. int4 holds Q4_0, Q4_1 and
+    Q4_K blocks as they are (load_model), the others are re-quantized."""
     if asked is not None:
         return None if asked == "none" else asked
     if not is_gguf(path):
         return None
     reader = open_gguf(path)
-    nearest, kinds = nearest_quantization(reader), weight_types(reader)
-    if nearest is None:
+    nearest, kinds = quantized_types(reader), weight_types(reader)
+    if not nearest:
         return None
     if device != "cpu":
         log.warning("the GGUF file's matrices are %s: widened to the model's dtype on %s (int8/int4 run on CPU)",
                     kinds, device)
         return None
-    if nearest == "int4" and holds_int4_codes(reader):
-        log.info("the GGUF file's matrices are %s: served as int4 groups of 32 holding their 4-bit codes, scales and "
-                 "zeros as they are (the scales and zeros rounded to bf16); other types among them re-quantized",
-                 kinds)
-    else:
-        log.warning("the GGUF file's matrices are %s, block types glm4serve has no kernels for: re-quantized at load "
-                    "to %s, the nearest of ours (not bit-exact; --quantization none serves them exactly, widened to "
-                    "--dtype)", kinds, nearest)
-    return nearest
+    log.info("the GGUF file's matrices are %s: each served in the quantization of ours nearest to its type", kinds)
+    kept = [t for t in nearest if t in INT4_CODES and holds_int4_codes(reader)]
+    if kept:
+        log.info("the GGUF file's %s matrices: served as int4 groups of 32 holding their 4-bit codes, scales and "
+                 "zeros as they are (the scales and zeros rounded to bf16)", ", ".join(kept))
+    for ours in ("int8", "int4"):
+        others = [t for t, s in nearest.items() if s == ours and t not in kept]
+        if others:
+            log.warning("the GGUF file's %s matrices, block types glm4serve has no kernels for: re-quantized at load "
+                        "to %s, the nearest of ours (not bit-exact; --quantization none serves them exactly, widened "
+                        "to --dtype)", ", ".join(others), ours)
+    return "gguf"
 
 
 def pick_device(device: str) -> str:

@@ -19,10 +19,11 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 
-def write_gguf(src: Path, out: Path, matrix_type: str = "F32", output_type: str | None = None,
+def write_gguf(src: Path, out: Path, matrix_type: str = "F32", types: dict[str, str] | None = None,
                rope_scaling: dict | None = None) -> Path:
-    """src: a safetensors checkpoint folder (chatglm or HF naming, glm or glm4); output_type: the output layer's
-    type when not matrix_type (llama-quantize keeps it wider)."""
+    """src: a safetensors checkpoint folder (chatglm or HF naming, glm or glm4); types: the type of the matrices
+    of that GGUF name, or whose names end in "." and it, where not matrix_type (llama-quantize's mixes:
+    {"output.weight": "Q6_K", "ffn_down.weight": "Q8_0"})."""
     config = json.loads((src / "config.json").read_text())
     chatglm = config["model_type"] == "chatglm"
     arch = gguf.MODEL_ARCH.GLM4 if config["model_type"] == "glm4" else gguf.MODEL_ARCH.CHATGLM
@@ -39,7 +40,8 @@ def write_gguf(src: Path, out: Path, matrix_type: str = "F32", output_type: str 
                 theirs = names.get_name(name.removeprefix("transformer."), try_suffixes=(".weight", ".bias"))
                 assert theirs is not None, name
                 x = f.get_tensor(name).float().numpy()
-                kind = T[output_type or matrix_type] if theirs == "output.weight" else T[matrix_type]
+                named = [t for end, t in (types or {}).items() if theirs == end or theirs.endswith("." + end)]
+                kind = T[named[0] if named else matrix_type]
                 if x.ndim == 1 or kind == T.F32:
                     writer.add_tensor(theirs, x.astype(np.float32))
                 else:

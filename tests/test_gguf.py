@@ -18,9 +18,10 @@ from glm4serve.engine.config import EngineArgs
 from glm4serve.engine.types import SamplingParams
 from glm4serve.model.config import ConfigError, ModelConfig
 from glm4serve.model.gguf_blocks import BLOCK_TYPES, INT4_CODES, int4_codes, widen
-from glm4serve.model.gguf_file import GGUFError, nearest_quantization, open_gguf
+from glm4serve.model.gguf_file import GGUFError, open_gguf, quantized_types
 from glm4serve.model.glm4 import load_model
 from glm4serve.model.loader import CheckpointError
+from glm4serve.model.shard import Shard
 from glm4serve.model.tokenizer import Tokenizer
 from glm4serve.server import build_llm_engine, weight_quantization
 
@@ -38,7 +39,7 @@ def gguf_of(make_checkpoint, tmp_path_factory):
     cache = {}
 
     def make(source: str, matrix_type: str = "F32", dtype: str = "float32", **kw):
-        key = (source, matrix_type, dtype, tuple(sorted(kw.items())))
+        key = (source, matrix_type, dtype, repr(sorted(kw.items())))
         if key not in cache:
             src = make_checkpoint(*SOURCES[source], dtype=dtype)
             out = tmp_path_factory.mktemp("gguf") / f"{source}-{matrix_type}.gguf"
@@ -90,22 +91,78 @@ def test_block_types_load_as_llama_cpps_dequantization_of_them(gguf_of, kind):
                                            ("F32", None), ("BF16", None), ("F16", None)])
 def test_the_quantization_a_file_gets_by_default(gguf_of, make_checkpoint, kind, nearest, caplog):
     src, f = gguf_of("glm-hf", kind)
-    assert nearest_quantization(open_gguf(f)) == nearest
+    assert quantized_types(open_gguf(f)) == ({kind: nearest} if nearest else {})
     with caplog.at_level(logging.INFO, logger="glm4serve"):
-        assert weight_quantization(None, f, "cpu") == nearest
+        assert weight_quantization(None, f, "cpu") == ("gguf" if nearest else None)
     kept = kind in ("Q4_0", "Q4_1")  # int4 groups of 32 as they stand
-    assert (kind in caplog.text and f"re-quantized at load to {nearest}" in caplog.text) == (nearest is not None
-                                                                                              and not kept)
-    assert ("holding their 4-bit codes, scales and zeros as they are" in caplog.text) == kept
+    assert (f"{kind} matrices, block types glm4serve has no kernels for: re-quantized at load to {nearest}"
+            in caplog.text) == (nearest is not None and not kept)
+    assert (f"{kind} matrices: served as int4 groups of 32 holding their 4-bit codes" in caplog.text) == kept
     assert weight_quantization("none", f, "cpu") is None and weight_quantization("int4", f, "cpu") == "int4"
     assert weight_quantization(None, f, "cuda") is None  # widened to the model's dtype on a GPU
     assert weight_quantization(None, src, "cpu") is None and weight_quantization("none", src, "cpu") is None
+    if nearest:
+        model = load_model(f, dtype="float32", quantization="gguf")
+        linears = [m for m in model.modules() if hasattr(m, "in_features")]
+        assert {type(m).__name__ for m in linears} == {f"Int{nearest[3]}Linear"}
 
 
-def test_a_wider_output_layer_does_not_move_the_nearest_quantization(gguf_of):
-    """llama-quantize keeps output.weight wider (Q6_K in a Q4_0 file); the layers' own types decide."""
-    _, f = gguf_of("glm-hf", "Q4_0", output_type="Q8_0")
-    assert nearest_quantization(open_gguf(f)) == "int4"
+# llama-quantize's Q4_K_M, as it writes glm-4-9b-chat: Q4_K, with more bits for v in some layers, for ffn_down
+# (whose 13696 inputs are no multiple of Q4_K's 256: Q5_0, or Q8_0 where it keeps more) and the output layer.
+# gguf-py writes no K-quants: Q4_0 and Q5_0 stand in for Q4_K and Q6_K, the same sides of 5 bits a weight.
+K_MIX = {"blk.1.attn_v.weight": "Q5_0", "blk.0.ffn_down.weight": "Q5_0", "blk.1.ffn_down.weight": "Q8_0",
+         "output.weight": "Q8_0"}
+
+
+@pytest.mark.parametrize("source", ["glm-hf", "glm-chatglm"])
+def test_a_mixed_file_serves_each_matrix_in_the_nearest_of_ours(gguf_of, source):
+    """The default for a file of several block types ("gguf"): each linear int4 or int8 by its own tensors' type,
+    v's wider type making its layer's fused qkv int8; the 4-bit ones hold the file's codes, the others are the
+    widened weights within int8's rounding. The output layer is the file's own too, where one type for all
+    would re-quantize it (and the wider ffn_down) to 4 bits."""
+    from glm4serve.model.quant import Int4Linear, Int8Linear
+
+    _, f = gguf_of(source, "Q4_0", types=K_MIX)
+    model = load_model(f, dtype="float32", quantization="gguf")
+    widened = load_model(f, dtype="float32").state_dict()
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    split = source == "glm-hf"  # a chatglm file's attn_qkv is one tensor, of the whole file's type
+    assert kinds == {"layers.0.attn.qkv": Int4Linear, "layers.1.attn.qkv": Int8Linear if split else Int4Linear,
+                     "layers.0.attn.o": Int4Linear, "layers.1.attn.o": Int4Linear,
+                     "layers.0.mlp.gate_up": Int4Linear, "layers.1.mlp.gate_up": Int4Linear,
+                     "layers.0.mlp.down": Int8Linear, "layers.1.mlp.down": Int8Linear, "lm_head": Int8Linear}
+    for name, lin in ((n, m) for n, m in model.named_modules() if n in kinds):
+        want = widened[name + ".weight"]
+        if isinstance(lin, Int4Linear):
+            assert lin.group == 32
+            scale, zero = lin.scales_by_row().float().permute(2, 1, 0)  # [out, in / 32] each
+            bound = (2**-8 * (8 * scale.abs() + zero.abs())).repeat_interleave(32, dim=1)
+        else:  # half a step of the row's scale, that scale rounded to bf16 (2^-8 of it, 127 steps)
+            bound = (lin.scale.float() * (0.5 + 127 * 2**-8))[:, None].expand_as(want)
+        assert ((lin.dequantized() - want).abs() <= bound).all(), name
+    one_type = load_model(f, dtype="float32", quantization="int4")
+    assert all(isinstance(m, Int4Linear) for n, m in one_type.named_modules() if n in kinds)
+    rank = load_model(f, dtype="float32", quantization="gguf", shard=Shard(1, 2))  # a tensor-parallel rank's
+    assert {n: type(m) for n, m in rank.named_modules() if n in kinds} == kinds
+    with pytest.raises(ValueError, match="'gguf' .* is for GGUF files"):
+        load_model(gguf_of(source)[0], quantization="gguf")
+
+
+def test_a_mixed_file_serves_through_the_engine_as_its_widened_weights(gguf_of):
+    """The server's default for a mixed file on CPU, through the engine: the greedy tokens of its widened weights."""
+    _, f = gguf_of("glm-hf", "Q4_0", types=K_MIX)
+    prompt = list(range(30, 70))
+
+    def greedy(quantization):
+        engine = build_llm_engine(EngineArgs(model=str(f), dtype="bfloat16", quantization=quantization, device="cpu",
+                                             kv_cache_memory=8 << 20))
+        engine.add_request("r", prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+        ids = []
+        while engine.has_work:
+            ids += [t for o in engine.step() for t in o.token_ids]
+        return ids
+
+    assert greedy(None) == greedy("none") and len(greedy(None)) == 24
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -264,8 +321,11 @@ def test_a_context_of_the_hidden_size_warns_of_the_converters_slip_and_the_overr
         assert ModelConfig.from_dir(f).max_position_embeddings == 64
     fix = json.loads(caplog.text.split("--hf-overrides '")[1].split("'")[0])
     assert fix == {"max_position_embeddings": 131072, "rope_theta": 5e6, "rms_norm_eps": 1.5625e-07}
-    mended = ModelConfig.from_dir(f, fix)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glm4serve"):
+        mended = ModelConfig.from_dir(f, fix)
     assert (mended.max_position_embeddings, mended.rope_theta, mended.rms_norm_eps) == (131072, 5e6, 1.5625e-07)
+    assert "converter" not in caplog.text  # the user has set the context: nothing to warn of
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="glm4serve"):
         ModelConfig.from_dir(write_gguf(make_checkpoint("glm", "hf"), tmp_path / "128k.gguf"))
@@ -293,8 +353,6 @@ def test_block_types_widen_as_ggufs_numpy_code_bit_for_bit(kind):
 @pytest.mark.parametrize("source", ["glm-hf", "glm-chatglm"])
 def test_each_rank_reads_its_cut_of_a_gguf_file(gguf_of, source):
     """Tensor parallelism over a GGUF file: each rank's parts are those of the whole model read from it."""
-    from glm4serve.model.shard import Shard
-
     _, f = gguf_of(source, "Q8_0")
     whole = dict(load_model(f, dtype=torch.float32).named_parameters())
     for rank in range(2):

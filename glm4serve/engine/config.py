@@ -93,10 +93,11 @@ class EngineArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto: the checkpoint's 16-bit dtype, else float32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
-    quantization: Literal["int8", "int4", "none"] | None = Field(
+    quantization: Literal["int8", "int4", "gguf", "none"] | None = Field(
         None, description="weight-only quantization of every linear layer while loading (CPU): int8 per output "
-                          "channel, int4 in groups of 64 inputs; none: the weights as they are; default: none, "
-                          "but a GGUF file's block types (Q8_0, Q4_K ...) become the nearest of int8 and int4")
+                          "channel, int4 in groups of 64 inputs; gguf: each matrix of a GGUF file as the nearest "
+                          "of those to its block type; none: the weights as they are; default: none, but gguf for "
+                          "a GGUF file of block types (Q8_0, Q4_K_M ...)")
     hf_overrides: Annotated[dict, NoDecode] = Field(
         default_factory=dict, description="keys of the checkpoint's config.json replaced, as vLLM's: a JSON object "
                                           "like {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "

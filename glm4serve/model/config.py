@@ -139,7 +139,8 @@ class ModelConfig:
         from .gguf_file import gguf_config_dict, is_gguf, open_gguf
 
         if is_gguf(path):
-            return replace(cls.from_dict({**gguf_config_dict(open_gguf(path)), **(overrides or {})}), layout="gguf")
+            d = gguf_config_dict(open_gguf(path), frozenset(overrides or ()))
+            return replace(cls.from_dict({**d, **(overrides or {})}), layout="gguf")
         f = Path(path) / "config.json"
         if not f.is_file():
             raise ConfigError(f"no config.json in {path}")

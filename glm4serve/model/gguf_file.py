@@ -11,8 +11,9 @@ each weight in its own type (F32, F16, BF16, or blocks like Q8_0, Q4_0, Q4_K, Q6
     gguf_blocks.py, else gguf's numpy code) as the loader reads it (`GGUFWeights`), a few MB of rows at a
     time, then copied into the model or quantized by our linears as any weight is.
 
-On a CPU the server quantizes a file's matrices at load to `nearest_quantization`, the one of ours they come
-closest to, unless told otherwise. Q4_0, Q4_1 and Q4_K blocks are int4 groups of 32 of ours as they stand
+On a CPU the server serves each of a file's matrices in the one of our quantizations nearest to its block type
+(`nearest_scheme`), unless told otherwise: llama-quantize's mixes (Q4_K_M: Q4_K, with Q5_0, Q6_K and Q8_0
+where it keeps more bits) stay mixed. Q4_0, Q4_1 and Q4_K blocks are int4 groups of 32 of ours as they stand
 (`holds_int4_codes`, gguf_blocks.int4_codes): those are kept, codes, scales and zeros. Other block types, which
 we have no kernels for, are widened and re-quantized.
 The names are mapped in loader.WEIGHT_NAMES with every other checkpoint format.
@@ -97,8 +98,9 @@ def _tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
 
 
-def gguf_config_dict(reader) -> dict:
-    """The config.json (transformers' glm or glm4 keys) the file's metadata describes."""
+def gguf_config_dict(reader, overridden: frozenset[str] = frozenset()) -> dict:
+    """The config.json (transformers' glm or glm4 keys) the file's metadata describes; overridden: keys the
+    user's --hf-overrides replace (a context set there needs no warning about the file's)."""
     arch = architecture(reader)
     shapes = _tensor_shapes(reader)
 
@@ -128,7 +130,7 @@ def gguf_config_dict(reader) -> dict:
         "attention_bias": any(n.startswith("blk.0.attn_") and n.endswith(".bias") for n in shapes),
         "torch_dtype": _checkpoint_dtype(reader),
     }
-    if arch == "chatglm" and d["max_position_embeddings"] == hidden:
+    if arch == "chatglm" and d["max_position_embeddings"] == hidden and "max_position_embeddings" not in overridden:
         log.warning(
             "this GGUF file's context is %d tokens, its hidden size: llama.cpp's converter writes that for a "
             "checkpoint whose config has no seq_length (glm-4-9b-chat-hf), with a RoPE base of 10000 and an RMS "
@@ -151,18 +153,22 @@ def _checkpoint_dtype(reader) -> str:
     return {frozenset({T.F32}): "float32", frozenset({T.F16}): "float16"}.get(frozenset(types), "bfloat16")
 
 
-def nearest_quantization(reader) -> str | None:
-    """Ours closest to the block types of the file's layers' matrices: int8 for more than 5 bits a weight, scales
-    counted (Q8_0, Q6_K, Q5_0, Q5_K), int4 below (Q4_0, Q4_1, Q4_K, Q3_K ...); None when they are floats."""
+def nearest_scheme(tensor_type) -> str | None:
+    """Ours nearest to one block type: int8 for more than 5 bits a weight, scales counted (Q8_0, Q6_K, Q5_0,
+    Q5_K), int4 below (Q4_0, Q4_1, Q4_K, Q3_K ...); None for floats (F32, F16, BF16: served in --dtype)."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
 
-    floats = {T.F32, T.F16, T.BF16}
-    bits = [GGML_QUANT_SIZES[t.tensor_type][1] * 8 / GGML_QUANT_SIZES[t.tensor_type][0]
-            for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type not in floats]
-    if not bits:
+    if tensor_type in (T.F32, T.F16, T.BF16):
         return None
-    return "int8" if sorted(bits)[len(bits) // 2] > 5 else "int4"  # the median: K-quant mixes keep a few wider
+    block, size = GGML_QUANT_SIZES[tensor_type]
+    return "int8" if size * 8 / block > 5 else "int4"
+
+
+def quantized_types(reader) -> dict[str, str]:
+    """The block types among the file's matrices, each with the nearest of ours (nearest_scheme); {} for floats."""
+    types = {t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+    return {t.name: nearest_scheme(t) for t in sorted(types) if nearest_scheme(t) is not None}
 
 
 def holds_int4_codes(reader) -> bool:

@@ -188,10 +188,11 @@ class GLM4Model(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // shard.world, bias=False)  # untied
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None,
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | dict | None = None,
               shard: Shard = Shard(), int4_group: int | None = None) -> GLM4Model:
         """The model with its weights allocated on `device` and not initialized (for the loader to fill):
-        built on meta, so no weight is ever made twice. int4_group: inputs a scale (None: quant.INT4_GROUP)."""
+        built on meta, so no weight is ever made twice. quantization: every linear's, or each linear's by module
+        name (quant.quantize_linears); int4_group: inputs a scale (None: quant.INT4_GROUP)."""
         from .quant import INT4_GROUP, quantize_linears
 
         with torch.device("meta"):
@@ -236,18 +237,24 @@ def load_model(path, dtype: str | torch.dtype = "auto", device: str | torch.devi
                quantization: str | None = None, shard: Shard = Shard(), hf_overrides: dict | None = None) -> GLM4Model:
     """Build the model without initializing it (meta device), then fill it from the checkpoint.
     The model comes back plain (nn.Linear layers), or with every linear quantized while loading
-    (quantization "int8" | "int4", quant.py); how it runs fast is its runner's business. With a shard,
+    (quantization "int8" | "int4", quant.py; "gguf": each as the nearest of those to its block type in a GGUF
+    file, loader.gguf_linear_schemes); how it runs fast is its runner's business. With a shard,
     this process's part of it (shard.py), read from the files alone. hf_overrides: keys of config.json
     replaced (ModelConfig.from_dir)."""
     from .gguf_blocks import INT4_CODES_GROUP
     from .gguf_file import forget_readers, holds_int4_codes, is_gguf, open_gguf
-    from .loader import load_weights  # the one place that knows checkpoint names
+    from .loader import gguf_linear_schemes, load_weights  # the one place that knows checkpoint names
 
     cfg = ModelConfig.from_dir(path, hf_overrides)
     dtype = resolve_dtype(dtype, cfg)
     int4_group = None  # a GGUF file's 4-bit blocks are int4 groups of 32 already: kept, not re-quantized
-    if quantization == "int4" and is_gguf(path) and holds_int4_codes(open_gguf(path)):
+    if quantization in ("int4", "gguf") and is_gguf(path) and holds_int4_codes(open_gguf(path)):
         int4_group = INT4_CODES_GROUP
+    if quantization == "gguf":
+        if not is_gguf(path):
+            raise ValueError(f"quantization 'gguf' (each matrix as the nearest of int8 and int4 to its block type) "
+                             f"is for GGUF files; {path} is not one")
+        quantization = gguf_linear_schemes(path, cfg)
     model = GLM4Model.empty(cfg, dtype, device, quantization, shard, int4_group)
     load_weights(model, path, cfg, dtype=dtype, device=device, progress=progress, shard=shard)
     forget_readers()  # a GGUF file's: the tokenizer, read first, and the weights are all it was needed for

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .gguf_blocks import INT4_CODES, INT4_CODES_GROUP
-from .gguf_file import GGUFWeights, is_gguf
+from .gguf_file import GGUFWeights, is_gguf, nearest_scheme
 from .shard import Shard
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -282,6 +282,13 @@ def _safetensors_groups(path: Path, cfg: ModelConfig):
 def _gguf_groups(path: Path, cfg: ModelConfig):
     """The same for a GGUF file: one group, its tensors widened to floats as they are read (gguf_file.py)."""
     weights = GGUFWeights(path)
+    expected = _gguf_tensors(weights, cfg)
+    return [(lambda: weights, list(expected))], expected
+
+
+def _gguf_tensors(weights: GGUFWeights, cfg: ModelConfig) -> dict[str, CheckpointTensor]:
+    """checkpoint_tensors of a GGUF file, checked against the file's names and shapes."""
+    path = weights.path
     expected = checkpoint_tensors(cfg, split_qkv="blk.0.attn_qkv.weight" not in weights.shapes)
     for name, spec in expected.items():
         if name not in weights.shapes:
@@ -291,7 +298,23 @@ def _gguf_groups(path: Path, cfg: ModelConfig):
     extra = sorted(set(weights.shapes) - set(expected))
     if extra:
         raise CheckpointError(f"unexpected tensors {extra[:5]} in {path} (not part of a {cfg.variant} GGUF file)")
-    return [(lambda: weights, list(expected))], expected
+    return expected
+
+
+def gguf_linear_schemes(path: str | Path, cfg: ModelConfig) -> dict[str, str | None]:
+    """Each of our linears (by module name) in the quantization nearest to its tensors' block types in a GGUF file
+    (gguf_file.nearest_scheme; None: a float matrix, kept in the model's dtype). Where q, k and v lie apart in
+    different types (llama-quantize gives v more bits in some layers) the widest of them decides."""
+    weights = GGUFWeights(path)
+    width = {"int4": 0, "int8": 1, None: 2}
+    schemes: dict[str, str | None] = {}
+    for name, spec in _gguf_tensors(weights, cfg).items():
+        if len(spec.shape) != 2 or spec.target == "embed.weight":
+            continue
+        module, scheme = spec.target.removesuffix(".weight"), nearest_scheme(weights.tensors[name].tensor_type)
+        if module not in schemes or width[scheme] > width[schemes[module]]:
+            schemes[module] = scheme
+    return schemes
 
 
 def _takes_codes(sf, name: str, target) -> bool:

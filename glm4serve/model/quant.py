@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -235,16 +236,19 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantize_linears(model: nn.Module, scheme: str, device=None, int4_group: int = INT4_GROUP) -> int:
-    """Replace every nn.Linear of `model` (on meta, before loading) by an empty quantized linear of
-    `scheme` on `device`, for the loader to fill. Returns how many."""
-    make = {"int8": Int8Linear, "int4": functools.partial(Int4Linear, group=int4_group)}[scheme]
+def quantize_linears(model: nn.Module, scheme: str | Mapping[str, str | None], device=None,
+                     int4_group: int = INT4_GROUP) -> int:
+    """Replace the nn.Linear layers of `model` (on meta, before loading) by empty quantized linears on `device`,
+    for the loader to fill: every one of `scheme` ("int8" | "int4"), or each of its own by module name
+    (missing or None: left as it is). Returns how many."""
+    make = {"int8": Int8Linear, "int4": functools.partial(Int4Linear, group=int4_group)}
     swapped = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child.in_features, child.out_features, child.bias is not None,
-                                           child.weight.dtype, device))
+            kind = scheme if isinstance(scheme, str) else scheme.get(f"{parent_name}.{name}".lstrip("."))
+            if isinstance(child, nn.Linear) and kind is not None:
+                setattr(parent, name, make[kind](child.in_features, child.out_features, child.bias is not None,
+                                                 child.weight.dtype, device))
                 swapped += 1
     return swapped
 
