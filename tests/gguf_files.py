@@ -44,6 +44,8 @@ def write_gguf(src: Path, out: Path, matrix_type: str = "F32", types: dict[str, 
                 kind = T[named[0] if named else matrix_type]
                 if x.ndim == 1 or kind == T.F32:
                     writer.add_tensor(theirs, x.astype(np.float32))
+                elif kind == T.IQ4_NL:
+                    writer.add_tensor(theirs, iq4_nl_blocks(x), raw_dtype=kind)
                 else:
                     writer.add_tensor(theirs, gguf.quants.quantize(x, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -114,6 +116,20 @@ def _write_vocab(writer, src: Path, config: dict, glm4: bool) -> None:
     template = src / "chat_template.jinja"
     if template.is_file():
         writer.add_chat_template(template.read_text())
+
+
+# IQ4_NL's 16 levels (llama.cpp's kvalues_iq4nl), uneven: no int4 group holds them as they stand
+IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+def iq4_nl_blocks(x: np.ndarray) -> np.ndarray:
+    """x [rows, cols] as IQ4_NL blocks (gguf-py has no quantizer for it): per 32 weights an fp16 scale d and each
+    weight's nearest level, w = d * level, packed as Q4_0 packs its codes (weight j low, j + 16 high)."""
+    blocks = x.reshape(-1, 32)
+    d = (np.abs(blocks).max(1, keepdims=True) / 127).astype(np.float16)
+    q = np.abs(blocks[..., None] / np.maximum(d, 1e-8)[..., None] - IQ4_NL_LEVELS).argmin(-1).astype(np.uint8)
+    packed = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([d.view(np.uint8), packed], axis=1).reshape(x.shape[0], -1)
 
 
 def dequantized(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from glm4serve.model.shard import Shard
 from glm4serve.model.tokenizer import Tokenizer
 from glm4serve.server import build_llm_engine, weight_quantization
 
-from gguf_files import dequantized, write_gguf
+from gguf_files import dequantized, iq4_nl_blocks, write_gguf
 from server_proc import ServerProcess
 
 SOURCES = {"glm-hf": ("glm", "hf"), "glm-chatglm": ("glm", "chatglm"), "glm4-hf": ("glm4", "hf")}
@@ -163,6 +163,32 @@ def test_a_mixed_file_serves_through_the_engine_as_its_widened_weights(gguf_of):
         return ids
 
     assert greedy(None) == greedy("none") and len(greedy(None)) == 24
+
+
+def test_a_type_without_torch_widening_goes_through_ggufs_own_code_and_is_re_quantized(gguf_of, monkeypatch):
+    """IQ4_NL (like the i-quants, Q2_K and Q3_K) is widened by gguf's numpy code, a few rows at a time, and its
+    uneven levels re-quantized to int4 in groups of 64 by default, within half a step of int4's rounding."""
+    from gguf import GGMLQuantizationType, quants
+
+    from glm4serve.model import loader
+    from glm4serve.model.quant import Int4Linear
+
+    src, f = gguf_of("glm-hf", "IQ4_NL")
+    assert quantized_types(open_gguf(f)) == {"IQ4_NL": "int4"} and weight_quantization(None, f, "cpu") == "gguf"
+    monkeypatch.setattr(loader, "READ_BYTES", 24 * 4 * 64)
+    widened = load_model(f, dtype="float32").state_dict()
+    model = load_model(f, dtype="float32", quantization="gguf")
+    source = load_model(src, dtype="float32").state_dict()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(linears) == 2 * 4 + 1 and {m.group for m in linears.values()} == {64}
+    for name, lin in linears.items():
+        x = source[name + ".weight"].numpy()
+        want = torch.from_numpy(quants.dequantize(iq4_nl_blocks(x), GGMLQuantizationType.IQ4_NL))
+        assert torch.equal(widened[name + ".weight"], want), name
+        scale, zero = (p.abs().repeat_interleave(64, dim=1) for p in lin.scales_by_row().float().permute(2, 1, 0))
+        bound = scale * (0.5 + 2**-4) + zero * 2**-8  # half a step; scale and zero rounded to bf16
+        assert ((lin.dequantized() - want).abs() <= bound).all(), name
+        assert not torch.equal(lin.dequantized(), want)  # re-quantized: not the file's levels
 
 
 @pytest.mark.parametrize("source", SOURCES)
