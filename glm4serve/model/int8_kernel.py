@@ -64,6 +64,7 @@ AMX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mamx-tile", "-mamx-int8", 
              "-mavx512vbmi"]
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8", "avx512vbmi")
 AVX2_SOURCE = Path(__file__).with_name("quant_avx2.c")
+INT4_FIT_SOURCE = Path(__file__).with_name("int4_fit.c")
 AVX2_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-mavx2", "-mfma"]
 AVX2_CPU_FLAGS = ("avx2", "fma")
 INT4_INT8_SOURCE = Path(__file__).with_name("int4_int8.c")
@@ -232,6 +233,28 @@ def _int4_int8_kernel() -> ctypes.CDLL | None:
     if available():
         return int4_int8_library("vbmi") or int4_int8_library("vnni")
     return int4_int8_library("avx2") if avx2_library() is not None else None
+
+
+@functools.cache
+def _int4_fit_library() -> ctypes.CDLL | None:
+    lib = load_library(INT4_FIT_SOURCE, AVX2_FLAGS, AVX2_CPU_FLAGS, "int4 groups are fitted in torch (slower)")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.int4_fit.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    return lib
+
+
+def int4_fit(groups: torch.Tensor, spreads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int4_fit.c's (scale, minimum) [G] fp32 of each row of groups [G, g] (fp32, contiguous), over the candidate
+    spreads (fp32); None where it does not build."""
+    lib = _int4_fit_library()
+    if lib is None:
+        return None
+    n, g = groups.shape
+    scale, low = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    lib.int4_fit(groups.data_ptr(), n, g, spreads.data_ptr(), spreads.numel(), scale.data_ptr(), low.data_ptr(),
+                 torch.get_num_threads())
+    return scale, low
 
 
 def _kernel_library() -> ctypes.CDLL | None:

@@ -37,6 +37,9 @@ from . import int8_kernel
 
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 64  # inputs per int4 scale/zero point: 4.5 bits a weight, as llama.cpp's Q4_0
+# the spreads of a group's range over the int4 levels that int4_fit tries: 15 is the range's own, 1/8 of the
+# error of the 40-layer int4 model's next-token distributions (KL) goes with the others (BENCHMARKS.md)
+INT4_SPREADS = (15.5, 15.0, 14.5, 14.0, 13.5, 13.0, 12.5, 12.0, 11.0)
 PACK_TILE_ROWS = 64  # torch's CPU int4 layout packs output rows in tiles of 64
 # from this many rows, int4 goes through bf16-dequantized blocks (where the CPU has AMX-INT8,
 # int8_kernel.INT4_AMX_ROWS rows run on its tiles before either). At glm-4-9b's shapes int8_gemm.c's int4_gemm
@@ -109,6 +112,34 @@ def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
     return q.permute(0, 2, 3, 4, 1).reshape(n, k)  # [tile, 64 rows, K] -> [N, K]
 
 
+def int4_fit(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (scale, minimum) [...] fp32, of w ~ q * scale + minimum with q in 0..15, fitted to the least
+    squared error: for each spread of its range in INT4_SPREADS the nearest codes, then for those the least-squares
+    scale and minimum; the best of them, never worse than the range's own (int4_fit.c, or the same here in torch)."""
+    shape, g = groups.shape[:-1], groups.shape[-1]
+    flat = groups.reshape(-1, g).float().contiguous()
+    spreads = torch.tensor(INT4_SPREADS, dtype=torch.float32)
+    fitted = int8_kernel.int4_fit(flat, spreads)
+    if fitted is not None:
+        return fitted[0].view(shape), fitted[1].view(shape)
+    low, high = flat.amin(-1), flat.amax(-1)
+    span = (high - low).clamp(min=1e-12)
+    sw, n = flat.sum(-1).double(), float(g)
+    best = torch.full_like(sw, float("inf"))
+    scale, minimum = (span / 15).double(), low.double()
+    for spread in spreads:
+        q = (flat - low[:, None]).mul_((spread / span)[:, None]).round_().clamp_(0, 15)
+        sq, sqq, sqw = q.sum(-1).double(), (q * q).sum(-1).double(), (q * flat).sum(-1).double()
+        det = n * sqq - sq * sq
+        s = torch.where(det > 0, (n * sqw - sq * sw) / det.clamp(min=1e-30), (span / 15).double())
+        m = (sw - s * sq) / n
+        err = s * s * sqq + 2 * s * m * sq - 2 * s * sqw + n * m * m - 2 * m * sw  # less sum w^2: the same for all
+        better = err < best
+        best, scale = torch.where(better, err, best), torch.where(better, s, scale)
+        minimum = torch.where(better, m, minimum)
+    return scale.float().view(shape), minimum.float().view(shape)
+
+
 @functools.cache
 def int4_dequantize_min_rows() -> int:
     """The rows from which an int4 product goes through bf16-dequantized blocks on this CPU."""
@@ -157,8 +188,8 @@ class Int4Linear(nn.Module):
         k, g = self.in_features, self.group
         for r0, r1, chunk in _row_chunks(start, stop, w, self.packed.device):
             groups = chunk.view(r1 - r0, k // g, g)
-            low, high = groups.amin(-1), groups.amax(-1)  # [rows, in / group]
-            scale = ((high - low).clamp(min=1e-12) / 15).to(torch.bfloat16)  # as they are kept
+            scale, low = int4_fit(groups)  # [rows, in / group]
+            scale = scale.clamp(min=1e-12).to(torch.bfloat16)  # as they are kept
             zero = (low + 8 * scale.float()).to(torch.bfloat16)
             q = groups.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
             self._store(r0, r1, q.view(-1, k).to(torch.int32), torch.stack((scale, zero), -1))
