@@ -54,7 +54,8 @@ def test_every_linear_is_quantized_within_half_a_step(make_checkpoint, scheme, l
 
 def assert_int4_fits(q: Int4Linear, w: torch.Tensor, name: str) -> None:
     """Each weight is the nearest of its group's 16 levels (its bf16 scale and zero) where those reach it, and the
-    levels are fitted (quant.int4_fit): the squared error no more than that of levels spread over each group's range."""
+    levels are fitted (quant.int4_fit): the squared error no more than that of levels spread over each group's range
+    (the same, where int4_fit.c does not build)."""
     n, k = w.shape
     w, got = w.detach().double(), q.dequantized().double()
     scale, zero = (p.repeat_interleave(q.group, dim=1) for p in q.scales_by_row().double().permute(2, 1, 0))
@@ -64,14 +65,14 @@ def assert_int4_fits(q: Int4Linear, w: torch.Tensor, name: str) -> None:
     groups = w.view(n, -1, q.group)
     low, step = groups.amin(-1, keepdim=True), (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
     spread = (((groups - low) / step).round().clamp(0, 15) * step + low).view(n, k)
-    assert ((got - w) ** 2).sum() < ((spread - w) ** 2).sum(), name
+    assert ((got - w) ** 2).sum() <= 1.01 * ((spread - w) ** 2).sum(), name  # 1%: the scale and zero's bf16
 
 
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_fit_is_the_least_squares_of_its_candidates_in_c_and_in_torch(group, monkeypatch):
-    """int4_fit.c and its torch twin pick, per group, the spread and least-squares (scale, minimum) of the smallest
-    squared error: the same error both ways (near ties may pick another spread), below the range's own levels, and
-    for a group whose weights lie on 16 even levels, those levels exactly."""
+def test_int4_fit_is_the_least_squares_of_its_candidates(group, monkeypatch):
+    """int4_fit.c picks, per group, the spread and least-squares (scale, minimum) of the smallest squared error:
+    never above the range's own levels, well below them in all, and for a group whose weights lie on 16 even levels,
+    those levels exactly. Without it the levels are the range's."""
     g = torch.Generator().manual_seed(group)
     w = torch.randn(3000, group, generator=g) * 0.02 + 0.01 * torch.randn(3000, 1, generator=g)
     w[0] = torch.arange(group) % 16 * 0.125 - 1  # on the levels -1, -0.875, ..., 0.875
@@ -81,21 +82,19 @@ def test_int4_fit_is_the_least_squares_of_its_candidates_in_c_and_in_torch(group
         q = ((w - low[:, None]) / scale[:, None]).round().clamp(0, 15)
         return ((q * scale[:, None] + low[:, None] - w).double() ** 2).sum(-1)
 
-    fits = {"c": quant.int4_fit(w)}
-    monkeypatch.setattr(int8_kernel, "int4_fit", lambda *a: None)
-    fits["torch"] = quant.int4_fit(w)
     low, high = w.amin(-1), w.amax(-1)
     spread = squared_error((high - low).clamp(min=1e-12) / 15, low)
-    for way, (scale, low_fit) in fits.items():
-        if way == "c" and not int8_kernel.kernels_available():
-            continue  # no C compiler or AVX2 here: both ways are torch's
-        err = squared_error(scale, low_fit)
-        assert (err <= spread * (1 + 1e-5) + 1e-12).all(), way
-        assert err.sum() < 0.95 * spread.sum(), way
-        assert scale[0].item() == pytest.approx(0.125, rel=1e-6) and low_fit[0].item() == pytest.approx(-1, abs=1e-6)
-        assert err[1].item() == 0 and (scale > 0).all(), way
-    c, t = (squared_error(*fits[way]) for way in ("c", "torch"))
-    assert torch.allclose(c, t, rtol=1e-3, atol=1e-12)
+    if int8_kernel.int4_fit(w[:1], torch.ones(1)) is None:
+        pytest.skip("int4_fit.c is not built here (no C compiler, or no AVX2)")
+    scale, low_fit = quant.int4_fit(w)
+    err = squared_error(scale, low_fit)
+    assert (err <= spread * (1 + 1e-5) + 1e-12).all()
+    assert err.sum() < 0.95 * spread.sum()
+    assert scale[0].item() == pytest.approx(0.125, rel=1e-6) and low_fit[0].item() == pytest.approx(-1, abs=1e-6)
+    assert err[1].item() == 0 and (scale > 0).all()
+    monkeypatch.setattr(int8_kernel, "int4_fit", lambda *a: None)
+    scale, low_fit = quant.int4_fit(w)
+    assert torch.equal(scale, (high - low).clamp(min=1e-12) / 15) and torch.equal(low_fit, low)
 
 
 # (out, in) with a partial last tile of 4 rows and inputs that are no multiple of 32, or fewer than 32

@@ -3,7 +3,7 @@
  * 11 to 15.5 levels the codes are the nearest ones, and for those codes the scale and minimum are the least-squares
  * solution; the candidate of the smallest squared error wins (llama.cpp fits Q4_K's sub-blocks so). The error is
  * had from the sums alone: sum (q s + m - w)^2 = s^2 Sqq + 2 s m Sq - 2 s Sqw + g m^2 - 2 m Sw + Sww, the last term
- * the same for every candidate. quant.int4_fit does the same in torch where this does not build.
+ * the same for every candidate. Where this does not build, quant.int4_fit spreads the levels over the range.
  * Built by int8_kernel.py with `-mavx2 -mfma`: 8 weights a vector, g a multiple of 8 (Int4Linear's 32 or 64).
  */
 #include <immintrin.h>

@@ -237,7 +237,8 @@ def _int4_int8_kernel() -> ctypes.CDLL | None:
 
 @functools.cache
 def _int4_fit_library() -> ctypes.CDLL | None:
-    lib = load_library(INT4_FIT_SOURCE, AVX2_FLAGS, AVX2_CPU_FLAGS, "int4 groups are fitted in torch (slower)")
+    lib = load_library(INT4_FIT_SOURCE, AVX2_FLAGS, AVX2_CPU_FLAGS,
+                       "int4 groups' levels are spread over their range, not fitted (quant.int4_fit)")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.int4_fit.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
