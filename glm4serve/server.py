@@ -78,7 +78,7 @@ def weight_quantization(asked: str | None, path: Path, device: str) -> str | Non
                     kinds, device)
         return None
     log.info("the GGUF file's matrices are %s: each served in the quantization of ours nearest to its type", kinds)
-    kept = [t for t in nearest if t in INT4_CODES and holds_int4_codes(reader)]
+    kept = [t for t in nearest if t in INT4_CODES] if holds_int4_codes(reader) else []  # as load_model keeps them
     if kept:
         log.info("the GGUF file's %s matrices: served as int4 groups of 32 holding their 4-bit codes, scales and "
                  "zeros as they are (the scales and zeros rounded to bf16)", ", ".join(kept))

@@ -68,15 +68,21 @@ def assert_int4_fits(q: Int4Linear, w: torch.Tensor, name: str) -> None:
     assert ((got - w) ** 2).sum() <= 1.01 * ((spread - w) ** 2).sum(), name  # 1%: the scale and zero's bf16
 
 
-@pytest.mark.parametrize("group", [32, 64])
-def test_int4_fit_is_the_least_squares_of_its_candidates(group, monkeypatch):
-    """int4_fit.c picks, per group, the spread and least-squares (scale, minimum) of the smallest squared error:
-    never above the range's own levels, well below them in all, and for a group whose weights lie on 16 even levels,
-    those levels exactly. Without it the levels are the range's."""
+def _fit_groups(group: int) -> torch.Tensor:
+    """3,000 random groups, offset per group, the first on 16 even levels and the second flat."""
     g = torch.Generator().manual_seed(group)
     w = torch.randn(3000, group, generator=g) * 0.02 + 0.01 * torch.randn(3000, 1, generator=g)
     w[0] = torch.arange(group) % 16 * 0.125 - 1  # on the levels -1, -0.875, ..., 0.875
     w[1] = 0.5  # a flat group: no spread at all
+    return w
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_fit_is_the_least_squares_of_its_candidates(group):
+    """int4_fit.c picks, per group, the spread and least-squares (scale, minimum) of the smallest squared error:
+    never above the range's own levels, well below them in all, and for a group whose weights lie on 16 even levels,
+    those levels exactly."""
+    w = _fit_groups(group)
 
     def squared_error(scale, low):
         q = ((w - low[:, None]) / scale[:, None]).round().clamp(0, 15)
@@ -85,13 +91,18 @@ def test_int4_fit_is_the_least_squares_of_its_candidates(group, monkeypatch):
     low, high = w.amin(-1), w.amax(-1)
     spread = squared_error((high - low).clamp(min=1e-12) / 15, low)
     if int8_kernel.int4_fit(w[:1], torch.ones(1)) is None:
-        pytest.skip("int4_fit.c is not built here (no C compiler, or no AVX2)")
+        pytest.skip("int4_fit.c is not built here (no C compiler, or no AVX2): the next test covers that case")
     scale, low_fit = quant.int4_fit(w)
     err = squared_error(scale, low_fit)
     assert (err <= spread * (1 + 1e-5) + 1e-12).all()
     assert err.sum() < 0.95 * spread.sum()
     assert scale[0].item() == pytest.approx(0.125, rel=1e-6) and low_fit[0].item() == pytest.approx(-1, abs=1e-6)
     assert err[1].item() == 0 and (scale > 0).all()
+
+
+def test_without_int4_fit_c_the_levels_are_spread_over_the_range(monkeypatch):
+    w = _fit_groups(64)
+    low, high = w.amin(-1), w.amax(-1)
     monkeypatch.setattr(int8_kernel, "int4_fit", lambda *a: None)
     scale, low_fit = quant.int4_fit(w)
     assert torch.equal(scale, (high - low).clamp(min=1e-12) / 15) and torch.equal(low_fit, low)
